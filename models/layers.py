@@ -1,0 +1,99 @@
+"""Projection: the one dense layer every LoRA-targetable weight in our models uses.
+
+A projection maps the trailing ``in_shape`` axes of its input to ``out_shape``
+axes with a kernel of shape ``in_shape + out_shape`` (a plain Linear is
+in=(D,), out=(F,); Gemma's query is in=(D,), out=(N, H); its output
+projection is in=(N, H), out=(D,)). Keeping the kernel in this einsum shape
+lets a LoRA adapter attach as the pair the optimizers consume:
+
+  lora_a: in_shape + (r,)    (rank last)
+  lora_b: (r,) + out_shape   (rank first)
+  y = x @ kernel + scale * (x @ lora_a) @ lora_b
+
+which is the Flax NNX ``nnx.LoRA`` convention, extended to n-D factors.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _letters(n: int, offset: int) -> str:
+  return string.ascii_letters[offset:offset + n]
+
+
+class LoRAWeights(nnx.Module):
+  """The (lora_a, lora_b) pair of one projection, as ``nnx.LoRAParam``s."""
+
+  def __init__(self, lora_a: jax.Array, lora_b: jax.Array, *, scale: float,
+               dropout: float = 0.0, a_axes: Sequence[str | None] | None = None,
+               b_axes: Sequence[str | None] | None = None,
+               rngs: nnx.Rngs | None = None):
+    self.lora_a = nnx.LoRAParam(lora_a, out_sharding=tuple(a_axes) if a_axes else None,
+                                eager_sharding=False)
+    self.lora_b = nnx.LoRAParam(lora_b, out_sharding=tuple(b_axes) if b_axes else None,
+                                eager_sharding=False)
+    self.scale = scale
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+
+class Projection(nnx.Module):
+  """y[..., out] = x[..., in] . kernel[in, out] (+ bias), optionally + LoRA.
+
+  Args:
+    in_shape: trailing input axes contracted by the kernel.
+    out_shape: output axes produced.
+    axes: logical axis names of the kernel, one per kernel axis
+      (``in_shape + out_shape``), used by the trainer to place it on a mesh.
+    use_bias: add a bias of shape ``out_shape``.
+    dtype: compute dtype; params are stored in ``param_dtype``.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *,
+               axes: Sequence[str | None], use_bias: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32,
+               kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+    self.in_shape = tuple(in_shape)
+    self.out_shape = tuple(out_shape)
+    self.axes = tuple(axes)
+    if len(self.axes) != len(self.in_shape) + len(self.out_shape):
+      raise ValueError(
+          f'Projection axes {self.axes} must name each of the '
+          f'{len(self.in_shape) + len(self.out_shape)} kernel axes.')
+    fan_in = int(jnp.prod(jnp.array(self.in_shape)))
+    init_shape = (fan_in, int(jnp.prod(jnp.array(self.out_shape))))
+    kernel = kernel_init(rngs.params(), init_shape, param_dtype).reshape(
+        self.in_shape + self.out_shape)
+    self.kernel = nnx.Param(kernel, out_sharding=self.axes, eager_sharding=False)
+    self.bias = (nnx.Param(jnp.zeros(self.out_shape, param_dtype),
+                           out_sharding=self.axes[len(self.in_shape):],
+                           eager_sharding=False)
+                 if use_bias else None)
+    self.dtype = dtype
+    # Set by models.lora.apply_lora; nnx.data so NNX treats it as a subtree.
+    self.lora: LoRAWeights | None = nnx.data(None)
+
+  def _contract(self, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """x[..., i1..in] . w[i1..in, o...] with the trailing n_in axes of x."""
+    batch = _letters(x.ndim - n_in, 0)
+    ins = _letters(n_in, 26)
+    outs = _letters(w.ndim - n_in, 26 + n_in)
+    return jnp.einsum(f'{batch}{ins},{ins}{outs}->{batch}{outs}', x, w)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    n_in = len(self.in_shape)
+    y = self._contract(x, self.kernel[...].astype(self.dtype), n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      xa = self.lora.dropout(x) if self.lora.dropout is not None else x
+      h = self._contract(xa, self.lora.lora_a[...].astype(self.dtype), n_in)
+      y = y + self.lora.scale * self._contract(
+          h, self.lora.lora_b[...].astype(self.dtype), 1)
+    return y
