@@ -1,0 +1,6 @@
+"""lora_rite_optax: LoRA-RITE and the LoRA optimizers it is compared with, in Optax."""
+
+from lora_rite_optax.pairs import (LoraLayout, LoraPair, NNX_LAYOUT,
+                                   PEFT_LAYOUT, find_lora_pairs, lora_b_mask)
+
+__version__ = '0.1.0'

@@ -1,0 +1,218 @@
+"""Finding the (lora_a, lora_b) pairs of a pytree, and their matrix views.
+
+Every LoRA optimizer here works on pairs of factors whose product is the
+adapter's weight delta. A :class:`LoraLayout` says how to recognise a pair and
+where its rank axis is; :func:`find_lora_pairs` returns the pairs of a tree;
+:func:`to_matrix` / :func:`from_matrix` convert a factor to and from the
+rank-last matrix view ``(slices, N, r)`` the algorithms use.
+
+The default layout is the Flax NNX ``nnx.LoRA`` convention: a pair is any node
+holding both keys ``lora_a`` and ``lora_b``, ``lora_a`` has the rank on its
+last axis, ``lora_b`` on its first, and ``delta W = lora_a @ lora_b``
+contracted over the rank. Factors may have more than two dimensions (Gemma's
+einsum factors ``lora_a (D, r)`` with ``lora_b (r, N, H)``): the non-rank axes
+are flattened into ``N``. Leading ``batch_axes`` (scanned layers) make each
+slice an independent pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+  """How the two factors of a LoRA pair are named and laid out.
+
+  Attributes:
+    a_key: key of the input-side factor (``delta W = a @ b``).
+    b_key: key of the output-side factor (zero at standard LoRA init).
+    a_rank_axis: rank axis of ``a``, counted after the batch axes.
+    b_rank_axis: rank axis of ``b``, counted after the batch axes.
+    batch_axes: number of leading axes that index independent pairs (for
+      example 1 for layers stacked by ``nnx.scan``).
+  """
+  a_key: str = 'lora_a'
+  b_key: str = 'lora_b'
+  a_rank_axis: int = -1
+  b_rank_axis: int = 0
+  batch_axes: int = 0
+
+  def scanned(self, batch_axes: int = 1) -> 'LoraLayout':
+    """This layout with ``batch_axes`` leading axes of stacked layers."""
+    return dataclasses.replace(self, batch_axes=batch_axes)
+
+
+# Flax NNX (nnx.LoRA): lora_a (in..., r), lora_b (r, out...).
+NNX_LAYOUT = LoraLayout()
+# Hugging Face PEFT state dicts: lora_A (r, in), lora_B (out, r).
+PEFT_LAYOUT = LoraLayout(a_key='lora_A', b_key='lora_B', a_rank_axis=0,
+                         b_rank_axis=-1)
+
+LayoutSpec = Union[LoraLayout, Callable[[str], LoraLayout]]
+
+
+class LoraPair(NamedTuple):
+  """One pair found in a tree: leaf indices of its factors and their layout."""
+  name: str
+  a_index: int
+  b_index: int
+  layout: LoraLayout
+
+
+class PairedTree(NamedTuple):
+  """The pairs of a tree, with what is needed to rebuild trees like it."""
+  pairs: tuple[LoraPair, ...]
+  treedef: Any
+  num_leaves: int
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _is_empty(x) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def flatten(tree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
+  """Leaves with their key paths (as strings); masked-out leaves are kept."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree,
+                                                         is_leaf=_is_empty)
+  return [(tuple(_key_name(k) for k in path), leaf)
+          for path, leaf in leaves], treedef
+
+
+def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int:
+  inner = shape[batch_axes:]
+  return inner[axis]
+
+
+def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
+                    who: str = 'lora_rite',
+                    allow_unpaired: bool = False) -> PairedTree:
+  """Finds every LoRA pair of ``tree`` and checks that nothing is left over.
+
+  Args:
+    tree: a pytree of arrays (or ``jax.ShapeDtypeStruct``); ``None`` and
+      ``optax.MaskedNode`` leaves (from ``optax.masked``) are ignored.
+    layout: a :class:`LoraLayout`, or a function from a pair's path
+      (``'layers/0/attn/q'``) to its layout, for trees that mix layouts.
+    who: the optimizer's name, used in error messages.
+    allow_unpaired: skip leaves that belong to no pair instead of raising.
+
+  Returns:
+    A :class:`PairedTree`.
+
+  Raises:
+    ValueError: for a factor without its partner, ranks that differ, or (unless
+      ``allow_unpaired``) a leaf that belongs to no pair.
+  """
+  leaves, treedef = flatten(tree)
+  layouts = (lambda _: layout) if isinstance(layout, LoraLayout) else layout
+  found: dict[tuple, dict[str, int]] = {}
+  for index, (path, leaf) in enumerate(leaves):
+    if _is_empty(leaf):
+      continue
+    hit = None
+    # The innermost key naming a factor marks the pair; keys after it (a
+    # PEFT `.weight`, an NNX `.value`) are carried as the pair's suffix.
+    for i in range(len(path) - 1, -1, -1):
+      lay = layouts('/'.join(path[:i]))
+      if path[i] in (lay.a_key, lay.b_key):
+        hit = i
+        break
+    where = '/'.join(path)
+    if hit is None:
+      if allow_unpaired:
+        continue
+      raise ValueError(
+          f'{who}: leaf {where!r} is not part of a LoRA pair; apply {who} to '
+          'the LoRA factors only and route other leaves elsewhere, e.g. '
+          'optax.partition({"lora": tx, "frozen": optax.set_to_zero()}, '
+          'labels).')
+    slot = found.setdefault((path[:hit], path[hit + 1:]), {})
+    slot[path[hit]] = index
+  pairs = []
+  for (prefix, suffix), slot in found.items():
+    name = '/'.join(prefix)
+    lay = layouts(name)
+    for mine, other in ((lay.a_key, lay.b_key), (lay.b_key, lay.a_key)):
+      if mine in slot and other not in slot:
+        where = '/'.join(prefix + (mine,) + suffix)
+        raise ValueError(
+            f'{who}: factor {where!r} has no partner {other!r} under '
+            f'{name or "the root"!r}; a LoRA pair needs both factors.')
+    a_index, b_index = slot[lay.a_key], slot[lay.b_key]
+    a_shape = leaves[a_index][1].shape
+    b_shape = leaves[b_index][1].shape
+    if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
+      raise ValueError(
+          f'{who}: pair {name!r} has stacked-layer axes {a_shape} vs '
+          f'{b_shape} that differ in their first {lay.batch_axes} axes.')
+    for shape, key in ((a_shape, lay.a_key), (b_shape, lay.b_key)):
+      if len(shape) < lay.batch_axes + 2:
+        raise ValueError(
+            f'{who}: factor {name}/{key} has shape {shape}; expected at least '
+            f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
+    r_a = _rank(a_shape, lay.a_rank_axis, lay.batch_axes)
+    r_b = _rank(b_shape, lay.b_rank_axis, lay.batch_axes)
+    if r_a != r_b:
+      raise ValueError(
+          f'{who}: pair {name!r} has rank {r_a} in {lay.a_key} {a_shape} but '
+          f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.')
+    pairs.append(LoraPair(name, a_index, b_index, lay))
+  return PairedTree(tuple(pairs), treedef, len(leaves))
+
+
+def matrix_shape(shape: Sequence[int], rank_axis: int,
+                 batch_axes: int) -> tuple[int, int, int]:
+  """The ``(slices, N, r)`` shape of a factor's matrix view."""
+  batch = math.prod(shape[:batch_axes])
+  inner = list(shape[batch_axes:])
+  r = inner.pop(rank_axis)
+  return batch, math.prod(inner), r
+
+
+def to_matrix(x: jax.Array, rank_axis: int, batch_axes: int) -> jax.Array:
+  """Factor -> ``(slices, N, r)``: batch axes merged, rank last, rest flat."""
+  slices, n, r = matrix_shape(x.shape, rank_axis, batch_axes)
+  axis = rank_axis % (x.ndim - batch_axes) + batch_axes
+  x = jnp.moveaxis(x, axis, -1)
+  return x.reshape(slices, n, r)
+
+
+def from_matrix(m: jax.Array, shape: Sequence[int], rank_axis: int,
+                batch_axes: int) -> jax.Array:
+  """Inverse of :func:`to_matrix` for a factor of ``shape``."""
+  shape = tuple(shape)
+  axis = rank_axis % (len(shape) - batch_axes) + batch_axes
+  moved = shape[:axis] + shape[axis + 1:] + (shape[axis],)
+  return jnp.moveaxis(m.reshape(moved), -1, axis)
+
+
+def factor_roles(paired: PairedTree) -> list[str | None]:
+  """For each leaf index: 'a', 'b', or None (masked out)."""
+  roles: list[str | None] = [None] * paired.num_leaves
+  for pair in paired.pairs:
+    roles[pair.a_index] = 'a'
+    roles[pair.b_index] = 'b'
+  return roles
+
+
+def lora_b_mask(tree, layout: LayoutSpec = NNX_LAYOUT):
+  """A tree of bools like ``tree``: True on every ``b`` factor of a pair."""
+  paired = find_lora_pairs(tree, layout, who='lora_b_mask',
+                           allow_unpaired=True)
+  roles = factor_roles(paired)
+  return jax.tree_util.tree_unflatten(paired.treedef,
+                                      [role == 'b' for role in roles])
