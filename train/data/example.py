@@ -1,0 +1,53 @@
+"""The one example type every loader produces and every later stage consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """A task example, normalised across datasets and file formats.
+
+  Attributes:
+    prompt: The full model input, template already applied.
+    target: The text the model is trained to produce after `prompt`.
+    task: The registered task name ('boolq', 'arithmetic', ...).
+    options: For multiple choice, the candidate targets to score, one per
+      answer option (e.g. 'the correct answer is answer2'); empty otherwise.
+    labels: For multiple choice, the short label each option stands for, in
+      the same order (e.g. 'answer2', 'true'); what a greedy generation is
+      parsed against.
+    choices: For multiple choice, the human-readable option texts when known
+      (e.g. the HellaSwag endings), in the same order; may be empty.
+    gold_index: For multiple choice, the index of the correct option.
+    gold_number: For math tasks, the canonical gold number
+      (`numbers.canonical_number`), or None when the record has none.
+    references: For generation tasks, every acceptable target (SuperNI has
+      several); defaults to `(target,)`.
+  """
+
+  prompt: str
+  target: str
+  task: str = ""
+  options: tuple[str, ...] = ()
+  labels: tuple[str, ...] = ()
+  choices: tuple[str, ...] = ()
+  gold_index: int | None = None
+  gold_number: str | None = None
+  references: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    # Why here: every constructor path (loaders, hub, generated) gets the
+    # same invariants without repeating the checks.
+    if self.options and len(self.labels) not in (0, len(self.options)):
+      raise ValueError(
+          f"Example has {len(self.options)} options but "
+          f"{len(self.labels)} labels")
+    if self.gold_index is not None and not (
+        0 <= self.gold_index < len(self.options)):
+      raise ValueError(
+          f"Example gold_index {self.gold_index} is outside its "
+          f"{len(self.options)} options")
+    if not self.references:
+      object.__setattr__(self, "references", (self.target,))

@@ -1,0 +1,161 @@
+"""grain pipelines: examples -> shuffled, repeated, tokenised, batched rows.
+
+Batch format (a dict of numpy arrays, B = batch size, T = `seq_len`):
+
+  tokens       int32   [B, T]  BOS prompt target EOS (several per row when
+                               packed), then `pad_id`.
+  loss_mask    float32 [B, T]  1 where the token is a training target (target
+                               tokens and EOS), 0 on BOS, prompt, padding.
+                               Loss: logits[:, :-1] vs tokens[:, 1:] under
+                               loss_mask[:, 1:].
+  positions    int32   [B, T]  position within its own example (restarts at
+                               0 for each packed example; 0 on padding).
+  segment_ids  int32   [B, T]  1, 2, ... per packed example, 0 on padding;
+                               attention must not cross segments.
+
+Determinism: the same examples, seed and arguments give the same batches.
+Checkpointing: the iterator's `get_state()` is a small JSON-able dict and
+`set_state(state)` on a fresh iterator of the same dataset resumes with
+exactly the batches an uninterrupted iterator would have produced next.
+With orbax, save it as `grain.checkpoint.CheckpointSave(iterator)` (and
+restore with `grain.checkpoint.CheckpointRestore(iterator)`) inside an
+`ocp.args.Composite`; `grain.checkpoint.CheckpointHandler` is the handler.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from train.data.example import Example
+from train.data.tokenize import Features
+from train.data.tokenize import pad_features
+from train.data.tokenize import Tokenizer
+from train.data.tokenize import tokenize_example
+
+FEATURES = ("tokens", "loss_mask", "positions", "segment_ids")
+
+
+def _tokenize(example: Example, *, tokenizer: Tokenizer, seq_len: int
+              ) -> Features:
+  return tokenize_example(example, tokenizer, seq_len)
+
+
+def _pad(features: Features, *, seq_len: int, pad_id: int) -> Features:
+  return pad_features(features, seq_len, pad_id)
+
+
+def _rename_packed(features: Features) -> Features:
+  """grain's packer names positions/segments per feature; keep one of each."""
+  return {"tokens": features["tokens"],
+          "loss_mask": features["loss_mask"],
+          "positions": features["tokens_positions"],
+          "segment_ids": features["tokens_segment_ids"]}
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+  # A small pool: tokenising is cheap next to a train step, and the machines
+  # this first runs on have 2 cores.
+  return grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=4 * max(num_threads, 1) * 16)
+
+
+def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
+                       seq_len: int, batch_size: int, seed: int,
+                       num_epochs: int | None = None, shuffle: bool = True,
+                       pack: bool = False, num_packing_bins: int | None = None,
+                       shard_index: int = 0, shard_count: int = 1,
+                       drop_remainder: bool = True, num_threads: int = 2
+                       ) -> grain.IterDataset:
+  """The training pipeline: source -> shard -> shuffle -> repeat -> tokenise
+  -> pad or pack -> batch.
+
+  Args:
+    examples: Training examples.
+    tokenizer: A `Tokenizer`.
+    seq_len: Row length T.
+    batch_size: Rows per batch (per process when sharded).
+    seed: Shuffle seed; each epoch is reshuffled from it.
+    num_epochs: Passes over the data, or None to repeat forever.
+    shuffle: Whether to shuffle.
+    pack: Pack several examples per row (first-fit); otherwise one per row.
+    num_packing_bins: Rows packed at once (default `batch_size`).
+    shard_index: This process's shard (`jax.process_index()`).
+    shard_count: Number of shards (`jax.process_count()`).
+    drop_remainder: Drop a last partial batch (only with finite epochs).
+    num_threads: grain reader threads (0: no prefetch).
+
+  Returns:
+    A `grain.IterDataset` of batches; see the module docstring.
+  """
+  if not examples:
+    raise ValueError("make_train_dataset got no examples")
+  if seq_len < 2 or batch_size < 1:
+    raise ValueError(
+        f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  ds = grain.MapDataset.source(list(examples))
+  if shard_count > 1:
+    # Shard before shuffling so shards are disjoint in every epoch.
+    ds = ds[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer,
+                                seq_len=seq_len))
+  if pack:
+    it_ds = ds.to_iter_dataset(_read_options(num_threads))
+    it_ds = grain.experimental.FirstFitPackIterDataset(
+        it_ds, length_struct={"tokens": seq_len, "loss_mask": seq_len},
+        num_packing_bins=num_packing_bins or batch_size, seed=seed,
+        padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0.0})
+    it_ds = it_ds.map(_rename_packed)
+  else:
+    ds = ds.map(functools.partial(_pad, seq_len=seq_len,
+                                  pad_id=tokenizer.pad_id))
+    it_ds = ds.to_iter_dataset(_read_options(num_threads))
+  return it_ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int
+               ) -> dict[str, np.ndarray]:
+  """Pads a short last batch with empty rows (all-zero masks and segments),
+  so evaluation keeps one static shape under jit."""
+  n = len(batch["tokens"])
+  if n == batch_size:
+    return batch
+  out = {}
+  for key, value in batch.items():
+    pad = np.full((batch_size - n,) + value.shape[1:],
+                  pad_id if key == "tokens" else 0, value.dtype)
+    out[key] = np.concatenate([value, pad])
+  return out
+
+
+def make_eval_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
+                      seq_len: int, batch_size: int, num_threads: int = 2
+                      ) -> grain.IterDataset:
+  """One ordered pass, one example per row, the last batch padded with empty
+  rows (segment_ids and loss_mask all 0) to `batch_size`."""
+  if not examples:
+    raise ValueError("make_eval_dataset got no examples")
+  ds = grain.MapDataset.source(list(examples)).map(
+      functools.partial(_tokenize, tokenizer=tokenizer, seq_len=seq_len)).map(
+          functools.partial(_pad, seq_len=seq_len, pad_id=tokenizer.pad_id))
+  it_ds = ds.to_iter_dataset(_read_options(num_threads)).batch(
+      batch_size, drop_remainder=False)
+  return it_ds.map(functools.partial(_pad_batch, batch_size=batch_size,
+                                   pad_id=tokenizer.pad_id))
+
+
+def iterator_from_state(dataset: grain.IterDataset, state: dict[str, Any]
+                        ) -> grain.DatasetIterator:
+  """A fresh iterator over `dataset` positioned at a saved `get_state()`."""
+  iterator = iter(dataset)
+  iterator.set_state(state)
+  return iterator

@@ -1,0 +1,104 @@
+"""Reading raw records (dicts) from local JSON, JSONL and Parquet files.
+
+Format is chosen by suffix. Every failure is raised as one line that names
+the file and, for malformed JSON, the line and column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[Record]:
+  """Reads a list of records from a local file.
+
+  Args:
+    path: A `.json` file (a list of objects, or one object such as a
+      Super-Natural Instructions task file), a `.jsonl` file (one object a
+      line; blank lines skipped) or a `.parquet` file (needs pyarrow).
+
+  Returns:
+    The records, as dicts, in file order.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: unknown suffix, malformed content, or a record that is not an
+      object.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"data file not found: {path}")
+  suffix = path.suffix.lower()
+  if suffix == ".json":
+    return _read_json(path)
+  if suffix == ".jsonl":
+    return _read_jsonl(path)
+  if suffix == ".parquet":
+    return _read_parquet(path)
+  raise ValueError(
+      f"unsupported data file suffix {suffix!r} for {path}; expected one of "
+      f"{', '.join(SUFFIXES)}")
+
+
+def _read_json(path: Path) -> list[Record]:
+  text = path.read_text(encoding="utf-8")
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"malformed JSON in {path} at line {e.lineno} column {e.colno}: "
+        f"{e.msg}") from None
+  if isinstance(data, dict):
+    # A single object: e.g. one SuperNI task file ({"Definition", "Instances"}).
+    data = [data]
+  if not isinstance(data, list):
+    raise ValueError(
+        f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+  for i, record in enumerate(data):
+    if not isinstance(record, dict):
+      raise ValueError(
+          f"{path}: record {i} is a {type(record).__name__}, expected an "
+          "object")
+  return data
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+  records = []
+  with path.open(encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(
+            f"malformed JSON in {path} at line {lineno} column {e.colno}: "
+            f"{e.msg}") from None
+      if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}: line {lineno} is a {type(record).__name__}, expected an "
+            "object")
+      records.append(record)
+  return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        f"reading {path} needs pyarrow; install it with `pip install pyarrow` "
+        "(part of the [train] extra)") from None
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pyarrow raises several unrelated types.
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"malformed Parquet file {path}: {first_line}") from None
+  return table.to_pylist()

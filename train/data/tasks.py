@@ -1,0 +1,266 @@
+"""The task registry and `load_task`: one call from a task name to examples.
+
+Splits: 'train' and 'validation' come from the training data (validation is
+carved out by seed, never from the test set); 'test' is the test data.
+Sources: a local file or folder (`../shared/data` layout by default), the
+Hugging Face Hub by id, or, for `arithmetic`, the built-in generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from train.data import arithmetic
+from train.data import formats
+from train.data import records as records_lib
+from train.data.example import Example
+
+SPLITS = ("train", "validation", "test")
+DATA_DIR_ENV = "LRO_DATA_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """How to find and read one task.
+
+  Attributes:
+    name: Registry name.
+    kind: formats.CHOICE, formats.NUMBER or formats.GENERATION.
+    folder: Folder under the data dir holding `train.json` / `test.json`
+      (or .jsonl / .parquet), or None.
+    hub_id: Hugging Face dataset id, or None.
+    hub_config: The dataset's config name, or None.
+    hub_splits: Our 'train' / 'test' -> the Hub's split names.
+    default_labels: Option labels when a record does not list them.
+    hf_converter: Converter for the task's Hugging Face format, or None.
+  """
+
+  name: str
+  kind: str
+  folder: str | None = None
+  hub_id: str | None = None
+  hub_config: str | None = None
+  hub_splits: Mapping[str, str] = dataclasses.field(
+      default_factory=lambda: {"train": "train", "test": "test"})
+  default_labels: tuple[str, ...] = ()
+  hf_converter: formats.HfConverter | None = None
+
+
+_ANSWERS4 = ("answer1", "answer2", "answer3", "answer4")
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("arc_challenge", formats.CHOICE, "ARC-Challenge",
+             "allenai/ai2_arc", "ARC-Challenge", default_labels=_ANSWERS4,
+             hf_converter=formats.arc_from_hf),
+    TaskSpec("openbookqa", formats.CHOICE, "openbookqa", "allenai/openbookqa",
+             "main", default_labels=_ANSWERS4,
+             hf_converter=formats.openbookqa_from_hf),
+    # BoolQ and HellaSwag publish no test labels: their Hub 'validation'
+    # split serves as our test set.
+    TaskSpec("boolq", formats.CHOICE, "boolq", "google/boolq",
+             hub_splits={"train": "train", "test": "validation"},
+             default_labels=("true", "false"),
+             hf_converter=formats.boolq_from_hf),
+    TaskSpec("hellaswag", formats.CHOICE, "hellaswag", "Rowan/hellaswag",
+             hub_splits={"train": "train", "test": "validation"},
+             default_labels=("ending1", "ending2", "ending3", "ending4"),
+             hf_converter=formats.hellaswag_from_hf),
+    TaskSpec("gsm8k", formats.NUMBER, "gsm8k", "openai/gsm8k", "main",
+             hf_converter=formats.gsm8k_from_hf),
+    # LLM-Adapters' math training set for the GSM8K format; local only.
+    TaskSpec("math", formats.NUMBER, "math"),
+    TaskSpec("superni", formats.GENERATION, "superni",
+             "Muennighoff/natural-instructions",
+             hf_converter=formats.superni_from_hf),
+    TaskSpec(arithmetic.NAME, formats.NUMBER),
+)}
+
+_ALIASES = {"arc": "arc_challenge", "arc-challenge": "arc_challenge",
+            "obqa": "openbookqa", "super_natural_instructions": "superni",
+            "natural_instructions": "superni"}
+
+
+def task_names() -> tuple[str, ...]:
+  """The registered task names."""
+  return tuple(TASKS)
+
+
+def get_task(name: str) -> TaskSpec:
+  """Returns the spec of task `name` (case-insensitive; a few aliases)."""
+  key = name.strip().lower()
+  key = _ALIASES.get(key, key).replace("-", "_")
+  if key not in TASKS:
+    raise ValueError(
+        f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+  return TASKS[key]
+
+
+def default_data_dir() -> Path:
+  """$LRO_DATA_DIR, else `shared/data` beside the repository checkout."""
+  if os.environ.get(DATA_DIR_ENV):
+    return Path(os.environ[DATA_DIR_ENV])
+  return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def examples_from_records(recs: Sequence[records_lib.Record], task: str, *,
+                          style: str = "alpaca", source: str = "records"
+                          ) -> list[Example]:
+  """Converts raw records of `task`, in any supported format, to examples.
+
+  Args:
+    recs: Records from `records.read_records` or a Hub dataset.
+    task: Task name.
+    style: Prompt style, see `templates.wrap_instruction`.
+    source: Where the records came from, for error messages.
+
+  Returns:
+    The examples, in record order.
+
+  Raises:
+    ValueError: unknown task, or a record lacking its format's fields.
+  """
+  spec = get_task(task)
+  out: list[Example] = []
+  for i, record in enumerate(recs):
+    where = f"{source} record {i}"
+    if "instruction" in record or spec.hf_converter is None:
+      out += formats.from_instruction(
+          record, task=spec.name, kind=spec.kind,
+          default_labels=spec.default_labels, style=style, where=where)
+    else:
+      out += spec.hf_converter(record, task=spec.name, style=style,
+                               where=where)
+  return out
+
+
+def load_file(path: str | os.PathLike[str], task: str, *,
+              style: str = "alpaca") -> list[Example]:
+  """Reads one local JSON / JSONL / Parquet file of `task` into examples."""
+  get_task(task)  # Unknown names fail before any file access.
+  return examples_from_records(records_lib.read_records(path), task,
+                               style=style, source=str(path))
+
+
+def _local_file(data_dir: Path, spec: TaskSpec, file_split: str) -> Path:
+  folder = data_dir / (spec.folder or spec.name)
+  for suffix in records_lib.SUFFIXES:
+    candidate = folder / f"{file_split}{suffix}"
+    if candidate.is_file():
+      return candidate
+  hint = ("; LLM-Adapters trains GSM8K on task 'math'"
+          if spec.name == "gsm8k" and file_split == "train" else "")
+  raise FileNotFoundError(
+      f"no {file_split} file for task {spec.name!r}: looked for "
+      f"{folder / file_split}{{{','.join(records_lib.SUFFIXES)}}}{hint}")
+
+
+def load_hub_records(hub_id: str, config: str | None, split: str
+                     ) -> list[records_lib.Record]:
+  """Downloads one split of a Hugging Face dataset (needs `datasets`)."""
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        f"loading {hub_id!r} from the Hugging Face Hub needs the `datasets` "
+        "package (`pip install datasets`) and network access; or pass a "
+        "local path") from None
+  try:
+    ds = datasets.load_dataset(hub_id, config, split=split)
+  except Exception as e:  # Network, auth and missing-split errors all land here.
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(
+        f"could not load {hub_id!r} (config {config!r}, split {split!r}) "
+        f"from the Hugging Face Hub: {first_line}") from None
+  return [dict(r) for r in ds]
+
+
+def split_validation(examples: Sequence[Example], fraction: float = 0.1,
+                     seed: int = 0) -> tuple[list[Example], list[Example]]:
+  """Carves a validation set out of training examples, deterministically.
+
+  Args:
+    examples: The training examples.
+    fraction: Share held out, in (0, 1); at least one example is held out.
+    seed: The same seed gives the same split.
+
+  Returns:
+    (train, validation), each in the original order.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+  n = len(examples)
+  if n < 2:
+    raise ValueError(f"cannot carve a validation set out of {n} example(s)")
+  k = min(n - 1, max(1, round(n * fraction)))
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(seed).permutation(n)[:k]] = True
+  return ([e for e, h in zip(examples, held) if not h],
+          [e for e, h in zip(examples, held) if h])
+
+
+def load_task(name: str, split: str = "train", *,
+              path: str | os.PathLike[str] | None = None,
+              data_dir: str | os.PathLike[str] | None = None,
+              hub: bool = False, style: str = "alpaca",
+              validation_fraction: float = 0.1, seed: int = 0,
+              num_examples: int | None = None) -> list[Example]:
+  """Loads one split of a task as examples.
+
+  Args:
+    name: Task name, see `task_names()`.
+    split: 'train', 'validation' (carved from the training data by `seed`)
+      or 'test'.
+    path: A file to read instead of the data dir's file for this split (for
+      'train'/'validation', the training file to carve from).
+    data_dir: Folder holding one subfolder per task in the `../shared/data`
+      layout; default `default_data_dir()`.
+    hub: Load from the Hugging Face Hub by the task's id instead.
+    style: Prompt style ('alpaca' or 'plain').
+    validation_fraction: Share of the training data held out as validation.
+    seed: Seed of the validation carve (and of `arithmetic` generation).
+    num_examples: For `arithmetic`, how many to generate: the training pool
+      the validation set is carved from (default 2000) or the test set
+      (default 200); for other tasks, keep only the first `num_examples`
+      examples of the split.
+
+  Returns:
+    The examples.
+
+  Raises:
+    ValueError: unknown task or split, malformed data.
+    FileNotFoundError: the data file is missing.
+  """
+  spec = get_task(name)
+  if split not in SPLITS:
+    raise ValueError(
+        f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+  file_split = "test" if split == "test" else "train"
+  if spec.name == arithmetic.NAME and path is None:
+    # `num_examples` sizes the generated pool (train before the carve).
+    examples = arithmetic.generate(
+        file_split, num_examples or (200 if split == "test" else 2000), seed)
+    num_examples = None
+  elif hub:
+    if spec.hub_id is None:
+      raise ValueError(f"task {spec.name!r} has no Hugging Face Hub id; pass "
+                       "a local path")
+    recs = load_hub_records(spec.hub_id, spec.hub_config,
+                            spec.hub_splits[file_split])
+    examples = examples_from_records(recs, spec.name, style=style,
+                                     source=f"hub:{spec.hub_id}")
+  else:
+    file = Path(path) if path is not None else _local_file(
+        Path(data_dir) if data_dir is not None else default_data_dir(), spec,
+        file_split)
+    examples = load_file(file, spec.name, style=style)
+  if split != "test":
+    train, validation = split_validation(examples, validation_fraction, seed)
+    examples = train if split == "train" else validation
+  if num_examples is not None:
+    examples = examples[:num_examples]
+  return examples

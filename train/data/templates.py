@@ -1,0 +1,130 @@
+"""Prompt and target templates.
+
+The multiple-choice and true/false templates reproduce the LLM-Adapters
+instruction format of `../shared/data` (its `instruction` field already holds
+the question and the options, its `output` the target), so that records read
+from a Hugging Face dataset's own format give the same prompts and targets as
+the same question in the instruction files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# The Alpaca template LLM-Adapters trains and evaluates with.
+_ALPACA = (
+    "Below is an instruction that describes a task. Write a response that "
+    "appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+_ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that "
+    "provides further context. Write a response that appropriately completes "
+    "the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+    "### Response:\n")
+
+STYLES = ("alpaca", "plain")
+
+
+def wrap_instruction(instruction: str, input_text: str = "",
+                     style: str = "alpaca") -> str:
+  """Returns the model prompt for an instruction (and optional input).
+
+  Args:
+    instruction: The task instruction, question and options included.
+    input_text: Optional further context (empty in `../shared/data`).
+    style: 'alpaca' (the LLM-Adapters template, as in the paper's setups) or
+      'plain' (the instruction, the input, then a newline: fewer tokens for
+      small CPU runs).
+
+  Returns:
+    The prompt; the target follows it directly.
+  """
+  if style == "alpaca":
+    if input_text:
+      return _ALPACA_WITH_INPUT.format(instruction=instruction,
+                                       input=input_text)
+    return _ALPACA.format(instruction=instruction)
+  if style == "plain":
+    parts = [instruction] + ([input_text] if input_text else [])
+    return "\n\n".join(parts) + "\n"
+  raise ValueError(
+      f"unknown prompt style {style!r}; expected one of {', '.join(STYLES)}")
+
+
+def choice_target(label: str) -> str:
+  """The target text that selects `label` ('answer2', 'true', ...)."""
+  return f"the correct answer is {label}"
+
+
+def multiple_choice_instruction(question: str, choices: Sequence[str],
+                                prefix: str = "Answer") -> str:
+  """ARC / OpenBookQA style instruction with numbered options.
+
+  Args:
+    question: The question text.
+    choices: The option texts, in order.
+    prefix: 'Answer' (ARC, OpenBookQA) or 'Ending' (HellaSwag).
+
+  Returns:
+    The instruction, e.g. '... Answer1: x Answer2: y ...\\n\\nAnswer format:
+    answer1/answer2'.
+  """
+  options = " ".join(f"{prefix}{i}: {c}" for i, c in enumerate(choices, 1))
+  labels = "/".join(choice_labels(len(choices), prefix))
+  if prefix == "Ending":
+    lead = "Please choose the correct ending to complete the given sentence: "
+  else:
+    lead = "Please choose the correct answer to the question: "
+  return f"{lead}{question}\n\n{options}\n\nAnswer format: {labels}"
+
+
+def choice_labels(num_choices: int, prefix: str = "Answer") -> tuple[str, ...]:
+  """('answer1', ..., 'answerN') for a prefix such as 'Answer' or 'Ending'."""
+  return tuple(f"{prefix.lower()}{i}" for i in range(1, num_choices + 1))
+
+
+def boolq_instruction(question: str) -> str:
+  """BoolQ instruction as in `../shared/data/boolq` (no passage there)."""
+  question = question.strip()
+  if not question.endswith("?"):
+    question += "?"
+  return (f"Please answer the following question with true or false, "
+          f"question: {question}\n\nAnswer format: true/false")
+
+
+def math_target(rationale: str, answer: str) -> str:
+  """LLM-Adapters chain-of-thought target: '\\nA: <steps> The answer is N.'"""
+  rationale = " ".join(line.strip() for line in rationale.splitlines()
+                       if line.strip())
+  rationale = re.sub(r"<<[^>]*>>", "", rationale)  # GSM8K calculator notes.
+  return f"\nA: {rationale} The answer is {answer}."
+
+
+def parse_answer_format(instruction: str) -> tuple[str, ...]:
+  """Labels from an 'Answer format: a/b/c' line, or () when there is none."""
+  match = re.search(r"Answer format:\s*([^\n]+)", instruction)
+  if not match:
+    return ()
+  return tuple(x.strip() for x in match.group(1).split("/") if x.strip())
+
+
+def parse_choices(instruction: str, labels: Sequence[str]) -> tuple[str, ...]:
+  """Option texts from 'Answer1: x Answer2: y' in an instruction, or ()."""
+  if not labels or not all(re.fullmatch(r"[a-z]+\d+", l) for l in labels):
+    return ()
+  prefix = re.sub(r"\d+$", "", labels[0]).capitalize()
+  match = re.search(rf"{prefix}1:(.*?)(?:\n|$)", instruction)
+  if not match:
+    return ()
+  parts = re.split(rf"\s*{prefix}\d+:\s*", f"{prefix}1:" + match.group(1))
+  texts = tuple(p.strip() for p in parts if p.strip())
+  return texts if len(texts) == len(labels) else ()
+
+
+def clean_hellaswag(text: str) -> str:
+  """HellaSwag's WikiHow artefacts removed, as lm-evaluation-harness does."""
+  text = text.strip().replace(" [title]", ". ")
+  text = re.sub(r"\[.*?\]", "", text)
+  return text.replace("  ", " ")

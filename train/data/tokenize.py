@@ -1,0 +1,130 @@
+"""Tokenisation of examples into training sequences with a target-only mask.
+
+A sequence is `BOS prompt target EOS`. `loss_mask[t]` is 1 where token t is
+to be predicted (from position t-1): on the target tokens and the EOS, never
+on BOS, the prompt or padding. The loss pairs logits[:, :-1] with
+tokens[:, 1:] under loss_mask[:, 1:].
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from train.data.example import Example
+
+Features = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the data pipeline needs of a tokenizer (the Gemma one fits).
+
+  `encode` must not add BOS/EOS itself; the pipeline adds them.
+  """
+
+  @property
+  def bos_id(self) -> int: ...
+
+  @property
+  def eos_id(self) -> int: ...
+
+  @property
+  def pad_id(self) -> int: ...
+
+  def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: a dependency-free tokenizer for tests and `tiny`.
+
+  Ids: 0 pad, 1 BOS, 2 EOS, 3 + byte value; vocabulary size 259.
+  """
+
+  pad_id = 0
+  bos_id = 1
+  eos_id = 2
+  vocab_size = 259
+  _OFFSET = 3
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self._OFFSET for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    data = bytes(int(i) - self._OFFSET for i in ids if int(i) >= self._OFFSET)
+    return data.decode("utf-8", errors="replace")
+
+
+def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
+                max_length: int, *, add_eos: bool = True
+                ) -> tuple[list[int], list[int]]:
+  """Encodes (prompt, target) to fit `max_length` tokens in all.
+
+  The prompt (with BOS first) is truncated from the left, because its end
+  (the question, the 'Response:' cue) matters most and the target must stay
+  whole. Only when the target alone does not fit is the prompt dropped to
+  BOS and the target cut from the right (losing EOS).
+
+  Args:
+    prompt: Prompt text.
+    target: Target text.
+    tokenizer: A `Tokenizer`.
+    max_length: Total token budget, at least 2.
+    add_eos: Append EOS to the target (training: yes; scoring answer
+      options: no).
+
+  Returns:
+    (prompt_ids starting with BOS, target_ids).
+  """
+  if max_length < 2:
+    raise ValueError(f"max_length must be at least 2, got {max_length}")
+  prompt_ids = list(tokenizer.encode(prompt))
+  target_ids = list(tokenizer.encode(target))
+  if add_eos:
+    target_ids.append(tokenizer.eos_id)
+  budget = max_length - 1 - len(target_ids)  # Room left for prompt tokens.
+  if budget < 0:
+    return [tokenizer.bos_id], target_ids[:max_length - 1]
+  if len(prompt_ids) > budget:
+    prompt_ids = prompt_ids[len(prompt_ids) - budget:]
+  return [tokenizer.bos_id] + prompt_ids, target_ids
+
+
+def tokenize_example(example: Example, tokenizer: Tokenizer,
+                     max_length: int) -> Features:
+  """Returns unpadded {'tokens': int32[L], 'loss_mask': float32[L]}, L <= max."""
+  prompt_ids, target_ids = encode_pair(example.prompt, example.target,
+                                       tokenizer, max_length)
+  tokens = np.asarray(prompt_ids + target_ids, np.int32)
+  loss_mask = np.zeros(len(tokens), np.float32)
+  loss_mask[len(prompt_ids):] = 1.0
+  return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def pad_features(features: Features, length: int, pad_id: int) -> Features:
+  """Pads one unpacked sequence to `length`, adding positions and segment ids.
+
+  Args:
+    features: {'tokens', 'loss_mask'} of length L <= `length`.
+    length: The padded length T.
+    pad_id: Token id for padding.
+
+  Returns:
+    {'tokens', 'loss_mask', 'positions', 'segment_ids'}, each [T];
+    segment_ids is 1 on real tokens and 0 on padding, positions count from 0
+    (0 on padding), the same layout packed rows have.
+  """
+  n = len(features["tokens"])
+  if n > length:
+    raise ValueError(f"sequence of {n} tokens does not fit length {length}")
+  tokens = np.full(length, pad_id, np.int32)
+  tokens[:n] = features["tokens"]
+  loss_mask = np.zeros(length, np.float32)
+  loss_mask[:n] = features["loss_mask"]
+  positions = np.zeros(length, np.int32)
+  positions[:n] = np.arange(n)
+  segment_ids = np.zeros(length, np.int32)
+  segment_ids[:n] = 1
+  return {"tokens": tokens, "loss_mask": loss_mask, "positions": positions,
+          "segment_ids": segment_ids}
