@@ -15,6 +15,7 @@ which is the Flax NNX ``nnx.LoRA`` convention, extended to n-D factors.
 
 from __future__ import annotations
 
+import math
 import string
 from typing import Sequence
 
@@ -65,8 +66,9 @@ class Projection(nnx.Module):
       raise ValueError(
           f'Projection axes {self.axes} must name each of the '
           f'{len(self.in_shape) + len(self.out_shape)} kernel axes.')
-    fan_in = int(jnp.prod(jnp.array(self.in_shape)))
-    init_shape = (fan_in, int(jnp.prod(jnp.array(self.out_shape))))
+    # math.prod, not jnp.prod: shapes must stay Python ints under
+    # nnx.eval_shape / jit tracing (loaders build the module abstractly).
+    init_shape = (math.prod(self.in_shape), math.prod(self.out_shape))
     kernel = kernel_init(rngs.params(), init_shape, param_dtype).reshape(
         self.in_shape + self.out_shape)
     self.kernel = nnx.Param(kernel, out_sharding=self.axes, eager_sharding=False)
