@@ -3,4 +3,8 @@
 from lora_rite_optax.pairs import (LoraLayout, LoraPair, NNX_LAYOUT,
                                    PEFT_LAYOUT, find_lora_pairs, lora_b_mask)
 
+from lora_rite_optax.lora_rite import (ScaleByLoraRiteState,
+                                       balance_lora_factors, lora_rite,
+                                       scale_by_lora_rite)
+
 __version__ = '0.1.0'

@@ -1,0 +1,289 @@
+"""LoRA initialisations on arrays: standard, gaussian, PiSSA and LoRA-GA.
+
+Everything here uses this library's convention for one adapted weight:
+
+  W0: (in, out)   frozen weight, y = x @ W0
+  A:  (in, r)     ``lora_a``, rank last
+  B:  (r, out)    ``lora_b``, rank first
+  y = x @ (W0 + s * A @ B)    with s the LoRA scaling (alpha / r)
+
+PyTorch / PEFT store the transposes (``weight`` (out, in), ``lora_A`` (r, in),
+``lora_B`` (out, r)); every function below says how it maps onto PEFT's. All
+functions take and return 2-D arrays; reshaping einsum-shaped kernels to
+(in, out) matrices is the model wrapper's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'randomized_svd']
+
+
+def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:
+  if rank < 1 or in_dim < 1 or out_dim < 1:
+    raise ValueError(f'{who}: in_dim, out_dim and rank must be positive, got '
+                     f'({in_dim}, {out_dim}, {rank}).')
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def standard(key: jax.Array, in_dim: int, out_dim: int, rank: int,
+             dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  r"""LoRA's default init: ``A`` Kaiming-uniform, ``B`` zero.
+
+  Matches PEFT's ``init_lora_weights=True``, which applies
+  ``kaiming_uniform_(a=sqrt(5))`` to ``lora_A`` (r, in): fan-in ``in``, gain
+  :math:`\sqrt{2 / (1 + 5)}`, so every entry of ``A`` is drawn from
+  :math:`U(-1/\sqrt{in}, 1/\sqrt{in})`; ``lora_B`` is zero, so ``A @ B = 0``.
+
+  Args:
+    key: a PRNG key.
+    in_dim: input features of the adapted weight.
+    out_dim: output features of the adapted weight.
+    rank: the LoRA rank ``r``.
+    dtype: dtype of the returned factors.
+
+  Returns:
+    ``(A, B)`` with shapes ``(in_dim, rank)`` and ``(rank, out_dim)``.
+
+  Example:
+    >>> import jax
+    >>> from lora_rite_optax import init
+    >>> a, b = init.standard(jax.random.key(0), 16, 8, 4)
+    >>> a.shape, b.shape, float(abs(b).max())
+    ((16, 4), (4, 8), 0.0)
+
+  References:
+    Hu et al., `LoRA: Low-Rank Adaptation of Large Language Models
+    <https://arxiv.org/abs/2106.09685>`_, 2021.
+  """
+  _check_dims('standard', in_dim, out_dim, rank)
+  bound = 1.0 / math.sqrt(in_dim)
+  a = jax.random.uniform(key, (in_dim, rank), _compute_dtype(dtype), -bound,
+                         bound).astype(dtype)
+  return a, jnp.zeros((rank, out_dim), dtype)
+
+
+def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
+             std: Optional[float] = None,
+             dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  r"""PEFT's ``init_lora_weights="gaussian"``: ``A ~ N(0, std^2)``, ``B = 0``.
+
+  Args:
+    key: a PRNG key.
+    in_dim: input features of the adapted weight.
+    out_dim: output features of the adapted weight.
+    rank: the LoRA rank ``r``.
+    std: standard deviation of ``A``; ``None`` uses PEFT's :math:`1 / r`.
+    dtype: dtype of the returned factors.
+
+  Returns:
+    ``(A, B)`` with shapes ``(in_dim, rank)`` and ``(rank, out_dim)``.
+
+  Example:
+    >>> import jax
+    >>> from lora_rite_optax import init
+    >>> a, b = init.gaussian(jax.random.key(0), 512, 8, 4)
+    >>> round(float(a.std()), 1)
+    0.2
+  """
+  _check_dims('gaussian', in_dim, out_dim, rank)
+  std = 1.0 / rank if std is None else std
+  a = std * jax.random.normal(key, (in_dim, rank), _compute_dtype(dtype))
+  return a.astype(dtype), jnp.zeros((rank, out_dim), dtype)
+
+
+def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
+                   oversample: int = 0, key: Optional[jax.Array] = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Top-``rank`` SVD of a matrix by randomized subspace iteration.
+
+  Halko, Martinsson and Tropp's range finder with ``niter`` power iterations
+  (re-orthonormalised by QR each time), the algorithm of
+  ``torch.svd_lowrank`` that PEFT's PiSSA and LoRA-GA use. The sketch has
+  ``q = min(rank + oversample, *x.shape)`` columns.
+
+  Args:
+    x: an ``(m, n)`` matrix.
+    rank: number of singular triplets returned.
+    niter: subspace (power) iterations.
+    oversample: extra sketch columns beyond ``rank``.
+    key: PRNG key of the Gaussian sketch; ``None`` uses ``jax.random.key(0)``.
+
+  Returns:
+    ``(U, S, Vh)`` with shapes ``(m, rank)``, ``(rank,)``, ``(rank, n)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from lora_rite_optax import init
+    >>> x = jnp.diag(jnp.arange(6.0, 0.0, -1.0))
+    >>> u, s, vh = init.randomized_svd(x, 2, niter=6)
+    >>> [round(float(v), 4) for v in s]
+    [6.0, 5.0]
+  """
+  m, n = x.shape
+  q = min(rank + oversample, m, n)
+  if rank > q:
+    raise ValueError(f'randomized_svd: rank {rank} exceeds the matrix shape '
+                     f'{x.shape}.')
+  key = jax.random.key(0) if key is None else key
+  omega = jax.random.normal(key, (n, q), x.dtype)
+  basis, _ = jnp.linalg.qr(x @ omega)
+  for _ in range(niter):
+    basis, _ = jnp.linalg.qr(x.T @ basis)
+    basis, _ = jnp.linalg.qr(x @ basis)
+  u_small, s, vh = jnp.linalg.svd(basis.T @ x, full_matrices=False)
+  return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
+
+
+def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
+          niter: Optional[int] = None, key: Optional[jax.Array] = None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""PiSSA: the adapter takes W0's top-``rank`` singular directions.
+
+  With the SVD :math:`W_0 = U S V^\top` (``W0`` as ``(in, out)``)
+
+  .. math::
+    A = U_r \sqrt{S_r / s}, \quad B = \sqrt{S_r / s}\, V_r^\top, \quad
+    W_{res} = W_0 - s A B,
+
+  so :math:`W_{res} + s A B = W_0`. This is PEFT's ``pissa_init`` transposed
+  (PEFT: ``lora_A = sqrt(S/s) Uh_r`` (r, in), ``lora_B = V_r sqrt(S/s)``
+  (out, r) for ``weight`` (out, in)).
+
+  Args:
+    w0: the frozen weight, ``(in, out)``.
+    rank: the LoRA rank ``r``.
+    scale: the LoRA scaling ``s`` the model multiplies ``A @ B`` by.
+    niter: ``None`` for an exact SVD; an int for PEFT's fast
+      ``pissa_niter_<niter>`` (randomized SVD with a sketch of ``rank``
+      columns, as ``torch.svd_lowrank(W, rank, niter)``).
+    key: PRNG key of the randomized SVD (``None``: ``jax.random.key(0)``).
+
+  Returns:
+    ``(A, B, w_res)`` with shapes ``(in, r)``, ``(r, out)``, ``(in, out)``, all
+    in ``w0``'s dtype (computed in at least float32).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from lora_rite_optax import init
+    >>> w0 = jax.random.normal(jax.random.key(0), (8, 6))
+    >>> a, b, w_res = init.pissa(w0, 2, scale=2.0)
+    >>> bool(jnp.allclose(w_res + 2.0 * a @ b, w0, atol=1e-5))
+    True
+
+  References:
+    Meng, Wang and Zhang, `PiSSA: Principal Singular Values and Singular
+    Vectors Adaptation of Large Language Models
+    <https://arxiv.org/abs/2404.02948>`_, 2024.
+  """
+  if w0.ndim != 2:
+    raise ValueError(f'pissa: w0 must be a 2-D (in, out) matrix, got shape '
+                     f'{w0.shape}.')
+  if not 1 <= rank <= min(w0.shape):
+    raise ValueError(f'pissa: rank {rank} must be in [1, {min(w0.shape)}] for '
+                     f'w0 of shape {w0.shape}.')
+  w = w0.astype(_compute_dtype(w0.dtype))
+  if niter is None:
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+  else:
+    u, s, vh = randomized_svd(w, rank, niter=niter, key=key)
+  root = jnp.sqrt(s / scale)
+  a = (u * root).astype(w0.dtype)
+  b = (root[:, None] * vh).astype(w0.dtype)
+  w_res = w - scale * (a.astype(w.dtype) @ b.astype(w.dtype))
+  return a, b, w_res.astype(w0.dtype)
+
+
+def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
+            gamma: float = 16.0, use_sign: bool = False,
+            randomized: bool = False, key: Optional[jax.Array] = None,
+            niter: int = 4) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""LoRA-GA: align the adapter's first step with full fine-tuning's.
+
+  From the (batch-averaged) gradient ``G`` of the loss in ``W0`` (same
+  ``(in, out)`` orientation as ``W0``), with SVD :math:`G = U S V^\top`,
+  LoRA-GA's default ``ArB2r`` direction takes
+
+  .. math::
+    A = c\, U_{[:, 1..r]}, \quad B = c\, V_{[:, r+1..2r]}^\top, \quad
+    c = d_{out}^{1/4} / \sqrt{\gamma},\quad W_0' = W_0 - s A B,
+
+  so the model's output is unchanged at step 0 and one SGD step on ``(A, B)``
+  moves ``W`` by :math:`-\eta s^2 (A A^\top G + G B^\top B)`, the part of
+  ``G`` in ``A``'s column space plus the part in ``B``'s row space.
+
+  Orientation: the authors' code works on PyTorch's ``weight`` (out, in) with
+  ``G_t = G^T``, ``U_t, S, V_t = svd(G_t)``, ``lora_A = V_t[:r]`` (r, in) and
+  ``lora_B = U_t[:, r:2r]`` (out, r), scaled by ``m^{1/4}/sqrt(gamma)`` with
+  ``m = G_t.shape[0] = d_out``. Since ``G = V_t^T S U_t^T``, our ``U`` is their
+  ``V_t^T`` and our ``V`` their ``U_t``, so ``A = lora_A^T`` and
+  ``B = lora_B^T`` exactly: the same init, transposed.
+
+  Args:
+    grad: the full-weight gradient ``G``, ``(in, out)``, averaged over as many
+      batches as the caller wants (the paper uses a few dozen).
+    w0: the frozen weight, ``(in, out)``.
+    rank: the LoRA rank ``r`` (needs ``2 r <= min(in, out)``).
+    scale: the LoRA scaling ``s`` the model multiplies ``A @ B`` by.
+    gamma: the stable-scale hyperparameter (paper default 16).
+    use_sign: take the directions from ``sign(G)`` instead of ``G``: the step
+      an Adam-like optimizer takes first is ``-lr * sign(G)`` (Adam's first
+      update, without epsilon), so this aligns with Adam's first step instead
+      of SGD's.
+    randomized: use a randomized SVD (sketch of ``min(4 r, in, out)`` columns
+      and ``niter`` power iterations, as the authors' ``torch.svd_lowrank``
+      call) instead of an exact one, for large matrices.
+    key: PRNG key of the randomized SVD (``None``: ``jax.random.key(0)``).
+    niter: power iterations of the randomized SVD.
+
+  Returns:
+    ``(A, B, w0_new)`` with shapes ``(in, r)``, ``(r, out)``, ``(in, out)``, in
+    ``w0``'s dtype; ``w0_new`` is computed from the returned (cast) factors, so
+    ``w0_new + s * A @ B == w0`` up to rounding in ``w0``'s dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from lora_rite_optax import init
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> w0 = jax.random.normal(k1, (16, 12))
+    >>> g = jax.random.normal(k2, (16, 12))
+    >>> a, b, w0_new = init.lora_ga(g, w0, rank=2, scale=2.0)
+    >>> bool(jnp.allclose(w0_new + 2.0 * a @ b, w0, atol=1e-5))
+    True
+
+  References:
+    Wang, Yu and Li, `LoRA-GA: Low-Rank Adaptation with Gradient
+    Approximation <https://arxiv.org/abs/2407.05000>`_, NeurIPS 2024; code:
+    github.com/Outsider565/LoRA-GA.
+  """
+  if grad.ndim != 2 or grad.shape != w0.shape:
+    raise ValueError(f'lora_ga: grad {grad.shape} and w0 {w0.shape} must be '
+                     'the same (in, out) matrix shape.')
+  in_dim, out_dim = w0.shape
+  if rank < 1 or 2 * rank > min(in_dim, out_dim):
+    raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
+                     f'{rank} for shape {w0.shape}.')
+  dtype = _compute_dtype(w0.dtype)
+  g = grad.astype(dtype)
+  if use_sign:
+    g = jnp.sign(g)
+  if randomized:
+    q = min(4 * rank, in_dim, out_dim)
+    u, _, vh = randomized_svd(g, 2 * rank, niter=niter,
+                              oversample=q - 2 * rank, key=key)
+  else:
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+  c = out_dim ** 0.25 / math.sqrt(gamma)
+  a = (c * u[:, :rank]).astype(w0.dtype)
+  b = (c * vh[rank:2 * rank]).astype(w0.dtype)
+  w_new = w0.astype(dtype) - scale * (a.astype(dtype) @ b.astype(dtype))
+  return a, b, w_new.astype(w0.dtype)
