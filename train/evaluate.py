@@ -1,0 +1,339 @@
+"""Evaluation metrics: multiple choice, math exact match, SuperNI, statistics.
+
+Model-free by design: the training loop supplies a scoring function (for
+log-likelihood multiple choice) or generated texts, so every metric here can
+be tested on hand-made cases and reused by the benchmarks.
+
+- Multiple choice (ARC, OpenBookQA, HellaSwag, BoolQ): by comparing the
+  log-likelihoods of the answer options (`multiple_choice_loglik`, plain or
+  length-normalised) or by parsing a greedy generation
+  (`multiple_choice_generation`).
+- GSM8K / math / arithmetic: exact match of the extracted final number
+  (`number_exact_match`).
+- Super-Natural Instructions: exact match and ROUGE-L (`superni_metrics`),
+  following the SuperNI evaluation script.
+- Statistics for comparing runs: `wilson_interval`, `bootstrap_interval`,
+  `mcnemar_exact`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+import string
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from train.data import numbers
+from train.data.example import Example
+from train.data.tokenize import encode_pair
+from train.data.tokenize import Tokenizer
+
+# Scores a batch of (prompt_ids, option_ids) pairs: for each pair, the summed
+# log-probability of option_ids given prompt_ids (prompt_ids start with BOS).
+ScoreFn = Callable[[Sequence[tuple[Sequence[int], Sequence[int]]]],
+                   Sequence[float]]
+
+extract_number = numbers.extract_final_number
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """Per-example outcome of an evaluation.
+
+  Attributes:
+    accuracy: Mean of `correct` (0.0 when nothing was scored).
+    correct: bool [N], one entry per scored example, in input order; feed it
+      to `mcnemar_exact` or `bootstrap_interval`.
+    predictions: What was predicted per scored example (option index, -1 when
+      a generation named no option; or the extracted number, None if none).
+    num_skipped: Examples left out because they have no gold answer.
+  """
+
+  accuracy: float
+  correct: np.ndarray
+  predictions: tuple
+  num_skipped: int = 0
+
+  @property
+  def num_examples(self) -> int:
+    return int(len(self.correct))
+
+
+def _result(correct: Sequence[bool], predictions: Sequence,
+            skipped: int = 0) -> Result:
+  correct = np.asarray(correct, bool)
+  return Result(float(correct.mean()) if len(correct) else 0.0, correct,
+                tuple(predictions), skipped)
+
+
+# --- multiple choice ---------------------------------------------------------
+
+
+def choose_option(scores: Sequence[float], lengths: Sequence[int] | None = None
+                  ) -> int:
+  """Index of the best option: highest log-likelihood, or per token if
+  `lengths` (option token counts) is given. Ties go to the first option."""
+  scores = np.asarray(scores, np.float64)
+  if lengths is not None:
+    scores = scores / np.maximum(np.asarray(lengths, np.float64), 1.0)
+  return int(np.argmax(scores))
+
+
+def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
+                           score_fn: ScoreFn, *, max_length: int = 1024,
+                           length_normalized: bool = False,
+                           batch_size: int = 64) -> Result:
+  """Multiple-choice accuracy by comparing option log-likelihoods.
+
+  Each option target (e.g. 'the correct answer is answer2') is scored after
+  the example's prompt; the prediction is the option with the highest summed
+  log-probability, or the highest mean per token when `length_normalized`.
+
+  Args:
+    examples: Examples with `options` and `gold_index`; those without a gold
+      index are skipped and counted.
+    tokenizer: The model's `Tokenizer`.
+    score_fn: Scores a batch of (prompt_ids, option_ids) pairs, see `ScoreFn`.
+    max_length: Token budget of prompt + option (the prompt is truncated from
+      the left, as in training).
+    length_normalized: Divide each option's score by its token count.
+    batch_size: Pairs per `score_fn` call.
+
+  Returns:
+    A `Result` whose predictions are option indices.
+  """
+  scored = [e for e in examples if e.gold_index is not None]
+  for e in scored:
+    if not e.options:
+      raise ValueError(f"example of task {e.task!r} has no options to score")
+  pairs, owners = [], []
+  for i, e in enumerate(scored):
+    for option in e.options:
+      pairs.append(encode_pair(e.prompt, option, tokenizer, max_length,
+                               add_eos=False))
+      owners.append(i)
+  scores = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    out = np.asarray(score_fn(chunk), np.float64).reshape(-1)
+    if len(out) != len(chunk):
+      raise ValueError(
+          f"score_fn returned {len(out)} scores for {len(chunk)} pairs")
+    scores.extend(out.tolist())
+  predictions, correct = [], []
+  cursor = 0
+  for e in scored:
+    k = len(e.options)
+    lengths = ([len(p[1]) for p in pairs[cursor:cursor + k]]
+               if length_normalized else None)
+    pred = choose_option(scores[cursor:cursor + k], lengths)
+    cursor += k
+    predictions.append(pred)
+    correct.append(pred == e.gold_index)
+  return _result(correct, predictions, len(examples) - len(scored))
+
+
+def parse_choice(text: str, labels: Sequence[str]) -> int | None:
+  """Index of the first option label named in a generation, or None.
+
+  As LLM-Adapters' evaluation does: the first whole-word, case-insensitive
+  occurrence of any label ('answer3', 'ending2', 'true', ...) wins.
+  """
+  if not labels:
+    return None
+  pattern = r"\b(" + "|".join(re.escape(l.lower()) for l in labels) + r")\b"
+  match = re.search(pattern, text.lower())
+  return [l.lower() for l in labels].index(match.group(1)) if match else None
+
+
+def multiple_choice_generation(examples: Sequence[Example],
+                               generations: Sequence[str]) -> Result:
+  """Multiple-choice accuracy of greedy generations, one per example.
+
+  A generation that names no option counts as wrong (prediction -1).
+  """
+  _check_lengths(examples, generations)
+  predictions, correct, skipped = [], [], 0
+  for e, text in zip(examples, generations):
+    if e.gold_index is None:
+      skipped += 1
+      continue
+    pred = parse_choice(text, e.labels)
+    predictions.append(-1 if pred is None else pred)
+    correct.append(pred == e.gold_index)
+  return _result(correct, predictions, skipped)
+
+
+# --- math --------------------------------------------------------------------
+
+
+def number_exact_match(examples: Sequence[Example],
+                       generations: Sequence[str]) -> Result:
+  """Exact match of the final number of each generation with `gold_number`.
+
+  The number is read with `extract_number` ('#### N', else the last 'The
+  answer is N', else the last number; commas, '$' and a trailing '.0'
+  ignored). Examples without a gold number (e.g. the `math` records whose
+  output has no 'The answer is N', or letter answers) are skipped.
+  """
+  _check_lengths(examples, generations)
+  predictions, correct, skipped = [], [], 0
+  for e, text in zip(examples, generations):
+    if e.gold_number is None:
+      skipped += 1
+      continue
+    pred = extract_number(text)
+    predictions.append(pred)
+    correct.append(numbers.numbers_equal(pred, e.gold_number))
+  return _result(correct, predictions, skipped)
+
+
+# --- Super-Natural Instructions ---------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+  """SuperNI's exact-match normalisation: lowercase, no punctuation, single
+  spaces."""
+  text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+  return " ".join(text.split())
+
+
+def rouge_tokenize(text: str) -> list[str]:
+  """rouge_score's default tokenizer: lowercase, non-alphanumerics to spaces.
+
+  The SuperNI script also Porter-stems English tokens; stemming is left out
+  here (no extra dependency), so inflected matches ('runs' vs 'run') score a
+  little lower than with the official script.
+  """
+  return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+  """Length of the longest common subsequence, O(len(a) * len(b))."""
+  if not a or not b:
+    return 0
+  prev = [0] * (len(b) + 1)
+  for x in a:
+    cur = [0]
+    for j, y in enumerate(b, 1):
+      cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+    prev = cur
+  return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+  """ROUGE-L F-measure (beta 1) between two texts, in [0, 1]."""
+  pred, ref = rouge_tokenize(prediction), rouge_tokenize(reference)
+  lcs = _lcs_length(pred, ref)
+  if lcs == 0:
+    return 0.0
+  precision, recall = lcs / len(pred), lcs / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def superni_metrics(predictions: Sequence[str],
+                    references: Sequence[Sequence[str]]) -> dict[str, float]:
+  """SuperNI exact match and ROUGE-L, each the max over an example's
+  references, averaged and scaled to 0-100 as the SuperNI script reports."""
+  if len(predictions) != len(references):
+    raise ValueError(f"{len(predictions)} predictions for "
+                     f"{len(references)} reference lists")
+  if not predictions:
+    return {"exact_match": 0.0, "rougeL": 0.0}
+  em, rl = [], []
+  for pred, refs in zip(predictions, references):
+    if isinstance(refs, str):
+      refs = [refs]
+    em.append(max(float(normalize_answer(pred) == normalize_answer(r))
+                  for r in refs))
+    rl.append(max(rouge_l(pred, r) for r in refs))
+  return {"exact_match": 100.0 * float(np.mean(em)),
+          "rougeL": 100.0 * float(np.mean(rl))}
+
+
+def superni_evaluate(examples: Sequence[Example],
+                     generations: Sequence[str]) -> dict[str, float]:
+  """`superni_metrics` against each example's `references`."""
+  _check_lengths(examples, generations)
+  return superni_metrics(generations, [e.references for e in examples])
+
+
+# --- statistics --------------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95
+                    ) -> tuple[float, float]:
+  """Wilson score interval for a binomial proportion (e.g. an accuracy)."""
+  if n <= 0:
+    raise ValueError(f"wilson_interval needs n > 0, got {n}")
+  if not 0 <= successes <= n:
+    raise ValueError(f"successes {successes} not in [0, {n}]")
+  z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+  p = successes / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
+                       num_resamples: int = 2000, seed: int = 0,
+                       statistic: Callable[[np.ndarray], float] = np.mean
+                       ) -> tuple[float, float]:
+  """Percentile bootstrap interval of `statistic` over per-example values."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    raise ValueError("bootstrap_interval needs at least one value")
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, len(values), size=(num_resamples, len(values)))
+  if statistic is np.mean:
+    stats = values[idx].mean(axis=1)  # Vectorised: the common case.
+  else:
+    stats = np.array([statistic(values[i]) for i in idx])
+  alpha = (1 - confidence) / 2
+  lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+  return float(lo), float(hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemarResult:
+  """Exact McNemar test of two classifiers on the same examples.
+
+  Attributes:
+    only_a: Examples A gets right and B wrong.
+    only_b: Examples B gets right and A wrong.
+    p_value: Two-sided exact (binomial) p-value of "A and B are equally
+      accurate".
+  """
+
+  only_a: int
+  only_b: int
+  p_value: float
+
+
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]
+                  ) -> McNemarResult:
+  """McNemar's exact paired test on per-example correctness of two runs."""
+  a = np.asarray(correct_a, bool)
+  b = np.asarray(correct_b, bool)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(
+        f"mcnemar_exact needs two equal-length vectors, got {a.shape} and "
+        f"{b.shape}")
+  only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+  n = only_a + only_b
+  if n == 0:
+    return McNemarResult(0, 0, 1.0)
+  # Exact integer tail sum: no scipy, no float cancellation.
+  tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+  return McNemarResult(only_a, only_b, min(1.0, 2 * tail / 2**n))
+
+
+def _check_lengths(examples: Sequence[Example], outputs: Sequence) -> None:
+  if len(examples) != len(outputs):
+    raise ValueError(
+        f"{len(outputs)} generations for {len(examples)} examples")
