@@ -41,6 +41,9 @@ class LoRAWeights(nnx.Module):
                                 eager_sharding=False)
     self.scale = scale
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    # True once models.lora.merge_lora has folded scale * a @ b into the
+    # kernel; the projection then skips the adapter so it is not added twice.
+    self.merged = False
 
 
 class Projection(nnx.Module):
@@ -93,7 +96,7 @@ class Projection(nnx.Module):
     y = self._contract(x, self.kernel[...].astype(self.dtype), n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    if self.lora is not None:
+    if self.lora is not None and not self.lora.merged:
       xa = self.lora.dropout(x) if self.lora.dropout is not None else x
       h = self._contract(xa, self.lora.lora_a[...].astype(self.dtype), n_in)
       y = y + self.lora.scale * self._contract(
