@@ -1,0 +1,598 @@
+"""Loading Gemma weights: Hugging Face layout directories and GGUF files.
+
+`from_pretrained(path)` returns a ready `Gemma` module from
+  * a directory with ``config.json`` and ``model.safetensors`` (or shards
+    listed in ``model.safetensors.index.json``), PyTorch names and [out, in]
+    orientation, as published on the Hugging Face hub; or
+  * a llama.cpp ``.gguf`` file (architectures gemma, gemma2, gemma3), any
+    quantization `gguf.quants.dequantize` understands.
+`save_pretrained(model, directory)` writes the Hugging Face layout back.
+
+Safetensors are read and written with a small numpy reader rather than the
+`safetensors` package because real Gemma checkpoints are bfloat16, which the
+package's numpy backend refuses; the format is a JSON header and raw bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import struct
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
+from models.gemma.model import Gemma
+
+# ----------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64),
+    'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8),
+    'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+  """(header dict, offset of the data section) of a .safetensors file."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError('file shorter than the 8-byte header length')
+      (n,) = struct.unpack('<Q', raw)
+      size = os.path.getsize(path)
+      if n > size - 8:
+        raise ValueError(f'header length {n} exceeds the file size {size}')
+      header = json.loads(f.read(n))
+      if not isinstance(header, dict):
+        raise ValueError('header is not a JSON object')
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path}: safetensors file not found.') from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not a valid safetensors file ({e}).') from None
+  header.pop('__metadata__', None)
+  return header, 8 + n
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """name -> array (memory-mapped, read-only) of a .safetensors file."""
+  header, start = read_safetensors_header(path)
+  data = np.memmap(path, dtype=np.uint8, mode='r')
+  out = {}
+  for name, info in header.items():
+    try:
+      dtype = _ST_DTYPES[info['dtype']]
+      shape = tuple(info['shape'])
+      begin, end = info['data_offsets']
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(
+          f'{path}: malformed safetensors entry for {name!r}: {info!r}.') from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != count * dtype.itemsize or start + end > data.size:
+      raise ValueError(
+          f'{path}: tensor {name!r} byte range {begin}..{end} does not hold '
+          f'{info["dtype"]}{list(shape)}.')
+    out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
+  return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes name -> array as a .safetensors file (little-endian, C order)."""
+  header, offset, arrays = {}, 0, []
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in _ST_NAMES:
+      raise ValueError(f'{path}: cannot store tensor {name!r} of dtype {a.dtype}.')
+    header[name] = {'dtype': _ST_NAMES[a.dtype], 'shape': list(a.shape),
+                    'data_offsets': [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  header['__metadata__'] = dict(metadata or {'format': 'pt'})
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the data section starts 8-byte aligned
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face config.json
+# ----------------------------------------------------------------------------
+
+_MODEL_TYPES = {'gemma': 1, 'gemma2': 2, 'gemma3_text': 3, 'gemma3': 3}
+_HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
+
+
+def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
+  """A `GemmaConfig` from a Hugging Face config dict (Gemma 1/2/3)."""
+  if not isinstance(d, dict):
+    raise ValueError(f'{source}: expected a JSON object, got {type(d).__name__}.')
+  if isinstance(d.get('text_config'), dict):  # Gemma 3 4B+ multimodal configs
+    d = {**d, **d['text_config'], 'model_type': d['text_config'].get(
+        'model_type', d.get('model_type'))}
+  model_type = d.get('model_type')
+  if model_type not in _MODEL_TYPES:
+    raise ValueError(
+        f'{source}: model_type {model_type!r} is not a Gemma text model '
+        f'(expected one of {", ".join(_MODEL_TYPES)}).')
+  family = _MODEL_TYPES[model_type]
+
+  def req(key):
+    if key not in d:
+      raise ValueError(f'{source}: missing required key {key!r} for {model_type}.')
+    return d[key]
+
+  width = int(req('hidden_size'))
+  num_heads = int(req('num_attention_heads'))
+  num_layers = int(req('num_hidden_layers'))
+  if 'layer_types' in d:
+    try:
+      types = [_HF_LAYER_TYPES[t] for t in d['layer_types']]
+    except KeyError as e:
+      raise ValueError(f'{source}: unknown layer type {e.args[0]!r} in layer_types.') from None
+    pattern = compress_pattern(types)
+  elif family == 2:
+    pattern = (LOCAL, GLOBAL)
+  elif family == 3:
+    p = int(d.get('sliding_window_pattern', 6))
+    pattern = (LOCAL,) * (p - 1) + (GLOBAL,)
+  else:
+    pattern = (GLOBAL,)
+  rope_theta = float(d.get('rope_theta', 1e6 if family == 3 else 1e4))
+  scale_global = 1.0
+  scaling = d.get('rope_scaling')
+  if scaling:
+    kind = scaling.get('rope_type', scaling.get('type'))
+    if kind not in ('linear', 'default'):
+      raise ValueError(f'{source}: rope_scaling type {kind!r} is not supported '
+                       '(expected linear).')
+    scale_global = float(scaling.get('factor', 1.0)) if kind == 'linear' else 1.0
+  window = d.get('sliding_window') if LOCAL in pattern else None
+  try:
+    return GemmaConfig(
+        family=family,
+        vocab_size=int(req('vocab_size')),
+        width=width,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(d.get('num_key_value_heads', num_heads)),
+        head_dim=int(d.get('head_dim', width // num_heads)),
+        mlp_dim=int(req('intermediate_size')),
+        norm_eps=float(d.get('rms_norm_eps', 1e-6)),
+        query_pre_attn_scalar=(float(d['query_pre_attn_scalar'])
+                               if d.get('query_pre_attn_scalar') else None),
+        attn_logit_softcap=d.get('attn_logit_softcapping'),
+        final_logit_softcap=d.get('final_logit_softcapping'),
+        attention_pattern=pattern,
+        sliding_window=int(window) if window else None,
+        rope_base_global=rope_theta,
+        rope_base_local=float(d.get('rope_local_base_freq', rope_theta)),
+        rope_scale_global=scale_global,
+        rope_scale_local=float(d.get('rope_local_scaling_factor', 1.0)),
+        use_post_norms=family >= 2,
+        use_qk_norm=family == 3,
+        max_seq_len=int(d.get('max_position_embeddings', 8192)),
+    )
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{source}: invalid Gemma config ({e}).') from None
+
+
+def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
+  """The Hugging Face config dict of a `GemmaConfig` (inverse of config_from_hf)."""
+  model_type = {1: 'gemma', 2: 'gemma2', 3: 'gemma3_text'}[c.family]
+  arch = {1: 'GemmaForCausalLM', 2: 'Gemma2ForCausalLM',
+          3: 'Gemma3ForCausalLM'}[c.family]
+  d = {
+      'architectures': [arch], 'model_type': model_type,
+      'vocab_size': c.vocab_size, 'hidden_size': c.width,
+      'intermediate_size': c.mlp_dim, 'num_hidden_layers': c.num_layers,
+      'num_attention_heads': c.num_heads,
+      'num_key_value_heads': c.num_kv_heads, 'head_dim': c.head_dim,
+      'rms_norm_eps': c.norm_eps, 'rope_theta': c.rope_base_global,
+      'max_position_embeddings': c.max_seq_len,
+      'hidden_activation': 'gelu_pytorch_tanh',
+      'tie_word_embeddings': True, 'pad_token_id': 0, 'eos_token_id': 1,
+      'bos_token_id': 2, 'torch_dtype': torch_dtype,
+      'layer_types': [{LOCAL: 'sliding_attention', GLOBAL: 'full_attention'}[t]
+                      for t in c.layer_types],
+  }
+  if c.query_pre_attn_scalar is not None:
+    d['query_pre_attn_scalar'] = c.query_pre_attn_scalar
+  if c.family >= 2:
+    d['attn_logit_softcapping'] = c.attn_logit_softcap
+    d['final_logit_softcapping'] = c.final_logit_softcap
+  if c.sliding_window is not None:
+    d['sliding_window'] = c.sliding_window
+  if c.family == 3:
+    d['rope_local_base_freq'] = c.rope_base_local
+    d['sliding_window_pattern'] = len(c.attention_pattern)
+  if c.rope_scale_global != 1.0:
+    d['rope_scaling'] = {'rope_type': 'linear', 'factor': c.rope_scale_global}
+  if c.rope_scale_local != 1.0:  # not a Hugging Face key; kept for round trips
+    d['rope_local_scaling_factor'] = c.rope_scale_local
+  return d
+
+
+def read_hf_config(directory: str) -> GemmaConfig:
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: config.json not found (expected a Hugging '
+                            'Face model directory).')
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: malformed JSON ({e}).') from None
+  return config_from_hf(d, path)
+
+
+# ----------------------------------------------------------------------------
+# Parameter table: our module paths <-> Hugging Face tensor names
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  path: tuple            # path of the nnx.Param inside Gemma
+  hf_name: str           # PyTorch-style tensor name
+  hf_shape: tuple        # shape in the HF file
+  to_ours: Callable      # HF array -> our kernel layout
+  to_hf: Callable        # our kernel -> HF array
+  is_norm: bool = False
+
+
+def _param_table(c: GemmaConfig) -> list[_Entry]:
+  d, n, k, h, f = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+  ident = lambda a: a
+  t = lambda a: a.T
+  # q: HF [N*H, D] -> ours (D, N, H); k/v likewise with K heads.
+  in_heads = lambda heads: (
+      lambda a: a.reshape(heads, h, d).transpose(2, 0, 1),
+      lambda a: a.transpose(1, 2, 0).reshape(heads * h, d))
+  # o: HF [D, N*H] -> ours (N, H, D).
+  o_ours = lambda a: a.T.reshape(n, h, d)
+  o_hf = lambda a: a.reshape(n * h, d).T
+  entries = [
+      _Entry(('embedding',), 'model.embed_tokens.weight', (c.vocab_size, d),
+             ident, ident),
+      _Entry(('final_norm', 'scale'), 'model.norm.weight', (d,), ident, ident,
+             True),
+  ]
+  for i in range(c.num_layers):
+    p = f'model.layers.{i}.'
+    lp = ('layers', i)
+    norm = lambda ours, hf, dim=d: _Entry(lp + (ours, 'scale'), p + hf, (dim,),
+                                          ident, ident, True)
+    entries += [
+        norm('pre_attn_norm', 'input_layernorm.weight'),
+        _Entry(lp + ('attn', 'q', 'kernel'), p + 'self_attn.q_proj.weight',
+               (n * h, d), *in_heads(n)),
+        _Entry(lp + ('attn', 'k', 'kernel'), p + 'self_attn.k_proj.weight',
+               (k * h, d), *in_heads(k)),
+        _Entry(lp + ('attn', 'v', 'kernel'), p + 'self_attn.v_proj.weight',
+               (k * h, d), *in_heads(k)),
+        _Entry(lp + ('attn', 'o', 'kernel'), p + 'self_attn.o_proj.weight',
+               (d, n * h), o_ours, o_hf),
+        _Entry(lp + ('mlp', 'gate', 'kernel'), p + 'mlp.gate_proj.weight',
+               (f, d), t, t),
+        _Entry(lp + ('mlp', 'up', 'kernel'), p + 'mlp.up_proj.weight',
+               (f, d), t, t),
+        _Entry(lp + ('mlp', 'down', 'kernel'), p + 'mlp.down_proj.weight',
+               (d, f), t, t),
+    ]
+    if c.use_post_norms:
+      entries += [
+          norm('post_attn_norm', 'post_attention_layernorm.weight'),
+          norm('pre_ffw_norm', 'pre_feedforward_layernorm.weight'),
+          norm('post_ffw_norm', 'post_feedforward_layernorm.weight'),
+      ]
+    else:  # Gemma 1 names its pre-MLP norm post_attention_layernorm.
+      entries.append(norm('pre_ffw_norm', 'post_attention_layernorm.weight'))
+    if c.use_qk_norm:
+      entries += [
+          _Entry(lp + ('attn', 'q_norm', 'scale'), p + 'self_attn.q_norm.weight',
+                 (h,), ident, ident, True),
+          _Entry(lp + ('attn', 'k_norm', 'scale'), p + 'self_attn.k_norm.weight',
+                 (h,), ident, ident, True),
+      ]
+  return entries
+
+
+def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
+  node = model
+  for p in path:
+    node = node[p] if isinstance(p, int) else getattr(node, p)
+  return node
+
+
+def build_model(config: GemmaConfig, get_tensor: Callable[[_Entry], np.ndarray],
+                *, dtype=jnp.float32, param_dtype=jnp.float32) -> Gemma:
+  """A Gemma whose params come from ``get_tensor(entry)`` (HF layout arrays).
+
+  The module is built abstractly (`nnx.eval_shape`) so no random weights are
+  drawn for a model that is about to be overwritten.
+  """
+  model = nnx.eval_shape(lambda: Gemma(config, dtype=dtype,
+                                       param_dtype=param_dtype,
+                                       rngs=nnx.Rngs(0)))
+  for e in _param_table(config):
+    var = _get_var(model, e.path)
+    arr = np.asarray(e.to_ours(get_tensor(e)))
+    var.value = jnp.asarray(arr, dtype=param_dtype)
+  return model
+
+
+# Prefixes under which multimodal / wrapped checkpoints keep the text model.
+_HF_PREFIXES = ('', 'language_model.', 'model.language_model.')
+
+
+def _resolve_name(name: str, available) -> str | None:
+  for prefix in _HF_PREFIXES:
+    cand = prefix + name
+    if prefix == 'model.language_model.':
+      cand = 'model.language_model.' + name.removeprefix('model.')
+    if cand in available:
+      return cand
+  return None
+
+
+def _safetensors_files(directory: str) -> list[str]:
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  single = os.path.join(directory, 'model.safetensors')
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+      files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f'{index}: malformed safetensors index (expected a '
+                       f'"weight_map" object; {e!r}).') from None
+    return [os.path.join(directory, fn) for fn in files]
+  if os.path.isfile(single):
+    return [single]
+  raise FileNotFoundError(
+      f'{directory}: no model.safetensors or model.safetensors.index.json found.')
+
+
+def load_hf(directory: str, *, dtype=jnp.float32,
+            param_dtype=jnp.float32) -> Gemma:
+  """A Gemma from a Hugging Face layout directory."""
+  config = read_hf_config(directory)
+  tensors: dict[str, np.ndarray] = {}
+  where: dict[str, str] = {}
+  for fn in _safetensors_files(directory):
+    for name, arr in read_safetensors(fn).items():
+      tensors[name] = arr
+      where[name] = fn
+  files = ', '.join(sorted({os.path.basename(w) for w in where.values()})) or (
+      'the safetensors files')
+
+  def get(e: _Entry) -> np.ndarray:
+    name = _resolve_name(e.hf_name, tensors)
+    if name is None:
+      raise ValueError(f'{os.path.join(directory, files)}: missing tensor '
+                       f'{e.hf_name!r} (expected shape {list(e.hf_shape)}).')
+    arr = tensors[name]
+    if tuple(arr.shape) != e.hf_shape:
+      raise ValueError(
+          f'{where[name]}: tensor {name!r} has shape {list(arr.shape)}, '
+          f'expected {list(e.hf_shape)} for this config.json.')
+    return arr
+
+  return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_pretrained(model: Gemma, directory: str) -> None:
+  """Writes ``config.json`` and ``model.safetensors`` in the HF layout.
+
+  LoRA adapters attached to projections are not included (merge them first,
+  or export them in PEFT format with `models.lora`).
+  """
+  os.makedirs(directory, exist_ok=True)
+  c = model.config
+  tensors = {}
+  dtypes = set()
+  for e in _param_table(c):
+    arr = np.asarray(jax.device_get(_get_var(model, e.path).value))
+    tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
+    dtypes.add(arr.dtype)
+  torch_dtype = {np.dtype(np.float32): 'float32',
+                 np.dtype(ml_dtypes.bfloat16): 'bfloat16',
+                 np.dtype(np.float16): 'float16'}.get(
+                     dtypes.pop() if len(dtypes) == 1 else None, 'float32')
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(config_to_hf(c, torch_dtype), f, indent=2)
+  write_safetensors(os.path.join(directory, 'model.safetensors'), tensors)
+
+
+# ----------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------
+
+_GGUF_ARCHS = {'gemma': 1, 'gemma2': 2, 'gemma3': 3}
+# llama.cpp tensor names (the suffix after blk.N.) for each HF layer name.
+_GGUF_LAYER_NAMES = {
+    'input_layernorm.weight': 'attn_norm.weight',
+    'self_attn.q_proj.weight': 'attn_q.weight',
+    'self_attn.k_proj.weight': 'attn_k.weight',
+    'self_attn.v_proj.weight': 'attn_v.weight',
+    'self_attn.o_proj.weight': 'attn_output.weight',
+    'self_attn.q_norm.weight': 'attn_q_norm.weight',
+    'self_attn.k_norm.weight': 'attn_k_norm.weight',
+    'mlp.gate_proj.weight': 'ffn_gate.weight',
+    'mlp.up_proj.weight': 'ffn_up.weight',
+    'mlp.down_proj.weight': 'ffn_down.weight',
+    'post_feedforward_layernorm.weight': 'post_ffw_norm.weight',
+    'pre_feedforward_layernorm.weight': 'ffn_norm.weight',
+}
+
+
+def gguf_name(hf_name: str, family: int) -> str:
+  """llama.cpp's tensor name of a Hugging Face Gemma tensor name."""
+  if hf_name == 'model.embed_tokens.weight':
+    return 'token_embd.weight'
+  if hf_name == 'model.norm.weight':
+    return 'output_norm.weight'
+  _, _, i, rest = hf_name.split('.', 3)
+  if rest == 'post_attention_layernorm.weight':
+    # Gemma 1's post_attention_layernorm is its pre-MLP norm.
+    rest_g = 'post_attention_norm.weight' if family >= 2 else 'ffn_norm.weight'
+  else:
+    rest_g = _GGUF_LAYER_NAMES[rest]
+  return f'blk.{i}.{rest_g}'
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, mtime: float):
+  import gguf  # pylint: disable=g-import-not-at-top
+  del mtime  # part of the cache key only
+  try:
+    return gguf.GGUFReader(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path}: GGUF file not found.') from None
+  except Exception as e:  # the reader raises ValueError, struct.error, ...
+    raise ValueError(f'{path}: not a readable GGUF file ({e}).') from None
+
+
+def gguf_reader(path: str):
+  """A (cached) `gguf.GGUFReader`: parsing a 262k vocabulary takes seconds."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: GGUF file not found.')
+  return _gguf_reader(os.path.abspath(path), os.path.getmtime(path))
+
+
+def gguf_field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader, source: str) -> GemmaConfig:
+  arch = gguf_field(reader, 'general.architecture')
+  if arch not in _GGUF_ARCHS:
+    raise ValueError(
+        f'{source}: GGUF architecture is {arch!r}; expected a Gemma model '
+        f'({", ".join(_GGUF_ARCHS)}).')
+  family = _GGUF_ARCHS[arch]
+
+  def req(key):
+    v = gguf_field(reader, f'{arch}.{key}')
+    if v is None:
+      raise ValueError(f'{source}: missing GGUF metadata {arch}.{key}.')
+    return v
+
+  emb = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
+  if emb is None:
+    raise ValueError(f'{source}: missing tensor token_embd.weight.')
+  vocab_size = int(emb.shape[-1])  # ggml shapes are [in, out]
+  width = int(req('embedding_length'))
+  num_heads = int(req('attention.head_count'))
+  num_layers = int(req('block_count'))
+  head_dim = int(gguf_field(reader, f'{arch}.attention.key_length',
+                            width // num_heads))
+  window = gguf_field(reader, f'{arch}.attention.sliding_window')
+  pattern = {1: (GLOBAL,), 2: (LOCAL, GLOBAL),
+             3: (LOCAL,) * 5 + (GLOBAL,)}[family]
+  # llama.cpp scales queries by head_dim^-0.5 except for the 27B models,
+  # which use (width / heads)^-0.5 like their query_pre_attn_scalar.
+  qpas = None
+  if (family, num_layers) in ((2, 46), (3, 62)):
+    qpas = float(width // num_heads)
+  scale = 1.0
+  if gguf_field(reader, f'{arch}.rope.scaling.type') == 'linear':
+    scale = float(gguf_field(reader, f'{arch}.rope.scaling.factor', 1.0))
+  base = float(gguf_field(reader, f'{arch}.rope.freq_base',
+                          1e6 if family == 3 else 1e4))
+  return GemmaConfig(
+      family=family, vocab_size=vocab_size, width=width,
+      num_layers=num_layers, num_heads=num_heads,
+      num_kv_heads=int(gguf_field(reader, f'{arch}.attention.head_count_kv',
+                                  num_heads)),
+      head_dim=head_dim, mlp_dim=int(req('feed_forward_length')),
+      norm_eps=float(gguf_field(reader,
+                                f'{arch}.attention.layer_norm_rms_epsilon',
+                                1e-6)),
+      query_pre_attn_scalar=qpas,
+      attn_logit_softcap=gguf_field(reader, f'{arch}.attn_logit_softcapping'),
+      final_logit_softcap=gguf_field(reader, f'{arch}.final_logit_softcapping'),
+      attention_pattern=pattern,
+      sliding_window=(int(window) if window else
+                      (4096 if family == 2 else 512 if family == 3 else None)),
+      rope_base_global=base,
+      rope_base_local=10_000.0 if family == 3 else base,
+      rope_scale_global=scale,
+      use_post_norms=family >= 2, use_qk_norm=family == 3,
+      max_seq_len=int(gguf_field(reader, f'{arch}.context_length', 8192)))
+
+
+def load_gguf(path: str, *, dtype=jnp.float32,
+              param_dtype=jnp.float32) -> Gemma:
+  """A Gemma from a llama.cpp GGUF file, dequantized to ``param_dtype``."""
+  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+  reader = gguf_reader(path)
+  config = config_from_gguf(reader, path)
+  by_name = {t.name: t for t in reader.tensors}
+
+  def get(e: _Entry) -> np.ndarray:
+    name = gguf_name(e.hf_name, config.family)
+    t = by_name.get(name)
+    if t is None:
+      raise ValueError(f'{path}: missing tensor {name!r} '
+                       f'(expected shape {list(e.hf_shape)[::-1]} in ggml order).')
+    arr = dequantize(t.data, t.tensor_type)  # [out, in], numpy order
+    if tuple(arr.shape) != e.hf_shape:
+      raise ValueError(f'{path}: tensor {name!r} dequantizes to shape '
+                       f'{list(arr.shape)}, expected {list(e.hf_shape)}.')
+    if e.is_norm:
+      # llama.cpp's converter stores Gemma's norm gains as (1 + w); our
+      # RMSNorm adds the 1 itself.
+      arr = arr.astype(np.float32) - 1.0
+    return arr
+
+  return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
+
+
+def from_pretrained(path: str, *, dtype=jnp.float32,
+                    param_dtype=jnp.float32) -> Gemma:
+  """A ready `Gemma` from a Hugging Face directory or a ``.gguf`` file.
+
+  Args:
+    path: a directory with config.json + model.safetensors (or a sharded
+      model.safetensors.index.json), or a .gguf file.
+    dtype: compute dtype (jnp.float32 or jnp.bfloat16).
+    param_dtype: storage dtype of the loaded weights.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return load_hf(path, dtype=dtype, param_dtype=param_dtype)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such checkpoint (expected a Hugging '
+                            'Face directory or a .gguf file).')
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic == b'GGUF' or path.endswith('.gguf'):
+    return load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+  raise ValueError(f'{path}: not a Hugging Face directory or a GGUF file '
+                   f'(starts with {magic!r}).')
+
+
+def iter_named_params(model: Gemma) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF tensor name, HF-layout array) of every base parameter."""
+  for e in _param_table(model.config):
+    yield e.hf_name, e.to_hf(np.asarray(_get_var(model, e.path).value))

@@ -1,0 +1,183 @@
+"""Greedy and sampled generation with a KV cache.
+
+The whole generation (prefill, then one token per step in a
+``lax.while_loop``) is a single jitted function, so a step costs no Python
+dispatch; prompts are left-padded to a multiple of ``pad_multiple`` so
+prompts of similar length share one compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.gemma.model import Gemma, init_cache
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
+                  top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+  """Next tokens [B] from float logits [B, V].
+
+  ``temperature == 0`` is greedy (argmax). Otherwise logits are divided by
+  the temperature and restricted to the ``top_k`` most likely tokens and to
+  the smallest set whose probability reaches ``top_p`` (nucleus).
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass before it is below top_p (the top token
+    # is always kept).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf),
+                     axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+  tokens: list[list[int]]           # generated ids per prompt (eos excluded)
+  text: list[str] | None            # decoded, when a tokenizer was given
+  logits: np.ndarray | None = None  # [B, steps, V] when return_logits
+
+
+def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
+              cache_size, temperature, top_k, top_p, eos_id, pad_id,
+              return_logits):
+  model: Gemma = nnx.merge(graphdef, state)
+  b, p = tokens.shape
+  cache = init_cache(model.config, b, cache_size, model.dtype)
+  # Prompts are left-padded, so every row's last prompt token is at p - 1.
+  logits, cache = model(tokens, attention_mask=mask, cache=cache,
+                        logits_positions=jnp.array([p - 1]))
+  logits = logits[:, -1]
+  vocab = logits.shape[-1]
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  out_logits = jnp.zeros((b, max_new_tokens if return_logits else 0, vocab),
+                         jnp.float32)
+
+  def cond(carry):
+    i, _, _, _, done, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, logits, key, done, out, out_logits = carry
+    key, sub = jax.random.split(key)
+    tok = sample_logits(logits, sub, temperature=temperature, top_k=top_k,
+                        top_p=top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, i].set(tok)
+    if return_logits:
+      out_logits = out_logits.at[:, i].set(logits)
+    if eos_id is not None:
+      done = done | (tok == eos_id)
+    logits, cache = model(tok[:, None], cache=cache)
+    return i + 1, cache, logits[:, -1], key, done, out, out_logits
+
+  carry = (jnp.zeros((), jnp.int32), cache, logits, key,
+           jnp.zeros((b,), bool), out, out_logits)
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry[0], carry[5], carry[6]
+
+
+class Sampler:
+  """Generates continuations of prompts with a `Gemma` model.
+
+  Args:
+    model: the model (its current weights are used at each call; attach
+      LoRA before building the sampler).
+    tokenizer: optional `models.gemma.tokenizer.Tokenizer` so prompts may be
+      strings and outputs come back as text.
+    pad_multiple: prompts are left-padded to a multiple of this length to
+      limit recompilation.
+  """
+
+  def __init__(self, model: Gemma, tokenizer=None, *, pad_multiple: int = 16):
+    self.graphdef, self.state = nnx.split(model)
+    self.config = model.config
+    self.tokenizer = tokenizer
+    self.pad_multiple = pad_multiple
+    self._fn = jax.jit(
+        functools.partial(_generate, graphdef=self.graphdef),
+        static_argnames=('max_new_tokens', 'cache_size', 'temperature',
+                         'top_k', 'top_p', 'eos_id', 'pad_id',
+                         'return_logits'))
+
+  def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str,
+               max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0, stop_at_eos: bool = True,
+               return_logits: bool = False) -> SamplerOutput:
+    """Generates up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+      prompts: strings (needs a tokenizer; bos is prepended) or lists of ids.
+      max_new_tokens: number of tokens to generate.
+      temperature: 0 for greedy decoding, else the sampling temperature.
+      top_k, top_p: optional top-k / nucleus restriction when sampling.
+      seed: PRNG seed for sampling.
+      stop_at_eos: stop a row at the tokenizer's eos (default id 1).
+      return_logits: also return the float32 logits each token was chosen
+        from, [B, steps, V].
+    """
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+    ids = []
+    for pr in prompts:
+      if isinstance(pr, str):
+        if self.tokenizer is None:
+          raise ValueError('Sampler got a text prompt but no tokenizer.')
+        ids.append(self.tokenizer.encode(pr))
+      else:
+        ids.append([int(t) for t in pr])
+    if not ids or min(len(x) for x in ids) == 0:
+      raise ValueError('Sampler prompts must be non-empty.')
+    pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
+    eos_id = self.tokenizer.eos_id if self.tokenizer is not None else 1
+    longest = max(len(x) for x in ids)
+    p = -(-longest // self.pad_multiple) * self.pad_multiple
+    tokens = np.full((len(ids), p), pad_id, np.int32)
+    mask = np.zeros((len(ids), p), bool)
+    for r, x in enumerate(ids):
+      tokens[r, p - len(x):] = x
+      mask[r, p - len(x):] = True
+    steps, out, logits = self._fn(
+        self.state, jnp.asarray(tokens), jnp.asarray(mask),
+        jax.random.key(seed), max_new_tokens=max_new_tokens,
+        cache_size=p + max_new_tokens, temperature=float(temperature),
+        top_k=top_k, top_p=top_p, eos_id=eos_id if stop_at_eos else None,
+        pad_id=pad_id, return_logits=return_logits)
+    steps = int(steps)
+    out = np.asarray(out)[:, :steps]
+    result = []
+    for row in out:
+      row = row.tolist()
+      if stop_at_eos and eos_id in row:
+        row = row[:row.index(eos_id)]
+      result.append(row)
+    text = ([self.tokenizer.decode(r) for r in result]
+            if self.tokenizer is not None else None)
+    return SamplerOutput(tokens=result, text=text,
+                         logits=np.asarray(logits)[:, :steps] if return_logits
+                         else None)
+
+
+def generate(model: Gemma, prompts, max_new_tokens: int, *, tokenizer=None,
+             **kw) -> SamplerOutput:
+  """One-off `Sampler(model, tokenizer)(prompts, max_new_tokens, **kw)`."""
+  return Sampler(model, tokenizer)(prompts, max_new_tokens, **kw)

@@ -1,0 +1,174 @@
+"""Gemma tokenizer: SentencePiece, from a ``tokenizer.model`` or a GGUF file.
+
+A GGUF file carries the SentencePiece vocabulary as metadata
+(``tokenizer.ggml.tokens`` / ``scores`` / ``token_type``); we rebuild the
+``ModelProto`` from it in memory (Gemma's is a byte-fallback BPE model with
+no whitespace normalisation), so the same `sentencepiece` encoder runs either
+way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+
+class Tokenizer:
+  """Text <-> Gemma token ids.
+
+  Args:
+    processor: a loaded `sentencepiece.SentencePieceProcessor`.
+    add_bos: prepend ``bos_id`` in `encode` by default (Gemma expects it).
+  """
+
+  def __init__(self, processor: spm.SentencePieceProcessor, *,
+               add_bos: bool = True):
+    self.sp = processor
+    self.add_bos = add_bos
+
+  @property
+  def bos_id(self) -> int:
+    return self.sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self.sp.pad_id()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  def encode(self, text: str, *, add_bos: bool | None = None,
+             add_eos: bool = False) -> list[int]:
+    ids = list(self.sp.encode(text))
+    if self.add_bos if add_bos is None else add_bos:
+      ids = [self.bos_id] + ids
+    if add_eos:
+      ids = ids + [self.eos_id]
+    return ids
+
+  def decode(self, ids) -> str:
+    """Text of ``ids``; control tokens (bos, eos, pad) are dropped."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self.sp.decode(ids)
+
+  def id_to_piece(self, i: int) -> str:
+    return self.sp.id_to_piece(int(i))
+
+  def piece_to_id(self, piece: str) -> int:
+    return self.sp.piece_to_id(piece)
+
+  # -- constructors ----------------------------------------------------------
+
+  @classmethod
+  def from_model_file(cls, path: str, **kw) -> 'Tokenizer':
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: SentencePiece model not found.')
+    sp = spm.SentencePieceProcessor()
+    try:
+      sp.load(path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f'{path}: not a SentencePiece model ({e}).') from None
+    return cls(sp, **kw)
+
+  @classmethod
+  def from_gguf(cls, path: str, **kw) -> 'Tokenizer':
+    from models.gemma.load import gguf_field, gguf_reader  # pylint: disable=g-import-not-at-top
+    reader = gguf_reader(path)
+    kind = gguf_field(reader, 'tokenizer.ggml.model')
+    if kind != 'llama':  # llama.cpp's name for SentencePiece vocabularies
+      raise ValueError(f'{path}: GGUF tokenizer model is {kind!r}; expected a '
+                       "SentencePiece ('llama') vocabulary.")
+    proto = _proto_from_gguf(reader, path)
+    sp = spm.SentencePieceProcessor()
+    sp.load_from_serialized_proto(proto.SerializeToString())
+    add_bos = gguf_field(reader, 'tokenizer.ggml.add_bos_token', True)
+    kw.setdefault('add_bos', bool(add_bos))
+    return cls(sp, **kw)
+
+
+def _string_array(reader, key: str, path: str) -> list:
+  field = reader.fields.get(key)
+  if field is None:
+    raise ValueError(f'{path}: missing GGUF metadata {key}.')
+  return field
+
+
+def _proto_from_gguf(reader, path: str) -> spm_pb2.ModelProto:
+  """A SentencePiece BPE ModelProto with the GGUF vocabulary."""
+  from models.gemma.load import gguf_field  # pylint: disable=g-import-not-at-top
+  tokens = _string_array(reader, 'tokenizer.ggml.tokens', path)
+  scores = _string_array(reader, 'tokenizer.ggml.scores', path)
+  types = _string_array(reader, 'tokenizer.ggml.token_type', path)
+  n = len(tokens.data)
+  if len(scores.data) != n or len(types.data) != n:
+    raise ValueError(f'{path}: GGUF tokenizer arrays differ in length '
+                     f'({n} tokens, {len(scores.data)} scores, '
+                     f'{len(types.data)} types).')
+  # Array elements live in field.parts at the indices field.data lists; the
+  # numeric arrays are contiguous, so gather them in one go.
+  score_arr = np.concatenate([scores.parts[i] for i in scores.data]).astype(np.float32)
+  type_arr = np.concatenate([types.parts[i] for i in types.data]).astype(np.int32)
+  unk_id = int(gguf_field(reader, 'tokenizer.ggml.unknown_token_id', 3))
+  bos_id = int(gguf_field(reader, 'tokenizer.ggml.bos_token_id', 2))
+  eos_id = int(gguf_field(reader, 'tokenizer.ggml.eos_token_id', 1))
+  pad_id = int(gguf_field(reader, 'tokenizer.ggml.padding_token_id', 0))
+  add_space = bool(gguf_field(reader, 'tokenizer.ggml.add_space_prefix', False))
+
+  proto = spm_pb2.ModelProto()
+  piece_type = spm_pb2.ModelProto.SentencePiece.Type
+  # llama.cpp token types use SentencePiece's numbering (1 normal, 2 unknown,
+  # 3 control, 4 user defined, 5 unused, 6 byte).
+  valid_types = {int(v) for v in piece_type.values()}
+  parts = tokens.parts
+  for i, (idx, score, ttype) in enumerate(zip(tokens.data, score_arr, type_arr)):
+    p = proto.pieces.add()
+    p.piece = bytes(parts[idx]).decode('utf-8', errors='replace')
+    p.score = float(score)
+    ttype = int(ttype)
+    if i == unk_id:  # SentencePiece needs exactly one UNKNOWN piece
+      ttype = piece_type.Value('UNKNOWN')
+    elif ttype == piece_type.Value('UNKNOWN') or ttype not in valid_types:
+      ttype = piece_type.Value('NORMAL')
+    p.type = ttype
+  ts = proto.trainer_spec
+  ts.model_type = spm_pb2.TrainerSpec.ModelType.Value('BPE')
+  ts.vocab_size = n
+  ts.byte_fallback = True
+  ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = unk_id, bos_id, eos_id, pad_id
+  # SentencePiece resolves the special ids through these piece strings.
+  ts.unk_piece = proto.pieces[unk_id].piece
+  ts.bos_piece = proto.pieces[bos_id].piece
+  ts.eos_piece = proto.pieces[eos_id].piece
+  ts.pad_piece = proto.pieces[pad_id].piece
+  ns = proto.normalizer_spec
+  ns.name = 'identity'
+  ns.add_dummy_prefix = add_space
+  ns.remove_extra_whitespaces = False
+  ns.escape_whitespaces = True
+  return proto
+
+
+def load_tokenizer(path: str, **kw) -> Tokenizer:
+  """A tokenizer from a ``tokenizer.model`` file, a directory holding one,
+  or a ``.gguf`` file."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    model = os.path.join(path, 'tokenizer.model')
+    if not os.path.isfile(model):
+      raise FileNotFoundError(f'{path}: no tokenizer.model in this directory.')
+    return Tokenizer.from_model_file(model, **kw)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: tokenizer file not found.')
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic == b'GGUF':
+    return Tokenizer.from_gguf(path, **kw)
+  return Tokenizer.from_model_file(path, **kw)
