@@ -1,0 +1,724 @@
+"""LoRA for any NNX model built from :class:`models.layers.Projection`.
+
+The wrapper works on module paths (``'layers.3.attn.q'``,
+``'decoder.layers.0.cross_attn.k'``) and never on a model class, so Gemma,
+T5 and anything else made of Projections share it:
+
+* :func:`apply_lora` attaches ``lora_a`` (in_shape + (r,)) / ``lora_b``
+  ((r,) + out_shape) ``nnx.LoRAParam`` pairs to the projections a target
+  selects, initialised with one of ``lora_rite_optax.init``'s schemes;
+* :data:`LORA_FILTER` selects them for ``nnx.Optimizer(model, tx,
+  wrt=LORA_FILTER)``; :func:`lora_params` returns them as the pure dict
+  ``lro.lora_rite`` consumes;
+* :func:`merge_lora` / :func:`unmerge_lora` fold them into the kernels and back;
+* :func:`save_peft_adapter` / :func:`load_peft_adapter` exchange them with
+  Hugging Face PEFT (``adapter_model.safetensors`` + ``adapter_config.json``),
+  through a per-model map from our module paths to Hugging Face module names
+  (:func:`t5_hf_name`, :func:`gemma_hf_name`).
+
+Target syntax: a target selects a projection when it equals the attribute
+name (``'q'``), that name without a numeric suffix (``'wi'`` selects T5's
+``wi_0`` and ``wi_1``), a dotted tail of the path (``'cross_attn.q'``), or
+when it full-matches such a tail as a regular expression
+(``r'layers\\.[0-3]\\..*'``) or as a glob (``'*.self_attn.*'``).
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import hf_io
+from models.layers import LoRAWeights, Projection
+
+# Select the adapter factors: nnx.Optimizer(model, tx, wrt=LORA_FILTER).
+LORA_FILTER = nnx.LoRAParam
+# The frozen rest of the parameters (LoRAParam subclasses Param).
+BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+INITS = ('standard', 'gaussian', 'pissa', 'lora_ga')
+# Gemma's projections; a model may define ``default_lora_targets`` instead.
+DEFAULT_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+ADAPTER_CONFIG = 'adapter_config.json'
+
+# What a name map returns for one module path: the Hugging Face module name,
+# or for a fused projection the parts it splits into, each
+# (name, start, stop) along the flattened output axis; None: no HF module.
+HFName = Union[str, Sequence[tuple[str, int, int]], None]
+NameMap = Callable[[str], HFName]
+
+
+class LoRAInitial(nnx.Variable):
+  """Frozen copy of a PiSSA / LoRA-GA adapter's initial factors.
+
+  Those inits move ``scale * A0 @ B0`` out of the base kernel; PEFT export
+  needs A0, B0 to express the adapter against the original checkpoint.
+  """
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _natural_key(path: str):
+  return [(0, int(p), '') if p.isdigit() else (1, 0, p) for p in path.split('.')]
+
+
+def projections(model: nnx.Module) -> dict[str, Projection]:
+  """Every Projection of ``model`` by dotted path, in natural order."""
+  found = {_path_str(path): node for path, node in nnx.iter_graph(model)
+           if isinstance(node, Projection)}
+  return {k: found[k] for k in sorted(found, key=_natural_key)}
+
+
+def _matches(target: str, path: str) -> bool:
+  parts = path.split('.')
+  stripped = re.sub(r'_\d+$', '', parts[-1])
+  tails = ['.'.join(parts[k:]) for k in range(len(parts))]
+  if stripped != parts[-1]:
+    tails += ['.'.join(parts[k:-1] + [stripped]) for k in range(len(parts))]
+  if target in tails:
+    return True
+  try:
+    regex = re.compile(target)
+  except re.error:
+    regex = None
+  return any((regex is not None and regex.fullmatch(t))
+             or fnmatch.fnmatchcase(t, target) for t in tails)
+
+
+def select(model: nnx.Module,
+           targets: str | Sequence[str] | None = None,
+           who: str = 'apply_lora') -> dict[str, Projection]:
+  """The projections ``targets`` select (see the module docstring).
+
+  Raises:
+    ValueError: a target selects nothing (the message lists the names).
+  """
+  if targets is None:
+    targets = getattr(model, 'default_lora_targets', DEFAULT_TARGETS)
+  if isinstance(targets, str):
+    targets = (targets,)
+  projs = projections(model)
+  if not projs:
+    raise ValueError(f'{who}: the model has no models.layers.Projection to '
+                     'adapt.')
+  chosen: dict[str, Projection] = {}
+  for target in targets:
+    hits = [p for p in projs if _matches(target, p)]
+    if not hits:
+      names = sorted({p.split('.')[-1] for p in projs})
+      raise ValueError(
+          f'{who}: target {target!r} matches no projection; names are '
+          f'{", ".join(names)} (paths like {next(iter(projs))!r}).')
+    chosen.update((p, projs[p]) for p in hits)
+  return {p: chosen[p] for p in projs if p in chosen}
+
+
+def _dims(proj: Projection) -> tuple[int, int]:
+  return math.prod(proj.in_shape), math.prod(proj.out_shape)
+
+
+def _init_module():
+  # Imported lazily: lora_rite_optax is the optimizer library, the models
+  # package only needs it when adapters are created.
+  from lora_rite_optax import init  # pylint: disable=g-import-not-at-top
+  return init
+
+
+def apply_lora(model: nnx.Module,
+               targets: str | Sequence[str] | None = None,
+               rank: int = 16, alpha: float = 16.0, *, rslora: bool = False,
+               dropout: float = 0.0, init: str = 'standard',
+               rngs: nnx.Rngs | int = 0,
+               init_grads: Mapping[str, jax.Array] | None = None,
+               gaussian_std: float | None = None, lora_ga_gamma: float = 16.0,
+               lora_ga_use_sign: bool = False,
+               randomized_svd: bool = False) -> nnx.Module:
+  """Attaches LoRA adapters to the projections ``targets`` select (in place).
+
+  Args:
+    model: an NNX module tree containing Projections.
+    targets: names or patterns (module docstring); default: the model's
+      ``default_lora_targets``, else q, k, v, o, gate, up, down.
+    rank: r.
+    alpha: the adapter is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with
+      ``rslora``).
+    rslora: rank-stabilised scaling.
+    dropout: dropout on the adapter's input (needs a 'dropout' stream or a
+      default stream in ``rngs``).
+    init: 'standard' (A Kaiming-uniform, B = 0), 'gaussian' (A normal,
+      B = 0), 'pissa' (top singular directions of the kernel, which keeps the
+      residual) or 'lora_ga' (from ``init_grads``, see
+      :func:`estimate_full_gradients`; the kernel becomes ``W0 - s A B``).
+    rngs: ``nnx.Rngs`` or an int seed for the random inits and dropout.
+    init_grads: for 'lora_ga': module path -> averaged gradient of the kernel
+      (kernel-shaped or (in, out)).
+    gaussian_std: for 'gaussian': A's standard deviation (default 1/r).
+    lora_ga_gamma, lora_ga_use_sign: LoRA-GA's hyper-parameters.
+    randomized_svd: use the randomized SVD in 'pissa' / 'lora_ga'.
+
+  Returns:
+    ``model``, with ``projection.lora`` set on every selected projection.
+
+  Raises:
+    ValueError: unknown init, bad rank, a target that selects nothing, a
+      projection that already has an adapter, or a missing LoRA-GA gradient.
+  """
+  if init not in INITS:
+    raise ValueError(f'apply_lora: unknown init {init!r}; choose from '
+                     f'{", ".join(INITS)}.')
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    raise ValueError(f'apply_lora: rank must be a positive int, got {rank!r}.')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'apply_lora: dropout must be in [0, 1), got {dropout}.')
+  chosen = select(model, targets)
+  for path, proj in chosen.items():
+    if proj.lora is not None:
+      raise ValueError(f'apply_lora: {path!r} already has a LoRA adapter; '
+                       'call remove_lora first to replace it.')
+    if init in ('pissa', 'lora_ga') and rank > min(_dims(proj)):
+      raise ValueError(f'apply_lora: rank {rank} exceeds {path!r}\'s matrix '
+                       f'shape {_dims(proj)}, which {init} needs.')
+    if init == 'lora_ga' and (init_grads is None or path not in init_grads):
+      raise ValueError(f'apply_lora: init="lora_ga" needs init_grads[{path!r}]'
+                       ' (from estimate_full_gradients).')
+  lro_init = _init_module()
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  scale = alpha / (math.sqrt(rank) if rslora else rank)
+  for path, proj in chosen.items():
+    kernel = proj.kernel[...]
+    dtype = kernel.dtype
+    in_dim, out_dim = _dims(proj)
+    w0 = kernel.reshape(in_dim, out_dim)
+    new_kernel = None
+    if init == 'standard':
+      a, b = lro_init.standard(rngs.params(), in_dim, out_dim, rank, dtype)
+    elif init == 'gaussian':
+      a, b = lro_init.gaussian(rngs.params(), in_dim, out_dim, rank,
+                               std=gaussian_std, dtype=dtype)
+    elif init == 'pissa':
+      kw = dict(niter=4, key=rngs.params()) if randomized_svd else {}
+      a, b, new_kernel = lro_init.pissa(w0, rank, scale, **kw)
+    else:
+      grad = jnp.asarray(init_grads[path]).reshape(in_dim, out_dim)
+      a, b, new_kernel = lro_init.lora_ga(
+          grad, w0, rank, scale, gamma=lora_ga_gamma,
+          use_sign=lora_ga_use_sign, randomized=randomized_svd,
+          key=rngs.params() if randomized_svd else None)
+    n_in = len(proj.in_shape)
+    a_axes = proj.axes[:n_in] + (None,)
+    b_axes = (None,) + proj.axes[n_in:]
+    a = jnp.asarray(a, dtype).reshape(proj.in_shape + (rank,))
+    b = jnp.asarray(b, dtype).reshape((rank,) + proj.out_shape)
+    lora = LoRAWeights(a, b, scale=scale, dropout=dropout, a_axes=a_axes,
+                       b_axes=b_axes, rngs=rngs if dropout > 0 else None)
+    # Kept for PEFT export: PEFT records alpha, not the scale.
+    lora.alpha = alpha
+    lora.rslora = rslora
+    lora.init = init
+    if new_kernel is not None:
+      proj.kernel.set_value(jnp.asarray(new_kernel, dtype).reshape(kernel.shape))
+      lora.initial_a = LoRAInitial(a, out_sharding=a_axes, eager_sharding=False)
+      lora.initial_b = LoRAInitial(b, out_sharding=b_axes, eager_sharding=False)
+    proj.lora = lora
+  return model
+
+
+def estimate_full_gradients(model: nnx.Module,
+                            loss_fn: Callable[[nnx.Module, Any], jax.Array],
+                            batches: Iterable[Any],
+                            targets: str | Sequence[str] | None = None,
+                            num_batches: int | None = None
+                            ) -> dict[str, jax.Array]:
+  """Batch-averaged gradients of the selected base kernels (for LoRA-GA).
+
+  Only the selected kernels are differentiated, so memory stays at one
+  kernel-sized float32 accumulator per target.
+
+  Args:
+    model: the model before LoRA is applied.
+    loss_fn: ``loss_fn(model, batch) -> scalar``.
+    batches: an iterable of batches.
+    targets: as in :func:`apply_lora`.
+    num_batches: use at most this many batches (default: all).
+
+  Returns:
+    Module path -> gradient with the kernel's shape, float32.
+  """
+  chosen = select(model, targets, who='estimate_full_gradients')
+
+  def wanted(path, _):
+    return bool(path) and path[-1] == 'kernel' and _path_str(path[:-1]) in chosen
+
+  grad_fn = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, wanted)))
+  total: dict[str, jax.Array] = {}
+  count = 0
+  for batch in batches:
+    if num_batches is not None and count >= num_batches:
+      break
+    grads = grad_fn(model, batch)
+    for path, var in nnx.to_flat_state(grads):
+      name = _path_str(path[:-1])
+      g = jnp.asarray(var[...], jnp.float32)
+      total[name] = total[name] + g if name in total else g
+    count += 1
+  if count == 0:
+    raise ValueError('estimate_full_gradients: batches yielded no batch.')
+  return {name: total[name] / count for name in chosen}
+
+
+# ---------------------------------------------------------------------------
+# Adapter parameters as pure pytrees.
+
+
+def lora_params(model: nnx.Module) -> dict:
+  """The adapters as a pure nested dict of ``lora_a`` / ``lora_b`` arrays.
+
+  This is the tree ``lro.lora_rite`` (and ``lro.find_lora_pairs``) takes.
+
+  Raises:
+    ValueError: the model has no adapters.
+  """
+  tree = nnx.state(model, LORA_FILTER).to_pure_dict()
+  if not jax.tree.leaves(tree):
+    raise ValueError('lora_params: the model has no LoRA adapters; call '
+                     'apply_lora first.')
+  return tree
+
+
+def _check_like(template, tree, who: str) -> None:
+  t_paths = {jax.tree_util.keystr(p): x for p, x in
+             jax.tree_util.tree_leaves_with_path(template)}
+  n_paths = {jax.tree_util.keystr(p): x for p, x in
+             jax.tree_util.tree_leaves_with_path(tree)}
+  for key in t_paths.keys() ^ n_paths.keys():
+    where = 'missing' if key in t_paths else 'not an adapter of the model'
+    raise ValueError(f'{who}: LoRA parameter {key} is {where}.')
+  for key, x in n_paths.items():
+    if tuple(np.shape(x)) != tuple(np.shape(t_paths[key])):
+      raise ValueError(f'{who}: LoRA parameter {key} has shape '
+                       f'{tuple(np.shape(x))}, expected '
+                       f'{tuple(np.shape(t_paths[key]))}.')
+
+
+def set_lora_params(model: nnx.Module, params: Mapping) -> nnx.Module:
+  """Writes a pure dict like :func:`lora_params`'s back into ``model``."""
+  state = nnx.state(model, LORA_FILTER)
+  _check_like(state.to_pure_dict(), params, 'set_lora_params')
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+def split_lora(model: nnx.Module):
+  """``(graphdef, lora, rest)``: the adapters as a pure dict, the rest a State.
+
+  For pure-function training steps: differentiate in ``lora`` and rebuild the
+  model with :func:`combine_lora`.
+  """
+  graphdef, lora, rest = nnx.split(model, LORA_FILTER, ...)
+  return graphdef, lora.to_pure_dict(), rest
+
+
+def combine_lora(graphdef, lora: Mapping, rest) -> nnx.Module:
+  """Inverse of :func:`split_lora`."""
+  return nnx.merge(graphdef, lora, rest)
+
+
+# ---------------------------------------------------------------------------
+# Merging into the base weights.
+
+
+def _delta(proj: Projection) -> jax.Array:
+  """scale * A @ B in the kernel's shape, computed in float32."""
+  lora = proj.lora
+  in_dim, out_dim = _dims(proj)
+  a = lora.lora_a[...].astype(jnp.float32).reshape(in_dim, -1)
+  b = lora.lora_b[...].astype(jnp.float32).reshape(-1, out_dim)
+  return (lora.scale * (a @ b)).reshape(proj.kernel.shape)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """Folds every unmerged adapter into its kernel (in place).
+
+  The adapters stay attached but are skipped by the forward until
+  :func:`unmerge_lora`, so the output does not change.
+  """
+  for proj in projections(model).values():
+    if proj.lora is not None and not proj.lora.merged:
+      k = proj.kernel[...]
+      proj.kernel.set_value((k.astype(jnp.float32) + _delta(proj)).astype(k.dtype))
+      proj.lora.merged = True
+  return model
+
+
+def unmerge_lora(model: nnx.Module) -> nnx.Module:
+  """Subtracts every merged adapter from its kernel again (in place)."""
+  for proj in projections(model).values():
+    if proj.lora is not None and proj.lora.merged:
+      k = proj.kernel[...]
+      proj.kernel.set_value((k.astype(jnp.float32) - _delta(proj)).astype(k.dtype))
+      proj.lora.merged = False
+  return model
+
+
+def remove_lora(model: nnx.Module) -> nnx.Module:
+  """Detaches every adapter (merge first to keep its effect)."""
+  for proj in projections(model).values():
+    proj.lora = None
+  return model
+
+
+def lora_modules(model: nnx.Module) -> list[str]:
+  """Paths of the projections that carry an adapter."""
+  return [p for p, proj in projections(model).items() if proj.lora is not None]
+
+
+# ---------------------------------------------------------------------------
+# Module path -> Hugging Face module name.
+
+
+def t5_hf_name(path: str) -> HFName:
+  """models.t5 path -> transformers' T5ForConditionalGeneration module.
+
+  ``encoder.layers.3.self_attn.q`` -> ``encoder.block.3.layer.0.SelfAttention.q``;
+  decoder cross-attention is ``layer.1.EncDecAttention``; the FFN is
+  ``layer.1`` (encoder) / ``layer.2`` (decoder) ``.DenseReluDense.{wi_0,wi_1,wo}``.
+  """
+  if path == 'lm_head':
+    return 'lm_head'
+  m = re.fullmatch(r'(encoder|decoder)\.layers\.(\d+)\.(self_attn|cross_attn|mlp)'
+                   r'\.(q|k|v|o|wi|wi_0|wi_1|wo)', path)
+  if not m:
+    return None
+  stack, i, sub, name = m.groups()
+  if sub == 'mlp' and name in ('wi', 'wi_0', 'wi_1', 'wo'):
+    ff = 2 if stack == 'decoder' else 1
+    return f'{stack}.block.{i}.layer.{ff}.DenseReluDense.{name}'
+  if sub == 'self_attn' and name in 'qkvo':
+    return f'{stack}.block.{i}.layer.0.SelfAttention.{name}'
+  if sub == 'cross_attn' and stack == 'decoder' and name in 'qkvo':
+    return f'{stack}.block.{i}.layer.1.EncDecAttention.{name}'
+  return None
+
+
+def gemma_hf_name(path: str, prefix: str = 'model') -> HFName:
+  """models.gemma path -> transformers' Gemma*ForCausalLM module.
+
+  ``layers.3.attn.q`` -> ``model.layers.3.self_attn.q_proj``;
+  ``layers.3.mlp.gate`` -> ``model.layers.3.mlp.gate_proj``. For Gemma 3
+  multimodal checkpoints pass ``prefix='model.language_model'`` (via
+  ``functools.partial``).
+  """
+  m = re.fullmatch(r'layers\.(\d+)\.(attn|mlp)\.(\w+)', path)
+  if not m:
+    return None
+  i, sub, name = m.groups()
+  if sub == 'attn' and name in ('q', 'k', 'v', 'o'):
+    return f'{prefix}.layers.{i}.self_attn.{name}_proj'
+  if sub == 'mlp' and name in ('gate', 'up', 'down'):
+    return f'{prefix}.layers.{i}.mlp.{name}_proj'
+  return None
+
+
+def _default_name_map(model: nnx.Module, who: str) -> tuple[NameMap, str]:
+  """(name map, PEFT task type) guessed from the model's module paths."""
+  paths = list(projections(model))
+  if any(p.startswith(('encoder.', 'decoder.')) for p in paths):
+    return t5_hf_name, 'SEQ_2_SEQ_LM'
+  if any(p.startswith('layers.') for p in paths):
+    return gemma_hf_name, 'CAUSAL_LM'
+  raise ValueError(f'{who}: cannot tell the model family from its paths '
+                   f'(e.g. {paths[0] if paths else None!r}); pass name_map.')
+
+
+def _parts(path: str, names: HFName, out_dim: int, who: str
+           ) -> list[tuple[str, int, int]]:
+  if names is None:
+    raise ValueError(f'{who}: no Hugging Face module name for {path!r}; pass '
+                     'a name_map that covers it.')
+  if isinstance(names, str):
+    return [(names, 0, out_dim)]
+  parts = [(str(n), int(s), int(e)) for n, s, e in names]
+  edges = [0] + [e for _, _, e in parts]
+  if [s for _, s, _ in parts] != edges[:-1] or edges[-1] != out_dim or any(
+      e <= s for _, s, e in parts):
+    raise ValueError(f'{who}: fused parts {parts} of {path!r} must tile its '
+                     f'output 0..{out_dim} in order.')
+  return parts
+
+
+# ---------------------------------------------------------------------------
+# PEFT export / import.
+
+_PEFT_KEY = re.compile(
+    r'base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?'
+    r'\.weight')
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default):
+  # PEFT's rule: a key matches a module name it ends (at a dot boundary).
+  for key, value in pattern.items():
+    if re.match(rf'(.*\.)?({key})$', name):
+      return value
+  return default
+
+
+def _mode(values):
+  return collections.Counter(values).most_common(1)[0][0]
+
+
+def _export_factors(lora: LoRAWeights, original_base: bool):
+  """(a, b, r, alpha, rslora) to export; PiSSA / LoRA-GA re-expressed.
+
+  With ``original_base`` an adapter whose init moved ``s A0 B0`` out of the
+  kernel is exported as the rank-2r adapter [A, A0] [B; -B0] (PEFT's own
+  PiSSA conversion), which applies to the original checkpoint.
+  """
+  a, b = lora.lora_a[...], lora.lora_b[...]
+  r = a.shape[-1]
+  rslora = getattr(lora, 'rslora', False)
+  alpha = getattr(lora, 'alpha', None)
+  if alpha is None:
+    alpha = lora.scale * (math.sqrt(r) if rslora else r)
+  if original_base and getattr(lora, 'initial_a', None) is not None:
+    a = jnp.concatenate([a, lora.initial_a[...]], axis=-1)
+    b = jnp.concatenate([b, -lora.initial_b[...]], axis=0)
+    # Keep the scale alpha/r (or alpha/sqrt(r)) with twice the rank.
+    alpha = alpha * (math.sqrt(2) if rslora else 2)
+    r *= 2
+  return a, b, r, alpha, rslora
+
+
+def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
+                      base_model_name_or_path: str, *,
+                      name_map: NameMap | None = None,
+                      task_type: str | None = None,
+                      adapter_name: str | None = None,
+                      original_base: bool = True) -> Path:
+  """Writes the model's adapters as a Hugging Face PEFT LoRA adapter.
+
+  Args:
+    model: a model with adapters (from :func:`apply_lora`).
+    directory: output directory (created).
+    base_model_name_or_path: the Hugging Face checkpoint the adapter is for.
+    name_map: our module path -> HF module name (or fused parts); default
+      :func:`t5_hf_name` or :func:`gemma_hf_name`, guessed from the paths.
+    task_type: PEFT task type; default SEQ_2_SEQ_LM (T5) or CAUSAL_LM.
+    adapter_name: write into ``directory/adapter_name`` (PEFT's layout for
+      a non-default adapter); must be a plain name.
+    original_base: re-express PiSSA / LoRA-GA adapters against the original
+      base weights (rank 2r); False exports them as they are, relative to
+      the modified kernels.
+
+  Returns:
+    The directory written.
+
+  Raises:
+    ValueError: no adapters, an unmapped module, two modules mapped to one
+      name, or an adapter_name that is not a plain name.
+  """
+  who = 'save_peft_adapter'
+  default_map, default_task = _default_name_map(model, who)
+  name_map = name_map or default_map
+  out_dir = Path(directory)
+  if adapter_name is not None:
+    out_dir = out_dir / hf_io.check_component(adapter_name, f'{who}: adapter_name')
+  projs = projections(model)
+  adapted = {p: proj for p, proj in projs.items() if proj.lora is not None}
+  if not adapted:
+    raise ValueError(f'{who}: the model has no LoRA adapters; call apply_lora '
+                     'first.')
+  # Every HF module the model could adapt, to decide between a list of
+  # names and an exact regex for target_modules.
+  all_names = {}
+  for path, proj in projs.items():
+    names = name_map(path)
+    if names is not None:
+      for name, _, _ in _parts(path, names, _dims(proj)[1], who):
+        all_names[name] = path
+  tensors, meta = {}, {}
+  for path, proj in adapted.items():
+    in_dim, out_dim = _dims(proj)
+    a, b, r, alpha, rslora = _export_factors(proj.lora, original_base)
+    a2 = np.asarray(jax.device_get(a)).reshape(in_dim, r).T
+    b2 = np.asarray(jax.device_get(b)).reshape(r, out_dim).T
+    dropout = proj.lora.dropout.rate if proj.lora.dropout is not None else 0.0
+    for name, start, stop in _parts(path, name_map(path), out_dim, who):
+      if name in meta:
+        raise ValueError(f'{who}: {path!r} and another module both map to '
+                         f'{name!r}.')
+      key = f'base_model.model.{name}'
+      tensors[f'{key}.lora_A.weight'] = a2
+      tensors[f'{key}.lora_B.weight'] = b2[start:stop]
+      meta[name] = (r, alpha, rslora, dropout)
+  use_rslora = _mode([m[2] for m in meta.values()])
+  # Modules whose rslora flag differs keep their scale through alpha.
+  alphas = {n: (al if rs == use_rslora else
+                (al / (math.sqrt(r) if rs else r)) * (math.sqrt(r) if use_rslora else r))
+            for n, (r, al, rs, _) in meta.items()}
+  r0 = _mode([m[0] for m in meta.values()])
+  alpha0 = _mode(list(alphas.values()))
+  leaves = {n.split('.')[-1] for n in meta}
+  complete = all(n in meta for n in all_names if n.split('.')[-1] in leaves)
+  target_modules: Any = (sorted(leaves) if complete else
+                         '(' + '|'.join(re.escape(n) for n in meta) + ')')
+  config = {
+      'peft_type': 'LORA',
+      'task_type': task_type or default_task,
+      'base_model_name_or_path': base_model_name_or_path,
+      'r': r0,
+      'lora_alpha': alpha0,
+      'target_modules': target_modules,
+      'use_rslora': use_rslora,
+      'lora_dropout': _mode([m[3] for m in meta.values()]),
+      'rank_pattern': {n: m[0] for n, m in meta.items() if m[0] != r0},
+      'alpha_pattern': {n: al for n, al in alphas.items() if al != alpha0},
+      'bias': 'none',
+      'fan_in_fan_out': False,
+      'inference_mode': True,
+      'init_lora_weights': True,
+      'modules_to_save': None,
+      'use_dora': False,
+      'layers_to_transform': None,
+      'layers_pattern': None,
+      'revision': None,
+  }
+  out_dir.mkdir(parents=True, exist_ok=True)
+  hf_io.save_tensors(out_dir, tensors, filename=ADAPTER_WEIGHTS)
+  hf_io.write_json(hf_io.safe_join(out_dir, ADAPTER_CONFIG), config)
+  return out_dir
+
+
+def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                      name_map: NameMap | None = None,
+                      adapter_name: str | None = None,
+                      rngs: nnx.Rngs | int = 0) -> nnx.Module:
+  """Attaches (or overwrites) the adapters of a PEFT LoRA adapter directory.
+
+  Factors keep the file's dtype; the scale comes from ``lora_alpha`` /
+  ``alpha_pattern``, ``r`` / ``rank_pattern`` and ``use_rslora``. Projections
+  the file does not name keep whatever adapter they had. Everything is
+  checked before the model is changed.
+
+  Raises:
+    FileNotFoundError: no adapter_config.json or adapter_model.safetensors.
+    ValueError: a malformed config, an unsupported PEFT feature, a key that
+      names no projection, a missing factor or a shape mismatch.
+  """
+  default_map, _ = _default_name_map(model, 'load_peft_adapter')
+  name_map = name_map or default_map
+  src = Path(directory)
+  if adapter_name is not None:
+    src = src / hf_io.check_component(adapter_name, 'load_peft_adapter: adapter_name')
+  cfg_path = src / ADAPTER_CONFIG
+  cfg = hf_io.read_json(cfg_path, 'PEFT adapter config')
+  who = str(src / ADAPTER_WEIGHTS)
+  if cfg.get('peft_type') != 'LORA':
+    raise ValueError(f'{cfg_path}: peft_type is {cfg.get("peft_type")!r}, '
+                     'expected "LORA".')
+  for key, bad in (('use_dora', True), ('bias', 'all'), ('bias', 'lora_only'),
+                   ('fan_in_fan_out', True)):
+    if cfg.get(key) == bad:
+      raise ValueError(f'{cfg_path}: {key}={bad!r} is not supported.')
+  r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
+  if not isinstance(r_cfg, int) or r_cfg < 1 or not isinstance(
+      alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):
+    raise ValueError(f'{cfg_path}: needs an int r >= 1 and a numeric '
+                     f'lora_alpha, got r={r_cfg!r}, lora_alpha={alpha_cfg!r}.')
+  rslora = bool(cfg.get('use_rslora', False))
+  dropout = float(cfg.get('lora_dropout') or 0.0)
+  rank_pattern = cfg.get('rank_pattern') or {}
+  alpha_pattern = cfg.get('alpha_pattern') or {}
+  tensors = hf_io.load_tensors(src, ADAPTER_WEIGHTS, index=None)
+
+  by_module: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    m = _PEFT_KEY.fullmatch(key)
+    if not m:
+      raise ValueError(f'{who}: unexpected tensor {key!r} (expected '
+                       'base_model.model.<module>.lora_A/lora_B.weight).')
+    by_module.setdefault(m['module'], {})[m['ab']] = value
+  owners: dict[str, tuple[str, int, int]] = {}
+  projs = projections(model)
+  for path, proj in projs.items():
+    names = name_map(path)
+    if names is not None:
+      for name, start, stop in _parts(path, names, _dims(proj)[1],
+                                      'load_peft_adapter'):
+        owners[name] = (path, start, stop)
+  for module, factors in by_module.items():
+    if module not in owners:
+      raise ValueError(f'{who}: module {module!r} is not a projection of '
+                       'this model.')
+    for ab in 'AB':
+      if ab not in factors:
+        raise ValueError(f'{who}: missing base_model.model.{module}.lora_{ab}'
+                         '.weight.')
+
+  plan = []
+  for path, proj in projs.items():
+    names = name_map(path)
+    if names is None:
+      continue
+    in_dim, out_dim = _dims(proj)
+    parts = _parts(path, names, out_dim, 'load_peft_adapter')
+    present = [p for p in parts if p[0] in by_module]
+    if not present:
+      continue
+    if len(present) != len(parts):
+      missing = next(p[0] for p in parts if p[0] not in by_module)
+      raise ValueError(f'{who}: {path!r} is fused; its part {missing!r} is '
+                       'missing.')
+    first = parts[0][0]
+    a2 = by_module[first]['A']
+    if a2.ndim != 2 or a2.shape[1] != in_dim:
+      raise ValueError(f'{who}: {first}.lora_A.weight has shape {a2.shape}, '
+                       f'expected (r, {in_dim}).')
+    r = a2.shape[0]
+    blocks = []
+    for name, start, stop in parts:
+      a_part, b_part = by_module[name]['A'], by_module[name]['B']
+      if a_part.shape != a2.shape or not np.array_equal(a_part, a2):
+        raise ValueError(f'{who}: fused parts of {path!r} have different '
+                         f'lora_A ({name}); they cannot share one adapter.')
+      if b_part.shape != (stop - start, r):
+        raise ValueError(f'{who}: {name}.lora_B.weight has shape '
+                         f'{b_part.shape}, expected {(stop - start, r)}.')
+      blocks.append(b_part)
+    b2 = np.concatenate(blocks, axis=0)
+    r_expected = _pattern_value(rank_pattern, first, r_cfg)
+    if r != r_expected:
+      raise ValueError(f'{who}: {first} has rank {r} but {ADAPTER_CONFIG} '
+                       f'says {r_expected}.')
+    alpha = _pattern_value(alpha_pattern, first, alpha_cfg)
+    a = a2.T.reshape(proj.in_shape + (r,))
+    b = b2.T.reshape((r,) + proj.out_shape)
+    plan.append((proj, a, b, r, alpha))
+
+  if not plan:
+    raise ValueError(f'{who}: holds no adapter for this model.')
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  for proj, a, b, r, alpha in plan:
+    n_in = len(proj.in_shape)
+    lora = LoRAWeights(jnp.asarray(a), jnp.asarray(b),
+                       scale=alpha / (math.sqrt(r) if rslora else r),
+                       dropout=dropout, a_axes=proj.axes[:n_in] + (None,),
+                       b_axes=(None,) + proj.axes[n_in:],
+                       rngs=rngs if dropout > 0 else None)
+    lora.alpha, lora.rslora, lora.init = alpha, rslora, 'peft'
+    proj.lora = lora
+  return model

@@ -1,0 +1,705 @@
+"""T5 v1.1 / mT5 encoder-decoder in Flax NNX, with Hugging Face checkpoint I/O.
+
+Matches ``transformers``' T5ForConditionalGeneration / MT5ForConditionalGeneration
+numerically: T5's RMSNorm (``w * x / rms(x)``, no mean, no ``1 +``), no query
+scaling (T5 folds it into the initialisation), relative position buckets
+(bidirectional in the encoder, causal in the decoder) whose bias table lives in
+the first layer of each stack and is shared by all its layers, gated-GELU FFN
+(tanh GELU, HF's ``gelu_new``), and an untied ``lm_head`` without logit scaling
+(v1.1 and mT5; the original T5's tied head, scaled by ``d_model ** -0.5``, is
+supported too).
+
+Every dense weight is a :class:`models.layers.Projection` so LoRA can target it
+by name::
+
+  encoder.layers[i].self_attn.{q,k,v,o}      q/k/v (D, N, H), o (N, H, D)
+  decoder.layers[i].self_attn.{q,k,v,o}
+  decoder.layers[i].cross_attn.{q,k,v,o}
+  {encoder,decoder}.layers[i].mlp.{wi_0,wi_1,wo}   wi (D, F), wo (F, D)
+  lm_head                                    (D, V)
+
+Parameters carry the logical axis names the Gemma model uses ('vocab',
+'embed', 'heads', 'head_dim', 'mlp', 'norm'; 'relpos_buckets' for the bias
+table) as ``out_sharding`` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import hf_io
+from models.layers import Projection
+
+# HF adds the dtype's most negative number to masked logits; so do we, so
+# masked rows behave the same (uniform, not NaN) when everything is masked.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': jax.nn.relu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'silu': jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters, named as in Hugging Face's ``T5Config``.
+
+  Attributes:
+    vocab_size: rows of the shared embedding and of ``lm_head``.
+    d_model: width D.
+    d_kv: per-head width H.
+    d_ff: FFN hidden width F.
+    num_layers: encoder blocks.
+    num_decoder_layers: decoder blocks (``None``: same as the encoder).
+    num_heads: attention heads N.
+    relative_attention_num_buckets: rows of the relative position bias table.
+    relative_attention_max_distance: distance beyond which buckets saturate.
+    layer_norm_epsilon: RMSNorm epsilon.
+    dropout_rate: dropout after embeddings, attention weights and sublayers.
+    feed_forward_proj: 'gated-gelu' (v1.1, mT5), 'relu' (original T5), or
+      '[gated-]relu|gelu|gelu_new|silu'.
+    tie_word_embeddings: reuse the embedding as ``lm_head`` (original T5;
+      then the decoder output is scaled by ``d_model ** -0.5``).
+    pad_token_id: the encoder padding mask is ``tokens != pad_token_id``.
+    eos_token_id: end of sequence, stops greedy decoding.
+    decoder_start_token_id: first decoder input.
+    model_type: 't5' or 'mt5' (written back to config.json).
+  """
+
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 1024
+  num_layers: int = 8
+  num_decoder_layers: int | None = None
+  num_heads: int = 6
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  feed_forward_proj: str = 'gated-gelu'
+  tie_word_embeddings: bool = False
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  model_type: str = 't5'
+
+  def __post_init__(self):
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, 'num_decoder_layers', self.num_layers)
+    self.activation  # Validates feed_forward_proj.  pylint: disable=pointless-statement
+    for name in ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers',
+                 'num_decoder_layers', 'num_heads',
+                 'relative_attention_num_buckets',
+                 'relative_attention_max_distance'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'T5Config.{name} must be a positive integer, got '
+                         f'{value!r}.')
+
+  @property
+  def is_gated(self) -> bool:
+    return self.feed_forward_proj.startswith('gated-')
+
+  @property
+  def activation(self) -> Callable[[jax.Array], jax.Array]:
+    name = self.feed_forward_proj.split('-')[-1]
+    # HF maps 'gated-gelu' to the tanh approximation (``gelu_new``).
+    if self.feed_forward_proj == 'gated-gelu':
+      name = 'gelu_new'
+    parts = self.feed_forward_proj.split('-')
+    if name not in _ACTIVATIONS or len(parts) > 2 or (
+        len(parts) == 2 and parts[0] != 'gated'):
+      raise ValueError(
+          f'T5Config.feed_forward_proj {self.feed_forward_proj!r} is not '
+          f'supported; expected [gated-]{{{"|".join(_ACTIVATIONS)}}}.')
+    return _ACTIVATIONS[name]
+
+
+def _t5(vocab, d_model, d_ff, heads, layers, model_type):
+  return T5Config(vocab_size=vocab, d_model=d_model, d_kv=64, d_ff=d_ff,
+                  num_layers=layers, num_heads=heads, model_type=model_type)
+
+
+_SIZES = {  # name: (d_model, d_ff, num_heads, num_layers), as released.
+    'small': (512, 1024, 6, 8),
+    'base': (768, 2048, 12, 12),
+    'large': (1024, 2816, 16, 24),
+    'xl': (2048, 5120, 32, 24),
+    'xxl': (4096, 10240, 64, 24),
+}
+
+CONFIGS: dict[str, T5Config] = {
+    'tiny': T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48,
+                     num_layers=2, num_decoder_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8,
+                     relative_attention_max_distance=16),
+}
+for _size, (_d, _f, _n, _l) in _SIZES.items():
+  CONFIGS[f't5-v1_1-{_size}'] = _t5(32128, _d, _f, _n, _l, 't5')
+  CONFIGS[f'mt5-{_size}'] = _t5(250112, _d, _f, _n, _l, 'mt5')
+
+
+def get_config(name: str, **overrides) -> T5Config:
+  """A named config ('tiny', 't5-v1_1-{small..xxl}', 'mt5-{small..xxl}')."""
+  if name not in CONFIGS:
+    raise ValueError(f'Unknown T5 config {name!r}; choose from '
+                     f'{", ".join(CONFIGS)}.')
+  return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def _param(value, axes):
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+def relative_position_bucket(relative_position: jax.Array, *,
+                             bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's bucketing of ``key_position - query_position`` (as in HF/Mesh TF).
+
+  Half the buckets (all, if causal) are exact for small distances; the rest
+  grow logarithmically up to ``max_distance``, beyond which they saturate.
+  """
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+    n = jnp.abs(relative_position)
+  else:
+    n = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # Clamp before the log so n = 0 (masked out by is_small) gives no -inf.
+  large = max_exact + (
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+      / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+  ).astype(relative_position.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(is_small, n, large)
+
+
+class RMSNorm(nnx.Module):
+  """T5's layer norm: ``scale * x / sqrt(mean(x^2) + eps)`` (float32 inside)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype):
+    self.scale = _param(jnp.ones((dim,), param_dtype), ('norm',))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps)
+    return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention without query scaling; optional bias table."""
+
+  def __init__(self, config: T5Config, *, has_relative_bias: bool,
+               bidirectional: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    d, n, h = config.d_model, config.num_heads, config.d_kv
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # HF's init: the 1/sqrt(H) query scale lives in q's init instead.
+    self.q = Projection((d,), (n, h), axes=('embed', 'heads', 'head_dim'),
+                        kernel_init=_normal((d * h) ** -0.5), **kw)
+    self.k = Projection((d,), (n, h), axes=('embed', 'heads', 'head_dim'),
+                        kernel_init=_normal(d ** -0.5), **kw)
+    self.v = Projection((d,), (n, h), axes=('embed', 'heads', 'head_dim'),
+                        kernel_init=_normal(d ** -0.5), **kw)
+    self.o = Projection((n, h), (d,), axes=('heads', 'head_dim', 'embed'),
+                        kernel_init=_normal((n * h) ** -0.5), **kw)
+    self.relative_attention_bias = (
+        _param(_normal(d ** -0.5)(
+            rngs.params(), (config.relative_attention_num_buckets, n),
+            param_dtype), ('relpos_buckets', 'heads'))
+        if has_relative_bias else None)
+    self.bidirectional = bidirectional
+    self.num_buckets = config.relative_attention_num_buckets
+    self.max_distance = config.relative_attention_max_distance
+    self.dropout = (nnx.Dropout(config.dropout_rate, rngs=rngs)
+                    if config.dropout_rate > 0 else None)
+    self.dtype = dtype
+
+  def position_bias(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[1, N, T, S] float32 bias for query positions [T], key positions [S]."""
+    buckets = relative_position_bucket(
+        k_pos[None, :] - q_pos[:, None], bidirectional=self.bidirectional,
+        num_buckets=self.num_buckets, max_distance=self.max_distance)
+    table = self.relative_attention_bias[...].astype(jnp.float32)
+    return jnp.transpose(table[buckets], (2, 0, 1))[None]
+
+  def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.k(x), self.v(x)
+
+  def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array,
+               bias: jax.Array) -> jax.Array:
+    """x [B, T, D] attends to k, v [B, S, N, H]; bias [B|1, N|1, T, S]."""
+    q = self.q(x)
+    scores = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) + bias
+    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    if self.dropout is not None:
+      weights = self.dropout(weights)
+    return self.o(jnp.einsum('bnts,bsnh->btnh', weights, v))
+
+
+class MLP(nnx.Module):
+  """Gated (wi_0, wi_1, wo) or plain (wi, wo) feed-forward block."""
+
+  def __init__(self, config: T5Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, f = config.d_model, config.d_ff
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    wi = lambda: Projection((d,), (f,), axes=('embed', 'mlp'),
+                            kernel_init=_normal(d ** -0.5), **kw)
+    if config.is_gated:
+      self.wi_0 = wi()
+      self.wi_1 = wi()
+    else:
+      self.wi = wi()
+    self.wo = Projection((f,), (d,), axes=('mlp', 'embed'),
+                         kernel_init=_normal(f ** -0.5), **kw)
+    self.act = config.activation
+    self.gated = config.is_gated
+    self.dropout = (nnx.Dropout(config.dropout_rate, rngs=rngs)
+                    if config.dropout_rate > 0 else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.gated:
+      h = self.act(self.wi_0(x)) * self.wi_1(x)
+    else:
+      h = self.act(self.wi(x))
+    if self.dropout is not None:
+      h = self.dropout(h)
+    return self.wo(h)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: self-attention, [cross-attention,] FFN."""
+
+  def __init__(self, config: T5Config, *, decoder: bool, first: bool, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm = lambda: RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
+                           param_dtype=param_dtype)
+    self.self_attn_norm = norm()
+    self.self_attn = Attention(config, has_relative_bias=first,
+                               bidirectional=not decoder, **kw)
+    if decoder:
+      self.cross_attn_norm = norm()
+      self.cross_attn = Attention(config, has_relative_bias=False,
+                                  bidirectional=True, **kw)
+    else:
+      self.cross_attn_norm = self.cross_attn = None
+    self.mlp_norm = norm()
+    self.mlp = MLP(config, **kw)
+    self.dropout = (nnx.Dropout(config.dropout_rate, rngs=rngs)
+                    if config.dropout_rate > 0 else None)
+
+  def _drop(self, x):
+    return self.dropout(x) if self.dropout is not None else x
+
+  def __call__(self, x, self_bias, cross=None, cross_bias=None, cache=None,
+               index=None):
+    """One block; returns (x, updated self-attention cache or None).
+
+    Args:
+      x: [B, T, D].
+      self_bias: position bias + mask for self-attention, [B|1, N, T, S].
+      cross: (k, v) of the encoder output for cross-attention, or None.
+      cross_bias: mask for cross-attention, [B, 1, 1, S_enc].
+      cache: (k, v) [B, S_max, N, H] of earlier decoder positions, or None.
+      index: position of x's first token in the cache.
+    """
+    h = self.self_attn_norm(x)
+    k, v = self.self_attn.project_kv(h)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
+                                              index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
+                                              index, axis=1)
+      cache = (k, v)
+    x = x + self._drop(self.self_attn(h, k, v, self_bias))
+    if self.cross_attn is not None:
+      h = self.cross_attn_norm(x)
+      x = x + self._drop(self.cross_attn(h, cross[0], cross[1], cross_bias))
+    x = x + self._drop(self.mlp(self.mlp_norm(x)))
+    return x, cache
+
+
+class Stack(nnx.Module):
+  """The encoder or the decoder: blocks and a final RMSNorm."""
+
+  def __init__(self, config: T5Config, *, decoder: bool, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    n = config.num_decoder_layers if decoder else config.num_layers
+    self.layers = nnx.List([
+        Block(config, decoder=decoder, first=i == 0, dtype=dtype,
+              param_dtype=param_dtype, rngs=rngs) for i in range(n)])
+    self.final_norm = RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
+                              param_dtype=param_dtype)
+    self.dropout = (nnx.Dropout(config.dropout_rate, rngs=rngs)
+                    if config.dropout_rate > 0 else None)
+
+  def _drop(self, x):
+    return self.dropout(x) if self.dropout is not None else x
+
+
+def _key_mask(valid: jax.Array) -> jax.Array:
+  """[B, S] bool -> additive [B, 1, 1, S] float32 mask."""
+  return jnp.where(valid, 0.0, _MASK_VALUE)[:, None, None, :].astype(jnp.float32)
+
+
+class T5(nnx.Module):
+  """T5 / mT5 encoder-decoder: ``model(encoder_tokens, decoder_tokens)``."""
+
+  # apply_lora's default targets for this model (``wi`` covers wi_0 and wi_1).
+  default_lora_targets = ('q', 'k', 'v', 'o', 'wi', 'wo')
+
+  def __init__(self, config: T5Config, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    self.embedding = _param(
+        _normal(1.0)(rngs.params(), (config.vocab_size, config.d_model),
+                     param_dtype), ('vocab', 'embed'))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.encoder = Stack(config, decoder=False, **kw)
+    self.decoder = Stack(config, decoder=True, **kw)
+    self.lm_head = (None if config.tie_word_embeddings else Projection(
+        (config.d_model,), (config.vocab_size,), axes=('embed', 'vocab'),
+        kernel_init=_normal(config.d_model ** -0.5), **kw))
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Encoder states [B, S, D] and the padding mask [B, S] of ``tokens``."""
+    valid = tokens != self.config.pad_token_id
+    x = self.encoder._drop(self._embed(tokens))
+    pos = jnp.arange(tokens.shape[1])
+    bias = (self.encoder.layers[0].self_attn.position_bias(pos, pos)
+            + _key_mask(valid))
+    for layer in self.encoder.layers:
+      x, _ = layer(x, bias)
+    return self.encoder._drop(self.encoder.final_norm(x)), valid
+
+  def cross_kv(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Cross-attention keys/values of every decoder layer (computed once)."""
+    return [layer.cross_attn.project_kv(encoded) for layer in self.decoder.layers]
+
+  def decode(self, tokens: jax.Array, cross: list, valid: jax.Array,
+             cache: list | None = None, index: jax.Array | int = 0):
+    """Decoder logits [B, T, V] float32 (and the updated cache, if given).
+
+    Without ``cache`` the T tokens are positions 0..T-1 under a causal mask;
+    with ``cache`` (per layer (k, v) [B, S_max, N, H]) they are positions
+    ``index .. index + T - 1`` and attend to the cached positions before them.
+    """
+    t = tokens.shape[1]
+    q_pos = index + jnp.arange(t)
+    k_pos = jnp.arange(t if cache is None else cache[0][0].shape[1])
+    causal = k_pos[None, :] <= q_pos[:, None]
+    bias = (self.decoder.layers[0].self_attn.position_bias(q_pos, k_pos)
+            + jnp.where(causal, 0.0, _MASK_VALUE)[None, None])
+    cross_bias = _key_mask(valid)
+    x = self.decoder._drop(self._embed(tokens))
+    new_cache = []
+    for i, layer in enumerate(self.decoder.layers):
+      x, c = layer(x, bias, cross[i], cross_bias,
+                   None if cache is None else cache[i], index)
+      new_cache.append(c)
+    x = self.decoder._drop(self.decoder.final_norm(x))
+    if self.lm_head is None:
+      x = x * self.config.d_model ** -0.5
+      logits = jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
+
+  def __call__(self, encoder_tokens: jax.Array,
+               decoder_tokens: jax.Array) -> jax.Array:
+    """Teacher-forced decoder logits, float32 [B, T, V].
+
+    Args:
+      encoder_tokens: int [B, S]; ``pad_token_id`` marks padding.
+      decoder_tokens: int [B, T], starting with ``decoder_start_token_id``
+        (which is the pad id in T5, so the decoder is masked causally only).
+    """
+    encoded, valid = self.encode(encoder_tokens)
+    return self.decode(decoder_tokens, self.cross_kv(encoded), valid)
+
+
+def init_cache(model: T5, batch_size: int, max_length: int) -> list:
+  """Zero self-attention KV cache of every decoder layer."""
+  c = model.config
+  shape = (batch_size, max_length, c.num_heads, c.d_kv)
+  return [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
+          for _ in range(c.num_decoder_layers)]
+
+
+@nnx.jit
+def _encode_for_decoding(model: T5, tokens):
+  encoded, valid = model.encode(tokens)
+  return model.cross_kv(encoded), valid
+
+
+@nnx.jit
+def _decode_step(model: T5, token, cross, valid, cache, index):
+  logits, cache = model.decode(token, cross, valid, cache, index)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits[:, -1], cache
+
+
+def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
+                    *, use_cache: bool = True,
+                    return_logits: bool = False):
+  """Greedy decoding; int32 [B, max_new_tokens] (pad after each row's EOS).
+
+  With ``use_cache`` the encoder runs once and each step feeds one token
+  through the decoder's KV cache; without it every step reruns the full
+  forward (the reference the cache is tested against).
+  """
+  c = model.config
+  b = encoder_tokens.shape[0]
+  start = jnp.full((b, 1), c.decoder_start_token_id, jnp.int32)
+  done = jnp.zeros((b,), bool)
+  out, step_logits = [], []
+  if use_cache:
+    cross, valid = _encode_for_decoding(model, encoder_tokens)
+    cache = init_cache(model, b, max_new_tokens)
+    token = start
+  else:
+    seq = start
+  for i in range(max_new_tokens):
+    if use_cache:
+      nxt, logits, cache = _decode_step(model, token, cross, valid, cache,
+                                        jnp.int32(i))
+    else:
+      logits = _full_forward(model, encoder_tokens, seq)[:, -1]
+      nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    nxt = jnp.where(done, c.pad_token_id, nxt)
+    done = done | (nxt == c.eos_token_id)
+    out.append(nxt)
+    step_logits.append(logits)
+    if use_cache:
+      token = nxt[:, None]
+    else:
+      seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    if bool(done.all()):
+      break
+  tokens = jnp.stack(out, axis=1)
+  pad = max_new_tokens - tokens.shape[1]
+  tokens = jnp.pad(tokens, ((0, 0), (0, pad)), constant_values=c.pad_token_id)
+  return (tokens, jnp.stack(step_logits, axis=1)) if return_logits else tokens
+
+
+@nnx.jit
+def _full_forward(model: T5, encoder_tokens, decoder_tokens):
+  return model(encoder_tokens, decoder_tokens)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face checkpoints.
+
+_CONFIG_FIELDS = {  # HF name: (type, required)
+    'vocab_size': (int, True), 'd_model': (int, True), 'd_kv': (int, True),
+    'd_ff': (int, True), 'num_layers': (int, True), 'num_heads': (int, True),
+    'num_decoder_layers': (int, False),
+    'relative_attention_num_buckets': (int, False),
+    'relative_attention_max_distance': (int, False),
+    'layer_norm_epsilon': (float, False), 'dropout_rate': (float, False),
+    'feed_forward_proj': (str, False), 'tie_word_embeddings': (bool, False),
+    'pad_token_id': (int, False), 'eos_token_id': (int, False),
+    'decoder_start_token_id': (int, False), 'model_type': (str, False),
+}
+
+
+def config_from_hf(data: dict[str, Any], where: str = 'config.json') -> T5Config:
+  """A :class:`T5Config` from the fields of a Hugging Face config.json."""
+  model_type = data.get('model_type', 't5')
+  if model_type not in ('t5', 'mt5'):
+    raise ValueError(f'{where}: model_type {model_type!r} is not a T5/mT5 '
+                     'model (expected "t5" or "mt5").')
+  kwargs = {}
+  for name, (kind, required) in _CONFIG_FIELDS.items():
+    if name not in data or data[name] is None:
+      if required:
+        raise ValueError(f'{where}: missing required field {name!r}.')
+      continue
+    value = data[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if name == 'eos_token_id' and isinstance(value, list) and value:
+      value = value[0]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise ValueError(f'{where}: field {name!r} must be {kind.__name__}, got '
+                       f'{data[name]!r}.')
+    kwargs[name] = value
+  # HF's T5Config defaults tie_word_embeddings to True (original T5); v1.1
+  # and mT5 configs say false explicitly.
+  kwargs.setdefault('tie_word_embeddings', True)
+  try:
+    return T5Config(**kwargs)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+
+
+def config_to_hf(config: T5Config, dtype) -> dict[str, Any]:
+  """The config.json fields Hugging Face needs to load the checkpoint."""
+  arch = 'MT5ForConditionalGeneration' if config.model_type == 'mt5' else (
+      'T5ForConditionalGeneration')
+  data = {name: getattr(config, name) for name in _CONFIG_FIELDS}
+  data.update(architectures=[arch], is_encoder_decoder=True,
+              is_gated_act=config.is_gated,
+              dense_act_fn=('gelu_new' if config.feed_forward_proj == 'gated-gelu'
+                            else config.feed_forward_proj.split('-')[-1]),
+              torch_dtype=np.dtype(dtype).name, use_cache=True,
+              initializer_factor=1.0)
+  return data
+
+
+def _hf_params(model: T5) -> Iterator[tuple[str, nnx.Variable, str]]:
+  """(HF tensor name, our variable, kind) for every parameter of ``model``.
+
+  kind: None for tensors stored alike on both sides; for linear weights the
+  number of leading kernel axes that are inputs (HF stores [out, in], our
+  kernel is in_shape + out_shape).
+  """
+  linear = lambda proj: (proj.kernel, len(proj.in_shape))
+  yield 'shared.weight', model.embedding, None
+  if model.lm_head is not None:
+    yield ('lm_head.weight', *linear(model.lm_head))
+  for stack_name in ('encoder', 'decoder'):
+    stack = getattr(model, stack_name)
+    yield f'{stack_name}.final_layer_norm.weight', stack.final_norm.scale, None
+    for i, layer in enumerate(stack.layers):
+      pre = f'{stack_name}.block.{i}.layer'
+      yield f'{pre}.0.layer_norm.weight', layer.self_attn_norm.scale, None
+      attns = [('0.SelfAttention', layer.self_attn)]
+      if layer.cross_attn is not None:
+        attns.append(('1.EncDecAttention', layer.cross_attn))
+        yield f'{pre}.1.layer_norm.weight', layer.cross_attn_norm.scale, None
+      for name, attn in attns:
+        for p in 'qkvo':
+          yield (f'{pre}.{name}.{p}.weight', *linear(getattr(attn, p)))
+        if attn.relative_attention_bias is not None:
+          yield (f'{pre}.{name}.relative_attention_bias.weight',
+                 attn.relative_attention_bias, None)
+      ff = 2 if layer.cross_attn is not None else 1
+      yield f'{pre}.{ff}.layer_norm.weight', layer.mlp_norm.scale, None
+      for p in (('wi_0', 'wi_1') if layer.mlp.gated else ('wi',)) + ('wo',):
+        yield (f'{pre}.{ff}.DenseReluDense.{p}.weight',
+               *linear(getattr(layer.mlp, p)))
+
+
+# Tied copies of shared.weight that HF may or may not write.
+_TIED_ALIASES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
+                    param_dtype=jnp.float32,
+                    dropout_rate: float | None = 0.0) -> T5:
+  """Loads a Hugging Face T5 v1.1 / mT5 checkpoint directory.
+
+  Args:
+    path: directory with config.json and model.safetensors (or shards with
+      model.safetensors.index.json), PyTorch names and [out, in] weights.
+    dtype: compute dtype.
+    param_dtype: dtype the parameters are stored in.
+    dropout_rate: overrides config.json's dropout (default 0: a
+      deterministic model; ``None`` keeps the checkpoint's rate).
+
+  Raises:
+    FileNotFoundError: no directory, config.json or weights.
+    ValueError: a malformed config, or missing / mis-shaped / unexpected
+      tensors (the message names the file and the tensor).
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'{path}: not a directory (expected a Hugging '
+                            'Face checkpoint with config.json).')
+  config_path = path / hf_io.CONFIG
+  config = config_from_hf(hf_io.read_json(config_path, 'config.json'),
+                          str(config_path))
+  if dropout_rate is not None:
+    config = dataclasses.replace(config, dropout_rate=dropout_rate)
+  tensors = hf_io.load_tensors(path)
+  where = str(path / hf_io.SAFETENSORS)
+  if not (path / hf_io.SAFETENSORS).is_file():
+    where = str(path / hf_io.SAFETENSORS_INDEX)
+  if 'shared.weight' not in tensors:
+    for alias in _TIED_ALIASES:
+      if alias in tensors:
+        tensors['shared.weight'] = tensors[alias]
+        break
+  # Build without random init (a large model would not fit twice), then fill.
+  model = nnx.eval_shape(lambda: T5(config, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=nnx.Rngs(0)))
+  used = set(_TIED_ALIASES)
+  for name, var, kind in _hf_params(model):
+    if name not in tensors:
+      raise ValueError(f'{where}: missing tensor {name!r}.')
+    value = tensors[name]
+    shape = tuple(var.shape)
+    if kind is not None:
+      expected = _hf_linear_shape(shape, kind)
+      if tuple(value.shape) != expected:
+        raise ValueError(f'{where}: tensor {name!r} has shape '
+                         f'{tuple(value.shape)}, expected {expected}.')
+      value = np.ascontiguousarray(value.T).reshape(shape)
+    elif tuple(value.shape) != shape:
+      raise ValueError(f'{where}: tensor {name!r} has shape '
+                       f'{tuple(value.shape)}, expected {shape}.')
+    var.set_value(jnp.asarray(value, dtype=param_dtype))
+    used.add(name)
+  if config.tie_word_embeddings:
+    used.add('lm_head.weight')
+  unexpected = sorted(set(tensors) - used)
+  if unexpected:
+    raise ValueError(f'{where}: unexpected tensor {unexpected[0]!r} (and '
+                     f'{len(unexpected) - 1} more) for this config.json.')
+  return model
+
+
+def _hf_linear_shape(shape, n_in: int) -> tuple[int, int]:
+  """HF's [out, in] shape of a kernel of ``shape`` with ``n_in`` input axes."""
+  return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def save_pretrained(model: T5, directory: str | os.PathLike, *,
+                    max_shard_bytes: int | None = None) -> Path:
+  """Writes ``model`` as a Hugging Face checkpoint directory.
+
+  Writes config.json and model.safetensors (or shards and an index when the
+  weights exceed ``max_shard_bytes``) in the parameters' dtype; LoRA adapters
+  are not included (merge them first with ``models.lora.merge_lora``, or
+  export them with ``models.lora.save_peft_adapter``).
+  """
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for name, var, kind in _hf_params(model):
+    value = np.asarray(jax.device_get(var[...]))
+    if kind is not None:
+      rows, cols = _hf_linear_shape(value.shape, kind)
+      value = value.reshape(cols, rows).T
+    tensors[name] = value
+  hf_io.save_tensors(directory, tensors, max_shard_bytes)
+  hf_io.write_json(directory / hf_io.CONFIG,
+                   config_to_hf(model.config, model.embedding[...].dtype))
+  return directory
