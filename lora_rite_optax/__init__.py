@@ -3,6 +3,16 @@
 from lora_rite_optax.pairs import (LoraLayout, LoraPair, NNX_LAYOUT,
                                    PEFT_LAYOUT, find_lora_pairs, lora_b_mask)
 
+from lora_rite_optax import init
+from lora_rite_optax.factory import OPTIMIZER_NAMES, optimizer
+from lora_rite_optax.loraplus import loraplus, loraplus_labels
+from lora_rite_optax.scaled_adam import (ScaleByAdamAuthorsState,
+                                         scale_by_adam_authors,
+                                         scale_by_riemannian_precond,
+                                         scaled_adam)
+from lora_rite_optax.shampoo import (BlockStats, ShampooState,
+                                     scale_by_shampoo, shampoo)
+
 from lora_rite_optax.lora_rite import (ScaleByLoraRiteState,
                                        balance_lora_factors, lora_rite,
                                        scale_by_lora_rite)

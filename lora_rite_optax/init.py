@@ -90,8 +90,8 @@ def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
   Example:
     >>> import jax
     >>> from lora_rite_optax import init
-    >>> a, b = init.gaussian(jax.random.key(0), 512, 8, 4)
-    >>> round(float(a.std()), 1)
+    >>> a, b = init.gaussian(jax.random.key(0), 4096, 8, 5)
+    >>> round(float(a.std()), 2)
     0.2
   """
   _check_dims('gaussian', in_dim, out_dim, rank)
@@ -124,7 +124,7 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
     >>> import jax, jax.numpy as jnp
     >>> from lora_rite_optax import init
     >>> x = jnp.diag(jnp.arange(6.0, 0.0, -1.0))
-    >>> u, s, vh = init.randomized_svd(x, 2, niter=6)
+    >>> u, s, vh = init.randomized_svd(x, 2, niter=6, oversample=2)
     >>> [round(float(v), 4) for v in s]
     [6.0, 5.0]
   """

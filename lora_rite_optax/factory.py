@@ -1,0 +1,84 @@
+"""Pick any of the paper's optimizers by name: ``optimizer(name, lr, **kw)``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import optax
+
+__all__ = ['optimizer', 'OPTIMIZER_NAMES']
+
+OPTIMIZER_NAMES = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
+                   'lamb')
+
+
+def _adam(learning_rate, weight_decay=0.0, **kwargs):
+  return optax.adamw(learning_rate, weight_decay=weight_decay, **kwargs)
+
+
+def _lamb(learning_rate, weight_decay=0.0, **kwargs):
+  return optax.lamb(learning_rate, weight_decay=weight_decay, **kwargs)
+
+
+def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """(the function called, the function whose signature lists the kwargs)."""
+  if name == 'lora_rite':
+    # Imported here: lora_rite.py is developed separately.
+    from lora_rite_optax.lora_rite import lora_rite  # pylint: disable=g-import-not-at-top
+    return lora_rite, lora_rite
+  if name == 'adam':
+    return _adam, optax.adamw
+  if name == 'lamb':
+    return _lamb, optax.lamb
+  if name == 'loraplus':
+    from lora_rite_optax.loraplus import loraplus  # pylint: disable=g-import-not-at-top
+    return loraplus, loraplus
+  if name == 'scaled_adam':
+    from lora_rite_optax.scaled_adam import scaled_adam  # pylint: disable=g-import-not-at-top
+    return scaled_adam, scaled_adam
+  from lora_rite_optax.shampoo import shampoo  # pylint: disable=g-import-not-at-top
+  return shampoo, shampoo
+
+
+def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
+              **kwargs) -> optax.GradientTransformation:
+  """Builds one of the compared optimizers by name.
+
+  ``'adam'`` and ``'lamb'`` are ``optax.adamw`` and ``optax.lamb`` with
+  ``weight_decay`` defaulting to 0 (optax's adamw defaults to 1e-4);
+  ``'lora_rite'``, ``'loraplus'``, ``'scaled_adam'`` and ``'shampoo'`` are this
+  library's. ``kwargs`` are the chosen optimizer's keyword arguments.
+
+  Args:
+    name: one of ``OPTIMIZER_NAMES``: lora_rite, adam, loraplus, scaled_adam,
+      shampoo, lamb.
+    learning_rate: a float or an optax schedule.
+    **kwargs: passed to the optimizer (for example ``weight_decay``, ``b2``,
+      ``lr_ratio`` for loraplus, ``block_size`` for shampoo).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Raises:
+    ValueError: for an unknown name or a keyword the optimizer does not take.
+
+  Example:
+    >>> import lora_rite_optax as lro
+    >>> tx = lro.optimizer('loraplus', 1e-4, lr_ratio=8.0)
+    >>> lro.optimizer('sgd', 1e-4)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown optimizer 'sgd'; choose one of: lora_rite, adam, loraplus, scaled_adam, shampoo, lamb.
+  """
+  if name not in OPTIMIZER_NAMES:
+    raise ValueError(f'unknown optimizer {name!r}; choose one of: '
+                     f'{", ".join(OPTIMIZER_NAMES)}.')
+  build, documented = _factory(name)
+  accepted = [p for p in inspect.signature(documented).parameters
+              if p != 'learning_rate']
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f'{name}: unknown argument(s) {", ".join(unknown)}; it '
+                     f'accepts: {", ".join(accepted)}.')
+  return build(learning_rate, **kwargs)

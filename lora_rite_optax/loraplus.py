@@ -1,0 +1,192 @@
+"""LoRA+: a larger learning rate for the ``lora_b`` factor of every pair."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import optax
+
+from lora_rite_optax import pairs as pairs_lib
+
+__all__ = ['loraplus', 'loraplus_labels']
+
+ScalarOrSchedule = optax.ScalarOrSchedule
+BaseFactory = Callable[[ScalarOrSchedule], optax.GradientTransformation]
+
+# Group labels used by `loraplus_labels` and the partition in `loraplus`.
+A, B, B_NO_DECAY, EMBEDDING = 'a', 'b', 'b_no_decay', 'embedding'
+
+
+def _scaled(rate: ScalarOrSchedule, factor: float) -> ScalarOrSchedule:
+  if callable(rate):
+    return lambda count: factor * rate(count)
+  return factor * rate
+
+
+def _no_decay(path: str) -> bool:
+  lowered = path.lower()
+  return 'bias' in lowered or 'norm' in lowered
+
+
+def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
+                    is_embedding: Optional[Callable[[str], bool]] = None):
+  """The LoRA+ group of every leaf, following PEFT's ``create_loraplus_optimizer``.
+
+  * ``'b'``: every ``lora_b`` factor of a pair, and every other 1-D leaf.
+  * ``'b_no_decay'``: 1-D leaves outside pairs whose path names a bias or a
+    norm (PEFT: biases and ``nn.LayerNorm`` weights get no weight decay).
+  * ``'embedding'``: both factors of a pair whose path satisfies
+    ``is_embedding`` (only when ``is_embedding`` is given).
+  * ``'a'``: everything else (``lora_a`` factors and other leaves).
+
+  Args:
+    params: a pytree of arrays (masked-out leaves get ``'a'``; they are
+      skipped by every group anyway).
+    layout: how pairs are recognised, see :func:`find_lora_pairs`.
+    is_embedding: predicate on a pair's path (``'embed/tokens'``).
+
+  Returns:
+    A pytree of labels with the structure of ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from lora_rite_optax import loraplus_labels
+    >>> params = {'q': {'lora_a': jnp.zeros((4, 2)), 'lora_b': jnp.zeros((2, 3))},
+    ...           'bias': jnp.zeros(3)}
+    >>> loraplus_labels(params)
+    {'bias': 'b_no_decay', 'q': {'lora_a': 'a', 'lora_b': 'b'}}
+  """
+  paired = pairs_lib.find_lora_pairs(params, layout, who='loraplus',
+                                     allow_unpaired=True)
+  leaves, _ = pairs_lib.flatten(params)
+  labels = []
+  for path, leaf in leaves:
+    if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
+      labels.append(A)
+    elif getattr(leaf, 'ndim', 0) == 1:
+      labels.append(B_NO_DECAY if _no_decay('/'.join(path)) else B)
+    else:
+      labels.append(A)
+  for pair in paired.pairs:
+    if is_embedding is not None and is_embedding(pair.name):
+      labels[pair.a_index] = labels[pair.b_index] = EMBEDDING
+    else:
+      labels[pair.a_index], labels[pair.b_index] = A, B
+  return jax.tree_util.tree_unflatten(paired.treedef, labels)
+
+
+def loraplus(
+    learning_rate: ScalarOrSchedule,
+    lr_ratio: float = 16.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    base: Optional[BaseFactory] = None,
+    layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
+    lr_embedding: Optional[ScalarOrSchedule] = None,
+    is_embedding: Optional[Callable[[str], bool]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LoRA+: AdamW (or any optimizer) with ``lr_ratio`` times the rate on B.
+
+  For every pair ``delta W = A @ B`` (``lora_a``, ``lora_b``), ``B`` is
+  trained with learning rate :math:`\lambda \eta_t` and ``A`` with
+  :math:`\eta_t`, where :math:`\lambda` is ``lr_ratio`` and :math:`\eta_t`
+  the (possibly scheduled) ``learning_rate``:
+
+  .. math::
+    A_{t+1} = A_t - \eta_t\, u(A)_t, \qquad
+    B_{t+1} = B_t - \lambda \eta_t\, u(B)_t,
+
+  with :math:`u` the base optimizer's update before its learning rate (AdamW's
+  :math:`\hat m / (\sqrt{\hat v} + \epsilon) + wd\, \theta` by default). Each
+  group has its own optimizer state, exactly as PyTorch parameter groups.
+
+  Which leaf gets which rate follows PEFT's ``create_loraplus_optimizer``:
+  ``lora_B`` factors and every 1-D parameter get ``lr * ratio``; 1-D biases
+  and LayerNorm weights get no weight decay; LoRA factors of embedding layers
+  get ``loraplus_lr_embedding``; everything else (``lora_A``, other trainable
+  matrices) gets ``lr``. Non-pair leaves are allowed. Differences from PEFT:
+
+  * PEFT exempts from weight decay only 1-D parameters named ``bias`` or owned
+    by ``nn.LayerNorm``; here it is 1-D leaves whose path contains ``bias`` or
+    ``norm`` (so RMSNorm scales, which PEFT decays, are not decayed).
+  * The embedding group is opt-in: PEFT's default ``loraplus_lr_embedding`` is
+    1e-6 for both factors of ``lora.Embedding`` modules, but until PEFT PR
+    #3503 (2026) that group was always empty (its module test never matched),
+    so embedding LoRA factors trained at ``lr`` (both factors, as PEFT names
+    the B factor ``lora_embedding_B``). Here, without ``is_embedding`` every
+    pair is an ordinary pair (A at ``lr``, B at ``lr * ratio``); with it, both
+    factors of matching pairs use ``lr_embedding`` (default 1e-6, as PEFT).
+  * A schedule applies to every group (B's rate is ``ratio * schedule``); the
+    embedding group uses ``lr_embedding`` as given (float or schedule).
+  * With ``base``, all groups use ``base`` and its own weight decay: pass
+    ``b1``, ``weight_decay``, ... to ``base`` (``functools.partial``); the
+    no-decay group then uses ``base`` too.
+
+  Args:
+    learning_rate: rate of the ``A`` group; a float or an optax schedule.
+    lr_ratio: :math:`\lambda`, the ratio of B's rate to A's (the paper
+      recommends 2^3 to 2^5; PEFT's examples use 16).
+    b1: AdamW's first-moment decay (ignored with ``base``).
+    b2: AdamW's second-moment decay (ignored with ``base``).
+    eps: AdamW's epsilon (ignored with ``base``).
+    weight_decay: AdamW's decoupled weight decay (must stay 0 with ``base``).
+    base: optional factory ``base(learning_rate) -> GradientTransformation``
+      (for example ``optax.lion`` or ``functools.partial(optax.adamw, b2=0.99,
+      weight_decay=0.1)``) used for every group instead of AdamW.
+    layout: how pairs are recognised, see :func:`find_lora_pairs`.
+    lr_embedding: rate of the embedding group (default 1e-6 when
+      ``is_embedding`` is given).
+    is_embedding: predicate on a pair's path selecting embedding adapters.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lora_rite_optax as lro
+    >>> key = jax.random.key(0)
+    >>> params = {'lora_a': jax.random.normal(key, (4, 2)),
+    ...           'lora_b': jnp.zeros((2, 3))}
+    >>> target = jnp.arange(12.0).reshape(4, 3) / 10
+    >>> loss = lambda p: jnp.sum((p['lora_a'] @ p['lora_b'] - target) ** 2)
+    >>> tx = lro.loraplus(1e-2)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = tx.init(params)
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
+    >>> bool(loss(params) < 1e-2)
+    True
+
+  References:
+    Hayou, Ghosh and Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
+    <https://arxiv.org/abs/2402.12354>`_, ICML 2024; PEFT's
+    ``peft.optimizers.create_loraplus_optimizer``.
+  """
+  if base is None:
+    def make(rate, decay):
+      return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+  else:
+    if (b1, b2, eps, weight_decay) != (0.9, 0.999, 1e-8, 0.0):
+      raise ValueError('loraplus: with base=..., pass b1/b2/eps/weight_decay '
+                       'to base itself, e.g. functools.partial(optax.lion, '
+                       'weight_decay=0.1).')
+
+    def make(rate, decay):
+      del decay
+      return base(rate)
+  if lr_embedding is None:
+    lr_embedding = 1e-6
+  transforms = {
+      A: make(learning_rate, weight_decay),
+      B: make(_scaled(learning_rate, lr_ratio), weight_decay),
+      B_NO_DECAY: make(_scaled(learning_rate, lr_ratio), 0.0),
+      EMBEDDING: make(lr_embedding, weight_decay),
+  }
+  return optax.partition(
+      transforms, lambda tree: loraplus_labels(tree, layout, is_embedding))
