@@ -1,0 +1,183 @@
+"""models.t5: numerics against transformers, HF-layout I/O, decoding, errors."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from models import hf_io, t5
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'data'))
+import t5_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ENC = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+DEC = jnp.array([[0, 3, 4, 5], [0, 7, 8, 9]])
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def forward():
+  return nnx.jit(lambda m, e, d: m(e, d))
+
+
+def test_named_configs():
+  assert t5.get_config('t5-v1_1-xxl').d_model == 4096
+  assert t5.get_config('t5-v1_1-xxl').d_ff == 10240
+  assert t5.get_config('mt5-xxl').vocab_size == 250112
+  assert t5.get_config('mt5-small').num_decoder_layers == 8
+  assert t5.get_config('mt5-large').d_ff == 2816
+  assert not t5.get_config('mt5-base').tie_word_embeddings
+  with pytest.raises(ValueError, match='Unknown T5 config'):
+    t5.get_config('t5-huge')
+
+
+@pytest.mark.parametrize('variant', sorted(t5_reference.CONFIGS))
+def test_matches_transformers_logits(tmp_path, variant):
+  # Logits of transformers' own T5 on the same weights (tests/data).
+  t5_reference.random_checkpoint(str(tmp_path), t5_reference.CONFIGS[variant],
+                                 seed=1)
+  model = t5.from_pretrained(tmp_path)
+  out = model(jnp.asarray(t5_reference.ENCODER_TOKENS),
+              jnp.asarray(t5_reference.DECODER_TOKENS))
+  ref = load_file(t5_reference.REFERENCE)[variant]
+  assert out.dtype == jnp.float32 and out.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_every_param_has_logical_axes(tiny):
+  specs = nnx.get_partition_spec(nnx.state(tiny, nnx.Param))
+  for (path, spec), (_, x) in zip(
+      jax.tree_util.tree_leaves_with_path(specs),
+      jax.tree_util.tree_leaves_with_path(nnx.state(tiny, nnx.Param))):
+    assert len(spec) == x.ndim and any(a is not None for a in spec), path
+  names = {a for spec in jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+           for a in spec}
+  assert {'vocab', 'embed', 'heads', 'head_dim', 'mlp', 'norm'} <= names
+
+
+@pytest.mark.parametrize('shard', [None, 40_000])
+def test_save_load_round_trip_is_exact(tiny, tmp_path, shard):
+  t5.save_pretrained(tiny, tmp_path, max_shard_bytes=shard)
+  if shard:
+    assert (tmp_path / hf_io.SAFETENSORS_INDEX).is_file()
+    assert not (tmp_path / hf_io.SAFETENSORS).exists()
+  loaded = t5.from_pretrained(tmp_path)
+  assert loaded.config == tiny.config
+  for a, b in zip(jax.tree.leaves(nnx.state(tiny)),
+                  jax.tree.leaves(nnx.state(loaded))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Same names and [out, in] orientation as transformers.
+  names = hf_io.load_tensors(tmp_path)
+  assert names['encoder.block.0.layer.0.SelfAttention.q.weight'].shape == (32, 32)
+  assert names['decoder.block.1.layer.2.DenseReluDense.wi_0.weight'].shape == (48, 32)
+  assert names['lm_head.weight'].shape == (128, 32)
+  assert json.loads((tmp_path / 'config.json').read_text())[
+      'architectures'] == ['T5ForConditionalGeneration']
+
+
+def test_padding_does_not_change_logits(tiny, forward):
+  # T5 has no absolute positions, so right-padding the encoder input must
+  # leave the decoder logits unchanged when the mask works.
+  short = jnp.array([[5, 6, 7, 8]])
+  padded = jnp.array([[5, 6, 7, 8, 0, 0]])
+  np.testing.assert_allclose(forward(tiny, short, DEC[:1]),
+                             forward(tiny, padded, DEC[:1]), atol=1e-5)
+
+
+def test_decoder_is_causal(tiny, forward):
+  a = forward(tiny, ENC, DEC)
+  b = forward(tiny, ENC, DEC.at[:, -1].set(99))
+  np.testing.assert_allclose(a[:, :-1], b[:, :-1], atol=1e-6)
+
+
+def test_cached_greedy_equals_full_forward(tiny, forward):
+  tokens, logits = t5.greedy_generate(tiny, ENC, 5, return_logits=True)
+  assert tokens.shape == (2, 5)
+  start = jnp.full((2, 1), tiny.config.decoder_start_token_id)
+  full = forward(tiny, ENC, jnp.concatenate([start, tokens[:, :-1]], axis=1))
+  steps = logits.shape[1]
+  np.testing.assert_allclose(logits, full[:, :steps], atol=1e-4)
+  np.testing.assert_array_equal(tokens[:, :steps], jnp.argmax(full, -1)[:, :steps])
+
+
+def _write(tmp_path, config=None, tensors=None):
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  if config is not None:
+    (tmp_path / 'config.json').write_text(
+        config if isinstance(config, str) else json.dumps(config))
+  if tensors is not None:
+    save_file(tensors, str(tmp_path / 'model.safetensors'))
+  return tmp_path
+
+
+def _one_line(excinfo):
+  msg = str(excinfo.value)
+  assert '\n' not in msg and msg, msg
+  return msg
+
+
+def test_bad_inputs(tmp_path):
+  cfg = t5_reference.CONFIGS['gated']
+  good = t5_reference.random_checkpoint(str(tmp_path / 'good'), cfg)
+
+  with pytest.raises(FileNotFoundError) as e:
+    t5.from_pretrained(tmp_path / 'nowhere')
+  assert 'nowhere' in _one_line(e)
+  with pytest.raises(FileNotFoundError) as e:
+    t5.from_pretrained(_write(tmp_path / 'noconfig', tensors=good))
+  assert 'config.json' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'badjson', '{"d_model": 3,', good))
+  assert 'not valid JSON' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'nofield',
+                              {k: v for k, v in cfg.items() if k != 'd_kv'}, good))
+  assert "missing required field 'd_kv'" in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'gemma', dict(cfg, model_type='gemma'), good))
+  assert 'not a T5/mT5' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'type', dict(cfg, d_model='32'), good))
+  assert "'d_model' must be int" in _one_line(e)
+  with pytest.raises(FileNotFoundError) as e:
+    t5.from_pretrained(_write(tmp_path / 'noweights', cfg))
+  assert 'model.safetensors' in _one_line(e)
+
+  name = 'decoder.block.1.layer.1.EncDecAttention.k.weight'
+  missing = {k: v for k, v in good.items() if k != name}
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'missing', cfg, missing))
+  assert f"missing tensor '{name}'" in _one_line(e)
+  assert 'model.safetensors' in str(e.value)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'shape', cfg,
+                              dict(good, **{name: good[name][:, :-1]})))
+  assert f"'{name}' has shape (32, 31), expected (32, 32)" in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'extra', cfg,
+                              dict(good, **{'encoder.block.7.x.weight': good[name]})))
+  assert 'unexpected tensor' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'nlayers', dict(cfg, num_layers=3), good))
+  assert "missing tensor 'encoder.block.2" in _one_line(e)
+
+
+def test_shard_index_cannot_escape_directory(tmp_path):
+  cfg = t5_reference.CONFIGS['gated']
+  d = _write(tmp_path / 'ckpt', cfg)
+  (d / hf_io.SAFETENSORS_INDEX).write_text(json.dumps(
+      {'weight_map': {'shared.weight': '../../etc/passwd'}}))
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(d)
+  assert 'outside the directory' in _one_line(e)
