@@ -6,7 +6,8 @@ LoRA Optimization", ICLR 2025, https://arxiv.org/abs/2410.20625.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import NamedTuple
 
 import chex
 import jax
@@ -44,9 +45,10 @@ def _state_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _decay(beta: chex.Numeric, count: chex.Array) -> chex.Array:
+def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   """Bias-corrected decay beta (1 - beta^t) / (1 - beta^(t+1)), t 0-based."""
-  t = count.astype(jnp.float32)
+  beta = jnp.asarray(beta).astype(dtype)
+  t = count.astype(dtype)
   return beta * (1 - beta**t) / (1 - beta**(t + 1))
 
 
@@ -264,13 +266,16 @@ def scale_by_lora_rite(
                         for k, v in parts.items()})
 
     count = state.count
-    d1 = _decay(jnp.asarray(b1, jnp.float32), count)
-    d2 = _decay(jnp.asarray(b2, jnp.float32), count)
+    # Scalars in the widest state dtype (float64 when params are).
+    dtype = functools.reduce(jnp.promote_types, [k[2] for k in groups],
+                             jnp.float32)
+    d1 = _decay(b1, count, dtype)
+    d2 = _decay(b2, count, dtype)
 
     # Pass 1: bases, pseudo-inverses and unmagnified gradients of every group;
     # the clip needs the global norm of all of them before anything else.
     work = []
-    total_sq = jnp.zeros([], jnp.float32)
+    total_sq = jnp.zeros([], dtype)
     for key, group in groups.items():
       fa, fb = stacked(group, 'a'), stacked(group, 'b')
       rinv_a, basis_a = linalg.orthonormal_basis(fa.x)
@@ -280,7 +285,7 @@ def scale_by_lora_rite(
       total_sq += jnp.sum(jnp.square(ga)) + jnp.sum(jnp.square(gb))
       work.append((group, fa, fb, rinv_a, rinv_b, basis_a, basis_b, ga, gb))
 
-    clip = jnp.asarray(clip_unmagnified_grad, jnp.float32)
+    clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
     norm = jnp.sqrt(total_sq)
     clip_scale = jnp.where((clip > 0) & (norm > clip),
                            clip / jnp.where(norm > 0, norm, 1.0), 1.0)

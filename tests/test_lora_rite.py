@@ -1,0 +1,415 @@
+"""LoRA-RITE: parity with a NumPy reference, invariance, robustness, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_rite_optax as lro
+from tests.lora_rite_reference import ReferenceLoraRite
+
+# (lora_a shape, lora_b shape): a plain matrix pair, Gemma's query einsum
+# pair (D, r) x (r, N, H) and its output projection (N, H, r) x (r, D).
+SHAPES = [((6, 3), (3, 5)), ((4, 3), (3, 2, 5)), ((2, 3, 3), (3, 4))]
+
+
+def _contract(a, b):
+  return jnp.tensordot(a, b, axes=([-1], [0]))
+
+
+def _problem(seed, zero_b, dtype=np.float64):
+  """Random pairs and targets for a least-squares loss on each H = A B."""
+  rng = np.random.default_rng(seed)
+  params, targets = {}, {}
+  for i, (sa, sb) in enumerate(SHAPES):
+    a = rng.normal(size=sa)
+    b = np.zeros(sb) if zero_b else rng.normal(size=sb) * 0.3
+    params[f'p{i}'] = {'lora_a': a.astype(dtype), 'lora_b': b.astype(dtype)}
+    targets[f'p{i}'] = rng.normal(size=sa[:-1] + sb[1:]).astype(dtype)
+  return params, targets
+
+
+def _loss(params, targets):
+  return sum(jnp.mean((_contract(p['lora_a'], p['lora_b']) - targets[k])**2)
+             for k, p in params.items())
+
+
+@functools.lru_cache(maxsize=None)
+def _stepper(lr, knobs=(), adam=False):
+  """(tx, jitted step) for one optimizer config, shared by every test.
+
+  One jitted function per config (loss gradient, update and apply together)
+  keeps the suite to a few compilations per config and dtype.
+  """
+  tx = optax.adam(lr) if adam else lro.lora_rite(lr, **dict(knobs))
+
+  @jax.jit
+  def step(params, state, targets):
+    grads = jax.grad(_loss)(params, targets)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  return tx, step
+
+
+_grad = jax.jit(jax.grad(_loss))
+
+
+KNOBS = {
+    'defaults': {},
+    'decays': dict(b1=0.5, b2=0.9, eps=1e-3),
+    'escape_mass': dict(escape_mass=True, b2=0.9),
+    'capping': dict(update_capping=0.05),
+    'clip_active': dict(clip_unmagnified_grad=0.05),
+    'skipping_active': dict(update_skipping=0.3),
+    'weight_decay': dict(weight_decay=0.1),
+    'balance': dict(balance_factors=True),
+    'everything': dict(escape_mass=True, update_capping=0.05,
+                       clip_unmagnified_grad=0.2, update_skipping=0.5,
+                       weight_decay=0.05, balance_factors=True, b2=0.95),
+}
+
+
+@pytest.mark.parametrize('zero_b', [True, False], ids=['b0', 'b_random'])
+@pytest.mark.parametrize('knobs', list(KNOBS), ids=list(KNOBS))
+def test_matches_numpy_reference(knobs, zero_b):
+  kw = KNOBS[knobs]
+  lr = 0.05
+  with jax.enable_x64(True):
+    params, targets = _problem(0, zero_b)
+    tx, step = _stepper(lr, tuple(sorted(kw.items())))
+    ref = ReferenceLoraRite(lr, **kw)
+    state = tx.init(params)
+    ref_params = [(p['lora_a'], p['lora_b']) for p in params.values()]
+    for _ in range(15):
+      params, state, _ = step(params, state, targets)
+      ref_dict = {f'p{i}': {'lora_a': a, 'lora_b': b}
+                  for i, (a, b) in enumerate(ref_params)}
+      ref_grads = _grad(ref_dict, targets)
+      ref_params = ref.step(
+          ref_params,
+          [(np.asarray(g['lora_a']), np.asarray(g['lora_b']))
+           for g in ref_grads.values()])
+      for i, (a, b) in enumerate(ref_params):
+        np.testing.assert_allclose(params[f'p{i}']['lora_a'], a, rtol=1e-8,
+                                   atol=1e-10)
+        np.testing.assert_allclose(params[f'p{i}']['lora_b'], b, rtol=1e-8,
+                                   atol=1e-10)
+    assert np.isfinite(_loss(params, targets))
+
+
+def _random_invertible(rng, r, cond):
+  q1, _ = np.linalg.qr(rng.normal(size=(r, r)))
+  q2, _ = np.linalg.qr(rng.normal(size=(r, r)))
+  return q1 @ np.diag(np.geomspace(1.0, 1.0 / cond, r)) @ q2
+
+
+def _h_trajectory(stepper, params, targets, steps):
+  tx, step = stepper
+  state = tx.init(params)
+  out = []
+  for _ in range(steps):
+    params, state, _ = step(params, state, targets)
+    out.append({k: _contract(p['lora_a'], p['lora_b'])
+                for k, p in params.items()})
+  return out
+
+
+def _equivalent(params, transforms):
+  """(A R, R^-1 B) for each pair, R from transforms[name]."""
+  out = {}
+  for k, p in params.items():
+    r = transforms[k]
+    out[k] = {'lora_a': jnp.tensordot(p['lora_a'], r, axes=([-1], [0])),
+              'lora_b': jnp.tensordot(jnp.linalg.inv(r), p['lora_b'],
+                                      axes=([1], [0]))}
+  return out
+
+
+def _max_relative_gap(traj1, traj2):
+  gap = 0.0
+  for h1, h2 in zip(traj1, traj2):
+    for k in h1:
+      gap = max(gap, float(jnp.linalg.norm(h1[k] - h2[k]) /
+                           jnp.linalg.norm(h1[k])))
+  return gap
+
+
+TRANSFORMS = ['scale_1e-3', 'scale_1e3', 'random_cond100']
+
+
+def _transforms(kind, dtype):
+  rng = np.random.default_rng(1)
+  r = SHAPES[0][0][-1]
+  if kind == 'scale_1e-3':
+    mat = lambda: 1e-3 * np.eye(r)
+  elif kind == 'scale_1e3':
+    mat = lambda: 1e3 * np.eye(r)
+  else:
+    mat = lambda: _random_invertible(rng, r, 100.0)
+  return {f'p{i}': mat().astype(dtype) for i in range(len(SHAPES))}
+
+
+@pytest.mark.parametrize('kind', TRANSFORMS)
+@pytest.mark.parametrize('kw', [
+    dict(b1=0.0),
+    dict(b1=0.9, escape_mass=False),
+    dict(b1=0.9, escape_mass=True, b2=0.9),
+], ids=['no_momentum', 'momentum', 'momentum_escape'])
+def test_transformation_invariance_float64(kind, kw):
+  with jax.enable_x64(True):
+    params, targets = _problem(2, zero_b=False)
+    stepper = _stepper(0.02, tuple(sorted(kw.items())))
+    base = _h_trajectory(stepper, params, targets, 25)
+    moved = _h_trajectory(stepper,
+                          _equivalent(params, _transforms(kind, np.float64)),
+                          targets, 25)
+    assert _max_relative_gap(base, moved) < 1e-10
+    # The loss fell: the trajectory compared is a real one.
+    h0 = {k: _contract(p['lora_a'], p['lora_b']) for k, p in params.items()}
+    assert (sum(float(jnp.mean((base[-1][k] - targets[k])**2)) for k in h0) <
+            0.9 * sum(float(jnp.mean((h0[k] - targets[k])**2)) for k in h0))
+
+
+# float32 keeps about 1e-7 relative per step; over 25 steps through QRs of
+# factors with condition numbers up to ~1e3 the H trajectories stay within
+# 1e-3 of each other.
+FLOAT32_TOLERANCE = 1e-3
+
+
+@pytest.mark.parametrize('kind', TRANSFORMS)
+def test_transformation_invariance_float32(kind):
+  params, targets = _problem(2, zero_b=False, dtype=np.float32)
+  stepper = _stepper(0.02, (('b1', 0.9), ('b2', 0.9), ('escape_mass', True)))
+  base = _h_trajectory(stepper, params, targets, 25)
+  moved = _h_trajectory(stepper,
+                        _equivalent(params, _transforms(kind, np.float32)),
+                        targets, 25)
+  assert _max_relative_gap(base, moved) < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize('kind', TRANSFORMS)
+def test_adam_is_not_invariant(kind):
+  """The same check fails for Adam, so the invariance test can fail."""
+  with jax.enable_x64(True):
+    params, targets = _problem(2, zero_b=False)
+    stepper = _stepper(0.02, adam=True)
+    base = _h_trajectory(stepper, params, targets, 25)
+    moved = _h_trajectory(stepper,
+                          _equivalent(params, _transforms(kind, np.float64)),
+                          targets, 25)
+    assert _max_relative_gap(base, moved) > 1e-2
+
+
+def test_zero_lora_b_gives_finite_first_steps():
+  params, targets = _problem(3, zero_b=True, dtype=np.float32)
+  tx, step = _stepper(0.01)
+  _, _, updates = step(params, tx.init(params), targets)
+  # B = 0 makes R_B^+ = 0: A gets no step, B does, nothing is NaN.
+  for k in params:
+    assert np.all(np.asarray(updates[k]['lora_a']) == 0)
+    assert np.all(np.isfinite(np.asarray(updates[k]['lora_b'])))
+    assert np.any(np.asarray(updates[k]['lora_b']) != 0)
+
+
+def test_second_step_moves_a_by_about_its_norm():
+  """With lora_b = 0 at init the A update scales with 1/||B||."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.uniform(-1, 1, (64, 8)) / 8.0, jnp.float32)
+  params = {'lora_a': a, 'lora_b': jnp.zeros((8, 48))}
+  target = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
+  loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - target)**2)
+  tx = lro.lora_rite(1e-3)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(jax.grad(loss)(params), state, params)
+    norm_a = float(jnp.linalg.norm(params['lora_a']))
+    params = optax.apply_updates(params, updates)
+  moved = float(jnp.linalg.norm(updates['lora_a'])) / norm_a
+  assert moved > 0.5, moved
+
+
+@pytest.mark.parametrize('bad', ['nan', 'inf'])
+def test_non_finite_gradient_never_reaches_params(bad):
+  params, targets = _problem(4, zero_b=False, dtype=np.float32)
+  tx, _ = _stepper(0.05)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  value = np.nan if bad == 'nan' else np.inf
+  for step in range(12):
+    grads = jax.grad(_loss)(params, targets)
+    if step % 3 == 1:
+      grads['p1']['lora_a'] = grads['p1']['lora_a'].at[0, 0].set(value)
+    if step % 4 == 2:
+      grads['p0']['lora_b'] = jnp.full_like(grads['p0']['lora_b'], value)
+    updates, state = update(grads, state, params)
+    if step == 1:
+      # The bad factor's fresh gradient was dropped; its partner still moved.
+      assert np.all(np.isfinite(np.asarray(updates['p1']['lora_b'])))
+    params = optax.apply_updates(params, updates)
+    for leaf in jax.tree.leaves((params, state)):
+      assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_nan_step_at_start_leaves_factor_unmoved():
+  params, targets = _problem(4, zero_b=False, dtype=np.float32)
+  tx = lro.lora_rite(0.05)
+  grads = jax.grad(_loss)(params, targets)
+  grads['p2']['lora_a'] = grads['p2']['lora_a'].at[0, 0, 0].set(np.nan)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  # No momentum yet, so the factor with the bad gradient gets a zero step.
+  assert np.all(np.asarray(updates['p2']['lora_a']) == 0)
+  assert np.any(np.asarray(updates['p2']['lora_b']) != 0)
+
+
+def test_scanned_layout_equals_separate_pairs():
+  """A leading layer axis makes each slice an independent pair."""
+  rng = np.random.default_rng(5)
+  a = jnp.asarray(rng.normal(size=(3, 6, 2)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+  stacked = {'lora_a': a, 'lora_b': b}
+  loss_stacked = lambda p: jnp.sum(
+      jnp.mean((jnp.einsum('lnr,lrm->lnm', p['lora_a'], p['lora_b']) -
+                target)**2, axis=(1, 2)))
+  separate = {f'l{i}': {'lora_a': a[i], 'lora_b': b[i]} for i in range(3)}
+  loss_separate = lambda p: sum(
+      jnp.mean((p[f'l{i}']['lora_a'] @ p[f'l{i}']['lora_b'] - target[i])**2)
+      for i in range(3))
+  kw = dict(balance_factors=True, escape_mass=True, update_capping=0.1)
+  tx1 = lro.lora_rite(0.05, layout=lro.NNX_LAYOUT.scanned(1), **kw)
+  tx2 = lro.lora_rite(0.05, **kw)
+  s1, s2 = tx1.init(stacked), tx2.init(separate)
+  for _ in range(5):
+    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_stacked)(stacked), s1, stacked)
+    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_separate)(separate), s2, separate)
+    stacked = optax.apply_updates(stacked, u1)
+    separate = optax.apply_updates(separate, u2)
+  for i in range(3):
+    np.testing.assert_allclose(stacked['lora_a'][i],
+                               separate[f'l{i}']['lora_a'], rtol=2e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(stacked['lora_b'][i],
+                               separate[f'l{i}']['lora_b'], rtol=2e-4,
+                               atol=1e-6)
+
+
+def test_peft_layout_equals_nnx_layout():
+  """PEFT's lora_A (r, in) / lora_B (out, r) is the same pair transposed."""
+  params, targets = _problem(6, zero_b=False, dtype=np.float32)
+  a, b = params['p0']['lora_a'], params['p0']['lora_b']
+  t = targets['p0']
+  nnx_params = {'lora_a': a, 'lora_b': b}
+  peft_params = {'lora_A': {'weight': a.T}, 'lora_B': {'weight': b.T}}
+  loss_nnx = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - t)**2)
+  loss_peft = lambda p: jnp.mean(
+      ((p['lora_B']['weight'] @ p['lora_A']['weight']).T - t)**2)
+  tx1 = lro.lora_rite(0.05)
+  tx2 = lro.lora_rite(0.05, layout=lro.PEFT_LAYOUT)
+  s1, s2 = tx1.init(nnx_params), tx2.init(peft_params)
+  for _ in range(5):
+    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_nnx)(nnx_params), s1, nnx_params)
+    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_peft)(peft_params), s2, peft_params)
+    nnx_params = optax.apply_updates(nnx_params, u1)
+    peft_params = optax.apply_updates(peft_params, u2)
+  np.testing.assert_allclose(nnx_params['lora_a'],
+                             peft_params['lora_A']['weight'].T, rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(nnx_params['lora_b'],
+                             peft_params['lora_B']['weight'].T, rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_balance_keeps_product_and_equalises_norms():
+  params, targets = _problem(7, zero_b=False, dtype=np.float32)
+  params['p0']['lora_a'] = params['p0']['lora_a'] * 100.0
+  tx = lro.lora_rite(0.0, balance_factors=True)
+  grads = jax.grad(_loss)(params, targets)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  for k in params:
+    np.testing.assert_allclose(
+        _contract(new[k]['lora_a'], new[k]['lora_b']),
+        _contract(params[k]['lora_a'], params[k]['lora_b']), rtol=1e-4,
+        atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(new[k]['lora_a']),
+                               jnp.linalg.norm(new[k]['lora_b']), rtol=1e-5)
+
+
+def test_state_is_float32_for_bfloat16_params_and_updates_keep_dtype():
+  params, targets = _problem(8, zero_b=False, dtype=np.float32)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tx = lro.lora_rite(0.01)
+  state = tx.init(params)
+  rite = state[0]  # the chain's first element: scale_by_lora_rite's state
+  for leaf in jax.tree.leaves((rite.mu, rite.basis, rite.nu)):
+    assert leaf.dtype == jnp.float32
+  grads = jax.grad(lambda p: _loss(
+      jax.tree.map(lambda x: x.astype(jnp.float32), p), targets))(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  for leaf in jax.tree.leaves(updates):
+    assert leaf.dtype == jnp.bfloat16
+  for leaf in jax.tree.leaves((state[0].mu, state[0].basis)):
+    assert leaf.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _tx():
+  return lro.lora_rite(0.1)
+
+
+def test_error_factor_without_partner():
+  params = {'q': {'lora_a': jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match=r"'q/lora_a' has no partner 'lora_b'"):
+    _tx().init(params)
+
+
+def test_error_ranks_differ():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((3, 5))}}
+  with pytest.raises(ValueError, match=r"rank 2 in lora_a .* but 3 in lora_b"):
+    _tx().init(params)
+
+
+def test_error_leaf_not_in_a_pair_points_at_partition():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))},
+            'embed': jnp.ones((3,))}
+  with pytest.raises(ValueError, match=r"'embed' is not part of a LoRA pair.*"
+                     r"optax.partition"):
+    _tx().init(params)
+
+
+def test_error_update_without_params():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))}}
+  tx = _tx()
+  with pytest.raises(ValueError, match=r'needs params'):
+    tx.update(params, tx.init(params))
+
+
+def test_errors_are_one_line():
+  for params in ({'q': {'lora_a': jnp.ones((4, 2))}},
+                 {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((3,
+                                                                        5))}},
+                 {'x': jnp.ones(3)}):
+    with pytest.raises(ValueError) as info:
+      _tx().init(params)
+    assert '\n' not in str(info.value)
+
+
+def test_partition_routes_other_leaves():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.zeros((2, 5))},
+            'embed': jnp.ones((3,))}
+  labels = {'q': {'lora_a': 'lora', 'lora_b': 'lora'}, 'embed': 'frozen'}
+  tx = optax.partition({'lora': lro.lora_rite(0.1),
+                        'frozen': optax.set_to_zero()}, labels)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  assert np.all(np.asarray(updates['embed']) == 0)
+  assert np.any(np.asarray(updates['q']['lora_b']) != 0)
