@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m lora_rite_optax.demo --out demo_out
+	$(BIN)/python benchmarks/invariance.py --out demo_out
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
