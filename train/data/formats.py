@@ -46,7 +46,8 @@ def from_instruction(record: Record, *, task: str, kind: str,
   of `math` it is the number after 'The answer is' in `output`, not the
   `answer` field: in `math/train.json` the two disagree on 127 of the last
   300 records and the output is what the model is trained on. A `math`
-  record whose output has no 'The answer is N' gets no gold number.
+  record whose output has no 'the answer is N' (any case) gets no gold
+  number and is left out of exact-match scoring.
   """
   _missing(record, ("instruction", "output"), where, task, "instruction")
   instruction = str(record["instruction"])

@@ -1,0 +1,358 @@
+"""Loaders, formats, templates and the built-in task of `train.data`."""
+
+import collections
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from train import data
+from train.data import arithmetic
+from train.data import numbers
+from train.data import templates
+
+DATA_DIR = Path(os.environ.get("LRO_DATA_DIR") or
+                Path(__file__).resolve().parents[1].parent / "shared" / "data")
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(),
+                                reason=f"no shared data at {DATA_DIR}")
+
+
+def _listing(path):
+  return sorted(str(p) for p in Path(path).rglob("*"))
+
+
+# --- the real files in ../shared/data ---------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("task,split,count", [
+    ("arc_challenge", "test", 1172),
+    ("openbookqa", "test", 500),
+    ("boolq", "test", 3270),
+    ("gsm8k", "test", 1319),
+    ("math", "train", 2934),
+])
+def test_real_files_load(task, split, count):
+  examples = data.load_task(task, split, data_dir=DATA_DIR)
+  assert len(examples) == count
+  assert all(e.task == task and e.prompt and e.prompt.endswith("\n")
+             for e in examples)
+
+
+@needs_data
+def test_real_multiple_choice_fields():
+  examples = data.load_task("arc_challenge", "test", data_dir=DATA_DIR)
+  sizes = {len(e.options) for e in examples}
+  assert sizes == {3, 4, 5}  # ARC has a few 3- and 5-way questions.
+  for e in examples:
+    assert e.target == e.options[e.gold_index]
+    assert e.labels[e.gold_index] == e.target.rsplit(" ", 1)[-1]
+    assert len(e.choices) == len(e.options)
+  first = data.load_task("openbookqa", "train", data_dir=DATA_DIR,
+                         validation_fraction=0.5)[0]
+  assert "Answer1:" in first.prompt and "### Response:\n" in first.prompt
+  boolq = data.load_task("boolq", "test", data_dir=DATA_DIR)
+  assert {e.labels for e in boolq} == {("true", "false")}
+  assert sum(e.gold_index == 0 for e in boolq) == 2033  # 'true' answers.
+
+
+@needs_data
+def test_real_math_gold_comes_from_output_not_answer():
+  recs = json.loads((DATA_DIR / "math" / "train.json").read_text())
+  examples = data.load_file(DATA_DIR / "math" / "train.json", "math")
+  assert len(examples) == len(recs)
+  disagree = [(r, e) for r, e in zip(recs, examples)
+              if e.gold_number is not None and
+              numbers.canonical_number(r["answer"]) != e.gold_number]
+  assert disagree  # The README's caution: the answer field is unreliable.
+  for r, e in disagree[:20]:
+    assert e.gold_number == numbers.extract_final_number(
+        r["output"], fallback_to_last=False)
+  no_marker = [e for r, e in zip(recs, examples)
+               if "The answer is" not in r["output"]]
+  assert len(no_marker) == 26  # As the data README counts them.
+  # Ten of them end '... so the answer is N.' (lower case), which counts.
+  assert sum(e.gold_number is None for e in no_marker) == 16
+  gsm = data.load_task("gsm8k", "test", data_dir=DATA_DIR)
+  assert gsm[0].gold_number == "576"  # From `answer`, '576.0'.
+
+
+@needs_data
+def test_validation_is_carved_from_train_by_seed():
+  full = data.load_file(DATA_DIR / "boolq" / "train.json", "boolq")
+  train = data.load_task("boolq", "train", data_dir=DATA_DIR)
+  val = data.load_task("boolq", "validation", data_dir=DATA_DIR)
+  assert len(train) + len(val) == len(full) and len(val) == 943
+  assert collections.Counter(train) + collections.Counter(val) == (
+      collections.Counter(full))
+  assert val == data.load_task("boolq", "validation", data_dir=DATA_DIR)
+  other = data.load_task("boolq", "validation", data_dir=DATA_DIR, seed=1)
+  assert other != val
+  with pytest.raises(FileNotFoundError, match="task 'math'"):
+    data.load_task("math", "test", data_dir=DATA_DIR)
+
+
+def test_data_dir_honours_env(monkeypatch, tmp_path):
+  monkeypatch.setenv("LRO_DATA_DIR", str(tmp_path))
+  assert data.default_data_dir() == tmp_path
+  monkeypatch.delenv("LRO_DATA_DIR")
+  assert data.default_data_dir().parts[-2:] == ("shared", "data")
+
+
+# --- small files the tests write ---------------------------------------------
+
+_INSTR = {"instruction": "Please answer the following question with true or "
+                         "false, question: is the sky blue?\n\nAnswer format: "
+                         "true/false",
+          "input": "", "output": "the correct answer is true",
+          "answer": "true"}
+
+
+def test_json_jsonl_parquet_give_same_examples(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  recs = [_INSTR, dict(_INSTR, answer="false",
+                       output="the correct answer is false")]
+  (tmp_path / "a.json").write_text(json.dumps(recs))
+  (tmp_path / "a.jsonl").write_text(
+      "\n".join(json.dumps(r) for r in recs) + "\n\n")
+  pq.write_table(pa.Table.from_pylist(recs), tmp_path / "a.parquet")
+  loaded = [data.load_file(tmp_path / f"a.{s}", "boolq")
+            for s in ("json", "jsonl", "parquet")]
+  assert loaded[0] == loaded[1] == loaded[2]
+  assert [e.gold_index for e in loaded[0]] == [0, 1]
+
+
+def test_local_folder_layout_and_suffix_search(tmp_path):
+  folder = tmp_path / "boolq"
+  folder.mkdir()
+  (folder / "test.jsonl").write_text(json.dumps(_INSTR) + "\n")
+  examples = data.load_task("boolq", "test", data_dir=tmp_path)
+  assert len(examples) == 1 and examples[0].gold_index == 0
+
+
+def test_hf_formats(tmp_path):
+  arc = {"id": "x", "question": "Which is a metal?",
+         "choices": {"text": ["wood", "iron", "glass"],
+                     "label": ["A", "B", "C"]}, "answerKey": "B"}
+  [e] = data.examples_from_records([arc], "arc_challenge")
+  assert e.gold_index == 1 and e.target == "the correct answer is answer2"
+  assert "Answer1: wood Answer2: iron Answer3: glass" in e.prompt
+  assert "Answer format: answer1/answer2/answer3" in e.prompt
+  assert e.choices == ("wood", "iron", "glass")
+
+  obqa = {"question_stem": "The sun is", "answerKey": "4",
+          "choices": {"text": ["a", "b", "c", "d"],
+                      "label": ["1", "2", "3", "4"]}}
+  [e] = data.examples_from_records([obqa], "openbookqa")
+  assert e.gold_index == 3 and len(e.options) == 4
+
+  [yes, no] = data.examples_from_records(
+      [{"question": "is the sky blue", "passage": "...", "answer": True},
+       {"question": "is fire cold", "label": 0}], "boolq")
+  assert (yes.gold_index, no.gold_index) == (0, 1)
+  # Same prompt as the instruction file gives for the same question.
+  [instr] = data.examples_from_records([_INSTR], "boolq")
+  assert yes.prompt == instr.prompt and yes.target == instr.target
+
+  gsm = {"question": "Tom has 3 apples and buys 2. How many?",
+         "answer": "He has 3+2=<<3+2=5>>5 apples.\n#### 1,005"}
+  [e] = data.examples_from_records([gsm], "gsm8k")
+  assert e.gold_number == "1005"
+  assert e.target == "\nA: He has 3+2=5 apples. The answer is 1005."
+
+  hs = {"ctx": "A man is [title] sitting.", "label": "2",
+        "endings": ["stands.", "runs.", "sleeps.", "eats."]}
+  [e] = data.examples_from_records([hs], "hellaswag")
+  assert e.gold_index == 2 and e.labels[2] == "ending3"
+  assert "Ending1: stands." in e.prompt and "[title]" not in e.prompt
+  [e] = data.examples_from_records([dict(hs, label="")], "hellaswag")
+  assert e.gold_index is None  # The unlabelled test split.
+
+  flat = {"task_name": "t1", "definition": "Reverse the word.",
+          "inputs": "abc", "targets": "cba"}
+  [e] = data.examples_from_records([flat], "superni")
+  assert e.target == "cba" and e.references == ("cba",)
+  assert "Reverse the word." in e.prompt and "### Input:\nabc" in e.prompt
+  task_file = {"Definition": ["Answer yes or no."],
+               "Positive Examples": [],
+               "Instances": [{"id": "1", "input": "a?", "output": ["yes",
+                                                                   "Yes"]},
+                             {"id": "2", "input": "b?", "output": ["no"]}]}
+  path = tmp_path / "task001.json"
+  path.write_text(json.dumps(task_file))
+  examples = data.load_file(path, "superni")
+  assert [e.references for e in examples] == [("yes", "Yes"), ("no",)]
+
+
+def test_prompt_styles():
+  [plain] = data.examples_from_records([_INSTR], "boolq", style="plain")
+  assert plain.prompt == _INSTR["instruction"] + "\n"
+  with pytest.raises(ValueError, match="unknown prompt style 'x'"):
+    templates.wrap_instruction("q", style="x")
+
+
+# --- the Hub, monkeypatched ---------------------------------------------------
+
+
+def test_hub_loading_by_id(monkeypatch):
+  calls = []
+
+  def load_dataset(hub_id, config, split):
+    calls.append((hub_id, config, split))
+    return [{"question": "q?", "answer": False}] * 4
+
+  monkeypatch.setitem(sys.modules, "datasets",
+                      types.SimpleNamespace(load_dataset=load_dataset))
+  test = data.load_task("boolq", "test", hub=True)
+  assert calls == [("google/boolq", None, "validation")]
+  assert len(test) == 4 and test[0].gold_index == 1
+  train = data.load_task("boolq", "train", hub=True,
+                         validation_fraction=0.25)
+  assert calls[-1] == ("google/boolq", None, "train") and len(train) == 3
+
+
+def test_hub_errors_are_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "datasets", None)  # Not installed.
+  with pytest.raises(ImportError, match="needs the `datasets` package") as e:
+    data.load_task("gsm8k", "test", hub=True)
+  assert "\n" not in str(e.value)
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("Couldn't reach the Hub\nsecond line")
+
+  monkeypatch.setitem(sys.modules, "datasets",
+                      types.SimpleNamespace(load_dataset=offline))
+  with pytest.raises(ValueError, match="could not load 'openai/gsm8k'") as e:
+    data.load_task("gsm8k", "test", hub=True)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="has no Hugging Face Hub id"):
+    data.load_task("math", "train", hub=True)
+
+
+# --- the built-in task --------------------------------------------------------
+
+
+def test_arithmetic_is_deterministic_and_disjoint():
+  train = data.load_task("arithmetic", "train")
+  val = data.load_task("arithmetic", "validation")
+  test = data.load_task("arithmetic", "test")
+  assert (len(train), len(val), len(test)) == (1800, 200, 200)
+  assert train == data.load_task("arithmetic", "train")
+  assert train != data.load_task("arithmetic", "train", seed=1)
+  assert not {e.prompt for e in train} & {e.prompt for e in test}
+  # Disjoint in the arithmetic itself, not only in wording.
+  patterns = []
+  for op, template in arithmetic._TEMPLATES:
+    regex = re.escape(template)
+    for field, group in (("name", r"\w+"), ("obj", r"\w+"),
+                         ("a", r"(?P<a>\d+)"), ("b", r"(?P<b>\d+)")):
+      regex = regex.replace(re.escape("{%s}" % field), group, 1)
+      regex = regex.replace(re.escape("{%s}" % field), r"\w+")
+    patterns.append((op, re.compile(regex)))
+
+  def triples(examples):
+    out = set()
+    for e in examples:
+      question = e.prompt[len("Question: "):-len("\nAnswer:")]
+      [(op, m)] = [(op, p.fullmatch(question)) for op, p in patterns
+                   if p.fullmatch(question)]
+      out.add((op, int(m["a"]), int(m["b"])))
+    return out
+
+  assert not triples(train) & triples(test)
+  for e in train[:50] + test[:50]:
+    assert e.target == f" {e.gold_number}" and len(e.target) <= 4
+    assert e.prompt.startswith("Question: ") and e.prompt.endswith("Answer:")
+  ops = {t for t, _ in arithmetic._TEMPLATES}
+  assert ops == {"add", "sub", "mul", "div"}
+  with pytest.raises(ValueError, match="cannot make"):
+    arithmetic.generate("test", 10**6)
+
+
+# --- bad inputs: one clear line, nothing written -----------------------------
+
+
+def test_missing_file(tmp_path):
+  before = _listing(tmp_path)
+  with pytest.raises(FileNotFoundError, match="data file not found") as e:
+    data.load_file(tmp_path / "nope.json", "boolq")
+  assert "nope.json" in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(FileNotFoundError, match="no test file for task"):
+    data.load_task("boolq", "test", data_dir=tmp_path)
+  with pytest.raises(FileNotFoundError, match="trains GSM8K on task 'math'"):
+    data.load_task("gsm8k", "train", data_dir=tmp_path)
+  assert _listing(tmp_path) == before
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+  bad = tmp_path / "bad.json"
+  bad.write_text('[\n  {"instruction": "x",\n   "output": oops}\n]')
+  bad_lines = tmp_path / "bad.jsonl"
+  bad_lines.write_text(json.dumps(_INSTR) + "\n{not json}\n")
+  before = _listing(tmp_path)
+  with pytest.raises(ValueError) as e:
+    data.load_file(bad, "boolq")
+  msg = str(e.value)
+  assert str(bad) in msg and "line 3 column 14" in msg and "\n" not in msg
+  with pytest.raises(ValueError, match=r"bad\.jsonl at line 2 column 2"):
+    data.load_file(bad_lines, "boolq")
+  (tmp_path / "scalar.json").write_text("3")
+  with pytest.raises(ValueError, match="expected a JSON list"):
+    data.read_records(tmp_path / "scalar.json")
+  (tmp_path / "x.csv").write_text("a,b")
+  with pytest.raises(ValueError, match="unsupported data file suffix"):
+    data.read_records(tmp_path / "x.csv")
+  (tmp_path / "bad.parquet").write_text("not parquet")
+  with pytest.raises(ValueError, match="malformed Parquet") as e:
+    data.read_records(tmp_path / "bad.parquet")
+  assert "\n" not in str(e.value)
+  assert _listing(tmp_path) == sorted(before + [
+      str(tmp_path / n) for n in ("scalar.json", "x.csv", "bad.parquet")])
+
+
+def test_unknown_task_and_split(tmp_path):
+  for call in (lambda: data.load_task("squad"),
+               lambda: data.load_file(tmp_path / "x.json", "squad"),
+               lambda: data.examples_from_records([], "squad")):
+    with pytest.raises(ValueError, match="unknown task 'squad'; expected one "
+                                         "of arc_challenge") as e:
+      call()
+    assert "\n" not in str(e.value)
+  assert data.get_task("ARC-Challenge").name == "arc_challenge"
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    data.load_task("boolq", "dev")
+
+
+@pytest.mark.parametrize("task,record,missing", [
+    ("boolq", {"instruction": "q"}, "output"),
+    ("arc_challenge", {"question": "q", "answerKey": "A"}, "choices"),
+    ("openbookqa", {"question": "q", "choices": {}, "answerKey": "A"},
+     "question_stem"),
+    ("gsm8k", {"question": "q"}, "answer"),
+    ("hellaswag", {"ctx": "c", "endings": []}, "label"),
+    ("superni", {"definition": "d", "inputs": "i"}, "targets"),
+])
+def test_record_missing_fields(tmp_path, task, record, missing):
+  path = tmp_path / "r.jsonl"
+  path.write_text(json.dumps(record))
+  with pytest.raises(ValueError) as e:
+    data.load_file(path, task)
+  msg = str(e.value)
+  assert f"missing field(s) {missing}" in msg and "r.jsonl record 0" in msg
+  assert "\n" not in msg
+
+
+def test_bad_gold_labels():
+  with pytest.raises(ValueError, match="answer 'maybe' is not one of"):
+    data.examples_from_records([dict(_INSTR, answer="maybe")], "boolq")
+  arc = {"question": "q", "choices": {"text": ["a"], "label": ["A"]},
+         "answerKey": "Z"}
+  with pytest.raises(ValueError, match="answerKey 'Z' is not one of"):
+    data.examples_from_records([arc], "arc_challenge")
+  with pytest.raises(ValueError, match="no '#### N' final number"):
+    data.examples_from_records([{"question": "q", "answer": "5"}], "gsm8k")

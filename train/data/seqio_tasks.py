@@ -1,0 +1,169 @@
+"""seqio Task registrations of the same tasks, for T5X users (extra `[seqio]`).
+
+seqio needs full TensorFlow, so nothing here is imported by `train.data`;
+importing this module without seqio installed works, and calling
+`register_tasks` then raises a one-line ImportError.
+
+Each task `NAME` is registered as `lro_NAME` with splits train / validation /
+test (as `train.data.load_task` defines them), string features 'inputs'
+(the prompt) and 'targets' (the target), plus 'gold' (the gold label, number
+or references) that the postprocessor hands to the metrics. Usage::
+
+  from train.data import seqio_tasks
+  vocab = seqio.SentencePieceVocabulary("tokenizer.model")
+  seqio_tasks.register_tasks(vocab)
+  ds = seqio.get_mixture_or_task("lro_boolq").get_dataset(
+      {"inputs": 512, "targets": 16}, split="train")
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from train.data import formats
+from train.data import numbers
+from train.data import tasks as tasks_lib
+
+PREFIX = "lro_"
+SPLITS = ("train", "validation", "test")
+# Joins several SuperNI references in the one string feature 'gold'.
+_REF_SEP = "\x1f"
+_LABEL_RE = re.compile(r"\b(answer\d+|ending\d+|true|false)\b")
+
+
+def _import_seqio():
+  try:
+    import seqio  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        "seqio tasks need the [seqio] extra (`pip install seqio`, which "
+        "brings TensorFlow)") from None
+  return seqio, tf
+
+
+def _gold(example, kind: str) -> str:
+  if kind == formats.CHOICE:
+    return "" if example.gold_index is None else example.labels[
+        example.gold_index]
+  if kind == formats.NUMBER:
+    return example.gold_number or ""
+  return _REF_SEP.join(example.references)
+
+
+def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *,
+                task: str, data_dir: str | None, style: str,
+                validation_fraction: float, data_seed: int):
+  """seqio FunctionDataSource callback: one split as a tf.data.Dataset."""
+  del shuffle_files, seed  # One file per split; seqio shuffles examples.
+  _, tf = _import_seqio()
+  kind = tasks_lib.get_task(task).kind
+  examples = tasks_lib.load_task(
+      task, split, data_dir=data_dir, style=style,
+      validation_fraction=validation_fraction, seed=data_seed)
+  return tf.data.Dataset.from_tensor_slices({
+      "inputs": [e.prompt for e in examples],
+      "targets": [e.target for e in examples],
+      "gold": [_gold(e, kind) for e in examples],
+  })
+
+
+def postprocess(text: str, example: dict[str, Any] | None = None,
+                is_target: bool = False, *, kind: str) -> Any:
+  """seqio postprocess_fn: targets -> their gold; predictions -> a label,
+  a number or the text, matching what the task's metric compares."""
+  if is_target and example is not None and "gold" in example:
+    gold = example["gold"]
+    gold = gold.decode("utf-8") if isinstance(gold, bytes) else str(gold)
+    return tuple(gold.split(_REF_SEP)) if kind == formats.GENERATION else gold
+  if kind == formats.CHOICE:
+    match = _LABEL_RE.search(text.lower())
+    return match.group(1) if match else ""
+  if kind == formats.NUMBER:
+    return numbers.extract_final_number(text) or ""
+  return text
+
+
+def choice_accuracy(targets: Sequence[str], predictions: Sequence[str]
+                    ) -> dict[str, float]:
+  """Accuracy (0-100) of predicted option labels."""
+  return {"accuracy": 100.0 * float(np.mean(
+      [t == p for t, p in zip(targets, predictions)]))}
+
+
+def number_exact_match(targets: Sequence[str], predictions: Sequence[str]
+                       ) -> dict[str, float]:
+  """Exact match (0-100) of extracted final numbers."""
+  return {"exact_match": 100.0 * float(np.mean(
+      [numbers.numbers_equal(p or None, t or None)
+       for t, p in zip(targets, predictions)]))}
+
+
+def superni_metrics(targets: Sequence[Sequence[str]],
+                    predictions: Sequence[str]) -> dict[str, float]:
+  """SuperNI exact match and ROUGE-L (0-100) against all references."""
+  # Lazy: train.evaluate is a sibling package, only needed at eval time.
+  from train import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.superni_metrics(predictions, targets)
+
+
+_METRICS = {formats.CHOICE: choice_accuracy,
+            formats.NUMBER: number_exact_match,
+            formats.GENERATION: superni_metrics}
+
+
+def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
+                   data_dir: str | os.PathLike[str] | None = None,
+                   style: str = "alpaca", validation_fraction: float = 0.1,
+                   seed: int = 0, prefix: str = PREFIX) -> list[str]:
+  """Registers seqio Tasks (replacing earlier ones of the same name).
+
+  Args:
+    vocabulary: A `seqio.Vocabulary` (e.g. `seqio.SentencePieceVocabulary`
+      of the model's tokenizer).
+    names: Task names (default: all of `train.data.task_names()`). Data is
+      read only when a split is requested.
+    data_dir: Data folder in the `../shared/data` layout (default
+      `train.data.default_data_dir()`).
+    style: Prompt style ('alpaca' or 'plain').
+    validation_fraction: Share of the training data held out as validation.
+    seed: Seed of the validation carve and of `arithmetic`.
+    prefix: Prefix of the registered names.
+
+  Returns:
+    The registered seqio task names.
+  """
+  seqio, _ = _import_seqio()
+  registered = []
+  for name in names or tasks_lib.task_names():
+    spec = tasks_lib.get_task(name)
+    full_name = prefix + spec.name
+    source = seqio.FunctionDataSource(
+        dataset_fn=functools.partial(
+            _dataset_fn, task=spec.name,
+            data_dir=None if data_dir is None else str(data_dir), style=style,
+            validation_fraction=validation_fraction, data_seed=seed),
+        splits=SPLITS)
+    seqio.TaskRegistry.remove(full_name)
+    seqio.TaskRegistry.add(
+        full_name,
+        source=source,
+        preprocessors=[
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features={
+            "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=False),
+            "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        },
+        postprocess_fn=functools.partial(postprocess, kind=spec.kind),
+        metric_fns=[_METRICS[spec.kind]])
+    registered.append(full_name)
+  return registered
