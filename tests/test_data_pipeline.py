@@ -1,0 +1,210 @@
+"""Tokenisation, masks, packing and the grain pipelines of `train.data`."""
+
+import json
+
+import grain
+import numpy as np
+import pytest
+
+from train import data
+from train.data import Example
+
+TOK = data.ByteTokenizer()
+
+
+def _examples(n, seed=0):
+  return data.load_task("arithmetic", "train", num_examples=n + n // 9 + 2,
+                        seed=seed)[:n]
+
+
+def _targets_of_row(tokens, loss_mask, segment_ids):
+  """Decoded masked text of each segment of a row."""
+  out = []
+  for seg in range(1, segment_ids.max() + 1):
+    where = (segment_ids == seg) & (loss_mask > 0)
+    out.append(TOK.decode([t for t in tokens[where] if t != TOK.eos_id]))
+  return out
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_tokenizer_protocol():
+  assert isinstance(TOK, data.Tokenizer)
+  assert TOK.decode(TOK.encode("héllo")) == "héllo"
+
+
+def test_encode_pair_truncates_prompt_from_the_left():
+  prompt, target = data.encode_pair("abcdefgh", "XY", TOK, max_length=7)
+  assert prompt == [TOK.bos_id] + TOK.encode("fgh")  # 7 = 1 + 3 + 2 + 1.
+  assert target == TOK.encode("XY") + [TOK.eos_id]
+  # Exactly full: prompt kept whole.
+  prompt, _ = data.encode_pair("abcd", "XY", TOK, max_length=8)
+  assert prompt == [TOK.bos_id] + TOK.encode("abcd")
+  # No room for any prompt token.
+  prompt, target = data.encode_pair("abcd", "XY", TOK, max_length=4)
+  assert prompt == [TOK.bos_id] and len(target) == 3
+  # The target alone is too long: cut from the right, EOS lost.
+  prompt, target = data.encode_pair("abcd", "WXYZ", TOK, max_length=3)
+  assert prompt == [TOK.bos_id] and target == TOK.encode("WX")
+  _, target = data.encode_pair("p", "XY", TOK, 8, add_eos=False)
+  assert target == TOK.encode("XY")
+  with pytest.raises(ValueError, match="max_length must be at least 2"):
+    data.encode_pair("p", "t", TOK, 1)
+
+
+def test_tokenize_example_masks_target_and_eos_only():
+  features = data.tokenize_example(Example(prompt="Q?", target=" 7"), TOK, 16)
+  assert features["tokens"].dtype == np.int32
+  assert features["loss_mask"].dtype == np.float32
+  assert features["tokens"].tolist() == (
+      [TOK.bos_id] + TOK.encode("Q?") + TOK.encode(" 7") + [TOK.eos_id])
+  assert features["loss_mask"].tolist() == [0, 0, 0, 1, 1, 1]
+  padded = data.pad_features(features, 8, TOK.pad_id)
+  assert padded["tokens"].tolist()[-2:] == [TOK.pad_id] * 2
+  assert padded["loss_mask"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+  assert padded["positions"].tolist() == [0, 1, 2, 3, 4, 5, 0, 0]
+  assert padded["segment_ids"].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+  with pytest.raises(ValueError, match="does not fit"):
+    data.pad_features(features, 5, TOK.pad_id)
+
+
+def test_unpacked_batches():
+  examples = _examples(12)
+  ds = data.make_train_dataset(examples, TOK, seq_len=128, batch_size=4,
+                               seed=0, num_epochs=1, shuffle=False)
+  batches = list(ds)
+  assert len(batches) == 3
+  b = batches[0]
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+      "tokens": ((4, 128), np.int32), "loss_mask": ((4, 128), np.float32),
+      "positions": ((4, 128), np.int32), "segment_ids": ((4, 128), np.int32)}
+  for row in range(4):
+    e = examples[row]
+    assert _targets_of_row(b["tokens"][row], b["loss_mask"][row],
+                           b["segment_ids"][row]) == [e.target]
+    n = int(b["segment_ids"][row].sum())
+    assert TOK.decode(b["tokens"][row][:n]) == e.prompt + e.target
+    assert b["tokens"][row][0] == TOK.bos_id
+    assert b["tokens"][row][n - 1] == TOK.eos_id
+    assert (b["tokens"][row][n:] == TOK.pad_id).all()
+
+
+def test_packed_batches_have_segments_positions_and_masks():
+  examples = _examples(40)
+  ds = data.make_train_dataset(examples, TOK, seq_len=256, batch_size=4,
+                               seed=0, num_epochs=1, shuffle=False, pack=True)
+  seen = []
+  for b in ds:
+    for row in range(len(b["tokens"])):
+      seg, pos = b["segment_ids"][row], b["positions"][row]
+      assert seg.max() >= 2  # Several examples share a row.
+      for s in range(1, seg.max() + 1):
+        where = np.flatnonzero(seg == s)
+        assert (np.diff(where) == 1).all()  # Contiguous.
+        assert pos[where].tolist() == list(range(len(where)))
+        assert b["tokens"][row][where[0]] == TOK.bos_id
+        assert b["loss_mask"][row][where[0]] == 0  # Nothing crosses segments.
+      assert (b["loss_mask"][row][seg == 0] == 0).all()
+      seen += _targets_of_row(b["tokens"][row], b["loss_mask"][row], seg)
+  assert sorted(seen) == sorted(e.target for e in examples)
+
+
+def test_same_seed_same_batches_and_epochs_reshuffled():
+  examples = _examples(10)
+  kw = dict(seq_len=96, batch_size=5, num_epochs=2)
+  a = list(data.make_train_dataset(examples, TOK, seed=3, **kw))
+  b = list(data.make_train_dataset(examples, TOK, seed=3, **kw))
+  c = list(data.make_train_dataset(examples, TOK, seed=4, **kw))
+  _assert_batches_equal(a, b)
+  assert not all(np.array_equal(x["tokens"], y["tokens"])
+                 for x, y in zip(a, c))
+  epoch1 = np.concatenate([a[0]["tokens"], a[1]["tokens"]])
+  epoch2 = np.concatenate([a[2]["tokens"], a[3]["tokens"]])
+  assert sorted(map(bytes, epoch1)) == sorted(map(bytes, epoch2))
+  assert not np.array_equal(epoch1, epoch2)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_from_saved_state_is_exact(pack):
+  examples = _examples(30)
+
+  def make():  # A fresh pipeline, as a restarted job would build.
+    return data.make_train_dataset(examples, TOK, seq_len=160, batch_size=4,
+                                   seed=7, pack=pack)
+
+  uninterrupted = _take(iter(make()), 25)  # Crosses several epochs.
+  it = iter(make())
+  _take(it, 11)
+  state = json.loads(json.dumps(it.get_state()))  # JSON-able.
+  _take(it, 3)  # Progress after the save must not leak into the resume.
+  resumed = data.iterator_from_state(make(), state)
+  _assert_batches_equal(_take(resumed, 14), uninterrupted[11:])
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  examples = _examples(20)
+
+  def make():
+    return data.make_train_dataset(examples, TOK, seq_len=128, batch_size=3,
+                                   seed=1)
+
+  expected = _take(iter(make()), 9)[5:]
+  it = iter(make())
+  _take(it, 5)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(5, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  fresh = iter(make())
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.restore(5, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_batches_equal(_take(fresh, 4), expected)
+
+
+def test_shards_are_disjoint_and_cover():
+  examples = _examples(12)
+  rows = []
+  for index in range(2):
+    ds = data.make_train_dataset(examples, TOK, seq_len=96, batch_size=2,
+                                 seed=0, num_epochs=1, shard_index=index,
+                                 shard_count=2)
+    rows.append({bytes(r) for b in ds for r in b["tokens"]})
+  assert not rows[0] & rows[1] and len(rows[0] | rows[1]) == 12
+  with pytest.raises(ValueError, match="shard_index 2 not in"):
+    data.make_train_dataset(examples, TOK, seq_len=8, batch_size=1, seed=0,
+                            shard_index=2, shard_count=2)
+
+
+def test_eval_dataset_keeps_order_and_pads_last_batch():
+  examples = _examples(7)
+  batches = list(data.make_eval_dataset(examples, TOK, seq_len=96,
+                                        batch_size=3))
+  assert [b["tokens"].shape for b in batches] == [(3, 96)] * 3
+  last = batches[-1]
+  assert (last["segment_ids"][1:] == 0).all()
+  assert (last["loss_mask"][1:] == 0).all()
+  assert (last["tokens"][1:] == TOK.pad_id).all()
+  got = [_targets_of_row(b["tokens"][r], b["loss_mask"][r],
+                         b["segment_ids"][r])
+         for b in batches for r in range(3)][:7]
+  assert got == [[e.target] for e in examples]
+
+
+def test_bad_pipeline_arguments():
+  with pytest.raises(ValueError, match="got no examples"):
+    data.make_train_dataset([], TOK, seq_len=8, batch_size=1, seed=0)
+  with pytest.raises(ValueError, match="need seq_len >= 2"):
+    data.make_train_dataset(_examples(2), TOK, seq_len=1, batch_size=1,
+                            seed=0)
