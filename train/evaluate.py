@@ -277,7 +277,10 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95
   denom = 1 + z * z / n
   centre = (p + z * z / (2 * n)) / denom
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
+  # The bounds at 0 and n are exactly 0 and 1; avoid rounding residue.
+  lo = 0.0 if successes == 0 else max(0.0, centre - half)
+  hi = 1.0 if successes == n else min(1.0, centre + half)
+  return lo, hi
 
 
 def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,

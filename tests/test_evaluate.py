@@ -1,0 +1,212 @@
+"""Metrics of `train.evaluate` on hand-made cases."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import data
+from train import evaluate as ev
+from train.data import Example
+
+TOK = data.ByteTokenizer()
+DATA_DIR = Path(os.environ.get("LRO_DATA_DIR") or
+                Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def _mc(gold, labels=("answer1", "answer2", "answer3")):
+  return Example(prompt="Q:", target=f"the correct answer is {labels[gold]}",
+                 options=tuple(f"the correct answer is {l}" for l in labels),
+                 labels=labels, gold_index=gold)
+
+
+# --- numbers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is 576.", "576"),
+    ("The answer is $1,234.00.", "1234"),
+    ("the answer is: 3.50 dollars", "3.5"),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("#### 1,000,000", "1000000"),
+    ("So he has 5 apples, then 7.0 apples", "7"),  # Last number.
+    ("First 3. The answer is 12 apples and 4 pears.", "12"),
+    ("The answer is -3.", "-3"),
+    ("It costs $.5 each", "0.5"),
+    ("The answer is 9.9999999999999999 ", "10"),
+    ("no number here", None),
+    ("The answer is (C).", None),
+])
+def test_extract_number(text, expected):
+  assert ev.extract_number(text) == expected
+
+
+def test_canonical_number():
+  assert data.canonical_number("576.0") == "576"
+  assert data.canonical_number(" $1,234 ") == "1234"
+  assert data.canonical_number("50%") == "50"
+  assert data.canonical_number(2.50) == "2.5"
+  assert data.canonical_number("1/3") is None
+  assert data.extract_final_number("it is 5", fallback_to_last=False) is None
+
+
+def test_number_exact_match():
+  examples = [Example("q", "t", gold_number="576"),
+              Example("q", "t", gold_number="1234"),
+              Example("q", "t", gold_number="3.5"),
+              Example("q", "t", gold_number=None)]
+  result = ev.number_exact_match(
+      examples, ["#### 576.0", "The answer is 1,234", "It is 3.49", "7"])
+  assert result.correct.tolist() == [True, True, False]
+  assert result.accuracy == pytest.approx(2 / 3)
+  assert result.num_skipped == 1 and result.predictions == ("576", "1234",
+                                                            "3.49")
+  arith = data.load_task("arithmetic", "test", num_examples=20)
+  assert ev.number_exact_match(arith, [e.target for e in arith]).accuracy == 1
+  with pytest.raises(ValueError, match="3 generations for 4 examples"):
+    ev.number_exact_match(examples, ["1", "2", "3"])
+
+
+# --- multiple choice ---------------------------------------------------------
+
+
+def test_parse_choice():
+  labels = ("answer1", "answer2", "answer3", "answer4")
+  assert ev.parse_choice("the correct answer is answer3", labels) == 2
+  assert ev.parse_choice("Answer2, not answer1", labels) == 1  # First wins.
+  assert ev.parse_choice("answer10", labels) is None  # Whole words only.
+  assert ev.parse_choice("I think it is True.", ("true", "false")) == 0
+  assert ev.parse_choice("nothing", labels) is None
+  assert ev.parse_choice("ending4", ("ending1", "ending2", "ending3",
+                                     "ending4")) == 3
+
+
+def test_multiple_choice_generation():
+  examples = [_mc(0), _mc(1), _mc(2), Example("q", "t", options=("a", "b"),
+                                                labels=("a", "b"))]
+  result = ev.multiple_choice_generation(
+      examples, ["the correct answer is answer1", "answer3", "no idea", "a"])
+  assert result.correct.tolist() == [True, False, False]
+  assert result.predictions == (0, 2, -1) and result.num_skipped == 1
+
+
+def test_multiple_choice_loglik_plain_and_length_normalised():
+  # Option 1 is short but less likely per token; option 2 is long.
+  table = {"A": -2.0, "BBBBBB": -3.0, "CC": -9.0}
+  calls = []
+
+  def score_fn(pairs):
+    calls.append(len(pairs))
+    out = []
+    for prompt_ids, option_ids in pairs:
+      assert prompt_ids[0] == TOK.bos_id and TOK.eos_id not in option_ids
+      out.append(table[TOK.decode(option_ids)])
+    return out
+
+  example = Example("Q:", "A", options=("A", "BBBBBB", "CC"),
+                    labels=("x", "y", "z"), gold_index=0)
+  plain = ev.multiple_choice_loglik([example] * 5, TOK, score_fn,
+                                    batch_size=4)
+  assert plain.accuracy == 1.0 and set(plain.predictions) == {0}
+  assert calls == [4, 4, 4, 3]  # 15 pairs in batches of at most 4.
+  normed = ev.multiple_choice_loglik([example], TOK, score_fn,
+                                     length_normalized=True)
+  assert normed.predictions == (1,) and normed.accuracy == 0.0
+  assert ev.choose_option([-1.0, -1.0]) == 0  # Ties: first.
+  with pytest.raises(ValueError, match="returned 1 scores for 3 pairs"):
+    ev.multiple_choice_loglik([example], TOK, lambda pairs: [0.0])
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no data at {DATA_DIR}")
+def test_multiple_choice_on_real_examples():
+  examples = data.load_task("arc_challenge", "test", data_dir=DATA_DIR)[:40]
+  gold = {e.prompt: e.target for e in examples}
+
+  def oracle(pairs):  # Knows the gold answer of each prompt.
+    return [0.0 if TOK.decode(o) == gold[TOK.decode(p)] else -1.0
+            for p, o in pairs]
+
+  result = ev.multiple_choice_loglik(examples, TOK, oracle, max_length=4096)
+  assert result.accuracy == 1.0 and result.num_examples == 40
+  assert ev.multiple_choice_generation(
+      examples, [e.target for e in examples]).accuracy == 1.0
+  always_first = ev.multiple_choice_generation(
+      examples, ["answer1"] * len(examples))
+  assert always_first.accuracy == np.mean([e.gold_index == 0
+                                           for e in examples])
+
+
+# --- SuperNI -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred,ref,expected", [
+    ("the cat sat on the mat", "the cat is on the mat", 5 / 6),
+    ("a b c d", "a c", 2 * 0.5 * 1.0 / 1.5),  # P 1/2, R 1: F 2/3.
+    ("Hello, World!", "hello world", 1.0),
+    # Lin (2004)'s examples, against 'police killed the gunman'.
+    ("police kill the gunman", "police killed the gunman", 0.75),
+    ("the gunman kill police", "police killed the gunman", 0.5),
+    ("", "anything", 0.0),
+    ("x y", "z", 0.0),
+])
+def test_rouge_l(pred, ref, expected):
+  assert ev.rouge_l(pred, ref) == pytest.approx(expected)
+
+
+def test_superni_metrics():
+  preds = ["Yes.", "the answer is no", "Paris"]
+  refs = [["yes"], ["no"], ["Lyon", "paris"]]
+  m = ev.superni_metrics(preds, refs)
+  assert m["exact_match"] == pytest.approx(200 / 3)
+  rouge_2 = 2 * 0.25 * 1.0 / 1.25
+  assert m["rougeL"] == pytest.approx(100 * (1 + rouge_2 + 1) / 3)
+  assert ev.normalize_answer("  The  Answer, is: Yes! ") == "the answer is yes"
+  examples = [Example("p", "yes", references=("yes", "y"))]
+  assert ev.superni_evaluate(examples, ["Y"])["exact_match"] == 100.0
+  with pytest.raises(ValueError, match="2 predictions for 1 reference"):
+    ev.superni_metrics(["a", "b"], [["a"]])
+
+
+# --- statistics ----------------------------------------------------------------
+
+
+def test_wilson_interval():
+  lo, hi = ev.wilson_interval(8, 10)
+  assert (lo, hi) == (pytest.approx(0.4902, abs=1e-4),
+                      pytest.approx(0.9433, abs=1e-4))
+  assert ev.wilson_interval(0, 10)[0] == 0.0
+  assert ev.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+  lo99, hi99 = ev.wilson_interval(8, 10, confidence=0.99)
+  assert lo99 < lo and hi99 > hi
+  with pytest.raises(ValueError):
+    ev.wilson_interval(1, 0)
+
+
+def test_bootstrap_interval():
+  values = np.r_[np.ones(70), np.zeros(30)]
+  lo, hi = ev.bootstrap_interval(values, seed=0)
+  assert lo < 0.7 < hi and hi - lo < 0.25
+  assert (lo, hi) == ev.bootstrap_interval(values, seed=0)
+  assert ev.bootstrap_interval([0.5] * 5) == (0.5, 0.5)
+  med = ev.bootstrap_interval(values, statistic=np.median, num_resamples=200)
+  assert med == (1.0, 1.0)
+
+
+def test_mcnemar_exact():
+  a = [1] * 5 + [0] * 1 + [1] * 10
+  b = [0] * 5 + [1] * 1 + [1] * 10
+  r = ev.mcnemar_exact(a, b)
+  assert (r.only_a, r.only_b) == (5, 1)
+  assert r.p_value == pytest.approx(14 / 64)  # 2 * (1 + 6) / 2**6.
+  assert ev.mcnemar_exact([1, 0], [1, 0]).p_value == 1.0
+  assert ev.mcnemar_exact([1] * 10, [0] * 10).p_value == pytest.approx(
+      2 / 1024)
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  x, y = rng.random(300) < 0.6, rng.random(300) < 0.5
+  r = ev.mcnemar_exact(x, y)
+  assert r.p_value == pytest.approx(stats.binomtest(
+      r.only_a, r.only_a + r.only_b, 0.5).pvalue)
+  with pytest.raises(ValueError, match="equal-length"):
+    ev.mcnemar_exact([1, 0], [1])
