@@ -1,0 +1,67 @@
+"""seqio Task registrations (the optional [seqio] extra).
+
+Tests that need seqio are skipped only when seqio cannot be imported.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import data
+from train.data import formats
+from train.data import seqio_tasks
+
+DATA_DIR = Path(os.environ.get("LRO_DATA_DIR") or
+                Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def test_missing_seqio_is_one_clear_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "seqio", None)
+  with pytest.raises(ImportError, match=r"need the \[seqio\] extra") as e:
+    seqio_tasks.register_tasks(vocabulary=None)
+  assert "\n" not in str(e.value)
+
+
+def test_postprocess_and_metrics_without_seqio():
+  post = seqio_tasks.postprocess
+  assert post("the correct answer is Answer2", kind=formats.CHOICE) == "answer2"
+  assert post("b", {"gold": b"answer1"}, True, kind=formats.CHOICE) == "answer1"
+  assert post("The answer is 1,234.", kind=formats.NUMBER) == "1234"
+  assert post("x", {"gold": b"a\x1fb"}, True, kind=formats.GENERATION) == (
+      "a", "b")
+  assert seqio_tasks.choice_accuracy(["true", "false"], ["true", "true"]) == {
+      "accuracy": 50.0}
+  assert seqio_tasks.number_exact_match(["12", "3"], ["12.0", ""]) == {
+      "exact_match": 50.0}
+  assert seqio_tasks.superni_metrics([("a b",)], ["a b"])["rougeL"] == 100.0
+
+
+def test_registered_tasks_give_tokenised_datasets():
+  seqio = pytest.importorskip("seqio")
+  vocab = seqio.ByteVocabulary()
+  names = seqio_tasks.register_tasks(vocab, data_dir=DATA_DIR)
+  assert names == ["lro_" + n for n in data.task_names()]
+
+  task = seqio.get_mixture_or_task("lro_arithmetic")
+  assert set(task.splits) == {"train", "validation", "test"}
+  expected = data.load_task("arithmetic", "test")[:3]
+  got = list(task.get_dataset({"inputs": 256, "targets": 8}, split="test",
+                              shuffle=False).take(3).as_numpy_iterator())
+  for ex, e in zip(got, expected):
+    assert ex["inputs_pretokenized"].decode() == e.prompt
+    assert vocab.decode(ex["inputs"].tolist()) == e.prompt
+    assert ex["targets"][-1] == vocab.eos_id
+    assert ex["gold"].decode() == e.gold_number
+    assert task.postprocess_fn(ex["targets_pretokenized"].decode(),
+                               example=ex, is_target=True) == e.gold_number
+
+  if DATA_DIR.is_dir():
+    boolq = seqio.get_mixture_or_task("lro_boolq")
+    [ex] = boolq.get_dataset({"inputs": 512, "targets": 32},
+                             split="validation", shuffle=False
+                             ).take(1).as_numpy_iterator()
+    first = data.load_task("boolq", "validation", data_dir=DATA_DIR)[0]
+    assert ex["inputs_pretokenized"].decode() == first.prompt
+    assert ex["gold"].decode() == first.labels[first.gold_index]
