@@ -43,6 +43,20 @@ def test_tokenizer_protocol():
   assert TOK.decode(TOK.encode("héllo")) == "héllo"
 
 
+class _AddsBos(data.ByteTokenizer):
+  """Like Gemma's tokenizer: encode() prepends BOS (and here also EOS)."""
+
+  def encode(self, text):
+    return [self.bos_id] + super().encode(text) + [self.eos_id]
+
+
+def test_tokenizer_that_adds_bos_gets_one_bos():
+  e = Example(prompt="Q?", target=" 7")
+  np.testing.assert_array_equal(
+      data.tokenize_example(e, _AddsBos(), 16)["tokens"],
+      data.tokenize_example(e, TOK, 16)["tokens"])
+
+
 def test_encode_pair_truncates_prompt_from_the_left():
   prompt, target = data.encode_pair("abcdefgh", "XY", TOK, max_length=7)
   assert prompt == [TOK.bos_id] + TOK.encode("fgh")  # 7 = 1 + 3 + 2 + 1.

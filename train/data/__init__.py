@@ -26,6 +26,7 @@ from train.data.tasks import task_names
 from train.data.tasks import TaskSpec
 from train.data.tokenize import ByteTokenizer
 from train.data.tokenize import encode_pair
+from train.data.tokenize import encode_text
 from train.data.tokenize import pad_features
 from train.data.tokenize import tokenize_example
 from train.data.tokenize import Tokenizer

@@ -21,7 +21,8 @@ Features = dict[str, np.ndarray]
 class Tokenizer(Protocol):
   """What the data pipeline needs of a tokenizer (the Gemma one fits).
 
-  `encode` must not add BOS/EOS itself; the pipeline adds them.
+  `encode` may add BOS and/or EOS itself (Gemma's adds BOS by default): the
+  pipeline strips a leading BOS and a trailing EOS and places its own.
   """
 
   @property
@@ -56,6 +57,20 @@ class ByteTokenizer:
     return data.decode("utf-8", errors="replace")
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+  """`tokenizer.encode(text)` without any BOS/EOS the tokenizer added.
+
+  Why: plain text never encodes to these control ids, so dropping them is
+  safe, and it spares callers from knowing each tokenizer's defaults.
+  """
+  ids = list(tokenizer.encode(text))
+  if ids and ids[0] == tokenizer.bos_id:
+    ids = ids[1:]
+  if ids and ids[-1] == tokenizer.eos_id:
+    ids = ids[:-1]
+  return ids
+
+
 def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
                 max_length: int, *, add_eos: bool = True
                 ) -> tuple[list[int], list[int]]:
@@ -79,8 +94,8 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
   """
   if max_length < 2:
     raise ValueError(f"max_length must be at least 2, got {max_length}")
-  prompt_ids = list(tokenizer.encode(prompt))
-  target_ids = list(tokenizer.encode(target))
+  prompt_ids = encode_text(tokenizer, prompt)
+  target_ids = encode_text(tokenizer, target)
   if add_eos:
     target_ids.append(tokenizer.eos_id)
   budget = max_length - 1 - len(target_ids)  # Room left for prompt tokens.
