@@ -133,6 +133,11 @@ def test_local_folder_layout_and_suffix_search(tmp_path):
   (folder / "test.jsonl").write_text(json.dumps(_INSTR) + "\n")
   examples = data.load_task("boolq", "test", data_dir=tmp_path)
   assert len(examples) == 1 and examples[0].gold_index == 0
+  assert examples[0].choices == ("true", "false")
+  # `path` may name the task's folder itself, or one file.
+  assert data.load_task("boolq", "test", path=folder) == examples
+  assert data.load_task("boolq", "test", path=folder / "test.jsonl") == (
+      examples)
 
 
 def test_hf_formats(tmp_path):
@@ -214,6 +219,8 @@ def test_hub_loading_by_id(monkeypatch):
   train = data.load_task("boolq", "train", hub=True,
                          validation_fraction=0.25)
   assert calls[-1] == ("google/boolq", None, "train") and len(train) == 3
+  data.load_task("boolq", "test", hub="someone/boolq-copy", hub_config="x")
+  assert calls[-1] == ("someone/boolq-copy", "x", "validation")
 
 
 def test_hub_errors_are_one_line(monkeypatch):

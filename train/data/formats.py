@@ -62,10 +62,13 @@ def from_instruction(record: Record, *, task: str, kind: str,
       raise ValueError(
           f"{where}: answer {gold!r} is not one of the options "
           f"{'/'.join(labels)} for task {task!r}")
+    choices = templates.parse_choices(instruction, labels)
+    if not choices and labels == ("true", "false"):
+      choices = labels  # BoolQ: the labels are the option texts.
     return [Example(
         prompt=prompt, target=output, task=task,
         options=tuple(templates.choice_target(l) for l in labels),
-        labels=labels, choices=templates.parse_choices(instruction, labels),
+        labels=labels, choices=choices,
         gold_index=labels.index(gold.lower()))]
   if kind == NUMBER:
     if task == "math":

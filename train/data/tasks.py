@@ -146,8 +146,7 @@ def load_file(path: str | os.PathLike[str], task: str, *,
                                style=style, source=str(path))
 
 
-def _local_file(data_dir: Path, spec: TaskSpec, file_split: str) -> Path:
-  folder = data_dir / (spec.folder or spec.name)
+def _local_file(folder: Path, spec: TaskSpec, file_split: str) -> Path:
   for suffix in records_lib.SUFFIXES:
     candidate = folder / f"{file_split}{suffix}"
     if candidate.is_file():
@@ -206,7 +205,8 @@ def split_validation(examples: Sequence[Example], fraction: float = 0.1,
 def load_task(name: str, split: str = "train", *,
               path: str | os.PathLike[str] | None = None,
               data_dir: str | os.PathLike[str] | None = None,
-              hub: bool = False, style: str = "alpaca",
+              hub: bool | str = False, hub_config: str | None = None,
+              style: str = "alpaca",
               validation_fraction: float = 0.1, seed: int = 0,
               num_examples: int | None = None) -> list[Example]:
   """Loads one split of a task as examples.
@@ -216,10 +216,13 @@ def load_task(name: str, split: str = "train", *,
     split: 'train', 'validation' (carved from the training data by `seed`)
       or 'test'.
     path: A file to read instead of the data dir's file for this split (for
-      'train'/'validation', the training file to carve from).
+      'train'/'validation', the training file to carve from), or a folder
+      holding `train.json` / `test.json` (or .jsonl / .parquet).
     data_dir: Folder holding one subfolder per task in the `../shared/data`
       layout; default `default_data_dir()`.
-    hub: Load from the Hugging Face Hub by the task's id instead.
+    hub: Load from the Hugging Face Hub instead: True for the task's
+      registered id, or a dataset id (in the task's Hugging Face format).
+    hub_config: The Hub dataset's config, with a `hub` id.
     style: Prompt style ('alpaca' or 'plain').
     validation_fraction: Share of the training data held out as validation.
     seed: Seed of the validation carve (and of `arithmetic` generation).
@@ -246,17 +249,24 @@ def load_task(name: str, split: str = "train", *,
         file_split, num_examples or (200 if split == "test" else 2000), seed)
     num_examples = None
   elif hub:
-    if spec.hub_id is None:
+    hub_id = hub if isinstance(hub, str) else spec.hub_id
+    if hub_id is None:
       raise ValueError(f"task {spec.name!r} has no Hugging Face Hub id; pass "
-                       "a local path")
-    recs = load_hub_records(spec.hub_id, spec.hub_config,
-                            spec.hub_splits[file_split])
+                       "a local path or a Hub id")
+    config = hub_config if isinstance(hub, str) else spec.hub_config
+    recs = load_hub_records(hub_id, config, spec.hub_splits[file_split])
     examples = examples_from_records(recs, spec.name, style=style,
-                                     source=f"hub:{spec.hub_id}")
+                                     source=f"hub:{hub_id}")
   else:
-    file = Path(path) if path is not None else _local_file(
-        Path(data_dir) if data_dir is not None else default_data_dir(), spec,
-        file_split)
+    if path is not None and Path(path).is_dir():
+      file = _local_file(Path(path), spec, file_split)
+    elif path is not None:
+      file = Path(path)
+    else:
+      data_root = Path(data_dir) if data_dir is not None else (
+          default_data_dir())
+      file = _local_file(data_root / (spec.folder or spec.name), spec,
+                         file_split)
     examples = load_file(file, spec.name, style=style)
   if split != "test":
     train, validation = split_validation(examples, validation_fraction, seed)
