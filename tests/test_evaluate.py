@@ -71,6 +71,22 @@ def test_number_exact_match():
 # --- multiple choice ---------------------------------------------------------
 
 
+def test_requests_to_batch_scores_like_the_training_loss():
+  example = _mc(1)
+  pairs = [data.encode_pair(example.prompt, o, TOK, 64, add_eos=False)
+           for o in example.options]
+  batch = ev.requests_to_batch(pairs, 40, TOK.pad_id)
+  assert batch["tokens"].shape == (3, 40) and batch["tokens"].dtype == np.int32
+  for row, (prompt_ids, option_ids) in enumerate(pairs):
+    mask = batch["loss_mask"][row] > 0
+    assert batch["tokens"][row][mask].tolist() == option_ids
+    assert batch["tokens"][row][0] == TOK.bos_id
+    assert int(batch["segment_ids"][row].sum()) == (
+        len(prompt_ids) + len(option_ids))
+  with pytest.raises(ValueError, match="more than seq_len 10"):
+    ev.requests_to_batch(pairs, 10, TOK.pad_id)
+
+
 def test_parse_choice():
   labels = ("answer1", "answer2", "answer3", "answer4")
   assert ev.parse_choice("the correct answer is answer3", labels) == 2

@@ -137,6 +137,41 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   return _result(correct, predictions, len(examples) - len(scored))
 
 
+def requests_to_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Lays scoring pairs out as a training-format batch, for a `ScoreFn`.
+
+  Row i holds prompt_ids + option_ids, padded; its `loss_mask` marks the
+  option tokens, under the training convention (token t scored from
+  position t-1). So a `ScoreFn` is the training loss without the mean:
+  sum over t of loss_mask[:, 1:] * log p(tokens[:, 1:] | logits[:, :-1]).
+
+  Args:
+    pairs: (prompt_ids, option_ids) pairs, as `ScoreFn` receives them.
+    seq_len: Row length; at least the longest pair.
+    pad_id: Padding token id.
+
+  Returns:
+    {'tokens', 'loss_mask', 'positions', 'segment_ids'}, each [len(pairs),
+    seq_len], dtypes as in `train.data.pipeline`.
+  """
+  n = len(pairs)
+  batch = {"tokens": np.full((n, seq_len), pad_id, np.int32),
+           "loss_mask": np.zeros((n, seq_len), np.float32),
+           "positions": np.zeros((n, seq_len), np.int32),
+           "segment_ids": np.zeros((n, seq_len), np.int32)}
+  for i, (prompt_ids, option_ids) in enumerate(pairs):
+    total = len(prompt_ids) + len(option_ids)
+    if total > seq_len:
+      raise ValueError(
+          f"scoring pair {i} has {total} tokens, more than seq_len {seq_len}")
+    batch["tokens"][i, :total] = list(prompt_ids) + list(option_ids)
+    batch["loss_mask"][i, len(prompt_ids):total] = 1.0
+    batch["positions"][i, :total] = np.arange(total)
+    batch["segment_ids"][i, :total] = 1
+  return batch
+
+
 def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   """Index of the first option label named in a generation, or None.
 

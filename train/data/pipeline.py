@@ -61,7 +61,7 @@ def _read_options(num_threads: int) -> grain.ReadOptions:
   # A small pool: tokenising is cheap next to a train step, and the machines
   # this first runs on have 2 cores.
   return grain.ReadOptions(num_threads=num_threads,
-                           prefetch_buffer_size=4 * max(num_threads, 1) * 16)
+                           prefetch_buffer_size=64 if num_threads else 0)
 
 
 def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
