@@ -153,7 +153,7 @@ def test_multiple_choice_on_real_examples():
                                            for e in examples])
 
 
-# --- SuperNI -------------------------------------------------------------------
+# --- SuperNI ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pred,ref,expected", [
@@ -184,7 +184,7 @@ def test_superni_metrics():
     ev.superni_metrics(["a", "b"], [["a"]])
 
 
-# --- statistics ----------------------------------------------------------------
+# --- statistics ---------------------------------------------------------------
 
 
 def test_wilson_interval():

@@ -170,7 +170,7 @@ def load_hub_records(hub_id: str, config: str | None, split: str
         "local path") from None
   try:
     ds = datasets.load_dataset(hub_id, config, split=split)
-  except Exception as e:  # Network, auth and missing-split errors all land here.
+  except Exception as e:  # Network, auth, missing split: all land here.
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(
         f"could not load {hub_id!r} (config {config!r}, split {split!r}) "

@@ -108,7 +108,7 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
 
 def tokenize_example(example: Example, tokenizer: Tokenizer,
                      max_length: int) -> Features:
-  """Returns unpadded {'tokens': int32[L], 'loss_mask': float32[L]}, L <= max."""
+  """Unpadded {'tokens': int32[L], 'loss_mask': float32[L]}, L <= max_length."""
   prompt_ids, target_ids = encode_pair(example.prompt, example.target,
                                        tokenizer, max_length)
   tokens = np.asarray(prompt_ids + target_ids, np.int32)
