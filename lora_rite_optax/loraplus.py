@@ -185,8 +185,20 @@ def loraplus(
   transforms = {
       A: make(learning_rate, weight_decay),
       B: make(_scaled(learning_rate, lr_ratio), weight_decay),
-      B_NO_DECAY: make(_scaled(learning_rate, lr_ratio), 0.0),
-      EMBEDDING: make(lr_embedding, weight_decay),
   }
-  return optax.partition(
-      transforms, lambda tree: loraplus_labels(tree, layout, is_embedding))
+  # Groups that would behave exactly like another are merged into it, so the
+  # common case compiles two optimizers, not four.
+  split_no_decay = base is None and not (
+      isinstance(weight_decay, (int, float)) and weight_decay == 0)
+  if split_no_decay:
+    transforms[B_NO_DECAY] = make(_scaled(learning_rate, lr_ratio), 0.0)
+  if is_embedding is not None:
+    transforms[EMBEDDING] = make(lr_embedding, weight_decay)
+
+  def labels(tree):
+    tree = loraplus_labels(tree, layout, is_embedding)
+    if not split_no_decay:
+      tree = jax.tree.map(lambda x: B if x == B_NO_DECAY else x, tree)
+    return tree
+
+  return optax.partition(transforms, labels)

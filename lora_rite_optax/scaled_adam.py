@@ -160,7 +160,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
         lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
         state.nu, updates)
     if bias_correction:
-      t = count.astype(jnp.float32)
+      t = count.astype(jnp.result_type(float))
       factor = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
     else:
       factor = 1.0

@@ -185,7 +185,16 @@ def scale_by_shampoo(
   """
   if graft not in GRAFTS:
     raise ValueError(f'shampoo: graft must be one of {GRAFTS}, got {graft!r}.')
-  if block_size < 1 or precondition_every < 1:
+  if not isinstance(block_size, int):
+    try:
+      block_size = int(block_size)  # a concrete array, as inject's init gives
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError(
+          'shampoo: block_size fixes the state shapes and must be static; '
+          "with optax.inject_hyperparams pass static_args=('block_size',)."
+      ) from None
+  if isinstance(precondition_every, int) and (
+      block_size < 1 or precondition_every < 1):
     raise ValueError('shampoo: block_size and precondition_every must be >= 1,'
                      f' got {block_size} and {precondition_every}.')
 
@@ -217,7 +226,7 @@ def scale_by_shampoo(
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
     nus = [leaf for _, leaf in pairs_lib.flatten(state.nu)[0]]
-    t = state.count.astype(jnp.float32)
+    t = state.count.astype(jnp.result_type(float))
     bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
 
     # Statistics, from the current gradient.
@@ -347,7 +356,8 @@ def shampoo(
     layout: how LoRA pairs are recognised (for their rank-last views).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation``. With ``optax.inject_hyperparams``
+    pass ``static_args=('block_size',)``: block sizes fix the state's shapes.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

@@ -1,0 +1,260 @@
+"""A reusable optax battery for the LoRA optimizers (helpers, not tests).
+
+Modelled on optax's ``contrib/_common_test.py``. Every check takes a factory
+``make(learning_rate) -> GradientTransformation`` (it must accept
+``learning_rate`` as a keyword, for ``optax.inject_hyperparams``) and raises
+``AssertionError`` on failure, so a test file parametrises over optimizers:
+
+  from tests import optimizer_battery as battery
+
+  @pytest.mark.parametrize('check', battery.CHECKS)
+  def test_battery(check):
+    battery.run(check, functools.partial(lro.lora_rite), learning_rate=1e-2)
+
+The problem is a LoRA least-squares fit: two pairs (one with a 3-D
+``lora_b`` as Gemma's einsum factors) with ``lora_b = 0`` at the start, as
+standard LoRA init, and rank-2 targets ``H* = A* B*``; the loss is
+``sum_pairs mean((A B - H*)^2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Make = Callable[..., optax.GradientTransformation]
+
+# (lora_a shape, lora_b shape) of the battery's pairs.
+SHAPES = {'q': ((6, 2), (2, 2, 3)), 'v': ((5, 2), (2, 4))}
+
+
+def _contract(a, b):
+  return jnp.tensordot(a, b, axes=([-1], [0]))
+
+
+def lora_problem(dtype=jnp.float32, seed: int = 0, zero_b: bool = True):
+  """(params, targets, loss) for the LoRA least-squares battery problem.
+
+  ``zero_b=False`` starts from a random ``lora_b`` instead of zeros: checks
+  that compare two runs use it, since from ``lora_b = 0`` Adam-like first
+  steps are sign-like and can ill-condition the factors' Gram matrices, which
+  amplifies float32 rounding differences between two compiled programs.
+  """
+  rng = np.random.default_rng(seed)
+  params, targets = {}, {}
+  for name, (sa, sb) in SHAPES.items():
+    a_star = rng.normal(size=sa)
+    b_star = rng.normal(size=sb)
+    targets[name] = jnp.asarray(np.tensordot(a_star, b_star, axes=(-1, 0)),
+                                jnp.float32)
+    b = np.zeros(sb) if zero_b else rng.normal(size=sb)
+    params[name] = {'lora_a': jnp.asarray(rng.normal(size=sa), dtype),
+                    'lora_b': jnp.asarray(b, dtype)}
+
+  def loss(params):
+    return sum(
+        jnp.mean((_contract(p['lora_a'].astype(jnp.float32),
+                            p['lora_b'].astype(jnp.float32))
+                  - targets[k]) ** 2)
+        for k, p in params.items())
+
+  return params, targets, loss
+
+
+def _random_grads(params, seed: int):
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree.map(
+      lambda p: jax.random.normal(next(keys), p.shape, jnp.float32).astype(
+          p.dtype), params)
+
+
+def assert_close(actual, expected, rtol: float = 1e-4) -> None:
+  """Per leaf, ``max |actual - expected| <= rtol * max |expected|`` (+1e-12).
+
+  Scale-aware rather than elementwise: adaptive steps have entries near zero
+  whose float32 rounding differs between two compiled programs.
+  """
+  chex.assert_trees_all_equal_structs(actual, expected)
+  flat_e = jax.tree.leaves(expected)
+  for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), flat_e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    err, scale = np.max(np.abs(a - e)), np.max(np.abs(e))
+    assert err <= rtol * scale + 1e-12, (
+        f'{jax.tree_util.keystr(path)}: max error {err:.3g} > {rtol} x '
+        f'max |expected| {scale:.3g}')
+
+
+def make_step(tx: optax.GradientTransformation, loss: Callable[[Any], Any]):
+  """A jitted ``(params, state) -> (params, state, updates, loss)`` step."""
+
+  @jax.jit
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates, value
+
+  return step
+
+
+def check_converges(make: Make, learning_rate: float, steps: int = 300,
+                    rtol: float = 1e-2) -> None:
+  """The loss falls below ``rtol`` times its initial value in ``steps``."""
+  params, _, loss = lora_problem()
+  tx = make(learning_rate=learning_rate)
+  state = tx.init(params)
+  step = make_step(tx, loss)
+  initial = float(loss(params))
+  for _ in range(steps):
+    params, state, _, _ = step(params, state)
+  final = float(loss(params))
+  assert np.isfinite(final), f'loss is {final} after {steps} steps'
+  assert final < rtol * initial, (
+      f'loss {initial:.4g} -> {final:.4g} after {steps} steps; expected < '
+      f'{rtol} x initial')
+
+
+def check_no_recompilation(make: Make, learning_rate: float) -> None:
+  """A jitted train step compiles once: the state's types are stable."""
+  params, _, loss = lora_problem()
+  tx = make(learning_rate=learning_rate)
+  state = tx.init(params)
+  step = make_step(tx, loss)
+  for _ in range(3):
+    params, state, _, _ = step(params, state)
+  size = step._cache_size()  # pylint: disable=protected-access
+  assert size == 1, f'train step compiled {size} times in 3 calls'
+
+
+def check_inject_hyperparams(make: Make, learning_rate: float,
+                             steps: int = 3,
+                             zero_rate_is_no_op: bool = True,
+                             static_args: tuple[str, ...] = (),
+                             rtol: float = 1e-4) -> None:
+  """``optax.inject_hyperparams(make)`` gives the same steps as ``make``.
+
+  Then, with the injected learning rate set to 0, the update is zero (skipped
+  when ``zero_rate_is_no_op`` is False, for optimizers whose update has a
+  learning-rate-free part). ``static_args`` go to ``inject_hyperparams``
+  (arguments that fix shapes, such as Shampoo's ``block_size``); ``rtol`` is
+  the tolerance of :func:`assert_close`.
+  """
+  params, _, loss = lora_problem(zero_b=False)
+  tx = make(learning_rate=learning_rate)
+  tx_inject = optax.inject_hyperparams(make, static_args=static_args)(
+      learning_rate=learning_rate)
+  state, state_inject = tx.init(params), tx_inject.init(params)
+  step, step_inject = make_step(tx, loss), make_step(tx_inject, loss)
+  p, p_inject = params, params
+  for _ in range(steps):
+    p, state, updates, _ = step(p, state)
+    p_inject, state_inject, updates_inject, _ = step_inject(p_inject,
+                                                            state_inject)
+    assert_close(updates_inject, updates, rtol)
+  assert_close(p_inject, p, rtol)
+  if zero_rate_is_no_op:
+    state_inject.hyperparams['learning_rate'] = jnp.zeros_like(
+        state_inject.hyperparams['learning_rate'])
+    _, _, updates, _ = step_inject(p_inject, state_inject)
+    chex.assert_trees_all_close(
+        updates, jax.tree.map(jnp.zeros_like, updates), atol=0.0)
+
+
+def check_bfloat16(make: Make, learning_rate: float, steps: int = 3,
+                   min_state_dtype: Optional[Any] = None) -> None:
+  """bfloat16 params stay bfloat16 (updates too) and finite.
+
+  With ``min_state_dtype`` (e.g. ``jnp.float32``), every floating leaf of the
+  optimizer state must be at least that precise.
+  """
+  params, _, loss = lora_problem(jnp.bfloat16)
+  tx = make(learning_rate=learning_rate)
+  state = tx.init(params)
+  step = make_step(tx, loss)
+  for _ in range(steps):
+    params, state, updates, _ = step(params, state)
+  for tree, what in ((params, 'param'), (updates, 'update')):
+    for leaf in jax.tree.leaves(tree):
+      assert leaf.dtype == jnp.bfloat16, f'{what} dtype {leaf.dtype}'
+      assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32)))), (
+          f'non-finite {what}')
+  if min_state_dtype is not None:
+    for leaf in jax.tree.leaves(state):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert jnp.promote_types(leaf.dtype, min_state_dtype) == leaf.dtype, (
+            f'state leaf of dtype {leaf.dtype} < {min_state_dtype}')
+
+
+def check_schedule(make: Make, learning_rate: float,
+                   zero_rate_is_no_op: bool = True,
+                   rtol: float = 1e-4) -> None:
+  """Schedules are followed: ``linear_schedule(lr, 0, 2)`` gives lr, lr/2, 0.
+
+  Its first update must equal the float ``lr``'s and its third must be zero
+  (unless ``zero_rate_is_no_op`` is False).
+  """
+  params, _, loss = lora_problem(zero_b=False)
+  tx = make(learning_rate=learning_rate)
+  _, _, first, _ = make_step(tx, loss)(params, tx.init(params))
+  tx_decay = make(learning_rate=optax.linear_schedule(learning_rate, 0.0, 2))
+  state = tx_decay.init(params)
+  step = make_step(tx_decay, loss)
+  p = params
+  for i in range(3):
+    p, state, updates, _ = step(p, state)
+    if i == 0:
+      assert_close(updates, first, rtol)
+  for leaf in jax.tree.leaves(p):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  if zero_rate_is_no_op:
+    chex.assert_trees_all_close(
+        updates, jax.tree.map(jnp.zeros_like, updates), atol=0.0)
+
+
+def check_multisteps(make: Make, learning_rate: float,
+                     rtol: float = 1e-4) -> None:
+  """``optax.MultiSteps(k=2)``: no step, then the step on the mean gradient."""
+  params, _, _ = lora_problem(zero_b=False)
+  g1, g2 = _random_grads(params, 1), _random_grads(params, 2)
+  tx = make(learning_rate=learning_rate)
+  multi = optax.MultiSteps(make(learning_rate=learning_rate),
+                           every_k_schedule=2)
+  state = multi.init(params)
+  update = jax.jit(multi.update)
+  first, state = update(g1, state, params)
+  chex.assert_trees_all_close(first, jax.tree.map(jnp.zeros_like, first),
+                              atol=0.0)
+  second, state = update(g2, state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+  expected, _ = jax.jit(tx.update)(mean, tx.init(params), params)
+  assert_close(second, expected, rtol)
+
+
+CHECKS = ('converges', 'no_recompilation', 'inject_hyperparams', 'bfloat16',
+          'schedule', 'multisteps')
+
+_FUNCTIONS = {
+    'converges': check_converges,
+    'no_recompilation': check_no_recompilation,
+    'inject_hyperparams': check_inject_hyperparams,
+    'bfloat16': check_bfloat16,
+    'schedule': check_schedule,
+    'multisteps': check_multisteps,
+}
+
+
+def run(check: str, make: Make, learning_rate: float, **kwargs) -> None:
+  """Runs one named check; ``kwargs`` go to it (e.g. ``steps``, ``rtol``)."""
+  _FUNCTIONS[check](make, learning_rate, **kwargs)
+
+
+def run_all(make: Make, learning_rate: float,
+            options: Optional[dict[str, dict[str, Any]]] = None) -> None:
+  """Runs every check; ``options[check]`` are that check's kwargs."""
+  options = options or {}
+  for check in CHECKS:
+    run(check, make, learning_rate, **options.get(check, {}))

@@ -1,0 +1,347 @@
+"""LoRA+, ScaledAdam and Shampoo: NumPy parity, convergence, the battery."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_rite_optax as lro
+from tests import optimizer_battery as battery
+
+# --------------------------------------------------------------------------
+# The optax battery.
+
+BASELINES = {
+    'loraplus': (lro.loraplus, 1e-2),
+    'scaled_adam': (lro.scaled_adam, 3e-2),
+    'shampoo': (functools.partial(lro.shampoo, block_size=4,
+                                  precondition_every=2), 1e-2),
+}
+
+
+@pytest.mark.parametrize('check', battery.CHECKS)
+@pytest.mark.parametrize('name', sorted(BASELINES))
+def test_battery(name, check):
+  make, lr = BASELINES[name]
+  options = {}
+  if check == 'bfloat16' and name in ('scaled_adam', 'shampoo'):
+    options = dict(min_state_dtype=jnp.float32)
+  if name == 'shampoo' and check in ('inject_hyperparams', 'schedule',
+                                     'multisteps'):
+    # Two compiled programs differ by float32 rounding, which the inverse
+    # roots of early, rank-deficient statistics amplify (the ridge is 1e-6 of
+    # the largest eigenvalue): ~1e-3 relative here, 0 in float64.
+    options = dict(rtol=3e-3)
+    if check == 'inject_hyperparams':
+      options['static_args'] = ('block_size',)
+  battery.run(check, make, lr, **options)
+
+
+def test_loraplus_wraps_any_base_optimizer():
+  make = functools.partial(lro.loraplus, base=optax.lion, lr_ratio=4.0)
+  battery.check_converges(make, 1e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------
+# LoRA+.
+
+
+def _tree(rng, dtype=np.float32):
+  return {
+      'q': {'lora_a': rng.normal(size=(5, 2)).astype(dtype),
+            'lora_b': rng.normal(size=(2, 3, 2)).astype(dtype)},
+      'v': {'lora_a': rng.normal(size=(4, 2)).astype(dtype),
+            'lora_b': rng.normal(size=(2, 4)).astype(dtype)},
+  }
+
+
+def test_loraplus_equals_two_adams_by_hand():
+  rng = np.random.default_rng(0)
+  params = _tree(rng)
+  lr, ratio = 1e-2, 8.0
+  schedule = optax.linear_schedule(lr, lr / 4, 5)
+  tx = lro.loraplus(schedule, lr_ratio=ratio, weight_decay=0.1)
+  # By hand: one AdamW on the A leaves at lr, one on the B leaves at ratio*lr.
+  split = lambda tree, want: {
+      k: {kk: vv for kk, vv in v.items() if (kk == 'lora_b') == want}
+      for k, v in tree.items()}
+  adam_a = optax.adamw(schedule, weight_decay=0.1)
+  adam_b = optax.adamw(lambda c: ratio * schedule(c), weight_decay=0.1)
+  state = tx.init(params)
+  state_a = adam_a.init(split(params, False))
+  state_b = adam_b.init(split(params, True))
+  for _ in range(6):
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype),
+                         params)
+    updates, state = tx.update(grads, state, params)
+    ua, state_a = adam_a.update(split(grads, False), state_a,
+                                split(params, False))
+    ub, state_b = adam_b.update(split(grads, True), state_b,
+                                split(params, True))
+    expected = {k: {**ua[k], **ub[k]} for k in params}
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
+    params = optax.apply_updates(params, updates)
+
+
+def test_loraplus_groups_follow_peft():
+  params = {
+      'embed': {'lora_a': jnp.zeros((10, 2)), 'lora_b': jnp.zeros((2, 4))},
+      'mlp': {'lora_a': jnp.zeros((4, 2)), 'lora_b': jnp.zeros((2, 4)),
+              'bias': jnp.zeros(4), 'kernel': jnp.zeros((4, 4))},
+      'final_norm': {'scale': jnp.zeros(4)},
+      'gate': jnp.zeros(4),
+  }
+  labels = lro.loraplus_labels(params)
+  assert labels == {
+      'embed': {'lora_a': 'a', 'lora_b': 'b'},
+      'mlp': {'lora_a': 'a', 'lora_b': 'b', 'bias': 'b_no_decay',
+              'kernel': 'a'},
+      'final_norm': {'scale': 'b_no_decay'},
+      'gate': 'b',
+  }
+  labels = lro.loraplus_labels(params, is_embedding=lambda p: 'embed' in p)
+  assert labels['embed'] == {'lora_a': 'embedding', 'lora_b': 'embedding'}
+  # With SGD as the base and unit gradients, each group's rate is visible.
+  tx = lro.loraplus(1e-3, lr_ratio=4.0, base=optax.sgd,
+                    is_embedding=lambda p: 'embed' in p, lr_embedding=1e-6)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  rate = lambda x: -float(x.reshape(-1)[0])
+  assert rate(updates['mlp']['lora_a']) == pytest.approx(1e-3)
+  assert rate(updates['mlp']['lora_b']) == pytest.approx(4e-3)
+  assert rate(updates['mlp']['kernel']) == pytest.approx(1e-3)
+  assert rate(updates['mlp']['bias']) == pytest.approx(4e-3)
+  assert rate(updates['gate']) == pytest.approx(4e-3)
+  assert rate(updates['embed']['lora_a']) == pytest.approx(1e-6)
+  assert rate(updates['embed']['lora_b']) == pytest.approx(1e-6)
+
+
+def test_loraplus_no_decay_group_and_base_errors():
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.ones((2, 3)),
+            'bias': jnp.ones(3)}
+  tx = lro.loraplus(1.0, lr_ratio=2.0, weight_decay=0.5)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # Zero gradient: the AdamW step is only the decay, lr * ratio * wd * p.
+  assert float(updates['lora_a'][0, 0]) == pytest.approx(-0.5)
+  assert float(updates['lora_b'][0, 0]) == pytest.approx(-1.0)
+  assert float(updates['bias'][0]) == 0.0
+  with pytest.raises(ValueError, match='pass b1/b2/eps/weight_decay'):
+    lro.loraplus(1e-3, base=optax.lion, weight_decay=0.1)
+
+
+# --------------------------------------------------------------------------
+# ScaledAdam against a float64 NumPy implementation of its stated formulas.
+
+
+def _np_scaled_adam(params, grads_seq, lr, b1, b2, eps, wd, delta, bc):
+  """Per pair: g_A (X_B^T X_B + dI)^-1, g_B-view (X_A^T X_A + dI)^-1, AdamW."""
+  params = {k: {kk: np.array(vv, np.float64) for kk, vv in v.items()}
+            for k, v in params.items()}
+  mom = {k: {kk: (np.zeros_like(vv), np.zeros_like(vv)) for kk, vv in v.items()}
+         for k, v in params.items()}
+  history = []
+  for t, grads in enumerate(grads_seq, start=1):
+    new = {}
+    for name, pair in params.items():
+      a, b = pair['lora_a'], pair['lora_b']
+      r = a.shape[-1]
+      xa = a.reshape(-1, r)
+      xb = b.reshape(r, -1).T
+      ga = grads[name]['lora_a'].reshape(-1, r)
+      gb = grads[name]['lora_b'].reshape(r, -1).T
+      ga = ga @ np.linalg.inv(xb.T @ xb + delta * np.eye(r))
+      gb = gb @ np.linalg.inv(xa.T @ xa + delta * np.eye(r))
+      scaled = {'lora_a': ga.reshape(a.shape),
+                'lora_b': gb.T.reshape(b.shape)}
+      new[name] = {}
+      for key, g in scaled.items():
+        m, v = mom[name][key]
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        mom[name][key] = (m, v)
+        c = np.sqrt(1 - b2 ** t) / (1 - b1 ** t) if bc else 1.0
+        step = c * m / (np.sqrt(v) + eps) + wd * pair[key]
+        new[name][key] = pair[key] - lr * step
+    params = new
+    history.append(params)
+  return history
+
+
+@pytest.mark.parametrize('bias_correction', [False, True])
+def test_scaled_adam_matches_numpy(bias_correction):
+  rng = np.random.default_rng(1)
+  params0 = _tree(rng, np.float64)
+  params0['v']['lora_b'][:] = 0.0  # a standard-init pair: lora_b = 0
+  grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape), params0)
+               for _ in range(6)]
+  hyper = dict(lr=3e-2, b1=0.9, b2=0.99, eps=1e-8, wd=0.1, delta=1e-3)
+  expected = _np_scaled_adam(params0, grads_seq, bc=bias_correction, **hyper)
+  with jax.enable_x64(True):
+    tx = lro.scaled_adam(hyper['lr'], b1=hyper['b1'], b2=hyper['b2'],
+                         eps=hyper['eps'], weight_decay=hyper['wd'],
+                         delta=hyper['delta'],
+                         bias_correction=bias_correction)
+    params = jax.tree.map(jnp.asarray, params0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads, want in zip(grads_seq, expected):
+      updates, state = update(jax.tree.map(jnp.asarray, grads), state, params)
+      params = optax.apply_updates(params, updates)
+      chex.assert_trees_all_close(params, want, rtol=1e-10, atol=1e-12)
+
+
+def test_scaled_adam_errors_and_zero_factor():
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
+  tx = lro.scaled_adam(1e-2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='update needs params'):
+    tx.update(params, state)
+  grads = {'lora_a': jnp.zeros((3, 2)), 'lora_b': jnp.ones((2, 4))}
+  updates, _ = tx.update(grads, state, params)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  with pytest.raises(ValueError, match='not part of a LoRA pair'):
+    lro.scaled_adam(1e-2).init({**params, 'w': jnp.ones((2, 2))})
+
+
+# --------------------------------------------------------------------------
+# Shampoo against a float64 NumPy implementation with explicit blocks.
+
+
+def _np_inverse_root(s, matrix_eps):
+  w, q = np.linalg.eigh((s + s.T) / 2)
+  if w.max() <= 0:
+    return np.eye(len(s))
+  w = np.maximum(w, 0) + matrix_eps * w.max()
+  return (q * w ** -0.25) @ q.T
+
+
+def _np_matrix(x, kind):
+  """The rank-last / trailing-axis matrix view of a leaf, and its inverse."""
+  if kind == 'lora_b':
+    r = x.shape[0]
+    return x.reshape(r, -1).T, lambda m: m.T.reshape(x.shape)
+  return x.reshape(-1, x.shape[-1]), lambda m: m.reshape(x.shape)
+
+
+class _NpShampoo:
+  """Shampoo as stated in lro.shampoo's docstring, blocks by slicing."""
+
+  def __init__(self, b1, b2, eps, matrix_eps, block_size, every, graft):
+    self.h = (b1, b2, eps, matrix_eps, block_size, every, graft)
+    self.t = 0
+    self.state = {}
+
+  def _blocks(self, n, m):
+    bs = self.h[4]
+    return [(slice(i, min(i + bs, n)), slice(j, min(j + bs, m)))
+            for i in range(0, n, bs) for j in range(0, m, bs)]
+
+  def update(self, grads):
+    b1, b2, eps, matrix_eps, _, every, graft = self.h
+    out = {}
+    for path, g in grads.items():
+      st = self.state.setdefault(path, {'mu': np.zeros_like(g),
+                                        'nu': np.zeros_like(g)})
+      st['nu'] = b2 * st['nu'] + (1 - b2) * g * g
+      adam = g / (np.sqrt(st['nu'] / (1 - b2 ** (self.t + 1))) + eps)
+      if g.ndim < 2:
+        direction = adam
+      else:
+        gm, back = _np_matrix(g, path.split('/')[-1])
+        pre = np.zeros_like(gm)
+        for k, (rows, cols) in enumerate(self._blocks(*gm.shape)):
+          gb = gm[rows, cols]
+          left, right = st.setdefault(('stats', k), (0.0, 0.0))
+          left = b2 * left + (1 - b2) * gb @ gb.T
+          right = b2 * right + (1 - b2) * gb.T @ gb
+          st[('stats', k)] = (left, right)
+          if self.t % every == 0:
+            st[('roots', k)] = (_np_inverse_root(left, matrix_eps),
+                                _np_inverse_root(right, matrix_eps))
+          pl, pr = st[('roots', k)]
+          pre[rows, cols] = pl @ gb @ pr
+        if graft != 'none':
+          ref = adam if graft == 'adam' else g
+          norm = np.linalg.norm(pre)
+          pre = pre * (np.linalg.norm(ref) / norm if norm > 0 else 0.0)
+        direction = back(pre)
+      st['mu'] = b1 * st['mu'] + (1 - b1) * direction
+      out[path] = st['mu'] / (1 - b1 ** (self.t + 1))
+    self.t += 1
+    return out
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize('graft', ['adam', 'sgd', 'none'])
+def test_shampoo_matches_numpy(graft):
+  rng = np.random.default_rng(2)
+  params = {
+      'q': {'lora_a': rng.normal(size=(10, 3)),        # row blocks 4, 4, 2
+            'lora_b': rng.normal(size=(3, 2, 5))},     # view (10, 3)
+      'w': rng.normal(size=(5, 6)),                    # a non-LoRA matrix
+      'bias': rng.normal(size=(6,)),                   # 1-D: Adam's step
+  }
+  hyper = dict(b1=0.9, b2=0.95, eps=1e-8, matrix_eps=1e-6, block_size=4,
+               every=3, graft=graft)
+  ref = _NpShampoo(**hyper)
+  with jax.enable_x64(True):
+    tx = lro.scale_by_shampoo(
+        b1=hyper['b1'], b2=hyper['b2'], eps=hyper['eps'],
+        matrix_eps=hyper['matrix_eps'], block_size=hyper['block_size'],
+        precondition_every=hyper['every'], graft=graft)
+    state = tx.init(jax.tree.map(jnp.asarray, params))
+    update = jax.jit(tx.update)
+    for _ in range(7):
+      grads = jax.tree.map(lambda p: rng.normal(size=p.shape), params)
+      updates, state = update(jax.tree.map(jnp.asarray, grads), state)
+      want = ref.update(_flat(grads))
+      got = _flat(updates)
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-8,
+                                   atol=1e-10, err_msg=key)
+    assert state.count.dtype == jnp.int32
+
+
+def test_shampoo_converges_on_ill_conditioned_quadratic():
+  rng = np.random.default_rng(3)
+  # f(W) = 0.5 tr((W - W*)^T H (W - W*) K) with condition numbers 1e3 each side.
+  h = np.diag(np.logspace(0, 3, 8))
+  k = np.diag(np.logspace(0, 3, 6))
+  w_star = rng.normal(size=(8, 6))
+  loss = lambda w: 0.5 * jnp.sum((w - w_star) * (h @ (w - w_star) @ k))
+  tx = lro.shampoo(3e-2, precondition_every=5)
+  w = jnp.zeros((8, 6))
+  state = tx.init(w)
+
+  @jax.jit
+  def step(w, state):
+    updates, state = tx.update(jax.grad(loss)(w), state, w)
+    return optax.apply_updates(w, updates), state
+
+  for _ in range(400):
+    w, state = step(w, state)
+  initial, final = float(loss(jnp.zeros((8, 6)))), float(loss(w))
+  assert final < 1e-3 * initial, (initial, final)
+
+
+def test_shampoo_zero_gradient_and_errors():
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
+  tx = lro.shampoo(1e-2)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for leaf in jax.tree.leaves(updates):
+    assert bool(jnp.all(leaf == 0))
+  with pytest.raises(ValueError, match='graft must be one of'):
+    lro.shampoo(1e-2, graft='adagrad')
