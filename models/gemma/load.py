@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from models.gemma.gguf_io import GGUFFile, read_gguf
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
 from models.gemma.model import Gemma
 
@@ -104,11 +105,15 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
   header['__metadata__'] = dict(metadata or {'format': 'pt'})
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)  # the data section starts 8-byte aligned
-  with open(path, 'wb') as f:
+  # Write then rename: arrays memory-mapped from an older file at ``path``
+  # (read_safetensors) keep their inode instead of faulting on truncation.
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for a in arrays:
       f.write(a.tobytes())
+  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -333,7 +338,7 @@ def build_model(config: GemmaConfig, get_tensor: Callable[[_Entry], np.ndarray],
   for e in _param_table(config):
     var = _get_var(model, e.path)
     arr = np.asarray(e.to_ours(get_tensor(e)))
-    var.value = jnp.asarray(arr, dtype=param_dtype)
+    var.set_value(jnp.asarray(arr, dtype=param_dtype))
   return model
 
 
@@ -408,7 +413,7 @@ def save_pretrained(model: Gemma, directory: str) -> None:
   tensors = {}
   dtypes = set()
   for e in _param_table(c):
-    arr = np.asarray(jax.device_get(_get_var(model, e.path).value))
+    arr = np.asarray(jax.device_get(_get_var(model, e.path).get_value()))
     tensors[e.hf_name] = np.ascontiguousarray(e.to_hf(arr))
     dtypes.add(arr.dtype)
   torch_dtype = {np.dtype(np.float32): 'float32',
@@ -458,33 +463,23 @@ def gguf_name(hf_name: str, family: int) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _gguf_reader(path: str, mtime: float):
-  import gguf  # pylint: disable=g-import-not-at-top
+def _read_gguf_cached(path: str, mtime: float) -> GGUFFile:
   del mtime  # part of the cache key only
-  try:
-    return gguf.GGUFReader(path)
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path}: GGUF file not found.') from None
-  except Exception as e:  # the reader raises ValueError, struct.error, ...
-    raise ValueError(f'{path}: not a readable GGUF file ({e}).') from None
+  return read_gguf(path)
 
 
-def gguf_reader(path: str):
-  """A (cached) `gguf.GGUFReader`: parsing a 262k vocabulary takes seconds."""
+def gguf_file(path: str) -> GGUFFile:
+  """The parsed GGUF file (cached: model and tokenizer share one parse)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: GGUF file not found.')
-  return _gguf_reader(os.path.abspath(path), os.path.getmtime(path))
+  return _read_gguf_cached(os.path.abspath(path), os.path.getmtime(path))
 
 
-def gguf_field(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  if field is None:
-    return default
-  return field.contents()
-
-
-def config_from_gguf(reader, source: str) -> GemmaConfig:
-  arch = gguf_field(reader, 'general.architecture')
+def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
+  """A `GemmaConfig` from GGUF metadata (llama.cpp's Gemma conventions)."""
+  source = gf.path
+  meta = gf.metadata
+  arch = meta.get('general.architecture')
   if arch not in _GGUF_ARCHS:
     raise ValueError(
         f'{source}: GGUF architecture is {arch!r}; expected a Gemma model '
@@ -492,21 +487,21 @@ def config_from_gguf(reader, source: str) -> GemmaConfig:
   family = _GGUF_ARCHS[arch]
 
   def req(key):
-    v = gguf_field(reader, f'{arch}.{key}')
+    v = meta.get(f'{arch}.{key}')
     if v is None:
       raise ValueError(f'{source}: missing GGUF metadata {arch}.{key}.')
     return v
 
-  emb = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
+  emb = gf.tensors.get('token_embd.weight')
   if emb is None:
     raise ValueError(f'{source}: missing tensor token_embd.weight.')
-  vocab_size = int(emb.shape[-1])  # ggml shapes are [in, out]
+  vocab_size = int(emb.shape[0])
   width = int(req('embedding_length'))
   num_heads = int(req('attention.head_count'))
   num_layers = int(req('block_count'))
-  head_dim = int(gguf_field(reader, f'{arch}.attention.key_length',
+  head_dim = int(meta.get(f'{arch}.attention.key_length',
                             width // num_heads))
-  window = gguf_field(reader, f'{arch}.attention.sliding_window')
+  window = meta.get(f'{arch}.attention.sliding_window')
   pattern = {1: (GLOBAL,), 2: (LOCAL, GLOBAL),
              3: (LOCAL,) * 5 + (GLOBAL,)}[family]
   # llama.cpp scales queries by head_dim^-0.5 except for the 27B models,
@@ -515,22 +510,21 @@ def config_from_gguf(reader, source: str) -> GemmaConfig:
   if (family, num_layers) in ((2, 46), (3, 62)):
     qpas = float(width // num_heads)
   scale = 1.0
-  if gguf_field(reader, f'{arch}.rope.scaling.type') == 'linear':
-    scale = float(gguf_field(reader, f'{arch}.rope.scaling.factor', 1.0))
-  base = float(gguf_field(reader, f'{arch}.rope.freq_base',
+  if meta.get(f'{arch}.rope.scaling.type') == 'linear':
+    scale = float(meta.get(f'{arch}.rope.scaling.factor', 1.0))
+  base = float(meta.get(f'{arch}.rope.freq_base',
                           1e6 if family == 3 else 1e4))
   return GemmaConfig(
       family=family, vocab_size=vocab_size, width=width,
       num_layers=num_layers, num_heads=num_heads,
-      num_kv_heads=int(gguf_field(reader, f'{arch}.attention.head_count_kv',
+      num_kv_heads=int(meta.get(f'{arch}.attention.head_count_kv',
                                   num_heads)),
       head_dim=head_dim, mlp_dim=int(req('feed_forward_length')),
-      norm_eps=float(gguf_field(reader,
-                                f'{arch}.attention.layer_norm_rms_epsilon',
-                                1e-6)),
+      norm_eps=float(meta.get(f'{arch}.attention.layer_norm_rms_epsilon',
+                              1e-6)),
       query_pre_attn_scalar=qpas,
-      attn_logit_softcap=gguf_field(reader, f'{arch}.attn_logit_softcapping'),
-      final_logit_softcap=gguf_field(reader, f'{arch}.final_logit_softcapping'),
+      attn_logit_softcap=meta.get(f'{arch}.attn_logit_softcapping'),
+      final_logit_softcap=meta.get(f'{arch}.final_logit_softcapping'),
       attention_pattern=pattern,
       sliding_window=(int(window) if window else
                       (4096 if family == 2 else 512 if family == 3 else None)),
@@ -538,16 +532,15 @@ def config_from_gguf(reader, source: str) -> GemmaConfig:
       rope_base_local=10_000.0 if family == 3 else base,
       rope_scale_global=scale,
       use_post_norms=family >= 2, use_qk_norm=family == 3,
-      max_seq_len=int(gguf_field(reader, f'{arch}.context_length', 8192)))
+      max_seq_len=int(meta.get(f'{arch}.context_length', 8192)))
 
 
 def load_gguf(path: str, *, dtype=jnp.float32,
               param_dtype=jnp.float32) -> Gemma:
   """A Gemma from a llama.cpp GGUF file, dequantized to ``param_dtype``."""
-  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-  reader = gguf_reader(path)
-  config = config_from_gguf(reader, path)
-  by_name = {t.name: t for t in reader.tensors}
+  gf = gguf_file(path)
+  config = config_from_gguf(gf)
+  by_name = gf.tensors
 
   def get(e: _Entry) -> np.ndarray:
     name = gguf_name(e.hf_name, config.family)
@@ -555,7 +548,7 @@ def load_gguf(path: str, *, dtype=jnp.float32,
     if t is None:
       raise ValueError(f'{path}: missing tensor {name!r} '
                        f'(expected shape {list(e.hf_shape)[::-1]} in ggml order).')
-    arr = dequantize(t.data, t.tensor_type)  # [out, in], numpy order
+    arr = t.dequantize()  # [out, in], numpy order
     if tuple(arr.shape) != e.hf_shape:
       raise ValueError(f'{path}: tensor {name!r} dequantizes to shape '
                        f'{list(arr.shape)}, expected {list(e.hf_shape)}.')
@@ -595,4 +588,4 @@ def from_pretrained(path: str, *, dtype=jnp.float32,
 def iter_named_params(model: Gemma) -> Iterator[tuple[str, np.ndarray]]:
   """(HF tensor name, HF-layout array) of every base parameter."""
   for e in _param_table(model.config):
-    yield e.hf_name, e.to_hf(np.asarray(_get_var(model, e.path).value))
+    yield e.hf_name, e.to_hf(np.asarray(_get_var(model, e.path).get_value()))

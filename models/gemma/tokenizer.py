@@ -80,57 +80,47 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, path: str, **kw) -> 'Tokenizer':
-    from models.gemma.load import gguf_field, gguf_reader  # pylint: disable=g-import-not-at-top
-    reader = gguf_reader(path)
-    kind = gguf_field(reader, 'tokenizer.ggml.model')
+    from models.gemma.load import gguf_file  # pylint: disable=g-import-not-at-top
+    meta = gguf_file(path).metadata
+    kind = meta.get('tokenizer.ggml.model')
     if kind != 'llama':  # llama.cpp's name for SentencePiece vocabularies
       raise ValueError(f'{path}: GGUF tokenizer model is {kind!r}; expected a '
                        "SentencePiece ('llama') vocabulary.")
-    proto = _proto_from_gguf(reader, path)
+    proto = _proto_from_gguf(meta, path)
     sp = spm.SentencePieceProcessor()
     sp.load_from_serialized_proto(proto.SerializeToString())
-    add_bos = gguf_field(reader, 'tokenizer.ggml.add_bos_token', True)
+    add_bos = meta.get('tokenizer.ggml.add_bos_token', True)
     kw.setdefault('add_bos', bool(add_bos))
     return cls(sp, **kw)
 
 
-def _string_array(reader, key: str, path: str) -> list:
-  field = reader.fields.get(key)
-  if field is None:
-    raise ValueError(f'{path}: missing GGUF metadata {key}.')
-  return field
-
-
-def _proto_from_gguf(reader, path: str) -> spm_pb2.ModelProto:
+def _proto_from_gguf(meta: dict, path: str) -> spm_pb2.ModelProto:
   """A SentencePiece BPE ModelProto with the GGUF vocabulary."""
-  from models.gemma.load import gguf_field  # pylint: disable=g-import-not-at-top
-  tokens = _string_array(reader, 'tokenizer.ggml.tokens', path)
-  scores = _string_array(reader, 'tokenizer.ggml.scores', path)
-  types = _string_array(reader, 'tokenizer.ggml.token_type', path)
-  n = len(tokens.data)
-  if len(scores.data) != n or len(types.data) != n:
+  arrays = []
+  for key in ('tokens', 'scores', 'token_type'):
+    if f'tokenizer.ggml.{key}' not in meta:
+      raise ValueError(f'{path}: missing GGUF metadata tokenizer.ggml.{key}.')
+    arrays.append(meta[f'tokenizer.ggml.{key}'])
+  tokens, scores, types = arrays
+  n = len(tokens)
+  if len(scores) != n or len(types) != n:
     raise ValueError(f'{path}: GGUF tokenizer arrays differ in length '
-                     f'({n} tokens, {len(scores.data)} scores, '
-                     f'{len(types.data)} types).')
-  # Array elements live in field.parts at the indices field.data lists; the
-  # numeric arrays are contiguous, so gather them in one go.
-  score_arr = np.concatenate([scores.parts[i] for i in scores.data]).astype(np.float32)
-  type_arr = np.concatenate([types.parts[i] for i in types.data]).astype(np.int32)
-  unk_id = int(gguf_field(reader, 'tokenizer.ggml.unknown_token_id', 3))
-  bos_id = int(gguf_field(reader, 'tokenizer.ggml.bos_token_id', 2))
-  eos_id = int(gguf_field(reader, 'tokenizer.ggml.eos_token_id', 1))
-  pad_id = int(gguf_field(reader, 'tokenizer.ggml.padding_token_id', 0))
-  add_space = bool(gguf_field(reader, 'tokenizer.ggml.add_space_prefix', False))
+                     f'({n} tokens, {len(scores)} scores, {len(types)} types).')
+  unk_id = int(meta.get('tokenizer.ggml.unknown_token_id', 3))
+  bos_id = int(meta.get('tokenizer.ggml.bos_token_id', 2))
+  eos_id = int(meta.get('tokenizer.ggml.eos_token_id', 1))
+  pad_id = int(meta.get('tokenizer.ggml.padding_token_id', 0))
+  add_space = bool(meta.get('tokenizer.ggml.add_space_prefix', False))
 
   proto = spm_pb2.ModelProto()
   piece_type = spm_pb2.ModelProto.SentencePiece.Type
   # llama.cpp token types use SentencePiece's numbering (1 normal, 2 unknown,
   # 3 control, 4 user defined, 5 unused, 6 byte).
   valid_types = {int(v) for v in piece_type.values()}
-  parts = tokens.parts
-  for i, (idx, score, ttype) in enumerate(zip(tokens.data, score_arr, type_arr)):
+  for i, (piece, score, ttype) in enumerate(zip(tokens, np.asarray(scores).tolist(),
+                                                np.asarray(types).tolist())):
     p = proto.pieces.add()
-    p.piece = bytes(parts[idx]).decode('utf-8', errors='replace')
+    p.piece = piece
     p.score = float(score)
     ttype = int(ttype)
     if i == unk_id:  # SentencePiece needs exactly one UNKNOWN piece

@@ -1,0 +1,496 @@
+"""models.gemma on tiny random configs: caching, I/O round trips, sharding, errors."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import gemma
+from models.gemma import load as gemma_load
+from models.gemma.config import GLOBAL, LOCAL
+
+FAMILIES = ['gemma-tiny', 'gemma2-tiny', 'gemma3-tiny']
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model(name, seed=1, **kw):
+  model = gemma.Gemma(gemma.get_config(name), rngs=nnx.Rngs(seed), **kw)
+  # Random non-zero norm gains, so a dropped or mis-mapped norm shows.
+  for path, var in nnx.iter_graph(model):
+    if path and path[-1] == 'scale' and isinstance(var, nnx.Param):
+      var.set_value(0.1 * jax.random.normal(
+          jax.random.key(len(path) + seed), var.get_value().shape))
+  return model
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(name):
+  """A shared (not to be mutated) model of config ``name`` and its jitted forward."""
+  model = _model(name)
+  return model, gemma.forward_fn(model)
+
+
+def _params(model):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+          jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+
+
+def _one_line(excinfo):
+  msg = str(excinfo.value)
+  assert '\n' not in msg, msg
+  return msg
+
+
+# --------------------------------------------------------------------------
+# Configs and structure.
+
+
+def test_named_configs():
+  assert gemma.get_config('gemma-2b').num_kv_heads == 1      # multi-query
+  assert gemma.get_config('gemma-7b').num_kv_heads == 16     # multi-head
+  g2 = gemma.get_config('gemma2-27b')
+  assert g2.query_scale == pytest.approx(144 ** -0.5)
+  assert (g2.attn_logit_softcap, g2.final_logit_softcap) == (50.0, 30.0)
+  g3 = gemma.get_config('gemma3-270m')
+  assert g3.query_scale == pytest.approx(256 ** -0.5)
+  assert g3.layer_types[:6] == (LOCAL,) * 5 + (GLOBAL,)
+  assert (g3.rope_base_local, g3.rope_base_global) == (1e4, 1e6)
+  assert g3.sliding_window == 512 and g3.use_qk_norm
+  assert gemma.get_config('gemma3-27b').query_pre_attn_scalar == 168
+  for name in ('gemma3-1b', 'gemma3-4b', 'gemma3-12b', 'gemma2-2b', 'gemma2-9b'):
+    assert gemma.get_config(name).family in (2, 3)
+  with pytest.raises(ValueError, match='Unknown Gemma config') as e:
+    gemma.get_config('gemma4-1t')
+  assert 'gemma3-270m' in _one_line(e)
+
+
+def test_270m_parameter_count():
+  model = nnx.eval_shape(lambda: gemma.Gemma(gemma.get_config('gemma3-270m')))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert 268e6 < n < 269e6  # the published 268M (170M embedding + 100M blocks)
+
+
+def test_projection_paths_shapes_and_logical_axes():
+  model, _ = _tiny('gemma3-tiny')
+  c = model.config
+  d, n, k, h, f = c.width, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+  block = model.layers[0]
+  shapes = {'q': (d, n, h), 'k': (d, k, h), 'v': (d, k, h), 'o': (n, h, d)}
+  for name, shape in shapes.items():
+    assert getattr(block.attn, name).kernel.get_value().shape == shape
+  for name, shape in {'gate': (d, f), 'up': (d, f), 'down': (f, d)}.items():
+    assert getattr(block.mlp, name).kernel.get_value().shape == shape
+  allowed = {'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm'}
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param):
+      axes = var.get_metadata()['out_sharding']
+      assert len(axes) == var.get_value().ndim and set(axes) <= allowed, (path, axes)
+  paths = {'/'.join(map(str, p)) for p, _ in nnx.iter_graph(model)}
+  assert 'layers/0/attn/q' in paths and 'layers/6/mlp/down' in paths
+
+
+def test_lora_pairs_have_einsum_shapes():
+  lora = pytest.importorskip('models.lora')
+  model = _model('gemma-tiny')
+  tokens = jnp.arange(12).reshape(2, 6)
+  forward = nnx.jit(lambda m, t: m(t))
+  before = forward(model, tokens)
+  lora.apply_lora(model, ['q', 'o'], rank=4)
+  c = model.config
+  q = model.layers[0].attn.q.lora
+  o = model.layers[0].attn.o.lora
+  assert q.lora_a.get_value().shape == (c.width, 4)
+  assert q.lora_b.get_value().shape == (4, c.num_heads, c.head_dim)
+  assert o.lora_a.get_value().shape == (c.num_heads, c.head_dim, 4)
+  assert o.lora_b.get_value().shape == (4, c.width)
+  np.testing.assert_allclose(forward(model, tokens), before, atol=1e-6)  # B = 0
+
+
+# --------------------------------------------------------------------------
+# Forward semantics.
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_cached_generation_equals_full_forward(name):
+  model, forward = _tiny(name)
+  sampler = gemma.Sampler(model, pad_multiple=8)
+  # Different lengths: the shorter prompt is left-padded in the batch, and
+  # 7 + 12 tokens run past the sliding window (4) of the local layers.
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
+  out = sampler(prompts, 12, stop_at_eos=False, return_logits=True)
+  for row, prompt in enumerate(prompts):
+    seq = prompt + out.tokens[row]
+    assert len(out.tokens[row]) == 12
+    full = np.asarray(forward(jnp.array([seq]))[0])
+    np.testing.assert_allclose(out.logits[row],
+                               full[len(prompt) - 1:len(seq) - 1],
+                               atol=2e-5, rtol=1e-5)
+    # Greedy: each token is the argmax of the full forward's logits.
+    assert out.tokens[row] == full[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_sampling_controls():
+  model, _ = _tiny('gemma2-tiny')
+  sampler = gemma.Sampler(model, pad_multiple=8)
+  prompts = [[3, 4, 5]]
+  greedy = sampler(prompts, 6, stop_at_eos=False).tokens
+  # top_k = 1 leaves only the argmax; the same seed repeats a sample.
+  assert sampler(prompts, 6, temperature=0.7, top_k=1,
+                 stop_at_eos=False).tokens == greedy
+  a = sampler(prompts, 6, temperature=0.7, top_k=1, seed=3,
+              stop_at_eos=False).tokens
+  assert a == greedy
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: gemma.sample_logits(
+      logits, k, temperature=1.0, top_k=2))(jax.random.split(
+          jax.random.key(0), 200))
+  assert set(np.unique(draws).tolist()) == {0, 1}
+  draws = jax.vmap(lambda k: gemma.sample_logits(
+      logits, k, temperature=1.0, top_p=0.85))(jax.random.split(
+          jax.random.key(0), 300))
+  assert set(np.unique(draws).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_hidden_logits_split_and_positions(name):
+  model, forward = _tiny(name)
+  tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 256)
+  full = forward(tokens)
+  assert full.shape == (2, 10, 256) and full.dtype == jnp.float32
+  split = nnx.jit(lambda m, t: m.logits(m.hidden(t)))
+  np.testing.assert_allclose(split(model, tokens), full, atol=1e-5)
+  idx = jnp.array([9, 3])
+  np.testing.assert_allclose(forward(tokens, logits_positions=idx),
+                             full[:, idx], atol=1e-5)
+  per_row = jnp.array([[9], [4]])
+  np.testing.assert_allclose(forward(tokens, logits_positions=per_row)[:, 0],
+                             jnp.stack([full[0, 9], full[1, 4]]), atol=1e-5)
+
+
+def test_left_padding_and_packing_masks():
+  _, model = _tiny('gemma3-tiny')  # the jitted forward
+  seq = jnp.array([[7, 8, 9, 10, 11, 12]])
+  ref = model(seq)[0]
+  padded = jnp.array([[0, 0, 7, 8, 9, 10, 11, 12]])
+  mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_allclose(model(padded, attention_mask=mask)[0, 2:], ref,
+                             atol=1e-5)
+  # Two sequences packed in one row: a block-diagonal mask and restarted
+  # positions reproduce each sequence on its own.
+  other = jnp.array([[30, 31, 32]])
+  packed = jnp.concatenate([seq, other], axis=1)
+  seg = jnp.array([0] * 6 + [1] * 3)
+  full_mask = (seg[:, None] == seg[None, :])[None]
+  positions = jnp.array([[0, 1, 2, 3, 4, 5, 0, 1, 2]])
+  out = model(packed, positions=positions, attention_mask=full_mask)[0]
+  np.testing.assert_allclose(out[:6], ref, atol=1e-5)
+  np.testing.assert_allclose(out[6:], model(other)[0], atol=1e-5)
+
+
+def test_sliding_window_limits_context():
+  # One local layer with window 4: position 10 sees positions 7..10 only.
+  cfg = gemma.get_config('gemma3-tiny').replace(num_layers=1,
+                                                attention_pattern=(LOCAL,))
+  model = gemma.forward_fn(gemma.Gemma(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.arange(20, 31)[None]
+  ref = model(tokens)[0, 10]
+  far = tokens.at[0, :7].set(99)
+  np.testing.assert_allclose(model(far)[0, 10], ref, atol=1e-6)
+  near = tokens.at[0, 7].set(99)
+  assert np.abs(model(near)[0, 10] - ref).max() > 1e-4
+  # The same model with a global layer sees everything.
+  glob = gemma.forward_fn(gemma.Gemma(
+      cfg.replace(attention_pattern=(GLOBAL,)), rngs=nnx.Rngs(0)))
+  assert np.abs(glob(far)[0, 10] - glob(tokens)[0, 10]).max() > 1e-4
+
+
+def test_bfloat16_compute():
+  _, forward = _tiny('gemma3-tiny')
+  tokens = jnp.arange(16).reshape(2, 8)
+  ref = forward(tokens)
+  bf16 = _model('gemma3-tiny', dtype=jnp.bfloat16)
+  out = gemma.forward_fn(bf16)(tokens)
+  assert out.dtype == jnp.float32
+  assert bf16.layers[0].attn.q.kernel.get_value().dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.15)
+
+
+# --------------------------------------------------------------------------
+# Checkpoint I/O.
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_hf_save_load_round_trip_is_exact(tmp_path, name):
+  model, _ = _tiny(name)
+  gemma.save_pretrained(model, tmp_path)
+  with open(tmp_path / 'config.json') as f:
+    hf = json.load(f)
+  assert hf['model_type'] == {'gemma-tiny': 'gemma', 'gemma2-tiny': 'gemma2',
+                              'gemma3-tiny': 'gemma3_text'}[name]
+  loaded = gemma.from_pretrained(tmp_path)
+  assert loaded.config == model.config
+  a, b = _params(model), _params(loaded)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_hf_layout_names_and_orientation(tmp_path):
+  model, _ = _tiny('gemma3-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  tensors = gemma_load.read_safetensors(str(tmp_path / 'model.safetensors'))
+  c = model.config
+  q = tensors['model.layers.0.self_attn.q_proj.weight']
+  assert q.shape == (c.num_heads * c.head_dim, c.width)  # PyTorch [out, in]
+  x = np.random.default_rng(0).normal(size=(3, c.width)).astype(np.float32)
+  np.testing.assert_allclose(
+      (x @ q.T).reshape(3, c.num_heads, c.head_dim),
+      model.layers[0].attn.q(jnp.asarray(x)), atol=1e-5)
+  assert tensors['model.layers.0.self_attn.o_proj.weight'].shape == (
+      c.width, c.num_heads * c.head_dim)
+  assert tensors['model.layers.0.mlp.down_proj.weight'].shape == (c.width,
+                                                                  c.mlp_dim)
+  assert 'model.layers.0.self_attn.q_norm.weight' in tensors
+  assert 'model.layers.0.pre_feedforward_layernorm.weight' in tensors
+
+
+def test_sharded_safetensors_and_bfloat16_checkpoint(tmp_path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  model, _ = _tiny('gemma2-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  tensors = gemma_load.read_safetensors(str(tmp_path / 'model.safetensors'))
+  names = sorted(tensors)
+  shards = {'model-00001-of-00002.safetensors': names[:len(names) // 2],
+            'model-00002-of-00002.safetensors': names[len(names) // 2:]}
+  weight_map = {}
+  for fn, keys in shards.items():
+    # bfloat16 on disk, as published Gemma checkpoints are.
+    gemma_load.write_safetensors(
+        str(tmp_path / fn),
+        {k: np.asarray(tensors[k]).astype(ml_dtypes.bfloat16) for k in keys})
+    weight_map.update({k: fn for k in keys})
+  os.remove(tmp_path / 'model.safetensors')
+  with open(tmp_path / 'model.safetensors.index.json', 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+  loaded = gemma.from_pretrained(tmp_path)
+  a, b = _params(model), _params(loaded)
+  for k in a:
+    np.testing.assert_array_equal(
+        a[k].astype(ml_dtypes.bfloat16).astype(np.float32), b[k], err_msg=k)
+
+
+def _write_gemma_gguf(model, path, arch='gemma3'):
+  """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  c = model.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_context_length(c.max_seq_len)
+  w.add_embedding_length(c.width)
+  w.add_block_count(c.num_layers)
+  w.add_feed_forward_length(c.mlp_dim)
+  w.add_head_count(c.num_heads)
+  w.add_head_count_kv(c.num_kv_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_layer_norm_rms_eps(c.norm_eps)
+  w.add_rope_freq_base(c.rope_base_global)
+  if c.sliding_window:
+    w.add_sliding_window(c.sliding_window)
+  if c.rope_scale_global != 1.0:
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(c.rope_scale_global)
+  for e in gemma_load._param_table(c):  # pylint: disable=protected-access
+    arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))  # pylint: disable=protected-access
+    if e.is_norm:
+      arr = arr + 1.0
+    w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
+                 np.ascontiguousarray(arr, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
+  # gemma3-tiny uses what llama.cpp assumes for Gemma 3: 5 local : 1 global,
+  # local base 10k, query scale head_dim^-0.5.
+  model, forward = _tiny('gemma3-tiny')
+  _write_gemma_gguf(model, tmp_path / 'tiny.gguf')
+  loaded = gemma.from_pretrained(tmp_path / 'tiny.gguf')
+  assert loaded.config == model.config.replace(
+      norm_eps=float(np.float32(model.config.norm_eps)))
+  a, b = _params(model), _params(loaded)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+  tokens = jnp.arange(16).reshape(2, 8)
+  np.testing.assert_allclose(gemma.forward_fn(loaded)(tokens), forward(tokens),
+                             atol=1e-5)
+
+
+def test_tokenizer_from_gguf_vocabulary(tmp_path):
+  import gguf  # pylint: disable=g-import-not-at-top
+  specials = ['<pad>', '<eos>', '<bos>', '<unk>']
+  byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
+  words = ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll', 'hell', 'hello',
+           '▁hello', '▁w', '▁wo', '▁wor', '▁worl', '▁world', '\n']
+  tokens = specials + byte_pieces + words
+  types = [3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4]
+  scores = [0.0] * 260 + [-float(i) for i in range(len(words))]
+  w = gguf.GGUFWriter(str(tmp_path / 'tok.gguf'), 'gemma3')
+  w.add_tokenizer_model('llama')
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_bos_token_id(2)
+  w.add_eos_token_id(1)
+  w.add_unk_token_id(3)
+  w.add_pad_token_id(0)
+  w.add_add_bos_token(True)
+  w.add_add_space_prefix(False)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tok = gemma.load_tokenizer(tmp_path / 'tok.gguf')
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+  assert tok.vocab_size == len(tokens)
+  ids = tok.encode('hello world\nhé')
+  assert ids[0] == 2
+  assert [tok.id_to_piece(i) for i in ids[1:4]] == ['hello', '▁world', '\n']
+  # 'é' is not in the vocabulary: byte fallback, and decoding restores it.
+  assert tok.decode(ids) == 'hello world\nhé'
+  assert tok.decode(ids + [1, 0]) == 'hello world\nhé'
+
+
+def test_generate_cli(tmp_path, capsys):
+  pytest.importorskip('sentencepiece')
+  from models import generate  # pylint: disable=g-import-not-at-top
+  model, _ = _tiny('gemma3-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  assert generate.main(['--checkpoint', str(tmp_path), '--prompt', 'hi',
+                        '--max-new-tokens', '3']) == 2  # no tokenizer.model
+  assert 'tokenizer.model' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# Bad inputs: one clear line naming the input.
+
+
+def test_missing_and_malformed_config(tmp_path):
+  with pytest.raises(FileNotFoundError, match='config.json') as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+  (tmp_path / 'config.json').write_text('{"model_type": "gemma3_text", ')
+  with pytest.raises(ValueError, match='malformed JSON') as e:
+    gemma.from_pretrained(tmp_path)
+  assert str(tmp_path / 'config.json') in _one_line(e)
+  (tmp_path / 'config.json').write_text('{"model_type": "llama"}')
+  with pytest.raises(ValueError, match="model_type 'llama'") as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+  (tmp_path / 'config.json').write_text('{"model_type": "gemma2"}')
+  with pytest.raises(ValueError, match="missing required key 'hidden_size'") as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+  with pytest.raises(FileNotFoundError, match='no such checkpoint') as e:
+    gemma.from_pretrained(tmp_path / 'nope.gguf')
+  _one_line(e)
+
+
+def test_missing_and_misshaped_tensors(tmp_path):
+  model, _ = _tiny('gemma-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  st = str(tmp_path / 'model.safetensors')
+  tensors = dict(gemma_load.read_safetensors(st))
+  name = 'model.layers.1.mlp.up_proj.weight'
+  missing = {k: np.array(v) for k, v in tensors.items() if k != name}
+  gemma_load.write_safetensors(st, missing)
+  with pytest.raises(ValueError, match=f"missing tensor '{name}'") as e:
+    gemma.from_pretrained(tmp_path)
+  assert 'model.safetensors' in _one_line(e)
+  bad = dict(missing, **{name: np.zeros((3, 5), np.float32)})
+  gemma_load.write_safetensors(st, bad)
+  with pytest.raises(ValueError, match=r'has shape \[3, 5\], expected \[128, 64\]') as e:
+    gemma.from_pretrained(tmp_path)
+  assert st in _one_line(e)
+  with open(st, 'wb') as f:
+    f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{not json')
+  with pytest.raises(ValueError, match='not a valid safetensors file') as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+  os.remove(st)
+  with pytest.raises(FileNotFoundError, match='no model.safetensors') as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+
+
+def test_gguf_of_another_architecture(tmp_path):
+  import gguf  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'llama.gguf'
+  w = gguf.GGUFWriter(str(path), 'llama')
+  w.add_block_count(1)
+  w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match="architecture is 'llama'") as e:
+    gemma.from_pretrained(path)
+  assert str(path) in _one_line(e)
+  junk = tmp_path / 'junk.gguf'
+  junk.write_bytes(b'GGUF\x03\x00\x00\x00' + b'\xff' * 5)
+  with pytest.raises(ValueError, match='not a readable GGUF file') as e:
+    gemma.from_pretrained(junk)
+  _one_line(e)
+
+
+# --------------------------------------------------------------------------
+# Sharding on 8 fake CPU devices (a subprocess: the device count is fixed
+# when JAX initialises).
+
+_SHARDED_SCRIPT = textwrap.dedent('''
+    import os
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from models import gemma
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
+    rules = [('vocab', 'model'), ('embed', 'data'), ('heads', 'model'),
+             ('kv_heads', None), ('head_dim', None), ('mlp', 'model'),
+             ('norm', None)]
+    for name in ('gemma-tiny', 'gemma2-tiny', 'gemma3-tiny'):
+      model = gemma.Gemma(gemma.get_config(name), rngs=nnx.Rngs(0))
+      tokens = jax.random.randint(jax.random.key(1), (4, 12), 0, 256)
+      ref = np.asarray(model(tokens))
+      graphdef, state = nnx.split(model)
+      with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(state)
+      shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+      state = jax.device_put(state, shardings)
+      q = state['layers'][0]['attn']['q']['kernel'].get_value()
+      assert q.sharding.spec == P('data', 'model', None), q.sharding
+      assert len(q.addressable_shards) == 8
+      tokens = jax.device_put(tokens, NamedSharding(mesh, P('data', None)))
+      out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+      np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+      print(name, 'sharded ok')
+''')
+
+
+def test_sharded_forward_on_8_fake_devices():
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get(
+      'PYTHONPATH', ''), JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count('sharded ok') == 3, proc.stdout
