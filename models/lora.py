@@ -18,9 +18,10 @@ T5 and anything else made of Projections share it:
 
 Target syntax: a target selects a projection when it equals the attribute
 name (``'q'``), that name without a numeric suffix (``'wi'`` selects T5's
-``wi_0`` and ``wi_1``), a dotted tail of the path (``'cross_attn.q'``), or
-when it full-matches such a tail as a regular expression
-(``r'layers\\.[0-3]\\..*'``) or as a glob (``'*.self_attn.*'``).
+``wi_0`` and ``wi_1``), or a dotted tail of the path (``'cross_attn.q'``);
+a target with any of ``\\ ( ) [ ] { } + ^ $ |`` is a regular expression and a
+target with ``*`` or ``?`` a glob, either matched in full against a dotted
+tail of the path (``r'layers\\.[0-3]\\..*'``, ``'encoder.*.o'``).
 """
 
 from __future__ import annotations
@@ -91,12 +92,19 @@ def _matches(target: str, path: str) -> bool:
     tails += ['.'.join(parts[k:-1] + [stripped]) for k in range(len(parts))]
   if target in tails:
     return True
-  try:
-    regex = re.compile(target)
-  except re.error:
-    regex = None
-  return any((regex is not None and regex.fullmatch(t))
-             or fnmatch.fnmatchcase(t, target) for t in tails)
+  # Backslashes, groups, classes, anchors or alternation make it a regex;
+  # otherwise * and ? make it a glob (so 'encoder.*.o' does not also match
+  # '...mlp.wo', as the regex reading of the same string would).
+  if any(c in target for c in '\\()[]{}+^$|'):
+    try:
+      regex = re.compile(target)
+    except re.error as e:
+      raise ValueError(f'LoRA target {target!r} is not a valid regular '
+                       f'expression ({e}).') from None
+    return any(regex.fullmatch(t) for t in tails)
+  if '*' in target or '?' in target:
+    return any(fnmatch.fnmatchcase(t, target) for t in tails)
+  return False
 
 
 def select(model: nnx.Module,
@@ -292,7 +300,7 @@ def lora_params(model: nnx.Module) -> dict:
   Raises:
     ValueError: the model has no adapters.
   """
-  tree = nnx.state(model, LORA_FILTER).to_pure_dict()
+  tree = nnx.to_pure_dict(nnx.state(model, LORA_FILTER))
   if not jax.tree.leaves(tree):
     raise ValueError('lora_params: the model has no LoRA adapters; call '
                      'apply_lora first.')
@@ -317,7 +325,7 @@ def _check_like(template, tree, who: str) -> None:
 def set_lora_params(model: nnx.Module, params: Mapping) -> nnx.Module:
   """Writes a pure dict like :func:`lora_params`'s back into ``model``."""
   state = nnx.state(model, LORA_FILTER)
-  _check_like(state.to_pure_dict(), params, 'set_lora_params')
+  _check_like(nnx.to_pure_dict(state), params, 'set_lora_params')
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
@@ -330,7 +338,7 @@ def split_lora(model: nnx.Module):
   model with :func:`combine_lora`.
   """
   graphdef, lora, rest = nnx.split(model, LORA_FILTER, ...)
-  return graphdef, lora.to_pure_dict(), rest
+  return graphdef, nnx.to_pure_dict(lora), rest
 
 
 def combine_lora(graphdef, lora: Mapping, rest) -> nnx.Module:

@@ -1,0 +1,374 @@
+"""models.lora: targets, inits, pair trees for lro, merge, PEFT I/O, sharding."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import lora_rite_optax as lro
+from models import lora, t5
+from models.layers import Projection
+
+ENC = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+DEC = jnp.array([[0, 3, 4, 5], [0, 7, 8, 9]])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# One block per stack keeps every path kind (self/cross attention, gated
+# FFN, lm_head) while halving the work; the shapes match test_t5's 'tiny'.
+CONFIG = t5.get_config('tiny', num_layers=1, num_decoder_layers=1)
+
+
+def _t5():
+  return t5.T5(CONFIG, rngs=nnx.Rngs(0))
+
+
+def fwd(model, enc, dec):
+  # Eager on purpose: every test adapts a different set of modules, so jit
+  # would compile each variant, while eager ops are compiled once per shape.
+  return model(enc, dec)
+
+
+@pytest.fixture(scope='module')
+def base_logits():
+  return fwd(_t5(), ENC, DEC)
+
+
+def _randomize_b(model, seed=1):
+  """Non-zero B so the adapters change the output."""
+  params = lora.lora_params(model)
+  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: (0.3 * jax.random.normal(next(keys), x.shape, x.dtype)
+                    if p[-1].key == 'lora_b' else x), params)
+  lora.set_lora_params(model, params)
+
+
+def _one_line(excinfo):
+  msg = str(excinfo.value)
+  assert msg and '\n' not in msg, msg
+  return msg
+
+
+def test_targets_by_name_pattern_and_error():
+  model = _t5()
+  paths = list(lora.select(model, 'wi'))
+  assert paths and all(p.endswith(('wi_0', 'wi_1')) for p in paths)
+  assert list(lora.select(model, 'cross_attn.q')) == [
+      'decoder.layers.0.cross_attn.q']
+  assert set(lora.select(model, r'decoder\.layers\.0\.self_attn\..*')) == {
+      f'decoder.layers.0.self_attn.{n}' for n in 'qkvo'}
+  assert list(lora.select(model, 'encoder.*.o')) == [
+      'encoder.layers.0.self_attn.o']  # A glob: not mlp.wo.
+  assert len(lora.select(model, r'.*\.0\.(self|cross)_attn\.[qv]')) == 6
+  assert list(lora.select(model, 'lm_head')) == ['lm_head']
+  # The model's defaults: q, k, v, o, wi, wo everywhere (not lm_head).
+  assert len(lora.select(model)) == 7 + 11
+  with pytest.raises(ValueError) as e:
+    lora.apply_lora(model, ('q', 'gate'))
+  assert "target 'gate' matches no projection" in _one_line(e)
+  assert 'wi_0' in str(e.value)
+  assert not lora.lora_modules(model)  # Nothing applied on error.
+  with pytest.raises(ValueError, match='unknown init'):
+    lora.apply_lora(model, 'q', init='olora')
+
+
+def test_zero_b_leaves_output_unchanged_and_axes(base_logits):
+  model = _t5()
+  lora.apply_lora(model, rank=4, alpha=8.0)
+  np.testing.assert_array_equal(fwd(model, ENC, DEC), base_logits)
+  q = model.decoder.layers[0].cross_attn.q
+  assert q.lora.lora_a.shape == (32, 4) and q.lora.lora_b.shape == (4, 4, 8)
+  assert q.lora.scale == 2.0
+  axes = lambda v: tuple(v.get_metadata()['out_sharding'])
+  assert axes(q.lora.lora_a) == ('embed', None)
+  assert axes(q.lora.lora_b) == (None, 'heads', 'head_dim')
+  o = model.encoder.layers[0].self_attn.o
+  assert axes(o.lora.lora_a) == ('heads', 'head_dim', None)
+  assert axes(o.lora.lora_b) == (None, 'embed')
+  with pytest.raises(ValueError, match='already has a LoRA adapter'):
+    lora.apply_lora(model, 'q')
+  rs = _t5()
+  lora.apply_lora(rs, 'q', rank=4, alpha=8.0, rslora=True)
+  assert rs.encoder.layers[0].self_attn.q.lora.scale == 4.0
+
+
+def test_pairs_feed_lro_and_optimizer():
+  model = _t5()
+  lora.apply_lora(model, ('self_attn.q', 'o', 'wi'), rank=4)
+  params = lora.lora_params(model)
+  paired = lro.find_lora_pairs(params)
+  assert len(paired.pairs) == len(lora.lora_modules(model)) == 2 + 3 + 4
+  # n-D (einsum-shaped) factors are among them: q's lora_b is (r, N, H).
+  names = {p.name for p in paired.pairs}
+  assert 'encoder/layers/0/self_attn/q/lora' in names
+  # lora_rite takes the tree as is (its init finds the pairs itself).
+  lro.lora_rite(1e-2).init(params)
+  # nnx.Optimizer with the filter holds state for, and updates, adapters only.
+  kernel_before = model.encoder.layers[0].self_attn.q.kernel[...]
+  opt = nnx.Optimizer(model, optax.sgd(0.5), wrt=lora.LORA_FILTER)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, lora.LORA_FILTER))
+  opt.update(model, grads)
+  np.testing.assert_array_equal(model.encoder.layers[0].self_attn.q.kernel[...],
+                                kernel_before)
+  np.testing.assert_allclose(model.encoder.layers[0].self_attn.q.lora.lora_b[...],
+                             -0.5)
+  # split / combine round trip.
+  graphdef, lp, rest = lora.split_lora(model)
+  again = lora.combine_lora(graphdef, lp, rest)
+  np.testing.assert_array_equal(fwd(again, ENC, DEC), fwd(model, ENC, DEC))
+  with pytest.raises(ValueError, match='has shape'):
+    lora.set_lora_params(model, jax.tree.map(lambda x: x[..., :1], lp))
+
+
+def test_merge_equals_unmerged():
+  model = _t5()
+  lora.apply_lora(model, rank=4, alpha=8.0)
+  _randomize_b(model)
+  kernel = model.decoder.layers[0].cross_attn.o.kernel[...]
+  out = fwd(model, ENC, DEC)
+  lora.merge_lora(model)
+  assert model.decoder.layers[0].cross_attn.o.lora.merged
+  np.testing.assert_allclose(fwd(model, ENC, DEC), out, atol=2e-5)
+  lora.unmerge_lora(model)
+  np.testing.assert_allclose(fwd(model, ENC, DEC), out, atol=2e-5)
+  np.testing.assert_allclose(model.decoder.layers[0].cross_attn.o.kernel[...],
+                             kernel, atol=1e-6)
+
+
+def test_every_init_runs(base_logits):
+  for init in ('gaussian', 'pissa'):
+    model = _t5()
+    lora.apply_lora(model, ('q', 'wo'), rank=4, init=init)
+    # B = 0 (gaussian) or W_res + s A B = W0 (PiSSA): the output is kept.
+    np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
+    assert float(jnp.abs(model.encoder.layers[0].self_attn.q.lora.lora_a[...]).max()) > 0
+  model = _t5()
+  loss = lambda m, batch: jnp.mean(m(*batch) ** 2)
+  grads = lora.estimate_full_gradients(model, loss, [(ENC, DEC)] * 3,
+                                       targets='wi', num_batches=2)
+  assert set(grads) == set(lora.select(model, 'wi'))
+  assert grads['encoder.layers.0.mlp.wi_0'].shape == (32, 48)
+  lora.apply_lora(model, 'wi', rank=4, init='lora_ga', init_grads=grads)
+  np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
+  b = model.encoder.layers[0].mlp.wi_1.lora.lora_b[...]
+  assert float(jnp.abs(b).max()) > 0
+  with pytest.raises(ValueError, match='needs init_grads'):
+    lora.apply_lora(_t5(), 'wo', init='lora_ga', init_grads={})
+
+
+def test_peft_round_trip_t5(tmp_path):
+  model = _t5()
+  lora.apply_lora(model, rank=4, alpha=8.0)
+  lora.apply_lora(model, 'lm_head', rank=2, alpha=3.0, rslora=True)
+  _randomize_b(model)
+  out = fwd(model, ENC, DEC)
+  lora.save_peft_adapter(model, tmp_path, 'google/mt5-small')
+  tensors = load_file(str(tmp_path / 'adapter_model.safetensors'))
+  a = tensors['base_model.model.decoder.block.0.layer.1.EncDecAttention.q.lora_A.weight']
+  b = tensors['base_model.model.decoder.block.0.layer.1.EncDecAttention.q.lora_B.weight']
+  assert a.shape == (4, 32) and b.shape == (32, 4)  # (r, in), (N*H, r)
+  assert 'base_model.model.decoder.block.0.layer.2.DenseReluDense.wi_1.lora_A.weight' in tensors
+  assert 'base_model.model.encoder.block.0.layer.1.DenseReluDense.wo.lora_B.weight' in tensors
+  q = model.decoder.layers[0].cross_attn.q.lora
+  np.testing.assert_array_equal(b, np.asarray(q.lora_b[...]).reshape(4, 32).T)
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  assert cfg['peft_type'] == 'LORA' and cfg['task_type'] == 'SEQ_2_SEQ_LM'
+  assert (cfg['r'], cfg['lora_alpha']) == (4, 8.0)
+  assert cfg['base_model_name_or_path'] == 'google/mt5-small'
+  assert cfg['target_modules'] == ['k', 'lm_head', 'o', 'q', 'v', 'wi_0', 'wi_1', 'wo']
+  # The rsLoRA head keeps its scale under the adapter-wide use_rslora=False.
+  assert cfg['rank_pattern'] == {'lm_head': 2}
+  assert math.isclose(cfg['alpha_pattern']['lm_head'] / 2, 3.0 / math.sqrt(2))
+
+  fresh = _t5()
+  lora.load_peft_adapter(fresh, tmp_path)
+  for x, y in zip(jax.tree.leaves(lora.lora_params(model)),
+                  jax.tree.leaves(lora.lora_params(fresh))):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_allclose(fwd(fresh, ENC, DEC), out, atol=1e-5)
+
+
+def test_peft_partial_targets_and_pissa_export(tmp_path, base_logits):
+  model = _t5()
+  lora.apply_lora(model, r'encoder\.layers\.0\.self_attn\.(q|v)', rank=2,
+                  init='pissa')
+  _randomize_b(model)
+  out = fwd(model, ENC, DEC)
+  lora.save_peft_adapter(model, tmp_path, 'base')
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  # Only some q/v modules: an exact regex instead of a list of names.
+  assert cfg['target_modules'] == (
+      r'(encoder\.block\.0\.layer\.0\.SelfAttention\.q|'
+      r'encoder\.block\.0\.layer\.0\.SelfAttention\.v)')
+  # PiSSA exports as rank 2r against the original weights, same scale.
+  assert cfg['r'] == 4 and cfg['lora_alpha'] == 32.0  # 16/2 == 32/4
+  original = _t5()
+  lora.load_peft_adapter(original, tmp_path)
+  np.testing.assert_allclose(fwd(original, ENC, DEC), out, atol=1e-4)
+  assert not np.allclose(out, base_logits, atol=1e-3)
+
+
+def _save_adapter(tmp_path):
+  model = _t5()
+  lora.apply_lora(model, ('q', 'wo'), rank=4)
+  return lora.save_peft_adapter(model, tmp_path / 'ok', 'base')
+
+
+def test_peft_bad_inputs(tmp_path):
+  src = _save_adapter(tmp_path)
+  tensors = load_file(str(src / 'adapter_model.safetensors'))
+  cfg = json.loads((src / 'adapter_config.json').read_text())
+
+  def write(name, tensors=tensors, cfg=cfg):
+    d = tmp_path / name
+    d.mkdir()
+    save_file(tensors, str(d / 'adapter_model.safetensors'))
+    (d / 'adapter_config.json').write_text(json.dumps(cfg))
+    return d
+
+  key = 'base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight'
+  cases = [
+      (write('shape', dict(tensors, **{key: tensors[key][:, :-1]})),
+       'has shape (4, 31), expected (r, 32)'),
+      (write('missing', {k: v for k, v in tensors.items() if k != key}),
+       "missing base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A"),
+      (write('unknown', dict(tensors, **{
+          key.replace('block.0', 'block.9'): tensors[key]})),
+       "module 'encoder.block.9.layer.0.SelfAttention.q' is not a projection"),
+      (write('rank', cfg=dict(cfg, r=8)), 'has rank 4 but adapter_config.json says 8'),
+      (write('type', cfg=dict(cfg, peft_type='IA3')), 'expected "LORA"'),
+      (write('dora', cfg=dict(cfg, use_dora=True)), 'use_dora=True is not supported'),
+  ]
+  for directory, expected in cases:
+    model = _t5()
+    with pytest.raises(ValueError) as e:
+      lora.load_peft_adapter(model, directory)
+    assert expected in _one_line(e), (directory, str(e.value))
+    assert not lora.lora_modules(model)  # Checked before anything changes.
+  with pytest.raises(FileNotFoundError) as e:
+    lora.load_peft_adapter(_t5(), tmp_path / 'nothing')
+  assert 'adapter_config.json' in _one_line(e)
+  model = _t5()
+  lora.apply_lora(model, 'q', rank=2)
+  for bad in ('..', '../x', 'a/b', ''):
+    with pytest.raises(ValueError) as e:
+      lora.save_peft_adapter(model, tmp_path / 'out', 'base', adapter_name=bad)
+    assert 'plain file-name' in _one_line(e)
+  assert not (tmp_path / 'x').exists()
+  lora.save_peft_adapter(model, tmp_path / 'out', 'base', adapter_name='mine')
+  assert (tmp_path / 'out' / 'mine' / 'adapter_model.safetensors').is_file()
+
+
+def test_gemma_names_and_round_trip(tmp_path):
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  config = gemma.get_config('gemma-tiny')
+  # One compiled init instead of many eager ops (no forward pass needed).
+  model = nnx.jit(lambda: gemma.Gemma(config, rngs=nnx.Rngs(0)))()
+  assert lora.gemma_hf_name('layers.3.attn.q') == 'model.layers.3.self_attn.q_proj'
+  assert lora.gemma_hf_name('layers.0.mlp.down') == 'model.layers.0.mlp.down_proj'
+  lora.apply_lora(model, rank=2, alpha=4.0)  # q, k, v, o, gate, up, down
+  _randomize_b(model)
+  lora.save_peft_adapter(model, tmp_path, 'google/gemma-2b')
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  assert cfg['task_type'] == 'CAUSAL_LM'
+  assert cfg['target_modules'] == ['down_proj', 'gate_proj', 'k_proj', 'o_proj',
+                                   'q_proj', 'up_proj', 'v_proj']
+  c = model.config
+  tensors = load_file(str(tmp_path / 'adapter_model.safetensors'))
+  assert tensors['base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight'].shape == (
+      c.num_heads * c.head_dim, 2)
+  assert tensors['base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight'].shape == (
+      2, c.num_heads * c.head_dim)
+  # Loading needs only the projections' shapes: an abstract model will do.
+  fresh = nnx.eval_shape(lambda: gemma.Gemma(c, rngs=nnx.Rngs(0)))
+  lora.load_peft_adapter(fresh, tmp_path)
+  for x, y in zip(jax.tree.leaves(lora.lora_params(model)),
+                  jax.tree.leaves(lora.lora_params(fresh))):
+    np.testing.assert_array_equal(x, y)
+
+
+class _Fused(nnx.Module):
+  """A fake model with one fused qkv projection, to test PEFT splitting."""
+
+  def __init__(self):
+    self.layers = nnx.List([nnx.Dict(qkv=Projection(
+        (6,), (3, 4), axes=('embed', 'qkv', 'mlp'), rngs=nnx.Rngs(0)))])
+
+
+def test_fused_projection_splits_for_peft(tmp_path):
+  def name_map(path):
+    i = path.split('.')[1]
+    return [(f'model.layers.{i}.self_attn.{n}_proj', 4 * j, 4 * j + 4)
+            for j, n in enumerate('qkv')]
+
+  model = _Fused()
+  lora.apply_lora(model, 'qkv', rank=2)
+  _randomize_b(model)
+  lora.save_peft_adapter(model, tmp_path, 'base', name_map=name_map,
+                         task_type='CAUSAL_LM')
+  tensors = load_file(str(tmp_path / 'adapter_model.safetensors'))
+  assert tensors['base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight'].shape == (4, 2)
+  fresh = _Fused()
+  lora.load_peft_adapter(fresh, tmp_path, name_map=name_map)
+  np.testing.assert_array_equal(fresh.layers[0]['qkv'].lora.lora_b[...],
+                                model.layers[0]['qkv'].lora.lora_b[...])
+
+
+SHARDED = textwrap.dedent('''
+    import os
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    import jax, jax.numpy as jnp, numpy as np
+    import flax.linen as nn
+    from flax import nnx
+    from models import lora, t5
+    assert len(jax.devices()) == 8
+    config = t5.get_config('tiny', num_layers=1, num_decoder_layers=1)
+
+    @nnx.jit  # One compile instead of one per eager op: a faster start.
+    def make():
+      model = t5.T5(config, rngs=nnx.Rngs(0))
+      lora.apply_lora(model, rank=4)
+      lora.set_lora_params(model, jax.tree.map(lambda x: x + 0.1,
+                                               lora.lora_params(model)))
+      return model
+
+    model = make()
+    enc = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    dec = jnp.array([[0, 3, 4, 5], [0, 7, 8, 9]])
+    fwd = nnx.jit(lambda m, e, d: m(e, d))
+    ref = np.asarray(fwd(model, enc, dec))
+    mesh = jax.make_mesh((2, 4), ('data', 'model'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = (('vocab', 'model'), ('heads', 'model'), ('mlp', 'model'),
+             ('embed', None), ('head_dim', None), ('norm', None),
+             ('relpos_buckets', None))
+    state = nnx.state(model)
+    shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(state),
+                                            mesh, rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    q = model.encoder.layers[0].self_attn.q
+    assert q.kernel[...].sharding.spec == jax.P(None, 'model', None), q.kernel[...].sharding
+    assert q.lora.lora_b[...].sharding.spec == jax.P(None, 'model', None)
+    batch = jax.sharding.NamedSharding(mesh, jax.P('data'))
+    out = fwd(model, jax.device_put(enc, batch), jax.device_put(dec, batch))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+    print('SHARDED_OK')
+''')
+
+
+def test_sharded_forward_equals_unsharded():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]
