@@ -72,6 +72,54 @@ def test_named_configs():
   assert 'gemma3-270m' in _one_line(e)
 
 
+# config.json of published checkpoints (abridged to the keys that matter).
+_LAYER_TYPES_270M = (['sliding_attention'] * 5 + ['full_attention']) * 3
+PUBLISHED_HF_CONFIGS = {
+    'gemma-2b': {
+        'architectures': ['GemmaForCausalLM'], 'model_type': 'gemma',
+        'head_dim': 256, 'hidden_act': 'gelu', 'hidden_size': 2048,
+        'intermediate_size': 16384, 'max_position_embeddings': 8192,
+        'num_attention_heads': 8, 'num_hidden_layers': 18,
+        'num_key_value_heads': 1, 'rms_norm_eps': 1e-06,
+        'rope_theta': 10000.0, 'vocab_size': 256000},
+    'gemma2-2b': {
+        'architectures': ['Gemma2ForCausalLM'], 'model_type': 'gemma2',
+        'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0,
+        'head_dim': 256, 'hidden_size': 2304, 'intermediate_size': 9216,
+        'max_position_embeddings': 8192, 'num_attention_heads': 8,
+        'num_hidden_layers': 26, 'num_key_value_heads': 4,
+        'query_pre_attn_scalar': 256, 'rms_norm_eps': 1e-06,
+        'rope_theta': 10000.0, 'sliding_window': 4096, 'vocab_size': 256000},
+    'gemma3-270m': {
+        'architectures': ['Gemma3ForCausalLM'], 'model_type': 'gemma3_text',
+        '_sliding_window_pattern': 6, 'attn_logit_softcapping': None,
+        'final_logit_softcapping': None, 'head_dim': 256, 'hidden_size': 640,
+        'intermediate_size': 2048, 'layer_types': _LAYER_TYPES_270M,
+        'max_position_embeddings': 32768, 'num_attention_heads': 4,
+        'num_hidden_layers': 18, 'num_key_value_heads': 1,
+        'query_pre_attn_scalar': 256, 'rms_norm_eps': 1e-06,
+        'rope_local_base_freq': 10000.0, 'rope_scaling': None,
+        'rope_theta': 1000000.0, 'sliding_window': 512,
+        'use_bidirectional_attention': False, 'vocab_size': 262144},
+    # Multimodal checkpoints nest a text_config holding non-defaults only.
+    'gemma3-4b': {
+        'architectures': ['Gemma3ForConditionalGeneration'],
+        'model_type': 'gemma3', 'vision_config': {},
+        'text_config': {
+            'hidden_size': 2560, 'intermediate_size': 10240,
+            'model_type': 'gemma3_text', 'num_hidden_layers': 34,
+            'rope_scaling': {'factor': 8.0, 'rope_type': 'linear'},
+            'sliding_window': 1024}},
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_HF_CONFIGS))
+def test_published_hf_configs_match_named_configs(name):
+  cfg = gemma_load.config_from_hf(PUBLISHED_HF_CONFIGS[name])
+  assert cfg == gemma.get_config(name)
+  assert gemma_load.config_from_hf(gemma_load.config_to_hf(cfg)) == cfg
+
+
 def test_270m_parameter_count():
   model = nnx.eval_shape(lambda: gemma.Gemma(gemma.get_config('gemma3-270m')))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -121,6 +121,15 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------
 
 _MODEL_TYPES = {'gemma': 1, 'gemma2': 2, 'gemma3_text': 3, 'gemma3': 3}
+# transformers' Gemma3TextConfig defaults (filled in for nested text_config).
+_GEMMA3_TEXT_DEFAULTS = {
+    'vocab_size': 262_208, 'hidden_size': 2304, 'intermediate_size': 9216,
+    'num_hidden_layers': 26, 'num_attention_heads': 8,
+    'num_key_value_heads': 4, 'head_dim': 256, 'rms_norm_eps': 1e-6,
+    'rope_theta': 1_000_000.0, 'rope_local_base_freq': 10_000.0,
+    'query_pre_attn_scalar': 256, 'sliding_window': 4096,
+    'max_position_embeddings': 131_072,
+}
 _HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
 
 
@@ -129,14 +138,18 @@ def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
   if not isinstance(d, dict):
     raise ValueError(f'{source}: expected a JSON object, got {type(d).__name__}.')
   if isinstance(d.get('text_config'), dict):  # Gemma 3 4B+ multimodal configs
-    d = {**d, **d['text_config'], 'model_type': d['text_config'].get(
-        'model_type', d.get('model_type'))}
+    # transformers writes only the non-default values of a nested config.
+    d = {**_GEMMA3_TEXT_DEFAULTS, **d['text_config'],
+         'model_type': d['text_config'].get('model_type', 'gemma3_text')}
   model_type = d.get('model_type')
   if model_type not in _MODEL_TYPES:
     raise ValueError(
         f'{source}: model_type {model_type!r} is not a Gemma text model '
         f'(expected one of {", ".join(_MODEL_TYPES)}).')
   family = _MODEL_TYPES[model_type]
+  if d.get('use_bidirectional_attention'):
+    raise ValueError(f'{source}: bidirectional attention (EmbeddingGemma) is '
+                     'not supported; expected a causal Gemma.')
 
   def req(key):
     if key not in d:
@@ -155,19 +168,35 @@ def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
   elif family == 2:
     pattern = (LOCAL, GLOBAL)
   elif family == 3:
-    p = int(d.get('sliding_window_pattern', 6))
+    p = int(d.get('sliding_window_pattern', d.get('_sliding_window_pattern', 6)))
     pattern = (LOCAL,) * (p - 1) + (GLOBAL,)
   else:
     pattern = (GLOBAL,)
-  rope_theta = float(d.get('rope_theta', 1e6 if family == 3 else 1e4))
-  scale_global = 1.0
-  scaling = d.get('rope_scaling')
-  if scaling:
-    kind = scaling.get('rope_type', scaling.get('type'))
+  def linear_factor(scaling, key):
+    if not scaling:
+      return 1.0
+    kind = scaling.get('rope_type', scaling.get('type', 'default'))
     if kind not in ('linear', 'default'):
-      raise ValueError(f'{source}: rope_scaling type {kind!r} is not supported '
-                       '(expected linear).')
-    scale_global = float(scaling.get('factor', 1.0)) if kind == 'linear' else 1.0
+      raise ValueError(f'{source}: {key} type {kind!r} is not supported '
+                       '(expected linear or default).')
+    return float(scaling.get('factor', 1.0)) if kind == 'linear' else 1.0
+
+  rope_theta = float(d.get('rope_theta', 1e6 if family == 3 else 1e4))
+  local_theta = float(d.get('rope_local_base_freq', rope_theta))
+  scale_global = linear_factor(d.get('rope_scaling'), 'rope_scaling')
+  scale_local = float(d.get('rope_local_scaling_factor', 1.0))
+  # Newer transformers: one RoPE dict per attention kind.
+  params = d.get('rope_parameters')
+  if isinstance(params, dict) and 'full_attention' in params:
+    full = params['full_attention'] or {}
+    rope_theta = float(full.get('rope_theta', rope_theta))
+    scale_global = linear_factor(full, 'rope_parameters.full_attention')
+    local = params.get('sliding_attention') or {}
+    local_theta = float(local.get('rope_theta', local_theta))
+    scale_local = linear_factor(local, 'rope_parameters.sliding_attention')
+  elif isinstance(params, dict) and 'rope_theta' in params:
+    rope_theta = local_theta = float(params['rope_theta'])
+    scale_global = linear_factor(params, 'rope_parameters')
   window = d.get('sliding_window') if LOCAL in pattern else None
   try:
     return GemmaConfig(
@@ -187,9 +216,9 @@ def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
         attention_pattern=pattern,
         sliding_window=int(window) if window else None,
         rope_base_global=rope_theta,
-        rope_base_local=float(d.get('rope_local_base_freq', rope_theta)),
+        rope_base_local=local_theta,
         rope_scale_global=scale_global,
-        rope_scale_local=float(d.get('rope_local_scaling_factor', 1.0)),
+        rope_scale_local=scale_local,
         use_post_norms=family >= 2,
         use_qk_norm=family == 3,
         max_seq_len=int(d.get('max_position_embeddings', 8192)),
