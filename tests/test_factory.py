@@ -1,0 +1,85 @@
+"""lro.optimizer(name, learning_rate, **kwargs): every compared optimizer."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import lora_rite_optax as lro
+from tests import optimizer_battery as battery
+
+# Learning rates at which each optimizer fits the battery's LoRA problem.
+RATES = {'lora_rite': 1e-2, 'adam': 1e-2, 'loraplus': 1e-2,
+         'scaled_adam': 3e-2, 'shampoo': 1e-2, 'lamb': 3e-2}
+
+
+def _make(name):
+  # A named `learning_rate` argument, as optax.inject_hyperparams needs.
+  def make(learning_rate):
+    return lro.optimizer(name, learning_rate)
+  return make
+
+
+def test_names():
+  assert set(lro.OPTIMIZER_NAMES) == set(RATES)
+
+
+@pytest.mark.parametrize('name', sorted(RATES))
+def test_every_name_builds_and_converges(name):
+  battery.check_converges(_make(name), RATES[name])
+
+
+# adam and lamb are optax's own; the other four have their battery in
+# test_baselines.py / test_lora_rite.py.
+@pytest.mark.parametrize('check', battery.CHECKS)
+@pytest.mark.parametrize('name', ['adam', 'lamb'])
+def test_battery_of_optax_optimizers(name, check):
+  if check == 'converges':
+    pytest.skip('covered by test_every_name_builds_and_converges')
+  battery.run(check, _make(name), RATES[name])
+
+
+@pytest.mark.parametrize('name,reference', [
+    ('adam', functools.partial(optax.adamw, weight_decay=0.0)),
+    ('lamb', functools.partial(optax.lamb, weight_decay=0.0)),
+])
+def test_adam_and_lamb_are_optax_with_zero_decay_by_default(name, reference):
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.full((2, 4), 0.5)}
+  grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape), params)
+  tx, ref = lro.optimizer(name, 1e-2), reference(1e-2)
+  got, _ = tx.update(grads, tx.init(params), params)
+  want, _ = ref.update(grads, ref.init(params), params)
+  chex.assert_trees_all_close(got, want)
+  # Keyword arguments reach optax.
+  tx = lro.optimizer(name, 1e-2, weight_decay=0.1, b2=0.99)
+  ref = reference(1e-2, b2=0.99, weight_decay=0.1)
+  got, _ = tx.update(grads, tx.init(params), params)
+  want, _ = ref.update(grads, ref.init(params), params)
+  chex.assert_trees_all_close(got, want)
+
+
+def test_kwargs_reach_the_optimizer():
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.ones((2, 4))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = lro.optimizer('loraplus', 1.0, lr_ratio=3.0, base=optax.sgd)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates['lora_a'][0, 0]) == -1.0
+  assert float(updates['lora_b'][0, 0]) == -3.0
+
+
+def test_unknown_name_and_kwarg():
+  with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one "
+                     'of: lora_rite, adam, loraplus, scaled_adam, shampoo, '
+                     'lamb'):
+    lro.optimizer('sgd', 1e-3)
+  with pytest.raises(ValueError, match='shampoo: unknown argument\\(s\\) '
+                     'lr_ratio; it accepts: b1, b2'):
+    lro.optimizer('shampoo', 1e-3, lr_ratio=2.0)
+  with pytest.raises(ValueError, match='adam: unknown argument'):
+    lro.optimizer('adam', 1e-3, block_size=4)
