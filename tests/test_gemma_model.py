@@ -355,8 +355,9 @@ def _write_gemma_gguf(model, path, arch='gemma3'):
   if c.rope_scale_global != 1.0:
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(c.rope_scale_global)
-  for e in gemma_load._param_table(c):  # pylint: disable=protected-access
-    arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  for e in gemma_load._param_table(c):
+    arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))
     if e.is_norm:
       arr = arr + 1.0
     w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
@@ -466,7 +467,8 @@ def test_missing_and_misshaped_tensors(tmp_path):
   assert 'model.safetensors' in _one_line(e)
   bad = dict(missing, **{name: np.zeros((3, 5), np.float32)})
   gemma_load.write_safetensors(st, bad)
-  with pytest.raises(ValueError, match=r'has shape \[3, 5\], expected \[128, 64\]') as e:
+  with pytest.raises(ValueError,
+                     match=r'has shape \[3, 5\], expected \[128, 64\]') as e:
     gemma.from_pretrained(tmp_path)
   assert st in _one_line(e)
   with open(st, 'wb') as f:

@@ -73,7 +73,8 @@ def test_paris_among_top5(real):
   logits = real.forward(jnp.array([ids]),
                         logits_positions=jnp.array([len(ids) - 1]))[0, -1]
   top5 = [real.tok.id_to_piece(i) for i in np.argsort(-np.asarray(logits))[:5]]
-  print('top-5:', top5)  # Observed: ['▁the', '▁a', '▁Paris', '▁one', '▁known']
+  # Observed: ['▁the', '▁a', '▁Paris', '▁one', '▁known'].
+  print('top-5:', top5)
   assert '▁Paris' in top5
 
 

@@ -85,7 +85,8 @@ class _Cursor:
 
 def read_gguf(path: str) -> GGUFFile:
   """Parses a GGUF file; tensor data stays memory-mapped."""
-  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: GGUF file not found.')
   buf = np.memmap(path, dtype=np.uint8, mode='r')

@@ -163,7 +163,8 @@ def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
     try:
       types = [_HF_LAYER_TYPES[t] for t in d['layer_types']]
     except KeyError as e:
-      raise ValueError(f'{source}: unknown layer type {e.args[0]!r} in layer_types.') from None
+      raise ValueError(f'{source}: unknown layer type {e.args[0]!r} in '
+                       'layer_types.') from None
     pattern = compress_pattern(types)
   elif family == 2:
     pattern = (LOCAL, GLOBAL)

@@ -116,10 +116,13 @@ class Attention(nnx.Module):
     c = config
     d, n, k, h = c.width, c.num_heads, c.num_kv_heads, c.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = Projection((d,), (n, h), axes=('embed', 'heads', 'head_dim'), **kw)
-    self.k = Projection((d,), (k, h), axes=('embed', 'kv_heads', 'head_dim'), **kw)
-    self.v = Projection((d,), (k, h), axes=('embed', 'kv_heads', 'head_dim'), **kw)
-    self.o = Projection((n, h), (d,), axes=('heads', 'head_dim', 'embed'), **kw)
+    q_axes = ('embed', 'heads', 'head_dim')
+    kv_axes = ('embed', 'kv_heads', 'head_dim')
+    self.q = Projection((d,), (n, h), axes=q_axes, **kw)
+    self.k = Projection((d,), (k, h), axes=kv_axes, **kw)
+    self.v = Projection((d,), (k, h), axes=kv_axes, **kw)
+    self.o = Projection((n, h), (d,), axes=('heads', 'head_dim', 'embed'),
+                        **kw)
     if c.use_qk_norm:
       self.q_norm = RMSNorm(h, eps=c.norm_eps, param_dtype=param_dtype)
       self.k_norm = RMSNorm(h, eps=c.norm_eps, param_dtype=param_dtype)
@@ -255,7 +258,8 @@ class Gemma(nnx.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     # Gemma multiplies by sqrt(width) rounded to the compute dtype.
-    return x * jnp.sqrt(jnp.asarray(self.config.width, jnp.float32)).astype(self.dtype)
+    normalizer = jnp.sqrt(jnp.float32(self.config.width)).astype(self.dtype)
+    return x * normalizer
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
              attention_mask: jax.Array | None = None,
@@ -278,7 +282,8 @@ class Gemma(nnx.Module):
     c = self.config
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
-      raise ValueError(f'Gemma tokens must be [batch, seq] ints, got shape {tokens.shape}.')
+      raise ValueError('Gemma tokens must be [batch, seq] ints, got shape '
+                       f'{tokens.shape}.')
     b, t = tokens.shape
     full_mask = None
     valid = jnp.ones((b, t), bool)

@@ -117,8 +117,9 @@ def _proto_from_gguf(meta: dict, path: str) -> spm_pb2.ModelProto:
   # llama.cpp token types use SentencePiece's numbering (1 normal, 2 unknown,
   # 3 control, 4 user defined, 5 unused, 6 byte).
   valid_types = {int(v) for v in piece_type.values()}
-  for i, (piece, score, ttype) in enumerate(zip(tokens, np.asarray(scores).tolist(),
-                                                np.asarray(types).tolist())):
+  scores = np.asarray(scores, np.float32).tolist()
+  types = np.asarray(types, np.int64).tolist()
+  for i, (piece, score, ttype) in enumerate(zip(tokens, scores, types)):
     p = proto.pieces.add()
     p.piece = piece
     p.score = float(score)
