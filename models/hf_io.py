@@ -10,7 +10,6 @@ refused with a hint to convert them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -72,29 +71,62 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     f.write('\n')
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+class Tensors(Mapping[str, np.ndarray]):
+  """Tensors of one or more safetensors files, read on access.
+
+  Reading lazily keeps the peak host memory of a large checkpoint at one
+  tensor rather than the whole file.
+  """
+
+  def __init__(self, files: dict[str, Path]):
+    self._files = files
+    self._handles: dict[Path, Any] = {}
+
+  def file(self, name: str) -> Path:
+    """The file that stores ``name``."""
+    return self._files[name]
+
+  def _open(self, path: Path):
+    if path not in self._handles:
+      self._handles[path] = _open(path)
+    return self._handles[path]
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    path = self._files[name]
+    try:
+      return self._open(path).get_tensor(name)
+    except Exception as e:  # safetensors raises its own SafetensorError.
+      raise ValueError(f'{path}: cannot read tensor {name!r} ({e}).') from None
+
+  def __iter__(self):
+    return iter(self._files)
+
+  def __len__(self):
+    return len(self._files)
+
+
+def _open(path: Path):
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: safetensors file not found.')
   try:
-    with safe_open(str(path), framework='numpy') as f:
-      return {k: f.get_tensor(k) for k in f.keys()}
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path}: safetensors file not found.') from None
+    return safe_open(str(path), framework='numpy')
   except Exception as e:  # safetensors raises its own SafetensorError.
     raise ValueError(f'{path}: not a readable safetensors file ({e}).') from None
 
 
-def load_tensors(directory: str | os.PathLike,
-                 filename: str = SAFETENSORS,
-                 index: str | None = SAFETENSORS_INDEX) -> dict[str, np.ndarray]:
-  """All tensors of a directory: ``filename``, or the shards named by ``index``.
+def open_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
+                 index: str | None = SAFETENSORS_INDEX) -> Tensors:
+  """The tensors of ``filename``, or of the shards named by ``index``.
 
   Raises:
     FileNotFoundError: neither the file nor its index exists.
-    ValueError: an unreadable file or a malformed index.
+    ValueError: an unreadable file, a malformed index, a shard outside the
+      directory, or an index naming a tensor its shard lacks.
   """
   directory = Path(directory)
   single = directory / filename
   if single.is_file():
-    return _read_safetensors(single)
+    return Tensors({name: single for name in _open(single).keys()})
   if index is not None and (directory / index).is_file():
     index_path = directory / index
     weight_map = read_json(index_path, 'shard index').get('weight_map')
@@ -102,22 +134,28 @@ def load_tensors(directory: str | os.PathLike,
         isinstance(v, str) for v in weight_map.values()):
       raise ValueError(f'{index_path}: "weight_map" must map tensor names to '
                        'shard file names.')
-    tensors: dict[str, np.ndarray] = {}
+    files = {}
     for shard in sorted(set(weight_map.values())):
-      shard_tensors = _read_safetensors(safe_join(directory, shard))
-      for name, value in shard_tensors.items():
-        if weight_map.get(name) == shard:
-          tensors[name] = value
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-      raise ValueError(f'{index_path}: tensor {missing[0]!r} is listed in '
-                       f'{weight_map[missing[0]]!r} but not stored there.')
-    return tensors
+      path = safe_join(directory, shard)
+      stored = set(_open(path).keys())
+      for name, where in weight_map.items():
+        if where == shard:
+          if name not in stored:
+            raise ValueError(f'{index_path}: tensor {name!r} is listed in '
+                             f'{shard!r} but not stored there.')
+          files[name] = path
+    return Tensors(files)
   bins = sorted(p.name for p in directory.glob('*.bin')) if directory.is_dir() else []
   hint = (f' ({bins[0]} is a pickle checkpoint, which we do not load; convert '
           'it to safetensors first)' if bins else '')
   raise FileNotFoundError(f'{directory}: no {filename}'
                           f'{" or " + index if index else ""}{hint}.')
+
+
+def load_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
+                 index: str | None = SAFETENSORS_INDEX) -> dict[str, np.ndarray]:
+  """All tensors of :func:`open_tensors`, read into memory."""
+  return dict(open_tensors(directory, filename, index))
 
 
 def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
@@ -154,7 +192,3 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   write_json(safe_join(directory, index),
              {'metadata': {'total_size': total}, 'weight_map': weight_map})
   return paths
-
-
-def nbytes(shape, dtype) -> int:
-  return math.prod(shape) * np.dtype(dtype).itemsize

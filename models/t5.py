@@ -611,9 +611,30 @@ def _hf_params(model: T5) -> Iterator[tuple[str, nnx.Variable, str]]:
 _TIED_ALIASES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
 
+def _materialize_rng_state(model: T5, seed: int) -> None:
+  """Gives dropout's RNG streams, left abstract by eval_shape, real state."""
+  key = jax.random.key(seed)
+  for i, (path, var) in enumerate(nnx.iter_graph(model)):
+    if not isinstance(var, nnx.Variable):
+      continue
+    value = var.get_value()
+    if not isinstance(value, jax.ShapeDtypeStruct):
+      continue
+    if isinstance(var, nnx.RngKey):
+      var.set_value(jax.random.fold_in(key, i))
+    elif isinstance(var, nnx.RngCount):
+      var.set_value(jnp.zeros(value.shape, value.dtype))
+    else:  # A parameter _hf_params does not cover: a bug, not bad input.
+      raise RuntimeError(f'from_pretrained left {_path(path)} unset.')
+
+
+def _path(path) -> str:
+  return '.'.join(str(p) for p in path)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                     param_dtype=jnp.float32,
-                    dropout_rate: float | None = 0.0) -> T5:
+                    dropout_rate: float | None = 0.0, seed: int = 0) -> T5:
   """Loads a Hugging Face T5 v1.1 / mT5 checkpoint directory.
 
   Args:
@@ -623,6 +644,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     param_dtype: dtype the parameters are stored in.
     dropout_rate: overrides config.json's dropout (default 0: a
       deterministic model; ``None`` keeps the checkpoint's rate).
+    seed: seeds the dropout streams (when the rate is not 0).
 
   Raises:
     FileNotFoundError: no directory, config.json or weights.
@@ -638,23 +660,21 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                           str(config_path))
   if dropout_rate is not None:
     config = dataclasses.replace(config, dropout_rate=dropout_rate)
-  tensors = hf_io.load_tensors(path)
-  where = str(path / hf_io.SAFETENSORS)
-  if not (path / hf_io.SAFETENSORS).is_file():
-    where = str(path / hf_io.SAFETENSORS_INDEX)
-  if 'shared.weight' not in tensors:
-    for alias in _TIED_ALIASES:
-      if alias in tensors:
-        tensors['shared.weight'] = tensors[alias]
-        break
+  tensors = hf_io.open_tensors(path)
+  # HF may write the embedding only under a tied alias.
+  embed_name = next((n for n in ('shared.weight',) + _TIED_ALIASES
+                     if n in tensors), 'shared.weight')
   # Build without random init (a large model would not fit twice), then fill.
   model = nnx.eval_shape(lambda: T5(config, dtype=dtype, param_dtype=param_dtype,
                                     rngs=nnx.Rngs(0)))
   used = set(_TIED_ALIASES)
   for name, var, kind in _hf_params(model):
-    if name not in tensors:
-      raise ValueError(f'{where}: missing tensor {name!r}.')
-    value = tensors[name]
+    stored = embed_name if name == 'shared.weight' else name
+    if stored not in tensors:
+      raise ValueError(f'{path}: missing tensor {name!r} (looked in '
+                       f'{_weights_files(path)}).')
+    where = tensors.file(stored)
+    value = tensors[stored]
     shape = tuple(var.shape)
     if kind is not None:
       expected = _hf_linear_shape(shape, kind)
@@ -666,14 +686,21 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
       raise ValueError(f'{where}: tensor {name!r} has shape '
                        f'{tuple(value.shape)}, expected {shape}.')
     var.set_value(jnp.asarray(value, dtype=param_dtype))
-    used.add(name)
+    used.add(stored)
   if config.tie_word_embeddings:
     used.add('lm_head.weight')
   unexpected = sorted(set(tensors) - used)
   if unexpected:
-    raise ValueError(f'{where}: unexpected tensor {unexpected[0]!r} (and '
-                     f'{len(unexpected) - 1} more) for this config.json.')
+    raise ValueError(f'{tensors.file(unexpected[0])}: unexpected tensor '
+                     f'{unexpected[0]!r} (and {len(unexpected) - 1} more) for '
+                     'this config.json.')
+  _materialize_rng_state(model, seed)
   return model
+
+
+def _weights_files(path: Path) -> str:
+  single = path / hf_io.SAFETENSORS
+  return single.name if single.is_file() else hf_io.SAFETENSORS_INDEX + ' shards'
 
 
 def _hf_linear_shape(shape, n_in: int) -> tuple[int, int]:

@@ -89,6 +89,26 @@ def test_save_load_round_trip_is_exact(tiny, tmp_path, shard):
       'architectures'] == ['T5ForConditionalGeneration']
 
 
+def test_checkpoint_dropout_is_usable(tiny, tmp_path):
+  # eval_shape leaves dropout's RNG streams abstract; the loader fills them.
+  t5.save_pretrained(tiny, tmp_path)
+  cfg = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps(dict(cfg, dropout_rate=0.5)))
+  assert t5.from_pretrained(tmp_path).config.dropout_rate == 0.0
+  model = t5.from_pretrained(tmp_path, dropout_rate=None)
+  assert model.config.dropout_rate == 0.5
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Variable):
+      assert not isinstance(var.get_value(), jax.ShapeDtypeStruct), path
+  # One dropout site (a whole jitted forward with ~30 of them compiles for
+  # tens of seconds on CPU): fresh masks per call, identity after eval().
+  x = jnp.ones((64,))
+  a, b = model.encoder.dropout(x), model.encoder.dropout(x)
+  assert set(np.unique(a)) == {0.0, 2.0} and not np.array_equal(a, b)
+  model.eval()
+  np.testing.assert_array_equal(model.encoder.dropout(x), x)
+
+
 def test_padding_does_not_change_logits(tiny, forward):
   # T5 has no absolute positions, so right-padding the encoder input must
   # leave the decoder logits unchanged when the mask works.
