@@ -19,6 +19,7 @@ standard LoRA init, and rank-2 targets ``H* = A* B*``; the loss is
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import chex
@@ -37,24 +38,14 @@ def _contract(a, b):
   return jnp.tensordot(a, b, axes=([-1], [0]))
 
 
-def lora_problem(dtype=jnp.float32, seed: int = 0, zero_b: bool = True):
-  """(params, targets, loss) for the LoRA least-squares battery problem.
-
-  ``zero_b=False`` starts from a random ``lora_b`` instead of zeros: checks
-  that compare two runs use it, since from ``lora_b = 0`` Adam-like first
-  steps are sign-like and can ill-condition the factors' Gram matrices, which
-  amplifies float32 rounding differences between two compiled programs.
-  """
+@functools.lru_cache(maxsize=None)
+def _targets_and_loss(seed: int):
   rng = np.random.default_rng(seed)
-  params, targets = {}, {}
+  targets = {}
   for name, (sa, sb) in SHAPES.items():
-    a_star = rng.normal(size=sa)
-    b_star = rng.normal(size=sb)
+    a_star, b_star = rng.normal(size=sa), rng.normal(size=sb)
     targets[name] = jnp.asarray(np.tensordot(a_star, b_star, axes=(-1, 0)),
                                 jnp.float32)
-    b = np.zeros(sb) if zero_b else rng.normal(size=sb)
-    params[name] = {'lora_a': jnp.asarray(rng.normal(size=sa), dtype),
-                    'lora_b': jnp.asarray(b, dtype)}
 
   def loss(params):
     return sum(
@@ -63,6 +54,27 @@ def lora_problem(dtype=jnp.float32, seed: int = 0, zero_b: bool = True):
                   - targets[k]) ** 2)
         for k, p in params.items())
 
+  return targets, loss
+
+
+def lora_problem(dtype=jnp.float32, seed: int = 0, zero_b: bool = True):
+  """(params, targets, loss) for the LoRA least-squares battery problem.
+
+  The loss (and targets) depend only on ``seed``, so every check shares one
+  loss function and, through :func:`cached_step`, one compiled step.
+  ``zero_b=False`` starts from a random ``lora_b`` instead of zeros: checks
+  that compare two runs use it, since from ``lora_b = 0`` Adam-like first
+  steps are sign-like and can ill-condition the factors' Gram matrices, which
+  amplifies float32 rounding differences between two compiled programs.
+  """
+  targets, loss = _targets_and_loss(seed)
+  rng = np.random.default_rng(seed + 1000)
+  params = {}
+  for name, (sa, sb) in SHAPES.items():
+    a = rng.normal(size=sa)
+    b = np.zeros(sb) if zero_b else rng.normal(size=sb)
+    params[name] = {'lora_a': jnp.asarray(a, dtype),
+                    'lora_b': jnp.asarray(b, dtype)}
   return params, targets, loss
 
 
@@ -101,13 +113,37 @@ def make_step(tx: optax.GradientTransformation, loss: Callable[[Any], Any]):
   return step
 
 
+_CACHE: dict[Any, Any] = {}
+
+
+def cached_tx(make: Make, learning_rate) -> optax.GradientTransformation:
+  """``make(learning_rate=...)``, built once per (make, learning_rate)."""
+  key = ('tx', make, learning_rate)
+  if key not in _CACHE:
+    _CACHE[key] = make(learning_rate=learning_rate)
+  return _CACHE[key]
+
+
+def cached_step(make: Make, learning_rate, dtype=jnp.float32):
+  """The battery's jitted step for (make, learning_rate, dtype), built once.
+
+  Checks share it so that each optimizer compiles its train step once per
+  dtype; a jitted function is never reused across dtypes, so
+  ``_cache_size()`` still counts recompilations of the same signature.
+  """
+  key = ('step', make, learning_rate, jnp.dtype(dtype).name)
+  if key not in _CACHE:
+    _CACHE[key] = make_step(cached_tx(make, learning_rate),
+                            _targets_and_loss(0)[1])
+  return _CACHE[key]
+
+
 def check_converges(make: Make, learning_rate: float, steps: int = 300,
                     rtol: float = 1e-2) -> None:
   """The loss falls below ``rtol`` times its initial value in ``steps``."""
   params, _, loss = lora_problem()
-  tx = make(learning_rate=learning_rate)
-  state = tx.init(params)
-  step = make_step(tx, loss)
+  state = cached_tx(make, learning_rate).init(params)
+  step = cached_step(make, learning_rate)
   initial = float(loss(params))
   for _ in range(steps):
     params, state, _, _ = step(params, state)
@@ -120,10 +156,9 @@ def check_converges(make: Make, learning_rate: float, steps: int = 300,
 
 def check_no_recompilation(make: Make, learning_rate: float) -> None:
   """A jitted train step compiles once: the state's types are stable."""
-  params, _, loss = lora_problem()
-  tx = make(learning_rate=learning_rate)
-  state = tx.init(params)
-  step = make_step(tx, loss)
+  params, _, _ = lora_problem()
+  state = cached_tx(make, learning_rate).init(params)
+  step = cached_step(make, learning_rate)
   for _ in range(3):
     params, state, _, _ = step(params, state)
   size = step._cache_size()  # pylint: disable=protected-access
@@ -144,11 +179,12 @@ def check_inject_hyperparams(make: Make, learning_rate: float,
   the tolerance of :func:`assert_close`.
   """
   params, _, loss = lora_problem(zero_b=False)
-  tx = make(learning_rate=learning_rate)
   tx_inject = optax.inject_hyperparams(make, static_args=static_args)(
       learning_rate=learning_rate)
-  state, state_inject = tx.init(params), tx_inject.init(params)
-  step, step_inject = make_step(tx, loss), make_step(tx_inject, loss)
+  state = cached_tx(make, learning_rate).init(params)
+  state_inject = tx_inject.init(params)
+  step = cached_step(make, learning_rate)
+  step_inject = make_step(tx_inject, loss)
   p, p_inject = params, params
   for _ in range(steps):
     p, state, updates, _ = step(p, state)
@@ -171,10 +207,9 @@ def check_bfloat16(make: Make, learning_rate: float, steps: int = 3,
   With ``min_state_dtype`` (e.g. ``jnp.float32``), every floating leaf of the
   optimizer state must be at least that precise.
   """
-  params, _, loss = lora_problem(jnp.bfloat16)
-  tx = make(learning_rate=learning_rate)
-  state = tx.init(params)
-  step = make_step(tx, loss)
+  params, _, _ = lora_problem(jnp.bfloat16)
+  state = cached_tx(make, learning_rate).init(params)
+  step = cached_step(make, learning_rate, jnp.bfloat16)
   for _ in range(steps):
     params, state, updates, _ = step(params, state)
   for tree, what in ((params, 'param'), (updates, 'update')):
@@ -198,8 +233,8 @@ def check_schedule(make: Make, learning_rate: float,
   (unless ``zero_rate_is_no_op`` is False).
   """
   params, _, loss = lora_problem(zero_b=False)
-  tx = make(learning_rate=learning_rate)
-  _, _, first, _ = make_step(tx, loss)(params, tx.init(params))
+  _, _, first, _ = cached_step(make, learning_rate)(
+      params, cached_tx(make, learning_rate).init(params))
   tx_decay = make(learning_rate=optax.linear_schedule(learning_rate, 0.0, 2))
   state = tx_decay.init(params)
   step = make_step(tx_decay, loss)
@@ -220,9 +255,8 @@ def check_multisteps(make: Make, learning_rate: float,
   """``optax.MultiSteps(k=2)``: no step, then the step on the mean gradient."""
   params, _, _ = lora_problem(zero_b=False)
   g1, g2 = _random_grads(params, 1), _random_grads(params, 2)
-  tx = make(learning_rate=learning_rate)
-  multi = optax.MultiSteps(make(learning_rate=learning_rate),
-                           every_k_schedule=2)
+  tx = cached_tx(make, learning_rate)
+  multi = optax.MultiSteps(tx, every_k_schedule=2)
   state = multi.init(params)
   update = jax.jit(multi.update)
   first, state = update(g1, state, params)
