@@ -73,18 +73,23 @@ def test_loraplus_equals_two_adams_by_hand():
       for k, v in tree.items()}
   adam_a = optax.adamw(schedule, weight_decay=0.1)
   adam_b = optax.adamw(lambda c: ratio * schedule(c), weight_decay=0.1)
-  state = tx.init(params)
-  state_a = adam_a.init(split(params, False))
-  state_b = adam_b.init(split(params, True))
+  states = (tx.init(params), adam_a.init(split(params, False)),
+            adam_b.init(split(params, True)))
+
+  @jax.jit
+  def both(grads, states, params):
+    updates, state = tx.update(grads, states[0], params)
+    ua, state_a = adam_a.update(split(grads, False), states[1],
+                                split(params, False))
+    ub, state_b = adam_b.update(split(grads, True), states[2],
+                                split(params, True))
+    expected = {k: {**ua[k], **ub[k]} for k in params}
+    return updates, expected, (state, state_a, state_b)
+
   for _ in range(6):
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype),
                          params)
-    updates, state = tx.update(grads, state, params)
-    ua, state_a = adam_a.update(split(grads, False), state_a,
-                                split(params, False))
-    ub, state_b = adam_b.update(split(grads, True), state_b,
-                                split(params, True))
-    expected = {k: {**ua[k], **ub[k]} for k in params}
+    updates, expected, states = both(grads, states, params)
     chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
     params = optax.apply_updates(params, updates)
 
@@ -204,7 +209,7 @@ def test_scaled_adam_errors_and_zero_factor():
   with pytest.raises(ValueError, match='update needs params'):
     tx.update(params, state)
   grads = {'lora_a': jnp.zeros((3, 2)), 'lora_b': jnp.ones((2, 4))}
-  updates, _ = tx.update(grads, state, params)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   with pytest.raises(ValueError, match='not part of a LoRA pair'):
     lro.scaled_adam(1e-2).init({**params, 'w': jnp.ones((2, 2))})
@@ -340,8 +345,30 @@ def test_shampoo_zero_gradient_and_errors():
   params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
   tx = lro.shampoo(1e-2)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   for leaf in jax.tree.leaves(updates):
     assert bool(jnp.all(leaf == 0))
   with pytest.raises(ValueError, match='graft must be one of'):
     lro.shampoo(1e-2, graft='adagrad')
+
+
+@pytest.mark.parametrize('make', [
+    functools.partial(lro.scaled_adam, 1e-2),
+    functools.partial(lro.shampoo, 1e-2, block_size=4),
+], ids=['scaled_adam', 'shampoo'])
+def test_scanned_layers_are_independent_pairs(make):
+  """Stacked layers (leading axis) step exactly as separate pairs."""
+  rng = np.random.default_rng(4)
+  stacked = {'lora_a': rng.normal(size=(2, 6, 2)).astype(np.float32),
+             'lora_b': rng.normal(size=(2, 2, 3)).astype(np.float32)}
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype),
+                       stacked)
+  tx = make(layout=lro.NNX_LAYOUT.scanned(1))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
+  split = lambda tree: {f'l{i}': jax.tree.map(lambda x, i=i: x[i], tree)
+                        for i in range(2)}
+  tx = make()
+  per_layer, _ = jax.jit(tx.update)(split(grads), tx.init(split(stacked)),
+                                    split(stacked))
+  chex.assert_trees_all_close(split(updates), per_layer, rtol=1e-5,
+                              atol=1e-6)
