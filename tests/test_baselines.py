@@ -372,3 +372,19 @@ def test_scanned_layers_are_independent_pairs(make):
                                     split(stacked))
   chex.assert_trees_all_close(split(updates), per_layer, rtol=1e-5,
                               atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['loraplus', 'scaled_adam', 'shampoo'])
+def test_inside_optax_partition_with_frozen_leaves(name):
+  """Masked-out leaves (optax.MaskedNode) are skipped, as in a real model."""
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.full((2, 3), 0.1)},
+            'kernel': jnp.ones((4, 3)), 'norm': jnp.ones(3)}
+  labels = {'q': {'lora_a': 'lora', 'lora_b': 'lora'}, 'kernel': 'frozen',
+            'norm': 'frozen'}
+  tx = optax.partition({'lora': lro.optimizer(name, 1e-2),
+                        'frozen': optax.set_to_zero()}, labels)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert not bool(jnp.any(updates['kernel'])) and not bool(
+      jnp.any(updates['norm']))
+  assert bool(jnp.all(updates['q']['lora_a'] != 0))
