@@ -335,6 +335,26 @@ def test_sharded_safetensors_and_bfloat16_checkpoint(tmp_path):
         a[k].astype(ml_dtypes.bfloat16).astype(np.float32), b[k], err_msg=k)
 
 
+def test_multimodal_checkpoint_layout(tmp_path):
+  # Gemma 3 4B+ checkpoints nest the text config and prefix the tensor names.
+  model, _ = _tiny('gemma3-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  st = str(tmp_path / 'model.safetensors')
+  tensors = {'model.language_model.' + k.removeprefix('model.'): np.array(v)
+             for k, v in gemma_load.read_safetensors(st).items()}
+  gemma_load.write_safetensors(st, tensors)
+  with open(tmp_path / 'config.json') as f:
+    text_config = json.load(f)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'model_type': 'gemma3', 'text_config': text_config,
+               'vision_config': {}}, f)
+  loaded = gemma.from_pretrained(tmp_path)
+  assert loaded.config == model.config
+  a, b = _params(model), _params(loaded)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def _write_gemma_gguf(model, path, arch='gemma3'):
   """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w)."""
   import gguf  # pylint: disable=g-import-not-at-top
@@ -384,16 +404,18 @@ def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
                              atol=1e-5)
 
 
-def test_tokenizer_from_gguf_vocabulary(tmp_path):
+def _write_tokenizer_gguf(path):
+  """A GGUF holding only a small Gemma-style SentencePiece vocabulary."""
   import gguf  # pylint: disable=g-import-not-at-top
   specials = ['<pad>', '<eos>', '<bos>', '<unk>']
   byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
   words = ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll', 'hell', 'hello',
            '▁hello', '▁w', '▁wo', '▁wor', '▁worl', '▁world', '\n']
   tokens = specials + byte_pieces + words
+  # llama.cpp types: control, byte, normal; '\n' user-defined as in Gemma 3.
   types = [3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4]
   scores = [0.0] * 260 + [-float(i) for i in range(len(words))]
-  w = gguf.GGUFWriter(str(tmp_path / 'tok.gguf'), 'gemma3')
+  w = gguf.GGUFWriter(str(path), 'gemma3')
   w.add_tokenizer_model('llama')
   w.add_token_list(tokens)
   w.add_token_scores(scores)
@@ -408,25 +430,42 @@ def test_tokenizer_from_gguf_vocabulary(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  return len(tokens)
+
+
+def test_tokenizer_from_gguf_vocabulary_and_model_file(tmp_path):
+  n = _write_tokenizer_gguf(tmp_path / 'tok.gguf')
   tok = gemma.load_tokenizer(tmp_path / 'tok.gguf')
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
-  assert tok.vocab_size == len(tokens)
+  assert tok.vocab_size == n
   ids = tok.encode('hello world\nhé')
   assert ids[0] == 2
   assert [tok.id_to_piece(i) for i in ids[1:4]] == ['hello', '▁world', '\n']
   # 'é' is not in the vocabulary: byte fallback, and decoding restores it.
   assert tok.decode(ids) == 'hello world\nhé'
   assert tok.decode(ids + [1, 0]) == 'hello world\nhé'
+  # The same vocabulary as a tokenizer.model file encodes identically.
+  (tmp_path / 'tokenizer.model').write_bytes(tok.sp.serialized_model_proto())
+  from_file = gemma.load_tokenizer(tmp_path)
+  assert from_file.encode('hello world\nhé') == ids
+  with pytest.raises(FileNotFoundError, match='tokenizer.model') as e:
+    gemma.load_tokenizer(tmp_path / 'missing')
+  _one_line(e)
 
 
 def test_generate_cli(tmp_path, capsys):
-  pytest.importorskip('sentencepiece')
   from models import generate  # pylint: disable=g-import-not-at-top
-  model, _ = _tiny('gemma3-tiny')
-  gemma.save_pretrained(model, tmp_path)
+  cfg = gemma.get_config('gemma3-tiny').replace(vocab_size=288)
+  gemma.save_pretrained(gemma.Gemma(cfg, rngs=nnx.Rngs(0)), tmp_path)
   assert generate.main(['--checkpoint', str(tmp_path), '--prompt', 'hi',
-                        '--max-new-tokens', '3']) == 2  # no tokenizer.model
-  assert 'tokenizer.model' in capsys.readouterr().err
+                        '--max-new-tokens', '3']) == 2
+  assert 'no tokenizer.model' in capsys.readouterr().err
+  _write_tokenizer_gguf(tmp_path / 'tok.gguf')
+  sp = gemma.load_tokenizer(tmp_path / 'tok.gguf').sp
+  (tmp_path / 'tokenizer.model').write_bytes(sp.serialized_model_proto())
+  assert generate.main(['--checkpoint', str(tmp_path), '--prompt',
+                        'hello world', '--max-new-tokens', '4']) == 0
+  assert capsys.readouterr().out.endswith('\n')
 
 
 # --------------------------------------------------------------------------

@@ -29,8 +29,8 @@ class GemmaConfig:
     head_dim: H.
     mlp_dim: GeGLU hidden size F.
     norm_eps: RMSNorm epsilon.
-    query_pre_attn_scalar: queries are scaled by this ** -0.5 (Gemma 2 27B
-      and Gemma 3 27B use width / num_heads rather than head_dim).
+    query_pre_attn_scalar: queries are scaled by this ** -0.5 (default
+      head_dim; Gemma 2 27B and Gemma 3 27B use width / num_heads).
     attn_logit_softcap: Gemma 2: tanh soft-cap of attention logits.
     final_logit_softcap: Gemma 2: tanh soft-cap of the output logits.
     attention_pattern: layer kinds, repeated cyclically over the layers
@@ -54,7 +54,7 @@ class GemmaConfig:
   head_dim: int
   mlp_dim: int
   norm_eps: float = 1e-6
-  query_pre_attn_scalar: float | None = None
+  query_pre_attn_scalar: float | None = None  # None: head_dim
   attn_logit_softcap: float | None = None
   final_logit_softcap: float | None = None
   attention_pattern: tuple[str, ...] = (GLOBAL,)
@@ -83,11 +83,14 @@ class GemmaConfig:
       raise ValueError('GemmaConfig has local layers but no sliding_window.')
     # Tuples keep the dataclass hashable (jit static args) and comparable.
     object.__setattr__(self, 'attention_pattern', tuple(self.attention_pattern))
+    # Explicit, so configs compare equal whether the scalar came from a
+    # checkpoint or defaulted to head_dim.
+    object.__setattr__(self, 'query_pre_attn_scalar',
+                       float(self.query_pre_attn_scalar or self.head_dim))
 
   @property
   def query_scale(self) -> float:
-    scalar = self.query_pre_attn_scalar or self.head_dim
-    return float(scalar) ** -0.5
+    return float(self.query_pre_attn_scalar) ** -0.5
 
   def layer_type(self, i: int) -> str:
     return self.attention_pattern[i % len(self.attention_pattern)]

@@ -247,8 +247,7 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
       'layer_types': [{LOCAL: 'sliding_attention', GLOBAL: 'full_attention'}[t]
                       for t in c.layer_types],
   }
-  if c.query_pre_attn_scalar is not None:
-    d['query_pre_attn_scalar'] = c.query_pre_attn_scalar
+  d['query_pre_attn_scalar'] = c.query_pre_attn_scalar
   if c.family >= 2:
     d['attn_logit_softcapping'] = c.attn_logit_softcap
     d['final_logit_softcapping'] = c.final_logit_softcap

@@ -157,7 +157,9 @@ def load_tokenizer(path: str, **kw) -> Tokenizer:
       raise FileNotFoundError(f'{path}: no tokenizer.model in this directory.')
     return Tokenizer.from_model_file(model, **kw)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: tokenizer file not found.')
+    raise FileNotFoundError(f'{path}: tokenizer not found (expected a '
+                            'tokenizer.model, a directory holding one, or a '
+                            '.gguf file).')
   with open(path, 'rb') as f:
     magic = f.read(4)
   if magic == b'GGUF':
