@@ -337,7 +337,10 @@ def shampoo(
   Defaults (used for the paper comparison): ``b1=0.9, b2=0.999, eps=1e-8``
   (Adam's, so the grafted step has Adam's scale and learning rates transfer),
   ``matrix_eps=1e-6`` (relative ridge, as Distributed Shampoo),
-  ``block_size=128``, ``precondition_every=10``, Adam grafting. For a LoRA
+  ``block_size=128``, ``precondition_every=10``, Adam grafting. We did not
+  find the paper's own Shampoo settings; these follow Distributed Shampoo
+  except ``precondition_every`` (its default recomputes every step; 10 keeps
+  the N x N eigendecompositions of LoRA factors off most steps). For a LoRA
   factor ``(N, r)`` this gives one r x r right statistic per row block and
   ``ceil(N / 128)`` left blocks. Momentum after grafting and Adam grafting
   follow Distributed Shampoo (Anil et al.); the momentum's bias correction
