@@ -336,15 +336,17 @@ def shampoo(
 
   Defaults (used for the paper comparison): ``b1=0.9, b2=0.999, eps=1e-8``
   (Adam's, so the grafted step has Adam's scale and learning rates transfer),
-  ``matrix_eps=1e-6`` (relative ridge, as Distributed Shampoo),
-  ``block_size=128``, ``precondition_every=10``, Adam grafting. We did not
-  find the paper's own Shampoo settings; these follow Distributed Shampoo
-  except ``precondition_every`` (its default recomputes every step; 10 keeps
-  the N x N eigendecompositions of LoRA factors off most steps). For a LoRA
-  factor ``(N, r)`` this gives one r x r right statistic per row block and
-  ``ceil(N / 128)`` left blocks. Momentum after grafting and Adam grafting
-  follow Distributed Shampoo (Anil et al.); the momentum's bias correction
-  is ours (it makes the first steps the size of Adam's).
+  ``matrix_eps=1e-6`` relative to the largest eigenvalue, ``block_size=128``,
+  ``precondition_every=10``, Adam grafting. We did not find the paper's own
+  Shampoo settings. Relation to Distributed Shampoo (Anil et al.'s code):
+  same ``beta1``, ``beta2``, ``matrix_epsilon`` (relative), blocking, and
+  momentum after grafting as a moving average (its language-modelling config,
+  ``moving_average_for_momentum=True``, no Nesterov); our ``'adam'`` graft is
+  its RMSProp graft with Adam's bias correction; it recomputes roots every
+  step by default (50 in that config) and runs the graft alone for the first
+  ``start_preconditioning_step=5`` steps, where we precondition from step 0.
+  The bias correction of the momentum is ours (it makes the first steps the
+  size of Adam's).
 
   Args:
     learning_rate: a float or an optax schedule.
