@@ -7,9 +7,18 @@ Modelled on optax's ``contrib/_common_test.py``. Every check takes a factory
 
   from tests import optimizer_battery as battery
 
+  MAKE = lro.lora_rite  # one object: the checks then share compiled steps
+
   @pytest.mark.parametrize('check', battery.CHECKS)
   def test_battery(check):
-    battery.run(check, functools.partial(lro.lora_rite), learning_rate=1e-2)
+    options = {'bfloat16': dict(min_state_dtype=jnp.float32)}
+    battery.run(check, MAKE, 1e-2, **options.get(check, {}))
+
+Per-check options: ``converges(steps, rtol)``, ``inject_hyperparams(steps,
+zero_rate_is_no_op, static_args, rtol)``, ``bfloat16(steps,
+min_state_dtype)``, ``schedule(zero_rate_is_no_op, rtol)``,
+``multisteps(rtol)``. Pass ``zero_rate_is_no_op=False`` for an update with a
+learning-rate-free part (e.g. a factor-balancing rescale).
 
 The problem is a LoRA least-squares fit: two pairs (one with a 3-D
 ``lora_b`` as Gemma's einsum factors) with ``lora_b = 0`` at the start, as
