@@ -162,6 +162,38 @@ def test_lora_pairs_have_einsum_shapes():
   np.testing.assert_allclose(forward(model, tokens), before, atol=1e-6)  # B = 0
 
 
+def test_merged_lora_matches_peft_adapter_in_hf_layout(tmp_path):
+  # The HF weights of a merged model equal base + (alpha / r) B @ A of the
+  # exported PEFT adapter: our kernel layouts and the PEFT export agree on
+  # the PyTorch orientation (heads-major q/k/v rows, o columns).
+  lora = pytest.importorskip('models.lora')
+  model = _model('gemma2-tiny')
+  gemma.save_pretrained(model, tmp_path / 'base')
+  lora.apply_lora(model, ['q', 'k', 'o', 'down'], rank=2, alpha=4.0)
+  for path, var in nnx.iter_graph(model):
+    if path and path[-1] == 'lora_b':
+      var.set_value(jax.random.normal(jax.random.key(len(path)),
+                                      var.get_value().shape))
+  lora.save_peft_adapter(model, tmp_path / 'adapter', 'tiny')
+  lora.merge_lora(model)
+  gemma.save_pretrained(model, tmp_path / 'merged')
+  read = lambda d, f: gemma_load.read_safetensors(str(tmp_path / d / f))
+  base = read('base', 'model.safetensors')
+  merged = read('merged', 'model.safetensors')
+  adapter = read('adapter', 'adapter_model.safetensors')
+  checked = 0
+  for name in base:
+    a = adapter.get(f'base_model.model.{name[:-len(".weight")]}.lora_A.weight')
+    if a is None:
+      np.testing.assert_array_equal(merged[name], base[name], err_msg=name)
+      continue
+    b = adapter[f'base_model.model.{name[:-len(".weight")]}.lora_B.weight']
+    np.testing.assert_allclose(merged[name], base[name] + 2.0 * b @ a,
+                               atol=1e-5, err_msg=name)
+    checked += 1
+  assert checked == 4 * model.config.num_layers
+
+
 # --------------------------------------------------------------------------
 # Forward semantics.
 
