@@ -52,75 +52,67 @@ def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   return beta * (1 - beta**t) / (1 - beta**(t + 1))
 
 
-def _rms(x: jax.Array) -> jax.Array:
-  """RMS over the trailing (N, r) axes, one value per slice."""
-  return jnp.sqrt(jnp.mean(jnp.square(x), axis=(-2, -1)))
-
-
 def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.einsum('...ij,...jk->...ik', x, y)
 
 
-_gram = linalg.gram
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
 
 
 def _sym(x: jax.Array) -> jax.Array:
-  return 0.5 * (x + jnp.swapaxes(x, -1, -2))
+  return 0.5 * (x + _t(x))
 
 
-class _Factor(NamedTuple):
-  """One factor of a group of equal-shaped pairs, stacked: (slices, N, r)."""
-  x: jax.Array        # the factor
-  grad: jax.Array     # its gradient
-  mu: jax.Array       # first moment M
-  basis: jax.Array    # U_{t-1}
-  nu: jax.Array       # V, (slices, r, r)
-  escaped: jax.Array  # rho, (slices,)
+def _trace(x: jax.Array) -> jax.Array:
+  return jnp.trace(x, axis1=-2, axis2=-1)
 
 
-def _unmagnified(grad: jax.Array, partner_rinv: jax.Array,
-                 update_skipping: chex.Numeric) -> jax.Array:
-  """Steps 2-3: g = grad R_O^+, zeroed where non-finite or when skipped."""
-  finite = jnp.all(jnp.isfinite(grad), axis=(-2, -1), keepdims=True)
-  g = _mm(jnp.where(finite, grad, 0.0), partner_rinv)
-  skip = (update_skipping > 0) & (_rms(g) > update_skipping)
-  return jnp.where(skip[..., None, None], 0.0, g)
+class _View(NamedTuple):
+  """How a factor leaf is seen as a stack of matrices, by reshapes only.
 
+  ``rank_first`` views are ``(slices, r, N)``, the others ``(slices, N, r)``:
+  keeping the factor's own axis order means no ``N x r`` transpose is ever
+  materialised; the einsums below contract the right axis instead.
+  """
+  shape: tuple[int, ...]
+  rank_axis: int     # within the non-batch axes, normalised
+  batch_axes: int
+  rank_first: bool
+  moved: bool        # rank axis neither first nor last: moved to last
 
-def _precondition(f: _Factor, g: jax.Array, partner: _Factor,
-                  partner_basis: jax.Array, partner_rinv: jax.Array, d1, d2,
-                  eps, update_capping, escape_mass) -> tuple[jax.Array, ...]:
-  """Steps 6-12 for one stacked factor; returns (direction, M, V, rho)."""
-  n = f.x.shape[-2]
-  # P_F = U_{O,t}^T U_{O,t-1}: how the partner's basis turned since last step.
-  transport = _gram(partner_basis, partner.basis)
-  nu_moved = _sym(_mm(_mm(transport, f.nu),
-                      jnp.swapaxes(transport, -1, -2)))   # sym(P V P^T)
-  if escape_mass is False:
-    escaped = jnp.zeros_like(f.escaped)
-  else:
-    lam_old = jnp.linalg.eigvalsh(f.nu)
-    lam_new = jnp.linalg.eigvalsh(nu_moved)
-    lost = jnp.minimum(
-        jnp.maximum(0.0, jnp.max(lam_old - lam_new, axis=-1)),
-        jnp.maximum(0.0, jnp.trace(f.nu, axis1=-2, axis2=-1) -
-                    jnp.trace(nu_moved, axis1=-2, axis2=-1)))
-    escaped = d2 * (lost + f.escaped)
-    escaped = jnp.where(escape_mass, escaped, jnp.zeros_like(escaped))
-  nu = _sym((1 - d2) * _gram(g, g) / n + d2 * nu_moved)
-  lam, q = jnp.linalg.eigh(nu)
-  inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + escaped[..., None]) + eps)
-  precond = _mm(q * inv_root[..., None, :], jnp.swapaxes(q, -1, -2))
-  mu = (1 - d1) * _mm(g, precond) + d1 * _mm(
-      f.mu, jnp.swapaxes(transport, -1, -2))
-  capped = mu
-  if not (isinstance(update_capping, (int, float)) and update_capping <= 0):
-    shrink = jnp.maximum(1.0, _rms(mu) / jnp.where(update_capping > 0,
-                                                   update_capping, 1.0))
-    shrink = jnp.where(update_capping > 0, shrink, 1.0)
-    capped = mu / shrink[..., None, None]
-  direction = _mm(capped, jnp.swapaxes(partner_rinv, -1, -2))
-  return direction, mu, nu, escaped
+  @classmethod
+  def of(cls, shape, rank_axis, batch_axes):
+    inner = len(shape) - batch_axes
+    axis = rank_axis % inner
+    rank_first = axis == 0 and inner > 1
+    return cls(tuple(shape), axis, batch_axes, rank_first,
+               not rank_first and axis != inner - 1)
+
+  def to(self, x: jax.Array, dtype) -> jax.Array:
+    slices, n, r = pairs_lib.matrix_shape(self.shape, self.rank_axis,
+                                          self.batch_axes)
+    if self.moved:
+      x = jnp.moveaxis(x, self.batch_axes + self.rank_axis, -1)
+    x = x.reshape((slices, r, n) if self.rank_first else (slices, n, r))
+    return x.astype(dtype)
+
+  def back(self, m: jax.Array, dtype) -> jax.Array:
+    if not self.moved:
+      return m.reshape(self.shape).astype(dtype)
+    axis = self.batch_axes + self.rank_axis
+    moved = self.shape[:axis] + self.shape[axis + 1:] + (self.shape[axis],)
+    return jnp.moveaxis(m.reshape(moved), -1, axis).astype(dtype)
+
+  def gram(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """x^T y over the long axis, (slices, r, r)."""
+    return jnp.einsum('sin,sjn->sij' if self.rank_first else 'sni,snj->sij',
+                      x, y)
+
+  def times(self, x: jax.Array, k: jax.Array) -> jax.Array:
+    """x k for an (slices, r, r) k, in the view's own layout."""
+    return jnp.einsum('sin,sij->sjn' if self.rank_first else 'sni,sij->snj',
+                      x, k)
 
 
 def scale_by_lora_rite(
@@ -157,11 +149,16 @@ def scale_by_lora_rite(
 
   Unmagnified gradients that are not finite, or whose RMS exceeds
   ``update_skipping``, are zeroed; all of them are clipped together to global
-  norm ``clip_unmagnified_grad``. The QR is computed from the Gram matrix
-  (twice, for float32 accuracy), so a factor sharded along its long axis needs
-  only ``r x r`` reductions; directions with singular values below
-  ``sqrt(r * eps)`` of the largest count as null (pseudo-inverse), so an
-  all-zero ``lora_b`` gives a zero update of ``lora_a``, never NaN.
+  norm ``clip_unmagnified_grad``. Everything is computed from Gram matrices
+  (``X^T X``, ``X^T U_{t-1}``, ``grad^T grad``) and ``r x r`` algebra, then
+  one pass of ``N x r`` by ``r x r`` products per factor: a factor sharded
+  along its long axis needs only ``r x r`` reductions, and the small algebra
+  of all pairs runs batched. The QR is ``R^+ = W diag(lambda^-1/2)`` from the
+  Gram's eigendecomposition, which squares the condition number (float32
+  keeps ``U`` orthonormal to about ``eps * cond(X)^2``); directions with
+  singular values below ``sqrt(r * eps)`` of the largest count as null
+  (pseudo-inverse), so an all-zero ``lora_b`` gives a zero update of
+  ``lora_a``, never NaN.
 
   Args:
     b1: decay of the first moment.
@@ -219,6 +216,9 @@ def scale_by_lora_rite(
     return ScaleByLoraRiteState(count=jnp.zeros([], jnp.int32), mu=mu,
                                 basis=basis, nu=nu, escaped=escaped)
 
+  capping_off = (isinstance(update_capping, (int, float)) and
+                 update_capping <= 0)
+
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
@@ -230,60 +230,69 @@ def scale_by_lora_rite(
     mu_leaves = paired.treedef.flatten_up_to(state.mu)
     basis_leaves = paired.treedef.flatten_up_to(state.basis)
 
-    # Group pairs whose matrix views have equal shapes: each group is
-    # processed as one stack, so the work is a few batched ops, not a Python
-    # loop of small ones per pair.
-    groups: dict[tuple, list] = {}
+    # Pass 1 over the N x r data: the Gram matrices everything else needs.
+    # Under SPMD these are the only cross-device reductions (r x r each).
+    factors = []  # per pair: [(index, view, dtype, x, grad, mu, grams)] a, b
     for pair in paired.pairs:
       lay = pair.layout
-      a = param_leaves[pair.a_index]
-      b = param_leaves[pair.b_index]
-      key = (pairs_lib.matrix_shape(a.shape, lay.a_rank_axis,
-                                    lay.batch_axes)[1:],
-             pairs_lib.matrix_shape(b.shape, lay.b_rank_axis,
-                                    lay.batch_axes)[1:],
-             _state_dtype(a.dtype))
-      groups.setdefault(key, []).append(pair)
+      both = []
+      for index, axis in ((pair.a_index, lay.a_rank_axis),
+                          (pair.b_index, lay.b_rank_axis)):
+        leaf = param_leaves[index]
+        view = _View.of(leaf.shape, axis, lay.batch_axes)
+        dtype = _state_dtype(leaf.dtype)
+        x = view.to(leaf, dtype)
+        grad = view.to(grad_leaves[index], dtype)
+        mu = view.to(mu_leaves[index], dtype)
+        basis = view.to(basis_leaves[index], dtype)
+        grams = {'xx': view.gram(x, x), 'xu': view.gram(x, basis),
+                 'gg': view.gram(grad, grad)}
+        if not capping_off:
+          grams['gm'] = view.gram(grad, mu)
+          grams['mm'] = view.gram(mu, mu)
+        n = pairs_lib.matrix_shape(leaf.shape, axis, lay.batch_axes)[1]
+        both.append((index, view, dtype, x, grad, mu, grams, n))
+      factors.append(both)
 
-    def stacked(pairs, role):
-      """The stacked _Factor of one role ('a' or 'b') of a group."""
-      parts = {f: [] for f in _Factor._fields}
-      for pair in pairs:
-        lay = pair.layout
-        index = pair.a_index if role == 'a' else pair.b_index
-        axis = lay.a_rank_axis if role == 'a' else lay.b_rank_axis
-        dtype = _state_dtype(param_leaves[index].dtype)
-        view = lambda x: pairs_lib.to_matrix(x, axis, lay.batch_axes).astype(
-            dtype)
-        parts['x'].append(view(param_leaves[index]))
-        parts['grad'].append(view(grad_leaves[index]))
-        parts['mu'].append(view(mu_leaves[index]))
-        parts['basis'].append(view(basis_leaves[index]))
-        which = 0 if role == 'a' else 1
-        parts['nu'].append(state.nu[pair.name][which])
-        parts['escaped'].append(state.escaped[pair.name][which])
-      return _Factor(**{k: jnp.concatenate(v, axis=0) if len(v) > 1 else v[0]
-                        for k, v in parts.items()})
-
-    count = state.count
-    # Scalars in the widest state dtype (float64 when params are).
-    dtype = functools.reduce(jnp.promote_types, [k[2] for k in groups],
+    # The r x r algebra of every pair with the same rank and dtype runs as
+    # one batch: a few eighs in all instead of several per pair.
+    batches: dict[tuple, list[int]] = {}
+    for i, both in enumerate(factors):
+      x = both[0][3]
+      batches.setdefault((x.shape[-1] if not both[0][1].rank_first else
+                          x.shape[-2], both[0][2]), []).append(i)
+    dtype = functools.reduce(jnp.promote_types, [k[1] for k in batches],
                              jnp.float32)
+    count = state.count
     d1 = _decay(b1, count, dtype)
     d2 = _decay(b2, count, dtype)
 
-    # Pass 1: bases, pseudo-inverses and unmagnified gradients of every group;
-    # the clip needs the global norm of all of them before anything else.
-    work = []
+    def stack(members, get):
+      """(2, slices of all members, ...): a factors first, then b."""
+      return jnp.stack([
+          jnp.concatenate([get(factors[i][role], role, i) for i in members])
+          for role in (0, 1)])
+
+    # First the unmagnified-gradient norms of every batch: the clip is global.
+    prepared = []
     total_sq = jnp.zeros([], dtype)
-    for key, group in groups.items():
-      fa, fb = stacked(group, 'a'), stacked(group, 'b')
-      rinv_a, basis_a = linalg.orthonormal_basis(fa.x)
-      rinv_b, basis_b = linalg.orthonormal_basis(fb.x)
-      ga = _unmagnified(fa.grad, rinv_b, update_skipping)
-      gb = _unmagnified(fb.grad, rinv_a, update_skipping)
-      total_sq += jnp.sum(jnp.square(ga)) + jnp.sum(jnp.square(gb))
-      work.append((group, fa, fb, rinv_a, rinv_b, basis_a, basis_b, ga, gb))
+    for (_, bdtype), members in batches.items():
+      gram = {k: stack(members, lambda f, role, i, k=k: f[6][k])
+              for k in factors[members[0]][0][6]}
+      n_rows = stack(members, lambda f, role, i: jnp.full(
+          f[6]['xx'].shape[:1], f[7], bdtype))
+      rinv = linalg.inverse_root(gram['xx'])
+      rinv_o = rinv[::-1]  # partner's R^+
+      finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
+      clean = lambda g: jnp.where(finite[..., None, None], g, 0.0)
+      # g^T g for g = grad R_O^+, without forming g.
+      gtg = _mm(_mm(_t(rinv_o), clean(gram['gg'])), rinv_o)
+      r = gtg.shape[-1]
+      rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
+      keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
+      total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
+      prepared.append((members, gram, n_rows, rinv, rinv_o, finite, clean,
+                       gtg, keep))
 
     clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
     norm = jnp.sqrt(total_sq)
@@ -295,33 +304,66 @@ def scale_by_lora_rite(
     new_basis = list(basis_leaves)
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
-    for group, fa, fb, rinv_a, rinv_b, basis_a, basis_b, ga, gb in work:
-      eps_ = jnp.asarray(eps, fa.x.dtype)
-      da, mua, nua, rhoa = _precondition(
-          fa, ga * clip_scale, fb, basis_b, rinv_b, d1, d2, eps_, update_capping,
-          escape_mass)
-      db, mub, nub, rhob = _precondition(
-          fb, gb * clip_scale, fa, basis_a, rinv_a, d1, d2, eps_, update_capping,
-          escape_mass)
+    for (members, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
+         keep) in prepared:
+      nu_prev = stack(members, lambda f, role, i: state.nu[
+          paired.pairs[i].name][role])
+      rho_prev = stack(members, lambda f, role, i: state.escaped[
+          paired.pairs[i].name][role])
+      scale = jnp.where(keep, clip_scale, 0.0)  # g = scale * grad R_O^+
+      gtg = scale[..., None, None]**2 * gtg
+      # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T U_{O,t-1}.
+      transport = _mm(_t(rinv_o), gram['xu'][::-1])
+      nu_moved = _sym(_mm(_mm(transport, nu_prev), _t(transport)))
+      if escape_mass is False:
+        rho = jnp.zeros_like(rho_prev)
+      else:
+        lam_old = jnp.linalg.eigvalsh(nu_prev)
+        lam_new = jnp.linalg.eigvalsh(nu_moved)
+        lost = jnp.minimum(
+            jnp.maximum(0.0, jnp.max(lam_old - lam_new, axis=-1)),
+            jnp.maximum(0.0, _trace(nu_prev) - _trace(nu_moved)))
+        rho = jnp.where(escape_mass, d2 * (lost + rho_prev), 0.0)
+      nu = _sym((1 - d2) * gtg / n_rows[..., None, None] + d2 * nu_moved)
+      lam, q = jnp.linalg.eigh(nu)
+      inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
+                        jnp.asarray(eps).astype(nu.dtype))
+      precond = _mm(q * inv_root[..., None, :], _t(q))
+      # M = grad K1 + M_prev K2, and the step is M R_O^+T / shrink.
+      k1 = (1 - d1) * scale[..., None, None] * _mm(rinv_o, precond)
+      k2 = d1 * _t(transport)
+      k3 = _t(rinv_o)
+      if not capping_off:
+        # ||M||^2 from the Grams: no extra pass over M.
+        sq = (_trace(_mm(_mm(_t(k1), clean(gram['gg'])), k1)) +
+              2 * _trace(_mm(_mm(_t(k1), clean(gram['gm'])), k2)) +
+              _trace(_mm(_mm(_t(k2), gram['mm']), k2)))
+        rms_m = jnp.sqrt(jnp.maximum(sq, 0.0) / (n_rows * k1.shape[-1]))
+        cap = jnp.asarray(update_capping).astype(dtype)
+        shrink = jnp.where(cap > 0, jnp.maximum(
+            1.0, rms_m / jnp.where(cap > 0, cap, 1.0)), 1.0)
+        k3 = k3 / shrink[..., None, None]
+
+      # Pass 2 over the N x r data, per factor.
       start = 0
-      for pair in group:
-        lay = pair.layout
-        slices = pairs_lib.matrix_shape(
-            param_leaves[pair.a_index].shape, lay.a_rank_axis,
-            lay.batch_axes)[0]
+      for i in members:
+        slices = factors[i][0][6]['xx'].shape[0]
         part = slice(start, start + slices)
         start += slices
-        for index, axis, d, m, u in (
-            (pair.a_index, lay.a_rank_axis, da, mua, basis_a),
-            (pair.b_index, lay.b_rank_axis, db, mub, basis_b)):
-          shape = param_leaves[index].shape
-          back = lambda v: pairs_lib.from_matrix(v[part], shape, axis,
-                                                 lay.batch_axes)
-          out_leaves[index] = back(d).astype(param_leaves[index].dtype)
-          new_mu[index] = back(m)
-          new_basis[index] = back(u)
-        new_nu[pair.name] = jnp.stack([nua[part], nub[part]])
-        new_escaped[pair.name] = jnp.stack([rhoa[part], rhob[part]])
+        for role in (0, 1):
+          index, view, fdtype, x, grad, mu, _, _ = factors[i][role]
+          fresh = view.times(grad, k1[role, part])
+          fresh = jnp.where(finite[role, part][:, None, None], fresh, 0.0)
+          m = fresh + view.times(mu, k2[role, part])
+          step = view.times(m, k3[role, part])
+          leaf = param_leaves[index]
+          out_leaves[index] = view.back(step, leaf.dtype)
+          new_mu[index] = view.back(m, fdtype)
+          new_basis[index] = view.back(view.times(x, rinv[role, part]),
+                                       fdtype)
+        name = paired.pairs[i].name
+        new_nu[name] = nu[:, part]
+        new_escaped[name] = rho[:, part]
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(
         paired.treedef, leaves)

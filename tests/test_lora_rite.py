@@ -176,10 +176,13 @@ def test_transformation_invariance_float64(kind, kw):
             0.9 * sum(float(jnp.mean((h0[k] - targets[k])**2)) for k in h0))
 
 
-# float32 keeps about 1e-7 relative per step; over 25 steps through QRs of
-# factors with condition numbers up to ~1e3 the H trajectories stay within
-# 1e-3 of each other.
-FLOAT32_TOLERANCE = 1e-3
+# float32 tolerances. The QR comes from the Gram matrix X^T X (so sharded
+# factors need only r x r all-reduces), which squares the condition number:
+# basis errors are ~eps * cond(X)^2. Scalings keep cond(X) as it is and the
+# trajectories agree to 1e-3 over 25 steps; a random R with cond 100 makes
+# cond(A R) a few hundred and the gap a few 1e-3 (measured 4.6e-3).
+FLOAT32_TOLERANCE = {'scale_1e-3': 1e-3, 'scale_1e3': 1e-3,
+                     'random_cond100': 1e-2}
 
 
 @pytest.mark.parametrize('kind', TRANSFORMS)
@@ -190,7 +193,7 @@ def test_transformation_invariance_float32(kind):
   moved = _h_trajectory(stepper,
                         _equivalent(params, _transforms(kind, np.float32)),
                         targets, 25)
-  assert _max_relative_gap(base, moved) < FLOAT32_TOLERANCE
+  assert _max_relative_gap(base, moved) < FLOAT32_TOLERANCE[kind]
 
 
 @pytest.mark.parametrize('kind', TRANSFORMS)
