@@ -114,11 +114,12 @@ def loraplus(
     ``norm`` (so RMSNorm scales, which PEFT decays, are not decayed).
   * The embedding group is opt-in: PEFT's default ``loraplus_lr_embedding`` is
     1e-6 for both factors of ``lora.Embedding`` modules, but until PEFT PR
-    #3503 (2026) that group was always empty (its module test never matched),
-    so embedding LoRA factors trained at ``lr`` (both factors, as PEFT names
-    the B factor ``lora_embedding_B``). Here, without ``is_embedding`` every
-    pair is an ordinary pair (A at ``lr``, B at ``lr * ratio``); with it, both
-    factors of matching pairs use ``lr_embedding`` (default 1e-6, as PEFT).
+    #3503 (issue #3499) that group was always empty (its module test never
+    matched), so both embedding factors trained at ``lr`` (the name
+    ``lora_embedding_B`` does not match the ``lora_B`` test either). Here,
+    without ``is_embedding`` every pair is an ordinary pair (A at ``lr``, B at
+    ``lr * ratio``); with it, both factors of matching pairs use
+    ``lr_embedding`` (default 1e-6, as PEFT).
   * A schedule applies to every group (B's rate is ``ratio * schedule``); the
     embedding group uses ``lr_embedding`` as given (float or schedule).
   * With ``base``, all groups use ``base`` and its own weight decay: pass
@@ -128,7 +129,7 @@ def loraplus(
   Args:
     learning_rate: rate of the ``A`` group; a float or an optax schedule.
     lr_ratio: :math:`\lambda`, the ratio of B's rate to A's (the paper
-      recommends 2^3 to 2^5; PEFT's examples use 16).
+      recommends 2^3 to 2^5; default 2^4).
     b1: AdamW's first-moment decay (ignored with ``base``).
     b2: AdamW's second-moment decay (ignored with ``base``).
     eps: AdamW's epsilon (ignored with ``base``).
@@ -143,6 +144,9 @@ def loraplus(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``).
+    With ``optax.inject_hyperparams`` pass ``static_args=('base',
+    'is_embedding')`` when you set those: it would treat any callable as a
+    schedule.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
