@@ -176,7 +176,9 @@ def loraplus(
     def make(rate, decay):
       return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
   else:
-    if (b1, b2, eps, weight_decay) != (0.9, 0.999, 1e-8, 0.0):
+    given = zip((b1, b2, eps, weight_decay), (0.9, 0.999, 1e-8, 0.0))
+    # Under optax.inject_hyperparams these arrive as (traced) arrays: skip.
+    if any(isinstance(v, (int, float)) and v != d for v, d in given):
       raise ValueError('loraplus: with base=..., pass b1/b2/eps/weight_decay '
                        'to base itself, e.g. functools.partial(optax.lion, '
                        'weight_decay=0.1).')

@@ -46,6 +46,7 @@ def test_battery(name, check):
 def test_loraplus_wraps_any_base_optimizer():
   make = functools.partial(lro.loraplus, base=optax.lion, lr_ratio=4.0)
   battery.check_converges(make, 1e-2, rtol=2e-2)
+  battery.check_inject_hyperparams(make, 1e-2, static_args=('base',))
 
 
 # --------------------------------------------------------------------------
