@@ -213,6 +213,12 @@ def scale_by_lora_rite(
       dtype = _state_dtype(a.dtype)
       nu[pair.name] = jnp.zeros((2, slices, r, r), dtype)
       escaped[pair.name] = jnp.zeros((2, slices), dtype)
+    if not paired.pairs:
+      # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
+      # init with a placeholder): one empty array stands for the whole
+      # per-pair dict, so that it is a prefix (a leaf) of any real state's
+      # dict and tree_map_params hands that dict to transform_non_params.
+      nu = escaped = jnp.zeros((0,), jnp.float32)
     return ScaleByLoraRiteState(count=jnp.zeros([], jnp.int32), mu=mu,
                                 basis=basis, nu=nu, escaped=escaped)
 
@@ -225,6 +231,8 @@ def scale_by_lora_rite(
           'scale_by_lora_rite: update() needs params (the current factors): '
           'call tx.update(grads, state, params).')
     paired = pairs_lib.find_lora_pairs(params, layout)
+    if not paired.pairs:
+      return updates, state._replace(count=optax.safe_increment(state.count))
     param_leaves = [l for _, l in pairs_lib.flatten(params)[0]]
     grad_leaves = paired.treedef.flatten_up_to(updates)
     mu_leaves = paired.treedef.flatten_up_to(state.mu)

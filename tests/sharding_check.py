@@ -1,0 +1,154 @@
+"""LoRA-RITE under SPMD on 8 fake CPU devices; run by tests/test_sharding.py.
+
+A separate process because XLA_FLAGS must be set before jax is imported.
+Each check raises AssertionError with a message; success prints 'ok <name>'.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import lora_rite_optax as lro
+
+RANK = 8
+
+
+def make_params(seed=0):
+  """Pairs shaped like a transformer's: plain, einsum (r, N, H), and wide."""
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
+  return {
+      'q': {'lora_a': f(256, RANK), 'lora_b': f(RANK, 16, 32) * 0.1},
+      'o': {'lora_a': f(16, 32, RANK), 'lora_b': f(RANK, 256) * 0.1},
+      'up': {'lora_a': f(256, RANK), 'lora_b': f(RANK, 1024) * 0.1},
+      'down': {'lora_a': f(1024, RANK), 'lora_b': jnp.zeros((RANK, 256))},
+  }
+
+
+def param_specs(long_axis):
+  """Every factor sharded along its long (N) axis; the rank never split."""
+  return {
+      'q': {'lora_a': P(long_axis, None), 'lora_b': P(None, long_axis, None)},
+      'o': {'lora_a': P(long_axis, None, None), 'lora_b': P(None, long_axis)},
+      'up': {'lora_a': P(long_axis, None), 'lora_b': P(None, long_axis)},
+      'down': {'lora_a': P(long_axis, None), 'lora_b': P(None, long_axis)},
+  }
+
+
+def grads_for(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-2, x.dtype), params)
+
+
+def factor_sized_gathers(hlo: str) -> list[str]:
+  """All-gathers in compiled HLO with an axis longer than the rank."""
+  found = []
+  for line in hlo.splitlines():
+    if 'all-gather' in line and '=' in line:
+      result = line.split('=', 1)[1]
+      for shape in re.findall(r'\[([\d,]*)\]', result.split('all-gather')[0]):
+        dims = [int(d) for d in shape.split(',') if d]
+        if dims and max(dims) > RANK:
+          found.append(line.strip()[:200])
+          break
+  return found
+
+
+def detector_catches_householder_qr():
+  """Control: a Householder QR of a row-sharded factor does gather it."""
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.device_put(jnp.ones((256, RANK)), NamedSharding(mesh, P('data')))
+  hlo = jax.jit(lambda x: jnp.linalg.qr(x)[1]).lower(x).compile().as_text()
+  assert factor_sized_gathers(hlo), 'the all-gather detector missed a QR'
+
+
+def run(mesh_shape, axis_names, long_axis, steps=4):
+  mesh = jax.make_mesh(mesh_shape, axis_names,
+                       axis_types=(jax.sharding.AxisType.Auto,) *
+                       len(axis_names))
+  tx = lro.lora_rite(1e-2, escape_mass=True, update_capping=0.5)
+  params = make_params()
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
+                           param_specs(long_axis))
+  replicated = NamedSharding(mesh, P())
+
+  # A trainer derives the state's shardings before allocating anything.
+  state_shapes = jax.eval_shape(tx.init, params)
+  state_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, sharding: sharding, state_shapes, shardings,
+      transform_non_params=lambda _: replicated)
+
+  sharded_params = jax.device_put(params, shardings)
+  state = jax.jit(tx.init, out_shardings=state_shardings)(sharded_params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jitted = jax.jit(step)
+  grads0 = jax.device_put(grads_for(params, 1), shardings)
+  hlo = jitted.lower(sharded_params, state, grads0).compile().as_text()
+
+  # Only r x r quantities may cross devices; the reductions are all-reduces.
+  gathers = factor_sized_gathers(hlo)
+  assert not gathers, f'factor-sized all-gather in compiled update: {gathers[0]}'
+  assert 'all-reduce' in hlo, 'expected r x r all-reduces of Gram matrices'
+
+  unsharded = jax.jit(step)
+  ref_params, ref_state = params, tx.init(params)
+  for i in range(steps):
+    grads = grads_for(params, i + 1)
+    sharded_params, state = jitted(sharded_params, state,
+                                   jax.device_put(grads, shardings))
+    ref_params, ref_state = unsharded(ref_params, ref_state, grads)
+    # The state keeps its sharding through update.
+    # tree_map_params gives one sharding for each per-pair dict of r x r
+    # statistics; broadcast it so that leaves line up.
+    flat_shardings = jax.tree.leaves(jax.tree.map(
+        lambda s, x: jax.tree.map(lambda _: s, x), state_shardings, state,
+        is_leaf=lambda s: isinstance(s, NamedSharding)))
+    for got, want in zip(jax.tree.leaves(state), flat_shardings):
+      assert got.sharding.is_equivalent_to(want, got.ndim), (
+          f'state sharding changed: {got.sharding} vs {want}')
+    for got, want in zip(jax.tree.leaves(sharded_params),
+                         jax.tree.leaves(shardings)):
+      assert got.sharding.is_equivalent_to(want, got.ndim)
+  # N x r state parts are sharded like the params, r x r parts replicated.
+  rite = state[0]
+  like = lambda x, spec: x.sharding.is_equivalent_to(
+      NamedSharding(mesh, spec), x.ndim)
+  assert like(rite.mu['up']['lora_b'], P(None, long_axis))
+  assert like(rite.basis['o']['lora_a'], P(long_axis, None, None))
+  assert not rite.mu['up']['lora_b'].sharding.is_fully_replicated
+  assert rite.nu['q'].sharding.is_fully_replicated
+  for got, want in zip(jax.tree.leaves(sharded_params),
+                       jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4,
+                               atol=2e-6, err_msg='sharded != unsharded')
+
+
+def main():
+  assert len(jax.devices()) == 8, jax.devices()
+  detector_catches_householder_qr()
+  print('ok detector', flush=True)
+  run((8,), ('data',), 'data')
+  print('ok data=8', flush=True)
+  run((4, 2), ('fsdp', 'tensor'), ('fsdp', 'tensor'))
+  print('ok fsdp=4 x tensor=2', flush=True)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
