@@ -416,3 +416,32 @@ def test_partition_routes_other_leaves():
   updates, _ = jax.jit(tx.update)(grads, state, params)
   assert np.all(np.asarray(updates['embed']) == 0)
   assert np.any(np.asarray(updates['q']['lora_b']) != 0)
+
+
+# ------------------------------------------------------ the optax battery
+
+from tests import optimizer_battery as battery  # pylint: disable=g-import-not-at-top
+
+
+def _rite(learning_rate):
+  return lro.lora_rite(learning_rate)
+
+
+def _rite_all_knobs(learning_rate):
+  # balance_factors rescales after the learning rate: a zero rate is no no-op.
+  return lro.lora_rite(learning_rate, escape_mass=True, update_capping=0.5,
+                       weight_decay=1e-3, balance_factors=True)
+
+
+@pytest.mark.parametrize('check', battery.CHECKS)
+def test_battery(check):
+  options = {'bfloat16': dict(min_state_dtype=jnp.float32)}
+  battery.run(check, _rite, 1e-2, **options.get(check, {}))
+
+
+@pytest.mark.parametrize('check', ['converges', 'inject_hyperparams',
+                                   'schedule', 'multisteps'])
+def test_battery_every_knob(check):
+  options = {'inject_hyperparams': dict(zero_rate_is_no_op=False),
+             'schedule': dict(zero_rate_is_no_op=False)}
+  battery.run(check, _rite_all_knobs, 1e-2, **options.get(check, {}))
