@@ -119,6 +119,8 @@ def select(model: nnx.Module,
     targets = getattr(model, 'default_lora_targets', DEFAULT_TARGETS)
   if isinstance(targets, str):
     targets = (targets,)
+  if not targets:
+    raise ValueError(f'{who}: targets is empty; name at least one module.')
   projs = projections(model)
   if not projs:
     raise ValueError(f'{who}: the model has no models.layers.Projection to '
@@ -207,11 +209,12 @@ def apply_lora(model: nnx.Module,
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   scale = alpha / (math.sqrt(rank) if rslora else rank)
   for path, proj in chosen.items():
-    kernel = proj.kernel[...]
+    kernel = proj.kernel.get_value()  # A ShapeDtypeStruct if abstract.
     dtype = kernel.dtype
     in_dim, out_dim = _dims(proj)
-    w0 = kernel.reshape(in_dim, out_dim)
     new_kernel = None
+    # standard / gaussian never read the kernel, so they also work on an
+    # abstract model (nnx.eval_shape) before its weights are loaded.
     if init == 'standard':
       a, b = lro_init.standard(rngs.params(), in_dim, out_dim, rank, dtype)
     elif init == 'gaussian':
@@ -219,11 +222,12 @@ def apply_lora(model: nnx.Module,
                                std=gaussian_std, dtype=dtype)
     elif init == 'pissa':
       kw = dict(niter=4, key=rngs.params()) if randomized_svd else {}
-      a, b, new_kernel = lro_init.pissa(w0, rank, scale, **kw)
+      a, b, new_kernel = lro_init.pissa(kernel.reshape(in_dim, out_dim), rank,
+                                        scale, **kw)
     else:
       grad = jnp.asarray(init_grads[path]).reshape(in_dim, out_dim)
       a, b, new_kernel = lro_init.lora_ga(
-          grad, w0, rank, scale, gamma=lora_ga_gamma,
+          grad, kernel.reshape(in_dim, out_dim), rank, scale, gamma=lora_ga_gamma,
           use_sign=lora_ga_use_sign, randomized=randomized_svd,
           key=rngs.params() if randomized_svd else None)
     n_in = len(proj.in_shape)
@@ -691,6 +695,9 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       missing = next(p[0] for p in parts if p[0] not in by_module)
       raise ValueError(f'{who}: {path!r} is fused; its part {missing!r} is '
                        'missing.')
+    if proj.lora is not None and proj.lora.merged:
+      raise ValueError(f'{who}: {path!r} has a merged adapter; call '
+                       'unmerge_lora (or remove it) before loading another.')
     first = parts[0][0]
     a2 = by_module[first]['A']
     if a2.ndim != 2 or a2.shape[1] != in_dim:

@@ -22,7 +22,8 @@ from safetensors.numpy import save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, 't5_reference.safetensors')
 
-BASE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+# Widths of models.t5's 'tiny' config, so tests share its compiled ops.
+BASE = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2,
             num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
             relative_attention_max_distance=16, layer_norm_epsilon=1e-6,
             dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
