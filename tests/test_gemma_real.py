@@ -7,6 +7,7 @@ on what the model says.
 """
 
 import math
+import os
 import time
 import types
 
@@ -17,7 +18,9 @@ import pytest
 
 from models import gemma
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs them all (make test uses --dist loadgroup), so the
+# 1 GB model is dequantized once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('gemma_real')]
 
 PARAGRAPH = (
     'Water is a chemical compound made of hydrogen and oxygen. It is '
@@ -97,11 +100,17 @@ def test_forward_speed(real):
   last = jnp.array([63])
   real.forward(tokens, logits_positions=last).block_until_ready()  # compile
   times = []
-  for _ in range(3):
+  for _ in range(5):
     t = time.perf_counter()
     real.forward(tokens, logits_positions=last).block_until_ready()
     times.append(time.perf_counter() - t)
-  print(f'64-token forward: best {min(times):.3f} s of {times}')
-  # Observed ~0.45 s on 2 CPU cores (float32, logits at one position); the
-  # bound leaves room for a machine shared with other jobs.
-  assert min(times) < 1.5
+  best = min(times)
+  print(f'64-token forward: best {best:.3f} s of {len(times)}')
+  # Observed 0.16-0.35 s on 2 idle CPU cores (float32, logits at one
+  # position). Wall-clock bounds mean nothing on a machine busy with other
+  # jobs, so the bound is only enforced when the load allows.
+  load = os.getloadavg()[0] / (os.cpu_count() or 1)
+  if best >= 0.8 and load > 1.0:
+    pytest.skip(f'machine busy (load {load:.1f} per core): forward took '
+                f'{best:.2f} s')
+  assert best < 0.8
