@@ -21,6 +21,12 @@ by name::
 Parameters carry the logical axis names the Gemma model uses ('vocab',
 'embed', 'heads', 'head_dim', 'mlp', 'norm'; 'relpos_buckets' for the bias
 table) as ``out_sharding`` metadata.
+
+API: ``T5(config, rngs=...)`` / ``get_config(name)`` ('tiny',
+'t5-v1_1-{small,base,large,xl,xxl}', 'mt5-{...}'); ``model(encoder_tokens,
+decoder_tokens)`` -> float32 logits; ``greedy_generate`` (KV cache);
+``from_pretrained(dir)`` / ``save_pretrained(model, dir)`` for Hugging Face
+layout directories (config.json + safetensors, single or sharded).
 """
 
 from __future__ import annotations
@@ -713,9 +719,11 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
   """Writes ``model`` as a Hugging Face checkpoint directory.
 
   Writes config.json and model.safetensors (or shards and an index when the
-  weights exceed ``max_shard_bytes``) in the parameters' dtype; LoRA adapters
-  are not included (merge them first with ``models.lora.merge_lora``, or
-  export them with ``models.lora.save_peft_adapter``).
+  weights exceed ``max_shard_bytes``) in the parameters' dtype. Kernels are
+  written as they are: LoRA adapters are not included unless merged
+  (``models.lora.merge_lora``; or export them with
+  ``models.lora.save_peft_adapter``), and after a PiSSA / LoRA-GA init the
+  kernels hold the residual ``W0 - s A0 B0``, not the original weights.
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
