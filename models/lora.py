@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import functools
+import itertools
 import math
 import os
 import re
@@ -249,6 +251,17 @@ def apply_lora(model: nnx.Module,
   return model
 
 
+@functools.partial(nnx.jit, static_argnames=('loss_fn', 'paths'))
+def _kernel_grads(model, batch, *, loss_fn, paths: frozenset):
+  """Gradient of loss_fn in the kernels of the projections at ``paths``."""
+  # Module-level and keyed on (loss_fn, paths) so repeated estimates with the
+  # same loss reuse one compilation.
+  def wanted(path, _):
+    return bool(path) and path[-1] == 'kernel' and _path_str(path[:-1]) in paths
+
+  return nnx.grad(loss_fn, argnums=nnx.DiffState(0, wanted))(model, batch)
+
+
 def estimate_full_gradients(model: nnx.Module,
                             loss_fn: Callable[[nnx.Module, Any], jax.Array],
                             batches: Iterable[Any],
@@ -271,16 +284,12 @@ def estimate_full_gradients(model: nnx.Module,
     Module path -> gradient with the kernel's shape, float32.
   """
   chosen = select(model, targets, who='estimate_full_gradients')
-
-  def wanted(path, _):
-    return bool(path) and path[-1] == 'kernel' and _path_str(path[:-1]) in chosen
-
-  grad_fn = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, wanted)))
+  paths = frozenset(chosen)
+  grad_fn = lambda m, b: _kernel_grads(m, b, loss_fn=loss_fn, paths=paths)
   total: dict[str, jax.Array] = {}
   count = 0
-  for batch in batches:
-    if num_batches is not None and count >= num_batches:
-      break
+  # islice: never pull a batch beyond num_batches from a data iterator.
+  for batch in itertools.islice(batches, num_batches):
     grads = grad_fn(model, batch)
     for path, var in nnx.to_flat_state(grads):
       name = _path_str(path[:-1])

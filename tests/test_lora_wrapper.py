@@ -154,11 +154,19 @@ def test_every_init_runs(base_logits):
     np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
     assert float(jnp.abs(model.encoder.layers[0].self_attn.q.lora.lora_a[...]).max()) > 0
   model = _t5()
-  loss = lambda m, batch: jnp.mean(m(*batch) ** 2)
-  grads = lora.estimate_full_gradients(model, loss, [(ENC, DEC)] * 3,
-                                       targets='wi', num_batches=2)
+  # A loss linear in the batch's weight w: the mean over w = 1, 3 (the
+  # third batch is past num_batches) equals the gradient at w = 2.
+  loss = lambda m, w: w * jnp.mean(m(ENC, DEC) ** 2)
+  pulled = []
+  batches = (pulled.append(w) or jnp.float32(w) for w in (1.0, 3.0, 100.0))
+  grads = lora.estimate_full_gradients(model, loss, batches, targets='wi',
+                                       num_batches=2)
+  assert pulled == [1.0, 3.0]
   assert set(grads) == set(lora.select(model, 'wi'))
   assert grads['encoder.layers.0.mlp.wi_0'].shape == (32, 48)
+  at_two = lora.estimate_full_gradients(model, loss, [jnp.float32(2.0)], 'wi')
+  for name, g in grads.items():
+    np.testing.assert_allclose(g, at_two[name], rtol=1e-5, atol=1e-7)
   lora.apply_lora(model, 'wi', rank=4, init='lora_ga', init_grads=grads)
   np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
   b = model.encoder.layers[0].mlp.wi_1.lora.lora_b[...]
