@@ -112,8 +112,10 @@ def test_pairs_feed_lro_and_optimizer():
   # n-D (einsum-shaped) factors are among them: q's lora_b is (r, N, H).
   names = {p.name for p in paired.pairs}
   assert 'encoder/layers/0/self_attn/q/lora' in names
-  # lora_rite takes the tree as is (its init finds the pairs itself).
+  # lora_rite takes the tree as is (its init finds the pairs itself), and
+  # the NNX State that nnx.Optimizer hands it with the filter.
   lro.lora_rite(1e-2).init(params)
+  nnx.Optimizer(model, lro.lora_rite(1e-2), wrt=lora.LORA_FILTER)
   # nnx.Optimizer with the filter holds state for, and updates, adapters only.
   kernel_before = model.encoder.layers[0].self_attn.q.kernel[...]
   opt = nnx.Optimizer(model, optax.sgd(0.5), wrt=lora.LORA_FILTER)
