@@ -204,9 +204,17 @@ def apply_lora(model: nnx.Module,
     if init in ('pissa', 'lora_ga') and rank > min(_dims(proj)):
       raise ValueError(f'apply_lora: rank {rank} exceeds {path!r}\'s matrix '
                        f'shape {_dims(proj)}, which {init} needs.')
+    if init in ('pissa', 'lora_ga') and isinstance(proj.kernel.get_value(),
+                                                  jax.ShapeDtypeStruct):
+      raise ValueError(f'apply_lora: init={init!r} reads the weights, but '
+                       f'{path!r} is abstract; load the weights first.')
     if init == 'lora_ga' and (init_grads is None or path not in init_grads):
       raise ValueError(f'apply_lora: init="lora_ga" needs init_grads[{path!r}]'
                        ' (from estimate_full_gradients).')
+    if init == 'lora_ga' and np.size(init_grads[path]) != math.prod(_dims(proj)):
+      raise ValueError(f'apply_lora: init_grads[{path!r}] has shape '
+                       f'{np.shape(init_grads[path])}, but the kernel is '
+                       f'{tuple(proj.kernel.shape)}.')
   lro_init = _init_module()
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   scale = alpha / (math.sqrt(rank) if rslora else rank)
