@@ -238,68 +238,96 @@ def scale_by_lora_rite(
     mu_leaves = paired.treedef.flatten_up_to(state.mu)
     basis_leaves = paired.treedef.flatten_up_to(state.basis)
 
-    # Pass 1 over the N x r data: the Gram matrices everything else needs.
-    # Under SPMD these are the only cross-device reductions (r x r each).
-    factors = []  # per pair: [(index, view, dtype, x, grad, mu, grams)] a, b
+    # Pairs whose factors have equal matrix views form a group, stacked along
+    # the slices axis: XLA then compiles and runs one set of ops per group
+    # instead of per pair (compile time grows with the op count, and small
+    # per-pair matmuls run poorly), at the cost of one copy in and out.
+    grouped: dict[tuple, list] = {}
     for pair in paired.pairs:
       lay = pair.layout
-      both = []
+      views = []
       for index, axis in ((pair.a_index, lay.a_rank_axis),
                           (pair.b_index, lay.b_rank_axis)):
         leaf = param_leaves[index]
-        view = _View.of(leaf.shape, axis, lay.batch_axes)
-        dtype = _state_dtype(leaf.dtype)
-        x = view.to(leaf, dtype)
-        grad = view.to(grad_leaves[index], dtype)
-        mu = view.to(mu_leaves[index], dtype)
-        basis = view.to(basis_leaves[index], dtype)
+        views.append(_View.of(leaf.shape, axis, lay.batch_axes))
+      key = tuple((pairs_lib.matrix_shape(v.shape, v.rank_axis,
+                                          v.batch_axes)[1:], v.rank_first,
+                   _state_dtype(param_leaves[i].dtype))
+                  for v, i in zip(views, (pair.a_index, pair.b_index)))
+      grouped.setdefault(key, []).append((pair, views))
+
+    # Pass 1 over the N x r data: the Gram matrices everything else needs.
+    # Under SPMD these are the only cross-device reductions (r x r each).
+    factors = []  # per group: [(members, view, dtype, x, grad, mu, grams, n)]
+    for members in grouped.values():
+      both = []
+      for role in (0, 1):
+        indices = [(p.a_index, p.b_index)[role] for p, _ in members]
+        views = [v[role] for _, v in members]
+        dtype = _state_dtype(param_leaves[indices[0]].dtype)
+
+        def gather(leaves, indices=indices, views=views, dtype=dtype):
+          parts = [v.to(leaves[i], dtype) for i, v in zip(indices, views)]
+          return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+        view = views[0]
+        x = gather(param_leaves)
+        grad = gather(grad_leaves)
+        mu = gather(mu_leaves)
+        basis = gather(basis_leaves)
         grams = {'xx': view.gram(x, x), 'xu': view.gram(x, basis),
                  'gg': view.gram(grad, grad)}
         if not capping_off:
           grams['gm'] = view.gram(grad, mu)
           grams['mm'] = view.gram(mu, mu)
-        n = pairs_lib.matrix_shape(leaf.shape, axis, lay.batch_axes)[1]
-        both.append((index, view, dtype, x, grad, mu, grams, n))
-      factors.append(both)
+        n = pairs_lib.matrix_shape(view.shape, view.rank_axis,
+                                   view.batch_axes)[1]
+        both.append((indices, views, dtype, x, grad, mu, grams, n))
+      factors.append((members, both))
 
-    # The r x r algebra of every pair with the same rank and dtype runs as
+    # The r x r algebra of every group with the same rank and dtype runs as
     # one batch: a few eighs in all instead of several per pair.
     batches: dict[tuple, list[int]] = {}
-    for i, both in enumerate(factors):
-      x = both[0][3]
-      batches.setdefault((x.shape[-1] if not both[0][1].rank_first else
-                          x.shape[-2], both[0][2]), []).append(i)
+    for i, (_, both) in enumerate(factors):
+      batches.setdefault((both[0][6]['xx'].shape[-1], both[0][2]),
+                         []).append(i)
     dtype = functools.reduce(jnp.promote_types, [k[1] for k in batches],
                              jnp.float32)
     count = state.count
     d1 = _decay(b1, count, dtype)
     d2 = _decay(b2, count, dtype)
 
-    def stack(members, get):
-      """(2, slices of all members, ...): a factors first, then b."""
+    def stack(groups, get):
+      """(2, slices of all groups, ...): a factors first, then b."""
       return jnp.stack([
-          jnp.concatenate([get(factors[i][role], role, i) for i in members])
+          jnp.concatenate([get(factors[i][1][role], role, i) for i in groups])
           for role in (0, 1)])
+
+    def per_pair(members, role, state_dict):
+      """A group's slices of a per-pair state dict, in member order."""
+      parts = [state_dict[p.name][role] for p, _ in members]
+      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     # First the unmagnified-gradient norms of every batch: the clip is global.
     prepared = []
     total_sq = jnp.zeros([], dtype)
-    for (_, bdtype), members in batches.items():
-      gram = {k: stack(members, lambda f, role, i, k=k: f[6][k])
-              for k in factors[members[0]][0][6]}
-      n_rows = stack(members, lambda f, role, i: jnp.full(
+    for (_, bdtype), groups in batches.items():
+      gram = {k: stack(groups, lambda f, role, i, k=k: f[6][k])
+              for k in factors[groups[0]][1][0][6]}
+      n_rows = stack(groups, lambda f, role, i: jnp.full(
           f[6]['xx'].shape[:1], f[7], bdtype))
       rinv = linalg.inverse_root(gram['xx'])
       rinv_o = rinv[::-1]  # partner's R^+
       finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
-      clean = lambda g: jnp.where(finite[..., None, None], g, 0.0)
+      clean = lambda g, finite=finite: jnp.where(finite[..., None, None], g,
+                                                 0.0)
       # g^T g for g = grad R_O^+, without forming g.
       gtg = _mm(_mm(_t(rinv_o), clean(gram['gg'])), rinv_o)
       r = gtg.shape[-1]
       rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
       keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
       total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
-      prepared.append((members, gram, n_rows, rinv, rinv_o, finite, clean,
+      prepared.append((groups, gram, n_rows, rinv, rinv_o, finite, clean,
                        gtg, keep))
 
     clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
@@ -312,12 +340,12 @@ def scale_by_lora_rite(
     new_basis = list(basis_leaves)
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
-    for (members, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
+    for (groups, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
          keep) in prepared:
-      nu_prev = stack(members, lambda f, role, i: state.nu[
-          paired.pairs[i].name][role])
-      rho_prev = stack(members, lambda f, role, i: state.escaped[
-          paired.pairs[i].name][role])
+      nu_prev = stack(groups, lambda f, role, i: per_pair(
+          factors[i][0], role, state.nu))
+      rho_prev = stack(groups, lambda f, role, i: per_pair(
+          factors[i][0], role, state.escaped))
       scale = jnp.where(keep, clip_scale, 0.0)  # g = scale * grad R_O^+
       gtg = scale[..., None, None]**2 * gtg
       # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T U_{O,t-1}.
@@ -352,26 +380,39 @@ def scale_by_lora_rite(
             1.0, rms_m / jnp.where(cap > 0, cap, 1.0)), 1.0)
         k3 = k3 / shrink[..., None, None]
 
-      # Pass 2 over the N x r data, per factor.
+      # Pass 2 over the N x r data, per group, then back to each pair.
       start = 0
-      for i in members:
-        slices = factors[i][0][6]['xx'].shape[0]
+      for i in groups:
+        members, both = factors[i]
+        slices = both[0][6]['xx'].shape[0]
         part = slice(start, start + slices)
         start += slices
         for role in (0, 1):
-          index, view, fdtype, x, grad, mu, _, _ = factors[i][role]
+          indices, views, fdtype, x, grad, mu, _, _ = both[role]
+          view = views[0]
           fresh = view.times(grad, k1[role, part])
           fresh = jnp.where(finite[role, part][:, None, None], fresh, 0.0)
           m = fresh + view.times(mu, k2[role, part])
           step = view.times(m, k3[role, part])
-          leaf = param_leaves[index]
-          out_leaves[index] = view.back(step, leaf.dtype)
-          new_mu[index] = view.back(m, fdtype)
-          new_basis[index] = view.back(view.times(x, rinv[role, part]),
-                                       fdtype)
-        name = paired.pairs[i].name
-        new_nu[name] = nu[:, part]
-        new_escaped[name] = rho[:, part]
+          u = view.times(x, rinv[role, part])
+          offset = 0
+          for index, v in zip(indices, views):
+            n_slices = pairs_lib.matrix_shape(v.shape, v.rank_axis,
+                                              v.batch_axes)[0]
+            own = slice(offset, offset + n_slices)
+            offset += n_slices
+            out_leaves[index] = v.back(step[own], param_leaves[index].dtype)
+            new_mu[index] = v.back(m[own], fdtype)
+            new_basis[index] = v.back(u[own], fdtype)
+        offset = 0
+        for pair, (va, _) in members:
+          n_slices = pairs_lib.matrix_shape(va.shape, va.rank_axis,
+                                            va.batch_axes)[0]
+          own = slice(start - slices + offset,
+                      start - slices + offset + n_slices)
+          offset += n_slices
+          new_nu[pair.name] = nu[:, own]
+          new_escaped[pair.name] = rho[:, own]
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(
         paired.treedef, leaves)
