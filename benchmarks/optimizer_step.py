@@ -51,6 +51,12 @@ def lora_tree(d_model, q_dim, kv_dim, mlp, layers, rank, seed=0):
   return tree
 
 
+def scanned(tree):
+  """The same pairs with layers stacked on a leading axis (as nnx.scan has)."""
+  layers = sorted(tree, key=lambda k: int(k.split('_')[1]))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in layers])
+
+
 def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -81,11 +87,11 @@ def measure(tx, params, grads, repeats: int):
   return statistics.median(times) * 1e3, state_bytes, compile_s
 
 
-def compare(params, repeats, lr=1e-4):
+def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT):
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
                        * 1e-3, params)
   adam = measure(optax.adam(lr), params, grads, repeats)
-  rite = measure(lro.lora_rite(lr), params, grads, repeats)
+  rite = measure(lro.lora_rite(lr, layout=layout), params, grads, repeats)
   return adam, rite
 
 
@@ -134,6 +140,11 @@ def main(argv=None):
   print(f'{"":<10} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
   print(f'{"adam":<10} {a_ms:>9.1f} {a_bytes / 2**20:>9.1f} {a_c:>10.1f}')
   print(f'{"lora_rite":<10} {r_ms:>9.1f} {r_bytes / 2**20:>9.1f} {r_c:>10.1f}')
+  (sa_ms, _, sa_c), (sr_ms, _, sr_c) = compare(
+      scanned(params), args.repeats, layout=lro.NNX_LAYOUT.scanned(1))
+  print(f'same pairs, layers stacked (layout=NNX_LAYOUT.scanned(1)): adam '
+        f'{sa_ms:.1f} ms, lora_rite {sr_ms:.1f} ms (ratio '
+        f'{sr_ms / sa_ms:.2f}), compile {sa_c:.1f} s / {sr_c:.1f} s')
   print(f'lora_rite/adam state-bytes ratio: {r_bytes / a_bytes:.3f}')
   print(f'lora_rite/adam step-time ratio: {r_ms / a_ms:.2f}')
 
