@@ -183,6 +183,10 @@ class EvalConfig:
       per-token log-likelihoods.
     batch_size: rows per evaluation call.
     max_new_tokens: greedy generation budget.
+    stop: cut each generation at the first occurrence of this text before
+      scoring (a stop sequence; '' = none). The demo uses a newline so a
+      base model that runs on into a made-up next question is scored on
+      its answer line only.
   """
 
   every: int = 0
@@ -194,6 +198,7 @@ class EvalConfig:
   length_normalized: bool = False
   batch_size: int = 32
   max_new_tokens: int = 8
+  stop: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,9 +352,11 @@ def demo() -> Config:
                       targets=('q', 'k', 'v', 'o')),
       optim=OptimConfig(learning_rate=2e-3, warmup_steps=10,
                         schedule='cosine', end_lr_fraction=0.1),
-      data=DataConfig(seq_len=48, max_target_tokens=4,
+      # Rows are at most 37 Gemma tokens; answers at most 4 tokens + EOS.
+      data=DataConfig(seq_len=40, max_target_tokens=5,
                       num_train_examples=2000, num_threads=0),
-      eval=EvalConfig(num_examples=100, batch_size=50, max_new_tokens=4),
+      eval=EvalConfig(num_examples=100, batch_size=50, max_new_tokens=5,
+                      stop='\n'),
       steps=60, batch_size=8, log_every=5, checkpoint_every=0)
 
 

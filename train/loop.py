@@ -310,7 +310,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         'loss': nll / denom,
         'target_tokens': w,
         'lr': jnp.asarray(schedule(step_no), jnp.float32),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'nonfinite_consecutive': consecutive,
         'nonfinite_steps': total,
     }
@@ -655,6 +655,8 @@ class Evaluator:
       prompts = [encode_pair(e.prompt, '', r.tokenizer, budget,
                              add_eos=False)[0] for e in self.examples]
       texts = self._generate(state, prompts)
+      if cfg.eval.stop:
+        texts = [t.split(cfg.eval.stop)[0] for t in texts]
       if self.kind == formats.CHOICE:
         out = {'accuracy': evaluate.multiple_choice_generation(
             self.examples, texts).accuracy}
@@ -672,6 +674,33 @@ class Evaluator:
 
 # ---------------------------------------------------------------------------
 # The run.
+
+
+# Fields that do not change the compiled step: runs of one process whose
+# configs differ only in these (a resumed run, a sweep over seeds of the
+# data order, another output folder) reuse one compiled step.
+_STEP_NEUTRAL = ('run_dir', 'resume', 'progress', 'log_every',
+                 'checkpoint_every', 'keep_checkpoints', 'export_adapter',
+                 'eval', 'name')
+_STEP_CACHE: dict[str, Callable] = {}
+
+
+def _jitted_step(r: Run) -> Callable:
+  d = dataclasses.asdict(r.config)
+  for key in _STEP_NEUTRAL:
+    d.pop(key)
+  d['data'].pop('seed')
+  d['data'].pop('num_threads')
+  key = json.dumps([d, jax.device_count(), str(r.graphdef)], sort_keys=True)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE.clear()  # Keep at most one compiled step alive.
+    _STEP_CACHE[key] = jax.jit(
+        make_train_step(r.graphdef, r.tx, r.schedule, accum=r.config.grad_accum,
+                        pack=r.config.data.pack),
+        in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
+                      None),
+        out_shardings=(r.state_shardings, None), donate_argnums=(0,))
+  return _STEP_CACHE[key]
 
 
 def default_run_dir(cfg: configs_lib.Config) -> str:
@@ -743,12 +772,7 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
     log(f'[train] resumed from step {start_step}')
 
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
-  step_fn = jax.jit(
-      make_train_step(r.graphdef, r.tx, r.schedule, accum=accum,
-                      pack=cfg.data.pack),
-      in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
-                    None),
-      out_shardings=(r.state_shardings, None), donate_argnums=(0,))
+  step_fn = _jitted_step(r)
   evaluator = Evaluator(r)
   writer = metrics_lib.MetricsWriter(run_dir)
   summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],

@@ -1,0 +1,101 @@
+"""`python -m train`: presets, overrides, and one-line errors that write
+nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import cli
+from train import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  env.update(extra)
+  return env
+
+
+def test_every_preset_builds_and_round_trips_json():
+  names = configs.config_names()
+  for task in configs.PAPER_TASKS:
+    assert f'paper_gemma2b_{task}' in names
+    assert f'paper_gemma7b_{task}' in names
+  assert {'tiny', 'demo', 'paper_mt5xxl_superni'} <= set(names)
+  for name in names:
+    cfg = configs.get_config(name)
+    assert configs.from_dict(__import__('json').loads(
+        configs.to_json(cfg))) == cfg
+    assert configs.PRESETS[name].__doc__
+
+
+def test_paper_presets_use_the_documented_defaults():
+  cfg = configs.get_config('paper_gemma2b_gsm8k')
+  assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 16.0, 0.05)
+  assert (cfg.batch_size, cfg.optim.warmup_steps) == (64, 100)
+  assert (cfg.optim.b1, cfg.optim.b2) == (0.9, 0.999)
+  assert cfg.optim.learning_rate in configs.PAPER_LR_SWEEP
+  assert 'not publish' in configs.PRESETS['paper_gemma7b_superni'].__doc__
+
+
+def test_overrides():
+  cfg, stop_at = cli.parse(['--config', 'tiny', '--steps', '3',
+                            '--optim.name', 'adam', '--data.seq_len', '32',
+                            '--stop_at', '2'])
+  assert (cfg.steps, cfg.optim.name, cfg.data.seq_len, stop_at) == (
+      3, 'adam', 32, 2)
+  assert cfg.lora == configs.get_config('tiny').lora
+
+
+def _main(argv, capsys):
+  code = cli.main(argv)
+  err = capsys.readouterr().err.strip()
+  return code, err
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--data.task', 'boolq', '--data.path', '{tmp}/missing.json'],
+     'missing.json'),
+    (['--data.task', 'boolq', '--data.path', '{tmp}/bad.json'], 'bad.json'),
+    (['--optim.name', 'sgd'], "unknown optimizer 'sgd'"),
+    (['--optim.extra', '{"nope": 1}'], 'nope'),
+])
+def test_bad_inputs_one_line_nothing_written(tmp_path, capsys, extra,
+                                             message):
+  (tmp_path / 'bad.json').write_text('[{"instruction": "x", "output": ')
+  run_dir = tmp_path / 'run'
+  argv = ['--config', 'tiny', '--run_dir', str(run_dir)] + [
+      a.replace('{tmp}', str(tmp_path)) for a in extra]
+  code, err = _main(argv, capsys)
+  assert code != 0
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+  assert not run_dir.exists()
+
+
+def test_unknown_config(capsys):
+  code, err = _main(['--config', 'nope'], capsys)
+  assert code != 0 and len(err.splitlines()) == 1
+  assert "unknown config 'nope'" in err and 'tiny' in err
+
+
+def test_cli_process_batch_not_dividing_the_mesh(tmp_path):
+  """A real process on 4 fake devices: exit status and one stderr line."""
+  run_dir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'train', '--config', 'tiny', '--batch_size', '6',
+       '--run_dir', str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu'), timeout=300)
+  assert proc.returncode != 0
+  err = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1, proc.stderr
+  assert 'does not divide' in err[0] and '4 devices' in err[0], err
+  assert not run_dir.exists()

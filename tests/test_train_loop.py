@@ -1,0 +1,189 @@
+"""The training loop on the `tiny` config: it learns, checkpoints, resumes
+exactly, exports a PEFT adapter, evaluates; and pieces of it in isolation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from train import configs
+from train import loop
+
+# The same compiled shapes for every test here: short rows, few steps.
+FAST = {'steps': 12, 'log_every': 1, 'checkpoint_every': 6,
+        'data.seq_len': 96, 'progress': False}
+
+
+def tiny(run_dir, **changes):
+  return configs.replace(configs.get_config('tiny'), run_dir=str(run_dir),
+                         **{**FAST, **changes})
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """One uninterrupted tiny run (shared by the tests that compare to it)."""
+  run_dir = tmp_path_factory.mktemp('straight') / 'run'
+  return loop.run(tiny(run_dir), log=lambda s: None)
+
+
+def test_tiny_loss_falls_and_writes_outputs(straight):
+  losses = [h['loss'] for h in straight['history']]
+  assert len(losses) == FAST['steps']
+  assert all(np.isfinite(losses))
+  # ln(259) ~ 5.6 at the start; the answer format is learnt within a few steps.
+  assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
+  run_dir = straight['run_dir']
+  assert straight['checkpoints'] == [6, 12]
+  for name in ('config.json', 'metrics.csv', 'summary.json'):
+    assert os.path.isfile(os.path.join(run_dir, name)), name
+  assert os.listdir(os.path.join(run_dir, 'tensorboard'))
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['step']) for r in rows] == list(range(1, FAST['steps'] + 1))
+  for key in ('loss', 'lr', 'grad_norm', 'update_ratio_a', 'update_ratio_b',
+              'tokens_per_s', 'nonfinite_steps'):
+    assert key in rows[0], key
+  # B starts at zero, so its ratio is only defined from step 2 on.
+  assert float(rows[-1]['update_ratio_b']) > 0
+  assert float(rows[-1]['nonfinite_steps']) == 0
+  adapter = os.path.join(run_dir, 'adapter')
+  cfg = json.load(open(os.path.join(adapter, 'adapter_config.json')))
+  assert cfg['r'] == 4 and cfg['peft_type'] == 'LORA'
+  assert os.path.isfile(os.path.join(adapter, 'adapter_model.safetensors'))
+  saved = configs.from_dict(json.load(open(os.path.join(run_dir,
+                                                        'config.json'))))
+  assert saved == tiny(run_dir)
+
+
+def test_resume_continues_exactly(straight, tmp_path):
+  run_dir = tmp_path / 'run'
+  first = loop.run(tiny(run_dir), log=lambda s: None, stop_at=6)
+  assert first['steps'] == 6 and first['checkpoints'] == [6]
+  second = loop.run(tiny(run_dir, resume=True), log=lambda s: None)
+  assert second['steps'] == FAST['steps']
+  resumed = [h['loss'] for h in second['history']]
+  expected = [h['loss'] for h in straight['history']][6:]
+  # Same batches, same dropout keys, same state: bit for bit.
+  assert resumed == expected
+
+
+def test_existing_checkpoints_need_resume(straight):
+  with pytest.raises(ValueError, match='--resume'):
+    loop.run(tiny(straight['run_dir']), log=lambda s: None)
+
+
+def test_prepare_batch_gathers_targets_in_order():
+  tokens = np.array([[1, 5, 6, 7, 8, 0], [1, 9, 9, 3, 0, 0]], np.int32)
+  mask = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0]], np.float32)
+  batch = {'tokens': tokens, 'loss_mask': mask,
+           'positions': np.zeros_like(tokens),
+           'segment_ids': (tokens > 0).astype(np.int32)}
+  out, dropped = loop.prepare_batch(batch, 3)
+  # Position t predicts token t + 1.
+  np.testing.assert_array_equal(out['target_idx'][:, :2], [[2, 3], [1, 2]])
+  np.testing.assert_array_equal(out['targets'][:, :2], [[7, 8], [9, 3]])
+  np.testing.assert_array_equal(out['weights'], [[1, 1, 0], [1, 1, 0]])
+  assert dropped == 0
+  _, dropped = loop.prepare_batch(batch, 1)
+  assert dropped == 2
+
+
+def test_gathered_loss_equals_full_unembedding():
+  """The gathered loss is the usual masked next-token loss."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 256, (2, 10)).astype(np.int32)
+  mask = np.zeros((2, 10), np.float32)
+  mask[0, 4:8] = 1
+  mask[1, 6:10] = 1
+  seg = np.ones((2, 10), np.int32)
+  seg[0, 8:] = 0
+  pos = np.tile(np.arange(10, dtype=np.int32), (2, 1))
+  batch = {'tokens': tokens, 'loss_mask': mask, 'positions': pos,
+           'segment_ids': seg}
+  prepared, _ = loop.prepare_batch(batch, 9)
+  got = loop.target_logprobs(model, prepared, pack=False).sum()
+  logits = model(tokens, positions=pos, attention_mask=seg > 0)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  want = (jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+          * mask[:, 1:]).sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_opt_state_shardings_follow_params():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+              ('data', 'fsdp', 'tensor'))
+  params = {'q': {'lora_a': jnp.zeros((8, 2)), 'lora_b': jnp.zeros((2, 4))}}
+  sh = {'q': {'lora_a': NamedSharding(mesh, P('fsdp')),
+              'lora_b': NamedSharding(mesh, P(None, 'tensor'))}}
+  tx = optax.adam(1e-3)
+  out = loop.opt_state_shardings(jax.eval_shape(tx.init, params), params, sh,
+                                 mesh)
+  assert out[0].mu['q']['lora_a'].spec == P('fsdp')
+  assert out[0].nu['q']['lora_b'].spec == P(None, 'tensor')
+  assert out[0].count.spec == P()
+
+
+def test_nonfinite_steps_are_skipped_and_counted():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  cfg = configs.OptimConfig(name='lora_rite', learning_rate=0.1,
+                            warmup_steps=0, schedule='constant')
+  tx, _ = loop.make_optimizer(cfg, 10)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  updates, state = tx.update(bad, state, params)
+  assert all(float(jnp.abs(u).sum()) == 0 for u in jax.tree.leaves(updates))
+  assert int(loop.nonfinite_counts(state)[1]) == 1
+
+
+@pytest.mark.parametrize('name', ['adam', 'lora_rite', 'loraplus',
+                                  'scaled_adam', 'shampoo', 'lamb'])
+def test_every_optimizer_builds_with_the_guard(name):
+  cfg = configs.OptimConfig(name=name, warmup_steps=2)
+  tx, schedule = loop.make_optimizer(cfg, 10)
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.zeros((2, 3))}}
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+  assert float(schedule(0)) == 0.0
+
+
+def test_update_magnitudes_skip_zero_factors():
+  params = {'x': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.zeros((2, 2))}}
+  updates = {'x': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.ones((2, 2))}}
+  m = loop.update_magnitudes(params, updates)
+  assert float(m['update_ratio_a']) == pytest.approx(1.0)
+  assert np.isnan(float(m['update_ratio_b']))
+
+
+def test_schedules():
+  for kind in ('cosine', 'linear', 'constant'):
+    cfg = configs.OptimConfig(learning_rate=1.0, warmup_steps=10,
+                              schedule=kind)
+    s = loop.make_schedule(cfg, 100)
+    assert float(s(0)) == 0.0
+    assert float(s(10)) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match='schedule'):
+    loop.make_schedule(configs.OptimConfig(schedule='step'), 100)
+
+
+def test_tiny_evaluates_before_and_after(tmp_path):
+  cfg = tiny(tmp_path / 'run', steps=2, checkpoint_every=0,
+             export_adapter=False,
+             **{'eval.before': True, 'eval.after': True,
+                'eval.num_examples': 8, 'eval.batch_size': 8})
+  summary = loop.run(cfg, log=lambda s: None)
+  for key in ('eval_before', 'eval_after'):
+    res = summary[key]
+    assert 0.0 <= res['accuracy'] <= 1.0 and res['num_examples'] == 8
