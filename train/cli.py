@@ -64,4 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        'adapter_dir')}
   brief['seconds'] = {k: round(v, 1) for k, v in summary['timing'].items()}
   print(json.dumps(brief, indent=1, default=float))
+  before, after = summary.get('eval_before'), summary.get('eval_after')
+  for key in ('accuracy', 'exact_match', 'rougeL'):
+    if before and after and key in before and key in after:
+      print(f'{key}: before {before[key]:.3f} -> after {after[key]:.3f} '
+            f'({int(after["num_examples"])} held-out examples)')
   return 0

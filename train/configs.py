@@ -324,7 +324,8 @@ def tiny() -> Config:
   return Config(
       name='tiny',
       model=ModelConfig(name='gemma3-tiny', tokenizer='byte', dtype='float32'),
-      lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0),
+      # Two targets keep the compile short (tests compile it several times).
+      lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=('q', 'v')),
       optim=OptimConfig(learning_rate=1e-2, warmup_steps=5,
                         schedule='cosine', end_lr_fraction=0.1),
       data=DataConfig(seq_len=128, max_target_tokens=8,
@@ -369,7 +370,8 @@ projections, global batch 64, 100 warmup steps then cosine decay, betas
 (0.9, 0.999), and the first value of the learning-rate sweep 2e-4, 5e-4,
 1e-3 (pass --optim.learning_rate 5e-4 / 1e-3 for the others). Sized for a
 Cloud TPU pod slice: bfloat16 compute, FSDP over the 'fsdp' mesh axis
-(set --mesh.fsdp to the slice's chip count, --mesh.data to 1).
+(-1: all chips). model.path names the Hugging Face checkpoint; pass the
+local folder it was downloaded to (--model.path /ckpt/gemma-2b).
 """
 
 # (train task, eval task, seq_len, max target tokens, steps, eval method)
@@ -389,12 +391,16 @@ def paper_config(model: str, task: str) -> Config:
   train_task, eval_task, seq_len, max_targets, steps, method = (
       _PAPER_TASKS[task])
   if model == 'mt5xxl':
-    model_cfg = ModelConfig(family='t5', name='mt5-xxl', path='google/mt5-xxl')
+    model_cfg = ModelConfig(family='t5', name='mt5-xxl', path='google/mt5-xxl',
+                            param_dtype='bfloat16')
     targets = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo')
   else:
     model_cfg = ModelConfig(
         name={'gemma2b': 'gemma-2b', 'gemma7b': 'gemma-7b'}[model],
-        path={'gemma2b': 'google/gemma-2b', 'gemma7b': 'google/gemma-7b'}[model])
+        path={'gemma2b': 'google/gemma-2b', 'gemma7b': 'google/gemma-7b'}[model],
+        # The frozen base in bfloat16 (the LoRA factors and optimizer state
+        # stay float32): Gemma 7B then fits a v4/v5e host's memory.
+        param_dtype='bfloat16')
     targets = GEMMA_TARGETS
   return Config(
       name=f'paper_{model}_{task}',

@@ -530,7 +530,11 @@ def build(cfg: configs_lib.Config) -> Run:
   base_sh = state_shardings(base_state, rules, mesh)
   rng_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()),
                         nnx.to_pure_dict(rng_state))
-  params = jax.device_put(str_keys(nnx.to_pure_dict(lora_state)), param_sh)
+  # The factors and their optimizer state are float32 even over a bfloat16
+  # base (apply_lora creates them in the kernel's dtype).
+  params = jax.device_put(
+      jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                   str_keys(nnx.to_pure_dict(lora_state))), param_sh)
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
   rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
 
