@@ -543,16 +543,19 @@ def lora_rite(
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import lora_rite_optax as lro
-    >>> target = jnp.outer(jnp.arange(1.0, 5.0), jnp.arange(1.0, 4.0)) / 10
-    >>> params = {'lora_a': jax.random.normal(jax.random.key(0), (4, 2)),
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> target = jax.random.normal(k1, (4, 2)) @ jax.random.normal(k2, (2, 3))
+    >>> params = {'lora_a': jax.random.normal(k3, (4, 2)),
     ...           'lora_b': jnp.zeros((2, 3))}
     >>> loss = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - target) ** 2)
     >>> tx = lro.lora_rite(learning_rate=0.05)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> state = tx.init(params)
     >>> for _ in range(200):
-    ...   grads = jax.grad(loss)(params)
-    ...   updates, state = tx.update(grads, state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-3)
     True
 
