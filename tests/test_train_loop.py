@@ -187,3 +187,7 @@ def test_tiny_evaluates_before_and_after(tmp_path):
   for key in ('eval_before', 'eval_after'):
     res = summary[key]
     assert 0.0 <= res['accuracy'] <= 1.0 and res['num_examples'] == 8
+  with open(tmp_path / 'run' / 'eval.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['step']) for r in rows] == [0, FAST['steps']]
+  assert 'eval/accuracy' in rows[0]

@@ -343,22 +343,28 @@ def demo() -> Config:
   Sized for about ten minutes on a 2-core CPU including loading, compiling
   and greedy-generation evaluation of 100 held-out problems before and
   after training. Only the attention projections are adapted and the loss
-  unembeds at most 4 positions per row (the answer and EOS), which keeps
+  unembeds at most 5 positions per row (the answer and EOS), which keeps
   the 262k-entry vocabulary affordable.
+
+  What to expect: the loss on the answer tokens falls from about 2.8 to
+  about 1.0 (the model learns to answer with one number and stop); exact
+  accuracy stays low (0% -> a few %), since 40 steps of 8 problems do not
+  teach a 270M model arithmetic: it mostly learns the answer prior.
   """
   return Config(
       name='demo',
       model=ModelConfig(path='gemma3-270m-gguf', dtype='float32'),
       lora=LoraConfig(rank=8, alpha=16.0, dropout=0.0,
                       targets=('q', 'k', 'v', 'o')),
-      optim=OptimConfig(learning_rate=2e-3, warmup_steps=10,
+      # 2e-3 diverged (loss back up after 15 steps); 5e-4 falls steadily.
+      optim=OptimConfig(learning_rate=5e-4, warmup_steps=8,
                         schedule='cosine', end_lr_fraction=0.1),
       # Rows are at most 37 Gemma tokens; answers at most 4 tokens + EOS.
       data=DataConfig(seq_len=40, max_target_tokens=5,
                       num_train_examples=2000, num_threads=0),
       eval=EvalConfig(num_examples=100, batch_size=50, max_new_tokens=5,
                       stop='\n'),
-      steps=60, batch_size=8, log_every=5, checkpoint_every=0)
+      steps=40, batch_size=8, log_every=5, checkpoint_every=0)
 
 
 _PAPER_DOC = """The paper's {model} setup on {task}.

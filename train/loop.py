@@ -779,6 +779,8 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   step_fn = _jitted_step(r)
   evaluator = Evaluator(r)
   writer = metrics_lib.MetricsWriter(run_dir)
+  eval_writer = metrics_lib.MetricsWriter(
+      run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval')
   summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],
                              'eval_before': None, 'eval_after': None}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
@@ -787,7 +789,7 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   def do_eval(step: int, tag: str) -> dict[str, float]:
     res = evaluator(state)
     timing['eval'] += res.get('seconds', 0.0)
-    writer.write(step, {f'eval/{k}': v for k, v in res.items()})
+    eval_writer.write(step, {f'eval/{k}': v for k, v in res.items()})
     log(f'[eval {tag} step {step}] {_fmt(res)}')
     return res
 
@@ -859,6 +861,7 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
     if cfg.export_adapter:
       summary['adapter_dir'] = export_adapter(r, state, run_dir)
   writer.close()
+  eval_writer.close()
   summary['checkpoints'] = ckpt.all_steps()
   ckpt.close()
   summary.update(

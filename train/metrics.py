@@ -14,6 +14,7 @@ from typing import Mapping
 import jax
 
 CSV_NAME = 'metrics.csv'
+EVAL_CSV_NAME = 'eval.csv'
 TB_DIR = 'tensorboard'
 
 
@@ -26,7 +27,8 @@ class MetricsWriter:
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, csv_name: str = CSV_NAME,
+               tb_subdir: str = ''):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._fields: list[str] | None = None
     self._csv = None
@@ -35,12 +37,12 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, CSV_NAME)
+    path = os.path.join(run_dir, csv_name)
     self._csv = open(path, 'a', newline='', encoding='utf-8')
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR))
+        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR, tb_subdir))
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None
 
