@@ -1,0 +1,122 @@
+"""End-to-end train-step time of LoRA-RITE vs Adam on the real Gemma 3 270M.
+
+Both optimizers run through the training loop's own step
+(`train.loop.make_train_step`: forward, backward with respect to the LoRA
+factors only, optimizer update, update-size metrics), jitted, on the same
+model, adapters (rank 16 on q, k, v, o, gate, up, down), batch and initial
+LoRA parameters, in one process. Timed steps alternate between the two
+optimizers so that load changes on a shared machine hit both alike; the
+median is reported.
+
+  python benchmarks/train_step.py                  # real 270M (GGUF package)
+  python benchmarks/train_step.py --model tiny     # random tiny model (tests)
+
+The last line is `lora_rite/adam train-step ratio: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from train import configs
+from train import loop
+
+
+def make_config(args) -> configs.Config:
+  """The benchmark's configuration (the loop's own Config)."""
+  if args.model == 'tiny':
+    model = configs.ModelConfig(name='gemma3-tiny', tokenizer='byte',
+                                dtype='float32')
+  else:
+    model = configs.ModelConfig(path=loop.GGUF_PACKAGE, dtype=args.dtype)
+  return configs.Config(
+      name='train_step_benchmark', model=model,
+      lora=configs.LoraConfig(rank=args.rank, alpha=float(args.rank),
+                              dropout=0.0, targets=configs.GEMMA_TARGETS),
+      optim=configs.OptimConfig(name='lora_rite', learning_rate=1e-4,
+                                warmup_steps=0, schedule='constant'),
+      data=configs.DataConfig(task='arithmetic', seq_len=args.seq_len,
+                              max_target_tokens=args.max_targets,
+                              num_train_examples=200, num_threads=0),
+      eval=configs.EvalConfig(before=False, after=False),
+      steps=1000, batch_size=args.batch, progress=False,
+      export_adapter=False)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', choices=('gemma3-270m', 'tiny'),
+                 default='gemma3-270m')
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--rank', type=int, default=16)
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--seq_len', type=int, default=64)
+  p.add_argument('--max_targets', type=int, default=8,
+                 help='loss positions per row (unembedded positions)')
+  p.add_argument('--steps', type=int, default=7,
+                 help='timed steps per optimizer (after 2 warm-up steps)')
+  args = p.parse_args(argv)
+
+  cfg = make_config(args)
+  t0 = time.perf_counter()
+  r = loop.build(cfg)
+  print(f'built (model load, adapters) in {time.perf_counter() - t0:.1f}s; '
+        f'backend {jax.default_backend()}, {jax.device_count()} device(s)',
+        flush=True)
+  raw = next(iter(loop.train_dataset(r)))
+  batch, _ = loop.prepare_batch(raw, r.max_targets)
+  tokens = int((np.asarray(raw['segment_ids']) > 0).sum())
+  batch = {k: v[None] for k, v in batch.items()}  # accum = 1 micro-batch.
+
+  steps, states = {}, {}
+  for name in ('lora_rite', 'adam'):
+    tx, schedule = loop.make_optimizer(
+        configs.replace(cfg.optim, name=name), cfg.steps)
+    params = jax.tree.map(lambda x: x.copy(), r.state['params'])
+    states[name] = {'step': r.state['step'].copy(), 'params': params,
+                    'opt_state': jax.jit(tx.init)(params)}
+    steps[name] = jax.jit(loop.make_train_step(r.graphdef, tx, schedule,
+                                               accum=1, pack=False),
+                          donate_argnums=(0,))
+
+  def one(name):
+    t = time.perf_counter()
+    states[name], m = steps[name](states[name], r.base, r.rngs, batch)
+    jax.block_until_ready((states[name], m))
+    return time.perf_counter() - t
+
+  for name in steps:
+    c = one(name)
+    print(f'{name}: compile + first step {c:.1f}s', flush=True)
+    one(name)  # Second warm-up step (B is non-zero from here on).
+  times = {name: [] for name in steps}
+  for _ in range(args.steps):
+    for name in steps:  # Interleaved: shared-machine load hits both.
+      times[name].append(one(name))
+
+  print(f'model {args.model}, LoRA r{args.rank} on '
+        f'{len(configs.GEMMA_TARGETS)} projections, batch {args.batch} x '
+        f'seq {args.seq_len} ({tokens} non-pad tokens), '
+        f'{args.max_targets} loss positions/row, median of {args.steps} '
+        'interleaved warm jitted steps')
+  med = {}
+  for name, ts in times.items():
+    med[name] = statistics.median(ts)
+    print(f'{name:>10}: {1e3 * med[name]:9.1f} ms/step  '
+          f'(min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f})  '
+          f'{tokens / med[name]:8.1f} tokens/s')
+  print(f'lora_rite/adam train-step ratio: '
+        f'{med["lora_rite"] / med["adam"]:.2f}')
+
+
+if __name__ == '__main__':
+  main()
