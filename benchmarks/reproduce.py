@@ -1,0 +1,682 @@
+"""Reproduces the paper's optimizer comparison at a size this machine can run.
+
+LoRA fine-tuning of the real Gemma 3 270M (the Q4_K_M GGUF package,
+dequantised) with each of the six optimizers (lora_rite, adam, loraplus,
+scaled_adam, shampoo, lamb). Every optimizer gets the same steps, batch,
+rank, targets, data order (per seed) and seeds; its learning rate is the one
+of a small sweep with the lowest loss per target token on a validation split
+carved from the training data (never the test set). Then the remaining seeds
+run at that learning rate and every run is scored on the test sets.
+
+Tasks and test sets:
+
+* ``arithmetic``: the built-in generated word problems (headroom for a 270M
+  model); exact match of greedy generations and loss per target token.
+* ``math``: trained on ``math/train.json`` minus its last 300 records, tested
+  on those 300 ("math_heldout", gold = the number after "The answer is" in
+  the target, as ../shared/data/README.md advises) and on GSM8K; loss per
+  target token and exact match of greedy generations.
+* ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer
+  log-likelihood and loss per target token of the gold answer.
+
+Statistics: per-item predictions and losses are saved for every run; for
+LoRA-RITE against each other optimizer, an exact McNemar test on per-item
+correctness (items x seeds, seed-matched) and a paired bootstrap on per-item
+loss (averaged over seeds; interval and p-value); accuracies with Wilson
+intervals, losses with bootstrap intervals; sample sizes in every table.
+
+The training is the training loop's own: `train.loop.build` (config ->
+data, model, adapters, optimizer, initial state), `train.loop.train_dataset`
+and `train.loop.make_train_step` (the jitted step with its update-size
+metrics), and `train.loop.Evaluator`'s scoring/generation. Only the outer
+step loop is here, because `train.loop.run` does not hand back the final
+adapters or per-item evaluation results (see `train_one`).
+
+  python benchmarks/reproduce.py --budget smoke                 # minutes
+  python benchmarks/reproduce.py --budget small --resume        # CPU, hours
+  python benchmarks/reproduce.py --budget full --resume         # accelerator
+  python benchmarks/reproduce.py --budget small --tasks arithmetic \\
+      --optimizers lora_rite adam --seeds 0 1 2 --resume
+  python benchmarks/reproduce.py --budget small --report_only   # tables only
+
+Each (task, optimizer, learning rate, seed) run writes one JSON file
+atomically under ``<out>/runs/<budget>/<task>/``; with ``--resume`` finished
+files are skipped, so a long run can be done in pieces and killed at any
+time without corrupting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from flax import nnx
+
+from train import configs
+from train import distributed
+from train import evaluate
+from train import loop
+from train import data as data_lib
+from train.data.tokenize import encode_pair
+
+OPTIMIZERS = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
+              'lamb')
+TASKS = ('arithmetic', 'math', 'boolq', 'openbookqa', 'arc_challenge')
+MC_TASKS = ('boolq', 'openbookqa', 'arc_challenge')
+MATH_HELDOUT = 300  # The last 300 records of math/train.json are the test.
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBudget:
+  """Per-task sizes: row length, loss positions, evaluation sizes."""
+
+  seq_len: int
+  max_targets: int
+  num_val: int
+  num_test: int
+  gen_tokens: int  # 0: no generation (multiple choice).
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Everything a budget fixes, identical for all optimizers."""
+
+  steps: int
+  batch_size: int
+  warmup: int
+  lrs: tuple[float, ...]
+  seeds: tuple[int, ...]
+  default_tasks: tuple[str, ...]
+  tasks: dict[str, TaskBudget]
+  rank: int = 16
+  alpha: float = 16.0
+  dropout: float = 0.05
+  targets: tuple[str, ...] = configs.GEMMA_TARGETS
+  eval_batch: int = 32
+
+
+BUDGETS = {
+    # A minutes-long check that everything runs end to end.
+    'smoke': Budget(
+        steps=4, batch_size=4, warmup=1, lrs=(1e-3,), seeds=(0,),
+        default_tasks=('arithmetic',),
+        tasks={'arithmetic': TaskBudget(48, 4, 8, 8, 4),
+               'math': TaskBudget(192, 0, 4, 4, 16),
+               **{t: TaskBudget(256, 8, 4, 8, 0) for t in MC_TASKS}},
+        eval_batch=8),
+    # A 2-core CPU: short rows, two learning rates, the tasks that fit.
+    'small': Budget(
+        steps=100, batch_size=8, warmup=10, lrs=(2e-4, 1e-3), seeds=(0, 1, 2),
+        default_tasks=('arithmetic', 'math'),
+        tasks={'arithmetic': TaskBudget(48, 4, 64, 200, 4),
+               'math': TaskBudget(192, 0, 48, 150, 80),
+               **{t: TaskBudget(256, 8, 64, 200, 0) for t in MC_TASKS}}),
+    # An accelerator: the paper's sweep, longer rows and runs, full tests.
+    'full': Budget(
+        steps=1000, batch_size=32, warmup=100, lrs=(2e-4, 5e-4, 1e-3),
+        seeds=(0, 1, 2), default_tasks=TASKS,
+        tasks={'arithmetic': TaskBudget(64, 8, 200, 1000, 8),
+               'math': TaskBudget(384, 0, 200, 300, 256),
+               **{t: TaskBudget(512, 16, 500, 0, 0) for t in MC_TASKS}},
+        eval_batch=64),
+}
+
+
+# ---------------------------------------------------------------------------
+# Loading the base model once per process (the loop loads it per build).
+
+_MODEL_CACHE: dict = {}
+_TOKENIZER_CACHE: dict = {}
+_orig_load_model = loop.load_model
+_orig_load_tokenizer = loop.load_tokenizer
+
+
+def _cached_load_model(cfg, model_path, seed, vocab_size=None):
+  # Why: dequantising the GGUF takes tens of seconds; every run would pay it.
+  # The base is frozen and jax arrays are immutable, so sharing is safe. A
+  # random model (tests) is drawn once, with seed 0, so all runs share it.
+  key = (cfg, model_path, vocab_size)
+  if key not in _MODEL_CACHE:
+    _MODEL_CACHE[key] = nnx.split(_orig_load_model(cfg, model_path, 0,
+                                                   vocab_size))
+  return nnx.merge(*_MODEL_CACHE[key])
+
+
+def _cached_load_tokenizer(cfg, model_path):
+  key = (cfg, model_path)
+  if key not in _TOKENIZER_CACHE:
+    _TOKENIZER_CACHE[key] = _orig_load_tokenizer(cfg, model_path)
+  return _TOKENIZER_CACHE[key]
+
+
+loop.load_model = _cached_load_model
+loop.load_tokenizer = _cached_load_tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Data: train / validation / test, fixed for every optimizer and seed.
+
+
+def _subsample(examples, n, seed=0):
+  """n items drawn without replacement (fixed seed), in file order."""
+  if not n or n >= len(examples):
+    return list(examples)
+  idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+  return [examples[i] for i in idx]
+
+
+def task_data(task: str, tb: TaskBudget) -> dict[str, Any]:
+  """{'train': [...], 'val': [...], 'tests': {name: [...]}} for a task."""
+  if task == 'math':
+    everything = data_lib.load_file(
+        data_lib.default_data_dir() / 'math' / 'train.json', 'math')
+    rest, held = everything[:-MATH_HELDOUT], everything[-MATH_HELDOUT:]
+    # The record's 'answer' field often disagrees with its own target; score
+    # against the number the target ends with (../shared/data/README.md).
+    held = [dataclasses.replace(e, gold_number=data_lib.extract_final_number(
+        e.target, fallback_to_last=False)) for e in held]
+    held = [e for e in held if e.gold_number is not None]
+    train, val = data_lib.split_validation(rest, 0.1, seed=0)
+    tests = {'math_heldout': _subsample(held, tb.num_test),
+             'gsm8k': _subsample(data_lib.load_task('gsm8k', 'test'),
+                                 tb.num_test)}
+  elif task == 'arithmetic':
+    train = data_lib.load_task(task, 'train')
+    val = data_lib.load_task(task, 'validation')
+    tests = {task: data_lib.load_task(task, 'test',
+                                      num_examples=tb.num_test or None)}
+  else:
+    train = data_lib.load_task(task, 'train')
+    val = data_lib.load_task(task, 'validation')
+    tests = {task: _subsample(data_lib.load_task(task, 'test'), tb.num_test)}
+  return {'train': train, 'val': _subsample(val, tb.num_val), 'tests': tests}
+
+
+# ---------------------------------------------------------------------------
+# One run.
+
+
+def make_config(budget: Budget, task: str, opt: str, lr: float, seed: int,
+                model: str) -> configs.Config:
+  """The loop's Config for one run (same for all optimizers but name/lr)."""
+  tb = budget.tasks[task]
+  if model == 'tiny':
+    mcfg = configs.ModelConfig(name='gemma3-tiny', tokenizer='byte',
+                               dtype='float32')
+  else:
+    mcfg = configs.ModelConfig(path=loop.GGUF_PACKAGE, dtype='auto')
+  return configs.Config(
+      name=f'reproduce_{task}_{opt}',
+      model=mcfg,
+      lora=configs.LoraConfig(rank=budget.rank, alpha=budget.alpha,
+                              dropout=budget.dropout, targets=budget.targets),
+      optim=configs.OptimConfig(name=opt, learning_rate=lr,
+                                warmup_steps=budget.warmup,
+                                schedule='linear', end_lr_fraction=0.0),
+      # data.seed orders the batches: it varies with the seed, never with
+      # the optimizer, so runs of one seed see identical batches.
+      data=configs.DataConfig(task=task, seq_len=tb.seq_len,
+                              max_target_tokens=tb.max_targets, seed=seed,
+                              num_threads=0),
+      eval=configs.EvalConfig(before=False, after=False, num_examples=0,
+                              batch_size=budget.eval_batch,
+                              max_new_tokens=max(1, tb.gen_tokens)),
+      steps=budget.steps, batch_size=budget.batch_size, seed=seed,
+      log_every=1, progress=False, export_adapter=False)
+
+
+def train_one(cfg: configs.Config, train_examples, log) -> tuple:
+  """Trains with the loop's step; returns (run, final state, history).
+
+  Thin adapter around `train.loop`: `run()` returns only aggregate metrics
+  and keeps the final adapters to itself, and its data come from
+  `load_examples` (so the math held-out carve could not be expressed).
+  """
+  r = loop.build(cfg)
+  r.train_examples = list(train_examples)
+  data_iter = iter(loop.train_dataset(r))
+  step_fn = jax.jit(
+      loop.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
+                           pack=cfg.data.pack),
+      in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
+                    None),
+      out_shardings=(r.state_shardings, None), donate_argnums=(0,))
+  state, history = r.state, []
+  keep = ('loss', 'grad_norm', 'lr', 'update_ratio_a', 'update_ratio_b',
+          'param_norm_a', 'param_norm_b', 'nonfinite_steps')
+  t0 = time.perf_counter()
+  for step in range(1, cfg.steps + 1):
+    batch, _ = loop.prepare_batch(next(data_iter), r.max_targets)
+    batch = {k: distributed.global_array(
+        v[None], distributed.batch_sharding(r.mesh, v.ndim + 1, leading=1))
+             for k, v in batch.items()}
+    state, metrics = step_fn(state, r.base, r.rngs, batch)
+    host = {k: float(distributed.to_host(metrics[k])) for k in keep
+            if k in metrics}
+    history.append(host)
+    if step == 1 or step % 10 == 0 or step == cfg.steps:
+      log(f'  step {step}/{cfg.steps} loss={host["loss"]:.4f} '
+          f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '
+          f'dB/B={host.get("update_ratio_b", float("nan")):.3g} '
+          f'({time.perf_counter() - t0:.0f}s)')
+  return r, state, history
+
+
+def target_losses(ev: loop.Evaluator, state, examples, seq_len: int
+                  ) -> list[float]:
+  """Per item: mean negative log-likelihood per target token (with EOS)."""
+  pairs = [encode_pair(e.prompt, e.target, ev.r.tokenizer, seq_len)
+           for e in examples]
+  scores = ev._score_pairs(state, pairs)  # pylint: disable=protected-access
+  return [-s / max(1, len(p[1])) for s, p in zip(scores, pairs)]
+
+
+def evaluate_run(r, state, task: str, tb: TaskBudget, val, tests) -> dict:
+  """Validation loss and per-item test results of the final adapters."""
+  ev = loop.Evaluator(r)
+  out = {'val_loss': target_losses(ev, state, val, tb.seq_len), 'tests': {}}
+  for name, examples in tests.items():
+    res: dict[str, Any] = {}
+    if task in MC_TASKS:
+      recorded = []
+
+      def score(pairs):
+        s = ev._score_pairs(state, pairs)  # pylint: disable=protected-access
+        recorded.extend(zip(s, (len(p[1]) for p in pairs)))
+        return s
+
+      mc = evaluate.multiple_choice_loglik(
+          examples, r.tokenizer, score, max_length=tb.seq_len,
+          batch_size=max(64, r.config.eval.batch_size))
+      losses, cursor = [], 0
+      for e in examples:
+        s, n = recorded[cursor + e.gold_index]
+        losses.append(-s / max(1, n))
+        cursor += len(e.options)
+      res.update(correct=mc.correct.astype(int).tolist(),
+                 prediction=list(mc.predictions), loss=losses)
+    else:
+      prompts = [encode_pair(e.prompt, '', r.tokenizer, tb.seq_len,
+                             add_eos=False)[0] for e in examples]
+      texts = ev._generate(state, prompts)  # pylint: disable=protected-access
+      em = evaluate.number_exact_match(examples, texts)
+      res.update(correct=em.correct.astype(int).tolist(),
+                 prediction=[None if p is None else str(p)
+                             for p in em.predictions],
+                 generation=texts,
+                 loss=target_losses(ev, state, examples, tb.seq_len))
+    out['tests'][name] = res
+  return out
+
+
+def run_path(out: str, budget: str, task: str, opt: str, lr: float,
+             seed: int) -> str:
+  return os.path.join(out, 'runs', budget, task,
+                      f'{opt}_lr{lr:g}_seed{seed}.json')
+
+
+def write_atomic(path: str, obj) -> None:
+  """Write-then-rename, so a killed run never leaves a half-written file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, separators=(',', ':'))
+  os.replace(tmp, path)
+
+
+def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
+           seed: int, log) -> dict:
+  """Trains and evaluates one (task, optimizer, lr, seed); writes its file."""
+  path = run_path(args.out, args.budget, task, opt, lr, seed)
+  if args.resume and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  log(f'[{args.budget}] {task} {opt} lr={lr:g} seed={seed}')
+  t0 = time.perf_counter()
+  cfg = make_config(budget, task, opt, lr, seed, args.model)
+  r, state, history = train_one(cfg, data['train'], log)
+  t1 = time.perf_counter()
+  res = evaluate_run(r, state, task, budget.tasks[task], data['val'],
+                     data['tests'])
+  res.update(budget=args.budget, task=task, optimizer=opt, lr=lr, seed=seed,
+             model=args.model, history=history,
+             config=json.loads(configs.to_json(cfg)),
+             num_train=len(data['train']),
+             seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
+  write_atomic(path, res)
+  log(f'  val loss/token {np.mean(res["val_loss"]):.4f}; ' + '; '.join(
+      f'{k}: acc {np.mean(v["correct"]):.3f} loss {np.mean(v["loss"]):.4f}'
+      for k, v in res['tests'].items()) + f' ({t1 - t0:.0f}s train, '
+      f'{time.perf_counter() - t1:.0f}s eval)')
+  return res
+
+
+def best_lr(results: dict, task: str, opt: str, lrs, seed0: int):
+  """The learning rate with the lowest validation loss (seed0 runs)."""
+  done = {lr: np.mean(results[(task, opt, lr, seed0)]['val_loss'])
+          for lr in lrs if (task, opt, lr, seed0) in results}
+  done = {lr: v for lr, v in done.items() if np.isfinite(v)} or done
+  return (min(done, key=done.get) if done else None), done
+
+
+# ---------------------------------------------------------------------------
+# Report.
+
+
+def load_results(out: str, budget: str) -> dict:
+  results = {}
+  for path in sorted(glob.glob(os.path.join(out, 'runs', budget, '*',
+                                            '*.json'))):
+    with open(path) as f:
+      d = json.load(f)
+    results[(d['task'], d['optimizer'], d['lr'], d['seed'])] = d
+  return results
+
+
+def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
+  """(mean, 95% interval, two-sided p) of a mean paired difference."""
+  diff = np.asarray(diff, np.float64)
+  rng = np.random.default_rng(seed)
+  boot = diff[rng.integers(0, len(diff), (num, len(diff)))].mean(axis=1)
+  lo, hi = np.quantile(boot, [0.025, 0.975])
+  p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
+  return float(diff.mean()), (float(lo), float(hi)), float(max(p, 1 / num))
+
+
+def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
+  """Chosen lrs, per test set per optimizer metrics, paired comparisons."""
+  tasks = sorted({k[0] for k in results}, key=TASKS.index)
+  summary = {'budget': budget_name, 'tasks': {}}
+  for task in tasks:
+    opts = [o for o in OPTIMIZERS if any(k[:2] == (task, o) for k in results)]
+    chosen, per_opt = {}, {}
+    for opt in opts:
+      lrs_seen = sorted({k[2] for k in results if k[:2] == (task, opt)})
+      seed0 = min(k[3] for k in results if k[:2] == (task, opt))
+      lr, val = best_lr(results, task, opt, lrs_seen, seed0)
+      runs = [results[k] for k in sorted(results)
+              if k[:3] == (task, opt, lr)]
+      chosen[opt] = {'lr': lr, 'val_loss_by_lr': val,
+                     'sweep_complete': all(
+                         (task, opt, x, seed0) in results
+                         for x in budget.lrs),
+                     'seeds': [x['seed'] for x in runs]}
+      per_opt[opt] = runs
+    tests = {}
+    test_names = sorted({t for runs in per_opt.values() for x in runs
+                         for t in x['tests']})
+    for tname in test_names:
+      rows = {}
+      for opt, runs in per_opt.items():
+        runs = [x for x in runs if tname in x['tests']]
+        if not runs:
+          continue
+        corr = np.array([x['tests'][tname]['correct'] for x in runs], float)
+        loss = np.array([x['tests'][tname]['loss'] for x in runs], float)
+        n, s = corr.shape[1], len(runs)
+        acc_lo, acc_hi = evaluate.bootstrap_interval(corr.mean(axis=0))
+        wl, wh = evaluate.wilson_interval(int(corr.sum()), n * s)
+        l_lo, l_hi = evaluate.bootstrap_interval(loss.mean(axis=0))
+        rows[opt] = {'lr': chosen[opt]['lr'], 'seeds': [x['seed'] for x in runs],
+                     'n': n, 'accuracy': float(corr.mean()),
+                     'accuracy_per_seed': corr.mean(axis=1).tolist(),
+                     'accuracy_ci_items': [acc_lo, acc_hi],
+                     'accuracy_wilson_pooled': [wl, wh],
+                     'loss': float(loss.mean()), 'loss_ci': [l_lo, l_hi],
+                     '_corr': {x['seed']: x['tests'][tname]['correct']
+                               for x in runs},
+                     '_loss': {x['seed']: x['tests'][tname]['loss']
+                               for x in runs}}
+      if 'lora_rite' in rows:
+        ref = rows['lora_rite']
+        for opt, row in rows.items():
+          if opt == 'lora_rite':
+            continue
+          seeds = sorted(set(ref['_corr']) & set(row['_corr']))
+          if not seeds:
+            continue
+          a = np.concatenate([ref['_corr'][s] for s in seeds]).astype(bool)
+          b = np.concatenate([row['_corr'][s] for s in seeds]).astype(bool)
+          mc = evaluate.mcnemar_exact(a, b)
+          # Loss difference per item (other minus LoRA-RITE; > 0 favours
+          # LoRA-RITE), averaged over the matched seeds.
+          d = np.mean([np.subtract(row['_loss'][s], ref['_loss'][s])
+                       for s in seeds], axis=0)
+          mean, ci, p = paired_bootstrap(d)
+          row['vs_lora_rite'] = {
+              'seeds': seeds, 'mcnemar_rite_only': mc.only_a,
+              'mcnemar_other_only': mc.only_b, 'mcnemar_p': mc.p_value,
+              'loss_diff': mean, 'loss_diff_ci': list(ci), 'loss_diff_p': p,
+              'items_rite_lower_loss': int(np.sum(d > 0))}
+      for row in rows.values():
+        row.pop('_corr')
+        row.pop('_loss')
+      tests[tname] = rows
+    summary['tasks'][task] = {'chosen': chosen, 'tests': tests}
+  return summary
+
+
+def _fmt_p(p):
+  return f'{p:.2g}' if p >= 1e-3 else f'{p:.0e}'
+
+
+def markdown(summary: dict, budget: Budget, command: str) -> str:
+  """The results table(s) as Markdown."""
+  b = summary['budget']
+  lines = [f'# Results of budget `{b}`', '',
+           f'Made by: `{command}`', '',
+           f'Budget `{b}`: {budget.steps} steps, batch {budget.batch_size}, '
+           f'warmup {budget.warmup} then linear decay to 0, LoRA r '
+           f'{budget.rank} alpha {budget.alpha:g} dropout {budget.dropout} on '
+           f'{", ".join(budget.targets)}; lr sweep {list(budget.lrs)} chosen '
+           'by validation loss per target token (seed 0); seeds '
+           f'{list(budget.seeds)} requested.', '',
+           'Accuracy: mean over seeds and items; [item-bootstrap 95% '
+           'interval of the seed-averaged per-item correctness]. Loss: '
+           'held-out negative log-likelihood per target token, mean '
+           '[bootstrap 95%]. vs LoRA-RITE: McNemar exact p on (item, seed) '
+           'pairs (RITE-only right / other-only right), and the paired '
+           'bootstrap of the per-item loss difference (other - RITE; > 0 '
+           'favours LoRA-RITE) with its p.', '']
+  acc_by_opt: dict[str, list] = {}
+  for task, t in summary['tasks'].items():
+    lines.append(f'## {task}')
+    lines.append('')
+    lines.append('| optimizer | lr (val loss by lr) | sweep complete | seeds |')
+    lines.append('|---|---|---|---|')
+    for opt, c in t['chosen'].items():
+      vals = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in
+                       sorted(c['val_loss_by_lr'].items()))
+      lines.append(f'| {opt} | {c["lr"]:g} ({vals}) | '
+                   f'{"yes" if c["sweep_complete"] else "NO"} | '
+                   f'{c["seeds"]} |')
+    lines.append('')
+    for tname, rows in t['tests'].items():
+      lines.append(f'### test set `{tname}`')
+      lines.append('')
+      lines.append('| optimizer | n items x seeds | accuracy [95%] | '
+                   'McNemar vs RITE | loss/token [95%] | '
+                   'loss diff vs RITE [95%], p |')
+      lines.append('|---|---|---|---|---|---|')
+      for opt, row in rows.items():
+        acc_by_opt.setdefault(opt, []).append((tname, row['accuracy']))
+        v = row.get('vs_lora_rite')
+        mc = (f'{v["mcnemar_rite_only"]}/{v["mcnemar_other_only"]}, '
+              f'p={_fmt_p(v["mcnemar_p"])}' if v else '-')
+        ld = (f'{v["loss_diff"]:+.4f} [{v["loss_diff_ci"][0]:+.4f}, '
+              f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])}'
+              if v else '-')
+        lo, hi = row['accuracy_ci_items']
+        llo, lhi = row['loss_ci']
+        lines.append(
+            f'| {opt} | {row["n"]} x {len(row["seeds"])} | '
+            f'{100 * row["accuracy"]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
+            f' | {mc} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
+      lines.append('')
+  names = sorted({n for v in acc_by_opt.values() for n, _ in v})
+  full = {o: v for o, v in acc_by_opt.items() if len(v) == len(names)}
+  if names and full:
+    lines.append('## Mean accuracy over test sets')
+    lines.append('')
+    lines.append(f'Over {", ".join(names)} (only optimizers with all of '
+                 'them).')
+    lines.append('')
+    lines.append('| optimizer | mean accuracy |')
+    lines.append('|---|---|')
+    for opt, v in full.items():
+      lines.append(f'| {opt} | {100 * np.mean([a for _, a in v]):.1f}% |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plots(results: dict, summary: dict, out: str, budget_name: str) -> list:
+  """Loss curves per optimizer and the A/B relative update-size figure."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  written = []
+  for task, t in summary['tasks'].items():
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for opt, c in t['chosen'].items():
+      runs = [results[(task, opt, c['lr'], s)] for s in c['seeds']]
+      loss = np.mean([[h['loss'] for h in x['history']] for x in runs], 0)
+      w = max(1, len(loss) // 20)
+      smooth = np.convolve(loss, np.ones(w) / w, mode='valid')
+      ax.plot(np.arange(len(smooth)) + w, smooth,
+              label=f'{opt} (lr {c["lr"]:g}, {len(runs)} seeds)')
+    ax.set(xlabel='step', ylabel=f'training loss/token (moving mean {w})',
+           title=f'{task}, budget {budget_name}')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, f'loss_curves_{budget_name}_{task}.png')
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    if not {'adam', 'lora_rite'} <= set(t['chosen']):
+      continue
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, opt in zip(axes, ('adam', 'lora_rite')):
+      c = t['chosen'][opt]
+      x = results[(task, opt, c['lr'], c['seeds'][0])]
+      steps = np.arange(1, len(x['history']) + 1)
+      for key, lab in (('update_ratio_a', '||dA||/||A||'),
+                       ('update_ratio_b', '||dB||/||B||')):
+        ys = np.array([h.get(key, np.nan) for h in x['history']], float)
+        ax.plot(steps, ys, label=lab)
+      ax.set(yscale='log', xlabel='step',
+             title=f'{opt} (lr {c["lr"]:g}, seed {c["seeds"][0]})')
+      ax.legend()
+    axes[0].set_ylabel('relative update size (mean over pairs)')
+    fig.suptitle(f'Update imbalance of the LoRA factors: {task}, budget '
+                 f'{budget_name}')
+    fig.tight_layout()
+    path = os.path.join(out, f'update_imbalance_{budget_name}_{task}.png')
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def report(args, budget: Budget, command: str, log) -> None:
+  results = load_results(args.out, args.budget)
+  if not results:
+    log(f'[{args.budget}] no finished runs under {args.out}/runs/'
+        f'{args.budget}; nothing to report.')
+    return
+  summary = summarize(results, args.budget, budget)
+  summary['command'] = command
+  write_atomic(os.path.join(args.out, f'summary_{args.budget}.json'), summary)
+  md = markdown(summary, budget, command)
+  tmp = os.path.join(args.out, f'results_{args.budget}.md')
+  with open(tmp + '.tmp', 'w') as f:
+    f.write(md + '\n')
+  os.replace(tmp + '.tmp', tmp)
+  figs = plots(results, summary, args.out, args.budget)
+  log(md)
+  log(f'[{args.budget}] wrote {tmp}, summary_{args.budget}.json, '
+      + ', '.join(os.path.basename(f) for f in figs))
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(
+      description='Reproduce the LoRA-RITE comparison (see module docstring).')
+  p.add_argument('--budget', choices=tuple(BUDGETS), default='small')
+  p.add_argument('--tasks', nargs='+', choices=TASKS)
+  p.add_argument('--optimizers', nargs='+', choices=OPTIMIZERS)
+  p.add_argument('--seeds', nargs='+', type=int)
+  p.add_argument('--lrs', nargs='+', type=float,
+                 help='override the budget\'s learning-rate sweep')
+  p.add_argument('--steps', type=int, help='override the budget\'s steps')
+  p.add_argument('--resume', action='store_true',
+                 help='skip runs whose result file exists')
+  p.add_argument('--report_only', action='store_true')
+  p.add_argument('--model', choices=('gemma3-270m', 'tiny'),
+                 default='gemma3-270m',
+                 help='tiny: a random tiny Gemma on bytes (tests only)')
+  p.add_argument('--out', default=os.path.join('docs', 'results'))
+  args = p.parse_args(argv)
+  argv_used = sys.argv[1:] if argv is None else list(argv)
+  command = 'python benchmarks/reproduce.py ' + ' '.join(argv_used)
+
+  budget = BUDGETS[args.budget]
+  over: dict[str, Any] = {}
+  if args.seeds:
+    over['seeds'] = tuple(args.seeds)
+  if args.lrs:
+    over['lrs'] = tuple(args.lrs)
+  if args.steps:
+    over['steps'] = args.steps
+  budget = dataclasses.replace(budget, **over)
+  # A step override changes what a run is, so its runs live apart (the lr
+  # and seed are in each file's name already).
+  if args.steps:
+    args.budget = f'{args.budget}-steps{args.steps}'
+  tasks = args.tasks or budget.default_tasks
+  opts = args.optimizers or OPTIMIZERS
+
+  def log(s):
+    print(s, flush=True)
+
+  if not args.report_only:
+    log(f'[{args.budget}] tasks {tasks}, optimizers {opts}, lrs '
+        f'{list(budget.lrs)}, seeds {list(budget.seeds)}, {budget.steps} '
+        f'steps x batch {budget.batch_size}')
+    results = {}
+    for task in tasks:
+      data = task_data(task, budget.tasks[task])
+      log(f'[{args.budget}] {task}: {len(data["train"])} train, '
+          f'{len(data["val"])} val, ' + ', '.join(
+              f'{k} {len(v)}' for k, v in data['tests'].items()) + ' test')
+      seed0 = budget.seeds[0]
+      # Sweep first (seed 0, every lr, every optimizer), so that a partial
+      # run has comparable optimizers before it has more seeds.
+      for opt in opts:
+        for lr in budget.lrs:
+          results[(task, opt, lr, seed0)] = do_run(
+              args, budget, task, data, opt, lr, seed0, log)
+      for opt in opts:
+        lr, val = best_lr(results, task, opt, budget.lrs, seed0)
+        log(f'[{args.budget}] {task} {opt}: lr {lr:g} chosen by val loss '
+            + str({f'{k:g}': round(float(v), 4) for k, v in val.items()}))
+        for seed in budget.seeds[1:]:
+          results[(task, opt, lr, seed)] = do_run(
+              args, budget, task, data, opt, lr, seed, log)
+  report(args, budget, command, log)
+
+
+if __name__ == '__main__':
+  main()

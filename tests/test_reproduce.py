@@ -1,0 +1,114 @@
+"""Smoke tests of benchmarks/reproduce.py: a tiny end-to-end run, and the
+statistics and report on hand-made result files."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
+                     'reproduce.py')
+
+
+@pytest.fixture(scope='module')
+def rp():
+  spec = importlib.util.spec_from_file_location('reproduce', _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  # dataclasses resolve annotations through sys.modules.
+  sys.modules['reproduce'] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _fake_run(task, opt, lr, seed, correct, loss, val):
+  hist = [{'loss': 1.0 - 0.1 * i, 'update_ratio_a': 0.1 * (i + 1),
+           'update_ratio_b': 0.01 * (i + 1)} for i in range(4)]
+  return {'task': task, 'optimizer': opt, 'lr': lr, 'seed': seed,
+          'val_loss': [val, val], 'history': hist,
+          'tests': {task: {'correct': correct, 'loss': loss,
+                           'prediction': [0] * len(correct)}}}
+
+
+def test_stats_and_report_on_fake_results(rp, tmp_path):
+  out = str(tmp_path)
+  rite = [1, 1, 1, 1, 0, 1, 1, 0]
+  adam = [0, 0, 0, 1, 0, 1, 0, 0]
+  for seed in (0, 1):
+    rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'lora_rite', 1e-3,
+                                seed),
+                    _fake_run('arithmetic', 'lora_rite', 1e-3, seed, rite,
+                              [0.5] * 8, 0.4))
+    rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'adam', 1e-3,
+                                seed),
+                    _fake_run('arithmetic', 'adam', 1e-3, seed, adam,
+                              [0.7] * 8, 0.6))
+  # A worse learning rate for adam: must not be chosen.
+  rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'adam', 1e-4, 0),
+                  _fake_run('arithmetic', 'adam', 1e-4, 0, rite, [0.1] * 8,
+                            0.9))
+  budget = dataclasses.replace(rp.BUDGETS['smoke'], lrs=(1e-4, 1e-3))
+  results = rp.load_results(out, 'smoke')
+  assert len(results) == 5
+  s = rp.summarize(results, 'smoke', budget)
+  t = s['tasks']['arithmetic']
+  assert t['chosen']['adam']['lr'] == 1e-3  # By validation loss only.
+  assert t['chosen']['lora_rite']['sweep_complete'] is False
+  row = t['tests']['arithmetic']['adam']
+  v = row['vs_lora_rite']
+  assert (v['mcnemar_rite_only'], v['mcnemar_other_only']) == (8, 0)
+  assert v['mcnemar_p'] == pytest.approx(2 / 2**8)
+  assert v['loss_diff'] == pytest.approx(0.2)
+  assert v['items_rite_lower_loss'] == 8
+  assert row['n'] == 8 and row['seeds'] == [0, 1]
+  assert row['accuracy'] == pytest.approx(np.mean(adam))
+
+  class Args:
+    budget = 'smoke'
+  Args.out = out
+  rp.report(Args, budget, 'cmd', lambda s: None)
+  for name in ('results_smoke.md', 'summary_smoke.json',
+               'loss_curves_smoke_arithmetic.png',
+               'update_imbalance_smoke_arithmetic.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  md = open(os.path.join(out, 'results_smoke.md')).read()
+  assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
+  json.load(open(os.path.join(out, 'summary_smoke.json')))
+
+
+def test_paired_bootstrap(rp):
+  mean, (lo, hi), p = rp.paired_bootstrap(np.full(50, 0.1) +
+                                          np.linspace(-0.01, 0.01, 50))
+  assert mean == pytest.approx(0.1) and lo > 0 and p < 0.01
+  _, (lo, hi), p = rp.paired_bootstrap(np.linspace(-1, 1, 51))
+  assert lo < 0 < hi and p > 0.5
+
+
+def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
+  """Two optimizers, 2 steps each on a random tiny Gemma: files, resume."""
+  tb = rp.TaskBudget(48, 4, 4, 4, 2)
+  budget = rp.Budget(steps=2, batch_size=2, warmup=1, lrs=(1e-3,),
+                     seeds=(0,), default_tasks=('arithmetic',),
+                     tasks={'arithmetic': tb}, rank=2, dropout=0.0,
+                     targets=('q',), eval_batch=4)
+  monkeypatch.setitem(rp.BUDGETS, 'unit', budget)
+  out = str(tmp_path)
+  args = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'lora_rite',
+          'adam', '--out', out, '--resume']
+  rp.main(args)
+  files = sorted(os.listdir(os.path.join(out, 'runs', 'unit', 'arithmetic')))
+  assert files == ['adam_lr0.001_seed0.json', 'lora_rite_lr0.001_seed0.json']
+  d = json.load(open(os.path.join(out, 'runs', 'unit', 'arithmetic',
+                                  files[1])))
+  assert len(d['history']) == 2 and len(d['val_loss']) == 4
+  assert len(d['tests']['arithmetic']['correct']) == 4
+  assert np.isfinite(d['history'][-1]['update_ratio_a'])
+  assert os.path.exists(os.path.join(out, 'results_unit.md'))
+  mtime = os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
+                                        files[0]))
+  rp.main(args)  # --resume: nothing retrained.
+  assert os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
+                                       files[0])) == mtime
