@@ -13,6 +13,8 @@ stderr, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from typing import Sequence
@@ -35,10 +37,28 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
                      f'{", ".join(configs.config_names())}.')
   base = configs.get_config(known.config)
   import tyro  # pylint: disable=g-import-not-at-top
-  cfg = tyro.cli(configs.Config, default=base, args=rest,
-                 prog=f'python -m train --config {known.config}',
-                 description=(configs.PRESETS[known.config].__doc__ or ''))
+  # tyro reports a bad override (unknown flag, unparsable value) as a boxed
+  # multi-line panel on stderr and exits; keep the promise of one line.
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(err):
+      cfg = tyro.cli(configs.Config, default=base, args=rest,
+                     prog=f'python -m train --config {known.config}',
+                     description=(configs.PRESETS[known.config].__doc__ or ''))
+  except SystemExit as e:
+    if not e.code:  # --help: printed to stdout, a normal exit.
+      raise
+    raise ValueError(_tyro_message(err.getvalue())) from None
   return cfg, known.stop_at
+
+
+def _tyro_message(panel: str) -> str:
+  """The first line of text inside tyro's error panel."""
+  for line in panel.splitlines():
+    text = line.strip().strip('\u2502').strip()
+    if line.strip().startswith('\u2502') and text.strip('\u2500 '):
+      return text
+  return panel.strip().splitlines()[0] if panel.strip() else 'bad arguments'
 
 
 def _one_line(e: BaseException) -> str:
