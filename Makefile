@@ -31,7 +31,7 @@ test-seqio: $(SEQIO_VENV)/.installed
 	LRO_REQUIRE_SEQIO=1 $(SEQIO_VENV)/bin/python -m pytest -q tests/test_data_seqio.py
 
 demo: $(STAMP)
-	$(BIN)/python -m train --config demo
+	$(BIN)/python -m train --config demo --run_dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
