@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -483,7 +482,10 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            'by validation loss per target token (seed 0); seeds '
            f'{list(budget.seeds)} requested.', '',
            'Accuracy: mean over seeds and items; [item-bootstrap 95% '
-           'interval of the seed-averaged per-item correctness]. Loss: '
+           'interval of the seed-averaged per-item correctness] (Wilson 95% '
+           'on the pooled item x seed counts, which treats seeds as extra '
+           'items and so is somewhat narrow; the bootstrap is degenerate at '
+           '0% or 100%). Loss: '
            'held-out negative log-likelihood per target token, mean '
            '[bootstrap 95%]. vs LoRA-RITE: McNemar exact p on (item, seed) '
            'pairs (RITE-only right / other-only right), and the paired '
@@ -505,9 +507,9 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
     for tname, rows in t['tests'].items():
       lines.append(f'### test set `{tname}`')
       lines.append('')
-      lines.append('| optimizer | n items x seeds | accuracy [95%] | '
-                   'McNemar vs RITE | loss/token [95%] | '
-                   'loss diff vs RITE [95%], p |')
+      lines.append('| optimizer | n items x seeds | accuracy [item '
+                   'bootstrap 95%] (Wilson 95%, pooled) | McNemar vs RITE | '
+                   'loss/token [95%] | loss diff vs RITE [95%], p |')
       lines.append('|---|---|---|---|---|---|')
       for opt, row in rows.items():
         acc_by_opt.setdefault(opt, []).append((tname, row['accuracy']))
@@ -518,11 +520,12 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
               f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])}'
               if v else '-')
         lo, hi = row['accuracy_ci_items']
+        wlo, whi = row['accuracy_wilson_pooled']
         llo, lhi = row['loss_ci']
         lines.append(
             f'| {opt} | {row["n"]} x {len(row["seeds"])} | '
             f'{100 * row["accuracy"]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
-            f' | {mc} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
+            f' ({100 * wlo:.1f}, {100 * whi:.1f}) | {mc} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
       lines.append('')
   names = sorted({n for v in acc_by_opt.values() for n, _ in v})
   full = {o: v for o, v in acc_by_opt.items() if len(v) == len(names)}
@@ -573,6 +576,9 @@ def plots(results: dict, summary: dict, out: str, budget_name: str) -> list:
       for key, lab in (('update_ratio_a', '||dA||/||A||'),
                        ('update_ratio_b', '||dB||/||B||')):
         ys = np.array([h.get(key, np.nan) for h in x['history']], float)
+        # Zero updates (A while B is still 0, the lr-0 first step) have no
+        # place on a log axis.
+        ys[~(ys > 0)] = np.nan
         ax.plot(steps, ys, label=lab)
       ax.set(yscale='log', xlabel='step',
              title=f'{opt} (lr {c["lr"]:g}, seed {c["seeds"][0]})')
