@@ -413,9 +413,17 @@ def load_examples(cfg: configs_lib.Config):
   evals = []
   wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
   if wants_eval:
-    eval_path = d.eval_path or (d.path if eval_task == d.task else '')
-    if cfg.eval.split == 'validation' and eval_task == d.task:
-      eval_path = d.path
+    eval_path = d.eval_path
+    if not eval_path and eval_task == d.task and d.path:
+      # A folder holds both splits; a single file is the training data,
+      # which may only be carved for validation, never used as the test set.
+      if cfg.eval.split == 'validation' or os.path.isdir(d.path):
+        eval_path = d.path
+      else:
+        raise ConfigError(
+            f'data.path {d.path} is one file (the training data); give '
+            '--data.eval_path for the test set, --eval.split validation, or '
+            '--eval.no-before --eval.no-after.')
     evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
                            **common)
     if cfg.eval.num_examples:
@@ -801,6 +809,9 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
                                   enabled=cfg.progress)
   window_tokens, window_t0 = 0, time.perf_counter()
   dropped_total = 0
+  # Skipped (non-finite) steps so far, to log each new skip once.
+  skipped_logged = int(distributed.to_host(
+      nonfinite_counts(state['opt_state'])[1]))
   step = start_step
   metrics = None
   try:
@@ -838,6 +849,12 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
             f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '
             f'dB/B={host.get("update_ratio_b", float("nan")):.3g} '
             f'tok/s={host["tokens_per_s"]:.0f}')
+        if host['nonfinite_steps'] > skipped_logged:
+          new_skips = int(host['nonfinite_steps']) - skipped_logged
+          skipped_logged = int(host['nonfinite_steps'])
+          log(f'[train] step {step}: non-finite gradient, {new_skips} '
+              f'update(s) skipped since the last log ({skipped_logged} in '
+              'all)')
         if host['nonfinite_consecutive'] >= cfg.optim.max_consecutive_nonfinite:
           raise FloatingPointError(
               f'{int(host["nonfinite_consecutive"])} consecutive steps had '
