@@ -433,7 +433,7 @@ lora.apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, rngs=0)
 graphdef, lora_init, base = lora.split_lora(model)
 pairs = lro.find_lora_pairs(lora_init)
 n_lora = sum(x.size for x in jax.tree.leaves(lora_init))
-print(f'{len(pairs)} LoRA pairs, {n_lora / 1e6:.2f}M trainable parameters')
+print(f'{len(pairs.pairs)} LoRA pairs, {n_lora / 1e6:.2f}M trainable parameters')
 print('e.g.', lora.lora_modules(model)[:7])
 '''),
     md('''
@@ -550,8 +550,12 @@ for name, h in history.items():
   axes[0].plot(h['loss'], color=colors[name], alpha=0.3, lw=0.8)
   axes[0].plot(np.arange(len(smooth(h['loss']))) + (len(h['loss']) - len(smooth(h['loss']))),
                smooth(h['loss']), color=colors[name], label=name)
-  axes[1].semilogy(h['a'], color=colors[name], ls='-', label=f'{name}: ||dA||/||A||')
-  axes[1].semilogy(h['b'], color=colors[name], ls='--', label=f'{name}: ||dB||/||B||')
+  # The warmup starts at learning rate 0: no update to draw at step 0.
+  positive = lambda v: np.where(v > 0, v, np.nan)
+  axes[1].semilogy(positive(h['a']), color=colors[name], ls='-',
+                   label=f'{name}: ||dA||/||A||')
+  axes[1].semilogy(positive(h['b']), color=colors[name], ls='--',
+                   label=f'{name}: ||dB||/||B||')
 axes[0].set(title='training loss (answer tokens)', xlabel='step', ylabel='nll')
 axes[1].set(title='relative update per step, mean over pairs', xlabel='step')
 for ax in axes:
@@ -722,8 +726,11 @@ ZONE = 'us-central2-b'
 ACCELERATOR = 'v4-16'
 RUNTIME = 'tpu-ubuntu2204-base'
 CONFIG = 'paper_gemma7b_superni'
-MODEL_DIR = '~/checkpoints/gemma-7b'          # local HF directory on each host
-RUN_DIR = 'gs://YOUR_BUCKET/lora-rite/' + CONFIG  # shared by all hosts
+MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
+# The loop writes metrics and checkpoints with ordinary file APIs, and every
+# host writes its own shards: use a folder all hosts share, e.g. a bucket
+# mounted with gcsfuse or a Filestore share, mounted at the same path.
+RUN_DIR = '/mnt/shared/lora-rite/' + CONFIG
 
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
@@ -731,16 +738,17 @@ setup = ('git clone ' + REPO_URL + ' && cd lora-rite-optax && '
          'pip install -U "jax[tpu]" -e ".[train]" "huggingface_hub[cli]" && '
          'huggingface-cli download google/gemma-7b --local-dir ' + MODEL_DIR)
 train_cmd = (f'cd lora-rite-optax && python -m train --config {CONFIG} '
-             f'--model.path {MODEL_DIR} --data.hub true --run_dir {RUN_DIR}')
+             f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
 gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\
   --accelerator-type={ACCELERATOR} --version={RUNTIME}
 
-# 2. install and fetch the weights on every host
+# 2. install and fetch the weights on every host (and mount the shared
+#    folder for RUN_DIR on every host)
 {ssh} '{setup}'
 
 # 3. train (the same command on every host)
-{ssh} '{train_cmd}'
+{ssh} '{train_cmd} --run_dir {RUN_DIR}'
 
 # 4. the same run with Adam, for the comparison
 {ssh} '{train_cmd} --optim.name adam --run_dir {RUN_DIR}-adam'
