@@ -1,0 +1,565 @@
+"""Reliability (issue 9): kills, non-finite steps, bad input, no pickle.
+
+* A `tiny` run killed with SIGKILL (once at a random step, once while orbax
+  writes a checkpoint) and resumed with --resume ends bit-identical to an
+  uninterrupted run; a half-written checkpoint is never loaded.
+* Non-finite gradients are skipped by every optimizer: 20 poisoned steps
+  leave the parameters equal to a run without them, and the skip is
+  counted and logged.
+* Every row of the README's "Bad input and what it says" table gives its
+  one-line message and writes or changes nothing.
+* No load path uses pickle; exports stay inside their directory.
+* The same config and seed give the same loss curve twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import configs
+from train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+STEPS = 12
+# The same shapes as tests/test_train_loop.py (so one pytest worker compiles
+# the tiny step once); checkpoints every 2 steps give kills something to hit.
+OVERRIDES = {'steps': STEPS, 'log_every': 1, 'checkpoint_every': 2,
+             'data.seq_len': 96, 'progress': False}
+
+
+def tiny(run_dir, **changes):
+  return configs.replace(configs.get_config('tiny'), run_dir=str(run_dir),
+                         **{**OVERRIDES, **changes})
+
+
+def _cli_args(run_dir):
+  args = ['--config', 'tiny', '--run_dir', str(run_dir)]
+  for key, value in OVERRIDES.items():
+    if isinstance(value, bool):
+      # tyro booleans are flags: --progress / --no-progress.
+      args.append(f'--{key}' if value else f'--no-{key}')
+    else:
+      args += [f'--{key}', str(value)]
+  return args
+
+
+def _load_state(run_dir, step):
+  """A checkpoint's train state as host arrays (orbax, no target needed)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, 'checkpoints', str(step), 'state')
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(path)
+  return jax.tree.map(np.asarray, state)
+
+
+def _assert_trees_identical(got, want):
+  got_flat = jax.tree_util.tree_leaves_with_path(got)
+  want_flat = jax.tree_util.tree_leaves_with_path(want)
+  assert [p for p, _ in got_flat] == [p for p, _ in want_flat]
+  for (path, g), (_, w) in zip(got_flat, want_flat):
+    g, w = np.asarray(g), np.asarray(w)
+    assert g.dtype == w.dtype and g.shape == w.shape, path
+    # Bit for bit: compare the raw bytes (NaN == NaN, -0.0 != 0.0).
+    assert g.tobytes() == w.tobytes(), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One uninterrupted tiny run in this process."""
+  run_dir = tmp_path_factory.mktemp('reference') / 'run'
+  return loop.run(tiny(run_dir), log=lambda s: None)
+
+
+# ---------------------------------------------------------------------------
+# Kill and resume.
+
+
+class _Training:
+  """`python -m train` in a subprocess whose stdout is read by a thread."""
+
+  def __init__(self, run_dir, resume: bool):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+    env['JAX_PLATFORMS'] = 'cpu'
+    args = _cli_args(run_dir) + (['--resume'] if resume else [])
+    self.proc = subprocess.Popen(
+        [sys.executable, '-m', 'train'] + args, cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines: list[str] = []
+    self._queue: queue.Queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self._queue.put(line.rstrip('\n'))
+    self._queue.put(None)
+
+  def poll_lines(self) -> list[str]:
+    new = []
+    while True:
+      try:
+        line = self._queue.get_nowait()
+      except queue.Empty:
+        return new
+      if line is not None:
+        new.append(line)
+        self.lines.append(line)
+
+  def kill(self):
+    os.kill(self.proc.pid, signal.SIGKILL)
+    self.proc.wait(timeout=60)
+
+  def last_step(self) -> int:
+    steps = [int(m.group(1)) for l in self.lines
+             if (m := re.match(r'\[step (\d+)\]', l))]
+    return max(steps, default=0)
+
+
+def _tmp_dirs(ckpt_dir) -> list[str]:
+  try:
+    return [n for n in os.listdir(ckpt_dir) if TMP_SUFFIX in n]
+  except FileNotFoundError:
+    return []
+
+
+def _finished_steps(ckpt_dir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
+  rng = random.Random(os.getpid())
+  run_dir = tmp_path / 'run'
+  ckpt_dir = run_dir / 'checkpoints'
+  deadline = time.monotonic() + 600
+
+  # 1. Killed right after a random step (between checkpoints or not).
+  kill_at = rng.randint(3, 6)
+  t = _Training(run_dir, resume=False)
+  while t.last_step() < kill_at:
+    assert t.proc.poll() is None or t.poll_lines(), '\n'.join(t.lines)
+    assert time.monotonic() < deadline
+    t.poll_lines()
+    time.sleep(0.005)
+  t.kill()
+  first_kept = _finished_steps(ckpt_dir)
+  assert first_kept, 'no checkpoint before the first kill'
+
+  # 2. Resumed, then killed while orbax writes a checkpoint: poll for its
+  # temporary folder and kill the moment it appears.
+  t = _Training(run_dir, resume=True)
+  caught = []
+  while t.proc.poll() is None and time.monotonic() < deadline:
+    t.poll_lines()
+    tmp = _tmp_dirs(ckpt_dir)
+    if tmp and t.last_step() > max(first_kept):
+      t.kill()
+      caught = _tmp_dirs(ckpt_dir)
+      break
+    time.sleep(0.001)
+  t.poll_lines()
+  assert any(f'resumed from step {max(first_kept)}' in l for l in t.lines), (
+      t.lines)
+  finished = _finished_steps(ckpt_dir)
+
+  # A leftover half-written checkpoint must be ignored even if it claims a
+  # later step: plant one (the kill may not have left one behind).
+  fake = ckpt_dir / f'{STEPS - 1}{TMP_SUFFIX}'
+  fake.mkdir(exist_ok=True)
+  (fake / 'state').mkdir(exist_ok=True)
+  (fake / 'state' / 'garbage').write_bytes(b'\0half-written')
+
+  # 3. Resumed to the end.
+  t = _Training(run_dir, resume=True)
+  t.proc.wait(timeout=max(1, deadline - time.monotonic()))
+  t.poll_lines()
+  time.sleep(0.1)
+  t.poll_lines()
+  assert t.proc.returncode == 0, '\n'.join(t.lines)
+  resumed_from = [int(m.group(1)) for l in t.lines
+                  if (m := re.search(r'resumed from step (\d+)', l))]
+  # The newest complete checkpoint, never the half-written one.
+  assert resumed_from == [max(finished)], (resumed_from, finished, caught)
+
+  got = _load_state(run_dir, STEPS)
+  want = _load_state(reference['run_dir'], STEPS)
+  _assert_trees_identical(got, want)
+  print(f'killed after step {kill_at}; second kill caught tmp dirs {caught}')
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps.
+
+
+OPTIMIZERS = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
+              'lamb')
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """tiny's model, three batches and a jitted gradient, built once.
+
+  The gradient (the model's forward and backward) is compiled once and
+  shared; each optimizer then compiles only its own update, which keeps six
+  optimizers affordable on a CPU.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  r = loop.build(tiny(tmp_path_factory.mktemp('unused')))
+  it = iter(loop.train_dataset(r))
+  batches = [loop.prepare_batch(next(it), r.max_targets)[0]
+             for _ in range(3)]
+
+  def loss(params, batch):
+    model = nnx.merge(r.graphdef, loop.int_keys(params), r.rngs, r.base)
+    lp = loop.target_logprobs(model, batch, r.config.data.pack)
+    return -lp.sum() / jnp.maximum(batch['weights'].sum(), 1.0)
+
+  return r, batches, jax.jit(jax.grad(loss))
+
+
+def _poison(batch, value):
+  # A NaN / Inf loss weight makes the loss and every gradient non-finite,
+  # as a loss spike or a corrupted example would.
+  w = np.array(batch['weights'])
+  w[0, 0] = value
+  return {**batch, 'weights': w}
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+def test_twenty_nonfinite_steps_are_skipped_exactly(built, name):
+  import optax  # pylint: disable=g-import-not-at-top
+  r, batches, grad_fn = built
+  cfg = configs.replace(configs.get_config('tiny'),
+                        **{'optim.name': name}).optim
+  # The loop's optimizer: scheduled, wrapped in apply_if_finite.
+  tx, _ = loop.make_optimizer(cfg, r.config.steps)
+
+  @jax.jit
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def train(sequence):
+    params = r.state['params']
+    opt_state = tx.init(params)
+    skipped = []
+    for batch in sequence:
+      params, opt_state = update(params, opt_state, grad_fn(params, batch))
+      skipped.append(int(loop.nonfinite_counts(opt_state)[1]))
+    return params, opt_state, skipped
+
+  # 3 good batches, 20 poisoned ones between them (at most 7 in a row).
+  bad = [_poison(batches[i % 3], np.nan if i % 2 else np.inf)
+         for i in range(20)]
+  poisoned_params, poisoned_state, skipped = train(
+      [batches[0]] + bad[:7] + [batches[1]] + bad[7:14] + [batches[2]]
+      + bad[14:])
+  clean_params, clean_state, _ = train(batches)
+
+  assert skipped == [0] + list(range(1, 8)) + [7] + list(range(8, 15)) + [
+      14] + list(range(15, 21))
+  for leaf in jax.tree.leaves(poisoned_params):
+    assert np.isfinite(np.asarray(leaf)).all()
+  # The skipped steps left no trace in the parameters or in the wrapped
+  # optimizer's state (its count and schedule did not advance either).
+  _assert_trees_identical(poisoned_params, clean_params)
+  _assert_trees_identical(poisoned_state.inner_state, clean_state.inner_state)
+  assert not np.array_equal(np.asarray(jax.tree.leaves(clean_params)[0]),
+                            np.asarray(jax.tree.leaves(r.state['params'])[0]))
+
+
+def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
+                                                monkeypatch):
+  poison_at = {4, 5, 9}
+  calls = []
+  real = loop.prepare_batch
+
+  def prepare(raw, k):
+    batch, dropped = real(raw, k)
+    calls.append(1)
+    if len(calls) in poison_at:
+      batch = {**batch, 'weights': np.full_like(batch['weights'], np.nan)}
+    return batch, dropped
+
+  monkeypatch.setattr(loop, 'prepare_batch', prepare)
+  lines = []
+  summary = loop.run(tiny(tmp_path / 'run'), log=lines.append)
+  assert summary['nonfinite_steps'] == len(poison_at)
+  with open(tmp_path / 'run' / 'metrics.csv') as f:
+    rows = list(csv.DictReader(f))
+  counts = [int(float(r['nonfinite_steps'])) for r in rows]
+  assert counts == [sum(s <= i for s in poison_at)
+                    for i in range(1, STEPS + 1)]
+  skip_lines = [l for l in lines if 'non-finite' in l]
+  assert len(skip_lines) == len(poison_at), lines
+  for leaf in jax.tree.leaves(_load_state(tmp_path / 'run', STEPS)):
+    assert np.isfinite(leaf).all()
+
+
+# ---------------------------------------------------------------------------
+# Determinism.
+
+
+def test_same_config_and_seed_give_the_same_loss_curve(reference, tmp_path):
+  again = loop.run(tiny(tmp_path / 'run'), log=lambda s: None)
+  want = [h['loss'] for h in reference['history']]
+  got = [h['loss'] for h in again['history']]
+  assert len(got) == STEPS and got == want
+  _assert_trees_identical(_load_state(tmp_path / 'run', STEPS),
+                          _load_state(reference['run_dir'], STEPS))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: every row of the README table "Bad input and what it says".
+
+
+def _snapshot(root) -> dict[str, tuple[int, int]]:
+  """{relative path: (size, mtime_ns)} of everything under ``root``."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      st = os.lstat(path)
+      out[os.path.relpath(path, root)] = (
+          st.st_size if name in filenames else -1, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope='module')
+def gemma_dir(tmp_path_factory):
+  """A random gemma-tiny saved in Hugging Face layout (read-only here)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('gemma') / 'hf'
+  model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
+  gemma.save_pretrained(model, str(d))
+  return d
+
+
+def _lora_model(rank=4):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  from models import lora  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
+  lora.apply_lora(model, ('q',), rank=rank, rngs=nnx.Rngs(1))
+  return model
+
+
+def _copy_hf(src, dst, drop=None, reshape=None):
+  """A copy of a Hugging Face dir, one tensor dropped or re-shaped."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from models.gemma import load as gemma_load  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  st = str(dst / 'model.safetensors')
+  tensors = {k: np.array(v) for k, v in
+             gemma_load.read_safetensors(st).items() if k != drop}
+  if reshape:
+    tensors[reshape] = np.zeros((3, 5), np.float32)
+  gemma_load.write_safetensors(st, tensors)
+
+
+def _write_gguf(path, arch):
+  import gguf  # pylint: disable=g-import-not-at-top
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(1)
+  w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def _write_peft(d, tensors, r=4):
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  d.mkdir()
+  hf_io.save_tensors(d, tensors, filename='adapter_model.safetensors')
+  hf_io.write_json(d / 'adapter_config.json',
+                   {'peft_type': 'LORA', 'r': r, 'lora_alpha': 8,
+                    'target_modules': ['q_proj']})
+
+
+Q0 = 'base_model.model.model.layers.0.self_attn.q_proj'
+
+
+# Each row: (id, setup(tmp) run before the snapshot, the call that must
+# fail, the exception type, a fragment of its message). CLI rows call
+# `train.cli.main` and check its single 'error:' line on stderr.
+def _cli(*args):
+  return ('cli',) + args
+
+
+BAD_INPUTS = [
+    ('data file missing', None,
+     _cli('--data.task', 'boolq', '--data.path', '{tmp}/missing.json'),
+     None, '{tmp}/missing.json'),
+    ('data file malformed JSON',
+     lambda t: (t / 'bad.json').write_text('[{"question": "x", '),
+     _cli('--data.task', 'boolq', '--data.path', '{tmp}/bad.json'),
+     None, '{tmp}/bad.json'),
+    ('unknown task', None, _cli('--data.task', 'nope'), None, "'nope'"),
+    ('unknown config', None, ('cli', '--config', 'nope'), None,
+     "unknown config 'nope'"),
+    ('unknown optimizer', None, _cli('--optim.name', 'sgd'), None,
+     "unknown optimizer 'sgd'; choose one of: lora_rite, adam"),
+    ('unknown optimizer argument', None,
+     _cli('--optim.extra', '{"nope": 1}'), None,
+     'unknown argument(s) nope'),
+    ('unknown override key', None, _cli('--nope', '1'), None,
+     'Unrecognized options: --nope'),
+    ('override of the wrong type', None, _cli('--steps', 'abc'), None,
+     "Error parsing --steps: invalid literal for int() with base 10: 'abc'"),
+    ('unknown LoRA target', None, _cli('--lora.targets', 'nope'), None,
+     "'nope'"),
+    ('model path missing', None, _cli('--model.path', '{tmp}/nope'), None,
+     '{tmp}/nope: no such checkpoint'),
+    ('checkpoints present without --resume',
+     lambda t: (t / 'run' / 'checkpoints' / '4').mkdir(parents=True),
+     _cli(), None, 'already holds checkpoints; pass --resume'),
+    ('batch not dividing the mesh', None,
+     lambda t: loop.validate(tiny(t / 'run', batch_size=6), 4),
+     ValueError, 'does not divide over the mesh\'s data x fsdp = 4 x 1 = 4'),
+    ('config.json missing', lambda t: (t / 'hf').mkdir(),
+     lambda t: _from_pretrained(t / 'hf'), FileNotFoundError,
+     'config.json not found'),
+    ('config.json malformed',
+     lambda t: ((t / 'hf').mkdir(), (t / 'hf' / 'config.json').write_text(
+         '{"model_type": ')),
+     lambda t: _from_pretrained(t / 'hf'), ValueError, 'malformed JSON'),
+    ('safetensors tensor missing', 'missing',
+     lambda t: _from_pretrained(t / 'hf'), ValueError,
+     "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    ('safetensors tensor mis-shaped', 'misshaped',
+     lambda t: _from_pretrained(t / 'hf'), ValueError,
+     "has shape [3, 5], expected [128, 64] for this config.json"),
+    ('GGUF of another architecture',
+     lambda t: _write_gguf(t / 'llama.gguf', 'llama'),
+     lambda t: _from_pretrained(t / 'llama.gguf'), ValueError,
+     "GGUF architecture is 'llama'; expected a Gemma model"),
+    ('pickle .bin checkpoint',
+     lambda t: ((t / 'hf').mkdir(), (t / 'hf' / 'pytorch_model.bin')
+                .write_bytes(b'\x80\x04not loaded')),
+     lambda t: _load_tensors(t / 'hf'), FileNotFoundError,
+     'pytorch_model.bin is a pickle checkpoint, which we do not load'),
+    ('PEFT adapter with wrong shapes',
+     lambda t: _write_peft(t / 'peft', {
+         f'{Q0}.lora_A.weight': np.zeros((4, 3), np.float32),
+         f'{Q0}.lora_B.weight': np.zeros((64, 4), np.float32)}),
+     lambda t: _load_peft(t / 'peft'), ValueError,
+     'lora_A.weight has shape (4, 3), expected (r, 64)'),
+    ('PEFT adapter naming another model\'s module',
+     lambda t: _write_peft(t / 'peft', {
+         'base_model.model.encoder.block.0.q.lora_A.weight':
+             np.zeros((4, 64), np.float32),
+         'base_model.model.encoder.block.0.q.lora_B.weight':
+             np.zeros((64, 4), np.float32)}),
+     lambda t: _load_peft(t / 'peft'), ValueError,
+     "module 'encoder.block.0.q' is not a projection of this model"),
+    ('export adapter_name escaping the directory', None,
+     lambda t: _export(t / 'out', adapter_name='../escape'), ValueError,
+     'must be a single plain file-name component'),
+    ('optimizer on a leaf that is not a LoRA factor', None,
+     lambda t: _lro_init({'w': jnp.zeros((4, 4))}), ValueError,
+     "leaf 'w' is not part of a LoRA pair"),
+    ('LoRA factor without its partner', None,
+     lambda t: _lro_init({'q': {'lora_a': jnp.zeros((4, 2))}}), ValueError,
+     "has no partner 'lora_b'"),
+    ('LoRA factors of different ranks', None,
+     lambda t: _lro_init({'q': {'lora_a': jnp.zeros((4, 2)),
+                                'lora_b': jnp.zeros((3, 5))}}), ValueError,
+     "has rank 2 in lora_a (4, 2) but 3 in lora_b (3, 5)"),
+    ('optimizer update without params', None, lambda t: _lro_update(),
+     ValueError, 'update() needs params'),
+]
+
+
+def _from_pretrained(path):
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  gemma.from_pretrained(str(path))
+
+
+def _load_tensors(path):
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  hf_io.load_tensors(path)
+
+
+_PEFT_MODEL = {}
+
+
+def _load_peft(path):
+  from models import lora  # pylint: disable=g-import-not-at-top
+  model = _PEFT_MODEL.setdefault('m', _lora_model())
+  before = jax.tree.map(np.asarray, lora.lora_params(model))
+  try:
+    lora.load_peft_adapter(model, path)
+  finally:
+    # A refused adapter leaves the model as it was.
+    _assert_trees_identical(jax.tree.map(np.asarray, lora.lora_params(model)),
+                            before)
+
+
+def _export(path, **kw):
+  from models import lora  # pylint: disable=g-import-not-at-top
+  model = _PEFT_MODEL.setdefault('m', _lora_model())
+  lora.save_peft_adapter(model, path, 'google/gemma-3-270m', **kw)
+
+
+def _lro_init(params):
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  lro.lora_rite(1e-3).init(params)
+
+
+def _lro_update():
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  tx = lro.lora_rite(1e-3)
+  tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize('row', BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input_says_one_line_and_changes_nothing(row, tmp_path, capsys,
+                                                     gemma_dir):
+  from train import cli  # pylint: disable=g-import-not-at-top
+  _, setup, call, exc_type, message = row
+  if setup in ('missing', 'misshaped'):
+    name = 'model.layers.1.mlp.up_proj.weight'
+    _copy_hf(gemma_dir, tmp_path / 'hf', drop=name,
+             reshape=name if setup == 'misshaped' else None)
+  elif setup is not None:
+    setup(tmp_path)
+  message = message.replace('{tmp}', str(tmp_path))
+  before = _snapshot(tmp_path)
+  time.sleep(0.01)  # So a rewrite of an unchanged file shows in its mtime.
+  if isinstance(call, tuple):
+    args = [a.replace('{tmp}', str(tmp_path)) for a in call[1:]]
+    if '--config' not in args:
+      args = ['--config', 'tiny', '--run_dir', str(tmp_path / 'run')] + args
+    capsys.readouterr()
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith('error: '), err
+    assert message in err, err
+    text = err
+  else:
+    with pytest.raises(exc_type) as info:
+      call(tmp_path)
+    text = str(info.value)
+    assert len(text.strip().splitlines()) == 1, text
+    assert message in text, text
+  assert _snapshot(tmp_path) == before, text
+  print(f'\n{row[0]}: {text}')
