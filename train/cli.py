@@ -53,12 +53,29 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
 
 
 def _tyro_message(panel: str) -> str:
-  """The first line of text inside tyro's error panel."""
-  for line in panel.splitlines():
-    text = line.strip().strip('\u2502').strip()
-    if line.strip().startswith('\u2502') and text.strip('\u2500 '):
-      return text
-  return panel.strip().splitlines()[0] if panel.strip() else 'bad arguments'
+  """The message of tyro's error panel (its first section), on one line.
+
+  The panel is drawn with box characters on a terminal and in plain ASCII
+  otherwise (the title then is its own first section), and wraps to the
+  terminal's width, so a message may span several lines.
+  """
+  lines = [l.strip() for l in panel.splitlines() if l.strip()]
+  boxed = bool(lines) and lines[0].startswith('\u256d')
+  sections, current = [], []
+  for line in lines:
+    if line[0] in '\u256d\u2570':  # Top and bottom borders.
+      continue
+    text = line.strip('\u2502|').strip()
+    if text and not text.strip('\u2500-'):  # A rule between sections.
+      sections.append(current)
+      current = []
+    elif text:
+      current.append(text)
+  sections.append(current)
+  index = 0 if boxed else 1
+  body = sections[index] if len(sections) > index else []
+  text = ' '.join(' '.join(body).split())
+  return text or (lines or ['bad arguments'])[0]
 
 
 def _one_line(e: BaseException) -> str:
