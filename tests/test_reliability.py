@@ -426,7 +426,7 @@ BAD_INPUTS = [
     ('unknown LoRA target', None, _cli('--lora.targets', 'nope'), None,
      "'nope'"),
     ('model path missing', None, _cli('--model.path', '{tmp}/nope'), None,
-     '{tmp}/nope: no such checkpoint'),
+     'model.path {tmp}/nope: no such file or directory'),
     ('checkpoints present without --resume',
      lambda t: (t / 'run' / 'checkpoints' / '4').mkdir(parents=True),
      _cli(), None, 'already holds checkpoints; pass --resume'),
