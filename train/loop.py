@@ -728,7 +728,25 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   if checkpoint.has_checkpoints(ckpt) and not cfg.resume:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
+  if cfg.export_adapter:
+    _check_export_dir(run_dir)
   return run_dir
+
+
+def _check_export_dir(run_dir: str) -> str:
+  """run_dir/adapter, refused if it is a link or resolves outside run_dir.
+
+  The export never follows a path out of the run folder: a planted
+  ``adapter -> elsewhere`` link would otherwise be written through.
+  """
+  out = os.path.join(run_dir, 'adapter')
+  root = os.path.realpath(run_dir)
+  if os.path.islink(out) or (
+      os.path.lexists(out) and (not os.path.isdir(out) or os.path.dirname(
+          os.path.realpath(out)) != root)):
+    raise ConfigError(f'{out} is a link or not a folder inside run_dir; '
+                      'refusing to export the adapter through it.')
+  return out
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -899,7 +917,7 @@ def export_adapter(r: Run, state, run_dir: str) -> str | None:
   """Writes the trained adapter in Hugging Face PEFT format (process 0)."""
   from models import lora  # pylint: disable=g-import-not-at-top
   params = jax.tree.map(distributed.to_host, state['params'])
-  out = os.path.join(run_dir, 'adapter')
+  out = _check_export_dir(run_dir)
   if jax.process_index() != 0:
     return out
   lora.set_lora_params(r.model, int_keys(params))
