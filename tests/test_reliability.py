@@ -563,3 +563,98 @@ def test_bad_input_says_one_line_and_changes_nothing(row, tmp_path, capsys,
     assert message in text, text
   assert _snapshot(tmp_path) == before, text
   print(f'\n{row[0]}: {text}')
+
+
+# ---------------------------------------------------------------------------
+# Safety: no pickle on any load path; exports stay inside their folder.
+
+
+SOURCE_DIRS = ('lora_rite_optax', 'models', 'train', 'benchmarks')
+# Calls that can run code from a file's contents.
+UNSAFE = re.compile(
+    r'\bimport\s+(c?pickle|dill|cloudpickle|joblib|shelve|marshal)\b'
+    r'|\bfrom\s+(c?pickle|dill|cloudpickle|joblib|shelve|marshal)\s+import'
+    r'|allow_pickle\s*=\s*True|torch\.load\s*\(|pd\.read_pickle'
+    r'|yaml\.(unsafe_)?load\s*\(|(?<![.\w])(eval|exec)\s*\(')
+
+
+def test_no_load_path_uses_pickle_or_runs_code():
+  hits = []
+  for top in SOURCE_DIRS:
+    for path in sorted((ROOT / top).rglob('*.py')):
+      for no, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split('#', 1)[0]
+        if UNSAFE.search(code):
+          hits.append(f'{path.relative_to(ROOT)}:{no}: {line.strip()}')
+  assert not hits, '\n'.join(hits)
+
+
+class _Trap:
+  """Unpickling this creates ``marker``: proof that a loader ran code."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.mkdir, (self.marker,))
+
+
+def test_pickle_files_are_refused_without_being_run(tmp_path, gemma_dir):
+  import pickle  # pylint: disable=g-import-not-at-top  (dumping only)
+  import shutil  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  from models import lora  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / 'code-ran'
+  payload = pickle.dumps(_Trap(marker))
+  # A Hugging Face folder whose weights are a pickle only.
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  shutil.copy(gemma_dir / 'config.json', hf / 'config.json')
+  (hf / 'pytorch_model.bin').write_bytes(payload)
+  with pytest.raises(FileNotFoundError, match='no model.safetensors'):
+    gemma.from_pretrained(str(hf))
+  with pytest.raises(FileNotFoundError, match='pickle checkpoint'):
+    hf_io.load_tensors(hf)
+  # A pickle handed over as the model file itself.
+  with pytest.raises(ValueError, match='not a Hugging Face directory or a '
+                     'GGUF file'):
+    gemma.from_pretrained(str(hf / 'pytorch_model.bin'))
+  # A PEFT adapter saved as adapter_model.bin.
+  peft = tmp_path / 'peft'
+  peft.mkdir()
+  (peft / 'adapter_model.bin').write_bytes(payload)
+  hf_io.write_json(peft / 'adapter_config.json',
+                   {'peft_type': 'LORA', 'r': 4, 'lora_alpha': 8})
+  with pytest.raises(FileNotFoundError, match='pickle checkpoint'):
+    lora.load_peft_adapter(_PEFT_MODEL.setdefault('m', _lora_model()), peft)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize('name', ['../escape', '..', '/abs', 'a/b', 'a\\b'])
+def test_export_adapter_name_cannot_leave_the_folder(tmp_path, name):
+  out = tmp_path / 'out'
+  out.mkdir()
+  before = _snapshot(tmp_path)
+  with pytest.raises(ValueError, match='single plain file-name component'):
+    _export(out, adapter_name=name)
+  assert _snapshot(tmp_path) == before
+
+
+def test_export_is_not_written_through_a_planted_link(tmp_path, capsys):
+  """run_dir/adapter -> elsewhere: refused before training starts."""
+  from train import cli  # pylint: disable=g-import-not-at-top
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  os.symlink(outside, run_dir / 'adapter')
+  before = _snapshot(tmp_path)
+  code = cli.main(['--config', 'tiny', '--run_dir', str(run_dir)])
+  err = capsys.readouterr().err.strip()
+  assert code != 0 and len(err.splitlines()) == 1, err
+  assert 'refusing to export the adapter through it' in err, err
+  assert _snapshot(tmp_path) == before
+  # The export itself checks again (the link could appear mid-run).
+  with pytest.raises(ValueError, match='refusing to export'):
+    loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
