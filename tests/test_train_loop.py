@@ -248,3 +248,23 @@ def test_packed_mask_equals_padded_mask_on_single_segments():
   np.testing.assert_allclose(
       loop.target_logprobs(model, prepared, pack=True),
       loop.target_logprobs(model, prepared, pack=False), rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_choice_by_loglik_on_real_boolq_files(tmp_path):
+  """The log-likelihood path of the evaluator (BoolQ from ../shared/data)."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  folder = data.default_data_dir() / 'boolq'
+  if not (folder / 'test.json').is_file():
+    pytest.skip('no ../shared/data/boolq')
+  cfg = tiny(tmp_path / 'run', **{
+      'data.task': 'boolq', 'data.path': str(folder), 'data.seq_len': 64,
+      'eval.before': True, 'eval.num_examples': 6, 'eval.batch_size': 8})
+  r = loop.build(cfg)
+  evaluator = loop.Evaluator(r)
+  assert evaluator.method == 'loglik'
+  res = evaluator(r.state)
+  assert res['num_examples'] == 6 and 0.0 <= res['accuracy'] <= 1.0
+  # The score of a pair is the summed log-probability of its option tokens.
+  scores = evaluator._score_pairs(r.state, [([1, 5, 6], [7, 8]), ([1], [9])])
+  assert len(scores) == 2 and all(s < 0 for s in scores)
+  assert not (tmp_path / 'run').exists()  # build writes nothing
