@@ -785,9 +785,6 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   config_json = configs_lib.to_json(cfg)
-  if jax.process_index() == 0:
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-      f.write(config_json)
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   dataset = train_dataset(r)
@@ -796,10 +793,23 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   start_step = 0
   latest = ckpt.latest_step() if cfg.resume else None
   if latest is not None:
-    state, _ = ckpt.restore(latest, checkpoint.abstract_like(state),
-                            data_iter)
+    try:
+      state, _ = ckpt.restore(latest, checkpoint.abstract_like(state),
+                              data_iter)
+    except (ValueError, TypeError, KeyError) as e:
+      # A resume with another model, rank or optimizer than the run's: say
+      # so in one line, before config.json is overwritten.
+      first = (str(e).strip() or type(e).__name__).splitlines()[0]
+      raise ConfigError(
+          f'--resume: checkpoint {latest} in {ckpt.directory} does not fit '
+          f'this config ({first}); resume with the settings in '
+          f'{os.path.join(run_dir, "config.json")}.') from None
     start_step = int(distributed.to_host(state['step']))
     log(f'[train] resumed from step {start_step}')
+  # Written once the checkpoint (if any) is known to fit the config.
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      f.write(config_json)
 
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
   step_fn = _jitted_step(r)
