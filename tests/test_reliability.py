@@ -484,6 +484,10 @@ BAD_INPUTS = [
      "has rank 2 in lora_a (4, 2) but 3 in lora_b (3, 5)"),
     ('optimizer update without params', None, lambda t: _lro_update(),
      ValueError, 'update() needs params'),
+    ('run_dir/adapter is a link out of the run folder',
+     lambda t: ((t / 'outside').mkdir(), (t / 'run').mkdir(),
+                os.symlink(t / 'outside', t / 'run' / 'adapter')),
+     _cli(), None, 'refusing to export the adapter through it'),
 ]
 
 
@@ -658,3 +662,21 @@ def test_export_is_not_written_through_a_planted_link(tmp_path, capsys):
   # The export itself checks again (the link could appear mid-run).
   with pytest.raises(ValueError, match='refusing to export'):
     loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
+
+
+def test_resume_with_another_rank_says_so_and_changes_nothing(
+    reference, tmp_path, capsys):
+  """A checkpoint that does not fit the config is refused before config.json
+  (the run's record of its settings) is overwritten."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from train import cli  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'run'
+  shutil.copytree(reference['run_dir'], run_dir)
+  before = _snapshot(tmp_path)
+  time.sleep(0.01)
+  code = cli.main(_cli_args(run_dir) + ['--resume', '--lora.rank', '2'])
+  err = capsys.readouterr().err.strip()
+  assert code != 0 and len(err.splitlines()) == 1, err
+  assert f'error: --resume: checkpoint {STEPS} in ' in err, err
+  assert 'does not fit this config' in err and 'config.json' in err, err
+  assert _snapshot(tmp_path) == before
