@@ -34,6 +34,10 @@ import pytest
 from train import configs
 from train import loop
 
+# One xdist worker: the module's fixtures (an uninterrupted run, the built
+# tiny model, a saved Gemma) are then built once.
+pytestmark = pytest.mark.xdist_group('reliability')
+
 ROOT = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 STEPS = 12
