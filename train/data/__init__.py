@@ -33,3 +33,7 @@ from train.data.tokenize import Tokenizer
 from train.data.pipeline import iterator_from_state
 from train.data.pipeline import make_eval_dataset
 from train.data.pipeline import make_train_dataset
+from train.data.seq2seq import encoder_ids
+from train.data.seq2seq import make_seq2seq_train_dataset
+from train.data.seq2seq import seq2seq_features
+from train.data.seq2seq import tokenize_seq2seq

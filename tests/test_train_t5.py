@@ -1,0 +1,202 @@
+"""The training loop on encoder-decoder models (`tiny_t5`): it learns,
+checkpoints, resumes exactly, exports a PEFT adapter, evaluates by
+generation and by scoring; the mT5-XXL paper preset checks out abstractly;
+bad T5 options stop with one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from train import cli
+from train import configs
+from train import loop
+from train.data import Example
+from train.data import ByteTokenizer
+from train.data import seq2seq
+
+# One xdist worker: the uninterrupted run and the built model are made once.
+pytestmark = pytest.mark.xdist_group('train_t5')
+
+FAST = {'steps': 24, 'log_every': 1, 'checkpoint_every': 12,
+        'progress': False}
+
+
+def tiny_t5(run_dir, **changes):
+  return configs.replace(configs.get_config('tiny_t5'), run_dir=str(run_dir),
+                         **{**FAST, **changes})
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """One uninterrupted tiny_t5 run, evaluated at the end."""
+  run_dir = tmp_path_factory.mktemp('straight_t5') / 'run'
+  return loop.run(tiny_t5(run_dir, **{'eval.after': True}),
+                  log=lambda s: None)
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  return loop.build(tiny_t5(tmp_path_factory.mktemp('unused')))
+
+
+def test_tiny_t5_loss_falls_and_writes_outputs(straight):
+  losses = [h['loss'] for h in straight['history']]
+  assert len(losses) == FAST['steps']
+  assert all(np.isfinite(losses))
+  # ln(259) ~ 5.6 (a random model starts higher); the answer format (a
+  # space, digits, EOS) is learnt within a couple of dozen steps.
+  assert np.mean(losses[-3:]) < losses[0] - 2.0, losses
+  assert straight['checkpoints'] == [12, 24]
+  run_dir = straight['run_dir']
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    rows = list(csv.DictReader(f))
+  for key in ('loss', 'lr', 'grad_norm', 'update_ratio_a', 'update_ratio_b',
+              'tokens_per_s', 'target_tokens'):
+    assert key in rows[0], key
+  assert float(rows[-1]['update_ratio_b']) > 0
+  # Every target token is scored: 8 rows of ' <1-3 digits>' + EOS.
+  assert 8 * 2 <= float(rows[0]['target_tokens']) <= 8 * 5
+  adapter = os.path.join(run_dir, 'adapter')
+  cfg = json.load(open(os.path.join(adapter, 'adapter_config.json')))
+  assert cfg['task_type'] == 'SEQ_2_SEQ_LM' and cfg['r'] == 4
+  saved = configs.from_dict(json.load(open(os.path.join(run_dir,
+                                                        'config.json'))))
+  assert saved.model.family == 't5' and saved.data.target_len == 8
+
+
+def test_tiny_t5_evaluates_by_generation(straight):
+  res = straight['eval_after']
+  assert res['num_examples'] == 16
+  assert 0.0 <= res['accuracy'] <= 1.0
+
+
+def test_tiny_t5_resume_continues_exactly(straight, tmp_path):
+  run_dir = tmp_path / 'run'
+  first = loop.run(tiny_t5(run_dir), log=lambda s: None, stop_at=12)
+  assert first['steps'] == 12 and first['checkpoints'] == [12]
+  second = loop.run(tiny_t5(run_dir, resume=True), log=lambda s: None)
+  resumed = [h['loss'] for h in second['history']]
+  expected = [h['loss'] for h in straight['history']][12:]
+  assert resumed == expected
+
+
+def test_superni_style_generation_metrics(built):
+  r = built
+  r.eval_examples = [
+      Example(prompt=f'Definition: copy. Input: {w}\nOutput:', target=w,
+              task='superni') for w in ('cat', 'dog', 'red hat')]
+  ev = loop.Evaluator(r)
+  assert ev.method == 'generation'
+  res = ev(r.state)
+  assert set(res) >= {'exact_match', 'rougeL'}
+  assert 0.0 <= res['rougeL'] <= 100.0 and len(ev.last_generations) == 3
+
+
+def test_scoring_is_the_teacher_forced_loss(built):
+  """Evaluator scores (multiple choice by log-likelihood) = log p(option |
+  prompt) of the decoder, computed by hand from the full logits."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  r = built
+  ev = loop.Evaluator(r)
+  tok = r.tokenizer
+  pairs = [([tok.bos_id, 40, 41, 42], [50, 51]), ([tok.bos_id], [60])]
+  got = ev._score_pairs(r.state, pairs)  # pylint: disable=protected-access
+  model = nnx.merge(r.eval_graphdef, loop.int_keys(r.state['params']),
+                    r.rngs, r.base)
+  for (prompt, option), score in zip(pairs, got):
+    enc = np.array([prompt[1:] + [tok.eos_id]], np.int32)
+    dec = np.array([[0] + option[:-1]], np.int32)
+    logp = jax.nn.log_softmax(model(enc, dec), axis=-1)[0]
+    want = sum(float(logp[i, t]) for i, t in enumerate(option))
+    np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-5)
+
+
+def test_seq2seq_rows():
+  tok = ByteTokenizer()
+  row = seq2seq.tokenize_seq2seq(Example(prompt='abcdef', target='xy'), tok,
+                                 input_len=4, target_len=4)
+  b = lambda s: [c + 3 for c in s.encode()]
+  # Prompt cut from the left, EOS kept; decoder = start, targets shifted.
+  assert row['encoder_tokens'].tolist() == b('def') + [tok.eos_id]
+  assert row['targets'].tolist() == b('xy') + [tok.eos_id, 0]
+  assert row['decoder_tokens'].tolist() == [0] + b('xy') + [0]
+  assert row['weights'].tolist() == [1, 1, 1, 0]
+  assert int(row['dropped']) == 0
+  short = seq2seq.tokenize_seq2seq(Example(prompt='a', target='xyz'), tok,
+                                   input_len=4, target_len=2)
+  assert short['targets'].tolist() == b('xy') and int(short['dropped']) == 2
+  assert short['encoder_tokens'].tolist() == b('a') + [tok.eos_id, 0, 0]
+
+
+def test_paper_mt5xxl_superni_checks_out_abstractly():
+  """The preset validates and its adapters and optimizer state build on
+  mT5-XXL's shapes (nnx.eval_shape: no weight is allocated)."""
+  cfg = configs.get_config('paper_mt5xxl_superni')
+  assert (cfg.model.family, cfg.data.target_len, cfg.data.seq_len) == (
+      't5', 256, 1024)
+  doc = configs.PRESETS['paper_mt5xxl_superni'].__doc__
+  assert 'not publish' in doc and 'spiece.model' in doc
+  params, opt_state = loop.abstract_state(cfg)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  # 24 encoder blocks x (q k v o wi_0 wi_1 wo) + 24 decoder blocks x
+  # (self q k v o, cross q k v o, wi_0 wi_1 wo), an A and a B each.
+  assert len(leaves) == 2 * (24 * 7 + 24 * 11)
+  # r (in + out) per projection: attention 16 (4096 + 4096), FFN
+  # 16 (4096 + 10240); ~0.5% of the 13B base.
+  attn, ffn = 16 * (4096 + 4096), 16 * (4096 + 10240)
+  n = sum(int(np.prod(x.shape)) for _, x in leaves)
+  assert n == 24 * (4 * attn + 3 * ffn) + 24 * (8 * attn + 3 * ffn), n
+  assert all(16 in x.shape for _, x in leaves)
+  assert jax.tree.leaves(opt_state)
+
+
+@pytest.mark.parametrize('config, extra, message', [
+    ('tiny_t5', ['--data.target_len', '0'], 'data.target_len must be >= 1'),
+    ('tiny_t5', ['--data.pack'], 'data.pack is for decoder-only models'),
+    ('tiny_t5', ['--data.max_target_tokens', '4'],
+     'data.max_target_tokens 4 is for decoder-only'),
+    ('tiny', ['--data.target_len', '8'], 'data.target_len 8 is for '
+     'encoder-decoder models'),
+    ('tiny_t5', ['--model.family', 'bert'], "model.family must be one of"),
+])
+def test_bad_t5_options_one_line_nothing_written(tmp_path, capsys, config,
+                                                 extra, message):
+  run_dir = tmp_path / 'run'
+  code = cli.main(['--config', config, '--run_dir', str(run_dir)] + extra)
+  err = capsys.readouterr().err.strip()
+  assert code != 0
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+  assert not run_dir.exists()
+
+
+def test_t5_tokenizer_from_a_sentencepiece_folder(tmp_path):
+  """A Hugging Face T5 folder's spiece.model: pad 0, EOS 1, no BOS added."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  text = tmp_path / 'corpus.txt'
+  text.write_text('\n'.join(f'{a} plus {b} is {a + b}' for a in range(30)
+                            for b in range(10)))
+  spm.SentencePieceTrainer.train(
+      input=str(text), model_prefix=str(tmp_path / 'spiece'), vocab_size=40,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+  tok = loop.load_t5_tokenizer(configs.ModelConfig(family='t5'),
+                               str(tmp_path))
+  assert (tok.pad_id, tok.eos_id) == (0, 1)
+  ids = tok.encode('3 plus 4 is 7')
+  assert ids and 0 not in ids and 1 not in ids
+  model = loop.load_t5_model(configs.ModelConfig(family='t5', name='tiny'),
+                             '', 0, tok)
+  assert model.config.vocab_size == 40
+  with pytest.raises(loop.ConfigError, match='pad / EOS ids'):
+    from models import t5  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    other = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+    t5.save_pretrained(other, tmp_path / 'ckpt')  # pad 0, EOS 1 ...
+    loop.load_t5_model(configs.ModelConfig(family='t5'),
+                       str(tmp_path / 'ckpt'), 0, ByteTokenizer())  # ... EOS 2
