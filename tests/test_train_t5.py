@@ -109,11 +109,18 @@ def test_scoring_is_the_teacher_forced_loss(built):
   got = ev._score_pairs(r.state, pairs)  # pylint: disable=protected-access
   model = nnx.merge(r.eval_graphdef, loop.int_keys(r.state['params']),
                     r.rngs, r.base)
-  for (prompt, option), score in zip(pairs, got):
-    enc = np.array([prompt[1:] + [tok.eos_id]], np.int32)
-    dec = np.array([[0] + option[:-1]], np.int32)
-    logp = jax.nn.log_softmax(model(enc, dec), axis=-1)[0]
-    want = sum(float(logp[i, t]) for i, t in enumerate(option))
+  # One padded batch (encoder padding is masked, decoder padding comes
+  # after the scored positions), one compile.
+  enc = np.zeros((2, 4), np.int32)
+  dec = np.zeros((2, 2), np.int32)
+  for i, (prompt, option) in enumerate(pairs):
+    ids = prompt[1:] + [tok.eos_id]
+    enc[i, :len(ids)] = ids
+    dec[i, 1:len(option)] = option[:-1]
+  logp = np.asarray(jax.nn.log_softmax(
+      nnx.jit(lambda m, e, d: m(e, d))(model, enc, dec), axis=-1))
+  for i, ((_, option), score) in enumerate(zip(pairs, got)):
+    want = sum(float(logp[i, j, t]) for j, t in enumerate(option))
     np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-5)
 
 
