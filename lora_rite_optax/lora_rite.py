@@ -24,20 +24,26 @@ class ScaleByLoraRiteState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    mu: first moment ``M`` of every factor, in the factor's own layout (so it
-      shards like the params).
-    basis: ``U_t``, the orthonormal basis of every factor from its last QR, in
-      the factor's own layout; zero before the first step.
+    mu: the first moment ``M`` of every factor, kept as ``S = M R_O^{+T}``
+      (the factor's step before capping), in the factor's own layout (so it
+      shards like the params). ``M`` has no component along the partner's
+      null directions, so ``M = S (R_O^{+T})^+`` and it is never formed.
+    basis: ``X_{t-1}``, every factor as it was at the last update (float32 at
+      least), in the factor's own layout; zero before the first step. With
+      ``rinv`` it gives the last basis ``U_{t-1} = X_{t-1} R_{t-1}^+``.
     nu: per pair name, the ``r x r`` second moments ``V`` of both factors,
       shape ``(2, slices, r, r)`` (a then b).
     escaped: per pair name, the escaped mass ``rho`` of both factors, shape
       ``(2, slices)``.
+    rinv: per pair name, ``R_{t-1}^+`` of both factors at the last update,
+      shape ``(2, slices, r, r)``.
   """
   count: chex.Array
   mu: base.Updates
   basis: base.Updates
   nu: dict[str, chex.Array]
   escaped: dict[str, chex.Array]
+  rinv: dict[str, chex.Array]
 
 
 def _state_dtype(dtype) -> jnp.dtype:
@@ -150,15 +156,17 @@ def scale_by_lora_rite(
   Unmagnified gradients that are not finite, or whose RMS exceeds
   ``update_skipping``, are zeroed; all of them are clipped together to global
   norm ``clip_unmagnified_grad``. Everything is computed from Gram matrices
-  (``X^T X``, ``X^T U_{t-1}``, ``grad^T grad``) and ``r x r`` algebra, then
-  one pass of ``N x r`` by ``r x r`` products per factor: a factor sharded
-  along its long axis needs only ``r x r`` reductions, and the small algebra
-  of all pairs runs batched. The QR is ``R^+ = W diag(lambda^-1/2)`` from the
-  Gram's eigendecomposition, which squares the condition number (float32
-  keeps ``U`` orthonormal to about ``eps * cond(X)^2``); directions with
-  singular values below ``sqrt(r * eps)`` of the largest count as null
-  (pseudo-inverse), so an all-zero ``lora_b`` gives a zero update of
-  ``lora_a``, never NaN.
+  (``X^T X``, ``X^T X_{t-1}``, ``grad^T grad``) and ``r x r`` algebra, then
+  one pass of ``N x r`` by ``r x r`` products per factor,
+  ``S = grad K_1 + S_{t-1} K_2`` with :math:`S = M R_O^{+\top}` the step
+  (kept in the state in place of :math:`M`): five such products per factor
+  in all. A factor sharded along its long axis needs only ``r x r``
+  reductions, and the small algebra of all pairs runs batched. The QR is
+  ``R^+ = W diag(lambda^-1/2)`` from the Gram's eigendecomposition, which
+  squares the condition number (float32 keeps ``U`` orthonormal to about
+  ``eps * cond(X)^2``); directions with singular values below
+  ``sqrt(r * eps)`` of the largest count as null (pseudo-inverse), so an
+  all-zero ``lora_b`` gives a zero update of ``lora_a``, never NaN.
 
   Args:
     b1: decay of the first moment.
@@ -205,7 +213,7 @@ def scale_by_lora_rite(
                                       [zeros(l) for _, l in leaves])
     basis = jax.tree_util.tree_unflatten(paired.treedef,
                                          [zeros(l) for _, l in leaves])
-    nu, escaped = {}, {}
+    nu, escaped, rinv = {}, {}, {}
     for pair in paired.pairs:
       a = leaves[pair.a_index][1]
       slices, _, r = pairs_lib.matrix_shape(
@@ -213,14 +221,16 @@ def scale_by_lora_rite(
       dtype = _state_dtype(a.dtype)
       nu[pair.name] = jnp.zeros((2, slices, r, r), dtype)
       escaped[pair.name] = jnp.zeros((2, slices), dtype)
+      rinv[pair.name] = jnp.zeros((2, slices, r, r), dtype)
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
       # init with a placeholder): one empty array stands for the whole
       # per-pair dict, so that it is a prefix (a leaf) of any real state's
       # dict and tree_map_params hands that dict to transform_non_params.
-      nu = escaped = jnp.zeros((0,), jnp.float32)
+      nu = escaped = rinv = jnp.zeros((0,), jnp.float32)
     return ScaleByLoraRiteState(count=jnp.zeros([], jnp.int32), mu=mu,
-                                basis=basis, nu=nu, escaped=escaped)
+                                basis=basis, nu=nu, escaped=escaped,
+                                rinv=rinv)
 
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
@@ -238,84 +248,60 @@ def scale_by_lora_rite(
     mu_leaves = paired.treedef.flatten_up_to(state.mu)
     basis_leaves = paired.treedef.flatten_up_to(state.basis)
 
-    # Pairs whose factors have equal matrix views form a group, stacked along
-    # the slices axis: XLA then compiles and runs one set of ops per group
-    # instead of per pair (compile time grows with the op count, and small
-    # per-pair matmuls run poorly), at the cost of one copy in and out.
-    grouped: dict[tuple, list] = {}
+    # Pass 1 over the N x r data, factor by factor in its own layout (no
+    # copies into stacks): the Gram matrices everything else needs. Under
+    # SPMD these are the only cross-device reductions (r x r each).
+    factors = []  # per pair: (a, b), each a dict
     for pair in paired.pairs:
       lay = pair.layout
-      views = []
+      both = []
       for index, axis in ((pair.a_index, lay.a_rank_axis),
                           (pair.b_index, lay.b_rank_axis)):
         leaf = param_leaves[index]
-        views.append(_View.of(leaf.shape, axis, lay.batch_axes))
-      key = tuple((pairs_lib.matrix_shape(v.shape, v.rank_axis,
-                                          v.batch_axes)[1:], v.rank_first,
-                   _state_dtype(param_leaves[i].dtype))
-                  for v, i in zip(views, (pair.a_index, pair.b_index)))
-      grouped.setdefault(key, []).append((pair, views))
-
-    # Pass 1 over the N x r data: the Gram matrices everything else needs.
-    # Under SPMD these are the only cross-device reductions (r x r each).
-    factors = []  # per group: [(members, view, dtype, x, grad, mu, grams, n)]
-    for members in grouped.values():
-      both = []
-      for role in (0, 1):
-        indices = [(p.a_index, p.b_index)[role] for p, _ in members]
-        views = [v[role] for _, v in members]
-        dtype = _state_dtype(param_leaves[indices[0]].dtype)
-
-        def gather(leaves, indices=indices, views=views, dtype=dtype):
-          parts = [v.to(leaves[i], dtype) for i, v in zip(indices, views)]
-          return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-        view = views[0]
-        x = gather(param_leaves)
-        grad = gather(grad_leaves)
-        mu = gather(mu_leaves)
-        basis = gather(basis_leaves)
-        grams = {'xx': view.gram(x, x), 'xu': view.gram(x, basis),
+        view = _View.of(leaf.shape, axis, lay.batch_axes)
+        dtype = _state_dtype(leaf.dtype)
+        x = view.to(leaf, dtype)
+        grad = view.to(grad_leaves[index], dtype)
+        s_prev = view.to(mu_leaves[index], dtype)
+        grams = {'xx': view.gram(x, x),
+                 'xp': view.gram(x, view.to(basis_leaves[index], dtype)),
                  'gg': view.gram(grad, grad)}
         if not capping_off:
-          grams['gm'] = view.gram(grad, mu)
-          grams['mm'] = view.gram(mu, mu)
+          grams['gs'] = view.gram(grad, s_prev)
+          grams['ss'] = view.gram(s_prev, s_prev)
         n = pairs_lib.matrix_shape(view.shape, view.rank_axis,
                                    view.batch_axes)[1]
-        both.append((indices, views, dtype, x, grad, mu, grams, n))
-      factors.append((members, both))
+        both.append(dict(index=index, view=view, dtype=dtype, grad=grad,
+                         s_prev=s_prev, grams=grams, n=n))
+      factors.append(both)
 
-    # The r x r algebra of every group with the same rank and dtype runs as
+    # The r x r algebra of every pair with the same rank and dtype runs as
     # one batch: a few eighs in all instead of several per pair.
     batches: dict[tuple, list[int]] = {}
-    for i, (_, both) in enumerate(factors):
-      batches.setdefault((both[0][6]['xx'].shape[-1], both[0][2]),
-                         []).append(i)
+    for k, both in enumerate(factors):
+      batches.setdefault((both[0]['grams']['xx'].shape[-1], both[0]['dtype']),
+                         []).append(k)
     dtype = functools.reduce(jnp.promote_types, [k[1] for k in batches],
                              jnp.float32)
     count = state.count
     d1 = _decay(b1, count, dtype)
     d2 = _decay(b2, count, dtype)
 
-    def stack(groups, get):
-      """(2, slices of all groups, ...): a factors first, then b."""
+    def stack(ks, get):
+      """(2, slices of all pairs ks, ...): a factors first, then b."""
       return jnp.stack([
-          jnp.concatenate([get(factors[i][1][role], role, i) for i in groups])
-          for role in (0, 1)])
-
-    def per_pair(members, role, state_dict):
-      """A group's slices of a per-pair state dict, in member order."""
-      parts = [state_dict[p.name][role] for p, _ in members]
-      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+          jnp.concatenate([get(k, role) for k in ks]) for role in (0, 1)])
 
     # First the unmagnified-gradient norms of every batch: the clip is global.
     prepared = []
     total_sq = jnp.zeros([], dtype)
-    for (_, bdtype), groups in batches.items():
-      gram = {k: stack(groups, lambda f, role, i, k=k: f[6][k])
-              for k in factors[groups[0]][1][0][6]}
-      n_rows = stack(groups, lambda f, role, i: jnp.full(
-          f[6]['xx'].shape[:1], f[7], bdtype))
+    for (_, bdtype), ks in batches.items():
+      gram = {name: stack(ks, lambda k, role, name=name:
+                          factors[k][role]['grams'][name])
+              for name in factors[ks[0]][0]['grams']}
+      n_rows = stack(ks, lambda k, role: jnp.full(
+          factors[k][role]['grams']['xx'].shape[:1], factors[k][role]['n'],
+          bdtype))
       rinv = linalg.inverse_root(gram['xx'])
       rinv_o = rinv[::-1]  # partner's R^+
       finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
@@ -327,8 +313,8 @@ def scale_by_lora_rite(
       rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
       keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
       total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
-      prepared.append((groups, gram, n_rows, rinv, rinv_o, finite, clean,
-                       gtg, keep))
+      prepared.append((ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
+                       keep))
 
     clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
     norm = jnp.sqrt(total_sq)
@@ -340,16 +326,19 @@ def scale_by_lora_rite(
     new_basis = list(basis_leaves)
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
-    for (groups, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
+    new_rinv = dict(state.rinv)
+    for (ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
          keep) in prepared:
-      nu_prev = stack(groups, lambda f, role, i: per_pair(
-          factors[i][0], role, state.nu))
-      rho_prev = stack(groups, lambda f, role, i: per_pair(
-          factors[i][0], role, state.escaped))
+      per_pair = lambda state_dict: stack(
+          ks, lambda k, role: state_dict[paired.pairs[k].name][role])
+      nu_prev = per_pair(state.nu)
+      rho_prev = per_pair(state.escaped)
+      rinv_prev_o = per_pair(state.rinv)[::-1]
       scale = jnp.where(keep, clip_scale, 0.0)  # g = scale * grad R_O^+
       gtg = scale[..., None, None]**2 * gtg
-      # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T U_{O,t-1}.
-      transport = _mm(_t(rinv_o), gram['xu'][::-1])
+      # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T X_{O,t-1} R_{O,t-1}^+.
+      xp_o = gram['xp'][::-1]
+      transport = _mm(_mm(_t(rinv_o), xp_o), rinv_prev_o)
       nu_moved = _sym(_mm(_mm(transport, nu_prev), _t(transport)))
       if escape_mass is False:
         rho = jnp.zeros_like(rho_prev)
@@ -365,60 +354,58 @@ def scale_by_lora_rite(
       inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
                         jnp.asarray(eps).astype(nu.dtype))
       precond = _mm(q * inv_root[..., None, :], _t(q))
-      # M = grad K1 + M_prev K2, and the step is M R_O^+T / shrink.
+      # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
+      # is what the state keeps. M_prev has no component along the null
+      # directions of R_{O,t-1}^+ = W D, so M_prev = S_prev W D^+, and W D^+
+      # is R_{O,t-1}^+ with each column divided by its squared norm.
+      col_sq = jnp.sum(rinv_prev_o**2, axis=-2)  # lambda^-1 where kept
+      inv_col = jnp.where(col_sq > 0, 1.0 / jnp.where(col_sq > 0, col_sq,
+                                                     1.0), 0.0)
+      unstep = rinv_prev_o * inv_col[..., None, :]  # S_prev -> M_prev
       k1 = (1 - d1) * scale[..., None, None] * _mm(rinv_o, precond)
-      k2 = d1 * _t(transport)
-      k3 = _t(rinv_o)
+      k2 = d1 * _mm(unstep, _t(transport))
+      ka = _mm(k1, _t(rinv_o))
+      kb = _mm(k2, _t(rinv_o))
+      shrink = None
       if not capping_off:
         # ||M||^2 from the Grams: no extra pass over M.
         sq = (_trace(_mm(_mm(_t(k1), clean(gram['gg'])), k1)) +
-              2 * _trace(_mm(_mm(_t(k1), clean(gram['gm'])), k2)) +
-              _trace(_mm(_mm(_t(k2), gram['mm']), k2)))
+              2 * _trace(_mm(_mm(_t(k1), clean(gram['gs'])), k2)) +
+              _trace(_mm(_mm(_t(k2), gram['ss']), k2)))
         rms_m = jnp.sqrt(jnp.maximum(sq, 0.0) / (n_rows * k1.shape[-1]))
         cap = jnp.asarray(update_capping).astype(dtype)
         shrink = jnp.where(cap > 0, jnp.maximum(
             1.0, rms_m / jnp.where(cap > 0, cap, 1.0)), 1.0)
-        k3 = k3 / shrink[..., None, None]
 
-      # Pass 2 over the N x r data, per group, then back to each pair.
+      # Pass 2 over the N x r data, factor by factor.
       start = 0
-      for i in groups:
-        members, both = factors[i]
-        slices = both[0][6]['xx'].shape[0]
+      for k in ks:
+        pair = paired.pairs[k]
+        slices = factors[k][0]['grams']['xx'].shape[0]
         part = slice(start, start + slices)
         start += slices
         for role in (0, 1):
-          indices, views, fdtype, x, grad, mu, _, _ = both[role]
-          view = views[0]
-          fresh = view.times(grad, k1[role, part])
+          f = factors[k][role]
+          view, index = f['view'], f['index']
+          fresh = view.times(f['grad'], ka[role, part])
           fresh = jnp.where(finite[role, part][:, None, None], fresh, 0.0)
-          m = fresh + view.times(mu, k2[role, part])
-          step = view.times(m, k3[role, part])
-          u = view.times(x, rinv[role, part])
-          offset = 0
-          for index, v in zip(indices, views):
-            n_slices = pairs_lib.matrix_shape(v.shape, v.rank_axis,
-                                              v.batch_axes)[0]
-            own = slice(offset, offset + n_slices)
-            offset += n_slices
-            out_leaves[index] = v.back(step[own], param_leaves[index].dtype)
-            new_mu[index] = v.back(m[own], fdtype)
-            new_basis[index] = v.back(u[own], fdtype)
-        offset = 0
-        for pair, (va, _) in members:
-          n_slices = pairs_lib.matrix_shape(va.shape, va.rank_axis,
-                                            va.batch_axes)[0]
-          own = slice(start - slices + offset,
-                      start - slices + offset + n_slices)
-          offset += n_slices
-          new_nu[pair.name] = nu[:, own]
-          new_escaped[pair.name] = rho[:, own]
+          s_new = fresh + view.times(f['s_prev'], kb[role, part])
+          step = s_new
+          if shrink is not None:
+            step = s_new / shrink[role, part][:, None, None]
+          out_leaves[index] = view.back(step, param_leaves[index].dtype)
+          new_mu[index] = view.back(s_new, f['dtype'])
+          new_basis[index] = param_leaves[index].astype(f['dtype'])
+        new_nu[pair.name] = nu[:, part]
+        new_escaped[pair.name] = rho[:, part]
+        new_rinv[pair.name] = rinv[:, part]
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(
         paired.treedef, leaves)
     new_state = ScaleByLoraRiteState(
         count=optax.safe_increment(count), mu=unflatten(new_mu),
-        basis=unflatten(new_basis), nu=new_nu, escaped=new_escaped)
+        basis=unflatten(new_basis), nu=new_nu, escaped=new_escaped,
+        rinv=new_rinv)
     return unflatten(out_leaves), new_state
 
   return base.GradientTransformation(init_fn, update_fn)
