@@ -743,6 +743,20 @@ class Evaluator:
       out.extend(distributed.to_host(scores).tolist())
     return out[:n]
 
+  def target_loss(self, state) -> float:
+    """Mean negative log-likelihood per token of the gold targets (+EOS).
+
+    Accuracy of a few hundred greedy generations moves in coarse steps and
+    only once the answers are exactly right; this moves with every step of
+    learning, so evaluations report both.
+    """
+    from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
+    pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer,
+                         self.r.config.data.seq_len) for e in self.examples]
+    scores = self._score_pairs(state, pairs)
+    return float(np.mean([-s / max(1, len(p[1]))
+                          for s, p in zip(scores, pairs)]))
+
   def _generate(self, state, prompts_ids: list[list[int]]) -> list[str]:
     return self.r.family.generate(self, state, prompts_ids)
 
@@ -775,6 +789,7 @@ class Evaluator:
         m = evaluate.superni_evaluate(self.examples, texts)
         out = {'exact_match': m['exact_match'], 'rougeL': m['rougeL']}
       self.last_generations = texts
+      out['target_loss'] = self.target_loss(state)
     out['seconds'] = time.perf_counter() - t0
     out['num_examples'] = float(len(self.examples))
     return out
