@@ -97,7 +97,8 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   monkeypatch.setitem(rp.BUDGETS, 'unit', budget)
   out = str(tmp_path)
   args = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'lora_rite',
-          'adam', '--out', out, '--resume']
+          'adam', '--out', out, '--resume',
+          '--compile_cache', str(tmp_path / 'jax-cache')]
   rp.main(args)
   files = sorted(os.listdir(os.path.join(out, 'runs', 'unit', 'arithmetic')))
   assert files == ['adam_lr0.001_seed0.json', 'lora_rite_lr0.001_seed0.json']
