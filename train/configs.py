@@ -387,8 +387,8 @@ def demo() -> Config:
   What to expect (docs/results/README.md has the measured numbers): the
   gold answers' loss per token falls from about 2.7 to about 1.0 and exact
   accuracy goes from 0% to a few %: 40 steps teach the answer format and
-  the common answers, not arithmetic. Adam reaches about 19% in the same
-  budget; the warmup matters for LoRA-RITE, whose first steps with
+  the common answers, not arithmetic. Adam averaged 16% in the same
+  budget (three seeds); the warmup matters for LoRA-RITE, whose first steps with
   ``lora_b = 0`` move both factors by more than their own norms.
   """
   return Config(
