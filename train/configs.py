@@ -388,8 +388,9 @@ def demo() -> Config:
   gold answers' loss per token falls from about 2.7 to about 1.0 and exact
   accuracy goes from 0% to a few %: 40 steps teach the answer format and
   the common answers, not arithmetic. Adam averaged 16% in the same
-  budget (three seeds); the warmup matters for LoRA-RITE, whose first steps with
-  ``lora_b = 0`` move both factors by more than their own norms.
+  budget (three seeds). The warmup matters for LoRA-RITE, whose first
+  steps with ``lora_b = 0`` move both factors by more than their own
+  norms.
   """
   return Config(
       name='demo',
