@@ -284,19 +284,10 @@ def train_one(cfg: configs.Config, train_examples, log) -> tuple:
   return r, state, history
 
 
-def target_losses(ev: loop.Evaluator, state, examples, seq_len: int
-                  ) -> list[float]:
-  """Per item: mean negative log-likelihood per target token (with EOS)."""
-  pairs = [encode_pair(e.prompt, e.target, ev.r.tokenizer, seq_len)
-           for e in examples]
-  scores = ev._score_pairs(state, pairs)  # pylint: disable=protected-access
-  return [-s / max(1, len(p[1])) for s, p in zip(scores, pairs)]
-
-
 def evaluate_run(r, state, task: str, tb: TaskBudget, val, tests) -> dict:
   """Validation loss and per-item test results of the final adapters."""
   ev = loop.Evaluator(r)
-  out = {'val_loss': target_losses(ev, state, val, tb.seq_len), 'tests': {}}
+  out = {'val_loss': ev.target_losses(state, val), 'tests': {}}
   for name, examples in tests.items():
     res: dict[str, Any] = {}
     if task in MC_TASKS:
@@ -326,7 +317,7 @@ def evaluate_run(r, state, task: str, tb: TaskBudget, val, tests) -> dict:
                  prediction=[None if p is None else str(p)
                              for p in em.predictions],
                  generation=texts,
-                 loss=target_losses(ev, state, examples, tb.seq_len))
+                 loss=ev.target_losses(state, examples))
     out['tests'][name] = res
   return out
 

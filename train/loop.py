@@ -377,7 +377,9 @@ def resolve_model_path(path: str) -> str:
   return path
 
 
-def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
+def _tokenizer_spec(cfg: configs_lib.ModelConfig, model_path: str):
+  """model.tokenizer, else the model path: a ByteTokenizer for 'byte', the
+  spec string otherwise (both families read it the same way)."""
   from train import data  # pylint: disable=g-import-not-at-top
   spec = cfg.tokenizer or model_path
   if spec == 'byte':
@@ -385,6 +387,13 @@ def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
   if not spec:
     raise ConfigError('model.tokenizer is empty and model.path is empty; use '
                       "--model.tokenizer byte or a tokenizer file.")
+  return spec
+
+
+def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
+  spec = _tokenizer_spec(cfg, model_path)
+  if not isinstance(spec, str):
+    return spec
   from models.gemma.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(spec)
 
@@ -418,13 +427,9 @@ def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
   """T5 family: 'byte', a SentencePiece model file, or a folder holding
   spiece.model (the Hugging Face T5 / mT5 layout). No BOS is added (T5 has
   none); the data pipeline appends EOS."""
-  from train import data  # pylint: disable=g-import-not-at-top
-  spec = cfg.tokenizer or model_path
-  if spec == 'byte':
-    return data.ByteTokenizer()
-  if not spec:
-    raise ConfigError('model.tokenizer is empty and model.path is empty; use '
-                      "--model.tokenizer byte or a tokenizer file.")
+  spec = _tokenizer_spec(cfg, model_path)
+  if not isinstance(spec, str):
+    return spec
   from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   path = spec
   if os.path.isdir(spec):
@@ -743,19 +748,23 @@ class Evaluator:
       out.extend(distributed.to_host(scores).tolist())
     return out[:n]
 
+  def target_losses(self, state, examples) -> list[float]:
+    """Per example: negative log-likelihood per token of its gold target
+    (+EOS), the prompt cut to ``data.seq_len`` as in training."""
+    from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
+    pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer,
+                         self.r.config.data.seq_len) for e in examples]
+    scores = self._score_pairs(state, pairs)
+    return [-s / max(1, len(p[1])) for s, p in zip(scores, pairs)]
+
   def target_loss(self, state) -> float:
-    """Mean negative log-likelihood per token of the gold targets (+EOS).
+    """Mean of `target_losses` over the evaluation examples.
 
     Accuracy of a few hundred greedy generations moves in coarse steps and
     only once the answers are exactly right; this moves with every step of
     learning, so evaluations report both.
     """
-    from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
-    pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer,
-                         self.r.config.data.seq_len) for e in self.examples]
-    scores = self._score_pairs(state, pairs)
-    return float(np.mean([-s / max(1, len(p[1]))
-                          for s, p in zip(scores, pairs)]))
+    return float(np.mean(self.target_losses(state, self.examples)))
 
   def _generate(self, state, prompts_ids: list[list[int]]) -> list[str]:
     return self.r.family.generate(self, state, prompts_ids)
