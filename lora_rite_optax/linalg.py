@@ -1,15 +1,61 @@
-"""The QR of a tall factor from its Gram matrix, so that it shards well.
+"""Small dense linear algebra shared by the optimizers.
 
-A factor ``X`` is ``N x r`` with ``N`` large and possibly sharded across
+The QR of a tall factor from its Gram matrix, so that it shards well: a
+factor ``X`` is ``N x r`` with ``N`` large and possibly sharded across
 devices. A Householder QR would gather it onto one device; its Gram matrix
 ``X^T X = R^T R`` is an all-reduce of ``r x r`` blocks, and any ``R`` with
 that Gram serves LoRA-RITE (its update is invariant to rotating the basis).
+
+And :func:`one_at_a_time`, which keeps batched LAPACK calls from running
+concurrently on XLA:CPU, where that can deadlock.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+
+
+def one_at_a_time(fn: Callable[[Any], Any], inputs: Sequence[Any]) -> list:
+  """``[fn(x) for x in inputs]``, each call made to wait for the one before.
+
+  On XLA:CPU (jaxlib 0.10) a batched ``eigh``/``svd``/``solve`` splits its
+  batch over the intra-op thread pool and blocks a pool thread until the
+  pieces are done. Two such calls scheduled at once can each take one of the
+  pool's threads (a 2-core host has two) and wait forever for pieces that no
+  free thread will run: the step hangs at 0% CPU. Here each input gets an
+  exact zero computed from one element of the previous output, a data
+  dependency that XLA keeps (an ``optimization_barrier`` is dropped before
+  scheduling), so at most one call runs at a time. On GPU and TPU it only
+  fixes an order the compiler was free to choose.
+
+  Args:
+    fn: the computation, e.g. a batched ``jnp.linalg.eigh``.
+    inputs: its arguments, one pytree of floating arrays per call.
+
+  Returns:
+    The outputs, in the order of ``inputs``.
+  """
+  outputs = []
+  for x in inputs:
+    outputs.append(fn(after(x, outputs[-1]) if outputs else x))
+  return outputs
+
+
+def after(x: Any, previous: Any) -> Any:
+  """``x`` unchanged, but computed only once ``previous`` is.
+
+  Adds an exact zero made from one element of ``previous`` (non-finite
+  values count as zero), so the dependency survives XLA's simplifier; see
+  :func:`one_at_a_time`.
+  """
+  leaf = jax.tree.leaves(previous)[0]
+  # An index, not a ravel: a reshape of a sharded array can gather it.
+  first = leaf[(0,) * leaf.ndim].astype(jnp.float32)
+  zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
+  return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
 
 
 def inverse_root(g: jax.Array) -> jax.Array:

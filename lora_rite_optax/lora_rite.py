@@ -302,7 +302,11 @@ def scale_by_lora_rite(
       n_rows = stack(ks, lambda k, role: jnp.full(
           factors[k][role]['grams']['xx'].shape[:1], factors[k][role]['n'],
           bdtype))
-      rinv = linalg.inverse_root(gram['xx'])
+      # Batches wait for each other: concurrent batched eighs can deadlock
+      # XLA:CPU (linalg.one_at_a_time).
+      rinv = linalg.inverse_root(
+          linalg.after(gram['xx'], prepared[-1][3]) if prepared
+          else gram['xx'])
       rinv_o = rinv[::-1]  # partner's R^+
       finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
       clean = lambda g, finite=finite: jnp.where(finite[..., None, None], g,
@@ -327,6 +331,7 @@ def scale_by_lora_rite(
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
     new_rinv = dict(state.rinv)
+    last_q = prepared[-1][3] if prepared else None  # after every R^+
     for (ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
          keep) in prepared:
       per_pair = lambda state_dict: stack(
@@ -343,14 +348,19 @@ def scale_by_lora_rite(
       if escape_mass is False:
         rho = jnp.zeros_like(rho_prev)
       else:
-        lam_old = jnp.linalg.eigvalsh(nu_prev)
-        lam_new = jnp.linalg.eigvalsh(nu_moved)
+        # One eigvalsh call for both (concurrent calls can deadlock XLA:CPU).
+        both = jnp.concatenate([nu_prev, nu_moved])
+        lam_old, lam_new = jnp.split(jnp.linalg.eigvalsh(
+            linalg.after(both, last_q) if last_q is not None else both), 2)
+        last_q = lam_old
         lost = jnp.minimum(
             jnp.maximum(0.0, jnp.max(lam_old - lam_new, axis=-1)),
             jnp.maximum(0.0, _trace(nu_prev) - _trace(nu_moved)))
         rho = jnp.where(escape_mass, d2 * (lost + rho_prev), 0.0)
       nu = _sym((1 - d2) * gtg / n_rows[..., None, None] + d2 * nu_moved)
-      lam, q = jnp.linalg.eigh(nu)
+      lam, q = jnp.linalg.eigh(linalg.after(nu, last_q) if last_q is not None
+                               else nu)
+      last_q = q
       inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
                         jnp.asarray(eps).astype(nu.dtype))
       precond = _mm(q * inv_root[..., None, :], _t(q))

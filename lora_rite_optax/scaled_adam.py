@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
 
 __all__ = ['scale_by_riemannian_precond', 'scale_by_adam_authors',
@@ -85,6 +86,7 @@ def scale_by_riemannian_precond(
     grads, treedef = pairs_lib.flatten(updates)
     values, _ = pairs_lib.flatten(params)
     out = [leaf for _, leaf in grads]
+    last = None
     for pair in paired.pairs:
       lay = pair.layout
       ga, gb = grads[pair.a_index][1], grads[pair.b_index][1]
@@ -93,8 +95,15 @@ def scale_by_riemannian_precond(
                                                  lay.batch_axes)
       xa = view(values[pair.a_index][1], lay.a_rank_axis)
       xb = view(values[pair.b_index][1], lay.b_rank_axis)
-      new_a = _precondition(view(ga, lay.a_rank_axis), xb, delta)
-      new_b = _precondition(view(gb, lay.b_rank_axis), xa, delta)
+      # Each solve waits for the one before: concurrent batched solves can
+      # deadlock XLA:CPU (linalg.one_at_a_time).
+      grad_a = view(ga, lay.a_rank_axis)
+      if last is not None:
+        grad_a = linalg.after(grad_a, last)
+      new_a = _precondition(grad_a, xb, delta)
+      new_b = _precondition(linalg.after(view(gb, lay.b_rank_axis), new_a),
+                            xa, delta)
+      last = new_b
       out[pair.a_index] = pairs_lib.from_matrix(
           new_a, ga.shape, lay.a_rank_axis, lay.batch_axes).astype(ga.dtype)
       out[pair.b_index] = pairs_lib.from_matrix(

@@ -8,8 +8,10 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
 
 __all__ = ['shampoo', 'scale_by_shampoo', 'ShampooState', 'BlockStats']
@@ -244,10 +246,25 @@ def scale_by_shampoo(
 
     # Inverse roots, recomputed every `precondition_every` steps.
     def recompute(stats):
-      return tuple(
-          None if s is None else BlockStats(_inverse_root(s.left, matrix_eps),
-                                            _inverse_root(s.right, matrix_eps))
-          for s in stats)
+      # All statistics of one size go through one batched eigh, and the
+      # sizes one after another: concurrent batched eighs can deadlock
+      # XLA:CPU's thread pool (see linalg.one_at_a_time).
+      mats = [m for s in stats if s is not None for m in (s.left, s.right)]
+      groups: dict[tuple, list[int]] = {}
+      for i, m in enumerate(mats):
+        groups.setdefault((m.shape[-1], m.dtype), []).append(i)
+      stacked = [jnp.concatenate([mats[i] for i in ids])
+                 for ids in groups.values()]
+      rooted = linalg.one_at_a_time(
+          lambda m: _inverse_root(m, matrix_eps), stacked)
+      roots = [None] * len(mats)
+      for ids, out in zip(groups.values(), rooted):
+        offsets = np.cumsum([mats[i].shape[0] for i in ids])[:-1]
+        for i, part in zip(ids, jnp.split(out, offsets)):
+          roots[i] = part
+      it = iter(roots)
+      return tuple(None if s is None else BlockStats(next(it), next(it))
+                   for s in stats)
     new_stats = tuple(new_stats)
     roots = jax.lax.cond(state.count % precondition_every == 0, recompute,
                          lambda _: state.roots, new_stats)
