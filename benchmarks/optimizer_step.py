@@ -15,10 +15,16 @@ The last line is `lora_rite/adam step-time ratio: X.XX`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import jax
+# jaxlib's CPU eigh/solve already spread a batch over XLA's threads;
+# OpenBLAS's own threads on top oversubscribe the cores (a rank-64
+# LoRA-RITE step ran 5x slower). Must be set before LAPACK loads.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
