@@ -19,11 +19,17 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _precondition(grad, partner, delta):
-  """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r)."""
+def _precondition(grad, partner, delta, wait_for=None):
+  """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r).
+
+  With ``wait_for``, the solve starts only once that is computed: concurrent
+  batched solves can deadlock XLA:CPU (``linalg.one_at_a_time``).
+  """
   r = grad.shape[-1]
   gram = jnp.einsum('smr,smq->srq', partner, partner)
   gram = gram + delta * jnp.eye(r, dtype=gram.dtype)
+  if wait_for is not None:
+    gram = linalg.after(gram, wait_for)
   # gram is symmetric, so g @ gram^-1 = (gram^-1 g^T)^T.
   scaled = jnp.swapaxes(
       jnp.linalg.solve(gram, jnp.swapaxes(grad, -1, -2)), -1, -2)
@@ -95,14 +101,9 @@ def scale_by_riemannian_precond(
                                                  lay.batch_axes)
       xa = view(values[pair.a_index][1], lay.a_rank_axis)
       xb = view(values[pair.b_index][1], lay.b_rank_axis)
-      # Each solve waits for the one before: concurrent batched solves can
-      # deadlock XLA:CPU (linalg.one_at_a_time).
-      grad_a = view(ga, lay.a_rank_axis)
-      if last is not None:
-        grad_a = linalg.after(grad_a, last)
-      new_a = _precondition(grad_a, xb, delta)
-      new_b = _precondition(linalg.after(view(gb, lay.b_rank_axis), new_a),
-                            xa, delta)
+      # Each solve waits for the one before.
+      new_a = _precondition(view(ga, lay.a_rank_axis), xb, delta, last)
+      new_b = _precondition(view(gb, lay.b_rank_axis), xa, delta, new_a)
       last = new_b
       out[pair.a_index] = pairs_lib.from_matrix(
           new_a, ga.shape, lay.a_rank_axis, lay.batch_axes).astype(ga.dtype)
