@@ -379,7 +379,7 @@ def demo() -> Config:
   --budget small`` (rank 16 on all seven projections, 40 steps of 8, 10
   warmup steps then linear decay, learning rate 5e-5 chosen there by
   validation loss from {5e-5, 2e-4, 1e-3}), plus greedy-generation
-  evaluation of 100 held-out problems before and after. About ten minutes
+  evaluation of 100 held-out problems before and after. About six minutes
   on a 2-core CPU including loading and compiling; the loss unembeds at
   most 5 positions per row (the answer and EOS), which keeps the
   262k-entry vocabulary affordable.
