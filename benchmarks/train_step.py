@@ -23,10 +23,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# jaxlib's CPU eigh/solve already spread a batch over XLA's threads;
-# OpenBLAS's own threads on top oversubscribe the cores (a rank-64
-# LoRA-RITE step ran 5x slower). Must be set before LAPACK loads.
-os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+# Sets OPENBLAS_NUM_THREADS=1 before jax loads LAPACK (see train/__init__.py).
+import train  # pylint: disable=unused-import,g-import-not-at-top
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -64,7 +64,7 @@ def test_batched_lapack_updates_finish():
   assert 'finished' in proc.stdout
 
 
-def test_one_at_a_time_orders_calls_and_keeps_values():
+def test_one_at_a_time_keeps_values():
   xs = [jnp.full((3, 4, 4), v) + jnp.eye(4) for v in (1.0, 2.0, 3.0)]
   eigh = lambda m: jnp.linalg.eigh(m)[0]
   fn = jax.jit(lambda xs: linalg.one_at_a_time(eigh, xs))
