@@ -113,3 +113,31 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   rp.main(args)  # --resume: nothing retrained.
   assert os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
                                        files[0])) == mtime
+
+
+def test_loss_only_test_sets(rp, tmp_path):
+  """A generation task scored by loss only (math at `small`): no accuracy,
+  no McNemar, but the paired loss comparison and the report still work."""
+  out = str(tmp_path)
+  for opt, loss in (('lora_rite', 0.5), ('adam', 0.6)):
+    for seed in (0, 1):
+      run = _fake_run('math', opt, 1e-3, seed, [0] * 6,
+                      list(loss + np.linspace(0, 0.05, 6)), loss)
+      del run['tests']['math']['correct'], run['tests']['math']['prediction']
+      rp.write_atomic(rp.run_path(out, 'smoke', 'math', opt, 1e-3, seed), run)
+  budget = dataclasses.replace(rp.BUDGETS['smoke'], lrs=(1e-3,))
+  s = rp.summarize(rp.load_results(out, 'smoke'), 'smoke', budget)
+  row = s['tasks']['math']['tests']['math']['adam']
+  assert 'accuracy' not in row and 'mcnemar_p' not in row['vs_lora_rite']
+  assert row['vs_lora_rite']['loss_diff'] == pytest.approx(0.1)
+  assert row['vs_lora_rite']['items_rite_lower_loss'] == 6
+  md = rp.markdown(s, budget, 'cmd')
+  assert '| adam | 6 x 2 | - (loss only) | - | 0.6250' in md
+  assert 'Mean accuracy' not in md
+
+
+def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
+  tb = rp.BUDGETS['small'].tasks['math']
+  cfg = rp.make_config(rp.BUDGETS['small'], 'math', 'adam', 1e-3, 0, 'tiny')
+  assert tb.gen_tokens == 0 and cfg.batch_size == tb.batch_size == 4
+  assert cfg.data.max_target_tokens == 96 and cfg.data.seq_len == 160
