@@ -31,12 +31,19 @@ class ScaleByLoraRiteState(NamedTuple):
     basis: ``X_{t-1}``, every factor as it was at the last update (float32 at
       least), in the factor's own layout; zero before the first step. With
       ``rinv`` it gives the last basis ``U_{t-1} = X_{t-1} R_{t-1}^+``.
-    nu: per pair name, the ``r x r`` second moments ``V`` of both factors,
-      shape ``(2, slices, r, r)`` (a then b).
-    escaped: per pair name, the escaped mass ``rho`` of both factors, shape
-      ``(2, slices)``.
-    rinv: per pair name, ``R_{t-1}^+`` of both factors at the last update,
-      shape ``(2, slices, r, r)``.
+    nu: per group of pairs with the same rank and dtype (keys such as
+      ``'rank16_float32'``, see :func:`pair_groups`), the ``r x r`` second
+      moments ``V`` of both factors of every pair in it, shape
+      ``(2, slices, r, r)`` (a then b; the group's pairs in tree order, each
+      with its slices).
+    escaped: per group, the escaped mass ``rho``, shape ``(2, slices)``.
+    rinv: per group, ``R_{t-1}^+`` of both factors at the last update, shape
+      ``(2, slices, r, r)``.
+
+  The ``r x r`` statistics are kept per group, not per pair, because they
+  are computed batched: a per-pair layout would cut the batch into one small
+  output per pair, each its own compiled kernel (on XLA:CPU that tripled the
+  compile time of a 196-pair tree).
   """
   count: chex.Array
   mu: base.Updates
@@ -56,6 +63,28 @@ def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   beta = jnp.asarray(beta).astype(dtype)
   t = count.astype(dtype)
   return beta * (1 - beta**t) / (1 - beta**(t + 1))
+
+
+def pair_groups(paired: pairs_lib.PairedTree, leaves: list
+                ) -> dict[str, list[tuple[int, int]]]:
+  """The pairs whose ``r x r`` algebra runs as one batch.
+
+  Args:
+    paired: the pairs of a tree (:func:`lora_rite_optax.find_lora_pairs`).
+    leaves: that tree's leaves (arrays or shape-dtype structs), in order.
+
+  Returns:
+    ``{'rank{r}_{dtype}': [(pair index, slices), ...]}``, pairs in tree order;
+    the keys of :class:`ScaleByLoraRiteState`'s ``nu``, ``escaped``, ``rinv``.
+  """
+  groups: dict[str, list[tuple[int, int]]] = {}
+  for k, pair in enumerate(paired.pairs):
+    a = leaves[pair.a_index]
+    slices, _, r = pairs_lib.matrix_shape(
+        a.shape, pair.layout.a_rank_axis, pair.layout.batch_axes)
+    key = f'rank{r}_{jnp.dtype(_state_dtype(a.dtype)).name}'
+    groups.setdefault(key, []).append((k, slices))
+  return groups
 
 
 def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -214,14 +243,16 @@ def scale_by_lora_rite(
     basis = jax.tree_util.tree_unflatten(paired.treedef,
                                          [zeros(l) for _, l in leaves])
     nu, escaped, rinv = {}, {}, {}
-    for pair in paired.pairs:
-      a = leaves[pair.a_index][1]
-      slices, _, r = pairs_lib.matrix_shape(
-          a.shape, pair.layout.a_rank_axis, pair.layout.batch_axes)
+    for key, members in pair_groups(paired, [l for _, l in leaves]).items():
+      first = paired.pairs[members[0][0]]
+      a = leaves[first.a_index][1]
+      r = pairs_lib.matrix_shape(a.shape, first.layout.a_rank_axis,
+                                 first.layout.batch_axes)[2]
+      slices = sum(n for _, n in members)
       dtype = _state_dtype(a.dtype)
-      nu[pair.name] = jnp.zeros((2, slices, r, r), dtype)
-      escaped[pair.name] = jnp.zeros((2, slices), dtype)
-      rinv[pair.name] = jnp.zeros((2, slices, r, r), dtype)
+      nu[key] = jnp.zeros((2, slices, r, r), dtype)
+      escaped[key] = jnp.zeros((2, slices), dtype)
+      rinv[key] = jnp.zeros((2, slices, r, r), dtype)
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
       # init with a placeholder): one empty array stands for the whole
@@ -245,8 +276,22 @@ def scale_by_lora_rite(
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_leaves = [l for _, l in pairs_lib.flatten(params)[0]]
     grad_leaves = paired.treedef.flatten_up_to(updates)
-    mu_leaves = paired.treedef.flatten_up_to(state.mu)
-    basis_leaves = paired.treedef.flatten_up_to(state.basis)
+    try:
+      mu_leaves = paired.treedef.flatten_up_to(state.mu)
+      basis_leaves = paired.treedef.flatten_up_to(state.basis)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          'scale_by_lora_rite: the state does not have the structure of the '
+          'params (it was made by init() for other params): '
+          f'{str(e).splitlines()[0]}') from None
+    for (path, leaf), m in zip(pairs_lib.flatten(params)[0], mu_leaves):
+      if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
+        continue
+      if tuple(getattr(m, 'shape', ())) != tuple(leaf.shape):
+        raise ValueError(
+            f"scale_by_lora_rite: the state's {'/'.join(path)} has shape "
+            f'{tuple(m.shape)} but the param has {tuple(leaf.shape)} (the '
+            'state was made by init() for other params).')
 
     # Pass 1 over the N x r data, factor by factor in its own layout (no
     # copies into stacks): the Gram matrices everything else needs. Under
@@ -277,12 +322,20 @@ def scale_by_lora_rite(
 
     # The r x r algebra of every pair with the same rank and dtype runs as
     # one batch: a few eighs in all instead of several per pair.
-    batches: dict[tuple, list[int]] = {}
-    for k, both in enumerate(factors):
-      batches.setdefault((both[0]['grams']['xx'].shape[-1], both[0]['dtype']),
-                         []).append(k)
-    dtype = functools.reduce(jnp.promote_types, [k[1] for k in batches],
-                             jnp.float32)
+    batches = {key: [k for k, _ in members] for key, members in
+               pair_groups(paired, param_leaves).items()}
+    for key, ks in batches.items():
+      want = (2, sum(factors[k][0]['grams']['xx'].shape[0] for k in ks))
+      got = getattr(state.nu, 'get', lambda _: None)(key)
+      if got is None or tuple(got.shape[:2]) != want:
+        raise ValueError(
+            f'scale_by_lora_rite: the state has no r x r statistics of shape '
+            f'{want} for pair group {key!r} (it has '
+            f'{ {k: tuple(v.shape) for k, v in dict(state.nu).items()} }; it '
+            'was made by init() for other params).')
+    dtype = functools.reduce(
+        jnp.promote_types, [factors[ks[0]][0]['dtype']
+                            for ks in batches.values()], jnp.float32)
     count = state.count
     d1 = _decay(b1, count, dtype)
     d2 = _decay(b2, count, dtype)
@@ -295,7 +348,8 @@ def scale_by_lora_rite(
     # First the unmagnified-gradient norms of every batch: the clip is global.
     prepared = []
     total_sq = jnp.zeros([], dtype)
-    for (_, bdtype), ks in batches.items():
+    for key, ks in batches.items():
+      bdtype = factors[ks[0]][0]['dtype']
       gram = {name: stack(ks, lambda k, role, name=name:
                           factors[k][role]['grams'][name])
               for name in factors[ks[0]][0]['grams']}
@@ -305,7 +359,7 @@ def scale_by_lora_rite(
       # Batches wait for each other: concurrent batched eighs can deadlock
       # XLA:CPU (linalg.one_at_a_time).
       rinv = linalg.inverse_root(
-          linalg.after(gram['xx'], prepared[-1][3]) if prepared
+          linalg.after(gram['xx'], prepared[-1][4]) if prepared
           else gram['xx'])
       rinv_o = rinv[::-1]  # partner's R^+
       finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
@@ -317,8 +371,8 @@ def scale_by_lora_rite(
       rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
       keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
       total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
-      prepared.append((ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
-                       keep))
+      prepared.append((key, ks, gram, n_rows, rinv, rinv_o, finite, clean,
+                       gtg, keep))
 
     clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
     norm = jnp.sqrt(total_sq)
@@ -331,14 +385,12 @@ def scale_by_lora_rite(
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
     new_rinv = dict(state.rinv)
-    last_q = prepared[-1][3] if prepared else None  # after every R^+
-    for (ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
+    last_q = prepared[-1][4] if prepared else None  # after every R^+
+    for (key, ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
          keep) in prepared:
-      per_pair = lambda state_dict: stack(
-          ks, lambda k, role: state_dict[paired.pairs[k].name][role])
-      nu_prev = per_pair(state.nu)
-      rho_prev = per_pair(state.escaped)
-      rinv_prev_o = per_pair(state.rinv)[::-1]
+      nu_prev = state.nu[key]
+      rho_prev = state.escaped[key]
+      rinv_prev_o = state.rinv[key][::-1]
       scale = jnp.where(keep, clip_scale, 0.0)  # g = scale * grad R_O^+
       gtg = scale[..., None, None]**2 * gtg
       # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T X_{O,t-1} R_{O,t-1}^+.
@@ -390,7 +442,6 @@ def scale_by_lora_rite(
       # Pass 2 over the N x r data, factor by factor.
       start = 0
       for k in ks:
-        pair = paired.pairs[k]
         slices = factors[k][0]['grams']['xx'].shape[0]
         part = slice(start, start + slices)
         start += slices
@@ -406,9 +457,7 @@ def scale_by_lora_rite(
           out_leaves[index] = view.back(step, param_leaves[index].dtype)
           new_mu[index] = view.back(s_new, f['dtype'])
           new_basis[index] = param_leaves[index].astype(f['dtype'])
-        new_nu[pair.name] = nu[:, part]
-        new_escaped[pair.name] = rho[:, part]
-        new_rinv[pair.name] = rinv[:, part]
+      new_nu[key], new_escaped[key], new_rinv[key] = nu, rho, rinv
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(
         paired.treedef, leaves)

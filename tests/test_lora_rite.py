@@ -397,6 +397,43 @@ def test_error_update_without_params():
     tx.update(params, tx.init(params))
 
 
+def test_r_by_r_state_is_one_batch_per_rank_and_dtype():
+  """Pairs of equal rank and dtype share one (2, slices, r, r) array, in tree
+  order, so the batched r x r algebra never has to be cut up per pair."""
+  params = {'k': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))},
+            'q': {'lora_a': jnp.ones((6, 2)), 'lora_b': jnp.ones((2, 3))},
+            's': {'lora_a': jnp.ones((3, 4, 2)), 'lora_b': jnp.ones((3, 2, 5))},
+            'v': {'lora_a': jnp.ones((4, 3)), 'lora_b': jnp.ones((3, 4))}}
+  tx = lro.scale_by_lora_rite(layout=lambda name: lro.NNX_LAYOUT.scanned(1)
+                              if name.startswith('s') else lro.NNX_LAYOUT)
+  state = tx.init(params)
+  assert {k: v.shape for k, v in state.nu.items()} == {
+      'rank2_float32': (2, 1 + 1 + 3, 2, 2), 'rank3_float32': (2, 1, 3, 3)}
+  assert state.escaped['rank2_float32'].shape == (2, 5)
+  grads = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
+  _, state = tx.update(grads, state, params)
+  # Pair 'q' is the second slice of its group: its own statistics are there.
+  alone = lro.scale_by_lora_rite()
+  _, q_state = alone.update(grads['q'], alone.init(params['q']), params['q'])
+  np.testing.assert_allclose(state.nu['rank2_float32'][:, 1],
+                             q_state.nu['rank2_float32'][:, 0], rtol=1e-6)
+
+
+def test_error_state_from_other_params():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))}}
+  more = dict(params, v={'lora_a': jnp.ones((4, 2)),
+                         'lora_b': jnp.ones((2, 5))})
+  wider = {'q': {'lora_a': jnp.ones((4, 3)), 'lora_b': jnp.ones((3, 5))}}
+  tx = _tx()
+  for other, match in ((more, r'structure of the params'),
+                       (wider, r"state's q/lora_a has shape \(4, 2\) "
+                        r'but the param has \(4, 3\)')):
+    with pytest.raises(ValueError, match=match + r'.*made by init\(\) for '
+                       'other params') as info:
+      tx.update(other, tx.init(params), other)
+    assert '\n' not in str(info.value)
+
+
 def test_errors_are_one_line():
   for params in ({'q': {'lora_a': jnp.ones((4, 2))}},
                  {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((3,
