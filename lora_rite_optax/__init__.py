@@ -15,6 +15,6 @@ from lora_rite_optax.shampoo import (BlockStats, ShampooState,
 
 from lora_rite_optax.lora_rite import (ScaleByLoraRiteState,
                                        balance_lora_factors, lora_rite,
-                                       scale_by_lora_rite)
+                                       pair_groups, scale_by_lora_rite)
 
 __version__ = '0.1.0'

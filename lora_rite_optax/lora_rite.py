@@ -75,7 +75,17 @@ def pair_groups(paired: pairs_lib.PairedTree, leaves: list
 
   Returns:
     ``{'rank{r}_{dtype}': [(pair index, slices), ...]}``, pairs in tree order;
-    the keys of :class:`ScaleByLoraRiteState`'s ``nu``, ``escaped``, ``rinv``.
+    the keys of :class:`ScaleByLoraRiteState`'s ``nu``, ``escaped``, ``rinv``,
+    whose slice axis holds each pair's slices in that order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_rite_optax as lro
+    >>> params = {'k': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))},
+    ...           'q': {'lora_a': jnp.ones((4, 8)), 'lora_b': jnp.ones((8, 5))},
+    ...           'v': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+    >>> lro.pair_groups(lro.find_lora_pairs(params), jax.tree.leaves(params))
+    {'rank2_float32': [(0, 1), (2, 1)], 'rank8_float32': [(1, 1)]}
   """
   groups: dict[str, list[tuple[int, int]]] = {}
   for k, pair in enumerate(paired.pairs):
