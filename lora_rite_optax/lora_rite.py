@@ -363,6 +363,7 @@ def scale_by_lora_rite(
 
     # First the unmagnified-gradient norms of every batch: the clip is global.
     prepared = []
+    last_rinv = None
     total_sq = jnp.zeros([], dtype)
     for key, ks in batches.items():
       bdtype = factors[ks[0]][0]['dtype']
@@ -375,8 +376,9 @@ def scale_by_lora_rite(
       # Batches wait for each other: concurrent batched eighs can deadlock
       # XLA:CPU (linalg.one_at_a_time).
       rinv = linalg.inverse_root(
-          linalg.after(gram['xx'], prepared[-1][4]) if prepared
+          linalg.after(gram['xx'], last_rinv) if last_rinv is not None
           else gram['xx'])
+      last_rinv = rinv
       rinv_o = rinv[::-1]  # partner's R^+
       finite = jnp.all(jnp.isfinite(gram['gg']), axis=(-2, -1))
       clean = lambda g, finite=finite: jnp.where(finite[..., None, None], g,
@@ -401,7 +403,7 @@ def scale_by_lora_rite(
     new_nu = dict(state.nu)
     new_escaped = dict(state.escaped)
     new_rinv = dict(state.rinv)
-    last_q = prepared[-1][4] if prepared else None  # after every R^+
+    last_q = last_rinv  # after every R^+
     for (key, ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
          keep) in prepared:
       nu_prev = state.nu[key]
