@@ -127,6 +127,8 @@ BUDGETS = {
     # about 5 minutes and the 24 runs (6 optimizers x (2 learning rates on
     # seed 0 + 2 more seeds)) about two hours: that is what fits, so only
     # the built-in task, where a 270M model has headroom, is in the default.
+    # A math run (below) takes about 16 minutes, so math is run for a pair
+    # of optimizers at a time (--tasks math --optimizers ...).
     'small': Budget(
         # Warmup is a quarter of the run: with lora_b = 0 at the start,
         # LoRA-RITE's first steps move A and B by more than their own norms
