@@ -290,7 +290,8 @@ def scale_by_lora_rite(
     paired = pairs_lib.find_lora_pairs(params, layout)
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
-    param_leaves = [l for _, l in pairs_lib.flatten(params)[0]]
+    param_paths = pairs_lib.flatten(params)[0]
+    param_leaves = [l for _, l in param_paths]
     grad_leaves = paired.treedef.flatten_up_to(updates)
     try:
       mu_leaves = paired.treedef.flatten_up_to(state.mu)
@@ -300,7 +301,7 @@ def scale_by_lora_rite(
           'scale_by_lora_rite: the state does not have the structure of the '
           'params (it was made by init() for other params): '
           f'{str(e).splitlines()[0]}') from None
-    for (path, leaf), m in zip(pairs_lib.flatten(params)[0], mu_leaves):
+    for (path, leaf), m in zip(param_paths, mu_leaves):
       if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
         continue
       if tuple(getattr(m, 'shape', ())) != tuple(leaf.shape):
