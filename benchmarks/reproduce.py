@@ -484,14 +484,8 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
           seeds = sorted(set(ref['_loss']) & set(row['_loss']))
           if not seeds:
             continue
-          # Loss difference per item (other minus LoRA-RITE; > 0 favours
-          # LoRA-RITE), averaged over the matched seeds.
-          d = np.mean([np.subtract(row['_loss'][s], ref['_loss'][s])
-                       for s in seeds], axis=0)
-          mean, ci, p = paired_bootstrap(d)
-          row['vs_lora_rite'] = {
-              'seeds': seeds, 'loss_diff': mean, 'loss_diff_ci': list(ci),
-              'loss_diff_p': p, 'items_rite_lower_loss': int(np.sum(d > 0))}
+          row['vs_lora_rite'] = {'seeds': seeds, **_loss_vs_rite(
+              ref['_loss'], row['_loss'], seeds)}
           if '_corr' in ref and '_corr' in row:
             a = np.concatenate([ref['_corr'][s] for s in seeds]).astype(bool)
             b = np.concatenate([row['_corr'][s] for s in seeds]).astype(bool)
@@ -503,8 +497,52 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
         row.pop('_corr', None)
         row.pop('_loss')
       tests[tname] = rows
-    summary['tasks'][task].update(chosen=chosen, tests=tests)
+    summary['tasks'][task].update(
+        chosen=chosen, tests=tests,
+        same_rate=same_rate(results, task, test_names, chosen))
   return summary
+
+
+def _loss_vs_rite(rite: dict, other: dict, seeds) -> dict:
+  """Paired per-item loss difference, other minus LoRA-RITE (> 0 favours
+  LoRA-RITE), averaged over the matched seeds: {seed: per-item losses}."""
+  d = np.mean([np.subtract(other[s], rite[s]) for s in seeds], axis=0)
+  mean, ci, p = paired_bootstrap(d)
+  return {'loss_diff': mean, 'loss_diff_ci': list(ci), 'loss_diff_p': p,
+          'items_rite_lower_loss': int(np.sum(d > 0))}
+
+
+def same_rate(results: dict, task: str, test_names, chosen: dict) -> list:
+  """LoRA-RITE against each other optimizer at one shared learning rate.
+
+  The main comparison puts every optimizer at its own best rate; this one
+  answers "at the rate someone would have used for both" (the issue's first
+  look ran AdamW and LoRA-RITE both at 2e-4). Listed for every rate at which
+  both ran at least two common seeds, except where both chose that rate (the
+  main table has it).
+  """
+  out = []
+  for opt in (o for o in OPTIMIZERS if o in chosen and o != 'lora_rite'):
+    rates = sorted({k[2] for k in results if k[:2] == (task, opt)} &
+                   {k[2] for k in results if k[:2] == (task, 'lora_rite')})
+    for lr in rates:
+      if chosen.get('lora_rite', {}).get('lr') == chosen[opt]['lr'] == lr:
+        continue
+      runs = {o: {k[3]: v for k, v in results.items()
+                  if k[:3] == (task, o, lr)} for o in ('lora_rite', opt)}
+      seeds = sorted(set(runs['lora_rite']) & set(runs[opt]))
+      if len(seeds) < 2:
+        continue
+      tests = {}
+      for tname in test_names:
+        loss = {o: {s: runs[o][s]['tests'][tname]['loss'] for s in seeds}
+                for o in runs}
+        tests[tname] = {
+            'lora_rite_loss': float(np.mean(list(loss['lora_rite'].values()))),
+            'other_loss': float(np.mean(list(loss[opt].values()))),
+            **_loss_vs_rite(loss['lora_rite'], loss[opt], seeds)}
+      out.append({'optimizer': opt, 'lr': lr, 'seeds': seeds, 'tests': tests})
+  return out
 
 
 def _fmt_p(p):
@@ -578,6 +616,25 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
         lines.append(
             f'| {opt} | {row["n"]} x {len(row["seeds"])} | {acc} | {mc} | '
             f'{row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
+      lines.append('')
+    if t.get('same_rate'):
+      lines.append('### LoRA-RITE against each optimizer at one shared rate')
+      lines.append('')
+      lines.append('Not each optimizer at its best: both at the same '
+                   'learning rate, seeds matched (loss/token; diff is other '
+                   '- RITE, > 0 favours LoRA-RITE).')
+      lines.append('')
+      lines.append('| optimizer | lr | seeds | test set | LoRA-RITE loss | '
+                   'other loss | diff [95%], p | items RITE lower |')
+      lines.append('|---|---|---|---|---|---|---|---|')
+      for c in t['same_rate']:
+        for tname, v in c['tests'].items():
+          lines.append(
+              f'| {c["optimizer"]} | {c["lr"]:g} | {c["seeds"]} | {tname} | '
+              f'{v["lora_rite_loss"]:.4f} | {v["other_loss"]:.4f} | '
+              f'{v["loss_diff"]:+.4f} [{v["loss_diff_ci"][0]:+.4f}, '
+              f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])} | '
+              f'{v["items_rite_lower_loss"]} |')
       lines.append('')
   names = sorted({n for v in acc_by_opt.values() for n, _ in v})
   full = {o: v for o, v in acc_by_opt.items() if len(v) == len(names)}

@@ -147,3 +147,53 @@ def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
   assert tb.gen_tokens == 0 and cfg.batch_size == tb.batch_size == 4
   assert cfg.data.max_target_tokens == 96 and cfg.data.seq_len == 160
   assert not tb.gsm8k and rp.BUDGETS['full'].tasks['math'].gsm8k
+
+
+def test_same_rate_comparison(rp, tmp_path):
+  """Besides each optimizer at its best rate, LoRA-RITE against each other
+  optimizer at a rate both ran on matched seeds (the issue's first look ran
+  both at one rate); a rate with one common seed, or one only a single
+  optimizer ran, is left out."""
+  out = str(tmp_path)
+  runs = [  # (optimizer, lr, seeds, test loss, validation loss)
+      ('lora_rite', 5e-5, (0, 1), 0.60, 0.50),  # RITE's best
+      ('lora_rite', 2e-4, (0, 1, 2), 0.55, 0.70),
+      ('lora_rite', 1e-3, (0,), 0.90, 0.90),
+      ('adam', 2e-4, (1, 2), 0.65, 0.80),
+      ('adam', 1e-3, (0, 1), 0.50, 0.40),  # Adam's best
+      ('adam', 1e-4, (0, 1), 0.70, 0.90),  # RITE never ran 1e-4
+  ]
+  for opt, lr, seeds, loss, val in runs:
+    for seed in seeds:
+      run = _fake_run('math', opt, lr, seed, [0] * 4,
+                      list(loss + seed * 0.01 + np.linspace(0, .03, 4)), val)
+      del run['tests']['math']['correct'], run['tests']['math']['prediction']
+      rp.write_atomic(rp.run_path(out, 'smoke', 'math', opt, lr, seed), run)
+  budget = dataclasses.replace(rp.BUDGETS['smoke'], lrs=(2e-4, 1e-3))
+  s = rp.summarize(rp.load_results(out, 'smoke'), 'smoke', budget)
+  t = s['tasks']['math']
+  assert (t['chosen']['lora_rite']['lr'], t['chosen']['adam']['lr']) == (
+      5e-5, 1e-3)
+  # Main table: Adam at its best is lower than LoRA-RITE at its best.
+  assert t['tests']['math']['adam']['vs_lora_rite']['loss_diff'] < 0
+  # Only 2e-4 qualifies: 1e-3 has one common seed (0), 1e-4 and 5e-5 one
+  # optimizer each.
+  [c] = t['same_rate']
+  assert (c['optimizer'], c['lr'], c['seeds']) == ('adam', 2e-4, [1, 2])
+  v = c['tests']['math']
+  assert v['lora_rite_loss'] == pytest.approx(0.55 + 0.015 + 0.015)
+  assert v['other_loss'] == pytest.approx(0.65 + 0.015 + 0.015)
+  assert v['loss_diff'] == pytest.approx(0.10)
+  assert v['items_rite_lower_loss'] == 4 and v['loss_diff_p'] < 0.05
+  md = rp.markdown(s, budget, 'cmd')
+  assert '| adam | 0.0002 | [1, 2] | math | 0.5800 | 0.6800 | +0.1000' in md
+  # Both at the same chosen rate: the main table covers it, no extra row.
+  for seed in (0, 1):
+    rp.write_atomic(rp.run_path(out, 'smoke', 'math', 'lora_rite', 1e-3,
+                                seed), json.load(open(rp.run_path(
+                                    out, 'smoke', 'math', 'adam', 1e-3,
+                                    seed))) | {'optimizer': 'lora_rite',
+                                               'val_loss': [0.1]})
+  s = rp.summarize(rp.load_results(out, 'smoke'), 'smoke', budget)
+  assert s['tasks']['math']['chosen']['lora_rite']['lr'] == 1e-3
+  assert [c['lr'] for c in s['tasks']['math']['same_rate']] == [2e-4]
