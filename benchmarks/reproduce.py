@@ -752,7 +752,8 @@ def main(argv=None) -> None:
   argv_used = sys.argv[1:] if argv is None else list(argv)
   command = 'python benchmarks/reproduce.py ' + ' '.join(argv_used)
 
-  budget = BUDGETS[args.budget]
+  named = BUDGETS[args.budget]
+  budget = named
   # Every run builds and jits its own step and evaluation functions; runs
   # differing only in seed (and every run's evaluation) compile the same
   # programs, so a persistent cache saves a minute or two per run on CPU.
@@ -805,7 +806,11 @@ def main(argv=None) -> None:
         for seed in budget.seeds[1:]:
           results[(task, opt, lr, seed)] = do_run(
               args, budget, task, data, opt, lr, seed, log)
-  report(args, budget, command, log)
+  # The report covers every run made under this budget, not just this
+  # invocation's: its grid and seeds are the budget's own (a --lrs or
+  # --seeds run that adds one rate must not make the rest look incomplete).
+  report(args, dataclasses.replace(budget, lrs=named.lrs, seeds=named.seeds),
+         command, log)
 
 
 if __name__ == '__main__':

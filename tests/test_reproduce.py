@@ -113,6 +113,14 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   rp.main(args)  # --resume: nothing retrained.
   assert os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
                                        files[0])) == mtime
+  # One more rate for one optimizer: the report still judges every run
+  # against the budget's grid (1e-3), not this invocation's --lrs.
+  rp.main(args + ['--optimizers', 'adam', '--lrs', '1e-4'])
+  s = json.load(open(os.path.join(out, 'summary_unit.json')))
+  chosen = s['tasks']['arithmetic']['chosen']
+  assert set(chosen['adam']['val_loss_by_lr']) == {'0.0001', '0.001'}
+  assert chosen['lora_rite']['sweep_complete'] is True
+  assert 'lr sweep [0.001]' in open(os.path.join(out, 'results_unit.md')).read()
 
 
 def test_loss_only_test_sets(rp, tmp_path):
