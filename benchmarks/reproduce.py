@@ -127,8 +127,9 @@ BUDGETS = {
     # about 5 minutes and the 24 runs (6 optimizers x (2 learning rates on
     # seed 0 + 2 more seeds)) about two hours: that is what fits, so only
     # the built-in task, where a 270M model has headroom, is in the default.
-    # A math run (below) took 11-12 minutes alone, so math is run for a pair
-    # of optimizers at a time (--tasks math --optimizers ...).
+    # A math run (below) took 5-6 minutes with the machine to itself (11-12
+    # while other work ran), so math is run apart (--tasks math
+    # --optimizers ...): 6 optimizers x 4-5 runs is about 2.5 hours.
     'small': Budget(
         # Warmup is a quarter of the run: with lora_b = 0 at the start,
         # LoRA-RITE's first steps move A and B by more than their own norms
@@ -143,16 +144,16 @@ BUDGETS = {
                # Math rows are ~4x longer (median 145 tokens, prompt and
                # chain-of-thought target) and every target token hits the
                # 262k-word output layer: batch 8 x 192 with every target
-               # token would be ~40 s/step (estimated from the flops, not
-               # run). Batch 4 x 160 with the first 96 target tokens (three
-               # quarters of targets are shorter) measured 9-11 s/step
+               # token would cost several times as much per step (estimated
+               # from the flops, not run). Batch 4 x 160 with the first 96 target tokens (three
+               # quarters of targets are shorter) measured 5-6 s/step
                # alone. No generation: 80 greedy tokens for 300 prompts
                # would double a run, and exact match after 160 examples is
                # expected to be near 0; held-out loss per target token is
                # the measure (it separated the optimizers in the issue's
                # first look). Scoring goes through the same output layer per
                # target token: 150 math items + 150 GSM8K took 13 minutes
-               # per run, so GSM8K (longer targets) is left out here.
+               # per run under load, so GSM8K (longer targets) is left out here.
                'math': TaskBudget(160, 96, 48, 150, 0, batch_size=4,
                                   gsm8k=False),
                **{t: TaskBudget(256, 8, 64, 200, 0) for t in MC_TASKS}}),
