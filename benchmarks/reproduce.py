@@ -145,15 +145,16 @@ BUDGETS = {
                # chain-of-thought target) and every target token hits the
                # 262k-word output layer: batch 8 x 192 with every target
                # token would cost several times as much per step (estimated
-               # from the flops, not run). Batch 4 x 160 with the first 96 target tokens (three
-               # quarters of targets are shorter) measured 5-6 s/step
-               # alone. No generation: 80 greedy tokens for 300 prompts
-               # would double a run, and exact match after 160 examples is
-               # expected to be near 0; held-out loss per target token is
-               # the measure (it separated the optimizers in the issue's
-               # first look). Scoring goes through the same output layer per
-               # target token: 150 math items + 150 GSM8K took 13 minutes
-               # per run under load, so GSM8K (longer targets) is left out here.
+               # from the flops, not run). Batch 4 x 160 with the first 96
+               # target tokens (three quarters of targets are shorter)
+               # measured 5-6 s/step alone. No generation: 80 greedy tokens
+               # for 300 prompts would double a run, and exact match after
+               # 160 examples is expected to be near 0 (both estimates);
+               # held-out loss per target token is the measure (it
+               # separated the optimizers in the first look).
+               # Scoring goes through the same output layer per target
+               # token: 150 math items + 150 GSM8K took 13 minutes per run
+               # under load, so GSM8K (longer targets) is left out here.
                'math': TaskBudget(160, 96, 48, 150, 0, batch_size=4,
                                   gsm8k=False),
                **{t: TaskBudget(256, 8, 64, 200, 0) for t in MC_TASKS}}),
@@ -536,6 +537,8 @@ def same_rate(results: dict, task: str, test_names, chosen: dict) -> list:
         continue
       tests = {}
       for tname in test_names:
+        if not all(tname in runs[o][s]['tests'] for o in runs for s in seeds):
+          continue
         loss = {o: {s: runs[o][s]['tests'][tname]['loss'] for s in seeds}
                 for o in runs}
         tests[tname] = {
