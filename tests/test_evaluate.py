@@ -134,6 +134,43 @@ def test_multiple_choice_loglik_plain_and_length_normalised():
     ev.multiple_choice_loglik([example], TOK, lambda pairs: [0.0])
 
 
+def test_multiple_choice_loglik_shares_a_pass_across_last_token_options():
+  """Options differing only in their last token go to `alternatives_fn` as
+  one request per example; others (different lengths) stay pairs. The
+  scores, predictions and per-option records match the pair-only path."""
+  table = {"the correct answer is answer1": -4.0,
+           "the correct answer is answer2": -1.5,
+           "the correct answer is answer3": -3.0,
+           "A": -2.0, "BBBBBB": -3.0, "CC": -9.0}
+  pair_calls, request_calls = [], []
+
+  def score_fn(pairs):
+    pair_calls.append(len(pairs))
+    return [table[TOK.decode(o)] for _, o in pairs]
+
+  def alternatives_fn(requests):
+    request_calls.append(len(requests))
+    return [[table[TOK.decode(list(shared) + [t])] for t in last]
+            for _, shared, last in requests]
+
+  odd = Example("Q:", "A", options=("A", "BBBBBB", "CC"),
+                labels=("x", "y", "z"), gold_index=2)
+  examples = [_mc(1), odd, _mc(0), Example("Q:", "t")]  # Last: no gold.
+  fast = ev.multiple_choice_loglik(examples, TOK, score_fn, batch_size=4,
+                                   alternatives_fn=alternatives_fn)
+  assert request_calls == [2] and pair_calls == [3]  # 2 requests, 3 pairs.
+  slow = ev.multiple_choice_loglik(examples, TOK, score_fn)
+  assert fast.predictions == slow.predictions == (1, 0, 1)
+  assert fast.correct.tolist() == [True, False, False]
+  assert fast.num_skipped == slow.num_skipped == 1
+  assert fast.option_scores == slow.option_scores
+  assert fast.option_scores[0] == (-4.0, -1.5, -3.0)
+  assert fast.option_lengths[1] == (1, 6, 2)
+  with pytest.raises(ValueError, match="alternatives_fn returned"):
+    ev.multiple_choice_loglik([_mc(0)], TOK, score_fn,
+                              alternatives_fn=lambda q: [[0.0, 0.0]])
+
+
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no data at {DATA_DIR}")
 def test_multiple_choice_on_real_examples():
   examples = data.load_task("arc_challenge", "test", data_dir=DATA_DIR)[:40]

@@ -205,3 +205,30 @@ def test_same_rate_comparison(rp, tmp_path):
   s = rp.summarize(rp.load_results(out, 'smoke'), 'smoke', budget)
   assert s['tasks']['math']['chosen']['lora_rite']['lr'] == 1e-3
   assert [c['lr'] for c in s['tasks']['math']['same_rate']] == [2e-4]
+
+
+def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
+  """A multiple-choice task (ARC-Challenge from ../shared/data): per-item
+  correctness, the predicted option and the gold option's loss per token."""
+  from train import data as data_lib  # pylint: disable=g-import-not-at-top
+  if not (data_lib.default_data_dir() / 'ARC-Challenge').is_dir():
+    pytest.skip('no ../shared/data/ARC-Challenge')
+  tb = rp.TaskBudget(96, 4, 4, 6, 0)
+  budget = rp.Budget(steps=1, batch_size=2, warmup=1, lrs=(1e-3,),
+                     seeds=(0,), default_tasks=('arc_challenge',),
+                     tasks={'arc_challenge': tb}, rank=2, dropout=0.0,
+                     targets=('q',), eval_batch=4)
+  monkeypatch.setitem(rp.BUDGETS, 'unit', budget)
+  out = str(tmp_path)
+  rp.main(['--budget', 'unit', '--model', 'tiny', '--optimizers', 'adam',
+           '--out', out, '--compile_cache', str(tmp_path / 'jax-cache')])
+  d = json.load(open(rp.run_path(out, 'unit', 'arc_challenge', 'adam', 1e-3,
+                                 0)))
+  res = d['tests']['arc_challenge']
+  gold = [e.gold_index for e in
+          rp.task_data('arc_challenge', tb)['tests']['arc_challenge']]
+  assert len(gold) == len(res['correct']) == len(res['loss']) == 6
+  assert res['correct'] == [int(p == g) for p, g in
+                            zip(res['prediction'], gold)]
+  # Bytes of a random tiny model: about log(256) nats each, never free.
+  assert all(0.5 < x < 20 for x in res['loss'])

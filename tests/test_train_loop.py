@@ -254,6 +254,52 @@ def test_packed_mask_equals_padded_mask_on_single_segments():
       loop.target_logprobs(model, prepared, pack=False), rtol=1e-5, atol=1e-6)
 
 
+def check_alternatives_match_pairs(r, stem: str, odd: tuple[str, ...]):
+  """`Evaluator.multiple_choice` scores options that differ only in their
+  last token in one row each (`loop.alternative_logprobs`); the scores must
+  be those of scoring every option as its own row, and only the example
+  whose options differ elsewhere may go to `_score_pairs`."""
+  from train import evaluate  # pylint: disable=g-import-not-at-top
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+
+  def item(prompt, options, gold):
+    return Example(prompt, options[gold], options=tuple(options),
+                   labels=tuple(options), gold_index=gold)
+
+  examples = [item('Which one? ', [f'{stem}{k}' for k in '1234'], 2),
+              item('And now? ', [f'{stem}{k}' for k in '12345'], 4),
+              item('Odd one: ', list(odd), 0),
+              item('Three. ', [f'{stem}{k}' for k in '123'], 0)]
+  ev = loop.Evaluator(r)
+  pairs_seen = []
+  score_pairs = ev._score_pairs  # pylint: disable=protected-access
+
+  def counting(state, pairs):
+    pairs_seen.append(len(pairs))
+    return score_pairs(state, pairs)
+
+  ev._score_pairs = counting  # pylint: disable=protected-access
+  fast = ev.multiple_choice(r.state, examples)
+  assert pairs_seen == [len(odd)]
+  slow = evaluate.multiple_choice_loglik(
+      examples, r.tokenizer, lambda p: score_pairs(r.state, p),
+      max_length=r.config.data.seq_len)
+  assert fast.predictions == slow.predictions
+  assert fast.option_lengths == slow.option_lengths
+  assert [len(s) for s in fast.option_scores] == [4, 5, len(odd), 3]
+  flat = lambda res: np.concatenate([np.asarray(s) for s in res.option_scores])
+  assert np.all(flat(fast) < 0)
+  np.testing.assert_allclose(flat(fast), flat(slow), rtol=1e-5, atol=1e-4)
+  # The options really are scored apart (a constant would pass the rest).
+  assert len(set(np.round(flat(fast), 4))) > 8
+
+
+def test_multiple_choice_shares_one_row_across_last_token_options(tmp_path):
+  check_alternatives_match_pairs(loop.build(tiny(tmp_path / 'run')),
+                                 'the correct answer is answer',
+                                 ('A', 'BBBBBB', 'CC'))
+
+
 def test_multiple_choice_by_loglik_on_real_boolq_files(tmp_path):
   """The log-likelihood path of the evaluator (BoolQ from ../shared/data)."""
   from train import data  # pylint: disable=g-import-not-at-top

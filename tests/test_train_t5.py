@@ -98,6 +98,11 @@ def test_superni_style_generation_metrics(built):
   assert 0.0 <= res['rougeL'] <= 100.0 and len(ev.last_generations) == 3
 
 
+def test_multiple_choice_shares_one_row_across_last_token_options(built):
+  from tests.test_train_loop import check_alternatives_match_pairs  # pylint: disable=g-import-not-at-top
+  check_alternatives_match_pairs(built, 'ans', ('x', 'yyyy'))
+
+
 def test_scoring_is_the_teacher_forced_loss(built):
   """Evaluator scores (multiple choice by log-likelihood) = log p(option |
   prompt) of the decoder, computed by hand from the full logits."""

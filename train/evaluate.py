@@ -37,6 +37,14 @@ from train.data.tokenize import Tokenizer
 ScoreFn = Callable[[Sequence[tuple[Sequence[int], Sequence[int]]]],
                    Sequence[float]]
 
+# Scores a batch of (prompt_ids, shared_ids, last_ids) requests: for each,
+# [log p(shared_ids + [t] | prompt_ids) for t in last_ids], i.e. every option
+# of a multiple-choice item whose options differ only in their last token,
+# from one forward pass (`train.loop.alternative_logprobs`).
+AlternativesFn = Callable[
+    [Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]],
+    Sequence[Sequence[float]]]
+
 extract_number = numbers.extract_final_number
 
 
@@ -51,12 +59,17 @@ class Result:
     predictions: What was predicted per scored example (option index, -1 when
       a generation named no option; or the extracted number, None if none).
     num_skipped: Examples left out because they have no gold answer.
+    option_scores: Log-likelihood-scored multiple choice only: per scored
+      example, each option's summed log-probability.
+    option_lengths: Likewise, each option's token count.
   """
 
   accuracy: float
   correct: np.ndarray
   predictions: tuple
   num_skipped: int = 0
+  option_scores: tuple = ()
+  option_lengths: tuple = ()
 
   @property
   def num_examples(self) -> int:
@@ -64,10 +77,10 @@ class Result:
 
 
 def _result(correct: Sequence[bool], predictions: Sequence,
-            skipped: int = 0) -> Result:
+            skipped: int = 0, **options) -> Result:
   correct = np.asarray(correct, bool)
   return Result(float(correct.mean()) if len(correct) else 0.0, correct,
-                tuple(predictions), skipped)
+                tuple(predictions), skipped, **options)
 
 
 # --- multiple choice ---------------------------------------------------------
@@ -83,10 +96,21 @@ def choose_option(scores: Sequence[float], lengths: Sequence[int] | None = None
   return int(np.argmax(scores))
 
 
+def _differ_in_last_token_only(encoded) -> bool:
+  """Whether (prompt_ids, option_ids) pairs share the prompt and all option
+  tokens but the last (so one forward pass scores them all)."""
+  prompt, option = encoded[0]
+  return bool(option) and all(
+      p == prompt and len(o) == len(option) and o[:-1] == option[:-1]
+      for p, o in encoded[1:])
+
+
 def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
                            score_fn: ScoreFn, *, max_length: int = 1024,
                            length_normalized: bool = False,
-                           batch_size: int = 64) -> Result:
+                           batch_size: int = 64,
+                           alternatives_fn: AlternativesFn | None = None
+                           ) -> Result:
   """Multiple-choice accuracy by comparing option log-likelihoods.
 
   Each option target (e.g. 'the correct answer is answer2') is scored after
@@ -101,40 +125,64 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
     max_length: Token budget of prompt + option (the prompt is truncated from
       the left, as in training).
     length_normalized: Divide each option's score by its token count.
-    batch_size: Pairs per `score_fn` call.
+    batch_size: Pairs (or requests) per `score_fn` (or `alternatives_fn`)
+      call.
+    alternatives_fn: Optional, see `AlternativesFn`: scores all options of an
+      example at once where they differ only in their last token (ARC,
+      OpenBookQA and BoolQ as packaged here), one forward pass per example
+      instead of one per option; other examples go to `score_fn`.
 
   Returns:
-    A `Result` whose predictions are option indices.
+    A `Result` whose predictions are option indices, with every option's
+    score and token count.
   """
   scored = [e for e in examples if e.gold_index is not None]
   for e in scored:
     if not e.options:
       raise ValueError(f"example of task {e.task!r} has no options to score")
-  pairs, owners = [], []
-  for i, e in enumerate(scored):
-    for option in e.options:
-      pairs.append(encode_pair(e.prompt, option, tokenizer, max_length,
-                               add_eos=False))
-      owners.append(i)
-  scores = []
+  pairs, requests, encoded = [], [], []
+  for e in scored:
+    enc = [encode_pair(e.prompt, option, tokenizer, max_length, add_eos=False)
+           for option in e.options]
+    encoded.append(enc)
+    if alternatives_fn is not None and _differ_in_last_token_only(enc):
+      requests.append((enc[0][0], enc[0][1][:-1], [o[-1] for _, o in enc]))
+    else:
+      pairs.extend(enc)
+  pair_scores, request_scores = [], []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
     out = np.asarray(score_fn(chunk), np.float64).reshape(-1)
     if len(out) != len(chunk):
       raise ValueError(
           f"score_fn returned {len(out)} scores for {len(chunk)} pairs")
-    scores.extend(out.tolist())
-  predictions, correct = [], []
-  cursor = 0
-  for e in scored:
-    k = len(e.options)
-    lengths = ([len(p[1]) for p in pairs[cursor:cursor + k]]
-               if length_normalized else None)
-    pred = choose_option(scores[cursor:cursor + k], lengths)
-    cursor += k
+    pair_scores.extend(out.tolist())
+  for start in range(0, len(requests), batch_size):
+    chunk = requests[start:start + batch_size]
+    out = [np.asarray(s, np.float64).reshape(-1).tolist()
+           for s in alternatives_fn(chunk)]
+    if len(out) != len(chunk) or any(
+        len(s) != len(q[2]) for s, q in zip(out, chunk)):
+      raise ValueError(
+          f"alternatives_fn returned {[len(s) for s in out]} scores for "
+          f"requests of {[len(q[2]) for q in chunk]} options")
+    request_scores.extend(out)
+  pair_scores, request_scores = iter(pair_scores), iter(request_scores)
+  predictions, correct, option_scores, option_lengths = [], [], [], []
+  for e, enc in zip(scored, encoded):
+    lengths = [len(o) for _, o in enc]
+    if alternatives_fn is not None and _differ_in_last_token_only(enc):
+      scores = next(request_scores)
+    else:
+      scores = [next(pair_scores) for _ in enc]
+    pred = choose_option(scores, lengths if length_normalized else None)
     predictions.append(pred)
     correct.append(pred == e.gold_index)
-  return _result(correct, predictions, len(examples) - len(scored))
+    option_scores.append(tuple(scores))
+    option_lengths.append(tuple(lengths))
+  return _result(correct, predictions, len(examples) - len(scored),
+                 option_scores=tuple(option_scores),
+                 option_lengths=tuple(option_lengths))
 
 
 def requests_to_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],

@@ -157,8 +157,8 @@ def prepare_batch(batch: dict[str, np.ndarray], max_targets: int
   return out, dropped
 
 
-def target_logprobs(model, batch: dict, pack: bool) -> jax.Array:
-  """log p(target) at the gathered positions, times the weights: [B, K]."""
+def target_logits(model, batch: dict, pack: bool) -> jax.Array:
+  """Decoder-only: logits at the gathered target positions, float32 [B, K, V]."""
   seg = batch['segment_ids']
   if pack:
     mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
@@ -168,20 +168,62 @@ def target_logprobs(model, batch: dict, pack: bool) -> jax.Array:
                    attention_mask=mask)
   idx = batch['target_idx']
   h = jnp.take_along_axis(h, idx[..., None], axis=1)
-  logits = model.logits(h)  # float32 [B, K, V]
+  return model.logits(h)
+
+
+def seq2seq_logits(model, batch: dict, pack: bool = False) -> jax.Array:
+  """Encoder-decoder (T5): teacher-forced decoder logits [B, T, V]. ``pack``
+  is unused (T5 rows are not packed)."""
+  del pack
+  return model(batch['encoder_tokens'], batch['decoder_tokens'])
+
+
+def weighted_logprobs(logits: jax.Array, batch: dict) -> jax.Array:
+  """log p(batch['targets']) under ``logits`` [B, K, V], times the weights."""
   lse = jax.nn.logsumexp(logits, axis=-1)
   tgt = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
   return (tgt - lse) * batch['weights']
+
+
+def target_logprobs(model, batch: dict, pack: bool) -> jax.Array:
+  """log p(target) at the gathered positions, times the weights: [B, K]."""
+  return weighted_logprobs(target_logits(model, batch, pack), batch)
 
 
 def seq2seq_logprobs(model, batch: dict, pack: bool = False) -> jax.Array:
   """Encoder-decoder (T5): log p(target) of the teacher-forced decoder,
-  times the weights: [B, T]. ``pack`` is unused (T5 rows are not packed)."""
-  del pack
-  logits = model(batch['encoder_tokens'], batch['decoder_tokens'])
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
-  return (tgt - lse) * batch['weights']
+  times the weights: [B, T]."""
+  return weighted_logprobs(seq2seq_logits(model, batch, pack), batch)
+
+
+def alternative_logprobs(logits: jax.Array, batch: dict) -> jax.Array:
+  """Scores of options that differ only in their last token, one row each.
+
+  A row holds one option (its targets, weight 1 each, in order). Its score
+  with the last target swapped for ``batch['alternatives'][b, c]`` is the
+  summed log-probability of the other targets plus log p(alternative) at the
+  last target's position: the causal model conditions that position on the
+  shared tokens only. So one row scores all of a multiple-choice item whose
+  options are 'the correct answer is answer1' ... 'answer5', where scoring
+  each option as its own row costs one forward pass per option.
+
+  Args:
+    logits: [B, K, V] at the target positions.
+    batch: with 'targets' and 'weights' [B, K] and 'alternatives' int [B, C]
+      (token ids; -1 pads).
+
+  Returns:
+    float32 [B, C]; -inf where 'alternatives' is -1.
+  """
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K]
+  lp = weighted_logprobs(logits, batch)
+  last = jnp.maximum((batch['weights'] > 0).sum(axis=-1) - 1, 0)[:, None]
+  shared = lp.sum(axis=-1) - jnp.take_along_axis(lp, last, axis=1)[:, 0]
+  at_last = jnp.take_along_axis(logits, last[..., None], axis=1)[:, 0]
+  alts = batch['alternatives']
+  alt_lp = (jnp.take_along_axis(at_last, jnp.maximum(alts, 0), axis=-1)
+            - jnp.take_along_axis(lse, last, axis=1))
+  return jnp.where(alts >= 0, shared[:, None] + alt_lp, -jnp.inf)
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +389,18 @@ def make_score_fn(graphdef, *, pack: bool = False,
   def score(params, base, rngs, batch):
     model = nnx.merge(graphdef, int_keys(params), rngs, base)
     return logprobs(model, batch, pack).sum(axis=-1)
+
+  return score
+
+
+def make_alternatives_score_fn(graphdef, *, pack: bool = False,
+                               logits: Callable = target_logits) -> Callable:
+  """``score(params, base, rngs, batch) -> [B, C]``, see
+  `alternative_logprobs`."""
+
+  def score(params, base, rngs, batch):
+    model = nnx.merge(graphdef, int_keys(params), rngs, base)
+    return alternative_logprobs(logits(model, batch, pack), batch)
 
   return score
 
@@ -728,6 +782,7 @@ class Evaluator:
                         f'not {self.examples[0].task!r}.')
     self.method = method
     self._score = None
+    self._score_alternatives = None
     self._sampler = None
 
   def _score_pairs(self, state, pairs):
@@ -747,6 +802,51 @@ class Evaluator:
       scores = self._score(state['params'], r.base, r.rngs, batch)
       out.extend(distributed.to_host(scores).tolist())
     return out[:n]
+
+  def _score_last_token_alternatives(self, state, requests):
+    """`evaluate.AlternativesFn`: one row per (prompt, shared, last tokens)
+    request, see `alternative_logprobs`."""
+    r, cfg = self.r, self.r.config
+    if self._score_alternatives is None:
+      self._score_alternatives = jax.jit(make_alternatives_score_fn(
+          r.eval_graphdef, logits=r.family.logits))
+    bs = cfg.eval.batch_size
+    # Alternatives padded to a power of two: one compiled shape for 2-way
+    # (BoolQ), 4-way and the odd 3- or 5-way ARC item alike.
+    width = max(2, 1 << (max(len(q[2]) for q in requests) - 1).bit_length())
+    rows = [(p, list(shared) + [last[0]], last) for p, shared, last in requests]
+    rows += [([r.tokenizer.bos_id], [], [])] * (
+        -len(rows) % bs)
+    out = []
+    for start in range(0, len(rows), bs):
+      chunk = rows[start:start + bs]
+      batch = r.family.score_batch([(p, o) for p, o, _ in chunk], r)
+      alts = np.full((len(chunk), width), -1, np.int32)
+      for i, (_, _, last) in enumerate(chunk):
+        alts[i, :len(last)] = last
+      batch['alternatives'] = alts
+      batch = {key: distributed.global_array(v, distributed.batch_sharding(
+          r.mesh, v.ndim)) for key, v in batch.items()}
+      scores = distributed.to_host(self._score_alternatives(
+          state['params'], r.base, r.rngs, batch))
+      out.extend(row[:len(last)].tolist()
+                 for row, (_, _, last) in zip(scores, chunk))
+    return out[:len(requests)]
+
+  def multiple_choice(self, state, examples, *, max_length=None,
+                      length_normalized=False):
+    """`evaluate.multiple_choice_loglik` of the current adapters: options
+    that differ only in their last token share one forward pass."""
+    from train import evaluate  # pylint: disable=g-import-not-at-top
+    cfg = self.r.config
+    return evaluate.multiple_choice_loglik(
+        examples, self.r.tokenizer,
+        lambda pairs: self._score_pairs(state, pairs),
+        max_length=max_length or cfg.data.seq_len,
+        length_normalized=length_normalized,
+        batch_size=max(cfg.eval.batch_size, 64),
+        alternatives_fn=lambda requests: self._score_last_token_alternatives(
+            state, requests))
 
   def target_losses(self, state, examples) -> list[float]:
     """Per example: negative log-likelihood per token of its gold target
@@ -777,11 +877,8 @@ class Evaluator:
     r, cfg = self.r, self.r.config
     t0 = time.perf_counter()
     if self.method == 'loglik':
-      res = evaluate.multiple_choice_loglik(
-          self.examples, r.tokenizer, lambda pairs: self._score_pairs(
-              state, pairs), max_length=cfg.data.seq_len,
-          length_normalized=cfg.eval.length_normalized,
-          batch_size=max(cfg.eval.batch_size, 64))
+      res = self.multiple_choice(
+          state, self.examples, length_normalized=cfg.eval.length_normalized)
       out = {'accuracy': res.accuracy}
     else:
       prompts = [r.family.encode_prompt(e.prompt, r) for e in self.examples]
@@ -960,6 +1057,7 @@ class Family:
     prepare_batch: (pipeline batch, Run) -> (step batch, target tokens
       dropped, real tokens).
     logprobs: (model, step batch, pack) -> weighted target log-probs [B, K].
+    logits: (model, step batch, pack) -> logits at the targets [B, K, V].
     score_batch: (scoring pairs, Run) -> step batch for `logprobs`.
     encode_prompt: (prompt text, Run) -> ids to generate from.
     generate: (Evaluator, state, prompt ids) -> greedy generations.
@@ -972,6 +1070,7 @@ class Family:
   dataset: Callable
   prepare_batch: Callable
   logprobs: Callable
+  logits: Callable
   score_batch: Callable
   encode_prompt: Callable
   generate: Callable
@@ -981,10 +1080,12 @@ class Family:
 FAMILIES = {
     'gemma': Family(_validate_decoder_only, _gemma_load_tokenizer,
                     _gemma_load_model, _gemma_dataset, _gemma_prepare,
-                    target_logprobs, _gemma_score_batch, _gemma_prompt,
+                    target_logprobs, target_logits, _gemma_score_batch,
+                    _gemma_prompt,
                     _gemma_generate, '--data.max_target_tokens'),
     't5': Family(_validate_t5, load_t5_tokenizer, load_t5_model, _t5_dataset,
-                 _t5_prepare, seq2seq_logprobs, _t5_score_batch, _t5_prompt,
+                 _t5_prepare, seq2seq_logprobs, seq2seq_logits,
+                 _t5_score_batch, _t5_prompt,
                  _t5_generate, '--data.target_len'),
 }
 
