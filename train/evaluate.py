@@ -140,12 +140,14 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   for e in scored:
     if not e.options:
       raise ValueError(f"example of task {e.task!r} has no options to score")
-  pairs, requests, encoded = [], [], []
+  pairs, requests, encoded, shared = [], [], [], []
   for e in scored:
     enc = [encode_pair(e.prompt, option, tokenizer, max_length, add_eos=False)
            for option in e.options]
     encoded.append(enc)
-    if alternatives_fn is not None and _differ_in_last_token_only(enc):
+    shared.append(alternatives_fn is not None and
+                  _differ_in_last_token_only(enc))
+    if shared[-1]:
       requests.append((enc[0][0], enc[0][1][:-1], [o[-1] for _, o in enc]))
     else:
       pairs.extend(enc)
@@ -169,9 +171,9 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
     request_scores.extend(out)
   pair_scores, request_scores = iter(pair_scores), iter(request_scores)
   predictions, correct, option_scores, option_lengths = [], [], [], []
-  for e, enc in zip(scored, encoded):
+  for e, enc, one_pass in zip(scored, encoded, shared):
     lengths = [len(o) for _, o in enc]
-    if alternatives_fn is not None and _differ_in_last_token_only(enc):
+    if one_pass:
       scores = next(request_scores)
     else:
       scores = [next(pair_scores) for _ in enc]

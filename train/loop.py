@@ -811,12 +811,11 @@ class Evaluator:
       self._score_alternatives = jax.jit(make_alternatives_score_fn(
           r.eval_graphdef, logits=r.family.logits))
     bs = cfg.eval.batch_size
-    # Alternatives padded to a power of two: one compiled shape for 2-way
-    # (BoolQ), 4-way and the odd 3- or 5-way ARC item alike.
+    # Alternatives padded to a power of two (2, 4 or 8 columns): few
+    # compiled shapes for 2-way BoolQ, 3- to 5-way ARC and the rest.
     width = max(2, 1 << (max(len(q[2]) for q in requests) - 1).bit_length())
     rows = [(p, list(shared) + [last[0]], last) for p, shared, last in requests]
-    rows += [([r.tokenizer.bos_id], [], [])] * (
-        -len(rows) % bs)
+    rows += [([r.tokenizer.bos_id], [], [])] * (-len(rows) % bs)
     out = []
     for start in range(0, len(rows), bs):
       chunk = rows[start:start + bs]
