@@ -87,14 +87,18 @@ def test_paired_bootstrap(rp):
   assert lo < 0 < hi and p > 0.5
 
 
+def _unit_budget(rp, monkeypatch, task, tb, steps):
+  """Registers budget 'unit': one task, one rate and seed, rank 2 on q."""
+  monkeypatch.setitem(rp.BUDGETS, 'unit', rp.Budget(
+      steps=steps, batch_size=2, warmup=1, lrs=(1e-3,), seeds=(0,),
+      default_tasks=(task,), tasks={task: tb}, rank=2, dropout=0.0,
+      targets=('q',), eval_batch=4))
+
+
 def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   """Two optimizers, 2 steps each on a random tiny Gemma: files, resume."""
-  tb = rp.TaskBudget(48, 4, 4, 4, 2)
-  budget = rp.Budget(steps=2, batch_size=2, warmup=1, lrs=(1e-3,),
-                     seeds=(0,), default_tasks=('arithmetic',),
-                     tasks={'arithmetic': tb}, rank=2, dropout=0.0,
-                     targets=('q',), eval_batch=4)
-  monkeypatch.setitem(rp.BUDGETS, 'unit', budget)
+  _unit_budget(rp, monkeypatch, 'arithmetic', rp.TaskBudget(48, 4, 4, 4, 2),
+               steps=2)
   out = str(tmp_path)
   args = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'lora_rite',
           'adam', '--out', out, '--resume',
@@ -214,11 +218,7 @@ def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
   if not (data_lib.default_data_dir() / 'ARC-Challenge').is_dir():
     pytest.skip('no ../shared/data/ARC-Challenge')
   tb = rp.TaskBudget(96, 4, 4, 6, 0)
-  budget = rp.Budget(steps=1, batch_size=2, warmup=1, lrs=(1e-3,),
-                     seeds=(0,), default_tasks=('arc_challenge',),
-                     tasks={'arc_challenge': tb}, rank=2, dropout=0.0,
-                     targets=('q',), eval_batch=4)
-  monkeypatch.setitem(rp.BUDGETS, 'unit', budget)
+  _unit_budget(rp, monkeypatch, 'arc_challenge', tb, steps=1)
   out = str(tmp_path)
   rp.main(['--budget', 'unit', '--model', 'tiny', '--optimizers', 'adam',
            '--out', out, '--compile_cache', str(tmp_path / 'jax-cache')])

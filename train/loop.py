@@ -785,52 +785,52 @@ class Evaluator:
     self._score_alternatives = None
     self._sampler = None
 
-  def _score_pairs(self, state, pairs):
-    r, cfg = self.r, self.r.config
-    if self._score is None:
-      fn = make_score_fn(r.eval_graphdef, logprobs=r.family.logprobs)
-      self._score = jax.jit(fn)
-    bs = cfg.eval.batch_size
+  def _run_in_batches(self, fn, state, pairs, alternatives=None):
+    """``fn(params, base, rngs, batch)`` over scoring pairs, in whole
+    eval.batch_size batches (padded with empty rows, one compiled shape);
+    ``alternatives`` [len(pairs), C] rides along as the batch's
+    'alternatives'. Returns the host rows for ``pairs``."""
+    r = self.r
+    bs = r.config.eval.batch_size
     n = len(pairs)
     padded = list(pairs) + [([r.tokenizer.bos_id], [])] * (-n % bs)
+    if alternatives is not None:
+      alternatives = np.concatenate([alternatives, np.full(
+          (len(padded) - n, alternatives.shape[1]), -1, np.int32)])
     out = []
     for start in range(0, len(padded), bs):
-      chunk = padded[start:start + bs]
-      batch = r.family.score_batch(chunk, r)
+      batch = r.family.score_batch(padded[start:start + bs], r)
+      if alternatives is not None:
+        batch['alternatives'] = alternatives[start:start + bs]
       batch = {key: distributed.global_array(v, distributed.batch_sharding(
           r.mesh, v.ndim)) for key, v in batch.items()}
-      scores = self._score(state['params'], r.base, r.rngs, batch)
-      out.extend(distributed.to_host(scores).tolist())
+      out.extend(distributed.to_host(fn(state['params'], r.base, r.rngs,
+                                        batch)))
     return out[:n]
+
+  def _score_pairs(self, state, pairs):
+    if self._score is None:
+      self._score = jax.jit(make_score_fn(self.r.eval_graphdef,
+                                          logprobs=self.r.family.logprobs))
+    return [float(s) for s in self._run_in_batches(self._score, state, pairs)]
 
   def _score_last_token_alternatives(self, state, requests):
     """`evaluate.AlternativesFn`: one row per (prompt, shared, last tokens)
     request, see `alternative_logprobs`."""
-    r, cfg = self.r, self.r.config
     if self._score_alternatives is None:
       self._score_alternatives = jax.jit(make_alternatives_score_fn(
-          r.eval_graphdef, logits=r.family.logits))
-    bs = cfg.eval.batch_size
+          self.r.eval_graphdef, logits=self.r.family.logits))
     # Alternatives padded to a power of two (2, 4 or 8 columns): few
     # compiled shapes for 2-way BoolQ, 3- to 5-way ARC and the rest.
     width = max(2, 1 << (max(len(q[2]) for q in requests) - 1).bit_length())
-    rows = [(p, list(shared) + [last[0]], last) for p, shared, last in requests]
-    rows += [([r.tokenizer.bos_id], [], [])] * (-len(rows) % bs)
-    out = []
-    for start in range(0, len(rows), bs):
-      chunk = rows[start:start + bs]
-      batch = r.family.score_batch([(p, o) for p, o, _ in chunk], r)
-      alts = np.full((len(chunk), width), -1, np.int32)
-      for i, (_, _, last) in enumerate(chunk):
-        alts[i, :len(last)] = last
-      batch['alternatives'] = alts
-      batch = {key: distributed.global_array(v, distributed.batch_sharding(
-          r.mesh, v.ndim)) for key, v in batch.items()}
-      scores = distributed.to_host(self._score_alternatives(
-          state['params'], r.base, r.rngs, batch))
-      out.extend(row[:len(last)].tolist()
-                 for row, (_, _, last) in zip(scores, chunk))
-    return out[:len(requests)]
+    alts = np.full((len(requests), width), -1, np.int32)
+    for i, (_, _, last) in enumerate(requests):
+      alts[i, :len(last)] = last
+    rows = self._run_in_batches(
+        self._score_alternatives, state,
+        [(p, list(shared) + [last[0]]) for p, shared, last in requests],
+        alts)
+    return [row[:len(q[2])].tolist() for row, q in zip(rows, requests)]
 
   def multiple_choice(self, state, examples, *, max_length=None,
                       length_normalized=False):
