@@ -67,15 +67,21 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def prepare(tx, params, grads):
-  """(run, state bytes, compile seconds) of a jitted, donating step."""
+def prepare(tx, params, grads, jit=lro.donating_jit):
+  """(run, state bytes, compile seconds) of a jitted, donating step.
+
+  ``lro.donating_jit`` by default: it gives LoRA-RITE's ``basis`` (the
+  params as they were) the donated params' buffer, where ``jax.jit``'s
+  in-order pairing makes XLA copy every factor three times per step. For
+  Adam the two compile to the same buffer assignment.
+  """
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
-  jitted = jax.jit(step, donate_argnums=(0, 1))
+  jitted = jit(step, donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = jitted.lower(params, state, grads).compile()
   compile_s = time.perf_counter() - start
@@ -94,17 +100,23 @@ def prepare(tx, params, grads):
   return run, state_bytes, compile_s
 
 
-def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT):
+def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
+            plain_jit=False):
   """(ms/step, state bytes, compile s) of adam and lora_rite.
 
-  The two steps alternate, so that load from other processes falls on both
-  alike; the ratio of the medians is what to compare across machines.
+  The steps alternate, so that load from other processes falls on all
+  alike; the ratio of the medians is what to compare across machines. With
+  ``plain_jit``, a third entry: lora_rite under ``jax.jit``'s own buffer
+  pairing.
   """
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
                        * 1e-3, params)
   runs = [prepare(optax.adam(lr), params, grads),
           prepare(lro.lora_rite(lr, layout=layout), params, grads)]
-  times = [[], []]
+  if plain_jit:
+    runs.append(prepare(lro.lora_rite(lr, layout=layout), params, grads,
+                        jit=jax.jit))
+  times = [[] for _ in runs]
   for _ in range(repeats):
     for i, (run, _, _) in enumerate(runs):
       times[i].append(run())
@@ -152,11 +164,16 @@ def main(argv=None):
   params = lora_tree(*MODELS['gemma-2b'], rank=16)
   n = sum(x.size for x in jax.tree.leaves(params))
   pairs = len(jax.tree.leaves(params)) // 2
-  (a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c) = compare(params, args.repeats)
-  print(f'\ngemma-2b LoRA tree: {pairs} pairs, {n:,} params, rank 16')
-  print(f'{"":<10} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
-  print(f'{"adam":<10} {a_ms:>9.1f} {a_bytes / 2**20:>9.1f} {a_c:>10.1f}')
-  print(f'{"lora_rite":<10} {r_ms:>9.1f} {r_bytes / 2**20:>9.1f} {r_c:>10.1f}')
+  ((a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c),
+   (j_ms, _, j_c)) = compare(params, args.repeats, plain_jit=True)
+  print(f'\ngemma-2b LoRA tree: {pairs} pairs, {n:,} params, rank 16 '
+        '(steps jitted with lro.donating_jit)')
+  print(f'{"":<20} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
+  print(f'{"adam":<20} {a_ms:>9.1f} {a_bytes / 2**20:>9.1f} {a_c:>10.1f}')
+  print(f'{"lora_rite":<20} {r_ms:>9.1f} {r_bytes / 2**20:>9.1f} '
+        f'{r_c:>10.1f}')
+  print(f'{"lora_rite, jax.jit":<20} {j_ms:>9.1f} {"":>9} {j_c:>10.1f}   '
+        f'(ratio {j_ms / a_ms:.2f}; XLA copies each factor 3 times)')
   (sa_ms, _, sa_c), (sr_ms, _, sr_c) = compare(
       scanned(params), args.repeats, layout=lro.NNX_LAYOUT.scanned(1))
   print(f'same pairs, layers stacked (layout=NNX_LAYOUT.scanned(1)): adam '

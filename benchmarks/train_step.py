@@ -29,6 +29,7 @@ import train  # pylint: disable=unused-import,g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
 from train import configs
 from train import loop
 
@@ -86,9 +87,9 @@ def main(argv=None) -> None:
     params = jax.tree.map(lambda x: x.copy(), r.state['params'])
     states[name] = {'step': r.state['step'].copy(), 'params': params,
                     'opt_state': jax.jit(tx.init)(params)}
-    steps[name] = jax.jit(loop.make_train_step(r.graphdef, tx, schedule,
-                                               accum=1, pack=False),
-                          donate_argnums=(0,))
+    steps[name] = lro.donating_jit(
+        loop.make_train_step(r.graphdef, tx, schedule, accum=1, pack=False),
+        donate_argnums=(0,))
 
   def one(name):
     t = time.perf_counter()

@@ -4,6 +4,7 @@ from lora_rite_optax.pairs import (LoraLayout, LoraPair, NNX_LAYOUT,
                                    PEFT_LAYOUT, find_lora_pairs, lora_b_mask)
 
 from lora_rite_optax import init
+from lora_rite_optax.donation import donating_jit
 from lora_rite_optax.factory import OPTIMIZER_NAMES, optimizer
 from lora_rite_optax.loraplus import loraplus, loraplus_labels
 from lora_rite_optax.scaled_adam import (ScaleByAdamAuthorsState,

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+import lora_rite_optax as lro
 
 from train import configs as configs_lib
 from train import distributed
@@ -252,7 +253,6 @@ def make_schedule(cfg: configs_lib.OptimConfig, steps: int) -> optax.Schedule:
 def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer by name, scheduled, optionally clipped and NaN-guarded."""
-  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
   schedule = make_schedule(cfg, steps)
   try:
     extra = json.loads(cfg.extra or '{}')
@@ -604,10 +604,9 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.eval.method not in ('auto', 'loglik', 'generation'):
     raise ConfigError(f"eval.method must be 'auto', 'loglik' or "
                       f"'generation', got {cfg.eval.method!r}.")
-  from lora_rite_optax import OPTIMIZER_NAMES  # pylint: disable=g-import-not-at-top
-  if cfg.optim.name not in OPTIMIZER_NAMES:
+  if cfg.optim.name not in lro.OPTIMIZER_NAMES:
     raise ConfigError(f'unknown optimizer {cfg.optim.name!r}; choose one of: '
-                      f'{", ".join(OPTIMIZER_NAMES)}.')
+                      f'{", ".join(lro.OPTIMIZER_NAMES)}.')
   make_schedule(cfg.optim, cfg.steps)
   distributed.parse_rules(cfg.mesh.rules)
   return shape
@@ -1119,7 +1118,12 @@ def _jitted_step(r: Run) -> Callable:
   key = json.dumps([d, jax.device_count(), str(r.graphdef)], sort_keys=True)
   if key not in _STEP_CACHE:
     _STEP_CACHE.clear()  # Keep at most one compiled step alive.
-    _STEP_CACHE[key] = jax.jit(
+    # donating_jit, not jax.jit: LoRA-RITE's new state holds the params as
+    # they were, and jax.jit's in-order buffer pairing makes XLA copy them
+    # (three copies of every factor per step on XLA:CPU). Under the
+    # non-finite guard's lax.cond the new state is a branch output and XLA
+    # copies it either way; with --optim.skip_nonfinite false it does not.
+    _STEP_CACHE[key] = lro.donating_jit(
         make_train_step(r.graphdef, r.tx, r.schedule, accum=r.config.grad_accum,
                         pack=r.config.data.pack, logprobs=r.family.logprobs),
         in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,

@@ -1,0 +1,188 @@
+"""Donating ``jax.jit`` whose outputs reuse the buffer of the input they return.
+
+LoRA-RITE's state keeps each factor as it was at the last update
+(``X_{t-1}``): a train step returns its input params unchanged as the new
+``state.basis`` and writes the new params. ``jax.jit`` pairs donated inputs
+with outputs of the same shape and dtype in order (the k-th such output gets
+the k-th such input's buffer), so a step ``(params, state) -> (params,
+state)`` gets ``params -> params`` and ``basis -> basis``: XLA then has to
+copy the params into the old basis buffer before overwriting them, and its
+copy insertion, which orders only by data dependencies, adds two more
+copies per factor (three in all, measured on XLA:CPU). Giving the returned
+params' buffer to ``basis`` and the old basis buffer to the new params costs
+nothing: :func:`donating_jit` reorders the outputs so that ``jax.jit``'s
+in-order pairing makes exactly that assignment, and puts them back in order
+after the call. Optimizers whose state returns no input (Adam) keep the
+usual pairing, which is already copy-free for them (reversing it is not:
+XLA then copies every buffer).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+
+_JIT_ARGS_NOT_SUPPORTED = ('static_argnums', 'static_argnames',
+                           'donate_argnames')
+
+
+def _key(x) -> tuple:
+  return (tuple(x.shape), jax.numpy.dtype(x.dtype))
+
+
+def _plan(donated: Sequence[Any], outs: Sequence[Any]) -> list[int]:
+  """The order to emit ``outs`` in (``order[e]`` = output index).
+
+  Per shape and dtype, output ``j`` would get donated input ``j``; an output
+  that *is* a donated input (the same traced value) swaps with the output
+  holding that input instead, so it gets its own buffer back.
+  """
+  by_key: dict[tuple, list[int]] = {}
+  for j, x in enumerate(outs):
+    by_key.setdefault(_key(x), []).append(j)
+  inputs_by_key: dict[tuple, list[int]] = {}
+  for i, x in enumerate(donated):
+    inputs_by_key.setdefault(_key(x), []).append(i)
+  order = list(range(len(outs)))
+  for key, js in by_key.items():
+    ins = inputs_by_key.get(key, [])
+    rank_of_input = {id(donated[i]): r for r, i in enumerate(ins)}
+    # assign[t]: the rank (in `ins`) of the buffer output js[t] gets; ranks
+    # past len(ins) mean no buffer.
+    assign = list(range(len(js)))
+    holder = {r: t for t, r in enumerate(assign)}
+    forced = set()
+    for t, j in enumerate(js):
+      r = rank_of_input.get(id(outs[j]))
+      if r is None or r in forced or assign[t] == r:
+        if r is not None:
+          forced.add(r)
+        continue
+      u = holder.get(r)
+      if u is None:  # an input past the outputs' count: in-order pairing
+        continue     # cannot give it to this output
+      assign[t], assign[u] = assign[u], assign[t]
+      holder[assign[t]], holder[assign[u]] = t, u
+      forced.add(r)
+    emitted = [js[t] for t in sorted(range(len(js)), key=assign.__getitem__)]
+    for slot, j in zip(js, emitted):
+      order[slot] = j
+  return order
+
+
+class _Lowered:
+  """``jax.stages.Lowered`` of the reordered function; ``compile()`` gives a
+  callable with the original output structure."""
+
+  def __init__(self, lowered, restore):
+    self._lowered, self._restore = lowered, restore
+
+  def as_text(self, *a, **kw):
+    return self._lowered.as_text(*a, **kw)
+
+  def compile(self, *a, **kw):
+    compiled = self._lowered.compile(*a, **kw)
+
+    @functools.wraps(compiled)
+    def call(*args):
+      return self._restore(compiled(*args))
+
+    call.as_text = compiled.as_text
+    return call
+
+
+def donating_jit(fun: Callable[..., Any], *,
+                 donate_argnums: int | Sequence[int],
+                 out_shardings: Any = None,
+                 **jit_kwargs) -> Callable[..., Any]:
+  """``jax.jit(fun, donate_argnums=...)``, with returned inputs kept in place.
+
+  Outputs that return a donated input unchanged (LoRA-RITE's ``basis``, the
+  params as they were) are given that input's buffer, and the outputs whose
+  buffer that was get the freed one, so XLA copies nothing. Results are
+  exactly those of ``jax.jit``; only which donated buffer holds which output
+  changes. On the Gemma-2B LoRA tree this removed three copies of every
+  factor from each LoRA-RITE step (see ``benchmarks/optimizer_step.py``).
+
+  Args:
+    fun: the step, e.g. ``(params, opt_state, batch) -> (params, opt_state)``;
+      positional arguments only.
+    donate_argnums: as in ``jax.jit``.
+    out_shardings: as in ``jax.jit`` (a prefix of the output tree); applied
+      with ``jax.lax.with_sharding_constraint``.
+    **jit_kwargs: other ``jax.jit`` arguments (``in_shardings``, ...); static
+      arguments are not supported.
+
+  Returns:
+    A function with ``fun``'s signature and outputs, and a ``lower(*args)``
+    whose ``compile()`` is callable the same way.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import lora_rite_optax as lro
+    >>> params = {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 4))}
+    >>> tx = lro.lora_rite(1e-2)
+    >>> def step(params, state):
+    ...   grads = jax.tree.map(jnp.ones_like, params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> step = lro.donating_jit(step, donate_argnums=(0, 1))
+    >>> params, state = step(params, tx.init(params))
+    >>> params['lora_a'].shape
+    (8, 2)
+  """
+  for name in _JIT_ARGS_NOT_SUPPORTED:
+    if jit_kwargs.get(name) is not None:
+      raise TypeError(f'donating_jit: {name} is not supported.')
+  # jax pairs donated leaves in argument order, whatever order these are in.
+  donate = tuple(sorted({donate_argnums} if isinstance(donate_argnums, int)
+                        else set(donate_argnums)))
+  # Unused inputs would otherwise be pruned from the compiled computation,
+  # shifting the in-order pairing the plan relies on.
+  jit_kwargs.setdefault('keep_unused', True)
+  plans: dict[Any, tuple[list[int], Any]] = {}
+
+  def signature(args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(_key(x) for x in leaves)
+
+  def reordered(*args):
+    outs = fun(*args)
+    leaves, treedef = jax.tree.flatten(outs)
+    donated = [x for n in donate for x in jax.tree.leaves(args[n])]
+    order = _plan(donated, leaves)
+    if out_shardings is not None:
+      shardings = jax.tree.leaves(
+          jax.tree.map(lambda s, sub: [s] * len(jax.tree.leaves(sub)),
+                       out_shardings, outs, is_leaf=lambda x: x is None),
+          is_leaf=lambda x: x is None)
+      leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s)
+                for x, s in zip(leaves, shardings)]
+    plans[signature(args)] = (order, treedef)
+    return [leaves[j] for j in order]
+
+  jitted = jax.jit(reordered, donate_argnums=donate, **jit_kwargs)
+
+  def restorer(key):
+    def restore(flat):
+      order, treedef = plans[key]
+      leaves = [None] * len(flat)
+      for e, j in enumerate(order):
+        leaves[j] = flat[e]
+      return jax.tree.unflatten(treedef, leaves)
+    return restore
+
+  @functools.wraps(fun)
+  def call(*args):
+    # The signature is taken before the call: donation deletes the inputs.
+    key = signature(args)
+    return restorer(key)(jitted(*args))
+
+  def lower(*args):
+    key = signature(args)
+    return _Lowered(jitted.lower(*args), restorer(key))
+
+  call.lower = lower
+  return call
