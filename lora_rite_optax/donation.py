@@ -29,7 +29,9 @@ _JIT_ARGS_NOT_SUPPORTED = ('static_argnums', 'static_argnames',
 
 
 def _key(x) -> tuple:
-  return (tuple(x.shape), jax.numpy.dtype(x.dtype))
+  """What ``jax.jit`` pairs donated buffers with outputs by."""
+  aval = jax.typeof(x)  # also for a constant output such as 0.0
+  return (tuple(aval.shape), aval.dtype)
 
 
 def _plan(donated: Sequence[Any], outs: Sequence[Any]) -> list[int]:
@@ -145,8 +147,10 @@ def donating_jit(fun: Callable[..., Any], *,
   plans: dict[Any, tuple[list[int], Any]] = {}
 
   def signature(args) -> tuple:
+    """What a trace is made for, the same inside it and at the call."""
     leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple(_key(x) for x in leaves)
+    avals = [jax.typeof(x) for x in leaves]  # canonical: 2.0 -> f32, weak
+    return treedef, tuple((a.shape, a.dtype, a.weak_type) for a in avals)
 
   def reordered(*args):
     outs = fun(*args)

@@ -143,3 +143,21 @@ def test_out_shardings_prefix_and_unsupported_arguments():
   assert state[0].count == 1
   with pytest.raises(TypeError, match='static_argnums is not supported'):
     lro.donating_jit(make_step(tx), donate_argnums=0, static_argnums=2)
+
+
+def test_python_scalar_and_key_arguments():
+  tx = lro.lora_rite(1e-2)
+  params = lora_params()
+
+  def step(params, state, grads, scale, key):
+    grads = jax.tree.map(
+        lambda g: g * scale + 0 * jax.random.uniform(key), grads)
+    return make_step(tx)(params, state, grads), 0.0  # a constant output too
+
+  fast = lro.donating_jit(step, donate_argnums=(0, 1))
+  want = jax.jit(step)(params, tx.init(params), grads_for(params, 1), 2.0,
+                       jax.random.key(0))
+  got = fast(jax.tree.map(jnp.copy, params), tx.init(params),
+             grads_for(params, 1), 2.0, jax.random.key(0))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
