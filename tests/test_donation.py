@@ -43,15 +43,20 @@ def make_step(tx):
   return step
 
 
-def factor_copies(hlo: str, params) -> list[str]:
-  """Compiled-HLO copies of arrays shaped like a factor."""
+def factor_copies(hlo: str, params, inputs_only=False) -> list[str]:
+  """Compiled-HLO copies of arrays shaped like a factor; with
+  ``inputs_only``, only copies of a step input (or of such a copy), which
+  leaves out layout copies of computed values."""
   shapes = {','.join(map(str, x.shape)) for x in jax.tree.leaves(params)}
-  found = []
-  for line in hlo.splitlines():
-    m = re.search(r'= f32\[([\d,]+)\]\S* copy\(', line)
-    if m and m.group(1) in shapes:
-      found.append(line.strip())
-  return found
+  entry = hlo[hlo.index('\nENTRY'):]  # not the fused computations' params
+  inputs = set(re.findall(r'%(\S+) = \S+ parameter\(', entry))
+  copies = {}
+  for line in entry.splitlines():
+    m = re.search(r'%(\S+) = f32\[([\d,]+)\]\S* copy\(%([^),]+)\)', line)
+    if m and m.group(2) in shapes:
+      copies[m.group(1)] = (m.group(3), line.strip())
+  return [line for src, line in copies.values()
+          if not inputs_only or src in inputs or src in copies]
 
 
 def sds(shape):

@@ -321,21 +321,6 @@ def test_multiple_choice_by_loglik_on_real_boolq_files(tmp_path):
 
 
 
-def _input_copies(hlo: str, params) -> list[str]:
-  """Compiled-HLO copies of a factor-shaped step input (or of such a copy)."""
-  import re  # pylint: disable=g-import-not-at-top
-  shapes = {','.join(map(str, x.shape)) for x in jax.tree.leaves(params)}
-  hlo = hlo[hlo.index('\nENTRY'):]  # not the fused computations' params
-  inputs = set(re.findall(r'%(\S+) = \S+ parameter\(', hlo))
-  copies = {}
-  for line in hlo.splitlines():
-    m = re.search(r'%(\S+) = f32\[([\d,]+)\]\S* copy\(%([^),]+)\)', line)
-    if m and m.group(2) in shapes:
-      copies[m.group(1)] = m.group(3)
-  return [f'{c} = copy({src})' for c, src in copies.items()
-          if src in inputs or src in copies]
-
-
 def test_lora_rite_train_step_copies_no_input(tmp_path):
   """The loop's step gives LoRA-RITE's basis the old params' buffer.
 
@@ -349,10 +334,13 @@ def test_lora_rite_train_step_copies_no_input(tmp_path):
   batch = {k: v[None] for k, v in batch.items()}  # one micro-batch
   args = (r.state, r.base, r.rngs, batch)
   hlo = loop._jitted_step(r).lower(*args).compile().as_text()  # pylint: disable=protected-access
+  from tests.test_donation import factor_copies  # pylint: disable=g-import-not-at-top
   params = r.state['params']
-  assert not _input_copies(hlo, params), _input_copies(hlo, params)[:3]
+  copies = factor_copies(hlo, params, inputs_only=True)
+  assert not copies, copies[:3]
   # Control: jax.jit's in-order buffer pairing copies every factor.
   step = loop.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
                               pack=False, logprobs=r.family.logprobs)
   plain = jax.jit(step, donate_argnums=(0,)).lower(*args).compile().as_text()
-  assert len(_input_copies(plain, params)) >= len(jax.tree.leaves(params))
+  assert (len(factor_copies(plain, params, inputs_only=True))
+          >= len(jax.tree.leaves(params)))
