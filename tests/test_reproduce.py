@@ -161,6 +161,33 @@ def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
   assert not tb.gsm8k and rp.BUDGETS['full'].tasks['math'].gsm8k
 
 
+def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
+  """--gsm8k: the math task's own training (same batch, rows, steps), GSM8K
+  as its only test set, and the runs kept under <budget>-gsm8k."""
+  seen = []
+
+  def fake_run(args, budget, task, data, opt, lr, seed, log):
+    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
+    return {'val_loss': [1.0]}
+
+  monkeypatch.setattr(rp, 'do_run', fake_run)
+  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  rp.main(['--budget', 'small', '--tasks', 'math', '--gsm8k', '--optimizers',
+           'adam', '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)])
+  (name, tb, tests), = seen
+  plain = rp.BUDGETS['small'].tasks['math']
+  assert name == 'small-gsm8k' and tests == ['gsm8k']
+  assert dataclasses.replace(tb, gsm8k=False, heldout=True) == plain
+  data = rp.task_data('math', tb)
+  assert len(data['tests']['gsm8k']) == plain.num_test
+  # The plain budget's test set is the held-out math alone.
+  assert sorted(rp.task_data('math', plain)['tests']) == ['math_heldout']
+  with pytest.raises(SystemExit):
+    rp.main(['--budget', 'small', '--tasks', 'arithmetic', '--gsm8k',
+             '--out', str(tmp_path)])
+  assert len(seen) == 1
+
+
 def test_same_rate_comparison(rp, tmp_path):
   """Besides each optimizer at its best rate, LoRA-RITE against each other
   optimizer at a rate both ran on matched seeds (the issue's first look ran
