@@ -19,6 +19,8 @@ Tasks and test sets:
   generates (``full``; ``small`` scores loss only, see its comment).
   ``small`` leaves GSM8K out for time; ``--gsm8k`` runs the same training
   and scores GSM8K alone, under its own budget name (``small-gsm8k``).
+  ``--exact_match N`` runs the same training and adds exact match of N
+  greedy tokens per test item (``small-em128`` for N = 128).
 * ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer
   log-likelihood and loss per target token of the gold answer.
 
@@ -751,6 +753,10 @@ def main(argv=None) -> None:
   p.add_argument('--gsm8k', action='store_true',
                  help='math: test on GSM8K in place of the held-out math '
                  'records (runs kept apart, under <budget>-gsm8k)')
+  p.add_argument('--exact_match', type=int, metavar='TOKENS',
+                 help='math: also score exact match of this many greedy '
+                 'tokens per test item (runs kept apart, under '
+                 '<budget>-em<TOKENS>)')
   p.add_argument('--resume', action='store_true',
                  help='skip runs whose result file exists')
   p.add_argument('--report_only', action='store_true')
@@ -764,6 +770,10 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.gsm8k and args.tasks != ['math']:
     p.error('--gsm8k scores the math task on GSM8K: pass --tasks math')
+  if args.exact_match is not None and args.tasks != ['math']:
+    p.error('--exact_match generates for the math task: pass --tasks math')
+  if args.exact_match is not None and args.exact_match < 1:
+    p.error(f'--exact_match must be >= 1 token, got {args.exact_match}')
   argv_used = sys.argv[1:] if argv is None else list(argv)
   command = 'python benchmarks/reproduce.py ' + ' '.join(argv_used)
 
@@ -789,6 +799,11 @@ def main(argv=None) -> None:
     # only the test set differs, and the held-out math is not scored twice.
     over['tasks'] = {**budget.tasks, 'math': dataclasses.replace(
         budget.tasks['math'], gsm8k=True, heldout=False)}
+  if args.exact_match:
+    # Training unchanged again: only the scoring adds generations.
+    tasks_now = over.get('tasks', budget.tasks)
+    over['tasks'] = {**tasks_now, 'math': dataclasses.replace(
+        tasks_now['math'], gen_tokens=args.exact_match)}
   budget = dataclasses.replace(budget, **over)
   # A step or warmup override changes what a run is, so its runs live apart
   # (the lr and seed are in each file's name already).
@@ -798,6 +813,8 @@ def main(argv=None) -> None:
     args.budget = f'{args.budget}-warmup{args.warmup}'
   if args.gsm8k:
     args.budget = f'{args.budget}-gsm8k'
+  if args.exact_match:
+    args.budget = f'{args.budget}-em{args.exact_match}'
   tasks = args.tasks or budget.default_tasks
   opts = args.optimizers or OPTIMIZERS
 

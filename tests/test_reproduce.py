@@ -188,6 +188,63 @@ def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   assert len(seen) == 1
 
 
+def test_exact_match_variant_generates_with_training_unchanged(
+    rp, tmp_path, monkeypatch):
+  """--exact_match N: the math task's own training and test sets, N greedy
+  tokens per test item added, runs under <budget>[-gsm8k]-em<N>; bad use
+  is an argparse error before anything runs."""
+  seen = []
+
+  def fake_run(args, budget, task, data, opt, lr, seed, log):
+    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
+    return {'val_loss': [1.0]}
+
+  monkeypatch.setattr(rp, 'do_run', fake_run)
+  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  common = ['--budget', 'small', '--tasks', 'math', '--optimizers', 'adam',
+            '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)]
+  rp.main(common + ['--exact_match', '128'])
+  rp.main(common + ['--exact_match', '64', '--gsm8k'])
+  plain = rp.BUDGETS['small'].tasks['math']
+  (name, tb, tests), (name_g, tb_g, tests_g) = seen
+  assert name == 'small-em128' and tests == ['math_heldout']
+  assert tb.gen_tokens == 128 and plain.gen_tokens == 0
+  assert dataclasses.replace(tb, gen_tokens=0) == plain
+  assert name_g == 'small-gsm8k-em64' and tests_g == ['gsm8k']
+  assert dataclasses.replace(tb_g, gen_tokens=0, gsm8k=False,
+                             heldout=True) == plain
+  cfg = rp.make_config(rp.BUDGETS['small'], 'math', 'adam', 1e-3, 0, 'tiny')
+  cfg_em = rp.make_config(dataclasses.replace(
+      rp.BUDGETS['small'], tasks={'math': tb}), 'math', 'adam', 1e-3, 0,
+                          'tiny')
+  assert cfg_em.eval.max_new_tokens == 128
+  assert dataclasses.replace(cfg_em, eval=cfg.eval) == cfg
+  for bad in (['--tasks', 'arithmetic', '--exact_match', '8'],
+              ['--tasks', 'math', '--exact_match', '0']):
+    with pytest.raises(SystemExit):
+      rp.main(['--budget', 'small', '--out', str(tmp_path)] + bad)
+  assert len(seen) == 2
+
+
+def test_end_to_end_tiny_math_exact_match(rp, tmp_path, monkeypatch):
+  """A math run that generates: per-item correctness and predictions are
+  saved beside the losses, and the report gives accuracy with McNemar."""
+  _unit_budget(rp, monkeypatch, 'math',
+               rp.TaskBudget(64, 8, 4, 6, 0, gsm8k=False),
+               steps=2)
+  out = str(tmp_path)
+  rp.main(['--budget', 'unit', '--model', 'tiny', '--tasks', 'math',
+           '--optimizers', 'lora_rite', 'adam', '--exact_match', '4',
+           '--out', out, '--compile_cache', str(tmp_path / 'jax-cache')])
+  d = json.load(open(rp.run_path(out, 'unit-em4', 'math', 'adam', 1e-3, 0)))
+  res = d['tests']['math_heldout']
+  n = len(res['loss'])
+  assert n > 0 and len(res['correct']) == len(res['generation']) == n
+  assert set(res['correct']) <= {0, 1}
+  md = open(os.path.join(out, 'results_unit-em4.md')).read()
+  assert '(loss only)' not in md and 'McNemar' in md
+
+
 def test_same_rate_comparison(rp, tmp_path):
   """Besides each optimizer at its best rate, LoRA-RITE against each other
   optimizer at a rate both ran on matched seeds (the issue's first look ran
