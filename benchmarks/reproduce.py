@@ -152,11 +152,12 @@ BUDGETS = {
                # token would cost several times as much per step (estimated
                # from the flops, not run). Batch 4 x 160 with the first 96
                # target tokens (three quarters of targets are shorter)
-               # measured 5-6 s/step alone. No generation: 80 greedy tokens
-               # for 300 prompts would double a run, and exact match after
-               # 160 examples is expected to be near 0 (both estimates);
+               # measured 5-6 s/step alone. No generation by default:
                # held-out loss per target token is the measure (it
                # separated the optimizers in the first look).
+               # --exact_match 128 adds it: measured, 128 greedy tokens for
+               # the 150 prompts took 3-4 minutes (a run 9-11 in all), and
+               # every optimizer solved 2-4% (docs/results/README.md).
                # Scoring goes through the same output layer per target
                # token: 150 math items + 150 GSM8K took 13 minutes per run
                # under load, so GSM8K (longer targets) is left out here.
