@@ -87,6 +87,14 @@ def test_paired_bootstrap(rp):
   assert lo < 0 < hi and p > 0.5
 
 
+def _need_data(*folders):
+  """Skips (as the other data tests do) where ../shared/data is absent."""
+  from train import data as data_lib  # pylint: disable=g-import-not-at-top
+  for folder in folders:
+    if not (data_lib.default_data_dir() / folder).is_dir():
+      pytest.skip(f'no ../shared/data/{folder}')
+
+
 def _unit_budget(rp, monkeypatch, task, tb, steps):
   """Registers budget 'unit': one task, one rate and seed, rank 2 on q."""
   monkeypatch.setitem(rp.BUDGETS, 'unit', rp.Budget(
@@ -164,6 +172,7 @@ def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
 def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   """--gsm8k: the math task's own training (same batch, rows, steps), GSM8K
   as its only test set, and the runs kept under <budget>-gsm8k."""
+  _need_data('math', 'gsm8k')
   seen = []
 
   def fake_run(args, budget, task, data, opt, lr, seed, log):
@@ -193,6 +202,7 @@ def test_exact_match_variant_generates_with_training_unchanged(
   """--exact_match N: the math task's own training and test sets, N greedy
   tokens per test item added, runs under <budget>[-gsm8k]-em<N>; bad use
   is an argparse error before anything runs."""
+  _need_data('math', 'gsm8k')
   seen = []
 
   def fake_run(args, budget, task, data, opt, lr, seed, log):
@@ -229,6 +239,7 @@ def test_exact_match_variant_generates_with_training_unchanged(
 def test_end_to_end_tiny_math_exact_match(rp, tmp_path, monkeypatch):
   """A math run that generates: per-item correctness and predictions are
   saved beside the losses, and the report gives accuracy with McNemar."""
+  _need_data('math')
   _unit_budget(rp, monkeypatch, 'math',
                rp.TaskBudget(64, 8, 4, 6, 0, gsm8k=False),
                steps=2)
