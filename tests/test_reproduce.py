@@ -95,6 +95,20 @@ def _need_data(*folders):
       pytest.skip(f'no ../shared/data/{folder}')
 
 
+def _record_runs(rp, monkeypatch) -> list:
+  """Replaces training and the report: each run appends (budget name, its
+  task budget, its test-set names) to the returned list."""
+  seen = []
+
+  def fake_run(args, budget, task, data, opt, lr, seed, log):
+    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
+    return {'val_loss': [1.0]}
+
+  monkeypatch.setattr(rp, 'do_run', fake_run)
+  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  return seen
+
+
 def _unit_budget(rp, monkeypatch, task, tb, steps):
   """Registers budget 'unit': one task, one rate and seed, rank 2 on q."""
   monkeypatch.setitem(rp.BUDGETS, 'unit', rp.Budget(
@@ -173,14 +187,7 @@ def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   """--gsm8k: the math task's own training (same batch, rows, steps), GSM8K
   as its only test set, and the runs kept under <budget>-gsm8k."""
   _need_data('math', 'gsm8k')
-  seen = []
-
-  def fake_run(args, budget, task, data, opt, lr, seed, log):
-    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
-    return {'val_loss': [1.0]}
-
-  monkeypatch.setattr(rp, 'do_run', fake_run)
-  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  seen = _record_runs(rp, monkeypatch)
   rp.main(['--budget', 'small', '--tasks', 'math', '--gsm8k', '--optimizers',
            'adam', '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)])
   (name, tb, tests), = seen
@@ -203,14 +210,7 @@ def test_exact_match_variant_generates_with_training_unchanged(
   tokens per test item added, runs under <budget>[-gsm8k]-em<N>; bad use
   is an argparse error before anything runs."""
   _need_data('math', 'gsm8k')
-  seen = []
-
-  def fake_run(args, budget, task, data, opt, lr, seed, log):
-    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
-    return {'val_loss': [1.0]}
-
-  monkeypatch.setattr(rp, 'do_run', fake_run)
-  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  seen = _record_runs(rp, monkeypatch)
   common = ['--budget', 'small', '--tasks', 'math', '--optimizers', 'adam',
             '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)]
   rp.main(common + ['--exact_match', '128'])
@@ -309,9 +309,7 @@ def test_same_rate_comparison(rp, tmp_path):
 def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
   """A multiple-choice task (ARC-Challenge from ../shared/data): per-item
   correctness, the predicted option and the gold option's loss per token."""
-  from train import data as data_lib  # pylint: disable=g-import-not-at-top
-  if not (data_lib.default_data_dir() / 'ARC-Challenge').is_dir():
-    pytest.skip('no ../shared/data/ARC-Challenge')
+  _need_data('ARC-Challenge')
   tb = rp.TaskBudget(96, 4, 4, 6, 0)
   _unit_budget(rp, monkeypatch, 'arc_challenge', tb, steps=1)
   out = str(tmp_path)
