@@ -2,7 +2,6 @@
 
 import collections
 import json
-import os
 import re
 import sys
 import types
@@ -15,8 +14,7 @@ from train.data import arithmetic
 from train.data import numbers
 from train.data import templates
 
-DATA_DIR = Path(os.environ.get("LRO_DATA_DIR") or
-                Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA_DIR = data.default_data_dir()  # $LRO_DATA_DIR or ../shared/data
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(),
                                 reason=f"no shared data at {DATA_DIR}")
 

@@ -1,7 +1,5 @@
 """Metrics of `train.evaluate` on hand-made cases."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,7 @@ from train import evaluate as ev
 from train.data import Example
 
 TOK = data.ByteTokenizer()
-DATA_DIR = Path(os.environ.get("LRO_DATA_DIR") or
-                Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA_DIR = data.default_data_dir()  # $LRO_DATA_DIR or ../shared/data
 
 
 def _mc(gold, labels=("answer1", "answer2", "answer3")):
