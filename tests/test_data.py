@@ -14,9 +14,7 @@ from train.data import arithmetic
 from train.data import numbers
 from train.data import templates
 
-DATA_DIR = data.default_data_dir()  # $LRO_DATA_DIR or ../shared/data
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(),
-                                reason=f"no shared data at {DATA_DIR}")
+from tests.shared_data import DATA_DIR, needs_data  # pylint: disable=g-importing-member
 
 
 def _listing(path):

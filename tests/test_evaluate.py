@@ -8,8 +8,9 @@ from train import data
 from train import evaluate as ev
 from train.data import Example
 
+from tests.shared_data import DATA_DIR, needs_data  # pylint: disable=g-importing-member
+
 TOK = data.ByteTokenizer()
-DATA_DIR = data.default_data_dir()  # $LRO_DATA_DIR or ../shared/data
 
 
 def _mc(gold, labels=("answer1", "answer2", "answer3")):
@@ -168,7 +169,7 @@ def test_multiple_choice_loglik_shares_a_pass_across_last_token_options():
                               alternatives_fn=lambda q: [[0.0, 0.0]])
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no data at {DATA_DIR}")
+@needs_data
 def test_multiple_choice_on_real_examples():
   examples = data.load_task("arc_challenge", "test", data_dir=DATA_DIR)[:40]
   gold = {e.prompt: e.target for e in examples}

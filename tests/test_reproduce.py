@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import shared_data
+
 _PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
                      'reproduce.py')
 
@@ -85,14 +87,6 @@ def test_paired_bootstrap(rp):
   assert mean == pytest.approx(0.1) and lo > 0 and p < 0.01
   _, (lo, hi), p = rp.paired_bootstrap(np.linspace(-1, 1, 51))
   assert lo < 0 < hi and p > 0.5
-
-
-def _need_data(*folders):
-  """Skips (as the other data tests do) where ../shared/data is absent."""
-  from train import data as data_lib  # pylint: disable=g-import-not-at-top
-  for folder in folders:
-    if not (data_lib.default_data_dir() / folder).is_dir():
-      pytest.skip(f'no ../shared/data/{folder}')
 
 
 def _record_runs(rp, monkeypatch) -> list:
@@ -186,7 +180,7 @@ def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
 def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   """--gsm8k: the math task's own training (same batch, rows, steps), GSM8K
   as its only test set, and the runs kept under <budget>-gsm8k."""
-  _need_data('math', 'gsm8k')
+  shared_data.require('math', 'gsm8k')
   seen = _record_runs(rp, monkeypatch)
   rp.main(['--budget', 'small', '--tasks', 'math', '--gsm8k', '--optimizers',
            'adam', '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)])
@@ -209,7 +203,7 @@ def test_exact_match_variant_generates_with_training_unchanged(
   """--exact_match N: the math task's own training and test sets, N greedy
   tokens per test item added, runs under <budget>[-gsm8k]-em<N>; bad use
   is an argparse error before anything runs."""
-  _need_data('math', 'gsm8k')
+  shared_data.require('math', 'gsm8k')
   seen = _record_runs(rp, monkeypatch)
   common = ['--budget', 'small', '--tasks', 'math', '--optimizers', 'adam',
             '--lrs', '1e-3', '--seeds', '0', '--out', str(tmp_path)]
@@ -239,7 +233,7 @@ def test_exact_match_variant_generates_with_training_unchanged(
 def test_end_to_end_tiny_math_exact_match(rp, tmp_path, monkeypatch):
   """A math run that generates: per-item correctness and predictions are
   saved beside the losses, and the report gives accuracy with McNemar."""
-  _need_data('math')
+  shared_data.require('math')
   _unit_budget(rp, monkeypatch, 'math',
                rp.TaskBudget(64, 8, 4, 6, 0, gsm8k=False),
                steps=2)
@@ -309,7 +303,7 @@ def test_same_rate_comparison(rp, tmp_path):
 def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
   """A multiple-choice task (ARC-Challenge from ../shared/data): per-item
   correctness, the predicted option and the gold option's loss per token."""
-  _need_data('ARC-Challenge')
+  shared_data.require('ARC-Challenge')
   tb = rp.TaskBudget(96, 4, 4, 6, 0)
   _unit_budget(rp, monkeypatch, 'arc_challenge', tb, steps=1)
   out = str(tmp_path)

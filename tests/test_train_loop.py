@@ -16,6 +16,8 @@ import pytest
 from train import configs
 from train import loop
 
+from tests import shared_data
+
 # The same compiled shapes for every test here: short rows, few steps.
 FAST = {'steps': 12, 'log_every': 1, 'checkpoint_every': 6,
         'data.seq_len': 96, 'progress': False}
@@ -302,10 +304,7 @@ def test_multiple_choice_shares_one_row_across_last_token_options(tmp_path):
 
 def test_multiple_choice_by_loglik_on_real_boolq_files(tmp_path):
   """The log-likelihood path of the evaluator (BoolQ from ../shared/data)."""
-  from train import data  # pylint: disable=g-import-not-at-top
-  folder = data.default_data_dir() / 'boolq'
-  if not (folder / 'test.json').is_file():
-    pytest.skip('no ../shared/data/boolq')
+  folder = shared_data.require('boolq') / 'boolq'
   cfg = tiny(tmp_path / 'run', **{
       'data.task': 'boolq', 'data.path': str(folder), 'data.seq_len': 64,
       'eval.before': True, 'eval.num_examples': 6, 'eval.batch_size': 8})
