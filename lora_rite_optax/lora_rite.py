@@ -207,11 +207,13 @@ def scale_by_lora_rite(
   (kept in the state in place of :math:`M`): five such products per factor
   in all. A factor sharded along its long axis needs only ``r x r``
   reductions, and the small algebra of all pairs runs batched. The QR is
-  ``R^+ = W diag(lambda^-1/2)`` from the Gram's eigendecomposition, which
-  squares the condition number (float32 keeps ``U`` orthonormal to about
-  ``eps * cond(X)^2``); directions with singular values below
-  ``sqrt(r * eps)`` of the largest count as null (pseudo-inverse), so an
-  all-zero ``lora_b`` gives a zero update of ``lora_a``, never NaN.
+  ``R^+ = L^-T`` from the Gram's Cholesky factor, or ``W diag(lambda^-1/2)``
+  from its eigendecomposition where a factor is near rank-deficient (see
+  :func:`lora_rite_optax.linalg.inverse_root`); either squares the condition
+  number (float32 keeps ``U`` orthonormal to about ``eps * cond(X)^2``);
+  directions with singular values below ``sqrt(r * eps)`` of the largest
+  count as null (pseudo-inverse), so an all-zero ``lora_b`` gives a zero
+  update of ``lora_a``, never NaN.
 
   Args:
     b1: decay of the first moment.
@@ -436,15 +438,12 @@ def scale_by_lora_rite(
                         jnp.asarray(eps).astype(nu.dtype))
       precond = _mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
-      # is what the state keeps. M_prev has no component along the null
-      # directions of R_{O,t-1}^+ = W D, so M_prev = S_prev W D^+, and W D^+
-      # is R_{O,t-1}^+ with each column divided by its squared norm.
-      col_sq = jnp.sum(rinv_prev_o**2, axis=-2)  # lambda^-1 where kept
-      inv_col = jnp.where(col_sq > 0, 1.0 / jnp.where(col_sq > 0, col_sq,
-                                                     1.0), 0.0)
-      unstep = rinv_prev_o * inv_col[..., None, :]  # S_prev -> M_prev
+      # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,
+      # M_prev P^T = M_prev R_{O,t-1}^+T X_{O,t-1}^T X_O R_O^+
+      #            = S_prev xp_O^T R_O^+:
+      # no inverse of R_{O,t-1}^+ is needed, whatever form it had.
       k1 = (1 - d1) * scale[..., None, None] * _mm(rinv_o, precond)
-      k2 = d1 * _mm(unstep, _t(transport))
+      k2 = d1 * _mm(_t(xp_o), rinv_o)
       ka = _mm(k1, _t(rinv_o))
       kb = _mm(k2, _t(rinv_o))
       shrink = None
