@@ -180,9 +180,11 @@ def test_transformation_invariance_float64(kind, kw):
 # factors need only r x r all-reduces), which squares the condition number:
 # basis errors are ~eps * cond(X)^2. Scalings keep cond(X) as it is and the
 # trajectories agree to 1e-3 over 25 steps; a random R with cond 100 makes
-# cond(A R) a few hundred and the gap a few 1e-3 (measured 8.1e-3 with the
-# transport P taken from the Gram X_t^T X_{t-1}, which squares cond once
-# more than the former X_t^T U_{t-1} did: that measured 4.6e-3).
+# cond(A R) a few hundred and the gap a few 1e-3 (measured: 6.3e-3 with
+# R^+ by Cholesky, 6.5e-3 with R^+ by eigh; 8.1e-3 when the momentum was
+# carried through W D^+ of the previous R^+, 4.6e-3 when P came from
+# X_t^T U_{t-1} rather than the Gram X_t^T X_{t-1}, which squares cond once
+# more).
 FLOAT32_TOLERANCE = {'scale_1e-3': 1e-3, 'scale_1e3': 1e-3,
                      'random_cond100': 1e-2}
 
