@@ -15,6 +15,7 @@ The last line is `lora_rite/adam step-time ratio: X.XX`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 
 import lora_rite_optax as lro
+from lora_rite_optax import linalg
 
 # name: (d_model, q_heads * head_dim, kv_heads * head_dim, mlp, layers)
 MODELS = {
@@ -100,14 +102,26 @@ def prepare(tx, params, grads, jit=lro.donating_jit):
   return run, state_bytes, compile_s
 
 
+@contextlib.contextmanager
+def eigh_qr():
+  """LoRA-RITE traced with ``R^+`` by eigh for every group (the fallback
+  of ``linalg.inverse_root``), to time what its Cholesky path saves."""
+  cholesky_first = linalg.inverse_root
+  linalg.inverse_root = linalg.eig_inverse_root
+  try:
+    yield
+  finally:
+    linalg.inverse_root = cholesky_first
+
+
 def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
-            plain_jit=False):
+            plain_jit=False, eigh=False):
   """(ms/step, state bytes, compile s) of adam and lora_rite.
 
   The steps alternate, so that load from other processes falls on all
   alike; the ratio of the medians is what to compare across machines. With
-  ``plain_jit``, a third entry: lora_rite under ``jax.jit``'s own buffer
-  pairing.
+  ``plain_jit``, one more entry: lora_rite under ``jax.jit``'s own buffer
+  pairing; with ``eigh``, one more: lora_rite with ``R^+`` by eigh.
   """
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
                        * 1e-3, params)
@@ -116,6 +130,9 @@ def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
   if plain_jit:
     runs.append(prepare(lro.lora_rite(lr, layout=layout), params, grads,
                         jit=jax.jit))
+  if eigh:
+    with eigh_qr():
+      runs.append(prepare(lro.lora_rite(lr, layout=layout), params, grads))
   times = [[] for _ in runs]
   for _ in range(repeats):
     for i, (run, _, _) in enumerate(runs):
@@ -164,8 +181,8 @@ def main(argv=None):
   params = lora_tree(*MODELS['gemma-2b'], rank=16)
   n = sum(x.size for x in jax.tree.leaves(params))
   pairs = len(jax.tree.leaves(params)) // 2
-  ((a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c),
-   (j_ms, _, j_c)) = compare(params, args.repeats, plain_jit=True)
+  ((a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c), (j_ms, _, j_c),
+   (e_ms, _, e_c)) = compare(params, args.repeats, plain_jit=True, eigh=True)
   print(f'\ngemma-2b LoRA tree: {pairs} pairs, {n:,} params, rank 16 '
         '(steps jitted with lro.donating_jit)')
   print(f'{"":<20} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
@@ -174,6 +191,8 @@ def main(argv=None):
         f'{r_c:>10.1f}')
   print(f'{"lora_rite, jax.jit":<20} {j_ms:>9.1f} {"":>9} {j_c:>10.1f}   '
         f'(ratio {j_ms / a_ms:.2f}; XLA copies each factor 3 times)')
+  print(f'{"lora_rite, eigh R^+":<20} {e_ms:>9.1f} {"":>9} {e_c:>10.1f}   '
+        f'(ratio {e_ms / a_ms:.2f}; R^+ by eigh, not Cholesky)')
   (sa_ms, _, sa_c), (sr_ms, _, sr_c) = compare(
       scanned(params), args.repeats, layout=lro.NNX_LAYOUT.scanned(1))
   print(f'same pairs, layers stacked (layout=NNX_LAYOUT.scanned(1)): adam '

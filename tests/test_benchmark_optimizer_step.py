@@ -1,0 +1,56 @@
+"""benchmarks/optimizer_step.py on a tiny tree: its comparisons run."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import lora_rite_optax as lro
+from lora_rite_optax import linalg
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
+                     'optimizer_step.py')
+
+
+@pytest.fixture(scope='module')
+def bench():
+  spec = importlib.util.spec_from_file_location('optimizer_step', _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_compare_times_every_variant(bench):
+  params = bench.lora_tree(32, 32, 8, 64, 1, rank=4)
+  rows = bench.compare(params, 2, plain_jit=True, eigh=True)
+  assert len(rows) == 4  # adam, lora_rite, under jax.jit, eigh R^+
+  (_, adam_bytes, _), (_, rite_bytes, _) = rows[:2]
+  for ms, _, compile_s in rows:
+    assert ms > 0 and compile_s > 0
+  # LoRA-RITE keeps two factor-sized arrays, as Adam does, plus per factor
+  # two r x r matrices (nu, R^+) and the escaped mass, in float32.
+  pairs, r = 7, 4
+  assert rite_bytes - adam_bytes == 4 * 2 * pairs * (2 * r * r + 1)
+
+
+def test_eigh_qr_swaps_the_qr_while_tracing_and_restores_it(bench):
+  params = bench.lora_tree(32, 32, 8, 64, 1, rank=4)
+  grads = jax.tree.map(lambda x: x * 1e-2, params)
+
+  def rinv_after_two_steps():
+    tx = lro.lora_rite(1e-3)  # a new function, traced anew
+    state = tx.init(params)
+    p = params
+    for _ in range(2):
+      updates, state = jax.jit(tx.update)(grads, state, p)
+      p = jax.tree.map(lambda x, u: x + u, p, updates)
+    return np.asarray(state[0].rinv['rank4_float32'])
+
+  upper = lambda m: np.all(np.tril(m, -1) == 0)
+  assert all(upper(m) for m in rinv_after_two_steps().reshape(-1, 4, 4))
+  with bench.eigh_qr():
+    assert not all(upper(m)
+                   for m in rinv_after_two_steps().reshape(-1, 4, 4))
+  assert linalg.inverse_root is not linalg.eig_inverse_root
