@@ -340,7 +340,7 @@ def scale_by_lora_rite(
       factors.append(both)
 
     # The r x r algebra of every pair with the same rank and dtype runs as
-    # one batch: a few eighs in all instead of several per pair.
+    # one batch: a few factorisations in all, not several per pair.
     batches = {key: [k for k, _ in members] for key, members in
                pair_groups(paired, param_leaves).items()}
     for key, ks in batches.items():
@@ -376,8 +376,8 @@ def scale_by_lora_rite(
       n_rows = stack(ks, lambda k, role: jnp.full(
           factors[k][role]['grams']['xx'].shape[:1], factors[k][role]['n'],
           bdtype))
-      # Batches wait for each other: concurrent batched eighs can deadlock
-      # XLA:CPU (linalg.one_at_a_time).
+      # Batches wait for each other: concurrent batched LAPACK calls can
+      # deadlock XLA:CPU (linalg.one_at_a_time).
       rinv = linalg.inverse_root(
           linalg.after(gram['xx'], last_rinv) if last_rinv is not None
           else gram['xx'])
