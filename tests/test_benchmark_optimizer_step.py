@@ -1,8 +1,5 @@
 """benchmarks/optimizer_step.py on a tiny tree: its comparisons run."""
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -10,16 +7,12 @@ import pytest
 import lora_rite_optax as lro
 from lora_rite_optax import linalg
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
-                     'optimizer_step.py')
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('optimizer_step', _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return benchmark_scripts.load('optimizer_step')
 
 
 def test_compare_times_every_variant(bench):

@@ -1,6 +1,5 @@
 """Metrics of `train.evaluate` on hand-made cases."""
 
-
 import numpy as np
 import pytest
 

@@ -2,28 +2,19 @@
 statistics and report on hand-made result files."""
 
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
+from tests import benchmark_scripts
 from tests import shared_data
-
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
-                     'reproduce.py')
 
 
 @pytest.fixture(scope='module')
 def rp():
-  spec = importlib.util.spec_from_file_location('reproduce', _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  # dataclasses resolve annotations through sys.modules.
-  sys.modules['reproduce'] = mod
-  spec.loader.exec_module(mod)
-  return mod
+  return benchmark_scripts.load('reproduce')
 
 
 def _fake_run(task, opt, lr, seed, correct, loss, val):
