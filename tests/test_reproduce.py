@@ -168,6 +168,49 @@ def test_small_math_budget_is_loss_only_with_its_own_batch(rp):
   assert not tb.gsm8k and rp.BUDGETS['full'].tasks['math'].gsm8k
 
 
+def test_full_budget_plans_every_task_and_each_config_builds(
+    rp, tmp_path, monkeypatch):
+  """--budget full is for an accelerator and never runs here: its plan (every
+  task, the three-rate sweep on seed 0 then two more seeds at the chosen
+  rate, whole test sets but GSM8K's sample) and each task's loop config,
+  built on the tiny model, are what can be checked on a CPU."""
+  shared_data.require('math', 'gsm8k', 'ARC-Challenge', 'openbookqa', 'boolq')
+  full = rp.BUDGETS['full']
+  seen = []
+
+  def fake_run(args, budget, task, data, opt, lr, seed, log):
+    seen.append((args.budget, task, opt, lr, seed,
+                 {k: len(v) for k, v in data['tests'].items()}))
+    return {'val_loss': [{2e-4: 2.0, 5e-4: 1.0, 1e-3: 3.0}[lr]]}
+
+  monkeypatch.setattr(rp, 'do_run', fake_run)
+  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  rp.main(['--budget', 'full', '--optimizers', 'lora_rite', 'adam',
+           '--out', str(tmp_path)])
+  assert {s[1] for s in seen} == set(rp.TASKS)
+  for task in rp.TASKS:
+    runs = [s for s in seen if s[1] == task]
+    assert all(s[0] == 'full' for s in runs)
+    for opt in ('lora_rite', 'adam'):
+      mine = sorted((lr, seed) for _, _, o, lr, seed, _ in runs if o == opt)
+      assert mine == [(2e-4, 0), (5e-4, 0), (5e-4, 1), (5e-4, 2), (1e-3, 0)]
+    sizes = runs[0][5]
+    if task == 'math':
+      # GSM8K sampled to 300; the held-out math whole (those of its last
+      # 300 records whose target ends in a number).
+      assert sizes['gsm8k'] == 300 and 250 < sizes['math_heldout'] <= 300
+    elif task == 'arithmetic':  # Generated: as many as the budget asks.
+      assert sizes == {task: full.tasks[task].num_test}
+    else:
+      whole = len(rp.data_lib.load_task(task, 'test'))
+      assert sizes == {task: whole} and whole >= 500
+  for task in rp.TASKS:
+    cfg = rp.make_config(full, task, 'lora_rite', 1e-3, 0, 'tiny')
+    assert (cfg.steps, cfg.batch_size) == (1000, 32)
+    assert cfg.data.seq_len == full.tasks[task].seq_len
+    rp.loop.build(cfg)  # Raises on a config the loop would refuse.
+
+
 def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   """--gsm8k: the math task's own training (same batch, rows, steps), GSM8K
   as its only test set, and the runs kept under <budget>-gsm8k."""
