@@ -91,7 +91,10 @@ class _Lowered:
     def call(*args):
       return self._restore(compiled(*args))
 
+    # What a user inspects a compiled step by (HLO, buffer sizes, flops).
     call.as_text = compiled.as_text
+    call.memory_analysis = compiled.memory_analysis
+    call.cost_analysis = compiled.cost_analysis
     return call
 
 
