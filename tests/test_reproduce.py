@@ -80,14 +80,19 @@ def test_paired_bootstrap(rp):
   assert lo < 0 < hi and p > 0.5
 
 
-def _record_runs(rp, monkeypatch) -> list:
-  """Replaces training and the report: each run appends (budget name, its
-  task budget, its test-set names) to the returned list."""
+def _record_runs(rp, monkeypatch, describe=None, val_loss=None) -> list:
+  """Replaces training and the report: each run appends
+  describe(args, budget, task, data, opt, lr, seed) to the returned list
+  (default: budget name, its task budget, its test-set names) and reports
+  validation loss val_loss(lr) (default 1.0)."""
   seen = []
 
   def fake_run(args, budget, task, data, opt, lr, seed, log):
-    seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
-    return {'val_loss': [1.0]}
+    if describe is None:
+      seen.append((args.budget, budget.tasks[task], sorted(data['tests'])))
+    else:
+      seen.append(describe(args, budget, task, data, opt, lr, seed))
+    return {'val_loss': [1.0 if val_loss is None else val_loss(lr)]}
 
   monkeypatch.setattr(rp, 'do_run', fake_run)
   monkeypatch.setattr(rp, 'report', lambda *a: None)
@@ -176,15 +181,12 @@ def test_full_budget_plans_every_task_and_each_config_builds(
   built on the tiny model, are what can be checked on a CPU."""
   shared_data.require('math', 'gsm8k', 'ARC-Challenge', 'openbookqa', 'boolq')
   full = rp.BUDGETS['full']
-  seen = []
-
-  def fake_run(args, budget, task, data, opt, lr, seed, log):
-    seen.append((args.budget, task, opt, lr, seed,
-                 {k: len(v) for k, v in data['tests'].items()}))
-    return {'val_loss': [{2e-4: 2.0, 5e-4: 1.0, 1e-3: 3.0}[lr]]}
-
-  monkeypatch.setattr(rp, 'do_run', fake_run)
-  monkeypatch.setattr(rp, 'report', lambda *a: None)
+  seen = _record_runs(
+      rp, monkeypatch,
+      describe=lambda args, budget, task, data, opt, lr, seed: (
+          args.budget, task, opt, lr, seed,
+          {k: len(v) for k, v in data['tests'].items()}),
+      val_loss={2e-4: 2.0, 5e-4: 1.0, 1e-3: 3.0}.get)
   rp.main(['--budget', 'full', '--optimizers', 'lora_rite', 'adam',
            '--out', str(tmp_path)])
   assert {s[1] for s in seen} == set(rp.TASKS)
