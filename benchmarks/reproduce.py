@@ -411,6 +411,23 @@ def best_lr(results: dict, task: str, opt: str, lrs, seed0: int):
   return (min(done, key=done.get) if done else None), done
 
 
+def bracketed(lr, tried) -> str:
+  """Where the chosen rate sits among the rates tried on seed 0.
+
+  'yes' when a lower and a higher rate were both tried (and lost, diverged
+  ones included); 'low edge' or 'high edge' when the best is the smallest or
+  largest rate tried, so a rate past it might do better; 'one rate' when
+  nothing else was tried.
+  """
+  if lr is None or len(tried) < 2:
+    return 'one rate'
+  if lr == min(tried):
+    return 'low edge'
+  if lr == max(tried):
+    return 'high edge'
+  return 'yes'
+
+
 # ---------------------------------------------------------------------------
 # Report.
 
@@ -449,6 +466,9 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
       runs = [results[k] for k in sorted(results)
               if k[:3] == (task, opt, lr)]
       chosen[opt] = {'lr': lr, 'val_loss_by_lr': val,
+                     'bracketed': bracketed(lr, [
+                         x for x in lrs_seen
+                         if (task, opt, x, seed0) in results]),
                      'sweep_complete': all(
                          (task, opt, x, seed0) in results
                          for x in budget.lrs),
@@ -575,7 +595,10 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            f'{budget.rank} alpha {budget.alpha:g} dropout {budget.dropout} on '
            f'{", ".join(budget.targets)}; lr sweep {list(budget.lrs)} chosen '
            'by validation loss per target token (seed 0); seeds '
-           f'{list(budget.seeds)} requested.', '',
+           f'{list(budget.seeds)} requested. Best bracketed: whether a '
+           'lower and a higher rate were tried on seed 0 (an edge best may '
+           'improve past that edge); sweep complete: whether every rate of '
+           'the grid above was run on seed 0.', '',
            'Accuracy: mean over seeds and items; [item-bootstrap 95% '
            'interval of the seed-averaged per-item correctness] (Wilson 95% '
            'on the pooled item x seed counts, which treats seeds as extra '
@@ -590,12 +613,14 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
   for task, t in summary['tasks'].items():
     lines.append(f'## {task}')
     lines.append('')
-    lines.append('| optimizer | lr (val loss by lr) | sweep complete | seeds |')
-    lines.append('|---|---|---|---|')
+    lines.append('| optimizer | lr (val loss by lr) | best bracketed | '
+                 'sweep complete | seeds |')
+    lines.append('|---|---|---|---|---|')
     for opt, c in t['chosen'].items():
       vals = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in
                        sorted(c['val_loss_by_lr'].items()))
       lines.append(f'| {opt} | {c["lr"]:g} ({vals}) | '
+                   f'{c.get("bracketed", "?")} | '
                    f'{"yes" if c["sweep_complete"] else "NO"} | '
                    f'{c["seeds"]} |')
     lines.append('')

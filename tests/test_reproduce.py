@@ -50,6 +50,9 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   t = s['tasks']['arithmetic']
   assert t['chosen']['adam']['lr'] == 1e-3  # By validation loss only.
   assert t['chosen']['lora_rite']['sweep_complete'] is False
+  # Adam's best (1e-3) is the highest rate it tried; LoRA-RITE tried one.
+  assert t['chosen']['adam']['bracketed'] == 'high edge'
+  assert t['chosen']['lora_rite']['bracketed'] == 'one rate'
   row = t['tests']['arithmetic']['adam']
   v = row['vs_lora_rite']
   assert (v['mcnemar_rite_only'], v['mcnemar_other_only']) == (8, 0)
@@ -69,7 +72,23 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, 'results_smoke.md')).read()
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
+  assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
   json.load(open(os.path.join(out, 'summary_smoke.json')))
+
+
+def test_bracketed_says_where_the_best_rate_sits(rp):
+  assert rp.bracketed(1e-3, [1e-4, 1e-3, 1e-2]) == 'yes'
+  assert rp.bracketed(1e-4, [1e-4, 1e-3, 1e-2]) == 'low edge'
+  assert rp.bracketed(1e-2, [1e-4, 1e-3, 1e-2]) == 'high edge'
+  assert rp.bracketed(1e-3, [1e-3]) == 'one rate'
+  assert rp.bracketed(None, []) == 'one rate'
+  # A higher rate that diverged (no finite validation loss, so never the
+  # best) still brackets the best from above.
+  results = {('t', 'o', lr, 0): {'val_loss': [v]} for lr, v in
+             ((1e-4, 0.9), (1e-3, 0.5), (1e-2, float('nan')))}
+  lr, _ = rp.best_lr(results, 't', 'o', [1e-4, 1e-3, 1e-2], 0)
+  assert lr == 1e-3
+  assert rp.bracketed(lr, [1e-4, 1e-3, 1e-2]) == 'yes'
 
 
 def test_paired_bootstrap(rp):
