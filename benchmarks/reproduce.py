@@ -620,7 +620,7 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
       vals = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in
                        sorted(c['val_loss_by_lr'].items()))
       lines.append(f'| {opt} | {c["lr"]:g} ({vals}) | '
-                   f'{c.get("bracketed", "?")} | '
+                   f'{c["bracketed"]} | '
                    f'{"yes" if c["sweep_complete"] else "NO"} | '
                    f'{c["seeds"]} |')
     lines.append('')
