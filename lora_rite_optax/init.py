@@ -118,7 +118,8 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
     key: PRNG key of the Gaussian sketch; ``None`` uses ``jax.random.key(0)``.
 
   Returns:
-    ``(U, S, Vh)`` with shapes ``(m, rank)``, ``(rank,)``, ``(rank, n)``.
+    ``(U, S, Vh)`` with shapes ``(m, rank)``, ``(rank,)``, ``(rank, n)``,
+    in ``x``'s dtype promoted to at least float32.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -128,11 +129,19 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
     >>> [round(float(v), 4) for v in s]
     [6.0, 5.0]
   """
-  m, n = x.shape
-  q = min(rank + oversample, m, n)
-  if rank > q:
-    raise ValueError(f'randomized_svd: rank {rank} exceeds the matrix shape '
+  if x.ndim != 2:
+    raise ValueError(f'randomized_svd: x must be a 2-D matrix, got shape '
                      f'{x.shape}.')
+  m, n = x.shape
+  if not 1 <= rank <= min(m, n):
+    raise ValueError(f'randomized_svd: rank {rank} must be in [1, '
+                     f'{min(m, n)}] for a matrix of shape {x.shape}.')
+  if oversample < 0 or niter < 0:
+    raise ValueError(f'randomized_svd: oversample and niter must be >= 0, '
+                     f'got {oversample} and {niter}.')
+  q = min(rank + oversample, m, n)
+  # QR and SVD need at least float32 (jnp.linalg has no bfloat16 QR).
+  x = x.astype(_compute_dtype(x.dtype))
   key = jax.random.key(0) if key is None else key
   omega = jax.random.normal(key, (n, q), x.dtype)
   basis, _ = jnp.linalg.qr(x @ omega)
@@ -190,13 +199,16 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   if not 1 <= rank <= min(w0.shape):
     raise ValueError(f'pissa: rank {rank} must be in [1, {min(w0.shape)}] for '
                      f'w0 of shape {w0.shape}.')
+  if isinstance(scale, (int, float)) and not scale > 0:
+    raise ValueError(f'pissa: scale must be > 0 (the LoRA scaling alpha / r), '
+                     f'got {scale}.')
   w = w0.astype(_compute_dtype(w0.dtype))
   if niter is None:
     u, s, vh = jnp.linalg.svd(w, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
   else:
     u, s, vh = randomized_svd(w, rank, niter=niter, key=key)
-  root = jnp.sqrt(s / scale)
+  root = jnp.sqrt(s / scale)  # scale > 0, checked above
   a = (u * root).astype(w0.dtype)
   b = (root[:, None] * vh).astype(w0.dtype)
   w_res = w - scale * (a.astype(w.dtype) @ b.astype(w.dtype))

@@ -178,6 +178,26 @@ def test_pissa_dtype_and_errors():
     init.pissa(w0, 7)
 
 
+def test_pissa_rejects_a_scale_that_is_not_positive():
+  w0 = jax.random.normal(jax.random.key(0), (8, 6))
+  for scale in (0.0, -2.0):
+    with pytest.raises(ValueError, match='scale must be > 0'):
+      init.pissa(w0, 2, scale=scale)
+
+
+def test_randomized_svd_in_low_precision_and_its_errors():
+  x = jnp.diag(jnp.arange(6.0, 0.0, -1.0)).astype(jnp.bfloat16)
+  _, s, _ = init.randomized_svd(x, 2, niter=6, oversample=2)
+  assert s.dtype == jnp.float32  # computed in float32: bf16 has no QR
+  np.testing.assert_allclose(s, [6.0, 5.0], atol=1e-4)
+  with pytest.raises(ValueError, match='oversample and niter must be >= 0'):
+    init.randomized_svd(x, 2, oversample=-1)
+  with pytest.raises(ValueError, match='rank 7 must be in \\[1, 6\\]'):
+    init.randomized_svd(x, 7)
+  with pytest.raises(ValueError, match='2-D matrix'):
+    init.randomized_svd(x[None], 2)
+
+
 def test_standard_and_gaussian():
   a, b = init.standard(jax.random.key(0), 400, 7, 8, dtype=jnp.bfloat16)
   assert a.dtype == b.dtype == jnp.bfloat16
