@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_rite_optax import pairs as pairs_lib
@@ -33,9 +34,11 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
                     is_embedding: Optional[Callable[[str], bool]] = None):
   """The LoRA+ group of every leaf, following PEFT's ``create_loraplus_optimizer``.
 
-  * ``'b'``: every ``lora_b`` factor of a pair, and every other 1-D leaf.
-  * ``'b_no_decay'``: 1-D leaves outside pairs whose path names a bias or a
-    norm (PEFT: biases and ``nn.LayerNorm`` weights get no weight decay).
+  * ``'b'``: every ``lora_b`` factor of a pair, and every other 1-D leaf
+    (under a scanned layout also a stack of them, such as a per-layer bias
+    ``(L, d)``: see :func:`lora_rite_optax.pairs.stacked_axes`).
+  * ``'b_no_decay'``: those vectors outside pairs whose path names a bias or
+    a norm (PEFT: biases and ``nn.LayerNorm`` weights get no weight decay).
   * ``'embedding'``: both factors of a pair whose path satisfies
     ``is_embedding`` (only when ``is_embedding`` is given).
   * ``'a'``: everything else (``lora_a`` factors and other leaves).
@@ -64,7 +67,8 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
   for path, leaf in leaves:
     if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
       labels.append(A)
-    elif getattr(leaf, 'ndim', 0) == 1:
+    elif (jnp.ndim(leaf) -
+          pairs_lib.stacked_axes(path, jnp.shape(leaf), layout)) == 1:
       labels.append(B_NO_DECAY if _no_decay('/'.join(path)) else B)
     else:
       labels.append(A)

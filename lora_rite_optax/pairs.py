@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
@@ -51,7 +52,9 @@ class LoraLayout:
 
 # Flax NNX (nnx.LoRA): lora_a (in..., r), lora_b (r, out...).
 NNX_LAYOUT = LoraLayout()
-# Hugging Face PEFT state dicts: lora_A (r, in), lora_B (out, r).
+# Hugging Face PEFT's factors: lora_A (r, in), lora_B (out, r). Keys are
+# matched per path component, so a flat state dict ('model.q.lora_A.weight')
+# must first be nested by splitting its keys on '.'.
 PEFT_LAYOUT = LoraLayout(a_key='lora_A', b_key='lora_B', a_rank_axis=0,
                          b_rank_axis=-1)
 
@@ -92,6 +95,26 @@ def flatten(tree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
           for path, leaf in leaves], treedef
 
 
+def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
+  """A :data:`LayoutSpec` as a function from a path to its layout."""
+  return (lambda _: layout) if isinstance(layout, LoraLayout) else layout
+
+
+def stacked_axes(path: Sequence[str], shape: Sequence[int],
+                 layout: LayoutSpec) -> int:
+  """Leading stacked-layer axes of a leaf that belongs to no pair.
+
+  The layout of the leaf's parent path says how many (its ``batch_axes``),
+  as it does for the pairs beside it: under ``NNX_LAYOUT.scanned(1)`` a
+  per-layer bias ``(L, d)`` is ``L`` vectors, not one matrix. A leaf with no
+  more axes than that (a final norm ``(d,)`` beside the stacked layers) is
+  not stacked. A tree that mixes stacked and unstacked leaves of more axes
+  needs a layout function that tells them apart by path.
+  """
+  batch_axes = layout_fn(layout)('/'.join(path[:-1])).batch_axes
+  return batch_axes if len(shape) > batch_axes else 0
+
+
 def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int:
   inner = shape[batch_axes:]
   return inner[axis]
@@ -118,7 +141,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       ``allow_unpaired``) a leaf that belongs to no pair.
   """
   leaves, treedef = flatten(tree)
-  layouts = (lambda _: layout) if isinstance(layout, LoraLayout) else layout
+  layouts = layout_fn(layout)
   found: dict[tuple, dict[str, int]] = {}
   for index, (path, leaf) in enumerate(leaves):
     if _is_empty(leaf):
@@ -166,10 +189,28 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
             f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
     r_a = _rank(a_shape, lay.a_rank_axis, lay.batch_axes)
     r_b = _rank(b_shape, lay.b_rank_axis, lay.batch_axes)
+    # Layers stacked by nnx.scan without layout.scanned(): both factors have
+    # a third axis and the same length on their first.
+    maybe_stacked = (len(a_shape) >= lay.batch_axes + 3 and
+                     len(b_shape) >= lay.batch_axes + 3 and
+                     a_shape[lay.batch_axes] == b_shape[lay.batch_axes])
+    hint = (f' If axis {lay.batch_axes} ({a_shape[lay.batch_axes]}) stacks '
+            f'layers, pass layout=<layout>.scanned({lay.batch_axes + 1}).'
+            if maybe_stacked else '')
     if r_a != r_b:
       raise ValueError(
           f'{who}: pair {name!r} has rank {r_a} in {lay.a_key} {a_shape} but '
-          f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.')
+          f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.'
+          + hint)
+    if maybe_stacked and (
+        _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==
+        _rank(b_shape, lay.b_rank_axis, lay.batch_axes + 1)):
+      # As many layers as the rank: both readings fit, and the wrong one
+      # trains on wrong Gram matrices without an error.
+      warnings.warn(
+          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{b_shape}) is read as one pair of rank {r_a}.' + hint,
+          stacklevel=2)
     pairs.append(LoraPair(name, a_index, b_index, lay))
   return PairedTree(tuple(pairs), treedef, len(leaves))
 

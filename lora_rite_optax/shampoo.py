@@ -79,7 +79,7 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
     factor[pair.b_index] = (lay.b_rank_axis, lay.batch_axes)
   leaves, treedef = pairs_lib.flatten(tree)
   plans = []
-  for index, (_, leaf) in enumerate(leaves):
+  for index, (path, leaf) in enumerate(leaves):
     if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
       plans.append(_Plan('empty'))
       continue
@@ -87,9 +87,12 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
     if index in factor:
       rank_axis, batch_axes = factor[index]
       slices, n, m = pairs_lib.matrix_shape(shape, rank_axis, batch_axes)
-    elif len(shape) >= 2:
-      rank_axis, batch_axes = None, 0
-      slices, n, m = 1, math.prod(shape[:-1]), shape[-1]
+    elif len(shape) - pairs_lib.stacked_axes(path, shape, layout) >= 2:
+      # Stacked layers are preconditioned each on its own, like the pairs.
+      rank_axis = None
+      batch_axes = pairs_lib.stacked_axes(path, shape, layout)
+      slices = math.prod(shape[:batch_axes])
+      n, m = math.prod(shape[batch_axes:-1]), shape[-1]
     else:
       plans.append(_Plan('diag'))
       continue
@@ -101,7 +104,7 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
 def _to_view(x, plan: _Plan):
   if plan.rank_axis is not None:
     return pairs_lib.to_matrix(x, plan.rank_axis, plan.batch_axes)
-  return x.reshape(1, plan.n, plan.m)
+  return x.reshape(plan.slices, plan.n, plan.m)
 
 
 def _from_view(v, shape, plan: _Plan):
@@ -195,10 +198,13 @@ def scale_by_shampoo(
           'shampoo: block_size fixes the state shapes and must be static; '
           "with optax.inject_hyperparams pass static_args=('block_size',)."
       ) from None
-  if isinstance(precondition_every, int) and (
-      block_size < 1 or precondition_every < 1):
-    raise ValueError('shampoo: block_size and precondition_every must be >= 1,'
-                     f' got {block_size} and {precondition_every}.')
+  # block_size is a concrete int here; precondition_every may be traced
+  # (optax.inject_hyperparams), and then cannot be checked.
+  if block_size < 1:
+    raise ValueError(f'shampoo: block_size must be >= 1, got {block_size}.')
+  if isinstance(precondition_every, int) and precondition_every < 1:
+    raise ValueError('shampoo: precondition_every must be >= 1, got '
+                     f'{precondition_every}.')
 
   def init_fn(params):
     plans, _ = _plans(params, layout, block_size)
@@ -329,8 +335,9 @@ def shampoo(
   r"""Shampoo (Gupta et al. 2018) with Anil et al.'s blocking and grafting.
 
   Every leaf with two or more axes is viewed as a matrix (LoRA factors in
-  their rank-last view ``(N, r)``, scanned slices separately; other leaves as
-  ``(prod(shape[:-1]), shape[-1])``) and cut into blocks of at most
+  their rank-last view ``(N, r)``; other leaves as ``(prod(shape[:-1]),
+  shape[-1])``; under a scanned layout each stacked slice on its own, see
+  :func:`lora_rite_optax.pairs.stacked_axes`) and cut into blocks of at most
   ``block_size`` x ``block_size`` (the last block of a dim zero-padded, which
   changes nothing). For each block ``G`` of the gradient, at step ``t``
   (0-based):
@@ -346,7 +353,9 @@ def shampoo(
   (layer-wise, per leaf or per scanned slice): ``P`` is rescaled to the
   Frobenius norm of Adam's step :math:`g / (\sqrt{v_t / (1-b_2^{t+1})} +
   \epsilon)`, :math:`v_t = b_2 v_{t-1} + (1-b_2) g^2`. Leaves with fewer than
-  two axes take Adam's step itself. The grafted direction ``u`` goes through
+  two axes (per slice) take that normalised gradient itself as their
+  direction (RMSProp's, so with the momentum below they differ from Adam,
+  which averages the raw gradient). The grafted direction ``u`` goes through
   momentum :math:`m_t = b_1 m_{t-1} + (1-b_1) u_t` and the step is
   :math:`-\eta_t (m_t / (1 - b_1^{t+1}) + wd\, \theta_t)`. State is kept in
   at least float32; updates are cast to the parameters' dtype.

@@ -375,6 +375,51 @@ def test_scanned_layers_are_independent_pairs(make):
                               atol=1e-6)
 
 
+@pytest.mark.parametrize('make', [
+    functools.partial(lro.loraplus, 1e-2, lr_ratio=4.0, weight_decay=0.1),
+    functools.partial(lro.shampoo, 1e-2, block_size=4),
+], ids=['loraplus', 'shampoo'])
+def test_scanned_leaves_outside_pairs_step_per_layer(make):
+  """A stacked bias or kernel outside the pairs steps as its layers would.
+
+  Before, LoRA+ put a stacked bias (L, d) in A's group (rate and weight decay
+  of a matrix) and Shampoo preconditioned a stacked kernel across layers.
+  """
+  rng = np.random.default_rng(5)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  stacked = {'lora_a': normal(2, 6, 2), 'lora_b': normal(2, 2, 3),
+             'bias': normal(2, 3), 'kernel': normal(2, 4, 5),
+             'final_norm': normal(3)}
+  # Layer 1's gradients 100x layer 0's: preconditioning across layers would
+  # shrink layer 0's step.
+  grads = {k: normal(*v.shape) * (np.array([1.0, 100.0]).reshape(
+      (2,) + (1,) * (v.ndim - 1)) if v.ndim > 1 else 1.0)
+           for k, v in stacked.items()}
+  grads = jax.tree.map(lambda g: g.astype(np.float32), grads)
+  tx = make(layout=lro.NNX_LAYOUT.scanned(1))
+  updates, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
+  split = lambda tree: {f'l{i}': {k: v[i] for k, v in tree.items()
+                                   if k != 'final_norm'} for i in range(2)}
+  tx = make()
+  per_layer, _ = jax.jit(tx.update)(split(grads), tx.init(split(stacked)),
+                                    split(stacked))
+  chex.assert_trees_all_close(split(updates), per_layer, rtol=1e-5,
+                              atol=1e-6)
+  if make.func is lro.loraplus:
+    labels = lro.loraplus_labels(stacked, lro.NNX_LAYOUT.scanned(1))
+    assert labels == {'lora_a': 'a', 'lora_b': 'b', 'bias': 'b_no_decay',
+                      'kernel': 'a', 'final_norm': 'b_no_decay'}
+
+
+def test_shampoo_checks_block_size_under_inject_hyperparams():
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
+  make = optax.inject_hyperparams(lro.shampoo, static_args=('block_size',))
+  with pytest.raises(ValueError, match='block_size must be >= 1, got 0'):
+    make(1e-3, block_size=0).init(params)
+  with pytest.raises(ValueError, match='precondition_every must be >= 1'):
+    lro.shampoo(1e-3, precondition_every=0)
+
+
 @pytest.mark.parametrize('name', ['loraplus', 'scaled_adam', 'shampoo'])
 def test_inside_optax_partition_with_frozen_leaves(name):
   """Masked-out leaves (optax.MaskedNode) are skipped, as in a real model."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,6 +274,25 @@ def test_nan_step_at_start_leaves_factor_unmoved():
   # No momentum yet, so the factor with the bad gradient gets a zero step.
   assert np.all(np.asarray(updates['p2']['lora_a']) == 0)
   assert np.any(np.asarray(updates['p2']['lora_b']) != 0)
+
+
+def test_stacked_layers_without_a_scanned_layout_are_named_in_the_error():
+  """Forgetting layout.scanned() is the likely cause: the message says so."""
+  stacked = {'lora_a': jnp.ones((3, 8, 4)), 'lora_b': jnp.ones((3, 4, 5))}
+  with pytest.raises(ValueError, match=r'rank 4 in lora_a .* but 3 in lora_b'
+                     r'.*If axis 0 \(3\) stacks layers, pass '
+                     r'layout=<layout>\.scanned\(1\)'):
+    lro.find_lora_pairs(stacked)
+  # As many layers as the rank: both readings fit, so it warns.
+  square = {'lora_a': jnp.ones((4, 8, 4)), 'lora_b': jnp.ones((4, 4, 5))}
+  with pytest.warns(UserWarning, match=r'read as one pair of rank 4'):
+    lro.find_lora_pairs(square)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    assert len(lro.find_lora_pairs(square, lro.NNX_LAYOUT.scanned(1)).pairs) == 1
+    # Gemma's einsum factors (one 3-D factor) raise no such warning.
+    lro.find_lora_pairs({'lora_a': jnp.ones((8, 4)),
+                         'lora_b': jnp.ones((4, 4, 5))})
 
 
 def test_scanned_layout_equals_separate_pairs():
