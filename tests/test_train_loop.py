@@ -81,6 +81,19 @@ def test_existing_checkpoints_need_resume(straight):
     loop.run(tiny(straight['run_dir']), log=lambda s: None)
 
 
+def test_arithmetic_validation_is_carved_from_the_training_pool(tmp_path):
+  """num_train_examples sizes the generated pool; the validation carve comes
+  from that same pool, so no validation item is a training item."""
+  for n in (0, 500):
+    cfg = tiny(tmp_path / f'run{n}', **{'eval.split': 'validation',
+                                        'eval.before': True,
+                                        'data.num_train_examples': n})
+    train, evals = loop.load_examples(cfg)
+    assert evals
+    seen = {(e.prompt, e.target) for e in train}
+    assert not [e for e in evals if (e.prompt, e.target) in seen]
+
+
 def test_prepare_batch_gathers_targets_in_order():
   tokens = np.array([[1, 5, 6, 7, 8, 0], [1, 9, 9, 3, 0, 0]], np.int32)
   mask = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0]], np.float32)

@@ -564,8 +564,16 @@ def load_examples(cfg: configs_lib.Config):
             f'data.path {d.path} is one file (the training data); give '
             '--data.eval_path for the test set, --eval.split validation, or '
             '--eval.no-before --eval.no-after.')
+    pool = {}
+    if (cfg.eval.split == 'validation' and eval_task == d.task and
+        not eval_path and not d.hub and
+        data.get_task(d.task).name == data.arithmetic.NAME):
+      # The generated task is carved from a pool that num_train_examples
+      # sizes: the validation carve must come from that same pool, or it
+      # overlaps the training examples.
+      pool = dict(num_examples=d.num_train_examples or None)
     evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
-                           **common)
+                           **common, **pool)
     if cfg.eval.num_examples:
       evals = evals[:cfg.eval.num_examples]
   return train, evals
