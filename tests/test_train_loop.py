@@ -68,12 +68,48 @@ def test_resume_continues_exactly(straight, tmp_path):
   run_dir = tmp_path / 'run'
   first = loop.run(tiny(run_dir), log=lambda s: None, stop_at=6)
   assert first['steps'] == 6 and first['checkpoints'] == [6]
+  # Resuming with another rate would continue another run: refused, in one
+  # line naming the field, before config.json is overwritten.
+  saved_json = (run_dir / 'config.json').read_text()
+  lr = configs.get_config('tiny').optim.learning_rate
+  with pytest.raises(loop.ConfigError,
+                     match=rf"optim\.learning_rate: {lr!r} there, 0\.5 now"):
+    loop.run(tiny(run_dir, resume=True, **{'optim.learning_rate': 0.5}),
+             log=lambda s: None)
+  assert (run_dir / 'config.json').read_text() == saved_json
+  # Rows a run logged after its last checkpoint (it died before the next)
+  # are logged again on resume: the old ones go, the header is not repeated.
+  with open(run_dir / 'metrics.csv', 'a') as f:
+    f.write('7,9.9\n8,9.9\n')
   second = loop.run(tiny(run_dir, resume=True), log=lambda s: None)
   assert second['steps'] == FAST['steps']
   resumed = [h['loss'] for h in second['history']]
   expected = [h['loss'] for h in straight['history']][6:]
   # Same batches, same dropout keys, same state: bit for bit.
   assert resumed == expected
+  with open(run_dir / 'metrics.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['step']) for r in rows] == list(range(1, FAST['steps'] + 1))
+  assert [float(r['loss']) for r in rows[6:]] == pytest.approx(expected)
+
+
+def test_resume_changes_ignore_where_and_how_a_run_runs():
+  saved = json.loads(configs.to_json(configs.get_config('tiny')))
+  moved = configs.replace(configs.get_config('tiny'), steps=80,
+                          run_dir='/elsewhere', log_every=3,
+                          **{'data.num_threads': 8, 'mesh.data': 2,
+                             'model.path': '/mnt/model'})
+  assert loop.resume_changes(saved, json.loads(configs.to_json(moved))) == {}
+  other = configs.replace(configs.get_config('tiny'),
+                          **{'data.seed': 3, 'lora.rank': 8})
+  assert set(loop.resume_changes(saved, json.loads(configs.to_json(other)))
+             ) == {'data.seed', 'lora.rank'}
+
+
+def test_bad_counts_are_config_errors(tmp_path):
+  for field in ('log_every', 'eval.batch_size'):
+    with pytest.raises(loop.ConfigError, match=rf'{field} must be >= 1, got 0'):
+      loop.validate(tiny(tmp_path, **{field: 0}), 1)
 
 
 def test_existing_checkpoints_need_resume(straight):

@@ -129,6 +129,33 @@ def test_scoring_is_the_teacher_forced_loss(built):
     np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-5)
 
 
+def test_target_loss_scores_rows_as_training_makes_them(built):
+  """The held-out loss sees what training sees: the encoder the last
+  seq_len - 1 prompt tokens (+EOS) whatever the target's length, the decoder
+  target_len target tokens, divided by the tokens scored. (It used to cut
+  the prompt to fit prompt + target in seq_len, as for a decoder-only row,
+  and divide by the uncut target.)"""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+  r = built
+  ev = loop.Evaluator(r)
+  d = r.config.data
+  examples = [Example(prompt='q' * 40 + 'w' * 200, target='t' * 30),
+              Example(prompt='short', target='ab')]
+  got = ev.target_losses(r.state, examples)
+  model = nnx.merge(r.eval_graphdef, loop.int_keys(r.state['params']),
+                    r.rngs, r.base)
+  for example, loss in zip(examples, got):
+    row = seq2seq.tokenize_seq2seq(
+        example, r.tokenizer, input_len=d.seq_len, target_len=d.target_len,
+        start_id=r.model.config.decoder_start_token_id)
+    logits = model(row['encoder_tokens'][None], row['decoder_tokens'][None])
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[0]
+    nll = -sum(w * logp[j, t] for j, (t, w) in enumerate(
+        zip(row['targets'], row['weights'])))
+    np.testing.assert_allclose(loss, nll / row['weights'].sum(), rtol=1e-5)
+
+
 def test_seq2seq_rows():
   tok = ByteTokenizer()
   row = seq2seq.tokenize_seq2seq(Example(prompt='abcdef', target='xy'), tok,

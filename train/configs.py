@@ -110,7 +110,9 @@ class OptimConfig:
       whose gradients hold a NaN or Inf leaves params and optimizer state
       untouched and is counted (`nonfinite_steps` in the metrics).
     max_consecutive_nonfinite: after this many consecutive bad steps the
-      run stops with an error instead of skipping forever.
+      run stops with an error instead of skipping forever (checked at the
+      log steps, where the metrics reach the host: a streak that ends
+      between two of them is counted, not stopped on).
     extra: more optimizer keyword arguments as a JSON object, e.g.
       '{"lr_ratio": 16}' for loraplus or '{"block_size": 128}' for shampoo.
   """

@@ -587,6 +587,15 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.batch_size < 1 or cfg.grad_accum < 1:
     raise ConfigError(f'batch_size and grad_accum must be >= 1, got '
                       f'{cfg.batch_size} and {cfg.grad_accum}.')
+  for name, value in (('log_every', cfg.log_every),
+                      ('eval.batch_size', cfg.eval.batch_size),
+                      ('optim.max_consecutive_nonfinite',
+                       cfg.optim.max_consecutive_nonfinite)):
+    if value < 1:
+      raise ConfigError(f'{name} must be >= 1, got {value}.')
+  if cfg.checkpoint_every < 0 or cfg.eval.every < 0:
+    raise ConfigError(f'checkpoint_every and eval.every must be >= 0 (0: '
+                      f'off), got {cfg.checkpoint_every} and {cfg.eval.every}.')
   if cfg.batch_size % cfg.grad_accum:
     raise ConfigError(f'batch_size {cfg.batch_size} is not divisible by '
                       f'grad_accum {cfg.grad_accum}.')
@@ -848,20 +857,22 @@ class Evaluator:
     return evaluate.multiple_choice_loglik(
         examples, self.r.tokenizer,
         lambda pairs: self._score_pairs(state, pairs),
-        max_length=max_length or cfg.data.seq_len,
+        max_length=max_length or self.r.family.pair_budget(self.r)[0],
         length_normalized=length_normalized,
         batch_size=max(cfg.eval.batch_size, 64),
         alternatives_fn=lambda requests: self._score_last_token_alternatives(
             state, requests))
 
   def target_losses(self, state, examples) -> list[float]:
-    """Per example: negative log-likelihood per token of its gold target
-    (+EOS), the prompt cut to ``data.seq_len`` as in training."""
+    """Per example: negative log-likelihood per scored token of its gold
+    target (+EOS), prompt and target cut as in training."""
     from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
-    pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer,
-                         self.r.config.data.seq_len) for e in examples]
+    max_length, max_scored = self.r.family.pair_budget(self.r)
+    pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer, max_length)
+             for e in examples]
     scores = self._score_pairs(state, pairs)
-    return [-s / max(1, len(p[1])) for s, p in zip(scores, pairs)]
+    return [-s / max(1, min(len(p[1]), max_scored))
+            for s, p in zip(scores, pairs)]
 
   def target_loss(self, state) -> float:
     """Mean of `target_losses` over the evaluation examples.
@@ -945,6 +956,11 @@ def _gemma_score_batch(pairs, r: Run) -> dict:
   return batch
 
 
+def _gemma_pair_budget(r: Run) -> tuple[int, int]:
+  # Prompt and target share one row of data.seq_len tokens.
+  return r.config.data.seq_len, r.config.data.seq_len - 1
+
+
 def _gemma_prompt(text: str, r: Run) -> list[int]:
   from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
   return encode_pair(text, '', r.tokenizer, r.config.data.seq_len,
@@ -1019,6 +1035,15 @@ def _t5_score_batch(pairs, r: Run) -> dict:
   return {k: np.stack([row[k] for row in rows]) for k in seq2seq.FEATURES}
 
 
+def _t5_pair_budget(r: Run) -> tuple[int, int]:
+  # Encoder and decoder have lengths of their own: encode_pair must not cut
+  # the prompt to make room for the target (training gives the encoder
+  # data.seq_len - 1 prompt tokens whatever the target); `_t5_score_batch`
+  # cuts each side as `tokenize_seq2seq` does, and data.target_len target
+  # tokens at most are scored.
+  return 2**31 - 1, r.config.data.target_len
+
+
 def _t5_prompt(text: str, r: Run) -> list[int]:
   from train.data import seq2seq  # pylint: disable=g-import-not-at-top
   return seq2seq.encoder_ids(text, r.tokenizer, r.config.data.seq_len)
@@ -1068,6 +1093,8 @@ class Family:
     encode_prompt: (prompt text, Run) -> ids to generate from.
     generate: (Evaluator, state, prompt ids) -> greedy generations.
     target_option: the option that bounds a row's target tokens.
+    pair_budget: Run -> (encode_pair's max_length for scoring pairs, the
+      most target tokens a scoring row holds).
   """
 
   validate: Callable
@@ -1081,6 +1108,7 @@ class Family:
   encode_prompt: Callable
   generate: Callable
   target_option: str
+  pair_budget: Callable
 
 
 FAMILIES = {
@@ -1088,11 +1116,12 @@ FAMILIES = {
                     _gemma_load_model, _gemma_dataset, _gemma_prepare,
                     target_logprobs, target_logits, _gemma_score_batch,
                     _gemma_prompt,
-                    _gemma_generate, '--data.max_target_tokens'),
+                    _gemma_generate, '--data.max_target_tokens',
+                    _gemma_pair_budget),
     't5': Family(_validate_t5, load_t5_tokenizer, load_t5_model, _t5_dataset,
                  _t5_prepare, seq2seq_logprobs, seq2seq_logits,
                  _t5_score_batch, _t5_prompt,
-                 _t5_generate, '--data.target_len'),
+                 _t5_generate, '--data.target_len', _t5_pair_budget),
 }
 
 
@@ -1115,6 +1144,35 @@ _STEP_NEUTRAL = ('run_dir', 'resume', 'progress', 'log_every',
                  'checkpoint_every', 'keep_checkpoints', 'export_adapter',
                  'eval', 'name')
 _STEP_CACHE: dict[str, Callable] = {}
+
+# What a resumed run may change besides those: where files are, the mesh and
+# processes it runs on (orbax reshards), how it guards against bad steps.
+# Anything else (rate, schedule, seeds, data, batch, model, LoRA) would
+# silently continue another run than the checkpoint's; `steps` may grow or
+# shrink (the schedule then spans the new length), and the run says so.
+_RESUME_NEUTRAL = _STEP_NEUTRAL + (
+    'mesh', 'distributed', 'data.num_threads', 'data.path', 'data.eval_path',
+    'data.data_dir', 'model.path', 'model.tokenizer',
+    'optim.max_consecutive_nonfinite')
+
+
+def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, current)} for the fields a resume must not change."""
+  old, new = _flat(saved), _flat(current)
+  neutral = lambda k: any(k == n or k.startswith(n + '.')
+                          for n in _RESUME_NEUTRAL + ('steps',))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if not neutral(k) and old.get(k) != new.get(k)}
 
 
 def _jitted_step(r: Run) -> Callable:
@@ -1219,8 +1277,8 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   latest = ckpt.latest_step() if cfg.resume else None
   if latest is not None:
     try:
-      state, _ = ckpt.restore(latest, checkpoint.abstract_like(state),
-                              data_iter)
+      state, saved_config = ckpt.restore(
+          latest, checkpoint.abstract_like(state), data_iter)
     except (ValueError, TypeError, KeyError) as e:
       # A resume with another model, rank or optimizer than the run's: say
       # so in one line, before config.json is overwritten.
@@ -1229,8 +1287,20 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
           f'--resume: checkpoint {latest} in {ckpt.directory} does not fit '
           f'this config ({first}); resume with the settings in '
           f'{os.path.join(run_dir, "config.json")}.') from None
+    changed = resume_changes(saved_config, json.loads(config_json))
+    if changed:
+      raise ConfigError(
+          f'--resume: checkpoint {latest} in {ckpt.directory} was made with '
+          'other settings (' + '; '.join(
+              f'{k}: {a!r} there, {b!r} now' for k, a, b in
+              ((k, *v) for k, v in changed.items())) +
+          f'); resume with the settings in '
+          f'{os.path.join(run_dir, "config.json")}.')
     start_step = int(distributed.to_host(state['step']))
     log(f'[train] resumed from step {start_step}')
+    if saved_config.get('steps') != cfg.steps:
+      log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
+          'learning-rate schedule now spans the new length')
   # Written once the checkpoint (if any) is known to fit the config.
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
@@ -1239,9 +1309,12 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
   step_fn = _jitted_step(r)
   evaluator = Evaluator(r)
-  writer = metrics_lib.MetricsWriter(run_dir)
+  # A fresh run (no checkpoint) starts its CSVs over: -1 keeps no row.
+  kept_up_to = start_step if latest is not None else -1
+  writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
   eval_writer = metrics_lib.MetricsWriter(
-      run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval')
+      run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
+      last_step=kept_up_to)
   summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],
                              'eval_before': None, 'eval_after': None}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
@@ -1315,10 +1388,12 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
         progress.update(0, loss=host['loss'],
                         tok_s=int(host['tokens_per_s']))
       progress.update(1)
-      if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-        do_eval(step, 'periodic')
+      # The checkpoint first: an eval that fails (a long generation, out of
+      # memory, a preemption) must not cost the steps since the last one.
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         ckpt.save(step, state, data_iter, config_json)
+      if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+        do_eval(step, 'periodic')
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, config_json, force=True)
   finally:

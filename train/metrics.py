@@ -18,17 +18,49 @@ EVAL_CSV_NAME = 'eval.csv'
 TB_DIR = 'tensorboard'
 
 
+def _keep_rows_up_to(path: str, last_step: int) -> list[str] | None:
+  """Drops the rows after ``last_step`` from a metrics CSV; its last header.
+
+  The file is replaced whole (written aside, then renamed), so a failure
+  leaves the old one.
+  """
+  if not os.path.exists(path):
+    return None
+  kept, header = [], None
+  with open(path, newline='', encoding='utf-8') as f:
+    for row in csv.reader(f):
+      if not row:
+        continue
+      if row[0] == 'step':
+        header = row
+        kept.append(row)
+      elif int(float(row[0])) <= last_step:
+        kept.append(row)
+  if header is None:
+    return None
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    csv.writer(f).writerows(kept)
+  os.replace(tmp, path)
+  return header
+
+
 class MetricsWriter:
   """Appends scalar metrics to run_dir/metrics.csv and TensorBoard.
 
   The CSV has one row per logging step; a key first seen later (for
   example an evaluation metric) starts a new header block, so the file is
   always readable with the csv module row by row ('step' first).
+
+  ``last_step``: the step the run starts from (its checkpoint's; -1 for a
+  fresh run, which starts the file over). Rows of an existing file logged after it (by a run that
+  stopped before its next checkpoint) are dropped, since they are about to
+  be logged again, and the file goes on under its last header.
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
                tensorboard: bool = True, csv_name: str = CSV_NAME,
-               tb_subdir: str = ''):
+               tb_subdir: str = '', last_step: int = -1):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._fields: list[str] | None = None
     self._csv = None
@@ -38,7 +70,10 @@ class MetricsWriter:
       return
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, csv_name)
+    self._fields = _keep_rows_up_to(path, last_step)
     self._csv = open(path, 'a', newline='', encoding='utf-8')
+    if self._fields is not None:
+      self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
