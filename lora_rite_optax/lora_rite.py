@@ -58,6 +58,16 @@ def _state_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _update_dtype(param_dtype, state_dtype) -> jnp.dtype:
+  # The step before the learning rate can be far larger than the factor (the
+  # A step scales with 1/||B||, and B is ~lr after the first step from
+  # zero): float16 (max 65504) would overflow to inf, so its updates stay in
+  # the state's dtype and apply_updates casts them after the rate.
+  if jnp.finfo(param_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+    return jnp.dtype(state_dtype)
+  return jnp.dtype(param_dtype)
+
+
 def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   """Bias-corrected decay beta (1 - beta^t) / (1 - beta^(t+1)), t 0-based."""
   beta = jnp.asarray(beta).astype(dtype)
@@ -276,11 +286,17 @@ def scale_by_lora_rite(
       # init with a placeholder): one empty array stands for the whole
       # per-pair dict, so that it is a prefix (a leaf) of any real state's
       # dict and tree_map_params hands that dict to transform_non_params.
-      nu = escaped = rinv = jnp.zeros((0,), jnp.float32)
+      # Three arrays, not one: a donated state must not hold a buffer twice.
+      nu, escaped, rinv = (jnp.zeros((0,), jnp.float32) for _ in range(3))
     return ScaleByLoraRiteState(count=jnp.zeros([], jnp.int32), mu=mu,
                                 basis=basis, nu=nu, escaped=escaped,
                                 rinv=rinv)
 
+  for name, beta in (('b1', b1), ('b2', b2)):
+    # beta = 1 makes the bias correction 0/0 at the first step (NaN state).
+    if isinstance(beta, (int, float)) and not 0 <= beta < 1:
+      raise ValueError(f'scale_by_lora_rite: {name} must be in [0, 1), got '
+                       f'{beta}.')
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
 
@@ -294,7 +310,19 @@ def scale_by_lora_rite(
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_paths = pairs_lib.flatten(params)[0]
     param_leaves = [l for _, l in param_paths]
-    grad_leaves = paired.treedef.flatten_up_to(updates)
+    try:
+      grad_leaves = paired.treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          'scale_by_lora_rite: the updates (gradients) do not have the '
+          f'structure of the params: {str(e).splitlines()[0]}') from None
+    for (path, leaf), g in zip(param_paths, grad_leaves):
+      if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
+        continue
+      if tuple(jnp.shape(g)) != tuple(leaf.shape):
+        raise ValueError(
+            f"scale_by_lora_rite: the gradient of {'/'.join(path)} has shape "
+            f'{tuple(jnp.shape(g))} but the param has {tuple(leaf.shape)}.')
     try:
       mu_leaves = paired.treedef.flatten_up_to(state.mu)
       basis_leaves = paired.treedef.flatten_up_to(state.basis)
@@ -472,10 +500,15 @@ def scale_by_lora_rite(
           step = s_new
           if shrink is not None:
             step = s_new / shrink[role, part][:, None, None]
-          out_leaves[index] = view.back(step, param_leaves[index].dtype)
+          out_leaves[index] = view.back(
+              step, _update_dtype(param_leaves[index].dtype, f['dtype']))
           new_mu[index] = view.back(s_new, f['dtype'])
           new_basis[index] = param_leaves[index].astype(f['dtype'])
-      new_nu[key], new_escaped[key], new_rinv[key] = nu, rho, rinv
+      # Each group keeps its own dtype (d1, d2 and the clip scale are
+      # promoted over all groups when float32 and float64 pairs mix).
+      new_nu[key] = nu.astype(nu_prev.dtype)
+      new_escaped[key] = rho.astype(rho_prev.dtype)
+      new_rinv[key] = rinv.astype(state.rinv[key].dtype)
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(
         paired.treedef, leaves)

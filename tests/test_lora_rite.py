@@ -6,6 +6,7 @@ import functools
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -455,6 +456,78 @@ def test_error_state_from_other_params():
                        'other params') as info:
       tx.update(other, tx.init(params), other)
     assert '\n' not in str(info.value)
+
+
+def test_error_gradients_unlike_the_params():
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))}}
+  tx = _tx()
+  state = tx.init(params)
+  wrong_shape = {'q': {'lora_a': jnp.ones((4, 3)), 'lora_b': jnp.ones((2, 5))}}
+  with pytest.raises(ValueError, match=r'gradient of q/lora_a has shape '
+                     r'\(4, 3\) but the param has \(4, 2\)'):
+    tx.update(wrong_shape, state, params)
+  with pytest.raises(ValueError, match=r'updates \(gradients\) do not have '
+                     'the structure of the params'):
+    tx.update({'q': {'lora_a': jnp.ones((4, 2))}}, state, params)
+  for b1, b2 in ((1.0, 0.999), (0.9, 1.0), (-0.1, 0.999)):
+    with pytest.raises(ValueError, match=r'must be in \[0, 1\)'):
+      lro.lora_rite(0.1, b1=b1, b2=b2)
+
+
+def test_float16_params_get_float32_updates_that_do_not_overflow():
+  """With lora_b = 0 at init the second step of A is ~||A|| / lr: past
+  float16's 65504 at small rates. The updates stay float32 until
+  apply_updates casts them after the rate."""
+  rng = np.random.default_rng(9)
+  params = {'lora_a': jnp.asarray(rng.uniform(-1, 1, (64, 8)) / 8,
+                                  jnp.float16),
+            'lora_b': jnp.zeros((8, 48), jnp.float16)}
+  target = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
+  loss = lambda p: jnp.mean((p['lora_a'].astype(jnp.float32) @
+                             p['lora_b'].astype(jnp.float32) - target)**2)
+  tx = lro.lora_rite(2e-6)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  for _ in range(3):
+    params, state, updates = step(params, state)
+    assert updates['lora_a'].dtype == jnp.float32
+    assert params['lora_a'].dtype == jnp.float16
+    for leaf in jax.tree.leaves((params, state)):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_mixed_float32_and_float64_groups_keep_their_dtypes():
+  with jax.enable_x64(True):
+    params = {'p': {'lora_a': jnp.ones((4, 2), jnp.float32),
+                    'lora_b': jnp.ones((2, 3), jnp.float32)},
+              'q': {'lora_a': jnp.ones((5, 3), jnp.float64),
+                    'lora_b': jnp.ones((3, 4), jnp.float64)}}
+    tx = lro.scale_by_lora_rite(escape_mass=True)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
+    _, new = jax.jit(tx.update)(grads, state, params)
+    chex.assert_trees_all_equal_dtypes(new, state)
+
+
+def test_a_state_without_pairs_can_be_donated():
+  params = {'embed': jnp.ones((3,)), 'w': jnp.ones((2, 2))}
+  labels = {'embed': 'frozen', 'w': 'frozen'}
+  tx = optax.partition({'lora': lro.lora_rite(0.1),
+                        'frozen': optax.set_to_zero()}, labels)
+
+  def step(params, state):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state,
+                               params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = lro.donating_jit(step, donate_argnums=(0, 1))(
+      params, tx.init(params))
+  assert float(params['w'][0, 0]) == 1.0
 
 
 def test_errors_are_one_line():
