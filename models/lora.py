@@ -344,7 +344,18 @@ def _check_like(template, tree, who: str) -> None:
 
 
 def set_lora_params(model: nnx.Module, params: Mapping) -> nnx.Module:
-  """Writes a pure dict like :func:`lora_params`'s back into ``model``."""
+  """Writes a pure dict like :func:`lora_params`'s back into ``model``.
+
+  Raises:
+    ValueError: an adapter is merged into its kernel (the forward skips it,
+      and :func:`unmerge_lora` would then subtract the new factors, not the
+      merged ones); call :func:`unmerge_lora` first.
+  """
+  merged = [path for path, proj in projections(model).items()
+            if proj.lora is not None and proj.lora.merged]
+  if merged:
+    raise ValueError(f'set_lora_params: {merged[0]!r} has a merged adapter '
+                     f'({len(merged)} in all); call unmerge_lora first.')
   state = nnx.state(model, LORA_FILTER)
   _check_like(nnx.to_pure_dict(state), params, 'set_lora_params')
   nnx.replace_by_pure_dict(state, params)

@@ -146,6 +146,15 @@ def test_merge_equals_unmerged():
   np.testing.assert_allclose(fwd(model, ENC, DEC), out, atol=2e-5)
   np.testing.assert_allclose(model.decoder.layers[0].cross_attn.o.kernel[...],
                              kernel, atol=1e-6)
+  # New factors on a merged model would be skipped by the forward and then
+  # subtracted by unmerge_lora in place of the merged ones: refused.
+  lora.merge_lora(model)
+  params = jax.tree.map(lambda x: 3 * x, lora.lora_params(model))
+  with pytest.raises(ValueError, match='merged adapter .*call unmerge_lora'):
+    lora.set_lora_params(model, params)
+  lora.unmerge_lora(model)
+  np.testing.assert_allclose(model.decoder.layers[0].cross_attn.o.kernel[...],
+                             kernel, atol=1e-6)
 
 
 def test_every_init_runs(base_logits):
