@@ -88,6 +88,13 @@ def test_validation_is_carved_from_train_by_seed():
   assert val == data.load_task("boolq", "validation", data_dir=DATA_DIR)
   other = data.load_task("boolq", "validation", data_dir=DATA_DIR, seed=1)
   assert other != val
+  # Fraction 0: training keeps every example, and there is no validation.
+  assert data.load_task("boolq", "train", data_dir=DATA_DIR,
+                        validation_fraction=0) == full
+  with pytest.raises(ValueError, match="no validation split: "
+                     "validation_fraction is 0"):
+    data.load_task("boolq", "validation", data_dir=DATA_DIR,
+                   validation_fraction=0)
   with pytest.raises(FileNotFoundError, match="task 'math'"):
     data.load_task("math", "test", data_dir=DATA_DIR)
 

@@ -106,6 +106,19 @@ def test_resume_changes_ignore_where_and_how_a_run_runs():
              ) == {'data.seed', 'lora.rank'}
 
 
+def test_validation_fraction_zero_trains_on_everything(tmp_path):
+  everything, _ = loop.load_examples(tiny(tmp_path, **{
+      'data.validation_fraction': 0.0}))
+  carved, _ = loop.load_examples(tiny(tmp_path))
+  assert len(everything) > len(carved) and set(carved) <= set(everything)
+  with pytest.raises(loop.ConfigError, match="eval.split 'validation' needs "
+                     'data.validation_fraction > 0'):
+    loop.load_examples(tiny(tmp_path, **{'data.validation_fraction': 0.0,
+                                         'eval.split': 'validation'}))
+  with pytest.raises(loop.ConfigError, match=r'must be in \[0, 1\), got 1.0'):
+    loop.load_examples(tiny(tmp_path, **{'data.validation_fraction': 1.0}))
+
+
 def test_bad_counts_are_config_errors(tmp_path):
   for field in ('log_every', 'eval.batch_size'):
     with pytest.raises(loop.ConfigError, match=rf'{field} must be >= 1, got 0'):

@@ -542,6 +542,13 @@ def load_examples(cfg: configs_lib.Config):
   hub: bool | str = False
   if d.hub:
     hub = True if d.hub.lower() == 'true' else d.hub
+  if not 0 <= d.validation_fraction < 1:
+    raise ConfigError(f'data.validation_fraction must be in [0, 1), got '
+                      f'{d.validation_fraction}.')
+  if cfg.eval.split == 'validation' and d.validation_fraction == 0:
+    raise ConfigError("eval.split 'validation' needs data.validation_fraction "
+                      '> 0 (0 carves no validation set out of the training '
+                      'data).')
   common = dict(data_dir=d.data_dir or None, hub=hub, style=d.style,
                 validation_fraction=d.validation_fraction, seed=d.seed)
   train = data.load_task(d.task, 'train', path=d.path or None,
@@ -550,6 +557,7 @@ def load_examples(cfg: configs_lib.Config):
   if cfg.eval.split not in ('test', 'validation'):
     raise ConfigError(f"eval.split must be 'test' or 'validation', got "
                       f'{cfg.eval.split!r}.')
+
   evals = []
   wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
   if wants_eval:

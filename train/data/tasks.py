@@ -224,7 +224,8 @@ def load_task(name: str, split: str = "train", *,
       registered id, or a dataset id (in the task's Hugging Face format).
     hub_config: The Hub dataset's config, with a `hub` id.
     style: Prompt style ('alpaca' or 'plain').
-    validation_fraction: Share of the training data held out as validation.
+    validation_fraction: Share of the training data held out as validation,
+      in [0, 1); 0 trains on all of it and has no validation split.
     seed: Seed of the validation carve (and of `arithmetic` generation).
     num_examples: For `arithmetic`, how many to generate: the training pool
       the validation set is carved from (default 2000) or the test set
@@ -243,6 +244,9 @@ def load_task(name: str, split: str = "train", *,
     raise ValueError(
         f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   file_split = "test" if split == "test" else "train"
+  if split == "validation" and validation_fraction == 0:
+    raise ValueError("no validation split: validation_fraction is 0 (the "
+                     "training split keeps every example)")
   if spec.name == arithmetic.NAME and path is None:
     # `num_examples` sizes the generated pool (train before the carve).
     examples = arithmetic.generate(
@@ -268,7 +272,7 @@ def load_task(name: str, split: str = "train", *,
       file = _local_file(data_root / (spec.folder or spec.name), spec,
                          file_split)
     examples = load_file(file, spec.name, style=style)
-  if split != "test":
+  if split != "test" and validation_fraction != 0:
     train, validation = split_validation(examples, validation_fraction, seed)
     examples = train if split == "train" else validation
   if num_examples is not None:
