@@ -143,6 +143,36 @@ def test_arithmetic_validation_is_carved_from_the_training_pool(tmp_path):
     assert not [e for e in evals if (e.prompt, e.target) in seen]
 
 
+def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
+  """Gemma 3 4B+ keep the decoder under model.language_model: the exported
+  adapter must name it so, or PEFT loads it as a no-op."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  from models.gemma import load as gemma_load  # pylint: disable=g-import-not-at-top
+  hf = tmp_path / 'hf'
+  vocab = loop.load_tokenizer(configs.get_config('tiny').model, '').vocab_size
+  model = gemma.Gemma(gemma.get_config('gemma3-tiny').replace(
+      vocab_size=vocab), rngs=nnx.Rngs(0))
+  gemma.save_pretrained(model, str(hf))
+  assert gemma_load.hf_module_prefix(str(hf)) == 'model'
+  st = str(hf / 'model.safetensors')
+  gemma_load.write_safetensors(st, {
+      'model.language_model.' + k.removeprefix('model.'): np.array(v)
+      for k, v in gemma_load.read_safetensors(st).items()})
+  with open(hf / 'config.json') as f:
+    text_config = json.load(f)
+  with open(hf / 'config.json', 'w') as f:
+    json.dump({'model_type': 'gemma3', 'text_config': text_config,
+               'vision_config': {}}, f)
+  assert gemma_load.hf_module_prefix(str(hf)) == 'model.language_model'
+  out = loop.run(tiny(tmp_path / 'run', steps=1, checkpoint_every=0,
+                      **{'model.path': str(hf)}), log=lambda s: None)
+  names = gemma_load.read_safetensors_header(
+      os.path.join(out['adapter_dir'], 'adapter_model.safetensors'))[0]
+  assert names and all(n.startswith(
+      'base_model.model.model.language_model.layers.') for n in names), names
+
+
 def test_prepare_batch_gathers_targets_in_order():
   tokens = np.array([[1, 5, 6, 7, 8, 0], [1, 9, 9, 3, 0, 0]], np.int32)
   mask = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0]], np.float32)

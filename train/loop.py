@@ -29,6 +29,7 @@ generation for evaluation) is one function per family, collected in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1442,5 +1443,15 @@ def export_adapter(r: Run, state, run_dir: str) -> str | None:
   base_name = r.config.model.path or r.config.model.name
   if r.config.model.path == GGUF_PACKAGE:
     base_name = 'google/gemma-3-270m'
-  lora.save_peft_adapter(r.model, out, base_name)
+  name_map = None
+  path = r.config.model.path
+  if r.config.model.family == 'gemma' and path and os.path.isdir(path):
+    # A multimodal Gemma 3 checkpoint names its decoder
+    # model.language_model.layers...: PEFT matches the adapter's keys to
+    # those names, and a 'model.layers...' adapter would load as a no-op.
+    from models.gemma import load as gemma_load  # pylint: disable=g-import-not-at-top
+    prefix = gemma_load.hf_module_prefix(path)
+    if prefix != 'model':
+      name_map = functools.partial(lora.gemma_hf_name, prefix=prefix)
+  lora.save_peft_adapter(r.model, out, base_name, name_map=name_map)
   return out

@@ -403,6 +403,25 @@ def _safetensors_files(directory: str) -> list[str]:
       f'{directory}: no model.safetensors or model.safetensors.index.json found.')
 
 
+def hf_module_prefix(directory: str) -> str:
+  """Where the checkpoint in ``directory`` keeps its text decoder's layers.
+
+  ``'model'`` for Gemma*ForCausalLM; ``'model.language_model'`` (or
+  ``'language_model.model'``) for the multimodal Gemma 3 checkpoints: the
+  module prefix a PEFT adapter for that checkpoint must use (see
+  :func:`models.lora.gemma_hf_name`). Reads only the safetensors headers.
+  """
+  probe = 'model.layers.0.self_attn.q_proj.weight'
+  names = set()
+  for fn in _safetensors_files(directory):
+    names.update(read_safetensors_header(fn)[0])
+  found = _resolve_name(probe, names)
+  if found is None:
+    raise ValueError(f'{directory}: no tensor {probe!r} under any of the '
+                     f'prefixes {list(_HF_PREFIXES)}.')
+  return found.removesuffix('.layers.0.self_attn.q_proj.weight')
+
+
 def load_hf(directory: str, *, dtype=jnp.float32,
             param_dtype=jnp.float32) -> Gemma:
   """A Gemma from a Hugging Face layout directory."""
