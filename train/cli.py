@@ -5,9 +5,11 @@ tyro override of that preset's fields (``--steps 20``, ``--optim.name adam``,
 ``--data.path train.jsonl``, ``--resume``). ``python -m train --config tiny
 --help`` lists them all with the preset's values as defaults.
 
-Bad inputs (unknown config or optimizer, missing or malformed data, a batch
-that does not divide the mesh) end the process with status 1 and one line on
-stderr, before anything is written.
+Bad inputs end the process with one line on stderr, before anything is
+written: status 2 for a bad command line (no or an unknown ``--config``, an
+unknown flag or an unparsable value, as argparse does), status 1 for a bad
+setting found while building the run (an unknown optimizer, missing or
+malformed data, a batch that does not divide the mesh).
 """
 
 from __future__ import annotations
