@@ -309,6 +309,15 @@ def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
   counts = [int(float(r['nonfinite_steps'])) for r in rows]
   assert counts == [sum(s <= i for s in poison_at)
                     for i in range(1, STEPS + 1)]
+  # The logged rate is the one applied: 0 on a skipped step, and the
+  # schedule's count lags the step by the steps skipped before.
+  cfg = tiny(tmp_path / 'run')
+  schedule = loop.make_schedule(cfg.optim, cfg.steps)
+  want = [0.0 if i in poison_at else
+          float(schedule(i - 1 - sum(s < i for s in poison_at)))
+          for i in range(1, STEPS + 1)]
+  np.testing.assert_allclose([float(r['lr']) for r in rows], want,
+                             rtol=1e-6)
   skip_lines = [l for l in lines if 'non-finite' in l]
   assert len(skip_lines) == len(poison_at), lines
   for leaf in jax.tree.leaves(_load_state(tmp_path / 'run', STEPS)):

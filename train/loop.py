@@ -367,10 +367,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     consecutive, total = nonfinite_counts(opt_state)
+    # The rate this update used: apply_if_finite keeps the inner state (and
+    # so the schedule's count) on a skipped step, which applies nothing.
+    skipped_before = nonfinite_counts(state['opt_state'])[1]
+    lr = jnp.where(total > skipped_before, 0.0,
+                   schedule(step_no - skipped_before))
     metrics = {
         'loss': nll / denom,
         'target_tokens': w,
-        'lr': jnp.asarray(schedule(step_no), jnp.float32),
+        'lr': jnp.asarray(lr, jnp.float32),
         'grad_norm': optax.tree.norm(grads),
         'nonfinite_consecutive': consecutive,
         'nonfinite_steps': total,
