@@ -259,6 +259,48 @@ def task_data(task: str, tb: TaskBudget) -> dict[str, Any]:
   return {'train': train, 'val': _subsample(val, tb.num_val), 'tests': tests}
 
 
+def _prompt_key(e) -> str:
+  return ' '.join(e.prompt.split())
+
+
+def seen_in_training(data: dict[str, Any]) -> dict[str, list[bool]]:
+  """Per test set, whether each item's prompt is also a training or
+  validation prompt.
+
+  `math/train.json` holds most of GSM8K's test questions (881 of 1319 word
+  for word, chain of thought included) and a few duplicates of its own last
+  300 records: scored as they are, those items measure recall of the
+  training data. The report leaves them out of every comparison (the runs
+  keep their scores; the test lists stay as sampled, so old and new runs
+  pair item for item).
+  """
+  seen = {_prompt_key(e) for e in list(data['train']) + list(data['val'])}
+  return {name: [_prompt_key(e) in seen for e in items]
+          for name, items in data['tests'].items()}
+
+
+def drop_seen_items(results: dict, budget: Budget) -> dict[tuple, int]:
+  """Removes test items seen in training from every run's per-item lists
+  (in place); {(task, test set): items removed}."""
+  masks, dropped = {}, {}
+  for (task, _, _, _), run in results.items():
+    if task not in masks:
+      masks[task] = seen_in_training(task_data(task, budget.tasks[task]))
+    for tname, res in run['tests'].items():
+      seen = masks[task].get(tname)
+      if seen is None or not any(seen):
+        continue
+      if len(res['loss']) != len(seen):
+        raise ValueError(
+            f'{task}/{tname}: a run has {len(res["loss"])} test items, the '
+            f'budget samples {len(seen)}; it was made with other settings.')
+      for field, values in res.items():
+        if isinstance(values, list) and len(values) == len(seen):
+          res[field] = [v for v, hit in zip(values, seen) if not hit]
+      dropped[(task, tname)] = int(sum(seen))
+  return dropped
+
+
 # ---------------------------------------------------------------------------
 # One run.
 
@@ -606,9 +648,13 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            '0% or 100%). Loss: '
            'held-out negative log-likelihood per target token, mean '
            '[bootstrap 95%]. vs LoRA-RITE: McNemar exact p on (item, seed) '
-           'pairs (RITE-only right / other-only right), and the paired '
-           'bootstrap of the per-item loss difference (other - RITE; > 0 '
-           'favours LoRA-RITE) with its p.', '']
+           'pairs (RITE-only right / other-only right; it counts an item '
+           'once per seed as if seeds were independent items, so where '
+           'seeds agree its p is smaller than a test over items would give), '
+           'and the paired bootstrap of the per-item loss difference (other '
+           '- RITE, averaged over seeds; > 0 favours LoRA-RITE) with its p '
+           '(10,000 resamples: p=1e-04 means no resample crossed zero, read '
+           'it as p < 2e-4).', '']
   acc_by_opt: dict[str, list] = {}
   for task, t in summary['tasks'].items():
     lines.append(f'## {task}')
@@ -631,6 +677,13 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
     for tname, rows in t['tests'].items():
       lines.append(f'### test set `{tname}`')
       lines.append('')
+      seen = t.get('seen_in_training', {}).get(tname)
+      if seen:
+        lines.append(f'{seen} sampled items left out: their prompt is a '
+                     'training or validation prompt (the math training set '
+                     'holds most of GSM8K\'s test questions); n counts the '
+                     'rest.')
+        lines.append('')
       lines.append('| optimizer | n items x seeds | accuracy [item '
                    'bootstrap 95%] (Wilson 95%, pooled) | McNemar vs RITE | '
                    'loss/token [95%] | loss diff vs RITE [95%], p |')
@@ -747,7 +800,10 @@ def report(args, budget: Budget, command: str, log) -> None:
     log(f'[{args.budget}] no finished runs under {args.out}/runs/'
         f'{args.budget}; nothing to report.')
     return
+  dropped = drop_seen_items(results, budget)
   summary = summarize(results, args.budget, budget)
+  for (task, tname), k in dropped.items():
+    summary['tasks'][task].setdefault('seen_in_training', {})[tname] = k
   summary['command'] = command
   write_atomic(os.path.join(args.out, f'summary_{args.budget}.json'), summary)
   md = markdown(summary, budget, command)

@@ -253,6 +253,35 @@ def test_gsm8k_variant_scores_gsm8k_alone(rp, tmp_path, monkeypatch):
   assert len(seen) == 1
 
 
+def test_test_items_seen_in_training_are_left_out_of_the_report(
+    rp, monkeypatch):
+  """The math training file holds most of GSM8K's test questions: those
+  items (and any test item whose prompt is a training or validation prompt)
+  are dropped from every run's per-item lists before the statistics."""
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+  data = {'train': [Example('p  one', 't')], 'val': [Example('p two', 't')],
+          'tests': {'x': [Example('p one', 'a'), Example('fresh', 'b'),
+                          Example('p two', 'c')]}}
+  assert rp.seen_in_training(data) == {'x': [True, False, True]}
+  monkeypatch.setattr(rp, 'task_data', lambda task, tb: data)
+  run = {'tests': {'x': {'loss': [1.0, 2.0, 3.0],
+                         'correct': [True, False, True]}}}
+  results = {('arithmetic', 'adam', 1e-3, 0): run}
+  assert rp.drop_seen_items(results, rp.BUDGETS['small']) == {
+      ('arithmetic', 'x'): 2}
+  assert run['tests']['x'] == {'loss': [2.0], 'correct': [False]}
+  with pytest.raises(ValueError, match='made with other settings'):
+    rp.drop_seen_items({('arithmetic', 'adam', 1e-3, 0): {
+        'tests': {'x': {'loss': [1.0]}}}}, rp.BUDGETS['small'])
+  # On the real files: 99 of the 150 sampled GSM8K items, and 2 of the 150
+  # held-out math records, are in the math training data.
+  shared_data.require('math', 'gsm8k')
+  monkeypatch.undo()
+  tb = dataclasses.replace(rp.BUDGETS['small'].tasks['math'], gsm8k=True)
+  seen = rp.seen_in_training(rp.task_data('math', tb))
+  assert (sum(seen['gsm8k']), sum(seen['math_heldout'])) == (99, 2)
+
+
 def test_exact_match_variant_generates_with_training_unchanged(
     rp, tmp_path, monkeypatch):
   """--exact_match N: the math task's own training and test sets, N greedy
