@@ -253,6 +253,31 @@ def test_sampling_controls():
   assert set(np.unique(draws).tolist()) == {0, 1, 2}
 
 
+def test_generation_stops_at_end_of_turn_as_well_as_eos():
+  """Instruction-tuned Gemma ends a reply with <end_of_turn>: a row stops
+  there (the token and what follows are cut), as at EOS."""
+  import types  # pylint: disable=g-import-not-at-top
+  model, _ = _tiny('gemma-tiny')
+  prompts = [[3, 4, 5]]
+  free = gemma.Sampler(model, pad_multiple=8)(prompts, 8,
+                                              stop_at_eos=False).tokens[0]
+  turn = free[3]
+  eos = next(t for t in range(256) if t not in free)
+
+  class Sp:
+    def piece_to_id(self, piece):
+      return turn if piece == '<end_of_turn>' else 0
+    def id_to_piece(self, i):
+      return '<end_of_turn>' if i == turn else '<unk>'
+    def unk_id(self):
+      return 0
+
+  tok = types.SimpleNamespace(eos_id=eos, pad_id=0, sp=Sp(),
+                              decode=lambda ids: ' '.join(map(str, ids)))
+  out = gemma.Sampler(model, tok, pad_multiple=8)(prompts, 8)
+  assert out.tokens[0] == free[:free.index(turn)]
+
+
 def test_hidden_logits_split_and_positions():
   # Gemma 2: the final soft-cap must live in `logits`, after the gather.
   model, forward = _tiny('gemma2-tiny')

@@ -50,6 +50,15 @@ def test_config_read_from_gguf(real):
   assert (real.tok.bos_id, real.tok.eos_id, real.tok.pad_id) == (2, 1, 0)
   text = 'Hello world,  two  spaces\n\nand 12345 ü!'
   assert real.tok.decode(real.tok.encode(text)) == text
+  # Ids of Gemma's own tokenizer (and HF's, and llama.cpp's): the chat
+  # markers are one token each, and runs of spaces have tokens of their own.
+  # The GGUF marks the former CONTROL and spells the latter with spaces.
+  assert real.tok.encode('<start_of_turn>user\nHi<end_of_turn>\n',
+                         add_bos=False) == [105, 2364, 107, 10979, 106, 107]
+  assert 138 in real.tok.encode('two  spaces', add_bos=False)
+  assert 140 in real.tok.encode('x    y', add_bos=False)
+  from models.gemma import sampler  # pylint: disable=g-import-not-at-top
+  assert sampler._stop_ids(real.tok) == (1, 106)  # pylint: disable=protected-access
 
 
 def test_greedy_continuations_and_cache(real):

@@ -55,7 +55,7 @@ class SamplerOutput:
 
 
 def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
-              cache_size, temperature, top_k, top_p, eos_id, pad_id,
+              cache_size, temperature, top_k, top_p, stop_ids, pad_id,
               return_logits):
   model: Gemma = nnx.merge(graphdef, state)
   b, p = tokens.shape
@@ -82,8 +82,8 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
     out = out.at[:, i].set(tok)
     if return_logits:
       out_logits = out_logits.at[:, i].set(logits)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    if stop_ids:
+      done = done | jnp.isin(tok, jnp.asarray(stop_ids, jnp.int32))
     logits, cache = model(tok[:, None], cache=cache)
     return i + 1, cache, logits[:, -1], key, done, out, out_logits
 
@@ -91,6 +91,19 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
            jnp.zeros((b,), bool), out, out_logits)
   carry = jax.lax.while_loop(cond, body, carry)
   return carry[0], carry[5], carry[6]
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+  """EOS, and <end_of_turn> where the vocabulary has it."""
+  if tokenizer is None:
+    return (1,)
+  ids = [tokenizer.eos_id]
+  sp = getattr(tokenizer, 'sp', None)
+  if sp is not None:
+    turn = sp.piece_to_id('<end_of_turn>')
+    if turn != sp.unk_id() and sp.id_to_piece(turn) == '<end_of_turn>':
+      ids.append(int(turn))
+  return tuple(ids)
 
 
 class Sampler:
@@ -113,7 +126,7 @@ class Sampler:
     self._fn = jax.jit(
         functools.partial(_generate, graphdef=self.graphdef),
         static_argnames=('max_new_tokens', 'cache_size', 'temperature',
-                         'top_k', 'top_p', 'eos_id', 'pad_id',
+                         'top_k', 'top_p', 'stop_ids', 'pad_id',
                          'return_logits'))
 
   def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str,
@@ -129,7 +142,10 @@ class Sampler:
       temperature: 0 for greedy decoding, else the sampling temperature.
       top_k, top_p: optional top-k / nucleus restriction when sampling.
       seed: PRNG seed for sampling.
-      stop_at_eos: stop a row at the tokenizer's eos (default id 1).
+      stop_at_eos: stop a row at the tokenizer's eos (default id 1) and,
+        where the vocabulary has it, at ``<end_of_turn>``, which ends the
+        replies of Gemma's instruction-tuned models (their generation
+        config stops at both).
       return_logits: also return the float32 logits each token was chosen
         from, [B, steps, V].
     """
@@ -148,7 +164,7 @@ class Sampler:
     if not ids or min(len(x) for x in ids) == 0:
       raise ValueError('Sampler prompts must be non-empty.')
     pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
-    eos_id = self.tokenizer.eos_id if self.tokenizer is not None else 1
+    stop_ids = _stop_ids(self.tokenizer) if stop_at_eos else ()
     longest = max(len(x) for x in ids)
     p = -(-longest // self.pad_multiple) * self.pad_multiple
     tokens = np.full((len(ids), p), pad_id, np.int32)
@@ -160,15 +176,16 @@ class Sampler:
         self.state, jnp.asarray(tokens), jnp.asarray(mask),
         jax.random.key(seed), max_new_tokens=max_new_tokens,
         cache_size=p + max_new_tokens, temperature=float(temperature),
-        top_k=top_k, top_p=top_p, eos_id=eos_id if stop_at_eos else None,
+        top_k=top_k, top_p=top_p, stop_ids=stop_ids,
         pad_id=pad_id, return_logits=return_logits)
     steps = int(steps)
     out = np.asarray(out)[:, :steps]
     result = []
     for row in out:
       row = row.tolist()
-      if stop_at_eos and eos_id in row:
-        row = row[:row.index(eos_id)]
+      cut = [row.index(t) for t in stop_ids if t in row]
+      if cut:
+        row = row[:min(cut)]
       result.append(row)
     text = ([self.tokenizer.decode(r) for r in result]
             if self.tokenizer is not None else None)

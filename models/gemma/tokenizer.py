@@ -128,6 +128,19 @@ def _proto_from_gguf(meta: dict, path: str) -> spm_pb2.ModelProto:
       ttype = piece_type.Value('UNKNOWN')
     elif ttype == piece_type.Value('UNKNOWN') or ttype not in valid_types:
       ttype = piece_type.Value('NORMAL')
+    elif (ttype == piece_type.Value('CONTROL') and
+          i not in (bos_id, eos_id, pad_id)):
+      # llama.cpp marks every special token of the HF tokenizer CONTROL, and
+      # SentencePiece never matches a CONTROL piece in text: the chat markers
+      # (<start_of_turn> 105, <end_of_turn> 106) would be spelt out in
+      # characters. Gemma's own tokenizer.model, HF and llama.cpp all match
+      # them as one token, as a USER_DEFINED piece is.
+      ttype = piece_type.Value('USER_DEFINED')
+    if ttype == piece_type.Value('USER_DEFINED'):
+      # llama.cpp stores user-defined pieces with spaces where SentencePiece
+      # has U+2581 (the runs-of-spaces tokens 138...): escaped input only
+      # ever matches the latter.
+      p.piece = piece.replace(' ', '\u2581')
     p.type = ttype
   ts = proto.trainer_spec
   ts.model_type = spm_pb2.TrainerSpec.ModelType.Value('BPE')
