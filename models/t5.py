@@ -559,6 +559,9 @@ def config_from_hf(data: dict[str, Any], where: str = 'config.json') -> T5Config
   # HF's T5Config defaults tie_word_embeddings to True (original T5); v1.1
   # and mT5 configs say false explicitly.
   kwargs.setdefault('tie_word_embeddings', True)
+  # Likewise feed_forward_proj: 'relu' when absent (the original T5 configs
+  # omit it); v1.1 and mT5 configs say 'gated-gelu'.
+  kwargs.setdefault('feed_forward_proj', 'relu')
   try:
     return T5Config(**kwargs)
   except ValueError as e:

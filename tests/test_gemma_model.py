@@ -425,7 +425,7 @@ def test_multimodal_checkpoint_layout(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def _write_gemma_gguf(model, path, arch='gemma3'):
+def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None):
   """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w)."""
   import gguf  # pylint: disable=g-import-not-at-top
   c = model.config
@@ -442,8 +442,8 @@ def _write_gemma_gguf(model, path, arch='gemma3'):
   w.add_rope_freq_base(c.rope_base_global)
   if c.sliding_window:
     w.add_sliding_window(c.sliding_window)
-  if c.rope_scale_global != 1.0:
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+  if c.rope_scale_global != 1.0 or rope_scaling is not None:
+    w.add_rope_scaling_type(rope_scaling or gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(c.rope_scale_global)
   # pylint: disable=protected-access
   for e in gemma_load._param_table(c):
@@ -589,6 +589,15 @@ def test_missing_and_misshaped_tensors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no model.safetensors') as e:
     gemma.from_pretrained(tmp_path)
   _one_line(e)
+
+
+def test_gguf_with_rope_scaling_other_than_linear_is_refused(tmp_path):
+  import gguf  # pylint: disable=g-import-not-at-top
+  model, _ = _tiny('gemma3-tiny')
+  _write_gemma_gguf(model, tmp_path / 'yarn.gguf',
+                    rope_scaling=gguf.RopeScalingType.YARN)
+  with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+    gemma.from_pretrained(tmp_path / 'yarn.gguf')
 
 
 def test_gguf_of_another_architecture(tmp_path):

@@ -33,6 +33,19 @@ def forward():
   return lambda m, e, d: m(e, d)
 
 
+def test_original_t5_config_without_feed_forward_proj_is_relu():
+  # t5-small's config.json has no feed_forward_proj: HF defaults to 'relu'.
+  cfg = t5.config_from_hf({'model_type': 't5', 'vocab_size': 32128,
+                           'd_model': 512, 'd_kv': 64, 'd_ff': 2048,
+                           'num_layers': 6, 'num_heads': 8})
+  assert cfg.feed_forward_proj == 'relu' and cfg.tie_word_embeddings
+  assert t5.config_from_hf({'model_type': 'mt5', 'vocab_size': 250112,
+                            'd_model': 512, 'd_kv': 64, 'd_ff': 1024,
+                            'num_layers': 8, 'num_heads': 6,
+                            'feed_forward_proj': 'gated-gelu'}
+                           ).feed_forward_proj == 'gated-gelu'
+
+
 def test_named_configs():
   assert t5.get_config('t5-v1_1-xxl').d_model == 4096
   assert t5.get_config('t5-v1_1-xxl').d_ff == 10240

@@ -558,8 +558,13 @@ def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
   if (family, num_layers) in ((2, 46), (3, 62)):
     qpas = float(width // num_heads)
   scale = 1.0
-  if meta.get(f'{arch}.rope.scaling.type') == 'linear':
+  scaling = meta.get(f'{arch}.rope.scaling.type')
+  if scaling == 'linear':
     scale = float(meta.get(f'{arch}.rope.scaling.factor', 1.0))
+  elif scaling not in (None, 'none'):
+    # Running such a model unscaled would be silently wrong.
+    raise ValueError(f'GGUF rope scaling {scaling!r} is not supported (only '
+                     'linear); this model would run with wrong positions.')
   base = float(meta.get(f'{arch}.rope.freq_base',
                           1e6 if family == 3 else 1e4))
   return GemmaConfig(
