@@ -106,6 +106,24 @@ def test_resume_changes_ignore_where_and_how_a_run_runs():
              ) == {'data.seed', 'lora.rank'}
 
 
+def test_training_examples_that_are_evaluation_prompts_are_left_out(
+    tmp_path):
+  """The GSM8K presets train on LLM-Adapters' math set, which holds most of
+  GSM8K's test questions: those are dropped from training, with a warning."""
+  shared_data.require('math', 'gsm8k')
+  cfg = tiny(tmp_path, **{'data.task': 'math', 'data.eval_task': 'gsm8k',
+                          'data.num_train_examples': 0, 'eval.after': True,
+                          'eval.num_examples': 10})
+  with pytest.warns(UserWarning, match=r'training examples are gsm8k test '
+                    r'prompts; left out of training'):
+    train, evals = loop.load_examples(cfg)
+  assert len(evals) == 10
+  from train import data  # pylint: disable=g-import-not-at-top
+  test = {' '.join(e.prompt.split()) for e in data.load_task('gsm8k', 'test')}
+  assert train and not [e for e in train
+                        if ' '.join(e.prompt.split()) in test]
+
+
 def test_validation_fraction_zero_trains_on_everything(tmp_path):
   everything, _ = loop.load_examples(tiny(tmp_path, **{
       'data.validation_fraction': 0.0}))

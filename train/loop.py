@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -588,6 +589,21 @@ def load_examples(cfg: configs_lib.Config):
       pool = dict(num_examples=d.num_train_examples or None)
     evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
                            **common, **pool)
+    # Never train on what is evaluated: LLM-Adapters' math set (the GSM8K
+    # presets' training data) holds most of GSM8K's test questions.
+    key = lambda e: ' '.join(e.prompt.split())
+    held = {key(e) for e in evals}
+    kept = [e for e in train if key(e) not in held]
+    if len(kept) < len(train):
+      warnings.warn(
+          f'data: {len(train) - len(kept)} of {len(train)} training examples '
+          f'are {eval_task} {cfg.eval.split} prompts; left out of training.',
+          stacklevel=2)
+      if not kept:
+        raise ConfigError(f'data: every training example is a {eval_task} '
+                          f'{cfg.eval.split} prompt; nothing is left to train '
+                          'on.')
+      train = kept
     if cfg.eval.num_examples:
       evals = evals[:cfg.eval.num_examples]
   return train, evals
