@@ -921,8 +921,13 @@ def main(argv=None) -> None:
         for lr in budget.lrs:
           results[(task, opt, lr, seed0)] = do_run(
               args, budget, task, data, opt, lr, seed0, log)
+      # The choice is among every rate run on seed0 under this budget, not
+      # just this call's: a later `--lrs X` that loses must not get seeds.
+      on_file = {**load_results(args.out, args.budget), **results}
       for opt in opts:
-        lr, val = best_lr(results, task, opt, budget.lrs, seed0)
+        tried = sorted({k[2] for k in on_file
+                        if k[:2] == (task, opt) and k[3] == seed0})
+        lr, val = best_lr(on_file, task, opt, tried, seed0)
         log(f'[{args.budget}] {task} {opt}: lr {lr:g} chosen by val loss '
             + str({f'{k:g}': round(float(v), 4) for k, v in val.items()}))
         for seed in budget.seeds[1:]:

@@ -118,6 +118,21 @@ def _record_runs(rp, monkeypatch, describe=None, val_loss=None) -> list:
   return seen
 
 
+def test_more_seeds_go_to_the_best_rate_on_file(rp, tmp_path, monkeypatch):
+  """A later call with one more rate picks among every seed-0 rate of the
+  budget: a rate that loses to an earlier one gets no extra seeds."""
+  out = str(tmp_path)
+  for lr, val in ((2e-4, 0.5), (1e-3, 0.9)):
+    rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'adam', lr, 0),
+                    {**_fake_run('arithmetic', 'adam', lr, 0, [1], [0.1],
+                                 val), 'budget': 'smoke'})
+  seen = _record_runs(rp, monkeypatch, describe=lambda *a: (a[5], a[6]),
+                      val_loss=lambda lr: 0.7)
+  rp.main(['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+           'adam', '--lrs', '5e-5', '--seeds', '0', '1', '--out', out])
+  assert seen == [(5e-5, 0), (2e-4, 1)]
+
+
 def _unit_budget(rp, monkeypatch, task, tb, steps):
   """Registers budget 'unit': one task, one rate and seed, rank 2 on q."""
   monkeypatch.setitem(rp.BUDGETS, 'unit', rp.Budget(
