@@ -34,6 +34,14 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 9.9999999999999999 ", "10"),
     ("no number here", None),
     ("The answer is (C).", None),
+    # Thousands grouped by spaces (a GSM8K solution writes '$9 500') and a
+    # fraction are read whole, not as their first group or numerator.
+    ("The answer is $9 500.", "9500"),
+    ("The answer is 5 000 000.", "5000000"),
+    ("The answer is 29/3.", "9.666667"),
+    ("The answer is 29/4", "7.25"),
+    ("The answer is 12 and 300.", "12"),
+    ("The answer is 7/0.", None),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected

@@ -14,9 +14,15 @@ import re
 # optional decimals; also '.5'.
 _NUMBER = r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
-_HASHES_RE = re.compile(r"####\s*(" + _NUMBER + ")")
+# After an answer marker also thousands grouped by spaces ('$9 500', as in
+# some GSM8K solutions) and a fraction ('29/3'): read whole, not as '9' or
+# '29'.
+_MARKED = (r"-?\$?\s?(?:\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d)"
+           r"|\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?"
+           r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
+_HASHES_RE = re.compile(r"####\s*(" + _MARKED + ")")
 _ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*(" + _NUMBER + ")", re.IGNORECASE)
+    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*(" + _MARKED + ")", re.IGNORECASE)
 
 
 def canonical_number(text: str | float | int | None) -> str | None:
@@ -38,7 +44,7 @@ def canonical_number(text: str | float | int | None) -> str | None:
     value = float(text)
   else:
     cleaned = str(text).strip().replace("$", "").replace(",", "")
-    cleaned = cleaned.replace(" ", "").rstrip(".%")
+    cleaned = cleaned.replace(" ", "").replace("\u00a0", "").rstrip(".%")
     try:
       value = float(cleaned)
     except ValueError:
@@ -48,6 +54,16 @@ def canonical_number(text: str | float | int | None) -> str | None:
   if value == int(value) and abs(value) < 1e15:
     return str(int(value))
   return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _marked_value(text: str) -> str | None:
+  """A marked answer: a number, or a fraction 'a/b' as its value."""
+  if "/" not in text:
+    return canonical_number(text)
+  num, den = (canonical_number(part) for part in text.split("/"))
+  if num is None or den is None or float(den) == 0:
+    return None
+  return canonical_number(float(num) / float(den))
 
 
 def extract_final_number(text: str, *, fallback_to_last: bool = True
@@ -70,7 +86,7 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
   for pattern in (_HASHES_RE, _ANSWER_IS_RE):
     matches = pattern.findall(text)
     if matches:
-      return canonical_number(matches[-1])
+      return _marked_value(matches[-1])
   if not fallback_to_last:
     return None
   matches = _NUMBER_RE.findall(text)
