@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -417,16 +418,67 @@ def write_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def data_fingerprint(data: dict[str, Any]) -> str:
+  """A hash of every train, validation and test item, in order."""
+  h = hashlib.sha256()
+  for name, items in [('train', data['train']), ('val', data['val'])] + sorted(
+      data['tests'].items()):
+    h.update(f'\x02{name}'.encode())
+    for e in items:
+      h.update(f'\x00{e.prompt}\x01{e.target}'.encode())
+  return h.hexdigest()[:16]
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def stale(saved: dict, model: str, config: dict, fingerprint: str
+          ) -> str | None:
+  """Why a saved run is not this run (None: it is).
+
+  Files older than the fingerprint have none and are taken as they are;
+  config fields added since a file was written are not compared.
+  """
+  if saved.get('model', model) != model:
+    return f'model {saved.get("model")!r}'
+  if saved.get('data_fingerprint', fingerprint) != fingerprint:
+    return 'other data (train, validation or test items)'
+  old, new = _flat(saved.get('config', {})), _flat(config)
+  changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+  if changed:
+    return 'other settings (' + ', '.join(
+        f'{k}: {old[k]!r} there, {new[k]!r} now' for k in changed[:3]) + ')'
+  return None
+
+
 def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
            seed: int, log) -> dict:
-  """Trains and evaluates one (task, optimizer, lr, seed); writes its file."""
+  """Trains and evaluates one (task, optimizer, lr, seed); writes its file.
+
+  With --resume an existing file is reused only if it was made with the same
+  model, data and settings (see `stale`); otherwise it is made again.
+  """
   path = run_path(args.out, args.budget, task, opt, lr, seed)
+  cfg = make_config(budget, task, opt, lr, seed, args.model)
+  if '_fingerprint' not in data:
+    data['_fingerprint'] = data_fingerprint(data)
   if args.resume and os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
+    why = stale(saved, args.model, json.loads(configs.to_json(cfg)),
+                data['_fingerprint'])
+    if why is None:
+      return saved
+    log(f'[{args.budget}] {path} was made with {why}: running it again')
   log(f'[{args.budget}] {task} {opt} lr={lr:g} seed={seed}')
   t0 = time.perf_counter()
-  cfg = make_config(budget, task, opt, lr, seed, args.model)
   r, state, history = train_one(cfg, data['train'], log)
   t1 = time.perf_counter()
   res = evaluate_run(r, state, task, budget.tasks[task], data['val'],
@@ -434,6 +486,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   res.update(budget=args.budget, task=task, optimizer=opt, lr=lr, seed=seed,
              model=args.model, history=history,
              config=json.loads(configs.to_json(cfg)),
+             data_fingerprint=data['_fingerprint'],
              num_train=len(data['train']),
              seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
   write_atomic(path, res)
@@ -796,6 +849,15 @@ def plots(results: dict, summary: dict, out: str, budget_name: str) -> list:
 
 def report(args, budget: Budget, command: str, log) -> None:
   results = load_results(args.out, args.budget)
+  # Runs of another model under the same budget (e.g. --model tiny checks
+  # written to the same folder) are never pooled with these.
+  model = getattr(args, 'model', None)
+  other = {k for k, v in results.items()
+           if model and v.get('model', model) != model}
+  if other:
+    log(f'[{args.budget}] {len(other)} run(s) of another model than '
+        f'{model} left out of the report.')
+    results = {k: v for k, v in results.items() if k not in other}
   if not results:
     log(f'[{args.budget}] no finished runs under {args.out}/runs/'
         f'{args.budget}; nothing to report.')

@@ -133,6 +133,44 @@ def test_more_seeds_go_to_the_best_rate_on_file(rp, tmp_path, monkeypatch):
   assert seen == [(5e-5, 0), (2e-4, 1)]
 
 
+def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
+    rp, tmp_path, monkeypatch):
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+  data = {'train': [Example('a', 'b')], 'val': [Example('c', 'd')],
+          'tests': {'arithmetic': [Example('e', 'f')]}}
+  fp = rp.data_fingerprint(data)
+  budget = rp.BUDGETS['smoke']
+  cfg = json.loads(rp.configs.to_json(rp.make_config(
+      budget, 'arithmetic', 'adam', 1e-3, 0, 'tiny')))
+  assert rp.stale({'model': 'tiny', 'config': cfg, 'data_fingerprint': fp},
+                  'tiny', cfg, fp) is None
+  assert rp.stale({'model': 'tiny', 'config': cfg}, 'tiny', cfg, fp) is None
+  assert 'model' in rp.stale({'model': 'gemma3-270m'}, 'tiny', cfg, fp)
+  assert 'other data' in rp.stale({'data_fingerprint': 'x'}, 'tiny', cfg, fp)
+  other = json.loads(json.dumps(cfg))
+  other['steps'] += 1
+  assert 'steps:' in rp.stale({'config': other}, 'tiny', cfg, fp)
+  assert fp != rp.data_fingerprint(
+      {**data, 'val': [Example('c', 'd'), Example('g', 'h')]})
+  # do_run: a stale file is made again, a matching one reused.
+  args = rp.argparse.Namespace(out=str(tmp_path), budget='smoke',
+                               resume=True, model='tiny')
+  path = rp.run_path(args.out, 'smoke', 'arithmetic', 'adam', 1e-3, 0)
+  rp.write_atomic(path, {'model': 'tiny', 'config': cfg,
+                         'data_fingerprint': fp, 'val_loss': [0.5]})
+  assert rp.do_run(args, budget, 'arithmetic', dict(data), 'adam', 1e-3, 0,
+                   print)['val_loss'] == [0.5]
+  rp.write_atomic(path, {'model': 'gemma3-270m', 'val_loss': [0.5]})
+  def retrain(*a):
+    raise RuntimeError('retrained')
+  monkeypatch.setattr(rp, 'train_one', retrain)
+  lines = []
+  with pytest.raises(RuntimeError, match='retrained'):
+    rp.do_run(args, budget, 'arithmetic', dict(data), 'adam', 1e-3, 0,
+              lines.append)
+  assert "was made with model 'gemma3-270m': running it again" in lines[0]
+
+
 def _unit_budget(rp, monkeypatch, task, tb, steps):
   """Registers budget 'unit': one task, one rate and seed, rank 2 on q."""
   monkeypatch.setitem(rp.BUDGETS, 'unit', rp.Budget(
@@ -155,6 +193,7 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   d = json.load(open(os.path.join(out, 'runs', 'unit', 'arithmetic',
                                   files[1])))
   assert len(d['history']) == 2 and len(d['val_loss']) == 4
+  assert len(d['data_fingerprint']) == 16
   assert len(d['tests']['arithmetic']['correct']) == 4
   assert np.isfinite(d['history'][-1]['update_ratio_a'])
   assert os.path.exists(os.path.join(out, 'results_unit.md'))
