@@ -134,6 +134,12 @@ def test_published_hf_configs_match_named_configs(name):
   assert gemma_load.config_from_hf(gemma_load.config_to_hf(cfg)) == cfg
 
 
+def test_untied_output_head_is_refused():
+  d = dict(PUBLISHED_HF_CONFIGS['gemma3-270m'], tie_word_embeddings=False)
+  with pytest.raises(ValueError, match='tie_word_embeddings is false'):
+    gemma_load.config_from_hf(d)
+
+
 def test_270m_parameter_count():
   model = nnx.eval_shape(lambda: gemma.Gemma(gemma.get_config('gemma3-270m')))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -147,6 +147,12 @@ def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
         f'{source}: model_type {model_type!r} is not a Gemma text model '
         f'(expected one of {", ".join(_MODEL_TYPES)}).')
   family = _MODEL_TYPES[model_type]
+  if d.get('tie_word_embeddings') is False:
+    # Gemma ties the output head to the embedding; a checkpoint with its own
+    # lm_head would load with the embedding in its place, silently.
+    raise ValueError(f'{source}: tie_word_embeddings is false (an untied '
+                     'output head); Gemma models here tie it to the '
+                     'embedding.')
   if d.get('use_bidirectional_attention'):
     raise ValueError(f'{source}: bidirectional attention (EmbeddingGemma) is '
                      'not supported; expected a causal Gemma.')
