@@ -399,6 +399,13 @@ def evaluate_run(r, state, task: str, tb: TaskBudget, val, tests) -> dict:
                              for p in em.predictions],
                  generation=texts,
                  loss=ev.target_losses(state, examples))
+    # Every per-item list pairs with the test list item for item (the
+    # report drops and pairs items by position).
+    lengths = {k: len(v) for k, v in res.items() if isinstance(v, list)}
+    if set(lengths.values()) != {len(examples)}:
+      raise ValueError(f'{task}/{name}: per-item results {lengths} for '
+                       f'{len(examples)} test items (an item without a '
+                       'gold answer?).')
     out['tests'][name] = res
   return out
 
