@@ -240,6 +240,8 @@ def scale_by_lora_rite(
 
   Returns:
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.
+    Updates have the params' dtype, except that float16 params get float32
+    updates: the step before the learning rate can exceed float16's range.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
