@@ -564,7 +564,6 @@ def load_examples(cfg: configs_lib.Config):
   if cfg.eval.split not in ('test', 'validation'):
     raise ConfigError(f"eval.split must be 'test' or 'validation', got "
                       f'{cfg.eval.split!r}.')
-
   evals = []
   wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
   if wants_eval:
