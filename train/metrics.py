@@ -53,9 +53,10 @@ class MetricsWriter:
   always readable with the csv module row by row ('step' first).
 
   ``last_step``: the step the run starts from (its checkpoint's; -1 for a
-  fresh run, which starts the file over). Rows of an existing file logged after it (by a run that
-  stopped before its next checkpoint) are dropped, since they are about to
-  be logged again, and the file goes on under its last header.
+  fresh run, which starts the file over). Rows of an existing file logged
+  after it (by a run that stopped before its next checkpoint) are dropped,
+  since they are about to be logged again, and the file goes on under its
+  last header.
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
