@@ -623,9 +623,16 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
             a = np.concatenate([ref['_corr'][s] for s in seeds]).astype(bool)
             b = np.concatenate([row['_corr'][s] for s in seeds]).astype(bool)
             mc = evaluate.mcnemar_exact(a, b)
+            # The item-level test: a bootstrap over items of the
+            # seed-averaged correctness difference (McNemar above counts an
+            # item once per seed, as if seeds were independent items).
+            d = np.mean([np.subtract(row['_corr'][s], ref['_corr'][s])
+                         for s in seeds], axis=0)
+            mean, ci, p = paired_bootstrap(d)
             row['vs_lora_rite'].update(
                 mcnemar_rite_only=mc.only_a, mcnemar_other_only=mc.only_b,
-                mcnemar_p=mc.p_value)
+                mcnemar_p=mc.p_value, acc_diff=mean, acc_diff_ci=list(ci),
+                acc_diff_p=p)
       for row in rows.values():
         row.pop('_corr', None)
         row.pop('_loss')
@@ -710,7 +717,10 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            '[bootstrap 95%]. vs LoRA-RITE: McNemar exact p on (item, seed) '
            'pairs (RITE-only right / other-only right; it counts an item '
            'once per seed as if seeds were independent items, so where '
-           'seeds agree its p is smaller than a test over items would give), '
+           'seeds agree its p is smaller than a test over items would give); '
+           'accuracy diff: other - RITE in points, the bootstrap over items '
+           'of the seed-averaged per-item correctness difference, the test '
+           'to read when there are several seeds; '
            'and the paired bootstrap of the per-item loss difference (other '
            '- RITE, averaged over seeds; > 0 favours LoRA-RITE) with its p '
            '(10,000 resamples: p=1e-04 means no resample crossed zero, read '
@@ -746,12 +756,17 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
         lines.append('')
       lines.append('| optimizer | n items x seeds | accuracy [item '
                    'bootstrap 95%] (Wilson 95%, pooled) | McNemar vs RITE | '
+                   'accuracy diff vs RITE [95%], p (items) | '
                    'loss/token [95%] | loss diff vs RITE [95%], p |')
-      lines.append('|---|---|---|---|---|---|')
+      lines.append('|---|---|---|---|---|---|---|')
       for opt, row in rows.items():
         v = row.get('vs_lora_rite')
         mc = (f'{v["mcnemar_rite_only"]}/{v["mcnemar_other_only"]}, '
               f'p={_fmt_p(v["mcnemar_p"])}' if v and 'mcnemar_p' in v
+              else '-')
+        ad = (f'{100 * v["acc_diff"]:+.1f} [{100 * v["acc_diff_ci"][0]:+.1f}'
+              f', {100 * v["acc_diff_ci"][1]:+.1f}], '
+              f'p={_fmt_p(v["acc_diff_p"])}' if v and 'acc_diff' in v
               else '-')
         ld = (f'{v["loss_diff"]:+.4f} [{v["loss_diff_ci"][0]:+.4f}, '
               f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])}'
@@ -766,7 +781,7 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
         llo, lhi = row['loss_ci']
         lines.append(
             f'| {opt} | {row["n"]} x {len(row["seeds"])} | {acc} | {mc} | '
-            f'{row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
+            f'{ad} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
       lines.append('')
     if t.get('same_rate'):
       lines.append('### LoRA-RITE against each optimizer at one shared rate')

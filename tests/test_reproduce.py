@@ -57,6 +57,10 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   v = row['vs_lora_rite']
   assert (v['mcnemar_rite_only'], v['mcnemar_other_only']) == (8, 0)
   assert v['mcnemar_p'] == pytest.approx(2 / 2**8)
+  # Item level: 4 items where only LoRA-RITE is right (on both seeds), so a
+  # resample misses all of them with probability 2^-8.
+  assert v['acc_diff'] == pytest.approx(-0.5)
+  assert v['acc_diff_ci'][1] <= 0 and 0.002 < v['acc_diff_p'] < 0.02
   assert v['loss_diff'] == pytest.approx(0.2)
   assert v['items_rite_lower_loss'] == 8
   assert row['n'] == 8 and row['seeds'] == [0, 1]
@@ -233,7 +237,7 @@ def test_loss_only_test_sets(rp, tmp_path):
   assert row['vs_lora_rite']['loss_diff'] == pytest.approx(0.1)
   assert row['vs_lora_rite']['items_rite_lower_loss'] == 6
   md = rp.markdown(s, budget, 'cmd')
-  assert '| adam | 6 x 2 | - (loss only) | - | 0.6250' in md
+  assert '| adam | 6 x 2 | - (loss only) | - | - | 0.6250' in md
   assert 'Mean accuracy' not in md
   assert 'only some runs have, not compared: gsm8k' in md
 
