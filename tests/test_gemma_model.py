@@ -259,6 +259,19 @@ def test_sampling_controls():
   assert set(np.unique(draws).tolist()) == {0, 1, 2}
 
 
+def test_a_full_kv_cache_is_an_error_not_a_lost_token():
+  model, _ = _tiny('gemma-tiny')
+  cache = gemma.init_cache(model.config, 1, 4)
+  _, cache = model(jnp.array([[3, 4, 5]]), cache=cache)
+  _, cache = model(jnp.array([[6]]), cache=cache)  # the last slot
+  with pytest.raises(ValueError, match='KV cache holds 4 tokens; writing 1 '
+                     'at position 4 would overflow'):
+    model(jnp.array([[7]]), cache=cache)
+  with pytest.raises(ValueError, match='writing 5'):
+    model(jnp.array([[1, 2, 3, 4, 5]]),
+          cache=gemma.init_cache(model.config, 1, 4))
+
+
 def test_generation_stops_at_end_of_turn_as_well_as_eos():
   """Instruction-tuned Gemma ends a reply with <end_of_turn>: a row stops
   there (the token and what follows are cut), as at EOS."""

@@ -311,6 +311,15 @@ class Gemma(nnx.Module):
       k_slot = jnp.arange(t)
     else:
       index = cache.index
+      # dynamic_update_slice clamps a write past the end onto the last
+      # slots: the cache would silently lose tokens. Shapes are static; the
+      # index is checked where it is concrete (eager calls).
+      if t > cache.size or (not isinstance(index, jax.core.Tracer) and
+                            int(index) + t > cache.size):
+        raise ValueError(
+            f'the KV cache holds {cache.size} tokens; writing {t} at '
+            f'position {index} would overflow it (make it larger with '
+            'init_cache).')
       k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, new_pos,
                                                   index, axis=1)
       k_slot = jnp.arange(cache.size)
