@@ -436,16 +436,6 @@ def data_fingerprint(data: dict[str, Any]) -> str:
   return h.hexdigest()[:16]
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def stale(saved: dict, model: str, config: dict, fingerprint: str
           ) -> str | None:
   """Why a saved run is not this run (None: it is).
@@ -457,7 +447,8 @@ def stale(saved: dict, model: str, config: dict, fingerprint: str
     return f'model {saved.get("model")!r}'
   if saved.get('data_fingerprint', fingerprint) != fingerprint:
     return 'other data (train, validation or test items)'
-  old, new = _flat(saved.get('config', {})), _flat(config)
+  old = configs.flatten(saved.get('config', {}))
+  new = configs.flatten(config)
   changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
   if changed:
     return 'other settings (' + ', '.join(

@@ -657,15 +657,6 @@ GSM8K follows LLM-Adapters: train on its math-10k set, test on GSM8K. The
 table is built from the configs themselves:
 '''),
     code('''
-def flat(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
 columns = ['model.path', 'lora.rank', 'lora.alpha', 'lora.dropout',
            'lora.targets', 'optim.name', 'optim.learning_rate',
            'optim.warmup_steps', 'optim.schedule', 'batch_size', 'steps',
@@ -678,7 +669,7 @@ def cell(v):
 rows = ['| config | ' + ' | '.join(columns) + ' |',
         '|---' * (len(columns) + 1) + '|']
 for name in names:
-  f = flat(dataclasses.asdict(configs.get_config(name)))
+  f = configs.flatten(dataclasses.asdict(configs.get_config(name)))
   rows.append(f'| `{name}` | ' + ' | '.join(cell(f[c]) for c in columns) + ' |')
 display(Markdown('\\n'.join(rows)))
 print('learning-rate sweep:', configs.PAPER_LR_SWEEP)

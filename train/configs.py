@@ -310,6 +310,19 @@ def to_json(config: Config) -> str:
   return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
 
 
+def flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config dict (``dataclasses.asdict``, or its JSON) as dotted
+  keys: ``{'optim': {'name': 'adam'}}`` -> ``{'optim.name': 'adam'}``, the
+  names ``replace`` and the CLI take."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
 def from_dict(d: dict[str, Any], cls=Config):
   """Inverse of ``dataclasses.asdict`` (lists back to tuples)."""
   kwargs = {}

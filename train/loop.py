@@ -1185,19 +1185,9 @@ _RESUME_NEUTRAL = _STEP_NEUTRAL + (
     'optim.max_consecutive_nonfinite')
 
 
-def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   """{field: (saved, current)} for the fields a resume must not change."""
-  old, new = _flat(saved), _flat(current)
+  old, new = configs_lib.flatten(saved), configs_lib.flatten(current)
   neutral = lambda k: any(k == n or k.startswith(n + '.')
                           for n in _RESUME_NEUTRAL + ('steps',))
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
