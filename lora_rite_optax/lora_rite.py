@@ -318,13 +318,6 @@ def scale_by_lora_rite(
       raise ValueError(
           'scale_by_lora_rite: the updates (gradients) do not have the '
           f'structure of the params: {str(e).splitlines()[0]}') from None
-    for (path, leaf), g in zip(param_paths, grad_leaves):
-      if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
-        continue
-      if tuple(jnp.shape(g)) != tuple(leaf.shape):
-        raise ValueError(
-            f"scale_by_lora_rite: the gradient of {'/'.join(path)} has shape "
-            f'{tuple(jnp.shape(g))} but the param has {tuple(leaf.shape)}.')
     try:
       mu_leaves = paired.treedef.flatten_up_to(state.mu)
       basis_leaves = paired.treedef.flatten_up_to(state.basis)
@@ -333,9 +326,13 @@ def scale_by_lora_rite(
           'scale_by_lora_rite: the state does not have the structure of the '
           'params (it was made by init() for other params): '
           f'{str(e).splitlines()[0]}') from None
-    for (path, leaf), m in zip(param_paths, mu_leaves):
+    for (path, leaf), g, m in zip(param_paths, grad_leaves, mu_leaves):
       if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
         continue
+      if tuple(jnp.shape(g)) != tuple(leaf.shape):
+        raise ValueError(
+            f"scale_by_lora_rite: the gradient of {'/'.join(path)} has shape "
+            f'{tuple(jnp.shape(g))} but the param has {tuple(leaf.shape)}.')
       if tuple(getattr(m, 'shape', ())) != tuple(leaf.shape):
         raise ValueError(
             f"scale_by_lora_rite: the state's {'/'.join(path)} has shape "

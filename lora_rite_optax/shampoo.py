@@ -87,15 +87,15 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
     if index in factor:
       rank_axis, batch_axes = factor[index]
       slices, n, m = pairs_lib.matrix_shape(shape, rank_axis, batch_axes)
-    elif len(shape) - pairs_lib.stacked_axes(path, shape, layout) >= 2:
+    else:
       # Stacked layers are preconditioned each on its own, like the pairs.
       rank_axis = None
       batch_axes = pairs_lib.stacked_axes(path, shape, layout)
+      if len(shape) - batch_axes < 2:
+        plans.append(_Plan('diag'))
+        continue
       slices = math.prod(shape[:batch_axes])
       n, m = math.prod(shape[batch_axes:-1]), shape[-1]
-    else:
-      plans.append(_Plan('diag'))
-      continue
     plans.append(_Plan('matrix', rank_axis, batch_axes, slices, n, m,
                        min(n, block_size), min(m, block_size)))
   return plans, treedef
