@@ -260,10 +260,6 @@ def task_data(task: str, tb: TaskBudget) -> dict[str, Any]:
   return {'train': train, 'val': _subsample(val, tb.num_val), 'tests': tests}
 
 
-def _prompt_key(e) -> str:
-  return ' '.join(e.prompt.split())
-
-
 def seen_in_training(data: dict[str, Any]) -> dict[str, list[bool]]:
   """Per test set, whether each item's prompt is also a training or
   validation prompt.
@@ -275,8 +271,9 @@ def seen_in_training(data: dict[str, Any]) -> dict[str, list[bool]]:
   keep their scores; the test lists stay as sampled, so old and new runs
   pair item for item).
   """
-  seen = {_prompt_key(e) for e in list(data['train']) + list(data['val'])}
-  return {name: [_prompt_key(e) in seen for e in items]
+  seen = {data_lib.prompt_key(e)
+          for e in list(data['train']) + list(data['val'])}
+  return {name: [data_lib.prompt_key(e) in seen for e in items]
           for name, items in data['tests'].items()}
 
 
@@ -465,13 +462,12 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   """
   path = run_path(args.out, args.budget, task, opt, lr, seed)
   cfg = make_config(budget, task, opt, lr, seed, args.model)
-  if '_fingerprint' not in data:
-    data['_fingerprint'] = data_fingerprint(data)
+  fingerprint = data_fingerprint(data)  # a millisecond: not worth caching
   if args.resume and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     why = stale(saved, args.model, json.loads(configs.to_json(cfg)),
-                data['_fingerprint'])
+                fingerprint)
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -484,7 +480,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   res.update(budget=args.budget, task=task, optimizer=opt, lr=lr, seed=seed,
              model=args.model, history=history,
              config=json.loads(configs.to_json(cfg)),
-             data_fingerprint=data['_fingerprint'],
+             data_fingerprint=fingerprint,
              num_train=len(data['train']),
              seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
   write_atomic(path, res)

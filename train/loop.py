@@ -590,9 +590,8 @@ def load_examples(cfg: configs_lib.Config):
                            **common, **pool)
     # Never train on what is evaluated: LLM-Adapters' math set (the GSM8K
     # presets' training data) holds most of GSM8K's test questions.
-    key = lambda e: ' '.join(e.prompt.split())
-    held = {key(e) for e in evals}
-    kept = [e for e in train if key(e) not in held]
+    held = {data.prompt_key(e) for e in evals}
+    kept = [e for e in train if data.prompt_key(e) not in held]
     if len(kept) < len(train):
       warnings.warn(
           f'data: {len(train) - len(kept)} of {len(train)} training examples '

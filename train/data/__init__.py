@@ -12,6 +12,7 @@ Typical use::
 """
 
 from train.data.example import Example
+from train.data.example import prompt_key
 from train.data.numbers import canonical_number
 from train.data.numbers import extract_final_number
 from train.data.records import read_records

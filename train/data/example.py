@@ -51,3 +51,9 @@ class Example:
           f"{len(self.options)} options")
     if not self.references:
       object.__setattr__(self, "references", (self.target,))
+
+
+def prompt_key(example: Example) -> str:
+  """The prompt with runs of whitespace collapsed: examples with the same key
+  ask the same question (used to keep evaluation items out of training)."""
+  return " ".join(example.prompt.split())
