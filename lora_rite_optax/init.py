@@ -21,6 +21,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from lora_rite_optax import linalg
+
 __all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'randomized_svd']
 
 
@@ -144,12 +146,13 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
   x = x.astype(_compute_dtype(x.dtype))
   key = jax.random.key(0) if key is None else key
   omega = jax.random.normal(key, (n, q), x.dtype)
-  basis, _ = jnp.linalg.qr(x @ omega)
+  mm = linalg.matmul
+  basis, _ = jnp.linalg.qr(mm(x, omega))
   for _ in range(niter):
-    basis, _ = jnp.linalg.qr(x.T @ basis)
-    basis, _ = jnp.linalg.qr(x @ basis)
-  u_small, s, vh = jnp.linalg.svd(basis.T @ x, full_matrices=False)
-  return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
+    basis, _ = jnp.linalg.qr(mm(x.T, basis))
+    basis, _ = jnp.linalg.qr(mm(x, basis))
+  u_small, s, vh = jnp.linalg.svd(mm(basis.T, x), full_matrices=False)
+  return mm(basis, u_small)[:, :rank], s[:rank], vh[:rank]
 
 
 def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
@@ -211,7 +214,7 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   root = jnp.sqrt(s / scale)  # scale > 0, checked above
   a = (u * root).astype(w0.dtype)
   b = (root[:, None] * vh).astype(w0.dtype)
-  w_res = w - scale * (a.astype(w.dtype) @ b.astype(w.dtype))
+  w_res = w - scale * linalg.matmul(a.astype(w.dtype), b.astype(w.dtype))
   return a, b, w_res.astype(w0.dtype)
 
 
@@ -297,5 +300,6 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
   c = out_dim ** 0.25 / math.sqrt(gamma)
   a = (c * u[:, :rank]).astype(w0.dtype)
   b = (c * vh[rank:2 * rank]).astype(w0.dtype)
-  w_new = w0.astype(dtype) - scale * (a.astype(dtype) @ b.astype(dtype))
+  w_new = w0.astype(dtype) - scale * linalg.matmul(a.astype(dtype),
+                                                   b.astype(dtype))
   return a, b, w_new.astype(w0.dtype)

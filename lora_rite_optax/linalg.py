@@ -7,7 +7,8 @@ devices. A Householder QR would gather it onto one device; its Gram matrix
 that Gram serves LoRA-RITE (its update is invariant to rotating the basis).
 
 And :func:`one_at_a_time`, which keeps batched LAPACK calls from running
-concurrently on XLA:CPU, where that can deadlock.
+concurrently on XLA:CPU, where that can deadlock; and :func:`matmul`, a
+float32 product that stays float32 on accelerators.
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x @ y`` at ``Precision.HIGHEST``.
+
+  The default precision of a float32 product rounds its operands on
+  accelerators (to bfloat16 on TPU): fine for a forward pass, not for the
+  statistics and factorisations of an optimizer's preconditioner, or for an
+  initialisation's ``W0`` offset that must cancel ``A B`` to float32
+  rounding. On CPU the precision changes nothing.
+  """
+  return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
 def one_at_a_time(fn: Callable[[Any], Any], inputs: Sequence[Any]) -> list:

@@ -107,8 +107,8 @@ def pair_groups(paired: pairs_lib.PairedTree, leaves: list
   return groups
 
 
-def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.einsum('...ij,...jk->...ik', x, y)
+def _mm(x: jax.Array, y: jax.Array, precision=None) -> jax.Array:
+  return jnp.einsum('...ij,...jk->...ik', x, y, precision=precision)
 
 
 def _t(x: jax.Array) -> jax.Array:
@@ -163,17 +163,19 @@ class _View(NamedTuple):
   # calls for a 7B-shaped tree), and einsum's contraction-path search made
   # up most of the update's tracing time.
 
-  def gram(self, x: jax.Array, y: jax.Array) -> jax.Array:
+  def gram(self, x: jax.Array, y: jax.Array, precision) -> jax.Array:
     """x^T y over the long axis, (slices, r, r)."""
     long_axis = 2 if self.rank_first else 1
     return jax.lax.dot_general(x, y, (((long_axis,), (long_axis,)),
-                                      ((0,), (0,))))
+                                      ((0,), (0,))), precision=precision)
 
-  def times(self, x: jax.Array, k: jax.Array) -> jax.Array:
+  def times(self, x: jax.Array, k: jax.Array, precision) -> jax.Array:
     """x k for an (slices, r, r) k, in the view's own layout."""
     if self.rank_first:  # (k^T x) is (slices, r, N)
-      return jax.lax.dot_general(k, x, (((1,), (1,)), ((0,), (0,))))
-    return jax.lax.dot_general(x, k, (((2,), (1,)), ((0,), (0,))))
+      return jax.lax.dot_general(k, x, (((1,), (1,)), ((0,), (0,))),
+                                 precision=precision)
+    return jax.lax.dot_general(x, k, (((2,), (1,)), ((0,), (0,))),
+                               precision=precision)
 
 
 def scale_by_lora_rite(
@@ -185,6 +187,7 @@ def scale_by_lora_rite(
     update_capping: chex.Numeric = 0.0,
     escape_mass: bool = False,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
+    precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
 ) -> base.GradientTransformation:
   r"""Rescale updates of LoRA pairs by LoRA-RITE's invariant preconditioner.
 
@@ -237,6 +240,13 @@ def scale_by_lora_rite(
       0 turns it off.
     escape_mass: add the paper's escaped-mass term :math:`\rho`.
     layout: how pairs are found; see :class:`lora_rite_optax.LoraLayout`.
+    precision: of every matrix product (``jax.lax.Precision``). ``HIGHEST``
+      by default because the default float32 product rounds its operands on
+      accelerators (to bfloat16 on TPU, TF32 on recent NVIDIA GPUs), and the
+      Gram matrices square the factors' condition number: rounded products
+      cost the invariance most of its digits
+      (``benchmarks/matmul_precision.py`` measures both). The products are
+      ``N x r`` by ``r x r``, small beside the step's memory traffic.
 
   Returns:
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.
@@ -307,6 +317,7 @@ def scale_by_lora_rite(
       raise ValueError(
           'scale_by_lora_rite: update() needs params (the current factors): '
           'call tx.update(grads, state, params).')
+    mm = functools.partial(_mm, precision=precision)
     paired = pairs_lib.find_lora_pairs(params, layout)
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
@@ -354,12 +365,13 @@ def scale_by_lora_rite(
         x = view.to(leaf, dtype)
         grad = view.to(grad_leaves[index], dtype)
         s_prev = view.to(mu_leaves[index], dtype)
-        grams = {'xx': view.gram(x, x),
-                 'xp': view.gram(x, view.to(basis_leaves[index], dtype)),
-                 'gg': view.gram(grad, grad)}
+        grams = {'xx': view.gram(x, x, precision),
+                 'xp': view.gram(x, view.to(basis_leaves[index], dtype),
+                                 precision),
+                 'gg': view.gram(grad, grad, precision)}
         if not capping_off:
-          grams['gs'] = view.gram(grad, s_prev)
-          grams['ss'] = view.gram(s_prev, s_prev)
+          grams['gs'] = view.gram(grad, s_prev, precision)
+          grams['ss'] = view.gram(s_prev, s_prev, precision)
         n = pairs_lib.matrix_shape(view.shape, view.rank_axis,
                                    view.batch_axes)[1]
         both.append(dict(index=index, view=view, dtype=dtype, grad=grad,
@@ -414,7 +426,7 @@ def scale_by_lora_rite(
       clean = lambda g, finite=finite: jnp.where(finite[..., None, None], g,
                                                  0.0)
       # g^T g for g = grad R_O^+, without forming g.
-      gtg = _mm(_mm(_t(rinv_o), clean(gram['gg'])), rinv_o)
+      gtg = mm(mm(_t(rinv_o), clean(gram['gg'])), rinv_o)
       r = gtg.shape[-1]
       rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
       keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
@@ -443,8 +455,8 @@ def scale_by_lora_rite(
       gtg = scale[..., None, None]**2 * gtg
       # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T X_{O,t-1} R_{O,t-1}^+.
       xp_o = gram['xp'][::-1]
-      transport = _mm(_mm(_t(rinv_o), xp_o), rinv_prev_o)
-      nu_moved = _sym(_mm(_mm(transport, nu_prev), _t(transport)))
+      transport = mm(mm(_t(rinv_o), xp_o), rinv_prev_o)
+      nu_moved = _sym(mm(mm(transport, nu_prev), _t(transport)))
       if escape_mass is False:
         rho = jnp.zeros_like(rho_prev)
       else:
@@ -463,22 +475,22 @@ def scale_by_lora_rite(
       last_q = q
       inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
                         jnp.asarray(eps).astype(nu.dtype))
-      precond = _mm(q * inv_root[..., None, :], _t(q))
+      precond = mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
       # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,
       # M_prev P^T = M_prev R_{O,t-1}^+T X_{O,t-1}^T X_O R_O^+
       #            = S_prev xp_O^T R_O^+:
       # no inverse of R_{O,t-1}^+ is needed, whatever form it had.
-      k1 = (1 - d1) * scale[..., None, None] * _mm(rinv_o, precond)
-      k2 = d1 * _mm(_t(xp_o), rinv_o)
-      ka = _mm(k1, _t(rinv_o))
-      kb = _mm(k2, _t(rinv_o))
+      k1 = (1 - d1) * scale[..., None, None] * mm(rinv_o, precond)
+      k2 = d1 * mm(_t(xp_o), rinv_o)
+      ka = mm(k1, _t(rinv_o))
+      kb = mm(k2, _t(rinv_o))
       shrink = None
       if not capping_off:
         # ||M||^2 from the Grams: no extra pass over M.
-        sq = (_trace(_mm(_mm(_t(k1), clean(gram['gg'])), k1)) +
-              2 * _trace(_mm(_mm(_t(k1), clean(gram['gs'])), k2)) +
-              _trace(_mm(_mm(_t(k2), gram['ss']), k2)))
+        sq = (_trace(mm(mm(_t(k1), clean(gram['gg'])), k1)) +
+              2 * _trace(mm(mm(_t(k1), clean(gram['gs'])), k2)) +
+              _trace(mm(mm(_t(k2), gram['ss']), k2)))
         rms_m = jnp.sqrt(jnp.maximum(sq, 0.0) / (n_rows * k1.shape[-1]))
         cap = jnp.asarray(update_capping).astype(dtype)
         shrink = jnp.where(cap > 0, jnp.maximum(
@@ -493,9 +505,9 @@ def scale_by_lora_rite(
         for role in (0, 1):
           f = factors[k][role]
           view, index = f['view'], f['index']
-          fresh = view.times(f['grad'], ka[role, part])
+          fresh = view.times(f['grad'], ka[role, part], precision)
           fresh = jnp.where(finite[role, part][:, None, None], fresh, 0.0)
-          s_new = fresh + view.times(f['s_prev'], kb[role, part])
+          s_new = fresh + view.times(f['s_prev'], kb[role, part], precision)
           step = s_new
           if shrink is not None:
             step = s_new / shrink[role, part][:, None, None]
@@ -599,6 +611,7 @@ def lora_rite(
     escape_mass: bool = False,
     balance_factors: bool = False,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
+    precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
 ) -> base.GradientTransformation:
   r"""The LoRA-RITE optimizer.
 
@@ -631,6 +644,7 @@ def lora_rite(
     balance_factors: after the step, rescale the new factors to equal norms
       (leaves :math:`H` unchanged).
     layout: how pairs are found; see :class:`lora_rite_optax.LoraLayout`.
+    precision: of the matrix products; see :func:`scale_by_lora_rite`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformation`; ``update`` needs
@@ -664,7 +678,8 @@ def lora_rite(
                          clip_unmagnified_grad=clip_unmagnified_grad,
                          update_skipping=update_skipping,
                          update_capping=update_capping,
-                         escape_mass=escape_mass, layout=layout),
+                         escape_mass=escape_mass, layout=layout,
+                         precision=precision),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   ]

@@ -136,7 +136,8 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
   w = jnp.maximum(w, 0.0) + matrix_eps * w_max
   safe = w_max > 0
   w = jnp.where(safe, w, 1.0)
-  root = (q * w[..., None, :] ** (-1.0 / p)) @ jnp.swapaxes(q, -1, -2)
+  root = linalg.matmul(q * w[..., None, :] ** (-1.0 / p),
+                       jnp.swapaxes(q, -1, -2))
   eye = jnp.eye(stat.shape[-1], dtype=stat.dtype)
   return jnp.where(safe[..., None], root, eye)
 
@@ -245,8 +246,10 @@ def scale_by_shampoo(
         g_blocks.append(None)
         continue
       gb = _to_blocks(_to_view(g.astype(st.left.dtype), plan), plan)
-      left = b2 * st.left + (1 - b2) * gb @ jnp.swapaxes(gb, -1, -2)
-      right = b2 * st.right + (1 - b2) * jnp.swapaxes(gb, -1, -2) @ gb
+      left = b2 * st.left + (1 - b2) * linalg.matmul(
+          gb, jnp.swapaxes(gb, -1, -2))
+      right = b2 * st.right + (1 - b2) * linalg.matmul(
+          jnp.swapaxes(gb, -1, -2), gb)
       new_stats.append(BlockStats(left, right))
       g_blocks.append(gb)
 
@@ -289,7 +292,8 @@ def scale_by_shampoo(
       if plan.kind == 'diag':
         direction = adam
       else:
-        pre = _from_blocks(root.left @ gb @ root.right, plan)
+        pre = _from_blocks(
+            linalg.matmul(linalg.matmul(root.left, gb), root.right), plan)
         if graft != 'none':
           ref = _to_view(adam if graft == 'adam' else g32, plan)
           ref_norm = jnp.sqrt(jnp.sum(jnp.square(ref), axis=(1, 2),
