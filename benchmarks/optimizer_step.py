@@ -18,12 +18,15 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
 
 # jaxlib's CPU eigh/solve already spread a batch over XLA's threads;
 # OpenBLAS's own threads on top oversubscribe the cores (a rank-64
 # LoRA-RITE step ran 5x slower). Must be set before LAPACK loads.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+# Runs from a clone without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -115,7 +118,7 @@ def eigh_qr():
 
 
 def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
-            plain_jit=False, eigh=False):
+            plain_jit=False, eigh=False, precision='highest'):
   """(ms/step, state bytes, compile s) of adam and lora_rite.
 
   The steps alternate, so that load from other processes falls on all
@@ -125,14 +128,14 @@ def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
   """
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
                        * 1e-3, params)
+  rite = lambda: lro.lora_rite(lr, layout=layout, precision=precision)
   runs = [prepare(optax.adam(lr), params, grads),
-          prepare(lro.lora_rite(lr, layout=layout), params, grads)]
+          prepare(rite(), params, grads)]
   if plain_jit:
-    runs.append(prepare(lro.lora_rite(lr, layout=layout), params, grads,
-                        jit=jax.jit))
+    runs.append(prepare(rite(), params, grads, jit=jax.jit))
   if eigh:
     with eigh_qr():
-      runs.append(prepare(lro.lora_rite(lr, layout=layout), params, grads))
+      runs.append(prepare(rite(), params, grads))
   times = [[] for _ in runs]
   for _ in range(repeats):
     for i, (run, _, _) in enumerate(runs):
@@ -183,14 +186,18 @@ def main(argv=None):
   pairs = len(jax.tree.leaves(params)) // 2
   ((a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c), (j_ms, _, j_c),
    (e_ms, _, e_c)) = compare(params, args.repeats, plain_jit=True, eigh=True)
+  reordered = jax.default_backend() == 'cpu'
   print(f'\ngemma-2b LoRA tree: {pairs} pairs, {n:,} params, rank 16 '
-        '(steps jitted with lro.donating_jit)')
+        '(steps jitted with lro.donating_jit: outputs '
+        f'{"reordered" if reordered else "in jax.jit pairing"} on this '
+        'backend)')
   print(f'{"":<20} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
   print(f'{"adam":<20} {a_ms:>9.1f} {a_bytes / 2**20:>9.1f} {a_c:>10.1f}')
   print(f'{"lora_rite":<20} {r_ms:>9.1f} {r_bytes / 2**20:>9.1f} '
         f'{r_c:>10.1f}')
   print(f'{"lora_rite, jax.jit":<20} {j_ms:>9.1f} {"":>9} {j_c:>10.1f}   '
-        f'(ratio {j_ms / a_ms:.2f}; XLA copies each factor 3 times)')
+        f'(ratio {j_ms / a_ms:.2f}; jax.jit\'s pairing: XLA:CPU copies '
+        'each factor 3 times)')
   print(f'{"lora_rite, eigh R^+":<20} {e_ms:>9.1f} {"":>9} {e_c:>10.1f}   '
         f'(ratio {e_ms / a_ms:.2f}; R^+ by eigh, not Cholesky)')
   (sa_ms, _, sa_c), (sr_ms, _, sr_c) = compare(

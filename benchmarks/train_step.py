@@ -9,6 +9,10 @@ optimizers so that load changes on a shared machine hit both alike; the
 median is reported.
 
   python benchmarks/train_step.py                  # real 270M (GGUF package)
+  python benchmarks/train_step.py --model gemma3-270m-random
+                                # the 270M architecture, random weights: for a
+                                # machine the 253 MB checkpoint cannot reach
+                                # (step time does not depend on the values)
   python benchmarks/train_step.py --model tiny     # random tiny model (tests)
 
 The last line is `lora_rite/adam train-step ratio: X.XX`.
@@ -39,6 +43,12 @@ def make_config(args) -> configs.Config:
   if args.model == 'tiny':
     model = configs.ModelConfig(name='gemma3-tiny', tokenizer='byte',
                                 dtype='float32')
+  elif args.model == 'gemma3-270m-random':
+    # Byte tokens are ids below 256 of the real 262k vocabulary: the
+    # embedding and the unembedding at the loss positions cost what they do
+    # with the real tokenizer.
+    model = configs.ModelConfig(name='gemma3-270m', tokenizer='byte',
+                                dtype=args.dtype)
   else:
     model = configs.ModelConfig(path=loop.GGUF_PACKAGE, dtype=args.dtype)
   return configs.Config(
@@ -57,7 +67,7 @@ def make_config(args) -> configs.Config:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', choices=('gemma3-270m', 'tiny'),
+  p.add_argument('--model', choices=('gemma3-270m', 'gemma3-270m-random', 'tiny'),
                  default='gemma3-270m')
   p.add_argument('--dtype', default='float32')
   p.add_argument('--rank', type=int, default=16)
