@@ -21,6 +21,9 @@ Tasks and test sets:
   and scores GSM8K alone, under its own budget name (``small-gsm8k``).
   ``--exact_match N`` runs the same training and adds exact match of N
   greedy tokens per test item (``small-em128`` for N = 128).
+  ``math/train.json`` holds 881 of GSM8K's 1319 test questions: reports
+  leave such items out (`seen_in_training`); ``--decontaminate`` instead
+  retrains without them and scores GSM8K whole (``small-decontam``).
 * ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer
   log-likelihood and loss per target token of the gold answer.
 
@@ -98,6 +101,9 @@ class TaskBudget:
   batch_size: int = 0  # 0: the budget's.
   gsm8k: bool = True  # math only: also test on GSM8K.
   heldout: bool = True  # math only: test on the held-out math records.
+  # math only: leave out of training and validation every record whose
+  # prompt is a GSM8K test question or a held-out math record.
+  decontaminate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +247,10 @@ def task_data(task: str, tb: TaskBudget) -> dict[str, Any]:
     held = [dataclasses.replace(e, gold_number=data_lib.extract_final_number(
         e.target, fallback_to_last=False)) for e in held]
     held = [e for e in held if e.gold_number is not None]
+    if tb.decontaminate:
+      test_prompts = {data_lib.prompt_key(e) for e in
+                      list(data_lib.load_task('gsm8k', 'test')) + held}
+      rest = [e for e in rest if data_lib.prompt_key(e) not in test_prompts]
     train, val = data_lib.split_validation(rest, 0.1, seed=0)
     tests = {}
     if tb.heldout:
@@ -906,6 +916,11 @@ def main(argv=None) -> None:
   p.add_argument('--gsm8k', action='store_true',
                  help='math: test on GSM8K in place of the held-out math '
                  'records (runs kept apart, under <budget>-gsm8k)')
+  p.add_argument('--decontaminate', action='store_true',
+                 help='math: train without the records whose prompt is a '
+                 'GSM8K test question (881 of them) or a held-out record, '
+                 'and score GSM8K (runs kept apart, under '
+                 '<budget>-decontam)')
   p.add_argument('--exact_match', type=int, metavar='TOKENS',
                  help='math: also score exact match of this many greedy '
                  'tokens per test item (runs kept apart, under '
@@ -923,6 +938,9 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   if args.gsm8k and args.tasks != ['math']:
     p.error('--gsm8k scores the math task on GSM8K: pass --tasks math')
+  if args.decontaminate and (args.tasks != ['math'] or args.gsm8k):
+    p.error('--decontaminate retrains the math task and scores GSM8K: pass '
+            '--tasks math, without --gsm8k')
   if args.exact_match is not None and args.tasks != ['math']:
     p.error('--exact_match generates for the math task: pass --tasks math')
   if args.exact_match is not None and args.exact_match < 1:
@@ -952,6 +970,12 @@ def main(argv=None) -> None:
     # only the test set differs, and the held-out math is not scored twice.
     over['tasks'] = {**budget.tasks, 'math': dataclasses.replace(
         budget.tasks['math'], gsm8k=True, heldout=False)}
+  if args.decontaminate:
+    # New training data (the math file less GSM8K's test questions), so new
+    # runs; GSM8K is the test set it is for (the held-out math records had
+    # 2 duplicates in training, and scoring them too doubles the time).
+    over['tasks'] = {**budget.tasks, 'math': dataclasses.replace(
+        budget.tasks['math'], gsm8k=True, heldout=False, decontaminate=True)}
   if args.exact_match:
     # Training unchanged again: only the scoring adds generations.
     tasks_now = over.get('tasks', budget.tasks)
@@ -966,6 +990,8 @@ def main(argv=None) -> None:
     args.budget = f'{args.budget}-warmup{args.warmup}'
   if args.gsm8k:
     args.budget = f'{args.budget}-gsm8k'
+  if args.decontaminate:
+    args.budget = f'{args.budget}-decontam'
   if args.exact_match:
     args.budget = f'{args.budget}-em{args.exact_match}'
   tasks = args.tasks or budget.default_tasks

@@ -461,3 +461,30 @@ def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
                             zip(res['prediction'], gold)]
   # Bytes of a random tiny model: about log(256) nats each, never free.
   assert all(0.5 < x < 20 for x in res['loss'])
+
+
+def test_decontaminate_retrains_without_gsm8k_test_questions(
+    rp, tmp_path, monkeypatch):
+  """--decontaminate: the math training and validation data lose every
+  GSM8K test question and held-out record, GSM8K is scored whole, and the
+  runs live under <budget>-decontam."""
+  shared_data.require('math', 'gsm8k')
+  seen = _record_runs(rp, monkeypatch)
+  rp.main(['--budget', 'small', '--tasks', 'math', '--decontaminate',
+           '--optimizers', 'adam', '--lrs', '1e-3', '--seeds', '0', '--out',
+           str(tmp_path)])
+  (name, tb, tests), = seen
+  assert name == 'small-decontam' and tests == ['gsm8k']
+  clean = rp.task_data('math', tb)
+  dirty = rp.task_data('math', dataclasses.replace(tb, decontaminate=False))
+  assert rp.seen_in_training(clean) == {'gsm8k': [False] * tb.num_test}
+  assert sum(rp.seen_in_training(dirty)['gsm8k']) == 99
+  assert clean['tests'] == dirty['tests']  # the same 150 items
+  # Of the 881 GSM8K test questions (and 2 held-out duplicates) in the
+  # file, the 90% training split held 868; the rest were validation rows.
+  assert len(dirty['train']) - len(clean['train']) == 868
+  for bad in (['--tasks', 'arithmetic', '--decontaminate'],
+              ['--tasks', 'math', '--decontaminate', '--gsm8k']):
+    with pytest.raises(SystemExit):
+      rp.main(['--budget', 'small', *bad, '--out', str(tmp_path)])
+  assert len(seen) == 1
