@@ -102,12 +102,30 @@ class _Lowered:
     return call
 
 
-def _platform(args) -> str:
-  """The platform of the first committed array among ``args``."""
-  for leaf in jax.tree.leaves(args):
-    sharding = getattr(leaf, 'sharding', None)
-    if sharding is not None and not isinstance(leaf, jax.core.Tracer):
+def _platform(args, jit_kwargs: dict) -> str:
+  """The platform a call with ``args`` runs on, as jit places it.
+
+  That of the first committed array among ``args``; else of the
+  ``in_shardings`` passed to jit; else the default backend (where
+  uncommitted arrays, NumPy arrays and Python scalars go).
+  """
+  def platform_of(sharding):
+    try:
       return next(iter(sharding.device_set)).platform
+    except (AttributeError, ValueError, StopIteration):  # abstract mesh
+      return None
+
+  for leaf in jax.tree.leaves(args):
+    if isinstance(leaf, jax.core.Tracer) or not getattr(leaf, 'committed',
+                                                        False):
+      continue
+    found = platform_of(getattr(leaf, 'sharding', None))
+    if found:
+      return found
+  for sharding in jax.tree.leaves(jit_kwargs.get('in_shardings')):
+    found = platform_of(sharding)
+    if found:
+      return found
   return jax.default_backend()
 
 
@@ -125,9 +143,11 @@ def donating_jit(fun: Callable[..., Any], *,
   changes. On XLA:CPU this removed three copies of every factor from each
   LoRA-RITE step on the Gemma-2B LoRA tree (79 ms instead of 105 ms, see
   ``benchmarks/optimizer_step.py``). On an H200 (jax 0.11.2) the same
-  reordering made the step slower, 20.5 ms against 9.6 ms with ``jax.jit``'s
-  own pairing, so by default it is applied on CPU only; on GPU and TPU the
-  step compiles exactly as under ``jax.jit``.
+  reordering made the step slower, 20.5 ms against 9.6 ms under
+  ``jax.jit``, so by default it is applied on CPU only; elsewhere the step
+  keeps ``jax.jit``'s in-order pairing (the same buffer aliasing as
+  ``jax.jit``, checked on CPU). TPUs are not measured: they get
+  ``jax.jit``'s pairing too, by extrapolation from the GPU.
 
   Args:
     fun: the step, e.g. ``(params, opt_state, batch) -> (params, opt_state)``;
@@ -136,8 +156,8 @@ def donating_jit(fun: Callable[..., Any], *,
     out_shardings: as in ``jax.jit`` (a prefix of the output tree); applied
       with ``jax.lax.with_sharding_constraint``.
     reorder_outputs: give returned inputs their own buffers (True), keep
-      ``jax.jit``'s in-order pairing (False), or decide by the platform of the
-      arguments at each call (None: reorder on CPU only).
+      ``jax.jit``'s in-order pairing (False), or decide at each call by the
+      platform the call runs on (None: reorder on CPU only).
     **jit_kwargs: other ``jax.jit`` arguments (``in_shardings``, ...); static
       arguments are not supported.
 
@@ -201,7 +221,7 @@ def donating_jit(fun: Callable[..., Any], *,
   def choose(args) -> bool:
     if reorder_outputs is not None:
       return reorder_outputs
-    return _platform(args) == 'cpu'
+    return _platform(args, jit_kwargs) == 'cpu'
 
   def restorer(key):
     def restore(flat):

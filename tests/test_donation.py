@@ -182,21 +182,64 @@ def test_reordering_is_for_cpu_unless_asked(monkeypatch):
   step = make_step(tx)
   grads = grads_for(params, 1)
   hlo = lambda f: f.lower(params, tx.init(params), grads).compile().as_text()
-  assert donation._platform((params,)) == 'cpu'
   assert not factor_copies(hlo(lro.donating_jit(step, donate_argnums=(0, 1))),
                            params)
   # Asked not to reorder: jax.jit's in-order pairing, whose copies show.
   keep = lro.donating_jit(step, donate_argnums=(0, 1), reorder_outputs=False)
   assert factor_copies(hlo(keep), params)
+  want = jax.jit(step)(params, tx.init(params), grads)
+  got = keep(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # On another platform the default is jax.jit's pairing; True still reorders.
-  monkeypatch.setattr(donation, '_platform', lambda args: 'gpu')
+  monkeypatch.setattr(donation, '_platform', lambda args, kwargs: 'gpu')
   assert factor_copies(hlo(lro.donating_jit(step, donate_argnums=(0, 1))),
                        params)
   assert not factor_copies(
       hlo(lro.donating_jit(step, donate_argnums=(0, 1), reorder_outputs=True)),
       params)
-  want = jax.jit(step)(params, tx.init(params), grads)
   got = lro.donating_jit(step, donate_argnums=(0, 1))(
       jax.tree.map(jnp.copy, params), tx.init(params), grads)
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class _Device:
+  def __init__(self, platform):
+    self.platform = platform
+
+
+class _Sharding:
+  def __init__(self, platform):
+    self.device_set = {_Device(platform)}
+
+
+class _Array:
+  """Stands for an array on another platform (the CPU test box has none)."""
+
+  def __init__(self, platform, committed=True):
+    self.sharding = _Sharding(platform)
+    self.committed = committed
+
+
+def test_platform_is_where_jit_places_the_call():
+  """Committed arrays decide; then in_shardings; then the default backend
+  (uncommitted arrays, NumPy, scalars, tracers, abstract shardings)."""
+  gpu = _Array('gpu')
+  assert donation._platform((np.ones(3), jnp.ones(3), 2.0, gpu), {}) == 'gpu'
+  on_cpu = jax.device_put(jnp.ones(3), jax.devices('cpu')[0])
+  assert on_cpu.committed
+  assert donation._platform((on_cpu, gpu), {}) == 'cpu'
+  assert donation._platform((_Array('gpu', committed=False),), {}) == 'cpu'
+  assert donation._platform((np.ones(3),),
+                            {'in_shardings': _Sharding('tpu')}) == 'tpu'
+  assert donation._platform((np.ones(3),), {'in_shardings': None}) == 'cpu'
+  mesh = jax.sharding.AbstractMesh((2,), ('x',))
+  abstract = jax.ShapeDtypeStruct(
+      (4,), jnp.float32,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  assert donation._platform((abstract,),
+                            {'in_shardings': abstract.sharding}) == 'cpu'
+  seen = []
+  jax.jit(lambda x: seen.append(donation._platform((x,), {})) or x)(on_cpu)
+  assert seen == ['cpu']
