@@ -245,8 +245,10 @@ def scale_by_lora_rite(
       accelerators (to bfloat16 on TPU, TF32 on recent NVIDIA GPUs), and the
       Gram matrices square the factors' condition number: rounded products
       cost the invariance most of its digits
-      (``benchmarks/matmul_precision.py`` measures both). The products are
-      ``N x r`` by ``r x r``, small beside the step's memory traffic.
+      (``benchmarks/matmul_precision.py`` measures both). ``None`` follows
+      ``jax_default_matmul_precision``. The products contract the long axis
+      (Grams) or multiply by ``r x r`` matrices: ``10 r`` flops per
+      parameter, small beside the step's memory traffic.
 
   Returns:
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.

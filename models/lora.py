@@ -388,7 +388,10 @@ def _delta(proj: Projection) -> jax.Array:
   in_dim, out_dim = _dims(proj)
   a = lora.lora_a[...].astype(jnp.float32).reshape(in_dim, -1)
   b = lora.lora_b[...].astype(jnp.float32).reshape(-1, out_dim)
-  return (lora.scale * (a @ b)).reshape(proj.kernel.shape)
+  # HIGHEST: the default float32 product rounds to bfloat16 (TPU) or TF32
+  # (GPU), and unmerge must take back what merge added.
+  ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return (lora.scale * ab).reshape(proj.kernel.shape)
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:

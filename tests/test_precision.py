@@ -1,4 +1,5 @@
-"""Every matrix product of the optimizers and initialisations is float32.
+"""Every matrix product of the optimizers, initialisations and adapter merging
+is float32.
 
 At ``Precision.DEFAULT`` a float32 product rounds its operands on
 accelerators (bfloat16 passes on TPU, TF32 on NVIDIA GPUs). On an H200 that
@@ -81,12 +82,14 @@ def test_initialisations_are_highest():
   rng = np.random.default_rng(0)
   w0 = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
   grad = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
-  assert all_highest(dot_precisions(lambda w: lro.init.pissa(w, 4, niter=2), w0))
-  assert all_highest(dot_precisions(lambda w: lro.init.pissa(w, 4), w0))
+  init = lro.init
+  assert all_highest(dot_precisions(lambda w: init.pissa(w, 4, niter=2), w0))
+  assert all_highest(dot_precisions(lambda w: init.pissa(w, 4), w0))
   assert all_highest(dot_precisions(
-      lambda g, w: lro.init.lora_ga(g, w, 4, scale=2.0), grad, w0))
+      lambda g, w: init.lora_ga(g, w, 4, scale=2.0), grad, w0))
   assert all_highest(dot_precisions(
-      lambda g, w: lro.init.lora_ga(g, w, 4, scale=2.0, randomized=True), grad, w0))
+      lambda g, w: init.lora_ga(g, w, 4, scale=2.0, randomized=True), grad,
+      w0))
 
 
 def test_matmul_precision_benchmark_measures_invariance():
@@ -99,3 +102,20 @@ def test_matmul_precision_benchmark_measures_invariance():
   assert rite < 1e-3 < 1e-1 < adam
   start = float(bench.loss(jax.tree.map(jnp.asarray, params), targets))
   assert rite_loss < start
+
+
+def test_adapter_merge_is_highest():
+  """merge_lora adds s A B to the kernel and unmerge_lora takes it back:
+  a rounded product would leave the kernel changed."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import lora  # pylint: disable=g-import-not-at-top
+  from models.layers import Projection  # pylint: disable=g-import-not-at-top
+
+  class Tiny(nnx.Module):
+    def __init__(self):
+      self.q = Projection((8,), (2, 4), axes=('embed', 'heads', 'kv'),
+                          rngs=nnx.Rngs(0))
+
+  model = Tiny()
+  lora.apply_lora(model, targets='q', rank=2, alpha=4.0)
+  assert all_highest(dot_precisions(lora._delta, model.q))  # pylint: disable=protected-access
