@@ -67,7 +67,8 @@ def make_config(args) -> configs.Config:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', choices=('gemma3-270m', 'gemma3-270m-random', 'tiny'),
+  p.add_argument('--model',
+                 choices=('gemma3-270m', 'gemma3-270m-random', 'tiny'),
                  default='gemma3-270m')
   p.add_argument('--dtype', default='float32')
   p.add_argument('--rank', type=int, default=16)
