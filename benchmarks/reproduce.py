@@ -21,9 +21,11 @@ Tasks and test sets:
   and scores GSM8K alone, under its own budget name (``small-gsm8k``).
   ``--exact_match N`` runs the same training and adds exact match of N
   greedy tokens per test item (``small-em128`` for N = 128).
-  ``math/train.json`` holds 881 of GSM8K's 1319 test questions: reports
-  leave such items out (`seen_in_training`); ``--decontaminate`` instead
-  retrains without them and scores GSM8K whole (``small-decontam``).
+  ``math/train.json`` holds 1055 of GSM8K's 1319 test questions (961 in
+  the part split into training and validation): reports leave such items
+  out (`seen_in_training`); ``--decontaminate`` instead retrains without
+  them and scores every sampled GSM8K item, not the held-out math
+  (``small-decontam``).
 * ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer
   log-likelihood and loss per target token of the gold answer.
 
@@ -248,6 +250,10 @@ def task_data(task: str, tb: TaskBudget) -> dict[str, Any]:
         e.target, fallback_to_last=False)) for e in held]
     held = [e for e in held if e.gold_number is not None]
     if tb.decontaminate:
+      # Before the split, so the 90/10 split is drawn anew from the 1996
+      # records left (same seed): training and validation are not subsets
+      # of the plain runs' (182 plain validation records now train). That
+      # is immaterial for comparing optimizers within these runs.
       test_prompts = {data_lib.prompt_key(e) for e in
                       list(data_lib.load_task('gsm8k', 'test')) + held}
       rest = [e for e in rest if data_lib.prompt_key(e) not in test_prompts]
@@ -274,9 +280,10 @@ def seen_in_training(data: dict[str, Any]) -> dict[str, list[bool]]:
   """Per test set, whether each item's prompt is also a training or
   validation prompt.
 
-  `math/train.json` holds most of GSM8K's test questions (881 of 1319 word
-  for word, chain of thought included) and a few duplicates of its own last
-  300 records: scored as they are, those items measure recall of the
+  `math/train.json` holds most of GSM8K's test questions (1055 of 1319,
+  chain of thought included; 961 in the part split into training and
+  validation) and 3 duplicates of its own last 300 records in that part:
+  scored as they are, those items measure recall of the
   training data. The report leaves them out of every comparison (the runs
   keep their scores; the test lists stay as sampled, so old and new runs
   pair item for item).
@@ -443,17 +450,25 @@ def data_fingerprint(data: dict[str, Any]) -> str:
   return h.hexdigest()[:16]
 
 
-def stale(saved: dict, model: str, config: dict, fingerprint: str
-          ) -> str | None:
+def stale(saved: dict, model: str, config: dict, fingerprint: str,
+          task_budget: dict | None = None) -> str | None:
   """Why a saved run is not this run (None: it is).
 
-  Files older than the fingerprint have none and are taken as they are;
-  config fields added since a file was written are not compared.
+  Files older than the fingerprint (or the task settings) have none and
+  are taken as they are; fields added since a file was written are not
+  compared.
   """
   if saved.get('model', model) != model:
     return f'model {saved.get("model")!r}'
   if saved.get('data_fingerprint', fingerprint) != fingerprint:
     return 'other data (train, validation or test items)'
+  old_tb = saved.get('task_budget') or {}
+  differ = sorted(k for k in set(old_tb) & set(task_budget or {})
+                  if old_tb[k] != task_budget[k])
+  if differ:
+    return 'other task settings (' + ', '.join(
+        f'{k}: {old_tb[k]!r} there, {task_budget[k]!r} now'
+        for k in differ[:3]) + ')'
   old = configs.flatten(saved.get('config', {}))
   new = configs.flatten(config)
   changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
@@ -477,7 +492,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
     with open(path) as f:
       saved = json.load(f)
     why = stale(saved, args.model, json.loads(configs.to_json(cfg)),
-                fingerprint)
+                fingerprint, dataclasses.asdict(budget.tasks[task]))
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -491,6 +506,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
              model=args.model, history=history,
              config=json.loads(configs.to_json(cfg)),
              data_fingerprint=fingerprint,
+             task_budget=dataclasses.asdict(budget.tasks[task]),
              num_train=len(data['train']),
              seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
   write_atomic(path, res)
@@ -918,8 +934,8 @@ def main(argv=None) -> None:
                  'records (runs kept apart, under <budget>-gsm8k)')
   p.add_argument('--decontaminate', action='store_true',
                  help='math: train without the records whose prompt is a '
-                 'GSM8K test question (881 of them) or a held-out record, '
-                 'and score GSM8K (runs kept apart, under '
+                 'GSM8K test question (961 of them) or a held-out record '
+                 '(3), and score GSM8K alone (runs kept apart, under '
                  '<budget>-decontam)')
   p.add_argument('--exact_match', type=int, metavar='TOKENS',
                  help='math: also score exact match of this many greedy '
@@ -973,7 +989,7 @@ def main(argv=None) -> None:
   if args.decontaminate:
     # New training data (the math file less GSM8K's test questions), so new
     # runs; GSM8K is the test set it is for (the held-out math records had
-    # 2 duplicates in training, and scoring them too doubles the time).
+    # 3 duplicates in training, and scoring them too doubles the time).
     over['tasks'] = {**budget.tasks, 'math': dataclasses.replace(
         budget.tasks['math'], gsm8k=True, heldout=False, decontaminate=True)}
   if args.exact_match:

@@ -156,6 +156,14 @@ def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
   assert 'steps:' in rp.stale({'config': other}, 'tiny', cfg, fp)
   assert fp != rp.data_fingerprint(
       {**data, 'val': [Example('c', 'd'), Example('g', 'h')]})
+  # The task settings (rows, test sets, decontamination) are compared where
+  # the file has them; fields a file lacks are not.
+  tb = rp.dataclasses.asdict(budget.tasks['math'])
+  assert rp.stale({'task_budget': tb}, 'tiny', cfg, fp, tb) is None
+  assert rp.stale({'task_budget': {'seq_len': tb['seq_len']}}, 'tiny', cfg,
+                  fp, tb) is None
+  assert 'decontaminate: False there, True now' in rp.stale(
+      {'task_budget': tb}, 'tiny', cfg, fp, {**tb, 'decontaminate': True})
   # do_run: a stale file is made again, a matching one reused.
   args = rp.argparse.Namespace(out=str(tmp_path), budget='smoke',
                                resume=True, model='tiny')
@@ -480,9 +488,10 @@ def test_decontaminate_retrains_without_gsm8k_test_questions(
   assert rp.seen_in_training(clean) == {'gsm8k': [False] * tb.num_test}
   assert sum(rp.seen_in_training(dirty)['gsm8k']) == 99
   assert clean['tests'] == dirty['tests']  # the same 150 items
-  # Of the 881 GSM8K test questions (and 2 held-out duplicates) in the
-  # file, the 90% training split held 868; the rest were validation rows.
-  assert len(dirty['train']) - len(clean['train']) == 868
+  # The filter takes 961 GSM8K test questions and 3 held-out duplicates
+  # out of the 2960 records before the 90/10 split, which is then drawn
+  # anew: 2664 training records become 1796.
+  assert (len(dirty['train']), len(clean['train'])) == (2664, 1796)
   for bad in (['--tasks', 'arithmetic', '--decontaminate'],
               ['--tasks', 'math', '--decontaminate', '--gsm8k']):
     with pytest.raises(SystemExit):
