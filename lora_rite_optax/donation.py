@@ -105,14 +105,20 @@ class _Lowered:
 def _platform(args, jit_kwargs: dict) -> str:
   """The platform a call with ``args`` runs on, as jit places it.
 
-  That of the first committed array among ``args``; else of the
-  ``in_shardings`` passed to jit; else the default backend (where
-  uncommitted arrays, NumPy arrays and Python scalars go).
+  That of the first committed array among ``args``; else of the concrete
+  ``in_shardings`` or ``out_shardings`` passed; else of
+  ``jax_default_device`` when set; else the default backend. Under an
+  outer jit the arguments are tracers and the default backend decides.
+  Only speed depends on the answer, never the results.
   """
-  def platform_of(sharding):
+  def platform_of(where):
+    if isinstance(where, str):
+      return where
+    if hasattr(where, 'platform'):  # a Device
+      return where.platform
     try:
-      return next(iter(sharding.device_set)).platform
-    except (AttributeError, ValueError, StopIteration):  # abstract mesh
+      return next(iter(where.device_set)).platform
+    except (AttributeError, ValueError, StopIteration):  # abstract mesh, spec
       return None
 
   for leaf in jax.tree.leaves(args):
@@ -122,11 +128,18 @@ def _platform(args, jit_kwargs: dict) -> str:
     found = platform_of(getattr(leaf, 'sharding', None))
     if found:
       return found
-  for sharding in jax.tree.leaves(jit_kwargs.get('in_shardings')):
-    found = platform_of(sharding)
-    if found:
-      return found
-  return jax.default_backend()
+  for name in ('in_shardings', 'out_shardings'):
+    for sharding in jax.tree.leaves(jit_kwargs.get(name)):
+      found = platform_of(sharding)
+      if found:
+        return found
+  device = _default_device()
+  return (device is not None and platform_of(device)) or jax.default_backend()
+
+
+def _default_device():
+  """``jax_default_device`` (a Device, a platform name, or None)."""
+  return jax.config.jax_default_device
 
 
 def donating_jit(fun: Callable[..., Any], *,
@@ -145,9 +158,10 @@ def donating_jit(fun: Callable[..., Any], *,
   ``benchmarks/optimizer_step.py``). On an H200 (jax 0.11.2) the same
   reordering made the step slower, 20.5 ms against 9.6 ms under
   ``jax.jit``, so by default it is applied on CPU only; elsewhere the step
-  keeps ``jax.jit``'s in-order pairing (the same buffer aliasing as
-  ``jax.jit``, checked on CPU). TPUs are not measured: they get
-  ``jax.jit``'s pairing too, by extrapolation from the GPU.
+  keeps ``jax.jit``'s in-order pairing (the buffer aliasing of
+  ``jax.jit(..., keep_unused=True)``, tested on CPU). TPUs are not
+  measured: they get ``jax.jit``'s pairing too, by extrapolation from the
+  GPU.
 
   Args:
     fun: the step, e.g. ``(params, opt_state, batch) -> (params, opt_state)``;
@@ -221,7 +235,8 @@ def donating_jit(fun: Callable[..., Any], *,
   def choose(args) -> bool:
     if reorder_outputs is not None:
       return reorder_outputs
-    return _platform(args, jit_kwargs) == 'cpu'
+    return _platform(args, {**jit_kwargs, 'out_shardings': out_shardings}
+                     ) == 'cpu'
 
   def restorer(key):
     def restore(flat):

@@ -389,7 +389,8 @@ def _delta(proj: Projection) -> jax.Array:
   a = lora.lora_a[...].astype(jnp.float32).reshape(in_dim, -1)
   b = lora.lora_b[...].astype(jnp.float32).reshape(-1, out_dim)
   # HIGHEST: the default float32 product rounds to bfloat16 (TPU) or TF32
-  # (GPU), and unmerge must take back what merge added.
+  # (GPU); the merged kernel (its forward pass, exported weights) should be
+  # W + s A B to float32 accuracy.
   ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
   return (lora.scale * ab).reshape(proj.kernel.shape)
 

@@ -173,6 +173,8 @@ def test_python_scalar_and_key_arguments():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu',
+                    reason='the default reorders on CPU only')
 def test_reordering_is_for_cpu_unless_asked(monkeypatch):
   """By default the outputs are reordered on CPU only (on an H200 the
   reordered step was twice as slow as jax.jit's pairing); the argument
@@ -187,6 +189,10 @@ def test_reordering_is_for_cpu_unless_asked(monkeypatch):
   # Asked not to reorder: jax.jit's in-order pairing, whose copies show.
   keep = lro.donating_jit(step, donate_argnums=(0, 1), reorder_outputs=False)
   assert factor_copies(hlo(keep), params)
+  # ... exactly: the same input/output aliasing as jax.jit's own.
+  alias = lambda text: re.search(r'input_output_alias=\{.*?\}\s', text)[0]
+  plain = jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
+  assert alias(hlo(keep)) == alias(hlo(plain))
   want = jax.jit(step)(params, tx.init(params), grads)
   got = keep(jax.tree.map(jnp.copy, params), tx.init(params), grads)
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -222,24 +228,53 @@ class _Array:
     self.committed = committed
 
 
-def test_platform_is_where_jit_places_the_call():
-  """Committed arrays decide; then in_shardings; then the default backend
-  (uncommitted arrays, NumPy, scalars, tracers, abstract shardings)."""
+def test_platform_is_where_jit_places_the_call(monkeypatch):
+  """Committed arrays decide; then in_shardings or out_shardings; then
+  jax_default_device; then the default backend (uncommitted arrays, NumPy,
+  scalars, tracers, abstract shardings)."""
+  default = jax.default_backend()
   gpu = _Array('gpu')
   assert donation._platform((np.ones(3), jnp.ones(3), 2.0, gpu), {}) == 'gpu'
   on_cpu = jax.device_put(jnp.ones(3), jax.devices('cpu')[0])
   assert on_cpu.committed
   assert donation._platform((on_cpu, gpu), {}) == 'cpu'
-  assert donation._platform((_Array('gpu', committed=False),), {}) == 'cpu'
+  assert donation._platform((_Array('gpu', committed=False),), {}) == default
   assert donation._platform((np.ones(3),),
                             {'in_shardings': _Sharding('tpu')}) == 'tpu'
-  assert donation._platform((np.ones(3),), {'in_shardings': None}) == 'cpu'
+  assert donation._platform((np.ones(3),), {
+      'in_shardings': (None, jax.sharding.PartitionSpec()),
+      'out_shardings': _Sharding('tpu')}) == 'tpu'
+  assert donation._platform((np.ones(3),), {'in_shardings': None}) == default
   mesh = jax.sharding.AbstractMesh((2,), ('x',))
   abstract = jax.ShapeDtypeStruct(
       (4,), jnp.float32,
       sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   assert donation._platform((abstract,),
-                            {'in_shardings': abstract.sharding}) == 'cpu'
+                            {'in_shardings': abstract.sharding}) == default
   seen = []
   jax.jit(lambda x: seen.append(donation._platform((x,), {})) or x)(on_cpu)
-  assert seen == ['cpu']
+  assert seen == [default]
+  with jax.default_device(jax.devices('cpu')[0]):
+    assert donation._default_device() == jax.devices('cpu')[0]
+  monkeypatch.setattr(donation, '_default_device', lambda: _Device('tpu'))
+  assert donation._platform((np.ones(3),), {}) == 'tpu'
+  monkeypatch.setattr(donation, '_default_device', lambda: 'gpu')
+  assert donation._platform((np.ones(3),), {}) == 'gpu'
+  assert donation._platform((on_cpu,), {}) == 'cpu'
+
+
+def test_out_shardings_decide_where_no_argument_is_committed(monkeypatch):
+  """donating_jit hands its out_shardings to the platform choice."""
+  seen = []
+  real = donation._platform
+
+  def spy(args, kwargs):
+    seen.append(kwargs.get('out_shardings'))
+    return real(args, kwargs)
+
+  monkeypatch.setattr(donation, '_platform', spy)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  step = lro.donating_jit(lambda x: x + 1, donate_argnums=0,
+                          out_shardings=device)
+  np.testing.assert_array_equal(step(np.ones(3, np.float32)), 2.0)
+  assert seen == [device]

@@ -105,8 +105,8 @@ def test_matmul_precision_benchmark_measures_invariance():
 
 
 def test_adapter_merge_is_highest():
-  """merge_lora adds s A B to the kernel and unmerge_lora takes it back:
-  a rounded product would leave the kernel changed."""
+  """merge_lora's kernel is W + s A B to float32 accuracy (the merged
+  forward pass and exported weights use it)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from models import lora  # pylint: disable=g-import-not-at-top
   from models.layers import Projection  # pylint: disable=g-import-not-at-top
