@@ -111,13 +111,9 @@ def _platform(args, jit_kwargs: dict) -> str:
   outer jit the arguments are tracers and the default backend decides.
   Only speed depends on the answer, never the results.
   """
-  def platform_of(where):
-    if isinstance(where, str):
-      return where
-    if hasattr(where, 'platform'):  # a Device
-      return where.platform
+  def platform_of(sharding):
     try:
-      return next(iter(where.device_set)).platform
+      return next(iter(sharding.device_set)).platform
     except (AttributeError, ValueError, StopIteration):  # abstract mesh, spec
       return None
 
@@ -133,8 +129,10 @@ def _platform(args, jit_kwargs: dict) -> str:
       found = platform_of(sharding)
       if found:
         return found
-  device = _default_device()
-  return (device is not None and platform_of(device)) or jax.default_backend()
+  device = _default_device()  # a Device or a platform name
+  if device is not None:
+    return getattr(device, 'platform', device)
+  return jax.default_backend()
 
 
 def _default_device():

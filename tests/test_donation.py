@@ -245,6 +245,9 @@ def test_platform_is_where_jit_places_the_call(monkeypatch):
       'in_shardings': (None, jax.sharding.PartitionSpec()),
       'out_shardings': _Sharding('tpu')}) == 'tpu'
   assert donation._platform((np.ones(3),), {'in_shardings': None}) == default
+  # Only shardings count there: strings (axis names) are not platforms.
+  assert donation._platform((np.ones(3),), {'in_shardings': ('data',)}
+                            ) == default
   mesh = jax.sharding.AbstractMesh((2,), ('x',))
   abstract = jax.ShapeDtypeStruct(
       (4,), jnp.float32,
