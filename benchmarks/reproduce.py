@@ -462,19 +462,16 @@ def stale(saved: dict, model: str, config: dict, fingerprint: str,
     return f'model {saved.get("model")!r}'
   if saved.get('data_fingerprint', fingerprint) != fingerprint:
     return 'other data (train, validation or test items)'
-  old_tb = saved.get('task_budget') or {}
-  differ = sorted(k for k in set(old_tb) & set(task_budget or {})
-                  if old_tb[k] != task_budget[k])
-  if differ:
-    return 'other task settings (' + ', '.join(
-        f'{k}: {old_tb[k]!r} there, {task_budget[k]!r} now'
-        for k in differ[:3]) + ')'
-  old = configs.flatten(saved.get('config', {}))
-  new = configs.flatten(config)
-  changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-  if changed:
-    return 'other settings (' + ', '.join(
-        f'{k}: {old[k]!r} there, {new[k]!r} now' for k in changed[:3]) + ')'
+  for what, old, new in (
+      ('other task settings', saved.get('task_budget') or {},
+       task_budget or {}),
+      ('other settings', configs.flatten(saved.get('config', {})),
+       configs.flatten(config))):
+    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    if changed:
+      return f'{what} (' + ', '.join(
+          f'{k}: {old[k]!r} there, {new[k]!r} now'
+          for k in changed[:3]) + ')'
   return None
 
 
@@ -487,12 +484,13 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   """
   path = run_path(args.out, args.budget, task, opt, lr, seed)
   cfg = make_config(budget, task, opt, lr, seed, args.model)
+  cfg_json = json.loads(configs.to_json(cfg))
+  task_budget = dataclasses.asdict(budget.tasks[task])
   fingerprint = data_fingerprint(data)  # a millisecond: not worth caching
   if args.resume and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    why = stale(saved, args.model, json.loads(configs.to_json(cfg)),
-                fingerprint, dataclasses.asdict(budget.tasks[task]))
+    why = stale(saved, args.model, cfg_json, fingerprint, task_budget)
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -504,9 +502,8 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
                      data['tests'])
   res.update(budget=args.budget, task=task, optimizer=opt, lr=lr, seed=seed,
              model=args.model, history=history,
-             config=json.loads(configs.to_json(cfg)),
-             data_fingerprint=fingerprint,
-             task_budget=dataclasses.asdict(budget.tasks[task]),
+             config=cfg_json, data_fingerprint=fingerprint,
+             task_budget=task_budget,
              num_train=len(data['train']),
              seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
   write_atomic(path, res)
