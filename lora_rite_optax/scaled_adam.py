@@ -26,8 +26,7 @@ def _precondition(grad, partner, delta, wait_for=None):
   batched solves can deadlock XLA:CPU (``linalg.one_at_a_time``).
   """
   r = grad.shape[-1]
-  gram = jnp.einsum('smr,smq->srq', partner, partner,
-                    precision=jax.lax.Precision.HIGHEST)
+  gram = linalg.matmul(jnp.swapaxes(partner, -1, -2), partner)
   gram = gram + delta * jnp.eye(r, dtype=gram.dtype)
   if wait_for is not None:
     gram = linalg.after(gram, wait_for)
