@@ -174,8 +174,10 @@ def donating_jit(fun: Callable[..., Any], *,
       arguments are not supported.
 
   Returns:
-    A function with ``fun``'s signature and outputs, and a ``lower(*args)``
-    whose ``compile()`` is callable the same way.
+    A function with ``fun``'s signature and outputs, a ``lower(*args)``
+    whose ``compile()`` is callable the same way, and
+    ``reorders_outputs(*args)``: whether a call with ``args`` reorders (so
+    that a benchmark or log can say which buffer pairing it ran).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -258,4 +260,5 @@ def donating_jit(fun: Callable[..., Any], *,
     return _Lowered(jitted[reorder].lower(*args), restorer(key))
 
   call.lower = lower
+  call.reorders_outputs = lambda *args: choose(args)
   return call

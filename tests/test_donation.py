@@ -184,10 +184,12 @@ def test_reordering_is_for_cpu_unless_asked(monkeypatch):
   step = make_step(tx)
   grads = grads_for(params, 1)
   hlo = lambda f: f.lower(params, tx.init(params), grads).compile().as_text()
-  assert not factor_copies(hlo(lro.donating_jit(step, donate_argnums=(0, 1))),
-                           params)
+  fast = lro.donating_jit(step, donate_argnums=(0, 1))
+  assert fast.reorders_outputs(params, tx.init(params), grads)
+  assert not factor_copies(hlo(fast), params)
   # Asked not to reorder: jax.jit's in-order pairing, whose copies show.
   keep = lro.donating_jit(step, donate_argnums=(0, 1), reorder_outputs=False)
+  assert not keep.reorders_outputs(params, tx.init(params), grads)
   assert factor_copies(hlo(keep), params)
   # ... exactly: the same input/output aliasing as jax.jit's own.
   alias = lambda text: re.search(r'input_output_alias=\{.*?\}\s', text)[0]
@@ -199,6 +201,7 @@ def test_reordering_is_for_cpu_unless_asked(monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # On another platform the default is jax.jit's pairing; True still reorders.
   monkeypatch.setattr(donation, '_platform', lambda args, kwargs: 'gpu')
+  assert not fast.reorders_outputs(params, tx.init(params), grads)
   assert factor_copies(hlo(lro.donating_jit(step, donate_argnums=(0, 1))),
                        params)
   assert not factor_copies(
