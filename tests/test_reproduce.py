@@ -65,6 +65,15 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   assert v['items_rite_lower_loss'] == 8
   assert row['n'] == 8 and row['seeds'] == [0, 1]
   assert row['accuracy'] == pytest.approx(np.mean(adam))
+  # Every seed-0 rate with its test metrics, whichever was chosen: Adam's
+  # unchosen 1e-4 was the better one on test.
+  r = t['by_rate']['adam']
+  assert sorted(r) == [1e-4, 1e-3]
+  assert r[1e-4]['val_loss'] == pytest.approx(0.9)
+  assert r[1e-4]['arithmetic']['accuracy'] == pytest.approx(np.mean(rite))
+  assert r[1e-3]['arithmetic'] == pytest.approx(
+      {'loss': 0.7, 'accuracy': np.mean(adam)})
+  assert sorted(t['by_rate']['lora_rite']) == [1e-3]
 
   class Args:
     budget = 'smoke'
@@ -77,6 +86,8 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   md = open(os.path.join(out, 'results_smoke.md')).read()
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
   assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
+  assert '| adam | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
+  assert '| adam | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
   json.load(open(os.path.join(out, 'summary_smoke.json')))
 
 
