@@ -253,8 +253,12 @@ def apply_lora(model: nnx.Module,
     lora.init = init
     if new_kernel is not None:
       proj.kernel.set_value(jnp.asarray(new_kernel, dtype).reshape(kernel.shape))
-      lora.initial_a = LoRAInitial(a, out_sharding=a_axes, eager_sharding=False)
-      lora.initial_b = LoRAInitial(b, out_sharding=b_axes, eager_sharding=False)
+      # Copies, not the factors' own buffers: a train step donates the
+      # factors while these ride along (frozen) in the base state.
+      lora.initial_a = LoRAInitial(jnp.copy(a), out_sharding=a_axes,
+                                   eager_sharding=False)
+      lora.initial_b = LoRAInitial(jnp.copy(b), out_sharding=b_axes,
+                                   eager_sharding=False)
     proj.lora = lora
   return model
 

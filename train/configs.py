@@ -82,7 +82,14 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """The adapters (see `models.lora.apply_lora`)."""
+  """The adapters (see `models.lora.apply_lora`).
+
+  Attributes:
+    init: 'standard', 'gaussian', 'pissa' or 'lora_ga'.
+    ga_batches: for 'lora_ga', how many training batches (the first of the
+      run's data order) the full gradient is averaged over.
+    ga_gamma: LoRA-GA's gamma (the stable scale is d_out^(1/4)/sqrt(gamma)).
+  """
 
   rank: int = 16
   alpha: float = 16.0
@@ -90,6 +97,8 @@ class LoraConfig:
   targets: tuple[str, ...] = GEMMA_TARGETS
   init: str = 'standard'
   rslora: bool = False
+  ga_batches: int = 8
+  ga_gamma: float = 16.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +403,7 @@ def demo() -> Config:
   The same run as LoRA-RITE's best one in ``benchmarks/reproduce.py
   --budget small`` (rank 16 on all seven projections, 40 steps of 8, 10
   warmup steps then linear decay, learning rate 5e-5 chosen there by
-  validation loss from {5e-5, 2e-4, 1e-3}), plus greedy-generation
+  validation loss from {2e-5, 5e-5, 2e-4, 1e-3}), plus greedy-generation
   evaluation of 100 held-out problems before and after. About six minutes
   on a 2-core CPU including loading and compiling; the loss unembeds at
   most 5 positions per row (the answer and EOS), which keeps the

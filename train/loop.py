@@ -649,6 +649,9 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.eval.method not in ('auto', 'loglik', 'generation'):
     raise ConfigError(f"eval.method must be 'auto', 'loglik' or "
                       f"'generation', got {cfg.eval.method!r}.")
+  if cfg.lora.init == 'lora_ga' and cfg.lora.ga_batches < 1:
+    raise ConfigError(f'lora.ga_batches must be >= 1 for lora.init lora_ga, '
+                      f'got {cfg.lora.ga_batches}.')
   if cfg.optim.name not in lro.OPTIMIZER_NAMES:
     raise ConfigError(f'unknown optimizer {cfg.optim.name!r}; choose one of: '
                       f'{", ".join(lro.OPTIMIZER_NAMES)}.')
@@ -685,15 +688,64 @@ class Run:
     return family_of(self.config)
 
 
-def _apply_lora(model, cfg: configs_lib.Config) -> None:
+def _apply_lora(model, cfg: configs_lib.Config, init_grads=None) -> None:
   from models import lora  # pylint: disable=g-import-not-at-top
   try:
     lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
                     alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
                     dropout=cfg.lora.dropout, init=cfg.lora.init,
+                    init_grads=init_grads, lora_ga_gamma=cfg.lora.ga_gamma,
                     rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
   except ValueError as e:
     raise ConfigError(f'lora: {e}') from None
+
+
+def lora_ga_gradients(model, cfg: configs_lib.Config, family: 'Family',
+                      mesh, tokenizer, train_examples,
+                      max_targets: int) -> dict:
+  """LoRA-GA's full gradients: the targeted kernels' loss gradient, averaged
+  over the first ``cfg.lora.ga_batches`` batches of the run's own data
+  order, one micro-batch (``batch_size / grad_accum`` rows, as the train
+  step takes them) at a time. The same batches on every process and on
+  every resume, so a resumed run rebuilds the same ``W0 - s A0 B0`` base.
+  """
+  from models import lora  # pylint: disable=g-import-not-at-top
+  # The family's data functions read only these fields of a Run, which
+  # does not exist yet: its adapters are what this initialises.
+  partial = _PreRun(config=cfg, tokenizer=tokenizer, model=model,
+                    train_examples=train_examples, max_targets=max_targets)
+  pack, accum = cfg.data.pack, cfg.grad_accum
+  micro = cfg.batch_size // accum
+
+  def loss_fn(m, batch):
+    lp = family.logprobs(m, batch, pack)
+    return -lp.sum() / jnp.maximum(batch['weights'].sum(), 1.0)
+
+  def micro_batches():
+    for raw in family.dataset(partial):
+      batch = family.prepare_batch(raw, partial)[0]
+      for i in range(accum):
+        yield {k: distributed.global_array(
+            v[i * micro:(i + 1) * micro],
+            distributed.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+
+  try:
+    return lora.estimate_full_gradients(
+        model, loss_fn, micro_batches(), cfg.lora.targets,
+        num_batches=cfg.lora.ga_batches * accum)
+  except ValueError as e:
+    raise ConfigError(f'lora: {e}') from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreRun:
+  """The fields of a `Run` that a family's data functions read."""
+
+  config: configs_lib.Config
+  tokenizer: Any
+  model: Any
+  train_examples: Any
+  max_targets: int
 
 
 def build(cfg: configs_lib.Config) -> Run:
@@ -718,7 +770,15 @@ def build(cfg: configs_lib.Config) -> Run:
   if tok_vocab is not None and tok_vocab > vocab:
     raise ConfigError(f'the tokenizer has {tok_vocab} ids but the model only '
                       f'{vocab} embeddings.')
-  _apply_lora(model, cfg)
+  # target_len is 0 for decoder-only models (validated).
+  max_targets = (cfg.data.target_len or cfg.data.max_target_tokens
+                 or cfg.data.seq_len - 1)
+  init_grads = None
+  if cfg.lora.init == 'lora_ga':
+    init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
+                                   train_examples, max_targets)
+  _apply_lora(model, cfg, init_grads)
+  del init_grads  # a kernel-sized float32 array per target
 
   model.train()
   graphdef, lora_state, rng_state, base_state = nnx.split(
@@ -746,9 +806,6 @@ def build(cfg: configs_lib.Config) -> Run:
   state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
            'params': params, 'opt_state': opt_state}
   state_sh = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
-  # target_len is 0 for decoder-only models (validated).
-  max_targets = (cfg.data.target_len or cfg.data.max_target_tokens
-                 or cfg.data.seq_len - 1)
   return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
              train_examples=train_examples, eval_examples=eval_examples,
              graphdef=graphdef, eval_graphdef=eval_graphdef, base=base,
@@ -774,7 +831,10 @@ def abstract_state(cfg: configs_lib.Config) -> tuple[dict, Any]:
   family = family_of(cfg)
   model = nnx.eval_shape(
       lambda: family.load_model(cfg.model, '', cfg.seed, None))
-  _apply_lora(model, cfg)
+  # The factors' shapes do not depend on the init; 'pissa' and 'lora_ga'
+  # would read weights (and gradients) that an abstract model does not have.
+  _apply_lora(model, dataclasses.replace(
+      cfg, lora=dataclasses.replace(cfg.lora, init='standard')))
   lora_state = nnx.state(model, nnx.LoRAParam)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                         str_keys(nnx.to_pure_dict(lora_state)))
