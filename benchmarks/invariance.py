@@ -11,9 +11,14 @@ trajectories and the final losses, and saves a plot.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 
-import jax
+# Before LAPACK loads: jaxlib's batched CPU eigh already uses every core,
+# and OpenBLAS threads on top oversubscribe them (see optimizer_step.py).
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -29,6 +29,8 @@ import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the package; optimizer_step
+# Before LAPACK loads, as optimizer_step.py says why.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
