@@ -492,11 +492,18 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
                          np.asarray(jax.tree.leaves(
                              other.state['params'])[0]))
   # It trains; so does PiSSA, whose frozen initial factors also ride in the
-  # base state beside the donated factors.
-  for init in ('lora_ga', 'pissa'):
-    out = loop.run(tiny(tmp_path / init, steps=4,
+  # base state beside the donated factors. All three inits start at W0, so
+  # the first step's loss (taken before any update) is the same.
+  first_loss = {}
+  for init in ('standard', 'lora_ga', 'pissa'):
+    out = loop.run(tiny(tmp_path / init, steps=3,
                         **{**ga, 'lora.init': init}), log=lambda s: None)
-    assert len(out['history']) == 4, init
+    assert len(out['history']) == 3, init
     assert all(np.isfinite(h['loss']) for h in out['history']), init
+    first_loss[init] = out['history'][0]['loss']
+  assert first_loss['lora_ga'] == pytest.approx(first_loss['standard'],
+                                                rel=1e-5)
+  assert first_loss['pissa'] == pytest.approx(first_loss['standard'],
+                                              rel=1e-5)
   with pytest.raises(loop.ConfigError, match='lora.ga_batches must be >= 1'):
     loop.build(tiny(tmp_path / 'bad', **{**ga, 'lora.ga_batches': 0}))
