@@ -58,6 +58,7 @@ time without corrupting anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -206,13 +207,15 @@ _orig_load_tokenizer = loop.load_tokenizer
 
 def _cached_load_model(cfg, model_path, seed, vocab_size=None):
   # Why: dequantising the GGUF takes tens of seconds; every run would pay it.
-  # The base is frozen and jax arrays are immutable, so sharing is safe. A
-  # random model (tests) is drawn once, with seed 0, so all runs share it.
+  # A random model (tests) is drawn once, with seed 0, so all runs share it.
   key = (cfg, model_path, vocab_size)
   if key not in _MODEL_CACHE:
     _MODEL_CACHE[key] = nnx.split(_orig_load_model(cfg, model_path, 0,
                                                    vocab_size))
-  return nnx.merge(*_MODEL_CACHE[key])
+  # copy=True: new Variables around the same (immutable) arrays. nnx.merge
+  # otherwise hands every run the cached Variables themselves, and an init
+  # that rewrites the base kernel (PiSSA, LoRA-GA) would rewrite the cache.
+  return nnx.merge(*_MODEL_CACHE[key], copy=True)
 
 
 def _cached_load_tokenizer(cfg, model_path):
@@ -222,8 +225,20 @@ def _cached_load_tokenizer(cfg, model_path):
   return _TOKENIZER_CACHE[key]
 
 
-loop.load_model = _cached_load_model
-loop.load_tokenizer = _cached_load_tokenizer
+@contextlib.contextmanager
+def shared_base():
+  """While open, `train.loop` loads each base model and tokenizer once.
+
+  Installed by `main` only: importing this module (the tests do) leaves the
+  loop's loaders alone, so other code in the process gets its own seeds.
+  """
+  loop.load_model, loop.load_tokenizer = (_cached_load_model,
+                                          _cached_load_tokenizer)
+  try:
+    yield
+  finally:
+    loop.load_model, loop.load_tokenizer = (_orig_load_model,
+                                            _orig_load_tokenizer)
 
 
 # ---------------------------------------------------------------------------
@@ -969,6 +984,11 @@ def report(args, budget: Budget, command: str, log) -> None:
 
 
 def main(argv=None) -> None:
+  with shared_base():
+    _main(argv)
+
+
+def _main(argv) -> None:
   p = argparse.ArgumentParser(
       description='Reproduce the LoRA-RITE comparison (see module docstring).')
   p.add_argument('--budget', choices=tuple(BUDGETS), default='small')

@@ -26,6 +26,27 @@ def _fake_run(task, opt, lr, seed, correct, loss, val):
                            'prediction': [0] * len(correct)}}}
 
 
+def test_shared_base_is_scoped_and_each_run_gets_its_own_variables(rp):
+  """The once-per-process base model is installed by main only (importing
+  the script left the loop's loader in place), and a run that rewrites a
+  base kernel (PiSSA, LoRA-GA) leaves the next run's base as drawn."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from train import configs  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+  original = loop.load_model
+  assert original is rp._orig_load_model  # pylint: disable=protected-access
+  mcfg = configs.get_config('tiny').model
+  with rp.shared_base():
+    first = loop.load_model(mcfg, '', 0, 259)
+    kernel = first.layers[0].attn.q.kernel
+    drawn = np.asarray(kernel[...])
+    kernel.set_value(jnp.zeros_like(kernel[...]))
+    second = loop.load_model(mcfg, '', 0, 259)
+    np.testing.assert_array_equal(
+        np.asarray(second.layers[0].attn.q.kernel[...]), drawn)
+  assert loop.load_model is original
+
+
 def test_stats_and_report_on_fake_results(rp, tmp_path):
   out = str(tmp_path)
   rite = [1, 1, 1, 1, 0, 1, 1, 0]
