@@ -4,6 +4,7 @@ statistics and report on hand-made result files."""
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -110,6 +111,24 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   assert '| adam | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
   assert '| adam | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
   json.load(open(os.path.join(out, 'summary_smoke.json')))
+
+  # The one-table summary reads the same file: means at the chosen rate,
+  # the item-level p against LoRA-RITE, '-' for optimizers not run.
+  st = benchmark_scripts.load('summary_table')
+  lines = st.table(out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')],
+                   seeds=2).splitlines()
+  # acc_diff_p is in (0.002, 0.02) (above), printed to two digits.
+  assert re.fullmatch(r'\| arith \| exact match \| 75\.0% \| 25\.0% '
+                      r'\(p 0\.0\d+\) \| - \| - \| - \| - \|',
+                      lines[2]), lines[2]
+  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p <2e-4) | '
+                      '- | - | - | - |')
+  assert '[2 seeds]' in st.table(
+      out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')], seeds=3)
+  with pytest.raises(FileNotFoundError, match='summary_nope.json'):
+    st.table(out, rows=[('nope', 'arithmetic', 'arithmetic', 'x')])
+  with pytest.raises(KeyError, match="no test set 'gsm8k'"):
+    st.table(out, rows=[('smoke', 'arithmetic', 'gsm8k', 'x')])
 
 
 def test_bracketed_says_where_the_best_rate_sits(rp):

@@ -1,0 +1,105 @@
+"""The comparison in one table: every task's headline test, across budgets.
+
+``python benchmarks/summary_table.py`` reads the ``summary_<budget>.json``
+files that ``benchmarks/reproduce.py`` writes under ``docs/results/`` and
+prints the Markdown table at the top of ``docs/results/README.md`` (and in
+the main README): per task and measure, each optimizer's mean over seeds at
+its chosen rate, and the item-level paired bootstrap p against LoRA-RITE.
+
+Each row names the budget it comes from: GSM8K is scored on the math runs
+retrained without its test questions (``small-decontam``), the rest on
+``small``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+OPTIMIZERS = (('lora_rite', 'LoRA-RITE'), ('adam', 'Adam'),
+              ('loraplus', 'LoRA+'), ('scaled_adam', 'ScaledAdam'),
+              ('lamb', 'Lamb'), ('shampoo', 'Shampoo'))
+
+# (budget, task, test set, row label).
+ROWS = (
+    ('small', 'arithmetic', 'arithmetic',
+     'arithmetic (200 generated problems)'),
+    ('small', 'math', 'math_heldout', 'math, held-out records (148)'),
+    ('small-decontam', 'math', 'gsm8k',
+     'GSM8K (150), math retrained without GSM8K'),
+    ('small', 'arc_challenge', 'arc_challenge', 'ARC-Challenge (200)'),
+    ('small', 'openbookqa', 'openbookqa', 'OpenBookQA (200)'),
+    ('small', 'boolq', 'boolq', 'BoolQ (200, no passages)'),
+)
+
+
+def _p(p: float) -> str:
+  # 10,000 resamples: p = 1e-4 means none crossed zero.
+  return '<2e-4' if p <= 1e-4 else f'{p:.2g}'
+
+
+def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
+  value = row[measure]
+  text = f'{100 * value:.1f}%' if measure == 'accuracy' else f'{value:.3f}'
+  if versus is not None:
+    key = 'acc_diff_p' if measure == 'accuracy' else 'loss_diff_p'
+    text += f' (p {_p(versus[key])})'
+  if len(row['seeds']) != seeds:
+    text += f' [{len(row["seeds"])} seeds]'
+  return text
+
+
+def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
+  """The Markdown table of ``rows`` from ``out_dir``'s summary files.
+
+  Raises:
+    FileNotFoundError: a row's summary file is missing.
+    KeyError: a summary lacks a row's task or test set.
+  """
+  summaries = {}
+  lines = ['| task (test items) | measure | '
+           + ' | '.join(name for _, name in OPTIMIZERS) + ' |',
+           '|---|---|' + '---:|' * len(OPTIMIZERS)]
+  for budget, task, test, label in rows:
+    if budget not in summaries:
+      path = os.path.join(out_dir, f'summary_{budget}.json')
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such summary (run '
+                                f'benchmarks/reproduce.py for budget '
+                                f'{budget!r} first).')
+      with open(path) as f:
+        summaries[budget] = json.load(f)
+    tasks = summaries[budget]['tasks']
+    if task not in tasks or test not in tasks[task].get('tests', {}):
+      raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
+                     f'task {task!r}.')
+    by_opt = tasks[task]['tests'][test]
+    measures = [m for m in ('accuracy', 'loss')
+                if any(m in r for r in by_opt.values())]
+    for measure in measures:
+      cells = [_cell(by_opt[opt], measure, by_opt[opt].get('vs_lora_rite'),
+                     seeds) if measure in by_opt.get(opt, {}) else '-'
+               for opt, _ in OPTIMIZERS]
+      name = ('loss/token' if measure == 'loss' else
+              'exact match' if task in ('arithmetic', 'math') else 'accuracy')
+      lines.append(f'| {label} | {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', default=os.path.join('docs', 'results'),
+                 help='where reproduce.py wrote its summary_<budget>.json')
+  args = p.parse_args(argv)
+  try:
+    sys.stdout.write(table(args.out))
+  except (FileNotFoundError, KeyError) as e:
+    print(f'summary_table: {e.args[0]}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
