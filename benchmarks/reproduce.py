@@ -1019,10 +1019,14 @@ def _main(argv) -> None:
                  default='gemma3-270m',
                  help='tiny: a random tiny Gemma on bytes (tests only)')
   p.add_argument('--out', default=os.path.join('docs', 'results'))
-  p.add_argument('--compile_cache', default=os.path.join(
-      os.path.expanduser('~'), '.cache', 'lora-rite-optax', 'jax-cache'),
-                 help='persistent XLA compilation cache folder')
+  p.add_argument('--compile_cache', default=None,
+                 help='persistent XLA compilation cache folder; "" for none '
+                 '(default: ~/.cache/lora-rite-optax/jax-cache from the '
+                 'command line, none when main() is called with argv)')
   args = p.parse_args(argv)
+  if args.compile_cache is None and argv is None:
+    args.compile_cache = os.path.join(os.path.expanduser('~'), '.cache',
+                                      'lora-rite-optax', 'jax-cache')
   if args.gsm8k and args.tasks != ['math']:
     p.error('--gsm8k scores the math task on GSM8K: pass --tasks math')
   if args.decontaminate and (args.tasks != ['math'] or args.gsm8k):
@@ -1040,8 +1044,11 @@ def _main(argv) -> None:
   # Every run builds and jits its own step and evaluation functions; runs
   # differing only in seed (and every run's evaluation) compile the same
   # programs, so a persistent cache saves a minute or two per run on CPU.
-  jax.config.update('jax_compilation_cache_dir', args.compile_cache)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  # JAX sets the cache up once per process and for good, so a caller that
+  # passes argv (a test, a notebook) gets none unless it asks.
+  if args.compile_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   over: dict[str, Any] = {}
   if args.seeds:
     over['seeds'] = tuple(args.seeds)

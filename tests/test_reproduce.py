@@ -188,6 +188,34 @@ def test_more_seeds_go_to_the_best_rate_on_file(rp, tmp_path, monkeypatch):
   assert seen == [(5e-5, 0), (2e-4, 1)]
 
 
+def test_compile_cache_only_from_the_command_line(rp, tmp_path, monkeypatch):
+  """JAX sets its persistent cache up once per process, for good: main()
+  called with argv (tests, notebooks) leaves it off unless asked; the
+  command line defaults to ~/.cache."""
+  import sys  # pylint: disable=g-import-not-at-top
+  updates = []
+  monkeypatch.setattr(rp.jax.config, 'update',
+                      lambda name, value: updates.append((name, value)))
+  _record_runs(rp, monkeypatch)
+  argv = ['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+          'adam', '--seeds', '0', '--out', str(tmp_path)]
+  rp.main(argv)
+  assert not updates
+  rp.main(argv + ['--compile_cache', str(tmp_path / 'c')])
+  assert ('jax_compilation_cache_dir', str(tmp_path / 'c')) in updates
+  updates.clear()
+  monkeypatch.setattr(sys, 'argv', ['reproduce.py'] + argv)
+  rp.main()
+  cache = dict(updates)['jax_compilation_cache_dir']
+  assert cache.endswith(os.path.join('.cache', 'lora-rite-optax',
+                                     'jax-cache'))
+  updates.clear()
+  monkeypatch.setattr(sys, 'argv', ['reproduce.py'] + argv +
+                      ['--compile_cache', ''])
+  rp.main()
+  assert not updates
+
+
 def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
     rp, tmp_path, monkeypatch):
   from train.data import Example  # pylint: disable=g-import-not-at-top
@@ -248,8 +276,7 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
                steps=2)
   out = str(tmp_path)
   args = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'lora_rite',
-          'adam', '--out', out, '--resume',
-          '--compile_cache', str(tmp_path / 'jax-cache')]
+          'adam', '--out', out, '--resume']
   rp.main(args)
   files = sorted(os.listdir(os.path.join(out, 'runs', 'unit', 'arithmetic')))
   assert files == ['adam_lr0.001_seed0.json', 'lora_rite_lr0.001_seed0.json']
@@ -441,7 +468,7 @@ def test_end_to_end_tiny_math_exact_match(rp, tmp_path, monkeypatch):
   out = str(tmp_path)
   rp.main(['--budget', 'unit', '--model', 'tiny', '--tasks', 'math',
            '--optimizers', 'lora_rite', 'adam', '--exact_match', '4',
-           '--out', out, '--compile_cache', str(tmp_path / 'jax-cache')])
+           '--out', out])
   d = json.load(open(rp.run_path(out, 'unit-em4', 'math', 'adam', 1e-3, 0)))
   res = d['tests']['math_heldout']
   n = len(res['loss'])
@@ -509,7 +536,7 @@ def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
   _unit_budget(rp, monkeypatch, 'arc_challenge', tb, steps=1)
   out = str(tmp_path)
   rp.main(['--budget', 'unit', '--model', 'tiny', '--optimizers', 'adam',
-           '--out', out, '--compile_cache', str(tmp_path / 'jax-cache')])
+           '--out', out])
   d = json.load(open(rp.run_path(out, 'unit', 'arc_challenge', 'adam', 1e-3,
                                  0)))
   res = d['tests']['arc_challenge']

@@ -5,6 +5,7 @@ bad T5 options stop with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import json
 import os
@@ -87,10 +88,10 @@ def test_tiny_t5_resume_continues_exactly(straight, tmp_path):
 
 
 def test_superni_style_generation_metrics(built):
-  r = built
-  r.eval_examples = [
+  # A copy: `built` is shared by the module's other tests.
+  r = dataclasses.replace(built, eval_examples=[
       Example(prompt=f'Definition: copy. Input: {w}\nOutput:', target=w,
-              task='superni') for w in ('cat', 'dog', 'red hat')]
+              task='superni') for w in ('cat', 'dog', 'red hat')])
   ev = loop.Evaluator(r)
   assert ev.method == 'generation'
   res = ev(r.state)
