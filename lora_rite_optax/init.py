@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from lora_rite_optax import linalg
 
-__all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'randomized_svd']
+__all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'residual',
+           'randomized_svd']
 
 
 def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:
@@ -155,6 +156,45 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
   return mm(basis, u_small)[:, :rank], s[:rank], vh[:rank]
 
 
+def residual(w0: jax.Array, a: jax.Array, b: jax.Array,
+             scale: float) -> jax.Array:
+  r"""The base that an adapter ``(A, B)`` starting at ``W0`` sits on.
+
+  .. math::
+    W_{res} = W_0 - s A B,
+
+  computed in at least float32 and cast to ``w0``'s dtype. `pissa` and
+  `lora_ga` return exactly this for the factors they return, so a caller
+  that kept those factors (a resumed run) rebuilds the same base from the
+  same ``W0`` without redoing the SVD, bit for bit.
+
+  Args:
+    w0: the frozen weight, ``(in, out)``.
+    a: ``(in, r)``.
+    b: ``(r, out)``.
+    scale: the LoRA scaling ``s`` the model multiplies ``A @ B`` by.
+
+  Returns:
+    ``W_res``, ``(in, out)``, in ``w0``'s dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from lora_rite_optax import init
+    >>> w0 = jax.random.normal(jax.random.key(0), (8, 6))
+    >>> a, b, w_res = init.pissa(w0, 2, scale=2.0)
+    >>> bool((init.residual(w0, a, b, 2.0) == w_res).all())
+    True
+  """
+  if w0.ndim != 2 or a.shape != (w0.shape[0], b.shape[0]) or (
+      b.shape != (a.shape[1], w0.shape[1])):
+    raise ValueError(f'residual: shapes w0 {w0.shape}, a {a.shape}, b '
+                     f'{b.shape} are not (in, out), (in, r), (r, out).')
+  dtype = _compute_dtype(w0.dtype)
+  w = w0.astype(dtype) - scale * linalg.matmul(a.astype(dtype),
+                                               b.astype(dtype))
+  return w.astype(w0.dtype)
+
+
 def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
           niter: Optional[int] = None, key: Optional[jax.Array] = None
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -214,8 +254,7 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   root = jnp.sqrt(s / scale)  # scale > 0, checked above
   a = (u * root).astype(w0.dtype)
   b = (root[:, None] * vh).astype(w0.dtype)
-  w_res = w - scale * linalg.matmul(a.astype(w.dtype), b.astype(w.dtype))
-  return a, b, w_res.astype(w0.dtype)
+  return a, b, residual(w0, a, b, scale)
 
 
 def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
@@ -300,6 +339,4 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
   c = out_dim ** 0.25 / math.sqrt(gamma)
   a = (c * u[:, :rank]).astype(w0.dtype)
   b = (c * vh[rank:2 * rank]).astype(w0.dtype)
-  w_new = w0.astype(dtype) - scale * linalg.matmul(a.astype(dtype),
-                                                   b.astype(dtype))
-  return a, b, w_new.astype(w0.dtype)
+  return a, b, residual(w0, a, b, scale)

@@ -158,7 +158,9 @@ def apply_lora(model: nnx.Module,
                init_grads: Mapping[str, jax.Array] | None = None,
                gaussian_std: float | None = None, lora_ga_gamma: float = 16.0,
                lora_ga_use_sign: bool = False,
-               randomized_svd: bool = False) -> nnx.Module:
+               randomized_svd: bool = False,
+               initial_factors: Mapping[str, tuple[Any, Any]] | None = None
+               ) -> nnx.Module:
   """Attaches LoRA adapters to the projections ``targets`` select (in place).
 
   Args:
@@ -181,6 +183,13 @@ def apply_lora(model: nnx.Module,
     gaussian_std: for 'gaussian': A's standard deviation (default 1/r).
     lora_ga_gamma, lora_ga_use_sign: LoRA-GA's hyper-parameters.
     randomized_svd: use the randomized SVD in 'pissa' / 'lora_ga'.
+    initial_factors: for 'pissa' / 'lora_ga': module path -> ``(A0, B0)``
+      (``(in, r)``, ``(r, out)``) as an earlier call with the same init made
+      them (:func:`initial_factors` reads them off a model). No SVD is taken
+      and ``init_grads`` is not needed: the adapter starts at ``(A0, B0)``
+      and the kernel becomes ``W0 - s A0 B0``, bit for bit the earlier
+      call's. A resumed run uses this: redoing LoRA-GA's SVD on another
+      mesh or backend can flip singular vectors and give another base.
 
   Returns:
     ``model``, with ``projection.lora`` set on every selected projection.
@@ -201,13 +210,30 @@ def apply_lora(model: nnx.Module,
     if proj.lora is not None:
       raise ValueError(f'apply_lora: {path!r} already has a LoRA adapter; '
                        'call remove_lora first to replace it.')
-    if init in ('pissa', 'lora_ga') and rank > min(_dims(proj)):
-      raise ValueError(f'apply_lora: rank {rank} exceeds {path!r}\'s matrix '
-                       f'shape {_dims(proj)}, which {init} needs.')
+    # LoRA-GA takes B from singular directions r+1..2r.
+    need = 2 * rank if init == 'lora_ga' else rank
+    if init in ('pissa', 'lora_ga') and need > min(_dims(proj)):
+      raise ValueError(f'apply_lora: rank {rank} is too large for {path!r}\'s '
+                       f'matrix shape {_dims(proj)}: {init} needs '
+                       f'{"2 * rank" if init == "lora_ga" else "rank"} <= '
+                       f'{min(_dims(proj))}.')
     if init in ('pissa', 'lora_ga') and isinstance(proj.kernel.get_value(),
                                                   jax.ShapeDtypeStruct):
       raise ValueError(f'apply_lora: init={init!r} reads the weights, but '
                        f'{path!r} is abstract; load the weights first.')
+    if initial_factors is not None:
+      if init not in ('pissa', 'lora_ga'):
+        raise ValueError(f'apply_lora: initial_factors is for init "pissa" '
+                         f'or "lora_ga", not {init!r}.')
+      if path not in initial_factors:
+        raise ValueError(f'apply_lora: initial_factors has no {path!r}.')
+      a0, b0 = initial_factors[path]
+      want = ((_dims(proj)[0], rank), (rank, _dims(proj)[1]))
+      if (tuple(np.shape(a0)), tuple(np.shape(b0))) != want:
+        raise ValueError(f'apply_lora: initial_factors[{path!r}] has shapes '
+                         f'{np.shape(a0)}, {np.shape(b0)}; rank {rank} '
+                         f'needs {want[0]}, {want[1]}.')
+      continue
     if init == 'lora_ga' and (init_grads is None or path not in init_grads):
       raise ValueError(f'apply_lora: init="lora_ga" needs init_grads[{path!r}]'
                        ' (from estimate_full_gradients).')
@@ -230,6 +256,10 @@ def apply_lora(model: nnx.Module,
     elif init == 'gaussian':
       a, b = lro_init.gaussian(rngs.params(), in_dim, out_dim, rank,
                                std=gaussian_std, dtype=dtype)
+    elif initial_factors is not None:
+      a, b = (jnp.asarray(x, dtype) for x in initial_factors[path])
+      new_kernel = lro_init.residual(kernel.reshape(in_dim, out_dim), a, b,
+                                     scale)
     elif init == 'pissa':
       kw = dict(niter=4, key=rngs.params()) if randomized_svd else {}
       a, b, new_kernel = lro_init.pissa(kernel.reshape(in_dim, out_dim), rank,
@@ -433,6 +463,25 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
 def lora_modules(model: nnx.Module) -> list[str]:
   """Paths of the projections that carry an adapter."""
   return [p for p, proj in projections(model).items() if proj.lora is not None]
+
+
+def initial_factors(model: nnx.Module) -> dict[str, tuple[jax.Array,
+                                                          jax.Array]]:
+  """Module path -> the ``(A0, B0)`` a PiSSA / LoRA-GA adapter started at.
+
+  As ``(in, r)`` and ``(r, out)`` matrices, what ``apply_lora``'s
+  ``initial_factors`` takes to rebuild the same adapters and base. Empty
+  for adapters of the other inits (their base is the kernel as loaded).
+  """
+  out = {}
+  for path, proj in projections(model).items():
+    lora = proj.lora
+    if lora is None or getattr(lora, 'initial_a', None) is None:
+      continue
+    in_dim, out_dim = _dims(proj)
+    a, b = lora.initial_a[...], lora.initial_b[...]
+    out[path] = (a.reshape(in_dim, -1), b.reshape(-1, out_dim))
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -186,6 +186,46 @@ def test_every_init_runs(base_logits):
     lora.apply_lora(_t5(), 'wo', init='lora_ga', init_grads={})
 
 
+def test_initial_factors_rebuild_the_same_adapters_and_base():
+  """apply_lora(initial_factors=) from a PiSSA / LoRA-GA model's (A0, B0):
+  the same factors and, bit for bit, the same base kernels, with no
+  gradient and no SVD."""
+  model = _t5()
+  grads = lora.estimate_full_gradients(
+      model, lambda m, _: jnp.mean(m(ENC, DEC) ** 2), [0], 'wi')
+  for init, kw in (('pissa', {}), ('lora_ga', {'init_grads': grads})):
+    first = lora.apply_lora(_t5(), 'wi', rank=4, init=init, **kw)
+    factors = lora.initial_factors(first)
+    assert set(factors) == set(lora.select(first, 'wi'))
+    again = lora.apply_lora(_t5(), 'wi', rank=4, init=init,
+                            initial_factors=factors)
+    assert lora.initial_factors(again).keys() == factors.keys()
+    for path, proj in lora.select(first, 'wi').items():
+      other = lora.select(again, 'wi')[path]
+      np.testing.assert_array_equal(other.kernel[...], proj.kernel[...])
+      np.testing.assert_array_equal(other.lora.lora_a[...],
+                                    proj.lora.lora_a[...])
+      np.testing.assert_array_equal(other.lora.lora_b[...],
+                                    proj.lora.lora_b[...])
+  assert lora.initial_factors(lora.apply_lora(_t5(), 'wi', rank=4)) == {}
+  with pytest.raises(ValueError, match='not .standard'):
+    lora.apply_lora(_t5(), 'wi', rank=4, initial_factors=factors)
+  with pytest.raises(ValueError, match='has no'):
+    lora.apply_lora(_t5(), ('wi', 'wo'), rank=4, init='pissa',
+                    initial_factors=factors)
+  with pytest.raises(ValueError, match='rank 2 needs'):
+    lora.apply_lora(_t5(), 'wi', rank=2, init='pissa', initial_factors=factors)
+  # LoRA-GA takes B from directions r+1..2r: checked before any kernel moves.
+  model = _t5()
+  before = {p: np.asarray(x.kernel[...]) for p, x in
+            lora.select(model, 'wi').items()}
+  with pytest.raises(ValueError, match='2 \\* rank <= 32'):
+    lora.apply_lora(model, 'wi', rank=17, init='lora_ga', init_grads=grads)
+  for p, x in lora.select(model, 'wi').items():
+    assert x.lora is None
+    np.testing.assert_array_equal(x.kernel[...], before[p])
+
+
 def test_peft_round_trip_t5(tmp_path):
   model = _t5()
   lora.apply_lora(model, rank=4, alpha=8.0)

@@ -455,6 +455,58 @@ def test_lora_rite_train_step_copies_no_input(tmp_path):
           >= len(jax.tree.leaves(params)))
 
 
+_REBUILD_ON_TWO_DEVICES = r'''
+import json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import numpy as np
+from models import lora
+from train import configs, loop
+r = loop.build(configs.replace(configs.get_config('tiny'),
+                               **json.loads(sys.argv[1])))
+assert dict(r.mesh.shape)['data'] == 2, r.mesh.shape
+np.savez(sys.argv[2], **{p: np.asarray(proj.kernel[...], np.float32)
+                         for p, proj in lora.projections(r.model).items()})
+'''
+
+
+def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
+  """The run keeps LoRA-GA's (A0, B0) in its folder; a resume rebuilds the
+  base W0 - s A0 B0 from them instead of redoing the gradient and SVD,
+  which on another mesh (here 2 devices, bfloat16 compute) can flip
+  singular vectors and put another base under the restored factors."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  ga = {'lora.init': 'lora_ga', 'lora.ga_batches': 2, 'model.dtype': 'bfloat16'}
+  run_dir = tmp_path / 'run'
+  first = loop.run(tiny(run_dir, **ga), log=lambda s: None, stop_at=2)
+  assert first['checkpoints'] == [2]
+  saved = loop.load_initial_factors(str(run_dir))
+  probe = loop.build(tiny(tmp_path / 'probe', **ga))  # the first run's base
+  from models import lora  # pylint: disable=g-import-not-at-top
+  for path, (a0, b0) in lora.initial_factors(probe.model).items():
+    np.testing.assert_array_equal(saved[path][0], np.asarray(a0, np.float32))
+    np.testing.assert_array_equal(saved[path][1], np.asarray(b0, np.float32))
+  changes = {**FAST, **ga, 'run_dir': str(run_dir), 'resume': True}
+  out = tmp_path / 'kernels.npz'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(
+      [sys.executable, '-c', _REBUILD_ON_TWO_DEVICES, json.dumps(changes),
+       str(out)], cwd=root, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rebuilt = np.load(out)
+  for p, w in _kernels(probe.model).items():
+    np.testing.assert_array_equal(rebuilt[p], w, err_msg=p)
+  # And the resumed run trains on from there.
+  second = loop.run(tiny(run_dir, resume=True, steps=4, **ga),
+                    log=lambda s: None)
+  assert [h['step'] for h in second['history']] == [3, 4]
+  assert all(np.isfinite(h['loss']) for h in second['history'])
+
+
 def _kernels(model):
   from models import lora  # pylint: disable=g-import-not-at-top
   return {p: np.asarray(proj.kernel[...], np.float32)
@@ -507,3 +559,7 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
                                               rel=1e-5)
   with pytest.raises(loop.ConfigError, match='lora.ga_batches must be >= 1'):
     loop.build(tiny(tmp_path / 'bad', **{**ga, 'lora.ga_batches': 0}))
+  for gamma in (0.0, -1.0, float('nan'), float('inf')):
+    with pytest.raises(loop.ConfigError, match='lora.ga_gamma must be'):
+      loop.validate(tiny(tmp_path / 'bad', **{**ga, 'lora.ga_gamma': gamma}),
+                    1)

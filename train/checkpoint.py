@@ -2,7 +2,9 @@
 
 The train state is a plain pytree ``{'step', 'params', 'opt_state'}`` of
 arrays (LoRA factors and optimizer state only; the frozen base is reloaded
-from its own file), saved with ``StandardSave`` and restored into the exact
+from its own file, and a PiSSA / LoRA-GA run's initial factors, which move
+part of it into the adapter, are saved once beside the checkpoints by
+`train.loop`), saved with ``StandardSave`` and restored into the exact
 shardings of a fresh run, so a resumed run continues bit for bit. The grain
 iterator's position and the config (JSON) are saved beside it; nothing is
 pickled.

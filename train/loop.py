@@ -652,6 +652,10 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.lora.init == 'lora_ga' and cfg.lora.ga_batches < 1:
     raise ConfigError(f'lora.ga_batches must be >= 1 for lora.init lora_ga, '
                       f'got {cfg.lora.ga_batches}.')
+  if cfg.lora.init == 'lora_ga' and not (math.isfinite(cfg.lora.ga_gamma)
+                                         and cfg.lora.ga_gamma > 0):
+    raise ConfigError(f'lora.ga_gamma must be a finite number > 0, got '
+                      f'{cfg.lora.ga_gamma}.')
   if cfg.optim.name not in lro.OPTIMIZER_NAMES:
     raise ConfigError(f'unknown optimizer {cfg.optim.name!r}; choose one of: '
                       f'{", ".join(lro.OPTIMIZER_NAMES)}.')
@@ -688,16 +692,66 @@ class Run:
     return family_of(self.config)
 
 
-def _apply_lora(model, cfg: configs_lib.Config, init_grads=None) -> None:
+def _apply_lora(model, cfg: configs_lib.Config, init_grads=None,
+                initial=None) -> None:
   from models import lora  # pylint: disable=g-import-not-at-top
   try:
     lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
                     alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
                     dropout=cfg.lora.dropout, init=cfg.lora.init,
                     init_grads=init_grads, lora_ga_gamma=cfg.lora.ga_gamma,
-                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1),
+                    initial_factors=initial)
   except ValueError as e:
     raise ConfigError(f'lora: {e}') from None
+
+
+# PiSSA and LoRA-GA move s A0 B0 out of the base kernel. The run keeps
+# (A0, B0) in its folder from the start, and a resumed run rebuilds its base
+# from them: LoRA-GA's SVD redone on another mesh or backend can flip
+# singular vectors (A0 B0 mixes directions 1..r with r+1..2r), which would
+# put another base under the restored factors.
+INITIAL_FACTORS_FILE = 'lora_initial_factors.safetensors'
+_SAVES_INITIAL = ('pissa', 'lora_ga')
+
+
+def save_initial_factors(run_dir: str, model) -> str | None:
+  """Writes the adapters' initial factors to ``run_dir`` (process 0, via a
+  temporary file, so a reader never sees half a file); returns the path,
+  or None when the init keeps none."""
+  from models import lora  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  factors = lora.initial_factors(model)
+  if not factors:
+    return None
+  path = os.path.join(run_dir, INITIAL_FACTORS_FILE)
+  if jax.process_index() == 0:
+    # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
+    tensors = {f'{name}/{part}': np.asarray(x, np.float32)
+               for name, ab in factors.items() for part, x in zip('ab', ab)}
+    tmp = path + '.tmp'
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+  return path
+
+
+def load_initial_factors(run_dir: str) -> dict | None:
+  """{module path: (A0, B0)} from ``run_dir``, or None if it has none."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, INITIAL_FACTORS_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    tensors = load_file(path)
+  except (SafetensorError, OSError) as e:
+    raise ConfigError(f'{path}: unreadable ({e}); it holds the run\'s '
+                      'initial adapter factors, which --resume needs.') from None
+  out: dict[str, list] = {}
+  for key, x in tensors.items():
+    name, _, part = key.rpartition('/')
+    out.setdefault(name, [None, None])['ab'.index(part)] = x
+  return {name: tuple(ab) for name, ab in out.items()}
 
 
 def lora_ga_gradients(model, cfg: configs_lib.Config, family: 'Family',
@@ -706,8 +760,9 @@ def lora_ga_gradients(model, cfg: configs_lib.Config, family: 'Family',
   """LoRA-GA's full gradients: the targeted kernels' loss gradient, averaged
   over the first ``cfg.lora.ga_batches`` batches of the run's own data
   order, one micro-batch (``batch_size / grad_accum`` rows, as the train
-  step takes them) at a time. The same batches on every process and on
-  every resume, so a resumed run rebuilds the same ``W0 - s A0 B0`` base.
+  step takes them) at a time, the same batches on every process. A resume
+  does not redo this: it rebuilds ``W0 - s A0 B0`` from the ``(A0, B0)``
+  the run saved (`INITIAL_FACTORS_FILE`).
   """
   from models import lora  # pylint: disable=g-import-not-at-top
   # The family's data functions read only these fields of a Run, which
@@ -773,11 +828,14 @@ def build(cfg: configs_lib.Config) -> Run:
   # target_len is 0 for decoder-only models (validated).
   max_targets = (cfg.data.target_len or cfg.data.max_target_tokens
                  or cfg.data.seq_len - 1)
-  init_grads = None
-  if cfg.lora.init == 'lora_ga':
+  init_grads = initial = None
+  if cfg.lora.init in _SAVES_INITIAL and cfg.resume and (
+      _has_checkpoints(default_run_dir(cfg))):
+    initial = load_initial_factors(default_run_dir(cfg))
+  if cfg.lora.init == 'lora_ga' and initial is None:
     init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
                                    train_examples, max_targets)
-  _apply_lora(model, cfg, init_grads)
+  _apply_lora(model, cfg, init_grads, initial)
   del init_grads  # a kernel-sized float32 array per target
 
   model.train()
@@ -1282,6 +1340,11 @@ def default_run_dir(cfg: configs_lib.Config) -> str:
   return cfg.run_dir or os.path.join('runs', cfg.name)
 
 
+def _has_checkpoints(run_dir: str) -> bool:
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.has_checkpoints(os.path.join(run_dir, 'checkpoints'))
+
+
 def _check_run_dir(cfg: configs_lib.Config) -> str:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   run_dir = default_run_dir(cfg)
@@ -1385,6 +1448,11 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       f.write(config_json)
+  if cfg.lora.init in _SAVES_INITIAL and (
+      latest is None or load_initial_factors(run_dir) is None):
+    # A fresh start, or a checkpoint older than the file: from now on every
+    # resume rebuilds this base.
+    save_initial_factors(run_dir, r.model)
 
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
   step_fn = _jitted_step(r)
