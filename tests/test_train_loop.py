@@ -77,6 +77,17 @@ def test_resume_continues_exactly(straight, tmp_path):
     loop.run(tiny(run_dir, resume=True, **{'optim.learning_rate': 0.5}),
              log=lambda s: None)
   assert (run_dir / 'config.json').read_text() == saved_json
+  # Settings a resume may change (eval split and paths, which decide the
+  # evaluation prompts held out of training; data.path) can change the
+  # training examples: the checkpoint's fingerprint of them refuses that.
+  real = loop.load_examples
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, 'load_examples',
+               lambda cfg: (lambda t, e: (t[1:], e))(*real(cfg)))
+    with pytest.raises(loop.ConfigError,
+                       match=r'trained on other examples \((\d+) there, '):
+      loop.run(tiny(run_dir, resume=True), log=lambda s: None)
+  assert (run_dir / 'config.json').read_text() == saved_json
   # Rows a run logged after its last checkpoint (it died before the next)
   # are logged again on resume: the old ones go, the header is not repeated.
   with open(run_dir / 'metrics.csv', 'a') as f:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1336,6 +1337,23 @@ def _jitted_step(r: Run) -> Callable:
   return _STEP_CACHE[key]
 
 
+# Saved with each checkpoint beside the config: the training examples a
+# resume must see again. Settings a resume may change (the eval split and
+# paths decide which training examples are held out as evaluation prompts;
+# data.path may point at other files) can change them.
+TRAIN_DATA_KEY = 'train_data'
+
+
+def training_data_fingerprint(examples) -> dict[str, Any]:
+  """{'examples': count, 'sha256': digest of every example, in order}."""
+  digest = hashlib.sha256()
+  for e in examples:
+    digest.update(json.dumps(dataclasses.asdict(e), sort_keys=True,
+                             default=str).encode())
+    digest.update(b'\n')
+  return {'examples': len(examples), 'sha256': digest.hexdigest()}
+
+
 def default_run_dir(cfg: configs_lib.Config) -> str:
   return cfg.run_dir or os.path.join('runs', cfg.name)
 
@@ -1411,6 +1429,9 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   config_json = configs_lib.to_json(cfg)
+  train_data = training_data_fingerprint(r.train_examples)
+  ckpt_json = json.dumps({**json.loads(config_json),
+                          TRAIN_DATA_KEY: train_data})
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   dataset = train_dataset(r)
@@ -1430,6 +1451,15 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
           f'--resume: checkpoint {latest} in {ckpt.directory} does not fit '
           f'this config ({first}); resume with the settings in '
           f'{os.path.join(run_dir, "config.json")}.') from None
+    saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
+    if saved_data is not None and saved_data != train_data:
+      raise ConfigError(
+          f'--resume: checkpoint {latest} in {ckpt.directory} was trained on '
+          f'other examples ({saved_data["examples"]} there, '
+          f'{train_data["examples"]} now, or the same number with other '
+          'contents: the eval split and paths decide which are held out, '
+          'and data.path may name other files); resume with the settings in '
+          f'{os.path.join(run_dir, "config.json")}.')
     changed = resume_changes(saved_config, json.loads(config_json))
     if changed:
       raise ConfigError(
@@ -1539,11 +1569,11 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-        ckpt.save(step, state, data_iter, config_json)
+        ckpt.save(step, state, data_iter, ckpt_json)
       if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
         do_eval(step, 'periodic')
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter, config_json, force=True)
+      ckpt.save(step, state, data_iter, ckpt_json, force=True)
   finally:
     progress.close()
   timing['train'] = (time.perf_counter() - t_built) - timing['eval']
