@@ -232,13 +232,13 @@ def shared_base():
   Installed by `main` only: importing this module (the tests do) leaves the
   loop's loaders alone, so other code in the process gets its own seeds.
   """
+  before = loop.load_model, loop.load_tokenizer
   loop.load_model, loop.load_tokenizer = (_cached_load_model,
                                           _cached_load_tokenizer)
   try:
     yield
   finally:
-    loop.load_model, loop.load_tokenizer = (_orig_load_model,
-                                            _orig_load_tokenizer)
+    loop.load_model, loop.load_tokenizer = before
 
 
 # ---------------------------------------------------------------------------

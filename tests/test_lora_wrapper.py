@@ -207,6 +207,18 @@ def test_initial_factors_rebuild_the_same_adapters_and_base():
                                     proj.lora.lora_a[...])
       np.testing.assert_array_equal(other.lora.lora_b[...],
                                     proj.lora.lora_b[...])
+  # The given factors are used as given (not redrawn by an SVD): perturbed
+  # ones give exactly their own residual base.
+  bent = {p: (a * 1.5, b - 0.1) for p, (a, b) in factors.items()}
+  model = _t5()
+  w0 = {p: x.kernel[...] for p, x in lora.select(model, 'wi').items()}
+  lora.apply_lora(model, 'wi', rank=4, init='pissa', initial_factors=bent)
+  for path, proj in lora.select(model, 'wi').items():
+    in_dim, out_dim = bent[path][0].shape[0], bent[path][1].shape[1]
+    want = lro.init.residual(w0[path].reshape(in_dim, out_dim), *bent[path],
+                             proj.lora.scale)
+    np.testing.assert_array_equal(
+        proj.kernel[...], want.reshape(proj.kernel[...].shape))
   assert lora.initial_factors(lora.apply_lora(_t5(), 'wi', rank=4)) == {}
   with pytest.raises(ValueError, match='not .standard'):
     lora.apply_lora(_t5(), 'wi', rank=4, initial_factors=factors)

@@ -511,6 +511,13 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   rebuilt = np.load(out)
   for p, w in _kernels(probe.model).items():
     np.testing.assert_array_equal(rebuilt[p], w, err_msg=p)
+  # Another rank than the run's: the saved factors do not fit, said as a
+  # resume's mismatch.
+  with pytest.raises(loop.ConfigError, match=r'--resume: .*'
+                     r'lora_initial_factors\.safetensors does not fit this '
+                     r'config .*resume with the settings in'):
+    loop.run(tiny(run_dir, resume=True, **{**ga, 'lora.rank': 2}),
+             log=lambda s: None)
   # And the resumed run trains on from there.
   second = loop.run(tiny(run_dir, resume=True, steps=4, **ga),
                     log=lambda s: None)

@@ -836,7 +836,17 @@ def build(cfg: configs_lib.Config) -> Run:
   if cfg.lora.init == 'lora_ga' and initial is None:
     init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
                                    train_examples, max_targets)
-  _apply_lora(model, cfg, init_grads, initial)
+  try:
+    _apply_lora(model, cfg, init_grads, initial)
+  except ConfigError as e:
+    if initial is None:
+      raise
+    # Another rank or other targets than the run's: a resume's mismatch.
+    run_dir = default_run_dir(cfg)
+    raise ConfigError(
+        f'--resume: {os.path.join(run_dir, INITIAL_FACTORS_FILE)} does not '
+        f'fit this config ({e}); resume with the settings in '
+        f'{os.path.join(run_dir, "config.json")}.') from None
   del init_grads  # a kernel-sized float32 array per target
 
   model.train()
@@ -1345,12 +1355,11 @@ TRAIN_DATA_KEY = 'train_data'
 
 
 def training_data_fingerprint(examples) -> dict[str, Any]:
-  """{'examples': count, 'sha256': digest of every example, in order}."""
+  """{'examples': count, 'sha256': digest of every example's prompt and
+  target (what training reads), in order}."""
   digest = hashlib.sha256()
   for e in examples:
-    digest.update(json.dumps(dataclasses.asdict(e), sort_keys=True,
-                             default=str).encode())
-    digest.update(b'\n')
+    digest.update(json.dumps([e.prompt, e.target]).encode() + b'\n')
   return {'examples': len(examples), 'sha256': digest.hexdigest()}
 
 
