@@ -104,6 +104,41 @@ def test_resume_continues_exactly(straight, tmp_path):
   assert [float(r['loss']) for r in rows[6:]] == pytest.approx(expected)
 
 
+def test_a_run_that_fails_closes_its_checkpointer_and_writers(
+    tmp_path, monkeypatch):
+  """A step that raises mid-run: the checkpoint manager and both metric
+  writers are closed, and the step's own error is what comes out, even
+  when a close fails too."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  closed = []
+  real_close = metrics_lib.MetricsWriter.close
+
+  def close_writer(self):
+    closed.append('writer')
+    real_close(self)
+
+  def close_ckpt(self):
+    closed.append('checkpointer')
+    raise OSError('disk gone')
+
+  monkeypatch.setattr(metrics_lib.MetricsWriter, 'close', close_writer)
+  monkeypatch.setattr(checkpoint.Checkpointer, 'close', close_ckpt)
+  calls = []
+  real = loop.prepare_batch
+
+  def prepare(raw, k):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError('bad batch')
+    return real(raw, k)
+
+  monkeypatch.setattr(loop, 'prepare_batch', prepare)
+  with pytest.raises(RuntimeError, match='bad batch'):
+    loop.run(tiny(tmp_path / 'run'), log=lambda s: None)
+  assert sorted(closed) == ['checkpointer', 'writer', 'writer']
+
+
 def test_resume_changes_ignore_where_and_how_a_run_runs():
   saved = json.loads(configs.to_json(configs.get_config('tiny')))
   moved = configs.replace(configs.get_config('tiny'), steps=80,

@@ -28,6 +28,7 @@ generation for evaluation) is one function per family, collected in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1422,6 +1423,27 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
     'final_loss', 'eval_before', 'eval_after', 'checkpoints', 'adapter_dir',
     'nonfinite_steps', 'timing': {...}}.
   """
+  # The checkpoint manager and metric writers are closed however the run
+  # ends (a notebook or a sweep calls run again in the same process).
+  with contextlib.ExitStack() as cleanup:
+    return _run(cfg, log, stop_at, cleanup)
+
+
+def _closing(close: Callable[[], None]):
+  """An ExitStack exit that calls ``close``; while an exception is already
+  on its way out, a failing close does not replace it."""
+  def exit_(exc_type, unused_exc, unused_tb) -> bool:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise
+    return False
+  return exit_
+
+
+def _run(cfg: configs_lib.Config, log, stop_at: int,
+         cleanup: contextlib.ExitStack) -> dict[str, Any]:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   t_start = time.perf_counter()
   log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0
@@ -1443,6 +1465,7 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
                           TRAIN_DATA_KEY: train_data})
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
+  cleanup.push(_closing(ckpt.close))
   dataset = train_dataset(r)
   data_iter = iter(dataset)
   state = r.state
@@ -1499,9 +1522,11 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   # A fresh run (no checkpoint) starts its CSVs over: -1 keeps no row.
   kept_up_to = start_step if latest is not None else -1
   writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
+  cleanup.push(_closing(writer.close))
   eval_writer = metrics_lib.MetricsWriter(
       run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
       last_step=kept_up_to)
+  cleanup.push(_closing(eval_writer.close))
   summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],
                              'eval_before': None, 'eval_after': None}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
@@ -1592,10 +1617,7 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
       summary['eval_after'] = do_eval(step, 'after')
     if cfg.export_adapter:
       summary['adapter_dir'] = export_adapter(r, state, run_dir)
-  writer.close()
-  eval_writer.close()
   summary['checkpoints'] = ckpt.all_steps()
-  ckpt.close()
   summary.update(
       steps=step,
       final_loss=summary['history'][-1]['loss'] if summary['history'] else None,
