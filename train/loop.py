@@ -1374,12 +1374,10 @@ def _has_checkpoints(run_dir: str) -> bool:
 
 
 def _check_run_dir(cfg: configs_lib.Config) -> str:
-  from train import checkpoint  # pylint: disable=g-import-not-at-top
   run_dir = default_run_dir(cfg)
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise ConfigError(f'run_dir {run_dir} exists and is not a directory.')
-  ckpt = os.path.join(run_dir, 'checkpoints')
-  if checkpoint.has_checkpoints(ckpt) and not cfg.resume:
+  if _has_checkpoints(run_dir) and not cfg.resume:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
   if cfg.export_adapter:
@@ -1510,8 +1508,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       f.write(config_json)
-  if cfg.lora.init in _SAVES_INITIAL and (
-      latest is None or load_initial_factors(run_dir) is None):
+  if cfg.lora.init in _SAVES_INITIAL and (latest is None or not os.path.isfile(
+      os.path.join(run_dir, INITIAL_FACTORS_FILE))):
     # A fresh start, or a checkpoint older than the file: from now on every
     # resume rebuilds this base.
     save_initial_factors(run_dir, r.model)
