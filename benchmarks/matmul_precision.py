@@ -24,11 +24,12 @@ On CPU all precisions compute the same thing, and the rows agree.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), _HERE]  # the package; optimizer_step
+sys.path.insert(0, os.path.dirname(_HERE))  # the package, run from a clone
 # Before LAPACK loads, as optimizer_step.py says why.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
@@ -38,7 +39,14 @@ import numpy as np
 import optax
 
 import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
-import optimizer_step  # pylint: disable=g-import-not-at-top
+
+# The sibling script by its path: benchmarks/ is not a package, and putting
+# it on sys.path would let its script names shadow modules for the rest of
+# the process (the tests import this file).
+_spec = importlib.util.spec_from_file_location(
+    'optimizer_step', os.path.join(_HERE, 'optimizer_step.py'))
+optimizer_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(optimizer_step)
 
 PRECISIONS = ('default', 'high', 'highest')
 
