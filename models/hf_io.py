@@ -145,11 +145,20 @@ def open_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
                              f'{shard!r} but not stored there.')
           files[name] = path
     return Tensors(files)
+  raise missing_weights(directory, filename, index)
+
+
+def missing_weights(directory: str | os.PathLike, filename: str = SAFETENSORS,
+                    index: str | None = SAFETENSORS_INDEX
+                    ) -> FileNotFoundError:
+  """The error for a folder with neither ``filename`` nor ``index``, naming
+  a pickle checkpoint (``*.bin``) there as the likely reason."""
+  directory = Path(directory)
   bins = sorted(p.name for p in directory.glob('*.bin')) if directory.is_dir() else []
   hint = (f' ({bins[0]} is a pickle checkpoint, which we do not load; convert '
           'it to safetensors first)' if bins else '')
-  raise FileNotFoundError(f'{directory}: no {filename}'
-                          f'{" or " + index if index else ""}{hint}.')
+  return FileNotFoundError(f'{directory}: no {filename}'
+                           f'{" or " + index if index else ""}{hint}.')
 
 
 def load_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,

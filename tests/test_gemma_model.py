@@ -424,6 +424,20 @@ def test_sharded_safetensors_and_bfloat16_checkpoint(tmp_path):
         a[k].astype(ml_dtypes.bfloat16).astype(np.float32), b[k], err_msg=k)
 
 
+def test_shard_index_cannot_escape_directory(tmp_path):
+  """An index naming a shard outside the folder is refused, not read."""
+  model, _ = _tiny('gemma2-tiny')
+  ckpt = tmp_path / 'ckpt'
+  gemma.save_pretrained(model, ckpt)
+  os.replace(ckpt / 'model.safetensors', tmp_path / 'outside.safetensors')
+  names = gemma_load.read_safetensors(str(tmp_path / 'outside.safetensors'))
+  with open(ckpt / 'model.safetensors.index.json', 'w') as f:
+    json.dump({'weight_map': {k: '../outside.safetensors' for k in names}}, f)
+  with pytest.raises(ValueError, match="refusing file name "
+                     "'../outside.safetensors', which resolves outside"):
+    gemma.from_pretrained(ckpt)
+
+
 def test_multimodal_checkpoint_layout(tmp_path):
   # Gemma 3 4B+ checkpoints nest the text config and prefix the tensor names.
   model, _ = _tiny('gemma3-tiny')

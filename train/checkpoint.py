@@ -78,12 +78,38 @@ class Checkpointer:
     """
     ocp = _ocp()
     import grain  # pylint: disable=g-import-not-at-top
+    self._check_fits(step, abstract_state)
     items = {STATE: ocp.args.StandardRestore(abstract_state),
              CONFIG: ocp.args.JsonRestore()}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
     return out[STATE], dict(out[CONFIG])
+
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Raises ValueError naming the first leaf the saved state lacks, has
+    extra, or holds with another shape or dtype.
+
+    Checked from the checkpoint's metadata before restoring: a restore that
+    fails part-way leaves orbax's reads to finish on a closed event loop,
+    and each then prints a traceback after the caller's one-line error.
+    """
+    ocp = _ocp()
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(
+          ocp.path.step.epath.Path(self.directory) / str(step) / STATE)
+      saved = _shapes(getattr(saved, 'item_metadata', saved))
+    except Exception:  # pylint: disable=broad-except
+      return  # no readable metadata: the restore itself says what is wrong
+    wanted = _shapes(abstract_state)
+    for path in sorted(set(saved) | set(wanted)):
+      there, here = saved.get(path), wanted.get(path)
+      if there != here:
+        describe = lambda sd: (f'{sd[0]} {sd[1]}' if sd is not None
+                               else 'nothing')
+        raise ValueError(
+            f'the saved state holds {describe(there)} at {path}, this '
+            f'config {describe(here)}')
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
@@ -96,6 +122,21 @@ def abstract_like(tree: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=getattr(x, 'sharding', None)),
       tree)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'a/b/0/c': (shape, dtype name)} of a tree's array leaves, keyed by
+  names alone (orbax's metadata has dicts and lists where the state has
+  NamedTuples and tuples)."""
+  def name(key):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {'/'.join(name(k) for k in path): (tuple(leaf.shape),
+                                            jax.numpy.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(leaf, 'shape')}
 
 
 def has_checkpoints(directory: str | os.PathLike) -> bool:

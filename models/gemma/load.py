@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from models import hf_io
 from models.gemma.gguf_io import GGUFFile, read_gguf
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
 from models.gemma.model import Gemma
@@ -402,11 +403,11 @@ def _safetensors_files(directory: str) -> list[str]:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f'{index}: malformed safetensors index (expected a '
                        f'"weight_map" object; {e!r}).') from None
-    return [os.path.join(directory, fn) for fn in files]
+    # A shard name may not lead out of the folder (as hf_io.open_tensors).
+    return [str(hf_io.safe_join(directory, fn)) for fn in files]
   if os.path.isfile(single):
     return [single]
-  raise FileNotFoundError(
-      f'{directory}: no model.safetensors or model.safetensors.index.json found.')
+  raise hf_io.missing_weights(directory)
 
 
 def hf_module_prefix(directory: str) -> str:
