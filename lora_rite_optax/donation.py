@@ -247,14 +247,24 @@ def donating_jit(fun: Callable[..., Any], *,
       return jax.tree.unflatten(treedef, leaves)
     return restore
 
+  def check(args, kwargs):
+    if kwargs:
+      raise TypeError('donating_jit: positional arguments only; got '
+                      f'keyword(s) {", ".join(sorted(kwargs))}.')
+    if any(not -len(args) <= n < len(args) for n in donate):
+      raise TypeError(f'donating_jit: donate_argnums={donate}, but the call '
+                      f'has only {len(args)} positional argument(s).')
+
   @functools.wraps(fun)
-  def call(*args):
+  def call(*args, **kwargs):
+    check(args, kwargs)
     # The signature is taken before the call: donation deletes the inputs.
     reorder = choose(args)
     key = (reorder, signature(args))
     return restorer(key)(jitted[reorder](*args))
 
-  def lower(*args):
+  def lower(*args, **kwargs):
+    check(args, kwargs)
     reorder = choose(args)
     key = (reorder, signature(args))
     return _Lowered(jitted[reorder].lower(*args), restorer(key))

@@ -58,7 +58,10 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
       ``lr_ratio`` for loraplus, ``block_size`` for shampoo).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation``. Under
+    ``optax.inject_hyperparams(optimizer)(name, learning_rate, **kwargs)``
+    the learning rate is injected and ``kwargs`` stay fixed; to inject those
+    too, wrap the named optimizer (``optax.inject_hyperparams(lro.lora_rite)``).
 
   Raises:
     ValueError: for an unknown name or a keyword the optimizer does not take.
@@ -74,6 +77,10 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   if name not in OPTIMIZER_NAMES:
     raise ValueError(f'unknown optimizer {name!r}; choose one of: '
                      f'{", ".join(OPTIMIZER_NAMES)}.')
+  if set(kwargs) == {'kwargs'} and isinstance(kwargs['kwargs'], dict):
+    # optax.inject_hyperparams binds this signature and hands **kwargs on
+    # as one argument named 'kwargs' (no optimizer takes such a keyword).
+    kwargs = dict(kwargs['kwargs'])
   build, documented = _factory(name)
   accepted = [p for p in inspect.signature(documented).parameters
               if p != 'learning_rate']

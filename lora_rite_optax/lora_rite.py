@@ -235,7 +235,9 @@ def scale_by_lora_rite(
     clip_unmagnified_grad: global-norm clip of all unmagnified gradients; 0
       turns it off.
     update_skipping: zero a factor's unmagnified gradient when its RMS exceeds
-      this; 0 turns it off.
+      this; 0 turns it off. The authors' default of 1 suits a mean loss; a
+      summed loss (or one scaled up, as loss scaling does) can exceed it on
+      every step, and then that factor never moves, silently.
     update_capping: cap the RMS of the first moment before :math:`R^{+\top}`;
       0 turns it off.
     escape_mass: add the paper's escaped-mass term :math:`\rho`.
@@ -639,7 +641,9 @@ def lora_rite(
     clip_unmagnified_grad: global-norm clip of all unmagnified gradients; 0
       turns it off.
     update_skipping: zero a factor's unmagnified gradient when its RMS exceeds
-      this; 0 turns it off.
+      this; 0 turns it off. The authors' default of 1 suits a mean loss; a
+      summed loss (or one scaled up, as loss scaling does) can exceed it on
+      every step, and then that factor never moves, silently.
     update_capping: RMS cap on the first moment before :math:`R^{+\top}`; 0
       turns it off.
     escape_mass: add the paper's escaped-mass term.
@@ -650,7 +654,9 @@ def lora_rite(
 
   Returns:
     The corresponding :class:`optax.GradientTransformation`; ``update`` needs
-    ``params``.
+    ``params``. Updates have the params' dtypes, float16 too (cast after the
+    learning rate, where float16 holds them), so that wrappers which compare
+    them with the gradients' dtype, such as ``optax.apply_if_finite``, work.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -687,4 +693,24 @@ def lora_rite(
   ]
   if balance_factors:
     steps.append(balance_lora_factors(layout))
+  steps.append(_cast_to_params_dtype())
   return optax.chain(*steps)
+
+
+def _cast_to_params_dtype() -> base.GradientTransformation:
+  """The updates in the params' dtypes.
+
+  scale_by_lora_rite keeps float16 params' updates in float32 (its step
+  before the learning rate can exceed float16's range); after the rate they
+  fit, and optax.apply_if_finite's rejected branch (zeros like the
+  gradients) needs the two to agree.
+  """
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('lora_rite: update() needs params (the current '
+                       'factors): call tx.update(grads, state, params).')
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates,
+                        params), state
+
+  return base.GradientTransformation(base.init_empty_state, update_fn)

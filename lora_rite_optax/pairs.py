@@ -129,7 +129,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     tree: a pytree of arrays (or ``jax.ShapeDtypeStruct``); ``None`` and
       ``optax.MaskedNode`` leaves (from ``optax.masked``) are ignored.
     layout: a :class:`LoraLayout`, or a function from a pair's path
-      (``'layers/0/attn/q'``) to its layout, for trees that mix layouts.
+      (``'layers/0/attn/q'``) to its layout, for trees that mix layouts
+      (``optax.inject_hyperparams`` takes a function for a schedule: pass
+      ``static_args=('layout',)`` to an optimizer given one).
     who: the optimizer's name, used in error messages.
     allow_unpaired: skip leaves that belong to no pair instead of raising.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -223,11 +224,18 @@ def scale_by_shampoo(
       stats.append(BlockStats(zeros(plan.bn), zeros(plan.bm)))
       roots.append(BlockStats(eye(plan.bn), eye(plan.bm)))
     zeros_like = lambda p: jnp.zeros(p.shape, _dtype(p))
+    stats, roots = tuple(stats), tuple(roots)
+    if not leaves:
+      # No leaves (an empty tree, or optax.tree_utils.tree_map_params probing
+      # init with a placeholder): one empty array stands for the per-leaf
+      # tuple, so that it is a prefix (a leaf) of any real state's tuple.
+      # Two arrays, not one: a donated state must not hold a buffer twice.
+      stats, roots = (jnp.zeros((0,), jnp.float32) for _ in range(2))
     return ShampooState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros_like, params),
         nu=jax.tree.map(zeros_like, params),
-        stats=tuple(stats), roots=tuple(roots))
+        stats=stats, roots=roots)
 
   def update_fn(updates, state, params=None):
     del params
@@ -235,7 +243,11 @@ def scale_by_shampoo(
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
     nus = [leaf for _, leaf in pairs_lib.flatten(state.nu)[0]]
-    t = state.count.astype(jnp.result_type(float))
+    # In the statistics' dtype: a float64 count (jax_enable_x64) would
+    # promote the float32 state, retracing every step and breaking scans.
+    t = state.count.astype(functools.reduce(
+        jnp.promote_types, [x.dtype for x in nus if hasattr(x, 'dtype')],
+        jnp.float32))
     bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
 
     # Statistics, from the current gradient.

@@ -153,6 +153,16 @@ def test_out_shardings_prefix_and_unsupported_arguments():
   assert state[0].count == 1
   with pytest.raises(TypeError, match='static_argnums is not supported'):
     lro.donating_jit(make_step(tx), donate_argnums=0, static_argnums=2)
+  step = lro.donating_jit(make_step(tx), donate_argnums=(0, 1))
+  with pytest.raises(TypeError, match=r'positional arguments only; got '
+                     r'keyword\(s\) grads'):
+    step(params, tx.init(params), grads=grads_for(params, 1))
+  with pytest.raises(TypeError, match=r'positional arguments only'):
+    step.lower(params, tx.init(params), grads=grads_for(params, 1))
+  wide = lro.donating_jit(make_step(tx), donate_argnums=(0, 3))
+  with pytest.raises(TypeError, match=r'donate_argnums=\(0, 3\), but the '
+                     r'call has only 3 positional argument'):
+    wide(params, tx.init(params), grads_for(params, 1))
 
 
 def test_python_scalar_and_key_arguments():

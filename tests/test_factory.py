@@ -95,3 +95,50 @@ def test_unknown_name_and_kwarg():
     lro.optimizer('shampoo', 1e-3, lr_ratio=2.0)
   with pytest.raises(ValueError, match='adam: unknown argument'):
     lro.optimizer('adam', 1e-3, block_size=4)
+
+
+@pytest.mark.parametrize('name', sorted(RATES))
+def test_state_maps_with_tree_map_params(name):
+  """A trainer derives state shardings this way before allocating it."""
+  params, _, _ = battery.lora_problem()
+  tx = lro.optimizer(name, RATES[name])
+  state = tx.init(params)
+  marked = optax.tree_utils.tree_map_params(
+      tx, lambda p: jnp.full(p.shape, 7.0, p.dtype), state,
+      transform_non_params=lambda x: x)
+  assert jax.tree.structure(marked) == jax.tree.structure(state)
+  changed = sum(not bool(jnp.array_equal(a, b)) for a, b in
+                zip(jax.tree.leaves(marked), jax.tree.leaves(state)))
+  assert changed >= len(jax.tree.leaves(params))  # a moment per param
+
+
+@pytest.mark.parametrize('name', sorted(RATES))
+def test_float32_state_stays_float32_under_x64(name):
+  """With jax_enable_x64 a float64 count must not promote the state (each
+  step would retrace, and a lax.scan carry would change type)."""
+  with jax.enable_x64(True):
+    params, _, _ = battery.lora_problem()
+    tx = lro.optimizer(name, RATES[name])
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+      updates, new_state = update(params, state, params)
+      chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+      chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+      state = new_state
+
+
+def test_inject_hyperparams_of_the_factory_injects_the_learning_rate():
+  params, _, _ = battery.lora_problem()
+  tx = optax.inject_hyperparams(lro.optimizer)('loraplus', learning_rate=0.1,
+                                               lr_ratio=4.0)
+  state = tx.init(params)
+  assert set(state.hyperparams) == {'learning_rate'}
+  direct = lro.optimizer('loraplus', 0.1, lr_ratio=4.0)
+  got, _ = tx.update(params, state, params)
+  want, _ = direct.update(params, direct.init(params), params)
+  chex.assert_trees_all_close(got, want)
+  wrong = optax.inject_hyperparams(lro.optimizer)('adam', learning_rate=0.1,
+                                                  lr_ratio=4.0)
+  with pytest.raises(ValueError, match='adam: unknown argument'):
+    wrong.init(params)  # where inject_hyperparams builds the optimizer

@@ -474,10 +474,12 @@ def test_error_gradients_unlike_the_params():
       lro.lora_rite(0.1, b1=b1, b2=b2)
 
 
-def test_float16_params_get_float32_updates_that_do_not_overflow():
+def test_float16_params_get_updates_that_do_not_overflow():
   """With lora_b = 0 at init the second step of A is ~||A|| / lr: past
-  float16's 65504 at small rates. The updates stay float32 until
-  apply_updates casts them after the rate."""
+  float16's 65504 at small rates. scale_by_lora_rite's updates stay float32;
+  lora_rite casts them to float16 after the rate, where they fit, so that
+  optax.apply_if_finite (whose rejected branch is zeros like the float16
+  gradients) can wrap it."""
   rng = np.random.default_rng(9)
   params = {'lora_a': jnp.asarray(rng.uniform(-1, 1, (64, 8)) / 8,
                                   jnp.float16),
@@ -485,20 +487,28 @@ def test_float16_params_get_float32_updates_that_do_not_overflow():
   target = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
   loss = lambda p: jnp.mean((p['lora_a'].astype(jnp.float32) @
                              p['lora_b'].astype(jnp.float32) - target)**2)
-  tx = lro.lora_rite(2e-6)
+  tx = optax.apply_if_finite(lro.lora_rite(2e-6), 3)
   state = tx.init(params)
+  inner = lro.scale_by_lora_rite()
 
   @jax.jit
   def step(params, state):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    return optax.apply_updates(params, updates), state, updates
+    grads = jax.grad(loss)(params)
+    raw, _ = inner.update(grads, state.inner_state[0], params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates, raw
 
+  largest = 0.0
   for _ in range(3):
-    params, state, updates = step(params, state)
-    assert updates['lora_a'].dtype == jnp.float32
+    params, state, updates, raw = step(params, state)
+    assert raw['lora_a'].dtype == jnp.float32
+    largest = max(largest, float(jnp.max(jnp.abs(raw['lora_a']))))
+    assert updates['lora_a'].dtype == jnp.float16
     assert params['lora_a'].dtype == jnp.float16
-    for leaf in jax.tree.leaves((params, state)):
+    assert int(state.total_notfinite) == 0
+    for leaf in jax.tree.leaves((params, state, updates)):
       assert bool(jnp.all(jnp.isfinite(leaf)))
+  assert largest > 65504  # the step before the rate: float16 would be inf
 
 
 def test_mixed_float32_and_float64_groups_keep_their_dtypes():
