@@ -94,16 +94,21 @@ def reference(tmp_path_factory):
 # Kill and resume.
 
 
+def _train_env() -> dict:
+  """The environment of a `python -m train` subprocess run from the clone."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
 class _Training:
   """`python -m train` in a subprocess whose stdout is read by a thread."""
 
   def __init__(self, run_dir, resume: bool):
-    env = dict(os.environ)
-    env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-    env['JAX_PLATFORMS'] = 'cpu'
     args = _cli_args(run_dir) + (['--resume'] if resume else [])
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'train'] + args, cwd=ROOT, env=env,
+        [sys.executable, '-m', 'train'] + args, cwd=ROOT, env=_train_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: list[str] = []
     self._queue: queue.Queue = queue.Queue()
@@ -693,13 +698,10 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
   shutil.copytree(reference['run_dir'], run_dir)
   before = _snapshot(tmp_path)
   time.sleep(0.01)
-  env = dict(os.environ)
-  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
   done = subprocess.run(
       [sys.executable, '-m', 'train'] + _cli_args(run_dir) + [
           '--resume', '--lora.rank', '2'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=300)
   err = done.stderr.strip()
   assert done.returncode == 1 and len(err.splitlines()) == 1, err
   assert f'error: --resume: checkpoint {STEPS} in ' in err, err
