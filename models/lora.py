@@ -709,7 +709,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   Factors keep the file's dtype; the scale comes from ``lora_alpha`` /
   ``alpha_pattern``, ``r`` / ``rank_pattern`` and ``use_rslora``. Projections
   the file does not name keep whatever adapter they had. Everything is
-  checked before the model is changed.
+  checked before the model is changed. The adapters' ``lora_dropout`` starts
+  off, as PEFT loads an adapter for inference; ``model.train()`` turns it on.
 
   Raises:
     FileNotFoundError: no adapter_config.json or adapter_model.safetensors.
@@ -820,5 +821,9 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                        b_axes=(None,) + proj.axes[n_in:],
                        rngs=rngs if dropout > 0 else None)
     lora.alpha, lora.rslora, lora.init = alpha, rslora, 'peft'
+    if lora.dropout is not None:
+      # As PEFT loads an adapter: for inference. model.train() turns the
+      # adapter's dropout on again, for training it further.
+      lora.dropout.deterministic = True
     proj.lora = lora
   return model

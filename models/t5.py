@@ -478,8 +478,13 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
 
   With ``use_cache`` the encoder runs once and each step feeds one token
   through the decoder's KV cache; without it every step reruns the full
-  forward (the reference the cache is tested against).
+  forward (the reference the cache is tested against). The model runs in
+  eval mode (no dropout) whatever mode it is in.
   """
+  # Generation is inference: an eval-mode copy sharing the weights (no
+  # dropout, a LoRA adapter's included); the caller's model keeps its mode.
+  model = nnx.merge(*nnx.split(model))
+  model.eval()
   c = model.config
   b = encoder_tokens.shape[0]
   start = jnp.full((b, 1), c.decoder_start_token_id, jnp.int32)

@@ -444,3 +444,49 @@ def test_sharded_forward_equals_unsharded():
   result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]
+
+
+def test_adapter_dropout_is_off_for_inference(tmp_path):
+  """LoRA dropout acts in training only: a loaded PEFT adapter (its config
+  says lora_dropout 0.05) starts in inference, and generation runs without
+  dropout whatever mode the model is in, leaving that mode as it was."""
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  config = gemma.get_config('gemma-tiny')
+  tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+  model = gemma.Gemma(config, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, ['q', 'v'], rank=4, alpha=8.0)
+  _randomize_b(model)
+  want = model(tokens)
+  lora.save_peft_adapter(model, tmp_path, 'tiny')
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  (tmp_path / 'adapter_config.json').write_text(
+      json.dumps({**cfg, 'lora_dropout': 0.05}))
+  loaded = lora.load_peft_adapter(gemma.Gemma(config, rngs=nnx.Rngs(0)),
+                                  tmp_path)
+  np.testing.assert_allclose(loaded(tokens), want, atol=1e-5)
+  loaded.train()  # training the adapter further: its dropout acts
+  assert not np.allclose(loaded(tokens), want, atol=1e-3)
+
+  # A model built for training (dropout 0.5, in train mode) generates
+  # deterministically, and stays in train mode.
+  trained = gemma.Gemma(config, rngs=nnx.Rngs(0))
+  lora.apply_lora(trained, ['q', 'v'], rank=4, alpha=8.0, dropout=0.5,
+                  rngs=nnx.Rngs(3))
+  lora.set_lora_params(trained, lora.lora_params(model))
+  sampler = gemma.Sampler(trained, pad_multiple=8)
+  runs = [sampler([[5, 6, 7, 8, 9, 10]], 3, stop_at_eos=False,
+                  return_logits=True) for _ in range(2)]
+  np.testing.assert_array_equal(runs[0].logits, runs[1].logits)
+  np.testing.assert_allclose(runs[0].logits[0][0], want[0, -1], atol=1e-4)
+  assert not np.allclose(trained(tokens), want, atol=1e-3)  # still training
+
+  t5_model = _t5()
+  lora.apply_lora(t5_model, ['q', 'v'], rank=2, alpha=4.0, dropout=0.5,
+                  rngs=nnx.Rngs(3))
+  _randomize_b(t5_model)
+  runs = [t5.greedy_generate(t5_model, ENC, 3, return_logits=True)
+          for _ in range(2)]
+  np.testing.assert_array_equal(runs[0][1], runs[1][1])
+  t5_model.eval()
+  np.testing.assert_allclose(runs[0][1][:, 0], t5_model(ENC, DEC[:, :1])[:, 0],
+                             atol=1e-5)

@@ -58,6 +58,9 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
               cache_size, temperature, top_k, top_p, stop_ids, pad_id,
               return_logits):
   model: Gemma = nnx.merge(graphdef, state)
+  # Generation is inference: no dropout (a LoRA adapter's included),
+  # whatever mode the caller's model is in (this merged copy is local).
+  model.eval()
   b, p = tokens.shape
   cache = init_cache(model.config, b, cache_size, model.dtype)
   # Prompts are left-padded, so every row's last prompt token is at p - 1.
@@ -111,7 +114,8 @@ class Sampler:
 
   Args:
     model: the model (its current weights are used at each call; attach
-      LoRA before building the sampler).
+      LoRA before building the sampler). It runs in eval mode (no dropout)
+      whatever mode ``model`` is in; ``model`` itself is left as it is.
     tokenizer: optional `models.gemma.tokenizer.Tokenizer` so prompts may be
       strings and outputs come back as text.
     pad_multiple: prompts are left-padded to a multiple of this length to
