@@ -184,9 +184,12 @@ def test_validation_fraction_zero_trains_on_everything(tmp_path):
 
 
 def test_bad_counts_are_config_errors(tmp_path):
-  for field in ('log_every', 'eval.batch_size'):
+  for field in ('log_every', 'eval.batch_size', 'eval.max_new_tokens'):
     with pytest.raises(loop.ConfigError, match=rf'{field} must be >= 1, got 0'):
       loop.validate(tiny(tmp_path, **{field: 0}), 1)
+  with pytest.raises(loop.ConfigError, match=r'eval.num_examples must be >= 0 '
+                     r'\(0: all\), got -1'):
+    loop.validate(tiny(tmp_path, **{'eval.num_examples': -1}), 1)
 
 
 def test_existing_checkpoints_need_resume(straight):
@@ -328,10 +331,20 @@ def test_update_magnitudes_skip_zero_factors():
 def test_schedules():
   for kind in ('cosine', 'linear', 'constant'):
     cfg = configs.OptimConfig(learning_rate=1.0, warmup_steps=10,
-                              schedule=kind)
+                              schedule=kind, end_lr_fraction=0.1)
     s = loop.make_schedule(cfg, 100)
     assert float(s(0)) == 0.0
     assert float(s(10)) == pytest.approx(1.0)
+    # The last step (99, 0-based) is at the end fraction, the one before
+    # above it.
+    end = 1.0 if kind == 'constant' else 0.1
+    assert float(s(99)) == pytest.approx(end)
+    assert float(s(98)) > end or kind == 'constant'
+  # Warmup to the last step: no decay, and no division by zero.
+  for steps in (10, 11):
+    s = loop.make_schedule(configs.OptimConfig(
+        learning_rate=1.0, warmup_steps=10, schedule='linear'), steps)
+    assert float(s(steps - 1)) == pytest.approx((steps - 1) / 10)
   with pytest.raises(ValueError, match='schedule'):
     loop.make_schedule(configs.OptimConfig(schedule='step'), 100)
 

@@ -236,16 +236,20 @@ def alternative_logprobs(logits: jax.Array, batch: dict) -> jax.Array:
 
 
 def make_schedule(cfg: configs_lib.OptimConfig, steps: int) -> optax.Schedule:
+  """The learning rate by optimizer step (0-based): a linear warmup from 0
+  over ``warmup_steps``, then the decay, which reaches ``end_lr_fraction``
+  of the peak at the last step, ``steps - 1``."""
   peak, warm = cfg.learning_rate, max(0, cfg.warmup_steps)
   end = peak * cfg.end_lr_fraction
+  last = steps - 1
+  if cfg.schedule in ('cosine', 'linear') and warm >= last:
+    return optax.linear_schedule(0.0, peak, max(1, warm))  # no room to decay
   if cfg.schedule == 'cosine':
-    if warm >= steps:
-      return optax.linear_schedule(0.0, peak, max(1, warm))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, steps, end)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, last, end)
   if cfg.schedule == 'linear':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(1, warm)),
-         optax.linear_schedule(peak, end, max(1, steps - warm))], [warm])
+         optax.linear_schedule(peak, end, last - warm)], [warm])
   if cfg.schedule == 'constant':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(1, warm)),
@@ -619,10 +623,14 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
                       f'{cfg.batch_size} and {cfg.grad_accum}.')
   for name, value in (('log_every', cfg.log_every),
                       ('eval.batch_size', cfg.eval.batch_size),
+                      ('eval.max_new_tokens', cfg.eval.max_new_tokens),
                       ('optim.max_consecutive_nonfinite',
                        cfg.optim.max_consecutive_nonfinite)):
     if value < 1:
       raise ConfigError(f'{name} must be >= 1, got {value}.')
+  if cfg.eval.num_examples < 0:
+    raise ConfigError(f'eval.num_examples must be >= 0 (0: all), got '
+                      f'{cfg.eval.num_examples}.')
   if cfg.checkpoint_every < 0 or cfg.eval.every < 0:
     raise ConfigError(f'checkpoint_every and eval.every must be >= 0 (0: '
                       f'off), got {cfg.checkpoint_every} and {cfg.eval.every}.')
