@@ -94,14 +94,69 @@ def test_resume_continues_exactly(straight, tmp_path):
     f.write('7,9.9\n8,9.9\n')
   second = loop.run(tiny(run_dir, resume=True), log=lambda s: None)
   assert second['steps'] == FAST['steps']
-  resumed = [h['loss'] for h in second['history']]
-  expected = [h['loss'] for h in straight['history']][6:]
-  # Same batches, same dropout keys, same state: bit for bit.
-  assert resumed == expected
+  # Same batches, same dropout keys, same state: bit for bit; the summary's
+  # history covers the whole run (steps 1-6 from metrics.csv).
+  expected = [h['loss'] for h in straight['history']]
+  assert [h['loss'] for h in second['history']] == expected
+  assert second['final_loss'] == straight['final_loss']
   with open(run_dir / 'metrics.csv') as f:
     rows = list(csv.DictReader(f))
   assert [int(r['step']) for r in rows] == list(range(1, FAST['steps'] + 1))
-  assert [float(r['loss']) for r in rows[6:]] == pytest.approx(expected)
+  assert [float(r['loss']) for r in rows] == expected
+
+
+def _tensorboard_purges(events_dir) -> list[int]:
+  """The steps of the SessionLog START events (tensorboardX's purge_step)
+  in an event folder, file by file in time order."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  starts = []
+  for name in sorted(os.listdir(events_dir)):
+    if not name.startswith('events'):
+      continue
+    with open(os.path.join(events_dir, name), 'rb') as f:
+      while len(head := f.read(8)) == 8:
+        n = struct.unpack('<Q', head)[0]
+        f.read(4)
+        event = event_pb2.Event.FromString(f.read(n))
+        f.read(4)
+        if event.HasField('session_log') and event.session_log.status == 1:
+          starts.append(event.step)
+  return starts
+
+
+def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
+  """A resume continues the cumulative count of dropped target tokens, and
+  tells TensorBoard to drop events past the checkpoint; resuming a finished
+  run evaluates nothing again (eval.csv has one row per evaluation) and its
+  summary keeps the history, the final loss and both evaluations."""
+  small = {'steps': 4, 'checkpoint_every': 2, 'data.max_target_tokens': 2,
+           'eval.before': True, 'eval.after': True,
+           'eval.num_examples': 8, 'eval.batch_size': 8}
+  straight = loop.run(tiny(tmp_path / 'straight', **small),
+                      log=lambda s: None)
+  assert straight['dropped_target_tokens'] > 0
+  run_dir = tmp_path / 'run'
+  loop.run(tiny(run_dir, **small), log=lambda s: None, stop_at=2)
+  second = loop.run(tiny(run_dir, resume=True, **small), log=lambda s: None)
+  assert second['dropped_target_tokens'] == straight['dropped_target_tokens']
+  assert ([h['dropped_target_tokens'] for h in second['history']] ==
+          [h['dropped_target_tokens'] for h in straight['history']])
+  assert _tensorboard_purges(run_dir / 'tensorboard') == [0, 3]
+  logs = []
+  third = loop.run(tiny(run_dir, resume=True, **small), log=logs.append)
+  assert any('already at step 4' in line for line in logs), logs
+  with open(run_dir / 'eval.csv') as f:
+    assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
+  for key in ('final_loss', 'eval_before', 'eval_after',
+              'dropped_target_tokens'):
+    assert third[key] == second[key], key
+  assert third['eval_after']['target_loss'] == pytest.approx(
+      straight['eval_after']['target_loss'])
+  assert [h['loss'] for h in third['history']] == [
+      h['loss'] for h in straight['history']]
+  with open(run_dir / 'summary.json') as f:
+    assert json.load(f)['final_loss'] == straight['final_loss']
 
 
 def test_a_run_that_fails_closes_its_checkpointer_and_writers(
@@ -569,7 +624,8 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   # And the resumed run trains on from there.
   second = loop.run(tiny(run_dir, resume=True, steps=4, **ga),
                     log=lambda s: None)
-  assert [h['step'] for h in second['history']] == [3, 4]
+  # (its history is the whole run's: steps 1-2 from before the resume).
+  assert [h['step'] for h in second['history']] == [1, 2, 3, 4]
   assert all(np.isfinite(h['loss']) for h in second['history'])
 
 

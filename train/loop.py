@@ -1533,8 +1533,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
       last_step=kept_up_to)
   cleanup.push(_closing(eval_writer.close))
-  summary: dict[str, Any] = {'run_dir': run_dir, 'history': [],
-                             'eval_before': None, 'eval_after': None}
+  # A resumed run's summary covers the whole run: the rows kept from
+  # before the checkpoint are its history so far, and its evaluations.
+  evals_kept = {int(row['step']): {k.removeprefix('eval/'): v
+                                   for k, v in row.items() if k != 'step'}
+                for row in eval_writer.kept}
+  summary: dict[str, Any] = {'run_dir': run_dir,
+                             'history': list(writer.kept),
+                             'eval_before': evals_kept.get(0),
+                             'eval_after': None}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
             'compile_and_first_step': 0.0}
 
@@ -1552,7 +1559,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   progress = metrics_lib.Progress(end_step, start_step,
                                   enabled=cfg.progress)
   window_tokens, window_t0 = 0, time.perf_counter()
-  dropped_total = 0
+  # Counted over the whole run (the metric is cumulative).
+  dropped_total = int(writer.kept[-1].get('dropped_target_tokens', 0)
+                      if writer.kept else 0)
   # Skipped (non-finite) steps so far, to log each new skip once.
   skipped_logged = int(distributed.to_host(
       nonfinite_counts(state['opt_state'])[1]))
@@ -1620,7 +1629,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   if step >= cfg.steps:
     if cfg.eval.after and r.eval_examples:
-      summary['eval_after'] = do_eval(step, 'after')
+      if step == start_step and step in evals_kept:
+        # A finished run resumed: its final evaluation is on record.
+        summary['eval_after'] = evals_kept[step]
+        log(f'[train] already at step {step}; its evaluation is in '
+            f'{os.path.join(run_dir, metrics_lib.EVAL_CSV_NAME)}')
+      else:
+        summary['eval_after'] = do_eval(step, 'after')
     if cfg.export_adapter:
       summary['adapter_dir'] = export_adapter(r, state, run_dir)
   summary['checkpoints'] = ckpt.all_steps()

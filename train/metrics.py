@@ -18,15 +18,18 @@ EVAL_CSV_NAME = 'eval.csv'
 TB_DIR = 'tensorboard'
 
 
-def _keep_rows_up_to(path: str, last_step: int) -> list[str] | None:
-  """Drops the rows after ``last_step`` from a metrics CSV; its last header.
+def _keep_rows_up_to(path: str, last_step: int
+                     ) -> tuple[list[str] | None, list[dict[str, float]]]:
+  """Drops the rows after ``last_step`` from a metrics CSV.
 
+  Returns its last header and the rows kept, as ``{'step': int, name:
+  float}``. A row cut short (a run killed while writing it) is dropped too.
   The file is replaced whole (written aside, then renamed), so a failure
   leaves the old one.
   """
   if not os.path.exists(path):
-    return None
-  kept, header = [], None
+    return None, []
+  kept, rows, header = [], [], None
   with open(path, newline='', encoding='utf-8') as f:
     for row in csv.reader(f):
       if not row:
@@ -34,15 +37,23 @@ def _keep_rows_up_to(path: str, last_step: int) -> list[str] | None:
       if row[0] == 'step':
         header = row
         kept.append(row)
-      elif int(float(row[0])) <= last_step:
-        kept.append(row)
+        continue
+      try:
+        values = [float(x) for x in row]
+      except ValueError:
+        continue
+      if header is None or len(row) != len(header) or values[0] > last_step:
+        continue
+      kept.append(row)
+      rows.append({'step': int(values[0]),
+                   **dict(zip(header[1:], values[1:]))})
   if header is None:
-    return None
+    return None, []
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='', encoding='utf-8') as f:
     csv.writer(f).writerows(kept)
   os.replace(tmp, path)
-  return header
+  return header, rows
 
 
 class MetricsWriter:
@@ -56,7 +67,9 @@ class MetricsWriter:
   fresh run, which starts the file over). Rows of an existing file logged
   after it (by a run that stopped before its next checkpoint) are dropped,
   since they are about to be logged again, and the file goes on under its
-  last header.
+  last header; ``kept`` holds the rows kept. TensorBoard is told the same
+  (``purge_step``): it hides the earlier files' events from ``last_step +
+  1`` on, all of them for a fresh run.
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
@@ -67,18 +80,20 @@ class MetricsWriter:
     self._csv = None
     self._writer = None
     self._tb = None
+    self.kept: list[dict[str, float]] = []
     if not self.enabled:
       return
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, csv_name)
-    self._fields = _keep_rows_up_to(path, last_step)
+    self._fields, self.kept = _keep_rows_up_to(path, last_step)
     self._csv = open(path, 'a', newline='', encoding='utf-8')
     if self._fields is not None:
       self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR, tb_subdir))
+        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR, tb_subdir),
+                                 purge_step=last_step + 1)
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None
 
