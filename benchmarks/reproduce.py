@@ -25,7 +25,10 @@ Tasks and test sets:
   the part split into training and validation): reports leave such items
   out (`seen_in_training`); ``--decontaminate`` instead retrains without
   them and scores every sampled GSM8K item, not the held-out math
-  (``small-decontam``).
+  (``small-decontam``). GSM8K's packaged targets are LLM-written chains of
+  thought, and many end on a wrong number (71 of the 150 sampled): each
+  GSM8K report also scores ``gsm8k_consistent``, only the items whose
+  target ends on the gold answer (`add_consistent_items`).
 * ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer
   log-likelihood and loss per target token of the gold answer.
 
@@ -64,6 +67,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -81,6 +85,7 @@ from train import distributed
 from train import evaluate
 from train import loop
 from train import data as data_lib
+from train.data import numbers as numbers_lib
 from train.data.tokenize import encode_pair
 
 OPTIMIZERS = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'lamb',
@@ -309,13 +314,16 @@ def seen_in_training(data: dict[str, Any]) -> dict[str, list[bool]]:
           for name, items in data['tests'].items()}
 
 
-def drop_seen_items(results: dict, budget: Budget) -> dict[tuple, int]:
+def drop_seen_items(results: dict, budget: Budget,
+                    data: dict | None = None) -> dict[tuple, int]:
   """Removes test items seen in training from every run's per-item lists
-  (in place); {(task, test set): items removed}."""
+  (in place); {(task, test set): items removed}. `data`: {task: its
+  `task_data`} where the caller has it already."""
   masks, dropped = {}, {}
   for (task, _, _, _), run in results.items():
     if task not in masks:
-      masks[task] = seen_in_training(task_data(task, budget.tasks[task]))
+      masks[task] = seen_in_training(
+          (data or {}).get(task) or task_data(task, budget.tasks[task]))
     for tname, res in run['tests'].items():
       seen = masks[task].get(tname)
       if seen is None or not any(seen):
@@ -329,6 +337,68 @@ def drop_seen_items(results: dict, budget: Budget) -> dict[tuple, int]:
           res[field] = [v for v, hit in zip(values, seen) if not hit]
       dropped[(task, tname)] = int(sum(seen))
   return dropped
+
+
+# Test sets whose gold number is a field of the record, not the target's
+# own final number, so that the target (the chain of thought scored by
+# loss) can end on another number. GSM8K as packaged here: its targets are
+# LLM-written and end "The answer is N" with N not the gold answer on 528
+# of the 1319 records; 23 more have no "The answer is" (4 of them a
+# lower-case "the answer is" with a wrong number); 768 agree. Of the 150
+# items the budgets sample, 79 agree (25 of the 51 not in the math training
+# data). (The held-out math's gold is its target's own number, so it agrees
+# by construction.)
+CHECK_TARGETS = ('gsm8k',)
+CONSISTENT = '_consistent'  # Suffix of the derived test set.
+# Currency signs the number pattern does not read ('The answer is €77.').
+_CURRENCY = re.compile('[\u20ac\u00a3\u00a5\u20b9]')
+
+
+def target_agrees_with_gold(example) -> bool:
+  """Whether the item's target ends on its gold number ('The answer is N',
+  N read as `data.extract_final_number` reads it: '$', thousands commas or
+  spaces, '576.0', negatives); False without either."""
+  if example.gold_number is None:
+    return False
+  final = data_lib.extract_final_number(_CURRENCY.sub('', example.target),
+                                        fallback_to_last=False)
+  return numbers_lib.numbers_equal(final, example.gold_number)
+
+
+def add_consistent_items(results: dict, budget: Budget,
+                         data: dict | None = None) -> dict[tuple, dict]:
+  """For each test set in `CHECK_TARGETS`, adds to every run the test set
+  '<name>_consistent': the same per-item lists, only the items whose target
+  agrees with the gold answer (in place).
+
+  Call after `drop_seen_items`: the items it left out stay out. Returns
+  {(task, test set): {'kept': consistent items, 'scored': items scored}}.
+  Test sets with no disagreeing item get no such copy.
+  """
+  masks, counts = {}, {}
+  for (task, _, _, _), run in results.items():
+    if task not in masks:
+      d = (data or {}).get(task) or task_data(task, budget.tasks[task])
+      seen = seen_in_training(d)
+      masks[task] = {
+          name: [target_agrees_with_gold(e)
+                 for e, hit in zip(items, seen[name]) if not hit]
+          for name, items in d['tests'].items() if name in CHECK_TARGETS}
+    for tname, keep in masks[task].items():
+      res = run['tests'].get(tname)
+      if res is None or all(keep):
+        continue
+      if len(res['loss']) != len(keep):
+        raise ValueError(
+            f'{task}/{tname}: a run has {len(res["loss"])} test items, the '
+            f'budget scores {len(keep)}; it was made with other settings.')
+      run['tests'][tname + CONSISTENT] = {
+          field: ([v for v, ok in zip(values, keep) if ok]
+                  if isinstance(values, list) and len(values) == len(keep)
+                  else values)
+          for field, values in res.items()}
+      counts[(task, tname)] = {'kept': int(sum(keep)), 'scored': len(keep)}
+  return counts
 
 
 # ---------------------------------------------------------------------------
@@ -802,12 +872,28 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
     for tname, rows in t['tests'].items():
       lines.append(f'### test set `{tname}`')
       lines.append('')
-      seen = t.get('seen_in_training', {}).get(tname)
+      base = tname[:-len(CONSISTENT)] if tname.endswith(CONSISTENT) else None
+      seen = t.get('seen_in_training', {}).get(base or tname)
       if seen:
         lines.append(f'{seen} sampled items left out: their prompt is a '
                      'training or validation prompt (the math training set '
                      'holds most of GSM8K\'s test questions); n counts the '
                      'rest.')
+        lines.append('')
+      c = t.get('target_consistency', {}).get(base or tname)
+      if c and base:
+        lines.append(f'`{base}` on the {c["kept"]} of its {c["scored"]} '
+                     'scored items whose target (the chain of thought '
+                     'scored by loss) ends on the item\'s gold answer; the '
+                     'other targets end on another number or on none.')
+        lines.append('')
+      elif c:
+        lines.append(f'Every scored item: the targets of '
+                     f'{c["scored"] - c["kept"]} of these {c["scored"]} end '
+                     'on a number other than the gold answer, or on none, '
+                     'so their loss is partly the likelihood of wrong '
+                     f'reasoning; `{tname}{CONSISTENT}` keeps the '
+                     f'{c["kept"]} that agree.')
         lines.append('')
       lines.append('| optimizer | n items x seeds | accuracy [item '
                    'bootstrap 95%] (Wilson 95%, pooled) | McNemar vs RITE | '
@@ -963,10 +1049,15 @@ def report(args, budget: Budget, command: str, log) -> None:
     log(f'[{args.budget}] no finished runs under {args.out}/runs/'
         f'{args.budget}; nothing to report.')
     return
-  dropped = drop_seen_items(results, budget)
+  data = {task: task_data(task, budget.tasks[task])
+          for task in {k[0] for k in results}}
+  dropped = drop_seen_items(results, budget, data)
+  consistent = add_consistent_items(results, budget, data)
   summary = summarize(results, args.budget, budget)
   for (task, tname), k in dropped.items():
     summary['tasks'][task].setdefault('seen_in_training', {})[tname] = k
+  for (task, tname), c in consistent.items():
+    summary['tasks'][task].setdefault('target_consistency', {})[tname] = c
   summary['command'] = command
   write_atomic(os.path.join(args.out, f'summary_{args.budget}.json'), summary)
   md = markdown(summary, budget, command)

@@ -426,6 +426,70 @@ def test_test_items_seen_in_training_are_left_out_of_the_report(
   assert (sum(seen['gsm8k']), sum(seen['math_heldout'])) == (99, 2)
 
 
+def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
+    rp, monkeypatch):
+  """GSM8K's packaged targets often end on a wrong number: the derived test
+  set `gsm8k_consistent` scores only the items whose target ends on the
+  gold answer (and not the items seen in training); `gsm8k` keeps them all."""
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+
+  def ex(prompt, target, gold):
+    return Example(prompt, target, task='gsm8k', gold_number=gold)
+  items = [ex('q1', 'So 2 + 2 = 4. The answer is 4.', '4'),
+           ex('q2', 'So 2 + 3 = 5. The answer is 5.', '4'),
+           ex('q3', 'The answer is $1,200.50.', '1200.5'),
+           ex('q4', 'There are 7 apples.', '7'),  # No final answer.
+           ex('seen', 'The answer is 3.', '3'),
+           ex('q6', 'She has \u20ac77 left. The answer is \u20ac77.', '77'),
+           ex('q7', 'The answer is -3.', '3'),
+           ex('q8', 'The answer is 9 500.', '9500')]
+  agrees = [True, False, True, False, True, True, False, True]
+  assert [rp.target_agrees_with_gold(e) for e in items] == agrees
+  data = {'train': [Example('seen', 'x')], 'val': [],
+          'tests': {'gsm8k': items}}
+  monkeypatch.setattr(rp, 'task_data', lambda task, tb: data)
+  results = {}
+  for opt, good, bad in (('lora_rite', 1.0, 100.0), ('adam', 0.5, -50.0)):
+    for seed in (0, 1):
+      results[('math', opt, 1e-3, seed)] = {
+          'task': 'math', 'optimizer': opt, 'lr': 1e-3, 'seed': seed,
+          'val_loss': [0.5], 'tests': {'gsm8k': {
+              'loss': [good if a else bad for a in agrees]}}}
+  budget = rp.BUDGETS['small']
+  assert rp.drop_seen_items(results, budget) == {('math', 'gsm8k'): 1}
+  assert rp.add_consistent_items(results, budget) == {
+      ('math', 'gsm8k'): {'kept': 4, 'scored': 7}}
+  s = rp.summarize(results, 'unit', budget)
+  t = s['tasks']['math']['tests']
+  # Any inconsistent item counted would pull these means far off.
+  row, ref = t['gsm8k_consistent']['adam'], t['gsm8k_consistent']['lora_rite']
+  assert (ref['n'], ref['loss'], row['loss']) == (4, 1.0, 0.5)
+  assert row['vs_lora_rite']['loss_diff'] == pytest.approx(-0.5)
+  assert t['gsm8k']['lora_rite']['n'] == 7  # All scored items, as before.
+  s['tasks']['math']['target_consistency'] = {
+      'gsm8k': {'kept': 4, 'scored': 7}}
+  md = rp.markdown(s, budget, 'cmd')
+  assert 'the targets of 3 of these 7 end on a number other than' in md
+  assert '`gsm8k` on the 4 of its 7 scored items' in md
+  # A run scored on other items, and a test set with no wrong target.
+  with pytest.raises(ValueError, match='made with other settings'):
+    rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
+        'tests': {'gsm8k': {'loss': [1.0]}}}}, budget)
+  data['tests']['gsm8k'] = [items[0]]
+  assert rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
+      'tests': {'gsm8k': {'loss': [1.0]}}}}, budget) == {}
+  # The real sample: 79 of the 150 GSM8K items agree, 25 of the 51 not in
+  # the plain math training data.
+  shared_data.require('math', 'gsm8k')
+  monkeypatch.undo()
+  tb = dataclasses.replace(budget.tasks['math'], gsm8k=True)
+  real = rp.task_data('math', tb)
+  agree = [rp.target_agrees_with_gold(e) for e in real['tests']['gsm8k']]
+  seen = rp.seen_in_training(real)['gsm8k']
+  assert (sum(agree), sum(a for a, h in zip(agree, seen) if not h)) == (
+      79, 25)
+
+
 def test_exact_match_variant_generates_with_training_unchanged(
     rp, tmp_path, monkeypatch):
   """--exact_match N: the math task's own training and test sets, N greedy
