@@ -101,7 +101,9 @@ def test_unpacked_batches():
   b = batches[0]
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
       "tokens": ((4, 128), np.int32), "loss_mask": ((4, 128), np.float32),
-      "positions": ((4, 128), np.int32), "segment_ids": ((4, 128), np.int32)}
+      "positions": ((4, 128), np.int32), "segment_ids": ((4, 128), np.int32),
+      "dropped": ((4, 128), np.float32)}
+  assert b["dropped"].sum() == 0  # Every target fits.
   for row in range(4):
     e = examples[row]
     assert _targets_of_row(b["tokens"][row], b["loss_mask"][row],
@@ -111,6 +113,33 @@ def test_unpacked_batches():
     assert b["tokens"][row][0] == TOK.bos_id
     assert b["tokens"][row][n - 1] == TOK.eos_id
     assert (b["tokens"][row][n:] == TOK.pad_id).all()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_long_target_keeps_its_prompt_and_counts_what_is_cut(pack):
+  """With max_target_tokens a target that would fill the row is cut to the
+  tokens a step scores, and the prompt keeps the rest of the row; the cut
+  tokens are counted in 'dropped' (packed or not)."""
+  long = Example("Question: what is 2 + 2?\nAnswer:", " " + "4" * 50)
+  short = Example("Question: what is 1 + 1?\nAnswer:", " 2")
+  ds = data.make_train_dataset([long, short], TOK, seq_len=40, batch_size=2,
+                               seed=0, num_epochs=1, shuffle=False, pack=pack,
+                               max_target_tokens=8)
+  (b,) = list(ds)
+  row = b["tokens"][0]
+  texts = _targets_of_row(row, b["loss_mask"][0], b["segment_ids"][0])
+  assert texts[0] == " " + "4" * 7  # 8 target tokens kept.
+  first = np.flatnonzero(b["segment_ids"][0] == 1)
+  prompt = row[first][b["loss_mask"][0][first] == 0][1:]  # After BOS.
+  assert TOK.decode(prompt) == long.prompt[-(40 - 1 - 8):]
+  assert b["dropped"].sum() == 51 + 1 - 8  # Target + EOS, less the kept 8.
+  # Without it, the old behaviour: the prompt gives way to the target.
+  (b,) = list(data.make_train_dataset(
+      [long, short], TOK, seq_len=40, batch_size=2, seed=0, num_epochs=1,
+      shuffle=False, pack=pack))
+  first = np.flatnonzero(b["segment_ids"][0] == 1)
+  assert b["loss_mask"][0][first[1]] == 1  # Only BOS before the target.
+  assert b["dropped"].sum() == 51 + 1 - 39
 
 
 def test_packed_batches_have_segments_positions_and_masks():

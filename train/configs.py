@@ -158,8 +158,10 @@ class DataConfig:
     seq_len: row length T (t5: the encoder length; the prompt is cut from
       the left to fit).
     max_target_tokens: positions per row at which the loss is computed
-      (the unembedding is evaluated only there; rows with more target
-      tokens lose the excess, which is counted); 0 = seq_len - 1.
+      (the unembedding is evaluated only there); each example's target is
+      cut to this many tokens before its prompt is fitted into the row, so
+      a long target leaves room for its prompt, and what is cut is counted
+      (dropped_target_tokens); 0 = seq_len - 1.
       Decoder-only models only (t5 uses target_len).
     target_len: t5 only: the decoder length (target tokens and EOS; longer
       targets are cut and the excess counted). Must be 0 for decoder-only

@@ -931,7 +931,7 @@ def _gemma_dataset(r: Run):
   return data.make_train_dataset(
       r.train_examples, r.tokenizer, seq_len=d.seq_len,
       batch_size=r.config.batch_size, seed=d.seed, pack=d.pack,
-      num_threads=d.num_threads)
+      num_threads=d.num_threads, max_target_tokens=r.max_targets)
 
 
 # ---------------------------------------------------------------------------
@@ -1109,6 +1109,9 @@ def _validate_decoder_only(cfg: configs_lib.Config) -> None:
 def _gemma_prepare(raw, r: Run) -> tuple[dict, int, int]:
   """(step batch, target tokens dropped, real tokens) of a pipeline batch."""
   batch, dropped = prepare_batch(raw, r.max_targets)
+  # Targets cut at tokenization (each example to max_targets, leaving its
+  # prompt room) plus those past max_targets in a packed row.
+  dropped += int(np.asarray(raw.get('dropped', 0)).sum())
   return batch, dropped, int((np.asarray(raw['segment_ids']) > 0).sum())
 
 

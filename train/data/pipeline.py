@@ -12,6 +12,9 @@ Batch format (a dict of numpy arrays, B = batch size, T = `seq_len`):
                                0 for each packed example; 0 on padding).
   segment_ids  int32   [B, T]  1, 2, ... per packed example, 0 on padding;
                                attention must not cross segments.
+  dropped      float32 [B, T]  target tokens cut to fit, counted at each
+                               example's first token (0 elsewhere): the
+                               batch's sum is its count.
 
 Determinism: the same examples, seed and arguments give the same batches.
 Checkpointing: the iterator's `get_state()` is a small JSON-able dict and
@@ -40,9 +43,9 @@ from train.data.tokenize import tokenize_example
 FEATURES = ("tokens", "loss_mask", "positions", "segment_ids")
 
 
-def _tokenize(example: Example, *, tokenizer: Tokenizer, seq_len: int
-              ) -> Features:
-  return tokenize_example(example, tokenizer, seq_len)
+def _tokenize(example: Example, *, tokenizer: Tokenizer, seq_len: int,
+              max_target: int | None = None) -> Features:
+  return tokenize_example(example, tokenizer, seq_len, max_target)
 
 
 def _pad(features: Features, *, seq_len: int, pad_id: int) -> Features:
@@ -53,6 +56,7 @@ def _rename_packed(features: Features) -> Features:
   """grain's packer names positions/segments per feature; keep one of each."""
   return {"tokens": features["tokens"],
           "loss_mask": features["loss_mask"],
+          "dropped": features["dropped"],
           "positions": features["tokens_positions"],
           "segment_ids": features["tokens_segment_ids"]}
 
@@ -69,7 +73,8 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
                        num_epochs: int | None = None, shuffle: bool = True,
                        pack: bool = False, num_packing_bins: int | None = None,
                        shard_index: int = 0, shard_count: int = 1,
-                       drop_remainder: bool = True, num_threads: int = 2
+                       drop_remainder: bool = True, num_threads: int = 2,
+                       max_target_tokens: int | None = None
                        ) -> grain.IterDataset:
   """The training pipeline: source -> shard -> shuffle -> repeat -> tokenise
   -> pad or pack -> batch.
@@ -88,6 +93,9 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     shard_count: Number of shards (`jax.process_count()`).
     drop_remainder: Drop a last partial batch (only with finite epochs).
     num_threads: grain reader threads (0: no prefetch).
+    max_target_tokens: Keep at most this many target tokens of each example
+      (the ones a step scores), so that a long target leaves room for its
+      prompt; the rest is counted in 'dropped'.
 
   Returns:
     A `grain.IterDataset` of batches; see the module docstring.
@@ -107,13 +115,15 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer,
-                                seq_len=seq_len))
+                                seq_len=seq_len, max_target=max_target_tokens))
   if pack:
     it_ds = ds.to_iter_dataset(_read_options(num_threads))
     it_ds = grain.experimental.FirstFitPackIterDataset(
-        it_ds, length_struct={"tokens": seq_len, "loss_mask": seq_len},
+        it_ds, length_struct={"tokens": seq_len, "loss_mask": seq_len,
+                              "dropped": seq_len},
         num_packing_bins=num_packing_bins or batch_size, seed=seed,
-        padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0.0})
+        padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0.0,
+                        "dropped": 0.0})
     it_ds = it_ds.map(_rename_packed)
   else:
     ds = ds.map(functools.partial(_pad, seq_len=seq_len,

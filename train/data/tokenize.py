@@ -72,7 +72,8 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
-                max_length: int, *, add_eos: bool = True
+                max_length: int, *, add_eos: bool = True,
+                max_target: int | None = None
                 ) -> tuple[list[int], list[int]]:
   """Encodes (prompt, target) to fit `max_length` tokens in all.
 
@@ -88,6 +89,9 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
     max_length: Total token budget, at least 2.
     add_eos: Append EOS to the target (training: yes; scoring answer
       options: no).
+    max_target: Keep at most this many target tokens (EOS included), cut
+      from the right, before fitting the prompt: training scores only the
+      first ones, and a target that fills the row would cost the prompt.
 
   Returns:
     (prompt_ids starting with BOS, target_ids).
@@ -98,6 +102,8 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
   target_ids = encode_text(tokenizer, target)
   if add_eos:
     target_ids.append(tokenizer.eos_id)
+  if max_target is not None:
+    target_ids = target_ids[:max_target]
   budget = max_length - 1 - len(target_ids)  # Room left for prompt tokens.
   if budget < 0:
     return [tokenizer.bos_id], target_ids[:max_length - 1]
@@ -107,14 +113,27 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
 
 
 def tokenize_example(example: Example, tokenizer: Tokenizer,
-                     max_length: int) -> Features:
-  """Unpadded {'tokens': int32[L], 'loss_mask': float32[L]}, L <= max_length."""
+                     max_length: int, max_target: int | None = None
+                     ) -> Features:
+  """Unpadded features of one training example, L <= max_length tokens.
+
+  Returns:
+    {'tokens': int32[L], 'loss_mask': float32[L], 'dropped': float32[L]}:
+    'dropped' holds at position 0 the number of target tokens (EOS
+    included) cut to fit (see `encode_pair`'s ``max_target``), zeros
+    elsewhere, so that it packs and pads like the other features and a
+    batch's sum is its count.
+  """
   prompt_ids, target_ids = encode_pair(example.prompt, example.target,
-                                       tokenizer, max_length)
+                                       tokenizer, max_length,
+                                       max_target=max_target)
   tokens = np.asarray(prompt_ids + target_ids, np.int32)
   loss_mask = np.zeros(len(tokens), np.float32)
   loss_mask[len(prompt_ids):] = 1.0
-  return {"tokens": tokens, "loss_mask": loss_mask}
+  dropped = np.zeros(len(tokens), np.float32)
+  dropped[0] = len(encode_text(tokenizer, example.target)) + 1 - len(
+      target_ids)
+  return {"tokens": tokens, "loss_mask": loss_mask, "dropped": dropped}
 
 
 def pad_features(features: Features, length: int, pad_id: int) -> Features:
@@ -141,5 +160,9 @@ def pad_features(features: Features, length: int, pad_id: int) -> Features:
   positions[:n] = np.arange(n)
   segment_ids = np.zeros(length, np.int32)
   segment_ids[:n] = 1
-  return {"tokens": tokens, "loss_mask": loss_mask, "positions": positions,
-          "segment_ids": segment_ids}
+  out = {"tokens": tokens, "loss_mask": loss_mask, "positions": positions,
+         "segment_ids": segment_ids}
+  if "dropped" in features:
+    out["dropped"] = np.zeros(length, np.float32)
+    out["dropped"][:n] = features["dropped"]
+  return out
