@@ -105,6 +105,27 @@ def test_multiple_choice_shares_one_row_across_last_token_options(built):
   check_alternatives_match_pairs(built, 'ans', ('x', 'yyyy'))
 
 
+def test_options_longer_than_the_decoder_are_refused(built):
+  """An option longer than data.target_len would be cut, and options cut
+  to a shared prefix score alike (every prediction option 0): refused when
+  the evaluator is made, before a run writes anything."""
+  target_len = built.config.data.target_len
+  long = ['the correct answer is ' + k for k in 'ABCD']
+  assert min(len(o) for o in long) > target_len  # bytes: one token each
+  item = Example('Which? ', long[1], options=tuple(long), labels='ABCD',
+                 gold_index=1, task='arc_challenge')
+  r = dataclasses.replace(built, eval_examples=[item])
+  with pytest.raises(loop.ConfigError, match=(
+      rf"option 'the correct answer is A' of evaluation example 0 "
+      rf"\(arc_challenge\) is 23 tokens, but a scoring row holds "
+      rf"{target_len} target tokens \(--data.target_len\)")):
+    loop.Evaluator(r)
+  short = dataclasses.replace(item, options=('A', 'B'), target='B',
+                              labels='AB', gold_index=1)
+  assert loop.Evaluator(dataclasses.replace(
+      built, eval_examples=[short])).method == 'loglik'
+
+
 def test_scoring_is_the_teacher_forced_loss(built):
   """Evaluator scores (multiple choice by log-likelihood) = log p(option |
   prompt) of the decoder, computed by hand from the full logits."""

@@ -966,6 +966,27 @@ class Evaluator:
     self._score = None
     self._score_alternatives = None
     self._sampler = None
+    if method == 'loglik':
+      self._check_options_fit()
+
+  def _check_options_fit(self) -> None:
+    """Refuses options longer than the target tokens a scoring row holds:
+    they would be cut, and options cut to a shared prefix score alike."""
+    from train.data.tokenize import encode_text  # pylint: disable=g-import-not-at-top
+    r = self.r
+    scored = r.family.pair_budget(r)[1]
+    # What bounds it: T5's decoder length, or a decoder-only row.
+    bound = ('--data.target_len' if r.config.model.family == 't5'
+             else '--data.seq_len')
+    for i, e in enumerate(self.examples):
+      for option in e.options or ():
+        n = len(encode_text(r.tokenizer, option))
+        if n > scored:
+          raise ConfigError(
+              f'eval: option {option[:40]!r} of evaluation example {i} '
+              f'({e.task}) is {n} tokens, but a scoring row holds '
+              f'{scored} target tokens ({bound}); it would be cut, and '
+              f'options cut alike score alike: raise {bound}.')
 
   def _run_in_batches(self, fn, state, pairs, alternatives=None):
     """``fn(params, base, rngs, batch)`` over scoring pairs, in whole
@@ -1466,6 +1487,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       f'{sum(x.size for x in jax.tree.leaves(r.state["params"]))} LoRA params'
       f', built in {t_built - t_start:.1f}s')
 
+  # Checks its options against the scoring rows: before any file is written.
+  evaluator = Evaluator(r)
+
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   config_json = configs_lib.to_json(cfg)
@@ -1527,7 +1551,6 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   accum, micro = cfg.grad_accum, cfg.batch_size // cfg.grad_accum
   step_fn = _jitted_step(r)
-  evaluator = Evaluator(r)
   # A fresh run (no checkpoint) starts its CSVs over: -1 keeps no row.
   kept_up_to = start_step if latest is not None else -1
   writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
