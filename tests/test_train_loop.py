@@ -265,6 +265,23 @@ def test_arithmetic_validation_is_carved_from_the_training_pool(tmp_path):
     assert not [e for e in evals if (e.prompt, e.target) in seen]
 
 
+def test_the_test_set_is_the_same_for_every_seed(tmp_path):
+  """Runs of several data seeds are scored on the same test items (the
+  generated arithmetic test set had followed data.seed), and a generated
+  test set has as many items as eval.num_examples asks."""
+  def test_prompts(seed, n=50):
+    cfg = tiny(tmp_path / f'run{seed}', **{
+        'eval.before': True, 'data.seed': seed, 'eval.num_examples': n})
+    train, evals = loop.load_examples(cfg)
+    assert len(evals) == n
+    return [e.prompt for e in evals], {e.prompt for e in train}
+  first, train0 = test_prompts(0)
+  second, train1 = test_prompts(1)
+  assert first == second
+  assert train0 != train1  # The seed still draws the training examples.
+  assert test_prompts(0, 300)[0][:50] == first
+
+
 def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
   """Gemma 3 4B+ keep the decoder under model.language_model: the exported
   adapter must name it so, or PEFT loads it as a no-op."""

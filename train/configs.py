@@ -171,7 +171,8 @@ class DataConfig:
       the generated pool); 0 = all.
     validation_fraction: share of training data carved out as validation;
       0 trains on all of it (then eval.split must be 'test').
-    seed: shuffle / carve seed.
+    seed: shuffle / carve seed (and of the generated arithmetic training
+      pool; every seed is tested on the same test items).
     num_threads: grain reader threads.
   """
 

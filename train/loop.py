@@ -585,15 +585,23 @@ def load_examples(cfg: configs_lib.Config):
             '--data.eval_path for the test set, --eval.split validation, or '
             '--eval.no-before --eval.no-after.')
     pool = {}
+    generated = (not eval_path and not d.hub and
+                 data.get_task(eval_task).name == data.arithmetic.NAME)
     if (cfg.eval.split == 'validation' and eval_task == d.task and
-        not eval_path and not d.hub and
-        data.get_task(d.task).name == data.arithmetic.NAME):
+        generated):
       # The generated task is carved from a pool that num_train_examples
       # sizes: the validation carve must come from that same pool, or it
       # overlaps the training examples.
       pool = dict(num_examples=d.num_train_examples or None)
+    elif cfg.eval.split == 'test':
+      # One test set whatever data.seed is, so that runs of several seeds
+      # are scored on the same items; a generated one has as many items as
+      # eval.num_examples asks (200 for 0).
+      pool = dict(seed=0)
+      if generated:
+        pool['num_examples'] = cfg.eval.num_examples or None
     evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
-                           **common, **pool)
+                           **{**common, **pool})
     # Never train on what is evaluated: LLM-Adapters' math set (the GSM8K
     # presets' training data) holds most of GSM8K's test questions.
     held = {data.prompt_key(e) for e in evals}
