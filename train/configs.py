@@ -111,8 +111,9 @@ class OptimConfig:
     schedule: 'cosine' (warmup then cosine decay), 'linear' (warmup then
       linear decay) or 'constant' (warmup then constant).
     warmup_steps: linear warmup from 0.
-    end_lr_fraction: the decayed learning rate at the last step, as a
-      fraction of the peak.
+    end_lr_fraction: the learning rate the decay reaches, as a fraction of
+      the peak, at step `steps` (one past the last, as optax and Hugging
+      Face count: the last step runs just above it, so 0 still trains).
     b1, b2, eps, weight_decay: passed to the optimizer (all six take them).
     clip_grad_norm: global-norm clip before the optimizer; 0 = off.
     skip_nonfinite: wrap the optimizer in `optax.apply_if_finite`, so a step

@@ -238,18 +238,19 @@ def alternative_logprobs(logits: jax.Array, batch: dict) -> jax.Array:
 def make_schedule(cfg: configs_lib.OptimConfig, steps: int) -> optax.Schedule:
   """The learning rate by optimizer step (0-based): a linear warmup from 0
   over ``warmup_steps``, then the decay, which reaches ``end_lr_fraction``
-  of the peak at the last step, ``steps - 1``."""
+  of the peak at step ``steps``, one past the last, as optax's
+  ``warmup_cosine_decay_schedule`` and Hugging Face's schedules count (so
+  that an end of 0 never makes the last step a no-op)."""
   peak, warm = cfg.learning_rate, max(0, cfg.warmup_steps)
   end = peak * cfg.end_lr_fraction
-  last = steps - 1
-  if cfg.schedule in ('cosine', 'linear') and warm >= last:
-    return optax.linear_schedule(0.0, peak, max(1, warm))  # no room to decay
   if cfg.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, last, end)
+    if warm >= steps:
+      return optax.linear_schedule(0.0, peak, max(1, warm))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warm, steps, end)
   if cfg.schedule == 'linear':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(1, warm)),
-         optax.linear_schedule(peak, end, last - warm)], [warm])
+         optax.linear_schedule(peak, end, max(1, steps - warm))], [warm])
   if cfg.schedule == 'constant':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, max(1, warm)),
