@@ -23,15 +23,30 @@ SAFETENSORS_INDEX = 'model.safetensors.index.json'
 CONFIG = 'config.json'
 
 
-def safe_join(directory: str | os.PathLike, name: str) -> Path:
+def safe_join(directory: str | os.PathLike, name: str, *,
+              links_may_leave: bool = False) -> Path:
   """``directory / name``, refusing names that leave ``directory``.
 
+  Args:
+    directory: the folder.
+    name: a relative file name from data (a shard index, an adapter name).
+    links_may_leave: only check the name itself, not where links in the
+      folder lead. For reading a Hugging Face cache snapshot, whose files
+      are links into the cache's ``blobs/``; writes keep the default, so
+      that a link planted in the folder is not written through.
+
   Raises:
-    ValueError: ``name`` is absolute, empty, or resolves outside directory.
+    ValueError: ``name`` is absolute, empty, has a ``..`` component, or
+      (unless ``links_may_leave``) resolves outside directory.
   """
   if not isinstance(name, str) or not name or os.path.isabs(name) or '\\' in name:
     raise ValueError(f'{directory}: refusing file name {name!r} (must be a '
                      'non-empty relative path inside the directory).')
+  if '..' in Path(name).parts:
+    raise ValueError(f'{directory}: refusing file name {name!r}, which '
+                     'resolves outside the directory (..).')
+  if links_may_leave:
+    return Path(directory) / name
   root = Path(directory).resolve()
   path = (root / name).resolve()
   if path != root and root not in path.parents:
@@ -136,7 +151,7 @@ def open_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
                        'shard file names.')
     files = {}
     for shard in sorted(set(weight_map.values())):
-      path = safe_join(directory, shard)
+      path = safe_join(directory, shard, links_may_leave=True)
       stored = set(_open(path).keys())
       for name, where in weight_map.items():
         if where == shard:

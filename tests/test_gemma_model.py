@@ -438,6 +438,31 @@ def test_shard_index_cannot_escape_directory(tmp_path):
     gemma.from_pretrained(ckpt)
 
 
+def test_sharded_checkpoint_in_a_hub_cache_loads(tmp_path):
+  """A Hugging Face cache snapshot's files are links into its blobs/: the
+  shard names stay inside the folder, so the links are followed."""
+  model, _ = _tiny('gemma2-tiny')
+  gemma.save_pretrained(model, tmp_path / 'src')
+  tensors = gemma_load.read_safetensors(str(tmp_path / 'src' /
+                                            'model.safetensors'))
+  snap, blobs = tmp_path / 'snapshots' / 'rev', tmp_path / 'blobs'
+  snap.mkdir(parents=True)
+  blobs.mkdir()
+  os.replace(tmp_path / 'src' / 'config.json', snap / 'config.json')
+  names, weight_map = sorted(tensors), {}
+  for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+    shard = f'model-0000{i + 1}-of-00002.safetensors'
+    gemma_load.write_safetensors(str(blobs / f'sha{i}'),
+                                 {k: np.asarray(tensors[k]) for k in part})
+    os.symlink(os.path.join('..', '..', 'blobs', f'sha{i}'), snap / shard)
+    weight_map.update({k: shard for k in part})
+  with open(snap / 'model.safetensors.index.json', 'w') as f:
+    json.dump({'weight_map': weight_map}, f)
+  a, b = _params(model), _params(gemma.from_pretrained(snap))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_multimodal_checkpoint_layout(tmp_path):
   # Gemma 3 4B+ checkpoints nest the text config and prefix the tensor names.
   model, _ = _tiny('gemma3-tiny')

@@ -403,8 +403,10 @@ def _safetensors_files(directory: str) -> list[str]:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f'{index}: malformed safetensors index (expected a '
                        f'"weight_map" object; {e!r}).') from None
-    # A shard name may not lead out of the folder (as hf_io.open_tensors).
-    return [str(hf_io.safe_join(directory, fn)) for fn in files]
+    # A shard name may not lead out of the folder (as hf_io.open_tensors);
+    # a Hugging Face cache's files are links into its blobs/, and may.
+    return [str(hf_io.safe_join(directory, fn, links_may_leave=True))
+            for fn in files]
   if os.path.isfile(single):
     return [single]
   raise hf_io.missing_weights(directory)
