@@ -241,6 +241,8 @@ def scale_by_shampoo(
     del params
     plans, treedef = _plans(updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
+    if not grads:  # An empty tree: its state keeps init's placeholders.
+      return updates, state._replace(count=optax.safe_increment(state.count))
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
     nus = [leaf for _, leaf in pairs_lib.flatten(state.nu)[0]]
     # In the statistics' dtype: a float64 count (jax_enable_x64) would

@@ -142,3 +142,15 @@ def test_inject_hyperparams_of_the_factory_injects_the_learning_rate():
                                                   lr_ratio=4.0)
   with pytest.raises(ValueError, match='adam: unknown argument'):
     wrong.init(params)  # where inject_hyperparams builds the optimizer
+
+
+@pytest.mark.parametrize('name', sorted(RATES))
+def test_an_empty_tree_updates(name):
+  """No params at all (a model with every adapter frozen): init and update
+  still work, and the count moves."""
+  tx = lro.optimizer(name, RATES[name])
+  state = tx.init({})
+  updates, state = jax.jit(tx.update)({}, state, {})
+  assert updates == {}
+  counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+  assert any(int(c) == 1 for c in counts), counts
