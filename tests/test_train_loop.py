@@ -126,11 +126,13 @@ def _tensorboard_purges(events_dir) -> list[int]:
 
 
 def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
-  """A resume continues the cumulative count of dropped target tokens, and
-  tells TensorBoard to drop events past the checkpoint; resuming a finished
-  run evaluates nothing again (eval.csv has one row per evaluation) and its
-  summary keeps the history, the final loss and both evaluations."""
+  """A resume continues the cumulative count of dropped target tokens (from
+  the checkpoint: no row was logged at its step), and tells TensorBoard to
+  drop events past the checkpoint; resuming a finished run evaluates it
+  again in place of its old row, and its summary keeps the history, the
+  final loss and both evaluations."""
   small = {'steps': 4, 'checkpoint_every': 2, 'data.max_target_tokens': 2,
+           'log_every': 3,
            'eval.before': True, 'eval.after': True,
            'eval.num_examples': 8, 'eval.batch_size': 8}
   straight = loop.run(tiny(tmp_path / 'straight', **small),
@@ -140,21 +142,27 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   loop.run(tiny(run_dir, **small), log=lambda s: None, stop_at=2)
   second = loop.run(tiny(run_dir, resume=True, **small), log=lambda s: None)
   assert second['dropped_target_tokens'] == straight['dropped_target_tokens']
-  assert ([h['dropped_target_tokens'] for h in second['history']] ==
-          [h['dropped_target_tokens'] for h in straight['history']])
+  # The stopped run logged its last step (2) too; steps 3 and 4 as
+  # straight through.
+  by_step = lambda run: {h['step']: h['dropped_target_tokens']
+                         for h in run['history']}
+  assert list(by_step(second)) == [2, 3, 4]
+  assert {k: by_step(second)[k] for k in (3, 4)} == by_step(straight)
   assert _tensorboard_purges(run_dir / 'tensorboard') == [0, 3]
   logs = []
   third = loop.run(tiny(run_dir, resume=True, **small), log=logs.append)
-  assert any('already at step 4' in line for line in logs), logs
+  assert any('already at step 4: evaluating it again' in line
+             for line in logs), logs
   with open(run_dir / 'eval.csv') as f:
     assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
-  for key in ('final_loss', 'eval_before', 'eval_after',
-              'dropped_target_tokens'):
+  for key in ('final_loss', 'eval_before', 'dropped_target_tokens'):
     assert third[key] == second[key], key
+  again = lambda res: {k: v for k, v in res.items() if k != 'seconds'}
+  assert again(third['eval_after']) == again(second['eval_after'])
   assert third['eval_after']['target_loss'] == pytest.approx(
       straight['eval_after']['target_loss'])
-  assert [h['loss'] for h in third['history']] == [
-      h['loss'] for h in straight['history']]
+  assert ([(h['step'], h['loss']) for h in third['history']] ==
+          [(h['step'], h['loss']) for h in second['history']])
   with open(run_dir / 'summary.json') as f:
     assert json.load(f)['final_loss'] == straight['final_loss']
 
@@ -699,3 +707,27 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
     with pytest.raises(loop.ConfigError, match='lora.ga_gamma must be'):
       loop.validate(tiny(tmp_path / 'bad', **{**ga, 'lora.ga_gamma': gamma}),
                     1)
+
+
+def test_metrics_writer_keeps_rows_up_to_the_checkpoint(tmp_path):
+  """Rows after the resumed-from step go; rows before stay, a row that did
+  not log every key of its header block included (an empty cell), and are
+  handed back; a row cut short by a kill goes."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+  w.write(0, {'acc': 0.5, 'loss': 2.0})
+  w.write(4, {'acc': 0.75})  # No loss: an empty cell.
+  w.write(8, {'acc': 0.8, 'loss': 1.0})
+  w.close()
+  with open(tmp_path / metrics_lib.CSV_NAME, 'a') as f:
+    f.write('9,0.9\n')  # Killed mid-row.
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                last_step=4)
+  assert w.kept == [{'step': 0, 'acc': 0.5, 'loss': 2.0},
+                    {'step': 4, 'acc': 0.75}]
+  w.write(5, {'acc': 0.7, 'loss': 1.5})
+  w.close()
+  with open(tmp_path / metrics_lib.CSV_NAME) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['step'], r['loss']) for r in rows] == [
+      ('0', '2.0'), ('4', ''), ('5', '1.5')]

@@ -1394,6 +1394,9 @@ def _jitted_step(r: Run) -> Callable:
 # paths decide which training examples are held out as evaluation prompts;
 # data.path may point at other files) can change them.
 TRAIN_DATA_KEY = 'train_data'
+# And the run's count of target tokens cut so far, which the data iterator,
+# restored past them, cannot give again (older checkpoints: none).
+DROPPED_KEY = 'dropped_target_tokens'
 
 
 def training_data_fingerprint(examples) -> dict[str, Any]:
@@ -1526,6 +1529,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'this config ({first}); resume with the settings in '
           f'{os.path.join(run_dir, "config.json")}.') from None
     saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
+    saved_dropped = saved_config.pop(DROPPED_KEY, None)
     if saved_data is not None and saved_data != train_data:
       raise ConfigError(
           f'--resume: checkpoint {latest} in {ckpt.directory} was trained on '
@@ -1564,12 +1568,18 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   kept_up_to = start_step if latest is not None else -1
   writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
   cleanup.push(_closing(writer.close))
+  finished = latest is not None and start_step >= cfg.steps
+  if finished:
+    log(f'[train] already at step {start_step}: evaluating it again')
   eval_writer = metrics_lib.MetricsWriter(
       run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
-      last_step=kept_up_to)
+      # A finished run's final evaluation is done again (with this run's
+      # eval settings, which a resume may change): its old row goes.
+      last_step=kept_up_to - 1 if finished else kept_up_to)
   cleanup.push(_closing(eval_writer.close))
   # A resumed run's summary covers the whole run: the rows kept from
-  # before the checkpoint are its history so far, and its evaluations.
+  # before the checkpoint are its history so far (process 0's, which
+  # writes the summary).
   evals_kept = {int(row['step']): {k.removeprefix('eval/'): v
                                    for k, v in row.items() if k != 'step'}
                 for row in eval_writer.kept}
@@ -1594,9 +1604,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   progress = metrics_lib.Progress(end_step, start_step,
                                   enabled=cfg.progress)
   window_tokens, window_t0 = 0, time.perf_counter()
-  # Counted over the whole run (the metric is cumulative).
-  dropped_total = int(writer.kept[-1].get('dropped_target_tokens', 0)
-                      if writer.kept else 0)
+  # Counted over the whole run (the metric is cumulative): as the
+  # checkpoint recorded it, or an older one's last logged row.
+  dropped_total = 0
+  if latest is not None:
+    dropped_total = int(saved_dropped if saved_dropped is not None else (
+        writer.kept[-1].get(DROPPED_KEY, 0) if writer.kept else 0))
+
+  def ckpt_json_now() -> str:
+    return json.dumps({**json.loads(ckpt_json), DROPPED_KEY: dropped_total})
   # Skipped (non-finite) steps so far, to log each new skip once.
   skipped_logged = int(distributed.to_host(
       nonfinite_counts(state['opt_state'])[1]))
@@ -1653,24 +1669,18 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-        ckpt.save(step, state, data_iter, ckpt_json)
+        ckpt.save(step, state, data_iter, ckpt_json_now())
       if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
         do_eval(step, 'periodic')
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter, ckpt_json, force=True)
+      ckpt.save(step, state, data_iter, ckpt_json_now(), force=True)
   finally:
     progress.close()
   timing['train'] = (time.perf_counter() - t_built) - timing['eval']
 
   if step >= cfg.steps:
     if cfg.eval.after and r.eval_examples:
-      if step == start_step and step in evals_kept:
-        # A finished run resumed: its final evaluation is on record.
-        summary['eval_after'] = evals_kept[step]
-        log(f'[train] already at step {step}; its evaluation is in '
-            f'{os.path.join(run_dir, metrics_lib.EVAL_CSV_NAME)}')
-      else:
-        summary['eval_after'] = do_eval(step, 'after')
+      summary['eval_after'] = do_eval(step, 'after')
     if cfg.export_adapter:
       summary['adapter_dir'] = export_adapter(r, state, run_dir)
   summary['checkpoints'] = ckpt.all_steps()

@@ -38,15 +38,19 @@ def _keep_rows_up_to(path: str, last_step: int
         header = row
         kept.append(row)
         continue
+      if header is None or len(row) != len(header):
+        continue
       try:
-        values = [float(x) for x in row]
+        # An empty cell is a key this row did not log (DictWriter's restval).
+        values = [float(x) if x else math.nan for x in row]
       except ValueError:
         continue
-      if header is None or len(row) != len(header) or values[0] > last_step:
+      if not values[0] <= last_step:  # NaN (no step) too
         continue
       kept.append(row)
       rows.append({'step': int(values[0]),
-                   **dict(zip(header[1:], values[1:]))})
+                   **{k: v for k, v, cell in zip(header[1:], values[1:],
+                                                 row[1:]) if cell}})
   if header is None:
     return None, []
   tmp = path + '.tmp'
