@@ -199,6 +199,11 @@ def donating_jit(fun: Callable[..., Any], *,
   # jax pairs donated leaves in argument order, whatever order these are in.
   donate = tuple(sorted({donate_argnums} if isinstance(donate_argnums, int)
                         else set(donate_argnums)))
+  if any(n < 0 for n in donate):
+    # The jitted wrapper takes *args: jax.jit would ignore negative indices
+    # and donate nothing, silently.
+    raise TypeError(f'donating_jit: donate_argnums must be >= 0, got '
+                    f'{donate}.')
   # Unused inputs would otherwise be pruned from the compiled computation,
   # shifting the in-order pairing the plan relies on.
   jit_kwargs.setdefault('keep_unused', True)

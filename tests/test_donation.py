@@ -159,6 +159,9 @@ def test_out_shardings_prefix_and_unsupported_arguments():
     step(params, tx.init(params), grads=grads_for(params, 1))
   with pytest.raises(TypeError, match=r'positional arguments only'):
     step.lower(params, tx.init(params), grads=grads_for(params, 1))
+  with pytest.raises(TypeError, match=r'donate_argnums must be >= 0, got '
+                     r'\(-1,\)'):
+    lro.donating_jit(make_step(tx), donate_argnums=-1)
   wide = lro.donating_jit(make_step(tx), donate_argnums=(0, 3))
   with pytest.raises(TypeError, match=r'donate_argnums=\(0, 3\), but the '
                      r'call has only 3 positional argument'):

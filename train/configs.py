@@ -173,7 +173,7 @@ class DataConfig:
     validation_fraction: share of training data carved out as validation;
       0 trains on all of it (then eval.split must be 'test').
     seed: shuffle / carve seed (and of the generated arithmetic training
-      pool; every seed is tested on the same test items).
+      pool); the test split is the same for every seed.
     num_threads: grain reader threads.
   """
 

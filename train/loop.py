@@ -1623,9 +1623,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       raw = next(data_iter)
       batch, dropped, real_tokens = r.family.prepare_batch(raw, r)
       if dropped and not dropped_total:
-        log(f'[train] warning: rows with more than {r.max_targets} target '
-            'tokens; the excess is not trained on (raise '
-            f'{r.family.target_option})')
+        log(f'[train] warning: target tokens past {r.max_targets} per '
+            'example (or per packed row) are cut and not trained on (raise '
+            f'{r.family.target_option}; dropped_target_tokens counts them)')
       dropped_total += dropped
       window_tokens += real_tokens
       batch = {k: v.reshape((accum, micro) + v.shape[1:])

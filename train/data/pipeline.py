@@ -40,7 +40,7 @@ from train.data.tokenize import pad_features
 from train.data.tokenize import Tokenizer
 from train.data.tokenize import tokenize_example
 
-FEATURES = ("tokens", "loss_mask", "positions", "segment_ids")
+FEATURES = ("tokens", "loss_mask", "positions", "segment_ids", "dropped")
 
 
 def _tokenize(example: Example, *, tokenizer: Tokenizer, seq_len: int,

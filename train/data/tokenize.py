@@ -96,20 +96,30 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
   Returns:
     (prompt_ids starting with BOS, target_ids).
   """
+  prompt_ids, target_ids, _ = _encode_pair_counted(
+      prompt, target, tokenizer, max_length, add_eos, max_target)
+  return prompt_ids, target_ids
+
+
+def _encode_pair_counted(prompt, target, tokenizer, max_length, add_eos,
+                         max_target) -> tuple[list[int], list[int], int]:
+  """`encode_pair`, and how many target tokens it cut."""
   if max_length < 2:
     raise ValueError(f"max_length must be at least 2, got {max_length}")
   prompt_ids = encode_text(tokenizer, prompt)
   target_ids = encode_text(tokenizer, target)
   if add_eos:
     target_ids.append(tokenizer.eos_id)
+  full = len(target_ids)
   if max_target is not None:
     target_ids = target_ids[:max_target]
   budget = max_length - 1 - len(target_ids)  # Room left for prompt tokens.
   if budget < 0:
-    return [tokenizer.bos_id], target_ids[:max_length - 1]
+    target_ids = target_ids[:max_length - 1]
+    return [tokenizer.bos_id], target_ids, full - len(target_ids)
   if len(prompt_ids) > budget:
     prompt_ids = prompt_ids[len(prompt_ids) - budget:]
-  return [tokenizer.bos_id] + prompt_ids, target_ids
+  return [tokenizer.bos_id] + prompt_ids, target_ids, full - len(target_ids)
 
 
 def tokenize_example(example: Example, tokenizer: Tokenizer,
@@ -124,15 +134,14 @@ def tokenize_example(example: Example, tokenizer: Tokenizer,
     elsewhere, so that it packs and pads like the other features and a
     batch's sum is its count.
   """
-  prompt_ids, target_ids = encode_pair(example.prompt, example.target,
-                                       tokenizer, max_length,
-                                       max_target=max_target)
+  prompt_ids, target_ids, cut = _encode_pair_counted(
+      example.prompt, example.target, tokenizer, max_length, True,
+      max_target)
   tokens = np.asarray(prompt_ids + target_ids, np.int32)
   loss_mask = np.zeros(len(tokens), np.float32)
   loss_mask[len(prompt_ids):] = 1.0
   dropped = np.zeros(len(tokens), np.float32)
-  dropped[0] = len(encode_text(tokenizer, example.target)) + 1 - len(
-      target_ids)
+  dropped[0] = cut
   return {"tokens": tokens, "loss_mask": loss_mask, "dropped": dropped}
 
 
