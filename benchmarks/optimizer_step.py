@@ -8,6 +8,7 @@ the compile time on the Gemma-7B-shaped tree.
 
   python benchmarks/optimizer_step.py            # all of it
   python benchmarks/optimizer_step.py --quick    # main table only
+  python benchmarks/optimizer_step.py --breakdown  # where the time goes
 
 The last line is `lora_rite/adam step-time ratio: X.XX`.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import sys
 import time
@@ -105,6 +107,88 @@ def prepare(tx, params, grads, jit=lro.donating_jit):
   return run, state_bytes, compile_s
 
 
+def passes_only() -> optax.GradientTransformation:
+  """LoRA-RITE's passes over the ``N x r`` data and none of its ``r x r``
+  algebra: per factor the three Grams (``X^T X``, ``X^T X_{t-1}``,
+  ``grad^T grad``) and the two products ``grad K_a + S_{t-1} K_b``, the
+  ``K`` made of the Grams by additions only; the same state arrays.
+
+  For this script's trees (``lora_a`` rank last, ``lora_b`` rank first).
+  Timed beside ``lora_rite`` (``--breakdown``), the gap between them is what
+  the ``r x r`` algebra (Cholesky, eigh, the small products) and its place
+  on the critical path cost; the gap to Adam is the passes' own.
+  """
+  hi = jax.lax.Precision.HIGHEST
+
+  def init_fn(params):
+    # Two trees, not one twice: a donated state must not hold a buffer twice.
+    return tuple(jax.tree.map(jnp.zeros_like, params) for _ in range(2))
+
+  def update_fn(updates, state, params):
+    mu, basis = state
+
+    def one(path, x, g, s, b):
+      long = 0 if path[-1].key == 'lora_a' else 1  # the N axis
+      gram = lambda u, v: jax.lax.dot_general(
+          u, v, (((long,), (long,)), ((), ())), precision=hi)
+      times = lambda u, k: (
+          jax.lax.dot_general(u, k, (((1,), (0,)), ((), ())), precision=hi)
+          if long == 0 else
+          jax.lax.dot_general(k, u, (((1,), (0,)), ((), ())), precision=hi))
+      k_a = gram(x, x) + 1e-3 * gram(g, g)
+      k_b = 0.9 * gram(x, b)
+      return times(g, k_a) + times(s, k_b)
+
+    new = jax.tree_util.tree_map_with_path(one, params, updates, mu, basis)
+    return new, (new, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def compiled_ops(tx, params) -> int:
+  """Instructions of the compiled step's entry computation (each a kernel
+  launch or library call on XLA:CPU; parameters, tuples, bitcasts and
+  constants not counted)."""
+  grads = jax.tree.map(jnp.zeros_like, params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  text = lro.donating_jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), grads).compile().as_text()
+  entry = text[text.index('ENTRY'):]
+  ops = re.findall(r'= \S+ ([\w-]+)\(', entry)
+  return sum(op not in ('parameter', 'bitcast', 'get-tuple-element', 'tuple',
+                        'constant') for op in ops)
+
+
+def breakdown(params, repeats, lr=1e-4) -> dict[str, float]:
+  """ms/step of adam, lora_rite and `passes_only` on ``params``, and the
+  same three on a tree of the same pairs with tiny factors (width 64: the
+  step's fixed cost), with the compiled instruction counts of adam and
+  lora_rite there."""
+  out = {}
+  n_layers = len(params)
+  tiny = lora_tree(64, 64, 32, 128, n_layers, rank=16)
+  for name, tree in (('', params), ('tiny ', tiny)):
+    grads = jax.tree.map(lambda x: x * 1e-3, tree)
+    runs = {'adam': prepare(optax.adam(lr), tree, grads),
+            'lora_rite': prepare(lro.lora_rite(lr), tree, grads),
+            'passes only': prepare(optax.chain(
+                passes_only(), optax.scale_by_learning_rate(lr)), tree,
+                                   grads)}
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+      for k, (run, _, _) in runs.items():
+        times[k].append(run())
+    out.update({f'{name}{k} ms': statistics.median(t) * 1e3
+                for k, t in times.items()})
+  out['tiny adam ops'] = compiled_ops(optax.adam(lr), tiny)
+  out['tiny lora_rite ops'] = compiled_ops(lro.lora_rite(lr), tiny)
+  return out
+
+
 @contextlib.contextmanager
 def eigh_qr():
   """LoRA-RITE traced with ``R^+`` by eigh for every group (the fallback
@@ -149,7 +233,23 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true',
                       help='only the Gemma-2B table')
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--breakdown', action='store_true',
+                      help='only where LoRA-RITE\'s step time goes: its '
+                      'N x r passes alone, and the fixed cost on tiny '
+                      'factors')
   args = parser.parse_args(argv)
+  if args.breakdown:
+    params = lora_tree(*MODELS['gemma-2b'], rank=16)
+    b = breakdown(params, args.repeats)
+    print('gemma-2b LoRA tree (126 pairs), and the same pairs with width-64 '
+          'factors ("tiny"), ms/step:')
+    for key, value in b.items():
+      print(f'  {key:<24} {value:>9.1f}')
+    print(f'lora_rite/adam {b["lora_rite ms"] / b["adam ms"]:.2f}, its N x r '
+          f'passes alone/adam {b["passes only ms"] / b["adam ms"]:.2f}; '
+          f'tiny factors: lora_rite/adam '
+          f'{b["tiny lora_rite ms"] / b["tiny adam ms"]:.2f}')
+    return
 
   print(f'devices: {jax.devices()}')
   if not args.quick:

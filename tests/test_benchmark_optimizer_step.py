@@ -47,3 +47,19 @@ def test_eigh_qr_swaps_the_qr_while_tracing_and_restores_it(bench):
     assert not all(upper(m)
                    for m in rinv_after_two_steps().reshape(-1, 4, 4))
   assert linalg.inverse_root is not linalg.eig_inverse_root
+
+
+def test_breakdown_times_the_passes_alone_and_the_fixed_cost(bench):
+  params = bench.lora_tree(32, 32, 8, 64, 1, rank=4)
+  b = bench.breakdown(params, 1)
+  for key in ('adam ms', 'lora_rite ms', 'passes only ms', 'tiny adam ms',
+              'tiny lora_rite ms', 'tiny passes only ms'):
+    assert b[key] > 0, key
+  # LoRA-RITE's step compiles to several kernels per factor, Adam's fuse.
+  assert b['tiny lora_rite ops'] > 2 * b['tiny adam ops'] > 0
+  # The passes-only stand-in makes steps of the factors' shapes.
+  tx = bench.passes_only()
+  grads = jax.tree.map(lambda x: x * 1e-2, params)
+  updates, (mu, basis) = tx.update(grads, tx.init(params), params)
+  assert jax.tree.map(np.shape, updates) == jax.tree.map(np.shape, params)
+  assert basis is params
