@@ -310,9 +310,18 @@ def scale_by_lora_rite(
 
   for name, beta in (('b1', b1), ('b2', b2)):
     # beta = 1 makes the bias correction 0/0 at the first step (NaN state).
-    if isinstance(beta, (int, float)) and not 0 <= beta < 1:
-      raise ValueError(f'scale_by_lora_rite: {name} must be in [0, 1), got '
-                       f'{beta}.')
+    try:
+      value = float(beta)  # a number, or a concrete array (inject_hyperparams)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      continue  # traced: checked where it is concrete
+    if not 0 <= value < 1:
+      rounded = (getattr(beta, 'dtype', None) is not None and
+                 jnp.finfo(beta.dtype).bits < 32)
+      raise ValueError(
+          f'scale_by_lora_rite: {name} must be in [0, 1), got {value}' + (
+              f' ({jnp.dtype(beta.dtype).name} rounds it; pass '
+              'hyperparam_dtype=jnp.float32 to optax.inject_hyperparams)'
+              if rounded else '') + '.')
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
 

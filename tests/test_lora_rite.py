@@ -469,9 +469,15 @@ def test_error_gradients_unlike_the_params():
   with pytest.raises(ValueError, match=r'updates \(gradients\) do not have '
                      'the structure of the params'):
     tx.update({'q': {'lora_a': jnp.ones((4, 2))}}, state, params)
-  for b1, b2 in ((1.0, 0.999), (0.9, 1.0), (-0.1, 0.999)):
+  for b1, b2 in ((1.0, 0.999), (0.9, 1.0), (-0.1, 0.999), (0.9, np.float32(1))):
     with pytest.raises(ValueError, match=r'must be in \[0, 1\)'):
       lro.lora_rite(0.1, b1=b1, b2=b2)
+  # bfloat16 hyperparameters (optax.inject_hyperparams' default dtype is
+  # the params') round 0.999 to 1.0: said, with the way out.
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  with pytest.raises(ValueError, match=r'b2 must be in \[0, 1\), got 1.0 '
+                     r'\(bfloat16 rounds it; pass hyperparam_dtype'):
+    optax.inject_hyperparams(lro.lora_rite)(learning_rate=0.1).init(bf16)
 
 
 def test_float16_params_get_updates_that_do_not_overflow():
