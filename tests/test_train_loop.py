@@ -149,6 +149,10 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   assert list(by_step(second)) == [2, 3, 4]
   assert {k: by_step(second)[k] for k in (3, 4)} == by_step(straight)
   assert _tensorboard_purges(run_dir / 'tensorboard') == [0, 3]
+  with pytest.raises(loop.ConfigError, match=r'checkpoint 4 in .* is past '
+                     r'--steps 3; resume with --steps 4 or more'):
+    loop.run(tiny(run_dir, resume=True, **{**small, 'steps': 3}),
+             log=lambda s: None)
   logs = []
   third = loop.run(tiny(run_dir, resume=True, **small), log=logs.append)
   assert any('already at step 4: evaluating it again' in line

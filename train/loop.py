@@ -1548,6 +1548,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'); resume with the settings in '
           f'{os.path.join(run_dir, "config.json")}.')
     start_step = int(distributed.to_host(state['step']))
+    if start_step > cfg.steps:
+      raise ConfigError(
+          f'--resume: checkpoint {latest} in {ckpt.directory} is past '
+          f'--steps {cfg.steps}; resume with --steps {start_step} or more.')
     log(f'[train] resumed from step {start_step}')
     if saved_config.get('steps') != cfg.steps:
       log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
