@@ -158,15 +158,18 @@ def compiled_ops(tx, params) -> int:
   text = lro.donating_jit(step, donate_argnums=(0, 1)).lower(
       params, tx.init(params), grads).compile().as_text()
   entry = text[text.index('ENTRY'):]
-  ops = re.findall(r'= \S+ ([\w-]+)\(', entry)
+  # The opcode is the word before the operands' '(' after '= <shape> ',
+  # whatever the shape (tuples of LAPACK custom-calls have spaces).
+  ops = re.findall(r'^\s*(?:ROOT )?%\S+ = .*?([\w-]+)\(', entry,
+                   re.MULTILINE)
   return sum(op not in ('parameter', 'bitcast', 'get-tuple-element', 'tuple',
                         'constant') for op in ops)
 
 
 def breakdown(params, repeats, lr=1e-4) -> dict[str, float]:
   """ms/step of adam, lora_rite and `passes_only` on ``params``, and the
-  same three on a tree of the same pairs with tiny factors (width 64: the
-  step's fixed cost), with the compiled instruction counts of adam and
+  same three on a tree of the same pairs with tiny factors (widths 32-128:
+  the step's fixed cost), with the compiled instruction counts of adam and
   lora_rite there."""
   out = {}
   n_layers = len(params)
@@ -241,8 +244,8 @@ def main(argv=None):
   if args.breakdown:
     params = lora_tree(*MODELS['gemma-2b'], rank=16)
     b = breakdown(params, args.repeats)
-    print('gemma-2b LoRA tree (126 pairs), and the same pairs with width-64 '
-          'factors ("tiny"), ms/step:')
+    print('gemma-2b LoRA tree (126 pairs), and the same pairs with factors '
+          '32-128 wide ("tiny"), ms/step:')
     for key, value in b.items():
       print(f'  {key:<24} {value:>9.1f}')
     print(f'lora_rite/adam {b["lora_rite ms"] / b["adam ms"]:.2f}, its N x r '

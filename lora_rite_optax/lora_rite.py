@@ -7,6 +7,7 @@ LoRA Optimization", ICLR 2025, https://arxiv.org/abs/2410.20625.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -310,18 +311,29 @@ def scale_by_lora_rite(
 
   for name, beta in (('b1', b1), ('b2', b2)):
     # beta = 1 makes the bias correction 0/0 at the first step (NaN state).
+    # optax.inject_hyperparams makes betas arrays of the params' dtype by
+    # default, and bfloat16 rounds any beta above 0.998 to 1.
+    dtype = getattr(beta, 'dtype', None)
+    narrow = (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+              and jnp.finfo(dtype).bits < 32)
+    advice = ('pass hyperparam_dtype=jnp.float32 to '
+              'optax.inject_hyperparams')
+    if isinstance(beta, jax.core.Tracer):
+      if narrow and name == 'b2':  # unknown while tracing: warn
+        warnings.warn(f'scale_by_lora_rite: {name} is a '
+                      f'{jnp.dtype(dtype).name} array, in which values above '
+                      f'0.998 round to 1 (NaN steps); {advice}.',
+                      stacklevel=2)
+      continue
     try:
-      value = float(beta)  # a number, or a concrete array (inject_hyperparams)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      continue  # traced: checked where it is concrete
+      value = float(beta)  # a number, or a concrete array
+    except TypeError:
+      continue
     if not 0 <= value < 1:
-      rounded = (getattr(beta, 'dtype', None) is not None and
-                 jnp.finfo(beta.dtype).bits < 32)
       raise ValueError(
-          f'scale_by_lora_rite: {name} must be in [0, 1), got {value}' + (
-              f' ({jnp.dtype(beta.dtype).name} rounds it; pass '
-              'hyperparam_dtype=jnp.float32 to optax.inject_hyperparams)'
-              if rounded else '') + '.')
+          f'scale_by_lora_rite: {name} must be in [0, 1), got {value}' +
+          (f' ({jnp.dtype(dtype).name} rounds it; {advice})' if narrow
+           else '') + '.')
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
 

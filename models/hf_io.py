@@ -39,12 +39,13 @@ def safe_join(directory: str | os.PathLike, name: str, *,
     ValueError: ``name`` is absolute, empty, has a ``..`` component, or
       (unless ``links_may_leave``) resolves outside directory.
   """
-  if not isinstance(name, str) or not name or os.path.isabs(name) or '\\' in name:
+  if (not isinstance(name, str) or not name or os.path.isabs(name)
+      or '\\' in name or '\0' in name):
     raise ValueError(f'{directory}: refusing file name {name!r} (must be a '
                      'non-empty relative path inside the directory).')
   if '..' in Path(name).parts:
-    raise ValueError(f'{directory}: refusing file name {name!r}, which '
-                     'resolves outside the directory (..).')
+    raise ValueError(f'{directory}: refusing file name {name!r}: a .. '
+                     'component could lead outside the directory.')
   if links_may_leave:
     return Path(directory) / name
   root = Path(directory).resolve()

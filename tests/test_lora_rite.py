@@ -478,6 +478,14 @@ def test_error_gradients_unlike_the_params():
   with pytest.raises(ValueError, match=r'b2 must be in \[0, 1\), got 1.0 '
                      r'\(bfloat16 rounds it; pass hyperparam_dtype'):
     optax.inject_hyperparams(lro.lora_rite)(learning_rate=0.1).init(bf16)
+  # Traced (a jitted init), its value is unknown: a warning says the same.
+  with pytest.warns(UserWarning, match=r'b2 is a bfloat16 array, in which '
+                    r'values above 0.998 round to 1'):
+    jax.jit(optax.inject_hyperparams(lro.lora_rite)(learning_rate=0.1).init)(
+        bf16)
+  for wrong in (np.int32(1), np.bool_(True)):
+    with pytest.raises(ValueError, match=r'b1 must be in \[0, 1\), got 1.0\.'):
+      lro.lora_rite(0.1, b1=wrong)
 
 
 def test_float16_params_get_updates_that_do_not_overflow():

@@ -169,6 +169,12 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
           [(h['step'], h['loss']) for h in second['history']])
   with open(run_dir / 'summary.json') as f:
     assert json.load(f)['final_loss'] == straight['final_loss']
+  # Resumed with no final evaluation asked: the recorded one stays.
+  fourth = loop.run(tiny(run_dir, resume=True, **{**small, 'eval.after': False}),
+                    log=lambda s: None)
+  assert fourth['eval_after'] is None
+  with open(run_dir / 'eval.csv') as f:
+    assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
 
 
 def test_a_run_that_fails_closes_its_checkpointer_and_writers(

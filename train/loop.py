@@ -1572,14 +1572,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   kept_up_to = start_step if latest is not None else -1
   writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
   cleanup.push(_closing(writer.close))
-  finished = latest is not None and start_step >= cfg.steps
-  if finished:
+  # A finished run's final evaluation is done again (with this run's eval
+  # settings, which a resume may change), its row replacing the old one.
+  reevaluate = (latest is not None and start_step >= cfg.steps and
+                cfg.eval.after and bool(r.eval_examples))
+  if reevaluate:
     log(f'[train] already at step {start_step}: evaluating it again')
   eval_writer = metrics_lib.MetricsWriter(
       run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
-      # A finished run's final evaluation is done again (with this run's
-      # eval settings, which a resume may change): its old row goes.
-      last_step=kept_up_to - 1 if finished else kept_up_to)
+      last_step=kept_up_to)
   cleanup.push(_closing(eval_writer.close))
   # A resumed run's summary covers the whole run: the rows kept from
   # before the checkpoint are its history so far (process 0's, which
@@ -1597,7 +1598,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   def do_eval(step: int, tag: str) -> dict[str, float]:
     res = evaluator(state)
     timing['eval'] += res.get('seconds', 0.0)
-    eval_writer.write(step, {f'eval/{k}': v for k, v in res.items()})
+    eval_writer.write(step, {f'eval/{k}': v for k, v in res.items()},
+                      replace=reevaluate and step == start_step)
     log(f'[eval {tag} step {step}] {_fmt(res)}')
     return res
 

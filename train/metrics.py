@@ -45,7 +45,7 @@ def _keep_rows_up_to(path: str, last_step: int
         values = [float(x) if x else math.nan for x in row]
       except ValueError:
         continue
-      if not values[0] <= last_step:  # NaN (no step) too
+      if not (math.isfinite(values[0]) and values[0] <= last_step):
         continue
       kept.append(row)
       rows.append({'step': int(values[0]),
@@ -101,9 +101,19 @@ class MetricsWriter:
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None
 
-  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+  def write(self, step: int, metrics: Mapping[str, float], *,
+            replace: bool = False) -> None:
+    """Appends one row; with ``replace``, rows already at ``step`` or later
+    go first (a finished run's final evaluation, done again on resume: the
+    old row stays until the new one is there)."""
     if not self.enabled:
       return
+    if replace:
+      self._csv.close()
+      self._fields, _ = _keep_rows_up_to(self._csv.name, int(step) - 1)
+      self._csv = open(self._csv.name, 'a', newline='', encoding='utf-8')
+      self._writer = (None if self._fields is None else
+                      csv.DictWriter(self._csv, fieldnames=self._fields))
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
     fields = list(row)
