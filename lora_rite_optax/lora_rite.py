@@ -714,12 +714,15 @@ def lora_rite(
   ]
   if balance_factors:
     steps.append(balance_lora_factors(layout))
-  steps.append(_cast_to_params_dtype())
+  # The last step also casts: a transform of its own would add a node to the
+  # chain's state, and checkpoints of earlier versions would not restore.
+  steps[-1] = _then_cast_to_params_dtype(steps[-1])
   return optax.chain(*steps)
 
 
-def _cast_to_params_dtype() -> base.GradientTransformation:
-  """The updates in the params' dtypes.
+def _then_cast_to_params_dtype(
+    tx: base.GradientTransformation) -> base.GradientTransformation:
+  """``tx``, its updates cast to the params' dtypes (same state).
 
   scale_by_lora_rite keeps float16 params' updates in float32 (its step
   before the learning rate can exceed float16's range); after the rate they
@@ -731,7 +734,8 @@ def _cast_to_params_dtype() -> base.GradientTransformation:
     if params is None:
       raise ValueError('lora_rite: update() needs params (the current '
                        'factors): call tx.update(grads, state, params).')
+    updates, state = tx.update(updates, state, params)
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates,
                         params), state
 
-  return base.GradientTransformation(base.init_empty_state, update_fn)
+  return base.GradientTransformation(tx.init, update_fn)

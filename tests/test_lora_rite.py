@@ -604,3 +604,19 @@ def test_battery_every_knob(check):
   options = {'inject_hyperparams': dict(zero_rate_is_no_op=False),
              'schedule': dict(zero_rate_is_no_op=False)}
   battery.run(check, _rite_all_knobs, 1e-2, **options.get(check, {}))
+
+
+def test_state_keeps_the_chain_structure_checkpoints_were_saved_with():
+  """lora_rite's state is that of chain(scale_by_lora_rite,
+  add_decayed_weights, scale_by_learning_rate[, balance]): a transform added
+  to the chain (the final dtype cast rides on the last step instead) would
+  change the tree, and an earlier version's checkpoints would not restore."""
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  for balance in (False, True):
+    steps = [lro.scale_by_lora_rite(), optax.add_decayed_weights(0.0),
+             optax.scale_by_learning_rate(0.1)]
+    if balance:
+      steps.append(lro.balance_lora_factors())
+    want = jax.tree.structure(optax.chain(*steps).init(params))
+    got = lro.lora_rite(0.1, balance_factors=balance).init(params)
+    assert jax.tree.structure(got) == want
