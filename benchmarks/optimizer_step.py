@@ -83,12 +83,8 @@ def prepare(tx, params, grads, jit=lro.donating_jit):
   Adam the two compile to the same buffer assignment.
   """
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
   state = tx.init(params)
-  jitted = jit(step, donate_argnums=(0, 1))
+  jitted = jit(_step(tx), donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = jitted.lower(params, state, grads).compile()
   compile_s = time.perf_counter() - start
@@ -105,6 +101,24 @@ def prepare(tx, params, grads, jit=lro.donating_jit):
   for _ in range(2):  # warm
     run()
   return run, state_bytes, compile_s
+
+
+def _step(tx):
+  """``(params, state, grads) -> (new params, state)`` of ``tx``."""
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _interleaved_medians(runs, repeats) -> list[float]:
+  """ms/step of each of `prepare`'s ``runs``, the steps alternating so that
+  load from other processes falls on all alike."""
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for i, (run, _, _) in enumerate(runs):
+      times[i].append(run())
+  return [statistics.median(t) * 1e3 for t in times]
 
 
 def passes_only() -> optax.GradientTransformation:
@@ -150,12 +164,7 @@ def compiled_ops(tx, params) -> int:
   launch or library call on XLA:CPU; parameters, tuples, bitcasts and
   constants not counted)."""
   grads = jax.tree.map(jnp.zeros_like, params)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  text = lro.donating_jit(step, donate_argnums=(0, 1)).lower(
+  text = lro.donating_jit(_step(tx), donate_argnums=(0, 1)).lower(
       params, tx.init(params), grads).compile().as_text()
   entry = text[text.index('ENTRY'):]
   # The opcode is the word before the operands' '(' after '= <shape> ',
@@ -181,12 +190,8 @@ def breakdown(params, repeats, lr=1e-4) -> dict[str, float]:
             'passes only': prepare(optax.chain(
                 passes_only(), optax.scale_by_learning_rate(lr)), tree,
                                    grads)}
-    times = {k: [] for k in runs}
-    for _ in range(repeats):
-      for k, (run, _, _) in runs.items():
-        times[k].append(run())
-    out.update({f'{name}{k} ms': statistics.median(t) * 1e3
-                for k, t in times.items()})
+    ms = _interleaved_medians(list(runs.values()), repeats)
+    out.update({f'{name}{k} ms': v for k, v in zip(runs, ms)})
   out['tiny adam ops'] = compiled_ops(optax.adam(lr), tiny)
   out['tiny lora_rite ops'] = compiled_ops(lro.lora_rite(lr), tiny)
   return out
@@ -223,12 +228,8 @@ def compare(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
   if eigh:
     with eigh_qr():
       runs.append(prepare(rite(), params, grads))
-  times = [[] for _ in runs]
-  for _ in range(repeats):
-    for i, (run, _, _) in enumerate(runs):
-      times[i].append(run())
-  return tuple((statistics.median(t) * 1e3, b, c)
-               for t, (_, b, c) in zip(times, runs))
+  return tuple((ms, b, c) for ms, (_, b, c) in
+               zip(_interleaved_medians(runs, repeats), runs))
 
 
 def main(argv=None):
