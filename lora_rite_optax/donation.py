@@ -256,7 +256,7 @@ def donating_jit(fun: Callable[..., Any], *,
     if kwargs:
       raise TypeError('donating_jit: positional arguments only; got '
                       f'keyword(s) {", ".join(sorted(kwargs))}.')
-    if any(not -len(args) <= n < len(args) for n in donate):
+    if donate and donate[-1] >= len(args):  # sorted, none negative
       raise TypeError(f'donating_jit: donate_argnums={donate}, but the call '
                       f'has only {len(args)} positional argument(s).')
 

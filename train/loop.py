@@ -1583,15 +1583,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       last_step=kept_up_to)
   cleanup.push(_closing(eval_writer.close))
   # A resumed run's summary covers the whole run: the rows kept from
-  # before the checkpoint are its history so far (process 0's, which
-  # writes the summary).
-  evals_kept = {int(row['step']): {k.removeprefix('eval/'): v
-                                   for k, v in row.items() if k != 'step'}
-                for row in eval_writer.kept}
-  summary: dict[str, Any] = {'run_dir': run_dir,
-                             'history': list(writer.kept),
-                             'eval_before': evals_kept.get(0),
-                             'eval_after': None}
+  # before the checkpoint are its history so far and its first evaluation
+  # (process 0's, which writes the summary).
+  before = next((row for row in eval_writer.kept if row['step'] == 0), None)
+  summary: dict[str, Any] = {
+      'run_dir': run_dir, 'history': list(writer.kept),
+      'eval_before': None if before is None else {
+          k.removeprefix('eval/'): v for k, v in before.items()
+          if k != 'step'},
+      'eval_after': None}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
             'compile_and_first_step': 0.0}
 
