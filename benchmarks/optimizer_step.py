@@ -237,6 +237,13 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true',
                       help='only the Gemma-2B table')
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--sweep_repeats', type=int, default=3,
+                      help='steps per row of the rank/width sweep')
+  parser.add_argument('--precision', default='highest',
+                      choices=('highest', 'high', 'default'),
+                      help="LoRA-RITE's matrix-product precision in the "
+                      'Gemma-2B table (accelerators round float32 products '
+                      'below highest: TF32 on NVIDIA GPUs, bfloat16 on TPU)')
   parser.add_argument('--breakdown', action='store_true',
                       help='only where LoRA-RITE\'s step time goes: its '
                       'N x r passes alone, and the fixed cost on tiny '
@@ -258,7 +265,7 @@ def main(argv=None):
   print(f'devices: {jax.devices()}')
   if not args.quick:
     print('\nsweep (one layer of each width, q/k/v/o/gate/up/down shapes, '
-          '4x MLP, 4 layers):')
+          f'4x MLP, 4 layers; median of {args.sweep_repeats} steps):')
     print(f'{"rank":>5} {"width":>6} {"params":>10} {"adam ms":>9} '
           f'{"rite ms":>9} {"ratio":>6}')
     for rank in (4, 16, 64):
@@ -268,7 +275,7 @@ def main(argv=None):
         mlp = 4 * width if width < 16384 else width
         params = lora_tree(width, width, width // 8, mlp, 4 if width < 16384
                            else 1, rank)
-        (a_ms, _, _), (r_ms, _, _) = compare(params, 3)
+        (a_ms, _, _), (r_ms, _, _) = compare(params, args.sweep_repeats)
         n = sum(x.size for x in jax.tree.leaves(params))
         print(f'{rank:>5} {width:>6} {n:>10,} {a_ms:>9.1f} {r_ms:>9.1f} '
               f'{r_ms / a_ms:>6.2f}')
@@ -289,7 +296,8 @@ def main(argv=None):
   n = sum(x.size for x in jax.tree.leaves(params))
   pairs = len(jax.tree.leaves(params)) // 2
   ((a_ms, a_bytes, a_c), (r_ms, r_bytes, r_c), (j_ms, _, j_c),
-   (e_ms, _, e_c)) = compare(params, args.repeats, plain_jit=True, eigh=True)
+   (e_ms, _, e_c)) = compare(params, args.repeats, plain_jit=True, eigh=True,
+                             precision=args.precision)
   # Asked of donating_jit itself, for these arguments: where it reorders is
   # its decision, not this script's.
   reordered = lro.donating_jit(lambda p: p, donate_argnums=0
@@ -297,7 +305,7 @@ def main(argv=None):
   print(f'\ngemma-2b LoRA tree: {pairs} pairs, {n:,} params, rank 16 '
         '(steps jitted with lro.donating_jit: outputs '
         f'{"reordered" if reordered else "in jax.jit pairing"} on this '
-        'backend)')
+        f'backend; products at Precision.{args.precision.upper()})')
   print(f'{"":<20} {"ms/step":>9} {"state MB":>9} {"compile s":>10}')
   print(f'{"adam":<20} {a_ms:>9.1f} {a_bytes / 2**20:>9.1f} {a_c:>10.1f}')
   print(f'{"lora_rite":<20} {r_ms:>9.1f} {r_bytes / 2**20:>9.1f} '
@@ -308,7 +316,8 @@ def main(argv=None):
   print(f'{"lora_rite, eigh R^+":<20} {e_ms:>9.1f} {"":>9} {e_c:>10.1f}   '
         f'(ratio {e_ms / a_ms:.2f}; R^+ by eigh, not Cholesky)')
   (sa_ms, _, sa_c), (sr_ms, _, sr_c) = compare(
-      scanned(params), args.repeats, layout=lro.NNX_LAYOUT.scanned(1))
+      scanned(params), args.repeats, layout=lro.NNX_LAYOUT.scanned(1),
+      precision=args.precision)
   print(f'same pairs, layers stacked (layout=NNX_LAYOUT.scanned(1)): adam '
         f'{sa_ms:.1f} ms, lora_rite {sr_ms:.1f} ms (ratio '
         f'{sr_ms / sa_ms:.2f}), compile {sa_c:.1f} s / {sr_c:.1f} s')

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 3 in one call of a lent machine (README, "On a
+# GPU"): the committed step as `lro.donating_jit` compiles it there, the
+# stacked layout and the rank/width sweep, per-precision timing, the
+# train step, and where the step time goes. Each part has its own time
+# limit, so one that overruns leaves the others' outputs.
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh
+#
+# The machine's own python3 with jax, flax and optax; grain (the train
+# step's data) can come as wheels in .whl/ (README of docs/results/h200_*).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used \
+    --format=csv
+  python3 -c 'import sys, jax, flax, optax; print(sys.version.split()[0],
+    "jax", jax.__version__, "flax", flax.__version__, "optax",
+    optax.__version__, jax.devices())'
+  git log -1 --format='commit %h %s' 2>/dev/null
+} 2>&1 | tee "$OUT/machine.txt"
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+}
+part optimizer_step_full 210 python3 benchmarks/optimizer_step.py \
+  --repeats 30 --sweep_repeats 20
+part train_step_f32 140 python3 benchmarks/train_step.py \
+  --model gemma3-270m-random --dtype float32 --steps 20
+part optimizer_step_default 70 python3 benchmarks/optimizer_step.py \
+  --quick --repeats 30 --precision default
+part breakdown 70 python3 benchmarks/optimizer_step.py --breakdown --repeats 30
