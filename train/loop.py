@@ -711,6 +711,24 @@ class Run:
     return family_of(self.config)
 
 
+def fresh_state(params, param_shardings, tx: optax.GradientTransformation,
+                mesh) -> tuple[dict, dict]:
+  """(state, its shardings): step 0, ``params`` and ``tx``'s initial state.
+
+  The optimizer state is created sharded (N x r parts like their factors,
+  the rest replicated), so that a step jitted with these shardings takes
+  its own outputs without compiling again.
+  """
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_sh = opt_state_shardings(abstract_opt, params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  replicated = NamedSharding(mesh, P())
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           'params': params, 'opt_state': opt_state}
+  return state, {'step': replicated, 'params': param_shardings,
+                 'opt_state': opt_sh}
+
+
 def _apply_lora(model, cfg: configs_lib.Config, init_grads=None,
                 initial=None) -> None:
   from models import lora  # pylint: disable=g-import-not-at-top
@@ -886,13 +904,7 @@ def build(cfg: configs_lib.Config) -> Run:
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
   rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
 
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_sh = opt_state_shardings(abstract_opt, params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  replicated = NamedSharding(mesh, P())
-  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           'params': params, 'opt_state': opt_state}
-  state_sh = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+  state, state_sh = fresh_state(params, param_sh, tx, mesh)
   return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
              train_examples=train_examples, eval_examples=eval_examples,
              graphdef=graphdef, eval_graphdef=eval_graphdef, base=base,
@@ -1373,20 +1385,27 @@ def _jitted_step(r: Run) -> Callable:
   key = json.dumps([d, jax.device_count(), str(r.graphdef)], sort_keys=True)
   if key not in _STEP_CACHE:
     _STEP_CACHE.clear()  # Keep at most one compiled step alive.
-    # donating_jit, not jax.jit: LoRA-RITE's new state holds the params as
-    # they were, and jax.jit's in-order buffer pairing makes XLA copy them
-    # (three copies of every factor per step on XLA:CPU; on GPU and TPU
-    # donating_jit keeps jax.jit's pairing, which was faster on an H200).
-    # Under the non-finite guard's lax.cond the new state is a branch output
-    # and XLA copies it either way; with --optim.skip_nonfinite false it
-    # does not.
-    _STEP_CACHE[key] = lro.donating_jit(
-        make_train_step(r.graphdef, r.tx, r.schedule, accum=r.config.grad_accum,
-                        pack=r.config.data.pack, logprobs=r.family.logprobs),
-        in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
-                      None),
-        out_shardings=(r.state_shardings, None), donate_argnums=(0,))
+    _STEP_CACHE[key] = jit_train_step(r, r.tx, r.schedule, r.state_shardings)
   return _STEP_CACHE[key]
+
+
+def jit_train_step(r: Run, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, state_shardings) -> Callable:
+  """``make_train_step`` of ``r``'s model with ``tx``, jitted as the loop
+  runs it: ``(state, base, rngs, batch) -> (state, metrics)``, the state
+  donated and kept in ``state_shardings`` (see `fresh_state`)."""
+  # donating_jit, not jax.jit: LoRA-RITE's new state holds the params as
+  # they were, and jax.jit's in-order buffer pairing makes XLA copy them
+  # (three copies of every factor per step on XLA:CPU; on GPU and TPU
+  # donating_jit keeps jax.jit's pairing, which was faster on an H200).
+  # Under the non-finite guard's lax.cond the new state is a branch output
+  # and XLA copies it either way; with --optim.skip_nonfinite false it
+  # does not.
+  return lro.donating_jit(
+      make_train_step(r.graphdef, tx, schedule, accum=r.config.grad_accum,
+                      pack=r.config.data.pack, logprobs=r.family.logprobs),
+      in_shardings=(state_shardings, r.base_shardings, r.rng_shardings, None),
+      out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 # Saved with each checkpoint beside the config: the training examples a
