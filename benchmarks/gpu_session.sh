@@ -5,17 +5,21 @@
 # train step, and where the step time goes. Each part has its own time
 # limit, so one that overruns leaves the others' outputs.
 #
-#   OUT=/some/dir bash benchmarks/gpu_session.sh
+#   OUT=/some/dir COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
 #
 # The machine's own python3 with jax, flax and optax; grain (the train
-# step's data) can come as wheels in .whl/ (README of docs/results/h200_*).
+# step's data) can come as wheels in .whl/ (git-ignored: name it in the
+# device call's carry; README of docs/results/h200_*). COMMIT is the
+# tree's commit, given from the host: a device copy's git metadata can be
+# stale.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used \
@@ -23,15 +27,17 @@ fi
   python3 -c 'import sys, jax, flax, optax; print(sys.version.split()[0],
     "jax", jax.__version__, "flax", flax.__version__, "optax",
     optax.__version__, jax.devices())'
-  git log -1 --format='commit %h %s' 2>/dev/null
+  echo "commit ${COMMIT:-unknown}"
 } 2>&1 | tee "$OUT/machine.txt"
 
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
+  echo "=== $name: $*" | tee -a "$OUT/session.log"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
-  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}  # timeout's: 124 when stopped at the limit
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" |
+    tee -a "$OUT/session.log"
 }
 part optimizer_step_full 210 python3 benchmarks/optimizer_step.py \
   --repeats 30 --sweep_repeats 20

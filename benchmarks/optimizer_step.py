@@ -115,15 +115,15 @@ def _interleaved_medians(runs, repeats) -> list[float]:
   """ms/step of each of `prepare`'s ``runs``, the steps alternating so that
   load from other processes falls on all alike.
 
-  The order rotates each round, so that no variant always runs first or
-  right after the same other one. (On an H200, in two runs with a fixed
-  order, LoRA-RITE under ``donating_jit``, second of four rows, ran 3-4 ms
-  slower than under ``jax.jit``, third; on CPU, with tiny factors, the
-  two differ by 3%.)"""
+  The order is shuffled each round (seeded), so that no variant always
+  runs first or right after the same other one. (On an H200, in two runs
+  with a fixed order, LoRA-RITE under ``donating_jit``, second of four
+  rows, ran 3-4 ms slower than under ``jax.jit``, third; on CPU, with tiny
+  factors, the two ran within 0-3% of each other.)"""
   times = [[] for _ in runs]
-  for k in range(repeats):
-    for j in range(len(runs)):
-      i = (j + k) % len(runs)
+  rng = np.random.default_rng(0)
+  for _ in range(repeats):
+    for i in rng.permutation(len(runs)):
       times[i].append(runs[i][0]())
   return [statistics.median(t) * 1e3 for t in times]
 

@@ -157,9 +157,11 @@ def donating_jit(fun: Callable[..., Any], *,
   reordering made the step slower, 20.5 ms against 9.6 ms under
   ``jax.jit``, so by default it is applied on CPU only; elsewhere the step
   keeps ``jax.jit``'s in-order pairing (the buffer aliasing of
-  ``jax.jit(..., keep_unused=True)``, tested on CPU). TPUs are not
-  measured: they get ``jax.jit``'s pairing too, by extrapolation from the
-  GPU.
+  ``jax.jit(..., keep_unused=True)``, tested on CPU). In a later run on
+  the H200 that step still timed 3-4 ms slower than plain ``jax.jit``
+  (16.9 against 13.4 ms), in a benchmark whose fixed row order may account
+  for it; unsettled (README, "On a GPU"). TPUs are not measured: they get
+  ``jax.jit``'s pairing too, by extrapolation from the GPU.
 
   Args:
     fun: the step, e.g. ``(params, opt_state, batch) -> (params, opt_state)``;
