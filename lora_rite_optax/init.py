@@ -21,13 +21,30 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from lora_rite_optax import checks
 from lora_rite_optax import linalg
 
 __all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'residual',
            'randomized_svd']
 
 
+def _check_int(who: str, name: str, value) -> None:
+  """A size must be an integer (``operator.index``: not 2.0, not True)."""
+  if isinstance(value, bool) or not hasattr(type(value), '__index__'):
+    raise ValueError(f'{who}: {name} must be an integer, got {value!r}.')
+
+
+def _check_float(who: str, name: str, x) -> None:
+  """SVD-based factors are scaled by non-integer amounts."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'{who}: {name} must be a floating-point matrix, got '
+                     f'{x.dtype}.')
+
+
 def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:
+  for name, value in (('in_dim', in_dim), ('out_dim', out_dim),
+                      ('rank', rank)):
+    _check_int(who, name, value)
   if rank < 1 or in_dim < 1 or out_dim < 1:
     raise ValueError(f'{who}: in_dim, out_dim and rank must be positive, got '
                      f'({in_dim}, {out_dim}, {rank}).')
@@ -136,6 +153,7 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
     raise ValueError(f'randomized_svd: x must be a 2-D matrix, got shape '
                      f'{x.shape}.')
   m, n = x.shape
+  _check_int('randomized_svd', 'rank', rank)
   if not 1 <= rank <= min(m, n):
     raise ValueError(f'randomized_svd: rank {rank} must be in [1, '
                      f'{min(m, n)}] for a matrix of shape {x.shape}.')
@@ -239,12 +257,14 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   if w0.ndim != 2:
     raise ValueError(f'pissa: w0 must be a 2-D (in, out) matrix, got shape '
                      f'{w0.shape}.')
+  _check_float('pissa', 'w0', w0)
+  _check_int('pissa', 'rank', rank)
   if not 1 <= rank <= min(w0.shape):
     raise ValueError(f'pissa: rank {rank} must be in [1, {min(w0.shape)}] for '
                      f'w0 of shape {w0.shape}.')
-  if isinstance(scale, (int, float)) and not scale > 0:
-    raise ValueError(f'pissa: scale must be > 0 (the LoRA scaling alpha / r), '
-                     f'got {scale}.')
+  # The LoRA scaling alpha / r; checked where its value is known (a number
+  # or a concrete array, not a tracer).
+  checks.positive('pissa', 'scale', scale)
   w = w0.astype(_compute_dtype(w0.dtype))
   if niter is None:
     u, s, vh = jnp.linalg.svd(w, full_matrices=False)
@@ -323,6 +343,10 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
     raise ValueError(f'lora_ga: grad {grad.shape} and w0 {w0.shape} must be '
                      'the same (in, out) matrix shape.')
   in_dim, out_dim = w0.shape
+  _check_float('lora_ga', 'w0', w0)
+  _check_int('lora_ga', 'rank', rank)
+  checks.positive('lora_ga', 'scale', scale)
+  checks.positive('lora_ga', 'gamma', gamma)
   if rank < 1 or 2 * rank > min(in_dim, out_dim):
     raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
                      f'{rank} for shape {w0.shape}.')

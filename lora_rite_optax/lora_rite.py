@@ -7,7 +7,6 @@ LoRA Optimization", ICLR 2025, https://arxiv.org/abs/2410.20625.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import chex
@@ -16,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import base
 
+from lora_rite_optax import casting
+from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
 
@@ -93,7 +94,7 @@ def pair_groups(paired: pairs_lib.PairedTree, leaves: list
     >>> import jax, jax.numpy as jnp
     >>> import lora_rite_optax as lro
     >>> params = {'k': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))},
-    ...           'q': {'lora_a': jnp.ones((4, 8)), 'lora_b': jnp.ones((8, 5))},
+    ...           'q': {'lora_a': jnp.ones((16, 8)), 'lora_b': jnp.ones((8, 20))},
     ...           'v': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
     >>> lro.pair_groups(lro.find_lora_pairs(params), jax.tree.leaves(params))
     {'rank2_float32': [(0, 1), (2, 1)], 'rank8_float32': [(1, 1)]}
@@ -310,30 +311,7 @@ def scale_by_lora_rite(
                                 rinv=rinv)
 
   for name, beta in (('b1', b1), ('b2', b2)):
-    # beta = 1 makes the bias correction 0/0 at the first step (NaN state).
-    # optax.inject_hyperparams makes betas arrays of the params' dtype by
-    # default, and bfloat16 rounds any beta above 0.998 to 1.
-    dtype = getattr(beta, 'dtype', None)
-    narrow = (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-              and jnp.finfo(dtype).bits < 32)
-    advice = ('pass hyperparam_dtype=jnp.float32 to '
-              'optax.inject_hyperparams')
-    if isinstance(beta, jax.core.Tracer):
-      if narrow and name == 'b2':  # unknown while tracing: warn
-        warnings.warn(f'scale_by_lora_rite: {name} is a '
-                      f'{jnp.dtype(dtype).name} array, in which values above '
-                      f'0.998 round to 1 (NaN steps); {advice}.',
-                      stacklevel=2)
-      continue
-    try:
-      value = float(beta)  # a number, or a concrete array
-    except TypeError:
-      continue
-    if not 0 <= value < 1:
-      raise ValueError(
-          f'scale_by_lora_rite: {name} must be in [0, 1), got {value}' +
-          (f' ({jnp.dtype(dtype).name} rounds it; {advice})' if narrow
-           else '') + '.')
+    checks.beta('scale_by_lora_rite', name, beta)
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
 
@@ -716,26 +694,5 @@ def lora_rite(
     steps.append(balance_lora_factors(layout))
   # The last step also casts: a transform of its own would add a node to the
   # chain's state, and checkpoints of earlier versions would not restore.
-  steps[-1] = _then_cast_to_params_dtype(steps[-1])
+  steps[-1] = casting.then_cast_to_params_dtype(steps[-1], 'lora_rite')
   return optax.chain(*steps)
-
-
-def _then_cast_to_params_dtype(
-    tx: base.GradientTransformation) -> base.GradientTransformation:
-  """``tx``, its updates cast to the params' dtypes (same state).
-
-  scale_by_lora_rite keeps float16 params' updates in float32 (its step
-  before the learning rate can exceed float16's range); after the rate they
-  fit, and optax.apply_if_finite's rejected branch (zeros like the
-  gradients) needs the two to agree.
-  """
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('lora_rite: update() needs params (the current '
-                       'factors): call tx.update(grads, state, params).')
-    updates, state = tx.update(updates, state, params)
-    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates,
-                        params), state
-
-  return base.GradientTransformation(tx.init, update_fn)

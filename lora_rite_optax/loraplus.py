@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import checks
 from lora_rite_optax import pairs as pairs_lib
 
 __all__ = ['loraplus', 'loraplus_labels']
@@ -77,6 +78,11 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
       labels[pair.a_index] = labels[pair.b_index] = EMBEDDING
     else:
       labels[pair.a_index], labels[pair.b_index] = A, B
+  for factor in paired.lone:  # its partner masked out (e.g. LoRA-FA)
+    if is_embedding is not None and is_embedding(factor.name):
+      labels[factor.index] = EMBEDDING
+    else:
+      labels[factor.index] = B if factor.role == 'b' else A
   return jax.tree_util.tree_unflatten(paired.treedef, labels)
 
 
@@ -149,8 +155,8 @@ def loraplus(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``).
     With ``optax.inject_hyperparams`` pass ``static_args=('base',
-    'is_embedding')`` when you set those: it would treat any callable as a
-    schedule.
+    'is_embedding', 'layout')`` for those you set (``layout`` when it is a
+    function): it would treat any callable as a schedule.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -176,7 +182,15 @@ def loraplus(
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024; PEFT's
     ``peft.optimizers.create_loraplus_optimizer``.
   """
+  checks.positive('loraplus', 'lr_ratio', lr_ratio)
+  if lr_embedding is not None and is_embedding is None:
+    raise ValueError('loraplus: lr_embedding applies to the pairs that '
+                     'is_embedding selects; pass is_embedding too.')
   if base is None:
+    for name, value in (('b1', b1), ('b2', b2)):
+      checks.beta('loraplus', name, value)
+    checks.non_negative('loraplus', 'eps', eps)
+
     def make(rate, decay):
       return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
   else:

@@ -69,11 +69,23 @@ class LoraPair(NamedTuple):
   layout: LoraLayout
 
 
+class LoneFactor(NamedTuple):
+  """A factor whose partner is masked out (``optax.masked``, a partition):
+  its role (``'a'`` or ``'b'``), leaf index and layout."""
+  name: str
+  role: str
+  index: int
+  layout: LoraLayout
+
+
 class PairedTree(NamedTuple):
   """The pairs of a tree, with what is needed to rebuild trees like it."""
   pairs: tuple[LoraPair, ...]
   treedef: Any
   num_leaves: int
+  # Only with allow_unpaired: factors trained without their partner (LoRA-FA
+  # freezes A), which LoRA+ and Shampoo can still treat by their role.
+  lone: tuple[LoneFactor, ...] = ()
 
 
 def _key_name(key) -> str:
@@ -133,18 +145,25 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       (``optax.inject_hyperparams`` takes a function for a schedule: pass
       ``static_args=('layout',)`` to an optimizer given one).
     who: the optimizer's name, used in error messages.
-    allow_unpaired: skip leaves that belong to no pair instead of raising.
+    allow_unpaired: skip leaves that belong to no pair instead of raising,
+      and return a factor whose partner is masked out (``None`` or
+      ``optax.MaskedNode``) as a :class:`LoneFactor`.
 
   Returns:
     A :class:`PairedTree`.
 
   Raises:
-    ValueError: for a factor without its partner, ranks that differ, or (unless
-      ``allow_unpaired``) a leaf that belongs to no pair.
+    ValueError: for a factor without its partner, ranks that differ, a rank
+      larger than both factors' other sizes (a wrong layout), or (unless
+      ``allow_unpaired``) a leaf that belongs to no pair; with
+      ``allow_unpaired``, for a tree with no pair but leaves named like
+      factors (a wrong layout, or a flat dict that must be nested).
   """
   leaves, treedef = flatten(tree)
   layouts = layout_fn(layout)
   found: dict[tuple, dict[str, int]] = {}
+  masked = {path for path, leaf in leaves if _is_empty(leaf)}
+  unpaired = []
   for index, (path, leaf) in enumerate(leaves):
     if _is_empty(leaf):
       continue
@@ -159,6 +178,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     where = '/'.join(path)
     if hit is None:
       if allow_unpaired:
+        unpaired.append(where)
         continue
       raise ValueError(
           f'{who}: leaf {where!r} is not part of a LoRA pair; apply {who} to '
@@ -167,16 +187,24 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           'labels).')
     slot = found.setdefault((path[:hit], path[hit + 1:]), {})
     slot[path[hit]] = index
-  pairs = []
+  pairs, lone = [], []
   for (prefix, suffix), slot in found.items():
     name = '/'.join(prefix)
     lay = layouts(name)
+    partnerless = False
     for mine, other in ((lay.a_key, lay.b_key), (lay.b_key, lay.a_key)):
       if mine in slot and other not in slot:
+        if allow_unpaired and prefix + (other,) + suffix in masked:
+          lone.append(LoneFactor(name, 'a' if mine == lay.a_key else 'b',
+                                 slot[mine], lay))
+          partnerless = True
+          continue
         where = '/'.join(prefix + (mine,) + suffix)
         raise ValueError(
             f'{who}: factor {where!r} has no partner {other!r} under '
             f'{name or "the root"!r}; a LoRA pair needs both factors.')
+    if partnerless:
+      continue
     a_index, b_index = slot[lay.a_key], slot[lay.b_key]
     a_shape = leaves[a_index][1].shape
     b_shape = leaves[b_index][1].shape
@@ -204,6 +232,17 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           f'{who}: pair {name!r} has rank {r_a} in {lay.a_key} {a_shape} but '
           f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.'
           + hint)
+    n_a = matrix_shape(a_shape, lay.a_rank_axis, lay.batch_axes)[1]
+    n_b = matrix_shape(b_shape, lay.b_rank_axis, lay.batch_axes)[1]
+    if r_a > n_a and r_a > n_b:
+      # A rank above both sides' sizes adds nothing a smaller one lacks;
+      # it is what factors of the other orientation (PEFT's lora_A (r, in)
+      # under NNX_LAYOUT) read as, silently so for a square layer.
+      raise ValueError(
+          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{b_shape}) reads as rank {r_a}, above both factors\' other sizes '
+          f'({n_a}, {n_b}): wrong layout? (NNX_LAYOUT has the rank last on '
+          f'{lay.a_key} and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
     if maybe_stacked and (
         _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==
         _rank(b_shape, lay.b_rank_axis, lay.batch_axes + 1)):
@@ -214,7 +253,19 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           f'{b_shape}) is read as one pair of rank {r_a}.' + hint,
           stacklevel=2)
     pairs.append(LoraPair(name, a_index, b_index, lay))
-  return PairedTree(tuple(pairs), treedef, len(leaves))
+  if allow_unpaired and not pairs and not lone:
+    lay = layouts('')
+    keys = {lay.a_key.lower(), lay.b_key.lower()}
+    factorish = [w for w in unpaired
+                 if keys & set(w.lower().replace('.', '/').split('/'))]
+    if factorish:
+      # Else every leaf would silently get the non-LoRA treatment.
+      raise ValueError(
+          f'{who}: no {lay.a_key}/{lay.b_key} pair found, yet leaf '
+          f'{factorish[0]!r} is named like a factor: wrong layout (keys are '
+          'matched exactly, per path component), or a flat dict whose keys '
+          "must first be nested by splitting on '.'?")
+  return PairedTree(tuple(pairs), treedef, len(leaves), tuple(lone))
 
 
 def matrix_shape(shape: Sequence[int], rank_axis: int,
@@ -249,6 +300,8 @@ def factor_roles(paired: PairedTree) -> list[str | None]:
   for pair in paired.pairs:
     roles[pair.a_index] = 'a'
     roles[pair.b_index] = 'b'
+  for factor in paired.lone:
+    roles[factor.index] = factor.role
   return roles
 
 

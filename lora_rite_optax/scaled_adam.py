@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import casting
+from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
 
@@ -53,9 +55,12 @@ def scale_by_riemannian_precond(
     g_B \leftarrow g_B (X_A^\top X_A + \delta I)^{-1}
 
   (:math:`g_B` in the same rank-last view), both from the parameters passed
-  to ``update``. The Gram matrices are formed and solved in at least float32.
-  If the solve is not finite the gradient is left unscaled, as the authors'
-  ``try: inverse ... except: identity``. Every leaf must belong to a pair.
+  to ``update``. The Gram matrices are formed and solved in at least float32,
+  and the scaled gradients stay in that dtype (a float16 factor's can exceed
+  float16's range; :func:`scaled_adam` casts its final updates back to the
+  params' dtype). If the solve is not finite the gradient is left unscaled,
+  as the authors' ``try: inverse ... except: identity``. Every leaf must
+  belong to a pair.
 
   Args:
     delta: the ridge :math:`\delta` (the authors' ``optimizer_reg``).
@@ -79,6 +84,8 @@ def scale_by_riemannian_precond(
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
 
+  checks.non_negative('scaled_adam', 'delta', delta)
+
   def init_fn(params):
     pairs_lib.find_lora_pairs(params, layout, who='scaled_adam')
     return optax.EmptyState()
@@ -90,7 +97,18 @@ def scale_by_riemannian_precond(
                        'tx.update(grads, state, params).')
     paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
     grads, treedef = pairs_lib.flatten(updates)
-    values, _ = pairs_lib.flatten(params)
+    values, params_treedef = pairs_lib.flatten(params)
+    # The factors are read by leaf index: other params would precondition
+    # each gradient with another pair's factors.
+    if params_treedef != treedef:
+      raise ValueError(
+          'scaled_adam: params and updates differ in structure; pass the '
+          'params the gradients are of (the same tree of LoRA factors).')
+    for (path, g), (_, x) in zip(grads, values):
+      if getattr(g, 'shape', None) != getattr(x, 'shape', None):
+        raise ValueError(
+            f"scaled_adam: params leaf {'/'.join(path)!r} has shape "
+            f'{jnp.shape(x)} but its gradient {jnp.shape(g)}.')
     out = [leaf for _, leaf in grads]
     last = None
     for pair in paired.pairs:
@@ -106,9 +124,9 @@ def scale_by_riemannian_precond(
       new_b = _precondition(view(gb, lay.b_rank_axis), xa, delta, new_a)
       last = new_b
       out[pair.a_index] = pairs_lib.from_matrix(
-          new_a, ga.shape, lay.a_rank_axis, lay.batch_axes).astype(ga.dtype)
+          new_a, ga.shape, lay.a_rank_axis, lay.batch_axes)
       out[pair.b_index] = pairs_lib.from_matrix(
-          new_b, gb.shape, lay.b_rank_axis, lay.batch_axes).astype(gb.dtype)
+          new_b, gb.shape, lay.b_rank_axis, lay.batch_axes)
     return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -154,6 +172,9 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     >>> round(updates[0].item(), 4)  # 0.1 * 4 / sqrt(0.001 * 16)
     3.1623
   """
+  for name, value in (('b1', b1), ('b2', b2)):
+    checks.beta('scaled_adam', name, value)
+  checks.non_negative('scaled_adam', 'eps', eps)
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros(p.shape, _compute_dtype(p.dtype))
@@ -236,6 +257,8 @@ def scaled_adam(
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+    With ``optax.inject_hyperparams`` and a ``layout`` function, pass
+    ``static_args=('layout',)``: it would treat any callable as a schedule.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -264,5 +287,6 @@ def scaled_adam(
       scale_by_riemannian_precond(delta, layout),
       scale_by_adam_authors(b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      casting.then_cast_to_params_dtype(
+          optax.scale_by_learning_rate(learning_rate), 'scaled_adam'),
   )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
 
@@ -78,6 +79,10 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
     lay = pair.layout
     factor[pair.a_index] = (lay.a_rank_axis, lay.batch_axes)
     factor[pair.b_index] = (lay.b_rank_axis, lay.batch_axes)
+  for lone in paired.lone:  # its partner masked out
+    lay = lone.layout
+    factor[lone.index] = (lay.a_rank_axis if lone.role == 'a'
+                          else lay.b_rank_axis, lay.batch_axes)
   leaves, treedef = pairs_lib.flatten(tree)
   plans = []
   for index, (path, leaf) in enumerate(leaves):
@@ -192,6 +197,10 @@ def scale_by_shampoo(
   """
   if graft not in GRAFTS:
     raise ValueError(f'shampoo: graft must be one of {GRAFTS}, got {graft!r}.')
+  for name, value in (('b1', b1), ('b2', b2)):
+    checks.beta('shampoo', name, value)
+  checks.non_negative('shampoo', 'eps', eps)
+  checks.non_negative('shampoo', 'matrix_eps', matrix_eps)
   if not isinstance(block_size, int):
     try:
       block_size = int(block_size)  # a concrete array, as inject's init gives
@@ -245,6 +254,17 @@ def scale_by_shampoo(
       return updates, state._replace(count=optax.safe_increment(state.count))
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
     nus = [leaf for _, leaf in pairs_lib.flatten(state.nu)[0]]
+    shape = lambda x: getattr(x, 'shape', None)
+    stats_fit = (isinstance(state.stats, tuple) and
+                 len(state.stats) == len(plans) and all(
+                     (st is None) == (plan.kind != 'matrix') and (
+                         st is None or shape(st.left) ==
+                         (plan.blocks, plan.bn, plan.bn))
+                     for plan, st in zip(plans, state.stats)))
+    if not stats_fit or [shape(x) for x in mus] != [shape(g) for g in grads]:
+      raise ValueError('shampoo: the state was made by init() for other '
+                       'params (other leaves, shapes or block_size); call '
+                       'init with the params these updates are for.')
     # In the statistics' dtype: a float64 count (jax_enable_x64) would
     # promote the float32 state, retracing every step and breaking scans.
     t = state.count.astype(functools.reduce(
@@ -406,7 +426,9 @@ def shampoo(
 
   Returns:
     An ``optax.GradientTransformation``. With ``optax.inject_hyperparams``
-    pass ``static_args=('block_size',)``: block sizes fix the state's shapes.
+    pass ``static_args=('block_size',)``: block sizes fix the state's shapes
+    (and ``'layout'`` too for a ``layout`` function, which it would treat
+    as a schedule).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

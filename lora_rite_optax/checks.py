@@ -1,0 +1,69 @@
+"""Checks of optimizer hyperparameters, made where their values are known.
+
+A hyperparameter is a Python number, a concrete array (what
+``optax.inject_hyperparams`` hands an ``init`` outside jit) or a tracer
+(inside jit: unknown, so not checked). A bad value gets one ``ValueError``
+line naming the optimizer, the argument and the allowed range.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_ADVICE = 'pass hyperparam_dtype=jnp.float32 to optax.inject_hyperparams'
+
+
+def _narrow(value: Any) -> bool:
+  """Whether ``value`` is an array of a float type under 32 bits."""
+  dtype = getattr(value, 'dtype', None)
+  return (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+          and jnp.finfo(dtype).bits < 32)
+
+
+def concrete(value: Any) -> float | None:
+  """``value`` as a float, or None while it is traced (or not a number)."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def beta(who: str, name: str, value: Any) -> None:
+  """A moment decay must be in [0, 1).
+
+  At 1 the bias correction is 0/0 at the first step (a NaN state), and
+  ``optax.inject_hyperparams`` makes betas arrays of the params' dtype by
+  default, in which bfloat16 rounds any beta above 0.998 to 1.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if _narrow(value) and name == 'b2':  # unknown while tracing: warn
+      warnings.warn(f'{who}: {name} is a {jnp.dtype(value.dtype).name} '
+                    'array, in which values above 0.998 round to 1 (NaN '
+                    f'steps); {_ADVICE}.', stacklevel=3)
+    return
+  v = concrete(value)
+  if v is not None and not 0 <= v < 1:
+    raise ValueError(
+        f'{who}: {name} must be in [0, 1), got {v}' +
+        (f' ({jnp.dtype(value.dtype).name} rounds it; {_ADVICE})'
+         if _narrow(value) else '') + '.')
+
+
+def positive(who: str, name: str, value: Any) -> None:
+  """``value`` > 0 where it is known."""
+  v = concrete(value)
+  if v is not None and not v > 0:
+    raise ValueError(f'{who}: {name} must be > 0, got {v}.')
+
+
+def non_negative(who: str, name: str, value: Any) -> None:
+  """``value`` >= 0 where it is known."""
+  v = concrete(value)
+  if v is not None and not v >= 0:
+    raise ValueError(f'{who}: {name} must be >= 0, got {v}.')

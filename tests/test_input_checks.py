@@ -1,0 +1,166 @@
+"""Bad input to the optimizers and initialisations: one clear ValueError,
+and the inputs that look alike but are fine still work."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_rite_optax as lro
+from lora_rite_optax import init
+
+
+def _pair(n_a, r, n_b, scale=1.0):
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  return {'lora_a': scale * jax.random.normal(key_a, (n_a, r)),
+          'lora_b': scale * jax.random.normal(key_b, (r, n_b))}
+
+
+def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
+  # PEFT's lora_A (r, in), lora_B (out, r) under NNX_LAYOUT: on a square
+  # layer both read as rank 64, and ScaledAdam's steps came out ~1e8 large.
+  peft = {'q': {'lora_a': jnp.ones((4, 64)), 'lora_b': jnp.ones((64, 4))}}
+  with pytest.raises(ValueError, match=r"reads as rank 64, above both "
+                     r"factors' other sizes \(4, 4\): wrong layout"):
+    lro.find_lora_pairs(peft)
+  right = lro.LoraLayout(a_rank_axis=0, b_rank_axis=-1)
+  assert len(lro.find_lora_pairs(peft, right).pairs) == 1
+  # A rank above one side only (a narrow k/v projection) is a real pair.
+  assert len(lro.find_lora_pairs({'k': _pair(64, 8, 4)}).pairs) == 1
+
+
+@pytest.mark.parametrize('tree, layout', [
+    ({'model.q.lora_A.weight': jnp.ones((2, 4)),
+      'model.q.lora_B.weight': jnp.zeros((3, 2))}, lro.PEFT_LAYOUT),
+    ({'q': {'lora_A': jnp.ones((4, 2)), 'lora_B': jnp.zeros((2, 3))}},
+     lro.NNX_LAYOUT),
+])
+def test_loraplus_refuses_a_tree_whose_factors_it_cannot_pair(tree, layout):
+  # It had trained every leaf as an 'a' leaf: plain AdamW, no ratio.
+  with pytest.raises(ValueError, match='no lora_[aA]/lora_[bB] pair found'):
+    lro.loraplus(1e-3, layout=layout).init(tree)
+
+
+def test_loraplus_still_takes_trees_without_factor_names():
+  tree = {'w': jnp.ones((2, 2)), 'lora_alpha': jnp.ones(()),
+          'bias': jnp.ones(3)}
+  assert lro.loraplus_labels(tree) == {'w': 'a', 'lora_alpha': 'a',
+                                       'bias': 'b_no_decay'}
+
+
+def test_a_factor_whose_partner_is_masked_keeps_its_role():
+  """LoRA-FA: A frozen by optax.masked, B trained."""
+  params = {'q': _pair(6, 2, 3)}
+  mask = {'q': {'lora_a': False, 'lora_b': True}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optax.masked(lro.loraplus(1e-3, lr_ratio=16.0), mask)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is the rate times the gradient's sign: B's is 16x.
+  np.testing.assert_allclose(updates['q']['lora_b'], -16e-3, rtol=1e-4)
+  np.testing.assert_array_equal(updates['q']['lora_a'], 1.0)  # untouched
+  tx = optax.masked(lro.shampoo(1e-3), mask)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.isfinite(updates['q']['lora_b']))
+  assert lro.lora_b_mask({'q': {'lora_a': optax.MaskedNode(),
+                                'lora_b': jnp.ones((2, 3))}}) == {
+                                    'q': {'lora_a': False, 'lora_b': True}}
+  # A partner that is missing, not masked, is still an error.
+  with pytest.raises(ValueError, match="has no partner 'lora_a'"):
+    lro.loraplus_labels({'q': {'lora_b': jnp.ones((2, 3))}})
+
+
+def test_scaled_adam_refuses_params_unlike_the_gradients():
+  lora = {'q': _pair(4, 2, 3), 'v': _pair(4, 2, 3, scale=2.0)}
+  tx = lro.scale_by_riemannian_precond()
+  state = tx.init(lora)
+  # The full model's params beside the LoRA gradients: it had read the
+  # factors by leaf index, so q was preconditioned with k's factors.
+  with pytest.raises(ValueError, match='differ in structure'):
+    tx.update(lora, state, {'k': _pair(4, 2, 3), **lora})
+  with pytest.raises(ValueError, match=r"leaf 'q/lora_a' has shape \(6, 2\) "
+                     r'but its gradient \(4, 2\)'):
+    tx.update(lora, state, {**lora, 'q': _pair(6, 2, 3)})
+
+
+def test_scaled_adam_keeps_a_float16_step_finite():
+  # A small B makes A's preconditioned gradient overflow float16; cast
+  # before Adam it had become inf, and the update NaN.
+  params = {'lora_a': jnp.full((64, 4), 0.1, jnp.float16),
+            'lora_b': jnp.full((4, 32), 1e-4, jnp.float16)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = lro.scaled_adam(1e-3)
+  updates, state = tx.update(grads, tx.init(params), params)
+  for name, u in updates.items():
+    assert u.dtype == jnp.float16, name
+    np.testing.assert_allclose(np.asarray(u, np.float32), -1e-3 * 10 ** 0.5,
+                               rtol=1e-2)
+  moments = jax.tree.leaves((state[1].mu, state[1].nu))
+  assert all(x.dtype == jnp.float32 for x in moments)
+
+
+@pytest.mark.parametrize('make, kwargs, message', [
+    (lro.shampoo, {'b2': 1.0}, r'shampoo: b2 must be in \[0, 1\), got 1.0'),
+    (lro.shampoo, {'b1': np.float32(-0.1)}, r'shampoo: b1 must be in'),
+    (lro.shampoo, {'matrix_eps': -1.0}, r'shampoo: matrix_eps must be >= 0'),
+    (lro.scaled_adam, {'b2': 1.0}, r'scaled_adam: b2 must be in'),
+    (lro.scaled_adam, {'eps': -1e-8}, r'scaled_adam: eps must be >= 0'),
+    (lro.scaled_adam, {'delta': -1.0}, r'scaled_adam: delta must be >= 0'),
+    (lro.loraplus, {'lr_ratio': -16.0}, r'loraplus: lr_ratio must be > 0'),
+    (lro.loraplus, {'b2': jnp.array(1.5)}, r'loraplus: b2 must be in'),
+    (lro.loraplus, {'lr_embedding': 1e-5}, r'pass is_embedding too'),
+])
+def test_baselines_check_their_hyperparameters(make, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    make(1e-3, **kwargs)
+
+
+def test_baselines_still_take_traced_hyperparameters():
+  params = {'q': _pair(6, 2, 3)}
+  for make, static in ((lro.shampoo, ('block_size',)), (lro.scaled_adam, ()),
+                       (lro.loraplus, ())):
+    tx = optax.inject_hyperparams(make, static_args=static)(
+        learning_rate=1e-3, b2=0.99)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('other', [
+    {'q': _pair(4, 2, 3)},                      # other shapes
+    {'k': _pair(6, 2, 3), 'q': _pair(6, 2, 3)},  # other leaves
+])
+def test_shampoo_refuses_a_state_made_for_other_params(other):
+  params = {'q': _pair(6, 2, 3)}
+  tx = lro.shampoo(1e-3)
+  with pytest.raises(ValueError, match='made by init\\(\\) for other params'):
+    tx.update(params, tx.init(other), params)
+
+
+_W = jax.random.normal(jax.random.key(1), (8, 6))
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: init.lora_ga(0.1 * _W, _W, 2, 1.0, gamma=0),
+     r'lora_ga: gamma must be > 0, got 0.0'),
+    (lambda: init.lora_ga(0.1 * _W, _W, 2, -1.0), r'lora_ga: scale must be'),
+    (lambda: init.pissa(_W, 2, scale=np.float32(0)),
+     r'pissa: scale must be > 0'),
+    (lambda: init.pissa(_W, 2, scale=jnp.array(-1.0)),
+     r'pissa: scale must be > 0'),
+    (lambda: init.pissa(_W.astype(jnp.int8), 2),
+     r'pissa: w0 must be a floating-point matrix, got int8'),
+    (lambda: init.pissa(_W, 2.0), r'pissa: rank must be an integer, got 2.0'),
+    (lambda: init.lora_ga(0.1 * _W, _W, 2.0, 1.0), r'lora_ga: rank must be'),
+    (lambda: init.standard(jax.random.key(0), 8, 6, 2.0),
+     r'standard: rank must be an integer'),
+])
+def test_initialisations_check_their_arguments(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_initialisations_take_numpy_ranks_and_traced_scales():
+  a, b, _ = init.pissa(_W, np.int64(2))
+  assert a.shape == (8, 2) and b.shape == (2, 6)
+  a, _, _ = jax.jit(lambda s: init.pissa(_W, 2, scale=s))(2.0)
+  assert np.all(np.isfinite(a))
