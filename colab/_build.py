@@ -166,8 +166,9 @@ plt.show()
 '''),
     md('''
 The state holds the first moment and the last basis in each factor's own
-shape (so they shard like the parameters) and, per pair, the `r x r` second
-moment:
+shape (so they shard like the parameters) and, per group of pairs of one
+rank and dtype (`rank4_float32` here), the `r x r` statistics: second moment,
+escaped mass and the last `R^+`:
 '''),
     code('''
 rite_state = opt_state[1][0]  # chain -> (clip, lora_rite chain) -> scale_by_lora_rite
@@ -273,7 +274,7 @@ for name, make in (('adam', lambda: optax.adam(1e-2)),
   print(f'{name:10s} max relative gap between the three H after one step: {gap:.1e}')
 '''),
     md('''
-Over a whole run (`benchmarks/invariance.py`, also `make demo`): Adam's three
+Over a whole run (`benchmarks/invariance.py`): Adam's three
 runs drift apart and train at different speeds; LoRA-RITE's three runs are
 one run, up to float32 rounding.
 '''),
@@ -369,12 +370,12 @@ SEQ_LEN = 48           # the arithmetic prompts are ~30-40 tokens
 RANK, ALPHA = 16, 16.0
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 WARMUP = max(1, STEPS // 10)
-# Peak learning rates, one per optimizer, from short trial runs here (not a
-# sweep; the paper sweeps them). Cosine decay to 10% after a linear warmup.
-# LoRA-RITE at 1e-3 spiked early and settled on one answer for every
-# question; at 2e-4 its loss falls smoothly. Try others: a sweep is the fair
-# comparison.
-PEAK_LR = {'lora_rite': 2e-4, 'adam': 1e-3}
+# Peak learning rates, one per optimizer: each one's best by validation loss
+# among 2e-5, 5e-5, 2e-4 and 1e-3 in `benchmarks/reproduce.py --budget small`
+# on these problems (README, "make demo"; docs/results). Cosine decay to 10%
+# after a linear warmup, which LoRA-RITE needs: lora_b starts at 0, so its
+# first update of lora_a is as large as lora_a whatever the rate.
+PEAK_LR = {'lora_rite': 5e-5, 'adam': 1e-3}
 N_SHOW = 16            # held-out problems generated before and after
 '''),
     md('## Model and tokenizer'),
@@ -699,13 +700,18 @@ for c in sweep:
 
 * **Weights.** `model.path` must be a local Hugging Face directory on every
   host (download `google/gemma-2b`, `google/gemma-7b` or `google/mt5-xxl`
-  once, e.g. with `huggingface-cli download`, and pass `--model.path`).
-* **Data.** The paper tasks read local files in the `../shared/data` layout
-  (`--data.data_dir`), or the Hugging Face Hub with `--data.hub true`.
-* **mT5-XXL.** `paper_mt5xxl_superni` records the encoder-decoder setup
-  (targets `q, k, v, o, wi_0, wi_1, wo`); the model is in `models/t5.py`, but
-  check that `python -m train` accepts `model.family = 't5'` in your version
-  (at the time of writing the loop trains the Gemma family only).
+  once, e.g. with `huggingface-cli download`, and pass `--model.path`). The
+  Gemma repositories are gated: accept the licence on the Hub and
+  `huggingface-cli login` first; `--include "*.safetensors" "*.json"
+  tokenizer.model` skips the other formats they hold.
+* **Data.** The paper tasks read local files, `<data_dir>/<task>/train.json`
+  and `test.json` (`--data.data_dir`; the README's "Data"), or the Hugging
+  Face Hub with `--data.hub true`, which needs the `datasets` package
+  (`pip install -e ".[train,hub]"`). The GSM8K presets train on the
+  LLM-Adapters math set, which has no Hub id: copy it to every host.
+* **mT5-XXL.** `paper_mt5xxl_superni` is the encoder-decoder setup (targets
+  `q, k, v, o, wi_0, wi_1, wo`, `models/t5.py`); `python -m train` trains it
+  like the Gemma presets and exports a `SEQ_2_SEQ_LM` PEFT adapter.
 * **Compare optimizers** by running the same config with `--optim.name adam`
   (or `loraplus`, `scaled_adam`, `shampoo`, `lamb`).
 
@@ -725,16 +731,18 @@ ACCELERATOR = 'v4-16'
 RUNTIME = 'tpu-ubuntu2204-base'
 CONFIG = 'paper_gemma7b_superni'
 MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
-# The loop writes metrics and checkpoints with ordinary file APIs, and every
-# host writes its own shards: use a folder all hosts share, e.g. a bucket
-# mounted with gcsfuse or a Filestore share, mounted at the same path.
+# Orbax writes each checkpoint from all hosts together (each its own shards)
+# and process 0 writes the metrics, config and adapter: use a folder all
+# hosts share, e.g. a bucket mounted with gcsfuse or a Filestore share,
+# mounted at the same path.
 RUN_DIR = '/mnt/shared/lora-rite/' + CONFIG
 
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
 setup = ('git clone ' + REPO_URL + ' && cd lora-rite-optax && '
-         'pip install -U "jax[tpu]" -e ".[train]" "huggingface_hub[cli]" && '
-         'huggingface-cli download google/gemma-7b --local-dir ' + MODEL_DIR)
+         'pip install -U "jax[tpu]" -e ".[train,hub]" "huggingface_hub[cli]" && '
+         'huggingface-cli download google/gemma-7b --local-dir ' + MODEL_DIR +
+         ' --include "*.safetensors" "*.json" tokenizer.model')
 train_cmd = (f'cd lora-rite-optax && python -m train --config {CONFIG} '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
@@ -742,7 +750,8 @@ gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\
   --accelerator-type={ACCELERATOR} --version={RUNTIME}
 
 # 2. install and fetch the weights on every host (and mount the shared
-#    folder for RUN_DIR on every host)
+#    folder for RUN_DIR on every host); Gemma is gated on the Hub: export
+#    HF_TOKEN (a token of an account that accepted the licence) there first
 {ssh} '{setup}'
 
 # 3. train (the same command on every host)

@@ -99,3 +99,17 @@ def test_cli_process_batch_not_dividing_the_mesh(tmp_path):
   assert len(err) == 1, proc.stderr
   assert 'does not divide' in err[0] and '4 devices' in err[0], err
   assert not run_dir.exists()
+
+
+def test_help_without_a_config_lists_the_presets(capsys):
+  # The first thing a user types; it had been the '--config is required'
+  # error with status 2.
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: python -m train --config NAME')
+  for name in configs.config_names():
+    assert f'\n  {name} ' in out, name
+  assert 'LoRA-RITE on the real Gemma 3 270M (Q4_K_M GGUF, dequantised to ' \
+         'float32)' in out

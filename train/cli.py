@@ -34,6 +34,9 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   pre.add_argument('--config')
   pre.add_argument('--stop_at', '--stop-at', type=int, default=0)
   known, rest = pre.parse_known_args(list(argv))
+  if not known.config and any(a in ('-h', '--help') for a in rest):
+    print(_presets_help())
+    raise SystemExit(0)
   if not known.config:
     raise ValueError('--config NAME is required; choose one of: '
                      f'{", ".join(configs.config_names())}.')
@@ -52,6 +55,19 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
       raise
     raise ValueError(_tyro_message(err.getvalue())) from None
   return cfg, known.stop_at
+
+
+def _presets_help() -> str:
+  """Usage and the presets, each with its docstring's first line."""
+  names = configs.config_names()
+  width = max(map(len, names))
+  lines = ['usage: python -m train --config NAME [overrides]', '',
+           'presets (python -m train --config NAME --help lists its fields):']
+  for name in names:
+    # The docstring's first paragraph, which may wrap.
+    first = (configs.PRESETS[name].__doc__ or '').strip().split('\n\n')[0]
+    lines.append(f'  {name:<{width}}  {" ".join(first.split())}'.rstrip())
+  return '\n'.join(lines)
 
 
 def _tyro_message(panel: str) -> str:

@@ -10,7 +10,7 @@ Presets:
   arithmetic task; trains in seconds on a CPU (tests).
 * ``tiny_t5``: the same for a random tiny T5 encoder-decoder.
 * ``demo``: LoRA-RITE on the real Gemma 3 270M (the GGUF package) on the
-  built-in arithmetic task, on CPU, in about ten minutes with evaluation
+  built-in arithmetic task, on CPU, in about six minutes with evaluation
   before and after (``make demo``).
 * ``paper_gemma2b_<task>``, ``paper_gemma7b_<task>`` for the five tasks
   (superni, hellaswag, arc_challenge, gsm8k, openbookqa) and
