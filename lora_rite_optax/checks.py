@@ -24,6 +24,11 @@ def _narrow(value: Any) -> bool:
           and jnp.finfo(dtype).bits < 32)
 
 
+def _rounds_to_one_above(dtype) -> float:
+  """The value above which ``dtype`` rounds a number below 1 to 1."""
+  return 1 - float(jnp.finfo(dtype).epsneg) / 2
+
+
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
   if isinstance(value, jax.core.Tracer) or callable(value):
@@ -42,9 +47,13 @@ def beta(who: str, name: str, value: Any) -> None:
   default, in which bfloat16 rounds any beta above 0.998 to 1.
   """
   if isinstance(value, jax.core.Tracer):
-    if _narrow(value) and name == 'b2':  # unknown while tracing: warn
+    # Unknown while tracing: warn where the usual b2 = 0.999 would round to
+    # 1 (bfloat16; float16 keeps it).
+    if (name == 'b2' and _narrow(value) and
+        _rounds_to_one_above(value.dtype) < 0.999):
       warnings.warn(f'{who}: {name} is a {jnp.dtype(value.dtype).name} '
-                    'array, in which values above 0.998 round to 1 (NaN '
+                    'array, in which values above '
+                    f'{_rounds_to_one_above(value.dtype):.4g} round to 1 (NaN '
                     f'steps); {_ADVICE}.', stacklevel=3)
     return
   v = concrete(value)

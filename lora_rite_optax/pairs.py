@@ -194,7 +194,12 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     partnerless = False
     for mine, other in ((lay.a_key, lay.b_key), (lay.b_key, lay.a_key)):
       if mine in slot and other not in slot:
-        if allow_unpaired and prefix + (other,) + suffix in masked:
+        partner = prefix + (other,) + suffix
+        # optax.masked takes a mask that is a prefix of the tree: the
+        # partner's MaskedNode may stand for its whole subtree.
+        if allow_unpaired and any(partner[:k] in masked
+                                  for k in range(len(prefix) + 1,
+                                                 len(partner) + 1)):
           lone.append(LoneFactor(name, 'a' if mine == lay.a_key else 'b',
                                  slot[mine], lay))
           partnerless = True
@@ -235,14 +240,21 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     n_a = matrix_shape(a_shape, lay.a_rank_axis, lay.batch_axes)[1]
     n_b = matrix_shape(b_shape, lay.b_rank_axis, lay.batch_axes)[1]
     if r_a > n_a and r_a > n_b:
-      # A rank above both sides' sizes adds nothing a smaller one lacks;
-      # it is what factors of the other orientation (PEFT's lora_A (r, in)
-      # under NNX_LAYOUT) read as, silently so for a square layer.
-      raise ValueError(
+      # Factors of the other orientation (PEFT's lora_A (r, in) under
+      # NNX_LAYOUT) on a square layer read as a pair of rank in = out whose
+      # other sizes are both the true rank: refused, since it would train
+      # silently on wrong Gram matrices. Any other rank above both sides
+      # is only redundant (a smaller one spans as much): warned.
+      message = (
           f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) reads as rank {r_a}, above both factors\' other sizes '
-          f'({n_a}, {n_b}): wrong layout? (NNX_LAYOUT has the rank last on '
-          f'{lay.a_key} and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
+          f'({n_a}, {n_b})')
+      advice = (f'wrong layout? (NNX_LAYOUT has the rank last on {lay.a_key} '
+                f'and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
+      if n_a == n_b:
+        raise ValueError(f'{message}: {advice}')
+      warnings.warn(f'{message}; a rank of at most {max(n_a, n_b)} spans as '
+                    f'much. If that is not meant: {advice}', stacklevel=2)
     if maybe_stacked and (
         _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==
         _rank(b_shape, lay.b_rank_axis, lay.batch_axes + 1)):
@@ -264,7 +276,8 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           f'{who}: no {lay.a_key}/{lay.b_key} pair found, yet leaf '
           f'{factorish[0]!r} is named like a factor: wrong layout (keys are '
           'matched exactly, per path component), or a flat dict whose keys '
-          "must first be nested by splitting on '.'?")
+          "must first be nested by splitting on '.'? (Not LoRA factors: pass "
+          "a layout whose a_key/b_key name nothing in the tree.)")
   return PairedTree(tuple(pairs), treedef, len(leaves), tuple(lone))
 
 

@@ -21,6 +21,15 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _output_dtype(grad_dtype) -> jnp.dtype:
+  """The gradient's dtype, but float32 for float16: a small partner makes
+  the scaled gradient large (its Gram inverse grows as 1/||partner||^2),
+  past float16's 65504, and an inf there is a NaN step after Adam."""
+  if jnp.finfo(grad_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+    return _compute_dtype(grad_dtype)
+  return jnp.dtype(grad_dtype)
+
+
 def _precondition(grad, partner, delta, wait_for=None):
   """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r).
 
@@ -56,9 +65,10 @@ def scale_by_riemannian_precond(
 
   (:math:`g_B` in the same rank-last view), both from the parameters passed
   to ``update``. The Gram matrices are formed and solved in at least float32,
-  and the scaled gradients stay in that dtype (a float16 factor's can exceed
-  float16's range; :func:`scaled_adam` casts its final updates back to the
-  params' dtype). If the solve is not finite the gradient is left unscaled,
+  and the scaled gradients are returned in the gradients' dtype, except that
+  float16 ones stay in float32 (they can exceed float16's range;
+  :func:`scaled_adam` casts its final updates back to the params' dtype, as
+  ``lora_rite`` does). If the solve is not finite the gradient is left unscaled,
   as the authors' ``try: inverse ... except: identity``. Every leaf must
   belong to a pair.
 
@@ -124,9 +134,11 @@ def scale_by_riemannian_precond(
       new_b = _precondition(view(gb, lay.b_rank_axis), xa, delta, new_a)
       last = new_b
       out[pair.a_index] = pairs_lib.from_matrix(
-          new_a, ga.shape, lay.a_rank_axis, lay.batch_axes)
+          new_a, ga.shape, lay.a_rank_axis, lay.batch_axes
+      ).astype(_output_dtype(ga.dtype))
       out[pair.b_index] = pairs_lib.from_matrix(
-          new_b, gb.shape, lay.b_rank_axis, lay.batch_axes)
+          new_b, gb.shape, lay.b_rank_axis, lay.batch_axes
+      ).astype(_output_dtype(gb.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -30,6 +30,15 @@ def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
   assert len(lro.find_lora_pairs({'k': _pair(64, 8, 4)}).pairs) == 1
 
 
+def test_a_rank_above_both_sides_of_a_non_square_layer_is_only_warned():
+  # Redundant (rank 4 spans as much) but a valid pair, as PEFT allows.
+  with pytest.warns(UserWarning, match=r'reads as rank 8, above both '
+                    r"factors' other sizes \(4, 6\); a rank of at most 6"):
+    paired = lro.find_lora_pairs(
+        {'q': {'lora_a': jnp.ones((4, 8)), 'lora_b': jnp.ones((8, 2, 3))}})
+  assert len(paired.pairs) == 1
+
+
 @pytest.mark.parametrize('tree, layout', [
     ({'model.q.lora_A.weight': jnp.ones((2, 4)),
       'model.q.lora_B.weight': jnp.zeros((3, 2))}, lro.PEFT_LAYOUT),
@@ -59,12 +68,28 @@ def test_a_factor_whose_partner_is_masked_keeps_its_role():
   # Adam's first step is the rate times the gradient's sign: B's is 16x.
   np.testing.assert_allclose(updates['q']['lora_b'], -16e-3, rtol=1e-4)
   np.testing.assert_array_equal(updates['q']['lora_a'], 1.0)  # untouched
+  # Shampoo preconditions the lone B in its rank-last view, (3*4) x 2 for
+  # an einsum B (2, 3, 4); read as an A it would be (2*3) x 4.
+  einsum = {'q': {'lora_a': jnp.ones((5, 2)),
+                  'lora_b': jax.random.normal(jax.random.key(2), (2, 3, 4))}}
   tx = optax.masked(lro.shampoo(1e-3), mask)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, state = tx.update(einsum, tx.init(einsum), einsum)
+  stats = [s for s in state.inner_state[0].stats if s is not None]
+  assert [(s.left.shape, s.right.shape) for s in stats] == [
+      ((1, 12, 12), (1, 2, 2))]
   assert np.all(np.isfinite(updates['q']['lora_b']))
   assert lro.lora_b_mask({'q': {'lora_a': optax.MaskedNode(),
                                 'lora_b': jnp.ones((2, 3))}}) == {
                                     'q': {'lora_a': False, 'lora_b': True}}
+  # A mask that is a prefix of the tree (PEFT's nested .weight leaves) hides
+  # the partner's whole subtree.
+  peft = {'q': {'lora_A': {'weight': jnp.ones((2, 6))},
+                'lora_B': {'weight': jnp.ones((3, 2))}}}
+  tx = optax.masked(lro.loraplus(1e-3, lr_ratio=16.0, layout=lro.PEFT_LAYOUT),
+                    {'q': {'lora_A': False, 'lora_B': True}})
+  updates, _ = tx.update(peft, tx.init(peft), peft)
+  np.testing.assert_allclose(updates['q']['lora_B']['weight'], -16e-3,
+                             rtol=1e-4)
   # A partner that is missing, not masked, is still an error.
   with pytest.raises(ValueError, match="has no partner 'lora_a'"):
     lro.loraplus_labels({'q': {'lora_b': jnp.ones((2, 3))}})
@@ -81,6 +106,17 @@ def test_scaled_adam_refuses_params_unlike_the_gradients():
   with pytest.raises(ValueError, match=r"leaf 'q/lora_a' has shape \(6, 2\) "
                      r'but its gradient \(4, 2\)'):
     tx.update(lora, state, {**lora, 'q': _pair(6, 2, 3)})
+
+
+def test_riemannian_precond_keeps_the_gradients_dtype_but_float16():
+  # bfloat16 stays bfloat16, so an optax chain after it keeps its state's
+  # dtype (scan, apply_if_finite); float16 would overflow, so float32.
+  for dtype, out in ((jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32),
+                     (jnp.float16, jnp.float32)):
+    params = jax.tree.map(lambda x: x.astype(dtype), {'q': _pair(8, 2, 6)})
+    tx = lro.scale_by_riemannian_precond()
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(out)}
 
 
 def test_scaled_adam_keeps_a_float16_step_finite():
@@ -164,3 +200,25 @@ def test_initialisations_take_numpy_ranks_and_traced_scales():
   assert a.shape == (8, 2) and b.shape == (2, 6)
   a, _, _ = jax.jit(lambda s: init.pissa(_W, 2, scale=s))(2.0)
   assert np.all(np.isfinite(a))
+
+
+def test_traced_b2_warns_only_in_a_dtype_that_rounds_it_to_one():
+  import warnings  # pylint: disable=g-import-not-at-top
+  for dtype, warns in ((jnp.bfloat16, True), (jnp.float16, False)):
+    params = jax.tree.map(lambda x: x.astype(dtype), {'q': _pair(6, 2, 3)})
+    tx = optax.inject_hyperparams(lro.shampoo, static_args=('block_size',))(
+        learning_rate=1e-3)
+    state = tx.init(params) if not warns else None
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      if warns:  # bfloat16's 0.999 is 1.0 already at init: refused there
+        with pytest.raises(ValueError, match=r'b2 must be in \[0, 1\), got '
+                           r'1.0 \(bfloat16 rounds it'):
+          tx.init(params)
+        jax.eval_shape(tx.init, params)  # traced: warned instead
+      else:
+        jax.jit(tx.update)(params, state, params)
+    said = [str(w.message) for w in caught if 'round to 1' in str(w.message)]
+    assert bool(said) == warns, (dtype, said)
+    if warns:
+      assert 'values above 0.998 round to 1' in said[0]
