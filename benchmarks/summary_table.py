@@ -10,8 +10,9 @@ Each row names the budget it comes from: GSM8K is scored on the math runs
 retrained without its test questions (``small-decontam``), the rest on
 ``small``. GSM8K has two rows: the headline one counts only the items whose
 target (an LLM-written chain of thought, scored by loss) ends on the gold
-answer (``gsm8k_consistent``, 79 of the 150); the other counts all 150,
-71 of them targets ending on a wrong number or none.
+answer (``gsm8k_consistent``, 80 of the 150); the other counts all 150,
+70 of them targets ending on a wrong number or none. Those counts come from
+the summary (its ``target_consistency``), as reproduce.py measured them.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ OPTIMIZERS = (('lora_rite', 'LoRA-RITE'), ('adam', 'Adam'),
               ('loraplus', 'LoRA+'), ('scaled_adam', 'ScaledAdam'),
               ('lamb', 'Lamb'), ('shampoo', 'Shampoo'))
 
-# (budget, task, test set, row label).
+# (budget, task, test set, row label); a label's {kept}, {scored} and
+# {disagree} are the summary's count of items whose target ends on the gold
+# answer.
 ROWS = (
     ('small', 'arithmetic', 'arithmetic',
      'arithmetic (200 generated problems)'),
     ('small', 'math', 'math_heldout', 'math, held-out records (148)'),
     ('small-decontam', 'math', 'gsm8k_consistent',
-     'GSM8K, targets ending on the gold answer (79 of 150), math retrained '
-     'without GSM8K'),
+     'GSM8K, targets ending on the gold answer ({kept} of {scored}), math '
+     'retrained without GSM8K'),
     ('small-decontam', 'math', 'gsm8k',
-     'GSM8K, all 150 targets (71 wrong or no final answer), same runs'),
+     'GSM8K, all {scored} targets ({disagree} wrong or no final answer), '
+     'same runs'),
     ('small', 'arc_challenge', 'arc_challenge', 'ARC-Challenge (200)'),
     ('small', 'openbookqa', 'openbookqa', 'OpenBookQA (200)'),
     ('small', 'boolq', 'boolq', 'BoolQ (200, no passages)'),
@@ -82,6 +86,11 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
       raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
                      f'task {task!r}.')
     by_opt = tasks[task]['tests'][test]
+    counts = tasks[task].get('target_consistency', {}).get(
+        test.removesuffix('_consistent'))
+    if counts:
+      label = label.format(kept=counts['kept'], scored=counts['scored'],
+                           disagree=counts['scored'] - counts['kept'])
     measures = [m for m in ('accuracy', 'loss')
                 if any(m in r for r in by_opt.values())]
     for measure in measures:

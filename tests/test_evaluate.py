@@ -6,6 +6,7 @@ import pytest
 from train import data
 from train import evaluate as ev
 from train.data import Example
+from train.data import numbers
 
 from tests.shared_data import DATA_DIR, needs_data  # pylint: disable=g-importing-member
 
@@ -42,6 +43,21 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 29/4", "7.25"),
     ("The answer is 12 and 300.", "12"),
     ("The answer is 7/0.", None),
+    # An equation after the marker answers with its result (three targets
+    # of the packaged GSM8K and math sets are written so).
+    ("The answer is 40 - 29 = 11 holes.", "11"),
+    ("The answer is 4 + 16 + 20 = 40.", "40"),
+    ("The answer is 5 x 3 = 15.", "15"),
+    # A sign touches its number: a dash or a list bullet is not one.
+    ("Final answer - 18", "18"),
+    ("Apples left:\n- 18", "18"),
+    ("It costs -$5", "-5"),
+    ("The answer is \u2212 5.", "-5"),
+    # '####' counts at the start of a line, and the last marker wins.
+    ("#### 1. Find the cost\nThen add.\nThe answer is 42.", "42"),
+    ("The answer is 41.\n#### 42", "42"),
+    # Space-grouped thousands, but not a number before a hyphenated word.
+    ("The answer is 4 100-meter races.", "4"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected
@@ -268,3 +284,12 @@ def test_mcnemar_exact():
       r.only_a, r.only_a + r.only_b, 0.5).pvalue)
   with pytest.raises(ValueError, match="equal-length"):
     ev.mcnemar_exact([1, 0], [1])
+
+
+def test_numbers_equal_is_absolute():
+  # A relative tolerance had let 1,000,001 match a gold of 1,000,000.
+  equal = numbers.numbers_equal
+  assert not equal("1000001", "1000000")
+  assert not equal("2000002", "2000000")
+  assert equal("0.333333", "0.3333333")
+  assert equal("576", "576.0000001")

@@ -427,7 +427,7 @@ def test_test_items_seen_in_training_are_left_out_of_the_report(
 
 
 def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
-    rp, monkeypatch):
+    rp, monkeypatch, tmp_path):
   """GSM8K's packaged targets often end on a wrong number: the derived test
   set `gsm8k_consistent` scores only the items whose target ends on the
   gold answer (and not the items seen in training); `gsm8k` keeps them all."""
@@ -471,6 +471,17 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
   md = rp.markdown(s, budget, 'cmd')
   assert 'the targets of 3 of these 7 end on a number other than' in md
   assert '`gsm8k` on the 4 of its 7 scored items' in md
+  # The one-table summary's GSM8K labels take these counts.
+  out = os.path.join(str(tmp_path), 'summaries')
+  os.makedirs(out)
+  with open(os.path.join(out, 'summary_unit.json'), 'w') as f:
+    json.dump(s, f)
+  st = benchmark_scripts.load('summary_table')
+  rows = [('unit', 'math', 'gsm8k_consistent', 'kept {kept} of {scored}'),
+          ('unit', 'math', 'gsm8k', 'all {scored}, {disagree} wrong')]
+  lines = st.table(out, rows=rows, seeds=2).splitlines()
+  assert lines[2].startswith('| kept 4 of 7 | loss/token | 1.000 |'), lines
+  assert lines[3].startswith('| all 7, 3 wrong | loss/token |'), lines
   # A run scored on other items, and a test set with no wrong target.
   with pytest.raises(ValueError, match='made with other settings'):
     rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
@@ -478,7 +489,7 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
   data['tests']['gsm8k'] = [items[0]]
   assert rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
       'tests': {'gsm8k': {'loss': [1.0]}}}}, budget) == {}
-  # The real sample: 79 of the 150 GSM8K items agree, 25 of the 51 not in
+  # The real sample: 80 of the 150 GSM8K items agree, 25 of the 51 not in
   # the plain math training data.
   shared_data.require('math', 'gsm8k')
   monkeypatch.undo()
@@ -486,8 +497,9 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
   real = rp.task_data('math', tb)
   agree = [rp.target_agrees_with_gold(e) for e in real['tests']['gsm8k']]
   seen = rp.seen_in_training(real)['gsm8k']
+  # 80: one target ends 'The answer is 220 + 90 + 60 = 370.', its gold.
   assert (sum(agree), sum(a for a, h in zip(agree, seen) if not h)) == (
-      79, 25)
+      80, 25)
 
 
 def test_exact_match_variant_generates_with_training_unchanged(

@@ -11,18 +11,29 @@ import math
 import re
 
 # A number as written in answers: optional sign and '$', thousands commas,
-# optional decimals; also '.5'.
-_NUMBER = r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+# optional decimals; also '.5'. A sign touches the number (or its '$'): the
+# '-' of a list item ('- 18') or a dash ('answer - 18') is not one; the
+# typographic minus U+2212 may have a space after it.
+_SIGN = r"(?:-|\u2212\s?)?(?:\$\s?)?"
+_NUMBER = _SIGN + r"(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
 # After an answer marker also thousands grouped by spaces ('$9 500', as in
-# some GSM8K solutions) and a fraction ('29/3'): read whole, not as '9' or
-# '29'.
-_MARKED = (r"-?\$?\s?(?:\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d)"
+# some GSM8K solutions; not '4 100-meter races') and a fraction ('29/3'):
+# read whole, not as '9' or '29'.
+_MARKED = (_SIGN + r"(?:\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
            r"|\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?"
            r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
-_HASHES_RE = re.compile(r"####\s*(" + _MARKED + ")")
+# An equation after the marker ('The answer is 40 - 29 = 11', as some
+# LLM-Adapters targets write it) answers with its result, not its first
+# operand.
+_EQUATION = (r"(?:" + _MARKED + r"(?:\s*[-+*/\u00d7x]\s*" + _MARKED +
+             r")+\s*=\s*)?")
+# GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
+# generation's middle is not it).
+_HASHES_RE = re.compile(r"^[ \t]*####\s*(" + _MARKED + ")", re.MULTILINE)
 _ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*(" + _MARKED + ")", re.IGNORECASE)
+    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION + "(" + _MARKED
+    + ")", re.IGNORECASE)
 
 
 def canonical_number(text: str | float | int | None) -> str | None:
@@ -44,6 +55,7 @@ def canonical_number(text: str | float | int | None) -> str | None:
     value = float(text)
   else:
     cleaned = str(text).strip().replace("$", "").replace(",", "")
+    cleaned = cleaned.replace("\u2212", "-")
     cleaned = cleaned.replace(" ", "").replace("\u00a0", "").rstrip(".%")
     try:
       value = float(cleaned)
@@ -70,9 +82,10 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
                          ) -> str | None:
   """Returns the final answer number in `text`, canonicalised.
 
-  Looks, in order, for '#### N' (GSM8K's own format), the last 'the answer
-  is N' (the LLM-Adapters chain-of-thought format), and, when
-  `fallback_to_last`, the last number anywhere in the text.
+  Looks for the last answer marker, '#### N' at the start of a line
+  (GSM8K's own format) or 'the answer is N' (the LLM-Adapters
+  chain-of-thought format; 'the answer is a - b = N' gives N), and, when
+  there is none and `fallback_to_last`, the last number anywhere.
 
   Args:
     text: A target or a model generation.
@@ -83,10 +96,10 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
   Returns:
     The canonical number string (see `canonical_number`), or None.
   """
-  for pattern in (_HASHES_RE, _ANSWER_IS_RE):
-    matches = pattern.findall(text)
-    if matches:
-      return _marked_value(matches[-1])
+  marked = [m for pattern in (_HASHES_RE, _ANSWER_IS_RE)
+            for m in pattern.finditer(text)]
+  if marked:
+    return _marked_value(max(marked, key=lambda m: m.start()).group(1))
   if not fallback_to_last:
     return None
   matches = _NUMBER_RE.findall(text)
@@ -95,8 +108,9 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
 
 def numbers_equal(a: str | None, b: str | None, *, tolerance: float = 1e-6
                   ) -> bool:
-  """Whether two canonical number strings denote the same value."""
+  """Whether two canonical number strings denote the same value, up to
+  an absolute ``tolerance`` (a relative one would let 1,000,001 match a
+  gold of 1,000,000)."""
   if a is None or b is None:
     return False
-  return math.isclose(float(a), float(b), rel_tol=tolerance,
-                      abs_tol=tolerance)
+  return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=tolerance)
