@@ -429,11 +429,32 @@ def _delta(proj: Projection) -> jax.Array:
   return (lora.scale * ab).reshape(proj.kernel.shape)
 
 
+def _initial_delta(proj: Projection) -> jax.Array:
+  """scale * A0 @ B0, what a PiSSA / LoRA-GA init moved out of the kernel."""
+  lora = proj.lora
+  in_dim, out_dim = _dims(proj)
+  a = lora.initial_a[...].astype(jnp.float32).reshape(in_dim, -1)
+  b = lora.initial_b[...].astype(jnp.float32).reshape(-1, out_dim)
+  ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return (lora.scale * ab).reshape(proj.kernel.shape)
+
+
+def _has_residual_base(proj: Projection) -> bool:
+  """Whether the kernel is ``W0 - s A0 B0`` (an unmerged PiSSA / LoRA-GA
+  adapter)."""
+  lora = proj.lora
+  return (lora is not None and not lora.merged and
+          getattr(lora, 'initial_a', None) is not None)
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
   """Folds every unmerged adapter into its kernel (in place).
 
   The adapters stay attached but are skipped by the forward until
-  :func:`unmerge_lora`, so the output does not change.
+  :func:`unmerge_lora`, so the output does not change (to the kernel's
+  precision: a bfloat16 kernel rounds ``W + s A B``, and a merge and
+  unmerge leave it off by up to its rounding step, which keeps a
+  merge-to-evaluate, unmerge-to-train loop from being exact there).
   """
   for proj in projections(model).values():
     if proj.lora is not None and not proj.lora.merged:
@@ -454,8 +475,16 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
 
 
 def remove_lora(model: nnx.Module) -> nnx.Module:
-  """Detaches every adapter (merge first to keep its effect)."""
+  """Detaches every adapter (merge first to keep its effect).
+
+  An unmerged PiSSA / LoRA-GA adapter had moved ``s A0 B0`` out of its
+  kernel: it is put back, so the model is its base checkpoint again.
+  """
   for proj in projections(model).values():
+    if _has_residual_base(proj):
+      k = proj.kernel[...]
+      proj.kernel.set_value(
+          (k.astype(jnp.float32) + _initial_delta(proj)).astype(k.dtype))
     proj.lora = None
   return model
 
@@ -671,8 +700,19 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
   alpha0 = _mode(list(alphas.values()))
   leaves = {n.split('.')[-1] for n in meta}
   complete = all(n in meta for n in all_names if n.split('.')[-1] in leaves)
-  target_modules: Any = (sorted(leaves) if complete else
-                         '(' + '|'.join(re.escape(n) for n in meta) + ')')
+  # PEFT matches a list by the names' ends: for a language model nested in
+  # a multimodal checkpoint ('model.language_model.layers...') that would
+  # also take the vision tower's q_proj, k_proj, ...: anchor it there.
+  stems = {n.split('.layers.')[0] for n in meta if '.layers.' in n}
+  nested = (len(stems) == 1 and len(meta) == sum('.layers.' in n for n in meta)
+            and '.' in next(iter(stems)))
+  if complete and nested:
+    target_modules: Any = (re.escape(next(iter(stems))) + r'\.layers\.\d+\.'
+                           r'.*\.(' + '|'.join(sorted(leaves)) + ')')
+  elif complete:
+    target_modules = sorted(leaves)
+  else:
+    target_modules = '(' + '|'.join(re.escape(n) for n in meta) + ')'
   config = {
       'peft_type': 'LORA',
       'task_type': task_type or default_task,
@@ -812,6 +852,14 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
   if not plan:
     raise ValueError(f'{who}: holds no adapter for this model.')
+  for proj, *_ in plan:
+    # A PEFT adapter applies to the checkpoint's kernel; this one is the
+    # residual W0 - s A0 B0: refuse rather than load onto the wrong base.
+    if _has_residual_base(proj):
+      path = next(p for p, q in projs.items() if q is proj)
+      raise ValueError(f'{who}: the kernel of {path!r} is the residual of a '
+                       'PiSSA / LoRA-GA adapter (remove_lora first restores '
+                       'the base); the adapter applies to the base weights.')
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   for proj, a, b, r, alpha in plan:
     n_in = len(proj.in_shape)

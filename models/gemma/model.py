@@ -20,6 +20,7 @@ the target positions first and unembeds only those.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -384,18 +385,23 @@ def gather_positions(h: jax.Array, idx: jax.Array) -> jax.Array:
 def forward_fn(model: Gemma):
   """A jitted ``f(tokens, **kw)`` equal to ``model(tokens, **kw)``.
 
-  The module is split once: its Variables are shared with ``model``, so
-  later value updates (loading, optimizer steps) are seen, but structural
-  changes (attaching LoRA) need a new `forward_fn`. Keyword arguments that
-  are None are static; each new input shape compiles once.
+  Its Variables are shared with ``model``, so later value updates (loading,
+  optimizer steps) are seen; a structural change (LoRA attached, merged by
+  ``merge_lora`` or removed) splits the module again at the next call,
+  since the old split would, for example, add a merged adapter twice.
+  Keyword arguments that are None are static; each new input shape
+  compiles once.
   """
-  graphdef, state = nnx.split(model)
+  split = {}
 
-  @jax.jit
-  def pure(state, tokens, kwargs):
+  @functools.partial(jax.jit, static_argnums=0)
+  def pure(graphdef, state, tokens, kwargs):
     return nnx.merge(graphdef, state)(tokens, **kwargs)
 
   def f(tokens, **kwargs):
-    return pure(state, tokens, kwargs)
+    graphdef = nnx.graphdef(model)
+    if split.get('graphdef') != graphdef:
+      split['graphdef'], split['state'] = nnx.split(model)
+    return pure(split['graphdef'], split['state'], tokens, kwargs)
 
   return f

@@ -113,9 +113,11 @@ class Sampler:
   """Generates continuations of prompts with a `Gemma` model.
 
   Args:
-    model: the model (its current weights are used at each call; attach
-      LoRA before building the sampler). It runs in eval mode (no dropout)
-      whatever mode ``model`` is in; ``model`` itself is left as it is.
+    model: the model. Each call uses its current weights and structure: a
+      LoRA attached, merged (``merge_lora``) or removed after the sampler
+      was built is seen (the module is split again when its structure has
+      changed). It runs in eval mode (no dropout) whatever mode ``model``
+      is in; ``model`` itself is left as it is.
     tokenizer: optional `models.gemma.tokenizer.Tokenizer` so prompts may be
       strings and outputs come back as text.
     pad_multiple: prompts are left-padded to a multiple of this length to
@@ -123,10 +125,23 @@ class Sampler:
   """
 
   def __init__(self, model: Gemma, tokenizer=None, *, pad_multiple: int = 16):
-    self.graphdef, self.state = nnx.split(model)
+    self._model = model
     self.config = model.config
     self.tokenizer = tokenizer
     self.pad_multiple = pad_multiple
+    self.graphdef = None
+    self._split()
+
+  def _split(self) -> None:
+    """Splits the model again if its structure changed since the last call.
+
+    The graphdef holds each adapter's ``merged`` flag: a sampler split
+    before ``merge_lora`` would add the merged adapter a second time.
+    """
+    graphdef = nnx.graphdef(self._model)
+    if graphdef == self.graphdef:
+      return
+    self.graphdef, self.state = nnx.split(self._model)
     self._fn = jax.jit(
         functools.partial(_generate, graphdef=self.graphdef),
         static_argnames=('max_new_tokens', 'cache_size', 'temperature',
@@ -167,6 +182,16 @@ class Sampler:
         ids.append([int(t) for t in pr])
     if not ids or min(len(x) for x in ids) == 0:
       raise ValueError('Sampler prompts must be non-empty.')
+    vocab = self.config.vocab_size
+    for x in ids:
+      bad = [t for t in x if not 0 <= t < vocab]
+      if bad:
+        # The embedding lookup would fill NaN, and attention spread it to
+        # every position of the row: say which id instead.
+        raise ValueError(f'Sampler prompt token id {bad[0]} is outside the '
+                         f'model\'s vocabulary of {vocab} (another '
+                         'tokenizer?).')
+    self._split()
     pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
     stop_ids = _stop_ids(self.tokenizer) if stop_at_eos else ()
     longest = max(len(x) for x in ids)
