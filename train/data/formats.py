@@ -33,6 +33,40 @@ def _missing(record: Record, keys: Sequence[str], where: str, task: str,
         f"the {fmt} format (record has: {have})")
 
 
+def _got(value: Any) -> str:
+  """A short description of a bad value for an error message."""
+  if value is None:
+    return "null"
+  if isinstance(value, (str, bool, int, float)):
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+  return f"a {type(value).__name__}"
+
+
+def _string(record: Record, key: str, where: str, task: str) -> str:
+  """`record[key]`, which must be a string (not null, a number or a list)."""
+  value = record[key]
+  if not isinstance(value, str):
+    raise ValueError(
+        f"{where}: field {key!r} must be a string for task {task!r}, got "
+        f"{_got(value)}")
+  return value
+
+
+def _strings(value: Any, what: str, where: str, task: str) -> list[str]:
+  """`value`, which must be a list of strings; `what` names it."""
+  if not isinstance(value, (list, tuple)):
+    raise ValueError(
+        f"{where}: {what} must be a list of strings for task {task!r}, got "
+        f"{_got(value)}")
+  for i, item in enumerate(value):
+    if not isinstance(item, str):
+      raise ValueError(
+          f"{where}: {what} item {i} must be a string for task {task!r}, got "
+          f"{_got(item)}")
+  return list(value)
+
+
 # --- LLM-Adapters instruction format ---------------------------------------
 
 
@@ -50,26 +84,38 @@ def from_instruction(record: Record, *, task: str, kind: str,
   number and is left out of exact-match scoring.
   """
   _missing(record, ("instruction", "output"), where, task, "instruction")
-  instruction = str(record["instruction"])
-  output = str(record["output"])
-  prompt = templates.wrap_instruction(
-      instruction, str(record.get("input") or ""), style)
+  instruction = _string(record, "instruction", where, task)
+  output = _string(record, "output", where, task)
+  input_text = record.get("input")
+  if input_text is not None and not isinstance(input_text, str):
+    raise ValueError(
+        f"{where}: field 'input' must be a string or null for task {task!r}, "
+        f"got {_got(input_text)}")
+  prompt = templates.wrap_instruction(instruction, input_text or "", style)
   if kind == CHOICE:
+    # Labels keep the case the 'Answer format:' line gives them (the options
+    # scored are then the targets trained on); the gold matches any case, as
+    # `evaluate.parse_choice` does.
     labels = templates.parse_answer_format(instruction) or tuple(
         default_labels)
+    folded = [l.lower() for l in labels]
+    if len(set(folded)) != len(folded):
+      raise ValueError(
+          f"{where}: the options {'/'.join(labels)} repeat a label (labels "
+          f"ignore case) for task {task!r}")
     gold = str(record.get("answer") or output.rsplit(" ", 1)[-1]).strip()
-    if gold.lower() not in labels:
+    if gold.lower() not in folded:
       raise ValueError(
           f"{where}: answer {gold!r} is not one of the options "
-          f"{'/'.join(labels)} for task {task!r}")
+          f"{'/'.join(labels)} (in any case) for task {task!r}")
     choices = templates.parse_choices(instruction, labels)
-    if not choices and labels == ("true", "false"):
+    if not choices and tuple(folded) == ("true", "false"):
       choices = labels  # BoolQ: the labels are the option texts.
     return [Example(
         prompt=prompt, target=output, task=task,
         options=tuple(templates.choice_target(l) for l in labels),
         labels=labels, choices=choices,
-        gold_index=labels.index(gold.lower()))]
+        gold_index=folded.index(gold.lower()))]
   if kind == NUMBER:
     if task == "math":
       gold = numbers.extract_final_number(output, fallback_to_last=False)
@@ -95,16 +141,32 @@ def _from_hf_choices(record: Record, *, task: str, question_key: str,
     raise ValueError(
         f"{where}: field 'choices' must be an object with 'text' and 'label' "
         f"lists for task {task!r}")
-  texts = [str(t) for t in choices["text"]]
-  keys = [str(k) for k in choices["label"]]
-  if str(record["answerKey"]) not in keys:
+  question = _string(record, question_key, where, task)
+  texts = _strings(choices["text"], "field 'choices.text'", where, task)
+  raw_keys = choices["label"]
+  if not isinstance(raw_keys, (list, tuple)) or not all(
+      isinstance(k, (str, int)) and not isinstance(k, bool) for k in raw_keys):
+    raise ValueError(
+        f"{where}: field 'choices.label' must be a list of strings for task "
+        f"{task!r}, got {_got(raw_keys)}")
+  keys = [str(k) for k in raw_keys]
+  if len(keys) != len(texts) or not texts:
+    raise ValueError(
+        f"{where}: field 'choices' has {len(texts)} text(s) but "
+        f"{len(keys)} label(s) for task {task!r}; expected the same number, "
+        "at least one")
+  if len(set(keys)) != len(keys):
+    raise ValueError(
+        f"{where}: field 'choices.label' repeats a label ({keys}) for task "
+        f"{task!r}")
+  if not isinstance(record["answerKey"], (str, int)) or isinstance(
+      record["answerKey"], bool) or str(record["answerKey"]) not in keys:
     raise ValueError(
         f"{where}: answerKey {record['answerKey']!r} is not one of the choice "
         f"labels {keys} for task {task!r}")
   gold = keys.index(str(record["answerKey"]))
   labels = templates.choice_labels(len(texts))
-  instruction = templates.multiple_choice_instruction(
-      str(record[question_key]), texts)
+  instruction = templates.multiple_choice_instruction(question, texts)
   return [Example(
       prompt=templates.wrap_instruction(instruction, "", style),
       target=templates.choice_target(labels[gold]), task=task,
@@ -131,16 +193,24 @@ def boolq_from_hf(record: Record, *, task: str, style: str,
   """
   key = "answer" if "answer" in record else "label"
   _missing(record, ("question", key), where, task, "Hugging Face")
+  question = _string(record, "question", where, task)
   value = record[key]
-  if isinstance(value, str):
-    if value.lower() not in ("true", "false"):
-      raise ValueError(f"{where}: {key} {value!r} is not true/false")
-    value = value.lower() == "true"
-  gold = 0 if bool(value) else 1
+  # google/boolq's answer is a bool, super_glue's label 1 (true) / 0 (false)
+  # and -1 in its unlabelled test split: anything else is refused, not
+  # read as truthy.
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    value = value.strip().lower() == "true"
+  elif not (isinstance(value, bool) or (isinstance(value, int)
+                                        and value in (0, 1))):
+    hint = " (an unlabelled record)" if value == -1 else ""
+    raise ValueError(
+        f"{where}: {key} {_got(value)}{hint} is not a boolean, "
+        f"'true'/'false' or 1/0 for task {task!r}")
+  gold = 0 if value else 1
   labels = ("true", "false")
   return [Example(
       prompt=templates.wrap_instruction(
-          templates.boolq_instruction(str(record["question"])), "", style),
+          templates.boolq_instruction(question), "", style),
       target=templates.choice_target(labels[gold]), task=task,
       options=tuple(templates.choice_target(l) for l in labels),
       labels=labels, choices=labels, gold_index=gold)]
@@ -150,14 +220,15 @@ def gsm8k_from_hf(record: Record, *, task: str, style: str,
                   where: str) -> list[Example]:
   """openai/gsm8k: {question, answer: '<steps>\\n#### N'}."""
   _missing(record, ("question", "answer"), where, task, "Hugging Face")
-  answer = str(record["answer"])
+  question = _string(record, "question", where, task)
+  answer = _string(record, "answer", where, task)
   rationale, sep, final = answer.rpartition("####")
   gold = numbers.canonical_number(final) if sep else None
   if gold is None:
     raise ValueError(
         f"{where}: answer has no '#### N' final number for task {task!r}")
   return [Example(
-      prompt=templates.wrap_instruction(str(record["question"]), "", style),
+      prompt=templates.wrap_instruction(question, "", style),
       target=templates.math_target(rationale, gold), task=task,
       gold_number=gold)]
 
@@ -166,12 +237,29 @@ def hellaswag_from_hf(record: Record, *, task: str, style: str,
                       where: str) -> list[Example]:
   """Rowan/hellaswag: {ctx, endings, label} (label '' in the test split)."""
   _missing(record, ("ctx", "endings", "label"), where, task, "Hugging Face")
-  endings = tuple(templates.clean_hellaswag(str(e)) for e in record["endings"])
+  ctx = _string(record, "ctx", where, task)
+  endings = tuple(templates.clean_hellaswag(e) for e in _strings(
+      record["endings"], "field 'endings'", where, task))
+  if not endings:
+    raise ValueError(f"{where}: field 'endings' is empty for task {task!r}")
   labels = templates.choice_labels(len(endings), "Ending")
-  label = str(record["label"]).strip()
-  gold = int(label) if label else None
+  label = record["label"]
+  if isinstance(label, str) and not label.strip():
+    gold = None  # The unlabelled test split.
+  elif isinstance(label, int) and not isinstance(label, bool):
+    gold = label
+  elif isinstance(label, str) and label.strip().isdecimal():
+    gold = int(label.strip())
+  else:
+    raise ValueError(
+        f"{where}: label {_got(label)} is not an ending index (0 to "
+        f"{len(endings) - 1}, or '' when unlabelled) for task {task!r}")
+  if gold is not None and not 0 <= gold < len(endings):
+    raise ValueError(
+        f"{where}: label {_got(label)} is out of range for "
+        f"{len(endings)} endings (0 to {len(endings) - 1}) for task {task!r}")
   instruction = templates.multiple_choice_instruction(
-      templates.clean_hellaswag(str(record["ctx"])), endings, prefix="Ending")
+      templates.clean_hellaswag(ctx), endings, prefix="Ending")
   return [Example(
       prompt=templates.wrap_instruction(instruction, "", style),
       target=templates.choice_target(labels[gold]) if gold is not None else "",
@@ -192,25 +280,41 @@ def superni_from_hf(record: Record, *, task: str, style: str,
   if "Instances" in record or "Definition" in record:
     _missing(record, ("Definition", "Instances"), where, task, "SuperNI task")
     definition = record["Definition"]
-    if isinstance(definition, list):
-      definition = " ".join(map(str, definition))
+    if not isinstance(definition, str):
+      definition = " ".join(_strings(definition, "field 'Definition'", where,
+                                     task))
+    instances = record["Instances"]
+    if not isinstance(instances, list):
+      raise ValueError(
+          f"{where}: field 'Instances' must be a list of objects for task "
+          f"{task!r}, got {_got(instances)}")
     out = []
-    for i, instance in enumerate(record["Instances"]):
-      out += _superni_example(str(definition), instance.get("input"),
-                              instance.get("output"), task, style,
-                              f"{where} instance {i}")
+    for i, instance in enumerate(instances):
+      here = f"{where} instance {i}"
+      if not isinstance(instance, dict):
+        raise ValueError(
+            f"{here}: expected an object with 'input' and 'output' for task "
+            f"{task!r}, got {_got(instance)}")
+      out += _superni_example(definition, instance.get("input"),
+                              instance.get("output"), task, style, here)
     return out
   _missing(record, ("definition", "inputs", "targets"), where, task,
            "Hugging Face")
-  return _superni_example(str(record["definition"]), record["inputs"],
-                          record["targets"], task, style, where)
+  return _superni_example(_string(record, "definition", where, task),
+                          record["inputs"], record["targets"], task, style,
+                          where)
 
 
 def _superni_example(definition: str, inputs: Any, targets: Any, task: str,
                      style: str, where: str) -> list[Example]:
   if inputs is None or targets is None:
     raise ValueError(f"{where}: missing input or output for task {task!r}")
-  refs = (targets,) if isinstance(targets, str) else tuple(map(str, targets))
+  if not isinstance(inputs, str):
+    raise ValueError(
+        f"{where}: the input must be a string for task {task!r}, got "
+        f"{_got(inputs)}")
+  refs = (targets,) if isinstance(targets, str) else tuple(
+      _strings(targets, "the output", where, task))
   if not refs:
     raise ValueError(f"{where}: empty output list for task {task!r}")
   return [Example(prompt=templates.wrap_instruction(definition, str(inputs),

@@ -6,6 +6,7 @@ the file and, for malformed JSON, the line and column.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -29,8 +30,8 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: unknown suffix, malformed content, or a record that is not an
-      object.
+    ValueError: unknown suffix, malformed content, text that is not UTF-8,
+      or a record that is not an object.
   """
   path = Path(path)
   if not path.is_file():
@@ -47,8 +48,23 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
       f"{', '.join(SUFFIXES)}")
 
 
+def _read_text(path: Path) -> str:
+  """The file's text, newlines translated as a text-mode open() does; a file
+  that is not UTF-8 (e.g. latin-1) is one line naming the file and where its
+  first bad byte is."""
+  raw = path.read_bytes()
+  try:
+    return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+  except UnicodeDecodeError as e:
+    lineno = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(
+        f"{path} is not valid UTF-8 at line {lineno} (byte "
+        f"0x{raw[e.start]:02x} at offset {e.start}): data files must be "
+        "UTF-8 encoded") from None
+
+
 def _read_json(path: Path) -> list[Record]:
-  text = path.read_text(encoding="utf-8")
+  text = _read_text(path)
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
@@ -71,7 +87,7 @@ def _read_json(path: Path) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
   records = []
-  with path.open(encoding="utf-8") as f:
+  with io.StringIO(_read_text(path)) as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue

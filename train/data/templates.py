@@ -103,7 +103,12 @@ def math_target(rationale: str, answer: str) -> str:
 
 
 def parse_answer_format(instruction: str) -> tuple[str, ...]:
-  """Labels from an 'Answer format: a/b/c' line, or () when there is none."""
+  """Labels from an 'Answer format: a/b/c' line, or () when there is none.
+
+  The labels keep the line's case ('True/False' gives ('True', 'False')):
+  they are compared ignoring case (`formats.from_instruction`,
+  `evaluate.parse_choice`), and the options scored are built from them.
+  """
   match = re.search(r"Answer format:\s*([^\n]+)", instruction)
   if not match:
     return ()
@@ -111,8 +116,11 @@ def parse_answer_format(instruction: str) -> tuple[str, ...]:
 
 
 def parse_choices(instruction: str, labels: Sequence[str]) -> tuple[str, ...]:
-  """Option texts from 'Answer1: x Answer2: y' in an instruction, or ()."""
-  if not labels or not all(re.fullmatch(r"[a-z]+\d+", l) for l in labels):
+  """Option texts from 'Answer1: x Answer2: y' in an instruction, or ().
+
+  `labels` in any case: 'answer1' and 'Answer1' both read 'Answer1: x'.
+  """
+  if not labels or not all(re.fullmatch(r"[a-zA-Z]+\d+", l) for l in labels):
     return ()
   prefix = re.sub(r"\d+$", "", labels[0]).capitalize()
   match = re.search(rf"{prefix}1:(.*?)(?:\n|$)", instruction)
