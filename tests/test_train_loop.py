@@ -741,3 +741,28 @@ def test_metrics_writer_keeps_rows_up_to_the_checkpoint(tmp_path):
     rows = list(csv.DictReader(f))
   assert [(r['step'], r['loss']) for r in rows] == [
       ('0', '2.0'), ('4', ''), ('5', '1.5')]
+
+
+def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
+  """A fresh run (last_step -1) in a folder with an old metrics file keeps
+  none of it: its old headers had stayed, and the new rows went under the
+  previous run's last one."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+  w.write(0, {'loss': 2.0})
+  w.write(2, {'loss': 1.0, 'eval_acc': 0.5})  # a second header block
+  w.close()
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                last_step=-1)
+  assert w.kept == []
+  w.write(0, {'loss': 3.0})
+  w.close()
+  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
+      'step,loss', '0,3.0']
+  # Resuming keeps only the headers its kept rows are under.
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                last_step=0)
+  w.write(1, {'loss': 2.5, 'eval_acc': 0.25})
+  w.close()
+  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
+      'step,loss', '0,3.0', 'step,loss,eval_acc', '1,2.5,0.25']

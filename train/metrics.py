@@ -22,21 +22,22 @@ def _keep_rows_up_to(path: str, last_step: int
                      ) -> tuple[list[str] | None, list[dict[str, float]]]:
   """Drops the rows after ``last_step`` from a metrics CSV.
 
-  Returns its last header and the rows kept, as ``{'step': int, name:
-  float}``. A row cut short (a run killed while writing it) is dropped too.
-  The file is replaced whole (written aside, then renamed), so a failure
-  leaves the old one.
+  Returns the header the kept rows end under (None when no row is kept)
+  and the rows kept, as ``{'step': int, name: float}``. A row cut short (a
+  run killed while writing it) is dropped too, and so is a header no kept
+  row follows (a fresh run, ``last_step`` -1, starts the file over). The
+  file is replaced whole (written aside, then renamed), so a failure leaves
+  the old one.
   """
   if not os.path.exists(path):
     return None, []
-  kept, rows, header = [], [], None
+  kept, rows, header, written = [], [], None, None
   with open(path, newline='', encoding='utf-8') as f:
     for row in csv.reader(f):
       if not row:
         continue
       if row[0] == 'step':
         header = row
-        kept.append(row)
         continue
       if header is None or len(row) != len(header):
         continue
@@ -47,17 +48,18 @@ def _keep_rows_up_to(path: str, last_step: int
         continue
       if not (math.isfinite(values[0]) and values[0] <= last_step):
         continue
+      if written is not header:
+        kept.append(header)
+        written = header
       kept.append(row)
       rows.append({'step': int(values[0]),
                    **{k: v for k, v, cell in zip(header[1:], values[1:],
                                                  row[1:]) if cell}})
-  if header is None:
-    return None, []
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='', encoding='utf-8') as f:
     csv.writer(f).writerows(kept)
   os.replace(tmp, path)
-  return header, rows
+  return written, rows
 
 
 class MetricsWriter:
