@@ -9,6 +9,8 @@ model never branches on a family number.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Sequence
 
 LOCAL = 'local'    # sliding-window attention layer
@@ -70,6 +72,24 @@ class GemmaConfig:
   def __post_init__(self):
     if self.family not in (1, 2, 3):
       raise ValueError(f'GemmaConfig.family must be 1, 2 or 3, got {self.family}.')
+    # Sizes first: a zero or negative one would build an empty or broken
+    # model (or divide by zero below) instead of being refused.
+    for name in ('vocab_size', 'width', 'num_layers', 'num_heads',
+                 'num_kv_heads', 'head_dim', 'mlp_dim', 'max_seq_len'):
+      _check_positive_int(name, getattr(self, name))
+    if self.sliding_window is not None:
+      # A window below 1 masks every key of the local layers.
+      _check_positive_int('sliding_window', self.sliding_window)
+    for name in ('query_pre_attn_scalar', 'attn_logit_softcap',
+                 'final_logit_softcap'):
+      if getattr(self, name) is not None:
+        _check_positive_number(name, getattr(self, name))
+    for name in ('rope_base_global', 'rope_base_local', 'rope_scale_global',
+                 'rope_scale_local'):
+      _check_positive_number(name, getattr(self, name))
+    if not _is_number(self.norm_eps) or not self.norm_eps >= 0:
+      raise ValueError('GemmaConfig.norm_eps must be a number >= 0, got '
+                       f'{self.norm_eps!r}.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'GemmaConfig.num_heads ({self.num_heads}) must be a multiple of '
@@ -101,6 +121,22 @@ class GemmaConfig:
 
   def replace(self, **kw) -> 'GemmaConfig':
     return dataclasses.replace(self, **kw)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_positive_int(name: str, v) -> None:
+  if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+    raise ValueError(f'GemmaConfig.{name} must be a positive integer, got '
+                     f'{v!r}.')
+
+
+def _check_positive_number(name: str, v) -> None:
+  if not _is_number(v) or not (v > 0 and math.isfinite(v)):
+    raise ValueError(f'GemmaConfig.{name} must be a positive number, got '
+                     f'{v!r}.')
 
 
 def compress_pattern(layer_types: Sequence[str]) -> tuple[str, ...]:

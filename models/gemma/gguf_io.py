@@ -107,7 +107,13 @@ def read_gguf(path: str) -> GGUFFile:
       name = c.string()
       dims = [c.unpack('<Q') for _ in range(c.unpack('<I'))]
       infos.append((name, dims, c.unpack('<I'), c.unpack('<Q')))
-    align = int(metadata.get('general.alignment', 32))
+    align = metadata.get('general.alignment', 32)
+    # llama.cpp requires a power of two; 0 would divide by zero below.
+    if (isinstance(align, bool) or not isinstance(align, (int, np.integer))
+        or align < 1 or align & (align - 1)):
+      raise ValueError('general.alignment must be a power of two, got '
+                       f'{" ".join(repr(align).split())[:80]}')
+    align = int(align)
     start = -(-c.pos // align) * align
     tensors = {}
     for name, dims, qtype, offset in infos:
@@ -126,6 +132,7 @@ def read_gguf(path: str) -> GGUFFile:
       else:
         data = raw.reshape(shape[:-1] + (shape[-1] // block * type_size,))
       tensors[name] = GGUFTensor(name, qtype, shape, data)
-  except (ValueError, struct.error, KeyError, IndexError) as e:
+  except (ValueError, struct.error, KeyError, IndexError, TypeError,
+          ZeroDivisionError, OverflowError) as e:
     raise ValueError(f'{path}: not a readable GGUF file ({e}).') from None
   return GGUFFile(path, metadata, tensors)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import struct
 from typing import Callable, Iterator
@@ -70,24 +71,45 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """name -> array (memory-mapped, read-only) of a .safetensors file."""
+  """name -> array (memory-mapped, read-only) of a .safetensors file.
+
+  Raises:
+    ValueError: a malformed header or an entry whose shape or byte range
+      is not valid (one line naming the file and the tensor).
+  """
   header, start = read_safetensors_header(path)
   data = np.memmap(path, dtype=np.uint8, mode='r')
-  out = {}
+  data_size = data.size - start
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  out, ranges = {}, []
   for name, info in header.items():
     try:
       dtype = _ST_DTYPES[info['dtype']]
       shape = tuple(info['shape'])
       begin, end = info['data_offsets']
     except (KeyError, TypeError, ValueError):
-      raise ValueError(
-          f'{path}: malformed safetensors entry for {name!r}: {info!r}.') from None
-    count = int(np.prod(shape, dtype=np.int64))
-    if end - begin != count * dtype.itemsize or start + end > data.size:
+      raise ValueError(f'{path}: malformed safetensors entry for {name!r}: '
+                       f'{" ".join(repr(info).split())[:200]}.') from None
+    if not all(is_int(n) and n >= 0 for n in shape):
+      raise ValueError(f'{path}: tensor {name!r} has shape {list(shape)}; '
+                       'expected non-negative integer dimensions.')
+    if not (is_int(begin) and is_int(end) and 0 <= begin <= end <= data_size):
+      raise ValueError(f'{path}: tensor {name!r} has data_offsets '
+                       f'[{begin!r}, {end!r}]; expected integers with 0 <= '
+                       f'begin <= end <= {data_size} (the data section).')
+    if end - begin != math.prod(shape) * dtype.itemsize:
       raise ValueError(
           f'{path}: tensor {name!r} byte range {begin}..{end} does not hold '
           f'{info["dtype"]}{list(shape)}.')
+    ranges.append((begin, end, name))
     out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
+  # Two tensors sharing bytes is a corrupt (or crafted) file, not weights.
+  reach, prev = 0, None  # furthest end so far, and whose it is
+  for begin, end, name in sorted(r for r in ranges if r[0] < r[1]):
+    if begin < reach:
+      raise ValueError(f'{path}: tensors {prev!r} and {name!r} share bytes '
+                       f'(data_offsets ..{reach} and {begin}..{end}).')
+    reach, prev = end, name
   return out
 
 
@@ -134,105 +156,203 @@ _GEMMA3_TEXT_DEFAULTS = {
 _HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
 
 
+class _ConfigError(ValueError):
+  """A refusal whose message already names the file (not re-wrapped)."""
+
+
+def _short(v) -> str:
+  """A one-line, bounded repr of a config value for an error message."""
+  r = ' '.join(repr(v).split())
+  return r if len(r) <= 80 else r[:77] + '...'
+
+
+def _as_int(v, what: str, source: str) -> int:
+  """``v`` as an int: integers (or integral floats) only, not strings."""
+  if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer,
+                                                np.floating))
+      or (isinstance(v, (float, np.floating)) and not float(v).is_integer())):
+    raise _ConfigError(f'{source}: {what} must be an integer, got '
+                       f'{_short(v)}.')
+  return int(v)
+
+
+def _as_float(v, what: str, source: str) -> float:
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.integer,
+                                               np.floating)):
+    raise _ConfigError(f'{source}: {what} must be a number, got {_short(v)}.')
+  return float(v)
+
+
 def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
-  """A `GemmaConfig` from a Hugging Face config dict (Gemma 1/2/3)."""
+  """A `GemmaConfig` from a Hugging Face config dict (Gemma 1/2/3).
+
+  Raises:
+    ValueError: one line naming ``source`` and what is wrong with it.
+  """
+  try:
+    return _config_from_hf(d, source)
+  except _ConfigError as e:
+    raise ValueError(str(e)) from None
+  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
+          ZeroDivisionError, OverflowError) as e:
+    raise ValueError(f'{source}: invalid Gemma config '
+                     f'({type(e).__name__}: {e}).') from None
+
+
+def _config_from_hf(d: dict, source: str) -> GemmaConfig:
   if not isinstance(d, dict):
-    raise ValueError(f'{source}: expected a JSON object, got {type(d).__name__}.')
+    raise _ConfigError(f'{source}: expected a JSON object, got '
+                       f'{type(d).__name__}.')
   if isinstance(d.get('text_config'), dict):  # Gemma 3 4B+ multimodal configs
     # transformers writes only the non-default values of a nested config.
     d = {**_GEMMA3_TEXT_DEFAULTS, **d['text_config'],
          'model_type': d['text_config'].get('model_type', 'gemma3_text')}
   model_type = d.get('model_type')
-  if model_type not in _MODEL_TYPES:
-    raise ValueError(
-        f'{source}: model_type {model_type!r} is not a Gemma text model '
+  if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
+    raise _ConfigError(
+        f'{source}: model_type {_short(model_type)} is not a Gemma text model '
         f'(expected one of {", ".join(_MODEL_TYPES)}).')
   family = _MODEL_TYPES[model_type]
   if d.get('tie_word_embeddings') is False:
     # Gemma ties the output head to the embedding; a checkpoint with its own
     # lm_head would load with the embedding in its place, silently.
-    raise ValueError(f'{source}: tie_word_embeddings is false (an untied '
-                     'output head); Gemma models here tie it to the '
-                     'embedding.')
+    raise _ConfigError(f'{source}: tie_word_embeddings is false (an untied '
+                       'output head); Gemma models here tie it to the '
+                       'embedding.')
   if d.get('use_bidirectional_attention'):
-    raise ValueError(f'{source}: bidirectional attention (EmbeddingGemma) is '
-                     'not supported; expected a causal Gemma.')
+    raise _ConfigError(f'{source}: bidirectional attention (EmbeddingGemma) '
+                       'is not supported; expected a causal Gemma.')
 
   def req(key):
     if key not in d:
-      raise ValueError(f'{source}: missing required key {key!r} for {model_type}.')
+      raise _ConfigError(
+          f'{source}: missing required key {key!r} for {model_type}.')
     return d[key]
 
-  width = int(req('hidden_size'))
-  num_heads = int(req('num_attention_heads'))
-  num_layers = int(req('num_hidden_layers'))
+  def size(key, default=None):
+    """A positive integer; an optional key (``default`` given) may be
+    missing or null."""
+    v = req(key) if default is None else d.get(key)
+    if v is None and default is not None:
+      v = default
+    if v is None:
+      raise _ConfigError(f'{source}: {key} must be a positive integer, got '
+                         'null.')
+    v = _as_int(v, key, source)
+    if v < 1:
+      raise _ConfigError(f'{source}: {key} must be a positive integer, got '
+                         f'{v}.')
+    return v
+
+  def number(v, key):
+    return _as_float(v, key, source)
+
+  width = size('hidden_size')
+  num_heads = size('num_attention_heads')
+  num_layers = size('num_hidden_layers')
   if 'layer_types' in d:
-    try:
-      types = [_HF_LAYER_TYPES[t] for t in d['layer_types']]
-    except KeyError as e:
-      raise ValueError(f'{source}: unknown layer type {e.args[0]!r} in '
-                       'layer_types.') from None
-    pattern = compress_pattern(types)
+    layer_types = d['layer_types']
+    if not isinstance(layer_types, list):
+      raise _ConfigError(f'{source}: layer_types must be a list, got '
+                         f'{_short(layer_types)}.')
+    if len(layer_types) != num_layers:
+      raise _ConfigError(f'{source}: layer_types lists {len(layer_types)} '
+                         f'layers but num_hidden_layers is {num_layers}.')
+    bad = [t for t in layer_types if not isinstance(t, str)
+           or t not in _HF_LAYER_TYPES]
+    if bad:
+      raise _ConfigError(f'{source}: unknown layer type {_short(bad[0])} in '
+                         'layer_types.')
+    pattern = compress_pattern([_HF_LAYER_TYPES[t] for t in layer_types])
   elif family == 2:
     pattern = (LOCAL, GLOBAL)
   elif family == 3:
-    p = int(d.get('sliding_window_pattern', d.get('_sliding_window_pattern', 6)))
+    key = ('sliding_window_pattern' if 'sliding_window_pattern' in d
+           else '_sliding_window_pattern')
+    p = size(key, 6)
     pattern = (LOCAL,) * (p - 1) + (GLOBAL,)
   else:
     pattern = (GLOBAL,)
+
   def linear_factor(scaling, key):
     if not scaling:
       return 1.0
+    if not isinstance(scaling, dict):
+      raise _ConfigError(f'{source}: {key} must be an object or null, got '
+                         f'{_short(scaling)}.')
     kind = scaling.get('rope_type', scaling.get('type', 'default'))
     if kind not in ('linear', 'default'):
-      raise ValueError(f'{source}: {key} type {kind!r} is not supported '
-                       '(expected linear or default).')
-    return float(scaling.get('factor', 1.0)) if kind == 'linear' else 1.0
+      raise _ConfigError(f'{source}: {key} type {_short(kind)} is not '
+                         'supported (expected linear or default).')
+    return (number(scaling.get('factor', 1.0), f'{key}.factor')
+            if kind == 'linear' else 1.0)
 
-  rope_theta = float(d.get('rope_theta', 1e6 if family == 3 else 1e4))
-  local_theta = float(d.get('rope_local_base_freq', rope_theta))
+  rope_theta = number(d.get('rope_theta', 1e6 if family == 3 else 1e4),
+                      'rope_theta')
+  local_theta = number(d.get('rope_local_base_freq', rope_theta),
+                       'rope_local_base_freq')
   scale_global = linear_factor(d.get('rope_scaling'), 'rope_scaling')
-  scale_local = float(d.get('rope_local_scaling_factor', 1.0))
+  scale_local = number(d.get('rope_local_scaling_factor', 1.0),
+                       'rope_local_scaling_factor')
   # Newer transformers: one RoPE dict per attention kind.
   params = d.get('rope_parameters')
   if isinstance(params, dict) and 'full_attention' in params:
     full = params['full_attention'] or {}
-    rope_theta = float(full.get('rope_theta', rope_theta))
-    scale_global = linear_factor(full, 'rope_parameters.full_attention')
     local = params.get('sliding_attention') or {}
-    local_theta = float(local.get('rope_theta', local_theta))
+    for key, sub in (('full_attention', full), ('sliding_attention', local)):
+      if not isinstance(sub, dict):
+        raise _ConfigError(f'{source}: rope_parameters.{key} must be an '
+                           f'object, got {_short(sub)}.')
+    rope_theta = number(full.get('rope_theta', rope_theta),
+                        'rope_parameters.full_attention.rope_theta')
+    scale_global = linear_factor(full, 'rope_parameters.full_attention')
+    local_theta = number(local.get('rope_theta', local_theta),
+                         'rope_parameters.sliding_attention.rope_theta')
     scale_local = linear_factor(local, 'rope_parameters.sliding_attention')
   elif isinstance(params, dict) and 'rope_theta' in params:
-    rope_theta = local_theta = float(params['rope_theta'])
+    rope_theta = local_theta = number(params['rope_theta'],
+                                      'rope_parameters.rope_theta')
     scale_global = linear_factor(params, 'rope_parameters')
-  window = d.get('sliding_window') if LOCAL in pattern else None
+  elif params is not None and not isinstance(params, dict):
+    raise _ConfigError(f'{source}: rope_parameters must be an object, got '
+                       f'{_short(params)}.')
+  # A window below 1 is refused (not replaced): it would mask whole layers.
+  window = (size('sliding_window', 0) if LOCAL in pattern
+            and d.get('sliding_window') is not None else None)
+  softcaps = {}
+  for ours, key in (('attn_logit_softcap', 'attn_logit_softcapping'),
+                    ('final_logit_softcap', 'final_logit_softcapping')):
+    v = d.get(key)
+    softcaps[ours] = None if v is None else number(v, key)
+  qpas = d.get('query_pre_attn_scalar')
   try:
     return GemmaConfig(
         family=family,
-        vocab_size=int(req('vocab_size')),
+        vocab_size=size('vocab_size'),
         width=width,
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(d.get('num_key_value_heads', num_heads)),
-        head_dim=int(d.get('head_dim', width // num_heads)),
-        mlp_dim=int(req('intermediate_size')),
-        norm_eps=float(d.get('rms_norm_eps', 1e-6)),
-        query_pre_attn_scalar=(float(d['query_pre_attn_scalar'])
-                               if d.get('query_pre_attn_scalar') else None),
-        attn_logit_softcap=d.get('attn_logit_softcapping'),
-        final_logit_softcap=d.get('final_logit_softcapping'),
+        num_kv_heads=size('num_key_value_heads', num_heads),
+        head_dim=size('head_dim', width // num_heads),
+        mlp_dim=size('intermediate_size'),
+        norm_eps=number(d.get('rms_norm_eps', 1e-6), 'rms_norm_eps'),
+        query_pre_attn_scalar=(number(qpas, 'query_pre_attn_scalar')
+                               if qpas else None),
         attention_pattern=pattern,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         rope_base_global=rope_theta,
         rope_base_local=local_theta,
         rope_scale_global=scale_global,
         rope_scale_local=scale_local,
         use_post_norms=family >= 2,
         use_qk_norm=family == 3,
-        max_seq_len=int(d.get('max_position_embeddings', 8192)),
+        max_seq_len=size('max_position_embeddings', 8192),
+        **softcaps,
     )
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{source}: invalid Gemma config ({e}).') from None
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    if isinstance(e, _ConfigError):
+      raise
+    raise _ConfigError(f'{source}: invalid Gemma config ({e}).') from None
 
 
 def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
@@ -431,9 +551,46 @@ def hf_module_prefix(directory: str) -> str:
   return found.removesuffix('.layers.0.self_attn.q_proj.weight')
 
 
+# Tensors of a multimodal checkpoint outside its text decoder (not loaded).
+_HF_NON_TEXT_PREFIXES = ('vision_tower.', 'multi_modal_projector.',
+                         'model.vision_tower.', 'model.multi_modal_projector.')
+# Where a checkpoint may store the output head that Gemma ties to the
+# embedding (the head itself is not loaded; see _unexpected_hf_tensors).
+_HF_LM_HEADS = ('lm_head.weight', 'language_model.lm_head.weight')
+
+
+def _unexpected_hf_tensors(config: GemmaConfig, tensors) -> list[str]:
+  """Sorted names in ``tensors`` that the model of ``config`` does not use.
+
+  Leftovers mean the config does not describe the checkpoint (e.g. fewer
+  layers than it holds), so loading would silently drop weights. Allowed:
+  a copy of the tied output head (``lm_head.weight`` of the embedding's
+  shape; config_from_hf refuses untied heads) and, in a multimodal
+  checkpoint (text model under a prefix), its vision tower and projector.
+  """
+  used = set()
+  for e in _param_table(config):
+    name = _resolve_name(e.hf_name, tensors)
+    if name is not None:
+      used.add(name)
+  embed = (config.vocab_size, config.width)
+  used.update(n for n in _HF_LM_HEADS
+              if n in tensors and tuple(tensors[n].shape) == embed)
+  multimodal = _resolve_name('model.embed_tokens.weight', tensors) not in (
+      None, 'model.embed_tokens.weight')
+  return sorted(n for n in tensors if n not in used and not (
+      multimodal and n.startswith(_HF_NON_TEXT_PREFIXES)))
+
+
 def load_hf(directory: str, *, dtype=jnp.float32,
             param_dtype=jnp.float32) -> Gemma:
-  """A Gemma from a Hugging Face layout directory."""
+  """A Gemma from a Hugging Face layout directory.
+
+  Raises:
+    FileNotFoundError: no config.json or weights.
+    ValueError: a malformed config.json or safetensors file, or missing,
+      mis-shaped or unexpected tensors (one line naming the file).
+  """
   config = read_hf_config(directory)
   tensors: dict[str, np.ndarray] = {}
   where: dict[str, str] = {}
@@ -456,6 +613,16 @@ def load_hf(directory: str, *, dtype=jnp.float32,
           f'expected {list(e.hf_shape)} for this config.json.')
     return arr
 
+  # Checked before building: a missing tensor first (the clearer message
+  # when the checkpoint is another model), then leftovers.
+  for e in _param_table(config):
+    if _resolve_name(e.hf_name, tensors) is None:
+      get(e)
+  unexpected = _unexpected_hf_tensors(config, tensors)
+  if unexpected:
+    raise ValueError(f'{where[unexpected[0]]}: unexpected tensor '
+                     f'{unexpected[0]!r} (and {len(unexpected) - 1} more) for '
+                     'this config.json.')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -533,31 +700,55 @@ def gguf_file(path: str) -> GGUFFile:
 
 
 def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
-  """A `GemmaConfig` from GGUF metadata (llama.cpp's Gemma conventions)."""
+  """A `GemmaConfig` from GGUF metadata (llama.cpp's Gemma conventions).
+
+  Raises:
+    ValueError: one line naming the file and what is wrong with it.
+  """
+  try:
+    return _config_from_gguf(gf)
+  except _ConfigError as e:
+    raise ValueError(str(e)) from None
+  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
+          ZeroDivisionError, OverflowError) as e:
+    raise ValueError(f'{gf.path}: invalid Gemma GGUF metadata '
+                     f'({type(e).__name__}: {e}).') from None
+
+
+def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
   source = gf.path
   meta = gf.metadata
   arch = meta.get('general.architecture')
-  if arch not in _GGUF_ARCHS:
-    raise ValueError(
-        f'{source}: GGUF architecture is {arch!r}; expected a Gemma model '
-        f'({", ".join(_GGUF_ARCHS)}).')
+  if not isinstance(arch, str) or arch not in _GGUF_ARCHS:
+    raise _ConfigError(
+        f'{source}: GGUF architecture is {_short(arch)}; expected a Gemma '
+        f'model ({", ".join(_GGUF_ARCHS)}).')
   family = _GGUF_ARCHS[arch]
 
-  def req(key):
-    v = meta.get(f'{arch}.{key}')
+  def size(key, default=None):
+    """Metadata ``{arch}.{key}`` as a positive integer."""
+    v = meta.get(f'{arch}.{key}', default)
     if v is None:
-      raise ValueError(f'{source}: missing GGUF metadata {arch}.{key}.')
+      raise _ConfigError(f'{source}: missing GGUF metadata {arch}.{key}.')
+    v = _as_int(v, f'GGUF metadata {arch}.{key}', source)
+    if v < 1:
+      raise _ConfigError(f'{source}: GGUF metadata {arch}.{key} must be a '
+                         f'positive integer, got {v}.')
     return v
+
+  def number(key, default=None):
+    v = meta.get(f'{arch}.{key}', default)
+    return None if v is None else _as_float(v, f'GGUF metadata {arch}.{key}',
+                                            source)
 
   emb = gf.tensors.get('token_embd.weight')
   if emb is None:
-    raise ValueError(f'{source}: missing tensor token_embd.weight.')
+    raise _ConfigError(f'{source}: missing tensor token_embd.weight.')
   vocab_size = int(emb.shape[0])
-  width = int(req('embedding_length'))
-  num_heads = int(req('attention.head_count'))
-  num_layers = int(req('block_count'))
-  head_dim = int(meta.get(f'{arch}.attention.key_length',
-                            width // num_heads))
+  width = size('embedding_length')
+  num_heads = size('attention.head_count')
+  num_layers = size('block_count')
+  head_dim = size('attention.key_length', width // num_heads or None)
   window = meta.get(f'{arch}.attention.sliding_window')
   pattern = {1: (GLOBAL,), 2: (LOCAL, GLOBAL),
              3: (LOCAL,) * 5 + (GLOBAL,)}[family]
@@ -569,37 +760,50 @@ def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
   scale = 1.0
   scaling = meta.get(f'{arch}.rope.scaling.type')
   if scaling == 'linear':
-    scale = float(meta.get(f'{arch}.rope.scaling.factor', 1.0))
+    scale = number('rope.scaling.factor', 1.0)
   elif scaling not in (None, 'none'):
     # Running such a model unscaled would be silently wrong.
-    raise ValueError(f'GGUF rope scaling {scaling!r} is not supported (only '
-                     'linear); this model would run with wrong positions.')
-  base = float(meta.get(f'{arch}.rope.freq_base',
-                          1e6 if family == 3 else 1e4))
-  return GemmaConfig(
-      family=family, vocab_size=vocab_size, width=width,
-      num_layers=num_layers, num_heads=num_heads,
-      num_kv_heads=int(meta.get(f'{arch}.attention.head_count_kv',
-                                  num_heads)),
-      head_dim=head_dim, mlp_dim=int(req('feed_forward_length')),
-      norm_eps=float(meta.get(f'{arch}.attention.layer_norm_rms_epsilon',
-                              1e-6)),
-      query_pre_attn_scalar=qpas,
-      attn_logit_softcap=meta.get(f'{arch}.attn_logit_softcapping'),
-      final_logit_softcap=meta.get(f'{arch}.final_logit_softcapping'),
-      attention_pattern=pattern,
-      sliding_window=(int(window) if window else
-                      (4096 if family == 2 else 512 if family == 3 else None)),
-      rope_base_global=base,
-      rope_base_local=10_000.0 if family == 3 else base,
-      rope_scale_global=scale,
-      use_post_norms=family >= 2, use_qk_norm=family == 3,
-      max_seq_len=int(meta.get(f'{arch}.context_length', 8192)))
+    raise _ConfigError(f'{source}: GGUF rope scaling {_short(scaling)} is not '
+                       'supported (only linear); this model would run with '
+                       'wrong positions.')
+  base = number('rope.freq_base', 1e6 if family == 3 else 1e4)
+  try:
+    return GemmaConfig(
+        family=family, vocab_size=vocab_size, width=width,
+        num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=size('attention.head_count_kv', num_heads),
+        head_dim=head_dim, mlp_dim=size('feed_forward_length'),
+        norm_eps=number('attention.layer_norm_rms_epsilon', 1e-6),
+        query_pre_attn_scalar=qpas,
+        attn_logit_softcap=number('attn_logit_softcapping'),
+        final_logit_softcap=number('final_logit_softcapping'),
+        attention_pattern=pattern,
+        # Only a missing window takes llama.cpp's default; 0 is refused.
+        sliding_window=(
+            _as_int(window, f'GGUF metadata {arch}.attention.sliding_window',
+                    source) if window is not None else
+            (4096 if family == 2 else 512 if family == 3 else None)),
+        rope_base_global=base,
+        rope_base_local=10_000.0 if family == 3 else base,
+        rope_scale_global=scale,
+        use_post_norms=family >= 2, use_qk_norm=family == 3,
+        max_seq_len=size('context_length', 8192))
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    if isinstance(e, _ConfigError):
+      raise
+    raise _ConfigError(f'{source}: invalid Gemma config in the GGUF '
+                       f'metadata ({e}).') from None
 
 
 def load_gguf(path: str, *, dtype=jnp.float32,
               param_dtype=jnp.float32) -> Gemma:
-  """A Gemma from a llama.cpp GGUF file, dequantized to ``param_dtype``."""
+  """A Gemma from a llama.cpp GGUF file, dequantized to ``param_dtype``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: an unreadable file, unusable metadata, or missing,
+      mis-shaped or unexpected tensors (one line naming the file).
+  """
   gf = gguf_file(path)
   config = config_from_gguf(gf)
   by_name = gf.tensors
@@ -620,6 +824,23 @@ def load_gguf(path: str, *, dtype=jnp.float32,
       arr = arr.astype(np.float32) - 1.0
     return arr
 
+  # Checked before building (and dequantizing): missing tensors first, then
+  # leftovers, which mean the metadata does not describe the file's tensors
+  # (e.g. a block_count below the blocks it holds).
+  table = _param_table(config)
+  names = {gguf_name(e.hf_name, config.family) for e in table}
+  for e in table:
+    if gguf_name(e.hf_name, config.family) not in by_name:
+      get(e)
+  out = by_name.get('output.weight')  # a copy of the tied head
+  if out is not None and tuple(out.shape) == (config.vocab_size, config.width):
+    names.add('output.weight')
+  unexpected = sorted(set(by_name) - names)
+  if unexpected:
+    arch = gf.metadata.get('general.architecture')
+    raise ValueError(f'{path}: unexpected tensor {unexpected[0]!r} (and '
+                     f'{len(unexpected) - 1} more) for the model its metadata '
+                     f'describes ({arch}.block_count = {config.num_layers}).')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
 
 

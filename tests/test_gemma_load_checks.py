@@ -1,0 +1,353 @@
+"""The Gemma loaders refuse checkpoints their config does not describe.
+
+Each refusal is one line naming the file (config.json, a .safetensors file or
+the .gguf) and what is wrong: leftover tensors (a config with fewer layers
+than the checkpoint), sizes that are not positive, malformed config values,
+safetensors entries whose shape or byte range is invalid, unusable GGUF
+metadata. A correct checkpoint still loads.
+"""
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from models import gemma
+from models.gemma import load as gemma_load
+from tests.test_gemma_model import _one_line, _params, _tiny, _write_gemma_gguf
+
+LAYER2 = 'model.layers.2.input_layernorm.weight'
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """gemma3-tiny (7 layers) in Hugging Face layout and as a GGUF."""
+  model, _ = _tiny('gemma3-tiny')
+  root = tmp_path_factory.mktemp('gemma3')
+  gemma.save_pretrained(model, root / 'hf')
+  _write_gemma_gguf(model, root / 'tiny.gguf')
+  return model, root
+
+
+@pytest.fixture
+def hf(saved, tmp_path):
+  """A fresh copy of the saved Hugging Face folder (to break)."""
+  shutil.copytree(saved[1] / 'hf', tmp_path / 'hf')
+  return tmp_path / 'hf'
+
+
+@pytest.fixture
+def gguf_path(saved, tmp_path):
+  shutil.copy(saved[1] / 'tiny.gguf', tmp_path / 'tiny.gguf')
+  return tmp_path / 'tiny.gguf'
+
+
+def _edit_config(hf, **changes):
+  """Sets (or, for None values given as ..., deletes) config.json keys."""
+  path = hf / 'config.json'
+  d = json.loads(path.read_text())
+  for k, v in changes.items():
+    if v is ...:
+      d.pop(k, None)
+    else:
+      d[k] = v
+  path.write_text(json.dumps(d))
+  return path
+
+
+def _refused(path, match, exc=ValueError):
+  with pytest.raises(exc, match=match) as e:
+    gemma.from_pretrained(path)
+  return _one_line(e)
+
+
+def _same_params(a, b):
+  pa, pb = _params(a), _params(b)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    np.testing.assert_allclose(pa[k], pb[k], atol=1e-6, err_msg=k)
+
+
+# --------------------------------------------------------------------------
+# Correct checkpoints still load.
+
+
+def test_correct_checkpoints_load(saved, hf, gguf_path):
+  model, _ = saved
+  _same_params(model, gemma.from_pretrained(hf))
+  _same_params(model, gemma.from_pretrained(gguf_path))
+
+
+def test_tied_lm_head_copy_and_vision_tower_are_allowed(saved, hf):
+  """A copy of the tied head is not a leftover; nor is a multimodal
+  checkpoint's vision tower (the text decoder is what loads)."""
+  model, _ = saved
+  st = str(hf / 'model.safetensors')
+  tensors = {k: np.array(v) for k, v in
+             gemma_load.read_safetensors(st).items()}
+  embed = tensors['model.embed_tokens.weight']
+  gemma_load.write_safetensors(st, dict(tensors, **{'lm_head.weight': embed}))
+  _same_params(model, gemma.from_pretrained(hf))
+  # Multimodal layout: prefixed text model, nested config, vision tensors.
+  mm = {'model.language_model.' + k.removeprefix('model.'): v
+        for k, v in tensors.items()}
+  mm['model.vision_tower.vision_model.post_layernorm.weight'] = np.ones(
+      8, np.float32)
+  mm['model.multi_modal_projector.mm_soft_emb_norm.weight'] = np.ones(
+      8, np.float32)
+  mm['lm_head.weight'] = embed
+  gemma_load.write_safetensors(st, mm)
+  text = json.loads((hf / 'config.json').read_text())
+  (hf / 'config.json').write_text(json.dumps(
+      {'model_type': 'gemma3', 'text_config': text, 'vision_config': {}}))
+  _same_params(model, gemma.from_pretrained(hf))
+
+
+# --------------------------------------------------------------------------
+# Leftover tensors: the config describes a smaller model.
+
+
+def test_hf_config_with_fewer_layers_than_the_checkpoint(hf):
+  _edit_config(hf, num_hidden_layers=2, layer_types=...)
+  msg = _refused(hf, f"unexpected tensor '{LAYER2}' \\(and [0-9]+ more\\) "
+                 'for this config.json')
+  assert msg.startswith(str(hf / 'model.safetensors') + ':'), msg
+
+
+def test_hf_layer_types_must_list_every_layer(hf):
+  path = _edit_config(hf, num_hidden_layers=2)
+  msg = _refused(hf, 'layer_types lists 7 layers but num_hidden_layers is 2')
+  assert msg.startswith(f'{path}:'), msg
+
+
+def test_hf_leftover_in_a_shard_names_that_shard(hf):
+  st = str(hf / 'model.safetensors')
+  tensors = {k: np.array(v) for k, v in
+             gemma_load.read_safetensors(st).items()}
+  gemma_load.write_safetensors(st, tensors)
+  gemma_load.write_safetensors(str(hf / 'extra.safetensors'),
+                               {'model.layers.7.extra': np.zeros(2, np.float32)})
+  (hf / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': {
+      **{k: 'model.safetensors' for k in tensors},
+      'model.layers.7.extra': 'extra.safetensors'}}))
+  msg = _refused(hf, r"unexpected tensor 'model.layers.7.extra' \(and 0 more\)")
+  assert msg.startswith(str(hf / 'extra.safetensors') + ':'), msg
+
+
+def test_lm_head_that_is_not_the_tied_embedding_shape_is_refused(hf):
+  st = str(hf / 'model.safetensors')
+  tensors = {k: np.array(v) for k, v in
+             gemma_load.read_safetensors(st).items()}
+  gemma_load.write_safetensors(st, dict(
+      tensors, **{'lm_head.weight': np.zeros((10, 64), np.float32)}))
+  _refused(hf, r"model.safetensors: unexpected tensor 'lm_head.weight'")
+
+
+def _patch_gguf_u32(path, key, value):
+  """Rewrites the uint32 metadata value of ``key`` in place."""
+  raw = bytearray(path.read_bytes())
+  k = key.encode()
+  tag = struct.pack('<Q', len(k)) + k + struct.pack('<I', 4)  # 4: uint32
+  at = raw.find(tag)
+  assert at >= 0 and raw.find(tag, at + 1) < 0, key
+  raw[at + len(tag):at + len(tag) + 4] = struct.pack('<I', value)
+  path.write_bytes(bytes(raw))
+
+
+def test_gguf_block_count_below_the_blocks_it_holds(gguf_path):
+  _patch_gguf_u32(gguf_path, 'gemma3.block_count', 3)
+  msg = _refused(gguf_path, r"unexpected tensor 'blk.3.attn_k.weight' \(and "
+                 r'[0-9]+ more\) for the model its metadata describes '
+                 r'\(gemma3.block_count = 3\)')
+  assert msg.startswith(f'{gguf_path}:'), msg
+
+
+# --------------------------------------------------------------------------
+# GemmaConfig sizes.
+
+
+@pytest.mark.parametrize('change, match', [
+    ({'num_layers': -1}, 'num_layers must be a positive integer, got -1'),
+    ({'num_layers': 0}, 'num_layers must be a positive integer, got 0'),
+    ({'sliding_window': -3}, 'sliding_window must be a positive integer, '
+     'got -3'),
+    ({'sliding_window': 0}, 'sliding_window must be a positive integer, '
+     'got 0'),
+    ({'num_kv_heads': 0}, 'num_kv_heads must be a positive integer, got 0'),
+    ({'num_kv_heads': 3}, r'num_heads \(4\) must be a multiple of '
+     r'num_kv_heads \(3\)'),
+    ({'width': 64.5}, 'width must be a positive integer, got 64.5'),
+    ({'head_dim': True}, 'head_dim must be a positive integer, got True'),
+    ({'vocab_size': 0}, 'vocab_size must be a positive integer'),
+    ({'mlp_dim': -2}, 'mlp_dim must be a positive integer'),
+    ({'rope_base_local': 0.0}, 'rope_base_local must be a positive number'),
+    ({'final_logit_softcap': -1.0}, 'final_logit_softcap must be a positive '
+     'number'),
+    ({'norm_eps': -1e-6}, 'norm_eps must be a number >= 0'),
+])
+def test_config_sizes_are_validated(change, match):
+  with pytest.raises(ValueError, match=match) as e:
+    gemma.get_config('gemma3-tiny').replace(**change)
+  assert _one_line(e).startswith('GemmaConfig.')
+
+
+# --------------------------------------------------------------------------
+# Malformed config.json values: one line naming config.json.
+
+
+@pytest.mark.parametrize('change, match', [
+    ({'hidden_size': '64x'}, "hidden_size must be an integer, got '64x'"),
+    ({'hidden_size': None}, 'hidden_size must be a positive integer, got '
+     'null'),
+    ({'hidden_size': 64.5}, 'hidden_size must be an integer, got 64.5'),
+    ({'rope_scaling': [1, 2]}, r'rope_scaling must be an object or null, got '
+     r'\[1, 2\]'),
+    ({'rope_scaling': {'rope_type': 'linear', 'factor': 'x'}},
+     "rope_scaling.factor must be a number, got 'x'"),
+    ({'num_hidden_layers': -1}, 'num_hidden_layers must be a positive '
+     'integer, got -1'),
+    ({'sliding_window': -3}, 'sliding_window must be a positive integer, '
+     'got -3'),
+    ({'sliding_window': 0}, 'sliding_window must be a positive integer, '
+     'got 0'),
+    ({'num_key_value_heads': 0}, 'num_key_value_heads must be a positive '
+     'integer, got 0'),
+    ({'num_key_value_heads': 3}, r'invalid Gemma config \(GemmaConfig.'
+     r'num_heads \(4\) must be a multiple of num_kv_heads \(3\)'),
+    ({'layer_types': 'full_attention'}, 'layer_types must be a list'),
+    ({'attn_logit_softcapping': 'big'}, 'attn_logit_softcapping must be a '
+     "number, got 'big'"),
+    ({'rope_parameters': {'full_attention': [1]}},
+     r'rope_parameters.full_attention must be an object, got \[1\]'),
+    ({'rms_norm_eps': -1.0}, 'norm_eps must be a number >= 0'),
+])
+def test_malformed_config_json_values(hf, change, match):
+  path = _edit_config(hf, **change)
+  msg = _refused(hf, match)
+  assert msg.startswith(f'{path}: '), msg
+
+
+def test_config_json_that_is_not_an_object(hf):
+  (hf / 'config.json').write_text('[1, 2]')
+  msg = _refused(hf, 'expected a JSON object, got list')
+  assert msg.startswith(str(hf / 'config.json')), msg
+
+
+# --------------------------------------------------------------------------
+# GGUF metadata.
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('gemma3.attention.sliding_window', 0,
+     'sliding_window must be a positive integer, got 0'),
+    ('gemma3.attention.head_count_kv', 0,
+     'GGUF metadata gemma3.attention.head_count_kv must be a positive '
+     'integer, got 0'),
+    ('gemma3.attention.head_count', 0,
+     'GGUF metadata gemma3.attention.head_count must be a positive integer, '
+     'got 0'),
+    ('gemma3.attention.head_count_kv', 3,
+     r'num_heads \(4\) must be a multiple of num_kv_heads \(3\)'),
+])
+def test_bad_gguf_metadata(gguf_path, key, value, match):
+  _patch_gguf_u32(gguf_path, key, value)
+  msg = _refused(gguf_path, match)
+  assert msg.startswith(f'{gguf_path}: '), msg
+
+
+def test_gguf_alignment_must_be_a_power_of_two(tmp_path):
+  import gguf  # pylint: disable=g-import-not-at-top
+  for align in (0, 24):
+    path = tmp_path / f'a{align}.gguf'
+    w = gguf.GGUFWriter(str(path), 'gemma3')
+    w.add_custom_alignment(32)
+    w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _patch_gguf_u32(path, 'general.alignment', align)
+    msg = _refused(path, 'not a readable GGUF file \\(general.alignment must '
+                   f'be a power of two, got {align}\\)')
+    assert msg.startswith(f'{path}: '), msg
+
+
+# --------------------------------------------------------------------------
+# Safetensors entries.
+
+
+def _rewrite_header(st, edit):
+  """Applies ``edit(header)`` to a .safetensors file, keeping its data."""
+  raw = st.read_bytes()
+  (n,) = struct.unpack('<Q', raw[:8])
+  header = json.loads(raw[8:8 + n])
+  edit(header)
+  blob = json.dumps(header).encode()
+  blob += b' ' * (-len(blob) % 8)
+  st.write_bytes(struct.pack('<Q', len(blob)) + blob + raw[8 + n:])
+
+
+NORM0 = 'model.layers.0.input_layernorm.weight'  # float32 [64]: 256 bytes
+NORM1 = 'model.layers.1.input_layernorm.weight'
+
+
+def _set(name, key, value):
+  def edit(h):
+    h[name][key] = value
+  return edit
+
+
+def _offsets_of(src, dst):
+  def edit(h):
+    h[dst]['data_offsets'] = list(h[src]['data_offsets'])
+  return edit
+
+
+def _shift(name, by):
+  def edit(h):
+    b, e = h[name]['data_offsets']
+    h[name]['data_offsets'] = [b + by, e + by]
+  return edit
+
+
+@pytest.mark.parametrize('edit, match', [
+    (_set(NORM0, 'shape', [-8, -8]),
+     rf"tensor '{NORM0}' has shape \[-8, -8\]; expected non-negative "
+     'integer dimensions'),
+    (_set(NORM0, 'shape', [64.0]),
+     rf"tensor '{NORM0}' has shape \[64.0\]; expected non-negative integer"),
+    (_set(NORM0, 'shape', [True] * 64),
+     'expected non-negative integer dimensions'),
+    (_shift(NORM0, -10**9),
+     rf"tensor '{NORM0}' has data_offsets \[-[0-9]+, -[0-9]+\]; expected "
+     'integers with 0 <= begin <= end <= [0-9]+ \\(the data section\\)'),
+    (_set(NORM0, 'data_offsets', [-16, 240]),
+     rf"tensor '{NORM0}' has data_offsets \[-16, 240\]; expected integers"),
+    (_shift(NORM0, 10**9), 'expected integers with 0 <= begin <= end <='),
+    (_set(NORM0, 'data_offsets', [0.0, 256.0]),
+     r'has data_offsets \[0.0, 256.0\]; expected integers'),
+    (_set(NORM0, 'shape', [65]),
+     rf"tensor '{NORM0}' byte range [0-9]+..[0-9]+ does not hold F32\[65\]"),
+    (_offsets_of(NORM0, NORM1), "share bytes"),
+    (_set(NORM0, 'data_offsets', [1]), 'malformed safetensors entry'),
+])
+def test_malformed_safetensors_entries(hf, edit, match):
+  st = hf / 'model.safetensors'
+  _rewrite_header(st, edit)
+  with pytest.raises(ValueError, match=match) as e:
+    gemma_load.read_safetensors(str(st))
+  assert _one_line(e).startswith(f'{st}: ')
+  msg = _refused(hf, match)  # and through the loader
+  assert msg.startswith(f'{st}: ')
+
+
+def test_zero_size_tensors_do_not_count_as_overlapping(tmp_path):
+  st = str(tmp_path / 'z.safetensors')
+  gemma_load.write_safetensors(st, {'a': np.arange(4, dtype=np.float32),
+                                    'b': np.zeros((0, 3), np.float32),
+                                    'c': np.ones(2, np.float32)})
+  out = gemma_load.read_safetensors(st)
+  np.testing.assert_array_equal(out['a'], np.arange(4))
+  assert out['b'].shape == (0, 3)
