@@ -253,7 +253,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
                 f'and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
       if n_a == n_b:
         raise ValueError(f'{message}: {advice}')
-      warnings.warn(f'{message}; a rank of at most {max(n_a, n_b)} spans as '
+      warnings.warn(f'{message}; a rank of {min(n_a, n_b)} spans as '
                     f'much. If that is not meant: {advice}', stacklevel=2)
     if maybe_stacked and (
         _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==

@@ -31,9 +31,10 @@ def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
 
 
 def test_a_rank_above_both_sides_of_a_non_square_layer_is_only_warned():
-  # Redundant (rank 4 spans as much) but a valid pair, as PEFT allows.
+  # Redundant (rank 4 spans every 4 x 6 matrix) but a valid pair, as PEFT
+  # allows.
   with pytest.warns(UserWarning, match=r'reads as rank 8, above both '
-                    r"factors' other sizes \(4, 6\); a rank of at most 6"):
+                    r"factors' other sizes \(4, 6\); a rank of 4 spans"):
     paired = lro.find_lora_pairs(
         {'q': {'lora_a': jnp.ones((4, 8)), 'lora_b': jnp.ones((8, 2, 3))}})
   assert len(paired.pairs) == 1
