@@ -86,9 +86,13 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
       raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
                      f'task {task!r}.')
     by_opt = tasks[task]['tests'][test]
-    counts = tasks[task].get('target_consistency', {}).get(
-        test.removesuffix('_consistent'))
-    if counts:
+    if '{' in label:
+      counts = tasks[task].get('target_consistency', {}).get(
+          test.removesuffix('_consistent'))
+      if counts is None:
+        raise KeyError(f'summary_{budget}.json has no target_consistency '
+                       f'counts for {test!r} (rerun benchmarks/reproduce.py '
+                       '--report_only for that budget).')
       label = label.format(kept=counts['kept'], scored=counts['scored'],
                            disagree=counts['scored'] - counts['kept'])
     measures = [m for m in ('accuracy', 'loss')

@@ -312,6 +312,11 @@ def scale_by_lora_rite(
 
   for name, beta in (('b1', b1), ('b2', b2)):
     checks.beta('scale_by_lora_rite', name, beta)
+  # 0 turns the clipping and the skipping off; below 0 they mean nothing.
+  for name, value in (('eps', eps), ('clip_unmagnified_grad',
+                                     clip_unmagnified_grad),
+                      ('update_skipping', update_skipping)):
+    checks.non_negative('scale_by_lora_rite', name, value)
   capping_off = (isinstance(update_capping, (int, float)) and
                  update_capping <= 0)
 

@@ -154,7 +154,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
 
   Raises:
     ValueError: for a factor without its partner, ranks that differ, a rank
-      larger than both factors' other sizes (a wrong layout), or (unless
+      larger than both factors' other sizes when those are equal (factors of
+      the other layout on a square layer; a rank above unequal sizes is
+      only warned about), or (unless
       ``allow_unpaired``) a leaf that belongs to no pair; with
       ``allow_unpaired``, for a tree with no pair but leaves named like
       factors (a wrong layout, or a flat dict that must be nested).

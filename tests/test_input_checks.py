@@ -146,6 +146,9 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.loraplus, {'lr_ratio': -16.0}, r'loraplus: lr_ratio must be > 0'),
     (lro.loraplus, {'b2': jnp.array(1.5)}, r'loraplus: b2 must be in'),
     (lro.loraplus, {'lr_embedding': 1e-5}, r'pass is_embedding too'),
+    (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
+    (lro.lora_rite, {'update_skipping': -1.0},
+     r'scale_by_lora_rite: update_skipping must be >= 0'),
 ])
 def test_baselines_check_their_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -89,3 +89,21 @@ def test_export_of_a_nested_language_model_targets_only_it(tmp_path):
                     )['target_modules'] == [
                         'down_proj', 'gate_proj', 'k_proj', 'o_proj',
                         'q_proj', 'up_proj', 'v_proj']
+
+
+def test_sampler_set_model_reuses_the_compiled_generation():
+  # The training loop merges new weights into a fresh model per evaluation.
+  first, second = _adapted(), _adapted()
+  lora.set_lora_params(second, jax.tree.map(lambda x: 2 * x,
+                                            lora.lora_params(second)))
+  sampler = gemma.Sampler(first, pad_multiple=8)
+  logits = lambda: sampler([[5, 6, 7, 8]], 1, stop_at_eos=False,
+                           return_logits=True).logits[0, 0]
+  logits()
+  fn = sampler._fn  # pylint: disable=protected-access
+  sampler.set_model(second)
+  want = gemma.Sampler(second, pad_multiple=8)([[5, 6, 7, 8]], 1,
+                                               stop_at_eos=False,
+                                               return_logits=True).logits[0, 0]
+  np.testing.assert_allclose(logits(), want, atol=2e-5)
+  assert sampler._fn is fn  # pylint: disable=protected-access

@@ -482,6 +482,12 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
   lines = st.table(out, rows=rows, seeds=2).splitlines()
   assert lines[2].startswith('| kept 4 of 7 | loss/token | 1.000 |'), lines
   assert lines[3].startswith('| all 7, 3 wrong | loss/token |'), lines
+  # A summary from before the counts were kept says so, not '{kept}'.
+  del s['tasks']['math']['target_consistency']
+  with open(os.path.join(out, 'summary_old.json'), 'w') as f:
+    json.dump(s, f)
+  with pytest.raises(KeyError, match='no target_consistency counts'):
+    st.table(out, rows=[('old',) + rows[0][1:]], seeds=2)
   # A run scored on other items, and a test set with no wrong target.
   with pytest.raises(ValueError, match='made with other settings'):
     rp.add_consistent_items({('math', 'adam', 1e-3, 0): {

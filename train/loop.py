@@ -1188,7 +1188,7 @@ def _gemma_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
     ev._sampler = Sampler(model, r.tokenizer)  # pylint: disable=protected-access
   else:
     # Same graph: reuse the compiled generation with the new weights.
-    ev._sampler.state = nnx.state(model)  # pylint: disable=protected-access
+    ev._sampler.set_model(model)  # pylint: disable=protected-access
   texts = []
   bs = cfg.eval.batch_size
   for start in range(0, len(prompts_ids), bs):

@@ -156,6 +156,11 @@ _GEMMA3_TEXT_DEFAULTS = {
 _HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
 
 
+def _and_more(names) -> str:
+  """' (and N more)' after the first of ``names``, when there are more."""
+  return f' (and {len(names) - 1} more)' if len(names) > 1 else ''
+
+
 class _ConfigError(ValueError):
   """A refusal whose message already names the file (not re-wrapped)."""
 
@@ -621,7 +626,7 @@ def load_hf(directory: str, *, dtype=jnp.float32,
   unexpected = _unexpected_hf_tensors(config, tensors)
   if unexpected:
     raise ValueError(f'{where[unexpected[0]]}: unexpected tensor '
-                     f'{unexpected[0]!r} (and {len(unexpected) - 1} more) for '
+                     f'{unexpected[0]!r}{_and_more(unexpected)} for '
                      'this config.json.')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
 
@@ -838,8 +843,8 @@ def load_gguf(path: str, *, dtype=jnp.float32,
   unexpected = sorted(set(by_name) - names)
   if unexpected:
     arch = gf.metadata.get('general.architecture')
-    raise ValueError(f'{path}: unexpected tensor {unexpected[0]!r} (and '
-                     f'{len(unexpected) - 1} more) for the model its metadata '
+    raise ValueError(f'{path}: unexpected tensor {unexpected[0]!r}'
+                     f'{_and_more(unexpected)} for the model its metadata '
                      f'describes ({arch}.block_count = {config.num_layers}).')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
 
