@@ -31,6 +31,7 @@ import fnmatch
 import functools
 import itertools
 import math
+import operator
 import os
 import re
 from pathlib import Path
@@ -201,8 +202,11 @@ def apply_lora(model: nnx.Module,
   if init not in INITS:
     raise ValueError(f'apply_lora: unknown init {init!r}; choose from '
                      f'{", ".join(INITS)}.')
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+  # Any integer (numpy's too, as lro.init takes), not 4.0 or True.
+  if (isinstance(rank, bool) or not hasattr(type(rank), '__index__')
+      or operator.index(rank) < 1):
     raise ValueError(f'apply_lora: rank must be a positive int, got {rank!r}.')
+  rank = operator.index(rank)
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'apply_lora: dropout must be in [0, 1), got {dropout}.')
   chosen = select(model, targets)

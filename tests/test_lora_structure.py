@@ -107,3 +107,13 @@ def test_sampler_set_model_reuses_the_compiled_generation():
                                                return_logits=True).logits[0, 0]
   np.testing.assert_allclose(logits(), want, atol=2e-5)
   assert sampler._fn is fn  # pylint: disable=protected-access
+
+
+def test_apply_lora_takes_any_integer_rank():
+  m = _model('gemma2-tiny')
+  lora.apply_lora(m, ['q'], rank=np.int64(4))  # as lro.init takes it
+  assert {x.shape[-1] for x in jax.tree.leaves(lora.lora_params(m))
+          if x.ndim == 2 and x.shape[-1] == 4}
+  for bad in (4.0, True, 0):
+    with pytest.raises(ValueError, match='rank must be a positive int'):
+      lora.apply_lora(_model('gemma2-tiny'), ['q'], rank=bad)
