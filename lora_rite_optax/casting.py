@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from optax._src import base
+
+
+def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
+  """The dtype a preconditioned step is returned in before the rate.
+
+  ``param_dtype``, except for a dtype with float16's narrow range (max
+  65504): a step before the learning rate can be far larger than the factor
+  (LoRA-RITE's A step scales with 1/||B||, ScaledAdam's with the inverse of
+  the partner's Gram matrix), so there it stays in ``wide_dtype`` (float32)
+  and `then_cast_to_params_dtype` casts it after the rate.
+  """
+  if jnp.finfo(param_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+    return jnp.dtype(wide_dtype)
+  return jnp.dtype(param_dtype)
 
 
 def then_cast_to_params_dtype(tx: base.GradientTransformation,

@@ -29,6 +29,12 @@ def _rounds_to_one_above(dtype) -> float:
   return 1 - float(jnp.finfo(dtype).epsneg) / 2
 
 
+def is_integer(value: Any) -> bool:
+  """Whether ``value`` is an integer (``operator.index`` takes it: numpy's
+  too, not 2.0 and not True)."""
+  return not isinstance(value, bool) and hasattr(type(value), '__index__')
+
+
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
   if isinstance(value, jax.core.Tracer) or callable(value):

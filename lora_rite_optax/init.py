@@ -30,7 +30,7 @@ __all__ = ['standard', 'gaussian', 'pissa', 'lora_ga', 'residual',
 
 def _check_int(who: str, name: str, value) -> None:
   """A size must be an integer (``operator.index``: not 2.0, not True)."""
-  if isinstance(value, bool) or not hasattr(type(value), '__index__'):
+  if not checks.is_integer(value):
     raise ValueError(f'{who}: {name} must be an integer, got {value!r}.')
 
 

@@ -60,16 +60,6 @@ def _state_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _update_dtype(param_dtype, state_dtype) -> jnp.dtype:
-  # The step before the learning rate can be far larger than the factor (the
-  # A step scales with 1/||B||, and B is ~lr after the first step from
-  # zero): float16 (max 65504) would overflow to inf, so its updates stay in
-  # the state's dtype and apply_updates casts them after the rate.
-  if jnp.finfo(param_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
-    return jnp.dtype(state_dtype)
-  return jnp.dtype(param_dtype)
-
-
 def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   """Bias-corrected decay beta (1 - beta^t) / (1 - beta^(t+1)), t 0-based."""
   beta = jnp.asarray(beta).astype(dtype)
@@ -520,7 +510,7 @@ def scale_by_lora_rite(
           if shrink is not None:
             step = s_new / shrink[role, part][:, None, None]
           out_leaves[index] = view.back(
-              step, _update_dtype(param_leaves[index].dtype, f['dtype']))
+              step, casting.step_dtype(param_leaves[index].dtype, f['dtype']))
           new_mu[index] = view.back(s_new, f['dtype'])
           new_basis[index] = param_leaves[index].astype(f['dtype'])
       # Each group keeps its own dtype (d1, d2 and the clip scale are

@@ -21,15 +21,6 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _output_dtype(grad_dtype) -> jnp.dtype:
-  """The gradient's dtype, but float32 for float16: a small partner makes
-  the scaled gradient large (its Gram inverse grows as 1/||partner||^2),
-  past float16's 65504, and an inf there is a NaN step after Adam."""
-  if jnp.finfo(grad_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
-    return _compute_dtype(grad_dtype)
-  return jnp.dtype(grad_dtype)
-
-
 def _precondition(grad, partner, delta, wait_for=None):
   """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r).
 
@@ -135,10 +126,10 @@ def scale_by_riemannian_precond(
       last = new_b
       out[pair.a_index] = pairs_lib.from_matrix(
           new_a, ga.shape, lay.a_rank_axis, lay.batch_axes
-      ).astype(_output_dtype(ga.dtype))
+      ).astype(casting.step_dtype(ga.dtype, dtype))
       out[pair.b_index] = pairs_lib.from_matrix(
           new_b, gb.shape, lay.b_rank_axis, lay.batch_axes
-      ).astype(_output_dtype(gb.dtype))
+      ).astype(casting.step_dtype(gb.dtype, dtype))
     return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -203,8 +203,8 @@ def apply_lora(model: nnx.Module,
     raise ValueError(f'apply_lora: unknown init {init!r}; choose from '
                      f'{", ".join(INITS)}.')
   # Any integer (numpy's too, as lro.init takes), not 4.0 or True.
-  if (isinstance(rank, bool) or not hasattr(type(rank), '__index__')
-      or operator.index(rank) < 1):
+  from lora_rite_optax import checks  # pylint: disable=g-import-not-at-top
+  if not checks.is_integer(rank) or operator.index(rank) < 1:
     raise ValueError(f'apply_lora: rank must be a positive int, got {rank!r}.')
   rank = operator.index(rank)
   if not 0.0 <= dropout < 1.0:
@@ -420,27 +420,28 @@ def combine_lora(graphdef, lora: Mapping, rest) -> nnx.Module:
 # Merging into the base weights.
 
 
-def _delta(proj: Projection) -> jax.Array:
-  """scale * A @ B in the kernel's shape, computed in float32."""
-  lora = proj.lora
+def _scaled_product(proj: Projection, a: jax.Array, b: jax.Array
+                    ) -> jax.Array:
+  """scale * a @ b in the kernel's shape, computed in float32."""
   in_dim, out_dim = _dims(proj)
-  a = lora.lora_a[...].astype(jnp.float32).reshape(in_dim, -1)
-  b = lora.lora_b[...].astype(jnp.float32).reshape(-1, out_dim)
+  a = a.astype(jnp.float32).reshape(in_dim, -1)
+  b = b.astype(jnp.float32).reshape(-1, out_dim)
   # HIGHEST: the default float32 product rounds to bfloat16 (TPU) or TF32
   # (GPU); the merged kernel (its forward pass, exported weights) should be
   # W + s A B to float32 accuracy.
   ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-  return (lora.scale * ab).reshape(proj.kernel.shape)
+  return (proj.lora.scale * ab).reshape(proj.kernel.shape)
+
+
+def _delta(proj: Projection) -> jax.Array:
+  """scale * A @ B, the adapter's weight delta."""
+  return _scaled_product(proj, proj.lora.lora_a[...], proj.lora.lora_b[...])
 
 
 def _initial_delta(proj: Projection) -> jax.Array:
   """scale * A0 @ B0, what a PiSSA / LoRA-GA init moved out of the kernel."""
-  lora = proj.lora
-  in_dim, out_dim = _dims(proj)
-  a = lora.initial_a[...].astype(jnp.float32).reshape(in_dim, -1)
-  b = lora.initial_b[...].astype(jnp.float32).reshape(-1, out_dim)
-  ab = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-  return (lora.scale * ab).reshape(proj.kernel.shape)
+  return _scaled_product(proj, proj.lora.initial_a[...],
+                         proj.lora.initial_b[...])
 
 
 def _has_residual_base(proj: Projection) -> bool:

@@ -188,20 +188,26 @@ def _as_float(v, what: str, source: str) -> float:
   return float(v)
 
 
+def _in_one_line(build: Callable[[], GemmaConfig], what: str) -> GemmaConfig:
+  """``build()``, any error it raises as one ValueError line: a refusal that
+  names its file as it is, anything else as ``what (Type: message).``"""
+  try:
+    return build()
+  except _ConfigError as e:
+    raise ValueError(str(e)) from None
+  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
+          ZeroDivisionError, OverflowError) as e:
+    raise ValueError(f'{what} ({type(e).__name__}: {e}).') from None
+
+
 def config_from_hf(d: dict, source: str = 'config.json') -> GemmaConfig:
   """A `GemmaConfig` from a Hugging Face config dict (Gemma 1/2/3).
 
   Raises:
     ValueError: one line naming ``source`` and what is wrong with it.
   """
-  try:
-    return _config_from_hf(d, source)
-  except _ConfigError as e:
-    raise ValueError(str(e)) from None
-  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
-          ZeroDivisionError, OverflowError) as e:
-    raise ValueError(f'{source}: invalid Gemma config '
-                     f'({type(e).__name__}: {e}).') from None
+  return _in_one_line(lambda: _config_from_hf(d, source),
+                      f'{source}: invalid Gemma config')
 
 
 def _config_from_hf(d: dict, source: str) -> GemmaConfig:
@@ -710,14 +716,8 @@ def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
   Raises:
     ValueError: one line naming the file and what is wrong with it.
   """
-  try:
-    return _config_from_gguf(gf)
-  except _ConfigError as e:
-    raise ValueError(str(e)) from None
-  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
-          ZeroDivisionError, OverflowError) as e:
-    raise ValueError(f'{gf.path}: invalid Gemma GGUF metadata '
-                     f'({type(e).__name__}: {e}).') from None
+  return _in_one_line(lambda: _config_from_gguf(gf),
+                      f'{gf.path}: invalid Gemma GGUF metadata')
 
 
 def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
