@@ -16,6 +16,7 @@ import pytest
 
 from models import gemma
 from models.gemma import load as gemma_load
+from tests import gguf_files
 from tests.test_gemma_model import _one_line, _params, _tiny, _write_gemma_gguf
 
 LAYER2 = 'model.layers.2.input_layernorm.weight'
@@ -258,16 +259,9 @@ def test_bad_gguf_metadata(gguf_path, key, value, match):
 
 
 def test_gguf_alignment_must_be_a_power_of_two(tmp_path):
-  import gguf  # pylint: disable=g-import-not-at-top
   for align in (0, 24):
     path = tmp_path / f'a{align}.gguf'
-    w = gguf.GGUFWriter(str(path), 'gemma3')
-    w.add_custom_alignment(32)
-    w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_files.write_minimal_gguf(path, 'gemma3', alignment=32)
     _patch_gguf_u32(path, 'general.alignment', align)
     msg = _refused(path, 'not a readable GGUF file \\(general.alignment must '
                    f'be a power of two, got {align}\\)')

@@ -18,6 +18,7 @@ from models import gemma
 from models.gemma import load as gemma_load
 from models.gemma.config import GLOBAL, LOCAL
 from models.layers import Projection
+from tests import gguf_files
 
 FAMILIES = ['gemma-tiny', 'gemma2-tiny', 'gemma3-tiny']
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -488,33 +489,29 @@ def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None):
   """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w)."""
   import gguf  # pylint: disable=g-import-not-at-top
   c = model.config
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_context_length(c.max_seq_len)
-  w.add_embedding_length(c.width)
-  w.add_block_count(c.num_layers)
-  w.add_feed_forward_length(c.mlp_dim)
-  w.add_head_count(c.num_heads)
-  w.add_head_count_kv(c.num_kv_heads)
-  w.add_key_length(c.head_dim)
-  w.add_value_length(c.head_dim)
-  w.add_layer_norm_rms_eps(c.norm_eps)
-  w.add_rope_freq_base(c.rope_base_global)
-  if c.sliding_window:
-    w.add_sliding_window(c.sliding_window)
-  if c.rope_scale_global != 1.0 or rope_scaling is not None:
-    w.add_rope_scaling_type(rope_scaling or gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(c.rope_scale_global)
-  # pylint: disable=protected-access
-  for e in gemma_load._param_table(c):
-    arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))
-    if e.is_norm:
-      arr = arr + 1.0
-    w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
-                 np.ascontiguousarray(arr, np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  with gguf_files.gguf_writer(path, arch) as w:
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.width)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.mlp_dim)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_base_global)
+    if c.sliding_window:
+      w.add_sliding_window(c.sliding_window)
+    if c.rope_scale_global != 1.0 or rope_scaling is not None:
+      w.add_rope_scaling_type(rope_scaling or gguf.RopeScalingType.LINEAR)
+      w.add_rope_scaling_factor(c.rope_scale_global)
+    # pylint: disable=protected-access
+    for e in gemma_load._param_table(c):
+      arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))
+      if e.is_norm:
+        arr = arr + 1.0
+      w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
+                   np.ascontiguousarray(arr, np.float32))
 
 
 def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
@@ -535,7 +532,6 @@ def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
 
 def _write_tokenizer_gguf(path):
   """A GGUF holding only a small Gemma-style SentencePiece vocabulary."""
-  import gguf  # pylint: disable=g-import-not-at-top
   specials = ['<pad>', '<eos>', '<bos>', '<unk>']
   byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
   words = ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll', 'hell', 'hello',
@@ -544,21 +540,17 @@ def _write_tokenizer_gguf(path):
   # llama.cpp types: control, byte, normal; '\n' user-defined as in Gemma 3.
   types = [3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4]
   scores = [0.0] * 260 + [-float(i) for i in range(len(words))]
-  w = gguf.GGUFWriter(str(path), 'gemma3')
-  w.add_tokenizer_model('llama')
-  w.add_token_list(tokens)
-  w.add_token_scores(scores)
-  w.add_token_types(types)
-  w.add_bos_token_id(2)
-  w.add_eos_token_id(1)
-  w.add_unk_token_id(3)
-  w.add_pad_token_id(0)
-  w.add_add_bos_token(True)
-  w.add_add_space_prefix(False)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  with gguf_files.gguf_writer(path, 'gemma3') as w:
+    w.add_tokenizer_model('llama')
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
   return len(tokens)
 
 
@@ -660,15 +652,8 @@ def test_gguf_with_rope_scaling_other_than_linear_is_refused(tmp_path):
 
 
 def test_gguf_of_another_architecture(tmp_path):
-  import gguf  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'llama.gguf'
-  w = gguf.GGUFWriter(str(path), 'llama')
-  w.add_block_count(1)
-  w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  gguf_files.write_minimal_gguf(path, 'llama')
   with pytest.raises(ValueError, match="architecture is 'llama'") as e:
     gemma.from_pretrained(path)
   assert str(path) in _one_line(e)

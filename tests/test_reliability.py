@@ -33,6 +33,7 @@ import pytest
 
 from train import configs
 from train import loop
+from tests import gguf_files
 
 # One xdist worker: the module's fixtures (an uninterrupted run, the built
 # tiny model, a saved Gemma) are then built once.
@@ -391,17 +392,6 @@ def _copy_hf(src, dst, drop=None, reshape=None):
   gemma_load.write_safetensors(st, tensors)
 
 
-def _write_gguf(path, arch):
-  import gguf  # pylint: disable=g-import-not-at-top
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(1)
-  w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-
-
 def _write_peft(d, tensors, r=4):
   from models import hf_io  # pylint: disable=g-import-not-at-top
   d.mkdir()
@@ -465,7 +455,7 @@ BAD_INPUTS = [
      lambda t: _from_pretrained(t / 'hf'), ValueError,
      "has shape [3, 5], expected [128, 64] for this config.json"),
     ('GGUF of another architecture',
-     lambda t: _write_gguf(t / 'llama.gguf', 'llama'),
+     lambda t: gguf_files.write_minimal_gguf(t / 'llama.gguf', 'llama'),
      lambda t: _from_pretrained(t / 'llama.gguf'), ValueError,
      "GGUF architecture is 'llama'; expected a Gemma model"),
     ('pickle .bin checkpoint',
