@@ -159,6 +159,10 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
              for line in logs), logs
   with open(run_dir / 'eval.csv') as f:
     assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
+  # TensorBoard too hides the first evaluation at step 4 (its point is
+  # still in the older event file): purges from 0 (fresh), 3 (the resume
+  # after step 2), 5 (nothing to hide at the finished run's start), 4.
+  assert _tensorboard_purges(run_dir / 'tensorboard' / 'eval') == [0, 3, 5, 4]
   for key in ('final_loss', 'eval_before', 'dropped_target_tokens'):
     assert third[key] == second[key], key
   again = lambda res: {k: v for k, v in res.items() if k != 'seconds'}

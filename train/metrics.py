@@ -86,6 +86,7 @@ class MetricsWriter:
     self._csv = None
     self._writer = None
     self._tb = None
+    self._tb_dir = os.path.join(run_dir, TB_DIR, tb_subdir)
     self.kept: list[dict[str, float]] = []
     if not self.enabled:
       return
@@ -97,20 +98,27 @@ class MetricsWriter:
       self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
     if tensorboard:
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(run_dir, TB_DIR, tb_subdir),
-                                 purge_step=last_step + 1)
+        import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+        self._tb = self._open_tensorboard(purge_step=last_step + 1)
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None
+
+  def _open_tensorboard(self, purge_step: int):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter(self._tb_dir, purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, float], *,
             replace: bool = False) -> None:
     """Appends one row; with ``replace``, rows already at ``step`` or later
     go first (a finished run's final evaluation, done again on resume: the
-    old row stays until the new one is there)."""
+    old row stays until the new one is there; TensorBoard, reopened with
+    ``purge_step=step``, hides its old point)."""
     if not self.enabled:
       return
     if replace:
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = self._open_tensorboard(purge_step=int(step))
       self._csv.close()
       self._fields, _ = _keep_rows_up_to(self._csv.name, int(step) - 1)
       self._csv = open(self._csv.name, 'a', newline='', encoding='utf-8')
