@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 
 # Before LAPACK loads: jaxlib's batched CPU eigh already uses every core,
 # and OpenBLAS threads on top oversubscribe them (see optimizer_step.py).
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+# Runs from a clone without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

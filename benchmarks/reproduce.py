@@ -26,7 +26,7 @@ Tasks and test sets:
   out (`seen_in_training`); ``--decontaminate`` instead retrains without
   them and scores every sampled GSM8K item, not the held-out math
   (``small-decontam``). GSM8K's packaged targets are LLM-written chains of
-  thought, and many end on a wrong number (71 of the 150 sampled): each
+  thought, and many end on a wrong number (70 of the 150 sampled): each
   GSM8K report also scores ``gsm8k_consistent``, only the items whose
   target ends on the gold answer (`add_consistent_items`).
 * ``boolq``, ``openbookqa``, ``arc_challenge``: accuracy by answer

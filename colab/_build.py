@@ -371,10 +371,12 @@ RANK, ALPHA = 16, 16.0
 TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 WARMUP = max(1, STEPS // 10)
 # Peak learning rates, one per optimizer: each one's best by validation loss
-# among 2e-5, 5e-5, 2e-4 and 1e-3 in `benchmarks/reproduce.py --budget small`
-# on these problems (README, "make demo"; docs/results). Cosine decay to 10%
-# after a linear warmup, which LoRA-RITE needs: lora_b starts at 0, so its
-# first update of lora_a is as large as lora_a whatever the rate.
+# in `benchmarks/reproduce.py --budget small` on these problems (LoRA-RITE's
+# among 2e-5, 5e-5, 2e-4 and 1e-3, Adam's among 2e-4, 1e-3 and 3e-3; README,
+# "make demo"; docs/results). They were chosen for 40 steps with linear
+# decay to 0, not for this schedule. Cosine decay to 10% after a linear
+# warmup, which LoRA-RITE needs: lora_b starts at 0, so its first update of
+# lora_a is as large as lora_a whatever the rate.
 PEAK_LR = {'lora_rite': 5e-5, 'adam': 1e-3}
 N_SHOW = 16            # held-out problems generated before and after
 '''),
@@ -737,6 +739,9 @@ MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
 # mounted at the same path.
 RUN_DIR = '/mnt/shared/lora-rite/' + CONFIG
 
+if '<org>' in REPO_URL:  # every host clones it: no command works without it
+  print('# !!! Set REPO_URL in the first cell to the lora-rite-optax '
+        'repository, then run this cell again.')
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
 setup = ('git clone ' + REPO_URL + ' && cd lora-rite-optax && '
