@@ -56,8 +56,10 @@ class ScaleByLoraRiteState(NamedTuple):
 
 
 def _state_dtype(dtype) -> jnp.dtype:
-  # Statistics live in float32 at least (float64 when the params are).
-  return jnp.promote_types(dtype, jnp.float32)
+  # Statistics live in float32 at least (float64 when the params are and
+  # x64 is on). Canonical, as jit sees it: numpy float64 params without x64
+  # are float32 arrays inside jit, and the group keys must agree with them.
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
@@ -73,7 +75,10 @@ def pair_groups(paired: pairs_lib.PairedTree, leaves: list
 
   Args:
     paired: the pairs of a tree (:func:`lora_rite_optax.find_lora_pairs`).
-    leaves: that tree's leaves (arrays or shape-dtype structs), in order.
+    leaves: that tree's leaves (arrays or shape-dtype structs), in order,
+      as ``find_lora_pairs`` indexes them: masked-out leaves
+      (``optax.MaskedNode``, ``None``) included, which ``jax.tree.leaves``
+      drops (the same list for a tree without them).
 
   Returns:
     ``{'rank{r}_{dtype}': [(pair index, slices), ...]}``, pairs in tree order;
@@ -223,7 +228,8 @@ def scale_by_lora_rite(
   Args:
     b1: decay of the first moment.
     b2: decay of the second moment.
-    eps: added to the square root of the second moment's eigenvalues.
+    eps: added to the square root of the second moment's eigenvalues; with
+      0, a direction whose eigenvalue (and escaped mass) is 0 gets no step.
     clip_unmagnified_grad: global-norm clip of all unmagnified gradients; 0
       turns it off.
     update_skipping: zero a factor's unmagnified gradient when its RMS exceeds
@@ -471,8 +477,14 @@ def scale_by_lora_rite(
       lam, q = jnp.linalg.eigh(linalg.after(nu, last_q) if last_q is not None
                                else nu)
       last_q = q
-      inv_root = 1.0 / (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
-                        jnp.asarray(eps).astype(nu.dtype))
+      denom = (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
+               jnp.asarray(eps).astype(nu.dtype))
+      # A zero denominator (eps = 0, or an eps that rounds to 0 in float16
+      # under inject_hyperparams, on a direction with no second moment: all
+      # of A's while B = 0) is a null direction: 0, not inf, whose 0 * inf
+      # would make the whole factor NaN.
+      inv_root = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0),
+                           0.0)
       precond = mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
       # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,
@@ -630,7 +642,8 @@ def lora_rite(
     learning_rate: a float or an optax schedule.
     b1: decay of the first moment.
     b2: decay of the second moment.
-    eps: added to the square root of the second moment's eigenvalues.
+    eps: added to the square root of the second moment's eigenvalues; with
+      0, a direction whose eigenvalue (and escaped mass) is 0 gets no step.
     weight_decay: decoupled weight decay :math:`\lambda`.
     clip_unmagnified_grad: global-norm clip of all unmagnified gradients; 0
       turns it off.

@@ -226,3 +226,45 @@ def test_traced_b2_warns_only_in_a_dtype_that_rounds_it_to_one():
     assert bool(said) == warns, (dtype, said)
     if warns:
       assert 'values above 0.998 round to 1' in said[0]
+
+
+def test_lora_rite_numpy_float64_params_without_x64_agree_with_jit():
+  # Without x64, numpy float64 params are float32 arrays inside jit: the
+  # state's group keys must say float32 in every init path, or a jitted
+  # update (and the second eager step) finds no statistics for its group.
+  rng = np.random.default_rng(0)
+  params = {'lora_a': rng.normal(size=(6, 3)), 'lora_b': np.zeros((3, 5))}
+  grads = {'lora_a': np.ones((6, 3)), 'lora_b': np.ones((3, 5))}
+  tx = lro.lora_rite(0.1)
+  state = tx.init(params)
+  assert list(state[0].nu) == ['rank3_float32']
+  shapes = jax.eval_shape(tx.init, params)
+  assert jax.tree.structure(shapes) == jax.tree.structure(state)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  updates, _ = tx.update(grads, state, params)
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('zero_b', [True, False])
+def test_lora_rite_with_eps_zero_gives_no_step_along_null_directions(zero_b):
+  # A rank-1 gradient of H leaves r - 1 directions of each second moment at
+  # 0 (all of A's while B = 0): with eps = 0 those get no step, not the
+  # NaN of 0 * inf.
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  b = (jnp.zeros((3, 5)) if zero_b else
+       jnp.asarray(rng.normal(size=(3, 5)), jnp.float32))
+  g = np.outer(rng.normal(size=6), rng.normal(size=5))
+  params = {'lora_a': a, 'lora_b': b}
+  grads = {'lora_a': jnp.asarray(g @ np.asarray(b).T, jnp.float32),
+           'lora_b': jnp.asarray(np.asarray(a).T @ g, jnp.float32)}
+  tx = lro.lora_rite(0.1, eps=0.0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for u in jax.tree.leaves(updates):
+    assert np.isfinite(u).all()
+  if zero_b:
+    np.testing.assert_array_equal(updates['lora_a'], 0.0)
+  # B's step lies in the gradient's column space: rank 1, like the gradient.
+  assert np.linalg.matrix_rank(np.asarray(updates['lora_b']), tol=1e-5) == 1
+  assert np.abs(updates['lora_b']).max() > 0
