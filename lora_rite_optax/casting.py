@@ -1,10 +1,21 @@
-"""The last step of an optimizer whose updates leave the params' dtype."""
+"""The dtypes optimizers compute and return their steps in."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from optax._src import base
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 at least (float64 for float64 params with x64 on), canonical.
+
+  Canonical as jit sees it: without x64, numpy float64 params are float32
+  arrays inside jit, and a state built eagerly must match the one
+  ``jax.eval_shape`` or a jitted update sees (LoRA-RITE's group keys name
+  this dtype).
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:

@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import linalg
 
@@ -48,10 +49,6 @@ def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:
   if rank < 1 or in_dim < 1 or out_dim < 1:
     raise ValueError(f'{who}: in_dim, out_dim and rank must be positive, got '
                      f'({in_dim}, {out_dim}, {rank}).')
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def standard(key: jax.Array, in_dim: int, out_dim: int, rank: int,
@@ -86,7 +83,7 @@ def standard(key: jax.Array, in_dim: int, out_dim: int, rank: int,
   """
   _check_dims('standard', in_dim, out_dim, rank)
   bound = 1.0 / math.sqrt(in_dim)
-  a = jax.random.uniform(key, (in_dim, rank), _compute_dtype(dtype), -bound,
+  a = jax.random.uniform(key, (in_dim, rank), casting.compute_dtype(dtype), -bound,
                          bound).astype(dtype)
   return a, jnp.zeros((rank, out_dim), dtype)
 
@@ -116,7 +113,7 @@ def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
   """
   _check_dims('gaussian', in_dim, out_dim, rank)
   std = 1.0 / rank if std is None else std
-  a = std * jax.random.normal(key, (in_dim, rank), _compute_dtype(dtype))
+  a = std * jax.random.normal(key, (in_dim, rank), casting.compute_dtype(dtype))
   return a.astype(dtype), jnp.zeros((rank, out_dim), dtype)
 
 
@@ -162,7 +159,7 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
                      f'got {oversample} and {niter}.')
   q = min(rank + oversample, m, n)
   # QR and SVD need at least float32 (jnp.linalg has no bfloat16 QR).
-  x = x.astype(_compute_dtype(x.dtype))
+  x = x.astype(casting.compute_dtype(x.dtype))
   key = jax.random.key(0) if key is None else key
   omega = jax.random.normal(key, (n, q), x.dtype)
   mm = linalg.matmul
@@ -207,7 +204,7 @@ def residual(w0: jax.Array, a: jax.Array, b: jax.Array,
       b.shape != (a.shape[1], w0.shape[1])):
     raise ValueError(f'residual: shapes w0 {w0.shape}, a {a.shape}, b '
                      f'{b.shape} are not (in, out), (in, r), (r, out).')
-  dtype = _compute_dtype(w0.dtype)
+  dtype = casting.compute_dtype(w0.dtype)
   w = w0.astype(dtype) - scale * linalg.matmul(a.astype(dtype),
                                                b.astype(dtype))
   return w.astype(w0.dtype)
@@ -265,7 +262,7 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   # The LoRA scaling alpha / r; checked where its value is known (a number
   # or a concrete array, not a tracer).
   checks.positive('pissa', 'scale', scale)
-  w = w0.astype(_compute_dtype(w0.dtype))
+  w = w0.astype(casting.compute_dtype(w0.dtype))
   if niter is None:
     u, s, vh = jnp.linalg.svd(w, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
@@ -350,7 +347,7 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
   if rank < 1 or 2 * rank > min(in_dim, out_dim):
     raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
                      f'{rank} for shape {w0.shape}.')
-  dtype = _compute_dtype(w0.dtype)
+  dtype = casting.compute_dtype(w0.dtype)
   g = grad.astype(dtype)
   if use_sign:
     g = jnp.sign(g)

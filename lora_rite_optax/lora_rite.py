@@ -55,13 +55,6 @@ class ScaleByLoraRiteState(NamedTuple):
   rinv: dict[str, chex.Array]
 
 
-def _state_dtype(dtype) -> jnp.dtype:
-  # Statistics live in float32 at least (float64 when the params are and
-  # x64 is on). Canonical, as jit sees it: numpy float64 params without x64
-  # are float32 arrays inside jit, and the group keys must agree with them.
-  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
-
-
 def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
   """Bias-corrected decay beta (1 - beta^t) / (1 - beta^(t+1)), t 0-based."""
   beta = jnp.asarray(beta).astype(dtype)
@@ -99,7 +92,7 @@ def pair_groups(paired: pairs_lib.PairedTree, leaves: list
     a = leaves[pair.a_index]
     slices, _, r = pairs_lib.matrix_shape(
         a.shape, pair.layout.a_rank_axis, pair.layout.batch_axes)
-    key = f'rank{r}_{jnp.dtype(_state_dtype(a.dtype)).name}'
+    key = f'rank{r}_{jnp.dtype(casting.compute_dtype(a.dtype)).name}'
     groups.setdefault(key, []).append((k, slices))
   return groups
 
@@ -278,7 +271,7 @@ def scale_by_lora_rite(
     def zeros(leaf):
       if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
         return leaf
-      return jnp.zeros(leaf.shape, _state_dtype(leaf.dtype))
+      return jnp.zeros(leaf.shape, casting.compute_dtype(leaf.dtype))
 
     mu = jax.tree_util.tree_unflatten(paired.treedef,
                                       [zeros(l) for _, l in leaves])
@@ -291,7 +284,7 @@ def scale_by_lora_rite(
       r = pairs_lib.matrix_shape(a.shape, first.layout.a_rank_axis,
                                  first.layout.batch_axes)[2]
       slices = sum(n for _, n in members)
-      dtype = _state_dtype(a.dtype)
+      dtype = casting.compute_dtype(a.dtype)
       nu[key] = jnp.zeros((2, slices, r, r), dtype)
       escaped[key] = jnp.zeros((2, slices), dtype)
       rinv[key] = jnp.zeros((2, slices, r, r), dtype)
@@ -365,7 +358,7 @@ def scale_by_lora_rite(
                           (pair.b_index, lay.b_rank_axis)):
         leaf = param_leaves[index]
         view = _View.of(leaf.shape, axis, lay.batch_axes)
-        dtype = _state_dtype(leaf.dtype)
+        dtype = casting.compute_dtype(leaf.dtype)
         x = view.to(leaf, dtype)
         grad = view.to(grad_leaves[index], dtype)
         s_prev = view.to(mu_leaves[index], dtype)
@@ -591,7 +584,7 @@ def balance_lora_factors(
       norms = {}
       for index in (pair.a_index, pair.b_index):
         p = param_leaves[index]
-        dtype = _state_dtype(p.dtype)
+        dtype = casting.compute_dtype(p.dtype)
         new[index] = p.astype(dtype) + out[index].astype(dtype)
         # One norm per stacked slice: each slice is its own pair.
         flat = new[index].reshape(

@@ -17,10 +17,6 @@ __all__ = ['scale_by_riemannian_precond', 'scale_by_adam_authors',
            'scaled_adam', 'ScaleByAdamAuthorsState']
 
 
-def _compute_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _precondition(grad, partner, delta, wait_for=None):
   """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r).
 
@@ -115,7 +111,7 @@ def scale_by_riemannian_precond(
     for pair in paired.pairs:
       lay = pair.layout
       ga, gb = grads[pair.a_index][1], grads[pair.b_index][1]
-      dtype = _compute_dtype(jnp.result_type(ga, gb))
+      dtype = casting.compute_dtype(jnp.result_type(ga, gb))
       view = lambda x, axis: pairs_lib.to_matrix(x.astype(dtype), axis,
                                                  lay.batch_axes)
       xa = view(values[pair.a_index][1], lay.a_rank_axis)
@@ -180,7 +176,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   checks.non_negative('scaled_adam', 'eps', eps)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, _compute_dtype(p.dtype))
+    zeros = lambda p: jnp.zeros(p.shape, casting.compute_dtype(p.dtype))
     return ScaleByAdamAuthorsState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
@@ -149,7 +150,7 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
 
 
 def _dtype(x):
-  return jnp.promote_types(x.dtype, jnp.float32)
+  return casting.compute_dtype(x.dtype)
 
 
 def scale_by_shampoo(
