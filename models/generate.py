@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = gemma.load_tokenizer(args.tokenizer or args.checkpoint)
     model = gemma.from_pretrained(args.checkpoint,
                                   dtype=getattr(jnp, args.dtype))
+    # Inside the try: the Sampler refuses bad settings (--max-new-tokens 0,
+    # --top-k beyond the vocabulary) and a tokenizer whose ids the model
+    # lacks, each with one line.
+    out = gemma.Sampler(model, tokenizer)(
+        [args.prompt], args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  out = gemma.Sampler(model, tokenizer)(
-      [args.prompt], args.max_new_tokens, temperature=args.temperature,
-      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   print(out.text[0])
   return 0
 

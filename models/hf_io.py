@@ -9,10 +9,11 @@ refused with a hint to convert them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 import numpy as np
 from safetensors import safe_open
@@ -81,10 +82,54 @@ def read_json(path: str | os.PathLike, what: str = 'file') -> dict[str, Any]:
   return data
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write('\n')
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+  """A temporary file next to ``path`` that replaces it on success.
+
+  Write to the yielded path: a failure part-way leaves ``path`` as it was
+  (never half-written) and removes the temporary file. The rename also keeps
+  arrays memory-mapped from the old file valid (they hold its inode).
+  """
+  path = Path(path)
+  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _json_value(value: Any) -> Any:
+  """json.dumps' fallback: NumPy / JAX scalars and paths as plain values."""
+  if isinstance(value, os.PathLike):
+    return os.fspath(value)
+  if isinstance(value, np.generic) or getattr(value, 'shape', None) == ():
+    return value.item()
+  raise TypeError(f'a {type(value).__name__} value is not a JSON type')
+
+
+def dumps_json(data: Mapping[str, Any], where: str | os.PathLike) -> str:
+  """``data`` as JSON text, or a one-line ValueError naming ``where``.
+
+  Serialising before opening any file is what keeps a value JSON cannot
+  hold from leaving a truncated file behind.
+  """
+  try:
+    return json.dumps(data, indent=2, sort_keys=True,
+                      default=_json_value) + '\n'
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{where}: cannot write as JSON ({e}).') from None
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (see :func:`replacing`)."""
+  with replacing(path) as tmp:
+    tmp.write_text(text, encoding='utf-8')
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+  """Writes ``data`` as JSON, atomically; nothing is written if it fails."""
+  write_text(path, dumps_json(data, path))
 
 
 class Tensors(Mapping[str, np.ndarray]):
@@ -186,17 +231,26 @@ def load_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
 def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                  max_shard_bytes: int | None = None,
                  filename: str = SAFETENSORS,
-                 index: str = SAFETENSORS_INDEX) -> list[Path]:
-  """Writes ``tensors`` as one file or as shards plus an index (HF layout)."""
+                 index: str | None = None) -> list[Path]:
+  """Writes ``tensors`` as one file or as shards plus an index (HF layout).
+
+  Each file is written atomically; afterwards the other layout's files
+  (``filename``, ``index``, or ``{stem}-*-of-*`` shards) left by an earlier
+  save are removed, since a loader would read them instead of the new ones.
+  ``index`` defaults to ``filename + '.index.json'``.
+  """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
+  index = index or f'{filename}.index.json'
   # Transformers refuses safetensors files without a known framework tag.
   metadata = {'format': 'pt'}
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   total = sum(v.nbytes for v in tensors.values())
   if max_shard_bytes is None or total <= max_shard_bytes:
     path = safe_join(directory, filename)
-    save_file(tensors, str(path), metadata=metadata)
+    with replacing(path) as tmp:
+      save_file(tensors, str(tmp), metadata=metadata)
+    remove_stale_weights(directory, [filename], filename, index)
     return [path]
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -211,9 +265,32 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   for i, shard in enumerate(shards):
     shard_name = f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors'
     path = safe_join(directory, shard_name)
-    save_file(shard, str(path), metadata=metadata)
+    with replacing(path) as tmp:
+      save_file(shard, str(tmp), metadata=metadata)
     paths.append(path)
     weight_map.update({name: shard_name for name in shard})
   write_json(safe_join(directory, index),
              {'metadata': {'total_size': total}, 'weight_map': weight_map})
+  remove_stale_weights(directory, [p.name for p in paths] + [index],
+                       filename, index)
   return paths
+
+
+def remove_stale_weights(directory: str | os.PathLike, keep: Collection[str],
+                         filename: str = SAFETENSORS,
+                         index: str | None = None) -> None:
+  """Removes the weights files of an earlier save that are not in ``keep``.
+
+  Candidates are ``filename``, its shard index (default ``filename +
+  '.index.json'``) and shards named ``{stem}-*-of-*.safetensors``, as
+  Transformers' save_pretrained cleans up: a loader prefers the single file
+  to the index, so a stale one would load in place of the new weights.
+  """
+  directory = Path(directory)
+  stem = filename.rsplit('.', 1)[0]
+  stale = {filename, index or f'{filename}.index.json'}
+  stale.update(p.name for p in directory.glob(f'{stem}-*-of-*.safetensors'))
+  for name in sorted(stale - set(keep)):
+    path = directory / name
+    if path.is_file() or path.is_symlink():
+      path.unlink()

@@ -452,6 +452,24 @@ def _has_residual_base(proj: Projection) -> bool:
           getattr(lora, 'initial_a', None) is not None)
 
 
+def check_no_residual_base(model: nnx.Module, who: str) -> None:
+  """Refuses a model whose kernels are not weights to save on their own.
+
+  After a PiSSA / LoRA-GA init an unmerged adapter's kernel is the residual
+  ``W0 - s A0 B0``: written as a checkpoint it is neither the base nor the
+  tuned model.
+
+  Raises:
+    ValueError: naming the first such projection and what to do.
+  """
+  for path, proj in projections(model).items():
+    if _has_residual_base(proj):
+      raise ValueError(f'{who}: the kernel of {path!r} is the residual '
+                       'W0 - s A0 B0 of an unmerged PiSSA / LoRA-GA adapter; '
+                       'merge_lora first to save the tuned model, or '
+                       'remove_lora to save the base.')
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
   """Folds every unmerged adapter into its kernel (in place).
 
@@ -625,6 +643,10 @@ def _export_factors(lora: LoRAWeights, original_base: bool):
   alpha = getattr(lora, 'alpha', None)
   if alpha is None:
     alpha = lora.scale * (math.sqrt(r) if rslora else r)
+  if not isinstance(alpha, (int, float)):
+    # A JAX scalar alpha (apply_lora takes one) would not hash for the
+    # most-common-alpha choice below.
+    alpha = float(alpha)
   if original_base and getattr(lora, 'initial_a', None) is not None:
     a = jnp.concatenate([a, lora.initial_a[...]], axis=-1)
     b = jnp.concatenate([b, -lora.initial_b[...]], axis=0)
@@ -660,7 +682,8 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
 
   Raises:
     ValueError: no adapters, an unmapped module, two modules mapped to one
-      name, or an adapter_name that is not a plain name.
+      name, an adapter_name that is not a plain name, or a config value
+      JSON cannot hold (nothing is written then).
   """
   who = 'save_peft_adapter'
   default_map, default_task = _default_name_map(model, who)
@@ -739,9 +762,12 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
       'layers_pattern': None,
       'revision': None,
   }
+  # Serialised before any file is written: a value JSON cannot hold leaves
+  # the folder as it was.
+  config_text = hf_io.dumps_json(config, out_dir / ADAPTER_CONFIG)
   out_dir.mkdir(parents=True, exist_ok=True)
   hf_io.save_tensors(out_dir, tensors, filename=ADAPTER_WEIGHTS)
-  hf_io.write_json(hf_io.safe_join(out_dir, ADAPTER_CONFIG), config)
+  hf_io.write_text(hf_io.safe_join(out_dir, ADAPTER_CONFIG), config_text)
   return out_dir
 
 

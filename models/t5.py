@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import hf_io
+from models import hf_io, lora
 from models.layers import Projection
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
@@ -417,6 +417,16 @@ class T5(nnx.Module):
     ``index .. index + T - 1`` and attend to the cached positions before them.
     """
     t = tokens.shape[1]
+    if cache is not None:
+      # dynamic_update_slice clamps a write past the end onto the last
+      # slots: the cache would silently lose tokens. Shapes are static; the
+      # index is checked where it is concrete (eager calls).
+      size = cache[0][0].shape[1]
+      if t > size or (not isinstance(index, jax.core.Tracer) and
+                      int(index) + t > size):
+        raise ValueError(
+            f'the KV cache holds {size} tokens; writing {t} at position '
+            f'{index} would overflow it (make it larger with init_cache).')
     q_pos = index + jnp.arange(t)
     k_pos = jnp.arange(t if cache is None else cache[0][0].shape[1])
     causal = k_pos[None, :] <= q_pos[:, None]
@@ -481,6 +491,17 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   forward (the reference the cache is tested against). The model runs in
   eval mode (no dropout) whatever mode it is in.
   """
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+  if not isinstance(encoder_tokens, jax.core.Tracer):
+    # The embedding lookup would fill NaN, and attention spread it to every
+    # position of the row: say which id instead.
+    ids = np.asarray(encoder_tokens)
+    bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
+    if bad.size:
+      raise ValueError(f'greedy_generate: encoder token id {bad[0]} is '
+                       'outside the model\'s vocabulary of '
+                       f'{model.config.vocab_size} (another tokenizer?).')
   # Generation is inference: an eval-mode copy sharing the weights (no
   # dropout, a LoRA adapter's included); the caller's model keeps its mode.
   model = nnx.merge(*nnx.split(model))
@@ -731,9 +752,20 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
   written as they are: LoRA adapters are not included unless merged
   (``models.lora.merge_lora``; or export them with
   ``models.lora.save_peft_adapter``), and after a PiSSA / LoRA-GA init the
-  kernels hold the residual ``W0 - s A0 B0``, not the original weights.
+  kernels hold the residual ``W0 - s A0 B0``, not the original weights,
+  so such a model is refused. The other layout's files of an earlier save
+  in ``directory`` (single file or shards) are removed.
+
+  Raises:
+    ValueError: an unmerged PiSSA / LoRA-GA adapter (merge_lora or
+      remove_lora first), or a config value JSON cannot hold; nothing is
+      written then.
   """
+  lora.check_no_residual_base(model, 't5.save_pretrained')
   directory = Path(directory)
+  config = hf_io.dumps_json(
+      config_to_hf(model.config, model.embedding[...].dtype),
+      directory / hf_io.CONFIG)
   directory.mkdir(parents=True, exist_ok=True)
   tensors = {}
   for name, var, kind in _hf_params(model):
@@ -743,6 +775,5 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
       value = value.reshape(cols, rows).T
     tensors[name] = value
   hf_io.save_tensors(directory, tensors, max_shard_bytes)
-  hf_io.write_json(directory / hf_io.CONFIG,
-                   config_to_hf(model.config, model.embedding[...].dtype))
+  hf_io.write_text(directory / hf_io.CONFIG, config)
   return directory

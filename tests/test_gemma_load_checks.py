@@ -124,14 +124,18 @@ def test_hf_layer_types_must_list_every_layer(hf):
 
 
 def test_hf_leftover_in_a_shard_names_that_shard(hf):
-  st = str(hf / 'model.safetensors')
+  # A sharded checkpoint (a single model.safetensors would be read instead
+  # of the index, as transformers does).
+  single = hf / 'model.safetensors'
   tensors = {k: np.array(v) for k, v in
-             gemma_load.read_safetensors(st).items()}
-  gemma_load.write_safetensors(st, tensors)
+             gemma_load.read_safetensors(str(single)).items()}
+  single.unlink()
+  shard = 'model-00001-of-00002.safetensors'
+  gemma_load.write_safetensors(str(hf / shard), tensors)
   gemma_load.write_safetensors(str(hf / 'extra.safetensors'),
                                {'model.layers.7.extra': np.zeros(2, np.float32)})
   (hf / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': {
-      **{k: 'model.safetensors' for k in tensors},
+      **{k: shard for k in tensors},
       'model.layers.7.extra': 'extra.safetensors'}}))
   msg = _refused(hf, r"unexpected tensor 'model.layers.7.extra' for this config")
   assert msg.startswith(str(hf / 'extra.safetensors') + ':'), msg

@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from models import hf_io
+from models import hf_io, lora
 from models.gemma.gguf_io import GGUFFile, read_gguf
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
 from models.gemma.model import Gemma
@@ -130,13 +130,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
   blob += b' ' * (-len(blob) % 8)  # the data section starts 8-byte aligned
   # Write then rename: arrays memory-mapped from an older file at ``path``
   # (read_safetensors) keep their inode instead of faulting on truncation.
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
+  with hf_io.replacing(path) as tmp, open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for a in arrays:
       f.write(a.tobytes())
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -526,6 +524,9 @@ def _resolve_name(name: str, available) -> str | None:
 def _safetensors_files(directory: str) -> list[str]:
   index = os.path.join(directory, 'model.safetensors.index.json')
   single = os.path.join(directory, 'model.safetensors')
+  # The single file first, as transformers (and hf_io.open_tensors) do.
+  if os.path.isfile(single):
+    return [single]
   if os.path.isfile(index):
     try:
       with open(index) as f:
@@ -538,8 +539,6 @@ def _safetensors_files(directory: str) -> list[str]:
     # a Hugging Face cache's files are links into its blobs/, and may.
     return [str(hf_io.safe_join(directory, fn, links_may_leave=True))
             for fn in files]
-  if os.path.isfile(single):
-    return [single]
   raise hf_io.missing_weights(directory)
 
 
@@ -641,9 +640,15 @@ def save_pretrained(model: Gemma, directory: str) -> None:
   """Writes ``config.json`` and ``model.safetensors`` in the HF layout.
 
   LoRA adapters attached to projections are not included (merge them first,
-  or export them in PEFT format with `models.lora`).
+  or export them in PEFT format with `models.lora`). The shards and index of
+  an earlier sharded save in ``directory`` are removed.
+
+  Raises:
+    ValueError: a kernel holds the residual of an unmerged PiSSA / LoRA-GA
+      adapter, or the config has a value JSON cannot hold; nothing is
+      written then.
   """
-  os.makedirs(directory, exist_ok=True)
+  lora.check_no_residual_base(model, 'gemma.save_pretrained')
   c = model.config
   tensors = {}
   dtypes = set()
@@ -655,9 +660,12 @@ def save_pretrained(model: Gemma, directory: str) -> None:
                  np.dtype(ml_dtypes.bfloat16): 'bfloat16',
                  np.dtype(np.float16): 'float16'}.get(
                      dtypes.pop() if len(dtypes) == 1 else None, 'float32')
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(config_to_hf(c, torch_dtype), f, indent=2)
-  write_safetensors(os.path.join(directory, 'model.safetensors'), tensors)
+  config_path = os.path.join(directory, hf_io.CONFIG)
+  config = hf_io.dumps_json(config_to_hf(c, torch_dtype), config_path)
+  os.makedirs(directory, exist_ok=True)
+  write_safetensors(os.path.join(directory, hf_io.SAFETENSORS), tensors)
+  hf_io.write_text(config_path, config)
+  hf_io.remove_stale_weights(directory, [hf_io.SAFETENSORS])
 
 
 # ----------------------------------------------------------------------------

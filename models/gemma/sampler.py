@@ -28,7 +28,11 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
   ``temperature == 0`` is greedy (argmax). Otherwise logits are divided by
   the temperature and restricted to the ``top_k`` most likely tokens and to
   the smallest set whose probability reaches ``top_p`` (nucleus).
+
+  Raises:
+    ValueError: see :func:`check_sampling`.
   """
+  check_sampling(temperature, top_k, top_p, logits.shape[-1])
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
@@ -38,13 +42,37 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
   if top_p is not None and top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token while the mass before it is below top_p (the top token
-    # is always kept).
+    # Keep a token while the mass before it is below top_p, and always the
+    # top token: with none kept every logit would be -inf, and categorical
+    # would return token 0 whatever the logits.
     before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf),
+    keep = (before < top_p) | (jnp.arange(probs.shape[-1]) == 0)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf),
                      axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_sampling(temperature: float, top_k: int | None,
+                   top_p: float | None, vocab: int) -> None:
+  """Refuses sampling settings that would silently sample something else.
+
+  Raises:
+    ValueError: ``temperature`` < 0 (it would invert the distribution),
+      ``top_k`` not None / 0 (off) or in 1..``vocab``, or ``top_p`` not
+      None or in (0, 1].
+  """
+  if not temperature >= 0:  # NaN included
+    raise ValueError(f'temperature must be >= 0 (0 decodes greedily), got '
+                     f'{temperature}.')
+  if top_k is not None and (
+      isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+      or not 0 <= top_k <= vocab):
+    raise ValueError(f'top_k must be None or 0 (off) or an integer in '
+                     f'1..{vocab} (the vocabulary), got {top_k!r}.')
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1] (None or 1 is off), got '
+                     f'{top_p}.')
 
 
 @dataclasses.dataclass
@@ -170,7 +198,8 @@ class Sampler:
       prompts: strings (needs a tokenizer; bos is prepended) or lists of ids.
       max_new_tokens: number of tokens to generate.
       temperature: 0 for greedy decoding, else the sampling temperature.
-      top_k, top_p: optional top-k / nucleus restriction when sampling.
+      top_k, top_p: optional top-k (1..vocab; 0 is off) / nucleus
+        ((0, 1]) restriction when sampling.
       seed: PRNG seed for sampling.
       stop_at_eos: stop a row at the tokenizer's eos (default id 1) and,
         where the vocabulary has it, at ``<end_of_turn>``, which ends the
@@ -178,11 +207,17 @@ class Sampler:
         config stops at both).
       return_logits: also return the float32 logits each token was chosen
         from, [B, steps, V].
+
+    Raises:
+      ValueError: max_new_tokens < 1, a sampling setting out of range (see
+        :func:`check_sampling`), an empty prompt, or a token id outside the
+        vocabulary.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+    check_sampling(temperature, top_k, top_p, self.config.vocab_size)
     ids = []
     for pr in prompts:
       if isinstance(pr, str):

@@ -1,0 +1,368 @@
+"""Checkpoint writing and generation settings in models/: what a bad input or
+an earlier save in the same folder must not do silently.
+
+* a re-save in the other layout (single file vs shards + index) leaves no
+  stale weights that would load instead of the new ones;
+* an unmerged PiSSA / LoRA-GA residual kernel is not saved as a model;
+* JSON and safetensors files are replaced atomically, NumPy / JAX scalars
+  and paths are written as plain JSON values;
+* sampling settings, generation lengths, token ids and KV cache bounds are
+  checked with one-line ValueErrors.
+"""
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import gemma, hf_io, lora, t5
+from tests.test_gemma_model import _model, _one_line, _write_tokenizer_gguf
+
+T5_CONFIG = t5.get_config('tiny', num_layers=1, num_decoder_layers=1)
+ENC = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+DEC = jnp.array([[0, 3, 4, 5], [0, 7, 8, 9]])
+
+
+@pytest.fixture(scope='module')
+def t5_models():
+  """Two tiny T5s with different weights (not to be mutated)."""
+  return (t5.T5(T5_CONFIG, rngs=nnx.Rngs(1)),
+          t5.T5(T5_CONFIG, rngs=nnx.Rngs(2)))
+
+
+def _tensors(seed, n=4):
+  rng = np.random.default_rng(seed)
+  return {f't{i}': rng.normal(size=(64, 64)).astype(np.float32)
+          for i in range(n)}
+
+
+def _assert_loads(directory, expected):
+  got = hf_io.load_tensors(directory)
+  assert got.keys() == expected.keys()
+  for k in expected:
+    np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+
+
+# --------------------------------------------------------------------------
+# A re-save leaves only the new layout's weights.
+
+
+def test_save_tensors_removes_the_other_layouts_files(tmp_path):
+  (tmp_path / 'config.json').write_text('{}')
+  (tmp_path / 'other.safetensors').write_bytes(b'not ours')
+  old = _tensors(0)
+  hf_io.save_tensors(tmp_path, old)
+  new = _tensors(1)
+  # 16 KiB tensors, 40 KB shards: 2 per shard, 2 shards.
+  hf_io.save_tensors(tmp_path, new, max_shard_bytes=40_000)
+  assert sorted(os.listdir(tmp_path)) == [
+      'config.json', 'model-00001-of-00002.safetensors',
+      'model-00002-of-00002.safetensors', hf_io.SAFETENSORS_INDEX,
+      'other.safetensors']
+  _assert_loads(tmp_path, new)
+  # More shards, then fewer: the earlier save's extra shards go.
+  hf_io.save_tensors(tmp_path, old, max_shard_bytes=20_000)
+  hf_io.save_tensors(tmp_path, new, max_shard_bytes=40_000)
+  assert sorted(p.name for p in tmp_path.glob('model-*')) == [
+      'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+  _assert_loads(tmp_path, new)
+  # Back to one file: the index and the shards go, the rest stays.
+  hf_io.save_tensors(tmp_path, old)
+  assert sorted(os.listdir(tmp_path)) == [
+      'config.json', hf_io.SAFETENSORS, 'other.safetensors']
+  _assert_loads(tmp_path, old)
+
+
+def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
+  first, second = t5_models
+  for model, shard in ((first, None), (second, 40_000), (first, None)):
+    t5.save_pretrained(model, tmp_path, max_shard_bytes=shard)
+    loaded = t5.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(loaded.embedding[...], model.embedding[...])
+    assert (tmp_path / hf_io.SAFETENSORS).exists() == (shard is None)
+    assert (tmp_path / hf_io.SAFETENSORS_INDEX).exists() == (shard is not None)
+
+
+def test_peft_adapter_save_keeps_a_model_index_in_the_folder(t5_models,
+                                                             tmp_path):
+  # The adapter's own layout is adapter_model*; a model's files beside it
+  # are not the adapter's to remove.
+  t5.save_pretrained(t5_models[0], tmp_path, max_shard_bytes=40_000)
+  before = sorted(os.listdir(tmp_path))
+  model = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, 'q', rank=2)
+  lora.save_peft_adapter(model, tmp_path, 'base')
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      before + [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
+  t5.from_pretrained(tmp_path)
+
+
+def _reshard(directory):
+  """Turns a saved Gemma folder into an index + shards one (as on the hub)."""
+  single = directory / hf_io.SAFETENSORS
+  tensors = {k: np.array(v) for k, v in hf_io.load_tensors(directory).items()}
+  single.unlink()
+  hf_io.save_tensors(directory, tensors, max_shard_bytes=100_000)
+  assert len(list(directory.glob('model-*-of-*.safetensors'))) > 1
+
+
+def test_gemma_save_pretrained_over_a_sharded_checkpoint(tmp_path):
+  old, new = _model('gemma-tiny', seed=1), _model('gemma-tiny', seed=2)
+  gemma.save_pretrained(old, tmp_path)
+  _reshard(tmp_path)
+  gemma.save_pretrained(new, tmp_path)
+  assert sorted(os.listdir(tmp_path)) == ['config.json', hf_io.SAFETENSORS]
+  np.testing.assert_array_equal(gemma.from_pretrained(tmp_path).embedding[...],
+                                new.embedding[...])
+
+
+def test_gemma_loader_prefers_the_single_file_to_the_index(tmp_path):
+  # As transformers does; a folder holding both loads model.safetensors.
+  old, new = _model('gemma-tiny', seed=1), _model('gemma-tiny', seed=2)
+  gemma.save_pretrained(old, tmp_path / 'old')
+  _reshard(tmp_path / 'old')
+  gemma.save_pretrained(new, tmp_path / 'new')
+  for p in (tmp_path / 'old').iterdir():
+    if p.name != 'config.json':
+      p.rename(tmp_path / 'new' / p.name)
+  assert (tmp_path / 'new' / hf_io.SAFETENSORS_INDEX).is_file()
+  np.testing.assert_array_equal(
+      gemma.from_pretrained(tmp_path / 'new').embedding[...],
+      new.embedding[...])
+
+
+# --------------------------------------------------------------------------
+# A PiSSA residual kernel is not a model to save.
+
+
+def test_gemma_save_pretrained_refuses_an_unmerged_pissa_adapter(tmp_path):
+  model = _model('gemma-tiny')
+  lora.apply_lora(model, 'q', rank=2, init='pissa')
+  with pytest.raises(ValueError, match='merge_lora') as e:
+    gemma.save_pretrained(model, tmp_path / 'ckpt')
+  assert "'layers.0.attn.q'" in _one_line(e)
+  assert not (tmp_path / 'ckpt').exists()
+  toks = jnp.array([[3, 4, 5, 6]])
+  tuned = model(toks)
+  lora.merge_lora(model)
+  gemma.save_pretrained(model, tmp_path / 'ckpt')
+  np.testing.assert_allclose(gemma.from_pretrained(tmp_path / 'ckpt')(toks),
+                             tuned, atol=1e-4)
+
+
+def test_t5_save_pretrained_refuses_an_unmerged_pissa_adapter(tmp_path):
+  model = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
+  base = model(ENC, DEC)
+  lora.apply_lora(model, 'wo', rank=2, init='pissa')
+  with pytest.raises(ValueError, match='remove_lora') as e:
+    t5.save_pretrained(model, tmp_path / 'ckpt')
+  assert 't5.save_pretrained' in _one_line(e)
+  assert not (tmp_path / 'ckpt').exists()
+  lora.remove_lora(model)
+  t5.save_pretrained(model, tmp_path / 'ckpt')
+  np.testing.assert_allclose(t5.from_pretrained(tmp_path / 'ckpt')(ENC, DEC),
+                             base, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# JSON and safetensors: plain values, atomic replacement.
+
+
+def _listing(directory):
+  return {p.name: p.read_bytes() for p in pathlib.Path(directory).iterdir()}
+
+
+def test_write_json_converts_numpy_jax_and_path_values(tmp_path):
+  path = tmp_path / 'c.json'
+  hf_io.write_json(path, {'i': np.int64(3), 'f': np.float32(0.5),
+                          'b': np.bool_(True), 'j': jnp.float32(2.0),
+                          'p': pathlib.Path('/ckpt/mt5-small'),
+                          'n': {'list': [np.int32(1), 2]}})
+  assert json.loads(path.read_text()) == {
+      'i': 3, 'f': 0.5, 'b': True, 'j': 2.0, 'p': '/ckpt/mt5-small',
+      'n': {'list': [1, 2]}}
+
+
+def test_write_json_that_fails_leaves_the_old_file(tmp_path):
+  path = tmp_path / 'c.json'
+  hf_io.write_json(path, {'a': 1})
+  before = _listing(tmp_path)
+  for bad in ({'a': object()}, {'a': np.zeros(3)}, {np.int64(1): 'key'}):
+    with pytest.raises(ValueError, match='cannot write as JSON') as e:
+      hf_io.write_json(path, bad)
+    assert str(path) in _one_line(e)
+    assert _listing(tmp_path) == before
+
+
+def test_safetensors_write_that_fails_leaves_the_old_file(tmp_path,
+                                                         monkeypatch):
+  hf_io.save_tensors(tmp_path, _tensors(0))
+  before = _listing(tmp_path)
+
+  def half_write(tensors, path, metadata=None):
+    del tensors, metadata
+    pathlib.Path(path).write_bytes(b'\0' * 10)
+    raise OSError('disk full')
+
+  monkeypatch.setattr(hf_io, 'save_file', half_write)
+  for shard in (None, 40_000):
+    with pytest.raises(OSError, match='disk full'):
+      hf_io.save_tensors(tmp_path, _tensors(1), max_shard_bytes=shard)
+    assert _listing(tmp_path) == before
+
+
+def test_save_peft_adapter_writes_path_and_scalar_values(tmp_path):
+  model = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, 'q', rank=2, alpha=jnp.float32(8.0))
+  lora.save_peft_adapter(model, tmp_path, pathlib.Path('/ckpt/mt5-small'))
+  cfg = json.loads((tmp_path / lora.ADAPTER_CONFIG).read_text())
+  assert cfg['base_model_name_or_path'] == '/ckpt/mt5-small'
+  assert cfg['lora_alpha'] == 8.0
+  fresh = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
+  lora.load_peft_adapter(fresh, tmp_path)
+  np.testing.assert_allclose(fresh(ENC, DEC), model(ENC, DEC), atol=1e-6)
+
+
+def test_save_peft_adapter_with_a_bad_value_writes_nothing(tmp_path):
+  model = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, 'q', rank=2)
+  with pytest.raises(ValueError, match='adapter_config.json') as e:
+    lora.save_peft_adapter(model, tmp_path / 'a', object())
+  _one_line(e)
+  assert not (tmp_path / 'a').exists()
+
+
+def test_gemma_save_pretrained_with_numpy_config_values(tmp_path):
+  gemma.save_pretrained(_model('gemma-tiny'), tmp_path)
+  cfg = gemma.get_config('gemma-tiny').replace(mlp_dim=np.int64(128))
+  model = _model(cfg)
+  gemma.save_pretrained(model, tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text())[
+      'intermediate_size'] == 128
+  back = gemma.from_pretrained(tmp_path)
+  assert back.config.mlp_dim == 128
+  np.testing.assert_array_equal(back.embedding[...], model.embedding[...])
+
+
+# --------------------------------------------------------------------------
+# Sampling settings.
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(temperature=-1.0), 'temperature must be >= 0'),
+    (dict(temperature=float('nan')), 'temperature must be >= 0'),
+    (dict(top_p=0.0), r'top_p must be in \(0, 1\]'),
+    (dict(top_p=-1.0), r'top_p must be in \(0, 1\]'),
+    (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
+    (dict(top_k=-2), r'top_k must be .* 1\.\.3'),
+    (dict(top_k=4), r'top_k must be .* 1\.\.3'),
+    (dict(top_k=1.5), r'top_k must be .* 1\.\.3'),
+])
+def test_sample_logits_refuses_bad_settings(kw, match):
+  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+  kw = dict(dict(temperature=1.0), **kw)
+  with pytest.raises(ValueError, match=match) as e:
+    gemma.sample_logits(logits, jax.random.key(0), **kw)
+  _one_line(e)
+
+
+def test_sample_logits_smallest_top_p_keeps_the_top_token():
+  # The nucleus always holds the top token (a top_p <= 0 that would keep
+  # none is refused above).
+  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+  draws = jax.vmap(lambda k: gemma.sample_logits(
+      logits, k, temperature=1.0, top_p=1e-9, top_k=0))(
+          jax.random.split(jax.random.key(0), 50))
+  assert set(np.unique(draws).tolist()) == {1}
+
+
+def test_sampler_refuses_bad_settings():
+  sampler = gemma.Sampler(_model('gemma-tiny'))
+  vocab = sampler.config.vocab_size
+  for kw, match in ((dict(temperature=-1.0), 'temperature'),
+                    (dict(temperature=1.0, top_p=0.0), 'top_p'),
+                    (dict(temperature=1.0, top_k=vocab + 1), str(vocab))):
+    with pytest.raises(ValueError, match=match) as e:
+      sampler([[3, 4]], 2, **kw)
+    _one_line(e)
+
+
+@pytest.fixture(scope='module')
+def cli_checkpoints(tmp_path_factory):
+  """A Gemma folder with a 288-piece tokenizer, and a 200-token model."""
+  root = tmp_path_factory.mktemp('cli')
+  gemma.save_pretrained(
+      _model(gemma.get_config('gemma-tiny').replace(vocab_size=288)),
+      root / 'ckpt')
+  _write_tokenizer_gguf(root / 'tok.gguf')
+  sp = gemma.load_tokenizer(root / 'tok.gguf').sp
+  (root / 'ckpt' / 'tokenizer.model').write_bytes(sp.serialized_model_proto())
+  gemma.save_pretrained(
+      _model(gemma.get_config('gemma-tiny').replace(vocab_size=200)),
+      root / 'small')
+  return root
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--max-new-tokens', '0'], 'max_new_tokens must be >= 1'),
+    (['--temperature', '-1'], 'temperature must be >= 0'),
+    (['--temperature', '1', '--top-k', '1000'], 'top_k must be None or 0'),
+    (['--temperature', '1', '--top-p', '0'], 'top_p must be'),
+    (['--checkpoint', 'small', '--tokenizer', 'ckpt/tokenizer.model'],
+     'outside the model\'s vocabulary of 200'),
+])
+def test_generate_cli_bad_settings_give_one_error_line(cli_checkpoints, capsys,
+                                                       extra, match):
+  from models import generate  # pylint: disable=g-import-not-at-top
+  argv = ['--checkpoint', 'ckpt', '--prompt', 'hello world'] + extra
+  # Later --checkpoint / --tokenizer win; paths are under the fixture's root.
+  argv = [str(cli_checkpoints / a) if a in ('ckpt', 'small',
+                                            'ckpt/tokenizer.model') else a
+          for a in argv]
+  assert generate.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  assert match in err
+
+
+# --------------------------------------------------------------------------
+# T5 decoding bounds.
+
+
+def test_t5_kv_cache_overflow_is_refused(t5_models):
+  model = t5_models[0]
+  full = model(ENC[:1], DEC[:1, :3])
+  encoded, valid = model.encode(ENC[:1])
+  cross = model.cross_kv(encoded)
+  cache = t5.init_cache(model, 1, 2)
+  for i in range(2):
+    logits, cache = model.decode(DEC[:1, i:i + 1], cross, valid, cache, i)
+    np.testing.assert_allclose(logits[:, 0], full[:, i], atol=1e-5)
+  with pytest.raises(ValueError, match='KV cache holds 2 tokens') as e:
+    model.decode(DEC[:1, 2:3], cross, valid, cache, 2)
+  _one_line(e)
+  with pytest.raises(ValueError, match='writing 3 at position 0') as e:
+    model.decode(DEC[:1, :3], cross, valid, t5.init_cache(model, 1, 2), 0)
+  _one_line(e)
+
+
+@pytest.mark.parametrize('n', [0, -1])
+def test_t5_greedy_generate_needs_a_token_to_generate(t5_models, n):
+  with pytest.raises(ValueError, match=f'max_new_tokens must be >= 1, got {n}'
+                     ) as e:
+    t5.greedy_generate(t5_models[0], ENC, n)
+  _one_line(e)
+
+
+@pytest.mark.parametrize('bad', [128, -1])
+def test_t5_greedy_generate_refuses_token_ids_outside_the_vocabulary(
+    t5_models, bad):
+  with pytest.raises(ValueError, match=f'token id {bad} is outside the '
+                     'model\'s vocabulary of 128') as e:
+    t5.greedy_generate(t5_models[0], ENC.at[1, 2].set(bad), 2)
+  _one_line(e)
