@@ -673,19 +673,28 @@ def test_export_is_not_written_through_a_planted_link(tmp_path, capsys):
     loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize('saved_config_says_rank_2', [False, True])
 def test_resume_with_another_rank_says_so_and_changes_nothing(
-    reference, tmp_path):
+    reference, tmp_path, saved_config_says_rank_2):
   """A checkpoint that does not fit the config is refused before config.json
-  (the run's record of its settings) is overwritten, in one line naming the
-  first leaf that differs.
+  (the run's record of its settings) is overwritten, in one line: naming
+  the setting that changed, or, where the saved settings agree but the
+  state does not (here its config item edited to say rank 2), the first
+  leaf that differs.
 
   In a subprocess, since what matters is all the process prints: a restore
   that failed part-way used to leave orbax's reads finishing on a closed
   event loop, each printing a traceback after the error line.
   """
+  import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   run_dir = tmp_path / 'run'
   shutil.copytree(reference['run_dir'], run_dir)
+  if saved_config_says_rank_2:
+    item = run_dir / 'checkpoints' / str(STEPS) / 'config' / 'metadata'
+    saved = json.loads(item.read_text())
+    saved['lora']['rank'] = 2
+    item.write_text(json.dumps(saved))
   before = _snapshot(tmp_path)
   time.sleep(0.01)
   done = subprocess.run(
@@ -695,7 +704,11 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
   err = done.stderr.strip()
   assert done.returncode == 1 and len(err.splitlines()) == 1, err
   assert f'error: --resume: checkpoint {STEPS} in ' in err, err
-  assert 'does not fit this config (the saved state holds (' in err, err
-  assert re.search(r'float32 at \S+/lora_[ab], this config \(', err), err
+  if saved_config_says_rank_2:
+    assert 'does not fit this config (the saved state holds (' in err, err
+    assert re.search(r'float32 at \S+/lora_[ab], this config \(', err), err
+  else:
+    assert ('was made with other settings (lora.rank: 4 there, 2 now)'
+            in err), err
   assert 'config.json' in err, err
   assert _snapshot(tmp_path) == before

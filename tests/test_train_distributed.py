@@ -93,3 +93,9 @@ def test_two_processes_match_one(tmp_path):
   assert (tmp_path / 'multi' / 'metrics.csv').is_file()
   assert (tmp_path / 'multi' / 'adapter' / 'adapter_config.json').is_file()
   assert (tmp_path / 'multi' / 'checkpoints' / '3').is_dir()
+  # Each process saved its own data position, and they are one position
+  # (every process reads the same global batches): what lets a resume on
+  # another number of processes read either.
+  data = tmp_path / 'multi' / 'checkpoints' / '3' / 'data'
+  assert ((data / 'process_0-of-2.json').read_text() ==
+          (data / 'process_1-of-2.json').read_text())

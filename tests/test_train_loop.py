@@ -173,10 +173,13 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
           [(h['step'], h['loss']) for h in second['history']])
   with open(run_dir / 'summary.json') as f:
     assert json.load(f)['final_loss'] == straight['final_loss']
-  # Resumed with no final evaluation asked: the recorded one stays.
+  # Resumed with no final evaluation asked: the recorded one stays, in
+  # eval.csv and in the summary (which had lost it).
   fourth = loop.run(tiny(run_dir, resume=True, **{**small, 'eval.after': False}),
                     log=lambda s: None)
-  assert fourth['eval_after'] is None
+  assert fourth['eval_after'] == pytest.approx(third['eval_after'])
+  with open(run_dir / 'summary.json') as f:
+    assert json.load(f)['eval_after'] == pytest.approx(third['eval_after'])
   with open(run_dir / 'eval.csv') as f:
     assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
 
@@ -651,10 +654,10 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   for p, w in _kernels(probe.model).items():
     np.testing.assert_array_equal(rebuilt[p], w, err_msg=p)
   # Another rank than the run's: the saved factors do not fit, said as a
-  # resume's mismatch.
-  with pytest.raises(loop.ConfigError, match=r'--resume: .*'
-                     r'lora_initial_factors\.safetensors does not fit this '
-                     r'config .*resume with the settings in'):
+  # resume's mismatch, naming the field (from the run's config.json).
+  with pytest.raises(loop.ConfigError, match=r'--resume: the run in .* was '
+                     r'made with other settings \(lora\.rank: 4 there, 2 '
+                     r'now\); resume with the settings in'):
     loop.run(tiny(run_dir, resume=True, **{**ga, 'lora.rank': 2}),
              log=lambda s: None)
   # And the resumed run trains on from there.

@@ -12,6 +12,7 @@ pickled.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -56,7 +57,6 @@ class Checkpointer:
     """Saves one checkpoint; returns whether it was written."""
     ocp = _ocp()
     import grain  # pylint: disable=g-import-not-at-top
-    import json  # pylint: disable=g-import-not-at-top
     items = {STATE: ocp.args.StandardSave(state),
              CONFIG: ocp.args.JsonSave(json.loads(config_json))}
     if data_iterator is not None:
@@ -66,9 +66,17 @@ class Checkpointer:
     self._mngr.wait_until_finished()
     return bool(saved)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator
-              ) -> tuple[Any, dict]:
-    """(state, saved config dict); ``data_iterator`` is repositioned in place.
+  def restore_config(self, step: int) -> dict:
+    """The config dict saved with checkpoint ``step`` (read alone, so that a
+    resume can name the settings it changed before the state's shapes are
+    compared)."""
+    ocp = _ocp()
+    out = self._mngr.restore(
+        int(step), args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    return dict(out[CONFIG])
+
+  def restore(self, step: int, abstract_state: Any, data_iterator) -> Any:
+    """The saved state; ``data_iterator`` is repositioned in place.
 
     Args:
       step: the checkpoint step.
@@ -77,14 +85,43 @@ class Checkpointer:
       data_iterator: a fresh iterator of the same dataset, or None.
     """
     ocp = _ocp()
-    import grain  # pylint: disable=g-import-not-at-top
     self._check_fits(step, abstract_state)
-    items = {STATE: ocp.args.StandardRestore(abstract_state),
-             CONFIG: ocp.args.JsonRestore()}
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state)}))
     if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
-    return out[STATE], dict(out[CONFIG])
+      self._restore_data(step, data_iterator)
+    return out[STATE]
+
+  def _restore_data(self, step: int, data_iterator) -> None:
+    """Sets ``data_iterator`` to the position saved with ``step``.
+
+    grain's own restore reads ``process_{i}-of-{n}.json`` for this run's
+    process count n only, so a run resumed on another number of processes
+    would find no file. Every process iterates the same global batches
+    (`train.distributed.global_array`: no per-process shard), so each
+    process's file holds the same position, and any of them will do: this
+    process's when the count is unchanged, else process 0's of the run
+    that saved it.
+    """
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    import grain  # pylint: disable=g-import-not-at-top
+    folder = epath.Path(self.directory) / str(step) / DATA
+    index, count = jax.process_index(), jax.process_count()
+    path = folder / f'process_{index}-of-{count}.json'
+    if not path.exists():
+      saved = sorted(folder.glob('process_0-of-*.json')) if (
+          folder.exists()) else []
+      if not saved:
+        raise ValueError(f'{folder} holds no data iterator position '
+                         '(process_0-of-N.json).')
+      path = saved[0]
+    text = path.read_text()
+    if isinstance(data_iterator, grain.DatasetIterator):
+      data_iterator.set_state(json.loads(text))
+    else:  # A DataLoader iterator keeps its state as bytes.
+      data_iterator.set_state(text.encode())
+    if hasattr(data_iterator, 'start_prefetch'):
+      data_iterator.start_prefetch()
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
     """Raises ValueError naming the first leaf the saved state lacks, has

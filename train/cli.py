@@ -30,10 +30,18 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   Raises:
     ValueError: no or an unknown --config.
   """
-  pre = argparse.ArgumentParser(add_help=False)
+  # Exact names only (an abbreviation such as --con is tyro's to refuse),
+  # and a bad value is one ValueError line, not argparse's usage and exit.
+  pre = _PreParser(add_help=False, allow_abbrev=False, exit_on_error=False)
   pre.add_argument('--config')
   pre.add_argument('--stop_at', '--stop-at', type=int, default=0)
-  known, rest = pre.parse_known_args(list(argv))
+  try:
+    known, rest = pre.parse_known_args(list(argv))
+  except argparse.ArgumentError as e:
+    raise ValueError(str(e)) from None
+  if known.stop_at < 0:
+    raise ValueError(f'--stop_at must be >= 0 (0: run to --steps), got '
+                     f'{known.stop_at}.')
   if not known.config and any(a in ('-h', '--help') for a in rest):
     print(_presets_help())
     raise SystemExit(0)
@@ -55,6 +63,15 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
       raise
     raise ValueError(_tyro_message(err.getvalue())) from None
   return cfg, known.stop_at
+
+
+class _PreParser(argparse.ArgumentParser):
+  """An ArgumentParser whose every error is a ValueError: with
+  ``exit_on_error=False`` some errors still go to `error`, which prints the
+  usage and exits."""
+
+  def error(self, message):
+    raise ValueError(message)
 
 
 def _presets_help() -> str:

@@ -165,3 +165,16 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_0_flag(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process.
+
+  For decisions only process 0 can make (it alone reads back the metric
+  files) that every process must follow: an evaluation is a collective
+  computation, which all processes run or none.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))

@@ -285,6 +285,23 @@ def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
   return tx, schedule
 
 
+def check_optimizer(tx: optax.GradientTransformation, params,
+                    cfg: configs_lib.OptimConfig) -> None:
+  """Traces ``tx``'s init and one update on ``params``' shapes (nothing is
+  computed), so that an argument the optimizer cannot use (``optim.extra
+  '{"b1": "x"}'``) is a one-line ConfigError before anything is written,
+  not a traceback from the first jitted step after the run's files are."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          params)
+  try:
+    opt_state = jax.eval_shape(tx.init, abstract)
+    jax.eval_shape(tx.update, abstract, opt_state, abstract)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(
+        f'optim: {cfg.name} cannot update the LoRA factors with these '
+        f'settings (optim.extra {cfg.extra!r}): {_first_line(e)}') from None
+
+
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
   """(consecutive, total) skipped steps, or zeros without the guard."""
   if isinstance(opt_state, optax.ApplyIfFiniteState):
@@ -571,55 +588,83 @@ def load_examples(cfg: configs_lib.Config):
   if cfg.eval.split not in ('test', 'validation'):
     raise ConfigError(f"eval.split must be 'test' or 'validation', got "
                       f'{cfg.eval.split!r}.')
-  evals = []
   wants_eval = cfg.eval.before or cfg.eval.after or cfg.eval.every > 0
-  if wants_eval:
-    eval_path = d.eval_path
-    if not eval_path and eval_task == d.task and d.path:
-      # A folder holds both splits; a single file is the training data,
-      # which may only be carved for validation, never used as the test set.
-      if cfg.eval.split == 'validation' or os.path.isdir(d.path):
-        eval_path = d.path
-      else:
-        raise ConfigError(
-            f'data.path {d.path} is one file (the training data); give '
-            '--data.eval_path for the test set, --eval.split validation, or '
-            '--eval.no-before --eval.no-after.')
-    pool = {}
-    generated = (not eval_path and not d.hub and
-                 data.get_task(eval_task).name == data.arithmetic.NAME)
-    if (cfg.eval.split == 'validation' and eval_task == d.task and
-        generated):
-      # The generated task is carved from a pool that num_train_examples
-      # sizes: the validation carve must come from that same pool, or it
-      # overlaps the training examples.
-      pool = dict(num_examples=d.num_train_examples or None)
-    elif cfg.eval.split == 'test':
-      # One test set whatever data.seed is, so that runs of several seeds
-      # are scored on the same items; a generated one has as many items as
-      # eval.num_examples asks (200 for 0).
-      pool = dict(seed=0)
-      if generated:
-        pool['num_examples'] = cfg.eval.num_examples or None
-    evals = data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
-                           **{**common, **pool})
-    # Never train on what is evaluated: LLM-Adapters' math set (the GSM8K
-    # presets' training data) holds most of GSM8K's test questions.
-    held = {data.prompt_key(e) for e in evals}
-    kept = [e for e in train if data.prompt_key(e) not in held]
-    if len(kept) < len(train):
-      warnings.warn(
-          f'data: {len(train) - len(kept)} of {len(train)} training examples '
-          f'are {eval_task} {cfg.eval.split} prompts; left out of training.',
-          stacklevel=2)
-      if not kept:
-        raise ConfigError(f'data: every training example is a {eval_task} '
-                          f'{cfg.eval.split} prompt; nothing is left to train '
-                          'on.')
-      train = kept
-    if cfg.eval.num_examples:
-      evals = evals[:cfg.eval.num_examples]
+  # The held-out set is loaded whether or not this run evaluates it: its
+  # prompts are left out of training either way (LLM-Adapters' math set,
+  # the GSM8K presets' training data, holds most of GSM8K's test
+  # questions), so the training examples, which a resume compares, do not
+  # depend on whether evaluation is on.
+  evals = _held_out_examples(cfg, eval_task, common, wants_eval)
+  if evals is None:
+    return train, []
+  held = {data.prompt_key(e) for e in evals}
+  kept = [e for e in train if data.prompt_key(e) not in held]
+  if len(kept) < len(train):
+    warnings.warn(
+        f'data: {len(train) - len(kept)} of {len(train)} training examples '
+        f'are {eval_task} {cfg.eval.split} prompts; left out of training.',
+        stacklevel=2)
+    if not kept:
+      raise ConfigError(f'data: every training example is a {eval_task} '
+                        f'{cfg.eval.split} prompt; nothing is left to train '
+                        'on.')
+    train = kept
+  if not wants_eval:
+    return train, []
+  if cfg.eval.num_examples:
+    evals = evals[:cfg.eval.num_examples]
   return train, evals
+
+
+def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
+                       wants_eval: bool):
+  """The evaluation split (all of it), or None when a run that does not
+  evaluate has none to read (the single training file is all there is, or
+  the split's file or Hub dataset cannot be had: a warning says so)."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  d = cfg.data
+  eval_path = d.eval_path
+  if not eval_path and eval_task == d.task and d.path:
+    # A folder holds both splits; a single file is the training data,
+    # which may only be carved for validation, never used as the test set.
+    if cfg.eval.split == 'validation' or os.path.isdir(d.path):
+      eval_path = d.path
+    elif wants_eval:
+      raise ConfigError(
+          f'data.path {d.path} is one file (the training data); give '
+          '--data.eval_path for the test set, --eval.split validation, or '
+          '--eval.no-before --eval.no-after.')
+    else:
+      return None
+  pool = {}
+  generated = (not eval_path and not d.hub and
+               data.get_task(eval_task).name == data.arithmetic.NAME)
+  if (cfg.eval.split == 'validation' and eval_task == d.task and
+      generated):
+    # The generated task is carved from a pool that num_train_examples
+    # sizes: the validation carve must come from that same pool, or it
+    # overlaps the training examples.
+    pool = dict(num_examples=d.num_train_examples or None)
+  elif cfg.eval.split == 'test':
+    # One test set whatever data.seed is, so that runs of several seeds
+    # are scored on the same items; a generated one has as many items as
+    # eval.num_examples asks (200 for 0).
+    pool = dict(seed=0)
+    if generated:
+      pool['num_examples'] = cfg.eval.num_examples or None
+  try:
+    return data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
+                          **{**common, **pool})
+  except (OSError, ImportError) as e:
+    if wants_eval:
+      raise
+    # Evaluation is off, perhaps because the split is not at hand: train,
+    # but say that its prompts could not be held out.
+    warnings.warn(
+        f'data: the {eval_task} {cfg.eval.split} split could not be read '
+        f'({_first_line(e)}); training examples that are its prompts are '
+        'not left out.', stacklevel=3)
+    return None
 
 
 def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
@@ -640,6 +685,30 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.eval.num_examples < 0:
     raise ConfigError(f'eval.num_examples must be >= 0 (0: all), got '
                       f'{cfg.eval.num_examples}.')
+  if cfg.keep_checkpoints < 1:
+    raise ConfigError(f'keep_checkpoints must be >= 1, got '
+                      f'{cfg.keep_checkpoints}.')
+  for name, value, what in (
+      ('optim.warmup_steps', cfg.optim.warmup_steps, ''),
+      ('data.num_train_examples', cfg.data.num_train_examples, ' (0: all)'),
+      ('data.num_threads', cfg.data.num_threads, ' (0: no prefetch)')):
+    if value < 0:
+      raise ConfigError(f'{name} must be >= 0{what}, got {value}.')
+  # A NaN passes every comparison below as False: say finite first.
+  positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
+  for name, value, ok, what in (
+      ('optim.learning_rate', cfg.optim.learning_rate, positive, '> 0'),
+      ('optim.end_lr_fraction', cfg.optim.end_lr_fraction, non_negative,
+       '>= 0'),
+      ('optim.clip_grad_norm', cfg.optim.clip_grad_norm, non_negative,
+       '>= 0 (0: off)'),
+      ('lora.alpha', cfg.lora.alpha, positive, '> 0')):
+    if not (math.isfinite(value) and ok(value)):
+      raise ConfigError(f'{name} must be a finite number {what}, got {value}.')
+  from train.data import templates  # pylint: disable=g-import-not-at-top
+  if cfg.data.style not in templates.STYLES:
+    raise ConfigError(f'data.style must be one of {", ".join(templates.STYLES)}'
+                      f', got {cfg.data.style!r}.')
   if cfg.checkpoint_every < 0 or cfg.eval.every < 0:
     raise ConfigError(f'checkpoint_every and eval.every must be >= 0 (0: '
                       f'off), got {cfg.checkpoint_every} and {cfg.eval.every}.')
@@ -877,12 +946,23 @@ def build(cfg: configs_lib.Config) -> Run:
   except ConfigError as e:
     if initial is None:
       raise
-    # Another rank or other targets than the run's: a resume's mismatch.
+    # Another rank or other targets than the run's: a resume's mismatch,
+    # named by field where the run's config.json (the settings its
+    # checkpoints were made with) tells which.
     run_dir = default_run_dir(cfg)
+    saved_json = os.path.join(run_dir, 'config.json')
+    changed = {}
+    with contextlib.suppress(OSError, ValueError):
+      with open(saved_json) as f:
+        changed = resume_changes(json.load(f),
+                                 json.loads(configs_lib.to_json(cfg)))
+    what = (f'the run in {run_dir} was made with other settings '
+            f'({_describe_changes(changed)})' if changed else
+            f'{os.path.join(run_dir, INITIAL_FACTORS_FILE)} does not fit '
+            f'this config ({e})')
     raise ConfigError(
-        f'--resume: {os.path.join(run_dir, INITIAL_FACTORS_FILE)} does not '
-        f'fit this config ({e}); resume with the settings in '
-        f'{os.path.join(run_dir, "config.json")}.') from None
+        f'--resume: {what}; resume with the settings in {saved_json}.'
+    ) from None
   del init_grads  # a kernel-sized float32 array per target
 
   model.train()
@@ -904,6 +984,7 @@ def build(cfg: configs_lib.Config) -> Run:
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
   rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
 
+  check_optimizer(tx, params, cfg.optim)
   state, state_sh = fresh_state(params, param_sh, tx, mesh)
   return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
              train_examples=train_examples, eval_examples=eval_examples,
@@ -937,6 +1018,7 @@ def abstract_state(cfg: configs_lib.Config) -> tuple[dict, Any]:
   lora_state = nnx.state(model, nnx.LoRAParam)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                         str_keys(nnx.to_pure_dict(lora_state)))
+  check_optimizer(tx, params, cfg.optim)
   return params, jax.eval_shape(tx.init, params)
 
 
@@ -1376,6 +1458,12 @@ def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
           if not neutral(k) and old.get(k) != new.get(k)}
 
 
+def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+  """'field: saved there, current now; ...' of `resume_changes`."""
+  return '; '.join(f'{k}: {a!r} there, {b!r} now'
+                   for k, (a, b) in changed.items())
+
+
 def _jitted_step(r: Run) -> Callable:
   d = dataclasses.asdict(r.config)
   for key in _STEP_NEUTRAL:
@@ -1425,6 +1513,47 @@ def training_data_fingerprint(examples) -> dict[str, Any]:
   for e in examples:
     digest.update(json.dumps([e.prompt, e.target]).encode() + b'\n')
   return {'examples': len(examples), 'sha256': digest.hexdigest()}
+
+
+# And the tokenizer's identity: model.tokenizer (or model.path) may name
+# another file on resume (the same tokenizer moved), but training on other
+# ids would silently continue another run than the checkpoint's.
+TOKENIZER_KEY = 'tokenizer'
+# Words, digits, punctuation, whitespace runs and non-Latin text: two
+# tokenizers that encode this alike and have as many ids are taken as one.
+_TOKENIZER_PROBE = ('The answer is 42. Question: 3 + 4 * (5 - 1) = ?\n\t'
+                    'Answer:  the correct answer is answer2; naive CAFE '
+                    'caf\u00e9 Stra\u00dfe \u65e5\u672c\u8a9e '
+                    '\u0417\u0434\u0440\u0430\u0432\u0441\u0442\u0432'
+                    '\u0443\u0439 {"x": [1, 2]}')
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+  """{'vocab_size', 'special_ids': [pad, BOS, EOS], 'probe_ids': the ids of
+  a fixed text}: what a tokenizer does, not where its file is."""
+  from train.data.tokenize import encode_text  # pylint: disable=g-import-not-at-top
+  special = [getattr(tokenizer, f'{name}_id', None)
+             for name in ('pad', 'bos', 'eos')]
+  return {'vocab_size': int(getattr(tokenizer, 'vocab_size', 0) or 0),
+          'special_ids': [None if i is None else int(i) for i in special],
+          'probe_ids': [int(i) for i in encode_text(tokenizer,
+                                                    _TOKENIZER_PROBE)]}
+
+
+def _tokenizer_difference(saved: dict, now: dict) -> str:
+  """How two `tokenizer_fingerprint`s differ, in words."""
+  if saved.get('vocab_size') != now['vocab_size']:
+    return (f'{saved.get("vocab_size")} ids there, {now["vocab_size"]} '
+            'now')
+  if saved.get('special_ids') != now['special_ids']:
+    return (f'pad / BOS / EOS ids {saved.get("special_ids")} there, '
+            f'{now["special_ids"]} now')
+  return (f'as many ids ({now["vocab_size"]}), but a probe text encodes '
+          'to other ids')
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def default_run_dir(cfg: configs_lib.Config) -> str:
@@ -1507,6 +1636,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
          cleanup: contextlib.ExitStack) -> dict[str, Any]:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   t_start = time.perf_counter()
+  if stop_at < 0:
+    raise ConfigError(f'stop_at must be >= 0 (0: run to --steps), got '
+                      f'{stop_at}.')
+  custom_log = log
   log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0
                 else None)
   run_dir = _check_run_dir(cfg)
@@ -1525,8 +1658,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   os.makedirs(run_dir, exist_ok=True)
   config_json = configs_lib.to_json(cfg)
   train_data = training_data_fingerprint(r.train_examples)
+  tokenizer_id = tokenizer_fingerprint(r.tokenizer)
   ckpt_json = json.dumps({**json.loads(config_json),
-                          TRAIN_DATA_KEY: train_data})
+                          TRAIN_DATA_KEY: train_data,
+                          TOKENIZER_KEY: tokenizer_id})
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   cleanup.push(_closing(ckpt.close))
@@ -1536,36 +1671,44 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   start_step = 0
   latest = ckpt.latest_step() if cfg.resume else None
   if latest is not None:
+    redo = f'resume with the settings in {os.path.join(run_dir, "config.json")}'
+    where = f'--resume: checkpoint {latest} in {ckpt.directory}'
+    # The config first: a changed rank or optimizer is named as the field
+    # it is, not as the first state leaf whose shape it changed.
     try:
-      state, saved_config = ckpt.restore(
-          latest, checkpoint.abstract_like(state), data_iter)
-    except (ValueError, TypeError, KeyError) as e:
-      # A resume with another model, rank or optimizer than the run's: say
-      # so in one line, before config.json is overwritten.
-      first = (str(e).strip() or type(e).__name__).splitlines()[0]
-      raise ConfigError(
-          f'--resume: checkpoint {latest} in {ckpt.directory} does not fit '
-          f'this config ({first}); resume with the settings in '
-          f'{os.path.join(run_dir, "config.json")}.') from None
+      saved_config = ckpt.restore_config(latest)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+      raise ConfigError(f'{where} has no readable config ({_first_line(e)}); '
+                        f'{redo}.') from None
     saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
     saved_dropped = saved_config.pop(DROPPED_KEY, None)
-    if saved_data is not None and saved_data != train_data:
-      raise ConfigError(
-          f'--resume: checkpoint {latest} in {ckpt.directory} was trained on '
-          f'other examples ({saved_data["examples"]} there, '
-          f'{train_data["examples"]} now, or the same number with other '
-          'contents: the eval split and paths decide which are held out, '
-          'and data.path may name other files); resume with the settings in '
-          f'{os.path.join(run_dir, "config.json")}.')
+    saved_tokenizer = saved_config.pop(TOKENIZER_KEY, None)  # older: none
     changed = resume_changes(saved_config, json.loads(config_json))
     if changed:
       raise ConfigError(
-          f'--resume: checkpoint {latest} in {ckpt.directory} was made with '
-          'other settings (' + '; '.join(
-              f'{k}: {a!r} there, {b!r} now' for k, a, b in
-              ((k, *v) for k, v in changed.items())) +
-          f'); resume with the settings in '
-          f'{os.path.join(run_dir, "config.json")}.')
+          f'{where} was made with other settings '
+          f'({_describe_changes(changed)}); {redo}.')
+    if saved_data is not None and saved_data != train_data:
+      raise ConfigError(
+          f'{where} was trained on other examples ({saved_data["examples"]} '
+          f'there, {train_data["examples"]} now, or the same number with '
+          'other contents: the eval split and paths decide which are held '
+          f'out, and data.path may name other files); {redo}.')
+    if saved_tokenizer is not None and saved_tokenizer != tokenizer_id:
+      spec = (repr(cfg.model.tokenizer) if cfg.model.tokenizer else
+              f'(from model.path {cfg.model.path!r})')
+      raise ConfigError(
+          f'{where} was trained with another tokenizer than model.tokenizer '
+          f'{spec} ({_tokenizer_difference(saved_tokenizer, tokenizer_id)}); '
+          f'{redo}.')
+    try:
+      state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
+    except (ValueError, TypeError, KeyError) as e:
+      # The same settings, yet another model (model.path may change) or
+      # a damaged checkpoint: say so in one line, before config.json is
+      # overwritten.
+      raise ConfigError(f'{where} does not fit this config ({_first_line(e)})'
+                        f'; {redo}.') from None
     start_step = int(distributed.to_host(state['step']))
     if start_step > cfg.steps:
       raise ConfigError(
@@ -1604,13 +1747,17 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # A resumed run's summary covers the whole run: the rows kept from
   # before the checkpoint are its history so far and its first evaluation
   # (process 0's, which writes the summary).
-  before = next((row for row in eval_writer.kept if row['step'] == 0), None)
+  def recorded(at: int) -> dict[str, float] | None:
+    row = next((row for row in eval_writer.kept if row['step'] == at), None)
+    return None if row is None else {k.removeprefix('eval/'): v
+                                     for k, v in row.items() if k != 'step'}
+  # A finished run resumed without a final evaluation keeps the one it
+  # recorded (it is still the run's; eval.csv keeps its row).
   summary: dict[str, Any] = {
       'run_dir': run_dir, 'history': list(writer.kept),
-      'eval_before': None if before is None else {
-          k.removeprefix('eval/'): v for k, v in before.items()
-          if k != 'step'},
-      'eval_after': None}
+      'eval_before': recorded(0),
+      'eval_after': (recorded(start_step) if latest is not None and
+                     start_step >= cfg.steps else None)}
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
             'compile_and_first_step': 0.0}
 
@@ -1624,10 +1771,23 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   if cfg.eval.before and r.eval_examples and start_step == 0:
     summary['eval_before'] = do_eval(0, 'before')
+  # The checkpoint at a periodic evaluation's step is saved before it, so a
+  # run that died during that evaluation resumes past it: do it now. Process
+  # 0's eval.csv decides (the others keep no rows), and every process
+  # evaluates or none does.
+  missed = (latest is not None and bool(r.eval_examples) and
+            cfg.eval.every > 0 and 0 < start_step < cfg.steps and
+            start_step % cfg.eval.every == 0 and recorded(start_step) is None)
+  if distributed.process_0_flag(missed):
+    log(f'[train] no evaluation recorded at step {start_step}: doing it now')
+    do_eval(start_step, 'periodic')
 
   end_step = min(cfg.steps, stop_at) if stop_at else cfg.steps
   progress = metrics_lib.Progress(end_step, start_step,
                                   enabled=cfg.progress)
+  # A caller's log takes the step lines too; the default prints them above
+  # the progress bar.
+  say = progress.write if custom_log is None else log
   window_tokens, window_t0 = 0, time.perf_counter()
   # Counted over the whole run (the metric is cumulative): as the
   # checkpoint recorded it, or an older one's last logged row.
@@ -1672,7 +1832,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         window_tokens, window_t0 = 0, now
         writer.write(step, host)
         summary['history'].append({'step': step, **host})
-        progress.write(
+        say(
             f'[step {step}] loss={host["loss"]:.4f} lr={host["lr"]:.3g} '
             f'grad_norm={host["grad_norm"]:.3g} '
             f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '

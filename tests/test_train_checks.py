@@ -1,0 +1,304 @@
+"""What a run checks and keeps across a resume: the data position on another
+process count, a periodic evaluation a preemption interrupted, the held-out
+prompts with evaluation off, the tokenizer, the changed settings named by
+field; and the values, optimizer arguments and command lines it refuses in
+one line before anything is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from train import cli
+from train import configs
+from train import loop
+
+from tests import shared_data
+
+# One step shape for every run here (steps is not step-neutral): one compile.
+FAST = {'steps': 8, 'log_every': 1, 'checkpoint_every': 4,
+        'data.seq_len': 96, 'progress': False, 'export_adapter': False}
+
+
+def tiny(run_dir, **changes):
+  return configs.replace(configs.get_config('tiny'), run_dir=str(run_dir),
+                         **{**FAST, **changes})
+
+
+def quiet(unused_line):
+  pass
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """An uninterrupted run."""
+  run_dir = tmp_path_factory.mktemp('straight') / 'run'
+  return loop.run(tiny(run_dir), log=quiet)
+
+
+@pytest.fixture(scope='module')
+def stopped(tmp_path_factory):
+  """The same run stopped at its step-4 checkpoint (copy it to resume)."""
+  run_dir = tmp_path_factory.mktemp('stopped') / 'run'
+  loop.run(tiny(run_dir), log=quiet, stop_at=4)
+  return run_dir
+
+
+def _copy(run_dir, to):
+  shutil.copytree(run_dir, to)
+  return to
+
+
+def test_resume_on_another_process_count(straight, stopped, tmp_path):
+  """A checkpoint of a 2-process run (grain writes one position file per
+  process: process_0-of-2.json, process_1-of-2.json, the same position, as
+  every process reads the same global batches) resumes on 1 process, where
+  grain itself looks for process_0-of-1.json only, and continues exactly."""
+  run_dir = _copy(stopped, tmp_path / 'run')
+  data = run_dir / 'checkpoints' / '4' / 'data'
+  shutil.copy(data / 'process_0-of-1.json', data / 'process_1-of-2.json')
+  os.rename(data / 'process_0-of-1.json', data / 'process_0-of-2.json')
+  lines = []
+  resumed = loop.run(tiny(run_dir, resume=True), log=lines.append)
+  assert ([h['loss'] for h in resumed['history']] ==
+          [h['loss'] for h in straight['history']])
+  # A caller's log gets the step lines too (they had gone to stdout).
+  assert [l.split(']')[0] for l in lines if l.startswith('[step ')] == [
+      f'[step {s}' for s in range(5, 9)], lines
+
+
+def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):
+  """The checkpoint at a periodic evaluation's step is saved before the
+  evaluation: a run that dies during it resumes past that step, and the
+  evaluation is done first (once: the ones recorded are not redone)."""
+  small = {'checkpoint_every': 2, 'eval.every': 2, 'eval.num_examples': 4,
+           'eval.batch_size': 4}
+  real = loop.Evaluator.__call__
+  calls = []
+
+  def preempted_at_the_second(self, state):
+    calls.append(1)
+    if len(calls) == 2:
+      raise RuntimeError('preempted during an evaluation')
+    return real(self, state)
+
+  run_dir = tmp_path / 'run'
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop.Evaluator, '__call__', preempted_at_the_second)
+    with pytest.raises(RuntimeError, match='preempted'):
+      loop.run(tiny(run_dir, **small), log=quiet)
+  assert sorted(int(s) for s in os.listdir(run_dir / 'checkpoints')) == [2, 4]
+  lines = []
+  loop.run(tiny(run_dir, resume=True, **small), log=lines.append)
+  assert any('no evaluation recorded at step 4: doing it now' in l
+             for l in lines), lines
+  with open(run_dir / 'eval.csv') as f:
+    assert [int(r['step']) for r in csv.DictReader(f)] == [2, 4, 6]
+
+
+def _boolq_folder(root, train_questions, test_questions):
+  """A boolq data folder in the LLM-Adapters format."""
+  def records(questions):
+    return [{'instruction': f'Please answer the following question with true '
+                            f'or false, question: {q}?\n\nAnswer format: '
+                            'true/false', 'input': '',
+             'output': 'the correct answer is true', 'answer': 'true'}
+            for q in questions]
+  root.mkdir()
+  (root / 'train.json').write_text(json.dumps(records(train_questions)))
+  (root / 'test.json').write_text(json.dumps(records(test_questions)))
+  return root
+
+
+def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
+  """Evaluation off still leaves the test prompts out of training (it had
+  trained on them), so the training examples do not depend on it and a
+  resume may turn evaluation on or off."""
+  questions = [f'is {i} an even number' for i in range(40)]
+  folder = _boolq_folder(tmp_path / 'boolq', questions, questions[:5])
+  common = {'data.task': 'boolq', 'data.path': str(folder),
+            'data.validation_fraction': 0.0, 'eval.num_examples': 0}
+  off = tiny(tmp_path / 'run', **common)
+  with pytest.warns(UserWarning, match=r'5 of 40 training examples are boolq '
+                    'test prompts; left out of training'):
+    train_off, evals_off = loop.load_examples(off)
+  with pytest.warns(UserWarning, match='left out of training'):
+    train_on, evals_on = loop.load_examples(
+        configs.replace(off, **{'eval.after': True}))
+  assert evals_off == [] and len(evals_on) == 5
+  assert train_off == train_on and len(train_off) == 35
+  assert (loop.training_data_fingerprint(train_off) ==
+          loop.training_data_fingerprint(train_on))
+  # With evaluation off, a test split that is not there is no error.
+  (folder / 'test.json').unlink()
+  with pytest.warns(UserWarning, match='split could not be read'):
+    train, _ = loop.load_examples(off)
+  assert len(train) == 40
+
+
+def test_gsm8k_preset_without_evaluation_skips_gsm8k_test_prompts():
+  shared_data.require('math', 'gsm8k')
+  from train import data  # pylint: disable=g-import-not-at-top
+  cfg = configs.replace(configs.get_config('paper_gemma2b_gsm8k'), **{
+      'eval.before': False, 'eval.after': False, 'eval.every': 0})
+  with pytest.warns(UserWarning, match='gsm8k test prompts'):
+    train, evals = loop.load_examples(cfg)
+  test = {data.prompt_key(e) for e in data.load_task('gsm8k', 'test')}
+  assert train and evals == []
+  assert not [e for e in train if data.prompt_key(e) in test]
+
+
+def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
+  """Named by field (as for any other setting), not as the first leaf of
+  the saved state whose shape the change altered; config.json unchanged."""
+  run_dir = _copy(stopped, tmp_path / 'run')
+  saved = (run_dir / 'config.json').read_text()
+  with pytest.raises(loop.ConfigError, match=r'checkpoint 4 in .* was made '
+                     r'with other settings \(lora\.rank: 4 there, 2 now\); '
+                     r'resume with the settings in .*config\.json'):
+    loop.run(tiny(run_dir, resume=True, **{'lora.rank': 2}), log=quiet)
+  with pytest.raises(loop.ConfigError, match=r"optim\.name: 'lora_rite' "
+                     r"there, 'adam' now"):
+    loop.run(tiny(run_dir, resume=True, **{'optim.name': 'adam'}), log=quiet)
+  assert (run_dir / 'config.json').read_text() == saved
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('optim.learning_rate', math.nan, 'optim.learning_rate must be a finite '
+     'number > 0, got nan'),
+    ('optim.learning_rate', 0.0, 'optim.learning_rate must be a finite '
+     'number > 0, got 0.0'),
+    ('optim.learning_rate', math.inf, 'finite number > 0, got inf'),
+    ('optim.end_lr_fraction', -0.1, 'optim.end_lr_fraction must be a finite '
+     'number >= 0, got -0.1'),
+    ('optim.end_lr_fraction', math.nan, 'end_lr_fraction must be a finite'),
+    ('optim.clip_grad_norm', -1.0, 'optim.clip_grad_norm must be a finite '
+     'number >= 0 (0: off), got -1.0'),
+    ('optim.clip_grad_norm', math.inf, 'clip_grad_norm must be a finite'),
+    ('lora.alpha', 0.0, 'lora.alpha must be a finite number > 0, got 0.0'),
+    ('lora.alpha', math.nan, 'lora.alpha must be a finite number > 0'),
+    ('optim.warmup_steps', -1, 'optim.warmup_steps must be >= 0, got -1'),
+    ('keep_checkpoints', 0, 'keep_checkpoints must be >= 1, got 0'),
+    ('data.num_train_examples', -5, 'data.num_train_examples must be >= 0 '
+     r'\(0: all\), got -5'),
+    ('data.num_threads', -1, 'data.num_threads must be >= 0'),
+    ('data.style', 'bogus', "data.style must be one of alpaca, plain, got "
+     "'bogus'"),
+])
+def test_out_of_range_values_are_config_errors(tmp_path, field, value,
+                                               message):
+  with pytest.raises(loop.ConfigError, match=message.replace('(0: off)',
+                                                             r'\(0: off\)')):
+    loop.validate(tiny(tmp_path, **{field: value}), 1)
+
+
+def test_zero_clip_and_warmup_stay_valid(tmp_path):
+  loop.validate(tiny(tmp_path, **{'optim.clip_grad_norm': 0.0,
+                                  'optim.warmup_steps': 0,
+                                  'optim.end_lr_fraction': 0.0}), 1)
+
+
+def _main(argv, capsys):
+  code = cli.main(argv)
+  captured = capsys.readouterr()
+  return code, captured.err.strip()
+
+
+@pytest.mark.parametrize('extra, code, message', [
+    (['--stop_at', '-1'], 2, '--stop_at must be >= 0 (0: run to --steps), '
+     'got -1.'),
+    (['--stop_at', 'x'], 2, "argument --stop_at/--stop-at: invalid int "
+     "value: 'x'"),
+    (['--data.num_threads', '-1'], 1, 'data.num_threads must be >= 0'),
+    (['--optim.extra', '{"b1": "x"}'], 1, 'optim: lora_rite cannot update '
+     'the LoRA factors with these settings (optim.extra \'{"b1": "x"}\'): '),
+])
+def test_bad_values_one_line_nothing_written(tmp_path, capsys, extra, code,
+                                             message):
+  """Refused before the run folder is made (num_threads -1 had made
+  run_dir/checkpoints; optim.extra's bad value failed at the first step
+  with a traceback, config.json, metrics.csv and TensorBoard written)."""
+  run_dir = tmp_path / 'run'
+  got, err = _main(['--config', 'tiny', '--run_dir', str(run_dir)] + extra,
+                   capsys)
+  assert got == code and len(err.splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+  assert not run_dir.exists()
+
+
+def test_negative_stop_at_is_refused_by_run(tmp_path):
+  with pytest.raises(loop.ConfigError, match='stop_at must be >= 0'):
+    loop.run(tiny(tmp_path / 'run'), log=quiet, stop_at=-1)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    # Abbreviations are not --config and --stop_at (argparse had taken them
+    # for those).
+    (['--con', 'tiny'], '--config NAME is required'),
+    (['--config', 'tiny', '--stop', '3'], 'Unrecognized options: --stop, 3'),
+    # argparse's own errors: two lines (usage naming __main__.py) and exit.
+    (['--config'], 'argument --config: expected one argument'),
+])
+def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
+  run_dir = tmp_path / 'run'
+  code, err = _main(argv + ['--run_dir', str(run_dir), '--steps', '1'],
+                    capsys)
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+  assert 'usage' not in err and '__main__' not in err
+  assert not run_dir.exists()
+
+
+def _sentencepiece(path, corpus, vocab_size=120):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  text = path.with_suffix('.txt')
+  text.write_text('\n'.join(corpus))
+  spm.SentencePieceTrainer.train(
+      input=str(text), model_prefix=str(path.with_suffix('')),
+      vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      minloglevel=2)
+  return path
+
+
+def test_resume_refuses_another_tokenizer_but_not_a_moved_one(tmp_path):
+  """The checkpoint records what the tokenizer does (its size, special ids
+  and the ids of a probe text), not where its file is: another tokenizer is
+  refused in one line naming model.tokenizer (it had resumed silently), the
+  same file under another path resumes."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  from models.gemma.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  prompts = [e.prompt + e.target
+             for e in data.load_task('arithmetic', 'train')]
+  first = _sentencepiece(tmp_path / 'first.model', prompts)
+  # Same size, other pieces: told apart by the probe text's ids.
+  other = _sentencepiece(tmp_path / 'other.model',
+                         [p.upper() for p in prompts])
+  a, b = (loop.tokenizer_fingerprint(load_tokenizer(str(p)))
+          for p in (first, other))
+  assert a['vocab_size'] == b['vocab_size'] and a != b
+  assert 'a probe text encodes to other ids' in (
+      loop._tokenizer_difference(a, b))  # pylint: disable=protected-access
+
+  run_dir = tmp_path / 'run'
+  loop.run(tiny(run_dir, **{'model.tokenizer': str(first)}), log=quiet,
+           stop_at=4)
+  with pytest.raises(loop.ConfigError, match=r"checkpoint 4 in .* was trained "
+                     r"with another tokenizer than model\.tokenizer 'byte' "
+                     r'\(120 ids there, 259 now\)'):
+    loop.run(tiny(run_dir, resume=True), log=quiet)
+  with pytest.raises(loop.ConfigError, match='probe text'):
+    loop.run(tiny(run_dir, resume=True, **{'model.tokenizer': str(other)}),
+             log=quiet)
+  moved = tmp_path / 'elsewhere' / 'tokenizer.model'
+  moved.parent.mkdir()
+  shutil.move(first, moved)
+  # stop_at 4: every check of the resume, no step to compile again.
+  out = loop.run(tiny(run_dir, resume=True, **{'model.tokenizer': str(moved)}),
+                 log=quiet, stop_at=4)
+  assert out['steps'] == 4
