@@ -105,7 +105,7 @@ def _json_value(value: Any) -> Any:
     return os.fspath(value)
   if isinstance(value, np.generic) or getattr(value, 'shape', None) == ():
     return value.item()
-  raise TypeError(f'a {type(value).__name__} value is not a JSON type')
+  raise TypeError(f'{type(value).__name__!r} values are not JSON types')
 
 
 def dumps_json(data: Mapping[str, Any], where: str | os.PathLike) -> str:
