@@ -19,17 +19,20 @@ from tests.lora_rite_reference import ReferenceLoraRite
 # (lora_a shape, lora_b shape): a plain matrix pair, Gemma's query einsum
 # pair (D, r) x (r, N, H) and its output projection (N, H, r) x (r, D).
 SHAPES = [((6, 3), (3, 5)), ((4, 3), (3, 2, 5)), ((2, 3, 3), (3, 4))]
+# And a rank-2 pair: two groups of r x r statistics, whose contributions the
+# global clip must add up.
+PARITY_SHAPES = SHAPES + [((5, 2), (2, 4))]
 
 
 def _contract(a, b):
   return jnp.tensordot(a, b, axes=([-1], [0]))
 
 
-def _problem(seed, zero_b, dtype=np.float64):
+def _problem(seed, zero_b, dtype=np.float64, shapes=None):
   """Random pairs and targets for a least-squares loss on each H = A B."""
   rng = np.random.default_rng(seed)
   params, targets = {}, {}
-  for i, (sa, sb) in enumerate(SHAPES):
+  for i, (sa, sb) in enumerate(SHAPES if shapes is None else shapes):
     a = rng.normal(size=sa)
     b = np.zeros(sb) if zero_b else rng.normal(size=sb) * 0.3
     params[f'p{i}'] = {'lora_a': a.astype(dtype), 'lora_b': b.astype(dtype)}
@@ -69,22 +72,29 @@ KNOBS = {
     'escape_mass': dict(escape_mass=True, b2=0.9),
     'capping': dict(update_capping=0.05),
     'clip_active': dict(clip_unmagnified_grad=0.05),
-    'skipping_active': dict(update_skipping=0.3),
+    # Unmagnified gradients here have RMS 0.02-0.11: 0.07 skips some.
+    'skipping_active': dict(update_skipping=0.07),
     'weight_decay': dict(weight_decay=0.1),
     'balance': dict(balance_factors=True),
     'everything': dict(escape_mass=True, update_capping=0.05,
-                       clip_unmagnified_grad=0.2, update_skipping=0.5,
+                       clip_unmagnified_grad=0.2, update_skipping=0.07,
                        weight_decay=0.05, balance_factors=True, b2=0.95),
 }
 
 
 @pytest.mark.parametrize('zero_b', [True, False], ids=['b0', 'b_random'])
 @pytest.mark.parametrize('knobs', list(KNOBS), ids=list(KNOBS))
-def test_matches_numpy_reference(knobs, zero_b):
+def test_matches_numpy_reference(knobs, zero_b, monkeypatch):
   kw = KNOBS[knobs]
   lr = 0.05
+  # The RMS of every unmagnified gradient the reference's skip test sees:
+  # a threshold that no gradient crosses (or every one) tests nothing.
+  from tests import lora_rite_reference  # pylint: disable=g-import-not-at-top
+  seen, rms = [], lora_rite_reference._rms  # pylint: disable=protected-access
+  monkeypatch.setattr(lora_rite_reference, '_rms',
+                      lambda x: seen.append(rms(x)) or seen[-1])
   with jax.enable_x64(True):
-    params, targets = _problem(0, zero_b)
+    params, targets = _problem(0, zero_b, shapes=PARITY_SHAPES)
     tx, step = _stepper(lr, tuple(sorted(kw.items())))
     ref = ReferenceLoraRite(lr, **kw)
     state = tx.init(params)
@@ -104,6 +114,9 @@ def test_matches_numpy_reference(knobs, zero_b):
         np.testing.assert_allclose(params[f'p{i}']['lora_b'], b, rtol=1e-8,
                                    atol=1e-10)
     assert np.isfinite(_loss(params, targets))
+  if kw.get('update_skipping'):
+    skipped = sum(v > kw['update_skipping'] for v in seen)
+    assert 0 < skipped < len(seen) - 10, (skipped, len(seen))
 
 
 def _random_invertible(rng, r, cond):
