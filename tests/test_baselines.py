@@ -67,13 +67,16 @@ def test_loraplus_equals_two_adams_by_hand():
   params = _tree(rng)
   lr, ratio = 1e-2, 8.0
   schedule = optax.linear_schedule(lr, lr / 4, 5)
-  tx = lro.loraplus(schedule, lr_ratio=ratio, weight_decay=0.1)
+  # Not AdamW's defaults: loraplus must pass its own through (the train
+  # loop gives it eps=1e-6).
+  adam_kw = dict(b1=0.8, b2=0.95, eps=1e-3, weight_decay=0.1)
+  tx = lro.loraplus(schedule, lr_ratio=ratio, **adam_kw)
   # By hand: one AdamW on the A leaves at lr, one on the B leaves at ratio*lr.
   split = lambda tree, want: {
       k: {kk: vv for kk, vv in v.items() if (kk == 'lora_b') == want}
       for k, v in tree.items()}
-  adam_a = optax.adamw(schedule, weight_decay=0.1)
-  adam_b = optax.adamw(lambda c: ratio * schedule(c), weight_decay=0.1)
+  adam_a = optax.adamw(schedule, **adam_kw)
+  adam_b = optax.adamw(lambda c: ratio * schedule(c), **adam_kw)
   states = (tx.init(params), adam_a.init(split(params, False)),
             adam_b.init(split(params, True)))
 
@@ -349,6 +352,12 @@ def test_shampoo_zero_gradient_and_errors():
   updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   for leaf in jax.tree.leaves(updates):
     assert bool(jnp.all(leaf == 0))
+  # With weight decay and no gradient, the update is the decay alone.
+  params = {'lora_a': 2 * jnp.ones((3, 2)), 'lora_b': -jnp.ones((2, 4))}
+  tx = lro.shampoo(1e-2, weight_decay=0.5)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  chex.assert_trees_all_close(
+      updates, jax.tree.map(lambda p: -1e-2 * 0.5 * p, params), rtol=1e-6)
   with pytest.raises(ValueError, match='graft must be one of'):
     lro.shampoo(1e-2, graft='adagrad')
 

@@ -105,15 +105,16 @@ def test_lora_ga_first_step_approximates_full_finetuning():
   assert cos_ga > cos_std + 0.2, (cos_ga, cos_std)
 
 
-def test_lora_ga_matches_the_authors_orientation():
+@pytest.mark.parametrize('gamma', [16.0, 4.0])
+def test_lora_ga_matches_the_authors_orientation(gamma):
   """Our (A, B) are the transposes of the authors' (lora_A, lora_B)."""
   w0, g = _full_gradient()
-  a, b, _ = init.lora_ga(g, w0, RANK, SCALE, gamma=16.0)
+  a, b, _ = init.lora_ga(g, w0, RANK, SCALE, gamma=gamma)
   # The authors: G_t = G^T (out, in); U, S, V = svd(G_t); V = V^T;
   # lora_B = U[:, r:2r], lora_A = V[:r] scaled by m^(1/4)/sqrt(gamma), m = out.
   g_t = np.asarray(g, np.float64).T
   u, _, vt = np.linalg.svd(g_t, full_matrices=False)
-  c = g_t.shape[0] ** 0.25 / 4.0
+  c = g_t.shape[0] ** 0.25 / np.sqrt(gamma)
   lora_b = c * u[:, RANK:2 * RANK]
   lora_a = c * vt[:RANK]
   # Singular vectors are defined up to sign: compare the projectors.

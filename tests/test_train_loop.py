@@ -425,6 +425,25 @@ def test_update_magnitudes_skip_zero_factors():
   assert np.isnan(float(m['update_ratio_b']))
 
 
+def test_update_magnitudes_average_each_pairs_relative_update():
+  # ||A|| = 8 and 2 (c x ones(2, 2) has norm 2c), ||dA|| = 1 and 3: the
+  # ratios 1/8 and 3/2 average to 13/16, which a ratio of means (4/10) or
+  # inverted ratios would not give. B: one zero factor, left out.
+  params = {'x': {'lora_a': 4 * jnp.ones((2, 2)), 'lora_b': jnp.ones((2, 2))},
+            'y': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.zeros((2, 2))}}
+  updates = {'x': {'lora_a': 0.5 * jnp.ones((2, 2)),
+                   'lora_b': 0.25 * jnp.ones((2, 2))},
+             'y': {'lora_a': 1.5 * jnp.ones((2, 2)),
+                   'lora_b': jnp.ones((2, 2))}}
+  m = {k: float(v) for k, v in loop.update_magnitudes(params, updates).items()}
+  assert m['update_ratio_a'] == pytest.approx((1 / 8 + 3 / 2) / 2)
+  assert m['update_ratio_b'] == pytest.approx(0.25)
+  assert m['update_norm_a'] == pytest.approx((1 + 3) / 2)
+  assert m['param_norm_a'] == pytest.approx((8 + 2) / 2)
+  assert m['update_norm_b'] == pytest.approx((0.5 + 2) / 2)
+  assert m['param_norm_b'] == pytest.approx((2 + 0) / 2)
+
+
 def test_schedules():
   for kind in ('cosine', 'linear', 'constant'):
     cfg = configs.OptimConfig(learning_rate=1.0, warmup_steps=10,
