@@ -153,7 +153,10 @@ def _finished_steps(ckpt_dir) -> list[int]:
 
 
 def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
-  rng = random.Random(os.getpid())
+  # Another kill point each run, for coverage over many runs; a failure
+  # names its seed, and LRO_RELIABILITY_SEED=<seed> replays it.
+  seed = int(os.environ.get('LRO_RELIABILITY_SEED', os.getpid()))
+  rng = random.Random(seed)
   run_dir = tmp_path / 'run'
   ckpt_dir = run_dir / 'checkpoints'
   deadline = time.monotonic() + 600
@@ -168,7 +171,7 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
     time.sleep(0.005)
   t.kill()
   first_kept = _finished_steps(ckpt_dir)
-  assert first_kept, 'no checkpoint before the first kill'
+  assert first_kept, f'no checkpoint before the first kill (seed {seed})'
 
   # 2. Resumed, then killed while orbax writes a checkpoint: poll for its
   # temporary folder and kill the moment it appears.
@@ -200,15 +203,20 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
   t.poll_lines()
   time.sleep(0.1)
   t.poll_lines()
-  assert t.proc.returncode == 0, '\n'.join(t.lines)
+  assert t.proc.returncode == 0, f'seed {seed}:\n' + '\n'.join(t.lines)
   resumed_from = [int(m.group(1)) for l in t.lines
                   if (m := re.search(r'resumed from step (\d+)', l))]
   # The newest complete checkpoint, never the half-written one.
-  assert resumed_from == [max(finished)], (resumed_from, finished, caught)
+  assert resumed_from == [max(finished)], (seed, resumed_from, finished,
+                                           caught)
 
   got = _load_state(run_dir, STEPS)
   want = _load_state(reference['run_dir'], STEPS)
-  _assert_trees_identical(got, want)
+  try:
+    _assert_trees_identical(got, want)
+  except AssertionError as e:
+    raise AssertionError(f'seed {seed} (killed after step {kill_at}): '
+                         f'{e}') from None
   print(f'killed after step {kill_at}; second kill caught tmp dirs {caught}')
 
 
