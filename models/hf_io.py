@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
@@ -91,12 +94,25 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
   arrays memory-mapped from the old file valid (they hold its inode).
   """
   path = Path(path)
-  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
+                             suffix='.tmp')
+  os.close(fd)
+  tmp = Path(tmp)
   try:
     yield tmp
+    if path.exists():  # keep the old file's permissions, not mkstemp's 0600
+      shutil.copymode(path, tmp)
+    else:
+      os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _json_value(value: Any) -> Any:
@@ -184,10 +200,40 @@ def open_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
     ValueError: an unreadable file, a malformed index, a shard outside the
       directory, or an index naming a tensor its shard lacks.
   """
+  shards, weight_map = weight_files(directory, filename, index)
+  if weight_map is None:
+    (single,) = shards.values()
+    return Tensors({name: single for name in _open(single).keys()})
+  files = {}
+  for shard, path in shards.items():
+    stored = set(_open(path).keys())
+    for name, where in weight_map.items():
+      if where == shard:
+        if name not in stored:
+          raise ValueError(f'{Path(directory) / index}: tensor {name!r} is '
+                           f'listed in {shard!r} but not stored there.')
+        files[name] = path
+  return Tensors(files)
+
+
+def weight_files(directory: str | os.PathLike, filename: str = SAFETENSORS,
+                 index: str | None = SAFETENSORS_INDEX
+                 ) -> tuple[dict[str, Path], dict[str, str] | None]:
+  """The weights files of a checkpoint folder, as transformers picks them.
+
+  ``({filename: path}, None)`` when the single file is there (it wins over
+  an index, as in transformers), else ``({shard name: path}, weight_map)``
+  from ``index``; a shard may not lead out of the folder, though a Hugging
+  Face cache's links into its blobs/ may.
+
+  Raises:
+    FileNotFoundError: neither the file nor its index exists.
+    ValueError: a malformed index or a shard outside the directory.
+  """
   directory = Path(directory)
   single = directory / filename
   if single.is_file():
-    return Tensors({name: single for name in _open(single).keys()})
+    return {filename: single}, None
   if index is not None and (directory / index).is_file():
     index_path = directory / index
     weight_map = read_json(index_path, 'shard index').get('weight_map')
@@ -195,17 +241,8 @@ def open_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
         isinstance(v, str) for v in weight_map.values()):
       raise ValueError(f'{index_path}: "weight_map" must map tensor names to '
                        'shard file names.')
-    files = {}
-    for shard in sorted(set(weight_map.values())):
-      path = safe_join(directory, shard, links_may_leave=True)
-      stored = set(_open(path).keys())
-      for name, where in weight_map.items():
-        if where == shard:
-          if name not in stored:
-            raise ValueError(f'{index_path}: tensor {name!r} is listed in '
-                             f'{shard!r} but not stored there.')
-          files[name] = path
-    return Tensors(files)
+    return {shard: safe_join(directory, shard, links_may_leave=True)
+            for shard in sorted(set(weight_map.values()))}, weight_map
   raise missing_weights(directory, filename, index)
 
 
@@ -241,7 +278,7 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  index = index or f'{filename}.index.json'
+  index = index or _index_name(filename)
   # Transformers refuses safetensors files without a known framework tag.
   metadata = {'format': 'pt'}
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -261,19 +298,23 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     shards[-1][name] = value
     size += value.nbytes
   stem = filename.rsplit('.', 1)[0]
-  weight_map, paths = {}, []
+  weight_map, paths, names = {}, [], []
   for i, shard in enumerate(shards):
     shard_name = f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors'
     path = safe_join(directory, shard_name)
     with replacing(path) as tmp:
       save_file(shard, str(tmp), metadata=metadata)
     paths.append(path)
+    names.append(shard_name)  # not path.name: safe_join resolves links
     weight_map.update({name: shard_name for name in shard})
   write_json(safe_join(directory, index),
              {'metadata': {'total_size': total}, 'weight_map': weight_map})
-  remove_stale_weights(directory, [p.name for p in paths] + [index],
-                       filename, index)
+  remove_stale_weights(directory, names + [index], filename, index)
   return paths
+
+
+def _index_name(filename: str) -> str:
+  return f'{filename}.index.json'
 
 
 def remove_stale_weights(directory: str | os.PathLike, keep: Collection[str],
@@ -282,14 +323,16 @@ def remove_stale_weights(directory: str | os.PathLike, keep: Collection[str],
   """Removes the weights files of an earlier save that are not in ``keep``.
 
   Candidates are ``filename``, its shard index (default ``filename +
-  '.index.json'``) and shards named ``{stem}-*-of-*.safetensors``, as
-  Transformers' save_pretrained cleans up: a loader prefers the single file
-  to the index, so a stale one would load in place of the new weights.
+  '.index.json'``) and shards named ``{stem}-NNNNN-of-NNNNN.safetensors``
+  (the names transformers and :func:`save_tensors` write, so that no other
+  file of the folder is touched): a loader prefers the single file to the
+  index, so a stale one would load in place of the new weights.
   """
   directory = Path(directory)
   stem = filename.rsplit('.', 1)[0]
-  stale = {filename, index or f'{filename}.index.json'}
-  stale.update(p.name for p in directory.glob(f'{stem}-*-of-*.safetensors'))
+  shard = re.compile(re.escape(stem) + r'-\d{5}-of-\d{5}\.safetensors')
+  stale = {filename, index or _index_name(filename)}
+  stale.update(p.name for p in directory.iterdir() if shard.fullmatch(p.name))
   for name in sorted(stale - set(keep)):
     path = directory / name
     if path.is_file() or path.is_symlink():

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -102,3 +103,28 @@ class Projection(nnx.Module):
       y = y + self.lora.scale * self._contract(
           h, self.lora.lora_b[...].astype(self.dtype), 1)
     return y
+
+
+def check_token_ids(ids, vocab_size: int, who: str) -> None:
+  """Refuses token ids outside ``[0, vocab_size)``, naming the first.
+
+  The embedding lookup would fill NaN for them, and attention spread it to
+  every position of the row. ``ids``: a list, NumPy array or JAX array. A
+  traced array is not checked, nor one spread over several processes:
+  reading the other processes' part fails, and a refusal by the one
+  process holding a bad id would leave the others waiting in the next
+  collective.
+
+  Raises:
+    ValueError: ``'{who} token id {id} is outside the model's vocabulary
+      of {vocab_size} (another tokenizer?).'``
+  """
+  if isinstance(ids, jax.core.Tracer) or not getattr(
+      ids, 'is_fully_addressable', True):
+    return
+  ids = np.asarray(ids)
+  bad = ids[(ids < 0) | (ids >= vocab_size)]
+  if bad.size:
+    raise ValueError(f'{who} token id {bad.flat[0]} is outside the '
+                     f'model\'s vocabulary of {vocab_size} (another '
+                     'tokenizer?).')

@@ -452,22 +452,28 @@ def _has_residual_base(proj: Projection) -> bool:
           getattr(lora, 'initial_a', None) is not None)
 
 
-def check_no_residual_base(model: nnx.Module, who: str) -> None:
+def check_no_residual_base(model: nnx.Module, who: str,
+                           allowed: bool = False) -> None:
   """Refuses a model whose kernels are not weights to save on their own.
 
   After a PiSSA / LoRA-GA init an unmerged adapter's kernel is the residual
   ``W0 - s A0 B0``: written as a checkpoint it is neither the base nor the
-  tuned model.
+  tuned model, unless saved on purpose (``allowed``: PiSSA's own release
+  format, the residual model beside an adapter exported with
+  ``save_peft_adapter(..., original_base=False)``).
 
   Raises:
     ValueError: naming the first such projection and what to do.
   """
+  if allowed:
+    return
   for path, proj in projections(model).items():
     if _has_residual_base(proj):
       raise ValueError(f'{who}: the kernel of {path!r} is the residual '
                        'W0 - s A0 B0 of an unmerged PiSSA / LoRA-GA adapter; '
-                       'merge_lora first to save the tuned model, or '
-                       'remove_lora to save the base.')
+                       'merge_lora first to save the tuned model, '
+                       'remove_lora to save the base, or pass '
+                       'allow_residual_base=True to save the residual itself.')
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
@@ -675,7 +681,8 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
       a non-default adapter); must be a plain name.
     original_base: re-express PiSSA / LoRA-GA adapters against the original
       base weights (rank 2r); False exports them as they are, relative to
-      the modified kernels.
+      the modified kernels (save those with ``save_pretrained(...,
+      allow_residual_base=True)``).
 
   Returns:
     The directory written.

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from models import hf_io, lora
-from models.layers import Projection
+from models.layers import Projection, check_token_ids
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -493,15 +493,8 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   """
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
-  if not isinstance(encoder_tokens, jax.core.Tracer):
-    # The embedding lookup would fill NaN, and attention spread it to every
-    # position of the row: say which id instead.
-    ids = np.asarray(encoder_tokens)
-    bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
-    if bad.size:
-      raise ValueError(f'greedy_generate: encoder token id {bad[0]} is '
-                       'outside the model\'s vocabulary of '
-                       f'{model.config.vocab_size} (another tokenizer?).')
+  check_token_ids(encoder_tokens, model.config.vocab_size,
+                  'greedy_generate: encoder')
   # Generation is inference: an eval-mode copy sharing the weights (no
   # dropout, a LoRA adapter's included); the caller's model keeps its mode.
   model = nnx.merge(*nnx.split(model))
@@ -744,7 +737,8 @@ def _hf_linear_shape(shape, n_in: int) -> tuple[int, int]:
 
 
 def save_pretrained(model: T5, directory: str | os.PathLike, *,
-                    max_shard_bytes: int | None = None) -> Path:
+                    max_shard_bytes: int | None = None,
+                    allow_residual_base: bool = False) -> Path:
   """Writes ``model`` as a Hugging Face checkpoint directory.
 
   Writes config.json and model.safetensors (or shards and an index when the
@@ -753,15 +747,17 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
   (``models.lora.merge_lora``; or export them with
   ``models.lora.save_peft_adapter``), and after a PiSSA / LoRA-GA init the
   kernels hold the residual ``W0 - s A0 B0``, not the original weights,
-  so such a model is refused. The other layout's files of an earlier save
-  in ``directory`` (single file or shards) are removed.
+  so such a model is refused unless ``allow_residual_base``. The other
+  layout's files of an earlier save in ``directory`` (single file or
+  shards) are removed.
 
   Raises:
     ValueError: an unmerged PiSSA / LoRA-GA adapter (merge_lora or
-      remove_lora first), or a config value JSON cannot hold; nothing is
-      written then.
+      remove_lora first, or allow_residual_base), or a config value JSON
+      cannot hold; nothing is written then.
   """
-  lora.check_no_residual_base(model, 't5.save_pretrained')
+  lora.check_no_residual_base(model, 't5.save_pretrained',
+                              allowed=allow_residual_base)
   directory = Path(directory)
   config = hf_io.dumps_json(
       config_to_hf(model.config, model.embedding[...].dtype),

@@ -78,6 +78,33 @@ def test_save_tensors_removes_the_other_layouts_files(tmp_path):
   _assert_loads(tmp_path, old)
 
 
+def test_save_tensors_touches_only_files_named_as_its_own(tmp_path):
+  # A user's 'model-best-of-sweep.safetensors' is not a shard name
+  # (model-NNNNN-of-NNNNN), and shards that are links (into a cache's
+  # blobs/) are replaced by the names the new index lists, not unlinked.
+  (tmp_path / 'model-best-of-sweep.safetensors').write_bytes(b'keep me')
+  (tmp_path / 'blobs').mkdir()
+  for i in (1, 2):
+    blob = tmp_path / 'blobs' / f'b{i}'
+    blob.write_bytes(b'')
+    (tmp_path / f'model-0000{i}-of-00002.safetensors').symlink_to(blob)
+  new = _tensors(1)
+  hf_io.save_tensors(tmp_path, new, max_shard_bytes=40_000)
+  _assert_loads(tmp_path, new)
+  assert (tmp_path / 'model-best-of-sweep.safetensors').read_bytes() == (
+      b'keep me')
+
+
+def test_replacing_keeps_the_old_files_permissions(tmp_path):
+  path = tmp_path / 'config.json'
+  path.write_text('{}')
+  path.chmod(0o600)
+  hf_io.write_json(path, {'a': 1})
+  assert json.loads(path.read_text()) == {'a': 1}
+  assert path.stat().st_mode & 0o777 == 0o600
+  assert sorted(os.listdir(tmp_path)) == ['config.json']  # no temp left
+
+
 def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
   first, second = t5_models
   for model, shard in ((first, None), (second, 40_000), (first, None)):
@@ -167,6 +194,23 @@ def test_t5_save_pretrained_refuses_an_unmerged_pissa_adapter(tmp_path):
   t5.save_pretrained(model, tmp_path / 'ckpt')
   np.testing.assert_allclose(t5.from_pretrained(tmp_path / 'ckpt')(ENC, DEC),
                              base, atol=1e-5)
+
+
+def test_the_residual_model_saves_when_asked(tmp_path):
+  # PiSSA's release format: the residual W0 - s A0 B0 as the model, beside
+  # an adapter relative to it (original_base=False); together they are the
+  # adapted model.
+  model = _model('gemma-tiny')
+  lora.apply_lora(model, 'q', rank=2, init='pissa')
+  toks = jnp.array([[3, 4, 5, 6]])
+  adapted = model(toks)
+  gemma.save_pretrained(model, tmp_path / 'residual',
+                        allow_residual_base=True)
+  lora.save_peft_adapter(model, tmp_path / 'adapter', 'residual',
+                         original_base=False)
+  again = gemma.from_pretrained(tmp_path / 'residual')
+  lora.load_peft_adapter(again, tmp_path / 'adapter')
+  np.testing.assert_allclose(again(toks), adapted, atol=1e-4)
 
 
 # --------------------------------------------------------------------------
@@ -269,6 +313,16 @@ def test_sample_logits_refuses_bad_settings(kw, match):
   with pytest.raises(ValueError, match=match) as e:
     gemma.sample_logits(logits, jax.random.key(0), **kw)
   _one_line(e)
+
+
+def test_sample_logits_takes_any_integer_top_k_and_greedy_ignores_the_rest():
+  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]]))
+  for k in (jnp.int32(1), np.array(1), np.int64(1)):
+    assert int(gemma.sample_logits(logits, jax.random.key(0), temperature=1.0,
+                                   top_k=k)[0]) == 1
+  # Greedy decoding uses neither top_k nor top_p: they are not refused.
+  assert int(gemma.sample_logits(logits, jax.random.key(0), temperature=0.0,
+                                 top_k=99, top_p=0.0)[0]) == 1
 
 
 def test_sample_logits_smallest_top_p_keeps_the_top_token():

@@ -99,3 +99,45 @@ def test_two_processes_match_one(tmp_path):
   data = tmp_path / 'multi' / 'checkpoints' / '3' / 'data'
   assert ((data / 'process_0-of-2.json').read_text() ==
           (data / 'process_1-of-2.json').read_text())
+
+
+T5_WORKER = r'''
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize('127.0.0.1:' + sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from models import t5
+mesh = Mesh(np.array(jax.devices()), ('data',))
+put = lambda x, spec: jax.make_array_from_callback(
+    x.shape, NamedSharding(mesh, spec), lambda i: np.asarray(x)[i])
+model = t5.T5(t5.get_config('tiny', num_layers=1, num_decoder_layers=1),
+              rngs=nnx.Rngs(0))
+nnx.update(model, jax.tree.map(lambda x: put(x, P()), nnx.state(model)))
+enc = np.full((2, 6), 5, np.int32)
+out = t5.greedy_generate(model, put(enc, P('data')), 2)
+print('GENERATED', out.shape)
+'''
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_t5_generation_over_two_processes():
+  # The loop's T5 evaluation hands greedy_generate a batch spread over the
+  # processes: its token-id check must not fetch the other process's rows
+  # (which fails), nor refuse in one process while the other waits.
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', T5_WORKER, port, str(i)], cwd=ROOT, env=_env(),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert 'GENERATED (2, 2)' in out, err[-3000:]

@@ -522,24 +522,8 @@ def _resolve_name(name: str, available) -> str | None:
 
 
 def _safetensors_files(directory: str) -> list[str]:
-  index = os.path.join(directory, 'model.safetensors.index.json')
-  single = os.path.join(directory, 'model.safetensors')
-  # The single file first, as transformers (and hf_io.open_tensors) do.
-  if os.path.isfile(single):
-    return [single]
-  if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)['weight_map']
-      files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f'{index}: malformed safetensors index (expected a '
-                       f'"weight_map" object; {e!r}).') from None
-    # A shard name may not lead out of the folder (as hf_io.open_tensors);
-    # a Hugging Face cache's files are links into its blobs/, and may.
-    return [str(hf_io.safe_join(directory, fn, links_may_leave=True))
-            for fn in files]
-  raise hf_io.missing_weights(directory)
+  files, _ = hf_io.weight_files(directory)
+  return [str(path) for path in files.values()]
 
 
 def hf_module_prefix(directory: str) -> str:
@@ -636,7 +620,8 @@ def load_hf(directory: str, *, dtype=jnp.float32,
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
 
 
-def save_pretrained(model: Gemma, directory: str) -> None:
+def save_pretrained(model: Gemma, directory: str, *,
+                    allow_residual_base: bool = False) -> None:
   """Writes ``config.json`` and ``model.safetensors`` in the HF layout.
 
   LoRA adapters attached to projections are not included (merge them first,
@@ -645,10 +630,12 @@ def save_pretrained(model: Gemma, directory: str) -> None:
 
   Raises:
     ValueError: a kernel holds the residual of an unmerged PiSSA / LoRA-GA
-      adapter, or the config has a value JSON cannot hold; nothing is
-      written then.
+      adapter (unless ``allow_residual_base``: the residual model PiSSA
+      releases beside an adapter exported with ``original_base=False``), or
+      the config has a value JSON cannot hold; nothing is written then.
   """
-  lora.check_no_residual_base(model, 'gemma.save_pretrained')
+  lora.check_no_residual_base(model, 'gemma.save_pretrained',
+                              allowed=allow_residual_base)
   c = model.config
   tensors = {}
   dtypes = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Sequence
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.gemma.model import Gemma, init_cache
+from models.layers import check_token_ids
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
@@ -32,7 +34,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
   Raises:
     ValueError: see :func:`check_sampling`.
   """
-  check_sampling(temperature, top_k, top_p, logits.shape[-1])
+  temperature, top_k, top_p = check_sampling(temperature, top_k, top_p,
+                                             logits.shape[-1])
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
@@ -54,25 +57,42 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
 
 
 def check_sampling(temperature: float, top_k: int | None,
-                   top_p: float | None, vocab: int) -> None:
+                   top_p: float | None, vocab: int
+                   ) -> tuple[float, int | None, float | None]:
   """Refuses sampling settings that would silently sample something else.
+
+  Returns:
+    ``(temperature, top_k, top_p)`` as Python numbers (any integer scalar
+    is a ``top_k``: NumPy's and JAX's too); greedy decoding
+    (``temperature == 0``) ignores ``top_k`` and ``top_p``, so they are
+    not checked then.
 
   Raises:
     ValueError: ``temperature`` < 0 (it would invert the distribution),
-      ``top_k`` not None / 0 (off) or in 1..``vocab``, or ``top_p`` not
-      None or in (0, 1].
+      ``top_k`` not None / 0 (off) or an integer in 1..``vocab``, or
+      ``top_p`` not None or in (0, 1].
   """
   if not temperature >= 0:  # NaN included
     raise ValueError(f'temperature must be >= 0 (0 decodes greedily), got '
                      f'{temperature}.')
-  if top_k is not None and (
-      isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-      or not 0 <= top_k <= vocab):
-    raise ValueError(f'top_k must be None or 0 (off) or an integer in '
-                     f'1..{vocab} (the vocabulary), got {top_k!r}.')
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f'top_p must be in (0, 1] (None or 1 is off), got '
-                     f'{top_p}.')
+  temperature = float(temperature)
+  if temperature == 0.0:
+    return temperature, None, None
+  if top_k is not None:
+    try:
+      k = -1 if isinstance(top_k, bool) else operator.index(top_k)
+    except TypeError:  # 2.0, '2': not an integer
+      k = -1
+    if not 0 <= k <= vocab:
+      raise ValueError(f'top_k must be None or 0 (off) or an integer in '
+                       f'1..{vocab} (the vocabulary), got {top_k!r}.')
+    top_k = k
+  if top_p is not None:
+    if not 0 < top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1] (None or 1 is off), got '
+                       f'{top_p}.')
+    top_p = float(top_p)
+  return temperature, top_k, top_p
 
 
 @dataclasses.dataclass
@@ -217,7 +237,8 @@ class Sampler:
       prompts = [prompts]
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
-    check_sampling(temperature, top_k, top_p, self.config.vocab_size)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p,
+                                               self.config.vocab_size)
     ids = []
     for pr in prompts:
       if isinstance(pr, str):
@@ -228,15 +249,8 @@ class Sampler:
         ids.append([int(t) for t in pr])
     if not ids or min(len(x) for x in ids) == 0:
       raise ValueError('Sampler prompts must be non-empty.')
-    vocab = self.config.vocab_size
     for x in ids:
-      bad = [t for t in x if not 0 <= t < vocab]
-      if bad:
-        # The embedding lookup would fill NaN, and attention spread it to
-        # every position of the row: say which id instead.
-        raise ValueError(f'Sampler prompt token id {bad[0]} is outside the '
-                         f'model\'s vocabulary of {vocab} (another '
-                         'tokenizer?).')
+      check_token_ids(x, self.config.vocab_size, 'Sampler prompt')
     self._split()
     pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
     stop_ids = _stop_ids(self.tokenizer) if stop_at_eos else ()
