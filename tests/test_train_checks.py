@@ -302,3 +302,47 @@ def test_resume_refuses_another_tokenizer_but_not_a_moved_one(tmp_path):
   out = loop.run(tiny(run_dir, resume=True, **{'model.tokenizer': str(moved)}),
                  log=quiet, stop_at=4)
   assert out['steps'] == 4
+
+
+def test_a_hub_task_without_a_test_split_trains_with_evaluation_off(
+    tmp_path, monkeypatch):
+  # The Hub's errors are ValueErrors: with evaluation off, a test split that
+  # cannot be had is no reason to stop (the task's own test split cannot
+  # be in its training split anyway: no warning either).
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  def load_dataset(hub_id, config, split):
+    if split != 'train':
+      raise KeyError(f'Unknown split "{split}"')
+    return [{'question': f'is {i} even', 'answer': i % 2 == 0}
+            for i in range(40)]
+
+  monkeypatch.setitem(sys.modules, 'datasets',
+                      types.SimpleNamespace(load_dataset=load_dataset))
+  cfg = tiny(tmp_path / 'run', **{'data.task': 'boolq',
+                                  'data.hub': 'me/boolq-trainonly',
+                                  'data.validation_fraction': 0.0})
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    train, evals = loop.load_examples(cfg)
+  assert len(train) == 40 and evals == []
+  with pytest.raises(ValueError, match='Unknown split'):
+    loop.load_examples(configs.replace(cfg, **{'eval.after': True}))
+
+
+def test_a_checkpoint_from_before_the_hold_out_rule_says_why(stopped,
+                                                              tmp_path):
+  # Such a checkpoint (no tokenizer record, evaluation off) trained on the
+  # evaluation prompts this version leaves out: its examples differ, and the
+  # refusal says that this is why.
+  run_dir = _copy(stopped, tmp_path / 'run')
+  item = run_dir / 'checkpoints' / '4' / 'config' / 'metadata'
+  saved = json.loads(item.read_text())
+  del saved[loop.TOKENIZER_KEY]
+  saved[loop.TRAIN_DATA_KEY]['examples'] += 5
+  item.write_text(json.dumps(saved))
+  with pytest.raises(loop.ConfigError, match='predates leaving evaluation '
+                     'prompts out of training with evaluation off'):
+    loop.run(tiny(run_dir, resume=True), log=quiet)

@@ -178,3 +178,19 @@ def process_0_flag(flag: bool) -> bool:
     return bool(flag)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
+def same_on_every_process(digest: str) -> bool:
+  """Whether every process holds this hex ``digest`` (one collective).
+
+  Each process builds the global batch from its own copy of the training
+  examples; hosts that read different files (one lacking the evaluation
+  split that the others hold out of training) would otherwise train on
+  silently different batches.
+  """
+  if jax.process_count() == 1:
+    return True
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  return bool((every == every[0]).all())

@@ -636,6 +636,10 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
           '--eval.no-before --eval.no-after.')
     else:
       return None
+  if not wants_eval and cfg.eval.split == 'validation' and eval_task == d.task:
+    # Carved out of the training data: disjoint from it by construction,
+    # and not worth reading (or downloading) again when nothing evaluates.
+    return None
   pool = {}
   generated = (not eval_path and not d.hub and
                data.get_task(eval_task).name == data.arithmetic.NAME)
@@ -655,15 +659,19 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
   try:
     return data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
                           **{**common, **pool})
-  except (OSError, ImportError) as e:
-    if wants_eval:
+  except (OSError, ImportError, ValueError) as e:
+    # A Hub failure is a ValueError too; a ConfigError is a setting to fix.
+    if wants_eval or isinstance(e, ConfigError):
       raise
     # Evaluation is off, perhaps because the split is not at hand: train,
-    # but say that its prompts could not be held out.
-    warnings.warn(
-        f'data: the {eval_task} {cfg.eval.split} split could not be read '
-        f'({_first_line(e)}); training examples that are its prompts are '
-        'not left out.', stacklevel=3)
+    # but say that its prompts could not be held out (unless it is the
+    # training task's own test split, which a task such as math lacks by
+    # design, and which its training file cannot hold anyway).
+    if eval_task != d.task or eval_path:
+      warnings.warn(
+          f'data: the {eval_task} {cfg.eval.split} split could not be read '
+          f'({_first_line(e)}); training examples that are its prompts are '
+          'not left out.', stacklevel=3)
     return None
 
 
@@ -1553,7 +1561,8 @@ def _tokenizer_difference(saved: dict, now: dict) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-  return (str(e).strip() or type(e).__name__).splitlines()[0]
+  from train.data import records  # pylint: disable=g-import-not-at-top
+  return records.first_line(e)
 
 
 def default_run_dir(cfg: configs_lib.Config) -> str:
@@ -1654,10 +1663,17 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # Checks its options against the scoring rows: before any file is written.
   evaluator = Evaluator(r)
 
+  train_data = training_data_fingerprint(r.train_examples)
+  if not distributed.same_on_every_process(train_data['sha256']):
+    raise ConfigError(
+        'the processes hold different training examples '
+        f'({len(r.train_examples)} here): every host needs the same data '
+        'files, the evaluation split included (its prompts are left out of '
+        'training).')
+
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   config_json = configs_lib.to_json(cfg)
-  train_data = training_data_fingerprint(r.train_examples)
   tokenizer_id = tokenizer_fingerprint(r.tokenizer)
   ckpt_json = json.dumps({**json.loads(config_json),
                           TRAIN_DATA_KEY: train_data,
@@ -1689,11 +1705,22 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'{where} was made with other settings '
           f'({_describe_changes(changed)}); {redo}.')
     if saved_data is not None and saved_data != train_data:
+      saved_eval = saved_config.get('eval', {})
+      older = ''
+      if saved_tokenizer is None and not (
+          saved_eval.get('before') or saved_eval.get('after') or
+          saved_eval.get('every')):
+        # Checkpoints without a tokenizer record predate holding the
+        # evaluation prompts out with evaluation off: that run trained on
+        # them, which this version no longer does.
+        older = ('; this checkpoint predates leaving evaluation prompts '
+                 'out of training with evaluation off, and its run trained '
+                 'on them: start the run again')
       raise ConfigError(
           f'{where} was trained on other examples ({saved_data["examples"]} '
           f'there, {train_data["examples"]} now, or the same number with '
           'other contents: the eval split and paths decide which are held '
-          f'out, and data.path may name other files); {redo}.')
+          f'out, and data.path may name other files{older}); {redo}.')
     if saved_tokenizer is not None and saved_tokenizer != tokenizer_id:
       spec = (repr(cfg.model.tokenizer) if cfg.model.tokenizer else
               f'(from model.path {cfg.model.path!r})')

@@ -12,6 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+
+def first_line(e: BaseException) -> str:
+  """An error's first line (its type's name when it has no message): what
+  a one-line refusal quotes of an error from a library."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 Record = dict[str, Any]
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -115,6 +121,6 @@ def _read_parquet(path: Path) -> list[Record]:
   try:
     table = pq.read_table(path)
   except Exception as e:  # pyarrow raises several unrelated types.
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f"malformed Parquet file {path}: {first_line}") from None
+    raise ValueError(f"malformed Parquet file {path}: {first_line(e)}"
+                     ) from None
   return table.to_pylist()

@@ -171,10 +171,9 @@ def load_hub_records(hub_id: str, config: str | None, split: str
   try:
     ds = datasets.load_dataset(hub_id, config, split=split)
   except Exception as e:  # Network, auth, missing split: all land here.
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(
         f"could not load {hub_id!r} (config {config!r}, split {split!r}) "
-        f"from the Hugging Face Hub: {first_line}") from None
+        f"from the Hugging Face Hub: {records_lib.first_line(e)}") from None
   return [dict(r) for r in ds]
 
 
