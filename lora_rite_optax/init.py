@@ -83,8 +83,8 @@ def standard(key: jax.Array, in_dim: int, out_dim: int, rank: int,
   """
   _check_dims('standard', in_dim, out_dim, rank)
   bound = 1.0 / math.sqrt(in_dim)
-  a = jax.random.uniform(key, (in_dim, rank), casting.compute_dtype(dtype), -bound,
-                         bound).astype(dtype)
+  a = jax.random.uniform(key, (in_dim, rank), casting.compute_dtype(dtype),
+                         -bound, bound).astype(dtype)
   return a, jnp.zeros((rank, out_dim), dtype)
 
 
@@ -113,7 +113,8 @@ def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
   """
   _check_dims('gaussian', in_dim, out_dim, rank)
   std = 1.0 / rank if std is None else std
-  a = std * jax.random.normal(key, (in_dim, rank), casting.compute_dtype(dtype))
+  a = std * jax.random.normal(key, (in_dim, rank),
+                              casting.compute_dtype(dtype))
   return a.astype(dtype), jnp.zeros((rank, out_dim), dtype)
 
 
