@@ -346,3 +346,38 @@ def test_a_checkpoint_from_before_the_hold_out_rule_says_why(stopped,
   with pytest.raises(loop.ConfigError, match='predates leaving evaluation '
                      'prompts out of training with evaluation off'):
     loop.run(tiny(run_dir, resume=True), log=quiet)
+
+
+def test_packing_with_a_per_row_target_cap_is_refused(tmp_path):
+  # max_target_tokens caps a row's loss positions: a packed row's later
+  # examples would lose their targets. 0 (every target scored) is allowed.
+  with pytest.raises(loop.ConfigError, match='with --data.pack use '
+                     '--data.max_target_tokens 0'):
+    loop.validate(tiny(tmp_path / 'run', **{'data.pack': True}), 1)
+  loop.validate(tiny(tmp_path / 'run', **{'data.pack': True,
+                                          'data.max_target_tokens': 0}), 1)
+
+
+def test_target_loss_scores_the_whole_target_the_row_holds(tmp_path,
+                                                           monkeypatch):
+  # Unlike training (targets cut to max_target_tokens), the evaluation
+  # loss scores the target as far as the row holds it, the prompt cut from
+  # its start: how every published loss was measured (docs/results).
+  from train.data.example import Example  # pylint: disable=g-import-not-at-top
+  cfg = tiny(tmp_path / 'run', **{'data.seq_len': 48,
+                                  'data.max_target_tokens': 8})
+  r = loop.build(cfg)
+  prompt = 'What is 12 plus 30? Answer with the number.'
+  seen = []
+  evaluator = loop.Evaluator(r)
+  monkeypatch.setattr(evaluator, '_score_pairs',
+                      lambda state, pairs: seen.extend(pairs) or
+                      [-2.0] * len(pairs))
+  for target, scored, prompt_ids in (('x' * 10, 11, 1 + len(prompt)),
+                                     ('x' * 100, 47, 1)):
+    seen.clear()
+    loss, = evaluator.target_losses(
+        r.state, [Example(prompt=prompt, target=target, task='arithmetic')])
+    (p, t), = seen
+    assert (len(p), len(t)) == (min(prompt_ids, 48 - scored), scored)
+    assert loss == pytest.approx(2.0 / scored)

@@ -1165,7 +1165,14 @@ class Evaluator:
 
   def target_losses(self, state, examples) -> list[float]:
     """Per example: negative log-likelihood per scored token of its gold
-    target (+EOS), prompt and target cut as in training."""
+    target (+EOS) in one scoring row.
+
+    The whole target as far as the row holds it, not cut to
+    ``data.max_target_tokens`` as training cuts it: the prompt, cut from
+    its start, gets what room is left (none for a target as long as the
+    row). Every reported loss and the learning-rate choice of
+    benchmarks/reproduce.py were measured this way (docs/results).
+    """
     from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
     max_length, max_scored = self.r.family.pair_budget(self.r)
     pairs = [encode_pair(e.prompt, e.target, self.r.tokenizer, max_length)
@@ -1238,6 +1245,15 @@ def _validate_decoder_only(cfg: configs_lib.Config) -> None:
         f'data.target_len {cfg.data.target_len} is for encoder-decoder models '
         f"(model.family 't5'); a {cfg.model.family} row is data.seq_len "
         'tokens (limit the scored targets with --data.max_target_tokens).')
+  if cfg.data.pack and cfg.data.max_target_tokens:
+    # The loss positions are a row's first max_target_tokens targets: in a
+    # packed row the later examples would lose theirs (silently but for a
+    # counter).
+    raise ConfigError(
+        f'data.max_target_tokens {cfg.data.max_target_tokens} counts target '
+        'tokens per row, and a packed row holds several examples, the later '
+        'ones past it unscored: with --data.pack use --data.max_target_tokens '
+        '0 (every target token scored).')
 
 
 def _gemma_prepare(raw, r: Run) -> tuple[dict, int, int]:
