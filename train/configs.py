@@ -167,7 +167,8 @@ class DataConfig:
     target_len: t5 only: the decoder length (target tokens and EOS; longer
       targets are cut and the excess counted). Must be 0 for decoder-only
       models.
-    pack: pack several examples per row.
+    pack: pack several examples per row (needs max_target_tokens 0: that
+      cap is per row, not per example).
     num_train_examples: cap on training examples (arithmetic: the size of
       the generated pool); 0 = all.
     validation_fraction: share of training data carved out as validation;
