@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
@@ -94,25 +94,18 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
   arrays memory-mapped from the old file valid (they hold its inode).
   """
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
-                             suffix='.tmp')
-  os.close(fd)
-  tmp = Path(tmp)
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
+                       '.tmp')
+  # Created as open() creates files (0666 less the umask), not mkstemp's
+  # 0600; a file it replaces keeps its own permissions.
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
   try:
     yield tmp
-    if path.exists():  # keep the old file's permissions, not mkstemp's 0600
+    if path.exists():
       shutil.copymode(path, tmp)
-    else:
-      os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 def _json_value(value: Any) -> Any:

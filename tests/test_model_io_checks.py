@@ -103,6 +103,11 @@ def test_replacing_keeps_the_old_files_permissions(tmp_path):
   assert json.loads(path.read_text()) == {'a': 1}
   assert path.stat().st_mode & 0o777 == 0o600
   assert sorted(os.listdir(tmp_path)) == ['config.json']  # no temp left
+  # A new file gets what open() would give it (not a temp file's 0600).
+  umask = os.umask(0o022)
+  os.umask(umask)
+  hf_io.write_json(tmp_path / 'new.json', {})
+  assert (tmp_path / 'new.json').stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
