@@ -22,7 +22,7 @@ import sys
 from typing import Sequence
 
 from train import configs
-from train.data import records
+from train.errors import first_line
 
 
 def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
@@ -121,13 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     cfg, stop_at = parse(argv)
   except ValueError as e:
-    print(f'error: {records.first_line(e)}', file=sys.stderr)
+    print(f'error: {first_line(e)}', file=sys.stderr)
     return 2
   from train import loop  # pylint: disable=g-import-not-at-top
   try:
     summary = loop.run(cfg, stop_at=stop_at)
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
-    print(f'error: {records.first_line(e)}', file=sys.stderr)
+    print(f'error: {first_line(e)}', file=sys.stderr)
     return 1
   brief = {k: summary.get(k) for k in ('run_dir', 'steps', 'final_loss',
                                        'eval_before', 'eval_after',

@@ -49,6 +49,7 @@ import lora_rite_optax as lro
 
 from train import configs as configs_lib
 from train import distributed
+from train.errors import first_line
 from train import metrics as metrics_lib
 
 GGUF_PACKAGE = 'gemma3-270m-gguf'
@@ -302,7 +303,7 @@ def check_optimizer(tx: optax.GradientTransformation, params,
   except (TypeError, ValueError) as e:
     raise ConfigError(
         f'optim: {cfg.name} cannot update the LoRA factors with these '
-        f'settings (optim.extra {cfg.extra!r}): {_first_line(e)}') from None
+        f'settings (optim.extra {cfg.extra!r}): {first_line(e)}') from None
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
@@ -673,7 +674,7 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     if eval_task != d.task or eval_path:
       warnings.warn(
           f'data: the {eval_task} {cfg.eval.split} split could not be read '
-          f'({_first_line(e)}); training examples that are its prompts are '
+          f'({first_line(e)}); training examples that are its prompts are '
           'not left out.', stacklevel=3)
     return None
 
@@ -690,16 +691,12 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
                       ('eval.batch_size', cfg.eval.batch_size),
                       ('eval.max_new_tokens', cfg.eval.max_new_tokens),
                       ('optim.max_consecutive_nonfinite',
-                       cfg.optim.max_consecutive_nonfinite)):
+                       cfg.optim.max_consecutive_nonfinite),
+                      ('keep_checkpoints', cfg.keep_checkpoints)):
     if value < 1:
       raise ConfigError(f'{name} must be >= 1, got {value}.')
-  if cfg.eval.num_examples < 0:
-    raise ConfigError(f'eval.num_examples must be >= 0 (0: all), got '
-                      f'{cfg.eval.num_examples}.')
-  if cfg.keep_checkpoints < 1:
-    raise ConfigError(f'keep_checkpoints must be >= 1, got '
-                      f'{cfg.keep_checkpoints}.')
   for name, value, what in (
+      ('eval.num_examples', cfg.eval.num_examples, ' (0: all)'),
       ('optim.warmup_steps', cfg.optim.warmup_steps, ''),
       ('data.num_train_examples', cfg.data.num_train_examples, ' (0: all)'),
       ('data.num_threads', cfg.data.num_threads, ' (0: no prefetch)')):
@@ -792,14 +789,16 @@ class Run:
 
 
 def fresh_state(params, param_shardings, tx: optax.GradientTransformation,
-                mesh) -> tuple[dict, dict]:
+                mesh, abstract_opt=None) -> tuple[dict, dict]:
   """(state, its shardings): step 0, ``params`` and ``tx``'s initial state.
 
   The optimizer state is created sharded (N x r parts like their factors,
   the rest replicated), so that a step jitted with these shardings takes
-  its own outputs without compiling again.
+  its own outputs without compiling again. ``abstract_opt``: the state's
+  shapes when the caller has traced them already (`check_optimizer`).
   """
-  abstract_opt = jax.eval_shape(tx.init, params)
+  if abstract_opt is None:
+    abstract_opt = jax.eval_shape(tx.init, params)
   opt_sh = opt_state_shardings(abstract_opt, params, param_shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   replicated = NamedSharding(mesh, P())
@@ -995,8 +994,8 @@ def build(cfg: configs_lib.Config) -> Run:
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
   rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
 
-  check_optimizer(tx, params, cfg.optim)
-  state, state_sh = fresh_state(params, param_sh, tx, mesh)
+  abstract_opt = check_optimizer(tx, params, cfg.optim)
+  state, state_sh = fresh_state(params, param_sh, tx, mesh, abstract_opt)
   return Run(config=cfg, mesh=mesh, tokenizer=tokenizer, model=model,
              train_examples=train_examples, eval_examples=eval_examples,
              graphdef=graphdef, eval_graphdef=eval_graphdef, base=base,
@@ -1578,11 +1577,6 @@ def _tokenizer_difference(saved: dict, now: dict) -> str:
           'to other ids')
 
 
-def _first_line(e: BaseException) -> str:
-  from train.data import records  # pylint: disable=g-import-not-at-top
-  return records.first_line(e)
-
-
 def default_run_dir(cfg: configs_lib.Config) -> str:
   return cfg.run_dir or os.path.join('runs', cfg.name)
 
@@ -1712,7 +1706,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     try:
       saved_config = ckpt.restore_config(latest)
     except (ValueError, TypeError, KeyError, OSError) as e:
-      raise ConfigError(f'{where} has no readable config ({_first_line(e)}); '
+      raise ConfigError(f'{where} has no readable config ({first_line(e)}); '
                         f'{redo}.') from None
     saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
     saved_dropped = saved_config.pop(DROPPED_KEY, None)
@@ -1752,7 +1746,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       # The same settings, yet another model (model.path may change) or
       # a damaged checkpoint: say so in one line, before config.json is
       # overwritten.
-      raise ConfigError(f'{where} does not fit this config ({_first_line(e)})'
+      raise ConfigError(f'{where} does not fit this config ({first_line(e)})'
                         f'; {redo}.') from None
     start_step = int(distributed.to_host(state['step']))
     if start_step > cfg.steps:

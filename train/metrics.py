@@ -98,7 +98,6 @@ class MetricsWriter:
       self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
     if tensorboard:
       try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
         self._tb = self._open_tensorboard(purge_step=last_step + 1)
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None

@@ -12,11 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def first_line(e: BaseException) -> str:
-  """An error's first line (its type's name when it has no message): what
-  a one-line refusal quotes of an error from a library."""
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+from train.errors import first_line
 
 Record = dict[str, Any]
 

@@ -19,6 +19,7 @@ from train.data import arithmetic
 from train.data import formats
 from train.data import records as records_lib
 from train.data.example import Example
+from train.errors import first_line
 
 SPLITS = ("train", "validation", "test")
 DATA_DIR_ENV = "LRO_DATA_DIR"
@@ -173,7 +174,7 @@ def load_hub_records(hub_id: str, config: str | None, split: str
   except Exception as e:  # Network, auth, missing split: all land here.
     raise ValueError(
         f"could not load {hub_id!r} (config {config!r}, split {split!r}) "
-        f"from the Hugging Face Hub: {records_lib.first_line(e)}") from None
+        f"from the Hugging Face Hub: {first_line(e)}") from None
   return [dict(r) for r in ds]
 
 

@@ -1,0 +1,10 @@
+"""What a one-line refusal quotes of an error from a library.
+
+A module of its own, importing nothing: the CLI needs it before anything
+heavy (train.data pulls in grain) is loaded.
+"""
+
+
+def first_line(e: BaseException) -> str:
+  """An error's first line (its type's name when it has no message)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
