@@ -105,6 +105,23 @@ class Projection(nnx.Module):
     return y
 
 
+def check_cache_room(size: int, index, t: int) -> None:
+  """Refuses a KV-cache write of ``t`` tokens at ``index`` past ``size``.
+
+  dynamic_update_slice clamps a write past the end onto the last slots: the
+  cache would silently lose tokens. Shapes are static; the index is checked
+  where it is concrete (eager calls).
+
+  Raises:
+    ValueError: naming the cache size, the write and the way out.
+  """
+  if t > size or (not isinstance(index, jax.core.Tracer) and
+                  int(index) + t > size):
+    raise ValueError(
+        f'the KV cache holds {size} tokens; writing {t} at position {index} '
+        'would overflow it (make it larger with init_cache).')
+
+
 def check_token_ids(ids, vocab_size: int, who: str) -> None:
   """Refuses token ids outside ``[0, vocab_size)``, naming the first.
 

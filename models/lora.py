@@ -886,20 +886,19 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     alpha = _pattern_value(alpha_pattern, first, alpha_cfg)
     a = a2.T.reshape(proj.in_shape + (r,))
     b = b2.T.reshape((r,) + proj.out_shape)
-    plan.append((proj, a, b, r, alpha))
+    plan.append((path, proj, a, b, r, alpha))
 
   if not plan:
     raise ValueError(f'{who}: holds no adapter for this model.')
-  for proj, *_ in plan:
+  for path, proj, *_ in plan:
     # A PEFT adapter applies to the checkpoint's kernel; this one is the
     # residual W0 - s A0 B0: refuse rather than load onto the wrong base.
     if _has_residual_base(proj):
-      path = next(p for p, q in projs.items() if q is proj)
       raise ValueError(f'{who}: the kernel of {path!r} is the residual of a '
                        'PiSSA / LoRA-GA adapter (remove_lora first restores '
                        'the base); the adapter applies to the base weights.')
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-  for proj, a, b, r, alpha in plan:
+  for _, proj, a, b, r, alpha in plan:
     n_in = len(proj.in_shape)
     lora = LoRAWeights(jnp.asarray(a), jnp.asarray(b),
                        scale=alpha / (math.sqrt(r) if rslora else r),

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from models import hf_io, lora
-from models.layers import Projection, check_token_ids
+from models.layers import Projection, check_cache_room, check_token_ids
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -418,15 +418,7 @@ class T5(nnx.Module):
     """
     t = tokens.shape[1]
     if cache is not None:
-      # dynamic_update_slice clamps a write past the end onto the last
-      # slots: the cache would silently lose tokens. Shapes are static; the
-      # index is checked where it is concrete (eager calls).
-      size = cache[0][0].shape[1]
-      if t > size or (not isinstance(index, jax.core.Tracer) and
-                      int(index) + t > size):
-        raise ValueError(
-            f'the KV cache holds {size} tokens; writing {t} at position '
-            f'{index} would overflow it (make it larger with init_cache).')
+      check_cache_room(cache[0][0].shape[1], index, t)
     q_pos = index + jnp.arange(t)
     k_pos = jnp.arange(t if cache is None else cache[0][0].shape[1])
     causal = k_pos[None, :] <= q_pos[:, None]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import Projection
+from models.layers import Projection, check_cache_room
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -312,15 +312,7 @@ class Gemma(nnx.Module):
       k_slot = jnp.arange(t)
     else:
       index = cache.index
-      # dynamic_update_slice clamps a write past the end onto the last
-      # slots: the cache would silently lose tokens. Shapes are static; the
-      # index is checked where it is concrete (eager calls).
-      if t > cache.size or (not isinstance(index, jax.core.Tracer) and
-                            int(index) + t > cache.size):
-        raise ValueError(
-            f'the KV cache holds {cache.size} tokens; writing {t} at '
-            f'position {index} would overflow it (make it larger with '
-            'init_cache).')
+      check_cache_room(cache.size, index, t)
       k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, new_pos,
                                                   index, axis=1)
       k_slot = jnp.arange(cache.size)
