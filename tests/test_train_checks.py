@@ -1,8 +1,8 @@
 """What a run checks and keeps across a resume: the data position on another
 process count, a periodic evaluation a preemption interrupted, the held-out
 prompts with evaluation off, the tokenizer, the changed settings named by
-field; and the values, optimizer arguments and command lines it refuses in
-one line before anything is written."""
+field; and the values it refuses before anything is written (the command
+line's one-line errors are in test_train_cli)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 
-from train import cli
 from train import configs
 from train import loop
 
@@ -203,56 +202,10 @@ def test_zero_clip_and_warmup_stay_valid(tmp_path):
                                   'optim.end_lr_fraction': 0.0}), 1)
 
 
-def _main(argv, capsys):
-  code = cli.main(argv)
-  captured = capsys.readouterr()
-  return code, captured.err.strip()
-
-
-@pytest.mark.parametrize('extra, code, message', [
-    (['--stop_at', '-1'], 2, '--stop_at must be >= 0 (0: run to --steps), '
-     'got -1.'),
-    (['--stop_at', 'x'], 2, "argument --stop_at/--stop-at: invalid int "
-     "value: 'x'"),
-    (['--data.num_threads', '-1'], 1, 'data.num_threads must be >= 0'),
-    (['--optim.extra', '{"b1": "x"}'], 1, 'optim: lora_rite cannot update '
-     'the LoRA factors with these settings (optim.extra \'{"b1": "x"}\'): '),
-])
-def test_bad_values_one_line_nothing_written(tmp_path, capsys, extra, code,
-                                             message):
-  """Refused before the run folder is made (num_threads -1 had made
-  run_dir/checkpoints; optim.extra's bad value failed at the first step
-  with a traceback, config.json, metrics.csv and TensorBoard written)."""
-  run_dir = tmp_path / 'run'
-  got, err = _main(['--config', 'tiny', '--run_dir', str(run_dir)] + extra,
-                   capsys)
-  assert got == code and len(err.splitlines()) == 1, err
-  assert err.startswith('error: ') and message in err, err
-  assert not run_dir.exists()
-
-
 def test_negative_stop_at_is_refused_by_run(tmp_path):
   with pytest.raises(loop.ConfigError, match='stop_at must be >= 0'):
     loop.run(tiny(tmp_path / 'run'), log=quiet, stop_at=-1)
   assert not (tmp_path / 'run').exists()
-
-
-@pytest.mark.parametrize('argv, message', [
-    # Abbreviations are not --config and --stop_at (argparse had taken them
-    # for those).
-    (['--con', 'tiny'], '--config NAME is required'),
-    (['--config', 'tiny', '--stop', '3'], 'Unrecognized options: --stop, 3'),
-    # argparse's own errors: two lines (usage naming __main__.py) and exit.
-    (['--config'], 'argument --config: expected one argument'),
-])
-def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
-  run_dir = tmp_path / 'run'
-  code, err = _main(argv + ['--run_dir', str(run_dir), '--steps', '1'],
-                    capsys)
-  assert code == 2 and len(err.splitlines()) == 1, err
-  assert err.startswith('error: ') and message in err, err
-  assert 'usage' not in err and '__main__' not in err
-  assert not run_dir.exists()
 
 
 def _sentencepiece(path, corpus, vocab_size=120):

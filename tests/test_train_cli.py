@@ -60,23 +60,53 @@ def _main(argv, capsys):
   return code, err
 
 
-@pytest.mark.parametrize('extra, message', [
-    (['--data.task', 'boolq', '--data.path', '{tmp}/missing.json'],
+@pytest.mark.parametrize('extra, code, message', [
+    (['--data.task', 'boolq', '--data.path', '{tmp}/missing.json'], 1,
      'missing.json'),
-    (['--data.task', 'boolq', '--data.path', '{tmp}/bad.json'], 'bad.json'),
-    (['--optim.name', 'sgd'], "unknown optimizer 'sgd'"),
-    (['--optim.extra', '{"nope": 1}'], 'nope'),
+    (['--data.task', 'boolq', '--data.path', '{tmp}/bad.json'], 1,
+     'bad.json'),
+    (['--optim.name', 'sgd'], 1, "unknown optimizer 'sgd'"),
+    (['--optim.extra', '{"nope": 1}'], 1, 'nope'),
+    # An optim.extra value that only fails inside the update had failed at
+    # the first step, with a traceback, config.json, metrics.csv and
+    # TensorBoard written.
+    (['--optim.extra', '{"b1": "x"}'], 1, 'optim: lora_rite cannot update '
+     'the LoRA factors with these settings (optim.extra \'{"b1": "x"}\'): '),
+    # num_threads -1 had made run_dir/checkpoints.
+    (['--data.num_threads', '-1'], 1, 'data.num_threads must be >= 0'),
+    (['--stop_at', '-1'], 2, '--stop_at must be >= 0 (0: run to --steps), '
+     'got -1.'),
+    (['--stop_at', 'x'], 2, "argument --stop_at/--stop-at: invalid int "
+     "value: 'x'"),
 ])
-def test_bad_inputs_one_line_nothing_written(tmp_path, capsys, extra,
+def test_bad_inputs_one_line_nothing_written(tmp_path, capsys, extra, code,
                                              message):
+  """Refused before the run folder is made."""
   (tmp_path / 'bad.json').write_text('[{"instruction": "x", "output": ')
   run_dir = tmp_path / 'run'
   argv = ['--config', 'tiny', '--run_dir', str(run_dir)] + [
       a.replace('{tmp}', str(tmp_path)) for a in extra]
-  code, err = _main(argv, capsys)
-  assert code != 0
-  assert len(err.splitlines()) == 1, err
+  got, err = _main(argv, capsys)
+  assert got == code and len(err.splitlines()) == 1, err
   assert err.startswith('error: ') and message in err, err
+  assert not run_dir.exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    # Abbreviations are not --config and --stop_at (argparse had taken them
+    # for those).
+    (['--con', 'tiny'], '--config NAME is required'),
+    (['--config', 'tiny', '--stop', '3'], 'Unrecognized options: --stop, 3'),
+    # argparse's own errors: two lines (usage naming __main__.py) and exit.
+    (['--config'], 'argument --config: expected one argument'),
+])
+def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
+  run_dir = tmp_path / 'run'
+  code, err = _main(argv + ['--run_dir', str(run_dir), '--steps', '1'],
+                    capsys)
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith('error: ') and message in err, err
+  assert 'usage' not in err and '__main__' not in err
   assert not run_dir.exists()
 
 
