@@ -193,8 +193,10 @@ def _in_one_line(build: Callable[[], GemmaConfig], what: str) -> GemmaConfig:
     return build()
   except _ConfigError as e:
     raise ValueError(str(e)) from None
-  except (ValueError, TypeError, AttributeError, KeyError, IndexError,
-          ZeroDivisionError, OverflowError) as e:
+  except ValueError as e:  # GemmaConfig's own checks: a message for users
+    raise ValueError(f'{what} ({e}).') from None
+  except (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+          OverflowError) as e:
     raise ValueError(f'{what} ({type(e).__name__}: {e}).') from None
 
 
@@ -334,34 +336,29 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
     v = d.get(key)
     softcaps[ours] = None if v is None else number(v, key)
   qpas = d.get('query_pre_attn_scalar')
-  try:
-    return GemmaConfig(
-        family=family,
-        vocab_size=size('vocab_size'),
-        width=width,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=size('num_key_value_heads', num_heads),
-        head_dim=size('head_dim', width // num_heads),
-        mlp_dim=size('intermediate_size'),
-        norm_eps=number(d.get('rms_norm_eps', 1e-6), 'rms_norm_eps'),
-        query_pre_attn_scalar=(number(qpas, 'query_pre_attn_scalar')
-                               if qpas else None),
-        attention_pattern=pattern,
-        sliding_window=window,
-        rope_base_global=rope_theta,
-        rope_base_local=local_theta,
-        rope_scale_global=scale_global,
-        rope_scale_local=scale_local,
-        use_post_norms=family >= 2,
-        use_qk_norm=family == 3,
-        max_seq_len=size('max_position_embeddings', 8192),
-        **softcaps,
-    )
-  except (TypeError, ValueError, ZeroDivisionError) as e:
-    if isinstance(e, _ConfigError):
-      raise
-    raise _ConfigError(f'{source}: invalid Gemma config ({e}).') from None
+  return GemmaConfig(
+      family=family,
+      vocab_size=size('vocab_size'),
+      width=width,
+      num_layers=num_layers,
+      num_heads=num_heads,
+      num_kv_heads=size('num_key_value_heads', num_heads),
+      head_dim=size('head_dim', width // num_heads),
+      mlp_dim=size('intermediate_size'),
+      norm_eps=number(d.get('rms_norm_eps', 1e-6), 'rms_norm_eps'),
+      query_pre_attn_scalar=(number(qpas, 'query_pre_attn_scalar')
+                             if qpas else None),
+      attention_pattern=pattern,
+      sliding_window=window,
+      rope_base_global=rope_theta,
+      rope_base_local=local_theta,
+      rope_scale_global=scale_global,
+      rope_scale_local=scale_local,
+      use_post_norms=family >= 2,
+      use_qk_norm=family == 3,
+      max_seq_len=size('max_position_embeddings', 8192),
+      **softcaps,
+  )
 
 
 def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
@@ -767,32 +764,26 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
                        'supported (only linear); this model would run with '
                        'wrong positions.')
   base = number('rope.freq_base', 1e6 if family == 3 else 1e4)
-  try:
-    return GemmaConfig(
-        family=family, vocab_size=vocab_size, width=width,
-        num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=size('attention.head_count_kv', num_heads),
-        head_dim=head_dim, mlp_dim=size('feed_forward_length'),
-        norm_eps=number('attention.layer_norm_rms_epsilon', 1e-6),
-        query_pre_attn_scalar=qpas,
-        attn_logit_softcap=number('attn_logit_softcapping'),
-        final_logit_softcap=number('final_logit_softcapping'),
-        attention_pattern=pattern,
-        # Only a missing window takes llama.cpp's default; 0 is refused.
-        sliding_window=(
-            _as_int(window, f'GGUF metadata {arch}.attention.sliding_window',
-                    source) if window is not None else
-            (4096 if family == 2 else 512 if family == 3 else None)),
-        rope_base_global=base,
-        rope_base_local=10_000.0 if family == 3 else base,
-        rope_scale_global=scale,
-        use_post_norms=family >= 2, use_qk_norm=family == 3,
-        max_seq_len=size('context_length', 8192))
-  except (TypeError, ValueError, ZeroDivisionError) as e:
-    if isinstance(e, _ConfigError):
-      raise
-    raise _ConfigError(f'{source}: invalid Gemma config in the GGUF '
-                       f'metadata ({e}).') from None
+  return GemmaConfig(
+      family=family, vocab_size=vocab_size, width=width,
+      num_layers=num_layers, num_heads=num_heads,
+      num_kv_heads=size('attention.head_count_kv', num_heads),
+      head_dim=head_dim, mlp_dim=size('feed_forward_length'),
+      norm_eps=number('attention.layer_norm_rms_epsilon', 1e-6),
+      query_pre_attn_scalar=qpas,
+      attn_logit_softcap=number('attn_logit_softcapping'),
+      final_logit_softcap=number('final_logit_softcapping'),
+      attention_pattern=pattern,
+      # Only a missing window takes llama.cpp's default; 0 is refused.
+      sliding_window=(
+          _as_int(window, f'GGUF metadata {arch}.attention.sliding_window',
+                  source) if window is not None else
+          (4096 if family == 2 else 512 if family == 3 else None)),
+      rope_base_global=base,
+      rope_base_local=10_000.0 if family == 3 else base,
+      rope_scale_global=scale,
+      use_post_norms=family >= 2, use_qk_norm=family == 3,
+      max_seq_len=size('context_length', 8192))
 
 
 def load_gguf(path: str, *, dtype=jnp.float32,
