@@ -380,22 +380,19 @@ def forward_fn(model: Gemma):
   Its Variables are shared with ``model``, so later value updates (loading,
   optimizer steps) are seen; a structural change (LoRA attached, merged by
   ``merge_lora`` or removed) splits the module again at the next call,
-  since the old split would, for example, add a merged adapter twice
-  (finding out walks the module at each call: tens of ms for a 270M model;
-  a loop over many small calls is faster jitted over ``nnx.split`` itself).
-  Keyword arguments that are None are static; each new input shape
-  compiles once.
+  since the old split would, for example, add a merged adapter twice (so
+  each call splits the module, one walk: tens of ms for a 270M model; a
+  loop over many small calls is faster jitted over ``nnx.split`` itself).
+  Keyword arguments that are None are static; each new input shape or
+  structure compiles once.
   """
-  split = {}
 
   @functools.partial(jax.jit, static_argnums=0)
   def pure(graphdef, state, tokens, kwargs):
     return nnx.merge(graphdef, state)(tokens, **kwargs)
 
   def f(tokens, **kwargs):
-    graphdef = nnx.graphdef(model)
-    if split.get('graphdef') != graphdef:
-      split['graphdef'], split['state'] = nnx.split(model)
-    return pure(split['graphdef'], split['state'], tokens, kwargs)
+    graphdef, state = nnx.split(model)
+    return pure(graphdef, state, tokens, kwargs)
 
   return f
