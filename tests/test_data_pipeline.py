@@ -76,6 +76,23 @@ def test_encode_pair_truncates_prompt_from_the_left():
     data.encode_pair("p", "t", TOK, 1)
 
 
+def test_prompt_tokens_cut_counts_what_the_row_drops():
+  # The cases above: 5 of "abcdefgh" dropped; none at exactly full; all 4
+  # of "abcd" with no room, and with a target too long for the row.
+  for prompt, target, length, max_target, cut in [
+      ("abcdefgh", "XY", 7, None, 5), ("abcd", "XY", 8, None, 0),
+      ("abcd", "XY", 4, None, 4), ("abcd", "WXYZ", 3, None, 4),
+      # A cap on the target tokens leaves room for the prompt.
+      ("abcd", "WXYZ", 7, 2, 0)]:
+    got = data.prompt_tokens_cut(Example(prompt=prompt, target=target), TOK,
+                                 length, max_target)
+    assert got == cut, (prompt, target, length, max_target)
+  # The T5 encoder's row: prompt + EOS, cut from the left.
+  e = Example(prompt="abcdef", target="xy")
+  assert [data.encoder_tokens_cut(e, TOK, n) for n in (8, 7, 4)] == [0, 0, 3]
+  assert len(data.encoder_ids(e.prompt, TOK, 4)) == 4
+
+
 def test_tokenize_example_masks_target_and_eos_only():
   features = data.tokenize_example(Example(prompt="Q?", target=" 7"), TOK, 16)
   assert features["tokens"].dtype == np.int32

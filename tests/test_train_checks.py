@@ -69,6 +69,18 @@ def test_resume_on_another_process_count(straight, stopped, tmp_path):
   # A caller's log gets the step lines too (they had gone to stdout).
   assert [l.split(']')[0] for l in lines if l.startswith('[step ')] == [
       f'[step {s}' for s in range(5, 9)], lines
+  # At seq_len 96 (tiny's own is 128) most prompts are cut to make room:
+  # said once, with the count from the tokenizer's own cut.
+  from train import data  # pylint: disable=g-import-not-at-top
+  examples = loop.load_examples(tiny(run_dir))[0][:1000]
+  cut = [data.prompt_tokens_cut(e, data.ByteTokenizer(), 96, 8)
+         for e in examples]
+  assert 0 < sum(c > 0 for c in cut) < len(cut)
+  assert [l for l in lines if 'lose prompt tokens' in l] == [
+      f'[train] warning: {sum(c > 0 for c in cut)} of the first '
+      f'{len(cut)} training examples lose prompt tokens to fit data.seq_len '
+      f'96 (up to {max(cut)}, cut from the left; raise --data.seq_len or cap '
+      'the targets with --data.max_target_tokens)']
 
 
 def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):

@@ -1285,6 +1285,12 @@ def _gemma_prompt(text: str, r: Run) -> list[int]:
                      add_eos=False)[0]
 
 
+def _gemma_prompt_cut(example, r: Run) -> int:
+  from train.data.tokenize import prompt_tokens_cut  # pylint: disable=g-import-not-at-top
+  return prompt_tokens_cut(example, r.tokenizer, r.config.data.seq_len,
+                           r.max_targets)
+
+
 def _gemma_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
                     ) -> list[str]:
   from models.gemma.sampler import Sampler  # pylint: disable=g-import-not-at-top
@@ -1367,6 +1373,12 @@ def _t5_prompt(text: str, r: Run) -> list[int]:
   return seq2seq.encoder_ids(text, r.tokenizer, r.config.data.seq_len)
 
 
+def _t5_prompt_cut(example, r: Run) -> int:
+  from train.data import seq2seq  # pylint: disable=g-import-not-at-top
+  return seq2seq.encoder_tokens_cut(example, r.tokenizer,
+                                    r.config.data.seq_len)
+
+
 def _t5_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
                  ) -> list[str]:
   """Greedy decoding with `models.t5.greedy_generate` (encoder once, the
@@ -1413,6 +1425,8 @@ class Family:
     target_option: the option that bounds a row's target tokens.
     pair_budget: Run -> (encode_pair's max_length for scoring pairs, the
       most target tokens a scoring row holds).
+    prompt_cut: (training example, Run) -> prompt tokens its row drops.
+    room_options: the options that make room for a row's prompt.
   """
 
   validate: Callable
@@ -1427,6 +1441,8 @@ class Family:
   generate: Callable
   target_option: str
   pair_budget: Callable
+  prompt_cut: Callable
+  room_options: str
 
 
 FAMILIES = {
@@ -1435,11 +1451,14 @@ FAMILIES = {
                     target_logprobs, target_logits, _gemma_score_batch,
                     _gemma_prompt,
                     _gemma_generate, '--data.max_target_tokens',
-                    _gemma_pair_budget),
+                    _gemma_pair_budget, _gemma_prompt_cut,
+                    '--data.seq_len or cap the targets with '
+                    '--data.max_target_tokens'),
     't5': Family(_validate_t5, load_t5_tokenizer, load_t5_model, _t5_dataset,
                  _t5_prepare, seq2seq_logprobs, seq2seq_logits,
                  _t5_score_batch, _t5_prompt,
-                 _t5_generate, '--data.target_len', _t5_pair_budget),
+                 _t5_generate, '--data.target_len', _t5_pair_budget,
+                 _t5_prompt_cut, '--data.seq_len'),
 }
 
 
@@ -1653,6 +1672,23 @@ def _closing(close: Callable[[], None]):
   return exit_
 
 
+def _warn_cut_prompts(r: Run, log, sample: int = 1000) -> None:
+  """Says when training rows lose prompt tokens to fit ``data.seq_len``.
+
+  Prompts are cut from the left so that the target stays whole: a long
+  target leaves its row with part of its question, or none, and the run
+  trains on answers to questions it never saw, with nothing else to say
+  so. Checked on the first ``sample`` examples (tokenising is cheap).
+  """
+  cuts = [r.family.prompt_cut(e, r) for e in r.train_examples[:sample]]
+  cut = [c for c in cuts if c]
+  if cut:
+    log(f'[train] warning: {len(cut)} of the first {len(cuts)} training '
+        f'examples lose prompt tokens to fit data.seq_len '
+        f'{r.config.data.seq_len} (up to {max(cut)}, cut from the left; '
+        f'raise {r.family.room_options})')
+
+
 def _run(cfg: configs_lib.Config, log, stop_at: int,
          cleanup: contextlib.ExitStack) -> dict[str, Any]:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
@@ -1671,6 +1707,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       f'{dict(r.mesh.shape)}, {jax.device_count()} devices, '
       f'{sum(x.size for x in jax.tree.leaves(r.state["params"]))} LoRA params'
       f', built in {t_built - t_start:.1f}s')
+
+  _warn_cut_prompts(r, log)
 
   # Checks its options against the scoring rows: before any file is written.
   evaluator = Evaluator(r)

@@ -29,12 +29,14 @@ from train.data.tokenize import ByteTokenizer
 from train.data.tokenize import encode_pair
 from train.data.tokenize import encode_text
 from train.data.tokenize import pad_features
+from train.data.tokenize import prompt_tokens_cut
 from train.data.tokenize import tokenize_example
 from train.data.tokenize import Tokenizer
 from train.data.pipeline import iterator_from_state
 from train.data.pipeline import make_eval_dataset
 from train.data.pipeline import make_train_dataset
 from train.data.seq2seq import encoder_ids
+from train.data.seq2seq import encoder_tokens_cut
 from train.data.seq2seq import make_seq2seq_train_dataset
 from train.data.seq2seq import seq2seq_features
 from train.data.seq2seq import tokenize_seq2seq

@@ -42,6 +42,12 @@ def encoder_ids(prompt: str, tokenizer: Tokenizer, input_len: int
   return ids[-input_len:]
 
 
+def encoder_tokens_cut(example: Example, tokenizer: Tokenizer,
+                       input_len: int) -> int:
+  """How many of ``example``'s prompt tokens `encoder_ids` drops to fit."""
+  return max(len(encode_text(tokenizer, example.prompt)) + 1 - input_len, 0)
+
+
 def seq2seq_features(input_ids: Sequence[int], target_ids: Sequence[int], *,
                      input_len: int, target_len: int, pad_id: int,
                      start_id: int) -> Features:

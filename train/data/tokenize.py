@@ -96,14 +96,24 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
   Returns:
     (prompt_ids starting with BOS, target_ids).
   """
-  prompt_ids, target_ids, _ = _encode_pair_counted(
+  prompt_ids, target_ids, _, _ = _encode_pair_counted(
       prompt, target, tokenizer, max_length, add_eos, max_target)
   return prompt_ids, target_ids
 
 
+def prompt_tokens_cut(example: Example, tokenizer: Tokenizer,
+                      max_length: int, max_target: int | None = None) -> int:
+  """How many of ``example``'s prompt tokens a training row drops to fit
+  (`encode_pair`'s left cut; all of them when the target fills the row)."""
+  return _encode_pair_counted(example.prompt, example.target, tokenizer,
+                              max_length, True, max_target)[3]
+
+
 def _encode_pair_counted(prompt, target, tokenizer, max_length, add_eos,
-                         max_target) -> tuple[list[int], list[int], int]:
-  """`encode_pair`, and how many target tokens it cut."""
+                         max_target
+                         ) -> tuple[list[int], list[int], int, int]:
+  """`encode_pair`, how many target tokens it cut, and how many prompt
+  tokens."""
   if max_length < 2:
     raise ValueError(f"max_length must be at least 2, got {max_length}")
   prompt_ids = encode_text(tokenizer, prompt)
@@ -116,10 +126,11 @@ def _encode_pair_counted(prompt, target, tokenizer, max_length, add_eos,
   budget = max_length - 1 - len(target_ids)  # Room left for prompt tokens.
   if budget < 0:
     target_ids = target_ids[:max_length - 1]
-    return [tokenizer.bos_id], target_ids, full - len(target_ids)
-  if len(prompt_ids) > budget:
-    prompt_ids = prompt_ids[len(prompt_ids) - budget:]
-  return [tokenizer.bos_id] + prompt_ids, target_ids, full - len(target_ids)
+    return ([tokenizer.bos_id], target_ids, full - len(target_ids),
+            len(prompt_ids))
+  cut = max(len(prompt_ids) - budget, 0)
+  return ([tokenizer.bos_id] + prompt_ids[cut:], target_ids,
+          full - len(target_ids), cut)
 
 
 def tokenize_example(example: Example, tokenizer: Tokenizer,
@@ -134,7 +145,7 @@ def tokenize_example(example: Example, tokenizer: Tokenizer,
     elsewhere, so that it packs and pads like the other features and a
     batch's sum is its count.
   """
-  prompt_ids, target_ids, cut = _encode_pair_counted(
+  prompt_ids, target_ids, cut, _ = _encode_pair_counted(
       example.prompt, example.target, tokenizer, max_length, True,
       max_target)
   tokens = np.asarray(prompt_ids + target_ids, np.int32)
