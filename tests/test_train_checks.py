@@ -152,6 +152,31 @@ def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   assert len(train) == 40
 
 
+def test_validation_twins_are_held_out_with_evaluation_off(tmp_path):
+  """A training file that repeats questions (OpenBookQA's does) can have a
+  question's twin in the validation carve: it is left out of training with
+  evaluation on or off (it had trained with evaluation off only, so the
+  training set changed with it and a resume that turned it on was
+  refused)."""
+  questions = [f'is {i} an even number' for i in range(40)]
+  folder = _boolq_folder(tmp_path / 'boolq', questions * 2, questions[:1])
+  common = {'data.task': 'boolq', 'data.path': str(folder),
+            'eval.split': 'validation', 'eval.num_examples': 0}
+  off = tiny(tmp_path / 'run', **common)
+  with pytest.warns(UserWarning, match=r'of 72 training examples are boolq '
+                    'validation prompts; left out of training'):
+    train_off, evals_off = loop.load_examples(off)
+  with pytest.warns(UserWarning, match='left out of training'):
+    train_on, evals_on = loop.load_examples(
+        configs.replace(off, **{'eval.after': True}))
+  assert evals_off == [] and len(evals_on) == 8
+  assert train_off == train_on
+  held = {e.prompt for e in evals_on}
+  assert not any(e.prompt in held for e in train_off)
+  # Each held-out question had two copies, one or both carved.
+  assert len(train_off) == 80 - 2 * len(held) < 72
+
+
 def test_gsm8k_preset_without_evaluation_skips_gsm8k_test_prompts():
   shared_data.require('math', 'gsm8k')
   from train import data  # pylint: disable=g-import-not-at-top

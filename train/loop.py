@@ -640,10 +640,11 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
           '--eval.no-before --eval.no-after.')
     else:
       return None
-  if not wants_eval and cfg.eval.split == 'validation' and eval_task == d.task:
-    # Carved out of the training data: disjoint from it by construction,
-    # and not worth reading (or downloading) again when nothing evaluates.
-    return None
+  # A validation carve of the training data is read even when nothing
+  # evaluates it: the carve is by example, and a training file that repeats
+  # a question (OpenBookQA's, ARC's, math's) can hold its twin on both
+  # sides, which training leaves out (the training set had depended on
+  # whether evaluation was on, and a resume that turned it on was refused).
   pool = {}
   generated = (not eval_path and not d.hub and
                data.get_task(eval_task).name == data.arithmetic.NAME)
