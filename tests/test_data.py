@@ -224,6 +224,13 @@ def test_hub_loading_by_id(monkeypatch):
   assert calls[-1] == ("google/boolq", None, "train") and len(train) == 3
   data.load_task("boolq", "test", hub="someone/boolq-copy", hub_config="x")
   assert calls[-1] == ("someone/boolq-copy", "x", "validation")
+  # --data.hub ID:CONFIG; the task's own id by name takes the task's config
+  # (both had loaded allenai/ai2_arc with none, which it refuses).
+  for hub in ("someone/arc-copy:ARC-Easy", "allenai/ai2_arc"):
+    with pytest.raises(ValueError, match="missing field"):  # boolq records
+      data.load_task("arc_challenge", "test", hub=hub)
+  assert calls[-2:] == [("someone/arc-copy", "ARC-Easy", "test"),
+                        ("allenai/ai2_arc", "ARC-Challenge", "test")]
 
 
 def test_hub_errors_are_one_line(monkeypatch):

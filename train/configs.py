@@ -154,7 +154,9 @@ class DataConfig:
     path: a local file or folder instead of the data dir's.
     eval_path: the same for the evaluation task.
     data_dir: folder in the ../shared/data layout ('' = default).
-    hub: '' (local), 'true' (the task's Hub id) or a Hub dataset id.
+    hub: '' (local), 'true' (the task's Hub id) or a Hub dataset id, with
+      its config after a colon where it needs one (allenai/ai2_arc:ARC-Easy;
+      the task's own id takes the task's config).
     style: prompt style, 'alpaca' or 'plain'.
     seq_len: row length T (t5: the encoder length; the prompt is cut from
       the left to fit).

@@ -221,8 +221,11 @@ def load_task(name: str, split: str = "train", *,
     data_dir: Folder holding one subfolder per task in the `../shared/data`
       layout; default `default_data_dir()`.
     hub: Load from the Hugging Face Hub instead: True for the task's
-      registered id, or a dataset id (in the task's Hugging Face format).
-    hub_config: The Hub dataset's config, with a `hub` id.
+      registered id, or a dataset id (in the task's Hugging Face format),
+      optionally with its config after a colon (``allenai/ai2_arc:ARC-Easy``).
+    hub_config: The Hub dataset's config, with a `hub` id (default: the one
+      after the colon, else the task's own when the id is its registered
+      one, else none).
     style: Prompt style ('alpaca' or 'plain').
     validation_fraction: Share of the training data held out as validation,
       in [0, 1); 0 trains on all of it and has no validation split.
@@ -257,7 +260,11 @@ def load_task(name: str, split: str = "train", *,
     if hub_id is None:
       raise ValueError(f"task {spec.name!r} has no Hugging Face Hub id; pass "
                        "a local path or a Hub id")
-    config = hub_config if isinstance(hub, str) else spec.hub_config
+    hub_id, _, named = hub_id.partition(":")
+    # A fork or mirror of a multi-config dataset needs its config named
+    # (allenai/ai2_arc cannot load without one).
+    config = (hub_config or named or
+              (spec.hub_config if hub_id == spec.hub_id else None))
     recs = load_hub_records(hub_id, config, spec.hub_splits[file_split])
     examples = examples_from_records(recs, spec.name, style=style,
                                      source=f"hub:{hub_id}")
