@@ -3,6 +3,7 @@
 Tests that need seqio are skipped only when seqio cannot be imported.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,14 @@ def test_postprocess_and_metrics_without_seqio():
   assert seqio_tasks.number_exact_match(["12", "3"], ["12.0", ""]) == {
       "exact_match": 50.0}
   assert seqio_tasks.superni_metrics([("a b",)], ["a b"])["rougeL"] == 100.0
+  # An example without a gold answer (target '') is not scored, as
+  # train.evaluate skips it: it had counted as wrong for numbers, and as
+  # right for a choice when the prediction named no option either.
+  assert seqio_tasks.number_exact_match(["12", ""], ["12", "7"]) == {
+      "exact_match": 100.0}
+  assert seqio_tasks.choice_accuracy(["", "true"], ["", "false"]) == {
+      "accuracy": 0.0}
+  assert math.isnan(seqio_tasks.choice_accuracy([""], [""])["accuracy"])
 
 
 def _seqio():

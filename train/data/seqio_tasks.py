@@ -90,19 +90,32 @@ def postprocess(text: str, example: dict[str, Any] | None = None,
   return text
 
 
+def _scored(targets: Sequence[str], predictions: Sequence[str]
+            ) -> list[tuple[str, str]]:
+  """The (target, prediction) pairs of examples with a gold answer: one
+  without (target '') is skipped, as `train.evaluate` skips it (it had
+  counted as wrong, or as right when the prediction named nothing)."""
+  return [(t, p) for t, p in zip(targets, predictions) if t != ""]
+
+
+def _percent(hits: list[bool]) -> float:
+  return 100.0 * float(np.mean(hits)) if hits else float("nan")
+
+
 def choice_accuracy(targets: Sequence[str], predictions: Sequence[str]
                     ) -> dict[str, float]:
-  """Accuracy (0-100) of predicted option labels."""
-  return {"accuracy": 100.0 * float(np.mean(
-      [t == p for t, p in zip(targets, predictions)]))}
+  """Accuracy (0-100) of predicted option labels, over labelled examples."""
+  return {"accuracy": _percent(
+      [t == p for t, p in _scored(targets, predictions)])}
 
 
 def number_exact_match(targets: Sequence[str], predictions: Sequence[str]
                        ) -> dict[str, float]:
-  """Exact match (0-100) of extracted final numbers."""
-  return {"exact_match": 100.0 * float(np.mean(
-      [numbers.numbers_equal(p or None, t or None)
-       for t, p in zip(targets, predictions)]))}
+  """Exact match (0-100) of extracted final numbers, over examples with a
+  gold number."""
+  return {"exact_match": _percent(
+      [numbers.numbers_equal(p or None, t)
+       for t, p in _scored(targets, predictions)])}
 
 
 def superni_metrics(targets: Sequence[Sequence[str]],
