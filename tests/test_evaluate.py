@@ -115,6 +115,14 @@ def test_parse_choice():
   assert ev.parse_choice("answer10", labels) is None  # Whole words only.
   assert ev.parse_choice("I think it is True.", ("true", "false")) == 0
   assert ev.parse_choice("nothing", labels) is None
+  # Letters: the article 'a' is not option A, nor is a sentence's 'A'
+  # before 'the answer is C' (both had read as A).
+  letters = ("A", "B", "C", "D")
+  assert ev.parse_choice("Plants absorb a gas: the correct answer is C",
+                         letters) == 2
+  assert ev.parse_choice("A gas. The answer is (D).", letters) == 3
+  assert ev.parse_choice("B", letters) == 1
+  assert ev.parse_choice("it is a gas", letters) is None
   assert ev.parse_choice("ending4", ("ending1", "ending2", "ending3",
                                      "ending4")) == 3
 

@@ -226,13 +226,24 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   """Index of the first option label named in a generation, or None.
 
   As LLM-Adapters' evaluation does: the first whole-word, case-insensitive
-  occurrence of any label ('answer3', 'ending2', 'true', ...) wins.
+  occurrence of any label ('answer3', 'ending2', 'true', ...) wins. A
+  one-character label (an 'Answer format: A/B/C/D' record's) is matched in
+  its own case, and one that follows 'answer is' first: the article 'a',
+  or a sentence's first word, is not option A.
   """
   if not labels:
     return None
-  pattern = r"\b(" + "|".join(re.escape(l.lower()) for l in labels) + r")\b"
-  match = re.search(pattern, text.lower())
-  return [l.lower() for l in labels].index(match.group(1)) if match else None
+  folded = [l if len(l) == 1 else l.lower() for l in labels]
+  body = "|".join(re.escape(l) if len(l) == 1 else f"(?i:{re.escape(l)})"
+                  for l in labels)
+  patterns = [rf"\b(?i:answer is)\s*\(?({body})\b"] if any(
+      len(l) == 1 for l in labels) else []
+  for pattern in patterns + [rf"\b({body})\b"]:
+    match = re.search(pattern, text)
+    if match:
+      found = match.group(1)
+      return folded.index(found if len(found) == 1 else found.lower())
+  return None
 
 
 def multiple_choice_generation(examples: Sequence[Example],
