@@ -170,6 +170,34 @@ def test_math_scores_the_answer_before_eval_stop(built):
   assert ev(built.state)['accuracy'] == 0.0
 
 
+def test_examples_without_gold_are_counted_apart(built):
+  """Accuracy is over the examples with a gold answer: num_scored says how
+  many (num_examples alone had overstated the denominator)."""
+  examples = list(built.eval_examples[:6])
+  examples[1:3] = [dataclasses.replace(e, gold_number=None)
+                   for e in examples[1:3]]
+  ev = evaluator(built, examples)
+  generate_from(ev, lambda e: e.target if e is not examples[0] else ' -1')
+  res = ev(built.state)
+  assert (res['num_examples'], res['num_scored']) == (6, 4)
+  assert res['accuracy'] == 3 / 4
+  mc = [dataclasses.replace(CHOICES[0], gold_index=None)] + CHOICES[1:]
+  ev = evaluator(built, mc)
+  score_from(ev, lambda e, i: 0.0 if i == e.gold_index else -3.0)
+  res = ev(built.state)
+  assert (res['num_examples'], res['num_scored'], res['accuracy']) == (
+      len(mc), len(mc) - 1, 1.0)
+
+
+def test_eval_stop_cuts_after_a_leading_newline(built):
+  # A target that starts on a new line (GSM8K's '\nA: ...'): cut at the
+  # first '\n' it was '' and scored wrong.
+  ev = evaluator(built, stop='\n')
+  generate_from(ev, lambda e: f'\n {e.gold_number}\nQuestion: 1')
+  assert ev(built.state)['accuracy'] == 1.0
+  assert ev.last_generations == [f'\n {e.gold_number}' for e in ev.examples]
+
+
 SUPERNI = [Example(f'Definition: copy. Input: {w}\nOutput:', w, task='superni')
            for w in ('cat', 'dog', 'red hat')]
 

@@ -213,8 +213,10 @@ class EvalConfig:
       per-token log-likelihoods.
     batch_size: rows per evaluation call.
     max_new_tokens: greedy generation budget.
-    stop: cut each generation at the first occurrence of this text before
-      scoring (a stop sequence; '' = none). The demo uses a newline so a
+    stop: cut each generation at the first occurrence of this text after
+      its leading whitespace, before scoring (a stop sequence; '' = none;
+      a generation may open with a newline, as GSM8K's targets do). The
+      demo uses a newline so a
       base model that runs on into a made-up next question is scored on
       its answer line only.
   """

@@ -1200,21 +1200,24 @@ class Evaluator:
       return {}
     r, cfg = self.r, self.r.config
     t0 = time.perf_counter()
+    # Accuracy counts the examples with a gold answer only.
+    scored = len(self.examples)
     if self.method == 'loglik':
       res = self.multiple_choice(
           state, self.examples, length_normalized=cfg.eval.length_normalized)
-      out = {'accuracy': res.accuracy}
+      out, scored = {'accuracy': res.accuracy}, len(res.correct)
     else:
       prompts = [r.family.encode_prompt(e.prompt, r) for e in self.examples]
       texts = self._generate(state, prompts)
       if cfg.eval.stop:
-        texts = [t.split(cfg.eval.stop)[0] for t in texts]
-      if self.kind == formats.CHOICE:
-        out = {'accuracy': evaluate.multiple_choice_generation(
-            self.examples, texts).accuracy}
-      elif self.kind == formats.NUMBER:
-        out = {'accuracy': evaluate.number_exact_match(
-            self.examples, texts).accuracy}
+        # After leading whitespace: a target that starts on a new line
+        # (GSM8K's '\nA: ...') would otherwise be cut to nothing by '\n'.
+        texts = [_cut_at(t, cfg.eval.stop) for t in texts]
+      if self.kind in (formats.CHOICE, formats.NUMBER):
+        res = (evaluate.multiple_choice_generation
+               if self.kind == formats.CHOICE else
+               evaluate.number_exact_match)(self.examples, texts)
+        out, scored = {'accuracy': res.accuracy}, len(res.correct)
       else:
         m = evaluate.superni_evaluate(self.examples, texts)
         out = {'exact_match': m['exact_match'], 'rougeL': m['rougeL']}
@@ -1222,7 +1225,14 @@ class Evaluator:
       out['target_loss'] = self.target_loss(state)
     out['seconds'] = time.perf_counter() - t0
     out['num_examples'] = float(len(self.examples))
+    out['num_scored'] = float(scored)
     return out
+
+
+def _cut_at(text: str, stop: str) -> str:
+  """``text`` up to the first ``stop`` after its leading whitespace."""
+  body = text.lstrip()
+  return text[:len(text) - len(body)] + body.split(stop)[0]
 
 
 # ---------------------------------------------------------------------------
