@@ -58,6 +58,11 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 41.\n#### 42", "42"),
     # Space-grouped thousands, but not a number before a hyphenated word.
     ("The answer is 4 100-meter races.", "4"),
+    # Other currencies than '$' after the marker (a GSM8K solution ends
+    # 'The answer is \u20ac77.'): not the last number after it.
+    ("The answer is \u20ac77. She kept 3 for herself.", "77"),
+    ("The answer is \u00a31,200 and 5 left.", "1200"),
+    ("The answer is \u00a5 300, not 7.", "300"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected
@@ -66,6 +71,7 @@ def test_extract_number(text, expected):
 def test_canonical_number():
   assert data.canonical_number("576.0") == "576"
   assert data.canonical_number(" $1,234 ") == "1234"
+  assert data.canonical_number("\u20ac1,234.00") == "1234"
   assert data.canonical_number("50%") == "50"
   assert data.canonical_number(2.50) == "2.5"
   assert data.canonical_number("1/3") is None

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import re
 
-# A number as written in answers: optional sign and '$', thousands commas,
-# optional decimals; also '.5'. A sign touches the number (or its '$'): the
-# '-' of a list item ('- 18') or a dash ('answer - 18') is not one; the
-# typographic minus U+2212 may have a space after it.
-_SIGN = r"(?:-|\u2212\s?)?(?:\$\s?)?"
+# A number as written in answers: optional sign and currency ('$', and the
+# euro, pound, yen and rupee signs some GSM8K solutions use), thousands
+# commas, optional decimals; also '.5'. A sign touches the number (or its
+# currency): the '-' of a list item ('- 18') or a dash ('answer - 18') is
+# not one; the typographic minus U+2212 may have a space after it.
+_CURRENCY = "$\u20ac\u00a3\u00a5\u20b9"
+_SIGN = r"(?:-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) + r"]\s?)?"
 _NUMBER = _SIGN + r"(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
 # After an answer marker also thousands grouped by spaces ('$9 500', as in
@@ -36,10 +38,13 @@ _ANSWER_IS_RE = re.compile(
     + ")", re.IGNORECASE)
 
 
+_DROPPED = str.maketrans("", "", _CURRENCY + ",")
+
+
 def canonical_number(text: str | float | int | None) -> str | None:
   """Returns `text` as a canonical number string, or None if it is not one.
 
-  Drops '$', thousands commas, a trailing '.', '%' and surrounding space;
+  Drops a currency sign ('$', '\u20ac', ...), thousands commas, a trailing '.', '%' and surrounding space;
   integers lose a trailing '.0' ('576.0' -> '576'); other values are written
   with up to 6 significant decimals ('0.50' -> '0.5').
 
@@ -54,7 +59,7 @@ def canonical_number(text: str | float | int | None) -> str | None:
   if isinstance(text, (int, float)) and not isinstance(text, bool):
     value = float(text)
   else:
-    cleaned = str(text).strip().replace("$", "").replace(",", "")
+    cleaned = str(text).strip().translate(_DROPPED)
     cleaned = cleaned.replace("\u2212", "-")
     cleaned = cleaned.replace(" ", "").replace("\u00a0", "").rstrip(".%")
     try:
