@@ -567,12 +567,12 @@ def config_from_hf(data: dict[str, Any], where: str = 'config.json') -> T5Config
       raise ValueError(f'{where}: field {name!r} must be {kind.__name__}, got '
                        f'{data[name]!r}.')
     kwargs[name] = value
-  # HF's T5Config defaults tie_word_embeddings to True (original T5); v1.1
-  # and mT5 configs say false explicitly.
-  kwargs.setdefault('tie_word_embeddings', True)
-  # Likewise feed_forward_proj: 'relu' when absent (the original T5 configs
-  # omit it); v1.1 and mT5 configs say 'gated-gelu'.
-  kwargs.setdefault('feed_forward_proj', 'relu')
+  # An absent field takes its HF class's default: T5Config ties the head
+  # and uses 'relu' (the original T5 configs omit both; v1.1 configs say
+  # false and 'gated-gelu'), MT5Config unties it and uses 'gated-gelu'.
+  mt5 = model_type == 'mt5'
+  kwargs.setdefault('tie_word_embeddings', not mt5)
+  kwargs.setdefault('feed_forward_proj', 'gated-gelu' if mt5 else 'relu')
   try:
     return T5Config(**kwargs)
   except ValueError as e:
@@ -707,7 +707,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                        f'{tuple(value.shape)}, expected {shape}.')
     var.set_value(jnp.asarray(value, dtype=param_dtype))
     used.add(stored)
-  if config.tie_word_embeddings:
+  if config.tie_word_embeddings and 'lm_head.weight' in tensors:
+    # A copy of the tied head is allowed; a head of its own would be
+    # dropped for the embedding, silently.
+    if not np.array_equal(tensors['lm_head.weight'], tensors[embed_name]):
+      raise ValueError(
+          f'{tensors.file("lm_head.weight")}: tensor \'lm_head.weight\' is '
+          f'not the embedding {embed_name!r}, but config.json ties them '
+          '(tie_word_embeddings true or absent); an untied head needs '
+          'tie_word_embeddings false.')
     used.add('lm_head.weight')
   unexpected = sorted(set(tensors) - used)
   if unexpected:

@@ -46,6 +46,41 @@ def test_original_t5_config_without_feed_forward_proj_is_relu():
                            ).feed_forward_proj == 'gated-gelu'
 
 
+def test_absent_mt5_fields_take_mt5_defaults(tmp_path):
+  """MT5Config unties the head and gates its MLP by default: an mT5
+  config.json without those keys had loaded as a tied ReLU model (the
+  checkpoint's own lm_head dropped silently, logits off by ~4)."""
+  cfg = dict(t5_reference.CONFIGS['gated'])
+  t5_reference.random_checkpoint(str(tmp_path), cfg, seed=1)
+  del cfg['tie_word_embeddings'], cfg['feed_forward_proj']
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  model = t5.from_pretrained(tmp_path)
+  assert not model.config.tie_word_embeddings and model.config.is_gated
+  out = model(jnp.asarray(t5_reference.ENCODER_TOKENS),
+              jnp.asarray(t5_reference.DECODER_TOKENS))
+  np.testing.assert_allclose(np.asarray(out),
+                             load_file(t5_reference.REFERENCE)['gated'],
+                             atol=2e-5, rtol=1e-5)
+
+
+def test_a_tied_config_refuses_a_head_of_its_own(tmp_path):
+  cfg = t5_reference.CONFIGS['tied_relu']
+  tensors = t5_reference.random_checkpoint(str(tmp_path), cfg, seed=1)
+  weights = tmp_path / 'model.safetensors'
+  # A copy of the embedding (as some exporters write a tied head) loads.
+  save_file({**tensors, 'lm_head.weight': tensors['shared.weight']},
+            str(weights))
+  t5.from_pretrained(tmp_path)
+  save_file({**tensors, 'lm_head.weight': tensors['shared.weight'] + 1.0},
+            str(weights))
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(tmp_path)
+  assert str(e.value) == (
+      f"{weights}: tensor 'lm_head.weight' is not the embedding "
+      "'shared.weight', but config.json ties them (tie_word_embeddings true "
+      'or absent); an untied head needs tie_word_embeddings false.')
+
+
 def test_named_configs():
   assert t5.get_config('t5-v1_1-xxl').d_model == 4096
   assert t5.get_config('t5-v1_1-xxl').d_ff == 10240
