@@ -240,6 +240,31 @@ def test_config_json_that_is_not_an_object(hf):
   assert msg.startswith(str(hf / 'config.json')), msg
 
 
+def test_absent_config_keys_take_transformers_defaults():
+  """A config.json without a family's keys loads as transformers would
+  (Gemma2Config / Gemma3TextConfig defaults), where it had loaded with no
+  soft-caps, a head_dim query scale and Gemma 3's local RoPE at rope_theta:
+  another model, silently. A key that says null stays off."""
+  from models.gemma import load  # pylint: disable=g-import-not-at-top
+  base = {'vocab_size': 64, 'hidden_size': 32, 'intermediate_size': 64,
+          'num_hidden_layers': 2, 'num_attention_heads': 2, 'head_dim': 16}
+  c2 = load.config_from_hf({**base, 'model_type': 'gemma2'})
+  assert (c2.attn_logit_softcap, c2.final_logit_softcap,
+          c2.query_pre_attn_scalar, c2.sliding_window) == (50.0, 30.0, 256,
+                                                            4096)
+  c2 = load.config_from_hf({**base, 'model_type': 'gemma2',
+                            'final_logit_softcapping': None})
+  assert c2.final_logit_softcap is None
+  c3 = load.config_from_hf({**base, 'model_type': 'gemma3_text'})
+  assert (c3.rope_base_global, c3.rope_base_local, c3.query_pre_attn_scalar,
+          c3.sliding_window, c3.attn_logit_softcap) == (1e6, 1e4, 256, 4096,
+                                                         None)
+  c1 = load.config_from_hf({**base, 'model_type': 'gemma'})
+  assert c1.query_pre_attn_scalar == 16 and c1.sliding_window is None
+  # A saved config says every key: it reads back as it was.
+  assert load.config_from_hf(load.config_to_hf(c2)) == c2
+
+
 # --------------------------------------------------------------------------
 # GGUF metadata.
 

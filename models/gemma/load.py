@@ -151,6 +151,14 @@ _GEMMA3_TEXT_DEFAULTS = {
     'query_pre_attn_scalar': 256, 'sliding_window': 4096,
     'max_position_embeddings': 131_072,
 }
+# What transformers' Gemma2Config / Gemma3TextConfig give a key that a
+# config.json leaves out (one that says null keeps null: no soft-cap).
+_HF_FAMILY_DEFAULTS = {
+    2: {'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0,
+        'query_pre_attn_scalar': 256, 'sliding_window': 4096},
+    3: {'query_pre_attn_scalar': 256, 'rope_local_base_freq': 10_000.0,
+        'sliding_window': 4096},
+}
 _HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
 
 
@@ -224,6 +232,7 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
         f'{source}: model_type {_short(model_type)} is not a Gemma text model '
         f'(expected one of {", ".join(_MODEL_TYPES)}).')
   family = _MODEL_TYPES[model_type]
+  d = {**_HF_FAMILY_DEFAULTS.get(family, {}), **d}
   if d.get('tie_word_embeddings') is False:
     # Gemma ties the output head to the embedding; a checkpoint with its own
     # lm_head would load with the embedding in its place, silently.
