@@ -306,8 +306,16 @@ def scale_by_lora_rite(
                                      clip_unmagnified_grad),
                       ('update_skipping', update_skipping)):
     checks.non_negative('scale_by_lora_rite', name, value)
+  checks.non_negative('scale_by_lora_rite', 'update_capping', update_capping)
+  try:  # refused here, not at the first update
+    one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+    jax.eval_shape(functools.partial(_mm, precision=precision), one, one)
+  except (ValueError, TypeError):
+    raise ValueError('scale_by_lora_rite: precision must be None, a '
+                     'jax.lax.Precision or its name (e.g. "highest"), got '
+                     f'{precision!r}.') from None
   capping_off = (isinstance(update_capping, (int, float)) and
-                 update_capping <= 0)
+                 update_capping == 0)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -648,7 +656,10 @@ def lora_rite(
       turns it off.
     escape_mass: add the paper's escaped-mass term.
     balance_factors: after the step, rescale the new factors to equal norms
-      (leaves :math:`H` unchanged).
+      (leaves :math:`H` unchanged up to the params' rounding: the rescale is
+      an additive update, so in bfloat16 a factor that shrinks by ``s``
+      lands within ~``s`` times bfloat16's rounding of its target; ~1% at
+      the first step after a standard init).
     layout: how pairs are found; see :class:`lora_rite_optax.LoraLayout`.
     precision: of the matrix products; see :func:`scale_by_lora_rite`.
 

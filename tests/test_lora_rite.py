@@ -577,6 +577,20 @@ def test_errors_are_one_line():
     assert '\n' not in str(info.value)
 
 
+def test_bad_settings_are_refused_when_made():
+  # precision had failed only at the first update; a negative cap was
+  # silently off, where the other knobs refuse one.
+  with pytest.raises(ValueError) as info:
+    lro.lora_rite(1e-3, precision='bogus')
+  assert str(info.value) == (
+      'scale_by_lora_rite: precision must be None, a jax.lax.Precision or '
+      "its name (e.g. \"highest\"), got 'bogus'.")
+  with pytest.raises(ValueError, match='update_capping must be >= 0, got '
+                     '-1.0'):
+    lro.lora_rite(1e-3, update_capping=-1.0)
+  lro.lora_rite(1e-3, precision='default', update_capping=0.0)
+
+
 def test_partition_routes_other_leaves():
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.zeros((2, 5))},
             'embed': jnp.ones((3,))}
