@@ -32,24 +32,68 @@ def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
   return jnp.dtype(param_dtype)
 
 
-def then_cast_to_params_dtype(tx: base.GradientTransformation,
-                              who: str) -> base.GradientTransformation:
+def then_cast_to_params_dtype(tx: base.GradientTransformation, who: str, *,
+                              require_params: bool = True
+                              ) -> base.GradientTransformation:
   """``tx``, its updates cast to the params' dtypes (same state).
 
   LoRA-RITE's and ScaledAdam's preconditioned steps of float16 params are
   kept in float32 (before the learning rate they can exceed float16's
-  range); after the rate they fit, and ``optax.apply_if_finite``'s rejected
-  branch (zeros like the gradients) needs the two to agree. Wrapping the
-  chain's last step, rather than adding one, keeps the state's tree (and
-  so the checkpoints made before).
+  range); after the rate they fit. A float32 learning rate
+  (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``, the
+  advice for bfloat16 params) makes any step float32. And
+  ``optax.apply_if_finite``'s rejected branch (zeros like the gradients)
+  needs the two to agree. Wrapping the chain's last step, rather than
+  adding one, keeps the state's tree (and so the checkpoints made before).
+  Without ``require_params``, an update given no params casts to the
+  gradients' dtypes.
   """
 
-  def update_fn(updates, state, params=None):
-    if params is None:
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None and require_params:
       raise ValueError(f'{who}: update() needs params (the current '
                        'factors): call tx.update(grads, state, params).')
-    updates, state = tx.update(updates, state, params)
+    target = updates if params is None else params
+    updates, state = base.with_extra_args_support(tx).update(
+        updates, state, params, **extra_args)
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates,
-                        params), state
+                        target), state
 
-  return base.GradientTransformation(tx.init, update_fn)
+  return base.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _widened_leaf(x):
+  if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(step_dtype(x.dtype, jnp.float32))
+  return x
+
+
+def with_stable_dtypes(tx: base.GradientTransformation, who: str
+                       ) -> base.GradientTransformation:
+  """``tx`` run in float32 on float16 leaves, in the dtypes it started in.
+
+  For an optax optimizer in a LoRA+ group. optax's Adam keeps its moments
+  in the params' dtype, and in float16 its eps = 1e-8 rounds to 0: an
+  exactly zero gradient entry (all of ``lora_a``'s while ``lora_b`` is 0)
+  made its step 0/0; here float16 leaves run in float32 (bfloat16 has
+  float32's range and runs as it is). And a float32 hyperparameter
+  (``inject_hyperparams(..., hyperparam_dtype=jnp.float32)``, the advice
+  for bfloat16) turned bfloat16 moments and updates float32, which
+  ``optax.apply_if_finite`` refuses: the state keeps the dtypes ``init``
+  gave it, the updates take the params'.
+  """
+  widen = lambda tree: jax.tree.map(_widened_leaf, tree)
+  inner = base.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = inner.update(
+        widen(updates), state, None if params is None else widen(params),
+        **extra_args)
+    return new_updates, jax.tree.map(
+        lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
+        new_state, state)
+
+  return then_cast_to_params_dtype(
+      base.GradientTransformationExtraArgs(
+          lambda params: tx.init(widen(params)), update_fn),
+      who, require_params=False)

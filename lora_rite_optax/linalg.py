@@ -19,6 +19,19 @@ import jax
 import jax.numpy as jnp
 
 
+def divide_or_zero(x: jax.Array, denom: jax.Array) -> jax.Array:
+  """``x / denom``, and 0 where ``denom`` is 0.
+
+  An Adam-style ``m / (sqrt(v) + eps)`` has a zero denominator where there
+  is no second moment (an exactly zero gradient entry, e.g. all of
+  ``lora_a``'s while ``lora_b`` is 0) and eps is 0, or rounds to 0 in
+  float16 (``optax.inject_hyperparams`` casts it to the params' dtype):
+  a null direction, with no step, not the 0/0 whose NaN would spread.
+  """
+  safe = denom > 0
+  return jnp.where(safe, x / jnp.where(safe, denom, 1.0), 0.0)
+
+
 def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
   """``x @ y`` at ``Precision.HIGHEST``.
 

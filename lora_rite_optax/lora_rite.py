@@ -480,12 +480,9 @@ def scale_by_lora_rite(
       last_q = q
       denom = (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +
                jnp.asarray(eps).astype(nu.dtype))
-      # A zero denominator (eps = 0, or an eps that rounds to 0 in float16
-      # under inject_hyperparams, on a direction with no second moment: all
-      # of A's while B = 0) is a null direction: 0, not inf, whose 0 * inf
-      # would make the whole factor NaN.
-      inv_root = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0),
-                           0.0)
+      # 0, not inf, on a null direction: 0 * inf would make the whole
+      # factor NaN.
+      inv_root = linalg.divide_or_zero(jnp.ones_like(denom), denom)
       precond = mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
       # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import pairs as pairs_lib
 
@@ -192,7 +193,9 @@ def loraplus(
     checks.non_negative('loraplus', 'eps', eps)
 
     def make(rate, decay):
-      return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+      return casting.with_stable_dtypes(
+          optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay),
+          'loraplus')
   else:
     given = zip((b1, b2, eps, weight_decay), (0.9, 0.999, 1e-8, 0.0))
     # Under optax.inject_hyperparams these arrive as (traced) arrays: skip.
@@ -203,7 +206,7 @@ def loraplus(
 
     def make(rate, decay):
       del decay
-      return base(rate)
+      return casting.with_stable_dtypes(base(rate), 'loraplus')
   if lr_embedding is None:
     lr_embedding = 1e-6
   transforms = {

@@ -195,7 +195,8 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     else:
       factor = 1.0
     new_updates = jax.tree.map(
-        lambda m, v, g: (factor * m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+        lambda m, v, g: linalg.divide_or_zero(
+            factor * m, jnp.sqrt(v) + eps).astype(g.dtype),
         mu, nu, updates)
     return new_updates, ScaleByAdamAuthorsState(count, mu, nu)
 

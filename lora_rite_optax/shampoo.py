@@ -201,7 +201,9 @@ def scale_by_shampoo(
   for name, value in (('b1', b1), ('b2', b2)):
     checks.beta('shampoo', name, value)
   checks.non_negative('shampoo', 'eps', eps)
-  checks.non_negative('shampoo', 'matrix_eps', matrix_eps)
+  # > 0: a LoRA factor's N x N statistic has rank r at most, and its zero
+  # eigenvalues would have infinite inverse roots.
+  checks.positive('shampoo', 'matrix_eps', matrix_eps)
   if not isinstance(block_size, int):
     try:
       block_size = int(block_size)  # a concrete array, as inject's init gives
@@ -323,7 +325,7 @@ def scale_by_shampoo(
         continue
       g32 = g.astype(nu.dtype)
       nu = b2 * nu + (1 - b2) * jnp.square(g32)
-      adam = g32 / (jnp.sqrt(nu / bc2) + eps)
+      adam = linalg.divide_or_zero(g32, jnp.sqrt(nu / bc2) + eps)
       if plan.kind == 'diag':
         direction = adam
       else:
@@ -397,7 +399,8 @@ def shampoo(
   which averages the raw gradient). The grafted direction ``u`` goes through
   momentum :math:`m_t = b_1 m_{t-1} + (1-b_1) u_t` and the step is
   :math:`-\eta_t (m_t / (1 - b_1^{t+1}) + wd\, \theta_t)`. State is kept in
-  at least float32; updates are cast to the parameters' dtype.
+  at least float32; updates are cast to the parameters' dtype (the
+  gradients' when ``update`` gets no params).
 
   Defaults (used for the paper comparison): ``b1=0.9, b2=0.999, eps=1e-8``
   (Adam's, so the grafted step has Adam's scale and learning rates transfer),
@@ -460,5 +463,7 @@ def shampoo(
       scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,
                        graft, layout),
       optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      casting.then_cast_to_params_dtype(
+          optax.scale_by_learning_rate(learning_rate), 'shampoo',
+          require_params=False),
   )

@@ -443,3 +443,97 @@ def test_inside_optax_partition_with_frozen_leaves(name):
   assert not bool(jnp.any(updates['kernel'])) and not bool(
       jnp.any(updates['norm']))
   assert bool(jnp.all(updates['q']['lora_a'] != 0))
+
+
+def _float16_standard_pair():
+  """A standard-init float16 pair and its gradient: lora_b = 0, so all of
+  lora_a's gradient is exactly 0."""
+  a, b = lro.init.standard(jax.random.key(0), 16, 12, 4, dtype=jnp.float16)
+  params = {'lora_a': a, 'lora_b': b}
+  x = jax.random.normal(jax.random.key(1), (5, 16))
+  y = jax.random.normal(jax.random.key(2), (5, 12))
+  loss = lambda p: jnp.mean(
+      (x @ (p['lora_a'] @ p['lora_b']).astype(jnp.float32) - y) ** 2)
+  grads = jax.grad(loss)(params)
+  assert not bool(jnp.any(grads['lora_a']))
+  return params, grads
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lro.loraplus(1e-3),
+    lambda: lro.loraplus(1e-3, base=optax.adam),
+    # inject_hyperparams makes eps a float16 array: 1e-8 rounds to 0.
+    lambda: optax.inject_hyperparams(lro.scaled_adam)(1e-3),
+    lambda: optax.inject_hyperparams(
+        lro.shampoo, static_args=('block_size',))(1e-3),
+    lambda: lro.scaled_adam(1e-3, eps=0.0),
+    lambda: lro.shampoo(1e-3, eps=0.0),
+], ids=['loraplus', 'loraplus_base', 'scaled_adam_injected',
+        'shampoo_injected', 'scaled_adam_eps0', 'shampoo_eps0'])
+def test_a_zero_gradient_with_no_eps_left_is_no_step(make):
+  """A zero second moment over an eps of 0 (or 1e-8 in float16) is a null
+  direction: no step, where 0/0 had made lora_a (shampoo: all of it,
+  through the graft's norm) NaN at the first step."""
+  params, grads = _float16_standard_pair()
+  tx = make()
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert not bool(jnp.any(updates['lora_a']))
+  assert bool(jnp.any(updates['lora_b']))
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype('float16')}
+
+
+def test_loraplus_keeps_float16_moments_in_float32():
+  params, grads = _float16_standard_pair()
+  tx = lro.loraplus(1e-3)
+  state = tx.init(params)
+  assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {
+      jnp.dtype('float32')}
+  # Other dtypes run as they are (bfloat16 has float32's range).
+  bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  assert {x.dtype for x in jax.tree.leaves(tx.init(bf16)) if x.ndim} == {
+      jnp.dtype('bfloat16')}
+
+
+def test_shampoo_refuses_matrix_eps_0():
+  # A factor's N x N statistic has rank r: its zero eigenvalues' inverse
+  # roots were inf, and the first step NaN.
+  with pytest.raises(ValueError, match='shampoo: matrix_eps must be > 0, '
+                     'got 0.0.'):
+    lro.shampoo(1e-3, matrix_eps=0.0)
+
+
+@pytest.mark.parametrize('name', ['loraplus', 'shampoo', 'scaled_adam',
+                                  'lora_rite'])
+def test_float32_rates_keep_bfloat16_updates(name):
+  """The bfloat16 advice (hyperparam_dtype=jnp.float32) made Shampoo's and
+  LoRA+'s updates float32, and optax.apply_if_finite refused them (its
+  rejected branch is zeros like the bfloat16 gradients)."""
+  params = {'lora_a': jax.random.normal(jax.random.key(0), (8, 2)),
+            'lora_b': jax.random.normal(jax.random.key(1), (2, 6))}
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  grads = jax.tree.map(lambda p: (p * 0.1).astype(jnp.bfloat16), params)
+  make = {'loraplus': lro.loraplus, 'shampoo': lro.shampoo,
+          'scaled_adam': lro.scaled_adam, 'lora_rite': lro.lora_rite}[name]
+  statics = ('block_size',) if name == 'shampoo' else ()
+  tx = optax.apply_if_finite(optax.inject_hyperparams(
+      make, hyperparam_dtype=jnp.float32, static_args=statics)(
+          learning_rate=1e-2), 3)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {
+      jnp.dtype('bfloat16')}
+
+
+@pytest.mark.parametrize('injected', [True, False])
+def test_shampoo_graft_with_one_zero_gradient_entry(injected):
+  """One zero entry with no eps left had made the graft's norm, and so the
+  whole leaf, NaN (float16 eps under inject_hyperparams, or eps=0)."""
+  p = {'lora_a': jnp.ones((4, 2), jnp.float16).at[0, 1].set(2),
+       'lora_b': jnp.full((2, 3), .1, jnp.float16).at[1, 0].set(.3)}
+  g = {'lora_a': jnp.zeros((4, 2), jnp.float16).at[0, 0].set(1),
+       'lora_b': jnp.zeros((2, 3), jnp.float16).at[0, 0].set(1)}
+  tx = (optax.inject_hyperparams(lro.shampoo, static_args=('block_size',))(
+      learning_rate=1e-2) if injected else lro.shampoo(1e-2, eps=0.0))
+  updates, _ = jax.jit(tx.update)(g, tx.init(p), p)
+  for u in jax.tree.leaves(updates):
+    assert bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0)), u
