@@ -110,6 +110,27 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
   assert not run_dir.exists()
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--lora.rnk', '3'], 'Unrecognized options: --lora.rnk, 3 (perhaps '
+     '--lora.rank)'),
+    (['--steps', 'abc'], "Error parsing --steps: invalid literal for int() "
+     "with base 10: 'abc'"),
+    (['--eval.before', 'true'], 'Unrecognized options: true; a boolean is a '
+     'flag: --NAME or --no-NAME (e.g. --eval.before, --eval.no-before)'),
+])
+@pytest.mark.parametrize('terminal', [False, True])
+def test_override_errors_on_a_terminal_too(monkeypatch, capsys, tmp_path,
+                                           argv, message, terminal):
+  """On a terminal tyro colours its panel: the message had been lost (only
+  the panel's title bar was printed)."""
+  if terminal:
+    monkeypatch.setenv('TERM', 'xterm')
+    monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+  code, err = _main(['--config', 'tiny', '--run_dir', str(tmp_path / 'run')]
+                    + argv, capsys)
+  assert code == 2 and err == f'error: {message}', err
+
+
 def test_unknown_config(capsys):
   code, err = _main(['--config', 'nope'], capsys)
   assert code != 0 and len(err.splitlines()) == 1

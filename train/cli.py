@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -88,14 +89,20 @@ def _presets_help() -> str:
   return '\n'.join(lines)
 
 
+# tyro colours its panel when stdout is a terminal.
+_ANSI = re.compile(r'\x1b\[[0-9;]*m')
+
+
 def _tyro_message(panel: str) -> str:
-  """The message of tyro's error panel (its first section), on one line.
+  """The message of tyro's error panel (its first section), on one line,
+  with tyro's suggestions for a misspelt flag.
 
   The panel is drawn with box characters on a terminal and in plain ASCII
-  otherwise (the title then is its own first section), and wraps to the
-  terminal's width, so a message may span several lines.
+  otherwise (the title then is its own first section), coloured on a
+  terminal, and wraps to the terminal's width, so a message may span
+  several lines.
   """
-  lines = [l.strip() for l in panel.splitlines() if l.strip()]
+  lines = [l.strip() for l in _ANSI.sub('', panel).splitlines() if l.strip()]
   boxed = bool(lines) and lines[0].startswith('\u256d')
   sections, current = [], []
   for line in lines:
@@ -111,9 +118,17 @@ def _tyro_message(panel: str) -> str:
   index = 0 if boxed else 1
   body = sections[index] if len(sections) > index else []
   text = ' '.join(' '.join(body).split())
-  return text or (lines or ['bad arguments'])[0]
-
-
+  if not text:
+    return (lines or ['bad arguments'])[0]
+  for section in sections:
+    if section and section[0].startswith('Perhaps you meant'):
+      names = [l.split()[0] for l in section[1:] if l.startswith('--')]
+      if names:
+        text += f' (perhaps {", ".join(names[:3])})'
+  if re.match(r'Unrecognized options:.*\b(true|false)\b', text, re.I):
+    text += ('; a boolean is a flag: --NAME or --no-NAME (e.g. '
+             '--eval.before, --eval.no-before)')
+  return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
