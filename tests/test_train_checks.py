@@ -239,6 +239,24 @@ def test_zero_clip_and_warmup_stay_valid(tmp_path):
                                   'optim.end_lr_fraction': 0.0}), 1)
 
 
+def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
+  """Found before the model loads, in one line naming run_dir (it had been
+  a bare errno once the build was done)."""
+  (tmp_path / 'file').write_text('x')
+  run_dir = tmp_path / 'file' / 'run'
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(tiny(run_dir), log=quiet)
+  assert str(e.value) == (f'run_dir {run_dir} cannot be written '
+                          f'({tmp_path / "file"}: Not a directory).')
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+  lines = []
+  loop.run(tiny(tmp_path / 'run', resume=True), log=lines.append, stop_at=1)
+  assert (f'[train] --resume: no checkpoint in {tmp_path / "run"}/'
+          'checkpoints; starting at step 0') in lines
+
+
 def test_negative_stop_at_is_refused_by_run(tmp_path):
   with pytest.raises(loop.ConfigError, match='stop_at must be >= 0'):
     loop.run(tiny(tmp_path / 'run'), log=quiet, stop_at=-1)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from typing import Any, Callable
@@ -1623,6 +1624,17 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   if _has_checkpoints(run_dir) and not cfg.resume:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
+  # Found before the build (a 7B model loads for minutes), not at the first
+  # write: the nearest folder that exists must take a new entry.
+  # (Tried, not os.access: root passes that for read-only mounts and /proc.)
+  existing = os.path.abspath(run_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.write-check-', dir=existing))
+  except OSError as e:
+    raise ConfigError(f'run_dir {run_dir} cannot be written ({existing}: '
+                      f'{e.strerror or e}).') from None
   if cfg.export_adapter:
     _check_export_dir(run_dir)
   return run_dir
@@ -1747,6 +1759,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   state = r.state
   start_step = 0
   latest = ckpt.latest_step() if cfg.resume else None
+  if cfg.resume and latest is None:
+    # Said, since a mistyped run_dir on a pod would restart the job.
+    log(f'[train] --resume: no checkpoint in {ckpt.directory}; starting at '
+        'step 0')
   if latest is not None:
     redo = f'resume with the settings in {os.path.join(run_dir, "config.json")}'
     where = f'--resume: checkpoint {latest} in {ckpt.directory}'
