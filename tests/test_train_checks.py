@@ -225,6 +225,14 @@ def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
     ('data.num_threads', -1, 'data.num_threads must be >= 0'),
     ('data.style', 'bogus', "data.style must be one of alpaca, plain, got "
      "'bogus'"),
+    # NaN passes optax's adam and lamb: a NaN decay had trained to the end
+    # and exported a NaN adapter.
+    ('optim.weight_decay', math.nan, 'optim.weight_decay must be a finite '
+     'number >= 0, got nan'),
+    ('optim.b2', 1.0, r'optim.b2 must be a finite number in \[0, 1\), got '
+     '1.0'),
+    ('optim.b1', math.nan, 'optim.b1 must be a finite number in'),
+    ('optim.eps', -1e-8, 'optim.eps must be a finite number >= 0'),
 ])
 def test_out_of_range_values_are_config_errors(tmp_path, field, value,
                                                message):

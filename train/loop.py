@@ -712,7 +712,13 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
        '>= 0'),
       ('optim.clip_grad_norm', cfg.optim.clip_grad_norm, non_negative,
        '>= 0 (0: off)'),
-      ('lora.alpha', cfg.lora.alpha, positive, '> 0')):
+      ('lora.alpha', cfg.lora.alpha, positive, '> 0'),
+      # optax's own adam and lamb check none of these, and a NaN decay had
+      # trained to the end and exported a NaN adapter.
+      ('optim.b1', cfg.optim.b1, lambda v: 0 <= v < 1, 'in [0, 1)'),
+      ('optim.b2', cfg.optim.b2, lambda v: 0 <= v < 1, 'in [0, 1)'),
+      ('optim.eps', cfg.optim.eps, non_negative, '>= 0'),
+      ('optim.weight_decay', cfg.optim.weight_decay, non_negative, '>= 0')):
     if not (math.isfinite(value) and ok(value)):
       raise ConfigError(f'{name} must be a finite number {what}, got {value}.')
   from train.data import templates  # pylint: disable=g-import-not-at-top
