@@ -145,6 +145,12 @@ def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   assert train_off == train_on and len(train_off) == 35
   assert (loop.training_data_fingerprint(train_off) ==
           loop.training_data_fingerprint(train_on))
+  # A run says so in a [train] line (Python's warning is two lines on
+  # stderr, where a refusal is one).
+  lines = []
+  loop.run(off, log=lines.append, stop_at=1)
+  assert ('[train] warning: data: 5 of 40 training examples are boolq test '
+          'prompts; left out of training.') in lines
   # With evaluation off, a test split that is not there is no error.
   (folder / 'test.json').unlink()
   with pytest.warns(UserWarning, match='split could not be read'):
@@ -256,6 +262,22 @@ def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
     loop.run(tiny(run_dir), log=quiet)
   assert str(e.value) == (f'run_dir {run_dir} cannot be written '
                           f'({tmp_path / "file"}: Not a directory).')
+
+
+def test_a_missing_model_path_is_named_before_the_tokenizer(tmp_path):
+  cfg = configs.replace(configs.get_config('paper_gemma2b_arc_challenge'),
+                        run_dir=str(tmp_path / 'run'),
+                        **{'data.path': str(_boolq_folder(
+                            tmp_path / 'arc', ['q'], ['t'])),
+                           'data.task': 'boolq', 'eval.every': 0})
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(cfg, log=quiet)
+  assert str(e.value) == (
+      'model.path google/gemma-2b: no such file or directory (a local '
+      'Hugging Face folder or a .gguf; the Hub is not read: download it '
+      'first, e.g. hf download google/gemma-2b --local-dir DIR, and pass '
+      '--model.path DIR).')
+  assert not (tmp_path / 'run').exists()
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):

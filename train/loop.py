@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -942,6 +943,15 @@ def build(cfg: configs_lib.Config) -> Run:
   tx, schedule = make_optimizer(cfg.optim, cfg.steps)
   train_examples, eval_examples = load_examples(cfg)
   model_path = resolve_model_path(cfg.model.path)
+  if model_path and not os.path.exists(model_path):
+    # Before the tokenizer, which is read from it by default and would be
+    # the one reported missing.
+    hub_id = re.fullmatch(r'[\w.-]+/[\w.-]+', model_path)
+    raise ConfigError(
+        f'model.path {model_path}: no such file or directory (a local Hugging '
+        'Face folder or a .gguf; the Hub is not read' + (
+            f': download it first, e.g. hf download {model_path} --local-dir '
+            'DIR, and pass --model.path DIR' if hub_id else '') + ').')
   tokenizer = family.load_tokenizer(cfg.model, model_path)
   model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer)
   vocab = model.config.vocab_size
@@ -1729,7 +1739,16 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0
                 else None)
   run_dir = _check_run_dir(cfg)
-  r = build(cfg)
+  # The build's own warnings (held-out prompts, an unreadable split) are
+  # [train] lines like the loop's; Python's are two lines on stderr.
+  with warnings.catch_warnings(record=True) as caught:
+    r = build(cfg)
+  for w in caught:
+    if issubclass(w.category, UserWarning) and os.path.abspath(
+        w.filename).startswith(os.path.dirname(os.path.abspath(__file__))):
+      log(f'[train] warning: {w.message}')
+    else:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
   t_built = time.perf_counter()
   log(f'[train] {cfg.name}: {len(r.train_examples)} train / '
       f'{len(r.eval_examples)} eval examples, mesh '
