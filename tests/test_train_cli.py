@@ -131,6 +131,26 @@ def test_override_errors_on_a_terminal_too(monkeypatch, capsys, tmp_path,
   assert code == 2 and err == f'error: {message}', err
 
 
+def test_preset_help_documents_stop_at(capsys):
+  # --stop_at is parsed before tyro, which had left it out of --help.
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['--config', 'tiny', '--help'])
+  assert exit_info.value.code == 0
+  out = ' '.join(capsys.readouterr().out.split())
+  assert '--stop_at N (also --stop-at): stop after global step N' in out
+
+
+def test_summary_lines_name_both_evaluation_sizes_when_they_differ():
+  # A finished run resumed with another eval.num_examples had printed the
+  # new size alone beside a 'before' scored on the old one.
+  before = {'accuracy': 0.0, 'num_examples': 16.0}
+  assert cli.eval_lines(before, {'accuracy': 0.125, 'num_examples': 8.0}) == [
+      'accuracy: before 0.000 -> after 0.125 (on 16 and 8 held-out examples)']
+  assert cli.eval_lines(before, {'accuracy': 0.5, 'num_examples': 16.0}) == [
+      'accuracy: before 0.000 -> after 0.500 (16 held-out examples)']
+  assert cli.eval_lines(None, before) == []
+
+
 def test_unknown_config(capsys):
   code, err = _main(['--config', 'nope'], capsys)
   assert code != 0 and len(err.splitlines()) == 1

@@ -59,12 +59,19 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
     with contextlib.redirect_stderr(err):
       cfg = tyro.cli(configs.Config, default=base, args=rest,
                      prog=f'python -m train --config {known.config}',
-                     description=(configs.PRESETS[known.config].__doc__ or ''))
+                     description=(configs.PRESETS[known.config].__doc__ or '')
+                     + _STOP_AT_HELP)
   except SystemExit as e:
     if not e.code:  # --help: printed to stdout, a normal exit.
       raise
     raise ValueError(_tyro_message(err.getvalue())) from None
   return cfg, known.stop_at
+
+
+# --stop_at is read before tyro sees the command line, so its help is here.
+_STOP_AT_HELP = ('\n\n--stop_at N (also --stop-at): stop after global step '
+                 'N, checkpointing there as a preemption would (0, the '
+                 'default: run to --steps); continue with --resume.')
 
 
 class _PreParser(argparse.ArgumentParser):
@@ -149,9 +156,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        'adapter_dir')}
   brief['seconds'] = {k: round(v, 1) for k, v in summary['timing'].items()}
   print(json.dumps(brief, indent=1, default=float))
-  before, after = summary.get('eval_before'), summary.get('eval_after')
+  for line in eval_lines(summary.get('eval_before'),
+                         summary.get('eval_after')):
+    print(line)
+  return 0
+
+
+def eval_lines(before: dict | None, after: dict | None) -> list[str]:
+  """'accuracy: before X -> after Y (N held-out examples)' per score."""
+  lines = []
   for key in ('accuracy', 'exact_match', 'rougeL'):
     if before and after and key in before and key in after:
-      print(f'{key}: before {before[key]:.3f} -> after {after[key]:.3f} '
-            f'({int(after["num_examples"])} held-out examples)')
-  return 0
+      n_before, n_after = (int(e.get('num_examples', 0))
+                           for e in (before, after))
+      # A finished run evaluated again may use another eval.num_examples.
+      lines.append(f'{key}: before {before[key]:.3f} -> after '
+                   f'{after[key]:.3f} ' + (
+                       f'({n_after} held-out examples)'
+                       if n_before == n_after else
+                       f'(on {n_before} and {n_after} held-out examples)'))
+  return lines
