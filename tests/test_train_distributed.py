@@ -141,3 +141,26 @@ def test_t5_generation_over_two_processes():
         p.kill()
   for p, (out, err) in zip(procs, outs):
     assert 'GENERATED (2, 2)' in out, err[-3000:]
+
+
+@pytest.mark.parametrize('chips, env, called', [
+    (4, '', True),          # a TPU VM made with gcloud: no env var
+    (0, 'w0,w1', True),     # GKE's TPU_WORKER_HOSTNAMES
+    (0, '', False),         # CPU or GPU host without a coordinator
+])
+def test_auto_initializes_on_a_cloud_tpu_vm(monkeypatch, chips, env, called):
+  """'auto' had looked for TPU_WORKER_HOSTNAMES only, which a TPU VM made
+  with gcloud need not set: its pod slice then ran without the
+  distributed runtime."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import configs, distributed  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
+                      lambda: (chips, None))
+  monkeypatch.setattr(jax.distributed, 'initialize',
+                      lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', env)
+  assert distributed.maybe_initialize(configs.DistributedConfig()) == called
+  assert calls == ([{}] if called else [])

@@ -252,8 +252,8 @@ class DistributedConfig:
   """Multi-process start (`jax.distributed.initialize`).
 
   Attributes:
-    initialize: 'auto' (when a coordinator is given or a multi-host Cloud
-      TPU is detected), 'always' or 'never'.
+    initialize: 'auto' (when a coordinator is given or on a Cloud TPU VM,
+      one host or a slice), 'always' or 'never'.
     coordinator_address: host:port of process 0 ('' = auto-detect on TPU).
     num_processes: 0 = auto-detect.
     process_id: -1 = auto-detect.

@@ -23,10 +23,23 @@ BATCH_AXES = ('data', 'fsdp')
 _initialized = False
 
 
-def _multihost_tpu() -> bool:
-  # Set by the TPU VM runtime on every worker of a pod slice.
-  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  return ',' in hosts
+def _on_cloud_tpu() -> bool:
+  """Whether this is a Cloud TPU VM (or a worker of a slice on GKE).
+
+  GKE sets TPU_WORKER_HOSTNAMES; a TPU VM made with ``gcloud`` need not,
+  and JAX finds its slice's workers in the VM metadata instead. So: TPU
+  chips on this host's PCI bus, read as JAX itself reads them, without
+  starting a backend. ``jax.distributed.initialize()`` then works for one
+  host as for a pod slice.
+  """
+  if os.environ.get('TPU_WORKER_HOSTNAMES'):
+    return True
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except Exception:  # pylint: disable=broad-except
+    return False  # a JAX without this helper: pass --distributed.initialize always
+  return chips > 0
 
 
 def maybe_initialize(cfg) -> bool:
@@ -45,7 +58,7 @@ def maybe_initialize(cfg) -> bool:
     raise ValueError(f"distributed.initialize must be 'auto', 'always' or "
                      f"'never', got {cfg.initialize!r}.")
   wanted = cfg.initialize == 'always' or (
-      cfg.initialize == 'auto' and (cfg.coordinator_address or _multihost_tpu()))
+      cfg.initialize == 'auto' and (cfg.coordinator_address or _on_cloud_tpu()))
   if not wanted:
     return False
   kwargs: dict[str, Any] = {}
