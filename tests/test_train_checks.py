@@ -280,6 +280,23 @@ def test_a_missing_model_path_is_named_before_the_tokenizer(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+def test_mesh_rules_override_the_defaults_by_name(tmp_path):
+  """A rule replaces its own axis's default (embed=fsdp had dropped the
+  other seven), and a name no parameter has is refused (a typo had placed
+  nothing, silently)."""
+  cfg = tiny(tmp_path / 'run', **{'mesh.rules': ('embed=', 'mlp=fsdp')})
+  rules = loop.mesh_rules(cfg)
+  assert (rules['embed'], rules['mlp'], rules['heads'], rules['vocab']) == (
+      None, 'fsdp', 'tensor', 'tensor')
+  assert loop.mesh_rules(tiny(tmp_path / 'run')) == dict(
+      r.split('=') if r.split('=')[1] else (r.split('=')[0], None)
+      for r in configs.DEFAULT_RULES)
+  with pytest.raises(loop.ConfigError) as e:
+    loop.build(tiny(tmp_path / 'run', **{'mesh.rules': ('embd=fsdp',)}))
+  assert str(e.value).startswith("mesh.rules: no parameter has the logical "
+                                 "axis 'embd'; this model's are embed, ")
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
   lines = []
   loop.run(tiny(tmp_path / 'run', resume=True), log=lines.append, stop_at=1)

@@ -238,7 +238,8 @@ class MeshConfig:
   """Device mesh: sizes of the data, fsdp and tensor axes (-1: the rest).
 
   The batch is split over data x fsdp; parameters are placed by
-  `rules` (logical axis=mesh axis, empty for replicated).
+  `rules` (logical axis=mesh axis, empty for replicated), each replacing
+  the default rule of its own logical axis.
   """
 
   data: int = -1

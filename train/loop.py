@@ -91,6 +91,30 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(_key_name(k) for k in path)
 
 
+def mesh_rules(cfg: configs_lib.Config) -> dict[str, str | None]:
+  """``--mesh.rules`` over the default rules: a rule replaces the default
+  of its own logical axis only (``embed=fsdp`` had dropped the other
+  seven, replicating the rest of the model); ``name=`` replicates."""
+  return {**distributed.parse_rules(configs_lib.DEFAULT_RULES),
+          **distributed.parse_rules(cfg.mesh.rules)}
+
+
+def _check_rule_names(cfg: configs_lib.Config, states) -> None:
+  """Refuses a rule for a logical axis no parameter has (a typo such as
+  ``embd=fsdp`` placed nothing, silently)."""
+  defaults = distributed.parse_rules(configs_lib.DEFAULT_RULES)
+  given = set(distributed.parse_rules(cfg.mesh.rules)) - set(defaults)
+  if not given:
+    return
+  names = {a for state in states for _, var in nnx.to_flat_state(state)
+           for a in (var.get_metadata().get('out_sharding') or ()) if a}
+  unknown = sorted(given - names)
+  if unknown:
+    raise ConfigError(f'mesh.rules: no parameter has the logical axis '
+                      f'{unknown[0]!r}; this model\'s are '
+                      f'{", ".join(sorted(names))}.')
+
+
 def state_shardings(state: nnx.State, rules, mesh) -> dict:
   """Pure-dict-shaped NamedShardings from each Variable's logical axes."""
   out: dict = {}
@@ -939,7 +963,7 @@ def build(cfg: configs_lib.Config) -> Run:
   validate(cfg, jax.device_count())
   family = family_of(cfg)
   mesh = distributed.make_mesh(cfg.mesh)
-  rules = distributed.parse_rules(cfg.mesh.rules)
+  rules = mesh_rules(cfg)
   tx, schedule = make_optimizer(cfg.optim, cfg.steps)
   train_examples, eval_examples = load_examples(cfg)
   model_path = resolve_model_path(cfg.model.path)
@@ -1000,6 +1024,7 @@ def build(cfg: configs_lib.Config) -> Run:
   eval_graphdef = nnx.graphdef(model)
   model.train()
 
+  _check_rule_names(cfg, (lora_state, base_state))
   param_sh = str_keys(state_shardings(lora_state, rules, mesh))
   base_sh = state_shardings(base_state, rules, mesh)
   rng_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()),
