@@ -83,6 +83,37 @@ def test_resume_on_another_process_count(straight, stopped, tmp_path):
       'the targets with --data.max_target_tokens)']
 
 
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_a_signal_checkpoints_the_step_and_resume_continues(straight, tmp_path,
+                                                           sig):
+  """SIGTERM (a Cloud TPU preemption) or Ctrl-C: the step in flight ends,
+  is checkpointed and the run stops (it had died where it stood, losing
+  every step since the last checkpoint, with a traceback)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'run'
+
+  def log(line):
+    if line.startswith('[step 3]'):
+      os.kill(os.getpid(), getattr(signal, sig))
+
+  previous = signal.getsignal(signal.SIGINT)
+  with pytest.raises(loop.Interrupted) as e:
+    loop.run(tiny(run_dir), log=log)
+  assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
+  assert (e.value.step, e.value.exit_code) == (
+      3, 128 + getattr(signal, sig))
+  assert str(e.value) == (
+      f'interrupted by {sig} at step 3; checkpoint 3 saved in '
+      f'{run_dir}/checkpoints: continue with --resume.')
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['3']
+  assert json.loads((run_dir / 'summary.json').read_text())[
+      'interrupted'] == sig
+  resumed = loop.run(tiny(run_dir, resume=True), log=quiet)
+  # The history kept from before the stop, then the resumed steps.
+  assert ([h['loss'] for h in resumed['history']] ==
+          [h['loss'] for h in straight['history']])
+
+
 def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):
   """The checkpoint at a periodic evaluation's step is saved before the
   evaluation: a run that dies during it resumes past that step, and the

@@ -151,6 +151,22 @@ def test_summary_lines_name_both_evaluation_sizes_when_they_differ():
   assert cli.eval_lines(None, before) == []
 
 
+def test_an_interrupted_run_exits_as_the_signal_says(monkeypatch, capsys):
+  """One line saying where the checkpoint is, and 128 + the signal's
+  number (a shell's convention; it had been a traceback)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+
+  def run(cfg, stop_at):
+    raise loop.Interrupted(signal.SIGTERM, 25, f'{cfg.run_dir}/checkpoints')
+
+  monkeypatch.setattr(loop, 'run', run)
+  code, err = _main(['--config', 'tiny', '--run_dir', 'r'], capsys)
+  assert code == 143 and err == (
+      'interrupted by SIGTERM at step 25; checkpoint 25 saved in '
+      'r/checkpoints: continue with --resume.')
+
+
 def test_unknown_config(capsys):
   code, err = _main(['--config', 'nope'], capsys)
   assert code != 0 and len(err.splitlines()) == 1

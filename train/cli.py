@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from train import loop  # pylint: disable=g-import-not-at-top
   try:
     summary = loop.run(cfg, stop_at=stop_at)
+  except loop.Interrupted as e:
+    print(str(e), file=sys.stderr)
+    return e.exit_code
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
     return 1

@@ -193,6 +193,16 @@ def process_0_flag(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
 
 
+def on_any_process(value: int) -> int:
+  """The largest of every process's ``value`` (one collective; none on a
+  single process). A signal reaches each host on its own, and every host
+  must stop at the same step (a checkpoint is a collective)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def same_on_every_process(digest: str) -> bool:
   """Whether every process holds this hex ``digest`` (one collective).
 

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import signal
 import tempfile
 import time
 import warnings
@@ -53,6 +54,8 @@ from train import configs as configs_lib
 from train import distributed
 from train.errors import first_line
 from train import metrics as metrics_lib
+from train import preemption
+from train.preemption import Interrupted
 
 GGUF_PACKAGE = 'gemma3-270m-gguf'
 
@@ -1957,6 +1960,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       nonfinite_counts(state['opt_state'])[1]))
   step = start_step
   metrics = None
+  stop = cleanup.enter_context(preemption.StopRequest())
+  interrupted = 0
   try:
     while step < end_step:
       raw = next(data_iter)
@@ -2011,6 +2016,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         ckpt.save(step, state, data_iter, ckpt_json_now())
       if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
         do_eval(step, 'periodic')
+      # SIGTERM (a preemption) or Ctrl-C: this step is checkpointed below.
+      interrupted = distributed.on_any_process(stop.signum)
+      if interrupted:
+        break
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, ckpt_json_now(), force=True)
   finally:
@@ -2031,9 +2040,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       dropped_target_tokens=dropped_total)
   timing['total'] = time.perf_counter() - t_start
   summary['timing'] = timing
+  if interrupted:
+    summary['interrupted'] = signal.Signals(interrupted).name
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=float)
+  if interrupted:
+    raise preemption.Interrupted(interrupted, step, ckpt.directory)
   return summary
 
 
