@@ -702,10 +702,11 @@ for c in sweep:
 
 * **Weights.** `model.path` must be a local Hugging Face directory on every
   host (download `google/gemma-2b`, `google/gemma-7b` or `google/mt5-xxl`
-  once, e.g. with `huggingface-cli download`, and pass `--model.path`). The
-  Gemma repositories are gated: accept the licence on the Hub and
-  `huggingface-cli login` first; `--include "*.safetensors" "*.json"
-  tokenizer.model` skips the other formats they hold.
+  once, e.g. with `hf download REPO --local-dir DIR` from
+  `huggingface_hub>=1.0`, and pass `--model.path`). The Gemma repositories
+  are gated: accept the licence on the Hub and `hf auth login` (or set
+  `HF_TOKEN`) first; `--include "*.safetensors" --include "*.json"
+  --include tokenizer.model` skips the other formats they hold.
 * **Data.** The paper tasks read local files, `<data_dir>/<task>/train.json`
   and `test.json` (`--data.data_dir`; the README's "Data"), or the Hugging
   Face Hub with `--data.hub true`, which needs the `datasets` package
@@ -745,9 +746,11 @@ if '<org>' in REPO_URL:  # every host clones it: no command works without it
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
 setup = ('git clone ' + REPO_URL + ' && cd lora-rite-optax && '
-         'pip install -U "jax[tpu]" -e ".[train,hub]" "huggingface_hub[cli]" && '
-         'huggingface-cli download google/gemma-7b --local-dir ' + MODEL_DIR +
-         ' --include "*.safetensors" "*.json" tokenizer.model')
+         'pip install -U "jax[tpu]" -e ".[train,hub]" '
+         '"huggingface_hub>=1.0" && '
+         'hf download google/gemma-7b --local-dir ' + MODEL_DIR +
+         ' --include "*.safetensors" --include "*.json"'
+         ' --include tokenizer.model')
 train_cmd = (f'cd lora-rite-optax && python -m train --config {CONFIG} '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice

@@ -129,6 +129,12 @@ def test_paper_configs_runs(kernel, monkeypatch):
   text = ''.join(out.get('text', '') for cell in nb.cells
                  if cell.cell_type == 'code' for out in cell.outputs)
   assert '--worker=all' in text and 'python -m train --config' in text
+  # huggingface_hub 1.0 dropped huggingface-cli for hf, whose --include
+  # takes one pattern per flag (more after one would be file names).
+  assert 'huggingface-cli' not in text and '"huggingface_hub>=1.0"' in text
+  assert ('hf download google/gemma-7b --local-dir ' in text and
+          ' --include "*.safetensors" --include "*.json" --include '
+          'tokenizer.model' in text)
 
 
 @pytest.mark.slow
