@@ -1,15 +1,58 @@
 """Greedy continuation of a prompt from the command line.
 
   python -m models.generate --checkpoint PATH --prompt TEXT --max-new-tokens N
+      [--adapter DIR]
 
 PATH is a Hugging Face Gemma directory (config.json, safetensors,
-tokenizer.model) or a .gguf file (its vocabulary is the tokenizer).
+tokenizer.model) or a .gguf file (its vocabulary is the tokenizer). DIR is a
+PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors,
+as ``python -m train`` exports to ``<run_dir>/adapter``), applied to the
+model before generating.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import re
 import sys
+
+# Where a PEFT adapter for Gemma keeps the decoder layers: Gemma*ForCausalLM
+# ('model') or a multimodal Gemma 3 checkpoint's text model.
+_GEMMA_PREFIXES = ('model', 'model.language_model', 'language_model.model')
+_ADAPTER_LAYER_KEY = re.compile(
+    r'base_model\.model\.(?P<prefix>.+?)\.layers\.\d+\.(?:self_attn|mlp)\.')
+
+
+def load_adapter(model, directory: str):
+  """Attaches the PEFT adapter in ``directory`` to the Gemma ``model``.
+
+  The module prefix of its keys (``model.layers...`` or a multimodal
+  checkpoint's ``model.language_model.layers...``, as the trainer exports
+  them) is read off the adapter, so one adapter applies to the HF folder and
+  to the .gguf of the same model.
+
+  Raises:
+    FileNotFoundError: no such folder, or it lacks the adapter's files.
+    ValueError: an adapter for another model (names, shapes) or a malformed
+      one (each with one line).
+  """
+  from models import hf_io, lora  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    what = 'not a folder' if os.path.exists(directory) else 'no such folder'
+    raise FileNotFoundError(
+        f'{directory}: {what} (expected a PEFT adapter folder: '
+        f'{lora.ADAPTER_CONFIG} + {lora.ADAPTER_WEIGHTS}, as python -m train '
+        'writes to <run_dir>/adapter).')
+  keys = hf_io.open_tensors(directory, lora.ADAPTER_WEIGHTS, index=None)
+  prefixes = {m['prefix'] for m in map(_ADAPTER_LAYER_KEY.match, keys) if m}
+  name_map = None
+  if len(prefixes) == 1 and prefixes <= set(_GEMMA_PREFIXES):
+    name_map = functools.partial(lora.gemma_hf_name, prefix=prefixes.pop())
+  # Anything else (another model's names, shapes, rank) load_peft_adapter
+  # refuses before it changes the model.
+  return lora.load_peft_adapter(model, directory, name_map=name_map)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--max-new-tokens', type=int, default=32)
   parser.add_argument('--tokenizer', default=None,
                       help='tokenizer.model or .gguf (default: from checkpoint)')
+  parser.add_argument('--adapter', default=None, metavar='DIR',
+                      help='PEFT LoRA adapter folder to apply, e.g. '
+                           '<run_dir>/adapter from python -m train')
   parser.add_argument('--temperature', type=float, default=0.0,
                       help='0 (default) decodes greedily')
   parser.add_argument('--top-k', type=int, default=None)
@@ -38,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = gemma.load_tokenizer(args.tokenizer or args.checkpoint)
     model = gemma.from_pretrained(args.checkpoint,
                                   dtype=getattr(jnp, args.dtype))
+    if args.adapter is not None:
+      load_adapter(model, args.adapter)
     # Inside the try: the Sampler refuses bad settings (--max-new-tokens 0,
     # --top-k beyond the vocabulary) and a tokenizer whose ids the model
     # lacks, each with one line.

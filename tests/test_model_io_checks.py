@@ -389,6 +389,75 @@ def test_generate_cli_bad_settings_give_one_error_line(cli_checkpoints, capsys,
   assert match in err
 
 
+def _export_adapter(model, directory, seed=0, **kw):
+  """Exports a rank-2 adapter on every projection, with a nonzero lora_b."""
+  lora.apply_lora(model, rank=2, alpha=4.0, rngs=seed)
+  rng = np.random.default_rng(seed)
+  for proj in lora.select(model).values():
+    b = proj.lora.lora_b
+    b.set_value(jnp.asarray(rng.normal(size=b.shape), jnp.float32))
+  lora.save_peft_adapter(model, directory, 'base', **kw)
+  return model
+
+
+@pytest.mark.parametrize('prefix', ['model', 'model.language_model'])
+def test_generate_cli_applies_an_adapter(cli_checkpoints, tmp_path, capsys,
+                                         prefix):
+  # As python -m train exports it: model.layers... for Gemma*ForCausalLM,
+  # model.language_model.layers... for a multimodal Gemma 3 checkpoint.
+  import functools  # pylint: disable=g-import-not-at-top
+  from models import generate  # pylint: disable=g-import-not-at-top
+  ckpt = cli_checkpoints / 'ckpt'
+  tuned = _export_adapter(
+      gemma.from_pretrained(ckpt), tmp_path / 'adapter',
+      name_map=functools.partial(lora.gemma_hf_name, prefix=prefix))
+  argv = ['--checkpoint', str(ckpt), '--prompt', 'hello world',
+          '--max-new-tokens', '8']
+  assert generate.main(argv) == 0
+  plain = capsys.readouterr().out
+  assert generate.main(argv + ['--adapter', str(tmp_path / 'adapter')]) == 0
+  adapted = capsys.readouterr().out
+  tok = gemma.load_tokenizer(ckpt)
+  expected = gemma.Sampler(tuned, tok)(['hello world'], 8).text[0]
+  assert adapted == expected + '\n'
+  assert plain == gemma.Sampler(gemma.from_pretrained(ckpt), tok)(
+      ['hello world'], 8).text[0] + '\n'
+  assert adapted != plain
+
+
+@pytest.fixture(scope='module')
+def wrong_adapters(tmp_path_factory):
+  """Adapters the tiny CLI checkpoint cannot take, and an empty folder."""
+  root = tmp_path_factory.mktemp('adapters')
+  (root / 'empty').mkdir()
+  _export_adapter(t5.T5(T5_CONFIG, rngs=nnx.Rngs(0)), root / 't5')
+  wide = gemma.get_config('gemma-tiny').replace(vocab_size=288, width=96)
+  _export_adapter(_model(wide), root / 'wide')
+  deep = gemma.get_config('gemma-tiny').replace(vocab_size=288, num_layers=3)
+  _export_adapter(_model(deep), root / 'deep')
+  return root
+
+
+@pytest.mark.parametrize('adapter, match', [
+    ('missing', 'missing: no such folder (expected a PEFT adapter'),
+    ('empty', 'no adapter_model.safetensors'),
+    ('t5', 'is not a projection of this model'),
+    ('wide', 'has shape (2, 96), expected (r, 64)'),
+    ('deep', "module 'model.layers.2."),
+])
+def test_generate_cli_bad_adapter_gives_one_error_line(
+    cli_checkpoints, wrong_adapters, capsys, adapter, match):
+  from models import generate  # pylint: disable=g-import-not-at-top
+  argv = ['--checkpoint', str(cli_checkpoints / 'ckpt'), '--prompt', 'hello',
+          '--adapter', str(wrong_adapters / adapter)]
+  assert generate.main(argv) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  err = captured.err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  assert match in err
+
+
 # --------------------------------------------------------------------------
 # T5 decoding bounds.
 
