@@ -565,6 +565,9 @@ def test_tokenizer_from_gguf_vocabulary_and_model_file(tmp_path):
   # 'é' is not in the vocabulary: byte fallback, and decoding restores it.
   assert tok.decode(ids) == 'hello world\nhé'
   assert tok.decode(ids + [1, 0]) == 'hello world\nhé'
+  # Ids past the vocabulary (a model's padded embedding rows, which it can
+  # generate) decode to nothing; sentencepiece had raised mid-generation.
+  assert tok.decode(ids + [n, n + 7]) == 'hello world\nhé'
   # The same vocabulary as a tokenizer.model file encodes identically.
   (tmp_path / 'tokenizer.model').write_bytes(tok.sp.serialized_model_proto())
   from_file = gemma.load_tokenizer(tmp_path)

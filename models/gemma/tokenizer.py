@@ -55,9 +55,13 @@ class Tokenizer:
     return ids
 
   def decode(self, ids) -> str:
-    """Text of ``ids``; control tokens (bos, eos, pad) are dropped."""
+    """Text of ``ids``; control tokens (bos, eos, pad) are dropped, and so
+    are ids past the vocabulary: a model's embedding may have more rows
+    than its tokenizer has pieces (padding), and sentencepiece raises on
+    them, mid-generation."""
+    size = self.sp.get_piece_size()
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    return self.sp.decode(ids)
+    return self.sp.decode([i for i in ids if 0 <= i < size])
 
   def id_to_piece(self, i: int) -> str:
     return self.sp.id_to_piece(int(i))
