@@ -328,6 +328,26 @@ def test_mesh_rules_override_the_defaults_by_name(tmp_path):
                                  "axis 'embd'; this model's are embed, ")
 
 
+def test_a_run_dir_in_use_is_refused(tmp_path):
+  """Two runs in one folder had both trained and reported success, each
+  replacing the other's metrics and checkpoints."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  with open(run_dir / loop.LOCK_FILE, 'w') as held:
+    held.write('pid 4242 on host-a\n')
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running run holds it
+    with pytest.raises(loop.ConfigError) as e:
+      loop.run(tiny(run_dir), log=quiet)
+  assert str(e.value) == (f'run_dir {run_dir} is in use by another run (pid '
+                          '4242 on host-a); wait for it or choose another '
+                          '--run_dir.')
+  assert sorted(os.listdir(run_dir)) == [loop.LOCK_FILE]
+  # Released (the holder ended): the run goes ahead.
+  assert loop.run(tiny(run_dir), log=quiet, stop_at=1)['steps'] == 1
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
   lines = []
   loop.run(tiny(tmp_path / 'run', resume=True), log=lines.append, stop_at=1)

@@ -37,6 +37,7 @@ import math
 import os
 import re
 import signal
+import socket
 import tempfile
 import time
 import warnings
@@ -1684,6 +1685,44 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   return run_dir
 
 
+LOCK_FILE = '.lock'
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: str):
+  """Holds run_dir for this run (process 0; the others follow its steps).
+
+  Two runs in one folder had both trained and reported success, each
+  replacing the other's metrics and checkpoints. An flock goes with its
+  process, so a killed run leaves no stale lock; where the file system
+  has no locks (some network mounts), the run goes on unguarded.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(run_dir, LOCK_FILE), 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise ConfigError(f'run_dir {run_dir} is in use by another run '
+                        f'({holder}); wait for it or choose another '
+                        '--run_dir.') from None
+    except OSError:  # no locks on this file system
+      yield
+      return
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _check_export_dir(run_dir: str) -> str:
   """run_dir/adapter, refused if it is a link or resolves outside run_dir.
 
@@ -1799,6 +1838,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
+  cleanup.enter_context(_run_dir_lock(run_dir))
   config_json = configs_lib.to_json(cfg)
   tokenizer_id = tokenizer_fingerprint(r.tokenizer)
   ckpt_json = json.dumps({**json.loads(config_json),
