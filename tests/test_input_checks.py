@@ -139,7 +139,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
 @pytest.mark.parametrize('make, kwargs, message', [
     (lro.shampoo, {'b2': 1.0}, r'shampoo: b2 must be in \[0, 1\), got 1.0'),
     (lro.shampoo, {'b1': np.float32(-0.1)}, r'shampoo: b1 must be in'),
-    (lro.shampoo, {'matrix_eps': -1.0}, r'shampoo: matrix_eps must be >= 0'),
+    (lro.shampoo, {'matrix_eps': -1.0}, r'shampoo: matrix_eps must be > 0'),
     (lro.scaled_adam, {'b2': 1.0}, r'scaled_adam: b2 must be in'),
     (lro.scaled_adam, {'eps': -1e-8}, r'scaled_adam: eps must be >= 0'),
     (lro.scaled_adam, {'delta': -1.0}, r'scaled_adam: delta must be >= 0'),
