@@ -292,7 +292,7 @@ def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
   with pytest.raises(loop.ConfigError) as e:
     loop.run(tiny(run_dir), log=quiet)
   assert str(e.value) == (f'run_dir {run_dir} cannot be written '
-                          f'({tmp_path / "file"}: Not a directory).')
+                          f'({tmp_path / "file"} is not a writable folder).')
 
 
 def test_a_missing_model_path_is_named_before_the_tokenizer(tmp_path):
@@ -335,14 +335,12 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
   with open(run_dir / loop.LOCK_FILE, 'w') as held:
-    held.write('pid 4242 on host-a\n')
-    held.flush()
     fcntl.flock(held, fcntl.LOCK_EX)  # as a running run holds it
     with pytest.raises(loop.ConfigError) as e:
       loop.run(tiny(run_dir), log=quiet)
-  assert str(e.value) == (f'run_dir {run_dir} is in use by another run (pid '
-                          '4242 on host-a); wait for it or choose another '
-                          '--run_dir.')
+  assert str(e.value) == (f'run_dir {run_dir} is in use by another run (it '
+                          f'holds {run_dir / loop.LOCK_FILE}); wait for it '
+                          'or choose another --run_dir.')
   assert sorted(os.listdir(run_dir)) == [loop.LOCK_FILE]
   # Released (the holder ended): the run goes ahead.
   assert loop.run(tiny(run_dir), log=quiet, stop_at=1)['steps'] == 1

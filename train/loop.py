@@ -37,8 +37,6 @@ import math
 import os
 import re
 import signal
-import socket
-import tempfile
 import time
 import warnings
 from typing import Any, Callable
@@ -1671,15 +1669,15 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
                       '--resume to continue it or choose another --run_dir.')
   # Found before the build (a 7B model loads for minutes), not at the first
   # write: the nearest folder that exists must take a new entry.
-  # (Tried, not os.access: root passes that for read-only mounts and /proc.)
+  # Asked, not tried (a test folder would change its parent's mtime); the
+  # mount's read-only flag too, which root's os.access does not see.
   existing = os.path.abspath(run_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  try:
-    os.rmdir(tempfile.mkdtemp(prefix='.write-check-', dir=existing))
-  except OSError as e:
-    raise ConfigError(f'run_dir {run_dir} cannot be written ({existing}: '
-                      f'{e.strerror or e}).') from None
+  if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+          and not os.statvfs(existing).f_flag & os.ST_RDONLY):
+    raise ConfigError(f'run_dir {run_dir} cannot be written ({existing} is '
+                      'not a writable folder).')
   if cfg.export_adapter:
     _check_export_dir(run_dir)
   return run_dir
@@ -1694,29 +1692,25 @@ def _run_dir_lock(run_dir: str):
 
   Two runs in one folder had both trained and reported success, each
   replacing the other's metrics and checkpoints. An flock goes with its
-  process, so a killed run leaves no stale lock; where the file system
-  has no locks (some network mounts), the run goes on unguarded.
+  process, so a killed run leaves no stale lock, and taking one writes
+  nothing (a refused resume leaves run_dir as it was); where the file
+  system has no locks (some network mounts), the run goes on unguarded.
   """
   if jax.process_index() != 0:
     yield
     return
   import fcntl  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(run_dir, LOCK_FILE), 'a+') as f:
+  path = os.path.join(run_dir, LOCK_FILE)
+  with open(path, 'a') as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or 'another process'
-      raise ConfigError(f'run_dir {run_dir} is in use by another run '
-                        f'({holder}); wait for it or choose another '
+      raise ConfigError(f'run_dir {run_dir} is in use by another run (it '
+                        f'holds {path}); wait for it or choose another '
                         '--run_dir.') from None
     except OSError:  # no locks on this file system
       yield
       return
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    f.flush()
     try:
       yield
     finally:
