@@ -70,6 +70,23 @@ def one_at_a_time(fn: Callable[[Any], Any], inputs: Sequence[Any]) -> list:
   return outputs
 
 
+def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``jnp.linalg.eigh`` of a batch, one matrix at a time where needed.
+
+  With several CPU devices in one process (the
+  ``--xla_force_host_platform_device_count`` meshes that tests and
+  development use), each device's program runs its batched ``eigh`` at
+  once and they deadlock the shared intra-op pool (see `one_at_a_time`,
+  which orders calls within one program only): a ``lax.map`` of single
+  matrices never splits work over the pool. Elsewhere the batched call.
+  """
+  if x.ndim > 2 and jax.default_backend() == 'cpu' and jax.device_count() > 1:
+    lam, q = jax.lax.map(jnp.linalg.eigh, x.reshape((-1,) + x.shape[-2:]))
+    return lam.reshape(x.shape[:-1]), q.reshape(x.shape)
+  lam, q = jnp.linalg.eigh(x)
+  return lam, q
+
+
 def after(x: Any, previous: Any) -> Any:
   """``x`` unchanged, but computed only once ``previous`` is.
 
@@ -124,7 +141,7 @@ def eig_inverse_root(g: jax.Array) -> jax.Array:
   ``sqrt(r * eps)`` of the largest) count as zero and get a zero column, the
   pseudo-inverse convention: an all-zero factor maps to all zeros.
   """
-  lam, w = jnp.linalg.eigh(g)
+  lam, w = eigh(g)
   r = g.shape[-1]
   tol = r * jnp.finfo(g.dtype).eps
   keep = (lam > tol * lam[..., -1:]) & (lam > jnp.finfo(g.dtype).tiny)

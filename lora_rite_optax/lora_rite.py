@@ -475,7 +475,7 @@ def scale_by_lora_rite(
             jnp.maximum(0.0, _trace(nu_prev) - _trace(nu_moved)))
         rho = jnp.where(escape_mass, d2 * (lost + rho_prev), 0.0)
       nu = _sym((1 - d2) * gtg / n_rows[..., None, None] + d2 * nu_moved)
-      lam, q = jnp.linalg.eigh(linalg.after(nu, last_q) if last_q is not None
+      lam, q = linalg.eigh(linalg.after(nu, last_q) if last_q is not None
                                else nu)
       last_q = q
       denom = (jnp.sqrt(jnp.maximum(lam, 0.0) + rho[..., None]) +

@@ -138,7 +138,7 @@ def _from_blocks(b, plan: _Plan):
 def _inverse_root(stat, matrix_eps: float, p: int = 4):
   """(S + matrix_eps * lambda_max(S) I)^(-1/p), batched; identity if S = 0."""
   stat = 0.5 * (stat + jnp.swapaxes(stat, -1, -2))
-  w, q = jnp.linalg.eigh(stat)
+  w, q = linalg.eigh(stat)
   w_max = jnp.max(w, axis=-1, keepdims=True)
   w = jnp.maximum(w, 0.0) + matrix_eps * w_max
   safe = w_max > 0
