@@ -346,6 +346,21 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
   assert loop.run(tiny(run_dir), log=quiet, stop_at=1)['steps'] == 1
 
 
+def test_every_process_refuses_a_run_dir_in_use(monkeypatch, tmp_path):
+  """Process 0 alone takes the lock; the others learn its outcome and
+  refuse too (they had gone on into the checkpointer's collective start
+  and hung the slice while process 0 waited to exit)."""
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  told = []
+  monkeypatch.setattr(loop.jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(distributed, 'process_0_flag',
+                      lambda flag: told.append(flag) or True)
+  with pytest.raises(loop.ConfigError, match='is in use by another run'):
+    with loop._run_dir_lock(str(tmp_path)):  # pylint: disable=protected-access
+      pass
+  assert told == [False] and not os.listdir(tmp_path)
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
   lines = []
   loop.run(tiny(tmp_path / 'run', resume=True), log=lines.append, stop_at=1)

@@ -1688,7 +1688,9 @@ LOCK_FILE = '.lock'
 
 @contextlib.contextmanager
 def _run_dir_lock(run_dir: str):
-  """Holds run_dir for this run (process 0; the others follow its steps).
+  """Holds run_dir for this run (process 0 takes it; every process learns
+  the outcome, so that all refuse together: the others had gone on into
+  the checkpointer's collective start and hung the slice).
 
   Two runs in one folder had both trained and reported success, each
   replacing the other's metrics and checkpoints. An flock goes with its
@@ -1696,25 +1698,24 @@ def _run_dir_lock(run_dir: str):
   nothing (a refused resume leaves run_dir as it was); where the file
   system has no locks (some network mounts), the run goes on unguarded.
   """
-  if jax.process_index() != 0:
-    yield
-    return
-  import fcntl  # pylint: disable=g-import-not-at-top
   path = os.path.join(run_dir, LOCK_FILE)
-  with open(path, 'a') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+  with contextlib.ExitStack() as held:
+    busy = False
+    if jax.process_index() == 0:
+      import fcntl  # pylint: disable=g-import-not-at-top
+      f = held.enter_context(open(path, 'a'))
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.callback(fcntl.flock, f, fcntl.LOCK_UN)
+      except BlockingIOError:
+        busy = True
+      except OSError:  # no locks on this file system
+        pass
+    if distributed.process_0_flag(busy):
       raise ConfigError(f'run_dir {run_dir} is in use by another run (it '
                         f'holds {path}); wait for it or choose another '
-                        '--run_dir.') from None
-    except OSError:  # no locks on this file system
-      yield
-      return
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+                        '--run_dir.')
+    yield
 
 
 def _check_export_dir(run_dir: str) -> str:
@@ -2051,7 +2052,11 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
         do_eval(step, 'periodic')
       # SIGTERM (a preemption) or Ctrl-C: this step is checkpointed below.
-      interrupted = distributed.on_any_process(stop.signum)
+      # Several processes agree at log steps only, which wait for the step
+      # anyway: a collective at every step would make each host wait for
+      # its device and stop overlapping the input pipeline with compute.
+      if jax.process_count() == 1 or step % cfg.log_every == 0:
+        interrupted = distributed.on_any_process(stop.signum)
       if interrupted:
         break
     if ckpt.latest_step() != step:
