@@ -209,7 +209,10 @@ def scale_by_lora_rite(
   ``S = grad K_1 + S_{t-1} K_2`` with :math:`S = M R_O^{+\top}` the step
   (kept in the state in place of :math:`M`): five such products per factor
   in all. A factor sharded along its long axis needs only ``r x r``
-  reductions, and the small algebra of all pairs runs batched. The QR is
+  reductions (an n-D factor along its leading non-rank axis: sharding a
+  later one, such as ``head_dim`` of ``(r, heads, head_dim)``, or the rank
+  axis, gathers the factor for the flattening), and the small algebra of
+  all pairs runs batched. The QR is
   ``R^+ = L^-T`` from the Gram's Cholesky factor, or ``W diag(lambda^-1/2)``
   from its eigendecomposition where a factor is near rank-deficient (see
   :func:`lora_rite_optax.linalg.inverse_root`); either squares the condition
