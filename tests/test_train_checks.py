@@ -157,6 +157,17 @@ def _boolq_folder(root, train_questions, test_questions):
   return root
 
 
+def _load_with_eval_off_and_on(off, warning):
+  """(train, evals) of ``off`` (evaluation off), which warns ``warning``,
+  then of the same config with evaluation after training on."""
+  with pytest.warns(UserWarning, match=warning):
+    train_off, evals_off = loop.load_examples(off)
+  with pytest.warns(UserWarning, match='left out of training'):
+    train_on, evals_on = loop.load_examples(
+        configs.replace(off, **{'eval.after': True}))
+  return train_off, evals_off, train_on, evals_on
+
+
 def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   """Evaluation off still leaves the test prompts out of training (it had
   trained on them), so the training examples do not depend on it and a
@@ -166,12 +177,9 @@ def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   common = {'data.task': 'boolq', 'data.path': str(folder),
             'data.validation_fraction': 0.0, 'eval.num_examples': 0}
   off = tiny(tmp_path / 'run', **common)
-  with pytest.warns(UserWarning, match=r'5 of 40 training examples are boolq '
-                    'test prompts; left out of training'):
-    train_off, evals_off = loop.load_examples(off)
-  with pytest.warns(UserWarning, match='left out of training'):
-    train_on, evals_on = loop.load_examples(
-        configs.replace(off, **{'eval.after': True}))
+  train_off, evals_off, train_on, evals_on = _load_with_eval_off_and_on(
+      off, r'5 of 40 training examples are boolq test prompts; left out of '
+      'training')
   assert evals_off == [] and len(evals_on) == 5
   assert train_off == train_on and len(train_off) == 35
   assert (loop.training_data_fingerprint(train_off) ==
@@ -200,12 +208,9 @@ def test_validation_twins_are_held_out_with_evaluation_off(tmp_path):
   common = {'data.task': 'boolq', 'data.path': str(folder),
             'eval.split': 'validation', 'eval.num_examples': 0}
   off = tiny(tmp_path / 'run', **common)
-  with pytest.warns(UserWarning, match=r'of 72 training examples are boolq '
-                    'validation prompts; left out of training'):
-    train_off, evals_off = loop.load_examples(off)
-  with pytest.warns(UserWarning, match='left out of training'):
-    train_on, evals_on = loop.load_examples(
-        configs.replace(off, **{'eval.after': True}))
+  train_off, evals_off, train_on, evals_on = _load_with_eval_off_and_on(
+      off, r'of 72 training examples are boolq validation prompts; left out '
+      'of training')
   assert evals_off == [] and len(evals_on) == 8
   assert train_off == train_on
   held = {e.prompt for e in evals_on}
