@@ -1668,9 +1668,9 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
   # Found before the build (a 7B model loads for minutes), not at the first
-  # write: the nearest folder that exists must take a new entry.
-  # Asked, not tried (a test folder would change its parent's mtime); the
-  # mount's read-only flag too, which root's os.access does not see.
+  # write: the nearest folder that exists must take a new entry. Asked, not
+  # tried (a test folder would change its mtime), with the mount's
+  # read-only flag, which root's os.access does not see.
   existing = os.path.abspath(run_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
