@@ -3,6 +3,7 @@
 Tests that need seqio are skipped only when seqio cannot be imported.
 """
 
+import functools
 import math
 import os
 import sys
@@ -47,6 +48,27 @@ def test_postprocess_and_metrics_without_seqio():
   assert math.isnan(seqio_tasks.choice_accuracy([""], [""])["accuracy"])
 
 
+def test_choice_predictions_are_read_with_the_examples_labels():
+  """With the example's 'labels' feature a prediction is read as
+  train.evaluate reads it: one-letter labels (an 'Answer format: A/B/C/D'
+  record's) had always given '' (no accuracy at all), and a label in upper
+  case came back lower case, never equal to its gold."""
+  post = functools.partial(seqio_tasks.postprocess, kind=formats.CHOICE)
+  letters = {"labels": b"A\x1fB\x1fC\x1fD", "gold": b"B"}
+  assert post("The answer is B.", letters) == "B"
+  assert post("a tricky one: the answer is (C)", letters) == "C"
+  assert post("no option named", letters) == ""
+  assert post("x", letters, True) == "B"
+  cased = {"labels": b"Answer1\x1fAnswer2", "gold": b"Answer2"}
+  assert post("the correct answer is answer2", cased) == "Answer2"
+  # Scored against the gold as seqio compares them.
+  targets = [post("", letters, True), post("", cased, True)]
+  predictions = [post("The answer is B", letters),
+                 post("answer2", cased)]
+  assert seqio_tasks.choice_accuracy(targets, predictions) == {
+      "accuracy": 100.0}
+
+
 def _seqio():
   # `make test-seqio` (run by CI) sets LRO_REQUIRE_SEQIO=1: there a missing
   # seqio is a failure, not a skip.
@@ -83,3 +105,7 @@ def test_registered_tasks_give_tokenised_datasets():
     first = data.load_task("boolq", "validation", data_dir=DATA_DIR)[0]
     assert ex["inputs_pretokenized"].decode() == first.prompt
     assert ex["gold"].decode() == first.labels[first.gold_index]
+    assert ex["labels"].decode().split("\x1f") == list(first.labels)
+    wrong = first.labels[1 - first.gold_index]
+    assert boolq.postprocess_fn(f"The answer is {wrong}", example=ex,
+                                is_target=False) == wrong

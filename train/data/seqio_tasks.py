@@ -7,7 +7,9 @@ importing this module without seqio installed works, and calling
 Each task `NAME` is registered as `lro_NAME` with splits train / validation /
 test (as `train.data.load_task` defines them), string features 'inputs'
 (the prompt) and 'targets' (the target), plus 'gold' (the gold label, number
-or references) that the postprocessor hands to the metrics. Usage::
+or references) that the postprocessor hands to the metrics and, for multiple
+choice, 'labels' (the option labels, from which the postprocessor reads a
+prediction as `train.evaluate` does). Usage::
 
   from train.data import seqio_tasks
   vocab = seqio.SentencePieceVocabulary("tokenizer.model")
@@ -71,7 +73,12 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *,
       "inputs": [e.prompt for e in examples],
       "targets": [e.target for e in examples],
       "gold": [_gold(e, kind) for e in examples],
+      "labels": [_REF_SEP.join(e.labels) for e in examples],
   })
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def postprocess(text: str, example: dict[str, Any] | None = None,
@@ -79,10 +86,19 @@ def postprocess(text: str, example: dict[str, Any] | None = None,
   """seqio postprocess_fn: targets -> their gold; predictions -> a label,
   a number or the text, matching what the task's metric compares."""
   if is_target and example is not None and "gold" in example:
-    gold = example["gold"]
-    gold = gold.decode("utf-8") if isinstance(gold, bytes) else str(gold)
+    gold = _text(example["gold"])
     return tuple(gold.split(_REF_SEP)) if kind == formats.GENERATION else gold
   if kind == formats.CHOICE:
+    labels = _text(example.get("labels", b"")) if example else ""
+    if labels:
+      # The example's own labels, read as train.evaluate reads them: a
+      # one-letter label ('A'..'D', from an 'Answer format: A/B/C/D' record)
+      # is a label only in its own case and after 'answer is' first, and
+      # the label comes back in the case of the gold it is compared with.
+      from train import evaluate  # pylint: disable=g-import-not-at-top
+      options = labels.split(_REF_SEP)
+      index = evaluate.parse_choice(text, options)
+      return "" if index is None else options[index]
     match = _LABEL_RE.search(text.lower())
     return match.group(1) if match else ""
   if kind == formats.NUMBER:
