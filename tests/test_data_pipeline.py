@@ -242,6 +242,17 @@ def test_shards_are_disjoint_and_cover():
                                  shard_count=2)
     rows.append({bytes(r) for b in ds for r in b["tokens"]})
   assert not rows[0] & rows[1] and len(rows[0] | rows[1]) == 12
+  # Shards are equal, so that with finite epochs no process has a batch the
+  # others lack (5 and 4 examples gave 3 and 2 batches of 2 with the last
+  # kept, one step for one process alone): the ninth example is left out.
+  counts = [len(list(data.make_train_dataset(
+      _examples(9), TOK, seq_len=96, batch_size=2, seed=0, num_epochs=1,
+      shard_index=index, shard_count=2, drop_remainder=False)))
+            for index in range(2)]
+  assert counts == [2, 2]
+  with pytest.raises(ValueError, match="1 examples for 2 shards"):
+    data.make_train_dataset(_examples(1), TOK, seq_len=8, batch_size=1,
+                            seed=0, shard_count=2)
   with pytest.raises(ValueError, match="shard_index 2 not in"):
     data.make_train_dataset(examples, TOK, seq_len=8, batch_size=1, seed=0,
                             shard_index=2, shard_count=2)
