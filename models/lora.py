@@ -209,6 +209,12 @@ def apply_lora(model: nnx.Module,
   rank = operator.index(rank)
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'apply_lora: dropout must be in [0, 1), got {dropout}.')
+  alpha_value = checks.concrete(alpha)
+  if alpha_value is None or not math.isfinite(alpha_value) or alpha_value <= 0:
+    # alpha 0 makes the adapter's output and both gradients 0: it never
+    # trains.
+    raise ValueError(f'apply_lora: alpha must be a finite number > 0, got '
+                     f'{alpha!r}.')
   chosen = select(model, targets)
   for path, proj in chosen.items():
     if proj.lora is not None:
@@ -241,10 +247,24 @@ def apply_lora(model: nnx.Module,
     if init == 'lora_ga' and (init_grads is None or path not in init_grads):
       raise ValueError(f'apply_lora: init="lora_ga" needs init_grads[{path!r}]'
                        ' (from estimate_full_gradients).')
-    if init == 'lora_ga' and np.size(init_grads[path]) != math.prod(_dims(proj)):
-      raise ValueError(f'apply_lora: init_grads[{path!r}] has shape '
-                       f'{np.shape(init_grads[path])}, but the kernel is '
-                       f'{tuple(proj.kernel.shape)}.')
+    if init == 'lora_ga':
+      # The kernel's own shape or its (in, out) matrix; a same-sized array
+      # in another layout (a PyTorch (out, in) gradient) would have been
+      # reshaped into a meaningless init.
+      shape = tuple(np.shape(init_grads[path]))
+      if shape not in (tuple(proj.kernel.shape), _dims(proj)):
+        raise ValueError(f'apply_lora: init_grads[{path!r}] has shape {shape}'
+                         f', expected the kernel\'s {tuple(proj.kernel.shape)}'
+                         f' or (in, out) = {_dims(proj)}.')
+      if not bool(jnp.isfinite(jnp.asarray(init_grads[path])).all()):
+        raise ValueError(f'apply_lora: init_grads[{path!r}] has non-finite '
+                         'values (NaN or inf); LoRA-GA would make the kernel '
+                         'NaN.')
+    if init in ('pissa', 'lora_ga') and not bool(
+        jnp.isfinite(proj.kernel.get_value()).all()):
+      raise ValueError(f'apply_lora: the kernel of {path!r} has non-finite '
+                       f'values (NaN or inf); {init} would spread them to '
+                       'the whole kernel.')
   lro_init = _init_module()
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   scale = alpha / (math.sqrt(rank) if rslora else rank)
@@ -778,6 +798,54 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
   return out_dir
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
+  """(use_rslora, lora_dropout, rank_pattern, alpha_pattern), each checked
+  before anything is loaded: a bad value found while attaching adapters
+  would leave the model half-changed."""
+  alpha = cfg.get('lora_alpha')
+  if not math.isfinite(alpha) or alpha == 0:
+    raise ValueError(f'{cfg_path}: lora_alpha must be finite and non-zero, '
+                     f'got {alpha!r}.')
+  rslora = cfg.get('use_rslora')
+  if rslora is None:
+    rslora = False
+  if not isinstance(rslora, bool):
+    # bool('false') is True: a string would have scaled by alpha / sqrt(r).
+    raise ValueError(f'{cfg_path}: use_rslora must be true or false, got '
+                     f'{rslora!r}.')
+  dropout = cfg.get('lora_dropout')
+  if dropout is None:
+    dropout = 0.0
+  if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+    raise ValueError(f'{cfg_path}: lora_dropout must be a number in [0, 1), '
+                     f'got {dropout!r}.')
+  patterns = []
+  for name, valid, what in (
+      ('rank_pattern', lambda v: isinstance(v, int) and not isinstance(
+          v, bool) and v >= 1, 'an int >= 1'),
+      ('alpha_pattern', lambda v: _is_number(v) and math.isfinite(v) and
+       v != 0, 'a finite non-zero number')):
+    pattern = cfg.get(name) or {}
+    if not isinstance(pattern, dict):
+      raise ValueError(f'{cfg_path}: {name} must be an object of module '
+                       f'pattern -> value, got {type(pattern).__name__}.')
+    for key, value in pattern.items():
+      try:
+        re.compile(key)
+      except re.error as e:
+        raise ValueError(f'{cfg_path}: {name} key {key!r} is not a regular '
+                         f'expression: {e}.') from None
+      if not valid(value):
+        raise ValueError(f'{cfg_path}: {name}[{key!r}] must be {what}, got '
+                         f'{value!r}.')
+    patterns.append(pattern)
+  return (rslora, float(dropout), *patterns)
+
+
 def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                       name_map: NameMap | None = None,
                       adapter_name: str | None = None,
@@ -815,11 +883,16 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):
     raise ValueError(f'{cfg_path}: needs an int r >= 1 and a numeric '
                      f'lora_alpha, got r={r_cfg!r}, lora_alpha={alpha_cfg!r}.')
-  rslora = bool(cfg.get('use_rslora', False))
-  dropout = float(cfg.get('lora_dropout') or 0.0)
-  rank_pattern = cfg.get('rank_pattern') or {}
-  alpha_pattern = cfg.get('alpha_pattern') or {}
+  rslora, dropout, rank_pattern, alpha_pattern = _check_peft_config(
+      cfg, cfg_path)
   tensors = hf_io.load_tensors(src, ADAPTER_WEIGHTS, index=None)
+  for key, value in tensors.items():
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise ValueError(f'{who}: {key} has dtype {value.dtype}; LoRA factors '
+                       'are floating point.')
+    if not np.isfinite(np.asarray(value, np.float32)).all():
+      raise ValueError(f'{who}: {key} has non-finite values (NaN or inf): '
+                       'the adapter of a run that diverged?')
 
   by_module: dict[str, dict[str, np.ndarray]] = {}
   for key, value in tensors.items():
@@ -871,7 +944,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     blocks = []
     for name, start, stop in parts:
       a_part, b_part = by_module[name]['A'], by_module[name]['B']
-      if a_part.shape != a2.shape or not np.array_equal(a_part, a2):
+      if a_part is not a2 and (a_part.shape != a2.shape or
+                               not np.array_equal(a_part, a2)):
         raise ValueError(f'{who}: fused parts of {path!r} have different '
                          f'lora_A ({name}); they cannot share one adapter.')
       if b_part.shape != (stop - start, r):

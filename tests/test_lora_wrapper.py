@@ -186,6 +186,35 @@ def test_every_init_runs(base_logits):
     lora.apply_lora(_t5(), 'wo', init='lora_ga', init_grads={})
 
 
+def test_bad_init_inputs_are_refused_before_any_change():
+  """A LoRA-GA gradient in another layout (a PyTorch (out, in) one, the
+  same size) had been reshaped into a meaningless init, and a NaN in the
+  gradient or the kernel had made the whole frozen kernel NaN, silently."""
+  path = 'encoder.layers.0.mlp.wo'
+  grad = np.ones((48, 32), np.float32)  # wo is (48 in, 32 out)
+  cases = [
+      (dict(init='lora_ga', init_grads={path: grad.T}),
+       'has shape (32, 48), expected the kernel\'s (48, 32)'),
+      (dict(init='lora_ga', init_grads={path: np.where(
+          np.eye(48, 32) > 0, np.nan, grad)}), 'has non-finite values'),
+      (dict(alpha=0.0), 'alpha must be a finite number > 0, got 0.0'),
+      (dict(alpha=float('inf')), 'alpha must be a finite number > 0'),
+  ]
+  for kwargs, expected in cases:
+    model = _t5()
+    with pytest.raises(ValueError) as e:
+      lora.apply_lora(model, path, rank=2, **kwargs)
+    assert expected in _one_line(e), (kwargs, str(e.value))
+    assert not lora.lora_modules(model)
+  model = _t5()
+  wo = model.encoder.layers[0].mlp.wo
+  wo.kernel.set_value(wo.kernel.get_value().at[0, 0].set(jnp.inf))
+  with pytest.raises(ValueError) as e:
+    lora.apply_lora(model, path, rank=2, init='pissa')
+  assert f'the kernel of {path!r} has non-finite values' in _one_line(e)
+  assert not lora.lora_modules(model)
+
+
 def test_initial_factors_rebuild_the_same_adapters_and_base():
   """apply_lora(initial_factors=) from a PiSSA / LoRA-GA model's (A0, B0):
   the same factors and, bit for bit, the same base kernels, with no
@@ -320,6 +349,27 @@ def test_peft_bad_inputs(tmp_path):
       (write('rank', cfg=dict(cfg, r=8)), 'has rank 4 but adapter_config.json says 8'),
       (write('type', cfg=dict(cfg, peft_type='IA3')), 'expected "LORA"'),
       (write('dora', cfg=dict(cfg, use_dora=True)), 'use_dora=True is not supported'),
+      # Config values are checked before any adapter is attached: a bad
+      # alpha_pattern value had raised a bare TypeError with some
+      # projections already changed, and 'false' had read as true.
+      (write('alpha_pattern', cfg=dict(cfg, alpha_pattern={'wo': None})),
+       "alpha_pattern['wo'] must be a finite non-zero number, got None"),
+      (write('rank_pattern', cfg=dict(cfg, rank_pattern={'q': '4'})),
+       "rank_pattern['q'] must be an int >= 1, got '4'"),
+      (write('regex', cfg=dict(cfg, rank_pattern={'q(': 4})),
+       "rank_pattern key 'q(' is not a regular expression"),
+      (write('pattern_list', cfg=dict(cfg, rank_pattern=['q'])),
+       'rank_pattern must be an object of module pattern -> value, got list'),
+      (write('rslora', cfg=dict(cfg, use_rslora='false')),
+       "use_rslora must be true or false, got 'false'"),
+      (write('dropout', cfg=dict(cfg, lora_dropout=1.5)),
+       'lora_dropout must be a number in [0, 1), got 1.5'),
+      (write('alpha', cfg=dict(cfg, lora_alpha=0)),
+       'lora_alpha must be finite and non-zero, got 0'),
+      (write('int_factor', dict(tensors, **{key: tensors[key].astype(
+          np.int32)})), f'{key} has dtype int32; LoRA factors are floating'),
+      (write('nan', dict(tensors, **{key: np.full_like(tensors[key], np.nan)})),
+       f'{key} has non-finite values'),
   ]
   for directory, expected in cases:
     model = _t5()
