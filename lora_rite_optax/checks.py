@@ -71,10 +71,11 @@ def beta(who: str, name: str, value: Any) -> None:
 
 
 def positive(who: str, name: str, value: Any) -> None:
-  """``value`` > 0 where it is known."""
+  """``value`` > 0 and finite where it is known (an infinite scale, ratio or
+  regulariser makes every step NaN or inf)."""
   v = concrete(value)
-  if v is not None and not v > 0:
-    raise ValueError(f'{who}: {name} must be > 0, got {v}.')
+  if v is not None and not 0 < v < float('inf'):
+    raise ValueError(f'{who}: {name} must be > 0 and finite, got {v}.')
 
 
 def non_negative(who: str, name: str, value: Any) -> None:

@@ -498,7 +498,7 @@ def test_loraplus_keeps_float16_moments_in_float32():
 def test_shampoo_refuses_matrix_eps_0():
   # A factor's N x N statistic has rank r: its zero eigenvalues' inverse
   # roots were inf, and the first step NaN.
-  with pytest.raises(ValueError, match='shampoo: matrix_eps must be > 0, '
+  with pytest.raises(ValueError, match='shampoo: matrix_eps must be > 0 and finite, '
                      'got 0.0.'):
     lro.shampoo(1e-3, matrix_eps=0.0)
 
