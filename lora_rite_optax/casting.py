@@ -64,19 +64,23 @@ def then_cast_to_params_dtype(tx: base.GradientTransformation, who: str, *,
 
 def _widened_leaf(x):
   if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating):
-    return x.astype(step_dtype(x.dtype, jnp.float32))
+    return x.astype(compute_dtype(x.dtype))
   return x
 
 
 def with_stable_dtypes(tx: base.GradientTransformation, who: str
                        ) -> base.GradientTransformation:
-  """``tx`` run in float32 on float16 leaves, in the dtypes it started in.
+  """``tx`` run in float32 on 16-bit float leaves, its state in float32.
 
-  For an optax optimizer in a LoRA+ group. optax's Adam keeps its moments
-  in the params' dtype, and in float16 its eps = 1e-8 rounds to 0: an
-  exactly zero gradient entry (all of ``lora_a``'s while ``lora_b`` is 0)
-  made its step 0/0; here float16 leaves run in float32 (bfloat16 has
-  float32's range and runs as it is). And a float32 hyperparameter
+  For an optax optimizer over LoRA factors (a LoRA+ group, ``'adam'`` and
+  ``'lamb'`` of :func:`lora_rite_optax.optimizer`), so that its state is
+  kept like LoRA-RITE's, ScaledAdam's and Shampoo's. optax's Adam keeps its
+  moments in the params' dtype: in float16 its eps = 1e-8 rounds to 0, and
+  an exactly zero gradient entry (all of ``lora_a``'s while ``lora_b`` is
+  0) made its step 0/0; in bfloat16 ``0.999 * nu == nu`` (8 bits of
+  mantissa), so the second moment never decayed, only grew. Here every
+  float leaf under 32 bits runs in float32 and the updates are cast back to
+  the params' dtypes. And a float32 hyperparameter
   (``inject_hyperparams(..., hyperparam_dtype=jnp.float32)``, the advice
   for bfloat16) turned bfloat16 moments and updates float32, which
   ``optax.apply_if_finite`` refuses: the state keeps the dtypes ``init``

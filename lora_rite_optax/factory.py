@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import optax
 
+from lora_rite_optax import casting
+
 __all__ = ['optimizer', 'OPTIMIZER_NAMES']
 
 OPTIMIZER_NAMES = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
@@ -14,11 +16,16 @@ OPTIMIZER_NAMES = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
 
 
 def _adam(learning_rate, weight_decay=0.0, **kwargs):
-  return optax.adamw(learning_rate, weight_decay=weight_decay, **kwargs)
+  # In float32 on 16-bit params, as the other optimizers keep their state
+  # (optax's own Adam gave NaN at float16's first step, and a bfloat16
+  # second moment that never decays).
+  return casting.with_stable_dtypes(
+      optax.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam')
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
-  return optax.lamb(learning_rate, weight_decay=weight_decay, **kwargs)
+  return casting.with_stable_dtypes(
+      optax.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -46,7 +53,9 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   """Builds one of the compared optimizers by name.
 
   ``'adam'`` and ``'lamb'`` are ``optax.adamw`` and ``optax.lamb`` with
-  ``weight_decay`` defaulting to 0 (optax's adamw defaults to 1e-4);
+  ``weight_decay`` defaulting to 0 (optax's adamw defaults to 1e-4), run
+  in float32 on 16-bit float params (the state float32, the updates in the
+  params' dtype) as the other optimizers are;
   ``'lora_rite'``, ``'loraplus'``, ``'scaled_adam'`` and ``'shampoo'`` are this
   library's. ``kwargs`` are the chosen optimizer's keyword arguments.
 

@@ -141,9 +141,12 @@ def loraplus(
     learning_rate: rate of the ``A`` group; a float or an optax schedule.
     lr_ratio: :math:`\lambda`, the ratio of B's rate to A's (the paper
       recommends 2^3 to 2^5; default 2^4).
-    b1: AdamW's first-moment decay (ignored with ``base``).
-    b2: AdamW's second-moment decay (ignored with ``base``).
-    eps: AdamW's epsilon (ignored with ``base``).
+    b1: AdamW's first-moment decay (must stay at its default with
+      ``base``: pass it to ``base``).
+    b2: AdamW's second-moment decay (must stay at its default with
+      ``base``: pass it to ``base``).
+    eps: AdamW's epsilon (must stay at its default with
+      ``base``: pass it to ``base``).
     weight_decay: AdamW's decoupled weight decay (must stay 0 with ``base``).
     base: optional factory ``base(learning_rate) -> GradientTransformation``
       (for example ``optax.lion`` or ``functools.partial(optax.adamw, b2=0.99,
@@ -198,8 +201,18 @@ def loraplus(
           'loraplus')
   else:
     given = zip((b1, b2, eps, weight_decay), (0.9, 0.999, 1e-8, 0.0))
-    # Under optax.inject_hyperparams these arrive as (traced) arrays: skip.
-    if any(isinstance(v, (int, float)) and v != d for v, d in given):
+
+    def differs(value, default):
+      # Traced under optax.inject_hyperparams: unknown, skipped. A concrete
+      # array (numpy's, or inject_hyperparams' own copy of the default) is
+      # compared with the default rounded to its dtype (bfloat16 makes
+      # 0.999 1.0).
+      v = checks.concrete(value)
+      dtype = getattr(value, 'dtype', None)
+      return v is not None and v != (
+          default if dtype is None else float(jnp.asarray(default, dtype)))
+
+    if any(differs(v, d) for v, d in given):
       raise ValueError('loraplus: with base=..., pass b1/b2/eps/weight_decay '
                        'to base itself, e.g. functools.partial(optax.lion, '
                        'weight_decay=0.1).')

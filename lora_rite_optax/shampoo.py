@@ -459,10 +459,14 @@ def shampoo(
     Anil et al., `Scalable Second Order Optimization for Deep Learning
     <https://arxiv.org/abs/2002.09018>`_, 2020.
   """
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   return optax.chain(
       scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,
                        graft, layout),
-      optax.add_decayed_weights(weight_decay),
+      # add_decayed_weights needs params even at 0, and an update without
+      # params is documented to work; identity has the same (empty) state.
+      optax.identity() if no_decay else optax.add_decayed_weights(
+          weight_decay),
       casting.then_cast_to_params_dtype(
           optax.scale_by_learning_rate(learning_rate), 'shampoo',
           require_params=False),

@@ -483,16 +483,63 @@ def test_a_zero_gradient_with_no_eps_left_is_no_step(make):
   assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype('float16')}
 
 
-def test_loraplus_keeps_float16_moments_in_float32():
+@pytest.mark.parametrize('name', ['loraplus', 'adam', 'lamb'])
+def test_adam_family_keeps_16_bit_moments_in_float32(name):
+  """float16: optax's Adam (eps 1e-8 rounds to 0) made lora_a's first step
+  0/0, NaN, through lro.optimizer('adam'). bfloat16: 0.999 * nu == nu in
+  8 bits of mantissa, so the second moment never decayed, only grew."""
   params, grads = _float16_standard_pair()
-  tx = lro.loraplus(1e-3)
+  tx = lro.optimizer(name, 1e-2)
   state = tx.init(params)
   assert {x.dtype for x in jax.tree.leaves(state) if x.ndim} == {
       jnp.dtype('float32')}
-  # Other dtypes run as they are (bfloat16 has float32's range).
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype('float16')}
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
   bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-  assert {x.dtype for x in jax.tree.leaves(tx.init(bf16)) if x.ndim} == {
+  half = jax.tree.map(lambda p: jnp.full_like(p, 0.5), bf16)
+  zero = jax.tree.map(jnp.zeros_like, bf16)
+  step = jax.jit(tx.update)
+  state = tx.init(bf16)
+  for grad, n in ((half, 50), (zero, 200)):
+    for _ in range(n):
+      updates, state = step(grad, state, bf16)
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {
       jnp.dtype('bfloat16')}
+  nu = [x for x in jax.tree.leaves(optax.tree_utils.tree_get_all_with_path(
+      state, 'nu')) if hasattr(x, 'ndim') and x.ndim]
+  assert nu
+  expected = 0.25 * (1 - 0.999**50) * 0.999**200
+  for leaf in nu:
+    np.testing.assert_allclose(np.asarray(leaf), expected, rtol=1e-4)
+
+
+def test_loraplus_base_refuses_numpy_hyperparameters_it_would_drop():
+  # A numpy or JAX scalar had passed the check (only Python floats were
+  # compared), and the decay was silently dropped.
+  for decay in (np.float32(0.1), jnp.float32(0.1), 0.1):
+    with pytest.raises(ValueError, match='with base=..., pass b1/b2/eps/'
+                       'weight_decay to base itself'):
+      lro.loraplus(1e-3, base=optax.lion, weight_decay=decay)
+  lro.loraplus(1e-3, base=optax.lion, b2=np.float32(0.999))  # the default
+  # inject_hyperparams hands the defaults back as arrays of the params'
+  # dtype (bfloat16 rounds 0.999 to 1.0): still the defaults.
+  tx = optax.inject_hyperparams(lro.loraplus, static_args=('base',))(
+      1e-3, base=optax.lion)
+  params, _ = _float16_standard_pair()
+  tx.init(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+
+
+def test_shampoo_updates_without_params_as_documented():
+  # add_decayed_weights(0.0) required params: tx.update(g, state) raised.
+  params, grads = _float16_standard_pair()
+  tx = lro.shampoo(1e-3)
+  updates, _ = tx.update(grads, tx.init(params))
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype('float16')}
+  with pytest.raises(ValueError, match='requires'):
+    decayed = lro.shampoo(1e-3, weight_decay=0.1)
+    decayed.update(grads, decayed.init(params))
 
 
 def test_shampoo_refuses_matrix_eps_0():
