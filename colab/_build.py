@@ -707,8 +707,11 @@ for c in sweep:
   are gated: accept the licence on the Hub and `hf auth login` (or set
   `HF_TOKEN`) first; `--include "*.safetensors" --include "*.json"
   --include tokenizer.model` skips the other formats they hold.
-* **Data.** The paper tasks read local files, `<data_dir>/<task>/train.json`
-  and `test.json` (`--data.data_dir`; the README's "Data"), or the Hugging
+* **Data.** The paper tasks read local files,
+  `<data_dir>/<task folder>/train.json` and `test.json`
+  (`--data.data_dir`), where the folder is the one the README's "Data"
+  names (`ARC-Challenge` for `arc_challenge`; the GSM8K presets train from
+  `math`), or the Hugging
   Face Hub with `--data.hub true`, which needs the `datasets` package
   (`pip install -e ".[train,hub]"`). The GSM8K presets train on the
   LLM-Adapters math set, which has no Hub id: copy it to every host.
