@@ -167,6 +167,42 @@ def test_an_interrupted_run_exits_as_the_signal_says(monkeypatch, capsys):
       'r/checkpoints: continue with --resume.')
 
 
+def test_config_from_a_saved_json(tmp_path):
+  """--config RUN_DIR/config.json: the settings a run saved, overrides and
+  all, with more overrides on top (a run started with overrides had to
+  have them all retyped to resume)."""
+  cfg, _ = cli.parse(['--config', 'tiny', '--steps', '3', '--optim.name',
+                      'adam', '--lora.targets', 'q', 'v'])
+  path = tmp_path / 'config.json'
+  path.write_text(configs.to_json(cfg))
+  assert cli.parse(['--config', str(path)])[0] == cfg
+  again, stop_at = cli.parse(['--config', str(path), '--steps', '5',
+                              '--stop_at', '4'])
+  assert again == configs.replace(cfg, steps=5) and stop_at == 4
+
+
+@pytest.mark.parametrize('text, message', [
+    (None, 'config file not found: {path}'),
+    ('{"steps": ', 'malformed JSON in {path} at line 1 column 11'),
+    ('{"stepz": 3}', '{path}: unknown config field(s) stepz; the config has: '),
+    ('{"optim": {"nme": "adam"}}', 'unknown config field(s) optim.nme; optim.'
+     ' has: '),
+    ('{"steps": "3"}', "{path}: config field steps must be int, got '3'."),
+    ('{"lora": {"targets": "q"}}', 'config field lora.targets must be a list '
+     "of strings, got 'q'."),
+    ('[]', '{path}: the config must be a JSON object, got list.'),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, message):
+  path = tmp_path / 'config.json'
+  if text is not None:
+    path.write_text(text)
+  code, err = _main(['--config', str(path), '--run_dir',
+                     str(tmp_path / 'run')], capsys)
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert message.format(path=path) in err, err
+  assert not (tmp_path / 'run').exists()
+
+
 def test_unknown_config(capsys):
   code, err = _main(['--config', 'nope'], capsys)
   assert code != 0 and len(err.splitlines()) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import json
 import re
 import sys
@@ -50,7 +51,11 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   if not known.config:
     raise ValueError('--config NAME is required; choose one of: '
                      f'{", ".join(configs.config_names())}.')
-  base = configs.get_config(known.config)
+  # A name, or a JSON file (the config.json a run saved: resuming a run
+  # started with overrides needs no retyping of them).
+  from_file = known.config.endswith('.json') or os.sep in known.config
+  base = (configs.load_json(known.config) if from_file
+          else configs.get_config(known.config))
   import tyro  # pylint: disable=g-import-not-at-top
   # tyro reports a bad override (unknown flag, unparsable value) as a boxed
   # multi-line panel on stderr and exits; keep the promise of one line.
@@ -59,7 +64,9 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
     with contextlib.redirect_stderr(err):
       cfg = tyro.cli(configs.Config, default=base, args=rest,
                      prog=f'python -m train --config {known.config}',
-                     description=(configs.PRESETS[known.config].__doc__ or '')
+                     description=(
+                         f'The settings in {known.config}.' if from_file
+                         else configs.PRESETS[known.config].__doc__ or '')
                      + _STOP_AT_HELP)
   except SystemExit as e:
     if not e.code:  # --help: printed to stdout, a normal exit.
@@ -88,6 +95,8 @@ def _presets_help() -> str:
   names = configs.config_names()
   width = max(map(len, names))
   lines = ['usage: python -m train --config NAME [overrides]', '',
+           'NAME is a preset below, or a JSON file of the config (a run\'s '
+           'RUN_DIR/config.json continues it with --resume).', '',
            'presets (python -m train --config NAME --help lists its fields):']
   for name in names:
     # The docstring's first paragraph, which may wrap.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import typing
 from typing import Any
 
 # Where the paper (Yen et al., ICLR 2025) does not publish a value, these are
@@ -355,6 +357,72 @@ def from_dict(d: dict[str, Any], cls=Config):
       value = tuple(value)
     kwargs[field.name] = value
   return cls(**kwargs)
+
+
+def _checked(d: Any, cls, where: str, hints_of) -> dict[str, Any]:
+  """``d`` checked against the fields of ``cls``: no unknown key, and each
+  value of its field's type (a hand-edited file would otherwise start a run
+  with a string where a number goes)."""
+  if not isinstance(d, dict):
+    raise ValueError(f'{where or "the config"} must be a JSON object, got '
+                     f'{type(d).__name__}.')
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - set(fields))
+  if unknown:
+    raise ValueError(f'unknown config field(s) {", ".join(where + k for k in unknown)}'
+                     f'; {where or "the config"} has: {", ".join(fields)}.')
+  hints = hints_of(cls)
+  for name, value in d.items():
+    field, hint = fields[name], hints[name]
+    if dataclasses.is_dataclass(field.default):
+      _checked(value, type(field.default), f'{where}{name}.', hints_of)
+      continue
+    if hint is bool:
+      ok = isinstance(value, bool)
+    elif hint is int:
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+      ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+      ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+      want = (hint.__name__ if hint in (bool, int, float, str)
+              else 'a list of strings')
+      raise ValueError(f'config field {where}{name} must be {want}, got '
+                       f'{value!r}.')
+  return d
+
+
+def load_json(path: str | os.PathLike[str]) -> Config:
+  """The config in a JSON file, such as the `config.json` a run saves.
+
+  ``python -m train --config RUN_DIR/config.json --resume`` continues a
+  run with the settings it started with, overrides and all.
+
+  Raises:
+    ValueError: the file is missing or unreadable, not JSON, has a field
+      the config does not, or a value of the wrong type (one line each).
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise ValueError(f'config file not found: {path}') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'cannot read config file {path}: '
+                     f'{getattr(e, "strerror", None) or e}') from None
+  try:
+    d = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'malformed JSON in {path} at line {e.lineno} column '
+                     f'{e.colno}: {e.msg}') from None
+  try:
+    _checked(d, Config, '', typing.get_type_hints)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from None
+  return from_dict(d)
 
 
 # ---------------------------------------------------------------------------
