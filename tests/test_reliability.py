@@ -221,6 +221,182 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Stop signals (SIGTERM, Ctrl-C) and incomplete checkpoints.
+
+
+def _signal_at(prefix, sig=signal.SIGTERM, times=1, lines=None):
+  """A log that keeps its lines and sends ``sig`` (``times`` times) to this
+  process when a line starting with ``prefix`` comes."""
+  lines = [] if lines is None else lines
+
+  def log(line):
+    lines.append(line)
+    if line.startswith(prefix):
+      for _ in range(times):
+        os.kill(os.getpid(), sig)
+  return log, lines
+
+
+def _eval_steps(run_dir) -> list[int]:
+  try:
+    with open(run_dir / 'eval.csv') as f:
+      return [int(r['step']) for r in csv.DictReader(f)]
+  except FileNotFoundError:
+    return []
+
+
+def test_a_stop_signal_checkpoints_before_the_periodic_evaluation(
+    reference, tmp_path, monkeypatch):
+  """SIGTERM at a periodic evaluation's step: the step is checkpointed and
+  the run stops without that evaluation (a long one would outlast the
+  preemption notice); the signal is acknowledged in one line, and the
+  resume does the evaluation first."""
+  every = {'eval.every': 3, 'eval.num_examples': 4, 'eval.batch_size': 4}
+  calls = []
+  real = loop.Evaluator.__call__
+
+  def counted(self, state):
+    calls.append(1)
+    return real(self, state)
+
+  monkeypatch.setattr(loop.Evaluator, '__call__', counted)
+  run_dir = tmp_path / 'run'
+  log, lines = _signal_at('[step 3]')
+  with pytest.raises(loop.Interrupted) as e:
+    loop.run(tiny(run_dir, **every), log=log)
+  assert (e.value.step, e.value.exit_code) == (3, 128 + signal.SIGTERM)
+  assert calls == [] and _eval_steps(run_dir) == []
+  assert [l for l in lines if 'SIGTERM' in l] == [
+      '[train] SIGTERM: stopping after this step']
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['2', '3']
+  lines = []
+  resumed = loop.run(tiny(run_dir, resume=True, **every), log=lines.append,
+                     stop_at=4)
+  assert '[train] no evaluation recorded at step 3: doing it now' in lines
+  assert calls == [1] and _eval_steps(run_dir) == [3]
+  assert ([h['loss'] for h in resumed['history']] ==
+          [h['loss'] for h in reference['history'][:4]])
+
+
+@pytest.mark.parametrize('when', ['last_step', 'final_eval'])
+def test_a_stop_signal_at_the_end_leaves_evaluation_and_export_to_resume(
+    tmp_path, monkeypatch, when):
+  """SIGTERM on the last step, or during the final evaluation (which stops
+  before its next batch): no final evaluation recorded, no adapter, exit
+  128 + 15 with the checkpoint of the last step; --resume then evaluates
+  and exports (the signal had been swallowed, rc 0, or had let both run and
+  then asked for a resume)."""
+  after = {'eval.after': True, 'eval.num_examples': 4, 'eval.batch_size': 2,
+           'export_adapter': True}
+  run_dir = tmp_path / 'run'
+  log, lines = _signal_at(f'[step {STEPS}]')
+  if when == 'final_eval':
+    log, lines = lines.append, lines
+    real = loop.Evaluator._generate  # pylint: disable=protected-access
+
+    def preempted(self, state, prompts):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return real(self, state, prompts)
+
+    monkeypatch.setattr(loop.Evaluator, '_generate', preempted)
+  with pytest.raises(loop.Interrupted) as e:
+    loop.run(tiny(run_dir, **after), log=log)
+  monkeypatch.undo()
+  assert (e.value.step, e.value.exit_code) == (STEPS, 143)
+  assert not [l for l in lines if l.startswith('[eval after')], lines
+  assert _eval_steps(run_dir) == [] and not (run_dir / 'adapter').exists()
+  doing = ('stopping after this step' if when == 'last_step' else
+           f'stopping the final evaluation of step {STEPS} before its next '
+           'batch')
+  assert [l for l in lines if 'SIGTERM' in l] == [f'[train] SIGTERM: {doing}']
+  assert str(STEPS) in os.listdir(run_dir / 'checkpoints')
+  lines = []
+  done = loop.run(tiny(run_dir, resume=True, **after), log=lines.append)
+  assert (f'[train] already at step {STEPS}: no final evaluation recorded: '
+          'doing it now') in lines
+  assert _eval_steps(run_dir) == [STEPS] and done['eval_after']
+  assert (run_dir / 'adapter' / 'adapter_config.json').is_file()
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+  log, lines = _signal_at('[step 2]', signal.SIGINT, times=2)
+  previous = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(tiny(tmp_path / 'run'), log=log)
+  assert signal.getsignal(signal.SIGINT) is previous
+  assert [l for l in lines if 'SIGINT' in l] == [
+      '[train] SIGINT: stopping after this step (Ctrl-C again stops at once)']
+
+
+def test_a_stop_acknowledgement_survives_a_failing_log(capfd):
+  """The handler runs between two bytecodes, possibly inside a print to the
+  same stream (a reentrant write raises): the line then goes to stderr."""
+  from train import preemption  # pylint: disable=g-import-not-at-top
+
+  def reentrant(line):
+    raise RuntimeError(f'reentrant call ({line})')
+
+  with preemption.StopRequest(reentrant) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # said once
+  assert stop.signum == signal.SIGTERM
+  assert capfd.readouterr().err == (
+      '[train] SIGTERM: stopping after this step\n')
+
+
+def test_orbax_temporary_folders_are_removed(tmp_path):
+  """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: removed when
+  the checkpoints are next opened (they had stayed for good)."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  tmp = tmp_path / f'6{TMP_SUFFIX}-1234'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'garbage').write_bytes(b'\0half-written')
+  (tmp_path / '6.incomplete').mkdir()  # not orbax's
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ['6.incomplete']
+  assert ckpt.removed_tmp == [tmp.name]
+
+
+def test_resume_skips_an_incomplete_checkpoint_and_removes_orbax_tmp(
+    reference, tmp_path):
+  """A numbered folder without commit_success.txt (a save cut short where
+  renames are not atomic, e.g. gcsfuse) is moved aside, said in one line,
+  and the run resumes from the newest complete checkpoint (it had been
+  taken, and 'does not fit this config'); orbax's temporary folders are
+  removed."""
+  run_dir = tmp_path / 'run'
+  loop.run(tiny(run_dir), log=lambda s: None, stop_at=4)
+  ckpt_dir = run_dir / 'checkpoints'
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(ckpt_dir / '4' / 'config', ckpt_dir / '14' / 'config')
+  tmp = ckpt_dir / f'6{TMP_SUFFIX}-1234'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'garbage').write_bytes(b'\0half-written')
+  lines = []
+  resumed = loop.run(tiny(run_dir, resume=True), log=lines.append, stop_at=6)
+  assert '[train] resumed from step 4' in lines, lines
+  assert [l for l in lines if 'incomplete' in l] == [
+      f'[train] warning: incomplete checkpoint folder(s) in {ckpt_dir} (no '
+      'commit_success.txt: a save was cut short) moved aside, kept for '
+      'inspection: 14 -> 14.incomplete']
+  assert f'[train] removed unfinished checkpoint writes: {tmp.name}' in lines
+  assert sorted(os.listdir(ckpt_dir)) == ['14.incomplete', '4', '6']
+  assert os.listdir(ckpt_dir / '14.incomplete') == ['config']
+  assert ([h['loss'] for h in resumed['history']] ==
+          [h['loss'] for h in reference['history'][:6]])
+  # Older folders without the file are orbax's to judge, as are all of
+  # them when none has it (an orbax that did not write it).
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  (ckpt_dir / '3').mkdir()
+  assert checkpoint.incomplete_steps(ckpt_dir) == []
+  for step in ('4', '6'):
+    (ckpt_dir / step / checkpoint.COMMIT_FILE).unlink()
+  (ckpt_dir / '9').mkdir()
+  assert checkpoint.incomplete_steps(ckpt_dir) == []
+
+
+# ---------------------------------------------------------------------------
 # Non-finite steps.
 
 

@@ -8,6 +8,15 @@ part of it into the adapter, are saved once beside the checkpoints by
 shardings of a fresh run, so a resumed run continues bit for bit. The grain
 iterator's position and the config (JSON) are saved beside it; nothing is
 pickled.
+
+A step folder is complete once orbax has written ``commit_success.txt`` in
+it. Where a rename is not atomic (gcsfuse and other object-store mounts)
+a crash mid-save can leave a numbered folder holding part of a
+checkpoint; such folders newer than the newest complete one are moved
+aside (``<step>.incomplete``, never deleted) before orbax lists the
+steps, so a resume takes the newest complete checkpoint. Orbax's own
+temporary folders (``<step>.orbax-checkpoint-tmp-*``, unfinished writes)
+are removed.
 """
 
 from __future__ import annotations
@@ -21,6 +30,10 @@ import jax
 STATE = 'state'
 DATA = 'data'
 CONFIG = 'config'
+# Written by orbax into a step folder as its last file (in the temporary
+# folder, just before the rename, where renames are atomic).
+COMMIT_FILE = 'commit_success.txt'
+TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 def _ocp():
@@ -34,16 +47,31 @@ class Checkpointer:
   Args:
     directory: the checkpoint folder (run_dir/checkpoints).
     keep: how many checkpoints to keep.
+
+  Attributes:
+    set_aside: [(folder, new name)] of the incomplete step folders moved
+      aside on opening (see the module's doc), for the caller to say so.
+    removed_tmp: the names of orbax's temporary folders removed on opening.
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2):
     ocp = _ocp()
     self.directory = os.path.abspath(os.fspath(directory))
+    self.set_aside: list[tuple[str, str]] = []
+    self.removed_tmp: list[str] = []
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      self.removed_tmp = sorted(
+          n for n in os.listdir(self.directory)
+          if TMP_MARK in n and os.path.isdir(os.path.join(self.directory, n)))
+      self.set_aside = set_aside_incomplete(self.directory)
+    if jax.process_count() > 1:  # the others list the steps after that
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('lro_checkpoint_set_aside')
     # Synchronous saves: the LoRA state is small, and a save that has
     # returned is on disk, which is what a preempted run needs.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, keep), create=True,
-        enable_async_checkpointing=False)
+        enable_async_checkpointing=False, cleanup_tmp_directories=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -150,6 +178,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self._mngr.wait_until_finished()
+    # The temporary folders' removal runs beside the run and is awaited by
+    # the first save only: a run that saves nothing waits for it here.
+    wait_cleanup = getattr(self._mngr, '_maybe_await_cleanup_tmp_directory',
+                           None)
+    if wait_cleanup is not None:
+      wait_cleanup()
     self._mngr.close()
 
 
@@ -174,6 +208,40 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
                                             jax.numpy.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
           if hasattr(leaf, 'shape')}
+
+
+def incomplete_steps(directory: str | os.PathLike) -> list[str]:
+  """The step folders of ``directory`` newer than its newest complete one
+  (holding `COMMIT_FILE`), by name, oldest first.
+
+  Empty when no step folder holds the file: an orbax that did not write it
+  on local disks (older than this check) made them, and each is taken as
+  complete, as orbax takes it.
+  """
+  directory = os.fspath(directory)
+  steps = sorted((int(n), n) for n in os.listdir(directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  complete = [s for s, n in steps
+              if os.path.isfile(os.path.join(directory, n, COMMIT_FILE))]
+  if not complete:
+    return []
+  return [n for s, n in steps if s > max(complete)]
+
+
+def set_aside_incomplete(directory: str | os.PathLike
+                         ) -> list[tuple[str, str]]:
+  """Renames each of `incomplete_steps` to ``<step>.incomplete`` (``.2``,
+  ``.3``, ... after it when taken); returns [(old, new)] names."""
+  directory = os.fspath(directory)
+  moved = []
+  for name in incomplete_steps(directory):
+    new, n = f'{name}.incomplete', 1
+    while os.path.lexists(os.path.join(directory, new)):
+      n += 1
+      new = f'{name}.incomplete.{n}'
+    os.rename(os.path.join(directory, name), os.path.join(directory, new))
+    moved.append((name, new))
+  return moved
 
 
 def has_checkpoints(directory: str | os.PathLike) -> bool:

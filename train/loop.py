@@ -1095,17 +1095,32 @@ def _gemma_dataset(r: Run):
 # Evaluation.
 
 
+class EvaluationStopped(Exception):
+  """A stop request (`train.preemption`) ended an evaluation between two of
+  its batches; ``signum`` is the signal."""
+
+  def __init__(self, signum: int):
+    self.signum = signum
+    super().__init__(f'evaluation stopped by signal {signum}')
+
+
 class Evaluator:
   """Scores the current adapters on the evaluation examples.
 
   Multiple choice by option log-likelihood (or parsed greedy generations),
   math by the exact final number of a greedy generation, SuperNI by exact
   match and ROUGE-L of greedy generations.
+
+  ``should_stop`` (set by the loop; None: never) is asked before each
+  batch: a nonzero signal number ends the evaluation with
+  `EvaluationStopped`. On several processes it must agree on all of them
+  (every process runs the same batches).
   """
 
   def __init__(self, r: Run):
     from train.data import formats  # pylint: disable=g-import-not-at-top
     self.r = r
+    self.should_stop: Callable[[], int] | None = None
     cfg = r.config
     self.examples = r.eval_examples
     kind = formats.CHOICE
@@ -1145,6 +1160,12 @@ class Evaluator:
               f'{scored} target tokens ({bound}); it would be cut, and '
               f'options cut alike score alike: raise {bound}.')
 
+  def check_stop(self) -> None:
+    """Raises `EvaluationStopped` when ``should_stop`` asks to."""
+    signum = self.should_stop() if self.should_stop is not None else 0
+    if signum:
+      raise EvaluationStopped(signum)
+
   def _run_in_batches(self, fn, state, pairs, alternatives=None):
     """``fn(params, base, rngs, batch)`` over scoring pairs, in whole
     eval.batch_size batches (padded with empty rows, one compiled shape);
@@ -1159,6 +1180,7 @@ class Evaluator:
           (len(padded) - n, alternatives.shape[1]), -1, np.int32)])
     out = []
     for start in range(0, len(padded), bs):
+      self.check_stop()
       batch = r.family.score_batch(padded[start:start + bs], r)
       if alternatives is not None:
         batch['alternatives'] = alternatives[start:start + bs]
@@ -1242,6 +1264,7 @@ class Evaluator:
     from train.data import formats  # pylint: disable=g-import-not-at-top
     if not self.examples:
       return {}
+    self.check_stop()
     r, cfg = self.r, self.r.config
     t0 = time.perf_counter()
     # Accuracy counts the examples with a gold answer only.
@@ -1360,6 +1383,7 @@ def _gemma_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
   texts = []
   bs = cfg.eval.batch_size
   for start in range(0, len(prompts_ids), bs):
+    ev.check_stop()
     chunk = prompts_ids[start:start + bs]
     out = ev._sampler(chunk, cfg.eval.max_new_tokens)  # pylint: disable=protected-access
     texts.extend(out.text)
@@ -1447,6 +1471,7 @@ def _t5_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
   bs, seq_len = cfg.eval.batch_size, cfg.data.seq_len
   texts = []
   for start in range(0, len(prompts_ids), bs):
+    ev.check_stop()
     chunk = prompts_ids[start:start + bs]
     enc = np.full((bs, seq_len), pad, np.int32)
     for i, ids in enumerate(chunk):
@@ -1842,6 +1867,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   cleanup.push(_closing(ckpt.close))
+  if ckpt.removed_tmp:
+    log(f'[train] removed unfinished checkpoint writes: '
+        f'{", ".join(ckpt.removed_tmp)}')
+  if ckpt.set_aside:
+    log(f'[train] warning: incomplete checkpoint folder(s) in '
+        f'{ckpt.directory} (no {checkpoint.COMMIT_FILE}: a save was cut '
+        'short) moved aside, kept for inspection: ' + ', '.join(
+            f'{old} -> {new}' for old, new in ckpt.set_aside))
   dataset = train_dataset(r)
   data_iter = iter(dataset)
   state = r.state
@@ -1930,8 +1963,6 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # settings, which a resume may change), its row replacing the old one.
   reevaluate = (latest is not None and start_step >= cfg.steps and
                 cfg.eval.after and bool(r.eval_examples))
-  if reevaluate:
-    log(f'[train] already at step {start_step}: evaluating it again')
   eval_writer = metrics_lib.MetricsWriter(
       run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
       last_step=kept_up_to)
@@ -1950,6 +1981,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       'eval_before': recorded(0),
       'eval_after': (recorded(start_step) if latest is not None and
                      start_step >= cfg.steps else None)}
+  if reevaluate:
+    # None recorded: a stop request came during the final evaluation or
+    # before it (the export too is still to do).
+    log(f'[train] already at step {start_step}: ' + (
+        'evaluating it again' if summary['eval_after'] is not None else
+        'no final evaluation recorded: doing it now'))
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
             'compile_and_first_step': 0.0}
 
@@ -1963,6 +2000,32 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   if cfg.eval.before and r.eval_examples and start_step == 0:
     summary['eval_before'] = do_eval(0, 'before')
+
+  # From here on SIGTERM (a preemption) or Ctrl-C stops the run at the next
+  # step or evaluation batch, with the step checkpointed: said in one line
+  # when it arrives (above the progress bar once there is one).
+  ack = [log]
+  stop = cleanup.enter_context(preemption.StopRequest(
+      lambda line: ack[0](line)))
+  # Several processes agree (one collective) wherever they ask.
+  agreed_stop = lambda: distributed.on_any_process(stop.signum)
+  evaluator.should_stop = agreed_stop
+
+  def eval_or_stop(step: int, tag: str) -> tuple[dict[str, float] | None,
+                                                  int]:
+    """(do_eval's result, 0), or (None, signal) when a stop request ended
+    it between batches: nothing is recorded, and a resume does it."""
+    doing, stop.doing = stop.doing, (
+        f'stopping the {"final" if tag == "after" else tag} evaluation of '
+        f'step {step} before its next batch')
+    try:
+      return do_eval(step, tag), 0
+    except EvaluationStopped as e:
+      return None, e.signum
+    finally:
+      stop.doing = doing
+
+  interrupted = 0
   # The checkpoint at a periodic evaluation's step is saved before it, so a
   # run that died during that evaluation resumes past it: do it now. Process
   # 0's eval.csv decides (the others keep no rows), and every process
@@ -1972,7 +2035,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
             start_step % cfg.eval.every == 0 and recorded(start_step) is None)
   if distributed.process_0_flag(missed):
     log(f'[train] no evaluation recorded at step {start_step}: doing it now')
-    do_eval(start_step, 'periodic')
+    interrupted = eval_or_stop(start_step, 'periodic')[1]
 
   end_step = min(cfg.steps, stop_at) if stop_at else cfg.steps
   progress = metrics_lib.Progress(end_step, start_step,
@@ -1980,6 +2043,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # A caller's log takes the step lines too; the default prints them above
   # the progress bar.
   say = progress.write if custom_log is None else log
+  ack[0] = say
   window_tokens, window_t0 = 0, time.perf_counter()
   # Counted over the whole run (the metric is cumulative): as the
   # checkpoint recorded it, or an older one's last logged row.
@@ -1995,10 +2059,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       nonfinite_counts(state['opt_state'])[1]))
   step = start_step
   metrics = None
-  stop = cleanup.enter_context(preemption.StopRequest())
-  interrupted = 0
   try:
-    while step < end_step:
+    while step < end_step and not interrupted:
       raw = next(data_iter)
       batch, dropped, real_tokens = r.family.prepare_batch(raw, r)
       if dropped and not dropped_total:
@@ -2045,30 +2107,40 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         progress.update(0, loss=host['loss'],
                         tok_s=int(host['tokens_per_s']))
       progress.update(1)
+      eval_due = bool(cfg.eval.every) and (
+          step % cfg.eval.every == 0 and step < cfg.steps)
+      # SIGTERM (a preemption) or Ctrl-C: this step is checkpointed below,
+      # before any evaluation due now (a long one would outlast the
+      # preemption notice; a resume does it). Several processes agree at
+      # log and evaluation steps only, which wait for the step anyway: a
+      # collective at every step would make each host wait for its device
+      # and stop overlapping the input pipeline with compute.
+      if jax.process_count() == 1 or step % cfg.log_every == 0 or eval_due:
+        interrupted = agreed_stop()
+      if interrupted:
+        break
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         ckpt.save(step, state, data_iter, ckpt_json_now())
-      if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-        do_eval(step, 'periodic')
-      # SIGTERM (a preemption) or Ctrl-C: this step is checkpointed below.
-      # Several processes agree at log steps only, which wait for the step
-      # anyway: a collective at every step would make each host wait for
-      # its device and stop overlapping the input pipeline with compute.
-      if jax.process_count() == 1 or step % cfg.log_every == 0:
-        interrupted = distributed.on_any_process(stop.signum)
-      if interrupted:
-        break
+      if eval_due:
+        interrupted = eval_or_stop(step, 'periodic')[1]
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, ckpt_json_now(), force=True)
   finally:
     progress.close()
   timing['train'] = (time.perf_counter() - t_built) - timing['eval']
 
-  if step >= cfg.steps:
+  # A stop request leaves the final evaluation and the export to --resume
+  # (a finished run resumed evaluates again and exports); one arriving
+  # during the export lets it finish, and the run is then complete.
+  if step >= cfg.steps and not interrupted:
     if cfg.eval.after and r.eval_examples:
-      summary['eval_after'] = do_eval(step, 'after')
-    if cfg.export_adapter:
+      summary['eval_after'], interrupted = eval_or_stop(step, 'after')
+    if not interrupted:
+      interrupted = agreed_stop()
+    if cfg.export_adapter and not interrupted:
+      stop.doing = 'finishing the adapter export; the run is then complete'
       summary['adapter_dir'] = export_adapter(r, state, run_dir)
   summary['checkpoints'] = ckpt.all_steps()
   summary.update(
