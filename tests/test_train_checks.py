@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from train import configs
@@ -238,7 +239,7 @@ def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
   saved = (run_dir / 'config.json').read_text()
   with pytest.raises(loop.ConfigError, match=r'checkpoint 4 in .* was made '
                      r'with other settings \(lora\.rank: 4 there, 2 now\); '
-                     r'resume with the settings in .*config\.json'):
+                     r'resume with --config .*config\.json'):
     loop.run(tiny(run_dir, resume=True, **{'lora.rank': 2}), log=quiet)
   with pytest.raises(loop.ConfigError, match=r"optim\.name: 'lora_rite' "
                      r"there, 'adam' now"):
@@ -505,3 +506,62 @@ def test_target_loss_scores_the_whole_target_the_row_holds(tmp_path,
     (p, t), = seen
     assert (len(p), len(t)) == (min(prompt_ids, 48 - scored), scored)
     assert loss == pytest.approx(2.0 / scored)
+
+
+def test_base_model_fingerprint_is_what_the_files_hold(tmp_path):
+  """The same files anywhere give one fingerprint (a GGUF under any name);
+  a fine-tune of the same shapes, or a random base, gives another."""
+  from train import fingerprints  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  weights = rng.standard_normal(200_000).astype(np.float32).tobytes()
+  (hf / 'model.safetensors').write_bytes(weights)
+  (hf / 'config.json').write_text('{"hidden_size": 64}')
+  (hf / 'README.md').write_text('not a weight')
+  first = fingerprints.base_model_fingerprint(str(hf))
+  assert set(first) == {'config.json', 'model.safetensors'}
+  moved = shutil.copytree(hf, tmp_path / 'elsewhere' / 'hf')
+  (moved / 'README.md').write_text('changed, and not a weight')
+  assert fingerprints.base_model_fingerprint(str(moved)) == first
+  # A fine-tune of the same shapes: every weight moved a little.
+  tuned = np.frombuffer(weights, np.float32) * np.float32(1.001)
+  (moved / 'model.safetensors').write_bytes(tuned.tobytes())
+  now = fingerprints.base_model_fingerprint(str(moved))
+  assert now != first
+  assert fingerprints.base_model_difference(first, now) == (
+      'model.safetensors differ')
+  gguf = tmp_path / 'a.gguf'
+  gguf.write_bytes(weights)
+  renamed = tmp_path / 'b.gguf'
+  renamed.write_bytes(weights)
+  assert (fingerprints.base_model_fingerprint(str(gguf)) ==
+          fingerprints.base_model_fingerprint(str(renamed)))
+  assert fingerprints.base_model_fingerprint('') is None
+  assert fingerprints.base_model_difference(None, first) == (
+      'a random base there, model files now')
+
+
+def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):
+  """Two Hugging Face folders of one architecture (a base and its
+  fine-tune, say): a resume on the other had gone on silently, its loss
+  jumping; the same files under another path resume."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  vocab = loop.load_tokenizer(configs.get_config('tiny').model, '').vocab_size
+  config = gemma.get_config('gemma3-tiny').replace(vocab_size=vocab)
+  for name, seed in (('hf_a', 0), ('hf_b', 1)):
+    gemma.save_pretrained(gemma.Gemma(config, rngs=nnx.Rngs(seed)),
+                          str(tmp_path / name))
+  run_dir = tmp_path / 'run'
+  path = lambda name: {'model.path': str(tmp_path / name)}
+  loop.run(tiny(run_dir, **path('hf_a')), log=quiet, stop_at=4)
+  with pytest.raises(loop.ConfigError, match=(
+      r"checkpoint 4 in .* was trained on another base model than model\.path "
+      r"'.*hf_b' \(model\.safetensors differ\); resume on the weights it was "
+      r'trained on\.')):
+    loop.run(tiny(run_dir, resume=True, **path('hf_b')), log=quiet)
+  shutil.move(tmp_path / 'hf_a', tmp_path / 'moved')
+  out = loop.run(tiny(run_dir, resume=True, **path('moved')), log=quiet,
+                 stop_at=4)
+  assert out['steps'] == 4

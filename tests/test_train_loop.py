@@ -676,7 +676,7 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   # resume's mismatch, naming the field (from the run's config.json).
   with pytest.raises(loop.ConfigError, match=r'--resume: the run in .* was '
                      r'made with other settings \(lora\.rank: 4 there, 2 '
-                     r'now\); resume with the settings in'):
+                     r'now\); resume with --config'):
     loop.run(tiny(run_dir, resume=True, **{**ga, 'lora.rank': 2}),
              log=lambda s: None)
   # And the resumed run trains on from there.

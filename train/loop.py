@@ -51,6 +51,7 @@ import lora_rite_optax as lro
 
 from train import configs as configs_lib
 from train import distributed
+from train import fingerprints
 from train.errors import first_line
 from train import metrics as metrics_lib
 from train import preemption
@@ -1015,7 +1016,7 @@ def build(cfg: configs_lib.Config) -> Run:
             f'{os.path.join(run_dir, INITIAL_FACTORS_FILE)} does not fit '
             f'this config ({e})')
     raise ConfigError(
-        f'--resume: {what}; resume with the settings in {saved_json}.'
+        f'--resume: {what}; resume with --config {saved_json}.'
     ) from None
   del init_grads  # a kernel-sized float32 array per target
 
@@ -1643,6 +1644,10 @@ def training_data_fingerprint(examples) -> dict[str, Any]:
 # another file on resume (the same tokenizer moved), but training on other
 # ids would silently continue another run than the checkpoint's.
 TOKENIZER_KEY = 'tokenizer'
+# And what the base model's files hold (train.fingerprints): model.path may
+# move, but an adapter continued on other weights of the same shapes would
+# go on silently (older checkpoints: none).
+BASE_MODEL_KEY = 'base_model'
 # Words, digits, punctuation, whitespace runs and non-Latin text: two
 # tokenizers that encode this alike and have as many ids are taken as one.
 _TOKENIZER_PROBE = ('The answer is 42. Question: 3 + 4 * (5 - 1) = ?\n\t'
@@ -1861,9 +1866,11 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   cleanup.enter_context(_run_dir_lock(run_dir))
   config_json = configs_lib.to_json(cfg)
   tokenizer_id = tokenizer_fingerprint(r.tokenizer)
+  base_id = fingerprints.base_model_fingerprint(r.model_path)
   ckpt_json = json.dumps({**json.loads(config_json),
                           TRAIN_DATA_KEY: train_data,
-                          TOKENIZER_KEY: tokenizer_id})
+                          TOKENIZER_KEY: tokenizer_id,
+                          BASE_MODEL_KEY: base_id})
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   cleanup.push(_closing(ckpt.close))
@@ -1885,7 +1892,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     log(f'[train] --resume: no checkpoint in {ckpt.directory}; starting at '
         'step 0')
   if latest is not None:
-    redo = f'resume with the settings in {os.path.join(run_dir, "config.json")}'
+    redo = f'resume with --config {os.path.join(run_dir, "config.json")}'
     where = f'--resume: checkpoint {latest} in {ckpt.directory}'
     # The config first: a changed rank or optimizer is named as the field
     # it is, not as the first state leaf whose shape it changed.
@@ -1897,6 +1904,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
     saved_dropped = saved_config.pop(DROPPED_KEY, None)
     saved_tokenizer = saved_config.pop(TOKENIZER_KEY, None)  # older: none
+    missing = object()
+    saved_base = saved_config.pop(BASE_MODEL_KEY, missing)  # older: none
     changed = resume_changes(saved_config, json.loads(config_json))
     if changed:
       raise ConfigError(
@@ -1926,6 +1935,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'{where} was trained with another tokenizer than model.tokenizer '
           f'{spec} ({_tokenizer_difference(saved_tokenizer, tokenizer_id)}); '
           f'{redo}.')
+    if saved_base is not missing and saved_base != base_id:
+      raise ConfigError(
+          f'{where} was trained on another base model than model.path '
+          f'{cfg.model.path!r} '
+          f'({fingerprints.base_model_difference(saved_base, base_id)}); '
+          'resume on the weights it was trained on.')
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
     except (ValueError, TypeError, KeyError) as e:
