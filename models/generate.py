@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32', help='compute dtype')
   args = parser.parse_args(argv)
+  if args.temperature == 0 and (args.top_k is not None or
+                                args.top_p is not None):
+    # Greedy decoding ignores them: say so rather than ignore them silently.
+    print('error: --top-k and --top-p restrict sampling, and --temperature 0 '
+          '(the default) decodes greedily: pass --temperature (e.g. 1.0) to '
+          'sample.', file=sys.stderr)
+    return 2
 
   # Imported here so --help answers without loading JAX.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -132,7 +132,11 @@ PUBLISHED_HF_CONFIGS = {
 def test_published_hf_configs_match_named_configs(name):
   cfg = gemma_load.config_from_hf(PUBLISHED_HF_CONFIGS[name])
   assert cfg == gemma.get_config(name)
-  assert gemma_load.config_from_hf(gemma_load.config_to_hf(cfg)) == cfg
+  hf = gemma_load.config_to_hf(cfg)
+  assert gemma_load.config_from_hf(hf) == cfg
+  # transformers 5 validates it as an int: 256.0 had made every Gemma 2/3
+  # save_pretrained unloadable there.
+  assert type(hf['query_pre_attn_scalar']) is int
 
 
 def test_untied_output_head_is_refused():
@@ -530,23 +534,26 @@ def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
                              atol=1e-5)
 
 
-def _write_tokenizer_gguf(path):
-  """A GGUF holding only a small Gemma-style SentencePiece vocabulary."""
+def _write_tokenizer_gguf(path, extra_control=(), eos_id=1):
+  """A GGUF holding only a small Gemma-style SentencePiece vocabulary (and
+  ``extra_control`` CONTROL pieces last, as Gemma 3's <mask> is)."""
   specials = ['<pad>', '<eos>', '<bos>', '<unk>']
   byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
   words = ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll', 'hell', 'hello',
            '▁hello', '▁w', '▁wo', '▁wor', '▁worl', '▁world', '\n']
-  tokens = specials + byte_pieces + words
+  tokens = specials + byte_pieces + words + list(extra_control)
   # llama.cpp types: control, byte, normal; '\n' user-defined as in Gemma 3.
-  types = [3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4]
-  scores = [0.0] * 260 + [-float(i) for i in range(len(words))]
+  types = ([3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4] +
+           [3] * len(extra_control))
+  scores = ([0.0] * 260 + [-float(i) for i in range(len(words))] +
+            [0.0] * len(extra_control))
   with gguf_files.gguf_writer(path, 'gemma3') as w:
     w.add_tokenizer_model('llama')
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
     w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
+    w.add_eos_token_id(eos_id)
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
     w.add_add_bos_token(True)
@@ -575,6 +582,36 @@ def test_tokenizer_from_gguf_vocabulary_and_model_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='tokenizer.model') as e:
     gemma.load_tokenizer(tmp_path / 'missing')
   _one_line(e)
+
+
+def test_tokenizer_special_pieces_as_hugging_face_reads_them(tmp_path):
+  """`<bos>` written in a text (a chat template's output starts with it) is
+  the BOS id, once, not '<', 'b', 'o', 's', '>'; decoding leaves out the
+  GGUF's control tokens and <unk> (had printed '<mask>' and ' ⁇ ')."""
+  n = _write_tokenizer_gguf(tmp_path / 'tok.gguf', extra_control=['<mask>'])
+  mask = n - 1
+  for tok in (gemma.load_tokenizer(tmp_path / 'tok.gguf'),):
+    hello = tok.encode('hello', add_bos=False)
+    assert tok.encode('<bos>hello') == [2] + hello
+    assert tok.encode('hello<eos>') == [2] + hello + [1]
+    assert tok.encode('<pad><unk>', add_bos=False) == [0, 3]
+    assert tok.decode([2] + hello + [mask, 3, 1, 0]) == 'hello'
+    # Kept when asked (SentencePiece never writes its own bos/eos/pad).
+    assert tok.decode([2] + hello + [mask], skip_special_tokens=False) == (
+        'hello<mask>')
+  # An instruction-tuned GGUF may name <end_of_turn> its EOS: <eos> must
+  # still stop a reply (it had been generated past, as text).
+  from models.gemma import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  _write_tokenizer_gguf(tmp_path / 'it.gguf', ['<end_of_turn>'], eos_id=n - 1)
+  it = gemma.load_tokenizer(tmp_path / 'it.gguf')
+  assert it.eos_id == n - 1
+  assert sampler_lib._stop_ids(it) == (n - 1, 1)  # pylint: disable=protected-access
+  assert it.encode('hi<end_of_turn>', add_bos=False)[-1] == n - 1
+  # A tokenizer.model: its control and unknown pieces.
+  (tmp_path / 'tokenizer.model').write_bytes(tok.sp.serialized_model_proto())
+  from_file = gemma.load_tokenizer(tmp_path)
+  assert from_file.encode('<bos>hello') == [2] + hello
+  assert from_file.decode([2] + hello + [3, 1]) == 'hello'
 
 
 def test_generate_cli(tmp_path, capsys):

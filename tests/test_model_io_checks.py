@@ -349,6 +349,17 @@ def test_sampler_refuses_bad_settings():
     with pytest.raises(ValueError, match=match) as e:
       sampler([[3, 4]], 2, **kw)
     _one_line(e)
+  # One prompt's ids not wrapped in a list had raised a TypeError; a float
+  # count, a JAX shape error.
+  for prompts, n, match in (([3, 4], 2, r'one prompt\'s ids: \[\[2, 5, 6\]\]'
+                                         r'\), got \[3, 4\]'),
+                            (None, 2, 'got None'),
+                            ([[3, 4]], 2.0, 'max_new_tokens must be an int, '
+                             'got 2.0')):
+    with pytest.raises(ValueError, match=match) as e:
+      sampler(prompts, n)
+    _one_line(e)
+  assert sampler(np.array([[3, 4]]), 1).tokens == sampler([[3, 4]], 1).tokens
 
 
 @pytest.fixture(scope='module')
@@ -372,6 +383,9 @@ def cli_checkpoints(tmp_path_factory):
     (['--temperature', '-1'], 'temperature must be >= 0'),
     (['--temperature', '1', '--top-k', '1000'], 'top_k must be None or 0'),
     (['--temperature', '1', '--top-p', '0'], 'top_p must be'),
+    # Greedy decoding had ignored them silently.
+    (['--top-p', '0.9'], '--temperature 0 (the default) decodes greedily'),
+    (['--top-k', '5'], 'pass --temperature (e.g. 1.0) to sample'),
     (['--checkpoint', 'small', '--tokenizer', 'ckpt/tokenizer.model'],
      'outside the model\'s vocabulary of 200'),
 ])

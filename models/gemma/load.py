@@ -389,7 +389,11 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
       'layer_types': [{LOCAL: 'sliding_attention', GLOBAL: 'full_attention'}[t]
                       for t in c.layer_types],
   }
-  d['query_pre_attn_scalar'] = c.query_pre_attn_scalar
+  # An int where it is one: transformers 5 validates the field as an int
+  # and refused 256.0, so nothing saved here loaded there.
+  scalar = c.query_pre_attn_scalar
+  d['query_pre_attn_scalar'] = (int(scalar) if float(scalar).is_integer()
+                                else scalar)
   if c.family >= 2:
     d['attn_logit_softcapping'] = c.attn_logit_softcap
     d['final_logit_softcapping'] = c.final_logit_softcap

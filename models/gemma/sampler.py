@@ -145,15 +145,18 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
 
 
 def _stop_ids(tokenizer) -> tuple[int, ...]:
-  """EOS, and <end_of_turn> where the vocabulary has it."""
+  """EOS, and <eos> and <end_of_turn> where the vocabulary has them (an
+  instruction-tuned GGUF may name <end_of_turn> its EOS: <eos> still ends
+  a reply)."""
   if tokenizer is None:
     return (1,)
   ids = [tokenizer.eos_id]
   sp = getattr(tokenizer, 'sp', None)
   if sp is not None:
-    turn = sp.piece_to_id('<end_of_turn>')
-    if turn != sp.unk_id() and sp.id_to_piece(turn) == '<end_of_turn>':
-      ids.append(int(turn))
+    for piece in ('<eos>', '<end_of_turn>'):
+      i = sp.piece_to_id(piece)
+      if i != sp.unk_id() and sp.id_to_piece(i) == piece and i not in ids:
+        ids.append(int(i))
   return tuple(ids)
 
 
@@ -232,8 +235,23 @@ class Sampler:
     """
     if isinstance(prompts, str):
       prompts = [prompts]
+    if isinstance(max_new_tokens, bool) or not hasattr(
+        type(max_new_tokens), '__index__'):
+      raise ValueError(f'max_new_tokens must be an int, got '
+                       f'{max_new_tokens!r}.')
+    max_new_tokens = operator.index(max_new_tokens)
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+    # A flat list of ids ([2, 5, 6]) would have been read as three prompts.
+    rows = prompts if isinstance(prompts, (list, tuple)) else (
+        list(prompts) if np.ndim(prompts) == 2 else None)
+    if rows is None or any(not isinstance(pr, str) and np.ndim(pr) != 1
+                           for pr in rows):
+      raise ValueError('Sampler prompts must be a string, a list of strings '
+                       'or a list of id lists, one per prompt (one prompt\'s '
+                       'ids: [[2, 5, 6]]), got '
+                       f'{str(prompts) if rows is None else rows}'[:200] + '.')
+    prompts = rows
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p,
                                                self.config.vocab_size)
     ids = []

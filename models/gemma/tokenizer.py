@@ -10,6 +10,7 @@ way.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -19,15 +20,36 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 class Tokenizer:
   """Text <-> Gemma token ids.
 
+  As Hugging Face's tokenizers do, `encode` reads the special pieces
+  (``<bos>``, ``<eos>``, ``<pad>``, ``<unk>``) written in a text as their
+  ids (SentencePiece alone spells them out in characters: a prompt from a
+  chat template, which starts with ``<bos>``, had become ``< bos >``), and
+  `decode` leaves the special tokens out (``skip_special_tokens``).
+
   Args:
     processor: a loaded `sentencepiece.SentencePieceProcessor`.
     add_bos: prepend ``bos_id`` in `encode` by default (Gemma expects it).
+    special_ids: the ids `decode` leaves out (default: the processor's
+      control and unknown pieces; a GGUF's own CONTROL tokens, such as
+      ``<start_of_turn>`` and ``<mask>``, when read from one).
   """
 
   def __init__(self, processor: spm.SentencePieceProcessor, *,
-               add_bos: bool = True):
+               add_bos: bool = True, special_ids=None):
     self.sp = processor
     self.add_bos = add_bos
+    size = processor.get_piece_size()
+    # The few pieces SentencePiece never matches in text.
+    named = {i for i in (processor.bos_id(), processor.eos_id(),
+                         processor.pad_id(), processor.unk_id())
+             if 0 <= i < size}
+    self._literal = {processor.id_to_piece(i): i for i in named}
+    self._literal_re = re.compile('|'.join(
+        re.escape(p) for p in sorted(self._literal, key=len, reverse=True)))
+    if special_ids is None:
+      special_ids = named | {i for i in range(size)
+                             if processor.is_control(i)}
+    self.special_ids = frozenset(int(i) for i in special_ids)
 
   @property
   def bos_id(self) -> int:
@@ -47,21 +69,34 @@ class Tokenizer:
 
   def encode(self, text: str, *, add_bos: bool | None = None,
              add_eos: bool = False) -> list[int]:
-    ids = list(self.sp.encode(text))
-    if self.add_bos if add_bos is None else add_bos:
+    """Ids of ``text``, its special pieces as their ids; one ``bos_id``
+    first (with ``add_bos``) even when the text starts with ``<bos>``."""
+    ids, start = [], 0
+    if self._literal:
+      for match in self._literal_re.finditer(text):
+        if match.start() > start:
+          ids += self.sp.encode(text[start:match.start()])
+        ids.append(self._literal[match.group()])
+        start = match.end()
+    if start < len(text):
+      ids += self.sp.encode(text[start:])
+    if (self.add_bos if add_bos is None else add_bos) and (
+        not ids or ids[0] != self.bos_id):
       ids = [self.bos_id] + ids
     if add_eos:
       ids = ids + [self.eos_id]
     return ids
 
-  def decode(self, ids) -> str:
-    """Text of ``ids``; control tokens (bos, eos, pad) are dropped, and so
-    are ids past the vocabulary: a model's embedding may have more rows
-    than its tokenizer has pieces (padding), and sentencepiece raises on
-    them, mid-generation."""
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+    """Text of ``ids``, without `special_ids` (unless
+    ``skip_special_tokens=False``; SentencePiece never writes its own
+    bos, eos and pad) and without ids past the vocabulary: a
+    model's embedding may have more rows than its tokenizer has pieces
+    (padding), and sentencepiece raises on them, mid-generation."""
     size = self.sp.get_piece_size()
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    return self.sp.decode([i for i in ids if 0 <= i < size])
+    skip = self.special_ids if skip_special_tokens else ()
+    return self.sp.decode([i for i in ids if 0 <= i < size and i not in skip])
 
   def id_to_piece(self, i: int) -> str:
     return self.sp.id_to_piece(int(i))
@@ -95,6 +130,12 @@ class Tokenizer:
     sp.load_from_serialized_proto(proto.SerializeToString())
     add_bos = meta.get('tokenizer.ggml.add_bos_token', True)
     kw.setdefault('add_bos', bool(add_bos))
+    # The GGUF's CONTROL tokens (the proto makes most USER_DEFINED, so that
+    # text matches them) are what HF's skip_special_tokens leaves out.
+    types = np.asarray(meta['tokenizer.ggml.token_type'], np.int64)
+    control = spm_pb2.ModelProto.SentencePiece.Type.Value('CONTROL')
+    kw.setdefault('special_ids', {int(i) for i in np.flatnonzero(
+        types == control)} | {sp.unk_id()})
     return cls(sp, **kw)
 
 
@@ -171,7 +212,9 @@ def load_tokenizer(path: str, **kw) -> Tokenizer:
   if os.path.isdir(path):
     model = os.path.join(path, 'tokenizer.model')
     if not os.path.isfile(model):
-      raise FileNotFoundError(f'{path}: no tokenizer.model in this directory.')
+      raise FileNotFoundError(
+          f'{path}: no tokenizer.model in this directory (pass the '
+          'tokenizer.model, or a .gguf holding the vocabulary, itself).')
     return Tokenizer.from_model_file(model, **kw)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: tokenizer not found (expected a '
