@@ -87,6 +87,15 @@ def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lam, q
 
 
+def eigvalsh(x: jax.Array) -> jax.Array:
+  """``jnp.linalg.eigvalsh`` of a batch, one matrix at a time where
+  :func:`eigh` needs it (the same deadlock)."""
+  if x.ndim > 2 and jax.default_backend() == 'cpu' and jax.device_count() > 1:
+    lam = jax.lax.map(jnp.linalg.eigvalsh, x.reshape((-1,) + x.shape[-2:]))
+    return lam.reshape(x.shape[:-1])
+  return jnp.linalg.eigvalsh(x)
+
+
 def after(x: Any, previous: Any) -> Any:
   """``x`` unchanged, but computed only once ``previous`` is.
 

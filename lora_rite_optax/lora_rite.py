@@ -437,7 +437,11 @@ def scale_by_lora_rite(
       gtg = mm(mm(_t(rinv_o), clean(gram['gg'])), rinv_o)
       r = gtg.shape[-1]
       rms = jnp.sqrt(jnp.maximum(_trace(gtg), 0.0) / (n_rows * r))
-      keep = finite & ~((update_skipping > 0) & (rms > update_skipping))
+      # A finite gradient can still overflow here (grad^T grad times the
+      # partner's R^+ twice): skipped like a non-finite one, since 0 * inf
+      # below would make the second moment NaN for good.
+      keep = (finite & jnp.isfinite(_trace(gtg)) &
+              ~((update_skipping > 0) & (rms > update_skipping)))
       total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
       prepared.append((key, ks, gram, n_rows, rinv, rinv_o, finite, clean,
                        gtg, keep))
@@ -460,7 +464,8 @@ def scale_by_lora_rite(
       rho_prev = state.escaped[key]
       rinv_prev_o = state.rinv[key][::-1]
       scale = jnp.where(keep, clip_scale, 0.0)  # g = scale * grad R_O^+
-      gtg = scale[..., None, None]**2 * gtg
+      gtg = jnp.where(keep[..., None, None], scale[..., None, None]**2 * gtg,
+                      0.0)
       # P_F = U_{O,t}^T U_{O,t-1} = R_O^+T X_O^T X_{O,t-1} R_{O,t-1}^+.
       xp_o = gram['xp'][::-1]
       transport = mm(mm(_t(rinv_o), xp_o), rinv_prev_o)
@@ -470,7 +475,7 @@ def scale_by_lora_rite(
       else:
         # One eigvalsh call for both (concurrent calls can deadlock XLA:CPU).
         both = jnp.concatenate([nu_prev, nu_moved])
-        lam_old, lam_new = jnp.split(jnp.linalg.eigvalsh(
+        lam_old, lam_new = jnp.split(linalg.eigvalsh(
             linalg.after(both, last_q) if last_q is not None else both), 2)
         last_q = lam_old
         lost = jnp.minimum(

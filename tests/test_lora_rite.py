@@ -279,6 +279,34 @@ def test_non_finite_gradient_never_reaches_params(bad):
       assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+@pytest.mark.parametrize('update_skipping', [1.0, 0.0])
+def test_a_finite_gradient_that_overflows_is_skipped(update_skipping):
+  """grad^T grad through the partner's R^+ twice can overflow float32 while
+  the gradient itself is finite: its factor had made the second moment (and
+  every later step) NaN, where update skipping should skip it; without
+  skipping, the clip's global norm had been inf for every pair."""
+  rng = np.random.default_rng(0)
+  params = {'x': {'lora_a': jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+                  'lora_b': jnp.asarray(0.05 * rng.normal(size=(2, 6)),
+                                        jnp.float32)},
+            'y': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 6))}}
+  tx = lro.lora_rite(1e-2, update_skipping=update_skipping,
+                     clip_unmagnified_grad=1.0)
+  state = tx.init(params)
+  huge = jax.tree.map(jnp.ones_like, params)
+  huge['x']['lora_a'] = jnp.full((8, 2), 1.5e18)
+  step = jax.jit(tx.update)
+  updates, state = step(huge, state, params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+      (updates, state)))
+  assert not bool(jnp.any(updates['x']['lora_a']))
+  assert bool(jnp.any(updates['y']['lora_a']))  # the clip spared the others
+  for _ in range(3):
+    updates, state = step(jax.tree.map(jnp.ones_like, params), state, params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+      (updates, state)))
+
+
 def test_nan_step_at_start_leaves_factor_unmoved():
   params, targets = _problem(4, zero_b=False, dtype=np.float32)
   tx = lro.lora_rite(0.05)
