@@ -453,12 +453,26 @@ class T5(nnx.Module):
     return self.decode(decoder_tokens, self.cross_kv(encoded), valid)
 
 
-def init_cache(model: T5, batch_size: int, max_length: int) -> list:
-  """Zero self-attention KV cache of every decoder layer."""
+def init_cache(model: T5, batch_size: int, max_length: int,
+               like: jax.Array | None = None) -> list:
+  """Zero self-attention KV cache of every decoder layer.
+
+  With ``like`` (an array whose first axis is the batch, e.g. the encoder's
+  valid mask) the cache is made sharded over the batch as it is: made
+  plainly, all of it sat on the first device until the first step (an
+  mT5-XXL evaluation batch's cache is gigabytes).
+  """
   c = model.config
   shape = (batch_size, max_length, c.num_heads, c.d_kv)
-  return [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-          for _ in range(c.num_decoder_layers)]
+  sharding = getattr(like, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec:
+    out = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(
+            sharding.spec[0], *([None] * (len(shape) - 1))))
+    zeros = jax.jit(lambda: jnp.zeros(shape, model.dtype), out_shardings=out)
+  else:
+    zeros = lambda: jnp.zeros(shape, model.dtype)
+  return [(zeros(), zeros()) for _ in range(c.num_decoder_layers)]
 
 
 @nnx.jit
@@ -498,7 +512,7 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   out, step_logits = [], []
   if use_cache:
     cross, valid = _encode_for_decoding(model, encoder_tokens)
-    cache = init_cache(model, b, max_new_tokens)
+    cache = init_cache(model, b, max_new_tokens, like=valid)
     token = start
   else:
     seq = start
@@ -571,6 +585,11 @@ def config_from_hf(data: dict[str, Any], where: str = 'config.json') -> T5Config
   # and uses 'relu' (the original T5 configs omit both; v1.1 configs say
   # false and 'gated-gelu'), MT5Config unties it and uses 'gated-gelu'.
   mt5 = model_type == 'mt5'
+  if not mt5 and isinstance(data.get('scale_decoder_outputs'), bool):
+    # transformers 5 writes tie_word_embeddings true for every T5 and keeps
+    # the real setting (the tied, rescaled head of the original T5, or v1.1's
+    # own head) here.
+    kwargs['tie_word_embeddings'] = data['scale_decoder_outputs']
   kwargs.setdefault('tie_word_embeddings', not mt5)
   kwargs.setdefault('feed_forward_proj', 'gated-gelu' if mt5 else 'relu')
   try:
@@ -629,6 +648,8 @@ def _hf_params(model: T5) -> Iterator[tuple[str, nnx.Variable, str]]:
 
 # Tied copies of shared.weight that HF may or may not write.
 _TIED_ALIASES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+_UNUSED_CROSS_BIAS = (
+    'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight')
 
 
 def _materialize_rng_state(model: T5, seed: int) -> None:
@@ -681,13 +702,20 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   if dropout_rate is not None:
     config = dataclasses.replace(config, dropout_rate=dropout_rate)
   tensors = hf_io.open_tensors(path)
+  if (config.model_type == 'mt5' and config.tie_word_embeddings and
+      'lm_head.weight' in tensors):
+    # transformers 5 writes tie_word_embeddings true for every mT5 and
+    # saves its head (mT5's own, untied), which it loads as it is, unscaled.
+    config = dataclasses.replace(config, tie_word_embeddings=False)
   # HF may write the embedding only under a tied alias.
   embed_name = next((n for n in ('shared.weight',) + _TIED_ALIASES
                      if n in tensors), 'shared.weight')
   # Build without random init (a large model would not fit twice), then fill.
   model = nnx.eval_shape(lambda: T5(config, dtype=dtype, param_dtype=param_dtype,
                                     rngs=nnx.Rngs(0)))
-  used = set(_TIED_ALIASES)
+  # The original T5 checkpoints hold a cross-attention position bias no
+  # layer uses (transformers ignores it too).
+  used = set(_TIED_ALIASES) | {_UNUSED_CROSS_BIAS}
   for name, var, kind in _hf_params(model):
     stored = embed_name if name == 'shared.weight' else name
     if stored not in tensors:

@@ -81,6 +81,52 @@ def test_a_tied_config_refuses_a_head_of_its_own(tmp_path):
       'or absent); an untied head needs tie_word_embeddings false.')
 
 
+def _reference_logits(model):
+  return np.asarray(model(jnp.asarray(t5_reference.ENCODER_TOKENS),
+                          jnp.asarray(t5_reference.DECODER_TOKENS)))
+
+
+@pytest.mark.parametrize('model_type, extra', [
+    ('t5', {'scale_decoder_outputs': False}),  # T5 v1.1 re-saved by v5
+    ('mt5', {}),                               # mT5 re-saved by v5
+])
+def test_checkpoints_saved_by_transformers_5_load_untied(tmp_path, model_type,
+                                                         extra):
+  """transformers 5 writes tie_word_embeddings true for every T5 and mT5,
+  with the head of its own saved beside it (and, for T5, the real setting as
+  scale_decoder_outputs): such a re-saved v1.1 / mT5 checkpoint (the usual
+  way to convert a pytorch_model.bin) had been refused as a tied config
+  with a head of its own."""
+  cfg = dict(t5_reference.CONFIGS['gated'], model_type=model_type,
+             tie_word_embeddings=True, **extra)
+  t5_reference.random_checkpoint(str(tmp_path), t5_reference.CONFIGS['gated'],
+                                 seed=1)
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  model = t5.from_pretrained(tmp_path)
+  assert not model.config.tie_word_embeddings
+  np.testing.assert_allclose(_reference_logits(model),
+                             load_file(t5_reference.REFERENCE)['gated'],
+                             atol=2e-5, rtol=1e-5)
+
+
+def test_original_t5_checkpoints_load_past_their_unused_cross_bias(tmp_path):
+  """t5-small/base/large hold a cross-attention position bias that no layer
+  uses (transformers ignores it): it had been an 'unexpected tensor'."""
+  cfg = t5_reference.CONFIGS['tied_relu']
+  tensors = t5_reference.random_checkpoint(str(tmp_path), cfg, seed=1)
+  name = 'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'
+  save_file({**tensors, name: np.ones((32, cfg['num_heads']), np.float32)},
+            str(tmp_path / 'model.safetensors'))
+  model = t5.from_pretrained(tmp_path)
+  np.testing.assert_allclose(_reference_logits(model),
+                             load_file(t5_reference.REFERENCE)['tied_relu'],
+                             atol=2e-5, rtol=1e-5)
+  # v5's original-T5 config: tied and rescaled, said by scale_decoder_outputs.
+  (tmp_path / 'config.json').write_text(json.dumps(
+      dict(cfg, scale_decoder_outputs=True)))
+  assert t5.from_pretrained(tmp_path).config.tie_word_embeddings
+
+
 def test_named_configs():
   assert t5.get_config('t5-v1_1-xxl').d_model == 4096
   assert t5.get_config('t5-v1_1-xxl').d_ff == 10240
@@ -252,3 +298,20 @@ def test_shard_index_cannot_escape_directory(tmp_path):
   with pytest.raises(ValueError) as e:
     t5.from_pretrained(d)
   assert 'outside the directory' in _one_line(e)
+
+
+def test_decoding_cache_is_made_sharded_like_the_batch(tiny):
+  """The KV cache had been made on the first device whatever the batch's
+  sharding (an mT5-XXL evaluation batch's cache is gigabytes)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((1,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  valid = jax.device_put(jnp.ones((2, 6), bool),
+                         NamedSharding(mesh, P('data', None)))
+  cache = t5.init_cache(tiny, 2, 4, like=valid)
+  for k, v in cache:
+    for x in (k, v):
+      assert x.sharding.spec == P('data', None, None, None)
+      assert not np.any(np.asarray(x))
+  plain = t5.init_cache(tiny, 2, 4)
+  assert plain[0][0].shape == cache[0][0].shape
