@@ -3,7 +3,13 @@
 # GPU"): the committed step as `lro.donating_jit` compiles it there, the
 # stacked layout and the rank/width sweep, per-precision timing, the
 # train step, and where the step time goes. Each part has its own time
-# limit, so one that overruns leaves the others' outputs.
+# limit, so one that overruns leaves the others' outputs. optimizer_step.py
+# prints each ratio under one wrapper on both sides (adam and lora_rite
+# both under donating_jit, both under jax.jit) and beside it the ratio net
+# of a do-nothing "floor" step timed in the same rounds. For those rows
+# (and the 7B compile of the whole donating step) the limits below are
+# 5-15 s longer than the 2026-12-04 leases ran under (210/70/70 s): an
+# estimate of the added compiles, not yet measured on a GPU.
 #
 #   OUT=/some/dir COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
 #
@@ -39,10 +45,10 @@ part() {  # part NAME SECONDS COMMAND...
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" |
     tee -a "$OUT/session.log"
 }
-part optimizer_step_full 210 python3 benchmarks/optimizer_step.py \
+part optimizer_step_full 225 python3 benchmarks/optimizer_step.py \
   --repeats 30 --sweep_repeats 20
 part train_step_f32 140 python3 benchmarks/train_step.py \
   --model gemma3-270m-random --dtype float32 --steps 20
-part optimizer_step_default 70 python3 benchmarks/optimizer_step.py \
+part optimizer_step_default 80 python3 benchmarks/optimizer_step.py \
   --quick --repeats 30 --precision default
-part breakdown 70 python3 benchmarks/optimizer_step.py --breakdown --repeats 30
+part breakdown 75 python3 benchmarks/optimizer_step.py --breakdown --repeats 30

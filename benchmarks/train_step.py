@@ -5,7 +5,9 @@ Both optimizers run through the training loop's own step
 factors only, optimizer update, update-size metrics), jitted, on the same
 model, adapters (rank 16 on q, k, v, o, gate, up, down), batch and initial
 LoRA parameters, in one process. Timed steps alternate between the two
-optimizers so that load changes on a shared machine hit both alike; the
+optimizers so that load changes on a shared machine hit both alike, in an
+order shuffled each round (seeded: `interleaved_times` of
+benchmarks/optimizer_step.py), so that neither always runs first; the
 median is reported.
 
   python benchmarks/train_step.py                  # real 270M (GGUF package)
@@ -21,6 +23,7 @@ The last line is `lora_rite/adam train-step ratio: X.XX`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -36,6 +39,15 @@ import numpy as np
 
 from train import configs
 from train import loop
+
+# The sibling script by its path, for its seeded interleaving (benchmarks/
+# is not a package; see matmul_precision.py).
+_spec = importlib.util.spec_from_file_location(
+    'optimizer_step',
+    os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                 'optimizer_step.py'))
+optimizer_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(optimizer_step)
 
 
 def make_config(args) -> configs.Config:
@@ -126,16 +138,17 @@ def main(argv=None) -> None:
     c = one(name)
     print(f'{name}: compile + first step {c:.1f}s', flush=True)
     one(name)  # Second warm-up step (B is non-zero from here on).
-  times = {name: [] for name in steps}
-  for _ in range(args.steps):
-    for name in steps:  # Interleaved: shared-machine load hits both.
-      times[name].append(one(name))
+  # Interleaved, in a seeded order shuffled each round: shared-machine load
+  # hits both, and neither always runs first or after the other.
+  names = list(steps)
+  times = dict(zip(names, optimizer_step.interleaved_times(
+      [lambda n=n: one(n) for n in names], args.steps)))
 
   print(f'model {args.model}, LoRA r{args.rank} on '
         f'{len(configs.GEMMA_TARGETS)} projections, batch {args.batch} x '
         f'seq {args.seq_len} ({tokens} non-pad tokens), '
         f'{args.max_targets} loss positions/row, median of {args.steps} '
-        'interleaved warm jitted steps')
+        'interleaved warm jitted steps (order shuffled each round)')
   med = {}
   for name, ts in times.items():
     med[name] = statistics.median(ts)

@@ -1,7 +1,8 @@
 """benchmarks/train_step.py on the tiny model: both optimizers' steps run
-and each compiles once."""
+and each compiles once; main() times them in a shuffled order."""
 
 import argparse
+import re
 
 import jax
 import numpy as np
@@ -32,3 +33,23 @@ def test_each_optimizers_step_compiles_once_and_trains():
     assert np.isfinite(float(metrics['loss'])), name
     # Each optimizer donated its own copy: the run's params are untouched.
     assert all(not x.is_deleted() for x in jax.tree.leaves(r.state['params']))
+
+
+def test_main_interleaves_in_a_shuffled_order(monkeypatch, capsys):
+  bench = benchmark_scripts.load('train_step')
+  orders = []
+  shuffled = bench.optimizer_step.interleaved_times
+
+  def recording(fns, repeats):
+    def tagged(i):
+      return lambda: orders.append(i) or fns[i]()
+    return shuffled([tagged(i) for i in range(len(fns))], repeats)
+
+  monkeypatch.setattr(bench.optimizer_step, 'interleaved_times', recording)
+  bench.main(['--model', 'tiny', '--rank', '4', '--batch', '2', '--seq_len',
+              '32', '--max_targets', '4', '--steps', '4'])
+  rounds = [tuple(orders[k:k + 2]) for k in range(0, 8, 2)]
+  assert all(sorted(r) == [0, 1] for r in rounds)
+  assert len(set(rounds)) == 2  # each optimizer first in some round
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert re.match(r'^lora_rite/adam train-step ratio: \d+\.\d\d$', last), last
