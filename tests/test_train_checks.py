@@ -565,3 +565,24 @@ def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):
   out = loop.run(tiny(run_dir, resume=True, **path('moved')), log=quiet,
                  stop_at=4)
   assert out['steps'] == 4
+
+
+def test_tokens_per_s_is_training_throughput(tmp_path, monkeypatch):
+  """A periodic evaluation (here one that takes 2 s) had been counted in the
+  next row's tokens/s window, making it a fraction of the others'."""
+  import time  # pylint: disable=g-import-not-at-top
+  real_call = loop.Evaluator.__call__
+
+  def slow(self, state):
+    time.sleep(2.0)
+    return real_call(self, state)
+
+  monkeypatch.setattr(loop.Evaluator, '__call__', slow)
+  out = loop.run(tiny(tmp_path / 'run', log_every=2, checkpoint_every=0,
+                      **{'eval.every': 4, 'eval.before': False,
+                         'eval.after': False, 'eval.num_examples': 4}),
+                 log=quiet)
+  rate = {row['step']: row['tokens_per_s'] for row in out['history']}
+  assert sorted(rate) == [2, 4, 6, 8]
+  # Row 6's window followed the evaluation at step 4: the same steps' pace.
+  assert rate[6] > 0.5 * rate[8], rate

@@ -2095,6 +2095,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       if step == start_step + 1:
         jax.block_until_ready(metrics['loss'])
         timing['compile_and_first_step'] = time.perf_counter() - t0
+        if step % cfg.log_every and step != end_step:
+          # tokens/s is training throughput: the steps after this one,
+          # which compiled (a window of this step alone keeps it).
+          window_tokens, window_t0 = 0, time.perf_counter()
       if step % cfg.log_every == 0 or step == end_step:
         host = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
         now = time.perf_counter()
@@ -2136,10 +2140,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         break
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
+      paused = time.perf_counter()
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         ckpt.save(step, state, data_iter, ckpt_json_now())
       if eval_due:
         interrupted = eval_or_stop(step, 'periodic')[1]
+      # Neither is training: kept out of the tokens/s window (an evaluation
+      # had made the next row's tokens/s a tenth of the others').
+      window_t0 += time.perf_counter() - paused
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data_iter, ckpt_json_now(), force=True)
   finally:
