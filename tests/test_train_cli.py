@@ -149,6 +149,10 @@ def test_summary_lines_name_both_evaluation_sizes_when_they_differ():
   assert cli.eval_lines(before, {'accuracy': 0.5, 'num_examples': 16.0}) == [
       'accuracy: before 0.000 -> after 0.500 (16 held-out examples)']
   assert cli.eval_lines(None, before) == []
+  # Accuracy is over the examples with a gold answer: that count is named.
+  scored = {'accuracy': 0.5, 'num_examples': 16.0, 'num_scored': 12.0}
+  assert cli.eval_lines(scored, scored) == [
+      'accuracy: before 0.500 -> after 0.500 (12 held-out examples)']
 
 
 def test_an_interrupted_run_exits_as_the_signal_says(monkeypatch, capsys):

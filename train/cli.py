@@ -179,7 +179,8 @@ def eval_lines(before: dict | None, after: dict | None) -> list[str]:
   lines = []
   for key in ('accuracy', 'exact_match', 'rougeL'):
     if before and after and key in before and key in after:
-      n_before, n_after = (int(e.get('num_examples', 0))
+      # The examples a score is over: those with a gold answer.
+      n_before, n_after = (int(e.get('num_scored', e.get('num_examples', 0)))
                            for e in (before, after))
       # A finished run evaluated again may use another eval.num_examples.
       lines.append(f'{key}: before {before[key]:.3f} -> after '
