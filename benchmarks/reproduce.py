@@ -55,7 +55,9 @@ adapters or per-item evaluation results (see `train_one`).
 Each (task, optimizer, learning rate, seed) run writes one JSON file
 atomically under ``<out>/runs/<budget>/<task>/``; with ``--resume`` finished
 files are skipped, so a long run can be done in pieces and killed at any
-time without corrupting anything.
+time without corrupting anything. Runs of a model other than Gemma 3 270M
+(``--model tiny``, a check) live apart, under budget ``<budget>-tiny``
+(files, summary and report), so they never replace or join real results.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ OPTIMIZERS = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'lamb',
 TASKS = ('arithmetic', 'math', 'boolq', 'openbookqa', 'arc_challenge')
 MC_TASKS = ('boolq', 'openbookqa', 'arc_challenge')
 MATH_HELDOUT = 300  # The last 300 records of math/train.json are the test.
+# The model of the committed results (docs/results): its runs live under the
+# budget's own name; any other model's under '<budget>-<model>'.
+MODELS = ('gemma3-270m', 'tiny')
+DEFAULT_MODEL = MODELS[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -629,12 +635,16 @@ def bracketed(lr, tried) -> str:
 # Report.
 
 
-def load_results(out: str, budget: str) -> dict:
+def load_results(out: str, budget: str, model: str | None = None) -> dict:
+  """{(task, optimizer, lr, seed): run} of the budget's files; with `model`,
+  only that model's runs (files without the field count as any model's)."""
   results = {}
   for path in sorted(glob.glob(os.path.join(out, 'runs', budget, '*',
                                             '*.json'))):
     with open(path) as f:
       d = json.load(f)
+    if model and d.get('model', model) != model:
+      continue
     results[(d['task'], d['optimizer'], d['lr'], d['seed'])] = d
   return results
 
@@ -1036,8 +1046,10 @@ def plots(results: dict, summary: dict, out: str, budget_name: str) -> list:
 
 def report(args, budget: Budget, command: str, log) -> None:
   results = load_results(args.out, args.budget)
-  # Runs of another model under the same budget (e.g. --model tiny checks
-  # written to the same folder) are never pooled with these.
+  # Runs of another model under the same budget are never pooled with
+  # these. `_main` keeps each model's runs under its own budget name, so only
+  # files from before it did (a --model tiny check written to the plain
+  # budget's folder) can be left out here.
   model = getattr(args, 'model', None)
   other = {k for k, v in results.items()
            if model and v.get('model', model) != model}
@@ -1075,8 +1087,13 @@ def report(args, budget: Budget, command: str, log) -> None:
 
 
 def main(argv=None) -> None:
-  with shared_base():
-    _main(argv)
+  try:
+    with shared_base():
+      _main(argv)
+  except loop.ConfigError as e:
+    # A setting the loop refuses (--lrs -1, --steps 0, --warmup -2): one
+    # line, as the training CLI says it, not a traceback.
+    raise SystemExit(f'error: {str(e).splitlines()[0]}') from None
 
 
 def _main(argv) -> None:
@@ -1088,9 +1105,10 @@ def _main(argv) -> None:
   p.add_argument('--seeds', nargs='+', type=int)
   p.add_argument('--lrs', nargs='+', type=float,
                  help='override the budget\'s learning-rate sweep')
-  p.add_argument('--steps', type=int, help='override the budget\'s steps')
+  p.add_argument('--steps', type=int,
+                 help='override the budget\'s steps (>= 1)')
   p.add_argument('--warmup', type=int,
-                 help='override the budget\'s warmup steps')
+                 help='override the budget\'s warmup steps (>= 0)')
   p.add_argument('--gsm8k', action='store_true',
                  help='math: test on GSM8K in place of the held-out math '
                  'records (runs kept apart, under <budget>-gsm8k)')
@@ -1106,9 +1124,9 @@ def _main(argv) -> None:
   p.add_argument('--resume', action='store_true',
                  help='skip runs whose result file exists')
   p.add_argument('--report_only', action='store_true')
-  p.add_argument('--model', choices=('gemma3-270m', 'tiny'),
-                 default='gemma3-270m',
-                 help='tiny: a random tiny Gemma on bytes (tests only)')
+  p.add_argument('--model', choices=MODELS, default=DEFAULT_MODEL,
+                 help='tiny: a random tiny Gemma on bytes (tests only); its '
+                 'runs live apart, under <budget>-tiny')
   p.add_argument('--out', default=os.path.join('docs', 'results'))
   p.add_argument('--compile_cache', default=None,
                  help='persistent XLA compilation cache folder; "" for none '
@@ -1145,7 +1163,7 @@ def _main(argv) -> None:
     over['seeds'] = tuple(args.seeds)
   if args.lrs:
     over['lrs'] = tuple(args.lrs)
-  if args.steps:
+  if args.steps is not None:
     over['steps'] = args.steps
   if args.warmup is not None:
     over['warmup'] = args.warmup
@@ -1167,9 +1185,19 @@ def _main(argv) -> None:
     over['tasks'] = {**tasks_now, 'math': dataclasses.replace(
         tasks_now['math'], gen_tokens=args.exact_match)}
   budget = dataclasses.replace(budget, **over)
+  tasks = args.tasks or budget.default_tasks
+  opts = args.optimizers or OPTIMIZERS
+  # Refuse what the loop would refuse (a rate <= 0, steps < 1, warmup < 0)
+  # before anything runs: a ConfigError, one line from `main`.
+  num_devices = jax.device_count()
+  for task in tasks:
+    for opt in opts:
+      for lr in budget.lrs:
+        loop.validate(make_config(budget, task, opt, lr, min(budget.seeds),
+                                  args.model), num_devices)
   # A step or warmup override changes what a run is, so its runs live apart
   # (the lr and seed are in each file's name already).
-  if args.steps:
+  if args.steps is not None:
     args.budget = f'{args.budget}-steps{args.steps}'
   if args.warmup is not None:
     args.budget = f'{args.budget}-warmup{args.warmup}'
@@ -1179,8 +1207,11 @@ def _main(argv) -> None:
     args.budget = f'{args.budget}-decontam'
   if args.exact_match:
     args.budget = f'{args.budget}-em{args.exact_match}'
-  tasks = args.tasks or budget.default_tasks
-  opts = args.optimizers or OPTIMIZERS
+  # Another model's runs (a --model tiny check) live apart from the real
+  # ones: same file names, so under the same budget name one would replace
+  # the other, and its report would overwrite the real report.
+  if args.model != DEFAULT_MODEL:
+    args.budget = f'{args.budget}-{args.model}'
 
   def log(s):
     print(s, flush=True)
@@ -1196,25 +1227,38 @@ def _main(argv) -> None:
       log(f'[{args.budget}] {task}: {len(data["train"])} train, '
           f'{len(data["val"])} val, ' + ', '.join(
               f'{k} {len(v)}' for k, v in data['tests'].items()) + ' test')
-      seed0 = budget.seeds[0]
-      # Sweep first (seed 0, every lr, every optimizer), so that a partial
-      # run has comparable optimizers before it has more seeds.
+      # The rate is chosen on one seed per optimizer, the one the report
+      # chooses it on (`summarize`): the smallest seed of its runs on file
+      # or of this call's. A call whose seeds leave it out (--seeds 1 2
+      # after a seed-0 sweep) sweeps on it only the rates missing there
+      # (or stale), and runs its own seeds at the rate chosen there.
+      on_file = load_results(args.out, args.budget, args.model)
+      sweep_seed = {opt: min([k[3] for k in on_file if k[:2] == (task, opt)]
+                             + list(budget.seeds)) for opt in opts}
+      # Sweep first (every lr, every optimizer), so that a partial run has
+      # comparable optimizers before it has more seeds.
       for opt in opts:
+        seed0 = sweep_seed[opt]
+        sweep_args = args if seed0 in budget.seeds else argparse.Namespace(
+            **{**vars(args), 'resume': True})
         for lr in budget.lrs:
           results[(task, opt, lr, seed0)] = do_run(
-              args, budget, task, data, opt, lr, seed0, log)
+              sweep_args, budget, task, data, opt, lr, seed0, log)
       # The choice is among every rate run on seed0 under this budget, not
       # just this call's: a later `--lrs X` that loses must not get seeds.
-      on_file = {**load_results(args.out, args.budget), **results}
+      on_file = {**load_results(args.out, args.budget, args.model), **results}
       for opt in opts:
+        seed0 = sweep_seed[opt]
         tried = sorted({k[2] for k in on_file
                         if k[:2] == (task, opt) and k[3] == seed0})
         lr, val = best_lr(on_file, task, opt, tried, seed0)
         log(f'[{args.budget}] {task} {opt}: lr {lr:g} chosen by val loss '
+            f'on seed {seed0} '
             + str({f'{k:g}': round(float(v), 4) for k, v in val.items()}))
-        for seed in budget.seeds[1:]:
-          results[(task, opt, lr, seed)] = do_run(
-              args, budget, task, data, opt, lr, seed, log)
+        for seed in budget.seeds:
+          if seed != seed0:
+            results[(task, opt, lr, seed)] = do_run(
+                args, budget, task, data, opt, lr, seed, log)
   # The report covers every run made under this budget, not just this
   # invocation's: its grid and seeds are the budget's own (a --lrs or
   # --seeds run that adds one rate must not make the rest look incomplete).

@@ -278,28 +278,32 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
   args = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'lora_rite',
           'adam', '--out', out, '--resume']
   rp.main(args)
-  files = sorted(os.listdir(os.path.join(out, 'runs', 'unit', 'arithmetic')))
+  # Another model's runs live apart: budget 'unit-tiny'.
+  assert os.listdir(os.path.join(out, 'runs')) == ['unit-tiny']
+  files = sorted(os.listdir(os.path.join(out, 'runs', 'unit-tiny',
+                                         'arithmetic')))
   assert files == ['adam_lr0.001_seed0.json', 'lora_rite_lr0.001_seed0.json']
-  d = json.load(open(os.path.join(out, 'runs', 'unit', 'arithmetic',
+  d = json.load(open(os.path.join(out, 'runs', 'unit-tiny', 'arithmetic',
                                   files[1])))
   assert len(d['history']) == 2 and len(d['val_loss']) == 4
   assert len(d['data_fingerprint']) == 16
   assert len(d['tests']['arithmetic']['correct']) == 4
   assert np.isfinite(d['history'][-1]['update_ratio_a'])
-  assert os.path.exists(os.path.join(out, 'results_unit.md'))
-  mtime = os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
-                                        files[0]))
+  assert os.path.exists(os.path.join(out, 'results_unit-tiny.md'))
+  mtime = os.path.getmtime(os.path.join(out, 'runs', 'unit-tiny',
+                                        'arithmetic', files[0]))
   rp.main(args)  # --resume: nothing retrained.
-  assert os.path.getmtime(os.path.join(out, 'runs', 'unit', 'arithmetic',
-                                       files[0])) == mtime
+  assert os.path.getmtime(os.path.join(out, 'runs', 'unit-tiny',
+                                       'arithmetic', files[0])) == mtime
   # One more rate for one optimizer: the report still judges every run
   # against the budget's grid (1e-3), not this invocation's --lrs.
   rp.main(args + ['--optimizers', 'adam', '--lrs', '1e-4'])
-  s = json.load(open(os.path.join(out, 'summary_unit.json')))
+  s = json.load(open(os.path.join(out, 'summary_unit-tiny.json')))
   chosen = s['tasks']['arithmetic']['chosen']
   assert set(chosen['adam']['val_loss_by_lr']) == {'0.0001', '0.001'}
   assert chosen['lora_rite']['sweep_complete'] is True
-  assert 'lr sweep [0.001]' in open(os.path.join(out, 'results_unit.md')).read()
+  assert 'lr sweep [0.001]' in open(os.path.join(
+      out, 'results_unit-tiny.md')).read()
 
 
 def test_loss_only_test_sets(rp, tmp_path):
@@ -551,12 +555,13 @@ def test_end_to_end_tiny_math_exact_match(rp, tmp_path, monkeypatch):
   rp.main(['--budget', 'unit', '--model', 'tiny', '--tasks', 'math',
            '--optimizers', 'lora_rite', 'adam', '--exact_match', '4',
            '--out', out])
-  d = json.load(open(rp.run_path(out, 'unit-em4', 'math', 'adam', 1e-3, 0)))
+  d = json.load(open(rp.run_path(out, 'unit-em4-tiny', 'math', 'adam', 1e-3,
+                                 0)))
   res = d['tests']['math_heldout']
   n = len(res['loss'])
   assert n > 0 and len(res['correct']) == len(res['generation']) == n
   assert set(res['correct']) <= {0, 1}
-  md = open(os.path.join(out, 'results_unit-em4.md')).read()
+  md = open(os.path.join(out, 'results_unit-em4-tiny.md')).read()
   assert '(loss only)' not in md and 'McNemar' in md
 
 
@@ -619,8 +624,8 @@ def test_end_to_end_tiny_multiple_choice(rp, tmp_path, monkeypatch):
   out = str(tmp_path)
   rp.main(['--budget', 'unit', '--model', 'tiny', '--optimizers', 'adam',
            '--out', out])
-  d = json.load(open(rp.run_path(out, 'unit', 'arc_challenge', 'adam', 1e-3,
-                                 0)))
+  d = json.load(open(rp.run_path(out, 'unit-tiny', 'arc_challenge', 'adam',
+                                 1e-3, 0)))
   res = d['tests']['arc_challenge']
   gold = [e.gold_index for e in
           rp.task_data('arc_challenge', tb)['tests']['arc_challenge']]
@@ -657,3 +662,132 @@ def test_decontaminate_retrains_without_gsm8k_test_questions(
     with pytest.raises(SystemExit):
       rp.main(['--budget', 'small', *bad, '--out', str(tmp_path)])
   assert len(seen) == 1
+
+
+def _stub_training(rp, monkeypatch, val_loss=lambda lr, seed: 1.0):
+  """do_run itself (paths, --resume, files), training and scoring stubbed:
+  each run gets 4 test items and validation loss val_loss(lr, seed); the
+  returned list collects the (lr, seed) of every run trained."""
+  trained = []
+
+  def fake_train(cfg, train_examples, log):
+    trained.append((cfg.optim.learning_rate, cfg.seed))
+    # As long as `_fake_run`'s: the loss curves average runs step by step.
+    return None, None, [{'loss': 1.0, 'update_ratio_a': 0.1,
+                         'update_ratio_b': 0.1}] * 4
+
+  def fake_eval(r, state, task, tb, val, tests):
+    lr, seed = trained[-1]
+    return {'val_loss': [val_loss(lr, seed)] * 2,
+            'tests': {n: {'correct': [0] * len(v), 'loss': [1.0] * len(v),
+                          'prediction': [None] * len(v)}
+                      for n, v in tests.items()}}
+
+  monkeypatch.setattr(rp, 'train_one', fake_train)
+  monkeypatch.setattr(rp, 'evaluate_run', fake_eval)
+  return trained
+
+
+def test_another_models_runs_never_replace_the_real_ones(
+    rp, tmp_path, monkeypatch):
+  """A --model tiny check, with or without --resume, writes under
+  <budget>-tiny: the default model's run files and report under <budget>
+  (docs/results/runs/small/... stay where they are) are left as they were."""
+  _unit_budget(rp, monkeypatch, 'arithmetic', rp.TaskBudget(48, 4, 4, 4, 2),
+               steps=2)
+  trained = _stub_training(rp, monkeypatch)
+  out = str(tmp_path)
+  real = rp.run_path(out, 'unit', 'arithmetic', 'adam', 1e-3, 0)
+  rp.write_atomic(real, {**_fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 4,
+                                     [0.5] * 4, 0.25), 'model': 'gemma3-270m'})
+  with open(os.path.join(out, 'results_unit.md'), 'w') as f:
+    f.write('real report\n')
+  before = open(real).read()
+  common = ['--budget', 'unit', '--model', 'tiny', '--optimizers', 'adam',
+            '--out', out]
+  for extra in ([], ['--resume']):
+    rp.main(common + extra)
+    assert open(real).read() == before
+    assert open(os.path.join(out, 'results_unit.md')).read() == 'real report\n'
+  assert trained == [(1e-3, 0)]  # The second call resumed the tiny run.
+  tiny = json.load(open(rp.run_path(out, 'unit-tiny', 'arithmetic', 'adam',
+                                    1e-3, 0)))
+  assert tiny['model'] == 'tiny' and tiny['budget'] == 'unit-tiny'
+  s = json.load(open(os.path.join(out, 'summary_unit-tiny.json')))
+  assert s['tasks']['arithmetic']['chosen']['adam']['seeds'] == [0]
+  # The default model still reads its runs under the plain budget name, and
+  # a tiny file left there by an older version is not one of them.
+  rp.write_atomic(rp.run_path(out, 'unit', 'arithmetic', 'adam', 1e-4, 0),
+                  {**_fake_run('arithmetic', 'adam', 1e-4, 0, [0] * 4,
+                               [1.0] * 4, 0.1), 'model': 'tiny'})
+  assert list(rp.load_results(out, 'unit', 'gemma3-270m')) == [
+      ('arithmetic', 'adam', 1e-3, 0)]
+  assert len(rp.load_results(out, 'unit')) == 2
+
+
+def test_rate_is_chosen_on_the_smallest_seed_on_file(
+    rp, tmp_path, monkeypatch, capsys):
+  """--seeds 1 2 after a seed-0 sweep: no second sweep on seed 1; seeds 1 and
+  2 run at the rate seed 0 chose, and the log and the report agree on it
+  and list seeds 0, 1 and 2 at that rate."""
+  out = str(tmp_path)
+  for lr, val in ((2e-4, 0.5), (1e-3, 0.9)):
+    rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'adam', lr, 0),
+                    _fake_run('arithmetic', 'adam', lr, 0, [0] * 8, [1.0] * 8,
+                              val))
+  # Seeds 1 and 2 would prefer 1e-3, had they been swept.
+  trained = _stub_training(rp, monkeypatch, val_loss=lambda lr, seed: (
+      {2e-4: 0.9, 1e-3: 0.1}[lr]))
+  common = ['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+            'adam', '--lrs', '2e-4', '1e-3', '--out', out]
+  rp.main(common + ['--seeds', '1', '2', '--resume'])
+  assert trained == [(2e-4, 1), (2e-4, 2)]
+  log = capsys.readouterr().out
+  assert 'adam: lr 0.0002 chosen by val loss on seed 0' in log
+  s = json.load(open(os.path.join(out, 'summary_smoke.json')))
+  chosen = s['tasks']['arithmetic']['chosen']['adam']
+  assert (chosen['lr'], chosen['seeds']) == (2e-4, [0, 1, 2])
+  assert s['tasks']['arithmetic']['tests']['arithmetic']['adam'][
+      'seeds'] == [0, 1, 2]
+  # Without --resume too, the seed-0 sweep on file is not redone (seed 0
+  # was not asked for); the seeds asked for are.
+  trained.clear()
+  rp.main(common + ['--seeds', '2'])
+  assert trained == [(2e-4, 2)]
+  # Nothing on file: the sweep is on the smallest seed asked for, whatever
+  # the order, as the report chooses.
+  trained.clear()
+  rp.main(common[:-1] + [str(tmp_path / 'fresh'), '--seeds', '2', '1'])
+  assert trained == [(2e-4, 1), (1e-3, 1), (1e-3, 2)]
+  assert 'adam: lr 0.001 chosen by val loss on seed 1' in (
+      capsys.readouterr().out)
+
+
+def test_bad_rate_steps_or_warmup_is_one_error_line(rp, tmp_path, monkeypatch):
+  """A rate <= 0, steps < 1 (0 included: not silently the budget's) or a
+  negative warmup: one `error:` line and a nonzero exit before anything
+  runs, not a traceback from the first run's build."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  seen = _record_runs(rp, monkeypatch)
+  common = ['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+            'adam', '--out', str(tmp_path)]
+  for bad, msg in ((['--lrs', '-1'], 'optim.learning_rate must be a finite '
+                    'number > 0, got -1.0.'),
+                   (['--steps', '-3'], 'steps must be >= 1, got -3.'),
+                   (['--steps', '0'], 'steps must be >= 1, got 0.'),
+                   (['--warmup', '-2'], 'optim.warmup_steps must be >= 0, '
+                    'got -2.')):
+    with pytest.raises(SystemExit) as e:
+      rp.main(common + bad)
+    assert e.value.code == f'error: {msg}', bad
+  assert not seen and not os.listdir(tmp_path)
+  # From the command line: exit status 1, stderr that one line.
+  script = os.path.join(os.path.dirname(rp.__file__), 'reproduce.py')
+  proc = subprocess.run(
+      [sys.executable, script, *common, '--steps', '0', '--compile_cache',
+       ''], capture_output=True, text=True, check=False, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1:] == [
+      'error: steps must be >= 1, got 0.'], proc.stderr
+  assert 'Traceback' not in proc.stderr
