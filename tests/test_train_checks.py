@@ -520,9 +520,17 @@ def test_base_model_fingerprint_is_what_the_files_hold(tmp_path):
   (hf / 'config.json').write_text('{"hidden_size": 64}')
   (hf / 'README.md').write_text('not a weight')
   first = fingerprints.base_model_fingerprint(str(hf))
-  assert set(first) == {'config.json', 'model.safetensors'}
+  assert set(first) == {'model.safetensors'}
   moved = shutil.copytree(hf, tmp_path / 'elsewhere' / 'hf')
+  # What the loader does not read: a README, config.json's version stamp,
+  # another GGUF, a run folder with its exported adapter inside.
   (moved / 'README.md').write_text('changed, and not a weight')
+  (moved / 'config.json').write_text(
+      '{"hidden_size": 64, "transformers_version": "5.0"}')
+  (moved / 'other.gguf').write_bytes(b'GGUF')
+  (moved / 'run' / 'adapter').mkdir(parents=True)
+  (moved / 'run' / 'adapter' / 'adapter_model.safetensors').write_bytes(
+      b'adapter')
   assert fingerprints.base_model_fingerprint(str(moved)) == first
   # A fine-tune of the same shapes: every weight moved a little.
   tuned = np.frombuffer(weights, np.float32) * np.float32(1.001)

@@ -24,18 +24,20 @@ from typing import Any
 # weight file at least every 1/16 of its length.
 _SAMPLES = 16
 _SAMPLE_BYTES = 256
-# The files that hold weights (tokenizer files have a fingerprint of their
-# own; a README or a generation config does not change the model).
-_WEIGHT_SUFFIXES = ('.safetensors', '.gguf')
 
 
-def _weight_files(path: str) -> list[str]:
-  found = []
-  for root, dirs, files in os.walk(path):
-    dirs.sort()
-    found += [os.path.join(root, f) for f in sorted(files)
-              if f.endswith(_WEIGHT_SUFFIXES) or f == 'config.json']
-  return found
+def _weight_files(path: str) -> dict[str, str]:
+  """{name: path} of the weight files the loader reads from a Hugging Face
+  folder (model.safetensors, or the shards its index names): not whatever
+  else the folder holds (another GGUF, an original/ subfolder, a run_dir
+  with its exported adapter), nor config.json, whose version stamps change
+  with the transformers that wrote it."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  try:
+    files, _ = hf_io.weight_files(path)
+  except (FileNotFoundError, ValueError):
+    return {}  # The loader has said what is wrong with the folder.
+  return {name: str(file) for name, file in files.items()}
 
 
 def _file_digest(path: str) -> str:
@@ -53,16 +55,15 @@ def _file_digest(path: str) -> str:
 
 
 def base_model_fingerprint(path: str) -> dict[str, Any] | None:
-  """{file name relative to ``path``: digest} of a Hugging Face folder's
-  config.json and weight files, {'file': digest} of a single file (a
-  GGUF), or None without a path (a random base, which the config's seed
-  decides)."""
+  """{weight file name: digest} of a Hugging Face folder's weight files,
+  {'file': digest} of a single file (a GGUF), or None without a path (a
+  random base, which the config's seed decides)."""
   if not path:
     return None
   if not os.path.isdir(path):  # One file (a GGUF), whatever its name.
     return {'file': _file_digest(path)}
-  return {os.path.relpath(f, path): _file_digest(f)
-          for f in _weight_files(path)}
+  return {name: _file_digest(file)
+          for name, file in sorted(_weight_files(path).items())}
 
 
 def base_model_difference(saved: dict[str, Any] | None,

@@ -1935,12 +1935,17 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'{where} was trained with another tokenizer than model.tokenizer '
           f'{spec} ({_tokenizer_difference(saved_tokenizer, tokenizer_id)}); '
           f'{redo}.')
-    if saved_base is not missing and saved_base != base_id:
+    # Every process refuses together (each reads its own copy of the
+    # files): one refusing alone would leave the others waiting in the
+    # restore's collectives.
+    base_differs = saved_base is not missing and saved_base != base_id
+    if distributed.on_any_process(int(base_differs)):
       raise ConfigError(
           f'{where} was trained on another base model than model.path '
-          f'{cfg.model.path!r} '
-          f'({fingerprints.base_model_difference(saved_base, base_id)}); '
-          'resume on the weights it was trained on.')
+          f'{cfg.model.path!r} (' + (
+              fingerprints.base_model_difference(saved_base, base_id)
+              if base_differs else "another process's copy of it differs") +
+          '); resume on the weights it was trained on.')
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
     except (ValueError, TypeError, KeyError) as e:
