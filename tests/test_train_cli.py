@@ -183,6 +183,16 @@ def test_config_from_a_saved_json(tmp_path):
   again, stop_at = cli.parse(['--config', str(path), '--steps', '5',
                               '--stop_at', '4'])
   assert again == configs.replace(cfg, steps=5) and stop_at == 4
+  # Per-host settings are not taken from the file (process 0 wrote it: its
+  # process_id on every host would start them all as process 0).
+  hosts = configs.replace(cfg, **{'distributed.process_id': 0,
+                                  'distributed.num_processes': 2})
+  path.write_text(configs.to_json(hosts))
+  assert cli.parse(['--config', str(path)])[0] == cfg
+  assert cli.parse(['--config', str(path), '--distributed.process_id', '1',
+                    '--distributed.num_processes', '2'])[0] == configs.replace(
+                        cfg, **{'distributed.process_id': 1,
+                                'distributed.num_processes': 2})
 
 
 @pytest.mark.parametrize('text, message', [

@@ -399,7 +399,9 @@ def load_json(path: str | os.PathLike[str]) -> Config:
   """The config in a JSON file, such as the `config.json` a run saves.
 
   ``python -m train --config RUN_DIR/config.json --resume`` continues a
-  run with the settings it started with, overrides and all.
+  run with the settings it started with, overrides and all, except the
+  per-host ``distributed.*`` ones (the file is process 0's), which each
+  host passes as before.
 
   Raises:
     ValueError: the file is missing or unreadable, not JSON, has a field
@@ -422,6 +424,9 @@ def load_json(path: str | os.PathLike[str]) -> Config:
     _checked(d, Config, '', typing.get_type_hints)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from None
+  # Per-host settings are each host's own: process 0 wrote the file, and
+  # its process_id given to every host would start them all as process 0.
+  d.pop('distributed', None)
   return from_dict(d)
 
 
