@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lora_rite_optax import casting
@@ -209,8 +210,10 @@ def loraplus(
       # 0.999 1.0).
       v = checks.concrete(value)
       dtype = getattr(value, 'dtype', None)
+      # numpy rounds as the value's own dtype does (float64 too, which jnp
+      # would make float32 without x64).
       return v is not None and v != (
-          default if dtype is None else float(jnp.asarray(default, dtype)))
+          default if dtype is None else float(np.asarray(default, dtype)))
 
     if any(differs(v, d) for v, d in given):
       raise ValueError('loraplus: with base=..., pass b1/b2/eps/weight_decay '

@@ -522,7 +522,10 @@ def test_loraplus_base_refuses_numpy_hyperparameters_it_would_drop():
     with pytest.raises(ValueError, match='with base=..., pass b1/b2/eps/'
                        'weight_decay to base itself'):
       lro.loraplus(1e-3, base=optax.lion, weight_decay=decay)
-  lro.loraplus(1e-3, base=optax.lion, b2=np.float32(0.999))  # the default
+  # The defaults, in any dtype (float64 had been compared with the default
+  # rounded to float32, and refused).
+  for b2 in (np.float32(0.999), np.float64(0.999), np.asarray(0.999)):
+    lro.loraplus(1e-3, base=optax.lion, b2=b2)
   # inject_hyperparams hands the defaults back as arrays of the params'
   # dtype (bfloat16 rounds 0.999 to 1.0): still the defaults.
   tx = optax.inject_hyperparams(lro.loraplus, static_args=('base',))(
