@@ -250,6 +250,14 @@ def test_shards_are_disjoint_and_cover():
       shard_index=index, shard_count=2, drop_remainder=False)))
             for index in range(2)]
   assert counts == [2, 2]
+  # Repeating forever no shard runs out: every example is kept.
+  seen = set()
+  for index, n in ((0, 5), (1, 4)):
+    it = iter(data.make_train_dataset(
+        _examples(9), TOK, seq_len=96, batch_size=1, seed=0, shuffle=False,
+        shard_index=index, shard_count=2))
+    seen |= {bytes(next(it)['tokens'][0]) for _ in range(n)}
+  assert len(seen) == 9
   with pytest.raises(ValueError, match="1 examples for 2 shards"):
     data.make_train_dataset(_examples(1), TOK, seq_len=8, batch_size=1,
                             seed=0, shard_count=2)

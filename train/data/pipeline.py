@@ -90,12 +90,13 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     pack: Pack several examples per row (first-fit); otherwise one per row.
     num_packing_bins: Rows packed at once (default `batch_size`).
     shard_index: This process's shard (`jax.process_index()`).
-    shard_count: Number of shards (`jax.process_count()`). Shards are equal:
-      the last `len(examples) % shard_count` examples are left out, so that
-      with finite epochs every process has the same number of batches (one
-      process with a batch more would wait in its step's collective
-      forever). Packing fills rows by length, so packed shards can still
-      differ by a batch; repeat forever (`num_epochs=None`) when packing.
+    shard_count: Number of shards (`jax.process_count()`). With finite
+      epochs shards are equal: the last `len(examples) % shard_count`
+      examples are left out, so that every process has the same number of
+      batches (one process with a batch more would wait in its step's
+      collective forever). Packing fills rows by length, so packed shards
+      can still differ by a batch; repeat forever (`num_epochs=None`) when
+      packing.
     drop_remainder: Drop a last partial batch (only with finite epochs).
     num_threads: grain reader threads (0: no prefetch).
     max_target_tokens: Keep at most this many target tokens of each example
@@ -117,8 +118,10 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     if len(examples) < shard_count:
       raise ValueError(f"make_train_dataset got {len(examples)} examples for "
                        f"{shard_count} shards: each shard needs one")
-    # Shard before shuffling so shards are disjoint in every epoch.
-    ds = ds[:len(examples) - len(examples) % shard_count]
+    # Shard before shuffling so shards are disjoint in every epoch; with
+    # finite epochs, equal (repeating forever, none runs out).
+    if num_epochs is not None:
+      ds = ds[:len(examples) - len(examples) % shard_count]
     ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
