@@ -576,13 +576,14 @@ def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):
 
 
 def test_tokens_per_s_is_training_throughput(tmp_path, monkeypatch):
-  """A periodic evaluation (here one that takes 2 s) had been counted in the
-  next row's tokens/s window, making it a fraction of the others'."""
+  """A periodic evaluation (here one that takes 3 s) had been counted in the
+  next row's tokens/s window, making it a fraction of the others' (under
+  0.15 of them for steps up to half a second)."""
   import time  # pylint: disable=g-import-not-at-top
   real_call = loop.Evaluator.__call__
 
   def slow(self, state):
-    time.sleep(2.0)
+    time.sleep(3.0)
     return real_call(self, state)
 
   monkeypatch.setattr(loop.Evaluator, '__call__', slow)
@@ -592,5 +593,6 @@ def test_tokens_per_s_is_training_throughput(tmp_path, monkeypatch):
                  log=quiet)
   rate = {row['step']: row['tokens_per_s'] for row in out['history']}
   assert sorted(rate) == [2, 4, 6, 8]
-  # Row 6's window followed the evaluation at step 4: the same steps' pace.
-  assert rate[6] > 0.5 * rate[8], rate
+  # Row 6's window followed the evaluation at step 4: the same steps' pace
+  # (a wide margin: two-step windows on a loaded machine vary).
+  assert rate[6] > 0.2 * rate[8], rate
