@@ -70,30 +70,32 @@ def one_at_a_time(fn: Callable[[Any], Any], inputs: Sequence[Any]) -> list:
   return outputs
 
 
-def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``jnp.linalg.eigh`` of a batch, one matrix at a time where needed.
+def _matrix_by_matrix(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+  """``fn`` of a batch of matrices, one matrix at a time where needed.
 
   With several CPU devices in one process (the
   ``--xla_force_host_platform_device_count`` meshes that tests and
-  development use), each device's program runs its batched ``eigh`` at
+  development use), each device's program runs its batched LAPACK call at
   once and they deadlock the shared intra-op pool (see `one_at_a_time`,
   which orders calls within one program only): a ``lax.map`` of single
   matrices never splits work over the pool. Elsewhere the batched call.
   """
   if x.ndim > 2 and jax.default_backend() == 'cpu' and jax.device_count() > 1:
-    lam, q = jax.lax.map(jnp.linalg.eigh, x.reshape((-1,) + x.shape[-2:]))
-    return lam.reshape(x.shape[:-1]), q.reshape(x.shape)
-  lam, q = jnp.linalg.eigh(x)
+    batch = x.shape[:-2]
+    out = jax.lax.map(fn, x.reshape((-1,) + x.shape[-2:]))
+    return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
+  return fn(x)
+
+
+def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``jnp.linalg.eigh`` of a batch (see `_matrix_by_matrix`)."""
+  lam, q = _matrix_by_matrix(jnp.linalg.eigh, x)
   return lam, q
 
 
 def eigvalsh(x: jax.Array) -> jax.Array:
-  """``jnp.linalg.eigvalsh`` of a batch, one matrix at a time where
-  :func:`eigh` needs it (the same deadlock)."""
-  if x.ndim > 2 and jax.default_backend() == 'cpu' and jax.device_count() > 1:
-    lam = jax.lax.map(jnp.linalg.eigvalsh, x.reshape((-1,) + x.shape[-2:]))
-    return lam.reshape(x.shape[:-1])
-  return jnp.linalg.eigvalsh(x)
+  """``jnp.linalg.eigvalsh`` of a batch (see `_matrix_by_matrix`)."""
+  return _matrix_by_matrix(jnp.linalg.eigvalsh, x)
 
 
 def after(x: Any, previous: Any) -> Any:
