@@ -206,12 +206,11 @@ def loraplus(
     def differs(value, default):
       # Traced under optax.inject_hyperparams: unknown, skipped. A concrete
       # array (numpy's, or inject_hyperparams' own copy of the default) is
-      # compared with the default rounded to its dtype (bfloat16 makes
-      # 0.999 1.0).
+      # compared with the default rounded to its dtype by numpy (bfloat16
+      # makes 0.999 1.0; float64 stays float64, which jnp would make float32
+      # without x64).
       v = checks.concrete(value)
       dtype = getattr(value, 'dtype', None)
-      # numpy rounds as the value's own dtype does (float64 too, which jnp
-      # would make float32 without x64).
       return v is not None and v != (
           default if dtype is None else float(np.asarray(default, dtype)))
 
