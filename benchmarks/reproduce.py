@@ -615,7 +615,7 @@ def best_lr(results: dict, task: str, opt: str, lrs, seed0: int):
 
 
 def bracketed(lr, tried) -> str:
-  """Where the chosen rate sits among the rates tried on seed 0.
+  """Where the chosen rate sits among the rates tried on the sweep seed.
 
   'yes' when a lower and a higher rate were both tried (and lost, diverged
   ones included); 'low edge' or 'high edge' when the best is the smallest or
@@ -679,6 +679,7 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
                      'sweep_complete': all(
                          (task, opt, x, seed0) in results
                          for x in budget.lrs),
+                     'sweep_seed': seed0,
                      'seeds': [x['seed'] for x in runs]}
       per_opt[opt] = runs
     tests = {}
@@ -750,7 +751,8 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
 
 
 def by_rate(results: dict, task: str, opts, test_names) -> dict:
-  """Every rate's seed-0 run: validation loss and test metrics.
+  """Every rate's run on the sweep seed (the optimizer's smallest seed on
+  file): validation loss and test metrics.
 
   The choice of rate is by validation loss; this shows what each rate gave
   on the test set, so that a reader can judge whether that choice decided a
@@ -838,11 +840,12 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            f'warmup {budget.warmup} then linear decay to 0, LoRA r '
            f'{budget.rank} alpha {budget.alpha:g} dropout {budget.dropout} on '
            f'{", ".join(budget.targets)}; lr sweep {list(budget.lrs)} chosen '
-           'by validation loss per target token (seed 0); seeds '
+           'by validation loss per target token on the sweep seed (each '
+           'optimizer\'s smallest seed on file); seeds '
            f'{list(budget.seeds)} requested. Best bracketed: whether a '
-           'lower and a higher rate were tried on seed 0 (an edge best may '
-           'improve past that edge); sweep complete: whether every rate of '
-           'the grid above was run on seed 0.', '',
+           'lower and a higher rate were tried on the sweep seed (an edge '
+           'best may improve past that edge); sweep complete: whether every '
+           'rate of the grid above was run on the sweep seed.', '',
            'Accuracy: mean over seeds and items; [item-bootstrap 95% '
            'interval of the seed-averaged per-item correctness] (Wilson 95% '
            'on the pooled item x seed counts, which treats seeds as extra '
@@ -865,15 +868,15 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
     lines.append(f'## {task}')
     lines.append('')
     lines.append('| optimizer | lr (val loss by lr) | best bracketed | '
-                 'sweep complete | seeds |')
-    lines.append('|---|---|---|---|---|')
+                 'sweep complete | sweep seed | seeds |')
+    lines.append('|---|---|---|---|---|---|')
     for opt, c in t['chosen'].items():
       vals = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in
                        sorted(c['val_loss_by_lr'].items()))
       lines.append(f'| {opt} | {c["lr"]:g} ({vals}) | '
                    f'{c["bracketed"]} | '
                    f'{"yes" if c["sweep_complete"] else "NO"} | '
-                   f'{c["seeds"]} |')
+                   f'{c["sweep_seed"]} | {c["seeds"]} |')
     lines.append('')
     if t.get('tests_left_out'):
       lines.append(f'Test sets only some runs have, not compared: '
@@ -935,18 +938,18 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
             f'{ad} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
       lines.append('')
     if t.get('by_rate') and t['tests']:
-      lines.append('### Every rate tried, seed 0 (test metrics)')
+      lines.append('### Every rate tried, on the sweep seed (test metrics)')
       lines.append('')
       lines.append('The tables above choose each rate by validation loss. '
-                   'Here is what every rate run on the first seed gave on '
+                   'Here is what every rate run on the sweep seed gave on '
                    'the test sets (one seed, so noisier than the tables '
                    'above): an optimizer ahead of the others\' best rates '
                    'here does not owe its lead to the choice of rate.')
       lines.append('')
       names = list(t['tests'])
-      lines.append('| optimizer | lr | val loss | ' + ' | '.join(
+      lines.append('| optimizer | seed | lr | val loss | ' + ' | '.join(
           f'{n} accuracy | {n} loss/token' for n in names) + ' |')
-      lines.append('|---|---|---|' + '---|---|' * len(names))
+      lines.append('|---|---|---|---|' + '---|---|' * len(names))
       for opt, rates in t['by_rate'].items():
         for lr, row in rates.items():
           mark = ' (chosen)' if lr == t['chosen'][opt]['lr'] else ''
@@ -955,7 +958,8 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
             acc = row[n].get('accuracy')
             cells += ['-' if acc is None else f'{100 * acc:.1f}%',
                       f'{row[n]["loss"]:.4f}']
-          lines.append(f'| {opt} | {lr:g}{mark} | {row["val_loss"]:.4f} | '
+          lines.append(f'| {opt} | {row["seed"]} | {lr:g}{mark} | '
+                       f'{row["val_loss"]:.4f} | '
                        + ' | '.join(cells) + ' |')
       lines.append('')
     if t.get('same_rate'):

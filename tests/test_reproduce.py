@@ -108,8 +108,8 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   md = open(os.path.join(out, 'results_smoke.md')).read()
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
   assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
-  assert '| adam | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
-  assert '| adam | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
+  assert '| adam | 0 | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
+  assert '| adam | 0 | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
   json.load(open(os.path.join(out, 'summary_smoke.json')))
 
   # The one-table summary reads the same file: means at the chosen rate,
@@ -761,6 +761,15 @@ def test_rate_is_chosen_on_the_smallest_seed_on_file(
   assert trained == [(2e-4, 1), (1e-3, 1), (1e-3, 2)]
   assert 'adam: lr 0.001 chosen by val loss on seed 1' in (
       capsys.readouterr().out)
+  # The report names that seed too, not a seed 0 that was never run.
+  fresh = str(tmp_path / 'fresh')
+  summary = json.load(open(os.path.join(fresh, 'summary_smoke.json')))
+  assert summary['tasks']['arithmetic']['chosen']['adam']['sweep_seed'] == 1
+  md = open(os.path.join(fresh, 'results_smoke.md')).read()
+  assert 'seed 0' not in md
+  assert '| adam | 0.001 (0.0002: 0.9000, 0.001: 0.1000) | low edge' not in md
+  row = next(l for l in md.splitlines() if l.startswith('| adam | 0.001 ('))
+  assert row.split('|')[-3].strip() == '1', row  # the sweep seed column
 
 
 def test_bad_rate_steps_or_warmup_is_one_error_line(rp, tmp_path, monkeypatch):
