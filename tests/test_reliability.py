@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 import queue
 import random
@@ -316,6 +318,37 @@ def test_a_stop_signal_at_the_end_leaves_evaluation_and_export_to_resume(
           'doing it now') in lines
   assert _eval_steps(run_dir) == [STEPS] and done['eval_after']
   assert (run_dir / 'adapter' / 'adapter_config.json').is_file()
+
+
+def test_a_stop_off_a_log_step_logs_that_step(reference, tmp_path,
+                                              monkeypatch):
+  """SIGTERM during step 3 with a log every 2 steps: step 3 is logged, and
+  summary.json's final_loss is step 3's loss (it had been step 2's, the
+  last logged row's, beside a checkpoint of step 3)."""
+  family = loop.FAMILIES['gemma']
+  drawn = []
+
+  def prepare(raw, r):
+    drawn.append(1)
+    if len(drawn) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return family.prepare_batch(raw, r)
+
+  monkeypatch.setitem(loop.FAMILIES, 'gemma', dataclasses.replace(
+      family, prepare_batch=prepare))
+  run_dir = tmp_path / 'run'
+  lines = []
+  with pytest.raises(loop.Interrupted) as e:
+    loop.run(tiny(run_dir, log_every=2), log=lines.append)
+  assert e.value.step == 3
+  assert [l.split()[:2] for l in lines if l.startswith('[step ')] == [
+      ['[step', '2]'], ['[step', '3]']]
+  with open(run_dir / 'summary.json') as f:
+    summary = json.load(f)
+  assert [h['step'] for h in summary['history']] == [2, 3]
+  assert summary['steps'] == 3
+  assert summary['final_loss'] == reference['history'][2]['loss']
+  assert summary['final_loss'] != reference['history'][1]['loss']
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

@@ -2077,6 +2077,36 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # Skipped (non-finite) steps so far, to log each new skip once.
   skipped_logged = int(distributed.to_host(
       nonfinite_counts(state['opt_state'])[1]))
+
+  def log_row():
+    """Logs this step's metrics: a history row, the writers, one line."""
+    nonlocal window_tokens, window_t0, skipped_logged
+    host = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
+    now = time.perf_counter()
+    host['tokens_per_s'] = window_tokens / max(now - window_t0, 1e-9)
+    host['dropped_target_tokens'] = float(dropped_total)
+    window_tokens, window_t0 = 0, now
+    writer.write(step, host)
+    summary['history'].append({'step': step, **host})
+    say(
+        f'[step {step}] loss={host["loss"]:.4f} lr={host["lr"]:.3g} '
+        f'grad_norm={host["grad_norm"]:.3g} '
+        f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '
+        f'dB/B={host.get("update_ratio_b", float("nan")):.3g} '
+        f'tok/s={host["tokens_per_s"]:.0f}')
+    if host['nonfinite_steps'] > skipped_logged:
+      new_skips = int(host['nonfinite_steps']) - skipped_logged
+      skipped_logged = int(host['nonfinite_steps'])
+      log(f'[train] step {step}: non-finite gradient, {new_skips} '
+          f'update(s) skipped since the last log ({skipped_logged} in '
+          'all)')
+    if host['nonfinite_consecutive'] >= cfg.optim.max_consecutive_nonfinite:
+      raise FloatingPointError(
+          f'{int(host["nonfinite_consecutive"])} consecutive steps had '
+          f'non-finite gradients (at step {step}); stopping.')
+    progress.update(0, loss=host['loss'],
+                    tok_s=int(host['tokens_per_s']))
+
   step = start_step
   metrics = None
   try:
@@ -2105,31 +2135,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           # which compiled (a window of this step alone keeps it).
           window_tokens, window_t0 = 0, time.perf_counter()
       if step % cfg.log_every == 0 or step == end_step:
-        host = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
-        now = time.perf_counter()
-        host['tokens_per_s'] = window_tokens / max(now - window_t0, 1e-9)
-        host['dropped_target_tokens'] = float(dropped_total)
-        window_tokens, window_t0 = 0, now
-        writer.write(step, host)
-        summary['history'].append({'step': step, **host})
-        say(
-            f'[step {step}] loss={host["loss"]:.4f} lr={host["lr"]:.3g} '
-            f'grad_norm={host["grad_norm"]:.3g} '
-            f'dA/A={host.get("update_ratio_a", float("nan")):.3g} '
-            f'dB/B={host.get("update_ratio_b", float("nan")):.3g} '
-            f'tok/s={host["tokens_per_s"]:.0f}')
-        if host['nonfinite_steps'] > skipped_logged:
-          new_skips = int(host['nonfinite_steps']) - skipped_logged
-          skipped_logged = int(host['nonfinite_steps'])
-          log(f'[train] step {step}: non-finite gradient, {new_skips} '
-              f'update(s) skipped since the last log ({skipped_logged} in '
-              'all)')
-        if host['nonfinite_consecutive'] >= cfg.optim.max_consecutive_nonfinite:
-          raise FloatingPointError(
-              f'{int(host["nonfinite_consecutive"])} consecutive steps had '
-              f'non-finite gradients (at step {step}); stopping.')
-        progress.update(0, loss=host['loss'],
-                        tok_s=int(host['tokens_per_s']))
+        log_row()
       progress.update(1)
       eval_due = bool(cfg.eval.every) and (
           step % cfg.eval.every == 0 and step < cfg.steps)
@@ -2142,6 +2148,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       if jax.process_count() == 1 or step % cfg.log_every == 0 or eval_due:
         interrupted = agreed_stop()
       if interrupted:
+        # The step stopped at is logged, so that the summary's final_loss
+        # is this step's, not the last log step's.
+        if step % cfg.log_every and step != end_step:
+          log_row()
         break
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
