@@ -273,4 +273,70 @@ def test_shipped_records_in_upper_case_keep_their_golds(task, file):
   # The option texts too (BoolQ's are its labels, in the file's case).
   assert [tuple(c.lower() for c in e.choices) for e in before] == [
       tuple(c.lower() for c in e.choices) for e in after]
+  # The gold option is the target trained on, whatever case the format
+  # line has (the options had been '... True' against targets '... true').
   assert all(e.target == e.options[e.gold_index] for e in before)
+  assert all(e.target == e.options[e.gold_index] for e in after)
+  assert [e.options for e in before] == [e.options for e in after]
+
+
+def test_options_are_worded_as_the_output(tmp_path):
+  """Each option is the output with its gold label swapped, in the output's
+  case and punctuation; an output not ending on its label keeps the
+  template's options."""
+  instruction = ("Please choose the correct answer to the question: q\n\n"
+                 "Answer1: x Answer2: y Answer3: z\n\nAnswer format: "
+                 "answer1/answer2/answer3")
+  recs = [dict(_BOOLQ, output="the correct answer is true", answer="true",
+               instruction=_BOOLQ["instruction"].replace("true/false",
+                                                         "True/False")),
+          {"instruction": instruction, "input": "",
+           "output": "The correct answer is Answer2.", "answer": "answer2"},
+          {"instruction": instruction, "input": "",
+           "output": "Answer2 is right", "answer": "answer2"}]
+  (path := tmp_path / "r.json").write_text(json.dumps(recs[:1]))
+  [yes] = data.load_file(path, "boolq")
+  assert yes.options == ("the correct answer is true",
+                         "the correct answer is false")
+  path.write_text(json.dumps(recs[1:]))
+  two, other = data.load_file(path, "arc_challenge")
+  assert two.options == ("The correct answer is Answer1.",
+                         "The correct answer is Answer2.",
+                         "The correct answer is Answer3.")
+  assert two.target == two.options[two.gold_index]
+  assert other.options == tuple(f"the correct answer is answer{i}"
+                                for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_without_an_answer_format_line_the_listed_options_count(tmp_path, n):
+  """No 'Answer format:' line: the labels are the options the instruction
+  lists, not a fixed four (a 3-way question had been scored with an
+  'answer4', a 5-way one refused or scored 4-way)."""
+  options = " ".join(f"Answer{i}: o{i}" for i in range(1, n + 1))
+  rec = {"instruction": f"Please choose the correct answer to the question: "
+                        f"q?\n\n{options}",
+         "input": "", "output": f"the correct answer is answer{n}",
+         "answer": f"answer{n}"}
+  (path := tmp_path / "r.json").write_text(json.dumps([rec]))
+  [e] = data.load_file(path, "arc_challenge")
+  assert e.labels == tuple(f"answer{i}" for i in range(1, n + 1))
+  assert e.choices == tuple(f"o{i}" for i in range(1, n + 1))
+  assert e.gold_index == n - 1 and e.target == e.options[-1]
+  # A format line that disagrees with the options listed is refused.
+  _refused(tmp_path, "arc_challenge", [dict(
+      rec, instruction=rec["instruction"] + "\n\nAnswer format: "
+      "answer1/answer2/answer3/answer4/answer5/answer6", answer="answer1")],
+           f"r.json record 0: the instruction lists {n} options (answer1 to "
+           f"answer{n}, any case) but its 'Answer format:' line has 6")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path, suffix):
+  text = (json.dumps([_BOOLQ]) if suffix == ".json" else
+          json.dumps(_BOOLQ) + "\n")
+  path = tmp_path / f"bom{suffix}"
+  path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+  plain = tmp_path / f"plain{suffix}"
+  plain.write_text(text)
+  assert data.load_file(path, "boolq") == data.load_file(plain, "boolq")

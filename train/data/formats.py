@@ -8,6 +8,7 @@ Converters return a list because one SuperNI task file holds many instances.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,11 +94,19 @@ def from_instruction(record: Record, *, task: str, kind: str,
         f"got {_got(input_text)}")
   prompt = templates.wrap_instruction(instruction, input_text or "", style)
   if kind == CHOICE:
-    # Labels keep the case the 'Answer format:' line gives them (the options
-    # scored are then the targets trained on); the gold matches any case, as
-    # `evaluate.parse_choice` does.
-    labels = templates.parse_answer_format(instruction) or tuple(
-        default_labels)
+    # Labels keep the case the 'Answer format:' line gives them; the gold
+    # matches any case, as `evaluate.parse_choice` does. Without that line
+    # they are the options the instruction lists (Answer1: ... AnswerN:),
+    # then the task's default.
+    listed = templates.listed_labels(instruction)
+    stated = templates.parse_answer_format(instruction)
+    labels = stated or listed or tuple(default_labels)
+    if (listed and stated and len(listed) != len(stated)
+        and all(re.fullmatch(r"[a-zA-Z]+\d+", l) for l in stated)):
+      raise ValueError(
+          f"{where}: the instruction lists {len(listed)} options "
+          f"({listed[0]} to {listed[-1]}, any case) but its 'Answer format:' "
+          f"line has {len(stated)} ({'/'.join(stated)}) for task {task!r}")
     folded = [l.lower() for l in labels]
     if len(set(folded)) != len(folded):
       raise ValueError(
@@ -111,11 +120,14 @@ def from_instruction(record: Record, *, task: str, kind: str,
     choices = templates.parse_choices(instruction, labels)
     if not choices and tuple(folded) == ("true", "false"):
       choices = labels  # BoolQ: the labels are the option texts.
+    gold_index = folded.index(gold.lower())
+    # The options scored are worded as the target trained on; an output
+    # that does not end on its label gets the template's wording.
+    options = templates.options_like(output, labels[gold_index], labels) or (
+        tuple(templates.choice_target(l) for l in labels))
     return [Example(
-        prompt=prompt, target=output, task=task,
-        options=tuple(templates.choice_target(l) for l in labels),
-        labels=labels, choices=choices,
-        gold_index=folded.index(gold.lower()))]
+        prompt=prompt, target=output, task=task, options=options,
+        labels=labels, choices=choices, gold_index=gold_index)]
   if kind == NUMBER:
     if task == "math":
       gold = numbers.extract_final_number(output, fallback_to_last=False)

@@ -56,7 +56,8 @@ def _read_text(path: Path) -> str:
   first bad byte is."""
   raw = path.read_bytes()
   try:
-    return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    # utf-8-sig: a byte-order mark (as Windows tools write) is not text.
+    return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
   except UnicodeDecodeError as e:
     lineno = raw.count(b"\n", 0, e.start) + 1
     raise ValueError(

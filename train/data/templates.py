@@ -107,12 +107,62 @@ def parse_answer_format(instruction: str) -> tuple[str, ...]:
 
   The labels keep the line's case ('True/False' gives ('True', 'False')):
   they are compared ignoring case (`formats.from_instruction`,
-  `evaluate.parse_choice`), and the options scored are built from them.
+  `evaluate.parse_choice`); the options scored are worded as the record's
+  output writes its gold label (`options_like`).
   """
   match = re.search(r"Answer format:\s*([^\n]+)", instruction)
   if not match:
     return ()
   return tuple(x.strip() for x in match.group(1).split("/") if x.strip())
+
+
+def listed_labels(instruction: str) -> tuple[str, ...]:
+  """('answer1', ..., 'answerN') for the options 'Answer1: x ... AnswerN: z'
+  an instruction lists ('Ending' too), or () when it lists none.
+
+  A record with no 'Answer format:' line takes its labels from here, so a
+  3- or 5-way question is not scored as 4-way.
+  """
+  match = re.search(r"\b(Answer|Ending)1:(.*?)(?:\n|$)", instruction)
+  if not match:
+    return ()
+  prefix = match.group(1)
+  numbers = [int(n) for n in re.findall(rf"\b{prefix}(\d+):",
+                                        f"{prefix}1:{match.group(2)}")]
+  if numbers != list(range(1, len(numbers) + 1)):
+    return ()
+  return choice_labels(len(numbers), prefix)
+
+
+def options_like(output: str, gold_label: str,
+                 labels: Sequence[str]) -> tuple[str, ...] | None:
+  """The option texts for `labels` written as `output` writes the gold one.
+
+  When `output` ends on its gold label (any case, then only punctuation or
+  spaces), each option is `output` with that label swapped for another, in
+  the case `output` wrote it: the gold option is then the target trained on
+  ('the correct answer is true' scored against '... false', not the
+  template's '... True'). None when `output` does not end on the label.
+  """
+  match = re.search(rf"({re.escape(gold_label)})(\W*)$", output,
+                    re.IGNORECASE)
+  if not match:
+    return None
+  written = match.group(1)
+  if written.islower():
+    case = str.lower
+  elif written.isupper():
+    case = str.upper
+  elif written == written.capitalize():
+    case = str.capitalize
+  else:
+    case = lambda label: label
+  stem, tail = output[:match.start()], match.group(2)
+  options = []
+  for label in labels:
+    same = label.lower() == gold_label.lower()
+    options.append(stem + (written if same else case(label)) + tail)
+  return tuple(options)
 
 
 def parse_choices(instruction: str, labels: Sequence[str]) -> tuple[str, ...]:
