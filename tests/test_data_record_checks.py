@@ -340,3 +340,18 @@ def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path, suffix):
   plain = tmp_path / f"plain{suffix}"
   plain.write_text(text)
   assert data.load_file(path, "boolq") == data.load_file(plain, "boolq")
+
+
+def test_an_empty_file_or_a_path_and_a_hub_are_refused(tmp_path):
+  """An empty data file is named (it had ended in 'cannot carve a
+  validation set out of 0 example(s)'); a path and a Hub id together are
+  refused (the path had been ignored)."""
+  (path := tmp_path / "empty.json").write_text("[]")
+  for split in ("train", "test"):
+    with pytest.raises(ValueError) as e:
+      data.load_task("boolq", split, path=path)
+    assert str(e.value) == f"{path} holds no records for task 'boolq'"
+  with pytest.raises(ValueError) as e:
+    data.load_task("boolq", "test", path=path, hub=True)
+  assert str(e.value) == (f"give a local path or a Hub dataset, not both "
+                          f"(path {path}, hub True)")

@@ -457,6 +457,39 @@ def test_a_hub_task_without_a_test_split_trains_with_evaluation_off(
     loop.load_examples(configs.replace(cfg, **{'eval.after': True}))
 
 
+def test_hub_training_reads_a_local_eval_path_and_refuses_a_path_too(
+    tmp_path, monkeypatch):
+  """--data.hub with --data.eval_path: the local file is the evaluation
+  set (the Hub's split had been read instead, the file ignored); --data.hub
+  with --data.path is one error line, not the path silently ignored."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  def load_dataset(hub_id, config, split):
+    return [{'question': f'is {i} even on the hub', 'answer': i % 2 == 0}
+            for i in range(40)]
+
+  monkeypatch.setitem(sys.modules, 'datasets',
+                      types.SimpleNamespace(load_dataset=load_dataset))
+  local = tmp_path / 'boolq_test.json'
+  local.write_text(json.dumps([
+      {'instruction': f'Please answer the following question with true or '
+                      f'false, question: is {i} odd locally?\n\nAnswer '
+                      'format: true/false', 'input': '',
+       'output': 'the correct answer is true', 'answer': 'true'}
+      for i in range(3)]))
+  cfg = tiny(tmp_path / 'run', **{'data.task': 'boolq', 'data.hub': 'true',
+                                  'data.eval_path': str(local),
+                                  'eval.after': True})
+  train, evals = loop.load_examples(cfg)
+  assert len(train) == 36 and 'on the hub' in train[0].prompt
+  assert len(evals) == 3 and all('locally' in e.prompt for e in evals)
+  with pytest.raises(loop.ConfigError) as e:
+    loop.load_examples(configs.replace(cfg, **{'data.path': str(local)}))
+  assert str(e.value) == (f'data.path {local} and data.hub true both name the '
+                          'training data: give one.')
+
+
 def test_a_checkpoint_from_before_the_hold_out_rule_says_why(stopped,
                                                               tmp_path):
   # Such a checkpoint (no tokenizer record, evaluation off) trained on the

@@ -613,6 +613,9 @@ def load_examples(cfg: configs_lib.Config):
     raise ConfigError("eval.split 'validation' needs data.validation_fraction "
                       '> 0 (0 carves no validation set out of the training '
                       'data).')
+  if d.hub and d.path:
+    raise ConfigError(f'data.path {d.path} and data.hub {d.hub} both name '
+                      'the training data: give one.')
   common = dict(data_dir=d.data_dir or None, hub=hub, style=d.style,
                 validation_fraction=d.validation_fraction, seed=d.seed)
   train = data.load_task(d.task, 'train', path=d.path or None,
@@ -691,8 +694,10 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     if generated:
       pool['num_examples'] = cfg.eval.num_examples or None
   try:
+    # A local eval_path is read even when training comes from the Hub.
+    local = {'hub': False} if eval_path else {}
     return data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
-                          **{**common, **pool})
+                          **{**common, **pool, **local})
   except (OSError, ImportError, ValueError) as e:
     # A Hub failure is a ValueError too; a ConfigError is a setting to fix.
     if wants_eval or isinstance(e, ConfigError):

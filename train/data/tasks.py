@@ -247,6 +247,9 @@ def load_task(name: str, split: str = "train", *,
     raise ValueError(
         f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   file_split = "test" if split == "test" else "train"
+  if hub and path is not None:
+    raise ValueError(f"give a local path or a Hub dataset, not both (path "
+                     f"{path}, hub {hub!r})")
   if split == "validation" and validation_fraction == 0:
     raise ValueError("no validation split: validation_fraction is 0 (the "
                      "training split keeps every example)")
@@ -279,6 +282,8 @@ def load_task(name: str, split: str = "train", *,
       file = _local_file(data_root / (spec.folder or spec.name), spec,
                          file_split)
     examples = load_file(file, spec.name, style=style)
+    if not examples:
+      raise ValueError(f"{file} holds no records for task {spec.name!r}")
   if split != "test" and validation_fraction != 0:
     train, validation = split_validation(examples, validation_fraction, seed)
     examples = train if split == "train" else validation
