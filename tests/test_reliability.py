@@ -655,6 +655,18 @@ BAD_INPUTS = [
     ('checkpoints present without --resume',
      lambda t: (t / 'run' / 'checkpoints' / '4').mkdir(parents=True),
      _cli(), None, 'already holds checkpoints; pass --resume'),
+    ('a run\'s files without checkpoints, no --resume',
+     lambda t: ((t / 'run' / 'adapter').mkdir(parents=True),
+                (t / 'run' / 'config.json').write_text('{}'),
+                (t / 'run' / 'adapter' / 'adapter_config.json').write_text(
+                    '{}')),
+     _cli(), None, "run_dir {tmp}/run holds a run's config.json, adapter but "
+     'no checkpoint; pass --resume to start that run over'),
+    ('a finished run\'s files without checkpoints, --resume',
+     lambda t: ((t / 'run').mkdir(),
+                (t / 'run' / 'summary.json').write_text('{}')),
+     _cli('--resume'), None, "holds a finished run's summary.json but no "
+     'checkpoint to resume from'),
     ('batch not dividing the mesh', None,
      lambda t: loop.validate(tiny(t / 'run', batch_size=6), 4),
      ValueError, 'does not divide over the mesh\'s data x fsdp = 4 x 1 = 4'),

@@ -1695,6 +1695,13 @@ def _has_checkpoints(run_dir: str) -> bool:
   return checkpoint.has_checkpoints(os.path.join(run_dir, 'checkpoints'))
 
 
+# What a run writes in run_dir besides its checkpoints; the finished ones
+# are written at its end.
+RUN_FILES = ('config.json', 'metrics.csv', 'eval.csv', 'tensorboard',
+             'summary.json', 'adapter')
+FINISHED_RUN_FILES = ('summary.json', 'adapter')
+
+
 def _check_run_dir(cfg: configs_lib.Config) -> str:
   run_dir = default_run_dir(cfg)
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -1715,6 +1722,22 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
                       'not a writable folder).')
   if cfg.export_adapter:
     _check_export_dir(run_dir)
+  if not _has_checkpoints(run_dir):
+    # A run's files with no checkpoint (a run stopped before its first one,
+    # or a finished run whose checkpoints were deleted for space) had been
+    # replaced without a word, the adapter and summary included.
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
+    finished = [n for n in found if n in FINISHED_RUN_FILES]
+    if found and not cfg.resume:
+      raise ConfigError(
+          f'run_dir {run_dir} holds a run\'s {", ".join(found)} but no '
+          'checkpoint; pass --resume to start that run over (replacing '
+          'them) or choose another --run_dir.')
+    if finished and cfg.resume:
+      raise ConfigError(
+          f'run_dir {run_dir} holds a finished run\'s '
+          f'{", ".join(finished)} but no checkpoint to resume from; move '
+          'them aside or choose another --run_dir.')
   return run_dir
 
 
