@@ -201,6 +201,11 @@ def loraplus(
           optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay),
           'loraplus')
   else:
+    if not callable(base):
+      raise ValueError(
+          'loraplus: base must be a function of the learning rate that '
+          'returns the optimizer (e.g. optax.lion), not an optimizer: one is '
+          f'built per group, each at its own rate; got {type(base).__name__}.')
     given = zip((b1, b2, eps, weight_decay), (0.9, 0.999, 1e-8, 0.0))
 
     def differs(value, default):

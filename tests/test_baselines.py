@@ -143,6 +143,14 @@ def test_loraplus_no_decay_group_and_base_errors():
   assert float(updates['bias'][0]) == 0.0
   with pytest.raises(ValueError, match='pass b1/b2/eps/weight_decay'):
     lro.loraplus(1e-3, base=optax.lion, weight_decay=0.1)
+  # An optimizer instance is not a factory: one line, not "'...' object is
+  # not callable" from inside the chain.
+  with pytest.raises(ValueError) as e:
+    lro.loraplus(1e-3, base=optax.sgd(1e-3))
+  assert str(e.value) == (
+      'loraplus: base must be a function of the learning rate that returns '
+      'the optimizer (e.g. optax.lion), not an optimizer: one is built per '
+      'group, each at its own rate; got GradientTransformationExtraArgs.')
 
 
 # --------------------------------------------------------------------------
