@@ -320,6 +320,39 @@ def test_a_stop_signal_at_the_end_leaves_evaluation_and_export_to_resume(
   assert (run_dir / 'adapter' / 'adapter_config.json').is_file()
 
 
+def test_a_stop_signal_during_the_initial_evaluation_is_a_clean_stop(
+    tmp_path, monkeypatch):
+  """SIGTERM during eval.before: the evaluation stops before its next batch
+  and the run exits 128 + 15 with step 0 checkpointed (it had been a
+  traceback that left a half-made run folder); --resume evaluates first."""
+  before = {'eval.before': True, 'eval.num_examples': 4,
+            'eval.batch_size': 2}
+  real = loop.Evaluator._generate  # pylint: disable=protected-access
+
+  def preempted(self, state, prompts):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, state, prompts)
+
+  monkeypatch.setattr(loop.Evaluator, '_generate', preempted)
+  run_dir = tmp_path / 'run'
+  lines = []
+  with pytest.raises(loop.Interrupted) as e:
+    loop.run(tiny(run_dir, **before), log=lines.append)
+  monkeypatch.undo()
+  assert (e.value.step, e.value.exit_code) == (0, 143)
+  assert [l for l in lines if 'SIGTERM' in l] == [
+      '[train] SIGTERM: stopping the initial evaluation of step 0 before its '
+      'next batch']
+  assert not [l for l in lines if l.startswith(('[eval', '[step'))], lines
+  assert _eval_steps(run_dir) == []
+  assert os.listdir(run_dir / 'checkpoints') == ['0']
+  lines = []
+  done = loop.run(tiny(run_dir, resume=True, **before), log=lines.append,
+                  stop_at=1)
+  assert done['eval_before'] and _eval_steps(run_dir) == [0]
+  assert [h['step'] for h in done['history']] == [1]
+
+
 def test_a_stop_off_a_log_step_logs_that_step(reference, tmp_path,
                                               monkeypatch):
   """SIGTERM during step 3 with a log every 2 steps: step 3 is logged, and
@@ -359,6 +392,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
   assert signal.getsignal(signal.SIGINT) is previous
   assert [l for l in lines if 'SIGINT' in l] == [
       '[train] SIGINT: stopping after this step (Ctrl-C again stops at once)']
+
+
+def test_the_cli_says_one_line_for_a_ctrl_c_before_training(
+    tmp_path, monkeypatch, capsys):
+  """Ctrl-C while the run is built (no stop handler yet: a 70-line
+  traceback, exit -2) is one line and exit 130, like the shell's."""
+  from train import cli  # pylint: disable=g-import-not-at-top
+
+  def build_interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(loop, 'build', build_interrupted)
+  assert cli.main(['--config', 'tiny', '--run_dir',
+                   str(tmp_path / 'run')]) == 130
+  err = capsys.readouterr().err
+  assert err == ('error: interrupted (Ctrl-C); --resume continues from the '
+                 'last checkpoint, if one was written.\n')
 
 
 def test_a_stop_acknowledgement_survives_a_failing_log(capfd):

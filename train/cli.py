@@ -160,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except loop.Interrupted as e:
     print(str(e), file=sys.stderr)
     return e.exit_code
+  except KeyboardInterrupt:
+    # Ctrl-C while building (before the stop handler is in place), or a
+    # second one that stops at once: one line, not a traceback.
+    print('error: interrupted (Ctrl-C); --resume continues from the last '
+          'checkpoint, if one was written.', file=sys.stderr)
+    return 130
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
     return 1

@@ -1702,6 +1702,10 @@ RUN_FILES = ('config.json', 'metrics.csv', 'eval.csv', 'tensorboard',
 FINISHED_RUN_FILES = ('summary.json', 'adapter')
 
 
+# How a stop acknowledgement names an evaluation by its tag.
+_EVAL_NAMES = {'before': 'initial', 'after': 'final'}
+
+
 def _check_run_dir(cfg: configs_lib.Config) -> str:
   run_dir = default_run_dir(cfg)
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -2046,9 +2050,6 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     log(f'[eval {tag} step {step}] {_fmt(res)}')
     return res
 
-  if cfg.eval.before and r.eval_examples and start_step == 0:
-    summary['eval_before'] = do_eval(0, 'before')
-
   # From here on SIGTERM (a preemption) or Ctrl-C stops the run at the next
   # step or evaluation batch, with the step checkpointed: said in one line
   # when it arrives (above the progress bar once there is one).
@@ -2064,8 +2065,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     """(do_eval's result, 0), or (None, signal) when a stop request ended
     it between batches: nothing is recorded, and a resume does it."""
     doing, stop.doing = stop.doing, (
-        f'stopping the {"final" if tag == "after" else tag} evaluation of '
-        f'step {step} before its next batch')
+        f'stopping the {_EVAL_NAMES.get(tag, tag)} evaluation of step '
+        f'{step} before its next batch')
     try:
       return do_eval(step, tag), 0
     except EvaluationStopped as e:
@@ -2074,6 +2075,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       stop.doing = doing
 
   interrupted = 0
+  # Under the stop request too: a Ctrl-C or preemption during a long first
+  # evaluation had been a traceback, leaving a half-made run folder.
+  if cfg.eval.before and r.eval_examples and start_step == 0:
+    summary['eval_before'], interrupted = eval_or_stop(0, 'before')
   # The checkpoint at a periodic evaluation's step is saved before it, so a
   # run that died during that evaluation resumes past it: do it now. Process
   # 0's eval.csv decides (the others keep no rows), and every process
