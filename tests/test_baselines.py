@@ -143,6 +143,20 @@ def test_loraplus_no_decay_group_and_base_errors():
   assert float(updates['bias'][0]) == 0.0
   with pytest.raises(ValueError, match='pass b1/b2/eps/weight_decay'):
     lro.loraplus(1e-3, base=optax.lion, weight_decay=0.1)
+  # The no-decay group (biases, norms: neither factor of a pair) takes the
+  # B rate, and the embedding group the decay: with unit gradients AdamW's
+  # first step is lr * (sign + wd * p) per group.
+  params['embed'] = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.ones((2, 3))}
+  tx = lro.loraplus(1e-3, lr_ratio=4.0, weight_decay=0.5,
+                    is_embedding=lambda path: 'embed' in path,
+                    lr_embedding=0.1)
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  np.testing.assert_allclose(updates['bias'], -4e-3, rtol=1e-4)
+  np.testing.assert_allclose(updates['lora_a'], -1e-3 * 1.5, rtol=1e-4)
+  np.testing.assert_allclose(updates['lora_b'], -4e-3 * 1.5, rtol=1e-4)
+  np.testing.assert_allclose(updates['embed']['lora_a'], -0.1 * 1.5,
+                             rtol=1e-4)
   # An optimizer instance is not a factory: one line, not "'...' object is
   # not callable" from inside the chain.
   with pytest.raises(ValueError) as e:

@@ -395,6 +395,35 @@ def test_peft_layout_equals_nnx_layout():
                              atol=1e-6)
 
 
+def test_a_rank_axis_in_the_middle_equals_the_same_pair_rank_last():
+  """An n-D lora_a (in, r, heads) with a_rank_axis=1 steps as the same
+  factor with the rank moved last: the rank axis is moved, not read in
+  place (which had gone untested: skipping the move passed every test)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)
+  middle = {'lora_a': a, 'lora_b': b}
+  last = {'lora_a': jnp.moveaxis(a, 1, -1), 'lora_b': b}
+  loss_middle = lambda p: jnp.mean(
+      (jnp.einsum('irj,rk->ijk', p['lora_a'], p['lora_b']) - t)**2)
+  loss_last = lambda p: jnp.mean(
+      (jnp.einsum('ijr,rk->ijk', p['lora_a'], p['lora_b']) - t)**2)
+  tx1 = lro.lora_rite(0.05, layout=lro.LoraLayout(a_rank_axis=1))
+  tx2 = lro.lora_rite(0.05)
+  s1, s2 = tx1.init(middle), tx2.init(last)
+  for _ in range(3):
+    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_middle)(middle), s1, middle)
+    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_last)(last), s2, last)
+    middle = optax.apply_updates(middle, u1)
+    last = optax.apply_updates(last, u2)
+  assert float(jnp.abs(u2['lora_a']).max()) > 1e-3  # it moves
+  np.testing.assert_allclose(jnp.moveaxis(u1['lora_a'], 1, -1), u2['lora_a'],
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(u1['lora_b'], u2['lora_b'], rtol=1e-4,
+                             atol=1e-6)
+
+
 def test_balance_keeps_product_and_equalises_norms():
   params, targets = _problem(7, zero_b=False, dtype=np.float32)
   params['p0']['lora_a'] = params['p0']['lora_a'] * 100.0

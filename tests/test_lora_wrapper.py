@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import lora_rite_optax as lro
+from lora_rite_optax import init as lro_init
 from models import lora, t5
 from models.layers import Projection
 
@@ -178,10 +179,25 @@ def test_every_init_runs(base_logits):
   at_two = lora.estimate_full_gradients(model, loss, [jnp.float32(2.0)], 'wi')
   for name, g in grads.items():
     np.testing.assert_allclose(g, at_two[name], rtol=1e-5, atol=1e-7)
-  lora.apply_lora(model, 'wi', rank=4, init='lora_ga', init_grads=grads)
+  w0 = {p: np.asarray(proj.kernel[...])
+        for p, proj in lora.select(model, 'wi').items()}
+  lora.apply_lora(model, 'wi', rank=4, init='lora_ga', init_grads=grads,
+                  lora_ga_gamma=4.0)
   np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
   b = model.encoder.layers[0].mlp.wi_1.lora.lora_b[...]
   assert float(jnp.abs(b).max()) > 0
+  # Each pair is LoRA-GA of its own gradient, in the kernel's (in, out)
+  # layout, with the gamma asked for (a transposed gradient or the default
+  # gamma had passed every check above).
+  for p, proj in lora.select(model, 'wi').items():
+    n_in, n_out = math.prod(proj.in_shape), math.prod(proj.out_shape)
+    a, b, _ = lro_init.lora_ga(jnp.asarray(grads[p]).reshape(n_in, n_out),
+                               w0[p].reshape(n_in, n_out), 4, proj.lora.scale,
+                               gamma=4.0)
+    np.testing.assert_allclose(proj.lora.lora_a[...].reshape(n_in, 4), a,
+                               rtol=1e-5, atol=1e-6, err_msg=p)
+    np.testing.assert_allclose(proj.lora.lora_b[...].reshape(4, n_out), b,
+                               rtol=1e-5, atol=1e-6, err_msg=p)
   with pytest.raises(ValueError, match='needs init_grads'):
     lora.apply_lora(_t5(), 'wo', init='lora_ga', init_grads={})
 
