@@ -530,6 +530,18 @@ def write_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def check_writable(out: str) -> None:
+  """A one-line ConfigError unless ``out`` is (or can be made) a folder
+  this process can write: asked of the nearest folder that exists."""
+  existing = os.path.abspath(out)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+          and not os.statvfs(existing).f_flag & os.ST_RDONLY):
+    raise loop.ConfigError(f'--out {out} cannot be written ({existing} is '
+                           'not a writable folder).')
+
+
 def data_fingerprint(data: dict[str, Any]) -> str:
   """A hash of every train, validation and test item, in order."""
   h = hashlib.sha256()
@@ -579,8 +591,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   task_budget = dataclasses.asdict(budget.tasks[task])
   fingerprint = data_fingerprint(data)  # a millisecond: not worth caching
   if args.resume and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    saved = read_result(path)
     why = stale(saved, args.model, cfg_json, fingerprint, task_budget)
     if why is None:
       return saved
@@ -641,12 +652,32 @@ def load_results(out: str, budget: str, model: str | None = None) -> dict:
   results = {}
   for path in sorted(glob.glob(os.path.join(out, 'runs', budget, '*',
                                             '*.json'))):
-    with open(path) as f:
-      d = json.load(f)
+    d = read_result(path)
     if model and d.get('model', model) != model:
       continue
     results[(d['task'], d['optimizer'], d['lr'], d['seed'])] = d
   return results
+
+
+RESULT_KEYS = ('task', 'optimizer', 'lr', 'seed', 'val_loss', 'tests')
+
+
+def read_result(path: str) -> dict:
+  """One run's result file; a damaged one is a one-line ConfigError naming
+  it (move it aside, or delete it and run again with --resume)."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except (OSError, ValueError) as e:
+    raise loop.ConfigError(
+        f'{path} cannot be read ({str(e).splitlines()[0]}); move it aside '
+        '(or delete it) and run that run again.') from None
+  missing = [k for k in RESULT_KEYS if not isinstance(d, dict) or k not in d]
+  if missing:
+    raise loop.ConfigError(
+        f'{path} is not a run result (no {", ".join(missing)}); move it '
+        'aside (or delete it) and run that run again.')
+  return d
 
 
 def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
@@ -1062,6 +1093,11 @@ def report(args, budget: Budget, command: str, log) -> None:
         f'{model} left out of the report.')
     results = {k: v for k, v in results.items() if k not in other}
   if not results:
+    if args.report_only:
+      # A mistyped --out or --budget is not a success.
+      raise loop.ConfigError(
+          f'--report_only: no finished runs under {args.out}/runs/'
+          f'{args.budget}; nothing to report.')
     log(f'[{args.budget}] no finished runs under {args.out}/runs/'
         f'{args.budget}; nothing to report.')
     return
@@ -1220,6 +1256,8 @@ def _main(argv) -> None:
   def log(s):
     print(s, flush=True)
 
+  # Found now, not when the first run (minutes of training) is written.
+  check_writable(args.out)
   if not args.report_only:
     log(f'[{args.budget}] tasks {tasks}, optimizers {opts}, lrs '
         f'{list(budget.lrs)}, seeds {list(budget.seeds)}, {budget.steps} '

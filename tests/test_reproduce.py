@@ -247,11 +247,12 @@ def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
   args = rp.argparse.Namespace(out=str(tmp_path), budget='smoke',
                                resume=True, model='tiny')
   path = rp.run_path(args.out, 'smoke', 'arithmetic', 'adam', 1e-3, 0)
-  rp.write_atomic(path, {'model': 'tiny', 'config': cfg,
-                         'data_fingerprint': fp, 'val_loss': [0.5]})
+  run = _fake_run('arithmetic', 'adam', 1e-3, 0, [1], [0.1], 0.5)
+  rp.write_atomic(path, {**run, 'model': 'tiny', 'config': cfg,
+                         'data_fingerprint': fp})
   assert rp.do_run(args, budget, 'arithmetic', dict(data), 'adam', 1e-3, 0,
-                   print)['val_loss'] == [0.5]
-  rp.write_atomic(path, {'model': 'gemma3-270m', 'val_loss': [0.5]})
+                   print)['val_loss'] == [0.5, 0.5]
+  rp.write_atomic(path, {**run, 'model': 'gemma3-270m'})
   def retrain(*a):
     raise RuntimeError('retrained')
   monkeypatch.setattr(rp, 'train_one', retrain)
@@ -800,3 +801,44 @@ def test_bad_rate_steps_or_warmup_is_one_error_line(rp, tmp_path, monkeypatch):
   assert proc.stderr.strip().splitlines()[-1:] == [
       'error: steps must be >= 1, got 0.'], proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_bad_out_folder_or_result_files_are_one_error_line(
+    rp, tmp_path, monkeypatch):
+  """An --out that cannot be written is refused before the first run trains
+  (it had failed only when that run's result was written, with a
+  traceback); a damaged result file is one line naming it (a
+  JSONDecodeError or KeyError traceback); --report_only finding nothing
+  exits nonzero (a mistyped --out had looked like success)."""
+  report = rp.report
+  seen = _record_runs(rp, monkeypatch)
+  monkeypatch.setattr(rp, 'report', report)  # training stubbed only
+  common = ['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+            'adam']
+  afile = tmp_path / 'afile'
+  afile.write_text('mine')
+  with pytest.raises(SystemExit) as e:
+    rp.main(common + ['--out', str(afile / 'out')])
+  assert e.value.code == (f'error: --out {afile}/out cannot be written '
+                          f'({afile} is not a writable folder).')
+  assert not seen and afile.read_text() == 'mine'
+
+  out = tmp_path / 'out'
+  path = rp.run_path(str(out), 'smoke', 'arithmetic', 'adam', 1e-3, 0)
+  os.makedirs(os.path.dirname(path))
+  for text, why in (('{"task": "arith', 'cannot be read (Unterminated '
+                     'string starting at: line 1 column 10 (char 9))'),
+                    ('{"foo": 1}', 'is not a run result (no task, optimizer, '
+                     'lr, seed, val_loss, tests)')):
+    with open(path, 'w') as f:
+      f.write(text)
+    for extra in (['--report_only'], ['--resume', '--lrs', '1e-3']):
+      with pytest.raises(SystemExit) as e:
+        rp.main(common + ['--out', str(out)] + extra)
+      assert e.value.code == (f'error: {path} {why}; move it aside (or '
+                              'delete it) and run that run again.'), extra
+  assert not seen
+  with pytest.raises(SystemExit) as e:
+    rp.main(common + ['--out', str(tmp_path / 'typo'), '--report_only'])
+  assert e.value.code == (f'error: --report_only: no finished runs under '
+                          f'{tmp_path}/typo/runs/smoke; nothing to report.')
