@@ -952,6 +952,38 @@ def test_export_is_not_written_through_a_planted_link(tmp_path, capsys):
     loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize('damage', ['state deleted', 'data truncated'])
+def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(
+    reference, tmp_path, damage):
+  """A checkpoint whose state is gone or truncated: one short line saying it
+  is damaged and which step moving it aside resumes from (it had been
+  'does not fit this config', advising --config, at up to 2.4 KB); moved
+  aside, the run resumes from there."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'run'
+  shutil.copytree(reference['run_dir'], run_dir)
+  state = run_dir / 'checkpoints' / str(STEPS) / 'state'
+  if damage == 'state deleted':
+    shutil.rmtree(state)
+  else:
+    for f in state.rglob('*'):
+      if f.is_file() and f.stat().st_size > 1000:
+        f.write_bytes(f.read_bytes()[:100])
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(tiny(run_dir, resume=True), log=lambda s: None)
+  msg = str(e.value)
+  assert '\n' not in msg and len(msg) < 500, msg
+  assert msg.startswith(f'--resume: checkpoint {STEPS} in {run_dir}/'
+                        'checkpoints cannot be restored ('), msg
+  aside = run_dir / 'checkpoints' / str(STEPS)
+  assert msg.endswith(f'it is damaged or incomplete; move {aside} aside to '
+                      f'resume from step {STEPS - 2}.'), msg
+  aside.rename(tmp_path / 'damaged')
+  lines = []
+  loop.run(tiny(run_dir, resume=True), log=lines.append, stop_at=STEPS - 1)
+  assert f'[train] resumed from step {STEPS - 2}' in lines
+
+
 @pytest.mark.parametrize('saved_config_says_rank_2', [False, True])
 def test_resume_with_another_rank_says_so_and_changes_nothing(
     reference, tmp_path, saved_config_says_rank_2):
@@ -984,10 +1016,15 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
   assert done.returncode == 1 and len(err.splitlines()) == 1, err
   assert f'error: --resume: checkpoint {STEPS} in ' in err, err
   if saved_config_says_rank_2:
-    assert 'does not fit this config (the saved state holds (' in err, err
+    # The settings agree, the state does not: a damaged checkpoint, and
+    # how to get past it (not a --config that cannot help).
+    assert 'cannot be restored (the saved state holds (' in err, err
     assert re.search(r'float32 at \S+/lora_[ab], this config \(', err), err
+    assert err.endswith(
+        f'it is damaged or incomplete; move {run_dir}/checkpoints/{STEPS} '
+        f'aside to resume from step {STEPS - 2}.'), err
   else:
     assert ('was made with other settings (lora.rank: 4 there, 2 now)'
             in err), err
-  assert 'config.json' in err, err
+    assert 'config.json' in err, err
   assert _snapshot(tmp_path) == before

@@ -1695,6 +1695,21 @@ def _has_checkpoints(run_dir: str) -> bool:
   return checkpoint.has_checkpoints(os.path.join(run_dir, 'checkpoints'))
 
 
+def _damaged(ckpt, step: int, where: str, what: str,
+             e: BaseException) -> ConfigError:
+  """The one-line refusal of a checkpoint that cannot be read: its error,
+  cut short, and how to resume from the step kept before it."""
+  cause = first_line(e)
+  if len(cause) > 160:
+    cause = cause[:157] + '...'
+  earlier = [s for s in ckpt.all_steps() if s < step]
+  then = (f'resume from step {max(earlier)}' if earlier else
+          'start over (no earlier checkpoint is kept)')
+  return ConfigError(
+      f'{where} {what} ({cause}): it is damaged or incomplete; move '
+      f'{os.path.join(ckpt.directory, str(step))} aside to {then}.')
+
+
 # What a run writes in run_dir besides its checkpoints; the finished ones
 # are written at its end.
 RUN_FILES = ('config.json', 'metrics.csv', 'eval.csv', 'tensorboard',
@@ -1931,8 +1946,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     try:
       saved_config = ckpt.restore_config(latest)
     except (ValueError, TypeError, KeyError, OSError) as e:
-      raise ConfigError(f'{where} has no readable config ({first_line(e)}); '
-                        f'{redo}.') from None
+      raise _damaged(ckpt, latest, where, 'has no readable config', e
+                     ) from None
     saved_data = saved_config.pop(TRAIN_DATA_KEY, None)  # older: none
     saved_dropped = saved_config.pop(DROPPED_KEY, None)
     saved_tokenizer = saved_config.pop(TOKENIZER_KEY, None)  # older: none
@@ -1980,12 +1995,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           '); resume on the weights it was trained on.')
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
-    except (ValueError, TypeError, KeyError) as e:
-      # The same settings, yet another model (model.path may change) or
-      # a damaged checkpoint: say so in one line, before config.json is
-      # overwritten.
-      raise ConfigError(f'{where} does not fit this config ({first_line(e)})'
-                        f'; {redo}.') from None
+    except (ValueError, TypeError, KeyError, OSError) as e:
+      # The settings, data, tokenizer and base model agreed above: a
+      # damaged checkpoint, said in one line before config.json is
+      # overwritten (it had been 'does not fit this config', advising a
+      # --config that could not help, with tensorstore's 2 KB spec).
+      raise _damaged(ckpt, latest, where, 'cannot be restored', e) from None
     start_step = int(distributed.to_host(state['step']))
     if start_step > cfg.steps:
       raise ConfigError(
