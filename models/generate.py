@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from models import gemma  # pylint: disable=g-import-not-at-top
 
+  if not os.path.exists(args.checkpoint):
+    # Before the tokenizer, which would be the one named missing.
+    print(f'error: --checkpoint {args.checkpoint}: no such file or directory '
+          '(a Hugging Face model folder or a .gguf file).', file=sys.stderr)
+    return 2
   try:
     tokenizer = gemma.load_tokenizer(args.tokenizer or args.checkpoint)
     model = gemma.from_pretrained(args.checkpoint,

@@ -403,6 +403,23 @@ def test_generate_cli_bad_settings_give_one_error_line(cli_checkpoints, capsys,
   assert match in err
 
 
+def test_generate_cli_names_a_missing_checkpoint_or_a_fake_gguf(
+    tmp_path, capsys):
+  """A missing --checkpoint is named as such (it had been 'tokenizer not
+  found'), and a .gguf that is not one is 'not a GGUF file' (it had been
+  'not a SentencePiece model')."""
+  from models import generate  # pylint: disable=g-import-not-at-top
+  fake = tmp_path / 'text.gguf'
+  fake.write_text('not a model')
+  for path, want in (
+      (tmp_path / 'nope', f'error: --checkpoint {tmp_path}/nope: no such file '
+       'or directory (a Hugging Face model folder or a .gguf file).'),
+      (fake, f'error: {fake}: not a GGUF file (no GGUF header; a truncated '
+       'download or another file renamed).')):
+    assert generate.main(['--checkpoint', str(path), '--prompt', 'hi']) == 2
+    assert capsys.readouterr().err == want + '\n'
+
+
 def _export_adapter(model, directory, seed=0, **kw):
   """Exports a rank-2 adapter on every projection, with a nonzero lora_b."""
   lora.apply_lora(model, rank=2, alpha=4.0, rngs=seed)

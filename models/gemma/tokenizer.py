@@ -224,4 +224,9 @@ def load_tokenizer(path: str, **kw) -> Tokenizer:
     magic = f.read(4)
   if magic == b'GGUF':
     return Tokenizer.from_gguf(path, **kw)
+  if path.lower().endswith('.gguf'):
+    # Not read as a SentencePiece model: that error would name the wrong
+    # format.
+    raise ValueError(f'{path}: not a GGUF file (no GGUF header; a truncated '
+                     'download or another file renamed).')
   return Tokenizer.from_model_file(path, **kw)
