@@ -195,6 +195,28 @@ def test_config_from_a_saved_json(tmp_path):
                                 'distributed.num_processes': 2})
 
 
+def test_resuming_a_moved_runs_config_names_its_folder(tmp_path):
+  """--config MOVED/config.json --resume, its run_dir the old folder: refused
+  in one line naming the folder its checkpoints are in (it had started
+  over at step 0 in the old folder); --run_dir MOVED resumes it."""
+  moved = tmp_path / 'moved'
+  (moved / 'checkpoints' / '4').mkdir(parents=True)
+  cfg = configs.replace(configs.get_config('tiny'),
+                        run_dir=str(tmp_path / 'orig'))
+  path = moved / 'config.json'
+  path.write_text(configs.to_json(cfg))
+  with pytest.raises(ValueError) as e:
+    cli.parse(['--config', str(path), '--resume'])
+  assert str(e.value) == (
+      f'--resume: --config {path} is the run in {moved}, whose checkpoints '
+      f'are there, but run_dir is {tmp_path}/orig, which has none: pass '
+      f'--run_dir {moved} to resume it.')
+  assert cli.parse(['--config', str(path), '--resume', '--run_dir',
+                    str(moved)])[0].run_dir == str(moved)
+  # Without --resume it is a new run elsewhere from the same settings.
+  assert cli.parse(['--config', str(path)])[0] == cfg
+
+
 @pytest.mark.parametrize('text, message', [
     (None, 'config file not found: {path}'),
     ('{"steps": ', 'malformed JSON in {path} at line 1 column 11'),

@@ -72,7 +72,25 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
     if not e.code:  # --help: printed to stdout, a normal exit.
       raise
     raise ValueError(_tyro_message(err.getvalue())) from None
+  if from_file and cfg.resume:
+    _check_resume_folder(known.config, cfg)
   return cfg, known.stop_at
+
+
+def _check_resume_folder(config_path: str, cfg: configs.Config) -> None:
+  """A run's config.json resumed where its checkpoints are not: the run was
+  moved (its run_dir names the old folder) or --run_dir names another.
+  That had started over at step 0 in the other folder, saying only that
+  it found no checkpoint there."""
+  from train import loop  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(os.path.abspath(config_path))
+  run_dir = loop.default_run_dir(cfg)
+  if (os.path.abspath(run_dir) != folder and loop.has_checkpoints(folder)
+      and not loop.has_checkpoints(run_dir)):
+    raise ValueError(
+        f'--resume: --config {config_path} is the run in {folder}, whose '
+        f'checkpoints are there, but run_dir is {run_dir}, which has none: '
+        f'pass --run_dir {folder} to resume it.')
 
 
 # --stop_at is read before tyro sees the command line, so its help is here.

@@ -996,7 +996,7 @@ def build(cfg: configs_lib.Config) -> Run:
                  or cfg.data.seq_len - 1)
   init_grads = initial = None
   if cfg.lora.init in _SAVES_INITIAL and cfg.resume and (
-      _has_checkpoints(default_run_dir(cfg))):
+      has_checkpoints(default_run_dir(cfg))):
     initial = load_initial_factors(default_run_dir(cfg))
   if cfg.lora.init == 'lora_ga' and initial is None:
     init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
@@ -1690,7 +1690,7 @@ def default_run_dir(cfg: configs_lib.Config) -> str:
   return cfg.run_dir or os.path.join('runs', cfg.name)
 
 
-def _has_checkpoints(run_dir: str) -> bool:
+def has_checkpoints(run_dir: str) -> bool:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.has_checkpoints(os.path.join(run_dir, 'checkpoints'))
 
@@ -1725,7 +1725,7 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   run_dir = default_run_dir(cfg)
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise ConfigError(f'run_dir {run_dir} exists and is not a directory.')
-  if _has_checkpoints(run_dir) and not cfg.resume:
+  if has_checkpoints(run_dir) and not cfg.resume:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
   # Found before the build (a 7B model loads for minutes), not at the first
@@ -1741,7 +1741,7 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
                       'not a writable folder).')
   if cfg.export_adapter:
     _check_export_dir(run_dir)
-  if not _has_checkpoints(run_dir):
+  if not has_checkpoints(run_dir):
     # A run's files with no checkpoint (a run stopped before its first one,
     # or a finished run whose checkpoints were deleted for space) had been
     # replaced without a word, the adapter and summary included.
