@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -97,12 +98,17 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
   tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
                        '.tmp')
   # Created as open() creates files (0666 less the umask), not mkstemp's
-  # 0600; a file it replaces keeps its own permissions.
+  # 0600; a file it replaces keeps its own permissions. The mode is set
+  # again after writing: a writer that recreates the file (safetensors'
+  # save_file) had left new weights at 0600.
   os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+  created_mode = tmp.stat().st_mode
   try:
     yield tmp
     if path.exists():
       shutil.copymode(path, tmp)
+    else:
+      os.chmod(tmp, created_mode)
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
@@ -258,6 +264,16 @@ def load_tensors(directory: str | os.PathLike, filename: str = SAFETENSORS,
   return dict(open_tensors(directory, filename, index))
 
 
+def _save_file(tensors, tmp: Path, path, metadata) -> None:
+  """safetensors' save_file; its own error (a full disk among others) as a
+  one-line OSError naming the file, as the train CLI reports OSErrors."""
+  try:
+    save_file(tensors, str(tmp), metadata=metadata)
+  except SafetensorError as e:
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise OSError(f'{path}: cannot write ({cause}).') from None
+
+
 def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                  max_shard_bytes: int | None = None,
                  filename: str = SAFETENSORS,
@@ -279,7 +295,7 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   if max_shard_bytes is None or total <= max_shard_bytes:
     path = safe_join(directory, filename)
     with replacing(path) as tmp:
-      save_file(tensors, str(tmp), metadata=metadata)
+      _save_file(tensors, tmp, path, metadata)
     remove_stale_weights(directory, [filename], filename, index)
     return [path]
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -296,7 +312,7 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     shard_name = f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors'
     path = safe_join(directory, shard_name)
     with replacing(path) as tmp:
-      save_file(shard, str(tmp), metadata=metadata)
+      _save_file(shard, tmp, path, metadata)
     paths.append(path)
     names.append(shard_name)  # not path.name: safe_join resolves links
     weight_map.update({name: shard_name for name in shard})

@@ -108,6 +108,34 @@ def test_replacing_keeps_the_old_files_permissions(tmp_path):
   os.umask(umask)
   hf_io.write_json(tmp_path / 'new.json', {})
   assert (tmp_path / 'new.json').stat().st_mode & 0o777 == 0o666 & ~umask
+  # Weights too: safetensors' save_file recreates the file at 0600.
+  for shard in (None, 8):
+    out = tmp_path / f'weights{shard}'
+    for path in hf_io.save_tensors(out, {'a': np.zeros(4, np.float32),
+                                         'b': np.ones(4, np.float32)},
+                                   max_shard_bytes=shard):
+      assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_save_tensors_failing_to_write_is_one_oserror(tmp_path, monkeypatch):
+  """A full disk fails inside safetensors (SafetensorError, which the train
+  CLI did not catch: a 26-line traceback): one OSError naming the file,
+  and no file half-written or left behind."""
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+
+  def full(tensors, filename, metadata=None):
+    with open(filename, 'wb') as f:
+      f.write(b'half')
+    raise SafetensorError('Error while serializing: IoError(No space left '
+                          'on device (os error 28))')
+
+  monkeypatch.setattr(hf_io, 'save_file', full)
+  with pytest.raises(OSError) as e:
+    hf_io.save_tensors(tmp_path, {'a': np.zeros(4, np.float32)})
+  assert str(e.value) == (
+      f'{tmp_path}/model.safetensors: cannot write (Error while serializing: '
+      'IoError(No space left on device (os error 28))).')
+  assert os.listdir(tmp_path) == []
 
 
 def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
