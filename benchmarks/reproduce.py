@@ -216,13 +216,13 @@ _orig_load_model = loop.load_model
 _orig_load_tokenizer = loop.load_tokenizer
 
 
-def _cached_load_model(cfg, model_path, seed, vocab_size=None):
+def _cached_load_model(cfg, model_path, seed, vocab_size=None, place=None):
   # Why: dequantising the GGUF takes tens of seconds; every run would pay it.
   # A random model (tests) is drawn once, with seed 0, so all runs share it.
   key = (cfg, model_path, vocab_size)
   if key not in _MODEL_CACHE:
     _MODEL_CACHE[key] = nnx.split(_orig_load_model(cfg, model_path, 0,
-                                                   vocab_size))
+                                                   vocab_size, place))
   # copy=True: new Variables around the same (immutable) arrays. nnx.merge
   # otherwise hands every run the cached Variables themselves, and an init
   # that rewrites the base kernel (PiSSA, LoRA-GA) would rewrite the cache.

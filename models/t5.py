@@ -675,7 +675,9 @@ def _path(path) -> str:
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                     param_dtype=jnp.float32,
-                    dropout_rate: float | None = 0.0, seed: int = 0) -> T5:
+                    dropout_rate: float | None = 0.0, seed: int = 0,
+                    place: Callable[[nnx.Variable, np.ndarray], jax.Array]
+                    | None = None) -> T5:
   """Loads a Hugging Face T5 v1.1 / mT5 checkpoint directory.
 
   Args:
@@ -686,6 +688,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     dropout_rate: overrides config.json's dropout (default 0: a
       deterministic model; ``None`` keeps the checkpoint's rate).
     seed: seeds the dropout streams (when the rate is not 0).
+    place: ``place(variable, host array) -> jax.Array`` puts each weight
+      where it goes, e.g. straight to its sharding over a mesh (the train
+      loop does: an mT5-XXL never lands whole on the first device);
+      default the default device.
 
   Raises:
     FileNotFoundError: no directory, config.json or weights.
@@ -733,7 +739,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     elif tuple(value.shape) != shape:
       raise ValueError(f'{where}: tensor {name!r} has shape '
                        f'{tuple(value.shape)}, expected {shape}.')
-    var.set_value(jnp.asarray(value, dtype=param_dtype))
+    value = np.asarray(value, dtype=param_dtype)
+    var.set_value(place(var, value) if place else jnp.asarray(value))
     used.add(stored)
   if config.tie_word_embeddings and 'lm_head.weight' in tensors:
     # A copy of the tied head is allowed; a head of its own would be

@@ -629,3 +629,64 @@ def test_tokens_per_s_is_training_throughput(tmp_path, monkeypatch):
   # Row 6's window followed the evaluation at step 4: the same steps' pace
   # (a wide margin: two-step windows on a loaded machine vary).
   assert rate[6] > 0.2 * rate[8], rate
+
+
+_PLACED_SCRIPT = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from train import configs, distributed, loop
+from models import gemma, t5
+out = sys.argv[1]
+cfg = configs.replace(configs.get_config('tiny'),
+                      **{'mesh.data': 1, 'mesh.fsdp': 4})
+mesh, rules = distributed.make_mesh(cfg.mesh), loop.mesh_rules(cfg)
+place = loop.mesh_placer(rules, mesh)
+gemma.save_pretrained(gemma.Gemma(gemma.get_config('gemma-tiny'),
+                                  rngs=nnx.Rngs(0)), out + '/gemma')
+t5.save_pretrained(t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0)),
+                   out + '/t5')
+for name, load in (
+    ('gemma', lambda p: loop.load_model(cfg.model, out + '/gemma', 0,
+                                        place=p)),
+    ('t5', lambda p: loop.load_t5_model(
+        configs.get_config('tiny_t5').model, out + '/t5', 0, place=p))):
+  placed, plain = nnx.state(load(place), nnx.Param), nnx.state(load(None),
+                                                               nnx.Param)
+  want = loop.state_shardings(placed, rules, mesh)
+  split = 0
+  for (path, var), (_, ref) in zip(nnx.to_flat_state(placed),
+                                   nnx.to_flat_state(plain)):
+    value = var.get_value()
+    sharding = want
+    for k in path:
+      sharding = sharding[k]
+    assert value.sharding == sharding, (name, path, value.sharding)
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(
+        ref.get_value()))
+    split += len({str(s.index) for s in value.addressable_shards}) > 1
+  assert split > 0, name
+  print(name, 'placed', split)
+'''
+
+
+def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
+  """The loop loads each base weight straight to its sharding (fsdp = 4
+  here): it had loaded the whole model onto the first device and sharded
+  it only afterwards, which a model larger than one device's memory (an
+  mT5-XXL in bfloat16, 26 GB) cannot survive. Values equal the plain
+  load's."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
+      'PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-c', _PLACED_SCRIPT,
+                         str(tmp_path)], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'gemma placed' in proc.stdout and 't5 placed' in proc.stdout

@@ -132,6 +132,19 @@ def state_shardings(state: nnx.State, rules, mesh) -> dict:
   return out
 
 
+def mesh_placer(rules, mesh):
+  """A loader's ``place``: each weight from the host straight to its
+  sharding over ``mesh`` by its logical axes, as `state_shardings` gives
+  it. Loaded onto the default device first, a model larger than one
+  device's memory (an mT5-XXL in bfloat16 is 26 GB) had failed before it
+  could be sharded."""
+  def place(var, value):
+    spec = distributed.logical_to_spec(
+        var.get_metadata().get('out_sharding'), np.shape(value), rules, mesh)
+    return jax.device_put(value, NamedSharding(mesh, spec))
+  return place
+
+
 def opt_state_shardings(abstract_opt_state, params, param_shardings, mesh):
   """Shardings of the optimizer state, derived from its abstract init.
 
@@ -517,9 +530,10 @@ def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
 
 
 def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
-               vocab_size: int | None = None):
-  """The base model: loaded from ``model_path``, else random ``cfg.name``
-  (with ``vocab_size`` rows when given, to fit the tokenizer)."""
+               vocab_size: int | None = None, place=None):
+  """The base model: loaded from ``model_path`` (each weight put by
+  ``place``, see `mesh_placer`), else random ``cfg.name`` (with
+  ``vocab_size`` rows when given, to fit the tokenizer)."""
   if cfg.family != 'gemma':
     raise ConfigError(f"model.family {cfg.family!r}: load_model loads "
                       "Gemma models; T5 models load with load_t5_model.")
@@ -530,7 +544,7 @@ def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
       raise FileNotFoundError(f'model.path {model_path}: no such file or '
                               'directory (a Hugging Face folder or a .gguf).')
     return gemma.from_pretrained(model_path, dtype=dtype,
-                                 param_dtype=param_dtype)
+                                 param_dtype=param_dtype, place=place)
   try:
     gcfg = gemma.get_config(cfg.name)
   except ValueError as e:
@@ -561,7 +575,7 @@ def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
 
 
 def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
-                  tokenizer=None):
+                  tokenizer=None, place=None):
   """T5 family: a Hugging Face T5 / mT5 folder, else random ``cfg.name``
   (sized and given special ids to fit ``tokenizer`` when given).
 
@@ -575,7 +589,7 @@ def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
       raise FileNotFoundError(f'model.path {model_path}: no such file or '
                               'directory (a Hugging Face T5 / mT5 folder).')
     model = t5.from_pretrained(model_path, dtype=dtype,
-                               param_dtype=param_dtype)
+                               param_dtype=param_dtype, place=place)
   else:
     ids = {}
     if tokenizer is not None:
@@ -985,7 +999,8 @@ def build(cfg: configs_lib.Config) -> Run:
             f': download it first, e.g. hf download {model_path} --local-dir '
             'DIR, and pass --model.path DIR' if hub_id else '') + ').')
   tokenizer = family.load_tokenizer(cfg.model, model_path)
-  model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer)
+  model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer,
+                            place=mesh_placer(rules, mesh))
   vocab = model.config.vocab_size
   tok_vocab = getattr(tokenizer, 'vocab_size', None)
   if tok_vocab is not None and tok_vocab > vocab:
@@ -1317,9 +1332,9 @@ def _gemma_load_tokenizer(cfg, model_path):
   return load_tokenizer(cfg, model_path)
 
 
-def _gemma_load_model(cfg, model_path, seed, tokenizer):
+def _gemma_load_model(cfg, model_path, seed, tokenizer, place=None):
   return load_model(cfg, model_path, seed,
-                    getattr(tokenizer, 'vocab_size', None))
+                    getattr(tokenizer, 'vocab_size', None), place=place)
 
 
 def _validate_decoder_only(cfg: configs_lib.Config) -> None:
@@ -1499,7 +1514,8 @@ class Family:
   Attributes:
     validate: config checks of this family (one-line ConfigError).
     load_tokenizer: (model config, model path) -> tokenizer.
-    load_model: (model config, model path, seed, tokenizer or None) -> model.
+    load_model: (model config, model path, seed, tokenizer or None,
+      place=`mesh_placer`) -> model.
     dataset: Run -> grain dataset of training batches.
     prepare_batch: (pipeline batch, Run) -> (step batch, target tokens
       dropped, real tokens).

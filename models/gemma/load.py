@@ -493,6 +493,10 @@ def _param_table(c: GemmaConfig) -> list[_Entry]:
   return entries
 
 
+# Where a loaded weight goes: (its variable, the host array) -> array.
+Place = Callable[[nnx.Variable, np.ndarray], jax.Array]
+
+
 def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
   node = model
   for p in path:
@@ -501,19 +505,22 @@ def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
 
 
 def build_model(config: GemmaConfig, get_tensor: Callable[[_Entry], np.ndarray],
-                *, dtype=jnp.float32, param_dtype=jnp.float32) -> Gemma:
+                *, dtype=jnp.float32, param_dtype=jnp.float32,
+                place: Place | None = None) -> Gemma:
   """A Gemma whose params come from ``get_tensor(entry)`` (HF layout arrays).
 
   The module is built abstractly (`nnx.eval_shape`) so no random weights are
-  drawn for a model that is about to be overwritten.
+  drawn for a model that is about to be overwritten. ``place(variable,
+  host array)`` puts each weight where it goes (e.g. sharded over a mesh);
+  by default on the default device.
   """
   model = nnx.eval_shape(lambda: Gemma(config, dtype=dtype,
                                        param_dtype=param_dtype,
                                        rngs=nnx.Rngs(0)))
   for e in _param_table(config):
     var = _get_var(model, e.path)
-    arr = np.asarray(e.to_ours(get_tensor(e)))
-    var.set_value(jnp.asarray(arr, dtype=param_dtype))
+    arr = np.asarray(e.to_ours(get_tensor(e)), dtype=param_dtype)
+    var.set_value(place(var, arr) if place else jnp.asarray(arr))
   return model
 
 
@@ -587,7 +594,7 @@ def _unexpected_hf_tensors(config: GemmaConfig, tensors) -> list[str]:
 
 
 def load_hf(directory: str, *, dtype=jnp.float32,
-            param_dtype=jnp.float32) -> Gemma:
+            param_dtype=jnp.float32, place: Place | None = None) -> Gemma:
   """A Gemma from a Hugging Face layout directory.
 
   Raises:
@@ -627,7 +634,8 @@ def load_hf(directory: str, *, dtype=jnp.float32,
     raise ValueError(f'{where[unexpected[0]]}: unexpected tensor '
                      f'{unexpected[0]!r}{_and_more(unexpected)} for '
                      'this config.json.')
-  return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
+  return build_model(config, get, dtype=dtype, param_dtype=param_dtype,
+                     place=place)
 
 
 def save_pretrained(model: Gemma, directory: str, *,
@@ -800,7 +808,7 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
 
 
 def load_gguf(path: str, *, dtype=jnp.float32,
-              param_dtype=jnp.float32) -> Gemma:
+              param_dtype=jnp.float32, place: Place | None = None) -> Gemma:
   """A Gemma from a llama.cpp GGUF file, dequantized to ``param_dtype``.
 
   Raises:
@@ -845,11 +853,13 @@ def load_gguf(path: str, *, dtype=jnp.float32,
     raise ValueError(f'{path}: unexpected tensor {unexpected[0]!r}'
                      f'{_and_more(unexpected)} for the model its metadata '
                      f'describes ({arch}.block_count = {config.num_layers}).')
-  return build_model(config, get, dtype=dtype, param_dtype=param_dtype)
+  return build_model(config, get, dtype=dtype, param_dtype=param_dtype,
+                     place=place)
 
 
 def from_pretrained(path: str, *, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> Gemma:
+                    param_dtype=jnp.float32,
+                    place: Place | None = None) -> Gemma:
   """A ready `Gemma` from a Hugging Face directory or a ``.gguf`` file.
 
   Args:
@@ -857,17 +867,22 @@ def from_pretrained(path: str, *, dtype=jnp.float32,
       model.safetensors.index.json), or a .gguf file.
     dtype: compute dtype (jnp.float32 or jnp.bfloat16).
     param_dtype: storage dtype of the loaded weights.
+    place: ``place(variable, host array) -> jax.Array`` puts each weight
+      where it goes, e.g. straight to its sharding over a mesh (the train
+      loop does: a model larger than one device's memory never lands whole
+      on the first); default the default device.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    return load_hf(path, dtype=dtype, param_dtype=param_dtype)
+    return load_hf(path, dtype=dtype, param_dtype=param_dtype, place=place)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such checkpoint (expected a Hugging '
                             'Face directory or a .gguf file).')
   with open(path, 'rb') as f:
     magic = f.read(4)
   if magic == b'GGUF' or path.endswith('.gguf'):
-    return load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+    return load_gguf(path, dtype=dtype, param_dtype=param_dtype,
+                     place=place)
   raise ValueError(f'{path}: not a Hugging Face directory or a GGUF file '
                    f'(starts with {magic!r}).')
 
