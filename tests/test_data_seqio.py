@@ -91,8 +91,16 @@ def test_registered_tasks_give_tokenised_datasets():
                               shuffle=False).take(3).as_numpy_iterator())
   for ex, e in zip(got, expected):
     assert ex["inputs_pretokenized"].decode() == e.prompt
-    assert vocab.decode(ex["inputs"].tolist()) == e.prompt
-    assert ex["targets"][-1] == vocab.eos_id
+    assert vocab.decode(ex["inputs"][:-1].tolist()) == e.prompt
+    assert ex["inputs"][-1] == ex["targets"][-1] == vocab.eos_id
+  # A prompt longer than the encoder keeps its end and EOS, as the train
+  # loop's encoder input does (it had kept the start, without EOS).
+  short = list(task.get_dataset({"inputs": 40, "targets": 8}, split="test",
+                                shuffle=False).take(3).as_numpy_iterator())
+  for ex, e in zip(short, expected):
+    assert len(ex["inputs"]) == 40 and ex["inputs"][-1] == vocab.eos_id
+    assert vocab.decode(ex["inputs"][:-1].tolist()) == (
+        e.prompt.encode()[-39:].decode())
     assert ex["gold"].decode() == e.gold_number
     assert task.postprocess_fn(ex["targets_pretokenized"].decode(),
                                example=ex, is_target=True) == e.gold_number

@@ -147,6 +147,23 @@ _METRICS = {formats.CHOICE: choice_accuracy,
             formats.GENERATION: superni_metrics}
 
 
+def _keep_the_end_of_inputs(dataset, sequence_length=None):
+  """Cuts 'inputs' from the left to leave room for EOS (seqio's own trim
+  keeps the start): the end of a prompt holds its question and answer cue."""
+  if not sequence_length or not sequence_length.get("inputs"):
+    return dataset
+  _, tf = _import_seqio()
+  room = sequence_length["inputs"] - 1
+
+  def cut(example):
+    example = dict(example)
+    inputs = example["inputs"]
+    example["inputs"] = inputs[tf.maximum(tf.size(inputs) - room, 0):]
+    return example
+
+  return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
                    data_dir: str | os.PathLike[str] | None = None,
                    style: str = "alpaca", validation_fraction: float = 0.1,
@@ -186,10 +203,14 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
         preprocessors=[
             seqio.preprocessors.tokenize,
             seqio.CacheDatasetPlaceholder(),
+            _keep_the_end_of_inputs,
             seqio.preprocessors.append_eos_after_trim,
         ],
+        # The encoder input is the prompt's end and EOS, as the train loop
+        # feeds it (`seq2seq.encoder_ids`): it had been the prompt's start
+        # without EOS, losing a long prompt's question.
         output_features={
-            "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=False),
+            "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
             "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
         },
         postprocess_fn=functools.partial(postprocess, kind=spec.kind),
