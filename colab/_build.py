@@ -20,13 +20,17 @@ HERE = pathlib.Path(__file__).resolve().parent
 # here (or in the notebook's first cell) before publishing the notebooks.
 REPO_URL = 'https://github.com/<org>/lora-rite-optax'
 
-SETUP = f'''\
+def setup_cell(extras: str) -> str:
+  """The first cell of a notebook that installs ``extras`` in Colab."""
+  return f'''\
 # Setup. In Colab: clone the repository (these notebooks also use its models/
 # and train/ folders, which the pip package does not ship) and install it with
-# the training and real-model extras. Anywhere else this cell installs
-# nothing: it finds the repository root, makes it the working directory and
-# puts it on sys.path.
+# the extras this notebook needs, and on a GPU or TPU runtime the jax plugin
+# of that accelerator at the version the package takes (Colab's own may be
+# another). Anywhere else this cell installs nothing: it finds the repository
+# root, makes it the working directory and puts it on sys.path.
 import os
+import shutil
 import sys
 
 REPO_URL = '{REPO_URL}'  # the project's repository, or your fork
@@ -36,7 +40,11 @@ if 'google.colab' in sys.modules:
     raise ValueError('Set REPO_URL to the lora-rite-optax repository first.')
   if not os.path.isdir('/content/lora-rite-optax'):
     !git clone -q --depth 1 {{REPO_URL}} /content/lora-rite-optax
-  !pip install -q "/content/lora-rite-optax[train,real-model]"
+  # Quoted for the shell ('>' and '<' would redirect).
+  ACCEL = ('"jax[cuda12]>=0.10,<0.11"' if shutil.which('nvidia-smi') else
+           '"jax[tpu]>=0.10,<0.11"' if os.path.exists('/dev/accel0') or
+           os.environ.get('TPU_ACCELERATOR_TYPE') else '')
+  !pip install -q "/content/lora-rite-optax[{extras}]" {{ACCEL}}
   ROOT = '/content/lora-rite-optax'
 else:
   ROOT = os.path.abspath('')
@@ -88,7 +96,7 @@ This notebook:
 
 Runs in about a minute on a CPU runtime.
 '''),
-    code(SETUP),
+    code(setup_cell('train')),
     code('''
 %matplotlib inline
 import jax
@@ -334,7 +342,7 @@ the packaged version with checkpoints, evaluation and sharding.
 minutes of compilation); a TPU or GPU runtime is far faster. Lower `STEPS` below for a
 quicker look.
 '''),
-    code(SETUP),
+    code(setup_cell('train,real-model')),
     code('''
 %matplotlib inline
 import tempfile
@@ -636,7 +644,7 @@ command line (`--optim.learning_rate 5e-4`, `--steps 500`, ...).
 This notebook only reads the configs and prints commands; it launches
 nothing.
 '''),
-    code(SETUP),
+    code(setup_cell('train')),
     code('''
 import dataclasses
 import json
@@ -734,6 +742,8 @@ commands; copy them to a shell with `gcloud` configured.
 TPU_NAME = 'lora-rite'
 ZONE = 'us-central2-b'
 ACCELERATOR = 'v4-16'
+# The TPU VM image: tpu-ubuntu2204-base for v4 (and older); a v5e needs
+# v2-alpha-tpuv5-lite, a v5p v2-alpha-tpuv5.
 RUNTIME = 'tpu-ubuntu2204-base'
 CONFIG = 'paper_gemma7b_superni'
 MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
@@ -748,13 +758,18 @@ if '<org>' in REPO_URL:  # every host clones it: no command works without it
         'repository, then run this cell again.')
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
-setup = ('git clone ' + REPO_URL + ' && cd lora-rite-optax && '
-         'pip install -U "jax[tpu]" -e ".[train,hub]" '
+# The package needs Python 3.11 (jax 0.10, flax 0.12); Ubuntu 22.04's is
+# 3.10, so each host gets a 3.11 venv.
+setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
+         'python3.11-venv && git clone ' + REPO_URL + ' && cd lora-rite-optax'
+         ' && python3.11 -m venv .venv && . .venv/bin/activate && '
+         'pip install -U "jax[tpu]>=0.10,<0.11" -e ".[train,hub]" '
          '"huggingface_hub>=1.0" && '
          'hf download google/gemma-7b --local-dir ' + MODEL_DIR +
          ' --include "*.safetensors" --include "*.json"'
          ' --include tokenizer.model')
-train_cmd = (f'cd lora-rite-optax && python -m train --config {CONFIG} '
+train_cmd = (f'cd lora-rite-optax && . .venv/bin/activate && '
+             f'python -m train --config {CONFIG} '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
 gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\
