@@ -355,3 +355,13 @@ def test_an_empty_file_or_a_path_and_a_hub_are_refused(tmp_path):
     data.load_task("boolq", "test", path=path, hub=True)
   assert str(e.value) == (f"give a local path or a Hub dataset, not both "
                           f"(path {path}, hub True)")
+
+
+def test_one_example_names_the_way_out_of_the_validation_carve(tmp_path):
+  (path := tmp_path / "one.json").write_text(json.dumps([_BOOLQ]))
+  with pytest.raises(ValueError) as e:
+    data.load_task("boolq", "train", path=path)
+  assert str(e.value) == ("cannot carve a validation set out of 1 example(s) "
+                          "(validation_fraction 0 trains on all of them)")
+  assert len(data.load_task("boolq", "train", path=path,
+                            validation_fraction=0)) == 1

@@ -194,7 +194,8 @@ def split_validation(examples: Sequence[Example], fraction: float = 0.1,
     raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
   n = len(examples)
   if n < 2:
-    raise ValueError(f"cannot carve a validation set out of {n} example(s)")
+    raise ValueError(f"cannot carve a validation set out of {n} example(s) "
+                     "(validation_fraction 0 trains on all of them)")
   k = min(n - 1, max(1, round(n * fraction)))
   held = np.zeros(n, bool)
   held[np.random.default_rng(seed).permutation(n)[:k]] = True
