@@ -353,6 +353,35 @@ def test_a_stop_signal_during_the_initial_evaluation_is_a_clean_stop(
   assert [h['step'] for h in done['history']] == [1]
 
 
+def test_a_disk_too_full_for_a_checkpoint_is_one_error_before_writing(
+    tmp_path, monkeypatch):
+  """Too little free space for the next checkpoint: one OSError naming the
+  folder, the space needed and free and the step kept, before orbax
+  writes anything (a full disk had failed its writes part-way, with
+  hundreds of lines of tracebacks from its writer threads)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  usage = collections.namedtuple('usage', 'total used free')
+  saves = []
+
+  def disk_usage(path):
+    saves.append(path)
+    free = 10**9 if len(saves) == 1 else 2**19  # full after the first save
+    return usage(10**9, 10**9 - free, free)
+
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage', disk_usage)
+  run_dir = tmp_path / 'run'
+  with pytest.raises(OSError) as e:
+    loop.run(tiny(run_dir, steps=6), log=lambda s: None)
+  monkeypatch.undo()
+  ckpt_dir = run_dir / 'checkpoints'
+  assert str(e.value) == (
+      f'{ckpt_dir}: about 1.1 MiB needed for checkpoint 4, 0.5 MiB free (on '
+      'this or another host): free some space, then --resume (from step 2, '
+      'kept).')
+  assert sorted(os.listdir(ckpt_dir)) == ['2']
+
+
 def test_a_stop_off_a_log_step_logs_that_step(reference, tmp_path,
                                               monkeypatch):
   """SIGTERM during step 3 with a log every 2 steps: step 3 is logged, and

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -34,6 +35,9 @@ CONFIG = 'config'
 # folder, just before the rename, where renames are atomic).
 COMMIT_FILE = 'commit_success.txt'
 TMP_MARK = '.orbax-checkpoint-tmp'
+# What a save writes beyond the state's arrays (orbax's metadata files,
+# the config, the data iterator's position), with room to spare.
+SAVE_OVERHEAD_BYTES = 1 << 20
 
 
 def _ocp():
@@ -82,7 +86,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator, config_json: str,
            *, force: bool = False) -> bool:
-    """Saves one checkpoint; returns whether it was written."""
+    """Saves one checkpoint; returns whether it was written.
+
+    Raises:
+      OSError: too little free space for it (one line, before anything is
+        written; the checkpoints kept stay as they were).
+    """
+    self._check_space(step, state)
     ocp = _ocp()
     import grain  # pylint: disable=g-import-not-at-top
     items = {STATE: ocp.args.StandardSave(state),
@@ -93,6 +103,28 @@ class Checkpointer:
                             force=force)
     self._mngr.wait_until_finished()
     return bool(saved)
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save the disk cannot hold. A full disk had failed orbax's
+    writes part-way, printing hundreds of lines of tracebacks from its
+    writer threads around the one error line."""
+    from train import distributed  # pylint: disable=g-import-not-at-top
+    need = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state))
+    # Orbax's metadata, the config and the data position beside the arrays.
+    need = int(need * 1.1) + SAVE_OVERHEAD_BYTES
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      free = need  # not known: orbax says what goes wrong
+    # Every process refuses together: a checkpoint is a collective.
+    if distributed.on_any_process(int(free < need)):
+      kept = self.all_steps()
+      raise OSError(
+          f'{self.directory}: about {need / 2**20:.1f} MiB needed for '
+          f'checkpoint {step}, {free / 2**20:.1f} MiB free (on this or '
+          'another host): free some space, then --resume' + (
+              f' (from step {max(kept)}, kept)' if kept else '') + '.')
 
   def restore_config(self, step: int) -> dict:
     """The config dict saved with checkpoint ``step`` (read alone, so that a
