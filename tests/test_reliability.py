@@ -380,6 +380,11 @@ def test_a_disk_too_full_for_a_checkpoint_is_one_error_before_writing(
       'this or another host): free some space, then --resume (from step 2, '
       'kept).')
   assert sorted(os.listdir(ckpt_dir)) == ['2']
+  # A mount that reports no size (total 0) is not taken for a full one.
+  monkeypatch.setattr(checkpoint.shutil, 'disk_usage',
+                      lambda path: usage(0, 0, 0))
+  assert loop.run(tiny(run_dir, steps=6, resume=True),
+                  log=lambda s: None)['steps'] == 6
 
 
 def test_a_stop_off_a_log_step_logs_that_step(reference, tmp_path,

@@ -114,9 +114,12 @@ class Checkpointer:
     need = int(need * 1.1) + SAVE_OVERHEAD_BYTES
     try:
       os.makedirs(self.directory, exist_ok=True)
-      free = shutil.disk_usage(self.directory).free
+      usage = shutil.disk_usage(self.directory)
+      # A mount that reports no size at all (some object-store mounts)
+      # tells nothing: orbax then says what goes wrong.
+      free = usage.free if usage.total else need
     except OSError:
-      free = need  # not known: orbax says what goes wrong
+      free = need
     # Every process refuses together: a checkpoint is a collective.
     if distributed.on_any_process(int(free < need)):
       kept = self.all_steps()
