@@ -55,9 +55,17 @@ def load_adapter(model, directory: str):
   return lora.load_peft_adapter(model, directory, name_map=name_map)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """Command-line mistakes as one `error:` line (exit 2), as `python -m
+  train` reports them, not argparse's usage block."""
+
+  def error(self, message):
+    self.exit(2, f'error: {message} (--help lists the options)\n')
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m models.generate',
-                                   description=__doc__.split('\n')[0])
+  parser = _OneLineParser(prog='python -m models.generate',
+                          description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True,
                       help='Hugging Face Gemma directory or .gguf file')
   parser.add_argument('--prompt', required=True)

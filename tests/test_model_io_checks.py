@@ -448,6 +448,21 @@ def test_generate_cli_names_a_missing_checkpoint_or_a_fake_gguf(
     assert capsys.readouterr().err == want + '\n'
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--prompt', 'hi', '--max-new-tokens', 'abc'],
+     "argument --max-new-tokens: invalid int value: 'abc'"),
+    (['--prompt', 'hi'], 'the following arguments are required: '
+     '--checkpoint'),
+])
+def test_generate_cli_usage_mistakes_are_one_line(argv, message, capsys):
+  from models import generate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    generate.main(argv)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      f'error: {message} (--help lists the options)\n')
+
+
 def _export_adapter(model, directory, seed=0, **kw):
   """Exports a rank-2 adapter on every projection, with a nonzero lora_b."""
   lora.apply_lora(model, rank=2, alpha=4.0, rngs=seed)
