@@ -387,6 +387,31 @@ def test_a_disk_too_full_for_a_checkpoint_is_one_error_before_writing(
                   log=lambda s: None)['steps'] == 6
 
 
+def test_a_failed_export_says_that_resume_exports_again(tmp_path,
+                                                       monkeypatch):
+  """An export that cannot be written (a full disk) ends in one OSError
+  that says the checkpoint is saved and --resume exports; it does."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+
+  def full(path, *args, **kwargs):
+    raise OSError(f'{path}: cannot write (No space left on device)')
+
+  monkeypatch.setattr(hf_io, 'save_tensors', full)
+  run_dir = tmp_path / 'run'
+  with pytest.raises(OSError) as e:
+    loop.run(tiny(run_dir, steps=2, export_adapter=True), log=lambda s: None)
+  monkeypatch.undo()
+  assert str(e.value) == (
+      f'{run_dir}/adapter: cannot write (No space left on device); '
+      'checkpoint 2 is saved: free the space (or fix the folder), then '
+      '--resume exports the adapter.')
+  assert not (run_dir / 'adapter' / 'adapter_model.safetensors').exists()
+  done = loop.run(tiny(run_dir, steps=2, export_adapter=True, resume=True),
+                  log=lambda s: None)
+  assert (run_dir / 'adapter' / 'adapter_model.safetensors').is_file()
+  assert done['adapter_dir'] == str(run_dir / 'adapter')
+
+
 def test_a_stop_off_a_log_step_logs_that_step(reference, tmp_path,
                                               monkeypatch):
   """SIGTERM during step 3 with a log every 2 steps: step 3 is logged, and

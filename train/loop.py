@@ -2243,7 +2243,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       interrupted = agreed_stop()
     if cfg.export_adapter and not interrupted:
       stop.doing = 'finishing the adapter export; the run is then complete'
-      summary['adapter_dir'] = export_adapter(r, state, run_dir)
+      try:
+        summary['adapter_dir'] = export_adapter(r, state, run_dir)
+      except OSError as e:
+        # A full disk or a read-only adapter folder: the trained state is
+        # safe in the last checkpoint, and a resume exports again.
+        raise OSError(f'{first_line(e)}; checkpoint {step} is saved: free '
+                      'the space (or fix the folder), then --resume exports '
+                      'the adapter.') from None
   summary['checkpoints'] = ckpt.all_steps()
   summary.update(
       steps=step,
