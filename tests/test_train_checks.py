@@ -690,3 +690,56 @@ def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'gemma placed' in proc.stdout and 't5 placed' in proc.stdout
+
+
+_GENERATE_SCRIPT = r'''
+import json, os, sys
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=' +
+                           sys.argv[3])
+os.environ['JAX_PLATFORMS'] = 'cpu'
+from train import configs, loop
+from models.gemma import sampler
+mesh = json.loads(sys.argv[1])
+cfg = configs.replace(configs.get_config('tiny'), **{
+    'data.seq_len': 64, 'run_dir': sys.argv[2], 'eval.batch_size': 8,
+    **{'mesh.' + k: v for k, v in mesh.items()}})
+r = loop.build(cfg)
+seen = []
+real = sampler.Sampler.__call__
+def spy(self, prompts, *args, batch_sharding=None, **kwargs):
+  seen.append((len(prompts), batch_sharding and batch_sharding.spec))
+  return real(self, prompts, *args, batch_sharding=batch_sharding, **kwargs)
+sampler.Sampler.__call__ = spy
+prompts = [[2] + list(range(10, 13 + i % 5)) for i in range(11)]
+texts = loop._gemma_generate(loop.Evaluator(r), r.state, prompts)
+print('SEEN', json.dumps([[n, str(s)] for n, s in seen]))
+print('TEXTS', json.dumps(texts))
+'''
+
+
+def test_gemma_generation_is_split_over_the_mesh_batch_axes(tmp_path):
+  """Evaluation by generation splits its rows over data x fsdp, as
+  training does (every device had generated the whole batch), each chunk
+  padded to eval.batch_size rows; the texts equal one device's."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
+      'PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  runs = {}
+  for name, mesh, devices in (
+      ('one', {'data': 1}, 1),
+      ('mesh', {'data': 2, 'fsdp': 2, 'tensor': 2}, 8)):
+    proc = subprocess.run(
+        [sys.executable, '-c', _GENERATE_SCRIPT, json.dumps(mesh),
+         str(tmp_path / name), str(devices)], cwd=root, env=env,
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(l.split(' ', 1) for l in proc.stdout.splitlines()
+                 if l.startswith(('SEEN ', 'TEXTS ')))
+    runs[name] = {k: json.loads(v) for k, v in lines.items()}
+  assert runs['mesh']['SEEN'] == [
+      [8, "P(('data', 'fsdp'), None)"]] * 2
+  assert len(runs['mesh']['TEXTS']) == 11
+  assert runs['mesh']['TEXTS'] == runs['one']['TEXTS']

@@ -1403,11 +1403,18 @@ def _gemma_generate(ev: Evaluator, state, prompts_ids: list[list[int]]
     ev._sampler.set_model(model)  # pylint: disable=protected-access
   texts = []
   bs = cfg.eval.batch_size
+  # Rows split over data x fsdp, as training's (every device had generated
+  # the whole batch); each chunk padded to eval.batch_size rows (which
+  # divides over them) with copies of its first prompt, whose outputs are
+  # dropped: one compiled shape, and no extra decoding steps.
+  sharding = distributed.batch_sharding(r.mesh, 2)
   for start in range(0, len(prompts_ids), bs):
     ev.check_stop()
     chunk = prompts_ids[start:start + bs]
-    out = ev._sampler(chunk, cfg.eval.max_new_tokens)  # pylint: disable=protected-access
-    texts.extend(out.text)
+    padded = chunk + [chunk[0]] * (bs - len(chunk))
+    out = ev._sampler(padded, cfg.eval.max_new_tokens,  # pylint: disable=protected-access
+                      batch_sharding=sharding)
+    texts.extend(out.text[:len(chunk)])
   return texts
 
 

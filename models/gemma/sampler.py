@@ -211,7 +211,9 @@ class Sampler:
                max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None,
                seed: int = 0, stop_at_eos: bool = True,
-               return_logits: bool = False) -> SamplerOutput:
+               return_logits: bool = False,
+               batch_sharding: jax.sharding.Sharding | None = None
+               ) -> SamplerOutput:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -227,6 +229,10 @@ class Sampler:
         config stops at both).
       return_logits: also return the float32 logits each token was chosen
         from, [B, steps, V].
+      batch_sharding: where the prompt rows go, e.g. split over a mesh's
+        data axes (the number of prompts must divide over it; on several
+        processes each passes the same prompts); default the default
+        device.
 
     Raises:
       ValueError: max_new_tokens < 1, a sampling setting out of range (see
@@ -276,14 +282,19 @@ class Sampler:
     for r, x in enumerate(ids):
       tokens[r, p - len(x):] = x
       mask[r, p - len(x):] = True
+    if batch_sharding is None:
+      put = jnp.asarray
+    else:
+      put = lambda x: jax.make_array_from_callback(
+          x.shape, batch_sharding, lambda index: x[index])
     steps, out, logits = self._fn(
-        self.state, jnp.asarray(tokens), jnp.asarray(mask),
+        self.state, put(tokens), put(mask),
         jax.random.key(seed), max_new_tokens=max_new_tokens,
         cache_size=p + max_new_tokens, temperature=float(temperature),
         top_k=top_k, top_p=top_p, stop_ids=stop_ids,
         pad_id=pad_id, return_logits=return_logits)
-    steps = int(steps)
-    out = np.asarray(out)[:, :steps]
+    steps = int(_host(steps))
+    out = _host(out)[:, :steps]
     result = []
     for row in out:
       row = row.tolist()
@@ -294,8 +305,16 @@ class Sampler:
     text = ([self.tokenizer.decode(r) for r in result]
             if self.tokenizer is not None else None)
     return SamplerOutput(tokens=result, text=text,
-                         logits=np.asarray(logits)[:, :steps] if return_logits
+                         logits=_host(logits)[:, :steps] if return_logits
                          else None)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The whole of ``x`` on this process (rows on other hosts gathered)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def generate(model: Gemma, prompts, max_new_tokens: int, *, tokenizer=None,
