@@ -4,10 +4,11 @@
       [--adapter DIR]
 
 PATH is a Hugging Face Gemma directory (config.json, safetensors,
-tokenizer.model) or a .gguf file (its vocabulary is the tokenizer). DIR is a
-PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors,
-as ``python -m train`` exports to ``<run_dir>/adapter``), applied to the
-model before generating.
+tokenizer.model) or a .gguf file (its vocabulary is the tokenizer), or a
+Hugging Face T5 / mT5 directory (spiece.model; the prompt is the encoder's
+input, and decoding is greedy). DIR is a PEFT LoRA adapter folder
+(adapter_config.json + adapter_model.safetensors, as ``python -m train``
+exports to ``<run_dir>/adapter``), applied to the model before generating.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = _OneLineParser(prog='python -m models.generate',
                           description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True,
-                      help='Hugging Face Gemma directory or .gguf file')
+                      help='Hugging Face Gemma directory or .gguf file, or a '
+                           'Hugging Face T5 / mT5 directory')
   parser.add_argument('--prompt', required=True)
   parser.add_argument('--max-new-tokens', type=int, default=32)
   parser.add_argument('--tokenizer', default=None,
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: --checkpoint {args.checkpoint}: no such file or directory '
           '(a Hugging Face model folder or a .gguf file).', file=sys.stderr)
     return 2
+  if _is_t5(args.checkpoint):
+    return _generate_t5(args)
   try:
     tokenizer = gemma.load_tokenizer(args.tokenizer or args.checkpoint)
     model = gemma.from_pretrained(args.checkpoint,
@@ -116,6 +120,58 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(out.text[0])
+  return 0
+
+
+def _is_t5(path: str) -> bool:
+  """Whether ``path`` is a Hugging Face T5 / mT5 folder (by its config)."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  try:
+    config = hf_io.read_json(os.path.join(path, hf_io.CONFIG), 'config.json')
+  except (OSError, ValueError):
+    return False  # the Gemma loader says what is wrong with it
+  return isinstance(config, dict) and config.get('model_type') in ('t5', 'mt5')
+
+
+def _generate_t5(args) -> int:
+  """Greedy decoding of a T5 / mT5 folder (the train loop's evaluation):
+  the prompt and EOS are the encoder's input, the reply ends at EOS."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from models import lora, t5  # pylint: disable=g-import-not-at-top
+  from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  if args.temperature != 0:
+    print('error: T5 / mT5 checkpoints decode greedily here: leave out '
+          '--temperature.', file=sys.stderr)
+    return 2
+  try:
+    spec = args.tokenizer or next(
+        (os.path.join(args.checkpoint, n) for n in ('spiece.model',
+                                                     'tokenizer.model')
+         if os.path.isfile(os.path.join(args.checkpoint, n))), None)
+    if spec is None:
+      raise FileNotFoundError(
+          f'{args.checkpoint}: no spiece.model in this folder (pass '
+          '--tokenizer with the T5 / mT5 SentencePiece model).')
+    tokenizer = Tokenizer.from_model_file(spec, add_bos=False)
+    model = t5.from_pretrained(args.checkpoint,
+                               dtype=getattr(jnp, args.dtype))
+    if args.adapter is not None:
+      if not os.path.isdir(args.adapter):
+        raise FileNotFoundError(f'{args.adapter}: no such folder (expected a '
+                                'PEFT adapter folder).')
+      lora.load_peft_adapter(model, args.adapter)
+    if args.max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got '
+                       f'{args.max_new_tokens}.')
+    ids = tokenizer.encode(args.prompt) + [tokenizer.eos_id]
+    out = np.asarray(t5.greedy_generate(model, np.asarray([ids], np.int32),
+                                        args.max_new_tokens))[0].tolist()
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  eos = model.config.eos_token_id
+  print(tokenizer.decode(out[:out.index(eos)] if eos in out else out))
   return 0
 
 
