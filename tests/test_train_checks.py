@@ -670,6 +670,16 @@ for name, load in (
     split += len({str(s.index) for s in value.addressable_shards}) > 1
   assert split > 0, name
   print(name, 'placed', split)
+# A random base (no model.path) too: the run's model holds the placed
+# arrays, not a whole copy on the first device beside them.
+r = loop.build(configs.replace(cfg, run_dir=out + '/run'))
+held = nnx.to_pure_dict(nnx.state(r.model, nnx.Param))
+for path, placed in jax.tree_util.tree_leaves_with_path(r.base):
+  kept = held
+  for k in path:
+    kept = kept[k.key]
+  assert kept is placed, (path, kept.sharding, placed.sharding)
+print('random base placed')
 '''
 
 
@@ -690,6 +700,7 @@ def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'gemma placed' in proc.stdout and 't5 placed' in proc.stdout
+  assert 'random base placed' in proc.stdout
 
 
 _GENERATE_SCRIPT = r'''

@@ -1059,6 +1059,10 @@ def build(cfg: configs_lib.Config) -> Run:
                    str_keys(nnx.to_pure_dict(lora_state))), param_sh)
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
   rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
+  # The model holds the placed base from here on, not a copy of its own (a
+  # random base had stayed whole on the first device beside the sharded).
+  nnx.replace_by_pure_dict(base_state, base)
+  nnx.update(model, base_state)
 
   abstract_opt = check_optimizer(tx, params, cfg.optim)
   state, state_sh = fresh_state(params, param_sh, tx, mesh, abstract_opt)
