@@ -128,6 +128,19 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
     for got, want in zip(jax.tree.leaves(sharded_params),
                          jax.tree.leaves(shardings)):
       assert got.sharding.is_equivalent_to(want, got.ndim)
+  # Unpinned (plain jax.jit, no out_shardings): the update itself keeps the
+  # state's sharding, the outputs' shardings left to XLA's propagation from
+  # the inputs (the pinned step above would hold them whatever it did).
+  free_params, free_state = jax.jit(step)(
+      jax.device_put(params, shardings),
+      jax.jit(tx.init, out_shardings=state_shardings)(
+          jax.device_put(params, shardings)), grads0)
+  for got, want in zip(jax.tree.leaves(free_state), flat_shardings):
+    assert got.sharding.is_equivalent_to(want, got.ndim), (
+        f'unpinned update changed a state sharding: {got.sharding} vs {want}')
+  for got, want in zip(jax.tree.leaves(free_params),
+                       jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(want, got.ndim)
   # N x r state parts are sharded like the params, r x r parts replicated.
   rite = state[0]
   like = lambda x, spec: x.sharding.is_equivalent_to(
