@@ -306,14 +306,24 @@ def test_options_are_worded_as_the_output(tmp_path):
   assert two.target == two.options[two.gold_index]
   assert other.options == tuple(f"the correct answer is answer{i}"
                                 for i in (1, 2, 3))
+  # The label must be a word of its own: 'A' also ends 'Banana'.
+  letters = ("Please choose the correct answer to the question: q\n\n"
+             "Answer1: x Answer2: y\n\nAnswer format: A/B")
+  path.write_text(json.dumps([{"instruction": letters, "input": "",
+                               "output": "A. Banana", "answer": "A"}]))
+  [banana] = data.load_file(path, "arc_challenge")
+  assert banana.options == ("the correct answer is A",
+                            "the correct answer is B")
 
 
 @pytest.mark.parametrize("n", [3, 5])
-def test_without_an_answer_format_line_the_listed_options_count(tmp_path, n):
+@pytest.mark.parametrize("sep", [" ", "\n"])
+def test_without_an_answer_format_line_the_listed_options_count(tmp_path, n,
+                                                                 sep):
   """No 'Answer format:' line: the labels are the options the instruction
   lists, not a fixed four (a 3-way question had been scored with an
   'answer4', a 5-way one refused or scored 4-way)."""
-  options = " ".join(f"Answer{i}: o{i}" for i in range(1, n + 1))
+  options = sep.join(f"Answer{i}: o{i}" for i in range(1, n + 1))
   rec = {"instruction": f"Please choose the correct answer to the question: "
                         f"q?\n\n{options}",
          "input": "", "output": f"the correct answer is answer{n}",
@@ -321,7 +331,8 @@ def test_without_an_answer_format_line_the_listed_options_count(tmp_path, n):
   (path := tmp_path / "r.json").write_text(json.dumps([rec]))
   [e] = data.load_file(path, "arc_challenge")
   assert e.labels == tuple(f"answer{i}" for i in range(1, n + 1))
-  assert e.choices == tuple(f"o{i}" for i in range(1, n + 1))
+  if sep == " ":  # option texts are read off one line only
+    assert e.choices == tuple(f"o{i}" for i in range(1, n + 1))
   assert e.gold_index == n - 1 and e.target == e.options[-1]
   # A format line that disagrees with the options listed is refused.
   _refused(tmp_path, "arc_challenge", [dict(
@@ -340,6 +351,12 @@ def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path, suffix):
   plain = tmp_path / f"plain{suffix}"
   plain.write_text(text)
   assert data.load_file(path, "boolq") == data.load_file(plain, "boolq")
+  # A bad byte after the mark is placed in the file, mark included.
+  path.write_bytes(b"\xef\xbb\xbf[\n\n\xe9]")
+  with pytest.raises(ValueError) as e:
+    data.load_file(path, "boolq")
+  assert str(e.value) == (f"{path} is not valid UTF-8 at line 3 (byte 0xe9 "
+                          "at offset 6): data files must be UTF-8 encoded")
 
 
 def test_an_empty_file_or_a_path_and_a_hub_are_refused(tmp_path):

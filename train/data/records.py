@@ -6,6 +6,7 @@ the file and, for malformed JSON, the line and column.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
@@ -55,14 +56,16 @@ def _read_text(path: Path) -> str:
   that is not UTF-8 (e.g. latin-1) is one line naming the file and where its
   first bad byte is."""
   raw = path.read_bytes()
+  # A byte-order mark (as Windows tools write) is not text.
+  bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
   try:
-    # utf-8-sig: a byte-order mark (as Windows tools write) is not text.
-    return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    return raw[bom:].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
   except UnicodeDecodeError as e:
-    lineno = raw.count(b"\n", 0, e.start) + 1
+    start = bom + e.start  # an offset in the file, mark included
+    lineno = raw.count(b"\n", 0, start) + 1
     raise ValueError(
         f"{path} is not valid UTF-8 at line {lineno} (byte "
-        f"0x{raw[e.start]:02x} at offset {e.start}): data files must be "
+        f"0x{raw[start]:02x} at offset {start}): data files must be "
         "UTF-8 encoded") from None
 
 

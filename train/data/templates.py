@@ -123,12 +123,13 @@ def listed_labels(instruction: str) -> tuple[str, ...]:
   A record with no 'Answer format:' line takes its labels from here, so a
   3- or 5-way question is not scored as 4-way.
   """
-  match = re.search(r"\b(Answer|Ending)1:(.*?)(?:\n|$)", instruction)
+  match = re.search(r"\b(Answer|Ending)1:", instruction)
   if not match:
     return ()
   prefix = match.group(1)
+  # On one line or one per line: every numbered option from the first on.
   numbers = [int(n) for n in re.findall(rf"\b{prefix}(\d+):",
-                                        f"{prefix}1:{match.group(2)}")]
+                                        instruction[match.start():])]
   if numbers != list(range(1, len(numbers) + 1)):
     return ()
   return choice_labels(len(numbers), prefix)
@@ -144,7 +145,8 @@ def options_like(output: str, gold_label: str,
   ('the correct answer is true' scored against '... false', not the
   template's '... True'). None when `output` does not end on the label.
   """
-  match = re.search(rf"({re.escape(gold_label)})(\W*)$", output,
+  # The label as a word of its own: 'A' ends 'Banana' too.
+  match = re.search(rf"(?<!\w)({re.escape(gold_label)})(\W*)$", output,
                     re.IGNORECASE)
   if not match:
     return None
