@@ -758,8 +758,8 @@ if '<org>' in REPO_URL:  # every host clones it: no command works without it
         'repository, then run this cell again.')
 ssh = (f'gcloud compute tpus tpu-vm ssh {TPU_NAME} --zone={ZONE} '
        '--worker=all --command')
-# The package needs Python 3.11 (jax 0.10, flax 0.12); Ubuntu 22.04's is
-# 3.10, so each host gets a 3.11 venv.
+# The training extras need Python 3.11 (jax 0.10, flax 0.12); Ubuntu
+# 22.04's is 3.10, so each host gets a 3.11 venv.
 setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
          'python3.11-venv && git clone ' + REPO_URL + ' && cd lora-rite-optax'
          ' && python3.11 -m venv .venv && . .venv/bin/activate && '

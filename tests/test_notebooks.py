@@ -114,6 +114,48 @@ def test_first_cell_installs_only_in_colab(name):
   assert '!pip install' in setup and 'LRO_NOTEBOOK_STEPS' in setup
 
 
+@pytest.mark.parametrize('runtime, plugin', [
+    ('cpu', None), ('gpu', 'jax[cuda12]>=0.10,<0.11'),
+    ('tpu', 'jax[tpu]>=0.10,<0.11')])
+@pytest.mark.parametrize('name, extras', [
+    ('quickstart.ipynb', 'train'), ('gemma_lora.ipynb', 'train,real-model'),
+    ('paper_configs.ipynb', 'train')])
+def test_colab_install_line(name, extras, runtime, plugin, monkeypatch):
+  """The first cell's shell commands as IPython runs them in Colab: the
+  notebook's extras, and the runtime's jax plugin as one quoted argument
+  ('>' and '<' unquoted would redirect)."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from IPython.core import interactiveshell  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(COLAB / name, as_version=4)
+  setup = next(c for c in nb.cells if c.cell_type == 'code').source
+  # Up to the install (the clone and chdir need Colab's /content).
+  setup = setup[:setup.index("  ROOT = '/content")].replace(
+      'github.com/<org>/', 'github.com/example/')
+  monkeypatch.setitem(sys.modules, 'google.colab',
+                      types.ModuleType('google.colab'))
+  monkeypatch.setattr(shutil, 'which', lambda cmd: (
+      '/usr/bin/nvidia-smi' if runtime == 'gpu' and cmd == 'nvidia-smi'
+      else None))
+  monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
+  if runtime == 'tpu':
+    monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5litepod-1')
+  shell = interactiveshell.InteractiveShell.instance()
+  commands = []
+  # What the shell would run, after IPython expands {NAME} in the line.
+  monkeypatch.setattr(interactiveshell, 'system',
+                      lambda cmd: commands.append(cmd) or 0)
+  result = shell.run_cell(setup)
+  assert result.success, result.error_in_exec
+  # As a POSIX shell splits it, redirections ('>', '<') apart.
+  install = [list(shlex.shlex(c, posix=True, punctuation_chars=True))
+             for c in commands if 'pip install' in c]
+  assert install == [['pip', 'install', '-q',
+                      f'/content/lora-rite-optax[{extras}]'] +
+                     ([plugin] if plugin else [])], commands
+
+
 def test_quickstart_runs(kernel, monkeypatch):
   nb = _execute('quickstart.ipynb', kernel, monkeypatch)
   assert len(_outputs(nb, 'image/png')) >= 2  # toy loss, invariance plot

@@ -206,9 +206,10 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
             _keep_the_end_of_inputs,
             seqio.preprocessors.append_eos_after_trim,
         ],
-        # The encoder input is the prompt's end and EOS, as the train loop
-        # feeds it (`seq2seq.encoder_ids`): it had been the prompt's start
-        # without EOS, losing a long prompt's question.
+        # The encoder-decoder layout (T5X's): the encoder input is the
+        # prompt's end and EOS, as the train loop feeds a T5
+        # (`seq2seq.encoder_ids`); it had been the prompt's start without
+        # EOS, losing a long prompt's question.
         output_features={
             "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
             "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
