@@ -764,18 +764,25 @@ BAD_INPUTS = [
     ('checkpoints present without --resume',
      lambda t: (t / 'run' / 'checkpoints' / '4').mkdir(parents=True),
      _cli(), None, 'already holds checkpoints; pass --resume'),
-    ('a run\'s files without checkpoints, no --resume',
+    ('a run\'s logs without checkpoints, no --resume',
+     lambda t: ((t / 'run').mkdir(),
+                (t / 'run' / 'config.json').write_text('{}'),
+                (t / 'run' / 'metrics.csv').write_text('step\n')),
+     _cli(), None, "run_dir {tmp}/run holds a run's config.json, metrics.csv "
+     'but no checkpoint; pass --resume to start that run over'),
+    ('a run\'s results without checkpoints, no --resume',
      lambda t: ((t / 'run' / 'adapter').mkdir(parents=True),
                 (t / 'run' / 'config.json').write_text('{}'),
                 (t / 'run' / 'adapter' / 'adapter_config.json').write_text(
                     '{}')),
-     _cli(), None, "run_dir {tmp}/run holds a run's config.json, adapter but "
-     'no checkpoint; pass --resume to start that run over'),
-    ('a finished run\'s files without checkpoints, --resume',
+     _cli(), None, "run_dir {tmp}/run holds a run's adapter but no "
+     'checkpoint to resume from; move them aside or choose another '
+     '--run_dir.'),
+    ('a run\'s results without checkpoints, --resume',
      lambda t: ((t / 'run').mkdir(),
                 (t / 'run' / 'summary.json').write_text('{}')),
-     _cli('--resume'), None, "holds a finished run's summary.json but no "
-     'checkpoint to resume from'),
+     _cli('--resume'), None, "holds a run's summary.json but no checkpoint "
+     'to resume from'),
     ('batch not dividing the mesh', None,
      lambda t: loop.validate(tiny(t / 'run', batch_size=6), 4),
      ValueError, 'does not divide over the mesh\'s data x fsdp = 4 x 1 = 4'),
@@ -1041,6 +1048,18 @@ def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(
   lines = []
   loop.run(tiny(run_dir, resume=True), log=lines.append, stop_at=STEPS - 1)
   assert f'[train] resumed from step {STEPS - 2}' in lines
+  # With no earlier checkpoint, the way out is another folder (moving the
+  # only step aside would leave a run's results without a checkpoint,
+  # which is refused).
+  (tmp_path / 'damaged').rename(aside)
+  for step in os.listdir(run_dir / 'checkpoints'):
+    if step != str(STEPS):
+      shutil.rmtree(run_dir / 'checkpoints' / step)
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(tiny(run_dir, resume=True), log=lambda s: None)
+  assert str(e.value).endswith(
+      'it is damaged or incomplete, and no earlier checkpoint is kept; start '
+      f'over with another --run_dir (or move {run_dir} aside).'), e.value
 
 
 @pytest.mark.parametrize('saved_config_says_rank_2', [False, True])
@@ -1077,11 +1096,12 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
   if saved_config_says_rank_2:
     # The settings agree, the state does not: a damaged checkpoint, and
     # how to get past it (not a --config that cannot help).
-    assert 'cannot be restored (the saved state holds (' in err, err
+    assert 'does not fit this model (the saved state holds (' in err, err
     assert re.search(r'float32 at \S+/lora_[ab], this config \(', err), err
     assert err.endswith(
-        f'it is damaged or incomplete; move {run_dir}/checkpoints/{STEPS} '
-        f'aside to resume from step {STEPS - 2}.'), err
+        'it was trained on another base model (model.path) or with other '
+        f'settings; resume with --config {run_dir}/config.json, on the '
+        'model it was trained on.'), err
   else:
     assert ('was made with other settings (lora.rank: 4 there, 2 now)'
             in err), err

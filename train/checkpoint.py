@@ -40,6 +40,11 @@ TMP_MARK = '.orbax-checkpoint-tmp'
 SAVE_OVERHEAD_BYTES = 1 << 20
 
 
+class StateMismatch(ValueError):
+  """A readable checkpoint whose state is not this run's: another shape,
+  dtype or structure (another base model, other settings), not damage."""
+
+
 def _ocp():
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp
@@ -187,8 +192,8 @@ class Checkpointer:
       data_iterator.start_prefetch()
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
-    """Raises ValueError naming the first leaf the saved state lacks, has
-    extra, or holds with another shape or dtype.
+    """Raises StateMismatch naming the first leaf the saved state lacks,
+    has extra, or holds with another shape or dtype.
 
     Checked from the checkpoint's metadata before restoring: a restore that
     fails part-way leaves orbax's reads to finish on a closed event loop,
@@ -207,7 +212,7 @@ class Checkpointer:
       if there != here:
         describe = lambda sd: (f'{sd[0]} {sd[1]}' if sd is not None
                                else 'nothing')
-        raise ValueError(
+        raise StateMismatch(
             f'the saved state holds {describe(there)} at {path}, this '
             f'config {describe(here)}')
 

@@ -141,7 +141,10 @@ def mesh_placer(rules, mesh):
   def place(var, value):
     spec = distributed.logical_to_spec(
         var.get_metadata().get('out_sharding'), np.shape(value), rules, mesh)
-    return jax.device_put(value, NamedSharding(mesh, spec))
+    # From every host's own copy, no collective: jax.device_put of a host
+    # array to a sharding over several processes first gathers the whole
+    # array on every device to check that the hosts agree.
+    return distributed.global_array(value, NamedSharding(mesh, spec))
   return place
 
 
@@ -1730,18 +1733,22 @@ def _damaged(ckpt, step: int, where: str, what: str,
   if len(cause) > 160:
     cause = cause[:157] + '...'
   earlier = [s for s in ckpt.all_steps() if s < step]
-  then = (f'resume from step {max(earlier)}' if earlier else
-          'start over (no earlier checkpoint is kept)')
+  aside = os.path.join(ckpt.directory, str(step))
+  if not earlier:
+    return ConfigError(
+        f'{where} {what} ({cause}): it is damaged or incomplete, and no '
+        f'earlier checkpoint is kept; start over with another --run_dir '
+        f'(or move {os.path.dirname(ckpt.directory)} aside).')
   return ConfigError(
       f'{where} {what} ({cause}): it is damaged or incomplete; move '
-      f'{os.path.join(ckpt.directory, str(step))} aside to {then}.')
+      f'{aside} aside to resume from step {max(earlier)}.')
 
 
-# What a run writes in run_dir besides its checkpoints; the finished ones
-# are written at its end.
+# What a run writes in run_dir besides its checkpoints; its results are
+# written when it ends (summary.json also when it is stopped).
 RUN_FILES = ('config.json', 'metrics.csv', 'eval.csv', 'tensorboard',
              'summary.json', 'adapter')
-FINISHED_RUN_FILES = ('summary.json', 'adapter')
+RESULT_FILES = ('summary.json', 'adapter')
 
 
 # How a stop acknowledgement names an evaluation by its tag.
@@ -1769,21 +1776,22 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   if cfg.export_adapter:
     _check_export_dir(run_dir)
   if not has_checkpoints(run_dir):
-    # A run's files with no checkpoint (a run stopped before its first one,
-    # or a finished run whose checkpoints were deleted for space) had been
-    # replaced without a word, the adapter and summary included.
+    # A run's files with no checkpoint (a run that crashed before its first
+    # one, or one whose checkpoints were deleted for space) had been
+    # replaced without a word, the adapter and summary included. A run's
+    # results are never replaced; its logs are, with --resume.
     found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
-    finished = [n for n in found if n in FINISHED_RUN_FILES]
+    results = [n for n in found if n in RESULT_FILES]
+    if results:
+      raise ConfigError(
+          f'run_dir {run_dir} holds a run\'s {", ".join(results)} but no '
+          'checkpoint to resume from; move them aside or choose another '
+          '--run_dir.')
     if found and not cfg.resume:
       raise ConfigError(
           f'run_dir {run_dir} holds a run\'s {", ".join(found)} but no '
           'checkpoint; pass --resume to start that run over (replacing '
           'them) or choose another --run_dir.')
-    if finished and cfg.resume:
-      raise ConfigError(
-          f'run_dir {run_dir} holds a finished run\'s '
-          f'{", ".join(finished)} but no checkpoint to resume from; move '
-          'them aside or choose another --run_dir.')
   return run_dir
 
 
@@ -2022,10 +2030,18 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           '); resume on the weights it was trained on.')
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
+    except checkpoint.StateMismatch as e:
+      # Readable, but not this run's state: settings the config does not
+      # record, or another base model of other shapes (checkpoints from
+      # before the base model's fingerprint was kept are not compared).
+      raise ConfigError(
+          f'{where} does not fit this model ({first_line(e)}): it was '
+          'trained on another base model (model.path) or with other '
+          f'settings; {redo}, on the model it was trained on.') from None
     except (ValueError, TypeError, KeyError, OSError) as e:
-      # The settings, data, tokenizer and base model agreed above: a
-      # damaged checkpoint, said in one line before config.json is
-      # overwritten (it had been 'does not fit this config', advising a
+      # Settings, data, tokenizer and base model agree, the state's shapes
+      # too: the files themselves fail, said in one line before config.json
+      # is overwritten (it had been 'does not fit this config', advising a
       # --config that could not help, with tensorstore's 2 KB spec).
       raise _damaged(ckpt, latest, where, 'cannot be restored', e) from None
     start_step = int(distributed.to_host(state['step']))
