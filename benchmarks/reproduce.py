@@ -86,6 +86,7 @@ from train import configs
 from train import distributed
 from train import evaluate
 from train import loop
+from train.errors import first_line
 from train import data as data_lib
 from train.data import numbers as numbers_lib
 from train.data.tokenize import encode_pair
@@ -530,18 +531,6 @@ def write_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def check_writable(out: str) -> None:
-  """A one-line ConfigError unless ``out`` is (or can be made) a folder
-  this process can write: asked of the nearest folder that exists."""
-  existing = os.path.abspath(out)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
-          and not os.statvfs(existing).f_flag & os.ST_RDONLY):
-    raise loop.ConfigError(f'--out {out} cannot be written ({existing} is '
-                           'not a writable folder).')
-
-
 def data_fingerprint(data: dict[str, Any]) -> str:
   """A hash of every train, validation and test item, in order."""
   h = hashlib.sha256()
@@ -617,6 +606,12 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   return res
 
 
+def sweep_seed_of(results: dict, task: str, opt: str, more=()) -> int:
+  """The seed an optimizer's rate is chosen on: the smallest of its runs
+  in ``results`` (and of ``more``, seeds about to run)."""
+  return min([k[3] for k in results if k[:2] == (task, opt)] + list(more))
+
+
 def best_lr(results: dict, task: str, opt: str, lrs, seed0: int):
   """The learning rate with the lowest validation loss (seed0 runs)."""
   done = {lr: np.mean(results[(task, opt, lr, seed0)]['val_loss'])
@@ -670,7 +665,7 @@ def read_result(path: str) -> dict:
       d = json.load(f)
   except (OSError, ValueError) as e:
     raise loop.ConfigError(
-        f'{path} cannot be read ({str(e).splitlines()[0]}); move it aside '
+        f'{path} cannot be read ({first_line(e)}); move it aside '
         '(or delete it) and run that run again.') from None
   missing = [k for k in RESULT_KEYS if not isinstance(d, dict) or k not in d]
   if missing:
@@ -699,7 +694,7 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
     chosen, per_opt = {}, {}
     for opt in opts:
       lrs_seen = sorted({k[2] for k in results if k[:2] == (task, opt)})
-      seed0 = min(k[3] for k in results if k[:2] == (task, opt))
+      seed0 = sweep_seed_of(results, task, opt)
       lr, val = best_lr(results, task, opt, lrs_seen, seed0)
       runs = [results[k] for k in sorted(results)
               if k[:3] == (task, opt, lr)]
@@ -794,7 +789,7 @@ def by_rate(results: dict, task: str, opts, test_names) -> dict:
   """
   out = {}
   for opt in opts:
-    seed0 = min(k[3] for k in results if k[:2] == (task, opt))
+    seed0 = sweep_seed_of(results, task, opt)
     rates = {}
     for lr in sorted({k[2] for k in results if k[:2] == (task, opt)}):
       run = results.get((task, opt, lr, seed0))
@@ -1257,7 +1252,7 @@ def _main(argv) -> None:
     print(s, flush=True)
 
   # Found now, not when the first run (minutes of training) is written.
-  check_writable(args.out)
+  loop.check_writable(args.out, '--out')
   if not args.report_only:
     log(f'[{args.budget}] tasks {tasks}, optimizers {opts}, lrs '
         f'{list(budget.lrs)}, seeds {list(budget.seeds)}, {budget.steps} '
@@ -1275,8 +1270,8 @@ def _main(argv) -> None:
       # after a seed-0 sweep) sweeps on it only the rates missing there
       # (or stale), and runs its own seeds at the rate chosen there.
       on_file = load_results(args.out, args.budget, args.model)
-      sweep_seed = {opt: min([k[3] for k in on_file if k[:2] == (task, opt)]
-                             + list(budget.seeds)) for opt in opts}
+      sweep_seed = {opt: sweep_seed_of(on_file, task, opt, budget.seeds)
+                    for opt in opts}
       # Sweep first (every lr, every optimizer), so that a partial run has
       # comparable optimizers before it has more seeds.
       for opt in opts:

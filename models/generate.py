@@ -27,12 +27,13 @@ _ADAPTER_LAYER_KEY = re.compile(
 
 
 def load_adapter(model, directory: str):
-  """Attaches the PEFT adapter in ``directory`` to the Gemma ``model``.
+  """Attaches the PEFT adapter in ``directory`` to ``model``.
 
-  The module prefix of its keys (``model.layers...`` or a multimodal
-  checkpoint's ``model.language_model.layers...``, as the trainer exports
-  them) is read off the adapter, so one adapter applies to the HF folder and
-  to the .gguf of the same model.
+  For a Gemma, the module prefix of its keys (``model.layers...`` or a
+  multimodal checkpoint's ``model.language_model.layers...``, as the trainer
+  exports them) is read off the adapter, so one adapter applies to the HF
+  folder and to the .gguf of the same model; a T5's keys take the model's
+  own names.
 
   Raises:
     FileNotFoundError: no such folder, or it lacks the adapter's files.
@@ -138,32 +139,25 @@ def _generate_t5(args) -> int:
   the prompt and EOS are the encoder's input, the reply ends at EOS."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from models import lora, t5  # pylint: disable=g-import-not-at-top
+  from models import t5  # pylint: disable=g-import-not-at-top
   from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   if args.temperature != 0:
     print('error: T5 / mT5 checkpoints decode greedily here: leave out '
           '--temperature.', file=sys.stderr)
     return 2
   try:
-    spec = args.tokenizer or next(
-        (os.path.join(args.checkpoint, n) for n in ('spiece.model',
-                                                     'tokenizer.model')
-         if os.path.isfile(os.path.join(args.checkpoint, n))), None)
+    # --tokenizer: a SentencePiece model, or a folder holding one.
+    where = args.tokenizer or args.checkpoint
+    spec = t5.tokenizer_file(where) if os.path.isdir(where) else where
     if spec is None:
       raise FileNotFoundError(
-          f'{args.checkpoint}: no spiece.model in this folder (pass '
-          '--tokenizer with the T5 / mT5 SentencePiece model).')
+          f'{where}: no spiece.model in this folder (pass --tokenizer with '
+          'the T5 / mT5 SentencePiece model).')
     tokenizer = Tokenizer.from_model_file(spec, add_bos=False)
     model = t5.from_pretrained(args.checkpoint,
                                dtype=getattr(jnp, args.dtype))
     if args.adapter is not None:
-      if not os.path.isdir(args.adapter):
-        raise FileNotFoundError(f'{args.adapter}: no such folder (expected a '
-                                'PEFT adapter folder).')
-      lora.load_peft_adapter(model, args.adapter)
-    if args.max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens must be >= 1, got '
-                       f'{args.max_new_tokens}.')
+      load_adapter(model, args.adapter)
     ids = tokenizer.encode(args.prompt) + [tokenizer.eos_id]
     out = np.asarray(t5.greedy_generate(model, np.asarray([ids], np.int32),
                                         args.max_new_tokens))[0].tolist()

@@ -673,6 +673,16 @@ def _path(path) -> str:
   return '.'.join(str(p) for p in path)
 
 
+# A T5 / mT5 folder's SentencePiece model, by the names it goes by.
+TOKENIZER_FILES = ('spiece.model', 'tokenizer.model')
+
+
+def tokenizer_file(folder: str | os.PathLike) -> str | None:
+  """The SentencePiece model in a Hugging Face T5 / mT5 folder, or None."""
+  return next((os.path.join(folder, n) for n in TOKENIZER_FILES
+               if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                     param_dtype=jnp.float32,
                     dropout_rate: float | None = 0.0, seed: int = 0,

@@ -85,8 +85,8 @@ def _check_resume_folder(config_path: str, cfg: configs.Config) -> None:
   from train import loop  # pylint: disable=g-import-not-at-top
   folder = os.path.dirname(os.path.abspath(config_path))
   run_dir = loop.default_run_dir(cfg)
-  if (os.path.abspath(run_dir) != folder and loop.has_checkpoints(folder)
-      and not loop.has_checkpoints(run_dir)):
+  if (os.path.abspath(run_dir) != folder and loop.run_has_checkpoints(folder)
+      and not loop.run_has_checkpoints(run_dir)):
     raise ValueError(
         f'--resume: --config {config_path} is the run in {folder}, whose '
         f'checkpoints are there, but run_dir is {run_dir}, which has none: '

@@ -566,14 +566,13 @@ def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
   if not isinstance(spec, str):
     return spec
   from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from models import t5  # pylint: disable=g-import-not-at-top
   path = spec
   if os.path.isdir(spec):
-    found = [os.path.join(spec, n) for n in ('spiece.model', 'tokenizer.model')
-             if os.path.isfile(os.path.join(spec, n))]
-    if not found:
+    path = t5.tokenizer_file(spec)
+    if path is None:
       raise FileNotFoundError(f'{spec}: no spiece.model in this directory (a '
                               'T5 / mT5 SentencePiece tokenizer).')
-    path = found[0]
   return Tokenizer.from_model_file(path, add_bos=False)
 
 
@@ -1014,7 +1013,7 @@ def build(cfg: configs_lib.Config) -> Run:
                  or cfg.data.seq_len - 1)
   init_grads = initial = None
   if cfg.lora.init in _SAVES_INITIAL and cfg.resume and (
-      has_checkpoints(default_run_dir(cfg))):
+      run_has_checkpoints(default_run_dir(cfg))):
     initial = load_initial_factors(default_run_dir(cfg))
   if cfg.lora.init == 'lora_ga' and initial is None:
     init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
@@ -1720,7 +1719,23 @@ def default_run_dir(cfg: configs_lib.Config) -> str:
   return cfg.run_dir or os.path.join('runs', cfg.name)
 
 
-def has_checkpoints(run_dir: str) -> bool:
+def check_writable(path: str, name: str) -> None:
+  """A one-line ConfigError unless ``path`` is, or can be made, a folder
+  this process writes (``name`` is the option that gave it): the nearest
+  folder that exists must take a new entry. Asked, not tried (a test
+  folder would change its mtime), with the mount's read-only flag, which
+  root's os.access does not see."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+          and not os.statvfs(existing).f_flag & os.ST_RDONLY):
+    raise ConfigError(f'{name} {path} cannot be written ({existing} is not '
+                      'a writable folder).')
+
+
+def run_has_checkpoints(run_dir: str) -> bool:
+  """Whether ``run_dir/checkpoints`` holds any step folder."""
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.has_checkpoints(os.path.join(run_dir, 'checkpoints'))
 
@@ -1759,23 +1774,15 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   run_dir = default_run_dir(cfg)
   if os.path.exists(run_dir) and not os.path.isdir(run_dir):
     raise ConfigError(f'run_dir {run_dir} exists and is not a directory.')
-  if has_checkpoints(run_dir) and not cfg.resume:
+  if run_has_checkpoints(run_dir) and not cfg.resume:
     raise ConfigError(f'run_dir {run_dir} already holds checkpoints; pass '
                       '--resume to continue it or choose another --run_dir.')
   # Found before the build (a 7B model loads for minutes), not at the first
-  # write: the nearest folder that exists must take a new entry. Asked, not
-  # tried (a test folder would change its mtime), with the mount's
-  # read-only flag, which root's os.access does not see.
-  existing = os.path.abspath(run_dir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
-          and not os.statvfs(existing).f_flag & os.ST_RDONLY):
-    raise ConfigError(f'run_dir {run_dir} cannot be written ({existing} is '
-                      'not a writable folder).')
+  # write.
+  check_writable(run_dir, 'run_dir')
   if cfg.export_adapter:
     _check_export_dir(run_dir)
-  if not has_checkpoints(run_dir):
+  if not run_has_checkpoints(run_dir):
     # A run's files with no checkpoint (a run that crashed before its first
     # one, or one whose checkpoints were deleted for space) had been
     # replaced without a word, the adapter and summary included. A run's
