@@ -16,6 +16,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+# Re-exported: the loop places and fetches batches with these.
+from models.host_arrays import global_array  # pylint: disable=unused-import
+from models.host_arrays import to_host  # pylint: disable=unused-import
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # The batch dimension is split over both data-parallel axes.
 BATCH_AXES = ('data', 'fsdp')
@@ -157,27 +161,6 @@ def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   """Rows split over data x fsdp; ``leading`` unsplit axes before the rows."""
   return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES,
                                *([None] * (ndim - leading - 1))))
-
-
-def global_array(host_value: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a value every process holds in full.
-
-  Every process builds the same global batch (same seed, same order), so
-  each device simply takes its slice; the result is the same whatever the
-  number of processes, which makes multi-host runs reproduce single-host
-  ones exactly.
-  """
-  host_value = np.asarray(host_value)
-  return jax.make_array_from_callback(host_value.shape, sharding,
-                                      lambda idx: host_value[idx])
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) array as a full numpy array on every process."""
-  if getattr(x, 'is_fully_addressable', True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def process_0_flag(flag: bool) -> bool:

@@ -141,9 +141,7 @@ def mesh_placer(rules, mesh):
   def place(var, value):
     spec = distributed.logical_to_spec(
         var.get_metadata().get('out_sharding'), np.shape(value), rules, mesh)
-    # From every host's own copy, no collective: jax.device_put of a host
-    # array to a sharding over several processes first gathers the whole
-    # array on every device to check that the hosts agree.
+    # From every host's own copy, no collective (see global_array).
     return distributed.global_array(value, NamedSharding(mesh, spec))
   return place
 

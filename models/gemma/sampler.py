@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import host_arrays
 from models.gemma.model import Gemma, init_cache
 from models.layers import check_token_ids
 
@@ -285,16 +286,16 @@ class Sampler:
     if batch_sharding is None:
       put = jnp.asarray
     else:
-      put = lambda x: jax.make_array_from_callback(
-          x.shape, batch_sharding, lambda index: x[index])
+      put = functools.partial(host_arrays.global_array,
+                              sharding=batch_sharding)
     steps, out, logits = self._fn(
         self.state, put(tokens), put(mask),
         jax.random.key(seed), max_new_tokens=max_new_tokens,
         cache_size=p + max_new_tokens, temperature=float(temperature),
         top_k=top_k, top_p=top_p, stop_ids=stop_ids,
         pad_id=pad_id, return_logits=return_logits)
-    steps = int(_host(steps))
-    out = _host(out)[:, :steps]
+    steps = int(host_arrays.to_host(steps))
+    out = host_arrays.to_host(out)[:, :steps]
     result = []
     for row in out:
       row = row.tolist()
@@ -305,16 +306,8 @@ class Sampler:
     text = ([self.tokenizer.decode(r) for r in result]
             if self.tokenizer is not None else None)
     return SamplerOutput(tokens=result, text=text,
-                         logits=_host(logits)[:, :steps] if return_logits
-                         else None)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """The whole of ``x`` on this process (rows on other hosts gathered)."""
-  if x.is_fully_addressable or x.is_fully_replicated:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                         logits=(host_arrays.to_host(logits)[:, :steps]
+                                 if return_logits else None))
 
 
 def generate(model: Gemma, prompts, max_new_tokens: int, *, tokenizer=None,
