@@ -75,6 +75,17 @@ def detector_catches_householder_qr():
   assert factor_sized_gathers(hlo), 'the all-gather detector missed a QR'
 
 
+def assert_placed(params, param_shardings, state, state_shardings, what):
+  """Every param and state leaf is sharded as given (state_shardings: one
+  per state leaf, in order); ``what`` heads a state mismatch."""
+  for got, want in zip(jax.tree.leaves(state), state_shardings):
+    assert got.sharding.is_equivalent_to(want, got.ndim), (
+        f'{what}: {got.sharding} vs {want}')
+  for got, want in zip(jax.tree.leaves(params),
+                       jax.tree.leaves(param_shardings)):
+    assert got.sharding.is_equivalent_to(want, got.ndim)
+
+
 def run(mesh_shape, axis_names, long_axis, steps=4):
   mesh = jax.make_mesh(mesh_shape, axis_names,
                        axis_types=(jax.sharding.AxisType.Auto,) *
@@ -122,12 +133,8 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
     flat_shardings = jax.tree.leaves(jax.tree.map(
         lambda s, x: jax.tree.map(lambda _: s, x), state_shardings, state,
         is_leaf=lambda s: isinstance(s, NamedSharding)))
-    for got, want in zip(jax.tree.leaves(state), flat_shardings):
-      assert got.sharding.is_equivalent_to(want, got.ndim), (
-          f'state sharding changed: {got.sharding} vs {want}')
-    for got, want in zip(jax.tree.leaves(sharded_params),
-                         jax.tree.leaves(shardings)):
-      assert got.sharding.is_equivalent_to(want, got.ndim)
+    assert_placed(sharded_params, shardings, state, flat_shardings,
+                  'state sharding changed')
   # Unpinned (plain jax.jit, no out_shardings): the update itself keeps the
   # state's sharding, the outputs' shardings left to XLA's propagation from
   # the inputs (the pinned step above would hold them whatever it did).
@@ -135,12 +142,8 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
       jax.device_put(params, shardings),
       jax.jit(tx.init, out_shardings=state_shardings)(
           jax.device_put(params, shardings)), grads0)
-  for got, want in zip(jax.tree.leaves(free_state), flat_shardings):
-    assert got.sharding.is_equivalent_to(want, got.ndim), (
-        f'unpinned update changed a state sharding: {got.sharding} vs {want}')
-  for got, want in zip(jax.tree.leaves(free_params),
-                       jax.tree.leaves(shardings)):
-    assert got.sharding.is_equivalent_to(want, got.ndim)
+  assert_placed(free_params, shardings, free_state, flat_shardings,
+                'unpinned update changed a state sharding')
   # N x r state parts are sharded like the params, r x r parts replicated.
   rite = state[0]
   like = lambda x, spec: x.sharding.is_equivalent_to(

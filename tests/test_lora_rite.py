@@ -337,6 +337,18 @@ def test_stacked_layers_without_a_scanned_layout_are_named_in_the_error():
                          'lora_b': jnp.ones((4, 4, 5))})
 
 
+def _side_by_side(tx1, params1, loss1, tx2, params2, loss2, steps):
+  """``steps`` jitted updates of two optimizers, each on its own params and
+  loss; (params1, params2, last updates 1, last updates 2)."""
+  s1, s2 = tx1.init(params1), tx2.init(params2)
+  for _ in range(steps):
+    u1, s1 = jax.jit(tx1.update)(jax.grad(loss1)(params1), s1, params1)
+    u2, s2 = jax.jit(tx2.update)(jax.grad(loss2)(params2), s2, params2)
+    params1 = optax.apply_updates(params1, u1)
+    params2 = optax.apply_updates(params2, u2)
+  return params1, params2, u1, u2
+
+
 def test_scanned_layout_equals_separate_pairs():
   """A leading layer axis makes each slice an independent pair."""
   rng = np.random.default_rng(5)
@@ -352,14 +364,9 @@ def test_scanned_layout_equals_separate_pairs():
       jnp.mean((p[f'l{i}']['lora_a'] @ p[f'l{i}']['lora_b'] - target[i])**2)
       for i in range(3))
   kw = dict(balance_factors=True, escape_mass=True, update_capping=0.1)
-  tx1 = lro.lora_rite(0.05, layout=lro.NNX_LAYOUT.scanned(1), **kw)
-  tx2 = lro.lora_rite(0.05, **kw)
-  s1, s2 = tx1.init(stacked), tx2.init(separate)
-  for _ in range(5):
-    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_stacked)(stacked), s1, stacked)
-    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_separate)(separate), s2, separate)
-    stacked = optax.apply_updates(stacked, u1)
-    separate = optax.apply_updates(separate, u2)
+  stacked, separate, _, _ = _side_by_side(
+      lro.lora_rite(0.05, layout=lro.NNX_LAYOUT.scanned(1), **kw), stacked,
+      loss_stacked, lro.lora_rite(0.05, **kw), separate, loss_separate, 5)
   for i in range(3):
     np.testing.assert_allclose(stacked['lora_a'][i],
                                separate[f'l{i}']['lora_a'], rtol=2e-4,
@@ -379,14 +386,9 @@ def test_peft_layout_equals_nnx_layout():
   loss_nnx = lambda p: jnp.mean((p['lora_a'] @ p['lora_b'] - t)**2)
   loss_peft = lambda p: jnp.mean(
       ((p['lora_B']['weight'] @ p['lora_A']['weight']).T - t)**2)
-  tx1 = lro.lora_rite(0.05)
-  tx2 = lro.lora_rite(0.05, layout=lro.PEFT_LAYOUT)
-  s1, s2 = tx1.init(nnx_params), tx2.init(peft_params)
-  for _ in range(5):
-    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_nnx)(nnx_params), s1, nnx_params)
-    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_peft)(peft_params), s2, peft_params)
-    nnx_params = optax.apply_updates(nnx_params, u1)
-    peft_params = optax.apply_updates(peft_params, u2)
+  nnx_params, peft_params, _, _ = _side_by_side(
+      lro.lora_rite(0.05), nnx_params, loss_nnx,
+      lro.lora_rite(0.05, layout=lro.PEFT_LAYOUT), peft_params, loss_peft, 5)
   np.testing.assert_allclose(nnx_params['lora_a'],
                              peft_params['lora_A']['weight'].T, rtol=1e-4,
                              atol=1e-6)
@@ -409,14 +411,9 @@ def test_a_rank_axis_in_the_middle_equals_the_same_pair_rank_last():
       (jnp.einsum('irj,rk->ijk', p['lora_a'], p['lora_b']) - t)**2)
   loss_last = lambda p: jnp.mean(
       (jnp.einsum('ijr,rk->ijk', p['lora_a'], p['lora_b']) - t)**2)
-  tx1 = lro.lora_rite(0.05, layout=lro.LoraLayout(a_rank_axis=1))
-  tx2 = lro.lora_rite(0.05)
-  s1, s2 = tx1.init(middle), tx2.init(last)
-  for _ in range(3):
-    u1, s1 = jax.jit(tx1.update)(jax.grad(loss_middle)(middle), s1, middle)
-    u2, s2 = jax.jit(tx2.update)(jax.grad(loss_last)(last), s2, last)
-    middle = optax.apply_updates(middle, u1)
-    last = optax.apply_updates(last, u2)
+  _, _, u1, u2 = _side_by_side(
+      lro.lora_rite(0.05, layout=lro.LoraLayout(a_rank_axis=1)), middle,
+      loss_middle, lro.lora_rite(0.05), last, loss_last, 3)
   assert float(jnp.abs(u2['lora_a']).max()) > 1e-3  # it moves
   np.testing.assert_allclose(jnp.moveaxis(u1['lora_a'], 1, -1), u2['lora_a'],
                              rtol=1e-4, atol=1e-6)
