@@ -1,6 +1,7 @@
 """LoRA-RITE under SPMD on 8 fake CPU devices; run by tests/test_sharding.py.
 
 A separate process because XLA_FLAGS must be set before jax is imported.
+The donated step must also leave no factor shard to copy.
 Each check raises AssertionError with a message; success prints 'ok <name>'.
 """
 
@@ -20,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_rite_optax as lro
+from tests.test_donation import factor_copies
 
 RANK = 8
 
@@ -119,6 +121,18 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
   gathers = factor_sized_gathers(hlo)
   assert not gathers, f'factor-sized all-gather in compiled update: {gathers[0]}'
   assert 'all-reduce' in hlo, 'expected r x r all-reduces of Gram matrices'
+  # donating_jit pairs buffers by global shape and dtype, as jax.jit does;
+  # on a mesh the params and the basis share a sharding, so the swap it
+  # makes still leaves no factor shard to copy (jax.jit's pairing does).
+  shards = [jax.ShapeDtypeStruct(s.shard_shape(x.shape), x.dtype)
+            for s, x in zip(jax.tree.leaves(shardings),
+                            jax.tree.leaves(params))]
+  in_order = jax.jit(step, donate_argnums=(0, 1),
+                     out_shardings=(shardings, state_shardings))
+  assert factor_copies(
+      in_order.lower(sharded_params, state, grads0).compile().as_text(),
+      shards), 'control: jax.jit pairing should copy factor shards'
+  assert not factor_copies(hlo, shards), factor_copies(hlo, shards)[:2]
 
   unsharded = jax.jit(step)
   ref_params, ref_state = params, tx.init(params)
