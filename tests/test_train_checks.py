@@ -703,6 +703,87 @@ def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
   assert 'random base placed' in proc.stdout
 
 
+_SHAMPOO_BLOCKS_SCRIPT = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import lora_rite_optax as lro
+from train import configs, loop
+cfg = configs.replace(configs.get_config('tiny'), **{
+    'mesh.data': 1, 'mesh.fsdp': 4, 'optim.name': 'shampoo',
+    'optim.extra': '{"block_size": 16}', 'optim.skip_nonfinite': False,
+    'run_dir': sys.argv[1]})
+r = loop.build(cfg)
+is_shampoo = lambda x: isinstance(x, lro.ShampooState)
+find = lambda tree: next(x for x in jax.tree.leaves(tree, is_leaf=is_shampoo)
+                         if is_shampoo(x))
+params = jax.tree.leaves(r.state['params'])
+
+def sharded_blocks(state):
+  """Indices of the leaves whose blocks are split over the 4 devices, after
+  checking that exactly those are the factors split along a long axis."""
+  split = []
+  for i, (p, st) in enumerate(zip(params, find(state).stats)):
+    if st is None:
+      continue
+    if p.sharding.is_fully_replicated:
+      assert st.left.sharding.is_fully_replicated, i
+      continue
+    assert st.left.sharding.spec == P('fsdp'), (i, st.left.sharding)
+    assert st.right.sharding.spec == P('fsdp'), (i, st.right.sharding)
+    blocks = st.left.sharding.shard_shape(st.left.shape)[0]
+    assert blocks == st.left.shape[0] // 4, (i, blocks)
+    split.append(i)
+  return split
+
+split = sharded_blocks(r.state['opt_state'])
+assert split, 'no factor is split over fsdp'
+raw = next(iter(loop.train_dataset(r)))
+batch, _ = loop.prepare_batch(raw, r.max_targets)
+batch = {k: v[None] for k, v in batch.items()}
+copy = lambda t: jax.tree.map(lambda x: x.copy(), t)
+# The same step with every statistic replicated, as before: same numbers.
+replicated = NamedSharding(r.mesh, P())
+whole = dict(r.state_shardings)
+shampoo_sh = find(whole['opt_state'])
+whole_shampoo = shampoo_sh._replace(**{
+    f: tuple(None if s is None else lro.BlockStats(replicated, replicated)
+             for s in getattr(shampoo_sh, f)) for f in ('stats', 'roots')})
+whole['opt_state'] = jax.tree.map(
+    lambda x: whole_shampoo if is_shampoo(x) else x, whole['opt_state'],
+    is_leaf=is_shampoo)
+state0 = copy(r.state)
+ref_step = loop.jit_train_step(r, r.tx, r.schedule, whole)
+ref, _ = ref_step(jax.device_put(copy(state0), whole), r.base, r.rngs, batch)
+new, _ = loop._jitted_step(r)(state0, r.base, r.rngs, batch)
+assert sharded_blocks(new['opt_state']) == split  # kept through the step
+for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                             atol=1e-6)
+print('blocks split', len(split))
+'''
+
+
+def test_shampoo_block_statistics_shard_with_their_factor(tmp_path):
+  """Shampoo keeps a b x b statistic and root per block of b rows (2 b / r
+  times a factor's size): on an fsdp = 4 mesh the blocks of a factor split
+  along its long axis are split the same way, where every device had held
+  all of them, and the step computes what it did with them replicated."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
+      'PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-c', _SHAMPOO_BLOCKS_SCRIPT,
+                         str(tmp_path / 'run')], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'blocks split' in proc.stdout
+
+
 _GENERATE_SCRIPT = r'''
 import json, os, sys
 os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=' +

@@ -172,7 +172,58 @@ def opt_state_shardings(abstract_opt_state, params, param_shardings, mesh):
           return sh
     return replicated
 
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+  shardings = jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+  return _shard_shampoo_blocks(abstract_opt_state, shardings, params,
+                               param_shardings, mesh)
+
+
+def _shard_shampoo_blocks(abstract_opt_state, shardings, params,
+                          param_shardings, mesh):
+  """Shampoo's per-block statistics sharded as their factor's long axis.
+
+  A factor ``(N, r)`` has ``N / b`` blocks of ``b x b`` statistics (and
+  as many roots): 2 b / r times the factor's size, too much to hold whole
+  on every device. Where the blocks are the factor's one sharded axis cut
+  in order (``blocks * b == N``, no stacked layers), the blocks' leading
+  axis shards over that axis's mesh axes, so each device keeps the blocks
+  of its own rows and the statistics need no data from other devices; any
+  other leaf stays replicated.
+  """
+  is_shampoo = lambda x: isinstance(x, lro.ShampooState)
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: x is None)
+  leaf_shardings = jax.tree.leaves(param_shardings,
+                                   is_leaf=lambda x: x is None)
+
+  def blocks_sharding(stats, param, sharding):
+    if stats is None or not isinstance(sharding, NamedSharding):
+      return None
+    spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+    split = [(axis, names) for axis, names in enumerate(spec) if names]
+    if len(split) != 1:
+      return None
+    axis, names = split[0]
+    blocks, b = stats.left.shape[0], stats.left.shape[-1]
+    names_tuple = names if isinstance(names, tuple) else (names,)
+    devices = math.prod(mesh.shape[n] for n in names_tuple)
+    if blocks * b != param.shape[axis] or blocks % devices:
+      return None
+    return NamedSharding(mesh, P(names))
+
+  def per_state(state, sh):
+    if not is_shampoo(state) or not isinstance(state.stats, tuple) or len(
+        state.stats) != len(leaves) or len(leaf_shardings) != len(leaves):
+      return sh
+    fields = {}
+    for name in ('stats', 'roots'):
+      fields[name] = tuple(
+          own if (want := blocks_sharding(st, p, ps)) is None else
+          lro.BlockStats(want, want)
+          for st, own, p, ps in zip(state.stats, getattr(sh, name), leaves,
+                                    leaf_shardings))
+    return sh._replace(**fields)
+
+  return jax.tree.map(per_state, abstract_opt_state, shardings,
+                      is_leaf=is_shampoo)
 
 
 # ---------------------------------------------------------------------------
