@@ -8,6 +8,7 @@ from typing import Any, Callable
 import optax
 
 from lora_rite_optax import casting
+from lora_rite_optax import checks
 
 __all__ = ['optimizer', 'OPTIMIZER_NAMES']
 
@@ -15,7 +16,20 @@ OPTIMIZER_NAMES = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
                    'lamb')
 
 
+def _check_adam_family(who: str, weight_decay, kwargs) -> None:
+  """optax's adamw and lamb check none of these: b2 = 1 had given NaN
+  updates at the first step, and a negative eps or decay trained on."""
+  for name in ('b1', 'b2'):
+    if name in kwargs:
+      checks.beta(who, name, kwargs[name])
+  for name in ('eps', 'eps_root'):
+    if name in kwargs:
+      checks.non_negative(who, name, kwargs[name])
+  checks.non_negative(who, 'weight_decay', weight_decay)
+
+
 def _adam(learning_rate, weight_decay=0.0, **kwargs):
+  _check_adam_family('adam', weight_decay, kwargs)
   # In float32 on 16-bit params, as the other optimizers keep their state
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
@@ -24,6 +38,7 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
+  _check_adam_family('lamb', weight_decay, kwargs)
   return casting.with_stable_dtypes(
       optax.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
 
