@@ -87,7 +87,9 @@ def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
   leaves, treedef = pairs_lib.flatten(tree)
   plans = []
   for index, (path, leaf) in enumerate(leaves):
-    if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
+    # A zero-size leaf has nothing to precondition (its blocks would be 0
+    # wide).
+    if pairs_lib._is_empty(leaf) or not math.prod(leaf.shape):  # pylint: disable=protected-access
       plans.append(_Plan('empty'))
       continue
     shape = tuple(leaf.shape)
@@ -149,6 +151,22 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
   return jnp.where(safe[..., None], root, eye)
 
 
+def _whole_number(name: str, value: Any) -> Any:
+  """``value`` if it is a whole number >= 1 (or traced); else one error.
+
+  2.5 had been cut to 2 (``block_size``) or recomputed the roots every 5
+  steps (``precondition_every``), and True taken for 1.
+  """
+  v = checks.concrete(value)
+  if isinstance(value, (bool, str)) or (v is None and not isinstance(
+      value, jax.core.Tracer)):
+    raise ValueError(f'shampoo: {name} must be an integer >= 1, got '
+                     f'{value!r}.')
+  if v is not None and not (math.isfinite(v) and v == int(v) and v >= 1):
+    raise ValueError(f'shampoo: {name} must be an integer >= 1, got {v:g}.')
+  return value
+
+
 def _dtype(x):
   return casting.compute_dtype(x.dtype)
 
@@ -204,21 +222,14 @@ def scale_by_shampoo(
   # > 0: a LoRA factor's N x N statistic has rank r at most, and its zero
   # eigenvalues would have infinite inverse roots.
   checks.positive('shampoo', 'matrix_eps', matrix_eps)
-  if not isinstance(block_size, int):
-    try:
-      block_size = int(block_size)  # a concrete array, as inject's init gives
-    except jax.errors.ConcretizationTypeError:
-      raise ValueError(
-          'shampoo: block_size fixes the state shapes and must be static; '
-          "with optax.inject_hyperparams pass static_args=('block_size',)."
-      ) from None
-  # block_size is a concrete int here; precondition_every may be traced
-  # (optax.inject_hyperparams), and then cannot be checked.
-  if block_size < 1:
-    raise ValueError(f'shampoo: block_size must be >= 1, got {block_size}.')
-  if isinstance(precondition_every, int) and precondition_every < 1:
-    raise ValueError('shampoo: precondition_every must be >= 1, got '
-                     f'{precondition_every}.')
+  if isinstance(block_size, jax.core.Tracer):
+    raise ValueError(
+        'shampoo: block_size fixes the state shapes and must be static; '
+        "with optax.inject_hyperparams pass static_args=('block_size',).")
+  # Concrete here (a number, or the array inject_hyperparams' init gives);
+  # precondition_every may be traced, and then cannot be checked.
+  block_size = int(_whole_number('block_size', block_size))
+  precondition_every = _whole_number('precondition_every', precondition_every)
 
   def init_fn(params):
     plans, _ = _plans(params, layout, block_size)

@@ -445,9 +445,11 @@ def test_scanned_leaves_outside_pairs_step_per_layer(make):
 def test_shampoo_checks_block_size_under_inject_hyperparams():
   params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
   make = optax.inject_hyperparams(lro.shampoo, static_args=('block_size',))
-  with pytest.raises(ValueError, match='block_size must be >= 1, got 0'):
+  with pytest.raises(ValueError, match='block_size must be an integer >= 1, '
+                     'got 0'):
     make(1e-3, block_size=0).init(params)
-  with pytest.raises(ValueError, match='precondition_every must be >= 1'):
+  with pytest.raises(ValueError, match='precondition_every must be an '
+                     'integer >= 1'):
     lro.shampoo(1e-3, precondition_every=0)
 
 
