@@ -112,6 +112,9 @@ def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
     0.2
   """
   _check_dims('gaussian', in_dim, out_dim, rank)
+  if std is not None:
+    # 0 leaves A = B = 0, where neither factor ever gets a gradient.
+    checks.positive('gaussian', 'std', std)
   std = 1.0 / rank if std is None else std
   a = std * jax.random.normal(key, (in_dim, rank),
                               casting.compute_dtype(dtype))
@@ -155,6 +158,8 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
   if not 1 <= rank <= min(m, n):
     raise ValueError(f'randomized_svd: rank {rank} must be in [1, '
                      f'{min(m, n)}] for a matrix of shape {x.shape}.')
+  _check_int('randomized_svd', 'niter', niter)
+  _check_int('randomized_svd', 'oversample', oversample)
   if oversample < 0 or niter < 0:
     raise ValueError(f'randomized_svd: oversample and niter must be >= 0, '
                      f'got {oversample} and {niter}.')
