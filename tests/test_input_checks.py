@@ -1,6 +1,8 @@
 """Bad input to the optimizers and initialisations: one clear ValueError,
 and the inputs that look alike but are fine still work."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,6 +157,26 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
     (lro.lora_rite, {'update_skipping': -1.0},
      r'scale_by_lora_rite: update_skipping must be >= 0'),
+    # optax's adamw and lamb check none of these: b2 = 1 gave NaN updates.
+    (functools.partial(lro.optimizer, 'adam'), {'b2': 1.0},
+     r'adam: b2 must be in \[0, 1\), got 1.0'),
+    (functools.partial(lro.optimizer, 'adam'), {'eps': -1.0},
+     r'adam: eps must be >= 0'),
+    (functools.partial(lro.optimizer, 'adam'), {'weight_decay': -0.1},
+     r'adam: weight_decay must be >= 0'),
+    (functools.partial(lro.optimizer, 'lamb'), {'b1': -0.5},
+     r'lamb: b1 must be in'),
+    (functools.partial(lro.optimizer, 'lamb'), {'eps_root': float('nan')},
+     r'lamb: eps_root must be >= 0, got nan'),
+    # A fraction had been cut to an integer (block_size 2.5 -> 2) or used
+    # as one (roots every 5 steps for 2.5); True had been taken for 1.
+    (lro.shampoo, {'block_size': 2.5},
+     r'shampoo: block_size must be an integer >= 1, got 2.5'),
+    (lro.shampoo, {'block_size': True}, r'block_size must be an integer'),
+    (lro.shampoo, {'precondition_every': 2.5},
+     r'shampoo: precondition_every must be an integer >= 1, got 2.5'),
+    (lro.shampoo, {'precondition_every': np.int64(0)},
+     r'precondition_every must be an integer >= 1, got 0'),
 ])
 def test_baselines_check_their_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -169,6 +191,22 @@ def test_baselines_still_take_traced_hyperparameters():
         learning_rate=1e-3, b2=0.99)
     updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_shampoo_under_inject_checks_a_concrete_precondition_every():
+  make = optax.inject_hyperparams(lro.shampoo, static_args=('block_size',))
+  with pytest.raises(ValueError, match='precondition_every must be an '
+                     'integer >= 1, got 0'):
+    make(1e-3, precondition_every=0).init({'q': _pair(6, 2, 3)})
+
+
+def test_shampoo_passes_a_zero_size_leaf_through():
+  """Its blocks would be 0 wide: init had divided by zero."""
+  params = {'w': jnp.zeros((0, 5)), 'v': jnp.ones((3, 4))}
+  tx = lro.shampoo(1e-2)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert updates['w'].shape == (0, 5)
+  assert bool(jnp.all(updates['v'] != 0))
 
 
 @pytest.mark.parametrize('other', [
@@ -201,6 +239,13 @@ _W = jax.random.normal(jax.random.key(1), (8, 6))
     (lambda: init.lora_ga(0.1 * _W, _W, 2.0, 1.0), r'lora_ga: rank must be'),
     (lambda: init.standard(jax.random.key(0), 8, 6, 2.0),
      r'standard: rank must be an integer'),
+    # std 0 leaves A = B = 0: no factor ever gets a gradient.
+    (lambda: init.gaussian(jax.random.key(0), 8, 6, 2, std=0.0),
+     r'gaussian: std must be > 0 and finite, got 0.0'),
+    (lambda: init.gaussian(jax.random.key(0), 8, 6, 2, std=float('nan')),
+     r'gaussian: std must be > 0 and finite, got nan'),
+    (lambda: init.randomized_svd(_W, 2, niter=2.5),
+     r'randomized_svd: niter must be an integer, got 2.5'),
 ])
 def test_initialisations_check_their_arguments(call, message):
   with pytest.raises(ValueError, match=message):
