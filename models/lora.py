@@ -609,15 +609,21 @@ def gemma_hf_name(path: str, prefix: str = 'model') -> HFName:
   return None
 
 
-def _default_name_map(model: nnx.Module, who: str) -> tuple[NameMap, str]:
-  """(name map, PEFT task type) guessed from the model's module paths."""
+def _default_name_map(model: nnx.Module, who: str,
+                      missing: str = 'name_map') -> tuple[NameMap, str]:
+  """(name map, PEFT task type) guessed from the model's module paths.
+
+  Guessed only for what the caller left out: a model of another family
+  with its own ``name_map`` (and, to save, ``task_type``) needs no guess.
+  """
   paths = list(projections(model))
   if any(p.startswith(('encoder.', 'decoder.')) for p in paths):
     return t5_hf_name, 'SEQ_2_SEQ_LM'
   if any(p.startswith('layers.') for p in paths):
     return gemma_hf_name, 'CAUSAL_LM'
   raise ValueError(f'{who}: cannot tell the model family from its paths '
-                   f'(e.g. {paths[0] if paths else None!r}); pass name_map.')
+                   f'(e.g. {paths[0] if paths else None!r}); pass '
+                   f'{missing}.')
 
 
 def _parts(path: str, names: HFName, out_dim: int, who: str
@@ -713,8 +719,12 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
       JSON cannot hold (nothing is written then).
   """
   who = 'save_peft_adapter'
-  default_map, default_task = _default_name_map(model, who)
-  name_map = name_map or default_map
+  if not name_map or not task_type:
+    default_map, default_task = _default_name_map(
+        model, who, ' and '.join(n for n, v in (('name_map', name_map),
+                                                ('task_type', task_type))
+                                 if not v))
+    name_map, task_type = name_map or default_map, task_type or default_task
   out_dir = Path(directory)
   if adapter_name is not None:
     out_dir = out_dir / hf_io.check_component(adapter_name, f'{who}: adapter_name')
@@ -770,7 +780,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
     target_modules = '(' + '|'.join(re.escape(n) for n in meta) + ')'
   config = {
       'peft_type': 'LORA',
-      'task_type': task_type or default_task,
+      'task_type': task_type,
       'base_model_name_or_path': base_model_name_or_path,
       'r': r0,
       'lora_alpha': alpha0,
@@ -846,6 +856,44 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
   return (rslora, float(dropout), *patterns)
 
 
+def _peft_selects(cfg: dict, name: str) -> bool | None:
+  """Whether PEFT's ``target_modules`` rule picks module ``name`` (as
+  ``peft.tuners.tuners_utils.check_target_module_exists`` does: a string
+  is a full-match regex, a list matches a name or a ``.``-suffix, then
+  ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``);
+  None where the config's rule is not one of these."""
+  target, exclude = cfg.get('target_modules'), cfg.get('exclude_modules')
+  if isinstance(exclude, str) and re.fullmatch(exclude, name):
+    return False
+  if isinstance(exclude, list) and any(
+      name == e or name.endswith('.' + str(e)) for e in exclude):
+    return False
+  if target == 'all-linear':
+    return True
+  if isinstance(target, str):
+    try:
+      return re.fullmatch(target, name) is not None
+    except re.error:
+      return None
+  if not isinstance(target, list):
+    return None
+  if name in target:
+    return True
+  if not any(name.endswith('.' + str(t)) for t in target):
+    return False
+  layers = cfg.get('layers_to_transform')
+  if layers is None or layers == []:
+    return True
+  patterns = cfg.get('layers_pattern') or [r'[^.]*']
+  patterns = [patterns] if isinstance(patterns, str) else patterns
+  for pattern in patterns:
+    m = re.match(rf'.*\.{pattern}\.(\d+)\.', name)
+    if m:
+      index = int(m.group(1))
+      return index == layers if isinstance(layers, int) else index in layers
+  return False
+
+
 def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                       name_map: NameMap | None = None,
                       adapter_name: str | None = None,
@@ -854,17 +902,20 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
   Factors keep the file's dtype; the scale comes from ``lora_alpha`` /
   ``alpha_pattern``, ``r`` / ``rank_pattern`` and ``use_rslora``. Projections
-  the file does not name keep whatever adapter they had. Everything is
+  the file does not name keep whatever adapter they had, but one that the
+  config's ``target_modules`` picks (PEFT's matching rule) must be in the
+  file. Everything is
   checked before the model is changed. The adapters' ``lora_dropout`` starts
   off, as PEFT loads an adapter for inference; ``model.train()`` turns it on.
 
   Raises:
     FileNotFoundError: no adapter_config.json or adapter_model.safetensors.
-    ValueError: a malformed config, an unsupported PEFT feature, a key that
-      names no projection, a missing factor or a shape mismatch.
+    ValueError: a malformed config, an unsupported PEFT feature (DoRA,
+      activated LoRA, ...), a key that names no projection, a targeted
+      module or a factor missing, or a shape mismatch.
   """
-  default_map, _ = _default_name_map(model, 'load_peft_adapter')
-  name_map = name_map or default_map
+  if name_map is None:
+    name_map, _ = _default_name_map(model, 'load_peft_adapter')
   src = Path(directory)
   if adapter_name is not None:
     src = src / hf_io.check_component(adapter_name, 'load_peft_adapter: adapter_name')
@@ -875,9 +926,18 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     raise ValueError(f'{cfg_path}: peft_type is {cfg.get("peft_type")!r}, '
                      'expected "LORA".')
   for key, bad in (('use_dora', True), ('bias', 'all'), ('bias', 'lora_only'),
-                   ('fan_in_fan_out', True)):
+                   ('fan_in_fan_out', True), ('lora_bias', True),
+                   ('use_qalora', True)):
     if cfg.get(key) == bad:
       raise ValueError(f'{cfg_path}: {key}={bad!r} is not supported.')
+  # PEFT variants whose tensors carry plain lora_A / lora_B names but whose
+  # forward pass is not W + s B A on every token (activated LoRA acts only
+  # after its invocation tokens): loading them as LoRA would be silently
+  # wrong.
+  for key in ('alora_invocation_tokens', 'use_bdlora', 'layer_replication'):
+    if cfg.get(key):
+      raise ValueError(f'{cfg_path}: {key}={cfg[key]!r} is not supported '
+                       '(only plain LoRA loads).')
   r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
   if not isinstance(r_cfg, int) or r_cfg < 1 or not isinstance(
       alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):
@@ -917,6 +977,15 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       if ab not in factors:
         raise ValueError(f'{who}: missing base_model.model.{module}.lora_{ab}'
                          '.weight.')
+  # A module the config targets but the file leaves out: a truncated file,
+  # or an adapter for a deeper model (PEFT only warns, and would run with
+  # part of the adapter).
+  for name in owners:
+    if name not in by_module and _peft_selects(cfg, name):
+      raise ValueError(f'{who}: has no lora_A/lora_B for {name!r}, which '
+                       f'{ADAPTER_CONFIG} targets (target_modules '
+                       f'{cfg.get("target_modules")!r}): a partial file, or '
+                       'an adapter for another model?')
 
   plan = []
   for path, proj in projs.items():

@@ -365,6 +365,18 @@ def test_peft_bad_inputs(tmp_path):
       (write('rank', cfg=dict(cfg, r=8)), 'has rank 4 but adapter_config.json says 8'),
       (write('type', cfg=dict(cfg, peft_type='IA3')), 'expected "LORA"'),
       (write('dora', cfg=dict(cfg, use_dora=True)), 'use_dora=True is not supported'),
+      # Plain lora_A / lora_B names, another forward pass: activated LoRA
+      # acts only after its invocation tokens, and had loaded as LoRA.
+      (write('alora', cfg=dict(cfg, alora_invocation_tokens=[5, 9])),
+       'alora_invocation_tokens=[5, 9] is not supported'),
+      (write('qalora', cfg=dict(cfg, use_qalora=True)),
+       'use_qalora=True is not supported'),
+      # The config targets every q, the file lacks one: it had loaded the
+      # rest with no error.
+      (write('partial', {k: v for k, v in tensors.items()
+                         if 'encoder.block.0.layer.0.SelfAttention.q.' not in k}),
+       "has no lora_A/lora_B for 'encoder.block.0.layer.0.SelfAttention.q', "
+       'which adapter_config.json targets'),
       # Config values are checked before any adapter is attached: a bad
       # alpha_pattern value had raised a bare TypeError with some
       # projections already changed, and 'false' had read as true.
@@ -461,6 +473,36 @@ def test_fused_projection_splits_for_peft(tmp_path):
   lora.load_peft_adapter(fresh, tmp_path, name_map=name_map)
   np.testing.assert_array_equal(fresh.layers[0]['qkv'].lora.lora_b[...],
                                 model.layers[0]['qkv'].lora.lora_b[...])
+
+
+class _Blocks(nnx.Module):
+  """A model of no family the defaults know ('blocks.0.q')."""
+
+  def __init__(self):
+    self.blocks = nnx.List([nnx.Dict(q=Projection(
+        (6,), (4,), axes=('embed', 'mlp'), rngs=nnx.Rngs(0)))])
+
+
+def test_a_name_map_serves_a_model_of_another_family(tmp_path):
+  """The family was guessed (and failed) even with a name_map given."""
+  name_map = lambda path: f'model.h.{path.split(".")[1]}.attn.q_proj'
+  model = _Blocks()
+  lora.apply_lora(model, 'q', rank=2)
+  _randomize_b(model)
+  with pytest.raises(ValueError) as e:
+    lora.save_peft_adapter(model, tmp_path / 'no_task', 'base',
+                           name_map=name_map)
+  assert _one_line(e).endswith('pass task_type.')
+  assert not (tmp_path / 'no_task').exists()
+  lora.save_peft_adapter(model, tmp_path, 'base', name_map=name_map,
+                         task_type='CAUSAL_LM')
+  fresh = _Blocks()
+  lora.load_peft_adapter(fresh, tmp_path, name_map=name_map)
+  np.testing.assert_array_equal(fresh.blocks[0]['q'].lora.lora_b[...],
+                                model.blocks[0]['q'].lora.lora_b[...])
+  with pytest.raises(ValueError) as e:
+    lora.load_peft_adapter(_Blocks(), tmp_path)
+  assert _one_line(e).endswith('pass name_map.')
 
 
 SHARDED = textwrap.dedent('''
