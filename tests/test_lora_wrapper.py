@@ -598,3 +598,27 @@ def test_adapter_dropout_is_off_for_inference(tmp_path):
   t5_model.eval()
   np.testing.assert_allclose(runs[0][1][:, 0], t5_model(ENC, DEC[:, :1])[:, 0],
                              atol=1e-5)
+
+
+@pytest.mark.parametrize('cfg, name, picked', [
+    ({'target_modules': ['q_proj']}, 'model.layers.3.self_attn.q_proj', True),
+    ({'target_modules': ['q_proj']}, 'model.layers.3.self_attn.xq_proj', False),
+    ({'target_modules': 'model\\.layers\\.0\\..*q_proj'},
+     'model.layers.0.self_attn.q_proj', True),
+    ({'target_modules': 'model\\.layers\\.0\\..*q_proj'},
+     'model.layers.10.self_attn.q_proj', False),
+    ({'target_modules': ['q_proj'], 'layers_to_transform': [0, 2]},
+     'model.layers.2.self_attn.q_proj', True),
+    ({'target_modules': ['q_proj'], 'layers_to_transform': 1},
+     'model.layers.2.self_attn.q_proj', False),
+    ({'target_modules': ['q_proj'], 'layers_to_transform': [2],
+      'layers_pattern': 'blocks'}, 'model.layers.2.self_attn.q_proj', False),
+    ({'target_modules': 'all-linear', 'exclude_modules': ['v_proj']},
+     'model.layers.2.self_attn.v_proj', False),
+    ({'target_modules': 'all-linear'}, 'model.layers.2.mlp.up_proj', True),
+    ({'target_modules': None}, 'model.layers.2.mlp.up_proj', None),
+])
+def test_peft_target_rule(cfg, name, picked):
+  """PEFT's check_target_module_exists, which decides what a file must
+  hold."""
+  assert lora._peft_selects(cfg, name) is picked  # pylint: disable=protected-access
