@@ -2,18 +2,33 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# A venv whose python is gone, lacks pip or is older than 3.11 (flax and
+# grain need 3.11) is made again: its stamp name then ends in -broken,
+# which never exists.
+HEALTHY = $(shell $(1)/bin/python -c 'import sys, pip; print(int(sys.version_info >= (3, 11)))' 2>/dev/null)
+STAMP := $(VENV)/.installed-$(SUM)$(if $(filter 1,$(call HEALTHY,$(VENV))),,-broken)
+
+# $(call make_venv,DIR): (re)creates DIR with $(PY), else python3 if it is
+# 3.11 or newer; one error line if neither is.
+define make_venv
+	@test "$(call HEALTHY,$(1))" = 1 || { for py in $(PY) python3; do \
+	  if command -v $$py >/dev/null 2>&1 && \
+	     $$py -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	    rm -rf $(1) && $$py -m venv $(1); exit $$?; fi; \
+	done; echo "error: no Python 3.11 or newer (tried $(PY), python3); run make PY=/path/to/python3.11" >&2; exit 1; }
+endef
 
 .PHONY: test test-seqio demo venv benchmark clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(call make_venv,$(VENV))
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
-	@touch $(STAMP)
+	@touch $(VENV)/.installed-$(SUM)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
@@ -21,13 +36,15 @@ test: $(STAMP)
 # seqio needs full TensorFlow (~3 GB), so its tests get a venv of their own;
 # CI runs them (.ci/run), where a missing seqio fails instead of skipping.
 SEQIO_VENV := .venv-seqio
-$(SEQIO_VENV)/.installed: pyproject.toml
-	@test -x $(SEQIO_VENV)/bin/python || $(PY) -m venv $(SEQIO_VENV) || python3 -m venv $(SEQIO_VENV)
+SEQIO_STAMP := $(SEQIO_VENV)/.installed-$(SUM)$(if $(filter 1,$(call HEALTHY,$(SEQIO_VENV))),,-broken)
+$(SEQIO_STAMP): pyproject.toml
+	$(call make_venv,$(SEQIO_VENV))
 	$(SEQIO_VENV)/bin/python -m pip install -q --upgrade pip
 	$(SEQIO_VENV)/bin/python -m pip install -q -e ".[train,seqio]" pytest
-	@touch $@
+	@rm -f $(SEQIO_VENV)/.installed*
+	@touch $(SEQIO_VENV)/.installed-$(SUM)
 
-test-seqio: $(SEQIO_VENV)/.installed
+test-seqio: $(SEQIO_STAMP)
 	LRO_REQUIRE_SEQIO=1 $(SEQIO_VENV)/bin/python -m pytest -q tests/test_data_seqio.py
 
 demo: $(STAMP)
