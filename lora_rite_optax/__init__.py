@@ -18,4 +18,18 @@ from lora_rite_optax.lora_rite import (ScaleByLoraRiteState,
                                        balance_lora_factors, lora_rite,
                                        pair_groups, scale_by_lora_rite)
 
+__all__ = [
+    # The optimizers.
+    'lora_rite', 'scale_by_lora_rite', 'ScaleByLoraRiteState',
+    'balance_lora_factors', 'pair_groups',
+    'loraplus', 'loraplus_labels',
+    'scaled_adam', 'scale_by_riemannian_precond', 'scale_by_adam_authors',
+    'ScaleByAdamAuthorsState',
+    'shampoo', 'scale_by_shampoo', 'ShampooState', 'BlockStats',
+    'optimizer', 'OPTIMIZER_NAMES',
+    # LoRA pairs, initialisations, the donating jit.
+    'LoraLayout', 'LoraPair', 'NNX_LAYOUT', 'PEFT_LAYOUT', 'find_lora_pairs',
+    'lora_b_mask', 'init', 'donating_jit',
+]
+
 __version__ = '0.1.0'

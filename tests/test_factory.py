@@ -154,3 +154,14 @@ def test_an_empty_tree_updates(name):
   assert updates == {}
   counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
   assert any(int(c) == 1 for c in counts), counts
+
+
+def test_star_import_gives_the_public_api_only():
+  """``__all__`` names what the README documents; the helper modules
+  (casting, checks, linalg, ...) stay out of a star import."""
+  namespace = {}
+  exec('from lora_rite_optax import *', namespace)  # pylint: disable=exec-used
+  names = set(namespace) - {'__builtins__'}
+  assert names == set(lro.__all__)
+  assert {'optimizer', 'lora_rite', 'shampoo', 'init', 'donating_jit'} <= names
+  assert not {'casting', 'checks', 'linalg', 'pairs', 'factory'} & names
