@@ -197,7 +197,8 @@ BUDGETS = {
                'arc_challenge': TaskBudget(192, 8, 64, 200, 0),
                'openbookqa': TaskBudget(128, 8, 64, 200, 0),
                'boolq': TaskBudget(80, 8, 64, 200, 0)}),
-    # An accelerator: the paper's sweep, longer rows and runs, full tests.
+    # An accelerator: the presets' sweep (configs.PAPER_LR_SWEEP, which the
+    # paper does not publish), longer rows and runs, full tests.
     'full': Budget(
         steps=1000, batch_size=32, warmup=100, lrs=(2e-4, 5e-4, 1e-3),
         seeds=(0, 1, 2), default_tasks=TASKS,
