@@ -119,6 +119,7 @@ def main(argv=None):
                       help='timed steps of the Gemma-2B tree per optimizer')
   parser.add_argument('--skip_timing', action='store_true')
   args = parser.parse_args(argv)
+  optimizer_step.no_persistent_cache()
   print(f'backend {jax.default_backend()}: {jax.devices()}')
   params, targets = problem()
   h0 = loss(jax.tree.map(jnp.asarray, params), targets)

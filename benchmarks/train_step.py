@@ -114,6 +114,7 @@ def main(argv=None) -> None:
   p.add_argument('--steps', type=int, default=7,
                  help='timed steps per optimizer (after 2 warm-up steps)')
   args = p.parse_args(argv)
+  optimizer_step.no_persistent_cache()  # it prints compile times
 
   cfg = make_config(args)
   t0 = time.perf_counter()

@@ -147,6 +147,9 @@ def test_main_prints_floor_and_like_for_like_ratios(bench, tiny_models,
   # The sweep labels its 1-layer, 1x-MLP column.
   assert '64 (1 layer, 1x MLP)' in out and '32 (4 layers, 4x MLP)' in out
   assert 'lora_rite step (update and apply, lro.donating_jit' in out
+  # Compile times are of compiles: a persistent cache (jax's default once
+  # JAX_COMPILATION_CACHE_DIR is set) had timed its loads on a second run.
+  assert not bench.jax.config.jax_enable_compilation_cache
 
 
 def test_breakdown_mode_ends_with_the_ratio_line(bench, tiny_models, capsys):
