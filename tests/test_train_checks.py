@@ -352,6 +352,43 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
   assert loop.run(tiny(run_dir), log=quiet, stop_at=1)['steps'] == 1
 
 
+def test_a_run_dir_used_while_this_run_builds_is_refused(monkeypatch,
+                                                        tmp_path):
+  """The lock is taken after the build; another run that trained in the
+  folder meanwhile (here: within the build) had left this one training with
+  every save declined by orbax, reporting the other's checkpoints as its
+  own and replacing its config and adapter."""
+  run_dir = tmp_path / 'run'
+  real_build = loop.build
+
+  def build_while_another_runs(cfg):
+    monkeypatch.setattr(loop, 'build', real_build)  # the other run's own
+    loop.run(tiny(run_dir, **{'optim.learning_rate': 3e-3}), log=quiet,
+             stop_at=4)
+    return real_build(cfg)
+
+  monkeypatch.setattr(loop, 'build', build_while_another_runs)
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(tiny(run_dir), log=quiet)
+  assert str(e.value) == (f'run_dir {run_dir} changed while this run was '
+                          'being built (another run wrote to it); run again.')
+  # The other run's files are as it left them.
+  saved = json.loads((run_dir / 'config.json').read_text())
+  assert saved['optim']['learning_rate'] == 3e-3
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['4']
+
+
+def test_a_declined_checkpoint_stops_the_run(monkeypatch, tmp_path):
+  """orbax declines a step at or below its latest without a word; the run
+  had gone on as if saved."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save',
+                      lambda self, step, *a, **k: False)
+  with pytest.raises(OSError, match=r'checkpoint 4 was not written: .* '
+                     r'\(another run writing to this run_dir\?\)'):
+    loop.run(tiny(tmp_path / 'run'), log=quiet)
+
+
 def test_every_process_refuses_a_run_dir_in_use(monkeypatch, tmp_path):
   """Process 0 alone takes the lock; the others learn its outcome and
   refuse too (they had gone on into the checkpointer's collective start

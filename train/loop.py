@@ -1851,6 +1851,17 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   return run_dir
 
 
+def _run_dir_contents(run_dir: str) -> tuple:
+  """What `_check_run_dir` and the build decided on: whether run_dir has
+  checkpoints (and which is the latest), and which run files it holds."""
+  ckpts = os.path.join(run_dir, 'checkpoints')
+  steps = sorted(int(n) for n in (os.listdir(ckpts) if os.path.isdir(ckpts)
+                                  else ()) if n.isdigit())
+  return (run_has_checkpoints(run_dir), steps[-1:],
+          tuple(n for n in RUN_FILES
+                if os.path.exists(os.path.join(run_dir, n))))
+
+
 LOCK_FILE = '.lock'
 
 
@@ -1969,6 +1980,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0
                 else None)
   run_dir = _check_run_dir(cfg)
+  checked = _run_dir_contents(run_dir)
   # The build's own warnings (held-out prompts, an unreadable split) are
   # [train] lines like the loop's; Python's are two lines on stderr.
   with warnings.catch_warnings(record=True) as caught:
@@ -2002,6 +2014,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   cleanup.enter_context(_run_dir_lock(run_dir))
+  # The lock is taken after the build (minutes for a large model): another
+  # run may have used the folder meanwhile. A fresh run had then trained
+  # with every save declined (orbax keeps no step at or below its latest)
+  # and reported the other run's checkpoints as its own.
+  if distributed.process_0_flag(_run_dir_contents(run_dir) != checked):
+    raise ConfigError(f'run_dir {run_dir} changed while this run was being '
+                      'built (another run wrote to it); run again.')
   config_json = configs_lib.to_json(cfg)
   tokenizer_id = tokenizer_fingerprint(r.tokenizer)
   base_id = fingerprints.base_model_fingerprint(r.model_path)
@@ -2221,6 +2240,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   def ckpt_json_now() -> str:
     return json.dumps({**json.loads(ckpt_json), DROPPED_KEY: dropped_total})
+
+  def save_checkpoint(step: int, force: bool = False) -> None:
+    # orbax declines, without a word, a step at or below the latest one
+    # there: only another run writing to this folder puts one there.
+    if not ckpt.save(step, state, data_iter, ckpt_json_now(), force=force):
+      raise OSError(f'checkpoint {step} was not written: {ckpt.directory} '
+                    f'already holds step {ckpt.latest_step()} (another run '
+                    'writing to this run_dir?).')
   # Skipped (non-finite) steps so far, to log each new skip once.
   skipped_logged = int(distributed.to_host(
       nonfinite_counts(state['opt_state'])[1]))
@@ -2304,14 +2331,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       # memory, a preemption) must not cost the steps since the last one.
       paused = time.perf_counter()
       if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-        ckpt.save(step, state, data_iter, ckpt_json_now())
+        save_checkpoint(step)
       if eval_due:
         interrupted = eval_or_stop(step, 'periodic')[1]
       # Neither is training: kept out of the tokens/s window (an evaluation
       # had made the next row's tokens/s a tenth of the others').
       window_t0 += time.perf_counter() - paused
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter, ckpt_json_now(), force=True)
+      save_checkpoint(step, force=True)
   finally:
     progress.close()
   timing['train'] = (time.perf_counter() - t_built) - timing['eval']
