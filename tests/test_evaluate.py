@@ -52,6 +52,10 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("Final answer - 18", "18"),
     ("Apples left:\n- 18", "18"),
     ("It costs -$5", "-5"),
+    # Nor is the hyphen of a range ('-4' had been read).
+    ("It takes 3-4 hours", "4"),
+    ("so x = 10-4", "4"),
+    ("The total is (-3)", "-3"),
     ("The answer is \u2212 5.", "-5"),
     # '####' counts at the start of a line, and the last marker wins.
     ("#### 1. Find the cost\nThen add.\nThe answer is 42.", "42"),

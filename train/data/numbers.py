@@ -14,9 +14,11 @@ import re
 # euro, pound, yen and rupee signs some GSM8K solutions use), thousands
 # commas, optional decimals; also '.5'. A sign touches the number (or its
 # currency): the '-' of a list item ('- 18') or a dash ('answer - 18') is
-# not one; the typographic minus U+2212 may have a space after it.
+# not one, nor is the hyphen of a range or a word ('3-4 hours' ends in 4,
+# not -4); the typographic minus U+2212 may have a space after it.
 _CURRENCY = "$\u20ac\u00a3\u00a5\u20b9"
-_SIGN = r"(?:-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) + r"]\s?)?"
+_SIGN = (r"(?:(?<![\w.])-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
+         r"]\s?)?")
 _NUMBER = _SIGN + r"(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
 # After an answer marker also thousands grouped by spaces ('$9 500', as in
