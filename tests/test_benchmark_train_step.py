@@ -53,3 +53,17 @@ def test_main_interleaves_in_a_shuffled_order(monkeypatch, capsys):
   assert len(set(rounds)) == 2  # each optimizer first in some round
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.match(r'^lora_rite/adam train-step ratio: \d+\.\d\d$', last), last
+
+
+def test_invariance_script_prints_each_scales_own_gap(tmp_path, capsys):
+  """Each (optimizer, scale) row had printed the maximum over all scales:
+  the scale-1 run, compared with itself, showed Adam's gap of ~8."""
+  invariance = benchmark_scripts.load('invariance')
+  invariance.main(['--out', str(tmp_path), '--steps', '20'])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()
+          if line.startswith(('adam ', 'lora_rite '))]
+  gap = {(name, float(scale)): float(g) for name, scale, _, g in rows}
+  assert gap[('adam', 1.0)] == 0 and gap[('lora_rite', 1.0)] == 0
+  assert gap[('adam', 10.0)] > 1e-2 and gap[('adam', 0.1)] > 1e-2
+  assert gap[('lora_rite', 10.0)] < 1e-3
+  assert (tmp_path / 'invariance.png').is_file()
