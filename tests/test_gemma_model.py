@@ -570,6 +570,53 @@ def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
                              atol=1e-5)
 
 
+def test_gguf_of_a_gemma3_with_no_window_is_global_everywhere(tmp_path):
+  """llama.cpp writes no window for a Gemma 3 whose layers are all global
+  (sliding_window_pattern 1) and runs them all as full attention at
+  rope.freq_base; a 5:1 pattern with a 512 window had been assumed."""
+  cfg = gemma.get_config('gemma3-tiny').replace(attention_pattern=(GLOBAL,),
+                                                sliding_window=None)
+  model = _model(cfg)
+  _write_gemma_gguf(model, tmp_path / 'global.gguf')
+  loaded = gemma.from_pretrained(tmp_path / 'global.gguf')
+  assert loaded.config.layer_types == (GLOBAL,) * cfg.num_layers
+  assert loaded.config.sliding_window is None
+  tokens = jnp.arange(24).reshape(2, 12)
+  np.testing.assert_allclose(gemma.forward_fn(loaded)(tokens),
+                             gemma.forward_fn(model)(tokens), atol=1e-5)
+
+
+def test_gemma2_rope_scaling_scales_every_layer(tmp_path):
+  """Gemma 1 and 2 have one rotary embedding, rope_scaling included, for
+  all layers (transformers, llama.cpp); the sliding layers had run
+  unscaled. Gemma 3's sliding layers keep their own, unscaled."""
+  from models.gemma import load  # pylint: disable=g-import-not-at-top
+  base = {'vocab_size': 64, 'hidden_size': 32, 'intermediate_size': 64,
+          'num_hidden_layers': 2, 'num_attention_heads': 2, 'head_dim': 16,
+          'rope_scaling': {'rope_type': 'linear', 'factor': 4.0}}
+  c2 = load.config_from_hf({**base, 'model_type': 'gemma2'})
+  assert (c2.rope_scale_global, c2.rope_scale_local) == (4.0, 4.0)
+  flat = load.config_from_hf({**base, 'model_type': 'gemma2',
+                              'rope_scaling': None, 'rope_parameters': {
+                                  'rope_type': 'linear', 'factor': 2.0,
+                                  'rope_theta': 1e4}})
+  assert (flat.rope_scale_global, flat.rope_scale_local) == (2.0, 2.0)
+  c3 = load.config_from_hf({**base, 'model_type': 'gemma3_text'})
+  assert (c3.rope_scale_global, c3.rope_scale_local) == (4.0, 1.0)
+  # Configs whose sliding layers differ from that still round-trip.
+  rope = lambda c: (c.rope_scale_global, c.rope_scale_local, c.layer_types)
+  for c in (c2.replace(rope_scale_local=1.0), c3,
+            c3.replace(rope_scale_local=4.0)):
+    assert rope(load.config_from_hf(load.config_to_hf(c))) == rope(c)
+  # And a GGUF's rope.scaling.factor applies to both kinds of layer.
+  model = _model(gemma.get_config('gemma2-tiny').replace(
+      rope_scale_global=3.0, rope_scale_local=3.0))
+  _write_gemma_gguf(model, tmp_path / 'g2.gguf', arch='gemma2')
+  loaded = gemma.from_pretrained(tmp_path / 'g2.gguf')
+  assert (loaded.config.rope_scale_global,
+          loaded.config.rope_scale_local) == (3.0, 3.0)
+
+
 def _write_tokenizer_gguf(path, extra_control=(), eos_id=1):
   """A GGUF holding only a small Gemma-style SentencePiece vocabulary (and
   ``extra_control`` CONTROL pieces last, as Gemma 3's <mask> is)."""

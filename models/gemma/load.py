@@ -312,7 +312,11 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
   local_theta = number(d.get('rope_local_base_freq', rope_theta),
                        'rope_local_base_freq')
   scale_global = linear_factor(d.get('rope_scaling'), 'rope_scaling')
-  scale_local = number(d.get('rope_local_scaling_factor', 1.0),
+  # Gemma 1 and 2 have one rotary embedding, rope_scaling included, for
+  # every layer (transformers' Gemma2RotaryEmbedding; llama.cpp too); Gemma
+  # 3's sliding layers have their own, unscaled.
+  scale_local = number(d.get('rope_local_scaling_factor',
+                             1.0 if family == 3 else scale_global),
                        'rope_local_scaling_factor')
   # Newer transformers: one RoPE dict per attention kind.
   params = d.get('rope_parameters')
@@ -332,7 +336,7 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
   elif isinstance(params, dict) and 'rope_theta' in params:
     rope_theta = local_theta = number(params['rope_theta'],
                                       'rope_parameters.rope_theta')
-    scale_global = linear_factor(params, 'rope_parameters')
+    scale_global = scale_local = linear_factor(params, 'rope_parameters')
   elif params is not None and not isinstance(params, dict):
     raise _ConfigError(f'{source}: rope_parameters must be an object, got '
                        f'{_short(params)}.')
@@ -404,7 +408,9 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
     d['sliding_window_pattern'] = len(c.attention_pattern)
   if c.rope_scale_global != 1.0:
     d['rope_scaling'] = {'rope_type': 'linear', 'factor': c.rope_scale_global}
-  if c.rope_scale_local != 1.0:  # not a Hugging Face key; kept for round trips
+  # Not a Hugging Face key; kept for round trips where the sliding layers'
+  # scale is not what loading assumes (Gemma 3: 1, else rope_scaling's).
+  if c.rope_scale_local != (1.0 if c.family == 3 else c.rope_scale_global):
     d['rope_local_scaling_factor'] = c.rope_scale_local
   return d
 
@@ -770,6 +776,12 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
   window = meta.get(f'{arch}.attention.sliding_window')
   pattern = {1: (GLOBAL,), 2: (LOCAL, GLOBAL),
              3: (LOCAL,) * 5 + (GLOBAL,)}[family]
+  if family == 3 and window is None:
+    # llama.cpp's converter writes no window for a Gemma 3 whose layers are
+    # all global (sliding_window_pattern 1), and runs every layer as full
+    # attention with rope.freq_base; a 5:1 pattern with a 512 window had
+    # been assumed.
+    pattern = (GLOBAL,)
   # llama.cpp scales queries by head_dim^-0.5 except for the 27B models,
   # which use (width / heads)^-0.5 like their query_pre_attn_scalar.
   qpas = None
@@ -799,10 +811,13 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
       sliding_window=(
           _as_int(window, f'GGUF metadata {arch}.attention.sliding_window',
                   source) if window is not None else
-          (4096 if family == 2 else 512 if family == 3 else None)),
+          (4096 if family == 2 else None)),
       rope_base_global=base,
       rope_base_local=10_000.0 if family == 3 else base,
       rope_scale_global=scale,
+      # One rotary embedding for every layer of a Gemma 1 or 2 (llama.cpp:
+      # rope_freq_scale_train_swa defaults to rope_freq_scale_train).
+      rope_scale_local=1.0 if family == 3 else scale,
       use_post_norms=family >= 2, use_qk_norm=family == 3,
       max_seq_len=size('context_length', 8192))
 
