@@ -722,9 +722,13 @@ def _write_peft(d, tensors, r=4):
   from models import hf_io  # pylint: disable=g-import-not-at-top
   d.mkdir()
   hf_io.save_tensors(d, tensors, filename='adapter_model.safetensors')
+  # Targets exactly the modules the file holds (a list such as ['q_proj']
+  # would target every layer's, and a file of layer 0 alone is refused).
+  modules = sorted({k.split('base_model.model.')[1].rsplit('.lora_', 1)[0]
+                    for k in tensors})
   hf_io.write_json(d / 'adapter_config.json',
                    {'peft_type': 'LORA', 'r': r, 'lora_alpha': 8,
-                    'target_modules': ['q_proj']})
+                    'target_modules': '|'.join(map(re.escape, modules))})
 
 
 Q0 = 'base_model.model.model.layers.0.self_attn.q_proj'
