@@ -599,10 +599,12 @@ def balance_lora_factors(
         p = param_leaves[index]
         dtype = casting.compute_dtype(p.dtype)
         new[index] = p.astype(dtype) + out[index].astype(dtype)
-        # One norm per stacked slice: each slice is its own pair.
-        flat = new[index].reshape(
-            new[index].shape[:lay.batch_axes] + (-1,))
-        norms[index] = jnp.linalg.norm(flat, axis=-1) + eps
+        # One norm per stacked slice: each slice is its own pair. Summed
+        # over the axes, not over a flattened view: flattening a rank-first
+        # (r, N) factor sharded along N had all-gathered it.
+        axes = tuple(range(lay.batch_axes, new[index].ndim))
+        norms[index] = jnp.sqrt(jnp.sum(jnp.square(new[index]),
+                                        axis=axes)) + eps
       both = jnp.sqrt(norms[pair.a_index] * norms[pair.b_index])
       for index in (pair.a_index, pair.b_index):
         p = param_leaves[index]

@@ -1,7 +1,8 @@
 """LoRA-RITE under SPMD on 8 fake CPU devices; run by tests/test_sharding.py.
 
 A separate process because XLA_FLAGS must be set before jax is imported.
-The donated step must also leave no factor shard to copy.
+The donated step must also leave no factor shard to copy, with balance_factors
+on too.
 Each check raises AssertionError with a message; success prints 'ok <name>'.
 """
 
@@ -92,7 +93,8 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
   mesh = jax.make_mesh(mesh_shape, axis_names,
                        axis_types=(jax.sharding.AxisType.Auto,) *
                        len(axis_names))
-  tx = lro.lora_rite(1e-2, escape_mass=True, update_capping=0.5)
+  tx = lro.lora_rite(1e-2, escape_mass=True, update_capping=0.5,
+                     balance_factors=True)
   params = make_params()
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
                            param_specs(long_axis))
