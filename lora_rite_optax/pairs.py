@@ -234,6 +234,12 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     hint = (f' If axis {lay.batch_axes} ({a_shape[lay.batch_axes]}) stacks '
             f'layers, pass layout=<layout>.scanned({lay.batch_axes + 1}).'
             if maybe_stacked else '')
+    if r_a == 0 or r_b == 0:
+      # Nothing to adapt; LoRA-RITE's and ScaledAdam's r x r algebra had
+      # failed on it with an IndexError.
+      raise ValueError(
+          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{b_shape}) has rank 0; give it a rank >= 1 or leave it out.')
     if r_a != r_b:
       raise ValueError(
           f'{who}: pair {name!r} has rank {r_a} in {lay.a_key} {a_shape} but '

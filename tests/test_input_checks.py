@@ -321,3 +321,14 @@ def test_lora_rite_with_eps_zero_gives_no_step_along_null_directions(zero_b):
   # B's step lies in the gradient's column space: rank 1, like the gradient.
   assert np.linalg.matrix_rank(np.asarray(updates['lora_b']), tol=1e-5) == 1
   assert np.abs(updates['lora_b']).max() > 0
+
+
+@pytest.mark.parametrize('name', ['lora_rite', 'scaled_adam', 'loraplus',
+                                  'shampoo'])
+def test_a_rank_0_pair_is_refused_in_one_line(name):
+  """LoRA-RITE and ScaledAdam had failed on one with an IndexError."""
+  params = {'q': {'lora_a': jnp.ones((4, 0)), 'lora_b': jnp.ones((0, 3))}}
+  tx = lro.optimizer(name, 1e-2)
+  with pytest.raises(ValueError, match=f"{name}: pair 'q' .* has rank 0; "
+                     'give it a rank >= 1 or leave it out.'):
+    tx.update(params, tx.init(params), params)
