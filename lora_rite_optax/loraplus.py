@@ -161,7 +161,10 @@ def loraplus(
     An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``).
     With ``optax.inject_hyperparams`` pass ``static_args=('base',
     'is_embedding', 'layout')`` for those you set (``layout`` when it is a
-    function): it would treat any callable as a schedule.
+    function): it would treat any callable as a schedule. With ``base``, the
+    injected ``b1``, ``b2``, ``eps`` and ``weight_decay`` are not used (set
+    them in ``base``): changing them in the state changes nothing, so name
+    them in ``static_args`` too to keep them out of it.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
