@@ -17,7 +17,8 @@ Modelled on optax's ``contrib/_common_test.py``. Every check takes a factory
 Per-check options: ``converges(steps, rtol)``, ``inject_hyperparams(steps,
 zero_rate_is_no_op, static_args, rtol)``, ``bfloat16(steps,
 min_state_dtype)``, ``schedule(zero_rate_is_no_op, rtol)``,
-``multisteps(rtol)``. Pass ``zero_rate_is_no_op=False`` for an update with a
+``multisteps(rtol)``, ``scan(steps, rtol)``; ``float16`` and ``extra_args``
+take none. Pass ``zero_rate_is_no_op=False`` for an update with a
 learning-rate-free part (e.g. a factor-balancing rescale).
 
 The problem is a LoRA least-squares fit: two pairs (one with a 3-D
@@ -178,14 +179,17 @@ def check_inject_hyperparams(make: Make, learning_rate: float,
                              steps: int = 3,
                              zero_rate_is_no_op: bool = True,
                              static_args: tuple[str, ...] = (),
-                             rtol: float = 1e-4) -> None:
+                             rtol: float = 1e-4,
+                             state_rtol: Optional[float] = None) -> None:
   """``optax.inject_hyperparams(make)`` gives the same steps as ``make``.
 
   Then, with the injected learning rate set to 0, the update is zero (skipped
   when ``zero_rate_is_no_op`` is False, for optimizers whose update has a
   learning-rate-free part). ``static_args`` go to ``inject_hyperparams``
   (arguments that fix shapes, such as Shampoo's ``block_size``); ``rtol`` is
-  the tolerance of :func:`assert_close`.
+  the tolerance of :func:`assert_close`; ``state_rtol`` (default ``rtol``)
+  that of the inner states, or -1 where injecting changes the state's
+  structure (LoRA+'s traced weight decay cannot merge its no-decay group).
   """
   params, _, loss = lora_problem(zero_b=False)
   tx_inject = optax.inject_hyperparams(make, static_args=static_args)(
@@ -201,6 +205,9 @@ def check_inject_hyperparams(make: Make, learning_rate: float,
                                                             state_inject)
     assert_close(updates_inject, updates, rtol)
   assert_close(p_inject, p, rtol)
+  # The inner state too: the injected optimizer is the same optimizer.
+  if state_rtol != -1:
+    assert_close(state_inject.inner_state, state, state_rtol or rtol)
   if zero_rate_is_no_op:
     state_inject.hyperparams['learning_rate'] = jnp.zeros_like(
         state_inject.hyperparams['learning_rate'])
@@ -210,20 +217,22 @@ def check_inject_hyperparams(make: Make, learning_rate: float,
 
 
 def check_bfloat16(make: Make, learning_rate: float, steps: int = 3,
-                   min_state_dtype: Optional[Any] = None) -> None:
+                   min_state_dtype: Optional[Any] = None,
+                   dtype: Any = jnp.bfloat16) -> None:
   """bfloat16 params stay bfloat16 (updates too) and finite.
 
   With ``min_state_dtype`` (e.g. ``jnp.float32``), every floating leaf of the
-  optimizer state must be at least that precise.
+  optimizer state must be at least that precise. ``dtype``: another
+  parameter dtype (:func:`check_float16`).
   """
-  params, _, _ = lora_problem(jnp.bfloat16)
+  params, _, _ = lora_problem(dtype)
   state = cached_tx(make, learning_rate).init(params)
-  step = cached_step(make, learning_rate, jnp.bfloat16)
+  step = cached_step(make, learning_rate, dtype)
   for _ in range(steps):
     params, state, updates, _ = step(params, state)
   for tree, what in ((params, 'param'), (updates, 'update')):
     for leaf in jax.tree.leaves(tree):
-      assert leaf.dtype == jnp.bfloat16, f'{what} dtype {leaf.dtype}'
+      assert leaf.dtype == dtype, f'{what} dtype {leaf.dtype}'
       assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32)))), (
           f'non-finite {what}')
   if min_state_dtype is not None:
@@ -231,6 +240,49 @@ def check_bfloat16(make: Make, learning_rate: float, steps: int = 3,
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert jnp.promote_types(leaf.dtype, min_state_dtype) == leaf.dtype, (
             f'state leaf of dtype {leaf.dtype} < {min_state_dtype}')
+
+
+def check_float16(make: Make, learning_rate: float, steps: int = 3) -> None:
+  """float16 params stay float16, finite (eps 1e-8 rounds to 0 in float16,
+  which had made Adam's first step 0/0), with a float32 or wider state."""
+  check_bfloat16(make, learning_rate, steps, min_state_dtype=jnp.float32,
+                 dtype=jnp.float16)
+
+
+def check_scan(make: Make, learning_rate: float, steps: int = 3,
+               rtol: float = 1e-4) -> None:
+  """Steps in a ``jax.lax.scan`` (the state carried) equal a Python loop's."""
+  params, _, loss = lora_problem(zero_b=False)
+  tx = cached_tx(make, learning_rate)
+  step = cached_step(make, learning_rate)
+  p, state = params, tx.init(params)
+  for _ in range(steps):
+    p, state, _, _ = step(p, state)
+
+  def body(carry, _):
+    q, s = carry
+    grads = jax.grad(loss)(q)
+    updates, s = tx.update(grads, s, q)
+    return (optax.apply_updates(q, updates), s), None
+
+  (p_scan, state_scan), _ = jax.jit(lambda q, s: jax.lax.scan(
+      body, (q, s), None, length=steps))(params, tx.init(params))
+  assert_close(p_scan, p, rtol)
+  assert_close(state_scan, state, rtol)
+
+
+def check_extra_args(make: Make, learning_rate: float) -> None:
+  """Under ``optax.with_extra_args_support``, an ``update`` given keyword
+  arguments it does not use (as a chain hands every member the extra
+  arguments of one) works and gives the plain update."""
+  params, _, _ = lora_problem(zero_b=False)
+  grads = _random_grads(params, 3)
+  tx = cached_tx(make, learning_rate)
+  extra = optax.with_extra_args_support(tx)
+  plain, _ = tx.update(grads, tx.init(params), params)
+  with_args, _ = extra.update(grads, extra.init(params), params,
+                              unused_loss=jnp.float32(1.0), key='ignored')
+  assert_close(with_args, plain, 1e-6)
 
 
 def check_schedule(make: Make, learning_rate: float,
@@ -261,30 +313,39 @@ def check_schedule(make: Make, learning_rate: float,
 
 def check_multisteps(make: Make, learning_rate: float,
                      rtol: float = 1e-4) -> None:
-  """``optax.MultiSteps(k=2)``: no step, then the step on the mean gradient."""
+  """``optax.MultiSteps(k=3)``, two cycles: no step twice, then the step on
+  the mean gradient, from the inner state the first cycle left."""
   params, _, _ = lora_problem(zero_b=False)
-  g1, g2 = _random_grads(params, 1), _random_grads(params, 2)
   tx = cached_tx(make, learning_rate)
-  multi = optax.MultiSteps(tx, every_k_schedule=2)
+  multi = optax.MultiSteps(tx, every_k_schedule=3)
   state = multi.init(params)
   update = jax.jit(multi.update)
-  first, state = update(g1, state, params)
-  chex.assert_trees_all_close(first, jax.tree.map(jnp.zeros_like, first),
-                              atol=0.0)
-  second, state = update(g2, state, params)
-  mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-  expected, _ = jax.jit(tx.update)(mean, tx.init(params), params)
-  assert_close(second, expected, rtol)
+  inner_update = jax.jit(tx.update)
+  inner = tx.init(params)
+  for cycle in range(2):
+    grads = [_random_grads(params, 3 * cycle + i) for i in range(3)]
+    for g in grads[:2]:
+      skipped, state = update(g, state, params)
+      chex.assert_trees_all_close(
+          skipped, jax.tree.map(jnp.zeros_like, skipped), atol=0.0)
+    last, state = update(grads[2], state, params)
+    mean = jax.tree.map(lambda *gs: sum(gs) / 3, *grads)
+    expected, inner = inner_update(mean, inner, params)
+    assert_close(last, expected, rtol)
+    params = optax.apply_updates(params, last)
 
 
 CHECKS = ('converges', 'no_recompilation', 'inject_hyperparams', 'bfloat16',
-          'schedule', 'multisteps')
+          'float16', 'scan', 'extra_args', 'schedule', 'multisteps')
 
 _FUNCTIONS = {
     'converges': check_converges,
     'no_recompilation': check_no_recompilation,
     'inject_hyperparams': check_inject_hyperparams,
     'bfloat16': check_bfloat16,
+    'float16': check_float16,
+    'scan': check_scan,
+    'extra_args': check_extra_args,
     'schedule': check_schedule,
     'multisteps': check_multisteps,
 }

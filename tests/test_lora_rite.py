@@ -679,11 +679,11 @@ def test_battery(check):
   battery.run(check, _rite, 1e-2, **options.get(check, {}))
 
 
-@pytest.mark.parametrize('check', ['converges', 'inject_hyperparams',
-                                   'schedule', 'multisteps'])
+@pytest.mark.parametrize('check', battery.CHECKS)
 def test_battery_every_knob(check):
   options = {'inject_hyperparams': dict(zero_rate_is_no_op=False),
-             'schedule': dict(zero_rate_is_no_op=False)}
+             'schedule': dict(zero_rate_is_no_op=False),
+             'bfloat16': dict(min_state_dtype=jnp.float32)}
   battery.run(check, _rite_all_knobs, 1e-2, **options.get(check, {}))
 
 
