@@ -2257,7 +2257,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     nonlocal window_tokens, window_t0, skipped_logged
     host = {k: float(distributed.to_host(v)) for k, v in metrics.items()}
     now = time.perf_counter()
-    host['tokens_per_s'] = window_tokens / max(now - window_t0, 1e-9)
+    # A row of the compiling step alone (the first, at --log_every 1) has
+    # no training throughput to show: its window is mostly the compile.
+    host['tokens_per_s'] = (float('nan') if step == start_step + 1 else
+                            window_tokens / max(now - window_t0, 1e-9))
     host['dropped_target_tokens'] = float(dropped_total)
     window_tokens, window_t0 = 0, now
     writer.write(step, host)
@@ -2278,8 +2281,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       raise FloatingPointError(
           f'{int(host["nonfinite_consecutive"])} consecutive steps had '
           f'non-finite gradients (at step {step}); stopping.')
-    progress.update(0, loss=host['loss'],
-                    tok_s=int(host['tokens_per_s']))
+    progress.update(0, loss=host['loss'], **(
+        {'tok_s': int(host['tokens_per_s'])}
+        if math.isfinite(host['tokens_per_s']) else {}))
 
   step = start_step
   metrics = None
@@ -2329,8 +2333,14 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         break
       # The checkpoint first: an eval that fails (a long generation, out of
       # memory, a preemption) must not cost the steps since the last one.
+      ckpt_due = bool(cfg.checkpoint_every) and (
+          step % cfg.checkpoint_every == 0)
+      if ckpt_due or eval_due:
+        # Steps still queued on the device are training time; both would
+        # wait for them, and counted them as the pause (tokens/s x2.8).
+        jax.block_until_ready(state)
       paused = time.perf_counter()
-      if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+      if ckpt_due:
         save_checkpoint(step)
       if eval_due:
         interrupted = eval_or_stop(step, 'periodic')[1]
