@@ -198,7 +198,10 @@ def scale_by_lora_rite(
   with :math:`\beta' = \beta (1 - \beta^t) / (1 - \beta^{t+1})`, the inverse
   root taken as :math:`Q\,\mathrm{diag}(1 / (\sqrt{\lambda + \rho} +
   \epsilon))\,Q^\top` and :math:`\rho` the escaped mass (zero unless
-  ``escape_mass``). The update of :math:`H = A B` is then the same for every
+  ``escape_mass``): :math:`\rho_t = \beta_2' (\rho_{t-1} + \min(\max(0,
+  \max_i(\lambda_i(V) - \lambda_i(P V P^\top))), \max(0, \mathrm{tr}\,V -
+  \mathrm{tr}\,P V P^\top)))`, :math:`V` the second moment before this
+  step, :math:`\lambda_i` eigenvalues in order. The update of :math:`H = A B` is then the same for every
   equivalent pair :math:`(A R, R^{-1} B)`.
 
   Unmagnified gradients that are not finite, or whose RMS exceeds
@@ -208,7 +211,8 @@ def scale_by_lora_rite(
   one pass of ``N x r`` by ``r x r`` products per factor,
   ``S = grad K_1 + S_{t-1} K_2`` with :math:`S = M R_O^{+\top}` the step
   (kept in the state in place of :math:`M`): five such products per factor
-  in all. A factor sharded along its long axis needs only ``r x r``
+  in all (seven with ``update_capping``, which also needs the Grams
+  ``grad^T S_{t-1}`` and ``S_{t-1}^T S_{t-1}``). A factor sharded along its long axis needs only ``r x r``
   reductions (an n-D factor along its leading non-rank axis: sharding a
   later one, such as ``head_dim`` of ``(r, heads, head_dim)``, or the rank
   axis, gathers the factor for the flattening), and the small algebra of
@@ -218,7 +222,9 @@ def scale_by_lora_rite(
   :func:`lora_rite_optax.linalg.inverse_root`); either squares the condition
   number (float32 keeps ``U`` orthonormal to about ``eps * cond(X)^2``);
   directions with singular values below ``sqrt(r * eps)`` of the largest
-  count as null (pseudo-inverse), so an all-zero ``lora_b`` gives a zero
+  (``eps`` the compute dtype's machine epsilon, 1.2e-7 in float32, not the
+  ``eps`` argument) count as null (pseudo-inverse), so an all-zero
+  ``lora_b`` gives a zero
   update of ``lora_a``, never NaN.
 
   Args:
@@ -244,7 +250,8 @@ def scale_by_lora_rite(
       (``benchmarks/matmul_precision.py`` measures both). ``None`` follows
       ``jax_default_matmul_precision``. The products contract the long axis
       (Grams) or multiply by ``r x r`` matrices: ``10 r`` flops per
-      parameter, small beside the step's memory traffic.
+      parameter (``14 r`` with ``update_capping``), small beside the step's
+      memory traffic.
 
   Returns:
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.

@@ -153,7 +153,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     A :class:`PairedTree`.
 
   Raises:
-    ValueError: for a factor without its partner, ranks that differ, a rank
+    ValueError: for a factor without its partner, a factor with too few
+      axes, stacked-layer axes that differ between the factors, a rank of
+      0, ranks that differ, a rank
       larger than both factors' other sizes when those are equal (factors of
       the other layout on a square layer; a rank above unequal sizes, or
       above one factor's other size, is only warned about), or (unless
@@ -338,7 +340,18 @@ def factor_roles(paired: PairedTree) -> list[str | None]:
 
 
 def lora_b_mask(tree, layout: LayoutSpec = NNX_LAYOUT):
-  """A tree of bools like ``tree``: True on every ``b`` factor of a pair."""
+  """A tree of bools like ``tree``: True on every ``b`` factor.
+
+  That is the ``b`` factor of every pair, and also one whose partner is
+  masked out (``optax.MaskedNode``); False elsewhere.
+
+  Args:
+    tree: params or updates holding LoRA pairs (other leaves allowed).
+    layout: how pairs are recognised, see :func:`find_lora_pairs`.
+
+  Returns:
+    A tree with ``tree``'s structure and a bool at every leaf.
+  """
   paired = find_lora_pairs(tree, layout, who='lora_b_mask',
                            allow_unpaired=True)
   roles = factor_roles(paired)
