@@ -266,8 +266,17 @@ def apply_lora(model: nnx.Module,
                        f'values (NaN or inf); {init} would spread them to '
                        'the whole kernel.')
   lro_init = _init_module()
-  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-  scale = alpha / (math.sqrt(rank) if rslora else rank)
+  if isinstance(rngs, int):
+    # Each call makes its Rngs anew: a second call on a model (other
+    # targets) had drawn the first's A and dropout masks again. A call on a
+    # model without adapters draws as it always has.
+    existing = sum(p.lora is not None for p in projections(model).values())
+    rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(rngs), existing)
+                    if existing else rngs)
+  # A Python float: a numpy or JAX scalar alpha (or a numpy rank) is strongly
+  # typed, and had made every adapted output of a bfloat16 model float32.
+  alpha = float(alpha_value)
+  scale = alpha / (math.sqrt(int(rank)) if rslora else int(rank))
   for path, proj in chosen.items():
     kernel = proj.kernel.get_value()  # A ShapeDtypeStruct if abstract.
     dtype = kernel.dtype
@@ -527,7 +536,11 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
   """Detaches every adapter (merge first to keep its effect).
 
   An unmerged PiSSA / LoRA-GA adapter had moved ``s A0 B0`` out of its
-  kernel: it is put back, so the model is its base checkpoint again.
+  kernel: it is put back, so the model is its base checkpoint again,
+  exactly for a float32 kernel. A bfloat16 kernel held the rounded
+  ``W0 - s A0 B0``, and adding ``s A0 B0`` back rounds again: entries can
+  end one rounding step from ``W0`` (about 14% of them after PiSSA); reload
+  the checkpoint where the exact base matters.
   """
   for proj in projections(model).values():
     if _has_residual_base(proj):

@@ -622,3 +622,34 @@ def test_peft_target_rule(cfg, name, picked):
   """PEFT's check_target_module_exists, which decides what a file must
   hold."""
   assert lora._peft_selects(cfg, name) is picked  # pylint: disable=protected-access
+
+
+def test_a_numpy_alpha_keeps_a_bfloat16_model_in_bfloat16():
+  """A numpy (or JAX) scalar alpha or rank is strongly typed: the scale had
+  made every adapted output float32 (and been a state leaf)."""
+  model = t5.T5(t5.get_config('tiny'), dtype=jnp.bfloat16,
+                param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, 'q', rank=np.int64(2), alpha=np.float32(4.0))
+  q = model.encoder.layers[0].self_attn.q
+  assert type(q.lora.scale) is float and q.lora.scale == 2.0  # pylint: disable=unidiomatic-typecheck
+  out = q(jnp.ones((1, 3, q.in_shape[0]), jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+
+
+def test_a_second_apply_lora_draws_other_factors_and_masks():
+  """Each call made Rngs(0) anew: 'q' then 'k' in two calls had the same A
+  (and dropout masks) wherever the shapes agreed."""
+  model = _t5()
+  lora.apply_lora(model, 'q', rank=2, dropout=0.5)
+  lora.apply_lora(model, 'k', rank=2, dropout=0.5)
+  attn = model.encoder.layers[0].self_attn
+  assert attn.q.lora.lora_a[...].shape == attn.k.lora.lora_a[...].shape
+  assert not np.array_equal(attn.q.lora.lora_a[...], attn.k.lora.lora_a[...])
+  x = jnp.ones((4, attn.q.in_shape[0]))
+  assert not np.array_equal(attn.q.lora.dropout(x), attn.k.lora.dropout(x))
+  # A model without adapters draws as it always has.
+  fresh = _t5()
+  lora.apply_lora(fresh, 'q', rank=2, dropout=0.5)
+  np.testing.assert_array_equal(
+      fresh.encoder.layers[0].self_attn.q.lora.lora_a[...],
+      attn.q.lora.lora_a[...])
