@@ -869,25 +869,34 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
   return (rslora, float(dropout), *patterns)
 
 
-def _peft_selects(cfg: dict, name: str) -> bool | None:
+def _peft_selects(cfg: dict, name: str, source: str = ADAPTER_CONFIG
+                  ) -> bool | None:
   """Whether PEFT's ``target_modules`` rule picks module ``name`` (as
   ``peft.tuners.tuners_utils.check_target_module_exists`` does: a string
   is a full-match regex, a list matches a name or a ``.``-suffix, then
-  ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``);
-  None where the config's rule is not one of these."""
+  ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``;
+  ``'all-linear'`` every linear layer but the output one, lm_head); None
+  where the config's rule is not one of these. A pattern that is not a
+  regular expression is a ValueError naming ``source``."""
+  try:
+    return _peft_rule(cfg, name)
+  except re.error as e:
+    raise ValueError(f'{source}: target_modules, exclude_modules or '
+                     f'layers_pattern holds a pattern that is not a regular '
+                     f'expression: {e}.') from None
+
+
+def _peft_rule(cfg: dict, name: str) -> bool | None:
   target, exclude = cfg.get('target_modules'), cfg.get('exclude_modules')
   if isinstance(exclude, str) and re.fullmatch(exclude, name):
     return False
   if isinstance(exclude, list) and any(
       name == e or name.endswith('.' + str(e)) for e in exclude):
     return False
-  if target == 'all-linear':
-    return True
+  if isinstance(target, str) and target.lower() == 'all-linear':
+    return name.split('.')[-1] != 'lm_head'
   if isinstance(target, str):
-    try:
-      return re.fullmatch(target, name) is not None
-    except re.error:
-      return None
+    return re.fullmatch(target, name) is not None
   if not isinstance(target, list):
     return None
   if name in target:
@@ -994,7 +1003,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   # or an adapter for a deeper model (PEFT only warns, and would run with
   # part of the adapter).
   for name in owners:
-    if name not in by_module and _peft_selects(cfg, name):
+    if name not in by_module and _peft_selects(cfg, name, str(cfg_path)):
       raise ValueError(f'{who}: has no lora_A/lora_B for {name!r}, which '
                        f'{ADAPTER_CONFIG} targets (target_modules '
                        f'{cfg.get("target_modules")!r}): a partial file, or '

@@ -616,6 +616,8 @@ def test_adapter_dropout_is_off_for_inference(tmp_path):
     ({'target_modules': 'all-linear', 'exclude_modules': ['v_proj']},
      'model.layers.2.self_attn.v_proj', False),
     ({'target_modules': 'all-linear'}, 'model.layers.2.mlp.up_proj', True),
+    # PEFT's all-linear leaves out the output layer.
+    ({'target_modules': 'ALL-LINEAR'}, 'lm_head', False),
     ({'target_modules': None}, 'model.layers.2.mlp.up_proj', None),
 ])
 def test_peft_target_rule(cfg, name, picked):
@@ -653,3 +655,10 @@ def test_a_second_apply_lora_draws_other_factors_and_masks():
   np.testing.assert_array_equal(
       fresh.encoder.layers[0].self_attn.q.lora.lora_a[...],
       attn.q.lora.lora_a[...])
+
+
+def test_peft_target_rule_refuses_a_pattern_that_is_no_regex():
+  with pytest.raises(ValueError, match=r'^cfg.json: target_modules, '
+                     'exclude_modules or layers_pattern holds a pattern'):
+    lora._peft_selects({'target_modules': ['q'], 'exclude_modules': '(('},  # pylint: disable=protected-access
+                       'a.q', 'cfg.json')
