@@ -287,3 +287,37 @@ def test_bad_pipeline_arguments():
   with pytest.raises(ValueError, match="need seq_len >= 2"):
     data.make_train_dataset(_examples(2), TOK, seq_len=1, batch_size=1,
                             seed=0)
+
+
+def _epoch_orders(seed, epochs, n=12, seq2seq=False):
+  """Per epoch, the order (first tokens of each row) a seed's run sees."""
+  examples = _examples(n)
+  if seq2seq:
+    ds = data.make_seq2seq_train_dataset(
+        examples, TOK, input_len=64, target_len=16, start_id=0, batch_size=1,
+        seed=seed, num_epochs=epochs, num_threads=0)
+    key = "encoder_tokens"
+  else:
+    ds = data.make_train_dataset(examples, TOK, seq_len=64, batch_size=1,
+                                 seed=seed, num_epochs=epochs, num_threads=0)
+    key = "tokens"
+  rows = [tuple(b[key][0][:24]) for b in ds]
+  return [rows[e * n:(e + 1) * n] for e in range(epochs)]
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_each_epoch_is_its_own_shuffle_and_no_other_seeds(seq2seq):
+  """grain shuffles epoch e with seed + e: seed 0's second epoch had been
+  seed 1's first, so a seed sweep over several epochs repeated orders."""
+  zero = _epoch_orders(0, 3, seq2seq=seq2seq)
+  one = _epoch_orders(1, 2, seq2seq=seq2seq)
+  assert zero[1] != one[0] and zero[2] != one[1]
+  assert len({tuple(o) for o in zero}) == 3  # reshuffled every epoch
+  assert sorted(zero[1]) == sorted(zero[0])  # each epoch: every example once
+  # The first epoch is grain's own order for the seed, as it always was.
+  if not seq2seq:
+    grains = grain.MapDataset.source(_examples(12)).shuffle(seed=0)
+    ds = data.make_train_dataset([grains[i] for i in range(12)], TOK,
+                                 seq_len=64, batch_size=1, seed=0,
+                                 num_epochs=1, shuffle=False, num_threads=0)
+    assert zero[0] == [tuple(b["tokens"][0][:24]) for b in ds]

@@ -124,7 +124,7 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
       ds = ds[:len(examples) - len(examples) % shard_count]
     ds = ds[shard_index::shard_count]
   if shuffle:
-    ds = ds.shuffle(seed=seed)
+    ds = EpochShuffle(ds, seed)
   ds = ds.repeat(num_epochs)
   ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer,
                                 seq_len=seq_len, max_target=max_target_tokens))
@@ -142,6 +142,47 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
                                   pad_id=tokenizer.pad_id))
     it_ds = ds.to_iter_dataset(_read_options(num_threads))
   return it_ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The shuffle seed of ``epoch``: ``seed`` itself for the first, a 32-bit
+  seed mixed from both for the others."""
+  if epoch == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochShuffle(grain.MapDataset):
+  """``parent`` shuffled anew every epoch (``index // len(parent)``).
+
+  grain's ``shuffle(seed)`` orders epoch ``e`` with ``seed + e``, so
+  ``data.seed`` s's second epoch was seed s + 1's first: runs of a seed
+  sweep over several epochs saw one another's orders. Epoch 0 is grain's
+  order for ``seed`` (a run of under an epoch is as before); epoch e > 0 is
+  shuffled with `epoch_seed`.
+  """
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    if not 0 <= seed < 2**32:
+      raise ValueError(f"data.seed must be in [0, 2**32), got {seed}")
+    self._seed = int(seed)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    length = len(self._parent)
+    epoch, index_in_epoch = divmod(index, length)
+    shuffled = grain.experimental.index_shuffle(
+        index_in_epoch, max_index=length - 1,
+        seed=epoch_seed(self._seed, epoch), rounds=4)
+    return self._parent[shuffled + epoch * length]
 
 
 def _pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int

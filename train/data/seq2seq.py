@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from train.data import pipeline
 from train.data.example import Example
 from train.data.tokenize import encode_text
 from train.data.tokenize import Features
@@ -105,7 +106,7 @@ def make_seq2seq_train_dataset(examples: Sequence[Example],
     raise ValueError(f"need batch_size >= 1, got {batch_size}")
   ds = grain.MapDataset.source(list(examples))
   if shuffle:
-    ds = ds.shuffle(seed=seed)
+    ds = pipeline.EpochShuffle(ds, seed)
   ds = ds.repeat(num_epochs)
   ds = ds.map(functools.partial(tokenize_seq2seq, tokenizer=tokenizer,
                                 input_len=input_len, target_len=target_len,
