@@ -918,3 +918,33 @@ def test_gemma_generation_is_split_over_the_mesh_batch_axes(tmp_path):
       [8, "P(('data', 'fsdp'), None)"]] * 2
   assert len(runs['mesh']['TEXTS']) == 11
   assert runs['mesh']['TEXTS'] == runs['one']['TEXTS']
+
+
+def test_a_training_hub_id_is_not_read_for_another_eval_task(monkeypatch,
+                                                             tmp_path):
+  """--data.hub OWNER/NAME names the training data; the GSM8K evaluation of
+  a math run had been read from the math copy's test split."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  calls = []
+  examples = {split: data.load_task('arithmetic', split, num_examples=40)
+              for split in ('train', 'test')}
+
+  def load_task(task, split, hub=False, **kwargs):
+    del kwargs
+    calls.append((task, split, hub))
+    return list(examples[split])
+
+  monkeypatch.setattr(data, 'load_task', load_task)
+  loop.load_examples(tiny(tmp_path / 'run', **{
+      'data.task': 'math', 'data.eval_task': 'gsm8k',
+      'data.hub': 'someone/math-copy', 'eval.split': 'test',
+      'eval.before': True}))
+  assert calls == [('math', 'train', 'someone/math-copy'),
+                   ('gsm8k', 'test', True)]
+
+
+def test_a_data_seed_grain_refuses_is_refused_before_any_file(tmp_path):
+  with pytest.raises(loop.ConfigError, match=r'data.seed must be in \[0, '
+                     r'2\*\*32\), got 4294967296'):
+    loop.run(tiny(tmp_path / 'run', **{'data.seed': 2**32}), log=quiet)
+  assert not (tmp_path / 'run').exists()

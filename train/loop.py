@@ -759,8 +759,17 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     if generated:
       pool['num_examples'] = cfg.eval.num_examples or None
   try:
-    # A local eval_path is read even when training comes from the Hub.
-    local = {'hub': False} if eval_path else {}
+    # A local eval_path is read even when training comes from the Hub; a
+    # Hub id given for the training data names that data only: another
+    # evaluation task is read from its own Hub dataset (math's copy had
+    # been scored as GSM8K).
+    if eval_path:
+      local = {'hub': False}
+    elif isinstance(common['hub'], str) and (
+        data.get_task(eval_task).name != data.get_task(d.task).name):
+      local = {'hub': True}
+    else:
+      local = {}
     return data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
                           **{**common, **pool, **local})
   except (OSError, ImportError, ValueError) as e:
@@ -845,6 +854,11 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
                       f'over the mesh\'s data x fsdp = {rows} devices.')
   if cfg.data.seq_len < 2:
     raise ConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}.')
+  if not 0 <= cfg.data.seed < 2**32:
+    # grain refuses it only when the data set is built, after the run's
+    # folder is made.
+    raise ConfigError(f'data.seed must be in [0, 2**32), got '
+                      f'{cfg.data.seed}.')
   if not 0 <= cfg.data.max_target_tokens < cfg.data.seq_len:
     raise ConfigError(f'data.max_target_tokens must be in [0, seq_len), got '
                       f'{cfg.data.max_target_tokens}.')
