@@ -201,6 +201,10 @@ def test_jsonl_newlines_read_as_before(tmp_path):
   path.write_bytes(json.dumps(_BOOLQ).encode() + b"\r{bad}\n")
   with pytest.raises(ValueError, match=r"crlf\.jsonl at line 2 column 2"):
     data.load_file(path, "boolq")
+  # A line cut short: the error at its end, not at column 1.
+  path.write_bytes(json.dumps(_BOOLQ).encode() + b'\n{"instruction": \n')
+  with pytest.raises(ValueError, match=r"crlf\.jsonl at line 2 column 17"):
+    data.load_file(path, "boolq")
 
 
 # --- 2. 'Answer format:' labels ignore case ----------------------------------

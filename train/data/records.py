@@ -98,7 +98,9 @@ def _read_jsonl(path: Path) -> list[Record]:
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        # Without its line break: an error at the line's end had been
+        # placed at column 1 (of the next line, in json's view).
+        record = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
         raise ValueError(
             f"malformed JSON in {path} at line {lineno} column {e.colno}: "
