@@ -43,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 from models import hf_io, lora
-from models.layers import Projection, check_cache_room, check_token_ids
+from models.layers import (Projection, check_cache_room, check_token_ids,
+                           shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -396,12 +397,13 @@ class T5(nnx.Module):
   def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encoder states [B, S, D] and the padding mask [B, S] of ``tokens``."""
     valid = tokens != self.config.pad_token_id
-    x = self.encoder._drop(self._embed(tokens))
+    x = shard_batch(self.encoder._drop(self._embed(tokens)))
     pos = jnp.arange(tokens.shape[1])
     bias = (self.encoder.layers[0].self_attn.position_bias(pos, pos)
             + _key_mask(valid))
     for layer in self.encoder.layers:
       x, _ = layer(x, bias)
+      x = shard_batch(x)
     return self.encoder._drop(self.encoder.final_norm(x)), valid
 
   def cross_kv(self, encoded: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
@@ -425,11 +427,12 @@ class T5(nnx.Module):
     bias = (self.decoder.layers[0].self_attn.position_bias(q_pos, k_pos)
             + jnp.where(causal, 0.0, _MASK_VALUE)[None, None])
     cross_bias = _key_mask(valid)
-    x = self.decoder._drop(self._embed(tokens))
+    x = shard_batch(self.decoder._drop(self._embed(tokens)))
     new_cache = []
     for i, layer in enumerate(self.decoder.layers):
       x, c = layer(x, bias, cross[i], cross_bias,
                    None if cache is None else cache[i], index)
+      x = shard_batch(x)
       new_cache.append(c)
     x = self.decoder._drop(self.decoder.final_norm(x))
     if self.lm_head is None:

@@ -19,10 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # Re-exported: the loop places and fetches batches with these.
 from models.host_arrays import global_array  # pylint: disable=unused-import
 from models.host_arrays import to_host  # pylint: disable=unused-import
+# The batch dimension is split over both data-parallel axes (the models
+# hold their activations to it, `models.layers.shard_batch`).
+from models.layers import BATCH_AXES  # pylint: disable=unused-import
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-# The batch dimension is split over both data-parallel axes.
-BATCH_AXES = ('data', 'fsdp')
 
 _initialized = False
 

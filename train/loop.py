@@ -1711,11 +1711,24 @@ def jit_train_step(r: Run, tx: optax.GradientTransformation,
   # Under the non-finite guard's lax.cond the new state is a branch output
   # and XLA copies it either way; with --optim.skip_nonfinite false it
   # does not.
-  return lro.donating_jit(
+  jitted = lro.donating_jit(
       make_train_step(r.graphdef, tx, schedule, accum=r.config.grad_accum,
                       pack=r.config.data.pack, logprobs=r.family.logprobs),
       in_shardings=(state_shardings, r.base_shardings, r.rng_shardings, None),
       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  # Traced under the run's mesh, so that the models hold their activations
+  # to the batch's rows (models.layers.shard_batch).
+  def step(*args):
+    with jax.set_mesh(r.mesh):
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(r.mesh):
+      return jitted.lower(*args)
+
+  step.lower = lower
+  step.reorders_outputs = jitted.reorders_outputs
+  return step
 
 
 # Saved with each checkpoint beside the config: the training examples a

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import Projection, check_cache_room
+from models.layers import Projection, check_cache_room, shard_batch
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -320,11 +320,12 @@ class Gemma(nnx.Module):
     masks = _attention_masks(positions, k_pos, q_slot, k_slot,
                              c.sliding_window, full_mask)
 
-    x = self.embed(tokens)
+    x = shard_batch(self.embed(tokens))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       x, (k, v) = layer(x, positions, masks[layer.layer_type], kv, index)
+      x = shard_batch(x)
       new_k.append(k)
       new_v.append(v)
     x = self.final_norm(x)
