@@ -736,9 +736,14 @@ for c in sweep:
 
 A pod slice has several hosts; the same command runs on every one of them
 (`--worker=all`), and `python -m train` initialises `jax.distributed` itself
-on a multi-host TPU. Suggested sizes (LoRA keeps the optimizer state tiny,
-so the frozen base dominates memory): Gemma 2B on a v5e-8 or v4-8, Gemma 7B
-on a v5e-16 or v4-16, mT5-XXL on a v4-32. The cell below prints the
+on a multi-host TPU. Suggested sizes: Gemma 2B on a v5e-8 or v4-8, Gemma 7B
+on a v5e-16 or v4-16, mT5-XXL on a v4-32. LoRA keeps the optimizer state
+tiny and FSDP splits the frozen base, but the backward pass keeps every
+layer's activations (no rematerialisation): a batch of 64 rows of 1024
+tokens is more than 16 GB per chip for Gemma 7B on 16 chips by a count of
+the MLP activations alone (not measured on a TPU), so the commands below
+split it into micro-batches with `--grad_accum 4` (the same gradient;
+raise it if a step runs out of memory). The cell below prints the
 commands; copy them to a shell with `gcloud` configured.
 '''),
     code('''
@@ -772,15 +777,16 @@ setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
          ' --include "*.safetensors" --include "*.json"'
          ' --include tokenizer.model')
 train_cmd = (f'cd lora-rite-optax && . .venv/bin/activate && '
-             f'python -m train --config {CONFIG} '
+             f'python -m train --config {CONFIG} --grad_accum 4 '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
 gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\
   --accelerator-type={ACCELERATOR} --version={RUNTIME}
 
 # 2. install and fetch the weights on every host (and mount the shared
-#    folder for RUN_DIR on every host); Gemma is gated on the Hub: export
-#    HF_TOKEN (a token of an account that accepted the licence) there first
+#    folder for RUN_DIR on every host); Gemma is gated on the Hub: put
+#    HF_TOKEN=<a token of an account that accepted the licence> before
+#    'hf download' in the command (each --command is a fresh shell)
 {ssh} '{setup}'
 
 # 3. train (the same command on every host)
