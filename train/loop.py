@@ -1726,8 +1726,8 @@ def jit_train_step(r: Run, tx: optax.GradientTransformation,
     with jax.set_mesh(r.mesh):
       return jitted.lower(*args)
 
+  vars(step).update(vars(jitted))  # reorders_outputs, _cache_size, ...
   step.lower = lower
-  step.reorders_outputs = jitted.reorders_outputs
   return step
 
 
