@@ -1863,7 +1863,7 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
     # one, or one whose checkpoints were deleted for space) had been
     # replaced without a word, the adapter and summary included. A run's
     # results are never replaced; its logs are, with --resume.
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
+    found = _run_files(run_dir)
     results = [n for n in found if n in RESULT_FILES]
     if results:
       raise ConfigError(
@@ -1878,15 +1878,18 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   return run_dir
 
 
+def _run_files(run_dir: str) -> list[str]:
+  """The `RUN_FILES` that ``run_dir`` holds."""
+  return [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))]
+
+
 def _run_dir_contents(run_dir: str) -> tuple:
-  """What `_check_run_dir` and the build decided on: whether run_dir has
-  checkpoints (and which is the latest), and which run files it holds."""
+  """What `_check_run_dir` and the build decided on: run_dir's latest
+  checkpoint step (none: no checkpoints) and the run files it holds."""
   ckpts = os.path.join(run_dir, 'checkpoints')
   steps = sorted(int(n) for n in (os.listdir(ckpts) if os.path.isdir(ckpts)
                                   else ()) if n.isdigit())
-  return (run_has_checkpoints(run_dir), steps[-1:],
-          tuple(n for n in RUN_FILES
-                if os.path.exists(os.path.join(run_dir, n))))
+  return tuple(steps[-1:]), tuple(_run_files(run_dir))
 
 
 LOCK_FILE = '.lock'

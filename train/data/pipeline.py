@@ -144,6 +144,7 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
   return it_ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
+@functools.lru_cache(maxsize=256)  # asked once per example read
 def epoch_seed(seed: int, epoch: int) -> int:
   """The shuffle seed of ``epoch``: ``seed`` itself for the first, a 32-bit
   seed mixed from both for the others."""
