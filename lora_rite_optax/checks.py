@@ -37,12 +37,25 @@ def is_integer(value: Any) -> bool:
 
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
-  if isinstance(value, jax.core.Tracer) or callable(value):
+  if (isinstance(value, (jax.core.Tracer, str, bytes)) or callable(value)):
     return None
   try:
     return float(value)
   except (TypeError, ValueError):
     return None
+
+
+def _known(who: str, name: str, value: Any) -> float | None:
+  """``value`` as a float; None while traced or a schedule; else one error.
+
+  None, a string or a list had passed every check as if traced, and failed
+  later with a traceback (or, for an optimizer, at the first update).
+  """
+  v = concrete(value)
+  if v is None and not (isinstance(value, jax.core.Tracer) or
+                        callable(value)):
+    raise ValueError(f'{who}: {name} must be a number, got {value!r}.')
+  return v
 
 
 def beta(who: str, name: str, value: Any) -> None:
@@ -62,7 +75,7 @@ def beta(who: str, name: str, value: Any) -> None:
                     f'{_rounds_to_one_above(value.dtype):.4g} round to 1 (NaN '
                     f'steps); {_ADVICE}.', stacklevel=3)
     return
-  v = concrete(value)
+  v = _known(who, name, value)
   if v is not None and not 0 <= v < 1:
     raise ValueError(
         f'{who}: {name} must be in [0, 1), got {v}' +
@@ -73,13 +86,13 @@ def beta(who: str, name: str, value: Any) -> None:
 def positive(who: str, name: str, value: Any) -> None:
   """``value`` > 0 and finite where it is known (an infinite scale, ratio or
   regulariser makes every step NaN or inf)."""
-  v = concrete(value)
+  v = _known(who, name, value)
   if v is not None and not 0 < v < float('inf'):
     raise ValueError(f'{who}: {name} must be > 0 and finite, got {v}.')
 
 
 def non_negative(who: str, name: str, value: Any) -> None:
   """``value`` >= 0 where it is known."""
-  v = concrete(value)
+  v = _known(who, name, value)
   if v is not None and not v >= 0:
     raise ValueError(f'{who}: {name} must be >= 0, got {v}.')

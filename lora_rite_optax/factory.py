@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import optax
 
+from lora_rite_optax import adam
 from lora_rite_optax import casting
 from lora_rite_optax import checks
 
@@ -34,13 +35,13 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
   return casting.with_stable_dtypes(
-      optax.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam')
+      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam')
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
   _check_adam_family('lamb', weight_decay, kwargs)
   return casting.with_stable_dtypes(
-      optax.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
+      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -70,7 +71,9 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   ``'adam'`` and ``'lamb'`` are ``optax.adamw`` and ``optax.lamb`` with
   ``weight_decay`` defaulting to 0 (optax's adamw defaults to 1e-4), run
   in float32 on 16-bit float params (the state float32, the updates in the
-  params' dtype) as the other optimizers are;
+  params' dtype) as the other optimizers are, and with no step, not 0/0,
+  where a gradient entry has always been 0 and eps is 0 (``lora_a``'s at a
+  standard init);
   ``'lora_rite'``, ``'loraplus'``, ``'scaled_adam'`` and ``'shampoo'`` are this
   library's. ``kwargs`` are the chosen optimizer's keyword arguments.
 

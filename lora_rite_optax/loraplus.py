@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_rite_optax import adam
 from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import pairs as pairs_lib
@@ -112,8 +113,10 @@ def loraplus(
     B_{t+1} = B_t - \lambda \eta_t\, u(B)_t,
 
   with :math:`u` the base optimizer's update before its learning rate (AdamW's
-  :math:`\hat m / (\sqrt{\hat v} + \epsilon) + wd\, \theta` by default). Each
-  group has its own optimizer state, exactly as PyTorch parameter groups.
+  :math:`\hat m / (\sqrt{\hat v} + \epsilon) + wd\, \theta` by default, and
+  0 where a gradient entry has always been 0, as ``lora_a``'s while
+  ``lora_b = 0``, even with :math:`\epsilon = 0`). Each group has its own
+  optimizer state, exactly as PyTorch parameter groups.
 
   Which leaf gets which rate follows PEFT's ``create_loraplus_optimizer``:
   ``lora_B`` factors and every 1-D parameter get ``lr * ratio``; 1-D biases
@@ -198,10 +201,11 @@ def loraplus(
     for name, value in (('b1', b1), ('b2', b2)):
       checks.beta('loraplus', name, value)
     checks.non_negative('loraplus', 'eps', eps)
+    checks.non_negative('loraplus', 'weight_decay', weight_decay)
 
     def make(rate, decay):
       return casting.with_stable_dtypes(
-          optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay),
+          adam.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay),
           'loraplus')
   else:
     if not callable(base):

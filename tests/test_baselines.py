@@ -498,8 +498,15 @@ def _float16_standard_pair():
         lro.shampoo, static_args=('block_size',))(1e-3),
     lambda: lro.scaled_adam(1e-3, eps=0.0),
     lambda: lro.shampoo(1e-3, eps=0.0),
+    # optax's Adam is 0/0 there: LoRA+, 'adam' and 'lamb' had made lora_a
+    # NaN at the first step.
+    lambda: lro.loraplus(1e-3, eps=0.0),
+    lambda: optax.inject_hyperparams(lro.loraplus)(1e-3),
+    lambda: lro.optimizer('adam', 1e-3, eps=0.0),
+    lambda: lro.optimizer('lamb', 1e-3, eps=0.0),
 ], ids=['loraplus', 'loraplus_base', 'scaled_adam_injected',
-        'shampoo_injected', 'scaled_adam_eps0', 'shampoo_eps0'])
+        'shampoo_injected', 'scaled_adam_eps0', 'shampoo_eps0',
+        'loraplus_eps0', 'loraplus_injected', 'adam_eps0', 'lamb_eps0'])
 def test_a_zero_gradient_with_no_eps_left_is_no_step(make):
   """A zero second moment over an eps of 0 (or 1e-8 in float16) is a null
   direction: no step, where 0/0 had made lora_a (shampoo: all of it,

@@ -154,6 +154,15 @@ def test_scaled_adam_keeps_a_float16_step_finite():
      r'loraplus: lr_ratio must be > 0 and finite, got inf'),
     (lro.loraplus, {'b2': jnp.array(1.5)}, r'loraplus: b2 must be in'),
     (lro.loraplus, {'lr_embedding': 1e-5}, r'pass is_embedding too'),
+    # A negative decay had grown the factors; None and strings had passed
+    # every check as if traced and failed at the first update.
+    (lro.loraplus, {'weight_decay': -1.0},
+     r'loraplus: weight_decay must be >= 0, got -1.0'),
+    (lro.loraplus, {'weight_decay': None},
+     r'loraplus: weight_decay must be a number, got None'),
+    (lro.loraplus, {'b1': '0.9'}, r"loraplus: b1 must be a number, got '0.9'"),
+    (lro.shampoo, {'matrix_eps': [1e-6]},
+     r'shampoo: matrix_eps must be a number, got \[1e-06\]'),
     (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
     (lro.lora_rite, {'update_skipping': -1.0},
      r'scale_by_lora_rite: update_skipping must be >= 0'),
