@@ -20,6 +20,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_rite_optax import casting
 from lora_rite_optax import checks
@@ -40,6 +41,32 @@ def _check_float(who: str, name: str, x) -> None:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'{who}: {name} must be a floating-point matrix, got '
                      f'{x.dtype}.')
+
+
+def _finite_for_svd(who: str, name: str, x: jax.Array) -> jax.Array:
+  """``x``, refused where it is known to hold inf or NaN.
+
+  LAPACK's SVD of a matrix holding inf never returns (Reference-LAPACK
+  #1409; numpy checks first for this reason). Under jit, where ``x`` is
+  unknown, inf becomes NaN, which the SVD passes through: NaN factors, not a
+  hang.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return jnp.where(jnp.isinf(x), jnp.nan, x)
+  # numpy's test: inside a jit trace, jnp's would be traced even for a
+  # concrete x.
+  if not np.all(np.isfinite(np.asarray(x))):
+    raise ValueError(f'{who}: {name} holds inf or NaN; the SVD needs finite '
+                     'values.')
+  return x
+
+
+def _check_dtype(who: str, dtype) -> None:
+  """An integer A is all 0 (the uniform's bound is below 1) and a bool one
+  all True: neither trains."""
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'{who}: dtype must be a floating-point type, got '
+                     f'{jnp.dtype(dtype).name}.')
 
 
 def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:
@@ -82,6 +109,7 @@ def standard(key: jax.Array, in_dim: int, out_dim: int, rank: int,
     <https://arxiv.org/abs/2106.09685>`_, 2021.
   """
   _check_dims('standard', in_dim, out_dim, rank)
+  _check_dtype('standard', dtype)
   bound = 1.0 / math.sqrt(in_dim)
   a = jax.random.uniform(key, (in_dim, rank), casting.compute_dtype(dtype),
                          -bound, bound).astype(dtype)
@@ -112,6 +140,7 @@ def gaussian(key: jax.Array, in_dim: int, out_dim: int, rank: int,
     0.2
   """
   _check_dims('gaussian', in_dim, out_dim, rank)
+  _check_dtype('gaussian', dtype)
   if std is not None:
     # 0 leaves A = B = 0, where neither factor ever gets a gradient.
     checks.positive('gaussian', 'std', std)
@@ -268,7 +297,8 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   # The LoRA scaling alpha / r; checked where its value is known (a number
   # or a concrete array, not a tracer).
   checks.positive('pissa', 'scale', scale)
-  w = w0.astype(casting.compute_dtype(w0.dtype))
+  w = _finite_for_svd('pissa', 'w0', w0.astype(casting.compute_dtype(
+      w0.dtype)))
   if niter is None:
     u, s, vh = jnp.linalg.svd(w, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
@@ -347,6 +377,7 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
                      'the same (in, out) matrix shape.')
   in_dim, out_dim = w0.shape
   _check_float('lora_ga', 'w0', w0)
+  _check_float('lora_ga', 'grad', grad)
   _check_int('lora_ga', 'rank', rank)
   checks.positive('lora_ga', 'scale', scale)
   checks.positive('lora_ga', 'gamma', gamma)
@@ -354,7 +385,7 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
     raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
                      f'{rank} for shape {w0.shape}.')
   dtype = casting.compute_dtype(w0.dtype)
-  g = grad.astype(dtype)
+  g = _finite_for_svd('lora_ga', 'grad', grad.astype(dtype))
   if use_sign:
     g = jnp.sign(g)
   if randomized:
@@ -363,7 +394,9 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
                               oversample=q - 2 * rank, key=key)
   else:
     u, _, vh = jnp.linalg.svd(g, full_matrices=False)
-  c = out_dim ** 0.25 / math.sqrt(gamma)
+  gamma_value = checks.concrete(gamma)  # None while traced
+  c = out_dim ** 0.25 / (jnp.sqrt(gamma) if gamma_value is None
+                         else math.sqrt(gamma_value))
   a = (c * u[:, :rank]).astype(w0.dtype)
   b = (c * vh[rank:2 * rank]).astype(w0.dtype)
   return a, b, residual(w0, a, b, scale)

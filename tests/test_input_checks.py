@@ -255,6 +255,22 @@ _W = jax.random.normal(jax.random.key(1), (8, 6))
      r'gaussian: std must be > 0 and finite, got nan'),
     (lambda: init.randomized_svd(_W, 2, niter=2.5),
      r'randomized_svd: niter must be an integer, got 2.5'),
+    # LAPACK's SVD of a matrix holding inf never returned; NaN gave NaN
+    # factors silently.
+    (lambda: init.lora_ga(0.1 * _W.at[0, 0].set(jnp.inf), _W, 2, 1.0),
+     r'lora_ga: grad holds inf or NaN; the SVD needs finite values'),
+    (lambda: init.lora_ga(_W.at[1, 2].set(jnp.nan), _W, 2, 1.0,
+                          randomized=True),
+     r'lora_ga: grad holds inf or NaN'),
+    (lambda: init.pissa(_W.at[3, 1].set(-jnp.inf), 2),
+     r'pissa: w0 holds inf or NaN'),
+    (lambda: init.lora_ga((0.1 * _W).astype(jnp.complex64), _W, 2, 1.0),
+     r'lora_ga: grad must be a floating-point matrix, got complex64'),
+    # An integer A was all 0 (never trains), a bool one all True.
+    (lambda: init.standard(jax.random.key(0), 8, 6, 2, dtype=jnp.int32),
+     r'standard: dtype must be a floating-point type, got int32'),
+    (lambda: init.gaussian(jax.random.key(0), 8, 6, 2, dtype=bool),
+     r'gaussian: dtype must be a floating-point type, got bool'),
 ])
 def test_initialisations_check_their_arguments(call, message):
   with pytest.raises(ValueError, match=message):
@@ -266,6 +282,21 @@ def test_initialisations_take_numpy_ranks_and_traced_scales():
   assert a.shape == (8, 2) and b.shape == (2, 6)
   a, _, _ = jax.jit(lambda s: init.pissa(_W, 2, scale=s))(2.0)
   assert np.all(np.isfinite(a))
+  # A traced gamma had failed in math.sqrt.
+  a, b, _ = jax.jit(lambda gm: init.lora_ga(0.1 * _W, _W, 2, 1.0,
+                                            gamma=gm))(4.0)
+  want_a, want_b, _ = init.lora_ga(0.1 * _W, _W, 2, 1.0, gamma=4.0)
+  np.testing.assert_allclose(a, want_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_traced_matrix_holding_inf_reaches_the_svd_as_nan():
+  """Under jit the values are unknown: inf becomes NaN, which the SVD
+  passes through (NaN factors), where inf made it loop for ever."""
+  x = _W.at[0, 0].set(jnp.inf).at[1, 1].set(-jnp.inf)
+  out = jax.jit(lambda x: init._finite_for_svd('t', 'x', x))(x)  # pylint: disable=protected-access
+  assert bool(jnp.isnan(out[0, 0])) and bool(jnp.isnan(out[1, 1]))
+  np.testing.assert_array_equal(out[2:], _W[2:])
 
 
 def test_traced_b2_warns_only_in_a_dtype_that_rounds_it_to_one():
