@@ -45,6 +45,27 @@ class LoraLayout:
   b_rank_axis: int = 0
   batch_axes: int = 0
 
+  def __post_init__(self):
+    # Checked here, where the layout is made: a bad one had failed inside
+    # find_lora_pairs with an IndexError, or (a_key == b_key) with a
+    # misleading rank mismatch.
+    for name in ('a_key', 'b_key'):
+      value = getattr(self, name)
+      if not isinstance(value, str) or not value:
+        raise ValueError(f'LoraLayout: {name} must be a non-empty string, got '
+                         f'{value!r}.')
+    if self.a_key == self.b_key:
+      raise ValueError(f'LoraLayout: a_key and b_key must differ, both are '
+                       f'{self.a_key!r}.')
+    for name in ('a_rank_axis', 'b_rank_axis', 'batch_axes'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not hasattr(type(value), '__index__'):
+        raise ValueError(f'LoraLayout: {name} must be an integer, got '
+                         f'{value!r}.')
+    if self.batch_axes < 0:
+      raise ValueError(f'LoraLayout: batch_axes must be >= 0, got '
+                       f'{self.batch_axes}.')
+
   def scanned(self, batch_axes: int = 1) -> 'LoraLayout':
     """This layout with ``batch_axes`` leading axes of stacked layers."""
     return dataclasses.replace(self, batch_axes=batch_axes)
@@ -109,7 +130,20 @@ def flatten(tree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
 
 def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
   """A :data:`LayoutSpec` as a function from a path to its layout."""
-  return (lambda _: layout) if isinstance(layout, LoraLayout) else layout
+  if isinstance(layout, LoraLayout):
+    return lambda _: layout
+  if not callable(layout):
+    raise ValueError('layout must be a LoraLayout (e.g. lro.PEFT_LAYOUT) or a '
+                     f'function from a path to one, got {layout!r}.')
+
+  def checked(path: str) -> LoraLayout:
+    lay = layout(path)
+    if not isinstance(lay, LoraLayout):
+      raise ValueError(f'the layout function returned {lay!r} for path '
+                       f'{path!r}; it must return a LoraLayout.')
+    return lay
+
+  return checked
 
 
 def stacked_axes(path: Sequence[str], shape: Sequence[int],
@@ -215,6 +249,11 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     if partnerless:
       continue
     a_index, b_index = slot[lay.a_key], slot[lay.b_key]
+    for index in (a_index, b_index):
+      if not hasattr(leaves[index][1], 'shape'):
+        raise ValueError(
+            f"{who}: factor {'/'.join(leaves[index][0])!r} must be an array, "
+            f'got {type(leaves[index][1]).__name__}.')
     a_shape = leaves[a_index][1].shape
     b_shape = leaves[b_index][1].shape
     if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
@@ -226,6 +265,13 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         raise ValueError(
             f'{who}: factor {name}/{key} has shape {shape}; expected at least '
             f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
+    for shape, key, axis in ((a_shape, lay.a_key, lay.a_rank_axis),
+                             (b_shape, lay.b_key, lay.b_rank_axis)):
+      inner = len(shape) - lay.batch_axes
+      if not -inner <= axis < inner:
+        raise ValueError(
+            f'{who}: factor {name}/{key} has shape {shape}, with no rank axis '
+            f'{axis} after its {lay.batch_axes} stacked axes.')
     r_a = _rank(a_shape, lay.a_rank_axis, lay.batch_axes)
     r_b = _rank(b_shape, lay.b_rank_axis, lay.batch_axes)
     # Layers stacked by nnx.scan without layout.scanned(): both factors have

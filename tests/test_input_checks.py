@@ -372,3 +372,31 @@ def test_a_rank_0_pair_is_refused_in_one_line(name):
   with pytest.raises(ValueError, match=f"{name}: pair 'q' .* has rank 0; "
                      'give it a rank >= 1 or leave it out.'):
     tx.update(params, tx.init(params), params)
+
+
+_TREE = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+
+
+@pytest.mark.parametrize('call, message', [
+    # Each had failed inside find_lora_pairs: an IndexError, a TypeError,
+    # "differ in their first -1 axes", or a rank mismatch of x against x.
+    (lambda: lro.LoraLayout(a_rank_axis=1.0),
+     r'LoraLayout: a_rank_axis must be an integer, got 1.0'),
+    (lambda: lro.NNX_LAYOUT.scanned(-1),
+     r'LoraLayout: batch_axes must be >= 0, got -1'),
+    (lambda: lro.LoraLayout(batch_axes=True),
+     r'LoraLayout: batch_axes must be an integer, got True'),
+    (lambda: lro.LoraLayout(a_key='x', b_key='x'),
+     r"LoraLayout: a_key and b_key must differ, both are 'x'"),
+    (lambda: lro.lora_rite(1e-3, layout=lro.LoraLayout(a_rank_axis=5)).init(
+        _TREE), r'factor q/lora_a has shape \(4, 2\), with no rank axis 5'),
+    (lambda: lro.find_lora_pairs(_TREE, 'peft'),
+     r"layout must be a LoraLayout .* got 'peft'"),
+    (lambda: lro.find_lora_pairs(_TREE, lambda path: None),
+     r"the layout function returned None for path 'q'"),
+    (lambda: lro.lora_rite(1e-3).init({'lora_a': 1.0, 'lora_b': 2.0}),
+     r"lora_rite: factor 'lora_a' must be an array, got float"),
+])
+def test_layouts_and_factors_are_checked_in_one_line(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
