@@ -536,11 +536,12 @@ def remove_lora(model: nnx.Module) -> nnx.Module:
   """Detaches every adapter (merge first to keep its effect).
 
   An unmerged PiSSA / LoRA-GA adapter had moved ``s A0 B0`` out of its
-  kernel: it is put back, so the model is its base checkpoint again,
-  exactly for a float32 kernel. A bfloat16 kernel held the rounded
-  ``W0 - s A0 B0``, and adding ``s A0 B0`` back rounds again: entries can
-  end one rounding step from ``W0`` (about 14% of them after PiSSA); reload
-  the checkpoint where the exact base matters.
+  kernel: it is put back, so the model is its base checkpoint again, to
+  the kernel dtype's rounding: the kernel held the rounded
+  ``W0 - s A0 B0``, and adding ``s A0 B0`` back rounds again, so entries can
+  end one rounding step from ``W0`` (about a fifth of them in float32, ~3e-8
+  for entries of ~0.5; about 14% in bfloat16 after PiSSA); reload the
+  checkpoint where the exact base matters.
   """
   for proj in projections(model).values():
     if _has_residual_base(proj):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import operator
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -420,6 +421,12 @@ class T5(nnx.Module):
     """
     t = tokens.shape[1]
     if cache is not None:
+      if cache[0][0].shape[0] != tokens.shape[0]:
+        # It would broadcast: the other rows read another row's keys.
+        raise ValueError(
+            f'the KV cache holds {cache[0][0].shape[0]} rows but the tokens '
+            f'have {tokens.shape[0]}; make it with init_cache(model, '
+            f'{tokens.shape[0]}, ...).')
       check_cache_room(cache[0][0].shape[1], index, t)
     q_pos = index + jnp.arange(t)
     k_pos = jnp.arange(t if cache is None else cache[0][0].shape[1])
@@ -500,8 +507,17 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   forward (the reference the cache is tested against). The model runs in
   eval mode (no dropout) whatever mode it is in.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+  if isinstance(max_new_tokens, bool) or not hasattr(
+      type(max_new_tokens), '__index__') or operator.index(max_new_tokens) < 1:
+    raise ValueError(f'greedy_generate: max_new_tokens must be an int >= 1, '
+                     f'got {max_new_tokens!r}.')
+  max_new_tokens = operator.index(max_new_tokens)
+  encoder_tokens = jnp.asarray(encoder_tokens)
+  if encoder_tokens.ndim != 2 or not jnp.issubdtype(encoder_tokens.dtype,
+                                                    jnp.integer):
+    raise ValueError('greedy_generate: encoder_tokens must be [batch, seq] '
+                     f'ints, got {encoder_tokens.dtype} of shape '
+                     f'{encoder_tokens.shape}.')
   check_token_ids(encoder_tokens, model.config.vocab_size,
                   'greedy_generate: encoder')
   # Generation is inference: an eval-mode copy sharing the weights (no

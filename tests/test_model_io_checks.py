@@ -387,6 +387,12 @@ def test_sampler_refuses_bad_settings():
     with pytest.raises(ValueError, match=match) as e:
       sampler(prompts, n)
     _one_line(e)
+  # 0 had divided by zero at the first call, -16 failed in numpy.
+  for pad in (0, -16, 2.0):
+    with pytest.raises(ValueError, match='pad_multiple must be an int >= 1, '
+                       f'got {pad}') as e:
+      gemma.Sampler(sampler._model, pad_multiple=pad)  # pylint: disable=protected-access
+    _one_line(e)
   assert sampler(np.array([[3, 4]]), 1).tokens == sampler([[3, 4]], 1).tokens
 
 
@@ -555,9 +561,42 @@ def test_t5_kv_cache_overflow_is_refused(t5_models):
 
 @pytest.mark.parametrize('n', [0, -1])
 def test_t5_greedy_generate_needs_a_token_to_generate(t5_models, n):
-  with pytest.raises(ValueError, match=f'max_new_tokens must be >= 1, got {n}'
-                     ) as e:
+  with pytest.raises(ValueError, match=f'max_new_tokens must be an int >= 1, '
+                     f'got {n}') as e:
     t5.greedy_generate(t5_models[0], ENC, n)
+  _one_line(e)
+
+
+@pytest.mark.parametrize('tokens, n, match', [
+    # An AttributeError, an IndexError and a JAX shape error before.
+    ([[5, 6, 1]], 2.5, r'max_new_tokens must be an int >= 1, got 2.5'),
+    (np.array([5, 6, 1]), 2, r'encoder_tokens must be \[batch, seq\] ints, '
+     r'got int\d+ of shape \(3,\)'),
+    (np.array([[5.0, 6.0]]), 2, r'encoder_tokens must be \[batch, seq\] ints'),
+])
+def test_t5_greedy_generate_refuses_bad_input_in_one_line(t5_models, tokens,
+                                                           n, match):
+  with pytest.raises(ValueError, match=match) as e:
+    t5.greedy_generate(t5_models[0], tokens, n)
+  _one_line(e)
+  # A list of rows is taken as an array.
+  assert t5.greedy_generate(t5_models[0], [[5, 6, 1]], 1).shape == (1, 1)
+
+
+def test_a_kv_cache_for_another_batch_size_is_refused(t5_models):
+  """It had broadcast: a cache of 2 rows with 1 row of tokens gave 2 rows of
+  logits, the second garbage."""
+  model = t5_models[0]
+  encoded, valid = model.encode(ENC[:1])
+  with pytest.raises(ValueError, match='the KV cache holds 2 rows but the '
+                     'tokens have 1') as e:
+    model.decode(DEC[:1, :1], model.cross_kv(encoded), valid,
+                 t5.init_cache(model, 2, 4), 0)
+  _one_line(e)
+  m = _model('gemma-tiny')
+  with pytest.raises(ValueError, match='the KV cache holds 2 rows but the '
+                     'tokens have 1') as e:
+    m(jnp.asarray([[5, 6, 7]]), cache=gemma.init_cache(m.config, 2, 8))
   _one_line(e)
 
 

@@ -311,6 +311,13 @@ class Gemma(nnx.Module):
       k_pos = new_pos
       k_slot = jnp.arange(t)
     else:
+      if cache.positions.shape[0] != b:
+        # It would broadcast: the other rows' logits read another row's
+        # keys, silently.
+        raise ValueError(
+            f'the KV cache holds {cache.positions.shape[0]} rows but the '
+            f'tokens have {b}; make it with init_cache(config, batch_size={b}'
+            ', ...).')
       index = cache.index
       check_cache_room(cache.size, index, t)
       k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, new_pos,

@@ -180,7 +180,11 @@ class Sampler:
     self._model = model
     self.config = model.config
     self.tokenizer = tokenizer
-    self.pad_multiple = pad_multiple
+    if isinstance(pad_multiple, bool) or not hasattr(
+        type(pad_multiple), '__index__') or operator.index(pad_multiple) < 1:
+      raise ValueError(f'Sampler: pad_multiple must be an int >= 1, got '
+                       f'{pad_multiple!r}.')
+    self.pad_multiple = operator.index(pad_multiple)
     self.graphdef = None
     self._split()
 
