@@ -249,6 +249,10 @@ def test_hub_errors_are_one_line(monkeypatch):
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="has no Hugging Face Hub id"):
     data.load_task("math", "train", hub=True)
+  # The generated task had ignored --data.hub and trained on its own
+  # problems, silently.
+  with pytest.raises(ValueError, match="'arithmetic' has no Hugging Face"):
+    data.load_task("arithmetic", "train", hub=True)
 
 
 # --- the built-in task --------------------------------------------------------

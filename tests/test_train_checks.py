@@ -140,8 +140,31 @@ def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):
   loop.run(tiny(run_dir, resume=True, **small), log=lines.append)
   assert any('no evaluation recorded at step 4: doing it now' in l
              for l in lines), lines
+  # Step 8's too: with no final evaluation (tiny's default), the last
+  # multiple of eval.every is evaluated (it had been left out).
   with open(run_dir / 'eval.csv') as f:
-    assert [int(r['step']) for r in csv.DictReader(f)] == [2, 4, 6]
+    assert [int(r['step']) for r in csv.DictReader(f)] == [2, 4, 6, 8]
+
+
+def test_the_last_step_is_evaluated_once_with_a_final_evaluation(tmp_path):
+  """With eval.after the last step's evaluation is the final one, not a
+  periodic one as well."""
+  calls = []
+  real = loop.Evaluator.__call__
+
+  def counted(self, state):
+    calls.append(1)
+    return real(self, state)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop.Evaluator, '__call__', counted)
+    out = loop.run(tiny(tmp_path / 'run', steps=4, checkpoint_every=0,
+                        **{'eval.every': 2, 'eval.after': True,
+                           'eval.num_examples': 4, 'eval.batch_size': 4}),
+                   log=quiet)
+  assert len(calls) == 2 and 'eval_after' in out
+  with open(tmp_path / 'run' / 'eval.csv') as f:
+    assert [int(r['step']) for r in csv.DictReader(f)] == [2, 4]
 
 
 def _boolq_folder(root, train_questions, test_questions):

@@ -164,3 +164,24 @@ def test_auto_initializes_on_a_cloud_tpu_vm(monkeypatch, chips, env, called):
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', env)
   assert distributed.maybe_initialize(configs.DistributedConfig()) == called
   assert calls == ([{}] if called else [])
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'num_processes': 2}, 'distributed.num_processes given, but no '
+     'multi-process start: give distributed.coordinator_address'),
+    ({'process_id': 1, 'initialize': 'never'},
+     'distributed.process_id given, but no multi-process start: '
+     'distributed.initialize is never'),
+])
+def test_process_flags_without_a_start_are_refused(monkeypatch, changes,
+                                                   message):
+  """Off a TPU with no coordinator they had been ignored: each host trained
+  alone, as if it were the only one."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  from train import configs, distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
+                      lambda: (0, None))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
+  with pytest.raises(ValueError, match=message):
+    distributed.maybe_initialize(configs.DistributedConfig(**changes))

@@ -65,6 +65,16 @@ def maybe_initialize(cfg) -> bool:
   wanted = cfg.initialize == 'always' or (
       cfg.initialize == 'auto' and (cfg.coordinator_address or _on_cloud_tpu()))
   if not wanted:
+    given = [f'distributed.{name}' for name, on in (
+        ('num_processes', cfg.num_processes), ('process_id',
+                                               cfg.process_id >= 0)) if on]
+    if given:
+      # Else each host would train alone, as if it were the only one.
+      raise ValueError(
+          f"{' and '.join(given)} given, but no multi-process start: "
+          + ('distributed.initialize is never' if cfg.initialize == 'never'
+             else 'give distributed.coordinator_address (host:port of '
+             'process 0) too, or distributed.initialize=always') + '.')
     return False
   kwargs: dict[str, Any] = {}
   if cfg.coordinator_address:

@@ -2238,6 +2238,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       stop.doing = doing
 
   interrupted = 0
+
+  def periodic_eval_at(step: int) -> bool:
+    # The last step's is the final evaluation's, when there is one: not
+    # done twice; without one the last multiple of eval.every is evaluated.
+    return cfg.eval.every > 0 and step % cfg.eval.every == 0 and (
+        step < cfg.steps or not (cfg.eval.after and bool(r.eval_examples)))
+
   # Under the stop request too: a Ctrl-C or preemption during a long first
   # evaluation had been a traceback, leaving a half-made run folder.
   if cfg.eval.before and r.eval_examples and start_step == 0:
@@ -2247,8 +2254,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # 0's eval.csv decides (the others keep no rows), and every process
   # evaluates or none does.
   missed = (latest is not None and bool(r.eval_examples) and
-            cfg.eval.every > 0 and 0 < start_step < cfg.steps and
-            start_step % cfg.eval.every == 0 and recorded(start_step) is None)
+            0 < start_step and periodic_eval_at(start_step) and
+            recorded(start_step) is None)
   if distributed.process_0_flag(missed):
     log(f'[train] no evaluation recorded at step {start_step}: doing it now')
     interrupted = eval_or_stop(start_step, 'periodic')[1]
@@ -2345,8 +2352,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       if step % cfg.log_every == 0 or step == end_step:
         log_row()
       progress.update(1)
-      eval_due = bool(cfg.eval.every) and (
-          step % cfg.eval.every == 0 and step < cfg.steps)
+      eval_due = periodic_eval_at(step)
       # SIGTERM (a preemption) or Ctrl-C: this step is checkpointed below,
       # before any evaluation due now (a long one would outlast the
       # preemption notice; a resume does it). Several processes agree at

@@ -254,7 +254,7 @@ def load_task(name: str, split: str = "train", *,
   if split == "validation" and validation_fraction == 0:
     raise ValueError("no validation split: validation_fraction is 0 (the "
                      "training split keeps every example)")
-  if spec.name == arithmetic.NAME and path is None:
+  if spec.name == arithmetic.NAME and path is None and not hub:
     # `num_examples` sizes the generated pool (train before the carve).
     examples = arithmetic.generate(
         file_split, num_examples or (200 if split == "test" else 2000), seed)
