@@ -96,3 +96,15 @@ def non_negative(who: str, name: str, value: Any) -> None:
   v = _known(who, name, value)
   if v is not None and not v >= 0:
     raise ValueError(f'{who}: {name} must be >= 0, got {v}.')
+
+
+def flag(who: str, name: str, value: Any) -> None:
+  """A switch: a bool, or 0/1 as ``optax.inject_hyperparams`` makes it (an
+  array of the hyperparameter dtype), or traced. A string had been taken
+  for True where Python tests it (``'no'`` switched it on) and failed at
+  the first update where JAX does."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = concrete(value)
+  if v is None or v not in (0.0, 1.0):
+    raise ValueError(f'{who}: {name} must be True or False, got {value!r}.')

@@ -317,6 +317,7 @@ def scale_by_lora_rite(
                       ('update_skipping', update_skipping)):
     checks.non_negative('scale_by_lora_rite', name, value)
   checks.non_negative('scale_by_lora_rite', 'update_capping', update_capping)
+  checks.flag('scale_by_lora_rite', 'escape_mass', escape_mass)
   try:  # refused here, not at the first update
     one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
     jax.eval_shape(functools.partial(_mm, precision=precision), one, one)
@@ -706,6 +707,8 @@ def lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
+  checks.non_negative('lora_rite', 'weight_decay', weight_decay)
+  checks.flag('lora_rite', 'balance_factors', balance_factors)
   steps = [
       scale_by_lora_rite(b1=b1, b2=b2, eps=eps,
                          clip_unmagnified_grad=clip_unmagnified_grad,

@@ -166,6 +166,13 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
     (lro.lora_rite, {'update_skipping': -1.0},
      r'scale_by_lora_rite: update_skipping must be >= 0'),
+    # 'no' had switched balancing on; 'yes' failed at the first update.
+    (lro.lora_rite, {'balance_factors': 'no'},
+     r"lora_rite: balance_factors must be True or False, got 'no'"),
+    (lro.lora_rite, {'escape_mass': 'yes'},
+     r"scale_by_lora_rite: escape_mass must be True or False, got 'yes'"),
+    (lro.lora_rite, {'weight_decay': -0.1},
+     r'lora_rite: weight_decay must be >= 0, got -0.1'),
     # optax's adamw and lamb check none of these: b2 = 1 gave NaN updates.
     (functools.partial(lro.optimizer, 'adam'), {'b2': 1.0},
      r'adam: b2 must be in \[0, 1\), got 1.0'),
