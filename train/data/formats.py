@@ -247,11 +247,18 @@ def gsm8k_from_hf(record: Record, *, task: str, style: str,
 
 def hellaswag_from_hf(record: Record, *, task: str, style: str,
                       where: str) -> list[Example]:
-  """Rowan/hellaswag: {ctx, endings, label} (label '' in the test split)."""
+  """Rowan/hellaswag: {activity_label, ctx, endings, label} (label '' in the
+  test split).
+
+  As LLM-Adapters writes it: ``{activity_label}: {ctx}``, WikiHow's
+  ``[header]``/``[title]`` marks kept (lm-evaluation-harness removes them;
+  doing so here had given other prompts than the instruction files').
+  """
   _missing(record, ("ctx", "endings", "label"), where, task, "Hugging Face")
   ctx = _string(record, "ctx", where, task)
-  endings = tuple(templates.clean_hellaswag(e) for e in _strings(
-      record["endings"], "field 'endings'", where, task))
+  if record.get("activity_label") is not None:
+    ctx = f'{_string(record, "activity_label", where, task)}: {ctx}'
+  endings = tuple(_strings(record["endings"], "field 'endings'", where, task))
   if not endings:
     raise ValueError(f"{where}: field 'endings' is empty for task {task!r}")
   labels = templates.choice_labels(len(endings), "Ending")
@@ -270,8 +277,8 @@ def hellaswag_from_hf(record: Record, *, task: str, style: str,
     raise ValueError(
         f"{where}: label {_got(label)} is out of range for "
         f"{len(endings)} endings (0 to {len(endings) - 1}) for task {task!r}")
-  instruction = templates.multiple_choice_instruction(
-      templates.clean_hellaswag(ctx), endings, prefix="Ending")
+  instruction = templates.multiple_choice_instruction(ctx, endings,
+                                                     prefix="Ending")
   return [Example(
       prompt=templates.wrap_instruction(instruction, "", style),
       target=templates.choice_target(labels[gold]) if gold is not None else "",

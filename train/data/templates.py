@@ -183,8 +183,3 @@ def parse_choices(instruction: str, labels: Sequence[str]) -> tuple[str, ...]:
   return texts if len(texts) == len(labels) else ()
 
 
-def clean_hellaswag(text: str) -> str:
-  """HellaSwag's WikiHow artefacts removed, as lm-evaluation-harness does."""
-  text = text.strip().replace(" [title]", ". ")
-  text = re.sub(r"\[.*?\]", "", text)
-  return text.replace("  ", " ")
