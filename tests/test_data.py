@@ -173,13 +173,30 @@ def test_hf_formats(tmp_path):
   assert e.gold_number == "1005"
   assert e.target == "\nA: He has 3+2=5 apples. The answer is 1005."
 
-  hs = {"ctx": "A man is [title] sitting.", "label": "2",
-        "endings": ["stands.", "runs.", "sleeps.", "eats."]}
-  [e] = data.examples_from_records([hs], "hellaswag")
-  assert e.gold_index == 2 and e.labels[2] == "ending3"
-  assert "Ending1: stands." in e.prompt and "[title]" not in e.prompt
-  [e] = data.examples_from_records([dict(hs, label="")], "hellaswag")
+  # LLM-Adapters' own record (its README's example): the activity label
+  # leads the context, and WikiHow's [header]/[title] marks are kept.
+  hs = {"activity_label": "Playing drums",
+        "ctx": "People are standing behind large drums. A man", "label": "3",
+        "endings": ["is playing a bag pipe.", "starts to play around the "
+                    "drums.", "begins playing a drum set.",
+                    "begins playing the drums."]}
+  adapters = {
+      "instruction": "Please choose the correct ending to complete the given "
+                     "sentence: Playing drums: People are standing behind "
+                     "large drums. A man\n\nEnding1: is playing a bag pipe. "
+                     "Ending2: starts to play around the drums. Ending3: "
+                     "begins playing a drum set. Ending4: begins playing the "
+                     "drums.\n\nAnswer format: ending1/ending2/ending3/"
+                     "ending4",
+      "input": "", "output": "the correct answer is ending4",
+      "answer": "ending4"}
+  [e, instr] = data.examples_from_records([hs, adapters], "hellaswag")
+  assert e.gold_index == 3 and e.labels[3] == "ending4"
+  assert (e.prompt, e.target) == (instr.prompt, instr.target)
+  [e] = data.examples_from_records(
+      [dict(hs, ctx="Travel: [header] How to", label="")], "hellaswag")
   assert e.gold_index is None  # The unlabelled test split.
+  assert "Playing drums: Travel: [header] How to\n" in e.prompt
 
   flat = {"task_name": "t1", "definition": "Reverse the word.",
           "inputs": "abc", "targets": "cba"}
@@ -253,6 +270,8 @@ def test_hub_errors_are_one_line(monkeypatch):
   # problems, silently.
   with pytest.raises(ValueError, match="'arithmetic' has no Hugging Face"):
     data.load_task("arithmetic", "train", hub=True)
+  with pytest.raises(ValueError, match="num_examples must be None .* got -1"):
+    data.load_task("arithmetic", "test", num_examples=-1)
 
 
 # --- the built-in task --------------------------------------------------------

@@ -169,6 +169,11 @@ def test_multiple_choice_loglik_plain_and_length_normalised():
                                      length_normalized=True)
   assert normed.predictions == (1,) and normed.accuracy == 0.0
   assert ev.choose_option([-1.0, -1.0]) == 0  # Ties: first.
+  # NaN had won argmax: a NaN option ranks last, all NaN is no answer.
+  nan = float('nan')
+  assert ev.choose_option([-5.0, nan, -1.0]) == 2
+  assert ev.choose_option([nan, -3.0], lengths=[1, 2]) == 1
+  assert ev.choose_option([nan, nan]) == -1
   with pytest.raises(ValueError, match="returned 1 scores for 3 pairs"):
     ev.multiple_choice_loglik([example], TOK, lambda pairs: [0.0])
 

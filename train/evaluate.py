@@ -58,7 +58,8 @@ class Result:
     correct: bool [N], one entry per scored example, in input order; feed it
       to `mcnemar_exact` or `bootstrap_interval`.
     predictions: What was predicted per scored example (option index, -1 when
-      a generation named no option; or the extracted number, None if none).
+      a generation named no option or no option's score was finite; or the
+      extracted number, None if none).
     num_skipped: Examples left out because they have no gold answer.
     option_scores: Log-likelihood-scored multiple choice only: per scored
       example, each option's summed log-probability.
@@ -90,11 +91,18 @@ def _result(correct: Sequence[bool], predictions: Sequence,
 def choose_option(scores: Sequence[float], lengths: Sequence[int] | None = None
                   ) -> int:
   """Index of the best option: highest log-likelihood, or per token if
-  `lengths` (option token counts) is given. Ties go to the first option."""
+  `lengths` (option token counts) is given. Ties go to the first option.
+
+  A NaN score (a diverged model, an overflow) ranks last, and with no finite
+  score the answer is -1, wrong: argmax had chosen the first NaN, so a model
+  scoring NaN everywhere was reported at chance.
+  """
   scores = np.asarray(scores, np.float64)
   if lengths is not None:
     scores = scores / np.maximum(np.asarray(lengths, np.float64), 1.0)
-  return int(np.argmax(scores))
+  if not np.isfinite(scores).any():
+    return -1
+  return int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
 
 
 def _differ_in_last_token_only(encoded) -> bool:

@@ -248,6 +248,12 @@ def load_task(name: str, split: str = "train", *,
     raise ValueError(
         f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   file_split = "test" if split == "test" else "train"
+  if num_examples is not None and (
+      isinstance(num_examples, bool) or
+      not hasattr(type(num_examples), "__index__") or num_examples < 0):
+    # -1 had dropped the last example (a slice), silently.
+    raise ValueError(f"num_examples must be None (all) or an int >= 0, got "
+                     f"{num_examples!r}")
   if hub and path is not None:
     raise ValueError(f"give a local path or a Hub dataset, not both (path "
                      f"{path}, hub {hub!r})")
