@@ -91,11 +91,32 @@ def positive(who: str, name: str, value: Any) -> None:
     raise ValueError(f'{who}: {name} must be > 0 and finite, got {v}.')
 
 
-def non_negative(who: str, name: str, value: Any) -> None:
-  """``value`` >= 0 where it is known."""
+def non_negative(who: str, name: str, value: Any,
+                 finite: bool = False) -> None:
+  """``value`` >= 0 where it is known; with ``finite``, not inf either (an
+  infinite eps freezes every factor, an infinite decay makes it inf)."""
   v = _known(who, name, value)
-  if v is not None and not v >= 0:
-    raise ValueError(f'{who}: {name} must be >= 0, got {v}.')
+  if v is not None and not (v >= 0 and (not finite or v < float('inf'))):
+    raise ValueError(f'{who}: {name} must be >= 0' +
+                     (' and finite' if finite else '') + f', got {v}.')
+
+
+def learning_rate(who: str, value: Any) -> None:
+  """A schedule (any callable), or a rate >= 0 and finite where it is
+  known. None had been optax's identity: a step of rate 1 up the
+  gradient."""
+  if not callable(value):
+    non_negative(who, 'learning_rate', value, finite=True)
+
+
+def state_of(who: str, state: Any, cls: type) -> None:
+  """``state`` must be what this transform's ``init`` made: another
+  optimizer's state (or None) had failed with an AttributeError."""
+  if not isinstance(state, cls):
+    raise ValueError(
+        f'{who}: the state is a {type(state).__name__}, not the '
+        f'{cls.__name__} this optimizer\'s init() makes (another optimizer\'s '
+        'state, or the wrong part of a chain\'s?).')
 
 
 def flag(who: str, name: str, value: Any) -> None:

@@ -25,11 +25,12 @@ def _check_adam_family(who: str, weight_decay, kwargs) -> None:
       checks.beta(who, name, kwargs[name])
   for name in ('eps', 'eps_root'):
     if name in kwargs:
-      checks.non_negative(who, name, kwargs[name])
-  checks.non_negative(who, 'weight_decay', weight_decay)
+      checks.non_negative(who, name, kwargs[name], finite=True)
+  checks.non_negative(who, 'weight_decay', weight_decay, finite=True)
 
 
 def _adam(learning_rate, weight_decay=0.0, **kwargs):
+  checks.learning_rate('adam', learning_rate)
   _check_adam_family('adam', weight_decay, kwargs)
   # In float32 on 16-bit params, as the other optimizers keep their state
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
@@ -39,6 +40,7 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
+  checks.learning_rate('lamb', learning_rate)
   _check_adam_family('lamb', weight_decay, kwargs)
   return casting.with_stable_dtypes(
       adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')

@@ -201,8 +201,12 @@ def scale_by_lora_rite(
   ``escape_mass``): :math:`\rho_t = \beta_2' (\rho_{t-1} + \min(\max(0,
   \max_i(\lambda_i(V) - \lambda_i(P V P^\top))), \max(0, \mathrm{tr}\,V -
   \mathrm{tr}\,P V P^\top)))`, :math:`V` the second moment before this
-  step, :math:`\lambda_i` eigenvalues in order. The update of :math:`H = A B` is then the same for every
-  equivalent pair :math:`(A R, R^{-1} B)`.
+  step, :math:`\lambda_i` eigenvalues in order. The update of
+  :math:`H = A B` is then the same for every equivalent pair
+  :math:`(A R, R^{-1} B)` whose factors have full rank (or whose ``B`` is
+  0): with a rank-deficient nonzero factor the pseudo-inverse does not
+  commute with ``R`` (``pinv(R_B R^-T)`` is not ``R^T pinv(R_B)``), and
+  equivalent pairs drift apart.
 
   Unmagnified gradients that are not finite, or whose RMS exceeds
   ``update_skipping``, are zeroed; all of them are clipped together to global
@@ -312,10 +316,10 @@ def scale_by_lora_rite(
   for name, beta in (('b1', b1), ('b2', b2)):
     checks.beta('scale_by_lora_rite', name, beta)
   # 0 turns the clipping and the skipping off; below 0 they mean nothing.
-  for name, value in (('eps', eps), ('clip_unmagnified_grad',
-                                     clip_unmagnified_grad),
+  for name, value in (('clip_unmagnified_grad', clip_unmagnified_grad),
                       ('update_skipping', update_skipping)):
     checks.non_negative('scale_by_lora_rite', name, value)
+  checks.non_negative('scale_by_lora_rite', 'eps', eps, finite=True)
   checks.non_negative('scale_by_lora_rite', 'update_capping', update_capping)
   checks.flag('scale_by_lora_rite', 'escape_mass', escape_mass)
   try:  # refused here, not at the first update
@@ -333,6 +337,7 @@ def scale_by_lora_rite(
       raise ValueError(
           'scale_by_lora_rite: update() needs params (the current factors): '
           'call tx.update(grads, state, params).')
+    checks.state_of('scale_by_lora_rite', state, ScaleByLoraRiteState)
     mm = functools.partial(_mm, precision=precision)
     paired = pairs_lib.find_lora_pairs(params, layout)
     if not paired.pairs:
@@ -590,6 +595,9 @@ def balance_lora_factors(
     [4.47, 4.47]
   """
 
+  # 0 (or less) makes a factor that ends at zero 0/0: B NaN, A zeroed.
+  checks.positive('balance_lora_factors', 'eps', eps)
+
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
@@ -649,7 +657,8 @@ def lora_rite(
     \Delta X_F = -\eta_t \left(M_F R_O^{+\top} + \lambda X_F\right),
 
   optionally followed by :func:`balance_lora_factors`. Equivalent pairs
-  :math:`(A R, R^{-1} B)` get the same update of :math:`H = A B`.
+  :math:`(A R, R^{-1} B)` of full-rank factors (or with ``B = 0``) get the
+  same update of :math:`H = A B`.
 
   Every leaf of the params must belong to a LoRA pair; route the rest of a
   model elsewhere with :func:`optax.partition`.
@@ -707,7 +716,8 @@ def lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  checks.non_negative('lora_rite', 'weight_decay', weight_decay)
+  checks.learning_rate('lora_rite', learning_rate)
+  checks.non_negative('lora_rite', 'weight_decay', weight_decay, finite=True)
   checks.flag('lora_rite', 'balance_factors', balance_factors)
   steps = [
       scale_by_lora_rite(b1=b1, b2=b2, eps=eps,

@@ -193,6 +193,7 @@ def loraplus(
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024; PEFT's
     ``peft.optimizers.create_loraplus_optimizer``.
   """
+  checks.learning_rate('loraplus', learning_rate)
   checks.positive('loraplus', 'lr_ratio', lr_ratio)
   if lr_embedding is not None and is_embedding is None:
     raise ValueError('loraplus: lr_embedding applies to the pairs that '
@@ -200,8 +201,8 @@ def loraplus(
   if base is None:
     for name, value in (('b1', b1), ('b2', b2)):
       checks.beta('loraplus', name, value)
-    checks.non_negative('loraplus', 'eps', eps)
-    checks.non_negative('loraplus', 'weight_decay', weight_decay)
+    checks.non_negative('loraplus', 'eps', eps, finite=True)
+    checks.non_negative('loraplus', 'weight_decay', weight_decay, finite=True)
 
     def make(rate, decay):
       return casting.with_stable_dtypes(

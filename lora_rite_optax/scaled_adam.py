@@ -173,7 +173,8 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   """
   for name, value in (('b1', b1), ('b2', b2)):
     checks.beta('scaled_adam', name, value)
-  checks.non_negative('scaled_adam', 'eps', eps)
+  checks.non_negative('scaled_adam', 'eps', eps, finite=True)
+  checks.flag('scaled_adam', 'bias_correction', bias_correction)
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros(p.shape, casting.compute_dtype(p.dtype))
@@ -183,6 +184,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
 
   def update_fn(updates, state, params=None):
     del params
+    checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
     count = optax.safe_increment(state.count)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype),
                       state.mu, updates)
@@ -283,6 +285,9 @@ def scaled_adam(
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  checks.learning_rate('scaled_adam', learning_rate)
+  checks.non_negative('scaled_adam', 'weight_decay', weight_decay,
+                      finite=True)
   return optax.chain(
       scale_by_riemannian_precond(delta, layout),
       scale_by_adam_authors(b1, b2, eps, bias_correction),

@@ -218,7 +218,7 @@ def scale_by_shampoo(
     raise ValueError(f'shampoo: graft must be one of {GRAFTS}, got {graft!r}.')
   for name, value in (('b1', b1), ('b2', b2)):
     checks.beta('shampoo', name, value)
-  checks.non_negative('shampoo', 'eps', eps)
+  checks.non_negative('shampoo', 'eps', eps, finite=True)
   # > 0: a LoRA factor's N x N statistic has rank r at most, and its zero
   # eigenvalues would have infinite inverse roots.
   checks.positive('shampoo', 'matrix_eps', matrix_eps)
@@ -262,6 +262,7 @@ def scale_by_shampoo(
 
   def update_fn(updates, state, params=None):
     del params
+    checks.state_of('scale_by_shampoo', state, ShampooState)
     plans, treedef = _plans(updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
     if not grads:  # An empty tree: its state keeps init's placeholders.
@@ -470,6 +471,8 @@ def shampoo(
     Anil et al., `Scalable Second Order Optimization for Deep Learning
     <https://arxiv.org/abs/2002.09018>`_, 2020.
   """
+  checks.learning_rate('shampoo', learning_rate)
+  checks.non_negative('shampoo', 'weight_decay', weight_decay, finite=True)
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   return optax.chain(
       scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,

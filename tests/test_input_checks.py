@@ -157,7 +157,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     # A negative decay had grown the factors; None and strings had passed
     # every check as if traced and failed at the first update.
     (lro.loraplus, {'weight_decay': -1.0},
-     r'loraplus: weight_decay must be >= 0, got -1.0'),
+     r'loraplus: weight_decay must be >= 0 and finite, got -1.0'),
     (lro.loraplus, {'weight_decay': None},
      r'loraplus: weight_decay must be a number, got None'),
     (lro.loraplus, {'b1': '0.9'}, r"loraplus: b1 must be a number, got '0.9'"),
@@ -166,13 +166,29 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
     (lro.lora_rite, {'update_skipping': -1.0},
      r'scale_by_lora_rite: update_skipping must be >= 0'),
+    # None had been optax's identity: a step of rate 1 up the gradient.
+    (lro.lora_rite, {}, r'lora_rite: learning_rate must be a number, got None'),
+    (lro.scaled_adam, {}, r'scaled_adam: learning_rate must be a number'),
+    (lro.shampoo, {}, r'shampoo: learning_rate must be a number'),
+    (lro.loraplus, {}, r'loraplus: learning_rate must be a number'),
+    (functools.partial(lro.optimizer, 'adam'), {},
+     r'adam: learning_rate must be a number'),
+    # An infinite eps froze every factor, an infinite decay made them inf.
+    (lro.lora_rite, {'eps': float('inf')},
+     r'scale_by_lora_rite: eps must be >= 0 and finite, got inf'),
+    (lro.shampoo, {'weight_decay': float('inf')},
+     r'shampoo: weight_decay must be >= 0 and finite'),
+    (lro.scaled_adam, {'weight_decay': -1.0},
+     r'scaled_adam: weight_decay must be >= 0 and finite, got -1.0'),
+    (lro.scaled_adam, {'bias_correction': 'no'},
+     r"scaled_adam: bias_correction must be True or False, got 'no'"),
     # 'no' had switched balancing on; 'yes' failed at the first update.
     (lro.lora_rite, {'balance_factors': 'no'},
      r"lora_rite: balance_factors must be True or False, got 'no'"),
     (lro.lora_rite, {'escape_mass': 'yes'},
      r"scale_by_lora_rite: escape_mass must be True or False, got 'yes'"),
     (lro.lora_rite, {'weight_decay': -0.1},
-     r'lora_rite: weight_decay must be >= 0, got -0.1'),
+     r'lora_rite: weight_decay must be >= 0 and finite, got -0.1'),
     # optax's adamw and lamb check none of these: b2 = 1 gave NaN updates.
     (functools.partial(lro.optimizer, 'adam'), {'b2': 1.0},
      r'adam: b2 must be in \[0, 1\), got 1.0'),
@@ -183,7 +199,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (functools.partial(lro.optimizer, 'lamb'), {'b1': -0.5},
      r'lamb: b1 must be in'),
     (functools.partial(lro.optimizer, 'lamb'), {'eps_root': float('nan')},
-     r'lamb: eps_root must be >= 0, got nan'),
+     r'lamb: eps_root must be >= 0 and finite, got nan'),
     # A fraction had been cut to an integer (block_size 2.5 -> 2) or used
     # as one (roots every 5 steps for 2.5); True had been taken for 1.
     (lro.shampoo, {'block_size': 2.5},
@@ -196,7 +212,27 @@ def test_scaled_adam_keeps_a_float16_step_finite():
 ])
 def test_baselines_check_their_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    make(1e-3, **kwargs)
+    make(None if 'learning_rate must be' in message else 1e-3, **kwargs)
+
+
+def test_balance_lora_factors_needs_a_positive_eps():
+  """0 made a factor that ends at zero 0/0: B NaN and A zeroed."""
+  with pytest.raises(ValueError, match='balance_lora_factors: eps must be > '
+                     '0 and finite, got 0.0'):
+    lro.balance_lora_factors(eps=0.0)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lro.scale_by_lora_rite(), lambda: lro.scale_by_shampoo(),
+    lambda: lro.scale_by_adam_authors()])
+def test_another_optimizers_state_is_refused_in_one_line(make):
+  """It had failed with an AttributeError (or a TypeError) inside."""
+  params = {'q': _pair(6, 2, 3)}
+  tx = make()
+  for state in (optax.adam(0.1).init(params), None):
+    with pytest.raises(ValueError, match=r'the state is a (tuple|NoneType), '
+                       r"not the \w+ this optimizer's init\(\) makes"):
+      tx.update(params, state, params)
 
 
 def test_baselines_still_take_traced_hyperparameters():
