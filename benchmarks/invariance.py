@@ -123,6 +123,8 @@ def main(argv=None):
   parser.add_argument('--out', default='demo_out', help='folder for the plot')
   parser.add_argument('--steps', type=int, default=200)
   args = parser.parse_args(argv)
+  if args.steps < 1:
+    parser.error(f'--steps must be >= 1, got {args.steps}')
   results = run(args.steps)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

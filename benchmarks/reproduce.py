@@ -337,7 +337,7 @@ def drop_seen_items(results: dict, budget: Budget,
       if seen is None or not any(seen):
         continue
       if len(res['loss']) != len(seen):
-        raise ValueError(
+        raise loop.ConfigError(
             f'{task}/{tname}: a run has {len(res["loss"])} test items, the '
             f'budget samples {len(seen)}; it was made with other settings.')
       for field, values in res.items():
@@ -677,12 +677,19 @@ def read_result(path: str) -> dict:
 
 
 def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
-  """(mean, 95% interval, two-sided p) of a mean paired difference."""
+  """(mean, 95% interval, two-sided p) of a mean paired difference; all NaN
+  where a difference is not finite (a diverged run has no p-value)."""
   diff = np.asarray(diff, np.float64)
+  if not np.all(np.isfinite(diff)):
+    return float('nan'), (float('nan'), float('nan')), float('nan')
   rng = np.random.default_rng(seed)
   boot = diff[rng.integers(0, len(diff), (num, len(diff)))].mean(axis=1)
   lo, hi = np.quantile(boot, [0.025, 0.975])
-  p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
+  # A resample whose mean is 0 is a tie and counts in both tails. Averaged
+  # k/3 differences (three seeds) leave such means at +-1e-17, which had
+  # put each tie in one tail only and made p too small.
+  tol = 1e-9 * float(np.max(np.abs(diff), initial=0.0))
+  p = min(1.0, 2 * min(np.mean(boot <= tol), np.mean(boot >= -tol)))
   return float(diff.mean()), (float(lo), float(hi)), float(max(p, 1 / num))
 
 
@@ -723,6 +730,11 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
         runs = [x for x in runs if tname in x['tests']]
         if not runs:
           continue
+        lengths = {len(x['tests'][tname]['loss']) for x in runs}
+        if len(lengths) > 1:
+          raise loop.ConfigError(
+              f'{task}/{tname}: the {opt} runs hold {sorted(lengths)} test '
+              'items; they were made with other settings (run them again).')
         loss = np.array([x['tests'][tname]['loss'] for x in runs], float)
         n, s = loss.shape[1], len(runs)
         l_lo, l_hi = evaluate.bootstrap_interval(loss.mean(axis=0))
@@ -798,6 +810,8 @@ def by_rate(results: dict, task: str, opts, test_names) -> dict:
         continue
       row = {'seed': seed0, 'val_loss': float(np.mean(run['val_loss']))}
       for tname in test_names:
+        if tname not in run['tests']:  # This rate's run lacks it: '-'.
+          continue
         t = run['tests'][tname]
         row[tname] = {'loss': float(np.mean(t['loss']))}
         if 'correct' in t:
@@ -982,6 +996,9 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
           mark = ' (chosen)' if lr == t['chosen'][opt]['lr'] else ''
           cells = []
           for n in names:
+            if n not in row:  # This rate's run has no such test set.
+              cells += ['-', '-']
+              continue
             acc = row[n].get('accuracy')
             cells += ['-' if acc is None else f'{100 * acc:.1f}%',
                       f'{row[n]["loss"]:.4f}']

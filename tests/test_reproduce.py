@@ -152,6 +152,13 @@ def test_paired_bootstrap(rp):
   assert mean == pytest.approx(0.1) and lo > 0 and p < 0.01
   _, (lo, hi), p = rp.paired_bootstrap(np.linspace(-1, 1, 51))
   assert lo < 0 < hi and p > 0.5
+  # Seed-averaged correctness differences are k/3: a resample whose mean is
+  # 0 is a tie in both tails, the same p as the integer differences give
+  # (rounding had left such means at +-1e-17, in one tail only).
+  d = np.random.default_rng(1).integers(-3, 4, 148) / 3
+  assert rp.paired_bootstrap(d)[2] == rp.paired_bootstrap(d * 3)[2]
+  # A diverged run's NaN loss gives no p-value.
+  assert np.isnan(rp.paired_bootstrap([0.1, np.nan, -0.2])[2])
 
 
 def _record_runs(rp, monkeypatch, describe=None, val_loss=None) -> list:
