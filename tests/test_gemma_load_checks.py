@@ -17,7 +17,8 @@ import pytest
 from models import gemma
 from models.gemma import load as gemma_load
 from tests import gguf_files
-from tests.test_gemma_model import _one_line, _params, _tiny, _write_gemma_gguf
+from tests.test_gemma_model import (_model, _one_line, _params, _tiny,
+                                     _write_gemma_gguf)
 
 LAYER2 = 'model.layers.2.input_layernorm.weight'
 
@@ -374,3 +375,60 @@ def test_zero_size_tensors_do_not_count_as_overlapping(tmp_path):
   out = gemma_load.read_safetensors(st)
   np.testing.assert_array_equal(out['a'], np.arange(4))
   assert out['b'].shape == (0, 3)
+
+
+def test_gemma2_gguf_without_soft_cap_keys_takes_llama_cpp_defaults(tmp_path):
+  """Gemma 2 GGUFs made before llama.cpp wrote these keys: it runs them with
+  50 and 30 (as a config.json without them does); they had run uncapped."""
+  model = _model(gemma.get_config('gemma2-tiny'))
+  _write_gemma_gguf(model, tmp_path / 'old.gguf', arch='gemma2',
+                    softcaps=False)
+  config = gemma.from_pretrained(tmp_path / 'old.gguf').config
+  assert (config.attn_logit_softcap, config.final_logit_softcap) == (50.0,
+                                                                    30.0)
+  _write_gemma_gguf(model, tmp_path / 'new.gguf', arch='gemma2')
+  config = gemma.from_pretrained(tmp_path / 'new.gguf').config
+  assert (config.attn_logit_softcap, config.final_logit_softcap) == (5.0, 3.0)
+
+
+def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
+  """Each had been a traceback (NotImplementedError, IndexError,
+  RuntimeError), or an error not naming the file, or (an untied head) was
+  dropped silently."""
+  from models.gemma import gguf_io  # pylint: disable=g-import-not-at-top
+  from tests.test_gemma_model import _write_tokenizer_gguf  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'f64.gguf'
+  with gguf_files.gguf_writer(path, 'gemma3') as w:
+    w.add_block_count(1)
+    w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float64))
+  with pytest.raises(ValueError, match="GGUF tensor 'token_embd.weight' has "
+                     'type F64, which cannot be dequantized') as e:
+    gguf_io.read_gguf(str(path)).tensors['token_embd.weight'].dequantize()
+  _one_line(e)
+
+  (tmp_path / 'empty.gguf').write_bytes(b'')
+  with pytest.raises(ValueError, match='empty.gguf: not a readable GGUF file '
+                     r'\(it is 0 bytes long\)') as e:
+    gemma.from_pretrained(tmp_path / 'empty.gguf')
+  _one_line(e)
+
+  model = _model(gemma.get_config('gemma3-tiny'))
+  c = model.config
+  head = np.ones((c.vocab_size, c.width), np.float32)
+  _write_gemma_gguf(model, tmp_path / 'untied.gguf',
+                    extra={'output.weight': head})
+  with pytest.raises(ValueError, match='untied.gguf: output.weight differs '
+                     'from token_embd.weight') as e:
+    gemma.from_pretrained(tmp_path / 'untied.gguf')
+  _one_line(e)
+
+  _write_tokenizer_gguf(tmp_path / 'tok.gguf', eos_id=999)
+  with pytest.raises(ValueError, match='tok.gguf: GGUF tokenizer.ggml.'
+                     'eos_token_id 999 is outside its vocabulary') as e:
+    gemma.load_tokenizer(tmp_path / 'tok.gguf')
+  _one_line(e)
+  _write_tokenizer_gguf(tmp_path / 'dup.gguf', extra_control=('hello',))
+  with pytest.raises(ValueError, match='dup.gguf: unusable GGUF vocabulary'
+                     ) as e:
+    gemma.load_tokenizer(tmp_path / 'dup.gguf')
+  _one_line(e)

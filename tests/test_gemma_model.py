@@ -525,8 +525,11 @@ def test_multimodal_checkpoint_layout(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None):
-  """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w)."""
+def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None,
+                      softcaps=True, extra=None):
+  """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w);
+  ``softcaps``: write the config's soft-caps (llama.cpp's Gemma 2 keys);
+  ``extra``: more tensors, {name: array}."""
   import gguf  # pylint: disable=g-import-not-at-top
   c = model.config
   with gguf_files.gguf_writer(path, arch) as w:
@@ -542,6 +545,10 @@ def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None):
     w.add_rope_freq_base(c.rope_base_global)
     if c.sliding_window:
       w.add_sliding_window(c.sliding_window)
+    if softcaps and c.attn_logit_softcap is not None:
+      w.add_float32(f'{arch}.attn_logit_softcapping', c.attn_logit_softcap)
+    if softcaps and c.final_logit_softcap is not None:
+      w.add_float32(f'{arch}.final_logit_softcapping', c.final_logit_softcap)
     if c.rope_scale_global != 1.0 or rope_scaling is not None:
       w.add_rope_scaling_type(rope_scaling or gguf.RopeScalingType.LINEAR)
       w.add_rope_scaling_factor(c.rope_scale_global)
@@ -552,6 +559,8 @@ def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None):
         arr = arr + 1.0
       w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
                    np.ascontiguousarray(arr, np.float32))
+    for name, arr in (extra or {}).items():
+      w.add_tensor(name, arr)
 
 
 def test_gguf_load_follows_llama_cpp_conventions(tmp_path):

@@ -35,11 +35,22 @@ class GGUFTensor:
   data: np.ndarray       # memory-mapped; [rows..., bytes] for quantized types
 
   def dequantize(self) -> np.ndarray:
-    """float32 array of ``shape``."""
+    """float32 array of ``shape``.
+
+    Raises:
+      ValueError: a type gguf-py cannot dequantize (F64, the integer types,
+        Q8_1, Q8_K), naming the tensor; it had been a NotImplementedError
+        traceback.
+    """
     from gguf import GGMLQuantizationType  # pylint: disable=g-import-not-at-top
     from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-    return np.asarray(dequantize(self.data, GGMLQuantizationType(self.qtype)),
-                      np.float32).reshape(self.shape)
+    qtype = GGMLQuantizationType(self.qtype)
+    try:
+      values = dequantize(self.data, qtype)
+    except NotImplementedError:
+      raise ValueError(f'GGUF tensor {self.name!r} has type {qtype.name}, '
+                       'which cannot be dequantized here.') from None
+    return np.asarray(values, np.float32).reshape(self.shape)
 
 
 @dataclasses.dataclass
@@ -89,6 +100,9 @@ def read_gguf(path: str) -> GGUFFile:
   from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: GGUF file not found.')
+  if os.path.getsize(path) < 4:  # np.memmap refuses an empty file
+    raise ValueError(f'{path}: not a readable GGUF file (it is '
+                     f'{os.path.getsize(path)} bytes long).')
   buf = np.memmap(path, dtype=np.uint8, mode='r')
   try:
     if bytes(buf[:4]) != b'GGUF':

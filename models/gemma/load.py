@@ -804,8 +804,13 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
       head_dim=head_dim, mlp_dim=size('feed_forward_length'),
       norm_eps=number('attention.layer_norm_rms_epsilon', 1e-6),
       query_pre_attn_scalar=qpas,
-      attn_logit_softcap=number('attn_logit_softcapping'),
-      final_logit_softcap=number('final_logit_softcapping'),
+      # llama.cpp's defaults for Gemma 2 files made before these keys
+      # existed (and the Hugging Face config's): without them such a file
+      # ran with no soft-capping, silently.
+      attn_logit_softcap=number('attn_logit_softcapping',
+                                50.0 if family == 2 else None),
+      final_logit_softcap=number('final_logit_softcapping',
+                                 30.0 if family == 2 else None),
       attention_pattern=pattern,
       # Only a missing window takes llama.cpp's default; 0 is refused.
       sliding_window=(
@@ -841,7 +846,10 @@ def load_gguf(path: str, *, dtype=jnp.float32,
     if t is None:
       raise ValueError(f'{path}: missing tensor {name!r} '
                        f'(expected shape {list(e.hf_shape)[::-1]} in ggml order).')
-    arr = t.dequantize()  # [out, in], numpy order
+    try:
+      arr = t.dequantize()  # [out, in], numpy order
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
     if tuple(arr.shape) != e.hf_shape:
       raise ValueError(f'{path}: tensor {name!r} dequantizes to shape '
                        f'{list(arr.shape)}, expected {list(e.hf_shape)}.')
@@ -861,6 +869,13 @@ def load_gguf(path: str, *, dtype=jnp.float32,
       get(e)
   out = by_name.get('output.weight')  # a copy of the tied head
   if out is not None and tuple(out.shape) == (config.vocab_size, config.width):
+    # Gemma ties its head to the embedding; llama.cpp would run a head of
+    # its own, which this model has no place for: refused, not dropped.
+    embed = by_name.get('token_embd.weight')
+    if embed is None or not np.array_equal(out.dequantize(),
+                                           embed.dequantize()):
+      raise ValueError(f'{path}: output.weight differs from token_embd.weight '
+                       '(an untied head); Gemma ties them.')
     names.add('output.weight')
   unexpected = sorted(set(by_name) - names)
   if unexpected:

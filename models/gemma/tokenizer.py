@@ -127,7 +127,13 @@ class Tokenizer:
                        "SentencePiece ('llama') vocabulary.")
     proto = _proto_from_gguf(meta, path)
     sp = spm.SentencePieceProcessor()
-    sp.load_from_serialized_proto(proto.SerializeToString())
+    try:
+      sp.load_from_serialized_proto(proto.SerializeToString())
+    except RuntimeError as e:
+      # Duplicate or empty pieces, or no 256 byte pieces: SentencePiece's
+      # own check, a traceback before.
+      raise ValueError(f'{path}: unusable GGUF vocabulary '
+                       f'({str(e).strip().splitlines()[0]}).') from None
     add_bos = meta.get('tokenizer.ggml.add_bos_token', True)
     kw.setdefault('add_bos', bool(add_bos))
     # The GGUF's CONTROL tokens (the proto makes most USER_DEFINED, so that
@@ -156,6 +162,11 @@ def _proto_from_gguf(meta: dict, path: str) -> spm_pb2.ModelProto:
   eos_id = int(meta.get('tokenizer.ggml.eos_token_id', 1))
   pad_id = int(meta.get('tokenizer.ggml.padding_token_id', 0))
   add_space = bool(meta.get('tokenizer.ggml.add_space_prefix', False))
+  for name, i in (('unknown', unk_id), ('bos', bos_id), ('eos', eos_id),
+                  ('padding', pad_id)):
+    if not 0 <= i < n:
+      raise ValueError(f'{path}: GGUF tokenizer.ggml.{name}_token_id {i} is '
+                       f'outside its vocabulary of {n} tokens.')
 
   proto = spm_pb2.ModelProto()
   piece_type = spm_pb2.ModelProto.SentencePiece.Type
