@@ -16,12 +16,14 @@ import optax
 
 def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
                   *, nesterov=False) -> optax.GradientTransformation:
-  """``optax.scale_by_adam``, and 0 where the second moment is exactly 0.
+  """``optax.scale_by_adam``, and 0 where it computed 0/0.
 
-  A zero second moment means every gradient of that entry so far was 0, so
-  its first moment is 0 too: no step, as with any eps > 0. A NaN gradient
-  makes the second moment NaN, not 0, and stays NaN (``apply_if_finite``
-  still sees it).
+  That is where the second moment is 0 and so is the first (every gradient
+  of that entry so far was 0): no step, as with any eps > 0. Everything
+  else is optax's own result, bit for bit: a gradient below ~1e-21 has a
+  second moment that underflows to 0 but a first moment that does not,
+  and its step stays as optax computes it. A NaN gradient makes the second
+  moment NaN, not 0, and stays NaN (``apply_if_finite`` still sees it).
   """
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                               mu_dtype=mu_dtype, nesterov=nesterov)
@@ -29,7 +31,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
   def update_fn(updates, state, params=None):
     new_updates, new_state = inner.update(updates, state, params)
     new_updates = jax.tree.map(
-        lambda u, v: jnp.where(v == 0, jnp.zeros_like(u), u),
+        lambda u, v: jnp.where((v == 0) & jnp.isnan(u), jnp.zeros_like(u), u),
         new_updates, new_state.nu)
     return new_updates, new_state
 

@@ -520,6 +520,23 @@ def test_a_zero_gradient_with_no_eps_left_is_no_step(make):
   assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype('float16')}
 
 
+@pytest.mark.parametrize('name, reference', [
+    ('adam', lambda: optax.adamw(1e-3, weight_decay=0.0)),
+    ('lamb', lambda: optax.lamb(1e-3))])
+def test_adam_and_lamb_are_optax_bit_for_bit_but_for_0_over_0(name,
+                                                             reference):
+  """A gradient below ~1e-21 has a second moment that underflows to 0 and a
+  first moment that does not: optax's step there (and lamb's trust ratio)
+  is kept; only a true 0/0 becomes 0."""
+  params = {'w': jnp.ones(4)}
+  grads = {'w': jnp.array([1e-22, 1e-30, 1e-3, 0.0])}
+  tx, ref = lro.optimizer(name, 1e-3), reference()
+  ours, _ = tx.update(grads, tx.init(params), params)
+  theirs, _ = ref.update(grads, ref.init(params), params)
+  np.testing.assert_array_equal(ours['w'], theirs['w'])
+  assert bool(jnp.all(ours['w'][:3] != 0))
+
+
 @pytest.mark.parametrize('name', ['loraplus', 'adam', 'lamb'])
 def test_adam_family_keeps_16_bit_moments_in_float32(name):
   """float16: optax's Adam (eps 1e-8 rounds to 0) made lora_a's first step
