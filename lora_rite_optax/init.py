@@ -20,7 +20,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_rite_optax import casting
 from lora_rite_optax import checks
@@ -53,9 +52,11 @@ def _finite_for_svd(who: str, name: str, x: jax.Array) -> jax.Array:
   """
   if isinstance(x, jax.core.Tracer):
     return jnp.where(jnp.isinf(x), jnp.nan, x)
-  # numpy's test: inside a jit trace, jnp's would be traced even for a
-  # concrete x.
-  if not np.all(np.isfinite(np.asarray(x))):
+  # At compile time: inside a jit trace jnp's test would be traced even for
+  # a concrete x, and numpy's cannot read an array spread over processes.
+  with jax.ensure_compile_time_eval():
+    finite = bool(jnp.all(jnp.isfinite(x)))
+  if not finite:
     raise ValueError(f'{who}: {name} holds inf or NaN; the SVD needs finite '
                      'values.')
   return x
