@@ -137,13 +137,17 @@ def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):
       loop.run(tiny(run_dir, **small), log=quiet)
   assert sorted(int(s) for s in os.listdir(run_dir / 'checkpoints')) == [2, 4]
   lines = []
-  loop.run(tiny(run_dir, resume=True, **small), log=lines.append)
+  resumed = loop.run(tiny(run_dir, resume=True, **small), log=lines.append)
   assert any('no evaluation recorded at step 4: doing it now' in l
              for l in lines), lines
   # Step 8's too: with no final evaluation (tiny's default), the last
-  # multiple of eval.every is evaluated (it had been left out).
+  # multiple of eval.every is evaluated (it had been left out), and it is
+  # the summary's eval_after, as a resume of the finished run reads it.
   with open(run_dir / 'eval.csv') as f:
     assert [int(r['step']) for r in csv.DictReader(f)] == [2, 4, 6, 8]
+  done = loop.run(tiny(run_dir, resume=True, **small), log=quiet)
+  assert resumed['eval_after'] is not None
+  assert done['eval_after'] == pytest.approx(resumed['eval_after'])
 
 
 def test_the_last_step_is_evaluated_once_with_a_final_evaluation(tmp_path):

@@ -2379,7 +2379,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       if ckpt_due:
         save_checkpoint(step)
       if eval_due:
-        interrupted = eval_or_stop(step, 'periodic')[1]
+        result, interrupted = eval_or_stop(step, 'periodic')
+        if step == cfg.steps:
+          # With no final evaluation this one is of the final model: the
+          # summary's eval_after, as a resume of the finished run reads it
+          # back from eval.csv.
+          summary['eval_after'] = result
       # Neither is training: kept out of the tokens/s window (an evaluation
       # had made the next row's tokens/s a tenth of the others').
       window_t0 += time.perf_counter() - paused
