@@ -29,6 +29,13 @@ def _rounds_to_one_above(dtype) -> float:
   return 1 - float(jnp.finfo(dtype).epsneg) / 2
 
 
+def shown(value: Any, limit: int = 80) -> str:
+  """``repr(value)`` on one line and at most ``limit`` characters: an
+  array's repr spans lines, and an error must stay one line."""
+  text = ' '.join(repr(value).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
 def is_integer(value: Any) -> bool:
   """Whether ``value`` is an integer (``operator.index`` takes it: numpy's
   too, not 2.0 and not True)."""
@@ -54,7 +61,7 @@ def _known(who: str, name: str, value: Any) -> float | None:
   v = concrete(value)
   if v is None and not (isinstance(value, jax.core.Tracer) or
                         callable(value)):
-    raise ValueError(f'{who}: {name} must be a number, got {value!r}.')
+    raise ValueError(f'{who}: {name} must be a number, got {shown(value)}.')
   return v
 
 
@@ -128,4 +135,5 @@ def flag(who: str, name: str, value: Any) -> None:
     return
   v = concrete(value)
   if v is None or v not in (0.0, 1.0):
-    raise ValueError(f'{who}: {name} must be True or False, got {value!r}.')
+    raise ValueError(f'{who}: {name} must be True or False, got '
+                     f'{shown(value)}.')

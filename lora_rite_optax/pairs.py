@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraLayout:
@@ -53,15 +55,15 @@ class LoraLayout:
       value = getattr(self, name)
       if not isinstance(value, str) or not value:
         raise ValueError(f'LoraLayout: {name} must be a non-empty string, got '
-                         f'{value!r}.')
+                         f'{checks.shown(value)}.')
     if self.a_key == self.b_key:
       raise ValueError(f'LoraLayout: a_key and b_key must differ, both are '
                        f'{self.a_key!r}.')
     for name in ('a_rank_axis', 'b_rank_axis', 'batch_axes'):
       value = getattr(self, name)
-      if isinstance(value, bool) or not hasattr(type(value), '__index__'):
+      if not checks.is_integer(value):
         raise ValueError(f'LoraLayout: {name} must be an integer, got '
-                         f'{value!r}.')
+                         f'{checks.shown(value)}.')
     if self.batch_axes < 0:
       raise ValueError(f'LoraLayout: batch_axes must be >= 0, got '
                        f'{self.batch_axes}.')
@@ -134,13 +136,14 @@ def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
     return lambda _: layout
   if not callable(layout):
     raise ValueError('layout must be a LoraLayout (e.g. lro.PEFT_LAYOUT) or a '
-                     f'function from a path to one, got {layout!r}.')
+                     f'function from a path to one, got '
+                     f'{checks.shown(layout)}.')
 
   def checked(path: str) -> LoraLayout:
     lay = layout(path)
     if not isinstance(lay, LoraLayout):
-      raise ValueError(f'the layout function returned {lay!r} for path '
-                       f'{path!r}; it must return a LoraLayout.')
+      raise ValueError(f'the layout function returned {checks.shown(lay)} '
+                       f'for path {path!r}; it must return a LoraLayout.')
     return lay
 
   return checked

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_rite_optax import checks
 from models import hf_io, lora
 from models.layers import (Projection, check_cache_room, check_token_ids,
                            shard_batch)
@@ -507,8 +508,8 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   forward (the reference the cache is tested against). The model runs in
   eval mode (no dropout) whatever mode it is in.
   """
-  if isinstance(max_new_tokens, bool) or not hasattr(
-      type(max_new_tokens), '__index__') or operator.index(max_new_tokens) < 1:
+  if not checks.is_integer(max_new_tokens) or operator.index(
+      max_new_tokens) < 1:
     raise ValueError(f'greedy_generate: max_new_tokens must be an int >= 1, '
                      f'got {max_new_tokens!r}.')
   max_new_tokens = operator.index(max_new_tokens)

@@ -161,6 +161,10 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.loraplus, {'weight_decay': None},
      r'loraplus: weight_decay must be a number, got None'),
     (lro.loraplus, {'b1': '0.9'}, r"loraplus: b1 must be a number, got '0.9'"),
+    # An array's repr had made a message of several lines.
+    (lro.lora_rite, {'eps': np.full((2, 2), 1e-6)},
+     r'eps must be a number, got array\(\[\[1.e-06, 1.e-06\], \[1.e-06, '
+     r'1.e-06\]\]\)\.$'),
     (lro.shampoo, {'matrix_eps': [1e-6]},
      r'shampoo: matrix_eps must be a number, got \[1e-06\]'),
     (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_rite_optax import checks
 from models import host_arrays
 from models.gemma.model import Gemma, init_cache
 from models.layers import check_token_ids
@@ -180,8 +181,8 @@ class Sampler:
     self._model = model
     self.config = model.config
     self.tokenizer = tokenizer
-    if isinstance(pad_multiple, bool) or not hasattr(
-        type(pad_multiple), '__index__') or operator.index(pad_multiple) < 1:
+    if not checks.is_integer(pad_multiple) or operator.index(
+        pad_multiple) < 1:
       raise ValueError(f'Sampler: pad_multiple must be an int >= 1, got '
                        f'{pad_multiple!r}.')
     self.pad_multiple = operator.index(pad_multiple)
@@ -246,8 +247,7 @@ class Sampler:
     """
     if isinstance(prompts, str):
       prompts = [prompts]
-    if isinstance(max_new_tokens, bool) or not hasattr(
-        type(max_new_tokens), '__index__'):
+    if not checks.is_integer(max_new_tokens):
       raise ValueError(f'max_new_tokens must be an int, got '
                        f'{max_new_tokens!r}.')
     max_new_tokens = operator.index(max_new_tokens)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_rite_optax import checks
 from train.data import arithmetic
 from train.data import formats
 from train.data import records as records_lib
@@ -248,9 +249,8 @@ def load_task(name: str, split: str = "train", *,
     raise ValueError(
         f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   file_split = "test" if split == "test" else "train"
-  if num_examples is not None and (
-      isinstance(num_examples, bool) or
-      not hasattr(type(num_examples), "__index__") or num_examples < 0):
+  if num_examples is not None and (not checks.is_integer(num_examples) or
+                                   num_examples < 0):
     # -1 had dropped the last example (a slice), silently.
     raise ValueError(f"num_examples must be None (all) or an int >= 0, got "
                      f"{num_examples!r}")
