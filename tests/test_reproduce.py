@@ -27,6 +27,31 @@ def _fake_run(task, opt, lr, seed, correct, loss, val):
                            'prediction': [0] * len(correct)}}}
 
 
+def test_run_files_that_do_not_fit_together(rp):
+  """A rate's run lacking a test set shows '-' in the by-rate table (a
+  KeyError before); runs of unequal lengths are one line naming them (a
+  numpy 'inhomogeneous shape' traceback before)."""
+  budget = dataclasses.replace(rp.BUDGETS['smoke'], lrs=(1e-4, 1e-3))
+  results = {}
+  for opt in ('lora_rite', 'adam'):
+    for seed in (0, 1):
+      results[('arithmetic', opt, 1e-3, seed)] = _fake_run(
+          'arithmetic', opt, 1e-3, seed, [1, 0, 1, 0], [0.5] * 4, 0.4)
+  other = _fake_run('arithmetic', 'adam', 1e-4, 0, [1, 1, 1, 1], [0.1] * 4,
+                    0.9)
+  other['tests'] = {'renamed': other['tests']['arithmetic']}
+  results[('arithmetic', 'adam', 1e-4, 0)] = other
+  t = rp.summarize(results, 'smoke', budget)['tasks']['arithmetic']
+  assert 'arithmetic' not in t['by_rate']['adam'][1e-4]
+  md = rp.markdown(rp.summarize(results, 'smoke', budget), budget, 'cmd')
+  assert '| adam | 0 | 0.0001 | 0.9000 | - | - |' in md
+  results[('arithmetic', 'adam', 1e-3, 1)]['tests']['arithmetic']['loss'] = (
+      [0.5] * 3)
+  with pytest.raises(rp.loop.ConfigError, match=r'arithmetic/arithmetic: the '
+                     r'adam runs hold \[3, 4\] test items'):
+    rp.summarize(results, 'smoke', budget)
+
+
 def test_shared_base_is_scoped_and_each_run_gets_its_own_variables(rp):
   """The once-per-process base model is installed by main only (importing
   the script left the loop's loader in place), and a run that rewrites a
