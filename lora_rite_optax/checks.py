@@ -44,7 +44,7 @@ def is_integer(value: Any) -> bool:
 
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
-  if (isinstance(value, (jax.core.Tracer, str, bytes)) or callable(value)):
+  if isinstance(value, (jax.core.Tracer, str, bytes)) or callable(value):
     return None
   try:
     return float(value)

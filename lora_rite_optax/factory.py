@@ -17,9 +17,11 @@ OPTIMIZER_NAMES = ('lora_rite', 'adam', 'loraplus', 'scaled_adam', 'shampoo',
                    'lamb')
 
 
-def _check_adam_family(who: str, weight_decay, kwargs) -> None:
+def _check_adam_family(who: str, learning_rate, weight_decay,
+                       kwargs) -> None:
   """optax's adamw and lamb check none of these: b2 = 1 had given NaN
   updates at the first step, and a negative eps or decay trained on."""
+  checks.learning_rate(who, learning_rate)
   for name in ('b1', 'b2'):
     if name in kwargs:
       checks.beta(who, name, kwargs[name])
@@ -30,8 +32,7 @@ def _check_adam_family(who: str, weight_decay, kwargs) -> None:
 
 
 def _adam(learning_rate, weight_decay=0.0, **kwargs):
-  checks.learning_rate('adam', learning_rate)
-  _check_adam_family('adam', weight_decay, kwargs)
+  _check_adam_family('adam', learning_rate, weight_decay, kwargs)
   # In float32 on 16-bit params, as the other optimizers keep their state
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
@@ -40,8 +41,7 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
-  checks.learning_rate('lamb', learning_rate)
-  _check_adam_family('lamb', weight_decay, kwargs)
+  _check_adam_family('lamb', learning_rate, weight_decay, kwargs)
   return casting.with_stable_dtypes(
       adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
 

@@ -840,16 +840,20 @@ def load_gguf(path: str, *, dtype=jnp.float32,
   config = config_from_gguf(gf)
   by_name = gf.tensors
 
+  def dequantize(t) -> np.ndarray:
+    """[out, in], numpy order; an error names the file."""
+    try:
+      return t.dequantize()
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
+
   def get(e: _Entry) -> np.ndarray:
     name = gguf_name(e.hf_name, config.family)
     t = by_name.get(name)
     if t is None:
       raise ValueError(f'{path}: missing tensor {name!r} '
                        f'(expected shape {list(e.hf_shape)[::-1]} in ggml order).')
-    try:
-      arr = t.dequantize()  # [out, in], numpy order
-    except ValueError as e:
-      raise ValueError(f'{path}: {e}') from None
+    arr = dequantize(t)
     if tuple(arr.shape) != e.hf_shape:
       raise ValueError(f'{path}: tensor {name!r} dequantizes to shape '
                        f'{list(arr.shape)}, expected {list(e.hf_shape)}.')
@@ -872,8 +876,8 @@ def load_gguf(path: str, *, dtype=jnp.float32,
     # Gemma ties its head to the embedding; llama.cpp would run a head of
     # its own, which this model has no place for: refused, not dropped.
     embed = by_name.get('token_embd.weight')
-    if embed is None or not np.array_equal(out.dequantize(),
-                                           embed.dequantize()):
+    if embed is None or not np.array_equal(dequantize(out),
+                                           dequantize(embed)):
       raise ValueError(f'{path}: output.weight differs from token_embd.weight '
                        '(an untied head); Gemma ties them.')
     names.add('output.weight')
