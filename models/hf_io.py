@@ -16,7 +16,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 from safetensors import SafetensorError
@@ -87,31 +87,53 @@ def read_json(path: str | os.PathLike, what: str = 'file') -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def replacing_together() -> Iterator[Callable[[str | os.PathLike], Path]]:
+  """Temporary files that replace their paths together, once all are written.
+
+  ``temp(path)`` gives a new temporary file next to ``path``. When the block
+  ends without an error, each replaces its path in the order they were
+  asked for (so the file that tells a loader what to read, an index or
+  config.json, can go last); a failure anywhere in the block leaves every
+  path as it was, never some files of the new save among the old ones.
+  The temporary files are removed either way. The renames also keep arrays
+  memory-mapped from an old file valid (they hold its inode).
+  """
+  made: list[tuple[Path, Path, int]] = []
+
+  def temp(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.'
+                         f'{uuid.uuid4().hex[:8]}.tmp')
+    # Created as open() creates files (0666 less the umask), not mkstemp's
+    # 0600; a file it replaces keeps its own permissions. The mode is set
+    # again after writing: a writer that recreates the file (safetensors'
+    # save_file) had left new weights at 0600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    made.append((tmp, path, tmp.stat().st_mode))
+    return tmp
+
+  try:
+    yield temp
+    for tmp, path, created_mode in made:
+      if path.exists():
+        shutil.copymode(path, tmp)
+      else:
+        os.chmod(tmp, created_mode)
+      os.replace(tmp, path)
+  finally:
+    for tmp, _, _ in made:
+      tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
   """A temporary file next to ``path`` that replaces it on success.
 
   Write to the yielded path: a failure part-way leaves ``path`` as it was
-  (never half-written) and removes the temporary file. The rename also keeps
-  arrays memory-mapped from the old file valid (they hold its inode).
+  (never half-written) and removes the temporary file.
   """
-  path = Path(path)
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
-                       '.tmp')
-  # Created as open() creates files (0666 less the umask), not mkstemp's
-  # 0600; a file it replaces keeps its own permissions. The mode is set
-  # again after writing: a writer that recreates the file (safetensors'
-  # save_file) had left new weights at 0600.
-  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-  created_mode = tmp.stat().st_mode
-  try:
-    yield tmp
-    if path.exists():
-      shutil.copymode(path, tmp)
-    else:
-      os.chmod(tmp, created_mode)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  with replacing_together() as temp:
+    yield temp(path)
 
 
 def _json_value(value: Any) -> Any:
@@ -277,13 +299,19 @@ def _save_file(tensors, tmp: Path, path, metadata) -> None:
 def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                  max_shard_bytes: int | None = None,
                  filename: str = SAFETENSORS,
-                 index: str | None = None) -> list[Path]:
+                 index: str | None = None,
+                 texts: Mapping[str, str] | None = None) -> list[Path]:
   """Writes ``tensors`` as one file or as shards plus an index (HF layout).
 
-  Each file is written atomically; afterwards the other layout's files
-  (``filename``, ``index``, or ``{stem}-*-of-*`` shards) left by an earlier
-  save are removed, since a loader would read them instead of the new ones.
-  ``index`` defaults to ``filename + '.index.json'``.
+  ``texts`` (file name -> text, e.g. config.json) are written with them.
+  All files are written first and then moved into place together (see
+  :func:`replacing_together`), the texts and the index last: a save that
+  fails part-way, a full disk say, leaves the folder's earlier save whole
+  rather than new shards beside old ones and an old config. Afterwards the
+  other layout's files (``filename``, ``index``, or ``{stem}-*-of-*``
+  shards) left by an earlier save are removed, since a loader would read
+  them instead of the new ones. ``index`` defaults to ``filename +
+  '.index.json'``.
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -292,33 +320,36 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   metadata = {'format': 'pt'}
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   total = sum(v.nbytes for v in tensors.values())
-  if max_shard_bytes is None or total <= max_shard_bytes:
-    path = safe_join(directory, filename)
-    with replacing(path) as tmp:
-      _save_file(tensors, tmp, path, metadata)
-    remove_stale_weights(directory, [filename], filename, index)
-    return [path]
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, value in tensors.items():
-    if shards[-1] and size + value.nbytes > max_shard_bytes:
+    if (max_shard_bytes is not None and shards[-1] and
+        size + value.nbytes > max_shard_bytes):
       shards.append({})
       size = 0
     shards[-1][name] = value
     size += value.nbytes
   stem = filename.rsplit('.', 1)[0]
   weight_map, paths, names = {}, [], []
-  for i, shard in enumerate(shards):
-    shard_name = f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    path = safe_join(directory, shard_name)
-    with replacing(path) as tmp:
-      _save_file(shard, tmp, path, metadata)
-    paths.append(path)
-    names.append(shard_name)  # not path.name: safe_join resolves links
-    weight_map.update({name: shard_name for name in shard})
-  write_json(safe_join(directory, index),
-             {'metadata': {'total_size': total}, 'weight_map': weight_map})
-  remove_stale_weights(directory, names + [index], filename, index)
+  with replacing_together() as temp:
+    for i, shard in enumerate(shards):
+      shard_name = (filename if len(shards) == 1 else
+                    f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors')
+      path = safe_join(directory, shard_name)
+      _save_file(shard, temp(path), path, metadata)
+      paths.append(path)
+      names.append(shard_name)  # not path.name: safe_join resolves links
+      weight_map.update({name: shard_name for name in shard})
+    if len(shards) > 1:
+      index_path = safe_join(directory, index)
+      temp(index_path).write_text(
+          dumps_json({'metadata': {'total_size': total},
+                      'weight_map': weight_map}, index_path),
+          encoding='utf-8')
+      names.append(index)
+    for name, text in (texts or {}).items():
+      temp(safe_join(directory, name)).write_text(text, encoding='utf-8')
+  remove_stale_weights(directory, names, filename, index)
   return paths
 
 

@@ -817,8 +817,8 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
   # the folder as it was.
   config_text = hf_io.dumps_json(config, out_dir / ADAPTER_CONFIG)
   out_dir.mkdir(parents=True, exist_ok=True)
-  hf_io.save_tensors(out_dir, tensors, filename=ADAPTER_WEIGHTS)
-  hf_io.write_text(hf_io.safe_join(out_dir, ADAPTER_CONFIG), config_text)
+  hf_io.save_tensors(out_dir, tensors, filename=ADAPTER_WEIGHTS,
+                     texts={ADAPTER_CONFIG: config_text})
   return out_dir
 
 

@@ -835,6 +835,6 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
       rows, cols = _hf_linear_shape(value.shape, kind)
       value = value.reshape(cols, rows).T
     tensors[name] = value
-  hf_io.save_tensors(directory, tensors, max_shard_bytes)
-  hf_io.write_text(directory / hf_io.CONFIG, config)
+  hf_io.save_tensors(directory, tensors, max_shard_bytes,
+                     texts={hf_io.CONFIG: config})
   return directory

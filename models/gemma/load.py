@@ -673,10 +673,7 @@ def save_pretrained(model: Gemma, directory: str, *,
                      dtypes.pop() if len(dtypes) == 1 else None, 'float32')
   config_path = os.path.join(directory, hf_io.CONFIG)
   config = hf_io.dumps_json(config_to_hf(c, torch_dtype), config_path)
-  os.makedirs(directory, exist_ok=True)
-  write_safetensors(os.path.join(directory, hf_io.SAFETENSORS), tensors)
-  hf_io.write_text(config_path, config)
-  hf_io.remove_stale_weights(directory, [hf_io.SAFETENSORS])
+  hf_io.save_tensors(directory, tensors, texts={hf_io.CONFIG: config})
 
 
 # ----------------------------------------------------------------------------
