@@ -53,6 +53,16 @@ def test_loraplus_wraps_any_base_optimizer():
   make = functools.partial(lro.loraplus, base=optax.lion, lr_ratio=4.0)
   battery.check_converges(make, 1e-2, rtol=2e-2)
   battery.check_inject_hyperparams(make, 1e-2, static_args=('base',))
+  # The base's own step: Lion's at the rate on A, at 4 times it on B.
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.full((2, 4), 0.5)}
+  grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=p.dtype)
+                                         ).reshape(p.shape) + 0.5, params)
+  tx = make(1e-2)
+  got, _ = tx.update(grads, tx.init(params), params)
+  for name, rate in (('lora_a', 1e-2), ('lora_b', 4e-2)):
+    ref = optax.lion(rate)
+    want, _ = ref.update(grads, ref.init(params), params)
+    chex.assert_trees_all_close(got[name], want[name])
 
 
 # --------------------------------------------------------------------------

@@ -282,8 +282,10 @@ def test_wilson_interval():
   assert ev.wilson_interval(10, 10)[1] == pytest.approx(1.0)
   lo99, hi99 = ev.wilson_interval(8, 10, confidence=0.99)
   assert lo99 < lo and hi99 > hi
-  with pytest.raises(ValueError):
-    ev.wilson_interval(1, 0)
+  with pytest.raises(ValueError, match='needs n > 0, got 0'):
+    ev.wilson_interval(0, 0)
+  with pytest.raises(ValueError, match=r'successes 11 not in \[0, 10\]'):
+    ev.wilson_interval(11, 10)
 
 
 def test_bootstrap_interval():

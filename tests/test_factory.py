@@ -7,6 +7,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -54,6 +55,26 @@ def test_battery_of_optax_optimizers(name, check):
 
 def test_lora_rite_converges_through_the_factory():
   battery.check_converges(MAKES['lora_rite'], RATES['lora_rite'])
+
+
+@pytest.mark.parametrize('name,direct', [
+    ('lora_rite', lro.lora_rite), ('loraplus', lro.loraplus),
+    ('scaled_adam', lro.scaled_adam), ('shampoo', lro.shampoo)])
+def test_each_name_is_its_optimizer(name, direct):
+  """lro.optimizer(name, ...) steps as the optimizer of that name, with the
+  keyword arguments passed on."""
+  rng = np.random.default_rng(0)
+  params = {'q': {'lora_a': jnp.asarray(rng.normal(size=(6, 2)), jnp.float32),
+                  'lora_b': jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)}}
+  grads = jax.tree.map(lambda p: jnp.cos(p) * p, params)
+  kwargs = {'weight_decay': 0.1}
+  tx, ref = lro.optimizer(name, 1e-2, **kwargs), direct(1e-2, **kwargs)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(2):
+    got, state = tx.update(grads, state, params)
+    want, ref_state = ref.update(grads, ref_state, params)
+    chex.assert_trees_all_close(got, want)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
 
 
 @pytest.mark.parametrize('name,reference', [

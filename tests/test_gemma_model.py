@@ -399,6 +399,11 @@ def test_bfloat16_compute():
   assert out.dtype == jnp.float32
   assert bf16.layers[0].attn.q.kernel.get_value().dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=0.15)
+  # Computed in bfloat16 (a model that ignored dtype gives float32's exact
+  # logits), and its activations are bfloat16.
+  assert np.abs(np.asarray(out) - np.asarray(ref)).max() > 1e-3
+  hidden = jax.eval_shape(lambda m, t: m.hidden(t), bf16, tokens)
+  assert hidden.dtype == jnp.bfloat16
 
 
 # --------------------------------------------------------------------------

@@ -274,6 +274,7 @@ def test_non_finite_gradient_never_reaches_params(bad):
     if step == 1:
       # The bad factor's fresh gradient was dropped; its partner still moved.
       assert np.all(np.isfinite(np.asarray(updates['p1']['lora_b'])))
+      assert np.abs(np.asarray(updates['p1']['lora_b'])).max() > 0
     params = optax.apply_updates(params, updates)
     for leaf in jax.tree.leaves((params, state)):
       assert np.all(np.isfinite(np.asarray(leaf)))

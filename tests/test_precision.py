@@ -119,3 +119,16 @@ def test_adapter_merge_is_highest():
   model = Tiny()
   lora.apply_lora(model, targets='q', rank=2, alpha=4.0)
   assert all_highest(dot_precisions(lora._delta, model.q))  # pylint: disable=protected-access
+  # merge_lora and unmerge_lora themselves, through that helper or not.
+  graphdef, state = nnx.split(model)
+
+  def kernel_after(fn):
+    def kernel(state):
+      m = nnx.merge(graphdef, state)
+      fn(m)
+      return m.q.kernel[...]
+    return kernel
+
+  assert all_highest(dot_precisions(kernel_after(lora.merge_lora), state))
+  assert all_highest(dot_precisions(
+      kernel_after(lambda m: lora.unmerge_lora(lora.merge_lora(m))), state))
