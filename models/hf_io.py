@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors import safe_open
@@ -134,6 +135,24 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
   """
   with replacing_together() as temp:
     yield temp(path)
+
+
+def and_more(names: Collection[str]) -> str:
+  """' (and N more)' after the first of ``names``, when there are more."""
+  return f' (and {len(names) - 1} more)' if len(names) > 1 else ''
+
+
+def floating_tensor(value: np.ndarray, name: str, where: str | os.PathLike
+                    ) -> np.ndarray:
+  """``value`` if it holds floating-point numbers, else a one-line error.
+
+  Weights cast from integers would load as whatever the integers were, with
+  no sign that the file is not the checkpoint it claims to be.
+  """
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(f'{where}: tensor {name!r} has dtype {value.dtype}; '
+                     'weights are floating point.')
+  return value
 
 
 def _json_value(value: Any) -> Any:

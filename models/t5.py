@@ -758,7 +758,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
       raise ValueError(f'{path}: missing tensor {name!r} (looked in '
                        f'{_weights_files(path)}).')
     where = tensors.file(stored)
-    value = tensors[stored]
+    value = hf_io.floating_tensor(tensors[stored], stored, where)
     shape = tuple(var.shape)
     if kind is not None:
       expected = _hf_linear_shape(shape, kind)
@@ -785,7 +785,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   unexpected = sorted(set(tensors) - used)
   if unexpected:
     raise ValueError(f'{tensors.file(unexpected[0])}: unexpected tensor '
-                     f'{unexpected[0]!r} (and {len(unexpected) - 1} more) for '
+                     f'{unexpected[0]!r}{hf_io.and_more(unexpected)} for '
                      'this config.json.')
   _materialize_rng_state(model, seed)
   return model

@@ -768,6 +768,33 @@ def test_missing_and_misshaped_tensors(tmp_path):
                      match=r'has shape \[3, 5\], expected \[128, 64\]') as e:
     gemma.from_pretrained(tmp_path)
   assert st in _one_line(e)
+  # Integers where weights go; a head of its own beside the embedding
+  # (Gemma ties it, so it would be dropped); an activation other than
+  # GELU's tanh form: each refused in one line rather than loaded.
+  as_int = dict(missing, **{name: np.ones((128, 64), np.int64)})
+  gemma_load.write_safetensors(st, as_int)
+  with pytest.raises(ValueError, match=f"'{name}' has dtype int64") as e:
+    gemma.from_pretrained(tmp_path)
+  assert st in _one_line(e)
+  head = dict(tensors, **{'lm_head.weight': np.ones((256, 64), np.float32)})
+  assert head['model.embed_tokens.weight'].shape == (256, 64)
+  gemma_load.write_safetensors(st, head)
+  with pytest.raises(ValueError, match="'lm_head.weight' is not the embedding"
+                     ) as e:
+    gemma.from_pretrained(tmp_path)
+  assert st in _one_line(e)
+  tied = dict(tensors, **{'lm_head.weight': tensors['model.embed_tokens.weight']})
+  gemma_load.write_safetensors(st, tied)
+  gemma.from_pretrained(tmp_path)  # a copy of the tied head is fine
+  config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps(
+      dict(config, hidden_activation='silu')))
+  with pytest.raises(ValueError, match="hidden_activation 'silu' is not") as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+  del config['head_dim']  # transformers' default, 256 (gemma-tiny has 16)
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  assert gemma_load.read_hf_config(str(tmp_path)).head_dim == 256
   with open(st, 'wb') as f:
     f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{not json')
   with pytest.raises(ValueError, match='not a valid safetensors file') as e:

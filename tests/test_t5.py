@@ -285,6 +285,11 @@ def test_bad_inputs(tmp_path):
     t5.from_pretrained(_write(tmp_path / 'extra', cfg,
                               dict(good, **{'encoder.block.7.x.weight': good[name]})))
   assert 'unexpected tensor' in _one_line(e)
+  assert '(and' not in str(e.value)  # the only one
+  with pytest.raises(ValueError) as e:
+    t5.from_pretrained(_write(tmp_path / 'int', cfg, dict(
+        good, **{name: good[name].astype(np.int32)})))
+  assert f"'{name}' has dtype int32" in _one_line(e)
   with pytest.raises(ValueError) as e:
     t5.from_pretrained(_write(tmp_path / 'nlayers', dict(cfg, num_layers=3), good))
   assert "missing tensor 'encoder.block.2" in _one_line(e)

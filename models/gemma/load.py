@@ -141,6 +141,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
 # Hugging Face config.json
 # ----------------------------------------------------------------------------
 
+_GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new')
 _MODEL_TYPES = {'gemma': 1, 'gemma2': 2, 'gemma3_text': 3, 'gemma3': 3}
 # transformers' Gemma3TextConfig defaults (filled in for nested text_config).
 _GEMMA3_TEXT_DEFAULTS = {
@@ -160,11 +161,6 @@ _HF_FAMILY_DEFAULTS = {
         'sliding_window': 4096},
 }
 _HF_LAYER_TYPES = {'sliding_attention': LOCAL, 'full_attention': GLOBAL}
-
-
-def _and_more(names) -> str:
-  """' (and N more)' after the first of ``names``, when there are more."""
-  return f' (and {len(names) - 1} more)' if len(names) > 1 else ''
 
 
 class _ConfigError(ValueError):
@@ -239,6 +235,15 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
     raise _ConfigError(f'{source}: tie_word_embeddings is false (an untied '
                        'output head); Gemma models here tie it to the '
                        'embedding.')
+  activation = d.get('hidden_activation')
+  if activation is not None and activation not in _GELU_TANH:
+    # The MLP here is GELU's tanh approximation, what every Gemma uses.
+    # (Gemma 1's hidden_act 'gelu' predates hidden_activation and meant it
+    # too, so only hidden_activation is read.)
+    raise _ConfigError(
+        f'{source}: hidden_activation {_short(activation)} is not supported; '
+        f'the Gemma MLP here uses GELU\'s tanh approximation '
+        f'({" or ".join(_GELU_TANH)}).')
   if d.get('use_bidirectional_attention'):
     raise _ConfigError(f'{source}: bidirectional attention (EmbeddingGemma) '
                        'is not supported; expected a causal Gemma.')
@@ -356,7 +361,7 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
       num_layers=num_layers,
       num_heads=num_heads,
       num_kv_heads=size('num_key_value_heads', num_heads),
-      head_dim=size('head_dim', width // num_heads),
+      head_dim=size('head_dim', 256),  # transformers' default, every family
       mlp_dim=size('intermediate_size'),
       norm_eps=number(d.get('rms_norm_eps', 1e-6), 'rms_norm_eps'),
       query_pre_attn_scalar=(number(qpas, 'query_pre_attn_scalar')
@@ -621,24 +626,33 @@ def load_hf(directory: str, *, dtype=jnp.float32,
   def get(e: _Entry) -> np.ndarray:
     name = _resolve_name(e.hf_name, tensors)
     if name is None:
-      raise ValueError(f'{os.path.join(directory, files)}: missing tensor '
-                       f'{e.hf_name!r} (expected shape {list(e.hf_shape)}).')
+      raise ValueError(f'{directory}: missing tensor {e.hf_name!r} (looked '
+                       f'in {files}; expected shape {list(e.hf_shape)}).')
     arr = tensors[name]
     if tuple(arr.shape) != e.hf_shape:
       raise ValueError(
           f'{where[name]}: tensor {name!r} has shape {list(arr.shape)}, '
           f'expected {list(e.hf_shape)} for this config.json.')
-    return arr
+    return hf_io.floating_tensor(arr, name, where[name])
 
   # Checked before building: a missing tensor first (the clearer message
   # when the checkpoint is another model), then leftovers.
   for e in _param_table(config):
     if _resolve_name(e.hf_name, tensors) is None:
       get(e)
+  embed = tensors[_resolve_name('model.embed_tokens.weight', tensors)]
+  for head in _HF_LM_HEADS:
+    # A copy of the tied head is allowed; a head of its own would be
+    # dropped for the embedding, silently.
+    if (head in tensors and tensors[head].shape == embed.shape and
+        not np.array_equal(tensors[head], embed)):
+      raise ValueError(
+          f'{where[head]}: tensor {head!r} is not the embedding (an untied '
+          'output head); Gemma models here tie it to the embedding.')
   unexpected = _unexpected_hf_tensors(config, tensors)
   if unexpected:
     raise ValueError(f'{where[unexpected[0]]}: unexpected tensor '
-                     f'{unexpected[0]!r}{_and_more(unexpected)} for '
+                     f'{unexpected[0]!r}{hf_io.and_more(unexpected)} for '
                      'this config.json.')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype,
                      place=place)
@@ -882,7 +896,7 @@ def load_gguf(path: str, *, dtype=jnp.float32,
   if unexpected:
     arch = gf.metadata.get('general.architecture')
     raise ValueError(f'{path}: unexpected tensor {unexpected[0]!r}'
-                     f'{_and_more(unexpected)} for the model its metadata '
+                     f'{hf_io.and_more(unexpected)} for the model its metadata '
                      f'describes ({arch}.block_count = {config.num_layers}).')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype,
                      place=place)
