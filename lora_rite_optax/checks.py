@@ -137,3 +137,22 @@ def flag(who: str, name: str, value: Any) -> None:
   if v is None or v not in (0.0, 1.0):
     raise ValueError(f'{who}: {name} must be True or False, got '
                      f'{shown(value)}.')
+
+
+def state_fits(who: str, state: Any, expected: Any) -> None:
+  """``state`` must have the structure and leaf shapes of ``expected``
+  (what init() gives the params at hand, or the updates themselves for
+  per-leaf moments): a state that init() made for other params had failed
+  inside a tree map (ten lines on the structure) or a broadcast (naming no
+  leaf)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+  leaves, other = jax.tree_util.tree_flatten(expected)
+  if treedef != other:
+    raise ValueError(f'{who}: the state does not have the structure of the '
+                     'updates (it was made by init() for other params).')
+  for (path, m), u in zip(paths, leaves):
+    if jnp.shape(m) != jnp.shape(u):
+      raise ValueError(
+          f"{who}: the state's {jax.tree_util.keystr(path)} has shape "
+          f'{jnp.shape(m)}, where these updates need {jnp.shape(u)} (the '
+          'state was made by init() for other params).')

@@ -256,4 +256,15 @@ def loraplus(
       tree = jax.tree.map(lambda x: B if x == B_NO_DECAY else x, tree)
     return tree
 
-  return optax.partition(transforms, labels)
+  inner = optax.partition(transforms, labels)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # optax.partition had failed on another optimizer's state with an
+    # AttributeError ('tuple' object has no attribute 'inner_states').
+    checks.state_of('loraplus', state, optax.PartitionState)
+    # Shapes only, at trace time: optax's Adam had failed on a state made
+    # for other params in a broadcast that names no leaf.
+    checks.state_fits('loraplus', state, jax.eval_shape(inner.init, updates))
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -231,6 +231,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
   pairs, lone = [], []
   for (prefix, suffix), slot in found.items():
     name = '/'.join(prefix)
+    # A pair at the root of the tree has no name of its own.
+    pair = f'pair {name!r}' if name else 'the pair at the root'
+    factor = lambda key: repr('/'.join(prefix + (key,) + suffix))
     lay = layouts(name)
     partnerless = False
     for mine, other in ((lay.a_key, lay.b_key), (lay.b_key, lay.a_key)):
@@ -261,19 +264,19 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     b_shape = leaves[b_index][1].shape
     if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
       raise ValueError(
-          f'{who}: pair {name!r} has stacked-layer axes {a_shape} vs '
+          f'{who}: {pair} has stacked-layer axes {a_shape} vs '
           f'{b_shape} that differ in their first {lay.batch_axes} axes.')
     for shape, key in ((a_shape, lay.a_key), (b_shape, lay.b_key)):
       if len(shape) < lay.batch_axes + 2:
         raise ValueError(
-            f'{who}: factor {name}/{key} has shape {shape}; expected at least '
+            f'{who}: factor {factor(key)} has shape {shape}; expected at least '
             f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
     for shape, key, axis in ((a_shape, lay.a_key, lay.a_rank_axis),
                              (b_shape, lay.b_key, lay.b_rank_axis)):
       inner = len(shape) - lay.batch_axes
       if not -inner <= axis < inner:
         raise ValueError(
-            f'{who}: factor {name}/{key} has shape {shape}, with no rank axis '
+            f'{who}: factor {factor(key)} has shape {shape}, with no rank axis '
             f'{axis} after its {lay.batch_axes} stacked axes.')
     r_a = _rank(a_shape, lay.a_rank_axis, lay.batch_axes)
     r_b = _rank(b_shape, lay.b_rank_axis, lay.batch_axes)
@@ -289,11 +292,11 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       # Nothing to adapt; LoRA-RITE's and ScaledAdam's r x r algebra had
       # failed on it with an IndexError.
       raise ValueError(
-          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) has rank 0; give it a rank >= 1 or leave it out.')
     if r_a != r_b:
       raise ValueError(
-          f'{who}: pair {name!r} has rank {r_a} in {lay.a_key} {a_shape} but '
+          f'{who}: {pair} has rank {r_a} in {lay.a_key} {a_shape} but '
           f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.'
           + hint)
     n_a = matrix_shape(a_shape, lay.a_rank_axis, lay.batch_axes)[1]
@@ -305,7 +308,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       # silently on wrong Gram matrices. Any other rank above both sides
       # is only redundant (a smaller one spans as much): warned.
       message = (
-          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) reads as rank {r_a}, above both factors\' other sizes '
           f'({n_a}, {n_b})')
       advice = (f'wrong layout? (NNX_LAYOUT has the rank last on {lay.a_key} '
@@ -320,7 +323,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       # every equivalent pair (measured: a 1e-1 gap in float64 over 30
       # steps, where full-rank pairs keep 1e-12).
       warnings.warn(
-          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) has rank {r_a}, above one factor\'s other size '
           f'({min(n_a, n_b)}): a rank of {min(n_a, n_b)} spans as much, '
           'and LoRA-RITE is transformation invariant only up to it.',
@@ -331,7 +334,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       # As many layers as the rank: both readings fit, and the wrong one
       # trains on wrong Gram matrices without an error.
       warnings.warn(
-          f'{who}: pair {name!r} ({lay.a_key} {a_shape}, {lay.b_key} '
+          f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) is read as one pair of rank {r_a}.' + hint,
           stacklevel=2)
     pairs.append(LoraPair(name, a_index, b_index, lay))

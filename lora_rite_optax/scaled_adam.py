@@ -185,6 +185,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   def update_fn(updates, state, params=None):
     del params
     checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
+    checks.state_fits('scale_by_adam_authors', state.mu, updates)
     count = optax.safe_increment(state.count)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype),
                       state.mu, updates)

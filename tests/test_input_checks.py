@@ -436,14 +436,45 @@ _TREE = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
     (lambda: lro.LoraLayout(a_key='x', b_key='x'),
      r"LoraLayout: a_key and b_key must differ, both are 'x'"),
     (lambda: lro.lora_rite(1e-3, layout=lro.LoraLayout(a_rank_axis=5)).init(
-        _TREE), r'factor q/lora_a has shape \(4, 2\), with no rank axis 5'),
+        _TREE), r"factor 'q/lora_a' has shape \(4, 2\), with no rank axis 5"),
     (lambda: lro.find_lora_pairs(_TREE, 'peft'),
      r"layout must be a LoraLayout .* got 'peft'"),
     (lambda: lro.find_lora_pairs(_TREE, lambda path: None),
      r"the layout function returned None for path 'q'"),
     (lambda: lro.lora_rite(1e-3).init({'lora_a': 1.0, 'lora_b': 2.0}),
      r"lora_rite: factor 'lora_a' must be an array, got float"),
+    # A pair at the root of the tree: named as such, not '' or '/lora_a'.
+    (lambda: lro.lora_rite(1e-3).init({'lora_a': jnp.ones((4, 2)),
+                                       'lora_b': jnp.ones((3, 3))}),
+     r'lora_rite: the pair at the root has rank 2 in lora_a'),
+    (lambda: lro.lora_rite(1e-3).init({'lora_a': jnp.ones(3),
+                                       'lora_b': jnp.ones(3)}),
+     r"lora_rite: factor 'lora_a' has shape \(3,\); expected at least 2"),
 ])
 def test_layouts_and_factors_are_checked_in_one_line(call, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as e:
     call()
+  assert '\n' not in str(e.value)
+
+
+_OTHER_SHAPES = {'q': {'lora_a': jnp.ones((5, 2)), 'lora_b': jnp.ones((2, 3))}}
+_OTHER_TREE = {**_TREE, 'k': _TREE['q']}
+
+
+@pytest.mark.parametrize('name', ['lora_rite', 'scaled_adam', 'loraplus',
+                                  'shampoo'])
+def test_a_state_made_for_other_params_is_one_line(name):
+  """ScaledAdam had failed in a broadcast naming no leaf, or with ten lines
+  on the tree structure; LoRA+ on another optimizer's state with an
+  AttributeError."""
+  tx = lro.optimizer(name, 1e-2)
+  for params in (_OTHER_SHAPES, _OTHER_TREE):
+    with pytest.raises(ValueError, match='init|state') as e:
+      tx.update(params, tx.init(_TREE), params)
+    assert '\n' not in str(e.value), str(e.value)
+  # Another optimizer's state: optax's chain says so (the transforms that
+  # are chains), or the optimizer's own check does.
+  with pytest.raises(ValueError, match='the state is a|has to be the same '
+                     'in chain! Make sure you have called init first') as e:
+    tx.update(_TREE, optax.sgd(1e-2).init(_TREE), _TREE)
+  assert '\n' not in str(e.value), str(e.value)
