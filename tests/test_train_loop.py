@@ -270,6 +270,11 @@ def test_bad_counts_are_config_errors(tmp_path):
   with pytest.raises(loop.ConfigError, match=r'eval.num_examples must be >= 0 '
                      r'\(0: all\), got -1'):
     loop.validate(tiny(tmp_path, **{'eval.num_examples': -1}), 1)
+  for field, value in (('dtype', 'float16'), ('param_dtype', 'int8')):
+    with pytest.raises(loop.ConfigError, match=rf"model.{field} must be "
+                       rf"'auto', 'float32' or 'bfloat16', got '{value}'"):
+      loop.build(tiny(tmp_path / field, **{f'model.{field}': value}))
+    assert not (tmp_path / field).exists()
 
 
 def test_existing_checkpoints_need_resume(straight):

@@ -538,13 +538,14 @@ def make_alternatives_score_fn(graphdef, *, pack: bool = False,
 # Building a run (no files written).
 
 
-def _dtype(name: str):
+def _dtype(name: str, field: str):
+  """The dtype ``--model.<field>`` names; the field is in its error."""
   if name == 'auto':
     return (jnp.bfloat16 if jax.default_backend() in ('tpu', 'gpu')
             else jnp.float32)
   if name not in ('float32', 'bfloat16'):
-    raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got "
-                      f'{name!r}.')
+    raise ConfigError(f"model.{field} must be 'auto', 'float32' or "
+                      f"'bfloat16', got {name!r}.")
   return jnp.dtype(name)
 
 
@@ -590,7 +591,8 @@ def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
     raise ConfigError(f"model.family {cfg.family!r}: load_model loads "
                       "Gemma models; T5 models load with load_t5_model.")
   from models import gemma  # pylint: disable=g-import-not-at-top
-  dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  dtype = _dtype(cfg.dtype, 'dtype')
+  param_dtype = _dtype(cfg.param_dtype, 'param_dtype')
   if model_path:
     if not os.path.exists(model_path):
       raise FileNotFoundError(f'model.path {model_path}: no such file or '
@@ -634,7 +636,8 @@ def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
   padding by the pad id, starts the decoder with it and stops on EOS.
   """
   from models import t5  # pylint: disable=g-import-not-at-top
-  dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  dtype = _dtype(cfg.dtype, 'dtype')
+  param_dtype = _dtype(cfg.param_dtype, 'param_dtype')
   if model_path:
     if not os.path.exists(model_path):
       raise FileNotFoundError(f'model.path {model_path}: no such file or '
