@@ -138,6 +138,54 @@ def test_save_tensors_failing_to_write_is_one_oserror(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+def test_a_save_that_fails_part_way_leaves_the_earlier_save_whole(
+    tmp_path, monkeypatch):
+  """A full disk on the second of four shards, or on config.json after the
+  weights: the folder had held new shards among old ones, or new weights
+  under the old config, and loaded as neither model without an error."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  old, new = _tensors(0), _tensors(1)
+  # 16 KiB tensors, 20 KB shards: 4 shards.
+  hf_io.save_tensors(tmp_path, old, max_shard_bytes=20_000,
+                     texts={'config.json': '{"old": 1}'})
+  files = sorted(os.listdir(tmp_path))
+  calls = []
+
+  def second_fails(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) == 2:
+      raise OSError(28, 'No space left on device')
+    save_file(tensors, filename, metadata=metadata)
+
+  monkeypatch.setattr(hf_io, 'save_file', second_fails)
+  with pytest.raises(OSError, match='No space left'):
+    hf_io.save_tensors(tmp_path, new, max_shard_bytes=20_000,
+                       texts={'config.json': '{"new": 1}'})
+  assert sorted(os.listdir(tmp_path)) == files  # no temporary file left
+  _assert_loads(tmp_path, old)
+  assert (tmp_path / 'config.json').read_text() == '{"old": 1}'
+  # Every shard written, then the config fails: nothing of the new save.
+  monkeypatch.setattr(hf_io, 'save_file', save_file)
+  real_write_text = hf_io.Path.write_text
+
+  def config_fails(self, text, *args, **kwargs):
+    if '.config.json.' in self.name:
+      raise OSError(28, 'No space left on device')
+    return real_write_text(self, text, *args, **kwargs)
+
+  monkeypatch.setattr(hf_io.Path, 'write_text', config_fails)
+  with pytest.raises(OSError, match='No space left'):
+    hf_io.save_tensors(tmp_path, new, max_shard_bytes=20_000,
+                       texts={'config.json': '{"new": 1}'})
+  assert sorted(os.listdir(tmp_path)) == files
+  _assert_loads(tmp_path, old)
+  monkeypatch.undo()
+  hf_io.save_tensors(tmp_path, new, max_shard_bytes=20_000,
+                     texts={'config.json': '{"new": 1}'})
+  _assert_loads(tmp_path, new)
+  assert (tmp_path / 'config.json').read_text() == '{"new": 1}'
+
+
 def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
   first, second = t5_models
   for model, shard in ((first, None), (second, 40_000), (first, None)):
