@@ -383,8 +383,30 @@ def test_record_missing_fields(tmp_path, task, record, missing):
   with pytest.raises(ValueError) as e:
     data.load_file(path, task)
   msg = str(e.value)
-  assert f"missing field(s) {missing}" in msg and "r.jsonl record 0" in msg
+  assert f"missing field(s) {missing}" in msg and "r.jsonl line 1:" in msg
   assert "\n" not in msg
+
+
+def test_a_jsonl_record_is_placed_by_its_line(tmp_path):
+  """Blank lines are skipped, so a record's index was not its line."""
+  path = tmp_path / "r.jsonl"
+  good = {"instruction": "q", "input": "", "output":
+          "the correct answer is false", "answer": "false"}
+  path.write_text(json.dumps(good) + "\n\n\n" +
+                  json.dumps({"instruction": "q"}))
+  with pytest.raises(ValueError, match=r"r.jsonl line 4: missing field"):
+    data.load_file(path, "boolq")
+  # An answer of false (a JSON boolean) is the gold; it had been taken for
+  # no answer, and the output's last word read instead.
+  path.write_text(json.dumps(dict(good, answer=False)))
+  assert data.load_file(path, "boolq")[0].gold_index == 1
+  # An answer the output contradicts is refused, not trained on one label
+  # and scored against the other.
+  path.write_text(json.dumps(dict(good, output="the correct answer is true",
+                                  answer=False)))
+  with pytest.raises(ValueError, match=r"r.jsonl line 1: answer 'False' but "
+                     r"the output ends on the option 'true'"):
+    data.load_file(path, "boolq")
 
 
 def test_bad_gold_labels():

@@ -131,7 +131,7 @@ def test_superni_bad_instances(tmp_path):
 ])
 def test_boolq_bad_label(tmp_path, key, value, expected):
   _refused(tmp_path, "boolq", [{"question": "is fire cold", key: value}],
-           "r.jsonl record 0: ", expected, "for task 'boolq'",
+           "r.jsonl line 1: ", expected, "for task 'boolq'",
            name="r.jsonl")
 
 

@@ -36,16 +36,27 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     ValueError: unknown suffix, malformed content, text that is not UTF-8,
       or a record that is not an object.
   """
+  return read_placed_records(path)[0]
+
+
+def read_placed_records(path: str | os.PathLike[str]
+                        ) -> tuple[list[Record], list[str]]:
+  """`read_records`' records and where each one is in the file, for error
+  messages: "line 4" in JSONL (blank lines skipped, so a count of records
+  would not find it), "record 0" in a JSON list, "row 0" in Parquet."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"data file not found: {path}")
   suffix = path.suffix.lower()
   if suffix == ".json":
-    return _read_json(path)
+    records = _read_json(path)
+    return records, [f"record {i}" for i in range(len(records))]
   if suffix == ".jsonl":
-    return _read_jsonl(path)
+    placed = _read_jsonl(path)
+    return [r for _, r in placed], [f"line {n}" for n, _ in placed]
   if suffix == ".parquet":
-    return _read_parquet(path)
+    records = _read_parquet(path)
+    return records, [f"row {i}" for i in range(len(records))]
   raise ValueError(
       f"unsupported data file suffix {suffix!r} for {path}; expected one of "
       f"{', '.join(SUFFIXES)}")
@@ -91,7 +102,8 @@ def _read_json(path: Path) -> list[Record]:
   return data
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
+  """(line number, record) of every non-blank line."""
   records = []
   with io.StringIO(_read_text(path)) as f:
     for lineno, line in enumerate(f, start=1):
@@ -109,7 +121,7 @@ def _read_jsonl(path: Path) -> list[Record]:
         raise ValueError(
             f"{path}: line {lineno} is a {type(record).__name__}, expected an "
             "object")
-      records.append(record)
+      records.append((lineno, record))
   return records
 
 

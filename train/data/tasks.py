@@ -110,7 +110,8 @@ def default_data_dir() -> Path:
 
 
 def examples_from_records(recs: Sequence[records_lib.Record], task: str, *,
-                          style: str = "alpaca", source: str = "records"
+                          style: str = "alpaca", source: str = "records",
+                          places: Sequence[str] | None = None
                           ) -> list[Example]:
   """Converts raw records of `task`, in any supported format, to examples.
 
@@ -119,6 +120,8 @@ def examples_from_records(recs: Sequence[records_lib.Record], task: str, *,
     task: Task name.
     style: Prompt style, see `templates.wrap_instruction`.
     source: Where the records came from, for error messages.
+    places: Where each record is in `source` ("line 4"), for error
+      messages; by default "record <index>".
 
   Returns:
     The examples, in record order.
@@ -129,7 +132,7 @@ def examples_from_records(recs: Sequence[records_lib.Record], task: str, *,
   spec = get_task(task)
   out: list[Example] = []
   for i, record in enumerate(recs):
-    where = f"{source} record {i}"
+    where = f"{source} {places[i] if places else f'record {i}'}"
     if "instruction" in record or spec.hf_converter is None:
       out += formats.from_instruction(
           record, task=spec.name, kind=spec.kind,
@@ -144,8 +147,9 @@ def load_file(path: str | os.PathLike[str], task: str, *,
               style: str = "alpaca") -> list[Example]:
   """Reads one local JSON / JSONL / Parquet file of `task` into examples."""
   get_task(task)  # Unknown names fail before any file access.
-  return examples_from_records(records_lib.read_records(path), task,
-                               style=style, source=str(path))
+  recs, places = records_lib.read_placed_records(path)
+  return examples_from_records(recs, task, style=style, source=str(path),
+                               places=places)
 
 
 def _local_file(folder: Path, spec: TaskSpec, file_split: str) -> Path:
