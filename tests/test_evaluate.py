@@ -40,6 +40,13 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is $9 500.", "9500"),
     ("The answer is 5 000 000.", "5000000"),
     ("The answer is 29/3.", "9.666667"),
+    # A mixed number after the marker; a fraction without one (had been its
+    # whole part, and its denominator); a date is not a fraction.
+    ("The answer is 2 1/2.", "2.5"),
+    ("The answer is -2 1/2", "-2.5"),
+    ("She needs 3/4 of a cup.", "0.75"),
+    ("So x = 7/2", "3.5"),
+    ("It was on 3/4/2020", "2020"),
     ("The answer is 29/4", "7.25"),
     ("The answer is 12 and 300.", "12"),
     ("The answer is 7/0.", None),

@@ -19,14 +19,17 @@ import re
 _CURRENCY = "$\u20ac\u00a3\u00a5\u20b9"
 _SIGN = (r"(?:(?<![\w.])-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
          r"]\s?)?")
-_NUMBER = _SIGN + r"(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+# A fraction ('29/3', '3/4') is read whole, as its value: not as the 29 or
+# the 4 (a '4' read out of '3/4 of a cup' scored right against a gold of 4).
+_FRACTION = r"(?<!/)\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?(?![\d/])"  # not a date's
+_NUMBER = _SIGN + r"(?:" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
-# After an answer marker also thousands grouped by spaces ('$9 500', as in
-# some GSM8K solutions; not '4 100-meter races') and a fraction ('29/3'):
-# read whole, not as '9' or '29'.
-_MARKED = (_SIGN + r"(?:\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
-           r"|\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?"
-           r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
+# After an answer marker also a mixed number ('2 1/2', 2.5) and thousands
+# grouped by spaces ('$9 500', as in some GSM8K solutions; not '4 100-meter
+# races'): read whole, not as '2' or '9'.
+_MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
+           r"|\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
+           r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
 # LLM-Adapters targets write it) answers with its result, not its first
 # operand.
@@ -76,13 +79,20 @@ def canonical_number(text: str | float | int | None) -> str | None:
 
 
 def _marked_value(text: str) -> str | None:
-  """A marked answer: a number, or a fraction 'a/b' as its value."""
+  """A number, or a fraction 'a/b' or mixed number 'w a/b' as its value."""
   if "/" not in text:
     return canonical_number(text)
-  num, den = (canonical_number(part) for part in text.split("/"))
+  whole, _, fraction = text.replace("\u00a0", " ").rpartition(" ")
+  num, den = (canonical_number(part) for part in fraction.split("/"))
   if num is None or den is None or float(den) == 0:
     return None
-  return canonical_number(float(num) / float(den))
+  value = float(num) / float(den)
+  if whole.strip():
+    w = canonical_number(whole)
+    if w is None:
+      return None
+    value = float(w) + math.copysign(value, float(w))  # '-2 1/2' is -2.5
+  return canonical_number(value)
 
 
 def extract_final_number(text: str, *, fallback_to_last: bool = True
@@ -110,7 +120,7 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
   if not fallback_to_last:
     return None
   matches = _NUMBER_RE.findall(text)
-  return canonical_number(matches[-1]) if matches else None
+  return _marked_value(matches[-1]) if matches else None
 
 
 def numbers_equal(a: str | None, b: str | None, *, tolerance: float = 1e-6
