@@ -396,6 +396,11 @@ def test_a_jsonl_record_is_placed_by_its_line(tmp_path):
                   json.dumps({"instruction": "q"}))
   with pytest.raises(ValueError, match=r"r.jsonl line 4: missing field"):
     data.load_file(path, "boolq")
+  path.write_text(json.dumps({k: v for k, v in good.items()
+                              if k != "instruction"}))
+  with pytest.raises(ValueError, match=r"line 1: missing field\(s\) "
+                     r"instruction"):
+    data.load_file(path, "boolq")
   # An answer of false (a JSON boolean) is the gold; it had been taken for
   # no answer, and the output's last word read instead.
   path.write_text(json.dumps(dict(good, answer=False)))

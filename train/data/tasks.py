@@ -133,7 +133,11 @@ def examples_from_records(recs: Sequence[records_lib.Record], task: str, *,
   out: list[Example] = []
   for i, record in enumerate(recs):
     where = f"{source} {places[i] if places else f'record {i}'}"
-    if "instruction" in record or spec.hf_converter is None:
+    # 'output' is the instruction format's too (no Hub format has it): a
+    # record with it but no instruction is told it lacks the instruction,
+    # not the Hub format's fields.
+    if ("instruction" in record or "output" in record
+        or spec.hf_converter is None):
       out += formats.from_instruction(
           record, task=spec.name, kind=spec.kind,
           default_labels=spec.default_labels, style=style, where=where)
