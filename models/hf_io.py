@@ -30,7 +30,7 @@ CONFIG = 'config.json'
 
 
 def safe_join(directory: str | os.PathLike, name: str, *,
-              links_may_leave: bool = False) -> Path:
+              links_may_leave: bool = False, replaced: bool = False) -> Path:
   """``directory / name``, refusing names that leave ``directory``.
 
   Args:
@@ -40,6 +40,10 @@ def safe_join(directory: str | os.PathLike, name: str, *,
       folder lead. For reading a Hugging Face cache snapshot, whose files
       are links into the cache's ``blobs/``; writes keep the default, so
       that a link planted in the folder is not written through.
+    replaced: the file will be replaced (see :func:`replacing_together`),
+      never written through: it may itself be a link out of the folder (a
+      cache snapshot's, replaced by the new file), but the folder it is in
+      may not lead out.
 
   Raises:
     ValueError: ``name`` is absolute, empty, has a ``..`` component, or
@@ -54,6 +58,10 @@ def safe_join(directory: str | os.PathLike, name: str, *,
                      'component could lead outside the directory.')
   if links_may_leave:
     return Path(directory) / name
+  if replaced:
+    path = Path(directory) / name
+    safe_join(directory, str(Path(name).parent))  # its folder stays inside
+    return path
   root = Path(directory).resolve()
   path = (root / name).resolve()
   if path != root and root not in path.parents:
@@ -142,8 +150,8 @@ def and_more(names: Collection[str]) -> str:
   return f' (and {len(names) - 1} more)' if len(names) > 1 else ''
 
 
-def floating_tensor(value: np.ndarray, name: str, where: str | os.PathLike
-                    ) -> np.ndarray:
+def floating_tensor(value: np.ndarray, name: str, where: str | os.PathLike,
+                    what: str = 'weights') -> np.ndarray:
   """``value`` if it holds floating-point numbers, else a one-line error.
 
   Weights cast from integers would load as whatever the integers were, with
@@ -151,7 +159,7 @@ def floating_tensor(value: np.ndarray, name: str, where: str | os.PathLike
   """
   if not jnp.issubdtype(value.dtype, jnp.floating):
     raise ValueError(f'{where}: tensor {name!r} has dtype {value.dtype}; '
-                     'weights are floating point.')
+                     f'{what} are floating point.')
   return value
 
 
@@ -354,20 +362,21 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     for i, shard in enumerate(shards):
       shard_name = (filename if len(shards) == 1 else
                     f'{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors')
-      path = safe_join(directory, shard_name)
+      path = safe_join(directory, shard_name, replaced=True)
       _save_file(shard, temp(path), path, metadata)
       paths.append(path)
       names.append(shard_name)  # not path.name: safe_join resolves links
       weight_map.update({name: shard_name for name in shard})
     if len(shards) > 1:
-      index_path = safe_join(directory, index)
+      index_path = safe_join(directory, index, replaced=True)
       temp(index_path).write_text(
           dumps_json({'metadata': {'total_size': total},
                       'weight_map': weight_map}, index_path),
           encoding='utf-8')
       names.append(index)
     for name, text in (texts or {}).items():
-      temp(safe_join(directory, name)).write_text(text, encoding='utf-8')
+      temp(safe_join(directory, name, replaced=True)).write_text(
+          text, encoding='utf-8')
   remove_stale_weights(directory, names, filename, index)
   return paths
 

@@ -970,9 +970,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       cfg, cfg_path)
   tensors = hf_io.load_tensors(src, ADAPTER_WEIGHTS, index=None)
   for key, value in tensors.items():
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-      raise ValueError(f'{who}: {key} has dtype {value.dtype}; LoRA factors '
-                       'are floating point.')
+    hf_io.floating_tensor(value, key, who, 'LoRA factors')
     if not np.isfinite(np.asarray(value, np.float32)).all():
       raise ValueError(f'{who}: {key} has non-finite values (NaN or inf): '
                        'the adapter of a run that diverged?')

@@ -807,7 +807,8 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
   """Writes ``model`` as a Hugging Face checkpoint directory.
 
   Writes config.json and model.safetensors (or shards and an index when the
-  weights exceed ``max_shard_bytes``) in the parameters' dtype. Kernels are
+  weights need more than one shard of ``max_shard_bytes``) in the
+  parameters' dtype. Kernels are
   written as they are: LoRA adapters are not included unless merged
   (``models.lora.merge_lora``; or export them with
   ``models.lora.save_peft_adapter``), and after a PiSSA / LoRA-GA init the

@@ -1,5 +1,6 @@
 """Shared test setup."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -14,10 +15,13 @@ import tempfile
 # lock a process could read an entry another is still writing; jax then
 # warns and compiles it itself. Set before jax is imported, which reads
 # these variables once.
-_RUN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _RUN_CACHE = tempfile.mkdtemp(prefix='lro-tests-xla-cache-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _RUN_CACHE
+  # Removed by the process that made it (the controller under xdist; the
+  # workers find it in their environment), at exit: also after a usage
+  # error, when pytest_unconfigure never runs.
+  atexit.register(shutil.rmtree, _RUN_CACHE, ignore_errors=True)
 
 # Sets OPENBLAS_NUM_THREADS=1 before jax loads LAPACK (see train/__init__.py).
 import train  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
@@ -27,21 +31,16 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-order,wrong-impor
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-order,wrong-import-position
 
 
-def pytest_unconfigure(config):
-  del config
-  # Only the process that made the folder (the controller under xdist)
-  # removes it; the workers found it in their environment.
-  if _RUN_CACHE is not None:
-    shutil.rmtree(_RUN_CACHE, ignore_errors=True)
-
-
 @pytest.fixture(autouse=True)
 def _same_compilation_cache_for_every_test():
   """Fails a test that moves JAX's persistent compilation cache: JAX sets
   it up once per process and for good, so every later test in the worker
   would compile through it (benchmarks/reproduce.py's main did). A test
-  that switches the cache off (the benchmarks time real compiles) has it
-  switched back on after it."""
+  that switches the cache off (the benchmark scripts, which time real
+  compiles) has the flag set back after it. (jax decides once per process,
+  at its first compile, whether to use the cache, so in a test the flag
+  changes nothing: the benchmarks' smoke tests time cache loads, and their
+  timings are not what they check.)"""
   before = jax.config.jax_compilation_cache_dir  # JAX_COMPILATION_CACHE_DIR
   enabled = jax.config.jax_enable_compilation_cache
   yield

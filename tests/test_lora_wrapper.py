@@ -395,7 +395,7 @@ def test_peft_bad_inputs(tmp_path):
       (write('alpha', cfg=dict(cfg, lora_alpha=0)),
        'lora_alpha must be finite and non-zero, got 0'),
       (write('int_factor', dict(tensors, **{key: tensors[key].astype(
-          np.int32)})), f'{key} has dtype int32; LoRA factors are floating'),
+          np.int32)})), f"'{key}' has dtype int32; LoRA factors are floating"),
       (write('nan', dict(tensors, **{key: np.full_like(tensors[key], np.nan)})),
        f'{key} has non-finite values'),
   ]

@@ -186,6 +186,35 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_save_whole(
   assert (tmp_path / 'config.json').read_text() == '{"new": 1}'
 
 
+def test_a_save_replaces_links_out_of_the_folder_never_writes_through(
+    tmp_path):
+  """A Hugging Face cache snapshot's files are links into blobs/ outside
+  the snapshot folder: a save over it had been refused (or, before saves
+  went through temporary files, would have written into the blobs). The
+  links are replaced by the new files; the blobs stay as they were. A
+  folder leading out is still refused."""
+  snap = tmp_path / 'snapshots' / 'abc'
+  snap.mkdir(parents=True)
+  blobs = tmp_path / 'blobs'
+  blobs.mkdir()
+  old = _tensors(0)
+  hf_io.save_tensors(blobs, old)
+  (blobs / 'cfg').write_text('{"old": 1}')
+  (snap / hf_io.SAFETENSORS).symlink_to(blobs / hf_io.SAFETENSORS)
+  (snap / 'config.json').symlink_to(blobs / 'cfg')
+  new = _tensors(1)
+  hf_io.save_tensors(snap, new, texts={'config.json': '{"new": 1}'})
+  for name in (hf_io.SAFETENSORS, 'config.json'):
+    assert not (snap / name).is_symlink(), name
+  _assert_loads(snap, new)
+  _assert_loads(blobs, old)
+  assert (blobs / 'cfg').read_text() == '{"old": 1}'
+  (snap / 'sub').symlink_to(blobs)
+  with pytest.raises(ValueError, match="refusing file name 'sub', which "
+                     'resolves outside'):
+    hf_io.save_tensors(snap, new, filename='sub/model.safetensors')
+
+
 def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
   first, second = t5_models
   for model, shard in ((first, None), (second, 40_000), (first, None)):
