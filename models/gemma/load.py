@@ -587,7 +587,8 @@ def _unexpected_hf_tensors(config: GemmaConfig, tensors) -> list[str]:
   Leftovers mean the config does not describe the checkpoint (e.g. fewer
   layers than it holds), so loading would silently drop weights. Allowed:
   a copy of the tied output head (``lm_head.weight`` of the embedding's
-  shape; config_from_hf refuses untied heads) and, in a multimodal
+  shape; config_from_hf refuses a config that unties it, and load_hf a
+  head that differs from the embedding) and, in a multimodal
   checkpoint (text model under a prefix), its vision tower and projector.
   """
   used = set()

@@ -112,10 +112,11 @@ def from_instruction(record: Record, *, task: str, kind: str,
       raise ValueError(
           f"{where}: the options {'/'.join(labels)} repeat a label (labels "
           f"ignore case) for task {task!r}")
-    # An answer of false (BoolQ in JSON) is an answer, not a missing one.
+    # The option the output ends on; an answer of false (BoolQ in JSON) is
+    # an answer, not a missing one.
+    said = output.rsplit(" ", 1)[-1].strip()
     answer = record.get("answer")
-    gold = str(output.rsplit(" ", 1)[-1] if answer is None or answer == ""
-               else answer).strip()
+    gold = said if answer is None or answer == "" else str(answer).strip()
     if gold.lower() not in folded:
       raise ValueError(
           f"{where}: answer {gold!r} is not one of the options "
@@ -123,12 +124,11 @@ def from_instruction(record: Record, *, task: str, kind: str,
     choices = templates.parse_choices(instruction, labels)
     if not choices and tuple(folded) == ("true", "false"):
       choices = labels  # BoolQ: the labels are the option texts.
-    said = output.rsplit(" ", 1)[-1].strip().lower()
-    if said in folded and said != gold.lower():
+    if said.lower() in folded and said.lower() != gold.lower():
       # Training on one label while scoring against another.
       raise ValueError(
           f"{where}: answer {gold!r} but the output ends on the option "
-          f"{said!r} for task {task!r}")
+          f"{said.lower()!r} for task {task!r}")
     gold_index = folded.index(gold.lower())
     # The options scored are worded as the target trained on; an output
     # that does not end on its label gets the template's wording.
