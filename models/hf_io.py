@@ -216,6 +216,14 @@ class Tensors(Mapping[str, np.ndarray]):
       self._handles[path] = _open(path)
     return self._handles[path]
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The shape of ``name``, from its file's header (no data is read)."""
+    path = self._files[name]
+    try:
+      return tuple(self._open(path).get_slice(name).get_shape())
+    except Exception as e:  # safetensors raises its own SafetensorError.
+      raise ValueError(f'{path}: cannot read tensor {name!r} ({e}).') from None
+
   def __getitem__(self, name: str) -> np.ndarray:
     path = self._files[name]
     try:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from train import configs
 from train import loop
@@ -708,14 +709,13 @@ def _lora_model(rank=4):
 def _copy_hf(src, dst, drop=None, reshape=None):
   """A copy of a Hugging Face dir, one tensor dropped or re-shaped."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from models.gemma import load as gemma_load  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
   st = str(dst / 'model.safetensors')
   tensors = {k: np.array(v) for k, v in
-             gemma_load.read_safetensors(st).items() if k != drop}
+             load_file(st).items() if k != drop}
   if reshape:
     tensors[reshape] = np.zeros((3, 5), np.float32)
-  gemma_load.write_safetensors(st, tensors)
+  save_file(tensors, st)
 
 
 def _write_peft(d, tensors, r=4):
@@ -799,7 +799,8 @@ BAD_INPUTS = [
      lambda t: _from_pretrained(t / 'hf'), ValueError, 'malformed JSON'),
     ('safetensors tensor missing', 'missing',
      lambda t: _from_pretrained(t / 'hf'), ValueError,
-     "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+     "{tmp}/hf: missing tensor 'model.layers.1.mlp.up_proj.weight' (looked "
+     'in model.safetensors; expected shape [128, 64])'),
     ('safetensors tensor mis-shaped', 'misshaped',
      lambda t: _from_pretrained(t / 'hf'), ValueError,
      "has shape [3, 5], expected [128, 64] for this config.json"),

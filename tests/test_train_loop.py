@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from train import configs
 from train import loop
@@ -325,9 +326,9 @@ def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
   gemma.save_pretrained(model, str(hf))
   assert gemma_load.hf_module_prefix(str(hf)) == 'model'
   st = str(hf / 'model.safetensors')
-  gemma_load.write_safetensors(st, {
+  save_file({
       'model.language_model.' + k.removeprefix('model.'): np.array(v)
-      for k, v in gemma_load.read_safetensors(st).items()})
+      for k, v in load_file(st).items()}, st)
   with open(hf / 'config.json') as f:
     text_config = json.load(f)
   with open(hf / 'config.json', 'w') as f:
@@ -336,8 +337,8 @@ def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
   assert gemma_load.hf_module_prefix(str(hf)) == 'model.language_model'
   out = loop.run(tiny(tmp_path / 'run', steps=1, checkpoint_every=0,
                       **{'model.path': str(hf)}), log=lambda s: None)
-  names = gemma_load.read_safetensors_header(
-      os.path.join(out['adapter_dir'], 'adapter_model.safetensors'))[0]
+  names = load_file(
+      os.path.join(out['adapter_dir'], 'adapter_model.safetensors'))
   assert names and all(n.startswith(
       'base_model.model.model.language_model.layers.') for n in names), names
 

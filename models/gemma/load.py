@@ -8,9 +8,9 @@
     quantization `gguf.quants.dequantize` understands.
 `save_pretrained(model, directory)` writes the Hugging Face layout back.
 
-Safetensors are read and written with a small numpy reader rather than the
-`safetensors` package because real Gemma checkpoints are bfloat16, which the
-package's numpy backend refuses; the format is a JSON header and raw bytes.
+Safetensors are read and written by the `safetensors` package, through
+`models.hf_io` (shared with T5 and the PEFT adapters): lazily, one tensor at
+a time, so a large checkpoint never sits in host memory whole.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-import struct
 from typing import Callable, Iterator
 
 import jax
@@ -33,109 +31,6 @@ from models import hf_io, lora
 from models.gemma.gguf_io import GGUFFile, read_gguf
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
 from models.gemma.model import Gemma
-
-# ----------------------------------------------------------------------------
-# safetensors
-# ----------------------------------------------------------------------------
-
-_ST_DTYPES = {
-    'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-    'BF16': np.dtype(ml_dtypes.bfloat16), 'F64': np.dtype(np.float64),
-    'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
-    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8),
-    'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-  """(header dict, offset of the data section) of a .safetensors file."""
-  try:
-    with open(path, 'rb') as f:
-      raw = f.read(8)
-      if len(raw) != 8:
-        raise ValueError('file shorter than the 8-byte header length')
-      (n,) = struct.unpack('<Q', raw)
-      size = os.path.getsize(path)
-      if n > size - 8:
-        raise ValueError(f'header length {n} exceeds the file size {size}')
-      header = json.loads(f.read(n))
-      if not isinstance(header, dict):
-        raise ValueError('header is not a JSON object')
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path}: safetensors file not found.') from None
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path}: not a valid safetensors file ({e}).') from None
-  header.pop('__metadata__', None)
-  return header, 8 + n
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """name -> array (memory-mapped, read-only) of a .safetensors file.
-
-  Raises:
-    ValueError: a malformed header or an entry whose shape or byte range
-      is not valid (one line naming the file and the tensor).
-  """
-  header, start = read_safetensors_header(path)
-  data = np.memmap(path, dtype=np.uint8, mode='r')
-  data_size = data.size - start
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  out, ranges = {}, []
-  for name, info in header.items():
-    try:
-      dtype = _ST_DTYPES[info['dtype']]
-      shape = tuple(info['shape'])
-      begin, end = info['data_offsets']
-    except (KeyError, TypeError, ValueError):
-      raise ValueError(f'{path}: malformed safetensors entry for {name!r}: '
-                       f'{" ".join(repr(info).split())[:200]}.') from None
-    if not all(is_int(n) and n >= 0 for n in shape):
-      raise ValueError(f'{path}: tensor {name!r} has shape {list(shape)}; '
-                       'expected non-negative integer dimensions.')
-    if not (is_int(begin) and is_int(end) and 0 <= begin <= end <= data_size):
-      raise ValueError(f'{path}: tensor {name!r} has data_offsets '
-                       f'[{begin!r}, {end!r}]; expected integers with 0 <= '
-                       f'begin <= end <= {data_size} (the data section).')
-    if end - begin != math.prod(shape) * dtype.itemsize:
-      raise ValueError(
-          f'{path}: tensor {name!r} byte range {begin}..{end} does not hold '
-          f'{info["dtype"]}{list(shape)}.')
-    ranges.append((begin, end, name))
-    out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
-  # Two tensors sharing bytes is a corrupt (or crafted) file, not weights.
-  reach, prev = 0, None  # furthest end so far, and whose it is
-  for begin, end, name in sorted(r for r in ranges if r[0] < r[1]):
-    if begin < reach:
-      raise ValueError(f'{path}: tensors {prev!r} and {name!r} share bytes '
-                       f'(data_offsets ..{reach} and {begin}..{end}).')
-    reach, prev = end, name
-  return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-  """Writes name -> array as a .safetensors file (little-endian, C order)."""
-  header, offset, arrays = {}, 0, []
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
-    if a.dtype not in _ST_NAMES:
-      raise ValueError(f'{path}: cannot store tensor {name!r} of dtype {a.dtype}.')
-    header[name] = {'dtype': _ST_NAMES[a.dtype], 'shape': list(a.shape),
-                    'data_offsets': [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
-  header['__metadata__'] = dict(metadata or {'format': 'pt'})
-  blob = json.dumps(header, separators=(',', ':')).encode()
-  blob += b' ' * (-len(blob) % 8)  # the data section starts 8-byte aligned
-  # Write then rename: arrays memory-mapped from an older file at ``path``
-  # (read_safetensors) keep their inode instead of faulting on truncation.
-  with hf_io.replacing(path) as tmp, open(tmp, 'wb') as f:
-    f.write(struct.pack('<Q', len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
-
 
 # ----------------------------------------------------------------------------
 # Hugging Face config.json
@@ -549,11 +444,6 @@ def _resolve_name(name: str, available) -> str | None:
   return None
 
 
-def _safetensors_files(directory: str) -> list[str]:
-  files, _ = hf_io.weight_files(directory)
-  return [str(path) for path in files.values()]
-
-
 def hf_module_prefix(directory: str) -> str:
   """Where the checkpoint in ``directory`` keeps its text decoder's layers.
 
@@ -563,10 +453,7 @@ def hf_module_prefix(directory: str) -> str:
   :func:`models.lora.gemma_hf_name`). Reads only the safetensors headers.
   """
   probe = 'model.layers.0.self_attn.q_proj.weight'
-  names = set()
-  for fn in _safetensors_files(directory):
-    names.update(read_safetensors_header(fn)[0])
-  found = _resolve_name(probe, names)
+  found = _resolve_name(probe, hf_io.open_tensors(directory))
   if found is None:
     raise ValueError(f'{directory}: no tensor {probe!r} under any of the '
                      f'prefixes {list(_HF_PREFIXES)}.')
@@ -581,7 +468,8 @@ _HF_NON_TEXT_PREFIXES = ('vision_tower.', 'multi_modal_projector.',
 _HF_LM_HEADS = ('lm_head.weight', 'language_model.lm_head.weight')
 
 
-def _unexpected_hf_tensors(config: GemmaConfig, tensors) -> list[str]:
+def _unexpected_hf_tensors(config: GemmaConfig,
+                           tensors: hf_io.Tensors) -> list[str]:
   """Sorted names in ``tensors`` that the model of ``config`` does not use.
 
   Leftovers mean the config does not describe the checkpoint (e.g. fewer
@@ -598,7 +486,7 @@ def _unexpected_hf_tensors(config: GemmaConfig, tensors) -> list[str]:
       used.add(name)
   embed = (config.vocab_size, config.width)
   used.update(n for n in _HF_LM_HEADS
-              if n in tensors and tuple(tensors[n].shape) == embed)
+              if n in tensors and tensors.shape(n) == embed)
   multimodal = _resolve_name('model.embed_tokens.weight', tensors) not in (
       None, 'model.embed_tokens.weight')
   return sorted(n for n in tensors if n not in used and not (
@@ -615,13 +503,10 @@ def load_hf(directory: str, *, dtype=jnp.float32,
       mis-shaped or unexpected tensors (one line naming the file).
   """
   config = read_hf_config(directory)
-  tensors: dict[str, np.ndarray] = {}
-  where: dict[str, str] = {}
-  for fn in _safetensors_files(directory):
-    for name, arr in read_safetensors(fn).items():
-      tensors[name] = arr
-      where[name] = fn
-  files = ', '.join(sorted({os.path.basename(w) for w in where.values()})) or (
+  # Read on access: each tensor is read once, when the model takes it.
+  tensors = hf_io.open_tensors(directory)
+  where = tensors.file
+  files = ', '.join(sorted({where(n).name for n in tensors})) or (
       'the safetensors files')
 
   def get(e: _Entry) -> np.ndarray:
@@ -629,30 +514,30 @@ def load_hf(directory: str, *, dtype=jnp.float32,
     if name is None:
       raise ValueError(f'{directory}: missing tensor {e.hf_name!r} (looked '
                        f'in {files}; expected shape {list(e.hf_shape)}).')
-    arr = tensors[name]
-    if tuple(arr.shape) != e.hf_shape:
+    shape = tensors.shape(name)
+    if shape != e.hf_shape:
       raise ValueError(
-          f'{where[name]}: tensor {name!r} has shape {list(arr.shape)}, '
+          f'{where(name)}: tensor {name!r} has shape {list(shape)}, '
           f'expected {list(e.hf_shape)} for this config.json.')
-    return hf_io.floating_tensor(arr, name, where[name])
+    return hf_io.floating_tensor(tensors[name], name, where(name))
 
   # Checked before building: a missing tensor first (the clearer message
   # when the checkpoint is another model), then leftovers.
   for e in _param_table(config):
     if _resolve_name(e.hf_name, tensors) is None:
       get(e)
-  embed = tensors[_resolve_name('model.embed_tokens.weight', tensors)]
+  embed = _resolve_name('model.embed_tokens.weight', tensors)
   for head in _HF_LM_HEADS:
     # A copy of the tied head is allowed; a head of its own would be
     # dropped for the embedding, silently.
-    if (head in tensors and tensors[head].shape == embed.shape and
-        not np.array_equal(tensors[head], embed)):
+    if (head in tensors and tensors.shape(head) == tensors.shape(embed) and
+        not np.array_equal(tensors[head], tensors[embed])):
       raise ValueError(
-          f'{where[head]}: tensor {head!r} is not the embedding (an untied '
+          f'{where(head)}: tensor {head!r} is not the embedding (an untied '
           'output head); Gemma models here tie it to the embedding.')
   unexpected = _unexpected_hf_tensors(config, tensors)
   if unexpected:
-    raise ValueError(f'{where[unexpected[0]]}: unexpected tensor '
+    raise ValueError(f'{where(unexpected[0])}: unexpected tensor '
                      f'{unexpected[0]!r}{hf_io.and_more(unexpected)} for '
                      'this config.json.')
   return build_model(config, get, dtype=dtype, param_dtype=param_dtype,
