@@ -209,6 +209,11 @@ def test_config_from_a_saved_json(tmp_path):
                     '--distributed.num_processes', '2'])[0] == configs.replace(
                         cfg, **{'distributed.process_id': 1,
                                 'distributed.num_processes': 2})
+  # Nor is resume: a resumed run's file says true, and a new run started
+  # from it in another folder had been refused as a resume of the old one.
+  path.write_text(configs.to_json(configs.replace(cfg, resume=True)))
+  assert cli.parse(['--config', str(path)])[0] == cfg
+  assert cli.parse(['--config', str(path), '--resume'])[0].resume
 
 
 def test_resuming_a_moved_runs_config_names_its_folder(tmp_path):

@@ -404,7 +404,7 @@ def load_json(path: str | os.PathLike[str]) -> Config:
   ``python -m train --config RUN_DIR/config.json --resume`` continues a
   run with the settings it started with, overrides and all, except the
   per-host ``distributed.*`` ones (the file is process 0's), which each
-  host passes as before.
+  host passes as before, and ``resume``, which only ``--resume`` sets.
 
   Raises:
     ValueError: the file is missing or unreadable, not JSON, has a field
@@ -430,6 +430,10 @@ def load_json(path: str | os.PathLike[str]) -> Config:
   # Per-host settings are each host's own: process 0 wrote the file, and
   # its process_id given to every host would start them all as process 0.
   d.pop('distributed', None)
+  # Resuming is a choice of each command, not a setting of the run: a
+  # resumed run's file says true, and a new run started from it (another
+  # run_dir, say) would otherwise be taken for a resume.
+  d.pop('resume', None)
   return from_dict(d)
 
 
