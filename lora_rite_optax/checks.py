@@ -108,12 +108,12 @@ def non_negative(who: str, name: str, value: Any,
                      (' and finite' if finite else '') + f', got {v}.')
 
 
-def learning_rate(who: str, value: Any) -> None:
+def learning_rate(who: str, value: Any, name: str = 'learning_rate') -> None:
   """A schedule (any callable), or a rate >= 0 and finite where it is
   known. None had been optax's identity: a step of rate 1 up the
   gradient."""
   if not callable(value):
-    non_negative(who, 'learning_rate', value, finite=True)
+    non_negative(who, name, value, finite=True)
 
 
 def state_of(who: str, state: Any, cls: type) -> None:

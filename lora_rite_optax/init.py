@@ -382,6 +382,9 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
   _check_int('lora_ga', 'rank', rank)
   checks.positive('lora_ga', 'scale', scale)
   checks.positive('lora_ga', 'gamma', gamma)
+  # Tested by Python below: the string 'False' would switch either on.
+  checks.flag('lora_ga', 'use_sign', use_sign)
+  checks.flag('lora_ga', 'randomized', randomized)
   if rank < 1 or 2 * rank > min(in_dim, out_dim):
     raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
                      f'{rank} for shape {w0.shape}.')

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,7 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     >>> loraplus_labels(params)
     {'bias': 'b_no_decay', 'q': {'lora_a': 'a', 'lora_b': 'b'}}
   """
+  _check_is_embedding(is_embedding)
   paired = pairs_lib.find_lora_pairs(params, layout, who='loraplus',
                                      allow_unpaired=True)
   leaves, _ = pairs_lib.flatten(params)
@@ -87,6 +88,16 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     else:
       labels[factor.index] = B if factor.role == 'b' else A
   return jax.tree_util.tree_unflatten(paired.treedef, labels)
+
+
+def _check_is_embedding(is_embedding: Any) -> None:
+  # Called on each pair's name at init; a string (the embedding's name)
+  # had failed there with "'str' object is not callable".
+  if is_embedding is not None and not callable(is_embedding):
+    raise ValueError(
+        'loraplus: is_embedding must be a function of a pair\'s name '
+        '(e.g. lambda name: \'embed\' in name), got '
+        f'{checks.shown(is_embedding)}.')
 
 
 def loraplus(
@@ -195,9 +206,12 @@ def loraplus(
   """
   checks.learning_rate('loraplus', learning_rate)
   checks.positive('loraplus', 'lr_ratio', lr_ratio)
-  if lr_embedding is not None and is_embedding is None:
-    raise ValueError('loraplus: lr_embedding applies to the pairs that '
-                     'is_embedding selects; pass is_embedding too.')
+  _check_is_embedding(is_embedding)
+  if lr_embedding is not None:
+    if is_embedding is None:
+      raise ValueError('loraplus: lr_embedding applies to the pairs that '
+                       'is_embedding selects; pass is_embedding too.')
+    checks.learning_rate('loraplus', lr_embedding, 'lr_embedding')
   if base is None:
     for name, value in (('b1', b1), ('b2', b2)):
       checks.beta('loraplus', name, value)

@@ -81,7 +81,7 @@ def scale_by_riemannian_precond(
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
 
-  checks.non_negative('scaled_adam', 'delta', delta)
+  checks.non_negative('scaled_adam', 'delta', delta, finite=True)
 
   def init_fn(params):
     pairs_lib.find_lora_pairs(params, layout, who='scaled_adam')

@@ -149,11 +149,27 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.scaled_adam, {'b2': 1.0}, r'scaled_adam: b2 must be in'),
     (lro.scaled_adam, {'eps': -1e-8}, r'scaled_adam: eps must be >= 0'),
     (lro.scaled_adam, {'delta': -1.0}, r'scaled_adam: delta must be >= 0'),
+    # An infinite ridge made every solve non-finite, so the raw gradient
+    # was used: plain AdamW, without a word.
+    (lro.scaled_adam, {'delta': float('inf')},
+     r'scaled_adam: delta must be >= 0 and finite, got inf'),
     (lro.loraplus, {'lr_ratio': -16.0}, r'loraplus: lr_ratio must be > 0'),
     (lro.loraplus, {'lr_ratio': float('inf')},
      r'loraplus: lr_ratio must be > 0 and finite, got inf'),
     (lro.loraplus, {'b2': jnp.array(1.5)}, r'loraplus: b2 must be in'),
     (lro.loraplus, {'lr_embedding': 1e-5}, r'pass is_embedding too'),
+    # The embedding's own rate had not been checked: a negative one climbed
+    # the loss, inf and NaN went into the adapters silently.
+    (lro.loraplus, {'lr_embedding': -1e-3, 'is_embedding': bool},
+     r'loraplus: lr_embedding must be >= 0 and finite, got -0.001'),
+    (lro.loraplus, {'lr_embedding': float('nan'), 'is_embedding': bool},
+     r'loraplus: lr_embedding must be >= 0 and finite, got nan'),
+    (lro.loraplus, {'lr_embedding': 'x', 'is_embedding': bool},
+     r"loraplus: lr_embedding must be a number, got 'x'"),
+    # A name where a function goes had failed at init, inside the labels.
+    (lro.loraplus, {'is_embedding': 'embed'},
+     r"loraplus: is_embedding must be a function of a pair's name .*, got "
+     r"'embed'"),
     # A negative decay had grown the factors; None and strings had passed
     # every check as if traced and failed at the first update.
     (lro.loraplus, {'weight_decay': -1.0},
@@ -300,6 +316,11 @@ _W = jax.random.normal(jax.random.key(1), (8, 6))
      r'gaussian: std must be > 0 and finite, got 0.0'),
     (lambda: init.gaussian(jax.random.key(0), 8, 6, 2, std=float('nan')),
      r'gaussian: std must be > 0 and finite, got nan'),
+    # The string 'False' had switched the sign initialisation on.
+    (lambda: init.lora_ga(0.1 * _W, _W, 2, 1.0, use_sign='False'),
+     r"lora_ga: use_sign must be True or False, got 'False'"),
+    (lambda: init.lora_ga(0.1 * _W, _W, 2, 1.0, randomized='no'),
+     r"lora_ga: randomized must be True or False, got 'no'"),
     (lambda: init.randomized_svd(_W, 2, niter=2.5),
      r'randomized_svd: niter must be an integer, got 2.5'),
     # LAPACK's SVD of a matrix holding inf never returned; NaN gave NaN
