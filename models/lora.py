@@ -847,6 +847,21 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
   if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
     raise ValueError(f'{cfg_path}: lora_dropout must be a number in [0, 1), '
                      f'got {dropout!r}.')
+  # The module selection, read by _peft_rule: a string where a list goes
+  # had failed there with a TypeError, or been taken as another rule.
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  strings = lambda v: v is None or isinstance(v, str) or (
+      isinstance(v, list) and all(isinstance(x, str) for x in v))
+  for name, valid, what in (
+      ('target_modules', strings, 'null, a string or a list of strings'),
+      ('exclude_modules', strings, 'null, a string or a list of strings'),
+      ('layers_pattern', strings, 'null, a string or a list of strings'),
+      ('layers_to_transform', lambda v: v is None or is_int(v) or (
+          isinstance(v, list) and all(is_int(x) for x in v)),
+       'null, an integer or a list of integers')):
+    if not valid(cfg.get(name)):
+      raise ValueError(f'{cfg_path}: {name} must be {what}, got '
+                       f'{cfg.get(name)!r}.')
   patterns = []
   for name, valid, what in (
       ('rank_pattern', lambda v: isinstance(v, int) and not isinstance(
@@ -907,10 +922,17 @@ def _peft_rule(cfg: dict, name: str) -> bool | None:
   layers = cfg.get('layers_to_transform')
   if layers is None or layers == []:
     return True
-  patterns = cfg.get('layers_pattern') or [r'[^.]*']
-  patterns = [patterns] if isinstance(patterns, str) else patterns
-  for pattern in patterns:
-    m = re.match(rf'.*\.{pattern}\.(\d+)\.', name)
+  # PEFT reads the layer index from the first numbered part of the name
+  # (lazily: T5's 'decoder.block.0.layer.1.EncDecAttention.q' is block 0,
+  # not sub-layer 1), or from the first that follows a layers_pattern.
+  patterns = cfg.get('layers_pattern')
+  if not patterns:
+    regexes = [r'.*?\.[^.]*\.(\d+)\.']
+  else:
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    regexes = [rf'(?:^|.*?\.){p}\.(\d+)\.' for p in patterns]
+  for regex in regexes:
+    m = re.match(regex, name)
     if m:
       index = int(m.group(1))
       return index == layers if isinstance(layers, int) else index in layers

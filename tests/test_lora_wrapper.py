@@ -388,6 +388,12 @@ def test_peft_bad_inputs(tmp_path):
        "rank_pattern key 'q(' is not a regular expression"),
       (write('pattern_list', cfg=dict(cfg, rank_pattern=['q'])),
        'rank_pattern must be an object of module pattern -> value, got list'),
+      # A string where PEFT writes a list had been a TypeError mid-match.
+      (write('layers_str', cfg=dict(cfg, layers_to_transform='1')),
+       "layers_to_transform must be null, an integer or a list of integers, "
+       "got '1'"),
+      (write('targets_int', cfg=dict(cfg, target_modules=5)),
+       'target_modules must be null, a string or a list of strings, got 5'),
       (write('rslora', cfg=dict(cfg, use_rslora='false')),
        "use_rslora must be true or false, got 'false'"),
       (write('dropout', cfg=dict(cfg, lora_dropout=1.5)),
@@ -619,6 +625,18 @@ def test_adapter_dropout_is_off_for_inference(tmp_path):
     # PEFT's all-linear leaves out the output layer.
     ({'target_modules': 'ALL-LINEAR'}, 'lm_head', False),
     ({'target_modules': None}, 'model.layers.2.mlp.up_proj', None),
+    # The first numbered part is the layer, as PEFT reads it: block 0 here,
+    # not sub-layer 1 (the last one, which had been read).
+    ({'target_modules': ['q'], 'layers_to_transform': [1]},
+     'decoder.block.0.layer.1.EncDecAttention.q', False),
+    ({'target_modules': ['q'], 'layers_to_transform': [1]},
+     'decoder.block.1.layer.0.SelfAttention.q', True),
+    ({'target_modules': ['q'], 'layers_to_transform': [0],
+      'layers_pattern': 'block'}, 'encoder.block.0.layer.0.SelfAttention.q',
+     True),
+    # A pattern may start the name (PEFT's '(?:^|.*?\.)').
+    ({'target_modules': ['q'], 'layers_to_transform': 3,
+      'layers_pattern': ['h']}, 'h.3.attn.q', True),
 ])
 def test_peft_target_rule(cfg, name, picked):
   """PEFT's check_target_module_exists, which decides what a file must
@@ -655,6 +673,31 @@ def test_a_second_apply_lora_draws_other_factors_and_masks():
   np.testing.assert_array_equal(
       fresh.encoder.layers[0].self_attn.q.lora.lora_a[...],
       attn.q.lora.lora_a[...])
+
+
+def test_a_peft_adapter_on_some_t5_blocks_loads(tmp_path):
+  """What PEFT 0.21 writes for T5 with layers_to_transform=[1] and no
+  layers_pattern: block 1's three q projections. It had been refused as a
+  partial file, the decoder's block 0 cross-attention (sub-layer 1) taken
+  for a targeted layer 1."""
+  names = ['encoder.block.1.layer.0.SelfAttention.q',
+           'decoder.block.1.layer.0.SelfAttention.q',
+           'decoder.block.1.layer.1.EncDecAttention.q']
+  rng = np.random.default_rng(0)
+  tensors = {}
+  for n in names:
+    tensors[f'base_model.model.{n}.lora_A.weight'] = rng.normal(
+        size=(4, 32)).astype(np.float32)
+    tensors[f'base_model.model.{n}.lora_B.weight'] = rng.normal(
+        size=(32, 4)).astype(np.float32)
+  save_file(tensors, str(tmp_path / 'adapter_model.safetensors'))
+  (tmp_path / 'adapter_config.json').write_text(json.dumps(dict(
+      peft_type='LORA', task_type='SEQ_2_SEQ_LM', r=4, lora_alpha=8,
+      target_modules=['q'], layers_to_transform=[1], layers_pattern=None)))
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))  # two blocks
+  lora.load_peft_adapter(model, tmp_path)
+  adapted = sorted(lora.lora_modules(model))
+  assert len(adapted) == 3 and all('.1.' in p for p in adapted), adapted
 
 
 def test_peft_target_rule_refuses_a_pattern_that_is_no_regex():
