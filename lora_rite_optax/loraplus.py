@@ -271,6 +271,18 @@ def loraplus(
     return tree
 
   inner = optax.partition(transforms, labels)
+  # The state init() gives each structure of updates, by its shapes: kept
+  # so that an eager loop traces init once, not at every step.
+  expected_states = {}
+
+  def expected_state(updates):
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    key = (treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if key not in expected_states:
+      if len(expected_states) >= 8:
+        expected_states.clear()
+      expected_states[key] = jax.eval_shape(inner.init, updates)
+    return expected_states[key]
 
   def update_fn(updates, state, params=None, **extra_args):
     # optax.partition had failed on another optimizer's state with an
@@ -278,7 +290,7 @@ def loraplus(
     checks.state_of('loraplus', state, optax.PartitionState)
     # Shapes only, at trace time: optax's Adam had failed on a state made
     # for other params in a broadcast that names no leaf.
-    checks.state_fits('loraplus', state, jax.eval_shape(inner.init, updates))
+    checks.state_fits('loraplus', state, expected_state(updates))
     return inner.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

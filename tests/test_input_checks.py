@@ -499,3 +499,21 @@ def test_a_state_made_for_other_params_is_one_line(name):
                      'in chain! Make sure you have called init first') as e:
     tx.update(_TREE, optax.sgd(1e-2).init(_TREE), _TREE)
   assert '\n' not in str(e.value), str(e.value)
+
+
+def test_loraplus_traces_its_expected_state_once_per_structure(monkeypatch):
+  """The state check derives what init() gives the updates; eagerly, it had
+  traced init at every step. Kept per structure and shapes, it still
+  refuses a state made for other params after the right ones were seen."""
+  calls = []
+  eval_shape = jax.eval_shape
+  monkeypatch.setattr(jax, 'eval_shape',
+                      lambda *a, **k: calls.append(1) or eval_shape(*a, **k))
+  tx = lro.loraplus(1e-2)
+  state = tx.init(_TREE)
+  for _ in range(3):
+    _, state = tx.update(_TREE, state, _TREE)
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match='init'):
+    tx.update(_OTHER_SHAPES, state, _OTHER_SHAPES)
+  assert len(calls) == 2
