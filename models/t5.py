@@ -507,6 +507,11 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   through the decoder's KV cache; without it every step reruns the full
   forward (the reference the cache is tested against). The model runs in
   eval mode (no dropout) whatever mode it is in.
+
+  With ``return_logits``, ``(tokens, logits)``: logits [B, steps, vocab] of
+  the steps run, where decoding stops once every row has ended, so
+  ``steps`` can be fewer than ``max_new_tokens`` (the tokens are padded to
+  it; the logits are not, as no step computed them).
   """
   if not checks.is_integer(max_new_tokens) or operator.index(
       max_new_tokens) < 1:
