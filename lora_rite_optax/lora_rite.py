@@ -329,8 +329,10 @@ def scale_by_lora_rite(
     raise ValueError('scale_by_lora_rite: precision must be None, a '
                      'jax.lax.Precision or its name (e.g. "highest"), got '
                      f'{precision!r}.') from None
-  capping_off = (isinstance(update_capping, (int, float)) and
-                 update_capping == 0)
+  # Known to be 0 (a Python or numpy number, or inject_hyperparams' concrete
+  # copy): the capping's two extra Grams per factor are left out. Traced,
+  # it may be anything, so they are computed.
+  capping_off = checks.concrete(update_capping) == 0
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -646,6 +646,20 @@ def test_bad_settings_are_refused_when_made():
   lro.lora_rite(1e-3, precision='default', update_capping=0.0)
 
 
+def test_a_numpy_zero_cap_leaves_out_the_cappings_grams():
+  """update_capping=0 skips two Grams per factor; np.float32(0) (a config
+  file's number, say) had computed them for a cap that does nothing."""
+  params = {'q': {'lora_a': jnp.ones((6, 2)), 'lora_b': jnp.ones((2, 5))}}
+  grads = jax.tree.map(lambda x: 0.1 * x, params)
+
+  def dots(cap):
+    tx = lro.lora_rite(1e-3, update_capping=cap)
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
+    return str(jaxpr).count('dot_general')
+
+  assert dots(np.float32(0)) == dots(0.0) < dots(0.5)
+
+
 def test_partition_routes_other_leaves():
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.zeros((2, 5))},
             'embed': jnp.ones((3,))}
