@@ -95,16 +95,17 @@ def no_persistent_cache() -> None:
 
 def compile_step(tx, params, state, grads, jit=lro.donating_jit, step=None,
                  **jit_kwargs):
-  """(compiled step, seconds to trace, lower and compile it).
+  """(jitted step, seconds to trace, lower and compile it).
 
   The step is ``step`` (by default `_step` of ``tx``: update and apply)
   under ``jit`` with params and state donated; the arguments may be
-  arrays or ``jax.ShapeDtypeStruct``s (the same program either way).
+  arrays or ``jax.ShapeDtypeStruct``s (the same program either way). The
+  executable compiled here is the one a call of the jitted step runs.
   """
   jitted = jit(step or _step(tx), donate_argnums=(0, 1), **jit_kwargs)
   start = time.perf_counter()
-  compiled = jitted.lower(params, state, grads).compile()
-  return compiled, time.perf_counter() - start
+  jitted.lower(params, state, grads).compile()
+  return jitted, time.perf_counter() - start
 
 
 def prepare(tx, params, grads, jit=lro.donating_jit, step=None,
@@ -119,20 +120,21 @@ def prepare(tx, params, grads, jit=lro.donating_jit, step=None,
   """
 
   state = tx.init(params)
-  compiled, compile_s = compile_step(tx, params, state, grads, jit, step,
-                                     **jit_kwargs)
+  jitted, compile_s = compile_step(tx, params, state, grads, jit, step,
+                                   **jit_kwargs)
   state_bytes = tree_bytes(state)
   carry = [jax.tree.map(jnp.copy, params), state]
 
   def run():
-    """Seconds of one step."""
+    """Seconds of one step, called as a training loop calls it: through
+    the wrapper (its own per-call work included), not the executable."""
     start = time.perf_counter()
-    carry[:] = compiled(*carry, grads)
+    carry[:] = jitted(*carry, grads)
     jax.block_until_ready(carry)
     return time.perf_counter() - start
 
-  for _ in range(2):  # warm
-    run()
+  for _ in range(2):  # warm (the first call traces again; XLA's compile
+    run()             # from above is reused)
   return run, state_bytes, compile_s
 
 
