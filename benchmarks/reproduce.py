@@ -40,7 +40,7 @@ intervals, losses with bootstrap intervals; sample sizes in every table.
 
 The training is the training loop's own: `train.loop.build` (config ->
 data, model, adapters, optimizer, initial state), `train.loop.train_dataset`
-and `train.loop.make_train_step` (the jitted step with its update-size
+and `train.step.make_train_step` (the jitted step with its update-size
 metrics), and `train.loop.Evaluator`'s scoring/generation. Only the outer
 step loop is here, because `train.loop.run` does not hand back the final
 adapters or per-item evaluation results (see `train_one`).
@@ -86,6 +86,7 @@ from train import configs
 from train import distributed
 from train import evaluate
 from train import loop
+from train import step as step_lib
 from train.errors import first_line
 from train import data as data_lib
 from train.data import numbers as numbers_lib
@@ -454,7 +455,7 @@ def train_one(cfg: configs.Config, train_examples, log) -> tuple:
   r.train_examples = list(train_examples)
   data_iter = iter(loop.train_dataset(r))
   step_fn = jax.jit(
-      loop.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
+      step_lib.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
                            pack=cfg.data.pack),
       in_shardings=(r.state_shardings, r.base_shardings, r.rng_shardings,
                     None),
@@ -464,7 +465,7 @@ def train_one(cfg: configs.Config, train_examples, log) -> tuple:
           'param_norm_a', 'param_norm_b', 'nonfinite_steps')
   t0 = time.perf_counter()
   for step in range(1, cfg.steps + 1):
-    batch, _ = loop.prepare_batch(next(data_iter), r.max_targets)
+    batch, _ = step_lib.prepare_batch(next(data_iter), r.max_targets)
     batch = {k: distributed.global_array(
         v[None], distributed.batch_sharding(r.mesh, v.ndim + 1, leading=1))
              for k, v in batch.items()}

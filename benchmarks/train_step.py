@@ -1,7 +1,7 @@
 """End-to-end train-step time of LoRA-RITE vs Adam on the real Gemma 3 270M.
 
 Both optimizers run through the training loop's own step
-(`train.loop.make_train_step`: forward, backward with respect to the LoRA
+(`train.step.make_train_step`: forward, backward with respect to the LoRA
 factors only, optimizer update, update-size metrics), jitted, on the same
 model, adapters (rank 16 on q, k, v, o, gate, up, down), batch and initial
 LoRA parameters, in one process. Timed steps alternate between the two
@@ -39,6 +39,8 @@ import numpy as np
 
 from train import configs
 from train import loop
+from train import optim as optim_lib
+from train import step as step_lib
 
 # The sibling script by its path, for its seeded interleaving (benchmarks/
 # is not a package; see matmul_precision.py).
@@ -89,7 +91,7 @@ def jitted_steps(r: loop.Run, cfg: configs.Config) -> tuple[dict, dict]:
   """
   steps, states = {}, {}
   for name in ('lora_rite', 'adam'):
-    tx, schedule = loop.make_optimizer(
+    tx, schedule = optim_lib.make_optimizer(
         configs.replace(cfg.optim, name=name), cfg.steps)
     param_sh = r.state_shardings['params']
     # Copies: each optimizer's step donates its own params.
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
         f'backend {jax.default_backend()}, {jax.device_count()} device(s)',
         flush=True)
   raw = next(iter(loop.train_dataset(r)))
-  batch, _ = loop.prepare_batch(raw, r.max_targets)
+  batch, _ = step_lib.prepare_batch(raw, r.max_targets)
   tokens = int((np.asarray(raw['segment_ids']) > 0).sum())
   batch = {k: v[None] for k, v in batch.items()}  # accum = 1 micro-batch.
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from tests import benchmark_scripts
 from train import loop
+from train import step as step_lib
 
 
 def test_each_optimizers_step_compiles_once_and_trains():
@@ -18,7 +19,7 @@ def test_each_optimizers_step_compiles_once_and_trains():
   cfg = bench.make_config(args)
   r = loop.build(cfg)
   raw = next(iter(loop.train_dataset(r)))
-  batch, _ = loop.prepare_batch(raw, r.max_targets)
+  batch, _ = step_lib.prepare_batch(raw, r.max_targets)
   batch = {k: v[None] for k, v in batch.items()}
   steps, states = bench.jitted_steps(r, cfg)
   assert set(steps) == {'lora_rite', 'adam'}

@@ -36,6 +36,9 @@ from safetensors.numpy import load_file, save_file
 
 from train import configs
 from train import loop
+from train import optim as optim_lib
+from train import step as step_lib
+from train import trees as trees_lib
 from tests import gguf_files
 
 # One xdist worker: the module's fixtures (an uninterrupted run, the built
@@ -558,12 +561,12 @@ def built(tmp_path_factory):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   r = loop.build(tiny(tmp_path_factory.mktemp('unused')))
   it = iter(loop.train_dataset(r))
-  batches = [loop.prepare_batch(next(it), r.max_targets)[0]
+  batches = [step_lib.prepare_batch(next(it), r.max_targets)[0]
              for _ in range(3)]
 
   def loss(params, batch):
-    model = nnx.merge(r.graphdef, loop.int_keys(params), r.rngs, r.base)
-    lp = loop.target_logprobs(model, batch, r.config.data.pack)
+    model = nnx.merge(r.graphdef, trees_lib.int_keys(params), r.rngs, r.base)
+    lp = step_lib.target_logprobs(model, batch, r.config.data.pack)
     return -lp.sum() / jnp.maximum(batch['weights'].sum(), 1.0)
 
   return r, batches, jax.jit(jax.grad(loss))
@@ -584,7 +587,7 @@ def test_twenty_nonfinite_steps_are_skipped_exactly(built, name):
   cfg = configs.replace(configs.get_config('tiny'),
                         **{'optim.name': name}).optim
   # The loop's optimizer: scheduled, wrapped in apply_if_finite.
-  tx, _ = loop.make_optimizer(cfg, r.config.steps)
+  tx, _ = optim_lib.make_optimizer(cfg, r.config.steps)
 
   @jax.jit
   def update(params, opt_state, grads):
@@ -597,7 +600,7 @@ def test_twenty_nonfinite_steps_are_skipped_exactly(built, name):
     skipped = []
     for batch in sequence:
       params, opt_state = update(params, opt_state, grad_fn(params, batch))
-      skipped.append(int(loop.nonfinite_counts(opt_state)[1]))
+      skipped.append(int(step_lib.nonfinite_counts(opt_state)[1]))
     return params, opt_state, skipped
 
   # 3 good batches, 20 poisoned ones between them (at most 7 in a row).
@@ -624,7 +627,7 @@ def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
                                                 monkeypatch):
   poison_at = {4, 5, 9}
   calls = []
-  real = loop.prepare_batch
+  real = step_lib.prepare_batch
 
   def prepare(raw, k):
     batch, dropped = real(raw, k)
@@ -645,7 +648,7 @@ def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
   # The logged rate is the one applied: 0 on a skipped step, and the
   # schedule's count lags the step by the steps skipped before.
   cfg = tiny(tmp_path / 'run')
-  schedule = loop.make_schedule(cfg.optim, cfg.steps)
+  schedule = optim_lib.make_schedule(cfg.optim, cfg.steps)
   want = [0.0 if i in poison_at else
           float(schedule(i - 1 - sum(s < i for s in poison_at)))
           for i in range(1, STEPS + 1)]

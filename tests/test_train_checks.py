@@ -17,6 +17,7 @@ import pytest
 
 from train import configs
 from train import loop
+from train import sharding as sharding_lib
 
 from tests import shared_data
 
@@ -349,10 +350,10 @@ def test_mesh_rules_override_the_defaults_by_name(tmp_path):
   other seven), and a name no parameter has is refused (a typo had placed
   nothing, silently)."""
   cfg = tiny(tmp_path / 'run', **{'mesh.rules': ('embed=', 'mlp=fsdp')})
-  rules = loop.mesh_rules(cfg)
+  rules = sharding_lib.mesh_rules(cfg)
   assert (rules['embed'], rules['mlp'], rules['heads'], rules['vocab']) == (
       None, 'fsdp', 'tensor', 'tensor')
-  assert loop.mesh_rules(tiny(tmp_path / 'run')) == dict(
+  assert sharding_lib.mesh_rules(tiny(tmp_path / 'run')) == dict(
       r.split('=') if r.split('=')[1] else (r.split('=')[0], None)
       for r in configs.DEFAULT_RULES)
   with pytest.raises(loop.ConfigError) as e:
@@ -792,13 +793,13 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from train import configs, distributed, loop
+from train import configs, distributed, loop, sharding as sharding_lib
 from models import gemma, t5
 out = sys.argv[1]
 cfg = configs.replace(configs.get_config('tiny'),
                       **{'mesh.data': 1, 'mesh.fsdp': 4})
-mesh, rules = distributed.make_mesh(cfg.mesh), loop.mesh_rules(cfg)
-place = loop.mesh_placer(rules, mesh)
+mesh, rules = distributed.make_mesh(cfg.mesh), sharding_lib.mesh_rules(cfg)
+place = sharding_lib.mesh_placer(rules, mesh)
 gemma.save_pretrained(gemma.Gemma(gemma.get_config('gemma-tiny'),
                                   rngs=nnx.Rngs(0)), out + '/gemma')
 t5.save_pretrained(t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0)),
@@ -810,7 +811,7 @@ for name, load in (
         configs.get_config('tiny_t5').model, out + '/t5', 0, place=p))):
   placed, plain = nnx.state(load(place), nnx.Param), nnx.state(load(None),
                                                                nnx.Param)
-  want = loop.state_shardings(placed, rules, mesh)
+  want = sharding_lib.state_shardings(placed, rules, mesh)
   split = 0
   for (path, var), (_, ref) in zip(nnx.to_flat_state(placed),
                                    nnx.to_flat_state(plain)):
@@ -864,7 +865,7 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import lora_rite_optax as lro
-from train import configs, loop
+from train import configs, loop, step as step_lib
 cfg = configs.replace(configs.get_config('tiny'), **{
     'mesh.data': 1, 'mesh.fsdp': 4, 'optim.name': 'shampoo',
     'optim.extra': '{"block_size": 16}', 'optim.skip_nonfinite': False,
@@ -895,7 +896,7 @@ def sharded_blocks(state):
 split = sharded_blocks(r.state['opt_state'])
 assert split, 'no factor is split over fsdp'
 raw = next(iter(loop.train_dataset(r)))
-batch, _ = loop.prepare_batch(raw, r.max_targets)
+batch, _ = step_lib.prepare_batch(raw, r.max_targets)
 batch = {k: v[None] for k, v in batch.items()}
 copy = lambda t: jax.tree.map(lambda x: x.copy(), t)
 # The same step with every statistic replicated, as before: same numbers.

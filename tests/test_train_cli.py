@@ -99,12 +99,12 @@ def test_an_optimizer_failing_to_update_is_one_line_before_any_file():
   ConfigError naming the settings."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from train import loop  # pylint: disable=g-import-not-at-top
+  from train import optim as optim_lib  # pylint: disable=g-import-not-at-top
   cfg = configs.get_config('tiny').optim
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
-  with pytest.raises(loop.ConfigError, match='optim: lora_rite cannot update '
+  with pytest.raises(optim_lib.ConfigError, match='optim: lora_rite cannot update '
                      'the LoRA factors with these settings') as e:
-    loop.check_optimizer(optax.scale('x'), params, cfg)
+    optim_lib.check_optimizer(optax.scale('x'), params, cfg)
   assert '\n' not in str(e.value)
 
 

@@ -16,6 +16,10 @@ from safetensors.numpy import load_file, save_file
 
 from train import configs
 from train import loop
+from train import optim as optim_lib
+from train import sharding as sharding_lib
+from train import step as step_lib
+from train import trees as trees_lib
 
 from tests import shared_data
 
@@ -206,7 +210,7 @@ def test_a_run_that_fails_closes_its_checkpointer_and_writers(
   monkeypatch.setattr(metrics_lib.MetricsWriter, 'close', close_writer)
   monkeypatch.setattr(checkpoint.Checkpointer, 'close', close_ckpt)
   calls = []
-  real = loop.prepare_batch
+  real = step_lib.prepare_batch
 
   def prepare(raw, k):
     calls.append(1)
@@ -349,13 +353,13 @@ def test_prepare_batch_gathers_targets_in_order():
   batch = {'tokens': tokens, 'loss_mask': mask,
            'positions': np.zeros_like(tokens),
            'segment_ids': (tokens > 0).astype(np.int32)}
-  out, dropped = loop.prepare_batch(batch, 3)
+  out, dropped = step_lib.prepare_batch(batch, 3)
   # Position t predicts token t + 1.
   np.testing.assert_array_equal(out['target_idx'][:, :2], [[2, 3], [1, 2]])
   np.testing.assert_array_equal(out['targets'][:, :2], [[7, 8], [9, 3]])
   np.testing.assert_array_equal(out['weights'], [[1, 1, 0], [1, 1, 0]])
   assert dropped == 0
-  _, dropped = loop.prepare_batch(batch, 1)
+  _, dropped = step_lib.prepare_batch(batch, 1)
   assert dropped == 2
 
 
@@ -374,8 +378,8 @@ def test_gathered_loss_equals_full_unembedding():
   pos = np.tile(np.arange(10, dtype=np.int32), (2, 1))
   batch = {'tokens': tokens, 'loss_mask': mask, 'positions': pos,
            'segment_ids': seg}
-  prepared, _ = loop.prepare_batch(batch, 9)
-  got = loop.target_logprobs(model, prepared, pack=False).sum()
+  prepared, _ = step_lib.prepare_batch(batch, 9)
+  got = step_lib.target_logprobs(model, prepared, pack=False).sum()
   logits = model(tokens, positions=pos, attention_mask=seg > 0)
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   want = (jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
@@ -391,7 +395,7 @@ def test_opt_state_shardings_follow_params():
   sh = {'q': {'lora_a': NamedSharding(mesh, P('fsdp')),
               'lora_b': NamedSharding(mesh, P(None, 'tensor'))}}
   tx = optax.adam(1e-3)
-  out = loop.opt_state_shardings(jax.eval_shape(tx.init, params), params, sh,
+  out = sharding_lib.opt_state_shardings(jax.eval_shape(tx.init, params), params, sh,
                                  mesh)
   assert out[0].mu['q']['lora_a'].spec == P('fsdp')
   assert out[0].nu['q']['lora_b'].spec == P(None, 'tensor')
@@ -402,19 +406,19 @@ def test_nonfinite_steps_are_skipped_and_counted():
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
   cfg = configs.OptimConfig(name='lora_rite', learning_rate=0.1,
                             warmup_steps=0, schedule='constant')
-  tx, _ = loop.make_optimizer(cfg, 10)
+  tx, _ = optim_lib.make_optimizer(cfg, 10)
   state = tx.init(params)
   bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
   updates, state = tx.update(bad, state, params)
   assert all(float(jnp.abs(u).sum()) == 0 for u in jax.tree.leaves(updates))
-  assert int(loop.nonfinite_counts(state)[1]) == 1
+  assert int(step_lib.nonfinite_counts(state)[1]) == 1
 
 
 @pytest.mark.parametrize('name', ['adam', 'lora_rite', 'loraplus',
                                   'scaled_adam', 'shampoo', 'lamb'])
 def test_every_optimizer_builds_with_the_guard(name):
   cfg = configs.OptimConfig(name=name, warmup_steps=2)
-  tx, schedule = loop.make_optimizer(cfg, 10)
+  tx, schedule = optim_lib.make_optimizer(cfg, 10)
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.zeros((2, 3))}}
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -426,7 +430,7 @@ def test_every_optimizer_builds_with_the_guard(name):
 def test_update_magnitudes_skip_zero_factors():
   params = {'x': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.zeros((2, 2))}}
   updates = {'x': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.ones((2, 2))}}
-  m = loop.update_magnitudes(params, updates)
+  m = step_lib.update_magnitudes(params, updates)
   assert float(m['update_ratio_a']) == pytest.approx(1.0)
   assert np.isnan(float(m['update_ratio_b']))
 
@@ -441,7 +445,7 @@ def test_update_magnitudes_average_each_pairs_relative_update():
                    'lora_b': 0.25 * jnp.ones((2, 2))},
              'y': {'lora_a': 1.5 * jnp.ones((2, 2)),
                    'lora_b': jnp.ones((2, 2))}}
-  m = {k: float(v) for k, v in loop.update_magnitudes(params, updates).items()}
+  m = {k: float(v) for k, v in step_lib.update_magnitudes(params, updates).items()}
   assert m['update_ratio_a'] == pytest.approx((1 / 8 + 3 / 2) / 2)
   assert m['update_ratio_b'] == pytest.approx(0.25)
   assert m['update_norm_a'] == pytest.approx((1 + 3) / 2)
@@ -454,7 +458,7 @@ def test_schedules():
   for kind in ('cosine', 'linear', 'constant'):
     cfg = configs.OptimConfig(learning_rate=1.0, warmup_steps=10,
                               schedule=kind, end_lr_fraction=0.1)
-    s = loop.make_schedule(cfg, 100)
+    s = optim_lib.make_schedule(cfg, 100)
     assert float(s(0)) == 0.0
     assert float(s(10)) == pytest.approx(1.0)
     # The end fraction is reached at step 100, one past the last (99,
@@ -465,7 +469,7 @@ def test_schedules():
     assert float(s(99)) > end or kind == 'constant'
     assert float(s(99)) == pytest.approx(end, abs=0.02)
   with pytest.raises(ValueError, match='schedule'):
-    loop.make_schedule(configs.OptimConfig(schedule='step'), 100)
+    optim_lib.make_schedule(configs.OptimConfig(schedule='step'), 100)
 
 
 def test_tiny_evaluates_before_and_after(tmp_path):
@@ -495,8 +499,8 @@ def _small_step_inputs(accum):
   lora.apply_lora(model, ('q', 'v'), rank=2, init='gaussian', rngs=1)
   graphdef, lp, rngs, base = nnx.split(model, nnx.LoRAParam, nnx.RngState,
                                        ...)
-  params = loop.str_keys(nnx.to_pure_dict(lp))
-  tx, schedule = loop.make_optimizer(
+  params = trees_lib.str_keys(nnx.to_pure_dict(lp))
+  tx, schedule = optim_lib.make_optimizer(
       configs.OptimConfig(name='adam', warmup_steps=0, schedule='constant',
                           learning_rate=1e-2), 10)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params,
@@ -509,10 +513,10 @@ def _small_step_inputs(accum):
   batch = {'tokens': tokens, 'loss_mask': mask,
            'positions': np.tile(np.arange(12, dtype=np.int32), (4, 1)),
            'segment_ids': np.ones((4, 12), np.int32)}
-  prepared, _ = loop.prepare_batch(batch, 6)
+  prepared, _ = step_lib.prepare_batch(batch, 6)
   prepared = {k: v.reshape((accum, 4 // accum) + v.shape[1:])
               for k, v in prepared.items()}
-  step = jax.jit(loop.make_train_step(graphdef, tx, schedule, accum=accum,
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, accum=accum,
                                       pack=False))
   return step(state, nnx.to_pure_dict(base), nnx.to_pure_dict(rngs), prepared)
 
@@ -538,15 +542,15 @@ def test_packed_mask_equals_padded_mask_on_single_segments():
   mask[:, 5:9] = 1
   batch = {'tokens': tokens, 'loss_mask': mask, 'segment_ids': seg,
            'positions': np.tile(np.arange(12, dtype=np.int32), (2, 1))}
-  prepared, _ = loop.prepare_batch(batch, 4)
+  prepared, _ = step_lib.prepare_batch(batch, 4)
   np.testing.assert_allclose(
-      loop.target_logprobs(model, prepared, pack=True),
-      loop.target_logprobs(model, prepared, pack=False), rtol=1e-5, atol=1e-6)
+      step_lib.target_logprobs(model, prepared, pack=True),
+      step_lib.target_logprobs(model, prepared, pack=False), rtol=1e-5, atol=1e-6)
 
 
 def check_alternatives_match_pairs(r, stem: str, odd: tuple[str, ...]):
   """`Evaluator.multiple_choice` scores options that differ only in their
-  last token in one row each (`loop.alternative_logprobs`); the scores must
+  last token in one row each (`step_lib.alternative_logprobs`); the scores must
   be those of scoring every option as its own row, and only the example
   whose options differ elsewhere may go to `_score_pairs`."""
   from train import evaluate  # pylint: disable=g-import-not-at-top
@@ -617,7 +621,7 @@ def test_lora_rite_train_step_copies_no_input(tmp_path):
   r = loop.build(tiny(tmp_path / 'run', **{'optim.skip_nonfinite': False}))
   assert r.config.optim.name == 'lora_rite'
   raw = next(iter(loop.train_dataset(r)))
-  batch, _ = loop.prepare_batch(raw, r.max_targets)
+  batch, _ = step_lib.prepare_batch(raw, r.max_targets)
   batch = {k: v[None] for k, v in batch.items()}  # one micro-batch
   args = (r.state, r.base, r.rngs, batch)
   hlo = loop._jitted_step(r).lower(*args).compile().as_text()  # pylint: disable=protected-access
@@ -626,7 +630,7 @@ def test_lora_rite_train_step_copies_no_input(tmp_path):
   copies = factor_copies(hlo, params, inputs_only=True)
   assert not copies, copies[:3]
   # Control: jax.jit's in-order buffer pairing copies every factor.
-  step = loop.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
+  step = step_lib.make_train_step(r.graphdef, r.tx, r.schedule, accum=1,
                               pack=False, logprobs=r.family.logprobs)
   plain = jax.jit(step, donate_argnums=(0,)).lower(*args).compile().as_text()
   assert (len(factor_copies(plain, params, inputs_only=True))

@@ -17,6 +17,7 @@ import pytest
 from train import cli
 from train import configs
 from train import loop
+from train import trees as trees_lib
 from train.data import Example
 from train.data import ByteTokenizer
 from train.data import seq2seq
@@ -135,7 +136,7 @@ def test_scoring_is_the_teacher_forced_loss(built):
   tok = r.tokenizer
   pairs = [([tok.bos_id, 40, 41, 42], [50, 51]), ([tok.bos_id], [60])]
   got = ev._score_pairs(r.state, pairs)  # pylint: disable=protected-access
-  model = nnx.merge(r.eval_graphdef, loop.int_keys(r.state['params']),
+  model = nnx.merge(r.eval_graphdef, trees_lib.int_keys(r.state['params']),
                     r.rngs, r.base)
   # One padded batch (encoder padding is masked, decoder padding comes
   # after the scored positions), one compile.
@@ -166,7 +167,7 @@ def test_target_loss_scores_rows_as_training_makes_them(built):
   examples = [Example(prompt='q' * 40 + 'w' * 200, target='t' * 30),
               Example(prompt='short', target='ab')]
   got = ev.target_losses(r.state, examples)
-  model = nnx.merge(r.eval_graphdef, loop.int_keys(r.state['params']),
+  model = nnx.merge(r.eval_graphdef, trees_lib.int_keys(r.state['params']),
                     r.rngs, r.base)
   for example, loss in zip(examples, got):
     row = seq2seq.tokenize_seq2seq(

@@ -41,7 +41,7 @@ ScoreFn = Callable[[Sequence[tuple[Sequence[int], Sequence[int]]]],
 # Scores a batch of (prompt_ids, shared_ids, last_ids) requests: for each,
 # [log p(shared_ids + [t] | prompt_ids) for t in last_ids], i.e. every option
 # of a multiple-choice item whose options differ only in their last token,
-# from one forward pass (`train.loop.alternative_logprobs`).
+# from one forward pass (`train.step.alternative_logprobs`).
 AlternativesFn = Callable[
     [Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]],
     Sequence[Sequence[float]]]
