@@ -78,6 +78,27 @@ def _seqio():
   return pytest.importorskip("seqio")
 
 
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+def test_math_splits_leave_out_gsm8k_test_questions():
+  """The train loop leaves its eval task's prompts out of training; the
+  seqio tasks had served math whole, GSM8K's test questions and all, to a
+  T5X user who then evaluates on lro_gsm8k."""
+  test = {data.prompt_key(e)
+          for e in data.load_task("gsm8k", "test", data_dir=DATA_DIR)}
+  removed = 0
+  for split in ("train", "validation"):
+    whole = data.load_task("math", split, data_dir=DATA_DIR)
+    kept = seqio_tasks.split_examples("math", split, data_dir=DATA_DIR,
+                                      held_out=seqio_tasks.HELD_OUT["math"])
+    assert not {data.prompt_key(e) for e in kept} & test
+    assert kept == [e for e in whole if data.prompt_key(e) not in test]
+    removed += len(whole) - len(kept)
+  assert removed == 1055  # As the data README counts them.
+  assert seqio_tasks.split_examples(
+      "math", "train", data_dir=DATA_DIR) == (
+          data.load_task("math", "train", data_dir=DATA_DIR))
+
+
 def test_registered_tasks_give_tokenised_datasets():
   seqio = _seqio()
   vocab = seqio.ByteVocabulary()
@@ -117,3 +138,11 @@ def test_registered_tasks_give_tokenised_datasets():
     wrong = first.labels[1 - first.gold_index]
     assert boolq.postprocess_fn(f"The answer is {wrong}", example=ex,
                                 is_target=False) == wrong
+    # lro_math serves math without GSM8K's test questions (see below).
+    math_task = seqio.get_mixture_or_task("lro_math")
+    served = [ex["inputs_pretokenized"].decode() for ex in
+              math_task.get_dataset({"inputs": 4096, "targets": 1024},
+                                    split="validation", shuffle=False
+                                    ).as_numpy_iterator()]
+    assert served == [e.prompt for e in seqio_tasks.split_examples(
+        "math", "validation", data_dir=DATA_DIR, held_out=("gsm8k",))]

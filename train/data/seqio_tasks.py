@@ -9,7 +9,10 @@ test (as `train.data.load_task` defines them), string features 'inputs'
 (the prompt) and 'targets' (the target), plus 'gold' (the gold label, number
 or references) that the postprocessor hands to the metrics and, for multiple
 choice, 'labels' (the option labels, from which the postprocessor reads a
-prediction as `train.evaluate` does). Usage::
+prediction as `train.evaluate` does). As the train loop leaves its
+evaluation task's prompts out of training, ``lro_math``'s train and
+validation splits leave out GSM8K's test questions (`HELD_OUT`; the
+``held_out`` argument of `register_tasks` changes it). Usage::
 
   from train.data import seqio_tasks
   vocab = seqio.SentencePieceVocabulary("tokenizer.model")
@@ -23,11 +26,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from train.data import example as example_lib
 from train.data import formats
 from train.data import numbers
 from train.data import tasks as tasks_lib
@@ -59,16 +63,46 @@ def _gold(example, kind: str) -> str:
   return _REF_SEP.join(example.references)
 
 
+# The test sets a task's training data must not hold: LLM-Adapters' math
+# set, which the GSM8K presets train on, holds 1,055 of GSM8K's 1,319 test
+# questions (the train loop leaves out its eval task's prompts the same way).
+HELD_OUT = {"math": ("gsm8k",)}
+
+
+def split_examples(task: str, split: str, *, data_dir: str | None = None,
+                   style: str = "alpaca", validation_fraction: float = 0.1,
+                   seed: int = 0,
+                   held_out: Sequence[str] = ()) -> list:
+  """The examples of one split of ``task``, as its seqio Task serves them.
+
+  The train and validation splits leave out every example whose prompt
+  (`train.data.prompt_key`) is one of the test prompts of the tasks in
+  ``held_out``.
+  """
+  examples = tasks_lib.load_task(
+      task, split, data_dir=data_dir, style=style,
+      validation_fraction=validation_fraction, seed=seed)
+  if split == "test" or not held_out:
+    return examples
+  held = {example_lib.prompt_key(e)
+          for other in held_out
+          for e in tasks_lib.load_task(other, "test", data_dir=data_dir,
+                                       style=style, seed=0)}
+  return [e for e in examples if example_lib.prompt_key(e) not in held]
+
+
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *,
                 task: str, data_dir: str | None, style: str,
-                validation_fraction: float, data_seed: int):
+                validation_fraction: float, data_seed: int,
+                held_out: Sequence[str]):
   """seqio FunctionDataSource callback: one split as a tf.data.Dataset."""
   del shuffle_files, seed  # One file per split; seqio shuffles examples.
   _, tf = _import_seqio()
   kind = tasks_lib.get_task(task).kind
-  examples = tasks_lib.load_task(
+  examples = split_examples(
       task, split, data_dir=data_dir, style=style,
-      validation_fraction=validation_fraction, seed=data_seed)
+      validation_fraction=validation_fraction, seed=data_seed,
+      held_out=held_out)
   return tf.data.Dataset.from_tensor_slices({
       "inputs": [e.prompt for e in examples],
       "targets": [e.target for e in examples],
@@ -167,7 +201,9 @@ def _keep_the_end_of_inputs(dataset, sequence_length=None):
 def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
                    data_dir: str | os.PathLike[str] | None = None,
                    style: str = "alpaca", validation_fraction: float = 0.1,
-                   seed: int = 0, prefix: str = PREFIX) -> list[str]:
+                   seed: int = 0, prefix: str = PREFIX,
+                   held_out: Mapping[str, Sequence[str]] | None = None
+                   ) -> list[str]:
   """Registers seqio Tasks (replacing earlier ones of the same name).
 
   Args:
@@ -181,6 +217,9 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
     validation_fraction: Share of the training data held out as validation.
     seed: Seed of the validation carve and of `arithmetic`.
     prefix: Prefix of the registered names.
+    held_out: Task name -> the tasks whose test prompts its train and
+      validation splits leave out (default `HELD_OUT`: math leaves out
+      GSM8K's test questions; ``{}`` keeps every example).
 
   Returns:
     The registered seqio task names.
@@ -194,7 +233,9 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
         dataset_fn=functools.partial(
             _dataset_fn, task=spec.name,
             data_dir=None if data_dir is None else str(data_dir), style=style,
-            validation_fraction=validation_fraction, data_seed=seed),
+            validation_fraction=validation_fraction, data_seed=seed,
+            held_out=tuple((HELD_OUT if held_out is None else held_out).get(
+                spec.name, ()))),
         splits=SPLITS)
     seqio.TaskRegistry.remove(full_name)
     seqio.TaskRegistry.add(
