@@ -55,6 +55,10 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 40 - 29 = 11 holes.", "11"),
     ("The answer is 4 + 16 + 20 = 40.", "40"),
     ("The answer is 5 x 3 = 15.", "15"),
+    # In parentheses: the marker had not matched, and the last number
+    # anywhere (2) was read.
+    ("The answer is (12 + 8) = 20. She gives 2 away.", "20"),
+    ("The answer is (12). She gives 2 away.", "12"),
     # A sign touches its number: a dash or a list bullet is not one.
     ("Final answer - 18", "18"),
     ("Apples left:\n- 18", "18"),

@@ -31,16 +31,16 @@ _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
            r"|\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
            r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
-# LLM-Adapters targets write it) answers with its result, not its first
-# operand.
-_EQUATION = (r"(?:" + _MARKED + r"(?:\s*[-+*/\u00d7x]\s*" + _MARKED +
-             r")+\s*=\s*)?")
+# LLM-Adapters targets write it, or '(12 + 8) = 20') answers with its
+# result, not its first operand.
+_EQUATION = (r"(?:\(?\s*" + _MARKED + r"(?:\s*[-+*/\u00d7x]\s*" + _MARKED +
+             r")+\s*\)?\s*=\s*)?")
 # GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
 # generation's middle is not it).
 _HASHES_RE = re.compile(r"^[ \t]*####\s*(" + _MARKED + ")", re.MULTILINE)
 _ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION + "(" + _MARKED
-    + ")", re.IGNORECASE)
+    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION + r"\(?\s*(" +
+    _MARKED + ")", re.IGNORECASE)
 
 
 _DROPPED = str.maketrans("", "", _CURRENCY + ",")
