@@ -231,6 +231,10 @@ class Tensors(Mapping[str, np.ndarray]):
     except Exception as e:  # safetensors raises its own SafetensorError.
       raise ValueError(f'{path}: cannot read tensor {name!r} ({e}).') from None
 
+  def __contains__(self, name) -> bool:
+    # Mapping's own would read the tensor (self[name]) to answer.
+    return name in self._files
+
   def __iter__(self):
     return iter(self._files)
 

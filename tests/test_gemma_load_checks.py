@@ -7,6 +7,7 @@ safetensors entries whose shape or byte range is invalid, unusable GGUF
 metadata. A correct checkpoint still loads.
 """
 
+import collections
 import json
 import shutil
 import struct
@@ -81,6 +82,31 @@ def test_correct_checkpoints_load(saved, hf, gguf_path):
   model, _ = saved
   _same_params(model, gemma.from_pretrained(hf))
   _same_params(model, gemma.from_pretrained(gguf_path))
+
+
+def test_each_tensor_is_read_once(hf, monkeypatch):
+  """Reads go through the safetensors package on access; a membership test
+  (Mapping's own __contains__) had read the tensor, the embedding seven
+  times a load. The tied head's copy is read once more to compare it."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  st = str(hf / 'model.safetensors')
+  tensors = load_file(st)
+  save_file(dict(tensors, **{
+      'lm_head.weight': tensors['model.embed_tokens.weight']}), st)
+  reads = collections.Counter()
+  getitem = hf_io.Tensors.__getitem__
+
+  def counted(self, name):
+    reads[name] += 1
+    return getitem(self, name)
+
+  monkeypatch.setattr(hf_io.Tensors, '__getitem__', counted)
+  gemma.from_pretrained(hf)
+  assert reads.pop('model.embed_tokens.weight') == 2  # compared, loaded
+  assert reads.pop('lm_head.weight') == 1  # compared
+  assert set(reads.values()) == {1} and len(reads) == len(tensors) - 1
+  reads.clear()
+  assert gemma_load.hf_module_prefix(str(hf)) == 'model' and not reads
 
 
 def test_tied_lm_head_copy_and_vision_tower_are_allowed(saved, hf):
