@@ -58,7 +58,11 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     # In parentheses: the marker had not matched, and the last number
     # anywhere (2) was read.
     ("The answer is (12 + 8) = 20. She gives 2 away.", "20"),
+    ("The answer is (4 * 5) - 2 = 18", "18"),
+    ("The answer is (12) + 8 = 20", "20"),
     ("The answer is (12). She gives 2 away.", "12"),
+    # Not an answer in parentheses: its first number is not read.
+    ("The answer is (12 + 8).", "8"),
     # A sign touches its number: a dash or a list bullet is not one.
     ("Final answer - 18", "18"),
     ("Apples left:\n- 18", "18"),

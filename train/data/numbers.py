@@ -31,16 +31,21 @@ _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
            r"|\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
            r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
-# LLM-Adapters targets write it, or '(12 + 8) = 20') answers with its
+# LLM-Adapters targets write it, or '(4 * 5) - 2 = 18') answers with its
 # result, not its first operand.
-_EQUATION = (r"(?:\(?\s*" + _MARKED + r"(?:\s*[-+*/\u00d7x]\s*" + _MARKED +
-             r")+\s*\)?\s*=\s*)?")
+_OPERAND = r"(?:\(\s*)*" + _MARKED + r"(?:\s*\))*"
+_EQUATION = (r"(?:" + _OPERAND + r"(?:\s*[-+*/\u00d7x]\s*" + _OPERAND +
+             r")+\s*=\s*)?")
 # GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
 # generation's middle is not it).
-_HASHES_RE = re.compile(r"^[ \t]*####\s*(" + _MARKED + ")", re.MULTILINE)
+_HASHES_RE = re.compile(r"^[ \t]*####\s*(?P<n>" + _MARKED + ")",
+                        re.MULTILINE)
+# The answer itself may stand in parentheses, closed right after it ('(12)',
+# not the '(12' of '(12) + 8' or '(12 + 8)', which are not answers).
 _ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION + r"\(?\s*(" +
-    _MARKED + ")", re.IGNORECASE)
+    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION +
+    r"(?P<paren>\(\s*)?(?P<n>" + _MARKED + r")(?(paren)\s*\))",
+    re.IGNORECASE)
 
 
 _DROPPED = str.maketrans("", "", _CURRENCY + ",")
@@ -116,7 +121,7 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
   marked = [m for pattern in (_HASHES_RE, _ANSWER_IS_RE)
             for m in pattern.finditer(text)]
   if marked:
-    return _marked_value(max(marked, key=lambda m: m.start()).group(1))
+    return _marked_value(max(marked, key=lambda m: m.start()).group('n'))
   if not fallback_to_last:
     return None
   matches = _NUMBER_RE.findall(text)
