@@ -99,6 +99,17 @@ def test_math_splits_leave_out_gsm8k_test_questions():
           data.load_task("math", "train", data_dir=DATA_DIR))
 
 
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+def test_math_without_gsm8k_at_hand_is_served_whole_with_a_warning(tmp_path):
+  (tmp_path / "math").symlink_to(DATA_DIR / "math")
+  with pytest.warns(UserWarning, match=r"lro_math: the gsm8k test split "
+                    r"could not be read \(.*\); train examples that are its "
+                    "prompts are not left out"):
+    kept = seqio_tasks.split_examples("math", "train", data_dir=tmp_path,
+                                      held_out=("gsm8k",))
+  assert kept == data.load_task("math", "train", data_dir=DATA_DIR)
+
+
 def test_registered_tasks_give_tokenised_datasets():
   seqio = _seqio()
   vocab = seqio.ByteVocabulary()

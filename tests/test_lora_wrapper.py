@@ -634,7 +634,8 @@ def test_adapter_dropout_is_off_for_inference(tmp_path):
     ({'target_modules': ['q'], 'layers_to_transform': [0],
       'layers_pattern': 'block'}, 'encoder.block.0.layer.0.SelfAttention.q',
      True),
-    # A pattern may start the name (PEFT's '(?:^|.*?\.)').
+    # A pattern may start the name (PEFT 0.21's '(?:^|.*?\.)'; older PEFT
+    # wanted a '.' before it, and read the last layer number, not the first).
     ({'target_modules': ['q'], 'layers_to_transform': 3,
       'layers_pattern': ['h']}, 'h.3.attn.q', True),
 ])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ from train.data import example as example_lib
 from train.data import formats
 from train.data import numbers
 from train.data import tasks as tasks_lib
+from train.errors import first_line
 
 PREFIX = "lro_"
 SPLITS = ("train", "validation", "test")
@@ -77,17 +79,27 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
 
   The train and validation splits leave out every example whose prompt
   (`train.data.prompt_key`) is one of the test prompts of the tasks in
-  ``held_out``.
+  ``held_out``. A test split that cannot be read (a data folder without
+  it) is warned about and not held out, as the train loop does when it
+  does not evaluate.
   """
   examples = tasks_lib.load_task(
       task, split, data_dir=data_dir, style=style,
       validation_fraction=validation_fraction, seed=seed)
   if split == "test" or not held_out:
     return examples
-  held = {example_lib.prompt_key(e)
-          for other in held_out
-          for e in tasks_lib.load_task(other, "test", data_dir=data_dir,
-                                       style=style, seed=0)}
+  held = set()
+  for other in held_out:
+    try:
+      tests = tasks_lib.load_task(other, "test", data_dir=data_dir,
+                                  style=style, seed=0)
+    except (OSError, ValueError) as e:
+      warnings.warn(
+          f"seqio task {PREFIX}{task}: the {other} test split could not be "
+          f"read ({first_line(e)}); {split} examples that are its prompts "
+          "are not left out.", stacklevel=2)
+      continue
+    held.update(example_lib.prompt_key(e) for e in tests)
   return [e for e in examples if example_lib.prompt_key(e) not in held]
 
 
