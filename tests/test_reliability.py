@@ -1026,23 +1026,41 @@ def test_export_is_not_written_through_a_planted_link(tmp_path, capsys):
     loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('damage', ['state deleted', 'data truncated'])
+def _damage(state, damage):
+  """Damages a checkpoint's state folder in place."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if damage == 'state deleted':
+    shutil.rmtree(state)
+  elif damage == 'data truncated':
+    for f in state.rglob('*'):
+      if f.is_file() and f.stat().st_size > 1000:
+        f.write_bytes(f.read_bytes()[:100])
+  elif damage == 'data files deleted':  # the index kept
+    for f in (state / 'ocdbt.process_0' / 'd').iterdir():
+      f.unlink()
+  else:  # part of the state gone, its commit file kept (a cut copy)
+    assert damage == 'state partly gone'
+    for name in ('d', 'manifest.ocdbt', 'ocdbt.process_0'):
+      path = state / name
+      shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+DAMAGES = ['state deleted', 'data truncated', 'data files deleted',
+           'state partly gone']
+
+
+@pytest.mark.parametrize('damage', DAMAGES)
 def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(
     reference, tmp_path, damage):
   """A checkpoint whose state is gone or truncated: one short line saying it
   is damaged and which step moving it aside resumes from (it had been
-  'does not fit this config', advising --config, at up to 2.4 KB); moved
-  aside, the run resumes from there."""
+  'does not fit this config', advising --config, at up to 2.4 KB; its data
+  files deleted had been orbax's bare Exception, a 145-line traceback);
+  moved aside, the run resumes from there."""
   import shutil  # pylint: disable=g-import-not-at-top
   run_dir = tmp_path / 'run'
   shutil.copytree(reference['run_dir'], run_dir)
-  state = run_dir / 'checkpoints' / str(STEPS) / 'state'
-  if damage == 'state deleted':
-    shutil.rmtree(state)
-  else:
-    for f in state.rglob('*'):
-      if f.is_file() and f.stat().st_size > 1000:
-        f.write_bytes(f.read_bytes()[:100])
+  _damage(run_dir / 'checkpoints' / str(STEPS) / 'state', damage)
   with pytest.raises(loop.ConfigError) as e:
     loop.run(tiny(run_dir, resume=True), log=lambda s: None)
   msg = str(e.value)
@@ -1068,6 +1086,27 @@ def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(
   assert str(e.value).endswith(
       'it is damaged or incomplete, and no earlier checkpoint is kept; start '
       f'over with another --run_dir (or move {run_dir} aside).'), e.value
+
+
+@pytest.mark.parametrize('damage', ['data files deleted', 'state partly gone'])
+def test_a_damaged_checkpoint_prints_one_line_and_nothing_else(
+    reference, tmp_path, damage):
+  """`python -m train --resume` on it, stderr whole, to the process's end:
+  orbax's other reads, still in flight when the restore fails, had printed
+  ~80 tracebacks from its threads around the refusal ('Event loop is
+  closed'), and its read coroutines more as they were freed at exit."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'run'
+  shutil.copytree(reference['run_dir'], run_dir)
+  _damage(run_dir / 'checkpoints' / str(STEPS) / 'state', damage)
+  done = subprocess.run(
+      [sys.executable, '-m', 'train'] + _cli_args(run_dir) + ['--resume'],
+      cwd=ROOT, env=_train_env(), capture_output=True, text=True,
+      timeout=300)
+  assert done.returncode == 1 and done.stderr.count('\n') == 1, (
+      done.stderr[:3000])
+  assert done.stderr.startswith(f'error: --resume: checkpoint {STEPS} in '), (
+      done.stderr)
 
 
 @pytest.mark.parametrize('saved_config_says_rank_2', [False, True])
