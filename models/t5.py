@@ -117,6 +117,14 @@ class T5Config:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'T5Config.{name} must be a positive integer, got '
                          f'{value!r}.')
+    # Indices into the embedding: -1 (a SentencePiece model without a pad
+    # or EOS piece) had wrapped round to the last row, silently.
+    for name in ('pad_token_id', 'eos_token_id', 'decoder_start_token_id'):
+      value = getattr(self, name)
+      if (not isinstance(value, int) or isinstance(value, bool) or
+          not 0 <= value < self.vocab_size):
+        raise ValueError(f'T5Config.{name} must be a token id in [0, '
+                         f'{self.vocab_size}), got {value!r}.')
 
   @property
   def is_gated(self) -> bool:

@@ -263,6 +263,25 @@ def test_t5_tokenizer_from_a_sentencepiece_folder(tmp_path):
     t5.save_pretrained(other, tmp_path / 'ckpt')  # pad 0, EOS 1 ...
     loop.load_t5_model(configs.ModelConfig(family='t5'),
                        str(tmp_path / 'ckpt'), 0, ByteTokenizer())  # ... EOS 2
+  # SentencePiece's default layout has no pad piece (pad_id -1); a model
+  # trained without EOS has none either. A random T5 had taken -1 for them,
+  # which indexing wraps round to the last row: it trained silently.
+  for name, ids in (('default', {}), ('noeos', dict(pad_id=0, eos_id=-1,
+                                                    unk_id=2, bos_id=-1))):
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / name), vocab_size=40,
+        minloglevel=2, **ids)
+    tok = loop.load_t5_tokenizer(
+        configs.ModelConfig(family='t5', tokenizer=str(tmp_path / name) +
+                            '.model'), '')
+    with pytest.raises(loop.ConfigError, match=(
+        r'model.tokenizer: the SentencePiece model has no (pad|EOS) piece '
+        r'\(pad_id -?\d, eos_id -?\d\); T5 needs both')):
+      loop.load_t5_model(configs.ModelConfig(family='t5', name='tiny'), '', 0,
+                         tok)
+  with pytest.raises(ValueError, match=r'T5Config.pad_token_id must be a '
+                     r'token id in \[0, 40\), got -1'):
+    t5.get_config('tiny', vocab_size=40, pad_token_id=-1)
 
 
 def test_tiny_t5_lora_ga_init_trains(tmp_path):
@@ -320,3 +339,13 @@ def test_generate_cli_decodes_a_t5_folder_with_its_adapter(tmp_path, capsys):
   assert capsys.readouterr().err == ('error: T5 / mT5 checkpoints decode '
                                      'greedily here: leave out '
                                      '--temperature.\n')
+  # A tokenizer whose EOS is not the model's (the train loop refuses it):
+  # the prompt had ended in the wrong EOS, silently.
+  spm.SentencePieceTrainer.train(
+      input=str(text), model_prefix=str(tmp_path / 'other'), vocab_size=40,
+      pad_id=0, eos_id=2, unk_id=1, bos_id=-1, minloglevel=2)
+  assert generate.main(argv + ['--tokenizer',
+                               str(tmp_path / 'other.model')]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and "pad / EOS ids (0, 2) are not the " in err
+

@@ -171,6 +171,13 @@ def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
   else:
     ids = {}
     if tokenizer is not None:
+      if min(tokenizer.pad_id, tokenizer.eos_id) < 0:
+        # SentencePiece's default layout has no pad piece (pad_id -1).
+        raise ConfigError(
+            f'model.tokenizer: the SentencePiece model has no '
+            f'{"pad" if tokenizer.pad_id < 0 else "EOS"} piece (pad_id '
+            f'{tokenizer.pad_id}, eos_id {tokenizer.eos_id}); T5 needs both '
+            '(train it with pad_id=0, eos_id=1, as T5\'s spiece.model).')
       ids = dict(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
                  decoder_start_token_id=tokenizer.pad_id)
       if getattr(tokenizer, 'vocab_size', None):
