@@ -220,13 +220,7 @@ def apply_lora(model: nnx.Module,
     if proj.lora is not None:
       raise ValueError(f'apply_lora: {path!r} already has a LoRA adapter; '
                        'call remove_lora first to replace it.')
-    # LoRA-GA takes B from singular directions r+1..2r.
-    need = 2 * rank if init == 'lora_ga' else rank
-    if init in ('pissa', 'lora_ga') and need > min(_dims(proj)):
-      raise ValueError(f'apply_lora: rank {rank} is too large for {path!r}\'s '
-                       f'matrix shape {_dims(proj)}: {init} needs '
-                       f'{"2 * rank" if init == "lora_ga" else "rank"} <= '
-                       f'{min(_dims(proj))}.')
+    _check_rank_fits(path, proj, rank, init)
     if init in ('pissa', 'lora_ga') and isinstance(proj.kernel.get_value(),
                                                   jax.ShapeDtypeStruct):
       raise ValueError(f'apply_lora: init={init!r} reads the weights, but '
@@ -335,6 +329,28 @@ def _kernel_grads(model, batch, *, loss_fn, paths: frozenset):
     return bool(path) and path[-1] == 'kernel' and _path_str(path[:-1]) in paths
 
   return nnx.grad(loss_fn, argnums=nnx.DiffState(0, wanted))(model, batch)
+
+
+def _check_rank_fits(path: str, proj, rank: int, init: str,
+                     who: str = 'apply_lora') -> None:
+  # LoRA-GA takes B from singular directions r+1..2r.
+  need = 2 * rank if init == 'lora_ga' else rank
+  if init in ('pissa', 'lora_ga') and need > min(_dims(proj)):
+    raise ValueError(f'{who}: rank {rank} is too large for {path!r}\'s '
+                     f'matrix shape {_dims(proj)}: {init} needs '
+                     f'{"2 * rank" if init == "lora_ga" else "rank"} <= '
+                     f'{min(_dims(proj))}.')
+
+
+def check_targets_and_rank(model: nnx.Module,
+                           targets: str | Sequence[str] | None, rank: int,
+                           init: str) -> None:
+  """Raises, as :func:`apply_lora` would, on targets that match no
+  projection or a rank too large for one under PiSSA / LoRA-GA: for a
+  caller to check before work that comes first (LoRA-GA's gradient
+  passes, minutes on a real model)."""
+  for path, proj in select(model, targets).items():
+    _check_rank_fits(path, proj, rank, init)
 
 
 def estimate_full_gradients(model: nnx.Module,

@@ -755,6 +755,43 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
                     1)
 
 
+def test_lora_ga_gradient_is_the_training_losss_whatever_grad_accum(
+    tmp_path, monkeypatch):
+  """The gradient LoRA-GA takes the SVD of is the training loss's: the
+  step's summed log-probs over its target tokens, however the step is cut
+  into micro-batches (each had been divided by its own token count, so
+  the factors changed with grad_accum). A rank too large for LoRA-GA is
+  refused before the gradient passes, not after them."""
+  from models import lora  # pylint: disable=g-import-not-at-top
+  ga = {'lora.init': 'lora_ga', 'lora.ga_batches': 2}
+  grads = {}
+  real = lora.estimate_full_gradients
+
+  def kept(*args, **kwargs):
+    out = real(*args, **kwargs)
+    grads[len(grads)] = {k: np.asarray(v) for k, v in out.items()}
+    return out
+
+  monkeypatch.setattr(lora, 'estimate_full_gradients', kept)
+  for accum in (1, 4):
+    loop.build(tiny(tmp_path / f'ga{accum}', grad_accum=accum, **ga))
+  assert set(grads[0]) == set(grads[1])
+  for name, g in grads[0].items():
+    np.testing.assert_allclose(grads[1][name], g, rtol=1e-4,
+                               atol=1e-6 * np.abs(g).max(), err_msg=name)
+
+  def no_passes(*args, **kwargs):
+    raise AssertionError('the gradient passes ran before the rank check')
+
+  monkeypatch.setattr(lora, 'estimate_full_gradients', no_passes)
+  with pytest.raises(loop.ConfigError,
+                     match=r"lora: apply_lora: rank 20 is too large for "):
+    loop.build(tiny(tmp_path / 'big', **{**ga, 'lora.rank': 20}))
+  with pytest.raises(loop.ConfigError,
+                     match=r"lora: apply_lora: target 'nope' matches no"):
+    loop.build(tiny(tmp_path / 'nope', **{**ga, 'lora.targets': ('nope',)}))
+
+
 def test_metrics_writer_keeps_rows_up_to_the_checkpoint(tmp_path):
   """Rows after the resumed-from step go; rows before stay, a row that did
   not log every key of its header block included (an empty cell), and are

@@ -542,17 +542,25 @@ def lora_ga_gradients(model, cfg: configs_lib.Config, family: 'Family',
   pack, accum = cfg.data.pack, cfg.grad_accum
   micro = cfg.batch_size // accum
 
-  def loss_fn(m, batch):
+  def loss_fn(m, batch_and_weight):
+    # The training loss of the step, as train.step divides it: the sum over
+    # its micro-batches, divided once by the step's target tokens (times
+    # accum, since estimate_full_gradients averages micro-batches). Each
+    # micro-batch by its own count had weighted them unequally, so the
+    # SVD's directions changed with grad_accum.
+    batch, step_weight = batch_and_weight
     lp = family.logprobs(m, batch, pack)
-    return -lp.sum() / jnp.maximum(batch['weights'].sum(), 1.0)
+    return -lp.sum() * accum / jnp.maximum(step_weight, 1.0)
 
   def micro_batches():
     for raw in family.dataset(partial):
       batch = family.prepare_batch(raw, partial)[0]
+      step_weight = np.float32(np.sum(batch['weights']))
       for i in range(accum):
         yield {k: distributed.global_array(
             v[i * micro:(i + 1) * micro],
-            distributed.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+            distributed.batch_sharding(mesh, v.ndim))
+               for k, v in batch.items()}, step_weight
 
   try:
     return lora.estimate_full_gradients(
@@ -613,6 +621,12 @@ def build(cfg: configs_lib.Config) -> Run:
       run_has_checkpoints(default_run_dir(cfg))):
     initial = load_initial_factors(default_run_dir(cfg))
   if cfg.lora.init == 'lora_ga' and initial is None:
+    from models import lora  # pylint: disable=g-import-not-at-top
+    try:  # before the gradient passes, not after them
+      lora.check_targets_and_rank(model, cfg.lora.targets, cfg.lora.rank,
+                                  cfg.lora.init)
+    except ValueError as e:
+      raise ConfigError(f'lora: {e}') from None
     init_grads = lora_ga_gradients(model, cfg, family, mesh, tokenizer,
                                    train_examples, max_targets)
   try:
