@@ -63,6 +63,9 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is (12). She gives 2 away.", "12"),
     # Not an answer in parentheses: its first number is not read.
     ("The answer is (12 + 8).", "8"),
+    ("The answer is (12%). 3 of them", "12"),
+    ("The answer is (12 apples). Check: 5 + 7", "12"),
+    ("The answer is (1,200 dollars) 5", "1200"),
     # A sign touches its number: a dash or a list bullet is not one.
     ("Final answer - 18", "18"),
     ("Apples left:\n- 18", "18"),
@@ -339,3 +342,19 @@ def test_numbers_equal_is_absolute():
   assert not equal("2000002", "2000000")
   assert equal("0.333333", "0.3333333")
   assert equal("576", "576.0000001")
+
+
+def test_a_long_chain_of_fractions_is_read_in_linear_time():
+  """'(1/2) + (1/2) + ...' with no '=' (a generation stuck repeating): each
+  term read both as a fraction and as 1 / 2 had made the answer regex take
+  2^n steps (n = 18: 0.4 s; 40 would never end). Run apart, with a limit."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("from train.data.numbers import extract_final_number as e\n"
+          "print(e('So the answer is ' + ' + '.join(['(1/2)'] * 40) + '.'),"
+          " e('The answer is ' + '1/1 x ' * 40))")
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=60,
+                        cwd=pathlib.Path(__file__).parents[1])
+  assert done.stdout.split() == ['0.5', '1'], done.stderr

@@ -33,19 +33,25 @@ _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
 # LLM-Adapters targets write it, or '(4 * 5) - 2 = 18') answers with its
 # result, not its first operand.
+# Each operand is matched atomically (a lookahead captures it, the
+# backreference consumes it; Python 3.10 has no '(?>...)'): '1/2' is a
+# fraction or '1', '/', '2', and trying both readings of every term had made
+# a generation of n such terms without '=' take 2^n steps.
 _OPERAND = r"(?:\(\s*)*" + _MARKED + r"(?:\s*\))*"
-_EQUATION = (r"(?:" + _OPERAND + r"(?:\s*[-+*/\u00d7x]\s*" + _OPERAND +
-             r")+\s*=\s*)?")
+_EQUATION = (r"(?:(?=(?P<first>" + _OPERAND + r"))(?P=first)"
+             r"(?:\s*[-+*/\u00d7x]\s*(?=(?P<next>" + _OPERAND +
+             r"))(?P=next))+\s*=\s*)?")
 # GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
 # generation's middle is not it).
 _HASHES_RE = re.compile(r"^[ \t]*####\s*(?P<n>" + _MARKED + ")",
                         re.MULTILINE)
-# The answer itself may stand in parentheses, closed right after it ('(12)',
-# not the '(12' of '(12) + 8' or '(12 + 8)', which are not answers).
+# The answer itself may stand in parentheses, with a unit or '%' before
+# they close ('(12)', '(12 apples)'), but not the '(12' of '(12 + 8)', which
+# is not an answer.
 _ANSWER_IS_RE = re.compile(
     r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION +
-    r"(?P<paren>\(\s*)?(?P<n>" + _MARKED + r")(?(paren)\s*\))",
-    re.IGNORECASE)
+    r"(?P<paren>\(\s*)?(?P<n>" + _MARKED +
+    r")(?(paren)[^()\n\d+\-*/=\u00d7]{0,40}\))", re.IGNORECASE)
 
 
 _DROPPED = str.maketrans("", "", _CURRENCY + ",")
