@@ -21,15 +21,9 @@ are removed.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import logging
 import os
 import shutil
-import sys
-import tempfile
-import time
 from typing import Any
 
 import jax
@@ -56,73 +50,6 @@ class StateMismatch(ValueError):
 class CheckpointDamaged(OSError):
   """A checkpoint whose files cannot be read back: deleted, truncated or
   corrupt since it was written."""
-
-
-# A failed restore leaves orbax's other reads in flight: each then fails on
-# orbax's closed event loop, in a tensorstore thread that prints its
-# traceback straight to the process's stderr, or in a future that asyncio
-# logs when it is collected. How long to wait for them to end: until
-# stderr has been quiet this long, at most `DRAIN_LIMIT_SECONDS`.
-DRAIN_QUIET_SECONDS = 1.0
-DRAIN_LIMIT_SECONDS = 30.0
-
-
-@contextlib.contextmanager
-def _quiet_if_it_fails(directory: str):
-  """Holds back the process's stderr (fd 2) while the body runs: replayed
-  when it succeeds; dropped when it fails, once the reads still in flight
-  have ended (and later reports of them, which name ``directory``, are
-  dropped too: `_drop_reports_naming`). A checkpoint with part of its files
-  gone had printed ~80 tracebacks ('Event loop is closed') around the
-  one-line refusal, on every host."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    ok = False
-    try:
-      yield
-      ok = True
-    finally:
-      if not ok:
-        _drop_reports_naming(directory)
-        start = time.monotonic()
-        size, quiet_since = -1, start
-        while time.monotonic() - start < DRAIN_LIMIT_SECONDS:
-          gc.collect()  # asyncio reports an unretrieved future when freed
-          now = os.fstat(held.fileno()).st_size
-          if now != size:
-            size, quiet_since = now, time.monotonic()
-          elif time.monotonic() - quiet_since >= DRAIN_QUIET_SECONDS:
-            break
-          time.sleep(0.1)
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      if ok:
-        held.seek(0)
-        while chunk := held.read(1 << 16):
-          os.write(2, chunk)
-
-
-def _drop_reports_naming(directory: str) -> None:
-  """Drops, from now on, what asyncio logs and what Python reports as
-  unraisable (orbax's read coroutines finalized at exit, callbacks onto its
-  closed event loop) about the reads of a checkpoint in ``directory`` that
-  failed: the caller has said so in one line. Reports about anything else
-  pass."""
-  logging.getLogger('asyncio').addFilter(
-      lambda record: directory not in record.getMessage())
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    text = str(unraisable.exc_value)
-    # A tensorstore thread's callback onto orbax's closed loop names no
-    # file; after a failed restore, that is what it reports.
-    if directory not in text and text != 'Event loop is closed':
-      previous(unraisable)
-
-  sys.unraisablehook = hook
 
 
 def _innermost(e: BaseException) -> BaseException:
@@ -245,24 +172,20 @@ class Checkpointer:
       data_iterator: a fresh iterator of the same dataset, or None.
     """
     ocp = _ocp()
+    self._check_fits(step, abstract_state)
     try:
-      # The metadata read too: on a checkpoint missing files, its own
-      # failed reads print from orbax's threads like the restore's.
-      with _quiet_if_it_fails(self.directory):
-        self._check_fits(step, abstract_state)
-        out = self._mngr.restore(int(step), args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardRestore(abstract_state)}))
-      if data_iterator is not None:
-        self._restore_data(step, data_iterator)
-    except StateMismatch:
-      raise
+      out = self._mngr.restore(int(step), args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # pylint: disable=broad-except
       # A file of the checkpoint missing or cut short fails deep in
       # tensorstore, and orbax re-raises it as a bare Exception: it had
-      # reached the user as a 145-line traceback.
-      cause = _innermost(e)
-      raise CheckpointDamaged(
-          first_line(cause)) from e
+      # reached the user as a 145-line traceback. Anything else (out of
+      # memory, say) is not damage, and goes on as it is.
+      if type(e) is not Exception:  # pylint: disable=unidiomatic-typecheck
+        raise
+      raise CheckpointDamaged(first_line(_innermost(e))) from e
+    if data_iterator is not None:
+      self._restore_data(step, data_iterator)
     return out[STATE]
 
   def _restore_data(self, step: int, data_iterator) -> None:
