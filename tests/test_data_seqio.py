@@ -108,6 +108,11 @@ def test_math_without_gsm8k_at_hand_is_served_whole_with_a_warning(tmp_path):
     kept = seqio_tasks.split_examples("math", "train", data_dir=tmp_path,
                                       held_out=("gsm8k",))
   assert kept == data.load_task("math", "train", data_dir=DATA_DIR)
+  # A misspelt task is refused, not taken for a missing file (it had
+  # trained on GSM8K's test questions with only a warning).
+  with pytest.raises(ValueError, match="unknown task 'gsm8kk'"):
+    seqio_tasks.split_examples("math", "train", data_dir=DATA_DIR,
+                               held_out=("gsm8kk",))
 
 
 def test_registered_tasks_give_tokenised_datasets():

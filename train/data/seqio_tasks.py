@@ -90,10 +90,11 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
     return examples
   held = set()
   for other in held_out:
+    tasks_lib.get_task(other)  # a name that is no task is an error, not absent
     try:
       tests = tasks_lib.load_task(other, "test", data_dir=data_dir,
                                   style=style, seed=0)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # the file is not at hand
       warnings.warn(
           f"seqio task {PREFIX}{task}: the {other} test split could not be "
           f"read ({first_line(e)}); {split} examples that are its prompts "
