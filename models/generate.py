@@ -156,14 +156,9 @@ def _generate_t5(args) -> int:
     tokenizer = Tokenizer.from_model_file(spec, add_bos=False)
     model = t5.from_pretrained(args.checkpoint,
                                dtype=getattr(jnp, args.dtype))
-    c = model.config
-    if (tokenizer.pad_id, tokenizer.eos_id) != (c.pad_token_id,
-                                                c.eos_token_id):
-      # As the train loop refuses it: the prompt would end in another EOS.
-      raise ValueError(
-          f'{spec}: the tokenizer\'s pad / EOS ids ({tokenizer.pad_id}, '
-          f'{tokenizer.eos_id}) are not the model\'s ({c.pad_token_id}, '
-          f'{c.eos_token_id}); use the checkpoint\'s spiece.model.')
+    mismatch = t5.tokenizer_mismatch(tokenizer, model.config)
+    if mismatch:  # as the train loop refuses it
+      raise ValueError(f'{spec}: {mismatch}')
     if args.adapter is not None:
       load_adapter(model, args.adapter)
     ids = tokenizer.encode(args.prompt) + [tokenizer.eos_id]

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from lora_rite_optax import checks
 
 from models import hf_io
 from models.layers import LoRAWeights, Projection
@@ -203,7 +204,6 @@ def apply_lora(model: nnx.Module,
     raise ValueError(f'apply_lora: unknown init {init!r}; choose from '
                      f'{", ".join(INITS)}.')
   # Any integer (numpy's too, as lro.init takes), not 4.0 or True.
-  from lora_rite_optax import checks  # pylint: disable=g-import-not-at-top
   if not checks.is_integer(rank) or operator.index(rank) < 1:
     raise ValueError(f'apply_lora: rank must be a positive int, got {rank!r}.')
   rank = operator.index(rank)
@@ -331,12 +331,11 @@ def _kernel_grads(model, batch, *, loss_fn, paths: frozenset):
   return nnx.grad(loss_fn, argnums=nnx.DiffState(0, wanted))(model, batch)
 
 
-def _check_rank_fits(path: str, proj, rank: int, init: str,
-                     who: str = 'apply_lora') -> None:
+def _check_rank_fits(path: str, proj, rank: int, init: str) -> None:
   # LoRA-GA takes B from singular directions r+1..2r.
   need = 2 * rank if init == 'lora_ga' else rank
   if init in ('pissa', 'lora_ga') and need > min(_dims(proj)):
-    raise ValueError(f'{who}: rank {rank} is too large for {path!r}\'s '
+    raise ValueError(f'apply_lora: rank {rank} is too large for {path!r}\'s '
                      f'matrix shape {_dims(proj)}: {init} needs '
                      f'{"2 * rank" if init == "lora_ga" else "rank"} <= '
                      f'{min(_dims(proj))}.')
@@ -865,7 +864,7 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
                      f'got {dropout!r}.')
   # The module selection, read by _peft_rule: a string where a list goes
   # had failed there with a TypeError, or been taken as another rule.
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  is_int = checks.is_integer
   strings = lambda v: v is None or isinstance(v, str) or (
       isinstance(v, list) and all(isinstance(x, str) for x in v))
   for name, valid, what in (
@@ -880,8 +879,7 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
                        f'{cfg.get(name)!r}.')
   patterns = []
   for name, valid, what in (
-      ('rank_pattern', lambda v: isinstance(v, int) and not isinstance(
-          v, bool) and v >= 1, 'an int >= 1'),
+      ('rank_pattern', lambda v: is_int(v) and v >= 1, 'an int >= 1'),
       ('alpha_pattern', lambda v: _is_number(v) and math.isfinite(v) and
        v != 0, 'a finite non-zero number')):
     pattern = cfg.get(name) or {}

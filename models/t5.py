@@ -710,6 +710,21 @@ def _path(path) -> str:
 TOKENIZER_FILES = ('spiece.model', 'tokenizer.model')
 
 
+def tokenizer_mismatch(tokenizer, config: T5Config) -> str | None:
+  """Why ``tokenizer`` does not fit a model of ``config``, or None.
+
+  Its pad and EOS ids must be the model's: T5 masks encoder padding by the
+  pad id, starts the decoder with it and stops on EOS, and a prompt ends
+  in EOS.
+  """
+  if (tokenizer.pad_id, tokenizer.eos_id) == (config.pad_token_id,
+                                              config.eos_token_id):
+    return None
+  return (f'the tokenizer\'s pad / EOS ids ({tokenizer.pad_id}, '
+          f'{tokenizer.eos_id}) are not the model\'s ({config.pad_token_id}, '
+          f'{config.eos_token_id}); use the checkpoint\'s spiece.model.')
+
+
 def tokenizer_file(folder: str | os.PathLike) -> str | None:
   """The SentencePiece model in a Hugging Face T5 / mT5 folder, or None."""
   return next((os.path.join(folder, n) for n in TOKENIZER_FILES

@@ -188,13 +188,10 @@ def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
       raise ConfigError(f'model.name: {e}') from None
     model = t5.T5(tcfg, dtype=dtype, param_dtype=param_dtype,
                   rngs=nnx.Rngs(seed))
-  c = model.config
-  if tokenizer is not None and (tokenizer.pad_id, tokenizer.eos_id) != (
-      c.pad_token_id, c.eos_token_id):
-    raise ConfigError(
-        f'the tokenizer\'s pad / EOS ids ({tokenizer.pad_id}, '
-        f'{tokenizer.eos_id}) are not the model\'s ({c.pad_token_id}, '
-        f'{c.eos_token_id}); use the checkpoint\'s spiece.model.')
+  mismatch = tokenizer is not None and t5.tokenizer_mismatch(tokenizer,
+                                                             model.config)
+  if mismatch:
+    raise ConfigError(mismatch)
   return model
 
 
