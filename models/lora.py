@@ -899,24 +899,25 @@ def _check_peft_config(cfg: Mapping[str, Any], cfg_path: Path):
   return (rslora, float(dropout), *patterns)
 
 
-def _peft_selects(cfg: dict, name: str, source: str = ADAPTER_CONFIG
-                  ) -> bool | None:
+def _peft_selects(cfg: dict, name: str, source: str = ADAPTER_CONFIG,
+                  legacy: bool = False) -> bool | None:
   """Whether PEFT's ``target_modules`` rule picks module ``name`` (as
   ``peft.tuners.tuners_utils.check_target_module_exists`` does: a string
   is a full-match regex, a list matches a name or a ``.``-suffix, then
   ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``;
   ``'all-linear'`` every linear layer but the output one, lm_head); None
   where the config's rule is not one of these. A pattern that is not a
-  regular expression is a ValueError naming ``source``."""
+  regular expression is a ValueError naming ``source``. ``legacy``: the
+  layer index as PEFT read it before mid-2026 (the last numbered part)."""
   try:
-    return _peft_rule(cfg, name)
+    return _peft_rule(cfg, name, legacy)
   except re.error as e:
     raise ValueError(f'{source}: target_modules, exclude_modules or '
                      f'layers_pattern holds a pattern that is not a regular '
                      f'expression: {e}.') from None
 
 
-def _peft_rule(cfg: dict, name: str) -> bool | None:
+def _peft_rule(cfg: dict, name: str, legacy: bool = False) -> bool | None:
   target, exclude = cfg.get('target_modules'), cfg.get('exclude_modules')
   if isinstance(exclude, str) and re.fullmatch(exclude, name):
     return False
@@ -939,12 +940,16 @@ def _peft_rule(cfg: dict, name: str) -> bool | None:
   # PEFT reads the layer index from the first numbered part of the name
   # (lazily: T5's 'decoder.block.0.layer.1.EncDecAttention.q' is block 0,
   # not sub-layer 1), or from the first that follows a layers_pattern.
+  # PEFT before its PR #3318 (mid-2026) matched greedily and read the last
+  # (legacy).
   patterns = cfg.get('layers_pattern')
+  lead = '.*' if legacy else '.*?'
   if not patterns:
-    regexes = [r'.*?\.[^.]*\.(\d+)\.']
+    regexes = [rf'{lead}\.[^.]*\.(\d+)\.']
   else:
     patterns = [patterns] if isinstance(patterns, str) else patterns
-    regexes = [rf'(?:^|.*?\.){p}\.(\d+)\.' for p in patterns]
+    regexes = [rf'.*\.{p}\.(\d+)\.' if legacy else
+               rf'(?:^|.*?\.){p}\.(\d+)\.' for p in patterns]
   for regex in regexes:
     m = re.match(regex, name)
     if m:
@@ -1037,12 +1042,17 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   # A module the config targets but the file leaves out: a truncated file,
   # or an adapter for a deeper model (PEFT only warns, and would run with
   # part of the adapter).
-  for name in owners:
-    if name not in by_module and _peft_selects(cfg, name, str(cfg_path)):
-      raise ValueError(f'{who}: has no lora_A/lora_B for {name!r}, which '
-                       f'{ADAPTER_CONFIG} targets (target_modules '
-                       f'{cfg.get("target_modules")!r}): a partial file, or '
-                       'an adapter for another model?')
+  absent = [name for name in owners if name not in by_module]
+  missing = [n for n in absent if _peft_selects(cfg, n, str(cfg_path))]
+  if missing and cfg.get('layers_to_transform') not in (None, []) and not any(
+      _peft_selects(cfg, n, str(cfg_path), legacy=True) for n in absent):
+    # Whole by the layer rule of the older PEFT that wrote it.
+    missing = []
+  if missing:
+    raise ValueError(f'{who}: has no lora_A/lora_B for {missing[0]!r}, which '
+                     f'{ADAPTER_CONFIG} targets (target_modules '
+                     f'{cfg.get("target_modules")!r}): a partial file, or '
+                     'an adapter for another model?')
 
   plan = []
   for path, proj in projs.items():

@@ -701,6 +701,41 @@ def test_a_peft_adapter_on_some_t5_blocks_loads(tmp_path):
   assert len(adapted) == 3 and all('.1.' in p for p in adapted), adapted
 
 
+def _t5_adapter(directory, names, **cfg):
+  rng = np.random.default_rng(0)
+  tensors = {}
+  for n in names:
+    tensors[f'base_model.model.{n}.lora_A.weight'] = rng.normal(
+        size=(4, 32)).astype(np.float32)
+    tensors[f'base_model.model.{n}.lora_B.weight'] = rng.normal(
+        size=(32, 4)).astype(np.float32)
+  directory.mkdir(exist_ok=True)
+  save_file(tensors, str(directory / 'adapter_model.safetensors'))
+  (directory / 'adapter_config.json').write_text(json.dumps(dict(
+      peft_type='LORA', task_type='SEQ_2_SEQ_LM', r=4, lora_alpha=8, **cfg)))
+  return directory
+
+
+def test_an_older_peft_adapter_on_some_t5_sub_layers_loads(tmp_path):
+  """PEFT before mid-2026 read the layer index from the last numbered part
+  (T5's sub-layer): with layers_to_transform=[1] it wrote the decoder's two
+  cross-attention q's. Whole by the rule that wrote it, so it loads; a file
+  partial by both rules is still refused."""
+  names = ['decoder.block.0.layer.1.EncDecAttention.q',
+           'decoder.block.1.layer.1.EncDecAttention.q']
+  cfg = dict(target_modules=['q'], layers_to_transform=[1])
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))  # two blocks
+  lora.load_peft_adapter(model, _t5_adapter(tmp_path / 'old', names, **cfg))
+  adapted = sorted(lora.lora_modules(model))
+  assert len(adapted) == 2 and all('cross' in p for p in adapted), adapted
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"has no lora_A/lora_B for '[a-z]+"
+                     r"\.block\.1\.layer"):
+    lora.load_peft_adapter(model, _t5_adapter(tmp_path / 'cut', names[:1],
+                                              **cfg))
+  assert not lora.lora_modules(model)
+
+
 def test_peft_target_rule_refuses_a_pattern_that_is_no_regex():
   with pytest.raises(ValueError, match=r'^cfg.json: target_modules, '
                      'exclude_modules or layers_pattern holds a pattern'):
