@@ -229,8 +229,7 @@ def load_examples(cfg: configs_lib.Config):
   evals = _held_out_examples(cfg, eval_task, common, wants_eval)
   if evals is None:
     return train, []
-  held = {data.prompt_key(e) for e in evals}
-  kept = [e for e in train if data.prompt_key(e) not in held]
+  kept = data.without_prompts_of(train, evals)
   if len(kept) < len(train):
     warnings.warn(
         f'data: {len(train) - len(kept)} of {len(train)} training examples '

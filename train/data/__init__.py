@@ -13,6 +13,7 @@ Typical use::
 
 from train.data.example import Example
 from train.data.example import prompt_key
+from train.data.example import without_prompts_of
 from train.data.numbers import canonical_number
 from train.data.numbers import extract_final_number
 from train.data.records import read_records

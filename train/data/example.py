@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +58,12 @@ def prompt_key(example: Example) -> str:
   """The prompt with runs of whitespace collapsed: examples with the same key
   ask the same question (used to keep evaluation items out of training)."""
   return " ".join(example.prompt.split())
+
+
+def without_prompts_of(examples: Sequence[Example],
+                       held_out: Iterable[Example]) -> list[Example]:
+  """``examples`` less those whose `prompt_key` is one of ``held_out``'s:
+  the rule that keeps evaluation questions out of training, for the train
+  loop and the seqio tasks alike."""
+  held = {prompt_key(e) for e in held_out}
+  return [e for e in examples if prompt_key(e) not in held]

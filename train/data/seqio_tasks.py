@@ -88,7 +88,7 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
       validation_fraction=validation_fraction, seed=seed)
   if split == "test" or not held_out:
     return examples
-  held = set()
+  held = []
   for other in held_out:
     tasks_lib.get_task(other)  # a name that is no task is an error, not absent
     try:
@@ -100,8 +100,8 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
           f"read ({first_line(e)}); {split} examples that are its prompts "
           "are not left out.", stacklevel=2)
       continue
-    held.update(example_lib.prompt_key(e) for e in tests)
-  return [e for e in examples if example_lib.prompt_key(e) not in held]
+    held.extend(tests)
+  return example_lib.without_prompts_of(examples, held)
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *,
