@@ -207,8 +207,20 @@ def apply_lora(model: nnx.Module,
   if not checks.is_integer(rank) or operator.index(rank) < 1:
     raise ValueError(f'apply_lora: rank must be a positive int, got {rank!r}.')
   rank = operator.index(rank)
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'apply_lora: dropout must be in [0, 1), got {dropout}.')
+  # Switches as bools: a string 'False' had been read as True (rslora's
+  # scale changed, randomized_svd taken), and a 1 written to
+  # adapter_config.json as "use_rslora": 1, which loading refuses.
+  for name, value in (('rslora', rslora), ('randomized_svd', randomized_svd),
+                      ('lora_ga_use_sign', lora_ga_use_sign)):
+    checks.flag('apply_lora', name, value)
+  rslora, randomized_svd, lora_ga_use_sign = (
+      bool(checks.concrete(v)) for v in (rslora, randomized_svd,
+                                         lora_ga_use_sign))
+  dropout_value = checks.concrete(dropout)
+  if dropout_value is None or not 0.0 <= dropout_value < 1.0:
+    raise ValueError(f'apply_lora: dropout must be a number in [0, 1), got '
+                     f'{checks.shown(dropout)}.')
+  dropout = float(dropout_value)
   alpha_value = checks.concrete(alpha)
   if alpha_value is None or not math.isfinite(alpha_value) or alpha_value <= 0:
     # alpha 0 makes the adapter's output and both gradients 0: it never
@@ -332,9 +344,11 @@ def _kernel_grads(model, batch, *, loss_fn, paths: frozenset):
 
 
 def _check_rank_fits(path: str, proj, rank: int, init: str) -> None:
-  # LoRA-GA takes B from singular directions r+1..2r.
+  # LoRA-GA takes B from singular directions r+1..2r. Any adapter above
+  # min(in, out) spans no more than one of that rank, and the optimizers
+  # refuse it on a square layer (it reads as factors of the other layout).
   need = 2 * rank if init == 'lora_ga' else rank
-  if init in ('pissa', 'lora_ga') and need > min(_dims(proj)):
+  if need > min(_dims(proj)):
     raise ValueError(f'apply_lora: rank {rank} is too large for {path!r}\'s '
                      f'matrix shape {_dims(proj)}: {init} needs '
                      f'{"2 * rank" if init == "lora_ga" else "rank"} <= '
@@ -373,6 +387,10 @@ def estimate_full_gradients(model: nnx.Module,
   Returns:
     Module path -> gradient with the kernel's shape, float32.
   """
+  if num_batches is not None and (not checks.is_integer(num_batches) or
+                                  operator.index(num_batches) < 1):
+    raise ValueError('estimate_full_gradients: num_batches must be None or '
+                     f'an int >= 1, got {checks.shown(num_batches)}.')
   chosen = select(model, targets, who='estimate_full_gradients')
   paths = frozenset(chosen)
   grad_fn = lambda m, b: _kernel_grads(m, b, loss_fn=loss_fn, paths=paths)

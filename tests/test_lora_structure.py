@@ -117,3 +117,47 @@ def test_apply_lora_takes_any_integer_rank():
   for bad in (4.0, True, 0):
     with pytest.raises(ValueError, match='rank must be a positive int'):
       lora.apply_lora(_model('gemma2-tiny'), ['q'], rank=bad)
+
+
+@pytest.mark.parametrize('kw, message', [
+    # Read by truthiness, 'False' had switched each on (rslora: scale
+    # alpha/sqrt(r); randomized_svd: another PiSSA init).
+    (dict(rslora='False'), "rslora must be True or False, got 'False'"),
+    (dict(init='pissa', randomized_svd='False'),
+     "randomized_svd must be True or False, got 'False'"),
+    (dict(lora_ga_use_sign='no'), "lora_ga_use_sign must be True or False"),
+    (dict(dropout='0.1'), r"dropout must be a number in \[0, 1\), got '0.1'"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    # Above min(in, out) = 64 for every init: the optimizers had refused
+    # the tree as factors of the wrong layout.
+    (dict(rank=80), r"rank 80 is too large for 'layers\.0\.attn\.q''s matrix "
+     r"shape \(64, 64\): standard needs rank <= 64"),
+])
+def test_apply_lora_refuses_bad_switches_dropout_and_rank(kw, message):
+  m = _model('gemma2-tiny')
+  with pytest.raises(ValueError, match='^apply_lora: ' + message):
+    lora.apply_lora(m, ['q'], **kw)
+  assert not lora.lora_modules(m)
+
+
+def test_apply_lora_writes_a_numeric_switch_as_a_bool(tmp_path):
+  """rslora=1 (0/1 as inject_hyperparams makes switches) is True, and the
+  adapter it writes loads back: "use_rslora": 1 had been refused."""
+  m = _model('gemma2-tiny')
+  lora.apply_lora(m, ['q'], rank=4, alpha=8, rslora=1)
+  assert m.layers[0].attn.q.lora.scale == 4.0  # 8 / sqrt(4)
+  lora.save_peft_adapter(m, tmp_path, 'tiny')
+  assert json.loads((tmp_path / 'adapter_config.json').read_text())[
+      'use_rslora'] is True
+  fresh = _model('gemma2-tiny')
+  lora.load_peft_adapter(fresh, tmp_path)
+  assert fresh.layers[0].attn.q.lora.scale == 4.0
+
+
+def test_estimate_full_gradients_refuses_a_bad_num_batches():
+  m = _model('gemma2-tiny')
+  for bad in (0, -1, 2.0, '3'):
+    with pytest.raises(ValueError, match=r'^estimate_full_gradients: '
+                       r'num_batches must be None or an int >= 1, got '):
+      lora.estimate_full_gradients(m, lambda m, b: 0.0, iter([TOKENS]),
+                                   ['q'], num_batches=bad)
