@@ -52,15 +52,23 @@ def concrete(value: Any) -> float | None:
     return None
 
 
-def _known(who: str, name: str, value: Any) -> float | None:
-  """``value`` as a float; None while traced or a schedule; else one error.
+def _known(who: str, name: str, value: Any,
+           schedule_ok: bool = False) -> float | None:
+  """``value`` as a float; None while traced (or a schedule, where
+  ``schedule_ok``); else one error.
 
   None, a string or a list had passed every check as if traced, and failed
-  later with a traceback (or, for an optimizer, at the first update).
+  later with a traceback (or, for an optimizer, at the first update); so had
+  a schedule given for a hyperparameter optax does not schedule (b1, eps).
   """
   v = concrete(value)
   if v is None and not (isinstance(value, jax.core.Tracer) or
-                        callable(value)):
+                        (schedule_ok and callable(value))):
+    if callable(value):
+      raise ValueError(
+          f'{who}: {name} must be a number, got {shown(value)} (only the '
+          'learning rate and weight decay take a schedule; wrap the '
+          'optimizer in optax.inject_hyperparams to schedule others).')
     raise ValueError(f'{who}: {name} must be a number, got {shown(value)}.')
   return v
 
@@ -99,10 +107,12 @@ def positive(who: str, name: str, value: Any) -> None:
 
 
 def non_negative(who: str, name: str, value: Any,
-                 finite: bool = False) -> None:
+                 finite: bool = False, schedule_ok: bool = False) -> None:
   """``value`` >= 0 where it is known; with ``finite``, not inf either (an
-  infinite eps freezes every factor, an infinite decay makes it inf)."""
-  v = _known(who, name, value)
+  infinite eps freezes every factor, an infinite decay makes it inf);
+  ``schedule_ok``: a schedule passes (weight decay, which
+  ``optax.add_decayed_weights`` schedules)."""
+  v = _known(who, name, value, schedule_ok)
   if v is not None and not (v >= 0 and (not finite or v < float('inf'))):
     raise ValueError(f'{who}: {name} must be >= 0' +
                      (' and finite' if finite else '') + f', got {v}.')
@@ -112,8 +122,7 @@ def learning_rate(who: str, value: Any, name: str = 'learning_rate') -> None:
   """A schedule (any callable), or a rate >= 0 and finite where it is
   known. None had been optax's identity: a step of rate 1 up the
   gradient."""
-  if not callable(value):
-    non_negative(who, name, value, finite=True)
+  non_negative(who, name, value, finite=True, schedule_ok=True)
 
 
 def state_of(who: str, state: Any, cls: type) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from lora_rite_optax import adam
@@ -28,7 +30,34 @@ def _check_adam_family(who: str, learning_rate, weight_decay,
   for name in ('eps', 'eps_root'):
     if name in kwargs:
       checks.non_negative(who, name, kwargs[name], finite=True)
-  checks.non_negative(who, 'weight_decay', weight_decay, finite=True)
+  checks.non_negative(who, 'weight_decay', weight_decay,
+                      finite=True, schedule_ok=True)
+  if 'nesterov' in kwargs:  # 'no' had switched it on
+    checks.flag(who, 'nesterov', kwargs['nesterov'])
+  if kwargs.get('mu_dtype') is not None:
+    # An integer first moment had been truncated silently.
+    try:
+      floating = jnp.issubdtype(jnp.dtype(kwargs['mu_dtype']), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      raise ValueError(f'{who}: mu_dtype must be None or a floating dtype, '
+                       f'got {checks.shown(kwargs["mu_dtype"])}.')
+
+
+def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose update first checks that the Adam moments in its state
+  fit the updates: a state made for other params had failed in optax's
+  tree map (ten lines on the structure) or a broadcast (naming no leaf)."""
+  def update_fn(updates, state, params=None, **extra_args):
+    moments = jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    for moment in moments:
+      if isinstance(moment, optax.ScaleByAdamState):
+        checks.state_fits(who, moment.mu, updates)
+    return tx.update(updates, state, params, **extra_args)
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _adam(learning_rate, weight_decay=0.0, **kwargs):
@@ -36,14 +65,16 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
   # In float32 on 16-bit params, as the other optimizers keep their state
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
-  return casting.with_stable_dtypes(
-      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam')
+  return _state_checked(casting.with_stable_dtypes(
+      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam'),
+                        'adam')
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
   _check_adam_family('lamb', learning_rate, weight_decay, kwargs)
-  return casting.with_stable_dtypes(
-      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb')
+  return _state_checked(casting.with_stable_dtypes(
+      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb'),
+                        'lamb')
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:

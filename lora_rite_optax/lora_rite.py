@@ -719,7 +719,8 @@ def lora_rite(
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
   checks.learning_rate('lora_rite', learning_rate)
-  checks.non_negative('lora_rite', 'weight_decay', weight_decay, finite=True)
+  checks.non_negative('lora_rite', 'weight_decay', weight_decay,
+                      finite=True, schedule_ok=True)
   checks.flag('lora_rite', 'balance_factors', balance_factors)
   steps = [
       scale_by_lora_rite(b1=b1, b2=b2, eps=eps,

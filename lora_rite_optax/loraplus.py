@@ -216,7 +216,8 @@ def loraplus(
     for name, value in (('b1', b1), ('b2', b2)):
       checks.beta('loraplus', name, value)
     checks.non_negative('loraplus', 'eps', eps, finite=True)
-    checks.non_negative('loraplus', 'weight_decay', weight_decay, finite=True)
+    checks.non_negative('loraplus', 'weight_decay', weight_decay,
+                        finite=True, schedule_ok=True)
 
     def make(rate, decay):
       return casting.with_stable_dtypes(

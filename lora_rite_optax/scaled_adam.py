@@ -288,7 +288,7 @@ def scaled_adam(
   """
   checks.learning_rate('scaled_adam', learning_rate)
   checks.non_negative('scaled_adam', 'weight_decay', weight_decay,
-                      finite=True)
+                      finite=True, schedule_ok=True)
   return optax.chain(
       scale_by_riemannian_precond(delta, layout),
       scale_by_adam_authors(b1, b2, eps, bias_correction),

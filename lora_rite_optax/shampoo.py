@@ -151,6 +151,9 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
   return jnp.where(safe[..., None], root, eye)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _whole_number(name: str, value: Any) -> Any:
   """``value`` if it is a whole number >= 1 (or traced); else one error.
 
@@ -164,6 +167,9 @@ def _whole_number(name: str, value: Any) -> Any:
                      f'{value!r}.')
   if v is not None and not (math.isfinite(v) and v == int(v) and v >= 1):
     raise ValueError(f'shampoo: {name} must be an integer >= 1, got {v:g}.')
+  if v is not None and v > _INT32_MAX:  # the step counter's dtype
+    raise ValueError(f'shampoo: {name} must be at most 2**31 - 1, got '
+                     f'{int(v)}.')
   return value
 
 
@@ -182,6 +188,10 @@ def scale_by_shampoo(
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
 ) -> optax.GradientTransformation:
   r"""Shampoo's scaling (no learning rate); see :func:`shampoo`.
+
+  Steps come in the gradients' dtype, except float16's, which stay in
+  float32 (without a graft they can exceed float16's range; :func:`shampoo`
+  casts after the learning rate).
 
   Args:
     b1: momentum of the grafted direction.
@@ -276,7 +286,12 @@ def scale_by_shampoo(
                          st is None or shape(st.left) ==
                          (plan.blocks, plan.bn, plan.bn))
                      for plan, st in zip(plans, state.stats)))
-    if not stats_fit or [shape(x) for x in mus] != [shape(g) for g in grads]:
+    structure = lambda tree: jax.tree.structure(
+        tree, is_leaf=pairs_lib._is_empty)  # pylint: disable=protected-access
+    # The structure too: a state of other params with the same leaf shapes
+    # had applied one leaf's moments to another.
+    if (not stats_fit or structure(state.mu) != structure(updates) or
+        [shape(x) for x in mus] != [shape(g) for g in grads]):
       raise ValueError('shampoo: the state was made by init() for other '
                        'params (other leaves, shapes or block_size); call '
                        'init with the params these updates are for.')
@@ -354,7 +369,9 @@ def scale_by_shampoo(
           pre = pre * ratio
         direction = _from_view(pre, g.shape, plan)
       mu = b1 * mu + (1 - b1) * direction
-      out.append((mu / bc1).astype(g.dtype))
+      # float16 keeps float32 until after the rate: with graft='none' a
+      # step before it can pass float16's 65504 (inf).
+      out.append((mu / bc1).astype(casting.step_dtype(g.dtype, mu.dtype)))
       new_mus.append(mu)
       new_nus.append(nu)
 
@@ -472,16 +489,17 @@ def shampoo(
     <https://arxiv.org/abs/2002.09018>`_, 2020.
   """
   checks.learning_rate('shampoo', learning_rate)
-  checks.non_negative('shampoo', 'weight_decay', weight_decay, finite=True)
+  checks.non_negative('shampoo', 'weight_decay', weight_decay,
+                      finite=True, schedule_ok=True)
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
-  return optax.chain(
+  # The cast wraps the whole chain: given no params, an update is cast to
+  # the gradients' dtypes, and float16's step is float32 until the rate.
+  return casting.then_cast_to_params_dtype(optax.chain(
       scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,
                        graft, layout),
       # add_decayed_weights needs params even at 0, and an update without
       # params is documented to work; identity has the same (empty) state.
       optax.identity() if no_decay else optax.add_decayed_weights(
           weight_decay),
-      casting.then_cast_to_params_dtype(
-          optax.scale_by_learning_rate(learning_rate), 'shampoo',
-          require_params=False),
-  )
+      optax.scale_by_learning_rate(learning_rate),
+  ), 'shampoo', require_params=False)

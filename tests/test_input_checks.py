@@ -126,6 +126,20 @@ def test_riemannian_precond_keeps_the_gradients_dtype_but_float16():
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(out)}
 
 
+def test_shampoo_keeps_a_float16_step_finite_without_a_graft():
+  """Without a graft a step before the rate can pass float16's 65504: cast
+  to float16 before the rate, it had become inf."""
+  params = {'w': jnp.zeros((2, 2), jnp.float16)}
+  tx = lro.shampoo(1e-4, graft='none', b1=0.0)
+  state = tx.init(params)
+  for scale in (1e-4, 1.0):  # stale roots from the small gradient
+    updates, state = tx.update(
+        {'w': scale * jnp.eye(2, dtype=jnp.float16)}, state, params)
+  assert updates['w'].dtype == jnp.float16
+  np.testing.assert_allclose(np.diag(np.asarray(updates['w'], np.float32)),
+                             -31.62, rtol=1e-3)
+
+
 def test_scaled_adam_keeps_a_float16_step_finite():
   # A small B makes A's preconditioned gradient overflow float16; cast
   # before Adam it had become inf, and the update NaN.
@@ -229,6 +243,29 @@ def test_scaled_adam_keeps_a_float16_step_finite():
      r'shampoo: precondition_every must be an integer >= 1, got 2.5'),
     (lro.shampoo, {'precondition_every': np.int64(0)},
      r'precondition_every must be an integer >= 1, got 0'),
+    # Past the int32 step counter: an OverflowError at the first update.
+    (lro.shampoo, {'precondition_every': 2**31},
+     r'shampoo: precondition_every must be at most 2\*\*31 - 1, got '
+     r'2147483648'),
+    # A schedule where optax takes none had passed every check, then
+    # failed at the first update (a 12-line TypeError).
+    (lro.shampoo, {'b2': optax.constant_schedule(0.99)},
+     r'shampoo: b2 must be a number, got <function .*> \(only the learning '
+     r'rate and weight decay take a schedule; wrap the optimizer in '
+     r'optax.inject_hyperparams to schedule others\)\.$'),
+    (functools.partial(lro.optimizer, 'adam'),
+     {'b1': optax.constant_schedule(0.9)}, r'adam: b1 must be a number'),
+    (functools.partial(lro.optimizer, 'lamb'),
+     {'eps': optax.constant_schedule(1e-6)}, r'lamb: eps must be a number'),
+    (lro.lora_rite, {'eps': optax.constant_schedule(1e-6)},
+     r'scale_by_lora_rite: eps must be a number'),
+    # 'no' had switched Nesterov on; an integer first moment was truncated.
+    (functools.partial(lro.optimizer, 'adam'), {'nesterov': 'no'},
+     r"adam: nesterov must be True or False, got 'no'"),
+    (functools.partial(lro.optimizer, 'adam'), {'mu_dtype': 'int32'},
+     r"adam: mu_dtype must be None or a floating dtype, got 'int32'"),
+    (functools.partial(lro.optimizer, 'adam'), {'mu_dtype': 'foo'},
+     r"adam: mu_dtype must be None or a floating dtype, got 'foo'"),
 ])
 def test_baselines_check_their_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -284,6 +321,9 @@ def test_shampoo_passes_a_zero_size_leaf_through():
 @pytest.mark.parametrize('other', [
     {'q': _pair(4, 2, 3)},                      # other shapes
     {'k': _pair(6, 2, 3), 'q': _pair(6, 2, 3)},  # other leaves
+    # The same leaf shapes under other names: one leaf's moments had been
+    # applied to another.
+    {'v': _pair(6, 2, 3)},
 ])
 def test_shampoo_refuses_a_state_made_for_other_params(other):
   params = {'q': _pair(6, 2, 3)}
@@ -483,11 +523,11 @@ _OTHER_TREE = {**_TREE, 'k': _TREE['q']}
 
 
 @pytest.mark.parametrize('name', ['lora_rite', 'scaled_adam', 'loraplus',
-                                  'shampoo'])
+                                  'shampoo', 'adam', 'lamb'])
 def test_a_state_made_for_other_params_is_one_line(name):
-  """ScaledAdam had failed in a broadcast naming no leaf, or with ten lines
-  on the tree structure; LoRA+ on another optimizer's state with an
-  AttributeError."""
+  """ScaledAdam (and the factory's Adam and Lamb) had failed in a broadcast
+  naming no leaf, or with ten lines on the tree structure; LoRA+ on another
+  optimizer's state with an AttributeError."""
   tx = lro.optimizer(name, 1e-2)
   for params in (_OTHER_SHAPES, _OTHER_TREE):
     with pytest.raises(ValueError, match='init|state') as e:
