@@ -130,6 +130,27 @@ def test_json_jsonl_parquet_give_same_examples(tmp_path):
   assert [e.gold_index for e in loaded[0]] == [0, 1]
 
 
+def test_a_parquet_file_without_a_working_pyarrow_says_which(
+    tmp_path, monkeypatch):
+  """An installed pyarrow that fails to import (pyarrow 15 under NumPy 2)
+  had been reported as missing: 'install it', which it was."""
+  import importlib.util
+  import sys
+  path = tmp_path / "a.parquet"
+  path.write_bytes(b"PAR1")
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails
+  with pytest.raises(ImportError, match=r"^reading .*a\.parquet: pyarrow is "
+                     r"installed but fails to import \(.*\); upgrade it: pip "
+                     r"install -U pyarrow$"):
+    data.load_file(path, "boolq")
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+      None if name == "pyarrow" else real(name, *a)))
+  with pytest.raises(ImportError, match=r"^reading .*a\.parquet needs "
+                     r"pyarrow; install it with `pip install pyarrow`"):
+    data.load_file(path, "boolq")
+
+
 def test_local_folder_layout_and_suffix_search(tmp_path):
   folder = tmp_path / "boolq"
   folder.mkdir()

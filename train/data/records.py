@@ -7,6 +7,7 @@ the file and, for malformed JSON, the line and column.
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import io
 import json
 import os
@@ -128,7 +129,13 @@ def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
 def _read_parquet(path: Path) -> list[Record]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  except ImportError as e:
+    if importlib.util.find_spec("pyarrow") is not None:
+      # Installed but broken (pyarrow 15 under NumPy 2): "needs pyarrow"
+      # had sent the user to install what they have.
+      raise ImportError(
+          f"reading {path}: pyarrow is installed but fails to import "
+          f"({first_line(e)}); upgrade it: pip install -U pyarrow") from None
     raise ImportError(
         f"reading {path} needs pyarrow; install it with `pip install pyarrow` "
         "(part of the [train] extra)") from None
