@@ -233,6 +233,28 @@ def test_multiple_choice_loglik_shares_a_pass_across_last_token_options():
                               alternatives_fn=lambda q: [[0.0, 0.0]])
 
 
+def test_every_option_is_scored_after_the_same_cut_prompt():
+  """A prompt too long for the row is cut by as much as the longest option
+  needs: each option's own cut had scored BoolQ's 'false' after one prompt
+  token fewer than 'true'."""
+  seen = []
+
+  def score_fn(pairs):
+    seen.extend(pairs)
+    return [0.0] * len(pairs)
+
+  example = Example("question " * 20, "the correct answer is true",
+                    options=("the correct answer is true",
+                             "the correct answer is false"),
+                    labels=("true", "false"), gold_index=0)
+  ev.multiple_choice_loglik([example], TOK, score_fn, max_length=64)
+  (p_true, o_true), (p_false, o_false) = seen
+  assert p_true == p_false and p_true[0] == TOK.bos_id
+  assert len(p_false) + len(o_false) == 64  # the longest fills the row
+  assert len(p_true) + len(o_true) == 63
+  assert TOK.decode(p_true[1:]) == ("question " * 20)[-(64 - 1 - len(o_false)):]
+
+
 @needs_data
 def test_multiple_choice_on_real_examples():
   examples = data.load_task("arc_challenge", "test", data_dir=DATA_DIR)[:40]

@@ -132,7 +132,8 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
     tokenizer: The model's `Tokenizer`.
     score_fn: Scores a batch of (prompt_ids, option_ids) pairs, see `ScoreFn`.
     max_length: Token budget of prompt + option (the prompt is truncated from
-      the left, as in training).
+      the left, as in training, by as much as the longest option needs, so
+      every option is scored after the same prompt tokens).
     length_normalized: Divide each option's score by its token count.
     batch_size: Pairs (or requests) per `score_fn` (or `alternatives_fn`)
       call.
@@ -153,6 +154,11 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   for e in scored:
     enc = [encode_pair(e.prompt, option, tokenizer, max_length, add_eos=False)
            for option in e.options]
+    # Every option after the same context: the prompt as far as the longest
+    # option leaves room for (each its own cut had scored a longer option
+    # after fewer prompt tokens).
+    context = min((p for p, _ in enc), key=len)
+    enc = [(context, o) for _, o in enc]
     encoded.append(enc)
     shared.append(alternatives_fn is not None and
                   _differ_in_last_token_only(enc))

@@ -886,7 +886,8 @@ class Evaluator:
 
     Accuracy of a few hundred greedy generations moves in coarse steps and
     only once the answers are exactly right; this moves with every step of
-    learning, so evaluations report both.
+    learning, so evaluations by generation report both (log-likelihood
+    multiple choice reports accuracy alone: its scores already move).
     """
     return float(np.mean(self.target_losses(state, self.examples)))
 
