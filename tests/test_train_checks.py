@@ -55,6 +55,32 @@ def _copy(run_dir, to):
   return to
 
 
+def _files(root):
+  return {p.relative_to(root): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob('*') if p.is_file()}
+
+
+def test_stop_at_before_the_checkpoint_is_refused_and_past_steps_said(
+    straight, stopped, tmp_path):
+  """--stop_at 2 on a checkpoint of step 4 had run nothing, rewritten
+  config.json and the logs, and ended as if stopped; one past --steps ran
+  to --steps without a word."""
+  run_dir = _copy(stopped, tmp_path / 'run')
+  before = _files(run_dir)
+  with pytest.raises(loop.ConfigError, match=(
+      r'^--stop_at 2: the run resumes at step 4 \(checkpoint 4 in .*'
+      r'checkpoints\), past it; give a later step, or none to run to '
+      r'--steps\.$')):
+    loop.run(tiny(run_dir, resume=True), log=quiet, stop_at=2)
+  assert _files(run_dir) == before
+  lines = []
+  out = loop.run(tiny(run_dir, resume=True), log=lines.append, stop_at=12)
+  assert '[train] --stop_at 12 is past --steps 8: the run ends at step 8' in (
+      lines)
+  assert out['steps'] == 8 and ([h['loss'] for h in out['history']] ==
+                                [h['loss'] for h in straight['history']])
+
+
 def test_resume_on_another_process_count(straight, stopped, tmp_path):
   """A checkpoint of a 2-process run (grain writes one position file per
   process: process_0-of-2.json, process_1-of-2.json, the same position, as

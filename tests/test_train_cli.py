@@ -115,6 +115,9 @@ def test_an_optimizer_failing_to_update_is_one_line_before_any_file():
     (['--config', 'tiny', '--stop', '3'], 'Unrecognized options: --stop, 3'),
     # argparse's own errors: two lines (usage naming __main__.py) and exit.
     (['--config'], 'argument --config: expected one argument'),
+    # Last-wins had started the 270M demo for '--config tiny --config demo'.
+    (['--config', 'tiny', '--config', 'demo'],
+     '--config given 2 times (tiny, demo); give one.'),
 ])
 def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
   run_dir = tmp_path / 'run'

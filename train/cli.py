@@ -36,12 +36,17 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   # Exact names only (an abbreviation such as --con is tyro's to refuse),
   # and a bad value is one ValueError line, not argparse's usage and exit.
   pre = _PreParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-  pre.add_argument('--config')
+  pre.add_argument('--config', action='append')
   pre.add_argument('--stop_at', '--stop-at', type=int, default=0)
   try:
     known, rest = pre.parse_known_args(list(argv))
   except argparse.ArgumentError as e:
     raise ValueError(str(e)) from None
+  if known.config and len(known.config) > 1:
+    # Last-wins had started another preset than the one meant.
+    raise ValueError(f'--config given {len(known.config)} times '
+                     f'({", ".join(known.config)}); give one.')
+  known.config = known.config[0] if known.config else None
   if known.stop_at < 0:
     raise ValueError(f'--stop_at must be >= 0 (0: run to --steps), got '
                      f'{known.stop_at}.')

@@ -1699,6 +1699,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       raise ConfigError(
           f'--resume: checkpoint {latest} in {ckpt.directory} is past '
           f'--steps {cfg.steps}; resume with --steps {start_step} or more.')
+    if stop_at and stop_at < start_step:
+      # Nothing to run: it had rewritten config.json and the logs, then
+      # ended as if it had stopped there.
+      raise ConfigError(
+          f'--stop_at {stop_at}: the run resumes at step {start_step} '
+          f'(checkpoint {latest} in {ckpt.directory}), past it; give a later '
+          'step, or none to run to --steps.')
     log(f'[train] resumed from step {start_step}')
     if saved_config.get('steps') != cfg.steps:
       log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
@@ -1806,6 +1813,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     interrupted = eval_or_stop(start_step, 'periodic')[1]
 
   end_step = min(cfg.steps, stop_at) if stop_at else cfg.steps
+  if stop_at > cfg.steps:
+    log(f'[train] --stop_at {stop_at} is past --steps {cfg.steps}: the run '
+        f'ends at step {cfg.steps}')
   progress = metrics_lib.Progress(end_step, start_step,
                                   enabled=cfg.progress)
   # A caller's log takes the step lines too; the default prints them above
