@@ -81,6 +81,28 @@ def test_stop_at_before_the_checkpoint_is_refused_and_past_steps_said(
                                 [h['loss'] for h in straight['history']])
 
 
+def test_a_resume_where_auto_resolves_to_another_dtype_says_so(tmp_path):
+  """model.dtype 'auto' is bfloat16 on TPU/GPU, float32 on CPU: a run
+  resumed on another backend had changed its compute dtype silently. (Here
+  the checkpoint's record is edited to say it was saved in bfloat16.)"""
+  run_dir = tmp_path / 'run'
+  auto = {'model.dtype': 'auto'}
+  loop.run(tiny(run_dir, **auto), log=quiet, stop_at=4)
+  meta = run_dir / 'checkpoints' / '4' / 'config' / 'metadata'
+  saved = json.loads(meta.read_text())
+  assert saved['resolved_dtypes'] == {'dtype': 'float32',
+                                      'param_dtype': 'float32'}
+  lines = []
+  loop.run(tiny(run_dir, resume=True, **auto), log=lines.append, stop_at=4)
+  assert not [l for l in lines if 'another backend' in l], lines
+  saved['resolved_dtypes']['dtype'] = 'bfloat16'
+  meta.write_text(json.dumps(saved))
+  loop.run(tiny(run_dir, resume=True, **auto), log=lines.append, stop_at=4)
+  assert ("[train] model.dtype 'auto' is float32 here, bfloat16 where "
+          'checkpoint 4 was saved (another backend): the run goes on in '
+          'float32') in lines, lines
+
+
 def test_resume_on_another_process_count(straight, stopped, tmp_path):
   """A checkpoint of a 2-process run (grain writes one position file per
   process: process_0-of-2.json, process_1-of-2.json, the same position, as

@@ -1303,6 +1303,18 @@ TOKENIZER_KEY = 'tokenizer'
 # move, but an adapter continued on other weights of the same shapes would
 # go on silently (older checkpoints: none).
 BASE_MODEL_KEY = 'base_model'
+# And the dtypes model.dtype / model.param_dtype resolved to: 'auto' is
+# bfloat16 on TPU/GPU and float32 on CPU, so a run resumed on another
+# backend computes in another dtype; said, not refused (older: none).
+DTYPES_KEY = 'resolved_dtypes'
+
+
+def resolved_dtypes(cfg: configs_lib.Config) -> dict[str, str]:
+  """{'dtype': ..., 'param_dtype': ...} as this process resolves them."""
+  return {field: jnp.dtype(_dtype(getattr(cfg.model, field), field)).name
+          for field in ('dtype', 'param_dtype')}
+
+
 # Words, digits, punctuation, whitespace runs and non-Latin text: two
 # tokenizers that encode this alike and have as many ids are taken as one.
 _TOKENIZER_PROBE = ('The answer is 42. Question: 3 + 4 * (5 - 1) = ?\n\t'
@@ -1602,7 +1614,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   ckpt_json = json.dumps({**json.loads(config_json),
                           TRAIN_DATA_KEY: train_data,
                           TOKENIZER_KEY: tokenizer_id,
-                          BASE_MODEL_KEY: base_id})
+                          BASE_MODEL_KEY: base_id,
+                          DTYPES_KEY: resolved_dtypes(cfg)})
   ckpt = checkpoint.Checkpointer(os.path.join(run_dir, 'checkpoints'),
                                  keep=cfg.keep_checkpoints)
   cleanup.push(_closing(ckpt.close))
@@ -1638,6 +1651,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     saved_tokenizer = saved_config.pop(TOKENIZER_KEY, None)  # older: none
     missing = object()
     saved_base = saved_config.pop(BASE_MODEL_KEY, missing)  # older: none
+    saved_dtypes = saved_config.pop(DTYPES_KEY, None)  # older: none
     changed = resume_changes(saved_config, json.loads(config_json))
     if changed:
       raise ConfigError(
@@ -1707,6 +1721,11 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'(checkpoint {latest} in {ckpt.directory}), past it; give a later '
           'step, or none to run to --steps.')
     log(f'[train] resumed from step {start_step}')
+    for field, name in resolved_dtypes(cfg).items():
+      if saved_dtypes and saved_dtypes.get(field) not in (None, name):
+        log(f"[train] model.{field} {getattr(cfg.model, field)!r} is {name} "
+            f"here, {saved_dtypes[field]} where checkpoint {latest} was "
+            f'saved (another backend): the run goes on in {name}')
     if saved_config.get('steps') != cfg.steps:
       log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
           'learning-rate schedule now spans the new length')
