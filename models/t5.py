@@ -119,6 +119,13 @@ class T5Config:
                          f'{value!r}.')
     # Indices into the embedding: -1 (a SentencePiece model without a pad
     # or EOS piece) had wrapped round to the last row, silently.
+    rate = self.dropout_rate
+    if (isinstance(rate, bool) or not isinstance(rate, (int, float)) or
+        not 0 <= rate < 1):
+      # 1.5 had zeroed every activation in training, -0.5 turned dropout
+      # off, and a string failed at the first layer.
+      raise ValueError(f'T5Config.dropout_rate must be a number in [0, 1), '
+                       f'got {rate!r}.')
     for name in ('pad_token_id', 'eos_token_id', 'decoder_start_token_id'):
       value = getattr(self, name)
       if (not isinstance(value, int) or isinstance(value, bool) or
@@ -401,13 +408,16 @@ class T5(nnx.Module):
         (config.d_model,), (config.vocab_size,), axes=('embed', 'vocab'),
         kernel_init=_normal(config.d_model ** -0.5), **kw))
 
-  def _embed(self, tokens: jax.Array) -> jax.Array:
+  def _embed(self, tokens: jax.Array, who: str) -> jax.Array:
+    # Eager calls only (a tracer is not read): an id outside the vocabulary
+    # had wrapped round (-100, a label's ignore id) or filled NaN.
+    check_token_ids(tokens, self.config.vocab_size, who)
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
   def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encoder states [B, S, D] and the padding mask [B, S] of ``tokens``."""
     valid = tokens != self.config.pad_token_id
-    x = shard_batch(self.encoder._drop(self._embed(tokens)))
+    x = shard_batch(self.encoder._drop(self._embed(tokens, 'T5 encoder')))
     pos = jnp.arange(tokens.shape[1])
     bias = (self.encoder.layers[0].self_attn.position_bias(pos, pos)
             + _key_mask(valid))
@@ -443,7 +453,7 @@ class T5(nnx.Module):
     bias = (self.decoder.layers[0].self_attn.position_bias(q_pos, k_pos)
             + jnp.where(causal, 0.0, _MASK_VALUE)[None, None])
     cross_bias = _key_mask(valid)
-    x = shard_batch(self.decoder._drop(self._embed(tokens)))
+    x = shard_batch(self.decoder._drop(self._embed(tokens, 'T5 decoder')))
     new_cache = []
     for i, layer in enumerate(self.decoder.layers):
       x, c = layer(x, bias, cross[i], cross_bias,

@@ -871,3 +871,15 @@ def test_sharded_forward_on_8_fake_devices():
                         cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count('sharded ok') == 3, proc.stdout
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_the_model():
+  """-100 had wrapped round to a real token; an id past the vocabulary made
+  the row's logits NaN."""
+  model = _model('gemma2-tiny')
+  vocab = model.config.vocab_size
+  assert np.isfinite(model(jnp.array([[5, 6, 7]]))).all()
+  for bad in (-100, vocab):
+    with pytest.raises(ValueError, match=rf'^Gemma token id {bad} is outside '
+                       rf"the model's vocabulary of {vocab}"):
+      model(jnp.array([[5, bad, 7]]))

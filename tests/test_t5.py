@@ -320,3 +320,28 @@ def test_decoding_cache_is_made_sharded_like_the_batch(tiny):
       assert not np.any(np.asarray(x))
   plain = t5.init_cache(tiny, 2, 4)
   assert plain[0][0].shape == cache[0][0].shape
+
+
+@pytest.mark.parametrize('rate', [1.5, -0.5, '0.1', True])
+def test_a_dropout_rate_outside_0_1_is_refused(rate):
+  """1.5 had zeroed every activation in training, -0.5 turned dropout off
+  silently, and a string failed at the first layer."""
+  with pytest.raises(ValueError, match=r'^T5Config\.dropout_rate must be a '
+                     r'number in \[0, 1\), got '):
+    t5.get_config('tiny', dropout_rate=rate)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_the_model():
+  """-100 (a label's ignore id) had wrapped round to a real token, and an id
+  past the vocabulary made every logit NaN."""
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+  enc, dec = jnp.array([[3, 4, 5, 1]]), jnp.array([[0, 7]])
+  assert np.isfinite(model(enc, dec)).all()
+  with pytest.raises(ValueError, match=r"^T5 decoder token id -100 is outside "
+                     r"the model's vocabulary of 128 \(another tokenizer\?\)"):
+    model(enc, jnp.array([[0, 7, -100]]))
+  with pytest.raises(ValueError, match=r'^T5 encoder token id 500 is outside'):
+    model(jnp.array([[3, 4, 500, 1]]), dec)
+  # Under jit the ids are not read (no host sync in a train step).
+  out = nnx.jit(lambda m, e, d: m(e, d))(model, enc, dec)
+  np.testing.assert_allclose(out, model(enc, dec), atol=1e-5)

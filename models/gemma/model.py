@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import Projection, check_cache_room, shard_batch
+from models.layers import (Projection, check_cache_room, check_token_ids,
+                           shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -257,6 +258,9 @@ class Gemma(nnx.Module):
     self.final_norm = RMSNorm(c.width, eps=c.norm_eps, param_dtype=param_dtype)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
+    # Eager calls only (a tracer is not read): an id outside the vocabulary
+    # had wrapped round (-100, a label's ignore id) or filled NaN.
+    check_token_ids(tokens, self.config.vocab_size, 'Gemma')
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     # Gemma multiplies by sqrt(width) rounded to the compute dtype.
     normalizer = jnp.sqrt(jnp.float32(self.config.width)).astype(self.dtype)
