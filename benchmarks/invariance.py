@@ -125,9 +125,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f'--steps must be >= 1, got {args.steps}')
-  results = run(args.steps)
+  # Before the training: a bad --out had ended it in a traceback.
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    parser.error(f'--out {args.out}: {e.strerror or e}')
+  results = run(args.steps)
   print(f'{"optimizer":<10} {"scale":>6} {"final loss":>11}  '
         'max gap of H vs scale 1')
   for name, r in results.items():

@@ -681,6 +681,9 @@ def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
   """(mean, 95% interval, two-sided p) of a mean paired difference; all NaN
   where a difference is not finite (a diverged run has no p-value)."""
   diff = np.asarray(diff, np.float64)
+  if diff.ndim != 1 or not diff.size:
+    raise ValueError(f'paired_bootstrap needs a non-empty vector of paired '
+                     f'differences, got shape {diff.shape}')
   if not np.all(np.isfinite(diff)):
     return float('nan'), (float('nan'), float('nan')), float('nan')
   rng = np.random.default_rng(seed)
@@ -691,7 +694,10 @@ def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
   # put each tie in one tail only and made p too small.
   tol = 1e-9 * float(np.max(np.abs(diff), initial=0.0))
   p = min(1.0, 2 * min(np.mean(boot <= tol), np.mean(boot >= -tol)))
-  return float(diff.mean()), (float(lo), float(hi)), float(max(p, 1 / num))
+  # Floors: the resampling's resolution, and what n items can show at all
+  # (a sign-flip test's smallest p, 2 / 2**n): one item had given 1e-4.
+  floor = max(1 / num, 2.0 ** (1 - len(diff)))
+  return float(diff.mean()), (float(lo), float(hi)), float(max(p, floor))
 
 
 def summarize(results: dict, budget_name: str, budget: Budget) -> dict:

@@ -79,8 +79,17 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
         raise FileNotFoundError(f'{path}: no such summary (run '
                                 f'benchmarks/reproduce.py for budget '
                                 f'{budget!r} first).')
-      with open(path) as f:
-        summaries[budget] = json.load(f)
+      try:
+        with open(path) as f:
+          summaries[budget] = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ValueError(f'{path} cannot be read ({str(e).splitlines()[0]})'
+                         '; rerun benchmarks/reproduce.py --report_only for '
+                         f'budget {budget!r}.') from None
+      if not isinstance(summaries[budget], dict) or not isinstance(
+          summaries[budget].get('tasks'), dict):
+        raise ValueError(f'{path} is not a summary reproduce.py writes (no '
+                         '"tasks").')
     tasks = summaries[budget]['tasks']
     if task not in tasks or test not in tasks[task].get('tests', {}):
       raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
@@ -98,9 +107,14 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
     measures = [m for m in ('accuracy', 'loss')
                 if any(m in r for r in by_opt.values())]
     for measure in measures:
-      cells = [_cell(by_opt[opt], measure, by_opt[opt].get('vs_lora_rite'),
-                     seeds) if measure in by_opt.get(opt, {}) else '-'
-               for opt, _ in OPTIMIZERS]
+      try:
+        cells = [_cell(by_opt[opt], measure, by_opt[opt].get('vs_lora_rite'),
+                       seeds) if measure in by_opt.get(opt, {}) else '-'
+                 for opt, _ in OPTIMIZERS]
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'summary_{budget}.json: the {task} {test} row is '
+                         f'not one reproduce.py writes ({type(e).__name__}: '
+                         f'{e}); rerun it with --report_only.') from None
       name = ('loss/token' if measure == 'loss' else
               'exact match' if task in ('arithmetic', 'math') else 'accuracy')
       lines.append(f'| {label} | {name} | ' + ' | '.join(cells) + ' |')
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     sys.stdout.write(table(args.out))
-  except (FileNotFoundError, KeyError) as e:
+  except (FileNotFoundError, KeyError, ValueError) as e:
     print(f'summary_table: {e.args[0]}', file=sys.stderr)
     return 2
   return 0

@@ -6,6 +6,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from tests import benchmark_scripts
 from train import loop
@@ -54,6 +55,18 @@ def test_main_interleaves_in_a_shuffled_order(monkeypatch, capsys):
   assert len(set(rounds)) == 2  # each optimizer first in some round
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert re.match(r'^lora_rite/adam train-step ratio: \d+\.\d\d$', last), last
+
+
+def test_invariance_script_checks_out_before_training(tmp_path, capsys):
+  """A bad --out had ended the run, after all its training, in a
+  traceback."""
+  invariance = benchmark_scripts.load('invariance')
+  (tmp_path / 'afile').write_text('')
+  with pytest.raises(SystemExit) as e:
+    invariance.main(['--out', str(tmp_path / 'afile'), '--steps', '100000'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.endswith(f'--out {tmp_path / "afile"}: File exists'), err
 
 
 def test_invariance_script_prints_each_scales_own_gap(tmp_path, capsys):

@@ -324,8 +324,16 @@ def test_wilson_interval():
   assert lo99 < lo and hi99 > hi
   with pytest.raises(ValueError, match='needs n > 0, got 0'):
     ev.wilson_interval(0, 0)
-  with pytest.raises(ValueError, match=r'successes 11 not in \[0, 10\]'):
+  with pytest.raises(ValueError, match=r'successes must be an integer in '
+                     r'\[0, 10\], got 11'):
     ev.wilson_interval(11, 10)
+  with pytest.raises(ValueError, match=r'successes must be an integer'):
+    ev.wilson_interval(2.5, 5)
+  # 95 for 95% had failed naming a 'p'; -0.5 gave an upside-down interval.
+  for bad in (95, -0.5, 1.0, 0):
+    with pytest.raises(ValueError, match=r'^wilson_interval: confidence must '
+                       r'be in \(0, 1\) \(0.95 for 95%\), got '):
+      ev.wilson_interval(3, 5, confidence=bad)
 
 
 def test_bootstrap_interval():
@@ -336,6 +344,15 @@ def test_bootstrap_interval():
   assert ev.bootstrap_interval([0.5] * 5) == (0.5, 0.5)
   med = ev.bootstrap_interval(values, statistic=np.median, num_resamples=200)
   assert med == (1.0, 1.0)
+  # A seeds x items matrix had given an interval of nothing.
+  with pytest.raises(ValueError, match=r'non-empty vector of per-example '
+                     r'values, got shape \(2, 2\)'):
+    ev.bootstrap_interval([[0, 1], [1, 1]])
+  with pytest.raises(ValueError, match=r'confidence must be in \(0, 1\)'):
+    ev.bootstrap_interval(values, confidence=95)
+  with pytest.raises(ValueError, match=r'num_resamples must be an integer '
+                     r'>= 1, got 0'):
+    ev.bootstrap_interval(values, num_resamples=0)
 
 
 def test_mcnemar_exact():
@@ -355,6 +372,14 @@ def test_mcnemar_exact():
       r.only_a, r.only_a + r.only_b, 0.5).pvalue)
   with pytest.raises(ValueError, match="equal-length"):
     ev.mcnemar_exact([1, 0], [1])
+  # 'False' (from a CSV) had counted as correct, scores as correct too.
+  with pytest.raises(ValueError, match=r"^mcnemar_exact: correct_a must be "
+                     r"per-example correctness \(bools or 0/1\), got <U5 "
+                     r"values such as 'False'"):
+    ev.mcnemar_exact(['False', 'False'], [True, True])
+  with pytest.raises(ValueError, match=r"correct_b must be per-example"):
+    ev.mcnemar_exact([0, 1], [0.2, 0.9])
+  assert ev.mcnemar_exact(np.array([1.0, 0.0]), [True, True]).only_b == 1
 
 
 def test_numbers_equal_is_absolute():

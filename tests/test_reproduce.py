@@ -146,7 +146,8 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   assert re.fullmatch(r'\| arith \| exact match \| 75\.0% \| 25\.0% '
                       r'\(p 0\.0\d+\) \| - \| - \| - \| - \|',
                       lines[2]), lines[2]
-  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p <2e-4) | '
+  # Every one of the 8 items favours LoRA-RITE: p = 2 / 2**8, no smaller.
+  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078) | '
                       '- | - | - | - |')
   assert '[2 seeds]' in st.table(
       out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')], seeds=3)
@@ -184,6 +185,14 @@ def test_paired_bootstrap(rp):
   assert rp.paired_bootstrap(d)[2] == rp.paired_bootstrap(d * 3)[2]
   # A diverged run's NaN loss gives no p-value.
   assert np.isnan(rp.paired_bootstrap([0.1, np.nan, -0.2])[2])
+  # n items cannot show more than a sign-flip test of them (2 / 2**n): one
+  # item, or two, had given p = 1e-4 ('p <2e-4' in the tables).
+  assert rp.paired_bootstrap([0.3])[2] == 1.0
+  assert rp.paired_bootstrap([1.0, 1.0])[2] == 0.5
+  assert rp.paired_bootstrap(np.full(20, 0.1))[2] == 1e-4
+  with pytest.raises(ValueError, match=r'non-empty vector of paired '
+                     r'differences, got shape \(0,\)'):
+    rp.paired_bootstrap([])
 
 
 def _record_runs(rp, monkeypatch, describe=None, val_loss=None) -> list:
@@ -525,6 +534,16 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
     json.dump(s, f)
   with pytest.raises(KeyError, match='no target_consistency counts'):
     st.table(out, rows=[('old',) + rows[0][1:]], seeds=2)
+  # A damaged or foreign summary: one line naming the file (it had been a
+  # JSONDecodeError traceback, or a bare key: 'summary_table: tasks').
+  for name, text, message in (
+      ('cut', '{', r'summary_cut\.json cannot be read \(Expecting '),
+      ('empty', '{}', r'summary_empty\.json is not a summary reproduce\.py '
+       r'writes \(no "tasks"\)')):
+    with open(os.path.join(out, f'summary_{name}.json'), 'w') as f:
+      f.write(text)
+    with pytest.raises(ValueError, match=message):
+      st.table(out, rows=[(name,) + rows[0][1:]], seeds=2)
   # A run scored on other items, and a test set with no wrong target.
   with pytest.raises(ValueError, match='made with other settings'):
     rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
@@ -633,7 +652,8 @@ def test_same_rate_comparison(rp, tmp_path):
   assert v['lora_rite_loss'] == pytest.approx(0.55 + 0.015 + 0.015)
   assert v['other_loss'] == pytest.approx(0.65 + 0.015 + 0.015)
   assert v['loss_diff'] == pytest.approx(0.10)
-  assert v['items_rite_lower_loss'] == 4 and v['loss_diff_p'] < 0.05
+  # All 4 items favour LoRA-RITE: no smaller p than a sign-flip test's.
+  assert v['items_rite_lower_loss'] == 4 and v['loss_diff_p'] == 2 / 2**4
   md = rp.markdown(s, budget, 'cmd')
   assert '| adam | 0.0002 | [1, 2] | math | 0.5800 | 0.6800 | +0.1000' in md
   # Both at the same chosen rate: the main table covers it, no extra row.

@@ -367,8 +367,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95
   """Wilson score interval for a binomial proportion (e.g. an accuracy)."""
   if n <= 0:
     raise ValueError(f"wilson_interval needs n > 0, got {n}")
-  if not 0 <= successes <= n:
-    raise ValueError(f"successes {successes} not in [0, {n}]")
+  if (isinstance(successes, bool) or not isinstance(
+      successes, (int, np.integer)) or not 0 <= successes <= n):
+    raise ValueError(f"wilson_interval: successes must be an integer in "
+                     f"[0, {n}], got {successes!r}")
+  _check_confidence("wilson_interval", confidence)
   z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
   p = successes / n
   denom = 1 + z * z / n
@@ -380,14 +383,31 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95
   return lo, hi
 
 
+def _check_confidence(who: str, confidence: float) -> None:
+  # 95 for 95% had failed in statistics' inv_cdf (naming a 'p'), and a
+  # negative level gave an upside-down interval.
+  if isinstance(confidence, bool) or not isinstance(
+      confidence, (int, float, np.floating)) or not 0 < confidence < 1:
+    raise ValueError(f"{who}: confidence must be in (0, 1) (0.95 for 95%), "
+                     f"got {confidence!r}")
+
+
 def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
                        num_resamples: int = 2000, seed: int = 0,
                        statistic: Callable[[np.ndarray], float] = np.mean
                        ) -> tuple[float, float]:
   """Percentile bootstrap interval of `statistic` over per-example values."""
   values = np.asarray(values, np.float64)
-  if values.size == 0:
-    raise ValueError("bootstrap_interval needs at least one value")
+  if values.ndim != 1 or values.size == 0:
+    # A seeds x items matrix had been resampled by rows and its quantiles
+    # taken over everything: an interval of nothing.
+    raise ValueError(f"bootstrap_interval needs a non-empty vector of "
+                     f"per-example values, got shape {values.shape}")
+  _check_confidence("bootstrap_interval", confidence)
+  if isinstance(num_resamples, bool) or not isinstance(
+      num_resamples, (int, np.integer)) or num_resamples < 1:
+    raise ValueError(f"bootstrap_interval: num_resamples must be an integer "
+                     f">= 1, got {num_resamples!r}")
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, len(values), size=(num_resamples, len(values)))
   if statistic is np.mean:
@@ -415,11 +435,26 @@ class McNemarResult:
   p_value: float
 
 
+def _correctness(values: Sequence[bool], name: str) -> np.ndarray:
+  """Booleans, or 0/1: strings ('False' is truthy), scores and NaN had been
+  read as correct."""
+  x = np.asarray(values)
+  if x.dtype == bool:
+    return x
+  numeric = np.issubdtype(x.dtype, np.number)
+  bad = x if not numeric else x[~np.isin(x, (0, 1))]
+  if bad.size:
+    raise ValueError(f"mcnemar_exact: {name} must be per-example correctness"
+                     f" (bools or 0/1), got {x.dtype} values such as "
+                     f"{bad.flat[0].item()!r}")
+  return x.astype(bool)
+
+
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]
                   ) -> McNemarResult:
   """McNemar's exact paired test on per-example correctness of two runs."""
-  a = np.asarray(correct_a, bool)
-  b = np.asarray(correct_b, bool)
+  a, b = (_correctness(x, name) for x, name in ((correct_a, "correct_a"),
+                                                (correct_b, "correct_b")))
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(
         f"mcnemar_exact needs two equal-length vectors, got {a.shape} and "
