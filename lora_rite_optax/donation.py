@@ -24,9 +24,12 @@ on CPU only unless asked for (``reorder_outputs``).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, Sequence
 
 import jax
+
+from lora_rite_optax import checks
 
 _JIT_ARGS_NOT_SUPPORTED = ('static_argnums', 'static_argnames',
                            'donate_argnames')
@@ -213,8 +216,17 @@ def donating_jit(fun: Callable[..., Any], *,
     if jit_kwargs.get(name) is not None:
       raise TypeError(f'donating_jit: {name} is not supported.')
   # jax pairs donated leaves in argument order, whatever order these are in.
-  donate = tuple(sorted({donate_argnums} if isinstance(donate_argnums, int)
-                        else set(donate_argnums)))
+  # Any integer, numpy's too, as jax.jit takes.
+  many = donate_argnums if isinstance(donate_argnums, (tuple, list)) else (
+      donate_argnums,)
+  if not all(checks.is_integer(n) for n in many):
+    raise TypeError(f'donating_jit: donate_argnums must be an int or a '
+                    f'sequence of ints, got {donate_argnums!r}.')
+  donate = tuple(sorted({operator.index(n) for n in many}))
+  if not (reorder_outputs is None or isinstance(reorder_outputs, bool)):
+    # 'yes' had been a KeyError at the first call.
+    raise TypeError(f'donating_jit: reorder_outputs must be True, False or '
+                    f'None, got {reorder_outputs!r}.')
   if any(n < 0 for n in donate):
     # The jitted wrapper takes *args: jax.jit would ignore negative indices
     # and donate nothing, silently.

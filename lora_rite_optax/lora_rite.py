@@ -665,6 +665,11 @@ def lora_rite(
   Every leaf of the params must belong to a LoRA pair; route the rest of a
   model elsewhere with :func:`optax.partition`.
 
+  The Gram matrices are formed in at least float32: a factor whose columns
+  reach a norm of ~1e19 (its partner ~1e-19, so that :math:`H` is finite)
+  overflows them, and that pair's step and statistics become NaN for good.
+  Pairs that drift that far apart are what ``balance_factors`` prevents.
+
   Args:
     learning_rate: a float or an optax schedule.
     b1: decay of the first moment.
@@ -681,7 +686,9 @@ def lora_rite(
     update_capping: RMS cap on the first moment before :math:`R^{+\top}`; 0
       turns it off.
     escape_mass: add the paper's escaped-mass term.
-    balance_factors: after the step, rescale the new factors to equal norms
+    balance_factors: (a Python bool; in ``static_args`` under
+      ``optax.inject_hyperparams``) after the step, rescale the new factors to
+      equal norms
       (leaves :math:`H` unchanged up to the params' rounding: the rescale is
       an additive update, so in bfloat16 a factor that shrinks by ``s``
       lands within ~``s`` times bfloat16's rounding of its target; ~1% at
@@ -722,6 +729,11 @@ def lora_rite(
   checks.non_negative('lora_rite', 'weight_decay', weight_decay,
                       finite=True, schedule_ok=True)
   checks.flag('lora_rite', 'balance_factors', balance_factors)
+  if isinstance(balance_factors, jax.core.Tracer):
+    # It changes the chain (and the state's tree): it cannot be traced.
+    raise ValueError(
+        'lora_rite: balance_factors must be a Python bool (it changes the '
+        'chain); with optax.inject_hyperparams pass it in static_args.')
   steps = [
       scale_by_lora_rite(b1=b1, b2=b2, eps=eps,
                          clip_unmagnified_grad=clip_unmagnified_grad,

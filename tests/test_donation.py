@@ -162,6 +162,18 @@ def test_out_shardings_prefix_and_unsupported_arguments():
   with pytest.raises(TypeError, match=r'donate_argnums must be >= 0, got '
                      r'\(-1,\)'):
     lro.donating_jit(make_step(tx), donate_argnums=-1)
+  # A string had failed comparing with ints, 'yes' as a KeyError at the
+  # first call.
+  with pytest.raises(TypeError, match=r"donate_argnums must be an int or a "
+                     r"sequence of ints, got '0'\."):
+    lro.donating_jit(make_step(tx), donate_argnums='0')
+  with pytest.raises(TypeError, match=r"reorder_outputs must be True, False "
+                     r"or None, got 'yes'\."):
+    lro.donating_jit(make_step(tx), donate_argnums=0, reorder_outputs='yes')
+  # numpy's integers, as jax.jit takes them.
+  numpy_index = lro.donating_jit(make_step(tx), donate_argnums=np.int64(0))
+  assert numpy_index(lora_params(), tx.init(params), grads_for(params, 1))[
+      1][0].count == 1
   wide = lro.donating_jit(make_step(tx), donate_argnums=(0, 3))
   with pytest.raises(TypeError, match=r'donate_argnums=\(0, 3\), but the '
                      r'call has only 3 positional argument'):

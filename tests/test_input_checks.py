@@ -557,3 +557,19 @@ def test_loraplus_traces_its_expected_state_once_per_structure(monkeypatch):
   with pytest.raises(ValueError, match='init'):
     tx.update(_OTHER_SHAPES, state, _OTHER_SHAPES)
   assert len(calls) == 2
+
+
+def test_a_traced_balance_factors_is_one_line():
+  """It changes the chain: injected as an array (or a schedule), it had
+  failed in jit with a TracerBoolConversionError."""
+  params = {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}
+  tx = optax.inject_hyperparams(lro.lora_rite)(
+      learning_rate=1e-2, balance_factors=jnp.array(True))
+  with pytest.raises(ValueError, match=r'^lora_rite: balance_factors must be '
+                     r'a Python bool \(it changes the chain\); with '
+                     r'optax.inject_hyperparams pass it in static_args\.'):
+    jax.jit(tx.update)(params, tx.init(params), params)
+  tx = optax.inject_hyperparams(lro.lora_rite, static_args=(
+      'balance_factors',))(learning_rate=1e-2, balance_factors=True)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
