@@ -335,6 +335,38 @@ def _save_file(tensors, tmp: Path, path, metadata) -> None:
     raise OSError(f'{path}: cannot write ({cause}).') from None
 
 
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                  metadata: Mapping[str, str] | None = None) -> None:
+  """One safetensors file, atomically (see :func:`replacing`); a failure
+  (a full disk) is a one-line OSError naming ``path``."""
+  with replacing(path) as tmp:
+    _save_file(dict(tensors), tmp, path, metadata)
+
+
+def check_directory(directory: Any, who: str) -> Path:
+  """``directory`` as a Path a save may write into: '' had saved into the
+  current folder (removing its stale weights), a size string had failed
+  after the folder was made."""
+  if not isinstance(directory, (str, os.PathLike)) or not os.fspath(
+      directory):
+    raise ValueError(f'{who}: directory must be a non-empty path, got '
+                     f'{directory!r}.')
+  path = Path(directory)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f'{who}: {path} is a file, not a folder.')
+  return path
+
+
+def check_shard_bytes(max_shard_bytes: Any, who: str) -> None:
+  if max_shard_bytes is not None and (
+      isinstance(max_shard_bytes, bool) or
+      not isinstance(max_shard_bytes, (int, np.integer)) or
+      max_shard_bytes < 1):
+    raise ValueError(f'{who}: max_shard_bytes must be None or a positive '
+                     f'number of bytes, got {max_shard_bytes!r} (e.g. '
+                     '5 * 2**30 for 5 GiB).')
+
+
 def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                  max_shard_bytes: int | None = None,
                  filename: str = SAFETENSORS,
@@ -352,7 +384,8 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   them instead of the new ones. ``index`` defaults to ``filename +
   '.index.json'``.
   """
-  directory = Path(directory)
+  directory = check_directory(directory, 'save_tensors')
+  check_shard_bytes(max_shard_bytes, 'save_tensors')
   directory.mkdir(parents=True, exist_ok=True)
   index = index or _index_name(filename)
   # Transformers refuses safetensors files without a known framework tag.

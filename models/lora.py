@@ -772,7 +772,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
                                                 ('task_type', task_type))
                                  if not v))
     name_map, task_type = name_map or default_map, task_type or default_task
-  out_dir = Path(directory)
+  out_dir = hf_io.check_directory(directory, who)
   if adapter_name is not None:
     out_dir = out_dir / hf_io.check_component(adapter_name, f'{who}: adapter_name')
   projs = projections(model)

@@ -860,9 +860,10 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
       remove_lora first, or allow_residual_base), or a config value JSON
       cannot hold; nothing is written then.
   """
+  directory = hf_io.check_directory(directory, 't5.save_pretrained')
+  hf_io.check_shard_bytes(max_shard_bytes, 't5.save_pretrained')
   lora.check_no_residual_base(model, 't5.save_pretrained',
                               allowed=allow_residual_base)
-  directory = Path(directory)
   config = hf_io.dumps_json(
       config_to_hf(model.config, model.embedding[...].dtype),
       directory / hf_io.CONFIG)

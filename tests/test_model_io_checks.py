@@ -225,6 +225,36 @@ def test_t5_save_pretrained_over_the_other_layout(t5_models, tmp_path):
     assert (tmp_path / hf_io.SAFETENSORS_INDEX).exists() == (shard is not None)
 
 
+def test_saves_refuse_an_empty_or_file_directory_and_a_bad_shard_size(
+    t5_models, tmp_path, monkeypatch):
+  """'' had saved into the current folder (replacing, and removing, the
+  model files there); '5GB' failed comparing with an int after the folder
+  was made, and 0 wrote one shard per tensor."""
+  monkeypatch.chdir(tmp_path)
+  gemma_model = _model('gemma2-tiny')
+  lora.apply_lora(gemma_model, ['q'], rank=2)
+  (tmp_path / 'afile').write_text('')
+  saves = {
+      't5.save_pretrained': lambda d: t5.save_pretrained(t5_models[0], d),
+      'gemma.save_pretrained': lambda d: gemma.save_pretrained(gemma_model, d),
+      'save_peft_adapter': lambda d: lora.save_peft_adapter(gemma_model, d,
+                                                            'base'),
+  }
+  for who, save in saves.items():
+    with pytest.raises(ValueError, match=rf"^{who}: directory must be a "
+                       r"non-empty path, got ''\.$"):
+      save('')
+    with pytest.raises(ValueError, match=rf'^{who}: .*afile is a file, not a '
+                       r'folder\.$'):
+      save(tmp_path / 'afile')
+  for bad in ('5GB', 0, -5, True):
+    with pytest.raises(ValueError, match=r'^t5\.save_pretrained: '
+                       r'max_shard_bytes must be None or a positive number of '
+                       r'bytes, got '):
+      t5.save_pretrained(t5_models[0], tmp_path / 'out', max_shard_bytes=bad)
+  assert sorted(os.listdir(tmp_path)) == ['afile']
+
+
 def test_peft_adapter_save_keeps_a_model_index_in_the_folder(t5_models,
                                                              tmp_path):
   # The adapter's own layout is adapter_model*; a model's files beside it

@@ -103,6 +103,49 @@ def test_a_resume_where_auto_resolves_to_another_dtype_says_so(tmp_path):
           'float32') in lines, lines
 
 
+@pytest.mark.parametrize('failing', ['config.json', 'summary.json'])
+def test_a_failed_write_keeps_config_and_summary_whole(
+    stopped, tmp_path, monkeypatch, failing):
+  """config.json (which a refused resume names) and summary.json had been
+  rewritten in place: a full disk during a resume left them cut short."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  run_dir = _copy(stopped, tmp_path / 'run')
+  before = (run_dir / failing).read_text()
+  real = pathlib.Path.write_text
+
+  def full_disk(self, text, *args, **kwargs):
+    if self.name.startswith(f'.{failing}.'):
+      real(self, text[:100], *args, **kwargs)
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(self, text, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
+  with pytest.raises(OSError, match='No space left on device'):
+    loop.run(tiny(run_dir, resume=True), log=quiet, stop_at=4)
+  assert (run_dir / failing).read_text() == before
+  assert not [p for p in run_dir.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_a_full_disk_for_the_initial_factors_is_one_line(tmp_path,
+                                                          monkeypatch):
+  """safetensors' own error had ended the run in a 20-line traceback."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+
+  def full(*unused_args, **unused_kwargs):
+    raise SafetensorError('Error while serializing: I/O error: File too '
+                          'large (os error 27)')
+
+  monkeypatch.setattr(hf_io, 'save_file', full)
+  run_dir = tmp_path / 'run'
+  with pytest.raises(OSError, match=(
+      r'^.*lora_initial_factors\.safetensors: cannot write \(Error while '
+      r'serializing: I/O error: File too large \(os error 27\)\)\.$')):
+    loop.run(tiny(run_dir, **{'lora.init': 'pissa'}), log=quiet, stop_at=1)
+  assert not [p for p in run_dir.iterdir() if 'initial' in p.name]
+
+
 def test_resume_on_another_process_count(straight, stopped, tmp_path):
   """A checkpoint of a 2-process run (grain writes one position file per
   process: process_0-of-2.json, process_1-of-2.json, the same position, as

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 import lora_rite_optax as lro
 
+from models import hf_io
 from train import configs as configs_lib
 from train import distributed
 from train import fingerprints
@@ -486,7 +487,6 @@ def save_initial_factors(run_dir: str, model) -> str | None:
   temporary file, so a reader never sees half a file); returns the path,
   or None when the init keeps none."""
   from models import lora  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   factors = lora.initial_factors(model)
   if not factors:
     return None
@@ -495,9 +495,7 @@ def save_initial_factors(run_dir: str, model) -> str | None:
     # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
     tensors = {f'{name}/{part}': np.asarray(x, np.float32)
                for name, ab in factors.items() for part, x in zip('ab', ab)}
-    tmp = path + '.tmp'
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    hf_io.write_tensors(path, tensors)  # atomic; a full disk in one line
   return path
 
 
@@ -1731,8 +1729,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           'learning-rate schedule now spans the new length')
   # Written once the checkpoint (if any) is known to fit the config.
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-      f.write(config_json)
+    # Atomically: the file a refused resume names (a full disk had left it
+    # cut short).
+    hf_io.write_text(os.path.join(run_dir, 'config.json'), config_json)
   if cfg.lora.init in _SAVES_INITIAL and (latest is None or not os.path.isfile(
       os.path.join(run_dir, INITIAL_FACTORS_FILE))):
     # A fresh start, or a checkpoint older than the file: from now on every
@@ -1998,8 +1997,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   if interrupted:
     summary['interrupted'] = signal.Signals(interrupted).name
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
+    hf_io.write_text(os.path.join(run_dir, 'summary.json'),
+                        json.dumps(summary, indent=2, default=float))
   if interrupted:
     raise preemption.Interrupted(interrupted, step, ckpt.directory)
   return summary

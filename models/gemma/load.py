@@ -558,6 +558,7 @@ def save_pretrained(model: Gemma, directory: str, *,
       releases beside an adapter exported with ``original_base=False``), or
       the config has a value JSON cannot hold; nothing is written then.
   """
+  hf_io.check_directory(directory, 'gemma.save_pretrained')
   lora.check_no_residual_base(model, 'gemma.save_pretrained',
                               allowed=allow_residual_base)
   c = model.config
