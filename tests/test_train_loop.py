@@ -548,6 +548,51 @@ def test_packed_mask_equals_padded_mask_on_single_segments():
       step_lib.target_logprobs(model, prepared, pack=False), rtol=1e-5, atol=1e-6)
 
 
+def test_a_packed_row_scores_each_segment_as_if_alone():
+  """Three segments in one row: each attends to itself only, so the row's
+  log-probs are those of the segments scored in rows of their own (one
+  segment per row could not tell a lost segment mask from a kept one)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma2-tiny'), rngs=nnx.Rngs(0))
+  lengths, width = (5, 4, 3), 14
+  rng = np.random.default_rng(0)
+  segments = [rng.integers(3, 100, n).astype(np.int32) for n in lengths]
+
+  def row(parts):
+    tokens, seg, pos = (np.zeros(width, np.int32) for _ in range(3))
+    mask = np.zeros(width, np.float32)
+    start = 0
+    for i, part in enumerate(parts):
+      end = start + len(part)
+      tokens[start:end], seg[start:end] = part, i + 1
+      pos[start:end] = np.arange(len(part))
+      mask[start + 2:end] = 1  # the first two tokens of each are its prompt
+      start = end
+    return tokens, seg, pos, mask
+
+  def scores(rows):
+    tokens, seg, pos, mask = (np.stack(x) for x in zip(*rows))
+    batch = {'tokens': tokens, 'loss_mask': mask, 'segment_ids': seg,
+             'positions': pos}
+    prepared, dropped = step_lib.prepare_batch(batch, 8)
+    assert dropped == 0
+    return np.asarray(step_lib.target_logprobs(model, prepared, pack=True))
+
+  packed = scores([row(segments)])[0]
+  alone = scores([row([s]) for s in segments])
+  # 3 + 2 + 1 targets, in order, segment by segment.
+  np.testing.assert_allclose(packed[:6], np.concatenate(
+      [alone[0, :3], alone[1, :2], alone[2, :1]]), rtol=1e-5, atol=1e-5)
+  # Unpacked, later segments would see earlier ones: another score.
+  tokens, seg, pos, mask = row(segments)
+  batch, _ = step_lib.prepare_batch(
+      {'tokens': tokens[None], 'loss_mask': mask[None],
+       'segment_ids': seg[None], 'positions': pos[None]}, 8)
+  unpacked = np.asarray(step_lib.target_logprobs(model, batch, pack=False))[0]
+  assert np.abs(unpacked[3:6] - packed[3:6]).max() > 1e-3
+
+
 def check_alternatives_match_pairs(r, stem: str, odd: tuple[str, ...]):
   """`Evaluator.multiple_choice` scores options that differ only in their
   last token in one row each (`step_lib.alternative_logprobs`); the scores must
