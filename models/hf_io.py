@@ -344,9 +344,9 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
 
 
 def check_directory(directory: Any, who: str) -> Path:
-  """``directory`` as a Path a save may write into: '' had saved into the
-  current folder (removing its stale weights), a size string had failed
-  after the folder was made."""
+  """``directory`` as a Path a save may write into, checked before anything
+  is written: '' had saved into the current folder (and removed the stale
+  weights there)."""
   if not isinstance(directory, (str, os.PathLike)) or not os.fspath(
       directory):
     raise ValueError(f'{who}: directory must be a non-empty path, got '
@@ -358,6 +358,8 @@ def check_directory(directory: Any, who: str) -> Path:
 
 
 def check_shard_bytes(max_shard_bytes: Any, who: str) -> None:
+  """None or a positive int: transformers' '5GB' had failed comparing with
+  an int after the folder was made, and 0 wrote one shard per tensor."""
   if max_shard_bytes is not None and (
       isinstance(max_shard_bytes, bool) or
       not isinstance(max_shard_bytes, (int, np.integer)) or
