@@ -1998,7 +1998,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     summary['interrupted'] = signal.Signals(interrupted).name
   if jax.process_index() == 0:
     hf_io.write_text(os.path.join(run_dir, 'summary.json'),
-                        json.dumps(summary, indent=2, default=float))
+                     json.dumps(summary, indent=2, default=float))
   if interrupted:
     raise preemption.Interrupted(interrupted, step, ckpt.directory)
   return summary
