@@ -106,6 +106,8 @@ def after(x: Any, previous: Any) -> Any:
   :func:`one_at_a_time`.
   """
   leaf = jax.tree.leaves(previous)[0]
+  if not leaf.size:  # nothing to wait for (a factor with a zero-size axis)
+    return x
   # An index, not a ravel: a reshape of a sharded array can gather it.
   first = leaf[(0,) * leaf.ndim].astype(jnp.float32)
   zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0

@@ -325,9 +325,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       warnings.warn(
           f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) has rank {r_a}, above one factor\'s other size '
-          f'({min(n_a, n_b)}): a rank of {min(n_a, n_b)} spans as much, '
-          'and LoRA-RITE is transformation invariant only up to it.',
-          stacklevel=2)
+          f'({min(n_a, n_b)}): a rank of {min(n_a, n_b)} spans as much' +
+          (', and LoRA-RITE is transformation invariant only up to it.'
+           if 'lora_rite' in who else '.'), stacklevel=2)
     if maybe_stacked and (
         _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==
         _rank(b_shape, lay.b_rank_axis, lay.batch_axes + 1)):

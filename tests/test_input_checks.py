@@ -2,6 +2,7 @@
 and the inputs that look alike but are fine still work."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -573,3 +574,22 @@ def test_a_traced_balance_factors_is_one_line():
       'balance_factors',))(learning_rate=1e-2, balance_factors=True)
   updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
   assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_every_optimizer_passes_a_zero_size_factor_through(name):
+  """ScaledAdam had failed in linalg.after (an IndexError) on a pair whose
+  lora_a has a zero-size axis; the others returned empty updates. The
+  warning names LoRA-RITE only where LoRA-RITE gives it."""
+  params = {'p0': {'lora_a': jnp.ones((0, 2)), 'lora_b': jnp.ones((2, 3))},
+            'p1': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  tx = lro.optimizer(name, 1e-2)
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter('always')
+    updates, _ = tx.update(params, tx.init(params), params)
+  assert updates['p0']['lora_a'].shape == (0, 2)
+  assert bool(jnp.isfinite(updates['p1']['lora_a']).all())
+  said = [str(w.message) for w in seen if 'spans as much' in str(w.message)]
+  # Adam and Lamb work per leaf and look for no pairs.
+  assert bool(said) == (name not in ('adam', 'lamb')), said
+  assert all(('LoRA-RITE' in m) == (name == 'lora_rite') for m in said), said
