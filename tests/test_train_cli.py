@@ -190,6 +190,31 @@ def test_an_interrupted_run_exits_as_the_signal_says(monkeypatch, capsys):
       'r/checkpoints: continue with --resume.')
 
 
+def test_ctrl_c_while_the_command_line_is_read_is_one_line(monkeypatch,
+                                                            capsys):
+  """A Ctrl-C before train.loop had been imported (jax's import, ~3 s) was
+  a 40-line traceback, or was lost in a callback of XLA's and the run
+  trained to the end. It is held until parsing and the import are done."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+  real_parse, ran = cli.parse, []
+
+  def parse_then_ctrl_c(argv):
+    parsed = real_parse(argv)
+    os.kill(os.getpid(), signal.SIGINT)
+    return parsed
+
+  monkeypatch.setattr(cli, 'parse', parse_then_ctrl_c)
+  monkeypatch.setattr(loop, 'run', lambda *a, **k: ran.append(True))
+  handler = signal.getsignal(signal.SIGINT)
+  code, err = _main(['--config', 'tiny', '--run_dir', 'r'], capsys)
+  assert (code, err) == (130, 'error: interrupted (Ctrl-C); --resume '
+                         'continues from the last checkpoint, if one was '
+                         'written.')
+  assert not ran and signal.getsignal(signal.SIGINT) is handler
+
+
 def test_config_from_a_saved_json(tmp_path):
   """--config RUN_DIR/config.json: the settings a run saved, overrides and
   all, with more overrides on top (a run started with overrides had to

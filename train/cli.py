@@ -20,7 +20,9 @@ import io
 import os
 import json
 import re
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from train import configs
@@ -170,14 +172,40 @@ def _tyro_message(panel: str) -> str:
   return text
 
 
+_INTERRUPTED = ('error: interrupted (Ctrl-C); --resume continues from the '
+                'last checkpoint, if one was written.')
+
+
+def _parse_and_import(argv: Sequence[str]):
+  """(parse(argv), the train.loop module), with a Ctrl-C meanwhile held
+  until both are done: raised inside the imports (jax's, ~3 s) it had been
+  a 40-line traceback, or, landing in a callback of XLA's, printed as
+  ignored and lost, and the run trained to the end. Returns None for the
+  loop when a Ctrl-C came."""
+  hold = threading.current_thread() is threading.main_thread()
+  pressed = []
+  if hold:
+    previous = signal.signal(signal.SIGINT,
+                             lambda *unused: pressed.append(True))
+  try:
+    parsed = parse(argv)
+    from train import loop  # pylint: disable=g-import-not-at-top
+  finally:
+    if hold:
+      signal.signal(signal.SIGINT, previous)
+  return parsed, (None if pressed else loop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    cfg, stop_at = parse(argv)
+    (cfg, stop_at), loop = _parse_and_import(argv)
   except ValueError as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
     return 2
-  from train import loop  # pylint: disable=g-import-not-at-top
+  if loop is None:
+    print(_INTERRUPTED, file=sys.stderr)
+    return 130
   try:
     summary = loop.run(cfg, stop_at=stop_at)
   except loop.Interrupted as e:
@@ -186,8 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     # Ctrl-C while building (before the stop handler is in place), or a
     # second one that stops at once: one line, not a traceback.
-    print('error: interrupted (Ctrl-C); --resume continues from the last '
-          'checkpoint, if one was written.', file=sys.stderr)
+    print(_INTERRUPTED, file=sys.stderr)
     return 130
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
