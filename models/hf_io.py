@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lora_rite_optax import checks
+
 SAFETENSORS = 'model.safetensors'
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 CONFIG = 'config.json'
@@ -361,9 +363,7 @@ def check_shard_bytes(max_shard_bytes: Any, who: str) -> None:
   """None or a positive int: transformers' '5GB' had failed comparing with
   an int after the folder was made, and 0 wrote one shard per tensor."""
   if max_shard_bytes is not None and (
-      isinstance(max_shard_bytes, bool) or
-      not isinstance(max_shard_bytes, (int, np.integer)) or
-      max_shard_bytes < 1):
+      not checks.is_integer(max_shard_bytes) or max_shard_bytes < 1):
     raise ValueError(f'{who}: max_shard_bytes must be None or a positive '
                      f'number of bytes, got {max_shard_bytes!r} (e.g. '
                      '5 * 2**30 for 5 GiB).')

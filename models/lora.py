@@ -359,9 +359,9 @@ def check_targets_and_rank(model: nnx.Module,
                            targets: str | Sequence[str] | None, rank: int,
                            init: str) -> None:
   """Raises, as :func:`apply_lora` would, on targets that match no
-  projection or a rank too large for one under PiSSA / LoRA-GA: for a
-  caller to check before work that comes first (LoRA-GA's gradient
-  passes, minutes on a real model)."""
+  projection or a rank too large for one (above min(in, out), or half that
+  under LoRA-GA): for a caller to check before work that comes first
+  (LoRA-GA's gradient passes, minutes on a real model)."""
   for path, proj in select(model, targets).items():
     _check_rank_fits(path, proj, rank, init)
 

@@ -117,8 +117,6 @@ class T5Config:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'T5Config.{name} must be a positive integer, got '
                          f'{value!r}.')
-    # Indices into the embedding: -1 (a SentencePiece model without a pad
-    # or EOS piece) had wrapped round to the last row, silently.
     rate = self.dropout_rate
     if (isinstance(rate, bool) or not isinstance(rate, (int, float)) or
         not 0 <= rate < 1):
@@ -126,6 +124,8 @@ class T5Config:
       # off, and a string failed at the first layer.
       raise ValueError(f'T5Config.dropout_rate must be a number in [0, 1), '
                        f'got {rate!r}.')
+    # Indices into the embedding: -1 (a SentencePiece model without a pad
+    # or EOS piece) had wrapped round to the last row, silently.
     for name in ('pad_token_id', 'eos_token_id', 'decoder_start_token_id'):
       value = getattr(self, name)
       if (not isinstance(value, int) or isinstance(value, bool) or

@@ -676,32 +676,8 @@ def test_a_second_apply_lora_draws_other_factors_and_masks():
       attn.q.lora.lora_a[...])
 
 
-def test_a_peft_adapter_on_some_t5_blocks_loads(tmp_path):
-  """What PEFT 0.21 writes for T5 with layers_to_transform=[1] and no
-  layers_pattern: block 1's three q projections. It had been refused as a
-  partial file, the decoder's block 0 cross-attention (sub-layer 1) taken
-  for a targeted layer 1."""
-  names = ['encoder.block.1.layer.0.SelfAttention.q',
-           'decoder.block.1.layer.0.SelfAttention.q',
-           'decoder.block.1.layer.1.EncDecAttention.q']
-  rng = np.random.default_rng(0)
-  tensors = {}
-  for n in names:
-    tensors[f'base_model.model.{n}.lora_A.weight'] = rng.normal(
-        size=(4, 32)).astype(np.float32)
-    tensors[f'base_model.model.{n}.lora_B.weight'] = rng.normal(
-        size=(32, 4)).astype(np.float32)
-  save_file(tensors, str(tmp_path / 'adapter_model.safetensors'))
-  (tmp_path / 'adapter_config.json').write_text(json.dumps(dict(
-      peft_type='LORA', task_type='SEQ_2_SEQ_LM', r=4, lora_alpha=8,
-      target_modules=['q'], layers_to_transform=[1], layers_pattern=None)))
-  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))  # two blocks
-  lora.load_peft_adapter(model, tmp_path)
-  adapted = sorted(lora.lora_modules(model))
-  assert len(adapted) == 3 and all('.1.' in p for p in adapted), adapted
-
-
 def _t5_adapter(directory, names, **cfg):
+  """A PEFT adapter folder for tiny T5 with factors for ``names``."""
   rng = np.random.default_rng(0)
   tensors = {}
   for n in names:
@@ -714,6 +690,22 @@ def _t5_adapter(directory, names, **cfg):
   (directory / 'adapter_config.json').write_text(json.dumps(dict(
       peft_type='LORA', task_type='SEQ_2_SEQ_LM', r=4, lora_alpha=8, **cfg)))
   return directory
+
+
+def test_a_peft_adapter_on_some_t5_blocks_loads(tmp_path):
+  """What PEFT 0.21 writes for T5 with layers_to_transform=[1] and no
+  layers_pattern: block 1's three q projections. It had been refused as a
+  partial file, the decoder's block 0 cross-attention (sub-layer 1) taken
+  for a targeted layer 1."""
+  names = ['encoder.block.1.layer.0.SelfAttention.q',
+           'decoder.block.1.layer.0.SelfAttention.q',
+           'decoder.block.1.layer.1.EncDecAttention.q']
+  _t5_adapter(tmp_path, names, target_modules=['q'], layers_to_transform=[1],
+              layers_pattern=None)
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))  # two blocks
+  lora.load_peft_adapter(model, tmp_path)
+  adapted = sorted(lora.lora_modules(model))
+  assert len(adapted) == 3 and all('.1.' in p for p in adapted), adapted
 
 
 def test_an_older_peft_adapter_on_some_t5_sub_layers_loads(tmp_path):

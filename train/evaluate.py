@@ -27,6 +27,7 @@ import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from lora_rite_optax import checks
 
 from train.data import numbers
 from train.data.example import Example
@@ -367,8 +368,7 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95
   """Wilson score interval for a binomial proportion (e.g. an accuracy)."""
   if n <= 0:
     raise ValueError(f"wilson_interval needs n > 0, got {n}")
-  if (isinstance(successes, bool) or not isinstance(
-      successes, (int, np.integer)) or not 0 <= successes <= n):
+  if not checks.is_integer(successes) or not 0 <= successes <= n:
     raise ValueError(f"wilson_interval: successes must be an integer in "
                      f"[0, {n}], got {successes!r}")
   _check_confidence("wilson_interval", confidence)
@@ -404,8 +404,7 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
     raise ValueError(f"bootstrap_interval needs a non-empty vector of "
                      f"per-example values, got shape {values.shape}")
   _check_confidence("bootstrap_interval", confidence)
-  if isinstance(num_resamples, bool) or not isinstance(
-      num_resamples, (int, np.integer)) or num_resamples < 1:
+  if not checks.is_integer(num_resamples) or num_resamples < 1:
     raise ValueError(f"bootstrap_interval: num_resamples must be an integer "
                      f">= 1, got {num_resamples!r}")
   rng = np.random.default_rng(seed)
