@@ -128,6 +128,13 @@ def test_json_jsonl_parquet_give_same_examples(tmp_path):
             for s in ("json", "jsonl", "parquet")]
   assert loaded[0] == loaded[1] == loaded[2]
   assert [e.gold_index for e in loaded[0]] == [0, 1]
+  # JSON Lines under a `.json` name, as Hugging Face `Dataset.to_json`
+  # writes it, had been refused as "malformed JSON ... Extra data".
+  (tmp_path / "lines.json").write_text((tmp_path / "a.jsonl").read_text())
+  assert data.load_file(tmp_path / "lines.json", "boolq") == loaded[0]
+  (tmp_path / "junk.json").write_text(json.dumps(recs) + "\n]")
+  with pytest.raises(ValueError, match="line 2 column 1: Extra data"):
+    data.load_file(tmp_path / "junk.json", "boolq")
 
 
 def test_a_parquet_file_without_a_working_pyarrow_says_which(
@@ -293,6 +300,11 @@ def test_hub_errors_are_one_line(monkeypatch):
     data.load_task("arithmetic", "train", hub=True)
   with pytest.raises(ValueError, match="num_examples must be None .* got -1"):
     data.load_task("arithmetic", "test", num_examples=-1)
+  # 0 had meant no examples for a file task and the default size for
+  # `arithmetic`.
+  for task in ("arithmetic", "boolq"):
+    with pytest.raises(ValueError, match="int >= 1, got 0"):
+      data.load_task(task, "test", num_examples=0)
 
 
 # --- the built-in task --------------------------------------------------------

@@ -368,10 +368,12 @@ def test_an_empty_file_or_a_path_and_a_hub_are_refused(tmp_path):
   validation set out of 0 example(s)'); a path and a Hub id together are
   refused (the path had been ignored)."""
   (path := tmp_path / "empty.json").write_text("[]")
-  for split in ("train", "test"):
+  # An empty `.json` had been "malformed JSON ... Expecting value".
+  (blank := tmp_path / "blank.json").write_text("\n")
+  for split, file in (("train", path), ("test", path), ("test", blank)):
     with pytest.raises(ValueError) as e:
-      data.load_task("boolq", split, path=path)
-    assert str(e.value) == f"{path} holds no records for task 'boolq'"
+      data.load_task("boolq", split, path=file)
+    assert str(e.value) == f"{file} holds no records for task 'boolq'"
   with pytest.raises(ValueError) as e:
     data.load_task("boolq", "test", path=path, hub=True)
   assert str(e.value) == (f"give a local path or a Hub dataset, not both "

@@ -25,9 +25,10 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
   """Reads a list of records from a local file.
 
   Args:
-    path: A `.json` file (a list of objects, or one object such as a
-      Super-Natural Instructions task file), a `.jsonl` file (one object a
-      line; blank lines skipped) or a `.parquet` file (needs pyarrow).
+    path: A `.json` file (a list of objects, one object such as a
+      Super-Natural Instructions task file, or one object a line as Hugging
+      Face `Dataset.to_json` writes), a `.jsonl` file (one object a line;
+      blank lines skipped) or a `.parquet` file (needs pyarrow).
 
   Returns:
     The records, as dicts, in file order.
@@ -51,8 +52,11 @@ def read_placed_records(path: str | os.PathLike[str]
   suffix = path.suffix.lower()
   if suffix == ".json":
     records = _read_json(path)
-    return records, [f"record {i}" for i in range(len(records))]
-  if suffix == ".jsonl":
+    if records is not None:
+      return records, [f"record {i}" for i in range(len(records))]
+  if suffix == ".jsonl" or suffix == ".json":
+    # A `.json` of JSON Lines: what Hugging Face `Dataset.to_json` writes by
+    # default.
     placed = _read_jsonl(path)
     return [r for _, r in placed], [f"line {n}" for n, _ in placed]
   if suffix == ".parquet":
@@ -81,11 +85,17 @@ def _read_text(path: Path) -> str:
         "UTF-8 encoded") from None
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path) -> list[Record] | None:
+  """The records of a JSON file, or None where it holds JSON Lines."""
   text = _read_text(path)
+  if not text.strip():
+    return []  # as an empty `.jsonl` file is
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
+    if (e.msg == "Extra data" and e.colno == 1 and
+        text.lstrip().startswith("{")):
+      return None  # an object, then more on the next line: JSON Lines
     raise ValueError(
         f"malformed JSON in {path} at line {e.lineno} column {e.colno}: "
         f"{e.msg}") from None

@@ -258,9 +258,11 @@ def load_task(name: str, split: str = "train", *,
         f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
   file_split = "test" if split == "test" else "train"
   if num_examples is not None and (not checks.is_integer(num_examples) or
-                                   num_examples < 0):
-    # -1 had dropped the last example (a slice), silently.
-    raise ValueError(f"num_examples must be None (all) or an int >= 0, got "
+                                   num_examples < 1):
+    # -1 had dropped the last example (a slice), silently; 0 had given no
+    # examples for a file task but the default size for `arithmetic` (the
+    # loop's `0: all` is None here).
+    raise ValueError(f"num_examples must be None (all) or an int >= 1, got "
                      f"{num_examples!r}")
   if hub and path is not None:
     raise ValueError(f"give a local path or a Hub dataset, not both (path "
