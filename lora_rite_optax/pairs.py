@@ -221,6 +221,15 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       if allow_unpaired:
         unpaired.append(where)
         continue
+      if _named_like_a_factor(where, layouts('')):
+        # A flat PEFT dict, or the other layout's keys: "not part of a LoRA
+        # pair" had sent the user to route a LoRA factor elsewhere.
+        lay = layouts('')
+        raise ValueError(
+            f'{who}: leaf {where!r} is named like a LoRA factor, but no key '
+            f'of its path is exactly {lay.a_key!r} or {lay.b_key!r}: wrong '
+            "layout, or a flat dict whose keys must first be nested by "
+            "splitting on '.'?")
       raise ValueError(
           f'{who}: leaf {where!r} is not part of a LoRA pair; apply {who} to '
           'the LoRA factors only and route other leaves elsewhere, e.g. '
@@ -340,9 +349,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     pairs.append(LoraPair(name, a_index, b_index, lay))
   if allow_unpaired and not pairs and not lone:
     lay = layouts('')
-    keys = {lay.a_key.lower(), lay.b_key.lower()}
-    factorish = [w for w in unpaired
-                 if keys & set(w.lower().replace('.', '/').split('/'))]
+    factorish = [w for w in unpaired if _named_like_a_factor(w, lay)]
     if factorish:
       # Else every leaf would silently get the non-LoRA treatment.
       raise ValueError(
@@ -352,6 +359,13 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           "must first be nested by splitting on '.'? (Not LoRA factors: pass "
           "a layout whose a_key/b_key name nothing in the tree.)")
   return PairedTree(tuple(pairs), treedef, len(leaves), tuple(lone))
+
+
+def _named_like_a_factor(where: str, lay: LoraLayout) -> bool:
+  """Whether a path component of ``where`` (split on '/' and '.') is, in
+  any case, ``lay``'s factor key or ``lora_a``/``lora_b``."""
+  keys = {lay.a_key.lower(), lay.b_key.lower(), 'lora_a', 'lora_b'}
+  return bool(keys & set(where.lower().replace('.', '/').split('/')))
 
 
 def matrix_shape(shape: Sequence[int], rank_axis: int,

@@ -123,6 +123,12 @@ def select(model: nnx.Module,
     targets = getattr(model, 'default_lora_targets', DEFAULT_TARGETS)
   if isinstance(targets, str):
     targets = (targets,)
+  if not isinstance(targets, (list, tuple)) or not all(
+      isinstance(t, str) for t in targets):
+    # An int or bytes had failed inside the matching as "'int' object is not
+    # iterable".
+    raise ValueError(f'{who}: targets must be a string or a list of strings, '
+                     f'got {targets!r}.')
   if not targets:
     raise ValueError(f'{who}: targets is empty; name at least one module.')
   projs = projections(model)
@@ -222,11 +228,16 @@ def apply_lora(model: nnx.Module,
                      f'{checks.shown(dropout)}.')
   dropout = float(dropout_value)
   alpha_value = checks.concrete(alpha)
-  if alpha_value is None or not math.isfinite(alpha_value) or alpha_value <= 0:
+  if (alpha_value is None or isinstance(alpha, bool) or
+      not math.isfinite(alpha_value) or alpha_value <= 0):
     # alpha 0 makes the adapter's output and both gradients 0: it never
     # trains.
     raise ValueError(f'apply_lora: alpha must be a finite number > 0, got '
                      f'{alpha!r}.')
+  if not (isinstance(rngs, nnx.Rngs) or checks.is_integer(rngs)):
+    # None or a JAX key had failed mid-way as "no attribute 'params'".
+    raise ValueError(f'apply_lora: rngs must be an nnx.Rngs or an int seed, '
+                     f'got {checks.shown(rngs)}.')
   chosen = select(model, targets)
   for path, proj in chosen.items():
     if proj.lora is not None:
@@ -272,7 +283,8 @@ def apply_lora(model: nnx.Module,
                        f'values (NaN or inf); {init} would spread them to '
                        'the whole kernel.')
   lro_init = _init_module()
-  if isinstance(rngs, int):
+  if not isinstance(rngs, nnx.Rngs):
+    rngs = operator.index(rngs)
     # Each call makes its Rngs anew: a second call on a model (other
     # targets) had drawn the first's A and dropout masks again. A call on a
     # model without adapters draws as it always has.
@@ -1021,7 +1033,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       raise ValueError(f'{cfg_path}: {key}={cfg[key]!r} is not supported '
                        '(only plain LoRA loads).')
   r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
-  if not isinstance(r_cfg, int) or r_cfg < 1 or not isinstance(
+  if not checks.is_integer(r_cfg) or r_cfg < 1 or not isinstance(
       alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):
     raise ValueError(f'{cfg_path}: needs an int r >= 1 and a numeric '
                      f'lora_alpha, got r={r_cfg!r}, lora_alpha={alpha_cfg!r}.')

@@ -482,6 +482,21 @@ def test_error_leaf_not_in_a_pair_points_at_partition():
     _tx().init(params)
 
 
+def test_error_factor_in_the_wrong_layout_or_flat_says_so():
+  """A flat PEFT dict or the other layout's keys had been told "not part of
+  a LoRA pair; route other leaves elsewhere", for a LoRA factor."""
+  a, b = jnp.ones((2, 4)), jnp.ones((8, 2))
+  for tree, leaf in (({'m.q.lora_A.weight': a, 'm.q.lora_B.weight': b},
+                      'm.q.lora_A.weight'),
+                     ({'q': {'lora_a': a.T, 'lora_b': b.T}}, 'q/lora_a')):
+    with pytest.raises(ValueError) as e:
+      lro.lora_rite(1e-3, layout=lro.PEFT_LAYOUT).init(tree)
+    assert str(e.value) == (
+        f"lora_rite: leaf '{leaf}' is named like a LoRA factor, but no key of "
+        "its path is exactly 'lora_A' or 'lora_B': wrong layout, or a flat "
+        "dict whose keys must first be nested by splitting on '.'?")
+
+
 def test_error_update_without_params():
   params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 5))}}
   tx = _tx()

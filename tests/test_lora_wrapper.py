@@ -82,6 +82,20 @@ def test_targets_by_name_pattern_and_error():
   assert not lora.lora_modules(model)  # Nothing applied on error.
   with pytest.raises(ValueError, match='unknown init'):
     lora.apply_lora(model, 'q', init='olora')
+  # Each had failed mid-way with a TypeError or AttributeError; alpha=True
+  # had been read as 1.0.
+  for kw, message in (
+      (dict(targets=5), 'targets must be a string or a list of strings, got 5'),
+      (dict(targets=['q', 5]), "list of strings, got ['q', 5]"),
+      (dict(targets=b'q'), "list of strings, got b'q'"),
+      (dict(rngs=None), 'rngs must be an nnx.Rngs or an int seed, got None'),
+      (dict(rngs='x'), "int seed, got 'x'"),
+      (dict(alpha=True), 'alpha must be a finite number > 0, got True')):
+    with pytest.raises(ValueError) as e:
+      lora.apply_lora(model, **kw)
+    assert message in _one_line(e)
+  assert not lora.lora_modules(model)
+  lora.apply_lora(model, 'q', rank=2, rngs=np.int64(3))  # numpy seeds work
 
 
 def test_zero_b_leaves_output_unchanged_and_axes(base_logits):
@@ -400,6 +414,9 @@ def test_peft_bad_inputs(tmp_path):
        'lora_dropout must be a number in [0, 1), got 1.5'),
       (write('alpha', cfg=dict(cfg, lora_alpha=0)),
        'lora_alpha must be finite and non-zero, got 0'),
+      # true had loaded as rank 1 (rank_pattern's true was refused).
+      (write('r_bool', cfg=dict(cfg, r=True)),
+       'needs an int r >= 1 and a numeric lora_alpha, got r=True'),
       (write('int_factor', dict(tensors, **{key: tensors[key].astype(
           np.int32)})), f"'{key}' has dtype int32; LoRA factors are floating"),
       (write('nan', dict(tensors, **{key: np.full_like(tensors[key], np.nan)})),
