@@ -883,3 +883,58 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_the_model():
     with pytest.raises(ValueError, match=rf'^Gemma token id {bad} is outside '
                        rf"the model's vocabulary of {vocab}"):
       model(jnp.array([[5, bad, 7]]))
+
+
+def test_embedding_scale_is_rounded_to_the_embedding_dtype():
+  """bfloat16 weights computed in float32 are scaled by sqrt(width) rounded
+  to bfloat16, as Hugging Face and Google's Gemma do (it had been rounded
+  to the compute dtype: 25.298 for the 270M's 25.25)."""
+  cfg = gemma.GemmaConfig(**{**vars(gemma.get_config('gemma3-tiny')),
+                             'width': 640, 'mlp_dim': 64, 'num_layers': 1,
+                             'attention_pattern': ('global',)})
+  model = gemma.Gemma(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16,
+                      rngs=nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 3]])
+  rows = model.embedding[...][tokens]
+  assert rows.dtype == jnp.bfloat16
+  want = np.asarray(rows * jnp.bfloat16(25.25), np.float32)
+  got = model.embed(tokens)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, want)
+
+
+def test_misshapen_forward_inputs_are_refused_in_one_line():
+  """Each had failed deep in the attention (a broadcast, an IndexError) or,
+  for logits_positions, given another position's logits or NaN."""
+  model = _model('gemma3-tiny')
+  tokens = jnp.array([[5, 6, 7]])
+  other = gemma.init_cache(gemma.get_config('gemma2-tiny'), 1, 8)
+  for kw, message in (
+      (dict(attention_mask=jnp.ones((1, 4))),
+       'attention_mask must be [batch, seq] = [1, 3]'),
+      (dict(positions=jnp.arange(4)[None]),
+       'positions must be [batch, seq] = [1, 3], got shape (1, 4)'),
+      (dict(cache=other), 'the KV cache holds 3 layers'),
+      (dict(logits_positions=jnp.array([5])),
+       'logits_positions 5 is outside the 3 tokens'),
+      (dict(logits_positions=jnp.array([[-4]])),
+       'logits_positions -4 is outside the 3 tokens')):
+    with pytest.raises(ValueError) as e:
+      model(tokens, **kw)
+    assert message in _one_line(e), kw
+  np.testing.assert_allclose(model(tokens, logits_positions=jnp.array([-1])),
+                             model(tokens)[:, -1:], atol=1e-5)
+  with pytest.raises(ValueError, match='head_dim must be even'):
+    gemma.GemmaConfig(**{**vars(gemma.get_config('gemma3-tiny')),
+                         'head_dim': 15})
+
+
+def test_a_query_pre_attn_scalar_of_0_is_refused_not_made_head_dim(tmp_path):
+  model, _ = _tiny('gemma2-tiny')
+  gemma.save_pretrained(model, tmp_path)
+  hf = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps(
+      dict(hf, query_pre_attn_scalar=0)))
+  with pytest.raises(ValueError, match='query_pre_attn_scalar') as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)

@@ -90,6 +90,11 @@ class GemmaConfig:
     if not _is_number(self.norm_eps) or not self.norm_eps >= 0:
       raise ValueError('GemmaConfig.norm_eps must be a number >= 0, got '
                        f'{self.norm_eps!r}.')
+    if self.head_dim % 2:
+      # RoPE rotates pairs of features; an odd head_dim had failed in the
+      # forward pass as "array split does not result in an equal division".
+      raise ValueError(f'GemmaConfig.head_dim must be even (RoPE rotates '
+                       f'pairs), got {self.head_dim}.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'GemmaConfig.num_heads ({self.num_heads}) must be a multiple of '

@@ -259,8 +259,10 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
       head_dim=size('head_dim', 256),  # transformers' default, every family
       mlp_dim=size('intermediate_size'),
       norm_eps=number(d.get('rms_norm_eps', 1e-6), 'rms_norm_eps'),
+      # 0 is refused by GemmaConfig (it had become head_dim); null is
+      # head_dim.
       query_pre_attn_scalar=(number(qpas, 'query_pre_attn_scalar')
-                             if qpas else None),
+                             if qpas is not None else None),
       attention_pattern=pattern,
       sliding_window=window,
       rope_base_global=rope_theta,

@@ -26,6 +26,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
@@ -261,10 +262,13 @@ class Gemma(nnx.Module):
     # Eager calls only (a tracer is not read): an id outside the vocabulary
     # had wrapped round (-100, a label's ignore id) or filled NaN.
     check_token_ids(tokens, self.config.vocab_size, 'Gemma')
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-    # Gemma multiplies by sqrt(width) rounded to the compute dtype.
-    normalizer = jnp.sqrt(jnp.float32(self.config.width)).astype(self.dtype)
-    return x * normalizer
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    # Gemma multiplies by sqrt(width) rounded to the embedding's dtype, as
+    # Hugging Face (`embed_scale.to(weight.dtype)`) and Google's code do: in
+    # the compute dtype, bfloat16 weights computed in float32 had been scaled
+    # by 25.298 where the checkpoint's model uses 25.25 (the 270M's width).
+    return (x * jnp.sqrt(jnp.float32(self.config.width)).astype(x.dtype)
+            ).astype(self.dtype)
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
              attention_mask: jax.Array | None = None,
@@ -294,14 +298,18 @@ class Gemma(nnx.Module):
     valid = jnp.ones((b, t), bool)
     if attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask)
-      if attention_mask.ndim == 2:
+      if attention_mask.shape == (b, t):
         valid = attention_mask.astype(bool)
-      elif attention_mask.ndim == 3 and cache is None:
+      elif attention_mask.shape == (b, t, t) and cache is None:
         full_mask = attention_mask.astype(bool)
       else:
         raise ValueError(
-            f'Gemma attention_mask must be [batch, seq] (or [batch, seq, seq] '
-            f'without a cache), got shape {attention_mask.shape}.')
+            f'Gemma attention_mask must be [batch, seq] = {[b, t]} (or [batch, '
+            f'seq, seq] without a cache), got shape {attention_mask.shape}.')
+    if positions is not None and jnp.shape(positions) != (b, t):
+      # A [1, T+1] had failed in a broadcast deep in the attention.
+      raise ValueError(f'Gemma positions must be [batch, seq] = {[b, t]}, got '
+                       f'shape {jnp.shape(positions)}.')
     if positions is None:
       start = (jnp.zeros((b,), jnp.int32) if cache is None
                else jnp.max(cache.positions, axis=1) + 1)
@@ -322,6 +330,14 @@ class Gemma(nnx.Module):
             f'the KV cache holds {cache.positions.shape[0]} rows but the '
             f'tokens have {b}; make it with init_cache(config, batch_size={b}'
             ', ...).')
+      want = (c.num_kv_heads, c.head_dim)
+      if len(cache.k) != c.num_layers or cache.k[0].shape[2:] != want:
+        # Another config's cache had failed as an IndexError or a shape
+        # error inside a layer.
+        raise ValueError(
+            f'the KV cache holds {len(cache.k)} layers of {cache.k[0].shape[2:]}'
+            f' (kv heads, head_dim) but the model has {c.num_layers} of {want}; '
+            'make it with init_cache(model.config, ...).')
       index = cache.index
       check_cache_room(cache.size, index, t)
       k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, new_pos,
@@ -372,9 +388,24 @@ class Gemma(nnx.Module):
     out = self.hidden(tokens, positions, attention_mask, cache)
     h, new_cache = (out, None) if cache is None else out
     if logits_positions is not None:
+      check_positions_in(logits_positions, h.shape[1])
       h = gather_positions(h, logits_positions)
     logits = self.logits(h)
     return logits if cache is None else (logits, new_cache)
+
+
+def check_positions_in(idx, length: int) -> None:
+  """Refuses ``logits_positions`` outside ``[-length, length)`` (eager calls
+  only: a traced array is not read). A gather clamps or fills them: the
+  logits of another position, or NaN, without an error."""
+  if isinstance(idx, jax.core.Tracer) or not getattr(
+      idx, 'is_fully_addressable', True):
+    return
+  idx = np.asarray(idx)
+  bad = idx[(idx < -length) | (idx >= length)]
+  if bad.size:
+    raise ValueError(f'Gemma logits_positions {bad.flat[0]} is outside the '
+                     f'{length} tokens.')
 
 
 def gather_positions(h: jax.Array, idx: jax.Array) -> jax.Array:
