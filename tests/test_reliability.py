@@ -357,6 +357,39 @@ def test_a_stop_signal_during_the_initial_evaluation_is_a_clean_stop(
   assert [h['step'] for h in done['history']] == [1]
 
 
+def test_a_save_that_fails_part_way_is_one_error_naming_the_step_kept(
+    tmp_path, monkeypatch, caplog):
+  """A write the free-space check cannot foresee (a quota, a file-size
+  limit) had ended in orbax's own error after hundreds of lines from its
+  writer threads, not saying what was kept."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  save = ocp.CheckpointManager.save
+  calls = []
+
+  def failing_save(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 1:
+      return save(self, step, *args, **kwargs)
+    logging.getLogger('absl').error('writer thread: File too large')
+    raise ValueError('OUT_OF_RANGE: Error writing local file "x": File too '
+                     "large [os_error_code='27']\nmore detail")
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', failing_save)
+  run_dir = tmp_path / 'run'
+  with caplog.at_level(logging.ERROR), pytest.raises(OSError) as e:
+    loop.run(tiny(run_dir, steps=6), log=lambda s: None)
+  monkeypatch.undo()
+  ckpt_dir = run_dir / 'checkpoints'
+  assert str(e.value) == (
+      f'{ckpt_dir}: checkpoint 4 was not written (OUT_OF_RANGE: Error '
+      'writing local file "x": File too large [os_error_code=\'27\']); '
+      '--resume continues from step 2 (kept).')
+  assert 'writer thread' not in caplog.text
+  assert loop.run(tiny(run_dir, steps=6, resume=True),
+                  log=lambda s: None)['steps'] == 6
+
+
 def test_a_disk_too_full_for_a_checkpoint_is_one_error_before_writing(
     tmp_path, monkeypatch):
   """Too little free space for the next checkpoint: one OSError naming the

@@ -420,6 +420,24 @@ def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
                           f'({tmp_path / "file"} is not a writable folder).')
 
 
+def test_unwritable_folders_in_run_dir_are_refused_before_the_build(
+    tmp_path, monkeypatch):
+  """A read-only checkpoints folder (a copied run) had been found at the
+  first save, after training to it; an adapter folder at the export."""
+  import os  # pylint: disable=g-import-not-at-top
+  access = os.access
+  for name in ('checkpoints', 'adapter'):
+    folder = tmp_path / name / 'run' / name
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(os, 'access', lambda p, mode, name=name: (
+        not str(p).endswith(name) and access(p, mode)))
+    with pytest.raises(loop.ConfigError) as e:
+      loop.run(tiny(folder.parent, export_adapter=True), log=quiet)
+    assert str(e.value) == (f'run_dir {folder} cannot be written ({folder} '
+                            'is not a writable folder).')
+    assert os.listdir(folder.parent) == [name]
+
+
 def test_a_missing_model_path_is_named_before_the_tokenizer(tmp_path):
   cfg = configs.replace(configs.get_config('paper_gemma2b_arc_challenge'),
                         run_dir=str(tmp_path / 'run'),

@@ -235,6 +235,14 @@ def test_resume_changes_ignore_where_and_how_a_run_runs():
                           **{'data.seed': 3, 'lora.rank': 8})
   assert set(loop.resume_changes(saved, json.loads(configs.to_json(other)))
              ) == {'data.seed', 'lora.rank'}
+  # A checkpoint from before a field existed: the field counts as its
+  # default (such a run had been refused whatever --config was given).
+  older = json.loads(configs.to_json(configs.get_config('tiny')))
+  del older['lora']['ga_batches'], older['lora']['ga_gamma']
+  assert loop.resume_changes(older, saved) == {}
+  assert loop.resume_changes(older, json.loads(configs.to_json(
+      configs.replace(configs.get_config('tiny'), **{'lora.ga_batches': 3})))
+                             ) == {'lora.ga_batches': (8, 3)}
 
 
 def test_training_examples_that_are_evaluation_prompts_are_left_out(

@@ -21,7 +21,10 @@ are removed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -67,6 +70,42 @@ def _innermost(e: BaseException) -> BaseException:
 def _ocp():
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp
+
+
+class _HeldErrors(logging.Filter):
+  """Holds the ERROR records of orbax's threads (absl) and of its unread
+  asyncio tasks during a save: shown after a save that went through,
+  dropped after one that failed (its one line says what went wrong)."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR:
+      self.held.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _errors_held():
+  held = _HeldErrors()
+  loggers = [logging.getLogger(n) for n in ('absl', 'asyncio')]
+  for logger in loggers:
+    logger.addFilter(held)
+  failed = True
+  try:
+    yield
+    failed = False
+  finally:
+    if failed:
+      gc.collect()  # an unread failed task reports when collected: now
+    for logger in loggers:
+      logger.removeFilter(held)
+    if not failed:
+      for record in held.held:
+        logging.getLogger(record.name).handle(record)
 
 
 class Checkpointer:
@@ -123,9 +162,23 @@ class Checkpointer:
              CONFIG: ocp.args.JsonSave(json.loads(config_json))}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self._mngr.save(int(step), args=ocp.args.Composite(**items),
-                            force=force)
-    self._mngr.wait_until_finished()
+    kept = self.all_steps()
+    try:
+      with _errors_held():
+        saved = self._mngr.save(int(step), args=ocp.args.Composite(**items),
+                                force=force)
+        self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      # A write the free-space check could not foresee (a quota, a file-size
+      # limit, another process filling the disk): one line saying what is
+      # kept, where orbax's writer threads had printed hundreds of lines.
+      cause = first_line(_innermost(e))
+      if len(cause) > 200:
+        cause = cause[:197] + '...'
+      raise OSError(
+          f'{self.directory}: checkpoint {step} was not written ({cause}); '
+          + (f'--resume continues from step {max(kept)} (kept).' if kept else
+             'no checkpoint is kept.')) from None
     return bool(saved)
 
   def _check_space(self, step: int, state: Any) -> None:

@@ -1215,8 +1215,16 @@ _RESUME_NEUTRAL = _STEP_NEUTRAL + (
 
 
 def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-  """{field: (saved, current)} for the fields a resume must not change."""
+  """{field: (saved, current)} for the fields a resume must not change.
+
+  A field the saved config lacks (added since) counts as its default, as
+  `load_json` reads the file: else no setting, not even `--config` of the
+  run's own config.json, could resume the run.
+  """
   old, new = configs_lib.flatten(saved), configs_lib.flatten(current)
+  defaults = configs_lib.flatten(json.loads(configs_lib.to_json(
+      configs_lib.Config())))
+  old = {**{k: v for k, v in defaults.items() if k in new}, **old}
   neutral = lambda k: any(k == n or k.startswith(n + '.')
                           for n in _RESUME_NEUTRAL + ('steps',))
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
@@ -1411,8 +1419,11 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   # Found before the build (a 7B model loads for minutes), not at the first
   # write.
   check_writable(run_dir, 'run_dir')
+  # The folders in it too: a copied or restored run's read-only checkpoints
+  # folder had been found at the first save, the steps since lost.
+  check_writable(os.path.join(run_dir, 'checkpoints'), 'run_dir')
   if cfg.export_adapter:
-    _check_export_dir(run_dir)
+    check_writable(_check_export_dir(run_dir), 'run_dir')
   if not run_has_checkpoints(run_dir):
     # A run's files with no checkpoint (a run that crashed before its first
     # one, or one whose checkpoints were deleted for space) had been
