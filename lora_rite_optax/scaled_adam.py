@@ -187,11 +187,13 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
     checks.state_fits('scale_by_adam_authors', state.mu, updates)
     count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype),
-                      state.mu, updates)
+    # Cast back: a float64 b1 or b2 (jax_enable_x64) had promoted the
+    # state, retracing every step and breaking scans.
+    mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g.astype(m.dtype)
+                                    ).astype(m.dtype), state.mu, updates)
     nu = jax.tree.map(
-        lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
-        state.nu, updates)
+        lambda v, g: (b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype))
+                      ).astype(v.dtype), state.nu, updates)
     if bias_correction:
       t = count.astype(jnp.result_type(float))
       factor = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)

@@ -314,7 +314,10 @@ def scale_by_shampoo(
           gb, jnp.swapaxes(gb, -1, -2))
       right = b2 * st.right + (1 - b2) * linalg.matmul(
           jnp.swapaxes(gb, -1, -2), gb)
-      new_stats.append(BlockStats(left, right))
+      # Kept in the state's dtype: a float64 b2 (jax_enable_x64) had
+      # promoted them, and the cond below failed on branches of two dtypes.
+      new_stats.append(BlockStats(left.astype(st.left.dtype),
+                                  right.astype(st.right.dtype)))
       g_blocks.append(gb)
 
     # Inverse roots, recomputed every `precondition_every` steps.
@@ -351,7 +354,8 @@ def scale_by_shampoo(
         new_nus.append(nu)
         continue
       g32 = g.astype(nu.dtype)
-      nu = b2 * nu + (1 - b2) * jnp.square(g32)
+      mu_dtype, nu_dtype = mu.dtype, nu.dtype
+      nu = (b2 * nu + (1 - b2) * jnp.square(g32)).astype(nu_dtype)
       adam = linalg.divide_or_zero(g32, jnp.sqrt(nu / bc2) + eps)
       if plan.kind == 'diag':
         direction = adam
@@ -368,7 +372,7 @@ def scale_by_shampoo(
               pre_norm > 0, pre_norm, 1.0), 0.0)
           pre = pre * ratio
         direction = _from_view(pre, g.shape, plan)
-      mu = b1 * mu + (1 - b1) * direction
+      mu = (b1 * mu + (1 - b1) * direction).astype(mu_dtype)
       # float16 keeps float32 until after the rate: with graft='none' a
       # step before it can pass float16's 65504 (inf).
       out.append((mu / bc1).astype(casting.step_dtype(g.dtype, mu.dtype)))

@@ -139,14 +139,21 @@ def test_float32_state_stays_float32_under_x64(name):
   step would retrace, and a lax.scan carry would change type)."""
   with jax.enable_x64(True):
     params, _, _ = battery.lora_problem()
-    tx = lro.optimizer(name, RATES[name])
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for _ in range(2):
-      updates, new_state = update(params, state, params)
-      chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
-      chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
-      state = new_state
+    # A float64 b2 (from a numpy sweep) too, and float64 pairs beside
+    # float32 ones: Shampoo's had failed in a cond of two dtypes, and
+    # ScaledAdam's state had become float64.
+    mixed = {'x': params, 'y': jax.tree.map(
+        lambda p: jnp.asarray(p, jnp.float64), params)}
+    for tree, kw in ((params, {}), (params, {'b2': np.float64(0.99)}),
+                     (mixed, {})):
+      tx = lro.optimizer(name, RATES[name], **kw)
+      state = tx.init(tree)
+      update = jax.jit(tx.update)
+      for _ in range(2):
+        updates, new_state = update(tree, state, tree)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, tree)
+        state = new_state
 
 
 def test_inject_hyperparams_of_the_factory_injects_the_learning_rate():
