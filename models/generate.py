@@ -1,7 +1,7 @@
-"""Greedy continuation of a prompt from the command line.
+"""Continuation of a prompt from the command line (greedy, or sampled).
 
   python -m models.generate --checkpoint PATH --prompt TEXT --max-new-tokens N
-      [--adapter DIR]
+      [--adapter DIR] [--temperature T [--top-k K] [--top-p P] [--seed S]]
 
 PATH is a Hugging Face Gemma directory (config.json, safetensors,
 tokenizer.model) or a .gguf file (its vocabulary is the tokenizer), or a
@@ -82,10 +82,23 @@ def main(argv: list[str] | None = None) -> int:
                       help='0 (default) decodes greedily')
   parser.add_argument('--top-k', type=int, default=None)
   parser.add_argument('--top-p', type=float, default=None)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=None,
+                      help='sampling seed (default 0)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
                       default='float32', help='compute dtype')
   args = parser.parse_args(argv)
+  sampling = [f'--{n}' for n, v in (('temperature', args.temperature != 0),
+                                    ('top-k', args.top_k is not None),
+                                    ('top-p', args.top_p is not None),
+                                    ('seed', args.seed is not None)) if v]
+  if sampling and os.path.exists(args.checkpoint) and _is_t5(args.checkpoint):
+    # Before the greedy check below, whose advice (pass --temperature) T5
+    # then refused.
+    print(f'error: T5 / mT5 checkpoints decode greedily here: leave out '
+          f'{", ".join(sampling)}.', file=sys.stderr)
+    return 2
+  if args.seed is None:
+    args.seed = 0
   if args.temperature == 0 and (args.top_k is not None or
                                 args.top_p is not None):
     # Greedy decoding ignores them: say so rather than ignore them silently.
@@ -141,10 +154,6 @@ def _generate_t5(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from models import t5  # pylint: disable=g-import-not-at-top
   from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  if args.temperature != 0:
-    print('error: T5 / mT5 checkpoints decode greedily here: leave out '
-          '--temperature.', file=sys.stderr)
-    return 2
   try:
     # --tokenizer: a SentencePiece model, or a folder holding one.
     where = args.tokenizer or args.checkpoint

@@ -55,6 +55,12 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 40 - 29 = 11 holes.", "11"),
     ("The answer is 4 + 16 + 20 = 40.", "40"),
     ("The answer is 5 x 3 = 15.", "15"),
+    # Other operator signs (each had been read as the first operand).
+    ("The answer is 12 \u00f7 3 = 4", "4"),
+    ("The answer is 40 \u2212 29 = 11", "11"),
+    ("The answer is 3 \u00b7 4 = 12", "12"),
+    ("The answer is 3 \u22c5 4 = 12", "12"),
+    ("The answer is 5^2 = 25", "25"),
     # In parentheses: the marker had not matched, and the last number
     # anywhere (2) was read.
     ("The answer is (12 + 8) = 20. She gives 2 away.", "20"),

@@ -299,6 +299,38 @@ def test_sampling_controls():
       logits, k, temperature=1.0, top_p=0.85)))(jax.random.split(
           jax.random.key(0), 300))
   assert set(np.unique(draws).tolist()) == {0, 1, 2}
+  # A temperature so small the division overflows is greedy (it had
+  # always drawn token 0).
+  logits = jnp.array([[1.0, 3.0, 2.0, -1.0]])
+  for kw in ({}, {'top_p': 0.9}, {'top_k': 2}):
+    draws = jax.vmap(lambda k, kw=kw: gemma.sample_logits(
+        logits, k, temperature=1e-40, **kw))(jax.random.split(
+            jax.random.key(0), 50))
+    assert set(np.unique(draws).tolist()) == {1}, kw
+
+
+def test_bad_sampler_settings_are_refused_in_one_line():
+  """Each had been a TypeError, OverflowError or out-of-memory error from
+  inside JAX (or, for an infinite temperature, a uniform draw)."""
+  model, _ = _tiny('gemma-tiny')
+  sampler = gemma.Sampler(model, pad_multiple=8)
+  context = model.config.max_seq_len
+  for kw, message in (
+      (dict(seed=2**63), 'seed must be an int in [-2**63, 2**63), got '
+       '9223372036854775808'),
+      (dict(seed=1.5), 'seed must be an int'),
+      (dict(seed=None), 'seed must be an int'),
+      (dict(max_new_tokens=context - 2),
+       f'the prompt (3 tokens) and max_new_tokens ({context - 2}) exceed the '
+       f"model's context of {context} tokens"),
+      (dict(temperature=float('inf')), 'temperature must be a finite number'),
+      (dict(temperature='1'), "temperature must be a finite number >= 0 (0 "
+       "decodes greedily), got '1'"),
+      (dict(temperature=1.0, top_p='0.5'), "top_p must be in (0, 1]")):
+    kw = {'max_new_tokens': 2, 'temperature': 1.0, **kw}
+    with pytest.raises(ValueError) as e:
+      sampler([[3, 4, 5]], **kw)
+    assert message in _one_line(e), kw
 
 
 def test_a_full_kv_cache_is_an_error_not_a_lost_token():

@@ -339,6 +339,12 @@ def test_generate_cli_decodes_a_t5_folder_with_its_adapter(tmp_path, capsys):
   assert capsys.readouterr().err == ('error: T5 / mT5 checkpoints decode '
                                      'greedily here: leave out '
                                      '--temperature.\n')
+  # --top-k alone had been told to add --temperature, which T5 refused; a
+  # --seed had been ignored.
+  assert generate.main(argv + ['--top-k', '5', '--seed', '3']) == 2
+  assert capsys.readouterr().err == ('error: T5 / mT5 checkpoints decode '
+                                     'greedily here: leave out --top-k, '
+                                     '--seed.\n')
   # A tokenizer whose EOS is not the model's (the train loop refuses it):
   # the prompt had ended in the wrong EOS, silently.
   spm.SentencePieceTrainer.train(

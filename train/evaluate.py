@@ -287,9 +287,9 @@ def number_exact_match(examples: Sequence[Example],
                        generations: Sequence[str]) -> Result:
   """Exact match of the final number of each generation with `gold_number`.
 
-  The number is read with `extract_number` ('#### N', else the last 'The
-  answer is N', else the last number; commas, '$' and a trailing '.0'
-  ignored). Examples without a gold number (e.g. the `math` records whose
+  The number is read with `extract_number` (the last of '#### N' at a line
+  start or 'The answer is N', else the last number; commas, '$' and a
+  trailing '.0' ignored). Examples without a gold number (e.g. the `math` records whose
   output has no 'The answer is N', or letter answers) are skipped.
   """
   _check_lengths(examples, generations)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 from typing import Sequence
 
@@ -40,7 +41,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
                                              logits.shape[-1])
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  finite = jnp.isfinite(logits)
   logits = logits.astype(jnp.float32) / temperature
+  # A temperature so small that the division overflows (1e-40) had put inf
+  # in the logits, and categorical then returned token 0: such a row is
+  # greedy, as the temperature's limit is.
+  overflowed = jnp.any(finite & ~jnp.isfinite(logits), axis=-1)
   if top_k is not None and top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -55,7 +62,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf),
                      axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jnp.where(overflowed, greedy, sampled)
 
 
 def check_sampling(temperature: float, top_k: int | None,
@@ -70,13 +78,18 @@ def check_sampling(temperature: float, top_k: int | None,
     not checked then.
 
   Raises:
-    ValueError: ``temperature`` < 0 (it would invert the distribution),
+    ValueError: ``temperature`` < 0 (it would invert the distribution) or
+      not a finite number,
       ``top_k`` not None / 0 (off) or an integer in 1..``vocab``, or
       ``top_p`` not None or in (0, 1].
   """
-  if not temperature >= 0:  # NaN included
-    raise ValueError(f'temperature must be >= 0 (0 decodes greedily), got '
-                     f'{temperature}.')
+  if (isinstance(temperature, (str, bool)) or
+      not np.isscalar(temperature) and np.ndim(temperature) != 0 or
+      not 0 <= temperature < math.inf):  # NaN and inf included
+    # inf samples uniformly from the whole vocabulary; a string had been a
+    # TypeError from the comparison.
+    raise ValueError(f'temperature must be a finite number >= 0 (0 decodes '
+                     f'greedily), got {temperature!r}.')
   temperature = float(temperature)
   if temperature == 0.0:
     return temperature, None, None
@@ -90,7 +103,7 @@ def check_sampling(temperature: float, top_k: int | None,
                        f'1..{vocab} (the vocabulary), got {top_k!r}.')
     top_k = k
   if top_p is not None:
-    if not 0 < top_p <= 1:
+    if isinstance(top_p, (str, bool)) or not 0 < top_p <= 1:
       raise ValueError(f'top_p must be in (0, 1] (None or 1 is off), got '
                        f'{top_p}.')
     top_p = float(top_p)
@@ -241,9 +254,10 @@ class Sampler:
         device.
 
     Raises:
-      ValueError: max_new_tokens < 1, a sampling setting out of range (see
-        :func:`check_sampling`), an empty prompt, or a token id outside the
-        vocabulary.
+      ValueError: max_new_tokens < 1 or past the model's context with the
+        prompt, a sampling setting out of range (see
+        :func:`check_sampling`), a seed that is not a 64-bit int, an empty
+        prompt, or a token id outside the vocabulary.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -265,6 +279,10 @@ class Sampler:
     prompts = rows
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p,
                                                self.config.vocab_size)
+    if not checks.is_integer(seed) or not -2**63 <= seed < 2**63:
+      # Else a TypeError or OverflowError from inside jax.random.key.
+      raise ValueError(f'seed must be an int in [-2**63, 2**63), got '
+                       f'{seed!r}.')
     ids = []
     for pr in prompts:
       if isinstance(pr, str):
@@ -277,10 +295,17 @@ class Sampler:
       raise ValueError('Sampler prompts must be non-empty.')
     for x in ids:
       check_token_ids(x, self.config.vocab_size, 'Sampler prompt')
+    longest = max(len(x) for x in ids)
+    if longest + max_new_tokens > self.config.max_seq_len:
+      # A cache that size had failed to allocate (or overflowed an int32)
+      # after the model was compiled for it.
+      raise ValueError(
+          f'the prompt ({longest} tokens) and max_new_tokens '
+          f'({max_new_tokens}) exceed the model\'s context of '
+          f'{self.config.max_seq_len} tokens.')
     self._split()
     pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
     stop_ids = _stop_ids(self.tokenizer) if stop_at_eos else ()
-    longest = max(len(x) for x in ids)
     p = -(-longest // self.pad_multiple) * self.pad_multiple
     tokens = np.full((len(ids), p), pad_id, np.int32)
     mask = np.zeros((len(ids), p), bool)

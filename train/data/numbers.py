@@ -31,15 +31,17 @@ _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
            r"|\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
            r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
-# LLM-Adapters targets write it, or '(4 * 5) - 2 = 18') answers with its
-# result, not its first operand.
+# LLM-Adapters targets write it, or '(4 * 5) - 2 = 18'; also with the
+# division sign, the minus sign U+2212, the dot operators and '^') answers
+# with its result, not its first operand.
 # Each operand is matched atomically (a lookahead captures it, the
 # backreference consumes it; Python 3.10 has no '(?>...)'): '1/2' is a
 # fraction or '1', '/', '2', and trying both readings of every term had made
 # a generation of n such terms without '=' take 2^n steps.
 _OPERAND = r"(?:\(\s*)*" + _MARKED + r"(?:\s*\))*"
 _EQUATION = (r"(?:(?=(?P<first>" + _OPERAND + r"))(?P=first)"
-             r"(?:\s*[-+*/\u00d7x]\s*(?=(?P<next>" + _OPERAND +
+             r"(?:\s*[-+*/^x\u00d7\u00f7\u2212\u00b7\u22c5]\s*(?=(?P<next>" +
+             _OPERAND +
              r"))(?P=next))+\s*=\s*)?")
 # GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
 # generation's middle is not it).
