@@ -115,7 +115,8 @@ def invariance_gap(tx, params, targets):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--repeats', type=int, default=7,
+  parser.add_argument('--repeats', type=optimizer_step.positive_int,
+                      default=7,
                       help='timed steps of the Gemma-2B tree per optimizer')
   parser.add_argument('--skip_timing', action='store_true')
   args = parser.parse_args(argv)

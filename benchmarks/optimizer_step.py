@@ -86,6 +86,15 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def positive_int(text: str) -> int:
+  """An argparse type: an int >= 1 (0 steps had failed after every compile,
+  in a median of nothing)."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+  return value
+
+
 def no_persistent_cache() -> None:
   """Compile for real: with a persistent compilation cache (on by default
   in jax 0.10 once JAX_COMPILATION_CACHE_DIR names a folder) a second run
@@ -420,8 +429,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true',
                       help='only the Gemma-2B table')
-  parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--sweep_repeats', type=int, default=3,
+  parser.add_argument('--repeats', type=positive_int, default=7)
+  parser.add_argument('--sweep_repeats', type=positive_int, default=3,
                       help='steps per row of the rank/width sweep')
   parser.add_argument('--precision', default='highest',
                       choices=('highest', 'high', 'default'),
@@ -434,11 +443,14 @@ def main(argv=None):
                       'and the floor')
   no_persistent_cache()
   args = parser.parse_args(argv)
+  if args.breakdown and args.precision != 'highest':
+    # It had been ignored: the breakdown's steps are the default's.
+    parser.error('--precision is for the Gemma-2B table, not --breakdown')
+  print(f'devices: {jax.devices()}')
   if args.breakdown:
     _print_breakdown(args.repeats)
     return
 
-  print(f'devices: {jax.devices()}')
   if not args.quick:
     _sweep(args.sweep_repeats)
     _compile_7b()

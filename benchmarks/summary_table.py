@@ -91,7 +91,15 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
         raise ValueError(f'{path} is not a summary reproduce.py writes (no '
                          '"tasks").')
     tasks = summaries[budget]['tasks']
-    if task not in tasks or test not in tasks[task].get('tests', {}):
+    damaged = lambda e: ValueError(
+        f'summary_{budget}.json: the {task} {test} row is not one '
+        f'reproduce.py writes ({type(e).__name__}: {e}); rerun it with '
+        '--report_only.')
+    try:
+      found = task in tasks and test in tasks[task].get('tests', {})
+    except (AttributeError, TypeError) as e:  # a task that is not an object
+      raise damaged(e) from None
+    if not found:
       raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
                      f'task {task!r}.')
     by_opt = tasks[task]['tests'][test]
@@ -104,17 +112,18 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
                        '--report_only for that budget).')
       label = label.format(kept=counts['kept'], scored=counts['scored'],
                            disagree=counts['scored'] - counts['kept'])
-    measures = [m for m in ('accuracy', 'loss')
-                if any(m in r for r in by_opt.values())]
+    try:
+      measures = [m for m in ('accuracy', 'loss')
+                  if any(m in r for r in by_opt.values())]
+    except (AttributeError, TypeError) as e:  # a row that is not an object
+      raise damaged(e) from None
     for measure in measures:
       try:
         cells = [_cell(by_opt[opt], measure, by_opt[opt].get('vs_lora_rite'),
                        seeds) if measure in by_opt.get(opt, {}) else '-'
                  for opt, _ in OPTIMIZERS]
-      except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f'summary_{budget}.json: the {task} {test} row is '
-                         f'not one reproduce.py writes ({type(e).__name__}: '
-                         f'{e}); rerun it with --report_only.') from None
+      except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise damaged(e) from None
       name = ('loss/token' if measure == 'loss' else
               'exact match' if task in ('arithmetic', 'math') else 'accuracy')
       lines.append(f'| {label} | {name} | ' + ' | '.join(cells) + ' |')

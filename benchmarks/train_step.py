@@ -56,7 +56,7 @@ def make_config(args) -> configs.Config:
   """The benchmark's configuration (the loop's own Config)."""
   if args.model == 'tiny':
     model = configs.ModelConfig(name='gemma3-tiny', tokenizer='byte',
-                                dtype='float32')
+                                dtype=args.dtype)
   elif args.model == 'gemma3-270m-random':
     # Byte tokens are ids below 256 of the real 262k vocabulary: the
     # embedding and the unembedding at the loss positions cost what they do
@@ -107,20 +107,26 @@ def main(argv=None) -> None:
   p.add_argument('--model',
                  choices=('gemma3-270m', 'gemma3-270m-random', 'tiny'),
                  default='gemma3-270m')
-  p.add_argument('--dtype', default='float32')
-  p.add_argument('--rank', type=int, default=16)
-  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--dtype', default='float32',
+                 choices=('float32', 'bfloat16', 'auto'),
+                 help='compute dtype (the loop\'s model.dtype)')
+  p.add_argument('--rank', type=optimizer_step.positive_int, default=16)
+  p.add_argument('--batch', type=optimizer_step.positive_int, default=8)
   p.add_argument('--seq_len', type=int, default=64)
   p.add_argument('--max_targets', type=int, default=8,
-                 help='loss positions per row (unembedded positions)')
-  p.add_argument('--steps', type=int, default=7,
+                 help='loss positions per row (unembedded positions; 0: '
+                 'all)')
+  p.add_argument('--steps', type=optimizer_step.positive_int, default=7,
                  help='timed steps per optimizer (after 2 warm-up steps)')
   args = p.parse_args(argv)
   optimizer_step.no_persistent_cache()  # it prints compile times
 
   cfg = make_config(args)
   t0 = time.perf_counter()
-  r = loop.build(cfg)
+  try:
+    r = loop.build(cfg)
+  except loop.ConfigError as e:  # e.g. a --seq_len of 1: one line
+    raise SystemExit(f'error: {e}') from None
   print(f'built (model load, adapters) in {time.perf_counter() - t0:.1f}s; '
         f'backend {jax.default_backend()}, {jax.device_count()} device(s)',
         flush=True)
@@ -150,7 +156,8 @@ def main(argv=None) -> None:
   print(f'model {args.model}, LoRA r{args.rank} on '
         f'{len(configs.GEMMA_TARGETS)} projections, batch {args.batch} x '
         f'seq {args.seq_len} ({tokens} non-pad tokens), '
-        f'{args.max_targets} loss positions/row, median of {args.steps} '
+        f'{r.max_targets} loss positions/row, {cfg.model.dtype} compute, '
+        f'median of {args.steps} '
         'interleaved warm jitted steps (order shuffled each round)')
   med = {}
   for name, ts in times.items():

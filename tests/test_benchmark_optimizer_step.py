@@ -156,5 +156,18 @@ def test_breakdown_mode_ends_with_the_ratio_line(bench, tiny_models, capsys):
   del tiny_models
   bench.main(['--breakdown', '--repeats', '1'])
   out = capsys.readouterr().out
+  assert out.startswith('devices: ')  # which backend it ran on
   assert 'floor ms' in out and 'net of the floor' in out
   assert LAST_LINE.match(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('argv', [['--repeats', '0'], ['--sweep_repeats', '-1'],
+                                  ['--breakdown', '--precision', 'default']])
+def test_bad_arguments_are_refused_before_any_work(bench, argv, capsys):
+  """0 steps had failed in a median of nothing after every compile;
+  --precision had been ignored by --breakdown."""
+  with pytest.raises(SystemExit) as e:
+    bench.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert ('must be >= 1' in err or 'not --breakdown' in err), err

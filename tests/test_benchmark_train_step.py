@@ -53,8 +53,27 @@ def test_main_interleaves_in_a_shuffled_order(monkeypatch, capsys):
   rounds = [tuple(orders[k:k + 2]) for k in range(0, 8, 2)]
   assert all(sorted(r) == [0, 1] for r in rounds)
   assert len(set(rounds)) == 2  # each optimizer first in some round
-  last = capsys.readouterr().out.strip().splitlines()[-1]
+  out = capsys.readouterr().out
+  # The loss positions the run has, in the dtype it computes in.
+  assert '4 loss positions/row, float32 compute' in out
+  last = out.strip().splitlines()[-1]
   assert re.match(r'^lora_rite/adam train-step ratio: \d+\.\d\d$', last), last
+
+
+def test_bad_arguments_are_one_line_before_any_work(capsys):
+  """--steps 0 had failed after both compiles, a rank of 0 or a seq_len of
+  1 in a ConfigError traceback, and --dtype float33 had been ignored."""
+  bench = benchmark_scripts.load('train_step')
+  small = ['--model', 'tiny', '--batch', '2', '--seq_len', '32']
+  for argv, message in (
+      (['--steps', '0'], "argument --steps: must be >= 1, got 0"),
+      (['--dtype', 'float33'], "argument --dtype: invalid choice: 'float33'"),
+      (['--rank', '0'], "argument --rank: must be >= 1, got 0"),
+      (['--seq_len', '1'], 'error: data.seq_len must be >= 2, got 1.')):
+    with pytest.raises(SystemExit) as e:
+      bench.main(small + argv)
+    text = str(e.value.code) + capsys.readouterr().err
+    assert message in text, (argv, text)
 
 
 def test_invariance_script_checks_out_before_training(tmp_path, capsys):

@@ -539,7 +539,15 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
   for name, text, message in (
       ('cut', '{', r'summary_cut\.json cannot be read \(Expecting '),
       ('empty', '{}', r'summary_empty\.json is not a summary reproduce\.py '
-       r'writes \(no "tasks"\)')):
+       r'writes \(no "tasks"\)'),
+      # A task or a row that is not an object (each had been a traceback).
+      ('list', '{"tasks": {"math": []}}', r"summary_list\.json: the math "
+       r"gsm8k_consistent row is not one reproduce\.py writes \("
+       r"AttributeError"),
+      ('int', '{"tasks": {"math": {"tests": {"gsm8k_consistent": {"adam": '
+       '5}}, "target_consistency": {"gsm8k": {"kept": 1, "scored": 2}}}}}',
+       r"summary_int\.json: the math gsm8k_consistent row is not one "
+       r"reproduce\.py writes \(TypeError")):
     with open(os.path.join(out, f'summary_{name}.json'), 'w') as f:
       f.write(text)
     with pytest.raises(ValueError, match=message):
