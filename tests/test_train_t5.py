@@ -195,6 +195,16 @@ def test_seq2seq_rows():
                                    input_len=4, target_len=2)
   assert short['targets'].tolist() == b('xy') and int(short['dropped']) == 2
   assert short['encoder_tokens'].tolist() == b('a') + [tok.eos_id, 0, 0]
+  # A length of 0 is refused where it is given: encoder_ids had kept the
+  # whole prompt (ids[-0:]), and the dataset had failed only when read.
+  for call in (lambda: seq2seq.encoder_ids('abc', tok, 0),
+               lambda: seq2seq.encoder_tokens_cut(Example('abc', 'x'), tok, 0),
+               lambda: seq2seq.make_seq2seq_train_dataset(
+                   [Example('a', 'b')], tok, input_len=0, target_len=8,
+                   batch_size=1, seed=0, num_threads=0)):
+    with pytest.raises(ValueError, match=r'^need input_len >= 1 and '
+                       r'target_len >= 1, got 0, (1|8)$'):
+      call()
 
 
 def test_paper_mt5xxl_superni_checks_out_abstractly():

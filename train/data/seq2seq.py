@@ -36,9 +36,18 @@ from train.data.tokenize import Tokenizer
 FEATURES = ("encoder_tokens", "decoder_tokens", "targets", "weights")
 
 
+def _check_lengths(input_len: int, target_len: int = 1) -> None:
+  # 0 had kept the whole prompt (ids[-0:]) while `encoder_tokens_cut` said
+  # all of it was cut, and a dataset had been built that failed when read.
+  if input_len < 1 or target_len < 1:
+    raise ValueError(f"need input_len >= 1 and target_len >= 1, got "
+                     f"{input_len}, {target_len}")
+
+
 def encoder_ids(prompt: str, tokenizer: Tokenizer, input_len: int
                 ) -> list[int]:
   """``prompt EOS``, cut from the left to ``input_len`` (EOS kept)."""
+  _check_lengths(input_len)
   ids = encode_text(tokenizer, prompt) + [tokenizer.eos_id]
   return ids[-input_len:]
 
@@ -46,6 +55,7 @@ def encoder_ids(prompt: str, tokenizer: Tokenizer, input_len: int
 def encoder_tokens_cut(example: Example, tokenizer: Tokenizer,
                        input_len: int) -> int:
   """How many of ``example``'s prompt tokens `encoder_ids` drops to fit."""
+  _check_lengths(input_len)
   return max(len(encode_text(tokenizer, example.prompt)) + 1 - input_len, 0)
 
 
@@ -55,9 +65,7 @@ def seq2seq_features(input_ids: Sequence[int], target_ids: Sequence[int], *,
   """One padded row from encoder ids and decoder target ids (see the module
   docstring). ``input_ids`` is cut from the left, ``target_ids`` from the
   right; neither gets an EOS here."""
-  if input_len < 1 or target_len < 1:
-    raise ValueError(f"need input_len >= 1 and target_len >= 1, got "
-                     f"{input_len}, {target_len}")
+  _check_lengths(input_len, target_len)
   inputs = list(input_ids)[-input_len:]
   targets = list(target_ids)[:target_len]
   n = len(targets)
@@ -104,6 +112,7 @@ def make_seq2seq_train_dataset(examples: Sequence[Example],
     raise ValueError("make_seq2seq_train_dataset got no examples")
   if batch_size < 1:
     raise ValueError(f"need batch_size >= 1, got {batch_size}")
+  _check_lengths(input_len, target_len)
   ds = grain.MapDataset.source(list(examples))
   if shuffle:
     ds = pipeline.EpochShuffle(ds, seed)
