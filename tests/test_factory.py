@@ -89,12 +89,25 @@ def test_adam_and_lamb_are_optax_with_zero_decay_by_default(name, reference):
   got, _ = tx.update(grads, tx.init(params), params)
   want, _ = ref.update(grads, ref.init(params), params)
   chex.assert_trees_all_close(got, want)
-  # Keyword arguments reach optax.
-  tx = lro.optimizer(name, 1e-2, weight_decay=0.1, b2=0.99)
-  ref = reference(1e-2, b2=0.99, weight_decay=0.1)
-  got, _ = tx.update(grads, tx.init(params), params)
-  want, _ = ref.update(grads, ref.init(params), params)
-  chex.assert_trees_all_close(got, want)
+  # Keyword arguments reach optax: each off its default, over steps (a
+  # dropped mask or nesterov had passed the one step with b2 alone).
+  kwargs = dict(weight_decay=0.5, b2=0.99, eps_root=1e-8,
+                mask={'lora_a': False, 'lora_b': True})
+  if name == 'adam':
+    kwargs.update(nesterov=True, mu_dtype=jnp.bfloat16)
+  tx, ref = lro.optimizer(name, 1e-2, **kwargs), reference(1e-2, **kwargs)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(3):
+    got, state = tx.update(grads, state, params)
+    want, ref_state = ref.update(grads, ref_state, params)
+    chex.assert_trees_all_close(got, want)
+    chex.assert_trees_all_equal_dtypes(state, ref_state)
+  # Each keyword changes the step (so the match above is not vacuous).
+  plain = lro.optimizer(name, 1e-2, **{**kwargs, 'mask': None})
+  other, _ = plain.update(grads, plain.init(params), params)
+  first, _ = lro.optimizer(name, 1e-2, **kwargs).update(
+      grads, lro.optimizer(name, 1e-2, **kwargs).init(params), params)
+  assert not np.allclose(other['lora_a'], first['lora_a'])
 
 
 def test_kwargs_reach_the_optimizer():
