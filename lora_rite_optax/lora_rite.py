@@ -676,7 +676,8 @@ def lora_rite(
     b2: decay of the second moment.
     eps: added to the square root of the second moment's eigenvalues; with
       0, a direction whose eigenvalue (and escaped mass) is 0 gets no step.
-    weight_decay: decoupled weight decay :math:`\lambda`.
+    weight_decay: decoupled weight decay :math:`\lambda` (a number or a
+      schedule of the step count).
     clip_unmagnified_grad: global-norm clip of all unmagnified gradients; 0
       turns it off.
     update_skipping: zero a factor's unmagnified gradient when its RMS exceeds

@@ -271,15 +271,17 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
             f'got {type(leaves[index][1]).__name__}.')
     a_shape = leaves[a_index][1].shape
     b_shape = leaves[b_index][1].shape
-    if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
-      raise ValueError(
-          f'{who}: {pair} has stacked-layer axes {a_shape} vs '
-          f'{b_shape} that differ in their first {lay.batch_axes} axes.')
+    # Too few axes first: scanned(1) on 2-D factors had been told their
+    # stacked-layer axes differ.
     for shape, key in ((a_shape, lay.a_key), (b_shape, lay.b_key)):
       if len(shape) < lay.batch_axes + 2:
         raise ValueError(
             f'{who}: factor {factor(key)} has shape {shape}; expected at least '
             f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
+    if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
+      raise ValueError(
+          f'{who}: {pair} has stacked-layer axes {a_shape} vs '
+          f'{b_shape} that differ in their first {lay.batch_axes} axes.')
     for shape, key, axis in ((a_shape, lay.a_key, lay.a_rank_axis),
                              (b_shape, lay.b_key, lay.b_rank_axis)):
       inner = len(shape) - lay.batch_axes

@@ -255,7 +255,7 @@ def scaled_adam(
     b1: first-moment decay.
     b2: second-moment decay.
     eps: added to :math:`\sqrt{v}`.
-    weight_decay: decoupled weight decay.
+    weight_decay: decoupled weight decay (a number or a schedule).
     delta: ridge added to the r x r Gram matrices.
     bias_correction: Adam's step-size bias correction (off, as the authors).
     layout: how pairs are recognised, see :func:`find_lora_pairs`.

@@ -454,7 +454,7 @@ def shampoo(
     b1: momentum of the grafted direction.
     b2: decay of the Kronecker statistics and of Adam's second moment.
     eps: Adam's epsilon in the grafting direction.
-    weight_decay: decoupled weight decay.
+    weight_decay: decoupled weight decay (a number or a schedule).
     matrix_eps: ridge relative to each statistic's largest eigenvalue.
     block_size: largest side of a preconditioned block.
     precondition_every: steps between inverse-root recomputations.

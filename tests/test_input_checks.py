@@ -512,6 +512,13 @@ _TREE = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
     (lambda: lro.lora_rite(1e-3).init({'lora_a': jnp.ones(3),
                                        'lora_b': jnp.ones(3)}),
      r"lora_rite: factor 'lora_a' has shape \(3,\); expected at least 2"),
+    # A scanned layout on unstacked factors: too few axes (it had been told
+    # that its stacked-layer axes differ).
+    (lambda: lro.find_lora_pairs({'lora_a': jnp.ones((4, 2)),
+                                  'lora_b': jnp.ones((2, 3))},
+                                 lro.NNX_LAYOUT.scanned(1)),
+     r"factor 'lora_a' has shape \(4, 2\); expected at least 3 axes \(1 "
+     r"stacked \+ matrix\)"),
 ])
 def test_layouts_and_factors_are_checked_in_one_line(call, message):
   with pytest.raises(ValueError, match=message) as e:
