@@ -469,6 +469,19 @@ def test_mesh_rules_override_the_defaults_by_name(tmp_path):
     loop.build(tiny(tmp_path / 'run', **{'mesh.rules': ('embd=fsdp',)}))
   assert str(e.value).startswith("mesh.rules: no parameter has the logical "
                                  "axis 'embd'; this model's are embed, ")
+  # A default name of the other family (T5's relpos_buckets on Gemma) is
+  # checked too, and a name given twice with other axes is refused (the
+  # last had won).
+  with pytest.raises(loop.ConfigError) as e:
+    loop.build(tiny(tmp_path / 'run', **{
+        'mesh.rules': ('relpos_buckets=fsdp',)}))
+  assert "no parameter has the logical axis 'relpos_buckets'" in str(e.value)
+  with pytest.raises(ValueError) as e:
+    loop.validate(tiny(tmp_path / 'run', **{
+        'mesh.rules': ('embed=fsdp', 'embed=tensor')}), 1)
+  assert str(e.value) == ("mesh rule 'embed=tensor': 'embed' is already "
+                          "given as 'fsdp'; give each name once.")
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path):

@@ -185,3 +185,30 @@ def test_process_flags_without_a_start_are_refused(monkeypatch, changes,
   monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
   with pytest.raises(ValueError, match=message):
     distributed.maybe_initialize(configs.DistributedConfig(**changes))
+
+
+def test_a_malformed_coordinator_or_a_failed_start_is_one_line(monkeypatch):
+  """An address without a port had been an IndexError inside jax, and a
+  start that fails (a port in use) 26 lines."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import configs, distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(distributed, '_initialized', False)
+  for address in ('127.0.0.1', '127.0.0.1:notaport', ':1234', 'h:70000'):
+    with pytest.raises(ValueError) as e:
+      distributed.maybe_initialize(configs.DistributedConfig(
+          coordinator_address=address, num_processes=1, process_id=0))
+    assert str(e.value) == ('distributed.coordinator_address must read '
+                            'host:port with a port in 1-65535, got '
+                            f'{address!r}.')
+
+  def refuse(**unused_kw):
+    raise jax.errors.JaxRuntimeError('UNKNOWN: Failed to start RPC server\n'
+                                     'more')
+
+  monkeypatch.setattr(jax.distributed, 'initialize', refuse)
+  with pytest.raises(ValueError) as e:
+    distributed.maybe_initialize(configs.DistributedConfig(
+        coordinator_address='[::1]:1234', num_processes=1, process_id=0))
+  assert str(e.value) == ('distributed: jax.distributed.initialize failed '
+                          '(UNKNOWN: Failed to start RPC server).')
+  assert not distributed._initialized  # pylint: disable=protected-access

@@ -22,6 +22,7 @@ from models.host_arrays import to_host  # pylint: disable=unused-import
 # The batch dimension is split over both data-parallel axes (the models
 # hold their activations to it, `models.layers.shard_batch`).
 from models.layers import BATCH_AXES  # pylint: disable=unused-import
+from train.errors import first_line
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -78,12 +79,23 @@ def maybe_initialize(cfg) -> bool:
     return False
   kwargs: dict[str, Any] = {}
   if cfg.coordinator_address:
+    host, sep, port = cfg.coordinator_address.rpartition(':')
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+      # jax had failed on it with an IndexError, or 26 lines ending in
+      # 'Failed to start RPC server'.
+      raise ValueError(f'distributed.coordinator_address must read host:port '
+                       f'with a port in 1-65535, got '
+                       f'{cfg.coordinator_address!r}.')
     kwargs['coordinator_address'] = cfg.coordinator_address
   if cfg.num_processes:
     kwargs['num_processes'] = cfg.num_processes
   if cfg.process_id >= 0:
     kwargs['process_id'] = cfg.process_id
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:  # e.g. the port is taken
+    raise ValueError(f'distributed: jax.distributed.initialize failed '
+                     f'({first_line(e)}).') from None
   _initialized = True
   return True
 
@@ -138,6 +150,10 @@ def parse_rules(rules: Sequence[str]) -> dict[str, str | None]:
     if axis and axis not in MESH_AXES:
       raise ValueError(f'mesh rule {rule!r}: unknown mesh axis {axis!r}; '
                        f'use one of {", ".join(MESH_AXES)} or nothing.')
+    if out.get(name, axis or None) != (axis or None):
+      # The last had won, the first dropped without a word.
+      raise ValueError(f'mesh rule {rule!r}: {name!r} is already given as '
+                       f'{out[name] or ""!r}; give each name once.')
     out[name] = axis or None
   return out
 
