@@ -164,9 +164,12 @@ def stacked_axes(path: Sequence[str], shape: Sequence[int],
   return batch_axes if len(shape) > batch_axes else 0
 
 
-def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int:
+def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int | None:
+  """The size of the rank axis under ``batch_axes`` stacked axes; None where
+  that reading has no such axis (a positive last axis read with one more
+  stacked axis had been an IndexError)."""
   inner = shape[batch_axes:]
-  return inner[axis]
+  return inner[axis] if -len(inner) <= axis < len(inner) else None
 
 
 def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
@@ -339,9 +342,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           f'({min(n_a, n_b)}): a rank of {min(n_a, n_b)} spans as much' +
           (', and LoRA-RITE is transformation invariant only up to it.'
            if 'lora_rite' in who else '.'), stacklevel=2)
-    if maybe_stacked and (
-        _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1) ==
-        _rank(b_shape, lay.b_rank_axis, lay.batch_axes + 1)):
+    stacked_rank = _rank(a_shape, lay.a_rank_axis, lay.batch_axes + 1)
+    if maybe_stacked and stacked_rank is not None and stacked_rank == _rank(
+        b_shape, lay.b_rank_axis, lay.batch_axes + 1):
       # As many layers as the rank: both readings fit, and the wrong one
       # trains on wrong Gram matrices without an error.
       warnings.warn(

@@ -4,6 +4,7 @@ and the inputs that look alike but are fine still work."""
 import functools
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -524,6 +525,22 @@ def test_layouts_and_factors_are_checked_in_one_line(call, message):
   with pytest.raises(ValueError, match=message) as e:
     call()
   assert '\n' not in str(e.value)
+
+
+def test_a_positive_last_rank_axis_pairs_as_its_negative_does():
+  """The check for as many layers as the rank re-read the axis with one more
+  stacked axis: a positive last one had been an IndexError."""
+  tree = {'o': {'lora_a': jnp.ones((4, 16, 4)), 'lora_b': jnp.ones((4, 8, 8))}}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    pairs = [lro.find_lora_pairs(tree, lro.LoraLayout(a_rank_axis=axis))
+             for axis in (-1, 2)]
+  assert [len(p.pairs) for p in pairs] == [1, 1]
+  params = {'o': tree['o']}
+  got = [lro.lora_rite(1e-2, layout=lro.LoraLayout(a_rank_axis=axis))
+         for axis in (-1, 2)]
+  ups = [tx.update(params, tx.init(params), params)[0] for tx in got]
+  chex.assert_trees_all_equal(*ups)
 
 
 _OTHER_SHAPES = {'q': {'lora_a': jnp.ones((5, 2)), 'lora_b': jnp.ones((2, 3))}}
