@@ -240,6 +240,30 @@ def test_a_periodic_evaluation_cut_short_is_done_on_resume(tmp_path):
   done = loop.run(tiny(run_dir, resume=True, **small), log=quiet)
   assert resumed['eval_after'] is not None
   assert done['eval_after'] == pytest.approx(resumed['eval_after'])
+  # Cut short at the last step's evaluation, the final model's: the resume
+  # that does it records it as eval_after (it had been null in summary.json
+  # beside eval.csv's row). The file is standard JSON: no NaN (B's update
+  # ratio is NaN at step 1), which strict parsers refuse.
+  calls.clear()
+  run_dir = tmp_path / 'last'
+  last = {**small, 'steps': 4}
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop.Evaluator, '__call__', preempted_at_the_second)
+    with pytest.raises(RuntimeError, match='preempted'):
+      loop.run(tiny(run_dir, **last), log=quiet)
+  loop.run(tiny(run_dir, resume=True, **last), log=quiet)
+
+  def strict(constant):
+    raise ValueError(f'{constant} in summary.json')
+
+  summary = json.loads((run_dir / 'summary.json').read_text(),
+                       parse_constant=strict)
+  with open(run_dir / 'eval.csv') as f:
+    row = list(csv.DictReader(f))[-1]
+  assert int(row['step']) == 4
+  assert summary['eval_after']['target_loss'] == pytest.approx(
+      float(row['eval/target_loss']))
+  assert summary['history'][0]['update_ratio_b'] is None
 
 
 def test_the_last_step_is_evaluated_once_with_a_final_evaluation(tmp_path):

@@ -1839,7 +1839,11 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
             recorded(start_step) is None)
   if distributed.process_0_flag(missed):
     log(f'[train] no evaluation recorded at step {start_step}: doing it now')
-    interrupted = eval_or_stop(start_step, 'periodic')[1]
+    result, interrupted = eval_or_stop(start_step, 'periodic')
+    if start_step == cfg.steps:
+      # The final model's, as in the loop below (it had been dropped: the
+      # summary's eval_after was null beside eval.csv's row).
+      summary['eval_after'] = result
 
   end_step = min(cfg.steps, stop_at) if stop_at else cfg.steps
   if stop_at > cfg.steps:
@@ -2008,11 +2012,28 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   if interrupted:
     summary['interrupted'] = signal.Signals(interrupted).name
   if jax.process_index() == 0:
+    # Standard JSON: NaN and Infinity (update_ratio_b while B is 0, the
+    # compiling step's tokens/s, a skipped step's loss) as null, which
+    # strict parsers (JavaScript's JSON.parse) had refused.
     hf_io.write_text(os.path.join(run_dir, 'summary.json'),
-                     json.dumps(summary, indent=2, default=float))
+                     json.dumps(_finite_or_none(summary), indent=2,
+                                allow_nan=False))
   if interrupted:
     raise preemption.Interrupted(interrupted, step, ckpt.directory)
   return summary
+
+
+def _finite_or_none(value: Any) -> Any:
+  """``value`` (nested dicts, lists, numbers) with NaN and +-inf as None and
+  number-likes (numpy or JAX scalars) as Python floats."""
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  if value is None or isinstance(value, (bool, int, str)):
+    return value
+  value = float(value)
+  return value if math.isfinite(value) else None
 
 
 def export_adapter(r: Run, state, run_dir: str) -> str | None:
