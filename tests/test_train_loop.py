@@ -705,6 +705,21 @@ np.savez(sys.argv[2], **{p: np.asarray(proj.kernel[...], np.float32)
 '''
 
 
+def test_initial_factors_with_a_foreign_key_are_one_line(tmp_path):
+  """A key other than <module>/a or /b had ended in 'substring not
+  found'."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path = tmp_path / loop.INITIAL_FACTORS_FILE
+  save_file({'layers.0.attn.q/a': np.ones((2, 2), np.float32),
+             'layers.0.attn.q/c': np.ones((2, 2), np.float32)}, str(path))
+  with pytest.raises(loop.ConfigError) as e:
+    loop.load_initial_factors(str(tmp_path))
+  assert str(e.value) == (
+      f"{path}: unreadable (key 'layers.0.attn.q/c' is not <module>/a or "
+      "<module>/b); it holds the run's initial adapter factors, which "
+      '--resume needs.')
+
+
 def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   """The run keeps LoRA-GA's (A0, B0) in its folder; a resume rebuilds the
   base W0 - s A0 B0 from them instead of redoing the gradient and SVD,

@@ -514,6 +514,11 @@ def load_initial_factors(run_dir: str) -> dict | None:
   out: dict[str, list] = {}
   for key, x in tensors.items():
     name, _, part = key.rpartition('/')
+    if not name or part not in ('a', 'b'):
+      # A foreign or hand-edited file had ended in 'substring not found'.
+      raise ConfigError(f'{path}: unreadable (key {key!r} is not '
+                        '<module>/a or <module>/b); it holds the run\'s '
+                        'initial adapter factors, which --resume needs.')
     out.setdefault(name, [None, None])['ab'.index(part)] = x
   return {name: tuple(ab) for name, ab in out.items()}
 
