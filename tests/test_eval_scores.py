@@ -146,6 +146,22 @@ def test_generated_multiple_choice_parses_the_named_option(built):
   assert ev(built.state)['accuracy'] == 0.0
 
 
+def test_generation_prompts_leave_room_in_the_models_context(built):
+  """With data.seq_len at the model's context, generation prompts are cut
+  to leave eval.max_new_tokens room (the Sampler had refused them after
+  training); a max_new_tokens that leaves none is refused up front."""
+  context = built.model.config.max_seq_len
+  r = dataclasses.replace(built, config=configs.replace(
+      built.config, **{'data.seq_len': context, 'eval.max_new_tokens': 24}))
+  assert len(loop._gemma_prompt('x ' * 3000, r)) == context - 24  # pylint: disable=protected-access
+  assert len(loop._gemma_prompt('x', r)) == 2  # pylint: disable=protected-access
+  with pytest.raises(loop.ConfigError) as e:
+    evaluator(built, method='generation', max_new_tokens=context - 1)
+  assert str(e.value) == (
+      f'eval.max_new_tokens {context - 1} leaves no room for a prompt (BOS '
+      f"and a token) in the model's context of {context} tokens.")
+
+
 def test_math_scores_the_final_number_of_the_runs_own_examples(built):
   # tiny's own evaluation set (arithmetic), as a training run scores it.
   ev = evaluator(built)

@@ -326,11 +326,17 @@ def test_bad_sampler_settings_are_refused_in_one_line():
       (dict(temperature=float('inf')), 'temperature must be a finite number'),
       (dict(temperature='1'), "temperature must be a finite number >= 0 (0 "
        "decodes greedily), got '1'"),
+      (dict(temperature=None), 'temperature must be a finite number'),
       (dict(temperature=1.0, top_p='0.5'), "top_p must be in (0, 1]")):
     kw = {'max_new_tokens': 2, 'temperature': 1.0, **kw}
     with pytest.raises(ValueError) as e:
       sampler([[3, 4, 5]], **kw)
     assert message in _one_line(e), kw
+  # Integer seeds of NumPy and JAX are seeds (a JAX int32 compared with
+  # -2**63 had overflowed).
+  draws = [sampler([[3, 4, 5]], 3, temperature=1.0, seed=seed).tokens
+           for seed in (3, np.int64(3), jnp.int32(3), jnp.uint32(3))]
+  assert draws[1:] == draws[:1] * 3
 
 
 def test_a_full_kv_cache_is_an_error_not_a_lost_token():

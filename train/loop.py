@@ -777,6 +777,13 @@ class Evaluator:
     self._sampler = None
     if method == 'loglik':
       self._check_options_fit()
+    context = getattr(r.model.config, 'max_seq_len', None)
+    if (method == 'generation' and self.examples and context is not None
+        and context - cfg.eval.max_new_tokens < 2):
+      # Before training: prompts are cut to leave it room (`_gemma_prompt`).
+      raise ConfigError(f'eval.max_new_tokens {cfg.eval.max_new_tokens} '
+                        f'leaves no room for a prompt (BOS and a token) in '
+                        f'the model\'s context of {context} tokens.')
 
   def _check_options_fit(self) -> None:
     """Refuses options longer than the target tokens a scoring row holds:
@@ -996,9 +1003,13 @@ def _gemma_pair_budget(r: Run) -> tuple[int, int]:
 
 
 def _gemma_prompt(text: str, r: Run) -> list[int]:
+  """A generation prompt, cut from the left to data.seq_len, and to what
+  leaves room for eval.max_new_tokens in the model's context (the Sampler
+  refuses more)."""
   from train.data.tokenize import encode_pair  # pylint: disable=g-import-not-at-top
-  return encode_pair(text, '', r.tokenizer, r.config.data.seq_len,
-                     add_eos=False)[0]
+  limit = min(r.config.data.seq_len,
+              r.model.config.max_seq_len - r.config.eval.max_new_tokens)
+  return encode_pair(text, '', r.tokenizer, limit, add_eos=False)[0]
 
 
 def _gemma_prompt_cut(example, r: Run) -> int:

@@ -83,9 +83,9 @@ def check_sampling(temperature: float, top_k: int | None,
       ``top_k`` not None / 0 (off) or an integer in 1..``vocab``, or
       ``top_p`` not None or in (0, 1].
   """
-  if (isinstance(temperature, (str, bool)) or
-      not np.isscalar(temperature) and np.ndim(temperature) != 0 or
-      not 0 <= temperature < math.inf):  # NaN and inf included
+  value = checks.concrete(temperature)
+  if (isinstance(temperature, (str, bool)) or value is None or
+      not 0 <= value < math.inf):  # NaN and inf included
     # inf samples uniformly from the whole vocabulary; a string had been a
     # TypeError from the comparison.
     raise ValueError(f'temperature must be a finite number >= 0 (0 decodes '
@@ -279,10 +279,13 @@ class Sampler:
     prompts = rows
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p,
                                                self.config.vocab_size)
-    if not checks.is_integer(seed) or not -2**63 <= seed < 2**63:
+    # A Python int first: a JAX int32 seed compared with -2**63 overflows.
+    if not checks.is_integer(seed) or not (
+        -2**63 <= operator.index(seed) < 2**63):
       # Else a TypeError or OverflowError from inside jax.random.key.
       raise ValueError(f'seed must be an int in [-2**63, 2**63), got '
                        f'{seed!r}.')
+    seed = operator.index(seed)
     ids = []
     for pr in prompts:
       if isinstance(pr, str):
