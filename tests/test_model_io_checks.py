@@ -438,8 +438,8 @@ def test_gemma_save_pretrained_with_numpy_config_values(tmp_path):
 
 
 @pytest.mark.parametrize('kw, match', [
-    (dict(temperature=-1.0), 'temperature must be >= 0'),
-    (dict(temperature=float('nan')), 'temperature must be >= 0'),
+    (dict(temperature=-1.0), 'temperature must be a finite number >= 0'),
+    (dict(temperature=float('nan')), 'temperature must be a finite number >= 0'),
     (dict(top_p=0.0), r'top_p must be in \(0, 1\]'),
     (dict(top_p=-1.0), r'top_p must be in \(0, 1\]'),
     (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
@@ -521,7 +521,7 @@ def cli_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize('extra, match', [
     (['--max-new-tokens', '0'], 'max_new_tokens must be >= 1'),
-    (['--temperature', '-1'], 'temperature must be >= 0'),
+    (['--temperature', '-1'], 'temperature must be a finite number >= 0'),
     (['--temperature', '1', '--top-k', '1000'], 'top_k must be None or 0'),
     (['--temperature', '1', '--top-p', '0'], 'top_p must be'),
     # Greedy decoding had ignored them silently.
