@@ -136,6 +136,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
      "with base 10: 'abc'"),
     (['--eval.before', 'true'], 'Unrecognized options: true; a boolean is a '
      'flag: --NAME or --no-NAME (e.g. --eval.before, --eval.no-before)'),
+    # A boolean's hint names both forms (it had ended '--eval.before,');
+    # a flag misspelled with underscores, as the README writes flags, gets a
+    # hint too (it had got none).
+    (['--no-eval.before'], 'Unrecognized options: --no-eval.before (perhaps '
+     '--eval.before, --eval.no-before)'),
+    (['--seq_len', '96'], 'Unrecognized options: --seq-len, 96 (perhaps '
+     '--data.seq-len)'),
 ])
 @pytest.mark.parametrize('terminal', [False, True])
 def test_override_errors_on_a_terminal_too(monkeypatch, capsys, tmp_path,
@@ -148,6 +155,20 @@ def test_override_errors_on_a_terminal_too(monkeypatch, capsys, tmp_path,
   code, err = _main(['--config', 'tiny', '--run_dir', str(tmp_path / 'run')]
                     + argv, capsys)
   assert code == 2 and err == f'error: {message}', err
+
+
+def test_help_piped_into_a_closed_reader_exits_quietly(tmp_path):
+  """`python -m train --config tiny --help | head -1` had ended in a
+  29-line BrokenPipeError traceback."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'train', '--config', 'tiny', '--help'],
+      cwd=str(tmp_path), env={**os.environ, 'PYTHONPATH': root},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc.stdout.close()  # the reader is gone before the help is written
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=120) == 0 and err == '', err
 
 
 def test_preset_help_documents_stop_at(capsys):

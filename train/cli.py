@@ -63,6 +63,10 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   from_file = known.config.endswith('.json') or os.sep in known.config
   base = (configs.load_json(known.config) if from_file
           else configs.get_config(known.config))
+  # Flag names with hyphens, as tyro suggests them: it takes both spellings,
+  # but matched a misspelled '--seq_len' against none ('--seq-len' gets
+  # '(perhaps --data.seq-len)').
+  rest = [_hyphenated(a) for a in rest]
   import tyro  # pylint: disable=g-import-not-at-top
   # tyro reports a bad override (unknown flag, unparsable value) as a boxed
   # multi-line panel on stderr and exits; keep the promise of one line.
@@ -82,6 +86,14 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   if from_file and cfg.resume:
     _check_resume_folder(known.config, cfg)
   return cfg, known.stop_at
+
+
+def _hyphenated(arg: str) -> str:
+  """``--a_b.c_d=x_y`` -> ``--a-b.c-d=x_y``: the name only, not a value."""
+  if not arg.startswith('--'):
+    return arg
+  name, sep, value = arg.partition('=')
+  return name.replace('_', '-') + sep + value
 
 
 def _check_resume_folder(config_path: str, cfg: configs.Config) -> None:
@@ -163,9 +175,12 @@ def _tyro_message(panel: str) -> str:
     return (lines or ['bad arguments'])[0]
   for section in sections:
     if section and section[0].startswith('Perhaps you meant'):
-      names = [l.split()[0] for l in section[1:] if l.startswith('--')]
+      # Every flag of a line: a boolean's reads '--x, --no-x' (keeping the
+      # first word had left '--x,' and lost the --no- form).
+      names = [t.rstrip(',') for l in section[1:] if l.startswith('--')
+               for t in l.split() if t.startswith('--')]
       if names:
-        text += f' (perhaps {", ".join(names[:3])})'
+        text += f' (perhaps {", ".join(dict.fromkeys(names[:4]))})'
   if re.match(r'Unrecognized options:.*\b(true|false)\b', text, re.I):
     text += ('; a boolean is a flag: --NAME or --no-NAME (e.g. '
              '--eval.before, --eval.no-before)')
@@ -203,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
     return 2
+  except BrokenPipeError:
+    # --help piped into `head`: the reader has what it wanted (this had
+    # been a 29-line traceback).
+    sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+    return 0
   if loop is None:
     print(_INTERRUPTED, file=sys.stderr)
     return 130

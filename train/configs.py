@@ -1,6 +1,6 @@
 """Training configurations: one frozen dataclass tree and the named presets.
 
-``python -m train --config NAME [overrides]`` starts from ``CONFIGS[NAME]``
+``python -m train --config NAME [overrides]`` starts from ``PRESETS[NAME]``
 and lets tyro override any field (``--steps 20``, ``--optim.name adam``,
 ``--data.path my.jsonl``, ``--mesh.fsdp 4``).
 
@@ -367,7 +367,8 @@ def _checked(d: Any, cls, where: str, hints_of) -> dict[str, Any]:
   value of its field's type (a hand-edited file would otherwise start a run
   with a string where a number goes)."""
   if not isinstance(d, dict):
-    raise ValueError(f'{where or "the config"} must be a JSON object, got '
+    raise ValueError(f'{where.rstrip(".") or "the config"} must be a JSON '
+                     f'object, got '
                      f'{type(d).__name__}.')
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - set(fields))
