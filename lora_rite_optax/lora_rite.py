@@ -19,6 +19,7 @@ from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
+from lora_rite_optax import placement
 
 
 class ScaleByLoraRiteState(NamedTuple):
@@ -285,7 +286,7 @@ def scale_by_lora_rite(
     def zeros(leaf):
       if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
         return leaf
-      return jnp.zeros(leaf.shape, casting.compute_dtype(leaf.dtype))
+      return placement.zeros_like(leaf, casting.compute_dtype(leaf.dtype))
 
     mu = jax.tree_util.tree_unflatten(paired.treedef,
                                       [zeros(l) for _, l in leaves])
@@ -299,9 +300,10 @@ def scale_by_lora_rite(
                                  first.layout.batch_axes)[2]
       slices = sum(n for _, n in members)
       dtype = casting.compute_dtype(a.dtype)
-      nu[key] = jnp.zeros((2, slices, r, r), dtype)
-      escaped[key] = jnp.zeros((2, slices), dtype)
-      rinv[key] = jnp.zeros((2, slices, r, r), dtype)
+      # The r x r statistics replicated on the factors' mesh.
+      nu[key], escaped[key], rinv[key] = (
+          placement.replicated_zeros(shape, dtype, [a])
+          for shape in ((2, slices, r, r), (2, slices), (2, slices, r, r)))
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
       # init with a placeholder): one empty array stands for the whole

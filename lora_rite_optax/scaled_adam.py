@@ -12,6 +12,7 @@ from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
+from lora_rite_optax import placement
 
 __all__ = ['scale_by_riemannian_precond', 'scale_by_adam_authors',
            'scaled_adam', 'ScaleByAdamAuthorsState']
@@ -177,7 +178,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   checks.flag('scaled_adam', 'bias_correction', bias_correction)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, casting.compute_dtype(p.dtype))
+    zeros = lambda p: placement.zeros_like(p, casting.compute_dtype(p.dtype))
     return ScaleByAdamAuthorsState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))

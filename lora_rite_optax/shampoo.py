@@ -16,6 +16,7 @@ from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import linalg
 from lora_rite_optax import pairs as pairs_lib
+from lora_rite_optax import placement
 
 __all__ = ['shampoo', 'scale_by_shampoo', 'ShampooState', 'BlockStats']
 
@@ -251,12 +252,14 @@ def scale_by_shampoo(
         roots.append(None)
         continue
       dtype = _dtype(leaf)
-      zeros = lambda k: jnp.zeros((plan.blocks, k, k), dtype)
-      eye = lambda k: jnp.broadcast_to(jnp.eye(k, dtype=dtype),
-                                       (plan.blocks, k, k))
+      # Replicated on the factor's mesh (the train loop shards the blocks
+      # of a factor cut along its sharded axis from jax.eval_shape).
+      zeros = lambda k, leaf=leaf: placement.replicated_zeros(
+          (plan.blocks, k, k), dtype, [leaf])
+      eye = lambda k, leaf=leaf: zeros(k, leaf) + jnp.eye(k, dtype=dtype)
       stats.append(BlockStats(zeros(plan.bn), zeros(plan.bm)))
       roots.append(BlockStats(eye(plan.bn), eye(plan.bm)))
-    zeros_like = lambda p: jnp.zeros(p.shape, _dtype(p))
+    zeros_like = lambda p: placement.zeros_like(p, _dtype(p))
     stats, roots = tuple(stats), tuple(roots)
     if not leaves:
       # No leaves (an empty tree, or optax.tree_utils.tree_map_params probing

@@ -175,10 +175,33 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
                                atol=2e-6, err_msg='sharded != unsharded')
 
 
+def init_places_the_state_like_the_params():
+  """An eager ``tx.init`` on sharded params: factor-shaped state sharded as
+  its param, the small statistics replicated on the mesh, as optax.adam's
+  init places its moments (they had all landed on device 0)."""
+  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  specs = param_specs(('fsdp', 'tensor'))
+  params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                        make_params(), specs)
+  shapes = {x.shape: x.sharding for x in jax.tree.leaves(params)}
+  for name in ('lora_rite', 'scaled_adam', 'shampoo', 'adam'):
+    state = lro.optimizer(name, 1e-2).init(params)
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+      where = f'{name} {jax.tree_util.keystr(path)}'
+      if x.ndim == 0:
+        continue  # the count, as optax.adam's
+      assert isinstance(x.sharding, NamedSharding), (where, x.sharding)
+      want = shapes.get(x.shape, NamedSharding(mesh, P()))
+      assert x.sharding.is_equivalent_to(want, x.ndim), (where, x.sharding)
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
   detector_catches_householder_qr()
   print('ok detector', flush=True)
+  init_places_the_state_like_the_params()
+  print('ok init placed', flush=True)
   run((8,), ('data',), 'data')
   print('ok data=8', flush=True)
   run((4, 2), ('fsdp', 'tensor'), ('fsdp', 'tensor'))
