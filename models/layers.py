@@ -150,6 +150,19 @@ def check_cache_room(size: int, index, t: int) -> None:
         'would overflow it (make it larger with init_cache).')
 
 
+def first_outside(ids, low: int, high: int):
+  """The first of ``ids`` outside ``[low, high)``, or None: none is, or
+  ``ids`` is traced or spread over several processes (not read: reading
+  the other processes' part fails, and a refusal by the one process holding
+  a bad id would leave the others waiting in the next collective)."""
+  if isinstance(ids, jax.core.Tracer) or not getattr(
+      ids, 'is_fully_addressable', True):
+    return None
+  ids = np.asarray(ids)
+  bad = ids[(ids < low) | (ids >= high)]
+  return bad.flat[0] if bad.size else None
+
+
 def check_token_ids(ids, vocab_size: int, who: str) -> None:
   """Refuses token ids outside ``[0, vocab_size)``, naming the first.
 
@@ -164,12 +177,8 @@ def check_token_ids(ids, vocab_size: int, who: str) -> None:
     ValueError: ``'{who} token id {id} is outside the model's vocabulary
       of {vocab_size} (another tokenizer?).'``
   """
-  if isinstance(ids, jax.core.Tracer) or not getattr(
-      ids, 'is_fully_addressable', True):
-    return
-  ids = np.asarray(ids)
-  bad = ids[(ids < 0) | (ids >= vocab_size)]
-  if bad.size:
-    raise ValueError(f'{who} token id {bad.flat[0]} is outside the '
+  bad = first_outside(ids, 0, vocab_size)
+  if bad is not None:
+    raise ValueError(f'{who} token id {bad} is outside the '
                      f'model\'s vocabulary of {vocab_size} (another '
                      'tokenizer?).')

@@ -26,12 +26,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
 from models.layers import (Projection, check_cache_room, check_token_ids,
-                           shard_batch)
+                           first_outside, shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -398,13 +397,9 @@ def check_positions_in(idx, length: int) -> None:
   """Refuses ``logits_positions`` outside ``[-length, length)`` (eager calls
   only: a traced array is not read). A gather clamps or fills them: the
   logits of another position, or NaN, without an error."""
-  if isinstance(idx, jax.core.Tracer) or not getattr(
-      idx, 'is_fully_addressable', True):
-    return
-  idx = np.asarray(idx)
-  bad = idx[(idx < -length) | (idx >= length)]
-  if bad.size:
-    raise ValueError(f'Gemma logits_positions {bad.flat[0]} is outside the '
+  bad = first_outside(idx, -length, length)
+  if bad is not None:
+    raise ValueError(f'Gemma logits_positions {bad} is outside the '
                      f'{length} tokens.')
 
 
