@@ -50,14 +50,14 @@ def read_placed_records(path: str | os.PathLike[str]
   if not path.is_file():
     raise FileNotFoundError(f"data file not found: {path}")
   suffix = path.suffix.lower()
-  if suffix == ".json":
-    records = _read_json(path)
+  if suffix in (".json", ".jsonl"):
+    text = _read_text(path)
+    records = _read_json(path, text) if suffix == ".json" else None
     if records is not None:
       return records, [f"record {i}" for i in range(len(records))]
-  if suffix == ".jsonl" or suffix == ".json":
-    # A `.json` of JSON Lines: what Hugging Face `Dataset.to_json` writes by
-    # default.
-    placed = _read_jsonl(path)
+    # A `.jsonl`, or a `.json` of JSON Lines: what Hugging Face
+    # `Dataset.to_json` writes by default.
+    placed = _read_jsonl(path, text)
     return [r for _, r in placed], [f"line {n}" for n, _ in placed]
   if suffix == ".parquet":
     records = _read_parquet(path)
@@ -85,9 +85,9 @@ def _read_text(path: Path) -> str:
         "UTF-8 encoded") from None
 
 
-def _read_json(path: Path) -> list[Record] | None:
-  """The records of a JSON file, or None where it holds JSON Lines."""
-  text = _read_text(path)
+def _read_json(path: Path, text: str) -> list[Record] | None:
+  """The records of JSON file ``path`` (its ``text``), or None where it
+  holds JSON Lines."""
   if not text.strip():
     return []  # as an empty `.jsonl` file is
   try:
@@ -113,10 +113,11 @@ def _read_json(path: Path) -> list[Record] | None:
   return data
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
-  """(line number, record) of every non-blank line."""
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, Record]]:
+  """(line number, record) of every non-blank line of ``path``'s
+  ``text``."""
   records = []
-  with io.StringIO(_read_text(path)) as f:
+  with io.StringIO(text) as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
