@@ -57,6 +57,18 @@ def test_lora_rite_converges_through_the_factory():
   battery.check_converges(MAKES['lora_rite'], RATES['lora_rite'])
 
 
+def _steps_alike(tx, ref, grads, params, steps):
+  """``tx`` and ``ref`` give the same updates, and states of one structure
+  and dtypes, over ``steps`` steps from their inits."""
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(steps):
+    got, state = tx.update(grads, state, params)
+    want, ref_state = ref.update(grads, ref_state, params)
+    chex.assert_trees_all_close(got, want)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    chex.assert_trees_all_equal_dtypes(state, ref_state)
+
+
 @pytest.mark.parametrize('name,direct', [
     ('lora_rite', lro.lora_rite), ('loraplus', lro.loraplus),
     ('scaled_adam', lro.scaled_adam), ('shampoo', lro.shampoo)])
@@ -68,13 +80,8 @@ def test_each_name_is_its_optimizer(name, direct):
                   'lora_b': jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)}}
   grads = jax.tree.map(lambda p: jnp.cos(p) * p, params)
   kwargs = {'weight_decay': 0.1}
-  tx, ref = lro.optimizer(name, 1e-2, **kwargs), direct(1e-2, **kwargs)
-  state, ref_state = tx.init(params), ref.init(params)
-  for _ in range(2):
-    got, state = tx.update(grads, state, params)
-    want, ref_state = ref.update(grads, ref_state, params)
-    chex.assert_trees_all_close(got, want)
-    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+  _steps_alike(lro.optimizer(name, 1e-2, **kwargs), direct(1e-2, **kwargs),
+               grads, params, steps=2)
 
 
 @pytest.mark.parametrize('name,reference', [
@@ -95,18 +102,12 @@ def test_adam_and_lamb_are_optax_with_zero_decay_by_default(name, reference):
                 mask={'lora_a': False, 'lora_b': True})
   if name == 'adam':
     kwargs.update(nesterov=True, mu_dtype=jnp.bfloat16)
-  tx, ref = lro.optimizer(name, 1e-2, **kwargs), reference(1e-2, **kwargs)
-  state, ref_state = tx.init(params), ref.init(params)
-  for _ in range(3):
-    got, state = tx.update(grads, state, params)
-    want, ref_state = ref.update(grads, ref_state, params)
-    chex.assert_trees_all_close(got, want)
-    chex.assert_trees_all_equal_dtypes(state, ref_state)
-  # Each keyword changes the step (so the match above is not vacuous).
+  tx = lro.optimizer(name, 1e-2, **kwargs)
+  _steps_alike(tx, reference(1e-2, **kwargs), grads, params, steps=3)
+  # The mask changes the step (so the match above is not vacuous).
   plain = lro.optimizer(name, 1e-2, **{**kwargs, 'mask': None})
   other, _ = plain.update(grads, plain.init(params), params)
-  first, _ = lro.optimizer(name, 1e-2, **kwargs).update(
-      grads, lro.optimizer(name, 1e-2, **kwargs).init(params), params)
+  first, _ = tx.update(grads, tx.init(params), params)
   assert not np.allclose(other['lora_a'], first['lora_a'])
 
 
