@@ -94,7 +94,18 @@ class Tokenizer:
     model's embedding may have more rows than its tokenizer has pieces
     (padding), and sentencepiece raises on them, mid-generation."""
     size = self.sp.get_piece_size()
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    try:
+      arr = np.asarray(ids)
+    except ValueError:  # ragged rows: numpy's "inhomogeneous shape"
+      arr = None
+    # One sequence of integer ids: a batch of rows had been joined into one
+    # text, and strings or floats read as ids ('5' as 5, 1.7 as 1).
+    if arr is None or arr.ndim > 1 or (
+        arr.size and not np.issubdtype(arr.dtype, np.integer)):
+      raise ValueError('Tokenizer.decode: ids must be one sequence of integer '
+                       'token ids (decode a batch row by row); got '
+                       f'{_described(ids, arr)}.')
+    ids = [int(i) for i in arr.reshape(-1)]
     skip = self.special_ids if skip_special_tokens else ()
     return self.sp.decode([i for i in ids if 0 <= i < size and i not in skip])
 
@@ -143,6 +154,14 @@ class Tokenizer:
     kw.setdefault('special_ids', {int(i) for i in np.flatnonzero(
         types == control)} | {sp.unk_id()})
     return cls(sp, **kw)
+
+
+def _described(ids, arr) -> str:
+  if arr is None:
+    return 'rows of different lengths'
+  if arr.ndim > 1:
+    return f'an array of shape {arr.shape}'
+  return f'{type(ids).__name__} of {arr.dtype}'
 
 
 def _proto_from_gguf(meta: dict, path: str) -> spm_pb2.ModelProto:

@@ -58,10 +58,14 @@ class ByteTokenizer:
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-  """`tokenizer.encode(text)` without any BOS/EOS the tokenizer added.
+  """`tokenizer.encode(text)` without a leading BOS or a trailing EOS.
 
-  Why: plain text never encodes to these control ids, so dropping them is
-  safe, and it spares callers from knowing each tokenizer's defaults.
+  Why: it spares callers from knowing each tokenizer's defaults (the
+  Gemma tokenizer adds BOS, some do not), and `encode_pair` places them.
+  Text that spells special pieces out (``<eos>``, ``<start_of_turn>``) is
+  read as their ids, as Hugging Face's tokenizers read it: such a piece
+  inside a target is a real EOS there, and a ``<bos>``/``<eos>`` at the
+  very start/end of the text is dropped here like an added one.
   """
   ids = list(tokenizer.encode(text))
   if ids and ids[0] == tokenizer.bos_id:
