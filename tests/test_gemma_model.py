@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -716,6 +717,40 @@ def test_tokenizer_from_gguf_vocabulary_and_model_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='tokenizer.model') as e:
     gemma.load_tokenizer(tmp_path / 'missing')
   _one_line(e)
+
+
+def test_tokenizer_decode_takes_one_sequence_of_integer_ids(tmp_path):
+  """A batch of rows had been joined into one text, ragged rows had been
+  numpy's error, and '5' or 1.7 had been read as ids 5 and 1."""
+  _write_tokenizer_gguf(tmp_path / 'tok.gguf')
+  tok = gemma.load_tokenizer(tmp_path / 'tok.gguf')
+  h = tok.encode('hello', add_bos=False)
+  w = tok.encode(' world', add_bos=False)
+  assert tok.decode(np.asarray(h + w, np.int32)) == 'hello world'
+  assert tok.decode(jnp.asarray(h)) == tok.decode(tuple(h)) == 'hello'
+  assert tok.decode([]) == ''
+  for bad, what in (([h, h], r'shape \(2, 1\)'), ([h, w + w], 'different'),
+                    (['5'], 'list of <U1'), ([1.7], 'list of float64')):
+    with pytest.raises(ValueError, match=what) as e:
+      tok.decode(bad)
+    _one_line(e)
+
+
+def test_gguf_parse_is_read_again_for_a_replaced_file(tmp_path):
+  """The parse cache had been keyed on the path and mtime: a vocabulary
+  replaced by a file with the same mtime (cp -p, rsync -t) came back old."""
+  _write_tokenizer_gguf(tmp_path / 'a.gguf')
+  _write_tokenizer_gguf(tmp_path / 'b.gguf', ['<end_of_turn>'], eos_id=279)
+  path = tmp_path / 'tok.gguf'
+  shutil.copy2(tmp_path / 'a.gguf', path)
+  assert gemma.load_tokenizer(path).eos_id == 1
+  shutil.copy2(tmp_path / 'b.gguf', tmp_path / 'new.gguf')
+  mtime = os.stat(path).st_mtime_ns
+  os.utime(tmp_path / 'new.gguf', ns=(mtime, mtime))
+  os.replace(tmp_path / 'new.gguf', path)
+  assert os.stat(path).st_mtime_ns == mtime
+  tok = gemma.load_tokenizer(path)
+  assert (tok.eos_id, tok.vocab_size) == (279, 280)
 
 
 def test_tokenizer_special_pieces_as_hugging_face_reads_them(tmp_path):

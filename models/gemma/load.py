@@ -617,8 +617,8 @@ def gguf_name(hf_name: str, family: int) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_gguf_cached(path: str, mtime: float) -> GGUFFile:
-  del mtime  # part of the cache key only
+def _read_gguf_cached(path: str, identity: tuple[int, ...]) -> GGUFFile:
+  del identity  # part of the cache key only
   return read_gguf(path)
 
 
@@ -626,7 +626,12 @@ def gguf_file(path: str) -> GGUFFile:
   """The parsed GGUF file (cached: model and tokenizer share one parse)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: GGUF file not found.')
-  return _read_gguf_cached(os.path.abspath(path), os.path.getmtime(path))
+  # The file's identity, not only its mtime: a file replaced by one with
+  # the same mtime (cp -p, rsync -t, tar x) had returned the old parse, whose
+  # memory map then read the new bytes at the old offsets.
+  st = os.stat(path)
+  return _read_gguf_cached(os.path.abspath(path), (
+      st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def config_from_gguf(gf: GGUFFile) -> GemmaConfig:
