@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _ADVICE = 'pass hyperparam_dtype=jnp.float32 to optax.inject_hyperparams'
 
@@ -45,6 +46,9 @@ def is_integer(value: Any) -> bool:
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
   if isinstance(value, (jax.core.Tracer, str, bytes)) or callable(value):
+    return None
+  if np.iscomplexobj(value):
+    # float() keeps a numpy complex's real part (with only a warning).
     return None
   try:
     return float(value)

@@ -162,7 +162,7 @@ def _whole_number(name: str, value: Any) -> Any:
   steps (``precondition_every``), and True taken for 1.
   """
   v = checks.concrete(value)
-  if isinstance(value, (bool, str)) or (v is None and not isinstance(
+  if isinstance(value, (bool, np.bool_, str)) or (v is None and not isinstance(
       value, jax.core.Tracer)):
     raise ValueError(f'shampoo: {name} must be an integer >= 1, got '
                      f'{value!r}.')
