@@ -195,11 +195,16 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     nu = jax.tree.map(
         lambda v, g: (b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype))
                       ).astype(v.dtype), state.nu, updates)
-    if bias_correction:
+    on = checks.concrete(bias_correction)
+    if on == 0:
+      factor = 1.0
+    else:
       t = count.astype(jnp.result_type(float))
       factor = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-    else:
-      factor = 1.0
+      if on is None:
+        # Traced: inject_hyperparams injects a flag given as 1 or an array
+        # (only a Python bool stays static); `if` had raised on the tracer.
+        factor = jnp.where(bias_correction, factor, 1.0)
     new_updates = jax.tree.map(
         lambda m, v, g: linalg.divide_or_zero(
             factor * m, jnp.sqrt(v) + eps).astype(g.dtype),

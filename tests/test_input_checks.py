@@ -241,6 +241,14 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.shampoo, {'block_size': 2.5},
      r'shampoo: block_size must be an integer >= 1, got 2.5'),
     (lro.shampoo, {'block_size': True}, r'block_size must be an integer'),
+    (lro.shampoo, {'precondition_every': np.True_},
+     r'precondition_every must be an integer'),
+    # float() keeps a numpy complex's real part: 0.5+0.5j had been a rate
+    # of 0.5, with only a ComplexWarning pointing into the library.
+    (lro.lora_rite, {'b1': np.complex128(0.9 + 5j)},
+     r'lora_rite: b1 must be a number, got np.complex128\(0.9\+5j\)'),
+    (lro.shampoo, {'matrix_eps': np.complex64(0.5)},
+     r'shampoo: matrix_eps must be a number'),
     (lro.shampoo, {'precondition_every': 2.5},
      r'shampoo: precondition_every must be an integer >= 1, got 2.5'),
     (lro.shampoo, {'precondition_every': np.int64(0)},
@@ -302,6 +310,26 @@ def test_baselines_still_take_traced_hyperparameters():
         learning_rate=1e-3, b2=0.99)
     updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_scaled_adam_takes_an_injected_bias_correction():
+  """inject_hyperparams injects a flag given as 1 or an array (a Python
+  bool stays static): the update's `if` had raised on the tracer."""
+  params = {'q': _pair(6, 2, 3)}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  def step(flag):
+    tx = optax.inject_hyperparams(lro.scaled_adam)(
+        learning_rate=1e-2, bias_correction=flag)
+    return jax.jit(tx.update)(grads, tx.init(params), params)[0]
+  for on, off in ((1, 0), (jnp.array(True), jnp.array(False))):
+    for flag, plain in ((on, True), (off, False)):
+      got, want = step(flag), lro.scaled_adam(
+          1e-2, bias_correction=plain).update(
+              grads, lro.scaled_adam(1e-2).init(params), params)[0]
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5)
+  # Bias correction changes the first step (the control).
+  assert not np.allclose(step(1)['q']['lora_a'], step(0)['q']['lora_a'])
 
 
 def test_shampoo_under_inject_checks_a_concrete_precondition_every():
