@@ -117,6 +117,16 @@ class T5Config:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'T5Config.{name} must be a positive integer, got '
                          f'{value!r}.')
+    buckets = self.relative_attention_num_buckets
+    if buckets < 4 or self.relative_attention_max_distance <= buckets // 2:
+      # The log-spaced buckets start at num_buckets // 4 (encoder) and
+      # num_buckets // 2 (decoder) and end at max_distance: 2 buckets had
+      # divided by zero at the first forward, and a max_distance at or below
+      # the exact range had indexed the bias table with negative buckets.
+      raise ValueError(
+          'T5Config needs relative_attention_num_buckets >= 4 and '
+          'relative_attention_max_distance > relative_attention_num_buckets '
+          f'// 2, got {buckets} and {self.relative_attention_max_distance}.')
     rate = self.dropout_rate
     if (isinstance(rate, bool) or not isinstance(rate, (int, float)) or
         not 0 <= rate < 1):
@@ -182,6 +192,13 @@ def get_config(name: str, **overrides) -> T5Config:
     raise ValueError(f'Unknown T5 config {name!r}; choose from '
                      f'{", ".join(CONFIGS)}.')
   return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def _check_rows(tokens, who: str) -> None:
+  """Tokens must be [batch, length]: 1-D ones had been an IndexError."""
+  if jnp.ndim(tokens) != 2:
+    raise ValueError(f'{who} tokens must be [batch, length], got shape '
+                     f'{tuple(jnp.shape(tokens))}.')
 
 
 def _param(value, axes):
@@ -416,6 +433,7 @@ class T5(nnx.Module):
 
   def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encoder states [B, S, D] and the padding mask [B, S] of ``tokens``."""
+    _check_rows(tokens, 'T5 encoder')
     valid = tokens != self.config.pad_token_id
     x = shard_batch(self.encoder._drop(self._embed(tokens, 'T5 encoder')))
     pos = jnp.arange(tokens.shape[1])
@@ -438,6 +456,13 @@ class T5(nnx.Module):
     with ``cache`` (per layer (k, v) [B, S_max, N, H]) they are positions
     ``index .. index + T - 1`` and attend to the cached positions before them.
     """
+    _check_rows(tokens, 'T5 decoder')
+    if jnp.shape(valid)[:1] != jnp.shape(tokens)[:1]:
+      # It would broadcast one row over the other input's rows.
+      raise ValueError(
+          f'T5: the decoder tokens have {tokens.shape[0]} rows but the '
+          f'encoder input had {jnp.shape(valid)[0]}; give both the same '
+          'batch.')
     t = tokens.shape[1]
     if cache is not None:
       if cache[0][0].shape[0] != tokens.shape[0]:
@@ -754,7 +779,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     dtype: compute dtype.
     param_dtype: dtype the parameters are stored in.
     dropout_rate: overrides config.json's dropout (default 0: a
-      deterministic model; ``None`` keeps the checkpoint's rate).
+      deterministic model; ``None`` keeps the checkpoint's rate). The
+      model keeps the checkpoint's rate too, which `save_pretrained`
+      writes.
     seed: seeds the dropout streams (when the rate is not 0).
     place: ``place(variable, host array) -> jax.Array`` puts each weight
       where it goes, e.g. straight to its sharding over a mesh (the train
@@ -773,6 +800,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   config_path = path / hf_io.CONFIG
   config = config_from_hf(hf_io.read_json(config_path, 'config.json'),
                           str(config_path))
+  checkpoint_rate = config.dropout_rate
   if dropout_rate is not None:
     config = dataclasses.replace(config, dropout_rate=dropout_rate)
   tensors = hf_io.open_tensors(path)
@@ -826,6 +854,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                      f'{unexpected[0]!r}{hf_io.and_more(unexpected)} for '
                      'this config.json.')
   _materialize_rng_state(model, seed)
+  # save_pretrained writes it back: the default override (0, for a
+  # deterministic model) had become the saved checkpoint's training rate.
+  model.checkpoint_dropout_rate = checkpoint_rate
   return model
 
 
@@ -846,7 +877,9 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
 
   Writes config.json and model.safetensors (or shards and an index when the
   weights need more than one shard of ``max_shard_bytes``) in the
-  parameters' dtype. Kernels are
+  parameters' dtype; config.json's ``dropout_rate`` is that of the
+  checkpoint the model was loaded from (not `from_pretrained`'s override),
+  else its config's. Kernels are
   written as they are: LoRA adapters are not included unless merged
   (``models.lora.merge_lora``; or export them with
   ``models.lora.save_peft_adapter``), and after a PiSSA / LoRA-GA init the
@@ -864,8 +897,12 @@ def save_pretrained(model: T5, directory: str | os.PathLike, *,
   hf_io.check_shard_bytes(max_shard_bytes, 't5.save_pretrained')
   lora.check_no_residual_base(model, 't5.save_pretrained',
                               allowed=allow_residual_base)
+  config = model.config
+  rate = getattr(model, 'checkpoint_dropout_rate', None)
+  if rate is not None:  # loaded by from_pretrained, with its rate overridden
+    config = dataclasses.replace(config, dropout_rate=rate)
   config = hf_io.dumps_json(
-      config_to_hf(model.config, model.embedding[...].dtype),
+      config_to_hf(config, model.embedding[...].dtype),
       directory / hf_io.CONFIG)
   directory.mkdir(parents=True, exist_ok=True)
   tensors = {}

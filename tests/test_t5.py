@@ -201,6 +201,17 @@ def test_checkpoint_dropout_is_usable(tiny, tmp_path):
   assert set(np.unique(a)) == {0.0, 2.0} and not np.array_equal(a, b)
   model.eval()
   np.testing.assert_array_equal(model.encoder.dropout(x), x)
+  # Saving writes the checkpoint's rate back, not the loader's override (a
+  # load, fine-tune and save had written 0.0 over the checkpoint's 0.5).
+  for loaded, out in ((t5.from_pretrained(tmp_path), 'default'),
+                      (t5.from_pretrained(tmp_path, dropout_rate=0.1), 'set')):
+    t5.save_pretrained(loaded, tmp_path / out)
+    saved = json.loads((tmp_path / out / 'config.json').read_text())
+    assert saved == dict(cfg, dropout_rate=0.5)
+  # A model built from a config writes its own.
+  t5.save_pretrained(tiny, tmp_path / 'built')
+  assert json.loads((tmp_path / 'built' / 'config.json').read_text())[
+      'dropout_rate'] == tiny.config.dropout_rate == 0.0
 
 
 def test_padding_does_not_change_logits(tiny, forward):
@@ -329,6 +340,48 @@ def test_a_dropout_rate_outside_0_1_is_refused(rate):
   with pytest.raises(ValueError, match=r'^T5Config\.dropout_rate must be a '
                      r'number in \[0, 1\), got '):
     t5.get_config('tiny', dropout_rate=rate)
+
+
+@pytest.mark.parametrize('buckets, distance', [(2, 128), (3, 128), (32, 16),
+                                               (32, 8)])
+def test_relative_buckets_the_log_spacing_cannot_fill_are_refused(buckets,
+                                                                  distance):
+  """2 buckets had divided by zero at the first forward; a max_distance at
+  or below the exact range gave negative buckets, which index the bias
+  table from its end, silently."""
+  with pytest.raises(ValueError, match=r'^T5Config needs relative_attention_'
+                     r'num_buckets >= 4 and relative_attention_max_distance > '
+                     rf'relative_attention_num_buckets // 2, got {buckets} and '
+                     rf'{distance}\.$'):
+    t5.get_config('tiny', relative_attention_num_buckets=buckets,
+                  relative_attention_max_distance=distance)
+  # The smallest settings that work bucket every distance inside the table.
+  cfg = t5.get_config('tiny', relative_attention_num_buckets=4,
+                      relative_attention_max_distance=3)
+  for bidirectional in (True, False):
+    got = np.asarray(t5.relative_position_bucket(
+        jnp.arange(-40, 41), bidirectional=bidirectional, num_buckets=4,
+        max_distance=3))
+    assert got.min() >= 0 and got.max() < 4
+  assert cfg.relative_attention_num_buckets == 4
+
+
+def test_inputs_of_other_batches_or_ranks_are_refused():
+  """One decoder row had been broadcast over every encoder row (and the
+  reverse), and 1-D tokens had been an IndexError."""
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+  enc, dec = jnp.array([[3, 4, 5, 1], [6, 7, 1, 0]]), jnp.array([[0, 7], [0, 8]])
+  assert model(enc, dec).shape == (2, 2, 128)
+  for e, d, message in (
+      (enc, dec[:1], r'^T5: the decoder tokens have 1 rows but the encoder '
+       r'input had 2; give both the same batch\.$'),
+      (enc[:1], dec, r'^T5: the decoder tokens have 2 rows but the encoder '
+       r'input had 1'),
+      (enc[0], dec[0], r'^T5 encoder tokens must be \[batch, length\], got '
+       r'shape \(4,\)\.$'),
+      (enc, dec[0], r'^T5 decoder tokens must be \[batch, length\]')):
+    with pytest.raises(ValueError, match=message):
+      model(e, d)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_model():
