@@ -26,6 +26,41 @@ def test_missing_seqio_is_one_clear_line(monkeypatch):
   assert "\n" not in str(e.value)
 
 
+def test_bad_arguments_are_refused_at_registration(monkeypatch):
+  """Before seqio is imported: a wrong style or fraction had failed at the
+  first get_dataset, inside seqio; a held_out key spelt another way
+  ('Math') had been passed over, serving GSM8K's test questions."""
+  monkeypatch.setitem(sys.modules, "seqio", None)
+  for kwargs, message in (
+      ({"style": "chat"}, r"^unknown prompt style 'chat'; expected one of "
+       r"alpaca, plain$"),
+      ({"validation_fraction": 2.0}, r"^validation_fraction must be a number "
+       r"in \[0, 1\), got 2.0$"),
+      ({"validation_fraction": "0.1"}, r"^validation_fraction must be"),
+      ({"held_out": {"maths": ("gsm8k",)}}, r"^held_out: unknown task "
+       r"'maths'; expected one of "),
+      ({"held_out": {"math": ("gsm8kk",)}}, r"^held_out: unknown task "
+       r"'gsm8kk'"),
+      ({"held_out": ["gsm8k"]}, r"^held_out must map a task name")):
+    with pytest.raises(ValueError, match=message):
+      seqio_tasks.register_tasks(vocabulary=None, **kwargs)
+  # Keys and values by their canonical names; one task as a string.
+  assert seqio_tasks._held_out_by_task(  # pylint: disable=protected-access
+      {"Math": "GSM8K", "arc-challenge": []}) == {
+          "math": ("gsm8k",), "arc_challenge": ()}
+
+
+def test_the_test_split_is_the_same_for_every_seed():
+  """As in the train loop: arithmetic's test set had been drawn anew for
+  each seed, so each seed of a sweep was scored on other questions."""
+  test = seqio_tasks.split_examples("arithmetic", "test", seed=1)
+  assert test == seqio_tasks.split_examples("arithmetic", "test")
+  assert test == data.load_task("arithmetic", "test")
+  # The seed still draws the training pool (the control).
+  assert seqio_tasks.split_examples("arithmetic", "train", seed=1) != (
+      seqio_tasks.split_examples("arithmetic", "train"))
+
+
 def test_postprocess_and_metrics_without_seqio():
   post = seqio_tasks.postprocess
   assert post("the correct answer is Answer2", kind=formats.CHOICE) == "answer2"
@@ -120,6 +155,10 @@ def test_registered_tasks_give_tokenised_datasets():
   vocab = seqio.ByteVocabulary()
   names = seqio_tasks.register_tasks(vocab, data_dir=DATA_DIR)
   assert names == ["lro_" + n for n in data.task_names()]
+  # None registers every task; [] none, and a string one (not its letters).
+  assert seqio_tasks.register_tasks(vocab, names=[]) == []
+  assert seqio_tasks.register_tasks(vocab, names="BoolQ",
+                                    data_dir=DATA_DIR) == ["lro_boolq"]
 
   task = seqio.get_mixture_or_task("lro_arithmetic")
   assert set(task.splits) == {"train", "validation", "test"}

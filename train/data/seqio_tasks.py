@@ -36,6 +36,7 @@ from train.data import example as example_lib
 from train.data import formats
 from train.data import numbers
 from train.data import tasks as tasks_lib
+from train.data import templates
 from train.errors import first_line
 
 PREFIX = "lro_"
@@ -85,9 +86,14 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
   """
   examples = tasks_lib.load_task(
       task, split, data_dir=data_dir, style=style,
-      validation_fraction=validation_fraction, seed=seed)
+      validation_fraction=validation_fraction,
+      # One test set whatever the seed, as in the train loop: `arithmetic`'s
+      # had been drawn anew for each seed.
+      seed=0 if split == "test" else seed)
   if split == "test" or not held_out:
     return examples
+  if isinstance(held_out, str):  # one task, not its letters
+    held_out = (held_out,)
   held = []
   for other in held_out:
     tasks_lib.get_task(other)  # a name that is no task is an error, not absent
@@ -211,6 +217,25 @@ def _keep_the_end_of_inputs(dataset, sequence_length=None):
   return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _held_out_by_task(held_out: Mapping[str, Sequence[str]]
+                      ) -> dict[str, tuple[str, ...]]:
+  """``held_out`` by canonical task name: a key spelt another way ("Math",
+  an alias) had been passed over silently, serving GSM8K's test questions
+  for training; a string value had been read letter by letter."""
+  if not isinstance(held_out, Mapping):
+    raise ValueError("held_out must map a task name to the tasks whose test "
+                     f"prompts it leaves out, got {type(held_out).__name__}")
+  result = {}
+  try:
+    for key, others in held_out.items():
+      others = (others,) if isinstance(others, str) else tuple(others)
+      result[tasks_lib.get_task(key).name] = tuple(
+          tasks_lib.get_task(other).name for other in others)
+  except ValueError as e:
+    raise ValueError(f"held_out: {first_line(e)}") from None
+  return result
+
+
 def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
                    data_dir: str | os.PathLike[str] | None = None,
                    style: str = "alpaca", validation_fraction: float = 0.1,
@@ -228,7 +253,8 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
       `train.data.default_data_dir()`).
     style: Prompt style ('alpaca' or 'plain').
     validation_fraction: Share of the training data held out as validation.
-    seed: Seed of the validation carve and of `arithmetic`.
+    seed: Seed of the validation carve and of `arithmetic`'s training
+      pool (its test set is the same for every seed, as in the train loop).
     prefix: Prefix of the registered names.
     held_out: Task name -> the tasks whose test prompts its train and
       validation splits leave out (default `HELD_OUT`: math leaves out
@@ -237,9 +263,23 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
   Returns:
     The registered seqio task names.
   """
+  # Checked here: they had failed at the first get_dataset, inside seqio.
+  if style not in templates.STYLES:
+    raise ValueError(f"unknown prompt style {style!r}; expected one of "
+                     f"{', '.join(templates.STYLES)}")
+  if (isinstance(validation_fraction, bool) or
+      not isinstance(validation_fraction, (int, float, np.integer,
+                                           np.floating)) or
+      not 0 <= validation_fraction < 1):
+    raise ValueError("validation_fraction must be a number in [0, 1), got "
+                     f"{validation_fraction!r}")
+  held_out = _held_out_by_task(HELD_OUT if held_out is None else held_out)
+  if isinstance(names, str):  # one name, not its letters
+    names = [names]
   seqio, _ = _import_seqio()
   registered = []
-  for name in names or tasks_lib.task_names():
+  # `[]` registers none (it had registered every task, as None does).
+  for name in tasks_lib.task_names() if names is None else names:
     spec = tasks_lib.get_task(name)
     full_name = prefix + spec.name
     source = seqio.FunctionDataSource(
@@ -247,8 +287,7 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
             _dataset_fn, task=spec.name,
             data_dir=None if data_dir is None else str(data_dir), style=style,
             validation_fraction=validation_fraction, data_seed=seed,
-            held_out=tuple((HELD_OUT if held_out is None else held_out).get(
-                spec.name, ()))),
+            held_out=held_out.get(spec.name, ())),
         splits=SPLITS)
     seqio.TaskRegistry.remove(full_name)
     seqio.TaskRegistry.add(
