@@ -74,7 +74,8 @@ class ModelConfig:
       holding spiece.model).
     dtype: compute dtype: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
       'float32' or 'bfloat16'.
-    param_dtype: storage dtype of the frozen base weights.
+    param_dtype: storage dtype of the frozen base weights: 'auto' (as
+      `dtype` resolves it), 'float32' or 'bfloat16'.
   """
 
   family: str = 'gemma'
