@@ -31,6 +31,7 @@ from models import hf_io, lora
 from models.gemma.gguf_io import GGUFFile, read_gguf
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig, compress_pattern
 from models.gemma.model import Gemma
+from models.layers import check_float_dtypes
 
 # ----------------------------------------------------------------------------
 # Hugging Face config.json
@@ -114,9 +115,18 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
     raise _ConfigError(f'{source}: expected a JSON object, got '
                        f'{type(d).__name__}.')
   if isinstance(d.get('text_config'), dict):  # Gemma 3 4B+ multimodal configs
+    inner = d['text_config'].get('model_type', 'gemma3_text')
+    if d.get('model_type') != 'gemma3' or inner != 'gemma3_text':
+      # A PaliGemma (a prefix LM, its text model Gemma 1 or 2) had loaded
+      # with Gemma 3's defaults: rope_theta 1e6 where its own is 1e4.
+      raise _ConfigError(
+          f'{source}: model_type {_short(d.get("model_type"))} with a '
+          f'text_config of {_short(inner)} is not a Gemma text model (of '
+          "the multimodal checkpoints, only Gemma 3's, model_type 'gemma3', "
+          'are read here, as their text model).')
     # transformers writes only the non-default values of a nested config.
     d = {**_GEMMA3_TEXT_DEFAULTS, **d['text_config'],
-         'model_type': d['text_config'].get('model_type', 'gemma3_text')}
+         'model_type': inner}
   model_type = d.get('model_type')
   if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
     raise _ConfigError(
@@ -170,7 +180,7 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
   width = size('hidden_size')
   num_heads = size('num_attention_heads')
   num_layers = size('num_hidden_layers')
-  if 'layer_types' in d:
+  if d.get('layer_types') is not None:  # null: from the sliding pattern
     layer_types = d['layer_types']
     if not isinstance(layer_types, list):
       raise _ConfigError(f'{source}: layer_types must be a list, got '
@@ -422,6 +432,8 @@ def build_model(config: GemmaConfig, get_tensor: Callable[[_Entry], np.ndarray],
   host array)`` puts each weight where it goes (e.g. sharded over a mesh);
   by default on the default device.
   """
+  # Before eval_shape, whose traceback note would follow Gemma's error.
+  check_float_dtypes('Gemma', dtype=dtype, param_dtype=param_dtype)
   model = nnx.eval_shape(lambda: Gemma(config, dtype=dtype,
                                        param_dtype=param_dtype,
                                        rngs=nnx.Rngs(0)))
