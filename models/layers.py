@@ -133,6 +133,21 @@ class Projection(nnx.Module):
     return y
 
 
+def check_float_dtypes(who: str, **dtypes) -> None:
+  """Refuses a ``dtype=`` / ``param_dtype=`` that is not floating, naming
+  it: an int32 compute dtype had made every activation 0 (the embedding
+  times sqrt(width) cast to int), and an int8 param dtype failed in the
+  random initialiser's message."""
+  for name, value in dtypes.items():
+    try:
+      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f'{who}: {name} must be a floating dtype (float32 or '
+                       f'bfloat16), got {value!r}.')
+
+
 def check_cache_room(size: int, index, t: int) -> None:
   """Refuses a KV-cache write of ``t`` tokens at ``index`` past ``size``.
 

@@ -45,8 +45,8 @@ from flax import nnx
 
 from lora_rite_optax import checks
 from models import hf_io, lora
-from models.layers import (Projection, check_cache_room, check_token_ids,
-                           shard_batch)
+from models.layers import (Projection, check_cache_room, check_float_dtypes,
+                           check_token_ids, shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -413,6 +413,7 @@ class T5(nnx.Module):
 
   def __init__(self, config: T5Config, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
+    check_float_dtypes('T5', dtype=dtype, param_dtype=param_dtype)
     self.config = config
     self.dtype = dtype
     self.embedding = _param(
@@ -812,7 +813,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   # HF may write the embedding only under a tied alias.
   embed_name = next((n for n in ('shared.weight',) + _TIED_ALIASES
                      if n in tensors), 'shared.weight')
-  # Build without random init (a large model would not fit twice), then fill.
+  # Build without random init (a large model would not fit twice), then fill;
+  # the dtypes checked first, as eval_shape would add its traceback note.
+  check_float_dtypes('T5', dtype=dtype, param_dtype=param_dtype)
   model = nnx.eval_shape(lambda: T5(config, dtype=dtype, param_dtype=param_dtype,
                                     rngs=nnx.Rngs(0)))
   # The original T5 checkpoints hold a cross-attention position bias no

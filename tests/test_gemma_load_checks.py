@@ -12,11 +12,15 @@ import json
 import shutil
 import struct
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from models import gemma
+from models import t5
+from models.gemma.config import GLOBAL, LOCAL
 from models.gemma import load as gemma_load
 from tests import gguf_files
 from tests.test_gemma_model import (_model, _one_line, _params, _tiny,
@@ -260,6 +264,64 @@ def test_malformed_config_json_values(hf, change, match):
   path = _edit_config(hf, **change)
   msg = _refused(hf, match)
   assert msg.startswith(f'{path}: '), msg
+
+
+def test_multimodal_configs_other_than_gemma3_are_refused():
+  """A PaliGemma (a prefix LM over Gemma 1 or 2) had loaded with Gemma 3's
+  defaults: global RoPE at 1e6 where its own is 1e4, silently."""
+  from models.gemma import load  # pylint: disable=g-import-not-at-top
+  text = {'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+          'num_attention_heads': 2, 'num_key_value_heads': 1, 'head_dim': 16,
+          'vocab_size': 64}
+  assert load.config_from_hf({'model_type': 'gemma3', 'text_config': text}
+                             ).rope_base_global == 1e6
+  for outer, inner in (('paligemma', 'gemma2'), ('paligemma', None),
+                       ('gemma3', 'gemma'), (None, 'gemma3_text')):
+    config = {'text_config': dict(text, **({} if inner is None else
+                                           {'model_type': inner}))}
+    if outer is not None:
+      config['model_type'] = outer
+    with pytest.raises(ValueError, match=r'^config.json: model_type .* with a '
+                       r'text_config of .* is not a Gemma text model') as e:
+      load.config_from_hf(config)
+    assert '\n' not in str(e.value)
+
+
+def test_null_layer_types_follow_the_sliding_pattern():
+  """transformers reads layer_types null as "from the sliding window
+  pattern"; it had been refused as not a list."""
+  from models.gemma import load  # pylint: disable=g-import-not-at-top
+  base = {'model_type': 'gemma3_text', 'vocab_size': 64, 'hidden_size': 32,
+          'intermediate_size': 64, 'num_hidden_layers': 6,
+          'num_attention_heads': 2, 'head_dim': 16}
+  for extra, pattern in (({}, (LOCAL,) * 5 + (GLOBAL,)),
+                         ({'sliding_window_pattern': 3},
+                          (LOCAL, LOCAL, GLOBAL))):
+    config = load.config_from_hf({**base, **extra, 'layer_types': None})
+    assert config == load.config_from_hf({**base, **extra})
+    assert config.layer_types == pattern * (6 // len(pattern))
+
+
+def test_a_dtype_that_is_not_floating_is_refused(hf):
+  """int32 compute had made every logit 0 (the scaled embedding cast to
+  int); an int8 param dtype failed in the random initialiser's words."""
+  for kwargs, message in (
+      ({'dtype': jnp.int32}, r"^Gemma: dtype must be a floating dtype "
+       r"\(float32 or bfloat16\), got <class 'jax.numpy.int32'>\.$"),
+      ({'param_dtype': 'int8'}, r"^Gemma: param_dtype must be a floating "
+       r"dtype \(float32 or bfloat16\), got 'int8'\.$"),
+      ({'dtype': 'float33'}, r"^Gemma: dtype must be a floating dtype")):
+    with pytest.raises(ValueError, match=message):
+      gemma.from_pretrained(hf, **kwargs)
+  with pytest.raises(ValueError, match=r'^T5: dtype must be a floating'):
+    t5.T5(t5.get_config('tiny'), dtype=jnp.int32, rngs=nnx.Rngs(0))
+  t5_dir = t5.save_pretrained(t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0)),
+                              hf.parent / 't5')
+  with pytest.raises(ValueError, match=r"^T5: param_dtype must be a floating "
+                     r"dtype \(float32 or bfloat16\), got 'int8'\.$"):
+    t5.from_pretrained(t5_dir, param_dtype='int8')
+  # float16 is floating: it builds.
+  assert gemma.from_pretrained(hf, dtype=jnp.float16).dtype == jnp.float16
 
 
 def test_config_json_that_is_not_an_object(hf):

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import (Projection, check_cache_room, check_token_ids,
-                           first_outside, shard_batch)
+from models.layers import (Projection, check_cache_room, check_float_dtypes,
+                           check_token_ids, first_outside, shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -245,6 +245,7 @@ class Gemma(nnx.Module):
 
   def __init__(self, config: GemmaConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    check_float_dtypes('Gemma', dtype=dtype, param_dtype=param_dtype)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     c = config
     self.config = c
