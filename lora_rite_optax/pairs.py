@@ -140,7 +140,17 @@ def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
                      f'{checks.shown(layout)}.')
 
   def checked(path: str) -> LoraLayout:
-    lay = layout(path)
+    try:
+      lay = layout(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # The user's function, called on every prefix of every leaf's path
+      # (the factor keys to look for come from the layout): a table of
+      # pair paths had raised a bare KeyError from inside find_lora_pairs.
+      raise ValueError(
+          f'the layout function raised {type(e).__name__} '
+          f'({checks.shown(str(e))}) for path {path!r}; it is called with '
+          "every prefix of every leaf's path ('' for the root), so it must "
+          'return a LoraLayout for any path, e.g. a default.') from None
     if not isinstance(lay, LoraLayout):
       raise ValueError(f'the layout function returned {checks.shown(lay)} '
                        f'for path {path!r}; it must return a LoraLayout.')
@@ -180,8 +190,10 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
   Args:
     tree: a pytree of arrays (or ``jax.ShapeDtypeStruct``); ``None`` and
       ``optax.MaskedNode`` leaves (from ``optax.masked``) are ignored.
-    layout: a :class:`LoraLayout`, or a function from a pair's path
-      (``'layers/0/attn/q'``) to its layout, for trees that mix layouts
+    layout: a :class:`LoraLayout`, or a function from a path
+      (``'layers/0/attn/q'``) to its layout, for trees that mix layouts;
+      it is called with every prefix of every leaf's path (the factor keys
+      it names are what marks a pair), so it returns a layout for any path
       (``optax.inject_hyperparams`` takes a function for a schedule: pass
       ``static_args=('layout',)`` to an optimizer given one).
     who: the optimizer's name, used in error messages.

@@ -532,6 +532,15 @@ _TREE = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
      r"layout must be a LoraLayout .* got 'peft'"),
     (lambda: lro.find_lora_pairs(_TREE, lambda path: None),
      r"the layout function returned None for path 'q'"),
+    # A table of the pair paths only: it had raised a bare KeyError from
+    # inside find_lora_pairs (it is called with every prefix).
+    (lambda: lro.lora_rite(1e-3, layout={'q': lro.PEFT_LAYOUT}.__getitem__
+                           ).init({'q': {'lora_A': {'weight': jnp.ones((2, 4))},
+                                         'lora_B': {'weight': jnp.ones((3, 2))}}}),
+     r"the layout function raised KeyError \(\"'q/lora_A'\"\) for path "
+     r"'q/lora_A'; it is called with every prefix of every leaf's path \('' "
+     r"for the root\), so it must return a LoraLayout for any path, e\.g\. a "
+     r"default\.$"),
     (lambda: lro.lora_rite(1e-3).init({'lora_a': 1.0, 'lora_b': 2.0}),
      r"lora_rite: factor 'lora_a' must be an array, got float"),
     # A pair at the root of the tree: named as such, not '' or '/lora_a'.
