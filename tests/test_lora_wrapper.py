@@ -175,10 +175,25 @@ def test_merge_equals_unmerged():
 def test_every_init_runs(base_logits):
   for init in ('gaussian', 'pissa'):
     model = _t5()
+    w0 = {p: np.asarray(proj.kernel[...])
+          for p, proj in lora.select(model, ('q', 'wo')).items()}
     lora.apply_lora(model, ('q', 'wo'), rank=4, init=init)
     # B = 0 (gaussian) or W_res + s A B = W0 (PiSSA): the output is kept.
     np.testing.assert_allclose(fwd(model, ENC, DEC), base_logits, atol=1e-4)
     assert float(jnp.abs(model.encoder.layers[0].self_attn.q.lora.lora_a[...]).max()) > 0
+    if init == 'pissa':
+      # Each pair is PiSSA of its own kernel (the top-4 singular directions,
+      # the residual in the kernel): a random A with B = 0 keeps the output
+      # too, and had passed the checks above.
+      for p, proj in lora.select(model, ('q', 'wo')).items():
+        n_in, n_out = math.prod(proj.in_shape), math.prod(proj.out_shape)
+        a, b, w_res = lro_init.pissa(w0[p].reshape(n_in, n_out), 4,
+                                     proj.lora.scale)
+        for got, want in ((proj.lora.lora_a[...].reshape(n_in, 4), a),
+                          (proj.lora.lora_b[...].reshape(4, n_out), b),
+                          (proj.kernel[...].reshape(n_in, n_out), w_res)):
+          np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                                     err_msg=p)
   model = _t5()
   # A loss linear in the batch's weight w: the mean over w = 1, 3 (the
   # third batch is past num_batches) equals the gradient at w = 2.

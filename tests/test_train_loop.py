@@ -433,6 +433,11 @@ def test_every_optimizer_builds_with_the_guard(name):
   updates, state = tx.update(grads, state, params)
   assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
   assert float(schedule(0)) == 0.0
+  # The guard itself: a NaN gradient is a zero step, and counted.
+  nan = jax.tree.map(lambda g: g.at[0, 0].set(jnp.nan), grads)
+  updates, state = tx.update(nan, state, params)
+  assert all(float(jnp.abs(u).sum()) == 0 for u in jax.tree.leaves(updates))
+  assert int(step_lib.nonfinite_counts(state)[1]) == 1
 
 
 def test_update_magnitudes_skip_zero_factors():
