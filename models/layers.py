@@ -85,11 +85,14 @@ class Projection(nnx.Module):
       (``in_shape + out_shape``), used by the trainer to place it on a mesh.
     use_bias: add a bias of shape ``out_shape``.
     dtype: compute dtype; params are stored in ``param_dtype``.
+    out_dtype: dtype the products accumulate into and ``y`` has (default
+      ``dtype``): float32 for an output head, whose logits bfloat16 would
+      round.
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *,
                axes: Sequence[str | None], use_bias: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32,
+               dtype=jnp.float32, param_dtype=jnp.float32, out_dtype=None,
                kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
     self.in_shape = tuple(in_shape)
     self.out_shape = tuple(out_shape)
@@ -109,27 +112,31 @@ class Projection(nnx.Module):
                            eager_sharding=False)
                  if use_bias else None)
     self.dtype = dtype
+    self.out_dtype = out_dtype
     # Set by models.lora.apply_lora; nnx.data so NNX treats it as a subtree.
     self.lora: LoRAWeights | None = nnx.data(None)
 
-  def _contract(self, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+  def _contract(self, x: jax.Array, w: jax.Array, n_in: int,
+                out_dtype=None) -> jax.Array:
     """x[..., i1..in] . w[i1..in, o...] with the trailing n_in axes of x."""
     batch = _letters(x.ndim - n_in, 0)
     ins = _letters(n_in, 26)
     outs = _letters(w.ndim - n_in, 26 + n_in)
-    return jnp.einsum(f'{batch}{ins},{ins}{outs}->{batch}{outs}', x, w)
+    return jnp.einsum(f'{batch}{ins},{ins}{outs}->{batch}{outs}', x, w,
+                      preferred_element_type=out_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     n_in = len(self.in_shape)
-    y = self._contract(x, self.kernel[...].astype(self.dtype), n_in)
+    out = self.out_dtype
+    y = self._contract(x, self.kernel[...].astype(self.dtype), n_in, out)
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(y.dtype)
     if self.lora is not None and not self.lora.merged:
       xa = self.lora.dropout(x) if self.lora.dropout is not None else x
       h = self._contract(xa, self.lora.lora_a[...].astype(self.dtype), n_in)
       y = y + self.lora.scale * self._contract(
-          h, self.lora.lora_b[...].astype(self.dtype), 1)
+          h, self.lora.lora_b[...].astype(self.dtype), 1, out)
     return y
 
 

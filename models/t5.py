@@ -422,9 +422,12 @@ class T5(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.encoder = Stack(config, decoder=False, **kw)
     self.decoder = Stack(config, decoder=True, **kw)
+    # Logits accumulate in float32: bfloat16 had rounded them (steps of
+    # 0.125-0.25 at 20-50), and with them the loss and every eval score.
     self.lm_head = (None if config.tie_word_embeddings else Projection(
         (config.d_model,), (config.vocab_size,), axes=('embed', 'vocab'),
-        kernel_init=_normal(config.d_model ** -0.5), **kw))
+        kernel_init=_normal(config.d_model ** -0.5), out_dtype=jnp.float32,
+        **kw))
 
   def _embed(self, tokens: jax.Array, who: str) -> jax.Array:
     # Eager calls only (a tracer is not read): an id outside the vocabulary
@@ -489,7 +492,9 @@ class T5(nnx.Module):
     x = self.decoder._drop(self.decoder.final_norm(x))
     if self.lm_head is None:
       x = x * self.config.d_model ** -0.5
-      logits = jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(self.dtype))
+      logits = jnp.einsum('btd,vd->btv', x,
+                          self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models import hf_io, t5
+from models import hf_io, lora, t5
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'data'))
 import t5_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -382,6 +382,20 @@ def test_inputs_of_other_batches_or_ranks_are_refused():
       (enc, dec[0], r'^T5 decoder tokens must be \[batch, length\]')):
     with pytest.raises(ValueError, match=message):
       model(e, d)
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_bfloat16_logits_are_not_rounded_to_bfloat16(tied):
+  """The head accumulates in float32, as Gemma's does: the logits (and the
+  loss and every eval score from them) had been bfloat16 values."""
+  model = t5.T5(t5.get_config('tiny', tie_word_embeddings=tied),
+                dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  if not tied:
+    lora.apply_lora(model, 'lm_head', rank=2, rngs=nnx.Rngs(1))
+  logits = model(jnp.array([[5, 6, 7, 1, 0, 0]]), jnp.array([[0, 8, 9, 10]]))
+  assert logits.dtype == jnp.float32
+  rounded = logits.astype(jnp.bfloat16).astype(jnp.float32)
+  assert float(jnp.mean(logits != rounded)) > 0.5
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_by_the_model():
