@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_rite_optax import checks
+
 
 # The mesh axes a batch's rows are split over (data parallelism and FSDP).
 BATCH_AXES = ('data', 'fsdp')
@@ -153,6 +155,16 @@ def check_float_dtypes(who: str, **dtypes) -> None:
     if not ok:
       raise ValueError(f'{who}: {name} must be a floating dtype (float32 or '
                        f'bfloat16), got {value!r}.')
+
+
+def check_cache_sizes(who: str, **sizes) -> None:
+  """Refuses a cache size that is not an int >= 1, naming it: 0 had
+  failed in an empty reduction at the first call, and -3 or 2.5 in
+  jax's shape errors."""
+  for name, value in sizes.items():
+    if not checks.is_integer(value) or value < 1:
+      raise ValueError(f'{who}: {name} must be an int >= 1, got '
+                       f'{checks.shown(value)}.')
 
 
 def check_cache_room(size: int, index, t: int) -> None:

@@ -45,8 +45,8 @@ from flax import nnx
 
 from lora_rite_optax import checks
 from models import hf_io, lora
-from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_token_ids, shard_batch)
+from models.layers import (Projection, check_cache_room, check_cache_sizes,
+                           check_float_dtypes, check_token_ids, shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -522,6 +522,8 @@ def init_cache(model: T5, batch_size: int, max_length: int,
   plainly, all of it sat on the first device until the first step (an
   mT5-XXL evaluation batch's cache is gigabytes).
   """
+  check_cache_sizes('init_cache', batch_size=batch_size,
+                    max_length=max_length)
   c = model.config
   shape = (batch_size, max_length, c.num_heads, c.d_kv)
   sharding = getattr(like, 'sharding', None)

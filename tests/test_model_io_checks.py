@@ -490,10 +490,30 @@ def test_sampler_refuses_bad_settings():
                                          r'\), got \[3, 4\]'),
                             (None, 2, 'got None'),
                             ([[3, 4]], 2.0, 'max_new_tokens must be an int, '
-                             'got 2.0')):
+                             'got 2.0'),
+                            # 3.9 had been read as id 3 and True as 1.
+                            ([[2, 3.9]], 2, r'^Sampler prompt ids must be '
+                             r'integers, got float64 ids \[2, 3.9\]\.$'),
+                            ([[True, False]], 2, 'got bool ids')):
     with pytest.raises(ValueError, match=match) as e:
       sampler(prompts, n)
     _one_line(e)
+  # A cache of 0 rows or tokens had failed in an empty reduction at the
+  # first call, an int one held truncated keys (wrong logits, silently).
+  config = sampler.config
+  for args, match in (((config, 1, 0), r'^init_cache: cache_size must be an '
+                       r'int >= 1, got 0\.$'),
+                      ((config, 0, 4), 'batch_size must be an int >= 1'),
+                      ((config, 1, 2.5), 'cache_size must be an int >= 1, '
+                       'got 2.5'),
+                      ((config, 1, 4, jnp.int32), r'^init_cache: dtype must '
+                       'be a floating dtype')):
+    with pytest.raises(ValueError, match=match) as e:
+      gemma.init_cache(*args)
+    _one_line(e)
+  with pytest.raises(ValueError, match=r'^init_cache: max_length must be an '
+                     r'int >= 1, got 0\.$'):
+    t5.init_cache(t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0)), 1, 0)
   # 0 had divided by zero at the first call, -16 failed in numpy.
   for pad in (0, -16, 2.0):
     with pytest.raises(ValueError, match='pad_multiple must be an int >= 1, '

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_token_ids, first_outside, shard_batch)
+from models.layers import (Projection, check_cache_room, check_cache_sizes,
+                           check_float_dtypes, check_token_ids, first_outside,
+                           shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -103,6 +104,9 @@ class Cache:
 def init_cache(config: GemmaConfig, batch_size: int, cache_size: int,
                dtype=jnp.float32) -> Cache:
   """An empty cache for ``batch_size`` rows of up to ``cache_size`` tokens."""
+  check_cache_sizes('init_cache', batch_size=batch_size, cache_size=cache_size)
+  # An int cache had held truncated keys and values: wrong logits, silently.
+  check_float_dtypes('init_cache', dtype=dtype)
   shape = (batch_size, cache_size, config.num_kv_heads, config.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return Cache(k=zeros, v=zeros,

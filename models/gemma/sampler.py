@@ -293,7 +293,12 @@ class Sampler:
           raise ValueError('Sampler got a text prompt but no tokenizer.')
         ids.append(self.tokenizer.encode(pr))
       else:
-        ids.append([int(t) for t in pr])
+        row = np.asarray(pr)
+        if row.size and not np.issubdtype(row.dtype, np.integer):
+          # 3.9 had been read as id 3 and True as 1 (the model refuses both).
+          raise ValueError(f'Sampler prompt ids must be integers, got '
+                           f'{row.dtype} ids {checks.shown(pr)}.')
+        ids.append([int(t) for t in row])
     if not ids or min(len(x) for x in ids) == 0:
       raise ValueError('Sampler prompts must be non-empty.')
     for x in ids:
