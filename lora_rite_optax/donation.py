@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -90,6 +91,13 @@ class _Lowered:
 
   def as_text(self, *a, **kw):
     return self._lowered.as_text(*a, **kw)
+
+  # Those that do not describe the outputs, whose order here is reordered.
+  def compiler_ir(self, *a, **kw):
+    return self._lowered.compiler_ir(*a, **kw)
+
+  def cost_analysis(self):
+    return self._lowered.cost_analysis()
 
   def compile(self, *a, **kw):
     compiled = self._lowered.compile(*a, **kw)
@@ -168,7 +176,10 @@ def donating_jit(fun: Callable[..., Any], *,
   params as they were) are given that input's buffer, and the outputs whose
   buffer that was get the freed one, so XLA copies nothing. Results are
   exactly those of ``jax.jit``; only which donated buffer holds which output
-  changes. On XLA:CPU this removed three copies of every factor from each
+  changes (with ``out_shardings``, applied as sharding constraints, XLA
+  may round differently). Unused arguments are kept (``keep_unused``):
+  an argument must not share a buffer with a donated one even where
+  ``fun`` does not read it. On XLA:CPU this removed three copies of every factor from each
   LoRA-RITE step on the Gemma-2B LoRA tree (79 ms instead of 105 ms, see
   ``benchmarks/optimizer_step.py``). On an H200 (jax 0.11.2) the same
   reordering made the step slower, 20.5 ms against 9.6 ms under
@@ -194,9 +205,12 @@ def donating_jit(fun: Callable[..., Any], *,
 
   Returns:
     A function with ``fun``'s signature and outputs, a ``lower(*args)``
-    whose ``compile()`` is callable the same way, and
+    (``as_text``, ``compiler_ir``, ``cost_analysis``) whose ``compile()``
+    is callable the same way (``as_text``, ``memory_analysis``,
+    ``cost_analysis``), ``eval_shape(*args)``, ``clear_cache()``, and
     ``reorders_outputs(*args)``: whether a call with ``args`` reorders (so
-    that a benchmark or log can say which buffer pairing it ran).
+    that a benchmark or log can say which buffer pairing it ran). Other
+    attributes of ``jax.jit``'s stages are not there.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -235,17 +249,40 @@ def donating_jit(fun: Callable[..., Any], *,
   # Unused inputs would otherwise be pruned from the compiled computation,
   # shifting the in-order pairing the plan relies on.
   jit_kwargs.setdefault('keep_unused', True)
+  # The emitted order and output structure of each call signature, read
+  # after each call to put the outputs back. A trace stores under the key
+  # its call computed (`tracing.key`): one computed inside the trace had
+  # missed for a pytree whose aux data compares by identity, a KeyError
+  # after the inputs were donated. The first order stored for a key stays:
+  # jax.jit retraces a signature under another mesh or config, and a second
+  # order had been applied to the first trace's executable, swapping outputs.
   plans: dict[Any, tuple[list[int], Any]] = {}
+  tracing = threading.local()
 
   def signature(leaves, treedef) -> tuple:
-    """What a trace is made for, the same inside it and at the call."""
+    """What a trace is made for, as its call sees it."""
     return treedef, tuple(map(_aval_key, leaves))
 
   def traced(reorder: bool):
     def reordered(*args):
       outs = fun(*args)
       leaves, treedef = jax.tree.flatten(outs)
-      if reorder:
+      key = tracing.key
+      for j, x in enumerate(leaves):
+        try:
+          jax.typeof(x)
+        except TypeError:  # jax's own words had called it an argument
+          raise TypeError(
+              f'donating_jit: output {j} of {getattr(fun, "__name__", fun)} '
+              f'is of type {type(x).__name__}, not a JAX type.') from None
+      if key in plans:
+        order, first = plans[key]
+        if first != treedef:
+          raise ValueError(
+              f'donating_jit: {getattr(fun, "__name__", fun)} returned '
+              'another output structure for arguments of the same shapes '
+              '(under another mesh or config?); use jax.jit for it.')
+      elif reorder:
         donated = [x for n in donate for x in jax.tree.leaves(args[n])]
         order = _plan(donated, leaves)
       else:
@@ -257,7 +294,7 @@ def donating_jit(fun: Callable[..., Any], *,
             is_leaf=lambda x: x is None)
         leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s)
                   for x, s in zip(leaves, shardings)]
-      plans[reorder, signature(*jax.tree.flatten(args))] = (order, treedef)
+      plans.setdefault(key, (order, treedef))
       return [leaves[j] for j in order]
     return jax.jit(reordered, donate_argnums=donate, **jit_kwargs)
 
@@ -295,17 +332,33 @@ def donating_jit(fun: Callable[..., Any], *,
     reorder = choose(leaves)
     return reorder, (reorder, signature(leaves, treedef))
 
+  def run(method, key, args):
+    """``method(*args)`` with ``key`` where a trace it makes reads it."""
+    outer = getattr(tracing, 'key', None)
+    tracing.key = key
+    try:
+      return method(*args)
+    finally:
+      tracing.key = outer
+
   @functools.wraps(fun)
   def call(*args, **kwargs):
     # The signature is taken before the call: donation deletes the inputs.
     reorder, key = prepare(args, kwargs)
-    return restorer(key)(jitted[reorder](*args))
+    return restorer(key)(run(jitted[reorder], key, args))
 
   def lower(*args, **kwargs):
     reorder, key = prepare(args, kwargs)
-    return _Lowered(jitted[reorder].lower(*args), restorer(key))
+    return _Lowered(run(jitted[reorder].lower, key, args), restorer(key))
+
+  def clear_cache():
+    for j in jitted.values():
+      j.clear_cache()
+    plans.clear()
 
   call.lower = lower
+  call.eval_shape = lambda *args: jax.eval_shape(fun, *args)
+  call.clear_cache = clear_cache
   call.reorders_outputs = lambda *args: choose(jax.tree.leaves(args))
   # As jax.jit's private counter, for tests that a step does not recompile.
   call._cache_size = lambda: sum(  # pylint: disable=protected-access

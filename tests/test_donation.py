@@ -309,3 +309,74 @@ def test_out_shardings_decide_where_no_argument_is_committed(monkeypatch):
                           out_shardings=device)
   np.testing.assert_array_equal(step(np.ones(3, np.float32)), 2.0)
   assert seen == [device]
+
+
+def test_a_retrace_under_a_mesh_keeps_the_first_traces_outputs_in_place():
+  """jax.jit retraces a signature under a mesh: the second trace's output
+  order had replaced the first's, and a later call without the mesh, which
+  runs the first executable, came back with its outputs swapped."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('d',))
+
+  def step(p):
+    if jax.sharding.get_abstract_mesh().empty:
+      return p + 1, p  # the donated input returned: reordered
+    return p + 1, jax.lax.with_sharding_constraint(
+        p * 1.0, jax.sharding.PartitionSpec())
+
+  for reorder in (True, False):
+    fast = lro.donating_jit(step, donate_argnums=0, reorder_outputs=reorder)
+    got = [fast(jnp.zeros(4))]
+    with jax.set_mesh(mesh):
+      got.append(fast(jnp.zeros(4)))
+    got.append(fast(jnp.zeros(4)))
+    for new, old in got:
+      np.testing.assert_array_equal(new, 1.0)
+      np.testing.assert_array_equal(old, 0.0)
+
+
+def test_arguments_whose_tree_compares_by_identity_keep_their_outputs():
+  """A pytree whose aux data compares by identity flattens to another
+  treedef inside the trace: the plan had been looked up under a key the
+  call never made, a KeyError after the inputs were donated."""
+
+  class Meta:
+    pass
+
+  @jax.tree_util.register_pytree_node_class
+  class Box:
+    def __init__(self, x, meta=None):
+      self.x, self.meta = x, meta
+
+    def tree_flatten(self):
+      return (self.x,), Meta()
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+      return cls(children[0], aux)
+
+  fast = lro.donating_jit(lambda b: (Box(b.x + 1), b.x), donate_argnums=0,
+                          reorder_outputs=True)
+  for _ in range(2):
+    new, old = fast(Box(jnp.ones(3)))
+    np.testing.assert_array_equal(new.x, 2.0)
+    np.testing.assert_array_equal(old, 1.0)
+
+
+def test_what_it_answers_beside_a_call():
+  fast = lro.donating_jit(lambda p: (p + 1, 'tag'), donate_argnums=0,
+                          reorder_outputs=True)
+  p = jnp.ones(3)
+  with pytest.raises(TypeError, match=r"^donating_jit: output 1 of <lambda> "
+                     r"is of type str, not a JAX type\."):
+    fast(p)
+  assert not p.is_deleted()  # refused while tracing: nothing was donated
+  step = lro.donating_jit(lambda p, s: (p * 2, s + p), donate_argnums=(0, 1))
+  shapes = step.eval_shape(p, p)
+  assert [x.shape for x in shapes] == [(3,), (3,)]
+  lowered = step.lower(p, p)
+  assert 'stablehlo' in str(lowered.compiler_ir())
+  np.testing.assert_array_equal(step(jnp.ones(3), jnp.ones(3))[1], 2.0)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  step.clear_cache()
+  assert step._cache_size() == 0  # pylint: disable=protected-access
+  np.testing.assert_array_equal(step(jnp.ones(3), jnp.ones(3))[0], 2.0)
