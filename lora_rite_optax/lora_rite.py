@@ -158,7 +158,8 @@ class _View(NamedTuple):
     """x^T y over the long axis, (slices, r, r)."""
     long_axis = 2 if self.rank_first else 1
     return jax.lax.dot_general(x, y, (((long_axis,), (long_axis,)),
-                                      ((0,), (0,))), precision=precision)
+                                      ((0,), (0,))), precision=precision,
+                               out_sharding=placement.reduced_sharding(x, (0,)))
 
   def times(self, x: jax.Array, k: jax.Array, precision) -> jax.Array:
     """x k for an (slices, r, r) k, in the view's own layout."""
@@ -311,7 +312,11 @@ def scale_by_lora_rite(
       # dict and tree_map_params hands that dict to transform_non_params.
       # Three arrays, not one: a donated state must not hold a buffer twice.
       nu, escaped, rinv = (jnp.zeros((0,), jnp.float32) for _ in range(3))
-    return ScaleByLoraRiteState(count=jnp.zeros([], jnp.int32), mu=mu,
+    # The count beside them: uncommitted on device 0, it made the first
+    # jitted update's outputs another placement, and the second compile.
+    count = placement.replicated_zeros(
+        (), jnp.int32, [l for _, l in leaves if not pairs_lib._is_empty(l)])  # pylint: disable=protected-access
+    return ScaleByLoraRiteState(count=count, mu=mu,
                                 basis=basis, nu=nu, escaped=escaped,
                                 rinv=rinv)
 
@@ -347,6 +352,16 @@ def scale_by_lora_rite(
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_paths = pairs_lib.flatten(params)[0]
+    # Explicit mesh axes: the Grams name their output's sharding, which
+    # serves 2-D factors; stacked and n-D ones need more (not yet done).
+    placement.refuse_explicit(
+        'scale_by_lora_rite',
+        [param_paths[i][1] for pair in paired.pairs
+         if pair.layout.batch_axes or
+         jnp.ndim(param_paths[pair.a_index][1]) > 2 or
+         jnp.ndim(param_paths[pair.b_index][1]) > 2
+         for i in (pair.a_index, pair.b_index)],
+        'stacked or n-D factors')
     param_leaves = [l for _, l in param_paths]
     try:
       grad_leaves = paired.treedef.flatten_up_to(updates)

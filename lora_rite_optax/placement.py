@@ -11,15 +11,17 @@ traced leaves are not placed.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def _mesh_sharding(leaf: Any) -> NamedSharding | None:
-  """``leaf``'s sharding where it is a concrete array placed on a mesh.
+def _placed(leaf: Any) -> jax.sharding.Sharding | None:
+  """``leaf``'s sharding where it is a concrete array placed on a mesh, or
+  committed to a device (``jax.device_put`` to a device: the state had gone
+  to the default device, and the first jitted update moved it).
 
   Only those: zeros committed to a single device, where the params were
   not, made a jitted step compile again at its second call (its outputs
@@ -28,22 +30,71 @@ def _mesh_sharding(leaf: Any) -> NamedSharding | None:
   if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
     sharding = leaf.sharding
     if isinstance(sharding, NamedSharding):
+      # Without trailing Nones, as a jitted step writes its outputs: a
+      # spec ('fsdp', None) is the same placement, but another jit cache
+      # key, and the second call compiled again.
+      spec = list(sharding.spec)
+      while spec and spec[-1] is None:
+        spec.pop()
+      return NamedSharding(sharding.mesh, PartitionSpec(*spec),
+                           memory_kind=sharding.memory_kind)
+    if leaf.committed:
       return sharding
   return None
 
 
 def zeros_like(leaf: Any, dtype) -> jax.Array:
-  """Zeros of ``leaf``'s shape in ``dtype``, on ``leaf``'s mesh sharding."""
-  return jnp.zeros(leaf.shape, dtype, device=_mesh_sharding(leaf))
+  """Zeros of ``leaf``'s shape in ``dtype``, placed as ``leaf`` is."""
+  return jnp.zeros(leaf.shape, dtype, device=_placed(leaf))
 
 
 def replicated_zeros(shape, dtype, like: Iterable[Any]) -> jax.Array:
   """Zeros of ``shape``, replicated over the mesh of the first of ``like``
-  placed on one (else where ``jnp.zeros`` puts them): the small statistics
-  of factors sharded over a mesh."""
+  placed on one, or on the device it is committed to (else where
+  ``jnp.zeros`` puts them): the small statistics of factors sharded over a
+  mesh, and the step count."""
   for leaf in like:
-    sharding = _mesh_sharding(leaf)
-    if sharding is not None:
+    sharding = _placed(leaf)
+    if isinstance(sharding, NamedSharding):
       return jnp.zeros(shape, dtype,
                        device=NamedSharding(sharding.mesh, PartitionSpec()))
+    if sharding is not None:
+      return jnp.zeros(shape, dtype, device=sharding)
   return jnp.zeros(shape, dtype)
+
+
+def _explicit(leaf: Any):
+  """``leaf``'s sharding where its mesh has Explicit axes (``jax.make_mesh``'s
+  default in jax 0.10); else None (Auto axes: the partitioner chooses)."""
+  sharding = getattr(jax.typeof(leaf), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is None or mesh.empty or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
+def reduced_sharding(x: Any, kept: Sequence[int]) -> PartitionSpec | None:
+  """The ``out_sharding`` of a product contracting ``x``'s long axis into
+  ``r x r`` results: the axes ``kept`` (stacked layers) as in ``x``, the
+  rest replicated. None under Auto axes; Explicit ones refuse to guess (a
+  ShardingTypeError at the first update)."""
+  sharding = _explicit(x)
+  if sharding is None:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
+  return PartitionSpec(*(spec[d] for d in kept), None, None)
+
+
+def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
+  """One line for ``leaves`` sharded over Explicit mesh axes, which the
+  update cannot take yet (its products contract sharded axes without
+  naming their output's sharding): it had been a ShardingTypeError from
+  inside it."""
+  for leaf in leaves:
+    sharding = _explicit(leaf)
+    if sharding is not None and any(a is not None for a in sharding.spec):
+      raise ValueError(
+          f'{who}: {what} sharded over Explicit mesh axes are not supported; '
+          'make the mesh with Auto axes (jax.make_mesh(..., axis_types=(jax.'
+          'sharding.AxisType.Auto,) * n), or jax.sharding.Mesh).')

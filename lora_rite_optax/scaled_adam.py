@@ -96,6 +96,7 @@ def scale_by_riemannian_precond(
     paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
     grads, treedef = pairs_lib.flatten(updates)
     values, params_treedef = pairs_lib.flatten(params)
+    placement.refuse_explicit('scaled_adam', [x for _, x in values], 'params')
     # The factors are read by leaf index: other params would precondition
     # each gradient with another pair's factors.
     if params_treedef != treedef:
@@ -180,7 +181,8 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   def init_fn(params):
     zeros = lambda p: placement.zeros_like(p, casting.compute_dtype(p.dtype))
     return ScaleByAdamAuthorsState(
-        count=jnp.zeros([], jnp.int32),
+        count=placement.replicated_zeros((), jnp.int32,
+                                         jax.tree.leaves(params)),
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):

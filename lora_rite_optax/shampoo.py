@@ -268,7 +268,8 @@ def scale_by_shampoo(
       # Two arrays, not one: a donated state must not hold a buffer twice.
       stats, roots = (jnp.zeros((0,), jnp.float32) for _ in range(2))
     return ShampooState(
-        count=jnp.zeros([], jnp.int32),
+        count=placement.replicated_zeros((), jnp.int32,
+                                         [leaf for _, leaf in leaves]),
         mu=jax.tree.map(zeros_like, params),
         nu=jax.tree.map(zeros_like, params),
         stats=stats, roots=roots)
@@ -278,6 +279,7 @@ def scale_by_shampoo(
     checks.state_of('scale_by_shampoo', state, ShampooState)
     plans, treedef = _plans(updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
+    placement.refuse_explicit('shampoo', grads, 'gradients')
     if not grads:  # An empty tree: its state keeps init's placeholders.
       return updates, state._replace(count=optax.safe_increment(state.count))
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
