@@ -66,6 +66,8 @@ def replicated_zeros(shape, dtype, like: Iterable[Any]) -> jax.Array:
 def _explicit(leaf: Any):
   """``leaf``'s sharding where its mesh has Explicit axes (``jax.make_mesh``'s
   default in jax 0.10); else None (Auto axes: the partitioner chooses)."""
+  if not isinstance(leaf, (jax.Array, jax.core.Tracer)):
+    return None  # None, optax.MaskedNode, a NumPy array: on no mesh
   sharding = getattr(jax.typeof(leaf), 'sharding', None)
   mesh = getattr(sharding, 'mesh', None)
   if mesh is None or mesh.empty or not any(
