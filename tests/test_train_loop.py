@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,8 @@ from train import step as step_lib
 from train import trees as trees_lib
 
 from tests import shared_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The same compiled shapes for every test here: short rows, few steps.
 FAST = {'steps': 12, 'log_every': 1, 'checkpoint_every': 6,
@@ -887,6 +892,43 @@ def test_metrics_writer_keeps_rows_up_to_the_checkpoint(tmp_path):
     rows = list(csv.DictReader(f))
   assert [(r['step'], r['loss']) for r in rows] == [
       ('0', '2.0'), ('4', ''), ('5', '1.5')]
+
+
+_TB_FULL_DISK = '''
+import sys
+from tensorboardX import event_file_writer
+from train import metrics
+real = event_file_writer.EventsWriter.flush
+def flush(self):
+  if getattr(sys, 'disk_full', False):
+    raise OSError(28, 'No space left on device')
+  return real(self)
+event_file_writer.EventsWriter.flush = flush
+w = metrics.MetricsWriter(sys.argv[1], enabled=True)
+w.write(0, {'loss': 2.0})
+sys.disk_full = True
+for step in (1, 2, 3):
+  w.write(step, {'loss': 1.0 / step})
+w.close()
+'''
+
+
+def test_a_tensorboard_that_cannot_write_is_turned_off_in_one_line(tmp_path):
+  """TensorBoard is optional: a write it cannot make (a full disk) had
+  ended the run, and tensorboardX's exit hook then printed tracebacks (about
+  45 lines after the one-line error). Now one line, and metrics.csv goes on."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, '-c', _TB_FULL_DISK, str(tmp_path)], text=True,
+      capture_output=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.splitlines() == [
+      f'[train] {tmp_path}/tensorboard/: cannot write (No space left on '
+      'device); TensorBoard logging is off for the rest of this run '
+      '(metrics.csv has every row).'], proc.stderr
+  with open(tmp_path / metrics_lib.CSV_NAME) as f:
+    assert [r['step'] for r in csv.DictReader(f)] == ['0', '1', '2', '3']
 
 
 def test_metrics_writer_starts_a_fresh_run_over(tmp_path):

@@ -116,7 +116,7 @@ class MetricsWriter:
       return
     if replace:
       if self._tb is not None:
-        self._tb.close()
+        self._tb_close()
         self._tb = self._open_tensorboard(purge_step=int(step))
       self._csv.close()
       self._fields, _ = _keep_rows_up_to(self._csv.name, int(step) - 1)
@@ -130,21 +130,48 @@ class MetricsWriter:
       self._fields = fields
       self._writer = csv.DictWriter(self._csv, fieldnames=fields)
       self._writer.writeheader()
-    self._writer.writerow(row)
-    self._csv.flush()
+    try:
+      self._writer.writerow(row)
+      self._csv.flush()
+    except OSError as e:  # a full disk: the bare errno had named no file
+      raise OSError(f'{self._csv.name}: cannot write ({e.strerror or e}); '
+                    'its rows up to the last checkpoint are kept.') from None
     if self._tb is not None:
-      for key, value in row.items():
-        if key != 'step' and math.isfinite(value):
-          self._tb.add_scalar(key, value, step)
-      self._tb.flush()
+      try:
+        for key, value in row.items():
+          if key != 'step' and math.isfinite(value):
+            self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+      except OSError as e:
+        self._tb_failed(e)
+
+  def _tb_close(self) -> None:
+    try:
+      self._tb.close()
+    except OSError as e:
+      self._tb_failed(e)
+    self._tb = None
+
+  def _tb_failed(self, error: OSError) -> None:
+    """TensorBoard is optional (the CSV has every row): a write it cannot
+    make turns it off for the run, in one line. Its writers are marked
+    closed, else tensorboardX's exit hook flushed them again and printed
+    tracebacks (about 45 lines after a full disk's one-line error)."""
+    tb, self._tb = self._tb, None
+    for writer in (getattr(tb, 'all_writers', None) or {}).values():
+      events = getattr(writer, 'event_writer', None)
+      if events is not None:
+        events._closed = True  # pylint: disable=protected-access
+    print(f'[train] {self._tb_dir}: cannot write ({error.strerror or error}); '
+          'TensorBoard logging is off for the rest of this run (metrics.csv '
+          'has every row).', file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self._csv is not None:
       self._csv.close()
       self._csv = None
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      self._tb_close()
 
 
 class Progress:
