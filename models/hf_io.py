@@ -188,9 +188,17 @@ def dumps_json(data: Mapping[str, Any], where: str | os.PathLike) -> str:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically (see :func:`replacing`)."""
-  with replacing(path) as tmp:
-    tmp.write_text(text, encoding='utf-8')
+  """Writes ``text`` to ``path`` atomically (see :func:`replacing`).
+
+  Raises:
+    OSError: naming ``path`` (a full disk's bare errno had named no file).
+  """
+  try:
+    with replacing(path) as tmp:
+      tmp.write_text(text, encoding='utf-8')
+  except OSError as e:
+    raise OSError(f'{path}: cannot write ({e.strerror or e}); the file '
+                  'there before, if any, is kept.') from None
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:

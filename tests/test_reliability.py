@@ -430,8 +430,8 @@ def test_a_failed_export_says_that_resume_exports_again(tmp_path,
   that says the checkpoint is saved and --resume exports; it does."""
   from models import hf_io  # pylint: disable=g-import-not-at-top
 
-  def full(path, *args, **kwargs):
-    raise OSError(f'{path}: cannot write (No space left on device)')
+  def full(path, *args, **kwargs):  # its message ends in '.', as real ones
+    raise OSError(f'{path}: cannot write (No space left on device).')
 
   monkeypatch.setattr(hf_io, 'save_tensors', full)
   run_dir = tmp_path / 'run'

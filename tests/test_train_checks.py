@@ -121,7 +121,10 @@ def test_a_failed_write_keeps_config_and_summary_whole(
     return real(self, text, *args, **kwargs)
 
   monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
-  with pytest.raises(OSError, match='No space left on device'):
+  # The file is named (the bare errno had named none).
+  with pytest.raises(OSError, match=rf'^{run_dir}/{failing}: cannot write '
+                     r'\(No space left on device\); the file there before, '
+                     r'if any, is kept\.$'):
     loop.run(tiny(run_dir, resume=True), log=quiet, stop_at=4)
   assert (run_dir / failing).read_text() == before
   assert not [p for p in run_dir.iterdir() if p.name.endswith('.tmp')]

@@ -2013,7 +2013,8 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       except OSError as e:
         # A full disk or a read-only adapter folder: the trained state is
         # safe in the last checkpoint, and a resume exports again.
-        raise OSError(f'{first_line(e)}; checkpoint {step} is saved: free '
+        raise OSError(f"{first_line(e).rstrip('.')}; checkpoint {step} is "
+                      'saved: free '
                       'the space (or fix the folder), then --resume exports '
                       'the adapter.') from None
   summary['checkpoints'] = ckpt.all_steps()
