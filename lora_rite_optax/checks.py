@@ -43,6 +43,22 @@ def is_integer(value: Any) -> bool:
   return not isinstance(value, bool) and hasattr(type(value), '__index__')
 
 
+def floating_dtype(who: str, name: str, value: Any,
+                   allowed: str = 'a floating dtype') -> None:
+  """``value`` must name a floating dtype; else one error naming ``name``.
+
+  An integer dtype had truncated silently (a first moment, a LoRA factor's
+  init, a model's activations), a bool one made everything True.
+  """
+  try:
+    dtype = None if value is None else jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    got = shown(value) if dtype is None else dtype.name
+    raise ValueError(f'{who}: {name} must be {allowed}, got {got}.')
+
+
 def concrete(value: Any) -> float | None:
   """``value`` as a float, or None while it is traced (or not a number)."""
   if isinstance(value, (jax.core.Tracer, str, bytes)) or callable(value):

@@ -6,7 +6,6 @@ import inspect
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from lora_rite_optax import adam
@@ -35,14 +34,8 @@ def _check_adam_family(who: str, learning_rate, weight_decay,
   if 'nesterov' in kwargs:  # 'no' had switched it on
     checks.flag(who, 'nesterov', kwargs['nesterov'])
   if kwargs.get('mu_dtype') is not None:
-    # An integer first moment had been truncated silently.
-    try:
-      floating = jnp.issubdtype(jnp.dtype(kwargs['mu_dtype']), jnp.floating)
-    except TypeError:
-      floating = False
-    if not floating:
-      raise ValueError(f'{who}: mu_dtype must be None or a floating dtype, '
-                       f'got {checks.shown(kwargs["mu_dtype"])}.')
+    checks.floating_dtype(who, 'mu_dtype', kwargs['mu_dtype'],
+                          'None or a floating dtype')
 
 
 def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str

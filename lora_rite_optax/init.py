@@ -65,9 +65,7 @@ def _finite_for_svd(who: str, name: str, x: jax.Array) -> jax.Array:
 def _check_dtype(who: str, dtype) -> None:
   """An integer A is all 0 (the uniform's bound is below 1) and a bool one
   all True: neither trains."""
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f'{who}: dtype must be a floating-point type, got '
-                     f'{jnp.dtype(dtype).name}.')
+  checks.floating_dtype(who, 'dtype', dtype)
 
 
 def _check_dims(who: str, in_dim: int, out_dim: int, rank: int) -> None:

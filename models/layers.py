@@ -148,13 +148,8 @@ def check_float_dtypes(who: str, **dtypes) -> None:
   times sqrt(width) cast to int), and an int8 param dtype failed in the
   random initialiser's message."""
   for name, value in dtypes.items():
-    try:
-      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-      ok = False
-    if not ok:
-      raise ValueError(f'{who}: {name} must be a floating dtype (float32 or '
-                       f'bfloat16), got {value!r}.')
+    checks.floating_dtype(who, name, value,
+                          'a floating dtype (float32 or bfloat16)')
 
 
 def check_cache_sizes(who: str, **sizes) -> None:

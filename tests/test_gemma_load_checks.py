@@ -307,9 +307,9 @@ def test_a_dtype_that_is_not_floating_is_refused(hf):
   int); an int8 param dtype failed in the random initialiser's words."""
   for kwargs, message in (
       ({'dtype': jnp.int32}, r"^Gemma: dtype must be a floating dtype "
-       r"\(float32 or bfloat16\), got <class 'jax.numpy.int32'>\.$"),
+       r"\(float32 or bfloat16\), got int32\.$"),
       ({'param_dtype': 'int8'}, r"^Gemma: param_dtype must be a floating "
-       r"dtype \(float32 or bfloat16\), got 'int8'\.$"),
+       r"dtype \(float32 or bfloat16\), got int8\.$"),
       ({'dtype': 'float33'}, r"^Gemma: dtype must be a floating dtype")):
     with pytest.raises(ValueError, match=message):
       gemma.from_pretrained(hf, **kwargs)
@@ -318,7 +318,7 @@ def test_a_dtype_that_is_not_floating_is_refused(hf):
   t5_dir = t5.save_pretrained(t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0)),
                               hf.parent / 't5')
   with pytest.raises(ValueError, match=r"^T5: param_dtype must be a floating "
-                     r"dtype \(float32 or bfloat16\), got 'int8'\.$"):
+                     r"dtype \(float32 or bfloat16\), got int8\.$"):
     t5.from_pretrained(t5_dir, param_dtype='int8')
   # float16 is floating: it builds.
   assert gemma.from_pretrained(hf, dtype=jnp.float16).dtype == jnp.float16

@@ -273,7 +273,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (functools.partial(lro.optimizer, 'adam'), {'nesterov': 'no'},
      r"adam: nesterov must be True or False, got 'no'"),
     (functools.partial(lro.optimizer, 'adam'), {'mu_dtype': 'int32'},
-     r"adam: mu_dtype must be None or a floating dtype, got 'int32'"),
+     r"adam: mu_dtype must be None or a floating dtype, got int32"),
     (functools.partial(lro.optimizer, 'adam'), {'mu_dtype': 'foo'},
      r"adam: mu_dtype must be None or a floating dtype, got 'foo'"),
 ])
@@ -406,9 +406,9 @@ _W = jax.random.normal(jax.random.key(1), (8, 6))
      r'lora_ga: grad must be a floating-point matrix, got complex64'),
     # An integer A was all 0 (never trains), a bool one all True.
     (lambda: init.standard(jax.random.key(0), 8, 6, 2, dtype=jnp.int32),
-     r'standard: dtype must be a floating-point type, got int32'),
+     r'standard: dtype must be a floating dtype, got int32'),
     (lambda: init.gaussian(jax.random.key(0), 8, 6, 2, dtype=bool),
-     r'gaussian: dtype must be a floating-point type, got bool'),
+     r'gaussian: dtype must be a floating dtype, got bool'),
 ])
 def test_initialisations_check_their_arguments(call, message):
   with pytest.raises(ValueError, match=message):
