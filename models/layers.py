@@ -152,10 +152,10 @@ def check_float_dtypes(who: str, **dtypes) -> None:
                           'a floating dtype (float32 or bfloat16)')
 
 
-def check_cache_sizes(who: str, **sizes) -> None:
-  """Refuses a cache size that is not an int >= 1, naming it: 0 had
-  failed in an empty reduction at the first call, and -3 or 2.5 in
-  jax's shape errors."""
+def check_positive_ints(who: str, **sizes) -> None:
+  """Refuses a size or count that is not an int >= 1, naming it (a cache
+  size of 0 had failed in an empty reduction at the first call, -3 or 2.5
+  in jax's shape errors)."""
   for name, value in sizes.items():
     if not checks.is_integer(value) or value < 1:
       raise ValueError(f'{who}: {name} must be an int >= 1, got '

@@ -43,10 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_rite_optax import checks
 from models import hf_io, lora
-from models.layers import (Projection, check_cache_room, check_cache_sizes,
-                           check_float_dtypes, check_token_ids, shard_batch)
+from models.layers import (Projection, check_cache_room, check_float_dtypes,
+                           check_positive_ints, check_token_ids, shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -522,7 +521,7 @@ def init_cache(model: T5, batch_size: int, max_length: int,
   plainly, all of it sat on the first device until the first step (an
   mT5-XXL evaluation batch's cache is gigabytes).
   """
-  check_cache_sizes('init_cache', batch_size=batch_size,
+  check_positive_ints('init_cache', batch_size=batch_size,
                     max_length=max_length)
   c = model.config
   shape = (batch_size, max_length, c.num_heads, c.d_kv)
@@ -564,10 +563,7 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
   ``steps`` can be fewer than ``max_new_tokens`` (the tokens are padded to
   it; the logits are not, as no step computed them).
   """
-  if not checks.is_integer(max_new_tokens) or operator.index(
-      max_new_tokens) < 1:
-    raise ValueError(f'greedy_generate: max_new_tokens must be an int >= 1, '
-                     f'got {max_new_tokens!r}.')
+  check_positive_ints('greedy_generate', max_new_tokens=max_new_tokens)
   max_new_tokens = operator.index(max_new_tokens)
   encoder_tokens = jnp.asarray(encoder_tokens)
   if encoder_tokens.ndim != 2 or not jnp.issubdtype(encoder_tokens.dtype,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import (Projection, check_cache_room, check_cache_sizes,
+from models.layers import (Projection, check_cache_room, check_positive_ints,
                            check_float_dtypes, check_token_ids, first_outside,
                            shard_batch)
 
@@ -104,7 +104,8 @@ class Cache:
 def init_cache(config: GemmaConfig, batch_size: int, cache_size: int,
                dtype=jnp.float32) -> Cache:
   """An empty cache for ``batch_size`` rows of up to ``cache_size`` tokens."""
-  check_cache_sizes('init_cache', batch_size=batch_size, cache_size=cache_size)
+  check_positive_ints('init_cache', batch_size=batch_size,
+                      cache_size=cache_size)
   # An int cache had held truncated keys and values: wrong logits, silently.
   check_float_dtypes('init_cache', dtype=dtype)
   shape = (batch_size, cache_size, config.num_kv_heads, config.head_dim)

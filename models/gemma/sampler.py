@@ -22,7 +22,7 @@ from flax import nnx
 from lora_rite_optax import checks
 from models import host_arrays
 from models.gemma.model import Gemma, init_cache
-from models.layers import check_token_ids
+from models.layers import check_positive_ints, check_token_ids
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
@@ -194,10 +194,7 @@ class Sampler:
     self._model = model
     self.config = model.config
     self.tokenizer = tokenizer
-    if not checks.is_integer(pad_multiple) or operator.index(
-        pad_multiple) < 1:
-      raise ValueError(f'Sampler: pad_multiple must be an int >= 1, got '
-                       f'{pad_multiple!r}.')
+    check_positive_ints('Sampler', pad_multiple=pad_multiple)
     self.pad_multiple = operator.index(pad_multiple)
     self.graphdef = None
     self._split()
