@@ -158,6 +158,29 @@ def _init_module():
   return init
 
 
+def _check_rngs(who: str, rngs, dropout: float) -> None:
+  """``rngs`` must be an ``nnx.Rngs`` or an int seed, with a stream for the
+  adapters' dropout when it is on: None or a JAX key had failed mid-way as
+  "no attribute 'params'" (or, loaded, at the first training step), and
+  an nnx.Rngs without a 'dropout' or 'default' stream deep inside Flax."""
+  if not (isinstance(rngs, nnx.Rngs) or checks.is_integer(rngs)):
+    raise ValueError(f'{who}: rngs must be an nnx.Rngs or an int seed, got '
+                     f'{checks.shown(rngs)}.')
+  if (dropout > 0 and isinstance(rngs, nnx.Rngs) and
+      'dropout' not in rngs and 'default' not in rngs):
+    raise ValueError(f"{who}: dropout {dropout:g} needs a 'dropout' or "
+                     "'default' stream in rngs, which has neither.")
+
+
+def _dropout_mode_of(model: nnx.Module):
+  """Whether ``model``'s own dropout is off (eval mode), or None where it
+  has no dropout to tell: an adapter's new dropout follows it."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Dropout):
+      return node.deterministic
+  return None
+
+
 def apply_lora(model: nnx.Module,
                targets: str | Sequence[str] | None = None,
                rank: int = 16, alpha: float = 16.0, *, rslora: bool = False,
@@ -180,7 +203,9 @@ def apply_lora(model: nnx.Module,
       ``rslora``).
     rslora: rank-stabilised scaling.
     dropout: dropout on the adapter's input (needs a 'dropout' stream or a
-      default stream in ``rngs``).
+      default stream in ``rngs``). It starts in the mode of the model's own
+      dropout (off after ``model.eval()``); a model with none (Gemma) gets
+      it on: call ``model.eval()`` for inference.
     init: 'standard' (A Kaiming-uniform, B = 0), 'gaussian' (A normal,
       B = 0), 'pissa' (top singular directions of the kernel, which keeps the
       residual) or 'lora_ga' (from ``init_grads``, see
@@ -234,10 +259,7 @@ def apply_lora(model: nnx.Module,
     # trains.
     raise ValueError(f'apply_lora: alpha must be a finite number > 0, got '
                      f'{alpha!r}.')
-  if not (isinstance(rngs, nnx.Rngs) or checks.is_integer(rngs)):
-    # None or a JAX key had failed mid-way as "no attribute 'params'".
-    raise ValueError(f'apply_lora: rngs must be an nnx.Rngs or an int seed, '
-                     f'got {checks.shown(rngs)}.')
+  _check_rngs('apply_lora', rngs, dropout)
   chosen = select(model, targets)
   for path, proj in chosen.items():
     if proj.lora is not None:
@@ -283,6 +305,8 @@ def apply_lora(model: nnx.Module,
                        f'values (NaN or inf); {init} would spread them to '
                        'the whole kernel.')
   lro_init = _init_module()
+  # Before any adapter is attached: its own dropout would answer.
+  deterministic = _dropout_mode_of(model)
   if not isinstance(rngs, nnx.Rngs):
     rngs = operator.index(rngs)
     # Each call makes its Rngs anew: a second call on a model (other
@@ -328,6 +352,10 @@ def apply_lora(model: nnx.Module,
     b = jnp.asarray(b, dtype).reshape((rank,) + proj.out_shape)
     lora = LoRAWeights(a, b, scale=scale, dropout=dropout, a_axes=a_axes,
                        b_axes=b_axes, rngs=rngs if dropout > 0 else None)
+    if lora.dropout is not None and deterministic is not None:
+      # In the model's mode: on a model in eval mode, it had been on (two
+      # eval calls gave other outputs) until model.eval() again.
+      lora.dropout.deterministic = deterministic
     # Kept for PEFT export: PEFT records alpha, not the scale.
     lora.alpha = alpha
     lora.rslora = rslora
@@ -1137,7 +1165,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       raise ValueError(f'{who}: the kernel of {path!r} is the residual of a '
                        'PiSSA / LoRA-GA adapter (remove_lora first restores '
                        'the base); the adapter applies to the base weights.')
-  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  _check_rngs('load_peft_adapter', rngs, dropout)
+  rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(operator.index(rngs))
   for _, proj, a, b, r, alpha in plan:
     n_in = len(proj.in_shape)
     lora = LoRAWeights(jnp.asarray(a), jnp.asarray(b),

@@ -90,6 +90,9 @@ def test_targets_by_name_pattern_and_error():
       (dict(targets=b'q'), "list of strings, got b'q'"),
       (dict(rngs=None), 'rngs must be an nnx.Rngs or an int seed, got None'),
       (dict(rngs='x'), "int seed, got 'x'"),
+      # An Rngs without a dropout stream had failed deep inside Flax.
+      (dict(dropout=0.5, rngs=nnx.Rngs(params=0)), "apply_lora: dropout 0.5 "
+       "needs a 'dropout' or 'default' stream in rngs, which has neither."),
       (dict(alpha=True), 'alpha must be a finite number > 0, got True')):
     with pytest.raises(ValueError) as e:
       lora.apply_lora(model, **kw)
@@ -590,6 +593,29 @@ def test_sharded_forward_equals_unsharded():
   result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]
+
+
+def test_a_new_adapters_dropout_follows_the_models_mode(tmp_path):
+  """apply_lora on a model in eval mode: its adapters' dropout had been on
+  (two eval calls gave other outputs) until model.eval() again."""
+  model = t5.T5(t5.get_config('tiny', dropout_rate=0.1), rngs=nnx.Rngs(0))
+  model.eval()
+  lora.apply_lora(model, ['q', 'v'], rank=2, dropout=0.5, rngs=nnx.Rngs(3))
+  _randomize_b(model)
+  np.testing.assert_array_equal(fwd(model, ENC, DEC), fwd(model, ENC, DEC))
+  model.train()  # the control: it acts in training
+  assert not np.array_equal(model(ENC, DEC), model(ENC, DEC))
+  # load_peft_adapter checks rngs as apply_lora does, before any change
+  # (None had failed at the first training step, a JAX key inside Flax).
+  lora.save_peft_adapter(model, tmp_path, 'tiny')
+  fresh = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+  for rngs, message in ((None, 'rngs must be an nnx.Rngs or an int seed, '
+                         'got None'),
+                        (nnx.Rngs(params=0), "dropout 0.5 needs a 'dropout' "
+                         "or 'default' stream")):
+    with pytest.raises(ValueError, match=f'^load_peft_adapter: {message}'):
+      lora.load_peft_adapter(fresh, tmp_path, rngs=rngs)
+  assert not lora.lora_modules(fresh)
 
 
 def test_adapter_dropout_is_off_for_inference(tmp_path):
