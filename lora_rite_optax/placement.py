@@ -29,16 +29,10 @@ def _placed(leaf: Any) -> jax.sharding.Sharding | None:
   """
   if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
     sharding = leaf.sharding
-    if isinstance(sharding, NamedSharding):
-      # Without trailing Nones, as a jitted step writes its outputs: a
-      # spec ('fsdp', None) is the same placement, but another jit cache
-      # key, and the second call compiled again.
-      spec = list(sharding.spec)
-      while spec and spec[-1] is None:
-        spec.pop()
-      return NamedSharding(sharding.mesh, PartitionSpec(*spec),
-                           memory_kind=sharding.memory_kind)
-    if leaf.committed:
+    # The spec as given (('fsdp', None) stays so): a jitted step writes the
+    # state that follows its params with their spec, and another spelling
+    # of the same placement is another jit cache key.
+    if isinstance(sharding, NamedSharding) or leaf.committed:
       return sharding
   return None
 
@@ -76,7 +70,7 @@ def _explicit(leaf: Any):
   return sharding
 
 
-def reduced_sharding(x: Any, kept: Sequence[int]) -> PartitionSpec | None:
+def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:
   """The ``out_sharding`` of a product contracting ``x``'s long axis into
   ``r x r`` results: the axes ``kept`` (stacked layers) as in ``x``, the
   rest replicated. None under Auto axes; Explicit ones refuse to guess (a
@@ -85,7 +79,9 @@ def reduced_sharding(x: Any, kept: Sequence[int]) -> PartitionSpec | None:
   if sharding is None:
     return None
   spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
-  return PartitionSpec(*(spec[d] for d in kept), None, None)
+  # On the factor's mesh: a bare spec needs jax.set_mesh around the call.
+  return NamedSharding(sharding.mesh,
+                       PartitionSpec(*(spec[d] for d in kept), None, None))
 
 
 def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
