@@ -306,9 +306,9 @@ def donating_jit(fun: Callable[..., Any], *,
     return _platform(leaves, {**jit_kwargs, 'out_shardings': out_shardings}
                      ) == 'cpu'
 
-  def restorer(key):
+  def restorer(key, plan=None):
     def restore(flat):
-      order, treedef = plans[key]
+      order, treedef = plans[key] if plan is None else plan
       leaves = [None] * len(flat)
       for e, j in enumerate(order):
         leaves[j] = flat[e]
@@ -349,7 +349,11 @@ def donating_jit(fun: Callable[..., Any], *,
 
   def lower(*args, **kwargs):
     reorder, key = prepare(args, kwargs)
-    return _Lowered(run(jitted[reorder].lower, key, args), restorer(key))
+    lowered = run(jitted[reorder].lower, key, args)
+    # Its plan now: a clear_cache() between lower and a call of the compiled
+    # step had been a KeyError after the inputs were donated.
+    plan = plans[key]
+    return _Lowered(lowered, restorer(key, plan))
 
   def clear_cache():
     for j in jitted.values():

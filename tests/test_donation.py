@@ -377,6 +377,11 @@ def test_what_it_answers_beside_a_call():
   assert 'stablehlo' in str(lowered.compiler_ir())
   np.testing.assert_array_equal(step(jnp.ones(3), jnp.ones(3))[1], 2.0)
   assert step._cache_size() == 1  # pylint: disable=protected-access
+  compiled = step.lower(p, p).compile()
   step.clear_cache()
   assert step._cache_size() == 0  # pylint: disable=protected-access
   np.testing.assert_array_equal(step(jnp.ones(3), jnp.ones(3))[0], 2.0)
+  # A step compiled before clear_cache keeps its own plan (it had been a
+  # KeyError after the inputs were donated).
+  step.clear_cache()
+  np.testing.assert_array_equal(compiled(jnp.ones(3), jnp.ones(3))[1], 2.0)
