@@ -86,6 +86,7 @@ class MetricsWriter:
     self._csv = None
     self._writer = None
     self._tb = None
+    self._tb_on = True  # until a write TensorBoard cannot make
     self._tb_dir = os.path.join(run_dir, TB_DIR, tb_subdir)
     self.kept: list[dict[str, float]] = []
     if not self.enabled:
@@ -117,7 +118,8 @@ class MetricsWriter:
     if replace:
       if self._tb is not None:
         self._tb_close()
-        self._tb = self._open_tensorboard(purge_step=int(step))
+        if self._tb_on:  # not turned off by a close that failed
+          self._tb = self._open_tensorboard(purge_step=int(step))
       self._csv.close()
       self._fields, _ = _keep_rows_up_to(self._csv.name, int(step) - 1)
       self._csv = open(self._csv.name, 'a', newline='', encoding='utf-8')
@@ -155,13 +157,20 @@ class MetricsWriter:
   def _tb_failed(self, error: OSError) -> None:
     """TensorBoard is optional (the CSV has every row): a write it cannot
     make turns it off for the run, in one line. Its writers are marked
-    closed, else tensorboardX's exit hook flushed them again and printed
-    tracebacks (about 45 lines after a full disk's one-line error)."""
+    closed and their threads stopped: tensorboardX's exit hook had flushed
+    them again, and a thread left waiting on its queue failed as the
+    interpreter closed it (about 45 lines of tracebacks after a full disk's
+    one-line error)."""
     tb, self._tb = self._tb, None
+    self._tb_on = False
     for writer in (getattr(tb, 'all_writers', None) or {}).values():
       events = getattr(writer, 'event_writer', None)
-      if events is not None:
-        events._closed = True  # pylint: disable=protected-access
+      if events is None or getattr(events, '_closed', True):
+        continue
+      events._closed = True  # pylint: disable=protected-access
+      worker = getattr(events, '_worker', None)
+      if worker is not None:
+        worker.stop()  # it writes what is queued, then ends
     print(f'[train] {self._tb_dir}: cannot write ({error.strerror or error}); '
           'TensorBoard logging is off for the rest of this run (metrics.csv '
           'has every row).', file=sys.stderr, flush=True)
