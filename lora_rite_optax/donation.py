@@ -179,8 +179,9 @@ def donating_jit(fun: Callable[..., Any], *,
   changes (with ``out_shardings``, applied as sharding constraints, XLA
   may round differently). Unused arguments are kept (``keep_unused``):
   an argument must not share a buffer with a donated one even where
-  ``fun`` does not read it. On XLA:CPU this removed three copies of every factor from each
-  LoRA-RITE step on the Gemma-2B LoRA tree (79 ms instead of 105 ms, see
+  ``fun`` does not read it. On XLA:CPU this removed three copies of every
+  factor from each LoRA-RITE step on the Gemma-2B LoRA tree (79 ms instead
+  of 105 ms, see
   ``benchmarks/optimizer_step.py``). On an H200 (jax 0.11.2) the same
   reordering made the step slower, 20.5 ms against 9.6 ms under
   ``jax.jit``, so by default it is applied on CPU only; elsewhere the step

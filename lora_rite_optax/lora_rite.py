@@ -314,8 +314,7 @@ def scale_by_lora_rite(
       nu, escaped, rinv = (jnp.zeros((0,), jnp.float32) for _ in range(3))
     # The count beside them: uncommitted on device 0, it made the first
     # jitted update's outputs another placement, and the second compile.
-    count = placement.replicated_zeros(
-        (), jnp.int32, [l for _, l in leaves if not pairs_lib._is_empty(l)])  # pylint: disable=protected-access
+    count = placement.replicated_zeros((), jnp.int32, [l for _, l in leaves])
     return ScaleByLoraRiteState(count=count, mu=mu,
                                 basis=basis, nu=nu, escaped=escaped,
                                 rinv=rinv)
