@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import (Projection, check_cache_room, check_positive_ints,
-                           check_float_dtypes, check_token_ids, first_outside,
+from models.layers import (Projection, check_cache_room, check_float_dtypes,
+                           check_positive_ints, check_token_ids, first_outside,
                            shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
