@@ -162,6 +162,14 @@ def check_positive_ints(who: str, **sizes) -> None:
                        f'{checks.shown(value)}.')
 
 
+def check_token_rows(tokens, who: str) -> None:
+  """Tokens must be [batch, seq]: 1-D ones had been an IndexError (T5) or
+  read as one row's worth of rows."""
+  if jnp.ndim(tokens) != 2:
+    raise ValueError(f'{who} tokens must be [batch, seq] ints, got shape '
+                     f'{tuple(jnp.shape(tokens))}.')
+
+
 def check_cache_room(size: int, index, t: int) -> None:
   """Refuses a KV-cache write of ``t`` tokens at ``index`` past ``size``.
 

@@ -45,7 +45,8 @@ from flax import nnx
 
 from models import hf_io, lora
 from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_positive_ints, check_token_ids, shard_batch)
+                           check_positive_ints, check_token_ids,
+                           check_token_rows, shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -191,13 +192,6 @@ def get_config(name: str, **overrides) -> T5Config:
     raise ValueError(f'Unknown T5 config {name!r}; choose from '
                      f'{", ".join(CONFIGS)}.')
   return dataclasses.replace(CONFIGS[name], **overrides)
-
-
-def _check_rows(tokens, who: str) -> None:
-  """Tokens must be [batch, length]: 1-D ones had been an IndexError."""
-  if jnp.ndim(tokens) != 2:
-    raise ValueError(f'{who} tokens must be [batch, length], got shape '
-                     f'{tuple(jnp.shape(tokens))}.')
 
 
 def _param(value, axes):
@@ -436,7 +430,7 @@ class T5(nnx.Module):
 
   def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Encoder states [B, S, D] and the padding mask [B, S] of ``tokens``."""
-    _check_rows(tokens, 'T5 encoder')
+    check_token_rows(tokens, 'T5 encoder')
     valid = tokens != self.config.pad_token_id
     x = shard_batch(self.encoder._drop(self._embed(tokens, 'T5 encoder')))
     pos = jnp.arange(tokens.shape[1])
@@ -459,7 +453,7 @@ class T5(nnx.Module):
     with ``cache`` (per layer (k, v) [B, S_max, N, H]) they are positions
     ``index .. index + T - 1`` and attend to the cached positions before them.
     """
-    _check_rows(tokens, 'T5 decoder')
+    check_token_rows(tokens, 'T5 decoder')
     if jnp.shape(valid)[:1] != jnp.shape(tokens)[:1]:
       # It would broadcast one row over the other input's rows.
       raise ValueError(

@@ -377,9 +377,9 @@ def test_inputs_of_other_batches_or_ranks_are_refused():
        r'input had 2; give both the same batch\.$'),
       (enc[:1], dec, r'^T5: the decoder tokens have 2 rows but the encoder '
        r'input had 1'),
-      (enc[0], dec[0], r'^T5 encoder tokens must be \[batch, length\], got '
+      (enc[0], dec[0], r'^T5 encoder tokens must be \[batch, seq\] ints, got '
        r'shape \(4,\)\.$'),
-      (enc, dec[0], r'^T5 decoder tokens must be \[batch, length\]')):
+      (enc, dec[0], r'^T5 decoder tokens must be \[batch, seq\] ints')):
     with pytest.raises(ValueError, match=message):
       model(e, d)
 

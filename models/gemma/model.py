@@ -30,8 +30,8 @@ from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
 from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_positive_ints, check_token_ids, first_outside,
-                           shard_batch)
+                           check_positive_ints, check_token_ids,
+                           check_token_rows, first_outside, shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -295,9 +295,7 @@ class Gemma(nnx.Module):
     """
     c = self.config
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-      raise ValueError('Gemma tokens must be [batch, seq] ints, got shape '
-                       f'{tokens.shape}.')
+    check_token_rows(tokens, 'Gemma')
     b, t = tokens.shape
     full_mask = None
     valid = jnp.ones((b, t), bool)
