@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from lora_rite_optax import placement
+
 
 def divide_or_zero(x: jax.Array, denom: jax.Array) -> jax.Array:
   """``x / denom``, and 0 where ``denom`` is 0.
@@ -108,8 +110,13 @@ def after(x: Any, previous: Any) -> Any:
   leaf = jax.tree.leaves(previous)[0]
   if not leaf.size:  # nothing to wait for (a factor with a zero-size axis)
     return x
-  # An index, not a ravel: a reshape of a sharded array can gather it.
-  first = leaf[(0,) * leaf.ndim].astype(jnp.float32)
+  if placement.explicitly_sharded(leaf):
+    # Over Explicit mesh axes a slice of a sharded axis is refused; a
+    # reduction to one scalar is not (a max: a sum could overflow to inf).
+    first = jnp.max(jnp.where(jnp.isfinite(leaf), leaf, 0)).astype(jnp.float32)
+  else:
+    # An index, not a ravel: a reshape of a sharded array can gather it.
+    first = leaf[(0,) * leaf.ndim].astype(jnp.float32)
   zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
   return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
 

@@ -70,6 +70,12 @@ def _explicit(leaf: Any):
   return sharding
 
 
+def explicitly_sharded(leaf: Any) -> bool:
+  """Whether ``leaf`` is split along some axis of an Explicit mesh."""
+  sharding = _explicit(leaf)
+  return sharding is not None and any(a is not None for a in sharding.spec)
+
+
 def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:
   """The ``out_sharding`` of a product contracting ``x``'s long axis into
   ``r x r`` results: the axes ``kept`` (stacked layers) as in ``x``, the
@@ -90,8 +96,7 @@ def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
   naming their output's sharding): it had been a ShardingTypeError from
   inside it."""
   for leaf in leaves:
-    sharding = _explicit(leaf)
-    if sharding is not None and any(a is not None for a in sharding.spec):
+    if explicitly_sharded(leaf):
       raise ValueError(
           f'{who}: {what} sharded over Explicit mesh axes are not supported; '
           'make the mesh with Auto axes (jax.make_mesh(..., axis_types=(jax.'

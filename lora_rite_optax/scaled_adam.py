@@ -21,20 +21,32 @@ __all__ = ['scale_by_riemannian_precond', 'scale_by_adam_authors',
 def _precondition(grad, partner, delta, wait_for=None):
   """grad (s, N, r) @ (partner^T partner + delta I)^-1, partner (s, M, r).
 
-  With ``wait_for``, the solve starts only once that is computed: concurrent
-  batched solves can deadlock XLA:CPU (``linalg.one_at_a_time``).
+  Returns the scaled gradient and the ``(s, r, r)`` inverse. With
+  ``wait_for`` (the previous pair's inverse), the inversion starts only once
+  that is computed: concurrent batched solves can deadlock XLA:CPU
+  (``linalg.one_at_a_time``).
   """
   r = grad.shape[-1]
-  gram = linalg.matmul(jnp.swapaxes(partner, -1, -2), partner)
-  gram = gram + delta * jnp.eye(r, dtype=gram.dtype)
+  # Over Explicit mesh axes the contraction of a sharded long axis needs its
+  # output's sharding named: replicated r x r, stacked axes kept.
+  gram = jax.lax.dot_general(
+      partner, partner, (((1,), (1,)), ((0,), (0,))),
+      precision=jax.lax.Precision.HIGHEST,
+      out_sharding=placement.reduced_sharding(partner, (0,)))
+  # Placed like gram (a broadcast one would be unsharded on stacked axes).
+  eye = jnp.zeros_like(gram) + jnp.eye(r, dtype=gram.dtype)
+  gram = gram + delta * eye
   if wait_for is not None:
     gram = linalg.after(gram, wait_for)
-  # gram is symmetric, so g @ gram^-1 = (gram^-1 g^T)^T.
-  scaled = jnp.swapaxes(
-      jnp.linalg.solve(gram, jnp.swapaxes(grad, -1, -2)), -1, -2)
+  # The r x r inverse, then one product, as the authors' code does: the
+  # chain between pairs then waits on r x r arrays, never on a (possibly
+  # sharded) N x r one.
+  inverse = jnp.linalg.solve(gram, eye)
   # The authors fall back to the identity when the inverse fails.
-  ok = jnp.all(jnp.isfinite(scaled), axis=(-2, -1), keepdims=True)
-  return jnp.where(ok, scaled, grad)
+  ok = jnp.all(jnp.isfinite(inverse), axis=(-2, -1), keepdims=True)
+  inverse = jnp.where(ok, inverse, eye)
+  return jax.lax.dot_general(grad, inverse, (((2,), (1,)), ((0,), (0,))),
+                             precision=jax.lax.Precision.HIGHEST), inverse
 
 
 def scale_by_riemannian_precond(
@@ -96,7 +108,6 @@ def scale_by_riemannian_precond(
     paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
     grads, treedef = pairs_lib.flatten(updates)
     values, params_treedef = pairs_lib.flatten(params)
-    placement.refuse_explicit('scaled_adam', [x for _, x in values], 'params')
     # The factors are read by leaf index: other params would precondition
     # each gradient with another pair's factors.
     if params_treedef != treedef:
@@ -108,6 +119,15 @@ def scale_by_riemannian_precond(
         raise ValueError(
             f"scaled_adam: params leaf {'/'.join(path)!r} has shape "
             f'{jnp.shape(x)} but its gradient {jnp.shape(g)}.')
+    # Explicit mesh axes: the Grams name their output's sharding; merging
+    # a sharded axis into the long one (n-D factors) needs more (not done).
+    placement.refuse_explicit(
+        'scaled_adam',
+        [values[i][1] for pair in paired.pairs
+         if jnp.ndim(values[pair.a_index][1]) > 2 + pair.layout.batch_axes or
+         jnp.ndim(values[pair.b_index][1]) > 2 + pair.layout.batch_axes
+         for i in (pair.a_index, pair.b_index)],
+        'n-D factors')
     out = [leaf for _, leaf in grads]
     last = None
     for pair in paired.pairs:
@@ -119,9 +139,9 @@ def scale_by_riemannian_precond(
       xa = view(values[pair.a_index][1], lay.a_rank_axis)
       xb = view(values[pair.b_index][1], lay.b_rank_axis)
       # Each solve waits for the one before.
-      new_a = _precondition(view(ga, lay.a_rank_axis), xb, delta, last)
-      new_b = _precondition(view(gb, lay.b_rank_axis), xa, delta, new_a)
-      last = new_b
+      new_a, inv_a = _precondition(view(ga, lay.a_rank_axis), xb, delta,
+                                   last)
+      new_b, last = _precondition(view(gb, lay.b_rank_axis), xa, delta, inv_a)
       out[pair.a_index] = pairs_lib.from_matrix(
           new_a, ga.shape, lay.a_rank_axis, lay.batch_axes
       ).astype(casting.step_dtype(ga.dtype, dtype))
