@@ -1,5 +1,6 @@
 """Tokenisation, masks, packing and the grain pipelines of `train.data`."""
 
+import collections
 import json
 
 import grain
@@ -74,6 +75,10 @@ def test_encode_pair_truncates_prompt_from_the_left():
   assert target == TOK.encode("XY")
   with pytest.raises(ValueError, match="max_length must be at least 2"):
     data.encode_pair("p", "t", TOK, 1)
+  # A negative one had cut from the end, as a Python slice does.
+  with pytest.raises(ValueError, match=r"^max_target must be >= 1 or None, "
+                     "got -1$"):
+    data.encode_pair("p", "t", TOK, 8, max_target=-1)
 
 
 def test_prompt_tokens_cut_counts_what_the_row_drops():
@@ -250,20 +255,49 @@ def test_shards_are_disjoint_and_cover():
       shard_index=index, shard_count=2, drop_remainder=False)))
             for index in range(2)]
   assert counts == [2, 2]
-  # Repeating forever no shard runs out: every example is kept.
-  seen = set()
-  for index, n in ((0, 5), (1, 4)):
-    it = iter(data.make_train_dataset(
-        _examples(9), TOK, seq_len=96, batch_size=1, seed=0, shuffle=False,
-        shard_index=index, shard_count=2))
-    seen |= {bytes(next(it)['tokens'][0]) for _ in range(n)}
-  assert len(seen) == 9
+  # Repeating forever, shards take turns over one stream: every example is
+  # read as often as any other (shards of the source, each repeated on its
+  # own, had read 3 examples on 2 processes as 300, 600 and 300 times).
+  for shuffle in (False, True):
+    counts = collections.Counter()
+    for index in range(2):
+      it = iter(data.make_train_dataset(
+          _examples(3), TOK, seq_len=96, batch_size=1, seed=0,
+          shuffle=shuffle, shard_index=index, shard_count=2, num_threads=0))
+      counts.update(bytes(next(it)['tokens'][0]) for _ in range(30))
+    assert sorted(counts.values()) == [20, 20, 20], counts
+  # Each epoch (3 stream rows) reads every example once, on one process.
+  per_epoch = [list(data.make_train_dataset(
+      _examples(3), TOK, seq_len=96, batch_size=1, seed=0, num_epochs=2,
+      shard_index=index, shard_count=2, num_threads=0)) for index in range(2)]
+  stream = [bytes(b['tokens'][0]) for pair in zip(*per_epoch) for b in pair]
+  assert len(stream) == 6 and len(set(stream[:3])) == len(set(stream[3:])) == 3
   with pytest.raises(ValueError, match="1 examples for 2 shards"):
     data.make_train_dataset(_examples(1), TOK, seq_len=8, batch_size=1,
                             seed=0, shard_count=2)
   with pytest.raises(ValueError, match="shard_index 2 not in"):
     data.make_train_dataset(examples, TOK, seq_len=8, batch_size=1, seed=0,
                             shard_index=2, shard_count=2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    # Had been an iterator that ended at once: a loop over it did no steps.
+    (dict(num_epochs=1, shard_count=4, batch_size=2),
+     r"^make_train_dataset: 1 examples per shard \(of 7 x 1 epochs over 4 "
+     r"shards\) make no full batch of 2; lower batch_size"),
+    (dict(num_epochs=1, batch_size=8, pack=True),
+     "make no full batch of 8"),
+    # Had cut from the end, as a Python slice does.
+    (dict(max_target_tokens=-1), r"^max_target_tokens must be >= 1 or None, "
+     "got -1$"),
+    # Without shuffling only the packer reads the seed (grain's error).
+    (dict(seed=-1, shuffle=False, pack=True),
+     r"^data.seed must be in \[0, 2\*\*32\), got -1$"),
+])
+def test_bad_pipeline_arguments_are_one_line(kwargs, message):
+  kwargs = {"batch_size": 1, "seed": 0, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    data.make_train_dataset(_examples(7), TOK, seq_len=96, **kwargs)
 
 
 def test_eval_dataset_keeps_order_and_pads_last_batch():

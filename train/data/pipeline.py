@@ -76,7 +76,7 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
                        drop_remainder: bool = True, num_threads: int = 2,
                        max_target_tokens: int | None = None
                        ) -> grain.IterDataset:
-  """The training pipeline: source -> shard -> shuffle -> repeat -> tokenise
+  """The training pipeline: source -> shuffle -> repeat -> shard -> tokenise
   -> pad or pack -> batch.
 
   Args:
@@ -90,18 +90,23 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     pack: Pack several examples per row (first-fit); otherwise one per row.
     num_packing_bins: Rows packed at once (default `batch_size`).
     shard_index: This process's shard (`jax.process_index()`).
-    shard_count: Number of shards (`jax.process_count()`). With finite
-      epochs shards are equal: the last `len(examples) % shard_count`
-      examples are left out, so that every process has the same number of
-      batches (one process with a batch more would wait in its step's
-      collective forever). Packing fills rows by length, so packed shards
-      can still differ by a batch; repeat forever (`num_epochs=None`) when
-      packing.
+    shard_count: Number of shards (`jax.process_count()`). Shards take
+      turns over one stream of every epoch, shuffled alike on every process
+      (the same ``seed``), so each epoch reads every example once, on one
+      process, and each example counts as much as any other. With finite
+      epochs shards are equal: the stream's last
+      `len(examples) * num_epochs % shard_count` examples are left out, so
+      that every process has the same number of batches (one process with a
+      batch more would wait in its step's collective forever). Packing fills
+      rows by length, so packed shards can still differ by a batch; repeat
+      forever (`num_epochs=None`) when packing.
     drop_remainder: Drop a last partial batch (only with finite epochs).
+      If that leaves no batch at all, an error.
     num_threads: grain reader threads (0: no prefetch).
-    max_target_tokens: Keep at most this many target tokens of each example
-      (the ones a step scores), so that a long target leaves room for its
-      prompt; the rest is counted in 'dropped'.
+    max_target_tokens: Keep at most this many target tokens (EOS included)
+      of each example (the ones a step scores), so that a long target leaves
+      room for its prompt; the rest is counted in 'dropped'. At least 1, or
+      None for no limit.
 
   Returns:
     A `grain.IterDataset` of batches; see the module docstring.
@@ -113,19 +118,35 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
         f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  if max_target_tokens is not None and max_target_tokens < 1:
+    raise ValueError(f"max_target_tokens must be >= 1 or None, got "
+                     f"{max_target_tokens}")
+  # Checked here too: without shuffling only the packer reads the seed, and
+  # grain's own error does not name it.
+  _check_seed(seed)
+  if len(examples) < shard_count:
+    raise ValueError(f"make_train_dataset got {len(examples)} examples for "
+                     f"{shard_count} shards: each shard needs one")
   ds = grain.MapDataset.source(list(examples))
-  if shard_count > 1:
-    if len(examples) < shard_count:
-      raise ValueError(f"make_train_dataset got {len(examples)} examples for "
-                       f"{shard_count} shards: each shard needs one")
-    # Shard before shuffling so shards are disjoint in every epoch; with
-    # finite epochs, equal (repeating forever, none runs out).
-    if num_epochs is not None:
-      ds = ds[:len(examples) - len(examples) % shard_count]
-    ds = ds[shard_index::shard_count]
   if shuffle:
     ds = EpochShuffle(ds, seed)
   ds = ds.repeat(num_epochs)
+  if shard_count > 1:
+    # Shard the repeated stream, not the source: shards of a source that
+    # does not divide evenly, each repeated on its own, had read the
+    # smaller shards' examples more often (3 examples on 2 processes: one
+    # of them twice as often as the others).
+    if num_epochs is not None:
+      ds = ds[:len(ds) - len(ds) % shard_count]
+    ds = ds[shard_index::shard_count]
+  if num_epochs is not None and drop_remainder and len(ds) < batch_size:
+    # Else an iterator that ends at once: a loop over it did no steps. (A
+    # packed row holds one example or more, so packing cannot fill one.)
+    raise ValueError(
+        f"make_train_dataset: {len(ds)} examples per shard (of "
+        f"{len(examples)} x {num_epochs} epochs over {shard_count} shards) "
+        f"make no full batch of {batch_size}; lower batch_size or pass "
+        "drop_remainder=False")
   ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer,
                                 seq_len=seq_len, max_target=max_target_tokens))
   if pack:
@@ -142,6 +163,11 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
                                   pad_id=tokenizer.pad_id))
     it_ds = ds.to_iter_dataset(_read_options(num_threads))
   return it_ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _check_seed(seed: int) -> None:
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"data.seed must be in [0, 2**32), got {seed}")
 
 
 @functools.lru_cache(maxsize=256)  # asked once per example read
@@ -165,8 +191,7 @@ class EpochShuffle(grain.MapDataset):
 
   def __init__(self, parent: grain.MapDataset, seed: int):
     super().__init__(parent)
-    if not 0 <= seed < 2**32:
-      raise ValueError(f"data.seed must be in [0, 2**32), got {seed}")
+    _check_seed(seed)
     self._seed = int(seed)
 
   def __len__(self) -> int:

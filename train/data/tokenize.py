@@ -96,6 +96,7 @@ def encode_pair(prompt: str, target: str, tokenizer: Tokenizer,
     max_target: Keep at most this many target tokens (EOS included), cut
       from the right, before fitting the prompt: training scores only the
       first ones, and a target that fills the row would cost the prompt.
+      At least 1, or None for no limit.
 
   Returns:
     (prompt_ids starting with BOS, target_ids).
@@ -120,6 +121,9 @@ def _encode_pair_counted(prompt, target, tokenizer, max_length, add_eos,
   tokens."""
   if max_length < 2:
     raise ValueError(f"max_length must be at least 2, got {max_length}")
+  if max_target is not None and max_target < 1:
+    # A negative one had cut from the end, as a Python slice does.
+    raise ValueError(f"max_target must be >= 1 or None, got {max_target}")
   prompt_ids = encode_text(tokenizer, prompt)
   target_ids = encode_text(tokenizer, target)
   if add_eos:
