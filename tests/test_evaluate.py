@@ -32,6 +32,12 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("First 3. The answer is 12 apples and 4 pears.", "12"),
     ("The answer is -3.", "-3"),
     ("It costs $.5 each", "0.5"),
+    # A point after a letter is not a decimal point: 'Rs.500' (as the math
+    # training set writes rupees) had read as 0.5.
+    ("The answer is Rs.500", "500"),
+    ("He paid Rs.4578, which is Rs.3662.", "3662"),
+    ("He walked 5 km.3 hours later", "3"),
+    ("The answer is .75", "0.75"),
     ("The answer is 9.9999999999999999 ", "10"),
     ("no number here", None),
     ("The answer is (C).", None),

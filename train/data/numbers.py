@@ -22,14 +22,18 @@ _SIGN = (r"(?:(?<![\w.])-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
 # A fraction ('29/3', '3/4') is read whole, as its value: not as the 29 or
 # the 4 (a '4' read out of '3/4 of a cup' scored right against a gold of 4).
 _FRACTION = r"(?<!/)\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?(?![\d/])"  # not a date's
-_NUMBER = _SIGN + r"(?:" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)"
+# A bare '.5' has no letter, digit or dot before its point: 'Rs.500' is 500
+# (it had read as 0.5), and '5 km.3 hours' ends in 3.
+_POINT_ONLY = r"(?<![\w.])\.\d+"
+_NUMBER = (_SIGN + r"(?:" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|" +
+           _POINT_ONLY + ")")
 _NUMBER_RE = re.compile(_NUMBER)
 # After an answer marker also a mixed number ('2 1/2', 2.5) and thousands
 # grouped by spaces ('$9 500', as in some GSM8K solutions; not '4 100-meter
 # races'): read whole, not as '2' or '9'.
 _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
            r"|\d{1,3}(?:[ \u00a0]\d{3})+(?![\d,.]\d|-\w)"
-           r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|\.\d+)")
+           r"|" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|" + _POINT_ONLY + ")")
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
 # LLM-Adapters targets write it, or '(4 * 5) - 2 = 18'; also with the
 # division sign, the minus sign U+2212, the dot operators and '^') answers
