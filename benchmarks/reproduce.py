@@ -55,7 +55,11 @@ adapters or per-item evaluation results (see `train_one`).
 Each (task, optimizer, learning rate, seed) run writes one JSON file
 atomically under ``<out>/runs/<budget>/<task>/``; with ``--resume`` finished
 files are skipped, so a long run can be done in pieces and killed at any
-time without corrupting anything. Runs of a model other than Gemma 3 270M
+time without corrupting anything. A file made with other data or settings
+than the budget's now is run again when its run is asked for, and left out
+(named in one log line) of the choice of rate and of the report; the report
+scores stored generations again with today's answer extraction. Runs of a
+model other than Gemma 3 270M
 (``--model tiny``, a check) live apart, under budget ``<budget>-tiny``
 (files, summary and report), so they never replace or join real results.
 """
@@ -656,6 +660,69 @@ def load_results(out: str, budget: str, model: str | None = None) -> dict:
   return results
 
 
+def current_results(out: str, budget_name: str, budget: Budget, model: str,
+                    log, data: dict | None = None,
+                    tasks: tuple[str, ...] | None = None) -> dict:
+  """`load_results` less the files `stale` finds made with other data or
+  settings than (budget, model) would make now, each named in one log line.
+
+  A file in the budget's folder but outside a call's grid (an earlier
+  `--lrs X`, an extra seed) is never passed through `do_run`, so its
+  staleness had gone unchecked: it could win the choice of rate and fill
+  the report. `data`: {task: its `task_data`} where the caller has it;
+  `tasks`: only these tasks' runs.
+  """
+  results = {k: v for k, v in load_results(out, budget_name, model).items()
+             if tasks is None or k[0] in tasks}
+  data = dict(data or {})
+  fingerprints = {}
+  for key in sorted(results):
+    task, opt, lr, seed = key
+    if task not in budget.tasks or opt not in OPTIMIZERS:
+      why = f'a task or optimizer this script does not have ({task}, {opt})'
+    else:
+      if task not in fingerprints:
+        data.setdefault(task, task_data(task, budget.tasks[task]))
+        fingerprints[task] = data_fingerprint(data[task])
+      why = stale(results[key], model,
+                  json.loads(configs.to_json(
+                      make_config(budget, task, opt, lr, seed, model))),
+                  fingerprints[task], dataclasses.asdict(budget.tasks[task]))
+    if why is not None:
+      log(f'[{budget_name}] left out: '
+          f'{run_path(out, budget_name, task, opt, lr, seed)} was made with '
+          f'{why}.')
+      del results[key]
+  return results
+
+
+def rescore_generations(results: dict, data: dict) -> int:
+  """Scores each run's stored generations again with today's
+  `evaluate.number_exact_match` (in place); returns how many items changed.
+
+  A run file keeps the scores of the extractor it was made with, and an
+  extractor fix does not make it stale (the adapters and generations are
+  the same): its committed accuracy had kept an old reading ('1/3' as 1).
+  """
+  changed = 0
+  for (task, _, _, _), run in results.items():
+    for tname, res in run['tests'].items():
+      if 'generation' not in res:
+        continue
+      examples = data[task]['tests'][tname]
+      em = evaluate.number_exact_match(examples, res['generation'])
+      correct = em.correct.astype(int).tolist()
+      if len(correct) != len(res['generation']):
+        raise loop.ConfigError(
+            f'{task}/{tname}: a run has {len(res["generation"])} generations '
+            f'for {len(examples)} test items; it was made with other data.')
+      changed += sum(a != b for a, b in zip(correct, res['correct']))
+      res['correct'] = correct
+      res['prediction'] = [None if p is None else str(p)
+                           for p in em.predictions]
+  return changed
+
+
 RESULT_KEYS = ('task', 'optimizer', 'lr', 'seed', 'val_loss', 'tests')
 
 
@@ -1100,18 +1167,19 @@ def plots(results: dict, summary: dict, out: str, budget_name: str) -> list:
 
 
 def report(args, budget: Budget, command: str, log) -> None:
-  results = load_results(args.out, args.budget)
   # Runs of another model under the same budget are never pooled with
   # these. `_main` keeps each model's runs under its own budget name, so only
   # files from before it did (a --model tiny check written to the plain
   # budget's folder) can be left out here.
-  model = getattr(args, 'model', None)
-  other = {k for k, v in results.items()
-           if model and v.get('model', model) != model}
+  model = getattr(args, 'model', None) or DEFAULT_MODEL
+  everything = load_results(args.out, args.budget)
+  other = {k for k, v in everything.items() if v.get('model', model) != model}
   if other:
     log(f'[{args.budget}] {len(other)} run(s) of another model than '
         f'{model} left out of the report.')
-    results = {k: v for k, v in results.items() if k not in other}
+  data = {task: task_data(task, budget.tasks[task])
+          for task in {k[0] for k in everything if k[0] in budget.tasks}}
+  results = current_results(args.out, args.budget, budget, model, log, data)
   if not results:
     if args.report_only:
       # A mistyped --out or --budget is not a success.
@@ -1121,8 +1189,10 @@ def report(args, budget: Budget, command: str, log) -> None:
     log(f'[{args.budget}] no finished runs under {args.out}/runs/'
         f'{args.budget}; nothing to report.')
     return
-  data = {task: task_data(task, budget.tasks[task])
-          for task in {k[0] for k in results}}
+  rescored = rescore_generations(results, data)
+  if rescored:
+    log(f'[{args.budget}] {rescored} generation(s) scored otherwise by '
+        'today\'s answer extraction than when their run was made.')
   dropped = drop_seen_items(results, budget, data)
   consistent = add_consistent_items(results, budget, data)
   summary = summarize(results, args.budget, budget)
@@ -1294,7 +1364,8 @@ def _main(argv) -> None:
       # or of this call's. A call whose seeds leave it out (--seeds 1 2
       # after a seed-0 sweep) sweeps on it only the rates missing there
       # (or stale), and runs its own seeds at the rate chosen there.
-      on_file = load_results(args.out, args.budget, args.model)
+      on_file = current_results(args.out, args.budget, budget, args.model,
+                                log, {task: data}, (task,))
       sweep_seed = {opt: sweep_seed_of(on_file, task, opt, budget.seeds)
                     for opt in opts}
       # Sweep first (every lr, every optimizer), so that a partial run has
@@ -1308,7 +1379,9 @@ def _main(argv) -> None:
               sweep_args, budget, task, data, opt, lr, seed0, log)
       # The choice is among every rate run on seed0 under this budget, not
       # just this call's: a later `--lrs X` that loses must not get seeds.
-      on_file = {**load_results(args.out, args.budget, args.model), **results}
+      on_file = {**current_results(args.out, args.budget, budget, args.model,
+                                   lambda _: None, {task: data}, (task,)),
+                 **results}
       for opt in opts:
         seed0 = sweep_seed[opt]
         tried = sorted({k[2] for k in on_file

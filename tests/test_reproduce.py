@@ -902,3 +902,60 @@ def test_bad_out_folder_or_result_files_are_one_error_line(
     rp.main(common + ['--out', str(tmp_path / 'typo'), '--report_only'])
   assert e.value.code == (f'error: --report_only: no finished runs under '
                           f'{tmp_path}/typo/runs/smoke; nothing to report.')
+
+
+def test_run_files_made_otherwise_are_never_chosen_or_reported(
+    rp, tmp_path, monkeypatch, capsys):
+  """A file in the budget's folder but outside a call's grid (an earlier
+  --lrs, made with other data) had won the choice of rate and filled the
+  report without a word: only `do_run`'s own runs were checked."""
+  _unit_budget(rp, monkeypatch, 'arithmetic', rp.TaskBudget(48, 4, 4, 4, 2),
+               steps=2)
+  trained = _stub_training(rp, monkeypatch, val_loss=lambda lr, seed: 0.9)
+  out = str(tmp_path)
+  common = ['--budget', 'unit', '--optimizers', 'adam', '--out', out,
+            '--resume']
+  rp.main(common)
+  assert trained == [(1e-3, 0)]
+  made = json.load(open(rp.run_path(out, 'unit', 'arithmetic', 'adam', 1e-3,
+                                    0)))
+  stale_path = rp.run_path(out, 'unit', 'arithmetic', 'adam', 2e-3, 0)
+  rp.write_atomic(stale_path, {
+      **made, 'lr': 2e-3, 'val_loss': [0.1, 0.1],
+      'data_fingerprint': '0' * 16})
+  capsys.readouterr()
+  rp.main(common)
+  log = capsys.readouterr().out
+  assert f'left out: {stale_path} was made with other data' in log
+  assert 'adam: lr 0.001 chosen by val loss on seed 0 {\'0.001\': 0.9}' in log
+  s = json.load(open(os.path.join(out, 'summary_unit.json')))
+  assert s['tasks']['arithmetic']['chosen']['adam']['val_loss_by_lr'] == {
+      '0.001': 0.9}
+  assert trained == [(1e-3, 0)]
+
+
+def test_report_scores_stored_generations_again(rp, tmp_path, monkeypatch):
+  """A run file keeps the scores of the extractor it was made with; the
+  report reads its generations with today's (the committed exact-match
+  report had kept '1/3' read as 1)."""
+  tb = rp.TaskBudget(48, 4, 4, 4, 2)
+  _unit_budget(rp, monkeypatch, 'arithmetic', tb, steps=2)
+  tests = rp.task_data('arithmetic', tb)['tests']['arithmetic']
+  golds = [e.gold_number for e in tests]
+  assert all(g is not None for g in golds)
+  # Right, right, wrong, no number; stored as all right.
+  texts = [f'The answer is {golds[0]}.', f'So: {golds[1]}',
+           f'The answer is {float(golds[2]) + 1:g}.', 'I do not know.']
+  run = _fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 4, [0.5] * 4, 0.5)
+  run['tests']['arithmetic']['generation'] = texts
+  rp.write_atomic(rp.run_path(str(tmp_path), 'unit', 'arithmetic', 'adam',
+                              1e-3, 0), run)
+  lines = []
+  budget = rp.BUDGETS['unit']
+  rp.report(rp.argparse.Namespace(out=str(tmp_path), budget='unit',
+                                  report_only=True, model=None),
+            budget, 'cmd', lines.append)
+  assert '[unit] 2 generation(s) scored otherwise' in '\n'.join(lines)
+  s = json.load(open(os.path.join(tmp_path, 'summary_unit.json')))
+  assert s['tasks']['arithmetic']['tests']['arithmetic']['adam'][
+      'accuracy'] == 0.5
