@@ -244,8 +244,10 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   As LLM-Adapters' evaluation does: the first whole-word, case-insensitive
   occurrence of any label ('answer3', 'ending2', 'true', ...) wins. A
   one-character label (an 'Answer format: A/B/C/D' record's) is matched in
-  its own case, and one that follows 'answer is' first: the article 'a',
-  or a sentence's first word, is not option A.
+  its own case, so the article 'a' is not option A; and one that follows
+  'answer is' wins over any before it ('A cat. The answer is B' gives B).
+  Without 'answer is', a capital 'A' opening a sentence does read as
+  option A.
   """
   if not labels:
     return None
