@@ -143,6 +143,10 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
      '--eval.before, --eval.no-before)'),
     (['--seq_len', '96'], 'Unrecognized options: --seq-len, 96 (perhaps '
      '--data.seq-len)'),
+    # tyro's panel wraps at the terminal's width (80 when piped): a long
+    # value had come back with a space inside it ('mode ls').
+    (['--model.pathh', '/x' * 60], 'Unrecognized options: --model.pathh, '
+     + '/x' * 60 + ' (perhaps --model.path)'),
 ])
 @pytest.mark.parametrize('terminal', [False, True])
 def test_override_errors_on_a_terminal_too(monkeypatch, capsys, tmp_path,
@@ -169,6 +173,27 @@ def test_help_piped_into_a_closed_reader_exits_quietly(tmp_path):
   proc.stdout.close()  # the reader is gone before the help is written
   err = proc.stderr.read().decode()
   assert proc.wait(timeout=120) == 0 and err == '', err
+
+
+def test_every_config_field_has_help():
+  """tyro's --help describes a field from its class's `Attributes:` entry:
+  rank, alpha, targets, b1, the mesh axes and rules had none."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  undocumented, todo = [], [configs.Config]
+  while todo:
+    cls = todo.pop()
+    doc = (cls.__doc__ or '').partition('Attributes:')[2]
+    named = set(re.findall(r'^    (\w+):', doc, re.MULTILINE))
+    for field in dataclasses.fields(cls):
+      if dataclasses.is_dataclass(field.type) or (
+          isinstance(field.type, str) and hasattr(configs, field.type)
+          and dataclasses.is_dataclass(getattr(configs, field.type))):
+        todo.append(getattr(configs, field.type)
+                    if isinstance(field.type, str) else field.type)
+      elif field.name not in named:
+        undocumented.append(f'{cls.__name__}.{field.name}')
+  assert not undocumented, undocumented
 
 
 def test_preset_help_documents_stop_at(capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import os
 import json
@@ -71,13 +72,16 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   # tyro reports a bad override (unknown flag, unparsable value) as a boxed
   # multi-line panel on stderr and exits; keep the promise of one line.
   err = io.StringIO()
+  help_asked = any(a in ('-h', '--help') for a in rest)
   try:
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), _panel_width(
+        None if help_asked else 10_000):
       cfg = tyro.cli(configs.Config, default=base, args=rest,
                      prog=f'python -m train --config {known.config}',
                      description=(
                          f'The settings in {known.config}.' if from_file
-                         else configs.PRESETS[known.config].__doc__ or '')
+                         else inspect.cleandoc(
+                             configs.PRESETS[known.config].__doc__ or ''))
                      + _STOP_AT_HELP)
   except SystemExit as e:
     if not e.code:  # --help: printed to stdout, a normal exit.
@@ -86,6 +90,28 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
   if from_file and cfg.resume:
     _check_resume_folder(known.config, cfg)
   return cfg, known.stop_at
+
+
+@contextlib.contextmanager
+def _panel_width(columns: int | None):
+  """tyro's panels drawn ``columns`` wide (None: the terminal's width).
+
+  An error panel wraps at the terminal's width (80 when piped), breaking a
+  long value mid-word; joined into one line, a path read 'mode ls'. Drawn
+  wide, nothing wraps.
+  """
+  if columns is None:
+    yield
+    return
+  old = os.environ.get('COLUMNS')
+  os.environ['COLUMNS'] = str(columns)
+  try:
+    yield
+  finally:
+    if old is None:
+      del os.environ['COLUMNS']
+    else:
+      os.environ['COLUMNS'] = old
 
 
 def _hyphenated(arg: str) -> str:

@@ -91,7 +91,14 @@ class LoraConfig:
   """The adapters (see `models.lora.apply_lora`).
 
   Attributes:
+    rank: the adapters' rank r (>= 1).
+    alpha: each adapter is scaled by alpha / r (alpha / sqrt(r) with
+      rslora).
+    dropout: dropout on each adapter's input during training, in [0, 1).
+    targets: the projections adapted, by name (gemma: q k v o gate up
+      down; t5: q k v o wi_0 wi_1 wo) or pattern (`models.lora`).
     init: 'standard', 'gaussian', 'pissa' or 'lora_ga'.
+    rslora: rank-stabilised scaling, alpha / sqrt(r).
     ga_batches: for 'lora_ga', how many training batches (the first of the
       run's data order) the full gradient is averaged over.
     ga_gamma: LoRA-GA's gamma (the stable scale is d_out^(1/4)/sqrt(gamma)).
@@ -120,7 +127,11 @@ class OptimConfig:
     end_lr_fraction: the learning rate the decay reaches, as a fraction of
       the peak, at step `steps` (one past the last, as optax and Hugging
       Face count: the last step runs just above it, so 0 still trains).
-    b1, b2, eps, weight_decay: passed to the optimizer (all six take them).
+    b1: first-moment decay, passed to the optimizer (all six take b1, b2,
+      eps and weight_decay).
+    b2: second-moment decay.
+    eps: the optimizer's epsilon.
+    weight_decay: decoupled weight decay on the adapters.
     clip_grad_norm: global-norm clip before the optimizer; 0 = off.
     skip_nonfinite: wrap the optimizer in `optax.apply_if_finite`, so a step
       whose gradients hold a NaN or Inf leaves params and optimizer state
@@ -246,6 +257,13 @@ class MeshConfig:
   The batch is split over data x fsdp; parameters are placed by
   `rules` (logical axis=mesh axis, empty for replicated), each replacing
   the default rule of its own logical axis.
+
+  Attributes:
+    data: devices along the data axis (-1: the devices the others leave).
+    fsdp: devices along the fsdp axis (parameters and batch sharded).
+    tensor: devices along the tensor axis (heads and MLP split).
+    rules: 'logical=mesh_axis' each (e.g. mlp=tensor, embed=fsdp; 'norm='
+      replicates); each replaces the default rule of its logical axis.
   """
 
   data: int = -1
