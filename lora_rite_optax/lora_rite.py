@@ -583,16 +583,24 @@ def balance_lora_factors(
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     eps: float = 1e-6,
 ) -> base.GradientTransformation:
-  r"""Rescale each pair after its step so both factors have equal norms.
+  r"""Rescale each pair after its step, toward equal norms of both factors.
 
   With :math:`A' = A + u_A` and :math:`B' = B + u_B`,
   :math:`n_A = \|A'\| + \epsilon`, :math:`n_B = \|B'\| + \epsilon` and
-  :math:`b = \sqrt{n_A n_B}`, the returned updates move the factors to
-  :math:`A' b / n_A` and :math:`B' b / n_B`: the product :math:`H` is
-  unchanged and, since LoRA-RITE is transformation invariant, so is the rest
-  of training in exact arithmetic; the factors just stay in a range that
-  bfloat16 holds well. Must come last in a chain (it needs the final
-  updates).
+  :math:`s = \operatorname{clip}(\sqrt{n_B / n_A}, 1/2, 2)`, the returned
+  updates move the factors to :math:`s A'` and :math:`B' / s`: the product
+  :math:`H` is unchanged and, since LoRA-RITE is transformation invariant,
+  so is the rest of training in exact arithmetic; the factors just stay in
+  a range that bfloat16 holds well. A pair whose :math:`A'` or :math:`B'`
+  is all zero (the usual start, :math:`B = 0`) is left as it is. Must come
+  last in a chain (it needs the final updates).
+
+  Each step moves at most a factor of 2: the rescale is an additive update,
+  and a factor shrunk by :math:`s` in one step lands within about
+  :math:`1/s` times its dtype's rounding of its target (a shrink of 1700 in
+  one step had set a bfloat16 ``lora_a`` to exactly 0). Factors far apart
+  come to equal norms over a few steps; in float32 the rounding that costs
+  is the params' own.
 
   Args:
     layout: how pairs are found.
@@ -607,9 +615,12 @@ def balance_lora_factors(
     >>> params = {'lora_a': jnp.full((2, 1), 10.0), 'lora_b': jnp.ones((1, 2))}
     >>> tx = lro.balance_lora_factors()
     >>> zero = {'lora_a': jnp.zeros((2, 1)), 'lora_b': jnp.zeros((1, 2))}
-    >>> u, _ = tx.update(zero, tx.init(params), params)
-    >>> new = optax.apply_updates(params, u)
-    >>> [round(float(jnp.linalg.norm(new[k])), 2) for k in ('lora_a', 'lora_b')]
+    >>> for _ in range(2):
+    ...   u, _ = tx.update(zero, tx.init(params), params)
+    ...   params = optax.apply_updates(params, u)
+    ...   print([round(float(jnp.linalg.norm(params[k])), 2)
+    ...          for k in ('lora_a', 'lora_b')])
+    [7.07, 2.83]
     [4.47, 4.47]
   """
 
@@ -639,11 +650,16 @@ def balance_lora_factors(
         axes = tuple(range(lay.batch_axes, new[index].ndim))
         norms[index] = jnp.sqrt(jnp.sum(jnp.square(new[index]),
                                         axis=axes)) + eps
-      both = jnp.sqrt(norms[pair.a_index] * norms[pair.b_index])
-      for index in (pair.a_index, pair.b_index):
+      scale_a = jnp.clip(jnp.sqrt(norms[pair.b_index] / norms[pair.a_index]),
+                         0.5, 2.0)
+      # A zero factor: H = 0, nothing to balance (rescaling would only
+      # shrink the other factor, toward zero).
+      scale_a = jnp.where((norms[pair.a_index] > eps) &
+                          (norms[pair.b_index] > eps), scale_a, 1.0)
+      for index, scale in ((pair.a_index, scale_a),
+                           (pair.b_index, 1.0 / scale_a)):
         p = param_leaves[index]
-        factor = (both / norms[index]).reshape(
-            norms[index].shape + (1,) * (p.ndim - lay.batch_axes))
+        factor = scale.reshape(scale.shape + (1,) * (p.ndim - lay.batch_axes))
         out[index] = (new[index] * factor - p.astype(new[index].dtype)
                      ).astype(out[index].dtype)
     return jax.tree_util.tree_unflatten(paired.treedef, out), state
@@ -704,12 +720,10 @@ def lora_rite(
       turns it off.
     escape_mass: add the paper's escaped-mass term.
     balance_factors: (a Python bool; in ``static_args`` under
-      ``optax.inject_hyperparams``) after the step, rescale the new factors to
-      equal norms
-      (leaves :math:`H` unchanged up to the params' rounding: the rescale is
-      an additive update, so in bfloat16 a factor that shrinks by ``s``
-      lands within ~``s`` times bfloat16's rounding of its target; ~1% at
-      the first step after a standard init).
+      ``optax.inject_hyperparams``) after the step, rescale the new factors
+      toward equal norms, by at most a factor of 2 per step
+      (:func:`balance_lora_factors`; leaves :math:`H` unchanged up to the
+      params' rounding).
     layout: how pairs are found; see :class:`lora_rite_optax.LoraLayout`.
     precision: of the matrix products; see :func:`scale_by_lora_rite`.
 

@@ -127,10 +127,13 @@ class ReferenceLoraRite:
       new_a = xs[0] + deltas[0]
       new_b = xs[1] + deltas[1]
       if self.balance:                                # 13
+        # This project's balance_lora_factors (not the paper's): toward
+        # equal norms, at most a factor of 2 per step; a zero factor stays.
         n_a = np.linalg.norm(new_a) + 1e-6
         n_b = np.linalg.norm(new_b) + 1e-6
-        both = np.sqrt(n_a * n_b)
-        new_a, new_b = new_a * both / n_a, new_b * both / n_b
+        if n_a > 1e-6 and n_b > 1e-6:
+          s = np.clip(np.sqrt(n_b / n_a), 0.5, 2.0)
+          new_a, new_b = new_a * s, new_b / s
       new_pairs.append((a_from_matrix(new_a, a.shape),
                         b_from_matrix(new_b, b.shape)))
     # U_{t-1} for the next step is this step's basis.

@@ -427,8 +427,21 @@ def test_balance_keeps_product_and_equalises_norms():
   params['p0']['lora_a'] = params['p0']['lora_a'] * 100.0
   tx = lro.lora_rite(0.0, balance_factors=True)
   grads = jax.grad(_loss)(params, targets)
-  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  new = optax.apply_updates(params, updates)
+  update = jax.jit(tx.update)
+  state, new = tx.init(params), params
+  ratios = []
+  for _ in range(6):
+    updates, state = update(grads, state, new)
+    previous, new = new, optax.apply_updates(new, updates)
+    ratios.append(float(jnp.linalg.norm(new['p0']['lora_a']) /
+                        jnp.linalg.norm(new['p0']['lora_b'])))
+    # At most a factor of 2 per step, each factor.
+    for name in ('lora_a', 'lora_b'):
+      step = float(jnp.linalg.norm(new['p0'][name]) /
+                   jnp.linalg.norm(previous['p0'][name]))
+      assert 0.5 - 1e-6 <= step <= 2.0 + 1e-6, (name, step)
+  # p0's A was ~100x B's: a ratio of 1/4 per step until balanced.
+  assert ratios[0] > 4, ratios
   for k in params:
     np.testing.assert_allclose(
         _contract(new[k]['lora_a'], new[k]['lora_b']),
@@ -436,6 +449,32 @@ def test_balance_keeps_product_and_equalises_norms():
         atol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(new[k]['lora_a']),
                                jnp.linalg.norm(new[k]['lora_b']), rtol=1e-5)
+
+
+def test_balance_leaves_a_zero_factor_and_bfloat16_trains_from_zero_rate():
+  """bfloat16 params, B = 0, a warmup from rate 0: the first step's balance
+  had shrunk A ~1700x in one additive update, which bfloat16 rounds to
+  exactly -A: A = B = 0, a saddle no gradient leaves."""
+  a = jax.random.normal(jax.random.key(0), (128, 8)) / 11.3
+  target = (jax.random.normal(jax.random.key(1), (128, 8)) @
+            jax.random.normal(jax.random.key(2), (8, 96))) / 10
+  for dtype in (jnp.float32, jnp.bfloat16):
+    params = {'lora_a': a.astype(dtype), 'lora_b': jnp.zeros((8, 96), dtype)}
+    tx = lro.lora_rite(optax.linear_schedule(0.0, 0.02, 20),
+                       balance_factors=True)
+    loss = lambda p: jnp.mean(jnp.square(
+        p['lora_a'].astype(jnp.float32) @ p['lora_b'].astype(jnp.float32)
+        - target))
+    state = tx.init(params)
+    u, state = tx.update(jax.grad(loss)(params), state, params)
+    first = optax.apply_updates(params, u)
+    np.testing.assert_array_equal(first['lora_a'], params['lora_a'])
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    p = first
+    for _ in range(60):
+      u, state = step(p, state)
+      p = optax.apply_updates(p, u)
+    assert float(loss(p)) < 0.5 * float(loss(params)), (dtype, loss(p))
 
 
 def test_state_is_float32_for_bfloat16_params_and_updates_keep_dtype():
