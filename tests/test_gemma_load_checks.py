@@ -222,7 +222,9 @@ def test_gguf_block_count_below_the_blocks_it_holds(gguf_path):
     ({'rope_base_local': 0.0}, 'rope_base_local must be a positive number'),
     ({'final_logit_softcap': -1.0}, 'final_logit_softcap must be a positive '
      'number'),
-    ({'norm_eps': -1e-6}, 'norm_eps must be a number >= 0'),
+    ({'norm_eps': -1e-6}, 'norm_eps must be a finite number >= 0'),
+    # Every RMSNorm had output 0.
+    ({'norm_eps': float('inf')}, 'norm_eps must be a finite number >= 0'),
 ])
 def test_config_sizes_are_validated(change, match):
   with pytest.raises(ValueError, match=match) as e:
@@ -258,7 +260,7 @@ def test_config_sizes_are_validated(change, match):
      "number, got 'big'"),
     ({'rope_parameters': {'full_attention': [1]}},
      r'rope_parameters.full_attention must be an object, got \[1\]'),
-    ({'rms_norm_eps': -1.0}, 'norm_eps must be a number >= 0'),
+    ({'rms_norm_eps': -1.0}, 'norm_eps must be a finite number >= 0'),
 ])
 def test_malformed_config_json_values(hf, change, match):
   path = _edit_config(hf, **change)
@@ -512,3 +514,44 @@ def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
                      ) as e:
     gemma.load_tokenizer(tmp_path / 'dup.gguf')
   _one_line(e)
+
+
+@pytest.mark.parametrize('name, change', [
+    # Written for Gemma 3 only, read for every family: a Gemma 2 with its
+    # own local RoPE base had come back with the global one.
+    ('gemma2-tiny', dict(rope_base_local=1000.0)),
+    # Soft-caps had been written from Gemma 2 on: a Gemma 1 with them came
+    # back without (logits 70 apart).
+    ('gemma-tiny', dict(attn_logit_softcap=5.0, final_logit_softcap=3.0)),
+    ('gemma3-tiny', dict(attn_logit_softcap=5.0)),
+])
+def test_hf_config_round_trips_every_field(name, change):
+  c = gemma.get_config(name).replace(**change)
+  assert gemma_load.config_from_hf(gemma_load.config_to_hf(c)) == c
+
+
+@pytest.mark.parametrize('name, change', [
+    ('gemma2-tiny', dict(use_post_norms=False)),
+    ('gemma-tiny', dict(use_post_norms=True)),
+    ('gemma2-tiny', dict(use_qk_norm=True)),
+])
+def test_a_config_hugging_face_cannot_hold_is_refused_on_save(
+    name, change, tmp_path):
+  """Hugging Face derives the norms from the model type: such a save had
+  loaded as another model, or been refused only when loaded."""
+  c = gemma.get_config(name).replace(**change)
+  key = next(iter(change))
+  with pytest.raises(ValueError, match=rf'^a Gemma {c.family} config with '
+                     rf'{key}={change[key]} has no Hugging Face form') as e:
+    gemma_load.save_pretrained(gemma.Gemma(c, rngs=nnx.Rngs(0)),
+                               str(tmp_path / 'out'))
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'out' / 'config.json').exists()
+
+
+def test_a_preset_name_for_a_config_is_one_line():
+  for make in (lambda: gemma.Gemma('gemma-tiny'),
+               lambda: gemma.init_cache('gemma-tiny', 1, 4)):
+    with pytest.raises(TypeError, match=r"config must be a GemmaConfig \(use "
+                       r"models.gemma.get_config\('gemma-tiny'\)\), got str"):
+      make()

@@ -87,9 +87,10 @@ class GemmaConfig:
     for name in ('rope_base_global', 'rope_base_local', 'rope_scale_global',
                  'rope_scale_local'):
       _check_positive_number(name, getattr(self, name))
-    if not _is_number(self.norm_eps) or not self.norm_eps >= 0:
-      raise ValueError('GemmaConfig.norm_eps must be a number >= 0, got '
-                       f'{self.norm_eps!r}.')
+    # Finite: an infinite one makes every RMSNorm output 0.
+    if not _is_number(self.norm_eps) or not 0 <= self.norm_eps < math.inf:
+      raise ValueError('GemmaConfig.norm_eps must be a finite number >= 0, '
+                       f'got {self.norm_eps!r}.')
     if self.head_dim % 2:
       # RoPE rotates pairs of features; an odd head_dim had failed in the
       # forward pass as "array split does not result in an equal division".

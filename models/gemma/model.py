@@ -101,9 +101,19 @@ class Cache:
     return self.positions.shape[1]
 
 
+def _check_config(who: str, config) -> None:
+  # A preset's name in its place had been an AttributeError deep inside.
+  if not isinstance(config, GemmaConfig):
+    hint = (f" (use models.gemma.get_config({config!r}))"
+            if isinstance(config, str) else '')
+    raise TypeError(f'{who}: config must be a GemmaConfig{hint}, got '
+                    f'{type(config).__name__}.')
+
+
 def init_cache(config: GemmaConfig, batch_size: int, cache_size: int,
                dtype=jnp.float32) -> Cache:
   """An empty cache for ``batch_size`` rows of up to ``cache_size`` tokens."""
+  _check_config('init_cache', config)
   check_positive_ints('init_cache', batch_size=batch_size,
                       cache_size=cache_size)
   # An int cache had held truncated keys and values: wrong logits, silently.
@@ -250,6 +260,7 @@ class Gemma(nnx.Module):
 
   def __init__(self, config: GemmaConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    _check_config('Gemma', config)
     check_float_dtypes('Gemma', dtype=dtype, param_dtype=param_dtype)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     c = config
