@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_rite_optax import placement
+
 
 def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
                   *, nesterov=False) -> optax.GradientTransformation:
@@ -28,6 +30,13 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                               mu_dtype=mu_dtype, nesterov=nesterov)
 
+  def init_fn(params):
+    state = inner.init(params)
+    # The count beside the params (optax's lands on the default device,
+    # uncommitted: a jitted step on a mesh then compiled twice).
+    return state._replace(count=placement.replicated_zeros(
+        (), state.count.dtype, jax.tree.leaves(params)))
+
   def update_fn(updates, state, params=None):
     new_updates, new_state = inner.update(updates, state, params)
     new_updates = jax.tree.map(
@@ -35,7 +44,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
         new_updates, new_state.nu)
     return new_updates, new_state
 
-  return optax.GradientTransformation(inner.init, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
@@ -46,7 +55,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
       scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                     mu_dtype=mu_dtype, nesterov=nesterov),
       optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+      placement.scale_by_learning_rate(learning_rate))
 
 
 def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
@@ -56,4 +65,4 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
       scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
       optax.add_decayed_weights(weight_decay=weight_decay, mask=mask),
       optax.scale_by_trust_ratio(),
-      optax.scale_by_learning_rate(learning_rate))
+      placement.scale_by_learning_rate(learning_rate))

@@ -361,6 +361,16 @@ def scale_by_lora_rite(
          jnp.ndim(param_paths[pair.b_index][1]) > 2
          for i in (pair.a_index, pair.b_index)],
         'stacked or n-D factors')
+    # A rank axis split over devices: the statistics come back replicated,
+    # so the step compiled twice, and optax.MultiSteps/apply_if_finite
+    # failed inside jax on the branches' differing shardings.
+    placement.refuse_explicit(
+        'scale_by_lora_rite',
+        [param_paths[i][1] for pair in paired.pairs
+         for i, axis in ((pair.a_index, pair.layout.a_rank_axis),
+                         (pair.b_index, pair.layout.b_rank_axis))
+         if placement.explicitly_sharded(param_paths[i][1], axis)],
+        'factors whose rank axis is')
     param_leaves = [l for _, l in param_paths]
     try:
       grad_leaves = paired.treedef.flatten_up_to(updates)
@@ -773,7 +783,7 @@ def lora_rite(
                          escape_mass=escape_mass, layout=layout,
                          precision=precision),
       optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      placement.scale_by_learning_rate(learning_rate),
   ]
   if balance_factors:
     steps.append(balance_lora_factors(layout))

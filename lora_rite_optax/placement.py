@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -50,8 +51,15 @@ def replicated_zeros(shape, dtype, like: Iterable[Any]) -> jax.Array:
   for leaf in like:
     sharding = _placed(leaf)
     if isinstance(sharding, NamedSharding):
+      # Spelt as a jitted step writes a replicated output: P() on Auto
+      # axes, one None per axis on Explicit ones (P() there had been
+      # another cache key, and the second call compiled again).
+      explicit = any(t == jax.sharding.AxisType.Explicit
+                     for t in sharding.mesh.axis_types)
+      spec = PartitionSpec(*(None,) * len(shape)) if explicit else (
+          PartitionSpec())
       return jnp.zeros(shape, dtype,
-                       device=NamedSharding(sharding.mesh, PartitionSpec()))
+                       device=NamedSharding(sharding.mesh, spec))
     if sharding is not None:
       return jnp.zeros(shape, dtype, device=sharding)
   return jnp.zeros(shape, dtype)
@@ -70,10 +78,16 @@ def _explicit(leaf: Any):
   return sharding
 
 
-def explicitly_sharded(leaf: Any) -> bool:
-  """Whether ``leaf`` is split along some axis of an Explicit mesh."""
+def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
+  """Whether ``leaf`` is split over an Explicit mesh: along ``axis``, or
+  along any axis (None)."""
   sharding = _explicit(leaf)
-  return sharding is not None and any(a is not None for a in sharding.spec)
+  if sharding is None:
+    return False
+  spec = tuple(sharding.spec) + (None,) * (jnp.ndim(leaf) - len(sharding.spec))
+  if axis is not None:
+    return spec[axis] is not None
+  return any(a is not None for a in spec)
 
 
 def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:
@@ -101,3 +115,21 @@ def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
           f'{who}: {what} sharded over Explicit mesh axes are not supported; '
           'make the mesh with Auto axes (jax.make_mesh(..., axis_types=(jax.'
           'sharding.AxisType.Auto,) * n), or jax.sharding.Mesh).')
+
+
+def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True):
+  """``optax.scale_by_learning_rate``, its schedule's count beside the params.
+
+  optax's count of a schedule lands on the default device, uncommitted: on
+  a mesh a jitted step then compiled again at its second call.
+  """
+  inner = optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
+
+  def init_fn(params):
+    state = inner.init(params)
+    if not isinstance(state, optax.ScaleByScheduleState):
+      return state  # a constant rate: no count
+    return state._replace(count=replicated_zeros(
+        (), state.count.dtype, jax.tree.leaves(params)))
+
+  return optax.GradientTransformation(init_fn, inner.update)

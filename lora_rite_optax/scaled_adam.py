@@ -324,5 +324,5 @@ def scaled_adam(
       scale_by_adam_authors(b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),
       casting.then_cast_to_params_dtype(
-          optax.scale_by_learning_rate(learning_rate), 'scaled_adam'),
+          placement.scale_by_learning_rate(learning_rate), 'scaled_adam'),
   )

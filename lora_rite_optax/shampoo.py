@@ -510,5 +510,5 @@ def shampoo(
       # params is documented to work; identity has the same (empty) state.
       optax.identity() if no_decay else optax.add_decayed_weights(
           weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      placement.scale_by_learning_rate(learning_rate),
   ), 'shampoo', require_params=False)

@@ -177,48 +177,55 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
 
 def init_places_the_state_like_the_params():
   """An eager ``tx.init`` on sharded params: factor-shaped state sharded as
-  its param, the small statistics replicated on the mesh, as optax.adam's
-  init places its moments (they had all landed on device 0)."""
-  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  specs = param_specs(('fsdp', 'tensor'))
-  params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-                        make_params(), specs)
-  shapes = {x.shape: x.sharding for x in jax.tree.leaves(params)}
-  for name in ('lora_rite', 'scaled_adam', 'shampoo', 'adam'):
-    state = lro.optimizer(name, 1e-2).init(params)
-    for path, x in jax.tree_util.tree_leaves_with_path(state):
-      where = f'{name} {jax.tree_util.keystr(path)}'
-      if x.ndim == 0 and name == 'adam':
-        continue  # optax.adam's count is left on the default device
-      assert isinstance(x.sharding, NamedSharding), (where, x.sharding)
-      want = shapes.get(x.shape, NamedSharding(mesh, P()))
-      assert x.sharding.is_equivalent_to(want, x.ndim), (where, x.sharding)
-    if name in ('adam', 'shampoo'):
-      continue  # Shampoo's blocks: XLA shards them at the first update
-    # So a jitted training step compiles once: the count had been
-    # uncommitted on device 0, and the second call, given the first's
-    # outputs, compiled again. The specs keep their trailing None, as the
-    # step writes them back (another spelling is another cache key).
-    tx = lro.optimizer(name, 1e-2)
-
-    @jax.jit
-    def step(p, s):
-      loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))
-      updates, s = tx.update(jax.grad(loss)(p), s, p)
-      return optax.apply_updates(p, updates), s
-
+  its param, the small statistics and the counts replicated on the mesh, as
+  optax.adam's init places its moments (they had all landed on device 0)."""
+  for axis_type in (jax.sharding.AxisType.Auto,
+                    jax.sharding.AxisType.Explicit):
+    mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'), axis_types=(axis_type,) * 2)
+    explicit = axis_type == jax.sharding.AxisType.Explicit
+    specs = param_specs(('fsdp', 'tensor'))
+    params = jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+        make_params(), specs)
+    shapes = {x.shape: x.sharding for x in jax.tree.leaves(params)}
     # 2-D factors: jax itself rewrites a 3-D factor's spec (None, 'x', None)
     # as (None, 'x') in a step's outputs, params and optax.adam's state too.
-    p = {k: v for k, v in params.items() if k in ('up', 'down')}
-    s = tx.init(p)
-    for _ in range(3):
-      p, s = step(p, s)
-    assert step._cache_size() == 1, (name, step._cache_size())  # pylint: disable=protected-access
+    plain = {k: v for k, v in params.items() if k in ('up', 'down')}
+    for name in lro.OPTIMIZER_NAMES:
+      if explicit and name == 'shampoo':
+        continue  # refused there (explicit_axes_work_or_are_refused_...)
+      for lr in (1e-2, optax.linear_schedule(0.0, 1e-2, 10)):
+        tx = lro.optimizer(name, lr)
+        state = tx.init(plain if explicit else params)
+        for path, x in jax.tree_util.tree_leaves_with_path(state):
+          where = f'{name} {jax.tree_util.keystr(path)}'
+          assert isinstance(x.sharding, NamedSharding), (where, x.sharding)
+          want = shapes.get(x.shape, NamedSharding(mesh, P()))
+          assert x.sharding.is_equivalent_to(want, x.ndim), (where,
+                                                             x.sharding)
+        if name == 'shampoo':
+          continue  # Shampoo's blocks: XLA shards them at the first update
+        # So a jitted training step compiles once: the counts (the
+        # optimizer's and a schedule's) had been uncommitted on device 0,
+        # and on Explicit axes the r x r statistics spelt P() where the step
+        # writes P(None, None, ...): the second call compiled again.
+
+        @jax.jit
+        def step(p, s, tx=tx):
+          loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))
+          updates, s = tx.update(jax.grad(loss)(p), s, p)
+          return optax.apply_updates(p, updates), s
+
+        p = plain
+        s = tx.init(p)
+        for _ in range(3):
+          p, s = step(p, s)
+        assert step._cache_size() == 1, (axis_type, name, lr,  # pylint: disable=protected-access
+                                         step._cache_size())  # pylint: disable=protected-access
   # Params committed to one device (not the default): the state beside them.
   device = jax.devices()[3]
   params = jax.device_put(make_params(), device)
-  for name in ('lora_rite', 'scaled_adam', 'shampoo'):
+  for name in lro.OPTIMIZER_NAMES:
     state = lro.optimizer(name, 1e-2).init(params)
     for path, x in jax.tree_util.tree_leaves_with_path(state):
       assert x.devices() == {device}, (name, jax.tree_util.keystr(path),
@@ -283,7 +290,16 @@ def explicit_axes_work_or_are_refused_in_one_line():
   n_d = {k: v for k, v in make_params().items() if k == 'o'}
   n_d = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                      n_d, {'o': param_specs(('fsdp', 'tensor'))['o']})
+  rank_split = jax.device_put(
+      {'q': {'lora_a': jnp.ones((64, 8)), 'lora_b': jnp.ones((8, 32))}},
+      {'q': {'lora_a': NamedSharding(mesh, P(None, 'fsdp')),
+             'lora_b': NamedSharding(mesh, P('fsdp', None))}})
   for tx, params, message in (
+      # Its statistics had come back replicated (a second compile), and
+      # MultiSteps failed inside jax on the branches' shardings.
+      (optax.MultiSteps(lro.lora_rite(1e-2), 2), rank_split,
+       'scale_by_lora_rite: factors whose rank axis is sharded over Explicit '
+       'mesh axes are not supported'),
       (lro.lora_rite(1e-2, layout=scanned), stacked,
        'scale_by_lora_rite: stacked or n-D factors sharded over Explicit '
        'mesh axes are not supported; make the mesh with Auto axes'),
