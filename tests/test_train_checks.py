@@ -447,6 +447,21 @@ def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
                           f'({tmp_path / "file"} is not a writable folder).')
 
 
+@pytest.mark.parametrize('field', ['run_dir', 'data.path', 'data.data_dir',
+                                   'model.path'])
+def test_a_url_for_a_path_is_refused_in_one_line(tmp_path, monkeypatch, field):
+  """A run_dir gs://bucket/x had trained into a local folder 'gs:' and
+  failed at the first checkpoint, after tracebacks from tensorboardX."""
+  monkeypatch.chdir(tmp_path)
+  cfg = configs.replace(tiny(tmp_path / 'run'), **{field: 'gs://bucket/x'})
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(cfg, log=quiet)
+  assert str(e.value) == (f'{field} gs://bucket/x is a URL; give a local path '
+                          '(for a bucket, a mount of it every host sees: see '
+                          "the README's multi-host notes).")
+  assert os.listdir(tmp_path) == []
+
+
 def test_unwritable_folders_in_run_dir_are_refused_before_the_build(
     tmp_path, monkeypatch):
   """A read-only checkpoints folder (a copied run) had been found at the

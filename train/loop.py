@@ -319,8 +319,28 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     return None
 
 
+# gs://bucket/x, s3://..., file://...: not a path os.path and open() read.
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def refuse_url(name: str, path: str) -> None:
+  """A one-line ConfigError for a URL where a local path is needed: a
+  run_dir gs://bucket/x had trained into a local folder 'gs:', then failed
+  at the first checkpoint."""
+  if _URL.match(path or ''):
+    raise ConfigError(
+        f'{name} {path} is a URL; give a local path (for a bucket, a mount '
+        'of it every host sees: see the README\'s multi-host notes).')
+
+
 def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   """Checks sizes before anything heavy is built; returns the mesh shape."""
+  for name, path in (('run_dir', cfg.run_dir), ('data.path', cfg.data.path),
+                     ('data.eval_path', cfg.data.eval_path),
+                     ('data.data_dir', cfg.data.data_dir),
+                     ('model.path', cfg.model.path),
+                     ('model.tokenizer', cfg.model.tokenizer)):
+    refuse_url(name, path)
   if cfg.steps < 1:
     raise ConfigError(f'steps must be >= 1, got {cfg.steps}.')
   family_of(cfg).validate(cfg)
@@ -1380,6 +1400,7 @@ def check_writable(path: str, name: str) -> None:
   folder that exists must take a new entry. Asked, not tried (a test
   folder would change its mtime), with the mount's read-only flag, which
   root's os.access does not see."""
+  refuse_url(name, path)
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -1509,6 +1530,54 @@ def _run_dir_lock(run_dir: str):
     yield
 
 
+def stop_acknowledgement(custom_log, ack: list) -> Callable[[str], None]:
+  """Where a stop signal is said: ``ack[0]`` (the loop's log, later the
+  progress bar's), but on the host the signal reached: the default log
+  prints on process 0 only, and a SIGTERM to another host had gone
+  unsaid."""
+  def acknowledge(line: str) -> None:
+    if custom_log is None and jax.process_index() != 0:
+      print(line, flush=True)
+    else:
+      ack[0](line)
+  return acknowledge
+
+
+def _check_run_dir_shared(run_dir: str, wait_s: float = 10.0) -> None:
+  """Refuses, on every process at once, a run_dir some host does not share.
+
+  Each host's own folder (a relative run_dir on local disks) had trained
+  until the first checkpoint, where one process failed and the others
+  waited minutes on its barrier, then aborted with C++ stack traces.
+  Process 0 writes a file of a name it chooses; every process looks for
+  it (a network mount may show it a little late), and all learn whether
+  each did.
+  """
+  if jax.process_count() == 1:
+    return
+  mine = int.from_bytes(os.urandom(4), 'little') % 2**31
+  path = None
+  if jax.process_index() == 0:
+    path = os.path.join(run_dir, f'.shared-check-{mine}')
+    with open(path, 'w'):
+      pass
+  # The broadcast is also the barrier: process 0 reaches it once the file
+  # exists.
+  token = distributed.from_process_0(mine)
+  expected = os.path.join(run_dir, f'.shared-check-{token}')
+  deadline = time.monotonic() + wait_s
+  while not os.path.exists(expected) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  missing = distributed.on_any_process(int(not os.path.exists(expected)))
+  if path is not None:
+    os.remove(path)
+  if missing:
+    raise ConfigError(
+        f'run_dir {run_dir} is not one folder every process sees (a file '
+        'process 0 wrote there is missing on another host); give a shared '
+        'folder, at the same path on every host.')
+
+
 def _check_export_dir(run_dir: str) -> str:
   """run_dir/adapter, refused if it is a link or resolves outside run_dir.
 
@@ -1626,6 +1695,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
   cleanup.enter_context(_run_dir_lock(run_dir))
+  _check_run_dir_shared(run_dir)
   # The lock is taken after the build (minutes for a large model): another
   # run may have used the folder meanwhile. A fresh run had then trained
   # with every save declined (orbax keeps no step at or below its latest)
@@ -1815,7 +1885,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # when it arrives (above the progress bar once there is one).
   ack = [log]
   stop = cleanup.enter_context(preemption.StopRequest(
-      lambda line: ack[0](line)))
+      stop_acknowledgement(custom_log, ack)))
   # Several processes agree (one collective) wherever they ask.
   agreed_stop = lambda: distributed.on_any_process(stop.signum)
   evaluator.should_stop = agreed_stop
