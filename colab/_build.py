@@ -758,8 +758,9 @@ CONFIG = 'paper_gemma7b_superni'
 MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
 # Orbax writes each checkpoint from all hosts together (each its own shards)
 # and process 0 writes the metrics, config and adapter: use a folder all
-# hosts share, e.g. a bucket mounted with gcsfuse or a Filestore share,
-# mounted at the same path.
+# hosts share, mounted at the same path: a Filestore share, or a bucket
+# mounted with gcsfuse --rename-dir-limit=200000 (orbax finishes each
+# checkpoint by renaming its folder, which a plain gcsfuse mount refuses).
 RUN_DIR = '/mnt/shared/lora-rite/' + CONFIG
 
 if '<org>' in REPO_URL:  # every host clones it: no command works without it

@@ -101,6 +101,31 @@ def test_two_processes_match_one(tmp_path):
           (data / 'process_1-of-2.json').read_text())
 
 
+@pytest.mark.xdist_group('train_distributed')
+def test_a_run_dir_each_host_has_alone_is_refused_on_every_process(tmp_path):
+  """A run_dir not shared (a relative one on each host's own disk) had
+  trained to the first checkpoint, where one process failed and the other
+  waited minutes on its barrier before aborting with stack traces."""
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', WORKER, '4', port, '2', str(i),
+       str(tmp_path / f'own_{i}')], cwd=ROOT, env=_env(),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode != 0, err[-2000:]
+    assert (f'ConfigError: run_dir {tmp_path / f"own_{i}"} is not one folder '
+            'every process sees') in err, err[-2000:]
+    assert not (tmp_path / f'own_{i}' / 'checkpoints').exists()
+    assert not list((tmp_path / f'own_{i}').glob('.shared-check-*'))
+
+
 T5_WORKER = r'''
 import sys
 import jax

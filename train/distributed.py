@@ -203,6 +203,15 @@ def process_0_flag(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
 
 
+def from_process_0(value: int) -> int:
+  """Process 0's int ``value`` (below 2**31), on every process (one
+  collective; none on a single process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def on_any_process(value: int) -> int:
   """The largest of every process's ``value`` (one collective; none on a
   single process). A signal reaches each host on its own, and every host
