@@ -1192,3 +1192,20 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
             in err), err
     assert 'config.json' in err, err
   assert _snapshot(tmp_path) == before
+
+
+def test_a_stop_is_said_on_the_host_it_reached(monkeypatch, capsys):
+  """The default log prints on process 0 only: a SIGTERM that reached
+  another host had gone unsaid there."""
+  import jax  # pylint: disable=g-import-not-at-top
+  said = []
+  ack = [lambda line: None]  # the default log on a process other than 0
+  for index, custom, printed in ((1, None, True), (0, None, False),
+                                 (1, said.append, False)):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    if custom is not None:
+      ack = [custom]
+    loop.stop_acknowledgement(custom, ack)('[train] SIGTERM: stopping')
+    out = capsys.readouterr().out
+    assert (out == '[train] SIGTERM: stopping\n') == printed, (index, out)
+  assert said == ['[train] SIGTERM: stopping']

@@ -367,3 +367,20 @@ def test_help_without_a_config_lists_the_presets(capsys):
     assert f'\n  {name} ' in out, name
   assert 'LoRA-RITE on the real Gemma 3 270M (Q4_K_M GGUF, dequantised to ' \
          'float32)' in out
+
+
+def test_only_process_0_prints_the_summary(monkeypatch, capsys, tmp_path):
+  """Every host had printed the run's summary (64 copies on a v5e-256),
+  the others' with eval_before null: only process 0 reads eval.csv back."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+  summary = {'run_dir': 'r', 'steps': 2, 'final_loss': 1.5,
+             'eval_before': None, 'eval_after': None, 'adapter_dir': None,
+             'timing': {'train': 1.0}}
+  monkeypatch.setattr(loop, 'run', lambda cfg, stop_at=0: summary)
+  argv = ['--config', 'tiny', '--run_dir', str(tmp_path / 'run')]
+  for index, printed in ((1, False), (0, True)):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ('"final_loss": 1.5' in out) == printed, out

@@ -265,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
     print(f'error: {first_line(e)}', file=sys.stderr)
     return 1
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    # One summary per run, as the step lines are: every host had printed
+    # its own, and only process 0's holds the evaluations read back from
+    # eval.csv (the others' said null).
+    return 0
   brief = {k: summary.get(k) for k in ('run_dir', 'steps', 'final_loss',
                                        'eval_before', 'eval_after',
                                        'adapter_dir')}
