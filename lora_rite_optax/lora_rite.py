@@ -301,10 +301,18 @@ def scale_by_lora_rite(
                                  first.layout.batch_axes)[2]
       slices = sum(n for _, n in members)
       dtype = casting.compute_dtype(a.dtype)
-      # The r x r statistics replicated on the factors' mesh.
-      nu[key], escaped[key], rinv[key] = (
-          placement.replicated_zeros(shape, dtype, [a])
-          for shape in ((2, slices, r, r), (2, slices), (2, slices, r, r)))
+      # The r x r statistics replicated on the factors' mesh; those of
+      # stacked layers split along the layers as the factors are, where
+      # the update puts them (else its first call moved them, and the
+      # second compiled again).
+      layers_on = placement.stacked_axis_sharding(
+          [leaves[paired.pairs[k].a_index][1] for k, _ in members],
+          [paired.pairs[k].layout.batch_axes for k, _ in members], slices)
+      nu[key], rinv[key] = (
+          placement.replicated_zeros((2, slices, r, r), dtype, [a],
+                                     split_axis=(1, layers_on))
+          for _ in range(2))
+      escaped[key] = placement.replicated_zeros((2, slices), dtype, [a])
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
       # init with a placeholder): one empty array stands for the whole

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -43,13 +44,43 @@ def zeros_like(leaf: Any, dtype) -> jax.Array:
   return jnp.zeros(leaf.shape, dtype, device=_placed(leaf))
 
 
-def replicated_zeros(shape, dtype, like: Iterable[Any]) -> jax.Array:
+def stacked_axis_sharding(factors: Sequence[Any], batch_axes: Sequence[int],
+                          slices: int):
+  """The mesh axes that split the layers of every one of ``factors``
+  (stacked along their first axis, one stacked axis each), where the
+  ``slices`` layers of them all divide evenly over those axes; else None."""
+  found = None
+  for factor, axes in zip(factors, batch_axes):
+    sharding = _placed(factor)
+    if axes != 1 or not isinstance(sharding, NamedSharding):
+      return None
+    entry = tuple(sharding.spec)[0] if len(sharding.spec) else None
+    if entry is None or (found is not None and entry != found):
+      return None
+    found = entry
+  if found is None:
+    return None
+  names = found if isinstance(found, tuple) else (found,)
+  mesh = _placed(factors[0]).mesh
+  size = int(np.prod([mesh.shape[n] for n in names]))
+  return found if slices % size == 0 else None
+
+
+def replicated_zeros(shape, dtype, like: Iterable[Any],
+                     split_axis: tuple[int, Any] | None = None) -> jax.Array:
   """Zeros of ``shape``, replicated over the mesh of the first of ``like``
   placed on one, or on the device it is committed to (else where
   ``jnp.zeros`` puts them): the small statistics of factors sharded over a
-  mesh, and the step count."""
+  mesh, and the step count. ``split_axis`` ``(axis, mesh axes)``: split
+  that axis over those mesh axes instead (None mesh axes: replicated)."""
   for leaf in like:
     sharding = _placed(leaf)
+    if isinstance(sharding, NamedSharding) and split_axis is not None and (
+        split_axis[1] is not None):
+      # Spelt as a step writes it on Auto axes: no trailing Nones.
+      spec = [None] * split_axis[0] + [split_axis[1]]
+      return jnp.zeros(shape, dtype, device=NamedSharding(
+          sharding.mesh, PartitionSpec(*spec)))
     if isinstance(sharding, NamedSharding):
       # Spelt as a jitted step writes a replicated output: P() on Auto
       # axes, one None per axis on Explicit ones (P() there had been

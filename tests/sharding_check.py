@@ -232,6 +232,38 @@ def init_places_the_state_like_the_params():
                                        x.devices())
 
 
+def stacked_layers_split_along_layers_compile_once():
+  """Stacked layers whose layer axis is split over the mesh: the update
+  splits the r x r statistics along the layers too, so init puts them
+  there (replicated, the first update moved them and the second call
+  compiled again); results as unsharded."""
+  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rng = np.random.default_rng(0)
+  plain = {k: {'lora_a': jnp.asarray(rng.normal(size=(8, 64, 4)), jnp.float32),
+               'lora_b': jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32)}
+           for k in ('q', 'v')}
+  for spec in (P('fsdp', None, None), P(('fsdp', 'tensor'), None, None)):
+    placed = jax.device_put(plain, NamedSharding(mesh, spec))
+    tx = lro.lora_rite(1e-2, layout=lro.NNX_LAYOUT.scanned(1))
+
+    @jax.jit
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    p, s = placed, tx.init(placed)
+    want, want_state = plain, tx.init(plain)
+    for i in range(3):
+      grads = grads_for(plain, i)
+      p, s = step(p, s, jax.device_put(grads, NamedSharding(mesh, spec)))
+      u, want_state = tx.update(grads, want_state, want)
+      want = optax.apply_updates(want, u)
+    assert step._cache_size() == 1, (spec, step._cache_size())  # pylint: disable=protected-access
+    for g, w in zip(jax.tree.leaves(p), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+
+
 def explicit_axes_work_or_are_refused_in_one_line():
   """jax.make_mesh's default axes in jax 0.10: LoRA-RITE's and ScaledAdam's
   Grams name their output's sharding, so 2-D factors train (as unsharded),
@@ -322,6 +354,8 @@ def main():
   print('ok detector', flush=True)
   init_places_the_state_like_the_params()
   print('ok init placed', flush=True)
+  stacked_layers_split_along_layers_compile_once()
+  print('ok stacked layers', flush=True)
   explicit_axes_work_or_are_refused_in_one_line()
   print('ok explicit axes', flush=True)
   run((8,), ('data',), 'data')
