@@ -321,6 +321,25 @@ def test_superni_metrics():
   assert ev.superni_evaluate(examples, ["Y"])["exact_match"] == 100.0
   with pytest.raises(ValueError, match="2 predictions for 1 reference"):
     ev.superni_metrics(["a", "b"], [["a"]])
+  # Had been max() of nothing, None.lower() and 'NoneType' not iterable.
+  for preds, refs, message in (
+      (["a"], [[]], r"^superni_metrics: references 0 must be a non-empty "
+       "list of strings, got \\[\\]$"),
+      (["a"], [None], "references 0 must be a non-empty list"),
+      ([None], [["a"]], r"^superni_metrics: prediction 0 must be a string, "
+       "got NoneType$")):
+    with pytest.raises(ValueError, match=message):
+      ev.superni_metrics(preds, refs)
+
+
+def test_superni_rouge_warns_on_text_the_default_track_cannot_score():
+  """rouge_score's default tokenizer keeps [a-z0-9] only: an exact Japanese
+  answer scores ROUGE-L 0 (as SuperNI's default track would), said in a
+  warning rather than silently beside exact match 100."""
+  with pytest.warns(UserWarning, match=r"superni_metrics: 1 of 2 examples "
+                    "have references with no \\[a-z0-9\\] token"):
+    m = ev.superni_metrics(["おはよう", "hello"], [["おはよう"], ["hello"]])
+  assert m == {"exact_match": 100.0, "rougeL": 50.0}
 
 
 # --- statistics ---------------------------------------------------------------

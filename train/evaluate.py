@@ -24,6 +24,7 @@ import math
 import re
 import statistics
 import string
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -241,8 +242,11 @@ def requests_to_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
 def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   """Index of the first option label named in a generation, or None.
 
-  As LLM-Adapters' evaluation does: the first whole-word, case-insensitive
-  occurrence of any label ('answer3', 'ending2', 'true', ...) wins. A
+  The first whole-word, case-insensitive occurrence of any label
+  ('answer3', 'ending2', 'true', ...) wins. LLM-Adapters' extract_answer
+  takes the first case-sensitive match of any label anywhere (no word
+  boundaries): 'Answer2' or 'True' it reads as no answer, so a model that
+  capitalises a label scores higher here than there. A
   one-character label (an 'Answer format: A/B/C/D' record's) is matched in
   its own case, so the article 'a' is not option A; and one that follows
   'answer is' wins over any before it ('A cat. The answer is B' gives B).
@@ -316,6 +320,10 @@ def normalize_answer(text: str) -> str:
   return " ".join(text.split())
 
 
+# What rouge_score's default tokenizer keeps (after lowercasing).
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]")
+
+
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
   try:
@@ -328,9 +336,12 @@ def _rouge_scorer():
 
 def rouge_l(prediction: str, reference: str) -> float:
   """ROUGE-L F-measure (beta 1) between two texts, in [0, 1], as SuperNI's
-  script scores it: rouge_score's tokenizer (lowercase, non-alphanumerics
-  to spaces) and its Porter stemmer ('studies show' matches 'study
-  showed'; without it, a hand-written LCS had scored that 0)."""
+  script scores its default (English) track: rouge_score's tokenizer
+  (lowercase, non-alphanumerics to spaces) and its Porter stemmer ('studies
+  show' matches 'study showed'; without it, a hand-written LCS had scored
+  that 0). Text with no [a-z0-9] token (Japanese, Russian, ...) scores 0
+  this way: SuperNI's xlingual track tokenizes it with GPT-2's tokenizer,
+  which this project does not have (`superni_metrics` warns)."""
   return _rouge_scorer().score(target=reference,
                                prediction=prediction)["rougeL"].fmeasure
 
@@ -345,12 +356,28 @@ def superni_metrics(predictions: Sequence[str],
   if not predictions:
     return {"exact_match": 0.0, "rougeL": 0.0}
   em, rl = [], []
-  for pred, refs in zip(predictions, references):
+  unscorable = 0
+  for i, (pred, refs) in enumerate(zip(predictions, references)):
     if isinstance(refs, str):
       refs = [refs]
+    # Else max() of nothing, or None.lower(), deep inside.
+    if not isinstance(pred, str):
+      raise ValueError(f"superni_metrics: prediction {i} must be a string, "
+                       f"got {type(pred).__name__}")
+    if (isinstance(refs, (bytes, dict)) or not isinstance(refs, Sequence)
+        or not refs or not all(isinstance(r, str) for r in refs)):
+      raise ValueError(f"superni_metrics: references {i} must be a non-empty "
+                       f"list of strings, got {refs!r:.60}")
+    unscorable += not any(_ROUGE_TOKEN.search(r.lower()) for r in refs)
     em.append(max(float(normalize_answer(pred) == normalize_answer(r))
                   for r in refs))
     rl.append(max(rouge_l(pred, r) for r in refs))
+  if unscorable:
+    warnings.warn(
+        f"superni_metrics: {unscorable} of {len(references)} examples have "
+        "references with no [a-z0-9] token (non-Latin text); ROUGE-L scores "
+        "them 0, as SuperNI's default (English) track would: its xlingual "
+        "track (GPT-2's tokenizer) is not done here.", stacklevel=2)
   return {"exact_match": 100.0 * float(np.mean(em)),
           "rougeL": 100.0 * float(np.mean(rl))}
 

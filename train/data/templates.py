@@ -12,7 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# The Alpaca template LLM-Adapters trains and evaluates with.
+# The Alpaca template (alpaca-lora's). LLM-Adapters' generate_prompt has
+# the same words, but its f-string keeps its source indentation (16 spaces
+# before each line after the first) and a trailing space after "request.":
+# prompts here are the clean template, not byte for byte that one.
 _ALPACA = (
     "Below is an instruction that describes a task. Write a response that "
     "appropriately completes the request.\n\n"
@@ -34,7 +37,8 @@ def wrap_instruction(instruction: str, input_text: str = "",
   Args:
     instruction: The task instruction, question and options included.
     input_text: Optional further context (empty in `../shared/data`).
-    style: 'alpaca' (the LLM-Adapters template, as in the paper's setups) or
+    style: 'alpaca' (the Alpaca template, the format of the LLM-Adapters
+      setups the paper follows, without that code's stray indentation) or
       'plain' (the instruction, the input, then a newline: fewer tokens for
       small CPU runs).
 
