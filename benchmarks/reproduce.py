@@ -705,17 +705,20 @@ def rescore_generations(results: dict, data: dict) -> int:
   the same): its committed accuracy had kept an old reading ('1/3' as 1).
   """
   changed = 0
-  for (task, _, _, _), run in results.items():
+  for (task, opt, lr, seed), run in results.items():
     for tname, res in run['tests'].items():
-      if 'generation' not in res:
-        continue
-      examples = data[task]['tests'][tname]
+      examples = data[task]['tests'].get(tname)
+      if 'generation' not in res or examples is None:
+        continue  # no generations, or a test set the budget no longer has
+      if len(res['generation']) != len(examples):
+        # A file older than the data fingerprint passes `stale`.
+        raise loop.ConfigError(
+            f'{task}/{tname}: the {opt} lr {lr:g} seed {seed} run has '
+            f'{len(res["generation"])} generations for {len(examples)} test '
+            'items; it was made with other data: move it aside and run it '
+            'again.')
       em = evaluate.number_exact_match(examples, res['generation'])
       correct = em.correct.astype(int).tolist()
-      if len(correct) != len(res['generation']):
-        raise loop.ConfigError(
-            f'{task}/{tname}: a run has {len(res["generation"])} generations '
-            f'for {len(examples)} test items; it was made with other data.')
       changed += sum(a != b for a, b in zip(correct, res['correct']))
       res['correct'] = correct
       res['prediction'] = [None if p is None else str(p)

@@ -959,3 +959,27 @@ def test_report_scores_stored_generations_again(rp, tmp_path, monkeypatch):
   s = json.load(open(os.path.join(tmp_path, 'summary_unit.json')))
   assert s['tasks']['arithmetic']['tests']['arithmetic']['adam'][
       'accuracy'] == 0.5
+
+
+def test_rescoring_a_run_file_of_other_data_is_one_line(rp, tmp_path,
+                                                        monkeypatch):
+  """A file without a data fingerprint (older) passes `stale`: 3
+  generations for 4 test items had been a traceback from the scorer, and a
+  test set the budget no longer has a KeyError."""
+  tb = rp.TaskBudget(48, 4, 4, 4, 2)
+  _unit_budget(rp, monkeypatch, 'arithmetic', tb, steps=2)
+  run = _fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 3, [0.5] * 3, 0.5)
+  run['tests']['arithmetic']['generation'] = ['1', '2', '3']
+  path = rp.run_path(str(tmp_path), 'unit', 'arithmetic', 'adam', 1e-3, 0)
+  rp.write_atomic(path, run)
+  with pytest.raises(SystemExit) as e:
+    rp.main(['--budget', 'unit', '--out', str(tmp_path), '--report_only'])
+  assert str(e.value) == (
+      'error: arithmetic/arithmetic: the adam lr 0.001 seed 0 run has 3 '
+      'generations for 4 test items; it was made with other data: move it '
+      'aside and run it again.')
+  run['tests'] = {'gone': run['tests']['arithmetic']}
+  rp.write_atomic(path, run)
+  assert rp.rescore_generations(
+      {('arithmetic', 'adam', 1e-3, 0): run},
+      {'arithmetic': rp.task_data('arithmetic', tb)}) == 0
