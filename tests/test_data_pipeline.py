@@ -300,6 +300,15 @@ def test_bad_pipeline_arguments_are_one_line(kwargs, message):
     data.make_train_dataset(_examples(7), TOK, seq_len=96, **kwargs)
 
 
+def test_seq2seq_epochs_that_fill_no_batch_are_one_line():
+  with pytest.raises(ValueError, match=r"^make_seq2seq_train_dataset: 3 "
+                     r"examples per shard \(of 3 x 1 epochs over 1 shards\) "
+                     "make no full batch of 8"):
+    data.make_seq2seq_train_dataset(
+        _examples(3), TOK, input_len=64, target_len=16, start_id=0,
+        batch_size=8, seed=0, num_epochs=1, num_threads=0)
+
+
 def test_eval_dataset_keeps_order_and_pads_last_batch():
   examples = _examples(7)
   batches = list(data.make_eval_dataset(examples, TOK, seq_len=96,

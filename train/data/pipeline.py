@@ -101,7 +101,9 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
       rows by length, so packed shards can still differ by a batch; repeat
       forever (`num_epochs=None`) when packing.
     drop_remainder: Drop a last partial batch (only with finite epochs).
-      If that leaves no batch at all, an error.
+      If the examples alone cannot fill one batch, an error (packed rows,
+      fewer than the examples, are known only when read: packing can still
+      leave none).
     num_threads: grain reader threads (0: no prefetch).
     max_target_tokens: Keep at most this many target tokens (EOS included)
       of each example (the ones a step scores), so that a long target leaves
@@ -139,14 +141,9 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
     if num_epochs is not None:
       ds = ds[:len(ds) - len(ds) % shard_count]
     ds = ds[shard_index::shard_count]
-  if num_epochs is not None and drop_remainder and len(ds) < batch_size:
-    # Else an iterator that ends at once: a loop over it did no steps. (A
-    # packed row holds one example or more, so packing cannot fill one.)
-    raise ValueError(
-        f"make_train_dataset: {len(ds)} examples per shard (of "
-        f"{len(examples)} x {num_epochs} epochs over {shard_count} shards) "
-        f"make no full batch of {batch_size}; lower batch_size or pass "
-        "drop_remainder=False")
+  if num_epochs is not None and drop_remainder:
+    check_full_batch("make_train_dataset", len(ds), len(examples),
+                     num_epochs, shard_count, batch_size)
   ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer,
                                 seq_len=seq_len, max_target=max_target_tokens))
   if pack:
@@ -163,6 +160,20 @@ def make_train_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *,
                                   pad_id=tokenizer.pad_id))
     it_ds = ds.to_iter_dataset(_read_options(num_threads))
   return it_ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def check_full_batch(who: str, rows: int, examples: int, num_epochs: int,
+                     shard_count: int, batch_size: int) -> None:
+  """Refuses finite epochs whose ``rows`` (per shard, before packing) fill
+  no batch of ``batch_size``: the iterator had ended at once, and a loop
+  over it did no steps. A packed row holds one example or more, so
+  packing cannot fill one either (it can empty one more: packed rows are
+  known only when read)."""
+  if rows < batch_size:
+    raise ValueError(
+        f"{who}: {rows} examples per shard (of {examples} x {num_epochs} "
+        f"epochs over {shard_count} shards) make no full batch of "
+        f"{batch_size}; lower batch_size or pass drop_remainder=False")
 
 
 def _check_seed(seed: int) -> None:

@@ -117,6 +117,9 @@ def make_seq2seq_train_dataset(examples: Sequence[Example],
   if shuffle:
     ds = pipeline.EpochShuffle(ds, seed)
   ds = ds.repeat(num_epochs)
+  if num_epochs is not None and drop_remainder:
+    pipeline.check_full_batch("make_seq2seq_train_dataset", len(ds),
+                              len(examples), num_epochs, 1, batch_size)
   ds = ds.map(functools.partial(tokenize_seq2seq, tokenizer=tokenizer,
                                 input_len=input_len, target_len=target_len,
                                 start_id=start_id))
