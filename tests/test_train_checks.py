@@ -588,12 +588,34 @@ def test_every_process_refuses_a_run_dir_in_use(monkeypatch, tmp_path):
   from train import distributed  # pylint: disable=g-import-not-at-top
   told = []
   monkeypatch.setattr(loop.jax, 'process_index', lambda: 1)
-  monkeypatch.setattr(distributed, 'process_0_flag',
-                      lambda flag: told.append(flag) or True)
+  monkeypatch.setattr(distributed, 'from_process_0',
+                      lambda value: told.append(value) or 1)  # busy
   with pytest.raises(loop.ConfigError, match='is in use by another run'):
     with loop._run_dir_lock(str(tmp_path)):  # pylint: disable=protected-access
       pass
-  assert told == [False] and not os.listdir(tmp_path)
+  assert told == [0] and not os.listdir(tmp_path)
+
+
+def test_every_process_refuses_a_run_dir_process_0_cannot_write(
+    monkeypatch, tmp_path):
+  """Process 0 failing to write the lock or the shared-folder check (a full
+  disk) is said on every process: the others had waited in the
+  collective that follows."""
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop.jax, 'process_index', lambda: 0)
+  monkeypatch.setattr(loop.jax, 'process_count', lambda: 2)
+  sent = []
+  monkeypatch.setattr(distributed, 'from_process_0',
+                      lambda value: sent.append(value) or value)
+  missing = tmp_path / 'gone'
+  with pytest.raises(loop.ConfigError, match=rf'^run_dir {missing}: process 0 '
+                     'cannot write .*No such file or directory'):
+    with loop._run_dir_lock(str(missing)):  # pylint: disable=protected-access
+      pass
+  with pytest.raises(loop.ConfigError, match=rf'^run_dir {missing}: process 0 '
+                     'cannot write there .*No such file or directory'):
+    loop._check_run_dir_shared(str(missing))  # pylint: disable=protected-access
+  assert sent == [2, -1]
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):

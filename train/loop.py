@@ -1512,22 +1512,34 @@ def _run_dir_lock(run_dir: str):
   """
   path = os.path.join(run_dir, LOCK_FILE)
   with contextlib.ExitStack() as held:
-    busy = False
+    outcome, why = _LOCKED, ''
     if jax.process_index() == 0:
       import fcntl  # pylint: disable=g-import-not-at-top
-      f = held.enter_context(open(path, 'a'))
       try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.callback(fcntl.flock, f, fcntl.LOCK_UN)
-      except BlockingIOError:
-        busy = True
-      except OSError:  # no locks on this file system
-        pass
-    if distributed.process_0_flag(busy):
+        f = held.enter_context(open(path, 'a'))
+      except OSError as e:
+        # Said on every process (the others had waited in the collective).
+        outcome, why = _UNWRITABLE, first_line(e)
+      else:
+        try:
+          fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          held.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        except BlockingIOError:
+          outcome = _BUSY
+        except OSError:  # no locks on this file system
+          pass
+    outcome = distributed.from_process_0(outcome)
+    if outcome == _BUSY:
       raise ConfigError(f'run_dir {run_dir} is in use by another run (it '
                         f'holds {path}); wait for it or choose another '
                         '--run_dir.')
+    if outcome == _UNWRITABLE:
+      raise ConfigError(f'run_dir {run_dir}: process 0 cannot write {path}'
+                        + (f' ({why})' if why else '') + '.')
     yield
+
+
+_LOCKED, _BUSY, _UNWRITABLE = 0, 1, 2
 
 
 def stop_acknowledgement(custom_log, ack: list) -> Callable[[str], None]:
@@ -1556,14 +1568,20 @@ def _check_run_dir_shared(run_dir: str, wait_s: float = 10.0) -> None:
   if jax.process_count() == 1:
     return
   mine = int.from_bytes(os.urandom(4), 'little') % 2**31
-  path = None
+  path, why = None, ''
   if jax.process_index() == 0:
     path = os.path.join(run_dir, f'.shared-check-{mine}')
-    with open(path, 'w'):
-      pass
+    try:
+      with open(path, 'w'):
+        pass
+    except OSError as e:  # a full disk: said on every process
+      path, mine, why = None, -1, first_line(e)
   # The broadcast is also the barrier: process 0 reaches it once the file
   # exists.
   token = distributed.from_process_0(mine)
+  if token < 0:
+    raise ConfigError(f'run_dir {run_dir}: process 0 cannot write there'
+                      + (f' ({why})' if why else '') + '.')
   expected = os.path.join(run_dir, f'.shared-check-{token}')
   deadline = time.monotonic() + wait_s
   while not os.path.exists(expected) and time.monotonic() < deadline:
