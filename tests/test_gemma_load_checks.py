@@ -517,13 +517,8 @@ def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('name, change', [
-    # Written for Gemma 3 only, read for every family: a Gemma 2 with its
-    # own local RoPE base had come back with the global one.
-    ('gemma2-tiny', dict(rope_base_local=1000.0)),
-    # Soft-caps had been written from Gemma 2 on: a Gemma 1 with them came
-    # back without (logits 70 apart).
-    ('gemma-tiny', dict(attn_logit_softcap=5.0, final_logit_softcap=3.0)),
-    ('gemma3-tiny', dict(attn_logit_softcap=5.0)),
+    ('gemma3-tiny', dict(attn_logit_softcap=5.0, rope_base_local=1000.0)),
+    ('gemma2-tiny', dict(final_logit_softcap=None, sliding_window=3)),
 ])
 def test_hf_config_round_trips_every_field(name, change):
   c = gemma.get_config(name).replace(**change)
@@ -531,14 +526,19 @@ def test_hf_config_round_trips_every_field(name, change):
 
 
 @pytest.mark.parametrize('name, change', [
+    # Hugging Face derives the norms from the model type.
     ('gemma2-tiny', dict(use_post_norms=False)),
     ('gemma-tiny', dict(use_post_norms=True)),
     ('gemma2-tiny', dict(use_qk_norm=True)),
+    # Not written (transformers has no such setting there): such a save had
+    # come back without them, a Gemma 1's logits 70 apart.
+    ('gemma-tiny', dict(attn_logit_softcap=5.0)),
+    ('gemma2-tiny', dict(rope_base_local=1000.0)),
 ])
 def test_a_config_hugging_face_cannot_hold_is_refused_on_save(
     name, change, tmp_path):
-  """Hugging Face derives the norms from the model type: such a save had
-  loaded as another model, or been refused only when loaded."""
+  """Such a save had loaded as another model, or been refused only when
+  loaded."""
   c = gemma.get_config(name).replace(**change)
   key = next(iter(change))
   with pytest.raises(ValueError, match=rf'^a Gemma {c.family} config with '

@@ -291,9 +291,11 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
   config_from_hf).
 
   Raises:
-    ValueError: ``use_post_norms`` or ``use_qk_norm`` not the family's
-      (Hugging Face derives both from the model type, so such a model
-      would load as another, or not at all).
+    ValueError: a setting the family's Hugging Face model does not have:
+      ``use_post_norms`` or ``use_qk_norm`` not the family's (derived from
+      the model type), soft-capping on Gemma 1, or a local RoPE base of its
+      own before Gemma 3. transformers would load such a file as another
+      model (ignoring the key), or not at all.
   """
   for name, want in (('use_post_norms', c.family >= 2),
                      ('use_qk_norm', c.family == 3)):
@@ -301,6 +303,17 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
       raise ValueError(
           f'a Gemma {c.family} config with {name}={getattr(c, name)} has no '
           f'Hugging Face form (Gemma {c.family} has {name}={want}).')
+  if c.family == 1:
+    for name in ('attn_logit_softcap', 'final_logit_softcap'):
+      if getattr(c, name) is not None:
+        raise ValueError(
+            f'a Gemma 1 config with {name}={getattr(c, name)} has no Hugging '
+            'Face form (Gemma 1 has no soft-capping).')
+  if c.family < 3 and c.rope_base_local != c.rope_base_global:
+    raise ValueError(
+        f'a Gemma {c.family} config with rope_base_local={c.rope_base_local} '
+        f'has no Hugging Face form (Gemma {c.family} has one RoPE base, '
+        f'{c.rope_base_global}).')
   model_type = {1: 'gemma', 2: 'gemma2', 3: 'gemma3_text'}[c.family]
   arch = {1: 'GemmaForCausalLM', 2: 'Gemma2ForCausalLM',
           3: 'Gemma3ForCausalLM'}[c.family]
@@ -323,15 +336,13 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
   scalar = c.query_pre_attn_scalar
   d['query_pre_attn_scalar'] = (int(scalar) if float(scalar).is_integer()
                                 else scalar)
-  # Every family: loading reads them for every family (a Gemma 1 config
-  # with soft-caps had come back without them, its logits 70 apart).
-  d['attn_logit_softcapping'] = c.attn_logit_softcap
-  d['final_logit_softcapping'] = c.final_logit_softcap
+  if c.family >= 2:
+    d['attn_logit_softcapping'] = c.attn_logit_softcap
+    d['final_logit_softcapping'] = c.final_logit_softcap
   if c.sliding_window is not None:
     d['sliding_window'] = c.sliding_window
-  if c.family == 3 or c.rope_base_local != c.rope_base_global:
-    d['rope_local_base_freq'] = c.rope_base_local
   if c.family == 3:
+    d['rope_local_base_freq'] = c.rope_base_local
     d['sliding_window_pattern'] = len(c.attention_pattern)
   if c.rope_scale_global != 1.0:
     d['rope_scaling'] = {'rope_type': 'linear', 'factor': c.rope_scale_global}
