@@ -29,6 +29,8 @@ changes = {
     # Every axis used: batch over data x fsdp, weights over fsdp and tensor.
     'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2,
 }
+# More changes as a JSON object.
+changes.update(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {})
 if num > 1:
   changes.update({'distributed.coordinator_address': '127.0.0.1:' + port,
                   'distributed.num_processes': num,
@@ -99,6 +101,36 @@ def test_two_processes_match_one(tmp_path):
   data = tmp_path / 'multi' / 'checkpoints' / '3' / 'data'
   assert ((data / 'process_0-of-2.json').read_text() ==
           (data / 'process_1-of-2.json').read_text())
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_lora_ga_over_two_processes_saves_and_exports(tmp_path):
+  """Its initial factors span both processes: process 0 alone had fetched
+  them (to save them for a resume, and for the rank-2r export against the
+  original base) and failed, the other waiting minutes on its barrier."""
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', WORKER, '4', port, '2', str(i),
+       str(tmp_path / 'ga'),
+       # Layers split over all four devices of each process and both
+       # processes (data=2 had kept a whole copy on each).
+       json.dumps({'lora.init': 'lora_ga', 'lora.ga_batches': 1,
+                   'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2})],
+      cwd=ROOT, env=_env(),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=420) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert (tmp_path / 'ga' / 'lora_initial_factors.safetensors').is_file()
+  config = json.loads(
+      (tmp_path / 'ga' / 'adapter' / 'adapter_config.json').read_text())
+  assert config['r'] == 2 * 4  # [A, A0] [B; -B0]: the tiny preset's rank 4
 
 
 @pytest.mark.xdist_group('train_distributed')

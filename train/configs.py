@@ -100,7 +100,8 @@ class LoraConfig:
     init: 'standard', 'gaussian', 'pissa' or 'lora_ga'.
     rslora: rank-stabilised scaling, alpha / sqrt(r).
     ga_batches: for 'lora_ga', how many training batches (the first of the
-      run's data order) the full gradient is averaged over.
+      run's data order; training then starts at the first again) the full
+      gradient is averaged over.
     ga_gamma: LoRA-GA's gamma (the stable scale is d_out^(1/4)/sqrt(gamma)).
   """
 

@@ -511,6 +511,10 @@ def save_initial_factors(run_dir: str, model) -> str | None:
   if not factors:
     return None
   path = os.path.join(run_dir, INITIAL_FACTORS_FILE)
+  # Gathered on every process (a collective): sharded over several hosts,
+  # process 0 alone could not read them, and the others waited on it.
+  factors = {name: tuple(distributed.to_host(x) for x in ab)
+             for name, ab in factors.items()}
   if jax.process_index() == 0:
     # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
     tensors = {f'{name}/{part}': np.asarray(x, np.float32)
@@ -2145,9 +2149,15 @@ def export_adapter(r: Run, state, run_dir: str) -> str | None:
   """Writes the trained adapter in Hugging Face PEFT format (process 0)."""
   from models import lora  # pylint: disable=g-import-not-at-top
   params = jax.tree.map(distributed.to_host, state['params'])
+  # PiSSA / LoRA-GA's initial factors too (the rank-2r export against the
+  # original base reads them): process 0 alone could not read them where
+  # they span several hosts.
+  initial = jax.tree.map(distributed.to_host,
+                         nnx.state(r.model, lora.LoRAInitial))
   out = _check_export_dir(run_dir)
   if jax.process_index() != 0:
     return out
+  nnx.update(r.model, initial)
   lora.set_lora_params(r.model, int_keys(params))
   base_name = r.config.model.path or r.config.model.name
   if r.config.model.path == GGUF_PACKAGE:
