@@ -290,9 +290,14 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
     # stacked-layer axes differ.
     for shape, key in ((a_shape, lay.a_key), (b_shape, lay.b_key)):
       if len(shape) < lay.batch_axes + 2:
+        hint = (' (a tree that also holds unstacked pairs or other leaves '
+                'needs a layout function of the path: stacked where the path '
+                'is a scanned block, the plain layout elsewhere)'
+                if lay.batch_axes else '')
         raise ValueError(
             f'{who}: factor {factor(key)} has shape {shape}; expected at least '
-            f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix).')
+            f'{lay.batch_axes + 2} axes ({lay.batch_axes} stacked + matrix)'
+            f'{hint}.')
     if lay.batch_axes and a_shape[:lay.batch_axes] != b_shape[:lay.batch_axes]:
       raise ValueError(
           f'{who}: {pair} has stacked-layer axes {a_shape} vs '

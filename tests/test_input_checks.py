@@ -556,7 +556,8 @@ _TREE = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
                                   'lora_b': jnp.ones((2, 3))},
                                  lro.NNX_LAYOUT.scanned(1)),
      r"factor 'lora_a' has shape \(4, 2\); expected at least 3 axes \(1 "
-     r"stacked \+ matrix\)"),
+     r"stacked \+ matrix\) \(a tree that also holds unstacked pairs or "
+     r"other leaves needs a layout function of the path"),
 ])
 def test_layouts_and_factors_are_checked_in_one_line(call, message):
   with pytest.raises(ValueError, match=message) as e:
