@@ -1634,7 +1634,9 @@ def run(cfg: configs_lib.Config, *, log: Callable[[str], None] | None = None,
   Returns:
     {'run_dir', 'steps', 'history': [{'step', 'loss', ...}] per log step,
     'final_loss', 'eval_before', 'eval_after', 'checkpoints', 'adapter_dir',
-    'nonfinite_steps', 'timing': {...}}.
+    'nonfinite_steps', 'timing': {...}}. After a resume, process 0's holds
+    the whole run (it reads the earlier steps and evaluations back from
+    the metric files); another process's only what it ran.
   """
   # The checkpoint manager and metric writers are closed however the run
   # ends (a notebook or a sweep calls run again in the same process).
