@@ -315,6 +315,26 @@ def _load_with_eval_off_and_on(off, warning):
   return train_off, evals_off, train_on, evals_on
 
 
+def test_num_train_examples_counts_what_is_left_after_held_out_prompts(
+    tmp_path):
+  """The cap had been taken first: 1,000 math examples beside GSM8K's test
+  set trained as 689. It counts the examples trained on."""
+  questions = [f'is {i} an even number' for i in range(40)]
+  folder = _boolq_folder(tmp_path / 'boolq', questions, questions[:5])
+  cfg = tiny(tmp_path / 'run', **{
+      'data.task': 'boolq', 'data.path': str(folder),
+      'data.validation_fraction': 0.0, 'eval.num_examples': 0,
+      'data.num_train_examples': 20, 'eval.after': True})
+  with pytest.warns(UserWarning, match=r'^data: 5 of 40 training examples '
+                    r'are boolq test prompts; left out of training \(20 kept, '
+                    r'as data.num_train_examples asks\)\.$'):
+    train, _ = loop.load_examples(cfg)
+  with pytest.warns(UserWarning, match='5 of 40'):
+    every, _ = loop.load_examples(configs.replace(
+        cfg, **{'data.num_train_examples': 0}))
+  assert len(train) == 20 and train == every[:20]
+
+
 def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   """Evaluation off still leaves the test prompts out of training (it had
   trained on them), so the training examples do not depend on it and a

@@ -189,8 +189,9 @@ class DataConfig:
       models.
     pack: pack several examples per row (needs max_target_tokens 0: that
       cap is per row, not per example).
-    num_train_examples: cap on training examples (arithmetic: the size of
-      the generated pool); 0 = all.
+    num_train_examples: cap on training examples, counted after the
+      evaluation split's prompts are left out (arithmetic: the size of the
+      generated pool); 0 = all.
     validation_fraction: share of training data carved out as validation;
       0 trains on all of it (then eval.split must be 'test').
     seed: shuffle / carve seed (and of the generated arithmetic training
