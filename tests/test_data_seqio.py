@@ -4,6 +4,7 @@ Tests that need seqio are skipped only when seqio cannot be imported.
 """
 
 import functools
+import json
 import math
 import os
 import sys
@@ -201,3 +202,29 @@ def test_registered_tasks_give_tokenised_datasets():
                                     ).as_numpy_iterator()]
     assert served == [e.prompt for e in seqio_tasks.split_examples(
         "math", "validation", data_dir=DATA_DIR, held_out=("gsm8k",))]
+
+
+def test_train_split_leaves_out_its_validation_prompts(tmp_path):
+  """A file that repeats a question can put its twins on both sides of the
+  carve: the train loop leaves the validation prompts out of training, the
+  seqio train split had served them."""
+  questions = [f"is {i} an even number" for i in range(30)]
+  records = [{"instruction": f"Please answer the following question with "
+                             f"true or false, question: {q}?\n\nAnswer "
+                             "format: true/false", "input": "",
+              "output": "the correct answer is true", "answer": "true"}
+             for q in questions + questions[:10]]  # ten twins
+  (tmp_path / "boolq").mkdir()
+  (tmp_path / "boolq" / "train.json").write_text(json.dumps(records))
+  leaked = 0
+  for seed in range(4):
+    train = seqio_tasks.split_examples("boolq", "train", data_dir=tmp_path,
+                                       seed=seed, validation_fraction=0.25)
+    val = seqio_tasks.split_examples("boolq", "validation", data_dir=tmp_path,
+                                     seed=seed, validation_fraction=0.25)
+    assert not ({data.prompt_key(e) for e in train} &
+                {data.prompt_key(e) for e in val})
+    whole = data.load_task("boolq", "train", data_dir=tmp_path, seed=seed,
+                           validation_fraction=0.25)
+    leaked += len(whole) - len(train)
+  assert leaked > 0  # some seed's carve split a pair of twins

@@ -80,7 +80,7 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
 
   The train and validation splits leave out every example whose prompt
   (`train.data.prompt_key`) is one of the test prompts of the tasks in
-  ``held_out``. A test split that cannot be read (a data folder without
+  ``held_out``, and the train split those of its own validation split. A test split that cannot be read (a data folder without
   it) is warned about and not held out, as the train loop does when it
   does not evaluate.
   """
@@ -90,11 +90,18 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
       # One test set whatever the seed, as in the train loop: `arithmetic`'s
       # had been drawn anew for each seed.
       seed=0 if split == "test" else seed)
-  if split == "test" or not held_out:
+  held = []
+  if split == "train" and validation_fraction > 0:
+    # As the train loop does: a file that repeats a question (OpenBookQA's,
+    # math's) can put its twins on both sides of the carve, and training
+    # leaves the validation set's prompts out.
+    held.extend(tasks_lib.load_task(
+        task, "validation", data_dir=data_dir, style=style,
+        validation_fraction=validation_fraction, seed=seed))
+  if split == "test" or not (held_out or held):
     return examples
   if isinstance(held_out, str):  # one task, not its letters
     held_out = (held_out,)
-  held = []
   for other in held_out:
     tasks_lib.get_task(other)  # a name that is no task is an error, not absent
     try:
