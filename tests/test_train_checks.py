@@ -335,6 +335,19 @@ def test_num_train_examples_counts_what_is_left_after_held_out_prompts(
   assert len(train) == 20 and train == every[:20]
 
 
+def test_eval_task_is_compared_by_task_not_spelling(tmp_path):
+  """'Arithmetic' for 'arithmetic' had carved its validation set from
+  another pool (200 of 2000, overlapping training) than training's."""
+  cfg = tiny(tmp_path / 'run', **{
+      'data.task': 'arithmetic', 'data.num_train_examples': 500,
+      'eval.split': 'validation', 'eval.num_examples': 0, 'eval.after': True})
+  plain = loop.load_examples(cfg)
+  spelt = loop.load_examples(configs.replace(
+      cfg, **{'data.eval_task': 'Arithmetic'}))
+  assert (len(plain[0]), len(plain[1])) == (450, 50)
+  assert spelt == plain
+
+
 def test_test_prompts_are_held_out_with_evaluation_off(tmp_path):
   """Evaluation off still leaves the test prompts out of training (it had
   trained on them), so the training examples do not depend on it and a

@@ -271,7 +271,10 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
   from train import data  # pylint: disable=g-import-not-at-top
   d = cfg.data
   eval_path = d.eval_path
-  if not eval_path and eval_task == d.task and d.path:
+  # By task, not spelling ('Arithmetic', 'obqa'): a validation carve had
+  # come from another pool than training's.
+  same_task = data.get_task(eval_task).name == data.get_task(d.task).name
+  if not eval_path and same_task and d.path:
     # A folder holds both splits; a single file is the training data,
     # which may only be carved for validation, never used as the test set.
     if cfg.eval.split == 'validation' or os.path.isdir(d.path):
@@ -291,8 +294,7 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
   pool = {}
   generated = (not eval_path and not d.hub and
                data.get_task(eval_task).name == data.arithmetic.NAME)
-  if (cfg.eval.split == 'validation' and eval_task == d.task and
-      generated):
+  if cfg.eval.split == 'validation' and same_task and generated:
     # The generated task is carved from a pool that num_train_examples
     # sizes: the validation carve must come from that same pool, or it
     # overlaps the training examples.
@@ -326,7 +328,7 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     # but say that its prompts could not be held out (unless it is the
     # training task's own test split, which a task such as math lacks by
     # design, and which its training file cannot hold anyway).
-    if eval_task != d.task or eval_path:
+    if not same_task or eval_path:
       warnings.warn(
           f'data: the {eval_task} {cfg.eval.split} split could not be read '
           f'({first_line(e)}); training examples that are its prompts are '
