@@ -444,6 +444,8 @@ name. `split_lora` separates them, as a pure dict, from the frozen base, so
 the gradient and the optimizer only ever see the adapters.
 '''),
     code('''
+if lora.lora_modules(model):  # this cell run again: the same fresh adapters
+  lora.remove_lora(model)
 lora.apply_lora(model, TARGETS, rank=RANK, alpha=ALPHA, rngs=0)
 graphdef, lora_init, base = lora.split_lora(model)
 pairs = lro.find_lora_pairs(lora_init)
@@ -506,6 +508,9 @@ model is exactly the base) to held-out problems. The sampler reads the
 model's current adapter values at every call, so it compiles once.
 '''),
     code('''
+# The adapters at their start (B = 0): after training, the model holds the
+# last optimizer's, and a rerun of this cell had shown those as the base.
+lora.set_lora_params(model, lora_init)
 sampler = gemma.Sampler(model, tokenizer)
 prompts = [e.prompt for e in test_examples]
 gold = [e.gold_number for e in test_examples]
@@ -738,11 +743,13 @@ for c in sweep:
 A pod slice has several hosts; the same command runs on every one of them
 (`--worker=all`), and `python -m train` initialises `jax.distributed` itself
 on a multi-host TPU. Suggested sizes: Gemma 2B on a v5e-8 or v4-8, Gemma 7B
-on a v5e-16 or v4-16, mT5-XXL on a v4-32. LoRA keeps the optimizer state
-tiny and FSDP splits the frozen base, but the backward pass keeps every
-layer's activations (no rematerialisation): a batch of 64 rows of 1024
-tokens is more than 16 GB per chip for Gemma 7B on 16 chips by a count of
-the MLP activations alone (not measured on a TPU), so the commands below
+on a v5e-16 or v4-16, mT5-XXL on a v4-32 (a v5e's suffix counts chips, a
+v4's TensorCores: a v4-16 is 8 chips of 32 GB). LoRA keeps the optimizer
+state tiny and FSDP splits the frozen base, but the backward pass keeps
+every layer's activations (no rematerialisation): a batch of 64 rows of
+1024 tokens is more than 16 GB per chip for Gemma 7B on 16 chips (twice
+that on a v4-16's 8) by a count of the MLP activations alone (not
+measured on a TPU), so the commands below
 split it into micro-batches with `--grad_accum 4` (the same gradient;
 raise it if a step runs out of memory). The cell below prints the
 commands; copy them to a shell with `gcloud` configured.

