@@ -30,13 +30,6 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                               mu_dtype=mu_dtype, nesterov=nesterov)
 
-  def init_fn(params):
-    state = inner.init(params)
-    # The count beside the params (optax's lands on the default device,
-    # uncommitted: a jitted step on a mesh then compiled twice).
-    return state._replace(count=placement.replicated_zeros(
-        (), state.count.dtype, jax.tree.leaves(params)))
-
   def update_fn(updates, state, params=None):
     new_updates, new_state = inner.update(updates, state, params)
     new_updates = jax.tree.map(
@@ -44,7 +37,9 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
         new_updates, new_state.nu)
     return new_updates, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # The count beside the params (a jitted step on a mesh had compiled twice).
+  return optax.GradientTransformation(
+      placement.count_beside_params(inner).init, update_fn)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,

@@ -85,10 +85,8 @@ def replicated_zeros(shape, dtype, like: Iterable[Any],
       # Spelt as a jitted step writes a replicated output: P() on Auto
       # axes, one None per axis on Explicit ones (P() there had been
       # another cache key, and the second call compiled again).
-      explicit = any(t == jax.sharding.AxisType.Explicit
-                     for t in sharding.mesh.axis_types)
-      spec = PartitionSpec(*(None,) * len(shape)) if explicit else (
-          PartitionSpec())
+      spec = (PartitionSpec(*(None,) * len(shape))
+              if _has_explicit_axes(sharding.mesh) else PartitionSpec())
       return jnp.zeros(shape, dtype,
                        device=NamedSharding(sharding.mesh, spec))
     if sharding is not None:
@@ -103,10 +101,13 @@ def _explicit(leaf: Any):
     return None  # None, optax.MaskedNode, a NumPy array: on no mesh
   sharding = getattr(jax.typeof(leaf), 'sharding', None)
   mesh = getattr(sharding, 'mesh', None)
-  if mesh is None or mesh.empty or not any(
-      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+  if mesh is None or mesh.empty or not _has_explicit_axes(mesh):
     return None
   return sharding
+
+
+def _has_explicit_axes(mesh) -> bool:
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
 def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
@@ -148,19 +149,27 @@ def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
           'sharding.AxisType.Auto,) * n), or jax.sharding.Mesh).')
 
 
-def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True):
-  """``optax.scale_by_learning_rate``, its schedule's count beside the params.
+def count_beside_params(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` with its state's ``count`` (if it has one) beside the params.
 
-  optax's count of a schedule lands on the default device, uncommitted: on
-  a mesh a jitted step then compiled again at its second call.
+  optax's counts land on the default device, uncommitted: on a mesh a
+  jitted step then compiled again at its second call.
   """
-  inner = optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
 
   def init_fn(params):
     state = inner.init(params)
-    if not isinstance(state, optax.ScaleByScheduleState):
-      return state  # a constant rate: no count
+    # A NamedTuple's field (every tuple has a count method).
+    if 'count' not in getattr(state, '_fields', ()):
+      return state  # no count (a constant rate's EmptyState)
     return state._replace(count=replicated_zeros(
         (), state.count.dtype, jax.tree.leaves(params)))
 
   return optax.GradientTransformation(init_fn, inner.update)
+
+
+def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True):
+  """``optax.scale_by_learning_rate``, a schedule's count beside the params
+  (`count_beside_params`)."""
+  return count_beside_params(
+      optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign))
