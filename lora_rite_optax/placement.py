@@ -47,15 +47,18 @@ def zeros_like(leaf: Any, dtype) -> jax.Array:
 def stacked_axis_sharding(factors: Sequence[Any], batch_axes: Sequence[int],
                           slices: int):
   """The mesh axes that split the layers of every one of ``factors``
-  (stacked along their first axis, one stacked axis each), where the
-  ``slices`` layers of them all divide evenly over those axes; else None."""
+  (stacked along their first ``batch_axes``, only the first of them split,
+  as the update's merged slice axis then is), where the ``slices`` layers
+  of them all divide evenly over those axes; else None (XLA chooses)."""
   found = None
   for factor, axes in zip(factors, batch_axes):
     sharding = _placed(factor)
-    if axes != 1 or not isinstance(sharding, NamedSharding):
+    if axes < 1 or not isinstance(sharding, NamedSharding):
       return None
-    entry = tuple(sharding.spec)[0] if len(sharding.spec) else None
-    if entry is None or (found is not None and entry != found):
+    spec = tuple(sharding.spec) + (None,) * (axes - len(sharding.spec))
+    entry = spec[0]
+    if (entry is None or any(a is not None for a in spec[1:axes]) or
+        (found is not None and entry != found)):
       return None
     found = entry
   if found is None:

@@ -243,9 +243,15 @@ def stacked_layers_split_along_layers_compile_once():
   plain = {k: {'lora_a': jnp.asarray(rng.normal(size=(8, 64, 4)), jnp.float32),
                'lora_b': jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32)}
            for k in ('q', 'v')}
-  for spec in (P('fsdp', None, None), P(('fsdp', 'tensor'), None, None)):
-    placed = jax.device_put(plain, NamedSharding(mesh, spec))
-    tx = lro.lora_rite(1e-2, layout=lro.NNX_LAYOUT.scanned(1))
+  # Two stacked axes (scanned(2)): the first split, merged with the second.
+  two_axes = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), plain)
+  for spec, layers, stacked in (
+      (P('fsdp', None, None), plain, 1),
+      (P(('fsdp', 'tensor'), None, None), plain, 1),
+      (P('fsdp'), two_axes, 2)):
+    plain_layers = layers
+    placed = jax.device_put(layers, NamedSharding(mesh, spec))
+    tx = lro.lora_rite(1e-2, layout=lro.NNX_LAYOUT.scanned(stacked))
 
     @jax.jit
     def step(p, s, g, tx=tx):
@@ -253,9 +259,9 @@ def stacked_layers_split_along_layers_compile_once():
       return optax.apply_updates(p, u), s
 
     p, s = placed, tx.init(placed)
-    want, want_state = plain, tx.init(plain)
+    want, want_state = plain_layers, tx.init(plain_layers)
     for i in range(3):
-      grads = grads_for(plain, i)
+      grads = grads_for(plain_layers, i)
       p, s = step(p, s, jax.device_put(grads, NamedSharding(mesh, spec)))
       u, want_state = tx.update(grads, want_state, want)
       want = optax.apply_updates(want, u)
