@@ -321,6 +321,10 @@ def test_superni_metrics():
   assert ev.superni_evaluate(examples, ["Y"])["exact_match"] == 100.0
   with pytest.raises(ValueError, match="2 predictions for 1 reference"):
     ev.superni_metrics(["a", "b"], [["a"]])
+  assert ev.superni_metrics(["hi"], [np.array(["hello", "hi"])]) == (
+      {"exact_match": 100.0, "rougeL": 100.0})
+  assert ev.superni_metrics(["hi"], np.array([["hello", "hi"]])) == (
+      {"exact_match": 100.0, "rougeL": 100.0})
   # Had been max() of nothing, None.lower() and 'NoneType' not iterable.
   for preds, refs, message in (
       (["a"], [[]], r"^superni_metrics: references 0 must be a non-empty "
