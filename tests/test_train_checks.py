@@ -335,6 +335,28 @@ def test_num_train_examples_counts_what_is_left_after_held_out_prompts(
   assert len(train) == 20 and train == every[:20]
 
 
+def test_a_resume_of_a_run_capped_before_the_held_out_prompts_says_so(
+    tmp_path, monkeypatch):
+  """Runs before 2026-12-06 took data.num_train_examples before leaving
+  the held-out prompts out: their resume is refused (other examples), and
+  the line says why rather than blaming the eval split or the paths."""
+  questions = [f'is {i} an even number' for i in range(40)]
+  folder = _boolq_folder(tmp_path / 'boolq', questions, questions[:5])
+  cfg = tiny(tmp_path / 'run', **{
+      'data.task': 'boolq', 'data.path': str(folder),
+      'data.validation_fraction': 0.0, 'eval.num_examples': 0,
+      'data.num_train_examples': 20})
+  real = loop.load_examples
+  with monkeypatch.context() as mp:  # the old count: one held-out prompt in
+    mp.setattr(loop, 'load_examples',
+               lambda cfg: (lambda t, e: (t[1:], e))(*real(cfg)))
+    loop.run(cfg, log=quiet, stop_at=1)
+  with pytest.raises(loop.ConfigError, match=r'trained on other examples '
+                     r'\(19 there, 20 now.*data.num_train_examples now counts '
+                     r'the examples left once the held-out prompts are out'):
+    loop.run(configs.replace(cfg, resume=True), log=quiet)
+
+
 def test_eval_task_is_compared_by_task_not_spelling(tmp_path):
   """'Arithmetic' for 'arithmetic' had carved its validation set from
   another pool (200 of 2000, overlapping training) than training's."""

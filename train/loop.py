@@ -219,8 +219,7 @@ def load_examples(cfg: configs_lib.Config):
   # from that pool); any other task's counts the examples trained on, so
   # it applies once the held-out prompts are out (capped first, 1,000 math
   # examples had trained as 689 beside GSM8K's test set).
-  generated = (not d.path and not d.hub and
-               data.get_task(d.task).name == data.arithmetic.NAME)
+  generated = generated_training_task(d)
   cap = d.num_train_examples or None
   train = data.load_task(d.task, 'train', path=d.path or None,
                          num_examples=cap if generated else None, **common)
@@ -261,6 +260,14 @@ def load_examples(cfg: configs_lib.Config):
   if cfg.eval.num_examples:
     evals = evals[:cfg.eval.num_examples]
   return train, evals
+
+
+def generated_training_task(d: configs_lib.DataConfig) -> bool:
+  """Whether the training examples are generated (arithmetic's, not read
+  from a file or the Hub): data.num_train_examples then sizes their pool."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  return (not d.path and not d.hub and
+          data.get_task(d.task).name == data.arithmetic.NAME)
 
 
 def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
@@ -1805,6 +1812,16 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         older = ('; this checkpoint predates leaving evaluation prompts '
                  'out of training with evaluation off, and its run trained '
                  'on them: start the run again')
+      cap = cfg.data.num_train_examples
+      if (cap and not generated_training_task(cfg.data) and
+          saved_data['examples'] < train_data['examples'] == cap):
+        # Runs before 2026-12-06 took the cap before leaving the held-out
+        # prompts out.
+        older = ('; data.num_train_examples now counts the examples left '
+                 'once the held-out prompts are out, and this checkpoint\'s '
+                 'run counted them before: start the run again, or lower '
+                 f'data.num_train_examples to {saved_data["examples"]} (not '
+                 'the same examples)')
       raise ConfigError(
           f'{where} was trained on other examples ({saved_data["examples"]} '
           f'there, {train_data["examples"]} now, or the same number with '
