@@ -92,9 +92,10 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
       seed=0 if split == "test" else seed)
   held = []
   if split == "train" and validation_fraction > 0:
-    # As the train loop does: a file that repeats a question (OpenBookQA's,
-    # math's) can put its twins on both sides of the carve, and training
-    # leaves the validation set's prompts out.
+    # A file that repeats a question (OpenBookQA's, math's) can put its
+    # twins on both sides of the carve. The validation split is served for
+    # evaluation, so training leaves its prompts out (as the train loop
+    # does when it evaluates on the validation split).
     held.extend(tasks_lib.load_task(
         task, "validation", data_dir=data_dir, style=style,
         validation_fraction=validation_fraction, seed=seed))
