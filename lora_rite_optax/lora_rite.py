@@ -308,11 +308,15 @@ def scale_by_lora_rite(
       layers_on = placement.stacked_axis_sharding(
           [leaves[paired.pairs[k].a_index][1] for k, _ in members],
           [paired.pairs[k].layout.batch_axes for k, _ in members], slices)
-      nu[key], rinv[key] = (
-          placement.replicated_zeros((2, slices, r, r), dtype, [a],
-                                     split_axis=(1, layers_on))
-          for _ in range(2))
-      escaped[key] = placement.replicated_zeros((2, slices), dtype, [a])
+      # The escaped mass too where it is computed (without escape_mass the
+      # update writes it replicated).
+      nu[key], escaped[key], rinv[key] = (
+          placement.replicated_zeros(shape, dtype, [a],
+                                     split_axis=(1, layers_on if split
+                                                 else None))
+          for shape, split in (((2, slices, r, r), True),
+                               ((2, slices), escape_mass is not False),
+                               ((2, slices, r, r), True)))
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
       # init with a placeholder): one empty array stands for the whole
@@ -377,7 +381,9 @@ def scale_by_lora_rite(
         [param_paths[i][1] for pair in paired.pairs
          for i, axis in ((pair.a_index, pair.layout.a_rank_axis),
                          (pair.b_index, pair.layout.b_rank_axis))
-         if placement.explicitly_sharded(param_paths[i][1], axis)],
+         if placement.explicitly_sharded(
+             param_paths[i][1], pairs_lib.leaf_axis(
+                 jnp.ndim(param_paths[i][1]), axis, pair.layout.batch_axes))],
         'factors whose rank axis is')
     param_leaves = [l for _, l in param_paths]
     try:

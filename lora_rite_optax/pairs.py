@@ -399,10 +399,17 @@ def matrix_shape(shape: Sequence[int], rank_axis: int,
   return batch, math.prod(inner), r
 
 
+def leaf_axis(ndim: int, rank_axis: int, batch_axes: int) -> int:
+  """The axis of a factor of ``ndim`` axes that its layout's ``rank_axis``
+  (counted after the ``batch_axes`` stacked ones, negative from the end)
+  names."""
+  return rank_axis % (ndim - batch_axes) + batch_axes
+
+
 def to_matrix(x: jax.Array, rank_axis: int, batch_axes: int) -> jax.Array:
   """Factor -> ``(slices, N, r)``: batch axes merged, rank last, rest flat."""
   slices, n, r = matrix_shape(x.shape, rank_axis, batch_axes)
-  axis = rank_axis % (x.ndim - batch_axes) + batch_axes
+  axis = leaf_axis(x.ndim, rank_axis, batch_axes)
   x = jnp.moveaxis(x, axis, -1)
   return x.reshape(slices, n, r)
 
@@ -411,7 +418,7 @@ def from_matrix(m: jax.Array, shape: Sequence[int], rank_axis: int,
                 batch_axes: int) -> jax.Array:
   """Inverse of :func:`to_matrix` for a factor of ``shape``."""
   shape = tuple(shape)
-  axis = rank_axis % (len(shape) - batch_axes) + batch_axes
+  axis = leaf_axis(len(shape), rank_axis, batch_axes)
   moved = shape[:axis] + shape[axis + 1:] + (shape[axis],)
   return jnp.moveaxis(m.reshape(moved), -1, axis)
 

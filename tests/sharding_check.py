@@ -245,13 +245,15 @@ def stacked_layers_split_along_layers_compile_once():
            for k in ('q', 'v')}
   # Two stacked axes (scanned(2)): the first split, merged with the second.
   two_axes = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), plain)
-  for spec, layers, stacked in (
-      (P('fsdp', None, None), plain, 1),
-      (P(('fsdp', 'tensor'), None, None), plain, 1),
-      (P('fsdp'), two_axes, 2)):
+  for spec, layers, stacked, escape in (
+      (P('fsdp', None, None), plain, 1, False),
+      (P(('fsdp', 'tensor'), None, None), plain, 1, False),
+      (P('fsdp', None, None), plain, 1, True),  # its escaped mass split too
+      (P('fsdp'), two_axes, 2, False)):
     plain_layers = layers
     placed = jax.device_put(layers, NamedSharding(mesh, spec))
-    tx = lro.lora_rite(1e-2, layout=lro.NNX_LAYOUT.scanned(stacked))
+    tx = lro.lora_rite(1e-2, layout=lro.NNX_LAYOUT.scanned(stacked),
+                       escape_mass=escape)
 
     @jax.jit
     def step(p, s, g, tx=tx):
