@@ -125,6 +125,19 @@ def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
   return any(a is not None for a in spec)
 
 
+def split_apart(x: Any, y: Any, axes: int) -> bool:
+  """Whether ``x`` and ``y`` split one of their first ``axes`` axes over
+  different axes of an Explicit mesh (one split and the other whole is
+  not apart: a batched product gathers the split one)."""
+  specs = []
+  for leaf in (x, y):
+    sharding = _explicit(leaf)
+    spec = tuple(sharding.spec) if sharding is not None else ()
+    specs.append((spec + (None,) * axes)[:axes])
+  return any(a is not None and b is not None and a != b
+             for a, b in zip(*specs))
+
+
 def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:
   """The ``out_sharding`` of a product contracting ``x``'s long axis into
   ``r x r`` results: the axes ``kept`` (stacked layers) as in ``x``, the

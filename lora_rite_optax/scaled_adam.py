@@ -128,6 +128,18 @@ def scale_by_riemannian_precond(
          jnp.ndim(values[pair.b_index][1]) > 2 + pair.layout.batch_axes
          for i in (pair.a_index, pair.b_index)],
         'n-D factors')
+    # Each factor's gradient is batched over the layers with its partner's
+    # Gram: their layer axes must be split alike (a ShardingTypeError from
+    # inside the product, else).
+    for pair in paired.pairs:
+      a, b = values[pair.a_index][1], values[pair.b_index][1]
+      if pair.layout.batch_axes and placement.split_apart(
+          a, b, pair.layout.batch_axes):
+        raise ValueError(
+            f"scaled_adam: pair {pair.name!r} splits the stacked layers of "
+            f"{pair.layout.a_key} and {pair.layout.b_key} differently over "
+            "Explicit mesh axes; split them alike, or make the mesh with "
+            "Auto axes.")
     out = [leaf for _, leaf in grads]
     last = None
     for pair in paired.pairs:

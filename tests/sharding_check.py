@@ -334,7 +334,15 @@ def explicit_axes_work_or_are_refused_in_one_line():
       {'q': {'lora_a': jnp.ones((64, 8)), 'lora_b': jnp.ones((8, 32))}},
       {'q': {'lora_a': NamedSharding(mesh, P(None, 'fsdp')),
              'lora_b': NamedSharding(mesh, P('fsdp', None))}})
+  split_apart = jax.device_put(
+      jax.tree.map(lambda x: jnp.concatenate([x, x]), stacked_plain),
+      {'q': {'lora_a': NamedSharding(mesh, P('tensor')),
+             'lora_b': NamedSharding(mesh, P('fsdp'))}})
   for tx, params, message in (
+      # A ShardingTypeError from inside its batched product, before.
+      (lro.scaled_adam(1e-2, layout=scanned), split_apart,
+       "scaled_adam: pair 'q' splits the stacked layers of lora_a and lora_b "
+       'differently over Explicit mesh axes'),
       # Its statistics had come back replicated (a second compile), and
       # MultiSteps failed inside jax on the branches' shardings.
       (optax.MultiSteps(lro.lora_rite(1e-2), 2), rank_split,
