@@ -513,7 +513,7 @@ def test_a_url_for_a_path_is_refused_in_one_line(tmp_path, monkeypatch, field):
     loop.run(cfg, log=quiet)
   assert str(e.value) == (f'{field} gs://bucket/x is a URL; give a local path '
                           '(for a bucket, a mount of it every host sees: see '
-                          "the README's multi-host notes).")
+                          "the README's Cloud TPU (pod slice) section).")
   assert os.listdir(tmp_path) == []
 
 

@@ -354,7 +354,8 @@ def refuse_url(name: str, path: str) -> None:
   if _URL.match(path or ''):
     raise ConfigError(
         f'{name} {path} is a URL; give a local path (for a bucket, a mount '
-        'of it every host sees: see the README\'s multi-host notes).')
+        'of it every host sees: see the README\'s Cloud TPU (pod slice) '
+        'section).')
 
 
 def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
