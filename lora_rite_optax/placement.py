@@ -125,17 +125,20 @@ def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
   return any(a is not None for a in spec)
 
 
-def split_apart(x: Any, y: Any, axes: int) -> bool:
-  """Whether ``x`` and ``y`` split one of their first ``axes`` axes over
-  different axes of an Explicit mesh (one split and the other whole is
-  not apart: a batched product gathers the split one)."""
+def stacks_split_apart(x: Any, y: Any, axes: int) -> bool:
+  """Whether the ``axes`` stacked axes of factors ``x`` and ``y`` are split
+  over an Explicit mesh in a way a batched product over their merged
+  stacked axes cannot take: the first over different mesh axes (one split
+  and the other whole is fine), or any after the first (merging them into
+  one is refused)."""
   specs = []
   for leaf in (x, y):
     sharding = _explicit(leaf)
     spec = tuple(sharding.spec) if sharding is not None else ()
     specs.append((spec + (None,) * axes)[:axes])
-  return any(a is not None and b is not None and a != b
-             for a, b in zip(*specs))
+  (a, *a_rest), (b, *b_rest) = specs
+  return (any(s is not None for s in a_rest + b_rest) or
+          (a is not None and b is not None and a != b))
 
 
 def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:

@@ -133,13 +133,13 @@ def scale_by_riemannian_precond(
     # inside the product, else).
     for pair in paired.pairs:
       a, b = values[pair.a_index][1], values[pair.b_index][1]
-      if pair.layout.batch_axes and placement.split_apart(
+      if pair.layout.batch_axes and placement.stacks_split_apart(
           a, b, pair.layout.batch_axes):
         raise ValueError(
             f"scaled_adam: pair {pair.name!r} splits the stacked layers of "
-            f"{pair.layout.a_key} and {pair.layout.b_key} differently over "
-            "Explicit mesh axes; split them alike, or make the mesh with "
-            "Auto axes.")
+            f"{pair.layout.a_key} and {pair.layout.b_key} over different "
+            "Explicit mesh axes, or splits a stacked axis after the first; "
+            "split only the first, alike, or make the mesh with Auto axes.")
     out = [leaf for _, leaf in grads]
     last = None
     for pair in paired.pairs:

@@ -342,7 +342,15 @@ def explicit_axes_work_or_are_refused_in_one_line():
       # A ShardingTypeError from inside its batched product, before.
       (lro.scaled_adam(1e-2, layout=scanned), split_apart,
        "scaled_adam: pair 'q' splits the stacked layers of lora_a and lora_b "
-       'differently over Explicit mesh axes'),
+       'over different Explicit mesh axes'),
+      # Two stacked axes, the second split: jax refuses merging them.
+      (lro.scaled_adam(1e-2, layout=lro.NNX_LAYOUT.scanned(2)),
+       jax.device_put(
+           jax.tree.map(lambda x: jnp.stack([x, x]), stacked_plain),
+           NamedSharding(mesh, P(None, 'tensor'))),
+       "scaled_adam: pair 'q' splits the stacked layers of lora_a and lora_b "
+       'over different Explicit mesh axes, or splits a stacked axis after '
+       'the first'),
       # Its statistics had come back replicated (a second compile), and
       # MultiSteps failed inside jax on the branches' shardings.
       (optax.MultiSteps(lro.lora_rite(1e-2), 2), rank_split,

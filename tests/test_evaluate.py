@@ -325,6 +325,8 @@ def test_superni_metrics():
       {"exact_match": 100.0, "rougeL": 100.0})
   assert ev.superni_metrics(["hi"], np.array([["hello", "hi"]])) == (
       {"exact_match": 100.0, "rougeL": 100.0})
+  # A 0-d array is one reference, not its letters.
+  assert ev.superni_metrics(["h"], [np.array("hello")])["exact_match"] == 0
   # Had been max() of nothing, None.lower() and 'NoneType' not iterable.
   for preds, refs, message in (
       (["a"], [[]], r"^superni_metrics: references 0 must be a non-empty "

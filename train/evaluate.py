@@ -358,10 +358,10 @@ def superni_metrics(predictions: Sequence[str],
   em, rl = [], []
   unscorable = 0
   for i, (pred, refs) in enumerate(zip(predictions, references)):
+    if isinstance(refs, np.ndarray):  # of strings (np.str_ is a str)
+      refs = refs.tolist()  # a 0-d array: one str, wrapped below
     if isinstance(refs, str):
       refs = [refs]
-    if isinstance(refs, np.ndarray):  # of strings (np.str_ is a str)
-      refs = refs.tolist()
     # Else max() of nothing, or None.lower(), deep inside.
     if not isinstance(pred, str):
       raise ValueError(f"superni_metrics: prediction {i} must be a string, "

@@ -1820,9 +1820,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         # prompts out.
         older = ('; data.num_train_examples now counts the examples left '
                  'once the held-out prompts are out, and this checkpoint\'s '
-                 'run counted them before: start the run again, or lower '
-                 f'data.num_train_examples to {saved_data["examples"]} (not '
-                 'the same examples)')
+                 'run counted them before: start the run again')
       raise ConfigError(
           f'{where} was trained on other examples ({saved_data["examples"]} '
           f'there, {train_data["examples"]} now, or the same number with '
