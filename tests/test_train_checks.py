@@ -350,7 +350,8 @@ def test_a_resume_of_a_run_capped_before_the_held_out_prompts_says_so(
   with monkeypatch.context() as mp:  # the old count: one held-out prompt in
     mp.setattr(loop, 'load_examples',
                lambda cfg: (lambda t, e: (t[1:], e))(*real(cfg)))
-    loop.run(cfg, log=quiet, stop_at=1)
+    with pytest.warns(UserWarning, match='5 of 40 training examples'):
+      loop.run(cfg, log=quiet, stop_at=1)
   with pytest.raises(loop.ConfigError, match=r'trained on other examples '
                      r'\(19 there, 20 now.*data.num_train_examples now counts '
                      r'the examples left once the held-out prompts are out'):
