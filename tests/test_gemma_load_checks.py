@@ -534,6 +534,9 @@ def test_hf_config_round_trips_every_field(name, change):
     # come back without them, a Gemma 1's logits 70 apart.
     ('gemma-tiny', dict(attn_logit_softcap=5.0)),
     ('gemma2-tiny', dict(rope_base_local=1000.0)),
+    # Written, then ignored by transformers (logits 0.9-2.9 apart).
+    ('gemma-tiny', dict(query_pre_attn_scalar=64.0)),
+    ('gemma3-tiny', dict(rope_scale_local=4.0)),
 ])
 def test_a_config_hugging_face_cannot_hold_is_refused_on_save(
     name, change, tmp_path):
@@ -555,3 +558,12 @@ def test_a_preset_name_for_a_config_is_one_line():
     with pytest.raises(TypeError, match=r"config must be a GemmaConfig \(use "
                        r"models.gemma.get_config\('gemma-tiny'\)\), got str"):
       make()
+
+
+def test_a_gemma_1_with_sliding_layers_is_refused_on_save():
+  """transformers' Gemma 1 has no sliding window: every layer is global."""
+  c = gemma.get_config('gemma-tiny').replace(
+      attention_pattern=(LOCAL, GLOBAL), sliding_window=2)
+  with pytest.raises(ValueError, match=r'^a Gemma 1 config with '
+                     'sliding-window layers has no Hugging Face form'):
+    gemma_load.config_to_hf(c)

@@ -293,9 +293,11 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
   Raises:
     ValueError: a setting the family's Hugging Face model does not have:
       ``use_post_norms`` or ``use_qk_norm`` not the family's (derived from
-      the model type), soft-capping on Gemma 1, or a local RoPE base of its
-      own before Gemma 3. transformers would load such a file as another
-      model (ignoring the key), or not at all.
+      the model type); on Gemma 1 soft-capping, sliding-window layers or a
+      ``query_pre_attn_scalar`` other than ``head_dim``; a local RoPE base
+      of its own before Gemma 3; a local RoPE scale other than the family's
+      (Gemma 3: 1, else the global one). transformers would load such a
+      file as another model (ignoring the key), or not at all.
   """
   for name, want in (('use_post_norms', c.family >= 2),
                      ('use_qk_norm', c.family == 3)):
@@ -309,6 +311,20 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
         raise ValueError(
             f'a Gemma 1 config with {name}={getattr(c, name)} has no Hugging '
             'Face form (Gemma 1 has no soft-capping).')
+  if c.family == 1 and LOCAL in c.layer_types:
+    raise ValueError('a Gemma 1 config with sliding-window layers has no '
+                     'Hugging Face form (every Gemma 1 layer is global).')
+  if c.family == 1 and c.query_pre_attn_scalar != c.head_dim:
+    raise ValueError(
+        f'a Gemma 1 config with query_pre_attn_scalar='
+        f'{c.query_pre_attn_scalar} has no Hugging Face form (Gemma 1 '
+        f'scales queries by head_dim, {c.head_dim}).')
+  local_scale = 1.0 if c.family == 3 else c.rope_scale_global
+  if c.rope_scale_local != local_scale:
+    raise ValueError(
+        f'a Gemma {c.family} config with rope_scale_local='
+        f'{c.rope_scale_local} has no Hugging Face form (its sliding layers '
+        f'scale RoPE by {local_scale}).')
   if c.family < 3 and c.rope_base_local != c.rope_base_global:
     raise ValueError(
         f'a Gemma {c.family} config with rope_base_local={c.rope_base_local} '
@@ -346,10 +362,6 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
     d['sliding_window_pattern'] = len(c.attention_pattern)
   if c.rope_scale_global != 1.0:
     d['rope_scaling'] = {'rope_type': 'linear', 'factor': c.rope_scale_global}
-  # Not a Hugging Face key; kept for round trips where the sliding layers'
-  # scale is not what loading assumes (Gemma 3: 1, else rope_scaling's).
-  if c.rope_scale_local != (1.0 if c.family == 3 else c.rope_scale_global):
-    d['rope_local_scaling_factor'] = c.rope_scale_local
   return d
 
 
