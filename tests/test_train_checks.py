@@ -1262,3 +1262,19 @@ def test_a_data_seed_grain_refuses_is_refused_before_any_file(tmp_path):
                      r'2\*\*32\), got 4294967296'):
     loop.run(tiny(tmp_path / 'run', **{'data.seed': 2**32}), log=quiet)
   assert not (tmp_path / 'run').exists()
+
+
+def test_resume_compares_tasks_by_name_not_spelling():
+  """'Math' for 'math', or eval_task '' for the training task itself, had
+  refused a resume as made with other settings."""
+  as_json = lambda cfg: json.loads(configs.to_json(cfg))
+  a = configs.replace(configs.Config(), **{'data.task': 'math',
+                                           'data.eval_task': 'gsm8k'})
+  for change in ({'data.task': 'Math', 'data.eval_task': 'GSM8K'},):
+    assert loop.resume_changes(as_json(a), as_json(
+        configs.replace(a, **change))) == {}
+  same = configs.replace(a, **{'data.eval_task': ''})
+  assert loop.resume_changes(as_json(same), as_json(configs.replace(
+      a, **{'data.eval_task': 'math'}))) == {}
+  assert loop.resume_changes(as_json(a), as_json(configs.replace(
+      a, **{'data.task': 'boolq'}))) == {'data.task': ('math', 'boolq')}

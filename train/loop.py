@@ -1290,10 +1290,26 @@ def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   defaults = configs_lib.flatten(json.loads(configs_lib.to_json(
       configs_lib.Config())))
   old = {**{k: v for k, v in defaults.items() if k in new}, **old}
+  old, new = _by_task(old), _by_task(new)
   neutral = lambda k: any(k == n or k.startswith(n + '.')
                           for n in _RESUME_NEUTRAL + ('steps',))
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if not neutral(k) and old.get(k) != new.get(k)}
+
+
+def _by_task(flat: dict) -> dict:
+  """``flat`` with data.task and data.eval_task ('' is the training task)
+  as task names, not spellings: 'Math' and 'math' had been a change."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  out = dict(flat)
+  task = out.get('data.task')
+  eval_task = out.get('data.eval_task') or task
+  for key, value in (('data.task', task), ('data.eval_task', eval_task)):
+    try:
+      out[key] = data.get_task(value).name
+    except (ValueError, TypeError):
+      pass  # not a task: compared as written
+  return out
 
 
 def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
