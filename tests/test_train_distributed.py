@@ -63,25 +63,30 @@ def _env():
   return env
 
 
-@pytest.mark.xdist_group('train_distributed')
-def test_two_processes_match_one(tmp_path):
-  port = str(_free_port())
+def _two_processes(argv_of, timeout: int) -> list[tuple[int, str, str]]:
+  """(returncode, stdout, stderr) of two processes ``python -c *argv_of(i)``
+  run together; both are killed if either outlives ``timeout``."""
   procs = [subprocess.Popen(
-      [sys.executable, '-c', WORKER, '4', port, '2', str(i),
-       str(tmp_path / 'multi')], cwd=ROOT, env=_env(),
+      [sys.executable, '-c', *argv_of(i)], cwd=ROOT, env=_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  outs = []
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=420))
+    outs = [p.communicate(timeout=timeout) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  multi = _losses(outs[0][0])
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_two_processes_match_one(tmp_path):
+  port = str(_free_port())
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'multi')), 420)
+  for code, _, err in outs:
+    assert code == 0, err[-3000:]
+  multi = _losses(outs[0][1])
   single_proc = subprocess.run(
       [sys.executable, '-c', WORKER, '8', '0', '1', '0',
        str(tmp_path / 'single')], cwd=ROOT, env=_env(), capture_output=True,
@@ -109,24 +114,14 @@ def test_lora_ga_over_two_processes_saves_and_exports(tmp_path):
   them (to save them for a resume, and for the rank-2r export against the
   original base) and failed, the other waiting minutes on its barrier."""
   port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', WORKER, '4', port, '2', str(i),
-       str(tmp_path / 'ga'),
-       # Layers split over all four devices of each process and both
-       # processes (data=2 had kept a whole copy on each).
-       json.dumps({'lora.init': 'lora_ga', 'lora.ga_batches': 1,
-                   'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2})],
-      cwd=ROOT, env=_env(),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=420) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  # Layers split over all four devices of each process and both processes
+  # (data=2 had kept a whole copy on each).
+  changes = json.dumps({'lora.init': 'lora_ga', 'lora.ga_batches': 1,
+                        'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2})
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'ga'), changes), 420)
+  for code, _, err in outs:
+    assert code == 0, err[-3000:]
   assert (tmp_path / 'ga' / 'lora_initial_factors.safetensors').is_file()
   config = json.loads(
       (tmp_path / 'ga' / 'adapter' / 'adapter_config.json').read_text())
@@ -139,19 +134,10 @@ def test_a_run_dir_each_host_has_alone_is_refused_on_every_process(tmp_path):
   trained to the first checkpoint, where one process failed and the other
   waited minutes on its barrier before aborting with stack traces."""
   port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', WORKER, '4', port, '2', str(i),
-       str(tmp_path / f'own_{i}')], cwd=ROOT, env=_env(),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-    assert p.returncode != 0, err[-2000:]
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / f'own_{i}')), 300)
+  for i, (code, _, err) in enumerate(outs):
+    assert code != 0, err[-2000:]
     assert (f'ConfigError: run_dir {tmp_path / f"own_{i}"} is not one folder '
             'every process sees') in err, err[-2000:]
     assert not (tmp_path / f'own_{i}' / 'checkpoints').exists()
@@ -186,17 +172,8 @@ def test_t5_generation_over_two_processes():
   # processes: its token-id check must not fetch the other process's rows
   # (which fails), nor refuse in one process while the other waits.
   port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', T5_WORKER, port, str(i)], cwd=ROOT, env=_env(),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (out, err) in zip(procs, outs):
+  outs = _two_processes(lambda i: (T5_WORKER, port, str(i)), 300)
+  for _, out, err in outs:
     assert 'GENERATED (2, 2)' in out, err[-3000:]
 
 
