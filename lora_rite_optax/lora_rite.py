@@ -311,9 +311,9 @@ def scale_by_lora_rite(
       # The escaped mass too where it is computed (without escape_mass the
       # update writes it replicated).
       nu[key], escaped[key], rinv[key] = (
-          placement.replicated_zeros(shape, dtype, [a],
-                                     split_axis=(1, layers_on if split
-                                                 else None))
+          placement.zeros_beside(shape, dtype, [a],
+                                 split_axis=(1, layers_on if split
+                                             else None))
           for shape, split in (((2, slices, r, r), True),
                                ((2, slices), escape_mass is not False),
                                ((2, slices, r, r), True)))
@@ -326,7 +326,7 @@ def scale_by_lora_rite(
       nu, escaped, rinv = (jnp.zeros((0,), jnp.float32) for _ in range(3))
     # The count beside them: uncommitted on device 0, it made the first
     # jitted update's outputs another placement, and the second compile.
-    count = placement.replicated_zeros((), jnp.int32, [l for _, l in leaves])
+    count = placement.zeros_beside((), jnp.int32, [l for _, l in leaves])
     return ScaleByLoraRiteState(count=count, mu=mu,
                                 basis=basis, nu=nu, escaped=escaped,
                                 rinv=rinv)

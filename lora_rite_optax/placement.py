@@ -69,13 +69,14 @@ def stacked_axis_sharding(factors: Sequence[Any], batch_axes: Sequence[int],
   return found if slices % size == 0 else None
 
 
-def replicated_zeros(shape, dtype, like: Iterable[Any],
-                     split_axis: tuple[int, Any] | None = None) -> jax.Array:
-  """Zeros of ``shape``, replicated over the mesh of the first of ``like``
-  placed on one, or on the device it is committed to (else where
-  ``jnp.zeros`` puts them): the small statistics of factors sharded over a
-  mesh, and the step count. ``split_axis`` ``(axis, mesh axes)``: split
-  that axis over those mesh axes instead (None mesh axes: replicated)."""
+def zeros_beside(shape, dtype, like: Iterable[Any],
+                 split_axis: tuple[int, Any] | None = None) -> jax.Array:
+  """Zeros of ``shape`` beside ``like``: replicated over the mesh of the
+  first of ``like`` placed on one, or on the device it is committed to
+  (else where ``jnp.zeros`` puts them): the small statistics of factors
+  sharded over a mesh, and the step count. ``split_axis`` ``(axis, mesh
+  axes)``: split that axis over those mesh axes instead (None mesh axes:
+  replicated), as stacked layers' statistics are."""
   for leaf in like:
     sharding = _placed(leaf)
     if isinstance(sharding, NamedSharding) and split_axis is not None and (
@@ -181,7 +182,7 @@ def count_beside_params(
     # A NamedTuple's field (every tuple has a count method).
     if 'count' not in getattr(state, '_fields', ()):
       return state  # no count (a constant rate's EmptyState)
-    return state._replace(count=replicated_zeros(
+    return state._replace(count=zeros_beside(
         (), state.count.dtype, jax.tree.leaves(params)))
 
   return optax.GradientTransformation(init_fn, inner.update)

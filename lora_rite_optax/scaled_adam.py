@@ -213,8 +213,8 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
   def init_fn(params):
     zeros = lambda p: placement.zeros_like(p, casting.compute_dtype(p.dtype))
     return ScaleByAdamAuthorsState(
-        count=placement.replicated_zeros((), jnp.int32,
-                                         jax.tree.leaves(params)),
+        count=placement.zeros_beside((), jnp.int32,
+                                     jax.tree.leaves(params)),
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):

@@ -254,7 +254,7 @@ def scale_by_shampoo(
       dtype = _dtype(leaf)
       # Replicated on the factor's mesh (the train loop shards the blocks
       # of a factor cut along its sharded axis from jax.eval_shape).
-      zeros = lambda k, leaf=leaf: placement.replicated_zeros(
+      zeros = lambda k, leaf=leaf: placement.zeros_beside(
           (plan.blocks, k, k), dtype, [leaf])
       eye = lambda k, leaf=leaf: zeros(k, leaf) + jnp.eye(k, dtype=dtype)
       stats.append(BlockStats(zeros(plan.bn), zeros(plan.bm)))
@@ -268,8 +268,8 @@ def scale_by_shampoo(
       # Two arrays, not one: a donated state must not hold a buffer twice.
       stats, roots = (jnp.zeros((0,), jnp.float32) for _ in range(2))
     return ShampooState(
-        count=placement.replicated_zeros((), jnp.int32,
-                                         [leaf for _, leaf in leaves]),
+        count=placement.zeros_beside((), jnp.int32,
+                                     [leaf for _, leaf in leaves]),
         mu=jax.tree.map(zeros_like, params),
         nu=jax.tree.map(zeros_like, params),
         stats=stats, roots=roots)
