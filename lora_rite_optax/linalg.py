@@ -29,9 +29,12 @@ def divide_or_zero(x: jax.Array, denom: jax.Array) -> jax.Array:
   ``lora_a``'s while ``lora_b`` is 0) and eps is 0, or rounds to 0 in
   float16 (``optax.inject_hyperparams`` casts it to the params' dtype):
   a null direction, with no step, not the 0/0 whose NaN would spread.
+  Only an exact 0: a NaN denominator (a NaN gradient's second moment) gives
+  NaN, as optax's Adam does, where a 0 would have frozen that entry for
+  good without a sign.
   """
-  safe = denom > 0
-  return jnp.where(safe, x / jnp.where(safe, denom, 1.0), 0.0)
+  zero = denom == 0
+  return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, denom))
 
 
 def matmul(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -651,3 +651,24 @@ def test_shampoo_graft_with_one_zero_gradient_entry(injected):
   updates, _ = jax.jit(tx.update)(g, tx.init(p), p)
   for u in jax.tree.leaves(updates):
     assert bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0)), u
+
+
+@pytest.mark.parametrize('make, leaf', [
+    (lro.scale_by_adam_authors, 'w'),
+    (lambda: lro.scaled_adam(1e-2), 'lora_a'),
+    (lambda: lro.shampoo(1e-2), 'bias'),  # a 1-D leaf: Adam's direction
+], ids=['scale_by_adam_authors', 'scaled_adam', 'shampoo_1d'])
+def test_a_nan_gradient_shows_in_the_update(make, leaf):
+  """A NaN gradient entry gives a NaN update, as optax's Adam does (and
+  apply_if_finite sees it): the 0 it had become was a step of 0 for that
+  entry at every later step, its moments NaN for good, without a sign."""
+  params = {'w': jnp.zeros(3), 'bias': jnp.zeros(3),
+            'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads[leaf] = grads[leaf].at[(0,) * grads[leaf].ndim].set(jnp.nan)
+  tx = make()
+  params = {k: v for k, v in params.items()
+            if k == leaf or (leaf.startswith('lora') and k.startswith('lora'))}
+  grads = {k: grads[k] for k in params}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert bool(jnp.isnan(updates[leaf].ravel()[0]))
