@@ -25,39 +25,36 @@ def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
   65504): a step before the learning rate can be far larger than the factor
   (LoRA-RITE's A step scales with 1/||B||, ScaledAdam's with the inverse of
   the partner's Gram matrix), so there it stays in ``wide_dtype`` (float32)
-  and `then_cast_to_params_dtype` casts it after the rate.
+  and `with_gradients_dtypes` casts it after the rate.
   """
   if jnp.finfo(param_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
     return jnp.dtype(wide_dtype)
   return jnp.dtype(param_dtype)
 
 
-def then_cast_to_params_dtype(tx: base.GradientTransformation, who: str, *,
-                              require_params: bool = True
-                              ) -> base.GradientTransformation:
-  """``tx``, its updates cast to the params' dtypes (same state).
+def with_gradients_dtypes(tx: base.GradientTransformation
+                          ) -> base.GradientTransformation:
+  """``tx`` (a whole chain), its updates cast to the gradients' dtypes
+  (same state).
 
   LoRA-RITE's and ScaledAdam's preconditioned steps of float16 params are
   kept in float32 (before the learning rate they can exceed float16's
   range); after the rate they fit. A float32 learning rate
   (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``, the
-  advice for bfloat16 params) makes any step float32. And
-  ``optax.apply_if_finite``'s rejected branch (zeros like the gradients)
-  needs the two to agree. Wrapping the chain's last step, rather than
-  adding one, keeps the state's tree (and so the checkpoints made before).
-  Without ``require_params``, an update given no params casts to the
-  gradients' dtypes.
+  advice for bfloat16 params) makes any step float32. And the branches of
+  ``optax.apply_if_finite`` and ``optax.MultiSteps`` (zeros like the
+  gradients) need the updates in the gradients' dtypes, which may not be
+  the params' (float32 gradients of bfloat16 params: casting to the
+  params' had failed there in an 11-line cond error). Wrapping the chain,
+  rather than adding a step to it, keeps the state's tree (and so the
+  checkpoints made before).
   """
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None and require_params:
-      raise ValueError(f'{who}: update() needs params (the current '
-                       'factors): call tx.update(grads, state, params).')
-    target = updates if params is None else params
-    updates, state = base.with_extra_args_support(tx).update(
+    new_updates, state = base.with_extra_args_support(tx).update(
         updates, state, params, **extra_args)
-    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates,
-                        target), state
+    return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)),
+                        new_updates, updates), state
 
   return base.GradientTransformationExtraArgs(tx.init, update_fn)
 
@@ -68,7 +65,7 @@ def _widened_leaf(x):
   return x
 
 
-def with_stable_dtypes(tx: base.GradientTransformation, who: str
+def with_stable_dtypes(tx: base.GradientTransformation
                        ) -> base.GradientTransformation:
   """``tx`` run in float32 on 16-bit float leaves, its state in float32.
 
@@ -80,11 +77,11 @@ def with_stable_dtypes(tx: base.GradientTransformation, who: str
   0) made its step 0/0; in bfloat16 ``0.999 * nu == nu`` (8 bits of
   mantissa), so the second moment never decayed, only grew. Here every
   float leaf under 32 bits runs in float32 and the updates are cast back to
-  the params' dtypes. And a float32 hyperparameter
+  the gradients' dtypes. And a float32 hyperparameter
   (``inject_hyperparams(..., hyperparam_dtype=jnp.float32)``, the advice
   for bfloat16) turned bfloat16 moments and updates float32, which
   ``optax.apply_if_finite`` refuses: the state keeps the dtypes ``init``
-  gave it, the updates take the params'.
+  gave it, the updates take the gradients'.
   """
   widen = lambda tree: jax.tree.map(_widened_leaf, tree)
   inner = base.with_extra_args_support(tx)
@@ -97,7 +94,6 @@ def with_stable_dtypes(tx: base.GradientTransformation, who: str
         lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
         new_state, state)
 
-  return then_cast_to_params_dtype(
+  return with_gradients_dtypes(
       base.GradientTransformationExtraArgs(
-          lambda params: tx.init(widen(params)), update_fn),
-      who, require_params=False)
+          lambda params: tx.init(widen(params)), update_fn))

@@ -59,15 +59,13 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
   return _state_checked(casting.with_stable_dtypes(
-      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs), 'adam'),
-                        'adam')
+      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs)), 'adam')
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
   _check_adam_family('lamb', learning_rate, weight_decay, kwargs)
   return _state_checked(casting.with_stable_dtypes(
-      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs), 'lamb'),
-                        'lamb')
+      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs)), 'lamb')
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:

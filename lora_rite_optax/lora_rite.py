@@ -753,9 +753,11 @@ def lora_rite(
 
   Returns:
     The corresponding :class:`optax.GradientTransformation`; ``update`` needs
-    ``params``. Updates have the params' dtypes, float16 too (cast after the
-    learning rate, where float16 holds them), so that wrappers which compare
-    them with the gradients' dtype, such as ``optax.apply_if_finite``, work.
+    ``params``. Updates have the gradients' dtypes, float16 too (cast after
+    the learning rate, where float16 holds them), so that wrappers which
+    compare them with the gradients' dtype, such as ``optax.apply_if_finite``
+    and ``optax.MultiSteps``, work (float32 gradients of bfloat16 factors
+    too).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -801,7 +803,6 @@ def lora_rite(
   ]
   if balance_factors:
     steps.append(balance_lora_factors(layout))
-  # The last step also casts: a transform of its own would add a node to the
+  # The cast wraps the chain: a step of its own would add a node to the
   # chain's state, and checkpoints of earlier versions would not restore.
-  steps[-1] = casting.then_cast_to_params_dtype(steps[-1], 'lora_rite')
-  return optax.chain(*steps)
+  return casting.with_gradients_dtypes(optax.chain(*steps))

@@ -221,8 +221,7 @@ def loraplus(
 
     def make(rate, decay):
       return casting.with_stable_dtypes(
-          adam.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay),
-          'loraplus')
+          adam.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay))
   else:
     if not callable(base):
       raise ValueError(
@@ -249,7 +248,7 @@ def loraplus(
 
     def make(rate, decay):
       del decay
-      return casting.with_stable_dtypes(base(rate), 'loraplus')
+      return casting.with_stable_dtypes(base(rate))
   if lr_embedding is None:
     lr_embedding = 1e-6
   transforms = {

@@ -67,8 +67,8 @@ def scale_by_riemannian_precond(
   to ``update``. The Gram matrices are formed and solved in at least float32,
   and the scaled gradients are returned in the gradients' dtype, except that
   float16 ones stay in float32 (they can exceed float16's range;
-  :func:`scaled_adam` casts its final updates back to the params' dtype, as
-  ``lora_rite`` does). If the solve is not finite the gradient is left unscaled,
+  :func:`scaled_adam` casts its final updates back to the gradients' dtype,
+  as ``lora_rite`` does). If the solve is not finite the gradient is left unscaled,
   as the authors' ``try: inverse ... except: identity``. Every leaf must
   belong to a pair.
 
@@ -331,10 +331,9 @@ def scaled_adam(
   checks.learning_rate('scaled_adam', learning_rate)
   checks.non_negative('scaled_adam', 'weight_decay', weight_decay,
                       finite=True, schedule_ok=True)
-  return optax.chain(
+  return casting.with_gradients_dtypes(optax.chain(
       scale_by_riemannian_precond(delta, layout),
       scale_by_adam_authors(b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),
-      casting.then_cast_to_params_dtype(
-          placement.scale_by_learning_rate(learning_rate), 'scaled_adam'),
-  )
+      placement.scale_by_learning_rate(learning_rate),
+  ))

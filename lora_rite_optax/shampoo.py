@@ -501,9 +501,8 @@ def shampoo(
   checks.non_negative('shampoo', 'weight_decay', weight_decay,
                       finite=True, schedule_ok=True)
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
-  # The cast wraps the whole chain: given no params, an update is cast to
-  # the gradients' dtypes, and float16's step is float32 until the rate.
-  return casting.then_cast_to_params_dtype(optax.chain(
+  # The cast wraps the whole chain: float16's step is float32 until the rate.
+  return casting.with_gradients_dtypes(optax.chain(
       scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,
                        graft, layout),
       # add_decayed_weights needs params even at 0, and an update without
@@ -511,4 +510,4 @@ def shampoo(
       optax.identity() if no_decay else optax.add_decayed_weights(
           weight_decay),
       placement.scale_by_learning_rate(learning_rate),
-  ), 'shampoo', require_params=False)
+  ))

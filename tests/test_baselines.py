@@ -638,6 +638,35 @@ def test_float32_rates_keep_bfloat16_updates(name):
       jnp.dtype('bfloat16')}
 
 
+@pytest.mark.parametrize('wrap', [
+    lambda tx: optax.apply_if_finite(tx, 3),
+    lambda tx: optax.MultiSteps(tx, every_k_schedule=2)],
+    ids=['apply_if_finite', 'MultiSteps'])
+@pytest.mark.parametrize('param_dtype, grad_dtype', [
+    (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_updates_take_the_gradients_dtype(name, param_dtype, grad_dtype,
+                                          wrap):
+  """Mixed precision (float32 gradients accumulated for bfloat16 factors,
+  or bfloat16 gradients of float32 master factors): the wrappers' other
+  branch is zeros like the gradients, and updates cast to the params'
+  dtypes had failed there in an 11-line cond error."""
+  params = {'lora_a': jax.random.normal(jax.random.key(0), (8, 2)),
+            'lora_b': jax.random.normal(jax.random.key(1), (2, 6))}
+  grads = jax.tree.map(lambda p: (p * 0.1).astype(grad_dtype), params)
+  params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+  tx = wrap(lro.optimizer(name, 1e-2))
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {
+        jnp.dtype(grad_dtype)}
+  new = optax.apply_updates(params, updates)
+  assert {p.dtype for p in jax.tree.leaves(new)} == {jnp.dtype(param_dtype)}
+  assert all(bool(jnp.any(n != p)) for n, p in zip(jax.tree.leaves(new),
+                                                    jax.tree.leaves(params)))
+
+
 @pytest.mark.parametrize('injected', [True, False])
 def test_shampoo_graft_with_one_zero_gradient_entry(injected):
   """One zero entry with no eps left had made the graft's norm, and so the
