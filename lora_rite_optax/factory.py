@@ -11,6 +11,7 @@ import optax
 from lora_rite_optax import adam
 from lora_rite_optax import casting
 from lora_rite_optax import checks
+from lora_rite_optax import pairs as pairs_lib
 
 __all__ = ['optimizer', 'OPTIMIZER_NAMES']
 
@@ -44,6 +45,8 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
   fit the updates: a state made for other params had failed in optax's
   tree map (ten lines on the structure) or a broadcast (naming no leaf)."""
   def update_fn(updates, state, params=None, **extra_args):
+    # Wrong gradients had been blamed on the state.
+    pairs_lib.check_updates_fit(who, updates, params)
     moments = jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
     for moment in moments:

@@ -386,12 +386,8 @@ def scale_by_lora_rite(
                  jnp.ndim(param_paths[i][1]), axis, pair.layout.batch_axes))],
         'factors whose rank axis is')
     param_leaves = [l for _, l in param_paths]
-    try:
-      grad_leaves = paired.treedef.flatten_up_to(updates)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          'scale_by_lora_rite: the updates (gradients) do not have the '
-          f'structure of the params: {str(e).splitlines()[0]}') from None
+    pairs_lib.check_updates_fit('scale_by_lora_rite', updates, params)
+    grad_leaves = paired.treedef.flatten_up_to(updates)
     try:
       mu_leaves = paired.treedef.flatten_up_to(state.mu)
       basis_leaves = paired.treedef.flatten_up_to(state.basis)
@@ -400,13 +396,9 @@ def scale_by_lora_rite(
           'scale_by_lora_rite: the state does not have the structure of the '
           'params (it was made by init() for other params): '
           f'{str(e).splitlines()[0]}') from None
-    for (path, leaf), g, m in zip(param_paths, grad_leaves, mu_leaves):
+    for (path, leaf), m in zip(param_paths, mu_leaves):
       if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
         continue
-      if tuple(jnp.shape(g)) != tuple(leaf.shape):
-        raise ValueError(
-            f"scale_by_lora_rite: the gradient of {'/'.join(path)} has shape "
-            f'{tuple(jnp.shape(g))} but the param has {tuple(leaf.shape)}.')
       if tuple(getattr(m, 'shape', ())) != tuple(leaf.shape):
         raise ValueError(
             f"scale_by_lora_rite: the state's {'/'.join(path)} has shape "

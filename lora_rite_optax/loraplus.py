@@ -288,6 +288,8 @@ def loraplus(
     # optax.partition had failed on another optimizer's state with an
     # AttributeError ('tuple' object has no attribute 'inner_states').
     checks.state_of('loraplus', state, optax.PartitionState)
+    # Wrong gradients had been blamed on the state.
+    pairs_lib.check_updates_fit('loraplus', updates, params)
     # Shapes only, at trace time: optax's Adam had failed on a state made
     # for other params in a broadcast that names no leaf.
     checks.state_fits('loraplus', state, expected_state(updates))

@@ -130,6 +130,38 @@ def flatten(tree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
           for path, leaf in leaves], treedef
 
 
+def check_updates_fit(who: str, updates, params) -> None:
+  """``updates`` (gradients) must have the structure and leaf shapes of
+  ``params``, where update() was given params: wrong gradients (a
+  ``value_and_grad``'s ``(loss, grads)``, a transposed factor) had been
+  blamed on the state, or had failed deep inside an optimizer."""
+  if params is None:
+    return
+  leaves, treedef = flatten(params)
+  try:
+    grads = treedef.flatten_up_to(updates)
+  except (ValueError, TypeError) as e:
+    detail = str(e).splitlines()[0].rstrip('.')
+    if 'Array(' in detail or len(detail) > 200:  # it printed the arrays
+      detail = (f'a {type(updates).__name__} of '
+                f'{len(jax.tree.leaves(updates))} leaves, where the params '
+                f'are a {type(params).__name__} of {len(leaves)}')
+    raise ValueError(
+        f'{who}: the updates (gradients) do not have the structure of the '
+        f'params: {detail}.') from None
+  for (path, leaf), g in zip(leaves, grads):
+    if _is_empty(leaf):
+      continue
+    name = '/'.join(path)
+    if not hasattr(g, 'shape') and not isinstance(g, (int, float)):
+      raise ValueError(f'{who}: the gradient of {name} is a '
+                       f'{type(g).__name__}, not an array.')
+    if tuple(jnp.shape(g)) != tuple(jnp.shape(leaf)):
+      raise ValueError(
+          f'{who}: the gradient of {name} has shape {tuple(jnp.shape(g))} '
+          f'but the param has {tuple(jnp.shape(leaf))}.')
+
+
 def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
   """A :data:`LayoutSpec` as a function from a path to its layout."""
   if isinstance(layout, LoraLayout):

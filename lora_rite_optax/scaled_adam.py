@@ -105,20 +105,12 @@ def scale_by_riemannian_precond(
       raise ValueError('scaled_adam: update needs params (the preconditioner '
                        'is built from the LoRA factors); call '
                        'tx.update(grads, state, params).')
-    paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
-    grads, treedef = pairs_lib.flatten(updates)
-    values, params_treedef = pairs_lib.flatten(params)
     # The factors are read by leaf index: other params would precondition
     # each gradient with another pair's factors.
-    if params_treedef != treedef:
-      raise ValueError(
-          'scaled_adam: params and updates differ in structure; pass the '
-          'params the gradients are of (the same tree of LoRA factors).')
-    for (path, g), (_, x) in zip(grads, values):
-      if getattr(g, 'shape', None) != getattr(x, 'shape', None):
-        raise ValueError(
-            f"scaled_adam: params leaf {'/'.join(path)!r} has shape "
-            f'{jnp.shape(x)} but its gradient {jnp.shape(g)}.')
+    pairs_lib.check_updates_fit('scaled_adam', updates, params)
+    paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
+    grads, treedef = pairs_lib.flatten(updates)
+    values, _ = pairs_lib.flatten(params)
     # Explicit mesh axes: the Grams name their output's sharding; merging
     # a sharded axis into the long one (n-D factors) needs more (not done).
     placement.refuse_explicit(

@@ -275,8 +275,8 @@ def scale_by_shampoo(
         stats=stats, roots=roots)
 
   def update_fn(updates, state, params=None):
-    del params
     checks.state_of('scale_by_shampoo', state, ShampooState)
+    pairs_lib.check_updates_fit('shampoo', updates, params)
     plans, treedef = _plans(updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
     placement.refuse_explicit('shampoo', grads, 'gradients')

@@ -110,11 +110,32 @@ def test_scaled_adam_refuses_params_unlike_the_gradients():
   state = tx.init(lora)
   # The full model's params beside the LoRA gradients: it had read the
   # factors by leaf index, so q was preconditioned with k's factors.
-  with pytest.raises(ValueError, match='differ in structure'):
+  with pytest.raises(ValueError, match='do not have the structure of the '
+                     r"params: Dict key mismatch; expected keys: \['k', 'q', "):
     tx.update(lora, state, {'k': _pair(4, 2, 3), **lora})
-  with pytest.raises(ValueError, match=r"leaf 'q/lora_a' has shape \(6, 2\) "
-                     r'but its gradient \(4, 2\)'):
+  with pytest.raises(ValueError, match=r'gradient of q/lora_a has shape '
+                     r'\(4, 2\) but the param has \(6, 2\)'):
     tx.update(lora, state, {**lora, 'q': _pair(6, 2, 3)})
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_wrong_gradients_are_named_not_the_state(name):
+  """value_and_grad's (loss, grads) or a transposed factor, with the state
+  init() made for these params: Adam, Lamb and LoRA+ had said the state was
+  made for other params, Shampoo failed in an AttributeError."""
+  params = {'q': _pair(8, 2, 8)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = lro.optimizer(name, 1e-3)
+  state = tx.init(params)
+  who = 'scale_by_lora_rite' if name == 'lora_rite' else name
+  with pytest.raises(ValueError, match=f'^{who}: the updates \\(gradients\\) '
+                     'do not have the structure of the params: a tuple of 3 '
+                     'leaves, where the params are a dict of 2.$'):
+    tx.update((1.0, grads), state, params)
+  transposed = {'q': {'lora_a': jnp.ones((2, 8)), 'lora_b': jnp.ones((8, 2))}}
+  with pytest.raises(ValueError, match=f'^{who}: the gradient of q/lora_a has '
+                     r'shape \(2, 8\) but the param has \(8, 2\).$'):
+    tx.update(transposed, state, params)
 
 
 def test_riemannian_precond_keeps_the_gradients_dtype_but_float16():
