@@ -177,7 +177,8 @@ def loraplus(
     'is_embedding', 'layout')`` for those you set (``layout`` when it is a
     function): it would treat any callable as a schedule. With ``base``, the
     injected ``b1``, ``b2``, ``eps`` and ``weight_decay`` are not used (set
-    them in ``base``): changing them in the state changes nothing, so name
+    them in ``base``): a value changed in the state is refused in one line
+    by an update outside ``jax.jit`` and changes nothing inside it, so name
     them in ``static_args`` too to keep them out of it.
 
   Example:
