@@ -68,6 +68,16 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
   paired = pairs_lib.find_lora_pairs(params, layout, who='loraplus',
                                      allow_unpaired=True)
   leaves, _ = pairs_lib.flatten(params)
+  if not paired.pairs and not paired.lone and not all(
+      pairs_lib._is_empty(leaf) for _, leaf in leaves):  # pylint: disable=protected-access
+    # Else every vector (a flattened tree's one leaf too) silently took
+    # lr_ratio times the rate.
+    lay = pairs_lib.layout_fn(layout)('')
+    raise ValueError(
+        f'loraplus: no {lay.a_key}/{lay.b_key} factor in the params, so no '
+        f'rate to raise (LoRA+ trains {lay.b_key} lr_ratio times faster '
+        f'than {lay.a_key}); under optax.flatten the factors lose their '
+        'names: put loraplus outside it.')
   labels = []
   for path, leaf in leaves:
     if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access

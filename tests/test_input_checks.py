@@ -60,11 +60,12 @@ def test_loraplus_refuses_a_tree_whose_factors_it_cannot_pair(tree, layout):
     lro.loraplus(1e-3, layout=layout).init(tree)
 
 
-def test_loraplus_still_takes_trees_without_factor_names():
-  tree = {'w': jnp.ones((2, 2)), 'lora_alpha': jnp.ones(()),
-          'bias': jnp.ones(3)}
-  assert lro.loraplus_labels(tree) == {'w': 'a', 'lora_alpha': 'a',
-                                       'bias': 'b_no_decay'}
+def test_loraplus_takes_leaves_named_lora_but_not_factors():
+  tree = {'q': _pair(2, 1, 2), 'w': jnp.ones((2, 2)),
+          'lora_alpha': jnp.ones(()), 'bias': jnp.ones(3)}
+  assert lro.loraplus_labels(tree) == {
+      'q': {'lora_a': 'a', 'lora_b': 'b'}, 'w': 'a', 'lora_alpha': 'a',
+      'bias': 'b_no_decay'}
 
 
 def test_a_factor_whose_partner_is_masked_keeps_its_role():
@@ -676,3 +677,19 @@ def test_every_optimizer_passes_a_zero_size_factor_through(name):
   # Adam and Lamb work per leaf and look for no pairs.
   assert bool(said) == (name not in ('adam', 'lamb')), said
   assert all(('LoRA-RITE' in m) == (name == 'lora_rite') for m in said), said
+
+
+def test_loraplus_refuses_a_tree_without_factors():
+  """Under optax.flatten the one flat vector had been a 'b' leaf: every
+  factor, lora_a too, trained at lr_ratio times the rate, without a word."""
+  params = {'q': _pair(8, 2, 8)}
+  message = ('loraplus: no lora_a/lora_b factor in the params, so no rate to '
+             'raise')
+  with pytest.raises(ValueError, match=message):
+    optax.flatten(lro.loraplus(1e-2)).init(params)
+  with pytest.raises(ValueError, match=message):
+    lro.loraplus(1e-2).init({'w': jnp.ones((3, 3)), 'bias': jnp.ones(3)})
+  # Every factor masked out (another transform trains them): nothing to do.
+  masked = optax.masked(lro.loraplus(1e-2), {'q': {'lora_a': False,
+                                                   'lora_b': False}})
+  masked.update(params, masked.init(params), params)
