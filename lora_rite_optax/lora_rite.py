@@ -576,8 +576,12 @@ def scale_by_lora_rite(
             step = s_new / shrink[role, part][:, None, None]
           out_leaves[index] = view.back(
               step, casting.step_dtype(param_leaves[index].dtype, f['dtype']))
-          new_mu[index] = view.back(s_new, f['dtype'])
-          new_basis[index] = param_leaves[index].astype(f['dtype'])
+          # The dtypes the state came in (init's, or a user's cast of it):
+          # a state changing dtype in a step breaks lax.scan and compiles
+          # a jitted step again.
+          new_mu[index] = view.back(s_new, mu_leaves[index].dtype)
+          new_basis[index] = param_leaves[index].astype(
+              basis_leaves[index].dtype)
       # Each group keeps its own dtype (d1, d2 and the clip scale are
       # promoted over all groups when float32 and float64 pairs mix).
       new_nu[key] = nu.astype(nu_prev.dtype)

@@ -336,8 +336,11 @@ def scale_by_shampoo(
         groups.setdefault((m.shape[-1], m.dtype), []).append(i)
       stacked = [jnp.concatenate([mats[i] for i in ids])
                  for ids in groups.values()]
+      # In float32 at least: LAPACK has no 16-bit eigh (a state cast to
+      # bfloat16 had failed there).
       rooted = linalg.one_at_a_time(
-          lambda m: _inverse_root(m, matrix_eps), stacked)
+          lambda m: _inverse_root(m.astype(casting.compute_dtype(m.dtype)),
+                                  matrix_eps).astype(m.dtype), stacked)
       roots = [None] * len(mats)
       for ids, out in zip(groups.values(), rooted):
         offsets = np.cumsum([mats[i].shape[0] for i in ids])[:-1]

@@ -701,3 +701,25 @@ def test_a_nan_gradient_shows_in_the_update(make, leaf):
   grads = {k: grads[k] for k in params}
   updates, _ = tx.update(grads, tx.init(params), params)
   assert bool(jnp.isnan(updates[leaf].ravel()[0]))
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_a_state_cast_to_bfloat16_keeps_its_dtypes(name):
+  """optax.tree_utils.tree_cast(state, bfloat16), to save memory: LoRA-RITE
+  had returned its moment and basis in float32 (lax.scan refused the carry,
+  jit compiled again), Shampoo failed in LAPACK's bfloat16 eigh."""
+  params = {'lora_a': jax.random.normal(jax.random.key(0), (8, 2)),
+            'lora_b': jax.random.normal(jax.random.key(1), (2, 6))}
+  grads = jax.tree.map(lambda p: 0.1 * p, params)
+  tx = lro.optimizer(name, 1e-2)
+  state = optax.tree_utils.tree_cast(tx.init(params), jnp.bfloat16)
+  dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
+
+  def body(state, _):
+    updates, state = tx.update(grads, state, params)
+    return state, updates
+
+  state, updates = jax.lax.scan(body, state, length=3)
+  assert dtypes(state) == dtypes(
+      optax.tree_utils.tree_cast(tx.init(params), jnp.bfloat16))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
