@@ -1349,13 +1349,17 @@ def jit_train_step(r: Run, tx: optax.GradientTransformation,
       in_shardings=(state_shardings, r.base_shardings, r.rng_shardings, None),
       out_shardings=(state_shardings, None), donate_argnums=(0,))
   # Traced under the run's mesh, so that the models hold their activations
-  # to the batch's rows (models.layers.shard_batch).
+  # to the batch's rows (models.layers.shard_batch). The mesh alone: a
+  # closure over r kept the run (its base model) alive in _STEP_CACHE after
+  # run() returned.
+  mesh = r.mesh
+
   def step(*args):
-    with jax.set_mesh(r.mesh):
+    with jax.set_mesh(mesh):
       return jitted(*args)
 
   def lower(*args):
-    with jax.set_mesh(r.mesh):
+    with jax.set_mesh(mesh):
       return jitted.lower(*args)
 
   vars(step).update(vars(jitted))  # reorders_outputs, _cache_size, ...
