@@ -598,10 +598,14 @@ def greedy_generate(model: T5, encoder_tokens: jax.Array, max_new_tokens: int,
     else:
       seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
     if bool(done.all()):
+      # The rest is padding, as many rows as max_new_tokens always: a
+      # stack and pad of as many as this batch took compiled again for each
+      # new length, evaluation after evaluation. (A row like nxt keeps its
+      # sharding, over several hosts too.)
+      out += [jnp.where(done, c.pad_token_id, nxt)] * (
+          max_new_tokens - len(out))
       break
   tokens = jnp.stack(out, axis=1)
-  pad = max_new_tokens - tokens.shape[1]
-  tokens = jnp.pad(tokens, ((0, 0), (0, pad)), constant_values=c.pad_token_id)
   return (tokens, jnp.stack(step_logits, axis=1)) if return_logits else tokens
 
 

@@ -239,6 +239,32 @@ def test_cached_greedy_equals_full_forward(tiny, forward):
   np.testing.assert_array_equal(tokens[:, :steps], jnp.argmax(full, -1)[:, :steps])
 
 
+def test_greedy_ends_compile_nothing_new_whatever_the_length(tiny,
+                                                              monkeypatch,
+                                                              caplog):
+  """Batches that end after 2 and after 3 tokens: the stack and pad of the
+  tokens taken had compiled again for each new length (up to 2 x
+  max_new_tokens small programs over a run's evaluations)."""
+  eos, pad = tiny.config.eos_token_id, tiny.config.pad_token_id
+  stop = {'at': 2}
+
+  def decode_step(model, token, cross, valid, cache, i):
+    del model, token, cross, valid
+    nxt = jnp.where(i >= stop['at'], eos, 7) * jnp.ones((2,), jnp.int32)
+    return nxt, jnp.zeros((2, 3)), cache
+
+  monkeypatch.setattr(t5, '_decode_step', decode_step)
+  first = t5.greedy_generate(tiny, ENC, 6)
+  stop['at'] = 3
+  with jax.log_compiles(), caplog.at_level('WARNING', logger='jax'):
+    second = t5.greedy_generate(tiny, ENC, 6)
+  np.testing.assert_array_equal(first[0], [7, 7, eos, pad, pad, pad])
+  np.testing.assert_array_equal(second[0], [7, 7, 7, eos, pad, pad])
+  compiled = [r.getMessage() for r in caplog.records
+              if 'Compiling' in r.getMessage()]
+  assert not compiled, compiled
+
+
 def _write(tmp_path, config=None, tensors=None):
   tmp_path.mkdir(parents=True, exist_ok=True)
   if config is not None:
