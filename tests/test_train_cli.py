@@ -3,6 +3,7 @@ nothing."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -384,3 +385,21 @@ def test_only_process_0_prints_the_summary(monkeypatch, capsys, tmp_path):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert ('"final_loss": 1.5' in out) == printed, out
+
+
+def test_the_error_line_is_one_write(tmp_path, monkeypatch):
+  """The line and its newline in one write: print's separate newline let
+  orbax's threads (tracebacks after a failed restore) land on the end of
+  the line (a flaky test_reliability caught it)."""
+  writes = []
+
+  class Recorder(io.StringIO):
+    def write(self, text):
+      writes.append(text)
+      return super().write(text)
+
+  monkeypatch.setattr(sys, 'stderr', Recorder())
+  assert cli.main(['--config', 'tiny', '--run_dir', str(tmp_path / 'run'),
+                   '--steps', '-3']) in (1, 2)
+  errors = [w for w in writes if w.startswith('error: ')]
+  assert len(errors) == 1 and errors[0].endswith('.\n'), writes

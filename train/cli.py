@@ -27,7 +27,7 @@ import threading
 from typing import Sequence
 
 from train import configs
-from train.errors import first_line
+from train.errors import first_line, say
 
 
 def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     (cfg, stop_at), loop = _parse_and_import(argv)
   except ValueError as e:
-    print(f'error: {first_line(e)}', file=sys.stderr)
+    say(f'error: {first_line(e)}')
     return 2
   except BrokenPipeError:
     # --help piped into `head`: the reader has what it wanted (this had
@@ -250,20 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
     return 0
   if loop is None:
-    print(_INTERRUPTED, file=sys.stderr)
+    say(_INTERRUPTED)
     return 130
   try:
     summary = loop.run(cfg, stop_at=stop_at)
   except loop.Interrupted as e:
-    print(str(e), file=sys.stderr)
+    say(str(e))
     return e.exit_code
   except KeyboardInterrupt:
     # Ctrl-C while building (before the stop handler is in place), or a
     # second one that stops at once: one line, not a traceback.
-    print(_INTERRUPTED, file=sys.stderr)
+    say(_INTERRUPTED)
     return 130
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
-    print(f'error: {first_line(e)}', file=sys.stderr)
+    say(f'error: {first_line(e)}')
     return 1
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
