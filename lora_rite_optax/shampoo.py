@@ -277,6 +277,7 @@ def scale_by_shampoo(
   def update_fn(updates, state, params=None):
     checks.state_of('scale_by_shampoo', state, ShampooState)
     pairs_lib.check_updates_fit('shampoo', updates, params)
+    updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
     plans, treedef = _plans(updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
     placement.refuse_explicit('shampoo', grads, 'gradients')
@@ -440,8 +441,7 @@ def shampoo(
   which averages the raw gradient). The grafted direction ``u`` goes through
   momentum :math:`m_t = b_1 m_{t-1} + (1-b_1) u_t` and the step is
   :math:`-\eta_t (m_t / (1 - b_1^{t+1}) + wd\, \theta_t)`. State is kept in
-  at least float32; updates are cast to the parameters' dtype (the
-  gradients' when ``update`` gets no params).
+  at least float32; updates are cast to the gradients' dtype.
 
   Defaults (used for the paper comparison): ``b1=0.9, b2=0.999, eps=1e-8``
   (Adam's, so the grafted step has Adam's scale and learning rates transfer),

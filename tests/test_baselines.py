@@ -723,3 +723,13 @@ def test_a_state_cast_to_bfloat16_keeps_its_dtypes(name):
   assert dtypes(state) == dtypes(
       optax.tree_utils.tree_cast(tx.init(params), jnp.bfloat16))
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_shampoo_takes_python_number_gradients():
+  """As optax's Adam does (the new gradient check lets them through, and
+  Shampoo had then failed in an AttributeError on the float's shape)."""
+  params = {'scale': jnp.float32(1.0), 'w': jnp.ones((2, 2))}
+  tx = lro.shampoo(1e-2)
+  updates, _ = tx.update({'scale': 0.5, 'w': jnp.ones((2, 2))},
+                         tx.init(params), params)
+  assert float(updates['scale']) < 0
