@@ -98,7 +98,7 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   ``'adam'`` and ``'lamb'`` are ``optax.adamw`` and ``optax.lamb`` with
   ``weight_decay`` defaulting to 0 (optax's adamw defaults to 1e-4), run
   in float32 on 16-bit float params (the state float32, the updates in the
-  params' dtype) as the other optimizers are, and with no step, not 0/0,
+  gradients' dtype) as the other optimizers are, and with no step, not 0/0,
   where a gradient entry has always been 0 and eps is 0 (``lora_a``'s at a
   standard init);
   ``'lora_rite'``, ``'loraplus'``, ``'scaled_adam'`` and ``'shampoo'`` are this

@@ -142,10 +142,12 @@ def check_updates_fit(who: str, updates, params) -> None:
     grads = treedef.flatten_up_to(updates)
   except (ValueError, TypeError) as e:
     detail = str(e).splitlines()[0].rstrip('.')
-    if 'Array(' in detail or len(detail) > 200:  # it printed the arrays
-      detail = (f'a {type(updates).__name__} of '
-                f'{len(jax.tree.leaves(updates))} leaves, where the params '
-                f'are a {type(params).__name__} of {len(leaves)}')
+    if not detail.startswith('Dict key mismatch'):
+      # jax's other messages print the values (cut off at the first line).
+      kind = lambda tree: (
+          'an array' if hasattr(tree, 'shape') else
+          f'a {type(tree).__name__} of {len(jax.tree.leaves(tree))} leaves')
+      detail = f'{kind(updates)}, where the params are {kind(params)}'
     raise ValueError(
         f'{who}: the updates (gradients) do not have the structure of the '
         f'params: {detail}.') from None

@@ -131,8 +131,14 @@ def test_wrong_gradients_are_named_not_the_state(name):
   who = 'scale_by_lora_rite' if name == 'lora_rite' else name
   with pytest.raises(ValueError, match=f'^{who}: the updates \\(gradients\\) '
                      'do not have the structure of the params: a tuple of 3 '
-                     'leaves, where the params are a dict of 2.$'):
+                     'leaves, where the params are a dict of 2 leaves.$'):
     tx.update((1.0, grads), state, params)
+  # NumPy's loss beside NumPy gradients: jax's own message had printed the
+  # tuple, cut off at its first line.
+  with pytest.raises(ValueError, match='a tuple of 3 leaves, where the '
+                     'params are a dict of 2 leaves.$'):
+    tx.update((np.float32(0.5), jax.tree.map(np.asarray, grads)), state,
+              params)
   transposed = {'q': {'lora_a': jnp.ones((2, 8)), 'lora_b': jnp.ones((8, 2))}}
   with pytest.raises(ValueError, match=f'^{who}: the gradient of q/lora_a has '
                      r'shape \(2, 8\) but the param has \(8, 2\).$'):
