@@ -261,8 +261,9 @@ def scale_by_lora_rite(
 
   Returns:
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.
-    Updates have the params' dtype, except that float16 params get float32
-    updates: the step before the learning rate can exceed float16's range.
+    Updates have the gradients' dtype, except that float16 gradients get
+    float32 updates: the step before the learning rate can exceed float16's
+    range.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -574,8 +575,10 @@ def scale_by_lora_rite(
           step = s_new
           if shrink is not None:
             step = s_new / shrink[role, part][:, None, None]
-          out_leaves[index] = view.back(
-              step, casting.step_dtype(param_leaves[index].dtype, f['dtype']))
+          # The gradients' dtype (float16 kept wide): apply_if_finite's
+          # other branch is zeros like them.
+          out_leaves[index] = view.back(step, casting.step_dtype(
+              jnp.result_type(grad_leaves[index]), f['dtype']))
           # The dtypes the state came in (init's, or a user's cast of it):
           # a state changing dtype in a step breaks lax.scan and compiles
           # a jitted step again.
@@ -654,6 +657,7 @@ def balance_lora_factors(
           'tx.update(updates, state, params).')
     paired = pairs_lib.find_lora_pairs(params, layout,
                                        who='balance_lora_factors')
+    pairs_lib.check_updates_fit('balance_lora_factors', updates, params)
     param_leaves = [l for _, l in pairs_lib.flatten(params)[0]]
     out = paired.treedef.flatten_up_to(updates)
     for pair in paired.pairs:

@@ -494,6 +494,23 @@ def test_state_is_float32_for_bfloat16_params_and_updates_keep_dtype():
     assert leaf.dtype == jnp.float32
 
 
+@pytest.mark.parametrize('param_dtype, grad_dtype', [
+    (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+def test_scale_by_lora_rite_in_a_users_chain_takes_the_gradients_dtype(
+    param_dtype, grad_dtype):
+  """A chain of one's own around the building block, under
+  apply_if_finite: its steps in the params' dtype had failed in an 11-line
+  cond error on mixed precision (lora_rite's own cast hid it)."""
+  params, _ = _problem(8, zero_b=False, dtype=np.float32)
+  grads = jax.tree.map(lambda x: (0.1 * x).astype(grad_dtype), params)
+  params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+  tx = optax.apply_if_finite(
+      optax.chain(lro.scale_by_lora_rite(), optax.scale(-1e-2)), 3)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert {u.dtype for u in jax.tree.leaves(updates)} == {
+      jnp.dtype(grad_dtype)}
+
+
 # ---------------------------------------------------------------- errors
 
 
