@@ -210,8 +210,9 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
-    del params
     checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
+    # Wrong gradients had been blamed on the state.
+    pairs_lib.check_updates_fit('scale_by_adam_authors', updates, params)
     checks.state_fits('scale_by_adam_authors', state.mu, updates)
     count = optax.safe_increment(state.count)
     # Cast back: a float64 b1 or b2 (jax_enable_x64) had promoted the

@@ -699,3 +699,24 @@ def test_loraplus_refuses_a_tree_without_factors():
   masked = optax.masked(lro.loraplus(1e-2), {'q': {'lora_a': False,
                                                    'lora_b': False}})
   masked.update(params, masked.init(params), params)
+
+
+@pytest.mark.parametrize('make', [lro.scale_by_adam_authors,
+                                  lro.balance_lora_factors],
+                         ids=['scale_by_adam_authors', 'balance_lora_factors'])
+def test_building_blocks_name_wrong_gradients(make):
+  """Given params, the exported transforms say the gradients are wrong:
+  scale_by_adam_authors had blamed the state, balance_lora_factors failed
+  in a 9-line ValueError or a broadcast naming no leaf."""
+  params = {'q': _pair(8, 2, 8)}
+  tx = make()
+  state = tx.init(params)
+  who = make.__name__
+  with pytest.raises(ValueError, match=f'^{who}: the updates \\(gradients\\) '
+                     'do not have the structure of the params: a tuple of 3 '
+                     'leaves'):
+    tx.update((1.0, params), state, params)
+  transposed = {'q': {'lora_a': jnp.ones((2, 8)), 'lora_b': jnp.ones((8, 2))}}
+  with pytest.raises(ValueError, match=f'^{who}: the gradient of q/lora_a has '
+                     r'shape \(2, 8\) but the param has \(8, 2\).$'):
+    tx.update(transposed, state, params)
