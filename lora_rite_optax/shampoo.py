@@ -139,12 +139,16 @@ def _from_blocks(b, plan: _Plan):
 
 
 def _inverse_root(stat, matrix_eps: float, p: int = 4):
-  """(S + matrix_eps * lambda_max(S) I)^(-1/p), batched; identity if S = 0."""
+  """(S + matrix_eps * lambda_max(S) I)^(-1/p), batched; identity if S = 0.
+
+  NaN if S is not finite: an identity there (as for S = 0) had turned the
+  preconditioning off for good without a sign (a float16 state overflows).
+  """
   stat = 0.5 * (stat + jnp.swapaxes(stat, -1, -2))
   w, q = linalg.eigh(stat)
   w_max = jnp.max(w, axis=-1, keepdims=True)
   w = jnp.maximum(w, 0.0) + matrix_eps * w_max
-  safe = w_max > 0
+  safe = (w_max > 0) | ~jnp.isfinite(w_max)
   w = jnp.where(safe, w, 1.0)
   root = linalg.matmul(q * w[..., None, :] ** (-1.0 / p),
                        jnp.swapaxes(q, -1, -2))

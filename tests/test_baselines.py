@@ -733,3 +733,20 @@ def test_shampoo_takes_python_number_gradients():
   updates, _ = tx.update({'scale': 0.5, 'w': jnp.ones((2, 2))},
                          tx.init(params), params)
   assert float(updates['scale']) < 0
+
+
+def test_shampoo_roots_of_non_finite_statistics_are_nan():
+  """A float16 state overflows on one large gradient: its roots had become
+  the identity (as for a zero statistic), turning the preconditioning off
+  for good with every update finite; now the NaN shows."""
+  params = {'lora_a': jax.random.normal(jax.random.key(0), (64, 4)),
+            'lora_b': jax.random.normal(jax.random.key(1), (4, 64))}
+  tx = lro.shampoo(1e-2, precondition_every=1)
+  state = optax.tree_utils.tree_cast(tx.init(params), jnp.float16)
+  updates, state = tx.update(jax.tree.map(lambda p: 1000.0 * p, params),
+                             state, params)
+  assert not all(bool(jnp.all(jnp.isfinite(u)))
+                 for u in jax.tree.leaves(updates))
+  zero = {'lora_a': jnp.zeros((64, 4)), 'lora_b': jnp.zeros((4, 64))}
+  updates, _ = tx.update(zero, tx.init(params), params)  # S = 0: identity
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
