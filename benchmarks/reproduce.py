@@ -257,6 +257,9 @@ def shared_base():
     yield
   finally:
     loop.load_model, loop.load_tokenizer = before
+    # Else the base model (1.1 GB dequantised) outlived the call.
+    _MODEL_CACHE.clear()
+    _TOKENIZER_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------
