@@ -74,8 +74,9 @@ class ModelConfig:
       holding spiece.model).
     dtype: compute dtype: 'auto' (bfloat16 on TPU/GPU, float32 on CPU),
       'float32' or 'bfloat16'.
-    param_dtype: storage dtype of the frozen base weights: 'auto' (as
-      `dtype` resolves it), 'float32' or 'bfloat16'.
+    param_dtype: storage dtype of the frozen base weights: 'auto' (by the
+      backend, as for `dtype`, whatever `dtype` is), 'float32' or
+      'bfloat16'.
   """
 
   family: str = 'gemma'
