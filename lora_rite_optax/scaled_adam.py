@@ -213,6 +213,7 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
     # Wrong gradients had been blamed on the state.
     pairs_lib.check_updates_fit('scale_by_adam_authors', updates, params)
+    updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
     checks.state_fits('scale_by_adam_authors', state.mu, updates)
     count = optax.safe_increment(state.count)
     # Cast back: a float64 b1 or b2 (jax_enable_x64) had promoted the

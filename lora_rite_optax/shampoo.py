@@ -143,15 +143,19 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
 
   NaN if S is not finite: an identity there (as for S = 0) had turned the
   preconditioning off for good without a sign (a float16 state overflows).
+  Computed as ``lambda_max^(-1/p) (S / lambda_max + matrix_eps I)^(-1/p)``:
+  for ``lambda_max`` below ~1e-32 (gradients ~1e-16) the ridge itself was
+  subnormal, flushed to 0, and the root of a zero eigenvalue inf (NaN
+  updates from a finite gradient).
   """
   stat = 0.5 * (stat + jnp.swapaxes(stat, -1, -2))
   w, q = linalg.eigh(stat)
   w_max = jnp.max(w, axis=-1, keepdims=True)
-  w = jnp.maximum(w, 0.0) + matrix_eps * w_max
   safe = (w_max > 0) | ~jnp.isfinite(w_max)
-  w = jnp.where(safe, w, 1.0)
+  scale = jnp.where(safe, w_max, 1.0)
+  w = jnp.maximum(w, 0.0) / scale + matrix_eps
   root = linalg.matmul(q * w[..., None, :] ** (-1.0 / p),
-                       jnp.swapaxes(q, -1, -2))
+                       jnp.swapaxes(q, -1, -2)) * scale[..., None] ** (-1.0 / p)
   eye = jnp.eye(stat.shape[-1], dtype=stat.dtype)
   return jnp.where(safe[..., None], root, eye)
 

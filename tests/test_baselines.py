@@ -750,3 +750,21 @@ def test_shampoo_roots_of_non_finite_statistics_are_nan():
   zero = {'lora_a': jnp.zeros((64, 4)), 'lora_b': jnp.zeros((4, 64))}
   updates, _ = tx.update(zero, tx.init(params), params)  # S = 0: identity
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('scale', [1e-12, 1e-15, 1e-16, 1e-17, 1e-19])
+def test_shampoo_steps_from_tiny_gradients_are_finite(scale):
+  """Gradients ~1e-16 had given NaN updates: the ridge matrix_eps *
+  lambda_max was subnormal, flushed to 0, and 0 ** (-1/4) inf."""
+  params = {'w': jnp.ones((4, 6))}
+  grads = {'w': scale * jax.random.normal(jax.random.key(1), (4, 6))}
+  tx = lro.shampoo(1e-3)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert bool(jnp.all(jnp.isfinite(updates['w'])))
+
+
+def test_scale_by_adam_authors_takes_python_number_gradients():
+  params = {'s': jnp.float32(1.0)}
+  tx = lro.scale_by_adam_authors()
+  updates, _ = tx.update({'s': 0.5}, tx.init(params), params)
+  assert float(updates['s']) > 0
