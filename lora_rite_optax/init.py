@@ -35,6 +35,15 @@ def _check_int(who: str, name: str, value) -> None:
     raise ValueError(f'{who}: {name} must be an integer, got {value!r}.')
 
 
+def _check_array(who: str, **named) -> None:
+  """Each of ``named`` must be an array (anything with a shape and dtype):
+  None or a nested list had failed in an AttributeError on ``.ndim``."""
+  for name, x in named.items():
+    if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
+      raise ValueError(f'{who}: {name} must be an array, got '
+                       f'{type(x).__name__}.')
+
+
 def _check_float(who: str, name: str, x) -> None:
   """SVD-based factors are scaled by non-integer amounts."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -178,6 +187,7 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
     >>> [round(float(v), 4) for v in s]
     [6.0, 5.0]
   """
+  _check_array('randomized_svd', x=x)
   if x.ndim != 2:
     raise ValueError(f'randomized_svd: x must be a 2-D matrix, got shape '
                      f'{x.shape}.')
@@ -193,7 +203,8 @@ def randomized_svd(x: jax.Array, rank: int, *, niter: int = 4,
                      f'got {oversample} and {niter}.')
   q = min(rank + oversample, m, n)
   # QR and SVD need at least float32 (jnp.linalg has no bfloat16 QR).
-  x = x.astype(casting.compute_dtype(x.dtype))
+  x = _finite_for_svd('randomized_svd', 'x',
+                      x.astype(casting.compute_dtype(x.dtype)))
   key = jax.random.key(0) if key is None else key
   omega = jax.random.normal(key, (n, q), x.dtype)
   mm = linalg.matmul
@@ -234,10 +245,14 @@ def residual(w0: jax.Array, a: jax.Array, b: jax.Array,
     >>> bool((init.residual(w0, a, b, 2.0) == w_res).all())
     True
   """
+  _check_array('residual', w0=w0, a=a, b=b)
   if w0.ndim != 2 or a.shape != (w0.shape[0], b.shape[0]) or (
       b.shape != (a.shape[1], w0.shape[1])):
     raise ValueError(f'residual: shapes w0 {w0.shape}, a {a.shape}, b '
                      f'{b.shape} are not (in, out), (in, r), (r, out).')
+  # As pissa and lora_ga check it: a NaN or negative scale had rebuilt a
+  # wrong base without a word.
+  checks.positive('residual', 'scale', scale)
   dtype = casting.compute_dtype(w0.dtype)
   w = w0.astype(dtype) - scale * linalg.matmul(a.astype(dtype),
                                                b.astype(dtype))
@@ -285,6 +300,7 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
     Vectors Adaptation of Large Language Models
     <https://arxiv.org/abs/2404.02948>`_, 2024.
   """
+  _check_array('pissa', w0=w0)
   if w0.ndim != 2:
     raise ValueError(f'pissa: w0 must be a 2-D (in, out) matrix, got shape '
                      f'{w0.shape}.')
@@ -371,6 +387,7 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
     Approximation <https://arxiv.org/abs/2407.05000>`_, NeurIPS 2024; code:
     github.com/Outsider565/LoRA-GA.
   """
+  _check_array('lora_ga', grad=grad, w0=w0)
   if grad.ndim != 2 or grad.shape != w0.shape:
     raise ValueError(f'lora_ga: grad {grad.shape} and w0 {w0.shape} must be '
                      'the same (in, out) matrix shape.')

@@ -224,3 +224,29 @@ def test_standard_and_gaussian():
   np.testing.assert_allclose(float(jnp.std(a)), 0.02, rtol=0.05)
   with pytest.raises(ValueError, match='must be positive'):
     init.standard(jax.random.key(0), 4, 4, 0)
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda w: init.residual(w, w[:, :2], w[:2], float('nan')),
+     'residual: scale must be > 0 and finite, got nan.'),
+    (lambda w: init.residual(w, w[:, :2], w[:2], -2.0),
+     'residual: scale must be > 0 and finite, got -2.0.'),
+    (lambda w: init.residual(w, None, w[:2], 1.0),
+     'residual: a must be an array, got NoneType.'),
+    (lambda w: init.pissa(None, 2), 'pissa: w0 must be an array, got NoneType.'),
+    (lambda w: init.pissa([[1.0, 2.0], [3.0, 4.0]], 1),
+     'pissa: w0 must be an array, got list.'),
+    (lambda w: init.lora_ga(None, w, 2, 1.0),
+     'lora_ga: grad must be an array, got NoneType.'),
+    (lambda w: init.randomized_svd(w.at[0, 0].set(jnp.inf), 2),
+     'randomized_svd: x holds inf or NaN; the SVD needs finite values.'),
+], ids=['residual_nan_scale', 'residual_negative_scale', 'residual_none',
+        'pissa_none', 'pissa_list', 'lora_ga_none', 'randomized_svd_inf'])
+def test_inputs_the_svd_inits_refuse_in_one_line(call, message):
+  """residual had rebuilt a wrong base from a NaN or negative scale, None or
+  a list failed in an AttributeError on .ndim, and randomized_svd returned
+  NaN factors from a matrix holding inf."""
+  w = jax.random.normal(jax.random.key(0), (8, 6))
+  with pytest.raises(ValueError, match='^' + message.replace('(', r'\(')
+                     .replace(')', r'\)').replace('.', r'\.') + '$'):
+    call(w)
