@@ -247,6 +247,17 @@ def apply_lora(model: nnx.Module,
   rslora, randomized_svd, lora_ga_use_sign = (
       bool(checks.concrete(v)) for v in (rslora, randomized_svd,
                                          lora_ga_use_sign))
+  # An option of another init, as initial_factors is refused: gaussian_std
+  # without init='gaussian' had silently given the Kaiming init.
+  for name, given, inits in (
+      ('gaussian_std', gaussian_std is not None, ('gaussian',)),
+      ('init_grads', init_grads is not None, ('lora_ga',)),
+      ('lora_ga_gamma', lora_ga_gamma != 16.0, ('lora_ga',)),
+      ('lora_ga_use_sign', lora_ga_use_sign, ('lora_ga',)),
+      ('randomized_svd', randomized_svd, ('pissa', 'lora_ga'))):
+    if given and init not in inits:
+      raise ValueError(f'apply_lora: {name} is for init '
+                       f'{" or ".join(map(repr, inits))}, not {init!r}.')
   dropout_value = checks.concrete(dropout)
   if dropout_value is None or not 0.0 <= dropout_value < 1.0:
     raise ValueError(f'apply_lora: dropout must be a number in [0, 1), got '

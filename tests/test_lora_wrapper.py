@@ -247,6 +247,15 @@ def test_bad_init_inputs_are_refused_before_any_change():
           np.eye(48, 32) > 0, np.nan, grad)}), 'has non-finite values'),
       (dict(alpha=0.0), 'alpha must be a finite number > 0, got 0.0'),
       (dict(alpha=float('inf')), 'alpha must be a finite number > 0'),
+      # Another init's options: gaussian_std had silently given Kaiming.
+      (dict(gaussian_std=0.02),
+       "gaussian_std is for init 'gaussian', not 'standard'."),
+      (dict(init='pissa', lora_ga_gamma=8.0),
+       "lora_ga_gamma is for init 'lora_ga', not 'pissa'."),
+      (dict(init_grads={path: grad}),
+       "init_grads is for init 'lora_ga', not 'standard'."),
+      (dict(init='gaussian', randomized_svd=True),
+       "randomized_svd is for init 'pissa' or 'lora_ga', not 'gaussian'."),
   ]
   for kwargs, expected in cases:
     model = _t5()

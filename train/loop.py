@@ -507,13 +507,17 @@ def fresh_state(params, param_shardings, tx: optax.GradientTransformation,
 def _apply_lora(model, cfg: configs_lib.Config, init_grads=None,
                 initial=None) -> None:
   from models import lora  # pylint: disable=g-import-not-at-top
+  # apply_lora refuses another init's options (the shapes-only build
+  # below swaps the init for 'standard').
+  ga = ({'lora_ga_gamma': cfg.lora.ga_gamma} if cfg.lora.init == 'lora_ga'
+        else {})
   try:
     lora.apply_lora(model, cfg.lora.targets, rank=cfg.lora.rank,
                     alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
                     dropout=cfg.lora.dropout, init=cfg.lora.init,
-                    init_grads=init_grads, lora_ga_gamma=cfg.lora.ga_gamma,
-                    rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1),
-                    initial_factors=initial)
+                    init_grads=init_grads, rngs=nnx.Rngs(
+                        params=cfg.seed, dropout=cfg.seed + 1),
+                    initial_factors=initial, **ga)
   except ValueError as e:
     raise ConfigError(f'lora: {e}') from None
 
