@@ -227,6 +227,9 @@ def donating_jit(fun: Callable[..., Any], *,
     >>> params['lora_a'].shape
     (8, 2)
   """
+  if not callable(fun):  # else it failed at the first call, inside here
+    raise TypeError(f'donating_jit: fun must be callable, got '
+                    f'{type(fun).__name__}.')
   for name in _JIT_ARGS_NOT_SUPPORTED:
     if jit_kwargs.get(name) is not None:
       raise TypeError(f'donating_jit: {name} is not supported.')

@@ -153,6 +153,9 @@ def test_out_shardings_prefix_and_unsupported_arguments():
   assert state[0].count == 1
   with pytest.raises(TypeError, match='static_argnums is not supported'):
     lro.donating_jit(make_step(tx), donate_argnums=0, static_argnums=2)
+  with pytest.raises(TypeError, match='^donating_jit: fun must be callable, '
+                     'got int.$'):
+    lro.donating_jit(3, donate_argnums=0)
   step = lro.donating_jit(make_step(tx), donate_argnums=(0, 1))
   with pytest.raises(TypeError, match=r'positional arguments only; got '
                      r'keyword\(s\) grads'):
