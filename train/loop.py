@@ -266,8 +266,7 @@ def generated_training_task(d: configs_lib.DataConfig) -> bool:
   """Whether the training examples are generated (arithmetic's, not read
   from a file or the Hub): data.num_train_examples then sizes their pool."""
   from train import data  # pylint: disable=g-import-not-at-top
-  return (not d.path and not d.hub and
-          data.get_task(d.task).name == data.arithmetic.NAME)
+  return data.is_generated(d.task, d.path, d.hub)
 
 
 def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
@@ -299,8 +298,7 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
   # sides, which training leaves out (the training set had depended on
   # whether evaluation was on, and a resume that turned it on was refused).
   pool = {}
-  generated = (not eval_path and not d.hub and
-               data.get_task(eval_task).name == data.arithmetic.NAME)
+  generated = data.is_generated(eval_task, eval_path, d.hub)
   if cfg.eval.split == 'validation' and same_task and generated:
     # The generated task is carved from a pool that num_train_examples
     # sizes: the validation carve must come from that same pool, or it

@@ -20,6 +20,7 @@ from train.data.records import read_records
 from train.data.tasks import default_data_dir
 from train.data.tasks import examples_from_records
 from train.data.tasks import get_task
+from train.data.tasks import is_generated
 from train.data.tasks import load_file
 from train.data.tasks import load_hub_records
 from train.data.tasks import load_task

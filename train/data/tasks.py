@@ -92,6 +92,12 @@ def task_names() -> tuple[str, ...]:
   return tuple(TASKS)
 
 
+def is_generated(name: str, path=None, hub=None) -> bool:
+  """Whether `load_task` generates task `name`'s examples (`arithmetic`,
+  given no file and no Hub id): `num_examples` then sizes their pool."""
+  return get_task(name).name == arithmetic.NAME and not path and not hub
+
+
 def get_task(name: str) -> TaskSpec:
   """Returns the spec of task `name` (case-insensitive; a few aliases)."""
   key = name.strip().lower()
@@ -270,7 +276,7 @@ def load_task(name: str, split: str = "train", *,
   if split == "validation" and validation_fraction == 0:
     raise ValueError("no validation split: validation_fraction is 0 (the "
                      "training split keeps every example)")
-  if spec.name == arithmetic.NAME and path is None and not hub:
+  if path is None and is_generated(name, hub=hub):
     # `num_examples` sizes the generated pool (train before the carve).
     examples = arithmetic.generate(
         file_split, num_examples or (200 if split == "test" else 2000), seed)
