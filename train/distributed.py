@@ -197,10 +197,7 @@ def process_0_flag(flag: bool) -> bool:
   files) that every process must follow: an evaluation is a collective
   computation, which all processes run or none.
   """
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+  return bool(from_process_0(int(bool(flag))))
 
 
 def from_process_0(value: int) -> int:
