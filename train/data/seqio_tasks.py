@@ -80,9 +80,10 @@ def split_examples(task: str, split: str, *, data_dir: str | None = None,
 
   The train and validation splits leave out every example whose prompt
   (`train.data.prompt_key`) is one of the test prompts of the tasks in
-  ``held_out``, and the train split those of its own validation split. A test split that cannot be read (a data folder without
-  it) is warned about and not held out, as the train loop does when it
-  does not evaluate.
+  ``held_out``, and the train split those of its own validation split. A
+  test split that cannot be read (a data folder without it) is warned
+  about and not held out, as the train loop does when it does not
+  evaluate.
   """
   examples = tasks_lib.load_task(
       task, split, data_dir=data_dir, style=style,
