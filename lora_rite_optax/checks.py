@@ -80,7 +80,12 @@ def _known(who: str, name: str, value: Any,
   None, a string or a list had passed every check as if traced, and failed
   later with a traceback (or, for an optimizer, at the first update); so had
   a schedule given for a hyperparameter optax does not schedule (b1, eps).
+  A bool is not a number here, though Python's float() takes it.
   """
+  if isinstance(value, (bool, np.bool_)) or (
+      getattr(value, 'dtype', None) == np.bool_):
+    # float(True) is 1.0: lora_rite(True) had trained at a rate of 1.
+    raise ValueError(f'{who}: {name} must be a number, got {shown(value)}.')
   v = concrete(value)
   if v is None and not (isinstance(value, jax.core.Tracer) or
                         (schedule_ok and callable(value))):

@@ -269,6 +269,14 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.shampoo, {'block_size': 2.5},
      r'shampoo: block_size must be an integer >= 1, got 2.5'),
     (lro.shampoo, {'block_size': True}, r'block_size must be an integer'),
+    # float(True) is 1.0: a bool b1 had been a decay of 0 or 1 (and see
+    # test_a_bool_is_not_a_learning_rate).
+    (lro.scaled_adam, {'weight_decay': True},
+     r'^scaled_adam: weight_decay must be a number, got True\.$'),
+    (functools.partial(lro.optimizer, 'adam'), {'b1': np.False_},
+     r'^adam: b1 must be a number, got np.False_\.$'),
+    (lro.shampoo, {'matrix_eps': jnp.array(True)},
+     r'shampoo: matrix_eps must be a number, got Array\(True'),
     (lro.shampoo, {'precondition_every': np.True_},
      r'precondition_every must be an integer'),
     # float() keeps a numpy complex's real part: 0.5+0.5j had been a rate
@@ -308,6 +316,14 @@ def test_scaled_adam_keeps_a_float16_step_finite():
 def test_baselines_check_their_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):
     make(None if 'learning_rate must be' in message else 1e-3, **kwargs)
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_a_bool_is_not_a_learning_rate(name):
+  # float(True) is 1.0: lora_rite(True) had trained at a rate of 1.
+  with pytest.raises(ValueError, match=rf'^{name}: learning_rate must be a '
+                     r'number, got True\.$'):
+    lro.optimizer(name, True)
 
 
 def test_balance_lora_factors_needs_a_positive_eps():
