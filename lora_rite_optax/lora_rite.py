@@ -280,9 +280,19 @@ def scale_by_lora_rite(
     Yen et al., `LoRA Done RITE: Robust Invariant Transformation Equilibration
     for LoRA Optimization <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
+  return _scale_by_lora_rite(
+      'scale_by_lora_rite', b1, b2, eps, clip_unmagnified_grad,
+      update_skipping, update_capping, escape_mass, layout, precision)
+
+
+def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
+                        update_skipping, update_capping, escape_mass, layout,
+                        precision) -> base.GradientTransformation:
+  """:func:`scale_by_lora_rite`, its errors naming ``who`` (the function the
+  user called)."""
 
   def init_fn(params):
-    paired = pairs_lib.find_lora_pairs(params, layout)
+    paired = pairs_lib.find_lora_pairs(params, layout, who=who)
     leaves, _ = pairs_lib.flatten(params)
 
     def zeros(leaf):
@@ -333,19 +343,19 @@ def scale_by_lora_rite(
                                 rinv=rinv)
 
   for name, beta in (('b1', b1), ('b2', b2)):
-    checks.beta('scale_by_lora_rite', name, beta)
+    checks.beta(who, name, beta)
   # 0 turns the clipping and the skipping off; below 0 they mean nothing.
   for name, value in (('clip_unmagnified_grad', clip_unmagnified_grad),
                       ('update_skipping', update_skipping)):
-    checks.non_negative('scale_by_lora_rite', name, value)
-  checks.non_negative('scale_by_lora_rite', 'eps', eps, finite=True)
-  checks.non_negative('scale_by_lora_rite', 'update_capping', update_capping)
-  checks.flag('scale_by_lora_rite', 'escape_mass', escape_mass)
+    checks.non_negative(who, name, value)
+  checks.non_negative(who, 'eps', eps, finite=True)
+  checks.non_negative(who, 'update_capping', update_capping)
+  checks.flag(who, 'escape_mass', escape_mass)
   try:  # refused here, not at the first update
     one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
     jax.eval_shape(functools.partial(_mm, precision=precision), one, one)
   except (ValueError, TypeError):
-    raise ValueError('scale_by_lora_rite: precision must be None, a '
+    raise ValueError(f'{who}: precision must be None, a '
                      'jax.lax.Precision or its name (e.g. "highest"), got '
                      f'{precision!r}.') from None
   # Known to be 0 (a Python or numpy number, or inject_hyperparams' concrete
@@ -356,18 +366,18 @@ def scale_by_lora_rite(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          'scale_by_lora_rite: update() needs params (the current factors): '
+          f'{who}: update() needs params (the current factors): '
           'call tx.update(grads, state, params).')
-    checks.state_of('scale_by_lora_rite', state, ScaleByLoraRiteState)
+    checks.state_of(who, state, ScaleByLoraRiteState)
     mm = functools.partial(_mm, precision=precision)
-    paired = pairs_lib.find_lora_pairs(params, layout)
+    paired = pairs_lib.find_lora_pairs(params, layout, who=who)
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_paths = pairs_lib.flatten(params)[0]
     # Explicit mesh axes: the Grams name their output's sharding, which
     # serves 2-D factors; stacked and n-D ones need more (not yet done).
     placement.refuse_explicit(
-        'scale_by_lora_rite',
+        who,
         [param_paths[i][1] for pair in paired.pairs
          if pair.layout.batch_axes or
          jnp.ndim(param_paths[pair.a_index][1]) > 2 or
@@ -378,7 +388,7 @@ def scale_by_lora_rite(
     # so the step compiled twice, and optax.MultiSteps/apply_if_finite
     # failed inside jax on the branches' differing shardings.
     placement.refuse_explicit(
-        'scale_by_lora_rite',
+        who,
         [param_paths[i][1] for pair in paired.pairs
          for i, axis in ((pair.a_index, pair.layout.a_rank_axis),
                          (pair.b_index, pair.layout.b_rank_axis))
@@ -387,14 +397,14 @@ def scale_by_lora_rite(
                  jnp.ndim(param_paths[i][1]), axis, pair.layout.batch_axes))],
         'factors whose rank axis is')
     param_leaves = [l for _, l in param_paths]
-    pairs_lib.check_updates_fit('scale_by_lora_rite', updates, params)
+    pairs_lib.check_updates_fit(who, updates, params)
     grad_leaves = paired.treedef.flatten_up_to(updates)
     try:
       mu_leaves = paired.treedef.flatten_up_to(state.mu)
       basis_leaves = paired.treedef.flatten_up_to(state.basis)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          'scale_by_lora_rite: the state does not have the structure of the '
+          f'{who}: the state does not have the structure of the '
           'params (it was made by init() for other params): '
           f'{str(e).splitlines()[0]}') from None
     for (path, leaf), m in zip(param_paths, mu_leaves):
@@ -402,7 +412,7 @@ def scale_by_lora_rite(
         continue
       if tuple(getattr(m, 'shape', ())) != tuple(leaf.shape):
         raise ValueError(
-            f"scale_by_lora_rite: the state's {'/'.join(path)} has shape "
+            f"{who}: the state's {'/'.join(path)} has shape "
             f'{tuple(m.shape)} but the param has {tuple(leaf.shape)} (the '
             'state was made by init() for other params).')
 
@@ -443,7 +453,7 @@ def scale_by_lora_rite(
       got = getattr(state.nu, 'get', lambda _: None)(key)
       if got is None or tuple(got.shape[:2]) != want:
         raise ValueError(
-            f'scale_by_lora_rite: the state has no r x r statistics of shape '
+            f'{who}: the state has no r x r statistics of shape '
             f'{want} for pair group {key!r} (it has '
             f'{ {k: tuple(v.shape) for k, v in dict(state.nu).items()} }; it '
             'was made by init() for other params).')
@@ -792,12 +802,9 @@ def lora_rite(
         'lora_rite: balance_factors must be a Python bool (it changes the '
         'chain); with optax.inject_hyperparams pass it in static_args.')
   steps = [
-      scale_by_lora_rite(b1=b1, b2=b2, eps=eps,
-                         clip_unmagnified_grad=clip_unmagnified_grad,
-                         update_skipping=update_skipping,
-                         update_capping=update_capping,
-                         escape_mass=escape_mass, layout=layout,
-                         precision=precision),
+      _scale_by_lora_rite('lora_rite', b1, b2, eps, clip_unmagnified_grad,
+                          update_skipping, update_capping, escape_mass,
+                          layout, precision),
       optax.add_decayed_weights(weight_decay),
       placement.scale_by_learning_rate(learning_rate),
   ]

@@ -93,28 +93,34 @@ def scale_by_riemannian_precond(
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  return _riemannian_precond('scale_by_riemannian_precond', delta, layout)
 
-  checks.non_negative('scaled_adam', 'delta', delta, finite=True)
+
+def _riemannian_precond(who: str, delta, layout
+                        ) -> optax.GradientTransformation:
+  """:func:`scale_by_riemannian_precond`, its errors naming ``who`` (the
+  function the user called)."""
+  checks.non_negative(who, 'delta', delta, finite=True)
 
   def init_fn(params):
-    pairs_lib.find_lora_pairs(params, layout, who='scaled_adam')
+    pairs_lib.find_lora_pairs(params, layout, who=who)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError('scaled_adam: update needs params (the preconditioner '
+      raise ValueError(f'{who}: update needs params (the preconditioner '
                        'is built from the LoRA factors); call '
                        'tx.update(grads, state, params).')
     # The factors are read by leaf index: other params would precondition
     # each gradient with another pair's factors.
-    pairs_lib.check_updates_fit('scaled_adam', updates, params)
-    paired = pairs_lib.find_lora_pairs(updates, layout, who='scaled_adam')
+    pairs_lib.check_updates_fit(who, updates, params)
+    paired = pairs_lib.find_lora_pairs(updates, layout, who=who)
     grads, treedef = pairs_lib.flatten(updates)
     values, _ = pairs_lib.flatten(params)
     # Explicit mesh axes: the Grams name their output's sharding; merging
     # a sharded axis into the long one (n-D factors) needs more (not done).
     placement.refuse_explicit(
-        'scaled_adam',
+        who,
         [values[i][1] for pair in paired.pairs
          if jnp.ndim(values[pair.a_index][1]) > 2 + pair.layout.batch_axes or
          jnp.ndim(values[pair.b_index][1]) > 2 + pair.layout.batch_axes
@@ -128,7 +134,7 @@ def scale_by_riemannian_precond(
       if pair.layout.batch_axes and placement.stacks_split_apart(
           a, b, pair.layout.batch_axes):
         raise ValueError(
-            f"scaled_adam: pair {pair.name!r} splits the stacked layers of "
+            f"{who}: pair {pair.name!r} splits the stacked layers of "
             f"{pair.layout.a_key} and {pair.layout.b_key} over different "
             "Explicit mesh axes, or splits a stacked axis after the first; "
             "split only the first, alike, or make the mesh with Auto axes.")
@@ -197,10 +203,17 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
     >>> round(updates[0].item(), 4)  # 0.1 * 4 / sqrt(0.001 * 16)
     3.1623
   """
+  return _adam_authors('scale_by_adam_authors', b1, b2, eps, bias_correction)
+
+
+def _adam_authors(who: str, b1, b2, eps, bias_correction
+                  ) -> optax.GradientTransformation:
+  """:func:`scale_by_adam_authors`, its errors naming ``who`` (the function
+  the user called)."""
   for name, value in (('b1', b1), ('b2', b2)):
-    checks.beta('scaled_adam', name, value)
-  checks.non_negative('scaled_adam', 'eps', eps, finite=True)
-  checks.flag('scaled_adam', 'bias_correction', bias_correction)
+    checks.beta(who, name, value)
+  checks.non_negative(who, 'eps', eps, finite=True)
+  checks.flag(who, 'bias_correction', bias_correction)
 
   def init_fn(params):
     zeros = lambda p: placement.zeros_like(p, casting.compute_dtype(p.dtype))
@@ -210,11 +223,11 @@ def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
-    checks.state_of('scale_by_adam_authors', state, ScaleByAdamAuthorsState)
+    checks.state_of(who, state, ScaleByAdamAuthorsState)
     # Wrong gradients had been blamed on the state.
-    pairs_lib.check_updates_fit('scale_by_adam_authors', updates, params)
+    pairs_lib.check_updates_fit(who, updates, params)
     updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
-    checks.state_fits('scale_by_adam_authors', state.mu, updates)
+    checks.state_fits(who, state.mu, updates)
     count = optax.safe_increment(state.count)
     # Cast back: a float64 b1 or b2 (jax_enable_x64) had promoted the
     # state, retracing every step and breaking scans.
@@ -326,8 +339,8 @@ def scaled_adam(
   checks.non_negative('scaled_adam', 'weight_decay', weight_decay,
                       finite=True, schedule_ok=True)
   return casting.with_gradients_dtypes(optax.chain(
-      scale_by_riemannian_precond(delta, layout),
-      scale_by_adam_authors(b1, b2, eps, bias_correction),
+      _riemannian_precond('scaled_adam', delta, layout),
+      _adam_authors('scaled_adam', b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),
       placement.scale_by_learning_rate(learning_rate),
   ))

@@ -73,8 +73,9 @@ class _Plan:
     return self.slices * self.nbn * self.nbm
 
 
-def _plans(tree, layout, block_size: int) -> tuple[list[_Plan], Any]:
-  paired = pairs_lib.find_lora_pairs(tree, layout, who='shampoo',
+def _plans(who: str, tree, layout, block_size: int
+           ) -> tuple[list[_Plan], Any]:
+  paired = pairs_lib.find_lora_pairs(tree, layout, who=who,
                                      allow_unpaired=True)
   factor = {}
   for pair in paired.pairs:
@@ -163,7 +164,7 @@ def _inverse_root(stat, matrix_eps: float, p: int = 4):
 _INT32_MAX = 2**31 - 1
 
 
-def _whole_number(name: str, value: Any) -> Any:
+def _whole_number(who: str, name: str, value: Any) -> Any:
   """``value`` if it is a whole number >= 1 (or traced); else one error.
 
   2.5 had been cut to 2 (``block_size``) or recomputed the roots every 5
@@ -172,12 +173,12 @@ def _whole_number(name: str, value: Any) -> Any:
   v = checks.concrete(value)
   if isinstance(value, (bool, np.bool_, str)) or (v is None and not isinstance(
       value, jax.core.Tracer)):
-    raise ValueError(f'shampoo: {name} must be an integer >= 1, got '
+    raise ValueError(f'{who}: {name} must be an integer >= 1, got '
                      f'{value!r}.')
   if v is not None and not (math.isfinite(v) and v == int(v) and v >= 1):
-    raise ValueError(f'shampoo: {name} must be an integer >= 1, got {v:g}.')
+    raise ValueError(f'{who}: {name} must be an integer >= 1, got {v:g}.')
   if v is not None and v > _INT32_MAX:  # the step counter's dtype
-    raise ValueError(f'shampoo: {name} must be at most 2**31 - 1, got '
+    raise ValueError(f'{who}: {name} must be at most 2**31 - 1, got '
                      f'{int(v)}.')
   return value
 
@@ -233,25 +234,34 @@ def scale_by_shampoo(
     Anil et al., `Scalable Second Order Optimization for Deep Learning
     <https://arxiv.org/abs/2002.09018>`_, 2020.
   """
+  return _shampoo('scale_by_shampoo', b1, b2, eps, matrix_eps, block_size,
+                  precondition_every, graft, layout)
+
+
+def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
+             graft, layout) -> optax.GradientTransformation:
+  """:func:`scale_by_shampoo`, its errors naming ``who`` (the function the
+  user called)."""
   if graft not in GRAFTS:
-    raise ValueError(f'shampoo: graft must be one of {GRAFTS}, got {graft!r}.')
+    raise ValueError(f'{who}: graft must be one of {GRAFTS}, got {graft!r}.')
   for name, value in (('b1', b1), ('b2', b2)):
-    checks.beta('shampoo', name, value)
-  checks.non_negative('shampoo', 'eps', eps, finite=True)
+    checks.beta(who, name, value)
+  checks.non_negative(who, 'eps', eps, finite=True)
   # > 0: a LoRA factor's N x N statistic has rank r at most, and its zero
   # eigenvalues would have infinite inverse roots.
-  checks.positive('shampoo', 'matrix_eps', matrix_eps)
+  checks.positive(who, 'matrix_eps', matrix_eps)
   if isinstance(block_size, jax.core.Tracer):
     raise ValueError(
-        'shampoo: block_size fixes the state shapes and must be static; '
+        f'{who}: block_size fixes the state shapes and must be static; '
         "with optax.inject_hyperparams pass static_args=('block_size',).")
   # Concrete here (a number, or the array inject_hyperparams' init gives);
   # precondition_every may be traced, and then cannot be checked.
-  block_size = int(_whole_number('block_size', block_size))
-  precondition_every = _whole_number('precondition_every', precondition_every)
+  block_size = int(_whole_number(who, 'block_size', block_size))
+  precondition_every = _whole_number(who, 'precondition_every',
+                                     precondition_every)
 
   def init_fn(params):
-    plans, _ = _plans(params, layout, block_size)
+    plans, _ = _plans(who, params, layout, block_size)
     leaves, _ = pairs_lib.flatten(params)
     stats, roots = [], []
     for plan, (_, leaf) in zip(plans, leaves):
@@ -283,12 +293,12 @@ def scale_by_shampoo(
         stats=stats, roots=roots)
 
   def update_fn(updates, state, params=None):
-    checks.state_of('scale_by_shampoo', state, ShampooState)
-    pairs_lib.check_updates_fit('shampoo', updates, params)
+    checks.state_of(who, state, ShampooState)
+    pairs_lib.check_updates_fit(who, updates, params)
     updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
-    plans, treedef = _plans(updates, layout, block_size)
+    plans, treedef = _plans(who, updates, layout, block_size)
     grads = [leaf for _, leaf in pairs_lib.flatten(updates)[0]]
-    placement.refuse_explicit('shampoo', grads, 'gradients')
+    placement.refuse_explicit(who, grads, 'gradients')
     if not grads:  # An empty tree: its state keeps init's placeholders.
       return updates, state._replace(count=optax.safe_increment(state.count))
     mus = [leaf for _, leaf in pairs_lib.flatten(state.mu)[0]]
@@ -306,7 +316,7 @@ def scale_by_shampoo(
     # had applied one leaf's moments to another.
     if (not stats_fit or structure(state.mu) != structure(updates) or
         [shape(x) for x in mus] != [shape(g) for g in grads]):
-      raise ValueError('shampoo: the state was made by init() for other '
+      raise ValueError(f'{who}: the state was made by init() for other '
                        'params (other leaves, shapes or block_size); call '
                        'init with the params these updates are for.')
     # In the statistics' dtype: a float64 count (jax_enable_x64) would
@@ -514,8 +524,8 @@ def shampoo(
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   # The cast wraps the whole chain: float16's step is float32 until the rate.
   return casting.with_gradients_dtypes(optax.chain(
-      scale_by_shampoo(b1, b2, eps, matrix_eps, block_size, precondition_every,
-                       graft, layout),
+      _shampoo('shampoo', b1, b2, eps, matrix_eps, block_size,
+               precondition_every, graft, layout),
       # add_decayed_weights needs params even at 0, and an update without
       # params is documented to work; identity has the same (empty) state.
       optax.identity() if no_decay else optax.add_decayed_weights(

@@ -354,10 +354,10 @@ def explicit_axes_work_or_are_refused_in_one_line():
       # Its statistics had come back replicated (a second compile), and
       # MultiSteps failed inside jax on the branches' shardings.
       (optax.MultiSteps(lro.lora_rite(1e-2), 2), rank_split,
-       'scale_by_lora_rite: factors whose rank axis is sharded over Explicit '
+       'lora_rite: factors whose rank axis is sharded over Explicit '
        'mesh axes are not supported'),
       (lro.lora_rite(1e-2, layout=scanned), stacked,
-       'scale_by_lora_rite: stacked or n-D factors sharded over Explicit '
+       'lora_rite: stacked or n-D factors sharded over Explicit '
        'mesh axes are not supported; make the mesh with Auto axes'),
       (lro.scaled_adam(1e-2), n_d, 'scaled_adam: n-D factors sharded over '
        'Explicit mesh axes are not supported'),

@@ -128,8 +128,7 @@ def test_wrong_gradients_are_named_not_the_state(name):
   grads = jax.tree.map(jnp.ones_like, params)
   tx = lro.optimizer(name, 1e-3)
   state = tx.init(params)
-  who = 'scale_by_lora_rite' if name == 'lora_rite' else name
-  with pytest.raises(ValueError, match=f'^{who}: the updates \\(gradients\\) '
+  with pytest.raises(ValueError, match=f'^{name}: the updates \\(gradients\\) '
                      'do not have the structure of the params: a tuple of 3 '
                      'leaves, where the params are a dict of 2 leaves.$'):
     tx.update((1.0, grads), state, params)
@@ -140,7 +139,7 @@ def test_wrong_gradients_are_named_not_the_state(name):
     tx.update((np.float32(0.5), jax.tree.map(np.asarray, grads)), state,
               params)
   transposed = {'q': {'lora_a': jnp.ones((2, 8)), 'lora_b': jnp.ones((8, 2))}}
-  with pytest.raises(ValueError, match=f'^{who}: the gradient of q/lora_a has '
+  with pytest.raises(ValueError, match=f'^{name}: the gradient of q/lora_a has '
                      r'shape \(2, 8\) but the param has \(8, 2\).$'):
     tx.update(transposed, state, params)
 
@@ -227,9 +226,9 @@ def test_scaled_adam_keeps_a_float16_step_finite():
      r'1.e-06\]\]\)\.$'),
     (lro.shampoo, {'matrix_eps': [1e-6]},
      r'shampoo: matrix_eps must be a number, got \[1e-06\]'),
-    (lro.lora_rite, {'eps': -1e-6}, r'scale_by_lora_rite: eps must be >= 0'),
+    (lro.lora_rite, {'eps': -1e-6}, r'^lora_rite: eps must be >= 0'),
     (lro.lora_rite, {'update_skipping': -1.0},
-     r'scale_by_lora_rite: update_skipping must be >= 0'),
+     r'^lora_rite: update_skipping must be >= 0'),
     # None had been optax's identity: a step of rate 1 up the gradient.
     (lro.lora_rite, {}, r'lora_rite: learning_rate must be a number, got None'),
     (lro.scaled_adam, {}, r'scaled_adam: learning_rate must be a number'),
@@ -239,7 +238,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
      r'adam: learning_rate must be a number'),
     # An infinite eps froze every factor, an infinite decay made them inf.
     (lro.lora_rite, {'eps': float('inf')},
-     r'scale_by_lora_rite: eps must be >= 0 and finite, got inf'),
+     r'^lora_rite: eps must be >= 0 and finite, got inf'),
     (lro.shampoo, {'weight_decay': float('inf')},
      r'shampoo: weight_decay must be >= 0 and finite'),
     (lro.scaled_adam, {'weight_decay': -1.0},
@@ -250,7 +249,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (lro.lora_rite, {'balance_factors': 'no'},
      r"lora_rite: balance_factors must be True or False, got 'no'"),
     (lro.lora_rite, {'escape_mass': 'yes'},
-     r"scale_by_lora_rite: escape_mass must be True or False, got 'yes'"),
+     r"^lora_rite: escape_mass must be True or False, got 'yes'"),
     (lro.lora_rite, {'weight_decay': -0.1},
      r'lora_rite: weight_decay must be >= 0 and finite, got -0.1'),
     # optax's adamw and lamb check none of these: b2 = 1 gave NaN updates.
@@ -304,7 +303,7 @@ def test_scaled_adam_keeps_a_float16_step_finite():
     (functools.partial(lro.optimizer, 'lamb'),
      {'eps': optax.constant_schedule(1e-6)}, r'lamb: eps must be a number'),
     (lro.lora_rite, {'eps': optax.constant_schedule(1e-6)},
-     r'scale_by_lora_rite: eps must be a number'),
+     r'^lora_rite: eps must be a number'),
     # 'no' had switched Nesterov on; an integer first moment was truncated.
     (functools.partial(lro.optimizer, 'adam'), {'nesterov': 'no'},
      r"adam: nesterov must be True or False, got 'no'"),
@@ -736,3 +735,33 @@ def test_building_blocks_name_wrong_gradients(make):
   with pytest.raises(ValueError, match=f'^{who}: the gradient of q/lora_a has '
                      r'shape \(2, 8\) but the param has \(8, 2\).$'):
     tx.update(transposed, state, params)
+
+
+@pytest.mark.parametrize('make, called', [
+    (lambda **kw: lro.scaled_adam(1e-3, **kw), 'scaled_adam'),
+    (lro.scale_by_riemannian_precond, 'scale_by_riemannian_precond'),
+    (lambda **kw: lro.shampoo(1e-3, **kw), 'shampoo'),
+    (lro.scale_by_shampoo, 'scale_by_shampoo'),
+    (lambda **kw: lro.lora_rite(1e-3, **kw), 'lora_rite'),
+    (lro.scale_by_lora_rite, 'scale_by_lora_rite'),
+])
+def test_errors_name_the_function_called(make, called):
+  # The building blocks had said `scaled_adam:` or `shampoo:`, a function the
+  # user never called, and lora_rite's errors `scale_by_lora_rite:`.
+  name = 'delta' if called in ('scaled_adam', 'scale_by_riemannian_precond'
+                                ) else 'eps'
+  with pytest.raises(ValueError, match=rf'^{called}: {name} must be >= 0'):
+    make(**{name: -1.0})
+  # And at the update, given gradients that do not fit the params.
+  params = {'q': _pair(8, 2, 8)}
+  tx = make()
+  with pytest.raises(ValueError, match=rf'^{called}: the updates '
+                     r'\(gradients\) do not have the structure'):
+    tx.update((1.0, params), tx.init(params), params)
+
+
+def test_scale_by_adam_authors_names_itself():
+  with pytest.raises(ValueError, match=r'^scale_by_adam_authors: b1 must be'):
+    lro.scale_by_adam_authors(b1=2.0)
+  with pytest.raises(ValueError, match=r'^scaled_adam: b1 must be'):
+    lro.scaled_adam(1e-3, b1=2.0)

@@ -622,9 +622,11 @@ def test_error_gradients_unlike_the_params():
                     r'values above 0.998 round to 1'):
     jax.jit(optax.inject_hyperparams(lro.lora_rite)(learning_rate=0.1).init)(
         bf16)
-  for wrong in (np.int32(1), np.bool_(True)):
-    with pytest.raises(ValueError, match=r'b1 must be in \[0, 1\), got 1.0\.'):
-      lro.lora_rite(0.1, b1=wrong)
+  with pytest.raises(ValueError, match=r'b1 must be in \[0, 1\), got 1.0\.'):
+    lro.lora_rite(0.1, b1=np.int32(1))
+  with pytest.raises(ValueError, match=r'b1 must be a number, got '
+                     r'np.True_\.'):
+    lro.lora_rite(0.1, b1=np.bool_(True))
 
 
 def test_float16_params_get_updates_that_do_not_overflow():
@@ -709,8 +711,11 @@ def test_bad_settings_are_refused_when_made():
   with pytest.raises(ValueError) as info:
     lro.lora_rite(1e-3, precision='bogus')
   assert str(info.value) == (
-      'scale_by_lora_rite: precision must be None, a jax.lax.Precision or '
+      'lora_rite: precision must be None, a jax.lax.Precision or '
       "its name (e.g. \"highest\"), got 'bogus'.")
+  # The building block names itself.
+  with pytest.raises(ValueError, match='^scale_by_lora_rite: precision must'):
+    lro.scale_by_lora_rite(precision='bogus')
   with pytest.raises(ValueError, match='update_capping must be >= 0, got '
                      '-1.0'):
     lro.lora_rite(1e-3, update_capping=-1.0)

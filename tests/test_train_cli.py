@@ -72,7 +72,7 @@ def _main(argv, capsys):
     # traceback, config.json, metrics.csv and TensorBoard written. The
     # optimizer now names it when made; one that fails only inside the
     # update is caught by tracing it (test_an_optimizer_failing_to_update).
-    (['--optim.extra', '{"b1": "x"}'], 1, "optim: scale_by_lora_rite: b1 "
+    (['--optim.extra', '{"b1": "x"}'], 1, "optim: lora_rite: b1 "
      "must be a number, got 'x'."),
     # num_threads -1 had made run_dir/checkpoints.
     (['--data.num_threads', '-1'], 1, 'data.num_threads must be >= 0'),
