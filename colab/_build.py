@@ -144,7 +144,10 @@ print('initial loss', float(loss_fn(params, x, y)))
 
 `lro.lora_rite(learning_rate, ...)` is an `optax.GradientTransformation`:
 chain it with gradient clipping, give it a schedule. Its `update` needs the
-current `params` (it works in the factors' bases).
+current `params` (it works in the factors' bases). A clip before it, like
+any function of the raw gradients, is not transformation invariant (their
+norm depends on the factorisation); LoRA-RITE's own `clip_unmagnified_grad`
+(on by default) is.
 '''),
     code('''
 STEPS = n_steps(300)

@@ -176,7 +176,14 @@ def _transforms(kind, dtype):
     dict(b1=0.0),
     dict(b1=0.9, escape_mass=False),
     dict(b1=0.9, escape_mass=True, b2=0.9),
-], ids=['no_momentum', 'momentum', 'momentum_escape'])
+    # Every option, each active on this problem (measured alone, the loss
+    # after 25 steps is 0.43 of the start with the defaults; 0.60 capped at
+    # 0.5, 0.39 clipped at 0.2, 0.65 skipping at 0.08, where 0.05 skips
+    # every step), all at once.
+    dict(escape_mass=True, update_capping=0.3, clip_unmagnified_grad=0.2,
+         update_skipping=0.08, weight_decay=0.05, balance_factors=True,
+         b2=0.95),
+], ids=['no_momentum', 'momentum', 'momentum_escape', 'everything'])
 def test_transformation_invariance_float64(kind, kw):
   with jax.enable_x64(True):
     params, targets = _problem(2, zero_b=False)
@@ -214,6 +221,27 @@ def test_transformation_invariance_float32(kind):
                         _equivalent(params, _transforms(kind, np.float32)),
                         targets, 25)
   assert _max_relative_gap(base, moved) < FLOAT32_TOLERANCE[kind]
+
+
+def test_a_clip_before_lora_rite_is_not_invariant():
+  """What the README says of `chain(clip_by_global_norm, lora_rite)`: the
+  raw gradients' norm depends on the factorisation."""
+  with jax.enable_x64(True):
+    params, targets = _problem(2, zero_b=False)
+    tx = optax.chain(optax.clip_by_global_norm(1e-2), lro.lora_rite(0.02))
+
+    @jax.jit
+    def step(params, state, targets):
+      grads = jax.grad(_loss)(params, targets)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, updates
+
+    stepper = (tx, step)
+    base = _h_trajectory(stepper, params, targets, 10)
+    moved = _h_trajectory(
+        stepper, _equivalent(params, _transforms('random_cond100',
+                                                 np.float64)), targets, 10)
+    assert _max_relative_gap(base, moved) > 1e-3
 
 
 @pytest.mark.parametrize('kind', TRANSFORMS)

@@ -134,7 +134,9 @@ class OptimConfig:
     b2: second-moment decay.
     eps: the optimizer's epsilon.
     weight_decay: decoupled weight decay on the adapters.
-    clip_grad_norm: global-norm clip before the optimizer; 0 = off.
+    clip_grad_norm: global-norm clip before the optimizer; 0 = off. Not
+      transformation invariant (the raw gradients' norm depends on the
+      factorisation); LoRA-RITE clips its unmagnified gradients itself.
     skip_nonfinite: wrap the optimizer in `optax.apply_if_finite`, so a step
       whose gradients hold a NaN or Inf leaves params and optimizer state
       untouched and is counted (`nonfinite_steps` in the metrics).
