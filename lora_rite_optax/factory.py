@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_rite_optax import adam
@@ -41,9 +42,21 @@ def _check_adam_family(who: str, learning_rate, weight_decay,
 
 def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
                    ) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose update first checks that the Adam moments in its state
-  fit the updates: a state made for other params had failed in optax's
-  tree map (ten lines on the structure) or a broadcast (naming no leaf)."""
+  """``tx`` whose init refuses params it cannot train, and whose update
+  first checks that the Adam moments in its state fit the updates: a state
+  made for other params had failed in optax's tree map (ten lines on the
+  structure) or a broadcast (naming no leaf)."""
+  def init_fn(params):
+    for path, leaf in pairs_lib.flatten(params)[0]:
+      dtype = getattr(leaf, 'dtype', None)
+      if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+        # Their steps had been 0, silently (as with optax's own).
+        raise ValueError(
+            f"{who}: param {'/'.join(path)!r} has dtype "
+            f'{jnp.dtype(dtype).name}; it cannot be trained (steps need a '
+            'floating dtype).')
+    return tx.init(params)
+
   def update_fn(updates, state, params=None, **extra_args):
     # Wrong gradients had been blamed on the state.
     pairs_lib.check_updates_fit(who, updates, params)
@@ -53,7 +66,7 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
       if isinstance(moment, optax.ScaleByAdamState):
         checks.state_fits(who, moment.mu, updates)
     return tx.update(updates, state, params, **extra_args)
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _adam(learning_rate, weight_decay=0.0, **kwargs):

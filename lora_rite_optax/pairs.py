@@ -318,6 +318,14 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         raise ValueError(
             f"{who}: factor {'/'.join(leaves[index][0])!r} must be an array, "
             f'got {type(leaves[index][1]).__name__}.')
+      dtype = getattr(leaves[index][1], 'dtype', None)
+      if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        # Integer factors had failed at the first update in "data type
+        # int32 not inexact", naming nothing; LoRA+ had trained them by 0.
+        raise ValueError(
+            f"{who}: factor {'/'.join(leaves[index][0])!r} has dtype "
+            f'{jnp.dtype(dtype).name}; LoRA factors must be of a floating '
+            'dtype.')
     a_shape = leaves[a_index][1].shape
     b_shape = leaves[b_index][1].shape
     # Too few axes first: scanned(1) on 2-D factors had been told their

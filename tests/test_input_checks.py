@@ -765,3 +765,19 @@ def test_scale_by_adam_authors_names_itself():
     lro.scale_by_adam_authors(b1=2.0)
   with pytest.raises(ValueError, match=r'^scaled_adam: b1 must be'):
     lro.scaled_adam(1e-3, b1=2.0)
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_integer_factors_are_refused_at_init(name):
+  # LoRA-RITE, ScaledAdam and Shampoo had failed at the first update in
+  # "data type int32 not inexact", naming nothing; LoRA+, Adam and Lamb had
+  # returned steps of 0 for good.
+  params = {'q': {'lora_a': jnp.ones((8, 2), jnp.int32),
+                  'lora_b': jnp.ones((2, 6), jnp.int32)}}
+  factor = name not in ('adam', 'lamb')
+  message = (rf"^{name}: factor 'q/lora_a' has dtype int32; LoRA factors "
+             r'must be of a floating dtype\.$' if factor else
+             rf"^{name}: param 'q/lora_a' has dtype int32; it cannot be "
+             r'trained \(steps need a floating dtype\)\.$')
+  with pytest.raises(ValueError, match=message):
+    lro.optimizer(name, 1e-3).init(params)
