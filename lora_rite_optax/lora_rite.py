@@ -351,6 +351,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
   checks.non_negative(who, 'eps', eps, finite=True)
   checks.non_negative(who, 'update_capping', update_capping)
   checks.flag(who, 'escape_mass', escape_mass)
+  pairs_lib.layout_fn(layout, who)
   try:  # refused here, not at the first update
     one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
     jax.eval_shape(functools.partial(_mm, precision=precision), one, one)
@@ -659,6 +660,7 @@ def balance_lora_factors(
 
   # 0 (or less) makes a factor that ends at zero 0/0: B NaN, A zeroed.
   checks.positive('balance_lora_factors', 'eps', eps)
+  pairs_lib.layout_fn(layout, 'balance_lora_factors')
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -72,7 +72,7 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
       pairs_lib._is_empty(leaf) for _, leaf in leaves):  # pylint: disable=protected-access
     # Else every vector (a flattened tree's one leaf too) silently took
     # lr_ratio times the rate.
-    lay = pairs_lib.layout_fn(layout)('')
+    lay = pairs_lib.layout_fn(layout, 'loraplus')('')
     raise ValueError(
         f'loraplus: no {lay.a_key}/{lay.b_key} factor in the params, so no '
         f'rate to raise (LoRA+ trains {lay.b_key} lr_ratio times faster '
@@ -83,7 +83,8 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
       labels.append(A)
     elif (jnp.ndim(leaf) -
-          pairs_lib.stacked_axes(path, jnp.shape(leaf), layout)) == 1:
+          pairs_lib.stacked_axes(path, jnp.shape(leaf), layout,
+                                 'loraplus')) == 1:
       labels.append(B_NO_DECAY if _no_decay('/'.join(path)) else B)
     else:
       labels.append(A)
@@ -217,6 +218,7 @@ def loraplus(
   """
   checks.learning_rate('loraplus', learning_rate)
   checks.positive('loraplus', 'lr_ratio', lr_ratio)
+  pairs_lib.layout_fn(layout, 'loraplus')
   _check_is_embedding(is_embedding)
   if lr_embedding is not None:
     if is_embedding is None:

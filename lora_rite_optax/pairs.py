@@ -164,13 +164,20 @@ def check_updates_fit(who: str, updates, params) -> None:
           f'but the param has {tuple(jnp.shape(leaf))}.')
 
 
-def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
-  """A :data:`LayoutSpec` as a function from a path to its layout."""
+def layout_fn(layout: LayoutSpec, who: str | None = None
+              ) -> Callable[[str], LoraLayout]:
+  """A :data:`LayoutSpec` as a function from a path to its layout; errors
+  start with ``who`` (the function the user called), where given.
+
+  The optimizers call it when made: a string had passed, and failed at
+  ``init`` without the optimizer's name.
+  """
+  prefix = f'{who}: ' if who else ''
   if isinstance(layout, LoraLayout):
     return lambda _: layout
   if not callable(layout):
-    raise ValueError('layout must be a LoraLayout (e.g. lro.PEFT_LAYOUT) or a '
-                     f'function from a path to one, got '
+    raise ValueError(f'{prefix}layout must be a LoraLayout (e.g. '
+                     'lro.PEFT_LAYOUT) or a function from a path to one, got '
                      f'{checks.shown(layout)}.')
 
   def checked(path: str) -> LoraLayout:
@@ -181,12 +188,13 @@ def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
       # (the factor keys to look for come from the layout): a table of
       # pair paths had raised a bare KeyError from inside find_lora_pairs.
       raise ValueError(
-          f'the layout function raised {type(e).__name__} '
+          f'{prefix}the layout function raised {type(e).__name__} '
           f'({checks.shown(str(e))}) for path {path!r}; it is called with '
           "every prefix of every leaf's path ('' for the root), so it must "
           'return a LoraLayout for any path, e.g. a default.') from None
     if not isinstance(lay, LoraLayout):
-      raise ValueError(f'the layout function returned {checks.shown(lay)} '
+      raise ValueError(f'{prefix}the layout function returned '
+                       f'{checks.shown(lay)} '
                        f'for path {path!r}; it must return a LoraLayout.')
     return lay
 
@@ -194,7 +202,7 @@ def layout_fn(layout: LayoutSpec) -> Callable[[str], LoraLayout]:
 
 
 def stacked_axes(path: Sequence[str], shape: Sequence[int],
-                 layout: LayoutSpec) -> int:
+                 layout: LayoutSpec, who: str | None = None) -> int:
   """Leading stacked-layer axes of a leaf that belongs to no pair.
 
   The layout of the leaf's parent path says how many (its ``batch_axes``),
@@ -204,7 +212,7 @@ def stacked_axes(path: Sequence[str], shape: Sequence[int],
   not stacked. A tree that mixes stacked and unstacked leaves of more axes
   needs a layout function that tells them apart by path.
   """
-  batch_axes = layout_fn(layout)('/'.join(path[:-1])).batch_axes
+  batch_axes = layout_fn(layout, who)('/'.join(path[:-1])).batch_axes
   return batch_axes if len(shape) > batch_axes else 0
 
 
@@ -217,7 +225,7 @@ def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int | None:
 
 
 def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
-                    who: str = 'lora_rite',
+                    who: str = 'find_lora_pairs',
                     allow_unpaired: bool = False) -> PairedTree:
   """Finds every LoRA pair of ``tree`` and checks that nothing is left over.
 
@@ -230,7 +238,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       it names are what marks a pair), so it returns a layout for any path
       (``optax.inject_hyperparams`` takes a function for a schedule: pass
       ``static_args=('layout',)`` to an optimizer given one).
-    who: the optimizer's name, used in error messages.
+    who: the caller's name (an optimizer's), used in error messages.
     allow_unpaired: skip leaves that belong to no pair instead of raising,
       and return a factor whose partner is masked out (``None`` or
       ``optax.MaskedNode``) as a :class:`LoneFactor`.
@@ -250,7 +258,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       factors (a wrong layout, or a flat dict that must be nested).
   """
   leaves, treedef = flatten(tree)
-  layouts = layout_fn(layout)
+  layouts = layout_fn(layout, who)
   found: dict[tuple, dict[str, int]] = {}
   masked = {path for path, leaf in leaves if _is_empty(leaf)}
   unpaired = []

@@ -101,6 +101,7 @@ def _riemannian_precond(who: str, delta, layout
   """:func:`scale_by_riemannian_precond`, its errors naming ``who`` (the
   function the user called)."""
   checks.non_negative(who, 'delta', delta, finite=True)
+  pairs_lib.layout_fn(layout, who)
 
   def init_fn(params):
     pairs_lib.find_lora_pairs(params, layout, who=who)

@@ -101,7 +101,7 @@ def _plans(who: str, tree, layout, block_size: int
     else:
       # Stacked layers are preconditioned each on its own, like the pairs.
       rank_axis = None
-      batch_axes = pairs_lib.stacked_axes(path, shape, layout)
+      batch_axes = pairs_lib.stacked_axes(path, shape, layout, who)
       if len(shape) - batch_axes < 2:
         plans.append(_Plan('diag'))
         continue
@@ -250,6 +250,7 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
   # > 0: a LoRA factor's N x N statistic has rank r at most, and its zero
   # eigenvalues would have infinite inverse roots.
   checks.positive(who, 'matrix_eps', matrix_eps)
+  pairs_lib.layout_fn(layout, who)
   if isinstance(block_size, jax.core.Tracer):
     raise ValueError(
         f'{who}: block_size fixes the state shapes and must be static; '

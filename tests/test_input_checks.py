@@ -35,6 +35,9 @@ def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
   with pytest.warns(UserWarning, match=r"has rank 8, above one factor's other "
                     r'size \(4\): a rank of 4 spans as much, and LoRA-RITE is '
                     'transformation invariant only up to it'):
+    lro.lora_rite(1e-3).init({'k': _pair(64, 8, 4)})
+  with pytest.warns(UserWarning, match=r"^find_lora_pairs: pair 'k' .* has "
+                    r'rank 8, .* a rank of 4 spans as much\.$'):
     assert len(lro.find_lora_pairs({'k': _pair(64, 8, 4)}).pairs) == 1
 
 
@@ -781,3 +784,29 @@ def test_integer_factors_are_refused_at_init(name):
              r'trained \(steps need a floating dtype\)\.$')
   with pytest.raises(ValueError, match=message):
     lro.optimizer(name, 1e-3).init(params)
+
+
+@pytest.mark.parametrize('make, called', [
+    (lambda layout: lro.lora_rite(1e-3, layout=layout), 'lora_rite'),
+    (lambda layout: lro.scale_by_lora_rite(layout=layout),
+     'scale_by_lora_rite'),
+    (lambda layout: lro.loraplus(1e-3, layout=layout), 'loraplus'),
+    (lambda layout: lro.scaled_adam(1e-3, layout=layout), 'scaled_adam'),
+    (lambda layout: lro.shampoo(1e-3, layout=layout), 'shampoo'),
+    (lambda layout: lro.balance_lora_factors(layout=layout),
+     'balance_lora_factors'),
+])
+def test_a_bad_layout_is_refused_when_made(make, called):
+  # A string had been taken, and failed at init without the optimizer's
+  # name.
+  with pytest.raises(ValueError, match=rf"^{called}: layout must be a "
+                     r"LoraLayout .* got 'peft'\.$"):
+    make('peft')
+  # A function's errors come at init, and name the optimizer too.
+  tx = make(lambda path: None)
+  params = {'q': _pair(8, 2, 8)}
+  with pytest.raises(ValueError, match=rf'^{called}: the layout function '
+                     r"returned None for path 'q'; it must return a "
+                     r'LoraLayout\.$'):
+    tx.init(params) if called != 'balance_lora_factors' else tx.update(
+        params, tx.init(params), params)
