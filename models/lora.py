@@ -187,7 +187,8 @@ def apply_lora(model: nnx.Module,
                dropout: float = 0.0, init: str = 'standard',
                rngs: nnx.Rngs | int = 0,
                init_grads: Mapping[str, jax.Array] | None = None,
-               gaussian_std: float | None = None, lora_ga_gamma: float = 16.0,
+               gaussian_std: float | None = None,
+               lora_ga_gamma: float | None = None,
                lora_ga_use_sign: bool = False,
                randomized_svd: bool = False,
                initial_factors: Mapping[str, tuple[Any, Any]] | None = None
@@ -214,7 +215,8 @@ def apply_lora(model: nnx.Module,
     init_grads: for 'lora_ga': module path -> averaged gradient of the kernel
       (kernel-shaped or (in, out)).
     gaussian_std: for 'gaussian': A's standard deviation (default 1/r).
-    lora_ga_gamma, lora_ga_use_sign: LoRA-GA's hyper-parameters.
+    lora_ga_gamma, lora_ga_use_sign: LoRA-GA's hyper-parameters (gamma
+      default 16).
     randomized_svd: use the randomized SVD in 'pissa' / 'lora_ga'.
     initial_factors: for 'pissa' / 'lora_ga': module path -> ``(A0, B0)``
       (``(in, r)``, ``(r, out)``) as an earlier call with the same init made
@@ -252,12 +254,14 @@ def apply_lora(model: nnx.Module,
   for name, given, inits in (
       ('gaussian_std', gaussian_std is not None, ('gaussian',)),
       ('init_grads', init_grads is not None, ('lora_ga',)),
-      ('lora_ga_gamma', lora_ga_gamma != 16.0, ('lora_ga',)),
+      # None, not 16: an explicit 16 for another init had passed.
+      ('lora_ga_gamma', lora_ga_gamma is not None, ('lora_ga',)),
       ('lora_ga_use_sign', lora_ga_use_sign, ('lora_ga',)),
       ('randomized_svd', randomized_svd, ('pissa', 'lora_ga'))):
     if given and init not in inits:
       raise ValueError(f'apply_lora: {name} is for init '
                        f'{" or ".join(map(repr, inits))}, not {init!r}.')
+  lora_ga_gamma = 16.0 if lora_ga_gamma is None else lora_ga_gamma
   dropout_value = checks.concrete(dropout)
   if dropout_value is None or not 0.0 <= dropout_value < 1.0:
     raise ValueError(f'apply_lora: dropout must be a number in [0, 1), got '

@@ -252,6 +252,11 @@ def test_bad_init_inputs_are_refused_before_any_change():
        "gaussian_std is for init 'gaussian', not 'standard'."),
       (dict(init='pissa', lora_ga_gamma=8.0),
        "lora_ga_gamma is for init 'lora_ga', not 'pissa'."),
+      # LoRA-GA's default gamma, given for another init, is refused too.
+      (dict(init='pissa', lora_ga_gamma=16.0),
+       "lora_ga_gamma is for init 'lora_ga', not 'pissa'."),
+      (dict(lora_ga_use_sign=True),
+       "lora_ga_use_sign is for init 'lora_ga', not 'standard'."),
       (dict(init_grads={path: grad}),
        "init_grads is for init 'lora_ga', not 'standard'."),
       (dict(init='gaussian', randomized_svd=True),

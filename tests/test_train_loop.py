@@ -835,11 +835,14 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
                              other.state['params'])[0]))
   # It trains; so does PiSSA, whose frozen initial factors also ride in the
   # base state beside the donated factors. All three inits start at W0, so
-  # the first step's loss (taken before any update) is the same.
+  # the first step's loss (taken before any update) is the same. A gamma
+  # other than LoRA-GA's default is LoRA-GA's alone: the other inits (and
+  # the shapes-only build) run without it.
   first_loss = {}
   for init in ('standard', 'lora_ga', 'pissa'):
     out = loop.run(tiny(tmp_path / init, steps=3,
-                        **{**ga, 'lora.init': init}), log=lambda s: None)
+                        **{**ga, 'lora.init': init, 'lora.ga_gamma': 8.0}),
+                   log=lambda s: None)
     assert len(out['history']) == 3, init
     assert all(np.isfinite(h['loss']) for h in out['history']), init
     first_loss[init] = out['history'][0]['loss']
