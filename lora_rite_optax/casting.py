@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from optax._src import base
 
+from lora_rite_optax import checks
+
 
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 at least (float64 for float64 params with x64 on), canonical.
@@ -32,7 +34,8 @@ def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
   return jnp.dtype(param_dtype)
 
 
-def with_gradients_dtypes(tx: base.GradientTransformation
+def with_gradients_dtypes(tx: base.GradientTransformation,
+                          who: str | None = None, length: int | None = None
                           ) -> base.GradientTransformation:
   """``tx`` (a whole chain), its updates cast to the gradients' dtypes
   (same state).
@@ -47,10 +50,14 @@ def with_gradients_dtypes(tx: base.GradientTransformation
   the params' (float32 gradients of bfloat16 params: casting to the
   params' had failed there in an 11-line cond error). Wrapping the chain,
   rather than adding a step to it, keeps the state's tree (and so the
-  checkpoints made before).
+  checkpoints made before). Where ``tx`` is ``who``'s ``optax.chain`` of
+  ``length`` steps, a state that is not such a chain's is refused in one
+  line naming ``who``.
   """
 
   def update_fn(updates, state, params=None, **extra_args):
+    if who is not None:
+      checks.chain_state_of(who, state, length)
     new_updates, state = base.with_extra_args_support(tx).update(
         updates, state, params, **extra_args)
     return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)),

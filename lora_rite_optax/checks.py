@@ -160,6 +160,22 @@ def state_of(who: str, state: Any, cls: type) -> None:
         'state, or the wrong part of a chain\'s?).')
 
 
+def chain_state_of(who: str, state: Any, length: int) -> None:
+  """``state`` must be the tuple of ``length`` states that this optimizer's
+  chain (``optax.chain``) makes: None had failed in a TypeError on its
+  len(), another optimizer's state in optax's "The number of updates and
+  states has to be the same in chain!", naming neither."""
+  if (type(state) is tuple and  # pylint: disable=unidiomatic-typecheck
+      len(state) == length):
+    return
+  got = (f'a tuple of {len(state)} states'
+         if type(state) is tuple else f'a {type(state).__name__}')  # pylint: disable=unidiomatic-typecheck
+  raise ValueError(
+      f"{who}: the state is {got}, not the tuple of {length} that this "
+      "optimizer's init() makes (another optimizer's state, or the wrong "
+      "part of a chain's?).")
+
+
 def flag(who: str, name: str, value: Any) -> None:
   """A switch: a bool, or 0/1 as ``optax.inject_hyperparams`` makes it (an
   array of the hyperparameter dtype), or traced. A string had been taken

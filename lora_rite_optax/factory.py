@@ -40,10 +40,11 @@ def _check_adam_family(who: str, learning_rate, weight_decay,
                           'None or a floating dtype')
 
 
-def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
-                   ) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose init refuses params it cannot train, and whose update
-  first checks that the Adam moments in its state fit the updates: a state
+def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str,
+                   length: int) -> optax.GradientTransformationExtraArgs:
+  """``tx`` (a chain of ``length`` steps, Adam's first) whose init refuses
+  params it cannot train, and whose update first checks that its state is
+  such a chain's and that the Adam moments in it fit the updates: a state
   made for other params had failed in optax's tree map (ten lines on the
   structure) or a broadcast (naming no leaf)."""
   def init_fn(params):
@@ -60,6 +61,8 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str
   def update_fn(updates, state, params=None, **extra_args):
     # Wrong gradients had been blamed on the state.
     pairs_lib.check_updates_fit(who, updates, params)
+    checks.chain_state_of(who, state, length)
+    checks.state_of(who, state[0], optax.ScaleByAdamState)
     moments = jax.tree.leaves(
         state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
     for moment in moments:
@@ -75,13 +78,15 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
   return _state_checked(casting.with_stable_dtypes(
-      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs)), 'adam')
+      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs)), 'adam',
+      3)
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
   _check_adam_family('lamb', learning_rate, weight_decay, kwargs)
   return _state_checked(casting.with_stable_dtypes(
-      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs)), 'lamb')
+      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs)), 'lamb',
+      4)
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -814,4 +814,5 @@ def lora_rite(
     steps.append(balance_lora_factors(layout))
   # The cast wraps the chain: a step of its own would add a node to the
   # chain's state, and checkpoints of earlier versions would not restore.
-  return casting.with_gradients_dtypes(optax.chain(*steps))
+  return casting.with_gradients_dtypes(optax.chain(*steps), 'lora_rite',
+                                       len(steps))

@@ -344,4 +344,4 @@ def scaled_adam(
       _adam_authors('scaled_adam', b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),
       placement.scale_by_learning_rate(learning_rate),
-  ))
+  ), 'scaled_adam', 4)

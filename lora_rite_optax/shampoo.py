@@ -532,4 +532,4 @@ def shampoo(
       optax.identity() if no_decay else optax.add_decayed_weights(
           weight_decay),
       placement.scale_by_learning_rate(learning_rate),
-  ))
+  ), 'shampoo', 3)

@@ -810,3 +810,21 @@ def test_a_bad_layout_is_refused_when_made(make, called):
                      r'LoraLayout\.$'):
     tx.init(params) if called != 'balance_lora_factors' else tx.update(
         params, tx.init(params), params)
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_another_optimizers_state_is_named_as_such(name):
+  # None had failed in a TypeError on its len(), another chain's state in
+  # optax's "The number of updates and states has to be the same in
+  # chain!", naming neither the optimizer nor the state.
+  params = {'q': _pair(8, 2, 8)}
+  tx = lro.optimizer(name, 1e-3)
+  for state in (None, optax.adam(1e-3).init(params),
+                lro.optimizer('lamb' if name != 'lamb' else 'adam',
+                              1e-3).init(params)):
+    with pytest.raises(ValueError, match=rf'^{name}: the state is a .*, not '
+                       r"the .* this optimizer's init\(\) makes \(another "
+                       r"optimizer's state, or the wrong part of a "
+                       r"chain's\?\)\.$"):
+      tx.update(params, state, params)
+  tx.update(params, tx.init(params), params)  # its own is taken
