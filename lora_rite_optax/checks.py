@@ -150,14 +150,23 @@ def learning_rate(who: str, value: Any, name: str = 'learning_rate') -> None:
   non_negative(who, name, value, finite=True, schedule_ok=True)
 
 
+def _why_not_the_state(state: Any) -> str:
+  """The likely cause of a state that is not the one init() makes."""
+  if isinstance(state, (list, dict)):
+    # What a checkpointer gives for tuples and NamedTuples without a target.
+    return ('restored without a target? restore into '
+            'jax.eval_shape(tx.init, params)')
+  return "another optimizer's state, or the wrong part of a chain's?"
+
+
 def state_of(who: str, state: Any, cls: type) -> None:
   """``state`` must be what this transform's ``init`` made: another
   optimizer's state (or None) had failed with an AttributeError."""
   if not isinstance(state, cls):
     raise ValueError(
         f'{who}: the state is a {type(state).__name__}, not the '
-        f'{cls.__name__} this optimizer\'s init() makes (another optimizer\'s '
-        'state, or the wrong part of a chain\'s?).')
+        f'{cls.__name__} this optimizer\'s init() makes '
+        f'({_why_not_the_state(state)}).')
 
 
 def chain_state_of(who: str, state: Any, length: int) -> None:
@@ -172,8 +181,7 @@ def chain_state_of(who: str, state: Any, length: int) -> None:
          if type(state) is tuple else f'a {type(state).__name__}')  # pylint: disable=unidiomatic-typecheck
   raise ValueError(
       f"{who}: the state is {got}, not the tuple of {length} that this "
-      "optimizer's init() makes (another optimizer's state, or the wrong "
-      "part of a chain's?).")
+      f"optimizer's init() makes ({_why_not_the_state(state)}).")
 
 
 def flag(who: str, name: str, value: Any) -> None:

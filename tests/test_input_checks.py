@@ -828,3 +828,20 @@ def test_another_optimizers_state_is_named_as_such(name):
                        r"chain's\?\)\.$"):
       tx.update(params, state, params)
   tx.update(params, tx.init(params), params)  # its own is taken
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_a_state_restored_without_a_target_is_named_as_such(name, tmp_path):
+  # A checkpointer restores tuples as lists and NamedTuples as dicts: Adam
+  # and Lamb had failed in "'dict' object has no attribute 'mu'".
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = {'q': _pair(8, 2, 8)}
+  tx = lro.optimizer(name, 1e-3)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'state', tx.init(params))
+    ckpt.wait_until_finished()
+    raw = ckpt.restore(tmp_path / 'state')
+  with pytest.raises(ValueError, match=rf'^{name}: the state is a .*, not '
+                     r".* \(restored without a target\? restore into "
+                     r'jax.eval_shape\(tx.init, params\)\)\.$'):
+    tx.update(params, raw, params)
