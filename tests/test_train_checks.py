@@ -456,7 +456,9 @@ def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
      'number > 0, got 0.0'),
     ('optim.learning_rate', math.inf, 'finite number > 0, got inf'),
     ('optim.end_lr_fraction', -0.1, 'optim.end_lr_fraction must be a finite '
-     'number >= 0, got -0.1'),
+     r'number in \[0, 1\], got -0.1'),
+    ('optim.end_lr_fraction', 2.0, r'end_lr_fraction must be a finite number '
+     r'in \[0, 1\], got 2.0'),
     ('optim.end_lr_fraction', math.nan, 'end_lr_fraction must be a finite'),
     ('optim.clip_grad_norm', -1.0, 'optim.clip_grad_norm must be a finite '
      'number >= 0 (0: off), got -1.0'),

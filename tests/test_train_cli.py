@@ -74,6 +74,12 @@ def _main(argv, capsys):
     # update is caught by tracing it (test_an_optimizer_failing_to_update).
     (['--optim.extra', '{"b1": "x"}'], 1, "optim: lora_rite: b1 "
      "must be a number, got 'x'."),
+    # It had said "optimizer() got multiple values for argument".
+    (['--optim.extra', '{"learning_rate": 1}'], 1, 'optim.extra: '
+     'learning_rate is set by --optim.learning_rate and --optim.schedule, '
+     'not in optim.extra.'),
+    (['--optim.end_lr_fraction', '2'], 1, 'optim.end_lr_fraction must be a '
+     'finite number in [0, 1], got 2.0.'),
     # num_threads -1 had made run_dir/checkpoints.
     (['--data.num_threads', '-1'], 1, 'data.num_threads must be >= 0'),
     (['--stop_at', '-1'], 2, '--stop_at must be >= 0 (0: run to --steps), '

@@ -126,8 +126,8 @@ class OptimConfig:
     schedule: 'cosine' (warmup then cosine decay), 'linear' (warmup then
       linear decay) or 'constant' (warmup then constant).
     warmup_steps: linear warmup from 0.
-    end_lr_fraction: the learning rate the decay reaches, as a fraction of
-      the peak, at step `steps` (one past the last, as optax and Hugging
+    end_lr_fraction: the learning rate the decay reaches, as a fraction in
+      [0, 1] of the peak, at step `steps` (one past the last, as optax and Hugging
       Face count: the last step runs just above it, so 0 still trains).
     b1: first-moment decay, passed to the optimizer (all six take b1, b2,
       eps and weight_decay).

@@ -389,8 +389,9 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   positive, non_negative = (lambda v: v > 0), (lambda v: v >= 0)
   for name, value, ok, what in (
       ('optim.learning_rate', cfg.optim.learning_rate, positive, '> 0'),
-      ('optim.end_lr_fraction', cfg.optim.end_lr_fraction, non_negative,
-       '>= 0'),
+      # Above 1 the "decay" had climbed to a multiple of the peak.
+      ('optim.end_lr_fraction', cfg.optim.end_lr_fraction,
+       lambda v: 0 <= v <= 1, 'in [0, 1]'),
       ('optim.clip_grad_norm', cfg.optim.clip_grad_norm, non_negative,
        '>= 0 (0: off)'),
       ('lora.alpha', cfg.lora.alpha, positive, '> 0'),

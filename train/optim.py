@@ -50,6 +50,12 @@ def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
     raise ConfigError(f'optim.extra is not valid JSON ({e}).') from None
   if not isinstance(extra, dict):
     raise ConfigError(f'optim.extra must be a JSON object, got {cfg.extra!r}.')
+  if 'learning_rate' in extra:
+    # It had reached the optimizer twice: "optimizer() got multiple values
+    # for argument 'learning_rate'", a function the user never called.
+    raise ConfigError('optim.extra: learning_rate is set by '
+                      '--optim.learning_rate and --optim.schedule, not in '
+                      'optim.extra.')
   kwargs = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                 weight_decay=cfg.weight_decay)
   kwargs.update(extra)
