@@ -355,6 +355,12 @@ def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="data file not found") as e:
     data.load_file(tmp_path / "nope.json", "boolq")
   assert "nope.json" in str(e.value) and "\n" not in str(e.value)
+  # A folder had been "not found".
+  (tmp_path / "folder.json").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"folder.json is a folder, not "
+                     r"a data file$"):
+    data.load_file(tmp_path / "folder.json", "boolq")
+  before = _listing(tmp_path)
   with pytest.raises(FileNotFoundError, match="no test file for task"):
     data.load_task("boolq", "test", data_dir=tmp_path)
   with pytest.raises(FileNotFoundError, match="trains GSM8K on task 'math'"):

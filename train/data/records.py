@@ -47,6 +47,8 @@ def read_placed_records(path: str | os.PathLike[str]
   messages: "line 4" in JSONL (blank lines skipped, so a count of records
   would not find it), "record 0" in a JSON list, "row 0" in Parquet."""
   path = Path(path)
+  if path.is_dir():
+    raise FileNotFoundError(f"{path} is a folder, not a data file")
   if not path.is_file():
     raise FileNotFoundError(f"data file not found: {path}")
   suffix = path.suffix.lower()
