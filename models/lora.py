@@ -821,6 +821,12 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike,
       JSON cannot hold (nothing is written then).
   """
   who = 'save_peft_adapter'
+  if base_model_name_or_path is not None and not isinstance(
+      base_model_name_or_path, (str, os.PathLike)):
+    # PEFT reads it as a Hub id or a path (or None): 5 had been written.
+    raise ValueError(f'{who}: base_model_name_or_path must be a Hub id or a '
+                     f'path, or None, got '
+                     f'{type(base_model_name_or_path).__name__}.')
   if not name_map or not task_type:
     default_map, default_task = _default_name_map(
         model, who, ' and '.join(n for n, v in (('name_map', name_map),

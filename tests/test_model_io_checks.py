@@ -416,9 +416,17 @@ def test_save_peft_adapter_with_a_bad_value_writes_nothing(tmp_path):
   model = t5.T5(T5_CONFIG, rngs=nnx.Rngs(0))
   lora.apply_lora(model, 'q', rank=2)
   with pytest.raises(ValueError, match='adapter_config.json') as e:
-    lora.save_peft_adapter(model, tmp_path / 'a', object())
+    lora.save_peft_adapter(model, tmp_path / 'a', 'base', task_type=object())
   _one_line(e)
+  # PEFT reads the base as a Hub id or a path: 5 had been written.
+  with pytest.raises(ValueError, match=r'^save_peft_adapter: '
+                     r'base_model_name_or_path must be a Hub id or a path, or '
+                     r'None, got int\.$'):
+    lora.save_peft_adapter(model, tmp_path / 'a', 5)
   assert not (tmp_path / 'a').exists()
+  lora.save_peft_adapter(model, tmp_path / 'a', None)  # as PEFT allows
+  assert json.loads((tmp_path / 'a' / lora.ADAPTER_CONFIG).read_text())[
+      'base_model_name_or_path'] is None
 
 
 def test_gemma_save_pretrained_with_numpy_config_values(tmp_path):
