@@ -752,6 +752,8 @@ def test_shampoo_roots_of_non_finite_statistics_are_nan():
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
+# 1e-15 to 1e-17 had failed; 1e-12 (a ridge still normal) and 1e-19 (a
+# statistic already flushed to 0, so the identity root) bound them.
 @pytest.mark.parametrize('scale', [1e-12, 1e-15, 1e-16, 1e-17, 1e-19])
 def test_shampoo_steps_from_tiny_gradients_are_finite(scale):
   """Gradients ~1e-16 had given NaN updates: the ridge matrix_eps *
@@ -761,6 +763,14 @@ def test_shampoo_steps_from_tiny_gradients_are_finite(scale):
   tx = lro.shampoo(1e-3)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert bool(jnp.all(jnp.isfinite(updates['w'])))
+  # Grafted, the first step has the norm of Adam's, lr g / (|g| + eps): so
+  # tiny (about 1e-11 at 1e-16, where eps dominates), yet not 0. (At 1e-19
+  # the squares in the preconditioned step's norm are subnormal: 23% off.)
+  g = np.asarray(grads['w'], np.float64)
+  np.testing.assert_allclose(
+      float(jnp.linalg.norm(updates['w'])),
+      1e-3 * np.linalg.norm(g / (np.abs(g) + 1e-8)),
+      rtol=1e-4 if scale >= 1e-17 else 0.5)
 
 
 def test_scale_by_adam_authors_takes_python_number_gradients():
