@@ -330,11 +330,12 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
                                ((2, slices, r, r), True)))
     if not paired.pairs:
       # No pairs (an empty tree, or optax.tree_utils.tree_map_params probing
-      # init with a placeholder): one empty array stands for the whole
-      # per-pair dict, so that it is a prefix (a leaf) of any real state's
-      # dict and tree_map_params hands that dict to transform_non_params.
-      # Three arrays, not one: a donated state must not hold a buffer twice.
-      nu, escaped, rinv = (jnp.zeros((0,), jnp.float32) for _ in range(3))
+      # init with a placeholder): one array stands for the whole per-pair
+      # dict, so that it is a prefix (a leaf) of any real state's dict and
+      # tree_map_params hands that dict to transform_non_params. Three
+      # arrays, not one: a donated state must not hold a buffer twice. Of
+      # one element, not none: orbax refuses to save a zero-size array.
+      nu, escaped, rinv = (jnp.zeros((1,), jnp.float32) for _ in range(3))
     # The count beside them: uncommitted on device 0, it made the first
     # jitted update's outputs another placement, and the second compile.
     count = placement.zeros_beside((), jnp.int32, [l for _, l in leaves])

@@ -282,10 +282,11 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
     stats, roots = tuple(stats), tuple(roots)
     if not leaves:
       # No leaves (an empty tree, or optax.tree_utils.tree_map_params probing
-      # init with a placeholder): one empty array stands for the per-leaf
-      # tuple, so that it is a prefix (a leaf) of any real state's tuple.
-      # Two arrays, not one: a donated state must not hold a buffer twice.
-      stats, roots = (jnp.zeros((0,), jnp.float32) for _ in range(2))
+      # init with a placeholder): one array stands for the per-leaf tuple,
+      # so that it is a prefix (a leaf) of any real state's tuple. Two
+      # arrays, not one: a donated state must not hold a buffer twice. Of
+      # one element, not none: orbax refuses to save a zero-size array.
+      stats, roots = (jnp.zeros((1,), jnp.float32) for _ in range(2))
     return ShampooState(
         count=placement.zeros_beside((), jnp.int32,
                                      [leaf for _, leaf in leaves]),

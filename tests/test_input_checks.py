@@ -845,3 +845,25 @@ def test_a_state_restored_without_a_target_is_named_as_such(name, tmp_path):
                      r".* \(restored without a target\? restore into "
                      r'jax.eval_shape\(tx.init, params\)\)\.$'):
     tx.update(params, raw, params)
+
+
+@pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
+def test_a_state_with_no_pairs_is_saved_and_restored(name, tmp_path):
+  # LoRA-RITE's and Shampoo's placeholders for no pairs (an empty tree, or an
+  # optax.partition group this run's targets leave empty) had been arrays
+  # of size 0, which orbax refuses to save: the whole checkpoint failed.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = {'attn': _pair(8, 2, 8), 'embed': jnp.ones((10, 8))}
+  labels = {'attn': {'lora_a': 'attn', 'lora_b': 'attn'}, 'embed': 'frozen'}
+  tx = optax.partition({'attn': lro.optimizer(name, 1e-3),
+                        'mlp': lro.optimizer(name, 1e-3),
+                        'frozen': optax.set_to_zero()}, labels)
+  for i, (tx, params) in enumerate(((tx, params),
+                                    (lro.optimizer(name, 1e-3), {}))):
+    state = tx.init(params)
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp_path / str(i), state)
+      ckpt.wait_until_finished()
+      back = ckpt.restore(tmp_path / str(i), jax.eval_shape(tx.init, params))
+    jax.tree.map(np.testing.assert_array_equal, back, state)
+    tx.update(params, back, params)
