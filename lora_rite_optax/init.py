@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from typing import Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,15 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
                      f'{rank} for shape {w0.shape}.')
   dtype = casting.compute_dtype(w0.dtype)
   g = _finite_for_svd('lora_ga', 'grad', grad.astype(dtype))
+  if not isinstance(g, jax.core.Tracer):
+    with jax.ensure_compile_time_eval():
+      zero = not bool(jnp.any(g != 0))
+    if zero:
+      # Its SVD is any orthonormal basis: the factors would be arbitrary,
+      # not LoRA-GA's, without a word.
+      warnings.warn('lora_ga: grad is all zeros (a layer the loss does not '
+                    'reach?), so its SVD gives arbitrary directions: A and B '
+                    "are not LoRA-GA's.", stacklevel=2)
   if use_sign:
     g = jnp.sign(g)
   if randomized:

@@ -161,6 +161,11 @@ def test_lora_ga_errors():
     init.lora_ga(g, w0, 9, SCALE)
   with pytest.raises(ValueError, match='same \\(in, out\\) matrix shape'):
     init.lora_ga(g.T, w0, RANK, SCALE)
+  # A zero gradient (a layer the loss does not reach) had given arbitrary
+  # factors without a word.
+  with pytest.warns(UserWarning, match=r"^lora_ga: grad is all zeros .* A "
+                    r"and B are not LoRA-GA's\.$"):
+    init.lora_ga(jnp.zeros_like(g), w0, RANK, SCALE)
 
 
 @pytest.mark.parametrize('niter', [None, 6])
