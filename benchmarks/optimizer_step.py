@@ -261,6 +261,17 @@ def compiled_ops(tx, params) -> int:
                         'constant') for op in ops)
 
 
+def gradients(params):
+  """Random gradients of 1e-3 the params' shapes, for every timing.
+
+  Not proportional to the params: those drove some factors toward rank
+  deficiency within three steps, so that LoRA-RITE took its eigh fallback
+  (``linalg.inverse_root``) where the main table's steps take Cholesky.
+  """
+  return jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
+                      * 1e-3, params)
+
+
 def breakdown(params, repeats, lr=1e-4) -> dict[str, float]:
   """ms/step of adam, lora_rite, `passes_only` and the floor
   (`floor_step`) on ``params``, and the same four on a tree of the same
@@ -270,7 +281,7 @@ def breakdown(params, repeats, lr=1e-4) -> dict[str, float]:
   n_layers = len(params)
   tiny = lora_tree(64, 64, 32, 128, n_layers, rank=16)
   for name, tree in (('', params), ('tiny ', tiny)):
-    grads = jax.tree.map(lambda x: x * 1e-3, tree)
+    grads = gradients(tree)
     runs = {'adam': prepare(optax.adam(lr), tree, grads),
             'lora_rite': prepare(lro.lora_rite(lr), tree, grads),
             'passes only': prepare(optax.chain(
@@ -314,8 +325,7 @@ def timed_rows(params, repeats, lr=1e-4, layout=lro.NNX_LAYOUT,
   on all alike; the ratio of the medians of two rows under the same
   wrapper is what to compare across machines.
   """
-  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
-                       * 1e-3, params)
+  grads = gradients(params)
   rite = lambda: lro.lora_rite(lr, layout=layout, precision=precision)
   runs = {'adam': prepare(optax.adam(lr), params, grads),
           'lora_rite': prepare(rite(), params, grads)}
