@@ -68,7 +68,11 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str,
     for moment in moments:
       if isinstance(moment, optax.ScaleByAdamState):
         checks.state_fits(who, moment.mu, updates)
-    return tx.update(updates, state, params, **extra_args)
+    # Python numbers too: optax's trust ratio (Lamb) reads their dtype.
+    as_arrays = lambda tree: jax.tree.map(jnp.asarray, tree)
+    return tx.update(as_arrays(updates), state,
+                     None if params is None else as_arrays(params),
+                     **extra_args)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

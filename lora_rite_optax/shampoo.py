@@ -262,6 +262,7 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
                                      precondition_every)
 
   def init_fn(params):
+    params = jax.tree.map(jnp.asarray, params)  # Python numbers too
     plans, _ = _plans(who, params, layout, block_size)
     leaves, _ = pairs_lib.flatten(params)
     stats, roots = [], []

@@ -867,3 +867,15 @@ def test_a_state_with_no_pairs_is_saved_and_restored(name, tmp_path):
       back = ckpt.restore(tmp_path / str(i), jax.eval_shape(tx.init, params))
     jax.tree.map(np.testing.assert_array_equal, back, state)
     tx.update(params, back, params)
+
+
+@pytest.mark.parametrize('name', ['adam', 'loraplus', 'shampoo', 'lamb'])
+def test_a_python_number_beside_the_pairs_is_trained(name):
+  # Shampoo's init had failed in "'float' object has no attribute 'shape'",
+  # Lamb's update in optax's trust ratio on its dtype; Adam's and LoRA+'s
+  # took it.
+  params = {'q': _pair(8, 2, 8), 'scale': 1.0}
+  tx = lro.optimizer(name, 1e-3)
+  updates, _ = tx.update({'q': params['q'], 'scale': 1.0}, tx.init(params),
+                         params)  # eager: under jit they are arrays
+  assert float(updates['scale']) == pytest.approx(-1e-3, rel=1e-3)
