@@ -48,14 +48,7 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str,
   made for other params had failed in optax's tree map (ten lines on the
   structure) or a broadcast (naming no leaf)."""
   def init_fn(params):
-    for path, leaf in pairs_lib.flatten(params)[0]:
-      dtype = getattr(leaf, 'dtype', None)
-      if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-        # Their steps had been 0, silently (as with optax's own).
-        raise ValueError(
-            f"{who}: param {'/'.join(path)!r} has dtype "
-            f'{jnp.dtype(dtype).name}; it cannot be trained (steps need a '
-            'floating dtype).')
+    pairs_lib.check_trainable(who, params)
     return tx.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):

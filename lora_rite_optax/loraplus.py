@@ -64,17 +64,23 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     >>> loraplus_labels(params)
     {'bias': 'b_no_decay', 'q': {'lora_a': 'a', 'lora_b': 'b'}}
   """
-  _check_is_embedding(is_embedding)
-  paired = pairs_lib.find_lora_pairs(params, layout, who='loraplus',
+  return _labels('loraplus_labels', params, layout, is_embedding)
+
+
+def _labels(who: str, params, layout, is_embedding):
+  """:func:`loraplus_labels`, its errors naming ``who`` (the function the
+  user called)."""
+  _check_is_embedding(who, is_embedding)
+  paired = pairs_lib.find_lora_pairs(params, layout, who=who,
                                      allow_unpaired=True)
   leaves, _ = pairs_lib.flatten(params)
   if not paired.pairs and not paired.lone and not all(
       pairs_lib._is_empty(leaf) for _, leaf in leaves):  # pylint: disable=protected-access
     # Else every vector (a flattened tree's one leaf too) silently took
     # lr_ratio times the rate.
-    lay = pairs_lib.layout_fn(layout, 'loraplus')('')
+    lay = pairs_lib.layout_fn(layout, who)('')
     raise ValueError(
-        f'loraplus: no {lay.a_key}/{lay.b_key} factor in the params, so no '
+        f'{who}: no {lay.a_key}/{lay.b_key} factor in the params, so no '
         f'rate to raise (LoRA+ trains {lay.b_key} lr_ratio times faster '
         f'than {lay.a_key}); under optax.flatten the factors lose their '
         'names: put loraplus outside it.')
@@ -83,8 +89,7 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     if pairs_lib._is_empty(leaf):  # pylint: disable=protected-access
       labels.append(A)
     elif (jnp.ndim(leaf) -
-          pairs_lib.stacked_axes(path, jnp.shape(leaf), layout,
-                                 'loraplus')) == 1:
+          pairs_lib.stacked_axes(path, jnp.shape(leaf), layout, who)) == 1:
       labels.append(B_NO_DECAY if _no_decay('/'.join(path)) else B)
     else:
       labels.append(A)
@@ -101,12 +106,12 @@ def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
   return jax.tree_util.tree_unflatten(paired.treedef, labels)
 
 
-def _check_is_embedding(is_embedding: Any) -> None:
+def _check_is_embedding(who: str, is_embedding: Any) -> None:
   # Called on each pair's name at init; a string (the embedding's name)
   # had failed there with "'str' object is not callable".
   if is_embedding is not None and not callable(is_embedding):
     raise ValueError(
-        'loraplus: is_embedding must be a function of a pair\'s name '
+        f'{who}: is_embedding must be a function of a pair\'s name '
         '(e.g. lambda name: \'embed\' in name), got '
         f'{checks.shown(is_embedding)}.')
 
@@ -219,7 +224,7 @@ def loraplus(
   checks.learning_rate('loraplus', learning_rate)
   checks.positive('loraplus', 'lr_ratio', lr_ratio)
   pairs_lib.layout_fn(layout, 'loraplus')
-  _check_is_embedding(is_embedding)
+  _check_is_embedding('loraplus', is_embedding)
   if lr_embedding is not None:
     if is_embedding is None:
       raise ValueError('loraplus: lr_embedding applies to the pairs that '
@@ -278,7 +283,7 @@ def loraplus(
     transforms[EMBEDDING] = make(lr_embedding, weight_decay)
 
   def labels(tree):
-    tree = loraplus_labels(tree, layout, is_embedding)
+    tree = _labels('loraplus', tree, layout, is_embedding)
     if not split_no_decay:
       tree = jax.tree.map(lambda x: B if x == B_NO_DECAY else x, tree)
     return tree
@@ -308,4 +313,10 @@ def loraplus(
     checks.state_fits('loraplus', state, expected_state(updates))
     return inner.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  def init_fn(params):
+    state = inner.init(params)  # the factors' errors first, naming them
+    # The leaves beside the pairs too: an integer one had been stepped by 0.
+    pairs_lib.check_trainable('loraplus', params)
+    return state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

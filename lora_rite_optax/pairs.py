@@ -130,6 +130,35 @@ def flatten(tree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
           for path, leaf in leaves], treedef
 
 
+def refuse_untrainable(who: str, path: Sequence[str], leaf,
+                       factor: bool = False) -> None:
+  """One error where ``leaf`` has a dtype no step can train.
+
+  Integer leaves had failed at the first update in "data type int32 not
+  inexact", naming nothing, or been stepped by 0 for good (LoRA+, Adam,
+  Lamb, as optax's own). A LoRA factor must be real (its Grams and QR are);
+  another param may be complex, as optax's Adam allows.
+  """
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None or jnp.issubdtype(dtype,
+                                     jnp.floating if factor else jnp.inexact):
+    return
+  name, dtype = '/'.join(path), jnp.dtype(dtype).name
+  raise ValueError(
+      f'{who}: factor {name!r} has dtype {dtype}; LoRA factors must be of a '
+      'floating dtype.' if factor else
+      f'{who}: param {name!r} has dtype {dtype}; it cannot be trained (steps '
+      'need a floating dtype).')
+
+
+def check_trainable(who: str, tree) -> None:
+  """:func:`refuse_untrainable` for every leaf of ``tree`` (masked-out
+  leaves aside)."""
+  for path, leaf in flatten(tree)[0]:
+    if not _is_empty(leaf):
+      refuse_untrainable(who, path, leaf)
+
+
 def check_updates_fit(who: str, updates, params) -> None:
   """``updates`` (gradients) must have the structure and leaf shapes of
   ``params``, where update() was given params: wrong gradients (a
@@ -310,6 +339,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         if allow_unpaired and any(partner[:k] in masked
                                   for k in range(len(prefix) + 1,
                                                  len(partner) + 1)):
+          refuse_untrainable(who, *leaves[slot[mine]], factor=True)
           lone.append(LoneFactor(name, 'a' if mine == lay.a_key else 'b',
                                  slot[mine], lay))
           partnerless = True
@@ -326,14 +356,7 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         raise ValueError(
             f"{who}: factor {'/'.join(leaves[index][0])!r} must be an array, "
             f'got {type(leaves[index][1]).__name__}.')
-      dtype = getattr(leaves[index][1], 'dtype', None)
-      if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-        # Integer factors had failed at the first update in "data type
-        # int32 not inexact", naming nothing; LoRA+ had trained them by 0.
-        raise ValueError(
-            f"{who}: factor {'/'.join(leaves[index][0])!r} has dtype "
-            f'{jnp.dtype(dtype).name}; LoRA factors must be of a floating '
-            'dtype.')
+      refuse_untrainable(who, *leaves[index], factor=True)
     a_shape = leaves[a_index][1].shape
     b_shape = leaves[b_index][1].shape
     # Too few axes first: scanned(1) on 2-D factors had been told their

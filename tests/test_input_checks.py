@@ -879,3 +879,32 @@ def test_a_python_number_beside_the_pairs_is_trained(name):
   updates, _ = tx.update({'q': params['q'], 'scale': 1.0}, tx.init(params),
                          params)  # eager: under jit they are arrays
   assert float(updates['scale']) == pytest.approx(-1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize('name', ['loraplus', 'shampoo'])
+def test_an_integer_leaf_beside_the_pairs_is_refused_at_init(name):
+  # Only the pairs' factors had been checked: Shampoo failed at the first
+  # update naming nothing, LoRA+ stepped the leaf by 0 (or, a LoRA-FA
+  # factor whose partner is masked, truncated its steps).
+  params = {'q': _pair(8, 2, 6), 'w': jnp.ones((4, 4), jnp.int32)}
+  with pytest.raises(ValueError, match=rf"^{name}: param 'w' has dtype int32; "
+                     r'it cannot be trained \(steps need a floating '
+                     r'dtype\)\.$'):
+    lro.optimizer(name, 1e-3).init(params)
+  lone = {'q': {'lora_a': jnp.ones((8, 2)),
+                'lora_b': jnp.ones((2, 6), jnp.int32)}}
+  masked = optax.masked(lro.optimizer(name, 1e-3),
+                        {'q': {'lora_a': False, 'lora_b': True}})
+  with pytest.raises(ValueError, match=rf"^{name}: .* 'q/lora_b' has dtype "
+                     'int32'):
+    masked.init(lone)
+
+
+def test_loraplus_labels_names_itself():
+  with pytest.raises(ValueError, match=r'^loraplus_labels: no lora_a/lora_b '
+                     'factor in the params'):
+    lro.loraplus_labels({'w': jnp.ones((3, 3))})
+  with pytest.raises(ValueError, match=r'^loraplus_labels: layout must be'):
+    lro.loraplus_labels({'q': _pair(4, 2, 3)}, layout='peft')
+  with pytest.raises(ValueError, match=r'^loraplus: no lora_a/lora_b factor'):
+    lro.loraplus(1e-3).init({'w': jnp.ones((3, 3))})
