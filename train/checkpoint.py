@@ -27,6 +27,9 @@ import json
 import logging
 import os
 import shutil
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -108,6 +111,41 @@ def _errors_held():
         logging.getLogger(record.name).handle(record)
 
 
+@contextlib.contextmanager
+def _stderr_dropped_on_failure(settle_s: float = 1.0):
+  """Holds what is written to file descriptor 2 meanwhile: passed on if
+  the block succeeds, dropped if it raises (after ``settle_s`` more for
+  the threads still failing).
+
+  A restore from a damaged checkpoint (or a save that fails part-way) fails
+  in tensorstore's threads, whose callbacks into a closed asyncio loop
+  print "Event loop is closed" tracebacks from C++ (not through logging or
+  sys.stderr): hundreds of lines had buried the one error line the caller
+  prints. Log records of absl and asyncio are held alike
+  (:func:`_errors_held`).
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = True
+    try:
+      with _errors_held():
+        yield
+      failed = False
+    finally:
+      if failed:
+        gc.collect()
+        time.sleep(settle_s)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        sys.stderr.buffer.write(held.read())
+        sys.stderr.flush()
+
+
 class Checkpointer:
   """A `CheckpointManager` over ``directory`` (created on first use).
 
@@ -164,7 +202,7 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     kept = self.all_steps()
     try:
-      with _errors_held():
+      with _stderr_dropped_on_failure():
         saved = self._mngr.save(int(step), args=ocp.args.Composite(**items),
                                 force=force)
         self._mngr.wait_until_finished()
@@ -227,8 +265,9 @@ class Checkpointer:
     ocp = _ocp()
     self._check_fits(step, abstract_state)
     try:
-      out = self._mngr.restore(int(step), args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardRestore(abstract_state)}))
+      with _stderr_dropped_on_failure():
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # pylint: disable=broad-except
       # A file of the checkpoint missing or cut short fails deep in
       # tensorstore, and orbax re-raises it as a bare Exception: it had
