@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return e.exit_code
   except KeyboardInterrupt:
     # Ctrl-C while building (before the stop handler is in place), or a
-    # second one that stops at once: one line, not a traceback.
+    # second one that stops at once: one line, not a traceback (see
+    # __main__ for what orbax's threads log after it).
     say(_INTERRUPTED)
     return 130
   except (ValueError, OSError, FloatingPointError, ImportError) as e:
