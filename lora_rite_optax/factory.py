@@ -52,6 +52,7 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str,
     return tx.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
+    pairs_lib.refuse_no_params(who, params)
     # Wrong gradients had been blamed on the state.
     pairs_lib.check_updates_fit(who, updates, params)
     checks.chain_state_of(who, state, length)

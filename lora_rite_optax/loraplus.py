@@ -306,6 +306,8 @@ def loraplus(
     # optax.partition had failed on another optimizer's state with an
     # AttributeError ('tuple' object has no attribute 'inner_states').
     checks.state_of('loraplus', state, optax.PartitionState)
+    if base is None:  # a base of the user's may need none
+      pairs_lib.refuse_no_params('loraplus', params)
     # Wrong gradients had been blamed on the state.
     pairs_lib.check_updates_fit('loraplus', updates, params)
     # Shapes only, at trace time: optax's Adam had failed on a state made

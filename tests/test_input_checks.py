@@ -908,3 +908,22 @@ def test_loraplus_labels_names_itself():
     lro.loraplus_labels({'q': _pair(4, 2, 3)}, layout='peft')
   with pytest.raises(ValueError, match=r'^loraplus: no lora_a/lora_b factor'):
     lro.loraplus(1e-3).init({'w': jnp.ones((3, 3))})
+
+
+@pytest.mark.parametrize('name', ['adam', 'loraplus', 'lamb'])
+def test_an_update_without_params_names_the_optimizer(name):
+  # optax's "You are using a transformation that requires the current value
+  # of parameters" had named no optimizer.
+  params = {'q': _pair(4, 2, 5)}
+  tx = lro.optimizer(name, 1e-2)
+  with pytest.raises(ValueError, match=rf'^{name}: update\(\) needs params '
+                     r'\(the weight decay reads them\): call '
+                     r'tx.update\(grads, state, params\)\.$'):
+    tx.update(params, tx.init(params))
+
+
+def test_loraplus_with_a_base_of_its_own_may_update_without_params():
+  params = {'q': _pair(4, 2, 5)}
+  tx = lro.loraplus(1e-2, base=optax.sgd)
+  updates, _ = tx.update(params, tx.init(params))
+  assert float(jnp.abs(updates['q']['lora_b']).max()) > 0
