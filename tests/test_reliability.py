@@ -522,6 +522,28 @@ def test_the_cli_says_one_line_for_a_ctrl_c_before_training(
                  'last checkpoint, if one was written.\n')
 
 
+def test_a_stop_at_once_is_not_followed_by_orbax_threads_errors(
+    monkeypatch, caplog):
+  """A second Ctrl-C during a save: orbax's writer thread, failing as the
+  interpreter shuts its executors down, had logged 45 lines after the one
+  line that says the run stopped."""
+  import logging  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  from train import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cli, 'main', lambda: 130)
+  try:
+    with pytest.raises(SystemExit) as e:
+      runpy.run_module('train', run_name='__main__')
+    assert e.value.code == 130
+    logging.getLogger('absl').error('writer thread: cannot schedule new '
+                                    'futures after shutdown')
+    assert 'writer thread' not in caplog.text
+  finally:
+    logging.disable(logging.NOTSET)
+  logging.getLogger('absl').error('after the test')
+  assert 'after the test' in caplog.text
+
+
 def test_a_stop_acknowledgement_survives_a_failing_log(capfd):
   """The handler runs between two bytecodes, possibly inside a print to the
   same stream (a reentrant write raises): the line then goes to stderr."""
