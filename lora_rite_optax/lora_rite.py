@@ -366,10 +366,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
   capping_off = checks.concrete(update_capping) == 0
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(
-          f'{who}: update() needs params (the current factors): '
-          'call tx.update(grads, state, params).')
+    pairs_lib.refuse_no_params(who, params, 'the current factors')
     checks.state_of(who, state, ScaleByLoraRiteState)
     mm = functools.partial(_mm, precision=precision)
     paired = pairs_lib.find_lora_pairs(params, layout, who=who)
@@ -664,10 +661,8 @@ def balance_lora_factors(
   pairs_lib.layout_fn(layout, 'balance_lora_factors')
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(
-          'balance_lora_factors: update() needs params: call '
-          'tx.update(updates, state, params).')
+    pairs_lib.refuse_no_params('balance_lora_factors', params,
+                               'the factors it balances')
     paired = pairs_lib.find_lora_pairs(params, layout,
                                        who='balance_lora_factors')
     pairs_lib.check_updates_fit('balance_lora_factors', updates, params)

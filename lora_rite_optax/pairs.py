@@ -159,12 +159,14 @@ def check_trainable(who: str, tree) -> None:
       refuse_untrainable(who, path, leaf)
 
 
-def refuse_no_params(who: str, params) -> None:
-  """One error naming ``who`` where ``update`` was given no params (optax's
-  weight decay reads them, even at 0; its message named no optimizer)."""
+def refuse_no_params(who: str, params,
+                     why: str = 'the weight decay reads them') -> None:
+  """One error naming ``who`` and ``why`` where ``update`` was given no
+  params (optax's weight decay reads them, even at 0, and its message named
+  no optimizer)."""
   if params is None:
-    raise ValueError(f'{who}: update() needs params (the weight decay reads '
-                     'them): call tx.update(grads, state, params).')
+    raise ValueError(f'{who}: update() needs params ({why}): call '
+                     'tx.update(grads, state, params).')
 
 
 def check_updates_fit(who: str, updates, params) -> None:

@@ -108,10 +108,8 @@ def _riemannian_precond(who: str, delta, layout
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(f'{who}: update needs params (the preconditioner '
-                       'is built from the LoRA factors); call '
-                       'tx.update(grads, state, params).')
+    pairs_lib.refuse_no_params(
+        who, params, 'the preconditioner is built from the LoRA factors')
     # The factors are read by leaf index: other params would precondition
     # each gradient with another pair's factors.
     pairs_lib.check_updates_fit(who, updates, params)

@@ -248,7 +248,9 @@ def test_scaled_adam_errors_and_zero_factor():
   params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.zeros((2, 4))}
   tx = lro.scaled_adam(1e-2)
   state = tx.init(params)
-  with pytest.raises(ValueError, match='update needs params'):
+  with pytest.raises(ValueError, match=r'^scaled_adam: update\(\) needs '
+                     r'params \(the preconditioner is built from the LoRA '
+                     r'factors\): call tx.update\(grads, state, params\)\.$'):
     tx.update(params, state)
   grads = {'lora_a': jnp.zeros((3, 2)), 'lora_b': jnp.ones((2, 4))}
   updates, _ = jax.jit(tx.update)(grads, state, params)
