@@ -57,11 +57,7 @@ def _state_checked(tx: optax.GradientTransformationExtraArgs, who: str,
     pairs_lib.check_updates_fit(who, updates, params)
     checks.chain_state_of(who, state, length)
     checks.state_of(who, state[0], optax.ScaleByAdamState)
-    moments = jax.tree.leaves(
-        state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-    for moment in moments:
-      if isinstance(moment, optax.ScaleByAdamState):
-        checks.state_fits(who, moment.mu, updates)
+    checks.state_fits(who, state[0].mu, updates)
     # Python numbers too: optax's trust ratio (Lamb) reads their dtype.
     as_arrays = lambda tree: jax.tree.map(jnp.asarray, tree)
     return tx.update(as_arrays(updates), state,
