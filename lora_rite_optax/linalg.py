@@ -144,7 +144,9 @@ def inverse_root(g: jax.Array) -> jax.Array:
   """
   r = g.shape[-1]
   chol = jnp.linalg.cholesky(g)  # NaN where g is not positive definite
-  eye = jnp.broadcast_to(jnp.eye(r, dtype=g.dtype), g.shape)
+  # Sharded like g (a broadcast eye is replicated, and over Explicit mesh
+  # axes the solve refuses operands of two batch shardings).
+  eye = jnp.zeros_like(g) + jnp.eye(r, dtype=g.dtype)
   l_inv = jax.lax.linalg.triangular_solve(chol, eye, left_side=True,
                                           lower=True)
   bound = (jnp.trace(g, axis1=-2, axis2=-1) *

@@ -114,6 +114,12 @@ def _trace(x: jax.Array) -> jax.Array:
   return jnp.trace(x, axis1=-2, axis2=-1)
 
 
+def _reshape(x: jax.Array, shape) -> jax.Array:
+  """``x.reshape(shape)``, naming its sharding where Explicit mesh axes need
+  it (`placement.reshape_sharding`)."""
+  return x.reshape(shape, out_sharding=placement.reshape_sharding(x, shape))
+
+
 class _View(NamedTuple):
   """How a factor leaf is seen as a stack of matrices, by reshapes only.
 
@@ -140,15 +146,15 @@ class _View(NamedTuple):
                                           self.batch_axes)
     if self.moved:
       x = jnp.moveaxis(x, self.batch_axes + self.rank_axis, -1)
-    x = x.reshape((slices, r, n) if self.rank_first else (slices, n, r))
-    return x.astype(dtype)
+    return _reshape(x, (slices, r, n) if self.rank_first
+                    else (slices, n, r)).astype(dtype)
 
   def back(self, m: jax.Array, dtype) -> jax.Array:
     if not self.moved:
-      return m.reshape(self.shape).astype(dtype)
+      return _reshape(m, self.shape).astype(dtype)
     axis = self.batch_axes + self.rank_axis
     moved = self.shape[:axis] + self.shape[axis + 1:] + (self.shape[axis],)
-    return jnp.moveaxis(m.reshape(moved), -1, axis).astype(dtype)
+    return jnp.moveaxis(_reshape(m, moved), -1, axis).astype(dtype)
 
   # dot_general rather than einsum: these run once per factor (about 2000
   # calls for a 7B-shaped tree), and einsum's contraction-path search made
@@ -159,10 +165,11 @@ class _View(NamedTuple):
     long_axis = 2 if self.rank_first else 1
     return jax.lax.dot_general(x, y, (((long_axis,), (long_axis,)),
                                       ((0,), (0,))), precision=precision,
-                               out_sharding=placement.reduced_sharding(x, (0,)))
+                               out_sharding=placement.reduced_sharding(x, ()))
 
   def times(self, x: jax.Array, k: jax.Array, precision) -> jax.Array:
     """x k for an (slices, r, r) k, in the view's own layout."""
+    k = placement.batch_like(k, x)
     if self.rank_first:  # (k^T x) is (slices, r, N)
       return jax.lax.dot_general(k, x, (((1,), (1,)), ((0,), (0,))),
                                  precision=precision)
@@ -373,16 +380,6 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_paths = pairs_lib.flatten(params)[0]
-    # Explicit mesh axes: the Grams name their output's sharding, which
-    # serves 2-D factors; stacked and n-D ones need more (not yet done).
-    placement.refuse_explicit(
-        who,
-        [param_paths[i][1] for pair in paired.pairs
-         if pair.layout.batch_axes or
-         jnp.ndim(param_paths[pair.a_index][1]) > 2 or
-         jnp.ndim(param_paths[pair.b_index][1]) > 2
-         for i in (pair.a_index, pair.b_index)],
-        'stacked or n-D factors')
     # A rank axis split over devices: the statistics come back replicated,
     # so the step compiled twice, and optax.MultiSteps/apply_if_finite
     # failed inside jax on the branches' differing shardings.
@@ -427,9 +424,17 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
         leaf = param_leaves[index]
         view = _View.of(leaf.shape, axis, lay.batch_axes)
         dtype = casting.compute_dtype(leaf.dtype)
-        x = view.to(leaf, dtype)
-        grad = view.to(grad_leaves[index], dtype)
-        s_prev = view.to(mu_leaves[index], dtype)
+        try:
+          x = view.to(leaf, dtype)
+          grad = view.to(grad_leaves[index], dtype)
+          s_prev = view.to(mu_leaves[index], dtype)
+        except placement.UnplacedReshape as e:
+          # Over Explicit mesh axes, where a stacked or n-D factor's view
+          # as matrices would need another placement.
+          raise ValueError(
+              f"{who}: {'/'.join(param_paths[index][0])} (or its gradient "
+              f'or state) is {e}: put those mesh axes on the first of the '
+              'merged axes, or make the mesh with Auto axes.') from None
         grams = {'xx': view.gram(x, x, precision),
                  'xp': view.gram(x, view.to(basis_leaves[index], dtype),
                                  precision),

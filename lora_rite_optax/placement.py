@@ -49,11 +49,14 @@ def stacked_axis_sharding(factors: Sequence[Any], batch_axes: Sequence[int],
   """The mesh axes that split the layers of every one of ``factors``
   (stacked along their first ``batch_axes``, only the first of them split,
   as the update's merged slice axis then is), where the ``slices`` layers
-  of them all divide evenly over those axes; else None (XLA chooses)."""
+  of them all divide evenly over those axes; else None (XLA chooses).
+  None over Explicit mesh axes too: there the update keeps the ``r x r``
+  statistics replicated (`reduced_sharding`)."""
   found = None
   for factor, axes in zip(factors, batch_axes):
     sharding = _placed(factor)
-    if axes < 1 or not isinstance(sharding, NamedSharding):
+    if axes < 1 or not isinstance(sharding, NamedSharding) or (
+        _has_explicit_axes(sharding.mesh)):
       return None
     spec = tuple(sharding.spec) + (None,) * (axes - len(sharding.spec))
     entry = spec[0]
@@ -154,6 +157,76 @@ def reduced_sharding(x: Any, kept: Sequence[int]) -> NamedSharding | None:
   # On the factor's mesh: a bare spec needs jax.set_mesh around the call.
   return NamedSharding(sharding.mesh,
                        PartitionSpec(*(spec[d] for d in kept), None, None))
+
+
+class UnplacedReshape(ValueError):
+  """A reshape whose result Explicit mesh axes cannot hold
+  (`reshape_sharding`)."""
+
+
+def reshape_sharding(x: Any, shape: Sequence[int]) -> NamedSharding | None:
+  """The ``out_sharding`` of ``x.reshape(shape)`` over Explicit mesh axes
+  (which refuse to guess it); None elsewhere.
+
+  Axes only merge (``(heads, head_dim, r) -> (1, heads * head_dim, r)``) or
+  split (back again): each group keeps its first axis's mesh axes, which
+  needs every other axis of the group whole. Raises `UnplacedReshape`
+  (without the optimizer's name: the caller adds it) where that is not so.
+  """
+  sharding = _explicit(x)
+  if sharding is None:
+    return None
+  old = list(x.shape)
+  spec = list(sharding.spec) + [None] * (len(old) - len(sharding.spec))
+  new_spec = [None] * len(shape)
+  i = j = 0
+  while i < len(old) or j < len(shape):
+    # Axes of size 1 hold nothing (a size-1 axis split over a mesh axis of
+    # size > 1 cannot be placed anyway).
+    if i < len(old) and old[i] == 1 and (j == len(shape) or shape[j] != 1):
+      i += 1
+      continue
+    if j < len(shape) and shape[j] == 1 and (i == len(old) or old[i] != 1):
+      j += 1
+      continue
+    i0, j0 = i, j
+    n_old, n_new = old[i], shape[j]
+    i, j = i + 1, j + 1
+    while n_old != n_new:
+      if n_old < n_new:
+        n_old *= old[i]
+        i += 1
+      else:
+        n_new *= shape[j]
+        j += 1
+    inner = [k for k in range(i0 + 1, i) if spec[k] is not None]
+    if inner:
+      raise UnplacedReshape(
+          f'split over mesh axes along axis {inner[0]} of shape '
+          f'{tuple(old)}, which a reshape to {tuple(shape)} merges into the '
+          'axis before it')
+    entry = spec[i0]
+    if entry is not None:
+      names = entry if isinstance(entry, tuple) else (entry,)
+      size = int(np.prod([sharding.mesh.shape[n] for n in names]))
+      if shape[j0] % size:
+        raise UnplacedReshape(
+            f'split {size} ways along axis {i0} of shape {tuple(old)}, '
+            f'which a reshape to {tuple(shape)} makes {shape[j0]} long')
+    new_spec[j0] = entry
+  return NamedSharding(sharding.mesh, PartitionSpec(*new_spec))
+
+
+def batch_like(k: jax.Array, x: Any) -> jax.Array:
+  """``k`` split along its first axis as ``x`` is, where ``x`` is over
+  Explicit mesh axes (a batched product refuses batch axes sharded two
+  ways); else ``k``. ``k`` is replicated, so this is a local slice."""
+  sharding = _explicit(x)
+  if sharding is None or not tuple(sharding.spec)[:1] or (
+      sharding.spec[0] is None):
+    return k
+  return jax.sharding.reshard(k, NamedSharding(
+      sharding.mesh, PartitionSpec(sharding.spec[0], *(None,) * (k.ndim - 1))))
 
 
 def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:

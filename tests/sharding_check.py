@@ -274,14 +274,17 @@ def stacked_layers_split_along_layers_compile_once():
 
 def explicit_axes_work_or_are_refused_in_one_line():
   """jax.make_mesh's default axes in jax 0.10: LoRA-RITE's and ScaledAdam's
-  Grams name their output's sharding, so 2-D factors train (as unsharded),
-  and stacked ones under ScaledAdam; what does not yet is one line (it had
-  been a ShardingTypeError from inside)."""
+  Grams name their output's sharding, so factors train (as unsharded):
+  LoRA-RITE's 2-D, n-D and stacked ones (its r x r algebra replicated, each
+  view as matrices naming its sharding), ScaledAdam's 2-D and stacked
+  ones. Each compiles once and gathers no factor. What does not work yet
+  is one line (it had been a ShardingTypeError from inside)."""
   mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  plain = {k: v for k, v in make_params().items() if k in ('up', 'down')}
-  specs = {k: v for k, v in param_specs(('fsdp', 'tensor')).items()
-           if k in plain}
+  full = make_params()
+  full_specs = param_specs(('fsdp', 'tensor'))
+  plain = {k: v for k, v in full.items() if k in ('up', 'down')}
+  specs = {k: v for k, v in full_specs.items() if k in plain}
   placed = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                         plain, specs)
   scanned = lro.NNX_LAYOUT.scanned(1)
@@ -291,17 +294,27 @@ def explicit_axes_work_or_are_refused_in_one_line():
   stacked_spec = P('tensor', 'fsdp')
   stacked_grads = lambda step: jax.tree.map(lambda x: jnp.cos(x * (step + 1)),
                                             stacked_plain)
+  # Layers over one mesh axis, the long axis over the other (and the rank
+  # axis never split), spelt in full as a step writes them: a short spec
+  # is another jit cache key, for optax.adam too.
+  stacked_specs = {'q': {'lora_a': P('tensor', 'fsdp', None),
+                         'lora_b': P('tensor', None, 'fsdp')}}
   # ScaledAdam's Adam divides by the root of a small second moment, which
   # magnifies the Grams' float32 reduction-order noise: a wider atol.
   cases = (
-      (lro.lora_rite(1e-2), plain, specs, lambda s: grads_for(plain, s), 2e-6),
+      # n-D factors (heads x head_dim), split along their first long axis.
+      (lro.lora_rite(1e-2, escape_mass=True, update_capping=0.5), full,
+       full_specs, lambda s: grads_for(full, s), 2e-6, True),
+      (lro.lora_rite(1e-2, layout=scanned, escape_mass=True), stacked_plain,
+       stacked_specs, stacked_grads, 2e-6, True),
       (lro.scaled_adam(1e-2), plain, specs, lambda s: grads_for(plain, s),
-       1e-5),
-      # Layers sharded over one axis, rows over the other.
+       1e-5, True),
+      # Layers sharded over one axis, rows over the other (a short spec,
+      # respelt in the step's outputs: a second compile, not checked).
       (lro.scaled_adam(1e-2, layout=scanned), stacked_plain,
        jax.tree.map(lambda _: stacked_spec, stacked_plain), stacked_grads,
-       1e-5))
-  for tx, plain_params, param_specs_, grads_at, atol in cases:
+       1e-5, False))
+  for tx, plain_params, param_specs_, grads_at, atol, spelt_in_full in cases:
     want_state = tx.init(plain_params)
     want = plain_params
     for step in range(3):
@@ -311,7 +324,8 @@ def explicit_axes_work_or_are_refused_in_one_line():
     params = jax.device_put(plain_params, shardings)
     # Inside jax.set_mesh and without it (a bare spec had needed the former).
     for in_mesh in (True, False):
-      update = jax.jit(tx.update)
+      # A function of its own: jits of one function share a cache.
+      update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
       got, got_state = params, tx.init(params)
       for step in range(3):
         grads = jax.device_put(grads_at(step), shardings)
@@ -326,7 +340,17 @@ def explicit_axes_work_or_are_refused_in_one_line():
       for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         assert g.sharding.is_equivalent_to(p.sharding, g.ndim), (
             g.sharding, p.sharding)
-  stacked = jax.device_put(stacked_plain, NamedSharding(mesh, stacked_spec))
+      if not spelt_in_full:
+        continue
+      assert update._cache_size() == 1, update._cache_size()  # pylint: disable=protected-access
+      # Only r x r quantities cross devices (all-gathers of replicated
+      # Grams along the layers), never a factor.
+      hlo = update.lower(grads, got_state, got).compile().as_text()
+      gathers = factor_sized_gathers(hlo)
+      assert not gathers, gathers[0]
+  inner_split = jax.device_put(
+      {'o': full['o']}, {'o': {'lora_a': NamedSharding(mesh, P(None, 'tensor')),
+                               'lora_b': NamedSharding(mesh, P())}})
   n_d = {k: v for k, v in make_params().items() if k == 'o'}
   n_d = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
                      n_d, {'o': param_specs(('fsdp', 'tensor'))['o']})
@@ -356,9 +380,13 @@ def explicit_axes_work_or_are_refused_in_one_line():
       (optax.MultiSteps(lro.lora_rite(1e-2), 2), rank_split,
        'lora_rite: factors whose rank axis is sharded over Explicit '
        'mesh axes are not supported'),
-      (lro.lora_rite(1e-2, layout=scanned), stacked,
-       'lora_rite: stacked or n-D factors sharded over Explicit '
-       'mesh axes are not supported; make the mesh with Auto axes'),
+      # Its view as one matrix would merge a split axis into the one
+      # before it.
+      (lro.lora_rite(1e-2), inner_split,
+       "lora_rite: o/lora_a (or its gradient or state) is split over mesh "
+       'axes along axis 1 of shape (16, 32, 8), which a reshape to '
+       '(1, 512, 8) merges into the axis before it: put those mesh axes on '
+       'the first of the merged axes, or make the mesh with Auto axes.'),
       (lro.scaled_adam(1e-2), n_d, 'scaled_adam: n-D factors sharded over '
        'Explicit mesh axes are not supported'),
       (lro.shampoo(1e-2), placed, 'shampoo: gradients sharded over Explicit '
