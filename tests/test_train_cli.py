@@ -4,6 +4,7 @@ nothing."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -409,3 +410,28 @@ def test_the_error_line_is_one_write(tmp_path, monkeypatch):
                    '--steps', '-3']) in (1, 2)
   errors = [w for w in writes if w.startswith('error: ')]
   assert len(errors) == 1 and errors[0].endswith('.\n'), writes
+
+
+def test_a_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+  """``--run-dir=~/x`` (which the shell leaves as it is) had trained into a
+  folder named '~' in the working directory; a config file's '~' too."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  home = str(tmp_path / 'home')
+  cfg, _ = cli.parse(['--config', 'tiny', '--run-dir=~/run',
+                      '--data.path=~/data.jsonl', '--data.eval-path=~/e',
+                      '--data.data-dir=~/d', '--model.path=~/m.gguf',
+                      '--model.tokenizer=~/t.model'])
+  assert (cfg.run_dir, cfg.data.path, cfg.data.eval_path, cfg.data.data_dir,
+          cfg.model.path, cfg.model.tokenizer) == (
+              f'{home}/run', f'{home}/data.jsonl', f'{home}/e', f'{home}/d',
+              f'{home}/m.gguf', f'{home}/t.model')
+  # A saved config named with '~', holding one.
+  os.makedirs(home)
+  saved = json.loads(configs.to_json(cfg))
+  saved['run_dir'] = '~/other'
+  Path(home, 'c.json').write_text(json.dumps(saved))
+  assert cli.parse(['--config=~/c.json'])[0].run_dir == f'{home}/other'
+  # Only a leading '~' (a Hub id or 'byte' stays as given).
+  assert configs.replace(cfg, **{'model.path': 'google/gemma-2b',
+                                 'model.tokenizer': 'byte'}).model.path == (
+                                     'google/gemma-2b')

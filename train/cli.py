@@ -49,7 +49,8 @@ def parse(argv: Sequence[str]) -> tuple[configs.Config, int]:
     # Last-wins had started another preset than the one meant.
     raise ValueError(f'--config given {len(known.config)} times '
                      f'({", ".join(known.config)}); give one.')
-  known.config = known.config[0] if known.config else None
+  # --config=~/x.json: the shell expands only a separate word.
+  known.config = os.path.expanduser(known.config[0]) if known.config else None
   if known.stop_at < 0:
     raise ValueError(f'--stop_at must be >= 0 (0: run to --steps), got '
                      f'{known.stop_at}.')

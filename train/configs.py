@@ -55,6 +55,16 @@ DEFAULT_RULES = (
 )
 
 
+def _expand_user(config: Any, *fields: str) -> None:
+  """``~`` at the start of these path fields as the home folder: the shell
+  leaves ``--run-dir=~/x`` (and a config file's ``"~/x"``) as it is, and
+  the run had gone into a folder named ``~`` in the working directory."""
+  for name in fields:
+    value = getattr(config, name)
+    if isinstance(value, str) and value.startswith('~'):
+      object.__setattr__(config, name, os.path.expanduser(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The base model.
@@ -85,6 +95,9 @@ class ModelConfig:
   tokenizer: str = ''
   dtype: str = 'auto'
   param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    _expand_user(self, 'path', 'tokenizer')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +231,9 @@ class DataConfig:
   seed: int = 0
   num_threads: int = 2
 
+  def __post_init__(self):
+    _expand_user(self, 'path', 'eval_path', 'data_dir')
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -336,6 +352,9 @@ class Config:
   resume: bool = False
   export_adapter: bool = True
   progress: bool = True
+
+  def __post_init__(self):
+    _expand_user(self, 'run_dir')
 
 
 def replace(config: Config, **changes: Any) -> Config:
