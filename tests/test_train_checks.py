@@ -520,6 +520,25 @@ def test_a_url_for_a_path_is_refused_in_one_line(tmp_path, monkeypatch, field):
   assert os.listdir(tmp_path) == []
 
 
+def test_a_run_dir_through_a_link_to_nothing_is_refused_before_the_build(
+    tmp_path):
+  """A dangling link as run_dir, or as its checkpoints folder, had passed
+  the check (its parent was checked) and failed after the build with
+  "[Errno 17] File exists", leaving a .lock behind."""
+  (tmp_path / 'dangling').symlink_to(tmp_path / 'nowhere')
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').symlink_to(tmp_path / 'gone')
+  for run_dir, link, target in (
+      (tmp_path / 'dangling', tmp_path / 'dangling', tmp_path / 'nowhere'),
+      (tmp_path / 'run', tmp_path / 'run' / 'checkpoints', tmp_path / 'gone')):
+    with pytest.raises(loop.ConfigError) as e:
+      loop.run(tiny(run_dir), log=quiet)
+    assert str(e.value) == (f'run_dir {link} cannot be written ({link} is a '
+                            f'link to {target}, which does not exist).')
+  assert sorted(os.listdir(tmp_path)) == ['dangling', 'run']
+  assert os.listdir(tmp_path / 'run') == ['checkpoints']
+
+
 def test_unwritable_folders_in_run_dir_are_refused_before_the_build(
     tmp_path, monkeypatch):
   """A read-only checkpoints folder (a copied run) had been found at the

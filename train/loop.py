@@ -1455,6 +1455,12 @@ def check_writable(path: str, name: str) -> None:
   refuse_url(name, path)
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
+    if os.path.islink(existing):
+      # A link to nothing: makedirs fails on it ("File exists"), and only
+      # once the model is built.
+      raise ConfigError(f'{name} {path} cannot be written ({existing} is a '
+                        f'link to {os.readlink(existing)}, which does not '
+                        'exist).')
     existing = os.path.dirname(existing)
   if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
           and not os.statvfs(existing).f_flag & os.ST_RDONLY):
