@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
   # Imported here so --help answers without loading JAX.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from models import gemma  # pylint: disable=g-import-not-at-top
+  from models.gemma.load import checkpoint_format  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(args.checkpoint):
     # Before the tokenizer, which would be the one named missing.
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
   if _is_t5(args.checkpoint):
     return _generate_t5(args)
   try:
+    # The checkpoint's format first: the tokenizer is read from it by
+    # default, and another file had been named a bad SentencePiece model.
+    checkpoint_format(args.checkpoint)
     tokenizer = gemma.load_tokenizer(args.tokenizer or args.checkpoint)
     model = gemma.from_pretrained(args.checkpoint,
                                   dtype=getattr(jnp, args.dtype))

@@ -580,11 +580,17 @@ def test_generate_cli_names_a_missing_checkpoint_or_a_fake_gguf(
   from models import generate  # pylint: disable=g-import-not-at-top
   fake = tmp_path / 'text.gguf'
   fake.write_text('not a model')
+  # Neither a folder nor a .gguf: named as the checkpoint it is not (it had
+  # been 'not a SentencePiece model', from the tokenizer read from it).
+  other = tmp_path / 'list.json'
+  other.write_text('[1]')
   for path, want in (
       (tmp_path / 'nope', f'error: --checkpoint {tmp_path}/nope: no such file '
        'or directory (a Hugging Face model folder or a .gguf file).'),
       (fake, f'error: {fake}: not a GGUF file (no GGUF header; a truncated '
-       'download or another file renamed).')):
+       'download or another file renamed).'),
+      (other, f"error: {other}: not a Hugging Face directory or a GGUF file "
+       "(starts with b'[1]').")):
     assert generate.main(['--checkpoint', str(path), '--prompt', 'hi']) == 2
     assert capsys.readouterr().err == want + '\n'
 

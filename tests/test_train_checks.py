@@ -539,6 +539,20 @@ def test_a_run_dir_through_a_link_to_nothing_is_refused_before_the_build(
   assert os.listdir(tmp_path / 'run') == ['checkpoints']
 
 
+def test_a_model_file_of_another_format_is_named_before_the_tokenizer(
+    tmp_path):
+  """The tokenizer is read from model.path by default: a JSON file there
+  had been reported as 'not a SentencePiece model'."""
+  other = tmp_path / 'list.json'
+  other.write_text('[1]')
+  with pytest.raises(ValueError) as e:
+    loop.run(tiny(tmp_path / 'run', **{'model.path': str(other),
+                                       'model.tokenizer': ''}), log=quiet)
+  assert str(e.value) == (f"{other}: not a Hugging Face directory or a GGUF "
+                          "file (starts with b'[1]').")
+  assert not (tmp_path / 'run').exists()
+
+
 def test_unwritable_folders_in_run_dir_are_refused_before_the_build(
     tmp_path, monkeypatch):
   """A read-only checkpoints folder (a copied run) had been found at the

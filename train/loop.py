@@ -656,6 +656,11 @@ def build(cfg: configs_lib.Config) -> Run:
         'Face folder or a .gguf; the Hub is not read' + (
             f': download it first, e.g. hf download {model_path} --local-dir '
             'DIR, and pass --model.path DIR' if hub_id else '') + ').')
+  if model_path and cfg.model.family == 'gemma':
+    # Before the tokenizer, read from it by default: another file had been
+    # named a bad SentencePiece model.
+    from models.gemma.load import checkpoint_format  # pylint: disable=g-import-not-at-top
+    checkpoint_format(model_path)
   tokenizer = family.load_tokenizer(cfg.model, model_path)
   model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer,
                             place=mesh_placer(rules, mesh))

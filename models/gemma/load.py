@@ -862,16 +862,26 @@ def from_pretrained(path: str, *, dtype=jnp.float32,
       on the first); default the default device.
   """
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if checkpoint_format(path) == 'hf':
     return load_hf(path, dtype=dtype, param_dtype=param_dtype, place=place)
+  return load_gguf(path, dtype=dtype, param_dtype=param_dtype, place=place)
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+  """``'hf'`` for a directory, ``'gguf'`` for a GGUF file (by its header,
+  or its name: a truncated one gets `load_gguf`'s own error); else one
+  error line. Callers that read the tokenizer from the same path ask this
+  first: another file had been reported as a bad SentencePiece model."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return 'hf'
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such checkpoint (expected a Hugging '
                             'Face directory or a .gguf file).')
   with open(path, 'rb') as f:
     magic = f.read(4)
   if magic == b'GGUF' or path.endswith('.gguf'):
-    return load_gguf(path, dtype=dtype, param_dtype=param_dtype,
-                     place=place)
+    return 'gguf'
   raise ValueError(f'{path}: not a Hugging Face directory or a GGUF file '
                    f'(starts with {magic!r}).')
 
