@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -510,6 +511,30 @@ def test_schedules():
     assert float(s(99)) == pytest.approx(end, abs=0.02)
   with pytest.raises(ValueError, match='schedule'):
     optim_lib.make_schedule(configs.OptimConfig(schedule='step'), 100)
+
+
+def test_a_run_that_is_all_warmup_says_so(tmp_path):
+  """--steps 1 of a preset with 5 warmup steps had trained nothing (the
+  first step runs at rate 0), and said nothing."""
+  for steps in (1, 5):
+    with pytest.warns(UserWarning) as caught:
+      loop.validate(tiny(tmp_path / 'run', steps=steps), 1)
+    assert [str(w.message) for w in caught] == [
+        f'optim.warmup_steps 5 >= steps {steps}: the whole run is warmup (the '
+        'rate climbs from 0 at the first step and never reaches '
+        'learning_rate 0.01 or decays); lower --optim.warmup-steps.']
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    loop.validate(tiny(tmp_path / 'run', steps=6), 1)
+    loop.validate(tiny(tmp_path / 'run', steps=1,
+                       **{'optim.warmup_steps': 0}), 1)
+  # In a run, one [train] line.
+  lines = []
+  loop.run(tiny(tmp_path / 'run', steps=1, export_adapter=False,
+                checkpoint_every=0), log=lines.append)
+  assert sum('whole run is warmup' in l for l in lines) == 1, lines
+  assert [l for l in lines if 'whole run is warmup' in l][0].startswith(
+      '[train] warning: optim.warmup_steps 5 >= steps 1')
 
 
 def test_tiny_evaluates_before_and_after(tmp_path):

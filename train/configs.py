@@ -138,7 +138,8 @@ class OptimConfig:
     learning_rate: peak learning rate.
     schedule: 'cosine' (warmup then cosine decay), 'linear' (warmup then
       linear decay) or 'constant' (warmup then constant).
-    warmup_steps: linear warmup from 0.
+    warmup_steps: linear warmup from 0 (the first step runs at rate 0); at
+      `steps` or more the whole run is warmup, which a warning says.
     end_lr_fraction: the learning rate the decay reaches, as a fraction in
       [0, 1] of the peak, at step `steps` (one past the last, as optax and Hugging
       Face count: the last step runs just above it, so 0 still trains).

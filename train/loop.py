@@ -451,6 +451,14 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f'unknown optimizer {cfg.optim.name!r}; choose one of: '
                       f'{", ".join(lro.OPTIMIZER_NAMES)}.')
   make_schedule(cfg.optim, cfg.steps)
+  if 0 < cfg.optim.warmup_steps >= cfg.steps:
+    # A smoke run of a preset (--steps 1 of tiny's 5 warmup steps) had
+    # trained nothing, and said nothing.
+    warnings.warn(
+        f'optim.warmup_steps {cfg.optim.warmup_steps} >= steps {cfg.steps}: '
+        'the whole run is warmup (the rate climbs from 0 at the first step '
+        f'and never reaches learning_rate {cfg.optim.learning_rate:g} or '
+        'decays); lower --optim.warmup-steps.', stacklevel=2)
   distributed.parse_rules(cfg.mesh.rules)
   return shape
 
