@@ -114,12 +114,6 @@ def _trace(x: jax.Array) -> jax.Array:
   return jnp.trace(x, axis1=-2, axis2=-1)
 
 
-def _reshape(x: jax.Array, shape) -> jax.Array:
-  """``x.reshape(shape)``, naming its sharding where Explicit mesh axes need
-  it (`placement.reshape_sharding`)."""
-  return x.reshape(shape, out_sharding=placement.reshape_sharding(x, shape))
-
-
 class _View(NamedTuple):
   """How a factor leaf is seen as a stack of matrices, by reshapes only.
 
@@ -146,15 +140,15 @@ class _View(NamedTuple):
                                           self.batch_axes)
     if self.moved:
       x = jnp.moveaxis(x, self.batch_axes + self.rank_axis, -1)
-    return _reshape(x, (slices, r, n) if self.rank_first
+    return placement.reshape(x, (slices, r, n) if self.rank_first
                     else (slices, n, r)).astype(dtype)
 
   def back(self, m: jax.Array, dtype) -> jax.Array:
     if not self.moved:
-      return _reshape(m, self.shape).astype(dtype)
+      return placement.reshape(m, self.shape).astype(dtype)
     axis = self.batch_axes + self.rank_axis
     moved = self.shape[:axis] + self.shape[axis + 1:] + (self.shape[axis],)
-    return jnp.moveaxis(_reshape(m, moved), -1, axis).astype(dtype)
+    return jnp.moveaxis(placement.reshape(m, moved), -1, axis).astype(dtype)
 
   # dot_general rather than einsum: these run once per factor (about 2000
   # calls for a 7B-shaped tree), and einsum's contraction-path search made
@@ -163,9 +157,12 @@ class _View(NamedTuple):
   def gram(self, x: jax.Array, y: jax.Array, precision) -> jax.Array:
     """x^T y over the long axis, (slices, r, r)."""
     long_axis = 2 if self.rank_first else 1
-    return jax.lax.dot_general(x, y, (((long_axis,), (long_axis,)),
-                                      ((0,), (0,))), precision=precision,
-                               out_sharding=placement.reduced_sharding(x, ()))
+    # Split along the layers as x is, then gathered: asked for whole
+    # straight away, XLA gathered the N x r factors instead.
+    return placement.replicated(jax.lax.dot_general(
+        x, y, (((long_axis,), (long_axis,)), ((0,), (0,))),
+        precision=precision,
+        out_sharding=placement.reduced_sharding(x, (0,))))
 
   def times(self, x: jax.Array, k: jax.Array, precision) -> jax.Array:
     """x k for an (slices, r, r) k, in the view's own layout."""
@@ -424,17 +421,13 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
         leaf = param_leaves[index]
         view = _View.of(leaf.shape, axis, lay.batch_axes)
         dtype = casting.compute_dtype(leaf.dtype)
-        try:
-          x = view.to(leaf, dtype)
-          grad = view.to(grad_leaves[index], dtype)
-          s_prev = view.to(mu_leaves[index], dtype)
-        except placement.UnplacedReshape as e:
-          # Over Explicit mesh axes, where a stacked or n-D factor's view
-          # as matrices would need another placement.
-          raise ValueError(
-              f"{who}: {'/'.join(param_paths[index][0])} (or its gradient "
-              f'or state) is {e}: put those mesh axes on the first of the '
-              'merged axes, or make the mesh with Auto axes.') from None
+        x, grad, s_prev = (
+            placement.as_matrices(
+                who, what + '/'.join(param_paths[index][0]),
+                functools.partial(view.to, dtype=dtype), y)
+            for what, y in (('', leaf), ('the gradient of ',
+                                         grad_leaves[index]),
+                            ('the state of ', mu_leaves[index])))
         grams = {'xx': view.gram(x, x, precision),
                  'xp': view.gram(x, view.to(basis_leaves[index], dtype),
                                  precision),
@@ -697,6 +690,9 @@ def balance_lora_factors(
                            (pair.b_index, 1.0 / scale_a)):
         p = param_leaves[index]
         factor = scale.reshape(scale.shape + (1,) * (p.ndim - lay.batch_axes))
+        # Split along the layers as this factor is (its partner's norms
+        # had moved their sharding onto it, over Explicit mesh axes).
+        factor = placement.batch_like(factor, p, lay.batch_axes)
         out[index] = (new[index] * factor - p.astype(new[index].dtype)
                      ).astype(out[index].dtype)
     return jax.tree_util.tree_unflatten(paired.treedef, out), state

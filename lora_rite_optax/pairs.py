@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_rite_optax import checks
+from lora_rite_optax import placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,7 +495,7 @@ def to_matrix(x: jax.Array, rank_axis: int, batch_axes: int) -> jax.Array:
   slices, n, r = matrix_shape(x.shape, rank_axis, batch_axes)
   axis = leaf_axis(x.ndim, rank_axis, batch_axes)
   x = jnp.moveaxis(x, axis, -1)
-  return x.reshape(slices, n, r)
+  return placement.reshape(x, (slices, n, r))
 
 
 def from_matrix(m: jax.Array, shape: Sequence[int], rank_axis: int,
@@ -503,7 +504,7 @@ def from_matrix(m: jax.Array, shape: Sequence[int], rank_axis: int,
   shape = tuple(shape)
   axis = leaf_axis(len(shape), rank_axis, batch_axes)
   moved = shape[:axis] + shape[axis + 1:] + (shape[axis],)
-  return jnp.moveaxis(m.reshape(moved), -1, axis)
+  return jnp.moveaxis(placement.reshape(m, moved), -1, axis)
 
 
 def factor_roles(paired: PairedTree) -> list[str | None]:

@@ -11,7 +11,7 @@ traced leaves are not placed.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,31 +202,68 @@ def reshape_sharding(x: Any, shape: Sequence[int]) -> NamedSharding | None:
     inner = [k for k in range(i0 + 1, i) if spec[k] is not None]
     if inner:
       raise UnplacedReshape(
-          f'split over mesh axes along axis {inner[0]} of shape '
-          f'{tuple(old)}, which a reshape to {tuple(shape)} merges into the '
-          'axis before it')
+          f'would merge an axis split over {spec[inner[0]]!r} into the axis '
+          'before it')
     entry = spec[i0]
     if entry is not None:
       names = entry if isinstance(entry, tuple) else (entry,)
       size = int(np.prod([sharding.mesh.shape[n] for n in names]))
       if shape[j0] % size:
         raise UnplacedReshape(
-            f'split {size} ways along axis {i0} of shape {tuple(old)}, '
-            f'which a reshape to {tuple(shape)} makes {shape[j0]} long')
+            f'would make an axis split {size} ways over {entry!r} '
+            f'{shape[j0]} long')
     new_spec[j0] = entry
   return NamedSharding(sharding.mesh, PartitionSpec(*new_spec))
 
 
-def batch_like(k: jax.Array, x: Any) -> jax.Array:
-  """``k`` split along its first axis as ``x`` is, where ``x`` is over
-  Explicit mesh axes (a batched product refuses batch axes sharded two
-  ways); else ``k``. ``k`` is replicated, so this is a local slice."""
+def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """``x.reshape(shape)``, naming its sharding where Explicit mesh axes need
+  it (`reshape_sharding`)."""
+  return x.reshape(shape, out_sharding=reshape_sharding(x, shape))
+
+
+def as_matrices(who: str, name: str, to_matrices: Callable[[Any], Any],
+                x: Any) -> Any:
+  """``to_matrices(x)`` (a factor's view as a stack of matrices), or one
+  line naming ``x`` (as ``name``) where its Explicit mesh axes cannot hold
+  that view (`UnplacedReshape`)."""
+  try:
+    return to_matrices(x)
+  except UnplacedReshape as e:
+    spec = tuple(_explicit(x).spec)
+    spec += (None,) * (x.ndim - len(spec))
+    raise ValueError(
+        f'{who}: {name} {tuple(x.shape)}, split as {PartitionSpec(*spec)}: '
+        f'its view as matrices {e}; put those mesh axes on the first of the '
+        'merged axes, or make the mesh with Auto axes.') from None
+
+
+def batch_like(k: jax.Array, x: Any, axes: int = 1) -> jax.Array:
+  """``k`` split along its first ``axes`` axes as ``x`` is, the rest whole,
+  where ``x`` is over Explicit mesh axes (a batched product refuses batch
+  axes sharded two ways, and an elementwise one takes the sharding of
+  either operand); else ``k``. From a replicated ``k`` this is a local
+  slice."""
   sharding = _explicit(x)
-  if sharding is None or not tuple(sharding.spec)[:1] or (
-      sharding.spec[0] is None):
+  if sharding is None:
     return k
-  return jax.sharding.reshard(k, NamedSharding(
-      sharding.mesh, PartitionSpec(sharding.spec[0], *(None,) * (k.ndim - 1))))
+  spec = (tuple(sharding.spec) + (None,) * axes)[:axes]
+  want = NamedSharding(sharding.mesh, PartitionSpec(
+      *spec, *(None,) * (k.ndim - axes)))
+  have = _explicit(k)
+  if have is not None and have.is_equivalent_to(want, k.ndim):
+    return k
+  return jax.sharding.reshard(k, want)
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` whole on every device of its Explicit mesh (a small result, such
+  as an ``r x r`` Gram kept split along stacked layers); else ``x``."""
+  sharding = _explicit(x)
+  if sharding is None:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(
+      sharding.mesh, PartitionSpec(*(None,) * x.ndim)))
 
 
 def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:

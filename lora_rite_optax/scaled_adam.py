@@ -116,15 +116,6 @@ def _riemannian_precond(who: str, delta, layout
     paired = pairs_lib.find_lora_pairs(updates, layout, who=who)
     grads, treedef = pairs_lib.flatten(updates)
     values, _ = pairs_lib.flatten(params)
-    # Explicit mesh axes: the Grams name their output's sharding; merging
-    # a sharded axis into the long one (n-D factors) needs more (not done).
-    placement.refuse_explicit(
-        who,
-        [values[i][1] for pair in paired.pairs
-         if jnp.ndim(values[pair.a_index][1]) > 2 + pair.layout.batch_axes or
-         jnp.ndim(values[pair.b_index][1]) > 2 + pair.layout.batch_axes
-         for i in (pair.a_index, pair.b_index)],
-        'n-D factors')
     # Each factor's gradient is batched over the layers with its partner's
     # Gram: their layer axes must be split alike (a ShardingTypeError from
     # inside the product, else).
@@ -143,14 +134,20 @@ def _riemannian_precond(who: str, delta, layout
       lay = pair.layout
       ga, gb = grads[pair.a_index][1], grads[pair.b_index][1]
       dtype = casting.compute_dtype(jnp.result_type(ga, gb))
-      view = lambda x, axis: pairs_lib.to_matrix(x.astype(dtype), axis,
-                                                 lay.batch_axes)
-      xa = view(values[pair.a_index][1], lay.a_rank_axis)
-      xb = view(values[pair.b_index][1], lay.b_rank_axis)
+      def view(x, index, axis, what=''):
+        return placement.as_matrices(
+            who, what + '/'.join(values[index][0]),
+            lambda y: pairs_lib.to_matrix(y.astype(dtype), axis,
+                                          lay.batch_axes), x)
+      xa = view(values[pair.a_index][1], pair.a_index, lay.a_rank_axis)
+      xb = view(values[pair.b_index][1], pair.b_index, lay.b_rank_axis)
       # Each solve waits for the one before.
-      new_a, inv_a = _precondition(view(ga, lay.a_rank_axis), xb, delta,
-                                   last)
-      new_b, last = _precondition(view(gb, lay.b_rank_axis), xa, delta, inv_a)
+      new_a, inv_a = _precondition(
+          view(ga, pair.a_index, lay.a_rank_axis, 'the gradient of '), xb,
+          delta, last)
+      new_b, last = _precondition(
+          view(gb, pair.b_index, lay.b_rank_axis, 'the gradient of '), xa,
+          delta, inv_a)
       out[pair.a_index] = pairs_lib.from_matrix(
           new_a, ga.shape, lay.a_rank_axis, lay.batch_axes
       ).astype(casting.step_dtype(ga.dtype, dtype))

@@ -275,9 +275,8 @@ def stacked_layers_split_along_layers_compile_once():
 def explicit_axes_work_or_are_refused_in_one_line():
   """jax.make_mesh's default axes in jax 0.10: LoRA-RITE's and ScaledAdam's
   Grams name their output's sharding, so factors train (as unsharded):
-  LoRA-RITE's 2-D, n-D and stacked ones (its r x r algebra replicated, each
-  view as matrices naming its sharding), ScaledAdam's 2-D and stacked
-  ones. Each compiles once and gathers no factor. What does not work yet
+  2-D, n-D and stacked ones (LoRA-RITE's r x r algebra replicated; each
+  view as matrices names its sharding). Each compiles once and gathers no factor. What does not work yet
   is one line (it had been a ShardingTypeError from inside)."""
   mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
@@ -307,7 +306,17 @@ def explicit_axes_work_or_are_refused_in_one_line():
        full_specs, lambda s: grads_for(full, s), 2e-6, True),
       (lro.lora_rite(1e-2, layout=scanned, escape_mass=True), stacked_plain,
        stacked_specs, stacked_grads, 2e-6, True),
-      (lro.scaled_adam(1e-2), plain, specs, lambda s: grads_for(plain, s),
+      # Split along the layers only (the Grams, asked for whole, had made
+      # XLA gather the factors), and the two factors' layers split apart,
+      # balanced (lora_a's norms had moved their sharding onto lora_b).
+      (lro.lora_rite(1e-2, layout=scanned), stacked_plain,
+       {'q': {'lora_a': P('tensor', None, None),
+              'lora_b': P('tensor', None, None)}}, stacked_grads, 2e-6, True),
+      (lro.lora_rite(1e-2, layout=scanned, balance_factors=True),
+       stacked_plain, {'q': {'lora_a': P('tensor', 'fsdp', None),
+                             'lora_b': P(None, None, 'fsdp')}},
+       stacked_grads, 2e-6, True),
+      (lro.scaled_adam(1e-2), full, full_specs, lambda s: grads_for(full, s),
        1e-5, True),
       # Layers sharded over one axis, rows over the other (a short spec,
       # respelt in the step's outputs: a second compile, not checked).
@@ -348,12 +357,12 @@ def explicit_axes_work_or_are_refused_in_one_line():
       hlo = update.lower(grads, got_state, got).compile().as_text()
       gathers = factor_sized_gathers(hlo)
       assert not gathers, gathers[0]
+  rank_in_middle = jax.device_put(
+      {'q': {'lora_a': jnp.ones((4, 8, 16)), 'lora_b': jnp.ones((4, 8, 16))}},
+      NamedSharding(mesh, P(None, None, 'fsdp')))
   inner_split = jax.device_put(
       {'o': full['o']}, {'o': {'lora_a': NamedSharding(mesh, P(None, 'tensor')),
                                'lora_b': NamedSharding(mesh, P())}})
-  n_d = {k: v for k, v in make_params().items() if k == 'o'}
-  n_d = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
-                     n_d, {'o': param_specs(('fsdp', 'tensor'))['o']})
   rank_split = jax.device_put(
       {'q': {'lora_a': jnp.ones((64, 8)), 'lora_b': jnp.ones((8, 32))}},
       {'q': {'lora_a': NamedSharding(mesh, P(None, 'fsdp')),
@@ -383,12 +392,21 @@ def explicit_axes_work_or_are_refused_in_one_line():
       # Its view as one matrix would merge a split axis into the one
       # before it.
       (lro.lora_rite(1e-2), inner_split,
-       "lora_rite: o/lora_a (or its gradient or state) is split over mesh "
-       'axes along axis 1 of shape (16, 32, 8), which a reshape to '
-       '(1, 512, 8) merges into the axis before it: put those mesh axes on '
-       'the first of the merged axes, or make the mesh with Auto axes.'),
-      (lro.scaled_adam(1e-2), n_d, 'scaled_adam: n-D factors sharded over '
-       'Explicit mesh axes are not supported'),
+       "lora_rite: o/lora_a (16, 32, 8), split as P(None, "
+       "'tensor', None): its view as matrices would merge an axis split "
+       "over 'tensor' into the axis before it; put those mesh axes on the "
+       'first of the merged axes, or make the mesh with Auto axes.'),
+      # The rank axis in the middle: named in the factor's own shape (not
+      # that of its view, the rank axis moved last).
+      (lro.lora_rite(1e-2, layout=lro.LoraLayout(a_rank_axis=1,
+                                                 b_rank_axis=1)),
+       rank_in_middle, "lora_rite: q/lora_a (4, 8, 16), split as "
+       "P(None, None, 'fsdp'): its view as matrices would merge "
+       "an axis split over 'fsdp' into the axis before it"),
+      (lro.scaled_adam(1e-2), inner_split, "scaled_adam: o/lora_a "
+       "(16, 32, 8), split as P(None, 'tensor', None): its view "
+       "as matrices would merge an axis split over 'tensor' into the axis "
+       'before it'),
       (lro.shampoo(1e-2), placed, 'shampoo: gradients sharded over Explicit '
        'mesh axes are not supported')):
     try:
