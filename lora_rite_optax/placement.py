@@ -179,6 +179,8 @@ def reshape_sharding(x: Any, shape: Sequence[int]) -> NamedSharding | None:
   old = list(x.shape)
   spec = list(sharding.spec) + [None] * (len(old) - len(sharding.spec))
   new_spec = [None] * len(shape)
+  if 0 in old or 0 in shape:  # nothing to place, and no sizes to match
+    return NamedSharding(sharding.mesh, PartitionSpec(*new_spec))
   i = j = 0
   while i < len(old) or j < len(shape):
     # Axes of size 1 hold nothing (a size-1 axis split over a mesh axis of
