@@ -140,8 +140,8 @@ class _View(NamedTuple):
                                           self.batch_axes)
     if self.moved:
       x = jnp.moveaxis(x, self.batch_axes + self.rank_axis, -1)
-    return placement.reshape(x, (slices, r, n) if self.rank_first
-                    else (slices, n, r)).astype(dtype)
+    shape = (slices, r, n) if self.rank_first else (slices, n, r)
+    return placement.reshape(x, shape).astype(dtype)
 
   def back(self, m: jax.Array, dtype) -> jax.Array:
     if not self.moved:
@@ -421,16 +421,16 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
         leaf = param_leaves[index]
         view = _View.of(leaf.shape, axis, lay.batch_axes)
         dtype = casting.compute_dtype(leaf.dtype)
-        x, grad, s_prev = (
+        x, grad, s_prev, x_prev = (
             placement.as_matrices(
                 who, what + '/'.join(param_paths[index][0]),
                 functools.partial(view.to, dtype=dtype), y)
-            for what, y in (('', leaf), ('the gradient of ',
-                                         grad_leaves[index]),
-                            ('the state of ', mu_leaves[index])))
+            for what, y in (('', leaf),
+                            ('the gradient of ', grad_leaves[index]),
+                            ('the state of ', mu_leaves[index]),
+                            ('the state of ', basis_leaves[index])))
         grams = {'xx': view.gram(x, x, precision),
-                 'xp': view.gram(x, view.to(basis_leaves[index], dtype),
-                                 precision),
+                 'xp': view.gram(x, x_prev, precision),
                  'gg': view.gram(grad, grad, precision)}
         if not capping_off:
           grams['gs'] = view.gram(grad, s_prev, precision)

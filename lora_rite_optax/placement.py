@@ -220,8 +220,12 @@ def reshape_sharding(x: Any, shape: Sequence[int]) -> NamedSharding | None:
 
 def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   """``x.reshape(shape)``, naming its sharding where Explicit mesh axes need
-  it (`reshape_sharding`)."""
-  return x.reshape(shape, out_sharding=reshape_sharding(x, shape))
+  it (`reshape_sharding`). A NumPy array (a user's float64 params) stays
+  one: its reshape takes no sharding."""
+  sharding = reshape_sharding(x, shape)
+  if sharding is None:
+    return x.reshape(shape)
+  return x.reshape(shape, out_sharding=sharding)
 
 
 def as_matrices(who: str, name: str, to_matrices: Callable[[Any], Any],
