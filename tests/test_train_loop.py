@@ -1010,3 +1010,24 @@ def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
   w.close()
   assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
       'step,loss', '0,3.0', 'step,loss,eval_acc', '1,2.5,0.25']
+
+
+def test_a_random_base_and_the_lora_init_draw_independent_numbers():
+  """A random base (no model.path) drew from nnx.Rngs(seed), the stream the
+  LoRA init then drew from again: each lora_a came out nearly a copy of a
+  prefix of some base kernel (|corr| 0.98-0.99)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import lora  # pylint: disable=g-import-not-at-top
+  from train.data import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  cfg = configs.get_config('tiny')
+  model = loop.load_model(cfg.model, '', cfg.seed, ByteTokenizer().vocab_size)
+  base = [np.asarray(v[...]).ravel() for _, v in
+          nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  loop._apply_lora(model, cfg)  # pylint: disable=protected-access
+  for a in jax.tree.leaves(lora.lora_params(model)):
+    a = np.asarray(a).ravel()
+    if not a.std():
+      continue  # lora_b = 0
+    worst = max(abs(np.corrcoef(a, w[:a.size])[0, 1]) for w in base
+                if w.size >= a.size and w[:a.size].std())
+    assert worst < 0.5, worst

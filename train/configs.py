@@ -322,7 +322,8 @@ class Config:
     batch_size: global batch (rows per optimizer step, all hosts together).
     grad_accum: micro-batches per step (batch_size must divide by it, and
       each micro-batch by the mesh's data x fsdp size).
-    seed: LoRA init and dropout seed.
+    seed: LoRA init and dropout seed, and that of a random base model's
+      weights (no model.path; a loaded model's are its own).
     log_every: metrics every N steps (loss, lr, grad norm, update
       magnitudes of A and B, tokens/s).
     checkpoint_every: orbax checkpoint every N steps (0: only at the end).

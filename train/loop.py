@@ -99,6 +99,20 @@ def _tokenizer_spec(cfg: configs_lib.ModelConfig, model_path: str):
   return spec
 
 
+# A random base model's key: fold_in(key(seed), count) is what the LoRA
+# init's stream (nnx.Rngs(params=seed)) draws at each count, so a base
+# drawn from nnx.Rngs(seed) had made each lora_a nearly a copy of some base
+# kernel (|corr| ~0.98). A count that stream never reaches: b'base'.
+_RANDOM_BASE_STREAM = 0x62617365
+
+
+def random_base_rngs(seed: int) -> nnx.Rngs:
+  """The Rngs of a random base model (no model.path), independent of the
+  LoRA init's and dropout's streams of this seed."""
+  return nnx.Rngs(jax.random.fold_in(jax.random.key(seed),
+                                     _RANDOM_BASE_STREAM))
+
+
 def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
   spec = _tokenizer_spec(cfg, model_path)
   if not isinstance(spec, str):
@@ -131,7 +145,7 @@ def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
   if vocab_size:
     gcfg = gcfg.replace(vocab_size=vocab_size)
   return gemma.Gemma(gcfg, dtype=dtype,
-                     param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+                     param_dtype=param_dtype, rngs=random_base_rngs(seed))
 
 
 def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
@@ -188,7 +202,7 @@ def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
     except ValueError as e:
       raise ConfigError(f'model.name: {e}') from None
     model = t5.T5(tcfg, dtype=dtype, param_dtype=param_dtype,
-                  rngs=nnx.Rngs(seed))
+                  rngs=random_base_rngs(seed))
   mismatch = tokenizer is not None and t5.tokenizer_mismatch(tokenizer,
                                                              model.config)
   if mismatch:
