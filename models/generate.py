@@ -97,15 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f'error: T5 / mT5 checkpoints decode greedily here: leave out '
           f'{", ".join(sampling)}.', file=sys.stderr)
     return 2
+  if args.temperature == 0 and sampling:
+    # Greedy decoding ignores them: say so rather than ignore them silently
+    # (every --seed had given the same text).
+    print(f'error: {" and ".join(sampling)}: --temperature 0 (the default) '
+          f'decodes greedily, which ignores {"them" if len(sampling) > 1 else "it"}; '
+          'pass --temperature (e.g. 1.0) to sample.', file=sys.stderr)
+    return 2
   if args.seed is None:
     args.seed = 0
-  if args.temperature == 0 and (args.top_k is not None or
-                                args.top_p is not None):
-    # Greedy decoding ignores them: say so rather than ignore them silently.
-    print('error: --top-k and --top-p restrict sampling, and --temperature 0 '
-          '(the default) decodes greedily: pass --temperature (e.g. 1.0) to '
-          'sample.', file=sys.stderr)
-    return 2
 
   # Imported here so --help answers without loading JAX.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -555,6 +555,11 @@ def cli_checkpoints(tmp_path_factory):
     # Greedy decoding had ignored them silently.
     (['--top-p', '0.9'], '--temperature 0 (the default) decodes greedily'),
     (['--top-k', '5'], 'pass --temperature (e.g. 1.0) to sample'),
+    # Every seed had given the same greedy text, without a word.
+    (['--seed', '5'], 'error: --seed: --temperature 0 (the default) decodes '
+     'greedily, which ignores it; pass --temperature (e.g. 1.0) to sample.'),
+    (['--top-k', '5', '--seed', '1'], 'error: --top-k and --seed: '
+     '--temperature 0 (the default) decodes greedily, which ignores them'),
     (['--checkpoint', 'small', '--tokenizer', 'ckpt/tokenizer.model'],
      'outside the model\'s vocabulary of 200'),
 ])
