@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from lora_rite_optax import checks
+from lora_rite_optax import placement
 
 _JIT_ARGS_NOT_SUPPORTED = ('static_argnums', 'static_argnames',
                            'donate_argnames')
@@ -197,7 +198,8 @@ def donating_jit(fun: Callable[..., Any], *,
       positional arguments only.
     donate_argnums: as in ``jax.jit``.
     out_shardings: as in ``jax.jit`` (a prefix of the output tree); applied
-      with ``jax.lax.with_sharding_constraint``.
+      with ``jax.lax.with_sharding_constraint``, or ``jax.sharding.reshard``
+      on a mesh with Explicit axes (which the former refuses).
     reorder_outputs: give returned inputs their own buffers (True), keep
       ``jax.jit``'s in-order pairing (False), or decide at each call by the
       platform the call runs on (None: reorder on CPU only).
@@ -296,7 +298,7 @@ def donating_jit(fun: Callable[..., Any], *,
             jax.tree.map(lambda s, sub: [s] * len(jax.tree.leaves(sub)),
                          out_shardings, outs, is_leaf=lambda x: x is None),
             is_leaf=lambda x: x is None)
-        leaves = [x if s is None else jax.lax.with_sharding_constraint(x, s)
+        leaves = [x if s is None else placement.constrain(x, s)
                   for x, s in zip(leaves, shardings)]
       plans.setdefault(key, (order, treedef))
       return [leaves[j] for j in order]

@@ -272,6 +272,17 @@ def replicated(x: jax.Array) -> jax.Array:
       sharding.mesh, PartitionSpec(*(None,) * x.ndim)))
 
 
+def constrain(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+  """``x`` placed as ``sharding`` inside a jitted function, as ``jax.jit``'s
+  ``out_shardings`` would: `jax.sharding.reshard` on a mesh with Explicit
+  axes (``with_sharding_constraint`` refuses their specs),
+  ``with_sharding_constraint`` elsewhere."""
+  if isinstance(sharding, NamedSharding) and _has_explicit_axes(
+      sharding.mesh):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:
   """One line for ``leaves`` sharded over Explicit mesh axes, which the
   update cannot take yet (its products contract sharded axes without

@@ -418,6 +418,43 @@ def explicit_axes_work_or_are_refused_in_one_line():
       raise AssertionError(f'not refused: {message}')
 
 
+def explicit_axes_take_derived_shardings_and_donation():
+  """A trainer on an Explicit mesh: state shardings derived before anything
+  is allocated, a donated step pinned to them (lro.donating_jit's
+  out_shardings had been refused there: with_sharding_constraint takes
+  only Auto axes), one compile, results as unsharded."""
+  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  tx = lro.lora_rite(1e-2, escape_mass=True)
+  params = make_params()
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
+                           param_specs(('fsdp', 'tensor')))
+  replicated = lambda x: NamedSharding(mesh, P(*(None,) * x.ndim))
+  state_shapes = jax.eval_shape(tx.init, params)
+  state_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, sharding: sharding, state_shapes, shardings,
+      transform_non_params=lambda x: jax.tree.map(replicated, x))
+  placed = jax.device_put(params, shardings)
+  state = jax.jit(tx.init, out_shardings=state_shardings)(placed)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jitted = lro.donating_jit(step, donate_argnums=(0, 1),
+                            out_shardings=(shardings, state_shardings))
+  want, want_state = params, tx.init(params)
+  for i in range(3):
+    grads = grads_for(params, i + 1)
+    placed, state = jitted(placed, state, jax.device_put(grads, shardings))
+    want, want_state = step(want, want_state, grads)
+  assert jitted._cache_size() == 1, jitted._cache_size()  # pylint: disable=protected-access
+  for got, w, s in zip(jax.tree.leaves(placed), jax.tree.leaves(want),
+                       jax.tree.leaves(shardings)):
+    assert got.sharding.is_equivalent_to(s, got.ndim), (got.sharding, s)
+    np.testing.assert_allclose(got, w, rtol=2e-5, atol=2e-6)
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
   detector_catches_householder_qr()
@@ -428,6 +465,8 @@ def main():
   print('ok stacked layers', flush=True)
   explicit_axes_work_or_are_refused_in_one_line()
   print('ok explicit axes', flush=True)
+  explicit_axes_take_derived_shardings_and_donation()
+  print('ok explicit donated', flush=True)
   run((8,), ('data',), 'data')
   print('ok data=8', flush=True)
   run((4, 2), ('fsdp', 'tensor'), ('fsdp', 'tensor'))

@@ -22,7 +22,8 @@ def test_lora_rite_shards_without_gathering_factors():
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   for line in ('ok detector', 'ok init placed', 'ok stacked layers',
-               'ok explicit axes', 'ok data=8', 'ok fsdp=4 x tensor=2'):
+               'ok explicit axes', 'ok explicit donated', 'ok data=8',
+               'ok fsdp=4 x tensor=2'):
     assert line in proc.stdout
 
 
