@@ -198,8 +198,11 @@ def donating_jit(fun: Callable[..., Any], *,
       positional arguments only.
     donate_argnums: as in ``jax.jit``.
     out_shardings: as in ``jax.jit`` (a prefix of the output tree); applied
-      with ``jax.lax.with_sharding_constraint``, or ``jax.sharding.reshard``
-      on a mesh with Explicit axes (which the former refuses).
+      with ``jax.lax.with_sharding_constraint`` over Auto mesh axes and
+      ``jax.sharding.reshard`` over Explicit ones (each refuses the
+      other's). On a mesh that mixes both, outputs placed over its Auto
+      axes come back spelt without trailing ``None``s, another jit cache
+      key for the next call: one more compile than ``jax.jit``.
     reorder_outputs: give returned inputs their own buffers (True), keep
       ``jax.jit``'s in-order pairing (False), or decide at each call by the
       platform the call runs on (None: reorder on CPU only).

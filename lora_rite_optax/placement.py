@@ -274,13 +274,30 @@ def replicated(x: jax.Array) -> jax.Array:
 
 def constrain(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
   """``x`` placed as ``sharding`` inside a jitted function, as ``jax.jit``'s
-  ``out_shardings`` would: `jax.sharding.reshard` on a mesh with Explicit
-  axes (``with_sharding_constraint`` refuses their specs),
-  ``with_sharding_constraint`` elsewhere."""
-  if isinstance(sharding, NamedSharding) and _has_explicit_axes(
-      sharding.mesh):
-    return jax.sharding.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
+  ``out_shardings`` would: the spec's Explicit mesh axes by
+  `jax.sharding.reshard`, its Auto ones by ``with_sharding_constraint``
+  (each refuses the other's axes; a mesh may mix both)."""
+  if not (isinstance(sharding, NamedSharding) and
+          _has_explicit_axes(sharding.mesh)):
+    return jax.lax.with_sharding_constraint(x, sharding)
+  mesh = sharding.mesh
+  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == jax.sharding.AxisType.Explicit}
+
+  def only(keep_explicit: bool) -> PartitionSpec:
+    spec = []
+    for entry in sharding.spec:
+      names = (entry if isinstance(entry, tuple)
+               else () if entry is None else (entry,))
+      names = tuple(n for n in names if (n in explicit) == keep_explicit)
+      spec.append(names if len(names) > 1 else names[0] if names else None)
+    return PartitionSpec(*spec)
+
+  x = jax.sharding.reshard(x, NamedSharding(mesh, only(True)))
+  auto = only(False)
+  if any(entry is not None for entry in auto):
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, auto))
+  return x
 
 
 def refuse_explicit(who: str, leaves: Iterable[Any], what: str) -> None:

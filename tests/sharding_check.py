@@ -422,13 +422,26 @@ def explicit_axes_take_derived_shardings_and_donation():
   """A trainer on an Explicit mesh: state shardings derived before anything
   is allocated, a donated step pinned to them (lro.donating_jit's
   out_shardings had been refused there: with_sharding_constraint takes
-  only Auto axes), one compile, results as unsharded."""
-  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  only Auto axes, and reshard only Explicit ones, where a mesh mixes
+  both), one compile, results as unsharded."""
+  explicit, auto = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+  # On the mixed mesh, outputs placed over its Auto axis come back spelt
+  # without trailing Nones (with_sharding_constraint's result), another
+  # jit cache key: a second compile there, which jax.jit's own
+  # out_shardings avoid.
+  for types, long_axis, compiles in (
+      ((explicit, explicit), ('fsdp', 'tensor'), 1),
+      ((explicit, auto), 'fsdp', 1), ((explicit, auto), 'tensor', 2)):
+    _derived_shardings_and_donation(
+        jax.make_mesh((4, 2), ('fsdp', 'tensor'), axis_types=types),
+        long_axis, compiles)
+
+
+def _derived_shardings_and_donation(mesh, long_axis, compiles):
   tx = lro.lora_rite(1e-2, escape_mass=True)
   params = make_params()
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
-                           param_specs(('fsdp', 'tensor')))
+                           param_specs(long_axis))
   replicated = lambda x: NamedSharding(mesh, P(*(None,) * x.ndim))
   state_shapes = jax.eval_shape(tx.init, params)
   state_shardings = optax.tree_utils.tree_map_params(
@@ -448,7 +461,7 @@ def explicit_axes_take_derived_shardings_and_donation():
     grads = grads_for(params, i + 1)
     placed, state = jitted(placed, state, jax.device_put(grads, shardings))
     want, want_state = step(want, want_state, grads)
-  assert jitted._cache_size() == 1, jitted._cache_size()  # pylint: disable=protected-access
+  assert jitted._cache_size() == compiles, jitted._cache_size()  # pylint: disable=protected-access
   for got, w, s in zip(jax.tree.leaves(placed), jax.tree.leaves(want),
                        jax.tree.leaves(shardings)):
     assert got.sharding.is_equivalent_to(s, got.ndim), (got.sharding, s)
