@@ -589,13 +589,19 @@ def test_generate_cli_names_a_missing_checkpoint_or_a_fake_gguf(
   # been 'not a SentencePiece model', from the tokenizer read from it).
   other = tmp_path / 'list.json'
   other.write_text('[1]')
+  folder = tmp_path / 'adapter'
+  folder.mkdir()
   for path, want in (
       (tmp_path / 'nope', f'error: --checkpoint {tmp_path}/nope: no such file '
        'or directory (a Hugging Face model folder or a .gguf file).'),
       (fake, f'error: {fake}: not a GGUF file (no GGUF header; a truncated '
        'download or another file renamed).'),
       (other, f"error: {other}: not a Hugging Face directory or a GGUF file "
-       "(starts with b'[1]').")):
+       "(starts with b'[1]')."),
+      # A folder that is no model (a run's adapter/): had been 'no
+      # tokenizer.model in this directory'.
+      (folder, f'error: {folder}/config.json: config.json not found '
+       '(expected a Hugging Face model directory).')):
     assert generate.main(['--checkpoint', str(path), '--prompt', 'hi']) == 2
     assert capsys.readouterr().err == want + '\n'
 

@@ -365,11 +365,18 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
   return d
 
 
-def read_hf_config(directory: str) -> GemmaConfig:
+def _config_file(directory: str) -> str:
+  """``directory``'s config.json, or one error (a folder that is no model,
+  such as a run's adapter/)."""
   path = os.path.join(directory, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: config.json not found (expected a Hugging '
                             'Face model directory).')
+  return path
+
+
+def read_hf_config(directory: str) -> GemmaConfig:
+  path = _config_file(directory)
   try:
     with open(path) as f:
       d = json.load(f)
@@ -868,12 +875,13 @@ def from_pretrained(path: str, *, dtype=jnp.float32,
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-  """``'hf'`` for a directory, ``'gguf'`` for a GGUF file (by its header,
-  or its name: a truncated one gets `load_gguf`'s own error); else one
-  error line. Callers that read the tokenizer from the same path ask this
+  """``'hf'`` for a directory with a config.json, ``'gguf'`` for a GGUF
+  file (by its header, or its name: a truncated one gets `load_gguf`'s own
+  error); else one error line. Callers that read the tokenizer from the same path ask this
   first: another file had been reported as a bad SentencePiece model."""
   path = os.fspath(path)
   if os.path.isdir(path):
+    _config_file(path)
     return 'hf'
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such checkpoint (expected a Hugging '
