@@ -920,9 +920,38 @@ def test_base_model_fingerprint_is_what_the_files_hold(tmp_path):
   renamed.write_bytes(weights)
   assert (fingerprints.base_model_fingerprint(str(gguf)) ==
           fingerprints.base_model_fingerprint(str(renamed)))
-  assert fingerprints.base_model_fingerprint('') is None
-  assert fingerprints.base_model_difference(None, first) == (
-      'a random base there, model files now')
+  random = fingerprints.base_model_fingerprint('')
+  assert random == fingerprints.RANDOM_BASE
+  for saved in (None, random):  # None: a checkpoint from before 2026-12-06
+    assert fingerprints.base_model_difference(saved, first) == (
+        'a random base there, model files now')
+  assert fingerprints.base_model_difference(first, random) == (
+      'model files there, a random base now')
+
+
+def test_resume_refuses_a_random_base_drawn_another_way(tmp_path,
+                                                        monkeypatch):
+  """A random base is the seed drawn one way: a checkpoint from before
+  2026-12-06 (its base from the LoRA init's own stream, fingerprint None)
+  had resumed on the base drawn the new way, its loss jumping (4.46 ->
+  6.28); one drawn the same way resumes."""
+  from train import fingerprints  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / 'old'
+  with monkeypatch.context() as m:  # as a version before the change wrote
+    m.setattr(fingerprints, 'base_model_fingerprint', lambda path: None)
+    loop.run(tiny(run_dir, steps=4), log=quiet, stop_at=2)
+  with pytest.raises(loop.ConfigError) as e:
+    loop.run(tiny(run_dir, steps=4, resume=True), log=quiet)
+  assert str(e.value) == (
+      f"--resume: checkpoint 2 in {run_dir}/checkpoints was trained on "
+      "another base model than model.path '' (a random base drawn another "
+      "way there, before 2026-12-06 from the LoRA init's own random "
+      'stream); this version cannot draw that base: start the run again '
+      'without --resume.')
+  loop.run(tiny(tmp_path / 'new', steps=4), log=quiet, stop_at=2)
+  lines = []
+  loop.run(tiny(tmp_path / 'new', steps=4, resume=True), log=lines.append)
+  assert any('resumed from step 2' in l for l in lines), lines
 
 
 def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):

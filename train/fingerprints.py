@@ -54,24 +54,42 @@ def _file_digest(path: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def base_model_fingerprint(path: str) -> dict[str, Any] | None:
+# What a random base (no model.path) records: its weights are the config's
+# seed drawn the way `train.loop.random_base_rngs` draws them, so the way is
+# what a resume compares. Change it with that function: a random base drawn
+# another way is another base. Checkpoints from before 2026-12-06 record
+# None: their bases came from the LoRA init's own stream.
+RANDOM_BASE = {'random base': 'seed folded with its own stream tag'}
+
+
+def base_model_fingerprint(path: str) -> dict[str, Any]:
   """{weight file name: digest} of a Hugging Face folder's weight files,
-  {'file': digest} of a single file (a GGUF), or None without a path (a
-  random base, which the config's seed decides)."""
+  {'file': digest} of a single file (a GGUF), or `RANDOM_BASE` without a
+  path (a random base, which the config's seed decides)."""
   if not path:
-    return None
+    return dict(RANDOM_BASE)
   if not os.path.isdir(path):  # One file (a GGUF), whatever its name.
     return {'file': _file_digest(path)}
   return {name: _file_digest(file)
           for name, file in sorted(_weight_files(path).items())}
 
 
+def is_random(fingerprint: dict[str, Any] | None) -> bool:
+  """Whether a fingerprint is a random base's (None: one from before
+  2026-12-06)."""
+  return fingerprint is None or 'random base' in fingerprint
+
+
 def base_model_difference(saved: dict[str, Any] | None,
                           now: dict[str, Any] | None) -> str:
   """How two fingerprints differ, in words."""
-  if saved is None or now is None:
-    return ('a random base there, model files now' if saved is None else
+  if is_random(saved) != is_random(now):
+    return ('a random base there, model files now' if is_random(saved) else
             'model files there, a random base now')
+  if is_random(saved):
+    return ('a random base drawn another way there' + (
+        ", before 2026-12-06 from the LoRA init's own random stream"
+        if saved is None else ''))
   if set(saved) != set(now):
     return (f'files {", ".join(sorted(saved)) or "none"} there, '
             f'{", ".join(sorted(now)) or "none"} now')

@@ -102,7 +102,8 @@ def _tokenizer_spec(cfg: configs_lib.ModelConfig, model_path: str):
 # A random base model's key: fold_in(key(seed), count) is what the LoRA
 # init's stream (nnx.Rngs(params=seed)) draws at each count, so a base
 # drawn from nnx.Rngs(seed) had made each lora_a nearly a copy of some base
-# kernel (|corr| ~0.98). A count that stream never reaches: b'base'.
+# kernel (|corr| ~0.98). A count that stream never reaches: b'base'. A
+# resume compares fingerprints.RANDOM_BASE: change it with this.
 _RANDOM_BASE_STREAM = 0x62617365
 
 
@@ -1899,7 +1900,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
           f'{cfg.model.path!r} (' + (
               fingerprints.base_model_difference(saved_base, base_id)
               if base_differs else "another process's copy of it differs") +
-          '); resume on the weights it was trained on.')
+          ('); this version cannot draw that base: start the run again '
+           'without --resume.' if base_differs and fingerprints.is_random(
+               saved_base) and fingerprints.is_random(base_id) else
+           '); resume on the weights it was trained on.'))
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
     except checkpoint.StateMismatch as e:
