@@ -272,7 +272,8 @@ def replicated(x: jax.Array) -> jax.Array:
       sharding.mesh, PartitionSpec(*(None,) * x.ndim)))
 
 
-def constrain(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+def constrain(x: jax.Array, sharding: jax.sharding.Sharding,
+              who: str) -> jax.Array:
   """``x`` placed as ``sharding`` inside a jitted function, as ``jax.jit``'s
   ``out_shardings`` would: the spec's Explicit mesh axes by
   `jax.sharding.reshard`, its Auto ones by ``with_sharding_constraint``
@@ -283,6 +284,16 @@ def constrain(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
   mesh = sharding.mesh
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
               if t == jax.sharding.AxisType.Explicit}
+  for entry in sharding.spec:
+    kinds = [n in explicit for n in
+             (entry if isinstance(entry, tuple) else (entry,))]
+    if False in kinds and True in kinds[kinds.index(False):]:
+      # Placed in two steps, the Explicit axes first, the devices would
+      # come out in another order than asked.
+      raise ValueError(
+          f'{who}: out_shardings entry {entry!r} names an Auto mesh axis '
+          'before an Explicit one, which cannot be placed here; name the '
+          'Explicit axes first, or use jax.jit.')
 
   def only(keep_explicit: bool) -> PartitionSpec:
     spec = []

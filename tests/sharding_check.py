@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_rite_optax as lro
+from lora_rite_optax import placement
 from tests.test_donation import factor_copies
 
 RANK = 8
@@ -435,6 +436,24 @@ def explicit_axes_take_derived_shardings_and_donation():
     _derived_shardings_and_donation(
         jax.make_mesh((4, 2), ('fsdp', 'tensor'), axis_types=types),
         long_axis, compiles)
+  # An Auto axis before an Explicit one in one entry: placed in two steps,
+  # the devices had come out in another order than asked, silently.
+  mixed = jax.make_mesh((4, 2), ('fsdp', 'tensor'), axis_types=(explicit, auto))
+  x = jax.device_put(jnp.zeros((8, 8)), NamedSharding(mixed, P('fsdp', None)))
+  try:
+    lro.donating_jit(lambda a: a + 1, donate_argnums=(0,), out_shardings=(
+        NamedSharding(mixed, P(('tensor', 'fsdp'), None))))(x)
+  except ValueError as e:
+    assert str(e) == (
+        "donating_jit: out_shardings entry ('tensor', 'fsdp') names an Auto "
+        'mesh axis before an Explicit one, which cannot be placed here; name '
+        'the Explicit axes first, or use jax.jit.'), str(e)
+  else:
+    raise AssertionError('an Auto axis before an Explicit one was placed')
+  # A zero-size factor's view: nothing to place (its size matching had run
+  # off the shape).
+  zero = jax.device_put(jnp.zeros((0, 8)), NamedSharding(mixed, P(None, 'fsdp')))
+  assert placement.reshape_sharding(zero, (8, 0)).spec == P(None, None)
 
 
 def _derived_shardings_and_donation(mesh, long_axis, compiles):
