@@ -73,8 +73,22 @@ def _main(argv, capsys):
     # traceback, config.json, metrics.csv and TensorBoard written. The
     # optimizer now names it when made; one that fails only inside the
     # update is caught by tracing it (test_an_optimizer_failing_to_update).
-    (['--optim.extra', '{"b1": "x"}'], 1, "optim: lora_rite: b1 "
-     "must be a number, got 'x'."),
+    (['--optim.extra', '{"update_capping": "x"}'], 1, "optim: lora_rite: "
+     "update_capping must be a number, got 'x'."),
+    # It had overridden --optim.b1 silently (config.json kept 0.9).
+    (['--optim.extra', '{"b1": 0.5, "eps": 1e-3}'], 1, 'optim.extra: b1, eps '
+     'have their own options (--optim.b1, --optim.eps), not optim.extra.'),
+    # OverflowErrors' tracebacks of 37 and 47 lines, from inside jax.
+    (['--seed', str(2**64)], 1, f'seed must be in [-2**63, 2**63 - 1), got '
+     f'{2**64}.'),
+    (['--optim.warmup_steps', str(10**20)], 1, 'optim.warmup_steps must be '
+     f'< 2**31, got {10**20}.'),
+    # Which of the two options named the unknown task had not been said.
+    (['--data.eval_task', 'nope'], 1, "error: data.eval_task: unknown task "
+     "'nope'; expected one of"),
+    # checkpoint_every's 0 is 'only at the end', not 'off'.
+    (['--checkpoint_every', '-1'], 1, 'checkpoint_every must be >= 0 (0: '
+     'only at the end), got -1.'),
     # It had said "optimizer() got multiple values for argument".
     (['--optim.extra', '{"learning_rate": 1}'], 1, 'optim.extra: '
      'learning_rate is set by --optim.learning_rate and --optim.schedule, '
@@ -435,3 +449,16 @@ def test_a_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
   assert configs.replace(cfg, **{'model.path': 'google/gemma-2b',
                                  'model.tokenizer': 'byte'}).model.path == (
                                      'google/gemma-2b')
+
+
+@pytest.mark.parametrize('name', ['', '..', '../elsewhere', 'a/b'])
+def test_a_name_that_is_no_folder_name_is_refused(tmp_path, capsys,
+                                                   monkeypatch, name):
+  """The default run_dir is runs/<name>: --name '' had written the run into
+  runs/ itself, among the other runs, and '../x' outside it."""
+  monkeypatch.chdir(tmp_path)
+  got, err = _main(['--config', 'tiny', '--name', name], capsys)
+  assert got == 1 and err == (
+      f"error: name must be a plain folder name (the default run_dir is "
+      f"runs/<name>), got {name!r}; or give --run-dir."), err
+  assert os.listdir(tmp_path) == []

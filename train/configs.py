@@ -213,7 +213,7 @@ class DataConfig:
       0 trains on all of it (then eval.split must be 'test').
     seed: shuffle / carve seed (and of the generated arithmetic training
       pool); the test split is the same for every seed.
-    num_threads: grain reader threads.
+    num_threads: grain reader threads (0: no prefetch).
   """
 
   task: str = 'arithmetic'
@@ -317,7 +317,8 @@ class Config:
   """A fine-tuning run.
 
   Attributes:
-    name: the preset's name (used in the default run dir).
+    name: the preset's name (the default run dir is runs/<name>, so a
+      plain folder name).
     steps: optimizer steps.
     batch_size: global batch (rows per optimizer step, all hosts together).
     grad_accum: micro-batches per step (batch_size must divide by it, and

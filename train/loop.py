@@ -393,6 +393,31 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
                       ('keep_checkpoints', cfg.keep_checkpoints)):
     if value < 1:
       raise ConfigError(f'{name} must be >= 1, got {value}.')
+  # The default run_dir is runs/<name>: an empty name had written the run
+  # into runs/ itself, among the other runs, and '../x' outside it.
+  if not cfg.run_dir and (not cfg.name or cfg.name in ('.', '..') or
+                          os.sep in cfg.name or
+                          (os.altsep and os.altsep in cfg.name)):
+    raise ConfigError(f'name must be a plain folder name (the default '
+                      f'run_dir is runs/<name>), got {cfg.name!r}; or give '
+                      '--run-dir.')
+  from train import data  # pylint: disable=g-import-not-at-top
+  for name, task in (('data.task', cfg.data.task),
+                     ('data.eval_task', cfg.data.eval_task)):
+    if task:  # eval_task '' is data.task's
+      try:
+        data.get_task(task)
+      except ValueError as e:  # which of the two had not been said
+        raise ConfigError(f'{name}: {e}.') from None
+  # jax takes 64-bit seeds (and dropout's seed + 1); a larger one had been
+  # an OverflowError's 37-line traceback from inside jax.random.
+  if not -2**63 <= cfg.seed < 2**63 - 1:
+    raise ConfigError(f'seed must be in [-2**63, 2**63 - 1), got {cfg.seed}.')
+  # A step count: one past int32 had been an OverflowError's traceback from
+  # the optimizer check's jit.
+  if cfg.optim.warmup_steps >= 2**31:
+    raise ConfigError(f'optim.warmup_steps must be < 2**31, got '
+                      f'{cfg.optim.warmup_steps}.')
   for name, value, what in (
       ('eval.num_examples', cfg.eval.num_examples, ' (0: all)'),
       ('optim.warmup_steps', cfg.optim.warmup_steps, ''),
@@ -422,9 +447,11 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   if cfg.data.style not in templates.STYLES:
     raise ConfigError(f'data.style must be one of {", ".join(templates.STYLES)}'
                       f', got {cfg.data.style!r}.')
-  if cfg.checkpoint_every < 0 or cfg.eval.every < 0:
-    raise ConfigError(f'checkpoint_every and eval.every must be >= 0 (0: '
-                      f'off), got {cfg.checkpoint_every} and {cfg.eval.every}.')
+  for name, value, zero in (
+      ('checkpoint_every', cfg.checkpoint_every, 'only at the end'),
+      ('eval.every', cfg.eval.every, 'only before and after training')):
+    if value < 0:
+      raise ConfigError(f'{name} must be >= 0 (0: {zero}), got {value}.')
   if cfg.batch_size % cfg.grad_accum:
     raise ConfigError(f'batch_size {cfg.batch_size} is not divisible by '
                       f'grad_accum {cfg.grad_accum}.')

@@ -56,6 +56,15 @@ def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
     raise ConfigError('optim.extra: learning_rate is set by '
                       '--optim.learning_rate and --optim.schedule, not in '
                       'optim.extra.')
+  own = [k for k in ('b1', 'b2', 'eps', 'weight_decay') if k in extra]
+  if own:
+    # It had overridden --optim.<name> silently, while config.json (and
+    # the checks) kept the option's value.
+    raise ConfigError(f'optim.extra: {", ".join(own)} '
+                      f'{"has its" if len(own) == 1 else "have their"} own '
+                      f'option{"s" if len(own) > 1 else ""} '
+                      f'({", ".join("--optim." + k for k in own)}), not '
+                      'optim.extra.')
   kwargs = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                 weight_decay=cfg.weight_decay)
   kwargs.update(extra)
