@@ -4,9 +4,10 @@
 sharding. ``optax.adam``'s ``init`` (``zeros_like``) keeps each moment on its
 param's devices, and a user who calls ``tx.init`` on params sharded over a
 mesh (``nnx.Optimizer`` does) expects the same of every optimizer here, not
-a whole copy of the state on device 0 until the first jitted update. A
-trainer that derives state shardings with ``jax.eval_shape`` is unaffected:
-traced leaves are not placed.
+a whole copy of the state on device 0 until the first jitted update.
+Traced leaves (``jax.eval_shape``, ``jax.jit(tx.init)``) are placed only
+over Explicit mesh axes, where their type carries their sharding; on Auto
+axes a trainer derives the state's shardings itself.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ def _placed(leaf: Any) -> jax.sharding.Sharding | None:
 
 
 def zeros_like(leaf: Any, dtype) -> jax.Array:
-  """Zeros of ``leaf``'s shape in ``dtype``, placed as ``leaf`` is."""
+  """Zeros of ``leaf``'s shape in ``dtype``, placed as ``leaf`` is.
+
+  A traced leaf over Explicit mesh axes carries its sharding in its type
+  (``jax.eval_shape``, ``jax.jit(tx.init)``): ``jnp.zeros_like`` keeps it,
+  where plain zeros had come out replicated (or on device 0 with no mesh
+  set): every device then held each factor-sized moment whole, and a step
+  fed them compiled again.
+  """
+  if _explicit(leaf) is not None and isinstance(leaf, jax.core.Tracer):
+    return jnp.zeros_like(leaf, dtype=dtype)
   return jnp.zeros(leaf.shape, dtype, device=_placed(leaf))
 
 

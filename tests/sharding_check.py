@@ -450,6 +450,39 @@ def explicit_axes_take_derived_shardings_and_donation():
         'the Explicit axes first, or use jax.jit.'), str(e)
   else:
     raise AssertionError('an Auto axis before an Explicit one was placed')
+  # init traced (jax.eval_shape, jax.jit(tx.init)) keeps the factor-shaped
+  # state's Explicit sharding, as optax.adam's does: it had come out
+  # replicated (each device holding every moment whole), and the step fed
+  # it compiled again.
+  mesh = jax.make_mesh((4, 2), ('fsdp', 'tensor'),
+                       axis_types=(explicit, explicit))
+  specs = {'q': {'lora_a': P('tensor', 'fsdp', None),
+                 'lora_b': P('tensor', None, 'fsdp')}}
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+  stacked = {'q': {'lora_a': jnp.ones((2, 64, 4)),
+                   'lora_b': jnp.full((2, 4, 32), 0.1)}}
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      stacked, shardings)
+  scanned = lro.NNX_LAYOUT.scanned(1)
+  for tx in (lro.lora_rite(1e-2, layout=scanned),
+             lro.scaled_adam(1e-2, layout=scanned)):
+    with jax.set_mesh(mesh):
+      shapes = jax.eval_shape(tx.init, abstract)
+    factor_like = [x for x in jax.tree.leaves(shapes)
+                   if x.shape in ((2, 64, 4), (2, 4, 32))]
+    assert len(factor_like) >= 4, factor_like
+    for x in factor_like:
+      want = specs['q']['lora_a' if x.shape == (2, 64, 4) else 'lora_b']
+      assert x.sharding.spec == want, (x.sharding.spec, want)
+    params = jax.device_put(stacked, shardings)
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init)(params)
+      step = jax.jit(lambda p, s, tx=tx: tx.update(
+          jax.tree.map(jnp.cos, p), s, p))
+      for _ in range(3):
+        _, state = step(params, state)
+    assert step._cache_size() == 1, step._cache_size()  # pylint: disable=protected-access
   # A zero-size factor's view: nothing to place (its size matching had run
   # off the shape).
   zero = jax.device_put(jnp.zeros((0, 8)), NamedSharding(mixed, P(None, 'fsdp')))
