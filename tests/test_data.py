@@ -403,6 +403,11 @@ def test_unknown_task_and_split(tmp_path):
       call()
     assert "\n" not in str(e.value)
   assert data.get_task("ARC-Challenge").name == "arc_challenge"
+  # '-' reads as '_' in the aliases too ('natural-instructions' had been
+  # unknown while 'natural_instructions' was not).
+  for alias in ("natural-instructions", "Super-Natural-Instructions",
+                "natural_instructions", "superni"):
+    assert data.get_task(alias).name == "superni", alias
   with pytest.raises(ValueError, match="unknown split 'dev'"):
     data.load_task("boolq", "dev")
 

@@ -83,6 +83,10 @@ def _main(argv, capsys):
      f'{2**64}.'),
     (['--optim.warmup_steps', str(10**20)], 1, 'optim.warmup_steps must be '
      f'< 2**31, got {10**20}.'),
+    (['--steps', str(2**31), '--optim.schedule', 'linear'], 1, 'steps must '
+     f'be < 2**31, got {2**31}.'),
+    (['--data.task', ''], 1, "error: data.task: unknown task ''; expected "
+     'one of'),
     # Which of the two options named the unknown task had not been said.
     (['--data.eval_task', 'nope'], 1, "error: data.eval_task: unknown task "
      "'nope'; expected one of"),
@@ -462,3 +466,25 @@ def test_a_name_that_is_no_folder_name_is_refused(tmp_path, capsys,
       f"error: name must be a plain folder name (the default run_dir is "
       f"runs/<name>), got {name!r}; or give --run-dir."), err
   assert os.listdir(tmp_path) == []
+
+
+def test_a_run_saved_with_its_own_optimizer_args_in_extra_still_resumes(
+    tmp_path):
+  """Before 2026-12-06 optim.extra's b1/b2/eps/weight_decay overrode their
+  options (now refused there): the run's config.json, and its checkpoints'
+  record of it, read them as the options they were, or no command could
+  resume the run."""
+  from train import loop  # pylint: disable=g-import-not-at-top
+  cfg = configs.get_config('tiny')
+  saved = json.loads(configs.to_json(cfg))
+  saved['optim']['extra'] = '{"b1": 0.95, "escape_mass": true}'
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps(saved))
+  loaded = configs.load_json(path)
+  assert loaded.optim.b1 == 0.95
+  assert json.loads(loaded.optim.extra) == {'escape_mass': True}
+  assert loop.resume_changes(saved, json.loads(configs.to_json(loaded))) == {}
+  # A real change is still one.
+  other = configs.replace(loaded, **{'optim.b1': 0.9})
+  assert loop.resume_changes(saved, json.loads(configs.to_json(other))) == {
+      'optim.b1': (0.95, 0.9)}

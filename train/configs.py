@@ -481,7 +481,29 @@ def load_json(path: str | os.PathLike[str]) -> Config:
   # resumed run's file says true, and a new run started from it (another
   # run_dir, say) would otherwise be taken for a resume.
   d.pop('resume', None)
-  return from_dict(d)
+  return from_dict(migrated(d))
+
+
+# Optimizer arguments with an option of their own, which optim.extra had
+# overridden (before 2026-12-06) and now refuses.
+OWN_OPTIM_ARGS = ('b1', 'b2', 'eps', 'weight_decay')
+
+
+def migrated(d: dict[str, Any]) -> dict[str, Any]:
+  """A config dict as a run saved it, in today's terms: b1, b2, eps or
+  weight_decay in ``optim.extra`` (which overrode the option then) moved to
+  their options, so that the run's config.json, and its checkpoints'
+  record of it, still resume."""
+  optim = d.get('optim')
+  try:
+    extra = json.loads(optim.get('extra') or '{}')
+  except (AttributeError, TypeError, json.JSONDecodeError):
+    return d  # not a dict, or extra not JSON: checked where used
+  if not isinstance(extra, dict) or not any(k in extra
+                                            for k in OWN_OPTIM_ARGS):
+    return d
+  own = {k: extra.pop(k) for k in OWN_OPTIM_ARGS if k in extra}
+  return {**d, 'optim': {**optim, **own, 'extra': json.dumps(extra)}}
 
 
 # ---------------------------------------------------------------------------

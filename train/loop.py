@@ -404,7 +404,7 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
   from train import data  # pylint: disable=g-import-not-at-top
   for name, task in (('data.task', cfg.data.task),
                      ('data.eval_task', cfg.data.eval_task)):
-    if task:  # eval_task '' is data.task's
+    if task or name == 'data.task':  # eval_task '' is data.task's
       try:
         data.get_task(task)
       except ValueError as e:  # which of the two had not been said
@@ -415,9 +415,10 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f'seed must be in [-2**63, 2**63 - 1), got {cfg.seed}.')
   # A step count: one past int32 had been an OverflowError's traceback from
   # the optimizer check's jit.
-  if cfg.optim.warmup_steps >= 2**31:
-    raise ConfigError(f'optim.warmup_steps must be < 2**31, got '
-                      f'{cfg.optim.warmup_steps}.')
+  for name, value in (('steps', cfg.steps),
+                      ('optim.warmup_steps', cfg.optim.warmup_steps)):
+    if value >= 2**31:
+      raise ConfigError(f'{name} must be < 2**31, got {value}.')
   for name, value, what in (
       ('eval.num_examples', cfg.eval.num_examples, ' (0: all)'),
       ('optim.warmup_steps', cfg.optim.warmup_steps, ''),
@@ -1344,7 +1345,8 @@ def resume_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   `load_json` reads the file: else no setting, not even `--config` of the
   run's own config.json, could resume the run.
   """
-  old, new = configs_lib.flatten(saved), configs_lib.flatten(current)
+  old = configs_lib.flatten(configs_lib.migrated(saved))
+  new = configs_lib.flatten(current)
   defaults = configs_lib.flatten(json.loads(configs_lib.to_json(
       configs_lib.Config())))
   old = {**{k: v for k, v in defaults.items() if k in new}, **old}

@@ -56,7 +56,7 @@ def make_optimizer(cfg: configs_lib.OptimConfig, steps: int
     raise ConfigError('optim.extra: learning_rate is set by '
                       '--optim.learning_rate and --optim.schedule, not in '
                       'optim.extra.')
-  own = [k for k in ('b1', 'b2', 'eps', 'weight_decay') if k in extra]
+  own = [k for k in configs_lib.OWN_OPTIM_ARGS if k in extra]
   if own:
     # It had overridden --optim.<name> silently, while config.json (and
     # the checks) kept the option's value.

@@ -82,8 +82,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec(arithmetic.NAME, formats.NUMBER),
 )}
 
-_ALIASES = {"arc": "arc_challenge", "arc-challenge": "arc_challenge",
-            "obqa": "openbookqa", "super_natural_instructions": "superni",
+# Keyed by the name with '-' read as '_' ('natural-instructions' had been
+# unknown while 'natural_instructions' was not).
+_ALIASES = {"arc": "arc_challenge", "obqa": "openbookqa",
+            "super_natural_instructions": "superni",
             "natural_instructions": "superni"}
 
 
@@ -100,8 +102,8 @@ def is_generated(name: str, path=None, hub=None) -> bool:
 
 def get_task(name: str) -> TaskSpec:
   """Returns the spec of task `name` (case-insensitive; a few aliases)."""
-  key = name.strip().lower()
-  key = _ALIASES.get(key, key).replace("-", "_")
+  key = name.strip().lower().replace("-", "_")
+  key = _ALIASES.get(key, key)
   if key not in TASKS:
     raise ValueError(
         f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
