@@ -301,7 +301,8 @@ def donating_jit(fun: Callable[..., Any], *,
             jax.tree.map(lambda s, sub: [s] * len(jax.tree.leaves(sub)),
                          out_shardings, outs, is_leaf=lambda x: x is None),
             is_leaf=lambda x: x is None)
-        leaves = [x if s is None else placement.constrain(x, s, 'donating_jit')
+        leaves = [x if s is None
+                  else placement.constrain(x, s, 'donating_jit')
                   for x, s in zip(leaves, shardings)]
       plans.setdefault(key, (order, treedef))
       return [leaves[j] for j in order]

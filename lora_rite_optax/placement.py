@@ -61,7 +61,7 @@ def stacked_axis_sharding(factors: Sequence[Any], batch_axes: Sequence[int],
   as the update's merged slice axis then is), where the ``slices`` layers
   of them all divide evenly over those axes; else None (XLA chooses).
   None over Explicit mesh axes too: there the update keeps the ``r x r``
-  statistics replicated (`reduced_sharding`)."""
+  statistics replicated (`replicated`)."""
   found = None
   for factor, axes in zip(factors, batch_axes):
     sharding = _placed(factor)
