@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.temperature == 0 and sampling:
     # Greedy decoding ignores them: say so rather than ignore them silently
     # (every --seed had given the same text).
+    them = 'them' if len(sampling) > 1 else 'it'
     print(f'error: {" and ".join(sampling)}: --temperature 0 (the default) '
-          f'decodes greedily, which ignores {"them" if len(sampling) > 1 else "it"}; '
-          'pass --temperature (e.g. 1.0) to sample.', file=sys.stderr)
+          f'decodes greedily, which ignores {them}; pass --temperature (e.g. '
+          '1.0) to sample.', file=sys.stderr)
     return 2
   if args.seed is None:
     args.seed = 0

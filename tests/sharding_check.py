@@ -56,6 +56,25 @@ def grads_for(params, seed):
       lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-2, x.dtype), params)
 
 
+def derived_state_shardings(tx, params, shardings, non_params):
+  """The state's shardings as a trainer derives them before allocating
+  anything: the params' for param-shaped leaves, ``non_params(subtree)``
+  for the rest."""
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+      shardings, transform_non_params=non_params)
+
+
+def train_step(tx):
+  """``(params, state, grads) -> (params, state)``: one update applied."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def factor_sized_gathers(hlo: str) -> list[str]:
   """All-gathers in compiled HLO with an axis longer than the rank."""
   found = []
@@ -100,19 +119,11 @@ def run(mesh_shape, axis_names, long_axis, steps=4):
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
                            param_specs(long_axis))
   replicated = NamedSharding(mesh, P())
-
-  # A trainer derives the state's shardings before allocating anything.
-  state_shapes = jax.eval_shape(tx.init, params)
-  state_shardings = optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, state_shapes, shardings,
-      transform_non_params=lambda _: replicated)
-
+  state_shardings = derived_state_shardings(tx, params, shardings,
+                                            lambda _: replicated)
   sharded_params = jax.device_put(params, shardings)
   state = jax.jit(tx.init, out_shardings=state_shardings)(sharded_params)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  step = train_step(tx)
 
   # As a trainer jits it: donating, with the state's shardings pinned.
   jitted = lro.donating_jit(step, donate_argnums=(0, 1),
@@ -494,17 +505,13 @@ def _derived_shardings_and_donation(mesh, long_axis, compiles):
   params = make_params()
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
                            param_specs(long_axis))
+  # Replicated spelt as a step writes it on Explicit axes: one None an axis.
   replicated = lambda x: NamedSharding(mesh, P(*(None,) * x.ndim))
-  state_shapes = jax.eval_shape(tx.init, params)
-  state_shardings = optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, state_shapes, shardings,
-      transform_non_params=lambda x: jax.tree.map(replicated, x))
+  state_shardings = derived_state_shardings(
+      tx, params, shardings, lambda x: jax.tree.map(replicated, x))
   placed = jax.device_put(params, shardings)
   state = jax.jit(tx.init, out_shardings=state_shardings)(placed)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  step = train_step(tx)
 
   jitted = lro.donating_jit(step, donate_argnums=(0, 1),
                             out_shardings=(shardings, state_shardings))

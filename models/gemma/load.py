@@ -877,8 +877,9 @@ def from_pretrained(path: str, *, dtype=jnp.float32,
 def checkpoint_format(path: str | os.PathLike) -> str:
   """``'hf'`` for a directory with a config.json, ``'gguf'`` for a GGUF
   file (by its header, or its name: a truncated one gets `load_gguf`'s own
-  error); else one error line. Callers that read the tokenizer from the same path ask this
-  first: another file had been reported as a bad SentencePiece model."""
+  error); else one error line. Callers that read the tokenizer from the
+  same path ask this first: another file had been reported as a bad
+  SentencePiece model."""
   path = os.fspath(path)
   if os.path.isdir(path):
     _config_file(path)
