@@ -553,6 +553,28 @@ def test_a_model_file_of_another_format_is_named_before_the_tokenizer(
   assert not (tmp_path / 'run').exists()
 
 
+def test_an_unreadable_tokenizer_names_its_option(tmp_path):
+  """A tokenizer's refusal had named only the file, not the option it came
+  from (model.tokenizer, or model.path by default), for both families."""
+  garbage = tmp_path / 'garbage.model'
+  garbage.write_bytes(b'not a model')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for preset, spec, error, line in (
+      ('tiny', garbage, ValueError, f'{garbage}: not a SentencePiece model '),
+      ('tiny', tmp_path / 'none.model', FileNotFoundError,
+       f'{tmp_path / "none.model"}: tokenizer not found '),
+      ('tiny_t5', empty, FileNotFoundError,
+       f'{empty}: no spiece.model in this directory ')):
+    cfg = configs.replace(configs.get_config(preset),
+                          run_dir=str(tmp_path / 'run'),
+                          **{**FAST, 'model.tokenizer': str(spec)})
+    with pytest.raises(error) as e:
+      loop.run(cfg, log=quiet)
+    assert str(e.value).startswith(f'model.tokenizer (the tokenizer): {line}')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_unwritable_folders_in_run_dir_are_refused_before_the_build(
     tmp_path, monkeypatch):
   """A read-only checkpoints folder (a copied run) had been found at the

@@ -114,12 +114,28 @@ def random_base_rngs(seed: int) -> nnx.Rngs:
                                      _RANDOM_BASE_STREAM))
 
 
+def _naming_option(cfg: configs_lib.ModelConfig, read: Callable[[], Any]):
+  """``read()``, its one-line refusal prefixed with the option the tokenizer
+  came from (model.tokenizer, else model.path), as every other file option's
+  is: the path alone did not say which option to change."""
+  try:
+    return read()
+  except (OSError, ValueError) as e:
+    option = 'model.tokenizer' if cfg.tokenizer else 'model.path'
+    line = f'{option} (the tokenizer): {e}'
+    try:
+      named = type(e)(line)
+    except TypeError:  # an error class taking other arguments
+      named = ValueError(line)
+    raise named from None
+
+
 def load_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
   spec = _tokenizer_spec(cfg, model_path)
   if not isinstance(spec, str):
     return spec
   from models.gemma.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
-  return load(spec)
+  return _naming_option(cfg, lambda: load(spec))
 
 
 def load_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
@@ -158,13 +174,17 @@ def load_t5_tokenizer(cfg: configs_lib.ModelConfig, model_path: str):
     return spec
   from models.gemma.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from models import t5  # pylint: disable=g-import-not-at-top
-  path = spec
-  if os.path.isdir(spec):
-    path = t5.tokenizer_file(spec)
-    if path is None:
-      raise FileNotFoundError(f'{spec}: no spiece.model in this directory (a '
-                              'T5 / mT5 SentencePiece tokenizer).')
-  return Tokenizer.from_model_file(path, add_bos=False)
+
+  def read():
+    path = spec
+    if os.path.isdir(spec):
+      path = t5.tokenizer_file(spec)
+      if path is None:
+        raise FileNotFoundError(f'{spec}: no spiece.model in this directory '
+                                '(a T5 / mT5 SentencePiece tokenizer).')
+    return Tokenizer.from_model_file(path, add_bos=False)
+
+  return _naming_option(cfg, read)
 
 
 def load_t5_model(cfg: configs_lib.ModelConfig, model_path: str, seed: int,
