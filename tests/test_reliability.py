@@ -533,11 +533,12 @@ def test_a_stop_at_once_is_not_followed_by_orbax_threads_errors(
   import runpy  # pylint: disable=g-import-not-at-top
   from train import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
-  monkeypatch.setattr(cli, 'main', lambda: 130)
+  # Exit 1 (a damaged checkpoint's): 130 leaves by os._exit, tested below.
+  monkeypatch.setattr(cli, 'main', lambda: 1)
   try:
     with pytest.raises(SystemExit) as e:
       runpy.run_module('train', run_name='__main__')
-    assert e.value.code == 130
+    assert e.value.code == 1
     logging.getLogger('absl').error('writer thread: cannot schedule new '
                                     'futures after shutdown')
     assert 'writer thread' not in caplog.text
@@ -547,6 +548,41 @@ def test_a_stop_at_once_is_not_followed_by_orbax_threads_errors(
     logging.disable(logging.NOTSET)
   logging.getLogger('absl').error('after the test')
   assert 'after the test' in caplog.text
+
+
+_EXIT_WHILE_COMPILING = """
+import runpy, sys, threading, time
+import jax, jax.numpy as jnp
+from train import cli
+
+def compile_long():
+  def f(x):
+    for i in range(400):
+      x = jnp.sin(x @ x.T) + i
+    return x
+  jax.jit(f).lower(jnp.ones((64, 64))).compile()
+
+def second_ctrl_c_while_compiling():
+  threading.Thread(target=compile_long, daemon=True).start()
+  time.sleep(1.0)
+  print('error: interrupted (Ctrl-C)', file=sys.stderr)
+  return 130
+
+cli.main = second_ctrl_c_while_compiling
+sys.argv = ['train']
+runpy.run_module('train', run_name='__main__')
+"""
+
+
+def test_a_stop_at_once_during_a_compile_exits_130():
+  """A second Ctrl-C during the first step's compile: the interpreter going
+  down while XLA compiled in its threads aborted, exit 134 or 139 after
+  seconds, where the one line had said 130."""
+  done = subprocess.run([sys.executable, '-c', _EXIT_WHILE_COMPILING],
+                        cwd=ROOT, env=_train_env(), capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert (done.returncode, done.stderr) == (
+      130, 'error: interrupted (Ctrl-C)\n')
 
 
 def test_a_stop_acknowledgement_survives_a_failing_log(capfd):

@@ -1,6 +1,7 @@
 """``python -m train --config NAME [overrides]``: see `train.cli`."""
 
 import logging
+import os
 import sys
 
 from train.cli import main
@@ -15,4 +16,12 @@ if __name__ == '__main__':
     # damaged checkpoint collected unawaited ("Exception ignored in").
     logging.disable(logging.ERROR)
     sys.unraisablehook = lambda unraisable: None
+  if code == 130:
+    # Ctrl-C (a second one stops at once): XLA may still be compiling in
+    # its own threads, and the interpreter going down under them aborted
+    # (exit 134 or 139, after seconds of waiting, where 130 was said).
+    # Everything the run wrote is closed by now; nothing else is owed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
