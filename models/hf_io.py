@@ -97,6 +97,28 @@ def read_json(path: str | os.PathLike, what: str = 'file') -> dict[str, Any]:
   return data
 
 
+def _temp_name(path: Path) -> Path:
+  """A new temporary file's name next to ``path`` (see `unfinished_writes`)."""
+  return path.with_name(f'.{path.name}.{os.getpid()}.'
+                        f'{uuid.uuid4().hex[:8]}.tmp')
+
+
+_TEMP_NAME = re.compile(r'\..+\.\d+\.[0-9a-f]{8}\.tmp')
+
+
+def unfinished_writes(folder: str | os.PathLike) -> list[Path]:
+  """The temporary files of `replacing_together` saves in ``folder`` that a
+  killed process (kill -9, a host lost) left behind: a whole copy of what it
+  was writing each, which nothing else removes. Only the folder's owner may
+  remove them: another process may be writing them now."""
+  try:
+    names = sorted(os.listdir(folder))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return [Path(folder) / n for n in names if _TEMP_NAME.fullmatch(n)
+          and os.path.isfile(os.path.join(folder, n))]
+
+
 @contextlib.contextmanager
 def replacing_together() -> Iterator[Callable[[str | os.PathLike], Path]]:
   """Temporary files that replace their paths together, once all are written.
@@ -113,8 +135,7 @@ def replacing_together() -> Iterator[Callable[[str | os.PathLike], Path]]:
 
   def temp(path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.'
-                         f'{uuid.uuid4().hex[:8]}.tmp')
+    tmp = _temp_name(path)
     # Created as open() creates files (0666 less the umask), not mkstemp's
     # 0600; a file it replaces keeps its own permissions. The mode is set
     # again after writing: a writer that recreates the file (safetensors'

@@ -1877,6 +1877,16 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         f'{ckpt.directory} (no {checkpoint.COMMIT_FILE}: a save was cut '
         'short) moved aside, kept for inspection: ' + ', '.join(
             f'{old} -> {new}' for old, new in ckpt.set_aside))
+  if jax.process_index() == 0:
+    # A run killed mid-write (kill -9 during the export) left the whole
+    # temporary copy in adapter/ for good; this run holds run_dir's lock.
+    left = [p for folder in (run_dir, os.path.join(run_dir, 'adapter'))
+            for p in hf_io.unfinished_writes(folder)]
+    for path in left:
+      path.unlink(missing_ok=True)
+    if left:
+      log('[train] removed unfinished file writes: ' + ', '.join(
+          os.path.relpath(p, run_dir) for p in left))
   dataset = train_dataset(r)
   data_iter = iter(dataset)
   state = r.state
