@@ -97,6 +97,14 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is \u20ac77. She kept 3 for herself.", "77"),
     ("The answer is \u00a31,200 and 5 left.", "1200"),
     ("The answer is \u00a5 300, not 7.", "300"),
+    # A chain of equations answers with its last result (had been 40 and
+    # 8), a percentage may be an operand (had been 100), and a boxed
+    # answer in '$...$' is the marker's (had been the last number, 2).
+    ("The answer is 3 * 15 - 5 = 40 - 5 = 35.", "35"),
+    ("The answer is 5 + 3 = 8 - 2 = 6 apples.", "6"),
+    ("The answer is 100 - 20% = 80", "80"),
+    ("The final answer is $\\boxed{18}$. She makes $2 per egg.", "18"),
+    ("The answer is: $ \\boxed{18}$ dollars for 3 eggs", "18"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected

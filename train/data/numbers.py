@@ -37,16 +37,18 @@ _MARKED = (_SIGN + r"(?:\d+[ \u00a0]" + _FRACTION +
 # An equation after the marker ('The answer is 40 - 29 = 11', as some
 # LLM-Adapters targets write it, or '(4 * 5) - 2 = 18'; also with the
 # division sign, the minus sign U+2212, the dot operators and '^') answers
-# with its result, not its first operand.
+# with its result, not its first operand; a chain ('3 * 15 - 5 = 40 - 5 =
+# 35') with its last result (it had been 40), and an operand may be a
+# percentage ('100 - 20% = 80' had been 100).
 # Each operand is matched atomically (a lookahead captures it, the
 # backreference consumes it; Python 3.10 has no '(?>...)'): '1/2' is a
 # fraction or '1', '/', '2', and trying both readings of every term had made
 # a generation of n such terms without '=' take 2^n steps.
-_OPERAND = r"(?:\(\s*)*" + _MARKED + r"(?:\s*\))*"
+_OPERAND = r"(?:\(\s*)*" + _MARKED + r"%?(?:\s*\))*"
 _EQUATION = (r"(?:(?=(?P<first>" + _OPERAND + r"))(?P=first)"
              r"(?:\s*[-+*/^x\u00d7\u00f7\u2212\u00b7\u22c5]\s*(?=(?P<next>" +
              _OPERAND +
-             r"))(?P=next))+\s*=\s*)?")
+             r"))(?P=next))+\s*=\s*)*")
 # GSM8K's '#### N' at the start of a line (a '#### 1.' heading in a
 # generation's middle is not it).
 _HASHES_RE = re.compile(r"^[ \t]*####\s*(?P<n>" + _MARKED + ")",
@@ -55,7 +57,7 @@ _HASHES_RE = re.compile(r"^[ \t]*####\s*(?P<n>" + _MARKED + ")",
 # they close ('(12)', '(12 apples)'), but not the '(12' of '(12 + 8)', which
 # is not an answer.
 _ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\boxed\{)?\s*" + _EQUATION +
+    r"answer\s+is\s*:?\s*(?:\$?\s*\\boxed\{)?\s*" + _EQUATION +
     r"(?P<paren>\(\s*)?(?P<n>" + _MARKED +
     r")(?(paren)[^()\n\d+\-*/=\u00d7]{0,40}\))", re.IGNORECASE)
 
