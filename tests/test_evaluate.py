@@ -171,6 +171,20 @@ def test_parse_choice():
   assert ev.parse_choice("A gas. The answer is (D).", letters) == 3
   assert ev.parse_choice("B", letters) == 1
   assert ev.parse_choice("it is a gas", letters) is None
+  # Marked otherwise: 'answer is:', 'Answer:', bold, quoted, 'option (B)'
+  # (each had fallen back to the sentence's 'A', or the digit before).
+  for text in ("A whale is a mammal. The answer is: B",
+               "A whale breathes air.\nAnswer: B",
+               "A cat. The answer is **B**", 'A cat. Answer is "B".',
+               "A gas. The answer is option (B).", "A cat. Answer: [B]"):
+    assert ev.parse_choice(text, letters) == 1, text
+  digits = ("1", "2", "3", "4")
+  assert ev.parse_choice("Of the 4 options, the answer is: 2", digits) == 1
+  assert ev.parse_choice("Plants need 2 things. Answer: **3**", digits) == 2
+  # An echoed 'Answer format: A/B/C/D' is no marker; 'answers' is no word
+  # of one.
+  assert ev.parse_choice("Answer format: A/B/C/D\nD", letters) == 0
+  assert ev.parse_choice("C answers B", letters) == 2
   assert ev.parse_choice("ending4", ("ending1", "ending2", "ending3",
                                      "ending4")) == 3
 

@@ -248,9 +248,10 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   boundaries): 'Answer2' or 'True' it reads as no answer, so a model that
   capitalises a label scores higher here than there. A
   one-character label (an 'Answer format: A/B/C/D' record's) is matched in
-  its own case, so the article 'a' is not option A; and one that follows
-  'answer is' wins over any before it ('A cat. The answer is B' gives B).
-  Without 'answer is', a capital 'A' opening a sentence does read as
+  its own case, so the article 'a' is not option A; and the first one that
+  follows an answer marker wins over any before it ('A cat. The answer is
+  B', '... Answer: B', 'the answer is: **B**' or 'answer is option (B)'
+  give B). Without a marker, a capital 'A' opening a sentence does read as
   option A.
   """
   if not labels:
@@ -258,8 +259,12 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   folded = [l if len(l) == 1 else l.lower() for l in labels]
   body = "|".join(re.escape(l) if len(l) == 1 else f"(?i:{re.escape(l)})"
                   for l in labels)
-  patterns = [rf"\b(?i:answer is)\s*\(?({body})\b"] if any(
-      len(l) == 1 for l in labels) else []
+  # 'answer is' or 'answer', then ':' and the marks that dress a label
+  # ('**B**', '"B"', '[B]', '(B)'), then perhaps 'option': only ' ' and '('
+  # had been allowed, so 'The answer is: B' fell back to the sentence's 'A'.
+  patterns = [rf"\b(?i:answer(?:\s+is)?)[\s:*\"'\[(]*"
+              rf"(?:(?i:option)\s*\(?)?({body})\b"] if any(
+                  len(l) == 1 for l in labels) else []
   for pattern in patterns + [rf"\b({body})\b"]:
     match = re.search(pattern, text)
     if match:
