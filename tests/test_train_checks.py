@@ -972,6 +972,19 @@ def test_base_model_fingerprint_is_what_the_files_hold(tmp_path):
       'model files there, a random base now')
 
 
+def _saving_no_base_record(monkeypatch):
+  """Checkpoints saved as before 2026-12-05: no base model record."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  save = checkpoint.Checkpointer.save
+
+  def without_base(self, step, state, data_iterator, config_json, **kw):
+    saved = json.loads(config_json)
+    del saved[loop.BASE_MODEL_KEY]
+    return save(self, step, state, data_iterator, json.dumps(saved), **kw)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', without_base)
+
+
 def test_resume_refuses_a_random_base_drawn_another_way(tmp_path,
                                                         monkeypatch):
   """A random base is the seed drawn one way: a checkpoint from before
@@ -983,21 +996,28 @@ def test_resume_refuses_a_random_base_drawn_another_way(tmp_path,
   with monkeypatch.context() as m:  # as a version before the change wrote
     m.setattr(fingerprints, 'base_model_fingerprint', lambda path: None)
     loop.run(tiny(run_dir, steps=4), log=quiet, stop_at=2)
-  with pytest.raises(loop.ConfigError) as e:
-    loop.run(tiny(run_dir, steps=4, resume=True), log=quiet)
-  assert str(e.value) == (
-      f"--resume: checkpoint 2 in {run_dir}/checkpoints was trained on "
-      "another base model than model.path '' (a random base drawn another "
-      "way there, before 2026-12-06 from the LoRA init's own random "
-      'stream); this version cannot draw that base: start the run again '
-      'without --resume.')
+  # Older still (before 2026-12-05): no base record at all. It had resumed
+  # silently on the base drawn the new way.
+  with monkeypatch.context() as m:
+    _saving_no_base_record(m)
+    loop.run(tiny(tmp_path / 'older', steps=4), log=quiet, stop_at=2)
+  for old in (run_dir, tmp_path / 'older'):
+    with pytest.raises(loop.ConfigError) as e:
+      loop.run(tiny(old, steps=4, resume=True), log=quiet)
+    assert str(e.value) == (
+        f"--resume: checkpoint 2 in {old}/checkpoints was trained on "
+        "another base model than model.path '' (a random base whose draw "
+        "was not recorded there: until 2026-12-06 it came from the LoRA "
+        "init's own random stream); this version cannot tell that base "
+        'from its own: start the run again without --resume.')
   loop.run(tiny(tmp_path / 'new', steps=4), log=quiet, stop_at=2)
   lines = []
   loop.run(tiny(tmp_path / 'new', steps=4, resume=True), log=lines.append)
   assert any('resumed from step 2' in l for l in lines), lines
 
 
-def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):
+def test_resume_refuses_another_base_model_but_not_a_moved_one(
+    tmp_path, monkeypatch):
   """Two Hugging Face folders of one architecture (a base and its
   fine-tune, say): a resume on the other had gone on silently, its loss
   jumping; the same files under another path resume."""
@@ -1020,6 +1040,16 @@ def test_resume_refuses_another_base_model_but_not_a_moved_one(tmp_path):
   out = loop.run(tiny(run_dir, resume=True, **path('moved')), log=quiet,
                  stop_at=4)
   assert out['steps'] == 4
+  # A checkpoint without a base record cannot be checked: said in a line.
+  with monkeypatch.context() as m:
+    _saving_no_base_record(m)
+    loop.run(tiny(tmp_path / 'old', **path('moved')), log=quiet, stop_at=4)
+  lines = []
+  loop.run(tiny(tmp_path / 'old', resume=True, **path('hf_b')),
+           log=lines.append, stop_at=6)
+  assert (f'[train] warning: checkpoint 4 in {tmp_path}/old/checkpoints '
+          'records no base model (saved before 2026-12-05): not checked '
+          'that model.path holds the weights it was trained on.') in lines
 
 
 def test_tokens_per_s_is_training_throughput(tmp_path, monkeypatch):

@@ -86,10 +86,13 @@ def base_model_difference(saved: dict[str, Any] | None,
   if is_random(saved) != is_random(now):
     return ('a random base there, model files now' if is_random(saved) else
             'model files there, a random base now')
+  if saved is None:
+    # Runs of a few commits on 2026-12-06 drew it as now and still recorded
+    # None: which way this one was drawn is not known.
+    return ("a random base whose draw was not recorded there: until "
+            "2026-12-06 it came from the LoRA init's own random stream")
   if is_random(saved):
-    return ('a random base drawn another way there' + (
-        ", before 2026-12-06 from the LoRA init's own random stream"
-        if saved is None else ''))
+    return 'a random base drawn another way there'
   if set(saved) != set(now):
     return (f'files {", ".join(sorted(saved)) or "none"} there, '
             f'{", ".join(sorted(now)) or "none"} now')

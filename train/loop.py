@@ -1952,17 +1952,32 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     # Every process refuses together (each reads its own copy of the
     # files): one refusing alone would leave the others waiting in the
     # restore's collectives.
+    if saved_base is missing and fingerprints.is_random(base_id):
+      # No record at all: older still than a None one, and its random base
+      # too came from the LoRA init's own stream (it had resumed on the
+      # base drawn the new way, without a word).
+      saved_base = None
+    elif saved_base is missing:
+      log(f'[train] warning: checkpoint {latest} in {ckpt.directory} '
+          'records no base model (saved before 2026-12-05): not checked '
+          'that model.path holds the weights it was trained on.')
     base_differs = saved_base is not missing and saved_base != base_id
     if distributed.on_any_process(int(base_differs)):
+      if not (base_differs and fingerprints.is_random(saved_base) and
+              fingerprints.is_random(base_id)):
+        advice = 'resume on the weights it was trained on'
+      elif saved_base is None:
+        advice = ('this version cannot tell that base from its own: start '
+                  'the run again without --resume')
+      else:
+        advice = ('this version cannot draw that base: start the run again '
+                  'without --resume')
       raise ConfigError(
           f'{where} was trained on another base model than model.path '
           f'{cfg.model.path!r} (' + (
               fingerprints.base_model_difference(saved_base, base_id)
               if base_differs else "another process's copy of it differs") +
-          ('); this version cannot draw that base: start the run again '
-           'without --resume.' if base_differs and fingerprints.is_random(
-               saved_base) and fingerprints.is_random(base_id) else
-           '); resume on the weights it was trained on.'))
+          f'); {advice}.')
     try:
       state = ckpt.restore(latest, checkpoint.abstract_like(state), data_iter)
     except checkpoint.StateMismatch as e:
