@@ -321,7 +321,7 @@ def pissa(w0: jax.Array, rank: int, scale: float = 1.0,
   else:
     u, s, vh = randomized_svd(w, rank, niter=niter, key=key)
   root = jnp.sqrt(s / scale)  # scale > 0, checked above
-  a = (u * root).astype(w0.dtype)
+  a = (u * root[None, :]).astype(w0.dtype)
   b = (root[:, None] * vh).astype(w0.dtype)
   return a, b, residual(w0, a, b, scale)
 

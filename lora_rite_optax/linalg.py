@@ -124,6 +124,20 @@ def after(x: Any, previous: Any) -> Any:
   return jax.tree.map(lambda a: a + zero.astype(a.dtype), x)
 
 
+def eye_like(x: jax.Array) -> jax.Array:
+  """Identity matrices shaped (``..., r, r``), typed and sharded like ``x``.
+
+  Sharded like ``x``: a broadcast eye is replicated (and over Explicit mesh
+  axes a triangular solve refuses operands of two batch shardings, and a
+  stacked axis would lose its sharding). Of ``x``'s rank: under
+  ``jax_numpy_rank_promotion='raise'`` a 2-D eye added to a batch had been
+  refused.
+  """
+  r = x.shape[-1]
+  eye = jnp.eye(r, dtype=x.dtype).reshape((1,) * (x.ndim - 2) + (r, r))
+  return jnp.zeros_like(x) + eye
+
+
 def inverse_root(g: jax.Array) -> jax.Array:
   """An ``R^+`` with ``R^+T g R^+`` a projector, for a batch of Grams ``g``.
 
@@ -144,10 +158,7 @@ def inverse_root(g: jax.Array) -> jax.Array:
   """
   r = g.shape[-1]
   chol = jnp.linalg.cholesky(g)  # NaN where g is not positive definite
-  # Sharded like g (a broadcast eye is replicated, and over Explicit mesh
-  # axes the solve refuses operands of two batch shardings).
-  eye = jnp.zeros_like(g) + jnp.eye(r, dtype=g.dtype)
-  l_inv = jax.lax.linalg.triangular_solve(chol, eye, left_side=True,
+  l_inv = jax.lax.linalg.triangular_solve(chol, eye_like(g), left_side=True,
                                           lower=True)
   bound = (jnp.trace(g, axis1=-2, axis2=-1) *
            jnp.sum(l_inv**2, axis=(-2, -1)))  # >= lambda_max / lambda_min

@@ -26,15 +26,13 @@ def _precondition(grad, partner, delta, wait_for=None):
   that is computed: concurrent batched solves can deadlock XLA:CPU
   (``linalg.one_at_a_time``).
   """
-  r = grad.shape[-1]
   # Over Explicit mesh axes the contraction of a sharded long axis needs its
   # output's sharding named: replicated r x r, stacked axes kept.
   gram = jax.lax.dot_general(
       partner, partner, (((1,), (1,)), ((0,), (0,))),
       precision=jax.lax.Precision.HIGHEST,
       out_sharding=placement.reduced_sharding(partner, (0,)))
-  # Placed like gram (a broadcast one would be unsharded on stacked axes).
-  eye = jnp.zeros_like(gram) + jnp.eye(r, dtype=gram.dtype)
+  eye = linalg.eye_like(gram)
   gram = gram + delta * eye
   if wait_for is not None:
     gram = linalg.after(gram, wait_for)

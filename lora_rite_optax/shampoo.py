@@ -277,7 +277,7 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
       # of a factor cut along its sharded axis from jax.eval_shape).
       zeros = lambda k, leaf=leaf: placement.zeros_beside(
           (plan.blocks, k, k), dtype, [leaf])
-      eye = lambda k, leaf=leaf: zeros(k, leaf) + jnp.eye(k, dtype=dtype)
+      eye = lambda k, leaf=leaf: linalg.eye_like(zeros(k, leaf))
       stats.append(BlockStats(zeros(plan.bn), zeros(plan.bm)))
       roots.append(BlockStats(eye(plan.bn), eye(plan.bm)))
     zeros_like = lambda p: placement.zeros_like(p, _dtype(p))

@@ -239,7 +239,9 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.eps)
-    return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+    # The gain at y's rank (jax_numpy_rank_promotion='raise' refuses less).
+    gain = self.scale[...].astype(jnp.float32)
+    return (gain.reshape((1,) * (y.ndim - 1) + (-1,)) * y).astype(x.dtype)
 
 
 class Attention(nnx.Module):

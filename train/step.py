@@ -163,7 +163,10 @@ def update_magnitudes(params, updates) -> dict[str, jax.Array]:
     valid = pn > 0
     ratio = jnp.where(valid, un / jnp.where(valid, pn, 1.0), 0.0)
     out[f'update_ratio_{short}'] = jnp.where(
-        valid.any(), ratio.sum() / jnp.maximum(valid.sum(), 1), jnp.nan)
+        valid.any(),
+        # A float count: jax_numpy_dtype_promotion='strict' refuses int.
+        ratio.sum() / jnp.maximum(valid.sum(), 1).astype(ratio.dtype),
+        jnp.nan)
     out[f'update_norm_{short}'] = un.mean()
     out[f'param_norm_{short}'] = pn.mean()
   return out

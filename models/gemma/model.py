@@ -55,7 +55,9 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.eps)
-    return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    # The gain at y's rank (jax_numpy_rank_promotion='raise' refuses less).
+    gain = 1.0 + self.scale[...].astype(jnp.float32)
+    return (y * gain.reshape((1,) * (y.ndim - 1) + (-1,))).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float,
@@ -72,7 +74,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float,
   half = head_dim // 2
   fraction = 2 * jnp.arange(half, dtype=jnp.float32) / head_dim
   timescale = base ** fraction
-  angle = positions[..., None].astype(jnp.float32) / scale / timescale
+  angle = (positions[..., None].astype(jnp.float32) / scale /
+           timescale.reshape((1,) * positions.ndim + (-1,)))
   sin = jnp.sin(angle)[:, :, None, :]
   cos = jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
