@@ -138,6 +138,10 @@ def eye_like(x: jax.Array) -> jax.Array:
   return jnp.zeros_like(x) + eye
 
 
+# Jitted: the Cholesky's NaN for a Gram that is not positive definite (an
+# all-zero lora_b's at the start) is how the fallback is chosen, and an
+# eager update under jax_debug_nans had stopped on it; the result is finite.
+@jax.jit
 def inverse_root(g: jax.Array) -> jax.Array:
   """An ``R^+`` with ``R^+T g R^+`` a projector, for a batch of Grams ``g``.
 

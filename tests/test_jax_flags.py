@@ -1,6 +1,6 @@
 """The library, the models and a train step under the jax flags that large
 codebases (T5X, Pax, MaxText) set globally: rank promotion 'raise', strict
-dtype promotion. Each had stopped one of them."""
+dtype promotion, debug_nans. Each had stopped one of them."""
 
 from __future__ import annotations
 
@@ -65,6 +65,18 @@ def test_inits_under_rank_promotion_raise():
   u, s, vh = np.linalg.svd(np.asarray(w), full_matrices=False)
   np.testing.assert_allclose(np.asarray(a @ b), (u[:, :2] * s[:2]) @ vh[:2],
                              atol=1e-5)
+
+
+def test_lora_rite_eager_under_debug_nans_from_a_zero_lora_b():
+  """The Cholesky of lora_b = 0's Gram is NaN by design (it picks the
+  fallback): an eager update under debug_nans had stopped on it."""
+  params, _, loss = battery.lora_problem(zero_b=True)
+  grads = jax.grad(loss)(params)
+  tx = lro.lora_rite(1e-2)
+  expected = jax.jit(tx.update)(grads, tx.init(params), params)[0]
+  with jax.debug_nans(True):
+    got = tx.update(grads, tx.init(params), params)[0]
+  battery.assert_close(got, expected, rtol=1e-5)
 
 
 def test_gemma_with_lora_under_rank_promotion_raise():
