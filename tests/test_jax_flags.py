@@ -98,6 +98,19 @@ def test_gemma_with_lora_under_rank_promotion_raise():
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6)
 
 
+def test_sampling_under_rank_promotion_raise():
+  """top-p's 'always keep the top token' compared a (vocab,) iota with a
+  (batch, vocab) mask."""
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+  key = jax.random.key(0)
+  kwargs = dict(temperature=1.0, top_k=3, top_p=0.4)
+  expected = gemma.sample_logits(logits, key, **kwargs)
+  with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
+    got = gemma.sample_logits(logits, key, **kwargs)
+  assert got.tolist() == expected.tolist() == [0, 3]  # top-p keeps one
+
+
 def test_t5_under_rank_promotion_raise():
   from models import t5  # pylint: disable=g-import-not-at-top
   model = t5.T5(t5.get_config('tiny', num_layers=1, num_decoder_layers=1),

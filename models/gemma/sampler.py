@@ -58,7 +58,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
     # top token: with none kept every logit would be -inf, and categorical
     # would return token 0 whatever the logits.
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p) | (jnp.arange(probs.shape[-1]) == 0)
+    top = jax.lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1) == 0
+    keep = (before < top_p) | top
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf),
                      axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
