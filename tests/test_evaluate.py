@@ -185,6 +185,12 @@ def test_parse_choice():
   # of one.
   assert ev.parse_choice("Answer format: A/B/C/D\nD", letters) == 0
   assert ev.parse_choice("C answers B", letters) == 2
+  # 'answer is' outranks an earlier bare 'answer' (these had read as A).
+  for text, gold in (
+      ("Answer A is incorrect: plants need light. The answer is C.", 2),
+      ("Answer (A) is wrong; the answer is B", 1),
+      ("To answer A, B and C we need more. The answer is D.", 3)):
+    assert ev.parse_choice(text, letters) == gold, text
   assert ev.parse_choice("ending4", ("ending1", "ending2", "ending3",
                                      "ending4")) == 3
 
