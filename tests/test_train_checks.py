@@ -572,6 +572,15 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(
           'adapter/.adapter_model.safetensors.4242.0a1b2c3d.tmp') in lines
   assert sorted(p.name for p in (run_dir / 'adapter').iterdir()) == [
       'adapter_config.json', 'adapter_model.safetensors', 'notes.tmp']
+  # Not through an adapter/ that links elsewhere (another run's folder,
+  # whose writer may be at work): the resume leaves it alone.
+  other = _copy(stopped, tmp_path / 'linked')
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  (elsewhere / left[0].name).write_bytes(b'partial')
+  (other / 'adapter').symlink_to(elsewhere)
+  loop.run(tiny(other, resume=True), log=quiet)
+  assert (elsewhere / left[0].name).exists()
 
 
 def test_an_unreadable_tokenizer_names_its_option(tmp_path):

@@ -1880,8 +1880,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   if jax.process_index() == 0:
     # A run killed mid-write (kill -9 during the export) left the whole
     # temporary copy in adapter/ for good; this run holds run_dir's lock.
-    left = [p for folder in (run_dir, os.path.join(run_dir, 'adapter'))
-            for p in hf_io.unfinished_writes(folder)]
+    # Not through a link: adapter/ may point at another run's folder.
+    adapter = os.path.join(run_dir, 'adapter')
+    folders = [run_dir] + ([] if os.path.islink(adapter) else [adapter])
+    left = [p for folder in folders for p in hf_io.unfinished_writes(folder)]
     for path in left:
       path.unlink(missing_ok=True)
     if left:
