@@ -519,13 +519,24 @@ def set_lora_params(model: nnx.Module, params: Mapping) -> nnx.Module:
 
 
 def split_lora(model: nnx.Module):
-  """``(graphdef, lora, rest)``: the adapters as a pure dict, the rest a State.
+  """``(graphdef, lora, rest)``: the adapters and the rest as pure dicts.
 
   For pure-function training steps: differentiate in ``lora`` and rebuild the
-  model with :func:`combine_lora`.
+  model with :func:`combine_lora` inside the step. The rest is a pure dict
+  too: as a State its Variables, made outside the step, could not be
+  advanced inside ``jax.grad``, and any dropout (LoRA's, or T5's own) had
+  failed with flax's "Cannot mutate RngCount from a different trace level".
+
+  With dropout on, what a pure step advances of the random streams is
+  dropped with the rebuilt model, so every step would draw the same masks:
+  give each step its own keys, e.g. ``nnx.reseed(model,
+  dropout=jax.random.fold_in(key, step))`` right after :func:`combine_lora`
+  (as ``train.step`` folds the step into them), or train in NNX style
+  (``nnx.Optimizer(model, tx, wrt=LORA_FILTER)`` under ``nnx.jit``), where
+  the streams advance by themselves.
   """
   graphdef, lora, rest = nnx.split(model, LORA_FILTER, ...)
-  return graphdef, nnx.to_pure_dict(lora), rest
+  return graphdef, nnx.to_pure_dict(lora), nnx.to_pure_dict(rest)
 
 
 def combine_lora(graphdef, lora: Mapping, rest) -> nnx.Module:
