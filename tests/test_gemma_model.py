@@ -430,6 +430,29 @@ def test_sliding_window_limits_context():
   assert np.abs(glob(far)[0, 10] - glob(tokens)[0, 10]).max() > 1e-4
 
 
+def test_forward_fn_advances_dropout_as_the_model_does():
+  """In train mode forward_fn had dropped its copy's advanced streams: every
+  call drew the same LoRA dropout masks, where model(...) draws new ones."""
+  from models import lora  # pylint: disable=g-import-not-at-top
+
+  def with_dropout():
+    model = _model('gemma3-tiny')
+    lora.apply_lora(model, ('q', 'v'), rank=2, dropout=0.5,
+                    rngs=nnx.Rngs(params=0, dropout=1))
+    for proj in lora.projections(model).values():
+      if proj.lora is not None:
+        proj.lora.lora_b.set_value(jnp.full(proj.lora.lora_b.shape, 0.05))
+    return model
+
+  tokens = jnp.arange(2, 10)[None]
+  jitted, eager = with_dropout(), with_dropout()
+  forward = gemma.forward_fn(jitted)
+  first, second = forward(tokens), forward(tokens)
+  assert np.abs(first - second).max() > 1e-3
+  np.testing.assert_allclose(first, eager(tokens), atol=1e-5)
+  np.testing.assert_allclose(second, eager(tokens), atol=1e-5)
+
+
 def test_bfloat16_compute():
   _, forward = _tiny('gemma3-tiny')
   tokens = jnp.arange(16).reshape(2, 8)

@@ -440,15 +440,20 @@ def forward_fn(model: Gemma):
   each call splits the module, one walk: tens of ms for a 270M model; a
   loop over many small calls is faster jitted over ``nnx.split`` itself).
   Keyword arguments that are None are static; each new input shape or
-  structure compiles once.
+  structure compiles once. In train mode the random streams (LoRA dropout)
+  advance as ``model(...)`` advances them: the copy's had been dropped, so
+  every call drew the same masks.
   """
 
   @functools.partial(jax.jit, static_argnums=0)
   def pure(graphdef, state, tokens, kwargs):
-    return nnx.merge(graphdef, state)(tokens, **kwargs)
+    copy = nnx.merge(graphdef, state)
+    return copy(tokens, **kwargs), nnx.state(copy, nnx.RngCount)
 
   def f(tokens, **kwargs):
     graphdef, state = nnx.split(model)
-    return pure(graphdef, state, tokens, kwargs)
+    out, counts = pure(graphdef, state, tokens, kwargs)
+    nnx.update(model, counts)
+    return out
 
   return f
