@@ -55,6 +55,16 @@ def shard_batch(x: jax.Array) -> jax.Array:
           axes, *[jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
 
 
+def call_block(block: nnx.Module, remat: bool, *args):
+  """``block(*args)``; with ``remat``, its activations are recomputed in the
+  backward pass (``nnx.remat``, jax.checkpoint) instead of kept from the
+  forward: memory for about a third more compute, what a large model's long
+  batches need on an accelerator."""
+  if not remat:
+    return block(*args)
+  return nnx.remat(lambda module, *inputs: module(*inputs))(block, *args)
+
+
 def _letters(n: int, offset: int) -> str:
   return string.ascii_letters[offset:offset + n]
 

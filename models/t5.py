@@ -44,9 +44,9 @@ import numpy as np
 from flax import nnx
 
 from models import hf_io, lora
-from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_positive_ints, check_token_ids,
-                           check_token_rows, shard_batch)
+from models.layers import (Projection, call_block, check_cache_room,
+                           check_float_dtypes, check_positive_ints,
+                           check_token_ids, check_token_rows, shard_batch)
 
 # HF adds the dtype's most negative number to masked logits; so do we, so
 # masked rows behave the same (uniform, not NaN) when everything is masked.
@@ -407,10 +407,13 @@ class T5(nnx.Module):
   default_lora_targets = ('q', 'k', 'v', 'o', 'wi', 'wo')
 
   def __init__(self, config: T5Config, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs, remat: bool = False):
     check_float_dtypes('T5', dtype=dtype, param_dtype=param_dtype)
     self.config = config
     self.dtype = dtype
+    # Each block's activations recomputed in the backward pass
+    # (`models.layers.call_block`); an attribute, settable after loading.
+    self.remat = remat
     self.embedding = _param(
         _normal(1.0)(rngs.params(), (config.vocab_size, config.d_model),
                      param_dtype), ('vocab', 'embed'))
@@ -439,7 +442,7 @@ class T5(nnx.Module):
     bias = (self.encoder.layers[0].self_attn.position_bias(pos, pos)
             + _key_mask(valid))
     for layer in self.encoder.layers:
-      x, _ = layer(x, bias)
+      x, _ = call_block(layer, self.remat, x, bias)
       x = shard_batch(x)
     return self.encoder._drop(self.encoder.final_norm(x)), valid
 
@@ -480,8 +483,9 @@ class T5(nnx.Module):
     x = shard_batch(self.decoder._drop(self._embed(tokens, 'T5 decoder')))
     new_cache = []
     for i, layer in enumerate(self.decoder.layers):
-      x, c = layer(x, bias, cross[i], cross_bias,
-                   None if cache is None else cache[i], index)
+      x, c = call_block(layer, self.remat and cache is None, x, bias,
+                        cross[i], cross_bias,
+                        None if cache is None else cache[i], index)
       x = shard_batch(x)
       new_cache.append(c)
     x = self.decoder._drop(self.decoder.final_norm(x))

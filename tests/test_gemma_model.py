@@ -453,6 +453,32 @@ def test_forward_fn_advances_dropout_as_the_model_does():
   np.testing.assert_allclose(second, eager(tokens), atol=1e-5)
 
 
+def test_remat_recomputes_each_block_and_changes_nothing():
+  """remat=True puts each block under jax.checkpoint (one remat per layer in
+  the gradient's jaxpr) and gives the same loss and LoRA gradients, LoRA
+  dropout on; decoding with a cache does not remat."""
+  from models import lora  # pylint: disable=g-import-not-at-top
+  tokens = jnp.arange(2, 18).reshape(2, 8)
+  out = []
+  for remat in (False, True):
+    model = _model('gemma3-tiny')
+    model.remat = remat
+    lora.apply_lora(model, ('q', 'gate'), rank=2, dropout=0.3,
+                    rngs=nnx.Rngs(params=0, dropout=1))
+    graphdef, lp, rest = lora.split_lora(model)
+    loss = lambda lp, rest, g=graphdef: jnp.mean(
+        lora.combine_lora(g, lp, rest)(tokens) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(lp, rest))
+    assert jaxpr.count('remat') == (model.config.num_layers if remat else 0)
+    out.append(jax.jit(jax.value_and_grad(loss))(lp, rest))
+  for got, expected in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[0])):
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+  model.eval()
+  cache = gemma.init_cache(model.config, 2, 12, model.dtype)
+  jaxpr = str(jax.make_jaxpr(lambda t: model(t, cache=cache)[0])(tokens))
+  assert 'remat' not in jaxpr
+
+
 def test_bfloat16_compute():
   _, forward = _tiny('gemma3-tiny')
   tokens = jnp.arange(16).reshape(2, 8)

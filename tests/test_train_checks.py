@@ -149,6 +149,20 @@ def test_a_full_disk_for_the_initial_factors_is_one_line(tmp_path,
   assert not [p for p in run_dir.iterdir() if 'initial' in p.name]
 
 
+def test_remat_trains_the_same_and_may_be_turned_on_at_a_resume(
+    straight, stopped, tmp_path):
+  """model.remat recomputes each block in the backward pass: the same
+  losses (to float32 rounding), and a resumed run may turn it on (to fit
+  another mesh's memory) without the resume calling it another run."""
+  run_dir = _copy(stopped, tmp_path / 'run')
+  resumed = loop.run(tiny(run_dir, resume=True, **{'model.remat': True}),
+                     log=quiet)
+  np.testing.assert_allclose([h['loss'] for h in resumed['history']],
+                             [h['loss'] for h in straight['history']],
+                             rtol=1e-5)
+  assert json.loads((run_dir / 'config.json').read_text())['model']['remat']
+
+
 def test_resume_on_another_process_count(straight, stopped, tmp_path):
   """A checkpoint of a 2-process run (grain writes one position file per
   process: process_0-of-2.json, process_1-of-2.json, the same position, as

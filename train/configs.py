@@ -87,6 +87,11 @@ class ModelConfig:
     param_dtype: storage dtype of the frozen base weights: 'auto' (by the
       backend, as for `dtype`, whatever `dtype` is), 'float32' or
       'bfloat16'.
+    remat: recompute each block's activations in the backward pass
+      (jax.checkpoint) instead of keeping them: less accelerator memory
+      for about a third more compute, for long batches of large models
+      (the 7B and mT5-XXL presets on TPU). The same losses and updates; a
+      resumed run may turn it on or off.
   """
 
   family: str = 'gemma'
@@ -95,6 +100,7 @@ class ModelConfig:
   tokenizer: str = ''
   dtype: str = 'auto'
   param_dtype: str = 'float32'
+  remat: bool = False
 
   def __post_init__(self):
     _expand_user(self, 'path', 'tokenizer')

@@ -735,6 +735,7 @@ def build(cfg: configs_lib.Config) -> Run:
   tokenizer = family.load_tokenizer(cfg.model, model_path)
   model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer,
                             place=mesh_placer(rules, mesh))
+  model.remat = cfg.model.remat  # a static attribute of both families
   vocab = model.config.vocab_size
   tok_vocab = getattr(tokenizer, 'vocab_size', None)
   if tok_vocab is not None and tok_vocab > vocab:
@@ -1354,7 +1355,7 @@ _STEP_CACHE: dict[str, Callable] = {}
 # shrink (the schedule then spans the new length), and the run says so.
 _RESUME_NEUTRAL = _STEP_NEUTRAL + (
     'mesh', 'distributed', 'data.num_threads', 'data.path', 'data.eval_path',
-    'data.data_dir', 'model.path', 'model.tokenizer',
+    'data.data_dir', 'model.path', 'model.tokenizer', 'model.remat',
     'optim.max_consecutive_nonfinite')
 
 

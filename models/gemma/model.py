@@ -29,9 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.gemma.config import GLOBAL, LOCAL, GemmaConfig
-from models.layers import (Projection, check_cache_room, check_float_dtypes,
-                           check_positive_ints, check_token_ids,
-                           check_token_rows, first_outside, shard_batch)
+from models.layers import (Projection, call_block, check_cache_room,
+                           check_float_dtypes, check_positive_ints,
+                           check_token_ids, check_token_rows, first_outside,
+                           shard_batch)
 
 # Gemma's reference implementation masks with a large finite negative rather
 # than -inf so fully masked rows (padding queries) give a uniform softmax
@@ -259,16 +260,20 @@ class Gemma(nnx.Module):
     param_dtype: storage dtype of the parameters.
     rngs: initialisation randomness (use `nnx.eval_shape` to skip it when
       weights are loaded right after).
+    remat: recompute each block's activations in the backward pass
+      (`models.layers.call_block`); an attribute, settable after loading.
   """
 
   def __init__(self, config: GemmaConfig, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+               remat: bool = False):
     _check_config('Gemma', config)
     check_float_dtypes('Gemma', dtype=dtype, param_dtype=param_dtype)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     c = config
     self.config = c
     self.dtype = dtype
+    self.remat = remat
     embedding = jax.random.normal(rngs.params(), (c.vocab_size, c.width),
                                   param_dtype) * c.width ** -0.5
     self.embedding = _param(embedding, ('vocab', 'embed'))
@@ -368,7 +373,9 @@ class Gemma(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, (k, v) = layer(x, positions, masks[layer.layer_type], kv, index)
+      # Not when decoding with a cache: there is no backward pass.
+      x, (k, v) = call_block(layer, self.remat and cache is None, x,
+                             positions, masks[layer.layer_type], kv, index)
       x = shard_batch(x)
       new_k.append(k)
       new_v.append(v)
