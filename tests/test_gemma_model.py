@@ -451,6 +451,10 @@ def test_forward_fn_advances_dropout_as_the_model_does():
   assert np.abs(first - second).max() > 1e-3
   np.testing.assert_allclose(first, eager(tokens), atol=1e-5)
   np.testing.assert_allclose(second, eager(tokens), atol=1e-5)
+  # Inside an outer jit (or grad) it still works, as model(...) does there.
+  jitted.eval()
+  np.testing.assert_allclose(jax.jit(forward)(tokens), forward(tokens),
+                             atol=1e-5)
 
 
 def test_remat_recomputes_each_block_and_changes_nothing():

@@ -460,7 +460,12 @@ def forward_fn(model: Gemma):
   def f(tokens, **kwargs):
     graphdef, state = nnx.split(model)
     out, counts = pure(graphdef, state, tokens, kwargs)
-    nnx.update(model, counts)
+    # Under an outer transform the counts are its tracers, which the
+    # model's Variables may not take (model(...) there advances nothing
+    # either).
+    if not any(isinstance(c, jax.core.Tracer)
+               for c in jax.tree.leaves(counts)):
+      nnx.update(model, counts)
     return out
 
   return f
