@@ -529,14 +529,26 @@ def split_lora(model: nnx.Module):
 
   With dropout on, what a pure step advances of the random streams is
   dropped with the rebuilt model, so every step would draw the same masks:
-  give each step its own keys, e.g. ``nnx.reseed(model,
-  dropout=jax.random.fold_in(key, step))`` right after :func:`combine_lora`
-  (as ``train.step`` folds the step into them), or train in NNX style
+  give each step its own keys, ``combine_lora(graphdef, lora,
+  fold_keys(rest, step))`` (as ``train.step`` does), or train in NNX style
   (``nnx.Optimizer(model, tx, wrt=LORA_FILTER)`` under ``nnx.jit``), where
   the streams advance by themselves.
   """
   graphdef, lora, rest = nnx.split(model, LORA_FILTER, ...)
   return graphdef, nnx.to_pure_dict(lora), nnx.to_pure_dict(rest)
+
+
+def fold_keys(tree, data: jax.Array | int):
+  """``tree`` with every random key folded with ``data`` (a step number),
+  its other leaves as they are: each stream of a model's state, whatever
+  its name (LoRA's 'dropout', a T5 checkpoint's own 'default'), then draws
+  masks of its own for that step."""
+  def fold(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype,
+                                                   jax.dtypes.prng_key):
+      return jax.random.fold_in(x, data)
+    return x
+  return jax.tree.map(fold, tree)
 
 
 def combine_lora(graphdef, lora: Mapping, rest) -> nnx.Module:

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models import lora
 from train.trees import int_keys, path_names
 
 
@@ -176,15 +177,6 @@ def update_magnitudes(params, updates) -> dict[str, jax.Array]:
 # The step.
 
 
-def _fold_rngs(rngs, seed: jax.Array):
-  """Every dropout stream's key folded with ``seed`` (counts untouched)."""
-  def fold(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.fold_in(x, seed)
-    return x
-  return jax.tree.map(fold, rngs)
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, accum: int, pack: bool,
                     logprobs: Callable = target_logprobs) -> Callable:
@@ -211,7 +203,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     def body(carry, xs):
       g_acc, nll_acc, w_acc = carry
       i, mb = xs
-      micro_rngs = _fold_rngs(rngs, step_no * accum + i)
+      micro_rngs = lora.fold_keys(rngs, step_no * accum + i)
       (nll, w), g = grad_fn(params, base, micro_rngs, mb)
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       return (g_acc, nll_acc + nll, w_acc + w), None
