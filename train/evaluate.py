@@ -265,7 +265,7 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   # 'answer is' first: an earlier 'Answer A is wrong' is no answer.
   dressed = rf"[\s:*\"'\[(]*(?:(?i:option)\s*\(?)?({body})\b"
   patterns = [rf"\b(?i:answer\s+is){dressed}",
-              rf"\b(?i:answer)\s*:{dressed}"] if any(
+              rf"\b(?i:answer)[\s*]*:{dressed}"] if any(
                   len(l) == 1 for l in labels) else []
   for pattern in patterns + [rf"\b({body})\b"]:
     match = re.search(pattern, text)
