@@ -749,12 +749,13 @@ on a multi-host TPU. Suggested sizes: Gemma 2B on a v5e-8 or v4-8, Gemma 7B
 on a v5e-16 or v4-16, mT5-XXL on a v4-32 (a v5e's suffix counts chips, a
 v4's TensorCores: a v4-16 is 8 chips of 32 GB). LoRA keeps the optimizer
 state tiny and FSDP splits the frozen base, but the backward pass keeps
-every layer's activations (no rematerialisation): a batch of 64 rows of
-1024 tokens is more than 16 GB per chip for Gemma 7B on 16 chips (twice
-that on a v4-16's 8) by a count of the MLP activations alone (not
-measured on a TPU), so the commands below
+every layer's activations unless `--model.remat` recomputes them: a batch
+of 64 rows of 1024 tokens is more than 16 GB per chip for Gemma 7B on 16
+chips (twice that on a v4-16's 8) by a count of the MLP activations alone
+(not measured on a TPU), so the commands below
 split it into micro-batches with `--grad_accum 4` (the same gradient;
-raise it if a step runs out of memory). The cell below prints the
+raise it, or add `--model.remat`, whose saving is not measured on a TPU
+either, if a step runs out of memory). The cell below prints the
 commands; copy them to a shell with `gcloud` configured.
 '''),
     code('''
