@@ -451,10 +451,19 @@ def test_forward_fn_advances_dropout_as_the_model_does():
   assert np.abs(first - second).max() > 1e-3
   np.testing.assert_allclose(first, eager(tokens), atol=1e-5)
   np.testing.assert_allclose(second, eager(tokens), atol=1e-5)
-  # Inside an outer jit (or grad) it still works, as model(...) does there.
-  jitted.eval()
-  np.testing.assert_allclose(jax.jit(forward)(tokens), forward(tokens),
+  # Under nnx.jit the streams advance as model(...)'s do there.
+  under_nnx_jit = nnx.jit(lambda m, t: gemma.forward_fn(m)(t))
+  np.testing.assert_allclose(under_nnx_jit(jitted, tokens), eager(tokens),
                              atol=1e-5)
+  # In eval mode it works under an outer jit, grad and vmap, as model(...)
+  # does (updating the counts there had raised).
+  jitted.eval()
+  ref = forward(tokens)
+  np.testing.assert_allclose(jax.jit(forward)(tokens), ref, atol=1e-5)
+  np.testing.assert_allclose(jax.vmap(forward)(tokens[None])[0], ref,
+                             atol=1e-5)
+  grad = jax.grad(lambda x: jnp.sum(forward(tokens)) * x)(1.0)
+  np.testing.assert_allclose(grad, jnp.sum(ref), rtol=1e-5)
 
 
 def test_remat_recomputes_each_block_and_changes_nothing():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.errors
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -460,12 +461,14 @@ def forward_fn(model: Gemma):
   def f(tokens, **kwargs):
     graphdef, state = nnx.split(model)
     out, counts = pure(graphdef, state, tokens, kwargs)
-    # Under an outer transform the counts are its tracers, which the
-    # model's Variables may not take (model(...) there advances nothing
-    # either).
-    if not any(isinstance(c, jax.core.Tracer)
-               for c in jax.tree.leaves(counts)):
+    try:
       nnx.update(model, counts)
+    except flax.errors.TraceContextError:
+      # Under an outer jax transform (jit, grad, vmap) the model's
+      # Variables take no values from it: the counts stay as they were, so
+      # there, in train mode, calls repeat their masks (model(...) itself
+      # is refused there); under nnx.jit they advance.
+      pass
     return out
 
   return f
