@@ -177,7 +177,9 @@ def test_parse_choice():
                "A whale breathes air.\nAnswer: B",
                "A cat. The answer is **B**", 'A cat. Answer is "B".',
                "A gas. The answer is option (B).", "A cat. Answer: [B]",
-               "A cat. **Answer**: B", "A cat. **Answer:** B"):
+               "A cat. **Answer**: B", "A cat. **Answer:** B",
+               "A cat.\n### Answer\nB", "A cat. **Answer** B",
+               "A cat. Answer (B)"):
     assert ev.parse_choice(text, letters) == 1, text
   digits = ("1", "2", "3", "4")
   assert ev.parse_choice("Of the 4 options, the answer is: 2", digits) == 1

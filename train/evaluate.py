@@ -249,10 +249,11 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   capitalises a label scores higher here than there. A
   one-character label (an 'Answer format: A/B/C/D' record's) is matched in
   its own case, so the article 'a' is not option A; and the first one that
-  follows 'answer is' (else 'answer:') wins over any before it ('A cat. The
-  answer is B', '... Answer: B', 'the answer is: **B**' or 'answer is
-  option (B)' give B, and so does 'Answer A is wrong; the answer is B').
-  Without a marker, a capital 'A' opening a sentence does read as option A.
+  follows 'answer is' (else 'answer:', else 'answer') wins over any before
+  it ('A cat. The answer is B', '... Answer: B', 'the answer is: **B**' or
+  'answer is option (B)' give B, and so does 'Answer A is wrong; the answer
+  is B'). Without a marker, a capital 'A' opening a sentence does read as
+  option A.
   """
   if not labels:
     return None
@@ -262,10 +263,13 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   # 'answer is', else 'answer:', then the marks that dress a label
   # ('**B**', '"B"', '[B]', '(B)'), then perhaps 'option': only ' ' and '('
   # had been allowed, so 'The answer is: B' fell back to the sentence's 'A'.
-  # 'answer is' first: an earlier 'Answer A is wrong' is no answer.
+  # 'answer is' first, then 'answer:', then a bare 'answer' ('### Answer\nB',
+  # '**Answer** B'): an earlier 'Answer A is wrong' is no answer where a
+  # later 'the answer is C' is.
   dressed = rf"[\s:*\"'\[(]*(?:(?i:option)\s*\(?)?({body})\b"
   patterns = [rf"\b(?i:answer\s+is){dressed}",
-              rf"\b(?i:answer)[\s*]*:{dressed}"] if any(
+              rf"\b(?i:answer)[\s*]*:{dressed}",
+              rf"\b(?i:answer)[\s*]*{dressed}"] if any(
                   len(l) == 1 for l in labels) else []
   for pattern in patterns + [rf"\b({body})\b"]:
     match = re.search(pattern, text)
