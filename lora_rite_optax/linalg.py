@@ -138,10 +138,6 @@ def eye_like(x: jax.Array) -> jax.Array:
   return jnp.zeros_like(x) + eye
 
 
-# Jitted: the Cholesky's NaN for a Gram that is not positive definite (an
-# all-zero lora_b's at the start) is how the fallback is chosen, and an
-# eager update under jax_debug_nans had stopped on it; the result is finite.
-@jax.jit
 def inverse_root(g: jax.Array) -> jax.Array:
   """An ``R^+`` with ``R^+T g R^+`` a projector, for a batch of Grams ``g``.
 
@@ -161,15 +157,20 @@ def inverse_root(g: jax.Array) -> jax.Array:
   LoRA-RITE is invariant to).
   """
   r = g.shape[-1]
-  chol = jnp.linalg.cholesky(g)  # NaN where g is not positive definite
-  l_inv = jax.lax.linalg.triangular_solve(chol, eye_like(g), left_side=True,
-                                          lower=True)
-  bound = (jnp.trace(g, axis1=-2, axis2=-1) *
-           jnp.sum(l_inv**2, axis=(-2, -1)))  # >= lambda_max / lambda_min
-  tol = r * jnp.finfo(g.dtype).eps
-  well = jnp.all(jnp.isfinite(bound) & (bound * tol < 1.0))
-  return jax.lax.cond(well, lambda: jnp.swapaxes(l_inv, -1, -2),
-                      lambda: eig_inverse_root(g))
+  # The Cholesky's NaN for a Gram that is not positive definite (an all-zero
+  # lora_b's at the start) is how the fallback is chosen: an eager update
+  # under jax_debug_nans had stopped on it. The result is finite. (Not a
+  # nested jax.jit, which would put a call in every step's program.)
+  with jax.debug_nans(False):
+    chol = jnp.linalg.cholesky(g)  # NaN where g is not positive definite
+    l_inv = jax.lax.linalg.triangular_solve(chol, eye_like(g), left_side=True,
+                                            lower=True)
+    bound = (jnp.trace(g, axis1=-2, axis2=-1) *
+             jnp.sum(l_inv**2, axis=(-2, -1)))  # >= lambda_max / lambda_min
+    tol = r * jnp.finfo(g.dtype).eps
+    well = jnp.all(jnp.isfinite(bound) & (bound * tol < 1.0))
+    return jax.lax.cond(well, lambda: jnp.swapaxes(l_inv, -1, -2),
+                        lambda: eig_inverse_root(g))
 
 
 def eig_inverse_root(g: jax.Array) -> jax.Array:
