@@ -320,6 +320,28 @@ def test_options_are_worded_as_the_output(tmp_path):
                             "the correct answer is B")
 
 
+def test_a_label_written_against_cjk_text_is_its_gold_and_options(tmp_path):
+  """'答案是B。' ends on B: without an answer field it is the gold (it had
+  been refused as '答案是B。' not being an option), the options are worded
+  as it (they had been the English template), and an answer field that
+  disagrees is refused, as 'the answer is B' with answer C is."""
+  instruction = ("Please choose the correct answer to the question: q\n\n"
+                 "Answer1: x Answer2: y\n\nAnswer format: A/B")
+  cjk = "\u7b54\u6848\u662f"  # 'the answer is'
+  rec = {"instruction": instruction, "input": "", "output": cjk + "B\u3002"}
+  [e] = data.examples_from_records([rec], "arc_challenge")
+  assert e.gold_index == 1
+  assert e.options == (cjk + "A\u3002", cjk + "B\u3002")
+  assert e.target == e.options[e.gold_index]
+  # As English with a full stop ('B.' had been read as no option).
+  [e] = data.examples_from_records(
+      [dict(rec, output="The answer is B.")], "arc_challenge")
+  assert e.gold_index == 1
+  _refused(tmp_path, "arc_challenge", [dict(rec, answer="A")],
+           "r.json record 0: answer 'A' but the output ends on the option "
+           "'b'")
+
+
 @pytest.mark.parametrize("n", [3, 5])
 @pytest.mark.parametrize("sep", [" ", "\n"])
 def test_without_an_answer_format_line_the_listed_options_count(tmp_path, n,

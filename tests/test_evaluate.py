@@ -105,6 +105,19 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 100 - 20% = 80", "80"),
     ("The final answer is $\\boxed{18}$. She makes $2 per egg.", "18"),
     ("The answer is: $ \\boxed{18}$ dollars for 3 eggs", "18"),
+    # Other scripts: a '-' after CJK text is a sign (had been 5 and 12);
+    # full-width signs and points, Arabic separators and thin-space groups
+    # (had been 5, 42, 5, 1 and 1; a range in full width stays a range).
+    ("\u6240\u4ee5\u7b54\u6848\u662f-5\u3002", "-5"),
+    ("\u7b54\u3048\u306f-12\u3067\u3059", "-12"),
+    ("The answer is \uff0d\uff15", "-5"),
+    ("The answer is \uff14\uff12\uff0e\uff15", "42.5"),
+    ("\u0627\u0644\u062c\u0648\u0627\u0628 \u0647\u0648 "
+     "\u0663\u066b\u0665", "3.5"),
+    ("The answer is \u0661\u066c\u0662\u0663\u0664", "1234"),
+    ("The answer is 1\u202f234 apples", "1234"),
+    ("The answer is 1\u2009000.", "1000"),
+    ("\uff11\uff12\uff0d\uff13 \u65e5", "3"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected
@@ -117,6 +130,10 @@ def test_canonical_number():
   assert data.canonical_number("50%") == "50"
   assert data.canonical_number(2.50) == "2.5"
   assert data.canonical_number("1/3") is None
+  # A gold answer written in other scripts (had been 1, 42 and None).
+  assert data.canonical_number("\u0661\u066c\u0662\u0663\u0664") == "1234"
+  assert data.canonical_number("\uff14\uff12\uff0e\uff15") == "42.5"
+  assert data.canonical_number("\uff0d\uff15") == "-5"
   assert data.extract_final_number("it is 5", fallback_to_last=False) is None
 
 
@@ -196,6 +213,17 @@ def test_parse_choice():
     assert ev.parse_choice(text, letters) == gold, text
   assert ev.parse_choice("ending4", ("ending1", "ending2", "ending3",
                                      "ending4")) == 3
+  # Chinese, Japanese, Korean and Thai write a label against the text
+  # around it (each had read as no answer); a Latin word still bounds one.
+  for text, gold in (("\u7b54\u6848\u662fB\u3002", 1),
+                     ("\u6b63\u786e\u7b54\u6848\u4e3aC", 2),
+                     ("\u7b54\u3048\u306fB\u3067\u3059", 1),
+                     ("\ub2f5\uc740 D\uc785\ub2c8\ub2e4", 3),
+                     ("\u0e04\u0e33\u0e15\u0e2d\u0e1a\u0e04\u0e37"
+                      "\u0e2dA", 0),
+                     ("\u7b54\u6848\u662fBanana", None)):
+    assert ev.parse_choice(text, letters) == gold, text
+  assert ev.parse_choice("\u7b54\u6848\u662ftrue", ("true", "false")) == 0
 
 
 def test_multiple_choice_generation():

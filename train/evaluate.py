@@ -31,6 +31,7 @@ import numpy as np
 from lora_rite_optax import checks
 
 from train.data import numbers
+from train.data import word_edges
 from train.data.example import Example
 from train.data.tokenize import encode_pair
 from train.data.tokenize import Tokenizer
@@ -253,7 +254,8 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   it ('A cat. The answer is B', '... Answer: B', 'the answer is: **B**' or
   'answer is option (B)' give B, and so does 'Answer A is wrong; the answer
   is B'). Without a marker, a capital 'A' opening a sentence does read as
-  option A.
+  option A. In Chinese, Japanese, Korean or Thai text a label needs no space
+  around it ('答案是B', '答えはBです': see `word_edges`).
   """
   if not labels:
     return None
@@ -266,12 +268,15 @@ def parse_choice(text: str, labels: Sequence[str]) -> int | None:
   # 'answer is' first, then 'answer:', then a bare 'answer' ('### Answer\nB',
   # '**Answer** B'): an earlier 'Answer A is wrong' is no answer where a
   # later 'the answer is C' is.
-  dressed = rf"[\s:*\"'\[(]*(?:(?i:option)\s*\(?)?({body})\b"
-  patterns = [rf"\b(?i:answer\s+is){dressed}",
-              rf"\b(?i:answer)[\s*]*:{dressed}",
-              rf"\b(?i:answer)[\s*]*{dressed}"] if any(
+  # Word edges are `word_edges`', not `\b`: a label against CJK or Thai
+  # text ('答案是B', '答えはBです') is a word of its own there.
+  start, end = word_edges.START, word_edges.END
+  dressed = rf"[\s:*\"'\[(]*(?:(?i:option)\s*\(?)?({body}){end}"
+  patterns = [rf"{start}(?i:answer\s+is){dressed}",
+              rf"{start}(?i:answer)[\s*]*:{dressed}",
+              rf"{start}(?i:answer)[\s*]*{dressed}"] if any(
                   len(l) == 1 for l in labels) else []
-  for pattern in patterns + [rf"\b({body})\b"]:
+  for pattern in patterns + [rf"{start}({body}){end}"]:
     match = re.search(pattern, text)
     if match:
       found = match.group(1)

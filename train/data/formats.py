@@ -112,9 +112,11 @@ def from_instruction(record: Record, *, task: str, kind: str,
       raise ValueError(
           f"{where}: the options {'/'.join(labels)} repeat a label (labels "
           f"ignore case) for task {task!r}")
-    # The option the output ends on; an answer of false (BoolQ in JSON) is
+    # The option the output ends on ('The answer is B.', '答案是B。'; else
+    # its last word, for the error); an answer of false (BoolQ in JSON) is
     # an answer, not a missing one.
-    said = output.rsplit(" ", 1)[-1].strip()
+    said = (templates.ending_label(output, labels)
+            or output.rsplit(" ", 1)[-1].strip())
     answer = record.get("answer")
     gold = said if answer is None or answer == "" else str(answer).strip()
     if gold.lower() not in folded:

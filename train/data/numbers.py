@@ -10,21 +10,25 @@ from __future__ import annotations
 import math
 import re
 
+from train.data import word_edges
+
 # A number as written in answers: optional sign and currency ('$', and the
 # euro, pound, yen and rupee signs some GSM8K solutions use), thousands
 # commas, optional decimals; also '.5'. A sign touches the number (or its
 # currency): the '-' of a list item ('- 18') or a dash ('answer - 18') is
 # not one, nor is the hyphen of a range or a word ('3-4 hours' ends in 4,
 # not -4); the typographic minus U+2212 may have a space after it.
+# A word is `word_edges`': the '-' of '答案是-5' is a sign.
 _CURRENCY = "$\u20ac\u00a3\u00a5\u20b9"
-_SIGN = (r"(?:(?<![\w.])-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
+_NOT_AFTER_WORD = rf"(?<!{word_edges.WORD_CHAR})(?<!\.)"
+_SIGN = (rf"(?:{_NOT_AFTER_WORD}-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
          r"]\s?)?")
 # A fraction ('29/3', '3/4') is read whole, as its value: not as the 29 or
 # the 4 (a '4' read out of '3/4 of a cup' scored right against a gold of 4).
 _FRACTION = r"(?<!/)\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?(?![\d/])"  # not a date's
 # A bare '.5' has no letter, digit or dot before its point: 'Rs.500' is 500
 # (it had read as 0.5), and '5 km.3 hours' ends in 3.
-_POINT_ONLY = r"(?<![\w.])\.\d+"
+_POINT_ONLY = _NOT_AFTER_WORD + r"\.\d+"
 _NUMBER = (_SIGN + r"(?:" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|" +
            _POINT_ONLY + ")")
 _NUMBER_RE = re.compile(_NUMBER)
@@ -63,6 +67,15 @@ _ANSWER_IS_RE = re.compile(
 
 
 _DROPPED = str.maketrans("", "", _CURRENCY + ",")
+# Signs and separators of other scripts as the ASCII ones they stand for
+# (digits need none: `\d` and float() read '４２' and '٤٢'): the full-width
+# minus and point ('－５', '４２．５' had read as 5 and 42), the Arabic decimal
+# and thousands separators ('٣٫٥', '١٬٢٣٤' had read as 5 and 1), and the thin
+# and narrow no-break spaces that group thousands ('1 234' in French) as the
+# no-break space. Each is one character for one, so places in a text stay.
+_AS_ASCII = str.maketrans({"\uff0d": "-", "\uff0e": ".", "\u066b": ".",
+                           "\u066c": ",", "\u2009": "\u00a0",
+                           "\u202f": "\u00a0"})
 
 
 def canonical_number(text: str | float | int | None) -> str | None:
@@ -83,7 +96,7 @@ def canonical_number(text: str | float | int | None) -> str | None:
   if isinstance(text, (int, float)) and not isinstance(text, bool):
     value = float(text)
   else:
-    cleaned = str(text).strip().translate(_DROPPED)
+    cleaned = str(text).strip().translate(_AS_ASCII).translate(_DROPPED)
     cleaned = cleaned.replace("\u2212", "-")
     cleaned = cleaned.replace(" ", "").replace("\u00a0", "").rstrip(".%")
     try:
@@ -132,6 +145,7 @@ def extract_final_number(text: str, *, fallback_to_last: bool = True
   Returns:
     The canonical number string (see `canonical_number`), or None.
   """
+  text = text.translate(_AS_ASCII)
   marked = [m for pattern in (_HASHES_RE, _ANSWER_IS_RE)
             for m in pattern.finditer(text)]
   if marked:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from train.data import word_edges
+
 # The Alpaca template (alpaca-lora's). LLM-Adapters' generate_prompt has
 # the same words, but its f-string keeps its source indentation (16 spaces
 # before each line after the first) and a trailing space after "request.":
@@ -139,6 +141,25 @@ def listed_labels(instruction: str) -> tuple[str, ...]:
   return choice_labels(len(numbers), prefix)
 
 
+def _ending(output: str, labels: Sequence[str]) -> re.Match[str] | None:
+  """The match of the label (any of `labels`, any case) that `output` ends
+  on, then only punctuation or spaces: group 1 the label as written, group
+  2 what follows it."""
+  # The label as a word of its own ('A' ends 'Banana' too), also against
+  # CJK or Thai text ('答案是B。').
+  body = "|".join(re.escape(l) for l in labels)
+  return re.search(rf"{word_edges.START}({body})(\W*)$", output,
+                   re.IGNORECASE)
+
+
+def ending_label(output: str, labels: Sequence[str]) -> str | None:
+  """The label of `labels` that `output` ends on (as `output` writes it,
+  then only punctuation or spaces: 'The answer is B.' ends on 'B'), or
+  None."""
+  match = _ending(output, labels)
+  return match.group(1) if match else None
+
+
 def options_like(output: str, gold_label: str,
                  labels: Sequence[str]) -> tuple[str, ...] | None:
   """The option texts for `labels` written as `output` writes the gold one.
@@ -149,9 +170,7 @@ def options_like(output: str, gold_label: str,
   ('the correct answer is true' scored against '... false', not the
   template's '... True'). None when `output` does not end on the label.
   """
-  # The label as a word of its own: 'A' ends 'Banana' too.
-  match = re.search(rf"(?<!\w)({re.escape(gold_label)})(\W*)$", output,
-                    re.IGNORECASE)
+  match = _ending(output, (gold_label,))
   if not match:
     return None
   written = match.group(1)
