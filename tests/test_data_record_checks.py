@@ -385,6 +385,29 @@ def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path, suffix):
                           "at offset 6): data files must be UTF-8 encoded")
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_half_an_emoji_is_refused_naming_the_record(tmp_path, suffix):
+  """A lone UTF-16 surrogate ('\\ud83d', an emoji cut in two by an exporter)
+  is valid JSON, but no tokenizer encodes it: sentencepiece had failed in
+  a 30-line traceback at the first prompt. Whole pairs still load."""
+  good = dict(_BOOLQ, input="smile \U0001f600")
+  bad = dict(_BOOLQ, input="smile \ud83d")
+  path = tmp_path / f"r{suffix}"
+  dump = (lambda recs: json.dumps(recs) if suffix == ".json" else
+          "".join(json.dumps(r) + "\n" for r in recs))
+  path.write_text(dump([good, good]))
+  assert "\\ud83d\\ude00" in path.read_text()  # as json.dumps escapes it
+  assert "smile \U0001f600\n" in data.load_file(path, "boolq")[0].prompt
+  path.write_text(dump([good, bad]))
+  with pytest.raises(ValueError) as e:
+    data.load_file(path, "boolq")
+  where = "record 1" if suffix == ".json" else "line 2"
+  assert str(e.value) == (
+      f"{path}: {where}, field 'input' holds \\ud83d, half of a UTF-16 pair "
+      "(a character such as an emoji cut in two): data files must hold "
+      "whole characters")
+
+
 def test_an_empty_file_or_a_path_and_a_hub_are_refused(tmp_path):
   """An empty data file is named (it had ended in 'cannot carve a
   validation set out of 0 example(s)'); a path and a Hub id together are

@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,15 @@ def read_placed_records(path: str | os.PathLike[str]
     text = _read_text(path)
     records = _read_json(path, text) if suffix == ".json" else None
     if records is not None:
-      return records, [f"record {i}" for i in range(len(records))]
-    # A `.jsonl`, or a `.json` of JSON Lines: what Hugging Face
-    # `Dataset.to_json` writes by default.
-    placed = _read_jsonl(path, text)
-    return [r for _, r in placed], [f"line {n}" for n, _ in placed]
+      places = [f"record {i}" for i in range(len(records))]
+    else:
+      # A `.jsonl`, or a `.json` of JSON Lines: what Hugging Face
+      # `Dataset.to_json` writes by default.
+      placed = _read_jsonl(path, text)
+      records, places = [r for _, r in placed], [f"line {n}" for n, _ in placed]
+    if _SURROGATE_ESCAPE.search(text):
+      _check_whole_characters(path, records, places)
+    return records, places
   if suffix == ".parquet":
     records = _read_parquet(path)
     return records, [f"row {i}" for i in range(len(records))]
@@ -85,6 +90,42 @@ def _read_text(path: Path) -> str:
         f"{path} is not valid UTF-8 at line {lineno} (byte "
         f"0x{raw[start]:02x} at offset {start}): data files must be "
         "UTF-8 encoded") from None
+
+
+# A JSON escape of half a UTF-16 pair: '\\ud83d' alone (an exporter that
+# cut a string between the two halves of an emoji) decodes to a str that
+# no tokenizer can encode; sentencepiece then failed in a 30-line
+# traceback far from the file.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_whole_characters(path: Path, records: list[Record],
+                            places: list[str]) -> None:
+  """Raises one line naming the record and field of the first string that
+  holds half a UTF-16 pair."""
+  def bad(value) -> str | None:
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        return f"\\u{ord(value[e.start]):04x}"
+      return None
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+      found = bad(key) or bad(item)
+      if found:
+        return found
+    return None
+
+  for record, place in zip(records, places):
+    for key, value in record.items():
+      found = bad(key) or bad(value)
+      if found:
+        raise ValueError(
+            f"{path}: {place}, field {key!r} holds {found}, half of a "
+            "UTF-16 pair (a character such as an emoji cut in two): data "
+            "files must hold whole characters")
 
 
 def _read_json(path: Path, text: str) -> list[Record] | None:
