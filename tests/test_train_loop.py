@@ -944,6 +944,46 @@ def test_metrics_writer_keeps_rows_up_to_the_checkpoint(tmp_path):
       ('0', '2.0'), ('4', ''), ('5', '1.5')]
 
 
+def test_a_last_row_cut_inside_its_number_is_dropped(tmp_path, monkeypatch):
+  """A full disk cut eval.csv's row for step 4 inside its last number
+  ('16.0,1' for '16.0,16.0'): it had the header's cells, parsed, was kept
+  as step 4's result, and the missed evaluation was never done again. A
+  last line without its line break goes now, whatever its step. A rewrite
+  that fails names the file, keeps it whole and leaves no temporary file
+  (it had said only '[Errno 28] ...' and left 'eval.csv.tmp')."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                csv_name=metrics_lib.EVAL_CSV_NAME)
+  w.write(2, {'acc': 0.5, 'n': 16.0})
+  w.close()
+  path = tmp_path / metrics_lib.EVAL_CSV_NAME
+  whole = path.read_text()
+  with open(path, 'a') as f:
+    f.write('4,0.25,1')  # '4,0.25,16.0\r\n' cut by the full disk
+  real = pathlib.Path.write_text
+
+  def full_disk(self, text, *args, **kwargs):
+    real(self, text[:5], *args, **kwargs)
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
+  with pytest.raises(OSError) as e:
+    metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                              csv_name=metrics_lib.EVAL_CSV_NAME, last_step=4)
+  assert str(e.value) == (f'{path}: cannot write (No space left on device); '
+                          'the file there before, if any, is kept.')
+  assert path.read_text() == whole + '4,0.25,1'
+  assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+  monkeypatch.undo()
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                csv_name=metrics_lib.EVAL_CSV_NAME, last_step=4)
+  assert w.kept == [{'step': 2, 'acc': 0.5, 'n': 16.0}]
+  w.close()
+  assert path.read_text() == whole
+
+
 _TB_FULL_DISK = '''
 import sys
 import threading

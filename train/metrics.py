@@ -6,12 +6,15 @@ Only process 0 writes (every process computes the same global metrics).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
 from typing import Mapping
 
 import jax
+
+from models import hf_io
 
 CSV_NAME = 'metrics.csv'
 EVAL_CSV_NAME = 'eval.csv'
@@ -27,38 +30,45 @@ def _keep_rows_up_to(path: str, last_step: int
   run killed while writing it) is dropped too, and so is a header no kept
   row follows (a fresh run, ``last_step`` -1, starts the file over). The
   file is replaced whole (written aside, then renamed), so a failure leaves
-  the old one.
+  the old one, and an error names the file.
   """
   if not os.path.exists(path):
     return None, []
   kept, rows, header, written = [], [], None, None
   with open(path, newline='', encoding='utf-8') as f:
-    for row in csv.reader(f):
-      if not row:
-        continue
-      if row[0] == 'step':
-        header = row
-        continue
-      if header is None or len(row) != len(header):
-        continue
-      try:
-        # An empty cell is a key this row did not log (DictWriter's restval).
-        values = [float(x) if x else math.nan for x in row]
-      except ValueError:
-        continue
-      if not (math.isfinite(values[0]) and values[0] <= last_step):
-        continue
-      if written is not header:
-        kept.append(header)
-        written = header
-      kept.append(row)
-      rows.append({'step': int(values[0]),
-                   **{k: v for k, v, cell in zip(header[1:], values[1:],
-                                                 row[1:]) if cell}})
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    csv.writer(f).writerows(kept)
-  os.replace(tmp, path)
+    text = f.read()
+  # A last line without its line break was cut by a full disk or a kill:
+  # cut inside its last number ('16.0,1' for '16.0,16.0') it had parsed,
+  # been kept, and stood for an evaluation that was then never redone.
+  text = text[:text.rfind('\n') + 1]
+  for row in csv.reader(io.StringIO(text, newline='')):
+    if not row:
+      continue
+    if row[0] == 'step':
+      header = row
+      continue
+    if header is None or len(row) != len(header):
+      continue
+    try:
+      # An empty cell is a key this row did not log (DictWriter's restval).
+      values = [float(x) if x else math.nan for x in row]
+    except ValueError:
+      continue
+    if not (math.isfinite(values[0]) and values[0] <= last_step):
+      continue
+    if written is not header:
+      kept.append(header)
+      written = header
+    kept.append(row)
+    rows.append({'step': int(values[0]),
+                 **{k: v for k, v, cell in zip(header[1:], values[1:],
+                                               row[1:]) if cell}})
+  out = io.StringIO(newline='')
+  csv.writer(out).writerows(kept)
+  # Aside, then renamed (as every file of a run is written), under a name
+  # a later run's start-up removes if this process dies first; an error
+  # names the file.
+  hf_io.write_text(path, out.getvalue())
   return written, rows
 
 
