@@ -366,6 +366,16 @@ def _save_file(tensors, tmp: Path, path, metadata) -> None:
     raise OSError(f'{path}: cannot write ({cause}).') from None
 
 
+def _save_text(text: str, tmp: Path, path) -> None:
+  """``tmp.write_text``, its failure a one-line OSError naming ``path``: a
+  full disk's bare '[Errno 28] No space left on device' had named no
+  file."""
+  try:
+    tmp.write_text(text, encoding='utf-8')
+  except OSError as e:
+    raise OSError(f'{path}: cannot write ({e.strerror or e}).') from None
+
+
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                   metadata: Mapping[str, str] | None = None) -> None:
   """One safetensors file, atomically (see :func:`replacing`); a failure
@@ -445,14 +455,13 @@ def save_tensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray]
       weight_map.update({name: shard_name for name in shard})
     if len(shards) > 1:
       index_path = safe_join(directory, index, replaced=True)
-      temp(index_path).write_text(
-          dumps_json({'metadata': {'total_size': total},
-                      'weight_map': weight_map}, index_path),
-          encoding='utf-8')
+      _save_text(dumps_json({'metadata': {'total_size': total},
+                             'weight_map': weight_map}, index_path),
+                 temp(index_path), index_path)
       names.append(index)
     for name, text in (texts or {}).items():
-      temp(safe_join(directory, name, replaced=True)).write_text(
-          text, encoding='utf-8')
+      path = safe_join(directory, name, replaced=True)
+      _save_text(text, temp(path), path)
   remove_stale_weights(directory, names, filename, index)
   return paths
 

@@ -138,6 +138,32 @@ def test_save_tensors_failing_to_write_is_one_oserror(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize('failing', ['config.json',
+                                     'model.safetensors.index.json'])
+def test_a_text_file_failing_to_write_names_it(tmp_path, monkeypatch,
+                                               failing):
+  """config.json (an adapter's adapter_config.json) or the shard index on
+  a full disk: the error had been the bare '[Errno 28] No space left on
+  device', naming no file."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  real = pathlib.Path.write_text
+
+  def full_disk(self, text, *args, **kwargs):
+    if self.name.startswith(f'.{failing}.'):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(self, text, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, 'write_text', full_disk)
+  with pytest.raises(OSError) as e:
+    hf_io.save_tensors(tmp_path, {'a': np.zeros(4, np.float32),
+                                  'b': np.zeros(4, np.float32)},
+                       max_shard_bytes=16, texts={'config.json': '{}'})
+  assert str(e.value) == (
+      f'{tmp_path}/{failing}: cannot write (No space left on device).')
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_save_that_fails_part_way_leaves_the_earlier_save_whole(
     tmp_path, monkeypatch):
   """A full disk on the second of four shards, or on config.json after the

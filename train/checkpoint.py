@@ -26,6 +26,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -211,6 +212,14 @@ class Checkpointer:
       # limit, another process filling the disk): one line saying what is
       # kept, where orbax's writer threads had printed hundreds of lines.
       cause = first_line(_innermost(e))
+      # tensorstore ends its ~400-character message with the reason ('No
+      # space left on device [os_error_code='28']'): cut to 200, the line
+      # had named paths and never the full disk.
+      code = re.search(r"os_error_code='(\d+)'", cause)
+      if code:
+        body = cause.split(' [os_error_code=')[0]
+        cause = (body if len(body) <= 200 else
+                 f'{os.strerror(int(code.group(1)))}: {body}')
       if len(cause) > 200:
         cause = cause[:197] + '...'
       raise OSError(

@@ -2296,9 +2296,17 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     # Standard JSON: NaN and Infinity (update_ratio_b while B is 0, the
     # compiling step's tokens/s, a skipped step's loss) as null, which
     # strict parsers (JavaScript's JSON.parse) had refused.
-    hf_io.write_text(os.path.join(run_dir, 'summary.json'),
-                     json.dumps(_finite_or_none(summary), indent=2,
-                                allow_nan=False))
+    try:
+      hf_io.write_text(os.path.join(run_dir, 'summary.json'),
+                       json.dumps(_finite_or_none(summary), indent=2,
+                                  allow_nan=False))
+    except OSError as e:
+      # The line had not said that only the summary is missing.
+      then = (f'checkpoint {max(summary["checkpoints"])} is saved: free '
+              'the space, then --resume writes the summary'
+              if summary['checkpoints'] else
+              'no checkpoint is saved: free the space and run again')
+      raise OSError(f"{first_line(e).rstrip('.')}; {then}.") from None
   if interrupted:
     raise preemption.Interrupted(interrupted, step, ckpt.directory)
   return summary
