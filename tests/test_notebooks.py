@@ -174,8 +174,10 @@ def test_quickstart_runs(kernel, monkeypatch):
   assert 'lora_rite' in text and 'max H gap' in text
 
 
-def test_paper_configs_runs(kernel, monkeypatch):
+def test_paper_configs_runs(kernel, monkeypatch, tmp_path):
+  monkeypatch.setenv('TMPDIR', str(tmp_path))  # the tiny run's run_dir
   nb = _execute('paper_configs.ipynb', kernel, monkeypatch)
+  assert [p for p in tmp_path.iterdir() if p.name.startswith('tiny-')]
   table = _outputs(nb, 'text/markdown')
   assert table and 'paper_mt5xxl_superni' in table[0]['data']['text/markdown']
   text = ''.join(out.get('text', '') for cell in nb.cells
@@ -187,6 +189,10 @@ def test_paper_configs_runs(kernel, monkeypatch):
   assert ('hf download google/gemma-7b --local-dir ' in text and
           ' --include "*.safetensors" --include "*.json" --include '
           'tokenizer.model' in text)
+  # train.loop.run in a kernel, whose stderr (ipykernel's OutStream) has
+  # no .buffer: every checkpoint save had failed after writing.
+  assert 'steps: 8 | checkpoints: [6, 8] | adapter:' in text, text
+  assert 'adapter_model.safetensors' in text
 
 
 @pytest.mark.slow

@@ -613,6 +613,32 @@ def test_a_stop_acknowledgement_survives_a_failing_log(capfd):
       '[train] SIGTERM: stopping after this step\n')
 
 
+def test_a_save_and_a_restore_work_where_stderr_has_no_buffer(tmp_path):
+  """A Jupyter kernel's stderr (ipykernel's OutStream) and redirect_stderr's
+  StringIO have no `.buffer`: every save in a notebook had failed after
+  writing its checkpoint ('checkpoint 1 was not written ... no checkpoint
+  is kept'), and a restore with a raw AttributeError. What file descriptor
+  2 received meanwhile still reaches that stderr, as text."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  state = {'w': jnp.arange(4.0)}
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
+  text = io.StringIO()
+  with contextlib.redirect_stderr(text):
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert ckpt.save(1, state, None, json.dumps({'name': 'x'}))
+    restored = ckpt.restore(1, abstract, None)
+    with checkpoint._stderr_dropped_on_failure():  # pylint: disable=protected-access
+      os.write(2, b'a C++ thread\'s line\n')
+    ckpt.close()
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert "a C++ thread's line\n" in text.getvalue()
+  assert checkpoint.Checkpointer(tmp_path).all_steps() == [1]
+
+
 def test_orbax_temporary_folders_are_removed(tmp_path):
   """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: removed when
   the checkpoints are next opened (they had stayed for good)."""

@@ -143,8 +143,29 @@ def _stderr_dropped_on_failure(settle_s: float = 1.0):
       os.close(saved)
       if not failed:
         held.seek(0)
-        sys.stderr.buffer.write(held.read())
-        sys.stderr.flush()
+        _pass_on(held.read())
+
+
+def _pass_on(data: bytes) -> None:
+  """Writes ``data`` (what file descriptor 2 received) to ``sys.stderr``.
+
+  As bytes where it has a buffer; else as text: a Jupyter kernel's stderr
+  (ipykernel's OutStream) and `contextlib.redirect_stderr`'s StringIO have
+  none, and every save in a notebook had failed after writing, reported as
+  'checkpoint 5 was not written' (a restore as an AttributeError). Never
+  raises: the block it follows succeeded.
+  """
+  if not data:
+    return
+  try:
+    out = getattr(sys.stderr, 'buffer', None)
+    if out is not None:
+      out.write(data)
+    else:
+      sys.stderr.write(data.decode('utf-8', 'replace'))
+    sys.stderr.flush()
+  except (AttributeError, OSError, TypeError, ValueError):
+    pass  # no stderr to write to (None, closed): the lines are not errors
 
 
 class Checkpointer:
