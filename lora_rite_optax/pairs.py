@@ -256,6 +256,39 @@ def stacked_axes(path: Sequence[str], shape: Sequence[int],
   return batch_axes if len(shape) > batch_axes else 0
 
 
+def _flipped(lay: LoraLayout, a_shape, b_shape) -> str | None:
+  """Advice naming the layout that reads 2-D factors the other way round,
+  when it pairs them at a rank no larger than their other sizes: an
+  Equinox ``eqx.nn.Linear`` or PEFT weight is (out, in), so its lora_a is
+  (r, in) and its lora_b (out, r). The error had said only 'both factors
+  need the same rank', or sent users with lowercase keys to PEFT_LAYOUT,
+  whose keys are lora_A/lora_B."""
+  a, b = a_shape[lay.batch_axes:], b_shape[lay.batch_axes:]
+  if len(a) != 2 or len(b) != 2:
+    return None
+  # The rank axes of the other reading: 0 where this layout's is 1 (-1).
+  new_a, new_b = 1 - lay.a_rank_axis % 2, 1 - lay.b_rank_axis % 2
+  r = a[new_a]
+  if r != b[new_b] or r > min(a[1 - new_a], b[1 - new_b]):
+    return None
+  layout = dataclasses.replace(lay, a_rank_axis=-new_a, b_rank_axis=-new_b)
+  unstacked = dataclasses.replace(layout, batch_axes=0)
+  # Only the fields that differ from the defaults: the repr had them all.
+  fields = ', '.join(
+      f'{f.name}={getattr(unstacked, f.name)!r}'
+      for f in dataclasses.fields(unstacked)
+      if getattr(unstacked, f.name) != getattr(NNX_LAYOUT, f.name))
+  named = ('lro.PEFT_LAYOUT' if unstacked == PEFT_LAYOUT else
+           'lro.NNX_LAYOUT' if unstacked == NNX_LAYOUT else
+           f'lro.LoraLayout({fields})')
+  if layout.batch_axes:
+    named += f'.scanned({layout.batch_axes})'
+  where = lambda axis: 'last' if axis else 'first'
+  return (f'read the other way round ({lay.a_key} {a_shape} with its rank '
+          f'{where(new_a)}, {lay.b_key} {b_shape} with its {where(new_b)}), '
+          f'they pair at rank {r}: pass layout={named}.')
+
+
 def _rank(shape: Sequence[int], axis: int, batch_axes: int) -> int | None:
   """The size of the rank axis under ``batch_axes`` stacked axes; None where
   that reading has no such axis (a positive last axis read with one more
@@ -409,11 +442,13 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
       raise ValueError(
           f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) has rank 0; give it a rank >= 1 or leave it out.')
+    flipped = _flipped(lay, a_shape, b_shape)
     if r_a != r_b:
       raise ValueError(
           f'{who}: {pair} has rank {r_a} in {lay.a_key} {a_shape} but '
           f'{r_b} in {lay.b_key} {b_shape}; both factors need the same rank.'
-          + hint)
+          + (hint or (f' {flipped[0].upper()}{flipped[1:]}' if flipped
+                      else '')))
     n_a = matrix_shape(a_shape, lay.a_rank_axis, lay.batch_axes)[1]
     n_b = matrix_shape(b_shape, lay.b_rank_axis, lay.batch_axes)[1]
     if r_a > n_a and r_a > n_b:
@@ -426,8 +461,9 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
           f'{who}: {pair} ({lay.a_key} {a_shape}, {lay.b_key} '
           f'{b_shape}) reads as rank {r_a}, above both factors\' other sizes '
           f'({n_a}, {n_b})')
-      advice = (f'wrong layout? (NNX_LAYOUT has the rank last on {lay.a_key} '
-                f'and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
+      advice = f'wrong layout? {flipped}' if flipped else (
+          f'wrong layout? (NNX_LAYOUT has the rank last on {lay.a_key} '
+          f'and first on {lay.b_key}; PEFT_LAYOUT the reverse.)')
       if n_a == n_b:
         raise ValueError(f'{message}: {advice}')
       warnings.warn(f'{message}; a rank of {min(n_a, n_b)} spans as '

@@ -2,6 +2,7 @@
 and the inputs that look alike but are fine still work."""
 
 import functools
+import re
 import warnings
 
 import chex
@@ -25,9 +26,14 @@ def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
   # PEFT's lora_A (r, in), lora_B (out, r) under NNX_LAYOUT: on a square
   # layer both read as rank 64, and ScaledAdam's steps came out ~1e8 large.
   peft = {'q': {'lora_a': jnp.ones((4, 64)), 'lora_b': jnp.ones((64, 4))}}
-  with pytest.raises(ValueError, match=r"reads as rank 64, above both "
-                     r"factors' other sizes \(4, 4\): wrong layout"):
+  with pytest.raises(ValueError) as e:
     lro.find_lora_pairs(peft)
+  assert str(e.value) == (
+      "find_lora_pairs: pair 'q' (lora_a (4, 64), lora_b (64, 4)) reads as "
+      "rank 64, above both factors' other sizes (4, 4): wrong layout? read "
+      'the other way round (lora_a (4, 64) with its rank first, lora_b (64, '
+      '4) with its last), they pair at rank 4: pass '
+      'layout=lro.LoraLayout(a_rank_axis=0, b_rank_axis=-1).')
   right = lro.LoraLayout(a_rank_axis=0, b_rank_axis=-1)
   assert len(lro.find_lora_pairs(peft, right).pairs) == 1
   # A rank above one side only (a narrow k/v projection) is a real pair,
@@ -39,6 +45,35 @@ def test_factors_of_the_other_orientation_are_refused_on_a_square_layer():
   with pytest.warns(UserWarning, match=r"^find_lora_pairs: pair 'k' .* has "
                     r'rank 8, .* a rank of 4 spans as much\.$'):
     assert len(lro.find_lora_pairs({'k': _pair(64, 8, 4)}).pairs) == 1
+
+
+@pytest.mark.parametrize('tree, layout, advice', [
+    # Equinox's eqx.nn.Linear weights (out, in) under lora_a/lora_b keys:
+    # PEFT_LAYOUT, which the message had named, wants lora_A/lora_B.
+    ({'q': {'lora_a': jnp.ones((4, 16)), 'lora_b': jnp.ones((8, 4))}},
+     lro.NNX_LAYOUT, 'lro.LoraLayout(a_rank_axis=0, b_rank_axis=-1)'),
+    ({'q': {'lora_A': jnp.ones((4, 16)), 'lora_B': jnp.ones((8, 4))}},
+     lro.LoraLayout(a_key='lora_A', b_key='lora_B'), 'lro.PEFT_LAYOUT'),
+    ({'q': {'lora_A': jnp.ones((16, 4)), 'lora_B': jnp.ones((4, 8))}},
+     lro.PEFT_LAYOUT, "lro.LoraLayout(a_key='lora_A', b_key='lora_B')"),
+    ({'q': {'lora_a': jnp.ones((3, 4, 16)), 'lora_b': jnp.ones((3, 8, 4))}},
+     lro.NNX_LAYOUT.scanned(1),
+     'lro.LoraLayout(a_rank_axis=0, b_rank_axis=-1).scanned(1)'),
+])
+def test_factors_of_the_other_orientation_name_the_layout_that_reads_them(
+    tree, layout, advice):
+  """On a non-square layer the error had said only 'both factors need the
+  same rank' (their ranks are equal, read the other way round)."""
+  with pytest.raises(ValueError, match=r'both factors need the same rank\. '
+                     r'Read the other way round .* they pair at rank 4: pass '
+                     rf'layout={re.escape(advice)}\.$'):
+    lro.lora_rite(1e-3, layout=layout).init(tree)
+  fixed = eval(advice, {'lro': lro})  # pylint: disable=eval-used
+  assert len(lro.find_lora_pairs(tree, fixed).pairs) == 1
+  # Sizes that pair no way round get no advice.
+  bad = {'q': {'lora_a': jnp.ones((4, 16)), 'lora_b': jnp.ones((5, 8))}}
+  with pytest.raises(ValueError, match=r'need the same rank\.$'):
+    lro.lora_rite(1e-3).init(bad)
 
 
 def test_a_rank_above_both_sides_of_a_non_square_layer_is_only_warned():
