@@ -380,15 +380,23 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         partner = prefix + (other,) + suffix
         # optax.masked takes a mask that is a prefix of the tree: the
         # partner's MaskedNode may stand for its whole subtree.
-        if allow_unpaired and any(partner[:k] in masked
-                                  for k in range(len(prefix) + 1,
-                                                 len(partner) + 1)):
+        hidden = any(partner[:k] in masked
+                     for k in range(len(prefix) + 1, len(partner) + 1))
+        if allow_unpaired and hidden:
           refuse_untrainable(who, *leaves[slot[mine]], factor=True)
           lone.append(LoneFactor(name, 'a' if mine == lay.a_key else 'b',
                                  slot[mine], lay))
           partnerless = True
           continue
         where = '/'.join(prefix + (mine,) + suffix)
+        if hidden:
+          # It is there, masked out (LoRA-FA's frozen lora_a): 'has no
+          # partner' had sent users looking for a missing leaf.
+          raise ValueError(
+              f'{who}: factor {where!r} has its partner {other!r} masked '
+              f'out (optax.masked or partition); {who} preconditions each '
+              'factor by the other, so it needs both (train one factor '
+              'alone with loraplus, shampoo or adam).')
         raise ValueError(
             f'{who}: factor {where!r} has no partner {other!r} under '
             f'{name or "the root"!r}; a LoRA pair needs both factors.')

@@ -143,6 +143,22 @@ def test_a_factor_whose_partner_is_masked_keeps_its_role():
     lro.loraplus_labels({'q': {'lora_b': jnp.ones((2, 3))}})
 
 
+@pytest.mark.parametrize('make', [lro.lora_rite, lro.scaled_adam])
+def test_a_masked_partner_is_named_as_masked_not_missing(make):
+  """LoRA-FA's frozen lora_a under optax.masked: 'has no partner' had sent
+  users looking for a leaf that is there."""
+  params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.zeros((2, 6))}}
+  tx = optax.masked(make(1e-3), {'q': {'lora_a': False, 'lora_b': True}})
+  with pytest.raises(ValueError) as e:
+    tx.init(params)
+  who = make.__name__
+  assert str(e.value) == (
+      f"{who}: factor 'q/lora_b' has its partner 'lora_a' masked out "
+      f'(optax.masked or partition); {who} preconditions each factor by the '
+      'other, so it needs both (train one factor alone with loraplus, '
+      'shampoo or adam).')
+
+
 def test_scaled_adam_refuses_params_unlike_the_gradients():
   lora = {'q': _pair(4, 2, 3), 'v': _pair(4, 2, 3, scale=2.0)}
   tx = lro.scale_by_riemannian_precond()
