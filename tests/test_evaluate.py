@@ -118,6 +118,11 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("The answer is 1\u202f234 apples", "1234"),
     ("The answer is 1\u2009000.", "1000"),
     ("\uff11\uff12\uff0d\uff13 \u65e5", "3"),
+    # A full stop after CJK text is not a decimal point (had become 0.12
+    # with the edges above), nor is a full-width letter's hyphen a sign.
+    ("\u7b54\uff0e12\u500b", "12"),
+    ("\u5408\u8a08\u306f12\u500b.5\u500b\u304c\u7b54\u3048", "5"),
+    ("\uff38\uff0d\uff15", "5"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected
@@ -221,7 +226,8 @@ def test_parse_choice():
                      ("\ub2f5\uc740 D\uc785\ub2c8\ub2e4", 3),
                      ("\u0e04\u0e33\u0e15\u0e2d\u0e1a\u0e04\u0e37"
                       "\u0e2dA", 0),
-                     ("\u7b54\u6848\u662fBanana", None)):
+                     ("\u7b54\u6848\u662fBanana", None),
+                     ("\uff21B", None)):  # a full-width A is a letter
     assert ev.parse_choice(text, letters) == gold, text
   assert ev.parse_choice("\u7b54\u6848\u662ftrue", ("true", "false")) == 0
 

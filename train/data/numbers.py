@@ -28,7 +28,9 @@ _SIGN = (rf"(?:{_NOT_AFTER_WORD}-|\u2212\s?)?(?:[" + re.escape(_CURRENCY) +
 _FRACTION = r"(?<!/)\d[\d,]*(?:\.\d+)?/\d+(?:\.\d+)?(?![\d/])"  # not a date's
 # A bare '.5' has no letter, digit or dot before its point: 'Rs.500' is 500
 # (it had read as 0.5), and '5 km.3 hours' ends in 3.
-_POINT_ONLY = _NOT_AFTER_WORD + r"\.\d+"
+# A point after CJK text is a full stop ('答．12個' is 12, not 0.12): here a
+# CJK letter is a letter (`\w`), as it is not for a sign.
+_POINT_ONLY = r"(?<![\w.])\.\d+"
 _NUMBER = (_SIGN + r"(?:" + _FRACTION + r"|\d[\d,]*(?:\.\d+)?|" +
            _POINT_ONLY + ")")
 _NUMBER_RE = re.compile(_NUMBER)

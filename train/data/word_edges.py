@@ -14,11 +14,12 @@ from __future__ import annotations
 # Thai, Lao, Tibetan, Myanmar, Khmer; CJK radicals, symbols, kana, Bopomofo,
 # ideographs (extension A, the unified block, compatibility and the
 # supplementary planes); Hangul syllables (Korean particles attach: '답은
-# B입니다'); full-width forms.
+# B입니다'); the full-width and half-width forms but their Latin letters
+# ('Ｘ' is an X).
 _UNSPACED = ("\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff"
              "\u2e80-\u2fdf\u3000-\u30ff\u3100-\u31ff\u3400-\u4dbf"
-             "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
-             "\U00020000-\U0003ffff")
+             "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uff20"
+             "\uff3b-\uff40\uff5b-\uffef\U00020000-\U0003ffff")
 
 # A character that continues a word: `\w`, less the unspaced scripts'
 # letters (their digits still join a number: '１２－３' is a range).
