@@ -982,6 +982,13 @@ def test_a_last_row_cut_inside_its_number_is_dropped(tmp_path, monkeypatch):
   assert w.kept == [{'step': 2, 'acc': 0.5, 'n': 16.0}]
   w.close()
   assert path.read_text() == whole
+  # Cut between its '\r' and '\n', a row is whole: kept.
+  with open(path, 'a', newline='') as f:
+    f.write('4,0.25,16.0\r')
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                csv_name=metrics_lib.EVAL_CSV_NAME, last_step=4)
+  assert [r['step'] for r in w.kept] == [2, 4]
+  w.close()
 
 
 _TB_FULL_DISK = '''

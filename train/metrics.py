@@ -40,7 +40,9 @@ def _keep_rows_up_to(path: str, last_step: int
   # A last line without its line break was cut by a full disk or a kill:
   # cut inside its last number ('16.0,1' for '16.0,16.0') it had parsed,
   # been kept, and stood for an evaluation that was then never redone.
-  text = text[:text.rfind('\n') + 1]
+  # (A row cut between its '\r' and '\n' is whole.)
+  if not text.endswith(('\n', '\r')):
+    text = text[:text.rfind('\n') + 1]
   for row in csv.reader(io.StringIO(text, newline='')):
     if not row:
       continue
