@@ -704,6 +704,26 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
   assert loop.run(tiny(run_dir), log=quiet, stop_at=1)['steps'] == 1
 
 
+def test_a_run_dir_that_cannot_be_locked_is_said_in_one_line(monkeypatch,
+                                                            tmp_path):
+  """A file system without locks (Lustre without its flock option, NFS
+  without lockd): the run went on unguarded without a word, and a second
+  run's start-up cleanup removed this one's checkpoint as it was written."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  def no_locks(f, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(fcntl, 'flock', no_locks)
+  lines = []
+  with loop._run_dir_lock(str(tmp_path), lines.append):  # pylint: disable=protected-access
+    pass
+  assert lines == [f'[train] warning: run_dir {tmp_path} cannot be locked '
+                   'here (No locks available): a second run started in it '
+                   'is not refused; start one run at a time.']
+
+
 def test_a_run_dir_used_while_this_run_builds_is_refused(monkeypatch,
                                                         tmp_path):
   """The lock is taken after the build; another run that trained in the
@@ -751,7 +771,7 @@ def test_every_process_refuses_a_run_dir_in_use(monkeypatch, tmp_path):
   monkeypatch.setattr(distributed, 'from_process_0',
                       lambda value: told.append(value) or 1)  # busy
   with pytest.raises(loop.ConfigError, match='is in use by another run'):
-    with loop._run_dir_lock(str(tmp_path)):  # pylint: disable=protected-access
+    with loop._run_dir_lock(str(tmp_path), quiet):  # pylint: disable=protected-access
       pass
   assert told == [0] and not os.listdir(tmp_path)
 
@@ -770,7 +790,7 @@ def test_every_process_refuses_a_run_dir_process_0_cannot_write(
   missing = tmp_path / 'gone'
   with pytest.raises(loop.ConfigError, match=rf'^run_dir {missing}: process 0 '
                      'cannot write .*No such file or directory'):
-    with loop._run_dir_lock(str(missing)):  # pylint: disable=protected-access
+    with loop._run_dir_lock(str(missing), quiet):  # pylint: disable=protected-access
       pass
   with pytest.raises(loop.ConfigError, match=rf'^run_dir {missing}: process 0 '
                      'cannot write there .*No such file or directory'):

@@ -1635,7 +1635,7 @@ LOCK_FILE = '.lock'
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: str):
+def _run_dir_lock(run_dir: str, log: Callable[[str], None]):
   """Holds run_dir for this run (process 0 takes it; every process learns
   the outcome, so that all refuse together: the others had gone on into
   the checkpointer's collective start and hung the slice).
@@ -1644,7 +1644,10 @@ def _run_dir_lock(run_dir: str):
   replacing the other's metrics and checkpoints. An flock goes with its
   process, so a killed run leaves no stale lock, and taking one writes
   nothing (a refused resume leaves run_dir as it was); where the file
-  system has no locks (some network mounts), the run goes on unguarded.
+  system has no locks (Lustre without its flock option, NFS without
+  lockd), the run goes on unguarded, and says so in one line: a second
+  run had silently trained beside it, and its start-up cleanup removed the
+  first run's checkpoint as it was being written.
   """
   path = os.path.join(run_dir, LOCK_FILE)
   with contextlib.ExitStack() as held:
@@ -1662,8 +1665,10 @@ def _run_dir_lock(run_dir: str):
           held.callback(fcntl.flock, f, fcntl.LOCK_UN)
         except BlockingIOError:
           outcome = _BUSY
-        except OSError:  # no locks on this file system
-          pass
+        except OSError as e:  # no locks on this file system
+          log(f'[train] warning: run_dir {run_dir} cannot be locked here '
+              f'({e.strerror or first_line(e)}): a second run started in it '
+              'is not refused; start one run at a time.')
     outcome = distributed.from_process_0(outcome)
     if outcome == _BUSY:
       raise ConfigError(f'run_dir {run_dir} is in use by another run (it '
@@ -1850,7 +1855,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
 
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
-  cleanup.enter_context(_run_dir_lock(run_dir))
+  cleanup.enter_context(_run_dir_lock(run_dir, log))
   _check_run_dir_shared(run_dir)
   # The lock is taken after the build (minutes for a large model): another
   # run may have used the folder meanwhile. A fresh run had then trained
