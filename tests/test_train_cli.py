@@ -412,6 +412,21 @@ def test_only_process_0_prints_the_summary(monkeypatch, capsys, tmp_path):
     assert ('"final_loss": 1.5' in out) == printed, out
 
 
+def test_the_printed_summary_is_standard_json(monkeypatch, capsys, tmp_path):
+  """A NaN loss had printed as NaN, which JSON parsers refuse
+  (summary.json has null)."""
+  from train import loop  # pylint: disable=g-import-not-at-top
+  summary = {'run_dir': 'r', 'steps': 2, 'final_loss': float('nan'),
+             'eval_before': {'accuracy': float('inf')}, 'eval_after': None,
+             'adapter_dir': None, 'timing': {'train': 1.0}}
+  monkeypatch.setattr(loop, 'run', lambda cfg, stop_at=0: summary)
+  assert cli.main(['--config', 'tiny', '--run_dir', str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  printed = json.loads(out[:out.rindex('}') + 1])
+  assert printed['final_loss'] is None
+  assert printed['eval_before'] == {'accuracy': None}
+
+
 def test_the_error_line_is_one_write(tmp_path, monkeypatch):
   """The line and its newline in one write: print's separate newline let
   orbax's threads (tracebacks after a failed restore) land on the end of

@@ -991,6 +991,70 @@ def test_a_last_row_cut_inside_its_number_is_dropped(tmp_path, monkeypatch):
   w.close()
 
 
+_BAR_THEN_KILLED = '''
+import os
+from train import metrics
+metrics._shows_a_bar = lambda stream: True  # as in a terminal
+p = metrics.Progress(10, enabled=True)
+p.write('[step 5] loss=1.0')
+os.kill(os.getpid(), 9)  # a host lost, the OOM killer
+'''
+
+
+def test_step_lines_above_the_bar_are_flushed(tmp_path):
+  """tqdm's write does not flush: with stdout a file (a Cloud TPU job's
+  log), the step lines had waited in its 8 KB buffer for hundreds of
+  steps, and a killed run lost them."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+  with open(tmp_path / 'log.txt', 'w') as out:
+    proc = subprocess.run(
+        [sys.executable, '-c', _BAR_THEN_KILLED], stdout=out,
+        stderr=subprocess.DEVNULL, timeout=120,
+        env=dict(env, PYTHONPATH=str(ROOT)))
+  assert proc.returncode == -9
+  assert (tmp_path / 'log.txt').read_text() == '[step 5] loss=1.0\n'
+
+
+def test_a_bar_only_where_it_is_redrawn(monkeypatch):
+  """A log file or a pipe had got the bar as one newline-free line of
+  redraws, growing all run; a terminal or a notebook kernel's stream
+  shows it."""
+  import io  # pylint: disable=g-import-not-at-top
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  class OutStream(io.StringIO):  # ipykernel's, by its module
+    pass
+  OutStream.__module__ = 'ipykernel.iostream'
+
+  for stream, shown in ((io.StringIO(), False), (Terminal(), True),
+                        (OutStream(), True)):
+    monkeypatch.setattr(sys, 'stderr', stream)
+    bar = metrics_lib.Progress(3, enabled=True)
+    assert (bar._bar is not None) == shown, stream  # pylint: disable=protected-access
+    bar.close()
+
+
+def test_every_line_goes_above_the_bar(monkeypatch, tmp_path):
+  """Evaluation lines (and the loop's warnings) had been printed plainly,
+  glued to the bar's last redraw in a terminal; only the step lines went
+  above it."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(metrics_lib, '_shows_a_bar', lambda stream: True)
+  above = []
+  write = metrics_lib.Progress.write
+  monkeypatch.setattr(metrics_lib.Progress, 'write',
+                      lambda self, text: above.append(text) or write(self,
+                                                                     text))
+  loop.run(tiny(tmp_path / 'run', steps=2, log_every=1, progress=True,
+                **{'eval.every': 2}))
+  assert [line.split(']')[0] for line in above] == [
+      '[step 1', '[step 2', '[eval periodic step 2'], above
+
+
 _TB_FULL_DISK = '''
 import sys
 import threading

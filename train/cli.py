@@ -277,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        'eval_before', 'eval_after',
                                        'adapter_dir')}
   brief['seconds'] = {k: round(v, 1) for k, v in summary['timing'].items()}
-  print(json.dumps(brief, indent=1, default=float))
+  # Standard JSON, as summary.json: a NaN loss is null (it had printed NaN).
+  print(json.dumps(loop.finite_or_none(brief), indent=1, default=float,
+                   allow_nan=False))
   for line in eval_lines(summary.get('eval_before'),
                          summary.get('eval_after')):
     print(line)

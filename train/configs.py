@@ -339,7 +339,8 @@ class Config:
     resume: continue from the latest checkpoint in run_dir.
     export_adapter: write the final adapter in PEFT format to
       run_dir/adapter.
-    progress: show a tqdm bar.
+    progress: show a tqdm bar where stderr is a terminal or a notebook (in
+      a log file the step lines alone).
   """
 
   name: str = 'custom'

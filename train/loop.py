@@ -2140,6 +2140,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # the progress bar.
   say = progress.write if custom_log is None else log
   ack[0] = say
+  # Every line from here on goes above the bar (evaluations, warnings):
+  # printed plainly, they had been glued to its last redraw.
+  log = say
   window_tokens, window_t0 = 0, time.perf_counter()
   # Counted over the whole run (the metric is cumulative): as the
   # checkpoint recorded it, or an older one's last logged row.
@@ -2303,7 +2306,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     # strict parsers (JavaScript's JSON.parse) had refused.
     try:
       hf_io.write_text(os.path.join(run_dir, 'summary.json'),
-                       json.dumps(_finite_or_none(summary), indent=2,
+                       json.dumps(finite_or_none(summary), indent=2,
                                   allow_nan=False))
     except OSError as e:
       # The line had not said that only the summary is missing.
@@ -2317,13 +2320,13 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   return summary
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
   """``value`` (nested dicts, lists, numbers) with NaN and +-inf as None and
   number-likes (numpy or JAX scalars) as Python floats."""
   if isinstance(value, dict):
-    return {k: _finite_or_none(v) for k, v in value.items()}
+    return {k: finite_or_none(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_finite_or_none(v) for v in value]
+    return [finite_or_none(v) for v in value]
   if value is None or isinstance(value, (bool, int, str)):
     return value
   value = float(value)

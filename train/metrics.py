@@ -195,13 +195,27 @@ class MetricsWriter:
       self._tb_close()
 
 
+def _shows_a_bar(stream) -> bool:
+  """Whether ``stream`` shows a redrawn bar: a terminal, or a Jupyter or
+  Colab kernel's (ipykernel's OutStream). A log file or a pipe (a Cloud TPU
+  job's log, nohup, ``gcloud ... ssh --command``) does not: there the bar
+  had been one newline-free line of ``\\r`` redraws, growing all run."""
+  try:
+    if stream.isatty():
+      return True
+  except (AttributeError, ValueError):  # no isatty, or closed
+    return False
+  return type(stream).__module__.startswith('ipykernel')
+
+
 class Progress:
-  """A tqdm bar over training steps showing loss and tokens/s."""
+  """A tqdm bar over training steps showing loss and tokens/s, where
+  stderr shows one (see `_shows_a_bar`); the step lines go above it."""
 
   def __init__(self, total: int, initial: int = 0, *, enabled: bool = True,
                desc: str = 'train'):
     self._bar = None
-    if enabled and jax.process_index() == 0:
+    if enabled and jax.process_index() == 0 and _shows_a_bar(sys.stderr):
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=initial, desc=desc,
                        dynamic_ncols=True, file=sys.stderr)
@@ -217,6 +231,10 @@ class Progress:
   def write(self, text: str) -> None:
     if self._bar is not None:
       self._bar.write(text, file=sys.stdout)
+      # tqdm's write does not flush: with stdout a file, the step lines
+      # (and the stop notice) had waited in its 8 KB buffer, hundreds of
+      # steps, and a killed run lost them.
+      sys.stdout.flush()
     elif jax.process_index() == 0:
       print(text, flush=True)
 
