@@ -535,7 +535,7 @@ def write_atomic(path: str, obj) -> None:
   """Write-then-rename, so a killed run never leaves a half-written file."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
+  with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(obj, f, separators=(',', ':'))
   os.replace(tmp, path)
 
@@ -736,7 +736,7 @@ def read_result(path: str) -> dict:
   """One run's result file; a damaged one is a one-line ConfigError naming
   it (move it aside, or delete it and run again with --resume)."""
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       d = json.load(f)
   except (OSError, ValueError) as e:
     raise loop.ConfigError(
@@ -1210,7 +1210,7 @@ def report(args, budget: Budget, command: str, log) -> None:
   write_atomic(os.path.join(args.out, f'summary_{args.budget}.json'), summary)
   md = markdown(summary, budget, command)
   tmp = os.path.join(args.out, f'results_{args.budget}.md')
-  with open(tmp + '.tmp', 'w') as f:
+  with open(tmp + '.tmp', 'w', encoding='utf-8') as f:
     f.write(md + '\n')
   os.replace(tmp + '.tmp', tmp)
   figs = plots(results, summary, args.out, args.budget)

@@ -80,7 +80,7 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
                                 f'benchmarks/reproduce.py for budget '
                                 f'{budget!r} first).')
       try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
           summaries[budget] = json.load(f)
       except (OSError, ValueError) as e:
         raise ValueError(f'{path} cannot be read ({str(e).splitlines()[0]})'

@@ -333,7 +333,7 @@ class Checkpointer:
         raise ValueError(f'{folder} holds no data iterator position '
                          '(process_0-of-N.json).')
       path = saved[0]
-    text = path.read_text()
+    text = path.read_text(encoding='utf-8')
     if isinstance(data_iterator, grain.DatasetIterator):
       data_iterator.set_state(json.loads(text))
     else:  # A DataLoader iterator keeps its state as bytes.

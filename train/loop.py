@@ -769,7 +769,7 @@ def build(cfg: configs_lib.Config) -> Run:
     saved_json = os.path.join(run_dir, 'config.json')
     changed = {}
     with contextlib.suppress(OSError, ValueError):
-      with open(saved_json) as f:
+      with open(saved_json, encoding='utf-8') as f:
         changed = resume_changes(json.load(f),
                                  json.loads(configs_lib.to_json(cfg)))
     what = (f'the run in {run_dir} was made with other settings '

@@ -378,7 +378,7 @@ def _config_file(directory: str) -> str:
 def read_hf_config(directory: str) -> GemmaConfig:
   path = _config_file(directory)
   try:
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
       d = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: malformed JSON ({e}).') from None
