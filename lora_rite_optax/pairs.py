@@ -256,6 +256,11 @@ def stacked_axes(path: Sequence[str], shape: Sequence[int],
   return batch_axes if len(shape) > batch_axes else 0
 
 
+# The optimizers whose step for one factor is computed from the other.
+_PRECONDITIONERS = ('lora_rite', 'scale_by_lora_rite', 'scaled_adam',
+                    'scale_by_riemannian_precond')
+
+
 def _flipped(lay: LoraLayout, a_shape, b_shape) -> str | None:
   """Advice naming the layout that reads 2-D factors the other way round,
   when it pairs them at a rank no larger than their other sizes: an
@@ -392,11 +397,15 @@ def find_lora_pairs(tree, layout: LayoutSpec = NNX_LAYOUT,
         if hidden:
           # It is there, masked out (LoRA-FA's frozen lora_a): 'has no
           # partner' had sent users looking for a missing leaf.
+          why = (f'{who} preconditions each factor by the other, so it '
+                 'needs both (train one factor alone with loraplus, shampoo '
+                 'or adam)' if who in _PRECONDITIONERS else
+                 'pass allow_unpaired=True to have it as a LoneFactor'
+                 if who == 'find_lora_pairs' else f'{who} needs both')
           raise ValueError(
               f'{who}: factor {where!r} has its partner {other!r} masked '
-              f'out (optax.masked or partition); {who} preconditions each '
-              'factor by the other, so it needs both (train one factor '
-              'alone with loraplus, shampoo or adam).')
+              f'out (a MaskedNode or None, as optax.masked and partition '
+              f'leave); {why}.')
         raise ValueError(
             f'{who}: factor {where!r} has no partner {other!r} under '
             f'{name or "the root"!r}; a LoRA pair needs both factors.')

@@ -153,10 +153,20 @@ def test_a_masked_partner_is_named_as_masked_not_missing(make):
     tx.init(params)
   who = make.__name__
   assert str(e.value) == (
-      f"{who}: factor 'q/lora_b' has its partner 'lora_a' masked out "
-      f'(optax.masked or partition); {who} preconditions each factor by the '
-      'other, so it needs both (train one factor alone with loraplus, '
-      'shampoo or adam).')
+      f"{who}: factor 'q/lora_b' has its partner 'lora_a' masked out (a "
+      'MaskedNode or None, as optax.masked and partition leave); '
+      f'{who} preconditions each factor by the other, so it needs both '
+      '(train one factor alone with loraplus, shampoo or adam).')
+  # Callers that do not precondition are not said to.
+  with pytest.raises(ValueError, match=r'leave\); pass allow_unpaired=True '
+                     r'to have it as a LoneFactor\.$'):
+    lro.find_lora_pairs({'q': {'lora_a': optax.MaskedNode(),
+                               'lora_b': params['q']['lora_b']}})
+  balance = optax.masked(lro.balance_lora_factors(),
+                         {'q': {'lora_a': False, 'lora_b': True}})
+  with pytest.raises(ValueError, match=r'leave\); balance_lora_factors needs '
+                     r'both\.$'):
+    balance.update(params, balance.init(params), params)
 
 
 def test_scaled_adam_refuses_params_unlike_the_gradients():
