@@ -1105,7 +1105,7 @@ def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
   from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False)
   w.write(0, {'loss': 2.0})
-  w.write(2, {'loss': 1.0, 'eval_acc': 0.5})  # a second header block
+  w.write(2, {'loss': 1.0, 'eval_acc': 0.5})  # a key first seen later
   w.close()
   w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
                                 last_step=-1)
@@ -1114,13 +1114,27 @@ def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
   w.close()
   assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
       'step,loss', '0,3.0']
-  # Resuming keeps only the headers its kept rows are under.
+  # A key first seen later widens the one header (a second header block
+  # had made pandas.read_csv raise 'Expected 2 fields in line 3, saw 3').
   w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
                                 last_step=0)
   w.write(1, {'loss': 2.5, 'eval_acc': 0.25})
+  w.write(2, {'loss': 2.0, 'grad_norm': 1.5})
   w.close()
   assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
-      'step,loss', '0,3.0', 'step,loss,eval_acc', '1,2.5,0.25']
+      'step,loss,eval_acc,grad_norm', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,1.5']
+  # A file of an earlier run with two header blocks still resumes, and
+  # becomes one block at its first new key.
+  (tmp_path / metrics_lib.CSV_NAME).write_text(
+      'step,loss\r\n0,3.0\r\nstep,loss,eval_acc\r\n1,2.5,0.25\r\n')
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                last_step=1)
+  assert w.kept == [{'step': 0, 'loss': 3.0},
+                    {'step': 1, 'loss': 2.5, 'eval_acc': 0.25}]
+  w.write(2, {'loss': 2.0, 'lr': 0.1})
+  w.close()
+  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
+      'step,loss,eval_acc,lr', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,0.1']
 
 
 def test_a_random_base_and_the_lora_init_draw_independent_numbers():

@@ -77,9 +77,13 @@ def _keep_rows_up_to(path: str, last_step: int
 class MetricsWriter:
   """Appends scalar metrics to run_dir/metrics.csv and TensorBoard.
 
-  The CSV has one row per logging step; a key first seen later (for
-  example an evaluation metric) starts a new header block, so the file is
-  always readable with the csv module row by row ('step' first).
+  The CSV has one row per logging step under one header ('step' first); a
+  key first seen later (an evaluation resumed with another method, say)
+  rewrites the file under a header holding every key, empty where a row
+  did not log it, so ``pandas.read_csv`` reads it (a second header block
+  had made it raise 'Expected 3 fields in line 3, saw 4'). Files of
+  earlier runs with several header blocks are read, and become one on
+  their first new key.
 
   ``last_step``: the step the run starts from (its checkpoint's; -1 for a
   fresh run, which starts the file over). Rows of an existing file logged
@@ -140,10 +144,12 @@ class MetricsWriter:
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
     fields = list(row)
-    if self._fields is None or not set(fields) <= set(self._fields):
+    if self._fields is None:
       self._fields = fields
       self._writer = csv.DictWriter(self._csv, fieldnames=fields)
       self._writer.writeheader()
+    elif not set(fields) <= set(self._fields):
+      self._widen(self._fields + [k for k in fields if k not in self._fields])
     try:
       self._writer.writerow(row)
       self._csv.flush()
@@ -158,6 +164,23 @@ class MetricsWriter:
         self._tb.flush()
       except OSError as e:
         self._tb_failed(e)
+
+  def _widen(self, fields: list[str]) -> None:
+    """Rewrites the CSV under ``fields`` (every row so far, empty cells for
+    the keys it did not log), then appends under it."""
+    path = self._csv.name
+    self._csv.close()
+    _, rows = _keep_rows_up_to(path, math.inf)
+    out = io.StringIO(newline='')
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    try:
+      hf_io.write_text(path, out.getvalue())
+    finally:
+      self._csv = open(path, 'a', newline='', encoding='utf-8')
+    self._fields = fields
+    self._writer = csv.DictWriter(self._csv, fieldnames=fields)
 
   def _tb_close(self) -> None:
     try:
