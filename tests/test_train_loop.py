@@ -1135,6 +1135,44 @@ def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
   w.close()
   assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
       'step,loss,eval_acc,lr', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,0.1']
+  # Blocks whose keys the last one lacks (each old block held only its
+  # first row's keys): every key is kept (it had raised 'dict contains
+  # fields not in fieldnames', at every resume).
+  (tmp_path / metrics_lib.CSV_NAME).write_text(
+      'step,loss,lr\r\n1,2.0,0.1\r\nstep,acc\r\n2,0.3\r\n')
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                last_step=2)
+  w.write(3, {'acc': 0.4, 'em': 1.0})
+  w.write(4, {'loss': 1.0})
+  w.close()
+  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
+      'step,acc,em,loss,lr', '1,,,2.0,0.1', '2,0.3,,,', '3,0.4,1.0,,',
+      '4,,,1.0,']
+
+
+def test_a_widening_that_fails_keeps_the_file_and_the_writer(tmp_path,
+                                                              monkeypatch):
+  """A full disk while the CSV is rewritten under a new key: one line naming
+  the file, the file as it was, and the writer still writing (its handle
+  had been left closed)."""
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+  w.write(0, {'loss': 2.0})
+  path = tmp_path / metrics_lib.CSV_NAME
+
+  def full(target, text):
+    raise OSError(f'{target}: cannot write (No space left on device); the '
+                  'file there before, if any, is kept.')
+
+  monkeypatch.setattr(hf_io, 'write_text', full)
+  with pytest.raises(OSError, match=rf'^{path}: cannot write'):
+    w.write(1, {'loss': 1.0, 'acc': 0.5})
+  monkeypatch.undo()
+  assert path.read_text().splitlines() == ['step,loss', '0,2.0']
+  w.write(1, {'loss': 1.0})
+  w.close()
+  assert path.read_text().splitlines() == ['step,loss', '0,2.0', '1,1.0']
 
 
 def test_a_random_base_and_the_lora_init_draw_independent_numbers():

@@ -166,21 +166,25 @@ class MetricsWriter:
         self._tb_failed(e)
 
   def _widen(self, fields: list[str]) -> None:
-    """Rewrites the CSV under ``fields`` (every row so far, empty cells for
-    the keys it did not log), then appends under it."""
+    """Rewrites the CSV under ``fields`` and every key of its rows so far
+    (an earlier run's file may hold several header blocks), empty cells
+    for the keys a row did not log, then appends under it. A failure
+    leaves the file, and this writer, as they were."""
     path = self._csv.name
     self._csv.close()
-    _, rows = _keep_rows_up_to(path, math.inf)
-    out = io.StringIO(newline='')
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
     try:
+      _, rows = _keep_rows_up_to(path, math.inf)
+      for row in rows:
+        fields += [k for k in row if k not in fields]
+      out = io.StringIO(newline='')
+      writer = csv.DictWriter(out, fieldnames=fields)
+      writer.writeheader()
+      writer.writerows(rows)
       hf_io.write_text(path, out.getvalue())
+      self._fields = fields
     finally:
       self._csv = open(path, 'a', newline='', encoding='utf-8')
-    self._fields = fields
-    self._writer = csv.DictWriter(self._csv, fieldnames=fields)
+      self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
 
   def _tb_close(self) -> None:
     try:
