@@ -1123,29 +1123,29 @@ def test_metrics_writer_starts_a_fresh_run_over(tmp_path):
   w.close()
   assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
       'step,loss,eval_acc,grad_norm', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,1.5']
+
+  def resumed(old_file, last_step, *logged):
+    """An earlier run's file, resumed at ``last_step``, then ``logged``:
+    the writer's kept rows and the file's lines."""
+    (tmp_path / metrics_lib.CSV_NAME).write_text(old_file)
+    w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
+                                  last_step=last_step)
+    for step, row in enumerate(logged, start=last_step + 1):
+      w.write(step, row)
+    w.close()
+    return w.kept, (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines()
+
   # A file of an earlier run with two header blocks still resumes, and
   # becomes one block at its first new key.
-  (tmp_path / metrics_lib.CSV_NAME).write_text(
-      'step,loss\r\n0,3.0\r\nstep,loss,eval_acc\r\n1,2.5,0.25\r\n')
-  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
-                                last_step=1)
-  assert w.kept == [{'step': 0, 'loss': 3.0},
-                    {'step': 1, 'loss': 2.5, 'eval_acc': 0.25}]
-  w.write(2, {'loss': 2.0, 'lr': 0.1})
-  w.close()
-  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
-      'step,loss,eval_acc,lr', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,0.1']
+  assert resumed('step,loss\r\n0,3.0\r\nstep,loss,eval_acc\r\n1,2.5,0.25\r\n',
+                 1, {'loss': 2.0, 'lr': 0.1}) == (
+      [{'step': 0, 'loss': 3.0}, {'step': 1, 'loss': 2.5, 'eval_acc': 0.25}],
+      ['step,loss,eval_acc,lr', '0,3.0,,', '1,2.5,0.25,', '2,2.0,,0.1'])
   # Blocks whose keys the last one lacks (each old block held only its
   # first row's keys): every key is kept (it had raised 'dict contains
   # fields not in fieldnames', at every resume).
-  (tmp_path / metrics_lib.CSV_NAME).write_text(
-      'step,loss,lr\r\n1,2.0,0.1\r\nstep,acc\r\n2,0.3\r\n')
-  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, tensorboard=False,
-                                last_step=2)
-  w.write(3, {'acc': 0.4, 'em': 1.0})
-  w.write(4, {'loss': 1.0})
-  w.close()
-  assert (tmp_path / metrics_lib.CSV_NAME).read_text().splitlines() == [
+  assert resumed('step,loss,lr\r\n1,2.0,0.1\r\nstep,acc\r\n2,0.3\r\n', 2,
+                 {'acc': 0.4, 'em': 1.0}, {'loss': 1.0})[1] == [
       'step,acc,em,loss,lr', '1,,,2.0,0.1', '2,0.3,,,', '3,0.4,1.0,,',
       '4,,,1.0,']
 

@@ -26,14 +26,31 @@ def _keep_rows_up_to(path: str, last_step: int
   """Drops the rows after ``last_step`` from a metrics CSV.
 
   Returns the header the kept rows end under (None when no row is kept)
-  and the rows kept, as ``{'step': int, name: float}``. A row cut short (a
-  run killed while writing it) is dropped too, and so is a header no kept
-  row follows (a fresh run, ``last_step`` -1, starts the file over). The
-  file is replaced whole (written aside, then renamed), so a failure leaves
-  the old one, and an error names the file.
+  and the rows kept, as ``{'step': int, name: float}`` (see `_read_rows`).
+  The file is replaced whole (written aside, then renamed), so a failure
+  leaves the old one, and an error names the file.
   """
   if not os.path.exists(path):
     return None, []
+  kept, written, rows = _read_rows(path, last_step)
+  out = io.StringIO(newline='')
+  csv.writer(out).writerows(kept)
+  # Aside, then renamed (as every file of a run is written), under a name
+  # a later run's start-up removes if this process dies first; an error
+  # names the file.
+  hf_io.write_text(path, out.getvalue())
+  return written, rows
+
+
+def _read_rows(path: str, last_step: float
+               ) -> tuple[list[list[str]], list[str] | None,
+                          list[dict[str, float]]]:
+  """The rows of metrics CSV ``path`` up to ``last_step``: as the file's
+  lines to keep (each header block a kept row is under, then its rows),
+  the header the last of them is under (None when none is kept), and as
+  ``{'step': int, name: float}``. A row cut short (a run killed while
+  writing it) is dropped, and so is a header no kept row follows (a fresh
+  run, ``last_step`` -1, starts the file over)."""
   kept, rows, header, written = [], [], None, None
   with open(path, newline='', encoding='utf-8') as f:
     text = f.read()
@@ -65,13 +82,7 @@ def _keep_rows_up_to(path: str, last_step: int
     rows.append({'step': int(values[0]),
                  **{k: v for k, v, cell in zip(header[1:], values[1:],
                                                row[1:]) if cell}})
-  out = io.StringIO(newline='')
-  csv.writer(out).writerows(kept)
-  # Aside, then renamed (as every file of a run is written), under a name
-  # a later run's start-up removes if this process dies first; an error
-  # names the file.
-  hf_io.write_text(path, out.getvalue())
-  return written, rows
+  return kept, written, rows
 
 
 class MetricsWriter:
@@ -173,7 +184,7 @@ class MetricsWriter:
     path = self._csv.name
     self._csv.close()
     try:
-      _, rows = _keep_rows_up_to(path, math.inf)
+      rows = _read_rows(path, math.inf)[2]  # one rewrite, below
       for row in rows:
         fields += [k for k in row if k not in fields]
       out = io.StringIO(newline='')
