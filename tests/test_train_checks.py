@@ -573,11 +573,14 @@ def test_a_model_file_of_another_format_is_named_before_the_tokenizer(
 def test_a_resume_removes_the_temporary_files_of_a_killed_write(
     stopped, tmp_path):
   """kill -9 during the export had left a whole temporary copy of the
-  adapter's weights in adapter/ for good; what is not such a file stays."""
+  adapter's weights in adapter/ for good (and one of TensorBoard's event
+  files, during their rewrite); what is not such a file stays."""
   run_dir = _copy(stopped, tmp_path / 'run')
   (run_dir / 'adapter').mkdir()
   left = [run_dir / 'adapter' / '.adapter_model.safetensors.4242.0a1b2c3d.tmp',
-          run_dir / '.summary.json.17.deadbeef.tmp']
+          run_dir / '.summary.json.17.deadbeef.tmp',
+          # A rewrite of the stopped run's TensorBoard events.
+          run_dir / 'tensorboard' / 'eval' / '.events.99.0a1b2c3d.tmp']
   kept = [run_dir / 'adapter' / 'notes.tmp', run_dir / '.x.1.nothex!.tmp']
   for path in left + kept:
     path.write_bytes(b'partial')
@@ -586,7 +589,8 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(
   assert [p for p in left + kept if p.exists()] == kept
   assert ('[train] removed unfinished file writes: '
           '.summary.json.17.deadbeef.tmp, '
-          'adapter/.adapter_model.safetensors.4242.0a1b2c3d.tmp') in lines
+          'adapter/.adapter_model.safetensors.4242.0a1b2c3d.tmp, '
+          'tensorboard/eval/.events.99.0a1b2c3d.tmp') in lines
   assert sorted(p.name for p in (run_dir / 'adapter').iterdir()) == [
       'adapter_config.json', 'adapter_model.safetensors', 'notes.tmp']
   # Not through an adapter/ that links elsewhere (another run's folder,

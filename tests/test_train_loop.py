@@ -138,14 +138,14 @@ def test_resume_continues_exactly(straight, tmp_path):
   assert [float(r['loss']) for r in rows] == expected
 
 
-def _tensorboard_purges(events_dir) -> list[int]:
-  """The steps of the SessionLog START events (tensorboardX's purge_step)
-  in an event folder, file by file in time order."""
+def _tensorboard_points(events_dir) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar TensorBoard will read in an event folder, by tag, as
+  (step, value) in file order (read here, not by train.event_files)."""
   import struct  # pylint: disable=g-import-not-at-top
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  starts = []
+  points = {}
   for name in sorted(os.listdir(events_dir)):
-    if not name.startswith('events'):
+    if 'tfevents' not in name:
       continue
     with open(os.path.join(events_dir, name), 'rb') as f:
       while len(head := f.read(8)) == 8:
@@ -153,9 +153,9 @@ def _tensorboard_purges(events_dir) -> list[int]:
         f.read(4)
         event = event_pb2.Event.FromString(f.read(n))
         f.read(4)
-        if event.HasField('session_log') and event.session_log.status == 1:
-          starts.append(event.step)
-  return starts
+        for v in event.summary.value:
+          points.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return points
 
 
 def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
@@ -181,7 +181,14 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
                          for h in run['history']}
   assert list(by_step(second)) == [2, 3, 4]
   assert {k: by_step(second)[k] for k in (3, 4)} == by_step(straight)
-  assert _tensorboard_purges(run_dir / 'tensorboard') == [0, 3]
+  # The event files hold each step once (the stopped run's past its
+  # checkpoint are gone from them: TensorBoard's fast loader ignores
+  # purge_step).
+  with open(run_dir / 'metrics.csv') as f:
+    logged = [(int(r['step']), float(r['loss'])) for r in csv.DictReader(f)]
+  points = _tensorboard_points(run_dir / 'tensorboard')['loss']
+  assert [p[0] for p in points] == [p[0] for p in logged] == [2, 3, 4]
+  assert [p[1] for p in points] == pytest.approx([p[1] for p in logged])
   with pytest.raises(loop.ConfigError, match=r'checkpoint 4 in .* is past '
                      r'--steps 3; resume with --steps 4 or more'):
     loop.run(tiny(run_dir, resume=True, **{**small, 'steps': 3}),
@@ -192,10 +199,13 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
              for line in logs), logs
   with open(run_dir / 'eval.csv') as f:
     assert [int(r['step']) for r in csv.DictReader(f)] == [0, 4]
-  # TensorBoard too hides the first evaluation at step 4 (its point is
-  # still in the older event file): purges from 0 (fresh), 3 (the resume
-  # after step 2), 5 (nothing to hide at the finished run's start), 4.
-  assert _tensorboard_purges(run_dir / 'tensorboard' / 'eval') == [0, 3, 5, 4]
+  # TensorBoard too: the first evaluation at step 4 is gone from the
+  # event files, the new one is there.
+  evals = _tensorboard_points(run_dir / 'tensorboard' / 'eval')
+  assert [p[0] for p in evals['eval/target_loss']] == [0, 4]
+  assert [p[1] for p in evals['eval/target_loss']] == pytest.approx(
+      [second['eval_before']['target_loss'],
+       third['eval_after']['target_loss']])
   for key in ('final_loss', 'eval_before', 'dropped_target_tokens'):
     assert third[key] == second[key], key
   again = lambda res: {k: v for k, v in res.items() if k != 'seconds'}
@@ -1173,6 +1183,67 @@ def test_a_widening_that_fails_keeps_the_file_and_the_writer(tmp_path,
   w.write(1, {'loss': 1.0})
   w.close()
   assert path.read_text().splitlines() == ['step,loss', '0,2.0', '1,1.0']
+
+
+def test_a_resume_removes_the_stopped_runs_later_events_from_tensorboard(
+    tmp_path, capsys):
+  """TensorBoard's default fast loader ignores purge_step: a tag the resumed
+  run logged later (tokens/s, not logged at a resume's first step) had kept
+  the stopped run's point there. The old files are rewritten without the
+  events from the checkpoint on; a file left with none is removed."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  tb = tmp_path / metrics_lib.TB_DIR
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True)
+  for step in range(10):
+    w.write(step, {'loss': float(step), 'tok_s': 1000.0 + step})
+  w.close()
+  (first,) = os.listdir(tb)
+  # A killed writer's record cut short at the end: no reader reads it.
+  with open(tb / first, 'ab') as f:
+    f.write(b'\x40\x00\x00\x00\x00\x00\x00\x00')
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=5)
+  w.write(6, {'loss': 106.0})
+  w.write(7, {'loss': 107.0, 'tok_s': 2007.0})
+  w.close()
+  points = _tensorboard_points(tb)
+  assert points['loss'] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                            (5, 5.0), (6, 106.0), (7, 107.0)]
+  assert points['tok_s'] == [(0, 1000.0), (1, 1001.0), (2, 1002.0),
+                             (3, 1003.0), (4, 1004.0), (5, 1005.0),
+                             (7, 2007.0)]
+  assert capsys.readouterr().err == ''
+  # A fresh run (last_step -1) keeps no old point, and no file of them.
+  metrics_lib.MetricsWriter(tmp_path, enabled=True).close()
+  assert _tensorboard_points(tb) == {}
+  assert len(os.listdir(tb)) == 1  # the new run's own
+
+
+def test_a_damaged_event_file_is_left_as_it_is_in_one_line(tmp_path, capsys):
+  """A record whose length fails its checksum is damage, not a cut: the
+  file is kept whole, the run goes on, and purge_step still hides the
+  events from TensorBoard's slow loader."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  tb = tmp_path / metrics_lib.TB_DIR
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True)
+  w.write(0, {'loss': 1.0})
+  w.write(1, {'loss': 0.5})
+  w.close()
+  (name,) = os.listdir(tb)
+  damaged = bytearray((tb / name).read_bytes())
+  second = 8 + 4 + int.from_bytes(damaged[:8], 'little') + 4
+  damaged[second] ^= 1  # the second record's length
+  damaged = bytes(damaged)
+  (tb / name).write_bytes(damaged)
+  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=0)
+  w.write(1, {'loss': 0.25})
+  w.close()
+  assert (tb / name).read_bytes() == damaged
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f'[train] warning: {tb / name}: damaged record at '
+                         f'byte {second};'), line
+  assert line.endswith("TensorBoard's fast loader may show its events from "
+                       'step 1 on, which this run logs again (`tensorboard '
+                       '--load_fast=false` hides them).'), line
 
 
 def test_a_random_base_and_the_lora_init_draw_independent_numbers():

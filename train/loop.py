@@ -1889,6 +1889,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     # Not through a link: adapter/ may point at another run's folder.
     adapter = os.path.join(run_dir, 'adapter')
     folders = [run_dir] + ([] if os.path.islink(adapter) else [adapter])
+    # And a rewrite of TensorBoard's event files (metrics.MetricsWriter).
+    tb = os.path.join(run_dir, metrics_lib.TB_DIR)
+    folders += [] if os.path.islink(tb) else [tb, os.path.join(tb, 'eval')]
     left = [p for folder in folders for p in hf_io.unfinished_writes(folder)]
     for path in left:
       path.unlink(missing_ok=True)

@@ -10,11 +10,13 @@ import io
 import math
 import os
 import sys
+import time
 from typing import Mapping
 
 import jax
 
 from models import hf_io
+from train import event_files
 
 CSV_NAME = 'metrics.csv'
 EVAL_CSV_NAME = 'eval.csv'
@@ -100,9 +102,9 @@ class MetricsWriter:
   fresh run, which starts the file over). Rows of an existing file logged
   after it (by a run that stopped before its next checkpoint) are dropped,
   since they are about to be logged again, and the file goes on under its
-  last header; ``kept`` holds the rows kept. TensorBoard is told the same
-  (``purge_step``): it hides the earlier files' events from ``last_step +
-  1`` on, all of them for a fresh run.
+  last header; ``kept`` holds the rows kept. The earlier TensorBoard files
+  lose their events from ``last_step + 1`` on likewise (all of them for a
+  fresh run; see `_open_tensorboard`).
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, enabled: bool | None = None,
@@ -131,15 +133,30 @@ class MetricsWriter:
         self._tb = None
 
   def _open_tensorboard(self, purge_step: int):
+    """A SummaryWriter whose earlier files hold no event from
+    ``purge_step`` on: they are rewritten without them (TensorBoard's fast
+    loader ignores ``purge_step``, which the slow one honours), where they
+    can be; else the writer's ``purge_step`` alone hides them there."""
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter(self._tb_dir, purge_step=purge_step)
+    try:
+      event_files.drop_events_from(self._tb_dir, purge_step)
+    except (OSError, ValueError) as e:
+      print(f'[train] warning: {e}; TensorBoard\'s fast loader may show '
+            f'its events from step {purge_step} on, which this run logs '
+            'again (`tensorboard --load_fast=false` hides them).',
+            file=sys.stderr, flush=True)
+    # tensorboardX names its file by the second and opens it with 'wb': a
+    # writer opened in the same second as the last had emptied its file.
+    # The nanoseconds keep the names in time order, as TensorBoard reads them.
+    return SummaryWriter(self._tb_dir, purge_step=purge_step,
+                         filename_suffix=f'.{time.time_ns() % 10**9:09d}')
 
   def write(self, step: int, metrics: Mapping[str, float], *,
             replace: bool = False) -> None:
     """Appends one row; with ``replace``, rows already at ``step`` or later
     go first (a finished run's final evaluation, done again on resume: the
-    old row stays until the new one is there; TensorBoard, reopened with
-    ``purge_step=step``, hides its old point)."""
+    old row stays until the new one is there; TensorBoard's files lose
+    its old point as the writer reopens)."""
     if not self.enabled:
       return
     if replace:
