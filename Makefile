@@ -19,7 +19,7 @@ define make_venv
 	done; echo "error: no Python 3.11 or newer (tried $(PY), python3); run make PY=/path/to/python3.11" >&2; exit 1; }
 endef
 
-.PHONY: test test-seqio demo venv benchmark clean
+.PHONY: test test-seqio test-oldest demo venv benchmark clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,27 @@ $(SEQIO_STAMP): pyproject.toml
 test-seqio: $(SEQIO_STAMP)
 	LRO_REQUIRE_SEQIO=1 $(SEQIO_VENV)/bin/python -m pytest -q tests/test_data_seqio.py
 
+# The library's tests on the oldest versions pyproject.toml admits for it
+# (jax, optax, chex, numpy): its own dependencies alone, no flax or orbax
+# (their tests skip). CI runs them (.ci/run).
+OLDEST_VENV := .venv-oldest
+OLDEST_PINS := jax==0.6.0 jaxlib==0.6.0 optax==0.2.8 chex==0.1.87 numpy==1.26.4
+OLDEST_STAMP := $(OLDEST_VENV)/.installed-$(SUM)$(if $(filter 1,$(call HEALTHY,$(OLDEST_VENV))),,-broken)
+LIBRARY_TESTS := tests/test_baselines.py tests/test_cpu_deadlock.py \
+  tests/test_doctests.py tests/test_donation.py tests/test_factory.py \
+  tests/test_init.py tests/test_input_checks.py tests/test_linalg.py \
+  tests/test_lora_rite.py tests/test_sharding.py
+$(OLDEST_STAMP): pyproject.toml Makefile
+	$(call make_venv,$(OLDEST_VENV))
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_PINS) "pytest>=8" "pytest-xdist>=3.5" "scipy>=1.11"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	@rm -f $(OLDEST_VENV)/.installed*
+	@touch $(OLDEST_VENV)/.installed-$(SUM)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 -q -p no:cacheprovider $(LIBRARY_TESTS)
+
 demo: $(STAMP)
 	$(BIN)/python -m train --config demo --run_dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
@@ -54,4 +75,4 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
 
 clean:
-	rm -rf $(VENV) $(SEQIO_VENV) demo_out
+	rm -rf $(VENV) $(SEQIO_VENV) $(OLDEST_VENV) demo_out

@@ -330,7 +330,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
           [leaves[paired.pairs[k].a_index][1] for k, _ in members],
           [paired.pairs[k].layout.batch_axes for k, _ in members], slices)
       # The escaped mass too where it is computed (without escape_mass the
-      # update writes it replicated).
+      # update passes it through as it is).
       nu[key], escaped[key], rinv[key] = (
           placement.zeros_beside(shape, dtype, [a],
                                  split_axis=(1, layers_on if split
@@ -601,7 +601,11 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
       # Each group keeps its own dtype (d1, d2 and the clip scale are
       # promoted over all groups when float32 and float64 pairs mix).
       new_nu[key] = nu.astype(nu_prev.dtype)
-      new_escaped[key] = rho.astype(rho_prev.dtype)
+      # Without escape_mass the state's (zeros) passes through as it came:
+      # a fresh zeros may be placed where the partitioner likes (split
+      # along stacked layers, by jax 0.6), and the next call compiled again.
+      new_escaped[key] = (rho_prev if escape_mass is False else
+                          rho.astype(rho_prev.dtype))
       new_rinv[key] = rinv.astype(state.rinv[key].dtype)
 
     unflatten = lambda leaves: jax.tree_util.tree_unflatten(

@@ -123,8 +123,27 @@ def _explicit(leaf: Any):
   return sharding
 
 
+# Explicit mesh axes take jax 0.10's sharding API (jax.sharding.reshard,
+# is_equivalent_to under an AbstractMesh): jax 0.6 has no reshard there, and
+# 0.8-0.9 fail inside a jitted update with 'internal_device_list is not
+# implemented for AbstractMesh'. Auto axes work on every jax pyproject admits.
+_EXPLICIT_AXES_JAX = (0, 10)
+
+
+def _jax_version() -> tuple[int, ...]:
+  return tuple(int(p) for p in jax.__version__.split('.')[:2])
+
+
 def _has_explicit_axes(mesh) -> bool:
-  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  """Whether ``mesh`` has an Explicit axis; on a jax older than 0.10 such
+  a mesh is refused, in one line."""
+  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  if explicit and _jax_version() < _EXPLICIT_AXES_JAX:
+    raise ValueError(
+        'lora_rite_optax: params on Explicit mesh axes need jax 0.10 or newer '
+        f'(this is jax {jax.__version__}); make the mesh with Auto axes '
+        '(axis_types=(jax.sharding.AxisType.Auto,) * n), or upgrade jax.')
+  return explicit
 
 
 def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:

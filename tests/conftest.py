@@ -30,6 +30,12 @@ import train  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-p
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-order,wrong-import-position
 
+# jax before 0.7 (the library admits 0.6; `make test-oldest` runs its tests
+# there) has the x64 context manager only as jax.experimental.enable_x64.
+if not hasattr(jax, 'enable_x64'):
+  from jax.experimental import enable_x64 as _enable_x64  # pylint: disable=g-import-not-at-top
+  jax.enable_x64 = _enable_x64
+
 
 @pytest.fixture(autouse=True)
 def _same_compilation_cache_for_every_test():
