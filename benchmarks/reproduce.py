@@ -1265,9 +1265,12 @@ def _main(argv) -> None:
                  'runs live apart, under <budget>-tiny')
   p.add_argument('--out', default=os.path.join('docs', 'results'))
   p.add_argument('--compile_cache', default=None,
-                 help='persistent XLA compilation cache folder; "" for none '
-                 '(default: ~/.cache/lora-rite-optax/jax-cache from the '
-                 'command line, none when main() is called with argv)')
+                 help='persistent XLA compilation cache folder; "" for none, '
+                 'JAX_COMPILATION_CACHE_DIR too (default: '
+                 '~/.cache/lora-rite-optax/jax-cache from the command line, '
+                 'none when main() is called with argv); compiles under 1 s '
+                 'are not cached unless '
+                 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise')
   args = p.parse_args(argv)
   if args.compile_cache is None and argv is None:
     args.compile_cache = os.path.join(os.path.expanduser('~'), '.cache',
@@ -1293,7 +1296,12 @@ def _main(argv) -> None:
   # passes argv (a test, a notebook) gets none unless it asks.
   if args.compile_cache:
     jax.config.update('jax_compilation_cache_dir', args.compile_cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  elif args.compile_cache == '':
+    # None: a JAX_COMPILATION_CACHE_DIR in the environment (a Cloud TPU
+    # setup's) had stayed on.
+    jax.config.update('jax_enable_compilation_cache', False)
   over: dict[str, Any] = {}
   if args.seeds:
     over['seeds'] = tuple(args.seeds)

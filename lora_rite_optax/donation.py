@@ -218,7 +218,8 @@ def donating_jit(fun: Callable[..., Any], *,
     ``cost_analysis``), ``eval_shape(*args)``, ``clear_cache()``, and
     ``reorders_outputs(*args)``: whether a call with ``args`` reorders (so
     that a benchmark or log can say which buffer pairing it ran). Other
-    attributes of ``jax.jit``'s stages are not there.
+    attributes of ``jax.jit``'s stages are not there; it does not pickle,
+    and ``jax.export`` takes ``jax.jit(fun)`` instead.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -308,6 +309,10 @@ def donating_jit(fun: Callable[..., Any], *,
                   for x, s in zip(leaves, shardings)]
       plans.setdefault(key, (order, treedef))
       return [leaves[j] for j in order]
+    # Named as the step: compile logs, cache-miss explanations, profiles
+    # and the persistent cache's files had called every step 'reordered'.
+    reordered.__name__ = reordered.__qualname__ = getattr(
+        fun, '__name__', 'step')
     return jax.jit(reordered, donate_argnums=donate, **jit_kwargs)
 
   jitted = {True: traced(True), False: traced(False)}

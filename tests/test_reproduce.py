@@ -262,7 +262,13 @@ def test_compile_cache_only_from_the_command_line(rp, tmp_path, monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['reproduce.py'] + argv +
                       ['--compile_cache', ''])
   rp.main()
-  assert not updates
+  # None at all: JAX_COMPILATION_CACHE_DIR (set for this test run) had
+  # stayed on.
+  assert updates == [('jax_enable_compilation_cache', False)]
+  updates.clear()
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  rp.main(argv + ['--compile_cache', str(tmp_path / 'c')])
+  assert updates == [('jax_compilation_cache_dir', str(tmp_path / 'c'))]
 
 
 def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
