@@ -199,7 +199,10 @@ def test_hf_formats(tmp_path):
          "answer": "He has 3+2=<<3+2=5>>5 apples.\n#### 1,005"}
   [e] = data.examples_from_records([gsm], "gsm8k")
   assert e.gold_number == "1005"
-  assert e.target == "\nA: He has 3+2=5 apples. The answer is 1005."
+  # LLM-Adapters' '\nA: ...' target, its line break at the prompt's end
+  # (the same joined text; see Example).
+  assert e.target == "A: He has 3+2=5 apples. The answer is 1005."
+  assert e.prompt.endswith("### Response:\n\n")
 
   # LLM-Adapters' own record (its README's example): the activity label
   # leads the context, and WikiHow's [header]/[title] marks are kept.

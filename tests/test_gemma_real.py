@@ -110,3 +110,23 @@ def test_last_position_logits_match_the_full_forward(real):
   last = real.forward(tokens, logits_positions=jnp.array([63]))[0, 0]
   full = real.forward(tokens)[0, 63]
   np.testing.assert_allclose(last, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('task, split', [
+    ('math', 'train'), ('gsm8k', 'test'), ('arc_challenge', 'train'),
+    ('openbookqa', 'train'), ('boolq', 'train')])
+def test_prompt_and_target_encode_as_their_joined_text(real, task, split):
+  """Training, scoring and generation encode prompt and target apart; they
+  must give the tokens of the joined text. The math records' targets
+  start with '\\n' after a prompt ending in one: apart, that had been '\\n',
+  '\\n' where Gemma's tokenizer makes one '\\n\\n' (the base model put the
+  first target token at ~e^-13)."""
+  from tests import shared_data  # pylint: disable=g-import-not-at-top
+  from train.data import tasks  # pylint: disable=g-import-not-at-top
+  from train.data.tokenize import encode_pair, encode_text  # pylint: disable=g-import-not-at-top
+  shared_data.require(tasks.get_task(task).folder)
+  for e in tasks.load_task(task, split)[:200]:
+    prompt, target = encode_pair(e.prompt, e.target, real.tok, 10**6)
+    joined = encode_text(real.tok, e.prompt + e.target)
+    assert prompt + target == [real.tok.bos_id] + joined + [real.tok.eos_id], (
+        e.prompt[-40:], e.target[:40])

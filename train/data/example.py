@@ -12,7 +12,9 @@ class Example:
 
   Attributes:
     prompt: The full model input, template already applied.
-    target: The text the model is trained to produce after `prompt`.
+    target: The text the model is trained to produce after `prompt`; its
+      leading line breaks, if any, are moved to the end of `prompt` (see
+      `__post_init__`).
     task: The registered task name ('boolq', 'arithmetic', ...).
     options: For multiple choice, the candidate targets to score, one per
       answer option (e.g. 'the correct answer is answer2'); empty otherwise.
@@ -50,6 +52,18 @@ class Example:
       raise ValueError(
           f"Example gold_index {self.gold_index} is outside its "
           f"{len(self.options)} options")
+    if not self.options and self.target.startswith("\n"):
+      # A target's leading line breaks go to the end of the prompt, where
+      # the text is the same ('Response:\n' + '\nA: ...', the math tasks'
+      # records) but the tokens are what the tokenizer makes of it: Gemma's
+      # has one '\n\n' piece, and prompt and target encoded apart had
+      # taught '\n', '\n' instead (the first target token at ~e^-13 for
+      # the base model), in training, scoring and generation alike.
+      body = self.target.lstrip("\n")
+      object.__setattr__(
+          self, "prompt",
+          self.prompt + self.target[:len(self.target) - len(body)])
+      object.__setattr__(self, "target", body)
     if not self.references:
       object.__setattr__(self, "references", (self.target,))
 
