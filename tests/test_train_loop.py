@@ -1072,15 +1072,16 @@ from tensorboardX import event_file_writer
 from train import metrics
 real = event_file_writer.EventsWriter.flush
 def flush(self):
-  # The step's own flush (after each row) meets the full disk; the writer
-  # thread's timed flush, which only comes every 120 s, does not here.
-  if (getattr(sys, 'disk_full', False) and
-      threading.current_thread() is threading.main_thread()):
+  if getattr(sys, 'disk_full', False):
     raise OSError(28, 'No space left on device')
   return real(self)
 event_file_writer.EventsWriter.flush = flush
+threads = threading.active_count()
 w = metrics.MetricsWriter(sys.argv[1], enabled=True)
-w.write(0, {'loss': 2.0})
+w.write(0, {'loss': 2.0, **{f'key{i}': 1.0 for i in range(12)}})
+# Written in this thread: tensorboardX's writer thread had died of a
+# failed timed flush unseen, and its full queue then blocked the run.
+assert threading.active_count() == threads, threading.enumerate()
 sys.disk_full = True
 for step in (1, 2, 3):
   w.write(step, {'loss': 1.0 / step})
@@ -1092,7 +1093,9 @@ w.close()
 def test_a_tensorboard_that_cannot_write_is_turned_off_in_one_line(tmp_path):
   """TensorBoard is optional: a write it cannot make (a full disk) had
   ended the run, and tensorboardX's exit hook then printed tracebacks (about
-  45 lines after the one-line error). Now one line, and metrics.csv goes on."""
+  45 lines after the one-line error); one its writer thread met (its timed
+  flush) killed the thread unseen, and the run then blocked for good on its
+  full queue. Now one line, and metrics.csv goes on."""
   from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   proc = subprocess.run(
       [sys.executable, '-c', _TB_FULL_DISK, str(tmp_path)], text=True,
@@ -1234,10 +1237,21 @@ def test_a_damaged_event_file_is_left_as_it_is_in_one_line(tmp_path, capsys):
   damaged[second] ^= 1  # the second record's length
   damaged = bytes(damaged)
   (tb / name).write_bytes(damaged)
+  # A valid file after it still loses its events from step 1 on (the
+  # damaged one had stopped the rewrite of every file after it).
+  other = tmp_path / 'other'
+  w = metrics_lib.MetricsWriter(other, enabled=True)
+  w.write(0, {'acc': 1.0})
+  w.write(1, {'acc': 0.5})
+  w.close()
+  (made,) = os.listdir(other / metrics_lib.TB_DIR)
+  os.replace(other / metrics_lib.TB_DIR / made, tb / (name + 'z'))
   w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=0)
   w.write(1, {'loss': 0.25})
   w.close()
   assert (tb / name).read_bytes() == damaged
+  (tb / name).unlink()  # unreadable here too
+  assert _tensorboard_points(tb)['acc'] == [(0, 1.0)]
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith(f'[train] warning: {tb / name}: damaged record at '
                          f'byte {second};'), line

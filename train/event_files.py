@@ -68,6 +68,34 @@ def _write_replacing(path: str, chunks: list[bytes]) -> None:
       os.unlink(tmp)
 
 
+def _drop_from_file(path: str, step: int) -> bool:
+  """`drop_events_from` for one file: whether it changed."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    data = f.read()
+  kept, summaries, dropped, whole = [], 0, 0, 0
+  for start, end, payload in _records(data, path):
+    whole = end
+    event = event_pb2.Event()
+    try:
+      event.ParseFromString(payload)
+    except Exception:  # protobuf's DecodeError # pylint: disable=broad-except
+      raise ValueError(f'{path}: damaged event at byte {start}') from None
+    if event.HasField('summary'):
+      if event.step >= step:
+        dropped += 1
+        continue
+      summaries += 1
+    kept.append(data[start:end])
+  if not dropped and whole == len(data):
+    return False
+  if summaries:
+    _write_replacing(path, kept)
+  else:
+    os.unlink(path)
+  return True
+
+
 def drop_events_from(folder: str | os.PathLike, step: int) -> list[str]:
   """Removes the summaries logged at ``step`` or later from the event files
   directly in ``folder`` (``step`` 0: all of them, for a run started over).
@@ -79,42 +107,30 @@ def drop_events_from(folder: str | os.PathLike, step: int) -> list[str]:
     The names of the files changed (rewritten or removed).
 
   Raises:
-    OSError: a file could not be read or rewritten (each file is whole
-      either way).
-    ValueError: a file is damaged; it is left as it is.
+    OSError or ValueError: after every other file is done, for the first
+      file that could not be read or rewritten (each is whole either way),
+      or that is damaged (left as it is), naming how many failed: one such
+      file had left every file after it unchanged.
   """
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   try:
     names = sorted(os.listdir(folder))
   except (FileNotFoundError, NotADirectoryError):
     return []
-  changed = []
+  changed, errors = [], []
   for name in names:
     path = os.path.join(folder, name)
     if (_EVENTS not in name or name.startswith('.') or
         not os.path.isfile(path)):
       continue
-    with open(path, 'rb') as f:
-      data = f.read()
-    kept, summaries, dropped, whole = [], 0, 0, 0
-    for start, end, payload in _records(data, path):
-      whole = end
-      event = event_pb2.Event()
-      try:
-        event.ParseFromString(payload)
-      except Exception:  # protobuf's DecodeError # pylint: disable=broad-except
-        raise ValueError(f'{path}: damaged event at byte {start}') from None
-      if event.HasField('summary'):
-        if event.step >= step:
-          dropped += 1
-          continue
-        summaries += 1
-      kept.append(data[start:end])
-    if not dropped and whole == len(data):
-      continue
-    if summaries:
-      _write_replacing(path, kept)
-    else:
-      os.unlink(path)
-    changed.append(name)
+    try:
+      if _drop_from_file(path, step):
+        changed.append(name)
+    except (OSError, ValueError) as e:
+      errors.append(e)
+  if errors:
+    first, others = errors[0], len(errors) - 1
+    more = (f' (and {others} more file{"s" if others > 1 else ""})'
+            if others else '')
+    kind = ValueError if isinstance(first, ValueError) else OSError
+    raise kind(f'{first}{more}')
   return changed

@@ -131,13 +131,22 @@ class MetricsWriter:
         self._tb = self._open_tensorboard(purge_step=last_step + 1)
       except ImportError:  # Optional: the CSV has everything.
         self._tb = None
+      except OSError as e:
+        self._tb_failed(e)
 
   def _open_tensorboard(self, purge_step: int):
-    """A SummaryWriter whose earlier files hold no event from
-    ``purge_step`` on: they are rewritten without them (TensorBoard's fast
-    loader ignores ``purge_step``, which the slow one honours), where they
-    can be; else the writer's ``purge_step`` alone hides them there."""
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    """A new event file whose earlier ones hold no event from ``purge_step``
+    on: they are rewritten without them (TensorBoard's fast loader ignores
+    the purge event, which the slow one honours), where they can be; else
+    the purge event alone hides them there.
+
+    Written in this thread (tensorboardX's ``EventsWriter``), not through a
+    ``SummaryWriter``: its writer thread flushed on a timer too, and an
+    error there (a full disk) killed the thread unseen, whose queue of 10
+    events then blocked the next row's 13 scalars, and the run, for good.
+    """
+    from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
     try:
       event_files.drop_events_from(self._tb_dir, purge_step)
     except (OSError, ValueError) as e:
@@ -145,11 +154,22 @@ class MetricsWriter:
             f'its events from step {purge_step} on, which this run logs '
             'again (`tensorboard --load_fast=false` hides them).',
             file=sys.stderr, flush=True)
-    # tensorboardX names its file by the second and opens it with 'wb': a
-    # writer opened in the same second as the last had emptied its file.
-    # The nanoseconds keep the names in time order, as TensorBoard reads them.
-    return SummaryWriter(self._tb_dir, purge_step=purge_step,
-                         filename_suffix=f'.{time.time_ns() % 10**9:09d}')
+    os.makedirs(self._tb_dir, exist_ok=True)
+    # The file is named by the second and opened with 'wb': a writer opened
+    # in the same second as the last had emptied its file. The nanoseconds
+    # keep the names in time order, as TensorBoard reads them.
+    writer = event_file_writer.EventsWriter(
+        os.path.join(self._tb_dir, 'events'),
+        filename_suffix=f'.{time.time_ns() % 10**9:09d}')
+    try:
+      writer.write_event(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      writer.flush()
+    except OSError:
+      self._close_quietly(writer)
+      raise
+    return writer
 
   def write(self, step: int, metrics: Mapping[str, float], *,
             replace: bool = False) -> None:
@@ -163,7 +183,10 @@ class MetricsWriter:
       if self._tb is not None:
         self._tb_close()
         if self._tb_on:  # not turned off by a close that failed
-          self._tb = self._open_tensorboard(purge_step=int(step))
+          try:
+            self._tb = self._open_tensorboard(purge_step=int(step))
+          except OSError as e:
+            self._tb_failed(e)
       self._csv.close()
       self._fields, _ = _keep_rows_up_to(self._csv.name, int(step) - 1)
       self._csv = open(self._csv.name, 'a', newline='', encoding='utf-8')
@@ -185,11 +208,17 @@ class MetricsWriter:
       raise OSError(f'{self._csv.name}: cannot write ({e.strerror or e}); '
                     'its rows up to the last checkpoint are kept.') from None
     if self._tb is not None:
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+      values = [v for key, value in row.items()
+                if key != 'step' and math.isfinite(value)
+                for v in summary.scalar(key, value).value]
       try:
-        for key, value in row.items():
-          if key != 'step' and math.isfinite(value):
-            self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        if values:
+          self._tb.write_event(event_pb2.Event(
+              wall_time=time.time(), step=int(step),
+              summary=summary_pb2.Summary(value=values)))
+          self._tb.flush()
       except OSError as e:
         self._tb_failed(e)
 
@@ -221,23 +250,20 @@ class MetricsWriter:
       self._tb_failed(e)
     self._tb = None
 
+  @staticmethod
+  def _close_quietly(writer) -> None:
+    try:
+      writer.close()
+    except OSError:
+      pass  # what it could not write is lost either way
+
   def _tb_failed(self, error: OSError) -> None:
     """TensorBoard is optional (the CSV has every row): a write it cannot
-    make turns it off for the run, in one line. Its writers are marked
-    closed and their threads stopped: tensorboardX's exit hook had flushed
-    them again, and a thread left waiting on its queue failed as the
-    interpreter closed it (about 45 lines of tracebacks after a full disk's
-    one-line error)."""
+    make turns it off for the run, in one line."""
     tb, self._tb = self._tb, None
     self._tb_on = False
-    for writer in (getattr(tb, 'all_writers', None) or {}).values():
-      events = getattr(writer, 'event_writer', None)
-      if events is None or getattr(events, '_closed', True):
-        continue
-      events._closed = True  # pylint: disable=protected-access
-      worker = getattr(events, '_worker', None)
-      if worker is not None:
-        worker.stop()  # it writes what is queued, then ends
+    if tb is not None:
+      self._close_quietly(tb)
     print(f'[train] {self._tb_dir}: cannot write ({error.strerror or error}); '
           'TensorBoard logging is off for the rest of this run (metrics.csv '
           'has every row).', file=sys.stderr, flush=True)
