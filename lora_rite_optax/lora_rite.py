@@ -303,6 +303,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
 
   def init_fn(params):
     paired = pairs_lib.find_lora_pairs(params, layout, who=who)
+    placement.require_explicit_api(who, jax.tree.leaves(params))
     leaves, _ = pairs_lib.flatten(params)
 
     def zeros(leaf):
@@ -380,6 +381,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
     checks.state_of(who, state, ScaleByLoraRiteState)
     mm = functools.partial(_mm, precision=precision)
     paired = pairs_lib.find_lora_pairs(params, layout, who=who)
+    placement.require_explicit_api(who, jax.tree.leaves(params))
     if not paired.pairs:
       return updates, state._replace(count=optax.safe_increment(state.count))
     param_paths = pairs_lib.flatten(params)[0]
@@ -673,6 +675,8 @@ def balance_lora_factors(
                                'the factors it balances')
     paired = pairs_lib.find_lora_pairs(params, layout,
                                        who='balance_lora_factors')
+    placement.require_explicit_api('balance_lora_factors',
+                                   jax.tree.leaves(params))
     pairs_lib.check_updates_fit('balance_lora_factors', updates, params)
     param_leaves = [l for _, l in pairs_lib.flatten(params)[0]]
     out = paired.treedef.flatten_up_to(updates)

@@ -123,10 +123,16 @@ def _explicit(leaf: Any):
   return sharding
 
 
-# Explicit mesh axes take jax 0.10's sharding API (jax.sharding.reshard,
-# is_equivalent_to under an AbstractMesh): jax 0.6 has no reshard there, and
-# 0.8-0.9 fail inside a jitted update with 'internal_device_list is not
-# implemented for AbstractMesh'. Auto axes work on every jax pyproject admits.
+def _has_explicit_axes(mesh) -> bool:
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+# What LoRA-RITE, ScaledAdam and Shampoo do over Explicit mesh axes, and
+# donating_jit's out_shardings there, takes jax 0.10's sharding API
+# (jax.sharding.reshard, reshape's out_sharding, is_equivalent_to under an
+# AbstractMesh): jax 0.6 has none of the first two, and 0.8-0.9 failed
+# inside a jitted update with 'internal_device_list is not implemented for
+# AbstractMesh'. Adam, LoRA+ and Lamb need none of it.
 _EXPLICIT_AXES_JAX = (0, 10)
 
 
@@ -134,16 +140,16 @@ def _jax_version() -> tuple[int, ...]:
   return tuple(int(p) for p in jax.__version__.split('.')[:2])
 
 
-def _has_explicit_axes(mesh) -> bool:
-  """Whether ``mesh`` has an Explicit axis; on a jax older than 0.10 such
-  a mesh is refused, in one line."""
-  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-  if explicit and _jax_version() < _EXPLICIT_AXES_JAX:
+def require_explicit_api(who: str, leaves: Iterable[Any]) -> None:
+  """One line where ``leaves`` are over Explicit mesh axes and this jax is
+  older than 0.10 (see ``_EXPLICIT_AXES_JAX``)."""
+  if _jax_version() >= _EXPLICIT_AXES_JAX:
+    return
+  if any(_explicit(leaf) is not None for leaf in leaves):
     raise ValueError(
-        'lora_rite_optax: params on Explicit mesh axes need jax 0.10 or newer '
-        f'(this is jax {jax.__version__}); make the mesh with Auto axes '
+        f'{who}: params on Explicit mesh axes need jax 0.10 or newer (this '
+        f'is jax {jax.__version__}); make the mesh with Auto axes '
         '(axis_types=(jax.sharding.AxisType.Auto,) * n), or upgrade jax.')
-  return explicit
 
 
 def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
@@ -310,6 +316,11 @@ def constrain(x: jax.Array, sharding: jax.sharding.Sharding,
   if not (isinstance(sharding, NamedSharding) and
           _has_explicit_axes(sharding.mesh)):
     return jax.lax.with_sharding_constraint(x, sharding)
+  if _jax_version() < _EXPLICIT_AXES_JAX:
+    raise ValueError(
+        f'{who}: out_shardings on Explicit mesh axes need jax 0.10 or newer '
+        f'(this is jax {jax.__version__}); make the mesh with Auto axes, or '
+        'upgrade jax.')
   mesh = sharding.mesh
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
               if t == jax.sharding.AxisType.Explicit}

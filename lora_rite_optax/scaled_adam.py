@@ -103,6 +103,7 @@ def _riemannian_precond(who: str, delta, layout
 
   def init_fn(params):
     pairs_lib.find_lora_pairs(params, layout, who=who)
+    placement.require_explicit_api(who, jax.tree.leaves(params))
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
@@ -112,6 +113,7 @@ def _riemannian_precond(who: str, delta, layout
     # each gradient with another pair's factors.
     pairs_lib.check_updates_fit(who, updates, params)
     paired = pairs_lib.find_lora_pairs(updates, layout, who=who)
+    placement.require_explicit_api(who, jax.tree.leaves(params))
     grads, treedef = pairs_lib.flatten(updates)
     values, _ = pairs_lib.flatten(params)
     # Each factor's gradient is batched over the layers with its partner's

@@ -265,6 +265,7 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
     params = jax.tree.map(jnp.asarray, params)  # Python numbers too
     plans, _ = _plans(who, params, layout, block_size)  # factors named first
     pairs_lib.check_trainable(who, params)  # the leaves beside the pairs too
+    placement.require_explicit_api(who, jax.tree.leaves(params))
     leaves, _ = pairs_lib.flatten(params)
     stats, roots = [], []
     for plan, (_, leaf) in zip(plans, leaves):
