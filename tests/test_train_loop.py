@@ -301,6 +301,28 @@ def test_training_examples_that_are_evaluation_prompts_are_left_out(
                         if ' '.join(e.prompt.split()) in test]
 
 
+def test_a_math_checkpoint_from_before_the_line_breaks_moved_resumes(
+    tmp_path, monkeypatch):
+  """Math targets' leading line breaks went to the prompt on 2026-12-07:
+  a checkpoint recorded its training data as they were before, which had
+  been refused as 'other examples', with advice that failed again. The same
+  texts now resume, saying so."""
+  shared_data.require('math')
+  cfg = dict(FAST, **{'data.task': 'math', 'data.num_train_examples': 40,
+                      'data.seq_len': 48, 'steps': 4, 'checkpoint_every': 2})
+  real = loop.training_data_fingerprint
+  with monkeypatch.context() as m:
+    m.setattr(loop, 'training_data_fingerprint',
+              lambda examples: real(examples, as_before_2026_12_07=True))
+    loop.run(tiny(tmp_path, **cfg), log=lambda s: None, stop_at=2)
+  lines = []
+  out = loop.run(tiny(tmp_path, resume=True, **cfg), log=lines.append)
+  assert [h['step'] for h in out['history']][-1] == 4
+  assert any('was trained with its targets\' leading line breaks encoded '
+             'apart from the prompt (before 2026-12-07)' in line
+             for line in lines), lines
+
+
 def test_validation_fraction_zero_trains_on_everything(tmp_path):
   everything, _ = loop.load_examples(tiny(tmp_path, **{
       'data.validation_fraction': 0.0}))

@@ -1458,12 +1458,19 @@ TRAIN_DATA_KEY = 'train_data'
 DROPPED_KEY = 'dropped_target_tokens'
 
 
-def training_data_fingerprint(examples) -> dict[str, Any]:
+def training_data_fingerprint(examples, *, as_before_2026_12_07: bool = False
+                              ) -> dict[str, Any]:
   """{'examples': count, 'sha256': digest of every example's prompt and
-  target (what training reads), in order}."""
+  target (what training reads), in order}; ``as_before_2026_12_07``: with
+  each target's leading line breaks where they were until then (see
+  `data.Example`), which checkpoints of that time recorded."""
   digest = hashlib.sha256()
   for e in examples:
-    digest.update(json.dumps([e.prompt, e.target]).encode() + b'\n')
+    prompt, target = e.prompt, e.target
+    if as_before_2026_12_07 and e.moved_line_breaks:
+      prompt = prompt[:len(prompt) - e.moved_line_breaks]
+      target = '\n' * e.moved_line_breaks + target
+    digest.update(json.dumps([prompt, target]).encode() + b'\n')
   return {'examples': len(examples), 'sha256': digest.hexdigest()}
 
 
@@ -1928,7 +1935,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       raise ConfigError(
           f'{where} was made with other settings '
           f'({_describe_changes(changed)}); {redo}.')
-    if saved_data is not None and saved_data != train_data:
+    if (saved_data is not None and saved_data != train_data and
+        saved_data == training_data_fingerprint(r.train_examples,
+                                                as_before_2026_12_07=True)):
+      # The same texts; the targets' leading line breaks now go with the
+      # prompt (one '\n\n' token where they had been encoded apart).
+      log(f'[train] {where} was trained with its targets\' leading line '
+          'breaks encoded apart from the prompt (before 2026-12-07); the '
+          'rest of the run encodes them with it, as the tokenizer does')
+    elif saved_data is not None and saved_data != train_data:
       saved_eval = saved_config.get('eval', {})
       older = ''
       if saved_tokenizer is None and not (

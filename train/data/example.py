@@ -39,6 +39,11 @@ class Example:
   gold_index: int | None = None
   gold_number: str | None = None
   references: tuple[str, ...] = ()
+  # How many of the target's leading line breaks were moved to the prompt
+  # (`__post_init__`): what a checkpoint's record of its training data
+  # held before 2026-12-07 is recomputed from it (train.loop).
+  moved_line_breaks: int = dataclasses.field(default=0, compare=False,
+                                             repr=False)
 
   def __post_init__(self):
     # Why here: every constructor path (loaders, hub, generated) gets the
@@ -60,10 +65,11 @@ class Example:
       # taught '\n', '\n' instead (the first target token at ~e^-13 for
       # the base model), in training, scoring and generation alike.
       body = self.target.lstrip("\n")
-      object.__setattr__(
-          self, "prompt",
-          self.prompt + self.target[:len(self.target) - len(body)])
+      moved = len(self.target) - len(body)
+      object.__setattr__(self, "prompt", self.prompt + "\n" * moved)
       object.__setattr__(self, "target", body)
+      object.__setattr__(self, "moved_line_breaks",
+                         self.moved_line_breaks + moved)
     if not self.references:
       object.__setattr__(self, "references", (self.target,))
 
