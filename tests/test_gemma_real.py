@@ -130,3 +130,28 @@ def test_prompt_and_target_encode_as_their_joined_text(real, task, split):
     joined = encode_text(real.tok, e.prompt + e.target)
     assert prompt + target == [real.tok.bos_id] + joined + [real.tok.eos_id], (
         e.prompt[-40:], e.target[:40])
+
+
+def test_choice_options_after_a_line_break_encode_as_their_joined_text(
+    real, tmp_path):
+  """A user's multiple-choice record whose output starts with a line break
+  (a chain of thought written like the math records): its options and
+  target had kept the '\\n' apart from the prompt's, '\\n', '\\n' where the
+  tokenizer makes one '\\n\\n' (the first target token at ~e^-12)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from train.data import tasks  # pylint: disable=g-import-not-at-top
+  from train.data.tokenize import encode_pair, encode_text  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'own.json'
+  path.write_text(json.dumps([{
+      'instruction': 'Please answer the following question with true or '
+                     'false, question: is the sky blue?\n\nAnswer format: '
+                     'true/false',
+      'input': '', 'output': '\nthe correct answer is true',
+      'answer': 'true'}]))
+  (e,) = tasks.load_file(path, 'boolq')
+  assert e.moved_line_breaks == 1
+  for option in (e.target,) + e.options:
+    prompt, target = encode_pair(e.prompt, option, real.tok, 10**6,
+                                 add_eos=False)
+    assert prompt + target == [real.tok.bos_id] + encode_text(
+        real.tok, e.prompt + option), option

@@ -13,7 +13,8 @@ class Example:
   Attributes:
     prompt: The full model input, template already applied.
     target: The text the model is trained to produce after `prompt`; its
-      leading line breaks, if any, are moved to the end of `prompt` (see
+      leading line breaks, if any, are moved to the end of `prompt` (with
+      options, those that every option starts with, from each; see
       `__post_init__`).
     task: The registered task name ('boolq', 'arithmetic', ...).
     options: For multiple choice, the candidate targets to score, one per
@@ -57,21 +58,29 @@ class Example:
       raise ValueError(
           f"Example gold_index {self.gold_index} is outside its "
           f"{len(self.options)} options")
-    if not self.options and self.target.startswith("\n"):
-      # A target's leading line breaks go to the end of the prompt, where
-      # the text is the same ('Response:\n' + '\nA: ...', the math tasks'
-      # records) but the tokens are what the tokenizer makes of it: Gemma's
-      # has one '\n\n' piece, and prompt and target encoded apart had
-      # taught '\n', '\n' instead (the first target token at ~e^-13 for
-      # the base model), in training, scoring and generation alike.
-      body = self.target.lstrip("\n")
-      moved = len(self.target) - len(body)
+    # A target's leading line breaks go to the end of the prompt, where the
+    # text is the same ('Response:\n' + '\nA: ...', the math tasks'
+    # records) but the tokens are what the tokenizer makes of it: Gemma's
+    # has one '\n\n' piece, and prompt and target encoded apart had taught
+    # '\n', '\n' instead (the first target token at ~e^-13 for the base
+    # model), in training, scoring and generation alike. With options, the
+    # run they all start with (each is scored after the same prompt).
+    moved = _leading_line_breaks(self.target)
+    if self.options:
+      moved = min([moved] + [_leading_line_breaks(o) for o in self.options])
+    if moved:
       object.__setattr__(self, "prompt", self.prompt + "\n" * moved)
-      object.__setattr__(self, "target", body)
+      object.__setattr__(self, "target", self.target[moved:])
+      object.__setattr__(self, "options",
+                         tuple(o[moved:] for o in self.options))
       object.__setattr__(self, "moved_line_breaks",
                          self.moved_line_breaks + moved)
     if not self.references:
       object.__setattr__(self, "references", (self.target,))
+
+
+def _leading_line_breaks(text: str) -> int:
+  return len(text) - len(text.lstrip("\n"))
 
 
 def prompt_key(example: Example) -> str:
