@@ -76,7 +76,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Sets OPENBLAS_NUM_THREADS=1 before jax loads LAPACK (see train/__init__.py).
@@ -540,28 +540,48 @@ def write_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def data_fingerprint(data: dict[str, Any]) -> str:
-  """A hash of every train, validation and test item, in order."""
+def data_fingerprint(data: dict[str, Any], *,
+                     as_before_2026_12_07: bool = False) -> str:
+  """A hash of every train, validation and test item, in order;
+  ``as_before_2026_12_07``: with each target's leading line breaks where
+  they were until then (see `train.data.Example`), as the runs on file
+  from before then recorded it."""
   h = hashlib.sha256()
   for name, items in [('train', data['train']), ('val', data['val'])] + sorted(
       data['tests'].items()):
     h.update(f'\x02{name}'.encode())
     for e in items:
-      h.update(f'\x00{e.prompt}\x01{e.target}'.encode())
+      prompt, target = e.prompt, e.target
+      if as_before_2026_12_07 and e.moved_line_breaks:
+        prompt = prompt[:len(prompt) - e.moved_line_breaks]
+        target = '\n' * e.moved_line_breaks + target
+      h.update(f'\x00{prompt}\x01{target}'.encode())
   return h.hexdigest()[:16]
 
 
-def stale(saved: dict, model: str, config: dict, fingerprint: str,
+def data_fingerprints(data: dict[str, Any]) -> tuple[str, str]:
+  """The data's fingerprint, and as the runs from before 2026-12-07
+  recorded it: the same items, whose math targets' leading line breaks
+  were then encoded apart from the prompt (docs/results/README.md)."""
+  return (data_fingerprint(data),
+          data_fingerprint(data, as_before_2026_12_07=True))
+
+
+def stale(saved: dict, model: str, config: dict,
+          fingerprint: str | Sequence[str],
           task_budget: dict | None = None) -> str | None:
   """Why a saved run is not this run (None: it is).
 
-  Files older than the fingerprint (or the task settings) have none and
-  are taken as they are; fields added since a file was written are not
-  compared.
+  ``fingerprint``: the data's, or several that count as it (see
+  `data_fingerprints`). Files older than the fingerprint (or the task
+  settings) have none and are taken as they are; fields added since a
+  file was written are not compared.
   """
+  accepted = ((fingerprint,) if isinstance(fingerprint, str)
+              else tuple(fingerprint))
   if saved.get('model', model) != model:
     return f'model {saved.get("model")!r}'
-  if saved.get('data_fingerprint', fingerprint) != fingerprint:
+  if saved.get('data_fingerprint', accepted[0]) not in accepted:
     return 'other data (train, validation or test items)'
   for what, old, new in (
       ('other task settings', saved.get('task_budget') or {},
@@ -587,10 +607,12 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   cfg = make_config(budget, task, opt, lr, seed, args.model)
   cfg_json = json.loads(configs.to_json(cfg))
   task_budget = dataclasses.asdict(budget.tasks[task])
-  fingerprint = data_fingerprint(data)  # a millisecond: not worth caching
+  # A millisecond: not worth caching.
+  fingerprint, *accepted = data_fingerprints(data)
   if args.resume and os.path.exists(path):
     saved = read_result(path)
-    why = stale(saved, args.model, cfg_json, fingerprint, task_budget)
+    why = stale(saved, args.model, cfg_json, [fingerprint] + accepted,
+                task_budget)
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -686,7 +708,7 @@ def current_results(out: str, budget_name: str, budget: Budget, model: str,
     else:
       if task not in fingerprints:
         data.setdefault(task, task_data(task, budget.tasks[task]))
-        fingerprints[task] = data_fingerprint(data[task])
+        fingerprints[task] = data_fingerprints(data[task])
       why = stale(results[key], model,
                   json.loads(configs.to_json(
                       make_config(budget, task, opt, lr, seed, model))),
@@ -1268,7 +1290,9 @@ def _main(argv) -> None:
                  help='persistent XLA compilation cache folder; "" for none, '
                  'JAX_COMPILATION_CACHE_DIR too (default: '
                  '~/.cache/lora-rite-optax/jax-cache from the command line, '
-                 'none when main() is called with argv); compiles under 1 s '
+                 'in place of JAX_COMPILATION_CACHE_DIR; when main() is '
+                 'called with argv, none of its own: '
+                 'JAX_COMPILATION_CACHE_DIR\'s, if set); compiles under 1 s '
                  'are not cached unless '
                  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise')
   args = p.parse_args(argv)

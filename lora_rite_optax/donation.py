@@ -202,7 +202,8 @@ def donating_jit(fun: Callable[..., Any], *,
     out_shardings: as in ``jax.jit`` (a prefix of the output tree); applied
       with ``jax.lax.with_sharding_constraint`` over Auto mesh axes and
       ``jax.sharding.reshard`` over Explicit ones (each refuses the
-      other's). On a mesh that mixes both, outputs placed over its Auto
+      other's; Explicit ones need jax 0.10, and an older jax refuses them in
+      one line). On a mesh that mixes both, outputs placed over its Auto
       axes come back spelt without trailing ``None``s, another jit cache
       key for the next call: one more compile than ``jax.jit``.
     reorder_outputs: give returned inputs their own buffers (True), keep
@@ -218,8 +219,9 @@ def donating_jit(fun: Callable[..., Any], *,
     ``cost_analysis``), ``eval_shape(*args)``, ``clear_cache()``, and
     ``reorders_outputs(*args)``: whether a call with ``args`` reorders (so
     that a benchmark or log can say which buffer pairing it ran). Other
-    attributes of ``jax.jit``'s stages are not there; it does not pickle,
-    and ``jax.export`` takes ``jax.jit(fun)`` instead.
+    attributes of ``jax.jit``'s stages are not there; it pickles only by
+    name (bound to ``fun``'s own module-level name), and ``jax.export``
+    takes ``jax.jit(fun)`` instead.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

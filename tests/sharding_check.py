@@ -26,8 +26,8 @@ from lora_rite_optax import placement
 from tests.test_donation import factor_copies
 
 RANK = 8
-# Explicit mesh axes need jax 0.10 (the library refuses them before: see
-# placement._has_explicit_axes), and donating_jit's copy-free pairing on a
+# Explicit mesh axes need jax 0.10 for LoRA-RITE, ScaledAdam and Shampoo
+# (refused before: placement.require_explicit_api), and donating_jit's copy-free pairing on a
 # mesh is jax 0.10's; `make test-oldest` runs this on jax 0.6.
 JAX_AT_LEAST_0_10 = tuple(
     int(p) for p in jax.__version__.split('.')[:2]) >= (0, 10)

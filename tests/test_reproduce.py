@@ -298,6 +298,25 @@ def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
                   fp, tb) is None
   assert 'decontaminate: False there, True now' in rp.stale(
       {'task_budget': tb}, 'tiny', cfg, fp, {**tb, 'decontaminate': True})
+  # Runs from before 2026-12-07 recorded the math targets' leading line
+  # breaks apart from the prompt: the same items, not 'other data' (the
+  # 31 small-decontam files on file had been left out of every report).
+  moved = {**data, 'train': [Example('P:\n', '\nA: 1')]}
+  now, before = rp.data_fingerprints(moved)
+  assert now != before and now == rp.data_fingerprint(
+      {**data, 'train': [Example('P:\n\n', 'A: 1')]})
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for name, items in (('train', [('P:\n', '\nA: 1')]), ('val', [('c', 'd')]),
+                      ('arithmetic', [('e', 'f')])):
+    h.update(f'\x02{name}'.encode())
+    for prompt, target in items:
+      h.update(f'\x00{prompt}\x01{target}'.encode())
+  assert before == h.hexdigest()[:16]
+  assert rp.stale({'data_fingerprint': before}, 'tiny', cfg,
+                  (now, before)) is None
+  assert 'other data' in rp.stale({'data_fingerprint': before}, 'tiny', cfg,
+                                  now)
   # do_run: a stale file is made again, a matching one reused.
   args = rp.argparse.Namespace(out=str(tmp_path), budget='smoke',
                                resume=True, model='tiny')

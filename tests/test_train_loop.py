@@ -1215,7 +1215,7 @@ def test_a_resume_removes_the_stopped_runs_later_events_from_tensorboard(
   """TensorBoard's default fast loader ignores purge_step: a tag the resumed
   run logged later (tokens/s, not logged at a resume's first step) had kept
   the stopped run's point there. The old files are rewritten without the
-  events from the checkpoint on; a file left with none is removed."""
+  events logged after the checkpoint; a file left with none is removed."""
   from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   tb = tmp_path / metrics_lib.TB_DIR
   w = metrics_lib.MetricsWriter(tmp_path, enabled=True)

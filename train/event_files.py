@@ -1,8 +1,8 @@
 """Removes the TensorBoard events a resumed run is about to log again.
 
-A resumed run tells TensorBoard to hide the stopped run's events from its
-checkpoint's step on (a SessionLog START event at that step, tensorboardX's
-``purge_step``), but TensorBoard's default fast loader (RustBoard) ignores
+A resumed run tells TensorBoard to hide the stopped run's events from the
+step after its checkpoint on (a SessionLog START event at that step,
+tensorboardX's ``purge_step``), but TensorBoard's default fast loader (RustBoard) ignores
 that: it drops an old point only where a new one of the same tag comes, so
 a tag the new run logs later or not at all (tokens/s is not logged at a
 resumed run's first step) kept the stopped run's point. The old event files are rewritten without those
@@ -100,8 +100,9 @@ def drop_events_from(folder: str | os.PathLike, step: int) -> list[str]:
   """Removes the summaries logged at ``step`` or later from the event files
   directly in ``folder`` (``step`` 0: all of them, for a run started over).
 
-  A file left with no summary is removed; others are rewritten atomically
-  without those events (the file-version and session events stay).
+  A file that loses its last summary is removed; others are rewritten
+  atomically without those events (the file-version and session events
+  stay).
 
   Returns:
     The names of the files changed (rewritten or removed).
