@@ -579,7 +579,8 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(
   (run_dir / 'adapter').mkdir()
   left = [run_dir / 'adapter' / '.adapter_model.safetensors.4242.0a1b2c3d.tmp',
           run_dir / '.summary.json.17.deadbeef.tmp',
-          # A rewrite of the stopped run's TensorBoard events.
+          # Rewrites of the stopped run's TensorBoard events.
+          run_dir / 'tensorboard' / '.events.98.0a1b2c3d.tmp',
           run_dir / 'tensorboard' / 'eval' / '.events.99.0a1b2c3d.tmp']
   kept = [run_dir / 'adapter' / 'notes.tmp', run_dir / '.x.1.nothex!.tmp']
   for path in left + kept:
@@ -590,6 +591,7 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(
   assert ('[train] removed unfinished file writes: '
           '.summary.json.17.deadbeef.tmp, '
           'adapter/.adapter_model.safetensors.4242.0a1b2c3d.tmp, '
+          'tensorboard/.events.98.0a1b2c3d.tmp, '
           'tensorboard/eval/.events.99.0a1b2c3d.tmp') in lines
   assert sorted(p.name for p in (run_dir / 'adapter').iterdir()) == [
       'adapter_config.json', 'adapter_model.safetensors', 'notes.tmp']

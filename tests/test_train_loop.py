@@ -158,6 +158,35 @@ def _tensorboard_points(events_dir) -> dict[str, list[tuple[int, float]]]:
   return points
 
 
+def _tensorboard_purges(events_dir) -> list[int]:
+  """The steps of the SessionLog START (purge) events in an event folder,
+  file by file in name order; each record's checksums checked."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  starts = []
+  for name in sorted(os.listdir(events_dir)):
+    if 'tfevents' not in name:
+      continue
+    data = (pathlib.Path(events_dir) / name).read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+      head = data[pos:pos + 8]
+      n = struct.unpack('<Q', head)[0]
+      if pos + 16 + n > len(data):
+        break  # a cut-short last record
+      assert struct.unpack('<I', data[pos + 8:pos + 12])[0] == (
+          record_writer.masked_crc32c(head))
+      payload = data[pos + 12:pos + 12 + n]
+      assert struct.unpack('<I', data[pos + 12 + n:pos + 16 + n])[0] == (
+          record_writer.masked_crc32c(payload))
+      event = event_pb2.Event.FromString(payload)
+      if event.HasField('session_log') and event.session_log.status == 1:
+        starts.append(event.step)
+      pos += 16 + n
+  return starts
+
+
 def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   """A resume continues the cumulative count of dropped target tokens (from
   the checkpoint: no row was logged at its step), and tells TensorBoard to
@@ -173,6 +202,12 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   assert straight['dropped_target_tokens'] > 0
   run_dir = tmp_path / 'run'
   loop.run(tiny(run_dir, **small), log=lambda s: None, stop_at=2)
+  # As a run killed after its checkpoint leaves them: points past it,
+  # one of a tag the resumed run does not log at that step.
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  late = metrics_lib.MetricsWriter(run_dir, enabled=True, last_step=2)
+  late.write(3, {'loss': 99.0, 'stale_tag': 1.0})
+  late.close()
   second = loop.run(tiny(run_dir, resume=True, **small), log=lambda s: None)
   assert second['dropped_target_tokens'] == straight['dropped_target_tokens']
   # The stopped run logged its last step (2) too; steps 3 and 4 as
@@ -186,7 +221,9 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   # purge_step).
   with open(run_dir / 'metrics.csv') as f:
     logged = [(int(r['step']), float(r['loss'])) for r in csv.DictReader(f)]
-  points = _tensorboard_points(run_dir / 'tensorboard')['loss']
+  everything = _tensorboard_points(run_dir / 'tensorboard')
+  assert 'stale_tag' not in everything
+  points = everything['loss']
   assert [p[0] for p in points] == [p[0] for p in logged] == [2, 3, 4]
   assert [p[1] for p in points] == pytest.approx([p[1] for p in logged])
   with pytest.raises(loop.ConfigError, match=r'checkpoint 4 in .* is past '
@@ -1223,13 +1260,26 @@ def test_a_resume_removes_the_stopped_runs_later_events_from_tensorboard(
     w.write(step, {'loss': float(step), 'tok_s': 1000.0 + step})
   w.close()
   (first,) = os.listdir(tb)
-  # A killed writer's record cut short at the end: no reader reads it.
+  # A killed writer's record cut short in its payload: no reader reads it.
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  head = struct.pack('<Q', 64)
   with open(tb / first, 'ab') as f:
-    f.write(b'\x40\x00\x00\x00\x00\x00\x00\x00')
-  w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=5)
-  w.write(6, {'loss': 106.0})
-  w.write(7, {'loss': 107.0, 'tok_s': 2007.0})
-  w.close()
+    f.write(head + struct.pack('<I', record_writer.masked_crc32c(head)) +
+            b'\x00' * 10)
+  # In the same second as the first writer, by tensorboardX's clock (its
+  # file name's): the second had emptied the first's file ('wb').
+  import time  # pylint: disable=g-import-not-at-top
+  second = (tb / first).name.split('.')[3]
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(time, 'time', lambda: float(second))
+    w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=5)
+    w.write(6, {'loss': 106.0})
+    w.write(7, {'loss': 107.0, 'tok_s': 2007.0})
+    w.close()
+  # The rewritten file keeps its purge (0) and checksums; the new one
+  # tells the slow loader to drop from step 6 too.
+  assert _tensorboard_purges(tb) == [0, 6]
   points = _tensorboard_points(tb)
   assert points['loss'] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                             (5, 5.0), (6, 106.0), (7, 107.0)]
@@ -1273,6 +1323,8 @@ def test_a_damaged_event_file_is_left_as_it_is_in_one_line(tmp_path, capsys):
   w.close()
   assert (tb / name).read_bytes() == damaged
   (tb / name).unlink()  # unreadable here too
+  # The new file's purge event still hides step 1 on from the slow loader.
+  assert _tensorboard_purges(tb) == [0, 1]
   assert _tensorboard_points(tb)['acc'] == [(0, 1.0)]
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith(f'[train] warning: {tb / name}: damaged record at '

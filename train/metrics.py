@@ -157,7 +157,11 @@ class MetricsWriter:
     os.makedirs(self._tb_dir, exist_ok=True)
     # The file is named by the second and opened with 'wb': a writer opened
     # in the same second as the last had emptied its file. The nanoseconds
-    # keep the names in time order, as TensorBoard reads them.
+    # keep the names in time order, as TensorBoard reads them; not read in
+    # the last 10 ms of a second, lest tensorboardX's own clock reading (the
+    # name's seconds) fall in the next one and the order break.
+    if time.time_ns() % 10**9 > 990_000_000:
+      time.sleep(0.011)
     writer = event_file_writer.EventsWriter(
         os.path.join(self._tb_dir, 'events'),
         filename_suffix=f'.{time.time_ns() % 10**9:09d}')
