@@ -470,3 +470,20 @@ def test_bad_gold_labels():
     data.examples_from_records([arc], "arc_challenge")
   with pytest.raises(ValueError, match="no '#### N' final number"):
     data.examples_from_records([{"question": "q", "answer": "5"}], "gsm8k")
+
+
+def test_a_targets_leading_line_breaks_go_to_its_prompt():
+  """The same joined text, with the line breaks on the prompt's side (see
+  Example): alone, or those that the target and every option start with."""
+  e = data.Example("Q:\n", "\n\nA: 5")
+  assert (e.prompt, e.target, e.references, e.moved_line_breaks) == (
+      "Q:\n\n\n", "A: 5", ("A: 5",), 2)
+  c = data.Example("Q:\n", "\nyes", options=("\nyes", "\n\nno"),
+                   gold_index=0)
+  assert (c.prompt, c.target, c.options, c.moved_line_breaks) == (
+      "Q:\n\n", "yes", ("yes", "\nno"), 1)
+  kept = data.Example("Q:\n", "\nyes", options=("\nyes", "no"),
+                      gold_index=0)
+  assert (kept.prompt, kept.target, kept.moved_line_breaks) == (
+      "Q:\n", "\nyes", 0)
+  assert data.Example("Q:\n", "\nb") == data.Example("Q:\n\n", "b")

@@ -130,6 +130,11 @@ def test_prompt_and_target_encode_as_their_joined_text(real, task, split):
     joined = encode_text(real.tok, e.prompt + e.target)
     assert prompt + target == [real.tok.bos_id] + joined + [real.tok.eos_id], (
         e.prompt[-40:], e.target[:40])
+    for option in e.options:  # what multiple-choice scoring encodes
+      prompt, target = encode_pair(e.prompt, option, real.tok, 10**6,
+                                   add_eos=False)
+      assert prompt + target == [real.tok.bos_id] + encode_text(
+          real.tok, e.prompt + option), (e.prompt[-40:], option[:40])
 
 
 def test_choice_options_after_a_line_break_encode_as_their_joined_text(

@@ -991,3 +991,34 @@ def test_loraplus_with_a_base_of_its_own_may_update_without_params():
   tx = lro.loraplus(1e-2, base=optax.sgd)
   updates, _ = tx.update(params, tx.init(params))
   assert float(jnp.abs(updates['q']['lora_b']).max()) > 0
+
+
+def test_explicit_mesh_axes_before_jax_0_10_are_refused_where_needed(
+    monkeypatch):
+  """What needs jax 0.10's sharding API over Explicit mesh axes (LoRA-RITE,
+  balance_lora_factors, ScaledAdam, Shampoo, donating_jit's out_shardings)
+  is refused in one line on an older jax (here: a jax taken as older);
+  Adam, LoRA+ and Lamb, which need none of it, are not."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from lora_rite_optax import placement  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(placement, '_EXPLICIT_AXES_JAX', (99, 0))
+  mesh = jax.make_mesh((1,), ('d',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  where = NamedSharding(mesh, PartitionSpec())
+  params = jax.device_put(_pair(8, 2, 6), where)
+  need = (r'params on Explicit mesh axes need jax 0.10 or newer \(this is '
+          rf'jax {re.escape(jax.__version__)}\); make the mesh with Auto axes')
+  for name in ('lora_rite', 'scaled_adam', 'shampoo'):
+    with pytest.raises(ValueError, match=rf'^{name}: {need}'):
+      lro.optimizer(name, 1e-2).init(params)
+  balance = lro.balance_lora_factors()
+  with pytest.raises(ValueError, match=rf'^balance_lora_factors: {need}'):
+    balance.update(params, balance.init(params), params)
+  for name in ('adam', 'loraplus', 'lamb'):
+    tx = lro.optimizer(name, 1e-2)
+    tx.update(params, tx.init(params), params)
+  step = lro.donating_jit(lambda x: x * 2, donate_argnums=0,
+                          out_shardings=where)
+  with pytest.raises(ValueError, match=r'^donating_jit: out_shardings on '
+                     r'Explicit mesh axes need jax 0.10 or newer'):
+    step(jax.device_put(jnp.ones(3), where))

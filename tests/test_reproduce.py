@@ -326,10 +326,21 @@ def test_resume_reuses_only_runs_of_the_same_model_data_and_settings(
                          'data_fingerprint': fp})
   assert rp.do_run(args, budget, 'arithmetic', dict(data), 'adam', 1e-3, 0,
                    print)['val_loss'] == [0.5, 0.5]
-  rp.write_atomic(path, {**run, 'model': 'gemma3-270m'})
   def retrain(*a):
     raise RuntimeError('retrained')
   monkeypatch.setattr(rp, 'train_one', retrain)
+  # A file recorded before the line breaks moved (2026-12-07) is reused by
+  # do_run and kept by current_results, as made with the same data.
+  moved_data = {**data, 'train': [Example('P:\n', '\nA: 1')]}
+  rp.write_atomic(path, {**run, 'model': 'tiny', 'config': cfg,
+                         'data_fingerprint': rp.data_fingerprints(
+                             moved_data)[1]})
+  assert rp.do_run(args, budget, 'arithmetic', dict(moved_data), 'adam',
+                   1e-3, 0, print)['val_loss'] == [0.5, 0.5]
+  kept = rp.current_results(args.out, 'smoke', budget, 'tiny', print,
+                            data={'arithmetic': moved_data})
+  assert list(kept) == [('arithmetic', 'adam', 1e-3, 0)]
+  rp.write_atomic(path, {**run, 'model': 'gemma3-270m'})
   lines = []
   with pytest.raises(RuntimeError, match='retrained'):
     rp.do_run(args, budget, 'arithmetic', dict(data), 'adam', 1e-3, 0,

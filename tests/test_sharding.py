@@ -21,10 +21,16 @@ def test_lora_rite_shards_without_gathering_factors():
   proc = subprocess.run([sys.executable, str(ROOT / 'tests/sharding_check.py')],
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-  for line in ('ok detector', 'ok init placed', 'ok stacked layers',
-               'ok explicit axes', 'ok explicit donated', 'ok data=8',
-               'ok fsdp=4 x tensor=2'):
-    assert line in proc.stdout
+  import jax  # pylint: disable=g-import-not-at-top
+  if tuple(int(p) for p in jax.__version__.split('.')[:2]) >= (0, 10):
+    explicit = ['ok explicit axes', 'ok explicit donated']
+  else:  # make test-oldest: the refusals instead (sharding_check.py)
+    explicit = [
+        'ok explicit axes: refused by LoRA-RITE, ScaledAdam and Shampoo on '
+        f'jax {jax.__version__}', 'ok explicit donated: not on this jax']
+  assert proc.stdout.splitlines() == [
+      'ok detector', 'ok init placed', 'ok stacked layers', *explicit,
+      'ok data=8', 'ok fsdp=4 x tensor=2'], proc.stdout
 
 
 _EIGH_ON_TWO_DEVICES = '''
