@@ -551,10 +551,8 @@ def data_fingerprint(data: dict[str, Any], *,
       data['tests'].items()):
     h.update(f'\x02{name}'.encode())
     for e in items:
-      prompt, target = e.prompt, e.target
-      if as_before_2026_12_07 and e.moved_line_breaks:
-        prompt = prompt[:len(prompt) - e.moved_line_breaks]
-        target = '\n' * e.moved_line_breaks + target
+      prompt, target = (e.as_before_2026_12_07() if as_before_2026_12_07
+                        else (e.prompt, e.target))
       h.update(f'\x00{prompt}\x01{target}'.encode())
   return h.hexdigest()[:16]
 

@@ -140,16 +140,20 @@ def _jax_version() -> tuple[int, ...]:
   return tuple(int(p) for p in jax.__version__.split('.')[:2])
 
 
+def _older_jax_refuses(who: str, what: str) -> ValueError:
+  return ValueError(
+      f'{who}: {what} on Explicit mesh axes need jax 0.10 or newer (this is '
+      f'jax {jax.__version__}); make the mesh with Auto axes '
+      '(axis_types=(jax.sharding.AxisType.Auto,) * n), or upgrade jax.')
+
+
 def require_explicit_api(who: str, leaves: Iterable[Any]) -> None:
   """One line where ``leaves`` are over Explicit mesh axes and this jax is
   older than 0.10 (see ``_EXPLICIT_AXES_JAX``)."""
   if _jax_version() >= _EXPLICIT_AXES_JAX:
     return
   if any(_explicit(leaf) is not None for leaf in leaves):
-    raise ValueError(
-        f'{who}: params on Explicit mesh axes need jax 0.10 or newer (this '
-        f'is jax {jax.__version__}); make the mesh with Auto axes '
-        '(axis_types=(jax.sharding.AxisType.Auto,) * n), or upgrade jax.')
+    raise _older_jax_refuses(who, 'params')
 
 
 def explicitly_sharded(leaf: Any, axis: int | None = None) -> bool:
@@ -317,10 +321,7 @@ def constrain(x: jax.Array, sharding: jax.sharding.Sharding,
           _has_explicit_axes(sharding.mesh)):
     return jax.lax.with_sharding_constraint(x, sharding)
   if _jax_version() < _EXPLICIT_AXES_JAX:
-    raise ValueError(
-        f'{who}: out_shardings on Explicit mesh axes need jax 0.10 or newer '
-        f'(this is jax {jax.__version__}); make the mesh with Auto axes, or '
-        'upgrade jax.')
+    raise _older_jax_refuses(who, 'out_shardings')
   mesh = sharding.mesh
   explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
               if t == jax.sharding.AxisType.Explicit}

@@ -29,8 +29,8 @@ RANK = 8
 # Explicit mesh axes need jax 0.10 for LoRA-RITE, ScaledAdam and Shampoo
 # (refused before: placement.require_explicit_api), and donating_jit's copy-free pairing on a
 # mesh is jax 0.10's; `make test-oldest` runs this on jax 0.6.
-JAX_AT_LEAST_0_10 = tuple(
-    int(p) for p in jax.__version__.split('.')[:2]) >= (0, 10)
+JAX_AT_LEAST_0_10 = (placement._jax_version() >=  # pylint: disable=protected-access
+                     placement._EXPLICIT_AXES_JAX)  # pylint: disable=protected-access
 
 
 def make_params(seed=0):

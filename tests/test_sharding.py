@@ -22,7 +22,8 @@ def test_lora_rite_shards_without_gathering_factors():
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   import jax  # pylint: disable=g-import-not-at-top
-  if tuple(int(p) for p in jax.__version__.split('.')[:2]) >= (0, 10):
+  from lora_rite_optax import placement  # pylint: disable=g-import-not-at-top
+  if placement._jax_version() >= placement._EXPLICIT_AXES_JAX:  # pylint: disable=protected-access
     explicit = ['ok explicit axes', 'ok explicit donated']
   else:  # make test-oldest: the refusals instead (sharding_check.py)
     explicit = [

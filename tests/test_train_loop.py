@@ -138,33 +138,13 @@ def test_resume_continues_exactly(straight, tmp_path):
   assert [float(r['loss']) for r in rows] == expected
 
 
-def _tensorboard_points(events_dir) -> dict[str, list[tuple[int, float]]]:
-  """Every scalar TensorBoard will read in an event folder, by tag, as
-  (step, value) in file order (read here, not by train.event_files)."""
-  import struct  # pylint: disable=g-import-not-at-top
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  points = {}
-  for name in sorted(os.listdir(events_dir)):
-    if 'tfevents' not in name:
-      continue
-    with open(os.path.join(events_dir, name), 'rb') as f:
-      while len(head := f.read(8)) == 8:
-        n = struct.unpack('<Q', head)[0]
-        f.read(4)
-        event = event_pb2.Event.FromString(f.read(n))
-        f.read(4)
-        for v in event.summary.value:
-          points.setdefault(v.tag, []).append((event.step, v.simple_value))
-  return points
-
-
-def _tensorboard_purges(events_dir) -> list[int]:
-  """The steps of the SessionLog START (purge) events in an event folder,
-  file by file in name order; each record's checksums checked."""
+def _tensorboard_events(events_dir):
+  """Every event TensorBoard will read in an event folder, file by file in
+  name order (read here, not by train.event_files), each record's
+  checksums checked; a cut-short last record is not read."""
   import struct  # pylint: disable=g-import-not-at-top
   from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  starts = []
   for name in sorted(os.listdir(events_dir)):
     if 'tfevents' not in name:
       continue
@@ -174,17 +154,30 @@ def _tensorboard_purges(events_dir) -> list[int]:
       head = data[pos:pos + 8]
       n = struct.unpack('<Q', head)[0]
       if pos + 16 + n > len(data):
-        break  # a cut-short last record
+        break
       assert struct.unpack('<I', data[pos + 8:pos + 12])[0] == (
           record_writer.masked_crc32c(head))
       payload = data[pos + 12:pos + 12 + n]
       assert struct.unpack('<I', data[pos + 12 + n:pos + 16 + n])[0] == (
           record_writer.masked_crc32c(payload))
-      event = event_pb2.Event.FromString(payload)
-      if event.HasField('session_log') and event.session_log.status == 1:
-        starts.append(event.step)
+      yield event_pb2.Event.FromString(payload)
       pos += 16 + n
-  return starts
+
+
+def _tensorboard_points(events_dir) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar in an event folder, by tag, as (step, value) in file
+  order."""
+  points = {}
+  for event in _tensorboard_events(events_dir):
+    for v in event.summary.value:
+      points.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return points
+
+
+def _tensorboard_purges(events_dir) -> list[int]:
+  """The steps of the SessionLog START (purge) events in an event folder."""
+  return [e.step for e in _tensorboard_events(events_dir)
+          if e.HasField('session_log') and e.session_log.status == 1]
 
 
 def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):

@@ -2,11 +2,12 @@
 
 A resumed run tells TensorBoard to hide the stopped run's events from the
 step after its checkpoint on (a SessionLog START event at that step,
-tensorboardX's ``purge_step``), but TensorBoard's default fast loader (RustBoard) ignores
-that: it drops an old point only where a new one of the same tag comes, so
-a tag the new run logs later or not at all (tokens/s is not logged at a
-resumed run's first step) kept the stopped run's point. The old event files are rewritten without those
-events instead, which every loader reads the same.
+tensorboardX's ``purge_step``), but TensorBoard's default fast loader
+(RustBoard) ignores that: it drops an old point only where a new one of the
+same tag comes, so a tag the new run logs later or not at all (tokens/s is
+not logged at a resumed run's first step) kept the stopped run's point. The
+old event files are rewritten without those events instead, which every
+loader reads the same.
 
 An event file is a sequence of TFRecords (length, its masked CRC32C, an
 ``Event`` proto, the data's masked CRC32C); the records kept are copied

@@ -1466,10 +1466,8 @@ def training_data_fingerprint(examples, *, as_before_2026_12_07: bool = False
   `data.Example`), which checkpoints of that time recorded."""
   digest = hashlib.sha256()
   for e in examples:
-    prompt, target = e.prompt, e.target
-    if as_before_2026_12_07 and e.moved_line_breaks:
-      prompt = prompt[:len(prompt) - e.moved_line_breaks]
-      target = '\n' * e.moved_line_breaks + target
+    prompt, target = (e.as_before_2026_12_07() if as_before_2026_12_07
+                      else (e.prompt, e.target))
     digest.update(json.dumps([prompt, target]).encode() + b'\n')
   return {'examples': len(examples), 'sha256': digest.hexdigest()}
 

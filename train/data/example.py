@@ -78,6 +78,14 @@ class Example:
     if not self.references:
       object.__setattr__(self, "references", (self.target,))
 
+  def as_before_2026_12_07(self) -> tuple[str, str]:
+    """(prompt, target) with the moved line breaks back on the target's
+    side, as records of training data made before then hold them."""
+    n = self.moved_line_breaks
+    if not n:
+      return self.prompt, self.target
+    return self.prompt[:len(self.prompt) - n], "\n" * n + self.target
+
 
 def _leading_line_breaks(text: str) -> int:
   return len(text) - len(text.lstrip("\n"))
