@@ -34,9 +34,11 @@ Tasks and test sets:
 
 Statistics: per-item predictions and losses are saved for every run; for
 LoRA-RITE against each other optimizer, an exact McNemar test on per-item
-correctness (items x seeds, seed-matched) and a paired bootstrap on per-item
-loss (averaged over seeds; interval and p-value); accuracies with Wilson
-intervals, losses with bootstrap intervals; sample sizes in every table.
+correctness (items x seeds, seed-matched) and, for the per-item correctness
+and loss differences, a paired bootstrap that resamples seeds and items
+together (interval and p-value), each seed's mean difference, and the
+items-only p; accuracies and losses with the same bootstrap's intervals
+(accuracies with pooled Wilson intervals too); sample sizes in every table.
 
 The training is the training loop's own: `train.loop.build` (config ->
 data, model, adapters, optimizer, initial state), `train.loop.train_dataset`
@@ -770,17 +772,9 @@ def read_result(path: str) -> dict:
   return d
 
 
-def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
-  """(mean, 95% interval, two-sided p) of a mean paired difference; all NaN
-  where a difference is not finite (a diverged run has no p-value)."""
-  diff = np.asarray(diff, np.float64)
-  if diff.ndim != 1 or not diff.size:
-    raise ValueError(f'paired_bootstrap needs a non-empty vector of paired '
-                     f'differences, got shape {diff.shape}')
-  if not np.all(np.isfinite(diff)):
-    return float('nan'), (float('nan'), float('nan')), float('nan')
-  rng = np.random.default_rng(seed)
-  boot = diff[rng.integers(0, len(diff), (num, len(diff)))].mean(axis=1)
+def _bootstrap_result(boot, diff, num: int, n: int):
+  """(mean, 95% interval, two-sided p) from resampled means ``boot`` of the
+  differences ``diff`` over ``n`` items."""
   lo, hi = np.quantile(boot, [0.025, 0.975])
   # A resample whose mean is 0 is a tie and counts in both tails. Averaged
   # k/3 differences (three seeds) leave such means at +-1e-17, which had
@@ -789,8 +783,77 @@ def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
   p = min(1.0, 2 * min(np.mean(boot <= tol), np.mean(boot >= -tol)))
   # Floors: the resampling's resolution, and what n items can show at all
   # (a sign-flip test's smallest p, 2 / 2**n): one item had given 1e-4.
-  floor = max(1 / num, 2.0 ** (1 - len(diff)))
-  return float(diff.mean()), (float(lo), float(hi)), float(max(p, floor))
+  floor = max(1 / num, 2.0 ** (1 - n))
+  return float(np.mean(diff)), (float(lo), float(hi)), float(max(p, floor))
+
+
+_NAN_RESULT = float('nan'), (float('nan'), float('nan')), float('nan')
+
+
+def paired_bootstrap(diff, num: int = 10000, seed: int = 0):
+  """(mean, 95% interval, two-sided p) of a mean paired difference over
+  items; all NaN where a difference is not finite (a diverged run has no
+  p-value). Seed-averaged differences resampled this way hold the trained
+  models fixed: :func:`seed_item_bootstrap` counts the seeds' spread too."""
+  diff = np.asarray(diff, np.float64)
+  if diff.ndim != 1 or not diff.size:
+    raise ValueError(f'paired_bootstrap needs a non-empty vector of paired '
+                     f'differences, got shape {diff.shape}')
+  if not np.all(np.isfinite(diff)):
+    return _NAN_RESULT
+  rng = np.random.default_rng(seed)
+  boot = diff[rng.integers(0, len(diff), (num, len(diff)))].mean(axis=1)
+  return _bootstrap_result(boot, diff, num, len(diff))
+
+
+def seed_item_bootstrap(diffs, num: int = 10000, seed: int = 0):
+  """(mean, 95% interval, two-sided p) of a mean difference over seeds and
+  items, from ``diffs`` [seeds, items] (the same test items on every seed).
+
+  Each resample draws the seeds, and the items, with replacement (a crossed
+  bootstrap), so the interval and p count how much the trained runs differ
+  from seed to seed as well as which questions were sampled. A bootstrap of
+  the seed-averaged differences over items alone (:func:`paired_bootstrap`)
+  holds the trained runs fixed: a difference that one of three seeds
+  reverses had come out at p 8e-4 there and 0.16 here. With one seed there
+  is no seed spread to measure, and this is :func:`paired_bootstrap`; with
+  three, the resampled seeds give a rough spread, to read beside the
+  per-seed differences. All NaN where a difference is not finite.
+  """
+  diffs = np.asarray(diffs, np.float64)
+  if diffs.ndim != 2 or not diffs.size:
+    raise ValueError(f'seed_item_bootstrap needs a non-empty seeds x items '
+                     f'matrix of paired differences, got shape '
+                     f'{diffs.shape}')
+  if not np.all(np.isfinite(diffs)):
+    return _NAN_RESULT
+  s, n = diffs.shape
+  if s == 1:
+    return paired_bootstrap(diffs[0], num, seed)
+  rng = np.random.default_rng(seed)
+  # How often each seed is drawn, and which items: the resample's mean is
+  # that of the drawn items' per-seed means, weighted by the seed counts.
+  # Items in chunks, so that three seeds of a thousand items take 24 MB at
+  # a time.
+  seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=num) / s
+  boot = np.empty(num)
+  for i in range(0, num, 1000):
+    k = min(1000, num - i)
+    per_seed = diffs[:, rng.integers(0, n, (k, n))].mean(axis=2)  # [s, k]
+    boot[i:i + k] = np.einsum('ks,sk->k', seed_counts[i:i + k], per_seed)
+  return _bootstrap_result(boot, diffs, num, n)
+
+
+def seed_signs(diffs) -> int:
+  """How many seeds' mean differences (rows of ``diffs``) have the sign of
+  the mean over all seeds; none where that mean is 0 (to rounding: seeds
+  of k/n correctness differences that cancel leave it at +-1e-17), and a
+  seed at 0 counts for neither sign."""
+  per_seed = np.mean(np.asarray(diffs, np.float64), axis=1)
+  tol = 1e-9 * float(np.max(np.abs(per_seed), initial=0.0))
+  sign = lambda x: np.where(np.abs(x) <= tol, 0, np.sign(x))
+  mean_sign = sign(per_seed.mean())
+  return int(np.sum(sign(per_seed) == mean_sign)) if mean_sign else 0
 
 
 def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
@@ -837,7 +900,7 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
               'items; they were made with other settings (run them again).')
         loss = np.array([x['tests'][tname]['loss'] for x in runs], float)
         n, s = loss.shape[1], len(runs)
-        l_lo, l_hi = evaluate.bootstrap_interval(loss.mean(axis=0))
+        _, (l_lo, l_hi), _ = seed_item_bootstrap(loss)
         rows[opt] = {'lr': chosen[opt]['lr'], 'seeds': [x['seed'] for x in runs],
                      'n': n, 'loss': float(loss.mean()),
                      'loss_ci': [l_lo, l_hi],
@@ -846,12 +909,12 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
         # Loss-only test sets (no generation) have no per-item correctness.
         if all('correct' in x['tests'][tname] for x in runs):
           corr = np.array([x['tests'][tname]['correct'] for x in runs], float)
-          acc_lo, acc_hi = evaluate.bootstrap_interval(corr.mean(axis=0))
+          _, (acc_lo, acc_hi), _ = seed_item_bootstrap(corr)
           wl, wh = evaluate.wilson_interval(int(corr.sum()), n * s)
           rows[opt].update(
               accuracy=float(corr.mean()),
               accuracy_per_seed=corr.mean(axis=1).tolist(),
-              accuracy_ci_items=[acc_lo, acc_hi],
+              accuracy_ci=[acc_lo, acc_hi],
               accuracy_wilson_pooled=[wl, wh],
               _corr={x['seed']: x['tests'][tname]['correct'] for x in runs})
       if 'lora_rite' in rows:
@@ -868,16 +931,12 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
             a = np.concatenate([ref['_corr'][s] for s in seeds]).astype(bool)
             b = np.concatenate([row['_corr'][s] for s in seeds]).astype(bool)
             mc = evaluate.mcnemar_exact(a, b)
-            # The item-level test: a bootstrap over items of the
-            # seed-averaged correctness difference (McNemar above counts an
-            # item once per seed, as if seeds were independent items).
-            d = np.mean([np.subtract(row['_corr'][s], ref['_corr'][s])
-                         for s in seeds], axis=0)
-            mean, ci, p = paired_bootstrap(d)
+            # McNemar counts an item once per seed, as if seeds were
+            # independent items; see _paired_vs_rite for the tests to read.
             row['vs_lora_rite'].update(
                 mcnemar_rite_only=mc.only_a, mcnemar_other_only=mc.only_b,
-                mcnemar_p=mc.p_value, acc_diff=mean, acc_diff_ci=list(ci),
-                acc_diff_p=p)
+                mcnemar_p=mc.p_value, **_paired_vs_rite(
+                    'acc', ref['_corr'], row['_corr'], seeds))
       for row in rows.values():
         row.pop('_corr', None)
         row.pop('_loss')
@@ -921,12 +980,29 @@ def by_rate(results: dict, task: str, opts, test_names) -> dict:
   return out
 
 
+def _paired_vs_rite(name: str, rite: dict, other: dict, seeds) -> dict:
+  """Paired per-item differences, other minus LoRA-RITE, over the matched
+  seeds ({seed: per-item values}): the mean (``<name>_diff``), its
+  seeds-and-items bootstrap interval and p (``_ci``, ``_p``; the test to
+  read), the mean per seed and how many seeds have the mean's sign, and the
+  p of the items-only bootstrap of the seed-averaged differences
+  (``_p_items``, which holds the trained runs fixed: what the tables showed
+  until 2026-12-07)."""
+  d = np.array([np.subtract(other[s], rite[s]) for s in seeds], np.float64)
+  mean, ci, p = seed_item_bootstrap(d)
+  return {f'{name}_diff': mean, f'{name}_diff_ci': list(ci),
+          f'{name}_diff_p': p,
+          f'{name}_diff_per_seed': d.mean(axis=1).tolist(),
+          f'{name}_diff_seeds_agreeing': seed_signs(d),
+          f'{name}_diff_p_items': paired_bootstrap(d.mean(axis=0))[2]}
+
+
 def _loss_vs_rite(rite: dict, other: dict, seeds) -> dict:
   """Paired per-item loss difference, other minus LoRA-RITE (> 0 favours
-  LoRA-RITE), averaged over the matched seeds: {seed: per-item losses}."""
+  LoRA-RITE), over the matched seeds: {seed: per-item losses}; see
+  _paired_vs_rite."""
   d = np.mean([np.subtract(other[s], rite[s]) for s in seeds], axis=0)
-  mean, ci, p = paired_bootstrap(d)
-  return {'loss_diff': mean, 'loss_diff_ci': list(ci), 'loss_diff_p': p,
+  return {**_paired_vs_rite('loss', rite, other, seeds),
           'items_rite_lower_loss': int(np.sum(d > 0))}
 
 
@@ -969,6 +1045,15 @@ def _fmt_p(p):
   return f'{p:.2g}' if p >= 1e-3 else f'{p:.0e}'
 
 
+def _per_seed_cell(v: dict, name: str, scale: float, fmt: str) -> str:
+  """'+0.07, +0.19, -0.02 (2 of 3); p 0.0008': each seed's mean
+  difference, how many have the sign of the mean, the items-only p."""
+  per_seed = v[f'{name}_diff_per_seed']
+  return (', '.join(format(scale * x, fmt) for x in per_seed)
+          + f' ({v[f"{name}_diff_seeds_agreeing"]} of {len(per_seed)}); '
+          f'p {_fmt_p(v[f"{name}_diff_p_items"])}')
+
+
 def markdown(summary: dict, budget: Budget, command: str) -> str:
   """The results table(s) as Markdown."""
   b = summary['budget']
@@ -987,24 +1072,28 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            'lower and a higher rate were tried on the sweep seed (an edge '
            'best may improve past that edge); sweep complete: whether every '
            'rate of the grid above was run on the sweep seed.', '',
-           'Accuracy: mean over seeds and items; [item-bootstrap 95% '
-           'interval of the seed-averaged per-item correctness] (Wilson 95% '
-           'on the pooled item x seed counts, which treats seeds as extra '
-           'items and so is somewhat narrow; the bootstrap is degenerate at '
-           '0% or 100%). Loss: '
-           'held-out negative log-likelihood per target token, mean '
-           '[bootstrap 95%]. vs LoRA-RITE: McNemar exact p on (item, seed) '
-           'pairs (RITE-only right / other-only right; it counts an item '
-           'once per seed as if seeds were independent items, so where '
-           'seeds agree its p is smaller than a test over items would give); '
-           'accuracy diff: other - RITE in points, the bootstrap over items '
-           'of the seed-averaged per-item correctness difference, the test '
-           'to read when there are several seeds; '
-           'and the paired bootstrap of the per-item loss difference (other '
-           '- RITE, averaged over seeds; > 0 favours LoRA-RITE) with its p '
-           '(10,000 resamples: p=1e-04 means no resample crossed zero, read '
-           'it as p < 2e-4).', '']
-  acc_by_opt: dict[str, list] = {}
+           'Every interval and p below is a bootstrap that resamples the '
+           'seeds and the test items together (10,000 resamples: p=1e-04 '
+           'means no resample crossed zero, read it as p < 2e-4), so it '
+           'counts how much runs differ from seed to seed as well as which '
+           'items were sampled; with three seeds that spread is itself '
+           'rough, so read it beside the per-seed differences. With one '
+           'seed it is a bootstrap over items only. Accuracy: mean over '
+           'seeds and items [95%] (Wilson 95% on the pooled item x seed '
+           'counts, which treats seeds as extra items and so is too '
+           'narrow; the bootstrap is degenerate at 0% or 100%). Loss: '
+           'held-out negative log-likelihood per target token (the mean '
+           'over items of each item\'s mean), mean [95%]. vs LoRA-RITE: '
+           'McNemar exact p on (item, seed) pairs (RITE-only right / '
+           'other-only right; it counts an item once per seed as if seeds '
+           'were independent items); accuracy diff: other - RITE in '
+           'points; loss diff: other - RITE (> 0 favours LoRA-RITE); each '
+           'with its [95%] and p, then the difference on each seed, how '
+           'many seeds have the sign of the mean, and the p of a bootstrap '
+           'over items alone of the seed-averaged differences (it holds '
+           'the trained runs fixed, and so is too small where seeds '
+           'disagree; the tables before 2026-12-07 showed only that one).',
+           '']
   for task, t in summary['tasks'].items():
     lines.append(f'## {task}')
     lines.append('')
@@ -1049,11 +1138,12 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
                      f'reasoning; `{tname}{CONSISTENT}` keeps the '
                      f'{c["kept"]} that agree.')
         lines.append('')
-      lines.append('| optimizer | n items x seeds | accuracy [item '
-                   'bootstrap 95%] (Wilson 95%, pooled) | McNemar vs RITE | '
-                   'accuracy diff vs RITE [95%], p (items) | '
-                   'loss/token [95%] | loss diff vs RITE [95%], p |')
-      lines.append('|---|---|---|---|---|---|---|')
+      lines.append('| optimizer | n items x seeds | accuracy [95%] '
+                   '(Wilson 95%, pooled) | McNemar vs RITE | '
+                   'accuracy diff vs RITE [95%], p | per seed; p (items) | '
+                   'loss/token [95%] | loss diff vs RITE [95%], p | '
+                   'per seed; p (items) |')
+      lines.append('|---|---|---|---|---|---|---|---|---|')
       for opt, row in rows.items():
         v = row.get('vs_lora_rite')
         mc = (f'{v["mcnemar_rite_only"]}/{v["mcnemar_other_only"]}, '
@@ -1063,20 +1153,23 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
               f', {100 * v["acc_diff_ci"][1]:+.1f}], '
               f'p={_fmt_p(v["acc_diff_p"])}' if v and 'acc_diff' in v
               else '-')
+        ads = (_per_seed_cell(v, 'acc', 100, '+.1f')
+               if v and 'acc_diff' in v else '-')
         ld = (f'{v["loss_diff"]:+.4f} [{v["loss_diff_ci"][0]:+.4f}, '
               f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])}'
               if v else '-')
+        lds = _per_seed_cell(v, 'loss', 1, '+.4f') if v else '-'
         acc = '- (loss only)'
         if 'accuracy' in row:
-          acc_by_opt.setdefault(opt, []).append((tname, row['accuracy']))
-          lo, hi = row['accuracy_ci_items']
+          lo, hi = row['accuracy_ci']
           wlo, whi = row['accuracy_wilson_pooled']
           acc = (f'{100 * row["accuracy"]:.1f}% [{100 * lo:.1f}, '
                  f'{100 * hi:.1f}] ({100 * wlo:.1f}, {100 * whi:.1f})')
         llo, lhi = row['loss_ci']
         lines.append(
             f'| {opt} | {row["n"]} x {len(row["seeds"])} | {acc} | {mc} | '
-            f'{ad} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | {ld} |')
+            f'{ad} | {ads} | {row["loss"]:.4f} [{llo:.4f}, {lhi:.4f}] | '
+            f'{ld} | {lds} |')
       lines.append('')
     if t.get('by_rate') and t['tests']:
       lines.append('### Every rate tried, on the sweep seed (test metrics)')
@@ -1114,8 +1207,9 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
                    '- RITE, > 0 favours LoRA-RITE).')
       lines.append('')
       lines.append('| optimizer | lr | seeds | test set | LoRA-RITE loss | '
-                   'other loss | diff [95%], p | items RITE lower |')
-      lines.append('|---|---|---|---|---|---|---|---|')
+                   'other loss | diff [95%], p | per seed; p (items) | '
+                   'items RITE lower |')
+      lines.append('|---|---|---|---|---|---|---|---|---|')
       for c in t['same_rate']:
         for tname, v in c['tests'].items():
           lines.append(
@@ -1123,21 +1217,9 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
               f'{v["lora_rite_loss"]:.4f} | {v["other_loss"]:.4f} | '
               f'{v["loss_diff"]:+.4f} [{v["loss_diff_ci"][0]:+.4f}, '
               f'{v["loss_diff_ci"][1]:+.4f}], p={_fmt_p(v["loss_diff_p"])} | '
+              f'{_per_seed_cell(v, "loss", 1, "+.4f")} | '
               f'{v["items_rite_lower_loss"]} |')
       lines.append('')
-  names = sorted({n for v in acc_by_opt.values() for n, _ in v})
-  full = {o: v for o, v in acc_by_opt.items() if len(v) == len(names)}
-  if names and full:
-    lines.append('## Mean accuracy over test sets')
-    lines.append('')
-    lines.append(f'Over {", ".join(names)} (only optimizers with all of '
-                 'them).')
-    lines.append('')
-    lines.append('| optimizer | mean accuracy |')
-    lines.append('|---|---|')
-    for opt, v in full.items():
-      lines.append(f'| {opt} | {100 * np.mean([a for _, a in v]):.1f}% |')
-    lines.append('')
   return '\n'.join(lines)
 
 

@@ -4,7 +4,9 @@
 files that ``benchmarks/reproduce.py`` writes under ``docs/results/`` and
 prints the Markdown table at the top of ``docs/results/README.md`` (and in
 the main README): per task and measure, each optimizer's mean over seeds at
-its chosen rate, and the item-level paired bootstrap p against LoRA-RITE.
+its chosen rate, and against LoRA-RITE the p of the paired difference (a
+bootstrap over seeds and items together) and how many seeds have the
+difference's sign (``2/3``: two of three).
 
 Each row names the budget it comes from: GSM8K is scored on the math runs
 retrained without its test questions (``small-decontam``), the rest on
@@ -50,12 +52,21 @@ def _p(p: float) -> str:
   return '<2e-4' if p <= 1e-4 else f'{p:.2g}'
 
 
+class OlderSummary(ValueError):
+  """A summary written before the seeds-and-items p (2026-12-07)."""
+
+
 def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
   value = row[measure]
   text = f'{100 * value:.1f}%' if measure == 'accuracy' else f'{value:.3f}'
   if versus is not None:
-    key = 'acc_diff_p' if measure == 'accuracy' else 'loss_diff_p'
-    text += f' (p {_p(versus[key])})'
+    name = 'acc' if measure == 'accuracy' else 'loss'
+    if f'{name}_diff_p_items' not in versus:
+      # Its p is the items-only one, which this table's p is not.
+      raise OlderSummary()
+    text += (f' (p {_p(versus[f"{name}_diff_p"])}, '
+             f'{versus[f"{name}_diff_seeds_agreeing"]}/'
+             f'{len(versus[f"{name}_diff_per_seed"])})')
   if len(row['seeds']) != seeds:
     text += f' [{len(row["seeds"])} seeds]'
   return text
@@ -122,6 +133,11 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
         cells = [_cell(by_opt[opt], measure, by_opt[opt].get('vs_lora_rite'),
                        seeds) if measure in by_opt.get(opt, {}) else '-'
                  for opt, _ in OPTIMIZERS]
+      except OlderSummary:
+        raise ValueError(
+            f'summary_{budget}.json was written before its p-values '
+            'counted the seeds (2026-12-07); rerun benchmarks/reproduce.py '
+            f'--report_only for budget {budget!r}.') from None
       except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise damaged(e) from None
       name = ('loss/token' if measure == 'loss' else

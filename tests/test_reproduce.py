@@ -140,6 +140,9 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, 'results_smoke.md')).read()
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
+  # Each seed's difference, both of the mean's sign, the items-only p.
+  assert '| +0.2000, +0.2000 (2 of 2); p 0.0078 |' in md
+  assert '| -50.0, -50.0 (2 of 2); p 0.0' in md
   assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
   assert '| adam | 0 | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
   assert '| adam | 0 | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
@@ -152,11 +155,11 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
                    seeds=2).splitlines()
   # acc_diff_p is in (0.002, 0.02) (above), printed to two digits.
   assert re.fullmatch(r'\| arith \| exact match \| 75\.0% \| 25\.0% '
-                      r'\(p 0\.0\d+\) \| - \| - \| - \| - \|',
+                      r'\(p 0\.0\d+, 2/2\) \| - \| - \| - \| - \|',
                       lines[2]), lines[2]
   # Every one of the 8 items favours LoRA-RITE: p = 2 / 2**8, no smaller.
-  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078) | '
-                      '- | - | - | - |')
+  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078, 2/2) '
+                      '| - | - | - | - |')
   assert '[2 seeds]' in st.table(
       out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')], seeds=3)
   with pytest.raises(FileNotFoundError, match='summary_nope.json'):
@@ -201,6 +204,52 @@ def test_paired_bootstrap(rp):
   with pytest.raises(ValueError, match=r'non-empty vector of paired '
                      r'differences, got shape \(0,\)'):
     rp.paired_bootstrap([])
+
+
+def test_seed_item_bootstrap_counts_the_seeds_spread(rp):
+  # Two seeds favour LoRA-RITE, the third reverses: over items alone the
+  # seed-averaged difference looks certain; over seeds and items it is not.
+  rng = np.random.default_rng(0)
+  d = np.stack([m + 0.3 * rng.standard_normal(200)
+                for m in (0.07, 0.19, -0.02)])
+  assert rp.paired_bootstrap(d.mean(axis=0))[2] < 1e-3
+  mean, (lo, hi), p = rp.seed_item_bootstrap(d)
+  assert mean == pytest.approx(d.mean()) and lo < 0 < hi and p > 0.05
+  assert rp.seed_signs(d) == 2
+  # The interval is that of resampling seeds and items by brute force.
+  r = np.random.default_rng(1)
+  brute = [d[r.integers(0, 3, 3)][:, r.integers(0, 200, 200)].mean()
+           for _ in range(3000)]
+  np.testing.assert_allclose((lo, hi), np.quantile(brute, [0.025, 0.975]),
+                             atol=0.012)
+  # Seeds that agree keep a small p; one seed is the items-only bootstrap.
+  same = np.stack([0.1 + 0.3 * rng.standard_normal(200) for _ in range(3)])
+  assert rp.seed_item_bootstrap(same)[2] < 1e-3 and rp.seed_signs(same) == 3
+  # Seeds that cancel (-0.5, +3, -2.5 points of 200 items) have no sign,
+  # whatever rounding leaves of their mean.
+  cancel = np.zeros((3, 200))
+  cancel[0, :1], cancel[1, :6], cancel[2, :5] = -1, 1, -1
+  assert rp.seed_signs(cancel) == 0
+  assert rp.seed_item_bootstrap(d[:1]) == rp.paired_bootstrap(d[0])
+  assert np.isnan(rp.seed_item_bootstrap([[0.1, np.nan], [0.1, 0.2]])[2])
+  with pytest.raises(ValueError, match=r'seeds x items matrix .* \(3,\)'):
+    rp.seed_item_bootstrap([0.1, 0.2, 0.3])
+
+
+def test_summary_table_refuses_a_summary_with_items_only_p(rp, tmp_path):
+  # A summary written before the p counted the seeds: its p is the
+  # items-only one, which the table must not print under the new label.
+  summary = {'budget': 'small', 'tasks': {'arithmetic': {'tests': {
+      'arithmetic': {
+          'lora_rite': {'seeds': [0, 1, 2], 'loss': 0.7},
+          'adam': {'seeds': [0, 1, 2], 'loss': 0.8, 'vs_lora_rite': {
+              'loss_diff': 0.1, 'loss_diff_p': 8e-4}}}}}}}
+  (tmp_path / 'summary_small.json').write_text(json.dumps(summary))
+  st = benchmark_scripts.load('summary_table')
+  with pytest.raises(ValueError, match=r'^summary_small.json was written '
+                     r'before its p-values counted the seeds .*--report_only '
+                     r"for budget 'small'\.$"):
+    st.table(str(tmp_path), rows=[('small', 'arithmetic', 'arithmetic', 'a')])
 
 
 def _record_runs(rp, monkeypatch, describe=None, val_loss=None) -> list:
@@ -413,8 +462,7 @@ def test_loss_only_test_sets(rp, tmp_path):
   assert row['vs_lora_rite']['loss_diff'] == pytest.approx(0.1)
   assert row['vs_lora_rite']['items_rite_lower_loss'] == 6
   md = rp.markdown(s, budget, 'cmd')
-  assert '| adam | 6 x 2 | - (loss only) | - | - | 0.6250' in md
-  assert 'Mean accuracy' not in md
+  assert '| adam | 6 x 2 | - (loss only) | - | - | - | 0.6250' in md
   assert 'only some runs have, not compared: gsm8k' in md
 
 
@@ -1027,3 +1075,15 @@ def test_rescoring_a_run_file_of_other_data_is_one_line(rp, tmp_path,
   assert rp.rescore_generations(
       {('arithmetic', 'adam', 1e-3, 0): run},
       {'arithmetic': rp.task_data('arithmetic', tb)}) == 0
+
+
+def test_published_tables_are_what_the_stored_summaries_give(rp):
+  # The summary table in README.md and docs/results/README.md is the one
+  # summary_table.py prints from the committed summary files: a p-value
+  # recomputed another way (2026-12-07) must reach both pages.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  st = benchmark_scripts.load('summary_table')
+  table = st.table(os.path.join(root, 'docs', 'results'))
+  for page in ('README.md', os.path.join('docs', 'results', 'README.md')):
+    with open(os.path.join(root, page), encoding='utf-8') as f:
+      assert table in f.read(), f'{page} has another summary table'
