@@ -76,11 +76,13 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 # Sets OPENBLAS_NUM_THREADS=1 before jax loads LAPACK (see train/__init__.py).
 import train  # pylint: disable=unused-import,g-import-not-at-top
 
@@ -596,6 +598,22 @@ def stale(saved: dict, model: str, config: dict,
   return None
 
 
+def code_version(root: str = REPO_ROOT) -> dict | None:
+  """{'commit': the checkout's HEAD, 'modified': whether tracked files
+  differ from it}, recorded in each run file (the files had carried no
+  code version, so which code made a run could only be read from git
+  history); None outside a git checkout or without git."""
+  try:
+    git = lambda *a: subprocess.run(
+        ['git', '-C', root, *a], capture_output=True, text=True, timeout=30,
+        check=True).stdout.strip()
+    commit = git('rev-parse', 'HEAD')
+    modified = bool(git('status', '--porcelain', '--untracked-files=no'))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {'commit': commit, 'modified': modified}
+
+
 def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
            seed: int, log) -> dict:
   """Trains and evaluates one (task, optimizer, lr, seed); writes its file.
@@ -625,7 +643,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   res.update(budget=args.budget, task=task, optimizer=opt, lr=lr, seed=seed,
              model=args.model, history=history,
              config=cfg_json, data_fingerprint=fingerprint,
-             task_budget=task_budget,
+             task_budget=task_budget, code=code_version(),
              num_train=len(data['train']),
              seconds={'train': t1 - t0, 'eval': time.perf_counter() - t1})
   write_atomic(path, res)

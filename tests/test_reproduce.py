@@ -422,6 +422,12 @@ def test_end_to_end_tiny(rp, tmp_path, monkeypatch):
                                   files[1])))
   assert len(d['history']) == 2 and len(d['val_loss']) == 4
   assert len(d['data_fingerprint']) == 16
+  # The code that made it: this checkout's commit (None in an export).
+  if os.path.exists(os.path.join(rp.REPO_ROOT, '.git')):
+    assert re.fullmatch('[0-9a-f]{40}', d['code']['commit'])
+    assert isinstance(d['code']['modified'], bool)
+  else:
+    assert d['code'] is None
   assert len(d['tests']['arithmetic']['correct']) == 4
   assert np.isfinite(d['history'][-1]['update_ratio_a'])
   assert os.path.exists(os.path.join(out, 'results_unit-tiny.md'))
@@ -1075,6 +1081,10 @@ def test_rescoring_a_run_file_of_other_data_is_one_line(rp, tmp_path,
   assert rp.rescore_generations(
       {('arithmetic', 'adam', 1e-3, 0): run},
       {'arithmetic': rp.task_data('arithmetic', tb)}) == 0
+
+
+def test_code_version_outside_a_checkout_is_none(rp, tmp_path):
+  assert rp.code_version(str(tmp_path)) is None
 
 
 def test_published_tables_are_what_the_stored_summaries_give(rp):
