@@ -14,9 +14,9 @@ nothing: :func:`donating_jit` reorders the outputs so that ``jax.jit``'s
 in-order pairing makes exactly that assignment, and puts them back in order
 after the call. Optimizers whose state returns no input (Adam) keep the
 usual pairing, which is already copy-free for them (reversing it is not:
-XLA then copies every buffer). The pairing described is jax 0.10's; on
-jax 0.6, over a mesh, a copy of each factor shard stays (results are the
-same).
+XLA then copies every buffer). The pairing described holds from jax 0.7
+on (checked on 0.7 to 0.10); on jax 0.6, over a mesh, a copy of each factor
+shard stays (results are the same).
 
 That is XLA:CPU. On an H200 the reordered LoRA-RITE step ran twice as long
 as under ``jax.jit``'s pairing, copies and all, so the reordering is applied

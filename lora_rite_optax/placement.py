@@ -113,7 +113,7 @@ def zeros_beside(shape, dtype, like: Iterable[Any],
 
 def _explicit(leaf: Any):
   """``leaf``'s sharding where its mesh has Explicit axes (``jax.make_mesh``'s
-  default in jax 0.10); else None (Auto axes: the partitioner chooses)."""
+  default since jax 0.9); else None (Auto axes: the partitioner chooses)."""
   if not isinstance(leaf, (jax.Array, jax.core.Tracer)):
     return None  # None, optax.MaskedNode, a NumPy array: on no mesh
   sharding = getattr(jax.typeof(leaf), 'sharding', None)
@@ -130,7 +130,7 @@ def _has_explicit_axes(mesh) -> bool:
 # What LoRA-RITE, ScaledAdam and Shampoo do over Explicit mesh axes, and
 # donating_jit's out_shardings there, takes jax 0.10's sharding API
 # (jax.sharding.reshard, reshape's out_sharding, is_equivalent_to under an
-# AbstractMesh): jax 0.6 has none of the first two, and 0.8-0.9 failed
+# AbstractMesh): jax 0.6 has none of the first two, and 0.7-0.9 failed
 # inside a jitted update with 'internal_device_list is not implemented for
 # AbstractMesh'. Adam, LoRA+ and Lamb need none of it.
 _EXPLICIT_AXES_JAX = (0, 10)
