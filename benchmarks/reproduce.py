@@ -862,16 +862,63 @@ def seed_item_bootstrap(diffs, num: int = 10000, seed: int = 0):
   return _bootstrap_result(boot, diffs, num, n)
 
 
-def seed_signs(diffs) -> int:
-  """How many seeds' mean differences (rows of ``diffs``) have the sign of
-  the mean over all seeds; none where that mean is 0 (to rounding: seeds
-  of k/n correctness differences that cancel leave it at +-1e-17), and a
-  seed at 0 counts for neither sign."""
+def seed_signs(diffs) -> tuple[int, int] | None:
+  """(how many seeds' mean differences, rows of ``diffs``, have the sign of
+  the mean over all seeds, how many are 0): none agree where that mean is
+  0 (to rounding: seeds of k/n correctness differences that cancel leave
+  it at +-1e-17). None where a difference is not finite."""
   per_seed = np.mean(np.asarray(diffs, np.float64), axis=1)
+  if not np.all(np.isfinite(per_seed)):
+    return None
   tol = 1e-9 * float(np.max(np.abs(per_seed), initial=0.0))
   sign = lambda x: np.where(np.abs(x) <= tol, 0, np.sign(x))
-  mean_sign = sign(per_seed.mean())
-  return int(np.sum(sign(per_seed) == mean_sign)) if mean_sign else 0
+  mean_sign, signs = sign(per_seed.mean()), sign(per_seed)
+  agree = int(np.sum(signs == mean_sign)) if mean_sign else 0
+  return agree, int(np.sum(signs == 0))
+
+
+def student_t_two_sided(t: float, dof: int) -> float:
+  """P(|T| >= |t|) for Student's t with ``dof`` (a positive integer)
+  degrees of freedom, by the closed forms of Abramowitz & Stegun 26.7.3-4
+  (SciPy is not a dependency of the train extra)."""
+  theta = np.arctan(abs(t) / np.sqrt(dof))
+  c2 = np.cos(theta) ** 2
+  if dof % 2:  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 ..))
+    term, total = 1.0, 0.0
+    if dof > 1:
+      total = term
+      for k in range(1, (dof - 3) // 2 + 1):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    inside = 2 / np.pi * (theta + np.sin(theta) * np.cos(theta) * total)
+  else:  # sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 ...)
+    term = total = 1.0
+    for k in range(1, (dof - 2) // 2 + 1):
+      term *= c2 * (2 * k - 1) / (2 * k)
+      total += term
+    inside = np.sin(theta) * total
+  return float(min(1.0, max(0.0, 1.0 - inside)))
+
+
+def seed_t_test(diffs) -> float:
+  """Two-sided p of a t-test of the seeds' mean differences (rows of
+  ``diffs``) against 0, with seeds - 1 degrees of freedom.
+
+  The check at the level of the trained runs beside
+  :func:`seed_item_bootstrap`: with three seeds that bootstrap cannot cross
+  zero when all three share a sign (one time in four with no difference
+  at all), and then its p is the items' alone; this test knows it has
+  three values, and has little power. NaN with one seed or a difference
+  that is not finite; 0 where every seed has the same nonzero difference.
+  """
+  per_seed = np.mean(np.asarray(diffs, np.float64), axis=1)
+  if len(per_seed) < 2 or not np.all(np.isfinite(per_seed)):
+    return float('nan')
+  mean, sd = per_seed.mean(), per_seed.std(ddof=1)
+  if sd <= 1e-12 * np.max(np.abs(per_seed)):
+    return 1.0 if mean == 0 else 0.0
+  return student_t_two_sided(mean / (sd / np.sqrt(len(per_seed))),
+                             len(per_seed) - 1)
 
 
 def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
@@ -1001,17 +1048,22 @@ def by_rate(results: dict, task: str, opts, test_names) -> dict:
 def _paired_vs_rite(name: str, rite: dict, other: dict, seeds) -> dict:
   """Paired per-item differences, other minus LoRA-RITE, over the matched
   seeds ({seed: per-item values}): the mean (``<name>_diff``), its
-  seeds-and-items bootstrap interval and p (``_ci``, ``_p``; the test to
-  read), the mean per seed and how many seeds have the mean's sign, and the
+  seeds-and-items bootstrap interval and p (``_ci``, ``_p``), the mean per
+  seed, how many seeds have the mean's sign and how many are 0, the p of a
+  t-test over the seeds' means (``_p_seeds_t``; read it beside ``_p``:
+  with three seeds of one sign the bootstrap's p is the items'), and the
   p of the items-only bootstrap of the seed-averaged differences
   (``_p_items``, which holds the trained runs fixed: what the tables showed
   until 2026-12-07)."""
   d = np.array([np.subtract(other[s], rite[s]) for s in seeds], np.float64)
   mean, ci, p = seed_item_bootstrap(d)
+  signs = seed_signs(d)
   return {f'{name}_diff': mean, f'{name}_diff_ci': list(ci),
           f'{name}_diff_p': p,
           f'{name}_diff_per_seed': d.mean(axis=1).tolist(),
-          f'{name}_diff_seeds_agreeing': seed_signs(d),
+          f'{name}_diff_seeds_agreeing': (signs or (None, None))[0],
+          f'{name}_diff_seeds_at_zero': (signs or (None, None))[1],
+          f'{name}_diff_p_seeds_t': seed_t_test(d),
           f'{name}_diff_p_items': paired_bootstrap(d.mean(axis=0))[2]}
 
 
@@ -1064,12 +1116,18 @@ def _fmt_p(p):
 
 
 def _per_seed_cell(v: dict, name: str, scale: float, fmt: str) -> str:
-  """'+0.07, +0.19, -0.02 (2 of 3); p 0.0008': each seed's mean
-  difference, how many have the sign of the mean, the items-only p."""
+  """'+0.07, +0.19, -0.02 (2 of 3; t 0.32); items 0.0008': each seed's
+  mean difference, how many have the sign of the mean (and how many are
+  0), the t-test over seeds' p, the items-only bootstrap's p."""
   per_seed = v[f'{name}_diff_per_seed']
+  agree = v[f'{name}_diff_seeds_agreeing']
+  zero = v[f'{name}_diff_seeds_at_zero']
+  signs = ('-' if agree is None else f'{agree} of {len(per_seed)}'
+           + (f', {zero} at 0' if zero else ''))
+  t = v[f'{name}_diff_p_seeds_t']
   return (', '.join(format(scale * x, fmt) for x in per_seed)
-          + f' ({v[f"{name}_diff_seeds_agreeing"]} of {len(per_seed)}); '
-          f'p {_fmt_p(v[f"{name}_diff_p_items"])}')
+          + f' ({signs}' + ('' if np.isnan(t) else f'; t {_fmt_p(t)}')
+          + f'); items {_fmt_p(v[f"{name}_diff_p_items"])}')
 
 
 def markdown(summary: dict, budget: Budget, command: str) -> str:
@@ -1107,11 +1165,15 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
            'were independent items); accuracy diff: other - RITE in '
            'points; loss diff: other - RITE (> 0 favours LoRA-RITE); each '
            'with its [95%] and p, then the difference on each seed, how '
-           'many seeds have the sign of the mean, and the p of a bootstrap '
-           'over items alone of the seed-averaged differences (it holds '
-           'the trained runs fixed, and so is too small where seeds '
-           'disagree; the tables before 2026-12-07 showed only that one).',
-           '']
+           'many seeds have the sign of the mean (and how many are 0), the '
+           'p of a t-test of the seeds\' mean differences (seeds - 1 '
+           'degrees of freedom: with three seeds of one sign the '
+           'bootstrap cannot cross zero and its p is the items\' alone, '
+           'while this test has little power; read the two together), and '
+           'the p of a bootstrap over items alone of the seed-averaged '
+           'differences (it holds the trained runs fixed, and so is too '
+           'small where seeds disagree; the tables before 2026-12-07 showed '
+           'only that one).', '']
   for task, t in summary['tasks'].items():
     lines.append(f'## {task}')
     lines.append('')
@@ -1158,9 +1220,10 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
         lines.append('')
       lines.append('| optimizer | n items x seeds | accuracy [95%] '
                    '(Wilson 95%, pooled) | McNemar vs RITE | '
-                   'accuracy diff vs RITE [95%], p | per seed; p (items) | '
-                   'loss/token [95%] | loss diff vs RITE [95%], p | '
-                   'per seed; p (items) |')
+                   'accuracy diff vs RITE [95%], p | per seed (same sign; '
+                   't-test p); items-only p | loss/token [95%] | '
+                   'loss diff vs RITE [95%], p | per seed (same sign; '
+                   't-test p); items-only p |')
       lines.append('|---|---|---|---|---|---|---|---|---|')
       for opt, row in rows.items():
         v = row.get('vs_lora_rite')
@@ -1225,8 +1288,8 @@ def markdown(summary: dict, budget: Budget, command: str) -> str:
                    '- RITE, > 0 favours LoRA-RITE).')
       lines.append('')
       lines.append('| optimizer | lr | seeds | test set | LoRA-RITE loss | '
-                   'other loss | diff [95%], p | per seed; p (items) | '
-                   'items RITE lower |')
+                   'other loss | diff [95%], p | per seed (same sign; '
+                   't-test p); items-only p | items RITE lower |')
       lines.append('|---|---|---|---|---|---|---|---|---|')
       for c in t['same_rate']:
         for tname, v in c['tests'].items():

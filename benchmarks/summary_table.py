@@ -5,8 +5,9 @@ files that ``benchmarks/reproduce.py`` writes under ``docs/results/`` and
 prints the Markdown table at the top of ``docs/results/README.md`` (and in
 the main README): per task and measure, each optimizer's mean over seeds at
 its chosen rate, and against LoRA-RITE the p of the paired difference (a
-bootstrap over seeds and items together) and how many seeds have the
-difference's sign (``2/3``: two of three).
+bootstrap over seeds and items together), how many seeds have the
+difference's sign (``2/3``: two of three), and the p of a t-test over the
+seeds' mean differences (``t``).
 
 Each row names the budget it comes from: GSM8K is scored on the math runs
 retrained without its test questions (``small-decontam``), the rest on
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -61,12 +63,15 @@ def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
   text = f'{100 * value:.1f}%' if measure == 'accuracy' else f'{value:.3f}'
   if versus is not None:
     name = 'acc' if measure == 'accuracy' else 'loss'
-    if f'{name}_diff_p_items' not in versus:
+    if f'{name}_diff_p_seeds_t' not in versus:
       # Its p is the items-only one, which this table's p is not.
       raise OlderSummary()
-    text += (f' (p {_p(versus[f"{name}_diff_p"])}, '
-             f'{versus[f"{name}_diff_seeds_agreeing"]}/'
-             f'{len(versus[f"{name}_diff_per_seed"])})')
+    agree = versus[f'{name}_diff_seeds_agreeing']
+    t = versus[f'{name}_diff_p_seeds_t']
+    text += (f' (p {_p(versus[f"{name}_diff_p"])}'
+             + ('' if agree is None else
+                f', {agree}/{len(versus[f"{name}_diff_per_seed"])}')
+             + ('' if math.isnan(t) else f', t {t:.2g}') + ')')
   if len(row['seeds']) != seeds:
     text += f' [{len(row["seeds"])} seeds]'
   return text

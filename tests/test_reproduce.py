@@ -140,9 +140,10 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   md = open(os.path.join(out, 'results_smoke.md')).read()
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
-  # Each seed's difference, both of the mean's sign, the items-only p.
-  assert '| +0.2000, +0.2000 (2 of 2); p 0.0078 |' in md
-  assert '| -50.0, -50.0 (2 of 2); p 0.0' in md
+  # Each seed's difference, both of the mean's sign, the t-test over
+  # seeds (equal seeds: 0), the items-only p.
+  assert '| +0.2000, +0.2000 (2 of 2; t 0e+00); items 0.0078 |' in md
+  assert '| -50.0, -50.0 (2 of 2; t 0e+00); items 0.0' in md
   assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
   assert '| adam | 0 | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
   assert '| adam | 0 | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
@@ -155,11 +156,11 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
                    seeds=2).splitlines()
   # acc_diff_p is in (0.002, 0.02) (above), printed to two digits.
   assert re.fullmatch(r'\| arith \| exact match \| 75\.0% \| 25\.0% '
-                      r'\(p 0\.0\d+, 2/2\) \| - \| - \| - \| - \|',
+                      r'\(p 0\.0\d+, 2/2, t 0\) \| - \| - \| - \| - \|',
                       lines[2]), lines[2]
   # Every one of the 8 items favours LoRA-RITE: p = 2 / 2**8, no smaller.
-  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078, 2/2) '
-                      '| - | - | - | - |')
+  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078, 2/2, '
+                      't 0) | - | - | - | - |')
   assert '[2 seeds]' in st.table(
       out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')], seeds=3)
   with pytest.raises(FileNotFoundError, match='summary_nope.json'):
@@ -215,7 +216,7 @@ def test_seed_item_bootstrap_counts_the_seeds_spread(rp):
   assert rp.paired_bootstrap(d.mean(axis=0))[2] < 1e-3
   mean, (lo, hi), p = rp.seed_item_bootstrap(d)
   assert mean == pytest.approx(d.mean()) and lo < 0 < hi and p > 0.05
-  assert rp.seed_signs(d) == 2
+  assert rp.seed_signs(d) == (2, 0)
   # The interval is that of resampling seeds and items by brute force.
   r = np.random.default_rng(1)
   brute = [d[r.integers(0, 3, 3)][:, r.integers(0, 200, 200)].mean()
@@ -224,16 +225,67 @@ def test_seed_item_bootstrap_counts_the_seeds_spread(rp):
                              atol=0.012)
   # Seeds that agree keep a small p; one seed is the items-only bootstrap.
   same = np.stack([0.1 + 0.3 * rng.standard_normal(200) for _ in range(3)])
-  assert rp.seed_item_bootstrap(same)[2] < 1e-3 and rp.seed_signs(same) == 3
+  assert rp.seed_item_bootstrap(same)[2] < 1e-3
+  assert rp.seed_signs(same) == (3, 0)
   # Seeds that cancel (-0.5, +3, -2.5 points of 200 items) have no sign,
   # whatever rounding leaves of their mean.
   cancel = np.zeros((3, 200))
   cancel[0, :1], cancel[1, :6], cancel[2, :5] = -1, 1, -1
-  assert rp.seed_signs(cancel) == 0
+  assert rp.seed_signs(cancel) == (0, 0)
+  assert rp.seed_signs([[0.2, 0.0], [0.0, 0.0], [0.1, 0.1]]) == (2, 1)
+  assert rp.seed_signs([[0.2, np.nan], [0.1, 0.1]]) is None
   assert rp.seed_item_bootstrap(d[:1]) == rp.paired_bootstrap(d[0])
   assert np.isnan(rp.seed_item_bootstrap([[0.1, np.nan], [0.1, 0.2]])[2])
   with pytest.raises(ValueError, match=r'seeds x items matrix .* \(3,\)'):
     rp.seed_item_bootstrap([0.1, 0.2, 0.3])
+
+
+def test_seed_t_test_is_students(rp):
+  scipy_stats = pytest.importorskip('scipy.stats')
+  for dof in range(1, 8):
+    for t in (0.0, 0.4, 1.7, 4.0, -9.0):
+      assert rp.student_t_two_sided(t, dof) == pytest.approx(
+          2 * scipy_stats.t.sf(abs(t), dof), abs=1e-12)
+  # Arithmetic's exact match against Adam: -13, -26 and -3 points.
+  d = np.array([[-0.13], [-0.26], [-0.03]])
+  assert rp.seed_t_test(d) == pytest.approx(
+      scipy_stats.ttest_1samp([-13, -26, -3], 0).pvalue)
+  assert np.isnan(rp.seed_t_test(d[:1]))
+  assert np.isnan(rp.seed_t_test([[0.1], [np.nan]]))
+  assert rp.seed_t_test([[0.1, 0.3], [0.2, 0.2]]) == 0.0  # no spread
+  assert rp.seed_t_test([[0.0], [0.0]]) == 1.0
+
+
+def test_summarize_counts_a_seed_that_reverses_the_difference(rp, tmp_path):
+  # Two seeds where LoRA-RITE is right on 60 more items of 200 than Adam,
+  # one where Adam is right on 30 more: over items alone the averaged
+  # difference looks certain; with the seeds counted it is not.
+  out = str(tmp_path)
+  n = 200
+  for seed, (rite_right, adam_right) in enumerate(((80, 20), (80, 20),
+                                                   (20, 50))):
+    for opt, k in (('lora_rite', rite_right), ('adam', adam_right)):
+      correct = [1] * k + [0] * (n - k)
+      if opt == 'adam':  # Adam's right items are others than RITE's.
+        correct = correct[::-1]
+      rp.write_atomic(
+          rp.run_path(out, 'smoke', 'arithmetic', opt, 1e-3, seed),
+          _fake_run('arithmetic', opt, 1e-3, seed, correct,
+                    [0.5 + 0.01 * seed] * n, 0.5))
+  budget = dataclasses.replace(rp.BUDGETS['smoke'], lrs=(1e-3,),
+                               seeds=(0, 1, 2))
+  s = rp.summarize(rp.load_results(out, 'smoke'), 'smoke', budget)
+  v = s['tasks']['arithmetic']['tests']['arithmetic']['adam']['vs_lora_rite']
+  assert v['acc_diff'] == pytest.approx(-0.15)
+  assert v['acc_diff_p_items'] < 1e-3
+  assert v['acc_diff_p'] > 0.05 and v['acc_diff_ci'][0] < 0 < v['acc_diff_ci'][1]
+  assert v['acc_diff_per_seed'] == pytest.approx([-0.3, -0.3, 0.15])
+  assert (v['acc_diff_seeds_agreeing'], v['acc_diff_seeds_at_zero']) == (2, 0)
+  assert v['acc_diff_p_seeds_t'] > 0.3
+  md = rp.markdown(s, budget, 'cmd')
+  assert (f'| -15.0 [{100 * v["acc_diff_ci"][0]:+.1f}, '
+          f'{100 * v["acc_diff_ci"][1]:+.1f}], p={rp._fmt_p(v["acc_diff_p"])} '
+          '| -30.0, -30.0, +15.0 (2 of 3; t 0.42); items 1e-04 |') in md
 
 
 def test_summary_table_refuses_a_summary_with_items_only_p(rp, tmp_path):
