@@ -1,10 +1,11 @@
 """lora_rite_optax: LoRA-RITE and the LoRA optimizers it is compared with, in Optax."""
 
-from lora_rite_optax.pairs import (LoraLayout, LoraPair, NNX_LAYOUT,
-                                   PEFT_LAYOUT, find_lora_pairs, lora_b_mask)
+from lora_rite_optax.pairs import (LayoutSpec, LoneFactor, LoraLayout,
+                                   LoraPair, NNX_LAYOUT, PEFT_LAYOUT,
+                                   PairedTree, find_lora_pairs, lora_b_mask)
 
 from lora_rite_optax import init
-from lora_rite_optax.donation import donating_jit
+from lora_rite_optax.donation import DonatingJitted, donating_jit
 from lora_rite_optax.factory import OPTIMIZER_NAMES, optimizer
 from lora_rite_optax.loraplus import loraplus, loraplus_labels
 from lora_rite_optax.scaled_adam import (ScaleByAdamAuthorsState,
@@ -30,6 +31,8 @@ __all__ = [
     # LoRA pairs, initialisations, the donating jit.
     'LoraLayout', 'LoraPair', 'NNX_LAYOUT', 'PEFT_LAYOUT', 'find_lora_pairs',
     'lora_b_mask', 'init', 'donating_jit',
+    # The types in those signatures.
+    'LayoutSpec', 'PairedTree', 'LoneFactor', 'DonatingJitted',
 ]
 
 __version__ = '0.1.0'

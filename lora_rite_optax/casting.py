@@ -36,7 +36,7 @@ def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
 
 def with_gradients_dtypes(tx: base.GradientTransformation,
                           who: str | None = None, length: int | None = None
-                          ) -> base.GradientTransformation:
+                          ) -> base.GradientTransformationExtraArgs:
   """``tx`` (a whole chain), its updates cast to the gradients' dtypes
   (same state).
 
@@ -73,7 +73,7 @@ def _widened_leaf(x):
 
 
 def with_stable_dtypes(tx: base.GradientTransformation
-                       ) -> base.GradientTransformation:
+                       ) -> base.GradientTransformationExtraArgs:
   """``tx`` run in float32 on 16-bit float leaves, its state in float32.
 
   For an optax optimizer over LoRA factors (a LoRA+ group, ``'adam'`` and

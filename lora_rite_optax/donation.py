@@ -28,7 +28,8 @@ from __future__ import annotations
 import functools
 import operator
 import threading
-from typing import Any, Callable, Sequence
+import typing
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 
@@ -168,11 +169,30 @@ def _default_device():
   return jax.config.jax_default_device
 
 
+class DonatingJitted(Protocol):
+  """What :func:`donating_jit` returns: the jitted function, with the
+  methods of ``jax.jit``'s result that a training loop uses."""
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+  def lower(self, *args: Any, **kwargs: Any) -> Any:
+    """``jax.jit(...).lower``: its ``.compile()`` runs as the call."""
+
+  def eval_shape(self, *args: Any) -> Any:
+    """``jax.eval_shape`` of the function."""
+
+  def clear_cache(self) -> None:
+    """Drops the compiled executables (and the output orders chosen)."""
+
+  def reorders_outputs(self, *args: Any) -> bool:
+    """Whether a call with these arguments reorders the outputs."""
+
+
 def donating_jit(fun: Callable[..., Any], *,
                  donate_argnums: int | Sequence[int],
                  out_shardings: Any = None,
                  reorder_outputs: bool | None = None,
-                 **jit_kwargs) -> Callable[..., Any]:
+                 **jit_kwargs) -> DonatingJitted:
   """``jax.jit(fun, donate_argnums=...)``, with returned inputs kept in place.
 
   Outputs that return a donated input unchanged (LoRA-RITE's ``basis``, the
@@ -386,4 +406,4 @@ def donating_jit(fun: Callable[..., Any], *,
   # As jax.jit's private counter, for tests that a step does not recompile.
   call._cache_size = lambda: sum(  # pylint: disable=protected-access
       j._cache_size() for j in jitted.values())
-  return call
+  return typing.cast(DonatingJitted, call)

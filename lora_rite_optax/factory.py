@@ -104,7 +104,7 @@ def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
-              **kwargs) -> optax.GradientTransformation:
+              **kwargs) -> optax.GradientTransformationExtraArgs:
   """Builds one of the compared optimizers by name.
 
   ``'adam'`` and ``'lamb'`` are ``optax.adamw`` and ``optax.lamb`` with

@@ -51,9 +51,11 @@ class ScaleByLoraRiteState(NamedTuple):
   count: chex.Array
   mu: base.Updates
   basis: base.Updates
-  nu: dict[str, chex.Array]
-  escaped: dict[str, chex.Array]
-  rinv: dict[str, chex.Array]
+  # Each a (1,) placeholder array in place of the dict for a tree of no
+  # pairs (optax.tree_map_params' and an empty tree's).
+  nu: dict[str, chex.Array] | chex.Array
+  escaped: dict[str, chex.Array] | chex.Array
+  rinv: dict[str, chex.Array] | chex.Array
 
 
 def _decay(beta: chex.Numeric, count: chex.Array, dtype) -> chex.Array:
@@ -719,7 +721,7 @@ def lora_rite(
     b1: chex.Numeric = 0.9,
     b2: chex.Numeric = 0.999,
     eps: chex.Numeric = 1e-6,
-    weight_decay: chex.Numeric = 0.0,
+    weight_decay: base.ScalarOrSchedule = 0.0,
     clip_unmagnified_grad: chex.Numeric = 1.0,
     update_skipping: chex.Numeric = 1.0,
     update_capping: chex.Numeric = 0.0,
@@ -727,7 +729,7 @@ def lora_rite(
     balance_factors: bool = False,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
-) -> base.GradientTransformation:
+) -> base.GradientTransformationExtraArgs:
   r"""The LoRA-RITE optimizer.
 
   :func:`scale_by_lora_rite`, then decoupled weight decay and the learning

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,8 @@ def _no_decay(path: str) -> bool:
 
 
 def loraplus_labels(params, layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
-                    is_embedding: Optional[Callable[[str], bool]] = None):
+                    is_embedding: Optional[Callable[[str], bool]] = None
+                    ) -> Any:
   """The LoRA+ group of every leaf, following PEFT's ``create_loraplus_optimizer``.
 
   * ``'b'``: every ``lora_b`` factor of a pair, and every other 1-D leaf
@@ -118,11 +120,11 @@ def _check_is_embedding(who: str, is_embedding: Any) -> None:
 
 def loraplus(
     learning_rate: ScalarOrSchedule,
-    lr_ratio: float = 16.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    lr_ratio: chex.Numeric = 16.0,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
     base: Optional[BaseFactory] = None,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
     lr_embedding: Optional[ScalarOrSchedule] = None,
@@ -178,7 +180,8 @@ def loraplus(
       ``base``: pass it to ``base``).
     eps: AdamW's epsilon (must stay at its default with
       ``base``: pass it to ``base``).
-    weight_decay: AdamW's decoupled weight decay (must stay 0 with ``base``).
+    weight_decay: AdamW's decoupled weight decay, a number or a schedule
+      (must stay 0 with ``base``).
     base: optional factory ``base(learning_rate) -> GradientTransformation``
       (for example ``optax.lion`` or ``functools.partial(optax.adamw, b2=0.99,
       weight_decay=0.1)``) used for every group instead of AdamW.

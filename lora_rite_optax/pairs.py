@@ -48,7 +48,7 @@ class LoraLayout:
   b_rank_axis: int = 0
   batch_axes: int = 0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     # Checked here, where the layout is made: a bad one had failed inside
     # find_lora_pairs with an IndexError, or (a_key == b_key) with a
     # misleading rank mismatch.
@@ -571,7 +571,7 @@ def factor_roles(paired: PairedTree) -> list[str | None]:
   return roles
 
 
-def lora_b_mask(tree, layout: LayoutSpec = NNX_LAYOUT):
+def lora_b_mask(tree, layout: LayoutSpec = NNX_LAYOUT) -> Any:
   """A tree of bools like ``tree``: True on every ``b`` factor.
 
   That is the ``b`` factor of every pair, and also one whose partner is

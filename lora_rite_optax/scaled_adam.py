@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,7 +49,7 @@ def _precondition(grad, partner, delta, wait_for=None):
 
 
 def scale_by_riemannian_precond(
-    delta: float = 1e-6,
+    delta: chex.Numeric = 1e-6,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
 ) -> optax.GradientTransformation:
   r"""Scales each LoRA factor's gradient by its partner's r x r Gram inverse.
@@ -166,8 +167,8 @@ class ScaleByAdamAuthorsState(NamedTuple):
   nu: optax.Updates
 
 
-def scale_by_adam_authors(b1: float = 0.9, b2: float = 0.999,
-                          eps: float = 1e-8,
+def scale_by_adam_authors(b1: chex.Numeric = 0.9, b2: chex.Numeric = 0.999,
+                          eps: chex.Numeric = 1e-8,
                           bias_correction: bool = False
                           ) -> optax.GradientTransformation:
   r"""Adam's scaling exactly as the ScaledAdam authors' ``AdamWr`` computes it.
@@ -253,14 +254,14 @@ def _adam_authors(who: str, b1, b2, eps, bias_correction
 
 def scaled_adam(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    delta: float = 1e-6,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    delta: chex.Numeric = 1e-6,
     bias_correction: bool = False,
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""ScaledAdam: AdamW on Riemannian-preconditioned LoRA gradients.
 
   For each pair (rank-last views :math:`X_A = A`, :math:`X_B = B^\top`):

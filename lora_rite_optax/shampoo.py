@@ -7,6 +7,7 @@ import functools
 import math
 from typing import Any, NamedTuple, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ class ShampooState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  stats: tuple[Optional[BlockStats], ...]
-  roots: tuple[Optional[BlockStats], ...]
+  # A (1,) placeholder array in place of the tuples for a tree of no leaves.
+  stats: tuple[Optional[BlockStats], ...] | jax.Array
+  roots: tuple[Optional[BlockStats], ...] | jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +190,10 @@ def _dtype(x):
 
 
 def scale_by_shampoo(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    matrix_eps: float = 1e-6,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    matrix_eps: chex.Numeric = 1e-6,
     block_size: int = 128,
     precondition_every: int = 10,
     graft: str = 'adam',
@@ -428,16 +430,16 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
 
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    matrix_eps: float = 1e-6,
+    b1: chex.Numeric = 0.9,
+    b2: chex.Numeric = 0.999,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    matrix_eps: chex.Numeric = 1e-6,
     block_size: int = 128,
     precondition_every: int = 10,
     graft: str = 'adam',
     layout: pairs_lib.LayoutSpec = pairs_lib.NNX_LAYOUT,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo (Gupta et al. 2018) with Anil et al.'s blocking and grafting.
 
   Every leaf with two or more axes is viewed as a matrix (LoRA factors in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import typing
 
 import chex
 import jax
@@ -207,3 +208,37 @@ def test_star_import_gives_the_public_api_only():
   assert names == set(lro.__all__)
   assert {'optimizer', 'lora_rite', 'shampoo', 'init', 'donating_jit'} <= names
   assert not {'casting', 'checks', 'linalg', 'pairs', 'factory'} & names
+
+
+def test_annotations_admit_what_the_functions_take_and_return():
+  """A user's type checker reads these (the package ships py.typed): a
+  weight decay that takes a schedule, hyperparameters that take arrays,
+  the GradientTransformationExtraArgs returned, donating_jit's methods."""
+  hints = typing.get_type_hints
+  decay = optax.linear_schedule(1e-2, 0.0, 10)
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  for fn in (lro.lora_rite, lro.scaled_adam, lro.shampoo, lro.loraplus):
+    assert hints(fn)['weight_decay'] == optax.ScalarOrSchedule, fn
+    assert hints(fn)['return'] is optax.GradientTransformationExtraArgs, fn
+    tx = fn(1e-3, weight_decay=decay)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs), fn
+    tx.update(params, tx.init(params), params)
+  assert hints(lro.optimizer)['return'] is (
+      optax.GradientTransformationExtraArgs)
+  for fn, names in ((lro.scaled_adam, ('b1', 'b2', 'eps', 'delta')),
+                    (lro.shampoo, ('b1', 'b2', 'eps', 'matrix_eps')),
+                    (lro.loraplus, ('lr_ratio', 'b1', 'b2', 'eps')),
+                    (lro.scale_by_adam_authors, ('b1', 'b2', 'eps')),
+                    (lro.scale_by_riemannian_precond, ('delta',)),
+                    (lro.lora_rite, ('b1', 'b2', 'eps'))):
+    for name in names:
+      assert hints(fn)[name] == chex.Numeric, (fn, name)
+  lro.scaled_adam(jnp.asarray(1e-3), b1=jnp.asarray(0.9)).init(params)
+  assert hints(lro.donating_jit)['return'] is lro.DonatingJitted
+  step = lro.donating_jit(lambda x: x + 1, donate_argnums=0)
+  for method in ('lower', 'eval_shape', 'clear_cache', 'reorders_outputs'):
+    assert callable(getattr(lro.DonatingJitted, method))
+    assert callable(getattr(step, method)), method
+  # The types in the public signatures are exported with them.
+  assert hints(lro.find_lora_pairs)['return'] is lro.PairedTree
+  assert hints(lro.lora_rite)['layout'] == lro.LayoutSpec
