@@ -59,6 +59,8 @@ def kernel(tmp_path, monkeypatch):
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
       [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
+  # The kernel's IPython profile and history, out of the user's home.
+  monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   return KERNEL
 
 
@@ -130,7 +132,8 @@ def test_first_cell_installs_only_in_colab(name):
 @pytest.mark.parametrize('name, extras', [
     ('quickstart.ipynb', 'train'), ('gemma_lora.ipynb', 'train,real-model'),
     ('paper_configs.ipynb', 'train')])
-def test_colab_install_line(name, extras, runtime, plugin, monkeypatch):
+def test_colab_install_line(name, extras, runtime, plugin, monkeypatch,
+                            tmp_path):
   """The first cell's shell commands as IPython runs them in Colab: the
   notebook's extras, and the runtime's jax plugin as one quoted argument
   ('>' and '<' unquoted would redirect)."""
@@ -151,12 +154,19 @@ def test_colab_install_line(name, extras, runtime, plugin, monkeypatch):
   monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
   if runtime == 'tpu':
     monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5litepod-1')
-  shell = interactiveshell.InteractiveShell.instance()
+  # Its profile and history out of the user's home; the shell is this
+  # process's singleton, cleared after the test.
+  monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   commands = []
   # What the shell would run, after IPython expands {NAME} in the line.
   monkeypatch.setattr(interactiveshell, 'system',
                       lambda cmd: commands.append(cmd) or 0)
-  result = shell.run_cell(setup)
+  shell = interactiveshell.InteractiveShell.instance()
+  try:
+    result = shell.run_cell(setup)
+  finally:
+    shell.history_manager.end_session()
+    interactiveshell.InteractiveShell.clear_instance()
   assert result.success, result.error_in_exec
   # As a POSIX shell splits it, redirections ('>', '<') apart.
   install = [list(shlex.shlex(c, posix=True, punctuation_chars=True))

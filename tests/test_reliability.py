@@ -112,11 +112,14 @@ def _train_env() -> dict:
 class _Training:
   """`python -m train` in a subprocess whose stdout is read by a thread."""
 
+  started: list[subprocess.Popen] = []
+
   def __init__(self, run_dir, resume: bool):
     args = _cli_args(run_dir) + (['--resume'] if resume else [])
     self.proc = subprocess.Popen(
         [sys.executable, '-m', 'train'] + args, cwd=ROOT, env=_train_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _Training.started.append(self.proc)
     self.lines: list[str] = []
     self._queue: queue.Queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -145,6 +148,18 @@ class _Training:
     steps = [int(m.group(1)) for l in self.lines
              if (m := re.match(r'\[step (\d+)\]', l))]
     return max(steps, default=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_training_left_running():
+  """A failed assert or deadline must not leave a `python -m train` child
+  training into tmp_path after the test (and pytest) ended."""
+  yield
+  while _Training.started:
+    proc = _Training.started.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(timeout=60)
 
 
 def _tmp_dirs(ckpt_dir) -> list[str]:
