@@ -7,7 +7,7 @@ the main README): per task and measure, each optimizer's mean over seeds at
 its chosen rate, and against LoRA-RITE the p of the paired difference (a
 bootstrap over seeds and items together), how many seeds have the
 difference's sign (``2/3``: two of three), and the p of a t-test over the
-seeds' mean differences (``t``).
+seeds' mean differences (``t-test p``).
 
 Each row names the budget it comes from: GSM8K is scored on the math runs
 retrained without its test questions (``small-decontam``), the rest on
@@ -71,7 +71,7 @@ def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
     text += (f' (p {_p(versus[f"{name}_diff_p"])}'
              + ('' if agree is None else
                 f', {agree}/{len(versus[f"{name}_diff_per_seed"])}')
-             + ('' if math.isnan(t) else f', t {t:.2g}') + ')')
+             + ('' if math.isnan(t) else f'; t-test p {t:.2g}') + ')')
   if len(row['seeds']) != seeds:
     text += f' [{len(row["seeds"])} seeds]'
   return text

@@ -142,8 +142,8 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
   assert '| adam | 8 x 2 |' in md and 'p=0.0078' in md
   # Each seed's difference, both of the mean's sign, the t-test over
   # seeds (equal seeds: 0), the items-only p.
-  assert '| +0.2000, +0.2000 (2 of 2; t 0e+00); items 0.0078 |' in md
-  assert '| -50.0, -50.0 (2 of 2; t 0e+00); items 0.0' in md
+  assert '| +0.2000, +0.2000 (2 of 2; t-test p 0e+00); items p 0.0078 |' in md
+  assert '| -50.0, -50.0 (2 of 2; t-test p 0e+00); items p 0.0' in md
   assert '| adam | 0.001 (0.0001: 0.9000, 0.001: 0.6000) | high edge | yes |' in md
   assert '| adam | 0 | 0.0001 | 0.9000 | 75.0% | 0.1000 |' in md
   assert '| adam | 0 | 0.001 (chosen) | 0.6000 | 25.0% | 0.7000 |' in md
@@ -156,11 +156,11 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
                    seeds=2).splitlines()
   # acc_diff_p is in (0.002, 0.02) (above), printed to two digits.
   assert re.fullmatch(r'\| arith \| exact match \| 75\.0% \| 25\.0% '
-                      r'\(p 0\.0\d+, 2/2, t 0\) \| - \| - \| - \| - \|',
+                      r'\(p 0\.0\d+, 2/2; t-test p 0\) \| - \| - \| - \| - \|',
                       lines[2]), lines[2]
   # Every one of the 8 items favours LoRA-RITE: p = 2 / 2**8, no smaller.
-  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078, 2/2, '
-                      't 0) | - | - | - | - |')
+  assert lines[3] == ('| arith | loss/token | 0.500 | 0.700 (p 0.0078, 2/2; '
+                      't-test p 0) | - | - | - | - |')
   assert '[2 seeds]' in st.table(
       out, rows=[('smoke', 'arithmetic', 'arithmetic', 'arith')], seeds=3)
   with pytest.raises(FileNotFoundError, match='summary_nope.json'):
@@ -251,6 +251,7 @@ def test_seed_t_test_is_students(rp):
   assert rp.seed_t_test(d) == pytest.approx(
       scipy_stats.ttest_1samp([-13, -26, -3], 0).pvalue)
   assert np.isnan(rp.seed_t_test(d[:1]))
+  assert np.isnan(rp.student_t_two_sided(float('nan'), 2))
   assert np.isnan(rp.seed_t_test([[0.1], [np.nan]]))
   assert rp.seed_t_test([[0.1, 0.3], [0.2, 0.2]]) == 0.0  # no spread
   assert rp.seed_t_test([[0.0], [0.0]]) == 1.0
@@ -285,7 +286,7 @@ def test_summarize_counts_a_seed_that_reverses_the_difference(rp, tmp_path):
   md = rp.markdown(s, budget, 'cmd')
   assert (f'| -15.0 [{100 * v["acc_diff_ci"][0]:+.1f}, '
           f'{100 * v["acc_diff_ci"][1]:+.1f}], p={rp._fmt_p(v["acc_diff_p"])} '
-          '| -30.0, -30.0, +15.0 (2 of 3; t 0.42); items 1e-04 |') in md
+          '| -30.0, -30.0, +15.0 (2 of 3; t-test p 0.42); items p 1e-04 |') in md
 
 
 def test_summary_table_refuses_a_summary_with_items_only_p(rp, tmp_path):
