@@ -1217,6 +1217,49 @@ def test_fsdp_keeps_each_devices_activations_to_its_rows(tmp_path):
                                                     fsdp_temp)
 
 
+_REMAT_SCRIPT = r'''
+import os, sys
+os.environ['JAX_PLATFORMS'] = 'cpu'
+from train import configs, distributed, loop
+for name in ('tiny', 'tiny_t5'):
+  temp = {}
+  for remat in (False, True):
+    cfg = configs.replace(configs.get_config(name), **{
+        'run_dir': f'{sys.argv[1]}/{name}{remat}', 'model.remat': remat})
+    r = loop.build(cfg)
+    batch = r.family.prepare_batch(next(iter(loop.train_dataset(r))), r)[0]
+    batch = {k: distributed.global_array(v[None], distributed.batch_sharding(
+        r.mesh, v.ndim + 1, leading=1)) for k, v in batch.items()}
+    compiled = loop._jitted_step(r).lower(r.state, r.base, r.rngs,
+                                          batch).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  print(name, temp[False], temp[True], flush=True)
+'''
+
+
+def test_remat_saves_activation_memory_where_xla_keeps_its_barriers(
+    tmp_path):
+  """--model.remat puts jax.checkpoint where it frees each block's
+  activations: compiled with the optimization barriers that jax.checkpoint
+  lowers to kept (XLA:CPU removes them before scheduling by default, and
+  then shows no saving; XLA's GPU pipeline keeps them), the step's scratch
+  memory falls (tiny Gemma 3: 80 MB to 15 MB; tiny T5: 18 to 11)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root,
+             XLA_FLAGS='--xla_disable_hlo_passes=cse_barrier_expander')
+  proc = subprocess.run([sys.executable, '-c', _REMAT_SCRIPT,
+                         str(tmp_path / 'run')], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r[0]: (int(r[1]), int(r[2]))
+          for r in (line.split() for line in proc.stdout.splitlines())}
+  assert set(rows) == {'tiny', 'tiny_t5'}, proc.stdout
+  assert rows['tiny'][1] < 0.4 * rows['tiny'][0], rows
+  assert rows['tiny_t5'][1] < 0.8 * rows['tiny_t5'][0], rows
+
+
 _PLACED_SCRIPT = r'''
 import os, sys
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'

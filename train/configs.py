@@ -91,7 +91,9 @@ class ModelConfig:
       (jax.checkpoint) instead of keeping them: less accelerator memory
       for about a third more compute, for long batches of large models
       (the 7B and mT5-XXL presets on TPU). The same losses and updates; a
-      resumed run may turn it on or off.
+      resumed run may turn it on or off. Not on CPU: XLA:CPU drops the
+      barriers jax.checkpoint relies on, so it costs the compute and saves
+      nothing.
   """
 
   family: str = 'gemma'
