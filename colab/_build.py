@@ -749,12 +749,14 @@ on a v5e-16 or v4-16, mT5-XXL on a v4-32 (a v5e's suffix counts chips, a
 v4's TensorCores: a v4-16 is 8 chips of 32 GB). LoRA keeps the optimizer
 state tiny and FSDP splits the frozen base, but the backward pass keeps
 every layer's activations unless `--model.remat` recomputes them: a batch
-of 64 rows of 1024 tokens is more than 16 GB per chip for Gemma 7B on 16
-chips (twice that on a v4-16's 8) by a count of the MLP activations alone
-(not measured on a TPU), so the commands below
-split it into micro-batches with `--grad_accum 4` (the same gradient;
-raise it, or add `--model.remat`, whose saving is not measured on a TPU
-either, if a step runs out of memory). The cell below prints the
+row of 1024 tokens holds about 22 GiB for Gemma 7B by a count of the saved
+activations in the traced step (an upper bound, not measured on a TPU),
+so the commands below split the batch of 64 into micro-batches with
+`--grad_accum 8` (the same gradient), one row for each of a v4-16's 8
+chips, the smallest micro-batch there (it needs a row for each device). On 16
+GB chips (v5e) that does not fit: add `--model.remat`, which recomputes
+each block's activations in the backward pass (about 1 GiB a row by the
+same count, for a third more compute). The cell below prints the
 commands; copy them to a shell with `gcloud` configured.
 '''),
     code('''
@@ -789,7 +791,7 @@ setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
          ' --include "*.safetensors" --include "*.json"'
          ' --include tokenizer.model')
 train_cmd = (f'cd lora-rite-optax && . .venv/bin/activate && '
-             f'python -m train --config {CONFIG} --grad_accum 4 '
+             f'python -m train --config {CONFIG} --grad_accum 8 '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
 gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\
