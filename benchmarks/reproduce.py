@@ -36,9 +36,12 @@ Statistics: per-item predictions and losses are saved for every run; for
 LoRA-RITE against each other optimizer, an exact McNemar test on per-item
 correctness (items x seeds, seed-matched) and, for the per-item correctness
 and loss differences, a paired bootstrap that resamples seeds and items
-together (interval and p-value), each seed's mean difference, and the
-items-only p; accuracies and losses with the same bootstrap's intervals
-(accuracies with pooled Wilson intervals too); sample sizes in every table.
+together (interval and p-value), a t-test over the seeds' mean
+differences, each seed's mean difference, and the items-only p (a
+difference is called one where the bootstrap's and the t-test's p are
+both below 0.05: neither is a 5% test alone with three seeds); accuracies
+and losses with the same bootstrap's intervals (accuracies with pooled
+Wilson intervals too); sample sizes in every table.
 
 The training is the training loop's own: `train.loop.build` (config ->
 data, model, adapters, optimizer, initial state), `train.loop.train_dataset`
@@ -598,17 +601,24 @@ def stale(saved: dict, model: str, config: dict,
   return None
 
 
+# The code a run's result depends on; not docs/results, which every report
+# rewrites (its files are tracked, and would mark every later run modified).
+CODE_PATHS = ('lora_rite_optax', 'models', 'train', 'benchmarks',
+              'pyproject.toml')
+
+
 def code_version(root: str = REPO_ROOT) -> dict | None:
-  """{'commit': the checkout's HEAD, 'modified': whether tracked files
-  differ from it}, recorded in each run file (the files had carried no
-  code version, so which code made a run could only be read from git
-  history); None outside a git checkout or without git."""
+  """{'commit': the checkout's HEAD, 'modified': whether tracked code files
+  (``CODE_PATHS``) differ from it}, recorded in each run file (the files
+  had carried no code version, so which code made a run could only be read
+  from git history); None outside a git checkout or without git."""
   try:
     git = lambda *a: subprocess.run(
         ['git', '-C', root, *a], capture_output=True, text=True, timeout=30,
         check=True).stdout.strip()
     commit = git('rev-parse', 'HEAD')
-    modified = bool(git('status', '--porcelain', '--untracked-files=no'))
+    modified = bool(git('status', '--porcelain', '--untracked-files=no',
+                        '--', *CODE_PATHS))
   except (OSError, subprocess.SubprocessError):
     return None
   return {'commit': commit, 'modified': modified}
@@ -913,9 +923,10 @@ def seed_t_test(diffs) -> float:
   resampling, however much the seeds differ; this test knows it has three
   values, but holds the items fixed (every seed is scored on the same
   items), so it is too small where the items, not the seeds, make the
-  spread. Neither alone is a 5% test here; requiring both below 0.05 was
-  in simulations. NaN with one seed or a difference that is not finite; 0
-  where every seed has the same nonzero difference.
+  spread. Neither alone is a 5% test here; requiring both below 0.05 held
+  the error at or below 5% in the simulations of two reviews. NaN with one seed
+  or a difference that is not finite; 0 where every seed has the same nonzero
+  difference.
   """
   per_seed = np.mean(np.asarray(diffs, np.float64), axis=1)
   if len(per_seed) < 2 or not np.all(np.isfinite(per_seed)):
@@ -1118,6 +1129,8 @@ def same_rate(results: dict, task: str, test_names, chosen: dict) -> list:
 
 
 def _fmt_p(p):
+  if p == 0:  # a t-test over seeds with no spread between them
+    return '0'
   return f'{p:.2g}' if p >= 1e-3 else f'{p:.0e}'
 
 

@@ -751,12 +751,13 @@ state tiny and FSDP splits the frozen base, but the backward pass keeps
 every layer's activations unless `--model.remat` recomputes them: a batch
 row of 1024 tokens holds about 22 GiB for Gemma 7B by a count of the saved
 activations in the traced step (an upper bound, not measured on a TPU),
-so the commands below split the batch of 64 into micro-batches with
-`--grad_accum 8` (the same gradient), one row for each of a v4-16's 8
-chips, the smallest micro-batch there (it needs a row for each device). On 16
-GB chips (v5e) that does not fit: add `--model.remat`, which recomputes
-each block's activations in the backward pass (about 1 GiB a row by the
-same count, for a third more compute). The cell below prints the
+so the commands below split the batch of 64 into micro-batches (the same
+gradient) of one row per chip, the smallest a micro-batch can be (it needs
+a row for each device): `--grad_accum 8` on a v4-16's 8 chips, 4 on a
+v5e-16's 16. On 16 GB chips (v5e) a row does not fit even so, and the
+command adds `--model.remat`, which recomputes each block's activations in
+the backward pass (about 1 GiB a row by the same count, for a third more
+compute). The cell below prints the
 commands; copy them to a shell with `gcloud` configured.
 '''),
     code('''
@@ -775,6 +776,14 @@ MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
 # checkpoint by renaming its folder, which a plain gcsfuse mount refuses).
 RUN_DIR = '/mnt/shared/lora-rite/' + CONFIG
 
+# A micro-batch of one row per chip (the suffix of a v4's or v5p's type
+# counts TensorCores, two a chip; a v5e's, v5litepod-16, or v6e's counts
+# chips), and remat as well on 16 GB chips (v5e).
+kind, count = ACCELERATOR.rsplit('-', 1)
+chips = int(count) if kind in ('v5litepod', 'v6e') else int(count) // 2
+flags = f'--grad_accum {64 // chips}' + (
+    ' --model.remat' if kind == 'v5litepod' else '')
+
 if '<org>' in REPO_URL:  # every host clones it: no command works without it
   print('# !!! Set REPO_URL in the first cell to the lora-rite-optax '
         'repository, then run this cell again.')
@@ -791,7 +800,7 @@ setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
          ' --include "*.safetensors" --include "*.json"'
          ' --include tokenizer.model')
 train_cmd = (f'cd lora-rite-optax && . .venv/bin/activate && '
-             f'python -m train --config {CONFIG} --grad_accum 8 '
+             f'python -m train --config {CONFIG} {flags} '
              f'--model.path {MODEL_DIR} --data.hub true')
 print(f"""# 1. create the slice
 gcloud compute tpus tpu-vm create {TPU_NAME} --zone={ZONE} \\\\

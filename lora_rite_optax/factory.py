@@ -124,7 +124,7 @@ def optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
       ``lr_ratio`` for loraplus, ``block_size`` for shampoo).
 
   Returns:
-    An ``optax.GradientTransformation``. Under
+    An ``optax.GradientTransformationExtraArgs``. Under
     ``optax.inject_hyperparams(optimizer)(name, learning_rate, **kwargs)``
     the learning rate is injected and ``kwargs`` stay fixed; to inject those
     too, wrap the named optimizer (``optax.inject_hyperparams(lro.lora_rite)``).

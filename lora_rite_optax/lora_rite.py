@@ -777,12 +777,12 @@ def lora_rite(
     precision: of the matrix products; see :func:`scale_by_lora_rite`.
 
   Returns:
-    The corresponding :class:`optax.GradientTransformation`; ``update`` needs
-    ``params``. Updates have the gradients' dtypes, float16 too (cast after
-    the learning rate, where float16 holds them), so that wrappers which
-    compare them with the gradients' dtype, such as ``optax.apply_if_finite``
-    and ``optax.MultiSteps``, work (float32 gradients of bfloat16 factors
-    too).
+    The corresponding :class:`optax.GradientTransformationExtraArgs`;
+    ``update`` needs ``params``. Updates have the gradients' dtypes, float16
+    too (cast after the learning rate, where float16 holds them), so that
+    wrappers which compare them with the gradients' dtype, such as
+    ``optax.apply_if_finite`` and ``optax.MultiSteps``, work (float32
+    gradients of bfloat16 factors too).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

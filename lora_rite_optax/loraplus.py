@@ -257,6 +257,8 @@ def loraplus(
       # compared with the default rounded to its dtype by numpy (bfloat16
       # makes 0.999 1.0; float64 stays float64, which jnp would make float32
       # without x64).
+      if callable(value):  # A schedule: it would be dropped.
+        return True
       v = checks.concrete(value)
       dtype = getattr(value, 'dtype', None)
       return v is not None and v != (

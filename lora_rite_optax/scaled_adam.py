@@ -305,9 +305,9 @@ def scaled_adam(
     layout: how pairs are recognised, see :func:`find_lora_pairs`.
 
   Returns:
-    An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
-    With ``optax.inject_hyperparams`` and a ``layout`` function, pass
-    ``static_args=('layout',)``: it would treat any callable as a schedule.
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` requires
+    ``params``. With ``optax.inject_hyperparams`` and a ``layout`` function,
+    pass ``static_args=('layout',)``: it would treat any callable as a schedule.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

@@ -495,10 +495,10 @@ def shampoo(
     layout: how LoRA pairs are recognised (for their rank-last views).
 
   Returns:
-    An ``optax.GradientTransformation``. With ``optax.inject_hyperparams``
-    pass ``static_args=('block_size',)``: block sizes fix the state's shapes
-    (and ``'layout'`` too for a ``layout`` function, which it would treat
-    as a schedule).
+    An ``optax.GradientTransformationExtraArgs``. With
+    ``optax.inject_hyperparams`` pass ``static_args=('block_size',)``: block
+    sizes fix the state's shapes (and ``'layout'`` too for a ``layout``
+    function, which it would treat as a schedule).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax

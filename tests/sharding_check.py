@@ -27,8 +27,8 @@ from tests.test_donation import factor_copies
 
 RANK = 8
 # Explicit mesh axes need jax 0.10 for LoRA-RITE, ScaledAdam and Shampoo
-# (refused before: placement.require_explicit_api), and donating_jit's
-# copy-free pairing on a mesh jax 0.7; `make test-oldest` runs this on 0.6.
+# (refused before: placement.require_explicit_api); donating_jit's copy-free
+# pairing on a mesh holds from jax 0.7. `make test-oldest` runs this on 0.6.
 JAX_AT_LEAST_0_10 = (placement._jax_version() >=  # pylint: disable=protected-access
                      placement._EXPLICIT_AXES_JAX)  # pylint: disable=protected-access
 

@@ -159,6 +159,10 @@ def test_loraplus_no_decay_group_and_base_errors():
   assert float(updates['bias'][0]) == 0.0
   with pytest.raises(ValueError, match='pass b1/b2/eps/weight_decay'):
     lro.loraplus(1e-3, base=optax.lion, weight_decay=0.1)
+  # A decay schedule too (it had been dropped without a word).
+  with pytest.raises(ValueError, match='pass b1/b2/eps/weight_decay'):
+    lro.loraplus(1e-3, base=optax.lion,
+                 weight_decay=optax.linear_schedule(1e-2, 0.0, 10))
   # The no-decay group (biases, norms: neither factor of a pair) takes the
   # B rate, and the embedding group the decay: with unit gradients AdamW's
   # first step is lr * (sign + wd * p) per group.

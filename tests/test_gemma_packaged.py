@@ -49,6 +49,22 @@ def test_joined_once_and_reused(tmp_path):
       'gemma-3-270m-q4_k_m.gguf', 'gemma-3-270m-q4_k_m.gguf.lock']
 
 
+def test_a_whole_file_in_a_read_only_cache_is_served(tmp_path):
+  # A cache filled in advance (a container image) need not be writable:
+  # the package's own assemble() served it, and so must this.
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  (cache / 'gemma-3-270m-q4_k_m.gguf').write_bytes(CONTENT)
+  cache.chmod(0o555)
+  try:
+    pkg = _Package(cache)
+    assert open(gemma.gemma3_270m_gguf(pkg), 'rb').read() == CONTENT
+    assert pkg.joins == 0
+    assert [p.name for p in cache.iterdir()] == ['gemma-3-270m-q4_k_m.gguf']
+  finally:
+    cache.chmod(0o755)
+
+
 def test_two_at_once_both_get_the_whole_file(tmp_path):
   # The package's own assemble() had given the second caller a half-written
   # file and then refused it (FileExistsError: unexpected sha256).

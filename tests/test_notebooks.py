@@ -140,6 +140,7 @@ def test_colab_install_line(name, extras, runtime, plugin, monkeypatch,
   import shlex  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
+  import traitlets.config  # pylint: disable=g-import-not-at-top
   from IPython.core import interactiveshell  # pylint: disable=g-import-not-at-top
   nb = nbformat.read(COLAB / name, as_version=4)
   setup = next(c for c in nb.cells if c.cell_type == 'code').source
@@ -161,11 +162,13 @@ def test_colab_install_line(name, extras, runtime, plugin, monkeypatch,
   # What the shell would run, after IPython expands {NAME} in the line.
   monkeypatch.setattr(interactiveshell, 'system',
                       lambda cmd: commands.append(cmd) or 0)
-  shell = interactiveshell.InteractiveShell.instance()
+  # History in memory: no saving thread, no file left open after the test.
+  config = traitlets.config.Config()
+  config.HistoryManager.hist_file = ':memory:'
+  shell = interactiveshell.InteractiveShell.instance(config=config)
   try:
     result = shell.run_cell(setup)
   finally:
-    shell.history_manager.end_session()
     interactiveshell.InteractiveShell.clear_instance()
   assert result.success, result.error_in_exec
   # As a POSIX shell splits it, redirections ('>', '<') apart.

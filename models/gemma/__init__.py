@@ -1,8 +1,8 @@
 """Gemma 1, 2 and 3 text models in Flax NNX, with HF and GGUF loading.
 
+  path = gemma.gemma3_270m_gguf()            # the real 270M's package, joined
   model = gemma.from_pretrained(path)        # HF directory or .gguf file
   tokenizer = gemma.load_tokenizer(path)     # tokenizer.model or .gguf
-  path = gemma.gemma3_270m_gguf()            # the real 270M's package, joined
   logits = model(tokens)                     # [B, T] ints -> [B, T, V] float32
   hidden = model.hidden(tokens)              # [B, T, D]; then, at chosen
   logits = model.logits(hidden[:, idx])      # positions only: [B, P, V]
@@ -23,6 +23,6 @@ from models.gemma.tokenizer import Tokenizer, load_tokenizer
 __all__ = [
     'CONFIGS', 'Cache', 'Gemma', 'GemmaConfig', 'Sampler', 'SamplerOutput',
     'Tokenizer', 'forward_fn', 'from_pretrained', 'gemma3_270m_gguf',
-    'generate', 'get_config',
-    'init_cache', 'load_tokenizer', 'sample_logits', 'save_pretrained',
+    'generate', 'get_config', 'init_cache', 'load_tokenizer',
+    'sample_logits', 'save_pretrained',
 ]
