@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -55,6 +56,22 @@ def test_matrix_optimizers_under_strict_dtype_promotion(name):
   with jax.numpy_dtype_promotion('strict'):
     got = _one_update(name, params)
   battery.assert_close(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'name', [n for n in lro.OPTIMIZER_NAMES if n not in STRICT_OK])
+def test_adam_family_fails_under_strict_dtype_promotion_as_optax_adam(name):
+  """What the README says of adam, lamb and loraplus: optax.adam's own
+  bias correction fails under strict promotion, and so do they. Should an
+  optax release fix it, this fails: move the name to STRICT_OK and the
+  README with it."""
+  params, _, _ = battery.lora_problem(zero_b=False)
+  with jax.numpy_dtype_promotion('strict'):
+    for make in (lambda: lro.optimizer(name, 1e-2),
+                 lambda: optax.adam(1e-2)):
+      tx = make()
+      with pytest.raises(jax.dtypes.TypePromotionError):
+        jax.jit(tx.update)(params, tx.init(params), params)
 
 
 def test_inits_under_rank_promotion_raise():

@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -1007,6 +1008,20 @@ BAD_INPUTS = [
      lambda t: _lro_init({'q': {'lora_a': jnp.zeros((4, 2)),
                                 'lora_b': jnp.zeros((3, 5))}}), ValueError,
      "has rank 2 in lora_a (4, 2) but 3 in lora_b (3, 5)"),
+    ('LoRA factor masked out', None,
+     lambda t: _lro_init({'q': {'lora_a': optax.MaskedNode(),
+                                'lora_b': jnp.zeros((2, 3))}}), ValueError,
+     "factor 'q/lora_b' has its partner 'lora_a' masked out"),
+    ('LoRA factors of an integer dtype', None,
+     lambda t: _lro_init({'q': {'lora_a': jnp.zeros((4, 2), jnp.int32),
+                                'lora_b': jnp.zeros((2, 3))}}), ValueError,
+     "factor 'q/lora_a' has dtype int32; LoRA factors must be of a "
+     'floating dtype'),
+    ('gradients unlike the params', None, lambda t: _lro_grads_unlike(),
+     ValueError, 'the updates (gradients) do not have the structure of the '
+     'params: a tuple of 3 leaves, where the params are a dict of 2 leaves'),
+    ('hyperparameter out of range', None, lambda t: _lro_shampoo_b2(),
+     ValueError, 'shampoo: b2 must be in [0, 1), got 1.0.'),
     ('optimizer update without params', None, lambda t: _lro_update(),
      ValueError, 'update() needs params'),
     ('run_dir/adapter is a link out of the run folder',
@@ -1050,6 +1065,20 @@ def _export(path, **kw):
 def _lro_init(params):
   import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
   lro.lora_rite(1e-3).init(params)
+
+
+def _lro_grads_unlike():
+  # (loss, grads) where grads were meant: a tuple of 3 leaves.
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 3))}}
+  tx = lro.scaled_adam(1e-3)
+  tx.update((jnp.zeros(()), params['q']['lora_a'], params['q']['lora_b']),
+            tx.init(params), params)
+
+
+def _lro_shampoo_b2():
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  lro.shampoo(1e-3, b2=1.0)
 
 
 def _lro_update():

@@ -1256,7 +1256,7 @@ def test_remat_saves_activation_memory_where_xla_keeps_its_barriers(
   rows = {r[0]: (int(r[1]), int(r[2]))
           for r in (line.split() for line in proc.stdout.splitlines())}
   assert set(rows) == {'tiny', 'tiny_t5'}, proc.stdout
-  assert rows['tiny'][1] < 0.4 * rows['tiny'][0], rows
+  assert rows['tiny'][1] < 0.25 * rows['tiny'][0], rows
   assert rows['tiny_t5'][1] < 0.8 * rows['tiny_t5'][0], rows
 
 
