@@ -1173,24 +1173,39 @@ def test_a_row_of_the_compiling_step_alone_has_no_tokens_per_s(tmp_path):
     assert [row['tokens_per_s'] for row in csv.DictReader(f)][0] == 'nan'
 
 
+def _run_script(script: str, *args, xla_flags: str | None = None,
+                timeout: int = 900) -> str:
+  """Runs ``script`` in a fresh interpreter from the repository root (its
+  own XLA_FLAGS: a script sets fake devices itself, before importing jax)
+  with ``args``; its stdout, after it exited 0."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
+      'PYTHONPATH', ''))
+  env.pop('XLA_FLAGS', None)
+  if xla_flags:
+    env['XLA_FLAGS'] = xla_flags
+  proc = subprocess.run([sys.executable, '-c', script, *map(str, args)],
+                        cwd=root, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 _FSDP_ROWS_SCRIPT = r'''
 import os, sys
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
-from train import configs, distributed, loop
+from train import configs
+from tests.step_memory import step_temp_bytes
 for name in ('tiny', 'tiny_t5'):
   temp = {}
   for mesh in ('data', 'fsdp'):
-    cfg = configs.replace(configs.get_config(name), batch_size=32, **{
-        'run_dir': sys.argv[1], 'mesh.data': 8 if mesh == 'data' else 1,
-        'mesh.fsdp': 8 if mesh == 'fsdp' else 1})
-    r = loop.build(cfg)
-    batch = r.family.prepare_batch(next(iter(loop.train_dataset(r))), r)[0]
-    batch = {k: distributed.global_array(v[None], distributed.batch_sharding(
-        r.mesh, v.ndim + 1, leading=1)) for k, v in batch.items()}
-    compiled = loop._jitted_step(r).lower(r.state, r.base, r.rngs,
-                                          batch).compile()
-    temp[mesh] = compiled.memory_analysis().temp_size_in_bytes
+    temp[mesh] = step_temp_bytes(configs.replace(
+        configs.get_config(name), batch_size=32, **{
+            'run_dir': sys.argv[1], 'mesh.data': 8 if mesh == 'data' else 1,
+            'mesh.fsdp': 8 if mesh == 'fsdp' else 1}))
   print(name, temp['data'], temp['fsdp'], flush=True)
 '''
 
@@ -1201,17 +1216,9 @@ def test_fsdp_keeps_each_devices_activations_to_its_rows(tmp_path):
   split after the embedding, and every device computed the whole global
   batch (Gemma-2B preset: 104 GiB per device on 16). A step's scratch
   memory on fsdp = 8 is now about data = 8's (it had been 1.8-1.9x)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root)
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-c', _FSDP_ROWS_SCRIPT,
-                         str(tmp_path / 'run')], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [line.split() for line in proc.stdout.splitlines()]
-  assert [r[0] for r in rows] == ['tiny', 'tiny_t5'], proc.stdout
+  out = _run_script(_FSDP_ROWS_SCRIPT, tmp_path / 'run')
+  rows = [line.split() for line in out.splitlines()]
+  assert [r[0] for r in rows] == ['tiny', 'tiny_t5'], out
   for name, data_temp, fsdp_temp in rows:
     assert int(fsdp_temp) < 1.25 * int(data_temp), (name, data_temp,
                                                     fsdp_temp)
@@ -1220,19 +1227,14 @@ def test_fsdp_keeps_each_devices_activations_to_its_rows(tmp_path):
 _REMAT_SCRIPT = r'''
 import os, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
-from train import configs, distributed, loop
+from train import configs
+from tests.step_memory import step_temp_bytes
 for name in ('tiny', 'tiny_t5'):
   temp = {}
   for remat in (False, True):
-    cfg = configs.replace(configs.get_config(name), **{
-        'run_dir': f'{sys.argv[1]}/{name}{remat}', 'model.remat': remat})
-    r = loop.build(cfg)
-    batch = r.family.prepare_batch(next(iter(loop.train_dataset(r))), r)[0]
-    batch = {k: distributed.global_array(v[None], distributed.batch_sharding(
-        r.mesh, v.ndim + 1, leading=1)) for k, v in batch.items()}
-    compiled = loop._jitted_step(r).lower(r.state, r.base, r.rngs,
-                                          batch).compile()
-    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    temp[remat] = step_temp_bytes(configs.replace(
+        configs.get_config(name), **{
+            'run_dir': f'{sys.argv[1]}/{name}{remat}', 'model.remat': remat}))
   print(name, temp[False], temp[True], flush=True)
 '''
 
@@ -1244,18 +1246,11 @@ def test_remat_saves_activation_memory_where_xla_keeps_its_barriers(
   lowers to kept (XLA:CPU removes them before scheduling by default, and
   then shows no saving; XLA's GPU pipeline keeps them), the step's scratch
   memory falls (tiny Gemma 3: 80 MB to 15 MB; tiny T5: 18 to 11)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root,
-             XLA_FLAGS='--xla_disable_hlo_passes=cse_barrier_expander')
-  proc = subprocess.run([sys.executable, '-c', _REMAT_SCRIPT,
-                         str(tmp_path / 'run')], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = _run_script(_REMAT_SCRIPT, tmp_path / 'run',
+                    xla_flags='--xla_disable_hlo_passes=cse_barrier_expander')
   rows = {r[0]: (int(r[1]), int(r[2]))
-          for r in (line.split() for line in proc.stdout.splitlines())}
-  assert set(rows) == {'tiny', 'tiny_t5'}, proc.stdout
+          for r in (line.split() for line in out.splitlines())}
+  assert set(rows) == {'tiny', 'tiny_t5'}, out
   assert rows['tiny'][1] < 0.25 * rows['tiny'][0], rows
   assert rows['tiny_t5'][1] < 0.8 * rows['tiny_t5'][0], rows
 
@@ -1318,18 +1313,9 @@ def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
   it only afterwards, which a model larger than one device's memory (an
   mT5-XXL in bfloat16, 26 GB) cannot survive. Values equal the plain
   load's."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''))
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-c', _PLACED_SCRIPT,
-                         str(tmp_path)], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'gemma placed' in proc.stdout and 't5 placed' in proc.stdout
-  assert 'random base placed' in proc.stdout
+  out = _run_script(_PLACED_SCRIPT, tmp_path, timeout=600)
+  assert 'gemma placed' in out and 't5 placed' in out
+  assert 'random base placed' in out
 
 
 _SHAMPOO_BLOCKS_SCRIPT = r'''
@@ -1400,17 +1386,8 @@ def test_shampoo_block_statistics_shard_with_their_factor(tmp_path):
   times a factor's size): on an fsdp = 4 mesh the blocks of a factor split
   along its long axis are split the same way, where every device had held
   all of them, and the step computes what it did with them replicated."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''))
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-c', _SHAMPOO_BLOCKS_SCRIPT,
-                         str(tmp_path / 'run')], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'blocks split' in proc.stdout
+  out = _run_script(_SHAMPOO_BLOCKS_SCRIPT, tmp_path / 'run', timeout=600)
+  assert 'blocks split' in out
 
 
 _GENERATE_SCRIPT = r'''
@@ -1442,22 +1419,13 @@ def test_gemma_generation_is_split_over_the_mesh_batch_axes(tmp_path):
   """Evaluation by generation splits its rows over data x fsdp, as
   training does (every device had generated the whole batch), each chunk
   padded to eval.batch_size rows; the texts equal one device's."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''))
-  env.pop('XLA_FLAGS', None)
   runs = {}
   for name, mesh, devices in (
       ('one', {'data': 1}, 1),
       ('mesh', {'data': 2, 'fsdp': 2, 'tensor': 2}, 8)):
-    proc = subprocess.run(
-        [sys.executable, '-c', _GENERATE_SCRIPT, json.dumps(mesh),
-         str(tmp_path / name), str(devices)], cwd=root, env=env,
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(l.split(' ', 1) for l in proc.stdout.splitlines()
+    out = _run_script(_GENERATE_SCRIPT, json.dumps(mesh), tmp_path / name,
+                      devices, timeout=600)
+    lines = dict(l.split(' ', 1) for l in out.splitlines()
                  if l.startswith(('SEEN ', 'TEXTS ')))
     runs[name] = {k: json.loads(v) for k, v in lines.items()}
   assert runs['mesh']['SEEN'] == [
