@@ -310,6 +310,37 @@ def test_multiple_choice_loglik_shares_a_pass_across_last_token_options():
                               alternatives_fn=lambda q: [[0.0, 0.0]])
 
 
+def test_an_option_extending_another_can_win():
+  """'answer10' extends 'answer1' token for token: scored without an end,
+  its log-likelihood could never exceed answer1's. Such an item's options
+  end in EOS (as training targets do); other items' stay without."""
+  labels = tuple(f"answer{k}" for k in range(1, 11))
+  tenway = _mc(9, labels)
+  gold = TOK.encode(tenway.options[9]) + [TOK.eos_id]
+  seen = []
+
+  def model(pairs):  # Left to right, 0.99 on each next token of gold + EOS.
+    seen.extend(o for _, o in pairs)
+    scores = []
+    for _, option in pairs:
+      logp = 0.0
+      for i, token in enumerate(option):
+        if list(option[:i]) != gold[:i]:
+          logp += np.log(0.5)  # Off the gold path: anything.
+        else:
+          logp += np.log(0.99 if i < len(gold) and token == gold[i] else 0.01)
+      scores.append(logp)
+    return scores
+
+  for normalized in (False, True):
+    seen.clear()
+    result = ev.multiple_choice_loglik([tenway, _mc(1)], TOK, model,
+                                       length_normalized=normalized)
+    assert result.predictions[0] == 9 and result.correct[0]
+    assert all(o[-1] == TOK.eos_id for o in seen[:10])
+    assert all(TOK.eos_id not in o for o in seen[10:])  # answer1-3: no EOS.
+
+
 def test_every_option_is_scored_after_the_same_cut_prompt():
   """A prompt too long for the row is cut by as much as the longest option
   needs: each option's own cut had scored BoolQ's 'false' after one prompt

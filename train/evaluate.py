@@ -117,6 +117,13 @@ def _differ_in_last_token_only(encoded) -> bool:
       for p, o in encoded[1:])
 
 
+def _some_option_extends_another(options: Sequence[Sequence[int]]) -> bool:
+  """Whether some option's token ids are a proper prefix of another's."""
+  as_tuples = {tuple(o) for o in options}
+  return any(o[:k] in as_tuples for o in map(tuple, options)
+             for k in range(1, len(o)))
+
+
 def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
                            score_fn: ScoreFn, *, max_length: int = 1024,
                            length_normalized: bool = False,
@@ -128,6 +135,10 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   Each option target (e.g. 'the correct answer is answer2') is scored after
   the example's prompt; the prediction is the option with the highest summed
   log-probability, or the highest mean per token when `length_normalized`.
+  Options are scored without EOS, except in an example where one option's
+  tokens extend another's ('answer1' and 'answer10'): there all its options
+  end in EOS, as training targets do, since otherwise the longer option's
+  summed log-probability could never exceed the shorter's.
 
   Args:
     examples: Examples with `options` and `gold_index`; those without a gold
@@ -157,6 +168,13 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   for e in scored:
     enc = [encode_pair(e.prompt, option, tokenizer, max_length, add_eos=False)
            for option in e.options]
+    if _some_option_extends_another([o for _, o in enc]):
+      # 'answer10' extends 'answer1' token for token, so without an end its
+      # log-likelihood could never beat answer1's (and ties went to
+      # answer1): score such an item's options with the EOS that training
+      # puts after every target.
+      enc = [encode_pair(e.prompt, option, tokenizer, max_length)
+             for option in e.options]
     # Every option after the same context: the prompt as far as the longest
     # option leaves room for (each its own cut had scored a longer option
     # after fewer prompt tokens).
