@@ -78,7 +78,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -373,17 +372,15 @@ def drop_seen_items(results: dict, budget: Budget,
 # by construction.)
 CHECK_TARGETS = ('gsm8k',)
 CONSISTENT = '_consistent'  # Suffix of the derived test set.
-# Currency signs the number pattern does not read ('The answer is €77.').
-_CURRENCY = re.compile('[\u20ac\u00a3\u00a5\u20b9]')
 
 
 def target_agrees_with_gold(example) -> bool:
   """Whether the item's target ends on its gold number ('The answer is N',
-  N read as `data.extract_final_number` reads it: '$', thousands commas or
-  spaces, '576.0', negatives); False without either."""
+  N read as `data.extract_final_number` reads it: currency signs, thousands
+  commas or spaces, '576.0', negatives); False without either."""
   if example.gold_number is None:
     return False
-  final = data_lib.extract_final_number(_CURRENCY.sub('', example.target),
+  final = data_lib.extract_final_number(example.target,
                                         fallback_to_last=False)
   return numbers_lib.numbers_equal(final, example.gold_number)
 
