@@ -378,6 +378,37 @@ def test_generation_stops_at_end_of_turn_as_well_as_eos():
   assert out.tokens[0] == free[:free.index(turn)]
 
 
+def test_generation_runs_the_model_once_per_token(monkeypatch):
+  """The prompt's pass, then one step per token fed back: the last token
+  (the max_new_tokens-th, or a stop) is not fed back (that step's logits
+  had been computed and thrown away)."""
+  model, _ = _tiny('gemma-tiny')
+  prompts = [[3, 4, 5], [6, 7]]
+  free = gemma.Sampler(model, pad_multiple=8)(prompts, 6,
+                                              stop_at_eos=False).tokens
+  calls = []
+  call = type(model).__call__
+
+  def counted(self, *args, **kwargs):
+    jax.debug.callback(lambda: calls.append(1))
+    return call(self, *args, **kwargs)
+
+  monkeypatch.setattr(type(model), '__call__', counted)
+  for n in (1, 6):
+    calls.clear()
+    out = gemma.Sampler(model, pad_multiple=8)(prompts, n, stop_at_eos=False)
+    jax.effects_barrier()
+    assert out.tokens == [row[:n] for row in free] and len(calls) == n
+  # A stop at the first token: the prompt's pass alone (rows that stop at
+  # once; the tiny model repeats one token per prompt here).
+  import types  # pylint: disable=g-import-not-at-top
+  calls.clear()
+  tok = types.SimpleNamespace(eos_id=free[0][0], pad_id=0, decode=str)
+  out = gemma.Sampler(model, tok, pad_multiple=8)(prompts[:1], 6)
+  jax.effects_barrier()
+  assert out.tokens == [[]] and len(calls) == 1
+
+
 def test_hidden_logits_split_and_positions():
   # Gemma 2: the final soft-cap must live in `logits`, after the gather.
   model, forward = _tiny('gemma2-tiny')

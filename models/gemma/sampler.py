@@ -136,12 +136,8 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
   out_logits = jnp.zeros((b, max_new_tokens if return_logits else 0, vocab),
                          jnp.float32)
 
-  def cond(carry):
-    i, _, _, _, done, _, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    i, cache, logits, key, done, out, out_logits = carry
+  def pick(i, logits, key, done, out, out_logits):
+    """Samples token i of every row not yet done and records it."""
     key, sub = jax.random.split(key)
     tok = sample_logits(logits, sub, temperature=temperature, top_k=top_k,
                         top_p=top_p)
@@ -151,13 +147,27 @@ def _generate(state, tokens, mask, key, *, graphdef, max_new_tokens,
       out_logits = out_logits.at[:, i].set(logits)
     if stop_ids:
       done = done | jnp.isin(tok, jnp.asarray(stop_ids, jnp.int32))
-    logits, cache = model(tok[:, None], cache=cache)
-    return i + 1, cache, logits[:, -1], key, done, out, out_logits
+    return tok, key, done, out, out_logits
 
-  carry = (jnp.zeros((), jnp.int32), cache, logits, key,
-           jnp.zeros((b,), bool), out, out_logits)
-  carry = jax.lax.while_loop(cond, body, carry)
-  return carry[0], carry[5], carry[6]
+  # Token i is fed back only while another is wanted: the step after the
+  # last token (the max_new_tokens-th, or the stop that ended every row)
+  # had been run and its logits thrown away.
+  def cond(carry):
+    i, _, _, _, done, _, _ = carry
+    return (i < max_new_tokens - 1) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, tok, key, done, out, out_logits = carry
+    logits, cache = model(tok[:, None], cache=cache)
+    tok, key, done, out, out_logits = pick(i + 1, logits[:, -1], key, done,
+                                           out, out_logits)
+    return i + 1, cache, tok, key, done, out, out_logits
+
+  tok, key, done, out, out_logits = pick(
+      0, logits, key, jnp.zeros((b,), bool), out, out_logits)
+  carry = (jnp.zeros((), jnp.int32), cache, tok, key, done, out, out_logits)
+  i, _, _, _, _, out, out_logits = jax.lax.while_loop(cond, body, carry)
+  return i + 1, out, out_logits
 
 
 def _stop_ids(tokenizer) -> tuple[int, ...]:
