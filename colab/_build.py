@@ -738,7 +738,12 @@ for c in sweep:
   `q, k, v, o, wi_0, wi_1, wo`, `models/t5.py`); `python -m train` trains it
   like the Gemma presets and exports a `SEQ_2_SEQ_LM` PEFT adapter.
 * **Compare optimizers** by running the same config with `--optim.name adam`
-  (or `loraplus`, `scaled_adam`, `shampoo`, `lamb`).
+  (or `loraplus`, `scaled_adam`, `shampoo`, `lamb`). Every optimizer then
+  takes the config's `--optim.eps` (1e-6) and no gradient clip; the
+  authors' PyTorch script ran its Adam baseline with eps 1e-8, a clip at
+  global norm 1 and a linear decay (`--optim.eps 1e-8
+  --optim.clip_grad_norm 1.0 --optim.schedule linear`; the README's
+  Training section lists its other differences).
 
 ## Launching on a Cloud TPU pod slice
 

@@ -154,7 +154,9 @@ class OptimConfig:
     b1: first-moment decay, passed to the optimizer (all six take b1, b2,
       eps and weight_decay).
     b2: second-moment decay.
-    eps: the optimizer's epsilon.
+    eps: the optimizer's epsilon, one for whichever optimizer `name` picks
+      (1e-6: LoRA-RITE's and Lamb's own; the library's adam, loraplus,
+      scaled_adam and shampoo default to 1e-8, as Hugging Face's AdamW does).
     weight_decay: decoupled weight decay on the adapters.
     clip_grad_norm: global-norm clip before the optimizer; 0 = off. Not
       transformation invariant (the raw gradients' norm depends on the
