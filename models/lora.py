@@ -1060,6 +1060,10 @@ def _peft_rule(cfg: dict, name: str, legacy: bool = False) -> bool | None:
   return False
 
 
+# PEFT's init_lora_weights values that leave the base weights as they are.
+_PLAIN_PEFT_INITS = ('gaussian', 'eva', 'orthogonal')
+
+
 def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                       name_map: NameMap | None = None,
                       adapter_name: str | None = None,
@@ -1104,6 +1108,20 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if cfg.get(key):
       raise ValueError(f'{cfg_path}: {key}={cfg[key]!r} is not supported '
                        '(only plain LoRA loads).')
+  # PiSSA, OLoRA, CorDA, LoftQ: PEFT re-runs these inits when it loads
+  # such a config and makes the base the residual (W - s B0 A0, or a
+  # quantised W): the factors on an unchanged base had given other outputs
+  # without a word. The inits here only draw A and B, which the file
+  # replaces.
+  init = cfg.get('init_lora_weights', True)
+  if not (init is True or init is False or init in _PLAIN_PEFT_INITS):
+    raise ValueError(
+        f'{cfg_path}: init_lora_weights={init!r} is not supported: PEFT '
+        'rebuilds the base weights from it when it loads the adapter, so the '
+        'factors do not apply to the unchanged base (save it from PEFT with '
+        'path_initial_model_for_weight_conversion= to get a plain LoRA '
+        'adapter); plain inits load: true, false, '
+        f'{", ".join(map(repr, _PLAIN_PEFT_INITS))}.')
   r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
   if not checks.is_integer(r_cfg) or r_cfg < 1 or not isinstance(
       alpha_cfg, (int, float)) or isinstance(alpha_cfg, bool):

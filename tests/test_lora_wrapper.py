@@ -442,6 +442,13 @@ def test_peft_bad_inputs(tmp_path):
        'alora_invocation_tokens=[5, 9] is not supported'),
       (write('qalora', cfg=dict(cfg, use_qalora=True)),
        'use_qalora=True is not supported'),
+      # PEFT re-runs these inits on load and makes the base their residual:
+      # the factors had been attached to the unchanged base.
+      (write('pissa', cfg=dict(cfg, init_lora_weights='pissa_niter_4')),
+       "init_lora_weights='pissa_niter_4' is not supported: PEFT rebuilds "
+       'the base weights'),
+      (write('loftq', cfg=dict(cfg, init_lora_weights='loftq')),
+       "init_lora_weights='loftq' is not supported"),
       # The config targets every q, the file lacks one: it had loaded the
       # rest with no error.
       (write('partial', {k: v for k, v in tensors.items()
@@ -485,6 +492,11 @@ def test_peft_bad_inputs(tmp_path):
       lora.load_peft_adapter(model, directory)
     assert expected in _one_line(e), (directory, str(e.value))
     assert not lora.lora_modules(model)  # Checked before anything changes.
+  for init in ('gaussian', 'eva', 'orthogonal', False):  # Base unchanged.
+    model = _t5()
+    lora.load_peft_adapter(model, write(f'init_{init}', cfg=dict(
+        cfg, init_lora_weights=init)))
+    assert lora.lora_modules(model)
   with pytest.raises(FileNotFoundError) as e:
     lora.load_peft_adapter(_t5(), tmp_path / 'nothing')
   assert 'adapter_config.json' in _one_line(e)
