@@ -416,8 +416,9 @@ def test_the_test_set_is_the_same_for_every_seed(tmp_path):
 
 
 def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
-  """Gemma 3 4B+ keep the decoder under model.language_model: the exported
-  adapter must name it so, or PEFT loads it as a no-op."""
+  """Gemma 3 4B+ keep the decoder under model.language_model (in files of
+  either layout): the exported adapter must name it so, or PEFT loads it
+  as a no-op."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from models import gemma  # pylint: disable=g-import-not-at-top
   from models.gemma import load as gemma_load  # pylint: disable=g-import-not-at-top
@@ -436,6 +437,13 @@ def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
   with open(hf / 'config.json', 'w') as f:
     json.dump({'model_type': 'gemma3', 'text_config': text_config,
                'vision_config': {}}, f)
+  assert gemma_load.hf_module_prefix(str(hf)) == 'model.language_model'
+  # transformers before 4.52 saved these as language_model.model.layers;
+  # its modules are model.language_model.layers now, and PEFT matches
+  # module names (the file's prefix had matched nothing).
+  save_file({
+      'language_model.model.' + k.removeprefix('model.language_model.'):
+          np.array(v) for k, v in load_file(st).items()}, st)
   assert gemma_load.hf_module_prefix(str(hf)) == 'model.language_model'
   out = loop.run(tiny(tmp_path / 'run', steps=1, checkpoint_every=0,
                       **{'model.path': str(hf)}), log=lambda s: None)

@@ -504,19 +504,24 @@ def _resolve_name(name: str, available) -> str | None:
 
 
 def hf_module_prefix(directory: str) -> str:
-  """Where the checkpoint in ``directory`` keeps its text decoder's layers.
+  """The transformers module that holds the checkpoint's decoder layers.
 
-  ``'model'`` for Gemma*ForCausalLM; ``'model.language_model'`` (or
-  ``'language_model.model'``) for the multimodal Gemma 3 checkpoints: the
-  module prefix a PEFT adapter for that checkpoint must use (see
-  :func:`models.lora.gemma_hf_name`). Reads only the safetensors headers.
+  ``'model'`` for Gemma*ForCausalLM; ``'model.language_model'`` for the
+  multimodal Gemma 3 checkpoints: the module prefix a PEFT adapter for that
+  checkpoint must use (see :func:`models.lora.gemma_hf_name`). Reads only
+  the safetensors headers.
   """
   probe = 'model.layers.0.self_attn.q_proj.weight'
   found = _resolve_name(probe, hf_io.open_tensors(directory))
   if found is None:
     raise ValueError(f'{directory}: no tensor {probe!r} under any of the '
                      f'prefixes {list(_HF_PREFIXES)}.')
-  return found.removesuffix('.layers.0.self_attn.q_proj.weight')
+  prefix = found.removesuffix('.layers.0.self_attn.q_proj.weight')
+  # Files saved before transformers 4.52 keep language_model.model.layers;
+  # the module is model.language_model now (the file's prefix is mapped on
+  # loading), and PEFT matches an adapter's targets to module names: the
+  # file's prefix had matched nothing.
+  return 'model.language_model' if prefix == 'language_model.model' else prefix
 
 
 # Tensors of a multimodal checkpoint outside its text decoder (not loaded).
