@@ -781,6 +781,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
                     | None = None) -> T5:
   """Loads a Hugging Face T5 v1.1 / mT5 checkpoint directory.
 
+  The head is read as the transformers version that wrote config.json reads
+  it: a file without ``lm_head.weight`` whose head transformers 5 takes
+  unscaled from the embedding (T5 with ``scale_decoder_outputs`` false, an
+  mT5 it wrote) gets a head copied from the embedding (untied: the
+  embedding's memory twice).
+
   Args:
     path: directory with config.json and model.safetensors (or shards with
       model.safetensors.index.json), PyTorch names and [out, in] weights.
@@ -806,8 +812,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
     raise FileNotFoundError(f'{path}: not a directory (expected a Hugging '
                             'Face checkpoint with config.json).')
   config_path = path / hf_io.CONFIG
-  config = config_from_hf(hf_io.read_json(config_path, 'config.json'),
-                          str(config_path))
+  data = hf_io.read_json(config_path, 'config.json')
+  config = config_from_hf(data, str(config_path))
   checkpoint_rate = config.dropout_rate
   if dropout_rate is not None:
     config = dataclasses.replace(config, dropout_rate=dropout_rate)
@@ -816,6 +822,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
       'lm_head.weight' in tensors):
     # transformers 5 writes tie_word_embeddings true for every mT5 and
     # saves its head (mT5's own, untied), which it loads as it is, unscaled.
+    config = dataclasses.replace(config, tie_word_embeddings=False)
+  head_from_embedding = ('lm_head.weight' not in tensors and
+                         _tied_unscaled_head(data))
+  if head_from_embedding:
+    # The head is the embedding, unscaled: a head of its own made from it.
     config = dataclasses.replace(config, tie_word_embeddings=False)
   # HF may write the embedding only under a tied alias.
   embed_name = next((n for n in ('shared.weight',) + _TIED_ALIASES
@@ -829,7 +840,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   # layer uses (transformers ignores it too).
   used = set(_TIED_ALIASES) | {_UNUSED_CROSS_BIAS}
   for name, var, kind in _hf_params(model):
-    stored = embed_name if name == 'shared.weight' else name
+    stored = embed_name if name == 'shared.weight' or (
+        head_from_embedding and name == 'lm_head.weight') else name
     if stored not in tensors:
       raise ValueError(f'{path}: missing tensor {name!r} (looked in '
                        f'{_weights_files(path)}).')
@@ -868,6 +880,25 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
   # deterministic model) had become the saved checkpoint's training rate.
   model.checkpoint_dropout_rate = checkpoint_rate
   return model
+
+
+def _tied_unscaled_head(data: dict[str, Any]) -> bool:
+  """Whether a config.json written without `lm_head.weight` means the
+  embedding as the head, unscaled (the one combination `T5Config` lacks).
+
+  transformers 5 takes the head from `lm_head.weight` when the file has it,
+  else from the embedding, and scales the decoder's output by d_model^-0.5
+  only where `scale_decoder_outputs` says so (T5; never for mT5). A model it
+  built from a config (pretrained from scratch) saves the embedding alone:
+  such a T5 v1.1 had been refused for a missing lm_head, and such an mT5
+  loaded as the original T5's tied, rescaled head (logits off by
+  sqrt(d_model)). transformers 4 read a tied head as rescaled.
+  """
+  if data.get('model_type', 't5') == 'mt5':
+    version = str(data.get('transformers_version', ''))
+    major = version.split('.')[0]
+    return major.isdigit() and int(major) >= 5
+  return data.get('scale_decoder_outputs') is False
 
 
 def _weights_files(path: Path) -> str:

@@ -109,6 +109,38 @@ def test_checkpoints_saved_by_transformers_5_load_untied(tmp_path, model_type,
                              atol=2e-5, rtol=1e-5)
 
 
+def test_a_head_tied_but_unscaled_by_transformers_5_loads(tmp_path):
+  """transformers 5 takes the head from the embedding where the file has no
+  lm_head.weight, and scales only where scale_decoder_outputs says so (T5;
+  never mT5): a T5 v1.1 saved so had been refused for a missing lm_head,
+  and such an mT5 had loaded with the original T5's rescaled head."""
+  cfg = dict(t5_reference.CONFIGS['gated'])
+  tensors = t5_reference.random_checkpoint(str(tmp_path), cfg, seed=1)
+  weights = tmp_path / 'model.safetensors'
+  save_file({**tensors, 'lm_head.weight': tensors['shared.weight']},
+            str(weights))
+  want = _reference_logits(t5.from_pretrained(tmp_path))  # Untied copy.
+  save_file({k: v for k, v in tensors.items() if k != 'lm_head.weight'},
+            str(weights))
+  for extra in ({'model_type': 't5', 'scale_decoder_outputs': False},
+                {'model_type': 'mt5', 'transformers_version': '5.25.0'}):
+    (tmp_path / 'config.json').write_text(json.dumps(
+        dict(cfg, tie_word_embeddings=True, **extra)))
+    model = t5.from_pretrained(tmp_path)
+    assert not model.config.tie_word_embeddings, extra
+    np.testing.assert_allclose(_reference_logits(model), want, atol=1e-5,
+                               rtol=1e-5)
+  # Written by transformers 4: its tied mT5 head was rescaled.
+  (tmp_path / 'config.json').write_text(json.dumps(dict(
+      cfg, model_type='mt5', tie_word_embeddings=True,
+      transformers_version='4.46.0')))
+  model = t5.from_pretrained(tmp_path)
+  assert model.config.tie_word_embeddings
+  np.testing.assert_allclose(_reference_logits(model),
+                             want * cfg['d_model'] ** -0.5, atol=1e-5,
+                             rtol=1e-5)
+
+
 def test_original_t5_checkpoints_load_past_their_unused_cross_bias(tmp_path):
   """t5-small/base/large hold a cross-attention position bias that no layer
   uses (transformers ignores it): it had been an 'unexpected tensor'."""
