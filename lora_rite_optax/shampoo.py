@@ -215,7 +215,9 @@ def scale_by_shampoo(
     precondition_every: recompute the inverse roots when ``count %
       precondition_every == 0`` (so at the first step, then every k steps).
     graft: ``'adam'`` (layer-wise norm of Adam's step), ``'sgd'`` (norm of
-      the gradient) or ``'none'`` (raw Shampoo direction).
+      the gradient) or ``'none'`` (raw Shampoo direction). Leaves with fewer
+      than two axes take the graft's direction itself: the gradient with
+      ``'sgd'``, Adam's normalised gradient otherwise.
     layout: how LoRA pairs are recognised (for their rank-last views).
 
   Returns:
@@ -392,7 +394,9 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
       nu = (b2 * nu + (1 - b2) * jnp.square(g32)).astype(nu_dtype)
       adam = linalg.divide_or_zero(g32, jnp.sqrt(nu / bc2) + eps)
       if plan.kind == 'diag':
-        direction = adam
+        # Unpreconditioned: the graft's own direction, as Distributed
+        # Shampoo gives such leaves (with 'sgd' they had taken Adam's).
+        direction = g32 if graft == 'sgd' else adam
       else:
         pre = _from_blocks(
             linalg.matmul(linalg.matmul(root.left, gb), root.right), plan)
@@ -463,7 +467,8 @@ def shampoo(
   \epsilon)`, :math:`v_t = b_2 v_{t-1} + (1-b_2) g^2`. Leaves with fewer than
   two axes (per slice) take that normalised gradient itself as their
   direction (RMSProp's, so with the momentum below they differ from Adam,
-  which averages the raw gradient). The grafted direction ``u`` goes through
+  which averages the raw gradient; the gradient itself with
+  ``graft='sgd'``, as in Distributed Shampoo). The grafted direction ``u`` goes through
   momentum :math:`m_t = b_1 m_{t-1} + (1-b_1) u_t` and the step is
   :math:`-\eta_t (m_t / (1 - b_1^{t+1}) + wd\, \theta_t)`. State is kept in
   at least float32; updates are cast to the gradients' dtype.
@@ -480,7 +485,11 @@ def shampoo(
   step by default (50 in that config) and runs the graft alone for the first
   ``start_preconditioning_step=5`` steps, where we precondition from step 0.
   The bias correction of the momentum is ours (it makes the first steps the
-  size of Adam's).
+  size of Adam's). The inverse roots are computed in the compute dtype,
+  float32 unless x64 is on (Distributed Shampoo takes float64), where the
+  default ``matrix_eps`` is about 8 machine epsilons: a root reused for
+  ``precondition_every`` steps can be off by ~1% on a gradient outside the
+  statistic's span (~1e-4 with ``matrix_eps=1e-4``).
 
   Args:
     learning_rate: a float or an optax schedule.

@@ -304,8 +304,8 @@ class _NpShampoo:
                                         'nu': np.zeros_like(g)})
       st['nu'] = b2 * st['nu'] + (1 - b2) * g * g
       adam = g / (np.sqrt(st['nu'] / (1 - b2 ** (self.t + 1))) + eps)
-      if g.ndim < 2:
-        direction = adam
+      if g.ndim < 2:  # Distributed Shampoo: the graft's own direction.
+        direction = g if graft == 'sgd' else adam
       else:
         gm, back = _np_matrix(g, path.split('/')[-1])
         pre = np.zeros_like(gm)
@@ -343,7 +343,7 @@ def test_shampoo_matches_numpy(graft):
       'q': {'lora_a': rng.normal(size=(10, 3)),        # row blocks 4, 4, 2
             'lora_b': rng.normal(size=(3, 2, 5))},     # view (10, 3)
       'w': rng.normal(size=(5, 6)),                    # a non-LoRA matrix
-      'bias': rng.normal(size=(6,)),                   # 1-D: Adam's step
+      'bias': rng.normal(size=(6,)),                   # 1-D: the graft's
   }
   hyper = dict(b1=0.9, b2=0.95, eps=1e-8, matrix_eps=1e-6, block_size=4,
                every=3, graft=graft)
