@@ -1060,8 +1060,10 @@ def _peft_rule(cfg: dict, name: str, legacy: bool = False) -> bool | None:
   return False
 
 
-# PEFT's init_lora_weights values that leave the base weights as they are.
-_PLAIN_PEFT_INITS = ('gaussian', 'eva', 'orthogonal')
+# PEFT's init_lora_weights values that leave the base weights as they are
+# (PEFT reads them in any case), and those that rebuild it on loading.
+_PLAIN_PEFT_INITS = ('gaussian', 'eva', 'orthogonal', 'mica')
+_BASE_REBUILDING_PEFT_INITS = ('pissa', 'olora', 'corda', 'loftq', 'lora_ga')
 
 
 def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
@@ -1084,7 +1086,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       activated LoRA, ...), a key that names no projection, a targeted
       module or a factor missing, or a shape mismatch.
   """
-  if name_map is None:
+  guessed = name_map is None
+  if guessed:
     name_map, _ = _default_name_map(model, 'load_peft_adapter')
   src = Path(directory)
   if adapter_name is not None:
@@ -1114,13 +1117,19 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   # without a word. The inits here only draw A and B, which the file
   # replaces.
   init = cfg.get('init_lora_weights', True)
-  if not (init is True or init is False or init in _PLAIN_PEFT_INITS):
+  plain = init is True or init is False or (
+      isinstance(init, str) and init.lower() in _PLAIN_PEFT_INITS)
+  if not plain:
+    rebuilds = isinstance(init, str) and init.lower().startswith(
+        _BASE_REBUILDING_PEFT_INITS)
     raise ValueError(
-        f'{cfg_path}: init_lora_weights={init!r} is not supported: PEFT '
-        'rebuilds the base weights from it when it loads the adapter, so the '
-        'factors do not apply to the unchanged base (save it from PEFT with '
-        'path_initial_model_for_weight_conversion= to get a plain LoRA '
-        'adapter); plain inits load: true, false, '
+        f'{cfg_path}: init_lora_weights={init!r} is not supported: ' + (
+            'PEFT rebuilds the base weights from it when it loads the '
+            'adapter, so the factors do not apply to the unchanged base '
+            '(save it from PEFT with path_initial_model_for_weight_'
+            'conversion= to get a plain LoRA adapter)' if rebuilds else
+            'an init this loader does not know') +
+        '; plain inits load: true, false, '
         f'{", ".join(map(repr, _PLAIN_PEFT_INITS))}.')
   r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
   if not checks.is_integer(r_cfg) or r_cfg < 1 or not isinstance(
@@ -1143,6 +1152,13 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
       raise ValueError(f'{who}: unexpected tensor {key!r} (expected '
                        'base_model.model.<module>.lora_A/lora_B.weight).')
     by_module.setdefault(m['module'], {})[m['ab']] = value
+  if guessed and name_map is gemma_hf_name:
+    # An adapter for a multimodal Gemma 3 checkpoint (the train loop
+    # exports one so) names its decoder model.language_model.layers, or
+    # language_model.model.layers in files of transformers before 4.52.
+    for prefix in ('model.language_model', 'language_model.model'):
+      if by_module and all(n.startswith(prefix + '.') for n in by_module):
+        name_map = functools.partial(gemma_hf_name, prefix=prefix)
   owners: dict[str, tuple[str, int, int]] = {}
   projs = projections(model)
   for path, proj in projs.items():

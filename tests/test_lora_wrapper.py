@@ -448,7 +448,10 @@ def test_peft_bad_inputs(tmp_path):
        "init_lora_weights='pissa_niter_4' is not supported: PEFT rebuilds "
        'the base weights'),
       (write('loftq', cfg=dict(cfg, init_lora_weights='loftq')),
-       "init_lora_weights='loftq' is not supported"),
+       "init_lora_weights='loftq' is not supported: PEFT rebuilds"),
+      (write('unknown_init', cfg=dict(cfg, init_lora_weights='newer')),
+       "init_lora_weights='newer' is not supported: an init this loader "
+       'does not know'),
       # The config targets every q, the file lacks one: it had loaded the
       # rest with no error.
       (write('partial', {k: v for k, v in tensors.items()
@@ -492,7 +495,7 @@ def test_peft_bad_inputs(tmp_path):
       lora.load_peft_adapter(model, directory)
     assert expected in _one_line(e), (directory, str(e.value))
     assert not lora.lora_modules(model)  # Checked before anything changes.
-  for init in ('gaussian', 'eva', 'orthogonal', False):  # Base unchanged.
+  for init in ('Gaussian', 'eva', 'orthogonal', 'mica', False):  # Base kept.
     model = _t5()
     lora.load_peft_adapter(model, write(f'init_{init}', cfg=dict(
         cfg, init_lora_weights=init)))

@@ -451,6 +451,13 @@ def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
       os.path.join(out['adapter_dir'], 'adapter_model.safetensors'))
   assert names and all(n.startswith(
       'base_model.model.model.language_model.layers.') for n in names), names
+  # It loads back without a name_map (the default had looked for
+  # model.layers and refused every module).
+  from models import lora  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma3-tiny').replace(
+      vocab_size=vocab), rngs=nnx.Rngs(0))
+  lora.load_peft_adapter(model, out['adapter_dir'])
+  assert len(lora.lora_modules(model)) * 2 == len(names)
 
 
 def test_prepare_batch_gathers_targets_in_order():
