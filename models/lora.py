@@ -73,6 +73,15 @@ class LoRAInitial(nnx.Variable):
   """
 
 
+class LoRAMerged(nnx.Variable):
+  """Frozen copy of the factors :func:`merge_lora` folded into a kernel.
+
+  :func:`unmerge_lora` subtracts these, not the live factors: an optimizer
+  step taken while merged (zero gradients, but weight decay and momentum
+  still move the factors) had left the kernel off the base.
+  """
+
+
 def _path_str(path: Sequence[Any]) -> str:
   return '.'.join(str(p) for p in path)
 
@@ -502,9 +511,9 @@ def set_lora_params(model: nnx.Module, params: Mapping) -> nnx.Module:
   """Writes a pure dict like :func:`lora_params`'s back into ``model``.
 
   Raises:
-    ValueError: an adapter is merged into its kernel (the forward skips it,
-      and :func:`unmerge_lora` would then subtract the new factors, not the
-      merged ones); call :func:`unmerge_lora` first.
+    ValueError: an adapter is merged into its kernel (the forward skips it:
+      the outputs would stay those of the merged factors); call
+      :func:`unmerge_lora` first.
   """
   merged = [path for path, proj in projections(model).items()
             if proj.lora is not None and proj.lora.merged]
@@ -626,20 +635,37 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   merge-to-evaluate, unmerge-to-train loop from being exact there).
   """
   for proj in projections(model).values():
-    if proj.lora is not None and not proj.lora.merged:
+    lora = proj.lora
+    if lora is not None and not lora.merged:
       k = proj.kernel[...]
       proj.kernel.set_value((k.astype(jnp.float32) + _delta(proj)).astype(k.dtype))
-      proj.lora.merged = True
+      # Copies (a train step donates the factors' buffers), placed as the
+      # factors are.
+      lora.merged_a, lora.merged_b = (
+          LoRAMerged(jnp.copy(f[...]), eager_sharding=False,
+                     out_sharding=f.get_metadata().get('out_sharding'))
+          for f in (lora.lora_a, lora.lora_b))
+      lora.merged = True
   return model
 
 
 def unmerge_lora(model: nnx.Module) -> nnx.Module:
-  """Subtracts every merged adapter from its kernel again (in place)."""
+  """Subtracts every merged adapter from its kernel again (in place).
+
+  What is subtracted is what :func:`merge_lora` added (the factors as they
+  were then), so the kernel is back to one rounding step of the kernel's
+  dtype (of ``W + s A B``: ~3e-8 in float32 for entries of ~0.3) whatever
+  happened to the factors in between; the adapter keeps its current
+  factors.
+  """
   for proj in projections(model).values():
-    if proj.lora is not None and proj.lora.merged:
+    lora = proj.lora
+    if lora is not None and lora.merged:
       k = proj.kernel[...]
-      proj.kernel.set_value((k.astype(jnp.float32) - _delta(proj)).astype(k.dtype))
-      proj.lora.merged = False
+      delta = _scaled_product(proj, lora.merged_a[...], lora.merged_b[...])
+      proj.kernel.set_value((k.astype(jnp.float32) - delta).astype(k.dtype))
+      del lora.merged_a, lora.merged_b
+      lora.merged = False
   return model
 
 

@@ -176,6 +176,34 @@ def test_a_pure_step_with_dropout_from_split_lora():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+def test_unmerge_restores_the_base_after_a_step_taken_while_merged():
+  """A merged adapter gets zero gradients, but weight decay and momentum
+  still move its factors: unmerge_lora subtracts what merge_lora added, so
+  the kernel comes back (it had subtracted the moved factors: off by 3e-3),
+  and the adapter keeps its moved factors. Under nnx.jit too."""
+  model = _t5()
+  o = model.decoder.layers[0].cross_attn.o
+  kernel = o.kernel[...]
+  lora.apply_lora(model, rank=4, alpha=8.0)
+  _randomize_b(model)
+  opt = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.5),
+                      wrt=lora.LORA_FILTER)
+  nnx.jit(lora.merge_lora)(model)
+  assert o.lora.merged
+  b = o.lora.lora_b[...]
+  grads = nnx.grad(lambda m: jnp.sum(fwd(m, ENC, DEC) ** 2),
+                   argnums=nnx.DiffState(0, lora.LORA_FILTER))(model)
+  assert not any(np.any(g) for g in jax.tree.leaves(grads))  # Skipped.
+  opt.update(model, grads)
+  assert not np.allclose(o.lora.lora_b[...], b)  # Decay moved it.
+  nnx.jit(lora.unmerge_lora)(model)
+  assert not o.lora.merged and not hasattr(o.lora, 'merged_a')
+  np.testing.assert_allclose(o.kernel[...], kernel, atol=1e-6)
+  unmerged = fwd(model, ENC, DEC)
+  lora.merge_lora(model)  # The moved factors now.
+  np.testing.assert_allclose(fwd(model, ENC, DEC), unmerged, atol=2e-5)
+
+
 def test_merge_equals_unmerged():
   model = _t5()
   lora.apply_lora(model, rank=4, alpha=8.0)
@@ -189,8 +217,7 @@ def test_merge_equals_unmerged():
   np.testing.assert_allclose(fwd(model, ENC, DEC), out, atol=2e-5)
   np.testing.assert_allclose(model.decoder.layers[0].cross_attn.o.kernel[...],
                              kernel, atol=1e-6)
-  # New factors on a merged model would be skipped by the forward and then
-  # subtracted by unmerge_lora in place of the merged ones: refused.
+  # New factors on a merged model would be skipped by the forward: refused.
   lora.merge_lora(model)
   params = jax.tree.map(lambda x: 3 * x, lora.lora_params(model))
   with pytest.raises(ValueError, match='merged adapter .*call unmerge_lora'):
