@@ -339,6 +339,12 @@ def test_an_option_extending_another_can_win():
     assert result.predictions[0] == 9 and result.correct[0]
     assert all(o[-1] == TOK.eos_id for o in seen[:10])
     assert all(TOK.eos_id not in o for o in seen[10:])  # answer1-3: no EOS.
+  # An empty option is a prefix of every other: scored as p(EOS), it had
+  # scored 0 (certain) and always won.
+  empty = Example("Q:", "no", options=("", "no"), labels=("", "no"),
+                  gold_index=1)
+  gold = TOK.encode("no") + [TOK.eos_id]
+  assert ev.multiple_choice_loglik([empty], TOK, model).predictions == (1,)
 
 
 def test_every_option_is_scored_after_the_same_cut_prompt():

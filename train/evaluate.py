@@ -118,10 +118,11 @@ def _differ_in_last_token_only(encoded) -> bool:
 
 
 def _some_option_extends_another(options: Sequence[Sequence[int]]) -> bool:
-  """Whether some option's token ids are a proper prefix of another's."""
+  """Whether some option's token ids are a proper prefix of another's (an
+  empty option's are of every other's)."""
   as_tuples = {tuple(o) for o in options}
   return any(o[:k] in as_tuples for o in map(tuple, options)
-             for k in range(1, len(o)))
+             for k in range(len(o)))
 
 
 def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
