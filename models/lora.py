@@ -1143,7 +1143,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   # without a word. The inits here only draw A and B, which the file
   # replaces.
   init = cfg.get('init_lora_weights', True)
-  plain = init is True or init is False or (
+  plain = init in (True, False, None) or (
       isinstance(init, str) and init.lower() in _PLAIN_PEFT_INITS)
   if not plain:
     rebuilds = isinstance(init, str) and init.lower().startswith(

@@ -522,7 +522,7 @@ def test_peft_bad_inputs(tmp_path):
       lora.load_peft_adapter(model, directory)
     assert expected in _one_line(e), (directory, str(e.value))
     assert not lora.lora_modules(model)  # Checked before anything changes.
-  for init in ('Gaussian', 'eva', 'orthogonal', 'mica', False):  # Base kept.
+  for init in ('Gaussian', 'eva', 'orthogonal', 'mica', False, None):  # Kept.
     model = _t5()
     lora.load_peft_adapter(model, write(f'init_{init}', cfg=dict(
         cfg, init_lora_weights=init)))
