@@ -80,6 +80,10 @@ def test_signatures_in_the_readme_are_the_librarys():
   for name, fn, parts in _signature_mentions():
     seen.add(name)
     parameters = inspect.signature(fn).parameters
+    # In the signature's order (a swapped b1, b2 had passed).
+    order = [list(parameters).index(p.partition('=')[0]) for p in parts
+             if p.partition('=')[0] in parameters]
+    assert order == sorted(order), (name, parts)
     for part in parts:
       key, _, default = part.partition('=')
       assert key in parameters, (name, key, list(parameters))
