@@ -243,6 +243,12 @@ def test_hf_formats(tmp_path):
   path.write_text(json.dumps(task_file))
   examples = data.load_file(path, "superni")
   assert [e.references for e in examples] == [("yes", "Yes"), ("no",)]
+  # One instance as the official ni_dataset.py yields them (had been
+  # refused for a missing 'Instances').
+  instance = {"Task": "task001", "Definition": task_file["Definition"],
+              "Positive Examples": [], "Instance": task_file["Instances"][1]}
+  [one] = data.examples_from_records([instance], "superni")
+  assert (one.prompt, one.references) == (examples[1].prompt, ("no",))
 
 
 def test_prompt_styles():

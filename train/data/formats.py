@@ -299,14 +299,21 @@ def hellaswag_from_hf(record: Record, *, task: str, style: str,
 
 def superni_from_hf(record: Record, *, task: str, style: str,
                     where: str) -> list[Example]:
-  """Super-Natural Instructions, in either of its two shapes.
+  """Super-Natural Instructions, in any of its three shapes.
 
   Flat rows as in 'Muennighoff/natural-instructions': {definition, inputs,
-  targets} (targets a string or a list), or an original task file
+  targets} (targets a string or a list); an original task file
   {Definition: [str], Instances: [{input, output: [str]}]}, which expands to
-  one example per instance. The definition is the instruction and the
-  instance input the input, as in Tk-Instruct's zero-shot setup.
+  one example per instance; or one instance of it as the official
+  `ni_dataset.py` yields them, {Definition, Instance: {input, output}}. The
+  definition is the instruction and the instance input the input, in the
+  prompt style's template (the content of Tk-Instruct's zero-shot setup, not
+  its "Definition: ... Now complete the following example -" wording, and
+  without its positive examples); every output is a reference, the first
+  the training target.
   """
+  if "Instance" in record and "Instances" not in record:
+    record = dict(record, Instances=[record["Instance"]])
   if "Instances" in record or "Definition" in record:
     _missing(record, ("Definition", "Instances"), where, task, "SuperNI task")
     definition = record["Definition"]
