@@ -251,6 +251,47 @@ def test_hf_formats(tmp_path):
   assert (one.prompt, one.references) == (examples[1].prompt, ("no",))
 
 
+def test_superni_tk_instruct_prompt():
+  """--data.style tk: Tk-Instruct's prompt (its collator's default setting,
+  the definition and two positive examples) word for word, its trailing
+  space on the target's side."""
+  task_file = {"Definition": ["Classify the review as Positive or Negative"],
+               "Positive Examples": [
+                   {"input": "I loved it.", "output": "Positive",
+                    "explanation": "not shown"},
+                   {"input": " Dull ", "output": "Negative."},
+                   {"input": "third", "output": "not shown"}],
+               "Instances": [{"id": "1", "input": " What a waste of time ",
+                              "output": ["Negative", "negative"]}]}
+  [e] = data.examples_from_records([task_file], "superni", style="tk")
+  # ni_collator.py's text for this record, then the target.
+  official = ("Definition: Classify the review as Positive or Negative.\n\n"
+              " Positive Example 1 -\nInput: I loved it.\n Output: Positive."
+              "\n\n"
+              " Positive Example 2 -\nInput: Dull.\n Output: Negative.\n\n"
+              "Now complete the following example -\n"
+              "Input: What a waste of time.\nOutput: ")
+  assert e.prompt + e.target == official + "Negative"
+  assert e.prompt == official[:-1] and e.target == " Negative"
+  # What a checkpoint's record of its training data held before the move.
+  assert e.as_before_2026_12_07() == (official, "Negative")
+  assert e.references == ("Negative", "negative")
+  [hub] = data.examples_from_records([{"definition": "Reverse the word",
+                                       "inputs": "abc", "targets": "cba"}],
+                                     "superni", style="tk")
+  assert hub.prompt + hub.target == (
+      "Definition: Reverse the word.\n\nNow complete the following example "
+      "-\nInput: abc.\nOutput: cba")
+  # Other tasks take it too, the instruction as the definition.
+  [boolq] = data.examples_from_records([_INSTR], "boolq", style="tk")
+  assert boolq.prompt.startswith("Definition: ")
+  assert boolq.target.startswith(" the correct answer is")
+  assert all(o.startswith(" the correct answer is") for o in boolq.options)
+  with pytest.raises(ValueError, match="positive example 0 must be an object"):
+    data.examples_from_records([dict(task_file, **{
+        "Positive Examples": ["x"]})], "superni", style="tk")
+
+
 def test_prompt_styles():
   [plain] = data.examples_from_records([_INSTR], "boolq", style="plain")
   assert plain.prompt == _INSTR["instruction"] + "\n"

@@ -357,7 +357,7 @@ def test_every_option_is_scored_after_the_same_cut_prompt():
     seen.extend(pairs)
     return [0.0] * len(pairs)
 
-  example = Example("question " * 20, "the correct answer is true",
+  example = Example("question " * 20 + "?", "the correct answer is true",
                     options=("the correct answer is true",
                              "the correct answer is false"),
                     labels=("true", "false"), gold_index=0)
@@ -366,7 +366,8 @@ def test_every_option_is_scored_after_the_same_cut_prompt():
   assert p_true == p_false and p_true[0] == TOK.bos_id
   assert len(p_false) + len(o_false) == 64  # the longest fills the row
   assert len(p_true) + len(o_true) == 63
-  assert TOK.decode(p_true[1:]) == ("question " * 20)[-(64 - 1 - len(o_false)):]
+  assert TOK.decode(p_true[1:]) == ("question " * 20 + "?")[
+      -(64 - 1 - len(o_false)):]
 
 
 @needs_data

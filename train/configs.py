@@ -202,7 +202,8 @@ class DataConfig:
     hub: '' (local), 'true' (the task's Hub id) or a Hub dataset id, with
       its config after a colon where it needs one (allenai/ai2_arc:ARC-Easy;
       the task's own id takes the task's config).
-    style: prompt style, 'alpaca' or 'plain'.
+    style: prompt style, 'alpaca', 'plain' or 'tk' (Tk-Instruct's SuperNI
+      prompt; see train.data.templates).
     seq_len: row length T (t5: the encoder length; the prompt is cut from
       the left to fit).
     max_target_tokens: positions per row at which the loss is computed

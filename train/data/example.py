@@ -11,7 +11,9 @@ class Example:
   """A task example, normalised across datasets and file formats.
 
   Attributes:
-    prompt: The full model input, template already applied.
+    prompt: The full model input, template already applied; its trailing
+      spaces, if any, are moved to the start of `target` (and of each
+      option).
     target: The text the model is trained to produce after `prompt`; its
       leading line breaks, if any, are moved to the end of `prompt` (with
       options, those that every option starts with, from each; see
@@ -45,6 +47,8 @@ class Example:
   # held before 2026-12-07 is recomputed from it (train.loop).
   moved_line_breaks: int = dataclasses.field(default=0, compare=False,
                                              repr=False)
+  # Likewise the prompt's trailing spaces moved to the target.
+  moved_spaces: int = dataclasses.field(default=0, compare=False, repr=False)
 
   def __post_init__(self):
     # Why here: every constructor path (loaders, hub, generated) gets the
@@ -75,16 +79,33 @@ class Example:
                          tuple(o[moved:] for o in self.options))
       object.__setattr__(self, "moved_line_breaks",
                          self.moved_line_breaks + moved)
+    # A prompt's trailing spaces (Tk-Instruct's 'Output: ') go to the
+    # target's side, for the same reason the other way round: apart, Gemma
+    # encodes a lone space piece and a target without its leading space,
+    # pieces the joined text never has.
+    unmoved_target = self.target
+    spaces = len(self.prompt) - len(self.prompt.rstrip(" "))
+    if spaces:
+      object.__setattr__(self, "prompt", self.prompt[:-spaces])
+      object.__setattr__(self, "target", " " * spaces + self.target)
+      object.__setattr__(self, "options",
+                         tuple(" " * spaces + o for o in self.options))
+      object.__setattr__(self, "moved_spaces", self.moved_spaces + spaces)
     if not self.references:
-      object.__setattr__(self, "references", (self.target,))
+      object.__setattr__(self, "references", (unmoved_target,))
 
   def as_before_2026_12_07(self) -> tuple[str, str]:
     """(prompt, target) with the moved line breaks back on the target's
-    side, as records of training data made before then hold them."""
+    side and the moved spaces on the prompt's, as records of training data
+    made before then hold them."""
+    prompt, target = self.prompt, self.target
+    if self.moved_spaces:
+      prompt, target = (prompt + target[:self.moved_spaces],
+                        target[self.moved_spaces:])
     n = self.moved_line_breaks
     if not n:
-      return self.prompt, self.target
-    return self.prompt[:len(self.prompt) - n], "\n" * n + self.target
+      return prompt, target
+    return prompt[:len(prompt) - n], "\n" * n + target
 
 
 def _leading_line_breaks(text: str) -> int:

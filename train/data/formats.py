@@ -307,10 +307,10 @@ def superni_from_hf(record: Record, *, task: str, style: str,
   one example per instance; or one instance of it as the official
   `ni_dataset.py` yields them, {Definition, Instance: {input, output}}. The
   definition is the instruction and the instance input the input, in the
-  prompt style's template (the content of Tk-Instruct's zero-shot setup, not
-  its "Definition: ... Now complete the following example -" wording, and
-  without its positive examples); every output is a reference, the first
-  the training target.
+  prompt style's template: with style 'tk' Tk-Instruct's own prompt, with
+  the task file's first two positive examples (Hub rows have none), else
+  the content of its zero-shot prompt in the Alpaca or plain template.
+  Every output is a reference, the first the training target.
   """
   if "Instance" in record and "Instances" not in record:
     record = dict(record, Instances=[record["Instance"]])
@@ -318,8 +318,11 @@ def superni_from_hf(record: Record, *, task: str, style: str,
     _missing(record, ("Definition", "Instances"), where, task, "SuperNI task")
     definition = record["Definition"]
     if not isinstance(definition, str):
-      definition = " ".join(_strings(definition, "field 'Definition'", where,
-                                     task))
+      definitions = _strings(definition, "field 'Definition'", where, task)
+      # Tk-Instruct's collator takes the first.
+      definition = (definitions[0] if style == "tk" and definitions else
+                    " ".join(definitions))
+    examples = _positive_examples(record, where, task) if style == "tk" else ()
     instances = record["Instances"]
     if not isinstance(instances, list):
       raise ValueError(
@@ -333,7 +336,8 @@ def superni_from_hf(record: Record, *, task: str, style: str,
             f"{here}: expected an object with 'input' and 'output' for task "
             f"{task!r}, got {_got(instance)}")
       out += _superni_example(definition, instance.get("input"),
-                              instance.get("output"), task, style, here)
+                              instance.get("output"), task, style, here,
+                              examples)
     return out
   _missing(record, ("definition", "inputs", "targets"), where, task,
            "Hugging Face")
@@ -342,8 +346,30 @@ def superni_from_hf(record: Record, *, task: str, style: str,
                           where)
 
 
+def _positive_examples(record: Record, where: str,
+                       task: str) -> tuple[tuple[str, str], ...]:
+  """A task file's first two 'Positive Examples' as (input, output)."""
+  shown = record.get("Positive Examples") or []
+  if not isinstance(shown, list):
+    raise ValueError(
+        f"{where}: field 'Positive Examples' must be a list of objects for "
+        f"task {task!r}, got {_got(shown)}")
+  out = []
+  for i, example in enumerate(shown[:2]):
+    if not (isinstance(example, dict) and
+            isinstance(example.get("input"), str) and
+            isinstance(example.get("output"), str)):
+      raise ValueError(
+          f"{where}: positive example {i} must be an object with string "
+          f"'input' and 'output' for task {task!r}, got {_got(example)}")
+    out.append((example["input"], example["output"]))
+  return tuple(out)
+
+
 def _superni_example(definition: str, inputs: Any, targets: Any, task: str,
-                     style: str, where: str) -> list[Example]:
+                     style: str, where: str,
+                     examples: tuple[tuple[str, str], ...] = ()
+                     ) -> list[Example]:
   if inputs is None or targets is None:
     raise ValueError(f"{where}: missing input or output for task {task!r}")
   if not isinstance(inputs, str):
@@ -355,7 +381,7 @@ def _superni_example(definition: str, inputs: Any, targets: Any, task: str,
   if not refs:
     raise ValueError(f"{where}: empty output list for task {task!r}")
   return [Example(prompt=templates.wrap_instruction(definition, str(inputs),
-                                                    style),
+                                                    style, examples),
                   target=refs[0], task=task, references=refs)]
 
 

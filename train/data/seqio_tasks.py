@@ -260,7 +260,7 @@ def register_tasks(vocabulary, *, names: Sequence[str] | None = None,
       read only when a split is requested.
     data_dir: Data folder in the `../shared/data` layout (default
       `train.data.default_data_dir()`).
-    style: Prompt style ('alpaca' or 'plain').
+    style: Prompt style ('alpaca', 'plain' or 'tk').
     validation_fraction: Share of the training data held out as validation.
     seed: Seed of the validation carve and of `arithmetic`'s training
       pool (its test set is the same for every seed, as in the train loop).

@@ -244,7 +244,7 @@ def load_task(name: str, split: str = "train", *,
     hub_config: The Hub dataset's config, with a `hub` id (default: the one
       after the colon, else the task's own when the id is its registered
       one, else none).
-    style: Prompt style ('alpaca' or 'plain').
+    style: Prompt style ('alpaca', 'plain' or 'tk').
     validation_fraction: Share of the training data held out as validation,
       in [0, 1); 0 trains on all of it and has no validation split.
     seed: Seed of the validation carve (and of `arithmetic` generation).

@@ -10,6 +10,7 @@ the same question in the instruction files.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 
 from train.data import word_edges
@@ -29,24 +30,53 @@ _ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
     "### Response:\n")
 
-STYLES = ("alpaca", "plain")
+STYLES = ("alpaca", "plain", "tk")
+
+
+def _tk_end(text: str) -> str:
+  """Tk-Instruct's rule: a period after text not ending in punctuation."""
+  return text if text and text[-1] in string.punctuation else text + "."
+
+
+def tk_instruct_prompt(definition: str, input_text: str,
+                       examples: Sequence[tuple[str, str]] = ()) -> str:
+  """Tk-Instruct's SuperNI prompt (its collator's default: the definition
+  and up to two positive examples, no explanations), to 'Output: '.
+
+  Word for word as allenai/natural-instructions' `ni_collator.py` writes it
+  (its trailing space goes to the target's side, see `Example`); it does not
+  drop examples that would not fit the model's input (`encode_pair` cuts the
+  prompt from the left instead).
+  """
+  text = _tk_end("Definition: " + definition.strip()) + "\n\n"
+  for i, (example_input, example_output) in enumerate(examples[:2], 1):
+    shown = _tk_end(f" Positive Example {i} -\nInput: {example_input.strip()}")
+    text += _tk_end(shown + f"\n Output: {example_output.strip()}") + "\n\n"
+  return (text + _tk_end("Now complete the following example -\nInput: "
+                         + input_text.strip()) + "\nOutput: ")
 
 
 def wrap_instruction(instruction: str, input_text: str = "",
-                     style: str = "alpaca") -> str:
+                     style: str = "alpaca",
+                     examples: Sequence[tuple[str, str]] = ()) -> str:
   """Returns the model prompt for an instruction (and optional input).
 
   Args:
     instruction: The task instruction, question and options included.
     input_text: Optional further context (empty in `../shared/data`).
     style: 'alpaca' (the Alpaca template, the format of the LLM-Adapters
-      setups the paper follows, without that code's stray indentation) or
+      setups the paper follows, without that code's stray indentation),
       'plain' (the instruction, the input, then a newline: fewer tokens for
-      small CPU runs).
+      small CPU runs) or 'tk' (Tk-Instruct's SuperNI prompt, the
+      instruction as its definition: `tk_instruct_prompt`).
+    examples: (input, output) demonstrations, for 'tk' only (SuperNI's
+      positive examples; the first two are shown).
 
   Returns:
     The prompt; the target follows it directly.
   """
+  if style == "tk":
+    return tk_instruct_prompt(instruction, input_text, examples)
   if style == "alpaca":
     if input_text:
       return _ALPACA_WITH_INPUT.format(instruction=instruction,
