@@ -348,9 +348,9 @@ def test_a_math_checkpoint_from_before_the_line_breaks_moved_resumes(
   lines = []
   out = loop.run(tiny(tmp_path, resume=True, **cfg), log=lines.append)
   assert [h['step'] for h in out['history']][-1] == 4
-  assert any('was trained with its targets\' leading line breaks encoded '
-             'apart from the prompt (before 2026-12-07)' in line
-             for line in lines), lines
+  assert any('was trained with its targets\' leading line breaks (or its '
+             'prompts\' trailing spaces) encoded apart from the text they '
+             'join (before 2026-12-07)' in line for line in lines), lines
 
 
 def test_validation_fraction_zero_trains_on_everything(tmp_path):

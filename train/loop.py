@@ -1938,10 +1938,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
         saved_data == training_data_fingerprint(r.train_examples,
                                                 as_before_2026_12_07=True)):
       # The same texts; the targets' leading line breaks now go with the
-      # prompt (one '\n\n' token where they had been encoded apart).
+      # prompt (one '\n\n' token where they had been encoded apart), and
+      # the prompts' trailing spaces with the target.
       log(f'[train] {where} was trained with its targets\' leading line '
-          'breaks encoded apart from the prompt (before 2026-12-07); the '
-          'rest of the run encodes them with it, as the tokenizer does')
+          'breaks (or its prompts\' trailing spaces) encoded apart from '
+          'the text they join (before 2026-12-07); the rest of the run '
+          'encodes them with it, as the tokenizer does')
     elif saved_data is not None and saved_data != train_data:
       saved_eval = saved_config.get('eval', {})
       older = ''
