@@ -34,7 +34,7 @@ def test_bad_arguments_are_refused_at_registration(monkeypatch):
   monkeypatch.setitem(sys.modules, "seqio", None)
   for kwargs, message in (
       ({"style": "chat"}, r"^unknown prompt style 'chat'; expected one of "
-       r"alpaca, plain$"),
+       r"alpaca, plain, tk$"),
       ({"validation_fraction": 2.0}, r"^validation_fraction must be a number "
        r"in \[0, 1\), got 2.0$"),
       ({"validation_fraction": "0.1"}, r"^validation_fraction must be"),

@@ -487,7 +487,7 @@ def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
     ('data.num_train_examples', -5, 'data.num_train_examples must be >= 0 '
      r'\(0: all\), got -5'),
     ('data.num_threads', -1, 'data.num_threads must be >= 0'),
-    ('data.style', 'bogus', "data.style must be one of alpaca, plain, got "
+    ('data.style', 'bogus', "data.style must be one of alpaca, plain, tk, got "
      "'bogus'"),
     # NaN passes optax's adam and lamb: a NaN decay had trained to the end
     # and exported a NaN adapter.
