@@ -1,6 +1,7 @@
 """Loaders, formats, templates and the built-in task of `train.data`."""
 
 import collections
+import dataclasses
 import json
 import re
 import sys
@@ -275,6 +276,12 @@ def test_superni_tk_instruct_prompt():
   assert e.prompt == official[:-1] and e.target == " Negative"
   # What a checkpoint's record of its training data held before the move.
   assert e.as_before_2026_12_07() == (official, "Negative")
+  # A replaced target keeps the count only if it still has the space (it
+  # had been cut into 'P', 'ositive').
+  assert dataclasses.replace(e, target=" Positive").as_before_2026_12_07(
+  ) == (official, "Positive")
+  assert dataclasses.replace(e, target="Positive").as_before_2026_12_07(
+  ) == (official[:-1], "Positive")
   assert e.references == ("Negative", "negative")
   [hub] = data.examples_from_records([{"definition": "Reverse the word",
                                        "inputs": "abc", "targets": "cba"}],

@@ -62,6 +62,13 @@ class Example:
       raise ValueError(
           f"Example gold_index {self.gold_index} is outside its "
           f"{len(self.options)} options")
+    # dataclasses.replace re-runs this with the moved counts: they hold only
+    # while the text still has what was moved (a new target or prompt
+    # starts again from 0).
+    if not self.prompt.endswith("\n" * self.moved_line_breaks):
+      object.__setattr__(self, "moved_line_breaks", 0)
+    if not self.target.startswith(" " * self.moved_spaces):
+      object.__setattr__(self, "moved_spaces", 0)
     # A target's leading line breaks go to the end of the prompt, where the
     # text is the same ('Response:\n' + '\nA: ...', the math tasks'
     # records) but the tokens are what the tokenizer makes of it: Gemma's

@@ -40,13 +40,15 @@ def _tk_end(text: str) -> str:
 
 def tk_instruct_prompt(definition: str, input_text: str,
                        examples: Sequence[tuple[str, str]] = ()) -> str:
-  """Tk-Instruct's SuperNI prompt (its collator's default: the definition
-  and up to two positive examples, no explanations), to 'Output: '.
+  """Tk-Instruct's SuperNI prompt (the definition and up to two positive
+  examples, no explanations), to 'Output: '.
 
-  Word for word as allenai/natural-instructions' `ni_collator.py` writes it
-  (its trailing space goes to the target's side, see `Example`); it does not
-  drop examples that would not fit the model's input (`encode_pair` cuts the
-  prompt from the left instead).
+  Word for word as `ni_collator.py` writes it in the setting Tk-Instruct's
+  scripts run it (`--add_task_definition True --num_pos_examples 2`; the
+  collator's own default shows no examples), its trailing space on the
+  target's side (see `Example`); it does not drop examples that would not
+  fit the model's input (`encode_pair` cuts the prompt from the left
+  instead).
   """
   text = _tk_end("Definition: " + definition.strip()) + "\n\n"
   for i, (example_input, example_output) in enumerate(examples[:2], 1):
