@@ -1143,7 +1143,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
   # without a word. The inits here only draw A and B, which the file
   # replaces.
   init = cfg.get('init_lora_weights', True)
-  plain = init in (True, False, None) or (
+  plain = init is None or isinstance(init, bool) or (
       isinstance(init, str) and init.lower() in _PLAIN_PEFT_INITS)
   if not plain:
     rebuilds = isinstance(init, str) and init.lower().startswith(
@@ -1155,7 +1155,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
             '(save it from PEFT with path_initial_model_for_weight_'
             'conversion= to get a plain LoRA adapter)' if rebuilds else
             'an init this loader does not know') +
-        '; plain inits load: true, false, '
+        '; plain inits load: true, false, null, '
         f'{", ".join(map(repr, _PLAIN_PEFT_INITS))}.')
   r_cfg, alpha_cfg = cfg.get('r'), cfg.get('lora_alpha')
   if not checks.is_integer(r_cfg) or r_cfg < 1 or not isinstance(

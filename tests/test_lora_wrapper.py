@@ -479,6 +479,8 @@ def test_peft_bad_inputs(tmp_path):
       (write('unknown_init', cfg=dict(cfg, init_lora_weights='newer')),
        "init_lora_weights='newer' is not supported: an init this loader "
        'does not know'),
+      (write('int_init', cfg=dict(cfg, init_lora_weights=1)),
+       'init_lora_weights=1 is not supported'),  # PEFT fails on it too.
       # The config targets every q, the file lacks one: it had loaded the
       # rest with no error.
       (write('partial', {k: v for k, v in tensors.items()
