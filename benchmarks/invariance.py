@@ -1,6 +1,6 @@
 """Adam vs LoRA-RITE on equivalent LoRA pairs: whose update of H = A B depends on scale?
 
-A LoRA regression y = x (W0 + A B) is trained from the same H = A B written
+A LoRA regression y = x A B is trained from the same H = A B written
 three ways, (A s, B / s) for s in 0.1, 1, 10. An invariant optimizer follows
 one H trajectory for all three; Adam follows three. Prints the spread of the
 trajectories and the final losses, and saves a plot.
@@ -61,13 +61,15 @@ def loss_fn(params, x, y):
 
 
 def train(tx, params, x, y, steps):
-  """Returns the loss curve and H after every step."""
+  """Returns the loss and H after every step (of the same params: the
+  loss had been the one before the step, a step behind H)."""
 
   @jax.jit
   def step(params, state):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    grads = jax.grad(loss_fn)(params, x, y)
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    params = optax.apply_updates(params, updates)
+    return params, state, loss_fn(params, x, y)
 
   state = tx.init(params)
   losses, hs = [], []
@@ -109,7 +111,7 @@ def plot(results, path: pathlib.Path):
       axes[0].semilogy(curve, style, label=f'{name}, (A*{s:g}, B/{s:g})')
     axes[1].semilogy(results[name]['spread'] + 1e-12, style, label=name)
   axes[0].set(title='training loss', xlabel='step')
-  axes[1].set(title='max relative gap of H between equivalent pairs',
+  axes[1].set(title='max relative gap of H from the (A, B) run',
               xlabel='step')
   for ax in axes:
     ax.legend(fontsize=7)
@@ -121,16 +123,24 @@ def plot(results, path: pathlib.Path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default='demo_out', help='folder for the plot')
-  parser.add_argument('--steps', type=int, default=200)
+  parser.add_argument('--steps', type=int, default=200,
+                      help='optimizer steps per run (default 200)')
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f'--steps must be >= 1, got {args.steps}')
+  try:  # Before the training: only the train extra installs it.
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    parser.error('the plot needs matplotlib: pip install -e ".[train]"')
   # Before the training: a bad --out had ended it in a traceback.
   out = pathlib.Path(args.out)
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     parser.error(f'--out {args.out}: {e.strerror or e}')
+  if (out / 'invariance.png').exists() and not (
+      out / 'invariance.png').is_file():
+    parser.error(f'--out {args.out}: invariance.png there is not a file')
   results = run(args.steps)
   print(f'{"optimizer":<10} {"scale":>6} {"final loss":>11}  '
         'max gap of H vs scale 1')

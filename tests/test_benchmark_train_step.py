@@ -6,6 +6,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from tests import benchmark_scripts
@@ -86,6 +87,18 @@ def test_invariance_script_checks_out_before_training(tmp_path, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.endswith(f'--out {tmp_path / "afile"}: File exists'), err
+
+
+def test_invariance_script_loss_is_that_of_its_h():
+  """Each step's loss is that of the H recorded with it (it had been the
+  loss before the step: the printed final loss was a step old)."""
+  invariance = benchmark_scripts.load('invariance')
+  x, y, a, b = invariance.make_problem()
+  losses, hs = invariance.train(optax.adam(1e-2), {'lora_a': a, 'lora_b': b},
+                                x, y, 3)
+  for loss, h in zip(losses, hs):
+    want = np.mean((np.asarray(x, np.float64) @ h - np.asarray(y)) ** 2)
+    np.testing.assert_allclose(loss, want, rtol=1e-4)
 
 
 def test_invariance_script_prints_each_scales_own_gap(tmp_path, capsys):
