@@ -156,7 +156,8 @@ def main(argv=None) -> None:
   print(f'model {args.model}, LoRA r{args.rank} on '
         f'{len(configs.GEMMA_TARGETS)} projections, batch {args.batch} x '
         f'seq {args.seq_len} ({tokens} non-pad tokens), '
-        f'{r.max_targets} loss positions/row, {cfg.model.dtype} compute, '
+        f'{r.max_targets} loss positions/row, '
+        f'{loop.resolved_dtypes(cfg)["dtype"]} compute, '
         f'median of {args.steps} '
         'interleaved warm jitted steps (order shuffled each round)')
   med = {}
