@@ -1153,3 +1153,12 @@ def test_published_tables_are_what_the_stored_summaries_give(rp):
   for page in ('README.md', os.path.join('docs', 'results', 'README.md')):
     with open(os.path.join(root, page), encoding='utf-8') as f:
       assert table in f.read(), f'{page} has another summary table'
+
+
+def test_a_p_just_below_the_rule_does_not_print_as_it(rp):
+  """Two significant figures had printed the t-test's 0.04998 as 0.05, a
+  cell that failed the tables' own 'below 0.05' rule on paper."""
+  st = benchmark_scripts.load('summary_table')
+  for fmt in (rp._fmt_p, st._t_p):
+    assert fmt(0.04998) == '0.04998' and fmt(0.0505) == '0.051'
+    assert fmt(0.17) == '0.17' and fmt(0.046) == '0.046'
