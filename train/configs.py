@@ -10,7 +10,7 @@ Presets:
   arithmetic task; trains in seconds on a CPU (tests).
 * ``tiny_t5``: the same for a random tiny T5 encoder-decoder.
 * ``demo``: LoRA-RITE on the real Gemma 3 270M (the GGUF package) on the
-  built-in arithmetic task, on CPU, in about six minutes with evaluation
+  built-in arithmetic task, on CPU, in about five minutes with evaluation
   before and after (``make demo``).
 * ``paper_gemma2b_<task>``, ``paper_gemma7b_<task>`` for the five tasks
   (superni, hellaswag, arc_challenge, gsm8k, openbookqa) and
@@ -575,7 +575,7 @@ def demo() -> Config:
   --budget small`` (rank 16 on all seven projections, 40 steps of 8, 10
   warmup steps then linear decay, learning rate 5e-5 chosen there by
   validation loss from {2e-5, 5e-5, 2e-4, 1e-3}), plus greedy-generation
-  evaluation of 100 held-out problems before and after. About six minutes
+  evaluation of 100 held-out problems before and after. About 4-5 minutes
   on a 2-core CPU including loading and compiling; the loss unembeds at
   most 5 positions per row (the answer and EOS), which keeps the
   262k-entry vocabulary affordable.
