@@ -113,7 +113,7 @@ def test_options_longer_than_the_decoder_are_refused(built):
   target_len = built.config.data.target_len
   long = ['the correct answer is ' + k for k in 'ABCD']
   assert min(len(o) for o in long) > target_len  # bytes: one token each
-  item = Example('Which? ', long[1], options=tuple(long), labels='ABCD',
+  item = Example('Which?', long[1], options=tuple(long), labels='ABCD',
                  gold_index=1, task='arc_challenge')
   r = dataclasses.replace(built, eval_examples=[item])
   with pytest.raises(loop.ConfigError, match=(
