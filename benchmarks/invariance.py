@@ -138,8 +138,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     parser.error(f'--out {args.out}: {e.strerror or e}')
-  if (out / 'invariance.png').exists() and not (
-      out / 'invariance.png').is_file():
+  path = out / 'invariance.png'
+  if path.exists() and not path.is_file():
     parser.error(f'--out {args.out}: invariance.png there is not a file')
   results = run(args.steps)
   print(f'{"optimizer":<10} {"scale":>6} {"final loss":>11}  '
@@ -147,7 +147,6 @@ def main(argv=None):
   for name, r in results.items():
     for s, curve, gap in zip(SCALES, r['curves'], r['gaps']):
       print(f'{name:<10} {s:>6g} {curve[-1]:>11.5f}  {gap.max():.2e}')
-  path = out / 'invariance.png'
   plot(results, path)
   print(f'plot: {path}')
   return results

@@ -1137,10 +1137,10 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if cfg.get(key):
       raise ValueError(f'{cfg_path}: {key}={cfg[key]!r} is not supported '
                        '(only plain LoRA loads).')
-  # PiSSA, OLoRA, CorDA, LoftQ: PEFT re-runs these inits when it loads
+  # _BASE_REBUILDING_PEFT_INITS: PEFT re-runs these inits when it loads
   # such a config and makes the base the residual (W - s B0 A0, or a
   # quantised W): the factors on an unchanged base had given other outputs
-  # without a word. The inits here only draw A and B, which the file
+  # without a word. The plain inits only draw A and B, which the file
   # replaces.
   init = cfg.get('init_lora_weights', True)
   plain = init is None or isinstance(init, bool) or (

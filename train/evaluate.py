@@ -137,7 +137,8 @@ def multiple_choice_loglik(examples: Sequence[Example], tokenizer: Tokenizer,
   the example's prompt; the prediction is the option with the highest summed
   log-probability, or the highest mean per token when `length_normalized`.
   Options are scored without EOS, except in an example where one option's
-  tokens extend another's ('answer1' and 'answer10'): there all its options
+  tokens extend another's ('answer1' and 'answer10'; an empty option and any
+  other): there all its options
   end in EOS, as training targets do, since otherwise the longer option's
   summed log-probability could never exceed the shorter's.
 
