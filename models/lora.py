@@ -385,7 +385,14 @@ def apply_lora(model: nnx.Module,
     lora.rslora = rslora
     lora.init = init
     if new_kernel is not None:
-      proj.kernel.set_value(jnp.asarray(new_kernel, dtype).reshape(kernel.shape))
+      new_kernel = jnp.asarray(new_kernel, dtype).reshape(kernel.shape)
+      if isinstance(kernel, jax.Array) and not isinstance(
+          kernel, jax.core.Tracer):
+        # The SVD's output lands where XLA puts it: a kernel sharded over
+        # a mesh had come back on another sharding (P('x', None, 'y') as
+        # P('x',)), so a step jitted with the old one resharded it.
+        new_kernel = jax.device_put(new_kernel, kernel.sharding)
+      proj.kernel.set_value(new_kernel)
       # Copies, not the factors' own buffers: a train step donates the
       # factors while these ride along (frozen) in the base state.
       lora.initial_a = LoRAInitial(jnp.copy(a), out_sharding=a_axes,

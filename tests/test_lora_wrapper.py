@@ -667,6 +667,15 @@ SHARDED = textwrap.dedent('''
     batch = jax.sharding.NamedSharding(mesh, jax.P('data'))
     out = fwd(model, jax.device_put(enc, batch), jax.device_put(dec, batch))
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+    # PiSSA on a sharded base rewrites the kernel: it had come back on
+    # another sharding (the SVD's), so a step jitted with the old resharded.
+    base = t5.T5(config, rngs=nnx.Rngs(0))
+    state = nnx.state(base)
+    nnx.update(base, jax.device_put(state, nn.logical_to_mesh_sharding(
+        nnx.get_partition_spec(state), mesh, rules)))
+    lora.apply_lora(base, ['q'], rank=2, init='pissa')
+    q = base.encoder.layers[0].self_attn.q
+    assert q.kernel[...].sharding.spec == jax.P(None, 'model', None), q.kernel[...].sharding
     print('SHARDED_OK')
 ''')
 
