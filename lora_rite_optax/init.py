@@ -52,7 +52,8 @@ def _check_float(who: str, name: str, x) -> None:
                      f'{x.dtype}.')
 
 
-def _finite_for_svd(who: str, name: str, x: jax.Array) -> jax.Array:
+def _finite_for_svd(who: str, name: str, x: jax.Array,
+                    why: str = 'the SVD needs finite values') -> jax.Array:
   """``x``, refused where it is known to hold inf or NaN.
 
   LAPACK's SVD of a matrix holding inf never returns (Reference-LAPACK
@@ -67,8 +68,7 @@ def _finite_for_svd(who: str, name: str, x: jax.Array) -> jax.Array:
   with jax.ensure_compile_time_eval():
     finite = bool(jnp.all(jnp.isfinite(x)))
   if not finite:
-    raise ValueError(f'{who}: {name} holds inf or NaN; the SVD needs finite '
-                     'values.')
+    raise ValueError(f'{who}: {name} holds inf or NaN; {why}.')
   return x
 
 
@@ -349,19 +349,22 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
   ``lora_B = U_t[:, r:2r]`` (out, r), scaled by ``m^{1/4}/sqrt(gamma)`` with
   ``m = G_t.shape[0] = d_out``. Since ``G = V_t^T S U_t^T``, our ``U`` is their
   ``V_t^T`` and our ``V`` their ``U_t``, so ``A = lora_A^T`` and
-  ``B = lora_B^T`` exactly: the same init, transposed.
+  ``B = lora_B^T`` exactly: the same init, transposed. PEFT's own
+  ``init_lora_weights="lora_ga"`` (0.21) differs: it multiplies ``lora_B`` by
+  ``S[r:2r]`` and scales only ``lora_B``, so its factors are not these.
 
   Args:
     grad: the full-weight gradient ``G``, ``(in, out)``, averaged over as many
-      batches as the caller wants (the paper uses a few dozen).
+      batches as the caller wants (the authors' default config averages 8
+      batches of one example).
     w0: the frozen weight, ``(in, out)``.
     rank: the LoRA rank ``r`` (needs ``2 r <= min(in, out)``).
     scale: the LoRA scaling ``s`` the model multiplies ``A @ B`` by.
     gamma: the stable-scale hyperparameter (paper default 16).
-    use_sign: take the directions from ``sign(G)`` instead of ``G``: the step
-      an Adam-like optimizer takes first is ``-lr * sign(G)`` (Adam's first
-      update, without epsilon), so this aligns with Adam's first step instead
-      of SGD's.
+    use_sign: take the directions from ``sign(G)`` instead of ``G``, the
+      first step full fine-tuning with Adam takes (``-lr * sign(G)`` without
+      epsilon): a heuristic that moves the target toward Adam's first
+      full-weight step and away from SGD's.
     randomized: use a randomized SVD (sketch of ``min(4 r, in, out)`` columns
       and ``niter`` power iterations, as the authors' ``torch.svd_lowrank``
       call) instead of an exact one, for large matrices.
@@ -405,6 +408,9 @@ def lora_ga(grad: jax.Array, w0: jax.Array, rank: int, scale: float,
     raise ValueError(f'lora_ga: needs 1 <= 2 * rank <= min(in, out); got rank '
                      f'{rank} for shape {w0.shape}.')
   dtype = casting.compute_dtype(w0.dtype)
+  # W0 takes no SVD here, but a NaN in it would pass silently into W0'.
+  _finite_for_svd('lora_ga', 'w0', w0,
+                  why='the new base W0 - s A B would carry them')
   g = _finite_for_svd('lora_ga', 'grad', grad.astype(dtype))
   if not isinstance(g, jax.core.Tracer):
     with jax.ensure_compile_time_eval():

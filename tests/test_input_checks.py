@@ -510,6 +510,10 @@ _W = jax.random.normal(jax.random.key(1), (8, 6))
      r'lora_ga: grad holds inf or NaN'),
     (lambda: init.pissa(_W.at[3, 1].set(-jnp.inf), 2),
      r'pissa: w0 holds inf or NaN'),
+    # A NaN in W0 had passed silently into LoRA-GA's new base.
+    (lambda: init.lora_ga(0.1 * _W, _W.at[0, 0].set(jnp.nan), 2, 1.0),
+     r'lora_ga: w0 holds inf or NaN; the new base W0 - s A B would carry '
+     r'them'),
     (lambda: init.lora_ga((0.1 * _W).astype(jnp.complex64), _W, 2, 1.0),
      r'lora_ga: grad must be a floating-point matrix, got complex64'),
     # An integer A was all 0 (never trains), a bool one all True.
