@@ -464,6 +464,39 @@ def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
                      r"there, 'adam' now"):
     loop.run(tiny(run_dir, resume=True, **{'optim.name': 'adam'}), log=quiet)
   assert (run_dir / 'config.json').read_text() == saved
+  # A folder holding only its checkpoints (copied): the advice had named
+  # the config.json that is not there.
+  (run_dir / 'config.json').unlink()
+  with pytest.raises(loop.ConfigError, match=r"optim\.name: 'lora_rite' "
+                     r"there, 'adam' now\); resume with the settings "
+                     r'checkpoint 4 was made with \(as flags: .* has no '
+                     r'config\.json\)\.$'):
+    loop.run(tiny(run_dir, resume=True, **{'optim.name': 'adam'}), log=quiet)
+  assert not (run_dir / 'config.json').exists()
+
+
+def test_resume_refuses_a_metrics_csv_it_cannot_append_to(stopped, tmp_path):
+  """Found before the build: it had failed with a bare errno once
+  config.json was rewritten and the rows after the checkpoint dropped."""
+  run_dir = _copy(stopped, tmp_path / 'run')
+  saved = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+  rows = (run_dir / 'eval.csv').read_text()
+  (run_dir / 'eval.csv').unlink()
+  (run_dir / 'eval.csv').mkdir()
+  with pytest.raises(loop.ConfigError, match=r'^run_dir .*: eval\.csv is not '
+                     r'a writable file; make it one \(or move it aside\), '
+                     r'then run again\.$'):
+    loop.run(tiny(run_dir, resume=True), log=quiet)
+  (run_dir / 'eval.csv').rmdir()
+  (run_dir / 'eval.csv').write_text(rows)
+  if os.geteuid() != 0:  # root writes a read-only file
+    (run_dir / 'metrics.csv').chmod(0o444)
+    with pytest.raises(loop.ConfigError, match=r': metrics\.csv is not a '
+                       r'writable file'):
+      loop.run(tiny(run_dir, resume=True), log=quiet)
+    (run_dir / 'metrics.csv').chmod(0o644)
+  assert {p.name: p.read_bytes() for p in run_dir.iterdir()
+          if p.is_file()} == saved
 
 
 @pytest.mark.parametrize('field, value, message', [

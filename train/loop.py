@@ -1603,6 +1603,14 @@ def _check_run_dir(cfg: configs_lib.Config) -> str:
   check_writable(os.path.join(run_dir, 'checkpoints'), 'run_dir')
   if cfg.export_adapter:
     check_writable(_check_export_dir(run_dir), 'run_dir')
+  for name in (metrics_lib.CSV_NAME, metrics_lib.EVAL_CSV_NAME):
+    # Appended to, not replaced: a read-only one (a copied run) had failed
+    # with a bare errno once config.json was rewritten and rows dropped.
+    path = os.path.join(run_dir, name)
+    if os.path.lexists(path) and not (os.path.isfile(path) and
+                                      os.access(path, os.W_OK)):
+      raise ConfigError(f'run_dir {run_dir}: {name} is not a writable file; '
+                        'make it one (or move it aside), then run again.')
   if not run_has_checkpoints(run_dir):
     # A run's files with no checkpoint (a run that crashed before its first
     # one, or one whose checkpoints were deleted for space) had been
@@ -1914,7 +1922,12 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     log(f'[train] --resume: no checkpoint in {ckpt.directory}; starting at '
         'step 0')
   if latest is not None:
-    redo = f'resume with --config {os.path.join(run_dir, "config.json")}'
+    saved_json = os.path.join(run_dir, 'config.json')
+    # A folder holding only checkpoints/ (copied, or config.json deleted)
+    # had been told to pass a config.json that is not there.
+    redo = (f'resume with --config {saved_json}' if os.path.isfile(saved_json)
+            else f'resume with the settings checkpoint {latest} was made with '
+            f'(as flags: {run_dir} has no config.json)')
     where = f'--resume: checkpoint {latest} in {ckpt.directory}'
     # The config first: a changed rank or optimizer is named as the field
     # it is, not as the first state leaf whose shape it changed.

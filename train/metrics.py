@@ -123,7 +123,10 @@ class MetricsWriter:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, csv_name)
     self._fields, self.kept = _keep_rows_up_to(path, last_step)
-    self._csv = open(path, 'a', newline='', encoding='utf-8')
+    try:
+      self._csv = open(path, 'a', newline='', encoding='utf-8')
+    except OSError as e:  # the bare errno had been the whole message
+      raise OSError(f'{path}: cannot write ({e.strerror or e}).') from None
     if self._fields is not None:
       self._writer = csv.DictWriter(self._csv, fieldnames=self._fields)
     if tensorboard:
