@@ -242,8 +242,12 @@ def scale_by_lora_rite(
   at 500; the README has the figures): ill-conditioned factors want float64.
   Unlike the authors' PyTorch code, the second moment's eigenvalues are
   clamped at 0 (there a slightly negative one makes the factor's step NaN,
-  then 0), and the cutoff is the Gram's ``sqrt(r * eps)``, not
-  ``torch.linalg.pinv``'s ``r * eps``.
+  then 0), the cutoff is the Gram's ``sqrt(r * eps)``, not
+  ``torch.linalg.pinv``'s ``r * eps``, and a direction of the second moment
+  (plus escaped mass) below ``r * eps`` of its largest eigenvalue gets no
+  step (there the gradient's rounding along it is divided by the ``eps``
+  argument, which grows directions the data never asked for when a step has
+  fewer loss rows than ``r``).
 
   Args:
     b1: decay of the first moment.
@@ -556,6 +560,17 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
       # 0, not inf, on a null direction: 0 * inf would make the whole
       # factor NaN.
       inv_root = linalg.divide_or_zero(jnp.ones_like(denom), denom)
+      # A direction whose second moment (with the escaped mass) is at
+      # eigh's rounding level is null: the gradient has no part there in
+      # exact arithmetic (its rows lie in nu's range), but its rounding
+      # does, and 1 / eps had made that a step. In float32, a factor whose
+      # gradient has rank below r (fewer loss rows than r) had grown
+      # spurious directions that R^+ then magnified until the run diverged.
+      # Relative to the largest eigenvalue, which a change of basis keeps.
+      null_cut = lam.shape[-1] * jnp.finfo(nu.dtype).eps * jnp.max(
+          lam, axis=-1, keepdims=True)
+      inv_root = jnp.where(jnp.maximum(lam, 0.0) + rho[..., None] > null_cut,
+                           inv_root, 0.0)
       precond = mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
       # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,

@@ -285,6 +285,38 @@ def test_second_step_moves_a_by_about_its_norm():
   assert moved > 0.5, moved
 
 
+def test_float32_follows_float64_when_the_gradient_has_rank_below_r():
+  """Three loss rows, rank 8: lora_b's gradient has rank 3. Its rounding
+  along nu's null directions had been divided by eps: B's first step took
+  directions the data never asked for (8e-4 of its largest in float32),
+  which R^+ then magnified (run eagerly, float32 ended at loss 338 where
+  float64 reached 0.012)."""
+  results = {}
+  with jax.enable_x64(True):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    a0 = jax.random.normal(k1, (64, 8), jnp.float64) / 8
+    x = jax.random.normal(k2, (3, 64), jnp.float64)
+    y = jax.random.normal(k3, (3, 64), jnp.float64)
+    for dtype in (jnp.float32, jnp.float64):
+      params = {'lora_a': a0.astype(dtype), 'lora_b': jnp.zeros((8, 64), dtype)}
+      loss = lambda p, dtype=dtype: jnp.mean(
+          (x.astype(dtype) @ p['lora_a'] @ p['lora_b'] - y.astype(dtype))**2)
+      tx = lro.lora_rite(1e-2)
+      state = tx.init(params)
+      spurious, step = [], jax.jit(tx.update)
+      for _ in range(20):
+        updates, state = step(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+        sv = np.linalg.svd(np.asarray(params['lora_b'], np.float64),
+                           compute_uv=False)
+        spurious.append(sv[3] / sv[0])  # B's fourth direction
+      results[dtype] = float(loss(params)), spurious[0]
+  (loss32, first32), (loss64, first64) = results.values()
+  assert first32 < 1e-6 and first64 < 1e-14, results
+  assert loss64 < 0.05, results
+  np.testing.assert_allclose(loss32, loss64, rtol=0.05, err_msg=str(results))
+
+
 @pytest.mark.parametrize('bad', ['nan', 'inf'])
 def test_non_finite_gradient_never_reaches_params(bad):
   params, targets = _problem(4, zero_b=False, dtype=np.float32)
