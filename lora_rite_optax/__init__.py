@@ -5,6 +5,7 @@ from lora_rite_optax.pairs import (LayoutSpec, LoneFactor, LoraLayout,
                                    PairedTree, find_lora_pairs, lora_b_mask)
 
 from lora_rite_optax import init
+from lora_rite_optax.casting import with_gradients_dtypes
 from lora_rite_optax.donation import DonatingJitted, donating_jit
 from lora_rite_optax.factory import OPTIMIZER_NAMES, optimizer
 from lora_rite_optax.loraplus import loraplus, loraplus_labels
@@ -30,7 +31,7 @@ __all__ = [
     'optimizer', 'OPTIMIZER_NAMES',
     # LoRA pairs, initialisations, the donating jit.
     'LoraLayout', 'LoraPair', 'NNX_LAYOUT', 'PEFT_LAYOUT', 'find_lora_pairs',
-    'lora_b_mask', 'init', 'donating_jit',
+    'lora_b_mask', 'init', 'donating_jit', 'with_gradients_dtypes',
     # The types in those signatures.
     'LayoutSpec', 'PairedTree', 'LoneFactor', 'DonatingJitted',
 ]

@@ -27,16 +27,16 @@ def step_dtype(param_dtype, wide_dtype) -> jnp.dtype:
   65504): a step before the learning rate can be far larger than the factor
   (LoRA-RITE's A step scales with 1/||B||, ScaledAdam's with the inverse of
   the partner's Gram matrix), so there it stays in ``wide_dtype`` (float32)
-  and `with_gradients_dtypes` casts it after the rate.
+  and `cast_to_gradients_dtypes` casts it after the rate.
   """
   if jnp.finfo(param_dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
     return jnp.dtype(wide_dtype)
   return jnp.dtype(param_dtype)
 
 
-def with_gradients_dtypes(tx: base.GradientTransformation,
-                          who: str | None = None, length: int | None = None
-                          ) -> base.GradientTransformationExtraArgs:
+def cast_to_gradients_dtypes(tx: base.GradientTransformation,
+                             who: str | None = None, length: int | None = None
+                             ) -> base.GradientTransformationExtraArgs:
   """``tx`` (a whole chain), its updates cast to the gradients' dtypes
   (same state).
 
@@ -64,6 +64,43 @@ def with_gradients_dtypes(tx: base.GradientTransformation,
                         new_updates, updates), state
 
   return base.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def with_gradients_dtypes(inner: base.GradientTransformation
+                          ) -> base.GradientTransformationExtraArgs:
+  r"""Casts a transformation's updates to the gradients' dtypes.
+
+  :math:`u_t \leftarrow \mathrm{cast}(u_t, \mathrm{dtype}(g_t))` for each leaf,
+  after ``inner``; the state is ``inner``'s, unchanged.
+
+  :func:`scale_by_lora_rite`, :func:`scale_by_riemannian_precond` and
+  :func:`scale_by_shampoo` return float32 steps for float16 gradients (before
+  the learning rate a step can pass float16's 65504), and a float32 learning
+  rate (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``)
+  makes any step float32. ``optax.apply_if_finite`` and ``optax.MultiSteps``
+  need updates in the gradients' dtypes (their other branch is zeros like the
+  gradients): wrap a chain of one's own in this, after its learning rate, as
+  :func:`lora_rite` does its own.
+
+  Args:
+    inner: the transformation (a whole chain, learning rate included).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` with ``inner``'s state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import lora_rite_optax as lro
+    >>> params = {'lora_a': jnp.full((6, 2), 0.5, jnp.float16),
+    ...           'lora_b': jnp.full((2, 4), 0.5, jnp.float16)}
+    >>> tx = optax.apply_if_finite(lro.with_gradients_dtypes(optax.chain(
+    ...     lro.scale_by_lora_rite(), optax.scale(-1e-3))), 3)
+    >>> grads = {k: 0.1 * jnp.ones_like(v) for k, v in params.items()}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates['lora_a'].dtype
+    dtype('float16')
+  """
+  return cast_to_gradients_dtypes(inner)
 
 
 def _widened_leaf(x):
@@ -101,6 +138,6 @@ def with_stable_dtypes(tx: base.GradientTransformation
         lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
         new_state, state)
 
-  return with_gradients_dtypes(
+  return cast_to_gradients_dtypes(
       base.GradientTransformationExtraArgs(
           lambda params: tx.init(widen(params)), update_fn))

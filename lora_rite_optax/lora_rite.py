@@ -279,7 +279,8 @@ def scale_by_lora_rite(
     A :class:`optax.GradientTransformation` whose ``update`` needs ``params``.
     Updates have the gradients' dtype, except that float16 gradients get
     float32 updates: the step before the learning rate can exceed float16's
-    range.
+    range (under ``optax.apply_if_finite`` or ``optax.MultiSteps``, wrap the
+    chain in :func:`with_gradients_dtypes`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -842,5 +843,5 @@ def lora_rite(
     steps.append(balance_lora_factors(layout))
   # The cast wraps the chain: a step of its own would add a node to the
   # chain's state, and checkpoints of earlier versions would not restore.
-  return casting.with_gradients_dtypes(optax.chain(*steps), 'lora_rite',
+  return casting.cast_to_gradients_dtypes(optax.chain(*steps), 'lora_rite',
                                        len(steps))

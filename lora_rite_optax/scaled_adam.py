@@ -67,7 +67,8 @@ def scale_by_riemannian_precond(
   and the scaled gradients are returned in the gradients' dtype, except that
   float16 ones stay in float32 (they can exceed float16's range;
   :func:`scaled_adam` casts its final updates back to the gradients' dtype,
-  as ``lora_rite`` does). If the solve is not finite the gradient is left unscaled,
+  as ``lora_rite`` does; a chain of one's own wants
+  :func:`with_gradients_dtypes` under ``optax.apply_if_finite``). If the solve is not finite the gradient is left unscaled,
   as the authors' ``try: inverse ... except: identity``. Every leaf must
   belong to a pair.
 
@@ -335,7 +336,7 @@ def scaled_adam(
   checks.learning_rate('scaled_adam', learning_rate)
   checks.non_negative('scaled_adam', 'weight_decay', weight_decay,
                       finite=True, schedule_ok=True)
-  return casting.with_gradients_dtypes(optax.chain(
+  return casting.cast_to_gradients_dtypes(optax.chain(
       _riemannian_precond('scaled_adam', delta, layout),
       _adam_authors('scaled_adam', b1, b2, eps, bias_correction),
       optax.add_decayed_weights(weight_decay),

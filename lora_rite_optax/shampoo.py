@@ -203,7 +203,9 @@ def scale_by_shampoo(
 
   Steps come in the gradients' dtype, except float16's, which stay in
   float32 (without a graft they can exceed float16's range; :func:`shampoo`
-  casts after the learning rate).
+  casts after the learning rate, and a chain of one's own under
+  ``optax.apply_if_finite`` or ``optax.MultiSteps`` wants
+  :func:`with_gradients_dtypes`).
 
   Args:
     b1: momentum of the grafted direction.
@@ -539,7 +541,7 @@ def shampoo(
                       finite=True, schedule_ok=True)
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   # The cast wraps the whole chain: float16's step is float32 until the rate.
-  return casting.with_gradients_dtypes(optax.chain(
+  return casting.cast_to_gradients_dtypes(optax.chain(
       _shampoo('shampoo', b1, b2, eps, matrix_eps, block_size,
                precondition_every, graft, layout),
       # add_decayed_weights needs params even at 0, and an update without

@@ -571,6 +571,30 @@ def test_scale_by_lora_rite_in_a_users_chain_takes_the_gradients_dtype(
       jnp.dtype(grad_dtype)}
 
 
+@pytest.mark.parametrize('block', ['lora_rite', 'riemannian', 'shampoo'])
+def test_a_users_float16_chain_under_apply_if_finite_wants_the_cast(block):
+  """The building blocks keep float16's steps in float32 (before the rate
+  they can pass 65504); optax.apply_if_finite's zeros like the gradients
+  refused such a chain in jax's cond error, with nothing public to cast."""
+  params, _ = _problem(8, zero_b=False, dtype=np.float32)
+  params = jax.tree.map(lambda x: x.astype(jnp.float16), params)
+  grads = jax.tree.map(lambda x: (0.1 * x).astype(jnp.float16), params)
+  inner = {'lora_rite': lro.scale_by_lora_rite,
+           'riemannian': lro.scale_by_riemannian_precond,
+           'shampoo': lro.scale_by_shampoo}[block]()
+  chain = optax.chain(inner, optax.scale(-1e-2))
+  plain = optax.apply_if_finite(chain, 3)
+  with pytest.raises(TypeError, match='cond branches'):
+    jax.jit(plain.update)(grads, plain.init(params), params)
+  tx = optax.apply_if_finite(lro.with_gradients_dtypes(chain), 3)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  want, _ = chain.update(grads, chain.init(params), params)
+  for got, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    assert got.dtype == jnp.float16 and ref.dtype == jnp.float32
+    np.testing.assert_array_equal(got, ref.astype(jnp.float16))
+  assert int(state.notfinite_count) == 0
+
+
 # ---------------------------------------------------------------- errors
 
 
