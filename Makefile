@@ -75,4 +75,4 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
 
 clean:
-	rm -rf $(VENV) $(SEQIO_VENV) $(OLDEST_VENV) demo_out
+	rm -rf $(VENV) $(SEQIO_VENV) $(OLDEST_VENV) demo_out runs/demo-*

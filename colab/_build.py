@@ -29,6 +29,7 @@ def setup_cell(extras: str) -> str:
 # of that accelerator at the version the package takes (Colab's own may be
 # another). Anywhere else this cell installs nothing: it finds the repository
 # root, makes it the working directory and puts it on sys.path.
+import glob
 import os
 import shutil
 import sys
@@ -41,8 +42,10 @@ if 'google.colab' in sys.modules:
   if not os.path.isdir('/content/lora-rite-optax'):
     !git clone -q --depth 1 {{REPO_URL}} /content/lora-rite-optax
   # Quoted for the shell ('>' and '<' would redirect).
+  # A TPU shows as /dev/accel* up to v4 and as /dev/vfio/<n> from v5e on.
   ACCEL = ('"jax[cuda12]>=0.10,<0.11"' if shutil.which('nvidia-smi') else
            '"jax[tpu]>=0.10,<0.11"' if os.path.exists('/dev/accel0') or
+           glob.glob('/dev/vfio/[0-9]*') or
            os.environ.get('TPU_ACCELERATOR_TYPE') else '')
   !pip install -q "/content/lora-rite-optax[{extras}]" {{ACCEL}}
   ROOT = '/content/lora-rite-optax'
@@ -386,7 +389,8 @@ WARMUP = max(1, STEPS // 10)
 # in `benchmarks/reproduce.py --budget small` on these problems (LoRA-RITE's
 # among 2e-5, 5e-5, 2e-4 and 1e-3, Adam's among 2e-4, 1e-3 and 3e-3; README,
 # "make demo"; docs/results). They were chosen for 40 steps with linear
-# decay to 0, not for this schedule. Cosine decay to 10% after a linear
+# decay to 0, eps 1e-6 and no gradient clip, not for this schedule, the
+# library's default eps and the clip at global norm 1 below. Cosine decay to 10% after a linear
 # warmup, which LoRA-RITE needs: lora_b starts at 0, so its first update of
 # lora_a is as large as lora_a whatever the rate.
 PEAK_LR = {'lora_rite': 5e-5, 'adam': 1e-3}
@@ -396,7 +400,7 @@ N_SHOW = 16            # held-out problems generated before and after
     code('''
 t0 = time.time()
 gguf_path = gemma.gemma3_270m_gguf()   # the package's chunks, joined once
-model = gemma.from_pretrained(gguf_path)        # float32 on CPU
+model = gemma.from_pretrained(gguf_path)  # float32 (dtype=jnp.bfloat16 on TPU)
 tokenizer = gemma.load_tokenizer(gguf_path)
 print(f'loaded {model.config.num_layers} layers in {time.time() - t0:.0f} s')
 '''),
@@ -608,7 +612,8 @@ for i in range(min(6, len(prompts))):
 `adapter_config.json` with Hugging Face module names, loadable with
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
 'google/gemma-3-270m'), path)` (or back into this model with
-`lora.load_peft_adapter`).
+`lora.load_peft_adapter`). It was trained on the Q4_K_M base, dequantized:
+on the original weights it is close to, not exactly, the model trained here.
 '''),
     code('''
 import json
@@ -737,6 +742,10 @@ for c in sweep:
 * **mT5-XXL.** `paper_mt5xxl_superni` is the encoder-decoder setup (targets
   `q, k, v, o, wi_0, wi_1, wo`, `models/t5.py`); `python -m train` trains it
   like the Gemma presets and exports a `SEQ_2_SEQ_LM` PEFT adapter.
+  `google/mt5-xxl` holds PyTorch pickles, which the loader does not read:
+  with `CONFIG = 'paper_mt5xxl_superni'` the cell below has transformers
+  (on a CPU torch) rewrite them as bfloat16 safetensors on each host (about
+  50 GB downloaded and 26 GB written: size the hosts' disks for it).
 * **Compare optimizers** by running the same config with `--optim.name adam`
   (or `loraplus`, `scaled_adam`, `shampoo`, `lamb`). Every optimizer then
   takes the config's `--optim.eps` (1e-6) and no gradient clip; the
@@ -773,7 +782,9 @@ ACCELERATOR = 'v4-16'
 # v2-alpha-tpuv5-lite, a v5p v2-alpha-tpuv5.
 RUNTIME = 'tpu-ubuntu2204-base'
 CONFIG = 'paper_gemma7b_superni'
-MODEL_DIR = '~/checkpoints/gemma-7b'   # local HF directory on each host
+# The preset's Hugging Face checkpoint, fetched into this folder on each host.
+MODEL = configs.get_config(CONFIG).model
+MODEL_DIR = '~/checkpoints/' + MODEL.path.rsplit('/', 1)[-1]
 # Orbax writes each checkpoint from all hosts together (each its own shards)
 # and process 0 writes the metrics, config and adapter: use a folder all
 # hosts share, mounted at the same path: a Filestore share, or a bucket
@@ -800,10 +811,24 @@ setup = ('sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
          'python3.11-venv && git clone ' + REPO_URL + ' && cd lora-rite-optax'
          ' && python3.11 -m venv .venv && . .venv/bin/activate && '
          'pip install -U "jax[tpu]>=0.10,<0.11" -e ".[train,hub]" '
-         '"huggingface_hub>=1.0" && '
-         'hf download google/gemma-7b --local-dir ' + MODEL_DIR +
-         ' --include "*.safetensors" --include "*.json"'
-         ' --include tokenizer.model')
+         '"huggingface_hub>=1.0" && ')
+if MODEL.family == 'gemma':
+  setup += (f'hf download {MODEL.path} --local-dir {MODEL_DIR} '
+            '--include "*.safetensors" --include "*.json" '
+            '--include tokenizer.model')
+else:
+  # google/mt5-xxl holds PyTorch pickles, which the loader does not read:
+  # transformers (on a CPU torch) rewrites them as safetensors, in bfloat16
+  # as the preset keeps the base, beside the checkpoint's spiece.model.
+  setup += ('pip install -q torch --index-url '
+            'https://download.pytorch.org/whl/cpu && pip install -q '
+            '"transformers>=5" sentencepiece && '
+            f'hf download {MODEL.path} --local-dir {MODEL_DIR} '
+            '--include "*.json" --include spiece.model && python -c "import '
+            'sys, os, torch, transformers as t; '
+            't.AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], '
+            'dtype=torch.bfloat16).save_pretrained(os.path.expanduser('
+            f'sys.argv[2]))" {MODEL.path} {MODEL_DIR}')
 train_cmd = (f'cd lora-rite-optax && . .venv/bin/activate && '
              f'python -m train --config {CONFIG} {flags} '
              f'--model.path {MODEL_DIR} --data.hub true')

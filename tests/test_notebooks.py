@@ -128,7 +128,7 @@ def test_first_cell_installs_only_in_colab(name):
 
 @pytest.mark.parametrize('runtime, plugin', [
     ('cpu', None), ('gpu', 'jax[cuda12]>=0.10,<0.11'),
-    ('tpu', 'jax[tpu]>=0.10,<0.11')])
+    ('tpu', 'jax[tpu]>=0.10,<0.11'), ('tpu-vfio', 'jax[tpu]>=0.10,<0.11')])
 @pytest.mark.parametrize('name, extras', [
     ('quickstart.ipynb', 'train'), ('gemma_lora.ipynb', 'train,real-model'),
     ('paper_configs.ipynb', 'train')])
@@ -155,6 +155,12 @@ def test_colab_install_line(name, extras, runtime, plugin, monkeypatch,
   monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
   if runtime == 'tpu':
     monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5litepod-1')
+  # A v5e or later shows as /dev/vfio/<n> (not /dev/accel0), with or
+  # without the variable.
+  import glob  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(glob, 'glob', lambda pattern: (
+      ['/dev/vfio/0'] if runtime == 'tpu-vfio' and
+      pattern == '/dev/vfio/[0-9]*' else []))
   # Its profile and history out of the user's home; the shell is this
   # process's singleton, cleared after the test.
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
@@ -206,6 +212,36 @@ def test_paper_configs_runs(kernel, monkeypatch, tmp_path):
   # no .buffer: every checkpoint save had failed after writing.
   assert 'steps: 8 | checkpoints: [6, 8] | adapter:' in text, text
   assert 'adapter_model.safetensors' in text
+
+
+@pytest.mark.parametrize('config, fetch', [
+    ('paper_gemma2b_arc_challenge', 'hf download google/gemma-2b --local-dir '
+     '~/checkpoints/gemma-2b --include "*.safetensors" --include "*.json" '
+     '--include tokenizer.model'),
+    ('paper_mt5xxl_superni', 'hf download google/mt5-xxl --local-dir '
+     '~/checkpoints/mt5-xxl --include "*.json" --include spiece.model && '
+     'python -c "import sys, os, torch, transformers as t; '
+     't.AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], '
+     'dtype=torch.bfloat16).save_pretrained(os.path.expanduser(sys.argv[2]))" '
+     'google/mt5-xxl ~/checkpoints/mt5-xxl')])
+def test_tpu_commands_fetch_the_presets_own_checkpoint(config, fetch, capsys):
+  """The commands cell with another CONFIG: it had fetched google/gemma-7b
+  into ~/checkpoints/gemma-7b whatever the preset, so a 2B preset trained
+  7B weights and the mT5 one was pointed at a Gemma checkpoint."""
+  from train import configs  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(COLAB / 'paper_configs.ipynb', as_version=4)
+  (cell,) = [c.source for c in nb.cells if c.cell_type == 'code' and
+             c.source.startswith("TPU_NAME = ")]
+  cell = cell.replace("CONFIG = 'paper_gemma7b_superni'", f'CONFIG = {config!r}')
+  assert f'CONFIG = {config!r}' in cell
+  exec(cell, {'configs': configs,  # pylint: disable=exec-used
+              'REPO_URL': 'https://github.com/example/lora-rite-optax'})
+  text = capsys.readouterr().out
+  assert fetch in text, text
+  name = configs.get_config(config).model.path.rsplit('/', 1)[-1]
+  assert (f'python -m train --config {config} --grad_accum 8 '
+          f'--model.path ~/checkpoints/{name} --data.hub true') in text, text
+  assert ('gemma-7b' in text) == ('7b' in config)
 
 
 @pytest.mark.slow
