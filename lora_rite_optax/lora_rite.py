@@ -243,11 +243,12 @@ def scale_by_lora_rite(
   Unlike the authors' PyTorch code, the second moment's eigenvalues are
   clamped at 0 (there a slightly negative one makes the factor's step NaN,
   then 0), the cutoff is the Gram's ``sqrt(r * eps)``, not
-  ``torch.linalg.pinv``'s ``r * eps``, and a direction of the second moment
-  (plus escaped mass) below ``r * eps`` of its largest eigenvalue gets no
-  step (there the gradient's rounding along it is divided by the ``eps``
-  argument, which grows directions the data never asked for when a step has
-  fewer loss rows than ``r``).
+  ``torch.linalg.pinv``'s ``r * eps``, and for float32 and float64 factors a
+  direction of the second moment (plus escaped mass) below ``r * eps`` of its
+  largest eigenvalue gets no step (whitening the gradient's rounding there
+  grew directions the data never asked for when a step had fewer loss rows
+  than ``r``; 16-bit factors keep the whitening, which conditions them
+  better than the cut).
 
   Args:
     b1: decay of the first moment.
@@ -452,8 +453,12 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
           grams['ss'] = view.gram(s_prev, s_prev, precision)
         n = pairs_lib.matrix_shape(view.shape, view.rank_axis,
                                    view.batch_axes)[1]
+        # Whether the factor and its gradient hold the compute dtype's
+        # precision (the null cut below is for those).
+        wide = all(jnp.finfo(d).eps <= jnp.finfo(dtype).eps for d in (
+            leaf.dtype, jnp.result_type(grad_leaves[index])))
         both.append(dict(index=index, view=view, dtype=dtype, grad=grad,
-                         s_prev=s_prev, grams=grams, n=n))
+                         s_prev=s_prev, grams=grams, n=n, wide=wide))
       factors.append(both)
 
     # The r x r algebra of every pair with the same rank and dtype runs as
@@ -513,8 +518,10 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
       keep = (finite & jnp.isfinite(_trace(gtg)) &
               ~((update_skipping > 0) & (rms > update_skipping)))
       total_sq += jnp.sum(jnp.where(keep, _trace(gtg), 0.0))
+      wide = stack(ks, lambda k, role: jnp.full(
+          factors[k][role]['grams']['xx'].shape[:1], factors[k][role]['wide']))
       prepared.append((key, ks, gram, n_rows, rinv, rinv_o, finite, clean,
-                       gtg, keep))
+                       gtg, keep, wide))
 
     clip = jnp.asarray(clip_unmagnified_grad).astype(dtype)
     norm = jnp.sqrt(total_sq)
@@ -529,7 +536,7 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
     new_rinv = dict(state.rinv)
     last_q = last_rinv  # after every R^+
     for (key, ks, gram, n_rows, rinv, rinv_o, finite, clean, gtg,
-         keep) in prepared:
+         keep, wide) in prepared:
       nu_prev = state.nu[key]
       rho_prev = state.escaped[key]
       rinv_prev_o = state.rinv[key][::-1]
@@ -562,16 +569,20 @@ def _scale_by_lora_rite(who: str, b1, b2, eps, clip_unmagnified_grad,
       # factor NaN.
       inv_root = linalg.divide_or_zero(jnp.ones_like(denom), denom)
       # A direction whose second moment (with the escaped mass) is at
-      # eigh's rounding level is null: the gradient has no part there in
-      # exact arithmetic (its rows lie in nu's range), but its rounding
-      # does, and 1 / eps had made that a step. In float32, a factor whose
-      # gradient has rank below r (fewer loss rows than r) had grown
-      # spurious directions that R^+ then magnified until the run diverged.
-      # Relative to the largest eigenvalue, which a change of basis keeps.
+      # eigh's rounding level counts as null: a gradient of rank below r
+      # (fewer loss rows than r) has no part there in exact arithmetic, but
+      # its rounding does, which the inverse root had whitened into a step.
+      # A float32 lora_b grew spurious weak directions that R^+ then
+      # magnified until the run diverged where float64 did not. Relative to
+      # the largest eigenvalue, which a change of basis keeps. Not for
+      # 16-bit factors or gradients: their rounding is far above this cut,
+      # and whitening it all leaves lora_b better conditioned than cutting
+      # part of it (measured on bfloat16 and float16).
       null_cut = lam.shape[-1] * jnp.finfo(nu.dtype).eps * jnp.max(
           lam, axis=-1, keepdims=True)
-      inv_root = jnp.where(jnp.maximum(lam, 0.0) + rho[..., None] > null_cut,
-                           inv_root, 0.0)
+      inv_root = jnp.where(
+          (jnp.maximum(lam, 0.0) + rho[..., None] > null_cut) |
+          ~wide[..., None], inv_root, 0.0)
       precond = mm(q * inv_root[..., None, :], _t(q))
       # M = grad K1 + M_prev P^T, and the step S = M R_O^+T (before capping)
       # is what the state keeps. Since S_prev = M_prev R_{O,t-1}^+T,
