@@ -387,10 +387,13 @@ def apply_lora(model: nnx.Module,
     if new_kernel is not None:
       new_kernel = jnp.asarray(new_kernel, dtype).reshape(kernel.shape)
       if isinstance(kernel, jax.Array) and not isinstance(
-          kernel, jax.core.Tracer):
+          kernel, jax.core.Tracer) and isinstance(
+              kernel.sharding, jax.sharding.NamedSharding):
         # The SVD's output lands where XLA puts it: a kernel sharded over
         # a mesh had come back on another sharding (P('x', None, 'y') as
-        # P('x',)), so a step jitted with the old one resharded it.
+        # P('x',)), so a step jitted with the old one resharded it. Not a
+        # kernel on one device, which this would pin there: a multi-host
+        # run's placement of the base then refused it.
         new_kernel = jax.device_put(new_kernel, kernel.sharding)
       proj.kernel.set_value(new_kernel)
       # Copies, not the factors' own buffers: a train step donates the

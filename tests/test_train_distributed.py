@@ -82,15 +82,18 @@ def _two_processes(argv_of, timeout: int) -> list[tuple[int, str, str]]:
 @pytest.mark.xdist_group('train_distributed')
 def test_two_processes_match_one(tmp_path):
   port = str(_free_port())
+  # With LoRA dropout, as every paper preset has: its keys had been refused
+  # by the placement on the mesh across processes, before the first step.
+  changes = json.dumps({'lora.dropout': 0.1})
   outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
-                                   str(tmp_path / 'multi')), 420)
+                                   str(tmp_path / 'multi'), changes), 420)
   for code, _, err in outs:
     assert code == 0, err[-3000:]
   multi = _losses(outs[0][1])
   single_proc = subprocess.run(
       [sys.executable, '-c', WORKER, '8', '0', '1', '0',
-       str(tmp_path / 'single')], cwd=ROOT, env=_env(), capture_output=True,
-      text=True, timeout=420)
+       str(tmp_path / 'single'), changes], cwd=ROOT, env=_env(),
+      capture_output=True, text=True, timeout=420)
   assert single_proc.returncode == 0, single_proc.stderr[-3000:]
   single = _losses(single_proc.stdout)
   assert multi is not None and single is not None
@@ -109,14 +112,17 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.xdist_group('train_distributed')
-def test_lora_ga_over_two_processes_saves_and_exports(tmp_path):
+@pytest.mark.parametrize('init', ['lora_ga', 'pissa'])
+def test_lora_ga_over_two_processes_saves_and_exports(tmp_path, init):
   """Its initial factors span both processes: process 0 alone had fetched
   them (to save them for a resume, and for the rank-2r export against the
-  original base) and failed, the other waiting minutes on its barrier."""
+  original base) and failed, the other waiting minutes on its barrier.
+  PiSSA too: its new kernel of a random base (on one device) had been
+  pinned there, and the base's placement across processes refused it."""
   port = str(_free_port())
   # Layers split over all four devices of each process and both processes
   # (data=2 had kept a whole copy on each).
-  changes = json.dumps({'lora.init': 'lora_ga', 'lora.ga_batches': 1,
+  changes = json.dumps({'lora.init': init, 'lora.ga_batches': 1,
                         'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2})
   outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
                                    str(tmp_path / 'ga'), changes), 420)

@@ -704,6 +704,18 @@ class _PreRun:
   max_targets: int
 
 
+def _place_rng_leaf(x, sharding):
+  """An RNG stream's leaf on ``sharding``. A typed key (LoRA dropout's)
+  goes as its raw data: jax's device_put refuses key arrays onto a sharding
+  that spans processes, which had failed every multi-host run with dropout
+  (every paper preset) before its first step."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+        jax.device_put(np.asarray(jax.random.key_data(x)), sharding),
+        impl=jax.random.key_impl(x))
+  return jax.device_put(np.asarray(x), sharding)
+
+
 def build(cfg: configs_lib.Config) -> Run:
   """Validates the config and builds data, model, mesh and initial state.
 
@@ -800,7 +812,7 @@ def build(cfg: configs_lib.Config) -> Run:
       jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
                    str_keys(nnx.to_pure_dict(lora_state))), param_sh)
   base = jax.device_put(nnx.to_pure_dict(base_state), base_sh)
-  rngs = jax.device_put(nnx.to_pure_dict(rng_state), rng_sh)
+  rngs = jax.tree.map(_place_rng_leaf, nnx.to_pure_dict(rng_state), rng_sh)
   # The model holds the placed base from here on, not a copy of its own (a
   # random base had stayed whole on the first device beside the sharded).
   nnx.replace_by_pure_dict(base_state, base)
