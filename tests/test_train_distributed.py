@@ -150,6 +150,34 @@ def test_a_run_dir_each_host_has_alone_is_refused_on_every_process(tmp_path):
     assert not list((tmp_path / f'own_{i}').glob('.shared-check-*'))
 
 
+FAILING_WORKER = WORKER.replace('cfg = configs.replace(', '''
+if pid == 0:  # process 0's metrics write fails at step 2 (a full disk)
+  from train import metrics
+  write = metrics.MetricsWriter.write
+  def failing(self, step, row, **kwargs):
+    if step >= 2 and self.enabled and 'loss' in row:
+      raise OSError('metrics.csv: cannot write (No space left on device)')
+    return write(self, step, row, **kwargs)
+  metrics.MetricsWriter.write = failing
+cfg = configs.replace(''', 1)
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
+  """Process 0 alone writes the metrics: it had raised alone, and the
+  other process waited in the next step's collective until the job's
+  timeout, then died in stack traces."""
+  port = str(_free_port())
+  outs = _two_processes(lambda i: (FAILING_WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'full')), 240)
+  (code0, _, err0), (code1, _, err1) = outs
+  assert code0 != 0 and code1 != 0, (err0[-2000:], err1[-2000:])
+  assert 'metrics.csv: cannot write (No space left on device)' in err0, (
+      err0[-2000:])
+  assert ('process 0 could not write its metrics or evaluation rows (its '
+          'log says why); this process stops with it.') in err1, err1[-2000:]
+
+
 T5_WORKER = r'''
 import sys
 import jax

@@ -219,6 +219,22 @@ def on_any_process(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
+def raise_where_process_0_failed(error: BaseException | None,
+                                 what: str) -> None:
+  """Raises on every process if process 0's write of ``what`` failed
+  (``error``, None where it did not; one collective across processes).
+
+  Process 0 alone writes a run's files. Had it raised alone (a full disk),
+  the others went on into the step's collectives and waited there until
+  the job's timeout, ending in stack traces."""
+  if not on_any_process(int(error is not None)):
+    return
+  if error is not None:
+    raise error
+  raise OSError(f'process 0 could not write {what} (its log says why); '
+                'this process stops with it.')
+
+
 def same_on_every_process(digest: str) -> bool:
   """Whether every process holds this hex ``digest`` (one collective).
 

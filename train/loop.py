@@ -615,11 +615,16 @@ def save_initial_factors(run_dir: str, model) -> str | None:
   # process 0 alone could not read them, and the others waited on it.
   factors = {name: tuple(distributed.to_host(x) for x in ab)
              for name, ab in factors.items()}
+  error = None
   if jax.process_index() == 0:
     # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
     tensors = {f'{name}/{part}': np.asarray(x, np.float32)
                for name, ab in factors.items() for part, x in zip('ab', ab)}
-    hf_io.write_tensors(path, tensors)  # atomic; a full disk in one line
+    try:
+      hf_io.write_tensors(path, tensors)  # atomic; a full disk in one line
+    except OSError as e:
+      error = e
+  distributed.raise_where_process_0_failed(error, INITIAL_FACTORS_FILE)
   return path
 
 
@@ -702,6 +707,11 @@ class _PreRun:
   model: Any
   train_examples: Any
   max_targets: int
+
+
+# What agreed_stop's collective carries for a failed write: above any
+# signal number.
+_WRITE_FAILED = 1 << 16
 
 
 def _place_rng_leaf(x, sharding):
@@ -2068,10 +2078,15 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
           'learning-rate schedule now spans the new length')
   # Written once the checkpoint (if any) is known to fit the config.
+  error = None
   if jax.process_index() == 0:
     # Atomically: the file a refused resume names (a full disk had left it
     # cut short).
-    hf_io.write_text(os.path.join(run_dir, 'config.json'), config_json)
+    try:
+      hf_io.write_text(os.path.join(run_dir, 'config.json'), config_json)
+    except OSError as e:
+      error = e
+  distributed.raise_where_process_0_failed(error, 'config.json')
   if cfg.lora.init in _SAVES_INITIAL and (latest is None or not os.path.isfile(
       os.path.join(run_dir, INITIAL_FACTORS_FILE))):
     # A fresh start, or a checkpoint older than the file: from now on every
@@ -2115,11 +2130,23 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   timing = {'build': t_built - t_start, 'eval': 0.0, 'train': 0.0,
             'compile_and_first_step': 0.0}
 
+  # A write of process 0's that failed, kept until every process agrees to
+  # stop (at the next agreed_stop) rather than raised on process 0 alone.
+  write_errors: list[OSError] = []
+
+  def write_row(writer_of, step: int, row, **kwargs) -> None:
+    try:
+      writer_of.write(step, row, **kwargs)
+    except OSError as e:
+      if jax.process_count() == 1:
+        raise
+      write_errors.append(e)
+
   def do_eval(step: int, tag: str) -> dict[str, float]:
     res = evaluator(state)
     timing['eval'] += res.get('seconds', 0.0)
-    eval_writer.write(step, {f'eval/{k}': v for k, v in res.items()},
-                      replace=reevaluate and step == start_step)
+    write_row(eval_writer, step, {f'eval/{k}': v for k, v in res.items()},
+              replace=reevaluate and step == start_step)
     log(f'[eval {tag} step {step}] {_fmt(res)}')
     return res
 
@@ -2129,8 +2156,16 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   ack = [log]
   stop = cleanup.enter_context(preemption.StopRequest(
       stop_acknowledgement(custom_log, ack)))
-  # Several processes agree (one collective) wherever they ask.
-  agreed_stop = lambda: distributed.on_any_process(stop.signum)
+  # Several processes agree (one collective) wherever they ask; a failed
+  # write of process 0's stops them all there, in one line each.
+  def agreed_stop() -> int:
+    failed = _WRITE_FAILED if write_errors else 0
+    agreed = distributed.on_any_process(max(stop.signum, failed))
+    if agreed >= _WRITE_FAILED:
+      distributed.raise_where_process_0_failed(
+          write_errors[0] if write_errors else None,
+          'its metrics or evaluation rows')
+    return agreed
   evaluator.should_stop = agreed_stop
 
   def eval_or_stop(step: int, tag: str) -> tuple[dict[str, float] | None,
@@ -2220,7 +2255,7 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
                             window_tokens / max(now - window_t0, 1e-9))
     host['dropped_target_tokens'] = float(dropped_total)
     window_tokens, window_t0 = 0, now
-    writer.write(step, host)
+    write_row(writer, step, host)
     summary['history'].append({'step': step, **host})
     say(
         f'[step {step}] loss={host["loss"]:.4f} lr={host["lr"]:.3g} '
@@ -2333,6 +2368,11 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
                       'saved: free '
                       'the space (or fix the folder), then --resume exports '
                       'the adapter.') from None
+  # A failed row that no agreed_stop has seen (a stop request ended the
+  # final evaluation): every process stops with it.
+  distributed.raise_where_process_0_failed(
+      write_errors[0] if write_errors else None,
+      'its metrics or evaluation rows')
   summary['checkpoints'] = ckpt.all_steps()
   summary.update(
       steps=step,
