@@ -113,7 +113,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.xdist_group('train_distributed')
 @pytest.mark.parametrize('init', ['lora_ga', 'pissa'])
-def test_lora_ga_over_two_processes_saves_and_exports(tmp_path, init):
+def test_svd_inits_over_two_processes_save_and_export(tmp_path, init):
   """Its initial factors span both processes: process 0 alone had fetched
   them (to save them for a resume, and for the rank-2r export against the
   original base) and failed, the other waiting minutes on its barrier.
@@ -162,20 +162,59 @@ if pid == 0:  # process 0's metrics write fails at step 2 (a full disk)
 cfg = configs.replace(''', 1)
 
 
+OPEN_FAILING_WORKER = WORKER.replace('cfg = configs.replace(', '''
+if pid == 0:  # process 0 cannot rewrite its CSVs (a full disk on a resume)
+  from train import metrics
+  opened = metrics.MetricsWriter.__init__
+  def failing(self, *args, **kwargs):
+    opened(self, *args, **kwargs)
+    if self.enabled:
+      raise OSError('metrics.csv: cannot write (No space left on device)')
+  metrics.MetricsWriter.__init__ = failing
+cfg = configs.replace(''', 1)
+
+
 @pytest.mark.xdist_group('train_distributed')
-def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path):
+@pytest.mark.parametrize('worker, what', [
+    (FAILING_WORKER, 'its metrics or evaluation rows'),
+    (OPEN_FAILING_WORKER, 'metrics.csv or eval.csv')])
+def test_a_write_that_fails_on_process_0_stops_every_process(tmp_path,
+                                                             worker, what):
   """Process 0 alone writes the metrics: it had raised alone, and the
   other process waited in the next step's collective until the job's
   timeout, then died in stack traces."""
   port = str(_free_port())
-  outs = _two_processes(lambda i: (FAILING_WORKER, '4', port, '2', str(i),
+  outs = _two_processes(lambda i: (worker, '4', port, '2', str(i),
                                    str(tmp_path / 'full')), 240)
   (code0, _, err0), (code1, _, err1) = outs
   assert code0 != 0 and code1 != 0, (err0[-2000:], err1[-2000:])
   assert 'metrics.csv: cannot write (No space left on device)' in err0, (
       err0[-2000:])
-  assert ('process 0 could not write its metrics or evaluation rows (its '
-          'log says why); this process stops with it.') in err1, err1[-2000:]
+  assert (f'process 0 could not write {what} (its log says why); this '
+          'process stops with it.') in err1, err1[-2000:]
+
+
+EXPORT_FAILING_WORKER = WORKER.replace('cfg = configs.replace(', '''
+if pid == 0:  # process 0's adapter write fails (a read-only folder)
+  from models import lora
+  def failing(*args, **kwargs):
+    raise OSError('adapter: cannot write (Read-only file system)')
+  lora.save_peft_adapter = failing
+cfg = configs.replace(''', 1)
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_an_export_that_fails_on_process_0_leaves_the_others_free(tmp_path):
+  """Process 0 alone writes the adapter, after every collective: a check
+  across processes placed after it had left the other process waiting for
+  process 0, which had raised."""
+  port = str(_free_port())
+  outs = _two_processes(lambda i: (EXPORT_FAILING_WORKER, '4', port, '2',
+                                   str(i), str(tmp_path / 'ro')), 240)
+  (code0, _, err0), (code1, _, err1) = outs
+  assert code0 != 0 and ('adapter: cannot write (Read-only file system); '
+                         'checkpoint 3 is saved') in err0, err0[-2000:]
+  assert code1 == 0, err1[-2000:]
 
 
 T5_WORKER = r'''

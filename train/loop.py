@@ -2097,16 +2097,25 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   step_fn = _jitted_step(r)
   # A fresh run (no checkpoint) starts its CSVs over: -1 keeps no row.
   kept_up_to = start_step if latest is not None else -1
-  writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
-  cleanup.push(_closing(writer.close))
+  # Process 0 rewrites and opens the CSVs here (a full disk on a resume,
+  # often why the run died, fails it alone): every process stops with it.
+  error = None
+  try:
+    writer = metrics_lib.MetricsWriter(run_dir, last_step=kept_up_to)
+    cleanup.push(_closing(writer.close))
+    eval_writer = metrics_lib.MetricsWriter(
+        run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
+        last_step=kept_up_to)
+    cleanup.push(_closing(eval_writer.close))
+  except OSError as e:
+    if jax.process_count() == 1:
+      raise
+    error = e
+  distributed.raise_where_process_0_failed(error, 'metrics.csv or eval.csv')
   # A finished run's final evaluation is done again (with this run's eval
   # settings, which a resume may change), its row replacing the old one.
   reevaluate = (latest is not None and start_step >= cfg.steps and
                 cfg.eval.after and bool(r.eval_examples))
-  eval_writer = metrics_lib.MetricsWriter(
-      run_dir, csv_name=metrics_lib.EVAL_CSV_NAME, tb_subdir='eval',
-      last_step=kept_up_to)
-  cleanup.push(_closing(eval_writer.close))
   # A resumed run's summary covers the whole run: the rows kept from
   # before the checkpoint are its history so far and its first evaluation
   # (process 0's, which writes the summary).
@@ -2357,22 +2366,23 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       summary['eval_after'], interrupted = eval_or_stop(step, 'after')
     if not interrupted:
       interrupted = agreed_stop()
-    if cfg.export_adapter and not interrupted:
-      stop.doing = 'finishing the adapter export; the run is then complete'
-      try:
-        summary['adapter_dir'] = export_adapter(r, state, run_dir)
-      except OSError as e:
-        # A full disk or a read-only adapter folder: the trained state is
-        # safe in the last checkpoint, and a resume exports again.
-        raise OSError(f"{first_line(e).rstrip('.')}; checkpoint {step} is "
-                      'saved: free '
-                      'the space (or fix the folder), then --resume exports '
-                      'the adapter.') from None
   # A failed row that no agreed_stop has seen (a stop request ended the
-  # final evaluation): every process stops with it.
+  # final evaluation): every process stops with it. Before the export, which
+  # process 0 alone finishes: no collective may follow it.
   distributed.raise_where_process_0_failed(
       write_errors[0] if write_errors else None,
       'its metrics or evaluation rows')
+  if step >= cfg.steps and not interrupted and cfg.export_adapter:
+    stop.doing = 'finishing the adapter export; the run is then complete'
+    try:
+      summary['adapter_dir'] = export_adapter(r, state, run_dir)
+    except OSError as e:
+      # A full disk or a read-only adapter folder: the trained state is
+      # safe in the last checkpoint, and a resume exports again.
+      raise OSError(f"{first_line(e).rstrip('.')}; checkpoint {step} is "
+                    'saved: free '
+                    'the space (or fix the folder), then --resume exports '
+                    'the adapter.') from None
   summary['checkpoints'] = ckpt.all_steps()
   summary.update(
       steps=step,
