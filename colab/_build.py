@@ -390,9 +390,9 @@ WARMUP = max(1, STEPS // 10)
 # among 2e-5, 5e-5, 2e-4 and 1e-3, Adam's among 2e-4, 1e-3 and 3e-3; README,
 # "make demo"; docs/results). They were chosen for 40 steps with linear
 # decay to 0, eps 1e-6 and no gradient clip, not for this schedule, the
-# library's default eps and the clip at global norm 1 below. Cosine decay to 10% after a linear
-# warmup, which LoRA-RITE needs: lora_b starts at 0, so its first update of
-# lora_a is as large as lora_a whatever the rate.
+# library's default eps and the clip at global norm 1 below. Cosine decay
+# to 10% after a linear warmup, which LoRA-RITE needs: lora_b starts at 0,
+# so its first update of lora_a is as large as lora_a whatever the rate.
 PEAK_LR = {'lora_rite': 5e-5, 'adam': 1e-3}
 N_SHOW = 16            # held-out problems generated before and after
 '''),
@@ -400,7 +400,7 @@ N_SHOW = 16            # held-out problems generated before and after
     code('''
 t0 = time.time()
 gguf_path = gemma.gemma3_270m_gguf()   # the package's chunks, joined once
-model = gemma.from_pretrained(gguf_path)  # float32 (dtype=jnp.bfloat16 on TPU)
+model = gemma.from_pretrained(gguf_path)  # float32 (pass dtype=jnp.bfloat16 on a TPU)
 tokenizer = gemma.load_tokenizer(gguf_path)
 print(f'loaded {model.config.num_layers} layers in {time.time() - t0:.0f} s')
 '''),
@@ -782,6 +782,8 @@ ACCELERATOR = 'v4-16'
 # v2-alpha-tpuv5-lite, a v5p v2-alpha-tpuv5.
 RUNTIME = 'tpu-ubuntu2204-base'
 CONFIG = 'paper_gemma7b_superni'
+if not CONFIG.startswith('paper_'):  # the others train on this machine
+  raise ValueError(f'CONFIG {CONFIG!r}: this cell launches a paper_* preset.')
 # The preset's Hugging Face checkpoint, fetched into this folder on each host.
 MODEL = configs.get_config(CONFIG).model
 MODEL_DIR = '~/checkpoints/' + MODEL.path.rsplit('/', 1)[-1]

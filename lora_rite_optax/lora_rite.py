@@ -243,12 +243,12 @@ def scale_by_lora_rite(
   Unlike the authors' PyTorch code, the second moment's eigenvalues are
   clamped at 0 (there a slightly negative one makes the factor's step NaN,
   then 0), the cutoff is the Gram's ``sqrt(r * eps)``, not
-  ``torch.linalg.pinv``'s ``r * eps``, and for float32 and float64 factors a
-  direction of the second moment (plus escaped mass) below ``r * eps`` of its
-  largest eigenvalue gets no step (whitening the gradient's rounding there
-  grew directions the data never asked for when a step had fewer loss rows
-  than ``r``; 16-bit factors keep the whitening, which conditions them
-  better than the cut).
+  ``torch.linalg.pinv``'s ``r * eps``, and for factors and gradients in the
+  compute dtype (float32, float64) a direction of the second moment (plus
+  escaped mass) below ``r * eps`` of its largest eigenvalue gets no step
+  (whitening the gradient's rounding there grew directions the data never
+  asked for when a step had fewer loss rows than ``r``; 16-bit factors or
+  gradients keep the whitening, which conditions them better than the cut).
 
   Args:
     b1: decay of the first moment.

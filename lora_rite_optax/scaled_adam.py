@@ -68,9 +68,10 @@ def scale_by_riemannian_precond(
   float16 ones stay in float32 (they can exceed float16's range;
   :func:`scaled_adam` casts its final updates back to the gradients' dtype,
   as ``lora_rite`` does; a chain of one's own wants
-  :func:`with_gradients_dtypes` under ``optax.apply_if_finite``). If the solve is not finite the gradient is left unscaled,
-  as the authors' ``try: inverse ... except: identity``. Every leaf must
-  belong to a pair.
+  :func:`with_gradients_dtypes` under ``optax.apply_if_finite`` or
+  ``optax.MultiSteps``). If the solve is not finite the gradient is left
+  unscaled, as the authors' ``try: inverse ... except: identity``. Every leaf
+  must belong to a pair.
 
   Args:
     delta: the ridge :math:`\delta` (the authors' ``optimizer_reg``).

@@ -318,12 +318,13 @@ def test_float32_follows_float64_when_the_gradient_has_rank_below_r():
 
 
 @pytest.mark.parametrize('seed', [0, 2])
-def test_16_bit_factors_whiten_their_rounding_when_the_gradient_has_rank_below_r(
+def test_bfloat16_factors_whiten_their_rounding_when_the_gradient_has_rank_below_r(
     seed, dtype=jnp.bfloat16):
-  """The null cut is for factors as precise as the compute dtype: in 16 bits
-  it fell among the gradient's rounding-level directions, zeroing some,
-  and lora_b kept weak directions that R^+ magnified (final losses 0.017 to
-  0.13 where the whitening reaches 0.001 to 0.003, as float32 now does)."""
+  """The null cut is for factors as precise as the compute dtype: in
+  bfloat16 it fell among the gradient's rounding-level directions, zeroing
+  some, and lora_b kept weak directions that R^+ magnified (final losses
+  0.017 to 0.13 where the whitening reaches 0.001 to 0.003, as float32 now
+  does). float16 keeps the whitening too, but passes this either way."""
   rng = np.random.default_rng(seed)
   a0 = rng.normal(size=(64, 8)) / 8
   x, y = rng.normal(size=(3, 64)), rng.normal(size=(3, 64))
