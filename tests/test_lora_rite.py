@@ -615,7 +615,10 @@ def test_a_users_float16_chain_under_apply_if_finite_wants_the_cast(block):
   want, _ = chain.update(grads, chain.init(params), params)
   for got, ref in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
     assert got.dtype == jnp.float16 and ref.dtype == jnp.float32
-    np.testing.assert_array_equal(got, ref.astype(jnp.float16))
+    # The float32 step rounded to float16 (to within one float16 step: the
+    # jitted chain and the eager one may round a product apart).
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-3,
+                               atol=1e-7)
   assert int(state.notfinite_count) == 0
 
 
