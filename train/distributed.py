@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -233,6 +233,18 @@ def raise_where_process_0_failed(error: BaseException | None,
     raise error
   raise OSError(f'process 0 could not write {what} (its log says why); '
                 'this process stops with it.')
+
+
+def write_on_process_0(write: Callable[[], Any], what: str) -> None:
+  """Runs ``write`` on process 0 and stops every process if it fails with
+  an OSError (see `raise_where_process_0_failed`)."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      write()
+    except OSError as e:
+      error = e
+  raise_where_process_0_failed(error, what)
 
 
 def same_on_every_process(digest: str) -> bool:

@@ -615,16 +615,12 @@ def save_initial_factors(run_dir: str, model) -> str | None:
   # process 0 alone could not read them, and the others waited on it.
   factors = {name: tuple(distributed.to_host(x) for x in ab)
              for name, ab in factors.items()}
-  error = None
-  if jax.process_index() == 0:
-    # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
-    tensors = {f'{name}/{part}': np.asarray(x, np.float32)
-               for name, ab in factors.items() for part, x in zip('ab', ab)}
-    try:
-      hf_io.write_tensors(path, tensors)  # atomic; a full disk in one line
-    except OSError as e:
-      error = e
-  distributed.raise_where_process_0_failed(error, INITIAL_FACTORS_FILE)
+  # float32 holds bfloat16 and float16 exactly; apply_lora casts back.
+  # Atomic; a full disk in one line.
+  distributed.write_on_process_0(lambda: hf_io.write_tensors(path, {
+      f'{name}/{part}': np.asarray(x, np.float32)
+      for name, ab in factors.items() for part, x in zip('ab', ab)}),
+                                 INITIAL_FACTORS_FILE)
   return path
 
 
@@ -2078,15 +2074,10 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
       log(f'[train] steps {saved_config.get("steps")} -> {cfg.steps}: the '
           'learning-rate schedule now spans the new length')
   # Written once the checkpoint (if any) is known to fit the config.
-  error = None
-  if jax.process_index() == 0:
-    # Atomically: the file a refused resume names (a full disk had left it
-    # cut short).
-    try:
-      hf_io.write_text(os.path.join(run_dir, 'config.json'), config_json)
-    except OSError as e:
-      error = e
-  distributed.raise_where_process_0_failed(error, 'config.json')
+  # Atomically: the file a refused resume names (a full disk had left it
+  # cut short).
+  distributed.write_on_process_0(lambda: hf_io.write_text(
+      os.path.join(run_dir, 'config.json'), config_json), 'config.json')
   if cfg.lora.init in _SAVES_INITIAL and (latest is None or not os.path.isfile(
       os.path.join(run_dir, INITIAL_FACTORS_FILE))):
     # A fresh start, or a checkpoint older than the file: from now on every
