@@ -92,6 +92,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from flax import nnx
 
+from benchmarks import summary_table
 from train import configs
 from train import distributed
 from train import evaluate
@@ -1128,9 +1129,7 @@ def same_rate(results: dict, task: str, test_names, chosen: dict) -> list:
 def _fmt_p(p):
   if p == 0:  # a t-test over seeds with no spread between them
     return '0'
-  if 0.0495 <= p < 0.0505:  # 0.04998 had printed as 0.05, above the rule
-    return f'{p:.4g}'
-  return f'{p:.2g}' if p >= 1e-3 else f'{p:.0e}'
+  return f'{p:.0e}' if p < 1e-3 else summary_table.p_text(p)
 
 
 def _per_seed_cell(v: dict, name: str, scale: float, fmt: str) -> str:

@@ -58,10 +58,11 @@ class OlderSummary(ValueError):
   """A summary written before the seeds-and-items p (2026-12-07)."""
 
 
-def _t_p(t: float) -> str:
+def p_text(p: float) -> str:
   """Two significant figures, four where that would read 0.05: 0.04998
-  had printed as 0.05, failing the table's own 'below 0.05' rule."""
-  return f'{t:.4g}' if 0.0495 <= t < 0.0505 else f'{t:.2g}'
+  had printed as 0.05, failing the table's own 'below 0.05' rule.
+  reproduce.py's tables use the same rule."""
+  return f'{p:.4g}' if 0.0495 <= p < 0.0505 else f'{p:.2g}'
 
 
 def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
@@ -77,7 +78,7 @@ def _cell(row: dict, measure: str, versus: dict | None, seeds: int) -> str:
     text += (f' (p {_p(versus[f"{name}_diff_p"])}'
              + ('' if agree is None else
                 f', {agree}/{len(versus[f"{name}_diff_per_seed"])}')
-             + ('' if math.isnan(t) else f'; t-test p {_t_p(t)}') + ')')
+             + ('' if math.isnan(t) else f'; t-test p {p_text(t)}') + ')')
   if len(row['seeds']) != seeds:
     text += f' [{len(row["seeds"])} seeds]'
   return text

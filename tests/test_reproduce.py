@@ -1159,6 +1159,6 @@ def test_a_p_just_below_the_rule_does_not_print_as_it(rp):
   """Two significant figures had printed the t-test's 0.04998 as 0.05, a
   cell that failed the tables' own 'below 0.05' rule on paper."""
   st = benchmark_scripts.load('summary_table')
-  for fmt in (rp._fmt_p, st._t_p):
+  for fmt in (rp._fmt_p, st.p_text):
     assert fmt(0.04998) == '0.04998' and fmt(0.0505) == '0.051'
     assert fmt(0.17) == '0.17' and fmt(0.046) == '0.046'
