@@ -150,6 +150,58 @@ def test_a_run_dir_each_host_has_alone_is_refused_on_every_process(tmp_path):
     assert not list((tmp_path / f'own_{i}').glob('.shared-check-*'))
 
 
+def _boolq_file(path, word: str = 'even') -> str:
+  path.write_text(json.dumps([
+      {'instruction': f'Please answer the following question with true or '
+                      f'false, question: is {i} {word}?\n\nAnswer format: '
+                      'true/false', 'input': '',
+       'output': f'the correct answer is {str(i % 2 == 0).lower()}',
+       'answer': str(i % 2 == 0).lower()} for i in range(24)]))
+  return str(path)
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_a_file_missing_on_one_host_stops_every_process(tmp_path):
+  """Each host reads its own copy of the data: the host missing it had
+  raised alone, and the other waited in the model's placement (a
+  collective) until a timeout ended it in a stack trace (gloo's 30 s here,
+  the job's on a pod)."""
+  port = str(_free_port())
+  train = _boolq_file(tmp_path / 'train.json')
+  changes = [json.dumps({'data.task': 'boolq', 'data.path': path})
+             for path in (train, str(tmp_path / 'only_on_host_0.json'))]
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'run'), changes[i]), 240)
+  (code0, _, err0), (code1, _, err1) = outs
+  assert code0 != 0 and code1 != 0, (err0[-2000:], err1[-2000:])
+  assert 'only_on_host_0.json' in err1, err1[-2000:]
+  assert ('AnotherProcessFailed: another process failed to read its data, '
+          'tokenizer or model files (its log says why); this process stops '
+          'with it.') in err0, err0[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.xdist_group('train_distributed')
+def test_hosts_with_different_evaluation_files_are_refused(tmp_path):
+  """Only the training examples had been compared across hosts: another
+  evaluation file on one host scored other questions there, silently."""
+  port = str(_free_port())
+  train = _boolq_file(tmp_path / 'train.json')
+  evals = [_boolq_file(tmp_path / f'eval_{i}.json', word)
+           for i, word in enumerate(('odd', 'prime'))]
+  changes = [json.dumps({'data.task': 'boolq', 'data.path': train,
+                         'data.eval_path': path, 'eval.after': True})
+             for path in evals]
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'run'), changes[i]), 240)
+  for code, _, err in outs:
+    assert code != 0, err[-2000:]
+    assert ('ConfigError: the processes hold different evaluation examples '
+            '(22 training and 16 evaluation examples here)') in err, (
+                err[-2000:])
+  assert not (tmp_path / 'run').exists()
+
+
 FAILING_WORKER = WORKER.replace('cfg = configs.replace(', '''
 if pid == 0:  # process 0's metrics write fails at step 2 (a full disk)
   from train import metrics

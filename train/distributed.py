@@ -8,6 +8,7 @@ the coordinator explicitly (the two-process CPU test does, over loopback).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -245,6 +246,33 @@ def write_on_process_0(write: Callable[[], Any], what: str) -> None:
     except OSError as e:
       error = e
   raise_where_process_0_failed(error, what)
+
+
+class AnotherProcessFailed(OSError):
+  """Another process raised in a block every process runs (its log says
+  why); this one stops with it."""
+
+
+@contextlib.contextmanager
+def fail_together(what: str):
+  """Runs the block on each process and, if it raises on any, raises on
+  every one (one collective at the block's end; none on a single process).
+
+  For host-local work before a collective (reading the data, tokenizer and
+  model files): a host missing one file had raised alone, and the others
+  waited in the next collective (placing the model) until the job's
+  timeout. The process that failed raises its own error; the others raise
+  `AnotherProcessFailed`, one line naming ``what``.
+  """
+  try:
+    yield
+  except Exception:
+    on_any_process(1)
+    raise
+  if on_any_process(0):
+    raise AnotherProcessFailed(
+        f'another process failed {what} (its log says why); this process '
+        'stops with it.')
 
 
 def same_on_every_process(digest: str) -> bool:

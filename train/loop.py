@@ -730,28 +730,34 @@ def build(cfg: configs_lib.Config) -> Run:
       input. Nothing is written to disk.
   """
   distributed.maybe_initialize(cfg.distributed)
-  validate(cfg, jax.device_count())
-  family = family_of(cfg)
-  mesh = distributed.make_mesh(cfg.mesh)
-  rules = mesh_rules(cfg)
-  tx, schedule = make_optimizer(cfg.optim, cfg.steps)
-  train_examples, eval_examples = load_examples(cfg)
-  model_path = resolve_model_path(cfg.model.path)
-  if model_path and not os.path.exists(model_path):
-    # Before the tokenizer, which is read from it by default and would be
-    # the one reported missing.
-    hub_id = re.fullmatch(r'[\w.-]+/[\w.-]+', model_path)
-    raise ConfigError(
-        f'model.path {model_path}: no such file or directory (a local Hugging '
-        'Face folder or a .gguf; the Hub is not read' + (
-            f': download it first, e.g. hf download {model_path} --local-dir '
-            'DIR, and pass --model.path DIR' if hub_id else '') + ').')
-  if model_path and cfg.model.family == 'gemma':
-    # Before the tokenizer, read from it by default: another file had been
-    # named a bad SentencePiece model.
-    from models.gemma.load import checkpoint_format  # pylint: disable=g-import-not-at-top
-    checkpoint_format(model_path)
-  tokenizer = family.load_tokenizer(cfg.model, model_path)
+  # Every process reads its own files up to here: one that fails stops
+  # them all, before the model's placement (a collective) would keep the
+  # others waiting.
+  with distributed.fail_together('to read its data, tokenizer or model '
+                                 'files'):
+    validate(cfg, jax.device_count())
+    family = family_of(cfg)
+    mesh = distributed.make_mesh(cfg.mesh)
+    rules = mesh_rules(cfg)
+    tx, schedule = make_optimizer(cfg.optim, cfg.steps)
+    train_examples, eval_examples = load_examples(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    if model_path and not os.path.exists(model_path):
+      # Before the tokenizer, which is read from it by default and would be
+      # the one reported missing.
+      hub_id = re.fullmatch(r'[\w.-]+/[\w.-]+', model_path)
+      raise ConfigError(
+          f'model.path {model_path}: no such file or directory (a local '
+          'Hugging Face folder or a .gguf; the Hub is not read' + (
+              f': download it first, e.g. hf download {model_path} '
+              '--local-dir DIR, and pass --model.path DIR' if hub_id else '')
+          + ').')
+    if model_path and cfg.model.family == 'gemma':
+      # Before the tokenizer, read from it by default: another file had
+      # been named a bad SentencePiece model.
+      from models.gemma.load import checkpoint_format  # pylint: disable=g-import-not-at-top
+      checkpoint_format(model_path)
+    tokenizer = family.load_tokenizer(cfg.model, model_path)
   model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer,
                             place=mesh_placer(rules, mesh))
   model.remat = cfg.model.remat  # a static attribute of both families
@@ -1520,6 +1526,20 @@ _TOKENIZER_PROBE = ('The answer is 42. Question: 3 + 4 * (5 - 1) = ?\n\t'
                     '\u0443\u0439 {"x": [1, 2]}')
 
 
+def _examples_digest(examples) -> str:
+  """A digest of every field of ``examples`` (options, references and
+  gold answers too: what scoring reads), in order."""
+  digest = hashlib.sha256()
+  for e in examples:
+    digest.update(repr(dataclasses.astuple(e)).encode() + b'\n')
+  return digest.hexdigest()
+
+
+def _json_digest(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()
+                        ).hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
   """{'vocab_size', 'special_ids': [pad, BOS, EOS], 'probe_ids': the ids of
   a fixed text}: what a tokenizer does, not where its file is."""
@@ -1878,10 +1898,21 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   evaluator = Evaluator(r)
 
   train_data = training_data_fingerprint(r.train_examples)
-  if not distributed.same_on_every_process(train_data['sha256']):
+  tokenizer_id = tokenizer_fingerprint(r.tokenizer)
+  base_id = fingerprints.base_model_fingerprint(r.model_path)
+  # Each host reads its own copy of every input: copies that differ would
+  # train or score silently different things on each host.
+  differ = [what for what, digest in (
+      ('training examples', train_data['sha256']),
+      ('evaluation examples', _examples_digest(r.eval_examples)),
+      ('tokenizer', _json_digest(tokenizer_id)),
+      ('base model files', _json_digest(base_id)))
+            if not distributed.same_on_every_process(digest)]
+  if differ:
     raise ConfigError(
-        'the processes hold different training examples '
-        f'({len(r.train_examples)} here): every host needs the same data '
+        f'the processes hold different {" and ".join(differ)} '
+        f'({len(r.train_examples)} training and {len(r.eval_examples)} '
+        'evaluation examples here): every host needs the same data and model '
         'files, the evaluation split included (its prompts are left out of '
         'training).')
 
@@ -1897,8 +1928,6 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
     raise ConfigError(f'run_dir {run_dir} changed while this run was being '
                       'built (another run wrote to it); run again.')
   config_json = configs_lib.to_json(cfg)
-  tokenizer_id = tokenizer_fingerprint(r.tokenizer)
-  base_id = fingerprints.base_model_fingerprint(r.model_path)
   ckpt_json = json.dumps({**json.loads(config_json),
                           TRAIN_DATA_KEY: train_data,
                           TOKENIZER_KEY: tokenizer_id,
