@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@touch $(VENV)/.installed-$(SUM)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=20 tests
 
 # seqio needs full TensorFlow (~3 GB), so its tests get a venv of their own;
 # CI runs them (.ci/run), where a missing seqio fails instead of skipping.
