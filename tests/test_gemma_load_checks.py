@@ -474,6 +474,17 @@ def test_gemma2_gguf_without_soft_cap_keys_takes_llama_cpp_defaults(tmp_path):
   assert (config.attn_logit_softcap, config.final_logit_softcap) == (5.0, 3.0)
 
 
+def test_a_gemma3_attention_soft_cap_is_not_applied(tmp_path):
+  """llama.cpp's and transformers' Gemma 3 read no attention soft-cap (a
+  config.json may still hold one): such files had run capped here."""
+  model = _model(gemma.get_config('gemma3-tiny').replace(
+      attn_logit_softcap=5.0, final_logit_softcap=7.0))
+  _write_gemma_gguf(model, tmp_path / 'capped.gguf')
+  config = gemma.from_pretrained(tmp_path / 'capped.gguf').config
+  assert (config.attn_logit_softcap, config.final_logit_softcap) == (None,
+                                                                    7.0)
+
+
 def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
   """Each had been a traceback (NotImplementedError, IndexError,
   RuntimeError), or an error not naming the file, or (an untied head) was
@@ -518,7 +529,7 @@ def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('name, change', [
-    ('gemma3-tiny', dict(attn_logit_softcap=5.0, rope_base_local=1000.0)),
+    ('gemma3-tiny', dict(final_logit_softcap=5.0, rope_base_local=1000.0)),
     ('gemma2-tiny', dict(final_logit_softcap=None, sliding_window=3)),
 ])
 def test_hf_config_round_trips_every_field(name, change):
@@ -538,6 +549,8 @@ def test_hf_config_round_trips_every_field(name, change):
     # Written, then ignored by transformers (logits 0.9-2.9 apart).
     ('gemma-tiny', dict(query_pre_attn_scalar=64.0)),
     ('gemma3-tiny', dict(rope_scale_local=4.0)),
+    # Written, then not applied by transformers' Gemma 3.
+    ('gemma3-tiny', dict(attn_logit_softcap=5.0)),
 ])
 def test_a_config_hugging_face_cannot_hold_is_refused_on_save(
     name, change, tmp_path):

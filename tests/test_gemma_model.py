@@ -21,6 +21,7 @@ from models.gemma import load as gemma_load
 from models.gemma.config import GLOBAL, LOCAL
 from models.layers import Projection
 from tests import gemma_reference
+from tests.data import gemma_hf_reference
 from tests import gguf_files
 
 FAMILIES = ['gemma-tiny', 'gemma2-tiny', 'gemma3-tiny']
@@ -259,6 +260,47 @@ def test_forward_matches_an_independent_numpy_reference(case):
       want, gemma_reference.logits(cfg.replace(sliding_window=10**6), dict(
           gemma_load.iter_named_params(model)), tokens),
       atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('case', list(gemma_hf_reference.CASES))
+def test_checkpoints_written_by_transformers_give_its_logits(case, tmp_path):
+  """A folder with the config.json transformers 5.25 wrote (its own keys,
+  not ours) and seeded weights gives transformers' logits (eager attention,
+  float32), on a batch with a left-padded row; and token by token through
+  the cache. Each case's features are in tests/data/gemma_hf_reference.py.
+  """
+  gemma_hf_reference.random_checkpoint(str(tmp_path), case)
+  model = gemma.from_pretrained(str(tmp_path))
+  want = load_file(gemma_hf_reference.REFERENCE)[case]
+  real = gemma_hf_reference.MASK.astype(bool)
+  tokens = jnp.asarray(gemma_hf_reference.TOKENS)
+  mask = jnp.asarray(gemma_hf_reference.MASK)
+  scale = np.abs(want).max()
+  with jax.default_matmul_precision('highest'):
+    got = np.asarray(model(tokens, attention_mask=mask))
+    np.testing.assert_allclose(got[real], want[real], atol=1e-5 * scale)
+    cache = gemma.init_cache(model.config, 2, tokens.shape[1])
+    steps = [model(tokens[:, :5], attention_mask=mask[:, :5], cache=cache)]
+    for i in range(5, tokens.shape[1]):
+      steps.append(model(tokens[:, i:i + 1], cache=steps[-1][1]))
+  cached = np.concatenate([np.asarray(logits) for logits, _ in steps], 1)
+  np.testing.assert_allclose(cached[real], want[real], atol=1e-5 * scale)
+
+
+def test_a_gemma_1_config_with_another_hidden_act_is_refused(tmp_path):
+  """transformers 5 writes a Gemma 1's activation as hidden_act alone and
+  runs it ('gelu' as the tanh approximation); 'silu' had loaded as GELU."""
+  gemma_hf_reference.random_checkpoint(str(tmp_path), 'gemma1')
+  config = json.loads((tmp_path / 'config.json').read_text())
+  for act in ('gelu', 'gelu_pytorch_tanh'):
+    (tmp_path / 'config.json').write_text(json.dumps(dict(config,
+                                                          hidden_act=act)))
+    assert gemma.from_pretrained(str(tmp_path)).config.family == 1
+  (tmp_path / 'config.json').write_text(json.dumps(dict(config,
+                                                        hidden_act='silu')))
+  with pytest.raises(ValueError, match="hidden_act 'silu' is not supported; "
+                     "the Gemma MLP here uses GELU's tanh approximation"):
+    gemma.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize('name', FAMILIES)

@@ -140,13 +140,18 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
     raise _ConfigError(f'{source}: tie_word_embeddings is false (an untied '
                        'output head); Gemma models here tie it to the '
                        'embedding.')
-  activation = d.get('hidden_activation')
+  activation, key = d.get('hidden_activation'), 'hidden_activation'
+  if activation is None and family == 1:
+    # Gemma 1 files written by transformers 5 hold only hidden_act, which
+    # its GemmaMLP runs ('gelu' read as the tanh approximation, what Gemma
+    # 1 checkpoints meant by it); another had loaded as GELU here.
+    activation, key = d.get('hidden_act'), 'hidden_act'
+    if activation == 'gelu':
+      activation = None
   if activation is not None and activation not in _GELU_TANH:
     # The MLP here is GELU's tanh approximation, what every Gemma uses.
-    # (Gemma 1's hidden_act 'gelu' predates hidden_activation and meant it
-    # too, so only hidden_activation is read.)
     raise _ConfigError(
-        f'{source}: hidden_activation {_short(activation)} is not supported; '
+        f'{source}: {key} {_short(activation)} is not supported; '
         f'the Gemma MLP here uses GELU\'s tanh approximation '
         f'({" or ".join(_GELU_TANH)}).')
   if d.get('use_bidirectional_attention'):
@@ -258,6 +263,10 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
                     ('final_logit_softcap', 'final_logit_softcapping')):
     v = d.get(key)
     softcaps[ours] = None if v is None else number(v, key)
+  if family == 3:
+    # transformers' Gemma 3 keeps the key but never caps attention with it
+    # (nor does llama.cpp): a config that sets it had run capped here.
+    softcaps['attn_logit_softcap'] = None
   qpas = d.get('query_pre_attn_scalar')
   return GemmaConfig(
       family=family,
@@ -311,6 +320,11 @@ def config_to_hf(c: GemmaConfig, torch_dtype: str = 'float32') -> dict:
         raise ValueError(
             f'a Gemma 1 config with {name}={getattr(c, name)} has no Hugging '
             'Face form (Gemma 1 has no soft-capping).')
+  if c.family == 3 and c.attn_logit_softcap is not None:
+    raise ValueError(
+        f'a Gemma 3 config with attn_logit_softcap={c.attn_logit_softcap} has '
+        'no Hugging Face form (transformers\' Gemma 3 does not cap attention '
+        'logits).')
   if c.family == 1 and LOCAL in c.layer_types:
     raise ValueError('a Gemma 1 config with sliding-window layers has no '
                      'Hugging Face form (every Gemma 1 layer is global).')
@@ -774,8 +788,10 @@ def _config_from_gguf(gf: GGUFFile) -> GemmaConfig:
       # llama.cpp's defaults for Gemma 2 files made before these keys
       # existed (and the Hugging Face config's): without them such a file
       # ran with no soft-capping, silently.
-      attn_logit_softcap=number('attn_logit_softcapping',
-                                50.0 if family == 2 else None),
+      # Gemma 3 caps no attention logits (llama.cpp and transformers).
+      attn_logit_softcap=(number('attn_logit_softcapping',
+                                 50.0 if family == 2 else None)
+                          if family != 3 else None),
       final_logit_softcap=number('final_logit_softcapping',
                                  30.0 if family == 2 else None),
       attention_pattern=pattern,
