@@ -56,7 +56,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed-$(SUM)$(if $(filter 1,$(call HEALTHY,$
 LIBRARY_TESTS := tests/test_baselines.py tests/test_cpu_deadlock.py \
   tests/test_doctests.py tests/test_donation.py tests/test_factory.py \
   tests/test_init.py tests/test_input_checks.py tests/test_linalg.py \
-  tests/test_lora_rite.py tests/test_sharding.py
+  tests/test_lora_rite.py tests/test_readme_api.py tests/test_sharding.py
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(call make_venv,$(OLDEST_VENV))
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip

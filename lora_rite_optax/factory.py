@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_rite_optax import adam
+from lora_rite_optax import nan_free_adam
 from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import pairs as pairs_lib
@@ -72,15 +72,15 @@ def _adam(learning_rate, weight_decay=0.0, **kwargs):
   # (optax's own Adam gave NaN at float16's first step, and a bfloat16
   # second moment that never decays).
   return _state_checked(casting.with_stable_dtypes(
-      adam.adamw(learning_rate, weight_decay=weight_decay, **kwargs)), 'adam',
-      3)
+      nan_free_adam.adamw(learning_rate, weight_decay=weight_decay,
+                          **kwargs)), 'adam', 3)
 
 
 def _lamb(learning_rate, weight_decay=0.0, **kwargs):
   _check_adam_family('lamb', learning_rate, weight_decay, kwargs)
   return _state_checked(casting.with_stable_dtypes(
-      adam.lamb(learning_rate, weight_decay=weight_decay, **kwargs)), 'lamb',
-      4)
+      nan_free_adam.lamb(learning_rate, weight_decay=weight_decay,
+                         **kwargs)), 'lamb', 4)
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:

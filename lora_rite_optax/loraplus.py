@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_rite_optax import adam
+from lora_rite_optax import nan_free_adam
 from lora_rite_optax import casting
 from lora_rite_optax import checks
 from lora_rite_optax import pairs as pairs_lib
@@ -242,7 +242,7 @@ def loraplus(
 
     def make(rate, decay):
       return casting.with_stable_dtypes(
-          adam.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay))
+          nan_free_adam.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay))
   else:
     if not callable(base):
       raise ValueError(
