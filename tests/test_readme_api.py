@@ -144,3 +144,11 @@ def test_the_oldest_versions_run_every_library_only_test_file():
   library_only = {p.name for p in (root / 'tests').glob('test_*.py')
                   if not _needs_more_than_the_library(p)}
   assert len(listed) >= 10 and library_only == listed
+
+
+def test_the_version_is_pyproject_s():
+  # Written twice (pyproject.toml for pip, __version__ for users).
+  pyproject = (pathlib.Path(__file__).parent.parent / 'pyproject.toml'
+               ).read_text()
+  assert re.findall(r'^version = "(.*)"$', pyproject, re.M) == [
+      lro.__version__]
