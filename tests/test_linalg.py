@@ -47,15 +47,22 @@ def test_one_rank_deficient_gram_sends_the_batch_to_eigh():
   assert np.all(rinv[1] == 0) and np.all(np.isfinite(rinv))
 
 
-def test_positive_definite_but_below_tolerance_is_not_inverted():
-  """Cholesky succeeds on diag(1, 1e-7) in float32, but 1e-7 is below
-  r * eps = 2.4e-7 of the largest eigenvalue: the eigendecomposition drops
-  that direction, so inverse_root must not invert it either."""
-  g = jnp.asarray(np.diag([1.0, 1e-7]).astype(np.float32))[None]
+@pytest.mark.parametrize('diag', [
+    (1.0, 1e-7),
+    # Between eps and r * eps of the largest (r = 2, then 4): a tolerance
+    # of eps alone, not r * eps, would invert these.
+    (1.0, 1.5e-7),
+    (1.0, 1.0, 1.0, 4.2e-7)])
+def test_positive_definite_but_below_tolerance_is_not_inverted(diag):
+  """Cholesky succeeds on these in float32, but the smallest is below
+  r * eps (2.4e-7 for r = 2) of the largest eigenvalue: the
+  eigendecomposition drops that direction, so inverse_root must not invert
+  it either."""
+  g = jnp.asarray(np.diag(diag).astype(np.float32))[None]
   assert np.all(np.isfinite(jnp.linalg.cholesky(g)))
-  rinv = linalg.inverse_root(g)
-  np.testing.assert_allclose(rinv[0] @ rinv[0].T, np.diag([1.0, 0.0]),
-                             atol=1e-6)
+  want = np.diag([1.0] * (len(diag) - 1) + [0.0])
+  for rinv in (linalg.inverse_root(g), linalg.eig_inverse_root(g)):
+    np.testing.assert_allclose(rinv[0] @ rinv[0].T, want, atol=1e-6)
 
 
 def test_just_above_tolerance_is_inverted_by_both_paths():

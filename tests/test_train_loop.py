@@ -656,6 +656,12 @@ def _small_step_inputs(accum):
            'positions': np.tile(np.arange(12, dtype=np.int32), (4, 1)),
            'segment_ids': np.ones((4, 12), np.int32)}
   prepared, _ = step_lib.prepare_batch(batch, 6)
+  if accum == 0:  # the gradient of the batch's mean loss per target token
+    def mean_loss(lp):
+      m = nnx.merge(graphdef, trees_lib.int_keys(lp), rngs, base)
+      return (-step_lib.target_logprobs(m, prepared, pack=False).sum()
+              / prepared['weights'].sum())
+    return jax.grad(mean_loss)(params)
   prepared = {k: v.reshape((accum, 4 // accum) + v.shape[1:])
               for k, v in prepared.items()}
   step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, accum=accum,
@@ -664,11 +670,15 @@ def _small_step_inputs(accum):
 
 
 def test_gradient_accumulation_matches_one_batch():
-  """Token-weighted: 2 micro-batches of 2 rows == one batch of 4 rows."""
+  """Token-weighted: 2 micro-batches of 2 rows == one batch of 4 rows, and
+  both step on the mean loss per target token's gradient (a sum over tokens
+  had passed the comparison, Adam being blind to the gradient's scale)."""
   one, m1 = _small_step_inputs(1)
   two, m2 = _small_step_inputs(2)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
   np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(
+      m1['grad_norm'], optax.tree.norm(_small_step_inputs(0)), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one['params']), jax.tree.leaves(two['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
