@@ -272,6 +272,9 @@ def _shampoo(who: str, b1, b2, eps, matrix_eps, block_size, precondition_every,
     plans, _ = _plans(who, params, layout, block_size)  # factors named first
     pairs_lib.check_trainable(who, params)  # the leaves beside the pairs too
     placement.require_explicit_api(who, jax.tree.leaves(params))
+    # Here, not only in the update: a trainer allocates (or derives the
+    # shardings of) the whole state before its first step.
+    placement.refuse_explicit(who, jax.tree.leaves(params), 'params')
     leaves, _ = pairs_lib.flatten(params)
     stats, roots = [], []
     for plan, (_, leaf) in zip(plans, leaves):

@@ -426,7 +426,8 @@ def explicit_axes_work_or_are_refused_in_one_line():
        "(16, 32, 8), split as P(None, 'tensor', None): its view "
        "as matrices would merge an axis split over 'tensor' into the axis "
        'before it'),
-      (lro.shampoo(1e-2), placed, 'shampoo: gradients sharded over Explicit '
+      # In init, before a trainer allocates the state.
+      (lro.shampoo(1e-2), placed, 'shampoo: params sharded over Explicit '
        'mesh axes are not supported')):
     try:
       with jax.set_mesh(mesh):
