@@ -541,3 +541,13 @@ def test_a_targets_leading_line_breaks_go_to_its_prompt():
   assert (kept.prompt, kept.target, kept.moved_line_breaks) == (
       "Q:\n", "\nyes", 0)
   assert data.Example("Q:\n", "\nb") == data.Example("Q:\n\n", "b")
+
+
+def test_a_held_out_prompt_is_found_whatever_its_whitespace():
+  """The same question with other runs of spaces, tabs or line breaks is
+  the same question: it stays out of training."""
+  spaced = data.Example('Q:  what\n is\t2+2?', 'x')
+  assert data.prompt_key(spaced) == 'Q: what is 2+2?'
+  kept = data.Example('Q: what is 2+3?', 'z')
+  assert data.without_prompts_of(
+      [spaced, kept], [data.Example('Q: what is 2+2?', 'y')]) == [kept]

@@ -4,6 +4,7 @@ exactly, exports a PEFT adapter, evaluates; and pieces of it in isolation."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -95,6 +96,19 @@ def test_a_finished_run_leaves_no_model_behind(tmp_path, monkeypatch):
            log=lambda s: None)
   gc.collect()
   assert len(models) == 1 and models[0]() is None
+
+
+def test_a_resume_with_lora_dropout_continues_exactly(tmp_path):
+  """The dropout keys continue too (the tiny preset has no dropout, so the
+  test below cannot see them)."""
+  changes = {'steps': 4, 'checkpoint_every': 2, 'lora.dropout': 0.3}
+  straight_run = loop.run(tiny(tmp_path / 'straight', **changes),
+                          log=lambda s: None)
+  loop.run(tiny(tmp_path / 'run', **changes), log=lambda s: None, stop_at=2)
+  resumed = loop.run(tiny(tmp_path / 'run', resume=True, **changes),
+                     log=lambda s: None)
+  assert ([h['loss'] for h in resumed['history']]
+          == [h['loss'] for h in straight_run['history']])
 
 
 def test_resume_continues_exactly(straight, tmp_path):
@@ -669,6 +683,48 @@ def _small_step_inputs(accum):
   return step(state, nnx.to_pure_dict(base), nnx.to_pure_dict(rngs), prepared)
 
 
+def test_dropout_draws_new_masks_each_step_and_micro_batch():
+  """LoRA dropout's keys fold in the step and the micro-batch: the same
+  params and batch give another loss at another step, and two copies of a
+  batch accumulated give another loss than one (same masks for both had
+  passed every test, each run with dropout 0)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma, lora  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
+  lora.apply_lora(model, ('q', 'v'), rank=2, init='gaussian', dropout=0.5,
+                  rngs=nnx.Rngs(params=1, dropout=2))
+  graphdef, lp, rngs, base = nnx.split(model, nnx.LoRAParam, nnx.RngState,
+                                       ...)
+  # lora_b nonzero: at B = 0 dropout (on the adapter's input) changes
+  # nothing.
+  params = jax.tree.map(
+      lambda x: x + 0.5 * np.random.default_rng(x.size).normal(size=x.shape),
+      trees_lib.str_keys(nnx.to_pure_dict(lp)))
+  tx, schedule = optim_lib.make_optimizer(
+      configs.OptimConfig(name='adam', warmup_steps=0, schedule='constant',
+                          learning_rate=1e-2), 10)
+  rng = np.random.default_rng(0)
+  mask = np.zeros((2, 12), np.float32)
+  mask[:, 6:] = 1
+  prepared, _ = step_lib.prepare_batch(
+      {'tokens': rng.integers(3, 256, (2, 12)).astype(np.int32),
+       'loss_mask': mask,
+       'positions': np.tile(np.arange(12, dtype=np.int32), (2, 1)),
+       'segment_ids': np.ones((2, 12), np.int32)}, 6)
+
+  def loss(accum, step_no):
+    state = {'step': jnp.asarray(step_no, jnp.int32), 'params': params,
+             'opt_state': tx.init(params)}
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule,
+                                            accum=accum, pack=False))
+    batch = {k: np.stack([v] * accum) for k, v in prepared.items()}
+    return float(step(state, nnx.to_pure_dict(base), nnx.to_pure_dict(rngs),
+                      batch)[1]['loss'])
+
+  assert loss(1, 0) != loss(1, 1)
+  assert loss(1, 3) != loss(2, 3)
+
+
 def test_gradient_accumulation_matches_one_batch():
   """Token-weighted: 2 micro-batches of 2 rows == one batch of 4 rows, and
   both step on the mean loss per target token's gradient (a sum over tokens
@@ -757,10 +813,15 @@ def check_alternatives_match_pairs(r, stem: str, odd: tuple[str, ...]):
     return Example(prompt, options[gold], options=tuple(options),
                    labels=tuple(options), gold_index=gold)
 
+  # Each request its own last tokens, and more requests than a batch holds
+  # (eval.batch_size 2): a batch given another batch's alternatives had
+  # passed with one batch of the same options everywhere.
   examples = [item('Which one? ', [f'{stem}{k}' for k in '1234'], 2),
-              item('And now? ', [f'{stem}{k}' for k in '12345'], 4),
+              item('And now? ', [f'{stem}{k}' for k in '56789'], 4),
               item('Odd one: ', list(odd), 0),
-              item('Three. ', [f'{stem}{k}' for k in '123'], 0)]
+              item('Three. ', [f'{stem}{k}' for k in '012'], 0)]
+  r = dataclasses.replace(r, config=configs.replace(
+      r.config, **{'eval.batch_size': 2}))
   ev = loop.Evaluator(r)
   pairs_seen = []
   score_pairs = ev._score_pairs  # pylint: disable=protected-access
