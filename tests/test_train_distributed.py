@@ -150,12 +150,13 @@ def test_a_run_dir_each_host_has_alone_is_refused_on_every_process(tmp_path):
     assert not list((tmp_path / f'own_{i}').glob('.shared-check-*'))
 
 
-def _boolq_file(path, word: str = 'even') -> str:
+def _boolq_file(path, word: str = 'even',
+                said: str = 'the correct answer is') -> str:
   path.write_text(json.dumps([
       {'instruction': f'Please answer the following question with true or '
                       f'false, question: is {i} {word}?\n\nAnswer format: '
                       'true/false', 'input': '',
-       'output': f'the correct answer is {str(i % 2 == 0).lower()}',
+       'output': f'{said} {str(i % 2 == 0).lower()}',
        'answer': str(i % 2 == 0).lower()} for i in range(24)]))
   return str(path)
 
@@ -182,13 +183,44 @@ def test_a_file_missing_on_one_host_stops_every_process(tmp_path):
 
 
 @pytest.mark.xdist_group('train_distributed')
+def test_a_weight_file_missing_on_one_host_is_refused_on_every_host(
+    tmp_path):
+  """The weights are read after the set-up every host agrees on: a host
+  missing model.safetensors had raised alone in the model's load, the
+  other waiting in its placement until a timeout."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  model = gemma.Gemma(gemma.get_config('gemma-tiny').replace(vocab_size=512),
+                      rngs=nnx.Rngs(0))
+  for i in range(2):
+    gemma.save_pretrained(model, str(tmp_path / f'model_{i}'))
+  (tmp_path / 'model_1' / 'model.safetensors').unlink()
+  port = str(_free_port())
+  train = _boolq_file(tmp_path / 'train.json')
+  changes = [json.dumps({'data.task': 'boolq', 'data.path': train,
+                         'model.path': str(tmp_path / f'model_{i}'),
+                         'model.tokenizer': 'byte'}) for i in range(2)]
+  outs = _two_processes(lambda i: (WORKER, '4', port, '2', str(i),
+                                   str(tmp_path / 'run'), changes[i]), 240)
+  for code, _, err in outs:
+    assert code != 0, err[-2000:]
+    assert ('ConfigError: the processes hold different base model files'
+            in err), err[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.xdist_group('train_distributed')
 def test_hosts_with_different_evaluation_files_are_refused(tmp_path):
   """Only the training examples had been compared across hosts: another
   evaluation file on one host scored other questions there, silently."""
   port = str(_free_port())
   train = _boolq_file(tmp_path / 'train.json')
-  evals = [_boolq_file(tmp_path / f'eval_{i}.json', word)
-           for i, word in enumerate(('odd', 'prime'))]
+  # Host 1's options (worded as its outputs) are too long for a scoring
+  # row: refused there alone by the evaluator's check, had that run first.
+  evals = [_boolq_file(tmp_path / 'eval_0.json', 'odd'),
+           _boolq_file(tmp_path / 'eval_1.json', 'prime',
+                       'having weighed the question with care, ' * 3
+                       + 'the correct answer is')]
   changes = [json.dumps({'data.task': 'boolq', 'data.path': train,
                          'data.eval_path': path, 'eval.after': True})
              for path in evals]

@@ -549,6 +549,9 @@ class Run:
   schedule: optax.Schedule
   max_targets: int
   model_path: str
+  # What a checkpoint records of the training examples, tokenizer and base
+  # (TRAIN_DATA_KEY, TOKENIZER_KEY, BASE_MODEL_KEY).
+  inputs: dict
 
   @property
   def family(self) -> 'Family':
@@ -758,6 +761,17 @@ def build(cfg: configs_lib.Config) -> Run:
       from models.gemma.load import checkpoint_format  # pylint: disable=g-import-not-at-top
       checkpoint_format(model_path)
     tokenizer = family.load_tokenizer(cfg.model, model_path)
+    # What a checkpoint records of its inputs (a base's weight files are
+    # sampled, not read whole); a host missing a weight file has another.
+    inputs = {TRAIN_DATA_KEY: training_data_fingerprint(train_examples),
+              TOKENIZER_KEY: tokenizer_fingerprint(tokenizer),
+              BASE_MODEL_KEY: fingerprints.base_model_fingerprint(model_path)}
+    eval_digest = _examples_digest(eval_examples)
+  # Before any check that reads a host's own copy (the tokenizer against the
+  # model, the options against the scoring rows) could fail on that host
+  # alone, and before the model's placement.
+  _refuse_differing_hosts(inputs, eval_digest, len(train_examples),
+                          len(eval_examples))
   model = family.load_model(cfg.model, model_path, cfg.seed, tokenizer,
                             place=mesh_placer(rules, mesh))
   model.remat = cfg.model.remat  # a static attribute of both families
@@ -838,7 +852,7 @@ def build(cfg: configs_lib.Config) -> Run:
              rngs=rngs, state=state, state_shardings=state_sh,
              base_shardings=base_sh, rng_shardings=rng_sh, tx=tx,
              schedule=schedule, max_targets=max_targets,
-             model_path=model_path)
+             model_path=model_path, inputs=inputs)
 
 
 def abstract_state(cfg: configs_lib.Config) -> tuple[dict, Any]:
@@ -1526,6 +1540,28 @@ _TOKENIZER_PROBE = ('The answer is 42. Question: 3 + 4 * (5 - 1) = ?\n\t'
                     '\u0443\u0439 {"x": [1, 2]}')
 
 
+def _refuse_differing_hosts(inputs: dict, eval_digest: str, num_train: int,
+                            num_eval: int) -> None:
+  """Refuses, on every process, inputs that differ between processes.
+
+  Each host reads its own copy of every input: copies that differ would
+  train or score silently different things on each host, or fail a check
+  on one host alone while the others wait in a collective.
+  """
+  differ = [what for what, digest in (
+      ('training examples', inputs[TRAIN_DATA_KEY]['sha256']),
+      ('evaluation examples', eval_digest),
+      ('tokenizer', _json_digest(inputs[TOKENIZER_KEY])),
+      ('base model files', _json_digest(inputs[BASE_MODEL_KEY])))
+            if not distributed.same_on_every_process(digest)]
+  if differ:
+    raise ConfigError(
+        f'the processes hold different {" and ".join(differ)} ({num_train} '
+        f'training and {num_eval} evaluation examples here): every host needs '
+        'the same data and model files, the evaluation split included (its '
+        'prompts are left out of training).')
+
+
 def _examples_digest(examples) -> str:
   """A digest of every field of ``examples`` (options, references and
   gold answers too: what scoring reads), in order."""
@@ -1897,24 +1933,9 @@ def _run(cfg: configs_lib.Config, log, stop_at: int,
   # Checks its options against the scoring rows: before any file is written.
   evaluator = Evaluator(r)
 
-  train_data = training_data_fingerprint(r.train_examples)
-  tokenizer_id = tokenizer_fingerprint(r.tokenizer)
-  base_id = fingerprints.base_model_fingerprint(r.model_path)
-  # Each host reads its own copy of every input: copies that differ would
-  # train or score silently different things on each host.
-  differ = [what for what, digest in (
-      ('training examples', train_data['sha256']),
-      ('evaluation examples', _examples_digest(r.eval_examples)),
-      ('tokenizer', _json_digest(tokenizer_id)),
-      ('base model files', _json_digest(base_id)))
-            if not distributed.same_on_every_process(digest)]
-  if differ:
-    raise ConfigError(
-        f'the processes hold different {" and ".join(differ)} '
-        f'({len(r.train_examples)} training and {len(r.eval_examples)} '
-        'evaluation examples here): every host needs the same data and model '
-        'files, the evaluation split included (its prompts are left out of '
-        'training).')
+  train_data = r.inputs[TRAIN_DATA_KEY]
+  tokenizer_id = r.inputs[TOKENIZER_KEY]
+  base_id = r.inputs[BASE_MODEL_KEY]
 
   # From here on files are written.
   os.makedirs(run_dir, exist_ok=True)
