@@ -402,3 +402,11 @@ def test_a_step_is_compiled_under_its_own_name():
   fast = lro.donating_jit(my_train_step, donate_argnums=0)
   text = fast.lower(jnp.ones(3), jnp.ones(3)).as_text()
   assert 'jit_my_train_step' in text and 'reordered' not in text
+
+
+def test_the_plan_pairs_buffers_by_dtype_too():
+  """A donated bfloat16 input returned unchanged keeps its place: a float32
+  output of the same shape cannot take its buffer (jax pairs donations by
+  shape and dtype)."""
+  a, b = jnp.ones(2, jnp.float32), jnp.ones(2, jnp.bfloat16)
+  assert donation._plan([a, b], [b, jnp.zeros(2, jnp.float32)]) == [0, 1]  # pylint: disable=protected-access

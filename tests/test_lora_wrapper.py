@@ -771,6 +771,11 @@ def test_adapter_dropout_is_off_for_inference(tmp_path):
       'layers_pattern': 'blocks'}, 'model.layers.2.self_attn.q_proj', False),
     ({'target_modules': 'all-linear', 'exclude_modules': ['v_proj']},
      'model.layers.2.self_attn.v_proj', False),
+    # A string exclude_modules is a regex over the whole name (fullmatch).
+    ({'target_modules': 'all-linear', 'exclude_modules': 'v_proj'},
+     'model.layers.2.self_attn.v_proj', True),
+    ({'target_modules': 'all-linear', 'exclude_modules': r'.*\.v_proj'},
+     'model.layers.2.self_attn.v_proj', False),
     ({'target_modules': 'all-linear'}, 'model.layers.2.mlp.up_proj', True),
     # PEFT's all-linear leaves out the output layer.
     ({'target_modules': 'ALL-LINEAR'}, 'lm_head', False),
@@ -883,3 +888,24 @@ def test_peft_target_rule_refuses_a_pattern_that_is_no_regex():
                      'exclude_modules or layers_pattern holds a pattern'):
     lora._peft_selects({'target_modules': ['q'], 'exclude_modules': '(('},  # pylint: disable=protected-access
                        'a.q', 'cfg.json')
+
+
+@pytest.mark.parametrize('init, rank, alpha', [('standard', 4, 8.0),
+                                                ('pissa', 2, 4.0)])
+def test_an_rslora_adapter_round_trips_through_peft(tmp_path, init, rank,
+                                                    alpha):
+  """All-rsLoRA adapters (use_rslora true, scaled by alpha / sqrt(r)): the
+  mixed case the other round trip covers is rewritten without rsLoRA, so
+  this scale had not been read back; PiSSA's rank-2r export against the
+  original base doubles alpha by sqrt(2), not 2."""
+  model = _t5()
+  lora.apply_lora(model, ('q', 'v'), rank=rank, alpha=alpha, rslora=True,
+                  init=init)
+  _randomize_b(model)
+  out = fwd(model, ENC, DEC)
+  lora.save_peft_adapter(model, tmp_path, 'base')
+  cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
+  assert cfg['use_rslora'] is True and cfg['alpha_pattern'] == {}
+  assert cfg['r'] == (2 * rank if init == 'pissa' else rank)
+  np.testing.assert_allclose(fwd(lora.load_peft_adapter(_t5(), tmp_path),
+                                 ENC, DEC), out, atol=1e-4)

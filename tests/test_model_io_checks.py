@@ -785,3 +785,59 @@ def test_t5_greedy_generate_refuses_token_ids_outside_the_vocabulary(
                      'model\'s vocabulary of 128') as e:
     t5.greedy_generate(t5_models[0], ENC.at[1, 2].set(bad), 2)
   _one_line(e)
+
+
+# --------------------------------------------------------------------------
+# Sharded saves as transformers writes them.
+
+
+def test_a_shard_is_full_at_its_limit_not_before(tmp_path):
+  """transformers starts a new shard only when the next tensor would pass
+  the limit: two 16-byte tensors fill one 32-byte shard."""
+  tensors = {'a': np.zeros(4, np.float32), 'b': np.ones(4, np.float32)}
+  assert [p.name for p in hf_io.save_tensors(
+      tmp_path / 'one', tensors, max_shard_bytes=32)] == [hf_io.SAFETENSORS]
+  tensors['c'] = np.ones(4, np.float32)
+  assert len(hf_io.save_tensors(tmp_path / 'two', tensors,
+                                max_shard_bytes=32)) == 2
+
+
+def test_a_sharded_save_renames_shards_then_index_then_config(
+    tmp_path, monkeypatch):
+  """The index's total size is every tensor's bytes, each file carries
+  transformers' 'pt' format tag, and the files appear shards first, then
+  the index, then config.json: a reader that finds config.json finds the
+  rest."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  order, replace = [], os.replace
+
+  def recording(src, dst):
+    order.append(pathlib.Path(dst).name)
+    return replace(src, dst)
+
+  monkeypatch.setattr(hf_io.os, 'replace', recording)
+  tensors = {f't{i}': np.zeros(4096, np.float32) for i in range(4)}
+  paths = hf_io.save_tensors(tmp_path, tensors, max_shard_bytes=20_000,
+                             texts={'config.json': '{}'})
+  assert len(paths) == 4 and order[:4] == [p.name for p in paths]
+  assert order[4:] == [hf_io.SAFETENSORS_INDEX, 'config.json']
+  index = json.loads((tmp_path / hf_io.SAFETENSORS_INDEX).read_text())
+  assert index['metadata']['total_size'] == 4 * 4096 * 4
+  for path in paths + hf_io.save_tensors(tmp_path / 'single', tensors):
+    with safe_open(str(path), framework='numpy') as f:
+      assert f.metadata() == {'format': 'pt'}, path
+
+
+@pytest.mark.parametrize('model_type', ['t5', 'mt5'])
+def test_generate_refuses_sampling_for_t5_and_mt5(tmp_path, capsys,
+                                                  model_type):
+  """The greedy-only refusal comes before any file is read, for mT5 too
+  (it had fallen through to a missing tokenizer.model)."""
+  from models import generate  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'model_type': model_type}))
+  assert generate.main(['--checkpoint', str(tmp_path), '--prompt', 'x',
+                        '--temperature', '1']) == 2
+  assert capsys.readouterr().err == ('error: T5 / mT5 checkpoints decode '
+                                     'greedily here: leave out '
+                                     '--temperature.\n')

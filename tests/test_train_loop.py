@@ -683,6 +683,28 @@ def _small_step_inputs(accum):
   return step(state, nnx.to_pure_dict(base), nnx.to_pure_dict(rngs), prepared)
 
 
+def test_the_optimizer_takes_the_configs_clip_and_weight_decay():
+  """optim.clip_grad_norm and optim.weight_decay reach the update (a fixed
+  clip of 1 and no decay had passed every test)."""
+  params = {'q': {'lora_a': jnp.ones((2, 2)), 'lora_b': jnp.ones((2, 2))}}
+  base = dict(name='adam', learning_rate=1.0, warmup_steps=0,
+              schedule='constant')
+
+  def first_update(grad, **changes):
+    tx, _ = optim_lib.make_optimizer(configs.OptimConfig(**base, **changes),
+                                     10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, grad), params)
+    return jax.tree.leaves(tx.update(grads, tx.init(params), params)[0])
+
+  # Gradients of norm sqrt(8 * 16) clipped to 0.5; with eps 1 Adam's first
+  # step is -g / (|g| + 1), so it shows the gradient's scale.
+  g = 4.0 * 0.5 / np.sqrt(8 * 16.0)
+  for u in first_update(4.0, eps=1.0, clip_grad_norm=0.5):
+    np.testing.assert_allclose(u, -g / (g + 1.0), rtol=1e-5)
+  for u in first_update(0.0, weight_decay=0.1):  # decoupled: lr * wd * p
+    np.testing.assert_allclose(u, -0.1, rtol=1e-5)
+
+
 def test_dropout_draws_new_masks_each_step_and_micro_batch():
   """LoRA dropout's keys fold in the step and the micro-batch: the same
   params and batch give another loss at another step, and two copies of a
