@@ -551,3 +551,15 @@ def test_a_held_out_prompt_is_found_whatever_its_whitespace():
   kept = data.Example('Q: what is 2+3?', 'z')
   assert data.without_prompts_of(
       [spaced, kept], [data.Example('Q: what is 2+2?', 'y')]) == [kept]
+
+
+def test_a_superni_task_with_several_definitions_joins_them():
+  """Every Definition string is the instruction, except in Tk-Instruct's
+  own prompt, whose collator takes the first."""
+  task = {'Definition': ['First part.', 'Second part.'],
+          'Positive Examples': [],
+          'Instances': [{'id': '1', 'input': 'x', 'output': ['y']}]}
+  [e] = data.examples_from_records([task], 'superni')
+  assert 'First part. Second part.' in e.prompt
+  [tk] = data.examples_from_records([task], 'superni', style='tk')
+  assert 'First part.' in tk.prompt and 'Second part.' not in tk.prompt

@@ -1150,3 +1150,69 @@ def test_a_query_pre_attn_scalar_of_0_is_refused_not_made_head_dim(tmp_path):
   with pytest.raises(ValueError, match='query_pre_attn_scalar') as e:
     gemma.from_pretrained(tmp_path)
   _one_line(e)
+
+
+@pytest.mark.parametrize('arch, layers, scalar', [
+    ('gemma2', 46, 168.0), ('gemma3', 62, 168.0), ('gemma3', 26, 128.0)])
+def test_gguf_27b_models_scale_queries_by_width_over_heads(tmp_path, arch,
+                                                            layers, scalar):
+  """llama.cpp scales the queries of Gemma 2 27B (46 layers) and Gemma 3
+  27B (62) by (width / heads) ** -0.5, others by head_dim ** -0.5."""
+  path = tmp_path / f'{arch}.gguf'
+  with gguf_files.gguf_writer(path, arch) as w:
+    w.add_block_count(layers)
+    w.add_embedding_length(5376)
+    w.add_head_count(32)
+    w.add_head_count_kv(16)
+    w.add_key_length(128)
+    w.add_value_length(128)
+    w.add_feed_forward_length(64)
+    w.add_context_length(128)
+    w.add_sliding_window(1024)
+    w.add_tensor('token_embd.weight', np.zeros((8, 4), np.float32))
+  config = gemma_load.config_from_gguf(gemma_load.gguf_file(path))
+  assert config.query_pre_attn_scalar == scalar
+
+
+def _small_tokenizer_gguf(path, words, word_types, add_bos=True):
+  specials = ['<pad>', '<eos>', '<bos>', '<unk>']
+  tokens = specials + [f'<0x{i:02X}>' for i in range(256)] + words
+  with gguf_files.gguf_writer(path, 'gemma3') as w:
+    w.add_tokenizer_model('llama')
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3] * 4 + [6] * 256 + list(word_types))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(add_bos)
+    w.add_add_space_prefix(False)
+
+
+def test_gguf_tokenizer_reads_space_pieces_and_add_bos(tmp_path):
+  """llama.cpp writes Gemma's user-defined runs of spaces with ' ' (they
+  must match the text's spaces), and add_bos_token false means no BOS."""
+  _small_tokenizer_gguf(tmp_path / 'spaces.gguf', ['▁', 'a', 'b', '  '],
+                        [1, 1, 1, 4])
+  tok = gemma.load_tokenizer(tmp_path / 'spaces.gguf')
+  ids = tok.encode('a  b', add_bos=False)
+  assert ids == [261, 263, 262] and tok.decode(ids) == 'a  b'
+  _small_tokenizer_gguf(tmp_path / 'no_bos.gguf', ['▁', 'a'], [1, 1],
+                        add_bos=False)
+  assert gemma.load_tokenizer(tmp_path / 'no_bos.gguf').encode('a') == [261]
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+  """At top_p 0.5 with probabilities .5 / .25 / .25 the first token alone
+  reaches it: only it is drawn."""
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+  draws = jax.vmap(lambda k: gemma.sample_logits(
+      logits, k, temperature=1.0, top_p=0.5))(
+          jax.random.split(jax.random.key(0), 200))
+  assert set(np.unique(draws).tolist()) == {0}
+
+
+def test_a_sampler_without_a_tokenizer_stops_at_id_1():
+  from models.gemma import sampler  # pylint: disable=g-import-not-at-top
+  assert sampler._stop_ids(None) == (1,)  # pylint: disable=protected-access

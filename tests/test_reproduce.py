@@ -1162,3 +1162,9 @@ def test_a_p_just_below_the_rule_does_not_print_as_it(rp):
   for fmt in (rp._fmt_p, st.p_text):
     assert fmt(0.04998) == '0.04998' and fmt(0.0505) == '0.051'
     assert fmt(0.17) == '0.17' and fmt(0.046) == '0.046'
+
+
+def test_seeds_with_no_mean_difference_agree_on_no_sign(rp):
+  """'3/3 seeds agree' had been printed for three seeds of difference 0."""
+  assert rp.seed_signs([[0.0], [0.0], [0.0]]) == (0, 3)
+  assert rp.seed_signs([[0.1], [-0.1], [0.0]]) == (0, 1)

@@ -403,3 +403,17 @@ def test_a_malformed_coordinator_or_a_failed_start_is_one_line(monkeypatch):
   assert str(e.value) == ('distributed: jax.distributed.initialize failed '
                           '(UNKNOWN: Failed to start RPC server).')
   assert not distributed._initialized  # pylint: disable=protected-access
+
+
+def test_mesh_shape_infers_one_axis_and_refuses_bad_sizes():
+  import types  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  mesh = lambda d, f, t: types.SimpleNamespace(data=d, fsdp=f, tensor=t)
+  assert distributed.mesh_shape(mesh(-1, 2, 2), 8) == (2, 2, 2)
+  assert distributed.mesh_shape(mesh(1, -1, 1), 8) == (1, 8, 1)
+  for sizes, message in (((-1, 3, 1), 'does not divide the 8 devices'),
+                         ((-1, 0, 1), 'must be positive, with at most one -1'),
+                         ((-1, -1, 1), 'must be positive, with at most one -1'),
+                         ((2, 2, 1), 'needs 4 devices, have 8')):
+    with pytest.raises(ValueError, match=message):
+      distributed.mesh_shape(mesh(*sizes), 8)

@@ -1454,3 +1454,29 @@ def test_a_random_base_and_the_lora_init_draw_independent_numbers():
     worst = max(abs(np.corrcoef(a, w[:a.size])[0, 1]) for w in base
                 if w.size >= a.size and w[:a.size].std())
     assert worst < 0.5, worst
+
+
+def test_non_finite_metrics_stay_out_of_tensorboard(tmp_path):
+  """A NaN or inf loss is a CSV cell ('nan'), not a TensorBoard point
+  (which would spoil the plot's scale)."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  w = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+  w.write(1, {'loss': float('nan'), 'acc': 0.5})
+  w.write(2, {'loss': float('inf')})
+  w.close()
+  assert _tensorboard_points(tmp_path / metrics_lib.TB_DIR) == {
+      'acc': [(1, 0.5)]}
+  assert 'nan' in (tmp_path / 'metrics.csv').read_text()
+
+
+def test_a_resume_drops_a_row_shorter_than_its_header(tmp_path):
+  """A row cut short (fewer cells than the header) is damaged, even at a
+  step the checkpoint covers: left out, not kept with a missing value."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'metrics.csv').write_text(
+      'step,loss,acc\r\n1,2.0,0.5\r\n2,1.5\r\n')
+  w = metrics_lib.MetricsWriter(str(tmp_path), enabled=True,
+                                tensorboard=False, last_step=5)
+  w.close()
+  assert w.kept == [{'step': 1, 'loss': 2.0, 'acc': 0.5}]
+  assert '2,1.5' not in (tmp_path / 'metrics.csv').read_text()
