@@ -733,7 +733,7 @@ def build(cfg: configs_lib.Config) -> Run:
       input. Nothing is written to disk.
   """
   distributed.maybe_initialize(cfg.distributed)
-  # Every process reads its own files up to here: one that fails stops
+  # Every process reads its own files in this block: one that fails stops
   # them all, before the model's placement (a collective) would keep the
   # others waiting.
   with distributed.fail_together('to read its data, tokenizer or model '
