@@ -814,15 +814,19 @@ def test_gemma2_rope_scaling_scales_every_layer(tmp_path):
           loaded.config.rope_scale_local) == (3.0, 3.0)
 
 
-def _write_tokenizer_gguf(path, extra_control=(), eos_id=1):
+def _write_tokenizer_gguf(path, extra_control=(), eos_id=1, words=None,
+                          add_bos=True):
   """A GGUF holding only a small Gemma-style SentencePiece vocabulary (and
-  ``extra_control`` CONTROL pieces last, as Gemma 3's <mask> is)."""
+  ``extra_control`` CONTROL pieces last, as Gemma 3's <mask> is); ``words``
+  replace its word pieces, the last one user-defined."""
   specials = ['<pad>', '<eos>', '<bos>', '<unk>']
   byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
-  words = ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll', 'hell', 'hello',
-           '▁hello', '▁w', '▁wo', '▁wor', '▁worl', '▁world', '\n']
+  words = words or ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll',
+                    'hell', 'hello', '▁hello', '▁w', '▁wo', '▁wor', '▁worl',
+                    '▁world', '\n']
   tokens = specials + byte_pieces + words + list(extra_control)
-  # llama.cpp types: control, byte, normal; '\n' user-defined as in Gemma 3.
+  # llama.cpp types: control, byte, normal; the last word user-defined, as
+  # Gemma 3's '\n' is.
   types = ([3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4] +
            [3] * len(extra_control))
   scores = ([0.0] * 260 + [-float(i) for i in range(len(words))] +
@@ -836,7 +840,7 @@ def _write_tokenizer_gguf(path, extra_control=(), eos_id=1):
     w.add_eos_token_id(eos_id)
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(add_bos)
     w.add_add_space_prefix(False)
   return len(tokens)
 
@@ -1180,31 +1184,14 @@ def test_gguf_27b_models_scale_queries_by_width_over_heads(tmp_path, arch,
   assert config.query_pre_attn_scalar == scalar
 
 
-def _small_tokenizer_gguf(path, words, word_types, add_bos=True):
-  specials = ['<pad>', '<eos>', '<bos>', '<unk>']
-  tokens = specials + [f'<0x{i:02X}>' for i in range(256)] + words
-  with gguf_files.gguf_writer(path, 'gemma3') as w:
-    w.add_tokenizer_model('llama')
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_types([3] * 4 + [6] * 256 + list(word_types))
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(3)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(add_bos)
-    w.add_add_space_prefix(False)
-
-
 def test_gguf_tokenizer_reads_space_pieces_and_add_bos(tmp_path):
   """llama.cpp writes Gemma's user-defined runs of spaces with ' ' (they
   must match the text's spaces), and add_bos_token false means no BOS."""
-  _small_tokenizer_gguf(tmp_path / 'spaces.gguf', ['▁', 'a', 'b', '  '],
-                        [1, 1, 1, 4])
+  _write_tokenizer_gguf(tmp_path / 'spaces.gguf', words=['▁', 'a', 'b', '  '])
   tok = gemma.load_tokenizer(tmp_path / 'spaces.gguf')
   ids = tok.encode('a  b', add_bos=False)
   assert ids == [261, 263, 262] and tok.decode(ids) == 'a  b'
-  _small_tokenizer_gguf(tmp_path / 'no_bos.gguf', ['▁', 'a'], [1, 1],
+  _write_tokenizer_gguf(tmp_path / 'no_bos.gguf', words=['▁', 'a', 'b'],
                         add_bos=False)
   assert gemma.load_tokenizer(tmp_path / 'no_bos.gguf').encode('a') == [261]
 
