@@ -275,8 +275,9 @@ def fail_together(what: str):
         'stops with it.')
 
 
-def same_on_every_process(digest: str) -> bool:
-  """Whether every process holds this hex ``digest`` (one collective).
+def differ_between_processes(digests: dict[str, str]) -> list[str]:
+  """The names in ``digests`` whose hex digest is not the same on every
+  process (one collective for them all).
 
   Each process builds the global batch from its own copy of the training
   examples; hosts that read different files (one lacking the evaluation
@@ -284,8 +285,10 @@ def same_on_every_process(digest: str) -> bool:
   silently different batches.
   """
   if jax.process_count() == 1:
-    return True
+    return []
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  mine = np.stack([np.frombuffer(bytes.fromhex(d), np.uint8)
+                   for d in digests.values()])
   every = np.asarray(multihost_utils.process_allgather(mine))
-  return bool((every == every[0]).all())
+  same = (every == every[:1]).all(axis=(0, 2))
+  return [name for name, ok in zip(digests, same) if not ok]

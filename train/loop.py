@@ -1548,12 +1548,11 @@ def _refuse_differing_hosts(inputs: dict, eval_digest: str, num_train: int,
   train or score silently different things on each host, or fail a check
   on one host alone while the others wait in a collective.
   """
-  differ = [what for what, digest in (
-      ('training examples', inputs[TRAIN_DATA_KEY]['sha256']),
-      ('evaluation examples', eval_digest),
-      ('tokenizer', _json_digest(inputs[TOKENIZER_KEY])),
-      ('base model files', _json_digest(inputs[BASE_MODEL_KEY])))
-            if not distributed.same_on_every_process(digest)]
+  differ = distributed.differ_between_processes({
+      'training examples': inputs[TRAIN_DATA_KEY]['sha256'],
+      'evaluation examples': eval_digest,
+      'tokenizer': _json_digest(inputs[TOKENIZER_KEY]),
+      'base model files': _json_digest(inputs[BASE_MODEL_KEY])})
   if differ:
     raise ConfigError(
         f'the processes hold different {" and ".join(differ)} ({num_train} '
