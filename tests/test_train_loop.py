@@ -647,29 +647,44 @@ def test_tiny_evaluates_before_and_after(tmp_path):
   assert 'eval/accuracy' in rows[0] and 'eval/target_loss' in rows[0]
 
 
-def _small_step_inputs(accum):
-  """A gemma-tiny with q/v adapters, adam, and one 4-row batch."""
+def _tiny_lora_step_parts(dropout=0.0):
+  """A gemma-tiny with q/v adapters, split for a train step, and adam."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from models import gemma, lora  # pylint: disable=g-import-not-at-top
   model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
-  lora.apply_lora(model, ('q', 'v'), rank=2, init='gaussian', rngs=1)
+  lora.apply_lora(model, ('q', 'v'), rank=2, init='gaussian', dropout=dropout,
+                  rngs=nnx.Rngs(params=1, dropout=2))
   graphdef, lp, rngs, base = nnx.split(model, nnx.LoRAParam, nnx.RngState,
                                        ...)
   params = trees_lib.str_keys(nnx.to_pure_dict(lp))
   tx, schedule = optim_lib.make_optimizer(
       configs.OptimConfig(name='adam', warmup_steps=0, schedule='constant',
                           learning_rate=1e-2), 10)
+  return graphdef, params, rngs, base, tx, schedule
+
+
+def _tiny_batch(targets_per_row):
+  """A prepared batch of 12-token rows, the last n tokens of row i its
+  targets for n = targets_per_row[i]."""
+  rows = len(targets_per_row)
+  tokens = np.random.default_rng(0).integers(3, 256, (rows, 12))
+  mask = np.zeros((rows, 12), np.float32)
+  for i, n in enumerate(targets_per_row):
+    mask[i, 12 - n:] = 1
+  batch = {'tokens': tokens.astype(np.int32), 'loss_mask': mask,
+           'positions': np.tile(np.arange(12, dtype=np.int32), (rows, 1)),
+           'segment_ids': np.ones((rows, 12), np.int32)}
+  return step_lib.prepare_batch(batch, 6)[0]
+
+
+def _small_step_inputs(accum):
+  """One adam step of `_tiny_lora_step_parts` on a 4-row batch in `accum`
+  micro-batches, or (accum=0) the gradient of its mean loss per target."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, rngs, base, tx, schedule = _tiny_lora_step_parts()
   state = {'step': jnp.zeros((), jnp.int32), 'params': params,
            'opt_state': tx.init(params)}
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, 256, (4, 12)).astype(np.int32)
-  mask = np.zeros((4, 12), np.float32)
-  for i, n in enumerate((2, 3, 4, 5)):  # Uneven target counts per row.
-    mask[i, 12 - n:] = 1
-  batch = {'tokens': tokens, 'loss_mask': mask,
-           'positions': np.tile(np.arange(12, dtype=np.int32), (4, 1)),
-           'segment_ids': np.ones((4, 12), np.int32)}
-  prepared, _ = step_lib.prepare_batch(batch, 6)
+  prepared = _tiny_batch((2, 3, 4, 5))  # Uneven target counts per row.
   if accum == 0:  # the gradient of the batch's mean loss per target token
     def mean_loss(lp):
       m = nnx.merge(graphdef, trees_lib.int_keys(lp), rngs, base)
@@ -711,28 +726,13 @@ def test_dropout_draws_new_masks_each_step_and_micro_batch():
   batch accumulated give another loss than one (same masks for both had
   passed every test, each run with dropout 0)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from models import gemma, lora  # pylint: disable=g-import-not-at-top
-  model = gemma.Gemma(gemma.get_config('gemma-tiny'), rngs=nnx.Rngs(0))
-  lora.apply_lora(model, ('q', 'v'), rank=2, init='gaussian', dropout=0.5,
-                  rngs=nnx.Rngs(params=1, dropout=2))
-  graphdef, lp, rngs, base = nnx.split(model, nnx.LoRAParam, nnx.RngState,
-                                       ...)
+  graphdef, params, rngs, base, tx, schedule = _tiny_lora_step_parts(0.5)
   # lora_b nonzero: at B = 0 dropout (on the adapter's input) changes
   # nothing.
   params = jax.tree.map(
       lambda x: x + 0.5 * np.random.default_rng(x.size).normal(size=x.shape),
-      trees_lib.str_keys(nnx.to_pure_dict(lp)))
-  tx, schedule = optim_lib.make_optimizer(
-      configs.OptimConfig(name='adam', warmup_steps=0, schedule='constant',
-                          learning_rate=1e-2), 10)
-  rng = np.random.default_rng(0)
-  mask = np.zeros((2, 12), np.float32)
-  mask[:, 6:] = 1
-  prepared, _ = step_lib.prepare_batch(
-      {'tokens': rng.integers(3, 256, (2, 12)).astype(np.int32),
-       'loss_mask': mask,
-       'positions': np.tile(np.arange(12, dtype=np.int32), (2, 1)),
-       'segment_ids': np.ones((2, 12), np.int32)}, 6)
+      params)
+  prepared = _tiny_batch((6, 6))
 
   def loss(accum, step_no):
     state = {'step': jnp.asarray(step_no, jnp.int32), 'params': params,
