@@ -261,3 +261,27 @@ def test_gemma_lora_runs(kernel, monkeypatch):
                  if cell.cell_type == 'code' for out in cell.outputs)
   assert 'adapter_model.safetensors' in text
   assert 'adapter_config.json' in text
+
+
+@pytest.mark.parametrize('accelerator, flags', [
+    ('v4-16', '--grad_accum 8'), ('v5p-16', '--grad_accum 8'),
+    ('v5litepod-16', '--grad_accum 4 --model.remat'),
+    ('v6e-16', '--grad_accum 4')])
+def test_tpu_commands_fit_a_row_per_chip_and_remat_on_16gb_chips(
+    accelerator, flags, capsys):
+  """The commands cell with another ACCELERATOR: one row per chip (a v4's
+  or v5p's suffix counts TensorCores, two a chip; a v5e's or v6e's chips),
+  and --model.remat on a v5e's 16 GB chips only."""
+  from train import configs  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(COLAB / 'paper_configs.ipynb', as_version=4)
+  (cell,) = [c.source for c in nb.cells if c.cell_type == 'code' and
+             c.source.startswith("TPU_NAME = ")]
+  cell = cell.replace("ACCELERATOR = 'v4-16'",
+                      f'ACCELERATOR = {accelerator!r}')
+  assert f'ACCELERATOR = {accelerator!r}' in cell
+  exec(cell, {'configs': configs,  # pylint: disable=exec-used
+              'REPO_URL': 'https://github.com/example/lora-rite-optax'})
+  text = capsys.readouterr().out
+  assert (f'python -m train --config paper_gemma7b_superni {flags} '
+          '--model.path ') in text, text
+  assert f'--accelerator-type={accelerator} ' in text

@@ -1,6 +1,7 @@
 """models.t5: numerics against transformers, HF-layout I/O, decoding, errors."""
 
 import json
+import math
 import os
 import sys
 
@@ -492,3 +493,89 @@ def test_remat_recomputes_each_block_and_changes_nothing():
     out.append(jax.jit(jax.value_and_grad(loss))(lp, rest))
   for got, expected in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[0])):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def _hf_relative_position_bucket(rel, bidirectional, num_buckets, max_distance):
+  """transformers' T5Attention._relative_position_bucket, in numpy."""
+  rel = np.asarray(rel, np.int64)
+  buckets = np.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (rel > 0) * num_buckets
+    n = np.abs(rel)
+  else:
+    n = -np.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  large = max_exact + (np.log(np.maximum(n, 1) / max_exact)
+                       / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return buckets + np.where(n < max_exact, n, large)
+
+
+@pytest.mark.parametrize('bidirectional', [True, False])
+@pytest.mark.parametrize('num_buckets, max_distance', [(32, 128), (8, 16)])
+def test_relative_buckets_saturate_in_their_own_direction(
+    bidirectional, num_buckets, max_distance):
+  """Distances past max_distance saturate in their direction's last bucket.
+  The reference logits reach 6 positions in the encoder (max_distance 16),
+  so the encoder's saturation was untested: unclamped, keys far before the
+  query took the buckets of keys after it (mT5 inputs > 128 tokens)."""
+  rel = np.arange(-3 * max_distance, 3 * max_distance + 1)
+  got = np.asarray(t5.relative_position_bucket(
+      jnp.asarray(rel, jnp.int32), bidirectional=bidirectional,
+      num_buckets=num_buckets, max_distance=max_distance))
+  np.testing.assert_array_equal(got, _hf_relative_position_bucket(
+      rel, bidirectional, num_buckets, max_distance))
+  assert got.min() == 0 and got.max() == num_buckets - 1
+  if bidirectional:
+    half = num_buckets // 2
+    assert (got[rel < 0] < half).all() and (got[rel > 0] >= half).all()
+    assert got[0] == half - 1 and got[-1] == num_buckets - 1
+  else:
+    assert (got[rel >= 0] == 0).all() and got[0] == num_buckets - 1
+  if (num_buckets, max_distance) == (32, 128):
+    # Pinned from transformers (T5 / mT5 defaults).
+    at = dict(zip(rel.tolist(), got.tolist()))
+    if bidirectional:
+      assert [at[d] for d in (-200, -128, -20, -1, 0, 1, 20, 127, 200)] == [
+          15, 15, 10, 1, 0, 17, 26, 31, 31]
+    else:
+      assert [at[d] for d in (-200, -128, -20, -1, 0, 5)] == [
+          31, 31, 17, 1, 0, 0]
+
+
+def test_greedy_pads_each_row_after_its_own_eos(monkeypatch):
+  """Rows that end at different steps: the one that ended is padded while
+  the other decodes on (greedy_generate's contract)."""
+  model = t5.T5(t5.get_config('tiny'), rngs=nnx.Rngs(0))
+  eos, pad = model.config.eos_token_id, model.config.pad_token_id
+
+  def decode_step(model, token, cross, valid, cache, i):
+    del model, token, cross, valid
+    stop = jnp.array([1, 3])
+    return (jnp.where(i >= stop, eos, 7).astype(jnp.int32),
+            jnp.zeros((2, 3)), cache)
+
+  monkeypatch.setattr(t5, '_decode_step', decode_step)
+  out = np.asarray(t5.greedy_generate(model, ENC, 6))
+  np.testing.assert_array_equal(out, [[7, eos, pad, pad, pad, pad],
+                                      [7, 7, 7, eos, pad, pad]])
+
+
+def test_a_bfloat16_heads_lora_update_accumulates_in_float32():
+  """The head's LoRA term lands in float32 like its kernel's (out_dtype):
+  rounded to bfloat16 first, an adapter's share of the logits (all of it
+  here, the kernel zeroed) had been bfloat16 values."""
+  model = t5.T5(t5.get_config('tiny'), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, 'lm_head', rank=2, rngs=nnx.Rngs(1))
+  head = model.lm_head
+  head.kernel.set_value(jnp.zeros_like(head.kernel[...]))
+  b = head.lora.lora_b
+  b.set_value(jnp.asarray(np.random.default_rng(0).normal(size=b.shape),
+                          jnp.float32))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 32)), jnp.bfloat16)
+  y = head(x)
+  assert y.dtype == jnp.float32
+  rounded = y.astype(jnp.bfloat16).astype(jnp.float32)
+  assert float(jnp.mean(y != rounded)) > 0.5
