@@ -1368,3 +1368,20 @@ def test_a_stop_is_said_on_the_host_it_reached(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert (out == '[train] SIGTERM: stopping\n') == printed, (index, out)
   assert said == ['[train] SIGTERM: stopping']
+
+
+def test_a_stop_request_gives_back_both_handlers_and_says_once_to_its_log(
+    capfd):
+  """Both handlers (SIGTERM's too, not only SIGINT's) come back on exit, and
+  an acknowledgement that its log took is not written to stderr too."""
+  from train import preemption  # pylint: disable=g-import-not-at-top
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  lines = []
+  with preemption.StopRequest(lines.append) as stop:
+    assert all(signal.getsignal(s) == stop._handle  # pylint: disable=protected-access
+               for s in before)
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert {s: signal.getsignal(s) for s in before} == before
+  assert lines == ['[train] SIGTERM: stopping after this step']
+  assert capfd.readouterr().err == ''
+  assert preemption.Interrupted(signal.SIGTERM, 3, 'd').exit_code == 143

@@ -1511,3 +1511,45 @@ def test_resume_compares_tasks_by_name_not_spelling():
       a, **{'data.eval_task': 'math'}))) == {}
   assert loop.resume_changes(as_json(a), as_json(configs.replace(
       a, **{'data.task': 'boolq'}))) == {'data.task': ('math', 'boolq')}
+
+
+def test_base_model_fingerprint_reads_to_the_end_and_keeps_its_format(
+    tmp_path):
+  """A weight file whose last bytes alone changed is another base; a single
+  file of any name is fingerprinted; digests keep their saved format (a
+  change would refuse every resume of an older checkpoint)."""
+  from train import fingerprints  # pylint: disable=g-import-not-at-top
+  data = bytearray(np.random.default_rng(0).bytes(100_000))
+  path = tmp_path / 'weights'  # no .gguf suffix: 'whatever its name'
+  path.write_bytes(data)
+  first = fingerprints.base_model_fingerprint(str(path))
+  assert set(first) == {'file'}
+  data[-1] ^= 1
+  path.write_bytes(data)
+  assert fingerprints.base_model_fingerprint(str(path)) != first
+  # Golden digests (computed with the format as of this commit).
+  path.write_bytes(bytes(range(256)) * 40)
+  assert fingerprints.base_model_fingerprint(str(path)) == {
+      'file': '0ca9356025b19c61'}
+  path.write_bytes(b'abc')
+  assert fingerprints.base_model_fingerprint(str(path)) == {
+      'file': '7b0393befdc28ff2'}
+  # A folder whose index the loader refuses: nothing to fingerprint (the
+  # loader's own error names the problem).
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  (hf / 'model.safetensors.index.json').write_text('{"weight_map": 3}')
+  assert fingerprints.base_model_fingerprint(str(hf)) == {}
+
+
+def test_base_model_difference_names_other_files_and_other_random_draws():
+  from train import fingerprints  # pylint: disable=g-import-not-at-top
+  one = {'model.safetensors': 'a'}
+  two = {'model-00001-of-00002.safetensors': 'a',
+         'model-00002-of-00002.safetensors': 'b'}
+  assert fingerprints.base_model_difference(one, two) == (
+      'files model.safetensors there, model-00001-of-00002.safetensors, '
+      'model-00002-of-00002.safetensors now')
+  assert fingerprints.base_model_difference(
+      {'random base': 'another draw'}, fingerprints.RANDOM_BASE) == (
+          'a random base drawn another way there')

@@ -517,3 +517,47 @@ def test_a_run_saved_with_its_own_optimizer_args_in_extra_still_resumes(
   other = configs.replace(loaded, **{'optim.b1': 0.9})
   assert loop.resume_changes(saved, json.loads(configs.to_json(other))) == {
       'optim.b1': (0.95, 0.9)}
+
+
+def test_first_line_skips_leading_blank_lines_and_names_an_empty_error():
+  from train.errors import first_line  # pylint: disable=g-import-not-at-top
+  assert first_line(ValueError('\n  one\ntwo')) == 'one'
+  assert first_line(KeyError()) == 'KeyError'
+  assert first_line(OSError('  \n ')) == 'OSError'
+
+
+def test_cli_values_keep_underscores_and_columns_is_restored(monkeypatch,
+                                                            tmp_path):
+  """Only a flag's name is hyphenated (a value such as a path keeps its
+  underscores), and the COLUMNS set for tyro's panel does not outlive the
+  parse (a notebook's later output had been drawn 10,000 wide)."""
+  from train import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('COLUMNS', raising=False)
+  run_dir = str(tmp_path / 'my_run')
+  cfg, _ = cli.parse(['--config', 'tiny', f'--run_dir={run_dir}',
+                      '--optim.name=scaled_adam'])
+  assert (cfg.run_dir, cfg.optim.name) == (run_dir, 'scaled_adam')
+  assert 'COLUMNS' not in os.environ
+  monkeypatch.setenv('COLUMNS', '77')
+  cli.parse(['--config', 'tiny'])
+  assert os.environ['COLUMNS'] == '77'
+
+
+def test_a_config_file_is_any_path_and_resumes_where_its_checkpoints_are(
+    tmp_path):
+  """A path with a folder in it is a config file whatever its suffix; a
+  copy of a run's config.json elsewhere resumes the run in its run_dir when
+  that folder has the checkpoints (only a run_dir without them is
+  refused)."""
+  from train import cli, configs  # pylint: disable=g-import-not-at-top
+  orig = tmp_path / 'orig'
+  (orig / 'checkpoints' / '4').mkdir(parents=True)
+  cfg = configs.replace(configs.get_config('tiny'), run_dir=str(orig),
+                        steps=7)
+  copy = tmp_path / 'copy'
+  (copy / 'checkpoints' / '2').mkdir(parents=True)
+  path = copy / 'settings'  # no .json suffix
+  path.write_text(configs.to_json(cfg))
+  assert cli.parse(['--config', str(path)])[0] == cfg
+  resumed = cli.parse(['--config', str(path), '--resume'])[0]
+  assert resumed.run_dir == str(orig) and resumed.resume

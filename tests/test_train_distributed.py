@@ -417,3 +417,90 @@ def test_mesh_shape_infers_one_axis_and_refuses_bad_sizes():
                          ((2, 2, 1), 'needs 4 devices, have 8')):
     with pytest.raises(ValueError, match=message):
       distributed.mesh_shape(mesh(*sizes), 8)
+
+
+def _no_tpu(monkeypatch):
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
+                      lambda: (0, None))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
+
+
+def test_maybe_initialize_arguments_and_bounds(monkeypatch):
+  """process_id 0 is a given id (refused without a start, passed with one);
+  ports 1 and 65535 are valid, 0 and 65536 not; an unknown `initialize` is
+  refused; the runtime is started once per process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import configs, distributed  # pylint: disable=g-import-not-at-top
+  _no_tpu(monkeypatch)
+  cfg = configs.DistributedConfig
+  with pytest.raises(ValueError, match='distributed.process_id given'):
+    distributed.maybe_initialize(cfg(process_id=0))
+  with pytest.raises(ValueError, match="must be 'auto', 'always' or 'never'"):
+    distributed.maybe_initialize(cfg(initialize='sometimes'))
+  for port in ('0', '65536'):
+    with pytest.raises(ValueError, match='port in 1-65535'):
+      distributed.maybe_initialize(cfg(coordinator_address='h:' + port))
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize',
+                      lambda **kw: calls.append(kw))
+  for port in ('1', '65535'):
+    monkeypatch.setattr(distributed, '_initialized', False)
+    assert distributed.maybe_initialize(cfg(
+        coordinator_address='h:' + port, num_processes=2, process_id=0))
+  assert distributed.maybe_initialize(cfg(coordinator_address='h:1'))
+  assert calls == [{'coordinator_address': f'h:{p}', 'num_processes': 2,
+                    'process_id': 0} for p in ('1', '65535')]
+
+
+def test_mesh_shape_refuses_negative_sizes_other_than_one_minus_one():
+  import types  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  mesh = lambda d, f, t: types.SimpleNamespace(data=d, fsdp=f, tensor=t)
+  for sizes in ((-2, -2, 2), (-2, 1, -4)):
+    with pytest.raises(ValueError, match='must be positive'):
+      distributed.mesh_shape(mesh(*sizes), 8)
+
+
+def test_parse_rules_refuses_a_rule_without_a_name_or_with_an_unknown_axis():
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="must read 'logical=mesh_axis'"):
+    distributed.parse_rules(['=fsdp'])
+  with pytest.raises(ValueError, match="unknown mesh axis 'fsdpp'"):
+    distributed.parse_rules(['embed=fsdpp'])
+  assert distributed.parse_rules([' embed = fsdp ', 'norm=']) == {
+      'embed': 'fsdp', 'norm': None}
+
+
+def test_logical_to_spec_shards_only_where_it_can():
+  """Each mesh axis once per array, never on a dimension it does not divide
+  or of size 1; trailing replicated dimensions are left out of the spec."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': 4, 'tensor': 2})
+  rules = {'embed': 'fsdp', 'heads': 'tensor', 'mlp': 'tensor',
+           'kv_heads': 'tensor', 'norm': None, 'batch': 'data'}
+  spec = lambda axes, shape: distributed.logical_to_spec(axes, shape, rules,
+                                                         mesh)
+  assert spec(('embed', 'mlp'), (8, 6)) == P('fsdp', 'tensor')
+  assert spec(('heads', 'mlp'), (4, 6)) == P('tensor')  # tensor used once
+  assert spec(('kv_heads', 'embed'), (1, 8)) == P(None, 'fsdp')  # 1 head
+  assert spec(('embed', 'norm'), (8, 3)) == P('fsdp')  # no trailing None
+  assert spec(('batch', 'embed'), (8, 8)) == P(None, 'fsdp')  # size-1 axis
+  assert spec(('lora_rank', 'embed'), (8, 8)) == P(None, 'fsdp')  # no rule
+  assert spec(None, (8,)) == P()
+
+
+def test_batch_sharding_splits_the_rows_after_the_leading_axes():
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AbstractMesh  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  mesh = AbstractMesh((2, 2, 1), ('data', 'fsdp', 'tensor'))
+  rows = distributed.BATCH_AXES
+  assert distributed.batch_sharding(mesh, 2).spec == P(rows, None)
+  assert distributed.batch_sharding(mesh, 3, leading=1).spec == P(
+      None, rows, None)
+  assert distributed.batch_sharding(mesh, 1).spec == P(rows)

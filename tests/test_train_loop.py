@@ -1480,3 +1480,79 @@ def test_a_resume_drops_a_row_shorter_than_its_header(tmp_path):
   w.close()
   assert w.kept == [{'step': 1, 'loss': 2.0, 'acc': 0.5}]
   assert '2,1.5' not in (tmp_path / 'metrics.csv').read_text()
+
+
+def test_opt_state_shardings_need_the_parameters_shape_and_longest_path():
+  """A state leaf under a parameter's path with another shape (an r x r
+  statistic) is replicated; where two parameter paths end a state path,
+  the longer decides."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  from train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+              ('data', 'fsdp', 'tensor'))
+  params = {'lora_a': jnp.zeros((8, 2)),
+            'q': {'lora_a': jnp.zeros((8, 2))}}
+  sh = {'lora_a': NamedSharding(mesh, P('tensor')),
+        'q': {'lora_a': NamedSharding(mesh, P('fsdp'))}}
+  state = {'mu': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape,
+                                                             x.dtype), params),
+           'stats': {'q': {'lora_a': jax.ShapeDtypeStruct((2, 2),
+                                                          jnp.float32)}}}
+  out = sharding_lib.opt_state_shardings(state, params, sh, mesh)
+  assert out['mu']['q']['lora_a'].spec == P('fsdp')
+  assert out['mu']['lora_a'].spec == P('tensor')
+  assert out['stats']['q']['lora_a'].spec == P()
+
+
+def test_tree_keys_are_strings_for_orbax_and_path_names_are_plain():
+  """Layer indices become strings (checkpoints, and the leaf order the
+  optimizer state follows: '10' sorts before '2'), and back; a key path's
+  sequence indices and attribute names are plain names too."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import trees  # pylint: disable=g-import-not-at-top
+  tree = {'layers': {0: {'w': 1}, 10: {'w': 2}, 2: {'w': 3}}, 'name': 'x'}
+  keyed = trees.str_keys(tree)
+  assert keyed == {'layers': {'0': {'w': 1}, '10': {'w': 2}, '2': {'w': 3}},
+                   'name': 'x'}
+  assert all(isinstance(k, str) for k in keyed['layers'])
+  assert trees.int_keys(keyed) == tree
+  State = collections.namedtuple('State', 'mu')  # pylint: disable=invalid-name
+  paths = [trees.path_names(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(({'q': 1}, State(mu=[2])))]
+  assert paths == [('0', 'q'), ('1', 'mu', '0')]
+
+
+def test_shampoo_blocks_shard_only_along_a_factors_one_split_axis():
+  """Blocks shard as their factor when the factor is split along one axis
+  that the blocks cut exactly, in a count the mesh axis divides; a factor
+  split along two axes, with a ragged last block or too few blocks keeps
+  its statistics replicated. An abstract mesh: no devices needed."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AbstractMesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  import lora_rite_optax as lro  # pylint: disable=g-import-not-at-top
+  from train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  mesh = AbstractMesh((1, 4, 2), ('data', 'fsdp', 'tensor'))
+  n = lambda *spec: NamedSharding(mesh, P(*spec))
+  rows = {'a': 64, 'b': 64, 'c': 48, 'd': 56}  # blocks of 16: 4, 4, 3, 4
+  a_spec = {'a': n('fsdp'), 'b': n('fsdp', 'tensor'), 'c': n('fsdp'),
+            'd': n('fsdp')}
+  params = {k: {'lora_a': jnp.zeros((r, 4)), 'lora_b': jnp.zeros((4, 8))}
+            for k, r in rows.items()}
+  sh = {k: {'lora_a': a_spec[k], 'lora_b': n()} for k in rows}
+  tx = lro.shampoo(1e-3, block_size=16)
+  is_shampoo = lambda x: isinstance(x, lro.ShampooState)
+  out = sharding_lib.opt_state_shardings(jax.eval_shape(tx.init, params),
+                                         params, sh, mesh)
+  (state,) = [x for x in jax.tree.leaves(out, is_leaf=is_shampoo)
+              if is_shampoo(x)]
+  # Leaves in order: a/lora_a, a/lora_b, b/lora_a, ... d/lora_b.
+  for field in (state.stats, state.roots):
+    assert [s.left.spec for s in field[0::2]] == [P('fsdp'), P(), P(), P()]
+    assert [s.right.spec for s in field[0::2]] == [P('fsdp'), P(), P(), P()]
+    assert all(s.left.spec == P() for s in field[1::2])
