@@ -367,7 +367,11 @@ def test_hub_errors_are_one_line(monkeypatch):
 # --- the built-in task --------------------------------------------------------
 
 
-def test_arithmetic_is_deterministic_and_disjoint():
+_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b,
+        "mul": lambda a, b: a * b, "div": lambda a, b: a // b}
+
+
+def test_arithmetic_is_deterministic_disjoint_and_right():
   train = data.load_task("arithmetic", "train")
   val = data.load_task("arithmetic", "validation")
   test = data.load_task("arithmetic", "test")
@@ -375,6 +379,7 @@ def test_arithmetic_is_deterministic_and_disjoint():
   assert train == data.load_task("arithmetic", "train")
   assert train != data.load_task("arithmetic", "train", seed=1)
   assert not {e.prompt for e in train} & {e.prompt for e in test}
+  assert len({e.prompt for e in train + val}) == 2000  # no repeats
   # Disjoint in the arithmetic itself, not only in wording.
   patterns = []
   for op, template in arithmetic._TEMPLATES:
@@ -391,7 +396,12 @@ def test_arithmetic_is_deterministic_and_disjoint():
       question = e.prompt[len("Question: "):-len("\nAnswer:")]
       [(op, m)] = [(op, p.fullmatch(question)) for op, p in patterns
                    if p.fullmatch(question)]
-      out.add((op, int(m["a"]), int(m["b"])))
+      a, b = int(m["a"]), int(m["b"])
+      # The gold answer is the arithmetic's, of operands the task draws.
+      assert (a, b) in arithmetic._all_operands(op), (op, a, b)
+      assert e.gold_number == str(_OPS[op](a, b)), e.prompt
+      assert arithmetic.is_test_item(op, a, b) == (examples is test)
+      out.add((op, a, b))
     return out
 
   assert not triples(train) & triples(test)
@@ -563,3 +573,156 @@ def test_a_superni_task_with_several_definitions_joins_them():
   assert 'First part. Second part.' in e.prompt
   [tk] = data.examples_from_records([task], 'superni', style='tk')
   assert 'First part.' in tk.prompt and 'Second part.' not in tk.prompt
+
+
+def _one(record, task):
+  [e] = data.examples_from_records([record], task, style="plain")
+  return e
+
+
+def test_an_empty_answer_field_reads_the_gold_from_the_output():
+  e = _one({"instruction": "Is it? \n\nAnswer format: true/false",
+            "input": "", "output": "the correct answer is false",
+            "answer": ""}, "boolq")
+  assert e.labels[e.gold_index] == "false"
+
+
+def test_a_gsm8k_instruction_record_without_answer_reads_the_output():
+  e = _one({"instruction": "How many?", "input": "",
+            "output": "2 + 3 = 5. The answer is 5."}, "gsm8k")
+  assert e.gold_number == "5"
+  e = _one({"instruction": "How many?", "input": "", "answer": None,
+            "output": "The answer is 1,234."}, "gsm8k")
+  assert e.gold_number == "1234"
+
+
+def test_hf_answer_key_is_found_by_its_position_not_its_sort_order():
+  e = _one({"question": "q", "choices": {"text": ["b", "a", "c"],
+                                         "label": ["B", "A", "C"]},
+            "answerKey": "A"}, "arc_challenge")
+  assert e.gold_index == 1 and e.target.endswith("answer2")
+
+
+def test_superni_empty_output_list_is_one_line():
+  with pytest.raises(ValueError, match="empty output list"):
+    _one({"definition": "d", "inputs": "i", "targets": []}, "superni")
+
+
+def test_hashes_mark_an_answer_only_at_a_line_start():
+  assert numbers.extract_final_number(
+      "The answer is 12. See note ####3") == "12"
+
+
+def test_the_answer_marker_is_read_in_any_case():
+  assert numbers.extract_final_number("ANSWER IS 7") == "7"
+  assert numbers.extract_final_number("Answer is: 9", fallback_to_last=False
+                                      ) == "9"
+
+
+def test_tk_prompt_adds_no_period_after_punctuation_and_shows_two_examples():
+  assert templates.tk_instruct_prompt("Is it?", "Why!") == (
+      "Definition: Is it?\n\nNow complete the following example -\n"
+      "Input: Why!\nOutput: ")
+  shown = templates.tk_instruct_prompt(
+      "D.", "x", [("a", "1"), ("b", "2"), ("c", "3")])
+  assert "Positive Example 2" in shown and "Positive Example 3" not in shown
+
+
+def test_answer_format_line_edge_cases():
+  assert templates.parse_answer_format("Answer format: true/false/") == (
+      "true", "false")
+  assert templates.parse_answer_format(
+      "Answer format: a/b\nNote: c/d") == ("a", "b")
+  assert templates.listed_labels("Q Answer1: x Answer3: y") == ()
+  assert templates.parse_choices(
+      "Answer1: x Answer2: y", ("answer1", "answer2", "answer3")) == ()
+
+
+def test_math_target_joins_a_multi_line_rationale():
+  assert templates.math_target("a = 1\n\n  b = 2\n", "5") == (
+      "\nA: a = 1 b = 2 The answer is 5.")
+
+
+def test_split_validation_keeps_a_training_example_and_refuses_all():
+  two = [data.Example("p1", "t"), data.Example("p2", "t")]
+  train, val = data.split_validation(two, 0.9)
+  assert len(train) == 1 and len(val) == 1
+  with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+    data.split_validation(two, 1.0)
+
+
+def test_num_examples_keeps_the_first_ones(tmp_path):
+  path = tmp_path / "test.jsonl"
+  path.write_text("".join(json.dumps({"question": f"q{i}", "answer": True})
+                          + "\n" for i in range(5)))
+  got = data.load_task("boolq", "test", path=path, num_examples=2)
+  assert [e.prompt for e in got] == [
+      e.prompt for e in data.load_task("boolq", "test", path=path)[:2]]
+
+
+def test_task_aliases():
+  assert data.get_task("obqa").name == "openbookqa"
+  assert data.get_task("ARC").name == "arc_challenge"
+  assert data.get_task("Natural-Instructions").name == "superni"
+  assert data.get_task("super_natural_instructions").name == "superni"
+
+
+def test_a_hub_fork_gets_no_config_of_the_registered_id(monkeypatch):
+  calls = []
+
+  def load_dataset(hub_id, config, split):
+    calls.append((hub_id, config, split))
+    return [{"question": "q", "choices": {"text": ["a", "b"],
+                                          "label": ["A", "B"]},
+             "answerKey": "B"}]
+
+  monkeypatch.setitem(sys.modules, "datasets",
+                      types.SimpleNamespace(load_dataset=load_dataset))
+  data.load_task("arc_challenge", "test", hub="someone/arc-copy")
+  assert calls[-1] == ("someone/arc-copy", None, "test")
+
+
+def test_a_json_list_item_that_is_not_an_object_is_one_line(tmp_path):
+  path = tmp_path / "test.json"
+  path.write_text(json.dumps([{"question": "q", "answer": True}, 5]))
+  with pytest.raises(ValueError, match=r"record 1 is a int, expected an "
+                     "object"):
+    data.load_file(path, "boolq")
+
+
+def test_an_upper_case_suffix_is_read(tmp_path):
+  path = tmp_path / "TEST.JSON"
+  path.write_text(json.dumps([{"question": "q", "answer": True}]))
+  assert len(data.load_file(path, "boolq")) == 1
+
+
+def test_example_invariants():
+  with pytest.raises(ValueError, match="outside its 2 options"):
+    data.Example("p", "t", options=("a", "b"), gold_index=2)
+  with pytest.raises(ValueError, match="2 options but 1 labels"):
+    data.Example("p", "t", options=("a", "b"), labels=("x",))
+
+
+def test_references_default_to_the_target_before_spaces_move():
+  assert data.Example("Output: ", "yes").references == ("yes",)
+
+
+def test_a_new_prompt_forgets_the_moved_line_breaks():
+  e = data.Example("p", "\nA")
+  assert dataclasses.replace(e, prompt="q").as_before_2026_12_07() == (
+      "q", "A")
+
+
+def test_arithmetic_is_pinned_and_bounded():
+  assert arithmetic.generate("train", 1, 0)[0].prompt == (
+      "Question: There are 9 rows of cookies with 7 cookies in each row. "
+      "How many cookies are there?\nAnswer:")
+  assert arithmetic.generate("test", 1, 0)[0].prompt == (
+      "Question: A basket holds 37 cookies. Omar takes out 36. How many "
+      "cookies are left in the basket?\nAnswer:")
+  limit = arithmetic.capacity("test") // 2
+  with pytest.raises(ValueError, match=f"at most {limit}"):
+    arithmetic.generate("test", limit + 1)
+
+
+# --- seqio_tasks.py (no seqio needed) ----------------------------------------

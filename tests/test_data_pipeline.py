@@ -364,3 +364,41 @@ def test_each_epoch_is_its_own_shuffle_and_no_other_seeds(seq2seq):
                                  seq_len=64, batch_size=1, seed=0,
                                  num_epochs=1, shuffle=False, num_threads=0)
     assert zero[0] == [tuple(b["tokens"][0][:24]) for b in ds]
+
+
+class _PadSeven(data.ByteTokenizer):
+  pad_id = 7
+
+
+def test_eval_batches_pad_with_the_tokenizers_pad_id():
+  ex = [Example(f"p{i}", "t") for i in range(3)]
+  batches = list(data.make_eval_dataset(ex, _PadSeven(), seq_len=8,
+                                        batch_size=2, num_threads=0))
+  assert (batches[-1]["tokens"][1] == 7).all()
+
+
+def test_shards_take_turns_over_an_endless_stream():
+  ex = [Example(f"p{i}", "t") for i in range(6)]
+
+  def firsts(index):
+    it = iter(data.make_train_dataset(
+        ex, TOK, seq_len=8, batch_size=1, seed=0, shuffle=False,
+        shard_index=index, shard_count=2, num_threads=0))
+    return [TOK.decode(next(it)["tokens"][0])[:2] for _ in range(3)]
+
+  assert firsts(0) == ["p0", "p2", "p4"] and firsts(1) == ["p1", "p3", "p5"]
+
+
+def test_the_largest_seed_is_refused_in_one_line():
+  with pytest.raises(ValueError, match=r"must be in \[0, 2\*\*32\)"):
+    data.make_train_dataset([Example("p", "t")], TOK, seq_len=8,
+                            batch_size=1, seed=2**32)
+
+
+def test_seq2seq_batch_size_is_checked():
+  with pytest.raises(ValueError, match="need batch_size >= 1, got 0"):
+    data.make_seq2seq_train_dataset([Example("p", "t")], TOK, input_len=4,
+                                    target_len=4, batch_size=0, seed=0)
+
+
+# --- arithmetic.py -----------------------------------------------------------

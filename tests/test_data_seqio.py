@@ -228,3 +228,19 @@ def test_train_split_leaves_out_its_validation_prompts(tmp_path):
                            validation_fraction=0.25)
     leaked += len(whole) - len(train)
   assert leaked > 0  # some seed's carve split a pair of twins
+
+
+def test_number_predictions_fall_back_to_the_last_number():
+  assert seqio_tasks.postprocess("so 12 apples", kind=formats.NUMBER) == "12"
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+def test_held_out_as_a_string_and_never_on_the_test_split():
+  d = str(DATA_DIR)
+  one = seqio_tasks.split_examples("math", "train", data_dir=d,
+                                   held_out="gsm8k")
+  assert one == seqio_tasks.split_examples("math", "train", data_dir=d,
+                                           held_out=("gsm8k",))
+  test = seqio_tasks.split_examples("gsm8k", "test", data_dir=d,
+                                    held_out=("gsm8k",))
+  assert len(test) == 1319
