@@ -726,3 +726,72 @@ def test_arithmetic_is_pinned_and_bounded():
 
 
 # --- seqio_tasks.py (no seqio needed) ----------------------------------------
+
+
+def _superni_rows(tasks, n):
+  """Hub rows (Muennighoff/natural-instructions' shape): n instances of
+  each task, their inputs '<task>-<i>'."""
+  return [{"task_name": t, "definition": f"Do {t}.", "inputs": f"{t}-{i}",
+           "targets": "x"} for t in tasks for i in range(n)]
+
+
+def _inputs(examples):
+  return [e.prompt.split("### Input:\n")[1].split("\n")[0] for e in examples]
+
+
+def test_max_per_task_keeps_a_test_tasks_first_and_samples_a_training_tasks(
+    tmp_path):
+  """Tk-Instruct's 100 instances per SuperNI task: a test task's first ones
+  (the official evaluation instances), a seeded sample of a training
+  task's, kept in file order, whatever other tasks the file holds."""
+  folder = tmp_path / "superni"
+  folder.mkdir()
+  rows = _superni_rows(("t1", "t2", "t3"), 6)
+  for split in ("train", "test"):
+    (folder / f"{split}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows[:14]))  # t3: 2 of them
+  load = lambda split, **kw: data.load_task(
+      "superni", split, path=folder, validation_fraction=0, **kw)
+  assert _inputs(load("test", max_per_task=3)) == [
+      "t1-0", "t1-1", "t1-2", "t2-0", "t2-1", "t2-2", "t3-0", "t3-1"]
+  sample = _inputs(load("train", max_per_task=3))
+  assert [s.split("-")[0] for s in sample] == ["t1"] * 3 + ["t2"] * 3 + [
+      "t3"] * 2
+  assert sample == sorted(sample) and len(set(sample)) == 8
+  assert sample != _inputs(load("test", max_per_task=3))  # not the first
+  assert sample != _inputs(load("train", max_per_task=3, seed=1))
+  # A task's sample is drawn by its name: the same without the others.
+  (folder / "train.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows[6:12]))
+  assert _inputs(load("train", max_per_task=3)) == sample[3:6]
+  # Before the validation carve, which then takes from the kept ones.
+  carved = [data.load_task("superni", split, path=folder, max_per_task=3,
+                           validation_fraction=0.5)
+            for split in ("train", "validation")]
+  assert sorted(_inputs(carved[0] + carved[1])) == sample[3:6]
+  assert len(load("train", max_per_task=100)) == 6
+
+
+def test_max_per_task_reads_each_task_file_as_one_task_and_refuses_nameless(
+    tmp_path):
+  task_file = {"Definition": ["Answer."], "Positive Examples": [],
+               "Instances": [{"id": str(i), "input": f"q{i}", "output": ["a"]}
+                             for i in range(5)]}
+  path = tmp_path / "tasks.json"
+  path.write_text(json.dumps([task_file, task_file]))  # two task objects
+  got = data.load_task("superni", "test", path=path, max_per_task=2)
+  assert [e.prompt.count("q0") + e.prompt.count("q1") for e in got] == [1] * 4
+  instance = {"Task": "task001", "Definition": ["Answer."],
+              "Positive Examples": [], "Instance": task_file["Instances"][0]}
+  [one] = data.examples_from_records([instance], "superni")
+  assert one.subtask == "task001"
+  nameless = tmp_path / "test.jsonl"
+  nameless.write_text(json.dumps({"definition": "d", "inputs": "i",
+                                  "targets": "t"}) + "\n")
+  with pytest.raises(ValueError, match=r"^max_per_task caps SuperNI's tasks, "
+                     r"but 1 of the 1 examples name none \(a Hub row names "
+                     r"its task in 'task_name'"):
+    data.load_task("superni", "test", path=nameless, max_per_task=2)
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="max_per_task must be None"):
+      data.load_task("superni", "test", path=nameless, max_per_task=bad)

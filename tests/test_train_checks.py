@@ -451,6 +451,38 @@ def test_gsm8k_preset_without_evaluation_skips_gsm8k_test_prompts():
   assert not [e for e in train if data.prompt_key(e) in test]
 
 
+def test_data_max_per_task_caps_superni_and_is_refused_for_other_tasks(
+    tmp_path):
+  """--data.max_per_task (the SuperNI presets' 100) reaches both splits'
+  loads; for a run with no SuperNI task it is refused, not ignored."""
+  folder = tmp_path / 'superni'
+  folder.mkdir()
+  for split in ('train', 'test'):
+    (folder / f'{split}.jsonl').write_text(''.join(
+        json.dumps({'task_name': t, 'definition': 'Copy.', 'inputs':
+                    f'{split}-{t}-{i}', 'targets': 'x'}) + '\n'
+        for t in ('t1', 't2') for i in range(5)))
+  cfg = configs.replace(configs.get_config('tiny'), **{
+      'data.task': 'superni', 'data.path': str(folder),
+      'data.validation_fraction': 0.0, 'data.max_per_task': 2,
+      'eval.split': 'test', 'eval.after': True})
+  train, evals = loop.load_examples(cfg)
+  assert [e.subtask for e in train] == ['t1', 't1', 't2', 't2']
+  assert [e.prompt.split('### Input:\n')[1].split('\n')[0]
+          for e in evals] == ['test-t1-0', 'test-t1-1', 'test-t2-0',
+                              'test-t2-1']
+  with pytest.raises(loop.ConfigError, match=r'^data\.max_per_task caps the '
+                     r'instances of each SuperNI task; arithmetic is not '
+                     r'SuperNI \(0: all\)\.$'):
+    loop.load_examples(configs.replace(configs.get_config('tiny'), **{
+        'data.max_per_task': 2}))
+  with pytest.raises(loop.ConfigError, match='data.max_per_task must be >= 0'):
+    loop.validate(configs.replace(cfg, **{'data.max_per_task': -1}), 1)
+  for name in configs.config_names():
+    assert configs.get_config(name).data.max_per_task == (
+        100 if name.endswith('_superni') else 0), name
+
+
 def test_resume_names_a_changed_rank_or_optimizer(stopped, tmp_path):
   """Named by field (as for any other setting), not as the first leaf of
   the saved state whose shape the change altered; config.json unchanged."""

@@ -220,6 +220,9 @@ class DataConfig:
     num_train_examples: cap on training examples, counted after the
       evaluation split's prompts are left out (arithmetic: the size of the
       generated pool); 0 = all.
+    max_per_task: SuperNI only: instances kept per SuperNI task in each
+      split (Tk-Instruct's protocol: 100), a test task's first ones and a
+      seeded sample of a training task's; 0 = all.
     validation_fraction: share of training data carved out as validation;
       0 trains on all of it (then eval.split must be 'test').
     seed: shuffle / carve seed (and of the generated arithmetic training
@@ -239,6 +242,7 @@ class DataConfig:
   target_len: int = 0
   pack: bool = False
   num_train_examples: int = 0
+  max_per_task: int = 0
   validation_fraction: float = 0.1
   seed: int = 0
   num_threads: int = 2
@@ -645,7 +649,9 @@ learning-rate sweep 2e-4, 5e-4, 1e-3 (pass --optim.learning_rate 5e-4 /
 encoder input, cut from the left to 1024 SentencePiece tokens; the target
 and EOS are the decoder's, at most 256 tokens (--data.target_len);
 evaluation is greedy decoding of up to 256 tokens scored by exact match
-and ROUGE-L; T5's own dropout is off (only the adapters' dropout).
+and ROUGE-L; 100 instances of each SuperNI task in each split
+(Tk-Instruct's sets, --data.max_per_task); T5's own dropout is off (only
+the adapters' dropout).
 Sized for a Cloud TPU pod slice: bfloat16 compute, the frozen base in
 bfloat16, FSDP over the 'fsdp' mesh axis (-1: all chips). model.path
 names the Hugging Face checkpoint google/mt5-xxl; pass the local folder it
@@ -682,6 +688,9 @@ def paper_config(model: str, task: str) -> Config:
                         schedule='cosine', b1=0.9, b2=0.999),
       data=DataConfig(task=train_task, eval_task=eval_task, seq_len=seq_len,
                       max_target_tokens=max_targets, target_len=target_len,
+                      # Tk-Instruct's 100 instances per task (its training
+                      # and evaluation sets, which the paper's follow).
+                      max_per_task=100 if train_task == 'superni' else 0,
                       # The paper trains on the whole training set and
                       # reports the test set: nothing is carved out.
                       validation_fraction=0.0, num_threads=4),

@@ -258,7 +258,8 @@ def load_examples(cfg: configs_lib.Config):
   generated = generated_training_task(d)
   cap = d.num_train_examples or None
   train = data.load_task(d.task, 'train', path=d.path or None,
-                         num_examples=cap if generated else None, **common)
+                         num_examples=cap if generated else None,
+                         max_per_task=_max_per_task(d, d.task), **common)
   if not generated:
     uncapped, train = train, train[:cap]
   eval_task = d.eval_task or d.task
@@ -303,6 +304,22 @@ def generated_training_task(d: configs_lib.DataConfig) -> bool:
   from a file or the Hub): data.num_train_examples then sizes their pool."""
   from train import data  # pylint: disable=g-import-not-at-top
   return data.is_generated(d.task, d.path, d.hub)
+
+
+def _max_per_task(d: configs_lib.DataConfig, task: str) -> int | None:
+  """data.max_per_task for loading ``task``: SuperNI's alone (its examples
+  name their SuperNI task); refused where neither task is SuperNI."""
+  from train import data  # pylint: disable=g-import-not-at-top
+  if not d.max_per_task:
+    return None
+  superni = [data.get_task(t).name == 'superni'
+             for t in (d.task, d.eval_task or d.task)]
+  if not any(superni):
+    raise ConfigError(
+        f'data.max_per_task caps the instances of each SuperNI task; '
+        f'{d.task}{f" and {d.eval_task}" if d.eval_task else ""} '
+        f'{"are" if d.eval_task else "is"} not SuperNI (0: all).')
+  return d.max_per_task if data.get_task(task).name == 'superni' else None
 
 
 def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
@@ -360,6 +377,7 @@ def _held_out_examples(cfg: configs_lib.Config, eval_task: str, common: dict,
     else:
       local = {}
     return data.load_task(eval_task, cfg.eval.split, path=eval_path or None,
+                          max_per_task=_max_per_task(d, eval_task),
                           **{**common, **pool, **local})
   except (OSError, ImportError, ValueError) as e:
     # A Hub failure is a ValueError too; a ConfigError is a setting to fix.
@@ -444,6 +462,7 @@ def validate(cfg: configs_lib.Config, num_devices: int) -> tuple[int, int, int]:
       ('eval.num_examples', cfg.eval.num_examples, ' (0: all)'),
       ('optim.warmup_steps', cfg.optim.warmup_steps, ''),
       ('data.num_train_examples', cfg.data.num_train_examples, ' (0: all)'),
+      ('data.max_per_task', cfg.data.max_per_task, ' (0: all)'),
       ('data.num_threads', cfg.data.num_threads, ' (0: no prefetch)')):
     if value < 0:
       raise ConfigError(f'{name} must be >= 0{what}, got {value}.')

@@ -17,6 +17,7 @@ from train.data.example import without_prompts_of
 from train.data.numbers import canonical_number
 from train.data.numbers import extract_final_number
 from train.data.records import read_records
+from train.data.tasks import cap_per_task
 from train.data.tasks import default_data_dir
 from train.data.tasks import examples_from_records
 from train.data.tasks import get_task

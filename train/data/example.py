@@ -31,6 +31,9 @@ class Example:
       (`numbers.canonical_number`), or None when the record has none.
     references: For generation tasks, every acceptable target (SuperNI has
       several); defaults to `(target,)`.
+    subtask: For SuperNI, the task the instance belongs to (a Hub row's
+      'task_name', e.g. 'task1557_jfleg_answer_generation'), by which
+      `load_task`'s ``max_per_task`` caps; empty elsewhere.
   """
 
   prompt: str
@@ -42,6 +45,7 @@ class Example:
   gold_index: int | None = None
   gold_number: str | None = None
   references: tuple[str, ...] = ()
+  subtask: str = ""
   # How many of the target's leading line breaks were moved to the prompt
   # (`__post_init__`): what a checkpoint's record of its training data
   # held before 2026-12-07 is recomputed from it (train.loop).

@@ -323,6 +323,10 @@ def superni_from_hf(record: Record, *, task: str, style: str,
       definition = (definitions[0] if style == "tk" and definitions else
                     " ".join(definitions))
     examples = _positive_examples(record, where, task) if style == "tk" else ()
+    # One task object per task: the official reader's instances name it
+    # ('Task'); a task file's own object does not (its file name does), so
+    # the place it was read from stands for it.
+    subtask = _subtask(record.get("Task"), where)
     instances = record["Instances"]
     if not isinstance(instances, list):
       raise ValueError(
@@ -337,13 +341,14 @@ def superni_from_hf(record: Record, *, task: str, style: str,
             f"{task!r}, got {_got(instance)}")
       out += _superni_example(definition, instance.get("input"),
                               instance.get("output"), task, style, here,
-                              examples)
+                              examples, subtask)
     return out
   _missing(record, ("definition", "inputs", "targets"), where, task,
            "Hugging Face")
   return _superni_example(_string(record, "definition", where, task),
                           record["inputs"], record["targets"], task, style,
-                          where)
+                          where, subtask=_subtask(record.get("task_name"),
+                                                  ""))
 
 
 def _positive_examples(record: Record, where: str,
@@ -366,10 +371,14 @@ def _positive_examples(record: Record, where: str,
   return tuple(out)
 
 
+def _subtask(name: Any, default: str) -> str:
+  return name if isinstance(name, str) and name else default
+
+
 def _superni_example(definition: str, inputs: Any, targets: Any, task: str,
                      style: str, where: str,
-                     examples: tuple[tuple[str, str], ...] = ()
-                     ) -> list[Example]:
+                     examples: tuple[tuple[str, str], ...] = (),
+                     subtask: str = "") -> list[Example]:
   if inputs is None or targets is None:
     raise ValueError(f"{where}: missing input or output for task {task!r}")
   if not isinstance(inputs, str):
@@ -382,7 +391,8 @@ def _superni_example(definition: str, inputs: Any, targets: Any, task: str,
     raise ValueError(f"{where}: empty output list for task {task!r}")
   return [Example(prompt=templates.wrap_instruction(definition, str(inputs),
                                                     style, examples),
-                  target=refs[0], task=task, references=refs)]
+                  target=refs[0], task=task, references=refs,
+                  subtask=subtask)]
 
 
 HfConverter = Callable[..., list[Example]]

@@ -9,6 +9,7 @@ Hugging Face Hub by id, or, for `arithmetic`, the built-in generator.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -195,6 +196,35 @@ def load_hub_records(hub_id: str, config: str | None, split: str
   return [dict(r) for r in ds]
 
 
+def cap_per_task(examples: Sequence[Example], limit: int,
+                 seed: int | None = None) -> list[Example]:
+  """At most ``limit`` examples of each `Example.subtask`, in their order:
+  the first ones, or (``seed`` given) a sample drawn with it.
+
+  Raises:
+    ValueError: an example names no subtask (only SuperNI's do).
+  """
+  unnamed = sum(not e.subtask for e in examples)
+  if unnamed:
+    raise ValueError(
+        f"max_per_task caps SuperNI's tasks, but {unnamed} of the "
+        f"{len(examples)} examples name none (a Hub row names its task in "
+        "'task_name'; a task file stands for one task)")
+  by_task: dict[str, list[int]] = {}
+  for i, e in enumerate(examples):
+    by_task.setdefault(e.subtask, []).append(i)
+  keep = []
+  for name, rows in by_task.items():
+    if len(rows) > limit and seed is not None:
+      # Seeded by the task's name too: a task's sample does not depend on
+      # which other tasks the file holds.
+      rng = np.random.default_rng(
+          [seed, *hashlib.sha256(name.encode()).digest()[:8]])
+      rows = sorted(rng.choice(rows, limit, replace=False).tolist())
+    keep += rows[:limit]
+  return [examples[i] for i in sorted(keep)]
+
+
 def split_validation(examples: Sequence[Example], fraction: float = 0.1,
                      seed: int = 0) -> tuple[list[Example], list[Example]]:
   """Carves a validation set out of training examples, deterministically.
@@ -226,7 +256,8 @@ def load_task(name: str, split: str = "train", *,
               hub: bool | str = False, hub_config: str | None = None,
               style: str = "alpaca",
               validation_fraction: float = 0.1, seed: int = 0,
-              num_examples: int | None = None) -> list[Example]:
+              num_examples: int | None = None,
+              max_per_task: int | None = None) -> list[Example]:
   """Loads one split of a task as examples.
 
   Args:
@@ -252,6 +283,11 @@ def load_task(name: str, split: str = "train", *,
       the validation set is carved from (default 2000) or the test set
       (default 200); for other tasks, keep only the first `num_examples`
       examples of the split.
+    max_per_task: For SuperNI, keep at most this many instances of each of
+      its tasks, as Tk-Instruct does (100 per task in both splits): a test
+      task's first ones (the official evaluation instances come first in
+      its file), a sample of a training task's drawn with `seed`, kept in
+      file order. Before the validation carve and `num_examples`.
 
   Returns:
     The examples.
@@ -272,6 +308,10 @@ def load_task(name: str, split: str = "train", *,
     # loop's `0: all` is None here).
     raise ValueError(f"num_examples must be None (all) or an int >= 1, got "
                      f"{num_examples!r}")
+  if max_per_task is not None and (not checks.is_integer(max_per_task) or
+                                   max_per_task < 1):
+    raise ValueError(f"max_per_task must be None (all) or an int >= 1, got "
+                     f"{max_per_task!r}")
   if hub and path is not None:
     raise ValueError(f"give a local path or a Hub dataset, not both (path "
                      f"{path}, hub {hub!r})")
@@ -309,6 +349,9 @@ def load_task(name: str, split: str = "train", *,
     examples = load_file(file, spec.name, style=style)
     if not examples:
       raise ValueError(f"{file} holds no records for task {spec.name!r}")
+  if max_per_task is not None:
+    examples = cap_per_task(examples, max_per_task,
+                            None if file_split == "test" else seed)
   if split != "test" and validation_fraction != 0:
     train, validation = split_validation(examples, validation_fraction, seed)
     examples = train if split == "train" else validation
