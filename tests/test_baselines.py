@@ -784,3 +784,19 @@ def test_scale_by_adam_authors_takes_python_number_gradients():
   tx = lro.scale_by_adam_authors()
   updates, _ = tx.update({'s': 0.5}, tx.init(params), params)
   assert float(updates['s']) > 0
+
+
+@pytest.mark.parametrize('name', ['adam', 'lamb'])
+def test_16_bit_params_reach_decay_and_trust_ratio_in_float32(name):
+  """with_stable_dtypes widens the params too: the decay term and Lamb's
+  trust ratio of bfloat16 params are those of their float32 values."""
+  key = jax.random.key(0)
+  p32 = {'w': jax.random.normal(key, (4096,)) * 3.0 + 1.0}
+  g32 = {'w': jax.random.normal(jax.random.fold_in(key, 1), (4096,)) * 1e-3}
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+  g16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), g32)
+  tx = lro.optimizer(name, 1e-2, weight_decay=0.3)
+  u16, _ = tx.update(g16, tx.init(p16), p16)
+  up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+  u32, _ = tx.update(up(g16), tx.init(up(p16)), up(p16))
+  np.testing.assert_array_equal(u16['w'], u32['w'].astype(jnp.bfloat16))

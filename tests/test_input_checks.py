@@ -1026,3 +1026,35 @@ def test_explicit_mesh_axes_before_jax_0_10_are_refused_where_needed(
   with pytest.raises(ValueError, match=r'^donating_jit: out_shardings on '
                      r'Explicit mesh axes need jax 0.10 or newer'):
     step(jax.device_put(jnp.ones(3), where))
+
+
+def test_lora_b_mask_marks_the_b_factor_of_each_pair_only():
+  """True on each pair's lora_b and on a lora_b whose lora_a is masked
+  out; False on lora_a, on other leaves and on masked-out leaves."""
+  tree = {'q': {'lora_a': jnp.ones((6, 2)), 'lora_b': jnp.ones((2, 3))},
+          'norm': jnp.ones(3),
+          'k': {'lora_a': optax.MaskedNode(), 'lora_b': jnp.ones((2, 3))},
+          'v': {'lora_a': jnp.ones((6, 2)), 'lora_b': optax.MaskedNode()}}
+  assert lro.lora_b_mask(tree) == {
+      'q': {'lora_a': False, 'lora_b': True}, 'norm': False,
+      'k': {'lora_a': False, 'lora_b': True},
+      'v': {'lora_a': False, 'lora_b': False}}
+  peft = {'q': {'lora_A': {'weight': jnp.ones((2, 6))},
+                'lora_B': {'weight': jnp.ones((3, 2))}}}
+  assert lro.lora_b_mask(peft, lro.PEFT_LAYOUT) == {
+      'q': {'lora_A': {'weight': False}, 'lora_B': {'weight': True}}}
+
+
+# adam and lamb are per-leaf: they look for no pairs.
+@pytest.mark.parametrize('name', [n for n in lro.OPTIMIZER_NAMES
+                                  if n not in ('adam', 'lamb')])
+def test_complex_factors_are_refused_at_init(name):
+  """A LoRA factor must be real (its Grams and QR are); complex params
+  outside pairs are another matter (optax's Adam takes them)."""
+  params = {'q': {'lora_a': jnp.ones((6, 2), jnp.complex64),
+                  'lora_b': jnp.ones((2, 3), jnp.complex64)}}
+  with pytest.raises(ValueError, match=r"factor 'q/lora_a' has dtype complex64; "
+                     r'LoRA factors must be of a floating dtype'):
+    lro.optimizer(name, 1e-2).init(params)
+  with pytest.raises(ValueError, match='must be of a floating dtype'):
+    lro.find_lora_pairs(params)
