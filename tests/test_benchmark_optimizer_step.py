@@ -54,6 +54,7 @@ def test_floor_step_takes_every_input_and_returns_params_and_state(bench):
   assert jax.tree.structure(out_state) == jax.tree.structure(state)
   assert bench.net_ratio(3.0, 2.0, 1.0) == 2.0
   assert np.isnan(bench.net_ratio(3.0, 1.0, 1.0))  # Adam not above it
+  assert np.isnan(bench.net_ratio(0.9, 2.0, 1.0))  # nor LoRA-RITE (noise)
 
 
 def test_interleaved_times_shuffles_the_order_each_round(bench):
