@@ -716,7 +716,8 @@ def test_a_missing_model_path_is_named_before_the_tokenizer(tmp_path):
                         run_dir=str(tmp_path / 'run'),
                         **{'data.path': str(_boolq_folder(
                             tmp_path / 'arc', ['q'], ['t'])),
-                           'data.task': 'boolq', 'eval.every': 0})
+                           'data.task': 'boolq', 'data.eval_task': '',
+                           'eval.every': 0})
   with pytest.raises(loop.ConfigError) as e:
     loop.run(cfg, log=quiet)
   assert str(e.value) == (
