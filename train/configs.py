@@ -688,8 +688,8 @@ def paper_config(model: str, task: str) -> Config:
                         schedule='cosine', b1=0.9, b2=0.999),
       data=DataConfig(task=train_task, eval_task=eval_task, seq_len=seq_len,
                       max_target_tokens=max_targets, target_len=target_len,
-                      # Tk-Instruct's 100 instances per task (its training
-                      # and evaluation sets, which the paper's follow).
+                      # Tk-Instruct's 100 instances per task, in training
+                      # and evaluation (assumed: the paper does not say).
                       max_per_task=100 if train_task == 'superni' else 0,
                       # The paper trains on the whole training set and
                       # reports the test set: nothing is carved out.
