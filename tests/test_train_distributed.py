@@ -357,6 +357,16 @@ def test_auto_initializes_on_a_cloud_tpu_vm(monkeypatch, chips, env, called):
   assert calls == ([{}] if called else [])
 
 
+def _no_tpu(monkeypatch):
+  """Off a TPU, with no multi-process start made yet."""
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  from train import distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
+                      lambda: (0, None))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
+
+
 @pytest.mark.parametrize('changes, message', [
     ({'num_processes': 2}, 'distributed.num_processes given, but no '
      'multi-process start: give distributed.coordinator_address'),
@@ -368,12 +378,8 @@ def test_process_flags_without_a_start_are_refused(monkeypatch, changes,
                                                    message):
   """Off a TPU with no coordinator they had been ignored: each host trained
   alone, as if it were the only one."""
-  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
   from train import configs, distributed  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
-                      lambda: (0, None))
-  monkeypatch.setattr(distributed, '_initialized', False)
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
+  _no_tpu(monkeypatch)
   with pytest.raises(ValueError, match=message):
     distributed.maybe_initialize(configs.DistributedConfig(**changes))
 
@@ -414,18 +420,11 @@ def test_mesh_shape_infers_one_axis_and_refuses_bad_sizes():
   for sizes, message in (((-1, 3, 1), 'does not divide the 8 devices'),
                          ((-1, 0, 1), 'must be positive, with at most one -1'),
                          ((-1, -1, 1), 'must be positive, with at most one -1'),
+                         ((-2, -2, 2), 'must be positive, with at most one -1'),
+                         ((-2, 1, -4), 'must be positive, with at most one -1'),
                          ((2, 2, 1), 'needs 4 devices, have 8')):
     with pytest.raises(ValueError, match=message):
       distributed.mesh_shape(mesh(*sizes), 8)
-
-
-def _no_tpu(monkeypatch):
-  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-  from train import distributed  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
-                      lambda: (0, None))
-  monkeypatch.setattr(distributed, '_initialized', False)
-  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '')
 
 
 def test_maybe_initialize_arguments_and_bounds(monkeypatch):
@@ -453,15 +452,6 @@ def test_maybe_initialize_arguments_and_bounds(monkeypatch):
   assert distributed.maybe_initialize(cfg(coordinator_address='h:1'))
   assert calls == [{'coordinator_address': f'h:{p}', 'num_processes': 2,
                     'process_id': 0} for p in ('1', '65535')]
-
-
-def test_mesh_shape_refuses_negative_sizes_other_than_one_minus_one():
-  import types  # pylint: disable=g-import-not-at-top
-  from train import distributed  # pylint: disable=g-import-not-at-top
-  mesh = lambda d, f, t: types.SimpleNamespace(data=d, fsdp=f, tensor=t)
-  for sizes in ((-2, -2, 2), (-2, 1, -4)):
-    with pytest.raises(ValueError, match='must be positive'):
-      distributed.mesh_shape(mesh(*sizes), 8)
 
 
 def test_parse_rules_refuses_a_rule_without_a_name_or_with_an_unknown_axis():
