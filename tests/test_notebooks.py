@@ -214,6 +214,20 @@ def test_paper_configs_runs(kernel, monkeypatch, tmp_path):
   assert 'adapter_model.safetensors' in text
 
 
+def _commands_cell_output(setting: str, changed: str, capsys) -> str:
+  """What paper_configs.ipynb's TPU commands cell prints with one of its
+  settings (``setting``, as the cell has it) changed to ``changed``."""
+  from train import configs  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(COLAB / 'paper_configs.ipynb', as_version=4)
+  (cell,) = [c.source for c in nb.cells if c.cell_type == 'code' and
+             c.source.startswith("TPU_NAME = ")]
+  assert setting in cell, setting
+  cell = cell.replace(setting, changed)
+  exec(cell, {'configs': configs,  # pylint: disable=exec-used
+              'REPO_URL': 'https://github.com/example/lora-rite-optax'})
+  return capsys.readouterr().out
+
+
 @pytest.mark.parametrize('config, fetch', [
     ('paper_gemma2b_arc_challenge', 'hf download google/gemma-2b --local-dir '
      '~/checkpoints/gemma-2b --include "*.safetensors" --include "*.json" '
@@ -229,14 +243,8 @@ def test_tpu_commands_fetch_the_presets_own_checkpoint(config, fetch, capsys):
   into ~/checkpoints/gemma-7b whatever the preset, so a 2B preset trained
   7B weights and the mT5 one was pointed at a Gemma checkpoint."""
   from train import configs  # pylint: disable=g-import-not-at-top
-  nb = nbformat.read(COLAB / 'paper_configs.ipynb', as_version=4)
-  (cell,) = [c.source for c in nb.cells if c.cell_type == 'code' and
-             c.source.startswith("TPU_NAME = ")]
-  cell = cell.replace("CONFIG = 'paper_gemma7b_superni'", f'CONFIG = {config!r}')
-  assert f'CONFIG = {config!r}' in cell
-  exec(cell, {'configs': configs,  # pylint: disable=exec-used
-              'REPO_URL': 'https://github.com/example/lora-rite-optax'})
-  text = capsys.readouterr().out
+  text = _commands_cell_output("CONFIG = 'paper_gemma7b_superni'",
+                               f'CONFIG = {config!r}', capsys)
   assert fetch in text, text
   name = configs.get_config(config).model.path.rsplit('/', 1)[-1]
   assert (f'python -m train --config {config} --grad_accum 8 '
@@ -272,16 +280,8 @@ def test_tpu_commands_fit_a_row_per_chip_and_remat_on_16gb_chips(
   """The commands cell with another ACCELERATOR: one row per chip (a v4's
   or v5p's suffix counts TensorCores, two a chip; a v5e's or v6e's chips),
   and --model.remat on a v5e's 16 GB chips only."""
-  from train import configs  # pylint: disable=g-import-not-at-top
-  nb = nbformat.read(COLAB / 'paper_configs.ipynb', as_version=4)
-  (cell,) = [c.source for c in nb.cells if c.cell_type == 'code' and
-             c.source.startswith("TPU_NAME = ")]
-  cell = cell.replace("ACCELERATOR = 'v4-16'",
-                      f'ACCELERATOR = {accelerator!r}')
-  assert f'ACCELERATOR = {accelerator!r}' in cell
-  exec(cell, {'configs': configs,  # pylint: disable=exec-used
-              'REPO_URL': 'https://github.com/example/lora-rite-optax'})
-  text = capsys.readouterr().out
+  text = _commands_cell_output("ACCELERATOR = 'v4-16'",
+                               f'ACCELERATOR = {accelerator!r}', capsys)
   assert (f'python -m train --config paper_gemma7b_superni {flags} '
           '--model.path ') in text, text
   assert f'--accelerator-type={accelerator} ' in text
