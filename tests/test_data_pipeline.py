@@ -399,6 +399,3 @@ def test_seq2seq_batch_size_is_checked():
   with pytest.raises(ValueError, match="need batch_size >= 1, got 0"):
     data.make_seq2seq_train_dataset([Example("p", "t")], TOK, input_len=4,
                                     target_len=4, batch_size=0, seed=0)
-
-
-# --- arithmetic.py -----------------------------------------------------------

@@ -535,7 +535,8 @@ def test_relative_buckets_saturate_in_their_own_direction(
   else:
     assert (got[rel >= 0] == 0).all() and got[0] == num_buckets - 1
   if (num_buckets, max_distance) == (32, 128):
-    # Pinned from transformers (T5 / mT5 defaults).
+    # Pinned at T5's and mT5's defaults (from the transcription of
+    # transformers' function above, not from transformers itself).
     at = dict(zip(rel.tolist(), got.tolist()))
     if bidirectional:
       assert [at[d] for d in (-200, -128, -20, -1, 0, 1, 20, 127, 200)] == [
