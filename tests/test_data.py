@@ -328,11 +328,14 @@ def test_hub_loading_by_id(monkeypatch):
   assert calls[-1] == ("someone/boolq-copy", "x", "validation")
   # --data.hub ID:CONFIG; the task's own id by name takes the task's config
   # (both had loaded allenai/ai2_arc with none, which it refuses).
-  for hub in ("someone/arc-copy:ARC-Easy", "allenai/ai2_arc"):
+  # A fork named without one gets none (not the registered id's).
+  for hub in ("someone/arc-copy:ARC-Easy", "allenai/ai2_arc",
+              "someone/arc-copy"):
     with pytest.raises(ValueError, match="missing field"):  # boolq records
       data.load_task("arc_challenge", "test", hub=hub)
-  assert calls[-2:] == [("someone/arc-copy", "ARC-Easy", "test"),
-                        ("allenai/ai2_arc", "ARC-Challenge", "test")]
+  assert calls[-3:] == [("someone/arc-copy", "ARC-Easy", "test"),
+                        ("allenai/ai2_arc", "ARC-Challenge", "test"),
+                        ("someone/arc-copy", None, "test")]
 
 
 def test_hub_errors_are_one_line(monkeypatch):
@@ -470,10 +473,13 @@ def test_unknown_task_and_split(tmp_path):
       call()
     assert "\n" not in str(e.value)
   assert data.get_task("ARC-Challenge").name == "arc_challenge"
+  assert data.get_task("ARC").name == "arc_challenge"
+  assert data.get_task("obqa").name == "openbookqa"
   # '-' reads as '_' in the aliases too ('natural-instructions' had been
   # unknown while 'natural_instructions' was not).
   for alias in ("natural-instructions", "Super-Natural-Instructions",
-                "natural_instructions", "superni"):
+                "natural_instructions", "superni", "Natural-Instructions",
+                "super_natural_instructions"):
     assert data.get_task(alias).name == "superni", alias
   with pytest.raises(ValueError, match="unknown split 'dev'"):
     data.load_task("boolq", "dev")
@@ -660,28 +666,6 @@ def test_num_examples_keeps_the_first_ones(tmp_path):
       e.prompt for e in data.load_task("boolq", "test", path=path)[:2]]
 
 
-def test_task_aliases():
-  assert data.get_task("obqa").name == "openbookqa"
-  assert data.get_task("ARC").name == "arc_challenge"
-  assert data.get_task("Natural-Instructions").name == "superni"
-  assert data.get_task("super_natural_instructions").name == "superni"
-
-
-def test_a_hub_fork_gets_no_config_of_the_registered_id(monkeypatch):
-  calls = []
-
-  def load_dataset(hub_id, config, split):
-    calls.append((hub_id, config, split))
-    return [{"question": "q", "choices": {"text": ["a", "b"],
-                                          "label": ["A", "B"]},
-             "answerKey": "B"}]
-
-  monkeypatch.setitem(sys.modules, "datasets",
-                      types.SimpleNamespace(load_dataset=load_dataset))
-  data.load_task("arc_challenge", "test", hub="someone/arc-copy")
-  assert calls[-1] == ("someone/arc-copy", None, "test")
-
-
 def test_a_json_list_item_that_is_not_an_object_is_one_line(tmp_path):
   path = tmp_path / "test.json"
   path.write_text(json.dumps([{"question": "q", "answer": True}, 5]))
@@ -723,9 +707,6 @@ def test_arithmetic_is_pinned_and_bounded():
   limit = arithmetic.capacity("test") // 2
   with pytest.raises(ValueError, match=f"at most {limit}"):
     arithmetic.generate("test", limit + 1)
-
-
-# --- seqio_tasks.py (no seqio needed) ----------------------------------------
 
 
 def _superni_rows(tasks, n):
