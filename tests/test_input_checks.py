@@ -769,6 +769,20 @@ def test_every_optimizer_passes_a_zero_size_factor_through(name):
   assert all(('LoRA-RITE' in m) == (name == 'lora_rite') for m in said), said
 
 
+@pytest.mark.parametrize('name', ['lora_rite', 'scaled_adam', 'shampoo'])
+def test_stacked_pairs_with_no_layers_beside_others_update(name):
+  """A scanned pair with 0 layers has a zero-size batch of r x r
+  statistics; the next group's linalg.after must not index into it."""
+  params = {'p': {'lora_a': jnp.ones((0, 8, 2)), 'lora_b': jnp.ones((0, 2, 4))},
+            'q': {'lora_a': jnp.ones((2, 8, 3)), 'lora_b': jnp.ones((2, 3, 4))},
+            'r': {'lora_a': jnp.ones((0, 8, 4)), 'lora_b': jnp.ones((0, 4, 4))}}
+  tx = lro.optimizer(name, 1e-2, layout=lro.NNX_LAYOUT.scanned(1))
+  grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+  assert bool(jnp.isfinite(updates['q']['lora_a']).all())
+
+
 def test_loraplus_refuses_a_tree_without_factors():
   """Under optax.flatten the one flat vector had been a 'b' leaf: every
   factor, lora_a too, trained at lr_ratio times the rate, without a word."""
