@@ -850,20 +850,29 @@ def test_scale_by_adam_authors_names_itself():
     lro.scaled_adam(1e-3, b1=2.0)
 
 
+@pytest.mark.parametrize('dtype', ['int32', 'complex64'])
 @pytest.mark.parametrize('name', lro.OPTIMIZER_NAMES)
-def test_integer_factors_are_refused_at_init(name):
+def test_integer_and_complex_factors_are_refused_at_init(name, dtype):
   # LoRA-RITE, ScaledAdam and Shampoo had failed at the first update in
   # "data type int32 not inexact", naming nothing; LoRA+, Adam and Lamb had
-  # returned steps of 0 for good.
-  params = {'q': {'lora_a': jnp.ones((8, 2), jnp.int32),
-                  'lora_b': jnp.ones((2, 6), jnp.int32)}}
+  # returned steps of 0 for good. A LoRA factor must be real too (its Grams
+  # and QR are); Adam and Lamb work per leaf and, as optax's, take complex
+  # params.
+  params = {'q': {'lora_a': jnp.ones((8, 2), dtype),
+                  'lora_b': jnp.ones((2, 6), dtype)}}
   factor = name not in ('adam', 'lamb')
-  message = (rf"^{name}: factor 'q/lora_a' has dtype int32; LoRA factors "
+  if dtype == 'complex64' and not factor:
+    lro.optimizer(name, 1e-3).init(params)
+    return
+  message = (rf"^{name}: factor 'q/lora_a' has dtype {dtype}; LoRA factors "
              r'must be of a floating dtype\.$' if factor else
              rf"^{name}: param 'q/lora_a' has dtype int32; it cannot be "
              r'trained \(steps need a floating dtype\)\.$')
   with pytest.raises(ValueError, match=message):
     lro.optimizer(name, 1e-3).init(params)
+  if factor:
+    with pytest.raises(ValueError, match='must be of a floating dtype'):
+      lro.find_lora_pairs(params)
 
 
 @pytest.mark.parametrize('make, called', [
@@ -1057,18 +1066,3 @@ def test_lora_b_mask_marks_the_b_factor_of_each_pair_only():
                 'lora_B': {'weight': jnp.ones((3, 2))}}}
   assert lro.lora_b_mask(peft, lro.PEFT_LAYOUT) == {
       'q': {'lora_A': {'weight': False}, 'lora_B': {'weight': True}}}
-
-
-# adam and lamb are per-leaf: they look for no pairs.
-@pytest.mark.parametrize('name', [n for n in lro.OPTIMIZER_NAMES
-                                  if n not in ('adam', 'lamb')])
-def test_complex_factors_are_refused_at_init(name):
-  """A LoRA factor must be real (its Grams and QR are); complex params
-  outside pairs are another matter (optax's Adam takes them)."""
-  params = {'q': {'lora_a': jnp.ones((6, 2), jnp.complex64),
-                  'lora_b': jnp.ones((2, 3), jnp.complex64)}}
-  with pytest.raises(ValueError, match=r"factor 'q/lora_a' has dtype complex64; "
-                     r'LoRA factors must be of a floating dtype'):
-    lro.optimizer(name, 1e-2).init(params)
-  with pytest.raises(ValueError, match='must be of a floating dtype'):
-    lro.find_lora_pairs(params)
