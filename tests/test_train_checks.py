@@ -153,10 +153,18 @@ def test_a_full_disk_for_the_initial_factors_is_one_line(tmp_path,
 
 
 def test_remat_trains_the_same_and_may_be_turned_on_at_a_resume(
-    straight, stopped, tmp_path):
+    straight, stopped, tmp_path, monkeypatch):
   """model.remat recomputes each block in the backward pass: the same
   losses (to float32 rounding), and a resumed run may turn it on (to fit
   another mesh's memory) without the resume calling it another run."""
+  build, remat = loop.build, []
+
+  def recording_build(config):
+    r = build(config)
+    remat.append(r.model.remat)  # what the jitted step's graphdef holds
+    return r
+
+  monkeypatch.setattr(loop, 'build', recording_build)
   run_dir = _copy(stopped, tmp_path / 'run')
   resumed = loop.run(tiny(run_dir, resume=True, **{'model.remat': True}),
                      log=quiet)
@@ -164,6 +172,7 @@ def test_remat_trains_the_same_and_may_be_turned_on_at_a_resume(
                              [h['loss'] for h in straight['history']],
                              rtol=1e-5)
   assert json.loads((run_dir / 'config.json').read_text())['model']['remat']
+  assert remat == [True]  # on CPU the losses alone cannot tell
 
 
 def test_resume_on_another_process_count(straight, stopped, tmp_path):
@@ -562,6 +571,27 @@ def test_resume_refuses_a_metrics_csv_it_cannot_append_to(stopped, tmp_path):
      '1.0'),
     ('optim.b1', math.nan, 'optim.b1 must be a finite number in'),
     ('optim.eps', -1e-8, 'optim.eps must be a finite number >= 0'),
+    ('optim.b1', 1.0, r'optim.b1 must be a finite number in \[0, 1\), got '
+     '1.0'),
+    # Sizes and counts validate alone refuses: grad_accum 0 had reached
+    # batch_size % grad_accum (a ZeroDivisionError), batch_size 0 every
+    # later divisibility check (0 divides by anything).
+    ('steps', 0, 'steps must be >= 1, got 0'),
+    ('batch_size', 0, 'batch_size and grad_accum must be >= 1, got 0 and 1'),
+    ('grad_accum', 0, 'batch_size and grad_accum must be >= 1, got 8 and 0'),
+    ('grad_accum', 3, 'batch_size 8 is not divisible by grad_accum 3'),
+    ('optim.max_consecutive_nonfinite', 0,
+     'optim.max_consecutive_nonfinite must be >= 1, got 0'),
+    ('eval.every', -1, r'eval.every must be >= 0 \(0: only before and after '
+     r'training\), got -1'),
+    # jax takes 64-bit seeds and dropout's is seed + 1.
+    ('seed', 2**63 - 1, r'seed must be in \[-2\*\*63, 2\*\*63 - 1\), got '
+     f'{2**63 - 1}'),
+    ('data.seq_len', 1, 'data.seq_len must be >= 2, got 1'),
+    ('data.max_target_tokens', FAST['data.seq_len'],
+     r'data.max_target_tokens must be in \[0, seq_len\), got 96'),
+    ('eval.method', 'bogus', "eval.method must be 'auto', 'loglik' or "
+     "'generation', got 'bogus'"),
 ])
 def test_out_of_range_values_are_config_errors(tmp_path, field, value,
                                                message):
@@ -574,6 +604,32 @@ def test_zero_clip_and_warmup_stay_valid(tmp_path):
   loop.validate(tiny(tmp_path, **{'optim.clip_grad_norm': 0.0,
                                   'optim.warmup_steps': 0,
                                   'optim.end_lr_fraction': 0.0}), 1)
+  # The closed ends of the ranges the refusals state.
+  loop.validate(tiny(tmp_path, seed=-2**63, **{
+      'optim.end_lr_fraction': 1.0, 'optim.b1': 0.0, 'optim.b2': 0.0,
+      'optim.eps': 0.0, 'optim.weight_decay': 0.0,
+      'data.max_target_tokens': FAST['data.seq_len'] - 1}), 1)
+  # The name is a folder name only where it makes the default run_dir.
+  for name in ('', '..', 'a/b'):
+    loop.validate(tiny(tmp_path, name=name), 1)
+
+
+@pytest.mark.parametrize('changes, devices, message', [
+    # The mesh splits each micro-batch, not the whole batch.
+    ({'grad_accum': 4}, 4, "batch size 8 (micro-batch 2 with grad_accum 4) "
+     "does not divide over the mesh's data x fsdp = 4 x 1 = 4 devices."),
+    # fsdp's devices take rows too.
+    ({'batch_size': 4, 'mesh.fsdp': 4}, 8, "batch size 4 (micro-batch 4 "
+     "with grad_accum 1) does not divide over the mesh's data x fsdp = "
+     "2 x 4 = 8 devices."),
+    ({'eval.batch_size': 6}, 4, "eval.batch_size 6 does not divide over the "
+     "mesh's data x fsdp = 4 devices."),
+])
+def test_batches_that_do_not_divide_over_the_mesh_are_refused(
+    tmp_path, changes, devices, message):
+  with pytest.raises(loop.ConfigError) as e:
+    loop.validate(tiny(tmp_path, **changes), devices)
+  assert str(e.value) == message
 
 
 def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
@@ -588,7 +644,8 @@ def test_an_unwritable_run_dir_is_refused_before_the_build(tmp_path):
 
 
 @pytest.mark.parametrize('field', ['run_dir', 'data.path', 'data.data_dir',
-                                   'model.path'])
+                                   'data.eval_path', 'model.path',
+                                   'model.tokenizer'])
 def test_a_url_for_a_path_is_refused_in_one_line(tmp_path, monkeypatch, field):
   """A run_dir gs://bucket/x had trained into a local folder 'gs:' and
   failed at the first checkpoint, after tracebacks from tensorboardX."""
@@ -600,6 +657,14 @@ def test_a_url_for_a_path_is_refused_in_one_line(tmp_path, monkeypatch, field):
                           '(for a bucket, a mount of it every host sees: see '
                           "the README's Cloud TPU (pod slice) section).")
   assert os.listdir(tmp_path) == []
+
+
+def test_a_url_of_any_scheme_is_refused_and_a_local_path_is_not():
+  for url in ('S3://bucket/x', 'gcs+grpc://b/x', 'hf://datasets/x'):
+    with pytest.raises(loop.ConfigError, match=' is a URL; give a local path'):
+      loop.refuse_url('data.path', url)
+  for path in ('', 'data/x.json', 'C:/data/x.json'):
+    loop.refuse_url('data.path', path)
 
 
 def test_a_run_dir_through_a_link_to_nothing_is_refused_before_the_build(
@@ -1586,3 +1651,42 @@ def test_base_model_difference_names_other_files_and_other_random_draws():
   assert fingerprints.base_model_difference(
       {'random base': 'another draw'}, fingerprints.RANDOM_BASE) == (
           'a random base drawn another way there')
+
+
+def test_the_export_folder_is_refused_as_a_link_or_a_file(tmp_path):
+  """run_dir/adapter is a folder inside run_dir or not there yet; a link
+  (even one that stays inside run_dir) or a file is refused."""
+  run_dir = tmp_path / 'run'
+  (run_dir / 'inside').mkdir(parents=True)
+  out = run_dir / 'adapter'
+  assert loop._check_export_dir(str(run_dir)) == str(out)  # pylint: disable=protected-access
+  out.mkdir()
+  assert loop._check_export_dir(str(run_dir)) == str(out)  # pylint: disable=protected-access
+  out.rmdir()
+  for make in (lambda: out.symlink_to(run_dir / 'inside'),
+               lambda: out.write_text('x')):
+    make()
+    with pytest.raises(loop.ConfigError) as e:
+      loop._check_export_dir(str(run_dir))  # pylint: disable=protected-access
+    assert str(e.value) == (f'{out} is a link or not a folder inside '
+                            'run_dir; refusing to export the adapter through '
+                            'it.')
+    out.unlink()
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
+  """Ids past the embedding table would be gathered out of range."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from models import gemma  # pylint: disable=g-import-not-at-top
+  vocab = loop.load_tokenizer(configs.get_config('tiny').model, '').vocab_size
+  hf = tmp_path / 'hf'
+  gemma.save_pretrained(gemma.Gemma(gemma.get_config('gemma3-tiny').replace(
+      vocab_size=vocab - 1), rngs=nnx.Rngs(0)), str(hf))
+  with pytest.raises(loop.ConfigError) as e:
+    loop.build(tiny(tmp_path / 'run', **{'model.path': str(hf)}))
+  assert str(e.value) == (f'the tokenizer has {vocab} ids but the model only '
+                          f'{vocab - 1} embeddings.')
+  # One as large as the tokenizer's is fine (the check is >, not >=).
+  gemma.save_pretrained(gemma.Gemma(gemma.get_config('gemma3-tiny').replace(
+      vocab_size=vocab), rngs=nnx.Rngs(0)), str(tmp_path / 'same'))
+  loop.build(tiny(tmp_path / 'run', **{'model.path': str(tmp_path / 'same')}))

@@ -70,7 +70,12 @@ def test_tiny_loss_falls_and_writes_outputs(straight):
   adapter = os.path.join(run_dir, 'adapter')
   cfg = json.load(open(os.path.join(adapter, 'adapter_config.json')))
   assert cfg['r'] == 4 and cfg['peft_type'] == 'LORA'
-  assert os.path.isfile(os.path.join(adapter, 'adapter_model.safetensors'))
+  assert cfg['base_model_name_or_path'] == 'gemma3-tiny'  # model.path ''
+  # The trained factors: every B starts at zero, so an adapter of the
+  # initial factors would hold only zeros there.
+  weights = load_file(os.path.join(adapter, 'adapter_model.safetensors'))
+  bs = [v for k, v in weights.items() if '.lora_B.' in k]
+  assert bs and all(np.any(b != 0) for b in bs), sorted(weights)
   saved = configs.from_dict(json.load(open(os.path.join(run_dir,
                                                         'config.json'))))
   assert saved == tiny(run_dir)
@@ -465,6 +470,9 @@ def test_adapter_of_a_multimodal_checkpoint_uses_its_module_names(tmp_path):
       os.path.join(out['adapter_dir'], 'adapter_model.safetensors'))
   assert names and all(n.startswith(
       'base_model.model.model.language_model.layers.') for n in names), names
+  # PEFT loads it onto the base it names: model.path, not model.name.
+  with open(os.path.join(out['adapter_dir'], 'adapter_config.json')) as f:
+    assert json.load(f)['base_model_name_or_path'] == str(hf)
   # It loads back without a name_map (the default had looked for
   # model.layers and refused every module).
   from models import lora  # pylint: disable=g-import-not-at-top
