@@ -410,7 +410,7 @@ def add_consistent_items(results: dict, budget: Budget,
       if res is None or all(keep):
         continue
       if len(res['loss']) != len(keep):
-        raise ValueError(
+        raise loop.ConfigError(
             f'{task}/{tname}: a run has {len(res["loss"])} test items, the '
             f'budget scores {len(keep)}; it was made with other settings.')
       run['tests'][tname + CONSISTENT] = {
@@ -639,6 +639,17 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
     saved = read_result(path)
     why = stale(saved, args.model, cfg_json, [fingerprint] + accepted,
                 task_budget)
+    # Files older than the fingerprint (most of docs/results/runs) are
+    # compared by config alone, which does not carry num_test: a run scored
+    # on another number of test items had been reused as this one.
+    counts = {k: (len(v['loss']), len(data['tests'][k]))
+              for k, v in dict(saved['tests'] or {}).items()
+              if k in data['tests']
+              and isinstance(v, dict) and isinstance(v.get('loss'), list)}
+    wrong = sorted(k for k, (there, now) in counts.items() if there != now)
+    if why is None and wrong:
+      why = 'other test items (' + ', '.join(
+          f'{k}: {counts[k][0]} there, {counts[k][1]} now' for k in wrong) + ')'
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -777,7 +788,8 @@ def rescore_generations(results: dict, data: dict) -> int:
   return changed
 
 
-RESULT_KEYS = ('task', 'optimizer', 'lr', 'seed', 'val_loss', 'tests')
+RESULT_KEYS = ('task', 'optimizer', 'lr', 'seed', 'val_loss', 'tests',
+               'history')
 
 
 def read_result(path: str) -> dict:
@@ -997,6 +1009,9 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
               accuracy_ci=[acc_lo, acc_hi],
               accuracy_wilson_pooled=[wl, wh],
               _corr={x['seed']: x['tests'][tname]['correct'] for x in runs})
+      # Paired differences need one item list: numpy had raised a
+      # broadcast traceback, or (a 1-item file) broadcast it silently.
+      _same_item_counts(task, tname, {o: r['n'] for o, r in rows.items()})
       if 'lora_rite' in rows:
         ref = rows['lora_rite']
         for opt, row in rows.items():
@@ -1026,6 +1041,16 @@ def summarize(results: dict, budget_name: str, budget: Budget) -> dict:
         by_rate=by_rate(results, task, opts, test_names),
         same_rate=same_rate(results, task, test_names, chosen))
   return summary
+
+
+def _same_item_counts(task: str, tname: str, counts: dict) -> None:
+  """A one-line ConfigError where the runs compared on a test set ({what:
+  items}) do not all hold the same number of items."""
+  if len(set(counts.values())) > 1:
+    raise loop.ConfigError(
+        f'{task}/{tname}: the runs compared hold different numbers of test '
+        'items (' + ', '.join(f'{k} {v}' for k, v in counts.items()) +
+        '); some were made with other settings (run them again).')
 
 
 def by_rate(results: dict, task: str, opts, test_names) -> dict:
@@ -1118,6 +1143,9 @@ def same_rate(results: dict, task: str, test_names, chosen: dict) -> list:
           continue
         loss = {o: {s: runs[o][s]['tests'][tname]['loss'] for s in seeds}
                 for o in runs}
+        _same_item_counts(task, tname, {
+            f'{o} lr {lr:g} seed {s}': len(v) for o in loss
+            for s, v in loss[o].items()})
         tests[tname] = {
             'lora_rite_loss': float(np.mean(list(loss['lora_rite'].values()))),
             'other_loss': float(np.mean(list(loss[opt].values()))),
@@ -1464,7 +1492,9 @@ def _main(argv) -> None:
                  'tokens per test item (runs kept apart, under '
                  '<budget>-em<TOKENS>)')
   p.add_argument('--resume', action='store_true',
-                 help='skip runs whose result file exists')
+                 help='skip runs whose result file exists and was made '
+                 'with the same model, config, data and test items (others '
+                 'run again)')
   p.add_argument('--report_only', action='store_true')
   p.add_argument('--model', choices=MODELS, default=DEFAULT_MODEL,
                  help='tiny: a random tiny Gemma on bytes (tests only); its '

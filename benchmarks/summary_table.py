@@ -50,8 +50,9 @@ ROWS = (
 
 
 def _p(p: float) -> str:
-  # 10,000 resamples: p = 1e-4 means none crossed zero.
-  return '<2e-4' if p <= 1e-4 else f'{p:.2g}'
+  # 10,000 resamples: p = 1e-4 means none crossed zero. Near 0.05, four
+  # digits (`p_text`): a bootstrap p of 0.0498 had printed as 0.05.
+  return '<2e-4' if p <= 1e-4 else p_text(p)
 
 
 class OlderSummary(ValueError):

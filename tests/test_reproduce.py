@@ -183,6 +183,10 @@ def test_bracketed_says_where_the_best_rate_sits(rp):
   lr, _ = rp.best_lr(results, 't', 'o', [1e-4, 1e-3, 1e-2], 0)
   assert lr == 1e-3
   assert rp.bracketed(lr, [1e-4, 1e-3, 1e-2]) == 'yes'
+  # Wherever the diverged rate comes in the list (min() keeps a NaN it
+  # starts from: every comparison with it is False).
+  results[('t', 'o', 1e-5, 0)] = {'val_loss': [float('nan')]}
+  assert rp.best_lr(results, 't', 'o', [1e-5, 1e-4, 1e-3, 1e-2], 0)[0] == 1e-3
 
 
 def test_paired_bootstrap(rp):
@@ -707,7 +711,8 @@ def test_gsm8k_consistent_counts_only_targets_ending_on_the_gold(
     with pytest.raises(ValueError, match=message):
       st.table(out, rows=[(name,) + rows[0][1:]], seeds=2)
   # A run scored on other items, and a test set with no wrong target.
-  with pytest.raises(ValueError, match='made with other settings'):
+  # A ConfigError (one line from main), not a bare ValueError traceback.
+  with pytest.raises(rp.loop.ConfigError, match='made with other settings'):
     rp.add_consistent_items({('math', 'adam', 1e-3, 0): {
         'tests': {'gsm8k': {'loss': [1.0]}}}}, budget)
   data['tests']['gsm8k'] = [items[0]]
@@ -1043,7 +1048,12 @@ def test_bad_out_folder_or_result_files_are_one_error_line(
   for text, why in (('{"task": "arith', 'cannot be read (Unterminated '
                      'string starting at: line 1 column 10 (char 9))'),
                     ('{"foo": 1}', 'is not a run result (no task, optimizer, '
-                     'lr, seed, val_loss, tests)')):
+                     'lr, seed, val_loss, tests, history)'),
+                    # Without history the report had written its summary and
+                    # tables, then died in plots() with a KeyError.
+                    ('{"task": "arithmetic", "optimizer": "adam", "lr": '
+                     '0.001, "seed": 0, "val_loss": [1.0], "tests": {}}',
+                     'is not a run result (no history)')):
     with open(path, 'w') as f:
       f.write(text)
     for extra in (['--report_only'], ['--resume', '--lrs', '1e-3']):
@@ -1168,3 +1178,117 @@ def test_seeds_with_no_mean_difference_agree_on_no_sign(rp):
   """'3/3 seeds agree' had been printed for three seeds of difference 0."""
   assert rp.seed_signs([[0.0], [0.0], [0.0]]) == (0, 3)
   assert rp.seed_signs([[0.1], [-0.1], [0.0]]) == (0, 1)
+
+
+def test_summary_table_bootstrap_p_near_the_rule_keeps_its_digits(tmp_path):
+  """The bootstrap's p of 0.0498 (10,000 resamples: multiples of 2e-4) had
+  printed as 'p 0.05' in the one-table summary, failing its own 'both below
+  0.05' rule on paper; the t-test's p already kept four digits there."""
+  st = benchmark_scripts.load('summary_table')
+  versus = {'acc_diff_p': 0.0498, 'acc_diff_seeds_agreeing': 3,
+            'acc_diff_per_seed': [-0.1, -0.1, -0.1],
+            'acc_diff_p_seeds_t': 0.01}
+  summary = {'tasks': {'arithmetic': {'tests': {'arithmetic': {
+      'lora_rite': {'seeds': [0, 1, 2], 'accuracy': 0.3},
+      'adam': {'seeds': [0, 1, 2], 'accuracy': 0.2,
+               'vs_lora_rite': versus}}}}}}
+  (tmp_path / 'summary_small.json').write_text(json.dumps(summary))
+  line = st.table(str(tmp_path), rows=[
+      ('small', 'arithmetic', 'arithmetic', 'a')]).splitlines()[2]
+  assert '20.0% (p 0.0498, 3/3; t-test p 0.01)' in line, line
+  assert st._p(1e-4) == '<2e-4' and st._p(0.019) == '0.019'  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('adam_items', [3, 1])
+def test_optimizers_scored_on_other_item_counts_are_one_line(rp, adam_items):
+  """Runs of two optimizers holding different numbers of test items (a file
+  older than the data fingerprint passes `stale`): a numpy broadcast
+  traceback, or for a 1-item list a silent broadcast against every item."""
+  budget = rp.BUDGETS['smoke']
+  results = {}
+  for opt, n in (('lora_rite', 4), ('adam', adam_items)):
+    run = _fake_run('arithmetic', opt, 1e-3, 0, [1] * n, [0.5] * n, 0.4)
+    del run['tests']['arithmetic']['correct']  # loss only: no McNemar check
+    results[('arithmetic', opt, 1e-3, 0)] = run
+  with pytest.raises(rp.loop.ConfigError, match=r'^arithmetic/arithmetic: '
+                     r'the runs compared hold different numbers of test '
+                     rf'items \(lora_rite 4, adam {adam_items}\)'):
+    rp.summarize(results, 'smoke', budget)
+
+
+def test_reported_loss_and_wilson_are_the_pooled_mean_and_counts(rp):
+  """The loss column is the mean over seeds and items (not a median: the
+  other tests' losses were constant or symmetric), and the pooled Wilson
+  interval counts items x seeds."""
+  budget = rp.BUDGETS['smoke']
+  results = {}
+  for seed, correct in ((0, [1, 0, 0, 0]), (1, [1, 1, 0, 0])):
+    results[('arithmetic', 'adam', 1e-3, seed)] = _fake_run(
+        'arithmetic', 'adam', 1e-3, seed, correct, [0.1, 0.1, 0.1, 1.3], 0.4)
+  row = rp.summarize(results, 'smoke', budget)['tasks']['arithmetic'][
+      'tests']['arithmetic']['adam']
+  assert row['loss'] == pytest.approx(0.4)
+  assert row['accuracy_per_seed'] == pytest.approx([0.25, 0.5])
+  assert row['accuracy_wilson_pooled'] == pytest.approx(
+      list(rp.evaluate.wilson_interval(3, 8)))
+
+
+def test_step_and_warmup_overrides_live_apart_and_runs_share_batches(
+    rp, tmp_path, monkeypatch):
+  """--steps/--warmup runs go under their own budget name (in the plain
+  folder, same file names, they would replace the budget's runs); a run's
+  data order is its seed's, the same for every optimizer; the schedule is
+  warmup then linear decay to 0, as the report's header says."""
+  seen = _record_runs(rp, monkeypatch, describe=lambda *a: a[0].budget)
+  rp.main(['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
+           'adam', '--seeds', '0', '--steps', '3', '--warmup', '0',
+           '--out', str(tmp_path)])
+  assert set(seen) == {'smoke-steps3-warmup0'}
+  budget = rp.BUDGETS['small']
+  cfgs = {(opt, seed): rp.make_config(budget, 'arithmetic', opt, 1e-3, seed,
+                                      'tiny')
+          for opt in ('adam', 'lora_rite') for seed in (0, 1)}
+  for (opt, seed), cfg in cfgs.items():
+    assert cfg.data.seed == cfg.seed == seed, (opt, seed)
+    assert (cfg.optim.schedule, cfg.optim.end_lr_fraction,
+            cfg.optim.warmup_steps) == ('linear', 0.0, budget.warmup)
+
+
+def test_summary_table_main_fails_with_one_line(tmp_path, capsys):
+  st = benchmark_scripts.load('summary_table')
+  assert st.main(['--out', str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('summary_table: ') and (
+      'summary_small.json: no such summary' in err[0]), err
+
+
+def test_resume_reruns_a_file_scored_on_other_test_items(rp, tmp_path,
+                                                        monkeypatch):
+  """A file without a data fingerprint (238 of the 269 in docs/results/runs)
+  is checked against the loop config only, which does not hold num_test:
+  one scored on 5 items was reused where the budget samples 4 now."""
+  from train.data import Example  # pylint: disable=g-import-not-at-top
+  data = {'train': [Example('a', 'b')], 'val': [Example('c', 'd')],
+          'tests': {'arithmetic': [Example(str(i), 'f') for i in range(4)]}}
+  budget = rp.BUDGETS['smoke']
+  cfg = json.loads(rp.configs.to_json(rp.make_config(
+      budget, 'arithmetic', 'adam', 1e-3, 0, 'tiny')))
+  args = rp.argparse.Namespace(out=str(tmp_path), budget='smoke',
+                               resume=True, model='tiny')
+  path = rp.run_path(args.out, 'smoke', 'arithmetic', 'adam', 1e-3, 0)
+  def retrain(*a):
+    raise RuntimeError('retrained')
+  monkeypatch.setattr(rp, 'train_one', retrain)
+  for n in (4, 5):
+    rp.write_atomic(path, {**_fake_run('arithmetic', 'adam', 1e-3, 0, [1] * n,
+                                       [0.1] * n, 0.5),
+                           'model': 'tiny', 'config': cfg})
+    lines = []
+    if n == 4:
+      assert rp.do_run(args, budget, 'arithmetic', data, 'adam', 1e-3, 0,
+                       lines.append)['val_loss'] == [0.5, 0.5]
+      continue
+    with pytest.raises(RuntimeError, match='retrained'):
+      rp.do_run(args, budget, 'arithmetic', data, 'adam', 1e-3, 0,
+                lines.append)
+    assert 'other test items (arithmetic: 5 there, 4 now)' in lines[0]
