@@ -23,6 +23,13 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # error, when pytest_unconfigure never runs.
   atexit.register(shutil.rmtree, _RUN_CACHE, ignore_errors=True)
 
+# Compiles at LLVM's level 0, here and in the tests' subprocesses
+# (tests/xla_flags.py says why); before jax is imported, which reads
+# XLA_FLAGS once.
+from tests import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags.FLAGS).strip()
+
 # Sets OPENBLAS_NUM_THREADS=1 before jax loads LAPACK (see train/__init__.py).
 import train  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
 

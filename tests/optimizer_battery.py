@@ -312,10 +312,11 @@ def check_schedule(make: Make, learning_rate: float,
 
 
 def check_multisteps(make: Make, learning_rate: float,
-                     rtol: float = 1e-4) -> None:
+                     rtol: float = 1e-4, dtype=jnp.float32) -> None:
   """``optax.MultiSteps(k=3)``, two cycles: no step twice, then the step on
-  the mean gradient, from the inner state the first cycle left."""
-  params, _, _ = lora_problem(zero_b=False)
+  the mean gradient, from the inner state the first cycle left (params and
+  gradients in ``dtype``)."""
+  params, _, _ = lora_problem(dtype, zero_b=False)
   tx = cached_tx(make, learning_rate)
   multi = optax.MultiSteps(tx, every_k_schedule=3)
   state = multi.init(params)

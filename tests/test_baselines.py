@@ -36,16 +36,20 @@ def test_battery(name, check):
     # A traced weight decay cannot be known to be 0: the injected LoRA+
     # keeps a no-decay group that the plain one merges (same updates).
     options = dict(state_rtol=-1)
-  if name == 'shampoo' and check in ('inject_hyperparams', 'schedule',
-                                     'multisteps'):
+  if name == 'shampoo' and check in ('inject_hyperparams', 'schedule'):
     # Two compiled programs differ by float32 rounding, which the inverse
     # roots of early, rank-deficient statistics amplify (the ridge is 1e-6 of
-    # the largest eigenvalue): ~1e-3 relative in the updates (more over
-    # MultiSteps' two cycles, ~6e-3), a few % in those roots; injected and
-    # plain agree exactly in float64.
-    options = dict(rtol=1e-2 if check == 'multisteps' else 3e-3)
+    # the largest eigenvalue): ~1e-3 relative in the updates, a few % in
+    # those roots; injected and plain agree exactly in float64.
+    options = dict(rtol=3e-3)
     if check == 'inject_hyperparams':
       options.update(static_args=('block_size',), state_rtol=5e-2)
+  if name == 'shampoo' and check == 'multisteps':
+    # MultiSteps' two cycles amplify that rounding further (0.6-1.4%, by how
+    # XLA happens to compile each program): in float64, to the default rtol.
+    with jax.enable_x64(True):
+      battery.run(check, make, lr, dtype=jnp.float64)
+    return
   battery.run(check, make, lr, **options)
 
 

@@ -31,6 +31,7 @@ import pytest
 
 import lora_rite_optax as lro
 from lora_rite_optax import linalg
+from tests import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,7 @@ print('finished')
 
 
 def test_batched_lapack_updates_finish():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags.FLAGS)
   try:
     proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)

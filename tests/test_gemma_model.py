@@ -23,6 +23,7 @@ from models.layers import Projection
 from tests import gemma_reference
 from tests.data import gemma_hf_reference
 from tests import gguf_files
+from tests import xla_flags
 
 FAMILIES = ['gemma-tiny', 'gemma2-tiny', 'gemma3-tiny']
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1055,7 +1056,7 @@ def test_gguf_of_another_architecture(tmp_path):
 
 _SHARDED_SCRIPT = textwrap.dedent('''
     import os
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -1087,7 +1088,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_forward_on_8_fake_devices():
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get(
+  env = dict(os.environ, XLA_FLAGS=xla_flags.FLAGS, PYTHONPATH=REPO + os.pathsep + os.environ.get(
       'PYTHONPATH', ''), JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env,
                         cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -19,6 +19,7 @@ import lora_rite_optax as lro
 from lora_rite_optax import init as lro_init
 from models import lora, t5
 from models.layers import Projection
+from tests import xla_flags
 
 ENC = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
 DEC = jnp.array([[0, 3, 4, 5], [0, 7, 8, 9]])
@@ -631,7 +632,7 @@ def test_a_name_map_serves_a_model_of_another_family(tmp_path):
 
 SHARDED = textwrap.dedent('''
     import os
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
     import jax, jax.numpy as jnp, numpy as np
     import flax.linen as nn
     from flax import nnx
@@ -681,7 +682,8 @@ SHARDED = textwrap.dedent('''
 
 
 def test_sharded_forward_equals_unsharded():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=xla_flags.FLAGS)
   result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]

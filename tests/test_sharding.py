@@ -12,12 +12,13 @@ import pathlib
 import subprocess
 import sys
 
+from tests import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_lora_rite_shards_without_gathering_factors():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags.FLAGS)
   proc = subprocess.run([sys.executable, str(ROOT / 'tests/sharding_check.py')],
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
@@ -60,7 +61,7 @@ def test_batched_eigh_does_not_deadlock_two_cpu_devices():
   Shampoo hung in their first step on any fake-device mesh (and the escaped
   mass's eigvalsh, after eigh was mended)."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=xla_flags.with_devices(2))
   proc = subprocess.run([sys.executable, '-c', _EIGH_ON_TWO_DEVICES],
                         capture_output=True, text=True, env=env, timeout=240)
   assert proc.returncode == 0, proc.stderr[-4000:]

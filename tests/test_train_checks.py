@@ -20,6 +20,7 @@ from train import loop
 from train import sharding as sharding_lib
 
 from tests import shared_data
+from tests import xla_flags as test_xla_flags
 
 # One step shape for every run here (steps is not step-neutral): one compile.
 FAST = {'steps': 8, 'log_every': 1, 'checkpoint_every': 4,
@@ -1314,9 +1315,7 @@ def _run_script(script: str, *args, xla_flags: str | None = None,
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
       'PYTHONPATH', ''))
-  env.pop('XLA_FLAGS', None)
-  if xla_flags:
-    env['XLA_FLAGS'] = xla_flags
+  env['XLA_FLAGS'] = f'{test_xla_flags.FLAGS} {xla_flags or ""}'.strip()
   proc = subprocess.run([sys.executable, '-c', script, *map(str, args)],
                         cwd=root, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -1326,7 +1325,7 @@ def _run_script(script: str, *args, xla_flags: str | None = None,
 
 _FSDP_ROWS_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 from train import configs
 from tests.step_memory import step_temp_bytes
@@ -1388,7 +1387,7 @@ def test_remat_saves_activation_memory_where_xla_keeps_its_barriers(
 
 _PLACED_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax, numpy as np
 from flax import nnx
@@ -1451,7 +1450,7 @@ def test_loaded_weights_go_straight_to_their_mesh_sharding(tmp_path):
 
 _SHAMPOO_BLOCKS_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -1523,8 +1522,8 @@ def test_shampoo_block_statistics_shard_with_their_factor(tmp_path):
 
 _GENERATE_SCRIPT = r'''
 import json, os, sys
-os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=' +
-                           sys.argv[3])
+os.environ['XLA_FLAGS'] += (' --xla_force_host_platform_device_count=' +
+                            sys.argv[3])
 os.environ['JAX_PLATFORMS'] = 'cpu'
 from train import configs, loop
 from models.gemma import sampler

@@ -15,6 +15,8 @@ import pytest
 from train import cli
 from train import configs
 
+from tests import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -386,7 +388,7 @@ def test_cli_process_batch_not_dividing_the_mesh(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'train', '--config', 'tiny', '--batch_size', '6',
        '--run_dir', str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      env=_env(XLA_FLAGS=xla_flags.with_devices(4),
                JAX_PLATFORMS='cpu'), timeout=300)
   assert proc.returncode != 0
   err = [l for l in proc.stderr.splitlines() if l.startswith('error:')]

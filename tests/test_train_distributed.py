@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r'''
 import json, os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=' + sys.argv[1]
 os.environ['JAX_PLATFORMS'] = 'cpu'
 from train import configs, loop
 port, num, pid, run_dir = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -59,7 +61,7 @@ def _losses(stdout: str):
 def _env():
   env = dict(os.environ)
   env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags.FLAGS
   return env
 
 

@@ -27,6 +27,7 @@ from train import step as step_lib
 from train import trees as trees_lib
 
 from tests import shared_data
+from tests import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -927,7 +928,7 @@ def test_lora_rite_train_step_copies_no_input(tmp_path):
 
 _REBUILD_ON_TWO_DEVICES = r'''
 import json, os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=2'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import numpy as np
 from models import lora
@@ -976,7 +977,7 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
   out = tmp_path / 'kernels.npz'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root}
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags.FLAGS
   proc = subprocess.run(
       [sys.executable, '-c', _REBUILD_ON_TWO_DEVICES, json.dumps(changes),
        str(out)], cwd=root, env=env, capture_output=True, text=True,
