@@ -1007,17 +1007,15 @@ def _kernels(model):
           for p, proj in lora.projections(model).items()}
 
 
-def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
-    tmp_path):
+def test_lora_ga_init_starts_where_the_base_was(straight, tmp_path):
   """--lora.init lora_ga: adapters from the SVD of the full gradient over
   the run's first batches (B != 0), the base kernel moved to W0 - s A0 B0
-  so the model starts where it was, the same on a second build (a resume),
-  and it trains."""
+  so the model starts where it was, and it trains. (A second build makes
+  the same factors: test_lora_ga_resume_on_another_mesh_keeps_the_base.)"""
   from models import lora  # pylint: disable=g-import-not-at-top
   ga = {'lora.init': 'lora_ga', 'lora.ga_batches': 2, 'grad_accum': 2}
   plain = loop.build(tiny(tmp_path / 'plain'))
   first = loop.build(tiny(tmp_path / 'ga', **ga))
-  again = loop.build(tiny(tmp_path / 'ga', **ga))
   w0 = _kernels(plain.model)
   targets = lora.lora_modules(first.model)
   assert targets and set(targets) <= set(w0)
@@ -1029,31 +1027,25 @@ def test_lora_ga_init_starts_where_the_base_was_and_rebuilds_the_same(
   merged = _kernels(lora.merge_lora(first.model))
   for p, w in w0.items():
     np.testing.assert_allclose(merged[p], w, atol=1e-5, err_msg=p)
-  # Deterministic: a resumed run rebuilds the same base and adapters.
-  for x, y in zip(params, jax.tree.leaves(again.state['params'])):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Another number of batches averages another gradient.
   other = loop.build(tiny(tmp_path / 'ga1', **{**ga, 'lora.ga_batches': 1}))
   assert not np.allclose(np.asarray(params[0]),
                          np.asarray(jax.tree.leaves(
                              other.state['params'])[0]))
   # It trains; so does PiSSA, whose frozen initial factors also ride in the
-  # base state beside the donated factors. All three inits start at W0, so
-  # the first step's loss (taken before any update) is the same. A gamma
-  # other than LoRA-GA's default is LoRA-GA's alone: the other inits (and
-  # the shapes-only build) run without it.
-  first_loss = {}
-  for init in ('standard', 'lora_ga', 'pissa'):
-    out = loop.run(tiny(tmp_path / init, steps=3,
-                        **{**ga, 'lora.init': init, 'lora.ga_gamma': 8.0}),
+  # base state beside the donated factors. Every init starts at W0, so the
+  # first step's loss (taken before any update) is the standard init's (the
+  # straight run's, on the same batches). A gamma other than LoRA-GA's
+  # default is LoRA-GA's alone: PiSSA (and the shapes-only build) run
+  # without it.
+  for init in ('lora_ga', 'pissa'):
+    out = loop.run(tiny(tmp_path / init, steps=3, **{
+        'lora.init': init, 'lora.ga_batches': 2, 'lora.ga_gamma': 8.0}),
                    log=lambda s: None)
     assert len(out['history']) == 3, init
     assert all(np.isfinite(h['loss']) for h in out['history']), init
-    first_loss[init] = out['history'][0]['loss']
-  assert first_loss['lora_ga'] == pytest.approx(first_loss['standard'],
-                                                rel=1e-5)
-  assert first_loss['pissa'] == pytest.approx(first_loss['standard'],
-                                              rel=1e-5)
+    assert out['history'][0]['loss'] == pytest.approx(
+        straight['history'][0]['loss'], rel=1e-5), init
   with pytest.raises(loop.ConfigError, match='lora.ga_batches must be >= 1'):
     loop.build(tiny(tmp_path / 'bad', **{**ga, 'lora.ga_batches': 0}))
   for gamma in (0.0, -1.0, float('nan'), float('inf')):
