@@ -1172,31 +1172,16 @@ def test_a_p_just_below_the_rule_does_not_print_as_it(rp):
   for fmt in (rp._fmt_p, st.p_text):
     assert fmt(0.04998) == '0.04998' and fmt(0.0505) == '0.051'
     assert fmt(0.17) == '0.17' and fmt(0.046) == '0.046'
+  # The one-table summary's bootstrap p (multiples of 2e-4) had kept two
+  # digits: 0.0498 printed as 0.05.
+  assert st._p(0.0498) == '0.0498' and st._p(0.019) == '0.019'  # pylint: disable=protected-access
+  assert st._p(1e-4) == '<2e-4'  # pylint: disable=protected-access
 
 
 def test_seeds_with_no_mean_difference_agree_on_no_sign(rp):
   """'3/3 seeds agree' had been printed for three seeds of difference 0."""
   assert rp.seed_signs([[0.0], [0.0], [0.0]]) == (0, 3)
   assert rp.seed_signs([[0.1], [-0.1], [0.0]]) == (0, 1)
-
-
-def test_summary_table_bootstrap_p_near_the_rule_keeps_its_digits(tmp_path):
-  """The bootstrap's p of 0.0498 (10,000 resamples: multiples of 2e-4) had
-  printed as 'p 0.05' in the one-table summary, failing its own 'both below
-  0.05' rule on paper; the t-test's p already kept four digits there."""
-  st = benchmark_scripts.load('summary_table')
-  versus = {'acc_diff_p': 0.0498, 'acc_diff_seeds_agreeing': 3,
-            'acc_diff_per_seed': [-0.1, -0.1, -0.1],
-            'acc_diff_p_seeds_t': 0.01}
-  summary = {'tasks': {'arithmetic': {'tests': {'arithmetic': {
-      'lora_rite': {'seeds': [0, 1, 2], 'accuracy': 0.3},
-      'adam': {'seeds': [0, 1, 2], 'accuracy': 0.2,
-               'vs_lora_rite': versus}}}}}}
-  (tmp_path / 'summary_small.json').write_text(json.dumps(summary))
-  line = st.table(str(tmp_path), rows=[
-      ('small', 'arithmetic', 'arithmetic', 'a')]).splitlines()[2]
-  assert '20.0% (p 0.0498, 3/3; t-test p 0.01)' in line, line
-  assert st._p(1e-4) == '<2e-4' and st._p(0.019) == '0.019'  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('adam_items', [3, 1])
