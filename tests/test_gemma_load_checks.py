@@ -606,3 +606,396 @@ def test_a_config_with_non_ascii_text_reads_under_any_locale(tmp_path):
                PYTHONPATH=str(root)))
   assert proc.returncode == 0, proc.stderr[-500:]
   assert proc.stdout.strip() == '7'
+
+
+# --------------------------------------------------------------------------
+# Mutants of load.py, gguf_io.py and tokenizer.py the tests above let
+# through (session 44): config values, GGUF names and defaults, the
+# Hugging Face layouts, the GGUF tokenizer.
+
+_BASE = {'vocab_size': 64, 'hidden_size': 32, 'intermediate_size': 64,
+         'num_hidden_layers': 2, 'num_attention_heads': 2, 'head_dim': 16}
+
+
+# test_gemma_load_checks.py: config.json values.
+@pytest.mark.parametrize('key, match', [
+    ('num_hidden_layers', 'num_hidden_layers must be an integer, got True'),
+    ('head_dim', 'head_dim must be an integer, got True'),
+    ('rope_theta', 'rope_theta must be a number, got True'),
+    ('rms_norm_eps', 'rms_norm_eps must be a number, got True'),
+])
+def test_config_json_booleans_are_not_numbers(key, match):
+  """JSON true is a Python bool, an int subclass: it must not read as 1."""
+  with pytest.raises(ValueError, match=f'^config.json: {match}') as e:
+    gemma_load.config_from_hf({**_BASE, 'model_type': 'gemma2', key: True})
+  _one_line(e)
+
+
+# test_gemma_model.py, beside test_gguf_load_follows_llama_cpp_conventions.
+@pytest.mark.parametrize('name, arch', [('gemma-tiny', 'GEMMA'),
+                                        ('gemma2-tiny', 'GEMMA2'),
+                                        ('gemma3-tiny', 'GEMMA3')])
+def test_gguf_tensor_names_are_llama_cpps(name, arch):
+  """Every GGUF name is the one llama.cpp's converter writes for the HF
+  tensor (gguf-py's own TensorNameMap): the GGUF tests write their files
+  through gguf_name itself, so a swapped pair (attn_q / attn_k, ffn_gate /
+  ffn_up, the norms) round-trips there and only the slow real-model tests
+  (Gemma 3 only) would see it."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  c = gemma.get_config(name)
+  names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch),
+                                   c.num_layers)
+  for e in gemma_load._param_table(c):  # pylint: disable=protected-access
+    want = names.get_name(e.hf_name, try_suffixes=('.weight',))
+    assert want is not None, e.hf_name
+    assert gemma_load.gguf_name(e.hf_name, c.family) == want, e.hf_name
+
+
+# test_gemma_load_checks.py: configs that would run as another model.
+@pytest.mark.parametrize('change, match', [
+    ({'use_bidirectional_attention': True},
+     'bidirectional attention \\(EmbeddingGemma\\) is not supported'),
+    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}},
+     "rope_scaling type 'yarn' is not supported"),
+    ({'rope_scaling': {'type': 'dynamic', 'factor': 4.0}},
+     "rope_scaling type 'dynamic' is not supported"),
+    ({'rope_parameters': {'full_attention': {'rope_type': 'yarn',
+                                             'factor': 8.0},
+                          'sliding_attention': {}}},
+     "rope_parameters.full_attention type 'yarn' is not supported"),
+])
+def test_hf_configs_of_other_models_are_refused(change, match):
+  with pytest.raises(ValueError, match=f'^config.json: {match}') as e:
+    gemma_load.config_from_hf({**_BASE, 'model_type': 'gemma3_text',
+                               **change})
+  _one_line(e)
+
+
+@pytest.mark.parametrize('model_type', ['gemma', 'gemma2'])
+def test_gemma_1_and_2_sliding_layers_share_rope_theta(model_type):
+  """One rotary embedding for every layer of a Gemma 1 or 2: a rope_theta
+  of its own is the local layers' base too (not 10k)."""
+  c = gemma_load.config_from_hf({**_BASE, 'model_type': model_type,
+                                 'rope_theta': 5e5})
+  assert (c.rope_base_global, c.rope_base_local) == (5e5, 5e5)
+
+
+def test_rope_parameters_per_layer_type_are_each_read():
+  """transformers 5 writes one RoPE dict per attention kind; the sliding
+  layers' own linear factor is theirs (it had been dropped for 1)."""
+  c = gemma_load.config_from_hf({**_BASE, 'model_type': 'gemma3_text',
+                                 'rope_parameters': {
+                                     'full_attention': {
+                                         'rope_type': 'linear', 'factor': 8.0,
+                                         'rope_theta': 1e6},
+                                     'sliding_attention': {
+                                         'rope_type': 'linear', 'factor': 2.0,
+                                         'rope_theta': 1e4}}})
+  assert (c.rope_base_global, c.rope_scale_global, c.rope_base_local,
+          c.rope_scale_local) == (1e6, 8.0, 1e4, 2.0)
+
+
+def test_absent_num_key_value_heads_is_multi_head():
+  c = gemma_load.config_from_hf({**_BASE, 'model_type': 'gemma2'})
+  assert c.num_kv_heads == c.num_heads == 2
+
+
+@pytest.mark.parametrize('model_type', ['gemma', 'gemma2', 'gemma3_text'])
+def test_absent_eps_and_context_take_transformers_defaults(model_type):
+  c = gemma_load.config_from_hf({**_BASE, 'model_type': model_type})
+  assert c.norm_eps == 1e-6  # every Gemma config class's rms_norm_eps
+  if model_type != 'gemma3_text':  # GemmaConfig / Gemma2Config: 8192
+    assert c.max_seq_len == 8192
+
+
+# --------------------------------------------------------------------------
+# GGUF (test_gemma_load_checks.py, GGUF metadata section).
+
+
+def test_a_gguf_tensor_of_another_shape_is_refused(tmp_path):
+  """Without the check a norm of one element loads and broadcasts over the
+  width, silently."""
+  model = _model(gemma.get_config('gemma3-tiny'))
+  path = tmp_path / 'bad.gguf'
+  _write_gemma_gguf(model, path, replace={
+      'blk.0.attn_norm.weight': np.ones(1, np.float32)})
+  with pytest.raises(ValueError, match=r"bad.gguf: tensor 'blk.0.attn_norm."
+                     r"weight' dequantizes to shape \[1\], expected \[64\]"
+                     ) as e:
+    gemma.from_pretrained(path)
+  _one_line(e)
+
+
+def test_a_gguf_with_a_copy_of_the_tied_head_loads(tmp_path):
+  """output.weight equal to token_embd.weight is the tied head, not a
+  leftover; one of another shape is a leftover."""
+  model = _model(gemma.get_config('gemma3-tiny'))
+  embed = np.asarray(model.embedding.get_value(), np.float32)
+  _write_gemma_gguf(model, tmp_path / 'tied.gguf',
+                      extra={'output.weight': embed})
+  loaded = gemma.from_pretrained(tmp_path / 'tied.gguf')
+  np.testing.assert_allclose(loaded.embedding.get_value(), embed)
+  _write_gemma_gguf(model, tmp_path / 'other.gguf',
+                      extra={'output.weight': embed[:8]})
+  with pytest.raises(ValueError, match="other.gguf: unexpected tensor "
+                     "'output.weight' for the model") as e:
+    gemma.from_pretrained(tmp_path / 'other.gguf')
+  _one_line(e)
+
+
+@pytest.mark.parametrize('arch, base, window', [
+    ('gemma', 1e4, None), ('gemma2', 1e4, 4096), ('gemma3', 1e6, 512)])
+def test_gguf_metadata_defaults_are_llama_cpps(tmp_path, arch, base, window):
+  """Keys a converter may leave out take llama.cpp's values: head_dim
+  width / heads, rope.freq_base 10k (1M for Gemma 3), Gemma 2's 4096
+  window."""
+  path = tmp_path / f'{arch}.gguf'
+  with gguf_files.gguf_writer(path, arch) as w:
+    w.add_block_count(6)
+    w.add_embedding_length(96)
+    w.add_head_count(4)
+    w.add_feed_forward_length(64)
+    if arch == 'gemma3':
+      w.add_sliding_window(512)
+    w.add_tensor('token_embd.weight', np.zeros((8, 96), np.float32))
+  c = gemma_load.config_from_gguf(gemma_load.gguf_file(path))
+  assert (c.head_dim, c.num_kv_heads) == (24, 4)
+  assert c.rope_base_global == base
+  assert c.sliding_window == window
+
+
+def test_gguf_version_2_files_are_read_and_1_refused(tmp_path):
+  path = tmp_path / 'v.gguf'
+  gguf_files.write_minimal_gguf(path, 'gemma3')
+  raw = bytearray(path.read_bytes())
+  assert raw[4:8] == bytes([3, 0, 0, 0])
+  raw[4] = 2  # v2 and v3 share the layout read here (64-bit counts)
+  path.write_bytes(bytes(raw))
+  from models.gemma import gguf_io  # pylint: disable=g-import-not-at-top
+  assert gguf_io.read_gguf(str(path)).tensors['token_embd.weight'].shape == (
+      8, 4)
+  raw[4] = 1
+  path.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match='unsupported GGUF version 1'):
+    gguf_io.read_gguf(str(path))
+
+
+def test_saved_gemma3_pattern_reads_back_without_layer_types():
+  """transformers before 4.53 (no layer_types) derives Gemma 3's layers
+  from sliding_window_pattern: it must say the config's own period."""
+  c = gemma.get_config('gemma3-tiny').replace(
+      attention_pattern=(LOCAL, LOCAL, GLOBAL), num_layers=6)
+  d = gemma_load.config_to_hf(c)
+  assert d['sliding_window_pattern'] == 3
+  del d['layer_types']
+  assert gemma_load.config_from_hf(d) == c
+
+
+# --------------------------------------------------------------------------
+# Hugging Face layout (test_gemma_model.py, beside the round-trip tests).
+
+
+def test_weights_load_in_param_dtype(tmp_path):
+  """from_pretrained's param_dtype is the stored weights' dtype (float32
+  whatever was asked would be twice the memory, silently)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = _model(gemma.get_config('gemma3-tiny'))
+  gemma.save_pretrained(model, tmp_path / 'hf')
+  _write_gemma_gguf(model, tmp_path / 'm.gguf')
+  for path in (tmp_path / 'hf', tmp_path / 'm.gguf'):
+    loaded = gemma.from_pretrained(path, param_dtype=jnp.bfloat16)
+    dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(loaded, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}, (path, dtypes)
+  # And a bfloat16 model saves as one.
+  gemma.save_pretrained(loaded, tmp_path / 'bf16')
+  config = json.loads((tmp_path / 'bf16' / 'config.json').read_text())
+  assert config['torch_dtype'] == 'bfloat16'
+
+
+@pytest.mark.parametrize('stored, module', [
+    ('model.layers.0.self_attn.q_proj.weight', 'model'),
+    ('model.language_model.layers.0.self_attn.q_proj.weight',
+     'model.language_model'),
+    # Saved before transformers 4.52; the module is model.language_model.
+    ('language_model.model.layers.0.self_attn.q_proj.weight',
+     'model.language_model'),
+])
+def test_hf_module_prefix_of_each_layout(tmp_path, stored, module):
+  save_file({stored: np.zeros((2, 2), np.float32)},
+            str(tmp_path / 'model.safetensors'))
+  assert gemma_load.hf_module_prefix(str(tmp_path)) == module
+
+
+def test_vision_tensors_in_a_text_only_checkpoint_are_leftovers(tmp_path):
+  """Only a multimodal checkpoint (its text model under a prefix) may hold
+  a vision tower beside it."""
+  model = _model(gemma.get_config('gemma-tiny'))
+  gemma.save_pretrained(model, tmp_path)
+  st = str(tmp_path / 'model.safetensors')
+  tensors = dict(load_file(st))
+  save_file(dict(tensors, **{'vision_tower.w': np.zeros(2, np.float32)}), st)
+  with pytest.raises(ValueError, match="unexpected tensor 'vision_tower.w' "
+                     'for this config.json') as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+
+
+def test_a_renamed_tensor_is_reported_missing_not_leftover(tmp_path):
+  """A checkpoint of another naming: the missing tensor is the clearer
+  message, and it comes before the leftover one."""
+  model = _model(gemma.get_config('gemma-tiny'))
+  gemma.save_pretrained(model, tmp_path)
+  st = str(tmp_path / 'model.safetensors')
+  tensors = dict(load_file(st))
+  name = 'model.layers.1.mlp.up_proj.weight'
+  tensors['model.layers.1.mlp.w_up.weight'] = tensors.pop(name)
+  save_file(tensors, st)
+  with pytest.raises(ValueError, match=f"missing tensor '{name}'") as e:
+    gemma.from_pretrained(tmp_path)
+  _one_line(e)
+
+
+# --------------------------------------------------------------------------
+# Tokenizer (test_gemma_model.py, beside the other tokenizer tests).
+
+
+def _vocab_gguf(path, types=None, scores=None, ids=None, words=None):
+  """A Gemma-style vocabulary (4 specials, 256 bytes, then ``words``:
+  {piece: score}, default 'a' 'b' 'ab'), with its type / score arrays
+  replaceable and ``ids``: {metadata key: (writer method, value)}."""
+  words = words or {'a': -1.0, 'b': -2.0, 'ab': -0.5}
+  tokens = (['<pad>', '<eos>', '<bos>', '<unk>'] +
+            [f'<0x{i:02X}>' for i in range(256)] + list(words))
+  with gguf_files.gguf_writer(path, 'gemma3') as w:
+    w.add_tokenizer_model('llama')
+    w.add_token_list(tokens)
+    w.add_token_scores(scores if scores is not None else
+                       [0.0] * 260 + list(words.values()))
+    w.add_token_types(types if types is not None else
+                      [3] * 4 + [6] * 256 + [1] * len(words))
+    meta = {'tokenizer.ggml.bos_token_id': ('add_uint32', 2),
+            'tokenizer.ggml.eos_token_id': ('add_uint32', 1),
+            'tokenizer.ggml.unknown_token_id': ('add_uint32', 3),
+            'tokenizer.ggml.padding_token_id': ('add_uint32', 0)}
+    meta.update(ids or {})
+    for key, (method, value) in meta.items():
+      getattr(w, method)(key, value)
+  return len(tokens)
+
+
+def test_gguf_token_types_sentencepiece_lacks_are_normal(tmp_path):
+  """llama.cpp's UNDEFINED (0) and any type past BYTE (6) are read as
+  normal pieces, not handed to SentencePiece as they are."""
+  n = _vocab_gguf(tmp_path / 't.gguf', types=[3] * 4 + [6] * 256 + [0, 7, 1])
+  tok = gemma.load_tokenizer(tmp_path / 't.gguf')
+  assert tok.vocab_size == n
+  assert tok.encode('ab', add_bos=False) == [n - 1]
+  assert tok.decode([n - 3, n - 2]) == 'ab'
+
+
+def test_gguf_tokenizer_arrays_of_different_lengths_are_refused(tmp_path):
+  for i, kw in enumerate(({'types': [3] * 4 + [6] * 256 + [1] * 2},
+                          {'scores': [0.0] * 262})):
+    path = tmp_path / f'short{i}.gguf'
+    _vocab_gguf(path, **kw)
+    with pytest.raises(ValueError, match=f'short{i}.gguf: GGUF tokenizer '
+                       'arrays differ in length') as e:
+      gemma.load_tokenizer(path)
+    _one_line(e)
+
+
+def test_a_negative_special_token_id_is_refused(tmp_path):
+  """An int32 id of -1 is refused (Python's negative indexing would
+  otherwise pick the last piece)."""
+  _vocab_gguf(tmp_path / 'neg.gguf', ids={
+      'tokenizer.ggml.unknown_token_id': ('add_int32', -1)})
+  with pytest.raises(ValueError, match='neg.gguf: GGUF tokenizer.ggml.'
+                     'unknown_token_id -1 is outside its vocabulary') as e:
+    gemma.load_tokenizer(tmp_path / 'neg.gguf')
+  _one_line(e)
+
+
+def test_decode_drops_negative_ids(tmp_path):
+  """Like ids past the vocabulary (sentencepiece raises on them)."""
+  _vocab_gguf(tmp_path / 't.gguf')
+  tok = gemma.load_tokenizer(tmp_path / 't.gguf')
+  ids = tok.encode('ab')
+  assert tok.decode(ids + [-1, -7]) == 'ab'
+
+
+def test_an_upper_case_gguf_name_without_its_header_is_named_so(tmp_path):
+  path = tmp_path / 'MODEL.GGUF'
+  path.write_bytes(b'<!DOCTYPE html>')  # a download's error page
+  with pytest.raises(ValueError, match='MODEL.GGUF: not a GGUF file') as e:
+    gemma.load_tokenizer(path)
+  _one_line(e)
+
+
+def test_unknown_piece_typed_unknown_is_left_out_of_decoding(tmp_path):
+  """llama.cpp's converter types Gemma's <unk> UNKNOWN (2), not CONTROL:
+  decode leaves it out all the same (not ' ⁇ ')."""
+  _vocab_gguf(tmp_path / 't.gguf', types=[3, 3, 3, 2] + [6] * 256 + [1] * 3)
+  tok = gemma.load_tokenizer(tmp_path / 't.gguf')
+  assert tok.decode(tok.encode('ab') + [3]) == 'ab'
+
+
+def test_a_gguf_without_a_sentencepiece_vocabulary_is_refused(tmp_path):
+  path = tmp_path / 'bpe.gguf'
+  with gguf_files.gguf_writer(path, 'gemma3') as w:
+    w.add_tokenizer_model('gpt2')
+    w.add_token_list(['a', 'b'])
+    w.add_token_types([1, 1])
+    w.add_token_scores([0.0, 0.0])
+  with pytest.raises(ValueError, match="bpe.gguf: GGUF tokenizer model is "
+                     "'gpt2'; expected a SentencePiece") as e:
+    gemma.load_tokenizer(path)
+  _one_line(e)
+
+
+# gguf_io (test_gemma_load_checks.py).
+
+
+def test_a_truncated_gguf_is_named_so(tmp_path):
+  """A download cut short: the tensor that runs past the end is named."""
+  gguf_files.write_minimal_gguf(tmp_path / 'full.gguf', 'gemma3')
+  raw = (tmp_path / 'full.gguf').read_bytes()
+  (tmp_path / 'cut.gguf').write_bytes(raw[:-16])
+  with pytest.raises(ValueError, match=r'cut.gguf: not a readable GGUF file '
+                     r'\(tensor token_embd.weight extends past the end of the '
+                     r'file\)') as e:
+    gemma.from_pretrained(tmp_path / 'cut.gguf')
+  _one_line(e)
+
+
+def test_float16_gguf_matrices_load(tmp_path):
+  """llama.cpp's f16 files: matrices stored as F16 (norms stay F32)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  from models.gemma import gguf_io  # pylint: disable=g-import-not-at-top
+  model = _model(gemma.get_config('gemma3-tiny'))
+  c = model.config
+  half = {}
+  for e in gemma_load._param_table(c):  # pylint: disable=protected-access
+    arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))  # pylint: disable=protected-access
+    if arr.ndim == 2:
+      half[gemma_load.gguf_name(e.hf_name, c.family)] = arr.astype(np.float16)
+  path = tmp_path / 'f16.gguf'
+  _write_gemma_gguf(model, path, replace=half)
+  assert gguf_io.read_gguf(str(path)).tensors['token_embd.weight'].qtype == (
+      gguf.GGMLQuantizationType.F16)
+  loaded = dict(gemma_load.iter_named_params(gemma.from_pretrained(path)))
+  for name, arr in gemma_load.iter_named_params(model):
+    want = arr.astype(np.float16).astype(np.float32) if arr.ndim == 2 else arr
+    np.testing.assert_allclose(loaded[name], want, rtol=0, atol=1e-6,
+                               err_msg=name)
+
+
+def test_gguf_vocabulary_merges_as_bpe_by_score(tmp_path):
+  """Gemma's SentencePiece model is BPE: the higher-scored merge wins
+  ('b'+'c' over 'a'+'b'), where a unigram model takes the best-scoring
+  path (ab + c) and equal scores the leftmost pair."""
+  n = _vocab_gguf(tmp_path / 'bpe.gguf', words={
+      'a': -10.0, 'b': -5.0, 'c': -0.5, 'ab': -2.0, 'bc': -1.0})
+  tok = gemma.load_tokenizer(tmp_path / 'bpe.gguf')
+  ids = tok.encode('abc', add_bos=False)
+  assert [tok.id_to_piece(i) for i in ids] == ['a', 'bc']
+  assert ids == [n - 5, n - 1]

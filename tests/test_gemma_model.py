@@ -705,14 +705,16 @@ def test_multimodal_checkpoint_layout(tmp_path):
 
 
 def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None,
-                      softcaps=True, extra=None, quantize=None):
+                      softcaps=True, extra=None, quantize=None, replace=None):
   """A float32 GGUF in llama.cpp's conventions (norm gains stored as 1 + w);
   ``softcaps``: write the config's soft-caps (llama.cpp's Gemma 2 keys);
   ``extra``: more tensors, {name: array}; ``quantize``: a
   gguf.GGMLQuantizationType for the matrices (gguf-py quantizes Q8_0 and
-  Q4_0, not the K-quants)."""
+  Q4_0, not the K-quants); ``replace``: {GGUF name: array} written as given
+  (shape and dtype) in place of the model's."""
   import gguf  # pylint: disable=g-import-not-at-top
   c = model.config
+  replace = dict(replace or {})
   with gguf_files.gguf_writer(path, arch) as w:
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.width)
@@ -735,17 +737,22 @@ def _write_gemma_gguf(model, path, arch='gemma3', rope_scaling=None,
       w.add_rope_scaling_factor(c.rope_scale_global)
     # pylint: disable=protected-access
     for e in gemma_load._param_table(c):
+      name = gemma_load.gguf_name(e.hf_name, c.family)
+      if name in replace:
+        w.add_tensor(name, np.ascontiguousarray(replace.pop(name)))
+        continue
       arr = e.to_hf(np.asarray(gemma_load._get_var(model, e.path).get_value()))
       if e.is_norm:
         arr = arr + 1.0
       arr = np.ascontiguousarray(arr, np.float32)
       if quantize is not None and arr.ndim == 2:
-        w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family),
-                     gguf.quants.quantize(arr, quantize), raw_dtype=quantize)
+        w.add_tensor(name, gguf.quants.quantize(arr, quantize),
+                     raw_dtype=quantize)
       else:
-        w.add_tensor(gemma_load.gguf_name(e.hf_name, c.family), arr)
+        w.add_tensor(name, arr)
     for name, arr in (extra or {}).items():
       w.add_tensor(name, arr)
+  assert not replace, f'no such tensor: {sorted(replace)}'
 
 
 def test_gguf_load_follows_llama_cpp_conventions(tmp_path):
