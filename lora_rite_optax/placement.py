@@ -317,6 +317,13 @@ def constrain(x: jax.Array, sharding: jax.sharding.Sharding,
   ``out_shardings`` would: the spec's Explicit mesh axes by
   `jax.sharding.reshard`, its Auto ones by ``with_sharding_constraint``
   (each refuses the other's axes; a mesh may mix both)."""
+  if isinstance(sharding, PartitionSpec):
+    # A bare spec names the axes of the mesh set around the call, as
+    # jax.jit's out_shardings take it; on an all-Explicit mesh
+    # with_sharding_constraint would only assert the spec, not place it.
+    mesh = getattr(jax.sharding, 'get_abstract_mesh', lambda: None)()
+    if mesh is not None and not mesh.empty and _has_explicit_axes(mesh):
+      sharding = NamedSharding(mesh, sharding)
   if not (isinstance(sharding, NamedSharding) and
           _has_explicit_axes(sharding.mesh)):
     return jax.lax.with_sharding_constraint(x, sharding)

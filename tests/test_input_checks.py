@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 import lora_rite_optax as lro
+from lora_rite_optax import placement
 from lora_rite_optax import init
 
 
@@ -1066,3 +1068,48 @@ def test_lora_b_mask_marks_the_b_factor_of_each_pair_only():
                 'lora_B': {'weight': jnp.ones((3, 2))}}}
   assert lro.lora_b_mask(peft, lro.PEFT_LAYOUT) == {
       'q': {'lora_A': {'weight': False}, 'lora_B': {'weight': True}}}
+
+
+def test_explicit_axes_on_an_older_jax_are_refused_for_any_one_pair(
+    monkeypatch):
+  """One pair on an Explicit mesh beside pairs on none is refused too (the
+  refusal must not wait for every leaf to be on one)."""
+  monkeypatch.setattr(placement, '_EXPLICIT_AXES_JAX', (99, 0))
+  mesh = jax.make_mesh((1,), ('d',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  pair = lambda: {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 6))}
+  params = {'q': jax.device_put(pair(), NamedSharding(mesh, PartitionSpec())),
+            'k': pair()}
+  for name in ('lora_rite', 'scaled_adam', 'shampoo'):
+    with pytest.raises(ValueError, match=rf'^{name}: params on Explicit mesh '
+                       r'axes need jax 0.10 or newer'):
+      lro.optimizer(name, 1e-2).init(params)
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in jax.__version__.split('.')[:2]) < (0, 10),
+    reason='Explicit mesh axes need jax 0.10 (refused before, tested above)')
+def test_explicit_mesh_axes_are_taken_on_jax_0_10_and_newer():
+  """The version gate read independently of placement's own: on jax 0.10+
+  LoRA-RITE, ScaledAdam and donating_jit's out_shardings take Explicit
+  axes (a gate set too high, or a version misread, refused them; the
+  sharding tests take their expectation from the gate itself)."""
+  mesh = jax.make_mesh((1,), ('d',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  where = NamedSharding(mesh, PartitionSpec())
+  params = jax.device_put({'q': {'lora_a': jnp.ones((8, 2)),
+                                 'lora_b': jnp.ones((2, 6))}}, where)
+  for name in ('lora_rite', 'scaled_adam'):
+    tx = lro.optimizer(name, 1e-2)
+    tx.update(params, tx.init(params), params)
+  step = lro.donating_jit(lambda x: x * 2, donate_argnums=0,
+                          out_shardings=where)
+  assert float(step(jax.device_put(jnp.ones(3), where))[0]) == 2.0
+  # A bare spec names the mesh set around the call, as jax.jit takes it
+  # (with_sharding_constraint had only asserted it there and failed).
+  bare = lro.donating_jit(lambda x: x * 2, donate_argnums=0,
+                          out_shardings=PartitionSpec('d'))
+  with jax.set_mesh(mesh):
+    got = bare(jax.device_put(jnp.ones((2, 3)), where))
+  assert got.sharding.is_equivalent_to(
+      NamedSharding(mesh, PartitionSpec('d')), 2), got.sharding
