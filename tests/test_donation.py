@@ -6,6 +6,7 @@ that shows the detector fires.
 """
 
 import re
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -410,3 +411,149 @@ def test_the_plan_pairs_buffers_by_dtype_too():
   shape and dtype)."""
   a, b = jnp.ones(2, jnp.float32), jnp.ones(2, jnp.bfloat16)
   assert donation._plan([a, b], [b, jnp.zeros(2, jnp.float32)]) == [0, 1]  # pylint: disable=protected-access
+
+
+def test_returned_inputs_in_a_cycle_come_back_in_place():
+  """Inputs returned rotated, (p, q, r) -> (q, r, p): the plan is a 3-cycle
+  (not its own inverse, as a swap is), every output keeps its input's
+  buffer (no copy), and the call puts the outputs back in order."""
+  sds = lambda: jax.ShapeDtypeStruct((4,), jnp.float32)
+  p, q, r = sds(), sds(), sds()
+  assert donation._plan([p, q, r], [q, r, p]) == [2, 0, 1]  # pylint: disable=protected-access
+  rotate = lro.donating_jit(lambda p, q, r: (q, r, p), donate_argnums=(0, 1, 2),
+                            reorder_outputs=True)
+  args = lambda: [jnp.full(4, float(i)) for i in range(3)]
+  compiled = rotate.lower(*args()).compile()
+  assert ' copy(' not in compiled.as_text()
+  for got in (rotate(*args()), compiled(*args())):
+    assert [float(x[0]) for x in got] == [1.0, 2.0, 0.0]
+
+
+def test_the_plan_gives_every_returned_input_its_own_buffer_where_it_can():
+  """Exhaustively over 4 donated inputs of one shape and up to 5 outputs
+  (each a fresh value or one of the inputs, repeats allowed): the order is
+  a permutation, and each input returned whose rank in-order pairing can
+  reach (rank < number of outputs) is emitted at that rank, so it keeps
+  its own buffer; one returned past the outputs' count leaves the order
+  alone."""
+  sds = lambda: jax.ShapeDtypeStruct((2,), jnp.float32)
+  ins = [sds() for _ in range(4)]
+  for m in range(1, 6):
+    for combo in itertools.product(range(-1, 4), repeat=m):
+      outs = [ins[c] if c >= 0 else sds() for c in combo]
+      order = donation._plan(ins, outs)  # pylint: disable=protected-access
+      assert sorted(order) == list(range(m)), (combo, order)
+      for r in {c for c in combo if c >= 0 and c < m}:
+        assert outs[order[r]] is ins[r], (combo, order, r)
+  # A call whose returned input is past the outputs' count: results as asked.
+  second = lro.donating_jit(lambda x, y: y, donate_argnums=(0, 1),
+                            reorder_outputs=True)
+  with pytest.warns(UserWarning, match='donated buffers were not usable'):
+    np.testing.assert_array_equal(second(jnp.zeros(4), jnp.ones(4)), 1.0)
+
+
+def test_another_output_structure_for_the_same_signature_is_refused():
+  """A retrace (under a mesh) that returns another structure cannot reuse
+  the first trace's plan: one line, before anything is donated."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('d',))
+
+  def step(p):
+    if jax.sharding.get_abstract_mesh().empty:
+      return p + 1, p
+    return (p + 1,)
+
+  fast = lro.donating_jit(step, donate_argnums=0, reorder_outputs=True)
+  fast(jnp.zeros(4))
+  x = jnp.zeros(4)
+  set_mesh = getattr(jax, 'set_mesh', None) or jax.sharding.use_mesh
+  with set_mesh(mesh), pytest.raises(
+      ValueError, match=r'^donating_jit: step returned another output '
+      r'structure for arguments of the same shapes'):
+    fast(x)
+  assert not x.is_deleted()
+
+
+@pytest.mark.parametrize('argnums', [[0, 1], (1, 0)])
+def test_donate_argnums_as_a_list_or_out_of_order(argnums):
+  """jax.jit takes a list, and indices in any order: the plan still pairs
+  the donated leaves in argument order (no factor copied), and an index
+  past the call's arguments is refused whatever its place."""
+  tx = lro.lora_rite(1e-2)
+  params = lora_params()
+  fast = lro.donating_jit(make_step(tx), donate_argnums=argnums)
+  grads = grads_for(params, 1)
+  hlo = fast.lower(params, tx.init(params), grads).compile().as_text()
+  assert not factor_copies(hlo, params), factor_copies(hlo, params)[:2]
+  want = jax.jit(make_step(tx))(params, tx.init(params), grads)
+  got = fast(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(TypeError, match='donate_argnames is not supported'):
+    lro.donating_jit(make_step(tx), donate_argnums=(), donate_argnames='params')
+  wide = lro.donating_jit(make_step(tx), donate_argnums=(3, 0))
+  with pytest.raises(TypeError, match=r'donate_argnums=\(0, 3\), but the '
+                     r'call has only 3 positional argument'):
+    wide(params, tx.init(params), grads)
+
+
+def test_an_unused_donated_argument_keeps_its_place_in_the_pairing():
+  """keep_unused by default: an argument the step never reads is still
+  donated, and still counts in the in-order pairing the plan relies on;
+  pruned, the returned input lost its buffer (a copy) and the unread one
+  stayed undonated."""
+  step = lro.donating_jit(lambda unused, a: (a * 2, a), donate_argnums=(0, 1))
+  compiled = step.lower(jnp.ones(4), jnp.ones(4)).compile()
+  assert ' copy(' not in compiled.as_text()
+  unused, a = jnp.ones(4), jnp.full(4, 3.0)
+  doubled, same = step(unused, a)
+  assert unused.is_deleted()
+  np.testing.assert_array_equal(doubled, 6.0)
+  np.testing.assert_array_equal(same, 3.0)
+
+
+def test_only_the_donated_arguments_rank_in_the_plan():
+  """An argument not donated, of the returned input's shape, before it: the
+  plan ranks the donated leaves only (ranked among all arguments, the
+  returned input had lost its buffer to the new value, a copy)."""
+  step = lro.donating_jit(lambda x, p: (p + x, p), donate_argnums=1,
+                          reorder_outputs=True)
+  compiled = step.lower(jnp.ones(4), jnp.ones(4)).compile()
+  assert ' copy(' not in compiled.as_text(), compiled.as_text()
+  new, old = step(jnp.ones(4), jnp.full(4, 2.0))
+  np.testing.assert_array_equal(new, 3.0)
+  np.testing.assert_array_equal(old, 2.0)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu',
+                    reason='the default reorders on CPU only')
+def test_a_platform_decided_per_call_keeps_a_plan_per_choice(monkeypatch):
+  """reorder_outputs=None decides at each call: after a reordered call on
+  CPU, a call of the same signature placed elsewhere gets jax.jit's
+  in-order pairing, not the plan stored for the reordered one."""
+  tx = lro.lora_rite(1e-2)
+  params = lora_params()
+  grads = grads_for(params, 1)
+  fast = lro.donating_jit(make_step(tx), donate_argnums=(0, 1))
+  fast(jax.tree.map(jnp.copy, params), tx.init(params), grads)
+  monkeypatch.setattr(donation, '_platform', lambda leaves, kwargs: 'gpu')
+  hlo = fast.lower(params, tx.init(params), grads).compile().as_text()
+  assert factor_copies(hlo, params)  # in-order pairing: XLA copies
+
+
+def test_clear_cache_forgets_the_plans_too():
+  """After clear_cache a step that now returns another structure (it closes
+  over a setting the user changed) is traced afresh, not refused against
+  the plan of the executable that was dropped."""
+  extra = {'on': False}
+
+  def step(p):
+    return (p + 1, p, p * 3) if extra['on'] else (p + 1, p)
+
+  fast = lro.donating_jit(step, donate_argnums=0, reorder_outputs=True)
+  assert len(fast(jnp.zeros(4))) == 2
+  extra['on'] = True
+  fast.clear_cache()
+  new, old, tripled = fast(jnp.ones(4))
+  np.testing.assert_array_equal(new, 2.0)
+  np.testing.assert_array_equal(old, 1.0)
+  np.testing.assert_array_equal(tripled, 3.0)

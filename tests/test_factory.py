@@ -242,3 +242,62 @@ def test_annotations_admit_what_the_functions_take_and_return():
   # The types in the public signatures are exported with them.
   assert hints(lro.find_lora_pairs)['return'] is lro.PairedTree
   assert hints(lro.lora_rite)['layout'] == lro.LayoutSpec
+
+
+@pytest.mark.parametrize('name,reference', [('adam', optax.adamw),
+                                            ('lamb', optax.lamb)])
+def test_adam_and_lamb_take_a_weight_decay_schedule(name, reference):
+  """optax's adamw and lamb take a decay schedule; the factory's checks
+  must let one through (and a decay of inf is refused, not trained on)."""
+  params = {'lora_a': jnp.ones((3, 2)), 'lora_b': jnp.full((2, 4), 0.5)}
+  grads = jax.tree.map(lambda p: jnp.cos(p) * 0.1, params)
+  decay = optax.linear_schedule(0.5, 0.0, 4)
+  tx = lro.optimizer(name, 1e-2, weight_decay=decay)
+  ref = reference(1e-2, weight_decay=decay)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(3):
+    got, state = tx.update(grads, state, params)
+    want, ref_state = ref.update(grads, ref_state, params)
+    chex.assert_trees_all_close(got, want)
+  with pytest.raises(ValueError, match=rf'^{name}: weight_decay must be >= 0 '
+                     r'and finite, got inf\.$'):
+    lro.optimizer(name, 1e-2, weight_decay=float('inf'))
+
+
+def test_keywords_are_checked_against_the_named_optimizers_own():
+  """Each name takes its own optimizer's keywords only: Lamb has no
+  nesterov or mu_dtype (Adam's), named in one line, not a TypeError from
+  inside optax; several unknown ones are listed sorted; a keyword called
+  'kwargs' that is not inject_hyperparams' dict is an unknown argument."""
+  for kw in ('nesterov', 'mu_dtype'):
+    with pytest.raises(ValueError, match=rf'^lamb: unknown argument\(s\) '
+                       rf'{kw}; it accepts: b1, b2, eps, eps_root, '
+                       r'weight_decay, mask\.$'):
+      lro.optimizer('lamb', 1e-3, **{kw: None})
+  with pytest.raises(ValueError, match=r'^adam: unknown argument\(s\) aa, bb, kk, mm, zz; '
+                     r'it accepts'):
+    lro.optimizer('adam', 1e-3, zz=1, mm=2, aa=3, kk=4, bb=5)
+  with pytest.raises(ValueError, match=r'^adam: unknown argument\(s\) '
+                     r'kwargs; it accepts'):
+    lro.optimizer('adam', 1e-3, kwargs=5)
+  # inject_hyperparams' dict is unwrapped only when it comes alone: beside
+  # other keywords they are not dropped.
+  with pytest.raises(ValueError, match=r'^adam: unknown argument\(s\) '
+                     r'kwargs; it accepts'):
+    lro.optimizer('adam', 1e-3, kwargs={}, b2=1.0)
+
+
+@pytest.mark.parametrize('name,other', [('adam', 'lora_rite'),
+                                        ('adam', 'shampoo'),
+                                        ('lamb', 'scaled_adam')])
+def test_a_state_of_a_chain_as_long_is_named_as_anothers(name, other):
+  """Another optimizer's state whose chain is as long as this one's (Adam's
+  3 steps: LoRA-RITE's, Shampoo's; Lamb's 4: ScaledAdam's) passes the
+  length check; its first part is named (it had been an AttributeError on
+  ``.mu`` in state_fits)."""
+  params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 8))}}
+  state = lro.optimizer(other, 1e-3).init(params)
+  tx = lro.optimizer(name, 1e-3)
+  with pytest.raises(ValueError, match=rf'^{name}: the state is a \w+, not '
+                     r"the ScaleByAdamState this optimizer's init\(\) makes"):
+    tx.update(params, state, params)
