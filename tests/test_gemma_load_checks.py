@@ -25,7 +25,7 @@ from models.gemma.config import GLOBAL, LOCAL
 from models.gemma import load as gemma_load
 from tests import gguf_files
 from tests.test_gemma_model import (_model, _one_line, _params, _tiny,
-                                     _write_gemma_gguf)
+                                     _write_gemma_gguf, _write_tokenizer_gguf)
 
 LAYER2 = 'model.layers.2.input_layernorm.weight'
 
@@ -490,7 +490,6 @@ def test_gguf_files_that_cannot_be_used_are_one_line(tmp_path):
   RuntimeError), or an error not naming the file, or (an untied head) was
   dropped silently."""
   from models.gemma import gguf_io  # pylint: disable=g-import-not-at-top
-  from tests.test_gemma_model import _write_tokenizer_gguf  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'f64.gguf'
   with gguf_files.gguf_writer(path, 'gemma3') as w:
     w.add_block_count(1)
@@ -617,7 +616,7 @@ _BASE = {'vocab_size': 64, 'hidden_size': 32, 'intermediate_size': 64,
          'num_hidden_layers': 2, 'num_attention_heads': 2, 'head_dim': 16}
 
 
-# test_gemma_load_checks.py: config.json values.
+# config.json values.
 @pytest.mark.parametrize('key, match', [
     ('num_hidden_layers', 'num_hidden_layers must be an integer, got True'),
     ('head_dim', 'head_dim must be an integer, got True'),
@@ -631,7 +630,7 @@ def test_config_json_booleans_are_not_numbers(key, match):
   _one_line(e)
 
 
-# test_gemma_model.py, beside test_gguf_load_follows_llama_cpp_conventions.
+# GGUF tensor names.
 @pytest.mark.parametrize('name, arch', [('gemma-tiny', 'GEMMA'),
                                         ('gemma2-tiny', 'GEMMA2'),
                                         ('gemma3-tiny', 'GEMMA3')])
@@ -651,7 +650,7 @@ def test_gguf_tensor_names_are_llama_cpps(name, arch):
     assert gemma_load.gguf_name(e.hf_name, c.family) == want, e.hf_name
 
 
-# test_gemma_load_checks.py: configs that would run as another model.
+# Configs that would run as another model.
 @pytest.mark.parametrize('change, match', [
     ({'use_bidirectional_attention': True},
      'bidirectional attention \\(EmbeddingGemma\\) is not supported'),
@@ -709,7 +708,7 @@ def test_absent_eps_and_context_take_transformers_defaults(model_type):
 
 
 # --------------------------------------------------------------------------
-# GGUF (test_gemma_load_checks.py, GGUF metadata section).
+# GGUF metadata and tensors.
 
 
 def test_a_gguf_tensor_of_another_shape_is_refused(tmp_path):
@@ -792,7 +791,7 @@ def test_saved_gemma3_pattern_reads_back_without_layer_types():
 
 
 # --------------------------------------------------------------------------
-# Hugging Face layout (test_gemma_model.py, beside the round-trip tests).
+# Hugging Face layouts.
 
 
 def test_weights_load_in_param_dtype(tmp_path):
@@ -856,37 +855,18 @@ def test_a_renamed_tensor_is_reported_missing_not_leftover(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Tokenizer (test_gemma_model.py, beside the other tokenizer tests).
+# The GGUF tokenizer.
 
+# Three word pieces with their scores: 'ab' merges first.
+AB = {'a': -1.0, 'b': -2.0, 'ab': -0.5}
 
-def _vocab_gguf(path, types=None, scores=None, ids=None, words=None):
-  """A Gemma-style vocabulary (4 specials, 256 bytes, then ``words``:
-  {piece: score}, default 'a' 'b' 'ab'), with its type / score arrays
-  replaceable and ``ids``: {metadata key: (writer method, value)}."""
-  words = words or {'a': -1.0, 'b': -2.0, 'ab': -0.5}
-  tokens = (['<pad>', '<eos>', '<bos>', '<unk>'] +
-            [f'<0x{i:02X}>' for i in range(256)] + list(words))
-  with gguf_files.gguf_writer(path, 'gemma3') as w:
-    w.add_tokenizer_model('llama')
-    w.add_token_list(tokens)
-    w.add_token_scores(scores if scores is not None else
-                       [0.0] * 260 + list(words.values()))
-    w.add_token_types(types if types is not None else
-                      [3] * 4 + [6] * 256 + [1] * len(words))
-    meta = {'tokenizer.ggml.bos_token_id': ('add_uint32', 2),
-            'tokenizer.ggml.eos_token_id': ('add_uint32', 1),
-            'tokenizer.ggml.unknown_token_id': ('add_uint32', 3),
-            'tokenizer.ggml.padding_token_id': ('add_uint32', 0)}
-    meta.update(ids or {})
-    for key, (method, value) in meta.items():
-      getattr(w, method)(key, value)
-  return len(tokens)
 
 
 def test_gguf_token_types_sentencepiece_lacks_are_normal(tmp_path):
   """llama.cpp's UNDEFINED (0) and any type past BYTE (6) are read as
   normal pieces, not handed to SentencePiece as they are."""
-  n = _vocab_gguf(tmp_path / 't.gguf', types=[3] * 4 + [6] * 256 + [0, 7, 1])
+  n = _write_tokenizer_gguf(tmp_path / 't.gguf', words=AB,
+                            types=[3] * 4 + [6] * 256 + [0, 7, 1])
   tok = gemma.load_tokenizer(tmp_path / 't.gguf')
   assert tok.vocab_size == n
   assert tok.encode('ab', add_bos=False) == [n - 1]
@@ -897,7 +877,7 @@ def test_gguf_tokenizer_arrays_of_different_lengths_are_refused(tmp_path):
   for i, kw in enumerate(({'types': [3] * 4 + [6] * 256 + [1] * 2},
                           {'scores': [0.0] * 262})):
     path = tmp_path / f'short{i}.gguf'
-    _vocab_gguf(path, **kw)
+    _write_tokenizer_gguf(path, words=AB, **kw)
     with pytest.raises(ValueError, match=f'short{i}.gguf: GGUF tokenizer '
                        'arrays differ in length') as e:
       gemma.load_tokenizer(path)
@@ -907,8 +887,7 @@ def test_gguf_tokenizer_arrays_of_different_lengths_are_refused(tmp_path):
 def test_a_negative_special_token_id_is_refused(tmp_path):
   """An int32 id of -1 is refused (Python's negative indexing would
   otherwise pick the last piece)."""
-  _vocab_gguf(tmp_path / 'neg.gguf', ids={
-      'tokenizer.ggml.unknown_token_id': ('add_int32', -1)})
+  _write_tokenizer_gguf(tmp_path / 'neg.gguf', unk_id=-1)
   with pytest.raises(ValueError, match='neg.gguf: GGUF tokenizer.ggml.'
                      'unknown_token_id -1 is outside its vocabulary') as e:
     gemma.load_tokenizer(tmp_path / 'neg.gguf')
@@ -917,7 +896,7 @@ def test_a_negative_special_token_id_is_refused(tmp_path):
 
 def test_decode_drops_negative_ids(tmp_path):
   """Like ids past the vocabulary (sentencepiece raises on them)."""
-  _vocab_gguf(tmp_path / 't.gguf')
+  _write_tokenizer_gguf(tmp_path / 't.gguf', words=AB)
   tok = gemma.load_tokenizer(tmp_path / 't.gguf')
   ids = tok.encode('ab')
   assert tok.decode(ids + [-1, -7]) == 'ab'
@@ -934,7 +913,8 @@ def test_an_upper_case_gguf_name_without_its_header_is_named_so(tmp_path):
 def test_unknown_piece_typed_unknown_is_left_out_of_decoding(tmp_path):
   """llama.cpp's converter types Gemma's <unk> UNKNOWN (2), not CONTROL:
   decode leaves it out all the same (not ' ⁇ ')."""
-  _vocab_gguf(tmp_path / 't.gguf', types=[3, 3, 3, 2] + [6] * 256 + [1] * 3)
+  _write_tokenizer_gguf(tmp_path / 't.gguf', words=AB,
+                        types=[3, 3, 3, 2] + [6] * 256 + [1] * 3)
   tok = gemma.load_tokenizer(tmp_path / 't.gguf')
   assert tok.decode(tok.encode('ab') + [3]) == 'ab'
 
@@ -952,7 +932,7 @@ def test_a_gguf_without_a_sentencepiece_vocabulary_is_refused(tmp_path):
   _one_line(e)
 
 
-# gguf_io (test_gemma_load_checks.py).
+# gguf_io.
 
 
 def test_a_truncated_gguf_is_named_so(tmp_path):
@@ -993,7 +973,7 @@ def test_gguf_vocabulary_merges_as_bpe_by_score(tmp_path):
   """Gemma's SentencePiece model is BPE: the higher-scored merge wins
   ('b'+'c' over 'a'+'b'), where a unigram model takes the best-scoring
   path (ab + c) and equal scores the leftmost pair."""
-  n = _vocab_gguf(tmp_path / 'bpe.gguf', words={
+  n = _write_tokenizer_gguf(tmp_path / 'bpe.gguf', words={
       'a': -10.0, 'b': -5.0, 'c': -0.5, 'ab': -2.0, 'bc': -1.0})
   tok = gemma.load_tokenizer(tmp_path / 'bpe.gguf')
   ids = tok.encode('abc', add_bos=False)

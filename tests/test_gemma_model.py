@@ -823,22 +823,28 @@ def test_gemma2_rope_scaling_scales_every_layer(tmp_path):
 
 
 def _write_tokenizer_gguf(path, extra_control=(), eos_id=1, words=None,
-                          add_bos=True):
+                          add_bos=True, types=None, scores=None, unk_id=3):
   """A GGUF holding only a small Gemma-style SentencePiece vocabulary (and
   ``extra_control`` CONTROL pieces last, as Gemma 3's <mask> is); ``words``
-  replace its word pieces, the last one user-defined."""
+  replace its word pieces, the last one user-defined, or as {piece: score}
+  all normal; ``types`` and ``scores``: whole arrays written as given;
+  ``unk_id``: written as an int32 when negative."""
   specials = ['<pad>', '<eos>', '<bos>', '<unk>']
   byte_pieces = [f'<0x{i:02X}>' for i in range(256)]
   words = words or ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', 'he', 'll',
                     'hell', 'hello', '▁hello', '▁w', '▁wo', '▁wor', '▁worl',
                     '▁world', '\n']
-  tokens = specials + byte_pieces + words + list(extra_control)
-  # llama.cpp types: control, byte, normal; the last word user-defined, as
-  # Gemma 3's '\n' is.
-  types = ([3] * 4 + [6] * 256 + [1] * (len(words) - 1) + [4] +
-           [3] * len(extra_control))
-  scores = ([0.0] * 260 + [-float(i) for i in range(len(words))] +
-            [0.0] * len(extra_control))
+  tokens = specials + byte_pieces + list(words) + list(extra_control)
+  if types is None:
+    # llama.cpp types: control, byte, normal; the last word user-defined, as
+    # Gemma 3's '\n' is (unless words come with their scores).
+    last = [1] if isinstance(words, dict) else [4]
+    types = ([3] * 4 + [6] * 256 + [1] * (len(words) - 1) + last +
+             [3] * len(extra_control))
+  if scores is None:
+    word_scores = (list(words.values()) if isinstance(words, dict) else
+                   [-float(i) for i in range(len(words))])
+    scores = [0.0] * 260 + word_scores + [0.0] * len(extra_control)
   with gguf_files.gguf_writer(path, 'gemma3') as w:
     w.add_tokenizer_model('llama')
     w.add_token_list(tokens)
@@ -846,7 +852,10 @@ def _write_tokenizer_gguf(path, extra_control=(), eos_id=1, words=None,
     w.add_token_types(types)
     w.add_bos_token_id(2)
     w.add_eos_token_id(eos_id)
-    w.add_unk_token_id(3)
+    if unk_id < 0:
+      w.add_int32('tokenizer.ggml.unknown_token_id', unk_id)
+    else:
+      w.add_unk_token_id(unk_id)
     w.add_pad_token_id(0)
     w.add_add_bos_token(add_bos)
     w.add_add_space_prefix(False)
