@@ -1370,11 +1370,18 @@ def test_a_resume_removes_the_stopped_runs_later_events_from_tensorboard(
     f.write(head + struct.pack('<I', record_writer.masked_crc32c(head)) +
             b'\x00' * 10)
   # In the same second as the first writer, by tensorboardX's clock (its
-  # file name's): the second had emptied the first's file ('wb').
+  # file name's): the second had emptied the first's file ('wb'). Both
+  # clocks are pinned just after the first's: with only time.time pinned,
+  # a real second boundary passed since the first writer put the new
+  # file's nanoseconds (its name's suffix) before the first's, and the
+  # name order the test reads in flipped (1 CI run in about 10).
   import time  # pylint: disable=g-import-not-at-top
-  second = (tb / first).name.split('.')[3]
+  second = int((tb / first).name.split('.')[3])
+  nanos = int(first.rsplit('.', 1)[1]) + 1000
+  assert nanos < 10**9  # the writer names no file in a second's last 10 ms
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(time, 'time', lambda: float(second))
+    m.setattr(time, 'time', lambda: second + nanos / 1e9)
+    m.setattr(time, 'time_ns', lambda: second * 10**9 + nanos)
     w = metrics_lib.MetricsWriter(tmp_path, enabled=True, last_step=5)
     w.write(6, {'loss': 106.0})
     w.write(7, {'loss': 107.0, 'tok_s': 2007.0})
