@@ -159,12 +159,21 @@ def _why_not_the_state(state: Any) -> str:
   return "another optimizer's state, or the wrong part of a chain's?"
 
 
+def _a_kind_of(value: Any) -> str:
+  """``value``'s type with its article, as a message names it: 'an
+  EmptyState' (not 'a EmptyState'), 'None' (not 'a NoneType')."""
+  if value is None:
+    return 'None'
+  name = type(value).__name__
+  return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def state_of(who: str, state: Any, cls: type) -> None:
   """``state`` must be what this transform's ``init`` made: another
   optimizer's state (or None) had failed with an AttributeError."""
   if not isinstance(state, cls):
     raise ValueError(
-        f'{who}: the state is a {type(state).__name__}, not the '
+        f'{who}: the state is {_a_kind_of(state)}, not the '
         f'{cls.__name__} this optimizer\'s init() makes '
         f'({_why_not_the_state(state)}).')
 
@@ -178,7 +187,7 @@ def chain_state_of(who: str, state: Any, length: int) -> None:
       len(state) == length):
     return
   got = (f'a tuple of {len(state)} states'
-         if type(state) is tuple else f'a {type(state).__name__}')  # pylint: disable=unidiomatic-typecheck
+         if type(state) is tuple else _a_kind_of(state))  # pylint: disable=unidiomatic-typecheck
   raise ValueError(
       f"{who}: the state is {got}, not the tuple of {length} that this "
       f"optimizer's init() makes ({_why_not_the_state(state)}).")

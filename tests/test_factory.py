@@ -287,17 +287,19 @@ def test_keywords_are_checked_against_the_named_optimizers_own():
     lro.optimizer('adam', 1e-3, kwargs={}, b2=1.0)
 
 
-@pytest.mark.parametrize('name,other', [('adam', 'lora_rite'),
-                                        ('adam', 'shampoo'),
-                                        ('lamb', 'scaled_adam')])
-def test_a_state_of_a_chain_as_long_is_named_as_anothers(name, other):
+@pytest.mark.parametrize('name,other,kind', [
+    ('adam', 'lora_rite', 'a ScaleByLoraRiteState'),
+    ('adam', 'shampoo', 'a ShampooState'),
+    ('lamb', 'scaled_adam', 'an EmptyState')])
+def test_a_state_of_a_chain_as_long_is_named_as_anothers(name, other, kind):
   """Another optimizer's state whose chain is as long as this one's (Adam's
   3 steps: LoRA-RITE's, Shampoo's; Lamb's 4: ScaledAdam's) passes the
   length check; its first part is named (it had been an AttributeError on
-  ``.mu`` in state_fits)."""
+  ``.mu`` in state_fits), with its article ('a EmptyState' had been
+  written)."""
   params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 8))}}
   state = lro.optimizer(other, 1e-3).init(params)
   tx = lro.optimizer(name, 1e-3)
-  with pytest.raises(ValueError, match=rf'^{name}: the state is a \w+, not '
+  with pytest.raises(ValueError, match=rf'^{name}: the state is {kind}, not '
                      r"the ScaleByAdamState this optimizer's init\(\) makes"):
     tx.update(params, state, params)
