@@ -1029,8 +1029,6 @@ def test_explicit_mesh_axes_before_jax_0_10_are_refused_where_needed(
   balance_lora_factors, ScaledAdam, Shampoo, donating_jit's out_shardings)
   is refused in one line on an older jax (here: a jax taken as older);
   Adam, LoRA+ and Lamb, which need none of it, are not."""
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  from lora_rite_optax import placement  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(placement, '_EXPLICIT_AXES_JAX', (99, 0))
   mesh = jax.make_mesh((1,), ('d',),
                        axis_types=(jax.sharding.AxisType.Explicit,))
@@ -1052,6 +1050,12 @@ def test_explicit_mesh_axes_before_jax_0_10_are_refused_where_needed(
   with pytest.raises(ValueError, match=r'^donating_jit: out_shardings on '
                      r'Explicit mesh axes need jax 0.10 or newer'):
     step(jax.device_put(jnp.ones(3), where))
+  # One pair on the mesh beside a pair on none is refused too (the refusal
+  # must not wait for every leaf to be on one).
+  mixed = {'q': params, 'k': _pair(8, 2, 6)}
+  for name in ('lora_rite', 'scaled_adam', 'shampoo'):
+    with pytest.raises(ValueError, match=rf'^{name}: {need}'):
+      lro.optimizer(name, 1e-2).init(mixed)
 
 
 def test_lora_b_mask_marks_the_b_factor_of_each_pair_only():
@@ -1069,22 +1073,6 @@ def test_lora_b_mask_marks_the_b_factor_of_each_pair_only():
                 'lora_B': {'weight': jnp.ones((3, 2))}}}
   assert lro.lora_b_mask(peft, lro.PEFT_LAYOUT) == {
       'q': {'lora_A': {'weight': False}, 'lora_B': {'weight': True}}}
-
-
-def test_explicit_axes_on_an_older_jax_are_refused_for_any_one_pair(
-    monkeypatch):
-  """One pair on an Explicit mesh beside pairs on none is refused too (the
-  refusal must not wait for every leaf to be on one)."""
-  monkeypatch.setattr(placement, '_EXPLICIT_AXES_JAX', (99, 0))
-  mesh = jax.make_mesh((1,), ('d',),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-  pair = lambda: {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 6))}
-  params = {'q': jax.device_put(pair(), NamedSharding(mesh, PartitionSpec())),
-            'k': pair()}
-  for name in ('lora_rite', 'scaled_adam', 'shampoo'):
-    with pytest.raises(ValueError, match=rf'^{name}: params on Explicit mesh '
-                       r'axes need jax 0.10 or newer'):
-      lro.optimizer(name, 1e-2).init(params)
 
 
 @pytest.mark.skipif(

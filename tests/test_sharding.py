@@ -15,6 +15,7 @@ import sys
 import jax
 import pytest
 
+from lora_rite_optax import placement
 from tests import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,8 +26,6 @@ def test_lora_rite_shards_without_gathering_factors():
   proc = subprocess.run([sys.executable, str(ROOT / 'tests/sharding_check.py')],
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-  import jax  # pylint: disable=g-import-not-at-top
-  from lora_rite_optax import placement  # pylint: disable=g-import-not-at-top
   if placement._jax_version() >= placement._EXPLICIT_AXES_JAX:  # pylint: disable=protected-access
     explicit = ['ok explicit axes', 'ok explicit donated']
   else:  # make test-oldest: the refusals instead (sharding_check.py)
@@ -156,7 +155,7 @@ print('ok', flush=True)
 
 
 @pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split('.')[:2]) < (0, 10),
+    placement._jax_version() < placement._EXPLICIT_AXES_JAX,  # pylint: disable=protected-access
     reason='Explicit mesh axes need jax 0.10 (make test-oldest runs 0.6)')
 def test_placement_helpers_on_eight_devices():
   """placement's helpers at the edges sharding_check.py's training runs do
