@@ -572,13 +572,18 @@ def data_fingerprints(data: dict[str, Any]) -> tuple[str, str]:
 
 def stale(saved: dict, model: str, config: dict,
           fingerprint: str | Sequence[str],
-          task_budget: dict | None = None) -> str | None:
+          task_budget: dict | None = None,
+          test_items: dict[str, int] | None = None) -> str | None:
   """Why a saved run is not this run (None: it is).
 
   ``fingerprint``: the data's, or several that count as it (see
   `data_fingerprints`). Files older than the fingerprint (or the task
   settings) have none and are taken as they are; fields added since a
-  file was written are not compared.
+  file was written are not compared. ``test_items``: {test set: its number
+  of items now}, compared with the items each saved test set was scored on
+  (files older than the fingerprint are compared by config alone, which
+  does not carry num_test: a run scored on another number of test items
+  had been taken as this one).
   """
   accepted = ((fingerprint,) if isinstance(fingerprint, str)
               else tuple(fingerprint))
@@ -596,7 +601,20 @@ def stale(saved: dict, model: str, config: dict,
       return f'{what} (' + ', '.join(
           f'{k}: {old[k]!r} there, {new[k]!r} now'
           for k in changed[:3]) + ')'
+  counts = {k: (len(v['loss']), test_items[k])
+            for k, v in dict(saved.get('tests') or {}).items()
+            if k in (test_items or {})
+            and isinstance(v, dict) and isinstance(v.get('loss'), list)}
+  wrong = sorted(k for k, (there, now) in counts.items() if there != now)
+  if wrong:
+    return 'other test items (' + ', '.join(
+        f'{k}: {counts[k][0]} there, {counts[k][1]} now' for k in wrong) + ')'
   return None
+
+
+def item_counts(data: dict[str, Any]) -> dict[str, int]:
+  """{test set: its number of items} of a task's data, for `stale`."""
+  return {k: len(v) for k, v in data['tests'].items()}
 
 
 # The code a run's result depends on; not docs/results, which every report
@@ -638,18 +656,7 @@ def do_run(args, budget: Budget, task: str, data, opt: str, lr: float,
   if args.resume and os.path.exists(path):
     saved = read_result(path)
     why = stale(saved, args.model, cfg_json, [fingerprint] + accepted,
-                task_budget)
-    # Files older than the fingerprint (most of docs/results/runs) are
-    # compared by config alone, which does not carry num_test: a run scored
-    # on another number of test items had been reused as this one.
-    counts = {k: (len(v['loss']), len(data['tests'][k]))
-              for k, v in dict(saved['tests'] or {}).items()
-              if k in data['tests']
-              and isinstance(v, dict) and isinstance(v.get('loss'), list)}
-    wrong = sorted(k for k, (there, now) in counts.items() if there != now)
-    if why is None and wrong:
-      why = 'other test items (' + ', '.join(
-          f'{k}: {counts[k][0]} there, {counts[k][1]} now' for k in wrong) + ')'
+                task_budget, item_counts(data))
     if why is None:
       return saved
     log(f'[{args.budget}] {path} was made with {why}: running it again')
@@ -749,7 +756,8 @@ def current_results(out: str, budget_name: str, budget: Budget, model: str,
       why = stale(results[key], model,
                   json.loads(configs.to_json(
                       make_config(budget, task, opt, lr, seed, model))),
-                  fingerprints[task], dataclasses.asdict(budget.tasks[task]))
+                  fingerprints[task], dataclasses.asdict(budget.tasks[task]),
+                  item_counts(data[task]))
     if why is not None:
       log(f'[{budget_name}] left out: '
           f'{run_path(out, budget_name, task, opt, lr, seed)} was made with '

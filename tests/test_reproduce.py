@@ -335,8 +335,8 @@ def test_more_seeds_go_to_the_best_rate_on_file(rp, tmp_path, monkeypatch):
   out = str(tmp_path)
   for lr, val in ((2e-4, 0.5), (1e-3, 0.9)):
     rp.write_atomic(rp.run_path(out, 'smoke', 'arithmetic', 'adam', lr, 0),
-                    {**_fake_run('arithmetic', 'adam', lr, 0, [1], [0.1],
-                                 val), 'budget': 'smoke'})
+                    {**_fake_run('arithmetic', 'adam', lr, 0, [1] * 8,
+                                 [0.1] * 8, val), 'budget': 'smoke'})
   seen = _record_runs(rp, monkeypatch, describe=lambda *a: (a[5], a[6]),
                       val_loss=lambda lr: 0.7)
   rp.main(['--budget', 'smoke', '--tasks', 'arithmetic', '--optimizers',
@@ -1127,12 +1127,13 @@ def test_report_scores_stored_generations_again(rp, tmp_path, monkeypatch):
 
 def test_rescoring_a_run_file_of_other_data_is_one_line(rp, tmp_path,
                                                         monkeypatch):
-  """A file without a data fingerprint (older) passes `stale`: 3
-  generations for 4 test items had been a traceback from the scorer, and a
-  test set the budget no longer has a KeyError."""
+  """A file without a data fingerprint (older) passes `stale` where its
+  scores count the test items: 3 generations for 4 test items had been a
+  traceback from the scorer, and a test set the budget no longer has a
+  KeyError."""
   tb = rp.TaskBudget(48, 4, 4, 4, 2)
   _unit_budget(rp, monkeypatch, 'arithmetic', tb, steps=2)
-  run = _fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 3, [0.5] * 3, 0.5)
+  run = _fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 4, [0.5] * 4, 0.5)
   run['tests']['arithmetic']['generation'] = ['1', '2', '3']
   path = rp.run_path(str(tmp_path), 'unit', 'arithmetic', 'adam', 1e-3, 0)
   rp.write_atomic(path, run)
@@ -1277,3 +1278,22 @@ def test_resume_reruns_a_file_scored_on_other_test_items(rp, tmp_path,
       rp.do_run(args, budget, 'arithmetic', data, 'adam', 1e-3, 0,
                 lines.append)
     assert 'other test items (arithmetic: 5 there, 4 now)' in lines[0]
+  # The report's own check (current_results, through stale) leaves it out
+  # too: a file outside a call's grid never passes through do_run.
+  lines = []
+  assert rp.current_results(args.out, 'smoke', budget, 'tiny', lines.append,
+                            data={'arithmetic': data}) == {}
+  assert lines == [f'[smoke] left out: {path} was made with other test '
+                   'items (arithmetic: 5 there, 4 now).']
+  rp.write_atomic(path, {**_fake_run('arithmetic', 'adam', 1e-3, 0, [1] * 4,
+                                     [0.1] * 4, 0.5),
+                         'model': 'tiny', 'config': cfg})
+  assert list(rp.current_results(args.out, 'smoke', budget, 'tiny', print,
+                                 data={'arithmetic': data})) == [
+                                     ('arithmetic', 'adam', 1e-3, 0)]
+  # A test set the budget no longer has is not counted.
+  assert rp.stale(rp.read_result(path), 'tiny', cfg, 'fp', None,
+                  {'arithmetic': 4, 'gsm8k': 3}) is None
+  assert rp.stale(rp.read_result(path), 'tiny', cfg, 'fp', None,
+                  {'arithmetic': 3}) == (
+                      'other test items (arithmetic: 4 there, 3 now)')
