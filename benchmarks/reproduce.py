@@ -688,11 +688,15 @@ def sweep_seed_of(results: dict, task: str, opt: str, more=()) -> int:
 
 
 def best_lr(results: dict, task: str, opt: str, lrs, seed0: int):
-  """The learning rate with the lowest validation loss (seed0 runs)."""
+  """The learning rate with the lowest validation loss (seed0 runs); where
+  every rate diverged, the smallest (the likeliest to train with more
+  steps or seeds), not whichever came first in ``lrs``."""
   done = {lr: np.mean(results[(task, opt, lr, seed0)]['val_loss'])
           for lr in lrs if (task, opt, lr, seed0) in results}
-  done = {lr: v for lr, v in done.items() if np.isfinite(v)} or done
-  return (min(done, key=done.get) if done else None), done
+  finite = {lr: v for lr, v in done.items() if np.isfinite(v)}
+  if finite:
+    return min(finite, key=finite.get), done
+  return (min(done) if done else None), done
 
 
 def bracketed(lr, tried) -> str:

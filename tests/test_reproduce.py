@@ -187,6 +187,13 @@ def test_bracketed_says_where_the_best_rate_sits(rp):
   # starts from: every comparison with it is False).
   results[('t', 'o', 1e-5, 0)] = {'val_loss': [float('nan')]}
   assert rp.best_lr(results, 't', 'o', [1e-5, 1e-4, 1e-3, 1e-2], 0)[0] == 1e-3
+  # Every rate diverged: the smallest, in any order (the first listed had
+  # been taken), with every loss still reported.
+  gone = {('t', 'o', lr, 0): {'val_loss': [float('nan')]}
+          for lr in (1e-4, 1e-3, 1e-2)}
+  lr, val = rp.best_lr(gone, 't', 'o', [1e-3, 1e-2, 1e-4], 0)
+  assert lr == 1e-4 and sorted(val) == [1e-4, 1e-3, 1e-2]
+  assert rp.best_lr({}, 't', 'o', [1e-3], 0) == (None, {})
 
 
 def test_paired_bootstrap(rp):
