@@ -30,22 +30,22 @@ OPTIMIZERS = (('lora_rite', 'LoRA-RITE'), ('adam', 'Adam'),
               ('loraplus', 'LoRA+'), ('scaled_adam', 'ScaledAdam'),
               ('lamb', 'Lamb'), ('shampoo', 'Shampoo'))
 
-# (budget, task, test set, row label); a label's {kept}, {scored} and
-# {disagree} are the summary's count of items whose target ends on the gold
-# answer.
+# (budget, task, test set, row label); a label's {n} is the number of test
+# items scored, its {kept}, {scored} and {disagree} the summary's count of
+# items whose target ends on the gold answer.
 ROWS = (
     ('small', 'arithmetic', 'arithmetic',
-     'arithmetic (200 generated problems)'),
-    ('small', 'math', 'math_heldout', 'math, held-out records (148)'),
+     'arithmetic ({n} generated problems)'),
+    ('small', 'math', 'math_heldout', 'math, held-out records ({n})'),
     ('small-decontam', 'math', 'gsm8k_consistent',
      'GSM8K, targets ending on the gold answer ({kept} of {scored}), math '
      'retrained without GSM8K'),
     ('small-decontam', 'math', 'gsm8k',
      'GSM8K, all {scored} targets ({disagree} wrong or no final answer), '
      'same runs'),
-    ('small', 'arc_challenge', 'arc_challenge', 'ARC-Challenge (200)'),
-    ('small', 'openbookqa', 'openbookqa', 'OpenBookQA (200)'),
-    ('small', 'boolq', 'boolq', 'BoolQ (200, no passages)'),
+    ('small', 'arc_challenge', 'arc_challenge', 'ARC-Challenge ({n})'),
+    ('small', 'openbookqa', 'openbookqa', 'OpenBookQA ({n})'),
+    ('small', 'boolq', 'boolq', 'BoolQ ({n}, no passages)'),
 )
 
 
@@ -127,6 +127,19 @@ def table(out_dir: str, rows=ROWS, seeds: int = 3) -> str:
       raise KeyError(f'summary_{budget}.json has no test set {test!r} for '
                      f'task {task!r}.')
     by_opt = tasks[task]['tests'][test]
+    if '{n}' in label:
+      # The items scored, not a count written here (a budget's num_test
+      # may change): one number, as reproduce.py checks every row has.
+      try:
+        counts = {r['n'] for r in by_opt.values()}
+      except (AttributeError, KeyError, TypeError) as e:
+        raise damaged(e) from None
+      if len(counts) != 1:
+        raise ValueError(
+            f'summary_{budget}.json: the {task} {test} rows were scored on '
+            f'{sorted(counts)} test items, not one number; rerun '
+            'benchmarks/reproduce.py --report_only.')
+      label = label.replace('{n}', str(counts.pop()))
     if '{' in label:
       counts = tasks[task].get('target_consistency', {}).get(
           test.removesuffix('_consistent'))

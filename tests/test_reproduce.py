@@ -168,6 +168,19 @@ def test_stats_and_report_on_fake_results(rp, tmp_path):
     st.table(out, rows=[('nope', 'arithmetic', 'arithmetic', 'x')])
   with pytest.raises(KeyError, match="no test set 'gsm8k'"):
     st.table(out, rows=[('smoke', 'arithmetic', 'gsm8k', 'x')])
+  # A label's item count is the one the rows were scored on (the labels
+  # had written 200 whatever the budget sampled); rows of unequal counts
+  # are refused.
+  assert st.table(out, rows=[('smoke', 'arithmetic', 'arithmetic',
+                              'arith ({n} items)')]).splitlines()[2].startswith(
+                                  '| arith (8 items) | exact match |')
+  path = os.path.join(out, 'summary_smoke.json')
+  summary = json.load(open(path))
+  summary['tasks']['arithmetic']['tests']['arithmetic']['adam']['n'] = 7
+  json.dump(summary, open(path, 'w'))
+  with pytest.raises(ValueError, match=r'^summary_smoke.json: the arithmetic '
+                     r'arithmetic rows were scored on \[7, 8\] test items'):
+    st.table(out, rows=[('smoke', 'arithmetic', 'arithmetic', '({n})')])
 
 
 def test_bracketed_says_where_the_best_rate_sits(rp):
