@@ -1284,15 +1284,25 @@ def test_tokens_per_s_counts_device_time_before_a_checkpoint(tmp_path,
     return run
 
   monkeypatch.setattr(loop, '_jitted_step', slow_step)
-  rates = {}
-  for every in (0, 1):
-    out = loop.run(tiny(tmp_path / f'run{every}', steps=8, log_every=4,
-                        checkpoint_every=every), log=quiet)
-    rates[every] = {row['step']: row['tokens_per_s']
-                    for row in out['history']}
   # Row 8's window (steps 5-8) is the same work with or without a save
-  # after every step.
-  assert rates[1][8] < 1.6 * rates[0][8], rates
+  # after every step. Two runs' one-second windows are compared: load
+  # that slows only the first (the other xdist worker) had pushed the
+  # ratio past 1.6 in about 1 pair in 50, so a pair is tried up to three
+  # times; the bug (x2.8) fails each.
+  tries = []
+  for attempt in range(3):
+    rates = {}
+    for every in (0, 1):
+      out = loop.run(tiny(tmp_path / f'run{attempt}-{every}', steps=8,
+                          log_every=4, checkpoint_every=every), log=quiet)
+      rates[every] = {row['step']: row['tokens_per_s']
+                      for row in out['history']}
+    tries.append(rates)
+    if rates[1][8] < 1.6 * rates[0][8]:
+      break
+  else:
+    raise AssertionError(f'tokens/s with a save after every step over '
+                         f'without, three times: {tries}')
 
 
 def test_a_row_of_the_compiling_step_alone_has_no_tokens_per_s(tmp_path):
