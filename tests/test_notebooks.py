@@ -78,8 +78,12 @@ def _execute(name: str, kernel_name: str, monkeypatch, rerun=()):
       cell = next(c for c in nb.cells if c.cell_type == 'code' and
                   c.source.lstrip().startswith(item))
       nb.cells.append(nbformat.v4.new_code_cell(cell.source))
+  # A cell's outputs still in flight after its reply are awaited for 4 s
+  # by default and then dropped without a word (a stalled pytest process,
+  # a loaded CI box): a minute, and an error past it.
   client = nbclient.NotebookClient(
-      nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT,
+      nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT, iopub_timeout=60,
+      raise_on_iopub_timeout=True,
       resources={'metadata': {'path': str(ROOT)}})
   # Raises CellExecutionError (with the cell and traceback) on any error.
   client.execute()
