@@ -18,7 +18,6 @@ which is what ``linalg.after`` adds and what XLA must keep.
 from __future__ import annotations
 
 import itertools
-import os
 import pathlib
 import re
 import subprocess
@@ -64,7 +63,7 @@ print('finished')
 
 
 def test_batched_lapack_updates_finish():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags.FLAGS)
+  env = xla_flags.script_env()
   try:
     proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)

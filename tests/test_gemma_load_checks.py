@@ -9,7 +9,6 @@ metadata. A correct checkpoint still loads.
 
 import collections
 import json
-import os
 import shutil
 import struct
 
@@ -24,6 +23,7 @@ from models import t5
 from models.gemma.config import GLOBAL, LOCAL
 from models.gemma import load as gemma_load
 from tests import gguf_files
+from tests import xla_flags
 from tests.test_gemma_model import (_model, _one_line, _params, _tiny,
                                      _write_gemma_gguf, _write_tokenizer_gguf)
 
@@ -588,21 +588,18 @@ def test_a_config_with_non_ascii_text_reads_under_any_locale(tmp_path):
   run jobs) one with a non-ASCII value had been 'malformed JSON'."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
   hf = dict(gemma_load.config_to_hf(gemma.get_config('gemma3-tiny')))
   hf['_name_or_path'] = 'caf\u00e9/gemma \u2014 \u65e5\u672c'
   (tmp_path / 'config.json').write_text(
       json.dumps(hf, ensure_ascii=False), encoding='utf-8')
-  root = Path(__file__).resolve().parents[1]
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('LC_', 'LANG', 'PYTHONUTF8'))}
   proc = subprocess.run(
       [sys.executable, '-c',
        'import sys; from models.gemma import load; '
        'print(load.read_hf_config(sys.argv[1]).num_layers)', str(tmp_path)],
       capture_output=True, text=True, timeout=120,
-      env=dict(env, LC_ALL='POSIX', PYTHONCOERCECLOCALE='0', PYTHONUTF8='0',
-               PYTHONPATH=str(root)))
+      env=xla_flags.script_env(drop=('LC_', 'LANG', 'PYTHONUTF8'),
+                               LC_ALL='POSIX', PYTHONCOERCECLOCALE='0',
+                               PYTHONUTF8='0'))
   assert proc.returncode == 0, proc.stderr[-500:]
   assert proc.stdout.strip() == '7'
 

@@ -1104,8 +1104,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_forward_on_8_fake_devices():
-  env = dict(os.environ, XLA_FLAGS=xla_flags.FLAGS, PYTHONPATH=REPO + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''), JAX_PLATFORMS='cpu')
+  env = xla_flags.script_env()
   proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env,
                         cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -682,8 +682,7 @@ SHARDED = textwrap.dedent('''
 
 
 def test_sharded_forward_equals_unsharded():
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags.FLAGS)
+  env = xla_flags.script_env()
   result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert 'SHARDED_OK' in result.stdout, result.stderr[-3000:]

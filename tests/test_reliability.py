@@ -41,6 +41,7 @@ from train import optim as optim_lib
 from train import step as step_lib
 from train import trees as trees_lib
 from tests import gguf_files
+from tests import xla_flags
 
 # One xdist worker: the module's fixtures (an uninterrupted run, the built
 # tiny model, a saved Gemma) are then built once.
@@ -102,14 +103,6 @@ def reference(tmp_path_factory):
 # Kill and resume.
 
 
-def _train_env() -> dict:
-  """The environment of a `python -m train` subprocess run from the clone."""
-  env = dict(os.environ)
-  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
 class _Training:
   """`python -m train` in a subprocess whose stdout is read by a thread."""
 
@@ -118,8 +111,9 @@ class _Training:
   def __init__(self, run_dir, resume: bool):
     args = _cli_args(run_dir) + (['--resume'] if resume else [])
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'train'] + args, cwd=ROOT, env=_train_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, '-m', 'train'] + args, cwd=ROOT,
+        env=xla_flags.script_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
     _Training.started.append(self.proc)
     self.lines: list[str] = []
     self._queue: queue.Queue = queue.Queue()
@@ -607,8 +601,9 @@ def test_a_stop_at_once_during_a_compile_exits_130():
   down while XLA compiled in its threads aborted, exit 134 or 139 after
   seconds, where the one line had said 130."""
   done = subprocess.run([sys.executable, '-c', _EXIT_WHILE_COMPILING],
-                        cwd=ROOT, env=_train_env(), capture_output=True,
-                        text=True, timeout=300, check=False)
+                        cwd=ROOT, env=xla_flags.script_env(),
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
   assert (done.returncode, done.stderr) == (
       130, 'error: interrupted (Ctrl-C)\n')
 
@@ -1294,7 +1289,7 @@ def test_a_checkpoint_without_its_data_files_prints_one_line(
   _damage(run_dir / 'checkpoints' / str(STEPS) / 'state', damage)
   done = subprocess.run(
       [sys.executable, '-m', 'train'] + _cli_args(run_dir) + ['--resume'],
-      cwd=ROOT, env=_train_env(), capture_output=True, text=True,
+      cwd=ROOT, env=xla_flags.script_env(), capture_output=True, text=True,
       timeout=300)
   errors = done.stderr.splitlines()
   assert done.returncode == 1 and len(errors) == 1, done.stderr[:3000]
@@ -1333,7 +1328,8 @@ def test_resume_with_another_rank_says_so_and_changes_nothing(
   done = subprocess.run(
       [sys.executable, '-m', 'train'] + _cli_args(run_dir) + [
           '--resume', '--lora.rank', '2'],
-      cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=xla_flags.script_env(), capture_output=True, text=True,
+      timeout=300)
   err = done.stderr.strip()
   assert done.returncode == 1 and len(err.splitlines()) == 1, err
   assert f'error: --resume: checkpoint {STEPS} in ' in err, err

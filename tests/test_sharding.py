@@ -7,7 +7,6 @@ sharded == unsharded, and no all-gather of a factor in the compiled HLO (with
 a Householder QR as the control that the detector does fire).
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_lora_rite_shards_without_gathering_factors():
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags.FLAGS)
+  env = xla_flags.script_env()
   proc = subprocess.run([sys.executable, str(ROOT / 'tests/sharding_check.py')],
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
@@ -62,8 +61,7 @@ def test_batched_eigh_does_not_deadlock_two_cpu_devices():
   once and they deadlocked the shared thread pool: LoRA-RITE at rank 16 and
   Shampoo hung in their first step on any fake-device mesh (and the escaped
   mass's eigvalsh, after eigh was mended)."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags.with_devices(2))
+  env = xla_flags.script_env(2)
   proc = subprocess.run([sys.executable, '-c', _EIGH_ON_TWO_DEVICES],
                         capture_output=True, text=True, env=env, timeout=240)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -162,8 +160,7 @@ def test_placement_helpers_on_eight_devices():
   not reach: uneven or partly split stacked layers, the spelling of
   replicated statistics, reshapes the Explicit axes cannot hold, and
   out_shardings over a mesh that mixes Explicit and Auto axes."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags.with_devices(8))
+  env = xla_flags.script_env(8)
   proc = subprocess.run([sys.executable, '-c', _PLACEMENT_HELPERS],
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]

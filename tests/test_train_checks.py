@@ -1322,13 +1322,11 @@ def _run_script(script: str, *args, xla_flags: str | None = None,
   with ``args``; its stdout, after it exited 0."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
-      'PYTHONPATH', ''))
-  env['XLA_FLAGS'] = f'{test_xla_flags.FLAGS} {xla_flags or ""}'.strip()
+  env = test_xla_flags.script_env(
+      XLA_FLAGS=f'{test_xla_flags.FLAGS} {xla_flags or ""}'.strip())
   proc = subprocess.run([sys.executable, '-c', script, *map(str, args)],
-                        cwd=root, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+                        cwd=test_xla_flags.ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 

@@ -20,13 +20,6 @@ from tests import xla_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env(**extra):
-  env = dict(os.environ)
-  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  env.update(extra)
-  return env
-
-
 def test_every_preset_builds_and_round_trips_json():
   names = configs.config_names()
   for task in configs.PAPER_TASKS:
@@ -207,10 +200,9 @@ def test_help_piped_into_a_closed_reader_exits_quietly(tmp_path):
   """`python -m train --config tiny --help | head -1` had ended in a
   29-line BrokenPipeError traceback."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(
       [sys.executable, '-m', 'train', '--config', 'tiny', '--help'],
-      cwd=str(tmp_path), env={**os.environ, 'PYTHONPATH': root},
+      cwd=str(tmp_path), env=xla_flags.script_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   proc.stdout.close()  # the reader is gone before the help is written
   err = proc.stderr.read().decode()
@@ -388,8 +380,7 @@ def test_cli_process_batch_not_dividing_the_mesh(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'train', '--config', 'tiny', '--batch_size', '6',
        '--run_dir', str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-      env=_env(XLA_FLAGS=xla_flags.with_devices(4),
-               JAX_PLATFORMS='cpu'), timeout=300)
+      env=xla_flags.script_env(4), timeout=300)
   assert proc.returncode != 0
   err = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(err) == 1, proc.stderr

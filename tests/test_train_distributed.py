@@ -5,7 +5,6 @@ losses as one process with 8 devices (same mesh, same global batches)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -58,18 +57,11 @@ def _losses(stdout: str):
   return None
 
 
-def _env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  env['XLA_FLAGS'] = xla_flags.FLAGS
-  return env
-
-
 def _two_processes(argv_of, timeout: int) -> list[tuple[int, str, str]]:
   """(returncode, stdout, stderr) of two processes ``python -c *argv_of(i)``
   run together; both are killed if either outlives ``timeout``."""
   procs = [subprocess.Popen(
-      [sys.executable, '-c', *argv_of(i)], cwd=ROOT, env=_env(),
+      [sys.executable, '-c', *argv_of(i)], cwd=ROOT, env=xla_flags.script_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   try:
@@ -94,7 +86,7 @@ def test_two_processes_match_one(tmp_path):
   multi = _losses(outs[0][1])
   single_proc = subprocess.run(
       [sys.executable, '-c', WORKER, '8', '0', '1', '0',
-       str(tmp_path / 'single'), changes], cwd=ROOT, env=_env(),
+       str(tmp_path / 'single'), changes], cwd=ROOT, env=xla_flags.script_env(),
       capture_output=True, text=True, timeout=420)
   assert single_proc.returncode == 0, single_proc.stderr[-3000:]
   single = _losses(single_proc.stdout)

@@ -975,13 +975,10 @@ def test_lora_ga_resume_on_another_mesh_keeps_the_base(tmp_path):
     np.testing.assert_array_equal(saved[path][1], np.asarray(b0, np.float32))
   changes = {**FAST, **ga, 'run_dir': str(run_dir), 'resume': True}
   out = tmp_path / 'kernels.npz'
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, 'PYTHONPATH': root}
-  env['XLA_FLAGS'] = xla_flags.FLAGS
   proc = subprocess.run(
       [sys.executable, '-c', _REBUILD_ON_TWO_DEVICES, json.dumps(changes),
-       str(out)], cwd=root, env=env, capture_output=True, text=True,
-      timeout=300)
+       str(out)], cwd=ROOT, env=xla_flags.script_env(), capture_output=True,
+      text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rebuilt = np.load(out)
   for p, w in _kernels(probe.model).items():
@@ -1176,12 +1173,11 @@ def test_step_lines_above_the_bar_are_flushed(tmp_path):
   """tqdm's write does not flush: with stdout a file (a Cloud TPU job's
   log), the step lines had waited in its 8 KB buffer for hundreds of
   steps, and a killed run lost them."""
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
   with open(tmp_path / 'log.txt', 'w') as out:
     proc = subprocess.run(
         [sys.executable, '-c', _BAR_THEN_KILLED], stdout=out,
         stderr=subprocess.DEVNULL, timeout=120,
-        env=dict(env, PYTHONPATH=str(ROOT)))
+        env=xla_flags.script_env(drop=('PYTHONUNBUFFERED',)))
   assert proc.returncode == -9
   assert (tmp_path / 'log.txt').read_text() == '[step 5] loss=1.0\n'
 
@@ -1261,7 +1257,7 @@ def test_a_tensorboard_that_cannot_write_is_turned_off_in_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-c', _TB_FULL_DISK, str(tmp_path)], text=True,
       capture_output=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+      env=xla_flags.script_env())
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr.splitlines() == [
       f'[train] {tmp_path}/tensorboard/: cannot write (No space left on '
