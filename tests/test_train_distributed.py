@@ -5,6 +5,7 @@ losses as one process with 8 devices (same mesh, same global batches)."""
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -45,6 +46,18 @@ if jax.process_index() == 0:
 
 
 def _free_port() -> int:
+  """A port free now, below Linux's ephemeral range (32768 and up): the
+  coordinator binds it seconds later, after importing jax, and a port the
+  kernel had handed out (bind to 0) could meanwhile go to any outgoing
+  connection; a coordinator whose port is taken leaves both processes
+  waiting until the test's timeout."""
+  for port in random.Random().sample(range(20000, 32000), 50):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
