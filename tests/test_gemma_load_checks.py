@@ -700,8 +700,13 @@ def test_absent_num_key_value_heads_is_multi_head():
 def test_absent_eps_and_context_take_transformers_defaults(model_type):
   c = gemma_load.config_from_hf({**_BASE, 'model_type': model_type})
   assert c.norm_eps == 1e-6  # every Gemma config class's rms_norm_eps
-  if model_type != 'gemma3_text':  # GemmaConfig / Gemma2Config: 8192
-    assert c.max_seq_len == 8192
+  # GemmaConfig / Gemma2Config: 8192; Gemma3TextConfig 131072, flat as
+  # nested (a flat gemma3_text config had got 8192).
+  assert c.max_seq_len == (131_072 if model_type == 'gemma3_text' else 8192)
+  nested = gemma_load.config_from_hf({
+      'model_type': 'gemma3',
+      'text_config': {**_BASE, 'num_key_value_heads': 2}})
+  assert nested.max_seq_len == 131_072
 
 
 # --------------------------------------------------------------------------

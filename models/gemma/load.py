@@ -290,7 +290,10 @@ def _config_from_hf(d: dict, source: str) -> GemmaConfig:
       rope_scale_local=scale_local,
       use_post_norms=family >= 2,
       use_qk_norm=family == 3,
-      max_seq_len=size('max_position_embeddings', 8192),
+      # Gemma3TextConfig's own default (as a nested text_config gets it);
+      # GemmaConfig's and Gemma2Config's 8192.
+      max_seq_len=size('max_position_embeddings',
+                       131_072 if family == 3 else 8192),
       **softcaps,
   )
 
