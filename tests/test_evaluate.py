@@ -1,5 +1,7 @@
 """Metrics of `train.evaluate` on hand-made cases."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -460,6 +462,7 @@ def test_wilson_interval():
                       pytest.approx(0.9433, abs=1e-4))
   assert ev.wilson_interval(0, 10)[0] == 0.0
   assert ev.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+  assert ev.wilson_interval(13, 13)[1] == 1.0  # unclamped: 0.9999999999999999
   lo99, hi99 = ev.wilson_interval(8, 10, confidence=0.99)
   assert lo99 < lo and hi99 > hi
   with pytest.raises(ValueError, match='needs n > 0, got 0'):
@@ -480,6 +483,14 @@ def test_bootstrap_interval():
   values = np.r_[np.ones(70), np.zeros(30)]
   lo, hi = ev.bootstrap_interval(values, seed=0)
   assert lo < 0.7 < hi and hi - lo < 0.25
+  # As wide as the normal interval of a 70% mean over 100 items (within
+  # 10%): a mean over the resamples' axis (nearly no width) or a 90%
+  # interval had passed the checks above.
+  normal = 2 * 1.96 * np.sqrt(0.7 * 0.3 / 100)
+  assert 0.9 * normal < hi - lo < 1.1 * normal, (lo, hi)
+  # The last value is drawn too (a resample of indices below len - 1 had
+  # never drawn it).
+  assert ev.bootstrap_interval(np.r_[np.zeros(99), 1.0])[1] > 0
   assert (lo, hi) == ev.bootstrap_interval(values, seed=0)
   assert ev.bootstrap_interval([0.5] * 5) == (0.5, 0.5)
   med = ev.bootstrap_interval(values, statistic=np.median, num_resamples=200)
@@ -502,6 +513,10 @@ def test_mcnemar_exact():
   assert (r.only_a, r.only_b) == (5, 1)
   assert r.p_value == pytest.approx(14 / 64)  # 2 * (1 + 6) / 2**6.
   assert ev.mcnemar_exact([1, 0], [1, 0]).p_value == 1.0
+  # An item both get wrong counts for neither; an even split is p 1 (the
+  # two tails' sum, 1.5, is capped).
+  r = ev.mcnemar_exact([1, 0, 0], [0, 0, 1])
+  assert (r.only_a, r.only_b, r.p_value) == (1, 1, 1.0)
   assert ev.mcnemar_exact([1] * 10, [0] * 10).p_value == pytest.approx(
       2 / 1024)
   stats = pytest.importorskip("scipy.stats")
@@ -545,3 +560,41 @@ def test_a_long_chain_of_fractions_is_read_in_linear_time():
                         text=True, timeout=60,
                         cwd=pathlib.Path(__file__).parents[1])
   assert done.stdout.split() == ['0.5', '1'], done.stderr
+
+
+def test_an_option_set_without_a_finite_score_has_no_answer():
+  """All -inf, or NaN beside -inf, is no answer (-1), not option 0."""
+  assert ev.choose_option([-math.inf, -math.inf]) == -1
+  assert ev.choose_option([math.nan, -math.inf]) == -1
+
+
+def test_options_of_one_length_differing_before_their_last_token():
+  """Only options that differ in their last token alone share a pass
+  (alternatives_fn); 'xab' and 'xcd' are scored whole, each as itself (a
+  shorter shared-prefix check had scored 'xcd' as 'xad')."""
+  table = {'xab': -5.0, 'xcd': -1.0, 'xad': -9.0}
+  shared = []
+
+  def score_fn(pairs):
+    return [table[TOK.decode(o)] for _, o in pairs]
+
+  def alternatives_fn(requests):
+    shared.extend(requests)
+    return [[table[TOK.decode(list(s) + [t])] for t in last]
+            for _, s, last in requests]
+
+  e = Example('Q:', 'xcd', options=('xab', 'xcd'), labels=('a', 'b'),
+              gold_index=1)
+  res = ev.multiple_choice_loglik([e], TOK, score_fn,
+                                  alternatives_fn=alternatives_fn)
+  assert shared == []
+  assert res.option_scores == ((-5.0, -1.0),) and res.correct[0]
+
+
+def test_numbers_are_matched_as_numbers_and_counted():
+  """A gold 0.3333333 matches '1/3' (as a number, not its text); more
+  generations than examples are refused, as fewer are."""
+  assert ev.number_exact_match([Example('q', 't', gold_number='0.3333333')],
+                               ['The answer is 1/3']).accuracy == 1.0
+  with pytest.raises(ValueError, match='3 generations for 2 examples'):
+    ev.number_exact_match([Example('q', 't', gold_number='1')] * 2, ['1'] * 3)
