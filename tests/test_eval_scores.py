@@ -238,3 +238,26 @@ def test_superni_exact_match_and_rouge_l_in_percent(built):
   # The same as the model-free metric on those texts.
   assert res['rougeL'] == pytest.approx(evaluate.superni_evaluate(
       SUPERNI, [partial[e.target] for e in SUPERNI])['rougeL'])
+
+
+def test_option_scores_are_the_models_own_log_probabilities(built):
+  """The scored log-likelihood is the sum of the model's log-softmax at
+  each option token, as a plain forward pass gives it: the scoring batch
+  had been checked only against the same batch builder (positions left at
+  0 passed every test)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from train import trees  # pylint: disable=g-import-not-at-top
+  r = built
+  bos = r.tokenizer.bos_id
+  pairs = [([bos, 40, 41, 42, 43, 44], [50, 51, 52]), ([bos, 7], [60])]
+  got = evaluator(r)._score_pairs(r.state, pairs)  # pylint: disable=protected-access
+  model = nnx.merge(r.eval_graphdef, trees.int_keys(r.state['params']),
+                    r.rngs, r.base)
+  for (prompt, option), score in zip(pairs, got):
+    logp = np.asarray(jax.nn.log_softmax(
+        model(np.asarray([prompt + option], np.int32)), axis=-1))[0]
+    want = sum(float(logp[len(prompt) - 1 + j, t])
+               for j, t in enumerate(option))
+    np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-5)
