@@ -125,6 +125,8 @@ def _mc(gold, labels=("answer1", "answer2", "answer3")):
     ("\u7b54\uff0e12\u500b", "12"),
     ("\u5408\u8a08\u306f12\u500b.5\u500b\u304c\u7b54\u3048", "5"),
     ("\uff38\uff0d\uff15", "5"),
+    # Without a marker, the last number keeps its thousands separators.
+    ("So she earns $1,200 in total", "1200"),
 ])
 def test_extract_number(text, expected):
   assert ev.extract_number(text) == expected
