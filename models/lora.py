@@ -167,18 +167,25 @@ def _init_module():
   return init
 
 
-def _check_rngs(who: str, rngs, dropout: float) -> None:
+def _check_rngs(who: str, rngs, dropout: float, *,
+                draws: str | None = None) -> None:
   """``rngs`` must be an ``nnx.Rngs`` or an int seed, with a stream for the
-  adapters' dropout when it is on: None or a JAX key had failed mid-way as
-  "no attribute 'params'" (or, loaded, at the first training step), and
-  an nnx.Rngs without a 'dropout' or 'default' stream deep inside Flax."""
+  adapters' dropout when it is on, and a 'params' (or 'default') one where
+  ``draws`` (what draws from it) says the factors are random: None or a
+  JAX key had failed mid-way as "no attribute 'params'" (or, loaded, at the
+  first training step), and an nnx.Rngs without such a stream deep inside
+  Flax."""
   if not (isinstance(rngs, nnx.Rngs) or checks.is_integer(rngs)):
     raise ValueError(f'{who}: rngs must be an nnx.Rngs or an int seed, got '
                      f'{checks.shown(rngs)}.')
-  if (dropout > 0 and isinstance(rngs, nnx.Rngs) and
-      'dropout' not in rngs and 'default' not in rngs):
+  if not isinstance(rngs, nnx.Rngs):
+    return
+  if dropout > 0 and 'dropout' not in rngs and 'default' not in rngs:
     raise ValueError(f"{who}: dropout {dropout:g} needs a 'dropout' or "
                      "'default' stream in rngs, which has neither.")
+  if draws is not None and 'params' not in rngs and 'default' not in rngs:
+    raise ValueError(f"{who}: {draws} needs a 'params' or 'default' stream "
+                     'in rngs, which has neither.')
 
 
 def _dropout_mode_of(model: nnx.Module):
@@ -283,7 +290,10 @@ def apply_lora(model: nnx.Module,
     # trains.
     raise ValueError(f'apply_lora: alpha must be a finite number > 0, got '
                      f'{alpha!r}.')
-  _check_rngs('apply_lora', rngs, dropout)
+  random_init = (f'init={init!r}' if init in ('standard', 'gaussian') else
+                 f'init={init!r} with randomized_svd'
+                 if randomized_svd and initial_factors is None else None)
+  _check_rngs('apply_lora', rngs, dropout, draws=random_init)
   chosen = select(model, targets)
   for path, proj in chosen.items():
     if proj.lora is not None:
@@ -1261,11 +1271,22 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
                          f'{b_part.shape}, expected {(stop - start, r)}.')
       blocks.append(b_part)
     b2 = np.concatenate(blocks, axis=0)
-    r_expected = _pattern_value(rank_pattern, first, r_cfg)
-    if r != r_expected:
-      raise ValueError(f'{who}: {first} has rank {r} but {ADAPTER_CONFIG} '
-                       f'says {r_expected}.')
-    alpha = _pattern_value(alpha_pattern, first, alpha_cfg)
+    # Every part's own rank and alpha: the first's had been used for all,
+    # so an alpha_pattern naming another part was dropped without a word.
+    for name, _, _ in parts:
+      r_expected = _pattern_value(rank_pattern, name, r_cfg)
+      if r != r_expected:
+        raise ValueError(f'{who}: {name} has rank {r} but {ADAPTER_CONFIG} '
+                         f'says {r_expected}.')
+    alphas = {name: _pattern_value(alpha_pattern, name, alpha_cfg)
+              for name, _, _ in parts}
+    if len(set(alphas.values())) > 1:
+      raise ValueError(
+          f'{who}: fused parts of {path!r} have different lora_alpha in '
+          f'{ADAPTER_CONFIG} (' + ', '.join(
+              f'{name}: {value:g}' for name, value in alphas.items()) +
+          '); they cannot share one adapter scale.')
+    alpha = alphas[first]
     a = a2.T.reshape(proj.in_shape + (r,))
     b = b2.T.reshape((r,) + proj.out_shape)
     plan.append((path, proj, a, b, r, alpha))

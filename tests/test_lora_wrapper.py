@@ -94,11 +94,23 @@ def test_targets_by_name_pattern_and_error():
       # An Rngs without a dropout stream had failed deep inside Flax.
       (dict(dropout=0.5, rngs=nnx.Rngs(params=0)), "apply_lora: dropout 0.5 "
        "needs a 'dropout' or 'default' stream in rngs, which has neither."),
+      # Random factors without a params stream: likewise (Flax's "No
+      # RngStream named 'params'"); PiSSA's exact SVD draws nothing.
+      (dict(rngs=nnx.Rngs(dropout=0)), "apply_lora: init='standard' needs a "
+       "'params' or 'default' stream in rngs, which has neither."),
+      (dict(init='gaussian', rngs=nnx.Rngs(dropout=0)), "init='gaussian' "
+       "needs a 'params'"),
+      (dict(init='pissa', randomized_svd=True, rngs=nnx.Rngs(dropout=0)),
+       "init='pissa' with randomized_svd needs a 'params' or 'default'"),
       (dict(alpha=True), 'alpha must be a finite number > 0, got True')):
     with pytest.raises(ValueError) as e:
       lora.apply_lora(model, **kw)
     assert message in _one_line(e)
   assert not lora.lora_modules(model)
+  lora.apply_lora(model, 'q', rank=2, init='pissa', rngs=nnx.Rngs(dropout=0))
+  lora.remove_lora(model)
+  lora.apply_lora(model, 'q', rank=2, rngs=nnx.Rngs(default=0))
+  lora.remove_lora(model)
   lora.apply_lora(model, 'q', rank=2, rngs=np.int64(3))  # numpy seeds work
 
 
@@ -598,6 +610,22 @@ def test_fused_projection_splits_for_peft(tmp_path):
   lora.load_peft_adapter(fresh, tmp_path, name_map=name_map)
   np.testing.assert_array_equal(fresh.layers[0]['qkv'].lora.lora_b[...],
                                 model.layers[0]['qkv'].lora.lora_b[...])
+  # Each part's own alpha and rank from the patterns: the first part's had
+  # been used for all (an alpha_pattern for k_proj, which PEFT scales 4x,
+  # loaded at the scale of q and v). One adapter has one scale: refused.
+  cfg_path = tmp_path / 'adapter_config.json'
+  cfg = json.loads(cfg_path.read_text())
+  for key, pattern, match in (
+      ('alpha_pattern', 8.0, r"fused parts of 'layers.0.qkv' have different "
+       r'lora_alpha in adapter_config.json \(model.layers.0.self_attn.q_proj: '
+       r'16, model.layers.0.self_attn.k_proj: 8, '
+       r'model.layers.0.self_attn.v_proj: 16\)'),
+      ('rank_pattern', 4, r'model.layers.0.self_attn.k_proj has rank 2 but '
+       r'adapter_config.json says 4')):
+    cfg_path.write_text(json.dumps(
+        {**cfg, key: {'model.layers.0.self_attn.k_proj': pattern}}))
+    with pytest.raises(ValueError, match=match):
+      lora.load_peft_adapter(_Fused(), tmp_path, name_map=name_map)
 
 
 class _Blocks(nnx.Module):
