@@ -73,6 +73,13 @@ def test_targets_by_name_pattern_and_error():
   assert list(lora.select(model, 'encoder.*.o')) == [
       'encoder.layers.0.self_attn.o']  # A glob: not mlp.wo.
   assert len(lora.select(model, r'.*\.0\.(self|cross)_attn\.[qv]')) == 6
+  # A regex matches a whole path tail, not inside one: '(o)' is the o
+  # projections (with search, every path holding an 'o', 'encoder' too).
+  assert set(lora.select(model, r'(o)')) == {
+      'encoder.layers.0.self_attn.o', 'decoder.layers.0.self_attn.o',
+      'decoder.layers.0.cross_attn.o'}
+  with pytest.raises(ValueError, match='matches no projection'):
+    lora.select(model, r'layers\.0')
   assert list(lora.select(model, 'lm_head')) == ['lm_head']
   # The model's defaults: q, k, v, o, wi, wo everywhere (not lm_head).
   assert len(lora.select(model)) == 7 + 11
@@ -215,6 +222,38 @@ def test_unmerge_restores_the_base_after_a_step_taken_while_merged():
   unmerged = fwd(model, ENC, DEC)
   lora.merge_lora(model)  # The moved factors now.
   np.testing.assert_allclose(fwd(model, ENC, DEC), unmerged, atol=2e-5)
+
+
+def test_a_second_merge_adds_nothing_and_the_merged_copies_are_their_own():
+  """merge_lora twice folds each adapter in once; what unmerge_lora
+  subtracts is a copy of the factors, not their buffers, which a train
+  step donates (it had failed 'Array has been deleted'); a bfloat16 kernel
+  stays bfloat16 (a float32 merge doubled its checkpoint)."""
+  model = _t5()
+  o = model.decoder.layers[0].cross_attn.o
+  kernel = o.kernel[...]
+  lora.apply_lora(model, rank=4, alpha=8.0)
+  _randomize_b(model)
+  out = fwd(model, ENC, DEC)
+  lora.merge_lora(model)
+  merged = o.kernel[...]
+  lora.merge_lora(model)
+  np.testing.assert_array_equal(o.kernel[...], merged)
+  np.testing.assert_allclose(fwd(model, ENC, DEC), out, atol=2e-5)
+  step = jax.jit(lambda f: f + 1.0, donate_argnums=0)
+  for factor in (o.lora.lora_a, o.lora.lora_b):
+    factor.set_value(step(factor[...]))
+  lora.unmerge_lora(model)
+  np.testing.assert_allclose(o.kernel[...], kernel, atol=1e-6)
+  # bfloat16: kept through merge and unmerge.
+  model = t5.T5(CONFIG, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+  o = model.decoder.layers[0].cross_attn.o
+  lora.apply_lora(model, 'o', rank=4, alpha=8.0)
+  _randomize_b(model)
+  lora.merge_lora(model)
+  assert o.kernel[...].dtype == jnp.bfloat16
+  lora.unmerge_lora(model)
+  assert o.kernel[...].dtype == jnp.bfloat16
 
 
 def test_merge_equals_unmerged():
