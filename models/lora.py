@@ -517,7 +517,7 @@ def _check_like(template, tree, who: str) -> None:
              jax.tree_util.tree_leaves_with_path(template)}
   n_paths = {jax.tree_util.keystr(p): x for p, x in
              jax.tree_util.tree_leaves_with_path(tree)}
-  for key in t_paths.keys() ^ n_paths.keys():
+  for key in sorted(t_paths.keys() ^ n_paths.keys()):
     where = 'missing' if key in t_paths else 'not an adapter of the model'
     raise ValueError(f'{who}: LoRA parameter {key} is {where}.')
   for key, x in n_paths.items():

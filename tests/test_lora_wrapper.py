@@ -169,6 +169,18 @@ def test_pairs_feed_lro_and_optimizer():
   np.testing.assert_array_equal(fwd(again, ENC, DEC), fwd(model, ENC, DEC))
   with pytest.raises(ValueError, match='has shape'):
     lora.set_lora_params(model, jax.tree.map(lambda x: x[..., :1], lp))
+  # A tree lacking an adapter (it had been left as it was, silently), or
+  # holding one the model does not have.
+  short = jax.tree.map(lambda x: x, lp)
+  del short['encoder']['layers'][0]['self_attn']['q']
+  with pytest.raises(ValueError, match=r"^set_lora_params: LoRA parameter "
+                     r"\['encoder'\]\['layers'\]\[0\]\['self_attn'\]\['q'\]"
+                     r"\['lora'\]\['lora_a'\] is missing\.$"):
+    lora.set_lora_params(model, short)
+  extra = {**lp, 'head2': lp['decoder']}
+  with pytest.raises(ValueError, match=r"\['head2'\]\['layers'\].* is not an "
+                     r'adapter of the model\.$'):
+    lora.set_lora_params(model, extra)
 
 
 def test_a_pure_step_with_dropout_from_split_lora():
