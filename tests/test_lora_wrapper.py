@@ -348,6 +348,22 @@ def test_every_init_runs(base_logits):
                                rtol=1e-5, atol=1e-6, err_msg=p)
   with pytest.raises(ValueError, match='needs init_grads'):
     lora.apply_lora(_t5(), 'wo', init='lora_ga', init_grads={})
+  # The options reach the init (only their refusal elsewhere had been
+  # tested): LoRA-GA's use_sign, the gaussian init's std.
+  signed = _t5()
+  lora.apply_lora(signed, 'wi', rank=4, init='lora_ga', init_grads=grads,
+                  lora_ga_gamma=4.0, lora_ga_use_sign=True)
+  for p, proj in lora.select(signed, 'wi').items():
+    n_in, n_out = math.prod(proj.in_shape), math.prod(proj.out_shape)
+    _, b, _ = lro_init.lora_ga(jnp.asarray(grads[p]).reshape(n_in, n_out),
+                               w0[p].reshape(n_in, n_out), 4, proj.lora.scale,
+                               gamma=4.0, use_sign=True)
+    np.testing.assert_allclose(proj.lora.lora_b[...].reshape(4, n_out), b,
+                               rtol=1e-5, atol=1e-6, err_msg=p)
+  narrow = _t5()
+  lora.apply_lora(narrow, 'wi', rank=4, init='gaussian', gaussian_std=1e-3)
+  a = narrow.encoder.layers[0].mlp.wi_0.lora.lora_a[...]
+  assert 0.7e-3 < float(jnp.std(a)) < 1.3e-3
 
 
 def test_bad_init_inputs_are_refused_before_any_change():
