@@ -783,20 +783,25 @@ def test_twenty_nonfinite_steps_are_skipped_exactly(built, name):
                             np.asarray(jax.tree.leaves(r.state['params'])[0]))
 
 
-def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
-                                                monkeypatch):
-  poison_at = {4, 5, 9}
+def _poisoned_at(monkeypatch, steps):
+  """Makes the loop's batches at ``steps`` (1-based) non-finite."""
   calls = []
   real = step_lib.prepare_batch
 
   def prepare(raw, k):
     batch, dropped = real(raw, k)
     calls.append(1)
-    if len(calls) in poison_at:
+    if steps(len(calls)):
       batch = {**batch, 'weights': np.full_like(batch['weights'], np.nan)}
     return batch, dropped
 
   monkeypatch.setattr(loop, 'prepare_batch', prepare)
+
+
+def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
+                                                monkeypatch):
+  poison_at = {4, 5, 9}
+  _poisoned_at(monkeypatch, poison_at.__contains__)
   lines = []
   summary = loop.run(tiny(tmp_path / 'run'), log=lines.append)
   assert summary['nonfinite_steps'] == len(poison_at)
@@ -818,6 +823,25 @@ def test_nonfinite_steps_are_counted_and_logged(reference, tmp_path,
   assert len(skip_lines) == len(poison_at), lines
   for leaf in jax.tree.leaves(_load_state(tmp_path / 'run', STEPS)):
     assert np.isfinite(leaf).all()
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
+  """--optim.max_consecutive_nonfinite 3 stops at the third non-finite step
+  in a row, its checkpoints kept and no summary written; as many spread
+  out (never two in a row, here at most 1 < 2) do not stop it. No test had
+  run the stop."""
+  with monkeypatch.context() as m:
+    _poisoned_at(m, lambda step: step >= 3)
+    with pytest.raises(FloatingPointError, match=r'^3 consecutive steps had '
+                       r'non-finite gradients \(at step 5\); stopping\.$'):
+      loop.run(tiny(tmp_path / 'run', **{
+          'optim.max_consecutive_nonfinite': 3}), log=lambda s: None)
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['2', '4']
+  assert not (tmp_path / 'run' / 'summary.json').exists()
+  _poisoned_at(monkeypatch, lambda step: step in (2, 4, 6))
+  summary = loop.run(tiny(tmp_path / 'spread', steps=6, **{
+      'optim.max_consecutive_nonfinite': 2}), log=lambda s: None)
+  assert summary['nonfinite_steps'] == 3 and summary['steps'] == 6
 
 
 # ---------------------------------------------------------------------------
