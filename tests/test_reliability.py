@@ -650,6 +650,24 @@ def test_a_save_and_a_restore_work_where_stderr_has_no_buffer(tmp_path):
   assert checkpoint.Checkpointer(tmp_path).all_steps() == [1]
 
 
+def test_the_checkpointer_declines_old_steps_and_keeps_the_newest(tmp_path):
+  """save() says whether it wrote (orbax declines a step at or below the
+  latest without a word: the loop stops on that), and keeps ``keep``
+  checkpoints; tested only through monkeypatches of save before."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  state = {'step': jnp.asarray(5), 'x': jnp.ones(3)}
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  try:
+    assert ckpt.save(5, state, None, '{}') is True
+    assert ckpt.save(4, state, None, '{}') is False
+    assert ckpt.save(5, state, None, '{}') is False
+    for step in (6, 7, 8):
+      assert ckpt.save(step, state, None, '{}')
+    assert ckpt.all_steps() == [7, 8]
+  finally:
+    ckpt.close()
+
+
 def test_orbax_temporary_folders_are_removed(tmp_path):
   """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: removed when
   the checkpoints are next opened (they had stayed for good)."""

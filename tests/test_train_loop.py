@@ -121,6 +121,8 @@ def test_resume_continues_exactly(straight, tmp_path):
   run_dir = tmp_path / 'run'
   first = loop.run(tiny(run_dir), log=lambda s: None, stop_at=6)
   assert first['steps'] == 6 and first['checkpoints'] == [6]
+  # A run stopped before its last step exports no adapter (unfinished).
+  assert 'adapter_dir' not in first and not (run_dir / 'adapter').exists()
   # Resuming with another rate would continue another run: refused, in one
   # line naming the field, before config.json is overwritten.
   saved_json = (run_dir / 'config.json').read_text()
