@@ -756,6 +756,13 @@ def test_dropout_draws_new_masks_each_step_and_micro_batch():
 
   assert loss(1, 0) != loss(1, 1)
   assert loss(1, 3) != loss(2, 3)
+  # Each micro-batch its own key (accum 2 at step 3 draws keys 6 and 7: one
+  # mask for both is key 6's alone) ...
+  assert loss(2, 3) != loss(1, 6)
+  # ... and no key shared across steps: step 1's micro-batches draw keys 2
+  # and 3, the two steps that draw them alone (with step + i, 1 and 2).
+  assert loss(2, 1) == pytest.approx((loss(1, 2) + loss(1, 3)) / 2,
+                                     rel=1e-6)
 
 
 def test_gradient_accumulation_matches_one_batch():
