@@ -223,6 +223,17 @@ def test_resumed_and_finished_runs_keep_the_whole_record(tmp_path):
   late = metrics_lib.MetricsWriter(run_dir, enabled=True, last_step=2)
   late.write(3, {'loss': 99.0, 'stale_tag': 1.0})
   late.close()
+  # The count comes from the checkpoint, not only from a logged row: a
+  # copy of the stopped run without its rows (killed before it logged
+  # its checkpoint's step) resumes to the same count.
+  import shutil  # pylint: disable=g-import-not-at-top
+  unlogged = tmp_path / 'unlogged'
+  shutil.copytree(run_dir, unlogged)
+  with open(unlogged / 'metrics.csv') as f:
+    header = f.readline()
+  (unlogged / 'metrics.csv').write_text(header)
+  assert loop.run(tiny(unlogged, resume=True, **small), log=lambda s: None)[
+      'dropped_target_tokens'] == straight['dropped_target_tokens']
   second = loop.run(tiny(run_dir, resume=True, **small), log=lambda s: None)
   assert second['dropped_target_tokens'] == straight['dropped_target_tokens']
   # The stopped run logged its last step (2) too; steps 3 and 4 as
