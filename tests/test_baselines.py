@@ -444,8 +444,11 @@ def test_scanned_leaves_outside_pairs_step_per_layer(make):
   """
   rng = np.random.default_rng(5)
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  # The kernel's rows (6) are not a multiple of Shampoo's block (4): blocks
+  # over the flattened layers would cross from one layer into the next
+  # (with 4 rows they had fallen on the layers' edges, and passed).
   stacked = {'lora_a': normal(2, 6, 2), 'lora_b': normal(2, 2, 3),
-             'bias': normal(2, 3), 'kernel': normal(2, 4, 5),
+             'bias': normal(2, 3), 'kernel': normal(2, 6, 5),
              'final_norm': normal(3)}
   # Layer 1's gradients 100x layer 0's: preconditioning across layers would
   # shrink layer 0's step.
@@ -453,15 +456,18 @@ def test_scanned_leaves_outside_pairs_step_per_layer(make):
       (2,) + (1,) * (v.ndim - 1)) if v.ndim > 1 else 1.0)
            for k, v in stacked.items()}
   grads = jax.tree.map(lambda g: g.astype(np.float32), grads)
-  tx = make(layout=lro.NNX_LAYOUT.scanned(1))
-  updates, _ = jax.jit(tx.update)(grads, tx.init(stacked), stacked)
   split = lambda tree: {f'l{i}': {k: v[i] for k, v in tree.items()
                                    if k != 'final_norm'} for i in range(2)}
-  tx = make()
-  per_layer, _ = jax.jit(tx.update)(split(grads), tx.init(split(stacked)),
-                                    split(stacked))
-  chex.assert_trees_all_close(split(updates), per_layer, rtol=1e-5,
-                              atol=1e-6)
+  # Two steps: at the first each layer's preconditioned step has the same
+  # norm whichever blocks it came from.
+  tx, layered = make(layout=lro.NNX_LAYOUT.scanned(1)), make()
+  state, layered_state = tx.init(stacked), layered.init(split(stacked))
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(grads, state, stacked)
+    per_layer, layered_state = jax.jit(layered.update)(
+        split(grads), layered_state, split(stacked))
+    chex.assert_trees_all_close(split(updates), per_layer, rtol=1e-5,
+                                atol=1e-6)
   if make.func is lro.loraplus:
     labels = lro.loraplus_labels(stacked, lro.NNX_LAYOUT.scanned(1))
     assert labels == {'lora_a': 'a', 'lora_b': 'b', 'bias': 'b_no_decay',
@@ -596,6 +602,10 @@ def test_loraplus_base_refuses_numpy_hyperparameters_it_would_drop():
     with pytest.raises(ValueError, match='with base=..., pass b1/b2/eps/'
                        'weight_decay to base itself'):
       lro.loraplus(1e-3, base=optax.lion, weight_decay=decay)
+  # Adam's other hyperparameters too (only weight_decay had been tested).
+  for kw in (dict(b1=0.8), dict(b2=0.99), dict(eps=1e-6)):
+    with pytest.raises(ValueError, match='with base=..., pass b1/b2/eps/'):
+      lro.loraplus(1e-3, base=optax.lion, **kw)
   # The defaults, in any dtype (float64 had been compared with the default
   # rounded to float32, and refused).
   for b2 in (np.float32(0.999), np.float64(0.999), np.asarray(0.999)):
@@ -696,7 +706,11 @@ def test_shampoo_graft_with_one_zero_gradient_entry(injected):
     (lro.scale_by_adam_authors, 'w'),
     (lambda: lro.scaled_adam(1e-2), 'lora_a'),
     (lambda: lro.shampoo(1e-2), 'bias'),  # a 1-D leaf: Adam's direction
-], ids=['scale_by_adam_authors', 'scaled_adam', 'shampoo_1d'])
+    (lambda: lro.loraplus(1e-2), 'lora_b'),
+    (lambda: lro.optimizer('adam', 1e-2), 'w'),
+    (lambda: lro.optimizer('lamb', 1e-2), 'w'),
+], ids=['scale_by_adam_authors', 'scaled_adam', 'shampoo_1d', 'loraplus',
+        'adam', 'lamb'])
 def test_a_nan_gradient_shows_in_the_update(make, leaf):
   """A NaN gradient entry gives a NaN update, as optax's Adam does (and
   apply_if_finite sees it): the 0 it had become was a step of 0 for that
