@@ -75,6 +75,13 @@ def test_lora_ga_keeps_the_model_output():
   recon = w16.astype(jnp.float32) + SCALE * (a16.astype(jnp.float32)
                                              @ b16.astype(jnp.float32))
   np.testing.assert_allclose(recon, w0, atol=2e-2)
+  # The base is rebuilt from the returned (rounded) factors bit for bit,
+  # as a resume or another host rebuilds it (from the unrounded ones it
+  # had differed in a few entries).
+  w016 = w0.astype(jnp.bfloat16)
+  assert bool((init.residual(w016, a16, b16, SCALE) == w16).all())
+  p16, q16, r16 = init.pissa(w016, RANK, scale=SCALE)
+  assert bool((init.residual(w016, p16, q16, SCALE) == r16).all())
 
 
 def test_lora_ga_first_step_approximates_full_finetuning():
