@@ -6,6 +6,7 @@ The loop-level behaviour (resume truncation, purge steps, tokens/s) is in
 tests/test_train_loop.py.
 """
 
+import csv
 import errno
 import io
 import os
@@ -71,7 +72,7 @@ def test_a_row_that_cannot_be_written_names_the_file(tmp_path):
   w._csv.close()  # pylint: disable=protected-access
   w._csv = Full()  # pylint: disable=protected-access
   w._csv.name = name  # pylint: disable=protected-access,attribute-defined-outside-init
-  w._writer = metrics_lib.csv.DictWriter(w._csv, fieldnames=['step', 'loss'])  # pylint: disable=protected-access
+  w._writer = csv.DictWriter(w._csv, fieldnames=['step', 'loss'])  # pylint: disable=protected-access
   with pytest.raises(OSError, match=rf'^{name}: cannot write \(No space left '
                      r'on device\); its rows up to the last checkpoint are '
                      r'kept\.$'):
